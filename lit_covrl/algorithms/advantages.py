@@ -1,0 +1,115 @@
+"""Group-relative advantage estimators (outcome rewards, one scalar per sequence).
+
+A batch holds B prompts with G sampled responses each, laid out prompt-major: sequence n belongs
+to prompt n // G, so ``rewards`` is a flat ``[B*G]`` tensor viewed as ``[B, G]``.
+
+- GRPO (Shao et al. 2024, DeepSeekMath):  A_i = (r_i - mean_g r) / (std_g r + eps),
+  std with Bessel's correction (divide by G-1), as in the public GRPO implementations.
+- Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"):  A_i = r_i - mean_g r
+  (no std division, which up-weights low-variance groups).
+- RLOO (Ahmadian et al. 2024; Kool et al. 2019):  A_i = r_i - mean_{j != i} r_j
+  = G/(G-1) * (r_i - mean_g r).
+
+Difference from reference code: estimators are plain functions looked up in one dict whose error
+lists the valid names; group size 1 is rejected instead of silently producing 0 or NaN advantages.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "group_advantages",
+    "rloo_advantages",
+    "ADVANTAGE_ESTIMATORS",
+    "compute_advantages",
+    "min_group_size",
+    "zero_variance_groups",
+]
+
+
+def _groups(rewards: Tensor, group_size: int) -> Tensor:
+    """View flat rewards [B*G] as [B, G] (float), checking the layout."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"rewards must be a flat [B*G] tensor with B*G divisible by group_size={group_size}, "
+            f"got shape {tuple(rewards.shape)}"
+        )
+    r = rewards if rewards.is_floating_point() else rewards.float()
+    return r.view(-1, group_size)
+
+
+def group_advantages(
+    rewards: Tensor, group_size: int, *, normalize_std: bool = True, eps: float = 1e-6
+) -> Tensor:
+    """GRPO (``normalize_std=True``) or Dr.GRPO (``False``) advantages.
+
+    rewards [B*G] -> advantages [B*G]:  (r - group mean) / (group std (Bessel) + eps), or
+    r - group mean without the std. The std needs G >= 2 (ValueError otherwise).
+    """
+    if normalize_std and group_size < 2:
+        raise ValueError(f"group std needs group_size >= 2, got {group_size}")
+    r = _groups(rewards, group_size)  # [B, G]
+    centered = r - r.mean(dim=1, keepdim=True)
+    if normalize_std:
+        centered = centered / (r.std(dim=1, unbiased=True, keepdim=True) + eps)
+    return centered.reshape(-1)
+
+
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """Leave-one-out baseline: A_i = r_i - mean of the other G-1 rewards of its group (G >= 2)."""
+    if group_size < 2:
+        raise ValueError(f"RLOO needs group_size >= 2, got {group_size}")
+    r = _groups(rewards, group_size)  # [B, G]
+    others = (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)
+    return (r - others).reshape(-1)
+
+
+def _grpo(rewards: Tensor, group_size: int) -> Tensor:
+    return group_advantages(rewards, group_size, normalize_std=True)
+
+
+def _drgrpo(rewards: Tensor, group_size: int) -> Tensor:
+    return group_advantages(rewards, group_size, normalize_std=False)
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[[Tensor, int], Tensor]] = {
+    "grpo": _grpo,
+    "drgrpo": _drgrpo,
+    "rloo": rloo_advantages,
+}
+
+_MIN_GROUP_SIZE = {"grpo": 2, "drgrpo": 2, "rloo": 2}
+
+
+def _check_name(estimator: str) -> None:
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(
+            f"unknown advantage estimator {estimator!r}; valid: {sorted(ADVANTAGE_ESTIMATORS)}"
+        )
+
+
+def compute_advantages(rewards: Tensor, group_size: int, estimator: str) -> Tensor:
+    """Dispatch to ``ADVANTAGE_ESTIMATORS[estimator]``; unknown names raise a ValueError."""
+    _check_name(estimator)
+    return ADVANTAGE_ESTIMATORS[estimator](rewards, group_size)
+
+
+def min_group_size(estimator: str) -> int:
+    """Smallest G the estimator is defined for (2: Dr.GRPO with G=1 gives all-zero advantages)."""
+    _check_name(estimator)
+    return _MIN_GROUP_SIZE[estimator]
+
+
+def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """BoolTensor [B*G]: True for every sequence whose group's rewards are all equal.
+
+    Such groups carry no learning signal under group baselines (DAPO dynamic sampling drops them).
+    """
+    r = _groups(rewards, group_size)  # [B, G]
+    flat = (r == r[:, :1]).all(dim=1, keepdim=True)  # [B, 1]
+    return flat.expand_as(r).reshape(-1)

@@ -1,0 +1,99 @@
+"""Token log-probabilities and policy entropy from logits, chunked for memory.
+
+    log pi(y) = z_y / tau - logsumexp(z / tau)
+    H(pi)     = logsumexp(z) - sum_v softmax(z)_v z_v        ( = -sum_v p_v log p_v )
+
+Vocabularies are large (V ~ 150k): a float32 log-softmax of N*T rows is the biggest tensor of
+the update. Both functions flatten the leading dims to rows and process ``chunk_size`` rows at a
+time upcast to float32 (inputs may be bf16); with gradients enabled each chunk runs under
+``torch.utils.checkpoint`` (use_reentrant=False), so only one chunk's float32 intermediates are
+alive at a time and backward recomputes them.
+Entropy is the paper's H (Cui et al. 2025) at temperature 1, regardless of sampling temperature.
+Shapes: ``...`` leading dims (usually [N, T]), V vocabulary.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["token_logprobs", "token_entropy", "masked_entropy", "masked_mean"]
+
+
+def _upcast(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _chunked(fn: Callable[..., Tensor], rows: Tensor, *extra: Tensor, chunk_size: int) -> Tensor:
+    """Apply ``fn(rows_chunk, *extra_chunks) -> [chunk]`` over row chunks, checkpointed if grad."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    use_ckpt = torch.is_grad_enabled() and rows.requires_grad
+    outs = []
+    for start in range(0, rows.shape[0], chunk_size):
+        args = [t[start : start + chunk_size] for t in (rows, *extra)]
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if use_ckpt else fn(*args))
+    if not outs:
+        return rows.new_zeros(0, dtype=torch.promote_types(rows.dtype, torch.float32))
+    return torch.cat(outs)
+
+
+def token_logprobs(
+    logits: Tensor, labels: Tensor, *, temperature: float = 1.0, chunk_size: int = 4096
+) -> Tensor:
+    """log softmax(logits / temperature)[label] -> [...] (float32 or float64), differentiable.
+
+    logits [..., V] (any float dtype); labels [...] int64 token ids.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    rows = logits.reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1, 1).long()
+
+    def fn(z: Tensor, y: Tensor) -> Tensor:
+        z = _upcast(z) / temperature
+        return z.gather(-1, y).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+    return _chunked(fn, rows, flat_labels, chunk_size=chunk_size).view(labels.shape)
+
+
+def _entropy_rows(z: Tensor) -> Tensor:
+    z = _upcast(z)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    p = torch.exp(z - lse)
+    # -inf logits (masked vocab) have p = 0; zero them so 0 * -inf gives no NaN (nor in backward)
+    z_finite = z.masked_fill(torch.isneginf(z), 0.0)
+    return lse.squeeze(-1) - (p * z_finite).sum(-1)
+
+
+def token_entropy(logits: Tensor, *, chunk_size: int = 1024) -> Tensor:
+    """Exact entropy of softmax(logits) per position (temperature 1): [..., V] -> [...].
+
+    Differentiable; float32 (float64 for float64 input) whatever the logits' dtype.
+    """
+    rows = logits.reshape(-1, logits.shape[-1])
+    return _chunked(_entropy_rows, rows, chunk_size=chunk_size).view(logits.shape[:-1])
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over positions where ``mask`` is true (bool or 0/1 float).
+
+    dim=None: scalar over all valid entries; else reduce ``dim``. Empty -> 0 (denominator >= 1).
+    Masked-out entries never contribute, even if they hold inf/NaN.
+    """
+    m = mask.bool()
+    xs = torch.where(m, x, torch.zeros_like(x))
+    if dim is None:
+        return xs.sum() / m.sum().clamp(min=1).to(xs.dtype)
+    return xs.sum(dim) / m.sum(dim).clamp(min=1).to(xs.dtype)
+
+
+def masked_entropy(logits: Tensor, mask: Tensor, *, chunk_size: int = 1024) -> Tensor:
+    """Token-mean entropy over ``mask``: sum_i H_i m_i / sum_i m_i (scalar, differentiable).
+
+    logits [N, T, V], mask [N, T]. Every valid token weighs the same; this is NOT the paper's
+    mean of per-sequence means (use ``masked_mean(token_entropy(...), mask, dim=-1)`` then mean).
+    """
+    return masked_mean(token_entropy(logits, chunk_size=chunk_size), mask)

@@ -1,0 +1,190 @@
+"""PPO clipped surrogate per token, its diagnostics, and loss aggregation.
+
+Per valid token, with r = exp(clamp(logp - old_logp, -c, c)) and advantage A:
+
+    L1 = -A r,   L2 = -A clamp(r, 1 - eps_low, 1 + eps_high),   loss = max(L1, L2)
+
+(Schulman et al. 2017, PPO; decoupled eps_low/eps_high is DAPO's "clip-higher", Yu et al. 2025).
+Dual-clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games"): for A < 0 the loss is
+additionally capped, loss = min(loss, -A c_dual) with c_dual > 1, so a huge ratio on a negative
+token cannot blow up the update.
+
+Aggregation turns the [N, T] token losses into the scalar that is differentiated:
+token-mean (DAPO / Clip-Cov recipes), seq-mean-token-sum, seq-mean-token-mean (original GRPO)
+and seq-mean-token-sum-norm (Dr.GRPO, Liu et al. 2025: divide by a constant length).
+
+How we differ from the reference code (verl ``core_algos``):
+- the log-ratio clamp (default +-20) is always applied before exp (verl #6478: NaN risk);
+- ``aggregate`` takes optional global denominators (tokens / sequences of the whole optimizer
+  mini-batch) so that the sum of micro-batch aggregates equals the mini-batch aggregate exactly,
+  independent of micro-batch size and world size;
+- ``ppo_stats`` names what it counts: ``clip_frac`` is the fraction of tokens whose clipped term
+  is active, split into ``clip_frac_low`` / ``clip_frac_high``.
+Shapes: N sequences, T response tokens.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["ppo_token_loss", "ppo_clipped_tokens", "ppo_stats", "AGG_MODES", "aggregate"]
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def _per_token(advantages: Tensor, like: Tensor) -> Tensor:
+    """Detached advantages [N] or [N, T] -> [N, T] in ``like``'s dtype."""
+    adv = advantages.detach().to(like.dtype)
+    if adv.dim() == like.dim() - 1:
+        adv = adv.unsqueeze(-1)
+    return adv.expand_as(like)
+
+
+def _ratio(logp: Tensor, old_logp: Tensor, logratio_clamp: float | None) -> Tensor:
+    logratio = logp - old_logp.detach()
+    if logratio_clamp is not None:
+        logratio = logratio.clamp(-logratio_clamp, logratio_clamp)
+    return torch.exp(logratio)
+
+
+def _surrogates(ratio: Tensor, adv: Tensor, clip_low: float | None, clip_high: float | None):
+    """(L1, L2): unclipped and clipped PPO terms; L2 is L1 when both bounds are None."""
+    l1 = -adv * ratio
+    if clip_low is None and clip_high is None:
+        return l1, l1
+    lo = None if clip_low is None else 1.0 - clip_low
+    hi = None if clip_high is None else 1.0 + clip_high
+    return l1, -adv * ratio.clamp(min=lo, max=hi)
+
+
+def ppo_token_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float | None,
+    clip_high: float | None,
+    dual_clip: float | None = None,
+    logratio_clamp: float | None = 20.0,
+) -> Tensor:
+    """Per-token PPO loss [N, T] (0 outside ``mask``); gradient flows through ``logp`` only.
+
+    logp, old_logp [N, T]; advantages [N] (broadcast over tokens) or [N, T]; mask [N, T] bool/float.
+    clip_low / clip_high: eps of the clip range; None = no clipping on that side.
+    dual_clip: c > 1; for A < 0 the loss is capped at -A c. logratio_clamp: None disables it.
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    adv = _per_token(advantages, logp)
+    ratio = _ratio(logp, old_logp, logratio_clamp)
+    l1, l2 = _surrogates(ratio, adv, clip_low, clip_high)
+    loss = torch.maximum(l1, l2)
+    if dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
+    return torch.where(mask.bool(), loss, torch.zeros_like(loss))
+
+
+@torch.no_grad()
+def ppo_clipped_tokens(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float | None,
+    clip_high: float | None,
+    logratio_clamp: float | None = 20.0,
+) -> Tensor:
+    """BoolTensor [N, T]: valid tokens whose clipped term is active (L2 > L1).
+
+    PPO already gives these tokens zero gradient; Clip-Cov excludes them from its candidates.
+    """
+    adv = _per_token(advantages, logp)
+    l1, l2 = _surrogates(_ratio(logp.detach(), old_logp, logratio_clamp), adv, clip_low, clip_high)
+    return (l2 > l1) & mask.bool()
+
+
+@torch.no_grad()
+def ppo_stats(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float | None,
+    clip_high: float | None,
+    logratio_clamp: float | None = 20.0,
+    num_tokens: float | Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Detached scalar diagnostics of the PPO update, token-mean over ``mask``.
+
+    approx_kl: k3 estimate of KL(pi_old || pi) from tokens sampled by pi_old,
+        mean of (r - 1) - log r, r = pi / pi_old (>= 0 per token, unbiased; Schulman 2020).
+    clip_frac: fraction of valid tokens whose clipped term is active (L2 > L1);
+    clip_frac_low: r < 1 - eps_low with A < 0;  clip_frac_high: r > 1 + eps_high with A > 0.
+    num_tokens: optional global denominator (e.g. tokens of the whole mini-batch), so that
+        micro-batch stats sum to the mini-batch stat; default mask.sum(). Clamped to >= 1.
+    """
+    m = mask.bool()
+    adv = _per_token(advantages, logp)
+    logratio = (logp - old_logp).detach()
+    if logratio_clamp is not None:
+        logratio = logratio.clamp(-logratio_clamp, logratio_clamp)
+    ratio = torch.exp(logratio)
+    l1, l2 = _surrogates(ratio, adv, clip_low, clip_high)
+    low = torch.zeros_like(m) if clip_low is None else (ratio < 1.0 - clip_low) & (adv < 0)
+    high = torch.zeros_like(m) if clip_high is None else (ratio > 1.0 + clip_high) & (adv > 0)
+    denom = _denominator(num_tokens, m.sum(), logp)
+
+    def mean(x: Tensor) -> Tensor:
+        return torch.where(m, x.to(logp.dtype), torch.zeros_like(logp)).sum() / denom
+
+    return {
+        "approx_kl": mean(ratio - 1.0 - logratio),
+        "clip_frac": mean(l2 > l1),
+        "clip_frac_low": mean(low),
+        "clip_frac_high": mean(high),
+    }
+
+
+def _denominator(given: float | Tensor | None, default: Tensor | float, like: Tensor) -> Tensor:
+    """A denominator as a tensor of ``like``'s dtype/device, clamped to >= 1 (counts)."""
+    d = default if given is None else given
+    return torch.as_tensor(d, dtype=like.dtype, device=like.device).clamp(min=1.0)
+
+
+def aggregate(
+    loss: Tensor,
+    mask: Tensor,
+    mode: str,
+    *,
+    num_tokens: float | Tensor | None = None,
+    num_seqs: float | Tensor | None = None,
+    norm_length: float | None = None,
+) -> Tensor:
+    """Reduce token losses [N, T] to a scalar.
+
+    token-mean:              sum(loss*mask) / num_tokens            (default num_tokens = mask.sum())
+    seq-mean-token-sum:      sum_n sum_t loss*mask / num_seqs        (default num_seqs = N)
+    seq-mean-token-mean:     sum_n [sum_t loss*mask / max(len_n, 1)] / num_seqs
+    seq-mean-token-sum-norm: sum(loss*mask) / (num_seqs * norm_length) (default norm_length = T)
+
+    Pass the optimizer mini-batch totals as num_tokens / num_seqs (and a fixed norm_length) when
+    calling on micro-batches: the micro-batch aggregates then sum exactly to the mini-batch one.
+    Denominators are counts and are clamped to >= 1.
+    """
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; valid: {list(AGG_MODES)}")
+    m = mask.bool()
+    masked = torch.where(m, loss, torch.zeros_like(loss))
+    if mode == "token-mean":
+        return masked.sum() / _denominator(num_tokens, m.sum(), loss)
+    seqs = _denominator(num_seqs, loss.shape[0], loss)
+    if mode == "seq-mean-token-sum":
+        return masked.sum() / seqs
+    if mode == "seq-mean-token-mean":
+        lengths = m.sum(dim=-1).to(loss.dtype).clamp(min=1.0)  # [N]
+        return (masked.sum(dim=-1) / lengths).sum() / seqs
+    length = float(mask.shape[-1] if norm_length is None else norm_length)
+    return masked.sum() / (seqs * max(length, 1.0))

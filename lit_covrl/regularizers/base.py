@@ -1,0 +1,125 @@
+"""The regularizer contract: a Lightning callback that the module asks for per-token shaping.
+
+A Lightning callback cannot replace the loss, so `GRPOModule` finds every `Regularizer` in
+`trainer.callbacks` and, for each optimizer mini-batch:
+
+1. calls `prepare(ctx)` once with the whole mini-batch (detached tensors, all micro-batches,
+   global across ranks): covariance-based selection happens here, so the selected set does not
+   depend on the micro-batch size or on the number of devices;
+2. calls `shape(batch)` per micro-batch (tensors with grad) and combines the returned
+   `TokenShaping`s: loss_tok = base * prod(weights) + sum(penalties), aggregated once.
+
+Coefficients follow a `Schedule` of the RL step (rollout index), a pure function of the step,
+so they resume exactly. Regularizers never see config objects; the math is in `algorithms/`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from lightning.pytorch import Callback
+from torch import Tensor
+
+from lit_covrl import distributed
+from lit_covrl.algorithms import token_covariance
+from lit_covrl.regularizers.schedules import Schedule
+from lit_covrl.types import PolicyBatch, TokenShaping
+
+log = logging.getLogger("lit_covrl")
+
+
+@dataclass
+class MiniBatchContext:
+    """One optimizer mini-batch, as seen by `Regularizer.prepare` (all tensors detached).
+
+    logp       [n, T]  current-policy log-probs of the sampled tokens (== old_logp on the first
+                       update of a rollout; a no-grad forward on later ones)
+    old_logp   [n, T]  rollout-policy log-probs
+    advantages [n, T]  sequence advantages broadcast over tokens
+    mask       [n, T]  response mask (float)
+    """
+
+    step: int
+    update: int
+    logp: Tensor
+    old_logp: Tensor
+    advantages: Tensor
+    mask: Tensor
+    clip_low: float | None
+    clip_high: float | None
+    _cov: Tensor | None = field(default=None, repr=False)
+
+    def covariance(self) -> Tensor:
+        """Eq. 10 of Cui et al. with means over the valid tokens of the mini-batch on all ranks."""
+        if self._cov is None:
+            m = self.mask
+            sums = distributed.all_sum(torch.stack([(self.logp * m).sum(), (self.advantages * m).sum(), m.sum()]))
+            count = sums[2].clamp(min=1)
+            self._cov = token_covariance(self.logp, self.advantages, m, means=(sums[0] / count, sums[1] / count))
+        return self._cov
+
+    def num_tokens(self) -> int:
+        """Valid tokens of the mini-batch over all ranks."""
+        return int(distributed.all_sum(self.mask.sum()).item())
+
+
+def select_globally(local: list[Tensor], select) -> Tensor:
+    """Run `select(*tensors)` on the concatenation of every rank's rows and return this rank's
+    part of the result, so the choice is the one a single process would make."""
+    gathered = [distributed.gather_rows(t) for t in local]
+    offset = gathered[0][1]
+    chosen = select(*[g for g, _ in gathered])
+    return chosen[offset : offset + local[0].shape[0]]
+
+
+class Regularizer(Callback):
+    """Base class. Subclasses set the `needs_*` flags and implement `shape` (and maybe `prepare`)."""
+
+    needs_entropy: bool = False  # module computes per-token entropy (with grad) only if asked
+    needs_reference: bool = False  # module loads and runs the reference model only if asked
+    needs_current_logp: bool = False  # module provides ctx.logp of the current policy
+    default_name: str = "regularizer"  # metric namespace reg/<name>/ unless `name` is given
+
+    def __init__(self, schedule: Schedule | None = None, name: str | None = None) -> None:
+        if schedule is not None and not isinstance(schedule, Schedule):
+            schedule = Schedule(**schedule)
+        self.schedule = schedule or Schedule("constant")
+        self.name = name or self.default_name
+        self._metrics: dict[str, list[float]] = {}
+
+    @property
+    def state_key(self) -> str:
+        return f"{type(self).__qualname__}[{self.name}]"
+
+    def scheduled(self, initial: float, step: int) -> float:
+        return self.schedule.value(initial, step)
+
+    def prepare(self, ctx: MiniBatchContext) -> None:
+        """Called once per optimizer mini-batch, before its micro-batches."""
+
+    def shape(self, batch: PolicyBatch) -> TokenShaping:
+        raise NotImplementedError
+
+    # metrics -----------------------------------------------------------------------------------
+    def record(self, key: str, value: float | Tensor) -> None:
+        """Keep a scalar for this RL step; the module logs the mean under reg/<name>/<key>
+        (keys that already contain a '/' are logged as given, e.g. cov/selected_adv_mean)."""
+        self._metrics.setdefault(key, []).append(float(value))
+
+    def pop_metrics(self) -> dict[str, float]:
+        out = {
+            (k if "/" in k else f"reg/{self.name}/{k}"): sum(v) / len(v) for k, v in self._metrics.items() if v
+        }
+        self._metrics.clear()
+        return out
+
+
+def check_ratio(field_name: str, value: float) -> None:
+    if not (0.0 < value <= 1.0):
+        raise ValueError(f"{field_name} must be in (0, 1], got {value!r}")
+
+
+def check_nonnegative(field_name: str, value: float) -> None:
+    if value is None or value < 0:
+        raise ValueError(f"{field_name} must be >= 0, got {value!r}")

@@ -1,0 +1,184 @@
+"""Clip-Cov and KL-Cov (Cui et al. 2025, arXiv 2505.22617): damp only the few tokens whose
+log-prob and advantage covary most, the ones that drive the entropy collapse.
+
+Cov_i = (logp_i - mean logp) (A_i - mean A) over the valid tokens of the optimizer mini-batch.
+- Clip-Cov: among tokens PPO does not already clip with lb < Cov_i < ub, pick
+  max(floor(ratio N), 1) uniformly at random; their surrogate loss (and gradient) is dropped,
+  but they stay in the token-mean denominator.
+- KL-Cov: the top max(floor(ratio N), 1) tokens by Cov get + beta |logp_i - old_logp_i|.
+
+Where we differ from the reference code (verl / PRIME-RL), on purpose:
+- selection is made once per optimizer mini-batch over all its tokens on all ranks, not per
+  micro-batch per GPU, so the result does not depend on micro-batch size or device count;
+  the covariance uses the current policy's log-probs of the whole mini-batch (a no-grad forward
+  from the second update of a rollout on; on the first, the rollout log-probs are exact);
+- the random choice uses an explicit, checkpointed `torch.Generator` (reproducible);
+- they are additive regularizers on top of the module's PPO loss, not whole-loss modes:
+  KL-Cov's "no clipping" is the module setting clip_low/clip_high = null;
+- the log-ratio is clamped before exp in the base loss; metrics are named for what they count.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from lit_covrl.algorithms import clip_cov_select, kl_cov_select, ppo_clipped_tokens
+from lit_covrl.regularizers.base import (
+    MiniBatchContext,
+    Regularizer,
+    check_nonnegative,
+    check_ratio,
+    select_globally,
+)
+from lit_covrl.regularizers.schedules import Schedule
+from lit_covrl.types import PolicyBatch, TokenShaping
+from lit_covrl import distributed
+
+log = logging.getLogger("lit_covrl")
+
+
+class _CovarianceSelector(Regularizer):
+    """Shared bookkeeping: keep the mini-batch selection, report what was selected."""
+
+    needs_current_logp = True
+
+    def __init__(self, schedule: Schedule | None, name: str | None) -> None:
+        super().__init__(schedule, name)
+        self.selected: Tensor | None = None  # [n, T] bool for the current mini-batch
+
+    def _record_selection(self, ctx: MiniBatchContext, selected: Tensor) -> None:
+        s = selected.float()
+        stats = distributed.all_sum(
+            torch.stack([s.sum(), ctx.mask.sum(), (s * ctx.advantages).sum(), (s * ctx.logp).sum()])
+        )
+        k = stats[0].clamp(min=1)
+        self.record("selected_frac", stats[0] / stats[1].clamp(min=1))
+        self.record("cov/selected_frac", stats[0] / stats[1].clamp(min=1))
+        if stats[0] > 0:
+            self.record("cov/selected_adv_mean", stats[2] / k)
+            self.record("cov/selected_logp_mean", stats[3] / k)
+
+    def _rows(self, batch: PolicyBatch) -> Tensor:
+        assert self.selected is not None, "prepare() must run before shape()"
+        return self.selected[batch.rows].to(batch.logp.dtype)
+
+
+class ClipCov(_CovarianceSelector):
+    """Clip-Cov. `schedule` anneals `ratio` (final 0.0 switches it off)."""
+
+    default_name = "clip_cov"
+
+    def __init__(
+        self,
+        ratio: float = 2e-4,
+        lb: float = 1.0,
+        ub: float = 5.0,
+        schedule: Schedule | None = None,
+        seed: int = 0,
+        name: str | None = None,
+    ) -> None:
+        """
+        Args:
+            ratio: fraction of the mini-batch's valid tokens to detach (paper: 2e-4).
+            lb: lower covariance bound of the candidates (strict).
+            ub: upper covariance bound of the candidates (strict); must exceed lb.
+            schedule: annealing of `ratio` over RL steps, e.g. {name: cosine, final: 0.0, steps: 500}.
+            seed: seed of the selection's torch.Generator (saved in checkpoints).
+            name: metric namespace (reg/<name>/...); set it to stack two ClipCov callbacks.
+        """
+        super().__init__(schedule, name)
+        check_ratio("ClipCov.ratio", ratio)
+        if not lb < ub:
+            raise ValueError(f"ClipCov needs lb < ub, got lb={lb!r}, ub={ub!r}")
+        self.ratio, self.lb, self.ub, self.seed = ratio, lb, ub, seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def prepare(self, ctx: MiniBatchContext) -> None:
+        ratio = self.scheduled(self.ratio, ctx.step)
+        self.record("coef", ratio)
+        if ratio <= 0:
+            self.selected = torch.zeros_like(ctx.mask, dtype=torch.bool)
+        else:
+            eligible = ctx.mask.bool() & ~ppo_clipped_tokens(
+                ctx.logp, ctx.old_logp, ctx.advantages, ctx.mask, clip_low=ctx.clip_low, clip_high=ctx.clip_high
+            )
+            self.selected = select_globally(
+                [ctx.covariance(), ctx.mask, eligible],
+                lambda cov, mask, elig: clip_cov_select(
+                    cov, mask, elig, ratio=ratio, lb=self.lb, ub=self.ub, generator=self.generator
+                ),
+            )
+        self._record_selection(ctx, self.selected)
+
+    def shape(self, batch: PolicyBatch) -> TokenShaping:
+        return TokenShaping(weight=1.0 - self._rows(batch))
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.generator.set_state(state_dict["generator"])
+
+
+class KLCov(_CovarianceSelector):
+    """KL-Cov. `schedule` anneals `beta` by default (`schedule_on: ratio` anneals the ratio)."""
+
+    SCHEDULE_TARGETS = ("beta", "ratio")
+    default_name = "kl_cov"
+
+    def __init__(
+        self,
+        ratio: float = 2e-3,
+        beta: float = 1.0,
+        schedule: Schedule | None = None,
+        schedule_on: str = "beta",
+        name: str | None = None,
+    ) -> None:
+        """
+        Args:
+            ratio: fraction of valid tokens penalized (paper: 2e-3 for 7B, 2e-4 for 32B; note
+                PRIME-RL's `k_percent` is in percent).
+            beta: penalty coefficient on |logp - old_logp| (paper: 1; verl's default is 0.1).
+            schedule: annealing over RL steps, applied to `schedule_on`.
+            schedule_on: "beta" or "ratio".
+            name: metric namespace (reg/<name>/...).
+        """
+        super().__init__(schedule, name)
+        check_ratio("KLCov.ratio", ratio)
+        check_nonnegative("KLCov.beta", beta)
+        if schedule_on not in self.SCHEDULE_TARGETS:
+            raise ValueError(f"KLCov.schedule_on={schedule_on!r}; valid: {list(self.SCHEDULE_TARGETS)}")
+        self.ratio, self.beta, self.schedule_on = ratio, beta, schedule_on
+        self._beta_now = beta
+        self._warned = False
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        updates = getattr(pl_module, "updates_per_rollout", None)
+        if updates == 1 and not self._warned:
+            self._warned = True
+            log.warning(
+                "KLCov has no effect with a single on-policy update per rollout: old == current, so "
+                "|logp - old_logp| = 0 with zero gradient. Use several mini-batches or ppo_epochs > 1."
+            )
+
+    def prepare(self, ctx: MiniBatchContext) -> None:
+        ratio, beta = self.ratio, self.beta
+        if self.schedule_on == "beta":
+            beta = self.scheduled(beta, ctx.step)
+        else:
+            ratio = self.scheduled(ratio, ctx.step)
+        self._beta_now = beta
+        self.record("coef", beta)
+        self.record("ratio", ratio)
+        if ratio <= 0 or beta <= 0:
+            self.selected = torch.zeros_like(ctx.mask, dtype=torch.bool)
+        else:
+            self.selected = select_globally(
+                [ctx.covariance(), ctx.mask], lambda cov, mask: kl_cov_select(cov, mask, ratio=ratio)
+            )
+        self._record_selection(ctx, self.selected)
+
+    def shape(self, batch: PolicyBatch) -> TokenShaping:
+        return TokenShaping(penalty=self._beta_now * (batch.logp - batch.old_logp).abs() * self._rows(batch))

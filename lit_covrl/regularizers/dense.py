@@ -1,0 +1,75 @@
+"""Dense regularizers: they act on every valid token.
+
+- EntropyBonus: loss_tok -= coef * H(pi(.|s_t)), the exact full-vocabulary entropy at
+  temperature 1 (computed in row chunks by the module). Its stationary point on a bandit is
+  softmax(r / coef), not the best arm: a persistent bias unless `coef` is annealed to 0.
+- ReferenceKL: loss_tok += beta * KL_est(pi || pi_ref) with Schulman's k1 / k2 / k3
+  estimators on the sampled tokens; the module loads the reference model only when one exists.
+"""
+from __future__ import annotations
+
+from lit_covrl.algorithms import KL_ESTIMATORS, kl_penalty
+from lit_covrl.regularizers.base import Regularizer, check_nonnegative
+from lit_covrl.regularizers.schedules import Schedule
+from lit_covrl.types import PolicyBatch, TokenShaping
+
+
+class EntropyBonus(Regularizer):
+    """Entropy bonus; `schedule` anneals `coef`."""
+
+    needs_entropy = True
+    default_name = "entropy_bonus"
+
+    def __init__(self, coef: float = 1e-3, schedule: Schedule | None = None, name: str | None = None) -> None:
+        """
+        Args:
+            coef: bonus coefficient alpha (paper baselines: 1e-4 .. 1e-2).
+            schedule: annealing of `coef` over RL steps.
+            name: metric namespace (reg/<name>/...).
+        """
+        super().__init__(schedule, name)
+        check_nonnegative("EntropyBonus.coef", coef)
+        self.coef = coef
+        self._coef_now = coef
+
+    def prepare(self, ctx) -> None:
+        self._coef_now = self.scheduled(self.coef, ctx.step)
+        self.record("coef", self._coef_now)
+
+    def shape(self, batch: PolicyBatch) -> TokenShaping:
+        assert batch.entropy is not None, "the module must compute entropy when needs_entropy is set"
+        return TokenShaping(penalty=-self._coef_now * batch.entropy)
+
+
+class ReferenceKL(Regularizer):
+    """KL penalty to the frozen reference model; `schedule` anneals `beta`."""
+
+    needs_reference = True
+    default_name = "ref_kl"
+
+    def __init__(
+        self, beta: float = 1e-3, estimator: str = "k3", schedule: Schedule | None = None, name: str | None = None
+    ) -> None:
+        """
+        Args:
+            beta: penalty coefficient.
+            estimator: "k1", "k2" or "k3" (k3 is unbiased and non-negative).
+            schedule: annealing of `beta` over RL steps.
+            name: metric namespace (reg/<name>/...).
+        """
+        super().__init__(schedule, name)
+        check_nonnegative("ReferenceKL.beta", beta)
+        if estimator not in KL_ESTIMATORS:
+            raise ValueError(f"ReferenceKL.estimator={estimator!r}; valid: {list(KL_ESTIMATORS)}")
+        self.beta, self.estimator = beta, estimator
+        self._beta_now = beta
+
+    def prepare(self, ctx) -> None:
+        self._beta_now = self.scheduled(self.beta, ctx.step)
+        self.record("coef", self._beta_now)
+
+    def shape(self, batch: PolicyBatch) -> TokenShaping:
+        assert batch.ref_logp is not None, "the module must compute ref_logp when needs_reference is set"
+        kl = kl_penalty(batch.logp, batch.ref_logp, self.estimator)
+        self.record("kl", ((kl * batch.mask).sum() / batch.mask.sum().clamp(min=1)).detach())
+        return TokenShaping(penalty=self._beta_now * kl)

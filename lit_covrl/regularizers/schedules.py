@@ -1,0 +1,63 @@
+"""Annealing schedules for regularizer coefficients.
+
+value(initial, t), T = ``steps``, t clipped to [0, T]:
+
+    constant:    initial
+    linear:      initial + (final - initial) t / T
+    cosine:      final + (initial - final) 0.5 (1 + cos(pi t / T))
+    exponential: final + (initial - final) 0.5^(t / half_life)     (half_life default T / 5)
+
+Every schedule except ``constant`` returns ``final`` once t >= T (for exponential this cuts the
+remaining 1/32 of the gap at T with the default half-life). Annealing a covariance or entropy
+coefficient to 0 makes the control asymptotically unbiased (Lei & Baehr 2026).
+A plain dataclass, so jsonargparse reads it from YAML:
+``schedule: {name: cosine, final: 0.0, steps: 500}``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["SCHEDULES", "Schedule"]
+
+SCHEDULES = ("constant", "linear", "cosine", "exponential")
+
+
+@dataclass
+class Schedule:
+    """How a coefficient moves from its initial value to ``final`` over ``steps`` steps.
+
+    name: one of SCHEDULES. final: value reached at ``steps`` (>= 0; ignored by constant).
+    steps: annealing length in optimizer steps (>= 1). half_life: exponential only, > 0,
+    default steps / 5.
+    """
+
+    name: str = "constant"
+    final: float = 0.0
+    steps: int = 1
+    half_life: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ValueError(f"schedule.name must be one of {list(SCHEDULES)}, got {self.name!r}")
+        if self.steps < 1:
+            raise ValueError(f"schedule.steps must be >= 1, got {self.steps}")
+        if self.final < 0:
+            raise ValueError(f"schedule.final must be >= 0, got {self.final}")
+        if self.half_life is not None and self.half_life <= 0:
+            raise ValueError(f"schedule.half_life must be > 0, got {self.half_life}")
+
+    def value(self, initial: float, step: int) -> float:
+        """Coefficient at optimizer step ``step`` (0-based) starting from ``initial``."""
+        if self.name == "constant":
+            return float(initial)
+        if step >= self.steps:
+            return float(self.final)
+        t = max(step, 0)
+        gap = initial - self.final
+        if self.name == "linear":
+            return initial - gap * t / self.steps
+        if self.name == "cosine":
+            return self.final + gap * 0.5 * (1.0 + math.cos(math.pi * t / self.steps))
+        half_life = self.half_life if self.half_life is not None else self.steps / 5.0
+        return self.final + gap * 0.5 ** (t / half_life)

@@ -1,0 +1,104 @@
+"""Advantage estimators: hand-worked values, loop oracles, errors."""
+import math
+import statistics
+
+import pytest
+import torch
+
+from lit_covrl.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    compute_advantages,
+    group_advantages,
+    min_group_size,
+    rloo_advantages,
+    zero_variance_groups,
+)
+
+
+def test_grpo_hand_values_g2():
+    # groups [1, 0] and [0, 1]: mean 0.5, Bessel std = sqrt((0.25 + 0.25) / 1) = sqrt(0.5)
+    # A = +-0.5 / sqrt(0.5) = +-sqrt(0.5) = +-0.70711
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    a = group_advantages(r, 2, eps=0.0)
+    s = math.sqrt(0.5)
+    torch.testing.assert_close(a, torch.tensor([s, -s, -s, s], dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_grpo_hand_values_g4_and_eps():
+    # [1, 0, 0, 0]: mean 0.25, Bessel var = (0.75^2 + 3 * 0.25^2) / 3 = 0.25, std 0.5
+    # A = [0.75, -0.25, -0.25, -0.25] / (0.5 + eps)
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(
+        group_advantages(r, 4, eps=0.0),
+        torch.tensor([1.5, -0.5, -0.5, -0.5], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        group_advantages(r, 4, eps=0.5),  # denominator 1.0
+        torch.tensor([0.75, -0.25, -0.25, -0.25], dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_drgrpo_and_rloo_hand_values():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    # Dr.GRPO: r - 0.25
+    torch.testing.assert_close(compute_advantages(r, 4, "drgrpo"),
+                               torch.tensor([0.75, -0.25, -0.25, -0.25], dtype=torch.float64))
+    # RLOO: A_0 = 1 - mean(0, 0, 0) = 1; A_1 = 0 - mean(1, 0, 0) = -1/3
+    torch.testing.assert_close(rloo_advantages(r, 4),
+                               torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3], dtype=torch.float64))
+
+
+def test_estimators_match_loop_oracles():
+    g = torch.Generator().manual_seed(0)
+    B, G = 5, 6
+    r = torch.rand(B * G, generator=g, dtype=torch.float64)
+    grpo, drgrpo, rloo = [], [], []
+    for b in range(B):
+        grp = r[b * G:(b + 1) * G].tolist()
+        mu, sd = statistics.mean(grp), statistics.stdev(grp)
+        for i, x in enumerate(grp):
+            grpo.append((x - mu) / (sd + 1e-6))
+            drgrpo.append(x - mu)
+            rloo.append(x - statistics.mean(grp[:i] + grp[i + 1:]))
+    for name, want in (("grpo", grpo), ("drgrpo", drgrpo), ("rloo", rloo)):
+        got = compute_advantages(r, G, name)
+        assert got.shape == (B * G,)
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_zero_variance_group_gives_zero_not_nan():
+    r = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    for name in ADVANTAGE_ESTIMATORS:
+        a = compute_advantages(r, 2, name)
+        assert torch.isfinite(a).all()
+        assert a[:2].abs().max() == 0
+
+
+def test_integer_rewards_accepted():
+    a = compute_advantages(torch.tensor([1, 0, 0, 0]), 4, "drgrpo")
+    torch.testing.assert_close(a, torch.tensor([0.75, -0.25, -0.25, -0.25]))
+
+
+def test_zero_variance_groups_mask():
+    r = torch.tensor([1.0, 1.0, 0.0, 1.0, 2.0, 2.0])
+    assert zero_variance_groups(r, 2).tolist() == [True, True, False, False, True, True]
+    assert zero_variance_groups(r, 3).tolist() == [False] * 3 + [False] * 3
+    assert zero_variance_groups(torch.tensor([0.5, 0.5, 0.5]), 3).tolist() == [True] * 3
+
+
+def test_group_size_errors():
+    r = torch.tensor([1.0, 0.0])
+    with pytest.raises(ValueError, match=">= 2"):
+        group_advantages(r, 1)
+    with pytest.raises(ValueError, match=">= 2"):
+        rloo_advantages(r, 1)
+    with pytest.raises(ValueError, match="divisible"):
+        group_advantages(torch.zeros(5), 2)
+    assert all(min_group_size(n) == 2 for n in ("grpo", "drgrpo", "rloo"))
+
+
+def test_unknown_estimator_lists_valid_names():
+    with pytest.raises(ValueError) as e:
+        compute_advantages(torch.zeros(4), 2, "ppo")
+    for name in ("grpo", "drgrpo", "rloo", "ppo"):
+        assert name in str(e.value)
+    with pytest.raises(ValueError, match="grpo"):
+        min_group_size("nope")

@@ -1,0 +1,140 @@
+"""Chunked log-probs and entropy against naive full-softmax versions (values and gradients)."""
+import math
+
+import pytest
+import torch
+
+from lit_covrl.algorithms import masked_entropy, masked_mean, token_entropy, token_logprobs
+
+F64 = torch.float64
+
+
+def _logits(seed=0, shape=(3, 5, 11), dtype=F64, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=g, dtype=F64)).to(dtype)
+
+
+def _naive_entropy(logits):
+    p = torch.softmax(logits, -1)
+    return -(p * torch.log(p)).sum(-1)
+
+
+def test_entropy_hand_values():
+    # uniform over V=8: log 8; two equal logits and the rest -inf-like: log 2; one dominant: ~0
+    logits = torch.tensor([[0.0] * 8, [5.0, 5.0] + [-1e4] * 6, [1e4] + [0.0] * 7], dtype=F64)
+    h = token_entropy(logits)
+    torch.testing.assert_close(h, torch.tensor([math.log(8), math.log(2), 0.0], dtype=F64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1024])
+def test_entropy_matches_naive_value_and_grad(chunk_size):
+    x = _logits().requires_grad_(True)
+    y = x.detach().clone().requires_grad_(True)
+    w = torch.randn(3, 5, dtype=F64, generator=torch.Generator().manual_seed(1))
+    h = token_entropy(x, chunk_size=chunk_size)
+    h_ref = _naive_entropy(y)
+    assert h.shape == (3, 5)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-12)
+    (gx,) = torch.autograd.grad((h * w).sum(), x)
+    (gy,) = torch.autograd.grad((h_ref * w).sum(), y)
+    torch.testing.assert_close(gx, gy, rtol=0, atol=1e-12)
+
+
+def test_entropy_bf16_input_float32_output():
+    x = _logits(dtype=torch.bfloat16).requires_grad_(True)
+    h = token_entropy(x, chunk_size=4)
+    assert h.dtype == torch.float32
+    torch.testing.assert_close(h, _naive_entropy(x.detach().float()), rtol=0, atol=1e-5)
+    h.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
+    y = x.detach().float().requires_grad_(True)
+    _naive_entropy(y).sum().backward()
+    torch.testing.assert_close(x.grad.float(), y.grad, rtol=0.02, atol=1e-2)  # bf16 rounding of grad
+
+
+def test_entropy_with_neg_inf_logits_is_finite():
+    # masked vocab: entropy is that of the remaining entries (uniform over 3 -> log 3)
+    x = torch.tensor([[0.0, 0.0, 0.0, float("-inf")]], requires_grad=True)
+    h = token_entropy(x)
+    assert h.item() == pytest.approx(math.log(3), abs=1e-6)
+    h.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_no_grad_path_and_empty():
+    x = _logits()
+    with torch.no_grad():
+        h = token_entropy(x.requires_grad_(True), chunk_size=2)
+    assert not h.requires_grad
+    assert token_entropy(torch.zeros(0, 7)).shape == (0,)
+    with pytest.raises(ValueError, match="chunk_size"):
+        token_entropy(x, chunk_size=0)
+
+
+@pytest.mark.parametrize("temperature,chunk_size", [(1.0, 4096), (0.7, 4), (1.3, 1)])
+def test_logprobs_match_log_softmax_gather(temperature, chunk_size):
+    x = _logits(seed=2).requires_grad_(True)
+    y = x.detach().clone().requires_grad_(True)
+    labels = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(3))
+    lp = token_logprobs(x, labels, temperature=temperature, chunk_size=chunk_size)
+    ref = torch.log_softmax(y / temperature, -1).gather(-1, labels[..., None]).squeeze(-1)
+    assert lp.shape == labels.shape
+    torch.testing.assert_close(lp, ref, rtol=0, atol=1e-12)
+    (gx,) = torch.autograd.grad(lp.sum(), x)
+    (gy,) = torch.autograd.grad(ref.sum(), y)
+    torch.testing.assert_close(gx, gy, rtol=0, atol=1e-12)
+
+
+def test_logprobs_hand_value_and_bf16():
+    # logits [0, log 3] -> softmax [1/4, 3/4]; at T = 2 logits [0, log(3)/2] -> [1/(1+sqrt3), sqrt3/(1+sqrt3)]
+    x = torch.tensor([[0.0, math.log(3)]], dtype=F64)
+    assert token_logprobs(x, torch.tensor([1])).item() == pytest.approx(math.log(0.75), abs=1e-12)
+    s3 = math.sqrt(3)
+    assert token_logprobs(x, torch.tensor([0]), temperature=2.0).item() == pytest.approx(
+        math.log(1 / (1 + s3)), abs=1e-12)
+    xb = _logits(seed=5, dtype=torch.bfloat16)
+    labels = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(6))
+    lp = token_logprobs(xb, labels, chunk_size=3)
+    assert lp.dtype == torch.float32
+    ref = torch.log_softmax(xb.float(), -1).gather(-1, labels[..., None]).squeeze(-1)
+    torch.testing.assert_close(lp, ref, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(xb, labels, temperature=0.0)
+
+
+def test_masked_mean_and_entropy():
+    x = torch.tensor([[1.0, 3.0, float("nan")], [5.0, float("inf"), 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # (1 + 3 + 5) / 3 = 3; per row: 2, 5
+    assert masked_mean(x, mask).item() == pytest.approx(3.0)
+    torch.testing.assert_close(masked_mean(x, mask, dim=-1), torch.tensor([2.0, 5.0]))
+    assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0
+    logits = _logits(seed=7, shape=(2, 3, 6))
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    h = _naive_entropy(logits)
+    want = (h[0, 0] + h[0, 1] + h[1, 0]) / 3  # token-mean over the 3 valid tokens
+    assert masked_entropy(logits, m, chunk_size=2).item() == pytest.approx(want.item(), abs=1e-12)
+
+
+def _saved_float32_elements(fn):
+    """Elements of float32 tensors that autograd keeps for backward while running ``fn``."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() if t.dtype == torch.float32 else 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(sizes)
+
+
+def test_chunks_are_checkpointed_no_float32_kept_for_backward():
+    # bf16 logits [64, 1000]: without per-chunk checkpointing autograd would keep float32 copies
+    # (softmax, upcast logits: > 64k elements); with it only the bf16 chunk inputs are saved.
+    x = _logits(seed=8, shape=(64, 1000), dtype=torch.bfloat16).requires_grad_(True)
+    labels = torch.zeros(64, dtype=torch.long)
+    assert _saved_float32_elements(lambda: token_entropy(x, chunk_size=8)) == 0
+    assert _saved_float32_elements(lambda: token_logprobs(x, labels, chunk_size=8)) == 0
+    # the probe itself can see float32 saves (so the assertion above can fail)
+    assert _saved_float32_elements(lambda: torch.softmax(x.float(), -1).sum()) >= 64_000

@@ -1,0 +1,68 @@
+"""Annealing schedules: hand values, endpoints, validation, YAML parsing."""
+import math
+
+import pytest
+
+from lit_covrl.regularizers.schedules import SCHEDULES, Schedule
+
+
+def test_constant():
+    s = Schedule()
+    assert [s.value(0.3, t) for t in (0, 5, 10_000)] == [0.3, 0.3, 0.3]
+
+
+def test_linear_hand_values():
+    s = Schedule("linear", final=0.2, steps=4)
+    # 1 -> 0.2 over 4 steps: -0.2 per step
+    got = [s.value(1.0, t) for t in range(6)]
+    assert got == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2, 0.2], abs=1e-12)
+
+
+def test_cosine_hand_values():
+    s = Schedule("cosine", final=0.0, steps=4)
+    # 0.5 (1 + cos(pi t / 4)): t=1 -> 0.853553, t=2 -> 0.5, t=3 -> 0.146447
+    got = [s.value(1.0, t) for t in range(6)]
+    want = [1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 - math.cos(math.pi / 4)), 0.0, 0.0]
+    assert got == pytest.approx(want, abs=1e-12)
+    assert got[1] == pytest.approx(0.853553, abs=1e-6)
+
+
+def test_exponential_hand_values():
+    s = Schedule("exponential", final=0.0, steps=10)  # half-life 10/5 = 2
+    assert s.value(1.0, 2) == pytest.approx(0.5)
+    assert s.value(1.0, 4) == pytest.approx(0.25)
+    assert s.value(1.0, 10) == 0.0
+    s = Schedule("exponential", final=1.0, steps=100, half_life=5)
+    # 1 + (3 - 1) 0.5^(5/5) = 2
+    assert s.value(3.0, 5) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "exponential"])
+def test_reaches_final_and_is_monotone(name):
+    s = Schedule(name, final=0.1, steps=50)
+    vals = [s.value(1.0, t) for t in range(60)]
+    assert vals[0] == pytest.approx(1.0)
+    assert all(b <= a + 1e-12 for a, b in zip(vals, vals[1:]))
+    assert vals[50:] == [0.1] * 10
+
+
+def test_validation_messages():
+    with pytest.raises(ValueError) as e:
+        Schedule("cosinus")
+    msg = str(e.value)
+    assert "schedule.name" in msg and "cosinus" in msg and all(n in msg for n in SCHEDULES)
+    with pytest.raises(ValueError, match="steps"):
+        Schedule("linear", steps=0)
+    with pytest.raises(ValueError, match="final"):
+        Schedule("linear", final=-1.0)
+    with pytest.raises(ValueError, match="half_life"):
+        Schedule("exponential", half_life=0.0)
+
+
+def test_jsonargparse_reads_yaml_dict():
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--schedule", type=Schedule, default=Schedule())
+    cfg = parser.parse_args(["--schedule", "{name: cosine, final: 0.0, steps: 500}"])
+    s = parser.instantiate_classes(cfg).schedule
+    assert s == Schedule("cosine", 0.0, 500)
