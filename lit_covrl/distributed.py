@@ -1,0 +1,72 @@
+"""The few collectives the RL step needs, as no-ops in a single process.
+
+Selection and token means must be global over the optimizer mini-batch across ranks (unlike the
+reference code, which selects per micro-batch per GPU), so that results do not depend on the
+number of devices. Rank r's rows come after rank r-1's in the global order.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _device() -> torch.device:
+    """NCCL only moves CUDA tensors; gloo takes CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def world_size() -> int:
+    return dist.get_world_size() if _active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if _active() else 0
+
+
+def all_sum(x: Tensor) -> Tensor:
+    """Sum of `x` over ranks (a new tensor; `x` is untouched)."""
+    if not _active():
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y
+
+
+def all_max_int(x: int) -> int:
+    if not _active():
+        return x
+    t = torch.tensor([x], dtype=torch.long, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_true(flag: bool) -> bool:
+    """True only when every rank says True (used to stop decoding in lock-step)."""
+    if not _active():
+        return flag
+    t = torch.tensor([0 if flag else 1], dtype=torch.long, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item()) == 0
+
+
+def gather_rows(x: Tensor) -> tuple[Tensor, int]:
+    """Concatenate every rank's [n_r, ...] tensor along dim 0 (n_r may differ; trailing dims must
+    match). Returns the global tensor and this rank's row offset in it."""
+    if not _active():
+        return x, 0
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
+    sizes = [int(s.item()) for s in sizes]
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    full = torch.cat([p[:s] for p, s in zip(parts, sizes)], 0)
+    return full, sum(sizes[: dist.get_rank()])

@@ -1,0 +1,494 @@
+"""GRPOModule: the LightningModule that owns the policy (and, when asked, the reference model)
+and runs one RL step per `training_step`, with manual optimization:
+
+  rollout (G samples per prompt, KV cache) -> score -> advantages -> [reference log-probs]
+  -> for each epoch, for each mini-batch: regularizers select over the whole mini-batch,
+     then micro-batches accumulate gradients of  agg( base * prod(w) + sum(penalty) )
+  -> one optimizer step per mini-batch -> log.
+
+`trainer.global_step` counts RL steps (rollouts), not optimizer updates: only the last update of
+a rollout goes through Lightning's optimizer wrapper. So `trainer.max_steps`, schedules and the
+TensorBoard x-axis are all in rollouts, as in the papers.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from contextlib import contextmanager
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from lit_covrl import distributed
+from lit_covrl.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    AGG_MODES,
+    aggregate,
+    compute_advantages,
+    covariance_group_means,
+    min_group_size,
+    ppo_stats,
+    ppo_token_loss,
+    token_covariance,
+    zero_variance_groups,
+)
+from lit_covrl.metrics import PassAtK, StepMetrics
+from lit_covrl.policy import load_policy, load_tokenizer, resolve_dtype, response_logprobs
+from lit_covrl.prompts import PROMPT_OVERFLOW, encode_prompts
+from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
+from lit_covrl.rewards import ExactMatchReward, RewardFunction, score_completions
+from lit_covrl.rollout import sample_responses
+from lit_covrl.types import PolicyBatch, PromptBatch, Rollout, TokenShaping
+
+log = logging.getLogger("lit_covrl")
+# the policy is kept in eval mode on purpose (no dropout in RL: rollout policy == trained policy)
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+OVERLONG = ("keep", "mask")
+
+
+class GRPOModule(L.LightningModule):
+    def __init__(
+        self,
+        model: str = "lit_covrl:tiny-arith",
+        tokenizer: str | None = None,
+        reference_model: str | None = None,
+        dtype: str = "float32",
+        reward: RewardFunction | None = None,
+        reward_timeout_s: float | None = 10.0,
+        correct_threshold: float = 1.0,
+        group_size: int = 8,
+        max_new_tokens: int = 16,
+        max_prompt_length: int = 512,
+        prompt_overflow: str = "error",
+        chat_template: bool | None = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        advantage: str = "grpo",
+        filter_groups: bool = False,
+        overlong: str = "keep",
+        clip_low: float | None = 0.2,
+        clip_high: float | None = 0.2,
+        dual_clip: float | None = None,
+        logratio_clamp: float | None = 20.0,
+        loss_agg_mode: str = "token-mean",
+        mini_batch_size: int | None = None,
+        micro_batch_size: int = 64,
+        ppo_epochs: int = 1,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        grad_clip: float | None = 1.0,
+        val_samples: int = 8,
+        val_k: int = 8,
+        val_temperature: float = 1.0,
+        seed: int = 0,
+        logprob_chunk_size: int = 1024,
+    ) -> None:
+        """
+        Args:
+            model: Hugging Face hub name, local directory, or `lit_covrl:tiny-arith` (shipped).
+            tokenizer: tokenizer name/path if it differs from `model`.
+            reference_model: frozen reference for ReferenceKL; null = a copy of `model`'s weights.
+                Loaded only when a regularizer needs it.
+            dtype: parameter dtype: float32, bfloat16 or float16.
+            reward: item-level reward function (`class_path`), default exact match.
+            reward_timeout_s: per-item time limit of the reward function (null = none).
+            correct_threshold: a response counts as correct (accuracy, pass@k) if reward >= this.
+            group_size: G, responses sampled per prompt.
+            max_new_tokens: response length limit.
+            max_prompt_length: prompt length limit in tokens.
+            prompt_overflow: "error" or "truncate_left" for prompts over the limit.
+            chat_template: null = use the tokenizer's chat template if it has one.
+            temperature: sampling temperature (the loss uses the same temperature).
+            top_p: nucleus sampling mass (1.0 = off). No top-k is ever applied.
+            advantage: "grpo" (group mean/std), "drgrpo" (mean only) or "rloo".
+            filter_groups: drop groups whose G rewards are all equal (DAPO dynamic sampling).
+            overlong: responses that hit max_new_tokens: "keep" (train on them as scored) or
+                "mask" (exclude them from the loss).
+            clip_low: PPO lower clip epsilon (null = no lower clip).
+            clip_high: PPO upper clip epsilon (null = no upper clip; 0.28 = DAPO clip-higher).
+            dual_clip: dual-clip constant c > 1 for negative advantages (null = off).
+            logratio_clamp: clamp of logp - old_logp before exp (null = off).
+            loss_agg_mode: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm.
+            mini_batch_size: prompts per optimizer update (null = the whole batch: one update per epoch).
+            micro_batch_size: sequences per forward/backward (gradient accumulation; no effect on math).
+            ppo_epochs: passes over the rollout.
+            optimizer: optimizer factory (`class_path` + `init_args`), default AdamW(lr=1e-5).
+            lr_scheduler: LR scheduler factory, stepped once per RL step.
+            grad_clip: max gradient norm (null = no clipping, norm still logged).
+            val_samples: n samples per validation prompt.
+            val_k: k of pass@k (<= val_samples).
+            val_temperature: validation sampling temperature.
+            seed: seed of the rollout sampler (offset by rank).
+            logprob_chunk_size: rows per chunk for log-prob/entropy over the vocabulary.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler"])
+        self.automatic_optimization = False
+        _validate(self.hparams)
+        self.reward = reward if reward is not None else ExactMatchReward()
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        resolve_dtype(dtype)
+        self._tokenizer = None  # loaded on first use: instantiating a config touches no files
+        self.policy: torch.nn.Module | None = None
+        self._reference = None  # plain attribute: frozen, never saved in checkpoints
+        self.val_pass = PassAtK(val_k)
+        self._val_entropy = [0.0, 0.0]
+        self.rollout_generator = torch.Generator().manual_seed(seed)
+        self.skipped_steps = 0
+
+    # setup -------------------------------------------------------------------------------------
+    @property
+    def regularizers(self) -> list[Regularizer]:
+        if self._trainer is None:
+            return []
+        return [cb for cb in self.trainer.callbacks if isinstance(cb, Regularizer)]
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer or self.hparams.model)
+        return self._tokenizer
+
+    def configure_model(self) -> None:
+        if self.policy is None:
+            self.policy = load_policy(self.hparams.model, dtype=self.hparams.dtype)
+        if self._reference is None and any(r.needs_reference for r in self.regularizers):
+            ref = load_policy(self.hparams.reference_model or self.hparams.model, dtype=self.hparams.dtype)
+            object.__setattr__(self, "_reference", ref.eval().requires_grad_(False))
+
+    def setup(self, stage: str) -> None:
+        batch = self._prompts_per_step()
+        mbs = self.hparams.mini_batch_size
+        if batch is not None and mbs is not None and batch % mbs:
+            raise ValueError(
+                f"model.mini_batch_size={mbs} must divide data.batch_size={batch} (prompts per step per device)"
+            )
+        seed = self.hparams.seed + 1_000_003 * self.global_rank
+        self.rollout_generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    @property
+    def updates_per_rollout(self) -> int | None:
+        mbs = self.hparams.mini_batch_size
+        if mbs is None:
+            return self.hparams.ppo_epochs
+        batch = self._prompts_per_step()
+        return None if batch is None else self.hparams.ppo_epochs * math.ceil(batch / mbs)
+
+    def _prompts_per_step(self) -> int | None:
+        """Prompts per RL step per device, when the datamodule says (`batch_size` hparam)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(dm, "hparams", {}).get("batch_size") if dm is not None else None
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        opt = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+        if self.lr_scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        # prompt batches are strings: nothing to move (and no slow recursive walk over them)
+        return batch if isinstance(batch, PromptBatch) else super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    # rollout -----------------------------------------------------------------------------------
+    def generate(self, prompts: list[str], n: int, *, temperature: float, generator: torch.Generator) -> Rollout:
+        """Sample n responses per prompt (rows prompt-major: row i belongs to prompt i // n)."""
+        tok = self.tokenizer
+        ids, mask = encode_prompts(
+            tok, prompts, chat_template=self.hparams.chat_template,
+            max_prompt_length=self.hparams.max_prompt_length, overflow=self.hparams.prompt_overflow,
+        )
+        ids, mask = ids.repeat_interleave(n, 0).to(self.device), mask.repeat_interleave(n, 0).to(self.device)
+        self.policy.eval()  # no dropout anywhere in RL: the rollout policy must equal the trained one
+        out = sample_responses(
+            self.policy, ids, mask, max_new_tokens=self.hparams.max_new_tokens, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, temperature=temperature, top_p=self.hparams.top_p,
+            generator=generator, all_done=distributed.all_true,
+        )
+        out.completions = tok.batch_decode(out.input_ids[:, ids.shape[1]:], skip_special_tokens=True)
+        return out
+
+    def score(self, completions: list[str], answers: list[str]) -> tuple[Tensor, dict[str, float]]:
+        res = score_completions(self.reward, completions, answers, timeout_s=self.hparams.reward_timeout_s)
+        stats = {"rollout/reward_errors": res.errors + res.timeouts + res.invalid}
+        return torch.tensor(res.rewards, dtype=torch.float32, device=self.device), stats
+
+    # training ----------------------------------------------------------------------------------
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        hp, G, timer = self.hparams, self.hparams.group_size, _Timer()
+        with timer("rollout"):
+            rollout = self.generate(batch.prompts, G, temperature=hp.temperature, generator=self.rollout_generator)
+        with timer("score"):
+            answers = [a for a in batch.answers for _ in range(G)]
+            rewards, reward_stats = self.score(rollout.completions, answers)
+        advantages = compute_advantages(rewards, G, hp.advantage)
+        zero_var = zero_variance_groups(rewards, G)
+        keep = ~zero_var if hp.filter_groups else torch.ones_like(zero_var)
+        if hp.overlong == "mask":
+            keep = keep & ~rollout.truncated
+        with timer("ref_logp"):
+            ref_logp = self._reference_logprobs(rollout) if any(r.needs_reference for r in self.regularizers) else None
+        with timer("update"):
+            update_metrics = self._update(rollout, advantages, keep, ref_logp)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        metrics = {
+            **self._rollout_metrics(rollout, rewards, advantages, zero_var, timer.seconds["rollout"]),
+            **reward_stats,
+            **update_metrics,
+            **{f"time/{k}_s": v for k, v in timer.seconds.items()},
+        }
+        for reg in self.regularizers:
+            metrics.update(reg.pop_metrics())
+        self._log_step(metrics)
+
+    def _rollout_metrics(self, rollout: Rollout, rewards: Tensor, advantages: Tensor, zero_var: Tensor, seconds: float) -> dict:
+        m = rollout.response_mask
+        lengths = m.sum(1)
+        tot = distributed.all_sum(torch.stack([(rollout.entropy * m).sum(), m.sum()]))
+        G = self.hparams.group_size
+        per_seq = (rollout.entropy * m).sum(1) / lengths.clamp(min=1)
+        metrics = {
+            "rollout/reward_mean": rewards.mean(),
+            "rollout/reward_std": rewards.std() if rewards.numel() > 1 else torch.tensor(0.0),
+            "rollout/accuracy": (rewards >= self.hparams.correct_threshold).float().mean(),
+            "rollout/response_length": lengths.mean(),
+            "rollout/response_length_max": lengths.max(),
+            "rollout/truncated_frac": rollout.truncated.float().mean(),
+            "rollout/zero_var_group_frac": zero_var.float().view(-1, G)[:, 0].mean(),
+            "rollout/tokens_per_s": lengths.sum() / max(seconds, 1e-9),
+            "policy/entropy": tot[0] / tot[1].clamp(min=1),
+            "policy/entropy_seq_mean": per_seq.mean(),
+        }
+        # Table-1 statistics of the rollout's token covariance (this rank's tokens)
+        cov = token_covariance(rollout.logp, advantages[:, None].expand_as(m), m)
+        for frac, value in covariance_group_means(cov, m).items():
+            metrics[f"cov/top{_pct(frac)}pct"] = value
+        metrics["cov/mean"] = (cov * m).sum() / m.sum().clamp(min=1)
+        return metrics
+
+    @torch.no_grad()
+    def _reference_logprobs(self, rollout: Rollout) -> Tensor:
+        ref = self._reference
+        if next(ref.parameters()).device != self.device:
+            ref.to(self.device)
+        T = rollout.response_mask.shape[1]
+        parts = []
+        for rows in _chunks(rollout.input_ids.shape[0], self.hparams.micro_batch_size):
+            lp, _ = response_logprobs(
+                ref, rollout.input_ids[rows], rollout.attention_mask[rows], T,
+                temperature=self.hparams.temperature, chunk_size=self.hparams.logprob_chunk_size,
+            )
+            parts.append(lp)
+        return torch.cat(parts) * rollout.response_mask
+
+    def _update(self, rollout: Rollout, advantages: Tensor, keep: Tensor, ref_logp: Tensor | None) -> dict:
+        """Every optimizer update of one rollout; returns step metrics averaged over updates."""
+        hp, G = self.hparams, self.hparams.group_size
+        self._token_advantages = advantages[:, None].expand_as(rollout.response_mask)
+        rows = torch.nonzero(keep).squeeze(-1)
+        n_prompts = rollout.input_ids.shape[0] // G
+        per_update = (hp.mini_batch_size or n_prompts) * G
+        metrics = StepMetrics()
+        # mini-batches are fixed slices of whole prompt groups; filtered sequences just drop out
+        minibatches = [rows[(rows >= s) & (rows < s + per_update)] for s in range(0, n_prompts * G, per_update)]
+        schedule = [mb for _ in range(hp.ppo_epochs) for mb in minibatches]
+        for i, mb in enumerate(schedule):
+            metrics.update(self._update_minibatch(rollout, mb, ref_logp, index=i, last=i == len(schedule) - 1))
+        out = metrics.pop()
+        out["policy/kept_frac"] = keep.float().mean()
+        out["policy/skipped_steps"] = float(self.skipped_steps)
+        return out
+
+    def _update_minibatch(self, rollout: Rollout, mb: Tensor, ref_logp: Tensor | None, *, index: int, last: bool) -> dict:
+        hp, regs = self.hparams, self.regularizers
+        opt = self.optimizers()
+        mask = rollout.response_mask[mb]
+        old = rollout.logp[mb]
+        adv = self._token_advantages[mb]
+        ids, att, T = rollout.input_ids[mb], rollout.attention_mask[mb], mask.shape[1]
+        self.policy.eval()
+        cur = old
+        if index > 0 and any(r.needs_current_logp for r in regs):  # before any update, current == old
+            with torch.no_grad():
+                cur = torch.cat([self._logprobs(ids[r], att[r], T, False)[0] for r in _chunks(len(mb), hp.micro_batch_size)]) * mask
+        ctx = MiniBatchContext(self.global_step, index, cur, old, adv, mask, hp.clip_low, hp.clip_high)
+        for reg in regs:
+            reg.prepare(ctx)
+        totals = distributed.all_sum(torch.stack([mask.sum(), torch.tensor(float(len(mb)), device=mask.device)]))
+        agg = dict(mode=hp.loss_agg_mode, num_tokens=totals[0], num_seqs=totals[1], norm_length=hp.max_new_tokens)
+        scale = distributed.world_size()  # gradients are averaged over ranks; we want the global mean
+        need_ent = any(r.needs_entropy for r in regs)
+        metrics = StepMetrics()
+        sums = {"policy/loss": 0.0, **{f"reg/{r.name}/loss": 0.0 for r in regs}}
+        opt.zero_grad(set_to_none=True)
+        for r in _chunks(len(mb), hp.micro_batch_size):
+            m = mask[r]
+            logp, ent = self._logprobs(ids[r], att[r], T, need_ent)
+            base = ppo_token_loss(
+                logp, old[r], adv[r], m, clip_low=hp.clip_low, clip_high=hp.clip_high,
+                dual_clip=hp.dual_clip, logratio_clamp=hp.logratio_clamp,
+            )
+            batch = PolicyBatch(r, logp, old[r], adv[r], m, ent, None if ref_logp is None else ref_logp[mb][r])
+            shapings = [reg.shape(batch) for reg in regs]
+            loss = aggregate(TokenShaping.combine(shapings, base), m, **agg)
+            self.manual_backward(loss * scale)
+            with torch.no_grad():
+                sums["policy/loss"] += float(loss)
+                for reg, s in zip(regs, shapings):
+                    sums[f"reg/{reg.name}/loss"] += float(_contribution(s, base, m, agg))
+                metrics.update({f"policy/{k}": v for k, v in ppo_stats(
+                    logp.detach(), old[r], adv[r], m, clip_low=hp.clip_low, clip_high=hp.clip_high).items()})
+        metrics.update(sums)
+        metrics.update(self._optimizer_step(opt, last))
+        return metrics.pop()
+
+    def _logprobs(self, ids: Tensor, att: Tensor, T: int, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+        return response_logprobs(
+            self.policy, ids, att, T, temperature=self.hparams.temperature, with_entropy=with_entropy,
+            chunk_size=self.hparams.logprob_chunk_size,
+        )
+
+    def _optimizer_step(self, opt, last: bool) -> dict:
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = self.hparams.grad_clip if self.hparams.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not torch.isfinite(grad_norm):
+            self.skipped_steps += 1
+            log.warning("non-finite gradient norm (%s): optimizer step skipped", float(grad_norm))
+            opt.zero_grad(set_to_none=True)  # params without grad are left untouched by the step
+        if last:
+            opt.step()  # through Lightning: increments trainer.global_step (one per rollout)
+        elif torch.isfinite(grad_norm):
+            opt.optimizer.step()
+        return {"policy/grad_norm": grad_norm, "policy/lr": opt.param_groups[0]["lr"]}
+
+    # validation --------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self.val_pass.reset()
+        self._val_entropy = [0.0, 0.0]
+        self._val_generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 12345 + self.global_rank)
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        n = self.hparams.val_samples
+        rollout = self.generate(batch.prompts, n, temperature=self.hparams.val_temperature, generator=self._val_generator)
+        answers = [a for a in batch.answers for _ in range(n)]
+        rewards, _ = self.score(rollout.completions, answers)
+        self.val_pass.update((rewards >= self.hparams.correct_threshold).view(-1, n))
+        self._val_entropy[0] += float((rollout.entropy * rollout.response_mask).sum())
+        self._val_entropy[1] += float(rollout.response_mask.sum())
+
+    def on_validation_epoch_end(self) -> None:
+        res = self.val_pass.compute()
+        ent = distributed.all_sum(torch.tensor(self._val_entropy, dtype=torch.float64))
+        self.log("val/pass@1", res["pass@1"], prog_bar=True, sync_dist=False)
+        self.log("val/pass@k", res[f"pass@{self.hparams.val_k}"], sync_dist=False)
+        self.log("val/entropy", float(ent[0] / max(float(ent[1]), 1.0)), sync_dist=False)
+
+    # logging, checkpoint -----------------------------------------------------------------------
+    def _log_step(self, metrics: dict) -> None:
+        shown = {"rollout/reward_mean", "policy/entropy"}
+        for k, v in metrics.items():
+            self.log(k, float(v), on_step=True, on_epoch=False, prog_bar=k in shown, batch_size=1)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rollout_generator"] = self.rollout_generator.get_state()
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_generator_state = checkpoint.get("rollout_generator")
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
+
+    def on_train_start(self) -> None:
+        state = getattr(self, "_pending_generator_state", None)
+        if state is not None:
+            self.rollout_generator.set_state(state)
+            self._pending_generator_state = None
+
+    def on_fit_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        logger = self.trainer.logger
+        ckpt = self.trainer.checkpoint_callback
+        lines = ["", "lit_covrl: training finished."]
+        if logger is not None and getattr(logger, "log_dir", None):
+            lines += [f"  logs:        {logger.log_dir}", f"  view them:   tensorboard --logdir {logger.log_dir}"]
+        if ckpt is not None and getattr(ckpt, "last_model_path", ""):
+            lines.append(f"  checkpoint:  {ckpt.last_model_path}")
+        print("\n".join(lines), flush=True)
+
+
+def _validate(hp) -> None:
+    """Start-up checks of everything knowable before training (the field is named in each error)."""
+    def bad(field: str, value, allowed: str):
+        raise ValueError(f"model.{field}={value!r} is invalid: {allowed}")
+
+    if hp.advantage not in ADVANTAGE_ESTIMATORS:
+        bad("advantage", hp.advantage, f"valid estimators: {sorted(ADVANTAGE_ESTIMATORS)}")
+    if hp.group_size < min_group_size(hp.advantage):
+        bad("group_size", hp.group_size, f"advantage={hp.advantage!r} needs >= {min_group_size(hp.advantage)}")
+    if hp.loss_agg_mode not in AGG_MODES:
+        bad("loss_agg_mode", hp.loss_agg_mode, f"valid modes: {list(AGG_MODES)}")
+    if hp.overlong not in OVERLONG:
+        bad("overlong", hp.overlong, f"valid: {list(OVERLONG)}")
+    if hp.prompt_overflow not in PROMPT_OVERFLOW:
+        bad("prompt_overflow", hp.prompt_overflow, f"valid: {list(PROMPT_OVERFLOW)}")
+    for field in ("max_new_tokens", "max_prompt_length", "micro_batch_size", "ppo_epochs", "val_samples", "val_k", "logprob_chunk_size"):
+        if getattr(hp, field) < 1:
+            bad(field, getattr(hp, field), "must be >= 1")
+    if hp.mini_batch_size is not None and hp.mini_batch_size < 1:
+        bad("mini_batch_size", hp.mini_batch_size, "must be >= 1 or null")
+    if hp.val_k > hp.val_samples:
+        bad("val_k", hp.val_k, f"must be <= val_samples={hp.val_samples}")
+    for field in ("clip_low", "clip_high"):
+        v = getattr(hp, field)
+        if v is not None and v < 0:
+            bad(field, v, "must be >= 0 or null")
+    if hp.clip_low is not None and hp.clip_low >= 1:
+        bad("clip_low", hp.clip_low, "must be < 1 (the ratio is clipped at 1 - clip_low)")
+    if hp.dual_clip is not None and hp.dual_clip <= 1:
+        bad("dual_clip", hp.dual_clip, "must be > 1 or null")
+    if hp.temperature <= 0 or hp.val_temperature <= 0:
+        bad("temperature", hp.temperature, "temperatures must be > 0")
+    if not 0 < hp.top_p <= 1:
+        bad("top_p", hp.top_p, "must be in (0, 1]")
+    if hp.grad_clip is not None and hp.grad_clip <= 0:
+        bad("grad_clip", hp.grad_clip, "must be > 0 or null")
+    if hp.reward_timeout_s is not None and hp.reward_timeout_s <= 0:
+        bad("reward_timeout_s", hp.reward_timeout_s, "must be > 0 or null")
+
+
+def _contribution(s: TokenShaping, base: Tensor, mask: Tensor, agg: dict) -> Tensor:
+    """What one regularizer adds to the aggregated loss (its weight's change of the base loss
+    plus its penalty), for the reg/<name>/loss metric."""
+    total = torch.zeros((), device=base.device)
+    if s.weight is not None:
+        total = total + aggregate(base.detach() * (s.weight - 1.0), mask, **agg)
+    if s.penalty is not None:
+        total = total + aggregate(s.penalty.detach(), mask, **agg)
+    return total
+
+
+def _chunks(n: int, size: int) -> list[Tensor]:
+    return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _pct(frac: float) -> str:
+    return f"{frac * 100:g}"
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - t0

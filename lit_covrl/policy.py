@@ -1,0 +1,110 @@
+"""Load a causal LM and compute the per-token quantities the RL loss needs.
+
+`load_policy` / `load_tokenizer` accept a Hugging Face hub name, a local directory, or the alias
+`lit_covrl:tiny-arith` (the tiny model shipped in this package for the CPU quickstart). All three go
+through the same `from_pretrained` path.
+
+`response_logprobs` runs one forward pass over prompt+response and returns, for the T response
+positions only (`logits_to_keep`, so prompt logits are never computed), the log-probability of the
+sampled token at the training temperature and optionally the exact entropy at temperature 1,
+both computed in row chunks so that float32 N x T x V is never held at once.
+"""
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lit_covrl.algorithms import token_entropy, token_logprobs
+
+BUILTIN_MODELS = {"lit_covrl:tiny-arith": Path(__file__).parent / "assets" / "tiny-arith"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the package aliases to their folder; anything else is passed to `from_pretrained`."""
+    if name_or_path in BUILTIN_MODELS:
+        return str(BUILTIN_MODELS[name_or_path])
+    if name_or_path.startswith("lit_covrl:"):
+        raise ValueError(f"unknown built-in model {name_or_path!r}; valid: {sorted(BUILTIN_MODELS)}")
+    return name_or_path
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r} is not supported; valid: {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_tokenizer(name_or_path: str):
+    """Tokenizer with left padding (prompts are left-padded for batched sampling) and a pad token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer of {name_or_path!r} has no eos token: responses could never stop")
+    return tok
+
+
+def load_policy(name_or_path: str, *, dtype: str = "float32") -> nn.Module:
+    """Any Hugging Face causal LM by hub name or local directory, in train mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=resolve_dtype(dtype))
+    model.config.use_cache = False
+    return model
+
+
+@lru_cache(maxsize=None)
+def _cache_kwarg(model_cls: type) -> str:
+    """transformers 5 names the KV cache argument `cache`; 4.x calls it `past_key_values`."""
+    params = inspect.signature(model_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def forward_with_cache(model: nn.Module, cache, **kwargs):
+    """One decoding forward; returns (logits, cache) whatever the transformers version."""
+    if cache is not None:
+        kwargs[_cache_kwarg(type(model))] = cache
+    out = model(use_cache=True, **kwargs)
+    new_cache = out.cache if "cache" in out else out.past_key_values
+    return out.logits, new_cache
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that ignore left padding: 0 at each sequence's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_len: int,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs [N, T] of the response tokens (the last T columns of input_ids) and, if asked,
+    the per-token entropy [N, T] at temperature 1. Differentiable when grad is enabled."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=response_len + 1,
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1]  # position t predicts token t+1: drop the last one  [N, T, V]
+    labels = input_ids[:, -response_len:]
+    logp = token_logprobs(logits, labels, temperature=temperature, chunk_size=chunk_size)
+    entropy = token_entropy(logits, chunk_size=chunk_size) if with_entropy else None
+    return logp, entropy

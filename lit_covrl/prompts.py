@@ -1,0 +1,53 @@
+"""Turn prompt strings into left-padded token ids (chat template when the tokenizer has one)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+PROMPT_OVERFLOW = ("error", "truncate_left")
+
+
+def encode_prompts(
+    tokenizer,
+    prompts: list[str],
+    *,
+    chat_template: bool | None = None,
+    max_prompt_length: int = 512,
+    overflow: str = "error",
+) -> tuple[Tensor, Tensor]:
+    """Return (input_ids [B, P], attention_mask [B, P]), left-padded.
+
+    chat_template: None = use the tokenizer's template if it has one; True = require it; False = raw text.
+    overflow: what to do with a prompt longer than max_prompt_length: "error" (ValueError naming the
+    prompt) or "truncate_left" (keep its last max_prompt_length tokens).
+    """
+    if overflow not in PROMPT_OVERFLOW:
+        raise ValueError(f"prompt_overflow={overflow!r}; valid: {list(PROMPT_OVERFLOW)}")
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if chat_template and not has_template:
+        raise ValueError("chat_template=True but the tokenizer has no chat template")
+    use_template = has_template if chat_template is None else chat_template
+    if use_template:
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+    else:
+        texts = list(prompts)
+    ids = tokenizer(texts, add_special_tokens=not use_template)["input_ids"]
+    too_long = [i for i, x in enumerate(ids) if len(x) > max_prompt_length]
+    if too_long and overflow == "error":
+        i = too_long[0]
+        raise ValueError(
+            f"prompt {prompts[i][:80]!r} has {len(ids[i])} tokens > max_prompt_length={max_prompt_length}; "
+            "raise model.max_prompt_length or set model.prompt_overflow: truncate_left"
+        )
+    ids = [x[-max_prompt_length:] for x in ids]
+    width = max(len(x) for x in ids)
+    out = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        if x:
+            out[row, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+            mask[row, width - len(x) :] = 1
+    return out, mask

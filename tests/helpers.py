@@ -1,0 +1,31 @@
+"""Test helpers: run a short fit and read back what was written to TensorBoard."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+
+def fit(module, datamodule, *, steps: int, callbacks=(), log_dir: Path | None = None, **trainer_kwargs):
+    logger = L.pytorch.loggers.TensorBoardLogger(str(log_dir), name="t") if log_dir else False
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=logger, callbacks=list(callbacks),
+        enable_checkpointing=trainer_kwargs.pop("enable_checkpointing", False), enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
+        check_val_every_n_epoch=None, **trainer_kwargs,
+    )
+    trainer.fit(module, datamodule)
+    return trainer
+
+
+def scalar_tags(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalar series in the TensorBoard event files under log_dir: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for events in Path(log_dir).rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
