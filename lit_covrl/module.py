@@ -191,10 +191,6 @@ class GRPOModule(L.LightningModule):
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
 
-    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        # prompt batches are strings: nothing to move (and no slow recursive walk over them)
-        return batch if isinstance(batch, PromptBatch) else super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     # rollout -----------------------------------------------------------------------------------
     def generate(self, prompts: list[str], n: int, *, temperature: float, generator: torch.Generator) -> Rollout:
         """Sample n responses per prompt (rows prompt-major: row i belongs to prompt i // n)."""
@@ -450,8 +446,8 @@ def _validate(hp) -> None:
         v = getattr(hp, field)
         if v is not None and v < 0:
             bad(field, v, "must be >= 0 or null")
-    if hp.clip_low is not None and hp.clip_low >= 1:
-        bad("clip_low", hp.clip_low, "must be < 1 (the ratio is clipped at 1 - clip_low)")
+    if hp.clip_low is not None and hp.clip_low > 1:
+        bad("clip_low", hp.clip_low, "must be <= 1 (the ratio is clipped at 1 - clip_low >= 0)")
     if hp.dual_clip is not None and hp.dual_clip <= 1:
         bad("dual_clip", hp.dual_clip, "must be > 1 or null")
     if hp.temperature <= 0 or hp.val_temperature <= 0:

@@ -21,17 +21,22 @@ class Example:
 
 @dataclass
 class PromptBatch:
-    """B prompts with their answers, as yielded by the datamodule."""
+    """B prompts with their answers, as yielded by the datamodule.
+
+    index: position k = 0, 1, 2, ... of this batch in this rank's train stream; -1 for batches
+    that are not part of it (validation).
+    """
 
     prompts: list[str]
     answers: list[str]
+    index: int = -1
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     @classmethod
-    def from_examples(cls, examples: list[Example]) -> "PromptBatch":
-        return cls([e.prompt for e in examples], [e.answer for e in examples])
+    def from_examples(cls, examples: list[Example], index: int = -1) -> "PromptBatch":
+        return cls([e.prompt for e in examples], [e.answer for e in examples], index)
 
 
 @dataclass

@@ -1,0 +1,428 @@
+"""Prompt streams for RL: a LightningDataModule yielding `PromptBatch`es forever.
+
+Sources (exactly one): a built-in synthetic task (seeded, unlimited), local prompt files
+(JSON lines or Parquet), or a Hugging Face dataset (optional `datasets` package).
+
+Determinism. Train batch k on rank r of W is a pure function of (seed, k, r, W). With the global
+batch number g = k*W + r:
+- task: `task.sample` called B times on `random.Random(f"lit_covrl:train:{seed}:{g}")`;
+- rows: all train rows, concatenated over epochs e = 0, 1, ... each shuffled by
+  `random.Random(f"lit_covrl:shuffle:{seed}:{e}")`; batch g takes positions [g*B, (g+1)*B).
+So ranks see different prompts, and W ranks together see what one rank with W*B prompts per
+batch would see (a run resumed with a different W continues without repeating stream positions,
+though the prompts differ from an uninterrupted run).
+
+Resume. `next_index` (this rank's next stream position) advances in `on_after_batch_transfer`.
+In Lightning 2.6 the training epoch loop calls it on the batch returned by `next(data_fetcher)`,
+i.e. the batch about to enter `training_step` — the fetcher's one-batch look-ahead happens
+*before* that and does not trigger the hook — so the count is exact. It is saved and restored
+with checkpoints through `state_dict`/`load_state_dict`, and the next iteration of the train
+dataloader starts there. (If both the LightningModule and this datamodule override the hook,
+Lightning calls only the datamodule's; the module should not override it.)
+
+Row files. `.jsonl`/`.json`: one JSON object per line (a `.json` file holding a single JSON array
+is also accepted; its items are numbered 1, 2, ...). `.parquet`: one row per table row. Blank
+lines are not rows: they are ignored silently but line numbers still count them. A row is
+malformed if it is not valid JSON / not an object, lacks the prompt or answer field, has a null
+value, a prompt that is not a string, an answer that is not a string or finite number (numbers
+become `str(value)`), or an empty (whitespace-only) value. Malformed rows are skipped with a
+warning `file:line: reason` (the first few per file, then a summary) and counted; with
+`strict=True` the first one raises ValueError. A file in which no row has the configured field
+names raises ValueError naming the fields found, in either mode.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, IterableDataset
+
+from lit_covrl.types import Example, PromptBatch
+
+__all__ = ["PromptDataModule", "read_rows"]
+
+log = logging.getLogger("lit_covrl")
+
+_SUFFIXES = (".jsonl", ".json", ".parquet")
+_MAX_ROW_WARNINGS = 5  # per file; the rest are summarized
+
+
+# ----------------------------------------------------------------------------- reading rows
+
+
+class _Malformed:
+    """A row that could not even be decoded (bad UTF-8 / JSON)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
+    """(location, decoded row or _Malformed) for each non-blank line of a JSON-lines file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if path.endswith(".json") and data.lstrip()[:1] == b"[":
+        try:
+            items = json.loads(data.decode("utf-8-sig"))
+        except ValueError:
+            items = None
+        if isinstance(items, list):
+            for n, item in enumerate(items, 1):
+                yield f"{path}:item {n}", item
+            return
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        loc = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            yield loc, _Malformed(f"invalid UTF-8 ({e.reason} at byte {e.start})")
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield loc, json.loads(line)
+        except ValueError as e:
+            yield loc, _Malformed(f"invalid JSON ({e})")
+
+
+def _parquet_rows(path: str) -> tuple[list[tuple[str, Any]], list[str]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return [(f"{path}:row {n}", row) for n, row in enumerate(table.to_pylist(), 1)], table.column_names
+
+
+def _check_row(row: Any, prompt_field: str, answer_field: str) -> Example | str:
+    """The row as an Example, or the reason it is malformed."""
+    if isinstance(row, _Malformed):
+        return row.reason
+    if not isinstance(row, dict):
+        return f"not a JSON object (got {type(row).__name__})"
+    values = []
+    for key, numbers_ok in ((prompt_field, False), (answer_field, True)):
+        if key not in row:
+            return f"missing field {key!r}"
+        v = row[key]
+        if v is None:
+            return f"null field {key!r}"
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and numbers_ok:
+            if not math.isfinite(v):
+                return f"field {key!r} is not a finite number ({v})"
+            v = str(v)
+        if not isinstance(v, str):
+            expected = "a string or a number" if numbers_ok else "a string"
+            return f"field {key!r} is {type(v).__name__}, expected {expected}"
+        if not v.strip():
+            return f"empty field {key!r}"
+        values.append(v)
+    return Example(prompt=values[0], answer=values[1])
+
+
+def read_rows(
+    label: str,
+    rows: list[tuple[str, Any]],
+    prompt_field: str,
+    answer_field: str,
+    *,
+    strict: bool = False,
+    columns: list[str] | None = None,
+) -> tuple[list[Example], int]:
+    """Validate decoded rows [(location, row)] of one source: (valid examples, skipped count).
+
+    `columns` (the schema, when the format has one) is reported when the fields do not match.
+    """
+    dict_rows = [r for _, r in rows if isinstance(r, dict)]
+    if dict_rows or columns:
+        found = set(columns or ())
+        for r in dict_rows:
+            found.update(r)
+        missing = [k for k in (prompt_field, answer_field) if not any(k in r for r in dict_rows)]
+        if missing:
+            raise ValueError(
+                f"{label}: no row has the field(s) {missing} (prompt_field={prompt_field!r}, "
+                f"answer_field={answer_field!r}); fields found: {sorted(map(str, found))}"
+            )
+    examples: list[Example] = []
+    skipped = 0
+    for loc, row in rows:
+        checked = _check_row(row, prompt_field, answer_field)
+        if isinstance(checked, Example):
+            examples.append(checked)
+            continue
+        if strict:
+            raise ValueError(f"{loc}: {checked} (strict=True)")
+        skipped += 1
+        if skipped <= _MAX_ROW_WARNINGS:
+            log.warning("skipping malformed row %s: %s", loc, checked)
+    if skipped > _MAX_ROW_WARNINGS:
+        log.warning(
+            "%s: skipped %d malformed rows in all (%d not shown)",
+            label,
+            skipped,
+            skipped - _MAX_ROW_WARNINGS,
+        )
+    return examples, skipped
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class _TrainStream(IterableDataset):
+    """Endless PromptBatches from the datamodule's current `next_index` on this rank."""
+
+    def __init__(self, dm: "PromptDataModule") -> None:
+        self.dm = dm
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        rank, world = self.dm._rank_world()
+        return self.dm._stream(rank, world, start=self.dm.next_index)
+
+
+class _FixedBatches(IterableDataset):
+    """A fixed list of batches (iterable, so Lightning never injects a distributed sampler)."""
+
+    def __init__(self, batches: list[PromptBatch]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        return iter(self.batches)
+
+
+def _batched(examples: list[Example], size: int) -> list[PromptBatch]:
+    return [PromptBatch.from_examples(examples[i : i + size]) for i in range(0, len(examples), size)]
+
+
+# ----------------------------------------------------------------------------- datamodule
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Streams prompt batches from a synthetic task, prompt files or a Hugging Face dataset.
+
+    Args:
+        task: built-in synthetic task name (see `lit_covrl.tasks`). Set it to None (YAML `null`)
+            to use `train_files` or `hf_dataset` instead: exactly one source may be set.
+        task_kwargs: keyword arguments for the task's constructor.
+        train_files: training prompt files (.jsonl/.json/.parquet), concatenated in order.
+        val_files: held-out prompt files; with a file or HF source and no val_files (and no
+            hf_val_split) there is no validation. Usable with any source.
+        hf_dataset: Hugging Face dataset name or local path for `datasets.load_dataset` (needs
+            `pip install lit_covrl[datasets]`).
+        hf_config: its configuration name, if any.
+        hf_train_split: split used for training.
+        hf_val_split: split used for validation (None: no validation unless val_files).
+        prompt_field: row field holding the prompt text.
+        answer_field: row field holding the reference answer (string or number).
+        batch_size: prompts per training step per device.
+        val_size: held-out prompts drawn from a synthetic task (0: no validation).
+        val_batch_size: prompts per validation batch.
+        seed: seed of the train stream and of the task's held-out set.
+        strict: raise on the first malformed row instead of skipping it.
+    """
+
+    def __init__(
+        self,
+        task: str | None = "arithmetic",
+        task_kwargs: dict[str, Any] | None = None,
+        train_files: list[str] | None = None,
+        val_files: list[str] | None = None,
+        hf_dataset: str | None = None,
+        hf_config: str | None = None,
+        hf_train_split: str = "train",
+        hf_val_split: str | None = None,
+        prompt_field: str = "prompt",
+        answer_field: str = "answer",
+        batch_size: int = 16,
+        val_size: int = 64,
+        val_batch_size: int = 16,
+        seed: int = 0,
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        sources = {"task": task, "train_files": train_files, "hf_dataset": hf_dataset}
+        chosen = [k for k, v in sources.items() if v is not None]
+        if len(chosen) != 1:
+            hint = (
+                " (task defaults to 'arithmetic': set task to None / null to use files or HF)"
+                if "task" in chosen
+                else ""
+            )
+            raise ValueError(
+                f"set exactly one prompt source of task, train_files, hf_dataset; got {chosen or 'none'}{hint}"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if val_batch_size < 1:
+            raise ValueError(f"val_batch_size must be >= 1, got {val_batch_size}")
+        if val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {val_size}")
+        if hf_val_split is not None and hf_dataset is None:
+            raise ValueError("hf_val_split needs hf_dataset")
+        if hf_val_split is not None and val_files:
+            raise ValueError("set at most one of val_files, hf_val_split")
+        if train_files is not None and not train_files:
+            raise ValueError("train_files is empty")
+        for name, files in (("train_files", train_files), ("val_files", val_files)):
+            for i, path in enumerate(files or []):
+                if not str(path).endswith(_SUFFIXES):
+                    raise ValueError(f"{name}[{i}]: {path!r} has an unsupported extension; use one of {_SUFFIXES}")
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{name}[{i}]: no such file: {path!r}")
+        if hf_dataset is not None and importlib.util.find_spec("datasets") is None:
+            raise ImportError(f"hf_dataset={hf_dataset!r} needs the `datasets` package: pip install lit_covrl[datasets]")
+        self.task = None
+        if task is not None:
+            from lit_covrl.tasks import get_task
+
+            self.task = get_task(task, **(task_kwargs or {}))
+        self.next_index = 0
+        self.rows_seen = 0
+        self.rows_used = 0
+        self.skipped_rows = 0
+        self._train_rows: list[Example] | None = None
+        self._val_batches: list[PromptBatch] | None = None
+        self._perms: dict[int, list[int]] = {}
+
+    # --------------------------------------------------------------------- loading
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read all rows (once; later calls are no-ops) and build the held-out batches."""
+        if self._val_batches is not None:
+            return
+        hp = self.hparams
+        val: list[Example] = []
+        if self.task is not None:
+            rng = random.Random(f"lit_covrl:val:{hp.seed}")
+            val = [self.task.sample(rng) for _ in range(hp.val_size)]
+        elif hp.train_files:
+            self._train_rows = [ex for path in hp.train_files for ex in self._read_file(path)]
+        else:
+            self._train_rows = self._read_hf(hp.hf_train_split)
+            if hp.hf_val_split is not None:
+                val = self._read_hf(hp.hf_val_split)
+        if hp.val_files:
+            val = [ex for path in hp.val_files for ex in self._read_file(path)]
+        if self._train_rows is not None and not self._train_rows:
+            raise ValueError(f"no valid training rows in {hp.train_files or hp.hf_dataset} ({self.skipped_rows} skipped)")
+        self._val_batches = _batched(val, hp.val_batch_size)
+        log.info(self.describe())
+
+    def _count(self, label: str, rows: list[tuple[str, Any]], columns: list[str] | None = None) -> list[Example]:
+        hp = self.hparams
+        examples, skipped = read_rows(label, rows, hp.prompt_field, hp.answer_field, strict=hp.strict, columns=columns)
+        self.rows_seen += len(rows)
+        self.rows_used += len(examples)
+        self.skipped_rows += skipped
+        return examples
+
+    def _read_file(self, path: str) -> list[Example]:
+        if path.endswith(".parquet"):
+            rows, columns = _parquet_rows(path)
+            return self._count(path, rows, columns)
+        return self._count(path, list(_jsonl_rows(path)))
+
+    def _read_hf(self, split: str) -> list[Example]:
+        try:
+            import datasets
+        except ImportError as e:
+            raise ImportError("hf_dataset needs the `datasets` package: pip install lit_covrl[datasets]") from e
+        hp = self.hparams
+        ds = datasets.load_dataset(hp.hf_dataset, hp.hf_config, split=split)
+        label = f"{hp.hf_dataset}[{split}]"
+        rows = [(f"{label}:row {n}", row) for n, row in enumerate(ds, 1)]
+        return self._count(label, rows, list(ds.column_names))
+
+    def describe(self) -> str:
+        """One line for logs: the source, batch sizes and row counts."""
+        hp = self.hparams
+        if self.task is not None:
+            source = f"task {hp.task!r} (synthetic)"
+        else:
+            source = f"{len(hp.train_files)} train file(s)" if hp.train_files else f"HF {hp.hf_dataset!r}"
+            source += f", {self.rows_used}/{self.rows_seen} rows used ({self.skipped_rows} malformed)"
+        n_val = sum(len(b) for b in self._val_batches or [])
+        return f"prompts: {source}, seed {hp.seed}, {hp.batch_size}/step/device, {n_val} held-out"
+
+    # --------------------------------------------------------------------- streams
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            if len(self._perms) >= 4:
+                self._perms.pop(next(iter(self._perms)))
+            order = list(range(len(self._train_rows)))
+            random.Random(f"lit_covrl:shuffle:{self.hparams.seed}:{epoch}").shuffle(order)
+            self._perms[epoch] = order
+        return self._perms[epoch]
+
+    def batch_at(self, index: int, rank: int = 0, world: int = 1) -> PromptBatch:
+        """Train batch `index` of rank `rank` out of `world` (a pure function of these and the seed)."""
+        if self._val_batches is None:
+            self.setup("fit")
+        bs, seed = self.hparams.batch_size, self.hparams.seed
+        g = index * world + rank
+        if self.task is not None:
+            rng = random.Random(f"lit_covrl:train:{seed}:{g}")
+            examples = [self.task.sample(rng) for _ in range(bs)]
+        else:
+            n = len(self._train_rows)
+            positions = range(g * bs, (g + 1) * bs)
+            examples = [self._train_rows[self._perm(p // n)[p % n]] for p in positions]
+        return PromptBatch.from_examples(examples, index=index)
+
+    def _stream(self, rank: int, world: int, start: int = 0) -> Iterator[PromptBatch]:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} out of range for world size {world}")
+        k = start
+        while True:
+            yield self.batch_at(k, rank, world)
+            k += 1
+
+    def train_dataloader(self) -> DataLoader:
+        if self._val_batches is None:
+            self.setup("fit")
+        return DataLoader(_TrainStream(self), batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Fixed held-out batches (index -1), the same on every rank; [] when there are none."""
+        if self._val_batches is None:
+            self.setup("validate")
+        if not self._val_batches:
+            return []
+        return DataLoader(_FixedBatches(self._val_batches), batch_size=None, num_workers=0)
+
+    # --------------------------------------------------------------------- resume
+
+    def transfer_batch_to_device(self, batch: Any, device, dataloader_idx: int) -> Any:
+        # prompt batches are strings: nothing to move (and no slow recursive walk over them)
+        if isinstance(batch, PromptBatch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, PromptBatch) and batch.index >= 0:
+            self.next_index = batch.index + 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints by Lightning. Only `next_index` is restored; `skipped_rows` is for
+        the record (counts are recomputed when the files are read) and `seed` is checked."""
+        return {"next_index": self.next_index, "skipped_rows": self.skipped_rows, "seed": self.hparams.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.next_index = int(state_dict["next_index"])
+        saved_seed = state_dict.get("seed", self.hparams.seed)
+        if saved_seed != self.hparams.seed:
+            log.warning("resuming a prompt stream saved with seed %s under seed %s", saved_seed, self.hparams.seed)

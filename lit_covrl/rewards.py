@@ -1,0 +1,321 @@
+"""Reward functions: completion text + reference answer -> scalar reward.
+
+A reward function is item-level (`reward(completion, answer) -> float`) so that one bad item
+cannot spoil a batch: `score_completions` scores each item independently, turning exceptions,
+non-numeric or non-finite results and per-item timeouts into a reward of 0.0 and counting them.
+
+Built-ins:
+- `ExactMatchReward`: 1.0 iff the stripped strings are equal.
+- `MathVerifyReward`: extracts the final answer of the completion (the last balanced
+  `\\boxed{...}`, else the last number) and checks mathematical equivalence with the reference
+  via the `math_verify` library ("1/2", "\\frac{1}{2}" and "0.5" are all equal).
+
+Timeouts. Python cannot kill a thread. `score_completions(..., timeout_s=t)` runs the items on a
+daemon worker thread and stops waiting for an item after `t` seconds; the stuck thread is
+abandoned (it keeps running in the background and its late result is discarded) and a fresh
+worker scores the remaining items. Daemon threads never block interpreter exit, but an abandoned
+thread that is busy in pure Python still competes for the GIL until it finishes. math_verify's
+own timeout uses SIGALRM, which only works in the main thread; `MathVerifyReward` therefore uses
+it only when called on the main thread (i.e. `timeout_s=None` in `score_completions`) and relies
+on the caller's per-item timeout otherwise.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
+
+__all__ = [
+    "RewardFunction",
+    "ExactMatchReward",
+    "MathVerifyReward",
+    "ScoreResult",
+    "score_completions",
+    "extract_answer",
+    "REWARDS",
+    "get_reward",
+]
+
+log = logging.getLogger("lit_covrl")
+
+# At most this many failures are logged one by one per process; afterwards one summary per call.
+_MAX_ITEM_WARNINGS = 5
+_item_warnings_emitted = 0
+
+
+@runtime_checkable
+class RewardFunction(Protocol):
+    """Scores one completion against its reference answer; higher is better (usually 0 or 1)."""
+
+    def __call__(self, completion: str, answer: str) -> float: ...
+
+
+class ExactMatchReward:
+    """1.0 if `completion.strip() == answer.strip()`, else 0.0."""
+
+    def __call__(self, completion: str, answer: str) -> float:
+        return 1.0 if completion.strip() == answer.strip() else 0.0
+
+
+# ----------------------------------------------------------------------------- answer extraction
+
+_BOXED = "\\boxed"
+# An integer or decimal (thousands separators allowed), optionally a fraction a/b; a minus sign
+# counts only when it cannot be a binary minus ("5-3" ends in 3, "is -3" in -3).
+_SIGN = r"(?:(?<![\w)}\]])-)?"
+_NUMBER = re.compile(_SIGN + r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|\.\d+)")
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` with balanced braces, or None (unbalanced ones are skipped)."""
+    start = text.rfind(_BOXED)
+    while start != -1:
+        i = start + len(_BOXED)
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i < len(text) and text[i] == "{":
+            depth = 0
+            for j in range(i, len(text)):
+                if text[j] == "{":
+                    depth += 1
+                elif text[j] == "}":
+                    depth -= 1
+                    if depth == 0:
+                        return text[i + 1 : j]
+        start = text.rfind(_BOXED, 0, start)
+    return None
+
+
+def extract_answer(completion: str) -> str | None:
+    """The final answer of a completion: last balanced `\\boxed{...}`, else the last number."""
+    boxed = _last_boxed(completion)
+    if boxed is not None:
+        return boxed.strip()
+    numbers = _NUMBER.findall(completion)
+    return numbers[-1].replace(" ", "") if numbers else None
+
+
+class MathVerifyReward:
+    """1.0 if the completion's final answer is mathematically equal to the reference, else 0.0.
+
+    Args:
+        timeout_s: math_verify's own parse/verify time limit (SIGALRM, whole seconds, rounded up),
+            applied only when called on the main thread; elsewhere bound the call from outside
+            (`score_completions(timeout_s=...)`).
+    """
+
+    def __init__(self, timeout_s: float = 5.0) -> None:
+        try:
+            import math_verify  # noqa: F401
+        except ImportError as e:  # pragma: no cover - it is a hard dependency
+            raise ImportError("MathVerifyReward needs `pip install math-verify`") from e
+        self.timeout_s = timeout_s
+
+    def _signal_timeout(self) -> int | None:
+        if self.timeout_s is None or self.timeout_s <= 0:
+            return None
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        return max(1, math.ceil(self.timeout_s))
+
+    def _parse(self, text: str, timeout: int | None) -> list:
+        from math_verify import parse
+
+        text = text.strip()
+        if not text:
+            return []
+        # Bare LaTeX ("\frac12", "2\pi") only parses inside math delimiters.
+        if "$" not in text and _BOXED not in text:
+            parsed = parse(f"${text}$", parsing_timeout=timeout)
+            if parsed:
+                return parsed
+        return parse(text, parsing_timeout=timeout)
+
+    def __call__(self, completion: str, answer: str) -> float:
+        from math_verify import verify
+
+        predicted = extract_answer(completion)
+        if predicted is None:
+            return 0.0
+        timeout = self._signal_timeout()
+        gold = self._parse(answer, timeout)
+        if not gold:  # reference math_verify cannot read: fall back to text equality
+            return 1.0 if predicted.strip() == answer.strip() else 0.0
+        pred = self._parse(predicted, timeout)
+        if not pred:
+            return 0.0
+        return 1.0 if verify(gold, pred, timeout_seconds=timeout) else 0.0
+
+
+# ----------------------------------------------------------------------------- batch scoring
+
+
+@dataclass
+class ScoreResult:
+    """Rewards of a batch (0.0 for every failed item) and how many items failed, by kind."""
+
+    rewards: list[float]
+    errors: int = 0  # the reward function raised
+    timeouts: int = 0  # it did not return within timeout_s
+    invalid: int = 0  # it returned None, NaN/inf or a non-number
+
+    @property
+    def failures(self) -> int:
+        return self.errors + self.timeouts + self.invalid
+
+
+def _to_reward(value: Any) -> float | None:
+    """float(value) for a finite real number (bools count as 0/1), else None."""
+    if value is None or isinstance(value, (str, bytes, complex)):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _call(fn: RewardFunction, completion: str, answer: str) -> tuple[str, Any]:
+    """('ok', reward) | ('invalid', repr) | ('error', message)."""
+    try:
+        value = fn(completion, answer)
+    except Exception as e:  # noqa: BLE001 - contained per item by design
+        return "error", f"{type(e).__name__}: {e}"
+    reward = _to_reward(value)
+    if reward is None:
+        return "invalid", f"returned {_short(repr(value))} (type {type(value).__name__})"
+    return "ok", reward
+
+
+def _short(text: str, n: int = 120) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+class _Worker:
+    """A daemon thread scoring items[start:] in order, posting (i, status, value) to its own queue.
+
+    When abandoned (after a timeout) it stops at its next item and posts nothing further.
+    """
+
+    def __init__(self, fn: RewardFunction, completions: list[str], answers: list[str], start: int):
+        self.results: queue.SimpleQueue = queue.SimpleQueue()
+        self.abandoned = False
+        self._args = (fn, completions, answers, start)
+        threading.Thread(target=self._run, name="lit_covrl-reward", daemon=True).start()
+
+    def _run(self) -> None:
+        fn, completions, answers, start = self._args
+        for i in range(start, len(completions)):
+            if self.abandoned:
+                return
+            status, value = _call(fn, completions[i], answers[i])
+            if self.abandoned:
+                return
+            self.results.put((i, status, value))
+
+
+def _score_threaded(
+    fn: RewardFunction, completions: list[str], answers: list[str], timeout_s: float
+) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    worker = _Worker(fn, completions, answers, 0)
+    i = 0
+    while i < len(completions):
+        # Item i starts as soon as item i-1 was posted, so measuring from here is (barely) strict.
+        try:
+            j, status, value = worker.results.get(timeout=timeout_s)
+        except queue.Empty:
+            worker.abandoned = True
+            out.append(("timeout", f"no result within {timeout_s:g} s (thread abandoned)"))
+            i += 1
+            if i < len(completions):
+                worker = _Worker(fn, completions, answers, i)
+            continue
+        assert j == i
+        out.append((status, value))
+        i += 1
+    return out
+
+
+def score_completions(
+    reward_fn: RewardFunction | Callable[[str, str], Any],
+    completions: list[str],
+    answers: list[str],
+    *,
+    timeout_s: float | None = 10.0,
+) -> ScoreResult:
+    """Score each (completion, answer) pair independently; failures score 0.0 and are counted.
+
+    Args:
+        reward_fn: item-level reward function.
+        completions: N completion texts.
+        answers: N reference answers (same order).
+        timeout_s: per-item time limit in seconds; None scores inline on the calling thread
+            (no thread overhead, no protection against hangs).
+    """
+    if len(completions) != len(answers):
+        raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
+    if timeout_s is None:
+        outcomes = [_call(reward_fn, c, a) for c, a in zip(completions, answers)]
+    else:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s}")
+        outcomes = _score_threaded(reward_fn, completions, answers, timeout_s)
+
+    result = ScoreResult(rewards=[])
+    failed: list[tuple[int, str, str]] = []
+    for i, (status, value) in enumerate(outcomes):
+        if status == "ok":
+            result.rewards.append(value)
+            continue
+        result.rewards.append(0.0)
+        if status == "error":
+            result.errors += 1
+        elif status == "timeout":
+            result.timeouts += 1
+        else:
+            result.invalid += 1
+        failed.append((i, status, value))
+    if failed:
+        _log_failures(reward_fn, failed, result, len(completions))
+    return result
+
+
+def _log_failures(reward_fn: Any, failed: list, result: ScoreResult, n: int) -> None:
+    global _item_warnings_emitted
+    name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
+    shown = 0
+    for i, status, message in failed:
+        if _item_warnings_emitted >= _MAX_ITEM_WARNINGS:
+            break
+        _item_warnings_emitted += 1
+        shown += 1
+        log.warning("reward %s, item %d: %s: %s", name, i, status, _short(str(message), 300))
+    if len(failed) > shown:
+        log.warning(
+            "reward %s: %d of %d items scored 0.0 (errors=%d, timeouts=%d, invalid=%d)%s",
+            name,
+            len(failed),
+            n,
+            result.errors,
+            result.timeouts,
+            result.invalid,
+            "" if shown else "; per-item messages are no longer shown",
+        )
+
+
+# ----------------------------------------------------------------------------- registry
+
+REWARDS: dict[str, type] = {"exact_match": ExactMatchReward, "math_verify": MathVerifyReward}
+
+
+def get_reward(name: str, **kwargs: Any) -> RewardFunction:
+    """Instantiate a built-in reward by name; unknown names raise ValueError listing the valid ones."""
+    if name not in REWARDS:
+        raise ValueError(f"unknown reward {name!r}; valid rewards: {sorted(REWARDS)}")
+    return REWARDS[name](**kwargs)

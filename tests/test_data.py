@@ -1,0 +1,379 @@
+"""PromptDataModule: row validation, file formats, stream determinism and exact resume."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+
+import lightning as L
+import pytest
+import torch
+
+import lit_covrl.tasks
+from lit_covrl.data import PromptDataModule
+from lit_covrl.types import Example, PromptBatch
+
+
+class FakeTask:
+    """a+b with a, b in [0, 1000): enough variety that different seeds give different batches."""
+
+    name = "fake"
+
+    def __init__(self, high: int = 1000) -> None:
+        self.high = high
+
+    def sample(self, rng: random.Random) -> Example:
+        a, b = rng.randrange(self.high), rng.randrange(self.high)
+        return Example(f"{a}+{b}=", str(a + b))
+
+
+@pytest.fixture
+def fake_task(monkeypatch):
+    monkeypatch.setattr(lit_covrl.tasks, "_registry", lambda: {"fake": FakeTask})
+    return "fake"
+
+
+def write_jsonl(path, lines: list[str]) -> str:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def rows(n: int, start: int = 0) -> list[str]:
+    return [json.dumps({"prompt": f"q{i}", "answer": str(i)}) for i in range(start, start + n)]
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+def test_source_rules(tmp_path, fake_task):
+    f = write_jsonl(tmp_path / "a.jsonl", rows(3))
+    with pytest.raises(ValueError, match="exactly one.*task.*null"):
+        PromptDataModule(train_files=[f])  # task still at its default
+    with pytest.raises(ValueError, match="exactly one"):
+        PromptDataModule(task=None)
+    with pytest.raises(ValueError, match="exactly one"):
+        PromptDataModule(task=None, train_files=[f], hf_dataset="x")
+    with pytest.raises(ValueError, match="batch_size"):
+        PromptDataModule(task=fake_task, batch_size=0)
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        PromptDataModule(task="nope")
+    PromptDataModule(task=None, train_files=[f], val_files=[f])  # valid
+
+
+def test_missing_file_named_at_construction(tmp_path):
+    good = write_jsonl(tmp_path / "a.jsonl", rows(3))
+    missing = str(tmp_path / "missing.jsonl")
+    with pytest.raises(FileNotFoundError, match=r"train_files\[1\].*missing\.jsonl"):
+        PromptDataModule(task=None, train_files=[good, missing])
+    with pytest.raises(FileNotFoundError, match=r"val_files\[0\].*missing\.jsonl"):
+        PromptDataModule(task=None, train_files=[good], val_files=[missing])
+    with pytest.raises(ValueError, match="extension"):
+        PromptDataModule(task=None, train_files=[str(tmp_path / "a.csv")])
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def malformed_file(tmp_path) -> tuple[str, list[Example]]:
+    """Valid rows interleaved with every kind of malformed row; returns (path, valid examples)."""
+    huge = "x" * (1 << 20)
+    odd = "emoji \U0001f600, RTL \u05e9\u05dc\u05d5\u05dd \u202e, NUL \x00 end"
+    lines = [
+        json.dumps({"prompt": "p1", "answer": "1"}),  # 1 valid
+        "{not json",  # 2 invalid JSON
+        "[1, 2]",  # 3 array instead of object
+        json.dumps({"prompt": "p"}),  # 4 missing answer
+        json.dumps({"prompt": None, "answer": "a"}),  # 5 null field
+        json.dumps({"prompt": {"a": 1}, "answer": "a"}),  # 6 dict prompt
+        json.dumps({"prompt": "p", "answer": [1]}),  # 7 list answer
+        json.dumps({"prompt": "  ", "answer": "a"}),  # 8 empty prompt
+        "",  # 9 blank: not a row
+        "   ",  # 10 blank: not a row
+        json.dumps({"prompt": huge, "answer": 7}),  # 11 valid, 1 MB, number answer
+        json.dumps({"prompt": odd, "answer": "\u0661"}),  # 12 valid, \u escapes incl. NUL
+        json.dumps({"prompt": odd, "answer": "x"}, ensure_ascii=False),  # 13 valid, raw UTF-8
+        json.dumps({"prompt": "p", "answer": True}),  # 14 bool answer
+        '{"prompt": "p", "answer": NaN}',  # 15 non-finite number
+        json.dumps({"prompt": "p2", "answer": 2.5, "extra": None}),  # 16 valid, extra field
+    ]
+    path = write_jsonl(tmp_path / "mixed.jsonl", lines)
+    valid = [
+        Example("p1", "1"),
+        Example(huge, "7"),
+        Example(odd, "\u0661"),
+        Example(odd, "x"),
+        Example("p2", "2.5"),
+    ]
+    return path, valid
+
+
+def test_malformed_rows_skipped_and_counted(tmp_path, caplog):
+    path, valid = malformed_file(tmp_path)
+    dm = PromptDataModule(task=None, train_files=[path], batch_size=len(valid))
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        dm.setup("fit")
+    assert dm._train_rows == valid  # file order kept, nothing valid lost
+    # 16 lines, 2 blank -> 14 rows: 5 valid, 9 malformed
+    assert (dm.rows_seen, dm.rows_used, dm.skipped_rows) == (14, 5, 9)
+    assert dm.rows_seen == dm.rows_used + dm.skipped_rows
+    text = caplog.text
+    # the first five individually, with file:line (blank lines still counted in numbering)
+    for line in (2, 3, 4, 5, 6):
+        assert f"mixed.jsonl:{line}:" in text
+    assert "mixed.jsonl:7:" not in text  # rate limited ...
+    assert "skipped 9 malformed rows in all (4 not shown)" in text  # ... then summarized
+    assert sorted(dm.batch_at(0).prompts) == sorted(e.prompt for e in valid)  # one epoch = all valid rows
+
+
+@pytest.mark.parametrize(
+    "line,reason",
+    [
+        ("{bad", "invalid JSON"),
+        ("[1]", "not a JSON object"),
+        ('{"prompt": "p"}', "missing field 'answer'"),
+        ('{"prompt": "p", "answer": null}', "null field 'answer'"),
+        ('{"prompt": "p", "answer": {}}', "'answer' is dict"),
+        ('{"prompt": 3, "answer": "a"}', "'prompt' is int, expected a string"),
+        ('{"prompt": "", "answer": "a"}', "empty field 'prompt'"),
+    ],
+)
+def test_strict_raises_at_first_malformed_row(tmp_path, line, reason):
+    path = write_jsonl(tmp_path / "s.jsonl", rows(2) + ["", line] + rows(1))
+    dm = PromptDataModule(task=None, train_files=[path], strict=True)
+    with pytest.raises(ValueError, match=rf"s\.jsonl:4: .*{reason}"):
+        dm.setup("fit")
+
+
+def test_field_mismatch_names_fields(tmp_path):
+    path = write_jsonl(tmp_path / "q.jsonl", [json.dumps({"question": "q", "solution": "1"})] * 3)
+    dm = PromptDataModule(task=None, train_files=[path])  # not strict: still an error
+    with pytest.raises(ValueError, match=r"'prompt', 'answer'.*fields found: \['question', 'solution'\]"):
+        dm.setup("fit")
+    dm = PromptDataModule(task=None, train_files=[path], prompt_field="question", answer_field="solution")
+    dm.setup("fit")
+    assert dm.rows_used == 3
+
+
+def test_json_array_file_and_answer_field(tmp_path):
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps([{"q": "a", "ans": 1}, {"q": "b", "ans": None}]))
+    dm = PromptDataModule(task=None, train_files=[str(p)], prompt_field="q", answer_field="ans", batch_size=1)
+    dm.setup("fit")
+    assert dm._train_rows == [Example("a", "1")] and dm.skipped_rows == 1
+
+
+def test_parquet_round_trip_with_nulls(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "prompt": ["p0", None, "p2", "", "p4"],
+            "answer": [10, 11, None, 13, 14],  # int column with a null
+            "other": [1.0, 2.0, 3.0, 4.0, 5.0],
+        }
+    )
+    path = str(tmp_path / "t.parquet")
+    pq.write_table(table, path)
+    dm = PromptDataModule(task=None, train_files=[path], val_files=[path], batch_size=2, val_batch_size=2)
+    dm.setup("fit")
+    assert dm._train_rows == [Example("p0", "10"), Example("p4", "14")]
+    # train and val files are both counted
+    assert (dm.rows_seen, dm.rows_used, dm.skipped_rows) == (10, 4, 6)
+    val = list(dm.val_dataloader())
+    assert [b.prompts for b in val] == [["p0", "p4"]] and val[0].index == -1
+
+    bad = str(tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"question": ["q"], "solution": ["s"]}), bad)
+    with pytest.raises(ValueError, match=r"fields found: \['question', 'solution'\]"):
+        PromptDataModule(task=None, train_files=[bad]).setup("fit")
+
+
+def test_no_valid_rows_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "e.jsonl", ['{"prompt": null, "answer": "a"}'])
+    with pytest.raises(ValueError, match="no valid training rows"):
+        PromptDataModule(task=None, train_files=[path]).setup("fit")
+
+
+# ----------------------------------------------------------------------------- streams
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_task_stream_deterministic_and_ranks_differ(fake_task):
+    a = PromptDataModule(task=fake_task, batch_size=4, seed=3)
+    b = PromptDataModule(task=fake_task, batch_size=4, seed=3)
+    sa, sb = take(a._stream(0, 1), 5), take(b._stream(0, 1), 5)
+    assert sa == sb
+    assert [x.index for x in sa] == [0, 1, 2, 3, 4]
+    assert len({tuple(x.prompts) for x in sa}) == 5  # batches differ from each other
+    other_seed = take(PromptDataModule(task=fake_task, batch_size=4, seed=4)._stream(0, 1), 5)
+    assert other_seed != sa
+    r0, r1 = take(a._stream(0, 2), 3), take(a._stream(1, 2), 3)
+    assert all(x.prompts != y.prompts for x, y in zip(r0, r1))
+    # W ranks together walk the single-rank stream: global batch g = k*W + r
+    assert [r0[0], r1[0], r0[1], r1[1]] == [PromptBatch(s.prompts, s.answers, i // 2) for i, s in enumerate(sa[:4])]
+    # restart mid-stream is a pure function of the position
+    assert take(a._stream(1, 2, start=2), 1)[0] == r1[2]
+    # held-out prompts come from a different seed than any train batch
+    val = [p for batch in a.val_dataloader() for p in batch.prompts]
+    assert len(val) == 64 and all(b.index == -1 for b in a.val_dataloader())
+    assert val != [p for batch in sa for p in batch.prompts][:64]
+
+
+def test_file_stream_epochs_and_ranks(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", rows(10))
+    dm = PromptDataModule(task=None, train_files=[path], batch_size=4, seed=1)
+    single = [p for b in take(dm._stream(0, 1), 5) for p in b.prompts]  # 20 = two epochs
+    first, second = single[:10], single[10:]
+    assert sorted(first) == sorted(second) == sorted(f"q{i}" for i in range(10))  # each epoch a permutation
+    assert first != second  # reshuffled per epoch
+    assert first != [f"q{i}" for i in range(10)]  # shuffled at all
+    again = PromptDataModule(task=None, train_files=[path], batch_size=4, seed=1)
+    assert [p for b in take(again._stream(0, 1), 5) for p in b.prompts] == single
+    r0, r1 = take(dm._stream(0, 2), 2), take(dm._stream(1, 2), 2)
+    assert r0[0].prompts == single[0:4] and r1[0].prompts == single[4:8]
+    assert r0[1].prompts == single[8:12] and r1[1].prompts == single[12:16]  # wraps into epoch 1
+
+
+def test_no_val_files_means_no_validation(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", rows(3))
+    assert PromptDataModule(task=None, train_files=[path]).val_dataloader() == []
+
+
+def test_real_arithmetic_task():
+    pytest.importorskip("lit_covrl.tasks.arithmetic")
+    dm = PromptDataModule(task="arithmetic", batch_size=3, val_size=5, val_batch_size=2)
+    b = next(iter(dm.train_dataloader()))
+    assert isinstance(b, PromptBatch) and len(b) == 3 and b.index == 0
+    assert all(isinstance(p, str) and p for p in b.prompts + b.answers)
+    assert [len(v) for v in dm.val_dataloader()] == [2, 2, 1]
+
+
+# ----------------------------------------------------------------------------- resume through Lightning
+
+
+class Recorder(L.LightningModule):
+    """Manual optimization; records what training_step receives and takes a real optimizer step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[tuple[int, list[str]]] = []
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self.seen.append((batch.index, list(batch.prompts)))
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward((self.w - 1.0).pow(2).sum())
+        opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit(dm, max_steps, **kw) -> Recorder:
+    model = Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **kw,
+    )
+    trainer.fit(model, datamodule=dm)
+    return model
+
+
+def test_resume_is_exact_via_state_dict(fake_task):
+    ref = [(b.index, b.prompts) for b in take(PromptDataModule(task=fake_task, batch_size=2)._stream(0, 1), 6)]
+    dm = PromptDataModule(task=fake_task, batch_size=2)
+    first = fit(dm, 3, enable_checkpointing=False)
+    assert first.seen == ref[:3]  # prefetching did not skip or repeat a batch
+    state = dm.state_dict()
+    assert state["next_index"] == 3
+
+    dm2 = PromptDataModule(task=fake_task, batch_size=2)
+    dm2.load_state_dict(state)
+    second = fit(dm2, 3, enable_checkpointing=False)
+    assert second.seen == ref[3:6]
+    assert dm2.state_dict()["next_index"] == 6
+
+
+def test_resume_is_exact_via_checkpoint(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", rows(7))
+    make = lambda: PromptDataModule(task=None, train_files=[path], batch_size=3, seed=5)  # noqa: E731
+    ref = [(b.index, b.prompts) for b in take(make()._stream(0, 1), 5)]
+
+    model = Recorder()
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False)
+    trainer.fit(model, datamodule=make())
+    ckpt = str(tmp_path / "step3.ckpt")
+    trainer.save_checkpoint(ckpt)
+    assert model.seen == ref[:3]
+    assert torch.load(ckpt, weights_only=False)["PromptDataModule"]["next_index"] == 3
+
+    resumed = Recorder()
+    trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False)
+    trainer.fit(resumed, datamodule=make(), ckpt_path=ckpt)
+    assert resumed.seen == ref[3:5]
+
+
+def test_hf_local_dataset(tmp_path):
+    pytest.importorskip("datasets")
+    d = tmp_path / "ds"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", rows(5) + [json.dumps({"prompt": None, "answer": "x"})])
+    write_jsonl(d / "test.jsonl", rows(2, start=100))
+    dm = PromptDataModule(task=None, hf_dataset=str(d), hf_val_split="test", batch_size=5)
+    dm.setup("fit")
+    assert sorted(next(dm._stream(0, 1)).prompts) == [f"q{i}" for i in range(5)]
+    assert dm.skipped_rows == 1
+    assert [b.prompts for b in dm.val_dataloader()] == [["q100", "q101"]]
+
+
+class RecorderWithVal(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.val_seen: list[int] = []
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self.val_seen.append(batch.index)
+
+
+def test_validation_batches_do_not_move_the_stream(fake_task):
+    ref = [(b.index, b.prompts) for b in take(PromptDataModule(task=fake_task, batch_size=2)._stream(0, 1), 4)]
+    dm = PromptDataModule(task=fake_task, batch_size=2, val_size=5, val_batch_size=2)
+    model = RecorderWithVal()
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                        val_check_interval=2, check_val_every_n_epoch=None)
+    trainer.fit(model, datamodule=dm)
+    assert model.seen == ref
+    assert model.val_seen == [-1] * 6  # 3 held-out batches (2+2+1), validated twice
+    assert dm.next_index == 4
+
+
+def test_hf_without_datasets_package_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r"pip install lit_covrl\[datasets\]"):
+        PromptDataModule(task=None, hf_dataset="some/dataset")
+
+
+def test_describe(tmp_path, fake_task):
+    path, _ = malformed_file(tmp_path)
+    dm = PromptDataModule(task=None, train_files=[path])
+    dm.setup("fit")
+    assert dm.describe() == "prompts: 1 train file(s), 5/14 rows used (9 malformed), seed 0, 16/step/device, 0 held-out"
+    dm = PromptDataModule(task=fake_task, val_size=3)
+    dm.setup("fit")
+    assert "task 'fake'" in dm.describe() and "3 held-out" in dm.describe()
