@@ -1,0 +1,74 @@
+"""Covariance selection is global: 2 gloo processes holding half the mini-batch each select
+exactly the tokens that 1 process holding all of it selects (Clip-Cov and KL-Cov)."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lit_covrl.regularizers import ClipCov, KLCov
+from lit_covrl.regularizers.base import MiniBatchContext
+
+N, T = 12, 7
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, T + 1, (N,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
+    logp = -torch.rand(N, T, generator=g) * 4 * mask
+    old = logp + 0.05 * torch.randn(N, T, generator=g) * mask
+    adv = torch.randn(N, 1, generator=g).expand(N, T) * mask
+    return logp, old, adv, mask
+
+
+def _select(rows: slice) -> dict[str, torch.Tensor]:
+    logp, old, adv, mask = (t[rows] for t in _batch())
+    ctx = MiniBatchContext(0, 0, logp, old, adv, mask, 0.2, 0.2)
+    clip, kl = ClipCov(ratio=0.15, lb=-1e9, ub=1e9, seed=7), KLCov(ratio=0.1)
+    clip.prepare(ctx)
+    kl.prepare(ctx)
+    return {"clip": clip.selected, "kl": kl.selected, "cov": ctx.covariance(),
+            "frac": torch.tensor(clip.pop_metrics()["reg/clip_cov/selected_frac"])}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        half = N // 2
+        torch.save(_select(slice(rank * half, (rank + 1) * half)), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_two_processes_select_what_one_process_selects(tmp_path):
+    single = _select(slice(0, N))
+    assert single["clip"].sum() >= 2 and single["kl"].sum() >= 2
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for key in ("clip", "kl"):
+        assert torch.equal(torch.cat([p[key] for p in parts]), single[key]), key
+    torch.testing.assert_close(torch.cat([p["cov"] for p in parts]), single["cov"])  # global means
+    for p in parts:  # every rank reports the global fraction
+        assert float(p["frac"]) == pytest.approx(float(single["frac"]), abs=1e-7)
+
+
+def test_local_selection_would_differ():
+    """The test above can fail: selecting per half (the reference code's per-GPU behaviour)
+    gives a different set than selecting over the whole mini-batch."""
+    single = _select(slice(0, N))
+    local = torch.cat([_select(slice(0, N // 2))["kl"], _select(slice(N // 2, N))["kl"]])
+    assert not torch.equal(local, single["kl"])

@@ -1,0 +1,176 @@
+"""Regularizer callbacks: start-up validation, schedules, per-token shaping and its gradients,
+composition, reproducible selection, and the KL-Cov single-update warning."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from lit_covrl.algorithms import aggregate, ppo_token_loss, token_entropy
+from lit_covrl.regularizers import ClipCov, EntropyBonus, KLCov, ReferenceKL, Schedule
+from lit_covrl.regularizers.base import MiniBatchContext
+from lit_covrl.types import PolicyBatch, TokenShaping
+
+
+def _batch(n=6, t=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, t)
+    mask[0, 3:] = 0
+    logits = torch.randn(n, t, 11, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 11, (n, t), generator=g)
+    old = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1) * mask
+    adv = torch.randn(n, 1, generator=g, dtype=torch.float64).expand(n, t) * mask
+    return logits, labels, old, adv, mask.double()
+
+
+def _ctx(logp, old, adv, mask, step=0):
+    return MiniBatchContext(step, 0, logp.detach(), old, adv, mask, 0.2, 0.2)
+
+
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda: ClipCov(ratio=0.0), "ClipCov.ratio"),
+        (lambda: ClipCov(ratio=1.5), "ClipCov.ratio"),
+        (lambda: ClipCov(lb=5.0, ub=1.0), "lb < ub"),
+        (lambda: KLCov(ratio=-0.1), "KLCov.ratio"),
+        (lambda: KLCov(beta=-1.0), "KLCov.beta"),
+        (lambda: KLCov(schedule_on="lr"), "schedule_on"),
+        (lambda: EntropyBonus(coef=-1e-3), "EntropyBonus.coef"),
+        (lambda: ReferenceKL(estimator="k4"), "estimator"),
+        (lambda: ReferenceKL(beta=-1.0), "ReferenceKL.beta"),
+        (lambda: EntropyBonus(schedule=Schedule(name="step")), "schedule.name"),
+        (lambda: ClipCov(schedule={"name": "cosine", "final": -1.0, "steps": 10}), "final"),
+    ],
+)
+def test_invalid_settings_are_rejected_at_construction(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_coefficients_follow_their_schedule():
+    reg = EntropyBonus(coef=0.01, schedule=Schedule(name="linear", final=0.0, steps=10))
+    logits, labels, old, adv, mask = _batch()
+    for step, expected in [(0, 0.01), (5, 0.005), (10, 0.0), (50, 0.0)]:
+        reg.prepare(_ctx(old, old, adv, mask, step))
+        assert reg.pop_metrics()["reg/entropy_bonus/coef"] == pytest.approx(expected)
+
+
+def test_clip_cov_annealed_to_zero_selects_nothing():
+    reg = ClipCov(ratio=0.5, lb=-1e9, ub=1e9, schedule=Schedule(name="cosine", final=0.0, steps=4))
+    logits, labels, old, adv, mask = _batch()
+    reg.prepare(_ctx(old, old, adv, mask, step=4))
+    assert reg.selected.sum() == 0
+
+
+def _grad_of(regs, logits, labels, old, adv, mask, needs_entropy=False, ref=None):
+    """d(aggregated loss)/d(logits) for base PPO + the given regularizers."""
+    z = logits.clone().requires_grad_(True)
+    logp = torch.log_softmax(z, -1).gather(-1, labels[..., None]).squeeze(-1)
+    ent = token_entropy(z) if needs_entropy else None
+    ctx = _ctx(logp, old, adv, mask)
+    for r in regs:
+        r.prepare(ctx)
+    base = ppo_token_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.2)
+    batch = PolicyBatch(torch.arange(len(mask)), logp, old, adv, mask, ent, ref)
+    loss = aggregate(TokenShaping.combine([r.shape(batch) for r in regs], base), mask, "token-mean")
+    (g,) = torch.autograd.grad(loss, z)
+    return g, regs
+
+
+def test_clip_cov_zeroes_the_gradient_of_selected_tokens_only():
+    logits, labels, old, adv, mask = _batch()
+    old = old - 0.01 * mask  # current != old, ratio inside the clip range
+    g_base, _ = _grad_of([], logits, labels, old, adv, mask)
+    g, (reg,) = _grad_of([ClipCov(ratio=0.2, lb=-1e9, ub=1e9, seed=1)], logits, labels, old, adv, mask)
+    sel = reg.selected
+    assert sel.sum() == int(0.2 * mask.sum())  # floor(0.2 * 28) = 5 tokens
+    assert torch.all(g[sel] == 0)
+    torch.testing.assert_close(g[~sel], g_base[~sel])  # others untouched; denominators unchanged
+
+
+def test_kl_cov_adds_beta_sign_gradient_on_selected_tokens():
+    logits, labels, old, adv, mask = _batch()
+    old = old + 0.1 * torch.randn_like(old) * mask
+    g_base, _ = _grad_of([], logits, labels, old, adv, mask)
+    beta = 0.7
+    g, (reg,) = _grad_of([KLCov(ratio=0.1, beta=beta)], logits, labels, old, adv, mask)
+    # penalty beta*|logp - old| on selected token i: d/dlogp = beta*sign(logp - old) / N_valid,
+    # and dlogp/dz = onehot(label) - softmax(z)
+    logp = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
+    dlogp = beta * torch.sign(logp - old) * reg.selected / mask.sum()
+    expected = g_base + dlogp[..., None] * (torch.nn.functional.one_hot(labels, 11) - logits.softmax(-1))
+    torch.testing.assert_close(g, expected)
+    assert reg.selected.sum() == int(0.1 * mask.sum())
+
+
+def test_entropy_bonus_gradient_is_minus_coef_times_entropy_gradient():
+    logits, labels, old, adv, mask = _batch()
+    coef = 0.3
+    g_base, _ = _grad_of([], logits, labels, old, adv, mask, needs_entropy=True)
+    g, _ = _grad_of([EntropyBonus(coef=coef)], logits, labels, old, adv, mask, needs_entropy=True)
+    z = logits.clone().requires_grad_(True)
+    p = z.softmax(-1)
+    naive_h = -(p * p.log()).sum(-1)
+    (g_h,) = torch.autograd.grad((naive_h * mask).sum() / mask.sum(), z)
+    torch.testing.assert_close(g - g_base, -coef * g_h)
+
+
+def test_reference_kl_k1_gradient_is_beta_per_token():
+    logits, labels, old, adv, mask = _batch()
+    ref = old - 0.3 * mask
+    g_base, _ = _grad_of([], logits, labels, old, adv, mask, ref=ref)
+    g, _ = _grad_of([ReferenceKL(beta=0.5, estimator="k1")], logits, labels, old, adv, mask, ref=ref)
+    dlogp = 0.5 * mask / mask.sum()
+    expected = g_base + dlogp[..., None] * (torch.nn.functional.one_hot(labels, 11) - logits.softmax(-1))
+    torch.testing.assert_close(g, expected)
+
+
+def test_two_regularizers_act_as_the_sum_of_their_effects():
+    logits, labels, old, adv, mask = _batch()
+    old = old + 0.1 * torch.randn_like(old) * mask
+    ref = old - 0.2 * mask
+    g0, _ = _grad_of([], logits, labels, old, adv, mask, needs_entropy=True, ref=ref)
+    g1, _ = _grad_of([EntropyBonus(coef=0.1)], logits, labels, old, adv, mask, needs_entropy=True, ref=ref)
+    g2, _ = _grad_of([KLCov(ratio=0.2)], logits, labels, old, adv, mask, needs_entropy=True, ref=ref)
+    g3, _ = _grad_of([ReferenceKL(beta=0.2, estimator="k3")], logits, labels, old, adv, mask, needs_entropy=True, ref=ref)
+    g123, _ = _grad_of(
+        [EntropyBonus(coef=0.1), KLCov(ratio=0.2), ReferenceKL(beta=0.2, estimator="k3")],
+        logits, labels, old, adv, mask, needs_entropy=True, ref=ref,
+    )
+    torch.testing.assert_close(g123 - g0, (g1 - g0) + (g2 - g0) + (g3 - g0))
+
+
+def test_clip_cov_selection_is_reproducible_and_checkpointed():
+    logits, labels, old, adv, mask = _batch(n=20, t=10)
+    ctx = _ctx(old, old, adv, mask)
+
+    def draw(reg):
+        reg.prepare(ctx)
+        return reg.selected.clone()
+
+    a, b = ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=4), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=4)
+    assert torch.equal(draw(a), draw(b))
+    state = a.state_dict()
+    nxt = draw(a)
+    assert not torch.equal(nxt, draw(ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=5)))
+    c = ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=999)
+    c.load_state_dict(state)
+    assert torch.equal(draw(c), nxt)
+
+
+def test_kl_cov_warns_once_with_a_single_update(caplog):
+    class FakeModule:
+        updates_per_rollout = 1
+
+    reg = KLCov()
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        reg.on_fit_start(None, FakeModule())
+        reg.on_fit_start(None, FakeModule())
+    assert sum("KLCov has no effect" in r.message for r in caplog.records) == 1
+    FakeModule.updates_per_rollout = 4
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        KLCov().on_fit_start(None, FakeModule())
+    assert not caplog.records
