@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
 from contextlib import contextmanager
@@ -86,6 +87,7 @@ class GRPOModule(L.LightningModule):
         val_temperature: float = 1.0,
         seed: int = 0,
         logprob_chunk_size: int = 1024,
+        max_consecutive_skips: int = 10,
     ) -> None:
         """
         Args:
@@ -124,6 +126,8 @@ class GRPOModule(L.LightningModule):
             val_temperature: validation sampling temperature.
             seed: seed of the rollout sampler (offset by rank).
             logprob_chunk_size: rows per chunk for log-prob/entropy over the vocabulary.
+            max_consecutive_skips: stop (after saving a checkpoint) when this many optimizer
+                updates in a row had a non-finite gradient.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler"])
@@ -140,6 +144,7 @@ class GRPOModule(L.LightningModule):
         self._val_entropy = [0.0, 0.0]
         self.rollout_generator = torch.Generator().manual_seed(seed)
         self.skipped_steps = 0
+        self._consecutive_skips = 0
 
     # setup -------------------------------------------------------------------------------------
     @property
@@ -201,13 +206,24 @@ class GRPOModule(L.LightningModule):
         )
         ids, mask = ids.repeat_interleave(n, 0).to(self.device), mask.repeat_interleave(n, 0).to(self.device)
         self.policy.eval()  # no dropout anywhere in RL: the rollout policy must equal the trained one
-        out = sample_responses(
+        try:
+            out = self._sample(ids, mask, temperature, generator)
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(
+                f"out of memory while sampling {ids.shape[0]} sequences of up to {ids.shape[1]} + "
+                f"{self.hparams.max_new_tokens} tokens. Lower data.batch_size, model.group_size or "
+                "model.max_new_tokens (or val_samples / data.val_batch_size during validation)."
+            ) from err
+        out.completions = tok.batch_decode(out.input_ids[:, ids.shape[1]:], skip_special_tokens=True)
+        return out
+
+    def _sample(self, ids: Tensor, mask: Tensor, temperature: float, generator: torch.Generator) -> Rollout:
+        tok = self.tokenizer
+        return sample_responses(
             self.policy, ids, mask, max_new_tokens=self.hparams.max_new_tokens, eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id, temperature=temperature, top_p=self.hparams.top_p,
             generator=generator, all_done=distributed.all_true,
         )
-        out.completions = tok.batch_decode(out.input_ids[:, ids.shape[1]:], skip_special_tokens=True)
-        return out
 
     def score(self, completions: list[str], answers: list[str]) -> tuple[Tensor, dict[str, float]]:
         res = score_completions(self.reward, completions, answers, timeout_s=self.hparams.reward_timeout_s)
@@ -242,6 +258,9 @@ class GRPOModule(L.LightningModule):
         }
         for reg in self.regularizers:
             metrics.update(reg.pop_metrics())
+        skipped_rows = getattr(getattr(self.trainer, "datamodule", None), "skipped_rows", None)
+        if skipped_rows is not None:
+            metrics["data/skipped_rows"] = skipped_rows
         self._log_step(metrics)
 
     def _rollout_metrics(self, rollout: Rollout, rewards: Tensor, advantages: Tensor, zero_var: Tensor, seconds: float) -> dict:
@@ -356,14 +375,29 @@ class GRPOModule(L.LightningModule):
         max_norm = self.hparams.grad_clip if self.hparams.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if not torch.isfinite(grad_norm):
-            self.skipped_steps += 1
-            log.warning("non-finite gradient norm (%s): optimizer step skipped", float(grad_norm))
-            opt.zero_grad(set_to_none=True)  # params without grad are left untouched by the step
+            self._skip_update(opt, float(grad_norm))
+        else:
+            self._consecutive_skips = 0
         if last:
             opt.step()  # through Lightning: increments trainer.global_step (one per rollout)
         elif torch.isfinite(grad_norm):
             opt.optimizer.step()
         return {"policy/grad_norm": grad_norm, "policy/lr": opt.param_groups[0]["lr"]}
+
+    def _skip_update(self, opt, grad_norm: float) -> None:
+        """Drop a non-finite update whole (nothing is half-applied); stop after too many in a row."""
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        log.warning("non-finite gradient norm (%s): optimizer update skipped (%d in a row)", grad_norm, self._consecutive_skips)
+        opt.zero_grad(set_to_none=True)  # params without grad are left untouched by the step
+        if self._consecutive_skips >= self.hparams.max_consecutive_skips:
+            path = os.path.join(self.trainer.default_root_dir, "nonfinite-stop.ckpt")
+            self.trainer.save_checkpoint(path)
+            raise RuntimeError(
+                f"{self._consecutive_skips} consecutive optimizer updates had non-finite gradients "
+                f"(model.max_consecutive_skips={self.hparams.max_consecutive_skips}); the run is stopped. "
+                f"Checkpoint saved to {path}. Lower the learning rate or check the reward and data."
+            )
 
     # validation --------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -435,7 +469,8 @@ def _validate(hp) -> None:
         bad("overlong", hp.overlong, f"valid: {list(OVERLONG)}")
     if hp.prompt_overflow not in PROMPT_OVERFLOW:
         bad("prompt_overflow", hp.prompt_overflow, f"valid: {list(PROMPT_OVERFLOW)}")
-    for field in ("max_new_tokens", "max_prompt_length", "micro_batch_size", "ppo_epochs", "val_samples", "val_k", "logprob_chunk_size"):
+    for field in ("max_new_tokens", "max_prompt_length", "micro_batch_size", "ppo_epochs", "val_samples", "val_k",
+                  "logprob_chunk_size", "max_consecutive_skips"):
         if getattr(hp, field) < 1:
             bad(field, getattr(hp, field), "must be >= 1")
     if hp.mini_batch_size is not None and hp.mini_batch_size < 1:

@@ -1,0 +1,71 @@
+"""Faults are survived or stop the run cleanly: non-finite updates, bad settings, OOM messages."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_covrl.regularizers.base import Regularizer
+from lit_covrl.types import TokenShaping
+from tests.helpers import fit, scalar_tags
+from tests.test_module import make_data, make_module
+
+
+class NaNPenalty(Regularizer):
+    """Poisons the loss of the first `bad_updates` optimizer updates."""
+
+    default_name = "nan"
+
+    def __init__(self, bad_updates: int) -> None:
+        super().__init__()
+        self.bad_updates, self.calls = bad_updates, 0
+
+    def prepare(self, ctx) -> None:
+        self.calls += 1
+
+    def shape(self, batch) -> TokenShaping:
+        value = float("nan") if self.calls <= self.bad_updates else 0.0
+        return TokenShaping(penalty=batch.logp * value)
+
+
+def test_non_finite_update_is_skipped_whole_and_counted(tiny_model_dir, tmp_path):
+    module = make_module(tiny_model_dir, mini_batch_size=2)  # 2 updates per rollout
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    trainer = fit(module, make_data(), steps=1, callbacks=[NaNPenalty(bad_updates=2)], log_dir=tmp_path,
+                  limit_val_batches=0)
+    assert trainer.global_step == 1  # the RL step still counts
+    for k, v in module.policy.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed although every update was skipped"
+    assert scalar_tags(tmp_path)["policy/skipped_steps"][-1][1] == 2
+    # AdamW state was never touched either
+    assert all(not s for s in trainer.optimizers[0].state.values())
+
+
+def test_training_continues_after_a_transient_bad_update(tiny_model_dir):
+    module = make_module(tiny_model_dir, mini_batch_size=2)
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    fit(module, make_data(), steps=2, callbacks=[NaNPenalty(bad_updates=1)], limit_val_batches=0)
+    assert module.skipped_steps == 1
+    assert any(not torch.equal(v, before[k]) for k, v in module.policy.state_dict().items())
+
+
+def test_too_many_consecutive_bad_updates_stop_with_a_checkpoint(tiny_model_dir, tmp_path):
+    module = make_module(tiny_model_dir, mini_batch_size=2, max_consecutive_skips=3)
+    with pytest.raises(RuntimeError, match="3 consecutive optimizer updates had non-finite gradients"):
+        fit(module, make_data(), steps=5, callbacks=[NaNPenalty(bad_updates=100)], limit_val_batches=0,
+            default_root_dir=str(tmp_path))
+    ckpt = torch.load(tmp_path / "nonfinite-stop.ckpt", weights_only=False)
+    assert ckpt["skipped_steps"] == 3
+
+
+def test_out_of_memory_in_a_rollout_names_the_settings_to_lower(tiny_model_dir, monkeypatch):
+    module = make_module(tiny_model_dir)
+    module.configure_model()
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(module, "_sample", oom)
+    with pytest.raises(torch.OutOfMemoryError, match="Lower data.batch_size, model.group_size or model.max_new_tokens"):
+        module.generate(["1+1="], 2, temperature=1.0, generator=torch.Generator())
