@@ -64,3 +64,39 @@ class PassAtK(Metric):
     def compute(self) -> dict[str, Tensor]:
         denom = self.prompts.clamp(min=1).double()
         return {"pass@1": (self.pass1_sum / denom).float(), f"pass@{self.k}": (self.passk_sum / denom).float()}
+
+
+def rollout_metrics(
+    rollout, rewards: Tensor, advantages: Tensor, zero_var: Tensor, *, group_size: int, seconds: float,
+    correct_threshold: float,
+) -> dict[str, Tensor]:
+    """The rollout/, policy/entropy and cov/ metrics of one RL step.
+
+    policy/entropy is the exact token-mean entropy (temperature 1) of the sampled responses under
+    the rollout policy, over all ranks; policy/entropy_seq_mean is the paper's mean of per-sequence
+    means. cov/ are the Table-1 statistics of Cui et al. on this rank's tokens.
+    """
+    from lit_covrl import distributed
+    from lit_covrl.algorithms import covariance_group_means, token_covariance
+
+    m = rollout.response_mask
+    lengths = m.sum(1)
+    tot = distributed.all_sum(torch.stack([(rollout.entropy * m).sum(), m.sum()]))
+    per_seq = (rollout.entropy * m).sum(1) / lengths.clamp(min=1)
+    metrics = {
+        "rollout/reward_mean": rewards.mean(),
+        "rollout/reward_std": rewards.std() if rewards.numel() > 1 else torch.tensor(0.0),
+        "rollout/accuracy": (rewards >= correct_threshold).float().mean(),
+        "rollout/response_length": lengths.mean(),
+        "rollout/response_length_max": lengths.max(),
+        "rollout/truncated_frac": rollout.truncated.float().mean(),
+        "rollout/zero_var_group_frac": zero_var.float().view(-1, group_size)[:, 0].mean(),
+        "rollout/tokens_per_s": lengths.sum() / max(seconds, 1e-9),
+        "policy/entropy": tot[0] / tot[1].clamp(min=1),
+        "policy/entropy_seq_mean": per_seq.mean(),
+    }
+    cov = token_covariance(rollout.logp, advantages[:, None].expand_as(m), m)
+    for frac, value in covariance_group_means(cov, m).items():
+        metrics[f"cov/top{frac * 100:g}pct"] = value
+    metrics["cov/mean"] = (cov * m).sum() / m.sum().clamp(min=1)
+    return metrics

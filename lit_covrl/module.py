@@ -26,20 +26,16 @@ from torch import Tensor
 
 from lit_covrl import distributed
 from lit_covrl.algorithms import (
-    ADVANTAGE_ESTIMATORS,
-    AGG_MODES,
     aggregate,
     compute_advantages,
-    covariance_group_means,
-    min_group_size,
     ppo_stats,
     ppo_token_loss,
-    token_covariance,
     zero_variance_groups,
 )
-from lit_covrl.metrics import PassAtK, StepMetrics
+from lit_covrl.checks import check_module_args
+from lit_covrl.metrics import PassAtK, StepMetrics, rollout_metrics
 from lit_covrl.policy import load_policy, load_tokenizer, resolve_dtype, response_logprobs
-from lit_covrl.prompts import PROMPT_OVERFLOW, encode_prompts
+from lit_covrl.prompts import encode_prompts
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
 from lit_covrl.rewards import ExactMatchReward, RewardFunction, score_completions
 from lit_covrl.rollout import sample_responses
@@ -48,7 +44,6 @@ from lit_covrl.types import PolicyBatch, PromptBatch, Rollout, TokenShaping
 log = logging.getLogger("lit_covrl")
 # the policy is kept in eval mode on purpose (no dropout in RL: rollout policy == trained policy)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-OVERLONG = ("keep", "mask")
 
 
 class GRPOModule(L.LightningModule):
@@ -132,7 +127,7 @@ class GRPOModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
-        _validate(self.hparams)
+        check_module_args(self.hparams)
         self.reward = reward if reward is not None else ExactMatchReward()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -251,7 +246,10 @@ class GRPOModule(L.LightningModule):
         if scheduler is not None:
             scheduler.step()
         metrics = {
-            **self._rollout_metrics(rollout, rewards, advantages, zero_var, timer.seconds["rollout"]),
+            **rollout_metrics(
+                rollout, rewards, advantages, zero_var, group_size=G, seconds=timer.seconds["rollout"],
+                correct_threshold=hp.correct_threshold,
+            ),
             **reward_stats,
             **update_metrics,
             **{f"time/{k}_s": v for k, v in timer.seconds.items()},
@@ -263,30 +261,6 @@ class GRPOModule(L.LightningModule):
             metrics["data/skipped_rows"] = skipped_rows
         self._log_step(metrics)
 
-    def _rollout_metrics(self, rollout: Rollout, rewards: Tensor, advantages: Tensor, zero_var: Tensor, seconds: float) -> dict:
-        m = rollout.response_mask
-        lengths = m.sum(1)
-        tot = distributed.all_sum(torch.stack([(rollout.entropy * m).sum(), m.sum()]))
-        G = self.hparams.group_size
-        per_seq = (rollout.entropy * m).sum(1) / lengths.clamp(min=1)
-        metrics = {
-            "rollout/reward_mean": rewards.mean(),
-            "rollout/reward_std": rewards.std() if rewards.numel() > 1 else torch.tensor(0.0),
-            "rollout/accuracy": (rewards >= self.hparams.correct_threshold).float().mean(),
-            "rollout/response_length": lengths.mean(),
-            "rollout/response_length_max": lengths.max(),
-            "rollout/truncated_frac": rollout.truncated.float().mean(),
-            "rollout/zero_var_group_frac": zero_var.float().view(-1, G)[:, 0].mean(),
-            "rollout/tokens_per_s": lengths.sum() / max(seconds, 1e-9),
-            "policy/entropy": tot[0] / tot[1].clamp(min=1),
-            "policy/entropy_seq_mean": per_seq.mean(),
-        }
-        # Table-1 statistics of the rollout's token covariance (this rank's tokens)
-        cov = token_covariance(rollout.logp, advantages[:, None].expand_as(m), m)
-        for frac, value in covariance_group_means(cov, m).items():
-            metrics[f"cov/top{_pct(frac)}pct"] = value
-        metrics["cov/mean"] = (cov * m).sum() / m.sum().clamp(min=1)
-        return metrics
 
     @torch.no_grad()
     def _reference_logprobs(self, rollout: Rollout) -> Tensor:
@@ -454,47 +428,6 @@ class GRPOModule(L.LightningModule):
         print("\n".join(lines), flush=True)
 
 
-def _validate(hp) -> None:
-    """Start-up checks of everything knowable before training (the field is named in each error)."""
-    def bad(field: str, value, allowed: str):
-        raise ValueError(f"model.{field}={value!r} is invalid: {allowed}")
-
-    if hp.advantage not in ADVANTAGE_ESTIMATORS:
-        bad("advantage", hp.advantage, f"valid estimators: {sorted(ADVANTAGE_ESTIMATORS)}")
-    if hp.group_size < min_group_size(hp.advantage):
-        bad("group_size", hp.group_size, f"advantage={hp.advantage!r} needs >= {min_group_size(hp.advantage)}")
-    if hp.loss_agg_mode not in AGG_MODES:
-        bad("loss_agg_mode", hp.loss_agg_mode, f"valid modes: {list(AGG_MODES)}")
-    if hp.overlong not in OVERLONG:
-        bad("overlong", hp.overlong, f"valid: {list(OVERLONG)}")
-    if hp.prompt_overflow not in PROMPT_OVERFLOW:
-        bad("prompt_overflow", hp.prompt_overflow, f"valid: {list(PROMPT_OVERFLOW)}")
-    for field in ("max_new_tokens", "max_prompt_length", "micro_batch_size", "ppo_epochs", "val_samples", "val_k",
-                  "logprob_chunk_size", "max_consecutive_skips"):
-        if getattr(hp, field) < 1:
-            bad(field, getattr(hp, field), "must be >= 1")
-    if hp.mini_batch_size is not None and hp.mini_batch_size < 1:
-        bad("mini_batch_size", hp.mini_batch_size, "must be >= 1 or null")
-    if hp.val_k > hp.val_samples:
-        bad("val_k", hp.val_k, f"must be <= val_samples={hp.val_samples}")
-    for field in ("clip_low", "clip_high"):
-        v = getattr(hp, field)
-        if v is not None and v < 0:
-            bad(field, v, "must be >= 0 or null")
-    if hp.clip_low is not None and hp.clip_low > 1:
-        bad("clip_low", hp.clip_low, "must be <= 1 (the ratio is clipped at 1 - clip_low >= 0)")
-    if hp.dual_clip is not None and hp.dual_clip <= 1:
-        bad("dual_clip", hp.dual_clip, "must be > 1 or null")
-    if hp.temperature <= 0 or hp.val_temperature <= 0:
-        bad("temperature", hp.temperature, "temperatures must be > 0")
-    if not 0 < hp.top_p <= 1:
-        bad("top_p", hp.top_p, "must be in (0, 1]")
-    if hp.grad_clip is not None and hp.grad_clip <= 0:
-        bad("grad_clip", hp.grad_clip, "must be > 0 or null")
-    if hp.reward_timeout_s is not None and hp.reward_timeout_s <= 0:
-        bad("reward_timeout_s", hp.reward_timeout_s, "must be > 0 or null")
-
-
 def _contribution(s: TokenShaping, base: Tensor, mask: Tensor, agg: dict) -> Tensor:
     """What one regularizer adds to the aggregated loss (its weight's change of the base loss
     plus its penalty), for the reg/<name>/loss metric."""
@@ -508,10 +441,6 @@ def _contribution(s: TokenShaping, base: Tensor, mask: Tensor, agg: dict) -> Ten
 
 def _chunks(n: int, size: int) -> list[Tensor]:
     return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def _pct(frac: float) -> str:
-    return f"{frac * 100:g}"
 
 
 class _Timer:

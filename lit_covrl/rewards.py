@@ -26,7 +26,6 @@ import math
 import queue
 import re
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 

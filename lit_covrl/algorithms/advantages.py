@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from torch import Tensor
 
 __all__ = [

@@ -10,11 +10,12 @@ __all__ = ["Task", "TASKS", "get_task"]
 
 def _registry() -> dict[str, type]:
     from lit_covrl.tasks.arithmetic import ArithmeticTask
+    from lit_covrl.tasks.word_problems import WordProblemTask
 
-    return {"arithmetic": ArithmeticTask}
+    return {"arithmetic": ArithmeticTask, "word_problems": WordProblemTask}
 
 
-TASKS = tuple(sorted(["arithmetic"]))
+TASKS = tuple(sorted(["arithmetic", "word_problems"]))
 
 
 def get_task(name: str, **kwargs: Any) -> Task:

@@ -1,0 +1,10 @@
+"""Files shipped with the package: the tiny warm-started policy of the CPU quickstart."""
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["TINY_MODEL_DIR"]
+
+# Qwen2ForCausalLM + char tokenizer, warm-started on `ArithmeticTask()`; made by
+# tools/make_tiny_model.py (see the README.md inside the folder).
+TINY_MODEL_DIR = Path(__file__).parent / "tiny-arith"
