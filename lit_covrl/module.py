@@ -261,7 +261,6 @@ class GRPOModule(L.LightningModule):
             metrics["data/skipped_rows"] = skipped_rows
         self._log_step(metrics)
 
-
     @torch.no_grad()
     def _reference_logprobs(self, rollout: Rollout) -> Tensor:
         ref = self._reference
@@ -280,63 +279,70 @@ class GRPOModule(L.LightningModule):
     def _update(self, rollout: Rollout, advantages: Tensor, keep: Tensor, ref_logp: Tensor | None) -> dict:
         """Every optimizer update of one rollout; returns step metrics averaged over updates."""
         hp, G = self.hparams, self.hparams.group_size
-        self._token_advantages = advantages[:, None].expand_as(rollout.response_mask)
+        n = rollout.input_ids.shape[0]
+        per_update = (hp.mini_batch_size or n // G) * G
         rows = torch.nonzero(keep).squeeze(-1)
-        n_prompts = rollout.input_ids.shape[0] // G
-        per_update = (hp.mini_batch_size or n_prompts) * G
-        metrics = StepMetrics()
         # mini-batches are fixed slices of whole prompt groups; filtered sequences just drop out
-        minibatches = [rows[(rows >= s) & (rows < s + per_update)] for s in range(0, n_prompts * G, per_update)]
+        minibatches = [rows[(rows >= s) & (rows < s + per_update)] for s in range(0, n, per_update)]
         schedule = [mb for _ in range(hp.ppo_epochs) for mb in minibatches]
+        metrics = StepMetrics()
         for i, mb in enumerate(schedule):
-            metrics.update(self._update_minibatch(rollout, mb, ref_logp, index=i, last=i == len(schedule) - 1))
+            batch = _MiniBatch(rollout, advantages, ref_logp, mb)
+            metrics.update(self._update_minibatch(batch, index=i, last=i == len(schedule) - 1))
         out = metrics.pop()
         out["policy/kept_frac"] = keep.float().mean()
         out["policy/skipped_steps"] = float(self.skipped_steps)
         return out
 
-    def _update_minibatch(self, rollout: Rollout, mb: Tensor, ref_logp: Tensor | None, *, index: int, last: bool) -> dict:
-        hp, regs = self.hparams, self.regularizers
-        opt = self.optimizers()
-        mask = rollout.response_mask[mb]
-        old = rollout.logp[mb]
-        adv = self._token_advantages[mb]
-        ids, att, T = rollout.input_ids[mb], rollout.attention_mask[mb], mask.shape[1]
-        self.policy.eval()
-        cur = old
-        if index > 0 and any(r.needs_current_logp for r in regs):  # before any update, current == old
-            with torch.no_grad():
-                cur = torch.cat([self._logprobs(ids[r], att[r], T, False)[0] for r in _chunks(len(mb), hp.micro_batch_size)]) * mask
-        ctx = MiniBatchContext(self.global_step, index, cur, old, adv, mask, hp.clip_low, hp.clip_high)
+    def _update_minibatch(self, mb: "_MiniBatch", *, index: int, last: bool) -> dict:
+        """Regularizers select over the whole mini-batch, then micro-batches accumulate gradients
+        of one aggregated loss whose denominators are the mini-batch's (over all ranks), so the
+        result does not depend on micro_batch_size."""
+        hp, regs, opt = self.hparams, self.regularizers, self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        if len(mb) == 0:  # every group of this mini-batch was filtered out
+            return self._optimizer_step(opt, last) if last else {}
+        ctx = MiniBatchContext(
+            self.global_step, index, self._current_logprobs(mb, index), mb.old_logp, mb.advantages, mb.mask,
+            hp.clip_low, hp.clip_high,
+        )
         for reg in regs:
             reg.prepare(ctx)
-        totals = distributed.all_sum(torch.stack([mask.sum(), torch.tensor(float(len(mb)), device=mask.device)]))
+        totals = distributed.all_sum(torch.stack([mb.mask.sum(), torch.tensor(float(len(mb)), device=mb.mask.device)]))
         agg = dict(mode=hp.loss_agg_mode, num_tokens=totals[0], num_seqs=totals[1], norm_length=hp.max_new_tokens)
         scale = distributed.world_size()  # gradients are averaged over ranks; we want the global mean
         need_ent = any(r.needs_entropy for r in regs)
-        metrics = StepMetrics()
-        sums = {"policy/loss": 0.0, **{f"reg/{r.name}/loss": 0.0 for r in regs}}
-        opt.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
         for r in _chunks(len(mb), hp.micro_batch_size):
-            m = mask[r]
-            logp, ent = self._logprobs(ids[r], att[r], T, need_ent)
+            m, old, adv = mb.mask[r], mb.old_logp[r], mb.advantages[r]
+            logp, ent = self._logprobs(mb.input_ids[r], mb.attention_mask[r], m.shape[1], need_ent)
             base = ppo_token_loss(
-                logp, old[r], adv[r], m, clip_low=hp.clip_low, clip_high=hp.clip_high,
+                logp, old, adv, m, clip_low=hp.clip_low, clip_high=hp.clip_high,
                 dual_clip=hp.dual_clip, logratio_clamp=hp.logratio_clamp,
             )
-            batch = PolicyBatch(r, logp, old[r], adv[r], m, ent, None if ref_logp is None else ref_logp[mb][r])
-            shapings = [reg.shape(batch) for reg in regs]
+            shapings = [reg.shape(PolicyBatch(r, logp, old, adv, m, ent, mb.ref_rows(r))) for reg in regs]
             loss = aggregate(TokenShaping.combine(shapings, base), m, **agg)
             self.manual_backward(loss * scale)
-            with torch.no_grad():
-                sums["policy/loss"] += float(loss)
-                for reg, s in zip(regs, shapings):
-                    sums[f"reg/{reg.name}/loss"] += float(_contribution(s, base, m, agg))
-                metrics.update({f"policy/{k}": v for k, v in ppo_stats(
-                    logp.detach(), old[r], adv[r], m, clip_low=hp.clip_low, clip_high=hp.clip_high).items()})
-        metrics.update(sums)
-        metrics.update(self._optimizer_step(opt, last))
-        return metrics.pop()
+            with torch.no_grad():  # micro-batch terms with mini-batch denominators: they add up
+                parts = {"policy/loss": loss}
+                parts.update({f"reg/{reg.name}/loss": _contribution(s, base, m, agg) for reg, s in zip(regs, shapings)})
+                parts.update({f"policy/{k}": v for k, v in ppo_stats(
+                    logp, old, adv, m, clip_low=hp.clip_low, clip_high=hp.clip_high,
+                    logratio_clamp=hp.logratio_clamp, num_tokens=totals[0]).items()})
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        return {**sums, **self._optimizer_step(opt, last)}
+
+    @torch.no_grad()
+    def _current_logprobs(self, mb: "_MiniBatch", index: int) -> Tensor:
+        """Detached current-policy log-probs of the whole mini-batch, for covariance selection.
+        Before the first update of a rollout the policy is the rollout policy: reuse its log-probs."""
+        if index == 0 or not any(r.needs_current_logp for r in self.regularizers):
+            return mb.old_logp
+        T = mb.mask.shape[1]
+        parts = [self._logprobs(mb.input_ids[r], mb.attention_mask[r], T, False)[0]
+                 for r in _chunks(len(mb), self.hparams.micro_batch_size)]
+        return torch.cat(parts) * mb.mask
 
     def _logprobs(self, ids: Tensor, att: Tensor, T: int, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
         return response_logprobs(
@@ -452,3 +458,22 @@ class _Timer:
         t0 = time.perf_counter()
         yield
         self.seconds[name] = time.perf_counter() - t0
+
+
+class _MiniBatch:
+    """The rows `idx` of a rollout that one optimizer update trains on (gathered copies of the
+    [N, P+T] and [N, T] tensors; nothing vocabulary-sized)."""
+
+    def __init__(self, rollout: Rollout, advantages: Tensor, ref_logp: Tensor | None, idx: Tensor) -> None:
+        self.input_ids = rollout.input_ids[idx]
+        self.attention_mask = rollout.attention_mask[idx]
+        self.mask = rollout.response_mask[idx]
+        self.old_logp = rollout.logp[idx]
+        self.advantages = advantages[idx, None].expand_as(self.mask)
+        self._ref = None if ref_logp is None else ref_logp[idx]
+
+    def __len__(self) -> int:
+        return self.mask.shape[0]
+
+    def ref_rows(self, rows: Tensor) -> Tensor | None:
+        return None if self._ref is None else self._ref[rows]
