@@ -1,0 +1,141 @@
+"""Reading prompt rows from JSON-lines / JSON / Parquet files and validating them.
+
+Row files. `.jsonl`/`.json`: one JSON object per line (a `.json` file holding a single JSON array
+is also accepted; its items are numbered 1, 2, ...). `.parquet`: one row per table row. Blank
+lines are not rows: they are ignored silently but line numbers still count them. A row is
+malformed if it is not valid JSON / not an object, lacks the prompt or answer field, has a null
+value, a prompt that is not a string, an answer that is not a string or finite number (numbers
+become `str(value)`), or an empty (whitespace-only) value. Malformed rows are skipped with a
+warning `file:line: reason` (the first few per file, then a summary) and counted; with
+`strict=True` the first one raises ValueError. A file in which no row has the configured field
+names raises ValueError naming the fields found, in either mode.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from lit_covrl.types import Example
+
+__all__ = ["read_rows", "jsonl_rows", "parquet_rows"]
+
+log = logging.getLogger("lit_covrl")
+
+_MAX_ROW_WARNINGS = 5  # per file; the rest are summarized
+
+
+class _Malformed:
+    """A row that could not even be decoded (bad UTF-8 / JSON)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
+    """(location, decoded row or _Malformed) for each non-blank line of a JSON-lines file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if path.endswith(".json") and data.lstrip()[:1] == b"[":
+        try:
+            items = json.loads(data.decode("utf-8-sig"))
+        except ValueError:
+            items = None
+        if isinstance(items, list):
+            for n, item in enumerate(items, 1):
+                yield f"{path}:item {n}", item
+            return
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        loc = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            yield loc, _Malformed(f"invalid UTF-8 ({e.reason} at byte {e.start})")
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield loc, json.loads(line)
+        except ValueError as e:
+            yield loc, _Malformed(f"invalid JSON ({e})")
+
+
+def parquet_rows(path: str) -> tuple[list[tuple[str, Any]], list[str]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return [(f"{path}:row {n}", row) for n, row in enumerate(table.to_pylist(), 1)], table.column_names
+
+
+def _check_row(row: Any, prompt_field: str, answer_field: str) -> Example | str:
+    """The row as an Example, or the reason it is malformed."""
+    if isinstance(row, _Malformed):
+        return row.reason
+    if not isinstance(row, dict):
+        return f"not a JSON object (got {type(row).__name__})"
+    values = []
+    for key, numbers_ok in ((prompt_field, False), (answer_field, True)):
+        if key not in row:
+            return f"missing field {key!r}"
+        v = row[key]
+        if v is None:
+            return f"null field {key!r}"
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and numbers_ok:
+            if not math.isfinite(v):
+                return f"field {key!r} is not a finite number ({v})"
+            v = str(v)
+        if not isinstance(v, str):
+            expected = "a string or a number" if numbers_ok else "a string"
+            return f"field {key!r} is {type(v).__name__}, expected {expected}"
+        if not v.strip():
+            return f"empty field {key!r}"
+        values.append(v)
+    return Example(prompt=values[0], answer=values[1])
+
+
+def read_rows(
+    label: str,
+    rows: list[tuple[str, Any]],
+    prompt_field: str,
+    answer_field: str,
+    *,
+    strict: bool = False,
+    columns: list[str] | None = None,
+) -> tuple[list[Example], int]:
+    """Validate decoded rows [(location, row)] of one source: (valid examples, skipped count).
+
+    `columns` (the schema, when the format has one) is reported when the fields do not match.
+    """
+    dict_rows = [r for _, r in rows if isinstance(r, dict)]
+    if dict_rows or columns:
+        found = set(columns or ())
+        for r in dict_rows:
+            found.update(r)
+        missing = [k for k in (prompt_field, answer_field) if not any(k in r for r in dict_rows)]
+        if missing:
+            raise ValueError(
+                f"{label}: no row has the field(s) {missing} (prompt_field={prompt_field!r}, "
+                f"answer_field={answer_field!r}); fields found: {sorted(map(str, found))}"
+            )
+    examples: list[Example] = []
+    skipped = 0
+    for loc, row in rows:
+        checked = _check_row(row, prompt_field, answer_field)
+        if isinstance(checked, Example):
+            examples.append(checked)
+            continue
+        if strict:
+            raise ValueError(f"{loc}: {checked} (strict=True)")
+        skipped += 1
+        if skipped <= _MAX_ROW_WARNINGS:
+            log.warning("skipping malformed row %s: %s", loc, checked)
+    if skipped > _MAX_ROW_WARNINGS:
+        log.warning(
+            "%s: skipped %d malformed rows in all (%d not shown)",
+            label,
+            skipped,
+            skipped - _MAX_ROW_WARNINGS,
+        )
+    return examples, skipped
