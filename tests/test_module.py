@@ -159,3 +159,23 @@ def test_mini_batch_must_divide_batch(tiny_model_dir):
     module = make_module(tiny_model_dir, mini_batch_size=3)
     with pytest.raises(ValueError, match="mini_batch_size=3 must divide data.batch_size=4"):
         fit(module, make_data(), steps=1)
+
+
+def test_reference_model_only_when_a_regularizer_needs_it(tiny_model_dir, tmp_path):
+    from lit_covrl.regularizers import ReferenceKL
+
+    plain = make_module(tiny_model_dir)
+    fit(plain, make_data(), steps=1, limit_val_batches=0)
+    assert plain._reference is None
+
+    module = make_module(tiny_model_dir, mini_batch_size=2)
+    trainer = fit(module, make_data(), steps=2, callbacks=[ReferenceKL(beta=0.1, estimator="k3")],
+                  log_dir=tmp_path, limit_val_batches=0)
+    assert module._reference is not None
+    assert not any(p.requires_grad for p in module._reference.parameters())
+    kl = [v for _, v in scalar_tags(tmp_path)["reg/ref_kl/kl"]]
+    assert kl[0] >= 0 and kl[-1] > 0  # k3 >= 0; the policy moved away from the reference
+    ckpt = tmp_path / "c.ckpt"
+    trainer.save_checkpoint(ckpt)
+    keys = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert keys and all(k.startswith("policy.") for k in keys)  # frozen reference is never saved

@@ -1,0 +1,174 @@
+"""The learner half of an RL step: every optimizer update of one rollout.
+
+For each epoch and each mini-batch (whole prompt groups): the regularizers select over the whole
+mini-batch (all ranks), then micro-batches accumulate gradients of one aggregated loss
+
+    agg( ppo_token_loss * prod(weights) + sum(penalties) )
+
+whose denominators are the mini-batch's, so the result does not depend on micro_batch_size.
+A non-finite gradient drops that update whole. Only the last update of a rollout goes through
+Lightning's optimizer wrapper, so `trainer.global_step` counts rollouts.
+
+`PolicyUpdateMixin` is mixed into GRPOModule; it uses its `policy`, `hparams`, `regularizers`,
+`optimizers()`, `manual_backward` and `trainer`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import Tensor
+
+from lit_covrl import distributed
+from lit_covrl.algorithms import aggregate, ppo_stats, ppo_token_loss
+from lit_covrl.metrics import StepMetrics
+from lit_covrl.policy import response_logprobs
+from lit_covrl.regularizers.base import MiniBatchContext
+from lit_covrl.types import PolicyBatch, Rollout, TokenShaping
+
+log = logging.getLogger("lit_covrl")
+
+
+def chunks(n: int, size: int) -> list[Tensor]:
+    """Row indices [0, n) in consecutive pieces of at most `size`."""
+    return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class PolicyUpdateMixin:
+    def _update(self, rollout: Rollout, advantages: Tensor, keep: Tensor, ref_logp: Tensor | None) -> dict:
+        """Every optimizer update of one rollout; returns step metrics averaged over updates."""
+        hp, G = self.hparams, self.hparams.group_size
+        n = rollout.input_ids.shape[0]
+        per_update = (hp.mini_batch_size or n // G) * G
+        rows = torch.nonzero(keep).squeeze(-1)
+        # mini-batches are fixed slices of whole prompt groups; filtered sequences just drop out
+        minibatches = [rows[(rows >= s) & (rows < s + per_update)] for s in range(0, n, per_update)]
+        schedule = [mb for _ in range(hp.ppo_epochs) for mb in minibatches]
+        metrics = StepMetrics()
+        for i, mb in enumerate(schedule):
+            batch = _MiniBatch(rollout, advantages, ref_logp, mb)
+            metrics.update(self._update_minibatch(batch, index=i, last=i == len(schedule) - 1))
+        out = metrics.pop()
+        out["policy/kept_frac"] = keep.float().mean()
+        out["policy/skipped_steps"] = float(self.skipped_steps)
+        return out
+
+    def _update_minibatch(self, mb: "_MiniBatch", *, index: int, last: bool) -> dict:
+        """Regularizers select over the whole mini-batch, then micro-batches accumulate gradients
+        of one aggregated loss whose denominators are the mini-batch's (over all ranks), so the
+        result does not depend on micro_batch_size."""
+        hp, regs, opt = self.hparams, self.regularizers, self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        if len(mb) == 0:  # every group of this mini-batch was filtered out
+            return self._optimizer_step(opt, last) if last else {}
+        ctx = MiniBatchContext(
+            self.global_step, index, self._current_logprobs(mb, index), mb.old_logp, mb.advantages, mb.mask,
+            hp.clip_low, hp.clip_high,
+        )
+        for reg in regs:
+            reg.prepare(ctx)
+        totals = distributed.all_sum(torch.stack([mb.mask.sum(), torch.tensor(float(len(mb)), device=mb.mask.device)]))
+        agg = dict(mode=hp.loss_agg_mode, num_tokens=totals[0], num_seqs=totals[1], norm_length=hp.max_new_tokens)
+        scale = distributed.world_size()  # gradients are averaged over ranks; we want the global mean
+        need_ent = any(r.needs_entropy for r in regs)
+        sums: dict[str, float] = {}
+        for r in chunks(len(mb), hp.micro_batch_size):
+            m, old, adv = mb.mask[r], mb.old_logp[r], mb.advantages[r]
+            logp, ent = self._logprobs(mb.input_ids[r], mb.attention_mask[r], m.shape[1], need_ent)
+            base = ppo_token_loss(
+                logp, old, adv, m, clip_low=hp.clip_low, clip_high=hp.clip_high,
+                dual_clip=hp.dual_clip, logratio_clamp=hp.logratio_clamp,
+            )
+            shapings = [reg.shape(PolicyBatch(r, logp, old, adv, m, ent, mb.ref_rows(r))) for reg in regs]
+            loss = aggregate(TokenShaping.combine(shapings, base), m, **agg)
+            self.manual_backward(loss * scale)
+            with torch.no_grad():  # micro-batch terms with mini-batch denominators: they add up
+                parts = {"policy/loss": loss}
+                parts.update({f"reg/{reg.name}/loss": _contribution(s, base, m, agg) for reg, s in zip(regs, shapings)})
+                parts.update({f"policy/{k}": v for k, v in ppo_stats(
+                    logp, old, adv, m, clip_low=hp.clip_low, clip_high=hp.clip_high,
+                    logratio_clamp=hp.logratio_clamp, num_tokens=totals[0]).items()})
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        return {**sums, **self._optimizer_step(opt, last)}
+
+    def _current_logprobs(self, mb: "_MiniBatch", index: int) -> Tensor:
+        """Detached current-policy log-probs of the whole mini-batch, for covariance selection.
+        Before the first update of a rollout the policy is the rollout policy: reuse its log-probs."""
+        if index == 0 or not any(r.needs_current_logp for r in self.regularizers):
+            return mb.old_logp
+        return self._nograd_logprobs(self.policy, mb.input_ids, mb.attention_mask, mb.mask)
+
+    @torch.no_grad()
+    def _nograd_logprobs(self, model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
+        """Log-probs [n, T] of the response tokens under `model`, micro-batch by micro-batch."""
+        T = mask.shape[1]
+        parts = [self._logprobs(input_ids[r], attention_mask[r], T, False, model=model)[0]
+                 for r in chunks(len(mask), self.hparams.micro_batch_size)]
+        return torch.cat(parts) * mask
+
+    def _logprobs(self, ids: Tensor, att: Tensor, T: int, with_entropy: bool, model=None) -> tuple[Tensor, Tensor | None]:
+        return response_logprobs(
+            model if model is not None else self.policy, ids, att, T, temperature=self.hparams.temperature,
+            with_entropy=with_entropy, chunk_size=self.hparams.logprob_chunk_size,
+        )
+
+    def _optimizer_step(self, opt, last: bool) -> dict:
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = self.hparams.grad_clip if self.hparams.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not torch.isfinite(grad_norm):
+            self._skip_update(opt, float(grad_norm))
+        else:
+            self._consecutive_skips = 0
+        if last:
+            opt.step()  # through Lightning: increments trainer.global_step (one per rollout)
+        elif torch.isfinite(grad_norm):
+            opt.optimizer.step()
+        return {"policy/grad_norm": grad_norm, "policy/lr": opt.param_groups[0]["lr"]}
+
+    def _skip_update(self, opt, grad_norm: float) -> None:
+        """Drop a non-finite update whole (nothing is half-applied); stop after too many in a row."""
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        log.warning("non-finite gradient norm (%s): optimizer update skipped (%d in a row)", grad_norm, self._consecutive_skips)
+        opt.zero_grad(set_to_none=True)  # params without grad are left untouched by the step
+        if self._consecutive_skips >= self.hparams.max_consecutive_skips:
+            path = os.path.join(self.trainer.default_root_dir, "nonfinite-stop.ckpt")
+            self.trainer.save_checkpoint(path)
+            raise RuntimeError(
+                f"{self._consecutive_skips} consecutive optimizer updates had non-finite gradients "
+                f"(model.max_consecutive_skips={self.hparams.max_consecutive_skips}); the run is stopped. "
+                f"Checkpoint saved to {path}. Lower the learning rate or check the reward and data."
+            )
+
+
+def _contribution(s: TokenShaping, base: Tensor, mask: Tensor, agg: dict) -> Tensor:
+    """What one regularizer adds to the aggregated loss (its weight's change of the base loss
+    plus its penalty), for the reg/<name>/loss metric."""
+    total = torch.zeros((), device=base.device)
+    if s.weight is not None:
+        total = total + aggregate(base.detach() * (s.weight - 1.0), mask, **agg)
+    if s.penalty is not None:
+        total = total + aggregate(s.penalty.detach(), mask, **agg)
+    return total
+
+
+class _MiniBatch:
+    """The rows `idx` of a rollout that one optimizer update trains on (gathered copies of the
+    [N, P+T] and [N, T] tensors; nothing vocabulary-sized)."""
+
+    def __init__(self, rollout: Rollout, advantages: Tensor, ref_logp: Tensor | None, idx: Tensor) -> None:
+        self.input_ids = rollout.input_ids[idx]
+        self.attention_mask = rollout.attention_mask[idx]
+        self.mask = rollout.response_mask[idx]
+        self.old_logp = rollout.logp[idx]
+        self.advantages = advantages[idx, None].expand_as(self.mask)
+        self._ref = None if ref_logp is None else ref_logp[idx]
+
+    def __len__(self) -> int:
+        return self.mask.shape[0]
+
+    def ref_rows(self, rows: Tensor) -> Tensor | None:
+        return None if self._ref is None else self._ref[rows]
