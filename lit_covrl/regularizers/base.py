@@ -17,12 +17,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
 from lit_covrl import distributed
-from lit_covrl.algorithms import token_covariance
+from lit_covrl.algorithms import covariance_sums, token_covariance
 from lit_covrl.regularizers.schedules import Schedule
 from lit_covrl.types import PolicyBatch, TokenShaping
 
@@ -53,10 +52,9 @@ class MiniBatchContext:
     def covariance(self) -> Tensor:
         """Eq. 10 of Cui et al. with means over the valid tokens of the mini-batch on all ranks."""
         if self._cov is None:
-            m = self.mask
-            sums = distributed.all_sum(torch.stack([(self.logp * m).sum(), (self.advantages * m).sum(), m.sum()]))
+            sums = distributed.all_sum(covariance_sums(self.logp, self.advantages, self.mask))
             count = sums[2].clamp(min=1)
-            self._cov = token_covariance(self.logp, self.advantages, m, means=(sums[0] / count, sums[1] / count))
+            self._cov = token_covariance(self.logp, self.advantages, self.mask, means=(sums[0] / count, sums[1] / count))
         return self._cov
 
     def num_tokens(self) -> int:
