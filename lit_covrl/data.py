@@ -24,6 +24,7 @@ Row files: see `lit_covrl.rows`.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -46,6 +47,20 @@ _MAX_ROW_WARNINGS = 5  # per file; the rest are summarized
 
 
 # ----------------------------------------------------------------------------- datasets
+
+
+def _heldout(task, n: int, seed: str) -> list[Example]:
+    """Held-out prompts of a task: its `heldout(n, seed)` if it has one (distinct prompts from
+    the split that training never samples), else its "test" split if it is a dataclass with a
+    `split` field, else plain samples from a seed of their own (which may repeat train prompts)."""
+    if hasattr(task, "heldout"):
+        return task.heldout(n, seed)
+    rng = random.Random(seed)
+    if dataclasses.is_dataclass(task) and "split" in {f.name for f in dataclasses.fields(task)}:
+        task = dataclasses.replace(task, split="test")
+    else:
+        log.warning("task %r has no held-out split: validation prompts may also appear in training", task)
+    return [task.sample(rng) for _ in range(n)]
 
 
 class _TrainStream(IterableDataset):
@@ -173,8 +188,7 @@ class PromptDataModule(L.LightningDataModule):
         hp = self.hparams
         val: list[Example] = []
         if self.task is not None:
-            rng = random.Random(f"lit_covrl:val:{hp.seed}")
-            val = [self.task.sample(rng) for _ in range(hp.val_size)]
+            val = _heldout(self.task, hp.val_size, f"lit_covrl:val:{hp.seed}")
         elif hp.train_files:
             self._train_rows = [ex for path in hp.train_files for ex in self._read_file(path)]
         else:

@@ -377,3 +377,13 @@ def test_describe(tmp_path, fake_task):
     dm = PromptDataModule(task=fake_task, val_size=3)
     dm.setup("fit")
     assert "task 'fake'" in dm.describe() and "3 held-out" in dm.describe()
+
+
+def test_validation_prompts_of_a_builtin_task_are_held_out():
+    """Validation uses the task's held-out split: none of its prompts is ever trained on."""
+    dm = PromptDataModule(task="arithmetic", batch_size=32, val_size=64, val_batch_size=64, seed=0)
+    dm.setup("fit")
+    val = {p for b in dm.val_dataloader() for p in b.prompts}
+    assert len(val) == 64
+    train = {p for k in range(100) for p in dm.batch_at(k).prompts}
+    assert len(train) > 1000 and not (val & train)
