@@ -47,8 +47,8 @@ MARKER = "lit_covrl_gguf.json"  # written last into a converted folder: its pres
 __all__ = [
     "cache_enabled",
     "cache_root",
-    "converted_dir",
     "convert_gguf",
+    "converted_dir",
     "ensure_converted",
     "gguf_source",
     "is_gguf",

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from lit_covrl.types import Example
 
-__all__ = ["WordProblem", "WordProblemTask", "OPERATIONS"]
+__all__ = ["OPERATIONS", "WordProblem", "WordProblemTask"]
 
 OPERATIONS = ("add", "subtract", "multiply", "divide")
 _SPLITS = ("train", "test", "all")
@@ -48,12 +48,13 @@ _ITEMS = (
     ("cookie", "cookies"), ("stamp", "stamps"), ("toy car", "toy cars"), ("balloon", "balloons"),
 )
 # Templates per operation; {n} is the operand, {N} {P} {O} name / subject / object pronoun,
-# {one} {many} the item's singular / plural, {items_n} "<n> <item(s)>", {friend} someone.
+# {one} {many} the item's singular / plural, {items_n} "<n> <item(s)>", {more_n} "<n> more
+# <item(s)>", {friend} / {Friend} someone.
 _TEMPLATES = {
     "add": (
-        "{P} buys {items_n} more.",
+        "{P} buys {more_n}.",
         "{Friend} gives {O} {items_n}.",
-        "{P} finds {items_n} more.",
+        "{P} finds {more_n}.",
         "{P} wins {items_n} in a game.",
     ),
     "subtract": (
@@ -166,10 +167,11 @@ class WordProblemTask:
             options = {op: self._operands(op, value) for op in self.ops}
             op = rng.choice([op for op in self.ops if options[op]])
             n = rng.choice(options[op])
+            friend = rng.choice(_FRIENDS)
+            items = one if n == 1 else many
             words = dict(
-                n=n, N=name, P=subj, p=subj.lower(), O=obj, one=one, many=many,
-                items_n=f"{n} {one if n == 1 else many}", friend=(friend := rng.choice(_FRIENDS)),
-                Friend=friend[0].upper() + friend[1:],
+                n=n, N=name, P=subj, p=subj.lower(), O=obj, one=one, many=many, items_n=f"{n} {items}",
+                more_n=f"{n} more {items}", friend=friend, Friend=friend[0].upper() + friend[1:],
             )
             sentences.append(rng.choice(_TEMPLATES[op]).format(**words))
             steps.append((op, n))
