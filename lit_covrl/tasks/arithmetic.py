@@ -117,7 +117,7 @@ class ArithmeticTask:
                 return ex
         raise RuntimeError(f"no {self.split} example found in {_MAX_TRIES} draws")
 
-    def heldout(self, n: int, seed: int = 0) -> list[Example]:
+    def heldout(self, n: int, seed: int | str = 0) -> list[Example]:
         """A fixed evaluation set: `n` distinct held-out examples drawn with `random.Random(seed)`.
 
         Raises ValueError if the held-out split has fewer than `n` distinct prompts.
