@@ -32,6 +32,7 @@ from lit_covrl.prompts import encode_prompts
 from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.rewards import ExactMatchReward, RewardFunction, score_completions
 from lit_covrl.rollout import sample_responses
+from lit_covrl.sharding import check_sharding_args, gathered_for_rollout, shard_model
 from lit_covrl.types import PromptBatch, Rollout
 from lit_covrl.update import PolicyUpdateMixin
 
@@ -77,10 +78,14 @@ class GRPOModule(PolicyUpdateMixin, L.LightningModule):
         seed: int = 0,
         logprob_chunk_size: int = 1024,
         max_consecutive_skips: int = 10,
+        fsdp_mixed_precision: str | None = None,
+        activation_checkpointing: bool = False,
+        rollout_gather: str = "once",
     ) -> None:
         """
         Args:
-            model: Hugging Face hub name, local directory, or `lit_covrl:tiny-arith` (shipped).
+            model: Hugging Face hub name, local directory, `.gguf` file, `package:<pkg>/<file>`, or
+                `lit_covrl:tiny-arith` (the shipped tiny model).
             tokenizer: tokenizer name/path if it differs from `model`.
             reference_model: frozen reference for ReferenceKL; null = a copy of `model`'s weights.
                 Loaded only when a regularizer needs it.
@@ -117,11 +122,18 @@ class GRPOModule(PolicyUpdateMixin, L.LightningModule):
             logprob_chunk_size: rows per chunk for log-prob/entropy over the vocabulary.
             max_consecutive_skips: stop (after saving a checkpoint) when this many optimizer
                 updates in a row had a non-finite gradient.
+            fsdp_mixed_precision: with `ModelParallelStrategy` (FSDP2) only: "bf16" gathers
+                parameters in bf16 for compute and reduces gradients in fp32, while the sharded
+                master weights keep `dtype` (null = compute in `dtype`).
+            activation_checkpointing: with FSDP2 only: recompute decoder-layer activations in backward.
+            rollout_gather: with FSDP2 only: "once" keeps parameters gathered for a whole rollout
+                (one all-gather per layer per rollout), "per_forward" gathers at every decoding step.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
         check_module_args(self.hparams)
+        check_sharding_args(fsdp_mixed_precision, rollout_gather)
         self.reward = reward if reward is not None else ExactMatchReward()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -149,11 +161,25 @@ class GRPOModule(PolicyUpdateMixin, L.LightningModule):
         return self._tokenizer
 
     def configure_model(self) -> None:
+        """Load the policy (and the reference model when a regularizer needs it). Under Lightning's
+        `ModelParallelStrategy` (a device mesh is set) both are sharded with FSDP2 here, before the
+        optimizer is built, so the optimizer holds only this rank's shards."""
+        mesh = self.device_mesh
         if self.policy is None:
             self.policy = load_policy(self.hparams.model, dtype=self.hparams.dtype)
+            if mesh is not None:
+                self._shard(self.policy, mesh)
         if self._reference is None and any(r.needs_reference for r in self.regularizers):
             ref = load_policy(self.hparams.reference_model or self.hparams.model, dtype=self.hparams.dtype)
-            object.__setattr__(self, "_reference", ref.eval().requires_grad_(False))
+            ref.eval().requires_grad_(False)
+            if mesh is not None:  # the strategy never sees it (not registered): place it ourselves
+                self._shard(ref.to(self.trainer.strategy.root_device), mesh, activation_checkpointing=False)
+            object.__setattr__(self, "_reference", ref)
+
+    def _shard(self, model: torch.nn.Module, mesh, activation_checkpointing: bool | None = None) -> None:
+        hp = self.hparams
+        ac = hp.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
+        shard_model(model, mesh, mixed_precision=hp.fsdp_mixed_precision, activation_checkpointing=ac)
 
     def setup(self, stage: str) -> None:
         batch = self._prompts_per_step()
@@ -196,7 +222,8 @@ class GRPOModule(PolicyUpdateMixin, L.LightningModule):
         ids, mask = ids.repeat_interleave(n, 0).to(self.device), mask.repeat_interleave(n, 0).to(self.device)
         self.policy.eval()  # no dropout anywhere in RL: the rollout policy must equal the trained one
         try:
-            out = self._sample(ids, mask, temperature, generator)
+            with gathered_for_rollout(self.policy, self.hparams.rollout_gather == "once"):
+                out = self._sample(ids, mask, temperature, generator)
         except torch.OutOfMemoryError as err:
             raise torch.OutOfMemoryError(
                 f"out of memory while sampling {ids.shape[0]} sequences of up to {ids.shape[1]} + "
@@ -285,16 +312,30 @@ class GRPOModule(PolicyUpdateMixin, L.LightningModule):
 
     # logging, checkpoint -----------------------------------------------------------------------
     def _log_step(self, metrics: dict) -> None:
+        # every metric is already global (reduced across ranks where it is computed, see
+        # rollout_metrics and _update_minibatch): the same value on every rank, so no sync_dist
         shown = {"rollout/reward_mean", "policy/entropy"}
         for k, v in metrics.items():
             self.log(k, float(v), on_step=True, on_epoch=False, prog_bar=k in shown, batch_size=1)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rollout_generator"] = self.rollout_generator.get_state()
+        # every rank's sampler state (ranks sample with different seeds): sharded checkpoints keep
+        # only rank 0's copy of this dict, so gather them (every rank runs this hook)
+        state = self.rollout_generator.get_state()
+        checkpoint["rollout_generators"] = distributed.gather_rows(state[None])[0].cpu()
+        checkpoint["rollout_generator"] = state  # this rank's, for older readers
         checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._pending_generator_state = checkpoint.get("rollout_generator")
+        states = checkpoint.get("rollout_generators")
+        if states is not None and len(states) == self.trainer.world_size:
+            self._pending_generator_state = states[self.global_rank].clone()
+        elif states is not None:  # another world size: every rank reseeds from its own seed
+            log.warning("checkpoint saved with %d ranks, resuming with %d: rollout samplers reseeded "
+                        "(prompts continue exactly, samples do not)", len(states), self.trainer.world_size)
+            self._pending_generator_state = None
+        else:
+            self._pending_generator_state = checkpoint.get("rollout_generator")
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
 
     def on_train_start(self) -> None:
