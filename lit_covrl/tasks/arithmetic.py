@@ -13,17 +13,14 @@ both. `heldout(n, seed)` gives a fixed, duplicate-free evaluation set.
 from __future__ import annotations
 
 import random
-import zlib
 from dataclasses import dataclass, field
 
+from lit_covrl.tasks.base import check_split, is_heldout, sample_split
 from lit_covrl.types import Example
 
 __all__ = ["ArithmeticTask", "evaluate_expression"]
 
-_SPLITS = ("train", "test", "all")
 _OPS = "+-"
-# Rejection sampling draws per example before giving up (only reachable with tiny test buckets).
-_MAX_TRIES = 10_000
 
 
 def evaluate_expression(expression: str) -> int:
@@ -70,10 +67,7 @@ class ArithmeticTask:
             raise ValueError(f"num_terms must be an int in [2, 6], got {self.num_terms!r}")
         if not isinstance(self.ops, str) or not self.ops or any(c not in _OPS for c in self.ops):
             raise ValueError(f"ops must be a non-empty subset of {_OPS!r}, got {self.ops!r}")
-        if self.split not in _SPLITS:
-            raise ValueError(f"split must be one of {_SPLITS}, got {self.split!r}")
-        if not 0.0 < float(self.test_fraction) < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        check_split(self.split, self.test_fraction)
         self.ops = "".join(sorted(set(self.ops), key=_OPS.index))  # canonical, no duplicates
 
     # ------------------------------------------------------------------ vocabulary helpers
@@ -95,8 +89,7 @@ class ArithmeticTask:
     # ------------------------------------------------------------------ sampling
     def is_heldout(self, prompt: str) -> bool:
         """True if `prompt` belongs to the held-out split (stable across processes and runs)."""
-        bucket = zlib.crc32(prompt.encode("utf-8")) / 2**32
-        return bucket < self.test_fraction
+        return is_heldout(prompt, self.test_fraction)
 
     def _draw(self, rng: random.Random) -> Example:
         high = 10**self.digits - 1
@@ -111,11 +104,7 @@ class ArithmeticTask:
 
     def sample(self, rng: random.Random) -> Example:
         """One example of this task's split; a pure function of the rng state."""
-        for _ in range(_MAX_TRIES):
-            ex = self._draw(rng)
-            if self.split == "all" or self.is_heldout(ex.prompt) == (self.split == "test"):
-                return ex
-        raise RuntimeError(f"no {self.split} example found in {_MAX_TRIES} draws")
+        return sample_split(self._draw, lambda ex: ex.prompt, rng, self.split, self.test_fraction)
 
     def heldout(self, n: int, seed: int | str = 0) -> list[Example]:
         """A fixed evaluation set: `n` distinct held-out examples drawn with `random.Random(seed)`.

@@ -23,16 +23,14 @@ function of the rng state.
 from __future__ import annotations
 
 import random
-import zlib
 from dataclasses import dataclass, field
 
+from lit_covrl.tasks.base import check_split, is_heldout, sample_split
 from lit_covrl.types import Example
 
 __all__ = ["OPERATIONS", "WordProblem", "WordProblemTask"]
 
 OPERATIONS = ("add", "subtract", "multiply", "divide")
-_SPLITS = ("train", "test", "all")
-_MAX_TRIES = 10_000
 
 # (name, subject pronoun, object pronoun)
 _PEOPLE = (
@@ -139,10 +137,7 @@ class WordProblemTask:
             # with both, some step is always possible (values stay in [1, max_value])
             raise ValueError(f"ops must include 'add' and 'subtract', got {self.ops!r}")
         self.ops = tuple(op for op in OPERATIONS if op in ops)  # canonical order, no duplicates
-        if self.split not in _SPLITS:
-            raise ValueError(f"split must be one of {_SPLITS}, got {self.split!r}")
-        if not 0.0 < float(self.test_fraction) < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        check_split(self.split, self.test_fraction)
 
     # ------------------------------------------------------------------ generation
     def _operands(self, op: str, value: int) -> list[int]:
@@ -181,15 +176,11 @@ class WordProblemTask:
 
     def is_heldout(self, prompt: str) -> bool:
         """True if `prompt` belongs to the held-out split (stable across processes and runs)."""
-        return zlib.crc32(prompt.encode("utf-8")) / 2**32 < self.test_fraction
+        return is_heldout(prompt, self.test_fraction)
 
     def sample_problem(self, rng: random.Random) -> WordProblem:
         """One story of this task's split; a pure function of the rng state."""
-        for _ in range(_MAX_TRIES):
-            prob = self.problem(rng)
-            if self.split == "all" or self.is_heldout(prob.prompt) == (self.split == "test"):
-                return prob
-        raise RuntimeError(f"no {self.split} example found in {_MAX_TRIES} draws")
+        return sample_split(self.problem, lambda p: p.prompt, rng, self.split, self.test_fraction)
 
     def sample(self, rng: random.Random) -> Example:
         return self.sample_problem(rng).example
