@@ -47,6 +47,15 @@ def all_max_int(x: int) -> int:
     return int(t.item())
 
 
+def all_max(x: Tensor) -> Tensor:
+    """Elementwise max of `x` over ranks (a new tensor; `x` is untouched)."""
+    if not _active():
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.MAX)
+    return y
+
+
 def all_true(flag: bool) -> bool:
     """True only when every rank says True (used to stop decoding in lock-step)."""
     if not _active():

@@ -70,33 +70,55 @@ def rollout_metrics(
     rollout, rewards: Tensor, advantages: Tensor, zero_var: Tensor, *, group_size: int, seconds: float,
     correct_threshold: float,
 ) -> dict[str, Tensor]:
-    """The rollout/, policy/entropy and cov/ metrics of one RL step.
+    """The rollout/, policy/entropy and cov/ metrics of one RL step, over all ranks.
 
-    policy/entropy is the exact token-mean entropy (temperature 1) of the sampled responses under
-    the rollout policy, over all ranks; policy/entropy_seq_mean is the paper's mean of per-sequence
-    means. cov/ are the Table-1 statistics of Cui et al. on this rank's tokens.
+    Every value is global (the same on every rank, what one process holding all ranks' rows
+    would compute): means are sums over ranks divided by counts over ranks (never a mean of
+    rank means), maxima are maxima over ranks, and the cov/ statistics use the global token
+    means and the global top-k. policy/entropy is the exact token-mean entropy (temperature 1)
+    of the sampled responses under the rollout policy; policy/entropy_seq_mean is the paper's
+    mean of per-sequence means. rollout/tokens_per_s is all ranks' tokens over the slowest
+    rank's rollout time.
     """
     from lit_covrl import distributed
-    from lit_covrl.algorithms import covariance_group_means, token_covariance
+    from lit_covrl.algorithms import covariance_group_means, covariance_sums, token_covariance
 
     m = rollout.response_mask
     lengths = m.sum(1)
-    tot = distributed.all_sum(torch.stack([(rollout.entropy * m).sum(), m.sum()]))
     per_seq = (rollout.entropy * m).sum(1) / lengths.clamp(min=1)
+    r = rewards.double()
+    groups = zero_var.float().view(-1, group_size)[:, 0]
+    s = distributed.all_sum(torch.stack([
+        r.sum(), (r * r).sum(), torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device),
+        (rewards >= correct_threshold).double().sum(), lengths.double().sum(),
+        rollout.truncated.double().sum(), groups.double().sum(),
+        torch.tensor(float(groups.numel()), dtype=torch.float64, device=r.device),
+        (rollout.entropy * m).double().sum(), per_seq.double().sum(),
+    ]))
+    n = s[2].clamp(min=1)
+    mean = s[0] / n
+    var = (s[1] - n * mean * mean) / (n - 1).clamp(min=1)  # unbiased, as torch.std
+    mx = distributed.all_max(torch.stack([lengths.max().double(), torch.tensor(float(seconds), dtype=torch.float64, device=r.device)]))
+    f = torch.float32
     metrics = {
-        "rollout/reward_mean": rewards.mean(),
-        "rollout/reward_std": rewards.std() if rewards.numel() > 1 else torch.tensor(0.0),
-        "rollout/accuracy": (rewards >= correct_threshold).float().mean(),
-        "rollout/response_length": lengths.mean(),
-        "rollout/response_length_max": lengths.max(),
-        "rollout/truncated_frac": rollout.truncated.float().mean(),
-        "rollout/zero_var_group_frac": zero_var.float().view(-1, group_size)[:, 0].mean(),
-        "rollout/tokens_per_s": lengths.sum() / max(seconds, 1e-9),
-        "policy/entropy": tot[0] / tot[1].clamp(min=1),
-        "policy/entropy_seq_mean": per_seq.mean(),
+        "rollout/reward_mean": mean.to(f),
+        "rollout/reward_std": var.clamp(min=0).sqrt().to(f) if int(s[2]) > 1 else torch.tensor(0.0),
+        "rollout/accuracy": (s[3] / n).to(f),
+        "rollout/response_length": (s[4] / n).to(f),
+        "rollout/response_length_max": mx[0].to(f),
+        "rollout/truncated_frac": (s[5] / n).to(f),
+        "rollout/zero_var_group_frac": (s[6] / s[7].clamp(min=1)).to(f),
+        "rollout/tokens_per_s": (s[4] / mx[1].clamp(min=1e-9)).to(f),
+        "policy/entropy": (s[8] / s[4].clamp(min=1)).to(f),
+        "policy/entropy_seq_mean": (s[9] / n).to(f),
     }
-    cov = token_covariance(rollout.logp, advantages[:, None].expand_as(m), m)
-    for frac, value in covariance_group_means(cov, m).items():
+    adv = advantages[:, None].expand_as(m)
+    sums = distributed.all_sum(covariance_sums(rollout.logp, adv, m))
+    count = sums[2].clamp(min=1)
+    cov = token_covariance(rollout.logp, adv, m, means=(sums[0] / count, sums[1] / count))
+    cov_all, _ = distributed.gather_rows(cov)  # [N_global, T]: the top-k groups are global
+    mask_all, _ = distributed.gather_rows(m)
+    for frac, value in covariance_group_means(cov_all, mask_all).items():
         metrics[f"cov/top{frac * 100:g}pct"] = value
-    metrics["cov/mean"] = (cov * m).sum() / m.sum().clamp(min=1)
+    metrics["cov/mean"] = (cov_all * mask_all).sum() / mask_all.sum().clamp(min=1)
     return metrics

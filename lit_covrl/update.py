@@ -35,6 +35,17 @@ def chunks(n: int, size: int) -> list[Tensor]:
     return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def lockstep_chunks(n: int, size: int) -> list[Tensor | None]:
+    """`chunks(n, size)` padded with None up to the largest count over all ranks.
+
+    Under FSDP (and DDP) every forward/backward is a collective: all ranks must run the same
+    number of them, even when filtering left them different numbers of rows (or none). A None
+    entry is a filler pass: a forward (and, in training, a zero-weighted backward) on one row.
+    """
+    own = chunks(n, size)
+    return own + [None] * (distributed.all_max_int(len(own)) - len(own))
+
+
 class PolicyUpdateMixin:
     def _update(self, rollout: Rollout, advantages: Tensor, keep: Tensor, ref_logp: Tensor | None) -> dict:
         """Every optimizer update of one rollout; returns step metrics averaged over updates."""
@@ -50,7 +61,8 @@ class PolicyUpdateMixin:
             batch = _MiniBatch(rollout, advantages, ref_logp, mb)
             metrics.update(self._update_minibatch(batch, index=i, last=i == len(schedule) - 1))
         out = metrics.pop()
-        out["policy/kept_frac"] = keep.float().mean()
+        kept = distributed.all_sum(torch.stack([keep.float().sum(), torch.tensor(float(n), device=keep.device)]))
+        out["policy/kept_frac"] = kept[0] / kept[1]  # over all ranks' sequences
         out["policy/skipped_steps"] = float(self.skipped_steps)
         return out
 
@@ -60,22 +72,38 @@ class PolicyUpdateMixin:
         result does not depend on micro_batch_size."""
         hp, regs, opt = self.hparams, self.regularizers, self.optimizers()
         opt.zero_grad(set_to_none=True)
-        if len(mb) == 0:  # every group of this mini-batch was filtered out
+        # decided globally so that all ranks take the same branch (a rank may hold no rows)
+        if int(distributed.all_sum(torch.tensor(float(len(mb)), device=mb.mask.device))) == 0:  # all filtered
             return self._optimizer_step(opt, last) if last else {}
+        need_ent = any(r.needs_entropy for r in regs)
+        plan = lockstep_chunks(len(mb), hp.micro_batch_size)  # same length on every rank
+        early = None  # the single micro-batch's training forward, run before selection
+        if len(plan) == 1 and index > 0 and any(r.needs_current_logp for r in regs):
+            # the whole mini-batch is one micro-batch: its training forward already gives the
+            # current log-probs, so selection uses them instead of an extra no-grad forward
+            # a rank with no rows runs its filler forward here too, so that every rank's forward
+            # (FSDP all-gathers) comes before the selection's collectives, in the same order
+            rows = (mb.input_ids[plan[0]], mb.attention_mask[plan[0]]) if plan[0] is not None else mb.filler
+            early = self._logprobs(*rows, mb.mask.shape[1], need_ent and plan[0] is not None)
+            current = early[0].detach() * mb.mask if plan[0] is not None else mb.old_logp
+        else:
+            current = self._current_logprobs(mb, index)
         ctx = MiniBatchContext(
-            self.global_step, index, self._current_logprobs(mb, index), mb.old_logp, mb.advantages, mb.mask,
-            hp.clip_low, hp.clip_high,
+            self.global_step, index, current, mb.old_logp, mb.advantages, mb.mask, hp.clip_low, hp.clip_high,
         )
         for reg in regs:
             reg.prepare(ctx)
         totals = distributed.all_sum(torch.stack([mb.mask.sum(), torch.tensor(float(len(mb)), device=mb.mask.device)]))
         agg = dict(mode=hp.loss_agg_mode, num_tokens=totals[0], num_seqs=totals[1], norm_length=hp.max_new_tokens)
         scale = distributed.world_size()  # gradients are averaged over ranks; we want the global mean
-        need_ent = any(r.needs_entropy for r in regs)
-        sums: dict[str, float] = {}
-        for r in chunks(len(mb), hp.micro_batch_size):
+        sums: dict[str, Tensor] = {}
+        for r in plan:
+            if r is None:  # filler: keeps this rank's collectives in step, contributes nothing
+                logp = early[0] if early is not None else self._logprobs(*mb.filler, mb.mask.shape[1], False)[0]
+                self.manual_backward(logp.sum() * 0.0)
+                continue
             m, old, adv = mb.mask[r], mb.old_logp[r], mb.advantages[r]
-            logp, ent = self._logprobs(mb.input_ids[r], mb.attention_mask[r], m.shape[1], need_ent)
+            logp, ent = early if early is not None else self._logprobs(mb.input_ids[r], mb.attention_mask[r], m.shape[1], need_ent)
             base = ppo_token_loss(
                 logp, old, adv, m, clip_low=hp.clip_low, clip_high=hp.clip_high,
                 dual_clip=hp.dual_clip, logratio_clamp=hp.logratio_clamp,
@@ -90,22 +118,42 @@ class PolicyUpdateMixin:
                     logp, old, adv, m, clip_low=hp.clip_low, clip_high=hp.clip_high,
                     logratio_clamp=hp.logratio_clamp, num_tokens=totals[0]).items()})
                 for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-        return {**sums, **self._optimizer_step(opt, last)}
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
+        # every part is this rank's share of a global mean (mini-batch denominators over all
+        # ranks): the global value is their sum over ranks. One collective for all of them.
+        keys = self._update_metric_keys(regs)
+        zero = mb.mask.new_zeros((), dtype=torch.float32)
+        local = torch.stack([sums.get(k, zero).to(zero) for k in keys])
+        totals_parts = distributed.all_sum(local)
+        return {**dict(zip(keys, totals_parts.tolist())), **self._optimizer_step(opt, last)}
+
+    def _update_metric_keys(self, regs) -> list[str]:
+        """Names of the per-update loss metrics, in a fixed order (the same on every rank, even
+        on a rank whose micro-batches were all fillers)."""
+        hp = self.hparams
+        z = torch.zeros(1, 1)
+        stats = ppo_stats(z, z, z, z, clip_low=hp.clip_low, clip_high=hp.clip_high, logratio_clamp=hp.logratio_clamp)
+        return ["policy/loss", *[f"reg/{reg.name}/loss" for reg in regs], *[f"policy/{k}" for k in stats]]
 
     def _current_logprobs(self, mb: "_MiniBatch", index: int) -> Tensor:
         """Detached current-policy log-probs of the whole mini-batch, for covariance selection.
-        Before the first update of a rollout the policy is the rollout policy: reuse its log-probs."""
+        Before the first update of a rollout the policy is the rollout policy: reuse its log-probs.
+        (A mini-batch that is a single micro-batch never gets here after the first update: its
+        training forward supplies them, see `_update_minibatch`.)"""
         if index == 0 or not any(r.needs_current_logp for r in self.regularizers):
             return mb.old_logp
-        return self._nograd_logprobs(self.policy, mb.input_ids, mb.attention_mask, mb.mask)
+        return self._nograd_logprobs(self.policy, *mb.inputs_or_filler(), mb.mask)
 
     @torch.no_grad()
     def _nograd_logprobs(self, model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
         """Log-probs [n, T] of the response tokens under `model`, micro-batch by micro-batch."""
         T = mask.shape[1]
-        parts = [self._logprobs(input_ids[r], attention_mask[r], T, False, model=model)[0]
-                 for r in chunks(len(mask), self.hparams.micro_batch_size)]
+        parts = [mask.new_zeros(0, T)]
+        for r in lockstep_chunks(len(mask), self.hparams.micro_batch_size):
+            if r is None:  # filler forward (see lockstep_chunks); needs a row of some rank's batch
+                self._logprobs(*_filler_row(input_ids, attention_mask), T, False, model=model)
+                continue
+            parts.append(self._logprobs(input_ids[r], attention_mask[r], T, False, model=model)[0])
         return torch.cat(parts) * mask
 
     def _logprobs(self, ids: Tensor, att: Tensor, T: int, with_entropy: bool, model=None) -> tuple[Tensor, Tensor | None]:
@@ -144,6 +192,10 @@ class PolicyUpdateMixin:
             )
 
 
+def _filler_row(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    return input_ids[:1], attention_mask[:1]
+
+
 def _contribution(s: TokenShaping, base: Tensor, mask: Tensor, agg: dict) -> Tensor:
     """What one regularizer adds to the aggregated loss (its weight's change of the base loss
     plus its penalty), for the reg/<name>/loss metric."""
@@ -166,6 +218,15 @@ class _MiniBatch:
         self.old_logp = rollout.logp[idx]
         self.advantages = advantages[idx, None].expand_as(self.mask)
         self._ref = None if ref_logp is None else ref_logp[idx]
+        # one row of the rollout for filler passes when this rank's mini-batch is empty
+        self.filler = (rollout.input_ids[:1], rollout.attention_mask[:1])
+
+    def inputs_or_filler(self) -> tuple[Tensor, Tensor]:
+        """(input_ids, attention_mask) of the rows, or the filler row when there are none (the
+        caller still runs its forwards for the collectives; results for 0 rows are empty)."""
+        if len(self):
+            return self.input_ids, self.attention_mask
+        return self.filler
 
     def __len__(self) -> int:
         return self.mask.shape[0]

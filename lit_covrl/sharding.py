@@ -1,0 +1,171 @@
+"""FSDP2 (`fully_shard`) for the policy and the reference model, as pure helpers.
+
+Used by `GRPOModule.configure_model` when the trainer runs Lightning's `ModelParallelStrategy`
+(which hands the module a device mesh); every other strategy leaves the models alone.
+
+    shard_model(model, mesh, mixed_precision="bf16", activation_checkpointing=True)
+
+shards each decoder layer, then the root (embeddings, final norm, LM head), over the mesh's data-
+parallel dimension. Parameters stay in their loaded dtype (fp32 master weights, sharded, as the
+optimizer sees them); with `mixed_precision="bf16"` each forward all-gathers them in bf16 and
+gradients are reduce-scattered in fp32.
+
+Rollouts under sharding: by default every forward all-gathers each layer's parameters and frees
+them afterwards, so a T-token rollout gathers the whole model T times. `gathered_for_rollout`
+instead keeps the gathered parameters from the first decoding forward to the end of the rollout
+(one all-gather per layer per rollout; costs one unsharded copy of the model in memory while
+sampling). Both are exact; see docs/scaling.md for measurements.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Iterator
+
+import torch
+from torch import nn
+
+MIXED_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+ROLLOUT_GATHER = ("per_forward", "once")
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks of a Hugging Face causal LM (the FSDP / checkpoint units):
+    modules whose class is named in `model._no_split_modules`, else `model.model.layers`."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if layers:
+        return layers
+    inner = getattr(getattr(model, "model", None), "layers", None)
+    if inner is None:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard")
+    return list(inner)
+
+
+def check_sharding_args(mixed_precision: str | None, rollout_gather: str) -> None:
+    if mixed_precision is not None and mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"fsdp_mixed_precision={mixed_precision!r}; valid: {sorted(MIXED_PRECISION)} or null")
+    if rollout_gather not in ROLLOUT_GATHER:
+        raise ValueError(f"rollout_gather={rollout_gather!r}; valid: {list(ROLLOUT_GATHER)}")
+
+
+def data_parallel_mesh(mesh):
+    """The 1-D data-parallel sub-mesh of Lightning's ("data_parallel", "tensor_parallel") mesh."""
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError("lit_covrl shards over data parallelism only: use tensor_parallel_size=1")
+    return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+
+def shard_model(
+    model: nn.Module,
+    mesh,
+    *,
+    mixed_precision: str | None = None,
+    activation_checkpointing: bool = False,
+) -> nn.Module:
+    """Apply activation checkpointing (optional) and `fully_shard` to every decoder layer, then to
+    the root. Returns the same module object (FSDP2 shards in place)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mesh": data_parallel_mesh(mesh)}
+    if mixed_precision is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=MIXED_PRECISION[mixed_precision], reduce_dtype=torch.float32
+        )
+    layers = decoder_layers(model)
+    if activation_checkpointing:
+        _checkpoint_layers(model, layers)
+        layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def _checkpoint_layers(model: nn.Module, layers: list[nn.Module]) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant checkpointing).
+    Works in eval mode too (the policy is kept in eval mode: no dropout in RL), unlike HF's
+    `gradient_checkpointing_enable`, which only acts in train mode."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    ids = {id(m) for m in layers}
+    apply_activation_checkpointing(model, check_fn=lambda m: id(m) in ids)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def gathered_for_rollout(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Keep every FSDP unit's parameters gathered from its first forward until the block ends
+    (one all-gather per layer per rollout instead of one per decoding step), then free them."""
+    if not enabled or not is_sharded(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.set_reshard_after_forward(m is not model, recurse=False)
+            m.reshard()
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A plain full state dict (CPU tensors) of a possibly sharded model. A collective when
+    sharded: every rank must call it; every rank gets the full dict."""
+    if not is_sharded(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+
+
+def _strategy_base():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy
+
+
+class FSDP2Strategy(_strategy_base()):
+    """Lightning's `ModelParallelStrategy` with pure data parallelism over every process of every
+    node (its "auto" default would make the devices of a node a tensor-parallel group), so that
+    `trainer.num_nodes` is the only knob a multi-node launch needs. GRPOModule then shards with
+    FSDP2 in `configure_model`. `process_group_backend` defaults to nccl on GPU, gloo on CPU.
+
+        trainer:
+          strategy:
+            class_path: lit_covrl.sharding.FSDP2Strategy
+    """
+
+    def __init__(
+        self,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = None,
+    ) -> None:
+        """
+        Args:
+            save_distributed_checkpoint: one shard file per rank (true) or one full `.ckpt` (false).
+            process_group_backend: null = nccl on GPU, gloo on CPU.
+            timeout: collective timeout (null = torch's default).
+        """
+        from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+
+        super().__init__(
+            data_parallel_size="auto", tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend, timeout=timeout or default_pg_timeout,
+        )
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()

@@ -1,0 +1,179 @@
+"""Helpers of the multi-process tests: a rank-invariant sampler, a worker entry point that runs
+Lightning Trainers with FSDP2 (`ModelParallelStrategy`, gloo) in each spawned process, and the
+metric recorder. Not a test module (no `test_` prefix): spawned workers import it by name."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import zlib
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch import Callback
+
+from lit_covrl import distributed
+from lit_covrl.data import PromptDataModule
+from lit_covrl.module import GRPOModule
+from lit_covrl.regularizers import ClipCov, KLCov
+from lit_covrl.rollout import sample_responses
+from lit_covrl.types import Rollout
+
+B, G = 2, 4  # prompts per rank per step, responses per prompt
+CONSTANT = "const"  # answer marker: the reward is 0 for every response -> zero-variance group
+
+
+class MarkedOnesReward:
+    """Fraction of '1's in the completion, or 0 for prompts whose answer is CONSTANT (so that
+    `filter_groups` drops those groups and a rank can be left with an empty mini-batch)."""
+
+    def __call__(self, completion: str, answer: str) -> float:
+        if answer == CONSTANT:
+            return 0.0
+        return completion.count("1") / max(len(completion), 1)
+
+
+class RankInvariantModule(GRPOModule):
+    """GRPOModule whose samples depend only on (prompt, RL step, weights), not on which rank holds
+    the prompt or how many prompts a rank holds.
+
+    The real sampler draws from one generator per rank (seed + 1_000_003 * rank) over that rank's
+    whole [N, V] batch: 1 process x 2B prompts and 2 processes x B prompts consume different random
+    streams, so their rollouts (and hence trajectories) differ by design. Here each prompt group
+    is sampled on its own, without left padding, from a generator seeded by its token ids and the
+    step, and padded to max_new_tokens; every rank still runs the same number of decoding forwards
+    (`all_done` keeps them in step), which FSDP needs.
+    """
+
+    def _sample(self, ids, mask, temperature, generator) -> Rollout:
+        tok, T = self.tokenizer, self.hparams.max_new_tokens
+        parts = []
+        for start in range(0, ids.shape[0], self.hparams.group_size):
+            gi, gm = ids[start:start + self.hparams.group_size], mask[start:start + self.hparams.group_size]
+            first = int(gm[0].nonzero()[0])  # the rows of a group are the same prompt
+            key = zlib.crc32(gi[0, first:].numpy().tobytes()) + 7919 * self.global_step
+            out = sample_responses(
+                self.policy, gi[:, first:], gm[:, first:], max_new_tokens=T, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, temperature=temperature, top_p=self.hparams.top_p,
+                generator=torch.Generator().manual_seed(key), all_done=distributed.all_true,
+            )
+            parts.append(_pad(out, first, T, tok.pad_token_id))
+        return Rollout(**{f: torch.cat([getattr(p, f) for p in parts]) for f in
+                          ("input_ids", "attention_mask", "response_mask", "logp", "entropy", "truncated")})
+
+
+def _pad(out: Rollout, left: int, T: int, pad_id: int) -> Rollout:
+    """Left-pad the prompt by `left` columns, right-pad the response to T tokens."""
+    n, t = out.response_mask.shape
+    right = T - t
+
+    def lr(x, value):
+        return torch.nn.functional.pad(x, (left, right), value=value)
+
+    def r(x, value=0):
+        return torch.nn.functional.pad(x, (0, right), value=value)
+
+    return Rollout(
+        input_ids=lr(out.input_ids, pad_id), attention_mask=lr(out.attention_mask, 0),
+        response_mask=r(out.response_mask), logp=r(out.logp), entropy=r(out.entropy), truncated=out.truncated,
+    )
+
+
+def write_prompts(path: Path, n: int) -> Path:
+    """n arithmetic prompts; every prompt of global batch 1 (rank 1's first batch) and one more
+    are constant-reward, so filtering empties rank 1's first mini-batch and unbalances others."""
+    rows = []
+    for i in range(n):
+        a, b = 10 + i, 11 + 2 * i  # all prompts have the same length: no layout-dependent padding
+        const = i in (2, 3, 6)
+        rows.append({"prompt": f"{a}+{b}=", "answer": CONSTANT if const else str(a + b)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_module(model_dir: str, **kw) -> GRPOModule:
+    args = dict(
+        model=model_dir, reward=MarkedOnesReward(), correct_threshold=0.5, group_size=G, max_new_tokens=4,
+        mini_batch_size=None, ppo_epochs=2, micro_batch_size=1, filter_groups=True, grad_clip=None,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1), seed=0,
+    )
+    args.update(kw)
+    return RankInvariantModule(**args)
+
+
+def make_data(prompts: Path, batch_size: int) -> PromptDataModule:
+    return PromptDataModule(task=None, train_files=[str(prompts)], batch_size=batch_size, seed=0)
+
+
+class SmoothKLCov(KLCov):
+    """KL-Cov's selection unchanged (the distributed part under test); the penalty |d| on the
+    selected tokens, d = logp - old_logp, is replaced by a Huber-smoothed |d| (quadratic below
+    1e-4). Why: on the first update of a rollout d is float noise (~1e-7: training forward vs KV-
+    cache sampler), and the gradient of |d| is sign(noise) * beta, full size with a random sign.
+    1 and 2 processes compute logp with different reduction orders, so after a step or two of
+    1e-8 weight differences those signs flip and the trajectories part for a reason that has
+    nothing to do with data parallelism. Smoothed, the noise gives a ~1e-3 x smaller, continuous
+    gradient."""
+
+    DELTA = 1e-4
+
+    def shape(self, batch):
+        d = (batch.logp - batch.old_logp).abs()
+        smooth = torch.where(d < self.DELTA, d * d / (2 * self.DELTA) + self.DELTA / 2, d)
+        from lit_covrl.types import TokenShaping
+
+        return TokenShaping(penalty=self._beta_now * smooth * self._rows(batch))
+
+
+def regularizers():
+    return [ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3), SmoothKLCov(ratio=0.1, beta=1.0)]
+
+
+class Recorder(Callback):
+    """Every logged metric of every RL step: {step: {name: value}}."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, dict[str, float]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps[trainer.global_step] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+class GeneratorAtFirstBatch(Callback):
+    """The module's rollout-generator state when the first training batch starts (after a resume
+    has restored it)."""
+
+    state = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.state is None:
+            self.state = pl_module.rollout_generator.get_state()
+
+
+def trainer(steps: int, callbacks, devices: int, root: Path) -> L.Trainer:
+    if devices > 1:
+        from lit_covrl.sharding import FSDP2Strategy  # ModelParallelStrategy, data parallel only
+
+        strategy = FSDP2Strategy(process_group_backend="gloo")
+    else:
+        strategy = "auto"
+    return L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, callbacks=callbacks, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(root),
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def elastic_env(rank: int, world: int, port: int) -> None:
+    """What torchrun would set: Lightning then treats the processes as launched externally."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", TORCHELASTIC_RUN_ID="lit_covrl_test",
+    )
