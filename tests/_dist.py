@@ -106,28 +106,8 @@ def make_data(prompts: Path, batch_size: int) -> PromptDataModule:
     return PromptDataModule(task=None, train_files=[str(prompts)], batch_size=batch_size, seed=0)
 
 
-class SmoothKLCov(KLCov):
-    """KL-Cov's selection unchanged (the distributed part under test); the penalty |d| on the
-    selected tokens, d = logp - old_logp, is replaced by a Huber-smoothed |d| (quadratic below
-    1e-4). Why: on the first update of a rollout d is float noise (~1e-7: training forward vs KV-
-    cache sampler), and the gradient of |d| is sign(noise) * beta, full size with a random sign.
-    1 and 2 processes compute logp with different reduction orders, so after a step or two of
-    1e-8 weight differences those signs flip and the trajectories part for a reason that has
-    nothing to do with data parallelism. Smoothed, the noise gives a ~1e-3 x smaller, continuous
-    gradient."""
-
-    DELTA = 1e-4
-
-    def shape(self, batch):
-        d = (batch.logp - batch.old_logp).abs()
-        smooth = torch.where(d < self.DELTA, d * d / (2 * self.DELTA) + self.DELTA / 2, d)
-        from lit_covrl.types import TokenShaping
-
-        return TokenShaping(penalty=self._beta_now * smooth * self._rows(batch))
-
-
 def regularizers():
-    return [ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3), SmoothKLCov(ratio=0.1, beta=1.0)]
+    return [ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3), KLCov(ratio=0.1, beta=1.0)]
 
 
 class Recorder(Callback):

@@ -24,8 +24,9 @@ def _batch(n=6, t=5, seed=0):
     return logits, labels, old, adv, mask.double()
 
 
-def _ctx(logp, old, adv, mask, step=0):
-    return MiniBatchContext(step, 0, logp.detach(), old, adv, mask, 0.2, 0.2)
+def _ctx(logp, old, adv, mask, step=0, update=1):
+    """A later update of a rollout (update 0 is the on-policy one, where KL-Cov is inert)."""
+    return MiniBatchContext(step, update, logp.detach(), old, adv, mask, 0.2, 0.2)
 
 
 @pytest.mark.parametrize(
@@ -103,6 +104,22 @@ def test_kl_cov_adds_beta_sign_gradient_on_selected_tokens():
     expected = g_base + dlogp[..., None] * (torch.nn.functional.one_hot(labels, 11) - logits.softmax(-1))
     torch.testing.assert_close(g, expected)
     assert reg.selected.sum() == int(0.1 * mask.sum())
+
+
+def test_kl_cov_is_exactly_inert_on_the_first_update_of_a_rollout():
+    """There old == current: a float-noise difference (sampler vs training forward) must not
+    turn into a +-beta gradient through d|x|/dx = sign(noise)."""
+    logits, labels, old, adv, mask = _batch()
+    noisy_old = old + 1e-7 * torch.randn_like(old) * mask
+    z = logits.clone().requires_grad_(True)
+    logp = torch.log_softmax(z, -1).gather(-1, labels[..., None]).squeeze(-1)
+    reg = KLCov(ratio=0.2, beta=1.0)
+    reg.prepare(_ctx(logp, noisy_old, adv, mask, update=0))
+    assert reg.selected.sum() > 0  # selection (and its metrics) still happen
+    shaping = reg.shape(PolicyBatch(torch.arange(len(mask)), logp, noisy_old, adv, mask))
+    assert shaping.penalty is None and shaping.weight is None
+    reg.prepare(_ctx(logp, noisy_old, adv, mask, update=1))
+    assert reg.shape(PolicyBatch(torch.arange(len(mask)), logp, noisy_old, adv, mask)).penalty is not None
 
 
 def test_entropy_bonus_gradient_is_minus_coef_times_entropy_gradient():

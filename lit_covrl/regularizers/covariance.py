@@ -152,6 +152,7 @@ class KLCov(_CovarianceSelector):
             raise ValueError(f"KLCov.schedule_on={schedule_on!r}; valid: {list(self.SCHEDULE_TARGETS)}")
         self.ratio, self.beta, self.schedule_on = ratio, beta, schedule_on
         self._beta_now = beta
+        self._inert = False
         self._warned = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -170,6 +171,10 @@ class KLCov(_CovarianceSelector):
         else:
             ratio = self.scheduled(ratio, ctx.step)
         self._beta_now = beta
+        # On the first update of a rollout the policy *is* the rollout policy: logp - old_logp is
+        # only float noise (sampler vs training forward, ~1e-7), and d|x|/dx = sign(noise) would
+        # push every selected token by a random +-beta. The exact penalty is 0 with 0 gradient there.
+        self._inert = ctx.update == 0
         self.record("coef", beta)
         self.record("ratio", ratio)
         if ratio <= 0 or beta <= 0:
@@ -181,4 +186,6 @@ class KLCov(_CovarianceSelector):
         self._record_selection(ctx, self.selected)
 
     def shape(self, batch: PolicyBatch) -> TokenShaping:
+        if self._inert:
+            return TokenShaping()
         return TokenShaping(penalty=self._beta_now * (batch.logp - batch.old_logp).abs() * self._rows(batch))
