@@ -77,17 +77,7 @@ class PolicyUpdateMixin:
             return self._optimizer_step(opt, last) if last else {}
         need_ent = any(r.needs_entropy for r in regs)
         plan = lockstep_chunks(len(mb), hp.micro_batch_size)  # same length on every rank
-        early = None  # the single micro-batch's training forward, run before selection
-        if len(plan) == 1 and index > 0 and any(r.needs_current_logp for r in regs):
-            # the whole mini-batch is one micro-batch: its training forward already gives the
-            # current log-probs, so selection uses them instead of an extra no-grad forward
-            # a rank with no rows runs its filler forward here too, so that every rank's forward
-            # (FSDP all-gathers) comes before the selection's collectives, in the same order
-            rows = (mb.input_ids[plan[0]], mb.attention_mask[plan[0]]) if plan[0] is not None else mb.filler
-            early = self._logprobs(*rows, mb.mask.shape[1], need_ent and plan[0] is not None)
-            current = early[0].detach() * mb.mask if plan[0] is not None else mb.old_logp
-        else:
-            current = self._current_logprobs(mb, index)
+        current, early = self._selection_logprobs(mb, plan, index, need_ent)
         ctx = MiniBatchContext(
             self.global_step, index, current, mb.old_logp, mb.advantages, mb.mask, hp.clip_low, hp.clip_high,
         )
@@ -134,6 +124,20 @@ class PolicyUpdateMixin:
         z = torch.zeros(1, 1)
         stats = ppo_stats(z, z, z, z, clip_low=hp.clip_low, clip_high=hp.clip_high, logratio_clamp=hp.logratio_clamp)
         return ["policy/loss", *[f"reg/{reg.name}/loss" for reg in regs], *[f"policy/{k}" for k in stats]]
+
+    def _selection_logprobs(self, mb: "_MiniBatch", plan: list, index: int, need_ent: bool):
+        """(current log-probs [n, T] for selection, the training forward if it was run early).
+
+        When the whole mini-batch is one micro-batch, its training forward already gives the
+        current log-probs, so selection uses them instead of an extra no-grad forward. A rank with
+        no rows runs its filler forward here too, so that every rank's forward (FSDP all-gathers)
+        comes before the selection's collectives, in the same order."""
+        if not (len(plan) == 1 and index > 0 and any(r.needs_current_logp for r in self.regularizers)):
+            return self._current_logprobs(mb, index), None
+        rows = (mb.input_ids[plan[0]], mb.attention_mask[plan[0]]) if plan[0] is not None else mb.filler
+        early = self._logprobs(*rows, mb.mask.shape[1], need_ent and plan[0] is not None)
+        current = early[0].detach() * mb.mask if plan[0] is not None else mb.old_logp
+        return current, early
 
     def _current_logprobs(self, mb: "_MiniBatch", index: int) -> Tensor:
         """Detached current-policy log-probs of the whole mini-batch, for covariance selection.
