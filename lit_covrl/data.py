@@ -293,6 +293,14 @@ class PromptDataModule(L.LightningDataModule):
 
     # --------------------------------------------------------------------- resume
 
+    def known_prompts(self) -> list[str]:
+        """Every train and held-out prompt when the source is finite (files, HF datasets), so the
+        module can check prompt lengths at start-up; empty for an unlimited synthetic task."""
+        if self._val_batches is None:
+            raise RuntimeError("call setup() first")
+        val = [p for b in self._val_batches for p in b.prompts]
+        return [ex.prompt for ex in self._train_rows] + val if self._train_rows is not None else []
+
     def transfer_batch_to_device(self, batch: Any, device, dataloader_idx: int) -> Any:
         # prompt batches are strings: nothing to move (and no slow recursive walk over them)
         if isinstance(batch, PromptBatch):

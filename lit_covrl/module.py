@@ -188,8 +188,19 @@ class GRPOModule(PolicyUpdateMixin, L.LightningModule):
             raise ValueError(
                 f"model.mini_batch_size={mbs} must divide data.batch_size={batch} (prompts per step per device)"
             )
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.hparams.prompt_overflow == "error" and hasattr(dm, "known_prompts"):
+            self._check_prompt_lengths(dm.known_prompts())
         seed = self.hparams.seed + 1_000_003 * self.global_rank
         self.rollout_generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def _check_prompt_lengths(self, prompts: list[str]) -> None:
+        """Fail at start-up, not hours in, on a prompt over max_prompt_length (prompt_overflow: error)."""
+        for i in range(0, len(prompts), 512):
+            encode_prompts(
+                self.tokenizer, prompts[i : i + 512], chat_template=self.hparams.chat_template,
+                max_prompt_length=self.hparams.max_prompt_length, overflow="error",
+            )
 
     @property
     def updates_per_rollout(self) -> int | None:

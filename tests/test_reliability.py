@@ -69,3 +69,19 @@ def test_out_of_memory_in_a_rollout_names_the_settings_to_lower(tiny_model_dir, 
     monkeypatch.setattr(module, "_sample", oom)
     with pytest.raises(torch.OutOfMemoryError, match="Lower data.batch_size, model.group_size or model.max_new_tokens"):
         module.generate(["1+1="], 2, temperature=1.0, generator=torch.Generator())
+
+
+def test_an_overlong_prompt_in_a_data_file_fails_at_start_up(tiny_model_dir, tmp_path):
+    import json
+
+    from lit_covrl.data import PromptDataModule
+
+    rows = tmp_path / "p.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": p, "answer": "1"}) + "\n" for p in ["1+0=", "1+" * 40 + "0="]))
+    module = make_module(tiny_model_dir, max_prompt_length=16)
+    data = PromptDataModule(task=None, train_files=[str(rows)], batch_size=2)
+    with pytest.raises(ValueError, match=r"has 82 tokens > max_prompt_length=16"):
+        fit(module, data, steps=1)
+    assert module.global_step == 0  # nothing ran
+    ok = make_module(tiny_model_dir, max_prompt_length=16, prompt_overflow="truncate_left")
+    fit(ok, PromptDataModule(task=None, train_files=[str(rows)], batch_size=2), steps=1, limit_val_batches=0)
