@@ -5,7 +5,7 @@ from __future__ import annotations
 from lit_covrl.algorithms import ADVANTAGE_ESTIMATORS, AGG_MODES, min_group_size
 from lit_covrl.prompts import PROMPT_OVERFLOW
 
-OVERLONG = ("keep", "mask")
+OVERLONG = ("keep", "mask", "penalize")
 
 
 def check_module_args(hp) -> None:

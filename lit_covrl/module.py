@@ -61,6 +61,7 @@ class GRPOModule(PolicyUpdateMixin, L.LightningModule):
         advantage: str = "grpo",
         filter_groups: bool = False,
         overlong: str = "keep",
+        overlong_reward: float = 0.0,
         clip_low: float | None = 0.2,
         clip_high: float | None = 0.2,
         dual_clip: float | None = None,
@@ -102,8 +103,9 @@ class GRPOModule(PolicyUpdateMixin, L.LightningModule):
             top_p: nucleus sampling mass (1.0 = off). No top-k is ever applied.
             advantage: "grpo" (group mean/std), "drgrpo" (mean only) or "rloo".
             filter_groups: drop groups whose G rewards are all equal (DAPO dynamic sampling).
-            overlong: responses that hit max_new_tokens: "keep" (train on them as scored) or
-                "mask" (exclude them from the loss).
+            overlong: responses that hit max_new_tokens: "keep" (train on them as scored),
+                "mask" (exclude them from the loss) or "penalize" (their reward := overlong_reward).
+            overlong_reward: the reward of a truncated response under overlong: penalize.
             clip_low: PPO lower clip epsilon (null = no lower clip).
             clip_high: PPO upper clip epsilon (null = no upper clip; 0.28 = DAPO clip-higher).
             dual_clip: dual-clip constant c > 1 for negative advantages (null = off).
@@ -265,6 +267,8 @@ class GRPOModule(PolicyUpdateMixin, L.LightningModule):
         with timer("score"):
             answers = [a for a in batch.answers for _ in range(G)]
             rewards, reward_stats = self.score(rollout.completions, answers)
+            if hp.overlong == "penalize":
+                rewards = torch.where(rollout.truncated, torch.full_like(rewards, hp.overlong_reward), rewards)
         advantages = compute_advantages(rewards, G, hp.advantage)
         zero_var = zero_variance_groups(rewards, G)
         keep = ~zero_var if hp.filter_groups else torch.ones_like(zero_var)

@@ -19,17 +19,29 @@ from lit_covrl.regularizers import Regularizer
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICK = CONFIGS / "quickstart.yaml"
 R7 = CONFIGS / "recipes" / "qwen2.5-7b.yaml"
+F7 = CONFIGS / "fsdp" / "qwen2.5-7b.yaml"
 STACKS = {
     "quickstart.yaml": [QUICK],
     "grpo.yaml": [QUICK, CONFIGS / "grpo.yaml"],
     "entropy_bonus.yaml": [QUICK, CONFIGS / "entropy_bonus.yaml"],
     "clip_cov.yaml": [QUICK, CONFIGS / "clip_cov.yaml"],
     "kl_cov.yaml": [QUICK, CONFIGS / "kl_cov.yaml"],
+    "grpo_low_lr.yaml": [QUICK, CONFIGS / "grpo_low_lr.yaml"],
+    "entropy_bonus_high.yaml": [QUICK, CONFIGS / "entropy_bonus_high.yaml"],
+    "clip_cov_annealed.yaml": [QUICK, CONFIGS / "clip_cov_annealed.yaml"],
+    "clip_cov_high.yaml": [QUICK, CONFIGS / "clip_cov_high.yaml"],
+    "clip_cov_lowlb.yaml": [QUICK, CONFIGS / "clip_cov_lowlb.yaml"],
+    "kl_cov_high.yaml": [QUICK, CONFIGS / "kl_cov_high.yaml"],
     "recipes/qwen2.5-7b.yaml": [R7],
     "recipes/qwen2.5-32b.yaml": [R7, CONFIGS / "recipes" / "qwen2.5-32b.yaml"],
     "recipes/clip_cov.yaml": [R7, CONFIGS / "recipes" / "clip_cov.yaml"],
     "recipes/kl_cov_7b.yaml": [R7, CONFIGS / "recipes" / "kl_cov_7b.yaml"],
     "recipes/kl_cov_32b.yaml": [R7, CONFIGS / "recipes" / "kl_cov_32b.yaml"],
+    "fsdp/qwen2.5-7b.yaml": [R7, F7],
+    "fsdp/qwen2.5-32b.yaml": [R7, CONFIGS / "recipes" / "qwen2.5-32b.yaml", F7, CONFIGS / "fsdp" / "qwen2.5-32b.yaml"],
+    "fsdp/nodes-2.yaml": [R7, F7, CONFIGS / "fsdp" / "nodes-2.yaml"],
+    "fsdp/nodes-4.yaml": [R7, F7, CONFIGS / "fsdp" / "nodes-4.yaml"],
+    "fsdp/qwen2.5-1.5b-1gpu.yaml": [R7, CONFIGS / "fsdp" / "qwen2.5-1.5b-1gpu.yaml"],
 }
 
 
@@ -54,9 +66,64 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
     cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False)
     assert isinstance(cli.model, GRPOModule) and isinstance(cli.datamodule, PromptDataModule)
     regs = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
-    expected = {"grpo.yaml": 0, "quickstart.yaml": 0, "recipes/qwen2.5-7b.yaml": 0, "recipes/qwen2.5-32b.yaml": 0}
+    expected = {"grpo.yaml": 0, "grpo_low_lr.yaml": 0, "quickstart.yaml": 0, "recipes/qwen2.5-7b.yaml": 0, "recipes/qwen2.5-32b.yaml": 0}
+    expected.update({k: 0 for k in STACKS if k.startswith("fsdp/")})  # base recipes, no method
     assert len(regs) == expected.get(name, 1)
     if name == "recipes/qwen2.5-32b.yaml":
         assert cli.model.hparams.micro_batch_size == 2
     if name.endswith("kl_cov.yaml") or "kl_cov_" in name:
         assert cli.model.hparams.clip_low is None and cli.model.hparams.clip_high is None
+
+
+@pytest.mark.parametrize("stack,nodes,batch,mini", [
+    ([R7, F7], 1, 32, 4),
+    ([R7, F7, CONFIGS / "fsdp" / "nodes-2.yaml"], 2, 16, 2),
+    ([R7, F7, CONFIGS / "fsdp" / "nodes-4.yaml"], 4, 8, 1),
+])
+def test_fsdp_overlays_keep_the_paper_global_batch(stack, nodes, batch, mini):
+    """The FSDP recipes as written (strategy not overridden): FSDP2 strategy, 8 GPUs x nodes,
+    and per-device sizes whose product with the world size is the paper's 256 / 32 prompts."""
+    import yaml
+
+    from lit_covrl.sharding import FSDP2Strategy
+
+    merged: dict = {}
+    for path in stack:
+        _merge(merged, yaml.safe_load(path.read_text()))
+    strategy = merged["trainer"]["strategy"]
+    cls = strategy["class_path"].rsplit(".", 1)
+    assert cls == ["lit_covrl.sharding", "FSDP2Strategy"]
+    assert isinstance(FSDP2Strategy(**strategy.get("init_args", {})), FSDP2Strategy)
+    world = merged["trainer"]["devices"] * merged["trainer"]["num_nodes"]
+    assert merged["trainer"]["num_nodes"] == nodes
+    assert (merged["data"]["batch_size"], merged["model"]["mini_batch_size"]) == (batch, mini)
+    assert batch * world == 256 and mini * world == 32
+    assert merged["model"]["fsdp_mixed_precision"] == "bf16" and merged["trainer"]["precision"] == "32-true"
+
+
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict) and "class_path" not in v:
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--model.advantage", "foo"], "model.advantage='foo' is invalid"),
+        (["--config", str(CONFIGS / "clip_cov.yaml"), "--trainer.callbacks.lb", "6"], "ClipCov needs lb < ub"),
+        (["--config", str(CONFIGS / "kl_cov.yaml"), "--trainer.callbacks.ratio", "0"], "KLCov.ratio must be in (0, 1]"),
+        (["--config", str(CONFIGS / "entropy_bonus.yaml"), "--trainer.callbacks.schedule",
+          '{"name": "step", "steps": 10}'], "schedule.name"),
+        (["--data.task", "null", "--data.train_files", '["nope.jsonl"]'], "train_files[0]: no such file"),
+        (["--model.loss_agg_mode", "mean"], "valid modes"),
+        (["--model.reward", "lit_covrl.rewards.NoSuchReward"], "NoSuchReward"),
+    ],
+)
+def test_bad_settings_stop_the_cli_at_start_up_naming_the_field(extra, message, tmp_path, capsys):
+    args = ["--config", str(QUICK), *extra, "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    with pytest.raises((SystemExit, ValueError, FileNotFoundError)) as err:
+        LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False)
+    assert message in str(err.value) + capsys.readouterr().err

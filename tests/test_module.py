@@ -204,3 +204,19 @@ def test_reference_model_only_when_a_regularizer_needs_it(tiny_model_dir, tmp_pa
     trainer.save_checkpoint(ckpt)
     keys = torch.load(ckpt, weights_only=False)["state_dict"]
     assert keys and all(k.startswith("policy.") for k in keys)  # frozen reference is never saved
+
+
+@pytest.mark.parametrize("policy", ["penalize", "mask"])
+def test_truncated_responses_follow_the_overlong_policy(tiny_model_dir, tmp_path, policy):
+    # one new token: a random 17-token model almost never emits EOS first, so ~94% are truncated
+    module = make_module(tiny_model_dir, max_new_tokens=1, overlong=policy, overlong_reward=-1.0)
+    fit(module, make_data(), steps=2, log_dir=tmp_path, limit_val_batches=0)
+    tags = scalar_tags(tmp_path)
+    truncated = [v for _, v in tags["rollout/truncated_frac"]]
+    assert min(truncated) > 0.5
+    if policy == "penalize":
+        for (_, r), t in zip(tags["rollout/reward_mean"], truncated):
+            assert r <= -t + (1 - t) + 1e-6  # every truncated response scored exactly -1
+    else:
+        kept = [v for _, v in tags["policy/kept_frac"]]
+        assert kept == pytest.approx([1 - t for t in truncated], abs=1e-6)
