@@ -291,6 +291,10 @@ class PromptDataModule(L.LightningDataModule):
             return []
         return DataLoader(_FixedBatches(self._val_batches), batch_size=None, num_workers=0)
 
+    def test_dataloader(self) -> DataLoader | list:
+        """`lit-covrl test` evaluates on the same held-out batches as validation."""
+        return self.val_dataloader()
+
     # --------------------------------------------------------------------- resume
 
     def known_prompts(self) -> list[str]:

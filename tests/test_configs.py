@@ -127,3 +127,38 @@ def test_bad_settings_stop_the_cli_at_start_up_naming_the_field(extra, message, 
     with pytest.raises((SystemExit, ValueError, FileNotFoundError)) as err:
         LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False)
     assert message in str(err.value) + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_validate_and_test_subcommands_evaluate_a_checkpoint(subcommand, tmp_path, capsys):
+    from lit_covrl.cli import main
+
+    main(["fit", "--config", str(QUICK), "--trainer.max_steps", "1", "--trainer.val_check_interval", "1000",
+          "--data.val_size", "8", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    main([subcommand, "--config", str(QUICK), "--data.val_size", "8", "--ckpt_path", str(ckpt),
+          "--trainer.logger.init_args.save_dir", str(tmp_path / subcommand)])
+    out = capsys.readouterr().out
+    prefix = "val" if subcommand == "validate" else "test"
+    assert f"{prefix}/pass@k" in out and f"{prefix}/entropy" in out
+
+
+@pytest.mark.parametrize(
+    "method,name,tags",
+    [
+        ("entropy_bonus.yaml", "entropy_bonus", ["coef", "loss"]),
+        ("clip_cov.yaml", "clip_cov", ["coef", "loss", "selected_frac"]),
+        ("kl_cov.yaml", "kl_cov", ["coef", "loss", "selected_frac"]),
+    ],
+)
+def test_a_short_fit_of_each_method_config_logs_its_regularizer(method, name, tags, tmp_path):
+    from lit_covrl.cli import main
+    from tests.helpers import scalar_tags
+
+    main(["fit", "--config", str(QUICK), "--config", str(CONFIGS / method), "--trainer.max_steps", "2",
+          "--trainer.val_check_interval", "1000", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    logged = scalar_tags(tmp_path)
+    for tag in [f"reg/{name}/{t}" for t in tags] + ["cov/top0.2pct", "policy/entropy"]:
+        assert len(logged.get(tag, [])) == 2, tag
+    if name == "kl_cov":  # inert on the first of the 4 updates, active on the others
+        assert any(v > 0 for _, v in logged["reg/kl_cov/loss"])
