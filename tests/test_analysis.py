@@ -1,0 +1,114 @@
+"""Entropy-law fit, summary rows and the CSV writer (lit_covrl.analysis), and tools/fit_entropy_law.py."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from lit_covrl import analysis as an
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _synthetic(a=0.4, b=0.9, n=400, noise=0.01, seed=0):
+    rng = random.Random(seed)
+    h = [1.2 * math.exp(-i / 120) + 0.05 for i in range(n)]  # a collapsing entropy curve
+    r = [-a * math.exp(x) + b + rng.gauss(0.0, noise) for x in h]
+    return list(range(n)), h, r
+
+
+def test_law_fit_recovers_a_and_b_from_noisy_data():
+    _, h, r = _synthetic(a=0.4, b=0.9, noise=0.01)
+    a, b = an.fit_entropy_law(h, r)
+    assert a == pytest.approx(0.4, abs=0.01) and b == pytest.approx(0.9, abs=0.02)
+
+
+def test_law_fit_exact_without_noise_and_rejects_degenerate_input():
+    h = [0.1, 0.5, 1.0]
+    a, b = an.fit_entropy_law(h, an.law_predict(0.3, 0.7, h))
+    assert (a, b) == (pytest.approx(0.3), pytest.approx(0.7))
+    with pytest.raises(ValueError):
+        an.fit_entropy_law([0.5, 0.5], [0.1, 0.2])
+    with pytest.raises(ValueError):
+        an.fit_entropy_law([0.5], [0.1])
+
+
+def test_fit_on_first_fraction_predicts_the_rest():
+    steps, h, r = _synthetic(a=0.4, b=0.9, noise=0.01)
+    res = an.fit_law_split(steps, h, r, fit_frac=0.15)
+    assert res["n_fit"] == 60 and res["n_rest"] == 340 and res["fit_until_step"] == 59
+    assert res["ceiling"] == pytest.approx(0.5, abs=0.05)
+    assert res["rmse_rest"] < 0.03 and res["rmse_fit"] < 0.02
+
+
+def _scalars():
+    return {
+        "policy/entropy": [(0, 0.6), (1, 0.5), (2, 0.4)],
+        "rollout/reward_mean": [(0, 0.2), (1, 0.3), (2, 0.35)],
+        "rollout/accuracy": [(0, 0.2), (1, 0.3), (2, 0.35)],
+        "val/pass@1": [(1, 0.25)],
+        "val/pass@k": [(1, 0.7)],
+        "val/entropy": [(1, 0.55)],
+        "reg/clip_cov/selected_frac": [(0, 0.02), (1, 0.01), (2, 0.03)],
+        "time/update_s": [(0, 1.0)],
+    }
+
+
+def test_summary_rows_one_per_step_with_blanks():
+    rows = an.summary_rows("clip_cov", 2, _scalars())
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all(r["method"] == "clip_cov" and r["seed"] == 2 for r in rows)
+    assert rows[0]["val_pass@1"] is None and rows[1]["val_pass@k"] == 0.7
+    assert rows[2]["selected_frac"] == 0.03 and rows[1]["entropy"] == 0.5
+
+
+def test_summary_csv_columns_and_roundtrip(tmp_path):
+    rows = an.summary_rows("grpo", 0, _scalars()) + an.summary_rows("kl_cov", 1, _scalars())
+    path = an.write_summary_csv(tmp_path / "out" / "summary.csv", rows)
+    header = path.read_text().splitlines()[0].split(",")
+    assert header[:9] == ["method", "seed", "step", "entropy", "reward_mean", "accuracy",
+                          "val_pass@1", "val_pass@k", "val_entropy"]
+    first = path.read_text().splitlines()[1].split(",")
+    assert first[:3] == ["grpo", "0", "0"] and first[6] == ""  # empty where not logged
+    back = an.read_summary_csv(path)
+    assert len(back) == 6
+    for a, b in zip(rows, back):
+        for c in an.SUMMARY_COLUMNS:
+            assert (a[c] is None and b[c] is None) or a[c] == pytest.approx(b[c], rel=1e-5)
+
+
+def test_run_stats_and_mean_std():
+    st = an.run_stats(an.summary_rows("grpo", 0, _scalars()), edge=1)
+    assert st["entropy_initial"] == 0.6 and st["entropy_final"] == 0.4
+    assert st["passk_best"] == 0.7 and st["selected_frac"] == pytest.approx(0.02)
+    m, s = an.mean_std([1.0, 3.0])
+    assert m == 2.0 and s == pytest.approx(math.sqrt(2))
+    assert an.mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_fit_entropy_law_tool_reads_tensorboard(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    steps, h, r = _synthetic(a=0.3, b=0.8, n=100, noise=0.005)
+    w = SummaryWriter(str(tmp_path / "run"))
+    for s, hh, rr in zip(steps, h, r):
+        w.add_scalar("policy/entropy", hh, s)
+        w.add_scalar("rollout/reward_mean", rr, s)
+    w.close()
+    tool = _load_tool("fit_entropy_law")
+    res = tool.fit_run(tmp_path / "run", fit_frac=0.15)
+    assert res["steps"] == 100 and res["n_fit"] == 15
+    assert res["a"] == pytest.approx(0.3, abs=0.05) and res["ceiling"] == pytest.approx(0.5, abs=0.05)
+    assert tool.main([str(tmp_path / "run"), "--fit-frac", "0.15"]) == 0
+    out = capsys.readouterr().out
+    assert "RMSE of the prediction on the remaining 85 steps" in out and "ceiling b - a" in out

@@ -1,0 +1,371 @@
+"""Run several methods x seeds on the same task and budget, then collect, tabulate and plot.
+
+    python tools/compare.py --config configs/quickstart.yaml \
+        --methods grpo,entropy_bonus,clip_cov,kl_cov --seeds 3 --steps 150 --out runs/compare [--quick]
+
+Each method name maps to `configs/<method>.yaml` (next to the base config; a path to a YAML also
+works), stacked on `--config`. Every run is a `lit-covrl fit` subprocess with `--torch_threads 1`,
+`--jobs` (default 2) at a time. Writes
+  DIR/runs/<method>-s<seed>/   TensorBoard logs (`tensorboard --logdir DIR/runs`)
+  DIR/logs/<method>-s<seed>.log  the run's stdout/stderr
+  DIR/runs.csv                 method, seed, wall_s, returncode per run
+  DIR/summary.csv              one row per (method, seed, logged step), see lit_covrl.analysis
+  DIR/report.md + DIR/*.png    per-method table (mean +- std over seeds) and plots
+`--set key=value` (repeatable) passes `--key value` to every run, e.g. `--set model.val_k=4`.
+`--report-only` rebuilds summary.csv and report.md from DIR/runs without training.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lit_covrl import analysis as an  # noqa: E402
+
+QUICK_STEPS = 16      # --quick: a smoke run (process start-up dominates: ~25 s per run on a busy 2-core CPU)
+QUICK_VAL_EVERY = 8
+QUICK_SEEDS = 2
+QUICK_VAL_SIZE = 32
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"), help="base config")
+    p.add_argument("--methods", default="grpo,entropy_bonus,clip_cov,kl_cov",
+                   help="comma-separated method names (configs/<name>.yaml) or YAML paths")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds: 0 .. N-1")
+    p.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the config's)")
+    p.add_argument("--val-every", type=int, default=None, help="validation interval in RL steps")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run (< 5 min on 2 cores): at most {QUICK_STEPS} steps and {QUICK_SEEDS} seeds, "
+                        f"validation every {QUICK_VAL_EVERY} steps on {QUICK_VAL_SIZE} prompts")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra CLI override for every run (repeatable)")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each uses 1 torch thread)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="keep runs already finished in DIR (rc 0 in DIR/runs.csv), e.g. to add seeds")
+    p.add_argument("--report-only", action="store_true", help="only rebuild summary.csv and report.md")
+    p.add_argument("--fit-frac", type=float, default=0.15, help="law fit on the first fraction of steps")
+    return p.parse_args(argv)
+
+
+def method_config(name: str, base: Path) -> Path:
+    if name.endswith((".yaml", ".yml")):
+        return Path(name)
+    return base.parent / f"{name}.yaml"
+
+
+def method_name(name: str) -> str:
+    return Path(name).stem if name.endswith((".yaml", ".yml")) else name
+
+
+def run_command(args, method: str, seed: int, out: Path) -> list[str]:
+    base = Path(args.config)
+    cmd = ["lit-covrl", "fit", "--config", str(base), "--config", str(method_config(method, base)),
+           "--torch_threads", "1",
+           "--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed),
+           "--trainer.logger.init_args.save_dir", str(out / "runs"),
+           "--trainer.logger.init_args.name", f"{method_name(method)}-s{seed}",
+           "--trainer.logger.init_args.version", "",
+           "--trainer.enable_progress_bar", "false",
+           "--checkpoint.save_last", "false", "--checkpoint.every_n_train_steps", "0"]
+    steps = args.steps
+    val_every = args.val_every
+    if args.quick:
+        steps = min(steps or QUICK_STEPS, QUICK_STEPS)
+        val_every = val_every or QUICK_VAL_EVERY
+        cmd += ["--data.val_size", str(QUICK_VAL_SIZE)]
+    if steps:
+        cmd += ["--trainer.max_steps", str(steps)]
+    if val_every:
+        cmd += ["--trainer.val_check_interval", str(val_every)]
+    for kv in args.set:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {kv!r}")
+        cmd += [f"--{key}", value]
+    return cmd
+
+
+def launch(cmd: list[str], log: Path) -> tuple[float, int]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        f.write(shlex.join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    return time.perf_counter() - t0, rc
+
+
+def n_seeds(args) -> int:
+    return min(args.seeds, QUICK_SEEDS) if args.quick else args.seeds
+
+
+def run_all(args, out: Path) -> list[dict]:
+    jobs = [(m, s) for s in range(n_seeds(args)) for m in args.methods.split(",") if m]
+    done = {(x["method"], x["seed"]): x for x in read_meta(out) if x["returncode"] == 0} if args.skip_existing else {}
+
+    def one(job):
+        m, s = job
+        if (method_name(m), s) in done and list((out / "runs" / f"{method_name(m)}-s{s}").glob("events.out.tfevents.*")):
+            print(f"[compare] {method_name(m)}-s{s}: kept (--skip-existing)", flush=True)
+            return done[(method_name(m), s)]
+        if (out / "runs" / f"{method_name(m)}-s{s}").exists():  # a fresh run must not mix with old events
+            import shutil
+
+            shutil.rmtree(out / "runs" / f"{method_name(m)}-s{s}")
+        wall, rc = launch(run_command(args, m, s, out), out / "logs" / f"{method_name(m)}-s{s}.log")
+        print(f"[compare] {method_name(m)}-s{s}: rc={rc} wall={wall:.1f}s", flush=True)
+        return {"method": method_name(m), "seed": s, "wall_s": round(wall, 2), "returncode": rc}
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        meta = list(pool.map(one, jobs))
+    ran = {(x["method"], x["seed"]) for x in meta}
+    every = [x for x in read_meta(out) if (x["method"], x["seed"]) not in ran] + meta  # keep other methods' runs
+    with (out / "runs.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["method", "seed", "wall_s", "returncode"])
+        w.writeheader()
+        w.writerows(every)
+    return every
+
+
+def read_meta(out: Path) -> list[dict]:
+    p = out / "runs.csv"
+    if not p.exists():
+        return []
+    with p.open() as f:
+        return [{"method": r["method"], "seed": int(r["seed"]), "wall_s": float(r["wall_s"]),
+                 "returncode": int(r["returncode"])} for r in csv.DictReader(f)]
+
+
+def collect(out: Path, methods: list[str], seeds: int) -> list[dict]:
+    rows = []
+    for m in methods:
+        for s in range(seeds):
+            d = out / "runs" / f"{m}-s{s}"
+            if d.exists():
+                rows += an.summary_rows(m, s, an.read_scalars(d))
+    return rows
+
+
+# ---------------------------------------------------------------- report
+def _by_run(rows):
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        runs.setdefault((r["method"], r["seed"]), []).append(r)
+    return runs
+
+
+def _ms(vals, digits=3):
+    m, s = an.mean_std(vals)
+    if math.isnan(m):
+        return "n/a"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _band(ax, runs, method, column, color, smooth=1):
+    import numpy as np
+
+    curves = []
+    for (m, _), rs in runs.items():
+        if m != method:
+            continue
+        st, v = an.series(rs, column)
+        if st:
+            curves.append(dict(zip(st, an.moving_average(v, smooth))))
+    if not curves:
+        return
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    if not steps:
+        return
+    arr = np.array([[c[s] for s in steps] for c in curves])
+    mean = arr.mean(0)
+    ax.plot(steps, mean, color=color, label=method, lw=1.5)
+    if len(curves) > 1:
+        ax.fill_between(steps, arr.min(0), arr.max(0), color=color, alpha=0.15, lw=0)
+
+
+def make_plots(out: Path, rows: list[dict], methods: list[str], frontier: dict | None) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = _by_run(rows)
+    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    files = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=80)
+        plt.close(fig)
+        files.append(name)
+
+    for column, ylabel, name, smooth in [
+        ("entropy", "policy entropy (nats/token)", "entropy.png", 1),
+        ("accuracy", "train accuracy (moving avg, 10 steps)", "accuracy.png", 10),
+        ("val_pass@k", "val pass@k", "val_passk.png", 1),
+        ("val_pass@1", "val pass@1", "val_pass1.png", 1),
+    ]:
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for m in methods:
+            _band(ax, runs, m, column, colors[m], smooth)
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel} (mean over seeds, band = min..max)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        if column == "entropy":
+            ax.set_yscale("log")  # an exploding run would flatten the others
+        save(fig, name)
+
+    import numpy as np
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for m in methods:
+        for (rm, _), rs in runs.items():
+            if rm != m:
+                continue
+            _, h = an.series(rs, "entropy")
+            _, r = an.series(rs, "reward_mean")
+            n = min(len(h), len(r))
+            if n:
+                ax1.plot(an.moving_average(h[:n], 10), an.moving_average(r[:n], 10), ".", ms=2,
+                         color=colors[m], alpha=0.6)
+            vh = [x["val_entropy"] for x in rs if x.get("val_entropy") is not None and x.get("val_pass@1") is not None]
+            vp = [x["val_pass@1"] for x in rs if x.get("val_entropy") is not None and x.get("val_pass@1") is not None]
+            ax2.plot(vh, vp, "o-", ms=3, lw=0.6, color=colors[m], alpha=0.7)
+        ax1.plot([], [], ".", color=colors[m], label=m)
+        ax2.plot([], [], "o", color=colors[m], label=m)
+    rew = [x for rs in runs.values() for x in an.series(rs, "reward_mean")[1]]
+    if rew:
+        ax1.set_ylim(min(rew) - 0.05, max(rew) + 0.05)  # the law would dive far below 0 at high entropy
+    if frontier:
+        hs = [x for (m, _), rs in runs.items() if m in frontier["methods"] for x in an.series(rs, "entropy")[1]]
+        if hs:
+            grid = np.linspace(0.0, 1.5 * max(hs), 60)  # from the ceiling (H = 0) to just past the fitted range
+            ax1.plot(grid, an.law_predict(frontier["a"], frontier["b"], grid), "k--", lw=1.2,
+                     label=f"law on {frontier['on']}: R = -{frontier['a']:.3f} e^H + {frontier['b']:.3f}")
+    ax1.set_xlabel("policy entropy (10-step moving avg)")
+    ax1.set_ylabel("train reward (10-step moving avg)")
+    ax1.set_title("reward vs entropy, all runs; dashed: fitted law", fontsize=9)
+    ax2.set_xlabel("val entropy")
+    ax2.set_ylabel("val pass@1")
+    ax2.set_title("val pass@1 vs val entropy (each validation)", fontsize=9)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    save(fig, "reward_vs_entropy.png")
+    return files
+
+
+def frontier_fit(rows: list[dict], methods: list[str]) -> dict | None:
+    """The law fitted on all steps of the plain-GRPO runs (grpo*, the baseline frontier); all runs if none."""
+    base = [m for m in methods if m.startswith("grpo")] or methods
+    h, r = [], []
+    for (m, _), rs in _by_run(rows).items():
+        if m in base:
+            rs_ = [x for x in rs if x.get("entropy") is not None and x.get("reward_mean") is not None]
+            h += [x["entropy"] for x in rs_]
+            r += [x["reward_mean"] for x in rs_]
+    try:
+        a, b = an.fit_entropy_law(h, r)
+    except ValueError:
+        return None
+    return {"a": a, "b": b, "on": "+".join(base), "methods": base}
+
+
+def make_report(out: Path, rows: list[dict], methods: list[str], meta: list[dict], command: str,
+                fit_frac: float) -> Path:
+    runs = _by_run(rows)
+    walls = {(x["method"], x["seed"]): x["wall_s"] for x in meta}
+    frontier = frontier_fit(rows, methods)
+    files = make_plots(out, rows, methods, frontier) if rows else []
+    lines = ["# Entropy-control comparison", "", "Command:", "", "```bash", command, "```", ""]
+    lines += ["Per method, mean ± std over seeds. Entropy: mean of the first / last 5 RL steps; "
+              "pass@k on the held-out prompts (k = model.val_k); 'final' = last validation; "
+              "selected = mean fraction of tokens a regularizer selected per step.", ""]
+    head = ["method", "seeds", "entropy initial", "entropy final", "final/initial", "final pass@1",
+            "final pass@k", "best pass@k", "train acc (last 10)", "selected frac", "wall s"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        stats = [(s, an.run_stats(rs)) for (mm, s), rs in runs.items() if mm == m]
+        if not stats:
+            lines.append(f"| {m} | 0 |" + " n/a |" * (len(head) - 2))
+            continue
+        col = lambda k: [st[k] for _, st in stats]  # noqa: E731
+        ratio = [st["entropy_final"] / st["entropy_initial"] for _, st in stats]
+        sel = col("selected_frac")
+        lines.append("| " + " | ".join([
+            m, str(len(stats)), _ms(col("entropy_initial")), _ms(col("entropy_final")), _ms(ratio, 2),
+            _ms(col("pass1_final")), _ms(col("passk_final")), _ms(col("passk_best")),
+            _ms(col("accuracy_final")), "—" if all(math.isnan(x) for x in sel) else _ms(sel, 4),
+            _ms([walls.get((m, s), float("nan")) for s, _ in stats], 0),
+        ]) + " |")
+    lines += ["", f"## Entropy law R = -a exp(H) + b (train reward vs policy entropy, per step)", "",
+              f"Fitted per run on the first {fit_frac:.0%} of steps; RMSE of its prediction on the rest, "
+              "and the law fitted on all steps (ceiling b - a). Mean ± std over seeds.", "",
+              "| method | a (all) | b (all) | ceiling b-a (all) | RMSE fit-all | ceiling (first part) | RMSE rest (first-part fit) |",
+              "|---|---|---|---|---|---|---|"]
+    for m in methods:
+        alls, parts = [], []
+        for (mm, _), rs in runs.items():
+            if mm != m:
+                continue
+            rs_ = [x for x in rs if x.get("entropy") is not None and x.get("reward_mean") is not None]
+            st, h, r = [x["step"] for x in rs_], [x["entropy"] for x in rs_], [x["reward_mean"] for x in rs_]
+            try:
+                alls.append(an.fit_law_split(st, h, r, 1.0))
+                parts.append(an.fit_law_split(st, h, r, fit_frac))
+            except ValueError:
+                pass
+        if alls:
+            lines.append("| " + " | ".join([
+                m, _ms([f["a"] for f in alls]), _ms([f["b"] for f in alls]), _ms([f["ceiling"] for f in alls]),
+                _ms([f["rmse_fit"] for f in alls]), _ms([f["ceiling"] for f in parts]),
+                _ms([f["rmse_rest"] for f in parts]),
+            ]) + " |")
+    if frontier:
+        lines += ["", f"Baseline frontier (dashed line in the plot), fitted on all steps of {frontier['on']}: "
+                  f"a = {frontier['a']:.4f}, b = {frontier['b']:.4f}, ceiling b - a = {frontier['b'] - frontier['a']:.4f}."]
+    failed = [x for x in meta if x["returncode"] != 0]
+    if failed:
+        lines += ["", "Failed runs: " + ", ".join(f"{x['method']}-s{x['seed']} (rc {x['returncode']})" for x in failed)]
+    lines += ["", "## Plots", ""] + [f"![{f}]({f})" for f in files] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    methods = [method_name(m) for m in args.methods.split(",") if m]
+    for m in args.methods.split(","):
+        if m and not method_config(m, Path(args.config)).exists():
+            raise SystemExit(f"no config for method {m!r}: {method_config(m, Path(args.config))}")
+    command = shlex.join([Path(sys.executable).name, "tools/compare.py", *(argv if argv is not None else sys.argv[1:])])
+    t0 = time.perf_counter()
+    meta = read_meta(out) if args.report_only else run_all(args, out)
+    rows = collect(out, methods, n_seeds(args))
+    an.write_summary_csv(out / "summary.csv", rows)
+    report = make_report(out, rows, methods, meta, command, args.fit_frac)
+    print(f"[compare] {len(rows)} rows -> {out / 'summary.csv'}; report {report}; "
+          f"total {time.perf_counter() - t0:.0f}s; tensorboard --logdir {out / 'runs'}", flush=True)
+    return 1 if any(x["returncode"] != 0 for x in meta) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
