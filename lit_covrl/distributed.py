@@ -30,30 +30,28 @@ def rank() -> int:
     return dist.get_rank() if _active() else 0
 
 
-def all_sum(x: Tensor) -> Tensor:
-    """Sum of `x` over ranks (a new tensor; `x` is untouched)."""
+def _all_reduce(x: Tensor, op) -> Tensor:
     if not _active():
         return x
     y = x.detach().clone()
-    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    dist.all_reduce(y, op=op)
     return y
+
+
+def all_sum(x: Tensor) -> Tensor:
+    """Sum of `x` over ranks (a new tensor; `x` is untouched)."""
+    return _all_reduce(x, dist.ReduceOp.SUM)
+
+
+def all_max(x: Tensor) -> Tensor:
+    """Elementwise max of `x` over ranks (a new tensor; `x` is untouched)."""
+    return _all_reduce(x, dist.ReduceOp.MAX)
 
 
 def all_max_int(x: int) -> int:
     if not _active():
         return x
-    t = torch.tensor([x], dtype=torch.long, device=_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def all_max(x: Tensor) -> Tensor:
-    """Elementwise max of `x` over ranks (a new tensor; `x` is untouched)."""
-    if not _active():
-        return x
-    y = x.detach().clone()
-    dist.all_reduce(y, op=dist.ReduceOp.MAX)
-    return y
+    return int(all_max(torch.tensor([x], dtype=torch.long, device=_device())).item())
 
 
 def all_true(flag: bool) -> bool:
