@@ -1,12 +1,27 @@
 """Metric helpers: a per-step running-mean accumulator and the pass@k torchmetrics Metric."""
 from __future__ import annotations
 
+import time
 from collections import defaultdict
+from contextlib import contextmanager
 from math import comb
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+
+
+class PhaseTimer:
+    """Wall time of the phases of one RL step: `with timer("rollout"): ...` -> timer.seconds."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - t0
 
 
 class StepMetrics:

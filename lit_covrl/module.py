@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 import warnings
-from contextlib import contextmanager
 
 import lightning as L
 import torch
@@ -26,7 +24,7 @@ from torch import Tensor
 from lit_covrl import distributed
 from lit_covrl.algorithms import compute_advantages, zero_variance_groups
 from lit_covrl.checks import check_module_args
-from lit_covrl.metrics import PassAtK, rollout_metrics
+from lit_covrl.metrics import PassAtK, PhaseTimer, rollout_metrics
 from lit_covrl.policy import load_policy, load_tokenizer, resolve_dtype
 from lit_covrl.prompts import encode_prompts
 from lit_covrl.regularizers.base import Regularizer
@@ -261,7 +259,7 @@ class GRPOModule(PolicyUpdateMixin, L.LightningModule):
 
     # training ----------------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        hp, G, timer = self.hparams, self.hparams.group_size, _Timer()
+        hp, G, timer = self.hparams, self.hparams.group_size, PhaseTimer()
         with timer("rollout"):
             rollout = self.generate(batch.prompts, G, temperature=hp.temperature, generator=self.rollout_generator)
         with timer("score"):
@@ -390,14 +388,3 @@ class GRPOModule(PolicyUpdateMixin, L.LightningModule):
         if ckpt is not None and getattr(ckpt, "last_model_path", ""):
             lines.append(f"  checkpoint:  {ckpt.last_model_path}")
         print("\n".join(lines), flush=True)
-
-
-class _Timer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        t0 = time.perf_counter()
-        yield
-        self.seconds[name] = time.perf_counter() - t0
