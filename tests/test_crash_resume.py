@@ -16,7 +16,7 @@ import torch
 from tests.helpers import scalar_tags
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 24
+STEPS = 40
 COMPARED = ["rollout/reward_mean", "policy/entropy", "policy/loss", "reg/clip_cov/selected_frac"]
 
 
@@ -47,7 +47,7 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not last.exists():
         time.sleep(0.02)
-    time.sleep(1.5)  # land somewhere inside a later step: rollout, update or checkpoint write
+    time.sleep(1.0)  # land somewhere inside a later step: rollout, update or checkpoint write
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
