@@ -7,6 +7,7 @@ at temperature 1 (the `policy/entropy` metric). That saves a full forward pass p
 Sampling is pure temperature + optional nucleus (top-p); there is no hidden top-k (HF's
 `generate` defaults to top_k=50). Decoding stops as soon as every sequence has emitted EOS
 (`all_done` lets distributed callers agree, so every rank runs the same number of forwards).
+The prompt forward runs once per group of identical consecutive prompts (see `_prefill`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,38 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # keep the token that crosses top_p
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+def _prefill(model: nn.Module, prompt_ids: Tensor, mask: Tensor):
+    """Prompt forward (last-position logits) and its KV cache for every row.
+
+    GRPO repeats each prompt G times in consecutive rows: the prompt forward runs once per run of
+    identical rows (same ids and mask) and its cache rows are repeated, instead of G identical
+    forwards. Falls back to the plain forward when no row repeats or the model's cache is neither a
+    `DynamicCache` nor a legacy tuple (rows of which can be selected)."""
+    from transformers import DynamicCache
+
+    key = torch.cat([prompt_ids.long(), mask], 1)
+    uniq, counts = torch.unique_consecutive(key, dim=0, return_counts=True)
+    if len(uniq) < len(key):
+        first = torch.cumsum(counts, 0) - counts  # first row of each run
+        ids, m = prompt_ids[first], mask[first]
+        logits, cache = forward_with_cache(
+            model, None, input_ids=ids, attention_mask=m, position_ids=position_ids_from_mask(m), logits_to_keep=1,
+        )
+        rows = torch.repeat_interleave(torch.arange(len(first), device=key.device), counts)
+        if isinstance(cache, DynamicCache):
+            cache.batch_select_indices(rows)
+            return logits[rows], cache
+        if isinstance(cache, (tuple, list)):  # legacy ((key, value), ...) per layer (older transformers)
+            return logits[rows], tuple(tuple(t[rows] for t in layer) for layer in cache)
+        # another cache class: a second, per-row prompt forward. Caveat: under FSDP a rank with
+        # repeated rows then runs one forward more than a rank without (with GRPO groups, G > 1,
+        # every rank has repeats; only such exotic caches with G = 1 could get out of step)
+    return forward_with_cache(
+        model, None, input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+        logits_to_keep=1,
+    )
 
 
 @torch.no_grad()
@@ -52,10 +85,7 @@ def sample_responses(
     device = prompt_ids.device
     eos = torch.as_tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=device)
     mask = prompt_mask.long()
-    logits, cache = forward_with_cache(
-        model, None, input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-        logits_to_keep=1,
-    )
+    logits, cache = _prefill(model, prompt_ids, mask)
     next_pos = position_ids_from_mask(mask)[:, -1:] + 1
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     tokens, logps, ents, alive = [], [], [], []

@@ -220,3 +220,43 @@ def test_truncated_responses_follow_the_overlong_policy(tiny_model_dir, tmp_path
     else:
         kept = [v for _, v in tags["policy/kept_frac"]]
         assert kept == pytest.approx([1 - t for t in truncated], abs=1e-6)
+
+
+def test_sampler_runs_the_prompt_forward_once_per_group(tiny_model_dir):
+    """GRPO's G identical prompt rows share one prompt forward (its KV cache rows are repeated):
+    the same samples and log-probs as G separate prompt forwards, with 1/G of the prompt rows."""
+    import lit_covrl.rollout as R
+    from lit_covrl.policy import load_tokenizer
+    from lit_covrl.prompts import encode_prompts
+
+    model, tok = load_policy(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
+    ids, mask = encode_prompts(tok, ["12+3=", "4+5=", "7+80="], chat_template=False)
+    ids, mask = ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)
+    kw = {"max_new_tokens": 4, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    rows = []
+    orig = R.forward_with_cache
+
+    def counted(model, cache, **k):
+        rows.append(k["input_ids"].shape[0])
+        return orig(model, cache, **k)
+
+    R.forward_with_cache = counted
+    try:
+        shared = R.sample_responses(model, ids, mask, generator=torch.Generator().manual_seed(1), **kw)
+    finally:
+        R.forward_with_cache = orig
+    assert rows[0] == 3 and all(r == 12 for r in rows[1:])  # prompt forward on the 3 distinct prompts
+
+    def plain_prefill(model, prompt_ids, m):
+        return orig(model, None, input_ids=prompt_ids, attention_mask=m,
+                    position_ids=R.position_ids_from_mask(m), logits_to_keep=1)
+
+    R._prefill, saved = plain_prefill, R._prefill
+    try:
+        plain = R.sample_responses(model, ids, mask, generator=torch.Generator().manual_seed(1), **kw)
+    finally:
+        R._prefill = saved
+    assert torch.equal(shared.input_ids, plain.input_ids)
+    assert torch.equal(shared.response_mask, plain.response_mask)
+    torch.testing.assert_close(shared.logp, plain.logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared.entropy, plain.entropy, atol=1e-5, rtol=0)
