@@ -26,10 +26,6 @@ def world_size() -> int:
     return dist.get_world_size() if _active() else 1
 
 
-def rank() -> int:
-    return dist.get_rank() if _active() else 0
-
-
 def _all_reduce(x: Tensor, op) -> Tensor:
     if not _active():
         return x

@@ -96,7 +96,8 @@ def rollout_metrics(
     rank's rollout time.
     """
     from lit_covrl import distributed
-    from lit_covrl.algorithms import covariance_group_means, covariance_sums, token_covariance
+    from lit_covrl.algorithms import covariance_group_means
+    from lit_covrl.regularizers.base import global_token_covariance
 
     m = rollout.response_mask
     lengths = m.sum(1)
@@ -127,10 +128,7 @@ def rollout_metrics(
         "policy/entropy": (s[8] / s[4].clamp(min=1)).to(f),
         "policy/entropy_seq_mean": (s[9] / n).to(f),
     }
-    adv = advantages[:, None].expand_as(m)
-    sums = distributed.all_sum(covariance_sums(rollout.logp, adv, m))
-    count = sums[2].clamp(min=1)
-    cov = token_covariance(rollout.logp, adv, m, means=(sums[0] / count, sums[1] / count))
+    cov = global_token_covariance(rollout.logp, advantages[:, None].expand_as(m), m)
     cov_all, _ = distributed.gather_rows(cov)  # [N_global, T]: the top-k groups are global
     mask_all, _ = distributed.gather_rows(m)
     for frac, value in covariance_group_means(cov_all, mask_all).items():

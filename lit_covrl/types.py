@@ -58,10 +58,6 @@ class Rollout:
     truncated: Tensor
     completions: list[str] = field(default_factory=list)
 
-    @property
-    def prompt_len(self) -> int:
-        return self.input_ids.shape[1] - self.response_mask.shape[1]
-
 
 @dataclass
 class PolicyBatch:

@@ -52,14 +52,19 @@ class MiniBatchContext:
     def covariance(self) -> Tensor:
         """Eq. 10 of Cui et al. with means over the valid tokens of the mini-batch on all ranks."""
         if self._cov is None:
-            sums = distributed.all_sum(covariance_sums(self.logp, self.advantages, self.mask))
-            count = sums[2].clamp(min=1)
-            self._cov = token_covariance(self.logp, self.advantages, self.mask, means=(sums[0] / count, sums[1] / count))
+            self._cov = global_token_covariance(self.logp, self.advantages, self.mask)
         return self._cov
 
     def num_tokens(self) -> int:
         """Valid tokens of the mini-batch over all ranks."""
         return int(distributed.all_sum(self.mask.sum()).item())
+
+
+def global_token_covariance(logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+    """Cov_i [n, T] of this rank's tokens, centred by the token means over all ranks' valid tokens."""
+    sums = distributed.all_sum(covariance_sums(logp, advantages, mask))
+    count = sums[2].clamp(min=1)
+    return token_covariance(logp, advantages, mask, means=(sums[0] / count, sums[1] / count))
 
 
 def select_globally(local: list[Tensor], select) -> Tensor:
