@@ -15,8 +15,11 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _device() -> torch.device:
-    """NCCL only moves CUDA tensors; gloo takes CPU ones."""
+def collective_device() -> torch.device:
+    """Where a tensor must live for this process group's collectives: NCCL only moves CUDA
+    tensors, gloo takes CPU ones (and a single process anything)."""
+    if not _active():
+        return torch.device("cpu")
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -47,14 +50,14 @@ def all_max(x: Tensor) -> Tensor:
 def all_max_int(x: int) -> int:
     if not _active():
         return x
-    return int(all_max(torch.tensor([x], dtype=torch.long, device=_device())).item())
+    return int(all_max(torch.tensor([x], dtype=torch.long, device=collective_device())).item())
 
 
 def all_true(flag: bool) -> bool:
     """True only when every rank says True (used to stop decoding in lock-step)."""
     if not _active():
         return flag
-    t = torch.tensor([0 if flag else 1], dtype=torch.long, device=_device())
+    t = torch.tensor([0 if flag else 1], dtype=torch.long, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return int(t.item()) == 0
 

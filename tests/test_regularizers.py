@@ -191,3 +191,18 @@ def test_kl_cov_warns_once_with_a_single_update(caplog):
     with caplog.at_level(logging.WARNING, logger="lit_covrl"):
         KLCov().on_fit_start(None, FakeModule())
     assert not caplog.records
+
+
+def test_reference_kl_metric_is_a_token_mean_over_micro_batches():
+    """reg/<name>/kl is the KL averaged over every valid token of the step, not a mean of
+    micro-batch means (micro-batches with few valid tokens must not weigh as much)."""
+    reg = ReferenceKL(beta=0.1, estimator="k1")
+    logp = torch.zeros(3, 4)
+    ref = -torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0], [5.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]])
+    for rows in (torch.tensor([0, 1]), torch.tensor([2])):  # two micro-batches: 8 tokens, 1 token
+        z = torch.zeros(len(rows), 4)
+        reg.shape(PolicyBatch(rows, logp[rows], z, z[:, 0], mask[rows], None, ref[rows]))
+    kl = reg.pop_metrics()["reg/ref_kl/kl"]
+    assert kl == pytest.approx((8 * 1.0 + 5.0) / 9)  # token mean; the mean of means would be 3.0
+    assert "reg/ref_kl/kl" not in reg.pop_metrics()  # reset every step

@@ -8,6 +8,10 @@
 """
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
+from lit_covrl import distributed
 from lit_covrl.algorithms import KL_ESTIMATORS, kl_penalty
 from lit_covrl.regularizers.base import Regularizer, check_nonnegative
 from lit_covrl.regularizers.schedules import Schedule
@@ -63,6 +67,7 @@ class ReferenceKL(Regularizer):
             raise ValueError(f"ReferenceKL.estimator={estimator!r}; valid: {list(KL_ESTIMATORS)}")
         self.beta, self.estimator = beta, estimator
         self._beta_now = beta
+        self._kl_sums: Tensor | None = None  # [sum of kl over valid tokens, tokens] this step, this rank
 
     def prepare(self, ctx) -> None:
         self._beta_now = self.scheduled(self.beta, ctx.step)
@@ -71,5 +76,17 @@ class ReferenceKL(Regularizer):
     def shape(self, batch: PolicyBatch) -> TokenShaping:
         assert batch.ref_logp is not None, "the module must compute ref_logp when needs_reference is set"
         kl = kl_penalty(batch.logp, batch.ref_logp, self.estimator)
-        self.record("kl", ((kl * batch.mask).sum() / batch.mask.sum().clamp(min=1)).detach())
+        sums = torch.stack([(kl * batch.mask).sum(), batch.mask.sum()]).detach().double()
+        self._kl_sums = sums if self._kl_sums is None else self._kl_sums + sums
         return TokenShaping(penalty=self._beta_now * kl)
+
+    def pop_metrics(self) -> dict[str, float]:
+        """reg/<name>/kl: the token-mean KL over every update of the step and every rank (a
+        collective: the module calls pop_metrics on every rank every step, even on a rank
+        whose micro-batches were all fillers)."""
+        local = self._kl_sums if self._kl_sums is not None else torch.zeros(2, dtype=torch.float64, device=distributed.collective_device())
+        total = distributed.all_sum(local)
+        self._kl_sums = None
+        if total[1] > 0:
+            self.record("kl", total[0] / total[1])
+        return super().pop_metrics()
