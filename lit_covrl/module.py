@@ -25,12 +25,12 @@ from lit_covrl import distributed
 from lit_covrl.algorithms import compute_advantages, zero_variance_groups
 from lit_covrl.checks import check_module_args
 from lit_covrl.metrics import PassAtK, PhaseTimer, rollout_metrics
-from lit_covrl.policy import load_policy, load_tokenizer, resolve_dtype
+from lit_covrl.policy import empty_policy, load_policy, load_tokenizer, resolve_dtype
 from lit_covrl.prompts import encode_prompts
 from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.rewards import ExactMatchReward, RewardFunction, score_completions
 from lit_covrl.rollout import sample_responses
-from lit_covrl.sharding import check_sharding_args, gathered_for_rollout, shard_model
+from lit_covrl.sharding import check_sharding_args, gathered_for_rollout, load_sharded, shard_model
 from lit_covrl.types import PromptBatch, Rollout
 from lit_covrl.update import PolicyUpdateMixin
 
@@ -163,23 +163,34 @@ class GRPOModule(PolicyUpdateMixin, L.LightningModule):
     def configure_model(self) -> None:
         """Load the policy (and the reference model when a regularizer needs it). Under Lightning's
         `ModelParallelStrategy` (a device mesh is set) both are sharded with FSDP2 here, before the
-        optimizer is built, so the optimizer holds only this rank's shards."""
-        mesh = self.device_mesh
-        if self.policy is None:
-            self.policy = load_policy(self.hparams.model, dtype=self.hparams.dtype)
-            if mesh is not None:
-                self._shard(self.policy, mesh)
-        if self._reference is None and any(r.needs_reference for r in self.regularizers):
-            ref = load_policy(self.hparams.reference_model or self.hparams.model, dtype=self.hparams.dtype)
-            ref.eval().requires_grad_(False)
-            if mesh is not None:  # the strategy never sees it (not registered): place it ourselves
-                self._shard(ref.to(self.trainer.strategy.root_device), mesh, activation_checkpointing=False)
-            object.__setattr__(self, "_reference", ref)
-
-    def _shard(self, model: torch.nn.Module, mesh, activation_checkpointing: bool | None = None) -> None:
+        optimizer is built, so the optimizer holds only this rank's shards; their full weights are
+        read by rank 0 alone and broadcast into the other ranks' empty shards (`load_sharded`)."""
         hp = self.hparams
-        ac = hp.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
-        shard_model(model, mesh, mixed_precision=hp.fsdp_mixed_precision, activation_checkpointing=ac)
+        if self.policy is None:
+            self.policy = self._load(hp.model, frozen=False)
+        if self._reference is None and any(r.needs_reference for r in self.regularizers):
+            # a plain attribute: the strategy never sees it and checkpoints never save it
+            object.__setattr__(self, "_reference", self._load(hp.reference_model or hp.model, frozen=True))
+
+    def _load(self, spec: str, *, frozen: bool) -> torch.nn.Module:
+        hp, mesh = self.hparams, self.device_mesh
+
+        def full() -> torch.nn.Module:
+            model = load_policy(spec, dtype=hp.dtype)
+            return model.eval().requires_grad_(False) if frozen else model
+
+        if mesh is None:
+            return full()
+
+        def empty() -> torch.nn.Module:
+            model = empty_policy(spec, dtype=hp.dtype)
+            return model.eval().requires_grad_(False) if frozen else model
+
+        def shard(model: torch.nn.Module) -> None:
+            ac = hp.activation_checkpointing and not frozen  # nothing to recompute without grads
+            shard_model(model, mesh, mixed_precision=hp.fsdp_mixed_precision, activation_checkpointing=ac)
+
+        return load_sharded(full, empty, shard, self.trainer.strategy.root_device)
 
     def setup(self, stage: str) -> None:
         batch = self._prompts_per_step()

@@ -89,6 +89,20 @@ def load_policy(name_or_path: str, *, dtype: str = "float32") -> nn.Module:
     return model
 
 
+def empty_policy(name_or_path: str, *, dtype: str = "float32") -> nn.Module:
+    """The architecture of `load_policy(name_or_path)` on the meta device: no weights are read
+    and no memory is allocated (for sharded loading, see `lit_covrl.sharding.load_sharded`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path, kwargs = _pretrained_args(name_or_path)
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.to(resolve_dtype(dtype))
+    model.config.use_cache = False
+    return model
+
+
 @lru_cache(maxsize=None)
 def _cache_kwarg(model_cls: type) -> str:
     """transformers 5 names the KV cache argument `cache`; 4.x calls it `past_key_values`."""

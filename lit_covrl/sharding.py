@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -80,6 +80,40 @@ def shard_model(
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    return model
+
+
+def load_sharded(
+    load_full: Callable[[], nn.Module],
+    build_empty: Callable[[], nn.Module],
+    shard: Callable[[nn.Module], None],
+    device: torch.device,
+) -> nn.Module:
+    """A sharded model whose full weights only rank 0 ever holds (`empty_init`-style loading).
+
+    Every rank builds the architecture on the meta device (`build_empty()`: no memory), shards it
+    (`shard(model)`) and allocates only its own shards on `device`; rank 0 alone reads the full
+    model (`load_full()`, on the CPU) and broadcasts it tensor by tensor, every rank keeping its
+    shard. Peak memory on rank 0: one full CPU copy + its shards; on every other rank: its shards
+    + one full tensor in flight, so a 7B fp32 model is never materialized on every rank.
+    Buffers are broadcast too (non-persistent ones, e.g. rotary `inv_freq`, are in no state dict).
+    A collective: every rank must call it.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = load_full() if dist.get_rank() == 0 else None
+    model = build_empty()
+    shard(model)
+    model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full.state_dict() if full is not None else {}, options=options)
+    source = dict(full.named_buffers()) if full is not None else {}
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if full is not None:
+                buf.copy_(source[name])
+            dist.broadcast(buf, src=0)
     return model
 
 

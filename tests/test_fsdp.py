@@ -17,8 +17,8 @@ One spawn of 2 workers runs four short fits (module fixture; ~30-40 s on 2 busy 
   A  4 steps, rollout_gather="once"           -> compared with 1 process, 4 steps
   B  2 steps, rollout_gather="per_forward", sharded checkpoint saved
   C  resume B to 4 steps                      -> compared with A on steps 3-4
-  D  2 steps with bf16 mixed precision + activation checkpointing, one micro-batch per update
-     -> finite, moved, fp32 master weights
+  D  2 steps with bf16 mixed precision + activation checkpointing, one micro-batch per update,
+     and a ReferenceKL penalty (sharded reference model) -> finite, moved, fp32 master weights
 """
 from __future__ import annotations
 
@@ -45,9 +45,15 @@ def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> Non
     _dist.elastic_env(rank, 2, port)
     out, res = Path(out), {}
 
-    rec = _dist.Recorder()  # A: the trajectory compared with one process
+    import lit_covrl.module
+
+    full_loads, real_load = [], lit_covrl.module.load_policy  # who reads the full weights
+    lit_covrl.module.load_policy = lambda *a, **k: full_loads.append(a[0]) or real_load(*a, **k)
+
+    rec, loaded = _dist.Recorder(), _Loaded()  # A: the trajectory compared with one process
     module = _dist.make_module(model_dir, rollout_gather="once")
-    _dist.trainer(STEPS, [rec, *_dist.regularizers()], 2, out / "a").fit(module, _dist.make_data(Path(prompts), _dist.B))
+    _dist.trainer(STEPS, [rec, loaded, *_dist.regularizers()], 2, out / "a").fit(module, _dist.make_data(Path(prompts), _dist.B))
+    res["loaded"] = loaded.state
     res["A"] = rec.steps
     weights = full_state_dict(module.policy)  # collective: every rank calls it
     res["sharded"] = type(module.policy.model.layers[0]).__name__
@@ -73,12 +79,26 @@ def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> Non
     # one micro-batch per mini-batch: the update's single training forward doubles as the current
     # log-probs of the selection; at step 1 rank 1 has no rows and runs a filler pass in its place
     module = _dist.make_module(model_dir, fsdp_mixed_precision="bf16", activation_checkpointing=True, micro_batch_size=64)
-    _dist.trainer(2, [rec, *_dist.regularizers()], 2, out / "d").fit(module, _dist.make_data(Path(prompts), _dist.B))
+    # a ReferenceKL penalty: the frozen reference model is loaded and sharded the same way
+    from lit_covrl.regularizers import ReferenceKL
+
+    callbacks = [rec, *_dist.regularizers(), ReferenceKL(beta=0.1)]
+    _dist.trainer(2, callbacks, 2, out / "d").fit(module, _dist.make_data(Path(prompts), _dist.B))
     res["D"] = rec.steps
+    res["D_reference_sharded"] = type(module._reference).__name__
     res["D_dtypes"] = sorted({str(p.dtype) for p in module.policy.parameters()})
     res["D_weights"] = full_state_dict(module.policy)
+    res["full_loads"] = len(full_loads)
     torch.save(res, out / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+class _Loaded(_dist.Callback):
+    """The sharded policy as loaded (before any update): full weights and this rank's buffers."""
+
+    def on_fit_start(self, trainer, module) -> None:
+        buffers = {k: v.detach().cpu().clone() for k, v in module.policy.named_buffers()}
+        self.state = {"weights": full_state_dict(module.policy), "buffers": buffers}
 
 
 @pytest.fixture(scope="module")
@@ -185,9 +205,37 @@ def test_mixed_precision_and_activation_checkpointing_run(two_procs, tiny_model_
         assert r["D_dtypes"] == ["torch.float32"]  # sharded master weights stay fp32
         for s in (1, 2):
             assert math.isfinite(r["D"][s]["policy/loss"]) and r["D"][s]["policy/grad_norm"] > 0
+        assert r["D_reference_sharded"].startswith("FSDP")
+        kl = [r["D"][s]["reg/ref_kl/kl"] for s in (1, 2)]
+        assert all(math.isfinite(k) for k in kl) and kl[1] > 1e-7, kl  # the policy moved away from it
+    # a token mean over both ranks (rank 1 holds no rows at step 1 and still reports it)
+    assert [r["D"][s]["reg/ref_kl/kl"] for s in (1, 2) for r in ranks[:1]] == \
+        [r["D"][s]["reg/ref_kl/kl"] for s in (1, 2) for r in ranks[1:]]
     init = _initial(tiny_model_dir)
     moved = max((ranks[0]["D_weights"][k] - v).abs().max().item() for k, v in init.items())
     assert moved > 1e-3
+
+
+def test_only_rank_zero_reads_the_full_weights(two_procs, tiny_model_dir):
+    """Sharded loading: rank 0 alone materializes the full model (once per fit: A, B, C, D, plus
+    D's reference model);
+    rank 1 builds empty shards and receives weights and buffers (rotary inv_freq, which no state
+    dict holds) by broadcast, exactly equal to the files'."""
+    from lit_covrl.policy import load_policy
+
+    _, _, ranks = two_procs
+    assert [r["full_loads"] for r in ranks] == [5, 0]
+    ref = load_policy(tiny_model_dir)
+    buffers = dict(ref.named_buffers())
+    assert any("inv_freq" in k for k in buffers)
+    for r in ranks:
+        got = r["loaded"]
+        assert set(got["weights"]) == set(ref.state_dict())
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(got["weights"][k], v, rtol=0, atol=0)
+        assert set(got["buffers"]) == set(buffers)
+        for k, v in buffers.items():
+            torch.testing.assert_close(got["buffers"][k], v, rtol=0, atol=0)
 
 
 def _initial(model_dir: str) -> dict:
