@@ -40,3 +40,39 @@ def test_bench_quick_json_has_the_documented_keys(tiny_model_dir):
         assert c["loss_mask_tokens_after_eos"] == 0 and c["selected_padding_tokens"] == 0
     assert res["checks"]["none"]["update_forwards"] == res["checks"]["none"]["expected_update_forwards_without_recompute"]
     assert 0 < res["checks"]["entropy_fp32_peak_fraction_of_NTV"] < 1
+
+
+def test_bench_gpu_model_flops_match_the_parameter_count():
+    """MFU's numerator: 6 x (non-embedding params) per token + the LM head on response positions
+    + causal attention, against the real Qwen2.5-0.5B architecture's parameter count (built on
+    the meta device: no memory). Biases and norms are left out of the formula: < 0.1 % here."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import bench_gpu
+
+    cfg = Qwen2Config(tie_word_embeddings=True, **bench_gpu.SHAPES["0.5B"])
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    assert 490e6 < total < 500e6  # Qwen2.5-0.5B: 494M
+    body = total - cfg.vocab_size * cfg.hidden_size  # the tied embedding is counted once, as the head
+    P, T = 128, 512
+    S = P + T
+    expected = 3 * (2 * body * S + 2 * cfg.hidden_size * cfg.vocab_size * (T + 1)
+                    + 2 * cfg.num_hidden_layers * cfg.hidden_size * S * S)
+    assert bench_gpu.model_flops_per_seq(cfg, P, T) == pytest.approx(expected, rel=1e-3)
+
+
+def test_bench_gpu_runs_end_to_end_on_cpu(tmp_path):
+    import bench_gpu
+
+    out = tmp_path / "gpu.json"
+    bench_gpu.main(["--shape", "tiny", "--device", "cpu", "--configs", "single", "fsdp_once", "--steps", "2",
+                    "--prompts", "4", "--updates", "2", "--micro", "8", "--prompt-len", "8", "--new-tokens", "6",
+                    "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert [r["config"] for r in res["runs"]] == ["single", "fsdp_once"]
+    for r in res["runs"]:
+        assert "error" not in r, r.get("error")
+        assert r["loss_finite"] and _positive(r["rollout_tokens_per_s"]) and _positive(r["update_tokens_per_s"])
