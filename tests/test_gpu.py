@@ -18,18 +18,28 @@ from lit_covrl.regularizers import ClipCov
 pytestmark = pytest.mark.gpu
 
 
+class _OnesReward:
+    """Fraction of '1's in the completion: varied rewards even for a random policy (the
+    arithmetic answers of a random tiny model are all wrong: zero advantages, zero gradient)."""
+
+    def __call__(self, completion: str, answer: str) -> float:
+        return completion.count("1") / max(len(completion), 1)
+
+
 class _Steps(Callback):
     def __init__(self) -> None:
         self.steps: list[dict[str, float]] = []
 
-    def on_train_batch_end(self, trainer, *args) -> None:
+    def on_train_batch_end(self, trainer, module, *args) -> None:
         self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+        self.steps[-1]["on_cuda"] = float(next(module.policy.parameters()).is_cuda)  # Lightning moves it back at teardown
 
 
 def _fit(model_dir: str, steps: int, strategy="auto", precision="bf16-mixed", **module_kw):
     rec = _Steps()
     module = GRPOModule(model=model_dir, group_size=4, max_new_tokens=6, micro_batch_size=8, mini_batch_size=2,
-                        seed=0, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), **module_kw)
+                        seed=0, reward=_OnesReward(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+                        **module_kw)
     trainer = L.Trainer(
         accelerator="cuda", devices=1, strategy=strategy, precision=precision, max_steps=steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -44,7 +54,7 @@ def test_rl_steps_on_one_gpu_with_bf16_autocast(tiny_model_dir):
 
     module, steps = _fit(tiny_model_dir, 3)
     assert len(steps) == 3
-    assert next(module.policy.parameters()).device.type == "cuda"
+    assert all(s["on_cuda"] == 1.0 for s in steps)
     assert {p.dtype for p in module.policy.parameters()} == {torch.float32}  # fp32 master weights
     for s in steps:
         assert math.isfinite(s["policy/loss"]) and s["policy/grad_norm"] > 0, s
