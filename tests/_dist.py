@@ -131,12 +131,12 @@ class GeneratorAtFirstBatch(Callback):
             self.state = pl_module.rollout_generator.get_state()
 
 
-def trainer(steps: int, callbacks, devices: int, root: Path) -> L.Trainer:
-    if devices > 1:
+def trainer(steps: int, callbacks, devices: int, root: Path, strategy=None) -> L.Trainer:
+    if strategy is None and devices > 1:
         from lit_covrl.sharding import FSDP2Strategy  # ModelParallelStrategy, data parallel only
 
         strategy = FSDP2Strategy(process_group_backend="gloo")
-    else:
+    elif strategy is None:
         strategy = "auto"
     return L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, callbacks=callbacks, logger=False,

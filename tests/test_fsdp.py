@@ -13,12 +13,13 @@ the global Clip-Cov / KL-Cov selection, the loss with global denominators, the g
 scattered mean x world size), the weights, and every logged metric, which must be the global value
 (a token mean over all ranks, not rank 0's or a mean of rank means) and the same on both ranks.
 
-One spawn of 2 workers runs four short fits (module fixture; ~30-40 s on 2 busy cores):
+One spawn of 2 workers runs five short fits (module fixture; ~30-40 s on 2 busy cores):
   A  4 steps, rollout_gather="once"           -> compared with 1 process, 4 steps
   B  2 steps, rollout_gather="per_forward", sharded checkpoint saved
   C  resume B to 4 steps                      -> compared with A on steps 3-4
   D  2 steps with bf16 mixed precision + activation checkpointing, one micro-batch per update,
      and a ReferenceKL penalty (sharded reference model) -> finite, moved, fp32 master weights
+  E  4 steps under Lightning's DDPStrategy (no sharding) -> compared with 1 process, 4 steps
 """
 from __future__ import annotations
 
@@ -89,6 +90,13 @@ def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> Non
     res["D_dtypes"] = sorted({str(p.dtype) for p in module.policy.parameters()})
     res["D_weights"] = full_state_dict(module.policy)
     res["full_loads"] = len(full_loads)
+    rec = _dist.Recorder()  # E: plain DDP (replicated weights, all-reduced gradients), same as A
+    from lightning.pytorch.strategies import DDPStrategy
+
+    module = _dist.make_module(model_dir)
+    ddp = DDPStrategy(process_group_backend="gloo")
+    _dist.trainer(STEPS, [rec, *_dist.regularizers()], 2, out / "e", strategy=ddp).fit(module, _dist.make_data(Path(prompts), _dist.B))
+    res["E"] = rec.steps
     torch.save(res, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -168,6 +176,15 @@ def test_two_processes_match_one_process_trajectory(two_procs, one_proc, tiny_mo
         torch.testing.assert_close(w2[k], v, rtol=1e-3, atol=2e-4)
         moved = max(moved, (v - init[k]).abs().max().item())
     assert moved > 2e-2  # far above the tolerance
+
+
+def test_ddp_matches_one_process_trajectory(two_procs, one_proc):
+    """Lightning's DDPStrategy (no sharding: for models that fit one device) runs the same math:
+    gradients all-reduced across the many manual backward passes of one training_step."""
+    _, _, ranks = two_procs
+    single, _ = one_proc
+    for r in ranks:
+        _assert_same(r["E"], single, range(1, STEPS + 1), rel=2e-3, abs_=1e-5)
 
 
 def test_metrics_are_global_not_rank_means(two_procs, one_proc):
