@@ -30,7 +30,9 @@ from lit_covrl.prompts import encode_prompts
 from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.rewards import ExactMatchReward, RewardFunction, score_completions
 from lit_covrl.rollout import sample_responses
-from lit_covrl.sharding import check_sharding_args, gathered_for_rollout, load_sharded, shard_model
+from lit_covrl.sharding import (
+    check_sharding_args, check_strategy, checkpoint_layers, gathered_for_rollout, load_sharded, shard_model,
+)
 from lit_covrl.types import PromptBatch, Rollout
 from lit_covrl.update import PolicyUpdateMixin
 
@@ -80,6 +82,7 @@ class GRPOModule(PolicyUpdateMixin, L.LightningModule):
         fsdp_mixed_precision: str | None = None,
         activation_checkpointing: bool = False,
         rollout_gather: str = "once",
+        shared_prompt: bool = True,
     ) -> None:
         """
         Args:
@@ -125,9 +128,13 @@ class GRPOModule(PolicyUpdateMixin, L.LightningModule):
             fsdp_mixed_precision: with `ModelParallelStrategy` (FSDP2) only: "bf16" gathers
                 parameters in bf16 for compute and reduces gradients in fp32, while the sharded
                 master weights keep `dtype` (null = compute in `dtype`).
-            activation_checkpointing: with FSDP2 only: recompute decoder-layer activations in backward.
+            activation_checkpointing: recompute decoder-layer activations in backward (any strategy).
             rollout_gather: with FSDP2 only: "once" keeps parameters gathered for a whole rollout
                 (one all-gather per layer per rollout), "per_forward" gathers at every decoding step.
+            shared_prompt: in the training and no-grad log-prob forwards, run each group's prompt
+                once per micro-batch and only the response tokens per sample, on the prompt's KV
+                cache repeated over the group (same math, fewer FLOPs). Off = one forward over
+                prompt+response per row. Ignored (off) with activation_checkpointing.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler"])
@@ -180,7 +187,10 @@ class GRPOModule(PolicyUpdateMixin, L.LightningModule):
             return model.eval().requires_grad_(False) if frozen else model
 
         if mesh is None:
-            return full()
+            model = full()
+            if hp.activation_checkpointing and not frozen:
+                checkpoint_layers(model)
+            return model
 
         def empty() -> torch.nn.Module:
             model = empty_policy(spec, dtype=hp.dtype)
@@ -193,6 +203,7 @@ class GRPOModule(PolicyUpdateMixin, L.LightningModule):
         return load_sharded(full, empty, shard, self.trainer.strategy.root_device)
 
     def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy, self.hparams)
         batch = self._prompts_per_step()
         mbs = self.hparams.mini_batch_size
         if batch is not None and mbs is not None and batch % mbs:

@@ -73,10 +73,9 @@ def shard_model(
         kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=MIXED_PRECISION[mixed_precision], reduce_dtype=torch.float32
         )
-    layers = decoder_layers(model)
     if activation_checkpointing:
-        _checkpoint_layers(model, layers)
-        layers = decoder_layers(model)
+        checkpoint_layers(model)
+    layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
@@ -117,14 +116,33 @@ def load_sharded(
     return model
 
 
-def _checkpoint_layers(model: nn.Module, layers: list[nn.Module]) -> None:
-    """Recompute each decoder layer's activations in backward (non-reentrant checkpointing).
-    Works in eval mode too (the policy is kept in eval mode: no dropout in RL), unlike HF's
-    `gradient_checkpointing_enable`, which only acts in train mode."""
+def checkpoint_layers(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant checkpointing), with
+    or without sharding. Works in eval mode too (the policy is kept in eval mode: no dropout in
+    RL), unlike HF's `gradient_checkpointing_enable`, which only acts in train mode."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
-    ids = {id(m) for m in layers}
+    ids = {id(m) for m in decoder_layers(model)}
     apply_activation_checkpointing(model, check_fn=lambda m: id(m) in ids)
+
+
+def check_strategy(strategy, hp) -> None:
+    """Start-up check of the trainer's strategy against the module's sharding settings."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    name = type(strategy).__name__
+    if isinstance(strategy, FSDPStrategy) or "DeepSpeed" in name:
+        raise ValueError(
+            f"trainer.strategy={name} is not supported: it wraps the whole LightningModule, while "
+            "lit_covrl samples rollouts inside training_step with the policy's own forward. Use "
+            "`class_path: lit_covrl.sharding.FSDP2Strategy` (sharded) or `ddp` (replicated)."
+        )
+    if hp.fsdp_mixed_precision is not None and not isinstance(strategy, ModelParallelStrategy):
+        raise ValueError(
+            f"model.fsdp_mixed_precision={hp.fsdp_mixed_precision!r} needs trainer.strategy "
+            f"lit_covrl.sharding.FSDP2Strategy (got {name}); without sharding use "
+            "trainer.precision: bf16-mixed and model.fsdp_mixed_precision: null"
+        )
 
 
 def is_sharded(model: nn.Module) -> bool:
