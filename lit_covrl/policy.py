@@ -10,6 +10,11 @@ cached Hugging Face folder (`lit_covrl.gguf`), so every spec ends up on the same
 positions only (`logits_to_keep`, so prompt logits are never computed), the log-probability of the
 sampled token at the training temperature and optionally the exact entropy at temperature 1,
 both computed in row chunks so that float32 N x T x V is never held at once.
+
+`shared_prompt_logprobs` returns the same quantities (to float rounding, gradients included) with
+fewer FLOPs for GRPO batches: consecutive rows with the same prompt (the G samples of a group)
+share one prompt forward, whose KV cache rows are repeated (differentiably) over the group before
+a second forward runs the response columns alone on that cache.
 """
 from __future__ import annotations
 
@@ -147,4 +152,92 @@ def response_logprobs(
     labels = input_ids[:, -response_len:]
     logp = token_logprobs(logits, labels, temperature=temperature, chunk_size=chunk_size)
     entropy = token_entropy(logits, chunk_size=chunk_size) if with_entropy else None
+    return logp, entropy
+
+
+def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Runs of identical consecutive prompt rows (same ids and mask): (the first row of each run
+    [U], the run of every row [N]). U < N when some prompt repeats (GRPO's G samples)."""
+    key = torch.cat([prompt_ids.long(), prompt_mask.long()], 1)
+    _, counts = torch.unique_consecutive(key, dim=0, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts
+    return first, torch.repeat_interleave(torch.arange(len(counts), device=key.device), counts)
+
+
+# model classes whose KV cache rows cannot be repeated: they always take the plain path
+_UNSHARED_CACHE: set[type] = set()
+
+
+def _repeatable_cache(cache) -> bool:
+    """A `DynamicCache` whose layers all keep every token (no sliding window, no quantization):
+    its rows can be repeated with `batch_select_indices` and extended by a second forward."""
+    from transformers import DynamicCache
+
+    if not isinstance(cache, DynamicCache):  # e.g. legacy tuples (4.x) or HF checkpointing (None)
+        return False
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # older 4.x DynamicCache: plain key/value lists
+        return True
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _split_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
+                   first: Tensor, rows: Tensor) -> list[Tensor] | None:
+    """Logits predicting the response tokens, as [head [N, 1, V], tail [N, T-1, V]] (no tail when
+    T = 1): the prompt forward on the rows `first` (last position only) and, on its cache repeated
+    to every row, the response columns but the last. None if the cache cannot be repeated."""
+    P = prompt_len
+    ids, m = input_ids[first, :P], attention_mask[first, :P]
+    head, cache = forward_with_cache(
+        model, None, input_ids=ids, attention_mask=m, position_ids=position_ids_from_mask(m), logits_to_keep=1,
+    )
+    if not _repeatable_cache(cache):
+        return None
+    if len(first) < len(rows):  # indexing keeps the graph: gradients flow back into the prompt forward
+        cache.batch_select_indices(rows)
+        head = head[rows]
+    if input_ids.shape[1] - P == 1:
+        return [head]
+    tail, _ = forward_with_cache(  # the last response token predicts nothing: not forwarded
+        model, cache, input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
+        position_ids=position_ids_from_mask(attention_mask)[:, P:-1],
+    )
+    return [head, tail]
+
+
+def shared_prompt_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_len: int,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int = 1024,
+    always_split: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """`response_logprobs` with each run of identical consecutive prompt rows forwarded once.
+
+    Falls back to `response_logprobs` (one forward) when no prompt repeats, unless `always_split`
+    (then every call issues the same two forwards, whatever the rows: FSDP lock-step across ranks),
+    and for models whose cache rows cannot be repeated (decided by the model class, so the same on
+    every rank; such a class pays one wasted prompt forward once). Not for activation
+    checkpointing: a recomputed layer would append to the cache again."""
+    P = input_ids.shape[1] - response_len
+    kw = dict(temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size)
+    if P < 1 or type(model) in _UNSHARED_CACHE:
+        return response_logprobs(model, input_ids, attention_mask, response_len, **kw)
+    first, rows = prompt_groups(input_ids[:, :P], attention_mask[:, :P])
+    if len(first) == len(rows) and not always_split:
+        return response_logprobs(model, input_ids, attention_mask, response_len, **kw)
+    parts = _split_forward(model, input_ids, attention_mask, P, first, rows)
+    if parts is None:
+        _UNSHARED_CACHE.add(type(model))
+        return response_logprobs(model, input_ids, attention_mask, response_len, **kw)
+    labels = torch.split(input_ids[:, P:], [p.shape[1] for p in parts], 1)
+    logp = torch.cat([token_logprobs(p, y, temperature=temperature, chunk_size=chunk_size)
+                      for p, y in zip(parts, labels)], 1)
+    entropy = torch.cat([token_entropy(p, chunk_size=chunk_size) for p in parts], 1) if with_entropy else None
     return logp, entropy

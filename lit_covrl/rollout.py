@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from lit_covrl.policy import forward_with_cache, position_ids_from_mask
+from lit_covrl.policy import forward_with_cache, position_ids_from_mask, prompt_groups
 from lit_covrl.types import Rollout
 
 
@@ -40,15 +40,12 @@ def _prefill(model: nn.Module, prompt_ids: Tensor, mask: Tensor):
     `DynamicCache` nor a legacy tuple (rows of which can be selected)."""
     from transformers import DynamicCache
 
-    key = torch.cat([prompt_ids.long(), mask], 1)
-    uniq, counts = torch.unique_consecutive(key, dim=0, return_counts=True)
-    if len(uniq) < len(key):
-        first = torch.cumsum(counts, 0) - counts  # first row of each run
+    first, rows = prompt_groups(prompt_ids, mask)
+    if len(first) < len(rows):
         ids, m = prompt_ids[first], mask[first]
         logits, cache = forward_with_cache(
             model, None, input_ids=ids, attention_mask=m, position_ids=position_ids_from_mask(m), logits_to_keep=1,
         )
-        rows = torch.repeat_interleave(torch.arange(len(first), device=key.device), counts)
         if isinstance(cache, DynamicCache):
             cache.batch_select_indices(rows)
             return logits[rows], cache

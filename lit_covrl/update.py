@@ -6,6 +6,7 @@ mini-batch (all ranks), then micro-batches accumulate gradients of one aggregate
     agg( ppo_token_loss * prod(weights) + sum(penalties) )
 
 whose denominators are the mini-batch's, so the result does not depend on micro_batch_size.
+Each group's prompt is forwarded once per micro-batch (`shared_prompt`, see `_logprobs`).
 A non-finite gradient drops that update whole. Only the last update of a rollout goes through
 Lightning's optimizer wrapper, so `trainer.global_step` counts rollouts.
 
@@ -23,7 +24,7 @@ from torch import Tensor
 from lit_covrl import distributed
 from lit_covrl.algorithms import aggregate, ppo_stats, ppo_token_loss
 from lit_covrl.metrics import StepMetrics
-from lit_covrl.policy import response_logprobs
+from lit_covrl.policy import response_logprobs, shared_prompt_logprobs
 from lit_covrl.regularizers.base import MiniBatchContext
 from lit_covrl.types import PolicyBatch, Rollout, TokenShaping
 
@@ -161,10 +162,16 @@ class PolicyUpdateMixin:
         return torch.cat(parts) * mask
 
     def _logprobs(self, ids: Tensor, att: Tensor, T: int, with_entropy: bool, model=None) -> tuple[Tensor, Tensor | None]:
-        return response_logprobs(
-            model if model is not None else self.policy, ids, att, T, temperature=self.hparams.temperature,
-            with_entropy=with_entropy, chunk_size=self.hparams.logprob_chunk_size,
-        )
+        """Response log-probs (and entropy) of a micro-batch under `model` (default the policy):
+        the prompt forward shared over each group (`shared_prompt_logprobs`) when `shared_prompt` is
+        on and activation checkpointing off. Every call, filler passes included, then runs the same
+        two forwards on every rank when there are several (FSDP lock-step)."""
+        hp = self.hparams
+        model = model if model is not None else self.policy
+        kw = dict(temperature=hp.temperature, with_entropy=with_entropy, chunk_size=hp.logprob_chunk_size)
+        if not hp.get("shared_prompt", True) or hp.get("activation_checkpointing", False):
+            return response_logprobs(model, ids, att, T, **kw)
+        return shared_prompt_logprobs(model, ids, att, T, always_split=distributed.world_size() > 1, **kw)
 
     def _optimizer_step(self, opt, last: bool) -> dict:
         params = [p for p in self.policy.parameters() if p.grad is not None]

@@ -102,12 +102,17 @@ def test_update_is_invariant_to_micro_batch_size(tiny_model_dir, micro):
         torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-6)
 
 
-def test_single_micro_batch_selection_reuses_the_training_forward(tiny_model_dir):
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_single_micro_batch_selection_reuses_the_training_forward(tiny_model_dir, shared_prompt):
     """No wasted pass: when a mini-batch is one micro-batch, the covariance selection of later
     updates uses that micro-batch's training forward, not an extra no-grad forward (4 updates,
-    one forward each). With several micro-batches the extra no-grad forward is still needed."""
+    one pass each). With several micro-batches the extra no-grad pass is still needed. A pass is
+    one model forward, or two with shared_prompt (the groups' prompts, then the responses)."""
+    per_pass = 2 if shared_prompt else 1
+
     def update_forwards(micro: int) -> int:
-        module = make_module(tiny_model_dir, micro_batch_size=micro, mini_batch_size=2, ppo_epochs=2)
+        module = make_module(tiny_model_dir, micro_batch_size=micro, mini_batch_size=2, ppo_epochs=2,
+                             shared_prompt=shared_prompt)
         module.configure_model()
         calls = []
         module.policy.register_forward_pre_hook(lambda *_: calls.append(1))
@@ -123,8 +128,9 @@ def test_single_micro_batch_selection_reuses_the_training_forward(tiny_model_dir
         fit(module, make_data(), steps=1, callbacks=[ClipCov(ratio=0.1, lb=-1e9, ub=1e9)], limit_val_batches=0)
         return counted.n
 
-    assert update_forwards(64) == 4  # 4 updates x 1 micro-batch, no recomputation
-    assert update_forwards(3) == 4 * 3 + 3 * 3  # 3 micro-batches each + a no-grad pass from update 2 on
+    assert update_forwards(64) == 4 * per_pass  # 4 updates x 1 micro-batch, no recomputation
+    # 3 micro-batches each + a no-grad pass from update 2 on
+    assert update_forwards(3) == (4 * 3 + 3 * 3) * per_pass
 
 
 def _initial(model_dir: str) -> dict:

@@ -355,11 +355,15 @@ def check_passes(model: str, log_dir: str, steps: int = 2) -> dict:
 
             r.prepare = prepare
         _fit(module, make_data(), steps, [c, *reg_objs], log_dir)
-        per_update_micro = -(-module.hparams.mini_batch_size * module.hparams.group_size // module.hparams.micro_batch_size)
+        hp = module.hparams
+        per_update_micro = -(-hp.mini_batch_size * hp.group_size // hp.micro_batch_size)
+        # a pass is 2 forwards with shared_prompt (the groups' prompts, then the responses; every
+        # micro-batch here holds whole groups), else 1 over prompt+response
+        per_pass = 2 if hp.shared_prompt and not hp.activation_checkpointing else 1
         step = c.records[-1]
         out[label] = {
-            **step, "updates_per_rollout": module.updates_per_rollout,
-            "expected_update_forwards_without_recompute": module.updates_per_rollout * per_update_micro,
+            **step, "updates_per_rollout": module.updates_per_rollout, "forwards_per_pass": per_pass,
+            "expected_update_forwards_without_recompute": module.updates_per_rollout * per_update_micro * per_pass,
             "reference_model_loaded": module._reference is not None,
             "selected_padding_tokens": sum(sel),
         }

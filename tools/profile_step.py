@@ -1,6 +1,7 @@
 """Where the time of one lit_covrl RL step goes (1 update per rollout), and the floor.
 
     python tools/profile_step.py [--steps 20] [--warmup 3] [--reps 3] [--cprofile] [--ops]
+    python tools/profile_step.py --ab-train [--updates 1|4] [--trl]   # shared_prompt off vs on
 
 Setting: the TRL side-by-side benchmark's 1-update case (tools/bench_trl.py): the shipped tiny
 Qwen2 (`lit_covrl:tiny-arith`), 16 prompts x 8 generations, <= 5 new tokens, `mini_batch_size:
@@ -18,7 +19,11 @@ Trainer with a TensorBoard logger, one torch thread.
    log-softmax + multinomial per token, one training forward (response logits only) with a
    clipped-ratio token-mean loss, backward, grad-norm clip and one AdamW step; no Lightning,
    no metrics, no logging. Timed in blocks interleaved with lit_covrl blocks (A B A B ...).
-3. `--cprofile`: cProfile of the measured steps, top functions by cumulative time (detail of
+3. `--ab`: interleaved A/B of the sampler's prompt forward (every row vs once per group);
+   `--ab-train`: interleaved A/B of `model.shared_prompt` (the training and no-grad log-prob
+   forwards: prompt+response on every row vs the prompt once per group), at `--updates` 1 or 4
+   optimizer updates per rollout, with TRL blocks at the same setting under `--trl`.
+4. `--cprofile`: cProfile of the measured steps, top functions by cumulative time (detail of
    the Lightning / logging side). `--ops`: torch.profiler op counts and self-CPU shares per region.
 """
 from __future__ import annotations
@@ -112,6 +117,7 @@ def instrument(module, timers: Timers) -> None:
     M.compute_advantages = w("advantages", M.compute_advantages)
     M.rollout_metrics = w("rollout metrics", M.rollout_metrics)
     U.response_logprobs = w("training forward", U.response_logprobs)
+    U.shared_prompt_logprobs = w("training forward", U.shared_prompt_logprobs)
     P.token_logprobs = w("log-prob gather", P.token_logprobs)
     U.ppo_token_loss = w("loss", U.ppo_token_loss)
     U.aggregate = w("loss", U.aggregate)
@@ -156,20 +162,22 @@ def _plain_prefill(model, prompt_ids, mask):
                                 position_ids=R.position_ids_from_mask(mask), logits_to_keep=1)
 
 
-def run_lit(steps: int, warmup: int, log_dir: str, *, profiler=None, plain_prefill: bool = False) -> dict:
+def run_lit(steps: int, warmup: int, log_dir: str, *, profiler=None, plain_prefill: bool = False,
+            module_kw: dict | None = None) -> dict:
+    """lit_covrl blocks; `module_kw` overrides GRPOModule settings (default: 1 update per rollout)."""
     import lit_covrl.rollout as R
 
     saved = R._prefill
     if plain_prefill:
         R._prefill = _plain_prefill
     try:
-        return _run_lit(steps, warmup, log_dir, profiler=profiler)
+        return _run_lit(steps, warmup, log_dir, profiler=profiler, module_kw=module_kw or {})
     finally:
         R._prefill = saved
 
 
-def _run_lit(steps: int, warmup: int, log_dir: str, *, profiler=None) -> dict:
-    module = bench.make_module(bench.QUICKSTART, mini_batch_size=None)
+def _run_lit(steps: int, warmup: int, log_dir: str, *, profiler=None, module_kw: dict) -> dict:
+    module = bench.make_module(bench.QUICKSTART, **{"mini_batch_size": None, **module_kw})
     module.configure_model()
     timers = TIMERS
     timers.excl.clear()
@@ -366,7 +374,10 @@ def main(argv=None) -> None:
     ap.add_argument("--ops", action="store_true")
     ap.add_argument("--ab", action="store_true",
                     help="interleaved A/B: prompt forward on every row (before) vs once per group (now)")
-    ap.add_argument("--trl", action="store_true", help="also TRL's GRPOTrainer blocks (tools/bench_trl.py, 1 update)")
+    ap.add_argument("--ab-train", action="store_true",
+                    help="interleaved A/B of model.shared_prompt: training forward on every row vs prompt once per group")
+    ap.add_argument("--updates", type=int, default=1, choices=(1, 4), help="optimizer updates per rollout (--ab-train)")
+    ap.add_argument("--trl", action="store_true", help="also TRL's GRPOTrainer blocks (tools/bench_trl.py)")
     args = ap.parse_args(argv)
     bench._quiet()
     warnings.filterwarnings("ignore")
@@ -384,6 +395,8 @@ def main(argv=None) -> None:
             return ops_profile(args, tmp)
         if args.ab:
             return ab(args, tmp)
+        if args.ab_train:
+            return ab_train(args, tmp)
         lit_runs, floor_runs, shared_runs, trl_steps = [], [], [], []
         for rep in range(args.reps):
             lit_runs.append(run_lit(args.steps, args.warmup, tmp))
@@ -459,6 +472,45 @@ def ab(args, tmp) -> None:
     if "TRL" in med:
         for name in ("plain prefill", "shared prefill"):
             print(f"TRL / lit ({name}) = {med['TRL'] / med[name]:.3f}")
+    print(f"load after: {[round(x, 2) for x in os.getloadavg()]}")
+
+
+AB_TRAIN = {"shared_prompt off": False, "shared_prompt on": True}
+UPDATE_TIMERS = {  # exclusive timer paths of the update's model work
+    "training forward (model)": "training_step/update/training forward/model forward",
+    "backward (autograd)": "training_step/update/backward (Lightning)/autograd backward",
+}
+
+
+def ab_train(args, tmp) -> None:
+    """Interleaved blocks of lit_covrl with `shared_prompt` off and on (and TRL under --trl), at
+    args.updates optimizer updates per rollout; medians of the per-rollout wall times."""
+    import bench_trl
+
+    mbs = None if args.updates == 1 else PROMPTS // args.updates
+    runs = {name: [] for name in [*AB_TRAIN, "TRL"]}
+    blocks = {name: [] for name in AB_TRAIN}
+    for rep in range(args.reps):
+        for name, on in AB_TRAIN.items():
+            r = run_lit(args.steps, args.warmup, tmp, module_kw={"shared_prompt": on, "mini_batch_size": mbs})
+            runs[name] += r["per_step"]
+            blocks[name].append(r)
+        if args.trl:
+            runs["TRL"] += [x["seconds"] for x in bench_trl.run_trl(args.updates, args.steps, args.warmup, T_MAX, tmp)]
+        print(f"rep {rep + 1}: " + ", ".join(f"{k} {statistics.median(v[-args.steps:]) * 1e3:.1f} ms"
+                                             for k, v in runs.items() if v) + f"; load {os.getloadavg()[0]:.2f}", flush=True)
+    med = {k: statistics.median(v) for k, v in runs.items() if v}
+    print(f"\n{args.updates} update(s) per rollout, medians over {len(runs['shared_prompt on'])} rollouts per side:")
+    for k, v in med.items():
+        print(f"  {k}: {v * 1e3:.1f} ms/rollout")
+    print(f"  off / on = {med['shared_prompt off'] / med['shared_prompt on']:.3f}")
+    for name, rs in blocks.items():
+        n = sum(len(r["per_step"]) for r in rs)
+        parts = {lbl: sum(r["timers"].excl.get(path, 0.0) for r in rs) / n * 1e3 for lbl, path in UPDATE_TIMERS.items()}
+        print(f"  {name}: " + ", ".join(f"{lbl} {ms:.1f} ms/step" for lbl, ms in parts.items()))
+    if "TRL" in med:
+        for name in AB_TRAIN:
+            print(f"  TRL / lit ({name}) = {med['TRL'] / med[name]:.3f}")
     print(f"load after: {[round(x, 2) for x in os.getloadavg()]}")
 
 
