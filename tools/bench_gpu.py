@@ -14,6 +14,7 @@ Each configuration runs `GRPOModule` under a Lightning Trainer in its own proces
 context and peak-memory counter) for --steps RL steps and reports medians over the steps after
 the first (warm-up):
 - single:          one device, `precision: bf16-mixed` (autocast), fp32 weights and AdamW state;
+- single_no_shared_prompt: the same with `shared_prompt: false` (prompt+response forward per row);
 - fsdp_per_forward: FSDP2Strategy on one device, bf16 parameter all-gather / fp32 reduce,
                    fp32 sharded master weights, parameters gathered at every decoding forward;
 - fsdp_once:       the same, parameters gathered once per rollout (`rollout_gather: once`);
@@ -56,6 +57,7 @@ SHAPES = {
 }
 CONFIGS = {
     "single": dict(strategy="auto", precision="bf16-mixed", module={}),
+    "single_no_shared_prompt": dict(strategy="auto", precision="bf16-mixed", module=dict(shared_prompt=False)),
     "fsdp_per_forward": dict(strategy="fsdp", precision="32-true",
                              module=dict(fsdp_mixed_precision="bf16", rollout_gather="per_forward")),
     "fsdp_once": dict(strategy="fsdp", precision="32-true",
@@ -202,7 +204,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="0.5B")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="*", default=[c for c in CONFIGS if c != "single_no_shared_prompt"],
+                   choices=list(CONFIGS))
     p.add_argument("--prompts", type=int, default=16, help="prompts per RL step")
     p.add_argument("--group", type=int, default=8, help="responses per prompt")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
