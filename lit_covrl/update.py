@@ -161,6 +161,16 @@ class PolicyUpdateMixin:
             parts.append(self._logprobs(input_ids[r], attention_mask[r], T, False, model=model)[0])
         return torch.cat(parts) * mask
 
+    @property
+    def shared_prompt_on(self) -> bool:
+        """`shared_prompt` resolved: null means on for CPU, off on GPU (where it was measured
+        slower); always off under activation checkpointing."""
+        hp = self.hparams
+        if hp.get("activation_checkpointing", False):
+            return False
+        choice = hp.get("shared_prompt", None)
+        return self.device.type == "cpu" if choice is None else bool(choice)
+
     def _logprobs(self, ids: Tensor, att: Tensor, T: int, with_entropy: bool, model=None) -> tuple[Tensor, Tensor | None]:
         """Response log-probs (and entropy) of a micro-batch under `model` (default the policy):
         the prompt forward shared over each group (`shared_prompt_logprobs`) when `shared_prompt` is
@@ -169,7 +179,7 @@ class PolicyUpdateMixin:
         hp = self.hparams
         model = model if model is not None else self.policy
         kw = dict(temperature=hp.temperature, with_entropy=with_entropy, chunk_size=hp.logprob_chunk_size)
-        if not hp.get("shared_prompt", True) or hp.get("activation_checkpointing", False):
+        if not self.shared_prompt_on:
             return response_logprobs(model, ids, att, T, **kw)
         return shared_prompt_logprobs(model, ids, att, T, always_split=distributed.world_size() > 1, **kw)
 

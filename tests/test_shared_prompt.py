@@ -213,3 +213,19 @@ def test_training_run_is_the_same_with_shared_prompt_on_and_off(
     assert [r for r, _ in calls_on[1::2]] == rows * updates
     assert all(c_on[1] + c_resp[1] == c_off[1] - 1  # prompt columns + response columns but the last
                for c_on, c_resp, c_off in zip(calls_on[0::2], calls_on[1::2], calls_off))
+
+
+def test_shared_prompt_default_follows_the_measurements(tiny_model_dir):
+    """null = on for CPU (measured 1.58x faster updates), off on CUDA (measured 1.76x slower on
+    an H100); an explicit setting wins; activation checkpointing always turns it off."""
+    from lit_covrl.module import GRPOModule
+
+    auto = GRPOModule(model=tiny_model_dir)
+    assert auto.hparams.shared_prompt is None and auto.shared_prompt_on
+    auto._device = torch.device("cuda", 0)  # what Lightning sets when the module moves to a GPU
+    assert not auto.shared_prompt_on
+    forced = GRPOModule(model=tiny_model_dir, shared_prompt=True)
+    forced._device = torch.device("cuda", 0)
+    assert forced.shared_prompt_on
+    assert not GRPOModule(model=tiny_model_dir, shared_prompt=False).shared_prompt_on
+    assert not GRPOModule(model=tiny_model_dir, shared_prompt=True, activation_checkpointing=True).shared_prompt_on

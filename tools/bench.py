@@ -359,7 +359,7 @@ def check_passes(model: str, log_dir: str, steps: int = 2) -> dict:
         per_update_micro = -(-hp.mini_batch_size * hp.group_size // hp.micro_batch_size)
         # a pass is 2 forwards with shared_prompt (the groups' prompts, then the responses; every
         # micro-batch here holds whole groups), else 1 over prompt+response
-        per_pass = 2 if hp.shared_prompt and not hp.activation_checkpointing else 1
+        per_pass = 2 if module.shared_prompt_on else 1
         step = c.records[-1]
         out[label] = {
             **step, "updates_per_rollout": module.updates_per_rollout, "forwards_per_pass": per_pass,
