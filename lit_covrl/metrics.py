@@ -135,3 +135,32 @@ def rollout_metrics(
         metrics[f"cov/top{frac * 100:g}pct"] = value
     metrics["cov/mean"] = (cov_all * mask_all).sum() / mask_all.sum().clamp(min=1)
     return metrics
+
+
+def as_floats(metrics: dict) -> dict[str, float]:
+    """Plain floats, with one device-to-host copy per device for all tensor values (not one
+    synchronization per metric)."""
+    out = {k: float(v) for k, v in metrics.items() if not isinstance(v, Tensor)}
+    by_device: dict[torch.device, list[str]] = defaultdict(list)
+    for k, v in metrics.items():
+        if isinstance(v, Tensor):
+            by_device[v.device].append(k)
+    for keys in by_device.values():
+        values = torch.stack([metrics[k].detach().reshape(()).double() for k in keys]).tolist()
+        out.update(zip(keys, values))
+    return {k: out[k] for k in metrics}  # the caller's order
+
+
+def publish_step_metrics(trainer, metrics: dict[str, float], step: int) -> None:
+    """What one `self.log(name, value, on_step=True)` per metric does at the end of a training
+    step, done once for all of them: every metric becomes visible to callbacks
+    (`trainer.callback_metrics`: checkpoint monitors, early stopping, recorders) and is written
+    to every logger at `step` when Lightning would log it (every `log_every_n_steps` steps, or
+    when the trainer is stopping). `self.log` costs ~0.3 ms per call in Lightning 2.6 (its result collection
+    moves each stored metric's state on every call): ~14 ms for the ~40 metrics of an RL step,
+    6-8 % of a CPU quickstart step; this costs well under 1 ms."""
+    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+    every = trainer.log_every_n_steps
+    if every and ((step + 1) % every == 0 or trainer.should_stop):  # Lightning's own cadence
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)

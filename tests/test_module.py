@@ -78,7 +78,7 @@ def _one_rl_step_weights(model_dir: str, micro: int, regs_factory) -> tuple[dict
         optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
     )
     trainer = fit(module, make_data(), steps=1, callbacks=regs_factory(), limit_val_batches=0)
-    metrics = {k: float(v) for k, v in trainer.logged_metrics.items() if not k.startswith("time/") and "per_s" not in k}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("time/") and "per_s" not in k}
     return {k: v.detach().clone() for k, v in module.policy.state_dict().items()}, metrics
 
 
@@ -266,3 +266,38 @@ def test_sampler_runs_the_prompt_forward_once_per_group(tiny_model_dir):
     assert torch.equal(shared.response_mask, plain.response_mask)
     torch.testing.assert_close(shared.logp, plain.logp, atol=1e-5, rtol=0)
     torch.testing.assert_close(shared.entropy, plain.entropy, atol=1e-5, rtol=0)
+
+
+def test_step_metrics_reach_loggers_at_lightnings_cadence_and_callbacks_every_step(tiny_model_dir, tmp_path):
+    """Metrics are published in one batch (not one `self.log` each): the TensorBoard steps are
+    what `self.log(on_step=True)` gives (RL step index, every log_every_n_steps-th step) and every
+    metric of the last step is in trainer.callback_metrics (checkpoint monitors, recorders)."""
+    import lightning as L
+
+    module = make_module(tiny_model_dir)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=5, log_every_n_steps=2, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        logger=L.pytorch.loggers.TensorBoardLogger(str(tmp_path), name="t"),
+    )
+    seen = []
+
+    class Seen(L.Callback):
+        def on_train_batch_end(self, trainer, *a) -> None:
+            seen.append(float(trainer.callback_metrics["rollout/reward_mean"]))
+
+    trainer.callbacks.append(Seen())
+    trainer.fit(module, make_data())
+    tags = scalar_tags(tmp_path)
+    for tag in ("rollout/reward_mean", "policy/loss", "policy/entropy", "cov/top0.2pct", "time/update_s"):
+        assert [s for s, _ in sorted(tags[tag])] == [1, 3], tag  # steps 0..4, every 2nd, 0-based
+    assert [v for _, v in sorted(tags["rollout/reward_mean"])] == pytest.approx([seen[1], seen[3]])
+    assert len(seen) == 5 and {"time/rollout_s", "cov/mean", "policy/grad_norm"} <= set(trainer.callback_metrics)
+    assert trainer.progress_bar_metrics.keys() >= {"rollout/reward_mean", "policy/entropy"}
+
+
+def test_as_floats_keeps_order_and_values():
+    from lit_covrl.metrics import as_floats
+
+    got = as_floats({"b": torch.tensor(2.5), "a": 1, "c": torch.tensor([3.0]), "d": 0.25})
+    assert list(got) == ["b", "a", "c", "d"] and got == {"b": 2.5, "a": 1.0, "c": 3.0, "d": 0.25}

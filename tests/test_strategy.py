@@ -60,7 +60,7 @@ def test_activation_checkpointing_without_sharding_is_exact(tiny_model_dir):
                              optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
         trainer = fit(module, make_data(), steps=2, limit_val_batches=0)
         wrapped = [type(m) for m in module.policy.modules() if isinstance(m, CheckpointWrapper)]
-        runs[ac] = (float(trainer.logged_metrics["policy/loss"]), module.policy.state_dict(), wrapped, module)
+        runs[ac] = (float(trainer.callback_metrics["policy/loss"]), module.policy.state_dict(), wrapped, module)
     assert runs[False][2] == [] and len(runs[True][2]) == len(decoder_layers(runs[False][3].policy))
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5, abs=1e-7)
     from lit_covrl.policy import load_policy
