@@ -76,3 +76,15 @@ def test_bench_gpu_runs_end_to_end_on_cpu(tmp_path):
     for r in res["runs"]:
         assert "error" not in r, r.get("error")
         assert r["loss_finite"] and _positive(r["rollout_tokens_per_s"]) and _positive(r["update_tokens_per_s"])
+
+
+def test_bench_logging_reports_positive_medians(tiny_model_dir):
+    import bench_logging
+
+    res = bench_logging.main(["--steps", "4", "--warmup", "1", "--model", tiny_model_dir])
+    assert set(res) == {"training_step_ms", "log_step_ms", "lightning_step_logging_ms"}
+    assert all(_positive(v) for v in res.values()), res
+    assert res["log_step_ms"] < res["training_step_ms"]
+    from lit_covrl.module import GRPOModule
+
+    assert GRPOModule.training_step.__qualname__ == "GRPOModule.training_step"  # timers removed
