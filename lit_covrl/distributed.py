@@ -17,7 +17,8 @@ def _active() -> bool:
 
 def collective_device() -> torch.device:
     """Where a tensor must live for this process group's collectives: NCCL only moves CUDA
-    tensors, gloo takes CPU ones (and a single process anything)."""
+    tensors, gloo takes CPU ones (and a single process anything). The helpers below move their
+    input there and the result back, so callers may pass tensors from any device."""
     if not _active():
         return torch.device("cpu")
     if dist.get_backend() == "nccl":
@@ -32,9 +33,9 @@ def world_size() -> int:
 def _all_reduce(x: Tensor, op) -> Tensor:
     if not _active():
         return x
-    y = x.detach().clone()
+    y = x.detach().to(collective_device(), copy=True)  # e.g. a CPU tensor under NCCL
     dist.all_reduce(y, op=op)
-    return y
+    return y.to(x.device)
 
 
 def all_sum(x: Tensor) -> Tensor:
@@ -67,12 +68,13 @@ def gather_rows(x: Tensor) -> tuple[Tensor, int]:
     match). Returns the global tensor and this rank's row offset in it."""
     if not _active():
         return x, 0
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
+    dev = collective_device()
+    sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=dev))
     sizes = [int(s.item()) for s in sizes]
-    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=dev)
     padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
-    full = torch.cat([p[:s] for p, s in zip(parts, sizes)], 0)
+    full = torch.cat([p[:s] for p, s in zip(parts, sizes)], 0).to(x.device)
     return full, sum(sizes[: dist.get_rank()])

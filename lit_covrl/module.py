@@ -383,7 +383,7 @@ class GRPOModule(PolicyUpdateMixin, L.LightningModule):
         # every rank's sampler state (ranks sample with different seeds): sharded checkpoints keep
         # only rank 0's copy of this dict, so gather them (every rank runs this hook)
         state = self.rollout_generator.get_state()
-        checkpoint["rollout_generators"] = distributed.gather_rows(state[None].to(self.device))[0].cpu()
+        checkpoint["rollout_generators"] = distributed.gather_rows(state[None])[0]
         checkpoint["rollout_generator"] = state  # this rank's, for older readers
         checkpoint["skipped_steps"] = self.skipped_steps
 
