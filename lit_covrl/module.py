@@ -24,6 +24,7 @@ from torch import Tensor
 from lit_covrl import distributed
 from lit_covrl.algorithms import compute_advantages, zero_variance_groups
 from lit_covrl.checks import check_module_args
+from lit_covrl.evaluation import EvaluationMixin
 from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, publish_step_metrics, rollout_metrics
 from lit_covrl.policy import empty_policy, load_policy, load_tokenizer, resolve_dtype
 from lit_covrl.prompts import encode_prompts
@@ -41,7 +42,7 @@ log = logging.getLogger("lit_covrl")
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
-class GRPOModule(PolicyUpdateMixin, L.LightningModule):
+class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
     def __init__(
         self,
         model: str = "lit_covrl:tiny-arith",
@@ -324,48 +325,6 @@ class GRPOModule(PolicyUpdateMixin, L.LightningModule):
         if next(ref.parameters()).device != self.device:
             ref.to(self.device)
         return self._nograd_logprobs(ref, rollout.input_ids, rollout.attention_mask, rollout.response_mask)
-
-    # validation --------------------------------------------------------------------------------
-    def on_validation_epoch_start(self) -> None:
-        self._eval_start()
-
-    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_end("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_start()
-
-    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_end("test")
-
-    def _eval_start(self) -> None:
-        self.val_pass.reset()
-        self._val_entropy = [0.0, 0.0]
-        # the same seed at every evaluation: successive evaluations differ only by the policy
-        self._val_generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 12345 + self.global_rank)
-
-    def _eval_step(self, batch: PromptBatch) -> None:
-        """val_samples answers per held-out prompt: pass@1, pass@k and the sampled entropy."""
-        n = self.hparams.val_samples
-        rollout = self.generate(batch.prompts, n, temperature=self.hparams.val_temperature, generator=self._val_generator)
-        answers = [a for a in batch.answers for _ in range(n)]
-        rewards, _ = self.score(rollout.completions, answers)
-        self.val_pass.update((rewards >= self.hparams.correct_threshold).view(-1, n))
-        self._val_entropy[0] += float((rollout.entropy * rollout.response_mask).sum())
-        self._val_entropy[1] += float(rollout.response_mask.sum())
-
-    def _eval_end(self, prefix: str) -> None:
-        res = self.val_pass.compute()  # torchmetrics: summed over ranks
-        ent = distributed.all_sum(torch.tensor(self._val_entropy, dtype=torch.float64))
-        self.log(f"{prefix}/pass@1", res["pass@1"], prog_bar=prefix == "val", sync_dist=False)
-        self.log(f"{prefix}/pass@k", res[f"pass@{self.hparams.val_k}"], sync_dist=False)
-        self.log(f"{prefix}/entropy", float(ent[0] / max(float(ent[1]), 1.0)), sync_dist=False)
 
     # logging, checkpoint -----------------------------------------------------------------------
     def _log_step(self, metrics: dict) -> None:

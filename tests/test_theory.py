@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lit_covrl.algorithms import token_entropy
-from lit_covrl.regularizers import ClipCov, EntropyBonus, KLCov, Schedule
+from lit_covrl.regularizers import ClipCov, KLCov, Schedule
 from lit_covrl.regularizers import covariance as cov_callbacks
 from lit_covrl.theory import claims as C
 from lit_covrl.theory.bandit import BanditSpec, train_bandit
