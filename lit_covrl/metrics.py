@@ -164,3 +164,15 @@ def publish_step_metrics(trainer, metrics: dict[str, float], step: int) -> None:
     if every and ((step + 1) % every == 0 or trainer.should_stop):  # Lightning's own cadence
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak memory so far, in GiB: allocated CUDA memory on a GPU (the caching
+    allocator's high-water mark of live tensors), the peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)

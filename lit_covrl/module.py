@@ -25,7 +25,7 @@ from lit_covrl import distributed
 from lit_covrl.algorithms import compute_advantages, zero_variance_groups
 from lit_covrl.checks import check_module_args
 from lit_covrl.evaluation import EvaluationMixin
-from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, publish_step_metrics, rollout_metrics
+from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics
 from lit_covrl.policy import empty_policy, load_policy, load_tokenizer, resolve_dtype
 from lit_covrl.prompts import encode_prompts
 from lit_covrl.regularizers.base import Regularizer
@@ -312,6 +312,7 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
             **reward_stats,
             **update_metrics,
             **{f"time/{k}_s": v for k, v in timer.seconds.items()},
+            "time/peak_mem_gib": distributed.all_max(torch.tensor(peak_memory_gib(self.device), dtype=torch.float64)),
         }
         for reg in self.regularizers:
             metrics.update(reg.pop_metrics())

@@ -13,7 +13,7 @@ from tests.helpers import fit, scalar_tags
 REQUIRED_TAGS = [
     "rollout/reward_mean", "rollout/accuracy", "rollout/response_length", "rollout/truncated_frac",
     "policy/entropy", "policy/approx_kl", "policy/clip_frac", "policy/grad_norm", "policy/loss",
-    "time/rollout_s", "time/update_s", "val/pass@1", "val/pass@k", "val/entropy",
+    "time/rollout_s", "time/update_s", "time/peak_mem_gib", "val/pass@1", "val/pass@k", "val/entropy",
 ]
 
 
@@ -51,6 +51,11 @@ def test_short_fit_changes_weights_and_writes_required_tags(tiny_model_dir, tmp_
     assert not missing, f"missing TensorBoard tags: {missing}"
     assert len(tags["policy/entropy"]) == 3  # one point per RL step
     assert [s for s, _ in tags["policy/loss"]] == sorted(s for s, _ in tags["policy/loss"])
+    import resource
+
+    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # this process's peak RSS
+    mem = [v for _, v in tags["time/peak_mem_gib"]]
+    assert all(0.05 < v <= rss_gib + 1e-6 for v in mem) and mem == sorted(mem), (mem, rss_gib)  # a running peak
 
 
 def test_global_step_counts_rollouts_not_updates(tiny_model_dir):
