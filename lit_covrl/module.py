@@ -184,26 +184,23 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
 
     def _load(self, spec: str, *, frozen: bool) -> torch.nn.Module:
         hp, mesh = self.hparams, self.device_mesh
+        ac = hp.activation_checkpointing and not frozen  # nothing to recompute without grads
 
-        def full() -> torch.nn.Module:
-            model = load_policy(spec, dtype=hp.dtype)
+        def build(loader) -> torch.nn.Module:
+            model = loader(spec, dtype=hp.dtype)
             return model.eval().requires_grad_(False) if frozen else model
 
         if mesh is None:
-            model = full()
-            if hp.activation_checkpointing and not frozen:
+            model = build(load_policy)
+            if ac:
                 checkpoint_layers(model)
             return model
 
-        def empty() -> torch.nn.Module:
-            model = empty_policy(spec, dtype=hp.dtype)
-            return model.eval().requires_grad_(False) if frozen else model
-
         def shard(model: torch.nn.Module) -> None:
-            ac = hp.activation_checkpointing and not frozen  # nothing to recompute without grads
             shard_model(model, mesh, mixed_precision=hp.fsdp_mixed_precision, activation_checkpointing=ac)
 
-        return load_sharded(full, empty, shard, self.trainer.strategy.root_device)
+        return load_sharded(lambda: build(load_policy), lambda: build(empty_policy), shard,
+                            self.trainer.strategy.root_device)
 
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy, self.hparams)
