@@ -84,7 +84,7 @@ class ReferenceKL(Regularizer):
         """reg/<name>/kl: the token-mean KL over every update of the step and every rank (a
         collective: the module calls pop_metrics on every rank every step, even on a rank
         whose micro-batches were all fillers)."""
-        local = self._kl_sums if self._kl_sums is not None else torch.zeros(2, dtype=torch.float64, device=distributed.collective_device())
+        local = self._kl_sums if self._kl_sums is not None else torch.zeros(2, dtype=torch.float64)
         total = distributed.all_sum(local)
         self._kl_sums = None
         if total[1] > 0:
