@@ -332,8 +332,8 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
         in one batch (`publish_step_metrics`: `self.log` per metric was 6-8 % of a CPU step), at
         the RL step just taken (this step's last update has already advanced global_step)."""
         values = as_floats(metrics)
-        for k in ("rollout/reward_mean", "policy/entropy"):
-            self.log(k, values[k], on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=1)
+        for short, k in (("reward", "rollout/reward_mean"), ("entropy", "policy/entropy")):  # fit the bar
+            self.log(short, values[k], on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=1)
         publish_step_metrics(self.trainer, values, step=self.global_step - 1)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
