@@ -164,6 +164,29 @@ def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tens
     return first, torch.repeat_interleave(torch.arange(len(counts), device=key.device), counts)
 
 
+def grouped_prompt_forward(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, first: Tensor,
+                           rows: Tensor) -> tuple[Tensor, object] | None:
+    """The prompt forward (last-position logits [N, 1, V]) run on the first row of each group only
+    (`first`, `rows` from `prompt_groups`), its logits and KV cache rows repeated to every row by
+    indexing, so gradients flow back into the one forward. None when the cache's rows cannot be
+    selected (neither a `DynamicCache` nor a legacy tuple of (key, value) per layer)."""
+    from transformers import DynamicCache
+
+    ids, m = prompt_ids[first], prompt_mask[first]
+    logits, cache = forward_with_cache(
+        model, None, input_ids=ids, attention_mask=m, position_ids=position_ids_from_mask(m), logits_to_keep=1,
+    )
+    if len(first) == len(rows):
+        return logits, cache
+    if isinstance(cache, DynamicCache):
+        cache.batch_select_indices(rows)
+    elif isinstance(cache, (tuple, list)):  # legacy ((key, value), ...) per layer (older transformers)
+        cache = tuple(tuple(t[rows] for t in layer) for layer in cache)
+    else:
+        return None
+    return logits[rows], cache
+
+
 # model classes whose KV cache rows cannot be repeated: they always take the plain path
 _UNSHARED_CACHE: set[type] = set()
 
@@ -189,15 +212,10 @@ def _split_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     T = 1): the prompt forward on the rows `first` (last position only) and, on its cache repeated
     to every row, the response columns but the last. None if the cache cannot be repeated."""
     P = prompt_len
-    ids, m = input_ids[first, :P], attention_mask[first, :P]
-    head, cache = forward_with_cache(
-        model, None, input_ids=ids, attention_mask=m, position_ids=position_ids_from_mask(m), logits_to_keep=1,
-    )
-    if not _repeatable_cache(cache):
+    out = grouped_prompt_forward(model, input_ids[:, :P], attention_mask[:, :P], first, rows)
+    if out is None or not _repeatable_cache(out[1]):
         return None
-    if len(first) < len(rows):  # indexing keeps the graph: gradients flow back into the prompt forward
-        cache.batch_select_indices(rows)
-        head = head[rows]
+    head, cache = out
     if input_ids.shape[1] - P == 1:
         return [head]
     tail, _ = forward_with_cache(  # the last response token predicts nothing: not forwarded

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from lit_covrl.policy import forward_with_cache, position_ids_from_mask, prompt_groups
+from lit_covrl.policy import forward_with_cache, grouped_prompt_forward, position_ids_from_mask, prompt_groups
 from lit_covrl.types import Rollout
 
 
@@ -35,22 +35,14 @@ def _prefill(model: nn.Module, prompt_ids: Tensor, mask: Tensor):
     """Prompt forward (last-position logits) and its KV cache for every row.
 
     GRPO repeats each prompt G times in consecutive rows: the prompt forward runs once per run of
-    identical rows (same ids and mask) and its cache rows are repeated, instead of G identical
-    forwards. Falls back to the plain forward when no row repeats or the model's cache is neither a
-    `DynamicCache` nor a legacy tuple (rows of which can be selected)."""
-    from transformers import DynamicCache
-
+    identical rows (same ids and mask) and its cache rows are repeated (`grouped_prompt_forward`),
+    instead of G identical forwards. Falls back to the plain forward when no row repeats or the
+    model's cache rows cannot be selected."""
     first, rows = prompt_groups(prompt_ids, mask)
     if len(first) < len(rows):
-        ids, m = prompt_ids[first], mask[first]
-        logits, cache = forward_with_cache(
-            model, None, input_ids=ids, attention_mask=m, position_ids=position_ids_from_mask(m), logits_to_keep=1,
-        )
-        if isinstance(cache, DynamicCache):
-            cache.batch_select_indices(rows)
-            return logits[rows], cache
-        if isinstance(cache, (tuple, list)):  # legacy ((key, value), ...) per layer (older transformers)
-            return logits[rows], tuple(tuple(t[rows] for t in layer) for layer in cache)
+        out = grouped_prompt_forward(model, prompt_ids, mask, first, rows)
+        if out is not None:
+            return out
         # another cache class: a second, per-row prompt forward. Caveat: under FSDP a rank with
         # repeated rows then runs one forward more than a rank without (with GRPO groups, G > 1,
         # every rank has repeats; only such exotic caches with G = 1 could get out of step)

@@ -244,19 +244,14 @@ def test_sampler_runs_the_prompt_forward_once_per_group(tiny_model_dir):
     ids, mask = encode_prompts(tok, ["12+3=", "4+5=", "7+80="], chat_template=False)
     ids, mask = ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)
     kw = {"max_new_tokens": 4, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    rows = []
-    orig = R.forward_with_cache
-
-    def counted(model, cache, **k):
-        rows.append(k["input_ids"].shape[0])
-        return orig(model, cache, **k)
-
-    R.forward_with_cache = counted
+    rows = []  # rows of every model forward, counted on the model itself
+    hook = model.register_forward_pre_hook(lambda m, a, k: rows.append(k["input_ids"].shape[0]), with_kwargs=True)
     try:
         shared = R.sample_responses(model, ids, mask, generator=torch.Generator().manual_seed(1), **kw)
     finally:
-        R.forward_with_cache = orig
+        hook.remove()
     assert rows[0] == 3 and all(r == 12 for r in rows[1:])  # prompt forward on the 3 distinct prompts
+    orig = R.forward_with_cache
 
     def plain_prefill(model, prompt_ids, m):
         return orig(model, None, input_ids=prompt_ids, attention_mask=m,
