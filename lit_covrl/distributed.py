@@ -51,16 +51,14 @@ def all_max(x: Tensor) -> Tensor:
 def all_max_int(x: int) -> int:
     if not _active():
         return x
-    return int(all_max(torch.tensor([x], dtype=torch.long, device=collective_device())).item())
+    return int(all_max(torch.tensor([x], dtype=torch.long)).item())
 
 
 def all_true(flag: bool) -> bool:
     """True only when every rank says True (used to stop decoding in lock-step)."""
     if not _active():
         return flag
-    t = torch.tensor([0 if flag else 1], dtype=torch.long, device=collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return int(t.item()) == 0
+    return int(all_sum(torch.tensor([0 if flag else 1], dtype=torch.long)).item()) == 0
 
 
 def gather_rows(x: Tensor) -> tuple[Tensor, int]:
