@@ -14,16 +14,9 @@ from lightning.pytorch import Callback
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
 from lit_covrl.regularizers import ClipCov
+from tests.test_module import OnesReward  # varied rewards even for a random policy
 
 pytestmark = pytest.mark.gpu
-
-
-class _OnesReward:
-    """Fraction of '1's in the completion: varied rewards even for a random policy (the
-    arithmetic answers of a random tiny model are all wrong: zero advantages, zero gradient)."""
-
-    def __call__(self, completion: str, answer: str) -> float:
-        return completion.count("1") / max(len(completion), 1)
 
 
 class _Steps(Callback):
@@ -38,7 +31,7 @@ class _Steps(Callback):
 def _fit(model_dir: str, steps: int, strategy="auto", precision="bf16-mixed", **module_kw):
     rec = _Steps()
     module = GRPOModule(model=model_dir, group_size=4, max_new_tokens=6, micro_batch_size=8, mini_batch_size=2,
-                        seed=0, reward=_OnesReward(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+                        seed=0, reward=OnesReward(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
                         **module_kw)
     trainer = L.Trainer(
         accelerator="cuda", devices=1, strategy=strategy, precision=precision, max_steps=steps, logger=False,

@@ -55,16 +55,21 @@ def _cpu_name() -> str:
 def build_random_model(path: Path, size: str) -> str:
     """A random-init Qwen2 of the given MODEL_SHAPES entry with the char tokenizer, saved with
     save_pretrained (loaded by the module like any hub model). Returns the folder."""
+    return save_random_qwen2(path, "0123456789+-=", max_positions=64, **MODEL_SHAPES[size])
+
+
+def save_random_qwen2(path: Path, alphabet: str, *, max_positions: int, **dims) -> str:
+    """Save a random-init (seed 0) Qwen2 with tied embeddings and `dims`, over the character
+    tokenizer of `alphabet` (its vocabulary sets the model's). Returns the folder."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from lit_covrl.tokenizer import build_char_tokenizer
 
-    tok = build_char_tokenizer("0123456789+-=")
+    tok = build_char_tokenizer(alphabet)
     torch.manual_seed(0)
     cfg = Qwen2Config(
-        vocab_size=len(tok), max_position_embeddings=64, tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-        **MODEL_SHAPES[size],
+        vocab_size=len(tok), max_position_embeddings=max_positions, tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **dims,
     )
     Qwen2ForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)

@@ -78,21 +78,14 @@ class HashReward:
 
 def build_model(folder: Path, shape: str) -> Path:
     """Random-init Qwen2 of SHAPES[shape] + a character tokenizer with exactly its vocabulary."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from bench_common import save_random_qwen2
 
-    from lit_covrl.tokenizer import build_char_tokenizer
-
-    dims = SHAPES[shape]
+    dims = dict(SHAPES[shape])
+    vocab = dims.pop("vocab_size")
     base = "0123456789+-="
     extra = (chr(c) for c in range(0x21, 0x110000) if not 0xD800 <= c <= 0xDFFF and chr(c) not in base)
-    alphabet = base + "".join(next(extra) for _ in range(dims["vocab_size"] - 4 - len(base)))
-    tok = build_char_tokenizer(alphabet)
-    assert len(tok) == dims["vocab_size"], len(tok)
-    torch.manual_seed(0)
-    cfg = Qwen2Config(max_position_embeddings=4096, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **dims)
-    Qwen2ForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    alphabet = base + "".join(next(extra) for _ in range(vocab - 4 - len(base)))  # + 4 special tokens
+    save_random_qwen2(folder, alphabet, max_positions=4096, **dims)
     return folder
 
 
