@@ -313,7 +313,7 @@ def make_report(out: Path, rows: list[dict], methods: list[str], meta: list[dict
             _ms(col("accuracy_final")), "—" if all(math.isnan(x) for x in sel) else _ms(sel, 4),
             _ms([walls.get((m, s), float("nan")) for s, _ in stats], 0),
         ]) + " |")
-    lines += ["", f"## Entropy law R = -a exp(H) + b (train reward vs policy entropy, per step)", "",
+    lines += ["", "## Entropy law R = -a exp(H) + b (train reward vs policy entropy, per step)", "",
               f"Fitted per run on the first {fit_frac:.0%} of steps; RMSE of its prediction on the rest, "
               "and the law fitted on all steps (ceiling b - a). Mean ± std over seeds.", "",
               "| method | a (all) | b (all) | ceiling b-a (all) | RMSE fit-all | ceiling (first part) | RMSE rest (first-part fit) |",

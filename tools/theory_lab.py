@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -180,7 +179,7 @@ def summary(name: str, r: dict) -> list[str]:
                 f"bound {_f(a['bound_alpha_logK'])}; max |pi - softmax(r/alpha)| = {a['fixed_point_max_abs_err']:.1e}"
                 for a in r["alphas"]]
     if name == "annealed_covariance_control_is_unbiased":
-        lines = [f"- worst final regret (over coefs and seeds): " + ", ".join(
+        lines = ["- worst final regret (over coefs and seeds): " + ", ".join(
             f"{LABELS[m]} {_f(v)}" for m, v in r["worst_final_regret"].items())]
         for key, v in r["matched"].items():
             if v["mean_regret_diff"] is not None:
