@@ -46,7 +46,8 @@ class Rollout:
     attention_mask [N, P+T]  1 on real tokens (prompt and response up to and including EOS)
     response_mask  [N, T]    1 on response tokens that enter the loss
     logp           [N, T]    log pi_old(token) at the training temperature (0 outside the mask)
-    entropy        [N, T]    entropy of pi_old at temperature 1 (0 outside the mask)
+    entropy        [N, T]    entropy of the sampled distribution softmax(z / temperature) of pi_old
+                             (0 outside the mask)
     truncated      [N]       True where the response hit max_new_tokens without EOS
     """
 
@@ -68,8 +69,10 @@ class PolicyBatch:
     old_logp   [n, T]   rollout-policy log-probs (no grad)
     advantages [n, T]   per-token advantages (sequence advantage broadcast)
     mask       [n, T]   response mask (float)
-    entropy    [n, T] | None   per-token entropy at temperature 1 (with grad) if requested
+    entropy    [n, T] | None   current per-token entropy of softmax(z / temperature), with grad,
+                               if a regularizer sets `needs_entropy`
     ref_logp   [n, T] | None   reference-model log-probs if requested
+    old_entropy [n, T] | None  rollout-policy entropy (recorded by the sampler, no grad)
     """
 
     rows: Tensor
@@ -79,19 +82,33 @@ class PolicyBatch:
     mask: Tensor
     entropy: Tensor | None = None
     ref_logp: Tensor | None = None
+    old_entropy: Tensor | None = None
 
 
 @dataclass
 class TokenShaping:
-    """A regularizer's per-token contribution, combined by the module as
-    loss_tok = base_loss * weight + penalty, then aggregated once.
+    """A regularizer's per-token contribution. The learner first adds every regularizer's
+    `advantage_shift` to the advantages fed to the policy objective, then combines
+    loss_tok = objective(advantages + sum(shifts)) * prod(weights) + sum(penalties), aggregated once.
 
-    weight  [n, T] | None   multiplicative weight on the base surrogate (e.g. 0 = detach token)
-    penalty [n, T] | None   additive per-token term with gradient
+    weight          [n, T] | None   multiplicative weight on the base surrogate (0 = drop token)
+    penalty         [n, T] | None   additive per-token term with gradient
+    advantage_shift [n, T] | None   detached additive change of the advantage, applied inside the
+                                    objective (e.g. an entropy-based advantage)
     """
 
     weight: Tensor | None = None
     penalty: Tensor | None = None
+    advantage_shift: Tensor | None = None
+
+    @staticmethod
+    def shifted_advantages(shapings: list["TokenShaping"], advantages: Tensor) -> Tensor:
+        """advantages + the sum of every regularizer's (detached) advantage shift."""
+        out = advantages
+        for s in shapings:
+            if s.advantage_shift is not None:
+                out = out + s.advantage_shift.detach()
+        return out
 
     @staticmethod
     def combine(shapings: list["TokenShaping"], base: Tensor) -> Tensor:

@@ -7,7 +7,8 @@ mini-batch (all ranks), then micro-batches accumulate gradients of one aggregate
 
 whose denominators are the mini-batch's, so the result does not depend on micro_batch_size.
 Each group's prompt is forwarded once per micro-batch (`shared_prompt`, see `_logprobs`).
-A non-finite gradient drops that update whole. Only the last update of a rollout goes through
+A non-finite gradient drops that update whole. Every update goes through the strategy's precision
+plugin (GradScaler unscaling, `on_before_optimizer_step`); only the last of a rollout goes through
 Lightning's optimizer wrapper, so `trainer.global_step` counts rollouts.
 
 `PolicyUpdateMixin` is mixed into GRPOModule; it uses its `policy`, `hparams`, `regularizers`,
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lit_covrl import distributed
-from lit_covrl.algorithms import aggregate, ppo_stats, ppo_token_loss
+from lit_covrl.algorithms import aggregate, ppo_clipped_tokens, ppo_stats, ppo_token_loss
 from lit_covrl.metrics import StepMetrics
 from lit_covrl.policy import response_logprobs, shared_prompt_logprobs
 from lit_covrl.regularizers.base import MiniBatchContext
@@ -58,6 +59,7 @@ class PolicyUpdateMixin:
         minibatches = [rows[(rows >= s) & (rows < s + per_update)] for s in range(0, n, per_update)]
         schedule = [mb for _ in range(hp.ppo_epochs) for mb in minibatches]
         metrics = StepMetrics()
+        self._on_policy = True  # no optimizer step taken since this rollout (see MiniBatchContext)
         for i, mb in enumerate(schedule):
             batch = _MiniBatch(rollout, advantages, ref_logp, mb)
             metrics.update(self._update_minibatch(batch, index=i, last=i == len(schedule) - 1))
@@ -78,9 +80,15 @@ class PolicyUpdateMixin:
             return self._optimizer_step(opt, last) if last else {}
         need_ent = any(r.needs_entropy for r in regs)
         plan = lockstep_chunks(len(mb), hp.micro_batch_size)  # same length on every rank
-        current, early = self._selection_logprobs(mb, plan, index, need_ent)
+        current, early = self._selection_logprobs(mb, plan, need_ent)
         ctx = MiniBatchContext(
-            self.global_step, index, current, mb.old_logp, mb.advantages, mb.mask, hp.clip_low, hp.clip_high,
+            step=self.global_step, update=index, on_policy=self._on_policy, logp=current,
+            old_logp=mb.old_logp, advantages=mb.advantages, mask=mb.mask,
+            clipped=ppo_clipped_tokens(
+                current, mb.old_logp, mb.advantages, mb.mask, clip_low=hp.clip_low, clip_high=hp.clip_high,
+                dual_clip=hp.dual_clip, logratio_clamp=hp.logratio_clamp,
+            ),
+            old_entropy=mb.old_entropy,
         )
         for reg in regs:
             reg.prepare(ctx)
@@ -99,7 +107,8 @@ class PolicyUpdateMixin:
                 logp, old, adv, m, clip_low=hp.clip_low, clip_high=hp.clip_high,
                 dual_clip=hp.dual_clip, logratio_clamp=hp.logratio_clamp,
             )
-            shapings = [reg.shape(PolicyBatch(r, logp, old, adv, m, ent, mb.ref_rows(r))) for reg in regs]
+            shapings = [reg.shape(PolicyBatch(r, logp, old, adv, m, ent, mb.ref_rows(r), mb.old_entropy[r]))
+                        for reg in regs]
             loss = aggregate(TokenShaping.combine(shapings, base), m, **agg)
             self.manual_backward(loss * scale)
             with torch.no_grad():  # micro-batch terms with mini-batch denominators: they add up
@@ -126,26 +135,26 @@ class PolicyUpdateMixin:
         stats = ppo_stats(z, z, z, z, clip_low=hp.clip_low, clip_high=hp.clip_high, logratio_clamp=hp.logratio_clamp)
         return ["policy/loss", *[f"reg/{reg.name}/loss" for reg in regs], *[f"policy/{k}" for k in stats]]
 
-    def _selection_logprobs(self, mb: "_MiniBatch", plan: list, index: int, need_ent: bool):
+    def _selection_logprobs(self, mb: "_MiniBatch", plan: list, need_ent: bool):
         """(current log-probs [n, T] for selection, the training forward if it was run early).
 
         When the whole mini-batch is one micro-batch, its training forward already gives the
         current log-probs, so selection uses them instead of an extra no-grad forward. A rank with
         no rows runs its filler forward here too, so that every rank's forward (FSDP all-gathers)
         comes before the selection's collectives, in the same order."""
-        if not (len(plan) == 1 and index > 0 and any(r.needs_current_logp for r in self.regularizers)):
-            return self._current_logprobs(mb, index), None
+        if not (len(plan) == 1 and not self._on_policy and any(r.needs_current_logp for r in self.regularizers)):
+            return self._current_logprobs(mb), None
         rows = (mb.input_ids[plan[0]], mb.attention_mask[plan[0]]) if plan[0] is not None else mb.filler
         early = self._logprobs(*rows, mb.mask.shape[1], need_ent and plan[0] is not None)
         current = early[0].detach() * mb.mask if plan[0] is not None else mb.old_logp
         return current, early
 
-    def _current_logprobs(self, mb: "_MiniBatch", index: int) -> Tensor:
+    def _current_logprobs(self, mb: "_MiniBatch") -> Tensor:
         """Detached current-policy log-probs of the whole mini-batch, for covariance selection.
-        Before the first update of a rollout the policy is the rollout policy: reuse its log-probs.
-        (A mini-batch that is a single micro-batch never gets here after the first update: its
-        training forward supplies them, see `_update_minibatch`.)"""
-        if index == 0 or not any(r.needs_current_logp for r in self.regularizers):
+        While no optimizer step has been taken since the rollout, the policy is the rollout
+        policy: reuse its log-probs. (A mini-batch that is a single micro-batch never gets here
+        after a step: its training forward supplies them, see `_update_minibatch`.)"""
+        if self._on_policy or not any(r.needs_current_logp for r in self.regularizers):
             return mb.old_logp
         return self._nograd_logprobs(self.policy, *mb.inputs_or_filler(), mb.mask)
 
@@ -184,18 +193,33 @@ class PolicyUpdateMixin:
         return shared_prompt_logprobs(model, ids, att, T, always_split=distributed.world_size() > 1, **kw)
 
     def _optimizer_step(self, opt, last: bool) -> dict:
+        """One optimizer update through the strategy and its precision plugin (AMP's GradScaler
+        unscales, then `on_before_optimizer_step` clips, then the step), every update of the
+        rollout alike. Only the last goes through Lightning's optimizer wrapper, whose step
+        counter is `trainer.global_step`: one per rollout."""
+        self._step_stats = None
+        if last:
+            opt.step()
+        else:
+            self.trainer.strategy.optimizer_step(opt.optimizer, _no_closure, model=self)
+        stats = self._step_stats
+        assert stats is not None, "on_before_optimizer_step did not run: a strategy bypassed its hooks"
+        if stats.pop("applied"):
+            self._on_policy = False
+        return stats
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Lightning hook, after the precision plugin unscaled the gradients: clip them (norm
+        logged whether or not it clips) and drop a non-finite update whole."""
         params = [p for p in self.policy.parameters() if p.grad is not None]
         max_norm = self.hparams.grad_clip if self.hparams.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        applied = bool(torch.isfinite(grad_norm)) and len(params) > 0
         if not torch.isfinite(grad_norm):
-            self._skip_update(opt, float(grad_norm))
+            self._skip_update(optimizer, float(grad_norm))
         else:
             self._consecutive_skips = 0
-        if last:
-            opt.step()  # through Lightning: increments trainer.global_step (one per rollout)
-        elif torch.isfinite(grad_norm):
-            opt.optimizer.step()
-        return {"policy/grad_norm": grad_norm, "policy/lr": opt.param_groups[0]["lr"]}
+        self._step_stats = {"policy/grad_norm": grad_norm, "policy/lr": optimizer.param_groups[0]["lr"], "applied": applied}
 
     def _skip_update(self, opt, grad_norm: float) -> None:
         """Drop a non-finite update whole (nothing is half-applied); stop after too many in a row."""
@@ -211,6 +235,10 @@ class PolicyUpdateMixin:
                 f"(model.max_consecutive_skips={self.hparams.max_consecutive_skips}); the run is stopped. "
                 f"Checkpoint saved to {path}. Lower the learning rate or check the reward and data."
             )
+
+
+def _no_closure() -> None:
+    """Manual optimization: the backward already ran before the step."""
 
 
 def _filler_row(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -237,6 +265,7 @@ class _MiniBatch:
         self.attention_mask = rollout.attention_mask[idx]
         self.mask = rollout.response_mask[idx]
         self.old_logp = rollout.logp[idx]
+        self.old_entropy = rollout.entropy[idx]
         self.advantages = advantages[idx, None].expand_as(self.mask)
         self._ref = None if ref_logp is None else ref_logp[idx]
         # one row of the rollout for filler passes when this rank's mini-batch is empty

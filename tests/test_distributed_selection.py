@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lit_covrl.algorithms import ppo_clipped_tokens
 from lit_covrl.regularizers import ClipCov, KLCov
 from lit_covrl.regularizers.base import MiniBatchContext
 
@@ -28,7 +29,8 @@ def _batch():
 
 def _select(rows: slice) -> dict[str, torch.Tensor]:
     logp, old, adv, mask = (t[rows] for t in _batch())
-    ctx = MiniBatchContext(0, 0, logp, old, adv, mask, 0.2, 0.2)
+    clipped = ppo_clipped_tokens(logp, old, adv, mask, clip_low=0.2, clip_high=0.2)
+    ctx = MiniBatchContext(0, 1, False, logp, old, adv, mask, clipped)
     clip, kl = ClipCov(ratio=0.15, lb=-1e9, ub=1e9, seed=7), KLCov(ratio=0.1)
     clip.prepare(ctx)
     kl.prepare(ctx)

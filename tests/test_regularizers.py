@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from lit_covrl.algorithms import aggregate, ppo_token_loss, token_entropy
+from lit_covrl.algorithms import aggregate, ppo_clipped_tokens, ppo_token_loss, token_entropy
 from lit_covrl.regularizers import ClipCov, EntropyBonus, KLCov, ReferenceKL, Schedule
 from lit_covrl.regularizers.base import MiniBatchContext
 from lit_covrl.types import PolicyBatch, TokenShaping
@@ -24,9 +24,11 @@ def _batch(n=6, t=5, seed=0):
     return logits, labels, old, adv, mask.double()
 
 
-def _ctx(logp, old, adv, mask, step=0, update=1):
-    """A later update of a rollout (update 0 is the on-policy one, where KL-Cov is inert)."""
-    return MiniBatchContext(step, update, logp.detach(), old, adv, mask, 0.2, 0.2)
+def _ctx(logp, old, adv, mask, step=0, update=1, on_policy=None):
+    """A later update of a rollout by default (update 0 is the on-policy one, where KL-Cov is inert)."""
+    clipped = ppo_clipped_tokens(logp.detach(), old, adv, mask, clip_low=0.2, clip_high=0.2)
+    on_policy = update == 0 if on_policy is None else on_policy
+    return MiniBatchContext(step, update, on_policy, logp.detach(), old, adv, mask, clipped)
 
 
 @pytest.mark.parametrize(
@@ -114,11 +116,14 @@ def test_kl_cov_is_exactly_inert_on_the_first_update_of_a_rollout():
     z = logits.clone().requires_grad_(True)
     logp = torch.log_softmax(z, -1).gather(-1, labels[..., None]).squeeze(-1)
     reg = KLCov(ratio=0.2, beta=1.0)
-    reg.prepare(_ctx(logp, noisy_old, adv, mask, update=0))
-    assert reg.selected.sum() > 0  # selection (and its metrics) still happen
+    # "on policy" is a state, not an index: update 1 after a filtered or skipped update 0
+    reg.prepare(_ctx(logp, noisy_old, adv, mask, update=1, on_policy=True))
+    assert reg.selected.sum() == 0  # nothing applied, so nothing reported as selected
+    assert reg.pop_metrics()["reg/kl_cov/selected_frac"] == 0.0
     shaping = reg.shape(PolicyBatch(torch.arange(len(mask)), logp, noisy_old, adv, mask))
     assert shaping.penalty is None and shaping.weight is None
-    reg.prepare(_ctx(logp, noisy_old, adv, mask, update=1))
+    reg.prepare(_ctx(logp, noisy_old, adv, mask, update=1, on_policy=False))
+    assert reg.selected.sum() > 0
     assert reg.shape(PolicyBatch(torch.arange(len(mask)), logp, noisy_old, adv, mask)).penalty is not None
 
 

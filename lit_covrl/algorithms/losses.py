@@ -94,15 +94,24 @@ def ppo_clipped_tokens(
     *,
     clip_low: float | None,
     clip_high: float | None,
+    dual_clip: float | None = None,
     logratio_clamp: float | None = 20.0,
 ) -> Tensor:
-    """BoolTensor [N, T]: valid tokens whose clipped term is active (L2 > L1).
+    """BoolTensor [N, T]: valid tokens to which ``ppo_token_loss`` (same settings) gives zero
+    gradient: the clipped term is active (L2 > L1), dual-clip caps the loss (A < 0 and
+    -A c_dual < max(L1, L2)), or the log-ratio lies outside the clamp.
 
-    PPO already gives these tokens zero gradient; Clip-Cov excludes them from its candidates.
+    Clip-Cov excludes these tokens from its candidates (detaching them would change nothing).
     """
     adv = _per_token(advantages, logp)
+    logratio = (logp - old_logp).detach()
     l1, l2 = _surrogates(_ratio(logp.detach(), old_logp, logratio_clamp), adv, clip_low, clip_high)
-    return (l2 > l1) & mask.bool()
+    inert = l2 > l1
+    if dual_clip is not None:
+        inert = inert | ((adv < 0) & (-adv * dual_clip < torch.maximum(l1, l2)))
+    if logratio_clamp is not None:
+        inert = inert | (logratio.abs() > logratio_clamp)
+    return inert & mask.bool()
 
 
 @torch.no_grad()

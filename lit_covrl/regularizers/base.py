@@ -32,21 +32,32 @@ log = logging.getLogger("lit_covrl")
 class MiniBatchContext:
     """One optimizer mini-batch, as seen by `Regularizer.prepare` (all tensors detached).
 
-    logp       [n, T]  current-policy log-probs of the sampled tokens (== old_logp on the first
-                       update of a rollout; a no-grad forward on later ones)
-    old_logp   [n, T]  rollout-policy log-probs
-    advantages [n, T]  sequence advantages broadcast over tokens
-    mask       [n, T]  response mask (float)
+    step        RL step (rollout index)
+    update      index of this mini-batch update within the rollout (0, 1, ...)
+    on_policy   True while no optimizer step has been taken since the rollout: the policy is
+                still the rollout policy (a filtered or skipped update keeps it True)
+    logp        [n, T]  current-policy log-probs of the sampled tokens (the rollout's while on
+                        policy; otherwise a no-grad forward when a regularizer needs them)
+    old_logp    [n, T]  rollout-policy log-probs
+    advantages  [n, T]  sequence advantages broadcast over tokens
+    mask        [n, T]  response mask (float)
+    clipped     [n, T]  bool: tokens whose gradient the policy objective already zeroes (PPO's
+                        clip with the run's clip range, dual-clip and log-ratio clamp)
+    old_entropy [n, T] | None  rollout-policy entropy of the sampled distribution
+    entropy     [n, T] | None  current-policy entropy (== old_entropy while on policy), when a
+                        regularizer sets `needs_current_entropy`
     """
 
     step: int
     update: int
+    on_policy: bool
     logp: Tensor
     old_logp: Tensor
     advantages: Tensor
     mask: Tensor
-    clip_low: float | None
-    clip_high: float | None
+    clipped: Tensor
+    old_entropy: Tensor | None = None
+    entropy: Tensor | None = None
     _cov: Tensor | None = field(default=None, repr=False)
 
     def covariance(self) -> Tensor:
@@ -82,6 +93,7 @@ class Regularizer(Callback):
     needs_entropy: bool = False  # module computes per-token entropy (with grad) only if asked
     needs_reference: bool = False  # module loads and runs the reference model only if asked
     needs_current_logp: bool = False  # module provides ctx.logp of the current policy
+    needs_current_entropy: bool = False  # module provides ctx.entropy of the current policy
     default_name: str = "regularizer"  # metric namespace reg/<name>/ unless `name` is given
 
     def __init__(self, schedule: Schedule | None = None, name: str | None = None) -> None:

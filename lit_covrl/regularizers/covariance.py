@@ -2,7 +2,8 @@
 log-prob and advantage covary most, the ones that drive the entropy collapse.
 
 Cov_i = (logp_i - mean logp) (A_i - mean A) over the valid tokens of the optimizer mini-batch.
-- Clip-Cov: among tokens PPO does not already clip with lb < Cov_i < ub, pick
+- Clip-Cov: among tokens the objective does not already zero (PPO clip, dual-clip, log-ratio
+  clamp, with the run's settings) with lb < Cov_i < ub, pick
   max(floor(ratio N), 1) uniformly at random; their surrogate loss (and gradient) is dropped,
   but they stay in the token-mean denominator.
 - KL-Cov: the top max(floor(ratio N), 1) tokens by Cov get + beta |logp_i - old_logp_i|.
@@ -10,8 +11,8 @@ Cov_i = (logp_i - mean logp) (A_i - mean A) over the valid tokens of the optimiz
 Where we differ from the reference code (verl / PRIME-RL), on purpose:
 - selection is made once per optimizer mini-batch over all its tokens on all ranks, not per
   micro-batch per GPU, so the result does not depend on micro-batch size or device count;
-  the covariance uses the current policy's log-probs of the whole mini-batch (a no-grad forward
-  from the second update of a rollout on; on the first, the rollout log-probs are exact);
+  the covariance uses the current policy's log-probs of the whole mini-batch (the rollout
+  log-probs while no optimizer step has been taken since the rollout, else a no-grad forward);
 - the random choice uses an explicit, checkpointed `torch.Generator` (reproducible);
 - they are additive regularizers on top of the module's PPO loss, not whole-loss modes:
   KL-Cov's "no clipping" is the module setting clip_low/clip_high = null;
@@ -24,7 +25,7 @@ import logging
 import torch
 from torch import Tensor
 
-from lit_covrl.algorithms import clip_cov_select, kl_cov_select, ppo_clipped_tokens
+from lit_covrl.algorithms import clip_cov_select, kl_cov_select
 from lit_covrl.regularizers.base import (
     MiniBatchContext,
     Regularizer,
@@ -49,16 +50,18 @@ class _CovarianceSelector(Regularizer):
         self.selected: Tensor | None = None  # [n, T] bool for the current mini-batch
 
     def _record_selection(self, ctx: MiniBatchContext, selected: Tensor) -> None:
+        """reg/<name>/selected_frac (of the valid tokens, all ranks) and the mean advantage and
+        log-prob of the selected tokens, all under this regularizer's own namespace (two stacked
+        selectors never overwrite each other's metrics)."""
         s = selected.float()
         stats = distributed.all_sum(
             torch.stack([s.sum(), ctx.mask.sum(), (s * ctx.advantages).sum(), (s * ctx.logp).sum()])
         )
         k = stats[0].clamp(min=1)
         self.record("selected_frac", stats[0] / stats[1].clamp(min=1))
-        self.record("cov/selected_frac", stats[0] / stats[1].clamp(min=1))
         if stats[0] > 0:
-            self.record("cov/selected_adv_mean", stats[2] / k)
-            self.record("cov/selected_logp_mean", stats[3] / k)
+            self.record("selected_adv_mean", stats[2] / k)
+            self.record("selected_logp_mean", stats[3] / k)
 
     def _rows(self, batch: PolicyBatch) -> Tensor:
         assert self.selected is not None, "prepare() must run before shape()"
@@ -101,9 +104,7 @@ class ClipCov(_CovarianceSelector):
         if ratio <= 0:
             self.selected = torch.zeros_like(ctx.mask, dtype=torch.bool)
         else:
-            eligible = ctx.mask.bool() & ~ppo_clipped_tokens(
-                ctx.logp, ctx.old_logp, ctx.advantages, ctx.mask, clip_low=ctx.clip_low, clip_high=ctx.clip_high
-            )
+            eligible = ctx.mask.bool() & ~ctx.clipped  # the objective already zeroes the rest
             self.selected = select_globally(
                 [ctx.covariance(), ctx.mask, eligible],
                 lambda cov, mask, elig: clip_cov_select(
@@ -171,13 +172,15 @@ class KLCov(_CovarianceSelector):
         else:
             ratio = self.scheduled(ratio, ctx.step)
         self._beta_now = beta
-        # On the first update of a rollout the policy *is* the rollout policy: logp - old_logp is
-        # only float noise (sampler vs training forward, ~1e-7), and d|x|/dx = sign(noise) would
-        # push every selected token by a random +-beta. The exact penalty is 0 with 0 gradient there.
-        self._inert = ctx.update == 0
+        # While no optimizer step has been taken since the rollout (the first update, or later
+        # ones when earlier mini-batches were filtered or skipped) the policy *is* the rollout
+        # policy: logp - old_logp is only float noise (sampler vs training forward, ~1e-7), and
+        # d|x|/dx = sign(noise) would push every selected token by a random +-beta. The exact
+        # penalty is 0 with 0 gradient there: nothing is selected and nothing applied.
+        self._inert = ctx.on_policy
         self.record("coef", beta)
         self.record("ratio", ratio)
-        if ratio <= 0 or beta <= 0:
+        if ratio <= 0 or beta <= 0 or self._inert:
             self.selected = torch.zeros_like(ctx.mask, dtype=torch.bool)
         else:
             self.selected = select_globally(

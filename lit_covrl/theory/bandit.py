@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lit_covrl.algorithms import aggregate, group_advantages, ppo_token_loss, token_entropy
+from lit_covrl.algorithms import aggregate, group_advantages, ppo_clipped_tokens, ppo_token_loss, token_entropy
 from lit_covrl.regularizers import MiniBatchContext, Regularizer
 from lit_covrl.types import PolicyBatch, TokenShaping
 
@@ -106,7 +106,8 @@ def train_bandit(
         for update in range(spec.updates):
             with torch.no_grad():
                 cur = torch.log_softmax(z, -1)[state, actions][:, None]
-            ctx = MiniBatchContext(step, update, cur, old, adv, mask, spec.clip_low, spec.clip_high)
+            clipped = ppo_clipped_tokens(cur, old, adv, mask, clip_low=spec.clip_low, clip_high=spec.clip_high)
+            ctx = MiniBatchContext(step, update, update == 0, cur, old, adv, mask, clipped)
             for reg in regularizers:
                 reg.prepare(ctx)
                 chosen = getattr(reg, "selected", None)
