@@ -103,12 +103,12 @@ class PolicyUpdateMixin:
                 continue
             m, old, adv = mb.mask[r], mb.old_logp[r], mb.advantages[r]
             logp, ent = early if early is not None else self._logprobs(mb.input_ids[r], mb.attention_mask[r], m.shape[1], need_ent)
-            base = ppo_token_loss(
-                logp, old, adv, m, clip_low=hp.clip_low, clip_high=hp.clip_high,
-                dual_clip=hp.dual_clip, logratio_clamp=hp.logratio_clamp,
-            )
             shapings = [reg.shape(PolicyBatch(r, logp, old, adv, m, ent, mb.ref_rows(r), mb.old_entropy[r]))
                         for reg in regs]
+            base = ppo_token_loss(
+                logp, old, TokenShaping.shifted_advantages(shapings, adv), m, clip_low=hp.clip_low,
+                clip_high=hp.clip_high, dual_clip=hp.dual_clip, logratio_clamp=hp.logratio_clamp,
+            )
             loss = aggregate(TokenShaping.combine(shapings, base), m, **agg)
             self.manual_backward(loss * scale)
             with torch.no_grad():  # micro-batch terms with mini-batch denominators: they add up
