@@ -39,8 +39,9 @@ def check_module_args(hp) -> None:
         bad("clip_low", hp.clip_low, "must be <= 1 (the ratio is clipped at 1 - clip_low >= 0)")
     if hp.dual_clip is not None and hp.dual_clip <= 1:
         bad("dual_clip", hp.dual_clip, "must be > 1 or null")
-    if hp.temperature <= 0 or hp.val_temperature <= 0:
-        bad("temperature", hp.temperature, "temperatures must be > 0")
+    for field in ("temperature", "val_temperature"):
+        if getattr(hp, field) <= 0:
+            bad(field, getattr(hp, field), "must be > 0")
     if not 0 < hp.top_p <= 1:
         bad("top_p", hp.top_p, "must be in (0, 1]")
     if hp.grad_clip is not None and hp.grad_clip <= 0:

@@ -8,8 +8,10 @@ later command-line override does not flow into keys interpolated from it).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -29,6 +31,14 @@ class LitCovRLCLI(LightningCLI):
             help="torch intra-op threads (null = torch's default). On small CPUs 1 per process is steadiest.",
         )
 
+    def parse_arguments(self, parser, args) -> None:
+        """As LightningCLI's, with the `trainer.callbacks` of stacked `--config` files appended
+        instead of replaced (see `stack_config_callbacks`)."""
+        if args is None or isinstance(args, (list, tuple)):
+            self.config = parser.parse_args(stack_config_callbacks(list(sys.argv[1:] if args is None else args)))
+        else:
+            super().parse_arguments(parser, args)
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config)
         threads = cfg.get("torch_threads")
@@ -36,6 +46,45 @@ class LitCovRLCLI(LightningCLI):
             import torch
 
             torch.set_num_threads(threads)
+
+
+def _config_paths(args: list[str]) -> list[tuple[int, str]]:
+    """(index of the last argument of each `--config PATH` / `--config=PATH`, PATH), in order."""
+    out = []
+    for i, a in enumerate(args):
+        if a == "--config" and i + 1 < len(args):
+            out.append((i + 1, args[i + 1]))
+        elif a.startswith("--config="):
+            out.append((i, a.split("=", 1)[1]))
+    return out
+
+
+def _file_callbacks(path: str) -> list | None:
+    """The `trainer.callbacks` list of a YAML config file (interpolations resolved), if any."""
+    from omegaconf import OmegaConf
+
+    if not os.path.isfile(path):
+        return None  # not a file (an inline YAML string, or missing): the parser reports it
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    callbacks = (cfg.get("trainer") or {}).get("callbacks") if isinstance(cfg, dict) else None
+    if callbacks is None:
+        return None
+    return callbacks if isinstance(callbacks, list) else [callbacks]
+
+
+def stack_config_callbacks(args: list[str]) -> list[str]:
+    """Make stacked method configs add up: `--config base.yaml --config clip_cov.yaml --config
+    entropy_bonus.yaml` trains with every regularizer named in any of them. A YAML list in a later
+    file would otherwise replace the earlier one (jsonargparse merges dicts, not lists). When two
+    or more files set `trainer.callbacks`, their lists are concatenated in file order and passed
+    once, right after the last `--config`, so later command-line arguments
+    (`--trainer.callbacks+=...`, `--trainer.callbacks.ratio=...`) still apply on top."""
+    found = [(i, cbs) for i, path in _config_paths(args) if (cbs := _file_callbacks(path)) is not None]
+    if len(found) < 2:
+        return args
+    merged = [cb for _, cbs in found for cb in cbs]
+    last = _config_paths(args)[-1][0]
+    return [*args[: last + 1], f"--trainer.callbacks={json.dumps(merged)}", *args[last + 1 :]]
 
 
 def main(args: list[str] | None = None) -> None:

@@ -119,6 +119,7 @@ def _merge(into: dict, new: dict) -> None:
           '{"name": "step", "steps": 10}'], "schedule.name"),
         (["--data.task", "null", "--data.train_files", '["nope.jsonl"]'], "train_files[0]: no such file"),
         (["--model.loss_agg_mode", "mean"], "valid modes"),
+        (["--model.val_temperature", "0"], "model.val_temperature=0"),
         (["--model.reward", "lit_covrl.rewards.NoSuchReward"], "NoSuchReward"),
     ],
 )
@@ -127,6 +128,34 @@ def test_bad_settings_stop_the_cli_at_start_up_naming_the_field(extra, message, 
     with pytest.raises((SystemExit, ValueError, FileNotFoundError)) as err:
         LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False)
     assert message in str(err.value) + capsys.readouterr().err
+
+
+def _cli(args: list[str], tmp_path) -> LitCovRLCLI:
+    return LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"},
+                       args=[*args, "--trainer.logger.init_args.save_dir", str(tmp_path)], run=False)
+
+
+def test_stacked_method_configs_give_every_regularizer(tmp_path):
+    """README: method configs stack on a base config. A later file's `trainer.callbacks` list
+    used to replace the earlier one (only EntropyBonus survived this stack)."""
+    from lit_covrl.regularizers import ClipCov, EntropyBonus
+
+    cli = _cli(["--config", str(QUICK), "--config", str(CONFIGS / "clip_cov.yaml"),
+                "--config=" + str(CONFIGS / "entropy_bonus.yaml")], tmp_path)
+    regs = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
+    assert [type(r) for r in regs] == [ClipCov, EntropyBonus]
+    assert regs[0].ratio == pytest.approx(0.02)  # clip_cov.yaml's own setting, not a default
+
+
+def test_command_line_callbacks_still_apply_on_top_of_stacked_configs(tmp_path):
+    from lit_covrl.regularizers import ClipCov, EntropyBonus, KLCov
+
+    cli = _cli(["--config", str(QUICK), "--config", str(CONFIGS / "clip_cov.yaml"),
+                "--config", str(CONFIGS / "entropy_bonus.yaml"), "--trainer.callbacks+=lit_covrl.regularizers.KLCov",
+                "--trainer.callbacks.ratio=0.05"], tmp_path)
+    regs = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
+    assert [type(r) for r in regs] == [ClipCov, EntropyBonus, KLCov]
+    assert regs[2].ratio == pytest.approx(0.05)
 
 
 @pytest.mark.parametrize("subcommand", ["validate", "test"])

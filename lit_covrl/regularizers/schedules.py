@@ -28,7 +28,7 @@ class Schedule:
     """How a coefficient moves from its initial value to ``final`` over ``steps`` steps.
 
     name: one of SCHEDULES. final: value reached at ``steps`` (>= 0; ignored by constant).
-    steps: annealing length in optimizer steps (>= 1). half_life: exponential only, > 0,
+    steps: annealing length in RL steps (rollouts, = trainer.global_step; >= 1). half_life: exponential only, > 0,
     default steps / 5.
     """
 
@@ -48,7 +48,7 @@ class Schedule:
             raise ValueError(f"schedule.half_life must be > 0, got {self.half_life}")
 
     def value(self, initial: float, step: int) -> float:
-        """Coefficient at optimizer step ``step`` (0-based) starting from ``initial``."""
+        """Coefficient at RL step ``step`` (0-based rollout index) starting from ``initial``."""
         if self.name == "constant":
             return float(initial)
         if step >= self.steps:
