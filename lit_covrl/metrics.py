@@ -90,7 +90,7 @@ def rollout_metrics(
     Every value is global (the same on every rank, what one process holding all ranks' rows
     would compute): means are sums over ranks divided by counts over ranks (never a mean of
     rank means), maxima are maxima over ranks, and the cov/ statistics use the global token
-    means and the global top-k. policy/entropy is the exact token-mean entropy (temperature 1)
+    means and the global top-k. policy/entropy is the exact token-mean entropy (of softmax(z / temperature))
     of the sampled responses under the rollout policy; policy/entropy_seq_mean is the paper's
     mean of per-sequence means. rollout/tokens_per_s is all ranks' tokens over the slowest
     rank's rollout time.

@@ -8,7 +8,8 @@ cached Hugging Face folder (`lit_covrl.gguf`), so every spec ends up on the same
 
 `response_logprobs` runs one forward pass over prompt+response and returns, for the T response
 positions only (`logits_to_keep`, so prompt logits are never computed), the log-probability of the
-sampled token at the training temperature and optionally the exact entropy at temperature 1,
+sampled token at the training temperature and optionally the exact entropy of that same
+distribution (softmax(z / temperature)),
 both computed in row chunks so that float32 N x T x V is never held at once.
 
 `shared_prompt_logprobs` returns the same quantities (to float rounding, gradients included) with
@@ -140,7 +141,7 @@ def response_logprobs(
     chunk_size: int = 1024,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs [N, T] of the response tokens (the last T columns of input_ids) and, if asked,
-    the per-token entropy [N, T] at temperature 1. Differentiable when grad is enabled."""
+    the per-token entropy [N, T] of softmax(z / temperature). Differentiable when grad is enabled."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -151,7 +152,7 @@ def response_logprobs(
     logits = out.logits[:, :-1]  # position t predicts token t+1: drop the last one  [N, T, V]
     labels = input_ids[:, -response_len:]
     logp = token_logprobs(logits, labels, temperature=temperature, chunk_size=chunk_size)
-    entropy = token_entropy(logits, chunk_size=chunk_size) if with_entropy else None
+    entropy = token_entropy(logits, temperature=temperature, chunk_size=chunk_size) if with_entropy else None
     return logp, entropy
 
 
@@ -257,5 +258,6 @@ def shared_prompt_logprobs(
     labels = torch.split(input_ids[:, P:], [p.shape[1] for p in parts], 1)
     logp = torch.cat([token_logprobs(p, y, temperature=temperature, chunk_size=chunk_size)
                       for p, y in zip(parts, labels)], 1)
-    entropy = torch.cat([token_entropy(p, chunk_size=chunk_size) for p in parts], 1) if with_entropy else None
+    entropy = (torch.cat([token_entropy(p, temperature=temperature, chunk_size=chunk_size) for p in parts], 1)
+               if with_entropy else None)
     return logp, entropy

@@ -138,3 +138,36 @@ def test_chunks_are_checkpointed_no_float32_kept_for_backward():
     assert _saved_float32_elements(lambda: token_logprobs(x, labels, chunk_size=8)) == 0
     # the probe itself can see float32 saves (so the assertion above can fail)
     assert _saved_float32_elements(lambda: torch.softmax(x.float(), -1).sum()) >= 64_000
+
+
+def test_entropy_is_that_of_the_sampled_distribution_at_temperature():
+    """H(softmax(z / tau)), as verl and the paper's code compute it (logits divided by the
+    temperature first). Hand values for z = [3, 2.5, 0, -1], tau = 0.6:
+    z / tau = [5, 4.1667, 0, -1.6667]; p = softmax = [0.6922, 0.3007, 0.0047, 0.0013];
+    H = -sum p log p = 0.6467 (vs 0.8296 for the softmax of z itself)."""
+    z = torch.tensor([[3.0, 2.5, 0.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    h = token_entropy(z, temperature=0.6)
+    assert h.item() == pytest.approx(0.6467, abs=1e-4)
+    assert token_entropy(z).item() == pytest.approx(0.8296, abs=1e-4)
+    (g,) = torch.autograd.grad(h.sum(), z)
+    p = torch.softmax(z.detach() / 0.6, -1)
+    naive = lambda x: -(torch.softmax(x / 0.6, -1) * torch.log_softmax(x / 0.6, -1)).sum()  # noqa: E731
+    (g_naive,) = torch.autograd.grad(naive(z), z)
+    torch.testing.assert_close(g, g_naive)
+    assert p.sum().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        token_entropy(z, temperature=0.0)
+
+
+def test_training_forward_entropy_uses_the_training_temperature():
+    from lit_covrl.policy import load_policy, response_logprobs
+
+    torch.manual_seed(0)
+    model = load_policy("lit_covrl:tiny-arith").eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 7))
+    att = torch.ones_like(ids)
+    with torch.no_grad():
+        _, ent = response_logprobs(model, ids, att, 4, temperature=0.7, with_entropy=True)
+        logits = model(input_ids=ids, attention_mask=att).logits[:, -5:-1].float()
+    expected = -(torch.softmax(logits / 0.7, -1) * torch.log_softmax(logits / 0.7, -1)).sum(-1)
+    torch.testing.assert_close(ent, expected, rtol=1e-5, atol=1e-5)

@@ -42,13 +42,20 @@ def test_k1_k3_unbiased_for_kl_pi_ref():
         assert mc == pytest.approx(kl, abs=0.01)
 
 
-def test_huge_logratio_is_finite():
-    logp = torch.tensor([-200.0, 0.0])
-    ref = torch.tensor([0.0, -200.0])
+def test_huge_logratio_is_finite_and_k3_is_bounded_like_the_reference():
+    logp = torch.tensor([-200.0, 0.0, -15.0, -2.0], requires_grad=True)
+    ref = torch.tensor([0.0, -200.0, 0.0, 0.0])
     out = kl_penalty(logp, ref, "k3")
     assert torch.isfinite(out).all()
-    # clamped: d = -200 -> -d clamped to 20: exp(20) - 20 - 1
-    assert out[0].item() == pytest.approx(math.exp(20) - 21, rel=1e-6)
+    # d = -200 and d = -15: exp(15) - 15 - 1 = 3.3e6 unbounded; verl bounds k3 to [-10, 10]
+    assert out[0].item() == 10.0 and out[2].item() == 10.0
+    # d = +200 -> -d clamped to -20: exp(-20) + 20 - 1 = 19.000000002 -> bounded to 10
+    assert out[1].item() == 10.0
+    # d = -2: exp(2) - 2 - 1 = 4.389 (inside the bound, unchanged, gradient 1 - e^2)
+    assert out[3].item() == pytest.approx(math.exp(2) - 3, rel=1e-6)
+    out.sum().backward()
+    assert logp.grad[2].item() == 0.0  # was -3.3e6 before the bound
+    assert logp.grad[3].item() == pytest.approx(1 - math.exp(2), rel=1e-6)
 
 
 def test_gradient_through_logp_only():

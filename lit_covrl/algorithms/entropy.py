@@ -1,14 +1,16 @@
 """Token log-probabilities and policy entropy from logits, chunked for memory.
 
     log pi(y) = z_y / tau - logsumexp(z / tau)
-    H(pi)     = logsumexp(z) - sum_v softmax(z)_v z_v        ( = -sum_v p_v log p_v )
+    H(pi)     = logsumexp(z / tau) - sum_v softmax(z / tau)_v z_v / tau   ( = -sum_v p_v log p_v )
 
 Vocabularies are large (V ~ 150k): a float32 log-softmax of N*T rows is the biggest tensor of
 the update. Both functions flatten the leading dims to rows and process ``chunk_size`` rows at a
 time upcast to float32 (inputs may be bf16); with gradients enabled each chunk runs under
 ``torch.utils.checkpoint`` (use_reentrant=False), so only one chunk's float32 intermediates are
 alive at a time and backward recomputes them.
-Entropy is the paper's H (Cui et al. 2025) at temperature 1, regardless of sampling temperature.
+Entropy is that of the distribution actually sampled and trained, softmax(z / tau), as in the
+reference code (verl and the paper's code divide the logits by the temperature first); at tau = 1
+(every shipped config) it is the plain softmax entropy.
 Shapes: ``...`` leading dims (usually [N, T]), V vocabulary.
 """
 from __future__ import annotations
@@ -59,8 +61,10 @@ def token_logprobs(
     return _chunked(fn, rows, flat_labels, chunk_size=chunk_size).view(labels.shape)
 
 
-def _entropy_rows(z: Tensor) -> Tensor:
+def _entropy_rows(z: Tensor, temperature: float = 1.0) -> Tensor:
     z = _upcast(z)
+    if temperature != 1.0:
+        z = z / temperature
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     p = torch.exp(z - lse)
     # -inf logits (masked vocab) have p = 0; zero them so 0 * -inf gives no NaN (nor in backward)
@@ -68,13 +72,19 @@ def _entropy_rows(z: Tensor) -> Tensor:
     return lse.squeeze(-1) - (p * z_finite).sum(-1)
 
 
-def token_entropy(logits: Tensor, *, chunk_size: int = 1024) -> Tensor:
-    """Exact entropy of softmax(logits) per position (temperature 1): [..., V] -> [...].
+def token_entropy(logits: Tensor, *, temperature: float = 1.0, chunk_size: int = 1024) -> Tensor:
+    """Exact entropy of softmax(logits / temperature) per position: [..., V] -> [...].
 
     Differentiable; float32 (float64 for float64 input) whatever the logits' dtype.
     """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     rows = logits.reshape(-1, logits.shape[-1])
-    return _chunked(_entropy_rows, rows, chunk_size=chunk_size).view(logits.shape[:-1])
+
+    def fn(z: Tensor) -> Tensor:
+        return _entropy_rows(z, temperature)
+
+    return _chunked(fn, rows, chunk_size=chunk_size).view(logits.shape[:-1])
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:

@@ -1,7 +1,8 @@
 """Dense regularizers: they act on every valid token.
 
-- EntropyBonus: loss_tok -= coef * H(pi(.|s_t)), the exact full-vocabulary entropy at
-  temperature 1 (computed in row chunks by the module). Its stationary point on a bandit is
+- EntropyBonus: loss_tok -= coef * H(pi(.|s_t)), the exact full-vocabulary entropy of the
+  sampled and trained distribution softmax(z / temperature) (computed in row chunks by the module;
+  the reference code's convention). Its stationary point on a bandit is
   softmax(r / coef), not the best arm: a persistent bias unless `coef` is annealed to 0.
 - ReferenceKL: loss_tok += beta * KL_est(pi || pi_ref) with Schulman's k1 / k2 / k3
   estimators on the sampled tokens; the module loads the reference model only when one exists.
