@@ -1,0 +1,149 @@
+"""Regression tests for the learner's correctness fixes (each failed before its fix):
+every update through the precision plugin, "on policy" as a state, Clip-Cov candidates that
+follow the objective's real clipping, and per-regularizer metric namespaces."""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from lit_covrl.algorithms import ppo_clipped_tokens, ppo_token_loss
+from lit_covrl.regularizers import ClipCov, KLCov
+from tests.test_module import make_data, make_module
+from tests.helpers import fit
+
+
+class HookCounter(L.Callback):
+    """Counts on_before_optimizer_step calls and records the (unscaled) gradient norm there."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for p in pl_module.policy.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0)
+
+
+def _one_step(model_dir, plugins, grad_clip):
+    torch.manual_seed(0)
+    module = make_module(model_dir, mini_batch_size=1, grad_clip=grad_clip,
+                         optimizer=lambda p: torch.optim.SGD(p, lr=1e-2))
+    counter = HookCounter()
+    trainer = fit(module, make_data(val_size=0), steps=1, callbacks=[counter], plugins=plugins,
+                  limit_val_batches=0)
+    return module, trainer, counter
+
+
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_every_update_goes_through_the_precision_plugin(tiny_model_dir, grad_clip):
+    """Under 16-mixed (CPU stand-in: Lightning's MixedPrecision with a CPU GradScaler) only the
+    last of a rollout's 4 updates used to pass through the plugin: the others were clipped and
+    stepped on gradients still scaled by 65536 (grad norms [692257.9, 0.0, 167672.2, 530722.9]
+    instead of [10.6, 0.0, 2.6, 8.1]). Now each update is unscaled, then clipped, then stepped;
+    hooks fire once per update and global_step still counts RL steps."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    ref, ref_trainer, ref_counter = _one_step(tiny_model_dir, [], grad_clip)
+    amp = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
+    mod, trainer, counter = _one_step(tiny_model_dir, [amp], grad_clip)
+    assert ref.updates_per_rollout == 4
+    assert len(counter.norms) == len(ref_counter.norms) == 4  # one hook call per update
+    assert trainer.global_step == ref_trainer.global_step == 1  # RL steps, not updates
+    assert max(ref_counter.norms) > 1.0  # the clip (1.0) is active in the clipped case
+    # fp16 autocast rounds the forward: per-update norms agree to ~1 %, not to 65536x
+    for a, b in zip(counter.norms, ref_counter.norms):
+        assert a == pytest.approx(b, rel=3e-2, abs=1e-6)
+    logged = float(trainer.callback_metrics["policy/grad_norm"])
+    assert logged == pytest.approx(float(ref_trainer.callback_metrics["policy/grad_norm"]), rel=3e-2)
+    # the weights moved by the same (clipped) amount
+    for (k, a), b in zip(mod.policy.state_dict().items(), ref.policy.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=5e-4, msg=k)
+
+
+G, B = 4, 2
+
+
+class FirstGroupConstant:
+    """0 for every answer of the first group (zero variance: filtered), 0,1,0,1 for the second."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, completion: str, answer: str) -> float:
+        i = self.calls % (G * B)
+        self.calls += 1
+        return 0.0 if i < G else float(i % 2)
+
+
+class KLCovProbe(KLCov):
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.seen: list[tuple[int, bool, bool, bool]] = []  # (update, on_policy, logp is rollout's, penalty)
+
+    def prepare(self, ctx) -> None:
+        super().prepare(ctx)
+        self._ctx = ctx
+
+    def shape(self, batch):
+        out = super().shape(batch)
+        ctx = self._ctx
+        self.seen.append((ctx.update, ctx.on_policy, bool(torch.equal(ctx.logp, ctx.old_logp)), out.penalty is not None))
+        return out
+
+
+def test_kl_cov_stays_inert_after_a_filtered_first_mini_batch(tiny_model_dir):
+    """Mini-batch 0 (the zero-variance group) is filtered, so update 1 still trains the rollout
+    policy: KL-Cov must apply nothing there (it used to apply beta * sign(float noise) because it
+    keyed on the update index), and the covariance uses the rollout log-probs (no extra forward)."""
+    probe = KLCovProbe(ratio=0.2, beta=1.0)
+    module = make_module(tiny_model_dir, group_size=G, mini_batch_size=1, filter_groups=True,
+                         reward=FirstGroupConstant(), reward_timeout_s=None, ppo_epochs=2)
+    trainer = fit(module, make_data(batch_size=B, val_size=0), steps=1, callbacks=[probe], limit_val_batches=0)
+    # schedule: [mb0 (filtered), mb1, mb0 (filtered), mb1]: the shape() calls come from mb1 only
+    assert [s[0] for s in probe.seen] == [1, 3]
+    update1, update3 = probe.seen
+    assert update1 == (1, True, True, False)  # on policy: no penalty, rollout log-probs
+    assert update3[1] is False and update3[3] is True  # after update 1's step: active
+    # the reported selection is what was applied: nothing on update 1, ratio*N on update 3
+    assert 0 < float(trainer.callback_metrics["reg/kl_cov/selected_frac"]) < 0.2
+
+
+def test_clip_cov_candidates_exclude_exactly_the_tokens_the_objective_gives_no_gradient():
+    """ctx.clipped = tokens with zero PPO gradient under the run's settings, dual-clip and the
+    log-ratio clamp included (Clip-Cov used to ignore both). Oracle: per-token autograd."""
+    g = torch.Generator().manual_seed(0)
+    n, t = 64, 6
+    old = -torch.rand(n, t, generator=g) * 3
+    logp = (old + torch.randn(n, t, generator=g) * 1.5).requires_grad_(True)
+    logp.data[0, 0] = old[0, 0] + 30.0  # beyond the clamp
+    adv = torch.randn(n, generator=g)
+    mask = (torch.rand(n, t, generator=g) > 0.1).float()
+    kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, logratio_clamp=20.0)
+    (grad,) = torch.autograd.grad(ppo_token_loss(logp, old, adv, mask, **kw).sum(), logp)
+    zero_grad = (grad == 0) & mask.bool()
+    clipped = ppo_clipped_tokens(logp, old, adv, mask, **kw)
+    assert torch.equal(clipped, zero_grad)
+    dual_only = clipped & ~ppo_clipped_tokens(logp, old, adv, mask, clip_low=0.2, clip_high=0.28, logratio_clamp=None)
+    assert dual_only.sum() > 0  # dual-clip and clamp tokens exist here and are now excluded
+    # hand case: r = 5, A = -1, c = 3: L1 = 5, L2 = 1.2, max = 5, dual-capped to 3 (constant)
+    one = torch.tensor([[0.0]])
+    five = torch.tensor([[5.0]]).log()
+    assert ppo_clipped_tokens(five, one, torch.tensor([-1.0]), one + 1, clip_low=0.2, clip_high=0.2, dual_clip=3.0)
+    assert not ppo_clipped_tokens(five, one, torch.tensor([-1.0]), one + 1, clip_low=0.2, clip_high=0.2)
+
+
+def test_stacked_covariance_regularizers_keep_their_own_metrics(tiny_model_dir, tmp_path):
+    """Clip-Cov and KL-Cov both wrote cov/selected_* and the last one won."""
+    from tests.helpers import scalar_tags
+
+    module = make_module(tiny_model_dir, mini_batch_size=2)
+    regs = [ClipCov(ratio=0.3, lb=-1e9, ub=1e9), KLCov(ratio=0.1)]
+    fit(module, make_data(val_size=0), steps=2, callbacks=regs, log_dir=tmp_path, limit_val_batches=0)
+    tags = scalar_tags(tmp_path)
+    assert not [t for t in tags if t.startswith("cov/selected")]
+    for name in ("clip_cov", "kl_cov"):
+        for key in ("selected_frac", "selected_adv_mean", "selected_logp_mean"):
+            assert len(tags.get(f"reg/{name}/{key}", [])) == 2, (name, key)
+    clip = [v for _, v in tags["reg/clip_cov/selected_frac"]]
+    kl = [v for _, v in tags["reg/kl_cov/selected_frac"]]
+    assert clip != kl
