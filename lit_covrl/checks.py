@@ -24,7 +24,7 @@ def check_module_args(hp) -> None:
     if hp.prompt_overflow not in PROMPT_OVERFLOW:
         bad("prompt_overflow", hp.prompt_overflow, f"valid: {list(PROMPT_OVERFLOW)}")
     for field in ("max_new_tokens", "max_prompt_length", "micro_batch_size", "ppo_epochs", "val_samples", "val_k",
-                  "logprob_chunk_size", "max_consecutive_skips"):
+                  "logprob_chunk_size", "max_consecutive_skips", "max_gen_rounds"):
         if getattr(hp, field) < 1:
             bad(field, getattr(hp, field), "must be >= 1")
     if hp.mini_batch_size is not None and hp.mini_batch_size < 1:

@@ -177,7 +177,7 @@ class PromptDataModule(L.LightningDataModule):
         self.skipped_rows = 0
         self._train_rows: list[Example] | None = None
         self._val_batches: list[PromptBatch] | None = None
-        self._perms: dict[int, list[int]] = {}
+        self._perms: dict[tuple[str, int], list[int]] = {}
 
     # --------------------------------------------------------------------- loading
 
@@ -246,29 +246,44 @@ class PromptDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def _perm(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:
+    def _perm(self, epoch: int, stream: str = "shuffle") -> list[int]:
+        key = (stream, epoch)
+        if key not in self._perms:
             if len(self._perms) >= 4:
                 self._perms.pop(next(iter(self._perms)))
             order = list(range(len(self._train_rows)))
-            random.Random(f"lit_covrl:shuffle:{self.hparams.seed}:{epoch}").shuffle(order)
-            self._perms[epoch] = order
-        return self._perms[epoch]
+            random.Random(f"lit_covrl:{stream}:{self.hparams.seed}:{epoch}").shuffle(order)
+            self._perms[key] = order
+        return self._perms[key]
 
     def batch_at(self, index: int, rank: int = 0, world: int = 1) -> PromptBatch:
         """Train batch `index` of rank `rank` out of `world` (a pure function of these and the seed)."""
         if self._val_batches is None:
             self.setup("fit")
+        return PromptBatch.from_examples(self._examples_at(index * world + rank, "train", "shuffle"), index=index)
+
+    def regen_batch(self, index: int, round: int, rounds: int) -> PromptBatch:
+        """Prompts of extra generation round `round` (1 .. rounds - 1) of train batch `index` on
+        this rank, for dynamic sampling (`lit_covrl.dynamic_sampling`): drawn from the same task
+        or rows as the train stream but from a stream of their own, a pure function of (seed,
+        index, round, rank, world size), so resumed runs draw the same prompts."""
+        if not 1 <= round < rounds:
+            raise ValueError(f"round must be in [1, {rounds}), got {round}")
+        if self._val_batches is None:
+            self.setup("fit")
+        rank, world = self._rank_world()
+        g = (index * (rounds - 1) + round - 1) * world + rank
+        return PromptBatch.from_examples(self._examples_at(g, "regen", "regen-shuffle"), index=index)
+
+    def _examples_at(self, g: int, task_stream: str, row_stream: str) -> list[Example]:
+        """Global batch g of a stream: task samples from its own seeded RNG, or rows at
+        positions [g*B, (g+1)*B) of that stream's per-epoch shuffles."""
         bs, seed = self.hparams.batch_size, self.hparams.seed
-        g = index * world + rank
         if self.task is not None:
-            rng = random.Random(f"lit_covrl:train:{seed}:{g}")
-            examples = [self.task.sample(rng) for _ in range(bs)]
-        else:
-            n = len(self._train_rows)
-            positions = range(g * bs, (g + 1) * bs)
-            examples = [self._train_rows[self._perm(p // n)[p % n]] for p in positions]
-        return PromptBatch.from_examples(examples, index=index)
+            rng = random.Random(f"lit_covrl:{task_stream}:{seed}:{g}")
+            return [self.task.sample(rng) for _ in range(bs)]
+        n = len(self._train_rows)
+        return [self._train_rows[self._perm(p // n, row_stream)[p % n]] for p in range(g * bs, (g + 1) * bs)]
 
     def _stream(self, rank: int, world: int, start: int = 0) -> Iterator[PromptBatch]:
         if not 0 <= rank < world:

@@ -12,7 +12,8 @@ from torchmetrics import Metric
 
 
 class PhaseTimer:
-    """Wall time of the phases of one RL step: `with timer("rollout"): ...` -> timer.seconds."""
+    """Wall time of the phases of one RL step: `with timer("rollout"): ...` -> timer.seconds
+    (a phase entered several times, e.g. generation rounds, adds up)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -21,7 +22,7 @@ class PhaseTimer:
     def __call__(self, name: str):
         t0 = time.perf_counter()
         yield
-        self.seconds[name] = time.perf_counter() - t0
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 class StepMetrics:

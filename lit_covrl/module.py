@@ -24,6 +24,7 @@ from torch import Tensor
 from lit_covrl import distributed
 from lit_covrl.algorithms import compute_advantages, zero_variance_groups
 from lit_covrl.checks import check_module_args
+from lit_covrl.dynamic_sampling import Round, assemble, choose_groups
 from lit_covrl.evaluation import EvaluationMixin
 from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics
 from lit_covrl.policy import empty_policy, load_policy, load_tokenizer, resolve_dtype
@@ -61,6 +62,7 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
         top_p: float = 1.0,
         advantage: str = "grpo",
         filter_groups: bool = False,
+        max_gen_rounds: int = 1,
         overlong: str = "keep",
         overlong_reward: float = 0.0,
         clip_low: float | None = 0.2,
@@ -84,6 +86,7 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
         activation_checkpointing: bool = False,
         rollout_gather: str = "once",
         shared_prompt: bool | None = None,
+        recompute_logprobs: bool = False,
     ) -> None:
         """
         Args:
@@ -104,7 +107,10 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
             temperature: sampling temperature (the loss uses the same temperature).
             top_p: nucleus sampling mass (1.0 = off). No top-k is ever applied.
             advantage: "grpo" (group mean/std), "drgrpo" (mean only) or "rloo".
-            filter_groups: drop groups whose G rewards are all equal (DAPO dynamic sampling).
+            filter_groups: drop groups whose G rewards are all equal (zero advantage: no signal).
+            max_gen_rounds: with filter_groups, DAPO's dynamic sampling: generate for fresh prompts
+                again, up to this many rounds in all, until the batch holds data.batch_size
+                informative groups (1 = no re-generation: filtered batches just shrink).
             overlong: responses that hit max_new_tokens: "keep" (train on them as scored),
                 "mask" (exclude them from the loss) or "penalize" (their reward := overlong_reward).
             overlong_reward: the reward of a truncated response under overlong: penalize.
@@ -138,6 +144,11 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
                 prompt+response per row. null (default) = on for CPU, off on GPU, as measured:
                 1.58x faster updates on the CPU quickstart, 1.76x slower on an H100 with a 0.5B
                 model (docs/benchmarks.md). Ignored (off) with activation_checkpointing.
+            recompute_logprobs: recompute the old (rollout-policy) log-probs with a no-grad
+                training forward after sampling, as verl does, instead of using the ones the
+                sampler recorded (free). The two differ by float rounding only (sampler decoding
+                vs a full-sequence forward; `python tools/logprob_gap.py`); turn this on where the
+                first update's PPO ratio must be exactly 1 (bf16 runs, or comparisons at bit level).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler"])
@@ -211,6 +222,11 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
                 f"model.mini_batch_size={mbs} must divide data.batch_size={batch} (prompts per step per device)"
             )
         dm = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and self.hparams.filter_groups and self.hparams.max_gen_rounds > 1 and not hasattr(dm, "regen_batch"):
+            raise ValueError(
+                f"model.max_gen_rounds={self.hparams.max_gen_rounds} (dynamic sampling) needs a datamodule with "
+                "regen_batch(index, round, rounds) to draw fresh prompts, such as lit_covrl.data.PromptDataModule"
+            )
         if self.hparams.prompt_overflow == "error" and hasattr(dm, "known_prompts"):
             self._check_prompt_lengths(dm.known_prompts())
         seed = self.hparams.seed + 1_000_003 * self.global_rank
@@ -282,13 +298,13 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
     # training ----------------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         hp, G, timer = self.hparams, self.hparams.group_size, PhaseTimer()
-        with timer("rollout"):
-            rollout = self.generate(batch.prompts, G, temperature=hp.temperature, generator=self.rollout_generator)
-        with timer("score"):
-            answers = [a for a in batch.answers for _ in range(G)]
-            rewards, reward_stats = self.score(rollout.completions, answers)
-            if hp.overlong == "penalize":
-                rewards = torch.where(rollout.truncated, torch.full_like(rewards, hp.overlong_reward), rewards)
+        sampled, reward_stats = self._sample_batch(batch, timer)
+        rollout, rewards = sampled.rollout, sampled.rewards
+        if hp.recompute_logprobs:  # old log-probs from the training forward instead of the sampler
+            with timer("old_logp"):
+                rollout.logp = self._nograd_logprobs(
+                    self.policy, rollout.input_ids, rollout.attention_mask, rollout.response_mask
+                )
         advantages = compute_advantages(rewards, G, hp.advantage)
         zero_var = zero_variance_groups(rewards, G)
         keep = ~zero_var if hp.filter_groups else torch.ones_like(zero_var)
@@ -317,6 +333,39 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
         if skipped_rows is not None:
             metrics["data/skipped_rows"] = skipped_rows
         self._log_step(metrics)
+
+    def _generation_round(self, batch: PromptBatch, timer: PhaseTimer) -> tuple[Round, dict[str, float]]:
+        hp, G = self.hparams, self.hparams.group_size
+        with timer("rollout"):
+            rollout = self.generate(batch.prompts, G, temperature=hp.temperature, generator=self.rollout_generator)
+        with timer("score"):
+            answers = [a for a in batch.answers for _ in range(G)]
+            rewards, reward_stats = self.score(rollout.completions, answers)
+            if hp.overlong == "penalize":
+                rewards = torch.where(rollout.truncated, torch.full_like(rewards, hp.overlong_reward), rewards)
+        return Round(batch, rollout, rewards), reward_stats
+
+    def _sample_batch(self, batch: PromptBatch, timer: PhaseTimer) -> tuple[Round, dict[str, float]]:
+        """One generation round; under dynamic sampling (`filter_groups` with `max_gen_rounds` > 1)
+        more rounds of fresh prompts until every rank holds a batch of informative groups
+        (`lit_covrl.dynamic_sampling`). `rollout/gen_rounds` counts them."""
+        hp, G = self.hparams, self.hparams.group_size
+        rounds: list[Round] = []
+        stats: dict[str, float] = {}
+        while True:
+            prompts = batch if not rounds else self.trainer.datamodule.regen_batch(batch.index, len(rounds), hp.max_gen_rounds)
+            rnd, rnd_stats = self._generation_round(prompts, timer)
+            rounds.append(rnd)
+            stats = {k: stats.get(k, 0.0) + float(v) for k, v in rnd_stats.items()}
+            if not hp.filter_groups or len(rounds) >= hp.max_gen_rounds:
+                break
+            if distributed.all_true(sum(int(r.informative(G).sum()) for r in rounds) >= len(batch)):
+                break
+        stats["rollout/gen_rounds"] = float(len(rounds))
+        if len(rounds) == 1:
+            return rounds[0], stats
+        chosen = choose_groups(rounds, len(batch), G)
+        return assemble(rounds, chosen, G, self.tokenizer.pad_token_id), stats
 
     def _reference_logprobs(self, rollout: Rollout) -> Tensor:
         ref = self._reference

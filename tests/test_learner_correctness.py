@@ -147,3 +147,38 @@ def test_stacked_covariance_regularizers_keep_their_own_metrics(tiny_model_dir, 
     clip = [v for _, v in tags["reg/clip_cov/selected_frac"]]
     kl = [v for _, v in tags["reg/kl_cov/selected_frac"]]
     assert clip != kl
+
+
+class FirstUpdateGap(KLCov):
+    """Records max |logp - old_logp| seen by the training forward while on policy."""
+
+    needs_current_logp = False
+
+    def __init__(self) -> None:
+        super().__init__(ratio=0.1)
+        self.gaps: list[float] = []
+
+    def prepare(self, ctx) -> None:
+        self._on = ctx.on_policy
+
+    def shape(self, batch):
+        if self._on:
+            m = batch.mask.bool()
+            self.gaps.append(float((batch.logp.detach() - batch.old_logp)[m].abs().max()))
+        from lit_covrl.types import TokenShaping
+
+        return TokenShaping()
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_recomputed_old_logprobs_make_the_first_ratio_exactly_one(tiny_model_dir, recompute):
+    """The sampler's recorded log-probs differ from the training forward's by float rounding;
+    `recompute_logprobs` replaces them with a no-grad training forward (verl's way)."""
+    probe = FirstUpdateGap()
+    module = make_module(tiny_model_dir, recompute_logprobs=recompute, micro_batch_size=8, max_new_tokens=6)
+    fit(module, make_data(val_size=0), steps=2, callbacks=[probe], limit_val_batches=0)
+    assert len(probe.gaps) == 2 * 2  # 2 steps x 2 micro-batches of 8 rows, all on the first update
+    if recompute:
+        assert max(probe.gaps) == 0.0
+    else:
+        assert 0.0 < max(probe.gaps) < 1e-4  # rounding only

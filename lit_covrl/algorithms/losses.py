@@ -13,13 +13,11 @@ Aggregation turns the [N, T] token losses into the scalar that is differentiated
 token-mean (DAPO / Clip-Cov recipes), seq-mean-token-sum, seq-mean-token-mean (original GRPO)
 and seq-mean-token-sum-norm (Dr.GRPO, Liu et al. 2025: divide by a constant length).
 
-How we differ from the reference code (verl ``core_algos``):
-- the log-ratio clamp (default +-20) is always applied before exp (verl #6478: NaN risk);
-- ``aggregate`` takes optional global denominators (tokens / sequences of the whole optimizer
-  mini-batch) so that the sum of micro-batch aggregates equals the mini-batch aggregate exactly,
-  independent of micro-batch size and world size;
-- ``ppo_stats`` names what it counts: ``clip_frac`` is the fraction of tokens whose clipped term
-  is active, split into ``clip_frac_low`` / ``clip_frac_high``.
+``aggregate`` takes optional global denominators (tokens / sequences of the whole optimizer
+mini-batch) so that the sum of micro-batch aggregates equals the mini-batch aggregate exactly,
+independent of micro-batch size and world size. Departures from verl's ``core_algos`` (the
+log-ratio clamp, seq-mean-token-sum-norm's denominator) are in the README's table "Where we
+differ from the reference code".
 Shapes: N sequences, T response tokens.
 """
 from __future__ import annotations

@@ -8,15 +8,10 @@ Cov_i = (logp_i - mean logp) (A_i - mean A) over the valid tokens of the optimiz
   but they stay in the token-mean denominator.
 - KL-Cov: the top max(floor(ratio N), 1) tokens by Cov get + beta |logp_i - old_logp_i|.
 
-Where we differ from the reference code (verl / PRIME-RL), on purpose:
-- selection is made once per optimizer mini-batch over all its tokens on all ranks, not per
-  micro-batch per GPU, so the result does not depend on micro-batch size or device count;
-  the covariance uses the current policy's log-probs of the whole mini-batch (the rollout
-  log-probs while no optimizer step has been taken since the rollout, else a no-grad forward);
-- the random choice uses an explicit, checkpointed `torch.Generator` (reproducible);
-- they are additive regularizers on top of the module's PPO loss, not whole-loss modes:
-  KL-Cov's "no clipping" is the module setting clip_low/clip_high = null;
-- the log-ratio is clamped before exp in the base loss; metrics are named for what they count.
+Selection happens once per optimizer mini-batch over all its tokens on all ranks (invariant to
+micro-batch size and device count), with a seeded, checkpointed generator; both act additively on
+the module's policy loss. Every departure from the reference code (verl / PRIME-RL) and its
+reason is in the README's table "Where we differ from the reference code".
 """
 from __future__ import annotations
 

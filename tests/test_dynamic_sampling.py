@@ -1,0 +1,91 @@
+"""DAPO dynamic sampling: re-padding and choosing groups (hand-worked), fresh prompts as a pure
+function of the step, and a short fit whose batches end up full of informative groups."""
+from __future__ import annotations
+
+import torch
+
+from lit_covrl.data import PromptDataModule
+from lit_covrl.dynamic_sampling import Round, assemble, choose_groups, concat_rollouts
+from lit_covrl.types import PromptBatch, Rollout
+from tests.helpers import fit
+from tests.test_module import make_module
+
+PAD = 0
+
+
+def _rollout(prompt_len: int, resp_len: int, n: int, base: int) -> Rollout:
+    ids = torch.arange(base, base + n * (prompt_len + resp_len)).view(n, prompt_len + resp_len)
+    m = torch.ones(n, resp_len)
+    return Rollout(ids, torch.ones_like(ids), m, -m, 2 * m, torch.zeros(n, dtype=torch.bool),
+                   [f"c{base}-{i}" for i in range(n)])
+
+
+def test_concat_rollouts_left_pads_prompts_and_right_pads_responses():
+    a = _rollout(prompt_len=2, resp_len=3, n=2, base=10)  # rows [10..14], [15..19]
+    b = _rollout(prompt_len=4, resp_len=1, n=2, base=50)  # rows [50..54], [55..59]
+    out = concat_rollouts([(a, torch.tensor([1])), (b, torch.tensor([0]))], PAD)
+    # P = 4, T = 3: a's row 1 = prompt [15, 16] -> [0, 0, 15, 16], response [17, 18, 19]
+    #               b's row 0 = prompt [50..53], response [54] -> [54, 0, 0]
+    assert out.input_ids.tolist() == [[0, 0, 15, 16, 17, 18, 19], [50, 51, 52, 53, 54, 0, 0]]
+    assert out.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]]
+    assert out.response_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert out.logp.tolist() == [[-1, -1, -1], [-1, 0, 0]] and out.entropy.tolist() == [[2, 2, 2], [2, 0, 0]]
+    assert out.completions == ["c10-1", "c50-0"] and out.truncated.tolist() == [False, False]
+
+
+def _round(rewards: list[float], G: int, base: int) -> Round:
+    B = len(rewards) // G
+    batch = PromptBatch([f"p{base + i}" for i in range(B)], [f"a{base + i}" for i in range(B)], index=7)
+    return Round(batch, _rollout(2, 1, len(rewards), base * 100), torch.tensor(rewards))
+
+
+def test_choose_groups_takes_informative_groups_in_generation_order_then_fills():
+    G = 2
+    r0 = _round([0, 0, 1, 0, 1, 1], G, 0)  # groups: flat, informative, flat
+    r1 = _round([1, 0, 0, 0, 0, 1], G, 10)  # informative, flat, informative
+    assert choose_groups([r0, r1], 3, G) == [(0, 1), (1, 0), (1, 2)]
+    assert choose_groups([r0, r1], 2, G) == [(0, 1), (1, 0)]
+    # not enough informative groups: complete with the first round's uninformative ones
+    assert choose_groups([r0], 3, G) == [(0, 1), (0, 0), (0, 2)]
+    out = assemble([r0, r1], choose_groups([r0, r1], 3, G), G, PAD)
+    assert out.batch.prompts == ["p1", "p10", "p12"] and out.batch.answers == ["a1", "a10", "a12"]
+    assert out.rewards.tolist() == [1, 0, 1, 0, 0, 1] and out.batch.index == 7
+    assert out.rollout.input_ids.shape == (6, 3)
+
+
+def test_regen_batches_are_fresh_and_a_pure_function_of_the_step():
+    dm = PromptDataModule(task="arithmetic", batch_size=4, val_size=0, seed=3)
+    dm.setup("fit")
+    first = dm.regen_batch(5, 1, 4)
+    assert first.prompts == PromptDataModule(task="arithmetic", batch_size=4, val_size=0, seed=3).regen_batch(5, 1, 4).prompts
+    others = [dm.regen_batch(5, 2, 4).prompts, dm.regen_batch(6, 1, 4).prompts, dm.batch_at(5).prompts]
+    assert all(first.prompts != o for o in others) and first.index == 5
+
+
+class OddAnswersOnly:
+    """Informative only for prompts whose answer is odd: constant 0 for even answers, else the
+    fraction of '1' characters (varies across samples)."""
+
+    def __call__(self, completion: str, answer: str) -> float:
+        if int(answer) % 2 == 0:
+            return 0.0
+        return completion.count("1") / max(len(completion), 1)
+
+
+def test_dynamic_sampling_fills_the_batch_with_informative_groups(tiny_model_dir):
+    import lightning as L
+
+    steps = []
+
+    class Recorder(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    module = make_module(tiny_model_dir, reward=OddAnswersOnly(), filter_groups=True, max_gen_rounds=6,
+                         max_new_tokens=6, reward_timeout_s=None)
+    dm = PromptDataModule(task="arithmetic", batch_size=4, val_size=0, seed=0)
+    fit(module, dm, steps=3, callbacks=[Recorder()], limit_val_batches=0)
+    assert max(s["rollout/gen_rounds"] for s in steps) > 1  # at least one step needed more prompts
+    full = [s for s in steps if s["rollout/gen_rounds"] < 6]
+    assert full and all(s["rollout/zero_var_group_frac"] == 0.0 for s in full)
+    assert all(s["policy/kept_frac"] == 1.0 for s in full)  # nothing left to filter
