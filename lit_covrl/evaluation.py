@@ -1,58 +1,69 @@
-"""Validation and test of GRPOModule: `val_samples` answers per held-out prompt at
-`val_temperature`, from a sampler reseeded identically at every evaluation (successive
-evaluations differ only by the policy), giving `<prefix>/pass@1`, `<prefix>/pass@k` (unbiased
-estimator, summed over ranks by torchmetrics) and `<prefix>/entropy` (token mean over all ranks).
+"""Held-out evaluation: `samples` answers per held-out prompt at the evaluation temperature, from a
+sampler reseeded identically at every evaluation (successive evaluations differ only by the
+policy), giving pass@1, pass@k (unbiased estimator, summed over ranks by torchmetrics) and the
+token-mean entropy of the sampled distribution over all ranks.
 
-`EvaluationMixin` is mixed into GRPOModule; it uses its `generate`, `score`, `val_pass`,
-`hparams` and `log`.
+`Evaluator` has explicit inputs: how to sample and how to score (GRPOModule's `generate` and
+`score`), the pass@k metric (a torchmetrics child of the module, so Lightning places and syncs
+it) and the evaluation settings. GRPOModule's validation and test hooks call `start`, `step` and
+`compute` and log the result under `val/` or `test/`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
+from torch import Tensor
 
 from lit_covrl import distributed
-from lit_covrl.types import PromptBatch
+from lit_covrl.metrics import PassAtK
+from lit_covrl.types import PromptBatch, Rollout
 
 
-class EvaluationMixin:
-    def on_validation_epoch_start(self) -> None:
-        self._eval_start()
+@dataclass(frozen=True)
+class EvalSettings:
+    samples: int  # answers per held-out prompt (model.val_samples)
+    k: int  # k of pass@k (model.val_k)
+    temperature: float  # model.val_temperature
+    correct_threshold: float  # a reward >= this counts as correct
+    seed: int  # evaluation sampler seed = seed + 12345 + rank
 
-    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self._eval_step(batch)
 
-    def on_validation_epoch_end(self) -> None:
-        self._eval_end("val")
+class Evaluator:
+    def __init__(
+        self,
+        generate: Callable[..., Rollout],
+        score: Callable[[list[str], list[str]], tuple[Tensor, dict]],
+        pass_at_k: PassAtK,
+        settings: EvalSettings,
+    ) -> None:
+        self.generate, self.score, self.pass_at_k, self.settings = generate, score, pass_at_k, settings
+        self._entropy = [0.0, 0.0]
+        self._generator: torch.Generator | None = None
 
-    def on_test_epoch_start(self) -> None:
-        self._eval_start()
+    def start(self, device: torch.device, rank: int) -> None:
+        """Reset the metrics; the same sampler seed at every evaluation."""
+        self.pass_at_k.reset()
+        self._entropy = [0.0, 0.0]
+        self._generator = torch.Generator(device=device).manual_seed(self.settings.seed + 12345 + rank)
 
-    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_end("test")
-
-    def _eval_start(self) -> None:
-        self.val_pass.reset()
-        self._val_entropy = [0.0, 0.0]
-        # the same seed at every evaluation: successive evaluations differ only by the policy
-        self._val_generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 12345 + self.global_rank)
-
-    def _eval_step(self, batch: PromptBatch) -> None:
-        """val_samples answers per held-out prompt: pass@1, pass@k and the sampled entropy."""
-        n = self.hparams.val_samples
-        rollout = self.generate(batch.prompts, n, temperature=self.hparams.val_temperature, generator=self._val_generator)
+    def step(self, batch: PromptBatch) -> None:
+        """`samples` answers per held-out prompt: pass@1, pass@k and the sampled entropy."""
+        n = self.settings.samples
+        rollout = self.generate(batch.prompts, n, temperature=self.settings.temperature, generator=self._generator)
         answers = [a for a in batch.answers for _ in range(n)]
         rewards, _ = self.score(rollout.completions, answers)
-        self.val_pass.update((rewards >= self.hparams.correct_threshold).view(-1, n))
-        self._val_entropy[0] += float((rollout.entropy * rollout.response_mask).sum())
-        self._val_entropy[1] += float(rollout.response_mask.sum())
+        self.pass_at_k.update((rewards >= self.settings.correct_threshold).view(-1, n))
+        self._entropy[0] += float((rollout.entropy * rollout.response_mask).sum())
+        self._entropy[1] += float(rollout.response_mask.sum())
 
-    def _eval_end(self, prefix: str) -> None:
-        res = self.val_pass.compute()  # torchmetrics: summed over ranks
-        ent = distributed.all_sum(torch.tensor(self._val_entropy, dtype=torch.float64))
-        self.log(f"{prefix}/pass@1", res["pass@1"], prog_bar=prefix == "val", sync_dist=False)
-        self.log(f"{prefix}/pass@k", res[f"pass@{self.hparams.val_k}"], sync_dist=False)
-        self.log(f"{prefix}/entropy", float(ent[0] / max(float(ent[1]), 1.0)), sync_dist=False)
-
+    def compute(self) -> dict[str, float]:
+        """{"pass@1", "pass@k", "entropy"} over all ranks (a collective: call on every rank)."""
+        res = self.pass_at_k.compute()  # torchmetrics: summed over ranks
+        ent = distributed.all_sum(torch.tensor(self._entropy, dtype=torch.float64))
+        return {
+            "pass@1": float(res["pass@1"]),
+            "pass@k": float(res[f"pass@{self.settings.k}"]),
+            "entropy": float(ent[0] / max(float(ent[1]), 1.0)),
+        }

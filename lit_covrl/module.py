@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 
 import lightning as L
@@ -25,7 +26,8 @@ from lit_covrl import distributed
 from lit_covrl.algorithms import compute_advantages, zero_variance_groups
 from lit_covrl.checks import check_module_args
 from lit_covrl.dynamic_sampling import Round, assemble, choose_groups
-from lit_covrl.evaluation import EvaluationMixin
+from lit_covrl.evaluation import EvalSettings, Evaluator
+from lit_covrl.learner import Learner, LearnerSettings
 from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics
 from lit_covrl.policy import empty_policy, load_policy, load_tokenizer, resolve_dtype
 from lit_covrl.prompts import encode_prompts
@@ -36,14 +38,13 @@ from lit_covrl.sharding import (
     check_sharding_args, check_strategy, checkpoint_layers, gathered_for_rollout, load_sharded, shard_model,
 )
 from lit_covrl.types import PromptBatch, Rollout
-from lit_covrl.update import PolicyUpdateMixin
 
 log = logging.getLogger("lit_covrl")
 # the policy is kept in eval mode on purpose (no dropout in RL: rollout policy == trained policy)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
-class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
+class GRPOModule(L.LightningModule):
     def __init__(
         self,
         model: str = "lit_covrl:tiny-arith",
@@ -162,11 +163,38 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
         self._tokenizer = None  # loaded on first use: instantiating a config touches no files
         self.policy: torch.nn.Module | None = None
         self._reference = None  # plain attribute: frozen, never saved in checkpoints
-        self.val_pass = PassAtK(val_k)
-        self._val_entropy = [0.0, 0.0]
+        self.val_pass = PassAtK(val_k)  # a child module: Lightning places it and syncs it
+        self.evaluator = Evaluator(self.generate, self.score, self.val_pass, EvalSettings(
+            samples=val_samples, k=val_k, temperature=val_temperature, correct_threshold=correct_threshold, seed=seed,
+        ))
         self.rollout_generator = torch.Generator().manual_seed(seed)
-        self.skipped_steps = 0
-        self._consecutive_skips = 0
+        self._learner: Learner | None = None
+        self._restored_skips = 0
+
+    @property
+    def learner(self) -> Learner:
+        """The policy update (`lit_covrl.learner`), built once the policy is loaded."""
+        if self._learner is None:
+            assert self.policy is not None, "configure_model() must run first"
+            settings = LearnerSettings.from_hparams(self.hparams, shared_prompt=self.shared_prompt_on)
+            self._learner = Learner(self.policy, settings, self.regularizers, LightningDriver(self))
+            self._learner.skipped_steps = self._restored_skips
+        return self._learner
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer updates dropped for a non-finite gradient over the run."""
+        return self._learner.skipped_steps if self._learner is not None else self._restored_skips
+
+    @property
+    def shared_prompt_on(self) -> bool:
+        """`shared_prompt` resolved: null means on for CPU, off on GPU (where it was measured
+        slower); always off under activation checkpointing."""
+        hp = self.hparams
+        if hp.get("activation_checkpointing", False):
+            return False
+        choice = hp.get("shared_prompt", None)
+        return self.device.type == "cpu" if choice is None else bool(choice)
 
     # setup -------------------------------------------------------------------------------------
     @property
@@ -302,7 +330,7 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
         rollout, rewards = sampled.rollout, sampled.rewards
         if hp.recompute_logprobs:  # old log-probs from the training forward instead of the sampler
             with timer("old_logp"):
-                rollout.logp = self._nograd_logprobs(
+                rollout.logp = self.learner.logprobs(
                     self.policy, rollout.input_ids, rollout.attention_mask, rollout.response_mask
                 )
         advantages = compute_advantages(rewards, G, hp.advantage)
@@ -313,7 +341,8 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
         with timer("ref_logp"):
             ref_logp = self._reference_logprobs(rollout) if any(r.needs_reference for r in self.regularizers) else None
         with timer("update"):
-            update_metrics = self._update(rollout, advantages, keep, ref_logp)
+            self.learner.regularizers = self.regularizers
+            update_metrics = self.learner.update(rollout, advantages, keep, ref_logp, step=self.global_step)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -371,7 +400,36 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
         ref = self._reference
         if next(ref.parameters()).device != self.device:
             ref.to(self.device)
-        return self._nograd_logprobs(ref, rollout.input_ids, rollout.attention_mask, rollout.response_mask)
+        return self.learner.logprobs(ref, rollout.input_ids, rollout.attention_mask, rollout.response_mask)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Every update of a rollout passes here, after the precision plugin unscaled."""
+        self.learner.before_optimizer_step(optimizer)
+
+    # evaluation --------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self.evaluator.start(self.device, self.global_rank)
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self.evaluator.step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.evaluator.start(self.device, self.global_rank)
+
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self.evaluator.step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    def _log_evaluation(self, prefix: str) -> None:
+        res = self.evaluator.compute()  # already global: no sync_dist
+        self.log(f"{prefix}/pass@1", res["pass@1"], prog_bar=prefix == "val", sync_dist=False)
+        self.log(f"{prefix}/pass@k", res["pass@k"], sync_dist=False)
+        self.log(f"{prefix}/entropy", res["entropy"], sync_dist=False)
 
     # logging, checkpoint -----------------------------------------------------------------------
     def _log_step(self, metrics: dict) -> None:
@@ -403,7 +461,9 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
             self._pending_generator_state = None
         else:
             self._pending_generator_state = checkpoint.get("rollout_generator")
-        self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        self._restored_skips = checkpoint.get("skipped_steps", 0)
+        if self._learner is not None:
+            self._learner.skipped_steps = self._restored_skips
 
     def on_train_start(self) -> None:
         state = getattr(self, "_pending_generator_state", None)
@@ -422,3 +482,37 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
         if ckpt is not None and getattr(ckpt, "last_model_path", ""):
             lines.append(f"  checkpoint:  {ckpt.last_model_path}")
         print("\n".join(lines), flush=True)
+
+
+class LightningDriver:
+    """The learner's `OptimizerDriver` for GRPOModule (manual optimization): backward through
+    Lightning (precision scaling, strategy), every optimizer step through the strategy and its
+    precision plugin, which calls `on_before_optimizer_step` (-> the learner's clipping) after
+    unscaling. Only the last step of a rollout goes through Lightning's optimizer wrapper, whose
+    step counter is `trainer.global_step`: one per RL step."""
+
+    def __init__(self, module: GRPOModule) -> None:
+        self.module = module
+
+    def zero_grad(self) -> None:
+        self.module.optimizers().zero_grad(set_to_none=True)
+
+    def backward(self, loss: Tensor) -> None:
+        self.module.manual_backward(loss)
+
+    def step(self, last: bool) -> None:
+        opt = self.module.optimizers()
+        if last:
+            opt.step()
+        else:
+            self.module.trainer.strategy.optimizer_step(opt.optimizer, _no_closure, model=self.module)
+
+    def save_checkpoint(self, filename: str) -> str:
+        trainer = self.module.trainer
+        path = os.path.join(trainer.default_root_dir, filename)
+        trainer.save_checkpoint(path)
+        return path
+
+
+def _no_closure() -> None:
+    """Manual optimization: the backward already ran before the step."""

@@ -121,7 +121,7 @@ def test_single_micro_batch_selection_reuses_the_training_forward(tiny_model_dir
         module.configure_model()
         calls = []
         module.policy.register_forward_pre_hook(lambda *_: calls.append(1))
-        update = module._update
+        update = module.learner.update
 
         def counted(*a, **k):
             calls.clear()
@@ -129,7 +129,7 @@ def test_single_micro_batch_selection_reuses_the_training_forward(tiny_model_dir
             counted.n = len(calls)
             return out
 
-        module._update = counted
+        module.learner.update = counted
         fit(module, make_data(), steps=1, callbacks=[ClipCov(ratio=0.1, lb=-1e9, ub=1e9)], limit_val_batches=0)
         return counted.n
 

@@ -10,7 +10,7 @@ the trainer does for one RL step, logging included). Figures are medians over th
 the warm-up. Completion tokens/s = valid response tokens of the step / step wall time.
 
 Regularizer overhead: inside the same kind of fit (in `on_train_start`, optimizers set up), one
-rollout is sampled once; then `_update` is called on that same rollout again and again, with the
+rollout is sampled once; then `module.learner.update` is called on that same rollout again and again, with the
 policy and optimizer state restored before every call (same batch, same weights, same seeds),
 cycling through [none, EntropyBonus, ClipCov, KLCov] in rounds (A B C D A B C D ...). The ratio
 is median(update with the regularizer) / median(update with none).
@@ -91,7 +91,7 @@ def _make_reg(name: str):
 
 
 class OverheadProbe:
-    """Lightning callback: in on_train_start, time `_update` on one fixed rollout with each
+    """Lightning callback: in on_train_start, time `learner.update` on one fixed rollout with each
     regularizer (or none), interleaved, state restored before every call."""
 
     def __new__(cls, rounds: int):
@@ -124,10 +124,11 @@ class OverheadProbe:
                             module.policy.load_state_dict(policy0)
                             opt.optimizer.load_state_dict(opt0)
                             trainer.callbacks[:] = saved + ([regs[name]] if name != "none" else [])
+                            module.learner.regularizers = module.regularizers
                             if name == "ClipCov":
                                 regs[name].generator.manual_seed(0)
                             t0 = time.perf_counter()
-                            module._update(rollout, adv, keep, None)
+                            module.learner.update(rollout, adv, keep, None, step=0)
                             self.times[name].append(time.perf_counter() - t0)
                             for r in regs.values():
                                 r.pop_metrics()
@@ -220,7 +221,7 @@ def check_passes(model: str, log_dir: str, steps: int = 2) -> dict:
 
         def on_train_start(self, trainer, module) -> None:
             module.policy.register_forward_pre_hook(lambda *_: counts.__setitem__("n", counts["n"] + 1))
-            gen, upd = module.generate, module._update
+            gen, upd = module.generate, module.learner.update
             rec = self.records
 
             def generate(*a, **k):
@@ -238,7 +239,7 @@ def check_passes(model: str, log_dir: str, steps: int = 2) -> dict:
                 rec[-1]["update_forwards"] = counts["n"] - c0
                 return out
 
-            module.generate, module._update = generate, update
+            module.generate, module.learner.update = generate, update
 
     out = {}
     for label, regs in (("none", []), ("ClipCov", ["ClipCov"]), ("KLCov", ["KLCov"])):

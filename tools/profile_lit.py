@@ -60,9 +60,8 @@ def instrument(module, timers: Timers) -> None:
     """Wrap the pieces of one RL step (module-level names are patched where they are looked up,
     once per process; instance methods per module)."""
     w = timers.wrap
-    for name, label in [("generate", "rollout"), ("score", "score"), ("_update", "update"),
-                        ("manual_backward", "backward (Lightning)"), ("_optimizer_step", "optimizer step (Lightning)"),
-                        ("_log_step", "self.log (logging)"), ("training_step", "training_step")]:
+    for name, label in [("generate", "rollout"), ("score", "score"), ("manual_backward", "backward (Lightning)"),
+                        ("training_step", "training_step")]:
         setattr(module, name, w(label, getattr(module, name)))
     tok = module.tokenizer
     tok.batch_decode = w("decode completions", tok.batch_decode)
@@ -73,7 +72,7 @@ def instrument(module, timers: Timers) -> None:
     import lit_covrl.module as M
     import lit_covrl.policy as P
     import lit_covrl.rollout as R
-    import lit_covrl.update as U
+    import lit_covrl.learner as U
 
     w = timers.wrap
     M.encode_prompts = w("encode prompts", M.encode_prompts)
@@ -81,6 +80,9 @@ def instrument(module, timers: Timers) -> None:
     R.forward_with_cache = w("model forward (decode)", R.forward_with_cache)
     M.compute_advantages = w("advantages", M.compute_advantages)
     M.rollout_metrics = w("rollout metrics", M.rollout_metrics)
+    M.publish_step_metrics = w("self.log (logging)", M.publish_step_metrics)
+    U.Learner.update = w("update", U.Learner.update)
+    M.LightningDriver.step = w("optimizer step (Lightning)", M.LightningDriver.step)
     U.response_logprobs = w("training forward", U.response_logprobs)
     U.shared_prompt_logprobs = w("training forward", U.shared_prompt_logprobs)
     P.token_logprobs = w("log-prob gather", P.token_logprobs)

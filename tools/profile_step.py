@@ -71,7 +71,7 @@ GROUPS = [  # (row label, [exclusive timer paths that belong to it]) -- paths ma
     ("update: clip_grad_norm", ["update/optimizer step (Lightning)/clip_grad_norm"]),
     ("update: AdamW step", ["update/optimizer step (Lightning)/AdamW step"]),
     ("update: optimizer step (Lightning wrapper)", ["update/optimizer step (Lightning)"]),
-    ("update: metrics + rest of _update", ["update/update metrics (ppo_stats)", "update"]),
+    ("update: metrics + rest of Learner.update", ["update/update metrics (ppo_stats)", "update"]),
     ("rollout metrics", ["rollout metrics"]),
     ("self.log (logging)", ["self.log (logging)"]),
     ("training_step rest", [""]),

@@ -11,22 +11,26 @@ A non-finite gradient drops that update whole. Every update goes through the str
 plugin (GradScaler unscaling, `on_before_optimizer_step`); only the last of a rollout goes through
 Lightning's optimizer wrapper, so `trainer.global_step` counts rollouts.
 
-`PolicyUpdateMixin` is mixed into GRPOModule; it uses its `policy`, `hparams`, `regularizers`,
-`optimizers()`, `manual_backward` and `trainer`.
+`Learner` is an object with explicit inputs: the policy, its `LearnerSettings`, the regularizers
+and an `OptimizerDriver` (how to run backward and an optimizer step: GRPOModule's goes through
+Lightning's strategy). `Learner.update(...)` runs every update of one rollout and returns its
+metrics; `Learner.logprobs(...)` is the no-grad forward the module uses for reference and
+recomputed log-probs.
 """
 from __future__ import annotations
 
 import logging
-import os
+from dataclasses import dataclass, fields
+from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lit_covrl import distributed
 from lit_covrl.algorithms import aggregate, ppo_clipped_tokens, ppo_stats, ppo_token_loss
 from lit_covrl.metrics import StepMetrics
 from lit_covrl.policy import response_logprobs, shared_prompt_logprobs
-from lit_covrl.regularizers.base import MiniBatchContext
+from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
 from lit_covrl.types import PolicyBatch, Rollout, TokenShaping
 
 log = logging.getLogger("lit_covrl")
@@ -48,10 +52,71 @@ def lockstep_chunks(n: int, size: int) -> list[Tensor | None]:
     return own + [None] * (distributed.all_max_int(len(own)) - len(own))
 
 
-class PolicyUpdateMixin:
-    def _update(self, rollout: Rollout, advantages: Tensor, keep: Tensor, ref_logp: Tensor | None) -> dict:
-        """Every optimizer update of one rollout; returns step metrics averaged over updates."""
-        hp, G = self.hparams, self.hparams.group_size
+@dataclass(frozen=True)
+class LearnerSettings:
+    """The settings of the policy update (documented on GRPOModule, where users set them)."""
+
+    group_size: int
+    mini_batch_size: int | None
+    micro_batch_size: int
+    ppo_epochs: int
+    clip_low: float | None
+    clip_high: float | None
+    dual_clip: float | None
+    logratio_clamp: float | None
+    loss_agg_mode: str
+    max_new_tokens: int
+    temperature: float
+    logprob_chunk_size: int
+    grad_clip: float | None
+    max_consecutive_skips: int
+    shared_prompt: bool = False  # resolved: True runs each group's prompt once (see `_logprobs`)
+
+    @classmethod
+    def from_hparams(cls, hparams, *, shared_prompt: bool) -> "LearnerSettings":
+        names = [f.name for f in fields(cls) if f.name != "shared_prompt"]
+        return cls(**{k: hparams[k] for k in names}, shared_prompt=shared_prompt)
+
+
+class OptimizerDriver(Protocol):
+    """What the learner needs from the training framework."""
+
+    def zero_grad(self) -> None: ...
+    def backward(self, loss: Tensor) -> None: ...
+    def step(self, last: bool) -> None:
+        """One optimizer step on the accumulated gradients; it must call
+        `Learner.before_optimizer_step(optimizer)` after any gradient unscaling, before stepping.
+        `last`: the last update of the rollout (GRPOModule counts RL steps with it)."""
+    def save_checkpoint(self, filename: str) -> str: ...
+
+
+class Learner:
+    """Every optimizer update of one rollout (see the module docstring).
+
+    Args:
+        policy: the model being trained.
+        settings: update settings.
+        regularizers: callbacks asked for per-token shaping, in order (reassignable).
+        driver: backward and optimizer steps.
+    """
+
+    def __init__(self, policy: nn.Module, settings: LearnerSettings, regularizers: list[Regularizer],
+                 driver: OptimizerDriver) -> None:
+        self.policy, self.settings, self.regularizers, self.driver = policy, settings, list(regularizers), driver
+        self.skipped_steps = 0  # non-finite updates dropped over the run (saved in checkpoints)
+        self._consecutive_skips = 0
+        self._on_policy = True
+        self._step_stats: dict | None = None
+        self.step = 0
+
+    def update(self, rollout: Rollout, advantages: Tensor, keep: Tensor, ref_logp: Tensor | None, *, step: int) -> dict:
+        """Every optimizer update of one rollout (RL step `step`); returns step metrics averaged
+        over updates.
+
+        rollout: N = B*G sequences; advantages [N]; keep [N] bool (False rows are filtered out);
+        ref_logp [N, T] or None (reference model's log-probs, for ReferenceKL)."""
+        hp, G = self.settings, self.settings.group_size
+        self.step = step
         n = rollout.input_ids.shape[0]
         per_update = (hp.mini_batch_size or n // G) * G
         rows = torch.nonzero(keep).squeeze(-1)
@@ -73,16 +138,16 @@ class PolicyUpdateMixin:
         """Regularizers select over the whole mini-batch, then micro-batches accumulate gradients
         of one aggregated loss whose denominators are the mini-batch's (over all ranks), so the
         result does not depend on micro_batch_size."""
-        hp, regs, opt = self.hparams, self.regularizers, self.optimizers()
-        opt.zero_grad(set_to_none=True)
+        hp, regs = self.settings, self.regularizers
+        self.driver.zero_grad()
         # decided globally so that all ranks take the same branch (a rank may hold no rows)
         if int(distributed.all_sum(torch.tensor(float(len(mb)), device=mb.mask.device))) == 0:  # all filtered
-            return self._optimizer_step(opt, last) if last else {}
+            return self._optimizer_step(last) if last else {}
         need_ent = any(r.needs_entropy for r in regs)
         plan = lockstep_chunks(len(mb), hp.micro_batch_size)  # same length on every rank
         current, early = self._selection_logprobs(mb, plan, need_ent)
         ctx = MiniBatchContext(
-            step=self.global_step, update=index, on_policy=self._on_policy, logp=current,
+            step=self.step, update=index, on_policy=self._on_policy, logp=current,
             old_logp=mb.old_logp, advantages=mb.advantages, mask=mb.mask,
             clipped=ppo_clipped_tokens(
                 current, mb.old_logp, mb.advantages, mb.mask, clip_low=hp.clip_low, clip_high=hp.clip_high,
@@ -99,7 +164,7 @@ class PolicyUpdateMixin:
         for r in plan:
             if r is None:  # filler: keeps this rank's collectives in step, contributes nothing
                 logp = early[0] if early is not None else self._logprobs(*mb.filler, mb.mask.shape[1], False)[0]
-                self.manual_backward(logp.sum() * 0.0)
+                self.driver.backward(logp.sum() * 0.0)
                 continue
             m, old, adv = mb.mask[r], mb.old_logp[r], mb.advantages[r]
             logp, ent = early if early is not None else self._logprobs(mb.input_ids[r], mb.attention_mask[r], m.shape[1], need_ent)
@@ -110,7 +175,7 @@ class PolicyUpdateMixin:
                 clip_high=hp.clip_high, dual_clip=hp.dual_clip, logratio_clamp=hp.logratio_clamp,
             )
             loss = aggregate(TokenShaping.combine(shapings, base), m, **agg)
-            self.manual_backward(loss * scale)
+            self.driver.backward(loss * scale)
             with torch.no_grad():  # micro-batch terms with mini-batch denominators: they add up
                 parts = {"policy/loss": loss}
                 parts.update({f"reg/{reg.name}/loss": _contribution(s, base, m, agg) for reg, s in zip(regs, shapings)})
@@ -125,12 +190,12 @@ class PolicyUpdateMixin:
         zero = mb.mask.new_zeros((), dtype=torch.float32)
         local = torch.stack([sums.get(k, zero).to(zero) for k in keys])
         totals_parts = distributed.all_sum(local)
-        return {**dict(zip(keys, totals_parts.tolist())), **self._optimizer_step(opt, last)}
+        return {**dict(zip(keys, totals_parts.tolist())), **self._optimizer_step(last)}
 
     def _update_metric_keys(self, regs) -> list[str]:
         """Names of the per-update loss metrics, in a fixed order (the same on every rank, even
         on a rank whose micro-batches were all fillers)."""
-        hp = self.hparams
+        hp = self.settings
         z = torch.zeros(1, 1)
         stats = ppo_stats(z, z, z, z, clip_low=hp.clip_low, clip_high=hp.clip_high, logratio_clamp=hp.logratio_clamp)
         return ["policy/loss", *[f"reg/{reg.name}/loss" for reg in regs], *[f"policy/{k}" for k in stats]]
@@ -156,63 +221,51 @@ class PolicyUpdateMixin:
         after a step: its training forward supplies them, see `_update_minibatch`.)"""
         if self._on_policy or not any(r.needs_current_logp for r in self.regularizers):
             return mb.old_logp
-        return self._nograd_logprobs(self.policy, *mb.inputs_or_filler(), mb.mask)
+        return self.logprobs(self.policy, *mb.inputs_or_filler(), mb.mask)
 
     @torch.no_grad()
-    def _nograd_logprobs(self, model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
-        """Log-probs [n, T] of the response tokens under `model`, micro-batch by micro-batch."""
+    def logprobs(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
+        """No-grad log-probs [n, T] of the response tokens under `model` (the policy, or the
+        reference model), at the training temperature, micro-batch by micro-batch, through the
+        same forward as training (so they match its rounding)."""
         T = mask.shape[1]
         parts = [mask.new_zeros(0, T)]
-        for r in lockstep_chunks(len(mask), self.hparams.micro_batch_size):
+        for r in lockstep_chunks(len(mask), self.settings.micro_batch_size):
             if r is None:  # filler forward (see lockstep_chunks); needs a row of some rank's batch
                 self._logprobs(*_filler_row(input_ids, attention_mask), T, False, model=model)
                 continue
             parts.append(self._logprobs(input_ids[r], attention_mask[r], T, False, model=model)[0])
         return torch.cat(parts) * mask
 
-    @property
-    def shared_prompt_on(self) -> bool:
-        """`shared_prompt` resolved: null means on for CPU, off on GPU (where it was measured
-        slower); always off under activation checkpointing."""
-        hp = self.hparams
-        if hp.get("activation_checkpointing", False):
-            return False
-        choice = hp.get("shared_prompt", None)
-        return self.device.type == "cpu" if choice is None else bool(choice)
-
     def _logprobs(self, ids: Tensor, att: Tensor, T: int, with_entropy: bool, model=None) -> tuple[Tensor, Tensor | None]:
         """Response log-probs (and entropy) of a micro-batch under `model` (default the policy):
         the prompt forward shared over each group (`shared_prompt_logprobs`) when `shared_prompt` is
         on and activation checkpointing off. Every call, filler passes included, then runs the same
         two forwards on every rank when there are several (FSDP lock-step)."""
-        hp = self.hparams
+        hp = self.settings
         model = model if model is not None else self.policy
         kw = dict(temperature=hp.temperature, with_entropy=with_entropy, chunk_size=hp.logprob_chunk_size)
-        if not self.shared_prompt_on:
+        if not hp.shared_prompt:
             return response_logprobs(model, ids, att, T, **kw)
         return shared_prompt_logprobs(model, ids, att, T, always_split=distributed.world_size() > 1, **kw)
 
-    def _optimizer_step(self, opt, last: bool) -> dict:
-        """One optimizer update through the strategy and its precision plugin (AMP's GradScaler
-        unscales, then `on_before_optimizer_step` clips, then the step), every update of the
-        rollout alike. Only the last goes through Lightning's optimizer wrapper, whose step
-        counter is `trainer.global_step`: one per rollout."""
+    def _optimizer_step(self, last: bool) -> dict:
+        """One optimizer update through the driver (GRPOModule: the strategy and its precision
+        plugin, so AMP's GradScaler unscales before `before_optimizer_step` clips), every update
+        of the rollout alike."""
         self._step_stats = None
-        if last:
-            opt.step()
-        else:
-            self.trainer.strategy.optimizer_step(opt.optimizer, _no_closure, model=self)
+        self.driver.step(last)
         stats = self._step_stats
-        assert stats is not None, "on_before_optimizer_step did not run: a strategy bypassed its hooks"
+        assert stats is not None, "the optimizer driver did not call Learner.before_optimizer_step"
         if stats.pop("applied"):
             self._on_policy = False
         return stats
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Lightning hook, after the precision plugin unscaled the gradients: clip them (norm
-        logged whether or not it clips) and drop a non-finite update whole."""
+    def before_optimizer_step(self, optimizer) -> None:
+        """After any gradient unscaling, before the step: clip the gradients (the norm is logged
+        whether or not it clips) and drop a non-finite update whole."""
         params = [p for p in self.policy.parameters() if p.grad is not None]
-        max_norm = self.hparams.grad_clip if self.hparams.grad_clip is not None else float("inf")
+        max_norm = self.settings.grad_clip if self.settings.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         applied = bool(torch.isfinite(grad_norm)) and len(params) > 0
         if not torch.isfinite(grad_norm):
@@ -227,18 +280,13 @@ class PolicyUpdateMixin:
         self._consecutive_skips += 1
         log.warning("non-finite gradient norm (%s): optimizer update skipped (%d in a row)", grad_norm, self._consecutive_skips)
         opt.zero_grad(set_to_none=True)  # params without grad are left untouched by the step
-        if self._consecutive_skips >= self.hparams.max_consecutive_skips:
-            path = os.path.join(self.trainer.default_root_dir, "nonfinite-stop.ckpt")
-            self.trainer.save_checkpoint(path)
+        if self._consecutive_skips >= self.settings.max_consecutive_skips:
+            path = self.driver.save_checkpoint("nonfinite-stop.ckpt")
             raise RuntimeError(
                 f"{self._consecutive_skips} consecutive optimizer updates had non-finite gradients "
-                f"(model.max_consecutive_skips={self.hparams.max_consecutive_skips}); the run is stopped. "
+                f"(model.max_consecutive_skips={self.settings.max_consecutive_skips}); the run is stopped. "
                 f"Checkpoint saved to {path}. Lower the learning rate or check the reward and data."
             )
-
-
-def _no_closure() -> None:
-    """Manual optimization: the backward already ran before the step."""
 
 
 def _filler_row(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
