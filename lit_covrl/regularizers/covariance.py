@@ -20,6 +20,7 @@ Where we differ from the reference code (verl / PRIME-RL), on purpose:
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import Tensor
@@ -59,6 +60,11 @@ class _CovarianceSelector(Regularizer):
         if stats[0] > 0:
             self.record("cov/selected_adv_mean", stats[2] / k)
             self.record("cov/selected_logp_mean", stats[3] / k)
+
+    def charts(self) -> dict[str, list[str]]:
+        out = super().charts()
+        out["Control"] = [*out["Control"], f"reg/{re.escape(self.name)}/selected_frac"]
+        return out
 
     def _rows(self, batch: PolicyBatch) -> Tensor:
         assert self.selected is not None, "prepare() must run before shape()"
