@@ -49,6 +49,11 @@ class _CovarianceSelector(Regularizer):
         super().__init__(schedule, name)
         self.selected: Tensor | None = None  # [n, T] bool for the current mini-batch
 
+    def charts(self) -> dict[str, list[str]]:
+        out = super().charts()
+        out["Control"] = [*out["Control"], f"reg/{re.escape(self.name)}/selected_frac"]
+        return out
+
     def _record_selection(self, ctx: MiniBatchContext, selected: Tensor) -> None:
         s = selected.float()
         stats = distributed.all_sum(
@@ -60,11 +65,6 @@ class _CovarianceSelector(Regularizer):
         if stats[0] > 0:
             self.record("cov/selected_adv_mean", stats[2] / k)
             self.record("cov/selected_logp_mean", stats[3] / k)
-
-    def charts(self) -> dict[str, list[str]]:
-        out = super().charts()
-        out["Control"] = [*out["Control"], f"reg/{re.escape(self.name)}/selected_frac"]
-        return out
 
     def _rows(self, batch: PolicyBatch) -> Tensor:
         assert self.selected is not None, "prepare() must run before shape()"
