@@ -204,3 +204,33 @@ def test_cli_fit_writes_its_saved_config_as_the_config_text(tmp_path):
     assert texts["config"] == f"```yaml\n{saved.rstrip()}\n```"
     assert "version: grpo-quickstart-v0" in saved
     assert start.hparams["method"].string_value == "grpo"
+
+
+class _BestAtStart(Callback):
+    """Records RunDashboard's best values when training starts (after a checkpoint is restored)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from lit_covrl.dashboard import RunDashboard
+
+        [dash] = [cb for cb in trainer.callbacks if isinstance(cb, RunDashboard)]
+        self.best = dict(dash.best)
+
+
+def test_best_held_out_figures_survive_a_resume(tiny_model_dir, tmp_path):
+    first = fit(make_module(tiny_model_dir), make_data(), steps=2, log_dir=tmp_path / "a", val_check_interval=1)
+    ckpt = tmp_path / "step2.ckpt"
+    first.save_checkpoint(ckpt)
+    import lightning as L
+
+    probe = _BestAtStart()
+    resumed = L.Trainer(
+        accelerator="cpu", max_steps=4, logger=L.pytorch.loggers.TensorBoardLogger(str(tmp_path / "b"), name="t"),
+        callbacks=[probe], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, log_every_n_steps=1, check_val_every_n_epoch=None, val_check_interval=1,
+    )
+    resumed.fit(make_module(tiny_model_dir), make_data(), ckpt_path=str(ckpt))
+    a, b = scalar_tags(tmp_path / "a"), scalar_tags(tmp_path / "b")
+    assert probe.best == {k: max(v for _, v in a[k]) for k in ("val/pass@1", "val/pass@k")}
+    for k in ("pass@1", "pass@k"):
+        every = [v for _, v in a[f"val/{k}"] + b[f"val/{k}"]]
+        assert len(every) == 4 and b[f"final/best_val_{k}"] == [(4, pytest.approx(max(every)))]
