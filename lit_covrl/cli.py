@@ -16,6 +16,7 @@ import sys
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from lit_covrl.dashboard import name_run
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
 
@@ -41,6 +42,7 @@ class LitCovRLCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config)
+        name_run(cfg)  # runs/<name>/<method>-<config stems>-v<N> unless a version is given
         threads = cfg.get("torch_threads")
         if threads:
             import torch

@@ -471,6 +471,12 @@ class GRPOModule(L.LightningModule):
             self.rollout_generator.set_state(state)
             self._pending_generator_state = None
 
+    def configure_callbacks(self):
+        """The TensorBoard overview of every fit (layout, config text, hparams, final figures)."""
+        from lit_covrl.dashboard import RunDashboard
+
+        return [] if any(isinstance(cb, RunDashboard) for cb in self.trainer.callbacks) else [RunDashboard()]
+
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:
             return

@@ -43,7 +43,7 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path):
 
     run = tmp_path / "crash"
     proc = subprocess.Popen(_cmd(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = run / "clip_cov" / "version_0" / "checkpoints" / "last.ckpt"
+    last = run / "clip_cov" / "clip_cov-quickstart-v0" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not last.exists():
         time.sleep(0.02)
@@ -58,8 +58,8 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     resumed = subprocess.run(_cmd(run, "--ckpt_path", str(last)), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
-    a = _series(tmp_path / "full" / "clip_cov" / "version_0")
-    b = _series(run / "clip_cov" / "version_1")
+    a = _series(tmp_path / "full" / "clip_cov" / "clip_cov-quickstart-v0")
+    b = _series(run / "clip_cov" / "clip_cov-quickstart-v1")  # a resumed run logs to the next version
     for tag in COMPARED:
         steps = sorted(b[tag])
         assert len(steps) == STEPS - resumed_from, (tag, steps)

@@ -15,6 +15,7 @@ so they resume exactly. Regularizers never see config objects; the math is in `a
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 from lightning.pytorch import Callback
@@ -115,6 +116,14 @@ class Regularizer(Callback):
 
     def shape(self, batch: PolicyBatch) -> TokenShaping:
         raise NotImplementedError
+
+    def charts(self) -> dict[str, list[str]]:
+        """This regularizer's TensorBoard Custom Scalars charts (lit_covrl.dashboard): category ->
+        tag regexes, one chart each, matched from the start of a tag to its end. Default: the
+        coefficient under "Entropy", the loss contribution under "Control"; extend it with the
+        metrics a subclass records (categories not yet in the layout are added after it)."""
+        n = re.escape(self.name)
+        return {"Entropy": [f"reg/{n}/coef"], "Control": [f"reg/{n}/loss"]}
 
     # metrics -----------------------------------------------------------------------------------
     def record(self, key: str, value: float | Tensor) -> None:

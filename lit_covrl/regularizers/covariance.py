@@ -16,6 +16,7 @@ reason is in the README's table "Where we differ from the reference code".
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import Tensor
@@ -43,6 +44,11 @@ class _CovarianceSelector(Regularizer):
     def __init__(self, schedule: Schedule | None, name: str | None) -> None:
         super().__init__(schedule, name)
         self.selected: Tensor | None = None  # [n, T] bool for the current mini-batch
+
+    def charts(self) -> dict[str, list[str]]:
+        out = super().charts()
+        out["Control"] = [*out["Control"], f"reg/{re.escape(self.name)}/selected_frac"]
+        return out
 
     def _record_selection(self, ctx: MiniBatchContext, selected: Tensor) -> None:
         """reg/<name>/selected_frac (of the valid tokens, all ranks) and the mean advantage and

@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor
 
@@ -80,6 +82,11 @@ class ReferenceKL(Regularizer):
         sums = torch.stack([(kl * batch.mask).sum(), batch.mask.sum()]).detach().double()
         self._kl_sums = sums if self._kl_sums is None else self._kl_sums + sums
         return TokenShaping(penalty=self._beta_now * kl)
+
+    def charts(self) -> dict[str, list[str]]:
+        out = super().charts()
+        out["Control"] = [*out["Control"], f"reg/{re.escape(self.name)}/kl"]
+        return out
 
     def pop_metrics(self) -> dict[str, float]:
         """reg/<name>/kl: the token-mean KL over every update of the step and every rank (a

@@ -1,0 +1,314 @@
+"""What a run writes to TensorBoard besides its step metrics, so that the story comes first:
+
+- a Custom Scalars layout (the CUSTOM SCALARS tab): "Learning" (train reward and accuracy,
+  held-out pass@1 and pass@k), "Entropy" (policy and held-out entropy, each regularizer's
+  coefficient), "Control" (each regularizer's selected fraction and loss contribution) and
+  "Speed" (rollout and update seconds, rollout tokens per second, peak memory). Regularizers add
+  their own charts (`Regularizer.charts()`), so a new control shows up without touching this file;
+- the run's full resolved configuration as text (TEXT tab, tag `config`): the YAML the CLI saves
+  as config.yaml, or the module's and datamodule's hyperparameters outside the CLI;
+- the HPARAMS tab: the main settings (`run_hparams`) and the final figures, logged as scalars
+  under `final/` when fit ends (FINAL_METRICS), so runs can be sorted and filtered by them;
+- `default_version`: the CLI's default run folder name, `<method>-<config stems>-v<N>`
+  (e.g. `clip_cov-quickstart-v0`), instead of Lightning's `version_N`.
+
+The hparams plugin takes its columns from the first experiment summary it finds (of any run)
+and reads each metric as the last value of a scalar of that name in the run; of two summaries of
+one tag in a run it keeps the first. So every run writes the same columns (MAIN_SETTINGS and
+FINAL_METRICS) at `on_fit_start`, and `RunDashboard.setup` turns off Lightning's own summary
+(TensorBoardLogger's `default_hp_metric` placeholder, a stray `hp_metric = -1` scalar plus
+a second summary with every init argument). The final figures are written when fit ends, or at
+the exception that stops it (Ctrl-C included; the session is then marked failed). Only global
+rank 0 writes.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lit_covrl.regularizers.base import Regularizer
+
+CATEGORIES = ("Learning", "Entropy", "Control", "Speed")
+# the built-in charts: category -> [(title, [tag regexes])]; regularizers add theirs (charts())
+BASE_CHARTS: dict[str, list[tuple[str, list[str]]]] = {
+    "Learning": [
+        ("train reward", ["rollout/reward_mean"]),
+        ("train accuracy", ["rollout/accuracy"]),
+        ("held-out pass@1", ["val/pass@1"]),
+        ("held-out pass@k", ["val/pass@k"]),
+    ],
+    "Entropy": [
+        ("policy entropy (token mean; mean of sequence means)", ["policy/entropy", "policy/entropy_seq_mean"]),
+        ("held-out entropy", ["val/entropy"]),
+    ],
+    "Control": [],
+    "Speed": [
+        ("rollout seconds", ["time/rollout_s"]),
+        ("update seconds", ["time/update_s"]),
+        ("rollout tokens per second", ["rollout/tokens_per_s"]),
+        ("peak memory GiB", ["time/peak_mem_gib"]),
+    ],
+}
+# final figure (HPARAMS column, scalar tag) -> the step metric it summarizes
+FINAL_METRICS = {
+    "final/entropy": "policy/entropy",
+    "final/val_entropy": "val/entropy",
+    "final/reward_mean": "rollout/reward_mean",
+    "final/accuracy": "rollout/accuracy",
+    "final/val_pass@1": "val/pass@1",
+    "final/val_pass@k": "val/pass@k",
+    "final/best_val_pass@1": "val/pass@1",
+    "final/best_val_pass@k": "val/pass@k",
+}
+# GRPOModule settings shown in the HPARAMS tab (the full configuration is in the TEXT tab)
+MAIN_SETTINGS = (
+    "model", "seed", "group_size", "temperature", "advantage", "loss_agg_mode", "clip_low", "clip_high",
+    "mini_batch_size", "ppo_epochs", "max_new_tokens", "filter_groups", "overlong",
+)
+
+
+def _regex(spec: str) -> str:
+    """A chart entry as TensorBoard matches it: from the start of the tag (re.match) to its end."""
+    return spec if spec.endswith("$") else spec + "$"
+
+
+def layout(regularizers: list[Regularizer]) -> dict[str, dict[str, list]]:
+    """The Custom Scalars layout in `SummaryWriter.add_custom_scalars`' format:
+    {category: {chart title: ["Multiline", [tag regexes]]}}. Built-in charts first, then each
+    regularizer's, in the order of `trainer.callbacks`; a chart named twice appears once."""
+    out: dict[str, dict[str, list]] = {c: {} for c in CATEGORIES}
+    for category, charts in BASE_CHARTS.items():
+        for title, tags in charts:
+            out[category][title] = ["Multiline", [_regex(re.escape(t)) for t in tags]]
+    for reg in regularizers:
+        for category, specs in reg.charts().items():
+            for spec in specs:
+                out.setdefault(category, {})[spec.replace("\\", "")] = ["Multiline", [_regex(spec)]]
+    return {c: charts for c, charts in out.items() if charts}
+
+
+def method_name(regularizer_names: list[str]) -> str:
+    """What ran: the regularizers' names joined by '+', or 'grpo' for plain GRPO."""
+    return "+".join(regularizer_names) or "grpo"
+
+
+def _describe(reg: Regularizer) -> str:
+    """`name(setting=value, ...)` from the regularizer's public scalar settings and its schedule."""
+    parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in vars(reg).items()
+             if not k.startswith("_") and k != "name" and isinstance(v, (int, float, str, bool))]
+    s = reg.schedule
+    if s.name != "constant":
+        parts.append(f"schedule={s.name}->{s.final:g}@{s.steps}")
+    return f"{reg.name}({', '.join(parts)})"
+
+
+def _hparam(value):
+    """TensorBoard hparams take numbers, strings and bools; None becomes 'none' (not dropped,
+    so every run has the same columns)."""
+    return "none" if value is None else value if isinstance(value, (int, float, str, bool)) else str(value)
+
+
+def run_hparams(trainer, pl_module) -> dict:
+    """The main settings of a run, the same keys for every run (HPARAMS columns)."""
+    regs = regularizers_of(trainer)
+    hp = pl_module.hparams
+    dm_hp = getattr(getattr(trainer, "datamodule", None), "hparams", {})
+    group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
+    out = {
+        "method": method_name([r.name for r in regs]),
+        "regularizers": "; ".join(_describe(r) for r in regs) or "none",
+        **{k: hp.get(k) for k in MAIN_SETTINGS},
+        "batch_size": dm_hp.get("batch_size"),
+        "task": dm_hp.get("task"),
+        "lr": group.get("initial_lr", group.get("lr")),  # initial_lr: before a scheduler's first factor
+        "max_steps": trainer.max_steps,
+        "world_size": trainer.world_size,
+    }
+    return {k: _hparam(v) for k, v in out.items()}
+
+
+def config_text(trainer, pl_module) -> str:
+    """The run's full resolved configuration as Markdown (a YAML code block)."""
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    saver = next((cb for cb in trainer.callbacks if isinstance(cb, SaveConfigCallback)), None)
+    if saver is not None:  # what the CLI writes to config.yaml
+        body = saver.parser.dump(saver.config, skip_none=False)
+    else:
+        import yaml
+
+        def plain(d) -> dict:
+            return {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v) for k, v in dict(d).items()}
+
+        dm = getattr(trainer, "datamodule", None)
+        cfg = {
+            "model": {"class_path": type(pl_module).__qualname__, **plain(pl_module.hparams)},
+            "data": {"class_path": type(dm).__qualname__, **plain(getattr(dm, "hparams", {}))} if dm is not None else None,
+            "callbacks": [_describe(cb) if isinstance(cb, Regularizer) else type(cb).__qualname__ for cb in trainer.callbacks],
+            "trainer": {"max_steps": trainer.max_steps, "world_size": trainer.world_size},
+        }
+        body = yaml.safe_dump(cfg, sort_keys=False, width=120)
+    return f"```yaml\n{body.rstrip()}\n```"
+
+
+def regularizers_of(trainer) -> list[Regularizer]:
+    return [cb for cb in trainer.callbacks if isinstance(cb, Regularizer)]
+
+
+def _tensorboard_loggers(trainer) -> list[TensorBoardLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+class RunDashboard(Callback):
+    """Writes the layout, the configuration text and the hparams of a fit, tracks the best
+    held-out pass@1 / pass@k, and logs the final figures under `final/` when fit ends.
+    GRPOModule adds it to every fit (`configure_callbacks`)."""
+
+    def __init__(self) -> None:
+        self.best: dict[str, float] = {}  # val/pass@1, val/pass@k -> best value so far (resumes)
+        self.last_val: dict[str, float] = {}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            for lg in _tensorboard_loggers(trainer):
+                # Lightning's placeholder hparams summary (hp_metric = -1) would come first and be
+                # the one TensorBoard keeps; ours (on_fit_start) replaces it.
+                lg._default_hp_metric = False
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        regs = regularizers_of(trainer)
+        text = config_text(trainer, pl_module)
+        exp, ssi, _ = hparams(run_hparams(trainer, pl_module), {k: 0.0 for k in FINAL_METRICS})
+        for lg in _tensorboard_loggers(trainer):
+            writer = lg.experiment
+            writer.add_custom_scalars(layout(regs))
+            writer.add_text("config", text)
+            writer._get_file_writer().add_summary(exp)
+            writer._get_file_writer().add_summary(ssi)
+            writer.flush()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        for tag in ("val/pass@1", "val/pass@k", "val/entropy"):
+            value = trainer.callback_metrics.get(tag)
+            if value is None:
+                continue
+            self.last_val[tag] = float(value)
+            if tag != "val/entropy":
+                self.best[tag] = max(self.best.get(tag, float("-inf")), float(value))
+
+    def final_figures(self, trainer) -> dict[str, float]:
+        """The FINAL_METRICS known at the end of fit (held-out ones only if a validation ran)."""
+        cm = trainer.callback_metrics
+        out = {}
+        for name, tag in FINAL_METRICS.items():
+            if name.startswith("final/best_"):
+                value = self.best.get(tag)
+            elif tag.startswith("val/"):
+                value = self.last_val.get(tag)
+            else:
+                value = float(cm[tag]) if tag in cm else None
+            if value is not None:
+                out[name] = value
+        return out
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._finish(trainer, success=True)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if trainer.state.fn == "fit":
+            try:
+                self._finish(trainer, success=False)
+            except Exception:  # never mask the exception that stopped the run
+                pass
+
+    def _finish(self, trainer, *, success: bool) -> None:
+        """Log the final figures at the last RL step and close the hparams session."""
+        if not trainer.is_global_zero:
+            return
+        final = self.final_figures(trainer)
+        end = _session_end(success)
+        for lg in _tensorboard_loggers(trainer):
+            if final:
+                lg.log_metrics(final, step=max(trainer.global_step, 0))
+            lg.experiment._get_file_writer().add_summary(end)
+            lg.experiment.flush()
+
+    def state_dict(self) -> dict:
+        return {"best": dict(self.best), "last_val": dict(self.last_val)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = dict(state_dict.get("best", {}))
+        self.last_val = dict(state_dict.get("last_val", {}))
+
+
+def _session_end(success: bool):
+    """The hparams plugin's session-end summary with status success or failure."""
+    import time
+
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import api_pb2, metadata
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
+
+    info = SessionEndInfo(status=api_pb2.STATUS_SUCCESS if success else api_pb2.STATUS_FAILURE,
+                          end_time_secs=time.time())
+    content = HParamsPluginData(session_end_info=info, version=metadata.PLUGIN_DATA_VERSION)
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
+        plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString()))
+    return Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG, metadata=meta)])
+
+
+# run naming (CLI) ------------------------------------------------------------------------------
+def _regularizer_name(callback) -> str | None:
+    """The metric name of a `trainer.callbacks` entry of a parsed config, if it is a Regularizer."""
+    class_path = getattr(callback, "class_path", None)
+    if class_path is None:
+        return callback.name if isinstance(callback, Regularizer) else None
+    module, _, attr = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None  # jsonargparse reports a bad class_path itself
+    if not (isinstance(cls, type) and issubclass(cls, Regularizer)):
+        return None
+    init = getattr(callback, "init_args", None)
+    return (init.get("name") if init is not None else None) or cls.default_name
+
+
+def default_version(config_files: list, callbacks: list, log_root: Path) -> str:
+    """`<method>-<config stems>-v<N>`: the regularizers' names (or 'grpo'), then the stems of
+    the config files not already named (quickstart + clip_cov.yaml -> clip_cov-quickstart), then
+    the first N >= 0 above every existing `<prefix>-v<M>` folder in log_root (never overwrites)."""
+    method = method_name([n for n in (_regularizer_name(cb) for cb in callbacks or []) if n])
+    parts = [method]
+    for f in config_files or []:
+        stem = Path(str(f)).stem
+        if stem not in parts and stem not in method.split("+"):
+            parts.append(stem)
+    prefix = "-".join(parts)
+    pattern = re.compile(re.escape(prefix) + r"-v(\d+)")
+    taken = [int(m.group(1)) for p in (log_root.iterdir() if log_root.is_dir() else [])
+             if (m := pattern.fullmatch(p.name))]
+    return f"{prefix}-v{max(taken, default=-1) + 1}"
+
+
+def name_run(cfg) -> None:
+    """Give a TensorBoardLogger configured without a version the `default_version` name
+    (an explicit version, even "" as tools/compare.py passes, is kept)."""
+    logger = cfg.get("trainer", {}).get("logger") if hasattr(cfg, "get") else None
+    if logger is None or not str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
+        return
+    init = logger.init_args
+    if init.get("version") is not None:
+        return
+    root = Path(str(init.get("save_dir"))) / str(init.get("name") or "")
+    init.version = default_version(cfg.get("config"), cfg.trainer.get("callbacks"), root)

@@ -1,0 +1,236 @@
+"""The TensorBoard overview of a run (lit_covrl.dashboard), read back from the event files:
+the Custom Scalars layout, the configuration text, the hparams with the final figures, and the
+CLI's run names."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from lightning.pytorch import Callback
+
+from lit_covrl.dashboard import CATEGORIES, FINAL_METRICS, default_version, layout
+from lit_covrl.regularizers import ClipCov, EntropyBonus, Regularizer
+from tests.helpers import fit, scalar_tags
+from tests.test_module import make_data, make_module
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def read_events(log_dir: Path):
+    """(layout proto, {text tag: markdown}, experiment proto, session start info) of the run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.hparams import metadata as hp_meta
+
+    [events] = list(Path(log_dir).rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
+    acc.Reload()
+    lay = layout_pb2.Layout()
+    lay.ParseFromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    texts = {t.removesuffix("/text_summary"): acc.Tensors(t)[0].tensor_proto.string_val[0].decode()
+             for t in acc.Tags()["tensors"] if t.endswith("/text_summary")}
+    content = acc.PluginTagToContent(hp_meta.PLUGIN_NAME)
+    experiment = hp_meta.parse_experiment_plugin_data(content[hp_meta.EXPERIMENT_TAG])
+    start = hp_meta.parse_session_start_info_plugin_data(content[hp_meta.SESSION_START_INFO_TAG])
+    # TensorBoard keeps the first summary of a tag: there must be one experiment, ours
+    assert hparams_summaries(events, hp_meta.EXPERIMENT_TAG) == 1
+    return lay, texts, experiment, start
+
+
+def hparams_summaries(events: Path, tag: str) -> int:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return sum(v.tag == tag for e in EventFileLoader(str(events)).Load() for v in e.summary.value)
+
+
+def session_status(log_dir: Path) -> str:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import api_pb2
+    from tensorboard.plugins.hparams import metadata as hp_meta
+
+    [events] = list(Path(log_dir).rglob("events.out.tfevents.*"))
+    ends = [hp_meta.parse_session_end_info_plugin_data(v.metadata.plugin_data.content)
+            for e in EventFileLoader(str(events)).Load() for v in e.summary.value
+            if v.tag == hp_meta.SESSION_END_INFO_TAG]
+    assert len(ends) == 1
+    return api_pb2.Status.Name(ends[0].status)
+
+
+def test_a_fit_writes_layout_config_text_and_hparams_with_final_figures(tiny_model_dir, tmp_path):
+    regs = [ClipCov(ratio=0.25, lb=-1e9, ub=1e9, name="clip.a"), EntropyBonus(coef=0.01)]
+    fit(make_module(tiny_model_dir, group_size=4), make_data(), steps=3, callbacks=regs, log_dir=tmp_path,
+        val_check_interval=1)
+    lay, texts, experiment, start = read_events(tmp_path)
+    logged = scalar_tags(tmp_path)
+
+    charts = {c.title: {ch.title: list(ch.multiline.tag) for ch in c.chart} for c in lay.category}
+    assert list(charts) == list(CATEGORIES)
+    assert charts["Learning"]["train reward"] == ["rollout/reward_mean$"]
+    assert charts["Learning"]["held-out pass@k"] == ["val/pass@k$"]
+    assert charts["Entropy"]["held-out entropy"] == ["val/entropy$"]
+    assert charts["Speed"]["peak memory GiB"] == ["time/peak_mem_gib$"]
+    # the regularizers' own charts, the custom name's '.' escaped so it matches only itself
+    assert charts["Entropy"]["reg/clip.a/coef"] == [r"reg/clip\.a/coef$"]
+    assert charts["Entropy"]["reg/entropy_bonus/coef"] == ["reg/entropy_bonus/coef$"]
+    assert {"reg/clip.a/selected_frac", "reg/clip.a/loss", "reg/entropy_bonus/loss"} <= set(charts["Control"])
+    # no empty chart: every regex matches a logged tag (TensorBoard uses re.match)
+    for category, by_title in charts.items():
+        for title, regexes in by_title.items():
+            for rx in regexes:
+                assert any(re.match(rx, tag) for tag in logged), (category, title, rx)
+    assert not re.match(charts["Entropy"]["reg/clip.a/coef"][0], "reg/clipXa/coef")
+    assert not re.match("policy/entropy$", "policy/entropy_seq_mean")
+
+    config = texts["config"]
+    assert config.startswith("```yaml") and "group_size: 4" in config and "clip.a(ratio=0.25" in config
+
+    assert {m.name.tag for m in experiment.metric_infos} == set(FINAL_METRICS)
+    assert {h.name for h in experiment.hparam_infos} == set(start.hparams)
+    assert start.hparams["method"].string_value == "clip.a+entropy_bonus"
+    assert start.hparams["group_size"].number_value == 4
+    assert start.hparams["lr"].number_value == pytest.approx(3e-2)
+    assert "hp_metric" not in logged  # Lightning's placeholder is off: our summary is the one kept
+
+    def last(tag):
+        return logged[tag][-1][1]
+
+    assert len(logged["val/pass@1"]) == 3
+    assert last("final/entropy") == pytest.approx(last("policy/entropy"))
+    assert last("final/accuracy") == pytest.approx(last("rollout/accuracy"))
+    for k in ("pass@1", "pass@k"):
+        assert last(f"final/val_{k}") == pytest.approx(last(f"val/{k}"))
+        assert last(f"final/best_val_{k}") == pytest.approx(max(v for _, v in logged[f"val/{k}"]))
+    assert last("final/val_entropy") == pytest.approx(last("val/entropy"))
+    assert logged["final/entropy"][-1][0] == 3  # at the last RL step
+    assert session_status(tmp_path) == "STATUS_SUCCESS"
+
+
+class _StopAt(Callback):
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == 2:
+            raise RuntimeError("boom")
+
+
+def test_a_fit_stopped_by_an_exception_still_writes_its_figures_and_a_failed_session(tiny_model_dir, tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(make_module(tiny_model_dir), make_data(), steps=5, callbacks=[_StopAt()], log_dir=tmp_path,
+            val_check_interval=1)
+    logged = scalar_tags(tmp_path)
+    assert [s for s, _ in logged["policy/entropy"]] == [0, 1]
+    assert logged["final/entropy"] == [(2, pytest.approx(logged["policy/entropy"][-1][1]))]
+    assert logged["final/val_pass@1"][-1][1] == pytest.approx(logged["val/pass@1"][-1][1])
+    assert session_status(tmp_path) == "STATUS_FAILURE"
+
+
+def test_without_validation_only_the_training_figures_are_final(tiny_model_dir, tmp_path):
+    fit(make_module(tiny_model_dir), make_data(), steps=1, log_dir=tmp_path, limit_val_batches=0)
+    logged = scalar_tags(tmp_path)
+    assert {t for t in logged if t.startswith("final/")} == {
+        "final/entropy", "final/reward_mean", "final/accuracy"}
+    _, _, _, start = read_events(tmp_path)
+    assert start.hparams["method"].string_value == "grpo"
+    assert start.hparams["regularizers"].string_value == "none"
+
+
+class _Probe(Regularizer):
+    default_name = "probe"
+
+    def charts(self):
+        out = super().charts()
+        out["Diagnostics"] = [f"reg/{self.name}/.*_norm"]  # a new category, a regex over several tags
+        return out
+
+
+def test_regularizer_charts_extend_the_layout_without_touching_it():
+    lay = layout([_Probe(name="p1"), _Probe(name="p2")])
+    assert list(lay) == [*CATEGORIES, "Diagnostics"]
+    assert lay["Diagnostics"] == {"reg/p1/.*_norm": ["Multiline", ["reg/p1/.*_norm$"]],
+                                  "reg/p2/.*_norm": ["Multiline", ["reg/p2/.*_norm$"]]}
+    assert lay["Control"] == {"reg/p1/loss": ["Multiline", ["reg/p1/loss$"]],
+                              "reg/p2/loss": ["Multiline", ["reg/p2/loss$"]]}
+    assert "Control" not in layout([])  # no regularizer: no empty category
+
+
+def _cb(class_path, **init_args):
+    from jsonargparse import Namespace
+
+    return Namespace(class_path=class_path, init_args=Namespace(**init_args))
+
+
+def test_default_version_names_the_method_and_configs_and_never_reuses_a_folder(tmp_path):
+    quick, clip = CONFIGS / "quickstart.yaml", CONFIGS / "clip_cov.yaml"
+    clip_cb = _cb("lit_covrl.regularizers.ClipCov", name=None)
+    bonus_cb = _cb("lit_covrl.regularizers.EntropyBonus", name="bonus")
+    other = _cb("lightning.pytorch.callbacks.LearningRateMonitor")
+    assert default_version([quick, clip], [clip_cb], tmp_path) == "clip_cov-quickstart-v0"
+    assert default_version([quick], [], tmp_path) == "grpo-quickstart-v0"
+    assert default_version([quick], [clip_cb, other, bonus_cb], tmp_path) == "clip_cov+bonus-quickstart-v0"
+    assert default_version([], [], tmp_path / "missing") == "grpo-v0"
+    for name in ("clip_cov-quickstart-v0", "clip_cov-quickstart-v3", "clip_cov-quickstart-other-v9", "version_0"):
+        (tmp_path / name).mkdir()
+    assert default_version([quick, clip], [clip_cb], tmp_path) == "clip_cov-quickstart-v4"
+    assert default_version([quick], [], tmp_path) == "grpo-quickstart-v0"
+
+
+def test_cli_runs_are_named_by_method_and_an_explicit_version_is_kept(tmp_path):
+    from lit_covrl.cli import LitCovRLCLI
+    from lit_covrl.data import PromptDataModule
+    from lit_covrl.module import GRPOModule
+
+    def logger(*extra):
+        args = ["--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / "clip_cov.yaml"),
+                "--trainer.logger.init_args.save_dir", str(tmp_path), *extra]
+        cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args,
+                          run=False)
+        return cli.trainer.logger
+
+    assert Path(logger().log_dir) == tmp_path / "clip_cov" / "clip_cov-quickstart-v0"
+    (tmp_path / "clip_cov" / "clip_cov-quickstart-v0").mkdir(parents=True)
+    assert logger().version == "clip_cov-quickstart-v1"
+    # tools/compare.py passes version "" (logs straight into <save_dir>/<method>-s<seed>)
+    assert Path(logger("--trainer.logger.init_args.version", "").log_dir) == tmp_path / "clip_cov"
+
+
+def test_cli_fit_writes_its_saved_config_as_the_config_text(tmp_path):
+    from lit_covrl.cli import main
+
+    main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.max_steps", "1",
+          "--trainer.val_check_interval", "1000", "--data.val_size", "8", "--trainer.enable_progress_bar", "false",
+          "--checkpoint.save_last", "false", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    run = tmp_path / "quickstart" / "grpo-quickstart-v0"
+    _, texts, _, start = read_events(run)
+    saved = (run / "config.yaml").read_text()
+    assert texts["config"] == f"```yaml\n{saved.rstrip()}\n```"
+    assert "version: grpo-quickstart-v0" in saved
+    assert start.hparams["method"].string_value == "grpo"
+
+
+class _BestAtStart(Callback):
+    """Records RunDashboard's best values when training starts (after a checkpoint is restored)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from lit_covrl.dashboard import RunDashboard
+
+        [dash] = [cb for cb in trainer.callbacks if isinstance(cb, RunDashboard)]
+        self.best = dict(dash.best)
+
+
+def test_best_held_out_figures_survive_a_resume(tiny_model_dir, tmp_path):
+    first = fit(make_module(tiny_model_dir), make_data(), steps=2, log_dir=tmp_path / "a", val_check_interval=1)
+    ckpt = tmp_path / "step2.ckpt"
+    first.save_checkpoint(ckpt)
+    import lightning as L
+
+    probe = _BestAtStart()
+    resumed = L.Trainer(
+        accelerator="cpu", max_steps=4, logger=L.pytorch.loggers.TensorBoardLogger(str(tmp_path / "b"), name="t"),
+        callbacks=[probe], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, log_every_n_steps=1, check_val_every_n_epoch=None, val_check_interval=1,
+    )
+    resumed.fit(make_module(tiny_model_dir), make_data(), ckpt_path=str(ckpt))
+    a, b = scalar_tags(tmp_path / "a"), scalar_tags(tmp_path / "b")
+    assert probe.best == {k: max(v for _, v in a[k]) for k in ("val/pass@1", "val/pass@k")}
+    for k in ("pass@1", "pass@k"):
+        every = [v for _, v in a[f"val/{k}"] + b[f"val/{k}"]]
+        assert len(every) == 4 and b[f"final/best_val_{k}"] == [(4, pytest.approx(max(every)))]
