@@ -47,7 +47,8 @@ class _CovarianceSelector(Regularizer):
 
     def charts(self) -> dict[str, list[str]]:
         out = super().charts()
-        out["Control"] = [*out["Control"], f"reg/{re.escape(self.name)}/selected_frac"]
+        name = re.escape(self.name)
+        out["Control"] = [*out["Control"], f"reg/{name}/selected_frac", f"reg/{name}/selected_adv_mean"]
         return out
 
     def _record_selection(self, ctx: MiniBatchContext, selected: Tensor) -> None:
