@@ -190,11 +190,17 @@ def test_claim_high_covariance_tokens_are_sparse_holds_on_a_small_batch():
     assert res["drop_share_of_positive"]["top2%"] > 5 * 0.02
     assert res["top0.2pct_profile"]["frac_negative_advantage"] > 0.9
     # the verdict follows its criterion (timings enter only through the reported speed-up)
-    heavy = all(a > b for a, b in zip(g, g[1:])) and res["group_means"]["top0.2%"] >= 10 * abs(res["group_means"]["all"])
+    means = res["group_means"]
+    heavy = all(a > b for a, b in zip(g, g[1:])) and means["top0.2%"] >= 10 * abs(means["all"])
     shares = res["drop_share_of_positive"]
     concentrated = shares["top2%"] >= 5 * 0.02 and shares["top0.2%"] >= 5 * 0.002
     assert res["holds"] == (heavy and concentrated and res["speedup_at_largest"] >= 10)
     assert heavy and concentrated
+    # the work (elements written) behind the speed-up: bonus ~ N V, selection independent of V
+    assert abs(res["work_slope"]["select_elements"]["V"]) < 0.02
+    assert res["work_slope"]["entropy_bonus_elements"]["V"] == pytest.approx(1, abs=0.02)
+    assert res["work_slope"]["entropy_bonus_elements"]["N"] == pytest.approx(1, abs=0.02)
+    assert res["work_ratio_at_largest"] > 100
 
 
 def test_selection_work_is_independent_of_the_vocabulary():
@@ -202,12 +208,13 @@ def test_selection_work_is_independent_of_the_vocabulary():
     # forward and backward write a fixed number of [N, V] tensors: work ~ N V (slope 1 in each).
     # The selection reads the N sampled log-probs only: the same work for V = 256 and 2048.
     rows = selection_cost([(128, 256), (128, 2048), (512, 256), (512, 2048)], repeats=1)
-    by = {(r["N"], r["V"]): r for r in rows}
+    sel = {(r["N"], r["V"]): r["select_elements"] for r in rows}
+    bonus = {(r["N"], r["V"]): r["entropy_bonus_elements"] for r in rows}
     for n in (128, 512):
-        assert by[n, 2048]["select_elements"] == pytest.approx(by[n, 256]["select_elements"], rel=0.02)
-        assert by[n, 2048]["entropy_bonus_elements"] / by[n, 256]["entropy_bonus_elements"] == pytest.approx(8, rel=0.02)
-    assert by[512, 2048]["entropy_bonus_elements"] / by[128, 2048]["entropy_bonus_elements"] == pytest.approx(4, rel=0.02)
-    assert by[512, 256]["select_elements"] / by[128, 256]["select_elements"] == pytest.approx(4, rel=0.1)  # O(N)
+        assert sel[n, 2048] == pytest.approx(sel[n, 256], rel=0.02)
+        assert bonus[n, 2048] / bonus[n, 256] == pytest.approx(8, rel=0.02)
+    assert bonus[512, 2048] / bonus[128, 2048] == pytest.approx(4, rel=0.02)
+    assert sel[512, 256] / sel[128, 256] == pytest.approx(4, rel=0.1)  # O(N)
     # the bonus writes at least 2 N V elements (the entropy's probabilities and the logits' gradient)
     assert all(r["entropy_bonus_elements"] >= 2 * r["N"] * r["V"] for r in rows)
     assert all(r["select_elements"] < 0.1 * r["entropy_bonus_elements"] for r in rows)

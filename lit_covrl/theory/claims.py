@@ -247,7 +247,8 @@ def high_covariance_tokens_are_sparse(
         pts = sorted((c[axis], c[key]) for c in cost if c[other] == last)
         return log_slope([x for x, _ in pts], [y for _, y in pts])
 
-    work = {key: {axis: work_slope(key, axis) for axis in ("V", "N")} for key in ("select_elements", "entropy_bonus_elements")}
+    work = {key: {axis: work_slope(key, axis) for axis in ("V", "N")}
+            for key in ("select_elements", "entropy_bonus_elements")}
     means = [groups[str(f)] for f in FRACTIONS] + [cov_all]
     heavy_tail = all(a > b for a, b in zip(means, means[1:])) and groups["0.002"] >= 10 * abs(cov_all)
     concentrated = share_pos["0.02"] >= 5 * 0.02 and share_pos["0.002"] >= 5 * 0.002
