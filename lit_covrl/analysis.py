@@ -2,7 +2,7 @@
 
 Used by `tools/compare.py` and `tools/fit_entropy_law.py`; nothing here trains or plots.
 
-The empirical law of Cui et al. 2025 (SCIENCE.md section 1): R = -a * exp(H) + b, with H the
+The empirical law of Cui et al. 2025 (docs/science.md section 1): R = -a * exp(H) + b, with H the
 policy entropy and R the reward. R is linear in x = exp(H), so the least-squares fit is closed
 form (ordinary linear regression of R on x); the predicted ceiling (H = 0) is b - a.
 """

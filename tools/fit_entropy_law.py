@@ -1,4 +1,4 @@
-"""Fit the entropy-performance law R = -a * exp(H) + b (SCIENCE.md section 1) to a run's history.
+"""Fit the entropy-performance law R = -a * exp(H) + b (docs/science.md section 1) to a run's history.
 
     python tools/fit_entropy_law.py runs/compare/runs/grpo-s0 --fit-frac 0.15
 

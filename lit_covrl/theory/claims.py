@@ -240,6 +240,15 @@ def high_covariance_tokens_are_sparse(
     slope_n = log_slope(ns, [next(c["entropy_bonus_s"] for c in cost if c["V"] == vs[-1] and c["N"] == n) for n in ns])
     sel_v = log_slope(vs, [next(c["select_s"] for c in cost if c["N"] == ns[-1] and c["V"] == v) for v in vs])
     speedup_largest = cost[-1]["entropy_bonus_s"] / cost[-1]["select_s"]
+
+    def work_slope(key: str, axis: str) -> float:
+        """Log-log slope of the elements written along V (at the largest N) or N (at the largest V)."""
+        other, last = ("N", ns[-1]) if axis == "V" else ("V", vs[-1])
+        pts = sorted((c[axis], c[key]) for c in cost if c[other] == last)
+        return log_slope([x for x, _ in pts], [y for _, y in pts])
+
+    work = {key: {axis: work_slope(key, axis) for axis in ("V", "N")}
+            for key in ("select_elements", "entropy_bonus_elements")}
     means = [groups[str(f)] for f in FRACTIONS] + [cov_all]
     heavy_tail = all(a > b for a, b in zip(means, means[1:])) and groups["0.002"] >= 10 * abs(cov_all)
     concentrated = share_pos["0.02"] >= 5 * 0.02 and share_pos["0.002"] >= 5 * 0.002
@@ -260,6 +269,8 @@ def high_covariance_tokens_are_sparse(
         "entropy_bonus_time_slope_vs_N": slope_n,
         "selection_time_slope_vs_V": sel_v,
         "speedup_at_largest": speedup_largest,
+        "work_slope": work,  # {select_elements, entropy_bonus_elements} x {V, N}: log-log slopes
+        "work_ratio_at_largest": cost[-1]["entropy_bonus_elements"] / cost[-1]["select_elements"],
         "complexity": {"selection": "O(N log N) on the sampled tokens' log-probs, independent of V",
                        "entropy_bonus": "O(N V) forward + backward over the full logits"},
     }

@@ -2,7 +2,7 @@
 
 Policies are logits z [S, K] (S states, K actions), pi = softmax(z), all in float64.
 
-- First-order entropy change (Cui et al. 2025, Lemma; SCIENCE.md section 1):
+- First-order entropy change (Cui et al. 2025, Lemma; docs/science.md section 1):
       H(z + dz) - H(z) = -Cov_{a~pi}(log pi(a), dz(a)) + O(|dz|^2)
   per state. Exact policy gradient of J(s) = pi . r:  dz = eta pi (r - J)  (PG);
   natural policy gradient:                              dz = eta (r - J)     (NPG).

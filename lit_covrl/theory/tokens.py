@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from lit_covrl.algorithms import (
     clip_cov_select,
@@ -31,7 +33,7 @@ from lit_covrl.algorithms import (
     token_entropy,
 )
 
-__all__ = ["TokenBatch", "synthetic_batch", "first_order_drop", "drop_shares", "selection_cost"]
+__all__ = ["TokenBatch", "synthetic_batch", "first_order_drop", "drop_shares", "selection_cost", "elements_written"]
 
 
 @dataclass
@@ -120,9 +122,34 @@ def _best_time(fn, repeats: int) -> float:
     return best
 
 
+class _ElementCounter(TorchDispatchMode):
+    """Counts the tensor elements written by the aten operations run inside it, forward and
+    backward (an output that shares storage with an input, a view, is not counted): the work
+    done, independent of the machine's speed and load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
+        self.elements += sum(t.numel() for t in tree_leaves(out)
+                             if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in inputs)
+        return out
+
+
+def elements_written(fn) -> int:
+    """Tensor elements that ``fn()`` writes (see ``_ElementCounter``)."""
+    with _ElementCounter() as counter:
+        fn()
+    return counter.elements
+
+
 def selection_cost(sizes: list[tuple[int, int]], *, repeats: int = 3, seed: int = 0) -> list[dict]:
-    """Wall time (best of ``repeats``, 1 thread) of the covariance selections vs the full-vocabulary
-    entropy bonus (forward + backward of ``token_entropy`` over [N, V] logits), per (N, V).
+    """Wall time (best of ``repeats``, 1 thread) and work (tensor elements written) of the
+    covariance selections vs the full-vocabulary entropy bonus (forward + backward of
+    ``token_entropy`` over [N, V] logits), per (N, V).
 
     Selection needs only the sampled tokens' log-probs (already computed for the PPO loss):
     O(N log N), independent of V. The bonus is O(N V) and needs the [N, V] logits with grad."""
@@ -146,5 +173,6 @@ def selection_cost(sizes: list[tuple[int, int]], *, repeats: int = 3, seed: int 
             token_entropy(logits).sum().backward()
             logits.grad = None
 
-        rows.append({"N": n, "V": v, "select_s": _best_time(select, repeats), "entropy_bonus_s": _best_time(bonus, repeats)})
+        rows.append({"N": n, "V": v, "select_s": _best_time(select, repeats), "entropy_bonus_s": _best_time(bonus, repeats),
+                     "select_elements": elements_written(select), "entropy_bonus_elements": elements_written(bonus)})
     return rows
