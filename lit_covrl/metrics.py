@@ -157,9 +157,9 @@ def publish_step_metrics(trainer, metrics: dict[str, float], step: int) -> None:
     step, done once for all of them: every metric becomes visible to callbacks
     (`trainer.callback_metrics`: checkpoint monitors, early stopping, recorders) and is written
     to every logger at `step` when Lightning would log it (every `log_every_n_steps` steps, or
-    when the trainer is stopping). `self.log` costs ~0.3 ms per call in Lightning 2.6 (its
-    result collection moves each stored metric's state on every call): ~13 ms for the ~40
-    metrics of an RL step, 6-8 % of a CPU quickstart step (tools/bench_logging.py)."""
+    when the trainer is stopping). One `self.log` per metric costs a measurable share of a CPU
+    step (Lightning's result collection moves each stored metric's state on every call; figures
+    in docs/benchmarks.md, `python tools/bench_logging.py`)."""
     trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
     every = trainer.log_every_n_steps
     if every and ((step + 1) % every == 0 or trainer.should_stop):  # Lightning's own cadence

@@ -142,9 +142,9 @@ class GRPOModule(L.LightningModule):
             shared_prompt: in the training and no-grad log-prob forwards, run each group's prompt
                 once per micro-batch and only the response tokens per sample, on the prompt's KV
                 cache repeated over the group (same math, fewer FLOPs). Off = one forward over
-                prompt+response per row. null (default) = on for CPU, off on GPU, as measured:
-                1.58x faster updates on the CPU quickstart, 1.76x slower on an H100 with a 0.5B
-                model (docs/benchmarks.md). Ignored (off) with activation_checkpointing.
+                prompt+response per row. null (default) = on for CPU, off on GPU, where it
+                measured faster and slower respectively (docs/benchmarks.md). Ignored (off) with
+                activation_checkpointing.
             recompute_logprobs: recompute the old (rollout-policy) log-probs with a no-grad
                 training forward after sampling, as verl does, instead of using the ones the
                 sampler recorded (free). The two differ by float rounding only (sampler decoding
@@ -436,7 +436,7 @@ class GRPOModule(L.LightningModule):
         """Every metric is already global (reduced across ranks where it is computed, see
         rollout_metrics and _update_minibatch): the same value on every rank, so no sync_dist.
         The progress bar gets its two through `self.log`; all of them reach callbacks and loggers
-        in one batch (`publish_step_metrics`: `self.log` per metric was 6-8 % of a CPU step), at
+        in one batch (`publish_step_metrics`: `self.log` per metric is slow, docs/benchmarks.md), at
         the RL step just taken (this step's last update has already advanced global_step)."""
         values = as_floats(metrics)
         for short, k in (("reward", "rollout/reward_mean"), ("entropy", "policy/entropy")):  # fit the bar
