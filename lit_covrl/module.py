@@ -26,6 +26,7 @@ from lit_covrl.algorithms import compute_advantages, zero_variance_groups
 from lit_covrl.checks import check_module_args
 from lit_covrl.evaluation import EvaluationMixin
 from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics
+from lit_covrl.objectives import Objective, resolve_objective
 from lit_covrl.policy import empty_policy, load_policy, load_tokenizer, resolve_dtype
 from lit_covrl.prompts import encode_prompts
 from lit_covrl.regularizers.base import Regularizer
@@ -67,6 +68,7 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
         clip_high: float | None = 0.2,
         dual_clip: float | None = None,
         logratio_clamp: float | None = 20.0,
+        objective: Objective | None = None,
         loss_agg_mode: str = "token-mean",
         mini_batch_size: int | None = None,
         micro_batch_size: int = 64,
@@ -112,6 +114,9 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
             clip_high: PPO upper clip epsilon (null = no upper clip; 0.28 = DAPO clip-higher).
             dual_clip: dual-clip constant c > 1 for negative advantages (null = off).
             logratio_clamp: clamp of logp - old_logp before exp (null = off).
+            objective: the policy objective (`class_path`: lit_covrl.objectives.PPOClip, GSPO or
+                CISPO). null = PPOClip with clip_low / clip_high / dual_clip / logratio_clamp
+                above, which must stay at their defaults when an objective is given.
             loss_agg_mode: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm.
             mini_batch_size: prompts per optimizer update (null = the whole batch: one update per epoch).
             micro_batch_size: sequences per forward/backward (gradient accumulation; no effect on math).
@@ -140,9 +145,10 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
                 model (docs/benchmarks.md). Ignored (off) with activation_checkpointing.
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler", "objective"])
         self.automatic_optimization = False
         check_module_args(self.hparams)
+        self.objective = resolve_objective(objective, self.hparams)
         check_sharding_args(fsdp_mixed_precision, rollout_gather)
         self.reward = reward if reward is not None else ExactMatchReward()
         self.optimizer_factory = optimizer
