@@ -30,7 +30,8 @@ def check_clip(owner: str, clip_low: float | None, clip_high: float | None, logr
         if v is not None and v < 0:
             raise ValueError(f"{owner}.{field}={v!r} is invalid: must be >= 0 or null")
     if clip_low is not None and clip_low > 1:
-        raise ValueError(f"{owner}.clip_low={clip_low!r} is invalid: must be <= 1 (the ratio is clipped at 1 - clip_low >= 0)")
+        raise ValueError(f"{owner}.clip_low={clip_low!r} is invalid: must be <= 1 "
+                         "(the ratio is clipped at 1 - clip_low >= 0)")
     if logratio_clamp is not None and logratio_clamp <= 0:
         raise ValueError(f"{owner}.logratio_clamp={logratio_clamp!r} is invalid: must be > 0 or null")
 
@@ -79,7 +80,8 @@ class PPOClip(Objective):
         check_clip("PPOClip", clip_low, clip_high, logratio_clamp)
         if dual_clip is not None and dual_clip <= 1:
             raise ValueError(f"PPOClip.dual_clip={dual_clip!r} is invalid: must be > 1 or null")
-        self.clip_low, self.clip_high, self.dual_clip, self.logratio_clamp = clip_low, clip_high, dual_clip, logratio_clamp
+        self.clip_low, self.clip_high = clip_low, clip_high
+        self.dual_clip, self.logratio_clamp = dual_clip, logratio_clamp
 
     def _kw(self) -> dict:
         return dict(clip_low=self.clip_low, clip_high=self.clip_high, logratio_clamp=self.logratio_clamp)

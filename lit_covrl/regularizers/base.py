@@ -41,8 +41,9 @@ class MiniBatchContext:
     old_logp    [n, T]  rollout-policy log-probs
     advantages  [n, T]  sequence advantages broadcast over tokens
     mask        [n, T]  response mask (float)
-    clipped     [n, T]  bool: tokens whose gradient the policy objective already zeroes (PPO's
-                        clip with the run's clip range, dual-clip and log-ratio clamp)
+    clipped     [n, T]  bool: tokens whose gradient the policy objective already zeroes
+                        (`Objective.clipped_tokens`: for PPOClip its clip range, dual-clip and
+                        log-ratio clamp; for GSPO whole clipped sequences; none for CISPO)
     old_entropy [n, T] | None  rollout-policy entropy of the sampled distribution
     entropy     [n, T] | None  current-policy entropy (== old_entropy while on policy), when a
                         regularizer sets `needs_current_entropy`

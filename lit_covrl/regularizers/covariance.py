@@ -2,8 +2,9 @@
 log-prob and advantage covary most, the ones that drive the entropy collapse.
 
 Cov_i = (logp_i - mean logp) (A_i - mean A) over the valid tokens of the optimizer mini-batch.
-- Clip-Cov: among tokens the objective does not already zero (PPO clip, dual-clip, log-ratio
-  clamp, with the run's settings) with lb < Cov_i < ub, pick
+- Clip-Cov: among tokens the objective does not already zero (`Objective.clipped_tokens`: PPO
+  clip, dual-clip, log-ratio clamp with the run's settings; GSPO's clipped sequences) with
+  lb < Cov_i < ub, pick
   max(floor(ratio N), 1) uniformly at random; their surrogate loss (and gradient) is dropped,
   but they stay in the token-mean denominator.
 - KL-Cov: the top max(floor(ratio N), 1) tokens by Cov get + beta |logp_i - old_logp_i|.
@@ -14,7 +15,8 @@ Where we differ from the reference code (verl / PRIME-RL), on purpose:
   the covariance uses the current policy's log-probs of the whole mini-batch (the rollout
   log-probs while no optimizer step has been taken since the rollout, else a no-grad forward);
 - the random choice uses an explicit, checkpointed `torch.Generator` (reproducible);
-- they are additive regularizers on top of the module's PPO loss, not whole-loss modes:
+- they are additive regularizers on top of the module's objective (PPO, GSPO, CISPO), not
+  whole-loss modes:
   KL-Cov's "no clipping" is the module setting clip_low/clip_high = null;
 - the log-ratio is clamped before exp in the base loss; metrics are named for what they count.
 """

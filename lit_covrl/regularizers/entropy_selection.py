@@ -92,7 +92,8 @@ class SteerWeights(_TokenWeights):
     needs_current_entropy = True
     default_name = "steer"
 
-    def __init__(self, w_min: float = 0.8, w_max: float = 1.2, mapping: str = "linear", name: str | None = None) -> None:
+    def __init__(self, w_min: float = 0.8, w_max: float = 1.2, mapping: str = "linear",
+                 name: str | None = None) -> None:
         """
         Args:
             w_min: weight of the token with the largest |Omega| (paper: 0.8).
