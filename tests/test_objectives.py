@@ -159,3 +159,13 @@ def test_every_objective_composes_with_clip_cov_and_kl_cov(name):
     kl_term = 0.5 * torch.sign(logp - old) * kl.selected
     expect = torch.where(clip.selected, torch.zeros_like(plain), plain) + kl_term
     torch.testing.assert_close(z.grad, expect * mask)
+
+
+def test_module_refuses_an_objective_with_non_default_clip_keys():
+    """Bad input fails when GRPOModule is built (what the CLI does first), naming both fields."""
+    from lit_covrl.module import GRPOModule
+
+    assert isinstance(GRPOModule(objective=CISPO()).objective, CISPO)
+    assert GRPOModule(clip_high=0.28).objective.clip_high == 0.28  # the default PPOClip takes the module keys
+    with pytest.raises(ValueError, match=r"model.objective=GSPO.*model.clip_low=None, model.clip_high=None"):
+        GRPOModule(objective=GSPO(), clip_low=None, clip_high=None)  # e.g. gspo.yaml stacked with kl_cov.yaml
