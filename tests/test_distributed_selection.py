@@ -1,6 +1,7 @@
 """Mini-batch-wide decisions are global: 2 gloo processes holding half the mini-batch each select
 exactly the tokens that 1 process holding all of it selects (Clip-Cov, KL-Cov and the entropy
-controls: 80/20 quantile, STEER weights, entropy-ratio clip, adaptive bonus, entropy advantage)."""
+controls: 80/20 quantile, STEER weights, entropy-ratio clip, adaptive bonus, entropy advantage),
+and each objective's loss, metrics and gradient add up across ranks to the single-process ones."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lit_covrl.algorithms import ppo_clipped_tokens
+from lit_covrl.algorithms import aggregate, ppo_clipped_tokens
+from lit_covrl.objectives import CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
     AdaptiveEntropyBonus,
     ClipCov,
@@ -79,6 +81,24 @@ def _entropy_controls(rows: slice) -> dict[str, torch.Tensor]:
     return out
 
 
+def _objectives(rows: slice) -> dict[str, torch.Tensor]:
+    """Each objective's aggregated loss, its metrics (rank shares of global token means, summed
+    over ranks as the learner does) and its gradient on these rows."""
+    from lit_covrl import distributed
+
+    logp, old, adv, mask = (t[rows] for t in _batch())
+    n_tok = distributed.all_sum(mask.sum())
+    out = {}
+    for name, obj in (("ppo", PPOClip()), ("gspo", GSPO(clip_low=0.01, clip_high=0.01)), ("cispo", CISPO())):
+        z = logp.clone().requires_grad_(True)
+        loss = aggregate(obj.token_loss(z, old, adv, mask), mask, "token-mean", num_tokens=n_tok)
+        loss.backward()
+        stats = obj.stats(logp, old, adv, mask, num_tokens=n_tok)
+        out[f"{name}/metrics"] = distributed.all_sum(torch.stack([loss.detach(), *stats.values()]))
+        out[f"{name}/grad"] = z.grad
+    return out
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -86,7 +106,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         half = N // 2
         rows = slice(rank * half, (rank + 1) * half)
-        torch.save({**_select(rows), "entropy": _entropy_controls(rows)}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({**_select(rows), "entropy": {**_entropy_controls(rows), **_objectives(rows)}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -110,7 +131,8 @@ def test_two_processes_select_what_one_process_selects(tmp_path):
         assert float(p["frac"]) == pytest.approx(float(single["frac"]), abs=1e-7)
     # the entropy controls: the 80/20 quantile, STEER's min/max, the ERC ratio, the adaptive
     # coefficient's measured entropy and the advantage-shift metrics are global too
-    whole = _entropy_controls(slice(0, N))
+    whole = {**_entropy_controls(slice(0, N)), **_objectives(slice(0, N))}
+    assert 0 < whole["gspo/metrics"][2] < 1  # GSPO clip_frac: some sequences clipped, some not
     assert 0 < whole["high_entropy_tokens"].sum() < whole["steer"].numel()
     for key, value in whole.items():
         if value.dim() == 2:  # per-token decisions: the halves concatenate to the whole
