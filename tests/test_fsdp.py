@@ -13,7 +13,7 @@ the global Clip-Cov / KL-Cov selection, the loss with global denominators, the g
 scattered mean x world size), the weights, and every logged metric, which must be the global value
 (a token mean over all ranks, not rank 0's or a mean of rank means) and the same on both ranks.
 
-One spawn of 2 workers runs five short fits (module fixture; ~30-40 s on 2 busy cores):
+One spawn of 2 workers runs six short fits (module fixture):
   A  4 steps, rollout_gather="once"           -> compared with 1 process, 4 steps
   B  2 steps, rollout_gather="per_forward", sharded checkpoint saved
   C  resume B to 4 steps                      -> compared with A on steps 3-4

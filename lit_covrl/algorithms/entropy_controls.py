@@ -43,13 +43,18 @@ STEER_MAPPINGS = ("linear", "exponential")
 @torch.no_grad()
 def high_entropy_mask(entropy: Tensor, mask: Tensor, *, top_frac: float) -> Tensor:
     """BoolTensor [N, T]: valid tokens with H >= the (1 - top_frac) quantile of the valid H
-    (torch.quantile, linear interpolation; ties at the threshold are kept). top_frac = 1 keeps
-    every valid token. No valid token -> all False."""
+    (linear interpolation between order statistics, as torch.quantile, which refuses inputs over
+    2^24 elements; ties at the threshold are kept). top_frac = 1 keeps every valid token. No valid
+    token -> all False."""
     m = mask.bool()
-    valid = entropy.detach()[m].double()
-    if valid.numel() == 0:
+    valid = torch.sort(entropy.detach()[m].double()).values
+    n = valid.numel()
+    if n == 0:
         return torch.zeros_like(m)
-    tau = torch.quantile(valid, 1.0 - top_frac)
+    pos = (1.0 - top_frac) * (n - 1)
+    lo = min(int(math.floor(pos)), n - 1)
+    hi = min(lo + 1, n - 1)
+    tau = valid[lo] + (pos - lo) * (valid[hi] - valid[lo])
     return m & (entropy.detach().double() >= tau)
 
 
