@@ -57,7 +57,7 @@ class AdaptiveEntropyBonus(Regularizer):
         for field, v in (("target", target), ("delta", delta), ("init_coef", init_coef), ("min_coef", min_coef)):
             check_nonnegative(f"AdaptiveEntropyBonus.{field}", v)
         if not min_coef <= init_coef <= max_coef:
-            raise ValueError(f"AdaptiveEntropyBonus needs min_coef <= init_coef <= max_coef, got "
+            raise ValueError("AdaptiveEntropyBonus needs min_coef <= init_coef <= max_coef, got "
                              f"{min_coef!r}, {init_coef!r}, {max_coef!r}")
         self.target, self.delta, self.min_coef, self.max_coef = target, delta, min_coef, max_coef
         self.coef, self.active = float(init_coef), True  # the reference code starts enabled
