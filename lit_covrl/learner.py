@@ -3,16 +3,17 @@
 For each epoch and each mini-batch (whole prompt groups): the regularizers select over the whole
 mini-batch (all ranks), then micro-batches accumulate gradients of one aggregated loss
 
-    agg( ppo_token_loss * prod(weights) + sum(penalties) )
+    agg( objective.token_loss(A + sum(advantage shifts)) * prod(weights) + sum(penalties) )
 
 whose denominators are the mini-batch's, so the result does not depend on micro_batch_size.
+The objective is the module's `objective` (PPOClip by default; GSPO, CISPO).
 Each group's prompt is forwarded once per micro-batch (`shared_prompt`, see `_logprobs`).
 A non-finite gradient drops that update whole. Every update goes through the strategy's precision
 plugin (GradScaler unscaling, `on_before_optimizer_step`); only the last of a rollout goes through
 Lightning's optimizer wrapper, so `trainer.global_step` counts rollouts.
 
 `Learner` is an object with explicit inputs: the policy, its `LearnerSettings`, the regularizers
-and an `OptimizerDriver` (how to run backward and an optimizer step: GRPOModule's goes through
+the policy objective (`lit_covrl.objectives`) and an `OptimizerDriver` (how to run backward and an optimizer step: GRPOModule's goes through
 Lightning's strategy). `Learner.update(...)` runs every update of one rollout and returns its
 metrics; `Learner.logprobs(...)` is the no-grad forward the module uses for reference and
 recomputed log-probs.
@@ -27,8 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from lit_covrl import distributed
-from lit_covrl.algorithms import aggregate, ppo_clipped_tokens, ppo_stats, ppo_token_loss
+from lit_covrl.algorithms import aggregate
 from lit_covrl.metrics import StepMetrics
+from lit_covrl.objectives import Objective
 from lit_covrl.policy import response_logprobs, shared_prompt_logprobs
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
 from lit_covrl.types import PolicyBatch, Rollout, TokenShaping
@@ -60,10 +62,6 @@ class LearnerSettings:
     mini_batch_size: int | None
     micro_batch_size: int
     ppo_epochs: int
-    clip_low: float | None
-    clip_high: float | None
-    dual_clip: float | None
-    logratio_clamp: float | None
     loss_agg_mode: str
     max_new_tokens: int
     temperature: float
@@ -96,13 +94,15 @@ class Learner:
     Args:
         policy: the model being trained.
         settings: update settings.
+        objective: the base policy loss (`lit_covrl.objectives`: PPOClip, GSPO, CISPO).
         regularizers: callbacks asked for per-token shaping, in order (reassignable).
         driver: backward and optimizer steps.
     """
 
-    def __init__(self, policy: nn.Module, settings: LearnerSettings, regularizers: list[Regularizer],
-                 driver: OptimizerDriver) -> None:
-        self.policy, self.settings, self.regularizers, self.driver = policy, settings, list(regularizers), driver
+    def __init__(self, policy: nn.Module, settings: LearnerSettings, objective: Objective,
+                 regularizers: list[Regularizer], driver: OptimizerDriver) -> None:
+        self.policy, self.settings, self.objective = policy, settings, objective
+        self.regularizers, self.driver = list(regularizers), driver
         self.skipped_steps = 0  # non-finite updates dropped over the run (saved in checkpoints)
         self._consecutive_skips = 0
         self._on_policy = True
@@ -145,15 +145,12 @@ class Learner:
             return self._optimizer_step(last) if last else {}
         need_ent = any(r.needs_entropy for r in regs)
         plan = lockstep_chunks(len(mb), hp.micro_batch_size)  # same length on every rank
-        current, early = self._selection_logprobs(mb, plan, need_ent)
+        current, current_ent, early = self._selection_logprobs(mb, plan, need_ent)
         ctx = MiniBatchContext(
             step=self.step, update=index, on_policy=self._on_policy, logp=current,
             old_logp=mb.old_logp, advantages=mb.advantages, mask=mb.mask,
-            clipped=ppo_clipped_tokens(
-                current, mb.old_logp, mb.advantages, mb.mask, clip_low=hp.clip_low, clip_high=hp.clip_high,
-                dual_clip=hp.dual_clip, logratio_clamp=hp.logratio_clamp,
-            ),
-            old_entropy=mb.old_entropy,
+            clipped=self.objective.clipped_tokens(current, mb.old_logp, mb.advantages, mb.mask),
+            old_entropy=mb.old_entropy, entropy=current_ent,
         )
         for reg in regs:
             reg.prepare(ctx)
@@ -170,18 +167,15 @@ class Learner:
             logp, ent = early if early is not None else self._logprobs(mb.input_ids[r], mb.attention_mask[r], m.shape[1], need_ent)
             shapings = [reg.shape(PolicyBatch(r, logp, old, adv, m, ent, mb.ref_rows(r), mb.old_entropy[r]))
                         for reg in regs]
-            base = ppo_token_loss(
-                logp, old, TokenShaping.shifted_advantages(shapings, adv), m, clip_low=hp.clip_low,
-                clip_high=hp.clip_high, dual_clip=hp.dual_clip, logratio_clamp=hp.logratio_clamp,
-            )
+            base = self.objective.token_loss(logp, old, TokenShaping.shifted_advantages(shapings, adv), m)
             loss = aggregate(TokenShaping.combine(shapings, base), m, **agg)
             self.driver.backward(loss * scale)
             with torch.no_grad():  # micro-batch terms with mini-batch denominators: they add up
                 parts = {"policy/loss": loss}
-                parts.update({f"reg/{reg.name}/loss": _contribution(s, base, m, agg) for reg, s in zip(regs, shapings)})
-                parts.update({f"policy/{k}": v for k, v in ppo_stats(
-                    logp, old, adv, m, clip_low=hp.clip_low, clip_high=hp.clip_high,
-                    logratio_clamp=hp.logratio_clamp, num_tokens=totals[0]).items()})
+                parts.update({f"reg/{reg.name}/loss": _contribution(s, base, m, agg, self._without_shift(
+                    s, shapings, logp, old, adv, m)) for reg, s in zip(regs, shapings)})
+                parts.update({f"policy/{k}": v for k, v in self.objective.stats(
+                    logp, old, adv, m, num_tokens=totals[0]).items()})
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
         # every part is this rank's share of a global mean (mini-batch denominators over all
@@ -192,50 +186,66 @@ class Learner:
         totals_parts = distributed.all_sum(local)
         return {**dict(zip(keys, totals_parts.tolist())), **self._optimizer_step(last)}
 
+    def _without_shift(self, s: TokenShaping, shapings: list, logp, old, adv, m) -> Tensor | None:
+        """The objective's token loss without `s`'s advantage shift (None if it has none)."""
+        if s.advantage_shift is None:
+            return None
+        others = TokenShaping.shifted_advantages([x for x in shapings if x is not s], adv)
+        return self.objective.token_loss(logp.detach(), old, others, m)
+
     def _update_metric_keys(self, regs) -> list[str]:
         """Names of the per-update loss metrics, in a fixed order (the same on every rank, even
         on a rank whose micro-batches were all fillers)."""
-        hp = self.settings
-        z = torch.zeros(1, 1)
-        stats = ppo_stats(z, z, z, z, clip_low=hp.clip_low, clip_high=hp.clip_high, logratio_clamp=hp.logratio_clamp)
+        stats = self.objective.stat_names()
         return ["policy/loss", *[f"reg/{reg.name}/loss" for reg in regs], *[f"policy/{k}" for k in stats]]
 
     def _selection_logprobs(self, mb: "_MiniBatch", plan: list, need_ent: bool):
-        """(current log-probs [n, T] for selection, the training forward if it was run early).
+        """(current log-probs [n, T], current entropy [n, T] or None, the training forward if it
+        was run early), detached, for the regularizers' `prepare`.
 
-        When the whole mini-batch is one micro-batch, its training forward already gives the
-        current log-probs, so selection uses them instead of an extra no-grad forward. A rank with
-        no rows runs its filler forward here too, so that every rank's forward (FSDP all-gathers)
-        comes before the selection's collectives, in the same order."""
-        if not (len(plan) == 1 and not self._on_policy and any(r.needs_current_logp for r in self.regularizers)):
-            return self._current_logprobs(mb), None
-        rows = (mb.input_ids[plan[0]], mb.attention_mask[plan[0]]) if plan[0] is not None else mb.filler
-        early = self._logprobs(*rows, mb.mask.shape[1], need_ent and plan[0] is not None)
-        current = early[0].detach() * mb.mask if plan[0] is not None else mb.old_logp
-        return current, early
+        While no optimizer step has been taken since the rollout, the policy is the rollout policy:
+        its log-probs and entropy are reused. Otherwise, when a regularizer needs the current
+        log-probs (`needs_current_logp`) or entropy (`needs_current_entropy`): if the whole
+        mini-batch is one micro-batch, its training forward gives them (run here, early, and reused
+        for the update); else a no-grad forward over the mini-batch. A rank with no rows runs its
+        filler forward here too, so that every rank's forward (FSDP all-gathers) comes before the
+        selection's collectives, in the same order."""
+        regs = self.regularizers
+        want_ent = any(r.needs_current_entropy for r in regs)
+        if self._on_policy or not (want_ent or any(r.needs_current_logp for r in regs)):
+            return mb.old_logp, (mb.old_entropy if want_ent else None), None
+        if len(plan) == 1:
+            rows = (mb.input_ids[plan[0]], mb.attention_mask[plan[0]]) if plan[0] is not None else mb.filler
+            early = self._logprobs(*rows, mb.mask.shape[1], (need_ent or want_ent) and plan[0] is not None)
+            if plan[0] is None:
+                return mb.old_logp, (mb.old_entropy if want_ent else None), early
+            ent = early[1].detach() * mb.mask if want_ent else None
+            return early[0].detach() * mb.mask, ent, early
+        logp, ent = self._nograd_forward(self.policy, *mb.inputs_or_filler(), mb.mask, want_ent)
+        return logp, ent, None
 
-    def _current_logprobs(self, mb: "_MiniBatch") -> Tensor:
-        """Detached current-policy log-probs of the whole mini-batch, for covariance selection.
-        While no optimizer step has been taken since the rollout, the policy is the rollout
-        policy: reuse its log-probs. (A mini-batch that is a single micro-batch never gets here
-        after a step: its training forward supplies them, see `_update_minibatch`.)"""
-        if self._on_policy or not any(r.needs_current_logp for r in self.regularizers):
-            return mb.old_logp
-        return self.logprobs(self.policy, *mb.inputs_or_filler(), mb.mask)
-
-    @torch.no_grad()
     def logprobs(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
         """No-grad log-probs [n, T] of the response tokens under `model` (the policy, or the
         reference model), at the training temperature, micro-batch by micro-batch, through the
         same forward as training (so they match its rounding)."""
+        return self._nograd_forward(model, input_ids, attention_mask, mask, False)[0]
+
+    @torch.no_grad()
+    def _nograd_forward(self, model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor,
+                        with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+        """(log-probs [n, T], entropy [n, T] or None) of the response tokens under `model`,
+        micro-batch by micro-batch, 0 outside `mask`."""
         T = mask.shape[1]
-        parts = [mask.new_zeros(0, T)]
+        parts, ents = [mask.new_zeros(0, T)], [mask.new_zeros(0, T)]
         for r in lockstep_chunks(len(mask), self.settings.micro_batch_size):
             if r is None:  # filler forward (see lockstep_chunks); needs a row of some rank's batch
                 self._logprobs(*_filler_row(input_ids, attention_mask), T, False, model=model)
                 continue
-            parts.append(self._logprobs(input_ids[r], attention_mask[r], T, False, model=model)[0])
-        return torch.cat(parts) * mask
+            logp, ent = self._logprobs(input_ids[r], attention_mask[r], T, with_entropy, model=model)
+            parts.append(logp)
+            if with_entropy:
+                ents.append(ent)
+        return torch.cat(parts) * mask, (torch.cat(ents) * mask if with_entropy else None)
 
     def _logprobs(self, ids: Tensor, att: Tensor, T: int, with_entropy: bool, model=None) -> tuple[Tensor, Tensor | None]:
         """Response log-probs (and entropy) of a micro-batch under `model` (default the policy):
@@ -293,10 +303,13 @@ def _filler_row(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tens
     return input_ids[:1], attention_mask[:1]
 
 
-def _contribution(s: TokenShaping, base: Tensor, mask: Tensor, agg: dict) -> Tensor:
-    """What one regularizer adds to the aggregated loss (its weight's change of the base loss
-    plus its penalty), for the reg/<name>/loss metric."""
+def _contribution(s: TokenShaping, base: Tensor, mask: Tensor, agg: dict, without_shift: Tensor | None) -> Tensor:
+    """What one regularizer adds to the aggregated loss (its weight's change of the base loss,
+    its penalty, and the change of the base loss its advantage shift makes, `without_shift`
+    being the base loss with every other shift but not its own), for the reg/<name>/loss metric."""
     total = torch.zeros((), device=base.device)
+    if without_shift is not None:
+        total = total + aggregate(base.detach() - without_shift, mask, **agg)
     if s.weight is not None:
         total = total + aggregate(base.detach() * (s.weight - 1.0), mask, **agg)
     if s.penalty is not None:

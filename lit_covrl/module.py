@@ -29,6 +29,7 @@ from lit_covrl.dynamic_sampling import Round, assemble, choose_groups
 from lit_covrl.evaluation import EvalSettings, Evaluator
 from lit_covrl.learner import Learner, LearnerSettings
 from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics
+from lit_covrl.objectives import Objective, resolve_objective
 from lit_covrl.policy import empty_policy, load_policy, load_tokenizer, resolve_dtype
 from lit_covrl.prompts import encode_prompts
 from lit_covrl.regularizers.base import Regularizer
@@ -70,6 +71,7 @@ class GRPOModule(L.LightningModule):
         clip_high: float | None = 0.2,
         dual_clip: float | None = None,
         logratio_clamp: float | None = 20.0,
+        objective: Objective | None = None,
         loss_agg_mode: str = "token-mean",
         mini_batch_size: int | None = None,
         micro_batch_size: int = 64,
@@ -119,6 +121,9 @@ class GRPOModule(L.LightningModule):
             clip_high: PPO upper clip epsilon (null = no upper clip; 0.28 = DAPO clip-higher).
             dual_clip: dual-clip constant c > 1 for negative advantages (null = off).
             logratio_clamp: clamp of logp - old_logp before exp (null = off).
+            objective: the policy objective (`class_path`: lit_covrl.objectives.PPOClip, GSPO or
+                CISPO). null = PPOClip with clip_low / clip_high / dual_clip / logratio_clamp
+                above, which must stay at their defaults when an objective is given.
             loss_agg_mode: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm.
             mini_batch_size: prompts per optimizer update (null = the whole batch: one update per epoch).
             micro_batch_size: sequences per forward/backward (gradient accumulation; no effect on math).
@@ -152,9 +157,10 @@ class GRPOModule(L.LightningModule):
                 first update's PPO ratio must be exactly 1 (bf16 runs, or comparisons at bit level).
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler", "objective"])
         self.automatic_optimization = False
         check_module_args(self.hparams)
+        self.objective = resolve_objective(objective, self.hparams)
         check_sharding_args(fsdp_mixed_precision, rollout_gather)
         self.reward = reward if reward is not None else ExactMatchReward()
         self.optimizer_factory = optimizer
@@ -177,7 +183,7 @@ class GRPOModule(L.LightningModule):
         if self._learner is None:
             assert self.policy is not None, "configure_model() must run first"
             settings = LearnerSettings.from_hparams(self.hparams, shared_prompt=self.shared_prompt_on)
-            self._learner = Learner(self.policy, settings, self.regularizers, LightningDriver(self))
+            self._learner = Learner(self.policy, settings, self.objective, self.regularizers, LightningDriver(self))
             self._learner.skipped_steps = self._restored_skips
         return self._learner
 

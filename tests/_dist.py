@@ -110,6 +110,24 @@ def regularizers():
     return [ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3), KLCov(ratio=0.1, beta=1.0)]
 
 
+def entropy_controls():
+    """Every entropy control of the literature stacked, with Clip-Cov (whose candidates follow
+    the objective's clipped tokens); settings that make each act on the tiny model."""
+    from lit_covrl.regularizers import (
+        AdaptiveEntropyBonus, EntropyAdvantage, EntropyRatioClip, HighEntropyTokens, SteerWeights,
+    )
+
+    return [HighEntropyTokens(top_frac=0.5), EntropyRatioClip(low=1e-3, high=1e-3), SteerWeights(),
+            AdaptiveEntropyBonus(target=50.0, delta=0.01, init_coef=0.02, max_coef=0.1), EntropyAdvantage(),
+            ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)]
+
+
+def gspo():
+    from lit_covrl.objectives import GSPO
+
+    return GSPO(clip_low=0.05, clip_high=0.05)
+
+
 class Recorder(Callback):
     """Every logged metric of every RL step: {step: {name: value}}."""
 

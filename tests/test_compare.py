@@ -32,3 +32,18 @@ def test_compare_quick_two_methods_one_seed(tmp_path):
     assert "| grpo | 1 |" in report and "| clip_cov | 1 |" in report
     for png in ("entropy.png", "accuracy.png", "val_passk.png", "reward_vs_entropy.png"):
         assert (out / png).stat().st_size > 0 and f"]({png})" in report
+
+
+def test_every_named_method_has_a_config():
+    """tools/compare.py runs configs/<method>.yaml for each method it names (incl. the entropy
+    controls and objectives of the literature)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "tools" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    for m in ("high_entropy_tokens", "adaptive_entropy", "steer", "entropy_advantage", "entropy_ratio_clip",
+              "gspo", "cispo"):
+        assert m in compare.METHODS
+    missing = [m for m in compare.METHODS if not compare.method_config(m, ROOT / "configs" / "quickstart.yaml").exists()]
+    assert not missing

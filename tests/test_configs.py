@@ -32,6 +32,10 @@ STACKS = {
     "clip_cov_high.yaml": [QUICK, CONFIGS / "clip_cov_high.yaml"],
     "clip_cov_lowlb.yaml": [QUICK, CONFIGS / "clip_cov_lowlb.yaml"],
     "kl_cov_high.yaml": [QUICK, CONFIGS / "kl_cov_high.yaml"],
+    **{f"{m}.yaml": [QUICK, CONFIGS / f"{m}.yaml"] for m in
+       ("high_entropy_tokens", "adaptive_entropy", "steer", "entropy_advantage", "entropy_ratio_clip")},
+    "gspo.yaml": [QUICK, CONFIGS / "gspo.yaml"],
+    "cispo.yaml": [QUICK, CONFIGS / "cispo.yaml"],
     "recipes/qwen2.5-7b.yaml": [R7],
     "recipes/qwen2.5-32b.yaml": [R7, CONFIGS / "recipes" / "qwen2.5-32b.yaml"],
     "recipes/clip_cov.yaml": [R7, CONFIGS / "recipes" / "clip_cov.yaml"],
@@ -66,11 +70,14 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
     cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False)
     assert isinstance(cli.model, GRPOModule) and isinstance(cli.datamodule, PromptDataModule)
     regs = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
-    expected = {"grpo.yaml": 0, "grpo_low_lr.yaml": 0, "quickstart.yaml": 0, "recipes/qwen2.5-7b.yaml": 0, "recipes/qwen2.5-32b.yaml": 0}
+    expected = {"grpo.yaml": 0, "grpo_low_lr.yaml": 0, "gspo.yaml": 0, "cispo.yaml": 0, "quickstart.yaml": 0, "recipes/qwen2.5-7b.yaml": 0, "recipes/qwen2.5-32b.yaml": 0}
     expected.update({k: 0 for k in STACKS if k.startswith("fsdp/")})  # base recipes, no method
     assert len(regs) == expected.get(name, 1)
     if name == "recipes/qwen2.5-32b.yaml":
         assert cli.model.hparams.micro_batch_size == 2
+    if name in ("gspo.yaml", "cispo.yaml"):  # the objective is built from its class_path
+        assert type(cli.model.objective).__name__ == name.split(".")[0].upper()
+        assert cli.model.objective.clip_high == (4e-4 if name == "gspo.yaml" else 0.28)
     if name.endswith("kl_cov.yaml") or "kl_cov_" in name:
         assert cli.model.hparams.clip_low is None and cli.model.hparams.clip_high is None
 

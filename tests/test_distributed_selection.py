@@ -1,5 +1,7 @@
-"""Covariance selection is global: 2 gloo processes holding half the mini-batch each select
-exactly the tokens that 1 process holding all of it selects (Clip-Cov and KL-Cov)."""
+"""Mini-batch-wide decisions are global: 2 gloo processes holding half the mini-batch each select
+exactly the tokens that 1 process holding all of it selects (Clip-Cov, KL-Cov and the entropy
+controls: 80/20 quantile, STEER weights, entropy-ratio clip, adaptive bonus, entropy advantage),
+and each objective's loss, metrics and gradient add up across ranks to the single-process ones."""
 from __future__ import annotations
 
 import os
@@ -10,9 +12,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lit_covrl.algorithms import ppo_clipped_tokens
-from lit_covrl.regularizers import ClipCov, KLCov
+from lit_covrl.algorithms import aggregate, ppo_clipped_tokens
+from lit_covrl.objectives import CISPO, GSPO, PPOClip
+from lit_covrl.regularizers import (
+    AdaptiveEntropyBonus,
+    ClipCov,
+    EntropyAdvantage,
+    EntropyRatioClip,
+    HighEntropyTokens,
+    KLCov,
+    SteerWeights,
+)
 from lit_covrl.regularizers.base import MiniBatchContext
+from lit_covrl.types import PolicyBatch
 
 N, T = 12, 7
 
@@ -38,13 +50,64 @@ def _select(rows: slice) -> dict[str, torch.Tensor]:
             "frac": torch.tensor(clip.pop_metrics()["reg/clip_cov/selected_frac"])}
 
 
+def _entropy(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """(current, rollout) entropy [N, T] of the same rows."""
+    g = torch.Generator().manual_seed(1)
+    ent = torch.rand(N, T, generator=g) * 2
+    old = ent * (1 + 0.1 * torch.randn(N, T, generator=g))
+    return ent[rows], old[rows]
+
+
+def _entropy_controls(rows: slice) -> dict[str, torch.Tensor]:
+    """Every mini-batch-wide entropy control on these rows: its per-token decision and its metrics."""
+    logp, old, adv, mask = (t[rows] for t in _batch())
+    ent, old_ent = _entropy(rows)
+    clipped = ppo_clipped_tokens(logp, old, adv, mask, clip_low=0.2, clip_high=0.2)
+    out = {}
+    adaptive = AdaptiveEntropyBonus(target=1.0, delta=0.01)
+    for step in range(3):  # the coefficient follows the entropy of all ranks' tokens
+        ctx = MiniBatchContext(step, 1, False, logp, old, adv, mask, clipped, old_ent * (0.5 + step * 0.4), ent)
+        adaptive.prepare(ctx)
+    out["adaptive_coef"] = torch.tensor([adaptive.coef, adaptive.coef_now])
+    ctx = MiniBatchContext(0, 1, False, logp, old, adv, mask, clipped, old_ent, ent)
+    for reg in (HighEntropyTokens(top_frac=0.3), SteerWeights(), EntropyRatioClip()):
+        reg.prepare(ctx)
+        out[reg.name] = reg.weights
+        out.update({k: torch.tensor(v) for k, v in reg.pop_metrics().items()})
+    shift = EntropyAdvantage()
+    shift.prepare(ctx)
+    shift.shape(PolicyBatch(torch.arange(len(mask)), logp, old, adv, mask, ent))
+    out.update({k: torch.tensor(v) for k, v in shift.pop_metrics().items()})
+    return out
+
+
+def _objectives(rows: slice) -> dict[str, torch.Tensor]:
+    """Each objective's aggregated loss, its metrics (rank shares of global token means, summed
+    over ranks as the learner does) and its gradient on these rows."""
+    from lit_covrl import distributed
+
+    logp, old, adv, mask = (t[rows] for t in _batch())
+    n_tok = distributed.all_sum(mask.sum())
+    out = {}
+    for name, obj in (("ppo", PPOClip()), ("gspo", GSPO(clip_low=0.01, clip_high=0.01)), ("cispo", CISPO())):
+        z = logp.clone().requires_grad_(True)
+        loss = aggregate(obj.token_loss(z, old, adv, mask), mask, "token-mean", num_tokens=n_tok)
+        loss.backward()
+        stats = obj.stats(logp, old, adv, mask, num_tokens=n_tok)
+        out[f"{name}/metrics"] = distributed.all_sum(torch.stack([loss.detach(), *stats.values()]))
+        out[f"{name}/grad"] = z.grad
+    return out
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         half = N // 2
-        torch.save(_select(slice(rank * half, (rank + 1) * half)), os.path.join(out_dir, f"rank{rank}.pt"))
+        rows = slice(rank * half, (rank + 1) * half)
+        torch.save({**_select(rows), "entropy": {**_entropy_controls(rows), **_objectives(rows)}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -66,6 +129,17 @@ def test_two_processes_select_what_one_process_selects(tmp_path):
     torch.testing.assert_close(torch.cat([p["cov"] for p in parts]), single["cov"])  # global means
     for p in parts:  # every rank reports the global fraction
         assert float(p["frac"]) == pytest.approx(float(single["frac"]), abs=1e-7)
+    # the entropy controls: the 80/20 quantile, STEER's min/max, the ERC ratio, the adaptive
+    # coefficient's measured entropy and the advantage-shift metrics are global too
+    whole = {**_entropy_controls(slice(0, N)), **_objectives(slice(0, N))}
+    assert 0 < whole["gspo/metrics"][2] < 1  # GSPO clip_frac: some sequences clipped, some not
+    assert 0 < whole["high_entropy_tokens"].sum() < whole["steer"].numel()
+    for key, value in whole.items():
+        if value.dim() == 2:  # per-token decisions: the halves concatenate to the whole
+            torch.testing.assert_close(torch.cat([p["entropy"][key] for p in parts]), value, msg=key)
+        else:  # scalars: every rank reports the global value
+            for p in parts:
+                torch.testing.assert_close(p["entropy"][key], value, rtol=1e-6, atol=1e-7, msg=key)
 
 
 def test_local_selection_would_differ():

@@ -13,13 +13,16 @@ the global Clip-Cov / KL-Cov selection, the loss with global denominators, the g
 scattered mean x world size), the weights, and every logged metric, which must be the global value
 (a token mean over all ranks, not rank 0's or a mean of rank means) and the same on both ranks.
 
-One spawn of 2 workers runs five short fits (module fixture; ~30-40 s on 2 busy cores):
+One spawn of 2 workers runs six short fits (module fixture):
   A  4 steps, rollout_gather="once"           -> compared with 1 process, 4 steps
   B  2 steps, rollout_gather="per_forward", sharded checkpoint saved
   C  resume B to 4 steps                      -> compared with A on steps 3-4
   D  2 steps with bf16 mixed precision + activation checkpointing, one micro-batch per update,
      and a ReferenceKL penalty (sharded reference model) -> finite, moved, fp32 master weights
   E  4 steps under Lightning's DDPStrategy (no sharding) -> compared with 1 process, 4 steps
+  F  3 steps under DDP with every entropy control of the literature stacked (80/20 tokens, entropy-
+     ratio clip, STEER, adaptive bonus, entropy advantage, Clip-Cov) and the GSPO objective
+     -> compared with 1 process, 3 steps
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from lit_covrl.sharding import full_state_dict
 from tests import _dist
 
 STEPS = 4
+F_STEPS = 3  # run F (entropy controls + GSPO) is shorter: it only adds coverage, not new strategy code
 # metrics that are not functions of the math (timings, throughput)
 NOT_COMPARED = ("time/", "rollout/tokens_per_s")
 
@@ -97,6 +101,12 @@ def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> Non
     ddp = DDPStrategy(process_group_backend="gloo")
     _dist.trainer(STEPS, [rec, *_dist.regularizers()], 2, out / "e", strategy=ddp).fit(module, _dist.make_data(Path(prompts), _dist.B))
     res["E"] = rec.steps
+    rec = _dist.Recorder()  # F: DDP, every entropy control of the literature, GSPO objective
+    module = _dist.make_module(model_dir, objective=_dist.gspo())
+    ddp = DDPStrategy(process_group_backend="gloo")
+    _dist.trainer(F_STEPS, [rec, *_dist.entropy_controls()], 2, out / "f", strategy=ddp).fit(
+        module, _dist.make_data(Path(prompts), _dist.B))
+    res["F"] = rec.steps
     torch.save(res, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -136,6 +146,16 @@ def one_proc(tiny_model_dir, two_procs):
     tr.fit(module, _dist.make_data(prompts, 2 * _dist.B))
     tr.save_checkpoint(out / "single.ckpt")
     return rec.steps, full_state_dict(module.policy)
+
+
+@pytest.fixture(scope="module")
+def one_proc_entropy_controls(tiny_model_dir, two_procs):
+    out, prompts, _ = two_procs
+    rec = _dist.Recorder()
+    module = _dist.make_module(tiny_model_dir, objective=_dist.gspo())
+    _dist.trainer(F_STEPS, [rec, *_dist.entropy_controls()], 1, out / "single_f").fit(
+        module, _dist.make_data(prompts, 2 * _dist.B))
+    return rec.steps
 
 
 def _compared(metrics: dict[str, float]) -> dict[str, float]:
@@ -185,6 +205,22 @@ def test_ddp_matches_one_process_trajectory(two_procs, one_proc):
     single, _ = one_proc
     for r in ranks:
         _assert_same(r["E"], single, range(1, STEPS + 1), rel=2e-3, abs_=1e-5)
+
+
+def test_entropy_controls_and_gspo_match_one_process_trajectory(two_procs, one_proc_entropy_controls):
+    """The entropy controls' mini-batch-wide decisions (quantile, min/max, ratio, measured
+    entropy) and GSPO's sequence ratios give the same trajectory on 2 processes as on 1, even
+    with rank 1's mini-batch empty at step 1 (its selection and no-grad entropy passes are fillers)."""
+    _, _, ranks = two_procs
+    single = one_proc_entropy_controls
+    steps = range(1, F_STEPS + 1)
+    assert 0 < single[1]["policy/kept_frac"] <= 0.5
+    assert all(0 < single[s]["reg/high_entropy_tokens/selected_frac"] < 1 for s in steps)
+    assert any(single[s]["reg/entropy_ratio_clip/clipped_frac"] > 0 for s in steps)
+    assert all(single[s]["reg/clip_cov/selected_frac"] > 0 for s in steps)
+    assert single[F_STEPS]["reg/adaptive_entropy/coef"] > single[1]["reg/adaptive_entropy/coef"]
+    for r in ranks:
+        _assert_same(r["F"], single, steps, rel=2e-3, abs_=1e-5)
 
 
 def test_metrics_are_global_not_rank_means(two_procs, one_proc):

@@ -7,7 +7,19 @@ import torch
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
 from lit_covrl.policy import load_policy
-from lit_covrl.regularizers import ClipCov, EntropyBonus, KLCov
+from lit_covrl.objectives import CISPO, GSPO
+from lit_covrl.regularizers import (
+    AdaptiveEntropyBonus,
+    ClipCov,
+    EntropyAdvantage,
+    EntropyBonus,
+    EntropyRatioClip,
+    HighEntropyTokens,
+    KLCov,
+    Regularizer,
+    SteerWeights,
+)
+from lit_covrl.types import TokenShaping
 from tests.helpers import fit, scalar_tags
 
 REQUIRED_TAGS = [
@@ -76,11 +88,11 @@ def test_training_raises_the_reward(tiny_model_dir, tmp_path):
     assert last > max(3 * first, 0.3), (first, last)
 
 
-def _one_rl_step_weights(model_dir: str, micro: int, regs_factory) -> tuple[dict, dict]:
+def _one_rl_step_weights(model_dir: str, micro: int, regs_factory, **overrides) -> tuple[dict, dict]:
     torch.manual_seed(0)
     module = make_module(
         model_dir, micro_batch_size=micro, mini_batch_size=2, ppo_epochs=2, grad_clip=None,
-        optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.5), **overrides,
     )
     trainer = fit(module, make_data(), steps=1, callbacks=regs_factory(), limit_val_batches=0)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("time/") and "per_s" not in k}
@@ -105,6 +117,95 @@ def test_update_is_invariant_to_micro_batch_size(tiny_model_dir, micro):
     assert moved > 1e-3  # the updates did something
     for k in ref_w:
         torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-6)
+
+
+def _entropy_controls():
+    # stacked: two selections (weights multiply), STEER's weights, a bonus whose coefficient
+    # adapts (a target far above the entropy keeps it on and growing), an advantage shift
+    return [HighEntropyTokens(top_frac=0.5), EntropyRatioClip(low=0.02, high=0.02), SteerWeights(),
+            AdaptiveEntropyBonus(target=50.0, delta=0.01, init_coef=0.02, max_coef=0.1), EntropyAdvantage()]
+
+
+def _covariance():
+    return [ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3), KLCov(ratio=0.1, beta=1.0)]
+
+
+INVARIANCE_CASES = {
+    "entropy_controls": (_entropy_controls, None),
+    "gspo+cov": (_covariance, lambda: GSPO(clip_low=0.05, clip_high=0.05)),
+    "cispo+cov": (_covariance, lambda: CISPO()),
+}
+_REFERENCE: dict = {}
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+@pytest.mark.parametrize("case", sorted(INVARIANCE_CASES))
+def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_model_dir, case, micro):
+    """Every new regularizer (stacked) and every objective (with Clip-Cov and KL-Cov): the
+    weights after 4 updates and every logged policy/ and reg/ metric are the same for micro-
+    batches of 1, 3 or all 8 sequences of a mini-batch (the selection, quantile, min/max and the
+    current entropy are taken over the whole mini-batch)."""
+    regs, objective = INVARIANCE_CASES[case]
+    kw = {} if objective is None else {"objective": objective()}
+    if case not in _REFERENCE:
+        _REFERENCE[case] = _one_rl_step_weights(tiny_model_dir, 64, regs, **kw)
+    ref_w, ref_m = _REFERENCE[case]
+    w, m = _one_rl_step_weights(tiny_model_dir, micro, regs, **kw)
+    keys = [k for k in ref_m if k.startswith(("policy/", "reg/")) and k != "policy/lr"]
+    assert set(keys) <= set(m)
+    for k in keys:
+        assert m[k] == pytest.approx(ref_m[k], rel=1e-5, abs=1e-6), k
+    if case == "entropy_controls":  # every control acted
+        assert 0 < ref_m["reg/high_entropy_tokens/selected_frac"] < 1
+        assert ref_m["reg/entropy_ratio_clip/clipped_frac"] > 0
+        assert ref_m["reg/steer/weight_mean"] != 1.0 and ref_m["reg/adaptive_entropy/coef"] > 0
+        assert ref_m["reg/entropy_advantage/shift_mean"] > 0 and ref_m["reg/entropy_advantage/loss"] != 0
+    else:
+        assert ref_m["reg/clip_cov/selected_frac"] > 0 and ref_m["reg/kl_cov/selected_frac"] > 0
+    moved = max((ref_w[k] - load).abs().max().item() for k, load in _initial(tiny_model_dir).items())
+    assert moved > 1e-3
+    for k in ref_w:
+        torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-6)
+
+
+class _EntropyProbe(Regularizer):
+    """Records what the learner puts in ctx for a regularizer that needs the current entropy."""
+
+    needs_current_entropy = True
+    default_name = "probe"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = []
+
+    def prepare(self, ctx) -> None:
+        self.seen.append((ctx.on_policy, ctx.entropy.clone(), ctx.old_entropy.clone(), ctx.mask.clone()))
+
+    def shape(self, batch):
+        return TokenShaping()
+
+
+@pytest.mark.parametrize("micro", [64, 3])
+def test_learner_fills_the_current_entropy(tiny_model_dir, micro):
+    """ctx.entropy is the rollout's entropy while on policy and the current policy's after a
+    step: from the early training forward (one micro-batch) or a no-grad forward (several),
+    the same values either way."""
+    probe = _EntropyProbe()
+    _one_rl_step_weights(tiny_model_dir, micro, lambda: [probe])
+    seen = probe.seen
+    assert [on for on, *_ in seen] == [True, False, False, False]  # 2 mini-batches x 2 epochs
+    assert torch.equal(seen[0][1], seen[0][2])  # on policy: the rollout's, exactly
+    for _, ent, old, mask in seen[1:]:
+        assert (ent - old).abs().max() > 1e-4 and ((ent - old) * (1 - mask)).abs().max() == 0
+    if micro == 3:
+        for (_, e64, *_), (_, e3, *_) in zip(_learner_entropy_reference(tiny_model_dir), seen):
+            torch.testing.assert_close(e3, e64, rtol=1e-5, atol=1e-6)
+
+
+def _learner_entropy_reference(model_dir):
+    probe = _EntropyProbe()
+    _one_rl_step_weights(model_dir, 64, lambda: [probe])
+    return probe.seen
 
 
 @pytest.mark.parametrize("shared_prompt", [False, True])

@@ -5,25 +5,26 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from lit_covrl.regularizers import ClipCov, KLCov
+from lit_covrl.regularizers import AdaptiveEntropyBonus, ClipCov, KLCov
 from tests.helpers import scalar_tags
 from tests.test_module import make_data, make_module
 
 COMPARED = ["rollout/reward_mean", "policy/entropy", "policy/loss", "reg/clip_cov/selected_frac", "policy/grad_norm"]
 
 
-def _trainer(log_dir, steps, **kw):
+def _trainer(log_dir, steps, callbacks=None, **kw):
+    callbacks = callbacks if callbacks is not None else [ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=1), KLCov(ratio=0.1)]
     return L.Trainer(
         accelerator="cpu", max_steps=steps, logger=L.pytorch.loggers.TensorBoardLogger(str(log_dir), name="r"),
-        callbacks=[ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=1), KLCov(ratio=0.1)], enable_progress_bar=False,
+        callbacks=callbacks, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, limit_val_batches=0,
         enable_checkpointing=False, **kw,
     )
 
 
-def _series(log_dir):
+def _series(log_dir, compared=COMPARED):
     tags = scalar_tags(log_dir)
-    return {t: dict(tags[t]) for t in COMPARED}
+    return {t: dict(tags[t]) for t in compared}
 
 
 def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
@@ -44,4 +45,26 @@ def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
         steps = sorted(b[tag])
         assert len(steps) == 2, (tag, steps)  # only the two resumed steps were run
         for s in steps:
+            assert abs(a[tag][s] - b[tag][s]) <= 1e-5 * max(1.0, abs(a[tag][s])), (tag, s, a[tag][s], b[tag][s])
+
+
+def test_adaptive_entropy_coefficient_resumes_exactly(tiny_model_dir, tmp_path):
+    """AdaptiveEntropyBonus's coefficient (and its pending measurement) travel in the checkpoint:
+    a target far above the entropy makes it grow every step, so a resume that restarted it from
+    init_coef would apply 0 at step 3 instead of 0.02."""
+    def regs():
+        return [AdaptiveEntropyBonus(target=50.0, delta=0.01, init_coef=0.0, max_coef=1.0)]
+
+    compared = ["reg/adaptive_entropy/coef", "policy/loss", "policy/grad_norm"]
+    _trainer(tmp_path / "full", 4, regs()).fit(make_module(tiny_model_dir), make_data())
+    first = _trainer(tmp_path / "a", 2, regs())
+    first.fit(make_module(tiny_model_dir), make_data())
+    ckpt = tmp_path / "step2.ckpt"
+    first.save_checkpoint(ckpt)
+    _trainer(tmp_path / "b", 4, regs()).fit(make_module(tiny_model_dir), make_data(), ckpt_path=str(ckpt))
+    a, b = _series(tmp_path / "full", compared), _series(tmp_path / "b", compared)
+    assert [round(a["reg/adaptive_entropy/coef"][s], 6) for s in range(4)] == [0.0, 0.01, 0.02, 0.03]
+    for tag in compared:
+        assert sorted(b[tag]) == [2, 3], tag
+        for s in (2, 3):
             assert abs(a[tag][s] - b[tag][s]) <= 1e-5 * max(1.0, abs(a[tag][s])), (tag, s, a[tag][s], b[tag][s])

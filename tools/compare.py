@@ -4,7 +4,9 @@
         --methods grpo,entropy_bonus,clip_cov,kl_cov --seeds 3 --steps 150 --out runs/compare [--quick]
 
 Each method name maps to `configs/<method>.yaml` (next to the base config; a path to a YAML also
-works), stacked on `--config`. Every run is a `lit-covrl fit` subprocess with `--torch_threads 1`,
+works), stacked on `--config`. Methods shipped: grpo, grpo_low_lr, entropy_bonus(_high), clip_cov
+(_annealed, _high, _lowlb), kl_cov(_high), high_entropy_tokens, adaptive_entropy, steer,
+entropy_advantage, entropy_ratio_clip (regularizers) and gspo, cispo (objectives); see METHODS. Every run is a `lit-covrl fit` subprocess with `--torch_threads 1`,
 `--jobs` (default 2) at a time. Writes
   DIR/runs/<method>-s<seed>/   TensorBoard logs (`tensorboard --logdir DIR/runs`)
   DIR/logs/<method>-s<seed>.log  the run's stdout/stderr
@@ -31,6 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 from lit_covrl import analysis as an  # noqa: E402
 
+# entropy controls and objectives that `--methods` accepts by name (configs/<name>.yaml)
+METHODS = (
+    "grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "clip_cov", "clip_cov_annealed",
+    "clip_cov_high", "clip_cov_lowlb", "kl_cov", "kl_cov_high", "high_entropy_tokens", "adaptive_entropy",
+    "steer", "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo",
+)
 QUICK_STEPS = 16      # --quick: a smoke run (process start-up dominates: ~25 s per run on a busy 2-core CPU)
 QUICK_VAL_EVERY = 8
 QUICK_SEEDS = 2

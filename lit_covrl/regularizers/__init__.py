@@ -2,15 +2,22 @@
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
 from lit_covrl.regularizers.covariance import ClipCov, KLCov
 from lit_covrl.regularizers.dense import EntropyBonus, ReferenceKL
+from lit_covrl.regularizers.entropy_selection import EntropyRatioClip, HighEntropyTokens, SteerWeights
+from lit_covrl.regularizers.entropy_shaping import AdaptiveEntropyBonus, EntropyAdvantage
 from lit_covrl.regularizers.schedules import SCHEDULES, Schedule
 
 __all__ = [
+    "AdaptiveEntropyBonus",
     "ClipCov",
+    "EntropyAdvantage",
     "EntropyBonus",
+    "EntropyRatioClip",
+    "HighEntropyTokens",
     "KLCov",
     "MiniBatchContext",
     "ReferenceKL",
     "Regularizer",
     "SCHEDULES",
     "Schedule",
+    "SteerWeights",
 ]

@@ -7,7 +7,8 @@ A Lightning callback cannot replace the loss, so `GRPOModule` finds every `Regul
    global across ranks): covariance-based selection happens here, so the selected set does not
    depend on the micro-batch size or on the number of devices;
 2. calls `shape(batch)` per micro-batch (tensors with grad) and combines the returned
-   `TokenShaping`s: loss_tok = base * prod(weights) + sum(penalties), aggregated once.
+   `TokenShaping`s: loss_tok = objective(A + sum(shifts)) * prod(weights) + sum(penalties),
+   aggregated once.
 
 Coefficients follow a `Schedule` of the RL step (rollout index), a pure function of the step,
 so they resume exactly. Regularizers never see config objects; the math is in `algorithms/`.
@@ -42,8 +43,9 @@ class MiniBatchContext:
     old_logp    [n, T]  rollout-policy log-probs
     advantages  [n, T]  sequence advantages broadcast over tokens
     mask        [n, T]  response mask (float)
-    clipped     [n, T]  bool: tokens whose gradient the policy objective already zeroes (PPO's
-                        clip with the run's clip range, dual-clip and log-ratio clamp)
+    clipped     [n, T]  bool: tokens whose gradient the policy objective already zeroes
+                        (`Objective.clipped_tokens`: for PPOClip its clip range, dual-clip and
+                        log-ratio clamp; for GSPO whole clipped sequences; none for CISPO)
     old_entropy [n, T] | None  rollout-policy entropy of the sampled distribution
     entropy     [n, T] | None  current-policy entropy (== old_entropy while on policy), when a
                         regularizer sets `needs_current_entropy`

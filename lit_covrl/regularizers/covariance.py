@@ -2,15 +2,16 @@
 log-prob and advantage covary most, the ones that drive the entropy collapse.
 
 Cov_i = (logp_i - mean logp) (A_i - mean A) over the valid tokens of the optimizer mini-batch.
-- Clip-Cov: among tokens the objective does not already zero (PPO clip, dual-clip, log-ratio
-  clamp, with the run's settings) with lb < Cov_i < ub, pick
+- Clip-Cov: among tokens the objective does not already zero (`Objective.clipped_tokens`: PPO
+  clip, dual-clip, log-ratio clamp with the run's settings; GSPO's clipped sequences) with
+  lb < Cov_i < ub, pick
   max(floor(ratio N), 1) uniformly at random; their surrogate loss (and gradient) is dropped,
   but they stay in the token-mean denominator.
 - KL-Cov: the top max(floor(ratio N), 1) tokens by Cov get + beta |logp_i - old_logp_i|.
 
 Selection happens once per optimizer mini-batch over all its tokens on all ranks (invariant to
 micro-batch size and device count), with a seeded, checkpointed generator; both act additively on
-the module's policy loss. Every departure from the reference code (verl / PRIME-RL) and its
+the module's objective (PPO, GSPO, CISPO). Every departure from the reference code (verl / PRIME-RL) and its
 reason is in the README's table "Where we differ from the reference code".
 """
 from __future__ import annotations

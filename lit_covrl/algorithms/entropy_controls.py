@@ -1,0 +1,140 @@
+"""Token-level entropy controls of the RLVR literature, as pure tensor functions.
+
+Each returns a per-token selection, weight or advantage change; the callbacks in
+`lit_covrl.regularizers` decide over which tokens (the whole optimizer mini-batch on all ranks)
+and feed it to the learner. H_t is the entropy of the policy's distribution at token t,
+logp_t the log-prob of the sampled token, A_t its advantage; N sequences, T response tokens.
+
+- high_entropy_mask (Wang et al. 2025, "Beyond the 80/20 rule", arXiv 2506.01939):
+  keep the policy gradient of the tokens with H_t >= tau, tau the (1 - top_frac) quantile of H
+  over the valid tokens of the batch.
+- adaptive_entropy_coef (Skywork-OR1, He et al. 2025, arXiv 2505.22312): the entropy-bonus
+  coefficient moves by `delta` toward the target (up while the measured entropy is below it,
+  down otherwise), clamped to [min_coef, max_coef]; the bonus is active only below the target.
+- steer_metric / steer_weights (STEER, Hao et al. 2025, arXiv 2510.10150): the estimated
+  one-step entropy change of a token, |Omega_t| = |A_t / pi_old(y_t) * pi(y_t) (1 - pi(y_t))
+  (log pi(y_t) + H_t)|, mapped linearly (or exponentially) to a weight in [w_min, w_max], the
+  largest change getting the smallest weight.
+- entropy_advantage_shift (Cheng et al. 2025, arXiv 2506.14758): psi_t = min(alpha H_t,
+  |A_t| / kappa) (H detached), added to A_t; with kappa > 1 it never flips the sign of A_t.
+- entropy_ratio_keep (Entropy Ratio Clipping, Su et al. 2025, arXiv 2512.05591): keep the
+  tokens whose entropy ratio H_t / H_old_t lies strictly inside (1 - low, 1 + high).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "adaptive_entropy_coef",
+    "entropy_advantage_shift",
+    "entropy_ratio_keep",
+    "high_entropy_mask",
+    "steer_metric",
+    "steer_weights",
+    "STEER_MAPPINGS",
+]
+
+STEER_MAPPINGS = ("linear", "exponential")
+
+
+@torch.no_grad()
+def high_entropy_mask(entropy: Tensor, mask: Tensor, *, top_frac: float) -> Tensor:
+    """BoolTensor [N, T]: valid tokens with H >= the (1 - top_frac) quantile of the valid H
+    (linear interpolation between order statistics, as torch.quantile, which refuses inputs over
+    2^24 elements; ties at the threshold are kept). top_frac = 1 keeps every valid token. No valid
+    token -> all False."""
+    m = mask.bool()
+    valid = torch.sort(entropy.detach()[m].double()).values
+    n = valid.numel()
+    if n == 0:
+        return torch.zeros_like(m)
+    pos = (1.0 - top_frac) * (n - 1)
+    lo = min(int(math.floor(pos)), n - 1)
+    hi = min(lo + 1, n - 1)
+    tau = valid[lo] + (pos - lo) * (valid[hi] - valid[lo])
+    return m & (entropy.detach().double() >= tau)
+
+
+def adaptive_entropy_coef(
+    coef: float, entropy: float, *, target: float, delta: float, min_coef: float, max_coef: float
+) -> tuple[float, bool]:
+    """(next coefficient, bonus active): coef + delta if entropy < target else coef - delta,
+    clamped to [min_coef, max_coef]; active = entropy < target."""
+    below = entropy < target
+    nxt = coef + delta if below else coef - delta
+    return float(min(max(nxt, min_coef), max_coef)), bool(below)
+
+
+@torch.no_grad()
+def steer_metric(advantages: Tensor, entropy: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """|Omega_t| [N, T] (0 outside mask): |A_t / pi_old(y_t) * p (1 - p) (log p + H_t)| with
+    p = pi(y_t); probabilities clamped to [1e-8, 1 - 1e-8] (p) and [1e-8, 1] (pi_old), as in
+    the reference code; non-finite values count as 0."""
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    p = logp.detach().to(dtype).exp().clamp(1e-8, 1.0 - 1e-8)
+    old_p = old_logp.detach().to(dtype).exp().clamp(1e-8, 1.0)
+    adv = advantages.detach().to(dtype)
+    if adv.dim() == p.dim() - 1:
+        adv = adv.unsqueeze(-1)
+    omega = (adv / old_p * p * (1.0 - p) * (p.log() + entropy.detach().to(dtype))).abs()
+    omega = torch.where(torch.isfinite(omega), omega, torch.zeros_like(omega))
+    return torch.where(mask.bool(), omega, torch.zeros_like(omega))
+
+
+@torch.no_grad()
+def steer_weights(
+    metric: Tensor,
+    mask: Tensor,
+    *,
+    w_min: float,
+    w_max: float,
+    mapping: str = "linear",
+    bounds: tuple[float, float] | None = None,
+) -> Tensor:
+    """Weights [N, T] in [w_min, w_max] from |Omega| (0 outside mask).
+
+    linear:      w = w_max - (m - lo) (w_max - w_min) / (hi - lo)   ((w_min + w_max) / 2 if hi == lo)
+    exponential: w = clamp(exp(-k m), w_min, 1),  k = -ln(w_min) / max(hi, 0.02)
+    lo, hi: min and max of the metric over the valid tokens, or `bounds` (e.g. over all ranks).
+    """
+    if mapping not in STEER_MAPPINGS:
+        raise ValueError(f"unknown STEER mapping {mapping!r}; valid: {list(STEER_MAPPINGS)}")
+    m = mask.bool()
+    if bounds is None:
+        valid = metric[m]
+        if valid.numel() == 0:
+            return torch.zeros_like(metric)
+        bounds = (float(valid.min()), float(valid.max()))
+    lo, hi = bounds
+    if mapping == "linear":
+        if hi > lo:
+            w = w_max - (metric - lo) * ((w_max - w_min) / (hi - lo))
+        else:
+            w = torch.full_like(metric, (w_min + w_max) / 2)
+        w = w.clamp(w_min, w_max)
+    else:
+        k = -math.log(w_min) / max(hi, 0.02)
+        w = torch.exp(-k * metric).clamp(w_min, 1.0)
+    return torch.where(m, w, torch.zeros_like(w))
+
+
+@torch.no_grad()
+def entropy_advantage_shift(advantages: Tensor, entropy: Tensor, *, alpha: float, kappa: float) -> Tensor:
+    """psi [N, T] = min(alpha * H, |A| / kappa), detached (>= 0 since H >= 0). A + psi keeps the
+    sign of A for kappa > 1: for A < 0, A + psi <= A (1 - 1/kappa) < 0; psi = 0 where A = 0."""
+    adv = advantages.detach()
+    if adv.dim() == entropy.dim() - 1:
+        adv = adv.unsqueeze(-1)
+    adv = adv.expand_as(entropy).to(entropy.dtype)
+    return torch.minimum(alpha * entropy.detach().clamp(min=0.0), adv.abs() / kappa)
+
+
+@torch.no_grad()
+def entropy_ratio_keep(entropy: Tensor, old_entropy: Tensor, mask: Tensor, *, low: float, high: float) -> Tensor:
+    """BoolTensor [N, T]: valid tokens with 1 - low < (H + 1e-8) / (H_old + 1e-8) < 1 + high
+    (strict, the 1e-8 as in the reference code)."""
+    ratio = (entropy.detach().double() + 1e-8) / (old_entropy.detach().double() + 1e-8)
+    return mask.bool() & (ratio > 1.0 - low) & (ratio < 1.0 + high)

@@ -1,0 +1,189 @@
+"""Sequence-level and IS-weight policy objectives (the alternatives to PPO's clipped surrogate
+in `losses.py`), per token, so that the learner aggregates them like PPO's.
+
+GSPO (Zheng et al. 2025, arXiv 2507.18071), in its token form (GSPO-token with the sequence
+advantage broadcast, which has the same value and gradient as GSPO):
+
+    s_i = exp( mean_{t in y_i} (logp_t - old_logp_t) )             sequence importance ratio
+    s_it = sg(s_i) * exp(logp_t - sg(logp_t))                       value s_i, d s_it / d logp_t = s_i
+    loss_t = max(-A_t s_it, -A_t clamp(s_it, 1 - eps_low, 1 + eps_high))
+
+so a sequence is clipped as a whole; aggregated with seq-mean-token-mean this is the paper's
+objective (its default clip range eps_low = 3e-4, eps_high = 4e-4).
+
+CISPO (MiniMax-M1, arXiv 2506.13585): every token keeps a gradient, weighted by the clipped,
+detached importance ratio w_t = clamp(r_t, 1 - eps_low, 1 + eps_high):
+
+    grad loss_t = -w_t A_t grad logp_t
+
+The paper writes it as -sg(w_t) A_t logp_t; we write loss_t = -sg(w_t) A_t exp(logp_t - sg(logp_t))
+(same gradient, and a value -w_t A_t comparable with PPO's surrogate -r_t A_t).
+
+Both clamp the log-ratio before exp (`logratio_clamp`, as `ppo_token_loss` does).
+Shapes: N sequences, T response tokens; advantages [N] or [N, T]; 0 outside ``mask``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lit_covrl.algorithms.losses import _denominator, _per_token, _ratio, _surrogates
+
+__all__ = [
+    "cispo_stats",
+    "cispo_token_loss",
+    "gspo_clipped_tokens",
+    "gspo_stats",
+    "gspo_token_loss",
+    "sequence_logratio",
+]
+
+
+def sequence_logratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """[N]: mean over the valid tokens of each sequence of logp - old_logp (0 for an empty row)."""
+    m = mask.bool()
+    diff = torch.where(m, logp - old_logp.detach(), torch.zeros_like(logp))
+    return diff.sum(-1) / m.sum(-1).clamp(min=1).to(logp.dtype)
+
+
+def _gspo_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, logratio_clamp: float | None) -> Tensor:
+    """log s_it [N, T]: value log s_i on every token, gradient 1 w.r.t. its own logp_t."""
+    seq = sequence_logratio(logp.detach(), old_logp, mask)
+    log_s = logp - logp.detach() + seq.unsqueeze(-1)
+    if logratio_clamp is not None:
+        log_s = log_s.clamp(-logratio_clamp, logratio_clamp)  # a clamped sequence gets no gradient
+    return log_s
+
+
+def gspo_token_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float | None,
+    clip_high: float | None,
+    logratio_clamp: float | None = 20.0,
+) -> Tensor:
+    """Per-token GSPO loss [N, T] (0 outside mask); gradient through logp only."""
+    adv = _per_token(advantages, logp)
+    l1, l2 = _surrogates(torch.exp(_gspo_log_ratio(logp, old_logp, mask, logratio_clamp)), adv, clip_low, clip_high)
+    loss = torch.maximum(l1, l2)
+    return torch.where(mask.bool(), loss, torch.zeros_like(loss))
+
+
+@torch.no_grad()
+def gspo_clipped_tokens(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float | None,
+    clip_high: float | None,
+    logratio_clamp: float | None = 20.0,
+) -> Tensor:
+    """BoolTensor [N, T]: valid tokens GSPO gives zero gradient: the clipped term is active for
+    the sequence ratio (L2 > L1), or the sequence log-ratio lies outside the clamp."""
+    adv = _per_token(advantages, logp)
+    seq = sequence_logratio(logp, old_logp, mask).unsqueeze(-1).expand_as(logp)
+    s = torch.exp(seq if logratio_clamp is None else seq.clamp(-logratio_clamp, logratio_clamp))
+    l1, l2 = _surrogates(s, adv, clip_low, clip_high)
+    inert = l2 > l1
+    if logratio_clamp is not None:
+        inert = inert | (seq.abs() > logratio_clamp)
+    return inert & mask.bool()
+
+
+def _clip_stats(token_logratio, low, high, clipped, mask, num_tokens, like) -> dict[str, Tensor]:
+    m = mask.bool()
+    denom = _denominator(num_tokens, m.sum(), like)
+
+    def mean(x: Tensor) -> Tensor:
+        return torch.where(m, x.to(like.dtype), torch.zeros_like(like)).sum() / denom
+
+    return {
+        "approx_kl": mean(torch.exp(token_logratio) - 1.0 - token_logratio),
+        "clip_frac": mean(clipped),
+        "clip_frac_low": mean(low),
+        "clip_frac_high": mean(high),
+    }
+
+
+def _token_logratio(logp: Tensor, old_logp: Tensor, logratio_clamp: float | None) -> Tensor:
+    lr = (logp - old_logp).detach()
+    return lr if logratio_clamp is None else lr.clamp(-logratio_clamp, logratio_clamp)
+
+
+@torch.no_grad()
+def gspo_stats(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float | None,
+    clip_high: float | None,
+    logratio_clamp: float | None = 20.0,
+    num_tokens: float | Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Token means over mask (denominator `num_tokens`, default mask.sum()): approx_kl (k3 of the
+    token ratios, as in `ppo_stats`), clip_frac (tokens of sequences whose clipped term is
+    active), clip_frac_low (s_i < 1 - eps_low, A < 0), clip_frac_high (s_i > 1 + eps_high, A > 0)."""
+    adv = _per_token(advantages, logp)
+    seq = sequence_logratio(logp, old_logp, mask).unsqueeze(-1).expand_as(logp)
+    s = torch.exp(seq if logratio_clamp is None else seq.clamp(-logratio_clamp, logratio_clamp))
+    l1, l2 = _surrogates(s, adv, clip_low, clip_high)
+    zero = torch.zeros_like(mask.bool())
+    low = zero if clip_low is None else (s < 1.0 - clip_low) & (adv < 0)
+    high = zero if clip_high is None else (s > 1.0 + clip_high) & (adv > 0)
+    return _clip_stats(_token_logratio(logp, old_logp, logratio_clamp), low, high, l2 > l1, mask, num_tokens, logp)
+
+
+def _cispo_weight(logp: Tensor, old_logp: Tensor, clip_low: float | None, clip_high: float | None,
+                  logratio_clamp: float | None) -> Tensor:
+    lo = None if clip_low is None else 1.0 - clip_low
+    hi = None if clip_high is None else 1.0 + clip_high
+    r = _ratio(logp.detach(), old_logp, logratio_clamp)
+    return r if lo is None and hi is None else r.clamp(min=lo, max=hi)
+
+
+def cispo_token_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float | None,
+    clip_high: float | None,
+    logratio_clamp: float | None = 20.0,
+) -> Tensor:
+    """Per-token CISPO loss [N, T] = -sg(w) A exp(logp - sg(logp)) (0 outside mask): value -w A,
+    gradient -w A d logp. No token ever has zero gradient (except where A = 0)."""
+    adv = _per_token(advantages, logp)
+    w = _cispo_weight(logp, old_logp, clip_low, clip_high, logratio_clamp)
+    loss = -w * adv * torch.exp(logp - logp.detach())
+    return torch.where(mask.bool(), loss, torch.zeros_like(loss))
+
+
+@torch.no_grad()
+def cispo_stats(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float | None,
+    clip_high: float | None,
+    logratio_clamp: float | None = 20.0,
+    num_tokens: float | Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Token means over mask: approx_kl (as `ppo_stats`), clip_frac (tokens whose IS weight is
+    capped), clip_frac_low (r < 1 - eps_low), clip_frac_high (r > 1 + eps_high), whatever the
+    advantage's sign (CISPO caps the weight, not the objective)."""
+    lr = _token_logratio(logp, old_logp, logratio_clamp)
+    r = torch.exp(lr)
+    zero = torch.zeros_like(mask.bool())
+    low = zero if clip_low is None else r < 1.0 - clip_low
+    high = zero if clip_high is None else r > 1.0 + clip_high
+    return _clip_stats(lr, low, high, low | high, mask, num_tokens, logp)

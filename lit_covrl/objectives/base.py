@@ -1,0 +1,120 @@
+"""The policy objective: the per-token loss the learner aggregates, before regularizer shaping.
+
+An `Objective` answers three questions about one micro-batch (or mini-batch) of tokens:
+
+    token_loss(logp, old_logp, advantages, mask)    -> [n, T] loss (0 outside mask, grad via logp)
+    clipped_tokens(logp, old_logp, advantages, mask) -> [n, T] bool: valid tokens it gives zero
+                                                       gradient (fills MiniBatchContext.clipped,
+                                                       so e.g. Clip-Cov's candidates follow it)
+    stats(logp, old_logp, advantages, mask, num_tokens) -> {approx_kl, clip_frac, clip_frac_low,
+                                                       clip_frac_high}, logged under policy/
+
+`GRPOModule(objective=...)` takes one by `class_path` (`model.objective` in YAML); without it the
+module builds `PPOClip` from its own `clip_low` / `clip_high` / `dual_clip` / `logratio_clamp`.
+Regularizers compose with every objective: the learner feeds the objective the advantages plus
+every regularizer's advantage shift, multiplies its token loss by their weights, adds their
+penalties.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lit_covrl.algorithms import ppo_clipped_tokens, ppo_stats, ppo_token_loss
+
+__all__ = ["Objective", "PPOClip", "resolve_objective", "CLIP_DEFAULTS"]
+
+
+def check_clip(owner: str, clip_low: float | None, clip_high: float | None, logratio_clamp: float | None) -> None:
+    for field, v in (("clip_low", clip_low), ("clip_high", clip_high)):
+        if v is not None and v < 0:
+            raise ValueError(f"{owner}.{field}={v!r} is invalid: must be >= 0 or null")
+    if clip_low is not None and clip_low > 1:
+        raise ValueError(f"{owner}.clip_low={clip_low!r} is invalid: must be <= 1 "
+                         "(the ratio is clipped at 1 - clip_low >= 0)")
+    if logratio_clamp is not None and logratio_clamp <= 0:
+        raise ValueError(f"{owner}.logratio_clamp={logratio_clamp!r} is invalid: must be > 0 or null")
+
+
+class Objective:
+    """Base class of policy objectives (see the module docstring)."""
+
+    def token_loss(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def clipped_tokens(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def stats(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+              num_tokens: float | Tensor | None = None) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def stat_names(self) -> list[str]:
+        """The keys of `stats`, in a fixed order (the same on every rank)."""
+        z = torch.zeros(1, 1)
+        return list(self.stats(z, z, z, z))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class PPOClip(Objective):
+    """PPO's clipped surrogate (Schulman et al. 2017), decoupled clip range (DAPO clip-higher),
+    optional dual-clip (Ye et al. 2020) and log-ratio clamp: `lit_covrl.algorithms.ppo_token_loss`."""
+
+    def __init__(
+        self,
+        clip_low: float | None = 0.2,
+        clip_high: float | None = 0.2,
+        dual_clip: float | None = None,
+        logratio_clamp: float | None = 20.0,
+    ) -> None:
+        """
+        Args:
+            clip_low: lower clip epsilon (null = no lower clip).
+            clip_high: upper clip epsilon (null = no upper clip; 0.28 = DAPO clip-higher).
+            dual_clip: dual-clip constant c > 1 for negative advantages (null = off).
+            logratio_clamp: clamp of logp - old_logp before exp (null = off).
+        """
+        check_clip("PPOClip", clip_low, clip_high, logratio_clamp)
+        if dual_clip is not None and dual_clip <= 1:
+            raise ValueError(f"PPOClip.dual_clip={dual_clip!r} is invalid: must be > 1 or null")
+        self.clip_low, self.clip_high = clip_low, clip_high
+        self.dual_clip, self.logratio_clamp = dual_clip, logratio_clamp
+
+    def _kw(self) -> dict:
+        return dict(clip_low=self.clip_low, clip_high=self.clip_high, logratio_clamp=self.logratio_clamp)
+
+    def token_loss(self, logp, old_logp, advantages, mask):
+        return ppo_token_loss(logp, old_logp, advantages, mask, dual_clip=self.dual_clip, **self._kw())
+
+    def clipped_tokens(self, logp, old_logp, advantages, mask):
+        return ppo_clipped_tokens(logp, old_logp, advantages, mask, dual_clip=self.dual_clip, **self._kw())
+
+    def stats(self, logp, old_logp, advantages, mask, num_tokens=None):
+        return ppo_stats(logp, old_logp, advantages, mask, num_tokens=num_tokens, **self._kw())
+
+
+# GRPOModule's clip settings and their defaults: they configure the default PPOClip only
+CLIP_DEFAULTS = {"clip_low": 0.2, "clip_high": 0.2, "dual_clip": None, "logratio_clamp": 20.0}
+
+
+def resolve_objective(objective: Objective | None, hp) -> Objective:
+    """The module's objective: `objective` as given, else PPOClip from the module's clip settings.
+    Setting both an explicit objective and a non-default module clip setting is refused (the
+    module's keys would silently do nothing)."""
+    if objective is None:
+        return PPOClip(**{k: hp[k] if k in hp else v for k, v in CLIP_DEFAULTS.items()})
+    if not isinstance(objective, Objective):
+        raise ValueError(f"model.objective={objective!r} is invalid: must be a lit_covrl.objectives.Objective "
+                         "(class_path: lit_covrl.objectives.PPOClip, GSPO or CISPO)")
+    changed = [f"model.{k}={hp[k]!r}" for k, v in CLIP_DEFAULTS.items() if k in hp and hp[k] != v]
+    if changed:
+        raise ValueError(
+            f"model.objective={objective!r} is set together with {', '.join(changed)}: the module's clip "
+            "settings only configure the default PPOClip objective. Put the clip range in "
+            "model.objective.init_args and leave model.clip_low / clip_high / dual_clip / logratio_clamp "
+            "at their defaults (0.2 / 0.2 / null / 20.0)."
+        )
+    return objective

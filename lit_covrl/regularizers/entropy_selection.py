@@ -1,0 +1,153 @@
+"""Entropy-based token selection and weighting, decided once per optimizer mini-batch over all
+its tokens on all ranks (so the result does not depend on micro-batch size or device count):
+
+- HighEntropyTokens (Wang et al. 2025, "Beyond the 80/20 rule", arXiv 2506.01939): policy
+  gradient only on the tokens whose entropy is in the top `top_frac` of the mini-batch (paper:
+  20%); the others get weight 0 but stay in the token-mean denominator (the paper's objective
+  keeps the 1 / sum |o_i| normalizer). No reference code was released.
+- SteerWeights (STEER, Hao et al. 2025, arXiv 2510.10150): weight each token's objective by
+  its estimated one-step entropy change |Omega| mapped to [w_min, w_max] (paper: 0.8, 1.2,
+  linear), the largest change getting the smallest weight (github.com/zz-haooo/STEER).
+- EntropyRatioClip (Su et al. 2025, arXiv 2512.05591): drop the objective's gradient on
+  tokens whose entropy ratio H / H_old leaves (1 - low, 1 + high) (paper: 0.05, 0.05;
+  github.com/Kwai-Klear/ERC).
+
+The math is in `lit_covrl.algorithms.entropy_controls`. H is the current policy's entropy of the
+sampled distribution (`ctx.entropy`: the rollout's while on policy, else a no-grad forward, or the
+training forward when the mini-batch is one micro-batch).
+
+Where we differ from the reference code, on purpose: the quantile (80/20) and STEER's min/max
+normalization are over the whole optimizer mini-batch on all ranks, not per micro-batch per GPU
+(TRL's and miles' 80/20 quantile, the STEER and ERC code compute them per micro-batch); H_old is
+the entropy the sampler recorded, not a second training-engine forward (they agree to float
+precision at the same temperature); ERC zeroes the token's loss instead of detaching it (same
+gradient; the token stays in the denominator either way).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lit_covrl import distributed
+from lit_covrl.algorithms import STEER_MAPPINGS, entropy_ratio_keep, high_entropy_mask, steer_metric, steer_weights
+from lit_covrl.regularizers.base import MiniBatchContext, Regularizer, check_ratio, select_globally
+from lit_covrl.types import PolicyBatch, TokenShaping
+
+
+def _global_frac(selected: Tensor, mask: Tensor) -> Tensor:
+    """Fraction of the valid tokens of all ranks that `selected` marks."""
+    s = distributed.all_sum(torch.stack([(selected.double() * mask.double()).sum(), mask.double().sum()]))
+    return s[0] / s[1].clamp(min=1)
+
+
+class _TokenWeights(Regularizer):
+    """Keeps a [n, T] weight per token of the mini-batch, applied to the objective in `shape`."""
+
+    def __init__(self, name: str | None) -> None:
+        super().__init__(None, name)
+        self.weights: Tensor | None = None
+
+    def shape(self, batch: PolicyBatch) -> TokenShaping:
+        assert self.weights is not None, "prepare() must run before shape()"
+        return TokenShaping(weight=self.weights[batch.rows].to(batch.logp.dtype))
+
+
+class HighEntropyTokens(_TokenWeights):
+    """Policy gradient only on the top `top_frac` entropy tokens of each optimizer mini-batch."""
+
+    needs_current_entropy = True
+    default_name = "high_entropy_tokens"
+
+    def __init__(self, top_frac: float = 0.2, name: str | None = None) -> None:
+        """
+        Args:
+            top_frac: fraction of the mini-batch's valid tokens (highest entropy) that keep their
+                policy gradient (paper: 0.2; 1.0 keeps all).
+            name: metric namespace (reg/<name>/...).
+        """
+        super().__init__(name)
+        check_ratio("HighEntropyTokens.top_frac", top_frac)
+        self.top_frac = top_frac
+
+    def prepare(self, ctx: MiniBatchContext) -> None:
+        assert ctx.entropy is not None, "the module must fill ctx.entropy when needs_current_entropy is set"
+        tau = []
+
+        def select(h: Tensor, m: Tensor) -> Tensor:
+            keep = high_entropy_mask(h, m, top_frac=self.top_frac)
+            tau.append(float(h[keep].min()) if keep.any() else float("nan"))
+            return keep
+
+        keep = select_globally([ctx.entropy, ctx.mask], select)
+        self.weights = keep.to(ctx.mask.dtype)
+        self.record("selected_frac", _global_frac(keep, ctx.mask))
+        if tau[0] == tau[0]:  # not NaN
+            self.record("entropy_threshold", tau[0])
+
+
+class SteerWeights(_TokenWeights):
+    """STEER: per-token weights from the estimated one-step entropy change."""
+
+    needs_current_logp = True
+    needs_current_entropy = True
+    default_name = "steer"
+
+    def __init__(self, w_min: float = 0.8, w_max: float = 1.2, mapping: str = "linear",
+                 name: str | None = None) -> None:
+        """
+        Args:
+            w_min: weight of the token with the largest |Omega| (paper: 0.8).
+            w_max: weight of the token with the smallest |Omega| (paper: 1.2; ignored, 1.0, by
+                the exponential mapping).
+            mapping: "linear" (paper's default) or "exponential".
+            name: metric namespace (reg/<name>/...).
+        """
+        super().__init__(name)
+        if not 0 < w_min <= w_max:
+            raise ValueError(f"SteerWeights needs 0 < w_min <= w_max, got w_min={w_min!r}, w_max={w_max!r}")
+        if mapping not in STEER_MAPPINGS:
+            raise ValueError(f"SteerWeights.mapping={mapping!r}; valid: {list(STEER_MAPPINGS)}")
+        self.w_min, self.w_max, self.mapping = w_min, w_max, mapping
+
+    def prepare(self, ctx: MiniBatchContext) -> None:
+        assert ctx.entropy is not None, "the module must fill ctx.entropy when needs_current_entropy is set"
+        metric = steer_metric(ctx.advantages, ctx.entropy, ctx.logp, ctx.old_logp, ctx.mask).double()
+        m = ctx.mask.bool()
+        big = torch.finfo(torch.float64).max
+        lo = torch.where(m, metric, big).min() if metric.numel() else torch.tensor(big, dtype=torch.float64)
+        hi = torch.where(m, metric, -big).max() if metric.numel() else torch.tensor(-big, dtype=torch.float64)
+        ext = distributed.all_max(torch.stack([-lo, hi]).to(metric.device))  # global min and max
+        if ext[1] < 0:  # no valid token on any rank
+            self.weights = torch.zeros_like(ctx.mask)
+            return
+        w = steer_weights(metric, ctx.mask, w_min=self.w_min, w_max=self.w_max, mapping=self.mapping,
+                          bounds=(float(-ext[0]), float(ext[1])))
+        self.weights = w.to(ctx.mask.dtype)
+        s = distributed.all_sum(torch.stack([(w * ctx.mask).sum(), ctx.mask.double().sum()]))
+        self.record("weight_mean", s[0] / s[1].clamp(min=1))
+        self.record("omega_max", ext[1])
+
+
+class EntropyRatioClip(_TokenWeights):
+    """Entropy Ratio Clipping: no objective gradient where H / H_old leaves (1 - low, 1 + high)."""
+
+    needs_current_entropy = True
+    default_name = "entropy_ratio_clip"
+
+    def __init__(self, low: float = 0.05, high: float = 0.05, name: str | None = None) -> None:
+        """
+        Args:
+            low: the ratio must exceed 1 - low (paper: 0.05).
+            high: the ratio must stay below 1 + high (paper: 0.05).
+            name: metric namespace (reg/<name>/...).
+        """
+        super().__init__(name)
+        if not 0 < low <= 1 or not high > 0:
+            raise ValueError(f"EntropyRatioClip needs 0 < low <= 1 and high > 0, got low={low!r}, high={high!r}")
+        self.low, self.high = low, high
+
+    def prepare(self, ctx: MiniBatchContext) -> None:
+        assert ctx.entropy is not None and ctx.old_entropy is not None, "needs ctx.entropy and ctx.old_entropy"
+        keep = entropy_ratio_keep(ctx.entropy, ctx.old_entropy, ctx.mask, low=self.low, high=self.high)
+        self.weights = keep.to(ctx.mask.dtype)
+        self.record("clipped_frac", _global_frac(ctx.mask.bool() & ~keep, ctx.mask))

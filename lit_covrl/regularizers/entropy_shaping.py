@@ -1,0 +1,154 @@
+"""Entropy terms that act on every valid token:
+
+- AdaptiveEntropyBonus (Skywork-OR1, He et al. 2025, arXiv 2505.22312, "adaptive entropy
+  control"): loss_tok -= c_k 1[e_k < target] H_t, where e_k is the measured entropy and the
+  coefficient moves c_{k+1} = clamp(c_k +- delta, min_coef, max_coef) toward the target (up while
+  e_k < target). Defaults from the released Skywork-OR1 recipes (target 0.2, delta 1e-4,
+  c_0 = 0, [0, 0.005]; the paper's text also mentions delta = 0.005). Where we differ: e_k is
+  the token-mean entropy of the RL step's rollout over all ranks (the recorded sampler entropy,
+  the current policy's on the step's first update), and the coefficient it gives acts from the
+  next RL step on, like the reference code, which updates its controller after each step from
+  the actor's measured entropy. The coefficient and the pending measurement are saved in
+  checkpoints (`state_dict`) and resume exactly.
+- EntropyAdvantage (Cheng et al. 2025, arXiv 2506.14758): A'_t = A_t + min(alpha H_t, |A_t| /
+  kappa), H detached, applied inside the objective (a `TokenShaping.advantage_shift`), so clipping
+  sees the shifted advantage; with kappa > 1 it never flips the advantage's sign (paper: alpha 0.4,
+  kappa 2). H is the current policy's entropy from the training forward.
+
+The math is in `lit_covrl.algorithms.entropy_controls`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lit_covrl import distributed
+from lit_covrl.algorithms import adaptive_entropy_coef, entropy_advantage_shift
+from lit_covrl.regularizers.base import MiniBatchContext, Regularizer, check_nonnegative
+from lit_covrl.regularizers.schedules import Schedule
+from lit_covrl.types import PolicyBatch, TokenShaping
+
+
+class AdaptiveEntropyBonus(Regularizer):
+    """Entropy bonus whose coefficient steers the entropy toward `target`."""
+
+    needs_entropy = True
+    default_name = "adaptive_entropy"
+
+    def __init__(
+        self,
+        target: float = 0.2,
+        delta: float = 1e-4,
+        init_coef: float = 0.0,
+        min_coef: float = 0.0,
+        max_coef: float = 0.005,
+        name: str | None = None,
+    ) -> None:
+        """
+        Args:
+            target: target token-mean entropy (nats; Skywork-OR1: 0.2).
+            delta: coefficient change per RL step (released recipes: 1e-4).
+            init_coef: coefficient before the first measurement (recipes: 0).
+            min_coef: lower clamp of the coefficient (recipes: 0).
+            max_coef: upper clamp of the coefficient (recipes: 0.005).
+            name: metric namespace (reg/<name>/...).
+        """
+        super().__init__(None, name)
+        for field, v in (("target", target), ("delta", delta), ("init_coef", init_coef), ("min_coef", min_coef)):
+            check_nonnegative(f"AdaptiveEntropyBonus.{field}", v)
+        if not min_coef <= init_coef <= max_coef:
+            raise ValueError("AdaptiveEntropyBonus needs min_coef <= init_coef <= max_coef, got "
+                             f"{min_coef!r}, {init_coef!r}, {max_coef!r}")
+        self.target, self.delta, self.min_coef, self.max_coef = target, delta, min_coef, max_coef
+        self.coef, self.active = float(init_coef), True  # the reference code starts enabled
+        self._step: int | None = None  # RL step being measured
+        self._sums = torch.zeros(2, dtype=torch.float64)  # [sum of H over valid tokens, tokens] of that step
+
+    def prepare(self, ctx: MiniBatchContext) -> None:
+        assert ctx.old_entropy is not None, "the module must provide the rollout entropy"
+        if self._step is not None and ctx.step != self._step:
+            self._advance()
+        self._step = ctx.step
+        m = ctx.mask.double()
+        sums = distributed.all_sum(torch.stack([(ctx.old_entropy.double() * m).sum(), m.sum()]))
+        self._sums = self._sums + sums.cpu()
+        self.record("coef", self.coef_now)
+        self.record("coef_state", self.coef)
+
+    def _advance(self) -> None:
+        """Close the measured step: its mean entropy moves the coefficient for the next one."""
+        if self._sums[1] > 0:
+            entropy = float(self._sums[0] / self._sums[1])
+            self.coef, self.active = adaptive_entropy_coef(
+                self.coef, entropy, target=self.target, delta=self.delta, min_coef=self.min_coef, max_coef=self.max_coef
+            )
+            self.record("measured_entropy", entropy)
+        self._sums = torch.zeros(2, dtype=torch.float64)
+
+    @property
+    def coef_now(self) -> float:
+        """The coefficient applied now: 0 while the last measured entropy is at or above the target."""
+        return self.coef if self.active else 0.0
+
+    def shape(self, batch: PolicyBatch) -> TokenShaping:
+        assert batch.entropy is not None, "the module must compute entropy when needs_entropy is set"
+        if self.coef_now == 0.0:
+            return TokenShaping()
+        return TokenShaping(penalty=-self.coef_now * batch.entropy)
+
+    def state_dict(self) -> dict:
+        return {"coef": self.coef, "active": self.active, "step": self._step, "sums": self._sums.clone()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.coef, self.active = float(state_dict["coef"]), bool(state_dict["active"])
+        self._step, self._sums = state_dict["step"], state_dict["sums"].clone().double()
+
+
+class EntropyAdvantage(Regularizer):
+    """Entropy-based advantage: A + min(alpha H, |A| / kappa) inside the objective; `schedule`
+    anneals alpha."""
+
+    needs_entropy = True
+    default_name = "entropy_advantage"
+
+    def __init__(self, alpha: float = 0.4, kappa: float = 2.0, schedule: Schedule | None = None,
+                 name: str | None = None) -> None:
+        """
+        Args:
+            alpha: scale of the entropy term (paper: 0.4).
+            kappa: the term is capped at |A| / kappa; must be > 1 so that the sign of A never
+                flips (paper: 2).
+            schedule: annealing of `alpha` over RL steps.
+            name: metric namespace (reg/<name>/...).
+        """
+        super().__init__(schedule, name)
+        check_nonnegative("EntropyAdvantage.alpha", alpha)
+        if not kappa > 1:
+            raise ValueError(f"EntropyAdvantage.kappa must be > 1 (else A + psi can flip sign), got {kappa!r}")
+        self.alpha, self.kappa = alpha, kappa
+        self._alpha_now = alpha
+        self._sums: Tensor | None = None  # [sum psi, capped tokens, valid tokens] this step, this rank
+
+    def prepare(self, ctx: MiniBatchContext) -> None:
+        self._alpha_now = self.scheduled(self.alpha, ctx.step)
+        self.record("coef", self._alpha_now)
+
+    def shape(self, batch: PolicyBatch) -> TokenShaping:
+        assert batch.entropy is not None, "the module must compute entropy when needs_entropy is set"
+        m = batch.mask.to(batch.entropy.dtype)
+        psi = entropy_advantage_shift(batch.advantages, batch.entropy, alpha=self._alpha_now, kappa=self.kappa) * m
+        capped = (self._alpha_now * batch.entropy.detach() > batch.advantages.abs() / self.kappa).to(m.dtype) * m
+        sums = torch.stack([psi.sum(), capped.sum(), m.sum()]).detach().double().cpu()
+        self._sums = sums if self._sums is None else self._sums + sums
+        return TokenShaping(advantage_shift=psi)
+
+    def pop_metrics(self) -> dict[str, float]:
+        """reg/<name>/shift_mean (token mean of psi) and capped_frac (tokens where |A| / kappa
+        binds), over every update of the step and every rank (a collective: called on every rank)."""
+        local = self._sums if self._sums is not None else torch.zeros(3, dtype=torch.float64)
+        total = distributed.all_sum(local)
+        self._sums = None
+        if total[2] > 0:
+            self.record("shift_mean", total[0] / total[2])
+            self.record("capped_frac", total[1] / total[2])
+        return super().pop_metrics()

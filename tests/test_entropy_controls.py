@@ -1,0 +1,237 @@
+"""The entropy controls of the literature: pure functions against hand-worked values and naive
+loops, and their callbacks (selection over the mini-batch, shaping, state, metrics)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lit_covrl.algorithms import (
+    adaptive_entropy_coef,
+    entropy_advantage_shift,
+    entropy_ratio_keep,
+    high_entropy_mask,
+    ppo_clipped_tokens,
+    ppo_token_loss,
+    steer_metric,
+    steer_weights,
+)
+from lit_covrl.regularizers import (
+    AdaptiveEntropyBonus,
+    EntropyAdvantage,
+    EntropyRatioClip,
+    HighEntropyTokens,
+    SteerWeights,
+)
+from lit_covrl.regularizers.base import MiniBatchContext
+from lit_covrl.types import PolicyBatch, TokenShaping
+
+
+def _rand(n=6, t=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, t + 1, (n,), generator=g)
+    mask = (torch.arange(t)[None] < lengths[:, None]).double()
+    logp = -torch.rand(n, t, generator=g, dtype=torch.float64) * 3
+    old = logp + 0.1 * torch.randn(n, t, generator=g, dtype=torch.float64)
+    adv = torch.randn(n, 1, generator=g, dtype=torch.float64).expand(n, t).clone()
+    ent = torch.rand(n, t, generator=g, dtype=torch.float64) * 2
+    old_ent = ent * (1 + 0.1 * torch.randn(n, t, generator=g, dtype=torch.float64))
+    return logp, old, adv, mask, ent, old_ent.clamp(min=0)
+
+
+def _ctx(logp, old, adv, mask, ent, old_ent, step=0, on_policy=False):
+    clipped = ppo_clipped_tokens(logp, old, adv, mask, clip_low=0.2, clip_high=0.2)
+    return MiniBatchContext(step=step, update=1, on_policy=on_policy, logp=logp, old_logp=old, advantages=adv,
+                            mask=mask, clipped=clipped, old_entropy=old_ent, entropy=ent)
+
+
+# ---------------------------------------------------------------- pure functions
+def test_high_entropy_mask_hand_worked():
+    # valid H = 0.1, 0.3, 0.5, 0.7, 0.9; the 0.6 quantile (top 40%) interpolates at position
+    # 0.6 * 4 = 2.4: 0.5 + 0.4 * (0.7 - 0.5) = 0.58 -> keep 0.7 and 0.9 (2 of 5 = 40%)
+    h = torch.tensor([[0.1, 0.5, 0.9, 0.3, 0.7, 5.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    assert high_entropy_mask(h, mask, top_frac=0.4).tolist() == [[False, False, True, False, True, False]]
+    assert high_entropy_mask(h, mask, top_frac=1.0).tolist() == [[True] * 5 + [False]]  # the padded 5.0 never
+
+
+def _naive_quantile(values: list[float], q: float) -> float:
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = math.floor(pos)
+    return v[lo] if lo + 1 >= len(v) else v[lo] + (pos - lo) * (v[lo + 1] - v[lo])
+
+
+@pytest.mark.parametrize("top_frac", [0.05, 0.2, 0.5, 0.9])
+def test_high_entropy_mask_matches_a_naive_loop(top_frac):
+    _, _, _, mask, ent, _ = _rand(9, 11, seed=3)
+    tau = _naive_quantile([ent[i, j].item() for i in range(9) for j in range(11) if mask[i, j]], 1 - top_frac)
+    expect = [[bool(mask[i, j]) and ent[i, j].item() >= tau for j in range(11)] for i in range(9)]
+    got = high_entropy_mask(ent, mask, top_frac=top_frac)
+    assert got.tolist() == expect
+    assert got.sum() == pytest.approx(top_frac * mask.sum(), abs=1.0)  # ~top_frac of the tokens
+
+
+def test_adaptive_entropy_coef_hand_worked():
+    kw = dict(target=0.2, delta=1e-4, min_coef=0.0, max_coef=0.005)
+    assert adaptive_entropy_coef(0.001, 0.1, **kw) == (pytest.approx(0.0011), True)  # below: up, active
+    assert adaptive_entropy_coef(0.001, 0.3, **kw) == (pytest.approx(0.0009), False)  # above: down, inactive
+    assert adaptive_entropy_coef(0.005, 0.1, **kw) == (0.005, True)  # clamped at max
+    assert adaptive_entropy_coef(0.0, 0.2, **kw) == (0.0, False)  # at the target: down, clamped at min
+
+
+def test_steer_metric_hand_worked():
+    # A = 1, p = 0.5, pi_old = 0.25, H = 1: |1 / 0.25 * 0.5 * 0.5 * (ln 0.5 + 1)| = 1 - ln 2
+    logp, old = torch.tensor([[math.log(0.5), 0.0]]), torch.tensor([[math.log(0.25), 0.0]])
+    m = steer_metric(torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, 1.0]]), logp, old, torch.tensor([[1.0, 0.0]]))
+    assert m[0, 0].item() == pytest.approx(1 - math.log(2), rel=1e-6) and m[0, 1] == 0
+
+
+def test_steer_metric_matches_a_naive_loop():
+    logp, old, adv, mask, ent, _ = _rand(seed=5)
+    got = steer_metric(adv, ent, logp, old, mask)
+    for i in range(logp.shape[0]):
+        for j in range(logp.shape[1]):
+            p = min(max(math.exp(logp[i, j]), 1e-8), 1 - 1e-8)
+            want = abs(adv[i, j] / math.exp(old[i, j]) * p * (1 - p) * (math.log(p) + ent[i, j])) if mask[i, j] else 0.0
+            assert got[i, j].item() == pytest.approx(float(want), rel=1e-9, abs=1e-12)
+
+
+def test_steer_weights_hand_worked():
+    metric, mask = torch.tensor([[0.0, 1.0, 2.0, 7.0]]), torch.tensor([[1, 1, 1, 0]])
+    # linear: w = 1.2 - m (1.2 - 0.8) / (2 - 0) -> 1.2, 1.0, 0.8 (the padded token: 0)
+    lin = steer_weights(metric, mask, w_min=0.8, w_max=1.2)
+    assert lin[0].tolist() == pytest.approx([1.2, 1.0, 0.8, 0.0])
+    # exponential: k = -ln 0.8 / 2, w = 0.8^(m / 2) -> 1, sqrt(0.8), 0.8
+    exp = steer_weights(metric, mask, w_min=0.8, w_max=1.2, mapping="exponential")
+    assert exp[0].tolist() == pytest.approx([1.0, math.sqrt(0.8), 0.8, 0.0])
+    # equal metrics: the middle of the range; global bounds given by the caller win
+    assert steer_weights(torch.ones(1, 2), torch.ones(1, 2), w_min=0.8, w_max=1.2)[0].tolist() == pytest.approx([1.0, 1.0])
+    assert steer_weights(metric, mask, w_min=0.8, w_max=1.2, bounds=(0.0, 4.0))[0].tolist() == pytest.approx([1.2, 1.1, 1.0, 0.0])
+
+
+def test_entropy_advantage_shift_hand_worked():
+    # alpha H = 0.2, 1.2, 0.8, 0.4; |A| / kappa = 0.5, 0.5, 0, 0.1 -> psi = their min
+    adv, ent = torch.tensor([[1.0, -1.0, 0.0, 0.2]]), torch.tensor([[0.5, 3.0, 2.0, 1.0]])
+    psi = entropy_advantage_shift(adv, ent, alpha=0.4, kappa=2.0)
+    assert psi[0].tolist() == pytest.approx([0.2, 0.5, 0.0, 0.1])
+    assert (adv + psi)[0].tolist() == pytest.approx([1.2, -0.5, 0.0, 0.3])
+
+
+def test_entropy_advantage_never_flips_the_sign():
+    g = torch.Generator().manual_seed(0)
+    adv, ent = torch.randn(200, 5, generator=g), torch.rand(200, 5, generator=g) * 10
+    for kappa in (1.01, 2.0, 5.0):
+        shifted = adv + entropy_advantage_shift(adv, ent, alpha=10.0, kappa=kappa)
+        assert torch.equal(torch.sign(shifted), torch.sign(adv)), kappa
+
+
+def test_entropy_ratio_keep_hand_worked():
+    h = torch.tensor([[0.94, 0.96, 1.0, 1.04, 1.06, 1.0]])
+    keep = entropy_ratio_keep(h, torch.ones(1, 6), torch.tensor([[1, 1, 1, 1, 1, 0]]), low=0.05, high=0.05)
+    assert keep.tolist() == [[False, True, True, True, False, False]]  # strict (0.95, 1.05); padding never
+
+
+# ---------------------------------------------------------------- callbacks
+def test_high_entropy_tokens_keeps_the_top_fraction_of_the_minibatch():
+    logp, old, adv, mask, ent, old_ent = _rand(8, 9, seed=1)
+    reg = HighEntropyTokens(top_frac=0.2)
+    reg.prepare(_ctx(logp, old, adv, mask, ent, old_ent))
+    assert torch.equal(reg.weights.bool(), high_entropy_mask(ent, mask, top_frac=0.2))
+    m = reg.pop_metrics()
+    assert m["reg/high_entropy_tokens/selected_frac"] == pytest.approx(float(reg.weights.sum() / mask.sum()))
+    assert m["reg/high_entropy_tokens/entropy_threshold"] == pytest.approx(float(ent[reg.weights.bool()].min()))
+    # per micro-batch the rows get the mini-batch's decision, not their own quantile
+    rows = torch.tensor([2, 5])
+    z = logp[rows].clone().requires_grad_(True)
+    s = reg.shape(PolicyBatch(rows, z, old[rows], adv[rows], mask[rows]))
+    assert torch.equal(s.weight, reg.weights[rows])
+
+
+def test_high_entropy_tokens_zero_the_gradient_of_the_rest():
+    logp, old, adv, mask, ent, old_ent = _rand(seed=2)
+    reg = HighEntropyTokens(top_frac=0.3)
+    reg.prepare(_ctx(logp, old, adv, mask, ent, old_ent))
+    z = logp.clone().requires_grad_(True)
+    base = ppo_token_loss(z, old, adv, mask, clip_low=None, clip_high=None)
+    TokenShaping.combine([reg.shape(PolicyBatch(torch.arange(len(z)), z, old, adv, mask))], base).sum().backward()
+    kept = reg.weights.bool()
+    assert (z.grad[~kept] == 0).all() and (z.grad[kept & (adv != 0)] != 0).all()
+
+
+def test_steer_weights_callback_uses_minibatch_bounds():
+    logp, old, adv, mask, ent, old_ent = _rand(seed=4)
+    reg = SteerWeights()
+    reg.prepare(_ctx(logp, old, adv, mask, ent, old_ent))
+    want = steer_weights(steer_metric(adv, ent, logp, old, mask), mask, w_min=0.8, w_max=1.2)
+    torch.testing.assert_close(reg.weights, want)
+    valid = reg.weights[mask.bool()]
+    assert valid.min() == pytest.approx(0.8) and valid.max() == pytest.approx(1.2)
+    assert reg.pop_metrics()["reg/steer/weight_mean"] == pytest.approx(float(valid.mean()))
+
+
+def test_entropy_ratio_clip_callback_and_on_policy():
+    logp, old, adv, mask, ent, old_ent = _rand(seed=6)
+    reg = EntropyRatioClip(low=0.05, high=0.05)
+    reg.prepare(_ctx(logp, old, adv, mask, ent, old_ent))
+    keep = entropy_ratio_keep(ent, old_ent, mask, low=0.05, high=0.05)
+    assert torch.equal(reg.weights.bool(), keep) and 0 < keep.sum() < mask.sum()
+    assert reg.pop_metrics()["reg/entropy_ratio_clip/clipped_frac"] == pytest.approx(float(1 - keep.sum() / mask.sum()))
+    reg.prepare(_ctx(logp, old, adv, mask, old_ent, old_ent, on_policy=True))  # current == rollout: ratio 1
+    assert torch.equal(reg.weights.bool(), mask.bool())
+
+
+def _adaptive_run(reg, entropies, steps):
+    """prepare() of two mini-batches per step with constant entropy `entropies[step]`; returns
+    the coefficient applied at each step."""
+    logp, old, adv, mask, _, _ = _rand(seed=7)
+    applied = []
+    for step in steps:
+        for half in (slice(0, 3), slice(3, 6)):
+            e = torch.full_like(logp[half], entropies[step])
+            reg.prepare(_ctx(logp[half], old[half], adv[half], mask[half], e, e, step=step))
+        applied.append(reg.coef_now)
+    return applied
+
+
+def test_adaptive_entropy_bonus_follows_the_measured_entropy():
+    reg = AdaptiveEntropyBonus(target=0.2, delta=1e-3, init_coef=0.0, max_coef=0.0025)
+    entropies = [0.1, 0.1, 0.1, 0.1, 0.5, 0.1]
+    # step k applies the coefficient measured up to step k-1: up 1e-3 per step below the target,
+    # clamped at 0.0025; off (0) after the step at 0.5, whose measurement also lowered it
+    assert _adaptive_run(reg, entropies, range(6)) == pytest.approx([0.0, 0.001, 0.002, 0.0025, 0.0025, 0.0])
+    assert reg.coef == pytest.approx(0.0015)
+    logp = torch.zeros(2, 3, requires_grad=True)
+    ent = torch.ones(2, 3, requires_grad=True)
+    assert reg.shape(PolicyBatch(torch.arange(2), logp, logp, logp, torch.ones(2, 3), ent)).penalty is None
+
+
+def test_adaptive_entropy_bonus_resumes_exactly():
+    entropies = [0.1, 0.3, 0.1, 0.1, 0.1, 0.3]
+    straight = AdaptiveEntropyBonus(delta=1e-3)
+    full = _adaptive_run(straight, entropies, range(6))
+    first = AdaptiveEntropyBonus(delta=1e-3)
+    head = _adaptive_run(first, entropies, range(3))
+    state = first.state_dict()  # a checkpoint between steps 2 and 3: step 2's measurement pending
+    resumed = AdaptiveEntropyBonus(delta=1e-3)
+    resumed.load_state_dict(state)
+    tail = _adaptive_run(resumed, entropies, range(3, 6))
+    assert head + tail == full and len(set(full)) > 2
+    fresh = AdaptiveEntropyBonus(delta=1e-3)  # without the state the resumed run would differ
+    assert _adaptive_run(fresh, entropies, range(3, 6)) != tail
+
+
+def test_entropy_advantage_callback_shifts_inside_the_objective():
+    logp, old, adv, mask, ent, _ = _rand(seed=8)
+    reg = EntropyAdvantage(alpha=0.4, kappa=2.0)
+    reg.prepare(_ctx(logp, old, adv, mask, ent, ent))
+    s = reg.shape(PolicyBatch(torch.arange(len(logp)), logp, old, adv, mask, ent))
+    torch.testing.assert_close(s.advantage_shift, entropy_advantage_shift(adv, ent, alpha=0.4, kappa=2.0) * mask)
+    assert s.weight is None and s.penalty is None
+    shifted = TokenShaping.shifted_advantages([s], adv)
+    assert torch.equal(torch.sign(shifted[mask.bool()]), torch.sign(adv[mask.bool()]))
+    m = reg.pop_metrics()
+    assert m["reg/entropy_advantage/shift_mean"] == pytest.approx(float(s.advantage_shift.sum() / mask.sum()))
+    with pytest.raises(ValueError, match="kappa"):
+        EntropyAdvantage(kappa=1.0)

@@ -1,0 +1,171 @@
+"""Policy objectives (PPOClip, GSPO, CISPO): hand-worked values, naive sequence-level oracles,
+the module's default and conflicting settings, and every objective with Clip-Cov and KL-Cov."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lit_covrl.algorithms import aggregate, ppo_clipped_tokens, ppo_stats, ppo_token_loss
+from lit_covrl.objectives import CISPO, GSPO, PPOClip, resolve_objective
+from lit_covrl.regularizers import ClipCov, KLCov
+from lit_covrl.regularizers.base import MiniBatchContext
+from lit_covrl.types import PolicyBatch, TokenShaping
+
+OBJECTIVES = {"ppo": PPOClip(), "gspo": GSPO(), "cispo": CISPO()}
+
+
+def _rand(n=6, t=5, seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, t + 1, (n,), generator=g)
+    mask = (torch.arange(t)[None] < lengths[:, None]).double()
+    old = -torch.rand(n, t, generator=g, dtype=torch.float64) * 3
+    logp = old + scale * torch.randn(n, t, generator=g, dtype=torch.float64)
+    adv = torch.randn(n, generator=g, dtype=torch.float64)
+    return logp, old, adv, mask
+
+
+def _grad(objective, logp, old, adv, mask, mode="token-mean"):
+    z = logp.clone().requires_grad_(True)
+    aggregate(objective.token_loss(z, old, adv, mask), mask, mode).backward()
+    return z.grad
+
+
+# ---------------------------------------------------------------- GSPO
+def test_gspo_hand_worked():
+    # row 0: log-ratios 0.2, -0.1 -> s = exp(0.05) = 1.0513 > 1 + 4e-4 with A = 1: clipped, loss
+    #        -1.0004 on both tokens, zero gradient.
+    # row 1: log-ratios 1e-4, -1e-4 -> s = exp(0) = 1: unclipped, loss -A s = 2 (A = -2), and
+    #        d loss_t / d logp_t = -A s = 2 on each token.
+    old = torch.zeros(2, 2, dtype=torch.float64)
+    logp = torch.tensor([[0.2, -0.1], [1e-4, -1e-4]], dtype=torch.float64, requires_grad=True)
+    adv, mask = torch.tensor([1.0, -2.0], dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64)
+    obj = GSPO()
+    loss = obj.token_loss(logp, old, adv, mask)
+    assert loss.detach().tolist() == [[pytest.approx(-1.0004)] * 2, [pytest.approx(2.0)] * 2]
+    loss.sum().backward()
+    assert logp.grad.tolist() == [[0.0, 0.0], [pytest.approx(2.0)] * 2]
+    assert obj.clipped_tokens(logp, old, adv, mask).tolist() == [[True, True], [False, False]]
+    st = obj.stats(logp, old, adv, mask)
+    assert st["clip_frac"] == pytest.approx(0.5) and st["clip_frac_high"] == pytest.approx(0.5)
+    assert st["clip_frac_low"] == 0
+
+
+def _naive_gspo(logp, old, adv, mask, eps_low, eps_high):
+    """GSPO by the paper's formula, sequence by sequence: -(1/G) sum_i min(s_i A_i, clip(s_i) A_i)."""
+    total = 0.0
+    for i in range(logp.shape[0]):
+        valid = [t for t in range(logp.shape[1]) if mask[i, t]]
+        s = torch.exp(sum(logp[i, t] - old[i, t] for t in valid) / len(valid))
+        total = total - torch.minimum(s * adv[i], s.clamp(1 - eps_low, 1 + eps_high) * adv[i])
+    return total / logp.shape[0]
+
+
+def test_gspo_equals_the_sequence_level_objective():
+    logp, old, adv, mask = _rand(8, 6, seed=1, scale=0.1)
+    obj = GSPO(clip_low=0.02, clip_high=0.03)  # wide enough that some sequences clip, some do not
+    z = logp.clone().requires_grad_(True)
+    naive = _naive_gspo(z, old, adv, mask, 0.02, 0.03)
+    naive.backward()
+    ours = aggregate(obj.token_loss(logp, old, adv, mask), mask, "seq-mean-token-mean")
+    assert float(ours) == pytest.approx(float(naive.detach()), rel=1e-12)
+    torch.testing.assert_close(_grad(obj, logp, old, adv, mask, "seq-mean-token-mean"), z.grad)
+    clipped = obj.clipped_tokens(logp, old, adv, mask)
+    assert 0 < clipped.any(-1).sum() < 8  # both cases present
+    assert torch.equal(clipped.any(-1), clipped.sum(-1) == mask.sum(-1))  # whole sequences clip
+
+
+# ---------------------------------------------------------------- CISPO
+def test_cispo_hand_worked():
+    # r = e^0.5 = 1.6487 > 1.28 -> w = 1.28, A = 2: value -2.56, gradient -2.56
+    # r = e^-0.5 = 0.6065 (no lower bound) -> w = 0.6065, A = -1: value 0.6065, gradient 0.6065
+    old = torch.zeros(2, 1, dtype=torch.float64)
+    logp = torch.tensor([[0.5], [-0.5]], dtype=torch.float64, requires_grad=True)
+    adv, mask = torch.tensor([2.0, -1.0], dtype=torch.float64), torch.ones(2, 1, dtype=torch.float64)
+    obj = CISPO()
+    loss = obj.token_loss(logp, old, adv, mask)
+    assert loss.detach().flatten().tolist() == pytest.approx([-2.56, math.exp(-0.5)])
+    loss.sum().backward()
+    assert logp.grad.flatten().tolist() == pytest.approx([-2.56, math.exp(-0.5)])
+    assert not obj.clipped_tokens(logp, old, adv, mask).any()  # CISPO zeroes no token
+    st = obj.stats(logp, old, adv, mask)
+    assert st["clip_frac"] == pytest.approx(0.5) and st["clip_frac_high"] == pytest.approx(0.5)
+
+
+def test_cispo_gradient_is_the_papers():
+    logp, old, adv, mask = _rand(seed=2, scale=0.5)
+    obj = CISPO(clip_low=0.5, clip_high=0.2)
+    z = logp.clone().requires_grad_(True)
+    w = torch.exp(logp - old).clamp(0.5, 1.2)
+    aggregate(-(w * adv[:, None] * z), mask, "token-mean").backward()  # -sg(w) A log pi, as written
+    torch.testing.assert_close(_grad(obj, logp, old, adv, mask), z.grad)
+
+
+# ---------------------------------------------------------------- PPOClip and the module setting
+def test_ppo_clip_is_todays_loss():
+    logp, old, adv, mask = _rand(seed=3)
+    obj = PPOClip(clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    kw = dict(clip_low=0.2, clip_high=0.28)
+    torch.testing.assert_close(obj.token_loss(logp, old, adv, mask), ppo_token_loss(logp, old, adv, mask, dual_clip=3.0, **kw))
+    assert torch.equal(obj.clipped_tokens(logp, old, adv, mask), ppo_clipped_tokens(logp, old, adv, mask, dual_clip=3.0, **kw))
+    assert obj.stats(logp, old, adv, mask) == ppo_stats(logp, old, adv, mask, **kw)
+
+
+def test_module_objective_default_and_conflicts():
+    hp = {"clip_low": 0.1, "clip_high": 0.28, "dual_clip": 3.0, "logratio_clamp": 10.0}
+    default = resolve_objective(None, hp)
+    assert isinstance(default, PPOClip) and (default.clip_low, default.clip_high, default.dual_clip) == (0.1, 0.28, 3.0)
+    defaults = {"clip_low": 0.2, "clip_high": 0.2, "dual_clip": None, "logratio_clamp": 20.0}
+    gspo = GSPO()
+    assert resolve_objective(gspo, defaults) is gspo
+    with pytest.raises(ValueError, match=r"model.clip_high=0.28.*model.objective.init_args"):
+        resolve_objective(gspo, {**defaults, "clip_high": 0.28})
+    with pytest.raises(ValueError, match="GSPO.clip_low"):
+        GSPO(clip_low=-1.0)
+
+
+# ---------------------------------------------------------------- with Clip-Cov and KL-Cov
+def _ctx(obj, logp, old, adv, mask):
+    a = adv[:, None].expand_as(logp)
+    return MiniBatchContext(step=0, update=1, on_policy=False, logp=logp, old_logp=old, advantages=a, mask=mask,
+                            clipped=obj.clipped_tokens(logp, old, a, mask))
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_objective_composes_with_clip_cov_and_kl_cov(name):
+    """Clip-Cov draws only among tokens the objective does not already zero and drops their
+    gradient; KL-Cov adds beta sign(logp - old) on its tokens; the rest keep the objective's
+    own gradient, whatever the objective."""
+    obj = OBJECTIVES[name] if name != "gspo" else GSPO(clip_low=0.05, clip_high=0.05)
+    logp, old, adv, mask = _rand(10, 6, seed=4, scale=0.3)
+    ctx = _ctx(obj, logp, old, adv, mask)
+    if name != "cispo":
+        assert ctx.clipped.any()  # the objective zeroes some tokens: they must not be drawn
+    clip, kl = ClipCov(ratio=0.2, lb=-1e9, ub=1e9, seed=0), KLCov(ratio=0.2, beta=0.5)
+    clip.prepare(ctx)
+    kl.prepare(ctx)
+    assert clip.selected.any() and kl.selected.any()
+    assert not (clip.selected & ctx.clipped).any()
+    z = logp.clone().requires_grad_(True)
+    a = ctx.advantages
+    batch = PolicyBatch(torch.arange(len(z)), z, old, a, mask)
+    shapings = [clip.shape(batch), kl.shape(batch)]
+    base = obj.token_loss(z, old, a, mask)
+    TokenShaping.combine(shapings, base).sum().backward()
+    ref = logp.clone().requires_grad_(True)
+    obj.token_loss(ref, old, a, mask).sum().backward()
+    plain = ref.grad
+    kl_term = 0.5 * torch.sign(logp - old) * kl.selected
+    expect = torch.where(clip.selected, torch.zeros_like(plain), plain) + kl_term
+    torch.testing.assert_close(z.grad, expect * mask)
+
+
+def test_module_refuses_an_objective_with_non_default_clip_keys():
+    """Bad input fails when GRPOModule is built (what the CLI does first), naming both fields."""
+    from lit_covrl.module import GRPOModule
+
+    assert isinstance(GRPOModule(objective=CISPO()).objective, CISPO)
+    assert GRPOModule(clip_high=0.28).objective.clip_high == 0.28  # the default PPOClip takes the module keys
+    with pytest.raises(ValueError, match=r"model.objective=GSPO.*model.clip_low=None, model.clip_high=None"):
+        GRPOModule(objective=GSPO(), clip_low=None, clip_high=None)  # e.g. gspo.yaml stacked with kl_cov.yaml
