@@ -44,7 +44,8 @@ class EvaluationMixin:
         n = self.hparams.val_samples
         rollout = self.generate(batch.prompts, n, temperature=self.hparams.val_temperature, generator=self._val_generator)
         answers = [a for a in batch.answers for _ in range(n)]
-        rewards, _ = self.score(rollout.completions, answers)
+        rewards, _ = self.score(rollout.completions, answers, [p for p in batch.prompts for _ in range(n)],
+                                [c for c in batch.columns for _ in range(n)])
         self.val_pass.update((rewards >= self.hparams.correct_threshold).view(-1, n))
         self._val_entropy[0] += float((rollout.entropy * rollout.response_mask).sum())
         self._val_entropy[1] += float(rollout.response_mask.sum())
