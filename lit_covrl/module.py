@@ -52,7 +52,7 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
         tokenizer: str | None = None,
         reference_model: str | None = None,
         dtype: str = "float32",
-        reward: Callable | list[Callable] | None = None,
+        reward: list[Callable] | Callable | None = None,
         reward_weights: list[float] | None = None,
         reward_timeout_s: float | None = 10.0,
         correct_threshold: float = 1.0,
