@@ -3,6 +3,9 @@
 A reward function is item-level (`reward(completion, answer) -> float`) so that one bad item
 cannot spoil a batch: `score_completions` scores each item independently, turning exceptions,
 non-numeric or non-finite results and per-item timeouts into a reward of 0.0 and counting them.
+Keyword arguments (the prompt, the row's other columns), batched rewards and several weighted
+rewards are handled by `lit_covrl.reward_set.RewardSet`, which calls `score_completions` for the
+item-level ones.
 
 Built-ins:
 - `ExactMatchReward`: 1.0 iff the stripped strings are equal.

@@ -196,6 +196,8 @@ class FSDP2Strategy(_strategy_base()):
         trainer:
           strategy:
             class_path: lit_covrl.sharding.FSDP2Strategy
+
+    or, with the defaults, `strategy: fsdp2` (`--trainer.strategy fsdp2`).
     """
 
     def __init__(
