@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import string
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 from lit_covrl.data import PromptDataModule
 from lit_covrl.prompts import encode_prompts
 from lit_covrl.stopping import eos_token_ids, truncate_at_stop_strings
-from lit_covrl.types import Example, PromptBatch, Rollout
+from lit_covrl.types import Example, Rollout
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
 
