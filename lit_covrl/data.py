@@ -226,11 +226,13 @@ class PromptDataModule(L.LightningDataModule):
 
     def _write_skipped(self) -> None:
         """Every skipped row ("file:line: reason") to `skipped_rows.txt` in the run's log folder
-        (rank 0; nothing without a trainer), named in the log."""
+        (written by rank 0; nothing without a trainer), named in the log."""
         trainer = self.trainer
-        if not self.skipped or trainer is None or not trainer.is_global_zero:
+        if not self.skipped or trainer is None:
             return
-        folder = trainer.log_dir or trainer.default_root_dir
+        folder = trainer.log_dir or trainer.default_root_dir  # a broadcast: every rank asks
+        if not trainer.is_global_zero:
+            return
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, "skipped_rows.txt")
         with open(path, "w", encoding="utf-8") as f:
