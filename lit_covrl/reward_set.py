@@ -19,6 +19,13 @@ in one of two forms:
   item-level budget of its N items) scores the whole batch 0.0 (counted as N failures); a
   non-finite or non-numeric entry scores its item 0.0.
 
+The module's `reward` field is typed `list[Callable] | Callable`, not the `RewardFunction`
+Protocol: jsonargparse accepts a class for a Protocol only if its `__call__` signature matches the
+Protocol's, annotations included, so an unannotated class was rejected ("does not implement
+protocol"). (The list comes first in the union so that a saved config.yaml can write it back.)
+
+The accuracy and pass@k compare the weighted total with `model.correct_threshold`.
+
 Names (for `rollout/reward/<name>`): the reward's `name` attribute if it is a string, else the
 function's `__name__`, else its class name in snake case without a trailing "Reward"
 (`ExactMatchReward` -> `exact_match`); repeated names get `_2`, `_3`, ...

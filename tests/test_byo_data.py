@@ -56,6 +56,28 @@ def test_nested_fields_conversations_and_columns(tmp_path):
     assert len(batch.columns) == 2 and all(isinstance(c, dict) for c in batch.columns)
 
 
+def test_verl_parquet_layout(tmp_path):
+    """verl's parquet files: `prompt` a list of messages, the answer in `reward_model.ground_truth`,
+    metadata columns beside them (they reach reward functions as `Example.columns`)."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"data_source": "gsm8k", "prompt": [{"role": "user", "content": "1+1?"}], "ability": "math",
+         "reward_model": {"ground_truth": "2", "style": "rule"}, "extra_info": {"index": 0}},
+        {"data_source": "gsm8k", "prompt": [{"role": "user", "content": "2+3?"}], "ability": "math",
+         "reward_model": {"ground_truth": None, "style": "rule"}, "extra_info": {"index": 1}},
+    ]
+    path = str(tmp_path / "train.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    dm = PromptDataModule(task=None, train_files=[path], answer_field="reward_model.ground_truth", batch_size=1)
+    dm.setup("fit")
+    assert dm._train_rows == [Example([{"role": "user", "content": "1+1?"}], "2", {
+        "data_source": "gsm8k", "ability": "math", "reward_model": {"ground_truth": "2", "style": "rule"},
+        "extra_info": {"index": 0}})]
+    assert dm.skipped == [f"{path}:row 2: null field 'reward_model.ground_truth'"]
+
+
 def test_system_prompt_and_chat_template(tmp_path, chat_tokenizer):
     path = write_jsonl(tmp_path / "rows.jsonl", [
         {"prompt": "hi", "answer": "1"},
