@@ -42,6 +42,7 @@ def _worker(rank: int, port: int, model_dir: str, rows: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_skipped_rows_file_and_global_reward_means(tmp_path, tiny_model_dir):
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")

@@ -42,6 +42,7 @@ def _run(args, env_extra=None, timeout=300):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_a_start_up_error_is_one_line_and_status_2_unless_debugging(tmp_path):
     args = ["fit", "--config", str(QUICK), "--model.advantage", "ppo", "--trainer.logger.init_args.save_dir", str(tmp_path)]
     quiet = _run(args)
