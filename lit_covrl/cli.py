@@ -60,6 +60,10 @@ def _with_rl_progress_bar(config: dict) -> dict:
     return config
 
 
+_DESCRIPTION = ("GRPO with entropy control. Subcommands: fit, validate, test, and "
+                "`lit-covrl export CKPT OUT` (checkpoint -> Hugging Face folder; see `lit-covrl export --help`).")
+
+
 # ----------------------------------------------------------------------------- start-up errors
 
 _RUN: dict = {}  # the trainer of the current run, to tell start-up errors from later ones
@@ -100,7 +104,7 @@ def main(args: list[str] | None = None) -> None:
         LitCovRLCLI(
             GRPOModule,
             PromptDataModule,
-            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": debug},
+            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": debug, "description": _DESCRIPTION},
             save_config_kwargs={"overwrite": True},
             args=args,
         )
