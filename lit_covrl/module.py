@@ -157,7 +157,8 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
         check_module_args(self.hparams)
         check_sharding_args(fsdp_mixed_precision, rollout_gather)
         self.reward = reward if reward is not None else ExactMatchReward()
-        self.rewards = RewardSet(self.reward if isinstance(self.reward, (list, tuple)) else [self.reward], reward_weights)
+        rewards = self.reward if isinstance(self.reward, (list, tuple)) else [self.reward]
+        self.rewards = RewardSet(rewards, reward_weights)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         resolve_dtype(dtype)
@@ -284,7 +285,8 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
     def _sample(self, ids: Tensor, mask: Tensor, temperature: float, generator: torch.Generator) -> Rollout:
         tok = self.tokenizer
         return sample_responses(
-            self.policy, ids, mask, max_new_tokens=self.hparams.max_new_tokens, eos_token_id=eos_token_ids(self.policy, tok),
+            self.policy, ids, mask, max_new_tokens=self.hparams.max_new_tokens,
+            eos_token_id=eos_token_ids(self.policy, tok),  # every EOS id of the generation config
             pad_token_id=tok.pad_token_id, temperature=temperature, top_p=self.hparams.top_p,
             generator=generator, all_done=distributed.all_true,
         )
@@ -296,9 +298,9 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
         total, per_name, res = self.rewards.score(completions, answers, prompts, columns,
                                                   timeout_s=self.hparams.reward_timeout_s)
         sums = distributed.all_sum(torch.tensor([sum(v) for v in per_name.values()] + [len(total)],
-                                                dtype=torch.float64, device=self.device))
+                                                dtype=torch.float64, device=self.device)).tolist()
         stats = {"rollout/reward_errors": res.errors + res.timeouts + res.invalid}
-        stats.update({f"rollout/reward/{k}": float(v) / max(float(sums[-1]), 1.0) for k, v in zip(per_name, sums)})
+        stats.update({f"rollout/reward/{k}": v / max(sums[-1], 1.0) for k, v in zip(per_name, sums)})
         return torch.tensor(total, dtype=torch.float32, device=self.device), stats
 
     # training ----------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ def _render(tokenizer, prompt: str | list[dict], use_template: bool) -> str:
             return prompt
         prompt = [{"role": "user", "content": prompt}]
     elif not use_template:
-        why = "model.chat_template is false" if getattr(tokenizer, "chat_template", None) else "the tokenizer has no chat template"
+        has_template = getattr(tokenizer, "chat_template", None) is not None
+        why = "model.chat_template is false" if has_template else "the tokenizer has no chat template"
         raise ValueError(f"prompt {str(prompt)[:80]!r} is a conversation (a list of messages) but {why}; "
                          "use string prompts or a tokenizer with a chat template")
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)

@@ -34,7 +34,8 @@ def get_task(name: Any, **kwargs: Any) -> Task:
             raise ValueError(f"data.task={name!r}: cannot import it ({e})") from e
         name = cls(**kwargs)
     elif isinstance(name, str):
-        raise ValueError(f"data.task: unknown task {name!r}; valid tasks: {sorted(registry)} or the dotted path of a task class")
+        raise ValueError(f"data.task: unknown task {name!r}; valid tasks: {sorted(registry)} "
+                         "or the dotted path of a task class")
     elif kwargs:
         raise ValueError("data.task_kwargs applies to a task name or class path, not to a built task (use init_args)")
     if not callable(getattr(name, "sample", None)):
