@@ -2,6 +2,11 @@
 
     lit-covrl fit --config configs/quickstart.yaml
     lit-covrl fit --config configs/quickstart.yaml --config configs/clip_cov.yaml --trainer.max_steps 50
+    lit-covrl export runs/quickstart/version_0/checkpoints/last.ckpt out/hf-model
+
+A configuration or data error found at start-up (before the first batch) prints one line,
+`lit-covrl: error: ...` naming the field or file:line, and exits with status 2;
+LIT_COVRL_DEBUG=1 shows the traceback instead.
 
 YAML is parsed with omegaconf (`${...}` interpolation is resolved when a file is loaded, so a
 later command-line override does not flow into keys interpolated from it).
@@ -12,13 +17,15 @@ import json
 import logging
 import os
 import sys
+from argparse import ArgumentError
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from lit_covrl.dashboard import name_run
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
+from lit_covrl.progress import RLProgressBar
 
 
 class LitCovRLCLI(LightningCLI):
@@ -48,6 +55,48 @@ class LitCovRLCLI(LightningCLI):
             import torch
 
             torch.set_num_threads(threads)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        """The RL-step progress bar unless the config brings its own or disables the bar."""
+        trainer = super()._instantiate_trainer(_with_rl_progress_bar(config), callbacks)
+        _RUN["trainer"] = trainer
+        return trainer
+
+
+def _with_rl_progress_bar(config: dict) -> dict:
+    given = config.get("callbacks") or []
+    given = given if isinstance(given, list) else [given]
+    if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+        config = {**config, "callbacks": [*given, RLProgressBar()]}
+    return config
+
+
+_DESCRIPTION = ("GRPO with entropy control. Subcommands: fit, validate, test, and "
+                "`lit-covrl export CKPT OUT` (checkpoint -> Hugging Face folder; see `lit-covrl export --help`).")
+
+
+# ----------------------------------------------------------------------------- start-up errors
+
+_RUN: dict = {}  # the trainer of the current run, to tell start-up errors from later ones
+_STARTUP_ERRORS = (ArgumentError, ValueError, TypeError, OSError, ImportError)
+
+
+def _past_start_up(trainer) -> bool:
+    """True once a train, validation or test batch has started (errors then are not start-up errors)."""
+    if trainer is None:
+        return False
+    loops = [trainer.fit_loop.epoch_loop, trainer.fit_loop.epoch_loop.val_loop, trainer.validate_loop, trainer.test_loop]
+    return any(loop.batch_progress.total.started > 0 for loop in loops)
+
+
+def _one_line(err: BaseException) -> str:
+    """The error as one line: jsonargparse's multi-line messages joined, type lists dropped."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("Subtypes:", "Given value type:", "Errors:"))]
+    text = " ".join(lines) or repr(err)
+    if not isinstance(err, (ArgumentError, ValueError)):
+        text = f"{type(err).__name__}: {text}"
+    return text
 
 
 def _config_paths(args: list[str]) -> list[tuple[int, str]]:
@@ -90,15 +139,30 @@ def stack_config_callbacks(args: list[str]) -> list[str]:
 
 
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["export"]:
+        from lit_covrl.export import main as export_main
+
+        return export_main(argv[1:])
     logging.getLogger("lit_covrl").setLevel(logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    LitCovRLCLI(
-        GRPOModule,
-        PromptDataModule,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    if os.getcwd() not in sys.path:  # dotted paths of your rewards/tasks resolve from where you run
+        sys.path.append(os.getcwd())
+    _RUN.clear()
+    debug = os.environ.get("LIT_COVRL_DEBUG", "") not in ("", "0")
+    try:
+        LitCovRLCLI(
+            GRPOModule,
+            PromptDataModule,
+            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": debug, "description": _DESCRIPTION},
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except _STARTUP_ERRORS as err:
+        if debug or _past_start_up(_RUN.get("trainer")):
+            raise
+        print(f"lit-covrl: error: {_one_line(err)} (LIT_COVRL_DEBUG=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -95,9 +95,12 @@ class PromptDataModule(L.LightningDataModule):
     """Streams prompt batches from a synthetic task, prompt files or a Hugging Face dataset.
 
     Args:
-        task: built-in synthetic task name (see `lit_covrl.tasks`). Set it to None (YAML `null`)
-            to use `train_files` or `hf_dataset` instead: exactly one source may be set.
-        task_kwargs: keyword arguments for the task's constructor.
+        task: a synthetic task: a built-in name (see `lit_covrl.tasks`), the dotted path of your
+            own task class (built with `task_kwargs`), or `class_path` + `init_args`; any object
+            with `sample(rng: random.Random) -> Example` (and optionally `heldout(n, seed)`).
+            Set it to None (YAML `null`) to use `train_files` or `hf_dataset` instead: exactly
+            one source may be set.
+        task_kwargs: keyword arguments for the task's constructor (built-in names, dotted paths).
         train_files: training prompt files (.jsonl/.json/.parquet), concatenated in order.
         val_files: held-out prompt files; with a file or HF source and no val_files (and no
             hf_val_split) there is no validation. Usable with any source.
@@ -106,8 +109,12 @@ class PromptDataModule(L.LightningDataModule):
         hf_config: its configuration name, if any.
         hf_train_split: split used for training.
         hf_val_split: split used for validation (None: no validation unless val_files).
-        prompt_field: row field holding the prompt text.
-        answer_field: row field holding the reference answer (string or number).
+        prompt_field: row field holding the prompt: text, or a list of `{role, content}` messages.
+            A dotted path reaches into nested objects (`extra_info.question`).
+        answer_field: row field holding the reference answer (string or number), or a dotted
+            path (`reward_model.ground_truth`).
+        system_prompt: a system message put before every string prompt (conversation prompts
+            keep their own messages); needs a tokenizer with a chat template.
         batch_size: prompts per training step per device.
         val_size: held-out prompts drawn from a synthetic task (0: no validation).
         val_batch_size: prompts per validation batch.
@@ -117,7 +124,7 @@ class PromptDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        task: str | None = "arithmetic",
+        task: Any = "arithmetic",
         task_kwargs: dict[str, Any] | None = None,
         train_files: list[str] | None = None,
         val_files: list[str] | None = None,
@@ -127,6 +134,7 @@ class PromptDataModule(L.LightningDataModule):
         hf_val_split: str | None = None,
         prompt_field: str = "prompt",
         answer_field: str = "answer",
+        system_prompt: str | None = None,
         batch_size: int = 16,
         val_size: int = 64,
         val_batch_size: int = 16,
@@ -171,10 +179,13 @@ class PromptDataModule(L.LightningDataModule):
             from lit_covrl.tasks import get_task
 
             self.task = get_task(task, **(task_kwargs or {}))
+            if not isinstance(task, str):  # hparams stay plain data: the class path names it
+                self.hparams["task"] = f"{type(task).__module__}.{type(task).__qualname__}"
         self.next_index = 0
         self.rows_seen = 0
         self.rows_used = 0
         self.skipped_rows = 0
+        self.skipped: list[str] = []  # "file:line: reason" of every skipped row
         self._train_rows: list[Example] | None = None
         self._val_batches: list[PromptBatch] | None = None
         self._perms: dict[tuple[str, int], list[int]] = {}
@@ -199,15 +210,43 @@ class PromptDataModule(L.LightningDataModule):
             val = [ex for path in hp.val_files for ex in self._read_file(path)]
         if self._train_rows is not None and not self._train_rows:
             raise ValueError(f"no valid training rows in {hp.train_files or hp.hf_dataset} ({self.skipped_rows} skipped)")
-        self._val_batches = _batched(val, hp.val_batch_size)
+        if hp.system_prompt is not None and self._train_rows is not None:
+            self._train_rows = [self._with_system(ex) for ex in self._train_rows]
+        self._val_batches = _batched([self._with_system(ex) for ex in val], hp.val_batch_size)
+        self._write_skipped()
         log.info(self.describe())
+
+    def _with_system(self, ex: Example) -> Example:
+        """A string prompt as [system, user] messages when `system_prompt` is set."""
+        sp = self.hparams.system_prompt
+        if sp is None or not isinstance(ex.prompt, str):
+            return ex
+        messages = [{"role": "system", "content": sp}, {"role": "user", "content": ex.prompt}]
+        return dataclasses.replace(ex, prompt=messages)
+
+    def _write_skipped(self) -> None:
+        """Every skipped row ("file:line: reason") to `skipped_rows.txt` in the run's log folder
+        (written by rank 0; nothing without a trainer), named in the log."""
+        trainer = self.trainer
+        if not self.skipped or trainer is None:
+            return
+        folder = trainer.log_dir or trainer.default_root_dir  # a broadcast: every rank asks
+        if not trainer.is_global_zero:
+            return
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "skipped_rows.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in self.skipped)
+        self.skipped_rows_file = path
+        log.warning("all %d skipped rows (file:line: reason) are listed in %s", len(self.skipped), path)
 
     def _count(self, label: str, rows: list[tuple[str, Any]], columns: list[str] | None = None) -> list[Example]:
         hp = self.hparams
         examples, skipped = read_rows(label, rows, hp.prompt_field, hp.answer_field, strict=hp.strict, columns=columns)
         self.rows_seen += len(rows)
         self.rows_used += len(examples)
-        self.skipped_rows += skipped
+        self.skipped_rows += len(skipped)
+        self.skipped += skipped
         return examples
 
     def _read_file(self, path: str) -> list[Example]:
@@ -281,7 +320,7 @@ class PromptDataModule(L.LightningDataModule):
         bs, seed = self.hparams.batch_size, self.hparams.seed
         if self.task is not None:
             rng = random.Random(f"lit_covrl:{task_stream}:{seed}:{g}")
-            return [self.task.sample(rng) for _ in range(bs)]
+            return [self._with_system(self.task.sample(rng)) for _ in range(bs)]
         n = len(self._train_rows)
         return [self._train_rows[self._perm(p // n, row_stream)[p % n]] for p in range(g * bs, (g + 1) * bs)]
 

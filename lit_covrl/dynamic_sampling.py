@@ -61,7 +61,8 @@ def assemble(rounds: list[Round], chosen: list[tuple[int, int]], group_size: int
     prompts = [rounds[i].batch.prompts[g] for i, g in chosen]
     answers = [rounds[i].batch.answers[g] for i, g in chosen]
     rewards = torch.cat([rounds[i].rewards[r] for (i, _), r in zip(chosen, rows)])
-    batch = dataclasses.replace(rounds[0].batch, prompts=prompts, answers=answers)
+    columns = [rounds[i].batch.columns[g] for i, g in chosen] if all(r.batch.columns for r in rounds) else []
+    batch = dataclasses.replace(rounds[0].batch, prompts=prompts, answers=answers, columns=columns)
     return Round(batch, concat_rollouts(parts, pad_token_id), rewards)
 
 

@@ -53,7 +53,8 @@ class Evaluator:
         n = self.settings.samples
         rollout = self.generate(batch.prompts, n, temperature=self.settings.temperature, generator=self._generator)
         answers = [a for a in batch.answers for _ in range(n)]
-        rewards, _ = self.score(rollout.completions, answers)
+        rewards, _ = self.score(rollout.completions, answers, [p for p in batch.prompts for _ in range(n)],
+                                [c for c in batch.columns for _ in range(n)])
         self.pass_at_k.update((rewards >= self.settings.correct_threshold).view(-1, n))
         self._entropy[0] += float((rollout.entropy * rollout.response_mask).sum())
         self._entropy[1] += float(rollout.response_mask.sum())

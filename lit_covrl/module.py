@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import warnings
+from typing import Callable
 
 import lightning as L
 import torch
@@ -33,11 +34,13 @@ from lit_covrl.objectives import Objective, resolve_objective
 from lit_covrl.policy import empty_policy, load_policy, load_tokenizer, resolve_dtype
 from lit_covrl.prompts import encode_prompts
 from lit_covrl.regularizers.base import Regularizer
-from lit_covrl.rewards import ExactMatchReward, RewardFunction, score_completions
+from lit_covrl.reward_set import RewardSet
+from lit_covrl.rewards import ExactMatchReward
 from lit_covrl.rollout import sample_responses
 from lit_covrl.sharding import (
     check_sharding_args, check_strategy, checkpoint_layers, gathered_for_rollout, load_sharded, shard_model,
 )
+from lit_covrl.stopping import eos_token_ids, truncate_at_stop_strings
 from lit_covrl.types import PromptBatch, Rollout
 
 log = logging.getLogger("lit_covrl")
@@ -52,7 +55,8 @@ class GRPOModule(L.LightningModule):
         tokenizer: str | None = None,
         reference_model: str | None = None,
         dtype: str = "float32",
-        reward: RewardFunction | None = None,
+        reward: list[Callable] | Callable | None = None,
+        reward_weights: list[float] | None = None,
         reward_timeout_s: float | None = 10.0,
         correct_threshold: float = 1.0,
         group_size: int = 8,
@@ -90,6 +94,7 @@ class GRPOModule(L.LightningModule):
         rollout_gather: str = "once",
         shared_prompt: bool | None = None,
         recompute_logprobs: bool = False,
+        stop: list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -99,8 +104,12 @@ class GRPOModule(L.LightningModule):
             reference_model: frozen reference for ReferenceKL; null = a copy of `model`'s weights.
                 Loaded only when a regularizer needs it.
             dtype: parameter dtype: float32, bfloat16 or float16.
-            reward: item-level reward function (`class_path`), default exact match.
-            reward_timeout_s: per-item time limit of the reward function (null = none).
+            reward: a reward function, or a list of them (summed with `reward_weights`): dotted
+                path of a function, `class_path` (+ `init_args`) of a class, item-level or
+                batched (see `lit_covrl.reward_set`); default exact match.
+            reward_weights: one weight per reward (null = all 1.0).
+            reward_timeout_s: per-item time limit of the reward function (null = none); a
+                batched reward gets this times its number of items.
             correct_threshold: a response counts as correct (accuracy, pass@k) if reward >= this.
             group_size: G, responses sampled per prompt.
             max_new_tokens: response length limit.
@@ -155,6 +164,9 @@ class GRPOModule(L.LightningModule):
                 sampler recorded (free). The two differ by float rounding only (sampler decoding
                 vs a full-sequence forward; `python tools/logprob_gap.py`); turn this on where the
                 first update's PPO ratio must be exactly 1 (bf16 runs, or comparisons at bit level).
+            stop: stop strings: a response ends after the token that completes the first of them
+                (masked after it, counted as finished). Decoding still runs to EOS or
+                max_new_tokens for such rows (see `lit_covrl.stopping`).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler", "objective"])
@@ -163,6 +175,8 @@ class GRPOModule(L.LightningModule):
         self.objective = resolve_objective(objective, self.hparams)
         check_sharding_args(fsdp_mixed_precision, rollout_gather)
         self.reward = reward if reward is not None else ExactMatchReward()
+        rewards = self.reward if isinstance(self.reward, (list, tuple)) else [self.reward]
+        self.rewards = RewardSet(rewards, reward_weights)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         resolve_dtype(dtype)
@@ -313,21 +327,31 @@ class GRPOModule(L.LightningModule):
                 f"{self.hparams.max_new_tokens} tokens. Lower data.batch_size, model.group_size or "
                 "model.max_new_tokens (or val_samples / data.val_batch_size during validation)."
             ) from err
+        if self.hparams.stop:
+            truncate_at_stop_strings(out, tok, ids.shape[1], self.hparams.stop, tok.pad_token_id)
         out.completions = tok.batch_decode(out.input_ids[:, ids.shape[1]:], skip_special_tokens=True)
         return out
 
     def _sample(self, ids: Tensor, mask: Tensor, temperature: float, generator: torch.Generator) -> Rollout:
         tok = self.tokenizer
         return sample_responses(
-            self.policy, ids, mask, max_new_tokens=self.hparams.max_new_tokens, eos_token_id=tok.eos_token_id,
+            self.policy, ids, mask, max_new_tokens=self.hparams.max_new_tokens,
+            eos_token_id=eos_token_ids(self.policy, tok),  # every EOS id of the generation config
             pad_token_id=tok.pad_token_id, temperature=temperature, top_p=self.hparams.top_p,
             generator=generator, all_done=distributed.all_true,
         )
 
-    def score(self, completions: list[str], answers: list[str]) -> tuple[Tensor, dict[str, float]]:
-        res = score_completions(self.reward, completions, answers, timeout_s=self.hparams.reward_timeout_s)
+    def score(self, completions: list[str], answers: list[str], prompts: list | None = None,
+              columns: list[dict] | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Weighted total reward per completion, and `rollout/reward_errors` plus each reward's
+        mean over all ranks as `rollout/reward/<name>`. prompts/columns: per completion."""
+        total, per_name, res = self.rewards.score(completions, answers, prompts, columns,
+                                                  timeout_s=self.hparams.reward_timeout_s)
+        sums = distributed.all_sum(torch.tensor([sum(v) for v in per_name.values()] + [len(total)],
+                                                dtype=torch.float64, device=self.device)).tolist()
         stats = {"rollout/reward_errors": res.errors + res.timeouts + res.invalid}
-        return torch.tensor(res.rewards, dtype=torch.float32, device=self.device), stats
+        stats.update({f"rollout/reward/{k}": v / max(sums[-1], 1.0) for k, v in zip(per_name, sums)})
+        return torch.tensor(total, dtype=torch.float32, device=self.device), stats
 
     # training ----------------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -375,7 +399,9 @@ class GRPOModule(L.LightningModule):
             rollout = self.generate(batch.prompts, G, temperature=hp.temperature, generator=self.rollout_generator)
         with timer("score"):
             answers = [a for a in batch.answers for _ in range(G)]
-            rewards, reward_stats = self.score(rollout.completions, answers)
+            prompts = [p for p in batch.prompts for _ in range(G)]
+            columns = [c for c in batch.columns for _ in range(G)]
+            rewards, reward_stats = self.score(rollout.completions, answers, prompts, columns)
             if hp.overlong == "penalize":
                 rewards = torch.where(rollout.truncated, torch.full_like(rewards, hp.overlong_reward), rewards)
         return Round(batch, rollout, rewards), reward_stats
@@ -391,11 +417,13 @@ class GRPOModule(L.LightningModule):
             prompts = batch if not rounds else self.trainer.datamodule.regen_batch(batch.index, len(rounds), hp.max_gen_rounds)
             rnd, rnd_stats = self._generation_round(prompts, timer)
             rounds.append(rnd)
-            stats = {k: stats.get(k, 0.0) + float(v) for k, v in rnd_stats.items()}
+            stats = {k: stats.get(k, 0.0) + float(v) for k, v in rnd_stats.items()}  # summed here ...
             if not hp.filter_groups or len(rounds) >= hp.max_gen_rounds:
                 break
             if distributed.all_true(sum(int(r.informative(G).sum()) for r in rounds) >= len(batch)):
                 break
+        # ... error counts add up over rounds; per-reward means are averaged (rounds are equal-sized)
+        stats = {k: v if k == "rollout/reward_errors" else v / len(rounds) for k, v in stats.items()}
         stats["rollout/gen_rounds"] = float(len(rounds))
         if len(rounds) == 1:
             return rounds[0], stats

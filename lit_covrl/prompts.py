@@ -1,4 +1,8 @@
-"""Turn prompt strings into left-padded token ids (chat template when the tokenizer has one)."""
+"""Turn prompts into left-padded token ids (chat template when the tokenizer has one).
+
+A prompt is a string (sent as one user message when the template is used) or a conversation, a
+list of `{role, content}` messages, which goes through the chat template as is (and so needs
+one)."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +13,7 @@ PROMPT_OVERFLOW = ("error", "truncate_left")
 
 def encode_prompts(
     tokenizer,
-    prompts: list[str],
+    prompts: list[str | list[dict]],
     *,
     chat_template: bool | None = None,
     max_prompt_length: int = 512,
@@ -27,13 +31,7 @@ def encode_prompts(
     if chat_template and not has_template:
         raise ValueError("chat_template=True but the tokenizer has no chat template")
     use_template = has_template if chat_template is None else chat_template
-    if use_template:
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
-    else:
-        texts = list(prompts)
+    texts = [_render(tokenizer, p, use_template) for p in prompts]
     ids = tokenizer(texts, add_special_tokens=not use_template)["input_ids"]
     too_long = [i for i, x in enumerate(ids) if len(x) > max_prompt_length]
     if too_long and overflow == "error":
@@ -43,8 +41,25 @@ def encode_prompts(
             "raise model.max_prompt_length or set model.prompt_overflow: truncate_left"
         )
     ids = [x[-max_prompt_length:] for x in ids]
+    return _left_pad(ids, tokenizer.pad_token_id)
+
+
+def _render(tokenizer, prompt: str | list[dict], use_template: bool) -> str:
+    if isinstance(prompt, str):
+        if not use_template:
+            return prompt
+        prompt = [{"role": "user", "content": prompt}]
+    elif not use_template:
+        has_template = getattr(tokenizer, "chat_template", None) is not None
+        why = "model.chat_template is false" if has_template else "the tokenizer has no chat template"
+        raise ValueError(f"prompt {str(prompt)[:80]!r} is a conversation (a list of messages) but {why}; "
+                         "use string prompts or a tokenizer with a chat template")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def _left_pad(ids: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
     width = max(len(x) for x in ids)
-    out = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    out = torch.full((len(ids), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for row, x in enumerate(ids):
         if x:

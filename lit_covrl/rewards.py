@@ -3,6 +3,9 @@
 A reward function is item-level (`reward(completion, answer) -> float`) so that one bad item
 cannot spoil a batch: `score_completions` scores each item independently, turning exceptions,
 non-numeric or non-finite results and per-item timeouts into a reward of 0.0 and counting them.
+Keyword arguments (the prompt, the row's other columns), batched rewards and several weighted
+rewards are handled by `lit_covrl.reward_set.RewardSet`, which calls `score_completions` for the
+item-level ones.
 
 Built-ins:
 - `ExactMatchReward`: 1.0 iff the stripped strings are equal.
@@ -179,10 +182,10 @@ def _to_reward(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def _call(fn: RewardFunction, completion: str, answer: str) -> tuple[str, Any]:
+def _call(fn: RewardFunction, completion: str, answer: str, kwargs: dict | None = None) -> tuple[str, Any]:
     """('ok', reward) | ('invalid', repr) | ('error', message)."""
     try:
-        value = fn(completion, answer)
+        value = fn(completion, answer, **(kwargs or {}))
     except Exception as e:  # noqa: BLE001 - contained per item by design
         return "error", f"{type(e).__name__}: {e}"
     reward = _to_reward(value)
@@ -201,28 +204,29 @@ class _Worker:
     When abandoned (after a timeout) it stops at its next item and posts nothing further.
     """
 
-    def __init__(self, fn: RewardFunction, completions: list[str], answers: list[str], start: int):
+    def __init__(self, fn: RewardFunction, completions: list[str], answers: list[str], start: int,
+                 kwargs: list[dict] | None = None):
         self.results: queue.SimpleQueue = queue.SimpleQueue()
         self.abandoned = False
-        self._args = (fn, completions, answers, start)
+        self._args = (fn, completions, answers, start, kwargs)
         threading.Thread(target=self._run, name="lit_covrl-reward", daemon=True).start()
 
     def _run(self) -> None:
-        fn, completions, answers, start = self._args
+        fn, completions, answers, start, kwargs = self._args
         for i in range(start, len(completions)):
             if self.abandoned:
                 return
-            status, value = _call(fn, completions[i], answers[i])
+            status, value = _call(fn, completions[i], answers[i], kwargs[i] if kwargs else None)
             if self.abandoned:
                 return
             self.results.put((i, status, value))
 
 
 def _score_threaded(
-    fn: RewardFunction, completions: list[str], answers: list[str], timeout_s: float
+    fn: RewardFunction, completions: list[str], answers: list[str], timeout_s: float, kwargs: list[dict] | None = None
 ) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
-    worker = _Worker(fn, completions, answers, 0)
+    worker = _Worker(fn, completions, answers, 0, kwargs)
     i = 0
     while i < len(completions):
         # Item i starts as soon as item i-1 was posted, so measuring from here is (barely) strict.
@@ -233,7 +237,7 @@ def _score_threaded(
             out.append(("timeout", f"no result within {timeout_s:g} s (thread abandoned)"))
             i += 1
             if i < len(completions):
-                worker = _Worker(fn, completions, answers, i)
+                worker = _Worker(fn, completions, answers, i, kwargs)
             continue
         assert j == i
         out.append((status, value))
@@ -247,6 +251,7 @@ def score_completions(
     answers: list[str],
     *,
     timeout_s: float | None = 10.0,
+    kwargs: list[dict] | None = None,
 ) -> ScoreResult:
     """Score each (completion, answer) pair independently; failures score 0.0 and are counted.
 
@@ -256,15 +261,18 @@ def score_completions(
         answers: N reference answers (same order).
         timeout_s: per-item time limit in seconds; None scores inline on the calling thread
             (no thread overhead, no protection against hangs).
+        kwargs: N dicts of extra keyword arguments, one per item (`reward_fn(c, a, **kwargs[i])`).
     """
-    if len(completions) != len(answers):
-        raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
+    if len(completions) != len(answers) or (kwargs is not None and len(kwargs) != len(answers)):
+        raise ValueError(f"{len(completions)} completions but {len(answers)} answers"
+                         + (f" and {len(kwargs)} keyword sets" if kwargs is not None else ""))
     if timeout_s is None:
-        outcomes = [_call(reward_fn, c, a) for c, a in zip(completions, answers)]
+        outcomes = [_call(reward_fn, c, a, kwargs[i] if kwargs else None)
+                    for i, (c, a) in enumerate(zip(completions, answers))]
     else:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s}")
-        outcomes = _score_threaded(reward_fn, completions, answers, timeout_s)
+        outcomes = _score_threaded(reward_fn, completions, answers, timeout_s, kwargs)
 
     result = ScoreResult(rewards=[])
     failed: list[tuple[int, str, str]] = []

@@ -9,6 +9,12 @@ become `str(value)`), or an empty (whitespace-only) value. Malformed rows are sk
 warning `file:line: reason` (the first few per file, then a summary) and counted; with
 `strict=True` the first one raises ValueError. A file in which no row has the configured field
 names raises ValueError naming the fields found, in either mode.
+
+Fields. A field name may be a dotted path into nested objects (`reward_model.ground_truth`,
+verl's layout); a top-level key that contains the dots itself wins. The prompt may be a string
+or a conversation: a non-empty list of `{role, content}` messages with string values (TRL's
+conversational format, verl's parquet files), kept as is for the chat template. Every other
+top-level column of a valid row is kept in `Example.columns` (for reward keyword arguments).
 """
 from __future__ import annotations
 
@@ -69,6 +75,34 @@ def parquet_rows(path: str) -> tuple[list[tuple[str, Any]], list[str]]:
     return [(f"{path}:row {n}", row) for n, row in enumerate(table.to_pylist(), 1)], table.column_names
 
 
+_MISSING = object()
+
+
+def get_field(row: dict, path: str) -> Any:
+    """row[path] if that key exists, else the dotted path walked through nested dicts; _MISSING
+    when absent."""
+    if path in row:
+        return row[path]
+    value: Any = row
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def _check_messages(key: str, messages: list) -> str | None:
+    """The reason a conversation is malformed, or None."""
+    if not messages:
+        return f"empty conversation in field {key!r}"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"field {key!r} message {i} is not a {{role, content}} object with string values"
+    if not any(m["content"].strip() for m in messages):
+        return f"empty field {key!r} (every message is empty)"
+    return None
+
+
 def _check_row(row: Any, prompt_field: str, answer_field: str) -> Example | str:
     """The row as an Example, or the reason it is malformed."""
     if isinstance(row, _Malformed):
@@ -77,9 +111,15 @@ def _check_row(row: Any, prompt_field: str, answer_field: str) -> Example | str:
         return f"not a JSON object (got {type(row).__name__})"
     values = []
     for key, numbers_ok in ((prompt_field, False), (answer_field, True)):
-        if key not in row:
+        v = get_field(row, key)
+        if v is _MISSING:
             return f"missing field {key!r}"
-        v = row[key]
+        if key == prompt_field and isinstance(v, list):
+            reason = _check_messages(key, v)
+            if reason:
+                return reason
+            values.append([dict(m) for m in v])
+            continue
         if v is None:
             return f"null field {key!r}"
         if isinstance(v, (int, float)) and not isinstance(v, bool) and numbers_ok:
@@ -88,11 +128,14 @@ def _check_row(row: Any, prompt_field: str, answer_field: str) -> Example | str:
             v = str(v)
         if not isinstance(v, str):
             expected = "a string or a number" if numbers_ok else "a string"
+            if not numbers_ok:
+                expected += " or a list of {role, content} messages"
             return f"field {key!r} is {type(v).__name__}, expected {expected}"
         if not v.strip():
             return f"empty field {key!r}"
         values.append(v)
-    return Example(prompt=values[0], answer=values[1])
+    columns = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
+    return Example(prompt=values[0], answer=values[1], columns=columns)
 
 
 def read_rows(
@@ -103,8 +146,9 @@ def read_rows(
     *,
     strict: bool = False,
     columns: list[str] | None = None,
-) -> tuple[list[Example], int]:
-    """Validate decoded rows [(location, row)] of one source: (valid examples, skipped count).
+) -> tuple[list[Example], list[str]]:
+    """Validate decoded rows [(location, row)] of one source: (valid examples, skipped rows as
+    "location: reason" lines).
 
     `columns` (the schema, when the format has one) is reported when the fields do not match.
     """
@@ -113,14 +157,15 @@ def read_rows(
         found = set(columns or ())
         for r in dict_rows:
             found.update(r)
-        missing = [k for k in (prompt_field, answer_field) if not any(k in r for r in dict_rows)]
+        missing = [k for k in (prompt_field, answer_field)
+                   if not any(get_field(r, k) is not _MISSING for r in dict_rows)]
         if missing:
             raise ValueError(
                 f"{label}: no row has the field(s) {missing} (prompt_field={prompt_field!r}, "
                 f"answer_field={answer_field!r}); fields found: {sorted(map(str, found))}"
             )
     examples: list[Example] = []
-    skipped = 0
+    skipped: list[str] = []
     for loc, row in rows:
         checked = _check_row(row, prompt_field, answer_field)
         if isinstance(checked, Example):
@@ -128,14 +173,14 @@ def read_rows(
             continue
         if strict:
             raise ValueError(f"{loc}: {checked} (strict=True)")
-        skipped += 1
-        if skipped <= _MAX_ROW_WARNINGS:
+        skipped.append(f"{loc}: {checked}")
+        if len(skipped) <= _MAX_ROW_WARNINGS:
             log.warning("skipping malformed row %s: %s", loc, checked)
-    if skipped > _MAX_ROW_WARNINGS:
+    if len(skipped) > _MAX_ROW_WARNINGS:
         log.warning(
             "%s: skipped %d malformed rows in all (%d not shown)",
             label,
-            skipped,
-            skipped - _MAX_ROW_WARNINGS,
+            len(skipped),
+            len(skipped) - _MAX_ROW_WARNINGS,
         )
     return examples, skipped

@@ -196,6 +196,8 @@ class FSDP2Strategy(_strategy_base()):
         trainer:
           strategy:
             class_path: lit_covrl.sharding.FSDP2Strategy
+
+    or, with the defaults, `strategy: fsdp2` (`--trainer.strategy fsdp2`).
     """
 
     def __init__(
@@ -221,3 +223,21 @@ class FSDP2Strategy(_strategy_base()):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+
+# Lightning names its strategies in a registry: `strategy: fsdp2` (YAML) and `--trainer.strategy
+# fsdp2` select FSDP2Strategy with its defaults, and so does the dotted class path given as a plain
+# string (the `class_path:` form, which takes init_args, works without the registry). Lightning
+# lower-cases strategy names before the lookup.
+STRATEGY_NAMES = ("fsdp2", "lit_covrl.sharding.fsdp2strategy")
+
+
+def register_strategy() -> None:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    for name in STRATEGY_NAMES:
+        if name not in StrategyRegistry:
+            StrategyRegistry.register(name, FSDP2Strategy, description="lit_covrl FSDP2: data-parallel fully_shard")
+
+
+register_strategy()

@@ -6,16 +6,20 @@ T response tokens (right-padded), V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
 
 @dataclass(frozen=True)
 class Example:
-    """One verifiable prompt: the text shown to the policy and the reference answer."""
+    """One verifiable prompt: the text shown to the policy (or a conversation, a list of
+    `{role, content}` messages rendered by the chat template), the reference answer, and the
+    row's other columns (passed to reward functions as keyword arguments)."""
 
-    prompt: str
+    prompt: str | list[dict]
     answer: str
+    columns: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 @dataclass
@@ -24,18 +28,21 @@ class PromptBatch:
 
     index: position k = 0, 1, 2, ... of this batch in this rank's train stream; -1 for batches
     that are not part of it (validation).
+    columns: each prompt's other data columns (reward keyword arguments); [] = none.
     """
 
-    prompts: list[str]
+    prompts: list[str | list[dict]]
     answers: list[str]
     index: int = -1
+    columns: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     @classmethod
     def from_examples(cls, examples: list[Example], index: int = -1) -> "PromptBatch":
-        return cls([e.prompt for e in examples], [e.answer for e in examples], index)
+        columns = [e.columns for e in examples] if any(e.columns for e in examples) else []
+        return cls([e.prompt for e in examples], [e.answer for e in examples], index, columns)
 
 
 @dataclass

@@ -102,7 +102,7 @@ def malformed_file(tmp_path) -> tuple[str, list[Example]]:
         Example(huge, "7"),
         Example(odd, "\u0661"),
         Example(odd, "x"),
-        Example("p2", "2.5"),
+        Example("p2", "2.5", {"extra": None}),  # other columns travel with the row
     ]
     return path, valid
 
@@ -177,7 +177,7 @@ def test_parquet_round_trip_with_nulls(tmp_path):
     pq.write_table(table, path)
     dm = PromptDataModule(task=None, train_files=[path], val_files=[path], batch_size=2, val_batch_size=2)
     dm.setup("fit")
-    assert dm._train_rows == [Example("p0", "10"), Example("p4", "14")]
+    assert dm._train_rows == [Example("p0", "10", {"other": 1.0}), Example("p4", "14", {"other": 5.0})]
     # train and val files are both counted
     assert (dm.rows_seen, dm.rows_used, dm.skipped_rows) == (10, 4, 6)
     val = list(dm.val_dataloader())

@@ -18,9 +18,26 @@ def _registry() -> dict[str, type]:
 TASKS = tuple(sorted(["arithmetic", "word_problems"]))
 
 
-def get_task(name: str, **kwargs: Any) -> Task:
-    """Instantiate a built-in task by name; unknown names raise ValueError listing the valid ones."""
+def get_task(name: Any, **kwargs: Any) -> Task:
+    """A task from a built-in name, the dotted path of a task class (built with `kwargs`), or a
+    task object (returned as is). Anything else raises ValueError listing the valid names."""
     registry = _registry()
-    if name not in registry:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {sorted(registry)}")
-    return registry[name](**kwargs)
+    if isinstance(name, str) and name in registry:
+        return registry[name](**kwargs)
+    if isinstance(name, str) and "." in name:
+        import importlib
+
+        module, _, attr = name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"data.task={name!r}: cannot import it ({e})") from e
+        name = cls(**kwargs)
+    elif isinstance(name, str):
+        raise ValueError(f"data.task: unknown task {name!r}; valid tasks: {sorted(registry)} "
+                         "or the dotted path of a task class")
+    elif kwargs:
+        raise ValueError("data.task_kwargs applies to a task name or class path, not to a built task (use init_args)")
+    if not callable(getattr(name, "sample", None)):
+        raise ValueError(f"data.task: {type(name).__name__} has no sample(rng) method (see lit_covrl.tasks.base.Task)")
+    return name

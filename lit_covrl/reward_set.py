@@ -1,0 +1,214 @@
+"""Several reward functions, weighted, called the way TRL and verl users write them.
+
+    r_total(i) = sum_k w_k * r_k(i)          (w_k = 1 unless `weights` says otherwise)
+
+Each reward is any callable (a plain function or an object with `__call__`, annotated or not),
+in one of two forms:
+
+- item-level: `fn(completion, answer, **columns) -> float`, called once per completion. The first
+  two arguments are positional (any names); the keyword arguments are `prompt` (the row's prompt
+  as in the data: a string or a list of `{role, content}` messages) and every other column of the
+  data row, each passed only if `fn` has a parameter of that name (or `**kwargs`). Faults are
+  contained per item by `score_completions`: an exception, a non-finite or non-numeric value or a
+  call that outlives `timeout_s` scores that item 0.0 and is counted.
+- batched: `fn(completions, answers, prompts, **columns) -> list[float]`, called once per batch,
+  all arguments by keyword, each column as a list (TRL's convention: a TRL reward function
+  `def f(completions, solution, **kwargs)` works as is). A reward is batched if it has an
+  attribute `batched = True`, or, without that attribute, a parameter named `completions`. A
+  batched call that raises, returns a list of the wrong length or outlives `timeout_s * N` (the
+  item-level budget of its N items) scores the whole batch 0.0 (counted as N failures); a
+  non-finite or non-numeric entry scores its item 0.0.
+
+The module's `reward` field is typed `list[Callable] | Callable`, not the `RewardFunction`
+Protocol: jsonargparse accepts a class for a Protocol only if its `__call__` signature matches the
+Protocol's, annotations included, so an unannotated class was rejected ("does not implement
+protocol"). (The list comes first in the union so that a saved config.yaml can write it back.)
+
+The accuracy and pass@k compare the weighted total with `model.correct_threshold`.
+
+Names (for `rollout/reward/<name>`): the reward's `name` attribute if it is a string, else the
+function's `__name__`, else its class name in snake case without a trailing "Reward"
+(`ExactMatchReward` -> `exact_match`); repeated names get `_2`, `_3`, ...
+"""
+from __future__ import annotations
+
+import inspect
+import queue
+import re
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lit_covrl.rewards import ScoreResult, _log_failures, _short, _to_reward, score_completions
+
+__all__ = ["RewardSet", "reward_name", "is_batched"]
+
+RESERVED = ("completion", "completions", "answer", "answers")
+
+
+def _signature(fn: Callable) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature
+        return None
+
+
+def is_batched(fn: Callable) -> bool:
+    """True for a batched reward (lists in, list out): see the module docstring."""
+    flag = getattr(fn, "batched", None)
+    if flag is not None:
+        return bool(flag)
+    sig = _signature(fn)
+    return sig is not None and "completions" in sig.parameters
+
+
+def _accepted(fn: Callable) -> tuple[set[str] | None, set[str]]:
+    """(keyword names `fn` accepts, None if it takes **kwargs; names never to pass by keyword:
+    an item-level reward's first two parameters, which get the completion and the answer)."""
+    sig = _signature(fn)
+    if sig is None:
+        return None, set()
+    params = sig.parameters.values()
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    skip = set() if is_batched(fn) else set(positional[:2])
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None, skip
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - skip, skip
+
+
+def reward_name(fn: Callable) -> str:
+    name = getattr(fn, "name", None)
+    if not isinstance(name, str) or not name:
+        name = getattr(fn, "__name__", None) or type(fn).__name__
+        if not hasattr(fn, "__name__"):
+            name = re.sub(r"(?<!^)(?=[A-Z])", "_", name.removesuffix("Reward") or name).lower()
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def _unique(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        k, cand = 1, n
+        while cand in out:
+            k += 1
+            cand = f"{n}_{k}"
+        out.append(cand)
+    return out
+
+
+class RewardSet:
+    """A weighted sum of reward functions.
+
+    Args:
+        rewards: the reward callables (item-level or batched).
+        weights: one weight per reward (None = all 1.0).
+    """
+
+    def __init__(self, rewards: Sequence[Callable], weights: Sequence[float] | None = None) -> None:
+        self.rewards = list(rewards)
+        if not self.rewards:
+            raise ValueError("model.reward: give at least one reward function")
+        for i, fn in enumerate(self.rewards):
+            if not callable(fn):
+                raise ValueError(f"model.reward[{i}]: {fn!r} is not callable")
+        if weights is None:
+            weights = [1.0] * len(self.rewards)
+        if len(weights) != len(self.rewards):
+            raise ValueError(f"model.reward_weights has {len(weights)} weights for {len(self.rewards)} rewards")
+        self.weights = [float(w) for w in weights]
+        self.names = _unique([reward_name(fn) for fn in self.rewards])
+        self._accepts = [_accepted(fn) for fn in self.rewards]
+
+    def score(
+        self,
+        completions: list[str],
+        answers: list[str],
+        prompts: list[Any] | None = None,
+        columns: list[dict] | None = None,
+        *,
+        timeout_s: float | None = 10.0,
+    ) -> tuple[list[float], dict[str, list[float]], ScoreResult]:
+        """(weighted totals [N], each reward's values by name, failures summed over rewards)."""
+        n = len(completions)
+        prompts = prompts if prompts is not None else [None] * n
+        columns = columns if columns else [{} for _ in range(n)]
+        total = [0.0] * n
+        per_name: dict[str, list[float]] = {}
+        failed = ScoreResult(rewards=[])
+        for fn, w, name, accepts in zip(self.rewards, self.weights, self.names, self._accepts):
+            if is_batched(fn):
+                res = _score_batched(fn, accepts[0], completions, answers, prompts, columns, timeout_s)
+            else:
+                kwargs = [_item_kwargs(*accepts, p, c) for p, c in zip(prompts, columns)]
+                res = score_completions(fn, completions, answers, timeout_s=timeout_s,
+                                        kwargs=kwargs if any(kwargs) else None)
+            per_name[name] = res.rewards
+            total = [t + w * r for t, r in zip(total, res.rewards)]
+            failed.errors += res.errors
+            failed.timeouts += res.timeouts
+            failed.invalid += res.invalid
+        failed.rewards = total
+        return total, per_name, failed
+
+
+def _item_kwargs(accepts: set[str] | None, skip: set[str], prompt: Any, row: dict) -> dict:
+    kw = {k: v for k, v in row.items() if k not in RESERVED and k not in skip}
+    if "prompt" not in skip:
+        kw["prompt"] = prompt
+    return kw if accepts is None else {k: v for k, v in kw.items() if k in accepts}
+
+
+def _batch_kwargs(accepts: set[str] | None, completions, answers, prompts, columns: list[dict]) -> dict:
+    names = dict.fromkeys(k for row in columns for k in row)  # first-seen order
+    kw: dict[str, Any] = {k: [row.get(k) for row in columns] for k in names if k not in RESERVED}
+    kw.update(completions=list(completions), answers=list(answers), prompts=list(prompts))
+    return kw if accepts is None else {k: v for k, v in kw.items() if k in accepts}
+
+
+def _score_batched(fn, accepts, completions, answers, prompts, columns, timeout_s) -> ScoreResult:
+    n = len(completions)
+    kwargs = _batch_kwargs(accepts, completions, answers, prompts, columns)
+    status, value = _run(fn, kwargs, None if timeout_s is None else timeout_s * max(n, 1))
+    if status == "ok":
+        try:
+            values = list(value)
+        except TypeError:
+            status, value = "invalid", f"returned {_short(repr(value))}, expected a list of {n} numbers"
+        else:
+            if len(values) != n:
+                status, value = "invalid", f"returned {len(values)} values for {n} completions"
+    res = ScoreResult(rewards=[0.0] * n)
+    failed: list[tuple[int, str, str]] = []
+    if status != "ok":
+        setattr(res, {"error": "errors", "timeout": "timeouts"}.get(status, "invalid"), n)
+        failed.append((0, status, f"whole batch of {n}: {value}"))
+    else:
+        for i, v in enumerate(values):
+            r = _to_reward(v)
+            if r is None:
+                res.invalid += 1
+                failed.append((i, "invalid", f"returned {_short(repr(v))} (type {type(v).__name__})"))
+            else:
+                res.rewards[i] = r
+    if failed:
+        _log_failures(fn, failed, res, n)
+    return res
+
+
+def _run(fn: Callable, kwargs: dict, timeout_s: float | None) -> tuple[str, Any]:
+    """('ok', value) | ('error', message) | ('timeout', message): one call, optionally on a daemon
+    thread that is abandoned after timeout_s (see lit_covrl.rewards on abandoned threads)."""
+    def call() -> tuple[str, Any]:
+        try:
+            return "ok", fn(**kwargs)
+        except Exception as e:  # noqa: BLE001 - contained by design
+            return "error", f"{type(e).__name__}: {e}"
+
+    if timeout_s is None:
+        return call()
+    box: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=lambda: box.put(call()), name="lit_covrl-reward", daemon=True).start()
+    try:
+        return box.get(timeout=timeout_s)
+    except queue.Empty:
+        return "timeout", f"no result within {timeout_s:g} s (thread abandoned)"

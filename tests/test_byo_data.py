@@ -1,0 +1,227 @@
+"""Bring-your-own data and generation: nested field paths, conversational rows, system prompt,
+tasks by class path, the skipped-rows file, every EOS id and stop strings."""
+from __future__ import annotations
+
+import json
+import logging
+import string
+
+import pytest
+import torch
+
+from lit_covrl.data import PromptDataModule
+from lit_covrl.prompts import encode_prompts
+from lit_covrl.stopping import eos_token_ids, truncate_at_stop_strings
+from lit_covrl.types import Example, Rollout
+
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    from lit_covrl.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer("".join(c for c in string.printable if c not in "\t\n\r\x0b\x0c"))
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def test_nested_fields_conversations_and_columns(tmp_path):
+    convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1?"}]
+    path = write_jsonl(tmp_path / "rows.jsonl", [
+        {"prompt": convo, "reward_model": {"ground_truth": "2", "style": "rule"}, "source": "a"},  # 1 valid
+        {"prompt": "2+2?", "reward_model": {"ground_truth": 4}},  # 2 valid, number answer
+        {"prompt": "3+3?", "reward_model": {"style": "rule"}},  # 3 no ground truth
+        {"prompt": [], "reward_model": {"ground_truth": "0"}},  # 4 empty conversation
+        {"prompt": [{"role": "user"}], "reward_model": {"ground_truth": "0"}},  # 5 no content
+        {"prompt": [{"role": "user", "content": " "}], "reward_model": {"ground_truth": "0"}},  # 6 blank
+        {"prompt": "5+5?", "reward_model.ground_truth": "10"},  # 7 a literal dotted key wins
+    ])
+    dm = PromptDataModule(task=None, train_files=[path], answer_field="reward_model.ground_truth", batch_size=2)
+    dm.setup("fit")
+    assert dm._train_rows == [
+        Example(convo, "2", {"reward_model": {"ground_truth": "2", "style": "rule"}, "source": "a"}),
+        Example("2+2?", "4", {"reward_model": {"ground_truth": 4}}),
+        Example("5+5?", "10", {}),
+    ]
+    assert [s.split(": ", 1)[0].rsplit(":", 1)[1] for s in dm.skipped] == ["3", "4", "5", "6"]
+    assert "missing field 'reward_model.ground_truth'" in dm.skipped[0]
+    assert "empty conversation" in dm.skipped[1] and "message 0" in dm.skipped[2] and "every message is empty" in dm.skipped[3]
+    batch = dm.batch_at(0)
+    assert len(batch.columns) == 2 and all(isinstance(c, dict) for c in batch.columns)
+
+
+def test_verl_parquet_layout(tmp_path):
+    """verl's parquet files: `prompt` a list of messages, the answer in `reward_model.ground_truth`,
+    metadata columns beside them (they reach reward functions as `Example.columns`)."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"data_source": "gsm8k", "prompt": [{"role": "user", "content": "1+1?"}], "ability": "math",
+         "reward_model": {"ground_truth": "2", "style": "rule"}, "extra_info": {"index": 0}},
+        {"data_source": "gsm8k", "prompt": [{"role": "user", "content": "2+3?"}], "ability": "math",
+         "reward_model": {"ground_truth": None, "style": "rule"}, "extra_info": {"index": 1}},
+    ]
+    path = str(tmp_path / "train.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    dm = PromptDataModule(task=None, train_files=[path], answer_field="reward_model.ground_truth", batch_size=1)
+    dm.setup("fit")
+    assert dm._train_rows == [Example([{"role": "user", "content": "1+1?"}], "2", {
+        "data_source": "gsm8k", "ability": "math", "reward_model": {"ground_truth": "2", "style": "rule"},
+        "extra_info": {"index": 0}})]
+    assert dm.skipped == [f"{path}:row 2: null field 'reward_model.ground_truth'"]
+
+
+def test_system_prompt_and_chat_template(tmp_path, chat_tokenizer):
+    path = write_jsonl(tmp_path / "rows.jsonl", [
+        {"prompt": "hi", "answer": "1"},
+        {"prompt": [{"role": "user", "content": "yo"}], "answer": "2"},
+    ])
+    dm = PromptDataModule(task=None, train_files=[path], val_files=[path], system_prompt="S", batch_size=2)
+    dm.setup("fit")
+    prompts = [ex.prompt for ex in dm._train_rows]
+    assert prompts == [[{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}],
+                       [{"role": "user", "content": "yo"}]]  # conversations keep their own messages
+    assert next(iter(dm.val_dataloader())).prompts == prompts
+    ids, mask = encode_prompts(chat_tokenizer, prompts, max_prompt_length=64)
+    texts = [chat_tokenizer.decode(row[m.bool()]) for row, m in zip(ids, mask)]
+    assert texts == ["<system>S<user>hi<assistant>", "<user>yo<assistant>"]
+    with pytest.raises(ValueError, match="is a conversation .*model.chat_template is false"):
+        encode_prompts(chat_tokenizer, prompts, chat_template=False)
+
+
+class SevenTask:
+    name = "sevens"
+
+    def __init__(self, times=1):
+        self.times = times
+
+    def sample(self, rng):
+        a = rng.randint(0, 9)
+        return Example(f"{a}*{self.times}=", str(a * self.times))
+
+
+def test_task_by_class_path_string_and_object():
+    dm = PromptDataModule(task="tests.test_byo_data.SevenTask", task_kwargs={"times": 7}, val_size=3, batch_size=2)
+    assert isinstance(dm.task, SevenTask) and dm.task.times == 7
+    b = dm.batch_at(0)
+    assert all(int(p.split("*")[0]) * 7 == int(a) for p, a in zip(b.prompts, b.answers))
+    dm2 = PromptDataModule(task=SevenTask(3), val_size=3, batch_size=2)
+    assert dm2.hparams.task == "tests.test_byo_data.SevenTask"  # plain data in hparams
+    with pytest.raises(ValueError, match="cannot import"):
+        PromptDataModule(task="tests.test_byo_data.NoSuchTask")
+    with pytest.raises(ValueError, match="no sample"):
+        PromptDataModule(task=object())
+
+
+def test_task_by_class_path_through_the_cli(tmp_path):
+    from lit_covrl.cli import LitCovRLCLI
+    from lit_covrl.module import GRPOModule
+    from tests.test_configs import QUICK
+
+    cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False, args=[
+        "--config", str(QUICK), "--data.task", '{"class_path": "tests.test_byo_data.SevenTask", "init_args": {"times": 4}}',
+        "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert isinstance(cli.datamodule.task, SevenTask) and cli.datamodule.task.times == 4
+
+
+def test_every_skipped_row_is_listed_in_the_log_folder(tmp_path, tiny_model_dir, caplog):
+    import lightning as L
+
+    from tests.test_module import make_module
+
+    rows = [{"prompt": "1+1=", "answer": "2"}] + [{"prompt": f"{i}+"} for i in range(8)] + ["{bad json"]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    dm = PromptDataModule(task=None, train_files=[path], batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=L.pytorch.loggers.TensorBoardLogger(str(tmp_path), name="t"),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        trainer.fit(make_module(tiny_model_dir, max_new_tokens=2), dm)
+    listed = (tmp_path / "t" / "version_0" / "skipped_rows.txt").read_text().splitlines()
+    assert listed == [f"{path}:{n}: missing field 'answer'" for n in range(2, 10)] + [f"{path}:10: invalid JSON "
+                                                                                      + listed[-1].split("invalid JSON ")[1]]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert sum("skipping malformed row" in w for w in warnings) == 5  # the first five, then ...
+    assert any("skipped 9 malformed rows in all" in w for w in warnings)
+    assert any(f"all 9 skipped rows (file:line: reason) are listed in {tmp_path / 't' / 'version_0' / 'skipped_rows.txt'}" in w
+               for w in warnings)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def test_eos_ids_come_from_the_generation_config_and_the_tokenizer():
+    class Cfg:
+        eos_token_id = [7, 3]
+
+    class Model:
+        generation_config = Cfg()
+
+    class Tok:
+        eos_token_id = 3
+
+    assert eos_token_ids(Model(), Tok()) == [7, 3]
+    Cfg.eos_token_id = 9
+    assert eos_token_ids(Model(), Tok()) == [9, 3]
+    assert eos_token_ids(object(), Tok()) == [3]
+
+
+def test_sampler_stops_on_every_eos_id_of_the_generation_config(tiny_model_dir):
+    from tests.test_module import make_module
+
+    module = make_module(tiny_model_dir, max_new_tokens=8)
+    module.configure_model()
+    tok = module.tokenizer
+    five = tok.convert_tokens_to_ids("5")
+    module.policy.generation_config.eos_token_id = [five]  # the tokenizer's <eos> still counts too
+    out = module.generate(["1+2=", "7+8="], 32, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    ends = 0
+    for row, m in zip(out.input_ids[:, -8:], out.response_mask.bool()):
+        kept = row[m].tolist()
+        stops = [i for i, t in enumerate(kept) if t in (five, tok.eos_token_id)]
+        assert stops in ([], [len(kept) - 1])  # a stop id only as the last kept token
+        ends += kept[-1] == five
+    assert ends > 0  # some rows did end on the config's extra id
+
+
+def _rollout(tok, responses: list[str], width: int, truncated: list[bool]) -> tuple[Rollout, int]:
+    prompt = torch.tensor([[tok.convert_tokens_to_ids("1")]] * len(responses))
+    rows, masks = [], []
+    for r in responses:
+        ids = tok(r, add_special_tokens=False)["input_ids"]
+        rows.append(ids + [tok.pad_token_id] * (width - len(ids)))
+        masks.append([1.0] * len(ids) + [0.0] * (width - len(ids)))
+    resp, m = torch.tensor(rows), torch.tensor(masks)
+    return Rollout(torch.cat([prompt, resp], 1), torch.cat([torch.ones_like(prompt), m.long()], 1), m,
+                   torch.full_like(m, -0.5) * m, torch.full_like(m, 2.0) * m, torch.tensor(truncated)), 1
+
+
+def test_stop_strings_cut_the_response_after_the_completing_token(chat_tokenizer):
+    tok = chat_tokenizer
+    eos = tok.eos_token
+    r, p = _rollout(tok, ["12+34+5", "12345", "7==8" + eos, "=="], 8, [True, True, False, True])
+    truncate_at_stop_strings(r, tok, p, ["+", "=="], tok.pad_token_id)
+    # row 0: "+" completes at token 3 -> keep "12+"; row 1: no stop string, unchanged (truncated);
+    # row 2: "==" completes at token 3 -> keep "7==" (its EOS dropped); row 3: "==" is the whole response
+    assert r.response_mask.sum(1).tolist() == [3, 5, 3, 2]
+    assert tok.batch_decode(r.input_ids[:, p:], skip_special_tokens=True) == ["12+", "12345", "7==", "=="]
+    assert r.truncated.tolist() == [False, True, False, False]
+    assert r.attention_mask[:, p:].float().equal(r.response_mask)
+    assert r.logp.equal(-0.5 * r.response_mask) and r.entropy.equal(2.0 * r.response_mask)
+
+
+def test_stop_strings_through_the_module(tiny_model_dir):
+    from tests.test_module import make_module
+
+    module = make_module(tiny_model_dir, max_new_tokens=8, stop=["1"])
+    module.configure_model()
+    out = module.generate(["1+2=", "7+8="], 16, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    for text, n in zip(out.completions, out.response_mask.sum(1).tolist()):
+        assert "1" not in text[:-1] and len(text) <= n  # nothing kept after the first "1"
+    assert any(t.endswith("1") for t in out.completions)

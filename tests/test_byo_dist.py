@@ -1,0 +1,66 @@
+"""Two processes (DDP, gloo): the skipped-rows file is written once without a collective out of
+step (the log folder is a broadcast every rank must join), and `rollout/reward/<name>` is the
+mean over all ranks' completions."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests import _dist
+
+
+def rank_reward(completion, answer):
+    """0 on rank 0, 1 on rank 1: the global mean over equal-sized ranks is 0.5."""
+    return float(os.environ["RANK"])
+
+
+def _worker(rank: int, port: int, model_dir: str, rows: str, out: str) -> None:
+    import lightning as L
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lit_covrl.data import PromptDataModule
+    from lit_covrl.module import GRPOModule
+
+    torch.set_num_threads(1)
+    _dist.elastic_env(rank, 2, port)
+    rec = _dist.Recorder()
+    module = GRPOModule(model=model_dir, reward=[rank_reward, rank_reward], reward_weights=[1.0, 2.0], group_size=2,
+                        max_new_tokens=2, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    data = PromptDataModule(task=None, train_files=[rows], batch_size=2)
+    logger = L.pytorch.loggers.TensorBoardLogger(out, name="t")
+    L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"), max_steps=1,
+              callbacks=[rec], logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(module, data)
+    torch.save(rec.steps, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_skipped_rows_file_and_global_reward_means(tmp_path, tiny_model_dir):
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(8))
+                    + '{"prompt": "9+1="}\n')
+    ctx = mp.start_processes(_worker, args=(_dist.free_port(), tiny_model_dir, str(rows), str(tmp_path)), nprocs=2,
+                             start_method="spawn", join=False)
+    deadline = time.monotonic() + 240  # a rank waiting in a broadcast the other never joins hangs: fail
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.terminate()
+            pytest.fail("2-process run did not finish in 240 s")
+    assert (tmp_path / "t" / "version_0" / "skipped_rows.txt").read_text() == f"{rows}:9: missing field 'answer'\n"
+    assert not (tmp_path / "t" / "version_1").exists()
+    for r in range(2):
+        m = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)[1]
+        assert m["rollout/reward/rank_reward"] == pytest.approx(0.5)  # (0 + 1) / 2 over the ranks
+        assert m["rollout/reward/rank_reward_2"] == pytest.approx(0.5)
+        assert m["rollout/reward_mean"] == pytest.approx(1.5)  # 1.0 * 0.5 + 2.0 * 0.5

@@ -1,0 +1,132 @@
+"""RewardSet: item-level and batched rewards, row columns as keyword arguments, weights, fault
+containment; rewards given through the CLI by dotted path, with and without annotations."""
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from lit_covrl import rewards
+from lit_covrl.reward_set import RewardSet, is_batched, reward_name
+from lit_covrl.rewards import ExactMatchReward
+
+
+@pytest.fixture(autouse=True)
+def fresh_warning_budget(monkeypatch):
+    monkeypatch.setattr(rewards, "_item_warnings_emitted", 0)
+
+
+def plain(completion, answer):
+    return float(completion == answer)
+
+
+class NoAnnotations:
+    def __init__(self, bonus=2.0):
+        self.bonus = bonus
+
+    def __call__(self, completion, answer):
+        return self.bonus if completion == answer else 0.0
+
+
+def with_columns(completion, answer, prompt, difficulty):
+    return difficulty if completion == answer else -1.0
+
+
+def batched(completions, answers, prompts, difficulty):
+    return [d * (c == a) for c, a, d in zip(completions, answers, difficulty)]
+
+
+def test_forms_and_names():
+    assert not is_batched(plain) and not is_batched(NoAnnotations())
+    assert is_batched(batched)
+    flagged = NoAnnotations()
+    flagged.batched = True
+    assert is_batched(flagged)
+    named = NoAnnotations()
+    named.name = "mine"
+    assert [reward_name(f) for f in (plain, NoAnnotations(), ExactMatchReward(), named)] == [
+        "plain", "no_annotations", "exact_match", "mine"]
+    assert RewardSet([plain, plain, plain]).names == ["plain", "plain_2", "plain_3"]
+
+
+def test_item_level_gets_prompt_and_columns_it_names():
+    seen = []
+
+    def spy(completion, answer, prompt, source, **rest):
+        seen.append((completion, answer, prompt, source, rest))
+        return 1.0
+
+    cols = [{"source": "a", "difficulty": 3, "answer": "shadowed"}, {"source": "b", "difficulty": 5}]
+    RewardSet([spy, with_columns]).score(["x", "y"], ["x", "z"], ["p1", "p2"], cols, timeout_s=None)
+    # `answer` from a column never shadows the reference answer; other columns go to **rest
+    assert seen == [("x", "x", "p1", "a", {"difficulty": 3}), ("y", "z", "p2", "b", {"difficulty": 5})]
+    total, per, res = RewardSet([with_columns]).score(["x", "y"], ["x", "z"], ["p1", "p2"], cols, timeout_s=None)
+    assert per["with_columns"] == [3.0, -1.0] and res.failures == 0  # difficulty of row 1; miss = -1
+
+
+def test_weighted_sum_of_item_and_batched_rewards():
+    cols = [{"difficulty": 2}, {"difficulty": 4}, {"difficulty": 8}]
+    rs = RewardSet([plain, NoAnnotations(bonus=3.0), batched], weights=[1.0, 0.5, 0.25])
+    total, per, res = rs.score(["a", "b", "c"], ["a", "x", "c"], ["p"] * 3, cols, timeout_s=5.0)
+    assert per == {"plain": [1.0, 0.0, 1.0], "no_annotations": [3.0, 0.0, 3.0], "batched": [2.0, 0.0, 8.0]}
+    # row 0: 1 + 0.5*3 + 0.25*2 = 3.0; row 1: 0; row 2: 1 + 1.5 + 0.25*8 = 4.5
+    assert total == [3.0, 0.0, 4.5] and res.failures == 0
+
+
+def test_batched_faults_are_contained(caplog):
+    def raises(completions):
+        raise RuntimeError("boom")
+
+    def short(completions):
+        return [1.0]
+
+    def some_bad(completions):
+        return [1.0, float("nan"), "x"]
+
+    def hangs(completions):
+        time.sleep(30)
+
+    for fn, failures, values in [(raises, (3, 0, 0), [0.0] * 3), (short, (0, 0, 3), [0.0] * 3),
+                                 (some_bad, (0, 0, 2), [1.0, 0.0, 0.0]), (hangs, (0, 3, 0), [0.0] * 3)]:
+        t0 = time.perf_counter()
+        total, _, res = RewardSet([fn]).score(["a", "b", "c"], ["a"] * 3, timeout_s=0.1)
+        assert (res.errors, res.timeouts, res.invalid) == failures, fn.__name__
+        assert total == values and all(math.isfinite(v) for v in total)
+        assert time.perf_counter() - t0 < 5  # 0.1 s x 3 items for the hang
+    assert "whole batch of 3" in caplog.text
+
+
+def test_weights_must_match_rewards():
+    with pytest.raises(ValueError, match="reward_weights has 1 weights for 2 rewards"):
+        RewardSet([plain, plain], [1.0])
+    with pytest.raises(ValueError, match=r"model.reward\[1\].*not callable"):
+        RewardSet([plain, 3])
+
+
+@pytest.mark.parametrize("value,kind,name", [
+    ("tests.test_reward_set.plain", "function", "plain"),
+    ("tests.test_reward_set.NoAnnotations", NoAnnotations, "no_annotations"),
+    ('{"class_path": "tests.test_reward_set.NoAnnotations", "init_args": {"bonus": 5}}', NoAnnotations,
+     "no_annotations"),
+    ('[tests.test_reward_set.plain, tests.test_reward_set.batched]', list, None),
+])
+def test_cli_takes_functions_and_unannotated_classes(value, kind, name, tmp_path):
+    """The reward field's type is `Callable | list[Callable]`: jsonargparse's protocol check (which
+    compares annotations) rejected unannotated classes when it was the RewardFunction Protocol."""
+    from lit_covrl.cli import LitCovRLCLI
+    from lit_covrl.data import PromptDataModule
+    from lit_covrl.module import GRPOModule
+    from tests.test_configs import QUICK
+
+    cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False, args=[
+        "--config", str(QUICK), "--model.reward", value, "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    reward = cli.model.reward
+    if kind == "function":
+        assert reward is plain
+    elif kind is list:
+        assert reward == [plain, batched] and cli.model.rewards.names == ["plain", "batched"]
+    else:
+        assert isinstance(reward, kind) and reward.bonus == (5 if "init_args" in value else 2.0)
+    if name:
+        assert cli.model.rewards.names == [name]
