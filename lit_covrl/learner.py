@@ -1,22 +1,22 @@
 """The learner half of an RL step: every optimizer update of one rollout.
 
-For each epoch and each mini-batch (whole prompt groups): the regularizers select over the whole
-mini-batch (all ranks), then micro-batches accumulate gradients of one aggregated loss
+For each epoch and each mini-batch (whole prompt groups): plan the micro-batches, let the
+regularizers select over the whole mini-batch (all ranks), accumulate the gradients of one
+aggregated loss whose denominators are the mini-batch's (so the result does not depend on
+micro_batch_size), step. The whole loss is written in one function, `Learner.loss`:
 
     agg( objective.token_loss(A + sum(advantage shifts)) * prod(weights) + sum(penalties) )
 
-whose denominators are the mini-batch's, so the result does not depend on micro_batch_size.
-The objective is the module's `objective` (PPOClip by default; GSPO, CISPO).
-Each group's prompt is forwarded once per micro-batch (`shared_prompt`, see `_logprobs`).
-A non-finite gradient drops that update whole. Every update goes through the strategy's precision
-plugin (GradScaler unscaling, `on_before_optimizer_step`); only the last of a rollout goes through
-Lightning's optimizer wrapper, so `trainer.global_step` counts rollouts.
+Each group's prompt is forwarded once per micro-batch (`shared_prompt`, see `_logprobs`). A
+non-finite gradient drops that update whole. Every update goes through the driver's optimizer
+step (GRPOModule: the strategy's precision plugin, so AMP's GradScaler unscales before the
+gradients are clipped); `trainer.global_step` counts rollouts.
 
-`Learner` is an object with explicit inputs: the policy, its `LearnerSettings`, the regularizers
-the policy objective (`lit_covrl.objectives`) and an `OptimizerDriver` (how to run backward and an optimizer step: GRPOModule's goes through
-Lightning's strategy). `Learner.update(...)` runs every update of one rollout and returns its
-metrics; `Learner.logprobs(...)` is the no-grad forward the module uses for reference and
-recomputed log-probs.
+`Learner` has explicit inputs: the policy, its `LearnerSettings`, the policy objective
+(`lit_covrl.objectives`), the regularizers and an `OptimizerDriver`. `Learner.update(...)` runs
+every update of one rollout and returns its metrics; `Learner.logprobs(...)` is the no-grad
+forward the module uses for reference and recomputed log-probs. Departures from the reference
+code are listed once, in the README's table "Where we differ from the reference code".
 """
 from __future__ import annotations
 
@@ -135,16 +135,22 @@ class Learner:
         return out
 
     def _update_minibatch(self, mb: "_MiniBatch", *, index: int, last: bool) -> dict:
-        """Regularizers select over the whole mini-batch, then micro-batches accumulate gradients
-        of one aggregated loss whose denominators are the mini-batch's (over all ranks), so the
-        result does not depend on micro_batch_size."""
-        hp, regs = self.settings, self.regularizers
+        """One optimizer update: plan the micro-batches, let the regularizers select over the whole
+        mini-batch, accumulate the gradients of one aggregated loss whose denominators are the
+        mini-batch's (over all ranks, so the result does not depend on micro_batch_size), step."""
         self.driver.zero_grad()
         # decided globally so that all ranks take the same branch (a rank may hold no rows)
         if int(distributed.all_sum(torch.tensor(float(len(mb)), device=mb.mask.device))) == 0:  # all filtered
             return self._optimizer_step(last) if last else {}
-        need_ent = any(r.needs_entropy for r in regs)
-        plan = lockstep_chunks(len(mb), hp.micro_batch_size)  # same length on every rank
+        plan = lockstep_chunks(len(mb), self.settings.micro_batch_size)  # same length on every rank
+        early = self._select(mb, plan, index)
+        metrics = self._accumulate(mb, plan, early)
+        return {**metrics, **self._optimizer_step(last)}
+
+    def _select(self, mb: "_MiniBatch", plan: list, index: int):
+        """Every regularizer's `prepare` on the whole mini-batch (detached, all ranks). Returns the
+        training forward when it had to run early (see `_selection_logprobs`), else None."""
+        need_ent = any(r.needs_entropy for r in self.regularizers)
         current, current_ent, early = self._selection_logprobs(mb, plan, need_ent)
         ctx = MiniBatchContext(
             step=self.step, update=index, on_policy=self._on_policy, logp=current,
@@ -152,8 +158,15 @@ class Learner:
             clipped=self.objective.clipped_tokens(current, mb.old_logp, mb.advantages, mb.mask),
             old_entropy=mb.old_entropy, entropy=current_ent,
         )
-        for reg in regs:
+        for reg in self.regularizers:
             reg.prepare(ctx)
+        return early
+
+    def _accumulate(self, mb: "_MiniBatch", plan: list, early) -> dict:
+        """Backward of every micro-batch's share of the mini-batch loss; returns the update's loss
+        metrics, summed over micro-batches and ranks (one collective)."""
+        hp, regs = self.settings, self.regularizers
+        need_ent = any(r.needs_entropy for r in regs)
         totals = distributed.all_sum(torch.stack([mb.mask.sum(), torch.tensor(float(len(mb)), device=mb.mask.device)]))
         agg = dict(mode=hp.loss_agg_mode, num_tokens=totals[0], num_seqs=totals[1], norm_length=hp.max_new_tokens)
         scale = distributed.world_size()  # gradients are averaged over ranks; we want the global mean
@@ -163,28 +176,45 @@ class Learner:
                 logp = early[0] if early is not None else self._logprobs(*mb.filler, mb.mask.shape[1], False)[0]
                 self.driver.backward(logp.sum() * 0.0)
                 continue
-            m, old, adv = mb.mask[r], mb.old_logp[r], mb.advantages[r]
-            logp, ent = early if early is not None else self._logprobs(mb.input_ids[r], mb.attention_mask[r], m.shape[1], need_ent)
-            shapings = [reg.shape(PolicyBatch(r, logp, old, adv, m, ent, mb.ref_rows(r), mb.old_entropy[r]))
-                        for reg in regs]
-            base = self.objective.token_loss(logp, old, TokenShaping.shifted_advantages(shapings, adv), m)
-            loss = aggregate(TokenShaping.combine(shapings, base), m, **agg)
+            logp, ent = early if early is not None else self._logprobs(mb.input_ids[r], mb.attention_mask[r], mb.mask.shape[1], need_ent)
+            batch = PolicyBatch(r, logp, mb.old_logp[r], mb.advantages[r], mb.mask[r], ent, mb.ref_rows(r), mb.old_entropy[r])
+            loss, shapings, base = self.loss(batch, agg)
             self.driver.backward(loss * scale)
             with torch.no_grad():  # micro-batch terms with mini-batch denominators: they add up
-                parts = {"policy/loss": loss}
-                parts.update({f"reg/{reg.name}/loss": _contribution(s, base, m, agg, self._without_shift(
-                    s, shapings, logp, old, adv, m)) for reg, s in zip(regs, shapings)})
-                parts.update({f"policy/{k}": v for k, v in self.objective.stats(
-                    logp, old, adv, m, num_tokens=totals[0]).items()})
-                for k, v in parts.items():
+                for k, v in self._loss_parts(batch, loss, shapings, base, agg, totals[0]).items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
         # every part is this rank's share of a global mean (mini-batch denominators over all
         # ranks): the global value is their sum over ranks. One collective for all of them.
         keys = self._update_metric_keys(regs)
         zero = mb.mask.new_zeros((), dtype=torch.float32)
         local = torch.stack([sums.get(k, zero).to(zero) for k in keys])
-        totals_parts = distributed.all_sum(local)
-        return {**dict(zip(keys, totals_parts.tolist())), **self._optimizer_step(last)}
+        return dict(zip(keys, distributed.all_sum(local).tolist()))
+
+    def loss(self, b: PolicyBatch, agg: dict) -> tuple[Tensor, list[TokenShaping], Tensor]:
+        """The whole loss of one micro-batch `b` (log-probs with grad), in one place:
+
+            shapings = [reg.shape(b) for reg in regularizers]          (selection made in prepare)
+            A'       = A + sum of the shapings' advantage shifts        (e.g. EntropyAdvantage)
+            base     = objective.token_loss(logp, old_logp, A', mask)   (PPO-clip, GSPO or CISPO)
+            loss_tok = base * prod(weights) + sum(penalties)            (Clip-Cov, 80/20, STEER, ...;
+                                                                         entropy bonus, KL-Cov, ref KL)
+            loss     = aggregate(loss_tok, mask, mode, the mini-batch's denominators over all ranks)
+
+        Returns (loss, shapings, base). Departures from the reference code: README, "Where we
+        differ from the reference code"."""
+        shapings = [reg.shape(b) for reg in self.regularizers]
+        base = self.objective.token_loss(b.logp, b.old_logp, TokenShaping.shifted_advantages(shapings, b.advantages), b.mask)
+        return aggregate(TokenShaping.combine(shapings, base), b.mask, **agg), shapings, base
+
+    def _loss_parts(self, b: PolicyBatch, loss: Tensor, shapings: list[TokenShaping], base: Tensor, agg: dict,
+                    num_tokens: Tensor) -> dict[str, Tensor]:
+        """policy/loss, each regularizer's contribution reg/<name>/loss and the objective's stats."""
+        parts = {"policy/loss": loss}
+        parts.update({f"reg/{reg.name}/loss": _contribution(s, base, b.mask, agg, self._without_shift(
+            s, shapings, b.logp, b.old_logp, b.advantages, b.mask)) for reg, s in zip(self.regularizers, shapings)})
+        parts.update({f"policy/{k}": v for k, v in self.objective.stats(
+            b.logp, b.old_logp, b.advantages, b.mask, num_tokens=num_tokens).items()})
+        return parts
 
     def _without_shift(self, s: TokenShaping, shapings: list, logp, old, adv, m) -> Tensor | None:
         """The objective's token loss without `s`'s advantage shift (None if it has none)."""

@@ -1,10 +1,11 @@
 """GRPOModule: the LightningModule that owns the policy (and, when asked, the reference model)
 and runs one RL step per `training_step`, with manual optimization:
 
-  rollout (G samples per prompt, KV cache) -> score -> advantages -> [reference log-probs]
-  -> for each epoch, for each mini-batch: regularizers select over the whole mini-batch,
-     then micro-batches accumulate gradients of  agg( base * prod(w) + sum(penalty) )
-  -> one optimizer step per mini-batch -> log.
+  rollout (G samples per prompt; more rounds under dynamic sampling) -> score -> advantages
+  -> [reference log-probs] -> `Learner.update`: for each epoch, for each mini-batch, the
+     regularizers select over the whole mini-batch, micro-batches accumulate the gradients of
+     the loss written in `Learner.loss`, one optimizer step -> log.
+Held-out evaluation is an `Evaluator`; the module only wires these pieces to Lightning.
 
 `trainer.global_step` counts RL steps (rollouts), not optimizer updates: only the last update of
 a rollout goes through Lightning's optimizer wrapper. So `trainer.max_steps`, schedules and the
