@@ -62,7 +62,7 @@ def at_repository_root(monkeypatch):
 def run(cmd: list[str], log_dir: Path, *extra: str) -> Path:
     main([*cmd, "--trainer.max_steps", "2", "--trainer.val_check_interval", "1000",
           "--trainer.logger.init_args.save_dir", str(log_dir), *extra])
-    return next(log_dir.rglob("version_0"))
+    return next(p for p in log_dir.rglob("*-v0") if p.is_dir())  # runs are named <method>-<config>-v<N>
 
 
 def test_rewards_example_logs_each_reward_and_their_weighted_sum(tmp_path):
