@@ -91,7 +91,25 @@ def load_policy(name_or_path: str, *, dtype: str = "float32") -> nn.Module:
     path, kwargs = _pretrained_args(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **kwargs)
     model.config.use_cache = False
+    check_finite_weights(model, name_or_path)
     return model
+
+
+def check_finite_weights(model: nn.Module, name_or_path: str) -> None:
+    """ValueError naming the model spec and the first parameter or buffer holding a NaN or an inf:
+    such a model would otherwise fail at the first rollout, deep inside sampling."""
+    with torch.no_grad():
+        for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+            for name, t in named:
+                if not t.is_floating_point() or t.device.type == "meta":
+                    continue
+                bad = t.numel() - int(torch.isfinite(t).sum())
+                if bad:
+                    raise ValueError(
+                        f"model {name_or_path!r}: {kind} {name!r} has {bad} non-finite value(s) (NaN or inf) out "
+                        f"of {t.numel()}; these weights cannot be trained (a diverged run saved them, or the "
+                        "file is corrupt)"
+                    )
 
 
 def empty_policy(name_or_path: str, *, dtype: str = "float32") -> nn.Module:

@@ -96,12 +96,24 @@ def load_sharded(
     shard. Peak memory on rank 0: one full CPU copy + its shards; on every other rank: its shards
     + one full tensor in flight, so a 7B fp32 model is never materialized on every rank.
     Buffers are broadcast too (non-persistent ones, e.g. rotary `inv_freq`, are in no state dict).
-    A collective: every rank must call it.
+    A collective: every rank must call it. If rank 0 cannot load the model (a missing file,
+    non-finite weights, ...), every rank raises (the others name rank 0's error) instead of waiting
+    for a broadcast that never comes.
     """
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    full = load_full() if dist.get_rank() == 0 else None
+    full, error = None, [None]
+    if dist.get_rank() == 0:
+        try:
+            full = load_full()
+        except Exception as err:  # re-raised below; the other ranks raise too
+            error = [f"{type(err).__name__}: {err}"]
+            dist.broadcast_object_list(error, src=0)
+            raise
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise RuntimeError(f"rank 0 could not load the model: {error[0]}")
     model = build_empty()
     shard(model)
     model.to_empty(device=device)
