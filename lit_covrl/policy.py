@@ -74,6 +74,8 @@ def load_tokenizer(name_or_path: str):
 
     path, kwargs = _pretrained_args(name_or_path)
     tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    if not kwargs:
+        tok = _as_saved(tok, path)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
@@ -82,6 +84,29 @@ def load_tokenizer(name_or_path: str):
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer of {name_or_path!r} has no eos token: responses could never stop")
     return tok
+
+
+def _as_saved(tok, path: str):
+    """The tokenizer exactly as its folder's `tokenizer.json` describes it, when AutoTokenizer built
+    another one: transformers 5 rebuilds the tokenizer of some model types from the model type's own
+    class (a Qwen2 model folder gets `Qwen2Tokenizer`, a byte-level BPE without an unknown token),
+    which turns the shipped character tokenizer (a WordLevel model with "<unk>") into one that
+    silently drops every character outside its alphabet. Same ids for every known character."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    file = Path(path) / "tokenizer.json"
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or not file.is_file():
+        return tok
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))["model"]["type"]
+    except (ValueError, KeyError, TypeError):
+        return tok
+    if type(backend.model).__name__ == saved:
+        return tok
+    return PreTrainedTokenizerFast.from_pretrained(path)
 
 
 def load_policy(name_or_path: str, *, dtype: str = "float32") -> nn.Module:

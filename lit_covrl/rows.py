@@ -12,6 +12,7 @@ names raises ValueError naming the fields found, in either mode.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -124,7 +125,7 @@ def read_rows(
     for loc, row in rows:
         checked = _check_row(row, prompt_field, answer_field)
         if isinstance(checked, Example):
-            examples.append(checked)
+            examples.append(dataclasses.replace(checked, source=loc))
             continue
         if strict:
             raise ValueError(f"{loc}: {checked} (strict=True)")

@@ -12,10 +12,12 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Example:
-    """One verifiable prompt: the text shown to the policy and the reference answer."""
+    """One verifiable prompt: the text shown to the policy and the reference answer; `source`
+    says where it was read (`file:line`, for start-up errors), None for generated prompts."""
 
     prompt: str
     answer: str
+    source: str | None = field(default=None, compare=False)
 
 
 @dataclass
