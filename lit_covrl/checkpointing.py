@@ -22,8 +22,9 @@ temporary file (`.<name>.<random>.tmp`, never matching `*.ckpt`), never a broken
   `AtomicCheckpointIO` when the strategy has Lightning's default IO, makes `save_last: link`
   atomic too, and decides what a failed write does (`on_write_error`: stop, or warn and go on).
 
-Not covered: distributed checkpoint folders (FSDP2 with `save_distributed_checkpoint: true`),
-whose shard files torch.distributed.checkpoint writes itself, outside the CheckpointIO.
+Distributed checkpoint folders (FSDP2 with `save_distributed_checkpoint: true`) bypass the
+CheckpointIO: `lit_covrl.sharding.FSDP2Strategy` writes them into a temporary folder next to the
+target and swaps it in with `replace_path` once every rank has written its shards.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-__all__ = ["CheckpointWriteError", "atomic_write", "AtomicCheckpointIO", "AtomicCheckpoint", "ON_WRITE_ERROR"]
+__all__ = ["CheckpointWriteError", "atomic_write", "replace_path", "fsync_tree", "AtomicCheckpointIO", "AtomicCheckpoint",
+           "ON_WRITE_ERROR"]
 
 log = logging.getLogger("lit_covrl")
 
@@ -105,6 +107,56 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             "removed; the file at the checkpoint name, if any, is the previous complete checkpoint)"
         ) from err
     _fsync_dir(folder)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file under `folder`, then the folders themselves."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def replace_path(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Put `src` (a complete file or folder, on dst's filesystem) at `dst` and delete what was there.
+
+    A folder cannot be renamed over a non-empty one: on Linux the two are swapped atomically
+    (renameat2), elsewhere `dst` is first moved aside to `<dst>.<pid>.old`, so a kill in between
+    leaves the previous checkpoint there rather than at its name."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if not os.path.lexists(dst):
+        os.rename(src, dst)
+    elif _exchange(src, dst):
+        _remove(src)  # now the previous checkpoint
+    else:
+        old = f"{dst}.{os.getpid()}.old"
+        os.rename(dst, old)
+        os.rename(src, dst)
+        _remove(old)
+    _fsync_dir(os.path.dirname(os.path.abspath(dst)))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

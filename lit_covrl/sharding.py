@@ -233,3 +233,47 @@ class FSDP2Strategy(_strategy_base()):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """A distributed checkpoint folder is written whole into `.<name>.<random>.tmp` next to
+        it, fsynced, then swapped in (`lit_covrl.checkpointing.replace_path`): a failed write on
+        any rank, or a kill, leaves the previous checkpoint at the name. Single files go through
+        the strategy's CheckpointIO (atomic with `AtomicCheckpointIO`)."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        import shutil
+        import uuid
+        from pathlib import Path
+
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from lit_covrl import distributed
+        from lit_covrl.checkpointing import CheckpointWriteError, fsync_tree, replace_path
+
+        path = Path(self.broadcast(str(filepath))).absolute()
+        tmp = Path(self.broadcast(str(path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")))
+        error = None
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options=storage_options)
+        except (Exception, CheckpointException) as err:  # (a BaseException) reported on every rank below
+            error = err
+        ok = distributed.all_true(error is None)
+        if self.global_rank == 0:
+            try:
+                if ok:
+                    fsync_tree(tmp)
+                    replace_path(tmp, path)
+            except OSError as err:
+                error, ok = err, False
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        ok = distributed.all_true(ok)
+        if not ok:
+            if isinstance(error, CheckpointException):  # one line per failed rank, not their tracebacks
+                cause = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, (e, _) in sorted(error.failures.items()))
+            else:
+                cause = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"
+            raise CheckpointWriteError(
+                f"could not write distributed checkpoint {str(path)!r}: {cause} (temporary folder {str(tmp)!r} "
+                "removed; the checkpoint at that name, if any, is the previous complete one)"
+            ) from error

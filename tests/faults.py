@@ -1,7 +1,8 @@
 """Fault injection for file writes into one folder: a disk that fills up, a write that stalls.
 
-`faulty_folder(folder, ...)` wraps every file opened for writing inside `folder` (through the
-builtin `open`, which `torch.save`, `shutil` and fsspec all use) and counts the bytes written there:
+`faulty_folder(folder, ...)` wraps every file opened for writing inside `folder` or its subfolders
+(through the builtin `open` and `io.open`, which `torch.save`, `shutil`, fsspec and pathlib, hence
+torch.distributed.checkpoint, use) and counts the bytes written there:
 - `capacity=N`: the folder's filesystem holds N bytes in all; the write that crosses N writes what
   fits and raises OSError(ENOSPC), as a full disk does;
 - `stall_on_file=k, marker=path`: the k-th file opened for writing writes its first block, flushes
@@ -14,6 +15,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import io
 import os
 import time
 from pathlib import Path
@@ -62,6 +64,7 @@ def faulty_folder(folder, *, capacity: int | None = None, stall_on_file: int | N
     folder = os.path.realpath(folder)
     disk = _Disk(capacity, stall_on_file, marker)
     real_open, real_sendfile = builtins.open, os.sendfile
+    assert io.open is real_open
     opened: list[str] = []
 
     def fake_open(file, mode="r", *args, **kwargs):
@@ -70,7 +73,7 @@ def faulty_folder(folder, *, capacity: int | None = None, stall_on_file: int | N
             return f
         path = os.path.realpath(os.fspath(file))
         opened.append(path)
-        if os.path.dirname(path) != folder:
+        if not (os.path.dirname(path) + os.sep).startswith(folder + os.sep):
             return f
         disk.files += 1
         return _WrappedFile(f, disk, stall=disk.files == stall_on_file)
@@ -78,8 +81,10 @@ def faulty_folder(folder, *, capacity: int | None = None, stall_on_file: int | N
     def no_sendfile(*args, **kwargs):
         raise OSError(errno.ENOSYS, "sendfile disabled by the fault injector")
 
-    builtins.open, os.sendfile = fake_open, no_sendfile
+    builtins.open = io.open = fake_open
+    os.sendfile = no_sendfile
     try:
         yield opened
     finally:
-        builtins.open, os.sendfile = real_open, real_sendfile
+        builtins.open = io.open = real_open
+        os.sendfile = real_sendfile

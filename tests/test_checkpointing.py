@@ -159,7 +159,8 @@ def test_kill_9_during_a_slow_checkpoint_write_keeps_the_last_complete_one(tiny_
     ck.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": tmp_on_other_fs}
     code = _CHILD.format(root=str(ROOT), ck=str(ck), marker=str(marker), args=_cli_args(tiny_model_dir, ck, 6))
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # cwd: the CLI writes config.yaml there (no logger)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not marker.exists():
         time.sleep(0.05)
@@ -172,7 +173,7 @@ def test_kill_9_during_a_slow_checkpoint_write_keeps_the_last_complete_one(tiny_
     assert len(_stray_temporaries(ck)) == 1  # the half-written temporary file the kill left behind
     resumed = subprocess.run(
         [sys.executable, "-m", "lit_covrl.cli", *_cli_args(tiny_model_dir, ck, 4), "--ckpt_path", str(ck / "last.ckpt")],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _step(ck / "last.ckpt") == 4
