@@ -40,8 +40,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-__all__ = ["CheckpointWriteError", "atomic_write", "replace_path", "fsync_tree", "AtomicCheckpointIO", "AtomicCheckpoint",
-           "ON_WRITE_ERROR"]
+__all__ = ["CheckpointWriteError", "atomic_write", "replace_path", "fsync_tree", "AtomicCheckpointIO",
+           "AtomicCheckpoint", "ON_WRITE_ERROR"]
 
 log = logging.getLogger("lit_covrl")
 
@@ -241,16 +241,12 @@ class AtomicCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
             folder = os.path.dirname(os.path.abspath(linkpath))
             tmp = os.path.join(folder, f".{os.path.basename(linkpath)}.{os.getpid()}.link.tmp")
-            if os.path.isdir(linkpath) and not os.path.islink(linkpath):  # a distributed checkpoint folder
-                shutil.rmtree(linkpath)
             try:
                 if os.path.lexists(tmp):
                     os.unlink(tmp)
                 os.symlink(os.path.relpath(filepath, folder), tmp)
-                os.replace(tmp, linkpath)
-                _fsync_dir(folder)
             except OSError:  # no symlinks here (e.g. Windows without the privilege): an atomic copy
-                if os.path.lexists(tmp):
-                    os.unlink(tmp)
                 atomic_write(linkpath, _copy_into(filepath))
+            else:
+                replace_path(tmp, linkpath)  # also over a distributed checkpoint folder
         trainer.strategy.barrier()

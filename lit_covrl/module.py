@@ -222,7 +222,10 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
         error), naming its file:line; prompts the tokenizer cannot represent are counted, reported
         and handed to the datamodule (`reject_prompts`: an error or skipped, its setting decides)."""
         hp = self.hparams
-        examples = dm.known_examples() if hasattr(dm, "known_examples") else [Example(p, "") for p in dm.known_prompts()]
+        if hasattr(dm, "known_examples"):
+            examples = dm.known_examples()
+        else:
+            examples = [Example(p, "") for p in dm.known_prompts()]
         bad = find_unencodable(self.tokenizer, examples, chat_template=hp.chat_template,
                                max_prompt_length=hp.max_prompt_length if hp.prompt_overflow == "error" else None)
         if bad:

@@ -36,9 +36,10 @@ def _unknown_characters(tokenizer, text: str, add_special_tokens: bool, unk: int
     return list(dict.fromkeys(pieces))
 
 
-def _reason(tokenizer, prompt: str, text: str, ids: list[int], add_special_tokens: bool) -> str | None:
+def _reason(tokenizer, prompt: str, text: str, ids: list[int], add_special_tokens: bool,
+            special: set[int]) -> str | None:
+    """Why the prompt is unencodable, or None. `special`: the special token ids but the unknown one."""
     unk = tokenizer.unk_token_id
-    special = set(tokenizer.all_special_ids) - {unk}
     content = [i for i in ids if i not in special]
     if not content:
         return f"prompt {prompt[:80]!r} encodes to no token"
@@ -59,6 +60,7 @@ def find_unencodable(
     Raises ValueError naming file:line for the first prompt over `max_prompt_length` (None: no limit).
     """
     bad: list[tuple[Example, str]] = []
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
     for start in range(0, len(examples), _CHUNK):
         chunk = examples[start : start + _CHUNK]
         texts, templated = prompt_texts(tokenizer, [ex.prompt for ex in chunk], chat_template=chat_template)
@@ -69,7 +71,7 @@ def find_unencodable(
                     f"{where(ex)}: prompt {ex.prompt[:80]!r} has {len(x)} tokens > max_prompt_length="
                     f"{max_prompt_length}; raise model.max_prompt_length or set model.prompt_overflow: truncate_left"
                 )
-            reason = _reason(tokenizer, ex.prompt, text, x, not templated)
+            reason = _reason(tokenizer, ex.prompt, text, x, not templated, special)
             if reason is not None:
                 bad.append((ex, reason))
     return bad

@@ -172,7 +172,8 @@ def test_kill_9_during_a_slow_checkpoint_write_keeps_the_last_complete_one(tiny_
     assert _step(ck / "last.ckpt") == 2  # the last complete checkpoint, readable
     assert len(_stray_temporaries(ck)) == 1  # the half-written temporary file the kill left behind
     resumed = subprocess.run(
-        [sys.executable, "-m", "lit_covrl.cli", *_cli_args(tiny_model_dir, ck, 4), "--ckpt_path", str(ck / "last.ckpt")],
+        [sys.executable, "-m", "lit_covrl.cli", *_cli_args(tiny_model_dir, ck, 4),
+         "--ckpt_path", str(ck / "last.ckpt")],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -189,5 +190,6 @@ def test_cli_checkpoint_section_takes_on_write_error(tiny_model_dir, tmp_path):
     cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False, args=args)
     cb = cli.trainer.checkpoint_callback
     assert isinstance(cb, AtomicCheckpoint) and cb.on_write_error == "warn"
+    assert cb.state_key.startswith("ModelCheckpoint{")  # resumes the state of runs saved before it
     with pytest.raises(ValueError, match="on_write_error"):
         AtomicCheckpoint(on_write_error="ignore")

@@ -74,7 +74,8 @@ def test_unencodable_prompt_in_a_file_fails_at_start_up_naming_file_line(tiny_mo
     # "What is 1+2?": 12 characters, 9 outside the alphabet "0123456789+-="
     assert str(err.value) == (
         f"{train}:2: prompt 'What is 1+2?' has 9 of 12 tokens unknown to the tokenizer ('<unk>'): "
-        "'W', 'h', 'a', 't', ' ', 'i', 's', '?' (1 more unencodable prompt(s) in the data); fix the file or set data.unencodable_prompts: skip"
+        "'W', 'h', 'a', 't', ' ', 'i', 's', '?' (1 more unencodable prompt(s) in the data); "
+        "fix the file or set data.unencodable_prompts: skip"
     )
     assert module.global_step == 0  # nothing ran
 
