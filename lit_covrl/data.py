@@ -320,6 +320,14 @@ class PromptDataModule(L.LightningDataModule):
             raise RuntimeError("call setup() first")
         return self._train_rows + self._val_examples if self._train_rows is not None else []
 
+    def task_sample(self) -> list[Example]:
+        """A synthetic task's held-out prompts (a sample of what it generates), each labelled with
+        the task's name, for start-up reports; [] for file and HF sources."""
+        if self.task is None or self._val_batches is None:
+            return []
+        label = f"task {self.hparams.task!r}, held-out prompt"
+        return [dataclasses.replace(ex, source=f"{label} {i}") for i, ex in enumerate(self._val_examples, 1)]
+
     def reject_prompts(self, rejected: list[tuple[Example, str]]) -> None:
         """Prompts of `known_examples()` the tokenizer cannot represent, with the reason (from the
         module's start-up check): ValueError naming the first (unencodable_prompts: error), or

@@ -233,6 +233,12 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
                         len(bad), len(examples), where(bad[0][0]), bad[0][1])
             if hasattr(dm, "reject_prompts"):
                 dm.reject_prompts(bad)
+        sample = dm.task_sample() if hasattr(dm, "task_sample") else []
+        bad = find_unencodable(self.tokenizer, sample, chat_template=hp.chat_template)
+        if bad:  # a task's prompts are generated, not read: reported, never dropped
+            log.warning("%d of %d held-out prompts of the task encode to the tokenizer's unknown token or to nothing, "
+                        "and its training prompts are generated alike (first: %s: %s)",
+                        len(bad), len(sample), where(bad[0][0]), bad[0][1])
 
     @property
     def updates_per_rollout(self) -> int | None:

@@ -107,3 +107,14 @@ def test_overlong_prompt_error_names_file_line(tiny_model_dir, tmp_path):
 def test_unencodable_prompts_setting_is_checked():
     with pytest.raises(ValueError, match="unencodable_prompts='drop'; valid: \\['error', 'skip'\\]"):
         PromptDataModule(unencodable_prompts="drop")
+
+
+def test_a_task_the_tokenizer_cannot_represent_is_reported(tiny_model_dir, caplog):
+    """Generated prompts are not dropped, but a task outside the tokenizer's alphabet (word problems
+    for a digits-only tokenizer) is reported at start-up, from its held-out prompts."""
+    data = PromptDataModule(task="word_problems", batch_size=2, val_size=6, val_batch_size=6)
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        fit(make_module(tiny_model_dir, max_new_tokens=2), data, steps=1, limit_val_batches=0)
+    reports = [r.getMessage() for r in caplog.records if "held-out prompts of the task" in r.getMessage()]
+    assert len(reports) == 1 and reports[0].startswith("6 of 6 held-out prompts"), reports
+    assert "(first: task 'word_problems', held-out prompt 1: prompt " in reports[0], reports
