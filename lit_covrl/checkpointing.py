@@ -13,7 +13,8 @@ renamed over the target (`os.replace`, atomic on POSIX within one filesystem), a
 fsynced so the rename itself survives a power loss. On any failure the temporary file is removed
 and a `CheckpointWriteError` names the checkpoint, the temporary file and the cause; the file at
 the checkpoint name (if any) is the previous, complete one. A kill -9 can leave a stray
-temporary file (`.<name>.<random>.tmp`, never matching `*.ckpt`), never a broken checkpoint.
+temporary file (`.<name>.<random>.tmp`, never matching `*.ckpt`), never a broken checkpoint;
+`AtomicCheckpoint` removes such leftovers when the next fit starts in that folder.
 
 - `atomic_write(path, write)`: the primitive.
 - `AtomicCheckpointIO`: a `TorchCheckpointIO` whose local saves use it (remote URLs keep
@@ -30,8 +31,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -77,6 +79,17 @@ def _os_error_in(err: BaseException) -> OSError | None:
     return None
 
 
+def temporary_name(path: str | os.PathLike) -> str:
+    """`<folder>/.<name>.<8 random hex digits>.tmp`: hidden, never `*.ckpt`, never "last*"."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    return os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+
+
+def is_temporary_name(name: str) -> bool:
+    """A name made by `temporary_name` (left behind by a killed write)."""
+    return re.fullmatch(r"\..+\.[0-9a-f]{8}\.tmp", name) is not None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     """Call `write(f)` on a temporary file next to `path`, fsync it and rename it over `path`.
 
@@ -86,10 +99,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     path = os.path.abspath(os.fspath(path))
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = temporary_name(path)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:  # a new file with the umask's permissions, as a plain save would have
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -204,12 +216,24 @@ class AtomicCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero:
+            self._remove_stale_temporaries()
         strategy = trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a user's plugin
             strategy.checkpoint_io = AtomicCheckpointIO()
         elif not isinstance(strategy.checkpoint_io, AtomicCheckpointIO):
             log.info("checkpoint IO %s kept as configured: checkpoint files are written by it, not atomically "
                      "by lit_covrl", type(strategy.checkpoint_io).__name__)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files and folders a killed write left in the checkpoint folder."""
+        folder = self.dirpath
+        if not folder or not _is_local_file_protocol(folder) or not os.path.isdir(folder):
+            return
+        for name in sorted(os.listdir(folder)):
+            if is_temporary_name(name):
+                log.info("removing %s, left by an interrupted checkpoint write", os.path.join(folder, name))
+                _remove(os.path.join(folder, name))
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         self._last_write_failed = False
@@ -240,10 +264,8 @@ class AtomicCheckpoint(ModelCheckpoint):
         a rename, so `last.ckpt` always names a complete checkpoint."""
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
             folder = os.path.dirname(os.path.abspath(linkpath))
-            tmp = os.path.join(folder, f".{os.path.basename(linkpath)}.{os.getpid()}.link.tmp")
+            tmp = temporary_name(linkpath)
             try:
-                if os.path.lexists(tmp):
-                    os.unlink(tmp)
                 os.symlink(os.path.relpath(filepath, folder), tmp)
             except OSError:  # no symlinks here (e.g. Windows without the privilege): an atomic copy
                 atomic_write(linkpath, _copy_into(filepath))

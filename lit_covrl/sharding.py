@@ -242,16 +242,15 @@ class FSDP2Strategy(_strategy_base()):
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
         import shutil
-        import uuid
         from pathlib import Path
 
         from torch.distributed.checkpoint.api import CheckpointException
 
         from lit_covrl import distributed
-        from lit_covrl.checkpointing import CheckpointWriteError, fsync_tree, replace_path
+        from lit_covrl.checkpointing import CheckpointWriteError, fsync_tree, replace_path, temporary_name
 
         path = Path(self.broadcast(str(filepath))).absolute()
-        tmp = Path(self.broadcast(str(path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")))
+        tmp = Path(self.broadcast(temporary_name(path)))
         error = None
         try:
             super().save_checkpoint(checkpoint, tmp, storage_options=storage_options)

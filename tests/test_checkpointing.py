@@ -21,7 +21,9 @@ import lightning as L
 import pytest
 import torch
 
-from lit_covrl.checkpointing import AtomicCheckpoint, AtomicCheckpointIO, CheckpointWriteError, atomic_write
+from lit_covrl.checkpointing import (
+    AtomicCheckpoint, AtomicCheckpointIO, CheckpointWriteError, atomic_write, is_temporary_name, temporary_name,
+)
 from tests.faults import faulty_folder
 from tests.test_module import make_data, make_module
 
@@ -78,6 +80,18 @@ def test_atomic_write_failure_removes_the_temporary_and_keeps_the_previous_file(
         atomic_write(target, half_then_fail)
     assert target.read_bytes() == b"complete"
     assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_checkpoint_file_permissions_follow_the_umask_and_temporary_names_are_recognised(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.ckpt", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.ckpt").stat().st_mode & 0o777 == 0o644  # as a plain open() would make it
+    name = os.path.basename(temporary_name(tmp_path / "last.ckpt"))
+    assert name.startswith(".last.ckpt.") and is_temporary_name(name)
+    assert not any(is_temporary_name(n) for n in ["last.ckpt", "epoch=0-step=3.ckpt", ".last.ckpt.tmp", "x.tmp"])
 
 
 def test_temporary_file_is_in_the_checkpoint_folder_whatever_tmpdir_says(tmp_path, tmp_on_other_fs):
@@ -178,6 +192,7 @@ def test_kill_9_during_a_slow_checkpoint_write_keeps_the_last_complete_one(tiny_
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _step(ck / "last.ckpt") == 4
+    assert _stray_temporaries(ck) == []  # the leftover was removed when the resumed fit started
 
 
 def test_cli_checkpoint_section_takes_on_write_error(tiny_model_dir, tmp_path):
