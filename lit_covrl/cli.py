@@ -19,9 +19,10 @@ import os
 import sys
 from argparse import ArgumentError
 
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from lit_covrl.checkpointing import AtomicCheckpoint
 from lit_covrl.dashboard import name_run
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
@@ -31,8 +32,9 @@ from lit_covrl.progress import RLProgressBar
 class LitCovRLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # always-on checkpointing, configured under `checkpoint:`; keeps `trainer.callbacks` free
-        # for the regularizers, so method configs can be stacked on a base config
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # for the regularizers, so method configs can be stacked on a base config. Atomic files and
+        # `checkpoint.on_write_error` (stop | warn): lit_covrl.checkpointing
+        parser.add_lightning_class_args(AtomicCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 50})
         parser.add_argument(
             "--torch_threads", type=int | None, default=None,

@@ -44,6 +44,7 @@ log = logging.getLogger("lit_covrl")
 
 _SUFFIXES = (".jsonl", ".json", ".parquet")
 _MAX_ROW_WARNINGS = 5  # per file; the rest are summarized
+UNENCODABLE = ("error", "skip")
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -120,6 +121,9 @@ class PromptDataModule(L.LightningDataModule):
         val_batch_size: prompts per validation batch.
         seed: seed of the train stream and of the task's held-out set.
         strict: raise on the first malformed row instead of skipping it.
+        unencodable_prompts: a prompt the policy's tokenizer cannot represent (it encodes to the
+            unknown token or to nothing; checked at start-up by the module): "error" (ValueError
+            naming its file:line) or "skip" (dropped, warned about and counted like a malformed row).
     """
 
     def __init__(
@@ -140,6 +144,7 @@ class PromptDataModule(L.LightningDataModule):
         val_batch_size: int = 16,
         seed: int = 0,
         strict: bool = False,
+        unencodable_prompts: str = "error",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -160,6 +165,8 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"val_batch_size must be >= 1, got {val_batch_size}")
         if val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {val_size}")
+        if unencodable_prompts not in UNENCODABLE:
+            raise ValueError(f"unencodable_prompts={unencodable_prompts!r}; valid: {list(UNENCODABLE)}")
         if hf_val_split is not None and hf_dataset is None:
             raise ValueError("hf_val_split needs hf_dataset")
         if hf_val_split is not None and val_files:
@@ -187,6 +194,7 @@ class PromptDataModule(L.LightningDataModule):
         self.skipped_rows = 0
         self.skipped: list[str] = []  # "file:line: reason" of every skipped row
         self._train_rows: list[Example] | None = None
+        self._val_examples: list[Example] = []
         self._val_batches: list[PromptBatch] | None = None
         self._perms: dict[tuple[str, int], list[int]] = {}
 
@@ -212,7 +220,8 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"no valid training rows in {hp.train_files or hp.hf_dataset} ({self.skipped_rows} skipped)")
         if hp.system_prompt is not None and self._train_rows is not None:
             self._train_rows = [self._with_system(ex) for ex in self._train_rows]
-        self._val_batches = _batched([self._with_system(ex) for ex in val], hp.val_batch_size)
+        self._val_examples = [self._with_system(ex) for ex in val]
+        self._val_batches = _batched(self._val_examples, hp.val_batch_size)
         self._write_skipped()
         log.info(self.describe())
 
@@ -358,6 +367,46 @@ class PromptDataModule(L.LightningDataModule):
             raise RuntimeError("call setup() first")
         val = [p for b in self._val_batches for p in b.prompts]
         return [ex.prompt for ex in self._train_rows] + val if self._train_rows is not None else []
+
+    def known_examples(self) -> list[Example]:
+        """`known_prompts` as Examples, each with its `source` (file:line) when read from a file."""
+        if self._val_batches is None:
+            raise RuntimeError("call setup() first")
+        return self._train_rows + self._val_examples if self._train_rows is not None else []
+
+    def task_sample(self) -> list[Example]:
+        """A synthetic task's held-out prompts (a sample of what it generates), each labelled with
+        the task's name, for start-up reports; [] for file and HF sources."""
+        if self.task is None or self._val_batches is None:
+            return []
+        label = f"task {self.hparams.task!r}, held-out prompt"
+        return [dataclasses.replace(ex, source=f"{label} {i}") for i, ex in enumerate(self._val_examples, 1)]
+
+    def reject_prompts(self, rejected: list[tuple[Example, str]]) -> None:
+        """Prompts of `known_examples()` the tokenizer cannot represent, with the reason (from the
+        module's start-up check): ValueError naming the first (unencodable_prompts: error), or
+        dropped from the train rows and held-out batches and counted in `skipped_rows` (skip)."""
+        if not rejected:
+            return
+        if self.hparams.unencodable_prompts == "error":
+            ex, reason = rejected[0]
+            more = f" ({len(rejected) - 1} more unencodable prompt(s) in the data)" if len(rejected) > 1 else ""
+            raise ValueError(f"{ex.source or 'a prompt'}: {reason}{more}; fix the file or set "
+                             "data.unencodable_prompts: skip")
+        for ex, reason in rejected[:_MAX_ROW_WARNINGS]:
+            log.warning("skipping unencodable prompt %s: %s", ex.source or "", reason)
+        drop = {id(ex) for ex, _ in rejected}
+        self._train_rows = [ex for ex in self._train_rows if id(ex) not in drop]
+        self._val_examples = [ex for ex in self._val_examples if id(ex) not in drop]
+        self._val_batches = _batched(self._val_examples, self.hparams.val_batch_size)
+        self._perms.clear()
+        self.skipped_rows += len(rejected)
+        self.rows_used -= len(rejected)
+        log.warning("skipped %d prompt(s) the tokenizer cannot represent (data.unencodable_prompts: skip)",
+                    len(rejected))
+        if not self._train_rows:
+            raise ValueError(f"no valid training rows in {self.hparams.train_files or self.hparams.hf_dataset} "
+                             f"({self.skipped_rows} skipped)")
 
     def transfer_batch_to_device(self, batch: Any, device, dataloader_idx: int) -> Any:
         # prompt batches are strings: nothing to move (and no slow recursive walk over them)

@@ -33,6 +33,7 @@ from lit_covrl.learner import Learner, LearnerSettings
 from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics
 from lit_covrl.objectives import Objective, resolve_objective
 from lit_covrl.policy import empty_policy, load_policy, load_tokenizer, resolve_dtype
+from lit_covrl.prompt_check import find_unencodable, where
 from lit_covrl.prompts import encode_prompts
 from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.reward_set import RewardSet
@@ -42,7 +43,7 @@ from lit_covrl.sharding import (
     check_sharding_args, check_strategy, checkpoint_layers, gathered_for_rollout, load_sharded, shard_model,
 )
 from lit_covrl.stopping import eos_token_ids, truncate_at_stop_strings
-from lit_covrl.types import PromptBatch, Rollout
+from lit_covrl.types import Example, PromptBatch, Rollout
 
 log = logging.getLogger("lit_covrl")
 # the policy is kept in eval mode on purpose (no dropout in RL: rollout policy == trained policy)
@@ -276,18 +277,33 @@ class GRPOModule(L.LightningModule):
                 f"model.max_gen_rounds={self.hparams.max_gen_rounds} (dynamic sampling) needs a datamodule with "
                 "regen_batch(index, round, rounds) to draw fresh prompts, such as lit_covrl.data.PromptDataModule"
             )
-        if self.hparams.prompt_overflow == "error" and hasattr(dm, "known_prompts"):
-            self._check_prompt_lengths(dm.known_prompts())
+        if hasattr(dm, "known_prompts"):
+            self._check_prompts(dm)
         seed = self.hparams.seed + 1_000_003 * self.global_rank
         self.rollout_generator = torch.Generator(device=self.device).manual_seed(seed)
 
-    def _check_prompt_lengths(self, prompts: list[str]) -> None:
-        """Fail at start-up, not hours in, on a prompt over max_prompt_length (prompt_overflow: error)."""
-        for i in range(0, len(prompts), 512):
-            encode_prompts(
-                self.tokenizer, prompts[i : i + 512], chat_template=self.hparams.chat_template,
-                max_prompt_length=self.hparams.max_prompt_length, overflow="error",
-            )
+    def _check_prompts(self, dm) -> None:
+        """Fail at start-up, not hours in, on a prompt over max_prompt_length (prompt_overflow:
+        error), naming its file:line; prompts the tokenizer cannot represent are counted, reported
+        and handed to the datamodule (`reject_prompts`: an error or skipped, its setting decides)."""
+        hp = self.hparams
+        if hasattr(dm, "known_examples"):
+            examples = dm.known_examples()
+        else:
+            examples = [Example(p, "") for p in dm.known_prompts()]
+        bad = find_unencodable(self.tokenizer, examples, chat_template=hp.chat_template,
+                               max_prompt_length=hp.max_prompt_length if hp.prompt_overflow == "error" else None)
+        if bad:
+            log.warning("%d of %d prompts encode to the tokenizer's unknown token or to nothing (first: %s: %s)",
+                        len(bad), len(examples), where(bad[0][0]), bad[0][1])
+            if hasattr(dm, "reject_prompts"):
+                dm.reject_prompts(bad)
+        sample = dm.task_sample() if hasattr(dm, "task_sample") else []
+        bad = find_unencodable(self.tokenizer, sample, chat_template=hp.chat_template)
+        if bad:  # a task's prompts are generated, not read: reported, never dropped
+            log.warning("%d of %d held-out prompts of the task encode to the tokenizer's unknown token or to nothing, "
+                        "and its training prompts are generated alike (first: %s: %s)",
+                        len(bad), len(sample), where(bad[0][0]), bad[0][1])
 
     @property
     def updates_per_rollout(self) -> int | None:

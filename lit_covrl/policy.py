@@ -75,6 +75,8 @@ def load_tokenizer(name_or_path: str):
 
     path, kwargs = _pretrained_args(name_or_path)
     tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    if not kwargs:
+        tok = _as_saved(tok, path)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
@@ -85,6 +87,29 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
+def _as_saved(tok, path: str):
+    """The tokenizer exactly as its folder's `tokenizer.json` describes it, when AutoTokenizer built
+    another one: transformers 5 rebuilds the tokenizer of some model types from the model type's own
+    class (a Qwen2 model folder gets `Qwen2Tokenizer`, a byte-level BPE without an unknown token),
+    which turns the shipped character tokenizer (a WordLevel model with "<unk>") into one that
+    silently drops every character outside its alphabet. Same ids for every known character."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    file = Path(path) / "tokenizer.json"
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or not file.is_file():
+        return tok
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))["model"]["type"]
+    except (ValueError, KeyError, TypeError):
+        return tok
+    if type(backend.model).__name__ == saved:
+        return tok
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
 def load_policy(name_or_path: str, *, dtype: str = "float32") -> nn.Module:
     """Any Hugging Face causal LM by hub name, local directory or GGUF spec, in train mode."""
     from transformers import AutoModelForCausalLM
@@ -92,7 +117,27 @@ def load_policy(name_or_path: str, *, dtype: str = "float32") -> nn.Module:
     path, kwargs = _pretrained_args(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **kwargs)
     model.config.use_cache = False
+    check_finite_weights(model, name_or_path)
     return model
+
+
+def check_finite_weights(model: nn.Module, name_or_path: str) -> None:
+    """ValueError naming the model spec and the first parameter or buffer holding a NaN or an inf:
+    such a model would otherwise fail at the first rollout, deep inside sampling."""
+    with torch.no_grad():
+        for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+            for name, t in named:
+                if not t.is_floating_point() or t.device.type == "meta":
+                    continue
+                if t.numel() == 0 or all(torch.isfinite(v) for v in torch.aminmax(t.detach())):
+                    continue  # NaN and +-inf all show in (min, max): one cheap pass, no temporary
+                bad = int((~torch.isfinite(t)).sum())
+                if bad:
+                    raise ValueError(
+                        f"model {name_or_path!r}: {kind} {name!r} has {bad} non-finite value(s) (NaN or inf) out "
+                        f"of {t.numel()}; these weights cannot be trained (a diverged run saved them, or the "
+                        "file is corrupt)"
+                    )
 
 
 def empty_policy(name_or_path: str, *, dtype: str = "float32") -> nn.Module:

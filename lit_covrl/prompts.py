@@ -11,6 +11,22 @@ from torch import Tensor
 PROMPT_OVERFLOW = ("error", "truncate_left")
 
 
+def prompt_texts(tokenizer, prompts: list[str | list[dict]], *, chat_template: bool | None = None) -> tuple[list[str], bool]:
+    """(the texts the tokenizer encodes, whether they went through the chat template); see
+    `encode_prompts` for `chat_template`."""
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if chat_template and not has_template:
+        raise ValueError("chat_template=True but the tokenizer has no chat template")
+    use_template = has_template if chat_template is None else chat_template
+    return [_render(tokenizer, p, use_template) for p in prompts], use_template
+
+
+def prompt_token_ids(tokenizer, prompts: list[str | list[dict]], *, chat_template: bool | None = None) -> list[list[int]]:
+    """The token ids of each prompt as the policy sees it (templated or raw), unpadded, untruncated."""
+    texts, use_template = prompt_texts(tokenizer, prompts, chat_template=chat_template)
+    return tokenizer(texts, add_special_tokens=not use_template)["input_ids"]
+
+
 def encode_prompts(
     tokenizer,
     prompts: list[str | list[dict]],
@@ -27,12 +43,7 @@ def encode_prompts(
     """
     if overflow not in PROMPT_OVERFLOW:
         raise ValueError(f"prompt_overflow={overflow!r}; valid: {list(PROMPT_OVERFLOW)}")
-    has_template = getattr(tokenizer, "chat_template", None) is not None
-    if chat_template and not has_template:
-        raise ValueError("chat_template=True but the tokenizer has no chat template")
-    use_template = has_template if chat_template is None else chat_template
-    texts = [_render(tokenizer, p, use_template) for p in prompts]
-    ids = tokenizer(texts, add_special_tokens=not use_template)["input_ids"]
+    ids = prompt_token_ids(tokenizer, prompts, chat_template=chat_template)
     too_long = [i for i, x in enumerate(ids) if len(x) > max_prompt_length]
     if too_long and overflow == "error":
         i = too_long[0]

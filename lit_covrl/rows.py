@@ -18,6 +18,7 @@ top-level column of a valid row is kept in `Example.columns` (for reward keyword
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -169,7 +170,7 @@ def read_rows(
     for loc, row in rows:
         checked = _check_row(row, prompt_field, answer_field)
         if isinstance(checked, Example):
-            examples.append(checked)
+            examples.append(dataclasses.replace(checked, source=loc))
             continue
         if strict:
             raise ValueError(f"{loc}: {checked} (strict=True)")

@@ -96,12 +96,24 @@ def load_sharded(
     shard. Peak memory on rank 0: one full CPU copy + its shards; on every other rank: its shards
     + one full tensor in flight, so a 7B fp32 model is never materialized on every rank.
     Buffers are broadcast too (non-persistent ones, e.g. rotary `inv_freq`, are in no state dict).
-    A collective: every rank must call it.
+    A collective: every rank must call it. If rank 0 cannot load the model (a missing file,
+    non-finite weights, ...), every rank raises (the others name rank 0's error) instead of waiting
+    for a broadcast that never comes.
     """
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    full = load_full() if dist.get_rank() == 0 else None
+    full, error = None, [None]
+    if dist.get_rank() == 0:
+        try:
+            full = load_full()
+        except Exception as err:  # re-raised below; the other ranks raise too
+            error = [f"{type(err).__name__}: {err}"]
+            dist.broadcast_object_list(error, src=0)
+            raise
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise RuntimeError(f"rank 0 could not load the model: {error[0]}")
     model = build_empty()
     shard(model)
     model.to_empty(device=device)
@@ -224,6 +236,48 @@ class FSDP2Strategy(_strategy_base()):
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """A distributed checkpoint folder is written whole into `.<name>.<random>.tmp` next to
+        it, fsynced, then swapped in (`lit_covrl.checkpointing.replace_path`): a failed write on
+        any rank, or a kill, leaves the previous checkpoint at the name. Single files go through
+        the strategy's CheckpointIO (atomic with `AtomicCheckpointIO`)."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        import shutil
+        from pathlib import Path
+
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from lit_covrl import distributed
+        from lit_covrl.checkpointing import CheckpointWriteError, fsync_tree, replace_path, temporary_name
+
+        path = Path(self.broadcast(str(filepath))).absolute()
+        tmp = Path(self.broadcast(temporary_name(path)))
+        error = None
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options=storage_options)
+        except (Exception, CheckpointException) as err:  # (a BaseException) reported on every rank below
+            error = err
+        ok = distributed.all_true(error is None)
+        if self.global_rank == 0:
+            try:
+                if ok:
+                    fsync_tree(tmp)
+                    replace_path(tmp, path)
+            except OSError as err:
+                error, ok = err, False
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        ok = distributed.all_true(ok)
+        if not ok:
+            if isinstance(error, CheckpointException):  # one line per failed rank, not their tracebacks
+                cause = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, (e, _) in sorted(error.failures.items()))
+            else:
+                cause = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"
+            raise CheckpointWriteError(
+                f"could not write distributed checkpoint {str(path)!r}: {cause} (temporary folder {str(tmp)!r} "
+                "removed; the checkpoint at that name, if any, is the previous complete one)"
+            ) from error
 
 # Lightning names its strategies in a registry: `strategy: fsdp2` (YAML) and `--trainer.strategy
 # fsdp2` select FSDP2Strategy with its defaults, and so does the dotted class path given as a plain

@@ -5,7 +5,10 @@ special tokens pad "<pad>", unk "<unk>", bos "<bos>", eos "<eos>", then the alph
 No special token is added automatically: encode("47+85=") is exactly 6 ids. Decoding
 concatenates the characters (no spaces); `skip_special_tokens=True` drops pad/bos/eos.
 The result is a plain `PreTrainedTokenizerFast` (a `tokenizer.json`), so `save_pretrained` and
-`AutoTokenizer.from_pretrained(folder)` round-trip without any lit_covrl code.
+`PreTrainedTokenizerFast.from_pretrained(folder)` round-trip without any lit_covrl code. (In a
+folder whose config.json names a model type such as qwen2, transformers 5's `AutoTokenizer` builds
+that type's own tokenizer class instead, which drops unknown characters rather than mapping them
+to "<unk>"; `lit_covrl.policy.load_tokenizer` keeps the saved one.)
 """
 from __future__ import annotations
 

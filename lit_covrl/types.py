@@ -14,12 +14,14 @@ from torch import Tensor
 @dataclass(frozen=True)
 class Example:
     """One verifiable prompt: the text shown to the policy (or a conversation, a list of
-    `{role, content}` messages rendered by the chat template), the reference answer, and the
-    row's other columns (passed to reward functions as keyword arguments)."""
+    `{role, content}` messages rendered by the chat template), the reference answer, the row's
+    other columns (passed to reward functions as keyword arguments) and `source`, where it was
+    read (`file:line`, for start-up errors; None for generated prompts)."""
 
     prompt: str | list[dict]
     answer: str
     columns: dict[str, Any] = field(default_factory=dict, hash=False)
+    source: str | None = field(default=None, compare=False)
 
 
 @dataclass

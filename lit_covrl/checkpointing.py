@@ -1,0 +1,274 @@
+"""Atomic checkpoint files: a failed or killed write never leaves an unreadable file at a
+checkpoint name, and never destroys the previous checkpoint.
+
+Lightning 2.6 writes a checkpoint file through the strategy's `CheckpointIO`; its default
+`TorchCheckpointIO` serializes into memory and writes through an fsspec transaction whose
+temporary file lives in the *system* temporary folder. When that folder is on another filesystem
+than the checkpoint folder (a node-local /tmp, shared checkpoint storage), the final move is a
+copy that truncates and rewrites the target in place: a full disk or a kill during the copy
+leaves a truncated `last.ckpt`, and the previous good one is gone.
+
+Here every file is written to a temporary name *in the target folder*, flushed and fsynced, then
+renamed over the target (`os.replace`, atomic on POSIX within one filesystem), and the folder is
+fsynced so the rename itself survives a power loss. On any failure the temporary file is removed
+and a `CheckpointWriteError` names the checkpoint, the temporary file and the cause; the file at
+the checkpoint name (if any) is the previous, complete one. A kill -9 can leave a stray
+temporary file (`.<name>.<random>.tmp`, never matching `*.ckpt`), never a broken checkpoint;
+`AtomicCheckpoint` removes such leftovers when the next fit starts in that folder.
+
+- `atomic_write(path, write)`: the primitive.
+- `AtomicCheckpointIO`: a `TorchCheckpointIO` whose local saves use it (remote URLs keep
+  Lightning's fsspec path; object stores publish whole objects anyway).
+- `AtomicCheckpoint`: Lightning's `ModelCheckpoint` (the CLI's `checkpoint:` section) that installs
+  `AtomicCheckpointIO` when the strategy has Lightning's default IO, makes `save_last: link`
+  atomic too, and decides what a failed write does (`on_write_error`: stop, or warn and go on).
+
+Distributed checkpoint folders (FSDP2 with `save_distributed_checkpoint: true`) bypass the
+CheckpointIO: `lit_covrl.sharding.FSDP2Strategy` writes them into a temporary folder next to the
+target and swaps it in with `replace_path` once every rank has written its shards.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable
+from typing import IO, Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+__all__ = ["CheckpointWriteError", "atomic_write", "replace_path", "fsync_tree", "AtomicCheckpointIO",
+           "AtomicCheckpoint", "ON_WRITE_ERROR"]
+
+log = logging.getLogger("lit_covrl")
+
+ON_WRITE_ERROR = ("stop", "warn")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint file could not be written; the previous file at that name is unchanged."""
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. a platform that cannot open folders: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind `err`, if any: torch.save reports a failed write of its file object as a
+    RuntimeError ("unexpected pos ...") whose context is the OSError (e.g. ENOSPC)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def temporary_name(path: str | os.PathLike) -> str:
+    """`<folder>/.<name>.<8 random hex digits>.tmp`: hidden, never `*.ckpt`, never "last*"."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    return os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+
+
+def is_temporary_name(name: str) -> bool:
+    """A name made by `temporary_name` (left behind by a killed write)."""
+    return re.fullmatch(r"\..+\.[0-9a-f]{8}\.tmp", name) is not None
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Call `write(f)` on a temporary file next to `path`, fsync it and rename it over `path`.
+
+    Raises CheckpointWriteError (the cause chained) if anything fails; the temporary file is then
+    removed and `path` is untouched.
+    """
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "xb") as f:  # a new file with the umask's permissions, as a plain save would have
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: re-raise as they are
+            raise
+        cause = _os_error_in(err) or err
+        raise CheckpointWriteError(
+            f"could not write checkpoint {path!r}: {type(cause).__name__}: {cause} (temporary file {tmp!r} "
+            "removed; the file at the checkpoint name, if any, is the previous complete checkpoint)"
+        ) from err
+    _fsync_dir(folder)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file under `folder`, then the folders themselves."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def replace_path(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Put `src` (a complete file or folder, on dst's filesystem) at `dst` and delete what was there.
+
+    A folder cannot be renamed over a non-empty one: on Linux the two are swapped atomically
+    (renameat2), elsewhere `dst` is first moved aside to `<dst>.<pid>.old`, so a kill in between
+    leaves the previous checkpoint there rather than at its name."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if not os.path.lexists(dst):
+        os.rename(src, dst)
+    elif _exchange(src, dst):
+        _remove(src)  # now the previous checkpoint
+    else:
+        old = f"{dst}.{os.getpid()}.old"
+        os.rename(dst, old)
+        os.rename(src, dst)
+        _remove(old)
+    _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """`TorchCheckpointIO` whose local saves go through `atomic_write` (see the module docstring).
+    `torch.save` streams into the temporary file: no second in-memory copy of the checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+        log.debug("saving checkpoint %s", path)
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def _copy_into(src: str) -> Callable[[IO[bytes]], None]:
+    def write(f: IO[bytes]) -> None:
+        with open(src, "rb") as s:
+            while block := s.read(1 << 22):
+                f.write(block)
+    return write
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint` (every argument is the same) with atomic files.
+
+    Args:
+        on_write_error: what a checkpoint file that cannot be written (disk full, permissions, a
+            vanished mount) does: "stop" raises `CheckpointWriteError` and ends training (the
+            default); "warn" logs a warning naming the file and the cause and training goes on,
+            keeping the previous checkpoints (none is deleted to make room for the failed one).
+        **kwargs: `ModelCheckpoint`'s arguments.
+    """
+
+    def __init__(self, *args: Any, on_write_error: str = "stop", **kwargs: Any) -> None:
+        if on_write_error not in ON_WRITE_ERROR:
+            raise ValueError(f"checkpoint.on_write_error={on_write_error!r}; valid: {list(ON_WRITE_ERROR)}")
+        super().__init__(*args, **kwargs)
+        self.on_write_error = on_write_error
+        self.failed_writes = 0
+        self._last_write_failed = False
+
+    @property
+    def state_key(self) -> str:
+        # the same key as a plain ModelCheckpoint: checkpoints resume across the two classes
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero:
+            self._remove_stale_temporaries()
+        strategy = trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a user's plugin
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        elif not isinstance(strategy.checkpoint_io, AtomicCheckpointIO):
+            log.info("checkpoint IO %s kept as configured: checkpoint files are written by it, not atomically "
+                     "by lit_covrl", type(strategy.checkpoint_io).__name__)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files and folders a killed write left in the checkpoint folder."""
+        folder = self.dirpath
+        if not folder or not _is_local_file_protocol(folder) or not os.path.isdir(folder):
+            return
+        for name in sorted(os.listdir(folder)):
+            if is_temporary_name(name):
+                log.info("removing %s, left by an interrupted checkpoint write", os.path.join(folder, name))
+                _remove(os.path.join(folder, name))
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        self._last_write_failed = False
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except CheckpointWriteError as err:
+            if self.on_write_error == "stop":
+                raise CheckpointWriteError(
+                    f"{err}. Training stopped at RL step {trainer.global_step}; free space or fix the folder and "
+                    "resume from the last complete checkpoint (ckpt_path), or set checkpoint.on_write_error: warn "
+                    "to go on without checkpoints when a write fails."
+                ) from err
+            self.failed_writes += 1
+            self._last_write_failed = True
+            log.warning("checkpoint write failed at RL step %d, training goes on (checkpoint.on_write_error: warn): "
+                        "%s", trainer.global_step, err)
+            trainer.strategy.barrier("AtomicCheckpoint.failed_write")  # the one Trainer.save_checkpoint skipped
+
+    def _remove_checkpoint(self, trainer, filepath: str) -> None:
+        if self._last_write_failed:  # the checkpoint meant to replace it was not written: keep it
+            log.warning("keeping %s: the checkpoint that was to replace it could not be written", filepath)
+            return
+        super()._remove_checkpoint(trainer, filepath)
+
+    @staticmethod
+    def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
+        """`save_last: link`: the link (or, where links are refused, a copy) replaces `linkpath` by
+        a rename, so `last.ckpt` always names a complete checkpoint."""
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            folder = os.path.dirname(os.path.abspath(linkpath))
+            tmp = temporary_name(linkpath)
+            try:
+                os.symlink(os.path.relpath(filepath, folder), tmp)
+            except OSError:  # no symlinks here (e.g. Windows without the privilege): an atomic copy
+                atomic_write(linkpath, _copy_into(filepath))
+            else:
+                replace_path(tmp, linkpath)  # also over a distributed checkpoint folder
+        trainer.strategy.barrier()

@@ -1,0 +1,77 @@
+"""Start-up check of every known prompt (prompt files, HF datasets) against the policy's tokenizer.
+
+Run once by `GRPOModule.setup`, where the tokenizer and the chat template are known, on the
+datamodule's `known_examples()` (each with its `file:line`):
+- a prompt longer than `max_prompt_length` raises ValueError naming its file:line (when the
+  module's `prompt_overflow` is "error");
+- a prompt that encodes to the tokenizer's unknown token (characters it cannot represent: the
+  model would see `<unk>` where the text had them) or to no token at all is *unencodable*; these
+  are returned with a reason, and the datamodule rejects them (an error naming file:line, or
+  skipped and counted, see `PromptDataModule(unencodable_prompts=...)`).
+Tokenizers without an unknown token (byte-level BPE) represent every text; only an empty encoding
+can then be reported.
+"""
+from __future__ import annotations
+
+from lit_covrl.prompts import prompt_texts
+from lit_covrl.types import Example
+
+__all__ = ["find_unencodable", "where"]
+
+_CHUNK = 512  # prompts per tokenizer call
+
+
+def where(example: Example) -> str:
+    """`file:line` of a prompt read from a file, else a placeholder."""
+    return example.source or "a prompt"
+
+
+def _unknown_characters(tokenizer, text: str, add_special_tokens: bool, unk: int) -> list[str]:
+    """The distinct pieces of `text` that became the unknown token (fast tokenizers; else [])."""
+    try:
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        return []
+    pieces = [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk and b > a]
+    return list(dict.fromkeys(pieces))
+
+
+def _reason(tokenizer, prompt: str, text: str, ids: list[int], add_special_tokens: bool,
+            special: set[int]) -> str | None:
+    """Why the prompt is unencodable, or None. `special`: the special token ids but the unknown one."""
+    unk = tokenizer.unk_token_id
+    content = [i for i in ids if i not in special]
+    if not content:
+        return f"prompt {prompt[:80]!r} encodes to no token"
+    n_unk = content.count(unk) if unk is not None else 0
+    if not n_unk:
+        return None
+    pieces = _unknown_characters(tokenizer, text, add_special_tokens, unk)
+    shown = f": {', '.join(map(repr, pieces[:10]))}{' ...' if len(pieces) > 10 else ''}" if pieces else ""
+    return (f"prompt {prompt[:80]!r} has {n_unk} of {len(content)} tokens unknown to the tokenizer "
+            f"({tokenizer.unk_token!r}){shown}")
+
+
+def find_unencodable(
+    tokenizer, examples: list[Example], *, chat_template: bool | None = None, max_prompt_length: int | None = None,
+) -> list[tuple[Example, str]]:
+    """[(example, reason)] for the prompts that encode to unknown tokens or to nothing, in order.
+
+    Raises ValueError naming file:line for the first prompt over `max_prompt_length` (None: no limit).
+    """
+    bad: list[tuple[Example, str]] = []
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    for start in range(0, len(examples), _CHUNK):
+        chunk = examples[start : start + _CHUNK]
+        texts, templated = prompt_texts(tokenizer, [ex.prompt for ex in chunk], chat_template=chat_template)
+        ids = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
+        for ex, text, x in zip(chunk, texts, ids):
+            if max_prompt_length is not None and len(x) > max_prompt_length:
+                raise ValueError(
+                    f"{where(ex)}: prompt {ex.prompt[:80]!r} has {len(x)} tokens > max_prompt_length="
+                    f"{max_prompt_length}; raise model.max_prompt_length or set model.prompt_overflow: truncate_left"
+                )
+            reason = _reason(tokenizer, ex.prompt, text, x, not templated, special)
+            if reason is not None:
+                bad.append((ex, reason))
+    return bad

@@ -1,0 +1,210 @@
+"""Checkpoint files are atomic: a write that fails part-way (a full disk, injected with
+tests/faults.py), a kill -9 during a slow write, or a temporary folder on another filesystem never
+leaves an unreadable file at a checkpoint name, and the latest complete checkpoint resumes.
+
+The system temporary folder is put on /dev/shm (tmpfs) while checkpoints go under pytest's
+tmp_path (another filesystem here): Lightning's default IO would then *copy* its temporary file over
+the checkpoint in place, which is exactly what loses `last.ckpt` on a full disk or a kill.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lit_covrl.checkpointing import (
+    AtomicCheckpoint, AtomicCheckpointIO, CheckpointWriteError, atomic_write, is_temporary_name, temporary_name,
+)
+from tests.faults import faulty_folder
+from tests.test_module import make_data, make_module
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tmp_on_other_fs(tmp_path, monkeypatch):
+    """The system temporary folder on /dev/shm, on another filesystem than tmp_path."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    shm = tempfile.mkdtemp(dir="/dev/shm")
+    if os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("/dev/shm and tmp_path are on the same filesystem")
+    monkeypatch.setattr(tempfile, "tempdir", shm)
+    monkeypatch.setenv("TMPDIR", shm)
+    yield shm
+    import shutil
+
+    shutil.rmtree(shm, ignore_errors=True)
+
+
+def _trainer(ckdir: Path, steps: int, **ckpt_kw) -> L.Trainer:
+    ckpt_kw = {"dirpath": ckdir, "every_n_train_steps": 1, "save_last": True, **ckpt_kw}
+    return L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, callbacks=[AtomicCheckpoint(**ckpt_kw)],
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+
+
+def _step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def _fit(model_dir, ckdir: Path, steps: int, ckpt_path: Path | None = None, **ckpt_kw) -> L.Trainer:
+    trainer = _trainer(ckdir, steps, **ckpt_kw)
+    trainer.fit(make_module(model_dir), make_data(), ckpt_path=str(ckpt_path) if ckpt_path else None)
+    return trainer
+
+
+def _stray_temporaries(ckdir: Path) -> list[str]:
+    return [p.name for p in ckdir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_atomic_write_failure_removes_the_temporary_and_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "last.ckpt"
+    atomic_write(target, lambda f: f.write(b"complete"))
+
+    def half_then_fail(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(CheckpointWriteError, match=r"last\.ckpt.*No space left on device"):
+        atomic_write(target, half_then_fail)
+    assert target.read_bytes() == b"complete"
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_checkpoint_file_permissions_follow_the_umask_and_temporary_names_are_recognised(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.ckpt", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.ckpt").stat().st_mode & 0o777 == 0o644  # as a plain open() would make it
+    name = os.path.basename(temporary_name(tmp_path / "last.ckpt"))
+    assert name.startswith(".last.ckpt.") and is_temporary_name(name)
+    assert not any(is_temporary_name(n) for n in ["last.ckpt", "epoch=0-step=3.ckpt", ".last.ckpt.tmp", "x.tmp"])
+
+
+def test_temporary_file_is_in_the_checkpoint_folder_whatever_tmpdir_says(tmp_path, tmp_on_other_fs):
+    target = tmp_path / "ck" / "epoch=0-step=1.ckpt"
+    with faulty_folder(target.parent) as opened:
+        AtomicCheckpointIO().save_checkpoint({"w": torch.arange(5)}, target)
+    assert opened and all(os.path.dirname(p) == os.path.realpath(target.parent) for p in opened), opened
+    assert torch.equal(torch.load(target)["w"], torch.arange(5))
+    assert os.listdir(tmp_on_other_fs) == []
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_last_complete_one_and_resumes(
+    tiny_model_dir, tmp_path, tmp_on_other_fs
+):
+    ck = tmp_path / "ck"
+    _fit(tiny_model_dir, ck, 2)
+    size = (ck / "last.ckpt").stat().st_size
+    # step 3: epoch=0-step=3.ckpt (one checkpoint's bytes) fits, last.ckpt fills the disk half-way
+    with faulty_folder(ck, capacity=int(1.5 * size)):
+        with pytest.raises(CheckpointWriteError, match=r"last\.ckpt.*No space left on device.*RL step 3"):
+            _fit(tiny_model_dir, ck, 3, ckpt_path=ck / "last.ckpt")
+    assert _step(ck / "last.ckpt") == 2  # the previous last.ckpt, intact
+    assert _step(ck / "epoch=0-step=3.ckpt") == 3
+    assert _stray_temporaries(ck) == []
+    trainer = _fit(tiny_model_dir, ck, 4, ckpt_path=ck / "last.ckpt")
+    assert trainer.global_step == 4 and _step(ck / "last.ckpt") == 4
+
+
+def test_on_write_error_warn_goes_on_and_deletes_no_checkpoint(tiny_model_dir, tmp_path, tmp_on_other_fs, caplog):
+    ck = tmp_path / "ck"
+    _fit(tiny_model_dir, ck, 2)
+    assert sorted(os.listdir(ck)) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    size = (ck / "last.ckpt").stat().st_size
+    with faulty_folder(ck, capacity=size // 2), caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        trainer = _fit(tiny_model_dir, ck, 4, ckpt_path=ck / "last.ckpt", on_write_error="warn")
+    assert trainer.global_step == 4  # training went on
+    # step file + last.ckpt at steps 3 and 4, and last.ckpt once more at the end of fit (Lightning
+    # retries it there because no save of step 4 succeeded)
+    assert trainer.checkpoint_callback.failed_writes == 5
+    failures = [r.getMessage() for r in caplog.records if "checkpoint write failed" in r.getMessage()]
+    assert len(failures) == 5 and all("No space left on device" in m for m in failures), failures
+    assert any("epoch=0-step=3.ckpt" in m for m in failures)
+    # the step-2 file was not deleted to make room for the step-3 one that never got written
+    assert sorted(os.listdir(ck)) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    assert _step(ck / "last.ckpt") == 2 and _step(ck / "epoch=0-step=2.ckpt") == 2
+
+
+def test_save_last_link_replaces_the_link_atomically(tiny_model_dir, tmp_path):
+    ck = tmp_path / "ck"
+    _fit(tiny_model_dir, ck, 2, save_last="link", save_top_k=-1)
+    assert os.path.islink(ck / "last.ckpt") and os.readlink(ck / "last.ckpt") == "epoch=0-step=2.ckpt"
+    assert _step(ck / "last.ckpt") == 2 and _stray_temporaries(ck) == []
+
+
+_CHILD = """
+import sys
+sys.path.insert(0, {root!r})
+from tests.faults import faulty_folder
+from lit_covrl.cli import main
+with faulty_folder({ck!r}, stall_on_file=3, marker={marker!r}):
+    main({args!r})
+"""
+
+
+def _cli_args(model_dir: str, ck: Path, steps: int) -> list[str]:
+    return [
+        "fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--torch_threads", "1",
+        "--model.model", model_dir, "--model.group_size", "2", "--model.max_new_tokens", "3",
+        "--data.batch_size", "2", "--model.mini_batch_size", "null", "--trainer.logger", "false",
+        "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
+        "--trainer.enable_progress_bar", "false", "--checkpoint.dirpath", str(ck),
+        "--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "0",
+    ]
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_slow_checkpoint_write_keeps_the_last_complete_one(tiny_model_dir, tmp_path, tmp_on_other_fs):
+    ck, marker = tmp_path / "ck", tmp_path / "stalled"
+    ck.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": tmp_on_other_fs}
+    code = _CHILD.format(root=str(ROOT), ck=str(ck), marker=str(marker), args=_cli_args(tiny_model_dir, ck, 6))
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # cwd: the CLI writes config.yaml there (no logger)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not marker.exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    assert marker.exists(), "the third checkpoint write never started"
+    os.kill(proc.pid, signal.SIGKILL)  # in the middle of writing step 3's last.ckpt
+    proc.wait()
+
+    assert _step(ck / "last.ckpt") == 2  # the last complete checkpoint, readable
+    assert len(_stray_temporaries(ck)) == 1  # the half-written temporary file the kill left behind
+    resumed = subprocess.run(
+        [sys.executable, "-m", "lit_covrl.cli", *_cli_args(tiny_model_dir, ck, 4),
+         "--ckpt_path", str(ck / "last.ckpt")],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _step(ck / "last.ckpt") == 4
+    assert _stray_temporaries(ck) == []  # the leftover was removed when the resumed fit started
+
+
+def test_cli_checkpoint_section_takes_on_write_error(tiny_model_dir, tmp_path):
+    from lit_covrl.cli import LitCovRLCLI
+    from lit_covrl.data import PromptDataModule
+    from lit_covrl.module import GRPOModule
+
+    args = ["--config", str(ROOT / "configs/quickstart.yaml"), "--model.model", tiny_model_dir,
+            "--trainer.logger", "false", "--checkpoint.on_write_error", "warn"]
+    cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False, args=args)
+    cb = cli.trainer.checkpoint_callback
+    assert isinstance(cb, AtomicCheckpoint) and cb.on_write_error == "warn"
+    assert cb.state_key.startswith("ModelCheckpoint{")  # resumes the state of runs saved before it
+    with pytest.raises(ValueError, match="on_write_error"):
+        AtomicCheckpoint(on_write_error="ignore")

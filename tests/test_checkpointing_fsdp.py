@@ -1,0 +1,85 @@
+"""Distributed (FSDP2) checkpoint folders are replaced whole: a disk that fills up on one rank while
+it writes its shards stops every rank with a CheckpointWriteError, leaves the previous `last.ckpt`
+folder (and no temporary folder) behind, and the run resumes from it. 2 gloo processes on CPU."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests import _dist
+
+STEPS = 2
+
+
+def _trainer(ck: Path, steps: int) -> L.Trainer:
+    from lit_covrl.checkpointing import AtomicCheckpoint
+    from lit_covrl.sharding import FSDP2Strategy
+
+    return L.Trainer(
+        accelerator="cpu", devices=2, strategy=FSDP2Strategy(process_group_backend="gloo"), max_steps=steps,
+        callbacks=[AtomicCheckpoint(dirpath=ck, every_n_train_steps=1, save_last=True, save_top_k=0)],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+
+
+def _step(ck: Path) -> int:
+    return torch.load(ck / "last.ckpt" / "meta.pt", weights_only=False)["global_step"]
+
+
+def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> None:
+    from lit_covrl.checkpointing import CheckpointWriteError
+    from tests.faults import faulty_folder
+
+    torch.set_num_threads(1)
+    _dist.elastic_env(rank, 2, port)
+    out, res = Path(out), {}
+    ck = out / "ck"
+    data = lambda: _dist.make_data(Path(prompts), _dist.B)  # noqa: E731
+    _trainer(ck, STEPS).fit(_dist.make_module(model_dir), data())
+    res["before"] = _step(ck)
+
+    disk = faulty_folder(ck, capacity=4096) if rank == 1 else faulty_folder(out / "elsewhere")
+    try:
+        with disk:  # rank 1's disk fills up while it writes its shards of step 3
+            _trainer(ck, STEPS + 1).fit(_dist.make_module(model_dir), data(), ckpt_path=str(ck / "last.ckpt"))
+        res["error"] = None
+    except CheckpointWriteError as err:
+        res["error"] = str(err)
+    res["after_failure"] = _step(ck)
+    res["listing"] = sorted(p.name for p in ck.iterdir())
+
+    tr = _trainer(ck, STEPS + 1)
+    tr.fit(_dist.make_module(model_dir), data(), ckpt_path=str(ck / "last.ckpt"))
+    res["resumed"] = [tr.global_step, _step(ck)]
+    (out / f"rank{rank}.json").write_text(json.dumps(res))
+
+
+@pytest.mark.slow
+def test_distributed_checkpoint_folder_survives_a_full_disk_on_one_rank(tiny_model_dir, tmp_path):
+    prompts = _dist.write_prompts(tmp_path / "prompts.jsonl", 2 * _dist.B * (STEPS + 1))
+    ctx = mp.start_processes(_worker, args=(_dist.free_port(), tiny_model_dir, str(prompts), str(tmp_path)),
+                             nprocs=2, start_method="spawn", join=False)
+    deadline = time.time() + 500
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the 2-process run hung")
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert res["before"] == STEPS
+        err = res["error"]
+        assert err is not None and err.startswith("could not write distributed checkpoint") and "last.ckpt" in err, err
+        assert "RL step 3" in err, err
+        assert res["after_failure"] == STEPS  # the previous folder, intact
+        assert res["listing"] == ["last.ckpt"], res["listing"]  # no temporary folder left
+        assert res["resumed"] == [STEPS + 1, STEPS + 1]
+        # every rank names the rank that failed and why, in one line
+        assert "rank 1: OSError: [Errno 28] No space left on device" in err and "Traceback" not in err, err

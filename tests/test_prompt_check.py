@@ -1,0 +1,120 @@
+"""Prompts the tokenizer cannot represent: the shipped character tokenizer maps unknown characters
+to "<unk>" (known characters keep their ids, so the shipped weights stay valid), and at start-up a
+prompt from a file that encodes to unknown tokens or to nothing is an error naming file:line, or is
+skipped and counted (data.unencodable_prompts: skip). Overlong prompts name file:line too."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+
+import pytest
+
+from lit_covrl.assets import TINY_MODEL_DIR
+from lit_covrl.data import PromptDataModule
+from lit_covrl.policy import load_tokenizer
+from lit_covrl.prompt_check import find_unencodable
+from lit_covrl.tasks.arithmetic import ArithmeticTask
+from lit_covrl.types import Example
+from tests.helpers import fit
+from tests.test_module import make_module
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_shipped_tokenizer_maps_unknown_characters_to_unk():
+    tok = load_tokenizer("lit_covrl:tiny-arith")
+    assert tok.unk_token == "<unk>" and tok.unk_token_id == 1
+    # ids: <unk>=1, then "0".."9" = 4..13, "+" = 14, "=" = 15 (tokenizer.json). "What is " is 8
+    # unknown characters, then '3' ' ' '+' ' ' '4' '?'
+    assert _ids(tok, "What is 3 + 4?") == [1] * 8 + [7, 1, 14, 1, 8, 1]
+    assert _ids(tok, "abc") == [1, 1, 1]
+    assert _ids(tok, "é\n9") == [1, 1, 13]
+
+
+def test_shipped_tokenizer_keeps_the_ids_of_known_characters():
+    """The ids the shipped weights were trained on: each character of the alphabet at its
+    tokenizer.json index, and every task prompt/answer encoded (and decoded) exactly as by
+    transformers' own AutoTokenizer, which the quickstart used before."""
+    from transformers import AutoTokenizer
+
+    tok, auto = load_tokenizer("lit_covrl:tiny-arith"), AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    vocab = json.loads((TINY_MODEL_DIR / "tokenizer.json").read_text())["model"]["vocab"]
+    for ch in "0123456789+=":
+        assert _ids(tok, ch) == [vocab[ch]]
+    task, rng = ArithmeticTask(), random.Random(0)
+    texts = [t for ex in (task.sample(rng) for _ in range(300)) for t in (ex.prompt, ex.answer)]
+    assert [_ids(tok, t) for t in texts] == [_ids(auto, t) for t in texts]
+    samples = [[8, 11, 14, 3, 0, 0], [2, 13, 1, 15, 3], [4]]  # sampled ids may hold specials
+    assert tok.batch_decode(samples, skip_special_tokens=True) == auto.batch_decode(samples, skip_special_tokens=True)
+
+
+def test_a_prompt_that_encodes_to_nothing_is_reported():
+    """transformers' AutoTokenizer turns the shipped folder into a Qwen2Tokenizer that drops
+    unknown characters: a prompt of letters becomes no token at all."""
+    from transformers import AutoTokenizer
+
+    dropping = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    rows = [Example("1+2=", "3", source="f.jsonl:1"), Example("abc", "1", source="f.jsonl:2")]
+    assert find_unencodable(dropping, rows) == [(rows[1], "prompt 'abc' encodes to no token")]
+
+
+def _rows(path, prompts) -> str:
+    path.write_text("".join(json.dumps({"prompt": p, "answer": "1"}) + "\n" for p in prompts))
+    return str(path)
+
+
+def test_unencodable_prompt_in_a_file_fails_at_start_up_naming_file_line(tiny_model_dir, tmp_path):
+    train = _rows(tmp_path / "train.jsonl", ["1+2=", "What is 1+2?", "3+4=", "abc"])
+    module = make_module(tiny_model_dir)
+    with pytest.raises(ValueError) as err:
+        fit(module, PromptDataModule(task=None, train_files=[train], batch_size=2), steps=1)
+    # "What is 1+2?": 12 characters, 9 outside the alphabet "0123456789+-="
+    assert str(err.value) == (
+        f"{train}:2: prompt 'What is 1+2?' has 9 of 12 tokens unknown to the tokenizer ('<unk>'): "
+        "'W', 'h', 'a', 't', ' ', 'i', 's', '?' (1 more unencodable prompt(s) in the data); "
+        "fix the file or set data.unencodable_prompts: skip"
+    )
+    assert module.global_step == 0  # nothing ran
+
+
+def test_unencodable_prompts_skipped_and_counted(tiny_model_dir, tmp_path, caplog):
+    train = _rows(tmp_path / "train.jsonl", ["1+2=", "What is 1+2?", "3+4=", "abc", "5+5="])
+    val = _rows(tmp_path / "val.jsonl", ["1+1=", "one plus one"])
+    data = PromptDataModule(task=None, train_files=[train], val_files=[val], batch_size=2, val_batch_size=4,
+                            unencodable_prompts="skip")
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        fit(make_module(tiny_model_dir), data, steps=1, limit_val_batches=0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("3 of 7 prompts encode to the tokenizer's unknown token") for m in messages), messages
+    assert any(f"{train}:4: prompt 'abc' has 3 of 3 tokens unknown" in m for m in messages), messages
+    assert any(f"{val}:2: prompt 'one plus one'" in m for m in messages), messages
+    assert data.skipped_rows == 3 and data.rows_used == 4 and data.rows_seen == 7
+    assert [ex.prompt for ex in data.known_examples()] == ["1+2=", "3+4=", "5+5=", "1+1="]
+    assert [b.prompts for b in data.val_dataloader()] == [["1+1="]]
+    assert {p for k in range(6) for p in data.batch_at(k).prompts} == {"1+2=", "3+4=", "5+5="}
+
+
+def test_overlong_prompt_error_names_file_line(tiny_model_dir, tmp_path):
+    train = _rows(tmp_path / "p.jsonl", ["1+0=", "1+" * 40 + "0="])
+    module = make_module(tiny_model_dir, max_prompt_length=16)
+    with pytest.raises(ValueError, match=rf"^{train}:2: prompt '1\+1\+.*' has 82 tokens > max_prompt_length=16"):
+        fit(module, PromptDataModule(task=None, train_files=[train], batch_size=2), steps=1)
+
+
+def test_unencodable_prompts_setting_is_checked():
+    with pytest.raises(ValueError, match="unencodable_prompts='drop'; valid: \\['error', 'skip'\\]"):
+        PromptDataModule(unencodable_prompts="drop")
+
+
+def test_a_task_the_tokenizer_cannot_represent_is_reported(tiny_model_dir, caplog):
+    """Generated prompts are not dropped, but a task outside the tokenizer's alphabet (word problems
+    for a digits-only tokenizer) is reported at start-up, from its held-out prompts."""
+    data = PromptDataModule(task="word_problems", batch_size=2, val_size=6, val_batch_size=6)
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        fit(make_module(tiny_model_dir, max_new_tokens=2), data, steps=1, limit_val_batches=0)
+    reports = [r.getMessage() for r in caplog.records if "held-out prompts of the task" in r.getMessage()]
+    assert len(reports) == 1 and reports[0].startswith("6 of 6 held-out prompts"), reports
+    assert "(first: task 'word_problems', held-out prompt 1: prompt " in reports[0], reports
