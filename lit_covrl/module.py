@@ -30,7 +30,7 @@ from lit_covrl.policy import empty_policy, load_policy, load_tokenizer, resolve_
 from lit_covrl.prompts import encode_prompts
 from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.rewards import ExactMatchReward, RewardFunction, score_completions
-from lit_covrl.rollout import sample_responses
+from lit_covrl.sampling import Sampler, default_sampler
 from lit_covrl.sharding import (
     check_sharding_args, check_strategy, checkpoint_layers, gathered_for_rollout, load_sharded, shard_model,
 )
@@ -84,6 +84,7 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
         activation_checkpointing: bool = False,
         rollout_gather: str = "once",
         shared_prompt: bool | None = None,
+        sampler: Sampler | None = None,
     ) -> None:
         """
         Args:
@@ -138,13 +139,18 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
                 prompt+response per row. null (default) = on for CPU, off on GPU, as measured:
                 1.58x faster updates on the CPU quickstart, 1.76x slower on an H100 with a 0.5B
                 model (docs/benchmarks.md). Ignored (off) with activation_checkpointing.
+            sampler: the rollout and validation sampler (`class_path`: lit_covrl.sampling.KVCacheSampler
+                or StaticCacheSampler). null = the fastest measured for the device
+                (`lit_covrl.sampling.default_sampler`: StaticCacheSampler with CUDA graphs on CUDA,
+                KVCacheSampler on CPU; docs/scaling.md).
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler", "sampler"])
         self.automatic_optimization = False
         check_module_args(self.hparams)
         check_sharding_args(fsdp_mixed_precision, rollout_gather)
         self.reward = reward if reward is not None else ExactMatchReward()
+        self._sampler = sampler  # null: chosen for the device at the first rollout
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         resolve_dtype(dtype)
@@ -266,9 +272,15 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
         out.completions = tok.batch_decode(out.input_ids[:, ids.shape[1]:], skip_special_tokens=True)
         return out
 
+    @property
+    def sampler(self) -> Sampler:
+        if self._sampler is None:
+            self._sampler = default_sampler(self.device)
+        return self._sampler
+
     def _sample(self, ids: Tensor, mask: Tensor, temperature: float, generator: torch.Generator) -> Rollout:
         tok = self.tokenizer
-        return sample_responses(
+        return self.sampler.sample(
             self.policy, ids, mask, max_new_tokens=self.hparams.max_new_tokens, eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id, temperature=temperature, top_p=self.hparams.top_p,
             generator=generator, all_done=distributed.all_true,
@@ -284,6 +296,8 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
         hp, G, timer = self.hparams, self.hparams.group_size, PhaseTimer()
         with timer("rollout"):
             rollout = self.generate(batch.prompts, G, temperature=hp.temperature, generator=self.rollout_generator)
+        if not distributed.all_true(not bool(rollout.nonfinite.any())):
+            self._stop_on_nonfinite_logits(rollout)
         with timer("score"):
             answers = [a for a in batch.answers for _ in range(G)]
             rewards, reward_stats = self.score(rollout.completions, answers)
@@ -317,6 +331,17 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
         if skipped_rows is not None:
             metrics["data/skipped_rows"] = skipped_rows
         self._log_step(metrics)
+
+    def _stop_on_nonfinite_logits(self, rollout: Rollout) -> None:
+        """NaN/inf logits while sampling (on some rank): the weights are broken, nothing to train on."""
+        ckpt = getattr(self.trainer, "checkpoint_callback", None)
+        last = (getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")) if ckpt else ""
+        raise RuntimeError(
+            f"non-finite logits (NaN or inf) while sampling the rollout of RL step {self.global_step} "
+            f"({int(rollout.nonfinite.sum())} of {len(rollout.nonfinite)} sequences on rank {self.global_rank}); "
+            f"the run is stopped. Last good checkpoint: {last or 'none saved yet'}. "
+            "Lower the learning rate or check the reward and data."
+        )
 
     def _reference_logprobs(self, rollout: Rollout) -> Tensor:
         ref = self._reference

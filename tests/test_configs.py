@@ -32,6 +32,7 @@ STACKS = {
     "clip_cov_high.yaml": [QUICK, CONFIGS / "clip_cov_high.yaml"],
     "clip_cov_lowlb.yaml": [QUICK, CONFIGS / "clip_cov_lowlb.yaml"],
     "kl_cov_high.yaml": [QUICK, CONFIGS / "kl_cov_high.yaml"],
+    "samplers/static_cache.yaml": [QUICK, CONFIGS / "samplers" / "static_cache.yaml"],
     "recipes/qwen2.5-7b.yaml": [R7],
     "recipes/qwen2.5-32b.yaml": [R7, CONFIGS / "recipes" / "qwen2.5-32b.yaml"],
     "recipes/clip_cov.yaml": [R7, CONFIGS / "recipes" / "clip_cov.yaml"],

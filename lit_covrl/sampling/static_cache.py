@@ -1,0 +1,266 @@
+"""StaticCacheSampler: a KV cache preallocated for the whole rollout, fixed shapes, and on CUDA
+the decoding step replayed as a CUDA graph.
+
+What a decoding step costs on a GPU with the dynamic cache (`KVCacheSampler`) is mostly Python
+and kernel launches: hundreds of small kernels per forward for a 0.5B model at batch 128, the
+cache growing by `torch.cat`, a host sync per token. Here:
+
+- the cache is transformers' `StaticCache` (one [N_b, kv_heads, L_b, head_dim] tensor per layer,
+  written in place at the layer's `cumulative_length`), sized for the whole rollout with the
+  batch rounded up to a bucket N_b (powers of two up to 64, then multiples of 64) and the length
+  P + max_new_tokens rounded up to a multiple of `length_bucket`, so the same shapes (and the
+  same captured graph) serve rollout after rollout; rows beyond N are dummies that attend to one
+  key and are dropped;
+- the prompt is prefilled exactly as in `KVCacheSampler` (one forward per group of identical
+  prompts, on a dynamic cache) and copied into the static cache;
+- every decoding step feeds one token per row with a 4-D boolean attention mask [N_b, 1, 1, L_b]
+  (prompt padding, dead rows' tokens and positions not yet written are masked), so the model's
+  mask construction (with its data-dependent checks) is skipped;
+- the step `forward -> token_distribution` (log-probs at the temperature, entropy, top-p
+  probabilities, non-finite flags) is captured once per bucket as a `torch.cuda.CUDAGraph`
+  (`graphs="cuda_graph"`) or compiled with `torch.compile(mode="reduce-overhead")`
+  (`graphs="compile"`); only the draw (`torch.multinomial` with the caller's generator) runs
+  eagerly, so the tokens are those of eager decoding with the same generator state;
+- the finished-check (a host sync) is read back every `check_every` steps only.
+
+Exactness: with `graphs="none"` and `check_every=1` the sampler draws exactly the tokens of
+`KVCacheSampler` for the same generator (both call `base.token_distribution` / `draw_token` on
+the same logits, up to the float rounding of attention over masked extra keys); log-probs and
+entropies agree to float tolerance (tests/test_sampling.py). With `check_every = k > 1` decoding
+can run up to k - 1 steps past the last EOS: those steps only emit pad tokens outside the mask,
+but they draw from the generator, so the *next* rollout's stream differs from `KVCacheSampler`'s.
+
+Not captured: sharded (FSDP2) models, whose gathered parameters need not keep their addresses
+(graphs fall back to eager static decoding there). Models must use the `sdpa` or `eager`
+attention implementation (4-D masks).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from lit_covrl.policy import forward_with_cache, position_ids_from_mask
+from lit_covrl.sampling.base import Sampler, draw_token, eos_ids, finish_rollout, token_distribution
+from lit_covrl.sampling.kv_cache import prefill
+from lit_covrl.types import Rollout
+
+GRAPHS = ("auto", "cuda_graph", "compile", "none")
+
+
+def batch_bucket(n: int) -> int:
+    """Rows rounded up: the next power of two up to 64, then the next multiple of 64."""
+    return 1 << max(n - 1, 0).bit_length() if n <= 64 else -(-n // 64) * 64
+
+
+@dataclass
+class _Slot:
+    """Everything one (batch bucket, length bucket, temperature, top-p) needs, kept across rollouts."""
+
+    cache: object
+    tok: Tensor         # [N_b, 1] token fed at this step
+    pos: Tensor         # [N_b, 1] its position id
+    key_valid: Tensor   # [N_b, L_b] bool: which cache positions a query may attend to
+    mask: Tensor        # [N_b, 1, 1, L_b] what the model gets (bool, or additive float for eager)
+    lengths: list = field(default_factory=list)  # every layer's cumulative_length (write position)
+    graph: object = None
+    compiled: object = None
+    outputs: tuple | None = None
+
+
+class StaticCacheSampler(Sampler):
+    """Preallocated KV cache + captured decoding step. See the module docstring.
+
+    Args:
+        graphs: "auto" (a CUDA graph on CUDA for unsharded models, eager elsewhere), "cuda_graph",
+            "compile" (torch.compile mode="reduce-overhead"), or "none" (eager static decoding).
+        check_every: read the all-finished flag back every this many steps (null: 1 on CPU, 8 on CUDA).
+        length_bucket: prompt + response length rounded up to a multiple of this.
+        timing: record per-rollout timings in `last_stats` (adds one device sync after the prefill).
+    """
+
+    def __init__(self, graphs: str = "auto", check_every: int | None = None, length_bucket: int = 128,
+                 timing: bool = False) -> None:
+        if graphs not in GRAPHS:
+            raise ValueError(f"StaticCacheSampler graphs={graphs!r}; valid: {list(GRAPHS)}")
+        if check_every is not None and check_every < 1:
+            raise ValueError(f"StaticCacheSampler check_every={check_every} must be >= 1")
+        if length_bucket < 1:
+            raise ValueError(f"StaticCacheSampler length_bucket={length_bucket} must be >= 1")
+        self.graphs, self.check_every, self.length_bucket, self.timing = graphs, check_every, length_bucket, timing
+        self._slots: dict[tuple, _Slot] = {}
+        self.captures = 0  # graphs captured / functions compiled so far (a test checks it stops growing)
+        self.last_stats: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        return f"StaticCacheSampler(graphs={self.graphs!r}, check_every={self.check_every})"
+
+    def _mode(self, model: nn.Module, device: torch.device) -> str:
+        from lit_covrl.sharding import is_sharded
+
+        if self.graphs == "auto":
+            return "cuda_graph" if device.type == "cuda" and not is_sharded(model) else "none"
+        if self.graphs != "none" and (device.type != "cuda" or is_sharded(model)):
+            return "none"  # graphs need CUDA and fixed parameter addresses
+        return self.graphs
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: nn.Module,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        *,
+        max_new_tokens: int,
+        eos_token_id: int | list[int],
+        pad_token_id: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        all_done: Callable[[bool], bool] = lambda done: done,
+    ) -> Rollout:
+        n, P = prompt_ids.shape
+        device = prompt_ids.device
+        T = max_new_tokens
+        eos = eos_ids(eos_token_id, device)
+        mode = self._mode(model, device)
+        check_every = self.check_every or (8 if device.type == "cuda" else 1)
+        t0 = time.perf_counter()
+        mask = prompt_mask.long()
+        logits, dyn = prefill(model, prompt_ids, mask)
+        slot = self._slot(model, n, P + T, temperature, top_p, device, mode, dyn)
+        self._load_prompt(slot, dyn, prompt_mask, n, P, pad_token_id)
+        dist = token_distribution(logits[:, -1], temperature, top_p)
+        if self.timing:
+            _sync(device)
+        t1 = time.perf_counter()
+        finished = torch.zeros(n, dtype=torch.bool, device=device)
+        nonfinite = torch.zeros(n, dtype=torch.bool, device=device)
+        tokens, logps, ents, alive = [], [], [], []
+        for step in range(T):
+            logp_all, entropy, probs, bad = (x[:n] for x in dist)
+            tok, logp = draw_token(logp_all, probs, bad, generator, eos[0])
+            tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+            nonfinite |= bad & ~finished
+            alive.append(~finished)
+            tokens.append(tok)
+            logps.append(logp)
+            ents.append(entropy)
+            finished = finished | torch.isin(tok, eos)
+            if step == T - 1 or ((step + 1) % check_every == 0 and all_done(bool(finished.all()))):
+                break
+            slot.tok[:n, 0].copy_(tok)
+            slot.key_valid[:n, P + step].copy_(alive[-1])
+            dist = self._step(model, slot, mode, temperature, top_p)
+            slot.pos.add_(1)
+        if self.timing:
+            _sync(device)
+            steps = len(tokens)
+            self.last_stats = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "steps": steps,
+                               "decode_ms_per_step": 1e3 * (time.perf_counter() - t1) / max(steps, 1)}
+        return finish_rollout(prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(alive, 1),
+                              torch.stack(logps, 1), torch.stack(ents, 1), finished, nonfinite)
+
+    # ---------------------------------------------------------------------------------------
+    def _slot(self, model, n, length, temperature, top_p, device, mode, dyn) -> _Slot:
+        from transformers import StaticCache
+
+        nb, lb = batch_bucket(n), -(-length // self.length_bucket) * self.length_bucket
+        autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        key = (id(model), nb, lb, float(temperature), float(top_p), device, mode, autocast)
+        slot = self._slots.get(key)
+        if slot is not None:
+            return slot
+        impl = getattr(model.config, "_attn_implementation", "sdpa")
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(f"model.sampler StaticCacheSampler needs attn_implementation sdpa or eager, got {impl!r}")
+        layers = getattr(dyn, "layers", None)
+        if layers is None:
+            raise ValueError("model.sampler StaticCacheSampler needs transformers >= 5 (cache layers); "
+                             "use lit_covrl.sampling.KVCacheSampler")
+        cache = StaticCache(config=model.config, max_cache_len=lb)
+        if len(cache.layers) != len(layers):
+            raise ValueError("model.sampler StaticCacheSampler: the model's cache layers differ from a static cache's")
+        for st, dl in zip(cache.layers, layers):
+            k, v = dl.keys, dl.values
+            st.lazy_initialization(k.new_empty((nb, *k.shape[1:])), v.new_empty((nb, *v.shape[1:])))
+            st.keys.zero_()
+            st.values.zero_()
+        key_valid = torch.zeros(nb, lb, dtype=torch.bool, device=device)
+        if impl == "sdpa":
+            mask = key_valid[:, None, None, :]
+        else:  # eager attention adds the mask to the scores
+            mask = torch.zeros(nb, 1, 1, lb, dtype=torch.float32, device=device)
+        slot = _Slot(cache=cache, tok=torch.zeros(nb, 1, dtype=torch.long, device=device),
+                     pos=torch.zeros(nb, 1, dtype=torch.long, device=device), key_valid=key_valid, mask=mask,
+                     lengths=[st.cumulative_length for st in cache.layers])
+        self._slots[key] = slot
+        return slot
+
+    def _load_prompt(self, slot: _Slot, dyn, prompt_mask: Tensor, n: int, P: int, pad_token_id: int) -> None:
+        """Copy the prefilled cache rows in, reset the mask, positions and write position."""
+        for st, dl in zip(slot.cache.layers, dyn.layers):
+            st.keys[:n, :, :P].copy_(dl.keys)
+            st.values[:n, :, :P].copy_(dl.values)
+        for length in slot.lengths:
+            length.fill_(P)
+        slot.key_valid.zero_()
+        slot.key_valid[:n, :P].copy_(prompt_mask.bool())
+        slot.key_valid[n:, 0] = True  # dummy rows attend to one key: no empty softmax
+        slot.pos.zero_()
+        slot.pos[:n].copy_(position_ids_from_mask(prompt_mask)[:, -1:] + 1)
+        slot.tok.fill_(pad_token_id)
+
+    def _forward(self, model, slot: _Slot, temperature: float, top_p: float):
+        if slot.mask.dtype != torch.bool:  # eager attention: additive mask, refreshed from key_valid
+            slot.mask.copy_(torch.where(slot.key_valid, 0.0, torch.finfo(torch.float32).min)[:, None, None, :])
+        logits, _ = forward_with_cache(model, slot.cache, input_ids=slot.tok, attention_mask=slot.mask,
+                                       position_ids=slot.pos)
+        return token_distribution(logits[:, -1], temperature, top_p)
+
+    def _step(self, model, slot: _Slot, mode: str, temperature: float, top_p: float):
+        if mode == "none":
+            return self._forward(model, slot, temperature, top_p)
+        if mode == "compile":
+            if slot.compiled is None:
+                slot.compiled = torch.compile(lambda: self._forward(model, slot, temperature, top_p),
+                                              mode="reduce-overhead", dynamic=False)
+                self.captures += 1
+            torch.compiler.cudagraph_mark_step_begin()
+            return slot.compiled()
+        if slot.graph is None:
+            self._capture(model, slot, temperature, top_p)
+        slot.graph.replay()
+        return slot.outputs
+
+    def _capture(self, model, slot: _Slot, temperature: float, top_p: float) -> None:
+        """Warm up on a side stream, capture one step, and restore the write position (the warm-up
+        wrote the cache at it; capture itself runs nothing)."""
+        device = slot.tok.device
+        written = [length.clone() for length in slot.lengths]
+        enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        # autocast's weight-cast cache must be off: cached casts would be freed after capture
+        amp = torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), amp:
+            for _ in range(2):
+                self._forward(model, slot, temperature, top_p)
+                for length, w in zip(slot.lengths, written):
+                    length.copy_(w)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), amp:
+            slot.outputs = self._forward(model, slot, temperature, top_p)
+        for length, w in zip(slot.lengths, written):
+            length.copy_(w)
+        slot.graph = graph
+        self.captures += 1
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
