@@ -36,6 +36,7 @@ attention implementation (4-D masks).
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -43,11 +44,12 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from lit_covrl.policy import forward_with_cache, position_ids_from_mask
+from lit_covrl.policy import _cache_kwarg, position_ids_from_mask
 from lit_covrl.sampling.base import Sampler, draw_token, eos_ids, finish_rollout, token_distribution
 from lit_covrl.sampling.kv_cache import prefill
 from lit_covrl.types import Rollout
 
+log = logging.getLogger("lit_covrl")
 GRAPHS = ("auto", "cuda_graph", "compile", "none")
 
 
@@ -66,6 +68,7 @@ class _Slot:
     key_valid: Tensor   # [N_b, L_b] bool: which cache positions a query may attend to
     mask: Tensor        # [N_b, 1, 1, L_b] what the model gets (bool, or additive float for eager)
     lengths: list = field(default_factory=list)  # every layer's cumulative_length (write position)
+    cache_kw: str = "cache"  # the model's name for its cache argument (transformers 4 / 5)
     graph: object = None
     compiled: object = None
     outputs: tuple | None = None
@@ -94,6 +97,7 @@ class StaticCacheSampler(Sampler):
         self._slots: dict[tuple, _Slot] = {}
         self.captures = 0  # graphs captured / functions compiled so far (a test checks it stops growing)
         self.last_stats: dict[str, float] = {}
+        self.capture_error: str | None = None  # set when a capture failed and decoding fell back to eager
 
     def __repr__(self) -> str:
         return f"StaticCacheSampler(graphs={self.graphs!r}, check_every={self.check_every})"
@@ -196,7 +200,7 @@ class StaticCacheSampler(Sampler):
             mask = torch.zeros(nb, 1, 1, lb, dtype=torch.float32, device=device)
         slot = _Slot(cache=cache, tok=torch.zeros(nb, 1, dtype=torch.long, device=device),
                      pos=torch.zeros(nb, 1, dtype=torch.long, device=device), key_valid=key_valid, mask=mask,
-                     lengths=[st.cumulative_length for st in cache.layers])
+                     lengths=[st.cumulative_length for st in cache.layers], cache_kw=_cache_kwarg(type(model)))
         self._slots[key] = slot
         return slot
 
@@ -217,9 +221,9 @@ class StaticCacheSampler(Sampler):
     def _forward(self, model, slot: _Slot, temperature: float, top_p: float):
         if slot.mask.dtype != torch.bool:  # eager attention: additive mask, refreshed from key_valid
             slot.mask.copy_(torch.where(slot.key_valid, 0.0, torch.finfo(torch.float32).min)[:, None, None, :])
-        logits, _ = forward_with_cache(model, slot.cache, input_ids=slot.tok, attention_mask=slot.mask,
-                                       position_ids=slot.pos)
-        return token_distribution(logits[:, -1], temperature, top_p)
+        out = model(input_ids=slot.tok, attention_mask=slot.mask, position_ids=slot.pos, use_cache=True,
+                    **{slot.cache_kw: slot.cache})
+        return token_distribution(out.logits[:, -1], temperature, top_p)
 
     def _step(self, model, slot: _Slot, mode: str, temperature: float, top_p: float):
         if mode == "none":
@@ -232,7 +236,14 @@ class StaticCacheSampler(Sampler):
             torch.compiler.cudagraph_mark_step_begin()
             return slot.compiled()
         if slot.graph is None:
-            self._capture(model, slot, temperature, top_p)
+            try:
+                self._capture(model, slot, temperature, top_p)
+            except RuntimeError as err:  # e.g. a model whose forward syncs with the host
+                log.warning("StaticCacheSampler: CUDA graph capture failed (%s); decoding eagerly", err)
+                self.capture_error = str(err)
+                slot.graph = False
+        if slot.graph is False:
+            return self._forward(model, slot, temperature, top_p)
         slot.graph.replay()
         return slot.outputs
 
