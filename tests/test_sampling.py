@@ -222,3 +222,18 @@ def test_sampler_is_chosen_in_yaml(tmp_path):
     cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False)
     s = cli.model.sampler
     assert isinstance(s, StaticCacheSampler) and s.graphs == "auto" and s.check_every == 8
+
+
+def test_weights_cast_once_per_rollout_give_autocasts_logits_exactly(model):
+    """Under bf16 autocast, decoding with Linear weights cast once per rollout draws the tokens and
+    log-probs of decoding where autocast casts them at every forward (the same rounding)."""
+    ids, mask = _prompts([6, 3], 4, 4)
+    kw = dict(max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD, temperature=0.9)
+    outs = []
+    for once in (False, True):
+        sampler = StaticCacheSampler(graphs="none", cast_weights_once=once)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(sampler.sample(model, ids, mask, generator=torch.Generator().manual_seed(7), **kw))
+        assert bool(sampler._weights) == once
+    assert torch.equal(outs[0].input_ids, outs[1].input_ids)
+    assert torch.equal(outs[0].logp, outs[1].logp) and torch.equal(outs[0].entropy, outs[1].entropy)

@@ -21,7 +21,13 @@ cache growing by `torch.cat`, a host sync per token. Here:
   (`graphs="cuda_graph"`) or compiled with `torch.compile(mode="reduce-overhead")`
   (`graphs="compile"`); only the draw (`torch.multinomial` with the caller's generator) runs
   eagerly, so the tokens are those of eager decoding with the same generator state;
-- the finished-check (a host sync) is read back every `check_every` steps only.
+- the finished-check (a host sync) is read back every `check_every` steps only;
+- under autocast (Lightning's `bf16-mixed`) with fp32 weights, every decoding forward would cast
+  every Linear weight to bf16 again (for a 0.5B model 3 GB of memory traffic per token, inside the
+  graph). With `cast_weights_once` the Linear weights and biases are cast once per rollout into
+  persistent low-precision copies that the decoding forward uses (`torch.func.functional_call`);
+  autocast would have produced exactly these values, so the logits are bitwise the same, at the
+  cost of one low-precision copy of the Linear weights in memory.
 
 Exactness: with `graphs="none"` and `check_every=1` the sampler draws exactly the tokens of
 `KVCacheSampler` for the same generator (both call `base.token_distribution` / `draw_token` on
@@ -69,6 +75,7 @@ class _Slot:
     mask: Tensor        # [N_b, 1, 1, L_b] what the model gets (bool, or additive float for eager)
     lengths: list = field(default_factory=list)  # every layer's cumulative_length (write position)
     cache_kw: str = "cache"  # the model's name for its cache argument (transformers 4 / 5)
+    weights: dict | None = None  # low-precision Linear weights used instead of the model's (cast_weights_once)
     graph: object = None
     compiled: object = None
     outputs: tuple | None = None
@@ -82,11 +89,13 @@ class StaticCacheSampler(Sampler):
             "compile" (torch.compile mode="reduce-overhead"), or "none" (eager static decoding).
         check_every: read the all-finished flag back every this many steps (null: 1 on CPU, 8 on CUDA).
         length_bucket: prompt + response length rounded up to a multiple of this.
+        cast_weights_once: under autocast, cast the Linear weights to the autocast dtype once per
+            rollout instead of at every decoding forward (same values; costs one copy in memory).
         timing: record per-rollout timings in `last_stats` (adds one device sync after the prefill).
     """
 
     def __init__(self, graphs: str = "auto", check_every: int | None = None, length_bucket: int = 128,
-                 timing: bool = False) -> None:
+                 cast_weights_once: bool = True, timing: bool = False) -> None:
         if graphs not in GRAPHS:
             raise ValueError(f"StaticCacheSampler graphs={graphs!r}; valid: {list(GRAPHS)}")
         if check_every is not None and check_every < 1:
@@ -94,7 +103,9 @@ class StaticCacheSampler(Sampler):
         if length_bucket < 1:
             raise ValueError(f"StaticCacheSampler length_bucket={length_bucket} must be >= 1")
         self.graphs, self.check_every, self.length_bucket, self.timing = graphs, check_every, length_bucket, timing
+        self.cast_weights_once = cast_weights_once
         self._slots: dict[tuple, _Slot] = {}
+        self._weights: dict[int, tuple] = {}  # id(model) -> (dtype, {name: low-precision copy}, {name: param})
         self.captures = 0  # graphs captured / functions compiled so far (a test checks it stops growing)
         self.last_stats: dict[str, float] = {}
         self.capture_error: str | None = None  # set when a capture failed and decoding fell back to eager
@@ -136,6 +147,7 @@ class StaticCacheSampler(Sampler):
         mask = prompt_mask.long()
         logits, dyn = prefill(model, prompt_ids, mask)
         slot = self._slot(model, n, P + T, temperature, top_p, device, mode, dyn)
+        slot.weights = self._cast_weights(model, device) if self.cast_weights_once else None
         self._load_prompt(slot, dyn, prompt_mask, n, P, pad_token_id)
         dist = token_distribution(logits[:, -1], temperature, top_p)
         if self.timing:
@@ -204,6 +216,25 @@ class StaticCacheSampler(Sampler):
         self._slots[key] = slot
         return slot
 
+    def _cast_weights(self, model: nn.Module, device: torch.device) -> dict | None:
+        """Under autocast to a lower precision: the model's fp32 Linear weights and biases copied into
+        persistent tensors of that dtype (refreshed in place every rollout, so a captured graph keeps
+        reading the same addresses). None without autocast or for sharded models."""
+        from lit_covrl.sharding import is_sharded
+
+        if not torch.is_autocast_enabled(device.type) or is_sharded(model):
+            return None
+        dtype = torch.get_autocast_dtype(device.type)
+        entry = self._weights.get(id(model))
+        if entry is None or entry[0] != dtype:
+            params = {f"{name}.{k}" if name else k: p for name, m in model.named_modules() if isinstance(m, nn.Linear)
+                      for k, p in m.named_parameters(recurse=False) if p.dtype == torch.float32}
+            entry = (dtype, {k: torch.empty_like(p, dtype=dtype) for k, p in params.items()}, params)
+            self._weights[id(model)] = entry
+        for k, t in entry[1].items():
+            t.copy_(entry[2][k])
+        return entry[1]
+
     def _load_prompt(self, slot: _Slot, dyn, prompt_mask: Tensor, n: int, P: int, pad_token_id: int) -> None:
         """Copy the prefilled cache rows in, reset the mask, positions and write position."""
         for st, dl in zip(slot.cache.layers, dyn.layers):
@@ -221,8 +252,12 @@ class StaticCacheSampler(Sampler):
     def _forward(self, model, slot: _Slot, temperature: float, top_p: float):
         if slot.mask.dtype != torch.bool:  # eager attention: additive mask, refreshed from key_valid
             slot.mask.copy_(torch.where(slot.key_valid, 0.0, torch.finfo(torch.float32).min)[:, None, None, :])
-        out = model(input_ids=slot.tok, attention_mask=slot.mask, position_ids=slot.pos, use_cache=True,
-                    **{slot.cache_kw: slot.cache})
+        kwargs = dict(input_ids=slot.tok, attention_mask=slot.mask, position_ids=slot.pos, use_cache=True,
+                      **{slot.cache_kw: slot.cache})
+        if slot.weights:
+            out = torch.func.functional_call(model, slot.weights, (), kwargs, tie_weights=False, strict=False)
+        else:
+            out = model(**kwargs)
         return token_distribution(out.logits[:, -1], temperature, top_p)
 
     def _step(self, model, slot: _Slot, mode: str, temperature: float, top_p: float):
