@@ -149,36 +149,43 @@ class StaticCacheSampler(Sampler):
         slot = self._slot(model, n, P + T, temperature, top_p, device, mode, dyn)
         slot.weights = self._cast_weights(model, device) if self.cast_weights_once else None
         self._load_prompt(slot, dyn, prompt_mask, n, P, pad_token_id)
+        del dyn
         dist = token_distribution(logits[:, -1], temperature, top_p)
         if self.timing:
             _sync(device)
         t1 = time.perf_counter()
         finished = torch.zeros(n, dtype=torch.bool, device=device)
         nonfinite = torch.zeros(n, dtype=torch.bool, device=device)
-        tokens, logps, ents, alive = [], [], [], []
+        # per-step columns, written in place (a captured step's outputs are overwritten by the next replay)
+        tokens = torch.full((n, T), pad_token_id, dtype=torch.long, device=device)
+        alive = torch.zeros((n, T), dtype=torch.bool, device=device)
+        logps = torch.zeros((n, T), dtype=torch.float32, device=device)
+        ents = torch.zeros((n, T), dtype=torch.float32, device=device)
+        steps = T
         for step in range(T):
             logp_all, entropy, probs, bad = (x[:n] for x in dist)
             tok, logp = draw_token(logp_all, probs, bad, generator, eos[0])
             tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
             nonfinite |= bad & ~finished
-            alive.append(~finished)
-            tokens.append(tok)
-            logps.append(logp)
-            ents.append(entropy)
+            alive[:, step] = ~finished
+            tokens[:, step] = tok
+            logps[:, step] = logp
+            ents[:, step] = entropy
             finished = finished | torch.isin(tok, eos)
             if step == T - 1 or ((step + 1) % check_every == 0 and all_done(bool(finished.all()))):
+                steps = step + 1
                 break
             slot.tok[:n, 0].copy_(tok)
-            slot.key_valid[:n, P + step].copy_(alive[-1])
+            slot.key_valid[:n, P + step].copy_(alive[:, step])
             dist = self._step(model, slot, mode, temperature, top_p)
             slot.pos.add_(1)
         if self.timing:
             _sync(device)
-            steps = len(tokens)
-            self.last_stats = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "steps": steps,
-                               "decode_ms_per_step": 1e3 * (time.perf_counter() - t1) / max(steps, 1)}
-        return finish_rollout(prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(alive, 1),
-                              torch.stack(logps, 1), torch.stack(ents, 1), finished, nonfinite)
+            decode_s = time.perf_counter() - t1
+            self.last_stats = {"prefill_s": t1 - t0, "decode_s": decode_s, "steps": steps,
+                               "decode_ms_per_step": 1e3 * decode_s / steps}
+        return finish_rollout(prompt_ids, prompt_mask, tokens[:, :steps], alive[:, :steps], logps[:, :steps],
+                              ents[:, :steps], finished, nonfinite)
 
     # ---------------------------------------------------------------------------------------
     def _slot(self, model, n, length, temperature, top_p, device, mode, dyn) -> _Slot:
