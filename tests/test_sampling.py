@@ -237,3 +237,14 @@ def test_weights_cast_once_per_rollout_give_autocasts_logits_exactly(model):
         assert bool(sampler._weights) == once
     assert torch.equal(outs[0].input_ids, outs[1].input_ids)
     assert torch.equal(outs[0].logp, outs[1].logp) and torch.equal(outs[0].entropy, outs[1].entropy)
+
+
+def test_static_cache_holds_keys_and_values_in_the_prefills_dtypes(model):
+    """Under autocast the rotary embedding makes keys fp32 while values stay bf16: the static
+    cache must keep each in its own dtype (decoding writes them in place)."""
+    ids, mask = _prompts([4], 2, 5)
+    sampler = StaticCacheSampler(graphs="none")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sampler.sample(model, ids, mask, max_new_tokens=3, eos_token_id=EOS, pad_token_id=PAD)
+    (slot,) = sampler._slots.values()
+    assert {(layer.keys.dtype, layer.values.dtype) for layer in slot.cache.layers} == {(torch.float32, torch.bfloat16)}

@@ -162,6 +162,7 @@ class StaticCacheSampler(Sampler):
         logps = torch.zeros((n, T), dtype=torch.float32, device=device)
         ents = torch.zeros((n, T), dtype=torch.float32, device=device)
         steps = T
+        events = [] if self.timing and device.type == "cuda" else None
         for step in range(T):
             logp_all, entropy, probs, bad = (x[:n] for x in dist)
             tok, logp = draw_token(logp_all, probs, bad, generator, eos[0])
@@ -177,13 +178,20 @@ class StaticCacheSampler(Sampler):
                 break
             slot.tok[:n, 0].copy_(tok)
             slot.key_valid[:n, P + step].copy_(alive[:, step])
+            if events is not None:
+                events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+                events[-1][0].record()
             dist = self._step(model, slot, mode, temperature, top_p)
+            if events is not None:
+                events[-1][1].record()
             slot.pos.add_(1)
         if self.timing:
             _sync(device)
             decode_s = time.perf_counter() - t1
             self.last_stats = {"prefill_s": t1 - t0, "decode_s": decode_s, "steps": steps,
                                "decode_ms_per_step": 1e3 * decode_s / steps}
+            if events:  # GPU time of the decoding forward (+ token_distribution) alone, per step
+                self.last_stats["forward_gpu_ms_per_step"] = sum(a.elapsed_time(b) for a, b in events) / len(events)
         return finish_rollout(prompt_ids, prompt_mask, tokens[:, :steps], alive[:, :steps], logps[:, :steps],
                               ents[:, :steps], finished, nonfinite)
 
@@ -210,8 +218,12 @@ class StaticCacheSampler(Sampler):
         for st, dl in zip(cache.layers, layers):
             k, v = dl.keys, dl.values
             st.lazy_initialization(k.new_empty((nb, *k.shape[1:])), v.new_empty((nb, *v.shape[1:])))
-            st.keys.zero_()
-            st.values.zero_()
+            # keys and values each in the prefill's dtype: under autocast the rotary embedding makes
+            # keys fp32 while values stay bf16, and some transformers versions size both like the keys
+            st.keys = k.new_zeros((nb, k.shape[1], lb, k.shape[3]))
+            st.values = v.new_zeros((nb, v.shape[1], lb, v.shape[3]))
+            torch._dynamo.mark_static_address(st.keys)
+            torch._dynamo.mark_static_address(st.values)
         key_valid = torch.zeros(nb, lb, dtype=torch.bool, device=device)
         if impl == "sdpa":
             mask = key_valid[:, None, None, :]
