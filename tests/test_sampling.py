@@ -248,3 +248,32 @@ def test_static_cache_holds_keys_and_values_in_the_prefills_dtypes(model):
         sampler.sample(model, ids, mask, max_new_tokens=3, eos_token_id=EOS, pad_token_id=PAD)
     (slot,) = sampler._slots.values()
     assert {(layer.keys.dtype, layer.values.dtype) for layer in slot.cache.layers} == {(torch.float32, torch.bfloat16)}
+
+
+def test_static_cache_takes_decoding_states_of_another_dtype_than_the_prefill_cache(model, monkeypatch):
+    """transformers 5.17 keeps a dynamic cache's values in the keys' dtype (fp32 under autocast:
+    torch.cat promotes) while a decoding step's values come out bf16 (the first GPU run failed on
+    this). Simulated here: the prefill cache's values are made fp32 before they are copied in; the
+    static cache casts the new states on the way in and samples what it samples without the upcast."""
+    import lit_covrl.sampling.static_cache as SC
+
+    ids, mask = _prompts([5, 3], 2, 6)
+    kw = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD, temperature=1.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = StaticCacheSampler(graphs="none").sample(model, ids, mask, generator=torch.Generator().manual_seed(2), **kw)
+    prefill = SC.prefill
+
+    def fp32_values_prefill(*a):
+        logits, dyn = prefill(*a)
+        for layer in dyn.layers:
+            layer.values = layer.values.float()
+        return logits, dyn
+
+    monkeypatch.setattr(SC, "prefill", fp32_values_prefill)
+    sampler = StaticCacheSampler(graphs="none")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        upcast = sampler.sample(model, ids, mask, generator=torch.Generator().manual_seed(2), **kw)
+    (slot,) = sampler._slots.values()
+    assert {layer.values.dtype for layer in slot.cache.layers} == {torch.float32}
+    assert torch.equal(plain.input_ids, upcast.input_ids)
+    torch.testing.assert_close(plain.logp, upcast.logp, atol=1e-2, rtol=0)

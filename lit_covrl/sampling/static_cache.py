@@ -218,12 +218,15 @@ class StaticCacheSampler(Sampler):
         for st, dl in zip(cache.layers, layers):
             k, v = dl.keys, dl.values
             st.lazy_initialization(k.new_empty((nb, *k.shape[1:])), v.new_empty((nb, *v.shape[1:])))
-            # keys and values each in the prefill's dtype: under autocast the rotary embedding makes
-            # keys fp32 while values stay bf16, and some transformers versions size both like the keys
+            # keys and values each in the dtype the dynamic cache holds them in, whatever a decoding
+            # step produces: under autocast the rotary embedding makes keys fp32 while values come
+            # out bf16, and transformers < 5.24 sizes a layer like its keys (its dynamic cache then
+            # holds fp32 values: torch.cat promotes). New states are cast on the way in (lossless here).
             st.keys = k.new_zeros((nb, k.shape[1], lb, k.shape[3]))
             st.values = v.new_zeros((nb, v.shape[1], lb, v.shape[3]))
             torch._dynamo.mark_static_address(st.keys)
             torch._dynamo.mark_static_address(st.values)
+            st.update = _casting_update(st)
         key_valid = torch.zeros(nb, lb, dtype=torch.bool, device=device)
         if impl == "sdpa":
             mask = key_valid[:, None, None, :]
@@ -324,6 +327,16 @@ class StaticCacheSampler(Sampler):
             length.copy_(w)
         slot.graph = graph
         self.captures += 1
+
+
+def _casting_update(layer):
+    """`layer.update` with the new key / value states cast to the layer's own dtypes first."""
+    update = layer.update
+
+    def cast_then_update(key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        return update(key_states.to(layer.keys.dtype), value_states.to(layer.values.dtype), *args, **kwargs)
+
+    return cast_then_update
 
 
 def _sync(device: torch.device) -> None:
