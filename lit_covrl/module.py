@@ -141,8 +141,8 @@ class GRPOModule(EvaluationMixin, PolicyUpdateMixin, L.LightningModule):
                 model (docs/benchmarks.md). Ignored (off) with activation_checkpointing.
             sampler: the rollout and validation sampler (`class_path`: lit_covrl.sampling.KVCacheSampler
                 or StaticCacheSampler). null = the fastest measured for the device
-                (`lit_covrl.sampling.default_sampler`: StaticCacheSampler with CUDA graphs on CUDA,
-                KVCacheSampler on CPU; docs/scaling.md).
+                (`lit_covrl.sampling.default_sampler`: StaticCacheSampler with a compiled decoding
+                step on CUDA, KVCacheSampler on CPU; docs/scaling.md).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler", "sampler"])

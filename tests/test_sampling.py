@@ -131,7 +131,7 @@ def test_model_emitting_nan_logits_is_flagged_not_crashed(model):
 def test_default_sampler_per_device():
     assert isinstance(default_sampler("cpu"), KVCacheSampler)
     s = default_sampler("cuda")
-    assert isinstance(s, StaticCacheSampler) and s.graphs == "cuda_graph"
+    assert isinstance(s, StaticCacheSampler) and s.graphs == "compile"
     with pytest.raises(ValueError, match="graphs="):
         StaticCacheSampler(graphs="cudagraph")
 
