@@ -19,5 +19,5 @@ if [ -d wheels ]; then
 fi
 python3 -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__)"
 timeout ${GPU_TESTS_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-timeout ${BENCH_TIMEOUT:-420} python3 tools/bench_gpu.py --json --out "$OUT/bench_gpu.json" "$@" 2>"$OUT/bench_gpu.log" >/dev/null
+timeout ${BENCH_TIMEOUT:-480} python3 tools/bench_gpu.py --json --out "$OUT/bench_gpu.json" "$@" 2>"$OUT/bench_gpu.log" >/dev/null
 tail -c 6000 "$OUT/bench_gpu.log"

@@ -17,11 +17,12 @@ to top_k=50). Both samplers call exactly this function, so given the same logits
 same tokens from the same generator state.
 
 Non-finite logits: a row whose logits contain NaN or +inf, or are all -inf, has no distribution
-to sample from (torch.multinomial would raise a device-side error). Such a row is flagged
-(`Rollout.nonfinite`), its logits are replaced by zeros for this step (a uniform draw, so the
-generator advances exactly as for any other row) and its token is forced to the first EOS id, so
-the row ends there. GRPOModule stops the run on a flagged rollout (`module.py`). A -inf logit
-next to finite ones is a masked token, not an error.
+to sample from (torch.multinomial would raise a device-side error). Its log-softmax is NaN, hence
+its entropy, which is how it is detected (one [N] check instead of a pass over [N, V]). Such a row
+is flagged (`Rollout.nonfinite`), drawn from uniform weights (the generator advances exactly as
+for any other row), its token forced to the first EOS id so the row ends there, and its log-prob
+and entropy recorded as 0. GRPOModule stops the run on a flagged rollout (`module.py`). A -inf
+logit next to finite ones is a masked token, not an error.
 """
 from __future__ import annotations
 
@@ -80,20 +81,19 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def entropy_from_logp(logp: Tensor) -> Tensor:
-    """-sum p log p over the last dim, with 0 * log 0 = 0 (a -inf log-prob contributes nothing)."""
-    return -(logp.exp() * logp.masked_fill(torch.isneginf(logp), 0.0)).sum(-1)
-
-
 def token_distribution(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The deterministic half of a decoding step, on logits [N, V]: (log_softmax(z / temperature)
     [N, V], its entropy [N], the top-p filtered sampling probabilities [N, V], nonfinite [N] bool).
     No random numbers, no host sync: `StaticCacheSampler` captures it in its CUDA graph."""
     z = logits.float()
-    bad = ~torch.isfinite(z.amax(-1))  # amax propagates NaN: NaN, +inf or all -inf in the row
-    z = z.masked_fill(bad[:, None], 0.0) / temperature
+    if temperature != 1.0:
+        z = z / temperature
     logp_all = torch.log_softmax(z, -1)
-    return logp_all, entropy_from_logp(logp_all), top_p_filter(z, top_p).softmax(-1), bad
+    p = logp_all.exp()
+    entropy = torch.special.entr(p).sum(-1)  # entr(0) = 0: -inf logits add nothing
+    bad = entropy.isnan()  # NaN / +inf logits or an all -inf row make the whole log-softmax row NaN
+    probs = p if top_p >= 1.0 else top_p_filter(z, top_p).softmax(-1)
+    return logp_all, entropy.masked_fill(bad, 0.0), probs.masked_fill(bad[:, None], 1.0), bad
 
 
 def draw_token(logp_all: Tensor, probs: Tensor, bad: Tensor, generator: torch.Generator | None,
@@ -102,7 +102,7 @@ def draw_token(logp_all: Tensor, probs: Tensor, bad: Tensor, generator: torch.Ge
     rows get `stop_id`) and its log-prob [N] from logp_all."""
     tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     tok = torch.where(bad, stop_id, tok)
-    return tok, logp_all.gather(-1, tok[:, None]).squeeze(-1)
+    return tok, logp_all.gather(-1, tok[:, None]).squeeze(-1).masked_fill(bad, 0.0)
 
 
 def sample_token(
