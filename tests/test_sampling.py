@@ -277,3 +277,24 @@ def test_static_cache_takes_decoding_states_of_another_dtype_than_the_prefill_ca
     assert {layer.values.dtype for layer in slot.cache.layers} == {torch.float32}
     assert torch.equal(plain.input_ids, upcast.input_ids)
     torch.testing.assert_close(plain.logp, upcast.logp, atol=1e-2, rtol=0)
+
+
+def test_validation_samples_with_the_configured_sampler(tiny_model_dir):
+    """model.sampler serves training rollouts and validation alike (at their own temperatures)."""
+    from tests.helpers import fit
+    from tests.test_module import make_data, make_module
+
+    class Counting(StaticCacheSampler):
+        def __init__(self) -> None:
+            super().__init__(graphs="none")
+            self.temperatures: list[float] = []
+
+        def sample(self, *args, temperature: float = 1.0, **kwargs):
+            self.temperatures.append(temperature)
+            return super().sample(*args, temperature=temperature, **kwargs)
+
+    sampler = Counting()
+    module = make_module(tiny_model_dir, sampler=sampler, temperature=0.8, val_temperature=1.0)
+    fit(module, make_data(), steps=2, val_check_interval=1)
+    assert sampler.temperatures.count(0.8) == 2 and sampler.temperatures.count(1.0) >= 1
+    assert len(sampler._slots) == 2  # one static cache per (bucket, temperature)

@@ -221,8 +221,8 @@ class StaticCacheSampler(Sampler):
             st.lazy_initialization(k.new_empty((nb, *k.shape[1:])), v.new_empty((nb, *v.shape[1:])))
             # keys and values each in the dtype the dynamic cache holds them in, whatever a decoding
             # step produces: under autocast the rotary embedding makes keys fp32 while values come
-            # out bf16, and transformers < 5.24 sizes a layer like its keys (its dynamic cache then
-            # holds fp32 values: torch.cat promotes). New states are cast on the way in (lossless here).
+            # out bf16, and transformers 5.17 (not 5.24) sizes a layer like its keys (its dynamic cache
+            # then holds fp32 values: torch.cat promotes). New states are cast on the way in (lossless).
             st.keys = k.new_zeros((nb, k.shape[1], lb, k.shape[3]))
             st.values = v.new_zeros((nb, v.shape[1], lb, v.shape[3]))
             torch._dynamo.mark_static_address(st.keys)
