@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 CONFIG ?= configs/quickstart.yaml
 
-.PHONY: install install-smollm2 quickstart test
+.PHONY: install install-smollm2 quickstart test gpu-wheels
 
 install:
 	@if [ -n "$(TORCH_SPEC)" ]; then $(PYTHON) -m pip install -q "$(TORCH_SPEC)" \
@@ -27,3 +27,10 @@ quickstart: install
 
 test:
 	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+# wheels for tools/gpu_check.sh on a GPU machine without internet (it has torch + transformers);
+# ./wheels is git-ignored, a few MB
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps -d wheels lightning lightning-utilities torchmetrics jsonargparse \
+		docstring-parser typeshed-client omegaconf pytest pluggy iniconfig pygments
+	$(PYTHON) -m pip wheel -q --no-deps -w wheels antlr4-python3-runtime==4.9.3

@@ -38,7 +38,7 @@ from lit_covrl.prompts import encode_prompts
 from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.reward_set import RewardSet
 from lit_covrl.rewards import ExactMatchReward
-from lit_covrl.rollout import sample_responses
+from lit_covrl.sampling import Sampler, default_sampler
 from lit_covrl.sharding import (
     check_sharding_args, check_strategy, checkpoint_layers, gathered_for_rollout, load_sharded, shard_model,
 )
@@ -97,6 +97,7 @@ class GRPOModule(L.LightningModule):
         shared_prompt: bool | None = None,
         recompute_logprobs: bool = False,
         stop: list[str] | None = None,
+        sampler: Sampler | None = None,
     ) -> None:
         """
         Args:
@@ -169,9 +170,13 @@ class GRPOModule(L.LightningModule):
             stop: stop strings: a response ends after the token that completes the first of them
                 (masked after it, counted as finished). Decoding still runs to EOS or
                 max_new_tokens for such rows (see `lit_covrl.stopping`).
+            sampler: the rollout and validation sampler (`class_path`: lit_covrl.sampling.KVCacheSampler
+                or StaticCacheSampler). null = the fastest measured for the device
+                (`lit_covrl.sampling.default_sampler`: StaticCacheSampler with a compiled decoding
+                step on CUDA, KVCacheSampler on CPU; docs/scaling.md).
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler", "objective"])
+        self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler", "objective", "sampler"])
         self.automatic_optimization = False
         check_module_args(self.hparams)
         self.objective = resolve_objective(objective, self.hparams)
@@ -179,6 +184,7 @@ class GRPOModule(L.LightningModule):
         self.reward = reward if reward is not None else ExactMatchReward()
         rewards = self.reward if isinstance(self.reward, (list, tuple)) else [self.reward]
         self.rewards = RewardSet(rewards, reward_weights)
+        self._sampler = sampler  # null: chosen for the device at the first rollout
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         resolve_dtype(dtype)
@@ -349,9 +355,15 @@ class GRPOModule(L.LightningModule):
         out.completions = tok.batch_decode(out.input_ids[:, ids.shape[1]:], skip_special_tokens=True)
         return out
 
+    @property
+    def sampler(self) -> Sampler:
+        if self._sampler is None:
+            self._sampler = default_sampler(self.device)
+        return self._sampler
+
     def _sample(self, ids: Tensor, mask: Tensor, temperature: float, generator: torch.Generator) -> Rollout:
         tok = self.tokenizer
-        return sample_responses(
+        return self.sampler.sample(
             self.policy, ids, mask, max_new_tokens=self.hparams.max_new_tokens,
             eos_token_id=eos_token_ids(self.policy, tok),  # every EOS id of the generation config
             pad_token_id=tok.pad_token_id, temperature=temperature, top_p=self.hparams.top_p,
@@ -414,6 +426,8 @@ class GRPOModule(L.LightningModule):
         hp, G = self.hparams, self.hparams.group_size
         with timer("rollout"):
             rollout = self.generate(batch.prompts, G, temperature=hp.temperature, generator=self.rollout_generator)
+        if not distributed.all_true(not bool(rollout.nonfinite.any())):
+            self._stop_on_nonfinite_logits(rollout)
         with timer("score"):
             answers = [a for a in batch.answers for _ in range(G)]
             prompts = [p for p in batch.prompts for _ in range(G)]
@@ -446,6 +460,17 @@ class GRPOModule(L.LightningModule):
             return rounds[0], stats
         chosen = choose_groups(rounds, len(batch), G)
         return assemble(rounds, chosen, G, self.tokenizer.pad_token_id), stats
+
+    def _stop_on_nonfinite_logits(self, rollout: Rollout) -> None:
+        """NaN/inf logits while sampling (on some rank): the weights are broken, nothing to train on."""
+        ckpt = getattr(self.trainer, "checkpoint_callback", None)
+        last = (getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")) if ckpt else ""
+        raise RuntimeError(
+            f"non-finite logits (NaN or inf) while sampling the rollout of RL step {self.global_step} "
+            f"({int(rollout.nonfinite.sum())} of {len(rollout.nonfinite)} sequences on rank {self.global_rank}); "
+            f"the run is stopped. Last good checkpoint: {last or 'none saved yet'}. "
+            "Lower the learning rate or check the reward and data."
+        )
 
     def _reference_logprobs(self, rollout: Rollout) -> Tensor:
         ref = self._reference

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -55,9 +56,11 @@ class Rollout:
     attention_mask [N, P+T]  1 on real tokens (prompt and response up to and including EOS)
     response_mask  [N, T]    1 on response tokens that enter the loss
     logp           [N, T]    log pi_old(token) at the training temperature (0 outside the mask)
-    entropy        [N, T]    entropy of the sampled distribution softmax(z / temperature) of pi_old
-                             (0 outside the mask)
+    entropy        [N, T]    entropy of the distribution sampled, softmax(z / temperature), before
+                             top-p (0 outside the mask; a -inf logit contributes 0, never NaN)
     truncated      [N]       True where the response hit max_new_tokens without EOS
+    nonfinite      [N]       True where some step's logits had NaN / +inf (or were all -inf): that
+                             row's draw is meaningless (default: all False)
     """
 
     input_ids: Tensor
@@ -67,6 +70,11 @@ class Rollout:
     entropy: Tensor
     truncated: Tensor
     completions: list[str] = field(default_factory=list)
+    nonfinite: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.nonfinite is None:
+            self.nonfinite = torch.zeros(self.truncated.shape, dtype=torch.bool, device=self.truncated.device)
 
 
 @dataclass

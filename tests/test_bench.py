@@ -68,14 +68,18 @@ def test_bench_gpu_runs_end_to_end_on_cpu(tmp_path):
     import bench_gpu
 
     out = tmp_path / "gpu.json"
-    bench_gpu.main(["--shape", "tiny", "--device", "cpu", "--configs", "single", "fsdp_once", "--steps", "2",
-                    "--prompts", "4", "--updates", "2", "--micro", "8", "--prompt-len", "8", "--new-tokens", "6",
-                    "--out", str(out)])
+    runs = ["tiny:kv_cache", "tiny:static_eager", "tiny:hf_generate"]
+    bench_gpu.main(["--device", "cpu", "--runs", *runs, "--steps", "2", "--prompts", "4", "--updates", "2",
+                    "--micro", "8", "--prompt-len", "8", "--new-tokens", "6", "--out", str(out)])
     res = json.loads(out.read_text())
-    assert [r["config"] for r in res["runs"]] == ["single", "fsdp_once"]
-    for r in res["runs"]:
+    assert [r["name"] for r in res["configs"]] == runs
+    for r in res["configs"]:
         assert "error" not in r, r.get("error")
-        assert r["loss_finite"] and _positive(r["rollout_tokens_per_s"]) and _positive(r["update_tokens_per_s"])
+        assert {"name", "sampler", "rollout_tok_s", "decode_ms_per_step", "update_tok_s", "update_mfu", "step_s"} <= set(r)
+        assert _positive(r["rollout_tok_s"]) and _positive(r["decode_ms_per_step"])
+        if r["config"] != "hf_generate":
+            assert r["loss_finite"] and _positive(r["update_tok_s"]) and _positive(r["step_s"])
+    assert res["configs"][1]["sampler_stats"]["steps"] == 6
 
 
 def test_bench_logging_reports_positive_medians(tiny_model_dir):

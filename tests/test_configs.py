@@ -36,6 +36,7 @@ STACKS = {
        ("high_entropy_tokens", "adaptive_entropy", "steer", "entropy_advantage", "entropy_ratio_clip")},
     "gspo.yaml": [QUICK, CONFIGS / "gspo.yaml"],
     "cispo.yaml": [QUICK, CONFIGS / "cispo.yaml"],
+    "samplers/static_cache.yaml": [QUICK, CONFIGS / "samplers" / "static_cache.yaml"],
     "recipes/qwen2.5-7b.yaml": [R7],
     "recipes/qwen2.5-32b.yaml": [R7, CONFIGS / "recipes" / "qwen2.5-32b.yaml"],
     "recipes/clip_cov.yaml": [R7, CONFIGS / "recipes" / "clip_cov.yaml"],
@@ -71,6 +72,7 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
     assert isinstance(cli.model, GRPOModule) and isinstance(cli.datamodule, PromptDataModule)
     regs = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
     expected = {"grpo.yaml": 0, "grpo_low_lr.yaml": 0, "gspo.yaml": 0, "cispo.yaml": 0, "quickstart.yaml": 0, "recipes/qwen2.5-7b.yaml": 0, "recipes/qwen2.5-32b.yaml": 0}
+    expected["samplers/static_cache.yaml"] = 0  # an overlay choosing the sampler, no regularizer
     expected.update({k: 0 for k in STACKS if k.startswith("fsdp/")})  # base recipes, no method
     assert len(regs) == expected.get(name, 1)
     if name == "recipes/qwen2.5-32b.yaml":

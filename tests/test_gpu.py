@@ -1,6 +1,8 @@
 """CUDA paths (marked `gpu`, skipped without a CUDA device; CI has none): a few RL steps of a tiny
-policy under bf16 autocast on one GPU, and FSDP2 (NCCL, one process) with parameters gathered per
-decoding forward vs once per rollout, which must give the same run. tools/bench_gpu.py measures
+policy under bf16 autocast on one GPU (with the default sampler there, StaticCacheSampler with a
+compiled decoding step), FSDP2 (NCCL, one process) with parameters gathered per decoding forward vs once per
+rollout, which must give the same run, and the static sampler's captured / compiled decoding
+step against eager decoding. tools/bench_gpu.py measures
 throughput and MFU on the same paths."""
 from __future__ import annotations
 
@@ -45,8 +47,11 @@ def _fit(model_dir: str, steps: int, strategy="auto", precision="bf16-mixed", **
 def test_rl_steps_on_one_gpu_with_bf16_autocast(tiny_model_dir):
     from lit_covrl.policy import load_policy
 
+    from lit_covrl.sampling import StaticCacheSampler
+
     module, steps = _fit(tiny_model_dir, 3)
     assert len(steps) == 3
+    assert isinstance(module.sampler, StaticCacheSampler) and module.sampler.captures == 1
     assert all(s["on_cuda"] == 1.0 for s in steps)
     assert {p.dtype for p in module.policy.parameters()} == {torch.float32}  # fp32 master weights
     for s in steps:
@@ -69,3 +74,40 @@ def test_fsdp2_on_one_gpu_gather_once_equals_per_forward(tiny_model_dir):
     for a, b in zip(runs["per_forward"], runs["once"]):
         for k in ("rollout/reward_mean", "policy/entropy", "policy/loss", "policy/grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a[k], b[k])
+
+
+@pytest.mark.parametrize("graphs,autocast", [("cuda_graph", False), ("cuda_graph", True), ("compile", False),
+                                             ("compile", True)])
+def test_static_cache_graph_replays_give_the_eager_tokens_without_recapture(tiny_model_dir, graphs, autocast):
+    """Three rollouts of different prompt widths (one bucket), the weights changed in place between
+    them (as an optimizer step does): the captured / compiled step draws the tokens of eager static
+    decoding from the same generator state, and nothing is captured or compiled after the first."""
+    from lit_covrl.policy import load_policy, load_tokenizer
+    from lit_covrl.prompts import encode_prompts
+    from lit_covrl.sampling import StaticCacheSampler
+
+    model, tok = load_policy(tiny_model_dir).cuda().eval(), load_tokenizer(tiny_model_dir)
+    eager = StaticCacheSampler(graphs="none", check_every=1, length_bucket=32)
+    graphed = StaticCacheSampler(graphs=graphs, check_every=4, length_bucket=32)
+    kw = dict(max_new_tokens=12, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, temperature=1.2)
+    sets = [["1+2=", "33+44=", "5-3="], ["123+456=", "7+8=", "9="], ["1+1=", "2+2=", "10+20="]]
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast)
+    for i, prompts in enumerate(sets):
+        ids, mask = encode_prompts(tok, prompts, chat_template=False)
+        ids, mask = ids.repeat_interleave(4, 0).cuda(), mask.repeat_interleave(4, 0).cuda()
+        with amp, torch._dynamo.config.patch(error_on_recompile=i > 0):
+            a = eager.sample(model, ids, mask, generator=torch.Generator("cuda").manual_seed(i), **kw)
+            b = graphed.sample(model, ids, mask, generator=torch.Generator("cuda").manual_seed(i), **kw)
+        T = a.response_mask.shape[1]
+        same = (b.input_ids[:, : ids.shape[1] + T] == a.input_ids).all(1)
+        if graphs == "cuda_graph":  # the very kernels of eager decoding: bitwise the same draws
+            assert same.all(), (graphs, i)
+        else:  # inductor fuses differently: rounding may flip a rare draw (and the rest of its row)
+            assert same.float().mean() >= 0.75, (graphs, i, same)
+        tol = 2e-2 if autocast else 1e-3
+        torch.testing.assert_close(b.logp[same, :T], a.logp[same], atol=tol, rtol=tol)
+        torch.testing.assert_close(b.entropy[same, :T], a.entropy[same], atol=tol, rtol=tol)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.05)  # in place, like AdamW: the graph must read the new weights
+    assert graphed.captures == 1 and len(graphed._slots) == 1

@@ -337,7 +337,7 @@ def test_truncated_responses_follow_the_overlong_policy(tiny_model_dir, tmp_path
 def test_sampler_runs_the_prompt_forward_once_per_group(tiny_model_dir):
     """GRPO's G identical prompt rows share one prompt forward (its KV cache rows are repeated):
     the same samples and log-probs as G separate prompt forwards, with 1/G of the prompt rows."""
-    import lit_covrl.rollout as R
+    import lit_covrl.sampling.kv_cache as R
     from lit_covrl.policy import load_tokenizer
     from lit_covrl.prompts import encode_prompts
 
@@ -348,7 +348,7 @@ def test_sampler_runs_the_prompt_forward_once_per_group(tiny_model_dir):
     rows = []  # rows of every model forward, counted on the model itself
     hook = model.register_forward_pre_hook(lambda m, a, k: rows.append(k["input_ids"].shape[0]), with_kwargs=True)
     try:
-        shared = R.sample_responses(model, ids, mask, generator=torch.Generator().manual_seed(1), **kw)
+        shared = R.KVCacheSampler().sample(model, ids, mask, generator=torch.Generator().manual_seed(1), **kw)
     finally:
         hook.remove()
     assert rows[0] == 3 and all(r == 12 for r in rows[1:])  # prompt forward on the 3 distinct prompts
@@ -358,11 +358,11 @@ def test_sampler_runs_the_prompt_forward_once_per_group(tiny_model_dir):
         return orig(model, None, input_ids=prompt_ids, attention_mask=m,
                     position_ids=R.position_ids_from_mask(m), logits_to_keep=1)
 
-    R._prefill, saved = plain_prefill, R._prefill
+    R.prefill, saved = plain_prefill, R.prefill
     try:
-        plain = R.sample_responses(model, ids, mask, generator=torch.Generator().manual_seed(1), **kw)
+        plain = R.KVCacheSampler().sample(model, ids, mask, generator=torch.Generator().manual_seed(1), **kw)
     finally:
-        R._prefill = saved
+        R.prefill = saved
     assert torch.equal(shared.input_ids, plain.input_ids)
     assert torch.equal(shared.response_mask, plain.response_mask)
     torch.testing.assert_close(shared.logp, plain.logp, atol=1e-5, rtol=0)

@@ -1,33 +1,39 @@
-"""GPU throughput of real RL steps on a randomly initialised Qwen2 (Qwen2.5-0.5B shape): rollout
-and update tokens/s, training MFU and peak memory, for one device with and without FSDP2.
+"""GPU throughput of real RL steps on randomly initialised Qwen2 models (Qwen2.5-0.5B and -1.5B
+shapes) with each rollout sampler, next to Hugging Face `generate` (static cache + torch.compile):
+rollout tokens/s and ms per decoding step, update tokens/s and MFU, the RL step's wall time and
+peak memory. One process per run (a clean CUDA context and peak-memory counter), runs one after
+the other on the same GPU.
 
-    python tools/bench_gpu.py --out bench_gpu.json                          # the measured run
-    python tools/bench_gpu.py --shape tiny --device cpu --steps 2 --new-tokens 8   # smoke test
+    python tools/bench_gpu.py --json --out bench_gpu.json        # the measured run (default runs)
+    python tools/bench_gpu.py --device cpu --runs tiny:kv_cache tiny:static_eager --steps 2 \
+        --prompts 4 --new-tokens 8 --prompt-len 8 --updates 2 --micro 8     # smoke test
 
-No weights can be downloaded on the GPU machines, so the model is random (same shapes and FLOPs
-as Qwen2.5-0.5B: 24 layers, hidden 896, 14 heads / 2 KV heads, vocabulary 151,936) over a
-character tokenizer of the same vocabulary size. A random policy almost never samples EOS
-(p = 1/151,936 per token), so every response runs to --new-tokens: fixed shapes, no early stop.
+No weights can be downloaded on the GPU machines, so the models are random (same shapes and FLOPs
+as Qwen2.5: 0.5B = 24 layers, hidden 896, 14 / 2 heads; 1.5B = 28 layers, hidden 1536, 12 / 2
+heads; vocabulary 151,936) over a character tokenizer of the same vocabulary size. A random policy
+almost never samples EOS (p = 1/151,936 per token), so every response runs to --new-tokens.
 Rewards are a hash of the completion (0 or 1), so advantages are non-zero and the update is real.
 
-Each configuration runs `GRPOModule` under a Lightning Trainer in its own process (a clean CUDA
-context and peak-memory counter) for --steps RL steps and reports medians over the steps after
-the first (warm-up):
-- single:          one device, `precision: bf16-mixed` (autocast), fp32 weights and AdamW state;
-- single_no_shared_prompt: the same with `shared_prompt: false` (prompt+response forward per row);
-- fsdp_per_forward: FSDP2Strategy on one device, bf16 parameter all-gather / fp32 reduce,
-                   fp32 sharded master weights, parameters gathered at every decoding forward;
-- fsdp_once:       the same, parameters gathered once per rollout (`rollout_gather: once`);
-- fsdp_once_ac:    fsdp_once with activation checkpointing.
-On one device FSDP2 has nothing to shard across: the fsdp_* rows measure the cost of its
-machinery (per-forward gathers, casts, hooks), not multi-GPU scaling.
+Runs (`--runs shape:config ...`); each sampler run is `GRPOModule` under a Lightning Trainer for
+--steps RL steps, `precision: bf16-mixed` (autocast, fp32 weights and AdamW state), medians over
+the steps after the first (warm-up, graph capture, compilation):
+- kv_cache:       `KVCacheSampler` (the dynamic-cache loop, one host sync per token);
+- static_graph:   `StaticCacheSampler(graphs="cuda_graph")`;
+- static_compile: `StaticCacheSampler(graphs="compile")` (torch.compile mode="reduce-overhead");
+- static_eager:   `StaticCacheSampler(graphs="none")`;
+- hf_generate:    rollout only: `model.generate(do_sample=True, top_k=0, top_p=1,
+                  cache_implementation="static")` on a bf16 copy of the model (transformers
+                  compiles the decoding forward itself, mode="reduce-overhead"), --steps calls;
+- fsdp_once:      FSDP2Strategy on one device (bf16 gather, fp32 master weights), default sampler.
 
-Figures: rollout tokens/s = generated tokens / rollout time (prefill included); update tokens/s =
-(prompt + response) tokens through the training forward+backward (all updates) / update time;
-MFU = model FLOPs of the update / update time / the device's dense bf16 peak, with model FLOPs per
-sequence = 3 x (2 x non-embedding params x (P + T) + 2 x d x V x (T + 1) [LM head on response
-positions only] + 2 x layers x d x (P + T)^2 [causal attention]); activation recomputation is
-not counted (the usual MFU convention).
+Figures: rollout_tok_s = generated tokens / rollout time (prefill included); decode_ms_per_step =
+rollout time / decoding steps (prefill amortized in; the static sampler's own split is in
+`sampler_stats`); update_tok_s = (prompt + response) tokens through the training forward+backward
+(all updates) / update time; update_mfu = model FLOPs of the update / update time / the device's
+dense bf16 peak, with model FLOPs per sequence = 3 x (2 x non-embedding params x (P + T) + 2 x d x
+V x (T + 1) [LM head on response positions only] + 2 x layers x d x (P + T)^2 [causal attention]);
+step_s = wall time of the whole RL step (rollout, scoring, update, logging); peak_gib =
+torch.cuda.max_memory_allocated over the run.
 """
 from __future__ import annotations
 
@@ -49,22 +55,24 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SHAPES = {
-    # Qwen2.5-0.5B's architecture (random weights)
+    # Qwen2.5-0.5B's and Qwen2.5-1.5B's architectures (random weights)
     "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, rope_theta=1e6),
+    "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2, vocab_size=151936, rope_theta=1e6),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=2048, rope_theta=1e4),
 }
-CONFIGS = {
-    "single": dict(strategy="auto", precision="bf16-mixed", module={}),
-    "single_no_shared_prompt": dict(strategy="auto", precision="bf16-mixed", module=dict(shared_prompt=False)),
-    "fsdp_per_forward": dict(strategy="fsdp", precision="32-true",
-                             module=dict(fsdp_mixed_precision="bf16", rollout_gather="per_forward")),
-    "fsdp_once": dict(strategy="fsdp", precision="32-true",
-                      module=dict(fsdp_mixed_precision="bf16", rollout_gather="once")),
-    "fsdp_once_ac": dict(strategy="fsdp", precision="32-true",
-                         module=dict(fsdp_mixed_precision="bf16", rollout_gather="once", activation_checkpointing=True)),
+SAMPLERS = {  # config -> (sampler class in lit_covrl.sampling, init_args); None = the module's default
+    "kv_cache": ("KVCacheSampler", {}),
+    "static_graph": ("StaticCacheSampler", dict(graphs="cuda_graph", timing=True)),
+    "static_compile": ("StaticCacheSampler", dict(graphs="compile", timing=True)),
+    "static_eager": ("StaticCacheSampler", dict(graphs="none", timing=True)),
+    "fsdp_once": None,
 }
+CONFIGS = (*SAMPLERS, "hf_generate")
+DEFAULT_RUNS = ("0.5B:kv_cache", "0.5B:static_graph", "0.5B:hf_generate", "0.5B:static_compile",
+                "1.5B:static_graph", "1.5B:hf_generate", "1.5B:kv_cache")
 # dense bf16 tensor-core peak (no sparsity), by device name
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
@@ -112,69 +120,116 @@ def _peak(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
 
 
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def run_one(name: str, args) -> dict:
-    """One configuration, in this process: fit --steps RL steps, return the figures."""
+    """One sampler configuration, in this process: fit --steps RL steps, return the figures."""
     import lightning as L
     from lightning.pytorch import Callback
 
+    import lit_covrl.sampling as S
     from lit_covrl.data import PromptDataModule
     from lit_covrl.module import GRPOModule
     from lit_covrl.sharding import FSDP2Strategy
 
-    conf = CONFIGS[name]
     rows: list[dict] = []
+    spec = SAMPLERS[name]
+    sampler = getattr(S, spec[0])(**spec[1]) if spec else None
+    fsdp = name.startswith("fsdp")
 
     class Record(Callback):
+        def on_train_batch_start(self, trainer, module, *a) -> None:
+            _sync(args.device)
+            self.t0 = time.perf_counter()
+
         def on_train_batch_end(self, trainer, module, *a) -> None:
-            if args.device == "cuda":
-                torch.cuda.synchronize()
+            _sync(args.device)
             m = trainer.callback_metrics
-            rows.append({k: float(m[k]) for k in ("time/rollout_s", "time/update_s", "rollout/response_length",
-                                                    "rollout/response_length_max", "policy/loss")})
+            rows.append({"step_s": time.perf_counter() - self.t0,
+                         **{k: float(m[k]) for k in ("time/rollout_s", "time/update_s", "rollout/response_length",
+                                                     "rollout/response_length_max", "policy/loss")},
+                         **{f"sampler_{k}": float(v) for k, v in getattr(sampler, "last_stats", {}).items()}})
 
     module = GRPOModule(
         model=str(args.model_dir), group_size=args.group, max_new_tokens=args.new_tokens,
         max_prompt_length=args.prompt_len, reward=HashReward(), mini_batch_size=args.prompts // args.updates,
-        micro_batch_size=args.micro, seed=0,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6, weight_decay=0.0), **conf["module"],
+        micro_batch_size=args.micro, seed=0, sampler=sampler,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6, weight_decay=0.0),
+        **(dict(fsdp_mixed_precision="bf16", rollout_gather="once") if fsdp else {}),
     )
     data = PromptDataModule(task=None, train_files=[str(args.prompts_file)], batch_size=args.prompts, seed=0)
-    strategy = FSDP2Strategy() if conf["strategy"] == "fsdp" else "auto"
     trainer = L.Trainer(
-        accelerator=args.device, devices=1, strategy=strategy, precision=conf["precision"], max_steps=args.steps,
+        accelerator=args.device, devices=1, strategy=FSDP2Strategy() if fsdp else "auto",
+        precision="32-true" if fsdp or args.device == "cpu" else "bf16-mixed", max_steps=args.steps,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Record()],
     )
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
     trainer.fit(module, data)
-    wall = time.perf_counter() - t0
-    return summarize(name, rows[1:] or rows, module, args, wall)
+    out = summarize(rows[1:] or rows, module.policy.config, args)
+    out["sampler"] = repr(module.sampler)
+    if getattr(module.sampler, "capture_error", None):
+        out["capture_error"] = module.sampler.capture_error
+    return out
 
 
-def summarize(name: str, rows: list[dict], module, args, wall: float) -> dict:
+def summarize(rows: list[dict], cfg, args) -> dict:
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    cfg = module.policy.config
-    n = args.prompts * args.group
-    T, P = int(med["rollout/response_length_max"]), args.prompt_len
-    gen_tokens = med["rollout/response_length"] * n
-    upd_tokens = n * (P + T)
+    n, P = args.prompts * args.group, args.prompt_len
+    T = int(med["rollout/response_length_max"])
+    upd_s = med["time/update_s"]
     flops = n * model_flops_per_seq(cfg, P, T)
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    peak = _peak(dev)
+    peak = _peak(torch.cuda.get_device_name()) if args.device == "cuda" else None
     out = {
-        "config": name, "device": dev, "steps_measured": len(rows), "wall_s": round(wall, 1),
-        "rollout_s": round(med["time/rollout_s"], 3), "update_s": round(med["time/update_s"], 3),
-        "rollout_tokens_per_s": round(gen_tokens / med["time/rollout_s"]),
-        "update_tokens_per_s": round(upd_tokens / med["time/update_s"]),
-        "update_tflops": round(flops / med["time/update_s"] / 1e12, 1),
-        "mfu": round(flops / med["time/update_s"] / peak, 3) if peak else None,
+        "steps_measured": len(rows),
+        "rollout_s": round(med["time/rollout_s"], 3),
+        "rollout_tok_s": round(med["rollout/response_length"] * n / med["time/rollout_s"]),
+        "decode_ms_per_step": round(1e3 * med["time/rollout_s"] / T, 2),
+        "update_s": round(upd_s, 3),
+        "update_tok_s": round(n * (P + T) / upd_s),
+        "update_tflops": round(flops / upd_s / 1e12, 1),
+        "update_mfu": round(flops / upd_s / peak, 3) if peak else None,
+        "step_s": round(med["step_s"], 3),
         "loss_finite": all(abs(r["policy/loss"]) < float("inf") for r in rows),
     }
-    if args.device == "cuda":
-        out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    stats = {k[8:]: round(v, 4) for k, v in med.items() if k.startswith("sampler_")}
+    if stats:
+        out["sampler_stats"] = stats
     return out
+
+
+def run_hf_generate(args) -> dict:
+    """Hugging Face `generate` with a static cache (auto-compiled decoding forward) on a bf16 copy."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_covrl.policy import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(args.model_dir), dtype=torch.bfloat16).to(args.device).eval()
+    tok = load_tokenizer(str(args.model_dir))
+    rows = [json.loads(line)["prompt"] for line in open(args.prompts_file)][: args.prompts]
+    enc = tok(rows, return_tensors="pt", padding=True)
+    ids = enc.input_ids.repeat_interleave(args.group, 0).to(args.device)
+    mask = enc.attention_mask.repeat_interleave(args.group, 0).to(args.device)
+    times, lengths = [], []
+    for _ in range(args.steps):
+        _sync(args.device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                max_new_tokens=args.new_tokens, cache_implementation="static", pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        _sync(args.device)
+        times.append(time.perf_counter() - t0)
+        lengths.append(out.shape[1] - ids.shape[1])
+    t, T = statistics.median(times[1:] or times), statistics.median(lengths[1:] or lengths)
+    return {"sampler": "transformers generate (static cache, auto-compiled, bf16 weights)",
+            "steps_measured": len(times[1:] or times), "first_call_s": round(times[0], 1), "rollout_s": round(t, 3),
+            "rollout_tok_s": round(ids.shape[0] * T / t), "decode_ms_per_step": round(1e3 * t / T, 2),
+            "update_tok_s": None, "update_mfu": None, "step_s": None}
 
 
 def matmul_tflops(device: str) -> float | None:
@@ -195,51 +250,74 @@ def matmul_tflops(device: str) -> float | None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="0.5B")
+    p.add_argument("--runs", nargs="*", default=list(DEFAULT_RUNS), help="shape:config, e.g. 0.5B:static_graph")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--configs", nargs="*", default=[c for c in CONFIGS if c != "single_no_shared_prompt"],
-                   choices=list(CONFIGS))
     p.add_argument("--prompts", type=int, default=16, help="prompts per RL step")
     p.add_argument("--group", type=int, default=8, help="responses per prompt")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
-    p.add_argument("--new-tokens", type=int, default=512, help="response tokens")
+    p.add_argument("--new-tokens", type=int, default=256, help="response tokens")
     p.add_argument("--updates", type=int, default=4, help="optimizer updates per rollout")
     p.add_argument("--micro", type=int, default=16, help="sequences per forward/backward")
-    p.add_argument("--steps", type=int, default=4, help="RL steps per configuration (the first is warm-up)")
-    p.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    p.add_argument("--steps", type=int, default=3, help="RL steps per run (the first is warm-up)")
+    p.add_argument("--run-timeout", type=float, default=240, help="seconds per run before it is killed")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON here too (after every run)")
+    p.add_argument("--json", action="store_true", help="print only the JSON on stdout (progress on stderr)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config here
     p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--prompts-file", type=Path, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for r in args.runs:
+        shape, _, conf = r.partition(":")
+        if shape not in SHAPES or conf not in CONFIGS:
+            p.error(f"--runs {r!r}: want shape:config with shape in {sorted(SHAPES)} and config in {list(CONFIGS)}")
+    return args
 
 
-def main(argv=None) -> None:
+ARGS = ("device", "prompts", "group", "prompt_len", "new_tokens", "updates", "micro", "steps")
+
+
+def main(argv=None) -> dict | None:
     args = parse_args(argv)
     if args.one:
         torch.set_float32_matmul_precision("high")
-        print("RESULT " + json.dumps(run_one(args.one, args)), flush=True)
-        return
-    results = {"shape": args.shape, "settings": {k: getattr(args, k) for k in (
-        "prompts", "group", "prompt_len", "new_tokens", "updates", "micro", "steps")},
-        "torch": torch.__version__, "matmul_bf16_tflops": matmul_tflops(args.device), "runs": []}
+        res = run_hf_generate(args) if args.one == "hf_generate" else run_one(args.one, args)
+        if args.device == "cuda":
+            res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        print("RESULT " + json.dumps(res), flush=True)
+        return None
+    log = sys.stderr if args.json else sys.stdout
+    import transformers
+
+    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+               "torch": torch.__version__, "transformers": transformers.__version__,
+               "settings": {k: getattr(args, k) for k in ARGS[1:]},
+               "matmul_bf16_tflops": matmul_tflops(args.device), "configs": []}
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        model_dir = build_model(Path(tmp) / "model", args.shape)
-        prompts = write_prompts(Path(tmp) / "prompts.jsonl", args.prompts * (args.steps + 1), args.prompt_len)
-        print(f"model built in {time.perf_counter() - t0:.0f} s", flush=True)
-        for name in args.configs:
-            cmd = [sys.executable, __file__, "--one", name, "--model-dir", str(model_dir), "--prompts-file", str(prompts),
-                   *sum(([f"--{k.replace('_', '-')}", str(getattr(args, k))] for k in (
-                       "shape", "device", "prompts", "group", "prompt_len", "new_tokens", "updates", "micro", "steps")), [])]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            res = json.loads(line[7:]) if line else {"config": name, "error": proc.stderr[-3000:]}
-            print(json.dumps(res), flush=True)
-            results["runs"].append(res)
-    text = json.dumps(results, indent=1)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+        models, prompts = {}, write_prompts(Path(tmp) / "prompts.jsonl", args.prompts * (args.steps + 1), args.prompt_len)
+        for run in args.runs:
+            shape, _, conf = run.partition(":")
+            if shape not in models:
+                t0 = time.perf_counter()
+                models[shape] = build_model(Path(tmp) / shape, shape)
+                print(f"{shape} model built in {time.perf_counter() - t0:.0f} s", file=log, flush=True)
+            cmd = [sys.executable, __file__, "--one", conf, "--model-dir", str(models[shape]), "--prompts-file",
+                   str(prompts), *sum(([f"--{k.replace('_', '-')}", str(getattr(args, k))] for k in ARGS), [])]
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout,
+                                      env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                res = json.loads(line[7:]) if line else {"error": proc.stderr[-3000:]}
+            except subprocess.TimeoutExpired:
+                res = {"error": f"killed after --run-timeout {args.run_timeout} s"}
+            res = {"name": run, "shape": shape, "config": conf, "wall_s": round(time.perf_counter() - t0, 1), **res}
+            res.setdefault("sampler", conf)
+            print(json.dumps(res), file=log, flush=True)
+            results["configs"].append(res)
+            if args.out:
+                args.out.write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":

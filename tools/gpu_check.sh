@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
-# The prepared GPU check (one short run on a CUDA machine): the gpu-marked tests, then
-# tools/bench_gpu.py on the random Qwen2.5-0.5B-shaped policy. Writes under ${OUT:-.}:
-# gpu_tests.log, bench_gpu.json, bench_gpu.log.
-#   bash tools/gpu_check.sh [extra bench_gpu.py args]
+# The prepared GPU check (one short run on a CUDA machine that has torch and transformers): the
+# gpu-marked tests, then tools/bench_gpu.py (samplers and HF generate on random Qwen2.5-0.5B /
+# -1.5B-shaped policies). Writes under ${OUT:-.}: gpu_tests.log, bench_gpu.json, bench_gpu.log.
+#   bash tools/gpu_check.sh [bench_gpu.py args, e.g. --runs 0.5B:static_graph]
+# Packages the machine lacks are installed offline from ./wheels if it exists (git-ignored;
+# fill it on a machine with internet: `make gpu-wheels`).
 set -uo pipefail
 OUT=${OUT:-.}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$(pwd)${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if [ -d wheels ]; then
+  for pair in lightning_utilities:lightning_utilities torchmetrics:torchmetrics lightning:lightning \
+              docstring_parser:docstring_parser typeshed_client:typeshed_client jsonargparse:jsonargparse \
+              antlr4:antlr4_python3_runtime omegaconf:omegaconf pluggy:pluggy iniconfig:iniconfig \
+              pygments:pygments pytest:pytest; do
+    python3 -c "import ${pair%%:*}" 2>/dev/null || python3 -m pip install -q --no-deps --no-index wheels/${pair##*:}-*.whl
+  done
+fi
 python3 -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__)"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-timeout 420 python3 tools/bench_gpu.py --out "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench_gpu.log" | grep -v '^ '
+timeout ${GPU_TESTS_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+timeout ${BENCH_TIMEOUT:-480} python3 tools/bench_gpu.py --json --out "$OUT/bench_gpu.json" "$@" 2>"$OUT/bench_gpu.log" >/dev/null
+tail -c 6000 "$OUT/bench_gpu.log"

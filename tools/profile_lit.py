@@ -71,12 +71,12 @@ def instrument(module, timers: Timers) -> None:
     _PATCHED.append(True)
     import lit_covrl.module as M
     import lit_covrl.policy as P
-    import lit_covrl.rollout as R
+    import lit_covrl.sampling.kv_cache as R
     import lit_covrl.learner as U
 
     w = timers.wrap
     M.encode_prompts = w("encode prompts", M.encode_prompts)
-    M.sample_responses = w("sampler", M.sample_responses)
+    R.KVCacheSampler.sample = w("sampler", R.KVCacheSampler.sample)
     R.forward_with_cache = w("model forward (decode)", R.forward_with_cache)
     M.compute_advantages = w("advantages", M.compute_advantages)
     M.rollout_metrics = w("rollout metrics", M.rollout_metrics)
@@ -123,7 +123,7 @@ def make_timing_callback(timers: Timers, warmup: int, steps: int, profiler=None)
 
 def _plain_prefill(model, prompt_ids, mask):
     """lit_covrl's prompt forward before it was shared over a group: every row (A/B baseline)."""
-    import lit_covrl.rollout as R
+    import lit_covrl.sampling.kv_cache as R
 
     return R.forward_with_cache(model, None, input_ids=prompt_ids, attention_mask=mask,
                                 position_ids=R.position_ids_from_mask(mask), logits_to_keep=1)
@@ -132,15 +132,15 @@ def _plain_prefill(model, prompt_ids, mask):
 def run_lit(steps: int, warmup: int, log_dir: str, *, profiler=None, plain_prefill: bool = False,
             module_kw: dict | None = None) -> dict:
     """lit_covrl blocks; `module_kw` overrides GRPOModule settings (default: 1 update per rollout)."""
-    import lit_covrl.rollout as R
+    import lit_covrl.sampling.kv_cache as R
 
-    saved = R._prefill
+    saved = R.prefill
     if plain_prefill:
-        R._prefill = _plain_prefill
+        R.prefill = _plain_prefill
     try:
         return _run_lit(steps, warmup, log_dir, profiler=profiler, module_kw=module_kw or {})
     finally:
-        R._prefill = saved
+        R.prefill = saved
 
 
 def _run_lit(steps: int, warmup: int, log_dir: str, *, profiler=None, module_kw: dict) -> dict:

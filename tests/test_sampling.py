@@ -1,0 +1,300 @@
+"""Samplers (lit_covrl.sampling): the per-token math (entropy at the sampling temperature, -inf
+and NaN logits), StaticCacheSampler without graphs against KVCacheSampler token for token, a
+full RL step with each, the non-finite stop, and the YAML choice. CPU; the CUDA-graph path is in
+tests/test_gpu.py."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from lit_covrl.sampling import KVCacheSampler, StaticCacheSampler, default_sampler, sample_token
+from lit_covrl.sampling.static_cache import batch_bucket
+
+EOS = [1, 2]  # two stop ids: every one ends a sequence
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def _prompts(lengths: list[int], group: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts of the given lengths, each repeated `group` times (GRPO rows)."""
+    g = torch.Generator().manual_seed(seed)
+    P = max(lengths)
+    ids = torch.full((len(lengths), P), PAD)
+    mask = torch.zeros((len(lengths), P), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, P - n:] = torch.randint(3, 24, (n,), generator=g)
+        mask[i, P - n:] = 1
+    return ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
+
+
+def test_entropy_is_that_of_the_sampled_distribution_and_ignores_minus_inf():
+    # z = [ln 1, ln 3]: at T = 1, p = [1/4, 3/4], H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.562335;
+    # at T = 0.5, z / T = [0, 2 ln 3], p = [1/10, 9/10], H = -(0.1 ln 0.1 + 0.9 ln 0.9) = 0.325083.
+    # With a -inf logit: [0, 0, -inf] at T = 2 gives p = [1/2, 1/2, 0], H = ln 2 (0 * -inf counts 0).
+    z = torch.tensor([[0.0, math.log(3.0), -math.inf]])
+    stop = torch.tensor(EOS[0])
+    _, logp, h1, bad = sample_token(z, 1.0, 1.0, torch.Generator().manual_seed(0), stop)
+    assert h1.item() == pytest.approx(0.562335, abs=1e-6) and not bad.item()
+    tok, logp, h05, _ = sample_token(z, 0.5, 1.0, torch.Generator().manual_seed(0), stop)
+    assert h05.item() == pytest.approx(0.325083, abs=1e-6)
+    assert logp.item() == pytest.approx(math.log([0.1, 0.9][tok.item()]), abs=1e-6)
+    _, _, h2, _ = sample_token(torch.tensor([[0.0, 0.0, -math.inf]]), 2.0, 1.0, None, stop)
+    assert h2.item() == pytest.approx(math.log(2.0), abs=1e-6)
+
+
+def test_nonfinite_rows_are_flagged_and_stopped_without_crashing_multinomial():
+    z = torch.tensor([[0.0, float("nan"), 1.0], [0.0, math.inf, 1.0], [-math.inf] * 3, [0.0, -math.inf, 1.0]])
+    tok, logp, h, bad = sample_token(z, 0.7, 0.9, torch.Generator().manual_seed(0), torch.tensor(2))
+    assert bad.tolist() == [True, True, True, False]  # a single -inf logit is a masked token, not an error
+    assert tok[:3].tolist() == [2, 2, 2] and tok[3].item() in (0, 2)
+    assert torch.isfinite(logp).all() and torch.isfinite(h).all()
+
+
+def test_batch_buckets():
+    assert [batch_bucket(n) for n in (1, 3, 8, 12, 64, 65, 128, 130)] == [1, 4, 8, 16, 64, 128, 128, 192]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 0.9), (1.3, 1.0), (1.0, 0.5)])
+def test_static_cache_sampler_draws_the_kv_cache_samplers_tokens(model, temperature, top_p):
+    """Same generator, same prompts (left padding, 3 groups of 4, 2 EOS ids) -> the same tokens,
+    log-probs and entropies; twice, with a second prompt width reusing the first rollout's
+    (bucketed: 12 rows -> 16, P + T -> a multiple of 16) static cache."""
+    static = StaticCacheSampler(graphs="none", length_bucket=16)
+    kw = dict(max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD, temperature=temperature, top_p=top_p)
+    lengths_seen = set()
+    for lengths, seed in (([6, 4, 5], 0), ([5, 2, 1], 1)):
+        ids, mask = _prompts(lengths, 4, seed)
+        a = KVCacheSampler().sample(model, ids, mask, generator=torch.Generator().manual_seed(seed), **kw)
+        b = static.sample(model, ids, mask, generator=torch.Generator().manual_seed(seed), **kw)
+        assert torch.equal(a.input_ids, b.input_ids)
+        assert torch.equal(a.attention_mask, b.attention_mask) and torch.equal(a.truncated, b.truncated)
+        torch.testing.assert_close(a.logp, b.logp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.entropy, b.entropy, atol=1e-5, rtol=1e-5)
+        assert not a.nonfinite.any() and not b.nonfinite.any()
+        lengths_seen |= set(a.response_mask.sum(1).long().tolist())
+        ends = a.input_ids[:, ids.shape[1]:].gather(1, a.response_mask.sum(1).long()[:, None] - 1).squeeze(1)
+        assert all(e in EOS for e in ends[~a.truncated].tolist())
+    assert len(static._slots) == 1 and len(lengths_seen) >= 3  # one slot reused; EOS at different steps
+
+
+def test_static_cache_sampler_checks_the_finish_flag_every_k_steps(model):
+    """check_every=4: decoding may run past the last EOS, but the rollout is the same: extra steps
+    are cut off and the tokens before them are those of check_every=1."""
+    ids, mask = _prompts([5, 3], 4, 2)
+    kw = dict(max_new_tokens=40, eos_token_id=EOS, pad_token_id=PAD, temperature=1.5)
+    calls = []
+    one = StaticCacheSampler(graphs="none", check_every=1).sample(
+        model, ids, mask, generator=torch.Generator().manual_seed(5), **kw)
+    four = StaticCacheSampler(graphs="none", check_every=4).sample(
+        model, ids, mask, generator=torch.Generator().manual_seed(5), all_done=lambda d: calls.append(d) or d, **kw)
+    assert not one.truncated.any()  # every row stopped: the early exit was exercised
+    T = one.response_mask.shape[1]
+    assert torch.equal(four.input_ids[:, : ids.shape[1] + T], one.input_ids)
+    assert not four.response_mask[:, T:].any() and len(calls) == math.ceil(T / 4)
+
+
+def test_model_emitting_nan_logits_is_flagged_not_crashed(model):
+    ids, mask = _prompts([4, 4], 2, 3)
+    kw = dict(max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD)
+    calls = {"n": 0}
+    forward = model.forward
+
+    def nan_from_third_forward(*a, **k):
+        out = forward(*a, **k)
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            out.logits = torch.full_like(out.logits, float("nan"))
+        return out
+
+    model.forward = nan_from_third_forward
+    try:
+        for sampler in (KVCacheSampler(), StaticCacheSampler(graphs="none")):
+            calls["n"] = 0
+            r = sampler.sample(model, ids, mask, generator=torch.Generator().manual_seed(0), **kw)
+            alive_at_2 = r.response_mask.shape[1] > 2 and r.response_mask[:, 2].bool()
+            assert torch.equal(r.nonfinite, alive_at_2), type(sampler).__name__  # rows still running at step 2
+            assert torch.isfinite(r.logp).all() and torch.isfinite(r.entropy).all()
+    finally:
+        del model.forward
+
+
+def test_default_sampler_per_device():
+    assert isinstance(default_sampler("cpu"), KVCacheSampler)
+    s = default_sampler("cuda")
+    assert isinstance(s, StaticCacheSampler) and s.graphs == "compile"
+    with pytest.raises(ValueError, match="graphs="):
+        StaticCacheSampler(graphs="cudagraph")
+
+
+# ------------------------------------------------------------------------------ in GRPOModule
+
+
+class _Record:
+    """A callback recording every step's metrics (trainer.callback_metrics)."""
+
+    def __new__(cls):
+        from lightning.pytorch import Callback
+
+        class Rec(Callback):
+            def __init__(self) -> None:
+                self.steps: list[dict[str, float]] = []
+
+            def on_train_batch_end(self, trainer, module, *args) -> None:
+                self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+        return Rec()
+
+
+def test_a_full_rl_step_gives_the_same_metrics_with_either_sampler(tiny_model_dir):
+    from lit_covrl.data import PromptDataModule
+    from tests.helpers import fit
+    from tests.test_module import make_module
+
+    runs = {}
+    for name, sampler in (("kv", KVCacheSampler()), ("static", StaticCacheSampler(graphs="none", length_bucket=8))):
+        rec = _Record()
+        module = make_module(tiny_model_dir, sampler=sampler, temperature=0.8, top_p=0.95, max_new_tokens=6)
+        fit(module, PromptDataModule(task="arithmetic", batch_size=4, seed=0), steps=2, callbacks=[rec])
+        assert module.sampler is sampler
+        runs[name] = rec.steps
+    assert len(runs["kv"]) == len(runs["static"]) == 2
+    for a, b in zip(runs["kv"], runs["static"]):
+        keys = [k for k in a if not k.startswith("time/") and "per_s" not in k]
+        assert "policy/entropy" in keys and "rollout/reward_mean" in keys
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_nan_logits_stop_the_run_naming_the_step_and_the_last_checkpoint(tiny_model_dir, tmp_path, save):
+    """From RL step 2 on the policy emits NaN logits: the sampler flags the rows (no crash in
+    torch.multinomial) and training_step raises, naming the step and the last good checkpoint."""
+    from lightning.pytorch import Callback
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lit_covrl.data import PromptDataModule
+    from tests.helpers import fit
+    from tests.test_module import make_module
+
+    class BreakAtStep2(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            if trainer.global_step == 2:
+                forward = module.policy.forward
+
+                def nan_forward(*a, **k):
+                    out = forward(*a, **k)
+                    out.logits = out.logits * float("nan")
+                    return out
+
+                module.policy.forward = nan_forward
+
+    callbacks = [BreakAtStep2()]
+    if save:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True))
+    module = make_module(tiny_model_dir, max_new_tokens=4)
+    with pytest.raises(RuntimeError, match="RL step 2") as err:
+        fit(module, PromptDataModule(task="arithmetic", batch_size=4, seed=0), steps=5, callbacks=callbacks,
+            enable_checkpointing=save, default_root_dir=str(tmp_path))
+    if save:
+        assert str(tmp_path / "ckpt" / "last.ckpt") in str(err.value)
+    else:
+        assert "none saved yet" in str(err.value)
+
+
+def test_sampler_is_chosen_in_yaml(tmp_path):
+    from lit_covrl.cli import LitCovRLCLI
+    from lit_covrl.data import PromptDataModule
+    from lit_covrl.module import GRPOModule
+    from tests.test_configs import CONFIGS, QUICK
+
+    args = ["--config", str(QUICK), "--config", str(CONFIGS / "samplers" / "static_cache.yaml"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False)
+    s = cli.model.sampler
+    assert isinstance(s, StaticCacheSampler) and s.graphs == "auto" and s.check_every == 8
+
+
+def test_weights_cast_once_per_rollout_give_autocasts_logits_exactly(model):
+    """Under bf16 autocast, decoding with Linear weights cast once per rollout draws the tokens and
+    log-probs of decoding where autocast casts them at every forward (the same rounding)."""
+    ids, mask = _prompts([6, 3], 4, 4)
+    kw = dict(max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD, temperature=0.9)
+    outs = []
+    for once in (False, True):
+        sampler = StaticCacheSampler(graphs="none", cast_weights_once=once)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(sampler.sample(model, ids, mask, generator=torch.Generator().manual_seed(7), **kw))
+        assert bool(sampler._weights) == once
+    assert torch.equal(outs[0].input_ids, outs[1].input_ids)
+    assert torch.equal(outs[0].logp, outs[1].logp) and torch.equal(outs[0].entropy, outs[1].entropy)
+
+
+def test_static_cache_holds_keys_and_values_in_the_prefills_dtypes(model):
+    """Under autocast the rotary embedding makes keys fp32 while values stay bf16: the static
+    cache must keep each in its own dtype (decoding writes them in place)."""
+    ids, mask = _prompts([4], 2, 5)
+    sampler = StaticCacheSampler(graphs="none")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sampler.sample(model, ids, mask, max_new_tokens=3, eos_token_id=EOS, pad_token_id=PAD)
+    (slot,) = sampler._slots.values()
+    assert {(layer.keys.dtype, layer.values.dtype) for layer in slot.cache.layers} == {(torch.float32, torch.bfloat16)}
+
+
+def test_static_cache_takes_decoding_states_of_another_dtype_than_the_prefill_cache(model, monkeypatch):
+    """transformers 5.17 keeps a dynamic cache's values in the keys' dtype (fp32 under autocast:
+    torch.cat promotes) while a decoding step's values come out bf16 (the first GPU run failed on
+    this). Simulated here: the prefill cache's values are made fp32 before they are copied in; the
+    static cache casts the new states on the way in and samples what it samples without the upcast."""
+    import lit_covrl.sampling.static_cache as SC
+
+    ids, mask = _prompts([5, 3], 2, 6)
+    kw = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD, temperature=1.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = StaticCacheSampler(graphs="none").sample(model, ids, mask, generator=torch.Generator().manual_seed(2), **kw)
+    prefill = SC.prefill
+
+    def fp32_values_prefill(*a):
+        logits, dyn = prefill(*a)
+        for layer in dyn.layers:
+            layer.values = layer.values.float()
+        return logits, dyn
+
+    monkeypatch.setattr(SC, "prefill", fp32_values_prefill)
+    sampler = StaticCacheSampler(graphs="none")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        upcast = sampler.sample(model, ids, mask, generator=torch.Generator().manual_seed(2), **kw)
+    (slot,) = sampler._slots.values()
+    assert {layer.values.dtype for layer in slot.cache.layers} == {torch.float32}
+    assert torch.equal(plain.input_ids, upcast.input_ids)
+    torch.testing.assert_close(plain.logp, upcast.logp, atol=1e-2, rtol=0)
+
+
+def test_validation_samples_with_the_configured_sampler(tiny_model_dir):
+    """model.sampler serves training rollouts and validation alike (at their own temperatures)."""
+    from tests.helpers import fit
+    from tests.test_module import make_data, make_module
+
+    class Counting(StaticCacheSampler):
+        def __init__(self) -> None:
+            super().__init__(graphs="none")
+            self.temperatures: list[float] = []
+
+        def sample(self, *args, temperature: float = 1.0, **kwargs):
+            self.temperatures.append(temperature)
+            return super().sample(*args, temperature=temperature, **kwargs)
+
+    sampler = Counting()
+    module = make_module(tiny_model_dir, sampler=sampler, temperature=0.8, val_temperature=1.0)
+    fit(module, make_data(), steps=2, val_check_interval=1)
+    assert sampler.temperatures.count(0.8) == 2 and sampler.temperatures.count(1.0) >= 1
+    assert len(sampler._slots) == 2  # one static cache per (bucket, temperature)
