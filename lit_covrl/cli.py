@@ -1,7 +1,7 @@
 """`lit-covrl` console script: LightningCLI over GRPOModule + PromptDataModule.
 
     lit-covrl fit --config configs/quickstart.yaml
-    lit-covrl fit --config configs/quickstart.yaml --config configs/clip_cov.yaml --trainer.max_steps 50
+    lit-covrl fit --config configs/quickstart.yaml --config configs/cpu/clip_cov.yaml --trainer.max_steps 50
     lit-covrl export runs/quickstart/version_0/checkpoints/last.ckpt out/hf-model
 
 A configuration or data error found at start-up (before the first batch) prints one line,

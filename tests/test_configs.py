@@ -18,32 +18,23 @@ from lit_covrl.regularizers import Regularizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICK = CONFIGS / "quickstart.yaml"
-R7 = CONFIGS / "recipes" / "qwen2.5-7b.yaml"
+R7 = CONFIGS / "paper" / "qwen2.5-7b.yaml"
 F7 = CONFIGS / "fsdp" / "qwen2.5-7b.yaml"
+CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_tokens", "adaptive_entropy", "steer",
+               "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo")
+EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high")
 STACKS = {
     "quickstart.yaml": [QUICK],
-    "grpo.yaml": [QUICK, CONFIGS / "grpo.yaml"],
-    "entropy_bonus.yaml": [QUICK, CONFIGS / "entropy_bonus.yaml"],
-    "clip_cov.yaml": [QUICK, CONFIGS / "clip_cov.yaml"],
-    "kl_cov.yaml": [QUICK, CONFIGS / "kl_cov.yaml"],
-    "grpo_low_lr.yaml": [QUICK, CONFIGS / "grpo_low_lr.yaml"],
-    "entropy_bonus_high.yaml": [QUICK, CONFIGS / "entropy_bonus_high.yaml"],
-    "clip_cov_annealed.yaml": [QUICK, CONFIGS / "clip_cov_annealed.yaml"],
-    "clip_cov_high.yaml": [QUICK, CONFIGS / "clip_cov_high.yaml"],
-    "clip_cov_lowlb.yaml": [QUICK, CONFIGS / "clip_cov_lowlb.yaml"],
-    "kl_cov_high.yaml": [QUICK, CONFIGS / "kl_cov_high.yaml"],
-    **{f"{m}.yaml": [QUICK, CONFIGS / f"{m}.yaml"] for m in
-       ("high_entropy_tokens", "adaptive_entropy", "steer", "entropy_advantage", "entropy_ratio_clip")},
-    "gspo.yaml": [QUICK, CONFIGS / "gspo.yaml"],
-    "cispo.yaml": [QUICK, CONFIGS / "cispo.yaml"],
+    **{f"cpu/{m}.yaml": [QUICK, CONFIGS / "cpu" / f"{m}.yaml"] for m in CPU_METHODS},
+    **{f"experiments/{m}.yaml": [QUICK, CONFIGS / "experiments" / f"{m}.yaml"] for m in EXPERIMENTS},
     "samplers/static_cache.yaml": [QUICK, CONFIGS / "samplers" / "static_cache.yaml"],
-    "recipes/qwen2.5-7b.yaml": [R7],
-    "recipes/qwen2.5-32b.yaml": [R7, CONFIGS / "recipes" / "qwen2.5-32b.yaml"],
-    "recipes/clip_cov.yaml": [R7, CONFIGS / "recipes" / "clip_cov.yaml"],
-    "recipes/kl_cov_7b.yaml": [R7, CONFIGS / "recipes" / "kl_cov_7b.yaml"],
-    "recipes/kl_cov_32b.yaml": [R7, CONFIGS / "recipes" / "kl_cov_32b.yaml"],
+    "paper/qwen2.5-7b.yaml": [R7],
+    "paper/qwen2.5-32b.yaml": [R7, CONFIGS / "paper" / "qwen2.5-32b.yaml"],
+    "paper/clip_cov_7b.yaml": [R7, CONFIGS / "paper" / "clip_cov_7b.yaml"],
+    "paper/kl_cov_7b.yaml": [R7, CONFIGS / "paper" / "kl_cov_7b.yaml"],
+    "paper/kl_cov_32b.yaml": [R7, CONFIGS / "paper" / "kl_cov_32b.yaml"],
     "fsdp/qwen2.5-7b.yaml": [R7, F7],
-    "fsdp/qwen2.5-32b.yaml": [R7, CONFIGS / "recipes" / "qwen2.5-32b.yaml", F7, CONFIGS / "fsdp" / "qwen2.5-32b.yaml"],
+    "fsdp/qwen2.5-32b.yaml": [R7, CONFIGS / "paper" / "qwen2.5-32b.yaml", F7, CONFIGS / "fsdp" / "qwen2.5-32b.yaml"],
     "fsdp/nodes-2.yaml": [R7, F7, CONFIGS / "fsdp" / "nodes-2.yaml"],
     "fsdp/nodes-4.yaml": [R7, F7, CONFIGS / "fsdp" / "nodes-4.yaml"],
     "fsdp/qwen2.5-1.5b-1gpu.yaml": [R7, CONFIGS / "fsdp" / "qwen2.5-1.5b-1gpu.yaml"],
@@ -71,11 +62,12 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
     cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False)
     assert isinstance(cli.model, GRPOModule) and isinstance(cli.datamodule, PromptDataModule)
     regs = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
-    expected = {"grpo.yaml": 0, "grpo_low_lr.yaml": 0, "gspo.yaml": 0, "cispo.yaml": 0, "quickstart.yaml": 0, "recipes/qwen2.5-7b.yaml": 0, "recipes/qwen2.5-32b.yaml": 0}
+    expected = {"cpu/grpo.yaml": 0, "experiments/grpo_low_lr.yaml": 0, "cpu/gspo.yaml": 0, "cpu/cispo.yaml": 0, "quickstart.yaml": 0,
+                "paper/qwen2.5-7b.yaml": 0, "paper/qwen2.5-32b.yaml": 0}
     expected["samplers/static_cache.yaml"] = 0  # an overlay choosing the sampler, no regularizer
     expected.update({k: 0 for k in STACKS if k.startswith("fsdp/")})  # base recipes, no method
     assert len(regs) == expected.get(name, 1)
-    if name == "recipes/qwen2.5-32b.yaml":
+    if name == "paper/qwen2.5-32b.yaml":
         assert cli.model.hparams.micro_batch_size == 2
     if name in ("gspo.yaml", "cispo.yaml"):  # the objective is built from its class_path
         assert type(cli.model.objective).__name__ == name.split(".")[0].upper()
@@ -122,9 +114,9 @@ def _merge(into: dict, new: dict) -> None:
     "extra,message",
     [
         (["--model.advantage", "foo"], "model.advantage='foo' is invalid"),
-        (["--config", str(CONFIGS / "clip_cov.yaml"), "--trainer.callbacks.lb", "6"], "ClipCov needs lb < ub"),
-        (["--config", str(CONFIGS / "kl_cov.yaml"), "--trainer.callbacks.ratio", "0"], "KLCov.ratio must be in (0, 1]"),
-        (["--config", str(CONFIGS / "entropy_bonus.yaml"), "--trainer.callbacks.schedule",
+        (["--config", str(CONFIGS / "cpu" / "clip_cov.yaml"), "--trainer.callbacks.lb", "6"], "ClipCov needs lb < ub"),
+        (["--config", str(CONFIGS / "cpu" / "kl_cov.yaml"), "--trainer.callbacks.ratio", "0"], "KLCov.ratio must be in (0, 1]"),
+        (["--config", str(CONFIGS / "cpu" / "entropy_bonus.yaml"), "--trainer.callbacks.schedule",
           '{"name": "step", "steps": 10}'], "schedule.name"),
         (["--data.task", "null", "--data.train_files", '["nope.jsonl"]'], "train_files[0]: no such file"),
         (["--model.loss_agg_mode", "mean"], "valid modes"),
@@ -149,8 +141,8 @@ def test_stacked_method_configs_give_every_regularizer(tmp_path):
     used to replace the earlier one (only EntropyBonus survived this stack)."""
     from lit_covrl.regularizers import ClipCov, EntropyBonus
 
-    cli = _cli(["--config", str(QUICK), "--config", str(CONFIGS / "clip_cov.yaml"),
-                "--config=" + str(CONFIGS / "entropy_bonus.yaml")], tmp_path)
+    cli = _cli(["--config", str(QUICK), "--config", str(CONFIGS / "cpu" / "clip_cov.yaml"),
+                "--config=" + str(CONFIGS / "cpu" / "entropy_bonus.yaml")], tmp_path)
     regs = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
     assert [type(r) for r in regs] == [ClipCov, EntropyBonus]
     assert regs[0].ratio == pytest.approx(0.02)  # clip_cov.yaml's own setting, not a default
@@ -159,8 +151,8 @@ def test_stacked_method_configs_give_every_regularizer(tmp_path):
 def test_command_line_callbacks_still_apply_on_top_of_stacked_configs(tmp_path):
     from lit_covrl.regularizers import ClipCov, EntropyBonus, KLCov
 
-    cli = _cli(["--config", str(QUICK), "--config", str(CONFIGS / "clip_cov.yaml"),
-                "--config", str(CONFIGS / "entropy_bonus.yaml"), "--trainer.callbacks+=lit_covrl.regularizers.KLCov",
+    cli = _cli(["--config", str(QUICK), "--config", str(CONFIGS / "cpu" / "clip_cov.yaml"),
+                "--config", str(CONFIGS / "cpu" / "entropy_bonus.yaml"), "--trainer.callbacks+=lit_covrl.regularizers.KLCov",
                 "--trainer.callbacks.ratio=0.05"], tmp_path)
     regs = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
     assert [type(r) for r in regs] == [ClipCov, EntropyBonus, KLCov]
@@ -193,7 +185,7 @@ def test_a_short_fit_of_each_method_config_logs_its_regularizer(method, name, ta
     from lit_covrl.cli import main
     from tests.helpers import scalar_tags
 
-    main(["fit", "--config", str(QUICK), "--config", str(CONFIGS / method), "--trainer.max_steps", "2",
+    main(["fit", "--config", str(QUICK), "--config", str(CONFIGS / "cpu" / method), "--trainer.max_steps", "2",
           "--trainer.val_check_interval", "1000", "--trainer.logger.init_args.save_dir", str(tmp_path)])
     logged = scalar_tags(tmp_path)
     for tag in [f"reg/{name}/{t}" for t in tags] + ["cov/top0.2pct", "policy/entropy"]:

@@ -23,7 +23,7 @@ COMPARED = ["rollout/reward_mean", "policy/entropy", "policy/loss", "reg/clip_co
 def _cmd(save_dir: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "lit_covrl.cli", "fit", "--config", str(ROOT / "configs/quickstart.yaml"),
-        "--config", str(ROOT / "configs/clip_cov.yaml"), "--torch_threads", "1",
+        "--config", str(ROOT / "configs/cpu/clip_cov.yaml"), "--torch_threads", "1",
         "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", "1000",
         "--trainer.enable_progress_bar", "false", "--checkpoint.every_n_train_steps", "1",
         "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.callbacks.ratio", "0.1", *extra,

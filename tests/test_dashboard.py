@@ -159,7 +159,7 @@ def _cb(class_path, **init_args):
 
 
 def test_default_version_names_the_method_and_configs_and_never_reuses_a_folder(tmp_path):
-    quick, clip = CONFIGS / "quickstart.yaml", CONFIGS / "clip_cov.yaml"
+    quick, clip = CONFIGS / "quickstart.yaml", CONFIGS / "cpu" / "clip_cov.yaml"
     clip_cb = _cb("lit_covrl.regularizers.ClipCov", name=None)
     bonus_cb = _cb("lit_covrl.regularizers.EntropyBonus", name="bonus")
     other = _cb("lightning.pytorch.callbacks.LearningRateMonitor")
@@ -179,7 +179,7 @@ def test_cli_runs_are_named_by_method_and_an_explicit_version_is_kept(tmp_path):
     from lit_covrl.module import GRPOModule
 
     def logger(*extra):
-        args = ["--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / "clip_cov.yaml"),
+        args = ["--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / "cpu" / "clip_cov.yaml"),
                 "--trainer.logger.init_args.save_dir", str(tmp_path), *extra]
         cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args,
                           run=False)

@@ -37,7 +37,7 @@ def _strategy(spec):
     return SingleDeviceStrategy("cpu") if spec == "auto" else StrategyRegistry.get(spec)
 
 
-@pytest.mark.parametrize("name", sorted(k for k in STACKS if k.startswith(("recipes/qwen", "fsdp/"))))
+@pytest.mark.parametrize("name", sorted(k for k in STACKS if k.startswith(("paper/qwen", "fsdp/"))))
 def test_gpu_recipes_as_written_pass_the_strategy_check(name):
     """The recipes' own strategy (test_configs overrides it to run on CPU): the base 7B recipe
     alone must already be FSDP2 (it was Lightning's FSDP1 `fsdp`, which cannot work)."""

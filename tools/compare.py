@@ -3,8 +3,8 @@
     python tools/compare.py --config configs/quickstart.yaml \
         --methods grpo,entropy_bonus,clip_cov,kl_cov --seeds 3 --steps 150 --out runs/compare [--quick]
 
-Each method name maps to `configs/<method>.yaml` (next to the base config; a path to a YAML also
-works), stacked on `--config`. Methods shipped: grpo, grpo_low_lr, entropy_bonus(_high), clip_cov
+Each method name maps to `cpu/<method>.yaml` or `experiments/<method>.yaml` in the base config's
+folder (the CPU-scale method overlays; a path to a YAML also works), stacked on `--config`. Methods shipped: grpo, grpo_low_lr, entropy_bonus(_high), clip_cov
 (_annealed, _high, _lowlb), kl_cov(_high), high_entropy_tokens, adaptive_entropy, steer,
 entropy_advantage, entropy_ratio_clip (regularizers) and gspo, cispo (objectives); see METHODS. Every run is a `lit-covrl fit` subprocess with `--torch_threads 1`,
 `--jobs` (default 2) at a time. Writes
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from lit_covrl import analysis as an  # noqa: E402
 
-# entropy controls and objectives that `--methods` accepts by name (configs/<name>.yaml)
+# entropy controls and objectives that `--methods` accepts by name (configs/cpu/<name>.yaml)
 METHODS = (
     "grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "clip_cov", "clip_cov_annealed",
     "clip_cov_high", "clip_cov_lowlb", "kl_cov", "kl_cov_high", "high_entropy_tokens", "adaptive_entropy",
@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"), help="base config")
     p.add_argument("--methods", default="grpo,entropy_bonus,clip_cov,kl_cov",
-                   help="comma-separated method names (configs/<name>.yaml) or YAML paths")
+                   help="comma-separated method names (configs/cpu/ or configs/experiments/<name>.yaml) or YAML paths")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds: 0 .. N-1")
     p.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the config's)")
     p.add_argument("--val-every", type=int, default=None, help="validation interval in RL steps")
@@ -67,10 +67,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+METHOD_DIRS = ("cpu", "experiments")  # where method names are looked up, next to the base config
+
+
 def method_config(name: str, base: Path) -> Path:
+    """The overlay of a method: a YAML path as given, else `<base folder>/{cpu,experiments}/<name>.yaml`
+    (the first that exists; the cpu/ path when neither does, so the error names it)."""
     if name.endswith((".yaml", ".yml")):
         return Path(name)
-    return base.parent / f"{name}.yaml"
+    candidates = [base.parent / d / f"{name}.yaml" for d in METHOD_DIRS]
+    return next((c for c in candidates if c.exists()), candidates[0])
 
 
 def method_name(name: str) -> str:
