@@ -402,8 +402,10 @@ class PromptDataModule(L.LightningDataModule):
         self._perms.clear()
         self.skipped_rows += len(rejected)
         self.rows_used -= len(rejected)
+        self.skipped += [f"{ex.source or 'prompt'}: {reason}" for ex, reason in rejected]
         log.warning("skipped %d prompt(s) the tokenizer cannot represent (data.unencodable_prompts: skip)",
                     len(rejected))
+        self._write_skipped()  # the listing in the run's folder includes them (every rank calls this)
         if not self._train_rows:
             raise ValueError(f"no valid training rows in {self.hparams.train_files or self.hparams.hf_dataset} "
                              f"({self.skipped_rows} skipped)")

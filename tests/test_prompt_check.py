@@ -86,8 +86,10 @@ def test_unencodable_prompts_skipped_and_counted(tiny_model_dir, tmp_path, caplo
     data = PromptDataModule(task=None, train_files=[train], val_files=[val], batch_size=2, val_batch_size=4,
                             unencodable_prompts="skip")
     with caplog.at_level(logging.WARNING, logger="lit_covrl"):
-        fit(make_module(tiny_model_dir), data, steps=1, limit_val_batches=0)
+        fit(make_module(tiny_model_dir), data, steps=1, limit_val_batches=0, log_dir=tmp_path / "logs")
     messages = [r.getMessage() for r in caplog.records]
+    listed = (tmp_path / "logs" / "t" / "version_0" / "skipped_rows.txt").read_text().splitlines()
+    assert listed[0].startswith(f"{train}:2: prompt 'What is 1+2?'") and len(listed) == 3  # in the file too
     assert any(m.startswith("3 of 7 prompts encode to the tokenizer's unknown token") for m in messages), messages
     assert any(f"{train}:4: prompt 'abc' has 3 of 3 tokens unknown" in m for m in messages), messages
     assert any(f"{val}:2: prompt 'one plus one'" in m for m in messages), messages
