@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from lit_covrl import distributed
 from lit_covrl.algorithms import zero_variance_groups
 from lit_covrl.types import PromptBatch, Rollout
 
@@ -41,6 +43,38 @@ class Round:
     def informative(self, group_size: int) -> Tensor:
         """BoolTensor [B_round]: groups whose rewards are not all equal."""
         return ~zero_variance_groups(self.rewards, group_size)[::group_size]
+
+
+def sample_rounds(
+    batch: PromptBatch,
+    run_round: Callable[[PromptBatch], tuple[Round, dict[str, float]]],
+    fresh_prompts: Callable[[int], PromptBatch],
+    *,
+    group_size: int,
+    max_rounds: int,
+    pad_token_id: int,
+) -> tuple[Round, dict[str, float]]:
+    """Generate for `batch`, then for `fresh_prompts(r)` (r = 1, 2, ...) while fewer than
+    len(batch) informative groups are held on some rank and fewer than `max_rounds` rounds ran;
+    return the chosen groups and the step's statistics. `run_round` samples and scores one batch
+    (returning its Round and its reward statistics: `rollout/reward_errors` counts, which add up,
+    and per-reward means, averaged over the equal-sized rounds); `rollout/gen_rounds` counts rounds."""
+    rounds: list[Round] = []
+    sums: dict[str, float] = {}
+    while True:
+        rnd, stats = run_round(batch if not rounds else fresh_prompts(len(rounds)))
+        rounds.append(rnd)
+        sums = {k: sums.get(k, 0.0) + float(v) for k, v in stats.items()}
+        if len(rounds) >= max_rounds:
+            break
+        # decided globally: every rank runs the same number of rounds (generation is a collective)
+        if distributed.all_true(sum(int(r.informative(group_size).sum()) for r in rounds) >= len(batch)):
+            break
+    out = {k: v if k == "rollout/reward_errors" else v / len(rounds) for k, v in sums.items()}
+    out["rollout/gen_rounds"] = float(len(rounds))
+    if len(rounds) == 1:
+        return rounds[0], out
+    return assemble(rounds, choose_groups(rounds, len(batch), group_size), group_size, pad_token_id), out
 
 
 def choose_groups(rounds: list[Round], batch_size: int, group_size: int) -> list[tuple[int, int]]:

@@ -27,13 +27,13 @@ from torch import Tensor
 from lit_covrl import distributed
 from lit_covrl.algorithms import compute_advantages, zero_variance_groups
 from lit_covrl.checks import check_module_args
-from lit_covrl.dynamic_sampling import Round, assemble, choose_groups
+from lit_covrl.dynamic_sampling import Round, sample_rounds
 from lit_covrl.evaluation import EvalSettings, Evaluator
 from lit_covrl.learner import Learner, LearnerSettings
 from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics
 from lit_covrl.objectives import Objective, resolve_objective
 from lit_covrl.policy import empty_policy, load_policy, load_tokenizer, resolve_dtype
-from lit_covrl.prompt_check import find_unencodable, where
+from lit_covrl.prompt_check import check_datamodule_prompts
 from lit_covrl.prompts import encode_prompts
 from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.reward_set import RewardSet
@@ -43,7 +43,7 @@ from lit_covrl.sharding import (
     check_sharding_args, check_strategy, checkpoint_layers, gathered_for_rollout, load_sharded, shard_model,
 )
 from lit_covrl.stopping import eos_token_ids, truncate_at_stop_strings
-from lit_covrl.types import Example, PromptBatch, Rollout
+from lit_covrl.types import PromptBatch, Rollout
 
 log = logging.getLogger("lit_covrl")
 # the policy is kept in eval mode on purpose (no dropout in RL: rollout policy == trained policy)
@@ -284,32 +284,11 @@ class GRPOModule(L.LightningModule):
                 "regen_batch(index, round, rounds) to draw fresh prompts, such as lit_covrl.data.PromptDataModule"
             )
         if hasattr(dm, "known_prompts"):
-            self._check_prompts(dm)
+            hp = self.hparams
+            check_datamodule_prompts(self.tokenizer, dm, chat_template=hp.chat_template,
+                                     max_prompt_length=hp.max_prompt_length if hp.prompt_overflow == "error" else None)
         seed = self.hparams.seed + 1_000_003 * self.global_rank
         self.rollout_generator = torch.Generator(device=self.device).manual_seed(seed)
-
-    def _check_prompts(self, dm) -> None:
-        """Fail at start-up, not hours in, on a prompt over max_prompt_length (prompt_overflow:
-        error), naming its file:line; prompts the tokenizer cannot represent are counted, reported
-        and handed to the datamodule (`reject_prompts`: an error or skipped, its setting decides)."""
-        hp = self.hparams
-        if hasattr(dm, "known_examples"):
-            examples = dm.known_examples()
-        else:
-            examples = [Example(p, "") for p in dm.known_prompts()]
-        bad = find_unencodable(self.tokenizer, examples, chat_template=hp.chat_template,
-                               max_prompt_length=hp.max_prompt_length if hp.prompt_overflow == "error" else None)
-        if bad:
-            log.warning("%d of %d prompts encode to the tokenizer's unknown token or to nothing (first: %s: %s)",
-                        len(bad), len(examples), where(bad[0][0]), bad[0][1])
-            if hasattr(dm, "reject_prompts"):
-                dm.reject_prompts(bad)
-        sample = dm.task_sample() if hasattr(dm, "task_sample") else []
-        bad = find_unencodable(self.tokenizer, sample, chat_template=hp.chat_template)
-        if bad:  # a task's prompts are generated, not read: reported, never dropped
-            log.warning("%d of %d held-out prompts of the task encode to the tokenizer's unknown token or to nothing, "
-                        "and its training prompts are generated alike (first: %s: %s)",
-                        len(bad), len(sample), where(bad[0][0]), bad[0][1])
 
     @property
     def updates_per_rollout(self) -> int | None:
@@ -439,27 +418,14 @@ class GRPOModule(L.LightningModule):
 
     def _sample_batch(self, batch: PromptBatch, timer: PhaseTimer) -> tuple[Round, dict[str, float]]:
         """One generation round; under dynamic sampling (`filter_groups` with `max_gen_rounds` > 1)
-        more rounds of fresh prompts until every rank holds a batch of informative groups
-        (`lit_covrl.dynamic_sampling`). `rollout/gen_rounds` counts them."""
-        hp, G = self.hparams, self.hparams.group_size
-        rounds: list[Round] = []
-        stats: dict[str, float] = {}
-        while True:
-            prompts = batch if not rounds else self.trainer.datamodule.regen_batch(batch.index, len(rounds), hp.max_gen_rounds)
-            rnd, rnd_stats = self._generation_round(prompts, timer)
-            rounds.append(rnd)
-            stats = {k: stats.get(k, 0.0) + float(v) for k, v in rnd_stats.items()}  # summed here ...
-            if not hp.filter_groups or len(rounds) >= hp.max_gen_rounds:
-                break
-            if distributed.all_true(sum(int(r.informative(G).sum()) for r in rounds) >= len(batch)):
-                break
-        # ... error counts add up over rounds; per-reward means are averaged (rounds are equal-sized)
-        stats = {k: v if k == "rollout/reward_errors" else v / len(rounds) for k, v in stats.items()}
-        stats["rollout/gen_rounds"] = float(len(rounds))
-        if len(rounds) == 1:
-            return rounds[0], stats
-        chosen = choose_groups(rounds, len(batch), G)
-        return assemble(rounds, chosen, G, self.tokenizer.pad_token_id), stats
+        more rounds of fresh prompts (`lit_covrl.dynamic_sampling.sample_rounds`)."""
+        hp = self.hparams
+        rounds = hp.max_gen_rounds if hp.filter_groups else 1
+        return sample_rounds(
+            batch, lambda b: self._generation_round(b, timer),
+            lambda r: self.trainer.datamodule.regen_batch(batch.index, r, rounds),
+            group_size=hp.group_size, max_rounds=rounds, pad_token_id=self.tokenizer.pad_token_id,
+        )
 
     def _stop_on_nonfinite_logits(self, rollout: Rollout) -> None:
         """NaN/inf logits while sampling (on some rank): the weights are broken, nothing to train on."""

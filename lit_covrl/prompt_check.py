@@ -13,8 +13,12 @@ can then be reported.
 """
 from __future__ import annotations
 
+import logging
+
 from lit_covrl.prompts import prompt_texts
 from lit_covrl.types import Example
+
+log = logging.getLogger("lit_covrl")
 
 __all__ = ["find_unencodable", "where"]
 
@@ -75,3 +79,27 @@ def find_unencodable(
             if reason is not None:
                 bad.append((ex, reason))
     return bad
+
+
+def check_datamodule_prompts(tokenizer, dm, *, chat_template: bool | None, max_prompt_length: int | None) -> None:
+    """GRPOModule's start-up check of a datamodule's prompts: fail at start-up, not hours in, on a
+    prompt over `max_prompt_length` (None: not checked), naming its file:line; prompts the
+    tokenizer cannot represent are counted, reported and handed to the datamodule
+    (`reject_prompts`: an error or skipped, its setting decides). A task's generated prompts are
+    only reported (from `task_sample()`), never dropped."""
+    if hasattr(dm, "known_examples"):
+        examples = dm.known_examples()
+    else:
+        examples = [Example(p, "") for p in dm.known_prompts()]
+    bad = find_unencodable(tokenizer, examples, chat_template=chat_template, max_prompt_length=max_prompt_length)
+    if bad:
+        log.warning("%d of %d prompts encode to the tokenizer's unknown token or to nothing (first: %s: %s)",
+                    len(bad), len(examples), where(bad[0][0]), bad[0][1])
+        if hasattr(dm, "reject_prompts"):
+            dm.reject_prompts(bad)
+    sample = dm.task_sample() if hasattr(dm, "task_sample") else []
+    bad = find_unencodable(tokenizer, sample, chat_template=chat_template)
+    if bad:
+        log.warning("%d of %d held-out prompts of the task encode to the tokenizer's unknown token or to nothing, "
+                    "and its training prompts are generated alike (first: %s: %s)",
+                    len(bad), len(sample), where(bad[0][0]), bad[0][1])

@@ -2,6 +2,7 @@
 function of the step, and a short fit whose batches end up full of informative groups."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lit_covrl.data import PromptDataModule
@@ -89,3 +90,28 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(tiny_model_dir
     full = [s for s in steps if s["rollout/gen_rounds"] < 6]
     assert full and all(s["rollout/zero_var_group_frac"] == 0.0 for s in full)
     assert all(s["policy/kept_frac"] == 1.0 for s in full)  # nothing left to filter
+
+
+def test_sample_rounds_stops_when_the_batch_is_informative_and_averages_reward_means():
+    """Round 0: groups flat, informative, flat; round 1: informative, flat, informative -> 3 of 3
+    after two rounds. Reward errors add up (1 + 2), per-reward means are averaged ((0.2 + 0.4) / 2)."""
+    from lit_covrl.dynamic_sampling import sample_rounds
+
+    G = 2
+    made = [_round([0, 0, 1, 0, 1, 1], G, 0), _round([1, 0, 0, 0, 0, 1], G, 10), _round([1, 0, 1, 0, 1, 0], G, 20)]
+    stats = [{"rollout/reward_errors": 1.0, "rollout/reward/r": 0.2}, {"rollout/reward_errors": 2.0, "rollout/reward/r": 0.4},
+             {"rollout/reward_errors": 0.0, "rollout/reward/r": 0.9}]
+    asked = []
+
+    def run_round(b):
+        i = len(asked)
+        asked.append(b.prompts[0])
+        return made[i], stats[i]
+
+    out, s = sample_rounds(made[0].batch, run_round, lambda r: made[r].batch, group_size=G, max_rounds=5, pad_token_id=PAD)
+    assert asked == ["p0", "p10"]  # no third round: 3 informative groups after two
+    assert out.batch.prompts == ["p1", "p10", "p12"]
+    assert s == {"rollout/reward_errors": 3.0, "rollout/reward/r": pytest.approx(0.3), "rollout/gen_rounds": 2.0}
+    asked.clear()
+    out, s = sample_rounds(made[0].batch, run_round, lambda r: made[r].batch, group_size=G, max_rounds=1, pad_token_id=PAD)
+    assert asked == ["p0"] and out is made[0] and s["rollout/gen_rounds"] == 1.0
