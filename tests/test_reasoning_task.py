@@ -1,0 +1,175 @@
+"""The built-in reasoning task (written steps), its verification and the shipped tiny-reasoning model."""
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+import torch
+
+from lit_covrl.assets import TINY_REASONING_DIR
+from lit_covrl.policy import BUILTIN_MODELS
+from lit_covrl.rewards import ExactMatchReward
+from lit_covrl.tasks import Task, get_task
+from lit_covrl.tasks.reasoning import ReasoningReward, ReasoningTask, Verdict, solution, verify
+from lit_covrl.tokenizer import build_char_tokenizer
+
+PROMPT = "12+34+5-7="
+# Hand-worked: 12+34 = 46; 46+5 = 51; 51-7 = 44.
+GOOD = "12+34=46,46+5=51,51-7=44|44"
+
+
+def _python_value(prompt: str) -> int:
+    """Python's own evaluation (an oracle independent of the task's code)."""
+    assert re.fullmatch(r"\d+([+-]\d+)+=", prompt), prompt
+    return eval(prompt[:-1], {"__builtins__": {}})  # noqa: S307  (digits and +- only, checked)
+
+
+# ---------------------------------------------------------------------------------- verification
+def test_solution_hand_worked():
+    assert solution(PROMPT) == GOOD
+    # 5-20 = -15; -15-3 = -18; -18+40 = 22 (negative intermediates keep their sign)
+    assert solution("5-20-3+40=") == "5-20=-15,-15-3=-18,-18+40=22|22"
+    assert solution("0-99-99-99=") == "0-99=-99,-99-99=-198,-198-99=-297|-297"
+
+
+@pytest.mark.parametrize("response, verdict", [
+    (GOOD, (True, True, True)),
+    (" " + GOOD + " ", (True, True, True)),                  # surrounding whitespace is stripped
+    ("12+34=46,46+5=52,52-7=45|45", (True, False, False)),   # wrong intermediate carried on
+    ("12+34=46,46+5=52,51-7=44|44", (True, False, True)),    # wrong intermediate, right answer
+    ("12+34=46,46+5=51,51-7=44|43", (True, True, False)),    # right steps, wrong answer
+    ("12+34=46,46+5=51|51", (True, False, False)),           # a step missing
+    ("12+34=46,46+5=51,51+7=58|44", (True, False, True)),    # wrong operator copied
+    ("12+43=55,55+5=60,60-7=53|44", (True, False, True)),    # wrong operand copied
+    ("46+5=51,12+34=46,51-7=44|44", (True, False, True)),    # steps out of order
+    ("44", (False, False, False)),                           # answer only: no steps
+    ("|44", (False, False, False)),
+    ("12+34=46,46+5=51,51-7=44", (False, False, False)),     # no answer
+    ("12+34=46,46+5=51,51-7=44|44|44", (False, False, False)),
+    ("12+34=46;46+5=51;51-7=44|44", (False, False, False)),  # wrong separator
+    ("12+34=46,46+5=51,51-7=44|+44", (False, False, False)),
+    ("12+34=46,,46+5=51,51-7=44|44", (False, False, False)),
+    ("", (False, False, False)),
+])
+def test_verify_hand_worked(response, verdict):
+    v = verify(PROMPT, response)
+    assert (v.well_formed, v.steps_correct, v.answer_correct) == verdict
+    assert v.correct == all(verdict)
+    # The reward pays only fully correct responses (steps and answer), like exact match with
+    # the reference solution; answer-only scoring pays whenever the answer after "|" is right.
+    assert ReasoningReward()(response, GOOD) == float(v.correct)
+    assert ExactMatchReward()(response, GOOD) == float(v.correct)
+    assert ReasoningReward(check_steps=False)(response, GOOD) == float(v.well_formed and v.answer_correct)
+
+
+def test_verify_rejects_bad_prompt_and_reward_rejects_bad_reference():
+    with pytest.raises(ValueError, match="prompt"):
+        verify("12+34", GOOD)
+    with pytest.raises(ValueError, match="reference"):
+        ReasoningReward()(GOOD, "44")
+
+
+# ---------------------------------------------------------------------------------- task
+def test_registry_and_protocol():
+    task = get_task("reasoning", num_terms=5)
+    assert isinstance(task, ReasoningTask) and isinstance(task, Task)
+    assert task.name == "reasoning" and task.num_terms == 5
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_terms": 6}, {"digits": 3, "ops": "+"}, {"ops": "-"}])
+def test_samples_are_correct_and_long(kwargs):
+    task = ReasoningTask(**kwargs)
+    tok = build_char_tokenizer(task.alphabet)
+    rng = random.Random(0)
+    lengths = []
+    for _ in range(300):
+        ex = task.sample(rng)
+        assert verify(ex.prompt, ex.answer).correct
+        assert ex.answer.endswith("|" + str(_python_value(ex.prompt)))
+        assert ex.answer.count(",") == task.num_terms - 2
+        ids = tok(ex.answer, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids and tok.unk_token_id not in tok(ex.prompt)["input_ids"]
+        lengths.append(len(ids))
+        assert len(ex.prompt) <= task.max_prompt_chars and len(ids) <= task.max_response_chars
+    # Every response writes its steps: >= 19 tokens even with 1-digit operands ("0+0=0,0+0=0,0+0=0|0").
+    assert min(lengths) >= 19 and sum(lengths) / len(lengths) >= 25
+
+
+def test_max_response_chars_bound():
+    # An upper bound from the widths of |value| <= k * 99 after k terms, plus a sign:
+    # steps 3+1+2+1+4 = 11 and 4+1+2+1+4 = 12 (twice) = 35, + 2 "," + "|" + 4 = 42.
+    task = ReasoningTask()
+    assert task.max_response_chars == 42
+    # "0-99=-99" 8 + "," + "-99-99=-198" 11 + "," + "-198-99=-297" 12 + "|-297" 5 = 38
+    assert len(solution("0-99-99-99=")) == 38 <= 42
+    every = ReasoningTask(split="all")
+    rng = random.Random(3)
+    assert max(len(every.sample(rng).answer) for _ in range(2000)) <= task.max_response_chars
+
+
+def test_same_seed_same_examples():
+    task = ReasoningTask()
+    r1, r2, r3 = random.Random(7), random.Random(7), random.Random(8)
+    s1 = [task.sample(r1) for _ in range(50)]
+    assert s1 == [task.sample(r2) for _ in range(50)]
+    assert s1 != [task.sample(r3) for _ in range(50)]
+    assert len({e.prompt for e in s1}) == 50
+
+
+def test_splits_are_disjoint_and_heldout_is_fixed():
+    task = ReasoningTask()
+    rng = random.Random(0)
+    train = {task.sample(rng).prompt for _ in range(3000)}
+    held = task.heldout(200, seed=5)
+    assert held == task.heldout(200, seed=5)
+    assert held != task.heldout(200, seed=6)
+    assert len({e.prompt for e in held}) == 200
+    assert not train & {e.prompt for e in held}
+    assert all(task.is_heldout(e.prompt) for e in held) and not any(map(task.is_heldout, train))
+    every = ReasoningTask(split="all")
+    rng = random.Random(1)
+    frac = sum(task.is_heldout(every.sample(rng).prompt) for _ in range(4000)) / 4000
+    assert 0.07 < frac < 0.13
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"digits": 0}, "digits"), ({"digits": 5}, "digits"), ({"num_terms": 3}, "num_terms"),
+    ({"num_terms": 9}, "num_terms"), ({"ops": "*"}, "ops"), ({"ops": ""}, "ops"),
+    ({"split": "val"}, "split"), ({"test_fraction": 1.0}, "test_fraction"),
+])
+def test_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        ReasoningTask(**kwargs)
+
+
+# ---------------------------------------------------------------------------------- shipped model
+def test_shipped_reasoning_model_samples_some_but_not_all_right():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert BUILTIN_MODELS["lit_covrl:tiny-reasoning"] == TINY_REASONING_DIR
+    tok = AutoTokenizer.from_pretrained(TINY_REASONING_DIR)
+    model = AutoModelForCausalLM.from_pretrained(TINY_REASONING_DIR).eval()
+    assert model.config.model_type == "qwen2"
+    assert sum(p.numel() for p in model.parameters()) < 1_500_000
+    gc = model.generation_config
+    assert gc.do_sample and gc.top_p == 1.0 and not gc.top_k and gc.eos_token_id == tok.eos_token_id
+
+    task = ReasoningTask()
+    held = task.heldout(32, seed=99)
+    prompts = [e.prompt for e in held for _ in range(4)]
+    enc = tok(prompts, padding=True, return_tensors="pt")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                             max_new_tokens=task.max_response_chars + 1,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    hits = [verify(p, t).correct for p, t in zip(prompts, texts)]
+    well_formed = sum(verify(p, t).well_formed for p, t in zip(prompts, texts)) / len(texts)
+    acc = sum(hits) / len(hits)
+    # Measured held-out pass@1 PASS1 (README.md); on these 128 samples (32 prompts x 4) the binomial
+    # std is <= 0.045, so 0 < acc < 1 holds with a wide margin; an untrained or broken model
+    # (wrong padding, positions, tokenizer) scores 0.
+    assert 0.0 < acc < 1.0, (acc, list(zip(prompts, texts))[:5])
+    assert well_formed > 0.5  # it writes the step format even when a step is wrong
