@@ -15,6 +15,7 @@ from lit_covrl.cli import LitCovRLCLI
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
 from lit_covrl.regularizers import Regularizer
+from lit_covrl.tasks.reasoning import ReasoningReward
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICK = CONFIGS / "quickstart.yaml"
@@ -22,6 +23,9 @@ R7 = CONFIGS / "recipes" / "qwen2.5-7b.yaml"
 F7 = CONFIGS / "fsdp" / "qwen2.5-7b.yaml"
 STACKS = {
     "quickstart.yaml": [QUICK],
+    "reasoning.yaml": [CONFIGS / "reasoning.yaml"],
+    **{f"reasoning/{m}.yaml": [CONFIGS / "reasoning.yaml", CONFIGS / "reasoning" / f"{m}.yaml"]
+       for m in ("grpo_low_lr", "clip_cov", "clip_cov_high", "kl_cov", "kl_cov_high")},
     "grpo.yaml": [QUICK, CONFIGS / "grpo.yaml"],
     "entropy_bonus.yaml": [QUICK, CONFIGS / "entropy_bonus.yaml"],
     "clip_cov.yaml": [QUICK, CONFIGS / "clip_cov.yaml"],
@@ -66,11 +70,14 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
     cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False)
     assert isinstance(cli.model, GRPOModule) and isinstance(cli.datamodule, PromptDataModule)
     regs = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
-    expected = {"grpo.yaml": 0, "grpo_low_lr.yaml": 0, "quickstart.yaml": 0, "recipes/qwen2.5-7b.yaml": 0, "recipes/qwen2.5-32b.yaml": 0}
+    expected = {"grpo.yaml": 0, "grpo_low_lr.yaml": 0, "quickstart.yaml": 0, "reasoning.yaml": 0, "reasoning/grpo_low_lr.yaml": 0, "recipes/qwen2.5-7b.yaml": 0, "recipes/qwen2.5-32b.yaml": 0}
     expected.update({k: 0 for k in STACKS if k.startswith("fsdp/")})  # base recipes, no method
     assert len(regs) == expected.get(name, 1)
     if name == "recipes/qwen2.5-32b.yaml":
         assert cli.model.hparams.micro_batch_size == 2
+    if name.startswith("reasoning"):
+        assert isinstance(cli.model.reward, ReasoningReward) and cli.model.reward.check_steps
+        assert cli.datamodule.task.name == "reasoning" and cli.model.hparams.model == "lit_covrl:tiny-reasoning"
     if name.endswith("kl_cov.yaml") or "kl_cov_" in name:
         assert cli.model.hparams.clip_low is None and cli.model.hparams.clip_high is None
 
