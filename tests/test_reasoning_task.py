@@ -174,3 +174,27 @@ def test_shipped_reasoning_model_samples_some_but_not_all_right():
     # tokenizer) scores 0, and one that solved everything would leave RL no room.
     assert 0.0 < acc < 1.0, (acc, list(zip(prompts, texts))[:5])
     assert well_formed > 0.5  # measured 0.98: it writes the step format even when a step is wrong
+
+
+def test_make_reasoning_model_is_deterministic(tmp_path):
+    """Two short runs of the build script (a smaller model, 3 steps) write identical weights."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "make_reasoning_model.py"
+    spec = importlib.util.spec_from_file_location("make_reasoning_model", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    blobs = []
+    for run in ("a", "b"):
+        summary = script.main(["--hidden", "32", "--layers", "1", "--batch-size", "8", "--max-steps", "3",
+                               "--eval-every", "2", "--eval-n", "2", "--final-eval-n", "2", "--samples", "2",
+                               "--no-stop", "--out", str(tmp_path / run)])
+        blobs.append((tmp_path / run / "model.safetensors").read_bytes())
+        assert summary["sft_steps"] == 3 and 0.0 <= summary["pass1"] <= summary["pass2"] <= 1.0
+    torch.set_num_threads(threads)
+    assert blobs[0] == blobs[1]
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tmp_path / "a")
+    assert tok.convert_ids_to_tokens(tok("1-2=3,|")["input_ids"]) == list("1-2=3,|")
