@@ -31,6 +31,10 @@ def test_solution_hand_worked():
     # 5-20 = -15; -15-3 = -18; -18+40 = 22 (negative intermediates keep their sign)
     assert solution("5-20-3+40=") == "5-20=-15,-15-3=-18,-18+40=22|22"
     assert solution("0-99-99-99=") == "0-99=-99,-99-99=-198,-198-99=-297|-297"
+    # 7-7 = 0 (never "-0"); 0-3 = -3; -3+3 = 0
+    assert solution("7-7-3+3=") == "7-7=0,0-3=-3,-3+3=0|0"
+    assert verify("7-7-3+3=", "7-7=0,0-3=-3,-3+3=0|0").correct
+    assert not verify("7-7-3+3=", "7-7=-0,-0-3=-3,-3+3=0|0").well_formed
 
 
 @pytest.mark.parametrize("response, verdict", [
@@ -50,6 +54,9 @@ def test_solution_hand_worked():
     ("12+34=46;46+5=51;51-7=44|44", (False, False, False)),  # wrong separator
     ("12+34=46,46+5=51,51-7=44|+44", (False, False, False)),
     ("12+34=46,,46+5=51,51-7=44|44", (False, False, False)),
+    ("12+34=046,46+5=51,51-7=44|44", (False, False, False)),  # leading zero: not canonical
+    ("12+34=46,46+05=51,51-7=44|44", (False, False, False)),
+    ("12+34 = 46,46+5=51,51-7=44|44", (False, False, False)),  # space inside
     ("", (False, False, False)),
 ])
 def test_verify_hand_worked(response, verdict):
@@ -61,6 +68,28 @@ def test_verify_hand_worked(response, verdict):
     assert ReasoningReward()(response, GOOD) == float(v.correct)
     assert ExactMatchReward()(response, GOOD) == float(v.correct)
     assert ReasoningReward(check_steps=False)(response, GOOD) == float(v.well_formed and v.answer_correct)
+
+
+def test_correct_iff_equal_to_the_solution_under_random_edits():
+    # Oracle: the canonical solution is unique, so a response is correct exactly when it equals
+    # it; one-character edits (substitution, deletion, insertion) from the task's alphabet probe
+    # the parser for anything it accepts that it should not.
+    task = ReasoningTask(split="all")
+    rng = random.Random(0)
+    exact, steps_only = ExactMatchReward(), ReasoningReward()
+    n_correct = 0
+    for _ in range(1500):
+        ex = task.sample(rng)
+        text, i = ex.answer, rng.randrange(len(ex.answer) + 1)
+        kind = rng.choice(("sub", "del", "ins"))
+        c = rng.choice(task.alphabet)
+        edited = {"sub": text[:i] + c + text[i + 1:], "del": text[:i] + text[i + 1:],
+                  "ins": text[:i] + c + text[i:]}[kind]
+        v = verify(ex.prompt, edited)
+        assert v.correct == (edited == ex.answer), (ex.prompt, edited)
+        assert steps_only(edited, ex.answer) == exact(edited, ex.answer)
+        n_correct += v.correct
+    assert 0 < n_correct < 300  # a few edits are no-ops (same character substituted)
 
 
 def test_verify_rejects_bad_prompt_and_reward_rejects_bad_reference():

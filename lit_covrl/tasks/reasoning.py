@@ -41,8 +41,9 @@ __all__ = ["ReasoningTask", "ReasoningReward", "Verdict", "solution", "verify"]
 _OPS = "+-"
 STEP_SEP = ","
 ANSWER_SEP = "|"
-_NUM = r"-?\d+"
-_STEP = re.compile(rf"({_NUM})([+-])(\d+)=({_NUM})")
+_NAT = r"(?:0|[1-9]\d*)"  # canonical decimal: no leading zeros
+_NUM = r"(?:0|-?[1-9]\d*)"  # and no "-0"
+_STEP = re.compile(rf"({_NUM})([+-])({_NAT})=({_NUM})")
 _PROMPT = re.compile(r"\d+(?:[+-]\d+)+=")
 
 
@@ -102,7 +103,8 @@ def verify(prompt: str, response: str) -> Verdict:
     operand i+1, starts from operand 1 (i = 0) or the previous step's written result, and its
     written result is the exact value. answer_correct: the number after "|" is the expression's
     value. A malformed response (bad characters, no or several "|", a step that does not parse,
-    leading "+" or spaces inside) is wrong on all three counts.
+    a leading "+", leading zeros, "-0" or spaces inside) is wrong on all three counts, so a
+    response is correct exactly when it equals `solution(prompt)` (up to surrounding whitespace).
     """
     terms, ops = _terms(prompt)
     value = terms[0]
