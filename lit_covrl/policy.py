@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from lit_covrl import gguf
 from lit_covrl.algorithms import token_entropy, token_logprobs
 
-BUILTIN_MODELS = {"lit_covrl:tiny-arith": Path(__file__).parent / "assets" / "tiny-arith"}
+BUILTIN_MODELS = {"lit_covrl:tiny-arith": Path(__file__).parent / "assets" / "tiny-arith",
+                  "lit_covrl:tiny-reasoning": Path(__file__).parent / "assets" / "tiny-reasoning"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -15,6 +15,7 @@ from lit_covrl.cli import LitCovRLCLI
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
 from lit_covrl.regularizers import Regularizer
+from lit_covrl.tasks.reasoning import ReasoningReward
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICK = CONFIGS / "quickstart.yaml"
@@ -25,6 +26,9 @@ CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_toke
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high")
 STACKS = {
     "quickstart.yaml": [QUICK],
+    "reasoning.yaml": [CONFIGS / "reasoning.yaml"],
+    **{f"reasoning/{m}.yaml": [CONFIGS / "reasoning.yaml", CONFIGS / "reasoning" / f"{m}.yaml"]
+       for m in ("grpo_low_lr", "clip_cov", "clip_cov_high", "kl_cov", "kl_cov_high")},
     **{f"cpu/{m}.yaml": [QUICK, CONFIGS / "cpu" / f"{m}.yaml"] for m in CPU_METHODS},
     **{f"experiments/{m}.yaml": [QUICK, CONFIGS / "experiments" / f"{m}.yaml"] for m in EXPERIMENTS},
     "samplers/static_cache.yaml": [QUICK, CONFIGS / "samplers" / "static_cache.yaml"],
@@ -62,16 +66,19 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
     cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False)
     assert isinstance(cli.model, GRPOModule) and isinstance(cli.datamodule, PromptDataModule)
     regs = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
-    expected = {"cpu/grpo.yaml": 0, "experiments/grpo_low_lr.yaml": 0, "cpu/gspo.yaml": 0, "cpu/cispo.yaml": 0, "quickstart.yaml": 0,
+    expected = {"cpu/grpo.yaml": 0, "experiments/grpo_low_lr.yaml": 0, "cpu/gspo.yaml": 0, "cpu/cispo.yaml": 0, "quickstart.yaml": 0, "reasoning.yaml": 0, "reasoning/grpo_low_lr.yaml": 0,
                 "paper/qwen2.5-7b.yaml": 0, "paper/qwen2.5-32b.yaml": 0}
     expected["samplers/static_cache.yaml"] = 0  # an overlay choosing the sampler, no regularizer
     expected.update({k: 0 for k in STACKS if k.startswith("fsdp/")})  # base recipes, no method
     assert len(regs) == expected.get(name, 1)
     if name == "paper/qwen2.5-32b.yaml":
         assert cli.model.hparams.micro_batch_size == 2
-    if name in ("gspo.yaml", "cispo.yaml"):  # the objective is built from its class_path
-        assert type(cli.model.objective).__name__ == name.split(".")[0].upper()
-        assert cli.model.objective.clip_high == (4e-4 if name == "gspo.yaml" else 0.28)
+    if name in ("cpu/gspo.yaml", "cpu/cispo.yaml"):  # the objective is built from its class_path
+        assert type(cli.model.objective).__name__ == name.split("/")[-1].split(".")[0].upper()
+        assert cli.model.objective.clip_high == (4e-4 if name == "cpu/gspo.yaml" else 0.28)
+    if name.startswith("reasoning"):
+        assert isinstance(cli.model.reward, ReasoningReward) and cli.model.reward.check_steps
+        assert cli.datamodule.task.name == "reasoning" and cli.model.hparams.model == "lit_covrl:tiny-reasoning"
     if name.endswith("kl_cov.yaml") or "kl_cov_" in name:
         assert cli.model.hparams.clip_low is None and cli.model.hparams.clip_high is None
 

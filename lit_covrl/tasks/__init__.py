@@ -10,12 +10,13 @@ __all__ = ["Task", "TASKS", "get_task"]
 
 def _registry() -> dict[str, type]:
     from lit_covrl.tasks.arithmetic import ArithmeticTask
+    from lit_covrl.tasks.reasoning import ReasoningTask
     from lit_covrl.tasks.word_problems import WordProblemTask
 
-    return {"arithmetic": ArithmeticTask, "word_problems": WordProblemTask}
+    return {"arithmetic": ArithmeticTask, "reasoning": ReasoningTask, "word_problems": WordProblemTask}
 
 
-TASKS = tuple(sorted(["arithmetic", "word_problems"]))
+TASKS = tuple(sorted(["arithmetic", "reasoning", "word_problems"]))
 
 
 def get_task(name: Any, **kwargs: Any) -> Task:

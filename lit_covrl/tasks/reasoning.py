@@ -1,0 +1,226 @@
+"""Multi-step arithmetic with written steps: the built-in task whose answers need reasoning tokens.
+
+A prompt is a left-to-right expression of `num_terms` operands, e.g. "12+34+5-7=". A correct
+response writes every intermediate result, one step per operator, separated by ",", then "|" and
+the final value:
+
+    prompt   "12+34+5-7="
+    response "12+34=46,46+5=51,51-7=44|44"
+
+Step i is "<previous result><op><operand i+1>=<result>" (the first step starts from operand 1),
+all in decimal with a leading "-" for negative numbers. The solution is therefore unique: with 4
+terms of up to 2 digits a response is 19-40 characters (tokens with the character tokenizer, EOS
+excluded), about 31 on average, so a policy must emit ~30 tokens of steps before the answer.
+
+Verification (`verify`, `ReasoningReward`). The reference `Example.answer` is the full canonical
+solution. `verify(prompt, response)` parses the response and reports whether it is well formed,
+whether every written step is the canonical one (right operands copied from the prompt, right
+arithmetic, each step starting from the previous result) and whether the final answer after "|"
+is the exact value. The reward (1.0 / 0.0) requires BOTH the steps and the final answer to be
+right -- which, the solution being unique, is exact string match with the reference, so the
+default `ExactMatchReward` gives the same reward. We check the steps, not only the answer,
+because an answer-only reward would pay a response that skips or garbles the steps and guesses,
+and RL would then shorten the responses towards the 3-token answers this task exists to avoid.
+`ReasoningReward(check_steps=False)` scores the final answer alone, for comparison.
+
+Train / held-out split as in `ArithmeticTask`: a stable CRC-32 hash of the prompt text puts every
+distinct prompt in exactly one split; `sample` rejects prompts of the other split (a pure
+function of the rng state); `heldout(n, seed)` is a fixed duplicate-free evaluation set.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+from lit_covrl.tasks.base import check_split, is_heldout, sample_split
+from lit_covrl.types import Example
+
+__all__ = ["ReasoningTask", "ReasoningReward", "Verdict", "solution", "verify"]
+
+_OPS = "+-"
+STEP_SEP = ","
+ANSWER_SEP = "|"
+_NAT = r"(?:0|[1-9]\d*)"  # canonical decimal: no leading zeros
+_NUM = r"(?:0|-?[1-9]\d*)"  # and no "-0"
+_STEP = re.compile(rf"({_NUM})([+-])({_NAT})=({_NUM})")
+_PROMPT = re.compile(r"\d+(?:[+-]\d+)+=")
+
+
+def _terms(prompt: str) -> tuple[list[int], list[str]]:
+    """Operands and operators of a prompt such as "12+34+5-7=" (ValueError if malformed)."""
+    if not _PROMPT.fullmatch(prompt):
+        raise ValueError(f"malformed prompt {prompt!r}: expected operands joined by + or -, then '='")
+    parts = re.split(r"([+-])", prompt[:-1])
+    return [int(p) for p in parts[0::2]], parts[1::2]
+
+
+def solution(prompt: str) -> str:
+    """The canonical response to `prompt`: its steps left to right, then "|" and the value."""
+    terms, ops = _terms(prompt)
+    value, steps = terms[0], []
+    for op, term in zip(ops, terms[1:]):
+        new = value + term if op == "+" else value - term
+        steps.append(f"{value}{op}{term}={new}")
+        value = new
+    return STEP_SEP.join(steps) + ANSWER_SEP + str(value)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What `verify` found: the response parses, its steps are the canonical ones, its answer is exact."""
+
+    well_formed: bool
+    steps_correct: bool
+    answer_correct: bool
+
+    @property
+    def correct(self) -> bool:
+        return self.well_formed and self.steps_correct and self.answer_correct
+
+
+def _parse(response: str) -> tuple[list[tuple[int, str, int, int]], int] | None:
+    """[(left, op, right, result)] and the final answer, or None if the response is malformed."""
+    text = response.strip()
+    if text.count(ANSWER_SEP) != 1:
+        return None
+    body, answer = text.split(ANSWER_SEP)
+    if not re.fullmatch(_NUM, answer) or not body:
+        return None
+    steps = []
+    for chunk in body.split(STEP_SEP):
+        m = _STEP.fullmatch(chunk)
+        if m is None:
+            return None
+        steps.append((int(m[1]), m[2], int(m[3]), int(m[4])))
+    return steps, int(answer)
+
+
+def verify(prompt: str, response: str) -> Verdict:
+    """Check a response against the prompt, independently of the generator.
+
+    steps_correct: one step per operator of the prompt; step i uses the prompt's operator i and
+    operand i+1, starts from operand 1 (i = 0) or the previous step's written result, and its
+    written result is the exact value. answer_correct: the number after "|" is the expression's
+    value. A malformed response (bad characters, no or several "|", a step that does not parse,
+    a leading "+", leading zeros, "-0" or spaces inside) is wrong on all three counts, so a
+    response is correct exactly when it equals `solution(prompt)` (up to surrounding whitespace).
+    """
+    terms, ops = _terms(prompt)
+    value = terms[0]
+    for op, term in zip(ops, terms[1:]):
+        value = value + term if op == "+" else value - term
+    parsed = _parse(response)
+    if parsed is None:
+        return Verdict(False, False, False)
+    steps, answer = parsed
+    ok = len(steps) == len(ops)
+    previous = terms[0]
+    for i, (left, op, right, result) in enumerate(steps):
+        if not ok:
+            break
+        exact = left + right if op == "+" else left - right
+        ok = left == previous and op == ops[i] and right == terms[i + 1] and result == exact
+        previous = result
+    return Verdict(True, ok, answer == value)
+
+
+class ReasoningReward:
+    """1.0 if the response is right, else 0.0; the reference `answer` is the canonical solution.
+
+    Args:
+        check_steps: require every written step to be right as well as the final answer (the
+            default, see the module docstring); False scores the final answer after "|" alone.
+    """
+
+    def __init__(self, check_steps: bool = True) -> None:
+        self.check_steps = check_steps
+
+    def __call__(self, completion: str, answer: str) -> float:
+        ref = _parse(answer)
+        if ref is None:
+            raise ValueError(f"reference {answer!r} is not a solution of the reasoning task")
+        got = _parse(completion)
+        if got is None:
+            return 0.0
+        if self.check_steps:
+            return 1.0 if got == ref else 0.0
+        return 1.0 if got[1] == ref[1] else 0.0
+
+
+@dataclass
+class ReasoningTask:
+    """Seeded generator of "a+b-c+d=" prompts whose reference answer is the written solution.
+
+    Args:
+        digits: operands are drawn uniformly from [0, 10**digits - 1] (1..4).
+        num_terms: operands per expression (4..8; 4 terms = 3 written steps, >= 19 characters).
+        ops: operators to draw from, a non-empty subset of "+-".
+        split: "train" (default), "test" (held-out prompts only) or "all".
+        test_fraction: share of distinct prompts reserved for the held-out split (0 < f < 1).
+    """
+
+    digits: int = 2
+    num_terms: int = 4
+    ops: str = "+-"
+    split: str = "train"
+    test_fraction: float = 0.1
+    name: str = field(default="reasoning", init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.digits, int) or not 1 <= self.digits <= 4:
+            raise ValueError(f"digits must be an int in [1, 4], got {self.digits!r}")
+        if not isinstance(self.num_terms, int) or not 4 <= self.num_terms <= 8:
+            raise ValueError(f"num_terms must be an int in [4, 8], got {self.num_terms!r}")
+        if not isinstance(self.ops, str) or not self.ops or any(c not in _OPS for c in self.ops):
+            raise ValueError(f"ops must be a non-empty subset of {_OPS!r}, got {self.ops!r}")
+        check_split(self.split, self.test_fraction)
+        self.ops = "".join(sorted(set(self.ops), key=_OPS.index))
+
+    @property
+    def alphabet(self) -> str:
+        """Every character of a prompt or a response (the model's character tokenizer)."""
+        return "0123456789+-=" + STEP_SEP + ANSWER_SEP
+
+    @property
+    def max_response_chars(self) -> int:
+        """Longest canonical response, in characters (tokens with the char tokenizer, EOS excluded)."""
+        big = 10**self.digits - 1
+        width = lambda k: len(str(k * big)) + (1 if "-" in self.ops else 0)  # noqa: E731  |value| <= k * big
+        steps = sum(width(k) + 1 + self.digits + 1 + width(k + 1) for k in range(1, self.num_terms))
+        return steps + (self.num_terms - 2) + 1 + width(self.num_terms)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.num_terms * self.digits + (self.num_terms - 1) + 1
+
+    def is_heldout(self, prompt: str) -> bool:
+        """True if `prompt` belongs to the held-out split (stable across processes and runs)."""
+        return is_heldout(prompt, self.test_fraction)
+
+    def _draw(self, rng: random.Random) -> Example:
+        high = 10**self.digits - 1
+        terms = [rng.randint(0, high) for _ in range(self.num_terms)]
+        ops = [rng.choice(self.ops) for _ in range(self.num_terms - 1)]
+        prompt = str(terms[0]) + "".join(op + str(t) for op, t in zip(ops, terms[1:])) + "="
+        return Example(prompt=prompt, answer=solution(prompt))
+
+    def sample(self, rng: random.Random) -> Example:
+        """One example of this task's split; a pure function of the rng state."""
+        return sample_split(self._draw, lambda ex: ex.prompt, rng, self.split, self.test_fraction)
+
+    def heldout(self, n: int, seed: int | str = 0) -> list[Example]:
+        """A fixed evaluation set: `n` distinct held-out examples drawn with `random.Random(seed)`."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        test = ReasoningTask(self.digits, self.num_terms, self.ops, "test", self.test_fraction)
+        rng = random.Random(seed)
+        seen: dict[str, Example] = {}
+        for _ in range(50 * n + 1000):
+            if len(seen) >= n:
+                break
+            ex = test.sample(rng)
+            seen.setdefault(ex.prompt, ex)
+        if len(seen) < n:
+            raise ValueError(f"held-out split has fewer than n={n} distinct prompts")
+        return list(seen.values())

@@ -1,0 +1,209 @@
+"""Build the warm-started policy shipped in lit_covrl/assets/tiny-reasoning/.
+
+A small Qwen2ForCausalLM over a character tokenizer is trained by supervised teacher forcing on
+`ReasoningTask()` train prompts (loss on the written solution + EOS only: "12+34+5-7=" ->
+"12+34=46,46+5=51,51-7=44|44<eos>") and stopped EARLY, at the first held-out evaluation whose
+sampled accuracy is in the target window: pass@1 in [--pass1-low, --pass1-high] and pass@8 at
+least --min-pass8, with pure sampling (temperature 1, top_k 0, top_p 1) and the exact reward
+(every step and the answer right). That is a starting point where RL has room: most prompts are
+solved by some of 8 samples and not by most of them.
+
+Deterministic: fixed seeds, a fixed thread count (`--threads`, default 1) and no data-dependent
+nondeterminism; the same command gives the same weights on the same machine.
+
+    python tools/make_reasoning_model.py                 # writes lit_covrl/assets/tiny-reasoning/
+    python tools/make_reasoning_model.py --out /tmp/x    # elsewhere
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lit_covrl first
+
+from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from lit_covrl.assets import TINY_REASONING_DIR  # noqa: E402
+from lit_covrl.tasks.reasoning import ReasoningTask, verify  # noqa: E402
+from lit_covrl.tokenizer import build_char_tokenizer  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, default=TINY_REASONING_DIR, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data and evaluation")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed for determinism)")
+    p.add_argument("--hidden", type=int, default=128, help="hidden size")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers")
+    p.add_argument("--batch-size", type=int, default=128, help="SFT sequences per step")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
+    p.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
+    p.add_argument("--max-steps", type=int, default=3000, help="give up after this many steps")
+    p.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
+    p.add_argument("--eval-n", type=int, default=128, help="held-out prompts per evaluation")
+    p.add_argument("--final-eval-n", type=int, default=512, help="held-out prompts of the final report")
+    p.add_argument("--samples", type=int, default=8, help="samples per held-out prompt (pass@k, k = this)")
+    p.add_argument("--pass1-low", type=float, default=0.1, help="target window: lowest pass@1")
+    p.add_argument("--pass1-high", type=float, default=0.3, help="target window: highest pass@1")
+    p.add_argument("--min-pass8", type=float, default=0.45, help="target window: lowest pass@k")
+    p.add_argument("--no-stop", action="store_true", help="train to --max-steps (for exploring)")
+    p.add_argument("--no-save", action="store_true", help="do not write the output folder")
+    return p.parse_args(argv)
+
+
+def build_model(tok, hidden: int, layers: int) -> Qwen2ForCausalLM:
+    cfg = Qwen2Config(
+        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=3 * hidden,
+        max_position_embeddings=128, tie_word_embeddings=True, rope_theta=10000.0,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, use_cache=True,
+    )
+    return Qwen2ForCausalLM(cfg)
+
+
+def sft_batch(examples, tok) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded prompt+solution+EOS ids, attention mask, labels (-100 except solution+EOS)."""
+    seqs, labels = [], []
+    for ex in examples:
+        p = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+        a = tok(ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        seqs.append(p + a)
+        labels.append([-100] * len(p) + a)
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tok.pad_token_id)
+    lab = torch.full((len(seqs), width), -100)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labels)):
+        ids[i, : len(s)], lab[i, : len(l)], mask[i, : len(s)] = torch.tensor(s), torch.tensor(l), 1
+    return ids, mask, lab
+
+
+@torch.no_grad()
+def sample(model, tok, prompts: list[str], max_new_tokens: int, seed: int,
+           greedy: bool = False) -> tuple[list[str], float, float]:
+    """HF `generate` (KV cache) at temperature 1, top_k 0, top_p 1 (or greedy), seeded.
+
+    Returns the completions, the mean per-token entropy (nats) of the sampled distribution over
+    the generated tokens (EOS included, padding excluded) and the mean response length in tokens.
+    """
+    enc = tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+    torch.manual_seed(seed)
+    knobs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    out = model.generate(**enc, **knobs,
+                         max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, output_scores=True,
+                         return_dict_in_generate=True)
+    new = out.sequences[:, enc["input_ids"].shape[1]:]
+    # a generated token is real up to and including the first EOS
+    is_eos = new == tok.eos_token_id
+    real = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
+    logp = torch.log_softmax(torch.stack(out.scores, 1).float(), -1)
+    ent = -(logp.exp() * logp).nan_to_num().sum(-1)[:, : new.shape[1]]
+    entropy = (ent * real).sum().item() / max(real.sum().item(), 1)
+    return tok.batch_decode(new, skip_special_tokens=True), entropy, real.sum().item() / len(prompts)
+
+
+def evaluate(model, tok, heldout, max_new_tokens: int, samples: int, seed: int,
+             greedy: bool = False) -> dict[str, float]:
+    """Held-out pass@1 (mean correct fraction over `samples` draws) and pass@`samples` (any
+    correct; with n = k the unbiased estimator is exactly this), the fraction of well-formed
+    samples, their mean token entropy and length, and optionally the greedy accuracy."""
+    model.eval()
+    prompts = [e.prompt for e in heldout for _ in range(samples)]
+    texts, entropy, length = sample(model, tok, prompts, max_new_tokens, seed)
+    verdicts = [verify(p, t) for p, t in zip(prompts, texts)]
+    hits = [[verdicts[i * samples + j].correct for j in range(samples)] for i in range(len(heldout))]
+    out = {"pass1": sum(map(sum, hits)) / (samples * len(heldout)),
+           f"pass{samples}": sum(max(h) for h in hits) / len(heldout),
+           "well_formed": sum(v.well_formed for v in verdicts) / len(verdicts),
+           "answer_only_acc": sum(v.well_formed and v.answer_correct for v in verdicts) / len(verdicts),
+           "entropy": entropy, "response_tokens": length}
+    if greedy:
+        g, _, _ = sample(model, tok, [e.prompt for e in heldout], max_new_tokens, seed, greedy=True)
+        out["greedy_acc"] = sum(verify(e.prompt, t).correct for t, e in zip(g, heldout)) / len(heldout)
+    model.train()
+    return out
+
+
+def in_window(m: dict, args) -> bool:
+    return args.pass1_low <= m["pass1"] <= args.pass1_high and m[f"pass{args.samples}"] >= args.min_pass8
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    start = time.time()
+
+    task = ReasoningTask()
+    tok = build_char_tokenizer(task.alphabet)
+    model = build_model(tok, args.hidden, args.layers)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params: {n_params:,}  vocab: {len(tok)}  task: {task}", flush=True)
+
+    heldout = task.heldout(args.eval_n, seed=args.seed + 1)
+    max_new = task.max_response_chars + 1  # solution + EOS
+    rng = random.Random(args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+    model.train()
+    metrics: dict = {}
+    step = 0
+    for step in range(1, args.max_steps + 1):
+        ids, mask, lab = sft_batch([task.sample(rng) for _ in range(args.batch_size)], tok)
+        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % args.eval_every == 0:
+            metrics = evaluate(model, tok, heldout, max_new, args.samples, seed=args.seed + 2)
+            print(f"step {step:5d}  loss {loss.item():.4f}  "
+                  + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+                  + f"  ({time.time() - start:.0f}s)", flush=True)
+            if not args.no_stop and in_window(metrics, args):
+                break
+            if not args.no_stop and metrics["pass1"] > args.pass1_high:
+                raise SystemExit(f"pass@1 jumped past {args.pass1_high} at step {step}: "
+                                 "evaluate more often (--eval-every) or lower --lr")
+    else:
+        if not args.no_stop:
+            raise SystemExit(f"never reached the target window in {args.max_steps} steps")
+
+    train_seconds = time.time() - start
+    final = task.heldout(args.final_eval_n, seed=args.seed + 1)  # a superset of the stopping set
+    metrics = evaluate(model, tok, final, max_new, args.samples, seed=args.seed + 3, greedy=True)
+    summary = {"sft_steps": step, "params": n_params, "heldout_n": len(final),
+               "heldout_seed": args.seed + 1, "eval_seed": args.seed + 3,
+               "samples": args.samples, "max_new_tokens": max_new,
+               **{k: round(v, 4) for k, v in metrics.items()},
+               "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - start, 1)}
+    print(json.dumps(summary))
+    if not args.no_save:
+        save(model, tok, args.out, max_new)
+        size = sum(f.stat().st_size for f in args.out.iterdir())
+        print(f"saved to {args.out} ({size / 1e6:.2f} MB)")
+    return summary
+
+
+def save(model: Qwen2ForCausalLM, tok, out: Path, max_new_tokens: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+if __name__ == "__main__":
+    main()
