@@ -234,3 +234,24 @@ def test_best_held_out_figures_survive_a_resume(tiny_model_dir, tmp_path):
     for k in ("pass@1", "pass@k"):
         every = [v for _, v in a[f"val/{k}"] + b[f"val/{k}"]]
         assert len(every) == 4 and b[f"final/best_val_{k}"] == [(4, pytest.approx(max(every)))]
+
+
+def test_every_shipped_regularizer_charts_what_it_records(tiny_model_dir, tmp_path):
+    """Each regularizer's charts (`chart_metrics` + coef/loss) match tags that a short fit logs."""
+    import re as _re
+
+    from lit_covrl.regularizers import (
+        AdaptiveEntropyBonus, ClipCov, EntropyAdvantage, EntropyRatioClip, HighEntropyTokens, KLCov, SteerWeights,
+    )
+    from tests.helpers import fit, scalar_tags
+    from tests.test_module import make_data, make_module
+
+    regs = [ClipCov(ratio=0.2, lb=-1e9, ub=1e9), KLCov(ratio=0.1), HighEntropyTokens(), SteerWeights(),
+            EntropyRatioClip(), AdaptiveEntropyBonus(target=5.0), EntropyAdvantage()]
+    fit(make_module(tiny_model_dir, mini_batch_size=2), make_data(val_size=0), steps=2, callbacks=regs,
+        log_dir=tmp_path, limit_val_batches=0)
+    tags = list(scalar_tags(tmp_path))
+    for reg in regs:
+        for category, patterns in reg.charts().items():
+            for pattern in patterns:
+                assert any(_re.fullmatch(pattern, t) for t in tags), (type(reg).__name__, category, pattern)

@@ -98,6 +98,8 @@ class Regularizer(Callback):
     needs_current_logp: bool = False  # module provides ctx.logp of the current policy
     needs_current_entropy: bool = False  # module provides ctx.entropy of the current policy
     default_name: str = "regularizer"  # metric namespace reg/<name>/ unless `name` is given
+    # dashboard charts of recorded keys, category -> keys (reg/<name>/loss is always charted)
+    chart_metrics: dict[str, tuple[str, ...]] = {"Entropy": ("coef",)}
 
     def __init__(self, schedule: Schedule | None = None, name: str | None = None) -> None:
         if schedule is not None and not isinstance(schedule, Schedule):
@@ -121,11 +123,14 @@ class Regularizer(Callback):
 
     def charts(self) -> dict[str, list[str]]:
         """This regularizer's TensorBoard Custom Scalars charts (lit_covrl.dashboard): category ->
-        tag regexes, one chart each, matched from the start of a tag to its end. Default: the
-        coefficient under "Entropy", the loss contribution under "Control"; extend it with the
-        metrics a subclass records (categories not yet in the layout are added after it)."""
+        tag regexes, one chart each, matched from the start of a tag to its end: the loss
+        contribution under "Control" and the recorded keys listed in `chart_metrics` (default: the
+        coefficient under "Entropy"; categories not yet in the layout are added after it)."""
         n = re.escape(self.name)
-        return {"Entropy": [f"reg/{n}/coef"], "Control": [f"reg/{n}/loss"]}
+        out: dict[str, list[str]] = {"Control": [f"reg/{n}/loss"]}
+        for category, keys in self.chart_metrics.items():
+            out.setdefault(category, []).extend(f"reg/{n}/{re.escape(k)}" for k in keys)
+        return out
 
     # metrics -----------------------------------------------------------------------------------
     def record(self, key: str, value: float | Tensor) -> None:

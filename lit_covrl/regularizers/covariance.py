@@ -17,7 +17,6 @@ reason is in the README's table "Where we differ from the reference code".
 from __future__ import annotations
 
 import logging
-import re
 
 import torch
 from torch import Tensor
@@ -41,16 +40,11 @@ class _CovarianceSelector(Regularizer):
     """Shared bookkeeping: keep the mini-batch selection, report what was selected."""
 
     needs_current_logp = True
+    chart_metrics = {"Entropy": ("coef",), "Control": ("selected_frac", "selected_adv_mean")}
 
     def __init__(self, schedule: Schedule | None, name: str | None) -> None:
         super().__init__(schedule, name)
         self.selected: Tensor | None = None  # [n, T] bool for the current mini-batch
-
-    def charts(self) -> dict[str, list[str]]:
-        out = super().charts()
-        name = re.escape(self.name)
-        out["Control"] = [*out["Control"], f"reg/{name}/selected_frac", f"reg/{name}/selected_adv_mean"]
-        return out
 
     def _record_selection(self, ctx: MiniBatchContext, selected: Tensor) -> None:
         """reg/<name>/selected_frac (of the valid tokens, all ranks) and the mean advantage and

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import re
 
 import torch
 from torch import Tensor
@@ -53,6 +52,7 @@ class ReferenceKL(Regularizer):
 
     needs_reference = True
     default_name = "ref_kl"
+    chart_metrics = {"Entropy": ("coef",), "Control": ("kl",)}
 
     def __init__(
         self, beta: float = 1e-3, estimator: str = "k3", schedule: Schedule | None = None, name: str | None = None
@@ -82,11 +82,6 @@ class ReferenceKL(Regularizer):
         sums = torch.stack([(kl * batch.mask).sum(), batch.mask.sum()]).detach().double()
         self._kl_sums = sums if self._kl_sums is None else self._kl_sums + sums
         return TokenShaping(penalty=self._beta_now * kl)
-
-    def charts(self) -> dict[str, list[str]]:
-        out = super().charts()
-        out["Control"] = [*out["Control"], f"reg/{re.escape(self.name)}/kl"]
-        return out
 
     def pop_metrics(self) -> dict[str, float]:
         """reg/<name>/kl: the token-mean KL over every update of the step and every rank (a

@@ -57,6 +57,7 @@ class HighEntropyTokens(_TokenWeights):
 
     needs_current_entropy = True
     default_name = "high_entropy_tokens"
+    chart_metrics = {"Control": ("selected_frac",)}
 
     def __init__(self, top_frac: float = 0.2, name: str | None = None) -> None:
         """
@@ -91,6 +92,7 @@ class SteerWeights(_TokenWeights):
     needs_current_logp = True
     needs_current_entropy = True
     default_name = "steer"
+    chart_metrics = {"Control": ("weight_mean",)}
 
     def __init__(self, w_min: float = 0.8, w_max: float = 1.2, mapping: str = "linear",
                  name: str | None = None) -> None:
@@ -133,6 +135,7 @@ class EntropyRatioClip(_TokenWeights):
 
     needs_current_entropy = True
     default_name = "entropy_ratio_clip"
+    chart_metrics = {"Control": ("clipped_frac",)}
 
     def __init__(self, low: float = 0.05, high: float = 0.05, name: str | None = None) -> None:
         """

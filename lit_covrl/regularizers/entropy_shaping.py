@@ -34,6 +34,7 @@ class AdaptiveEntropyBonus(Regularizer):
 
     needs_entropy = True
     default_name = "adaptive_entropy"
+    chart_metrics = {"Entropy": ("coef", "measured_entropy")}
 
     def __init__(
         self,
@@ -110,6 +111,7 @@ class EntropyAdvantage(Regularizer):
 
     needs_entropy = True
     default_name = "entropy_advantage"
+    chart_metrics = {"Entropy": ("coef",), "Control": ("capped_frac",)}
 
     def __init__(self, alpha: float = 0.4, kappa: float = 2.0, schedule: Schedule | None = None,
                  name: str | None = None) -> None:
