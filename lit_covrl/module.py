@@ -399,7 +399,7 @@ class GRPOModule(L.LightningModule):
         skipped_rows = getattr(getattr(self.trainer, "datamodule", None), "skipped_rows", None)
         if skipped_rows is not None:
             metrics["data/skipped_rows"] = skipped_rows
-        self._log_step(metrics)
+        self.log_step(metrics)
 
     def _generation_round(self, batch: PromptBatch, timer: PhaseTimer) -> tuple[Round, dict[str, float]]:
         hp, G = self.hparams, self.hparams.group_size
@@ -474,7 +474,7 @@ class GRPOModule(L.LightningModule):
         self.log(f"{prefix}/entropy", res["entropy"], sync_dist=False)
 
     # logging, checkpoint -----------------------------------------------------------------------
-    def _log_step(self, metrics: dict) -> None:
+    def log_step(self, metrics: dict) -> None:
         """Every metric is already global (reduced across ranks where it is computed, see
         rollout_metrics and _update_minibatch): the same value on every rank, so no sync_dist.
         The progress bar gets its two through `self.log`; all of them reach callbacks and loggers

@@ -88,11 +88,26 @@ def test_bench_logging_reports_positive_medians(tiny_model_dir):
 
     from lit_covrl.module import GRPOModule
 
-    timed = [(GRPOModule, "training_step"), (GRPOModule, "_log_step"), (_LoggerConnector, "update_train_step_metrics")]
+    timed = [(GRPOModule, "training_step"), (GRPOModule, "log_step"), (_LoggerConnector, "update_train_step_metrics")]
     before = [cls.__dict__[name] for cls, name in timed]
     res = bench_logging.main(["--steps", "4", "--warmup", "1", "--model", tiny_model_dir])
     assert set(res) == {"training_step_ms", "log_step_ms", "lightning_step_logging_ms"}
     assert all(_positive(v) for v in res.values()), res
-    assert res["log_step_ms"] < res["training_step_ms"]  # _log_step runs inside training_step
+    assert res["log_step_ms"] < res["training_step_ms"]  # log_step runs inside training_step
     # the timing wrappers are gone: each class holds its original function object again
     assert [cls.__dict__[name] for cls, name in timed] == before
+
+
+def test_one_entry_point_names_every_benchmark_script(capsys):
+    """`python tools/bench.py list` / `NAME ...`: every name points to a script in tools/ that runs
+    as __main__ (a renamed or deleted script fails here), and every bench_*/profile_step script
+    has a name."""
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    assert bench._dispatch(["list"])
+    listed = capsys.readouterr().out.split()
+    assert all(name in listed for name in bench.BENCHMARKS)
+    files = {f for f, _ in bench.BENCHMARKS.values()}
+    assert all((tools / f).is_file() for f in files)
+    runnable = {p.name for p in tools.glob("bench_*.py") if "__main__" in p.read_text()} | {"profile_step.py"}
+    assert runnable - {"bench_common.py", "bench_measure.py"} <= files | {"bench.py"}
+    assert not bench._dispatch(["--quick"])  # the default benchmark's own flags pass through

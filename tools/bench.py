@@ -1,8 +1,11 @@
-"""Benchmarks of one GRPO step on this machine (see docs/benchmarks.md).
+"""Benchmarks of one GRPO step on this machine (see docs/benchmarks.md), and the one entry point
+of every benchmark and profile.
 
     python tools/bench.py            # full run: quickstart model, ~10M and ~100M random Qwen2
     python tools/bench.py --json     # the same, one JSON object on stdout
     python tools/bench.py --quick    # small and fast (quickstart model only, fewer repeats)
+    python tools/bench.py list       # the other benchmarks
+    python tools/bench.py NAME ...   # run one of them with its own arguments (NAME --help)
 
 This file is the command line: `run` (every figure as one dict), the table and `main`. The
 measurements, and how each is taken (phase timing in a real fit, regularizer overhead on one
@@ -95,8 +98,40 @@ def _print_table(res: dict) -> None:
     print("checks:", json.dumps(res["checks"], indent=1))
 
 
+# the other benchmarks and profiles, each a script of its own in tools/ (name -> file, what it measures)
+BENCHMARKS = {
+    "trl": ("bench_trl.py", "lit_covrl vs Hugging Face TRL's GRPOTrainer on the same work (needs .[trl])"),
+    "gpu": ("bench_gpu.py", "GPU rollout / update throughput, MFU and memory per sampler and strategy (--json)"),
+    "fsdp": ("bench_fsdp.py", "CPU: 1 process vs 2 gloo processes under FSDP2"),
+    "logging": ("bench_logging.py", "per-step cost of publishing the step metrics"),
+    "sampler-cpu": ("bench_sampler_cpu.py", "CPU quickstart phase times per rollout sampler"),
+    "checkpoint-io": ("bench_checkpoint_io.py", "one checkpoint save: Lightning's IO vs the atomic one"),
+    "profile": ("profile_step.py", "where the time of one RL step goes, next to the floor"),
+    "logprob-gap": ("logprob_gap.py", "sampler vs training-forward old log-probs, per dtype"),
+}
+
+
+def _dispatch(argv: list[str]) -> bool:
+    """`bench.py list` or `bench.py NAME args...`: run that benchmark as its own script."""
+    if not argv or argv[0] not in (*BENCHMARKS, "list"):
+        return False
+    if argv[0] == "list":
+        width = max(map(len, BENCHMARKS))
+        print("\n".join(f"{name:{width}s}  {what}" for name, (_, what) in BENCHMARKS.items()))
+        return True
+    import runpy
+
+    script = Path(__file__).resolve().parent / BENCHMARKS[argv[0]][0]
+    sys.argv = [str(script), *argv[1:]]
+    runpy.run_path(str(script), run_name="__main__")
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    if _dispatch(list(sys.argv[1:] if argv is None else argv)):
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="other benchmarks: " + ", ".join(BENCHMARKS) + " (python tools/bench.py list)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--quick", action="store_true", help="quickstart model only, few repeats")
     ap.add_argument("--sizes", nargs="*", default=None, help="random models to add (10M 100M)")

@@ -1,4 +1,4 @@
-"""Per-step cost of logging in a quickstart run: time spent in `GRPOModule._log_step` and in
+"""Per-step cost of logging in a quickstart run: time spent in `GRPOModule.log_step` and in
 Lightning's own per-step logger update, next to the whole `training_step` (medians after warm-up).
 
     python tools/bench_logging.py [--steps 40] [--warmup 5]
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     times: dict[str, list[float]] = {"training_step": [], "log_step": [], "lightning_step_logging": []}
     with (_timed(GRPOModule, "training_step", times["training_step"]),
-          _timed(GRPOModule, "_log_step", times["log_step"]),
+          _timed(GRPOModule, "log_step", times["log_step"]),
           _timed(_LoggerConnector, "update_train_step_metrics", times["lightning_step_logging"]),
           tempfile.TemporaryDirectory() as tmp):
         bench._fit(bench.make_module(args.model), bench.make_data(), args.steps, [], tmp)
