@@ -1,4 +1,4 @@
-"""Entropy-law fit, summary rows and the CSV writer (lit_covrl.analysis), and tools/fit_entropy_law.py."""
+"""Entropy-law fit, summary rows and the CSV writer (lab.analysis), and tools/fit_entropy_law.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lit_covrl import analysis as an
+from lab import analysis as an
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 

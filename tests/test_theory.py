@@ -1,4 +1,4 @@
-"""Theory lab (lit_covrl.theory, tools/theory_lab.py): closed forms and reduced experiments."""
+"""Theory lab (lab.theory, tools/theory_lab.py): closed forms and reduced experiments."""
 import math
 
 import pytest
@@ -7,9 +7,9 @@ import torch
 from lit_covrl.algorithms import token_entropy
 from lit_covrl.regularizers import ClipCov, KLCov, Schedule
 from lit_covrl.regularizers import covariance as cov_callbacks
-from lit_covrl.theory import claims as C
-from lit_covrl.theory.bandit import BanditSpec, train_bandit
-from lit_covrl.theory.softmax import (
+from lab.theory import claims as C
+from lab.theory.bandit import BanditSpec, train_bandit
+from lab.theory.softmax import (
     boltzmann,
     bonus_gradient,
     bonus_reward_gap,
@@ -18,7 +18,7 @@ from lit_covrl.theory.softmax import (
     npg_direction,
     train_entropy_bonus_exact,
 )
-from lit_covrl.theory.tokens import elements_written, first_order_drop, selection_cost, synthetic_batch
+from lab.theory.tokens import elements_written, first_order_drop, selection_cost, synthetic_batch
 
 F64 = torch.float64
 

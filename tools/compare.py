@@ -11,7 +11,7 @@ entropy_advantage, entropy_ratio_clip (regularizers) and gspo, cispo (objectives
   DIR/runs/<method>-s<seed>/   TensorBoard logs (`tensorboard --logdir DIR/runs`)
   DIR/logs/<method>-s<seed>.log  the run's stdout/stderr
   DIR/runs.csv                 method, seed, wall_s, returncode per run
-  DIR/summary.csv              one row per (method, seed, logged step), see lit_covrl.analysis
+  DIR/summary.csv              one row per (method, seed, logged step), see lab.analysis
   DIR/report.md + DIR/*.png    per-method table (mean +- std over seeds) and plots
 `--set key=value` (repeatable) passes `--key value` to every run, e.g. `--set model.val_k=4`.
 `--report-only` rebuilds summary.csv and report.md from DIR/runs without training.
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_covrl import analysis as an  # noqa: E402
+from lab import analysis as an  # noqa: E402
 
 # entropy controls and objectives that `--methods` accepts by name (configs/cpu/<name>.yaml)
 METHODS = (

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_covrl import analysis as an  # noqa: E402
+from lab import analysis as an  # noqa: E402
 
 
 def fit_run(log_dir: str | Path, fit_frac: float = 0.15, entropy_tag: str = "policy/entropy",

@@ -4,7 +4,7 @@
 
 Writes OUT/claims.json ({claim: {"holds": bool, ...}}), OUT/report.md and one PNG per claim.
 Seeded and deterministic; one CPU thread; the full run takes ~1-2 minutes. The experiments live
-in ``lit_covrl.theory.claims``; this script only runs them, plots and writes the report.
+in ``lab.theory.claims``; this script only runs them, plots and writes the report.
 See docs/theory.md for the reading of the results.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import sys
 from pathlib import Path
 
 import torch
@@ -23,8 +24,9 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lit_covrl.theory import claims as C  # noqa: E402
-from lit_covrl.theory.bandit import BanditSpec  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the lab package lives in the checkout
+from lab.theory import claims as C  # noqa: E402
+from lab.theory.bandit import BanditSpec  # noqa: E402
 
 DPI = 80
 

@@ -12,15 +12,15 @@ import numpy as np
 import torch
 
 from lit_covrl.regularizers import ClipCov, EntropyBonus, KLCov, Schedule
-from lit_covrl.theory.bandit import BanditSpec, train_bandit
-from lit_covrl.theory.softmax import (
+from lab.theory.bandit import BanditSpec, train_bandit
+from lab.theory.softmax import (
     boltzmann,
     bonus_reward_gap,
     entropy_step_errors,
     log_slope,
     train_entropy_bonus_exact,
 )
-from lit_covrl.theory.tokens import drop_shares, selection_cost, synthetic_batch
+from lab.theory.tokens import drop_shares, selection_cost, synthetic_batch
 
 __all__ = [
     "entropy_change_is_covariance",
