@@ -135,7 +135,7 @@ class Regularizer(Callback):
     # metrics -----------------------------------------------------------------------------------
     def record(self, key: str, value: float | Tensor) -> None:
         """Keep a scalar for this RL step; the module logs the mean under reg/<name>/<key>
-        (keys that already contain a '/' are logged as given, e.g. cov/selected_adv_mean)."""
+        (keys that already contain a '/' are logged as given)."""
         self._metrics.setdefault(key, []).append(float(value))
 
     def pop_metrics(self) -> dict[str, float]:
