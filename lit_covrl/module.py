@@ -13,6 +13,7 @@ TensorBoard x-axis are all in rollouts, as in the papers.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -207,6 +208,8 @@ class GRPOModule(L.LightningModule):
             settings = LearnerSettings.from_hparams(self.hparams, shared_prompt=self.shared_prompt_on)
             self._learner = Learner(self.policy, settings, self.objective, self.regularizers, LightningDriver(self))
             self._learner.skipped_steps = self._restored_skips
+        elif self._learner.settings.shared_prompt != self.shared_prompt_on:  # the module moved device
+            self._learner.settings = dataclasses.replace(self._learner.settings, shared_prompt=self.shared_prompt_on)
         return self._learner
 
     @property

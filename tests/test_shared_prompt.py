@@ -229,3 +229,13 @@ def test_shared_prompt_default_follows_the_measurements(tiny_model_dir):
     assert forced.shared_prompt_on
     assert not GRPOModule(model=tiny_model_dir, shared_prompt=False).shared_prompt_on
     assert not GRPOModule(model=tiny_model_dir, shared_prompt=True, activation_checkpointing=True).shared_prompt_on
+
+
+def test_learner_follows_the_resolved_shared_prompt_setting(tiny_model_dir):
+    """The learner is built once; its shared-prompt choice follows the module's resolution (null =
+    on for CPU, off on GPU) when that changes after it was built, e.g. a module moved to a GPU."""
+    module = GRPOModule(model=tiny_model_dir)
+    module.configure_model()
+    assert module.learner.settings.shared_prompt is True  # CPU, null
+    module.hparams.shared_prompt = False  # what a device change does to the resolution
+    assert module.learner.settings.shared_prompt is False
