@@ -234,6 +234,8 @@ def test_shared_prompt_default_follows_the_measurements(tiny_model_dir):
 def test_learner_follows_the_resolved_shared_prompt_setting(tiny_model_dir):
     """The learner is built once; its shared-prompt choice follows the module's resolution (null =
     on for CPU, off on GPU) when that changes after it was built, e.g. a module moved to a GPU."""
+    from lit_covrl.module import GRPOModule
+
     module = GRPOModule(model=tiny_model_dir)
     module.configure_model()
     assert module.learner.settings.shared_prompt is True  # CPU, null
