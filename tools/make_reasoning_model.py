@@ -26,12 +26,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lit_covrl first
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: the shared SFT helpers
 
-from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from lit_covrl.assets import TINY_REASONING_DIR  # noqa: E402
 from lit_covrl.tasks.reasoning import ReasoningTask, verify  # noqa: E402
 from lit_covrl.tokenizer import build_char_tokenizer  # noqa: E402
+from make_tiny_model import save, sft_batch  # noqa: E402  (the same SFT batching and folder layout)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,23 +68,6 @@ def build_model(tok, hidden: int, layers: int) -> Qwen2ForCausalLM:
         eos_token_id=tok.eos_token_id, use_cache=True,
     )
     return Qwen2ForCausalLM(cfg)
-
-
-def sft_batch(examples, tok) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded prompt+solution+EOS ids, attention mask, labels (-100 except solution+EOS)."""
-    seqs, labels = [], []
-    for ex in examples:
-        p = tok(ex.prompt, add_special_tokens=False)["input_ids"]
-        a = tok(ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        seqs.append(p + a)
-        labels.append([-100] * len(p) + a)
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), tok.pad_token_id)
-    lab = torch.full((len(seqs), width), -100)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
-        ids[i, : len(s)], lab[i, : len(l)], mask[i, : len(s)] = torch.tensor(s), torch.tensor(l), 1
-    return ids, mask, lab
 
 
 @torch.no_grad()
@@ -192,17 +177,6 @@ def main(argv: list[str] | None = None) -> dict:
         size = sum(f.stat().st_size for f in args.out.iterdir())
         print(f"saved to {args.out} ({size / 1e6:.2f} MB)")
     return summary
-
-
-def save(model: Qwen2ForCausalLM, tok, out: Path, max_new_tokens: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    model.generation_config = GenerationConfig(
-        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
 
 
 if __name__ == "__main__":

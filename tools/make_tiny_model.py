@@ -190,10 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def save(model: Qwen2ForCausalLM, tok, out: Path) -> None:
+def save(model: Qwen2ForCausalLM, tok, out: Path, max_new_tokens: int = 8) -> None:
+    """The model (with a pure-sampling generation config) and its tokenizer as a HF folder."""
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
-        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8,
+        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
     )
