@@ -132,11 +132,12 @@ def stack_config_callbacks(args: list[str]) -> list[str]:
     or more files set `trainer.callbacks`, their lists are concatenated in file order and passed
     once, right after the last `--config`, so later command-line arguments
     (`--trainer.callbacks+=...`, `--trainer.callbacks.ratio=...`) still apply on top."""
-    found = [(i, cbs) for i, path in _config_paths(args) if (cbs := _file_callbacks(path)) is not None]
+    paths = _config_paths(args)
+    found = [cbs for _, path in paths if (cbs := _file_callbacks(path)) is not None]
     if len(found) < 2:
         return args
-    merged = [cb for _, cbs in found for cb in cbs]
-    last = _config_paths(args)[-1][0]
+    merged = [cb for cbs in found for cb in cbs]
+    last = paths[-1][0]
     return [*args[: last + 1], f"--trainer.callbacks={json.dumps(merged)}", *args[last + 1 :]]
 
 
