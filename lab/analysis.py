@@ -203,3 +203,63 @@ def run_stats(rows: Sequence[Mapping], edge: int = 5) -> dict:
         "passk_best": max(pk) if pk else nan,
         "selected_frac": avg(sel),
     }
+
+
+# ---------------------------------------------------------------- intervals and the matched-entropy frontier
+def bootstrap_ci(values: Sequence[float], *, n_boot: int = 4000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean: resample the values with replacement `n_boot`
+    times and take the (1-level)/2 and (1+level)/2 quantiles of the resampled means.
+
+    With one value the interval is that value; nan values are dropped; none gives (nan, nan).
+    Seeded, so a report is reproducible. Over 3-5 seeds the interval is crude (it cannot be wider
+    than the range of the values): read it as "how much the seeds disagree", not as a test.
+    """
+    import random
+
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    if len(vals) == 1:
+        return vals[0], vals[0]
+    rng = random.Random(seed)
+    n = len(vals)
+    means = sorted(sum(rng.choice(vals) for _ in range(n)) / n for _ in range(n_boot))
+    lo = means[int(math.floor((1 - level) / 2 * (n_boot - 1)))]
+    hi = means[int(math.ceil((1 + level) / 2 * (n_boot - 1)))]
+    return lo, hi
+
+
+def eval_points(rows: Iterable[Mapping], metric: str, entropy: str = "val_entropy") -> list[tuple[int, float, float]]:
+    """(step, entropy, metric) at every logged step where both columns are present (e.g. every
+    validation: val_entropy and val_pass@1)."""
+    return sorted((int(r["step"]), float(r[entropy]), float(r[metric])) for r in rows
+                  if r.get(entropy) is not None and r.get(metric) is not None)
+
+
+def frontier_residuals(runs: Mapping[tuple[str, int], Sequence[Mapping]], baseline: Sequence[str],
+                       metric: str, entropy: str = "val_entropy", skip_first: bool = False) -> dict:
+    """The matched-entropy frontier of `metric` and every run's mean residual against it.
+
+    The frontier is the law metric = -a exp(H) + b fitted by least squares on every evaluation point
+    (H = the `entropy` column at that step) of the `baseline` methods' runs (plain GRPO at its
+    learning rates). A run's residual is the mean over its evaluation points of metric minus the
+    frontier at the point's entropy: > 0 means the run does better than GRPO did at the same entropy.
+    `skip_first` drops each run's first evaluation point when a run has more than one (use it when
+    runs validate before training: that point is the shared starting policy, the same for every method).
+
+    Returns {"a", "b", "n_points", "per_run": {(method, seed): mean residual}}.
+    Raises ValueError when the baseline points cannot identify the law.
+    """
+    def pts(rs):
+        p = eval_points(rs, metric, entropy)
+        return p[1:] if skip_first and len(p) > 1 else p
+
+    base = [p for (m, _), rs in runs.items() if m in baseline for p in pts(rs)]
+    a, b = fit_entropy_law([h for _, h, _ in base], [y for _, _, y in base])
+    per_run = {}
+    for key, rs in runs.items():
+        p = pts(rs)
+        if p:
+            per_run[key] = sum(y - (-a * math.exp(h) + b) for _, h, y in p) / len(p)
+    return {"a": a, "b": b, "n_points": len(base), "per_run": per_run}

@@ -115,3 +115,37 @@ def test_fit_entropy_law_tool_reads_tensorboard(tmp_path, capsys):
     assert tool.main([str(tmp_path / "run"), "--fit-frac", "0.15"]) == 0
     out = capsys.readouterr().out
     assert "RMSE of the prediction on the remaining 85 steps" in out and "ceiling b - a" in out
+
+
+def test_bootstrap_ci_brackets_the_mean_and_matches_a_hand_case():
+    # two values 0 and 1: resampled means are 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4, so the
+    # 2.5 % and 97.5 % quantiles of 4000 resampled means are 0 and 1
+    assert an.bootstrap_ci([0.0, 1.0]) == (0.0, 1.0)
+    lo, hi = an.bootstrap_ci([0.30, 0.32, 0.35, 0.31, 0.40])
+    assert 0.30 <= lo < 0.336 < hi <= 0.40  # mean 0.336, interval inside the range of the values
+    assert hi - lo < 0.10
+    assert an.bootstrap_ci([0.2]) == (0.2, 0.2)
+    assert all(math.isnan(x) for x in an.bootstrap_ci([]))
+    assert an.bootstrap_ci([1.0, 2.0, 4.0], seed=3) == an.bootstrap_ci([1.0, 2.0, 4.0], seed=3)
+
+
+def test_frontier_residuals_hand_worked():
+    # baseline points lie exactly on y = -1 * e^H + 2 (a = 1, b = 2); a method 0.05 above the
+    # line at every evaluation has mean residual +0.05; the first point of each run is skipped
+    def run(points):
+        return [{"step": s, "val_entropy": h, "val_pass@1": y} for s, h, y in points]
+
+    line = lambda h: -math.exp(h) + 2.0  # noqa: E731
+    runs = {
+        ("grpo", 0): run([(0, 0.9, 0.0), (10, 0.5, line(0.5)), (20, 0.3, line(0.3))]),
+        ("grpo_low_lr", 0): run([(0, 0.9, 0.0), (10, 0.6, line(0.6)), (20, 0.4, line(0.4))]),
+        ("clip_cov", 0): run([(0, 0.9, 0.0), (10, 0.45, line(0.45) + 0.05), (20, 0.35, line(0.35) + 0.05)]),
+        ("worse", 1): run([(0, 0.9, 0.0), (10, 0.2, line(0.2) - 0.1)]),
+    }
+    fr = an.frontier_residuals(runs, ["grpo", "grpo_low_lr"], "val_pass@1", skip_first=True)
+    assert fr["a"] == pytest.approx(1.0) and fr["b"] == pytest.approx(2.0) and fr["n_points"] == 4
+    assert fr["per_run"][("grpo", 0)] == pytest.approx(0.0, abs=1e-12)
+    assert fr["per_run"][("clip_cov", 0)] == pytest.approx(0.05)
+    assert fr["per_run"][("worse", 1)] == pytest.approx(-0.1)
+    # keeping the first point (off the line by construction) changes the fit
+    assert an.frontier_residuals(runs, ["grpo", "grpo_low_lr"], "val_pass@1")["a"] != pytest.approx(1.0)

@@ -47,3 +47,59 @@ def test_every_named_method_has_a_config():
         assert m in compare.METHODS
     missing = [m for m in compare.METHODS if not compare.method_config(m, ROOT / "configs" / "quickstart.yaml").exists()]
     assert not missing
+
+
+def _compare_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "tools" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    return compare
+
+
+def test_testbed_overlays_and_stacked_base_configs():
+    """A base config with a folder of its own (configs/reasoning/) takes its methods from there only;
+    repeated --config files stack in order before the method's overlay."""
+    compare = _compare_module()
+    reasoning = ROOT / "configs" / "reasoning.yaml"
+    for m in ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "adaptive_entropy", "clip_cov",
+              "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
+              "entropy_advantage", "entropy_ratio_clip"):
+        assert compare.method_config(m, reasoning) == ROOT / "configs" / "reasoning" / f"{m}.yaml"
+        assert compare.method_config(m, reasoning).exists(), m
+    assert compare.method_config("gspo", reasoning) == ROOT / "configs" / "reasoning" / "gspo.yaml"  # no fallback
+    args = compare.parse_args(["--config", str(reasoning), "--config", "extra.yaml", "--methods", "kl_cov",
+                               "--out", "x", "--seeds", "1"])
+    cmd = compare.run_command(args, "kl_cov", 0, Path("x"))
+    configs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--config"]
+    assert configs == [str(reasoning), "extra.yaml", str(ROOT / "configs" / "reasoning" / "kl_cov.yaml")]
+    assert compare.parse_args(["--out", "x"]).config == [str(ROOT / "configs" / "quickstart.yaml")]
+
+
+def test_held_out_section_intervals_and_frontier_residuals():
+    """Two GRPO runs on the line P = 2 - e^H define the frontier; a method 0.05 above it at every
+    validation gets residual +0.050 with an interval of width 0 (both seeds agree)."""
+    import math
+
+    compare = _compare_module()
+
+    def run(points, ent=(0.10, 0.05)):
+        rows = [{"step": i, "entropy": ent[0] if i < 5 else ent[1]} for i in range(10)]
+        for s, h, p in points:
+            rows[s].update({"val_entropy": h, "val_pass@1": p, "val_pass@k": p})
+        return rows
+
+    line = lambda h: 2.0 - math.exp(h)  # noqa: E731
+    runs = {("grpo", 0): run([(4, 0.5, line(0.5)), (9, 0.3, line(0.3))]),
+            ("grpo_low_lr", 0): run([(4, 0.6, line(0.6)), (9, 0.4, line(0.4))]),
+            ("clip_cov", 0): run([(4, 0.45, line(0.45) + 0.05), (9, 0.35, line(0.35) + 0.05)]),
+            ("clip_cov", 1): run([(4, 0.55, line(0.55) + 0.05), (9, 0.25, line(0.25) + 0.05)])}
+    lines = compare.held_out_section(runs, ["grpo", "grpo_low_lr", "clip_cov"])
+    row = next(x for x in lines if x.startswith("| clip_cov |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "2" and cells[2] == "0.50 [0.50, 0.50]"  # entropy 0.05 / 0.10
+    assert cells[7] == cells[8] == "+0.050 [+0.050, +0.050]"
+    best1 = line(0.25) + 0.05, line(0.35) + 0.05  # best pass@1 of seed 1 and seed 0 (the last validation)
+    assert cells[4].startswith(f"{sum(best1) / 2:.3f} [")
+    assert any("frontier: a = 1.0000, b = 2.0000" in x for x in lines)

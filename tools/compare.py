@@ -3,10 +3,15 @@
     python tools/compare.py --config configs/quickstart.yaml \
         --methods grpo,entropy_bonus,clip_cov,kl_cov --seeds 3 --steps 150 --out runs/compare [--quick]
 
-Each method name maps to `cpu/<method>.yaml` or `experiments/<method>.yaml` in the base config's
-folder (the CPU-scale method overlays; a path to a YAML also works), stacked on `--config`. Methods shipped: grpo, grpo_low_lr, entropy_bonus(_high), clip_cov
+Each method name maps to an overlay stacked on the `--config` file(s): when the (first) base config
+has a folder of its own next to it (configs/reasoning.yaml -> configs/reasoning/), the method is
+`<that folder>/<method>.yaml` and nothing else (its overlays are scaled for that testbed); otherwise
+`cpu/<method>.yaml` or `experiments/<method>.yaml` in the base config's folder (the CPU-scale
+overlays of the quickstart). A path to a YAML also works. `--config` may be repeated: the files
+stack in order before the method's overlay (e.g. a budget overlay such as
+configs/reasoning/budget_1h.yaml). Methods shipped: grpo, grpo_low_lr, entropy_bonus(_high), clip_cov
 (_annealed, _high, _lowlb), kl_cov(_high), high_entropy_tokens, adaptive_entropy, steer,
-entropy_advantage, entropy_ratio_clip (regularizers) and gspo, cispo (objectives); see METHODS. Every run is a `lit-covrl fit` subprocess with `--torch_threads 1`,
+entropy_advantage, entropy_ratio_clip (regularizers) and gspo, cispo (objectives); see METHODS. Every run is a `python -m lit_covrl.cli fit` subprocess (this checkout's code) with `--torch_threads 1`,
 `--jobs` (default 2) at a time. Writes
   DIR/runs/<method>-s<seed>/   TensorBoard logs (`tensorboard --logdir DIR/runs`)
   DIR/logs/<method>-s<seed>.log  the run's stdout/stderr
@@ -47,7 +52,8 @@ QUICK_VAL_SIZE = 32
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"), help="base config")
+    p.add_argument("--config", action="append", default=None,
+                   help="base config (repeatable: stacked in order); default configs/quickstart.yaml")
     p.add_argument("--methods", default="grpo,entropy_bonus,clip_cov,kl_cov",
                    help="comma-separated method names (configs/cpu/ or configs/experiments/<name>.yaml) or YAML paths")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds: 0 .. N-1")
@@ -64,17 +70,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep runs already finished in DIR (rc 0 in DIR/runs.csv), e.g. to add seeds")
     p.add_argument("--report-only", action="store_true", help="only rebuild summary.csv and report.md")
     p.add_argument("--fit-frac", type=float, default=0.15, help="law fit on the first fraction of steps")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.config = args.config or [str(ROOT / "configs" / "quickstart.yaml")]
+    return args
 
 
 METHOD_DIRS = ("cpu", "experiments")  # where method names are looked up, next to the base config
 
 
 def method_config(name: str, base: Path) -> Path:
-    """The overlay of a method: a YAML path as given, else `<base folder>/{cpu,experiments}/<name>.yaml`
-    (the first that exists; the cpu/ path when neither does, so the error names it)."""
+    """The overlay of a method: a YAML path as given; else `<base folder>/<base stem>/<name>.yaml`
+    when that folder exists (a testbed with its own overlays); else
+    `<base folder>/{cpu,experiments}/<name>.yaml` (the first that exists; the cpu/ path when neither
+    does, so the error names it)."""
     if name.endswith((".yaml", ".yml")):
         return Path(name)
+    own = base.parent / base.stem
+    if own.is_dir():
+        return own / f"{name}.yaml"
     candidates = [base.parent / d / f"{name}.yaml" for d in METHOD_DIRS]
     return next((c for c in candidates if c.exists()), candidates[0])
 
@@ -84,8 +97,10 @@ def method_name(name: str) -> str:
 
 
 def run_command(args, method: str, seed: int, out: Path) -> list[str]:
-    base = Path(args.config)
-    cmd = ["lit-covrl", "fit", "--config", str(base), "--config", str(method_config(method, base)),
+    cmd = [sys.executable, "-m", "lit_covrl.cli", "fit"]  # this checkout's code (cwd=ROOT), this interpreter
+    for cfg in args.config:
+        cmd += ["--config", str(cfg)]
+    cmd += ["--config", str(method_config(method, Path(args.config[0]))),
            "--torch_threads", "1",
            "--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed),
            "--trainer.logger.init_args.save_dir", str(out / "runs"),
@@ -300,6 +315,59 @@ def frontier_fit(rows: list[dict], methods: list[str]) -> dict | None:
     return {"a": a, "b": b, "on": "+".join(base), "methods": base}
 
 
+def _ci(vals, digits=3, signed=False):
+    """'mean [lo, hi]' with the percentile-bootstrap 95 % interval of the mean over seeds."""
+    m, _ = an.mean_std(vals)
+    if math.isnan(m):
+        return "n/a"
+    lo, hi = an.bootstrap_ci(vals)
+    f = f"{{:{'+' if signed else ''}.{digits}f}}".format
+    return f"{f(m)} [{f(lo)}, {f(hi)}]"
+
+
+def baseline_methods(methods: list[str]) -> list[str]:
+    """The runs the matched-entropy frontier is fitted on: plain GRPO at every learning rate (grpo*)."""
+    return [m for m in methods if m == "grpo" or m.startswith("grpo_")]
+
+
+def held_out_section(runs: dict, methods: list[str]) -> list[str]:
+    """Held-out figures per method with bootstrap 95 % intervals over seeds, and each method's mean
+    residual against the matched-entropy frontier of plain GRPO (pass@1 and pass@k vs val entropy)."""
+    base = baseline_methods(methods)
+    fronts = {}
+    for metric in ("val_pass@1", "val_pass@k"):
+        try:
+            fronts[metric] = an.frontier_residuals(runs, base, metric) if base else None
+        except ValueError:
+            fronts[metric] = None
+    lines = ["", "## Held-out pass@k with 95 % intervals, and the matched-entropy frontier", "",
+             "Mean over seeds [percentile-bootstrap 95 % interval of the mean]. 'final' = last validation, "
+             "'best' = best validation of the run. Frontier: val pass@1 (pass@k) against val entropy at "
+             "every validation of " + ("+".join(base) if base else "(no grpo runs)") + ", fitted as "
+             "P = -a exp(H) + b; residual = a run's mean of (P - frontier) over its validations: > 0 is "
+             "better than plain GRPO at the same entropy.", ""]
+    for metric, fr in fronts.items():
+        if fr:
+            lines.append(f"- {metric} frontier: a = {fr['a']:.4f}, b = {fr['b']:.4f} ({fr['n_points']} points)")
+    head = ["method", "seeds", "entropy final/initial", "final pass@1", "best pass@1", "final pass@k",
+            "best pass@k", "residual pass@1", "residual pass@k"]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        keys = sorted(k for k in runs if k[0] == m)
+        if not keys:
+            continue
+        stats = [an.run_stats(runs[k]) for k in keys]
+        best1 = [max(an.series(runs[k], "val_pass@1")[1], default=float("nan")) for k in keys]
+        resid = {metric: [fr["per_run"].get(k, float("nan")) for k in keys] if fr else [] for metric, fr in fronts.items()}
+        lines.append("| " + " | ".join([
+            m, str(len(keys)), _ci([st["entropy_final"] / st["entropy_initial"] for st in stats], 2),
+            _ci([st["pass1_final"] for st in stats]), _ci(best1),
+            _ci([st["passk_final"] for st in stats]), _ci([st["passk_best"] for st in stats]),
+            _ci(resid["val_pass@1"], signed=True), _ci(resid["val_pass@k"], signed=True),
+        ]) + " |")
+    return lines
+
+
 def make_report(out: Path, rows: list[dict], methods: list[str], meta: list[dict], command: str,
                 fit_frac: float) -> Path:
     runs = _by_run(rows)
@@ -353,6 +421,7 @@ def make_report(out: Path, rows: list[dict], methods: list[str], meta: list[dict
     if frontier:
         lines += ["", f"Baseline frontier (dashed line in the plot), fitted on all steps of {frontier['on']}: "
                   f"a = {frontier['a']:.4f}, b = {frontier['b']:.4f}, ceiling b - a = {frontier['b'] - frontier['a']:.4f}."]
+    lines += held_out_section(runs, methods)
     failed = [x for x in meta if x["returncode"] != 0]
     if failed:
         lines += ["", "Failed runs: " + ", ".join(f"{x['method']}-s{x['seed']} (rc {x['returncode']})" for x in failed)]
@@ -368,8 +437,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     methods = [method_name(m) for m in args.methods.split(",") if m]
     for m in args.methods.split(","):
-        if m and not method_config(m, Path(args.config)).exists():
-            raise SystemExit(f"no config for method {m!r}: {method_config(m, Path(args.config))}")
+        if m and not method_config(m, Path(args.config[0])).exists():
+            raise SystemExit(f"no config for method {m!r}: {method_config(m, Path(args.config[0]))}")
     command = shlex.join([Path(sys.executable).name, "tools/compare.py", *(argv if argv is not None else sys.argv[1:])])
     t0 = time.perf_counter()
     meta = read_meta(out) if args.report_only else run_all(args, out)
