@@ -25,7 +25,7 @@ CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_toke
                "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo")
 REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "adaptive_entropy", "clip_cov",
                      "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
-                     "entropy_advantage", "entropy_ratio_clip")
+                     "entropy_advantage", "entropy_ratio_clip", "budget_1h")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high")
 STACKS = {
     "quickstart.yaml": [QUICK],
@@ -69,7 +69,7 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
     cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False)
     assert isinstance(cli.model, GRPOModule) and isinstance(cli.datamodule, PromptDataModule)
     regs = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
-    expected = {"cpu/grpo.yaml": 0, "experiments/grpo_low_lr.yaml": 0, "cpu/gspo.yaml": 0, "cpu/cispo.yaml": 0, "quickstart.yaml": 0, "reasoning.yaml": 0, "reasoning/grpo_low_lr.yaml": 0, "reasoning/grpo.yaml": 0,
+    expected = {"cpu/grpo.yaml": 0, "experiments/grpo_low_lr.yaml": 0, "cpu/gspo.yaml": 0, "cpu/cispo.yaml": 0, "quickstart.yaml": 0, "reasoning.yaml": 0, "reasoning/grpo_low_lr.yaml": 0, "reasoning/grpo.yaml": 0, "reasoning/budget_1h.yaml": 0,
                 "paper/qwen2.5-7b.yaml": 0, "paper/qwen2.5-32b.yaml": 0}
     expected["samplers/static_cache.yaml"] = 0  # an overlay choosing the sampler, no regularizer
     expected.update({k: 0 for k in STACKS if k.startswith("fsdp/")})  # base recipes, no method
