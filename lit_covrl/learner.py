@@ -7,7 +7,9 @@ micro_batch_size), step. The whole loss is written in one function, `Learner.los
 
     agg( objective.token_loss(A + sum(advantage shifts)) * prod(weights) + sum(penalties) )
 
-Each group's prompt is forwarded once per micro-batch (`shared_prompt`, see `_logprobs`). A
+With `skip_padding`, micro-batches are cut from the rows sorted by length and each is trimmed to
+its own extent, so no forward computes padding (`lit_covrl.packing`); each group's prompt is forwarded once per
+micro-batch (`shared_prompt`, see `_logprobs`). A
 non-finite gradient drops that update whole. Every update goes through the driver's optimizer
 step (GRPOModule: the strategy's precision plugin, so AMP's GradScaler unscales before the
 gradients are clipped); `trainer.global_step` counts rollouts.
@@ -31,7 +33,8 @@ from lit_covrl import distributed
 from lit_covrl.algorithms import aggregate
 from lit_covrl.metrics import StepMetrics
 from lit_covrl.objectives import Objective
-from lit_covrl.policy import response_logprobs, shared_prompt_logprobs
+from lit_covrl.packing import length_order, trim_padding
+from lit_covrl.policy import prompt_groups, response_logprobs, shared_prompt_logprobs
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
 from lit_covrl.types import PolicyBatch, Rollout, TokenShaping
 
@@ -69,10 +72,11 @@ class LearnerSettings:
     grad_clip: float | None
     max_consecutive_skips: int
     shared_prompt: bool = False  # resolved: True runs each group's prompt once (see `_logprobs`)
+    skip_padding: bool = False  # resolved: True sorts rows by length and trims each micro-batch (`_plan`)
 
     @classmethod
     def from_hparams(cls, hparams, *, shared_prompt: bool) -> "LearnerSettings":
-        names = [f.name for f in fields(cls) if f.name != "shared_prompt"]
+        names = [f.name for f in fields(cls) if f.name not in ("shared_prompt", "skip_padding")]
         return cls(**{k: hparams[k] for k in names}, shared_prompt=shared_prompt)
 
 
@@ -142,7 +146,7 @@ class Learner:
         # decided globally so that all ranks take the same branch (a rank may hold no rows)
         if int(distributed.all_sum(torch.tensor(float(len(mb)), device=mb.mask.device))) == 0:  # all filtered
             return self._optimizer_step(last) if last else {}
-        plan = lockstep_chunks(len(mb), self.settings.micro_batch_size)  # same length on every rank
+        plan = self._plan(mb.input_ids, mb.attention_mask, mb.mask.shape[1])  # same length on every rank
         early = self._select(mb, plan, index)
         metrics = self._accumulate(mb, plan, early)
         return {**metrics, **self._optimizer_step(last)}
@@ -260,34 +264,49 @@ class Learner:
         same forward as training (so they match its rounding)."""
         return self._nograd_forward(model, input_ids, attention_mask, mask, False)[0]
 
+    def _plan(self, input_ids: Tensor, attention_mask: Tensor, T: int) -> list[Tensor | None]:
+        """The micro-batches of n rows: `lockstep_chunks` over the rows in `length_order` (groups of
+        identical prompts as blocks, longest first), so that each micro-batch is trimmed to rows of
+        similar length. One micro-batch keeps the rows' own order."""
+        plan = lockstep_chunks(len(input_ids), self.settings.micro_batch_size)
+        if not self.settings.skip_padding or sum(r is not None for r in plan) <= 1:
+            return plan
+        P = input_ids.shape[1] - T
+        order = length_order(attention_mask, prompt_groups(input_ids[:, :P], attention_mask[:, :P])[1])
+        return [order[r] if r is not None else None for r in plan]
+
     @torch.no_grad()
     def _nograd_forward(self, model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor,
                         with_entropy: bool) -> tuple[Tensor, Tensor | None]:
         """(log-probs [n, T], entropy [n, T] or None) of the response tokens under `model`,
         micro-batch by micro-batch, 0 outside `mask`."""
         T = mask.shape[1]
-        parts, ents = [mask.new_zeros(0, T)], [mask.new_zeros(0, T)]
-        for r in lockstep_chunks(len(mask), self.settings.micro_batch_size):
+        logp_all = mask.new_zeros(len(mask), T)
+        ent_all = mask.new_zeros(len(mask), T) if with_entropy else None
+        for r in self._plan(input_ids, attention_mask, T):
             if r is None:  # filler forward (see lockstep_chunks); needs a row of some rank's batch
                 self._logprobs(*_filler_row(input_ids, attention_mask), T, False, model=model)
                 continue
             logp, ent = self._logprobs(input_ids[r], attention_mask[r], T, with_entropy, model=model)
-            parts.append(logp)
+            logp_all[r] = logp.to(logp_all.dtype)
             if with_entropy:
-                ents.append(ent)
-        return torch.cat(parts) * mask, (torch.cat(ents) * mask if with_entropy else None)
+                ent_all[r] = ent.to(ent_all.dtype)
+        return logp_all * mask, (ent_all * mask if with_entropy else None)
 
     def _logprobs(self, ids: Tensor, att: Tensor, T: int, with_entropy: bool, model=None) -> tuple[Tensor, Tensor | None]:
-        """Response log-probs (and entropy) of a micro-batch under `model` (default the policy):
-        the prompt forward shared over each group (`shared_prompt_logprobs`) when `shared_prompt` is
+        """Response log-probs (and entropy) [n, T] of a micro-batch under `model` (default the
+        policy), computed on the micro-batch trimmed of its all-padding columns; the prompt forward shared over each group (`shared_prompt_logprobs`) when `shared_prompt` is
         on and activation checkpointing off. Every call, filler passes included, then runs the same
         two forwards on every rank when there are several (FSDP lock-step)."""
         hp = self.settings
         model = model if model is not None else self.policy
         kw = dict(temperature=hp.temperature, with_entropy=with_entropy, chunk_size=hp.logprob_chunk_size)
+        ids, att, kept = trim_padding(ids, att, T) if hp.skip_padding else (ids, att, T)
         if not hp.shared_prompt:
-            return response_logprobs(model, ids, att, T, **kw)
-        return shared_prompt_logprobs(model, ids, att, T, always_split=distributed.world_size() > 1, **kw)
+            logp, ent = response_logprobs(model, ids, att, kept, **kw)
+        else:
+            logp, ent = shared_prompt_logprobs(model, ids, att, kept, always_split=distributed.world_size() > 1, **kw)
+        return _pad_columns(logp, T), (None if ent is None else _pad_columns(ent, T))
 
     def _optimizer_step(self, last: bool) -> dict:
         """One optimizer update through the driver (GRPOModule: the strategy and its precision
@@ -327,6 +346,11 @@ class Learner:
                 f"(model.max_consecutive_skips={self.settings.max_consecutive_skips}); the run is stopped. "
                 f"Checkpoint saved to {path}. Lower the learning rate or check the reward and data."
             )
+
+
+def _pad_columns(x: Tensor, T: int) -> Tensor:
+    """[n, T'] -> [n, T] with zeros on the right (the response columns `trim_padding` dropped)."""
+    return x if x.shape[1] == T else torch.nn.functional.pad(x, (0, T - x.shape[1]))
 
 
 def _filler_row(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
