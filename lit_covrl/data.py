@@ -1,7 +1,9 @@
 """Prompt streams for RL: a LightningDataModule yielding `PromptBatch`es forever.
 
 Sources (exactly one): a built-in synthetic task (seeded, unlimited), local prompt files
-(JSON lines or Parquet), or a Hugging Face dataset (optional `datasets` package).
+(JSON lines or Parquet), or a Hugging Face dataset (optional `datasets` package). They are checked
+and read, with the row accounting, by `lit_covrl.sources`; the row files' format is in
+`lit_covrl.rows`.
 
 Determinism. Train batch k on rank r of W is a pure function of (seed, k, r, W). With the global
 batch number g = k*W + r:
@@ -19,15 +21,11 @@ i.e. the batch about to enter `training_step` — the fetcher's one-batch look-a
 with checkpoints through `state_dict`/`load_state_dict`, and the next iteration of the train
 dataloader starts there. (If both the LightningModule and this datamodule override the hook,
 Lightning calls only the datamodule's; the module should not override it.)
-
-Row files: see `lit_covrl.rows`.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
-import os
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -35,33 +33,18 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
-from lit_covrl.rows import jsonl_rows, parquet_rows, read_rows
+from lit_covrl.rows import MAX_ROW_WARNINGS
+from lit_covrl.sources import RowReader, check_sources, task_heldout
 from lit_covrl.types import Example, PromptBatch
 
 __all__ = ["PromptDataModule"]
 
 log = logging.getLogger("lit_covrl")
 
-_SUFFIXES = (".jsonl", ".json", ".parquet")
-_MAX_ROW_WARNINGS = 5  # per file; the rest are summarized
 UNENCODABLE = ("error", "skip")
 
 
 # ----------------------------------------------------------------------------- datasets
-
-
-def _heldout(task, n: int, seed: str) -> list[Example]:
-    """Held-out prompts of a task: its `heldout(n, seed)` if it has one (distinct prompts from
-    the split that training never samples), else its "test" split if it is a dataclass with a
-    `split` field, else plain samples from a seed of their own (which may repeat train prompts)."""
-    if hasattr(task, "heldout"):
-        return task.heldout(n, seed)
-    rng = random.Random(seed)
-    if dataclasses.is_dataclass(task) and "split" in {f.name for f in dataclasses.fields(task)}:
-        task = dataclasses.replace(task, split="test")
-    else:
-        log.warning("task %r has no held-out split: validation prompts may also appear in training", task)
-    return [task.sample(rng) for _ in range(n)]
 
 
 class _TrainStream(IterableDataset):
@@ -148,17 +131,7 @@ class PromptDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        sources = {"task": task, "train_files": train_files, "hf_dataset": hf_dataset}
-        chosen = [k for k, v in sources.items() if v is not None]
-        if len(chosen) != 1:
-            hint = (
-                " (task defaults to 'arithmetic': set task to None / null to use files or HF)"
-                if "task" in chosen
-                else ""
-            )
-            raise ValueError(
-                f"set exactly one prompt source of task, train_files, hf_dataset; got {chosen or 'none'}{hint}"
-            )
+        check_sources(task, train_files, val_files, hf_dataset, hf_val_split)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if val_batch_size < 1:
@@ -167,20 +140,6 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"val_size must be >= 0, got {val_size}")
         if unencodable_prompts not in UNENCODABLE:
             raise ValueError(f"unencodable_prompts={unencodable_prompts!r}; valid: {list(UNENCODABLE)}")
-        if hf_val_split is not None and hf_dataset is None:
-            raise ValueError("hf_val_split needs hf_dataset")
-        if hf_val_split is not None and val_files:
-            raise ValueError("set at most one of val_files, hf_val_split")
-        if train_files is not None and not train_files:
-            raise ValueError("train_files is empty")
-        for name, files in (("train_files", train_files), ("val_files", val_files)):
-            for i, path in enumerate(files or []):
-                if not str(path).endswith(_SUFFIXES):
-                    raise ValueError(f"{name}[{i}]: {path!r} has an unsupported extension; use one of {_SUFFIXES}")
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"{name}[{i}]: no such file: {path!r}")
-        if hf_dataset is not None and importlib.util.find_spec("datasets") is None:
-            raise ImportError(f"hf_dataset={hf_dataset!r} needs the `datasets` package: pip install lit_covrl[datasets]")
         self.task = None
         if task is not None:
             from lit_covrl.tasks import get_task
@@ -189,10 +148,7 @@ class PromptDataModule(L.LightningDataModule):
             if not isinstance(task, str):  # hparams stay plain data: the class path names it
                 self.hparams["task"] = f"{type(task).__module__}.{type(task).__qualname__}"
         self.next_index = 0
-        self.rows_seen = 0
-        self.rows_used = 0
-        self.skipped_rows = 0
-        self.skipped: list[str] = []  # "file:line: reason" of every skipped row
+        self.reader = RowReader(prompt_field, answer_field, strict=strict)
         self._train_rows: list[Example] | None = None
         self._val_examples: list[Example] = []
         self._val_batches: list[PromptBatch] | None = None
@@ -207,15 +163,15 @@ class PromptDataModule(L.LightningDataModule):
         hp = self.hparams
         val: list[Example] = []
         if self.task is not None:
-            val = _heldout(self.task, hp.val_size, f"lit_covrl:val:{hp.seed}")
+            val = task_heldout(self.task, hp.val_size, f"lit_covrl:val:{hp.seed}")
         elif hp.train_files:
-            self._train_rows = [ex for path in hp.train_files for ex in self._read_file(path)]
+            self._train_rows = [ex for path in hp.train_files for ex in self.reader.read_file(path)]
         else:
-            self._train_rows = self._read_hf(hp.hf_train_split)
+            self._train_rows = self.reader.read_hf(hp.hf_dataset, hp.hf_config, hp.hf_train_split)
             if hp.hf_val_split is not None:
-                val = self._read_hf(hp.hf_val_split)
+                val = self.reader.read_hf(hp.hf_dataset, hp.hf_config, hp.hf_val_split)
         if hp.val_files:
-            val = [ex for path in hp.val_files for ex in self._read_file(path)]
+            val = [ex for path in hp.val_files for ex in self.reader.read_file(path)]
         if self._train_rows is not None and not self._train_rows:
             raise ValueError(f"no valid training rows in {hp.train_files or hp.hf_dataset} ({self.skipped_rows} skipped)")
         if hp.system_prompt is not None and self._train_rows is not None:
@@ -234,46 +190,16 @@ class PromptDataModule(L.LightningDataModule):
         return dataclasses.replace(ex, prompt=messages)
 
     def _write_skipped(self) -> None:
-        """Every skipped row ("file:line: reason") to `skipped_rows.txt` in the run's log folder
-        (written by rank 0; nothing without a trainer), named in the log."""
-        trainer = self.trainer
-        if not self.skipped or trainer is None:
-            return
-        folder = trainer.log_dir or trainer.default_root_dir  # a broadcast: every rank asks
-        if not trainer.is_global_zero:
-            return
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, "skipped_rows.txt")
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in self.skipped)
-        self.skipped_rows_file = path
-        log.warning("all %d skipped rows (file:line: reason) are listed in %s", len(self.skipped), path)
+        """The skipped rows' listing in the run's log folder (see `RowReader.write_skipped`)."""
+        path = self.reader.write_skipped(self.trainer)
+        if path is not None:
+            self.skipped_rows_file = path
 
-    def _count(self, label: str, rows: list[tuple[str, Any]], columns: list[str] | None = None) -> list[Example]:
-        hp = self.hparams
-        examples, skipped = read_rows(label, rows, hp.prompt_field, hp.answer_field, strict=hp.strict, columns=columns)
-        self.rows_seen += len(rows)
-        self.rows_used += len(examples)
-        self.skipped_rows += len(skipped)
-        self.skipped += skipped
-        return examples
-
-    def _read_file(self, path: str) -> list[Example]:
-        if path.endswith(".parquet"):
-            rows, columns = parquet_rows(path)
-            return self._count(path, rows, columns)
-        return self._count(path, list(jsonl_rows(path)))
-
-    def _read_hf(self, split: str) -> list[Example]:
-        try:
-            import datasets
-        except ImportError as e:
-            raise ImportError("hf_dataset needs the `datasets` package: pip install lit_covrl[datasets]") from e
-        hp = self.hparams
-        ds = datasets.load_dataset(hp.hf_dataset, hp.hf_config, split=split)
-        label = f"{hp.hf_dataset}[{split}]"
-        rows = [(f"{label}:row {n}", row) for n, row in enumerate(ds, 1)]
-        return self._count(label, rows, list(ds.column_names))
+    # row accounting of file and HF sources, kept by the reader
+    rows_seen = property(lambda self: self.reader.rows_seen, doc="rows read from files / HF splits")
+    rows_used = property(lambda self: self.reader.rows_used, doc="rows kept (valid and encodable)")
+    skipped_rows = property(lambda self: self.reader.skipped_rows, doc="rows skipped (malformed or unencodable)")
+    skipped = property(lambda self: self.reader.skipped, doc='"file:line: reason" of every skipped row')
 
     def describe(self) -> str:
         """One line for logs: the source, batch sizes and row counts."""
@@ -393,16 +319,14 @@ class PromptDataModule(L.LightningDataModule):
             more = f" ({len(rejected) - 1} more unencodable prompt(s) in the data)" if len(rejected) > 1 else ""
             raise ValueError(f"{ex.source or 'a prompt'}: {reason}{more}; fix the file or set "
                              "data.unencodable_prompts: skip")
-        for ex, reason in rejected[:_MAX_ROW_WARNINGS]:
+        for ex, reason in rejected[:MAX_ROW_WARNINGS]:
             log.warning("skipping unencodable prompt %s: %s", ex.source or "", reason)
         drop = {id(ex) for ex, _ in rejected}
         self._train_rows = [ex for ex in self._train_rows if id(ex) not in drop]
         self._val_examples = [ex for ex in self._val_examples if id(ex) not in drop]
         self._val_batches = _batched(self._val_examples, self.hparams.val_batch_size)
         self._perms.clear()
-        self.skipped_rows += len(rejected)
-        self.rows_used -= len(rejected)
-        self.skipped += [f"{ex.source or 'prompt'}: {reason}" for ex, reason in rejected]
+        self.reader.drop(rejected)
         log.warning("skipped %d prompt(s) the tokenizer cannot represent (data.unencodable_prompts: skip)",
                     len(rejected))
         self._write_skipped()  # the listing in the run's folder includes them (every rank calls this)

@@ -31,7 +31,7 @@ __all__ = ["read_rows", "jsonl_rows", "parquet_rows"]
 
 log = logging.getLogger("lit_covrl")
 
-_MAX_ROW_WARNINGS = 5  # per file; the rest are summarized
+MAX_ROW_WARNINGS = 5  # per file; the rest are summarized
 
 
 class _Malformed:
@@ -175,13 +175,13 @@ def read_rows(
         if strict:
             raise ValueError(f"{loc}: {checked} (strict=True)")
         skipped.append(f"{loc}: {checked}")
-        if len(skipped) <= _MAX_ROW_WARNINGS:
+        if len(skipped) <= MAX_ROW_WARNINGS:
             log.warning("skipping malformed row %s: %s", loc, checked)
-    if len(skipped) > _MAX_ROW_WARNINGS:
+    if len(skipped) > MAX_ROW_WARNINGS:
         log.warning(
             "%s: skipped %d malformed rows in all (%d not shown)",
             label,
             len(skipped),
-            len(skipped) - _MAX_ROW_WARNINGS,
+            len(skipped) - MAX_ROW_WARNINGS,
         )
     return examples, skipped

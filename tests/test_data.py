@@ -339,6 +339,40 @@ def test_hf_local_dataset(tmp_path):
     assert [b.prompts for b in dm.val_dataloader()] == [["q100", "q101"]]
 
 
+class _FakeSplit(list):
+    """What `datasets.load_dataset(..., split=...)` returns, as far as the reader uses it."""
+
+    column_names = ["prompt", "answer"]
+
+
+def test_hf_dataset_reader_without_the_datasets_package(monkeypatch):
+    """The HF path (name, config and split passed through; rows labelled `name[split]:row n`;
+    counts) with a stand-in `datasets` module, so it runs where the package is not installed."""
+    import importlib.machinery
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        n = 4 if split == "train" else 2
+        return _FakeSplit([{"prompt": f"{split}{i}", "answer": str(i)} for i in range(n)] + [{"prompt": "x"}])
+
+    fake = types.ModuleType("datasets")
+    fake.__spec__ = importlib.machinery.ModuleSpec("datasets", None)  # found by importlib.util.find_spec
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    dm = PromptDataModule(task=None, hf_dataset="org/set", hf_config="main", hf_val_split="test", batch_size=4)
+    dm.setup("fit")
+    assert calls == [("org/set", "main", "train"), ("org/set", "main", "test")]
+    assert sorted(next(dm._stream(0, 1)).prompts) == ["train0", "train1", "train2", "train3"]
+    assert [b.prompts for b in dm.val_dataloader()] == [["test0", "test1"]]
+    # 4 + 1 train rows and 2 + 1 test rows; the last of each has no answer: 2 skipped, by split and row
+    assert (dm.rows_seen, dm.rows_used, dm.skipped_rows) == (8, 6, 2)
+    assert dm.skipped == ["org/set[train]:row 5: missing field 'answer'", "org/set[test]:row 3: missing field 'answer'"]
+
+
 class RecorderWithVal(Recorder):
     def __init__(self) -> None:
         super().__init__()

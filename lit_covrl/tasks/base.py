@@ -31,6 +31,14 @@ SPLITS = ("train", "test", "all")
 MAX_TRIES = 10_000  # rejection-sampling draws per example before giving up
 
 
+def check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    """ValueError naming `name` unless `value` is an int in [low, high] (no upper bound if None)."""
+    if isinstance(value, int) and low <= value and (high is None or value <= high):
+        return
+    bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+    raise ValueError(f"{name} must be an int {bounds}, got {value!r}")
+
+
 def check_split(split: str, test_fraction: float) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

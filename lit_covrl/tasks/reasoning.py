@@ -23,22 +23,23 @@ because an answer-only reward would pay a response that skips or garbles the ste
 and RL would then shorten the responses towards the 3-token answers this task exists to avoid.
 `ReasoningReward(check_steps=False)` scores the final answer alone, for comparison.
 
-Train / held-out split as in `ArithmeticTask`: a stable CRC-32 hash of the prompt text puts every
-distinct prompt in exactly one split; `sample` rejects prompts of the other split (a pure
-function of the rng state); `heldout(n, seed)` is a fixed duplicate-free evaluation set.
+Train / held-out split as in `ArithmeticTask` (both from `lit_covrl.tasks.expression`): a stable
+CRC-32 hash of the prompt text puts every distinct prompt in exactly one split; `sample` rejects
+prompts of the other split (a pure function of the rng state); `heldout(n, seed)` is a fixed
+duplicate-free evaluation set.
 """
 from __future__ import annotations
 
 import random
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from lit_covrl.tasks.base import check_split, is_heldout, sample_split
+from lit_covrl.tasks.expression import ExpressionTask, format_expression
 from lit_covrl.types import Example
 
 __all__ = ["ReasoningTask", "ReasoningReward", "Verdict", "solution", "verify"]
 
-_OPS = "+-"
 STEP_SEP = ","
 ANSWER_SEP = "|"
 _NAT = r"(?:0|[1-9]\d*)"  # canonical decimal: no leading zeros
@@ -149,8 +150,9 @@ class ReasoningReward:
 
 
 @dataclass
-class ReasoningTask:
-    """Seeded generator of "a+b-c+d=" prompts whose reference answer is the written solution.
+class ReasoningTask(ExpressionTask):
+    """Seeded generator of "a+b-c+d=" prompts whose reference answer is the written solution
+    (settings, split and `heldout` from `lit_covrl.tasks.expression.ExpressionTask`).
 
     Args:
         digits: operands are drawn uniformly from [0, 10**digits - 1] (1..4).
@@ -160,22 +162,12 @@ class ReasoningTask:
         test_fraction: share of distinct prompts reserved for the held-out split (0 < f < 1).
     """
 
-    digits: int = 2
+    DIGITS: ClassVar[tuple[int, int]] = (1, 4)
+    NUM_TERMS: ClassVar[tuple[int, int]] = (4, 8)
+
     num_terms: int = 4
     ops: str = "+-"
-    split: str = "train"
-    test_fraction: float = 0.1
     name: str = field(default="reasoning", init=False)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.digits, int) or not 1 <= self.digits <= 4:
-            raise ValueError(f"digits must be an int in [1, 4], got {self.digits!r}")
-        if not isinstance(self.num_terms, int) or not 4 <= self.num_terms <= 8:
-            raise ValueError(f"num_terms must be an int in [4, 8], got {self.num_terms!r}")
-        if not isinstance(self.ops, str) or not self.ops or any(c not in _OPS for c in self.ops):
-            raise ValueError(f"ops must be a non-empty subset of {_OPS!r}, got {self.ops!r}")
-        check_split(self.split, self.test_fraction)
-        self.ops = "".join(sorted(set(self.ops), key=_OPS.index))
 
     @property
     def alphabet(self) -> str:
@@ -190,37 +182,6 @@ class ReasoningTask:
         steps = sum(width(k) + 1 + self.digits + 1 + width(k + 1) for k in range(1, self.num_terms))
         return steps + (self.num_terms - 2) + 1 + width(self.num_terms)
 
-    @property
-    def max_prompt_chars(self) -> int:
-        return self.num_terms * self.digits + (self.num_terms - 1) + 1
-
-    def is_heldout(self, prompt: str) -> bool:
-        """True if `prompt` belongs to the held-out split (stable across processes and runs)."""
-        return is_heldout(prompt, self.test_fraction)
-
     def _draw(self, rng: random.Random) -> Example:
-        high = 10**self.digits - 1
-        terms = [rng.randint(0, high) for _ in range(self.num_terms)]
-        ops = [rng.choice(self.ops) for _ in range(self.num_terms - 1)]
-        prompt = str(terms[0]) + "".join(op + str(t) for op, t in zip(ops, terms[1:])) + "="
+        prompt = format_expression(*self._draw_terms(rng))
         return Example(prompt=prompt, answer=solution(prompt))
-
-    def sample(self, rng: random.Random) -> Example:
-        """One example of this task's split; a pure function of the rng state."""
-        return sample_split(self._draw, lambda ex: ex.prompt, rng, self.split, self.test_fraction)
-
-    def heldout(self, n: int, seed: int | str = 0) -> list[Example]:
-        """A fixed evaluation set: `n` distinct held-out examples drawn with `random.Random(seed)`."""
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
-        test = ReasoningTask(self.digits, self.num_terms, self.ops, "test", self.test_fraction)
-        rng = random.Random(seed)
-        seen: dict[str, Example] = {}
-        for _ in range(50 * n + 1000):
-            if len(seen) >= n:
-                break
-            ex = test.sample(rng)
-            seen.setdefault(ex.prompt, ex)
-        if len(seen) < n:
-            raise ValueError(f"held-out split has fewer than n={n} distinct prompts")
-        return list(seen.values())

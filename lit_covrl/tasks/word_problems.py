@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from lit_covrl.tasks.base import check_split, is_heldout, sample_split
+from lit_covrl.tasks.base import check_int, check_split, is_heldout, sample_split
 from lit_covrl.types import Example
 
 __all__ = ["OPERATIONS", "WordProblem", "WordProblemTask"]
@@ -124,12 +124,9 @@ class WordProblemTask:
     name: str = field(default="word_problems", init=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_steps, int) or not 1 <= self.num_steps <= 6:
-            raise ValueError(f"num_steps must be an int in [1, 6], got {self.num_steps!r}")
-        if not isinstance(self.max_value, int) or self.max_value < 10:
-            raise ValueError(f"max_value must be an int >= 10, got {self.max_value!r}")
-        if not isinstance(self.max_factor, int) or not 2 <= self.max_factor <= 9:
-            raise ValueError(f"max_factor must be an int in [2, 9], got {self.max_factor!r}")
+        check_int("num_steps", self.num_steps, 1, 6)
+        check_int("max_value", self.max_value, 10)
+        check_int("max_factor", self.max_factor, 2, 9)
         ops = (self.ops,) if isinstance(self.ops, str) else tuple(self.ops)
         if not ops or any(op not in OPERATIONS for op in ops):
             raise ValueError(f"ops must be a non-empty subset of {OPERATIONS}, got {self.ops!r}")

@@ -1,0 +1,135 @@
+"""The prompt sources of `lit_covrl.data.PromptDataModule`: their start-up checks, reading prompt
+files and Hugging Face datasets with the row accounting, and a synthetic task's held-out prompts.
+
+Exactly one source feeds training: a synthetic task (`lit_covrl.tasks`), prompt files (JSON
+lines or Parquet, decoded and validated by `lit_covrl.rows`) or a Hugging Face dataset (the
+optional `datasets` package). `check_sources` rejects a bad combination or a missing file at
+start-up, naming the setting. `RowReader` turns files and dataset splits into `Example`s and keeps
+the counts the datamodule reports: rows seen, rows used, rows skipped and every skipped row's
+"file:line: reason" (listed in `skipped_rows.txt` in the run's log folder). `task_heldout` gives
+a task's validation prompts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+import random
+from typing import Any
+
+from lit_covrl.rows import jsonl_rows, parquet_rows, read_rows
+from lit_covrl.types import Example
+
+__all__ = ["SUFFIXES", "RowReader", "check_sources", "task_heldout"]
+
+log = logging.getLogger("lit_covrl")
+
+SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def check_sources(task: Any, train_files: list[str] | None, val_files: list[str] | None,
+                  hf_dataset: str | None, hf_val_split: str | None) -> None:
+    """ValueError (FileNotFoundError, ImportError) naming the setting unless exactly one source is
+    set, the validation source fits it, every file exists with a known suffix, and `datasets` is
+    installed when a HF dataset is asked for."""
+    sources = {"task": task, "train_files": train_files, "hf_dataset": hf_dataset}
+    chosen = [k for k, v in sources.items() if v is not None]
+    if len(chosen) != 1:
+        hint = " (task defaults to 'arithmetic': set task to None / null to use files or HF)" \
+            if "task" in chosen else ""
+        raise ValueError(
+            f"set exactly one prompt source of task, train_files, hf_dataset; got {chosen or 'none'}{hint}")
+    if hf_val_split is not None and hf_dataset is None:
+        raise ValueError("hf_val_split needs hf_dataset")
+    if hf_val_split is not None and val_files:
+        raise ValueError("set at most one of val_files, hf_val_split")
+    if train_files is not None and not train_files:
+        raise ValueError("train_files is empty")
+    for name, files in (("train_files", train_files), ("val_files", val_files)):
+        for i, path in enumerate(files or []):
+            if not str(path).endswith(SUFFIXES):
+                raise ValueError(f"{name}[{i}]: {path!r} has an unsupported extension; use one of {SUFFIXES}")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{name}[{i}]: no such file: {path!r}")
+    if hf_dataset is not None and importlib.util.find_spec("datasets") is None:
+        raise ImportError(f"hf_dataset={hf_dataset!r} needs the `datasets` package: pip install lit_covrl[datasets]")
+
+
+def task_heldout(task: Any, n: int, seed: str) -> list[Example]:
+    """Held-out prompts of a task: its `heldout(n, seed)` if it has one (distinct prompts from
+    the split that training never samples), else its "test" split if it is a dataclass with a
+    `split` field, else plain samples from a seed of their own (which may repeat train prompts)."""
+    if hasattr(task, "heldout"):
+        return task.heldout(n, seed)
+    rng = random.Random(seed)
+    if dataclasses.is_dataclass(task) and "split" in {f.name for f in dataclasses.fields(task)}:
+        task = dataclasses.replace(task, split="test")
+    else:
+        log.warning("task %r has no held-out split: validation prompts may also appear in training", task)
+    return [task.sample(rng) for _ in range(n)]
+
+
+class RowReader:
+    """Reads prompt files and HF dataset splits into Examples, counting what it read and skipped.
+
+    Args:
+        prompt_field, answer_field: the row fields (dotted paths allowed), see `lit_covrl.rows`.
+        strict: raise on the first malformed row instead of skipping it.
+    """
+
+    def __init__(self, prompt_field: str, answer_field: str, strict: bool = False) -> None:
+        self.prompt_field, self.answer_field, self.strict = prompt_field, answer_field, strict
+        self.rows_seen = 0
+        self.rows_used = 0
+        self.skipped_rows = 0
+        self.skipped: list[str] = []  # "file:line: reason" of every skipped row
+
+    def read_file(self, path: str) -> list[Example]:
+        """The valid rows of a .jsonl / .json / .parquet file, in file order."""
+        if path.endswith(".parquet"):
+            rows, columns = parquet_rows(path)
+            return self._count(path, rows, columns)
+        return self._count(path, list(jsonl_rows(path)))
+
+    def read_hf(self, dataset: str, config: str | None, split: str) -> list[Example]:
+        """The valid rows of split `split` of `datasets.load_dataset(dataset, config)`."""
+        try:
+            import datasets
+        except ImportError as e:
+            raise ImportError("hf_dataset needs the `datasets` package: pip install lit_covrl[datasets]") from e
+        ds = datasets.load_dataset(dataset, config, split=split)
+        label = f"{dataset}[{split}]"
+        rows = [(f"{label}:row {n}", row) for n, row in enumerate(ds, 1)]
+        return self._count(label, rows, list(ds.column_names))
+
+    def _count(self, label: str, rows: list[tuple[str, Any]], columns: list[str] | None = None) -> list[Example]:
+        examples, skipped = read_rows(label, rows, self.prompt_field, self.answer_field, strict=self.strict,
+                                      columns=columns)
+        self.rows_seen += len(rows)
+        self.rows_used += len(examples)
+        self.skipped_rows += len(skipped)
+        self.skipped += skipped
+        return examples
+
+    def drop(self, rejected: list[tuple[Example, str]]) -> None:
+        """Count rows dropped after reading (e.g. prompts the tokenizer cannot represent) as skipped."""
+        self.skipped_rows += len(rejected)
+        self.rows_used -= len(rejected)
+        self.skipped += [f"{ex.source or 'prompt'}: {reason}" for ex, reason in rejected]
+
+    def write_skipped(self, trainer: Any) -> str | None:
+        """Every skipped row ("file:line: reason") to `skipped_rows.txt` in the run's log folder,
+        written by rank 0 (every rank must call this: the folder is a broadcast); its path on rank
+        0, None on other ranks, without a trainer or when nothing was skipped."""
+        if not self.skipped or trainer is None:
+            return None
+        folder = trainer.log_dir or trainer.default_root_dir  # a broadcast: every rank asks
+        if not trainer.is_global_zero:
+            return None
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "skipped_rows.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in self.skipped)
+        log.warning("all %d skipped rows (file:line: reason) are listed in %s", len(self.skipped), path)
+        return path
