@@ -105,6 +105,7 @@ BENCHMARKS = {
     "fsdp": ("bench_fsdp.py", "CPU: 1 process vs 2 gloo processes under FSDP2"),
     "logging": ("bench_logging.py", "per-step cost of publishing the step metrics"),
     "sampler-cpu": ("bench_sampler_cpu.py", "CPU quickstart phase times per rollout sampler"),
+    "padding": ("bench_padding.py", "learner forward+backward with and without skip_padding (long-tailed lengths)"),
     "checkpoint-io": ("bench_checkpoint_io.py", "one checkpoint save: Lightning's IO vs the atomic one"),
     "profile": ("profile_step.py", "where the time of one RL step goes, next to the floor"),
     "logprob-gap": ("logprob_gap.py", "sampler vs training-forward old log-probs, per dtype"),
