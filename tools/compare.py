@@ -316,13 +316,13 @@ def frontier_fit(rows: list[dict], methods: list[str]) -> dict | None:
 
 
 def _ci(vals, digits=3, signed=False):
-    """'mean [lo, hi]' with the percentile-bootstrap 95 % interval of the mean over seeds."""
-    m, _ = an.mean_std(vals)
+    """'mean ± std [lo, hi]' over seeds, [lo, hi] the percentile-bootstrap 95 % interval of the mean."""
+    m, sd = an.mean_std(vals)
     if math.isnan(m):
         return "n/a"
     lo, hi = an.bootstrap_ci(vals)
     f = f"{{:{'+' if signed else ''}.{digits}f}}".format
-    return f"{f(m)} [{f(lo)}, {f(hi)}]"
+    return f"{f(m)} ± {sd:.{digits}f} [{f(lo)}, {f(hi)}]"
 
 
 def baseline_methods(methods: list[str]) -> list[str]:
@@ -341,7 +341,7 @@ def held_out_section(runs: dict, methods: list[str]) -> list[str]:
         except ValueError:
             fronts[metric] = None
     lines = ["", "## Held-out pass@k with 95 % intervals, and the matched-entropy frontier", "",
-             "Mean over seeds [percentile-bootstrap 95 % interval of the mean]. 'final' = last validation, "
+             "Mean ± std over seeds [percentile-bootstrap 95 % interval of the mean]. 'final' = last validation, "
              "'best' = best validation of the run. Frontier: val pass@1 (pass@k) against val entropy at "
              "every validation of " + ("+".join(base) if base else "(no grpo runs)") + ", fitted as "
              "P = -a exp(H) + b; residual = a run's mean of (P - frontier) over its validations: > 0 is "
