@@ -101,5 +101,5 @@ def test_held_out_section_intervals_and_frontier_residuals():
     assert cells[1] == "2" and cells[2] == "0.50 ± 0.00 [0.50, 0.50]"  # entropy 0.05 / 0.10
     assert cells[7] == cells[8] == "+0.050 ± 0.000 [+0.050, +0.050]"
     best1 = line(0.25) + 0.05, line(0.35) + 0.05  # best pass@1 of seed 1 and seed 0 (the last validation)
-    assert cells[4].startswith(f"{sum(best1) / 2:.3f} [")
+    assert cells[4].startswith(f"{sum(best1) / 2:.3f} ± ")
     assert any("frontier: a = 1.0000, b = 2.0000" in x for x in lines)
