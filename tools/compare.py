@@ -299,6 +299,47 @@ def make_plots(out: Path, rows: list[dict], methods: list[str], frontier: dict |
     return files
 
 
+def frontier_plot(out: Path, runs: dict, methods: list[str]) -> str | None:
+    """frontier.png: held-out pass@1 and pass@k against val entropy at every validation of every
+    run, with the matched-entropy frontier fitted on plain GRPO (see held_out_section)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    base = baseline_methods(methods)
+    if not base:
+        return None
+    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric in zip(axes, ("val_pass@1", "val_pass@k")):
+        hs = []
+        for m in methods:
+            pts = [p for (mm, _), rs in runs.items() if mm == m for p in an.eval_points(rs, metric)]
+            if pts:
+                hs += [h for _, h, _ in pts]
+                ax.plot([h for _, h, _ in pts], [y for _, _, y in pts], "o" if m in base else ".",
+                        ms=4 if m in base else 3, color=colors[m], label=m, alpha=0.8)
+        try:
+            fr = an.frontier_residuals(runs, base, metric)
+        except ValueError:
+            fr = None
+        if fr and hs:
+            grid = np.linspace(min(hs), max(hs), 50)
+            ax.plot(grid, an.law_predict(fr["a"], fr["b"], grid), "k--", lw=1.2,
+                    label=f"frontier ({'+'.join(base)})")
+        ax.set_xlabel("val entropy (nats/token)")
+        ax.set_ylabel(metric.replace("val_", "held-out "))
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.suptitle("every validation of every run; dashed: P = -a exp(H) + b fitted on plain GRPO", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=80)
+    plt.close(fig)
+    return "frontier.png"
+
+
 def frontier_fit(rows: list[dict], methods: list[str]) -> dict | None:
     """The law fitted on all steps of the plain-GRPO runs (grpo*, the baseline frontier); all runs if none."""
     base = [m for m in methods if m.startswith("grpo")] or methods
@@ -374,6 +415,8 @@ def make_report(out: Path, rows: list[dict], methods: list[str], meta: list[dict
     walls = {(x["method"], x["seed"]): x["wall_s"] for x in meta}
     frontier = frontier_fit(rows, methods)
     files = make_plots(out, rows, methods, frontier) if rows else []
+    if rows and (fp := frontier_plot(out, runs, methods)):
+        files.append(fp)
     lines = ["# Entropy-control comparison", "", "Command:", "", "```bash", command, "```", ""]
     lines += ["Per method, mean ± std over seeds. Entropy: mean of the first / last 5 RL steps; "
               "pass@k on the held-out prompts (k = model.val_k); 'final' = last validation; "
