@@ -75,9 +75,9 @@ class LearnerSettings:
     skip_padding: bool = False  # resolved: True sorts rows by length and trims each micro-batch (`_plan`)
 
     @classmethod
-    def from_hparams(cls, hparams, *, shared_prompt: bool) -> "LearnerSettings":
+    def from_hparams(cls, hparams, *, shared_prompt: bool, skip_padding: bool = False) -> "LearnerSettings":
         names = [f.name for f in fields(cls) if f.name not in ("shared_prompt", "skip_padding")]
-        return cls(**{k: hparams[k] for k in names}, shared_prompt=shared_prompt)
+        return cls(**{k: hparams[k] for k in names}, shared_prompt=shared_prompt, skip_padding=skip_padding)
 
 
 class OptimizerDriver(Protocol):

@@ -96,6 +96,7 @@ class GRPOModule(L.LightningModule):
         activation_checkpointing: bool = False,
         rollout_gather: str = "once",
         shared_prompt: bool | None = None,
+        skip_padding: bool | None = None,
         recompute_logprobs: bool = False,
         stop: list[str] | None = None,
         sampler: Sampler | None = None,
@@ -163,6 +164,12 @@ class GRPOModule(L.LightningModule):
                 prompt+response per row. null (default) = on for CPU, off on GPU, where it
                 measured faster and slower respectively (docs/benchmarks.md). Ignored (off) with
                 activation_checkpointing.
+            skip_padding: cut micro-batches from the rows sorted by length (each prompt group a
+                block) and trim each to its own extent, so no forward computes padding
+                (`lit_covrl.packing`; 3.6x fewer positions on long-tailed lengths,
+                docs/benchmarks.md). The same math; on the CPU not bit-identical across
+                micro_batch_size (right-trimming changes the attention kernel's rounding).
+                null (default) = on for CUDA, off on the CPU.
             recompute_logprobs: recompute the old (rollout-policy) log-probs with a no-grad
                 training forward after sampling, as verl does, instead of using the ones the
                 sampler recorded (free). The two differ by float rounding only (sampler decoding
@@ -205,11 +212,13 @@ class GRPOModule(L.LightningModule):
         """The policy update (`lit_covrl.learner`), built once the policy is loaded."""
         if self._learner is None:
             assert self.policy is not None, "configure_model() must run first"
-            settings = LearnerSettings.from_hparams(self.hparams, shared_prompt=self.shared_prompt_on)
+            settings = LearnerSettings.from_hparams(self.hparams, shared_prompt=self.shared_prompt_on,
+                                                    skip_padding=self.skip_padding_on)
             self._learner = Learner(self.policy, settings, self.objective, self.regularizers, LightningDriver(self))
             self._learner.skipped_steps = self._restored_skips
-        elif self._learner.settings.shared_prompt != self.shared_prompt_on:  # the module moved device
-            self._learner.settings = dataclasses.replace(self._learner.settings, shared_prompt=self.shared_prompt_on)
+        resolved = dict(shared_prompt=self.shared_prompt_on, skip_padding=self.skip_padding_on)
+        if any(getattr(self._learner.settings, k) != v for k, v in resolved.items()):  # the module moved device
+            self._learner.settings = dataclasses.replace(self._learner.settings, **resolved)
         return self._learner
 
     @property
@@ -226,6 +235,13 @@ class GRPOModule(L.LightningModule):
             return False
         choice = hp.get("shared_prompt", None)
         return self.device.type == "cpu" if choice is None else bool(choice)
+
+    @property
+    def skip_padding_on(self) -> bool:
+        """`skip_padding` resolved: null means on for CUDA, off on the CPU (where it would break
+        bit-level micro-batch invariance and the configs use one micro-batch anyway)."""
+        choice = self.hparams.get("skip_padding", None)
+        return self.device.type == "cuda" if choice is None else bool(choice)
 
     # setup -------------------------------------------------------------------------------------
     @property

@@ -114,3 +114,50 @@ def test_learner_forwards_skip_padding_and_keep_the_result(tiny_model_dir, share
     ref, _ = response_logprobs(model, ids, att, T)
     torch.testing.assert_close(lp, ref * mask, rtol=1e-5, atol=1e-6)
     assert max(widths) < ids.shape[1] and sum(widths) < 3 * ids.shape[1]
+
+
+def _fit_run(tiny_model_dir, tmp_path, *, skip_padding: bool):
+    """3 RL steps, 2 mini-batches x 2 epochs, micro-batches of 3 rows, an entropy bonus and a
+    reference KL (continuous in the log-probs: no selection whose ties rounding could flip)."""
+    from lit_covrl.data import PromptDataModule
+    from lit_covrl.module import GRPOModule
+    from lit_covrl.regularizers import EntropyBonus, ReferenceKL
+    from tests.helpers import fit, scalar_tags
+
+    torch.manual_seed(0)
+    module = GRPOModule(model=tiny_model_dir, group_size=4, max_new_tokens=6, mini_batch_size=2, micro_batch_size=3,
+                        ppo_epochs=2, seed=0, skip_padding=skip_padding,
+                        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0))
+    module.configure_model()
+    columns = []
+    handle = module.policy.register_forward_pre_hook(
+        lambda m, a, kw: columns.append(kw["input_ids"].numel()) if torch.is_grad_enabled() else None, with_kwargs=True)
+    log_dir = tmp_path / str(skip_padding)
+    try:
+        fit(module, PromptDataModule(task="arithmetic", batch_size=4, val_size=0, seed=0), steps=3,
+            callbacks=[EntropyBonus(coef=0.01), ReferenceKL(beta=0.1)], log_dir=log_dir)
+    finally:
+        handle.remove()
+    assert module.learner.settings.skip_padding is skip_padding
+    tags = scalar_tags(log_dir)
+    keys = ("policy/loss", "policy/entropy", "policy/grad_norm", "reg/entropy_bonus/loss", "reg/ref_kl/kl")
+    return {k: [v for _, v in sorted(tags[k])] for k in keys}, sum(columns)
+
+
+def test_training_run_is_the_same_with_skip_padding_on_and_off(tiny_model_dir, tmp_path):
+    on, work_on = _fit_run(tiny_model_dir, tmp_path, skip_padding=True)
+    off, work_off = _fit_run(tiny_model_dir, tmp_path, skip_padding=False)
+    for k in on:
+        assert len(on[k]) == 3
+        assert on[k] == pytest.approx(off[k], rel=1e-4, abs=1e-6), k
+    assert work_on < work_off  # fewer token positions in the training forwards
+
+
+def test_skip_padding_default_follows_the_device(tiny_model_dir):
+    from lit_covrl.module import GRPOModule
+
+    auto = GRPOModule(model=tiny_model_dir)
+    assert auto.hparams.skip_padding is None and not auto.skip_padding_on
+    auto._device = torch.device("cuda", 0)  # what Lightning sets when the module moves to a GPU
+    assert auto.skip_padding_on
+    assert GRPOModule(model=tiny_model_dir, skip_padding=True).skip_padding_on
