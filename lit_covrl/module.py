@@ -49,6 +49,9 @@ from lit_covrl.types import PromptBatch, Rollout
 log = logging.getLogger("lit_covrl")
 # the policy is kept in eval mode on purpose (no dropout in RL: rollout policy == trained policy)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# Lightning warns (with a code listing) that under manual optimization a checkpoint holds the weights
+# after the optimizer step: for an RL step that is the state to save (the rollout's updates are done)
+warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
 
 
 class GRPOModule(L.LightningModule):
