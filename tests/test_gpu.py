@@ -54,6 +54,7 @@ def test_rl_steps_on_one_gpu_with_bf16_autocast(tiny_model_dir):
     assert isinstance(module.sampler, StaticCacheSampler) and module.sampler.captures == 1
     assert all(s["on_cuda"] == 1.0 for s in steps)
     assert {p.dtype for p in module.policy.parameters()} == {torch.float32}  # fp32 master weights
+    assert module.learner.settings.skip_padding  # null resolves to on for CUDA
     for s in steps:
         assert math.isfinite(s["policy/loss"]) and s["policy/grad_norm"] > 0, s
         assert 0 < s["policy/entropy"] < math.log(module.policy.config.vocab_size)
@@ -111,3 +112,26 @@ def test_static_cache_graph_replays_give_the_eager_tokens_without_recapture(tiny
             for p in model.parameters():
                 p.mul_(1.05)  # in place, like AdamW: the graph must read the new weights
     assert graphed.captures == 1 and len(graphed._slots) == 1
+
+
+def test_skip_padding_on_cuda_gives_the_untrimmed_logprobs(tiny_model_dir):
+    """The learner's sorted, trimmed micro-batches on the GPU give the log-probs of one forward
+    over the rollout's layout (fp32, to kernel rounding)."""
+    from lit_covrl.learner import Learner, LearnerSettings
+    from lit_covrl.objectives import PPOClip
+    from lit_covrl.policy import load_policy, response_logprobs
+    from tests.test_packing import _rollout_rows
+
+    model = load_policy(tiny_model_dir).cuda()
+    g = torch.Generator().manual_seed(3)
+    rnd = lambda n: torch.randint(3, 15, (n,), generator=g).tolist()  # noqa: E731
+    ids, att, T = _rollout_rows([rnd(n) for n in (2, 5, 3, 7, 4, 2)], [rnd(n) for n in (1, 9, 2, 14, 3, 6)])
+    ids, att = ids.cuda(), att.cuda()
+    mask = att[:, -T:].float()
+    settings = LearnerSettings(group_size=1, mini_batch_size=None, micro_batch_size=2, ppo_epochs=1,
+                               loss_agg_mode="token-mean", max_new_tokens=T, temperature=1.0, logprob_chunk_size=1024,
+                               grad_clip=None, max_consecutive_skips=3, skip_padding=True)
+    lp = Learner(model, settings, PPOClip(), [], driver=None).logprobs(model, ids, att, mask)
+    with torch.no_grad():
+        ref, _ = response_logprobs(model, ids, att, T)
+    torch.testing.assert_close(lp, ref * mask, rtol=1e-4, atol=1e-5)
