@@ -241,7 +241,8 @@ MOVED_KEYS = {
 
 
 def moved_key_hint(key: str) -> str | None:
-    """"model.group_size moved to model.rollout.group_size" for an old flat key, else None."""
+    """For an old flat key, the one-line hint `model.group_size moved to model.rollout.group_size`;
+    None for any other key."""
     new = MOVED_KEYS.get(key)
     return None if new is None else f"model.{key} moved to model.{new}"
 

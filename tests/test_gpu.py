@@ -32,9 +32,10 @@ class _Steps(Callback):
 
 def _fit(model_dir: str, steps: int, strategy="auto", precision="bf16-mixed", **module_kw):
     rec = _Steps()
-    module = GRPOModule(model=model_dir, group_size=4, max_new_tokens=6, micro_batch_size=8, mini_batch_size=2,
-                        seed=0, reward=OnesReward(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
-                        **module_kw)
+    module = GRPOModule(
+        model=model_dir, seed=0, reward=OnesReward(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+        rollout=dict(group_size=4, max_new_tokens=6), update=dict(micro_batch_size=8, mini_batch_size=2), **module_kw,
+    )
     trainer = L.Trainer(
         accelerator="cuda", devices=1, strategy=strategy, precision=precision, max_steps=steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -67,8 +68,10 @@ def test_fsdp2_on_one_gpu_gather_once_equals_per_forward(tiny_model_dir):
 
     runs = {}
     for gather in ("per_forward", "once"):
-        module, steps = _fit(tiny_model_dir, 2, strategy=FSDP2Strategy(), precision="32-true",
-                             fsdp_mixed_precision="bf16", rollout_gather=gather)
+        module, steps = _fit(
+            tiny_model_dir, 2, strategy=FSDP2Strategy(), precision="32-true",
+            system=dict(fsdp_mixed_precision="bf16", rollout_gather=gather),
+        )
         assert is_sharded(module.policy)
         runs[gather] = steps
     for a, b in zip(runs["per_forward"], runs["once"]):

@@ -166,6 +166,6 @@ def test_module_refuses_an_objective_with_non_default_clip_keys():
     from lit_covrl.module import GRPOModule
 
     assert isinstance(GRPOModule(objective=CISPO()).objective, CISPO)
-    assert GRPOModule(clip_high=0.28).objective.clip_high == 0.28  # the default PPOClip takes the module keys
-    with pytest.raises(ValueError, match=r"model.objective=GSPO.*model.clip_low=None, model.clip_high=None"):
-        GRPOModule(objective=GSPO(), clip_low=None, clip_high=None)  # e.g. gspo.yaml stacked with kl_cov.yaml
+    assert GRPOModule(loss=dict(clip_high=0.28)).objective.clip_high == 0.28  # the default PPOClip takes the module keys
+    with pytest.raises(ValueError, match=r"model.objective=GSPO.*model.loss.clip_low=None, model.loss.clip_high=None"):
+        GRPOModule(objective=GSPO(), loss=dict(clip_low=None, clip_high=None))  # e.g. gspo.yaml stacked with kl_cov.yaml

@@ -144,7 +144,8 @@ def run_lit(steps: int, warmup: int, log_dir: str, *, profiler=None, plain_prefi
 
 
 def _run_lit(steps: int, warmup: int, log_dir: str, *, profiler=None, module_kw: dict) -> dict:
-    module = bench.make_module(bench.QUICKSTART, **{"mini_batch_size": None, **module_kw})
+    update = {"mini_batch_size": None, **module_kw.get("update", {})}
+    module = bench.make_module(bench.QUICKSTART, **{**module_kw, "update": update})
     module.configure_model()
     timers = TIMERS
     timers.excl.clear()
