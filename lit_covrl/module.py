@@ -5,7 +5,8 @@ and runs one RL step per `training_step`, with manual optimization:
   -> [reference log-probs] -> `Learner.update`: for each epoch, for each mini-batch, the
      regularizers select over the whole mini-batch, micro-batches accumulate the gradients of
      the loss written in `Learner.loss`, one optimizer step -> log.
-Held-out evaluation is an `Evaluator`; the module only wires these pieces to Lightning.
+Generation and scoring are a `RolloutGenerator` (`lit_covrl.generation`), held-out evaluation
+an `Evaluator`; the module only wires these pieces to Lightning.
 
 `trainer.global_step` counts RL steps (rollouts), not optimizer updates: only the last update of
 a rollout goes through Lightning's optimizer wrapper. So `trainer.max_steps`, schedules and the
@@ -29,12 +30,12 @@ from lit_covrl import distributed
 from lit_covrl.algorithms import compute_advantages, zero_variance_groups
 from lit_covrl.dynamic_sampling import Round, sample_rounds
 from lit_covrl.evaluation import Evaluator
+from lit_covrl.generation import RolloutGenerator
 from lit_covrl.learner import Learner, LearnerSettings
 from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics
 from lit_covrl.objectives import Objective, resolve_objective
 from lit_covrl.policy import empty_policy, load_policy, load_tokenizer, resolve_dtype
 from lit_covrl.prompt_check import check_datamodule_prompts
-from lit_covrl.prompts import encode_prompts
 from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.reward_set import RewardSet
 from lit_covrl.rewards import ExactMatchReward
@@ -44,9 +45,8 @@ from lit_covrl.settings import (
     check_module_settings,
 )
 from lit_covrl.sharding import (
-    check_strategy, checkpoint_layers, gathered_for_rollout, load_sharded, shard_model,
+    check_strategy, checkpoint_layers, load_sharded, shard_model,
 )
-from lit_covrl.stopping import eos_token_ids, truncate_at_stop_strings
 from lit_covrl.types import PromptBatch, Rollout
 
 log = logging.getLogger("lit_covrl")
@@ -135,6 +135,7 @@ class GRPOModule(L.LightningModule):
         rewards = self.reward if isinstance(self.reward, (list, tuple)) else [self.reward]
         self.rewards = RewardSet(rewards, reward_weights)
         self._sampler = sampler  # null: chosen for the device at the first rollout
+        self._generation: RolloutGenerator | None = None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         resolve_dtype(dtype)
@@ -264,28 +265,17 @@ class GRPOModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
 
     # rollout -----------------------------------------------------------------------------------
-    def generate(self, prompts: list[str], n: int, *, temperature: float, generator: torch.Generator) -> Rollout:
-        """Sample n responses per prompt (rows prompt-major: row i belongs to prompt i // n)."""
-        tok, ro = self.tokenizer, self.settings.rollout
-        ids, mask = encode_prompts(
-            tok, prompts, chat_template=ro.chat_template,
-            max_prompt_length=ro.max_prompt_length, overflow=ro.prompt_overflow,
-        )
-        ids, mask = ids.repeat_interleave(n, 0).to(self.device), mask.repeat_interleave(n, 0).to(self.device)
-        self.policy.eval()  # no dropout anywhere in RL: the rollout policy must equal the trained one
-        try:
-            with gathered_for_rollout(self.policy, self.settings.system.rollout_gather == "once"):
-                out = self._sample(ids, mask, temperature, generator)
-        except torch.OutOfMemoryError as err:
-            raise torch.OutOfMemoryError(
-                f"out of memory while sampling {ids.shape[0]} sequences of up to {ids.shape[1]} + "
-                f"{ro.max_new_tokens} tokens. Lower data.batch_size, model.rollout.group_size or "
-                "model.rollout.max_new_tokens (or model.eval.samples / data.val_batch_size during validation)."
-            ) from err
-        if ro.stop:
-            truncate_at_stop_strings(out, tok, ids.shape[1], ro.stop, tok.pad_token_id)
-        out.completions = tok.batch_decode(out.input_ids[:, ids.shape[1]:], skip_special_tokens=True)
-        return out
+    @property
+    def generation(self) -> RolloutGenerator:
+        """Generation and scoring (`lit_covrl.generation`), built on first use (tokenizer, sampler)."""
+        if self._generation is None:
+            self._generation = self._make_generation(RolloutGenerator)
+        return self._generation
+
+    def _make_generation(self, cls: type[RolloutGenerator], **extra) -> RolloutGenerator:
+        return cls(self.tokenizer, self.sampler, self.rewards, self.settings.rollout,
+                   gather_once=self.settings.system.rollout_gather == "once",
+                   reward_timeout_s=self.hparams.reward_timeout_s, **extra)
 
     @property
     def sampler(self) -> Sampler:
@@ -293,26 +283,15 @@ class GRPOModule(L.LightningModule):
             self._sampler = default_sampler(self.device)
         return self._sampler
 
-    def _sample(self, ids: Tensor, mask: Tensor, temperature: float, generator: torch.Generator) -> Rollout:
-        tok, ro = self.tokenizer, self.settings.rollout
-        return self.sampler.sample(
-            self.policy, ids, mask, max_new_tokens=ro.max_new_tokens,
-            eos_token_id=eos_token_ids(self.policy, tok),  # every EOS id of the generation config
-            pad_token_id=tok.pad_token_id, temperature=temperature, top_p=ro.top_p,
-            generator=generator, all_done=distributed.all_true,
-        )
+    def generate(self, prompts: list[str], n: int, *, temperature: float, generator: torch.Generator) -> Rollout:
+        """Sample n responses per prompt with the policy (rows prompt-major: row i belongs to prompt i // n)."""
+        return self.generation.generate(self.policy, prompts, n, temperature=temperature, generator=generator,
+                                        device=self.device)
 
     def score(self, completions: list[str], answers: list[str], prompts: list | None = None,
               columns: list[dict] | None = None) -> tuple[Tensor, dict[str, float]]:
-        """Weighted total reward per completion, and `rollout/reward_errors` plus each reward's
-        mean over all ranks as `rollout/reward/<name>`. prompts/columns: per completion."""
-        total, per_name, res = self.rewards.score(completions, answers, prompts, columns,
-                                                  timeout_s=self.hparams.reward_timeout_s)
-        sums = distributed.all_sum(torch.tensor([sum(v) for v in per_name.values()] + [len(total)],
-                                                dtype=torch.float64, device=self.device)).tolist()
-        stats = {"rollout/reward_errors": res.errors + res.timeouts + res.invalid}
-        stats.update({f"rollout/reward/{k}": v / max(sums[-1], 1.0) for k, v in zip(per_name, sums)})
-        return torch.tensor(total, dtype=torch.float32, device=self.device), stats
+        """Rewards and reward metrics (`RolloutGenerator.score`) on this module's device."""
+        return self.generation.score(completions, answers, prompts, columns, device=self.device)
 
     # training ----------------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -365,8 +344,7 @@ class GRPOModule(L.LightningModule):
             prompts = [p for p in batch.prompts for _ in range(G)]
             columns = [c for c in batch.columns for _ in range(G)]
             rewards, reward_stats = self.score(rollout.completions, answers, prompts, columns)
-            if ro.overlong == "penalize":
-                rewards = torch.where(rollout.truncated, torch.full_like(rewards, ro.overlong_reward), rewards)
+            rewards = self.generation.penalize_overlong(rollout, rewards)
         return Round(batch, rollout, rewards), reward_stats
 
     def _sample_batch(self, batch: PromptBatch, timer: PhaseTimer) -> tuple[Round, dict[str, float]]:

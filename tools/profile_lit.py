@@ -69,13 +69,14 @@ def instrument(module, timers: Timers) -> None:
     if _PATCHED:
         return
     _PATCHED.append(True)
+    import lit_covrl.generation as Gen
     import lit_covrl.module as M
     import lit_covrl.policy as P
     import lit_covrl.sampling.kv_cache as R
     import lit_covrl.learner as U
 
     w = timers.wrap
-    M.encode_prompts = w("encode prompts", M.encode_prompts)
+    Gen.encode_prompts = w("encode prompts", Gen.encode_prompts)
     R.KVCacheSampler.sample = w("sampler", R.KVCacheSampler.sample)
     R.forward_with_cache = w("model forward (decode)", R.forward_with_cache)
     M.compute_advantages = w("advantages", M.compute_advantages)
