@@ -27,6 +27,7 @@ from lit_covrl.dashboard import name_run
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
 from lit_covrl.progress import RLProgressBar
+from lit_covrl.settings import moved_key_hint
 
 
 class LitCovRLCLI(LightningCLI):
@@ -45,7 +46,9 @@ class LitCovRLCLI(LightningCLI):
         """As LightningCLI's, with the `trainer.callbacks` of stacked `--config` files appended
         instead of replaced (see `stack_config_callbacks`)."""
         if args is None or isinstance(args, (list, tuple)):
-            self.config = parser.parse_args(stack_config_callbacks(list(sys.argv[1:] if args is None else args)))
+            args = list(sys.argv[1:] if args is None else args)
+            check_moved_keys(args)
+            self.config = parser.parse_args(stack_config_callbacks(args))
         else:
             super().parse_arguments(parser, args)
 
@@ -123,6 +126,35 @@ def _file_callbacks(path: str) -> list | None:
     if callbacks is None:
         return None
     return callbacks if isinstance(callbacks, list) else [callbacks]
+
+
+def _file_model_keys(path: str) -> list[str]:
+    """The keys under `model:` (or `model.init_args:`) of a YAML config file."""
+    import yaml
+
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    if isinstance(model, dict) and isinstance(model.get("init_args"), dict):
+        model = model["init_args"]
+    return list(model) if isinstance(model, dict) else []
+
+
+def check_moved_keys(args: list[str]) -> None:
+    """A flat key that moved into a settings group (`model.group_size` -> `model.rollout.group_size`),
+    given in a `--config` file or on the command line, is refused with the new key named (before
+    parsing, whose own message would only say the key is unknown)."""
+    for index, path in _config_paths(args):
+        for key in _file_model_keys(path):
+            if (hint := moved_key_hint(key)) is not None:
+                raise ValueError(f"{path}: {hint} (see the README's \"Moved keys\")")
+    for a in args:
+        if a.startswith("--model."):
+            key = a[len("--model."):].split("=", 1)[0].removeprefix("init_args.").split(".")[0]
+            if (hint := moved_key_hint(key)) is not None:
+                raise ValueError(f"--model.{key}: {hint} (see the README's \"Moved keys\")")
 
 
 def stack_config_callbacks(args: list[str]) -> list[str]:

@@ -64,11 +64,23 @@ FINAL_METRICS = {
     "final/best_val_pass@1": "val/pass@1",
     "final/best_val_pass@k": "val/pass@k",
 }
-# GRPOModule settings shown in the HPARAMS tab (the full configuration is in the TEXT tab)
-MAIN_SETTINGS = (
-    "model", "seed", "group_size", "temperature", "advantage", "loss_agg_mode", "clip_low", "clip_high",
-    "mini_batch_size", "ppo_epochs", "max_new_tokens", "filter_groups", "overlong",
-)
+# GRPOModule settings shown in the HPARAMS tab (the full configuration is in the TEXT tab):
+# column -> key under `model` (the columns keep their short names, so runs from before the
+# settings groups line up with later ones)
+MAIN_SETTINGS = {
+    "model": "model", "seed": "seed", "group_size": "rollout.group_size", "temperature": "rollout.temperature",
+    "advantage": "loss.advantage", "loss_agg_mode": "loss.loss_agg_mode", "clip_low": "loss.clip_low",
+    "clip_high": "loss.clip_high", "mini_batch_size": "update.mini_batch_size", "ppo_epochs": "update.ppo_epochs",
+    "max_new_tokens": "rollout.max_new_tokens", "filter_groups": "rollout.filter_groups",
+    "overlong": "rollout.overlong",
+}
+
+
+def _get(hp, dotted: str):
+    """hp["a"]["b"] for "a.b" (None where a key is missing)."""
+    for part in dotted.split("."):
+        hp = hp.get(part) if isinstance(hp, dict) else None
+    return hp
 
 
 def _regex(spec: str) -> str:
@@ -121,7 +133,7 @@ def run_hparams(trainer, pl_module) -> dict:
     out = {
         "method": method_name([r.name for r in regs]),
         "regularizers": "; ".join(_describe(r) for r in regs) or "none",
-        **{k: hp.get(k) for k in MAIN_SETTINGS},
+        **{col: _get(hp, key) for col, key in MAIN_SETTINGS.items()},
         "batch_size": dm_hp.get("batch_size"),
         "task": dm_hp.get("task"),
         "lr": group.get("initial_lr", group.get("lr")),  # initial_lr: before a scheduler's first factor
@@ -142,7 +154,8 @@ def config_text(trainer, pl_module) -> str:
         import yaml
 
         def plain(d) -> dict:
-            return {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v) for k, v in dict(d).items()}
+            return {k: plain(v) if isinstance(v, dict) else v if isinstance(v, (int, float, str, bool, type(None)))
+                    else repr(v) for k, v in dict(d).items()}
 
         dm = getattr(trainer, "datamodule", None)
         cfg = {

@@ -5,12 +5,12 @@ token-mean entropy of the sampled distribution over all ranks.
 
 `Evaluator` has explicit inputs: how to sample and how to score (GRPOModule's `generate` and
 `score`), the pass@k metric (a torchmetrics child of the module, so Lightning places and syncs
-it) and the evaluation settings. GRPOModule's validation and test hooks call `start`, `step` and
+it), the evaluation settings (`model.eval`, `lit_covrl.settings.EvalSettings`), the correctness
+threshold and the seed. GRPOModule's validation and test hooks call `start`, `step` and
 `compute` and log the result under `val/` or `test/`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -18,16 +18,8 @@ from torch import Tensor
 
 from lit_covrl import distributed
 from lit_covrl.metrics import PassAtK
+from lit_covrl.settings import EvalSettings
 from lit_covrl.types import PromptBatch, Rollout
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    samples: int  # answers per held-out prompt (model.val_samples)
-    k: int  # k of pass@k (model.val_k)
-    temperature: float  # model.val_temperature
-    correct_threshold: float  # a reward >= this counts as correct
-    seed: int  # evaluation sampler seed = seed + 12345 + rank
 
 
 class Evaluator:
@@ -37,8 +29,13 @@ class Evaluator:
         score: Callable[[list[str], list[str]], tuple[Tensor, dict]],
         pass_at_k: PassAtK,
         settings: EvalSettings,
+        *,
+        correct_threshold: float,
+        seed: int,
     ) -> None:
         self.generate, self.score, self.pass_at_k, self.settings = generate, score, pass_at_k, settings
+        self.correct_threshold = correct_threshold  # a reward >= this counts as correct
+        self.seed = seed  # evaluation sampler seed = seed + 12345 + rank
         self._entropy = [0.0, 0.0]
         self._generator: torch.Generator | None = None
 
@@ -46,7 +43,7 @@ class Evaluator:
         """Reset the metrics; the same sampler seed at every evaluation."""
         self.pass_at_k.reset()
         self._entropy = [0.0, 0.0]
-        self._generator = torch.Generator(device=device).manual_seed(self.settings.seed + 12345 + rank)
+        self._generator = torch.Generator(device=device).manual_seed(self.seed + 12345 + rank)
 
     def step(self, batch: PromptBatch) -> None:
         """`samples` answers per held-out prompt: pass@1, pass@k and the sampled entropy."""
@@ -55,7 +52,7 @@ class Evaluator:
         answers = [a for a in batch.answers for _ in range(n)]
         rewards, _ = self.score(rollout.completions, answers, [p for p in batch.prompts for _ in range(n)],
                                 [c for c in batch.columns for _ in range(n)])
-        self.pass_at_k.update((rewards >= self.settings.correct_threshold).view(-1, n))
+        self.pass_at_k.update((rewards >= self.correct_threshold).view(-1, n))
         self._entropy[0] += float((rollout.entropy * rollout.response_mask).sum())
         self._entropy[1] += float(rollout.response_mask.sum())
 

@@ -23,7 +23,7 @@ code are listed once, in the README's table "Where we differ from the reference 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -36,6 +36,7 @@ from lit_covrl.objectives import Objective
 from lit_covrl.packing import length_order, trim_padding
 from lit_covrl.policy import prompt_groups, response_logprobs, shared_prompt_logprobs
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
+from lit_covrl.settings import LossSettings, RolloutSettings, UpdateSettings
 from lit_covrl.types import PolicyBatch, Rollout, TokenShaping
 
 log = logging.getLogger("lit_covrl")
@@ -59,25 +60,15 @@ def lockstep_chunks(n: int, size: int) -> list[Tensor | None]:
 
 @dataclass(frozen=True)
 class LearnerSettings:
-    """The settings of the policy update (documented on GRPOModule, where users set them)."""
+    """The module's settings groups the update reads (`lit_covrl.settings`), and the resolved
+    `shared_prompt` (True runs each group's prompt once, see `_logprobs`) and `skip_padding`
+    choices."""
 
-    group_size: int
-    mini_batch_size: int | None
-    micro_batch_size: int
-    ppo_epochs: int
-    loss_agg_mode: str
-    max_new_tokens: int
-    temperature: float
-    logprob_chunk_size: int
-    grad_clip: float | None
-    max_consecutive_skips: int
-    shared_prompt: bool = False  # resolved: True runs each group's prompt once (see `_logprobs`)
+    rollout: RolloutSettings  # group_size, max_new_tokens (norm length), temperature (of the loss)
+    loss: LossSettings  # loss_agg_mode
+    update: UpdateSettings
+    shared_prompt: bool = False
     skip_padding: bool = False  # resolved: True sorts rows by length and trims each micro-batch (`_plan`)
-
-    @classmethod
-    def from_hparams(cls, hparams, *, shared_prompt: bool, skip_padding: bool = False) -> "LearnerSettings":
-        names = [f.name for f in fields(cls) if f.name not in ("shared_prompt", "skip_padding")]
-        return cls(**{k: hparams[k] for k in names}, shared_prompt=shared_prompt, skip_padding=skip_padding)
 
 
 class OptimizerDriver(Protocol):
@@ -119,7 +110,7 @@ class Learner:
 
         rollout: N = B*G sequences; advantages [N]; keep [N] bool (False rows are filtered out);
         ref_logp [N, T] or None (reference model's log-probs, for ReferenceKL)."""
-        hp, G = self.settings, self.settings.group_size
+        hp, G = self.settings.update, self.settings.rollout.group_size
         self.step = step
         n = rollout.input_ids.shape[0]
         per_update = (hp.mini_batch_size or n // G) * G
@@ -172,7 +163,8 @@ class Learner:
         hp, regs = self.settings, self.regularizers
         need_ent = any(r.needs_entropy for r in regs)
         totals = distributed.all_sum(torch.stack([mb.mask.sum(), torch.tensor(float(len(mb)), device=mb.mask.device)]))
-        agg = dict(mode=hp.loss_agg_mode, num_tokens=totals[0], num_seqs=totals[1], norm_length=hp.max_new_tokens)
+        agg = dict(mode=hp.loss.loss_agg_mode, num_tokens=totals[0], num_seqs=totals[1],
+                   norm_length=hp.rollout.max_new_tokens)
         scale = distributed.world_size()  # gradients are averaged over ranks; we want the global mean
         sums: dict[str, Tensor] = {}
         for r in plan:
@@ -268,7 +260,7 @@ class Learner:
         """The micro-batches of n rows: `lockstep_chunks` over the rows in `length_order` (groups of
         identical prompts as blocks, longest first), so that each micro-batch is trimmed to rows of
         similar length. One micro-batch keeps the rows' own order."""
-        plan = lockstep_chunks(len(input_ids), self.settings.micro_batch_size)
+        plan = lockstep_chunks(len(input_ids), self.settings.update.micro_batch_size)
         if not self.settings.skip_padding or sum(r is not None for r in plan) <= 1:
             return plan
         P = input_ids.shape[1] - T
@@ -295,12 +287,13 @@ class Learner:
 
     def _logprobs(self, ids: Tensor, att: Tensor, T: int, with_entropy: bool, model=None) -> tuple[Tensor, Tensor | None]:
         """Response log-probs (and entropy) [n, T] of a micro-batch under `model` (default the
-        policy), computed on the micro-batch trimmed of its all-padding columns; the prompt forward shared over each group (`shared_prompt_logprobs`) when `shared_prompt` is
-        on and activation checkpointing off. Every call, filler passes included, then runs the same
+        policy); with `skip_padding` computed on the micro-batch trimmed of its all-padding
+        columns (`trim_padding`); the prompt forward shared over each group
+        (`shared_prompt_logprobs`) when `shared_prompt` is on and activation checkpointing off. Every call, filler passes included, then runs the same
         two forwards on every rank when there are several (FSDP lock-step)."""
         hp = self.settings
         model = model if model is not None else self.policy
-        kw = dict(temperature=hp.temperature, with_entropy=with_entropy, chunk_size=hp.logprob_chunk_size)
+        kw = dict(temperature=hp.rollout.temperature, with_entropy=with_entropy, chunk_size=hp.update.logprob_chunk_size)
         ids, att, kept = trim_padding(ids, att, T) if hp.skip_padding else (ids, att, T)
         if not hp.shared_prompt:
             logp, ent = response_logprobs(model, ids, att, kept, **kw)
@@ -324,7 +317,8 @@ class Learner:
         """After any gradient unscaling, before the step: clip the gradients (the norm is logged
         whether or not it clips) and drop a non-finite update whole."""
         params = [p for p in self.policy.parameters() if p.grad is not None]
-        max_norm = self.settings.grad_clip if self.settings.grad_clip is not None else float("inf")
+        grad_clip = self.settings.update.grad_clip
+        max_norm = grad_clip if grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         applied = bool(torch.isfinite(grad_norm)) and len(params) > 0
         if not torch.isfinite(grad_norm):
@@ -339,11 +333,11 @@ class Learner:
         self._consecutive_skips += 1
         log.warning("non-finite gradient norm (%s): optimizer update skipped (%d in a row)", grad_norm, self._consecutive_skips)
         opt.zero_grad(set_to_none=True)  # params without grad are left untouched by the step
-        if self._consecutive_skips >= self.settings.max_consecutive_skips:
+        if self._consecutive_skips >= self.settings.update.max_consecutive_skips:
             path = self.driver.save_checkpoint("nonfinite-stop.ckpt")
             raise RuntimeError(
                 f"{self._consecutive_skips} consecutive optimizer updates had non-finite gradients "
-                f"(model.max_consecutive_skips={self.settings.max_consecutive_skips}); the run is stopped. "
+                f"(model.update.max_consecutive_skips={self.settings.update.max_consecutive_skips}); the run is stopped. "
                 f"Checkpoint saved to {path}. Lower the learning rate or check the reward and data."
             )
 

@@ -5,7 +5,8 @@ and runs one RL step per `training_step`, with manual optimization:
   -> [reference log-probs] -> `Learner.update`: for each epoch, for each mini-batch, the
      regularizers select over the whole mini-batch, micro-batches accumulate the gradients of
      the loss written in `Learner.loss`, one optimizer step -> log.
-Held-out evaluation is an `Evaluator`; the module only wires these pieces to Lightning.
+Generation and scoring are a `RolloutGenerator` (`lit_covrl.generation`), held-out evaluation
+an `Evaluator`; the module only wires these pieces to Lightning.
 
 `trainer.global_step` counts RL steps (rollouts), not optimizer updates: only the last update of
 a rollout goes through Lightning's optimizer wrapper. So `trainer.max_steps`, schedules and the
@@ -27,23 +28,25 @@ from torch import Tensor
 
 from lit_covrl import distributed
 from lit_covrl.algorithms import compute_advantages, zero_variance_groups
-from lit_covrl.checks import check_module_args
 from lit_covrl.dynamic_sampling import Round, sample_rounds
-from lit_covrl.evaluation import EvalSettings, Evaluator
+from lit_covrl.evaluation import Evaluator
+from lit_covrl.generation import RolloutGenerator
 from lit_covrl.learner import Learner, LearnerSettings
 from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics
 from lit_covrl.objectives import Objective, resolve_objective
 from lit_covrl.policy import empty_policy, load_policy, load_tokenizer, resolve_dtype
 from lit_covrl.prompt_check import check_datamodule_prompts
-from lit_covrl.prompts import encode_prompts
 from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.reward_set import RewardSet
 from lit_covrl.rewards import ExactMatchReward
 from lit_covrl.sampling import Sampler, default_sampler
-from lit_covrl.sharding import (
-    check_sharding_args, check_strategy, checkpoint_layers, gathered_for_rollout, load_sharded, shard_model,
+from lit_covrl.settings import (
+    GROUPS, EvalSettings, LossSettings, RolloutSettings, SystemSettings, UpdateSettings, as_group,
+    check_module_settings,
 )
-from lit_covrl.stopping import eos_token_ids, truncate_at_stop_strings
+from lit_covrl.sharding import (
+    check_strategy, checkpoint_layers, load_sharded, shard_model,
+)
 from lit_covrl.types import PromptBatch, Rollout
 
 log = logging.getLogger("lit_covrl")
@@ -52,6 +55,17 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 # Lightning warns (with a code listing) that under manual optimization a checkpoint holds the weights
 # after the optimizer step: for an RL step that is the state to save (the rollout's updates are done)
 warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleSettings:
+    """GRPOModule's settings groups as typed objects (`self.settings.rollout.group_size`)."""
+
+    rollout: RolloutSettings
+    loss: LossSettings
+    update: UpdateSettings
+    eval: EvalSettings
+    system: SystemSettings
 
 
 class GRPOModule(L.LightningModule):
@@ -65,44 +79,16 @@ class GRPOModule(L.LightningModule):
         reward_weights: list[float] | None = None,
         reward_timeout_s: float | None = 10.0,
         correct_threshold: float = 1.0,
-        group_size: int = 8,
-        max_new_tokens: int = 16,
-        max_prompt_length: int = 512,
-        prompt_overflow: str = "error",
-        chat_template: bool | None = None,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        advantage: str = "grpo",
-        filter_groups: bool = False,
-        max_gen_rounds: int = 1,
-        overlong: str = "keep",
-        overlong_reward: float = 0.0,
-        clip_low: float | None = 0.2,
-        clip_high: float | None = 0.2,
-        dual_clip: float | None = None,
-        logratio_clamp: float | None = 20.0,
         objective: Objective | None = None,
-        loss_agg_mode: str = "token-mean",
-        mini_batch_size: int | None = None,
-        micro_batch_size: int = 64,
-        ppo_epochs: int = 1,
+        sampler: Sampler | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
-        grad_clip: float | None = 1.0,
-        val_samples: int = 8,
-        val_k: int = 8,
-        val_temperature: float = 1.0,
         seed: int = 0,
-        logprob_chunk_size: int = 1024,
-        max_consecutive_skips: int = 10,
-        fsdp_mixed_precision: str | None = None,
-        activation_checkpointing: bool = False,
-        rollout_gather: str = "once",
-        shared_prompt: bool | None = None,
-        skip_padding: bool | None = None,
-        recompute_logprobs: bool = False,
-        stop: list[str] | None = None,
-        sampler: Sampler | None = None,
+        rollout: RolloutSettings = RolloutSettings(),
+        loss: LossSettings = LossSettings(),
+        update: UpdateSettings = UpdateSettings(),
+        eval: EvalSettings = EvalSettings(),
+        system: SystemSettings = SystemSettings(),
     ) -> None:
         """
         Args:
@@ -119,93 +105,49 @@ class GRPOModule(L.LightningModule):
             reward_timeout_s: per-item time limit of the reward function (null = none); a
                 batched reward gets this times its number of items.
             correct_threshold: a response counts as correct (accuracy, pass@k) if reward >= this.
-            group_size: G, responses sampled per prompt.
-            max_new_tokens: response length limit.
-            max_prompt_length: prompt length limit in tokens.
-            prompt_overflow: "error" or "truncate_left" for prompts over the limit.
-            chat_template: null = use the tokenizer's chat template if it has one.
-            temperature: sampling temperature (the loss uses the same temperature).
-            top_p: nucleus sampling mass (1.0 = off). No top-k is ever applied.
-            advantage: "grpo" (group mean/std), "drgrpo" (mean only) or "rloo".
-            filter_groups: drop groups whose G rewards are all equal (zero advantage: no signal).
-            max_gen_rounds: with filter_groups, DAPO's dynamic sampling: generate for fresh prompts
-                again, up to this many rounds in all, until the batch holds data.batch_size
-                informative groups (1 = no re-generation: filtered batches just shrink).
-            overlong: responses that hit max_new_tokens: "keep" (train on them as scored),
-                "mask" (exclude them from the loss) or "penalize" (their reward := overlong_reward).
-            overlong_reward: the reward of a truncated response under overlong: penalize.
-            clip_low: PPO lower clip epsilon (null = no lower clip).
-            clip_high: PPO upper clip epsilon (null = no upper clip; 0.28 = DAPO clip-higher).
-            dual_clip: dual-clip constant c > 1 for negative advantages (null = off).
-            logratio_clamp: clamp of logp - old_logp before exp (null = off).
             objective: the policy objective (`class_path`: lit_covrl.objectives.PPOClip, GSPO or
-                CISPO). null = PPOClip with clip_low / clip_high / dual_clip / logratio_clamp
-                above, which must stay at their defaults when an objective is given.
-            loss_agg_mode: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm.
-            mini_batch_size: prompts per optimizer update (null = the whole batch: one update per epoch).
-            micro_batch_size: sequences per forward/backward (gradient accumulation; no effect on math).
-            ppo_epochs: passes over the rollout.
-            optimizer: optimizer factory (`class_path` + `init_args`), default AdamW(lr=1e-5).
-            lr_scheduler: LR scheduler factory, stepped once per RL step.
-            grad_clip: max gradient norm (null = no clipping, norm still logged).
-            val_samples: n samples per validation prompt.
-            val_k: k of pass@k (<= val_samples).
-            val_temperature: validation sampling temperature.
-            seed: seed of the rollout sampler (offset by rank).
-            logprob_chunk_size: rows per chunk for log-prob/entropy over the vocabulary.
-            max_consecutive_skips: stop (after saving a checkpoint) when this many optimizer
-                updates in a row had a non-finite gradient.
-            fsdp_mixed_precision: with `ModelParallelStrategy` (FSDP2) only: "bf16" gathers
-                parameters in bf16 for compute and reduces gradients in fp32, while the sharded
-                master weights keep `dtype` (null = compute in `dtype`).
-            activation_checkpointing: recompute decoder-layer activations in backward (any strategy).
-            rollout_gather: with FSDP2 only: "once" keeps parameters gathered for a whole rollout
-                (one all-gather per layer per rollout), "per_forward" gathers at every decoding step.
-            shared_prompt: in the training and no-grad log-prob forwards, run each group's prompt
-                once per micro-batch and only the response tokens per sample, on the prompt's KV
-                cache repeated over the group (same math, fewer FLOPs). Off = one forward over
-                prompt+response per row. null (default) = on for CPU, off on GPU, where it
-                measured faster and slower respectively (docs/benchmarks.md). Ignored (off) with
-                activation_checkpointing.
-            skip_padding: cut micro-batches from the rows sorted by length (each prompt group a
-                block) and trim each to its own extent, so no forward computes padding
-                (`lit_covrl.packing`; 3.6x fewer positions on long-tailed lengths,
-                docs/benchmarks.md). The same math; on the CPU not bit-identical across
-                micro_batch_size (right-trimming changes the attention kernel's rounding).
-                null (default) = on for CUDA, off on the CPU.
-            recompute_logprobs: recompute the old (rollout-policy) log-probs with a no-grad
-                training forward after sampling, as verl does, instead of using the ones the
-                sampler recorded (free). The two differ by float rounding only (sampler decoding
-                vs a full-sequence forward; `python tools/logprob_gap.py`); turn this on where the
-                first update's PPO ratio must be exactly 1 (bf16 runs, or comparisons at bit level).
-            stop: stop strings: a response ends after the token that completes the first of them
-                (masked after it, counted as finished). Decoding still runs to EOS or
-                max_new_tokens for such rows (see `lit_covrl.stopping`).
+                CISPO). null = PPOClip with the clip settings of `loss`, which must stay at their
+                defaults when an objective is given.
             sampler: the rollout and validation sampler (`class_path`: lit_covrl.sampling.KVCacheSampler
                 or StaticCacheSampler). null = the fastest measured for the device
                 (`lit_covrl.sampling.default_sampler`: StaticCacheSampler with a compiled decoding
                 step on CUDA, KVCacheSampler on CPU; docs/scaling.md).
+            optimizer: optimizer factory (`class_path` + `init_args`), default AdamW(lr=1e-5).
+            lr_scheduler: LR scheduler factory, stepped once per RL step.
+            seed: seed of the rollout sampler (offset by rank).
+            rollout: sampling and filtering (`lit_covrl.settings.RolloutSettings`).
+            loss: advantages and the loss (`lit_covrl.settings.LossSettings`).
+            update: optimizer updates per rollout (`lit_covrl.settings.UpdateSettings`).
+            eval: held-out evaluation (`lit_covrl.settings.EvalSettings`).
+            system: memory and speed switches (`lit_covrl.settings.SystemSettings`).
+
+        Each group may also be given as a plain dict of its keys (`rollout={"group_size": 4}`).
         """
         super().__init__()
+        groups = {name: as_group(cls, value) for (name, cls), value in
+                  zip(GROUPS.items(), (rollout, loss, update, eval, system))}
+        check_module_settings(groups["rollout"], groups["loss"], reward_timeout_s)
+        self.settings = ModuleSettings(**groups)
+        # hparams (and so checkpoints) hold the groups as plain dicts: they load with weights_only
+        # and `load_from_checkpoint` passes them back as dicts
+        rollout, loss, update, eval, system = (dataclasses.asdict(g) for g in groups.values())
         self.save_hyperparameters(ignore=["reward", "optimizer", "lr_scheduler", "objective", "sampler"])
         self.automatic_optimization = False
-        check_module_args(self.hparams)
-        self.objective = resolve_objective(objective, self.hparams)
-        check_sharding_args(fsdp_mixed_precision, rollout_gather)
+        self.objective = resolve_objective(objective, self.settings.loss)
         self.reward = reward if reward is not None else ExactMatchReward()
         rewards = self.reward if isinstance(self.reward, (list, tuple)) else [self.reward]
         self.rewards = RewardSet(rewards, reward_weights)
         self._sampler = sampler  # null: chosen for the device at the first rollout
+        self._generation: RolloutGenerator | None = None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         resolve_dtype(dtype)
         self._tokenizer = None  # loaded on first use: instantiating a config touches no files
         self.policy: torch.nn.Module | None = None
         self._reference = None  # plain attribute: frozen, never saved in checkpoints
-        self.val_pass = PassAtK(val_k)  # a child module: Lightning places it and syncs it
-        self.evaluator = Evaluator(self.generate, self.score, self.val_pass, EvalSettings(
-            samples=val_samples, k=val_k, temperature=val_temperature, correct_threshold=correct_threshold, seed=seed,
-        ))
+        self.val_pass = PassAtK(self.settings.eval.k)  # a child module: Lightning places it and syncs it
+        self.evaluator = Evaluator(self.generate, self.score, self.val_pass, self.settings.eval,
+                                   correct_threshold=correct_threshold, seed=seed)
         self.rollout_generator = torch.Generator().manual_seed(seed)
         self._learner: Learner | None = None
         self._restored_skips = 0
@@ -215,8 +157,9 @@ class GRPOModule(L.LightningModule):
         """The policy update (`lit_covrl.learner`), built once the policy is loaded."""
         if self._learner is None:
             assert self.policy is not None, "configure_model() must run first"
-            settings = LearnerSettings.from_hparams(self.hparams, shared_prompt=self.shared_prompt_on,
-                                                    skip_padding=self.skip_padding_on)
+            cfg = self.settings
+            settings = LearnerSettings(cfg.rollout, cfg.loss, cfg.update, shared_prompt=self.shared_prompt_on,
+                                       skip_padding=self.skip_padding_on)
             self._learner = Learner(self.policy, settings, self.objective, self.regularizers, LightningDriver(self))
             self._learner.skipped_steps = self._restored_skips
         resolved = dict(shared_prompt=self.shared_prompt_on, skip_padding=self.skip_padding_on)
@@ -233,17 +176,17 @@ class GRPOModule(L.LightningModule):
     def shared_prompt_on(self) -> bool:
         """`shared_prompt` resolved: null means on for CPU, off on GPU (where it was measured
         slower); always off under activation checkpointing."""
-        hp = self.hparams
-        if hp.get("activation_checkpointing", False):
+        system = self.settings.system
+        if system.activation_checkpointing:
             return False
-        choice = hp.get("shared_prompt", None)
+        choice = system.shared_prompt
         return self.device.type == "cpu" if choice is None else bool(choice)
 
     @property
     def skip_padding_on(self) -> bool:
         """`skip_padding` resolved: null means on for CUDA, off on the CPU (where it would break
         bit-level micro-batch invariance and the configs use one micro-batch anyway)."""
-        choice = self.hparams.get("skip_padding", None)
+        choice = self.settings.system.skip_padding
         return self.device.type == "cuda" if choice is None else bool(choice)
 
     # setup -------------------------------------------------------------------------------------
@@ -272,8 +215,8 @@ class GRPOModule(L.LightningModule):
             object.__setattr__(self, "_reference", self._load(hp.reference_model or hp.model, frozen=True))
 
     def _load(self, spec: str, *, frozen: bool) -> torch.nn.Module:
-        hp, mesh = self.hparams, self.device_mesh
-        ac = hp.activation_checkpointing and not frozen  # nothing to recompute without grads
+        hp, mesh, system = self.hparams, self.device_mesh, self.settings.system
+        ac = system.activation_checkpointing and not frozen  # nothing to recompute without grads
 
         def build(loader) -> torch.nn.Module:
             model = loader(spec, dtype=hp.dtype)
@@ -286,39 +229,40 @@ class GRPOModule(L.LightningModule):
             return model
 
         def shard(model: torch.nn.Module) -> None:
-            shard_model(model, mesh, mixed_precision=hp.fsdp_mixed_precision, activation_checkpointing=ac)
+            shard_model(model, mesh, mixed_precision=system.fsdp_mixed_precision, activation_checkpointing=ac)
 
         return load_sharded(lambda: build(load_policy), lambda: build(empty_policy), shard,
                             self.trainer.strategy.root_device)
 
     def setup(self, stage: str) -> None:
-        check_strategy(self.trainer.strategy, self.hparams)
+        cfg = self.settings
+        check_strategy(self.trainer.strategy, cfg.system)
         batch = self._prompts_per_step()
-        mbs = self.hparams.mini_batch_size
+        mbs = cfg.update.mini_batch_size
         if batch is not None and mbs is not None and batch % mbs:
             raise ValueError(
-                f"model.mini_batch_size={mbs} must divide data.batch_size={batch} (prompts per step per device)"
+                f"model.update.mini_batch_size={mbs} must divide data.batch_size={batch} (prompts per step per device)"
             )
         dm = getattr(self.trainer, "datamodule", None)
-        if stage == "fit" and self.hparams.filter_groups and self.hparams.max_gen_rounds > 1 and not hasattr(dm, "regen_batch"):
+        ro = cfg.rollout
+        if stage == "fit" and ro.filter_groups and ro.max_gen_rounds > 1 and not hasattr(dm, "regen_batch"):
             raise ValueError(
-                f"model.max_gen_rounds={self.hparams.max_gen_rounds} (dynamic sampling) needs a datamodule with "
+                f"model.rollout.max_gen_rounds={ro.max_gen_rounds} (dynamic sampling) needs a datamodule with "
                 "regen_batch(index, round, rounds) to draw fresh prompts, such as lit_covrl.data.PromptDataModule"
             )
         if hasattr(dm, "known_prompts"):
-            hp = self.hparams
-            check_datamodule_prompts(self.tokenizer, dm, chat_template=hp.chat_template,
-                                     max_prompt_length=hp.max_prompt_length if hp.prompt_overflow == "error" else None)
+            check_datamodule_prompts(self.tokenizer, dm, chat_template=ro.chat_template,
+                                     max_prompt_length=ro.max_prompt_length if ro.prompt_overflow == "error" else None)
         seed = self.hparams.seed + 1_000_003 * self.global_rank
         self.rollout_generator = torch.Generator(device=self.device).manual_seed(seed)
 
     @property
     def updates_per_rollout(self) -> int | None:
-        mbs = self.hparams.mini_batch_size
+        mbs, epochs = self.settings.update.mini_batch_size, self.settings.update.ppo_epochs
         if mbs is None:
-            return self.hparams.ppo_epochs
+            return epochs
         batch = self._prompts_per_step()
-        return None if batch is None else self.hparams.ppo_epochs * math.ceil(batch / mbs)
+        return None if batch is None else epochs * math.ceil(batch / mbs)
 
     def _prompts_per_step(self) -> int | None:
         """Prompts per RL step per device, when the datamodule says (`batch_size` hparam)."""
@@ -333,28 +277,17 @@ class GRPOModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
 
     # rollout -----------------------------------------------------------------------------------
-    def generate(self, prompts: list[str], n: int, *, temperature: float, generator: torch.Generator) -> Rollout:
-        """Sample n responses per prompt (rows prompt-major: row i belongs to prompt i // n)."""
-        tok = self.tokenizer
-        ids, mask = encode_prompts(
-            tok, prompts, chat_template=self.hparams.chat_template,
-            max_prompt_length=self.hparams.max_prompt_length, overflow=self.hparams.prompt_overflow,
-        )
-        ids, mask = ids.repeat_interleave(n, 0).to(self.device), mask.repeat_interleave(n, 0).to(self.device)
-        self.policy.eval()  # no dropout anywhere in RL: the rollout policy must equal the trained one
-        try:
-            with gathered_for_rollout(self.policy, self.hparams.rollout_gather == "once"):
-                out = self._sample(ids, mask, temperature, generator)
-        except torch.OutOfMemoryError as err:
-            raise torch.OutOfMemoryError(
-                f"out of memory while sampling {ids.shape[0]} sequences of up to {ids.shape[1]} + "
-                f"{self.hparams.max_new_tokens} tokens. Lower data.batch_size, model.group_size or "
-                "model.max_new_tokens (or val_samples / data.val_batch_size during validation)."
-            ) from err
-        if self.hparams.stop:
-            truncate_at_stop_strings(out, tok, ids.shape[1], self.hparams.stop, tok.pad_token_id)
-        out.completions = tok.batch_decode(out.input_ids[:, ids.shape[1]:], skip_special_tokens=True)
-        return out
+    @property
+    def generation(self) -> RolloutGenerator:
+        """Generation and scoring (`lit_covrl.generation`), built on first use (tokenizer, sampler)."""
+        if self._generation is None:
+            self._generation = self._make_generation(RolloutGenerator)
+        return self._generation
+
+    def _make_generation(self, cls: type[RolloutGenerator], **extra) -> RolloutGenerator:
+        return cls(self.tokenizer, self.sampler, self.rewards, self.settings.rollout,
+                   gather_once=self.settings.system.rollout_gather == "once",
+                   reward_timeout_s=self.hparams.reward_timeout_s, **extra)
 
     @property
     def sampler(self) -> Sampler:
@@ -362,41 +295,30 @@ class GRPOModule(L.LightningModule):
             self._sampler = default_sampler(self.device)
         return self._sampler
 
-    def _sample(self, ids: Tensor, mask: Tensor, temperature: float, generator: torch.Generator) -> Rollout:
-        tok = self.tokenizer
-        return self.sampler.sample(
-            self.policy, ids, mask, max_new_tokens=self.hparams.max_new_tokens,
-            eos_token_id=eos_token_ids(self.policy, tok),  # every EOS id of the generation config
-            pad_token_id=tok.pad_token_id, temperature=temperature, top_p=self.hparams.top_p,
-            generator=generator, all_done=distributed.all_true,
-        )
+    def generate(self, prompts: list[str], n: int, *, temperature: float, generator: torch.Generator) -> Rollout:
+        """Sample n responses per prompt with the policy (rows prompt-major: row i belongs to prompt i // n)."""
+        return self.generation.generate(self.policy, prompts, n, temperature=temperature, generator=generator,
+                                        device=self.device)
 
     def score(self, completions: list[str], answers: list[str], prompts: list | None = None,
               columns: list[dict] | None = None) -> tuple[Tensor, dict[str, float]]:
-        """Weighted total reward per completion, and `rollout/reward_errors` plus each reward's
-        mean over all ranks as `rollout/reward/<name>`. prompts/columns: per completion."""
-        total, per_name, res = self.rewards.score(completions, answers, prompts, columns,
-                                                  timeout_s=self.hparams.reward_timeout_s)
-        sums = distributed.all_sum(torch.tensor([sum(v) for v in per_name.values()] + [len(total)],
-                                                dtype=torch.float64, device=self.device)).tolist()
-        stats = {"rollout/reward_errors": res.errors + res.timeouts + res.invalid}
-        stats.update({f"rollout/reward/{k}": v / max(sums[-1], 1.0) for k, v in zip(per_name, sums)})
-        return torch.tensor(total, dtype=torch.float32, device=self.device), stats
+        """Rewards and reward metrics (`RolloutGenerator.score`) on this module's device."""
+        return self.generation.score(completions, answers, prompts, columns, device=self.device)
 
     # training ----------------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        hp, G, timer = self.hparams, self.hparams.group_size, PhaseTimer()
+        cfg, G, timer = self.settings, self.settings.rollout.group_size, PhaseTimer()
         sampled, reward_stats = self._sample_batch(batch, timer)
         rollout, rewards = sampled.rollout, sampled.rewards
-        if hp.recompute_logprobs:  # old log-probs from the training forward instead of the sampler
+        if cfg.update.recompute_logprobs:  # old log-probs from the training forward instead of the sampler
             with timer("old_logp"):
                 rollout.logp = self.learner.logprobs(
                     self.policy, rollout.input_ids, rollout.attention_mask, rollout.response_mask
                 )
-        advantages = compute_advantages(rewards, G, hp.advantage)
+        advantages = compute_advantages(rewards, G, cfg.loss.advantage)
         zero_var = zero_variance_groups(rewards, G)
-        keep = ~zero_var if hp.filter_groups else torch.ones_like(zero_var)
-        if hp.overlong == "mask":
+        keep = ~zero_var if cfg.rollout.filter_groups else torch.ones_like(zero_var)
+        if cfg.rollout.overlong == "mask":
             keep = keep & ~rollout.truncated
         with timer("ref_logp"):
             ref_logp = self._reference_logprobs(rollout) if any(r.needs_reference for r in self.regularizers) else None
@@ -409,7 +331,7 @@ class GRPOModule(L.LightningModule):
         metrics = {
             **rollout_metrics(
                 rollout, rewards, advantages, zero_var, group_size=G, seconds=timer.seconds["rollout"],
-                correct_threshold=hp.correct_threshold,
+                correct_threshold=self.hparams.correct_threshold,
             ),
             **reward_stats,
             **update_metrics,
@@ -424,9 +346,9 @@ class GRPOModule(L.LightningModule):
         self.log_step(metrics)
 
     def _generation_round(self, batch: PromptBatch, timer: PhaseTimer) -> tuple[Round, dict[str, float]]:
-        hp, G = self.hparams, self.hparams.group_size
+        ro, G = self.settings.rollout, self.settings.rollout.group_size
         with timer("rollout"):
-            rollout = self.generate(batch.prompts, G, temperature=hp.temperature, generator=self.rollout_generator)
+            rollout = self.generate(batch.prompts, G, temperature=ro.temperature, generator=self.rollout_generator)
         if not distributed.all_true(not bool(rollout.nonfinite.any())):
             self._stop_on_nonfinite_logits(rollout)
         with timer("score"):
@@ -434,19 +356,18 @@ class GRPOModule(L.LightningModule):
             prompts = [p for p in batch.prompts for _ in range(G)]
             columns = [c for c in batch.columns for _ in range(G)]
             rewards, reward_stats = self.score(rollout.completions, answers, prompts, columns)
-            if hp.overlong == "penalize":
-                rewards = torch.where(rollout.truncated, torch.full_like(rewards, hp.overlong_reward), rewards)
+            rewards = self.generation.penalize_overlong(rollout, rewards)
         return Round(batch, rollout, rewards), reward_stats
 
     def _sample_batch(self, batch: PromptBatch, timer: PhaseTimer) -> tuple[Round, dict[str, float]]:
         """One generation round; under dynamic sampling (`filter_groups` with `max_gen_rounds` > 1)
         more rounds of fresh prompts (`lit_covrl.dynamic_sampling.sample_rounds`)."""
-        hp = self.hparams
-        rounds = hp.max_gen_rounds if hp.filter_groups else 1
+        ro = self.settings.rollout
+        rounds = ro.max_gen_rounds if ro.filter_groups else 1
         return sample_rounds(
             batch, lambda b: self._generation_round(b, timer),
             lambda r: self.trainer.datamodule.regen_batch(batch.index, r, rounds),
-            group_size=hp.group_size, max_rounds=rounds, pad_token_id=self.tokenizer.pad_token_id,
+            group_size=ro.group_size, max_rounds=rounds, pad_token_id=self.tokenizer.pad_token_id,
         )
 
     def _stop_on_nonfinite_logits(self, rollout: Rollout) -> None:

@@ -73,7 +73,7 @@ def find_unencodable(
             if max_prompt_length is not None and len(x) > max_prompt_length:
                 raise ValueError(
                     f"{where(ex)}: prompt {ex.prompt[:80]!r} has {len(x)} tokens > max_prompt_length="
-                    f"{max_prompt_length}; raise model.max_prompt_length or set model.prompt_overflow: truncate_left"
+                    f"{max_prompt_length}; raise model.rollout.max_prompt_length or set model.rollout.prompt_overflow: truncate_left"
                 )
             reason = _reason(tokenizer, ex.prompt, text, x, not templated, special)
             if reason is not None:

@@ -49,7 +49,7 @@ def encode_prompts(
         i = too_long[0]
         raise ValueError(
             f"prompt {prompts[i][:80]!r} has {len(ids[i])} tokens > max_prompt_length={max_prompt_length}; "
-            "raise model.max_prompt_length or set model.prompt_overflow: truncate_left"
+            "raise model.rollout.max_prompt_length or set model.rollout.prompt_overflow: truncate_left"
         )
     ids = [x[-max_prompt_length:] for x in ids]
     return _left_pad(ids, tokenizer.pad_token_id)
@@ -62,7 +62,7 @@ def _render(tokenizer, prompt: str | list[dict], use_template: bool) -> str:
         prompt = [{"role": "user", "content": prompt}]
     elif not use_template:
         has_template = getattr(tokenizer, "chat_template", None) is not None
-        why = "model.chat_template is false" if has_template else "the tokenizer has no chat template"
+        why = "model.rollout.chat_template is false" if has_template else "the tokenizer has no chat template"
         raise ValueError(f"prompt {str(prompt)[:80]!r} is a conversation (a list of messages) but {why}; "
                          "use string prompts or a tokenizer with a chat template")
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)

@@ -42,13 +42,6 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(inner)
 
 
-def check_sharding_args(mixed_precision: str | None, rollout_gather: str) -> None:
-    if mixed_precision is not None and mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"fsdp_mixed_precision={mixed_precision!r}; valid: {sorted(MIXED_PRECISION)} or null")
-    if rollout_gather not in ROLLOUT_GATHER:
-        raise ValueError(f"rollout_gather={rollout_gather!r}; valid: {list(ROLLOUT_GATHER)}")
-
-
 def data_parallel_mesh(mesh):
     """The 1-D data-parallel sub-mesh of Lightning's ("data_parallel", "tensor_parallel") mesh."""
     names = getattr(mesh, "mesh_dim_names", None) or ()
@@ -138,8 +131,8 @@ def checkpoint_layers(model: nn.Module) -> None:
     apply_activation_checkpointing(model, check_fn=lambda m: id(m) in ids)
 
 
-def check_strategy(strategy, hp) -> None:
-    """Start-up check of the trainer's strategy against the module's sharding settings."""
+def check_strategy(strategy, system) -> None:
+    """Start-up check of the trainer's strategy against the module's `model.system` settings."""
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     name = type(strategy).__name__
@@ -149,11 +142,11 @@ def check_strategy(strategy, hp) -> None:
             "lit_covrl samples rollouts inside training_step with the policy's own forward. Use "
             "`class_path: lit_covrl.sharding.FSDP2Strategy` (sharded) or `ddp` (replicated)."
         )
-    if hp.fsdp_mixed_precision is not None and not isinstance(strategy, ModelParallelStrategy):
+    if system.fsdp_mixed_precision is not None and not isinstance(strategy, ModelParallelStrategy):
         raise ValueError(
-            f"model.fsdp_mixed_precision={hp.fsdp_mixed_precision!r} needs trainer.strategy "
+            f"model.system.fsdp_mixed_precision={system.fsdp_mixed_precision!r} needs trainer.strategy "
             f"lit_covrl.sharding.FSDP2Strategy (got {name}); without sharding use "
-            "trainer.precision: bf16-mixed and model.fsdp_mixed_precision: null"
+            "trainer.precision: bf16-mixed and model.system.fsdp_mixed_precision: null"
         )
 
 

@@ -5,7 +5,7 @@ End-of-sequence ids. Chat models often have several (Qwen2.5-Instruct: `<|im_end
 generation config while the tokenizer names one. `eos_token_ids` is their union, and the sampler
 stops a row at the first of them.
 
-Stop strings (`model.stop`). Applied after sampling, at the module level: a row whose decoded
+Stop strings (`model.rollout.stop`). Applied after sampling, at the module level: a row whose decoded
 response contains a stop string keeps its tokens up to and including the first token at which the
 decoded text contains one; the rest is masked out of the loss and the attention mask, replaced by
 padding, and the row counts as finished (not truncated). Decoding itself still runs until EOS or

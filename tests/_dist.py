@@ -15,10 +15,12 @@ from lightning.pytorch import Callback
 
 from lit_covrl import distributed
 from lit_covrl.data import PromptDataModule
+from lit_covrl.generation import RolloutGenerator
 from lit_covrl.module import GRPOModule
 from lit_covrl.regularizers import ClipCov, KLCov
 from lit_covrl.rollout import sample_responses
 from lit_covrl.types import Rollout
+from tests.helpers import merge_settings
 
 B, G = 2, 4  # prompts per rank per step, responses per prompt
 CONSTANT = "const"  # answer marker: the reward is 0 for every response -> zero-variance group
@@ -34,9 +36,9 @@ class MarkedOnesReward:
         return completion.count("1") / max(len(completion), 1)
 
 
-class RankInvariantModule(GRPOModule):
-    """GRPOModule whose samples depend only on (prompt, RL step, weights), not on which rank holds
-    the prompt or how many prompts a rank holds.
+class RankInvariantGenerator(RolloutGenerator):
+    """A RolloutGenerator whose samples depend only on (prompt, RL step, weights), not on which rank
+    holds the prompt or how many prompts a rank holds.
 
     The real sampler draws from one generator per rank (seed + 1_000_003 * rank) over that rank's
     whole [N, V] batch: 1 process x 2B prompts and 2 processes x B prompts consume different random
@@ -46,21 +48,33 @@ class RankInvariantModule(GRPOModule):
     (`all_done` keeps them in step), which FSDP needs.
     """
 
-    def _sample(self, ids, mask, temperature, generator) -> Rollout:
-        tok, T = self.tokenizer, self.hparams.max_new_tokens
+    def __init__(self, *args, step, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.step = step  # () -> the current RL step
+
+    def sample(self, policy, ids, mask, temperature, generator) -> Rollout:
+        tok, ro = self.tokenizer, self.settings
+        T, n = ro.max_new_tokens, ro.group_size
         parts = []
-        for start in range(0, ids.shape[0], self.hparams.group_size):
-            gi, gm = ids[start:start + self.hparams.group_size], mask[start:start + self.hparams.group_size]
+        for start in range(0, ids.shape[0], n):
+            gi, gm = ids[start:start + n], mask[start:start + n]
             first = int(gm[0].nonzero()[0])  # the rows of a group are the same prompt
-            key = zlib.crc32(gi[0, first:].numpy().tobytes()) + 7919 * self.global_step
+            key = zlib.crc32(gi[0, first:].numpy().tobytes()) + 7919 * self.step()
             out = sample_responses(
-                self.policy, gi[:, first:], gm[:, first:], max_new_tokens=T, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id, temperature=temperature, top_p=self.hparams.top_p,
+                policy, gi[:, first:], gm[:, first:], max_new_tokens=T, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, temperature=temperature, top_p=ro.top_p,
                 generator=torch.Generator().manual_seed(key), all_done=distributed.all_true,
             )
             parts.append(_pad(out, first, T, tok.pad_token_id))
         return Rollout(**{f: torch.cat([getattr(p, f) for p in parts]) for f in
                           ("input_ids", "attention_mask", "response_mask", "logp", "entropy", "truncated")})
+
+
+class RankInvariantModule(GRPOModule):
+    """GRPOModule whose rollouts come from a `RankInvariantGenerator`."""
+
+    def _make_generation(self, cls, **extra):
+        return super()._make_generation(RankInvariantGenerator, step=lambda: self.global_step, **extra)
 
 
 def _pad(out: Rollout, left: int, T: int, pad_id: int) -> Rollout:
@@ -94,12 +108,12 @@ def write_prompts(path: Path, n: int) -> Path:
 
 def make_module(model_dir: str, **kw) -> GRPOModule:
     args = dict(
-        model=model_dir, reward=MarkedOnesReward(), correct_threshold=0.5, group_size=G, max_new_tokens=4,
-        mini_batch_size=None, ppo_epochs=2, micro_batch_size=1, filter_groups=True, grad_clip=None,
+        model=model_dir, reward=MarkedOnesReward(), correct_threshold=0.5,
         optimizer=lambda p: torch.optim.SGD(p, lr=0.1), seed=0,
+        rollout=dict(group_size=G, max_new_tokens=4, filter_groups=True),
+        update=dict(mini_batch_size=None, ppo_epochs=2, micro_batch_size=1, grad_clip=None),
     )
-    args.update(kw)
-    return RankInvariantModule(**args)
+    return RankInvariantModule(**merge_settings(args, kw))
 
 
 def make_data(prompts: Path, batch_size: int) -> PromptDataModule:

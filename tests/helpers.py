@@ -6,6 +6,16 @@ from pathlib import Path
 import lightning as L
 
 
+def merge_settings(defaults: dict, overrides: dict) -> dict:
+    """GRPOModule keyword arguments: `overrides` on top of `defaults`, where a settings group
+    given as a dict in both (`rollout=dict(...)`) is merged key by key."""
+    out = dict(defaults)
+    for key, value in overrides.items():
+        both_dicts = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = {**out[key], **value} if both_dicts else value
+    return out
+
+
 def fit(module, datamodule, *, steps: int, callbacks=(), log_dir: Path | None = None, **trainer_kwargs):
     logger = L.pytorch.loggers.TensorBoardLogger(str(log_dir), name="t") if log_dir else False
     trainer = L.Trainer(

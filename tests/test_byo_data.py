@@ -92,7 +92,7 @@ def test_system_prompt_and_chat_template(tmp_path, chat_tokenizer):
     ids, mask = encode_prompts(chat_tokenizer, prompts, max_prompt_length=64)
     texts = [chat_tokenizer.decode(row[m.bool()]) for row, m in zip(ids, mask)]
     assert texts == ["<system>S<user>hi<assistant>", "<user>yo<assistant>"]
-    with pytest.raises(ValueError, match="is a conversation .*model.chat_template is false"):
+    with pytest.raises(ValueError, match="is a conversation .*model.rollout.chat_template is false"):
         encode_prompts(chat_tokenizer, prompts, chat_template=False)
 
 
@@ -142,7 +142,7 @@ def test_every_skipped_row_is_listed_in_the_log_folder(tmp_path, tiny_model_dir,
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=L.pytorch.loggers.TensorBoardLogger(str(tmp_path), name="t"),
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with caplog.at_level(logging.WARNING, logger="lit_covrl"):
-        trainer.fit(make_module(tiny_model_dir, max_new_tokens=2), dm)
+        trainer.fit(make_module(tiny_model_dir, rollout=dict(max_new_tokens=2)), dm)
     listed = (tmp_path / "t" / "version_0" / "skipped_rows.txt").read_text().splitlines()
     assert listed == [f"{path}:{n}: missing field 'answer'" for n in range(2, 10)] + [f"{path}:10: invalid JSON "
                                                                                       + listed[-1].split("invalid JSON ")[1]]
@@ -175,7 +175,7 @@ def test_eos_ids_come_from_the_generation_config_and_the_tokenizer():
 def test_sampler_stops_on_every_eos_id_of_the_generation_config(tiny_model_dir):
     from tests.test_module import make_module
 
-    module = make_module(tiny_model_dir, max_new_tokens=8)
+    module = make_module(tiny_model_dir, rollout=dict(max_new_tokens=8))
     module.configure_model()
     tok = module.tokenizer
     five = tok.convert_tokens_to_ids("5")
@@ -219,7 +219,7 @@ def test_stop_strings_cut_the_response_after_the_completing_token(chat_tokenizer
 def test_stop_strings_through_the_module(tiny_model_dir):
     from tests.test_module import make_module
 
-    module = make_module(tiny_model_dir, max_new_tokens=8, stop=["1"])
+    module = make_module(tiny_model_dir, rollout=dict(max_new_tokens=8, stop=["1"]))
     module.configure_model()
     out = module.generate(["1+2=", "7+8="], 16, temperature=1.0, generator=torch.Generator().manual_seed(1))
     for text, n in zip(out.completions, out.response_mask.sum(1).tolist()):

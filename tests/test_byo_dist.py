@@ -31,8 +31,10 @@ def _worker(rank: int, port: int, model_dir: str, rows: str, out: str) -> None:
     torch.set_num_threads(1)
     _dist.elastic_env(rank, 2, port)
     rec = _dist.Recorder()
-    module = GRPOModule(model=model_dir, reward=[rank_reward, rank_reward], reward_weights=[1.0, 2.0], group_size=2,
-                        max_new_tokens=2, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    module = GRPOModule(
+        model=model_dir, reward=[rank_reward, rank_reward], reward_weights=[1.0, 2.0],
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.0), rollout=dict(group_size=2, max_new_tokens=2),
+    )
     data = PromptDataModule(task=None, train_files=[rows], batch_size=2)
     logger = L.pytorch.loggers.TensorBoardLogger(out, name="t")
     L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"), max_steps=1,

@@ -98,11 +98,11 @@ def test_task_example_trains_on_the_custom_task(tmp_path, monkeypatch):
 
 
 def test_chat_example_and_export(tmp_path, tiny_chat_model, monkeypatch):
-    from lit_covrl import module as module_mod
+    from lit_covrl import generation
 
     rendered = []
-    encode = module_mod.encode_prompts
-    monkeypatch.setattr(module_mod, "encode_prompts", lambda tok, prompts, **kw: rendered.extend(prompts) or encode(tok, prompts, **kw))
+    encode = generation.encode_prompts
+    monkeypatch.setattr(generation, "encode_prompts", lambda tok, prompts, **kw: rendered.extend(prompts) or encode(tok, prompts, **kw))
     log_dir = run(FITS["chat.yaml"], tmp_path, "--model.model", tiny_chat_model)
     system = {"role": "system", "content": "Answer with the number only."}
 

@@ -159,8 +159,8 @@ with faulty_folder({ck!r}, stall_on_file=3, marker={marker!r}):
 def _cli_args(model_dir: str, ck: Path, steps: int) -> list[str]:
     return [
         "fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--torch_threads", "1",
-        "--model.model", model_dir, "--model.group_size", "2", "--model.max_new_tokens", "3",
-        "--data.batch_size", "2", "--model.mini_batch_size", "null", "--trainer.logger", "false",
+        "--model.model", model_dir, "--model.rollout.group_size", "2", "--model.rollout.max_new_tokens", "3",
+        "--data.batch_size", "2", "--model.update.mini_batch_size", "null", "--trainer.logger", "false",
         "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
         "--trainer.enable_progress_bar", "false", "--checkpoint.dirpath", str(ck),
         "--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "0",
@@ -208,3 +208,22 @@ def test_cli_checkpoint_section_takes_on_write_error(tiny_model_dir, tmp_path):
     assert cb.state_key.startswith("ModelCheckpoint{")  # resumes the state of runs saved before it
     with pytest.raises(ValueError, match="on_write_error"):
         AtomicCheckpoint(on_write_error="ignore")
+
+
+def test_settings_groups_survive_save_load_and_resume(tiny_model_dir, tmp_path):
+    """Checkpoints store the settings groups as plain dicts: the file loads with weights_only=True,
+    its hyper_parameters rebuild the same typed groups (as `load_from_checkpoint` would pass
+    them), and a fit resumes from it."""
+    from lit_covrl.module import GRPOModule
+
+    ck = tmp_path / "ck"
+    module = make_module(tiny_model_dir, rollout=dict(max_new_tokens=3), update=dict(mini_batch_size=2, ppo_epochs=2))
+    _trainer(ck, 2).fit(module, make_data())
+    saved = torch.load(ck / "last.ckpt", map_location="cpu", weights_only=True)  # no pickled dataclasses
+    hp = saved["hyper_parameters"]
+    assert (hp["update"]["mini_batch_size"], hp["update"]["ppo_epochs"], hp["rollout"]["max_new_tokens"]) == (2, 2, 3)
+    loaded = GRPOModule(**hp, reward=module.reward, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-2))
+    assert loaded.settings == module.settings and loaded.settings.update.ppo_epochs == 2
+    trainer = _trainer(ck, 3)
+    trainer.fit(loaded, make_data(), ckpt_path=str(ck / "last.ckpt"))
+    assert trainer.global_step == 3 and _step(ck / "last.ckpt") == 3

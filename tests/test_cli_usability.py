@@ -44,19 +44,19 @@ def _run(args, env_extra=None, timeout=300):
 
 @pytest.mark.slow
 def test_a_start_up_error_is_one_line_and_status_2_unless_debugging(tmp_path):
-    args = ["fit", "--config", str(QUICK), "--model.advantage", "ppo", "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    args = ["fit", "--config", str(QUICK), "--model.loss.advantage", "ppo", "--trainer.logger.init_args.save_dir", str(tmp_path)]
     quiet = _run(args)
     assert quiet.returncode == 2
     assert "Traceback" not in quiet.stderr
     errors = [ln for ln in quiet.stderr.splitlines() if "error" in ln.lower()]
-    assert errors == ["lit-covrl: error: model.advantage='ppo' is invalid: valid estimators: ['drgrpo', 'grpo', 'rloo'] "
+    assert errors == ["lit-covrl: error: model.loss.advantage='ppo' is invalid: valid estimators: ['drgrpo', 'grpo', 'rloo'] "
                       "(LIT_COVRL_DEBUG=1 shows the traceback)"]
     loud = _run(args, {"LIT_COVRL_DEBUG": "1"})
     assert loud.returncode != 0 and "Traceback" in loud.stderr and "lit-covrl: error" not in loud.stderr
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--model.group_size", "abc"], 'Parser key "model.group_size": Expected a <class \'int\'>. Got value: abc'),
+    (["--model.rollout.group_size", "abc"], 'Parser key "model.rollout.group_size": Expected a <class \'int\'>. Got value: abc'),
     (["--model.nope", "1"], "unrecognized arguments: --model.nope 1"),
     (["--data.task", "null", "--data.train_files", '["missing.jsonl"]'], "train_files[0]: no such file: 'missing.jsonl'"),
     (["--data.task", "null", "--data.strict", "true"], "ROWS:2: field 'prompt' is int"),  # found in setup, inside fit

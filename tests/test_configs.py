@@ -75,7 +75,7 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
     expected.update({k: 0 for k in STACKS if k.startswith("fsdp/")})  # base recipes, no method
     assert len(regs) == expected.get(name, 1)
     if name == "paper/qwen2.5-32b.yaml":
-        assert cli.model.hparams.micro_batch_size == 2
+        assert cli.model.settings.update.micro_batch_size == 2
     if name in ("cpu/gspo.yaml", "cpu/cispo.yaml"):  # the objective is built from its class_path
         assert type(cli.model.objective).__name__ == name.split("/")[-1].split(".")[0].upper()
         assert cli.model.objective.clip_high == (4e-4 if name == "cpu/gspo.yaml" else 0.28)
@@ -83,7 +83,7 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
         assert isinstance(cli.model.reward, ReasoningReward) and cli.model.reward.check_steps
         assert cli.datamodule.task.name == "reasoning" and cli.model.hparams.model == "lit_covrl:tiny-reasoning"
     if name.endswith("kl_cov.yaml") or "kl_cov_" in name:
-        assert cli.model.hparams.clip_low is None and cli.model.hparams.clip_high is None
+        assert cli.model.settings.loss.clip_low is None and cli.model.settings.loss.clip_high is None
 
 
 @pytest.mark.parametrize("stack,nodes,batch,mini", [
@@ -107,9 +107,9 @@ def test_fsdp_overlays_keep_the_paper_global_batch(stack, nodes, batch, mini):
     assert isinstance(FSDP2Strategy(**strategy.get("init_args", {})), FSDP2Strategy)
     world = merged["trainer"]["devices"] * merged["trainer"]["num_nodes"]
     assert merged["trainer"]["num_nodes"] == nodes
-    assert (merged["data"]["batch_size"], merged["model"]["mini_batch_size"]) == (batch, mini)
+    assert (merged["data"]["batch_size"], merged["model"]["update"]["mini_batch_size"]) == (batch, mini)
     assert batch * world == 256 and mini * world == 32
-    assert merged["model"]["fsdp_mixed_precision"] == "bf16" and merged["trainer"]["precision"] == "32-true"
+    assert merged["model"]["system"]["fsdp_mixed_precision"] == "bf16" and merged["trainer"]["precision"] == "32-true"
 
 
 def _merge(into: dict, new: dict) -> None:
@@ -123,14 +123,14 @@ def _merge(into: dict, new: dict) -> None:
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--model.advantage", "foo"], "model.advantage='foo' is invalid"),
+        (["--model.loss.advantage", "foo"], "model.loss.advantage='foo' is invalid"),
         (["--config", str(CONFIGS / "cpu" / "clip_cov.yaml"), "--trainer.callbacks.lb", "6"], "ClipCov needs lb < ub"),
         (["--config", str(CONFIGS / "cpu" / "kl_cov.yaml"), "--trainer.callbacks.ratio", "0"], "KLCov.ratio must be in (0, 1]"),
         (["--config", str(CONFIGS / "cpu" / "entropy_bonus.yaml"), "--trainer.callbacks.schedule",
           '{"name": "step", "steps": 10}'], "schedule.name"),
         (["--data.task", "null", "--data.train_files", '["nope.jsonl"]'], "train_files[0]: no such file"),
-        (["--model.loss_agg_mode", "mean"], "valid modes"),
-        (["--model.val_temperature", "0"], "model.val_temperature=0"),
+        (["--model.loss.loss_agg_mode", "mean"], "valid modes"),
+        (["--model.eval.temperature", "0"], "model.eval.temperature=0"),
         (["--model.reward", "lit_covrl.rewards.NoSuchReward"], "NoSuchReward"),
     ],
 )
@@ -202,3 +202,39 @@ def test_a_short_fit_of_each_method_config_logs_its_regularizer(method, name, ta
         assert len(logged.get(tag, [])) == 2, tag
     if name == "kl_cov":  # inert on the first of the 4 updates, active on the others
         assert any(v > 0 for _, v in logged["reg/kl_cov/loss"])
+
+
+# ---------------------------------------------------------------- settings groups
+def test_nested_group_keys_override_from_the_command_line(tmp_path):
+    """`--model.rollout.group_size 4` overrides one key of a group; the file's other keys of
+    that group stay (quickstart: max_new_tokens 5, eval.samples 8)."""
+    cli = _cli(["--config", str(QUICK), "--model.rollout.group_size", "4", "--model.eval.k", "2",
+                "--model.update.mini_batch_size", "null", "--model.system.shared_prompt", "false"], tmp_path)
+    cfg = cli.model.settings
+    assert (cfg.rollout.group_size, cfg.rollout.max_new_tokens) == (4, 5)
+    assert (cfg.eval.samples, cfg.eval.k) == (8, 2)
+    assert cfg.update.mini_batch_size is None and cfg.update.micro_batch_size == 128
+    assert cfg.system.shared_prompt is False and not cli.model.shared_prompt_on
+    assert cli.model.hparams.rollout["group_size"] == 4  # hparams: plain dicts
+
+
+@pytest.mark.parametrize(
+    "where,old,new",
+    [("cli", "group_size", "rollout.group_size"), ("cli", "val_k", "eval.k"),
+     ("cli", "fsdp_mixed_precision", "system.fsdp_mixed_precision"),
+     ("yaml", "mini_batch_size", "update.mini_batch_size"), ("yaml", "clip_high", "loss.clip_high")],
+)
+def test_an_old_flat_key_fails_at_start_up_naming_the_new_key(where, old, new, tmp_path, capsys):
+    from lit_covrl.cli import main
+
+    if where == "cli":
+        extra = [f"--model.{old}", "2"]
+    else:
+        overlay = tmp_path / "old.yaml"
+        overlay.write_text(f"model:\n  {old}: 2\n")
+        extra = ["--config", str(overlay)]
+    args = ["fit", "--config", str(QUICK), *extra, "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    assert err.value.code == 2
+    assert f"model.{old} moved to model.{new}" in capsys.readouterr().err

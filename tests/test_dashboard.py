@@ -59,7 +59,7 @@ def session_status(log_dir: Path) -> str:
 
 def test_a_fit_writes_layout_config_text_and_hparams_with_final_figures(tiny_model_dir, tmp_path):
     regs = [ClipCov(ratio=0.25, lb=-1e9, ub=1e9, name="clip.a"), EntropyBonus(coef=0.01)]
-    fit(make_module(tiny_model_dir, group_size=4), make_data(), steps=3, callbacks=regs, log_dir=tmp_path,
+    fit(make_module(tiny_model_dir, rollout=dict(group_size=4)), make_data(), steps=3, callbacks=regs, log_dir=tmp_path,
         val_check_interval=1)
     lay, texts, experiment, start = read_events(tmp_path)
     logged = scalar_tags(tmp_path)
@@ -248,7 +248,7 @@ def test_every_shipped_regularizer_charts_what_it_records(tiny_model_dir, tmp_pa
 
     regs = [ClipCov(ratio=0.2, lb=-1e9, ub=1e9), KLCov(ratio=0.1), HighEntropyTokens(), SteerWeights(),
             EntropyRatioClip(), AdaptiveEntropyBonus(target=5.0), EntropyAdvantage()]
-    fit(make_module(tiny_model_dir, mini_batch_size=2), make_data(val_size=0), steps=2, callbacks=regs,
+    fit(make_module(tiny_model_dir, update=dict(mini_batch_size=2)), make_data(val_size=0), steps=2, callbacks=regs,
         log_dir=tmp_path, limit_val_batches=0)
     tags = list(scalar_tags(tmp_path))
     for reg in regs:

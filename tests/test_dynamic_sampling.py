@@ -82,8 +82,10 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(tiny_model_dir
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
-    module = make_module(tiny_model_dir, reward=OddAnswersOnly(), filter_groups=True, max_gen_rounds=6,
-                         max_new_tokens=6, reward_timeout_s=None)
+    module = make_module(
+        tiny_model_dir, reward=OddAnswersOnly(), reward_timeout_s=None,
+        rollout=dict(filter_groups=True, max_gen_rounds=6, max_new_tokens=6),
+    )
     dm = PromptDataModule(task="arithmetic", batch_size=4, val_size=0, seed=0)
     fit(module, dm, steps=3, callbacks=[Recorder()], limit_val_batches=0)
     assert max(s["rollout/gen_rounds"] for s in steps) > 1  # at least one step needed more prompts

@@ -56,7 +56,7 @@ def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> Non
     lit_covrl.module.load_policy = lambda *a, **k: full_loads.append(a[0]) or real_load(*a, **k)
 
     rec, loaded = _dist.Recorder(), _Loaded()  # A: the trajectory compared with one process
-    module = _dist.make_module(model_dir, rollout_gather="once")
+    module = _dist.make_module(model_dir, system=dict(rollout_gather="once"))
     _dist.trainer(STEPS, [rec, loaded, *_dist.regularizers()], 2, out / "a").fit(module, _dist.make_data(Path(prompts), _dist.B))
     res["loaded"] = loaded.state
     res["A"] = rec.steps
@@ -66,7 +66,7 @@ def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> Non
         torch.save(weights, out / "weights_2proc.pt")
 
     rec = _dist.Recorder()  # B: 2 steps, then a sharded (distributed) checkpoint
-    module = _dist.make_module(model_dir, rollout_gather="per_forward")
+    module = _dist.make_module(model_dir, system=dict(rollout_gather="per_forward"))
     tr = _dist.trainer(2, [rec, *_dist.regularizers()], 2, out / "b")
     tr.fit(module, _dist.make_data(Path(prompts), _dist.B))
     res["B"] = rec.steps
@@ -74,7 +74,7 @@ def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> Non
     res["generator_at_save"] = module.rollout_generator.get_state()
 
     rec, gen = _dist.Recorder(), _dist.GeneratorAtFirstBatch()  # C: resume B
-    module = _dist.make_module(model_dir, rollout_gather="per_forward")
+    module = _dist.make_module(model_dir, system=dict(rollout_gather="per_forward"))
     tr = _dist.trainer(STEPS, [rec, gen, *_dist.regularizers()], 2, out / "c")
     tr.fit(module, _dist.make_data(Path(prompts), _dist.B), ckpt_path=str(out / "sharded.ckpt"))
     res["C"] = rec.steps
@@ -83,7 +83,10 @@ def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> Non
     rec = _dist.Recorder()  # D: bf16 compute, fp32 sharded master weights, activation checkpointing
     # one micro-batch per mini-batch: the update's single training forward doubles as the current
     # log-probs of the selection; at step 1 rank 1 has no rows and runs a filler pass in its place
-    module = _dist.make_module(model_dir, fsdp_mixed_precision="bf16", activation_checkpointing=True, micro_batch_size=64)
+    module = _dist.make_module(
+        model_dir, update=dict(micro_batch_size=64),
+        system=dict(fsdp_mixed_precision="bf16", activation_checkpointing=True),
+    )
     # a ReferenceKL penalty: the frozen reference model is loaded and sharded the same way
     from lit_covrl.regularizers import ReferenceKL
 
@@ -141,7 +144,7 @@ def two_procs(tiny_model_dir, tmp_path_factory):
 def one_proc(tiny_model_dir, two_procs):
     out, prompts, _ = two_procs
     rec = _dist.Recorder()
-    module = _dist.make_module(tiny_model_dir, rollout_gather="once")
+    module = _dist.make_module(tiny_model_dir, system=dict(rollout_gather="once"))
     tr = _dist.trainer(STEPS, [rec, *_dist.regularizers()], 1, out / "single")
     tr.fit(module, _dist.make_data(prompts, 2 * _dist.B))
     tr.save_checkpoint(out / "single.ckpt")

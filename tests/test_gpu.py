@@ -32,9 +32,10 @@ class _Steps(Callback):
 
 def _fit(model_dir: str, steps: int, strategy="auto", precision="bf16-mixed", **module_kw):
     rec = _Steps()
-    module = GRPOModule(model=model_dir, group_size=4, max_new_tokens=6, micro_batch_size=8, mini_batch_size=2,
-                        seed=0, reward=OnesReward(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
-                        **module_kw)
+    module = GRPOModule(
+        model=model_dir, seed=0, reward=OnesReward(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+        rollout=dict(group_size=4, max_new_tokens=6), update=dict(micro_batch_size=8, mini_batch_size=2), **module_kw,
+    )
     trainer = L.Trainer(
         accelerator="cuda", devices=1, strategy=strategy, precision=precision, max_steps=steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -68,8 +69,10 @@ def test_fsdp2_on_one_gpu_gather_once_equals_per_forward(tiny_model_dir):
 
     runs = {}
     for gather in ("per_forward", "once"):
-        module, steps = _fit(tiny_model_dir, 2, strategy=FSDP2Strategy(), precision="32-true",
-                             fsdp_mixed_precision="bf16", rollout_gather=gather)
+        module, steps = _fit(
+            tiny_model_dir, 2, strategy=FSDP2Strategy(), precision="32-true",
+            system=dict(fsdp_mixed_precision="bf16", rollout_gather=gather),
+        )
         assert is_sharded(module.policy)
         runs[gather] = steps
     for a, b in zip(runs["per_forward"], runs["once"]):
@@ -119,6 +122,7 @@ def test_skip_padding_on_cuda_gives_the_untrimmed_logprobs(tiny_model_dir):
     over the rollout's layout (fp32, to kernel rounding)."""
     from lit_covrl.learner import Learner, LearnerSettings
     from lit_covrl.objectives import PPOClip
+    from lit_covrl.settings import LossSettings, RolloutSettings, UpdateSettings
     from lit_covrl.policy import load_policy, response_logprobs
     from tests.test_packing import _rollout_rows
 
@@ -128,9 +132,8 @@ def test_skip_padding_on_cuda_gives_the_untrimmed_logprobs(tiny_model_dir):
     ids, att, T = _rollout_rows([rnd(n) for n in (2, 5, 3, 7, 4, 2)], [rnd(n) for n in (1, 9, 2, 14, 3, 6)])
     ids, att = ids.cuda(), att.cuda()
     mask = att[:, -T:].float()
-    settings = LearnerSettings(group_size=1, mini_batch_size=None, micro_batch_size=2, ppo_epochs=1,
-                               loss_agg_mode="token-mean", max_new_tokens=T, temperature=1.0, logprob_chunk_size=1024,
-                               grad_clip=None, max_consecutive_skips=3, skip_padding=True)
+    settings = LearnerSettings(RolloutSettings(group_size=1, max_new_tokens=T), LossSettings(),
+                               UpdateSettings(micro_batch_size=2, grad_clip=None), skip_padding=True)
     lp = Learner(model, settings, PPOClip(), [], driver=None).logprobs(model, ids, att, mask)
     with torch.no_grad():
         ref, _ = response_logprobs(model, ids, att, T)

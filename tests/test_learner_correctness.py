@@ -26,8 +26,10 @@ class HookCounter(L.Callback):
 
 def _one_step(model_dir, plugins, grad_clip):
     torch.manual_seed(0)
-    module = make_module(model_dir, mini_batch_size=1, grad_clip=grad_clip,
-                         optimizer=lambda p: torch.optim.SGD(p, lr=1e-2))
+    module = make_module(
+        model_dir, optimizer=lambda p: torch.optim.SGD(p, lr=1e-2),
+        update=dict(mini_batch_size=1, grad_clip=grad_clip),
+    )
     counter = HookCounter()
     trainer = fit(module, make_data(val_size=0), steps=1, callbacks=[counter], plugins=plugins,
                   limit_val_batches=0)
@@ -96,8 +98,10 @@ def test_kl_cov_stays_inert_after_a_filtered_first_mini_batch(tiny_model_dir):
     policy: KL-Cov must apply nothing there (it used to apply beta * sign(float noise) because it
     keyed on the update index), and the covariance uses the rollout log-probs (no extra forward)."""
     probe = KLCovProbe(ratio=0.2, beta=1.0)
-    module = make_module(tiny_model_dir, group_size=G, mini_batch_size=1, filter_groups=True,
-                         reward=FirstGroupConstant(), reward_timeout_s=None, ppo_epochs=2)
+    module = make_module(
+        tiny_model_dir, reward=FirstGroupConstant(), reward_timeout_s=None,
+        rollout=dict(group_size=G, filter_groups=True), update=dict(mini_batch_size=1, ppo_epochs=2),
+    )
     trainer = fit(module, make_data(batch_size=B, val_size=0), steps=1, callbacks=[probe], limit_val_batches=0)
     # schedule: [mb0 (filtered), mb1, mb0 (filtered), mb1]: the shape() calls come from mb1 only
     assert [s[0] for s in probe.seen] == [1, 3]
@@ -136,7 +140,7 @@ def test_stacked_covariance_regularizers_keep_their_own_metrics(tiny_model_dir, 
     """Clip-Cov and KL-Cov both wrote cov/selected_* and the last one won."""
     from tests.helpers import scalar_tags
 
-    module = make_module(tiny_model_dir, mini_batch_size=2)
+    module = make_module(tiny_model_dir, update=dict(mini_batch_size=2))
     regs = [ClipCov(ratio=0.3, lb=-1e9, ub=1e9), KLCov(ratio=0.1)]
     fit(module, make_data(val_size=0), steps=2, callbacks=regs, log_dir=tmp_path, limit_val_batches=0)
     tags = scalar_tags(tmp_path)
@@ -175,7 +179,9 @@ def test_recomputed_old_logprobs_make_the_first_ratio_exactly_one(tiny_model_dir
     """The sampler's recorded log-probs differ from the training forward's by float rounding;
     `recompute_logprobs` replaces them with a no-grad training forward (verl's way)."""
     probe = FirstUpdateGap()
-    module = make_module(tiny_model_dir, recompute_logprobs=recompute, micro_batch_size=8, max_new_tokens=6)
+    module = make_module(
+        tiny_model_dir, rollout=dict(max_new_tokens=6), update=dict(recompute_logprobs=recompute, micro_batch_size=8),
+    )
     fit(module, make_data(val_size=0), steps=2, callbacks=[probe], limit_val_batches=0)
     assert len(probe.gaps) == 2 * 2  # 2 steps x 2 micro-batches of 8 rows, all on the first update
     if recompute:

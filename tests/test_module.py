@@ -20,7 +20,7 @@ from lit_covrl.regularizers import (
     SteerWeights,
 )
 from lit_covrl.types import TokenShaping
-from tests.helpers import fit, scalar_tags
+from tests.helpers import fit, merge_settings, scalar_tags
 
 REQUIRED_TAGS = [
     "rollout/reward_mean", "rollout/accuracy", "rollout/response_length", "rollout/truncated_frac",
@@ -38,11 +38,11 @@ class OnesReward:
 
 def make_module(model_dir: str, **overrides) -> GRPOModule:
     kw = dict(
-        model=model_dir, reward=OnesReward(), correct_threshold=0.5, group_size=4, max_new_tokens=4,
-        val_samples=4, val_k=2, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-2),
+        model=model_dir, reward=OnesReward(), correct_threshold=0.5,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-2), rollout=dict(group_size=4, max_new_tokens=4),
+        eval=dict(samples=4, k=2),
     )
-    kw.update(overrides)
-    return GRPOModule(**kw)
+    return GRPOModule(**merge_settings(kw, overrides))
 
 
 def make_data(**overrides) -> PromptDataModule:
@@ -72,7 +72,7 @@ def test_short_fit_changes_weights_and_writes_required_tags(tiny_model_dir, tmp_
 
 def test_global_step_counts_rollouts_not_updates(tiny_model_dir):
     # 2 mini-batches x 2 epochs = 4 optimizer updates per rollout, still one global step
-    module = make_module(tiny_model_dir, mini_batch_size=2, ppo_epochs=2)
+    module = make_module(tiny_model_dir, update=dict(mini_batch_size=2, ppo_epochs=2))
     trainer = fit(module, make_data(), steps=2, limit_val_batches=0)
     assert trainer.global_step == 2
     assert module.updates_per_rollout == 4
@@ -80,7 +80,7 @@ def test_global_step_counts_rollouts_not_updates(tiny_model_dir):
 
 def test_training_raises_the_reward(tiny_model_dir, tmp_path):
     """The metric must actually move: GRPO on a learnable reward for 25 steps."""
-    module = make_module(tiny_model_dir, group_size=8, max_new_tokens=6)
+    module = make_module(tiny_model_dir, rollout=dict(group_size=8, max_new_tokens=6))
     fit(module, make_data(batch_size=8), steps=25, log_dir=tmp_path, limit_val_batches=0)
     reward = [v for _, v in scalar_tags(tmp_path)["rollout/reward_mean"]]
     first, last = sum(reward[:5]) / 5, sum(reward[-5:]) / 5
@@ -91,8 +91,8 @@ def test_training_raises_the_reward(tiny_model_dir, tmp_path):
 def _one_rl_step_weights(model_dir: str, micro: int, regs_factory, **overrides) -> tuple[dict, dict]:
     torch.manual_seed(0)
     module = make_module(
-        model_dir, micro_batch_size=micro, mini_batch_size=2, ppo_epochs=2, grad_clip=None,
-        optimizer=lambda p: torch.optim.SGD(p, lr=0.5), **overrides,
+        model_dir, optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+        update=dict(micro_batch_size=micro, mini_batch_size=2, ppo_epochs=2, grad_clip=None), **overrides,
     )
     trainer = fit(module, make_data(), steps=1, callbacks=regs_factory(), limit_val_batches=0)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("time/") and "per_s" not in k}
@@ -217,8 +217,10 @@ def test_single_micro_batch_selection_reuses_the_training_forward(tiny_model_dir
     per_pass = 2 if shared_prompt else 1
 
     def update_forwards(micro: int) -> int:
-        module = make_module(tiny_model_dir, micro_batch_size=micro, mini_batch_size=2, ppo_epochs=2,
-                             shared_prompt=shared_prompt)
+        module = make_module(
+            tiny_model_dir, update=dict(micro_batch_size=micro, mini_batch_size=2, ppo_epochs=2),
+            system=dict(shared_prompt=shared_prompt),
+        )
         module.configure_model()
         calls = []
         module.policy.register_forward_pre_hook(lambda *_: calls.append(1))
@@ -276,24 +278,50 @@ def test_a_failing_reward_never_kills_the_run(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "field,value,message",
+    "group,field,value,message",
     [
-        ("advantage", "ppo", "valid estimators"),
-        ("group_size", 1, "group_size"),
-        ("loss_agg_mode", "mean", "valid modes"),
-        ("clip_low", 1.5, "clip_low"),
-        ("dual_clip", 0.5, "dual_clip"),
-        ("val_k", 99, "val_k"),
-        ("top_p", 0.0, "top_p"),
+        ("loss", "advantage", "ppo", r"model\.loss\.advantage='ppo' is invalid: valid estimators"),
+        ("rollout", "group_size", 1, r"model\.rollout\.group_size=1 is invalid: model\.loss\.advantage='grpo' needs >= 2"),
+        ("rollout", "group_size", 0, r"model\.rollout\.group_size=0 is invalid: must be >= 1"),
+        ("rollout", "top_p", 0.0, r"model\.rollout\.top_p=0\.0 is invalid: must be in \(0, 1\]"),
+        ("rollout", "overlong", "drop", r"model\.rollout\.overlong='drop' is invalid"),
+        ("loss", "loss_agg_mode", "mean", r"model\.loss\.loss_agg_mode='mean' is invalid: valid modes"),
+        ("loss", "clip_low", 1.5, r"model\.loss\.clip_low=1\.5 is invalid: must be <= 1"),
+        ("loss", "dual_clip", 0.5, r"model\.loss\.dual_clip=0\.5 is invalid: must be > 1"),
+        ("update", "micro_batch_size", 0, r"model\.update\.micro_batch_size=0 is invalid: must be >= 1"),
+        ("update", "mini_batch_size", 0, r"model\.update\.mini_batch_size=0 is invalid: must be >= 1 or null"),
+        ("update", "grad_clip", 0.0, r"model\.update\.grad_clip=0\.0 is invalid: must be > 0 or null"),
+        ("eval", "k", 99, r"model\.eval\.k=99 is invalid: must be <= model\.eval\.samples=4"),
+        ("eval", "temperature", 0.0, r"model\.eval\.temperature=0\.0 is invalid: must be > 0"),
+        ("system", "rollout_gather", "never", r"model\.system\.rollout_gather='never' is invalid"),
+        ("system", "fsdp_mixed_precision", "fp8", r"model\.system\.fsdp_mixed_precision='fp8' is invalid"),
     ],
 )
-def test_bad_settings_fail_at_construction(tiny_model_dir, field, value, message):
+def test_bad_settings_fail_at_construction_naming_the_full_key(tiny_model_dir, group, field, value, message):
     with pytest.raises(ValueError, match=message):
-        make_module(tiny_model_dir, **{field: value})
+        make_module(tiny_model_dir, **{group: {field: value}})
+
+
+def test_settings_groups_as_dicts_or_dataclasses(tiny_model_dir):
+    """A group is the dataclass or a plain dict of its keys; hparams hold plain dicts (what
+    checkpoints store and `load_from_checkpoint` passes back)."""
+    from lit_covrl.settings import RolloutSettings
+
+    a = make_module(tiny_model_dir, rollout=dict(group_size=2, max_new_tokens=3))
+    b = make_module(tiny_model_dir, rollout=RolloutSettings(group_size=2, max_new_tokens=3))
+    assert a.settings == b.settings and a.settings.rollout.group_size == 2
+    assert a.hparams.rollout == b.hparams.rollout and type(a.hparams.rollout) is dict
+    assert a.hparams.rollout["max_new_tokens"] == 3 and a.hparams.eval == {"samples": 4, "k": 2, "temperature": 1.0}
+    assert GRPOModule().settings.rollout == RolloutSettings()  # defaults unchanged: G = 8, 16 new tokens
+    assert (GRPOModule().settings.rollout.group_size, GRPOModule().settings.rollout.max_new_tokens) == (8, 16)
+    with pytest.raises(ValueError, match=r"model\.rollout\.val_k is not a setting \(val_k is model\.eval\.k\)"):
+        make_module(tiny_model_dir, rollout=dict(val_k=2))
+    with pytest.raises(TypeError, match="model.update must be a UpdateSettings or a dict"):
+        make_module(tiny_model_dir, update=[1])
 
 
 def test_mini_batch_must_divide_batch(tiny_model_dir):
-    module = make_module(tiny_model_dir, mini_batch_size=3)
+    module = make_module(tiny_model_dir, update=dict(mini_batch_size=3))
     with pytest.raises(ValueError, match="mini_batch_size=3 must divide data.batch_size=4"):
         fit(module, make_data(), steps=1)
 
@@ -305,7 +333,7 @@ def test_reference_model_only_when_a_regularizer_needs_it(tiny_model_dir, tmp_pa
     fit(plain, make_data(), steps=1, limit_val_batches=0)
     assert plain._reference is None
 
-    module = make_module(tiny_model_dir, mini_batch_size=2)
+    module = make_module(tiny_model_dir, update=dict(mini_batch_size=2))
     trainer = fit(module, make_data(), steps=2, callbacks=[ReferenceKL(beta=0.1, estimator="k3")],
                   log_dir=tmp_path, limit_val_batches=0)
     assert module._reference is not None
@@ -321,7 +349,7 @@ def test_reference_model_only_when_a_regularizer_needs_it(tiny_model_dir, tmp_pa
 @pytest.mark.parametrize("policy", ["penalize", "mask"])
 def test_truncated_responses_follow_the_overlong_policy(tiny_model_dir, tmp_path, policy):
     # one new token: a random 17-token model almost never emits EOS first, so ~94% are truncated
-    module = make_module(tiny_model_dir, max_new_tokens=1, overlong=policy, overlong_reward=-1.0)
+    module = make_module(tiny_model_dir, rollout=dict(max_new_tokens=1, overlong=policy, overlong_reward=-1.0))
     fit(module, make_data(), steps=2, log_dir=tmp_path, limit_val_batches=0)
     tags = scalar_tags(tmp_path)
     truncated = [v for _, v in tags["rollout/truncated_frac"]]

@@ -9,6 +9,7 @@ import torch
 
 from lit_covrl.algorithms import aggregate, ppo_clipped_tokens, ppo_stats, ppo_token_loss
 from lit_covrl.objectives import CISPO, GSPO, PPOClip, resolve_objective
+from lit_covrl.settings import LossSettings
 from lit_covrl.regularizers import ClipCov, KLCov
 from lit_covrl.regularizers.base import MiniBatchContext
 from lit_covrl.types import PolicyBatch, TokenShaping
@@ -113,14 +114,13 @@ def test_ppo_clip_is_todays_loss():
 
 
 def test_module_objective_default_and_conflicts():
-    hp = {"clip_low": 0.1, "clip_high": 0.28, "dual_clip": 3.0, "logratio_clamp": 10.0}
-    default = resolve_objective(None, hp)
+    loss = LossSettings(clip_low=0.1, clip_high=0.28, dual_clip=3.0, logratio_clamp=10.0)
+    default = resolve_objective(None, loss)
     assert isinstance(default, PPOClip) and (default.clip_low, default.clip_high, default.dual_clip) == (0.1, 0.28, 3.0)
-    defaults = {"clip_low": 0.2, "clip_high": 0.2, "dual_clip": None, "logratio_clamp": 20.0}
     gspo = GSPO()
-    assert resolve_objective(gspo, defaults) is gspo
-    with pytest.raises(ValueError, match=r"model.clip_high=0.28.*model.objective.init_args"):
-        resolve_objective(gspo, {**defaults, "clip_high": 0.28})
+    assert resolve_objective(gspo, LossSettings()) is gspo
+    with pytest.raises(ValueError, match=r"model.loss.clip_high=0.28.*model.objective.init_args"):
+        resolve_objective(gspo, LossSettings(clip_high=0.28))
     with pytest.raises(ValueError, match="GSPO.clip_low"):
         GSPO(clip_low=-1.0)
 
@@ -166,6 +166,6 @@ def test_module_refuses_an_objective_with_non_default_clip_keys():
     from lit_covrl.module import GRPOModule
 
     assert isinstance(GRPOModule(objective=CISPO()).objective, CISPO)
-    assert GRPOModule(clip_high=0.28).objective.clip_high == 0.28  # the default PPOClip takes the module keys
-    with pytest.raises(ValueError, match=r"model.objective=GSPO.*model.clip_low=None, model.clip_high=None"):
-        GRPOModule(objective=GSPO(), clip_low=None, clip_high=None)  # e.g. gspo.yaml stacked with kl_cov.yaml
+    assert GRPOModule(loss=dict(clip_high=0.28)).objective.clip_high == 0.28  # the default PPOClip takes the module keys
+    with pytest.raises(ValueError, match=r"model.objective=GSPO.*model.loss.clip_low=None, model.loss.clip_high=None"):
+        GRPOModule(objective=GSPO(), loss=dict(clip_low=None, clip_high=None))  # e.g. gspo.yaml stacked with kl_cov.yaml

@@ -90,6 +90,7 @@ def test_learner_forwards_skip_padding_and_keep_the_result(tiny_model_dir, share
     over all rows in the rollout's layout, row for row, and its forwards see fewer columns."""
     from lit_covrl.learner import Learner, LearnerSettings
     from lit_covrl.objectives import PPOClip
+    from lit_covrl.settings import LossSettings, RolloutSettings, UpdateSettings
 
     torch.manual_seed(0)
     model = load_policy(tiny_model_dir)
@@ -100,9 +101,8 @@ def test_learner_forwards_skip_padding_and_keep_the_result(tiny_model_dir, share
     responses = [rnd(n) for n in (1, 10, 2, 3, 1, 2)]
     ids, att, T = _rollout_rows(prompts, responses)
     mask = att[:, -T:].float()
-    settings = LearnerSettings(group_size=3, mini_batch_size=None, micro_batch_size=2, ppo_epochs=1,
-                               loss_agg_mode="token-mean", max_new_tokens=T, temperature=1.0,
-                               logprob_chunk_size=1024, grad_clip=None, max_consecutive_skips=3,
+    settings = LearnerSettings(RolloutSettings(group_size=3, max_new_tokens=T), LossSettings(),
+                               UpdateSettings(micro_batch_size=2, grad_clip=None),
                                shared_prompt=shared_prompt, skip_padding=True)
     learner = Learner(model, settings, PPOClip(), [], driver=None)
     widths = []
@@ -125,8 +125,9 @@ def _fit_run(tiny_model_dir, tmp_path, *, skip_padding: bool):
     from tests.helpers import fit, scalar_tags
 
     torch.manual_seed(0)
-    module = GRPOModule(model=tiny_model_dir, group_size=4, max_new_tokens=6, mini_batch_size=2, micro_batch_size=3,
-                        ppo_epochs=2, seed=0, skip_padding=skip_padding,
+    module = GRPOModule(model=tiny_model_dir, rollout={"group_size": 4, "max_new_tokens": 6},
+                        update={"mini_batch_size": 2, "micro_batch_size": 3, "ppo_epochs": 2}, seed=0,
+                        system={"skip_padding": skip_padding},
                         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0))
     module.configure_model()
     columns = []
@@ -157,7 +158,7 @@ def test_skip_padding_default_follows_the_device(tiny_model_dir):
     from lit_covrl.module import GRPOModule
 
     auto = GRPOModule(model=tiny_model_dir)
-    assert auto.hparams.skip_padding is None and not auto.skip_padding_on
+    assert auto.hparams.system["skip_padding"] is None and not auto.skip_padding_on
     auto._device = torch.device("cuda", 0)  # what Lightning sets when the module moves to a GPU
     assert auto.skip_padding_on
-    assert GRPOModule(model=tiny_model_dir, skip_padding=True).skip_padding_on
+    assert GRPOModule(model=tiny_model_dir, system={"skip_padding": True}).skip_padding_on

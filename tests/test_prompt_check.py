@@ -101,7 +101,7 @@ def test_unencodable_prompts_skipped_and_counted(tiny_model_dir, tmp_path, caplo
 
 def test_overlong_prompt_error_names_file_line(tiny_model_dir, tmp_path):
     train = _rows(tmp_path / "p.jsonl", ["1+0=", "1+" * 40 + "0="])
-    module = make_module(tiny_model_dir, max_prompt_length=16)
+    module = make_module(tiny_model_dir, rollout=dict(max_prompt_length=16))
     with pytest.raises(ValueError, match=rf"^{train}:2: prompt '1\+1\+.*' has 82 tokens > max_prompt_length=16"):
         fit(module, PromptDataModule(task=None, train_files=[train], batch_size=2), steps=1)
 
@@ -116,7 +116,7 @@ def test_a_task_the_tokenizer_cannot_represent_is_reported(tiny_model_dir, caplo
     for a digits-only tokenizer) is reported at start-up, from its held-out prompts."""
     data = PromptDataModule(task="word_problems", batch_size=2, val_size=6, val_batch_size=6)
     with caplog.at_level(logging.WARNING, logger="lit_covrl"):
-        fit(make_module(tiny_model_dir, max_new_tokens=2), data, steps=1, limit_val_batches=0)
+        fit(make_module(tiny_model_dir, rollout=dict(max_new_tokens=2)), data, steps=1, limit_val_batches=0)
     reports = [r.getMessage() for r in caplog.records if "held-out prompts of the task" in r.getMessage()]
     assert len(reports) == 1 and reports[0].startswith("6 of 6 held-out prompts"), reports
     assert "(first: task 'word_problems', held-out prompt 1: prompt " in reports[0], reports

@@ -28,7 +28,7 @@ class NaNPenalty(Regularizer):
 
 
 def test_non_finite_update_is_skipped_whole_and_counted(tiny_model_dir, tmp_path):
-    module = make_module(tiny_model_dir, mini_batch_size=2)  # 2 updates per rollout
+    module = make_module(tiny_model_dir, update=dict(mini_batch_size=2))  # 2 updates per rollout
     module.configure_model()
     before = {k: v.clone() for k, v in module.policy.state_dict().items()}
     trainer = fit(module, make_data(), steps=1, callbacks=[NaNPenalty(bad_updates=2)], log_dir=tmp_path,
@@ -42,7 +42,7 @@ def test_non_finite_update_is_skipped_whole_and_counted(tiny_model_dir, tmp_path
 
 
 def test_training_continues_after_a_transient_bad_update(tiny_model_dir):
-    module = make_module(tiny_model_dir, mini_batch_size=2)
+    module = make_module(tiny_model_dir, update=dict(mini_batch_size=2))
     module.configure_model()
     before = {k: v.clone() for k, v in module.policy.state_dict().items()}
     fit(module, make_data(), steps=2, callbacks=[NaNPenalty(bad_updates=1)], limit_val_batches=0)
@@ -51,7 +51,7 @@ def test_training_continues_after_a_transient_bad_update(tiny_model_dir):
 
 
 def test_too_many_consecutive_bad_updates_stop_with_a_checkpoint(tiny_model_dir, tmp_path):
-    module = make_module(tiny_model_dir, mini_batch_size=2, max_consecutive_skips=3)
+    module = make_module(tiny_model_dir, update=dict(mini_batch_size=2, max_consecutive_skips=3))
     with pytest.raises(RuntimeError, match="3 consecutive optimizer updates had non-finite gradients"):
         fit(module, make_data(), steps=5, callbacks=[NaNPenalty(bad_updates=100)], limit_val_batches=0,
             default_root_dir=str(tmp_path))
@@ -66,8 +66,8 @@ def test_out_of_memory_in_a_rollout_names_the_settings_to_lower(tiny_model_dir, 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(module, "_sample", oom)
-    with pytest.raises(torch.OutOfMemoryError, match="Lower data.batch_size, model.group_size or model.max_new_tokens"):
+    monkeypatch.setattr(module.generation, "sample", oom)
+    with pytest.raises(torch.OutOfMemoryError, match="Lower data.batch_size, model.rollout.group_size or model.rollout.max_new_tokens"):
         module.generate(["1+1="], 2, temperature=1.0, generator=torch.Generator())
 
 
@@ -78,10 +78,10 @@ def test_an_overlong_prompt_in_a_data_file_fails_at_start_up(tiny_model_dir, tmp
 
     rows = tmp_path / "p.jsonl"
     rows.write_text("".join(json.dumps({"prompt": p, "answer": "1"}) + "\n" for p in ["1+0=", "1+" * 40 + "0="]))
-    module = make_module(tiny_model_dir, max_prompt_length=16)
+    module = make_module(tiny_model_dir, rollout=dict(max_prompt_length=16))
     data = PromptDataModule(task=None, train_files=[str(rows)], batch_size=2)
     with pytest.raises(ValueError, match=r"has 82 tokens > max_prompt_length=16"):
         fit(module, data, steps=1)
     assert module.global_step == 0  # nothing ran
-    ok = make_module(tiny_model_dir, max_prompt_length=16, prompt_overflow="truncate_left")
+    ok = make_module(tiny_model_dir, rollout=dict(max_prompt_length=16, prompt_overflow="truncate_left"))
     fit(ok, PromptDataModule(task=None, train_files=[str(rows)], batch_size=2), steps=1, limit_val_batches=0)

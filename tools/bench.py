@@ -70,7 +70,7 @@ def run(quick: bool = False, sizes: tuple[str, ...] | None = None, progress=None
         say("overhead (quickstart config: 4 updates per rollout)")
         res["overhead"] = bench_overhead(model, rounds=rounds, log_dir=tmp)
         say("overhead (1 update per rollout)")
-        res["overhead_1update"] = bench_overhead(model, rounds=rounds, log_dir=tmp, mini_batch_size=None)
+        res["overhead_1update"] = bench_overhead(model, rounds=rounds, log_dir=tmp, update={"mini_batch_size": None})
         say("selection")
         res["selection_ms"] = bench_selection(repeats=2 if quick else 9)
         say("wasted-pass checks")

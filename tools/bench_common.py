@@ -88,12 +88,13 @@ def make_module(model: str, **overrides):
     from lit_covrl.module import GRPOModule
 
     kw = dict(
-        model=model, group_size=8, max_new_tokens=5, temperature=1.0, advantage="grpo", clip_low=0.2,
-        clip_high=0.2, loss_agg_mode="token-mean", mini_batch_size=4, micro_batch_size=128, ppo_epochs=1,
-        grad_clip=1.0, seed=0,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=0.0),
+        model=model, seed=0, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=0.0),
+        rollout=dict(group_size=8, max_new_tokens=5, temperature=1.0),
+        loss=dict(advantage="grpo", clip_low=0.2, clip_high=0.2, loss_agg_mode="token-mean"),
+        update=dict(mini_batch_size=4, micro_batch_size=128, ppo_epochs=1, grad_clip=1.0),
     )
-    kw.update(overrides)
+    for key, value in overrides.items():  # a settings group given as a dict merges into the default one
+        kw[key] = {**kw[key], **value} if isinstance(value, dict) and isinstance(kw.get(key), dict) else value
     return GRPOModule(**kw)
 
 

@@ -1,5 +1,5 @@
 """Rollout and update time per RL step on CPU: 1 process vs 2 gloo processes under FSDP2, with
-parameters gathered per decoding forward or once per rollout (model.rollout_gather).
+parameters gathered per decoding forward or once per rollout (model.system.rollout_gather).
 
     python tools/bench_fsdp.py [model] [--steps 6] [--prompts 16]
 
@@ -37,7 +37,10 @@ def _run(model: str, world: int, gather: str, steps: int, prompts: int, out: str
     from lit_covrl.sharding import FSDP2Strategy
 
     times = _Times()
-    module = GRPOModule(model=model, group_size=8, max_new_tokens=16, micro_batch_size=64, rollout_gather=gather)
+    module = GRPOModule(
+        model=model, rollout=dict(group_size=8, max_new_tokens=16), update=dict(micro_batch_size=64),
+        system=dict(rollout_gather=gather),
+    )
     trainer = L.Trainer(
         accelerator="cpu", devices=world, max_steps=steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,

@@ -154,11 +154,11 @@ def run_one(name: str, args) -> dict:
                          **{f"sampler_{k}": float(v) for k, v in getattr(sampler, "last_stats", {}).items()}})
 
     module = GRPOModule(
-        model=str(args.model_dir), group_size=args.group, max_new_tokens=args.new_tokens,
-        max_prompt_length=args.prompt_len, reward=HashReward(), mini_batch_size=args.prompts // args.updates,
-        micro_batch_size=args.micro, seed=0, sampler=sampler,
+        model=str(args.model_dir), reward=HashReward(), seed=0, sampler=sampler,
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6, weight_decay=0.0),
-        **(dict(fsdp_mixed_precision="bf16", rollout_gather="once") if fsdp else {}),
+        rollout=dict(group_size=args.group, max_new_tokens=args.new_tokens, max_prompt_length=args.prompt_len),
+        update=dict(mini_batch_size=args.prompts // args.updates, micro_batch_size=args.micro),
+        **(dict(system=dict(fsdp_mixed_precision="bf16", rollout_gather="once")) if fsdp else {}),
     )
     data = PromptDataModule(task=None, train_files=[str(args.prompts_file)], batch_size=args.prompts, seed=0)
     trainer = L.Trainer(

@@ -47,7 +47,7 @@ class PhaseRecorder:
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
                 self._t0 = time.perf_counter()
-                self._n = len(batch.prompts) * pl_module.hparams.group_size
+                self._n = len(batch.prompts) * pl_module.settings.rollout.group_size
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
                 wall = time.perf_counter() - self._t0
@@ -107,11 +107,11 @@ class OverheadProbe:
 
                 task, rng = get_task("arithmetic"), random.Random(0)
                 examples = [task.sample(rng) for _ in range(trainer.datamodule.hparams.batch_size)]
-                G = module.hparams.group_size
+                G = module.settings.rollout.group_size
                 rollout = module.generate([e.prompt for e in examples], G, temperature=1.0,
                                           generator=torch.Generator().manual_seed(0))
                 rewards, _ = module.score(rollout.completions, [e.answer for e in examples for _ in range(G)])
-                adv = compute_advantages(rewards, G, module.hparams.advantage)
+                adv = compute_advantages(rewards, G, module.settings.loss.advantage)
                 keep = torch.ones(len(adv), dtype=torch.bool)
                 opt = module.optimizers()
                 policy0 = copy.deepcopy(module.policy.state_dict())
@@ -255,8 +255,8 @@ def check_passes(model: str, log_dir: str, steps: int = 2) -> dict:
 
             r.prepare = prepare
         _fit(module, make_data(), steps, [c, *reg_objs], log_dir)
-        hp = module.hparams
-        per_update_micro = -(-hp.mini_batch_size * hp.group_size // hp.micro_batch_size)
+        upd = module.settings.update
+        per_update_micro = -(-upd.mini_batch_size * module.settings.rollout.group_size // upd.micro_batch_size)
         # a pass is 2 forwards with shared_prompt (the groups' prompts, then the responses; every
         # micro-batch here holds whole groups), else 1 over prompt+response
         per_pass = 2 if module.shared_prompt_on else 1

@@ -20,6 +20,7 @@ import torch
 from lit_covrl.learner import Learner, LearnerSettings
 from lit_covrl.objectives import PPOClip
 from lit_covrl.policy import load_policy
+from lit_covrl.settings import LossSettings, RolloutSettings, UpdateSettings
 
 
 def make_rollout(rows: int, mean_len: float, max_len: int, vocab: int, seed: int = 0):
@@ -64,9 +65,8 @@ def main(argv=None) -> None:
     ids, att, mask = make_rollout(args.rows, args.mean_len, args.max_len, model.config.vocab_size)
     learners = {}
     for skip in (False, True):
-        s = LearnerSettings(group_size=1, mini_batch_size=None, micro_batch_size=args.micro, ppo_epochs=1,
-                            loss_agg_mode="token-mean", max_new_tokens=mask.shape[1], temperature=1.0,
-                            logprob_chunk_size=1024, grad_clip=None, max_consecutive_skips=3, skip_padding=skip)
+        s = LearnerSettings(RolloutSettings(group_size=1, max_new_tokens=mask.shape[1]), LossSettings(),
+                            UpdateSettings(micro_batch_size=args.micro, grad_clip=None), skip_padding=skip)
         learners[skip] = Learner(model, s, PPOClip(), [], driver=None)
     times = {False: [], True: []}
     positions = {}

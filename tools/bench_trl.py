@@ -66,8 +66,10 @@ def prompts(n: int) -> list:
 
 
 def run_lit(updates: int, rollouts: int, warmup: int, max_new_tokens: int, log_dir: str) -> list[dict]:
-    module = bench.make_module(bench.QUICKSTART, max_new_tokens=max_new_tokens,
-                               mini_batch_size=None if updates == 1 else PROMPTS_PER_ROLLOUT // updates)
+    module = bench.make_module(
+        bench.QUICKSTART, rollout=dict(max_new_tokens=max_new_tokens),
+        update=dict(mini_batch_size=None if updates == 1 else PROMPTS_PER_ROLLOUT // updates),
+    )
     rec = bench.PhaseRecorder()
     bench._fit(module, bench.make_data(PROMPTS_PER_ROLLOUT), warmup + rollouts + 1, [rec], log_dir)
     st = rec.steps  # one extra rollout so that every measured one has a next start

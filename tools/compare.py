@@ -18,7 +18,7 @@ entropy_advantage, entropy_ratio_clip (regularizers) and gspo, cispo (objectives
   DIR/runs.csv                 method, seed, wall_s, returncode per run
   DIR/summary.csv              one row per (method, seed, logged step), see lab.analysis
   DIR/report.md + DIR/*.png    per-method table (mean +- std over seeds) and plots
-`--set key=value` (repeatable) passes `--key value` to every run, e.g. `--set model.val_k=4`.
+`--set key=value` (repeatable) passes `--key value` to every run, e.g. `--set model.eval.k=4`.
 `--report-only` rebuilds summary.csv and report.md from DIR/runs without training.
 """
 from __future__ import annotations
@@ -419,7 +419,7 @@ def make_report(out: Path, rows: list[dict], methods: list[str], meta: list[dict
         files.append(fp)
     lines = ["# Entropy-control comparison", "", "Command:", "", "```bash", command, "```", ""]
     lines += ["Per method, mean ± std over seeds. Entropy: mean of the first / last 5 RL steps; "
-              "pass@k on the held-out prompts (k = model.val_k); 'final' = last validation; "
+              "pass@k on the held-out prompts (k = model.eval.k); 'final' = last validation; "
               "selected = mean fraction of tokens a regularizer selected per step.", ""]
     head = ["method", "seeds", "entropy initial", "entropy final", "final/initial", "final pass@1",
             "final pass@k", "best pass@k", "train acc (last 10)", "selected frac", "wall s"]

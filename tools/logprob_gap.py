@@ -6,7 +6,7 @@ prints how much float rounding separates them, per dtype, on the shipped tiny mo
 
     python tools/logprob_gap.py [--model lit_covrl:tiny-arith] [--dtypes float32,bfloat16]
 
-`model.recompute_logprobs: true` makes the first update's PPO ratio exactly 1 where this matters.
+`model.update.recompute_logprobs: true` makes the first update's PPO ratio exactly 1 where this matters.
 """
 from __future__ import annotations
 

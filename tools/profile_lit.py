@@ -69,13 +69,14 @@ def instrument(module, timers: Timers) -> None:
     if _PATCHED:
         return
     _PATCHED.append(True)
+    import lit_covrl.generation as Gen
     import lit_covrl.module as M
     import lit_covrl.policy as P
     import lit_covrl.sampling.kv_cache as R
     import lit_covrl.learner as U
 
     w = timers.wrap
-    M.encode_prompts = w("encode prompts", M.encode_prompts)
+    Gen.encode_prompts = w("encode prompts", Gen.encode_prompts)
     R.KVCacheSampler.sample = w("sampler", R.KVCacheSampler.sample)
     R.forward_with_cache = w("model forward (decode)", R.forward_with_cache)
     M.compute_advantages = w("advantages", M.compute_advantages)
@@ -144,7 +145,8 @@ def run_lit(steps: int, warmup: int, log_dir: str, *, profiler=None, plain_prefi
 
 
 def _run_lit(steps: int, warmup: int, log_dir: str, *, profiler=None, module_kw: dict) -> dict:
-    module = bench.make_module(bench.QUICKSTART, **{"mini_batch_size": None, **module_kw})
+    update = {"mini_batch_size": None, **module_kw.get("update", {})}
+    module = bench.make_module(bench.QUICKSTART, **{**module_kw, "update": update})
     module.configure_model()
     timers = TIMERS
     timers.excl.clear()

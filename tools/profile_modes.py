@@ -4,7 +4,7 @@ is in profile_step.py itself):
 - `--cprofile`: cProfile of the measured lit_covrl steps, top functions by cumulative time;
 - `--ops`: torch.profiler aten op counts and self-CPU shares, lit_covrl steps then the floor;
 - `--ab`: interleaved A/B of the sampler's prompt forward (every row vs once per group);
-- `--ab-train`: interleaved A/B of `model.shared_prompt` (training and no-grad log-prob forwards
+- `--ab-train`: interleaved A/B of `model.system.shared_prompt` (training and no-grad log-prob forwards
   on prompt+response for every row vs the prompt once per group), at `--updates` 1 or 4.
 
 `--trl` adds TRL's GRPOTrainer blocks (tools/bench_trl.py) to the A/B modes.
@@ -78,7 +78,7 @@ def ab_train(args, tmp) -> None:
     blocks = {name: [] for name in AB_TRAIN}
     for rep in range(args.reps):
         for name, on in AB_TRAIN.items():
-            r = run_lit(args.steps, args.warmup, tmp, module_kw={"shared_prompt": on, "mini_batch_size": mbs})
+            r = run_lit(args.steps, args.warmup, tmp, module_kw={"system": {"shared_prompt": on}, "update": {"mini_batch_size": mbs}})
             runs[name] += r["per_step"]
             blocks[name].append(r)
         if args.trl:

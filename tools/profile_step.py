@@ -20,7 +20,7 @@ Trainer with a TensorBoard logger, one torch thread.
    clipped-ratio token-mean loss, backward, grad-norm clip and one AdamW step; no Lightning,
    no metrics, no logging. Timed in blocks interleaved with lit_covrl blocks (A B A B ...).
 3. `--ab`: interleaved A/B of the sampler's prompt forward (every row vs once per group);
-   `--ab-train`: interleaved A/B of `model.shared_prompt` (the training and no-grad log-prob
+   `--ab-train`: interleaved A/B of `model.system.shared_prompt` (the training and no-grad log-prob
    forwards: prompt+response on every row vs the prompt once per group), at `--updates` 1 or 4
    optimizer updates per rollout, with TRL blocks at the same setting under `--trl`.
 4. `--cprofile`: cProfile of the measured steps, top functions by cumulative time (detail of
@@ -167,7 +167,7 @@ def _parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--ab", action="store_true",
                     help="interleaved A/B: prompt forward on every row (before) vs once per group (now)")
     ap.add_argument("--ab-train", action="store_true",
-                    help="interleaved A/B of model.shared_prompt: training forward on every row vs prompt once per group")
+                    help="interleaved A/B of model.system.shared_prompt: training forward on every row vs prompt once per group")
     ap.add_argument("--updates", type=int, default=1, choices=(1, 4), help="optimizer updates per rollout (--ab-train)")
     ap.add_argument("--trl", action="store_true", help="also TRL's GRPOTrainer blocks (tools/bench_trl.py)")
     return ap.parse_args(argv)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lit_covrl.algorithms import ppo_clipped_tokens, ppo_stats, ppo_token_loss
 
-__all__ = ["Objective", "PPOClip", "resolve_objective", "CLIP_DEFAULTS"]
+__all__ = ["Objective", "PPOClip", "resolve_objective"]
 
 
 def check_clip(owner: str, clip_low: float | None, clip_high: float | None, logratio_clamp: float | None) -> None:
@@ -96,25 +96,23 @@ class PPOClip(Objective):
         return ppo_stats(logp, old_logp, advantages, mask, num_tokens=num_tokens, **self._kw())
 
 
-# GRPOModule's clip settings and their defaults: they configure the default PPOClip only
-CLIP_DEFAULTS = {"clip_low": 0.2, "clip_high": 0.2, "dual_clip": None, "logratio_clamp": 20.0}
-
-
-def resolve_objective(objective: Objective | None, hp) -> Objective:
-    """The module's objective: `objective` as given, else PPOClip from the module's clip settings.
-    Setting both an explicit objective and a non-default module clip setting is refused (the
-    module's keys would silently do nothing)."""
+def resolve_objective(objective: Objective | None, loss) -> Objective:
+    """The module's objective: `objective` as given, else PPOClip from the clip settings of
+    `loss` (`lit_covrl.settings.LossSettings`). Setting both an explicit objective and a
+    non-default clip setting is refused (the clip keys would silently do nothing)."""
+    clip = loss.clip_args()
     if objective is None:
-        return PPOClip(**{k: hp[k] if k in hp else v for k, v in CLIP_DEFAULTS.items()})
+        return PPOClip(**clip)
     if not isinstance(objective, Objective):
         raise ValueError(f"model.objective={objective!r} is invalid: must be a lit_covrl.objectives.Objective "
                          "(class_path: lit_covrl.objectives.PPOClip, GSPO or CISPO)")
-    changed = [f"model.{k}={hp[k]!r}" for k, v in CLIP_DEFAULTS.items() if k in hp and hp[k] != v]
+    defaults = type(loss)().clip_args()
+    changed = [f"model.loss.{k}={v!r}" for k, v in clip.items() if v != defaults[k]]
     if changed:
         raise ValueError(
-            f"model.objective={objective!r} is set together with {', '.join(changed)}: the module's clip "
-            "settings only configure the default PPOClip objective. Put the clip range in "
-            "model.objective.init_args and leave model.clip_low / clip_high / dual_clip / logratio_clamp "
-            "at their defaults (0.2 / 0.2 / null / 20.0)."
+            f"model.objective={objective!r} is set together with {', '.join(changed)}: the clip settings of "
+            "model.loss only configure the default PPOClip objective. Put the clip range in "
+            "model.objective.init_args and leave model.loss.clip_low / clip_high / dual_clip / logratio_clamp "
+            f"at their defaults ({' / '.join('null' if v is None else str(v) for v in defaults.values())})."
         )
     return objective

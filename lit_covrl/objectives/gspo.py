@@ -3,7 +3,7 @@ sequence, s_i = exp(mean_t log(pi / pi_old)), so a sequence is kept or clipped a
 (`lit_covrl.algorithms.gspo_token_loss`, token form with the sequence ratio's gradient).
 
 Paper defaults: eps_low = 3e-4, eps_high = 4e-4, and the sequence-mean aggregation
-(`model.loss_agg_mode: seq-mean-token-mean`, set in configs/cpu/gspo.yaml; the objective does not
+(`model.loss.loss_agg_mode: seq-mean-token-mean`, set in configs/cpu/gspo.yaml; the objective does not
 force it). Where we differ: the sequence log-ratio is clamped to +-logratio_clamp before exp
 (verl clamps it at 10 from above only); tokens of the advantage shifted by a regularizer keep
 their own advantage (GSPO-token form).

@@ -1,0 +1,97 @@
+"""Generation and scoring: prompts -> n sampled responses per prompt (a `Rollout`) -> rewards.
+
+`RolloutGenerator` has explicit inputs: the tokenizer, the sampler (`lit_covrl.sampling`), the
+reward set (`lit_covrl.reward_set`) and the rollout settings (`model.rollout`). It knows nothing
+of Lightning: the policy, the device and the sampler's random generator come with each call.
+GRPOModule builds one on first use and calls it for training rollouts (`generate` then `score`)
+and, through its `generate` / `score` methods, for held-out evaluation.
+
+A prompt is encoded (chat template, length limit, left padding), repeated n times (rows
+prompt-major: row i belongs to prompt i // n), sampled with the policy in eval mode (no dropout
+in RL: the rollout policy is the trained one), cut after the first stop string, and decoded.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lit_covrl import distributed
+from lit_covrl.prompts import encode_prompts
+from lit_covrl.reward_set import RewardSet
+from lit_covrl.sampling import Sampler
+from lit_covrl.settings import RolloutSettings
+from lit_covrl.sharding import gathered_for_rollout
+from lit_covrl.stopping import eos_token_ids, truncate_at_stop_strings
+from lit_covrl.types import Rollout
+
+
+class RolloutGenerator:
+    """Sample responses and score them.
+
+    Args:
+        tokenizer: the policy's tokenizer (encodes prompts, decodes responses, pad id).
+        sampler: draws the responses and records their log-probs and entropy.
+        rewards: the weighted reward functions.
+        settings: `model.rollout` (max_new_tokens, top_p, stop strings, prompt encoding).
+        gather_once: under FSDP2, keep the parameters gathered for the whole rollout
+            (`model.system.rollout_gather: once`).
+        reward_timeout_s: per-item time limit of the reward functions (null = none).
+    """
+
+    def __init__(self, tokenizer, sampler: Sampler, rewards: RewardSet, settings: RolloutSettings, *,
+                 gather_once: bool, reward_timeout_s: float | None) -> None:
+        self.tokenizer, self.sampler, self.rewards, self.settings = tokenizer, sampler, rewards, settings
+        self.gather_once, self.reward_timeout_s = gather_once, reward_timeout_s
+
+    def generate(self, policy: nn.Module, prompts: list, n: int, *, temperature: float,
+                 generator: torch.Generator, device: torch.device) -> Rollout:
+        """Sample n responses per prompt (rows prompt-major: row i belongs to prompt i // n)."""
+        tok, ro = self.tokenizer, self.settings
+        ids, mask = encode_prompts(
+            tok, prompts, chat_template=ro.chat_template,
+            max_prompt_length=ro.max_prompt_length, overflow=ro.prompt_overflow,
+        )
+        ids, mask = ids.repeat_interleave(n, 0).to(device), mask.repeat_interleave(n, 0).to(device)
+        policy.eval()  # no dropout anywhere in RL: the rollout policy must equal the trained one
+        try:
+            with gathered_for_rollout(policy, self.gather_once):
+                out = self.sample(policy, ids, mask, temperature, generator)
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(
+                f"out of memory while sampling {ids.shape[0]} sequences of up to {ids.shape[1]} + "
+                f"{ro.max_new_tokens} tokens. Lower data.batch_size, model.rollout.group_size or "
+                "model.rollout.max_new_tokens (or model.eval.samples / data.val_batch_size during validation)."
+            ) from err
+        if ro.stop:
+            truncate_at_stop_strings(out, tok, ids.shape[1], ro.stop, tok.pad_token_id)
+        out.completions = tok.batch_decode(out.input_ids[:, ids.shape[1]:], skip_special_tokens=True)
+        return out
+
+    def sample(self, policy: nn.Module, ids: Tensor, mask: Tensor, temperature: float,
+               generator: torch.Generator) -> Rollout:
+        """The sampler's draw for encoded, left-padded prompts ids/mask [N, P]."""
+        tok, ro = self.tokenizer, self.settings
+        return self.sampler.sample(
+            policy, ids, mask, max_new_tokens=ro.max_new_tokens,
+            eos_token_id=eos_token_ids(policy, tok),  # every EOS id of the generation config
+            pad_token_id=tok.pad_token_id, temperature=temperature, top_p=ro.top_p,
+            generator=generator, all_done=distributed.all_true,
+        )
+
+    def score(self, completions: list[str], answers: list[str], prompts: list | None = None,
+              columns: list[dict] | None = None, *, device: torch.device) -> tuple[Tensor, dict[str, float]]:
+        """Weighted total reward per completion, and `rollout/reward_errors` plus each reward's
+        mean over all ranks as `rollout/reward/<name>`. prompts/columns: per completion."""
+        total, per_name, res = self.rewards.score(completions, answers, prompts, columns,
+                                                  timeout_s=self.reward_timeout_s)
+        sums = distributed.all_sum(torch.tensor([sum(v) for v in per_name.values()] + [len(total)],
+                                                dtype=torch.float64, device=device)).tolist()
+        stats = {"rollout/reward_errors": res.errors + res.timeouts + res.invalid}
+        stats.update({f"rollout/reward/{k}": v / max(sums[-1], 1.0) for k, v in zip(per_name, sums)})
+        return torch.tensor(total, dtype=torch.float32, device=device), stats
+
+    def penalize_overlong(self, rollout: Rollout, rewards: Tensor) -> Tensor:
+        """Under `overlong: penalize`, a truncated response's reward := `overlong_reward`."""
+        if self.settings.overlong != "penalize":
+            return rewards
+        return torch.where(rollout.truncated, torch.full_like(rewards, self.settings.overlong_reward), rewards)

@@ -1,0 +1,57 @@
+"""RolloutGenerator on its own (no Lightning): prompt-major rows, decoding, scoring, the
+overlong penalty, and the same draw as GRPOModule.generate for the same generator state."""
+from __future__ import annotations
+
+import torch
+
+from lit_covrl.generation import RolloutGenerator
+from lit_covrl.policy import load_policy, load_tokenizer
+from lit_covrl.reward_set import RewardSet
+from lit_covrl.rewards import ExactMatchReward
+from lit_covrl.sampling import KVCacheSampler
+from lit_covrl.settings import RolloutSettings
+from lit_covrl.types import Rollout
+
+
+def _generator(model_dir, **settings) -> RolloutGenerator:
+    return RolloutGenerator(load_tokenizer(model_dir), KVCacheSampler(), RewardSet([ExactMatchReward()]),
+                            RolloutSettings(**settings), gather_once=True, reward_timeout_s=None)
+
+
+def test_generate_is_prompt_major_and_decodes_every_row(tiny_model_dir):
+    gen = _generator(tiny_model_dir, max_new_tokens=4)
+    policy = load_policy(tiny_model_dir)
+    out = gen.generate(policy, ["1+2=", "7+8="], 3, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                       device=torch.device("cpu"))
+    assert out.input_ids.shape[0] == 6 and out.response_mask.shape == (6, 4) and len(out.completions) == 6
+    prompt_cols = out.input_ids.shape[1] - 4
+    # rows 0-2 hold the first prompt, rows 3-5 the second (same prompt tokens within a group)
+    assert all(torch.equal(out.input_ids[i, :prompt_cols], out.input_ids[0, :prompt_cols]) for i in range(3))
+    assert all(torch.equal(out.input_ids[i, :prompt_cols], out.input_ids[3, :prompt_cols]) for i in range(3, 6))
+    assert not torch.equal(out.input_ids[0, :prompt_cols], out.input_ids[3, :prompt_cols])
+    tok = gen.tokenizer
+    assert out.completions == tok.batch_decode(out.input_ids[:, prompt_cols:], skip_special_tokens=True)
+
+
+def test_module_generate_is_the_generator_draw(tiny_model_dir):
+    from lit_covrl.module import GRPOModule
+
+    module = GRPOModule(model=tiny_model_dir, rollout=dict(max_new_tokens=4))
+    module.configure_model()
+    a = module.generate(["3+4="], 4, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    b = module.generation.generate(module.policy, ["3+4="], 4, temperature=1.0,
+                                   generator=torch.Generator().manual_seed(5), device=torch.device("cpu"))
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.logp, b.logp) and a.completions == b.completions
+
+
+def test_score_and_overlong_penalty_by_hand(tiny_model_dir):
+    gen = _generator(tiny_model_dir, overlong="penalize", overlong_reward=-0.5)
+    rewards, stats = gen.score(["7", "8", "7"], ["7", "7", "7"], device=torch.device("cpu"))
+    assert rewards.tolist() == [1.0, 0.0, 1.0] and stats["rollout/reward_errors"] == 0
+    per_reward = [v for k, v in stats.items() if k.startswith("rollout/reward/")]
+    assert per_reward == [2 / 3]  # the one reward's mean over the 3 items (one process)
+    rollout = Rollout(*(torch.zeros(3, 1) for _ in range(5)), truncated=torch.tensor([False, True, True]))
+    # truncated rows 1 and 2 get overlong_reward whatever they scored: [1, -0.5, -0.5]
+    assert gen.penalize_overlong(rollout, rewards).tolist() == [1.0, -0.5, -0.5]
+    keep = _generator(tiny_model_dir)  # overlong: keep (default) leaves the rewards as scored
+    assert keep.penalize_overlong(rollout, rewards).tolist() == [1.0, 0.0, 1.0]
