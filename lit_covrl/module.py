@@ -437,12 +437,17 @@ class GRPOModule(L.LightningModule):
         checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is None and self.policy is None:
+            # `GRPOModule.load_from_checkpoint(path)` outside a fit: build the policy that the
+            # checkpoint's state dict is loaded into next (a fit builds it in configure_model)
+            self.configure_model()
+        world_size = self.trainer.world_size if self._trainer is not None else 1
         states = checkpoint.get("rollout_generators")
-        if states is not None and len(states) == self.trainer.world_size:
+        if states is not None and len(states) == world_size:
             self._pending_generator_state = states[self.global_rank].clone()
         elif states is not None:  # another world size: every rank reseeds from its own seed
             log.warning("checkpoint saved with %d ranks, resuming with %d: rollout samplers reseeded "
-                        "(prompts continue exactly, samples do not)", len(states), self.trainer.world_size)
+                        "(prompts continue exactly, samples do not)", len(states), world_size)
             self._pending_generator_state = None
         else:
             self._pending_generator_state = checkpoint.get("rollout_generator")

@@ -227,3 +227,14 @@ def test_settings_groups_survive_save_load_and_resume(tiny_model_dir, tmp_path):
     trainer = _trainer(ck, 3)
     trainer.fit(loaded, make_data(), ckpt_path=str(ck / "last.ckpt"))
     assert trainer.global_step == 3 and _step(ck / "last.ckpt") == 3
+    # and Lightning's own loader, outside any fit: the policy holds the trained weights
+    standalone = GRPOModule.load_from_checkpoint(ck / "last.ckpt", map_location="cpu")
+    assert standalone.settings == module.settings
+    trained = torch.load(ck / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    for name, value in standalone.state_dict().items():
+        if name.startswith("policy."):
+            assert torch.equal(value, trained[name]), name
+    from lit_covrl.policy import load_policy
+
+    initial = load_policy(tiny_model_dir).state_dict()  # training moved the weights: the check above has teeth
+    assert any(not torch.equal(initial[k[len("policy."):]], v) for k, v in trained.items() if k.startswith("policy."))
