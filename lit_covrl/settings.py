@@ -208,8 +208,7 @@ class SystemSettings:
             activation_checkpointing.
         skip_padding: cut micro-batches from the rows sorted by length (each prompt group a
             block) and trim each to its own extent, so no forward computes padding
-            (`lit_covrl.packing`; 3.6x fewer positions on long-tailed lengths,
-            docs/benchmarks.md). The same math; on the CPU not bit-identical across
+            (`lit_covrl.packing`; measured in docs/benchmarks.md). The same math; on the CPU not bit-identical across
             micro_batch_size (right-trimming changes the attention kernel's rounding).
             null (default) = on for CUDA, off on the CPU.
     """

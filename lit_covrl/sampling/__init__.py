@@ -28,11 +28,11 @@ __all__ = [
 
 
 def default_sampler(device: torch.device | str) -> Sampler:
-    """The fastest sampler measured for this device type (docs/scaling.md, docs/benchmarks.md):
-    on CUDA the static cache with its decoding step compiled (torch.compile reduce-overhead:
-    5.3x the dynamic cache's tokens/s on an H200; the hand-captured CUDA graph has not been
-    timed there yet); on CPU the dynamic KV cache (no graphs to gain, and the static cache
-    attends over its whole bucketed length at every step: 1.4x slower on the quickstart)."""
+    """The fastest sampler measured for this device type (figures in docs/scaling.md and
+    docs/benchmarks.md): on CUDA the static cache with its decoding step compiled (torch.compile
+    reduce-overhead; the hand-captured CUDA graph has not been timed on a GPU yet); on CPU the
+    dynamic KV cache (no graphs to gain, and the static cache attends over its whole bucketed
+    length at every step)."""
     if torch.device(device).type == "cuda":
         return StaticCacheSampler(graphs="compile")
     return KVCacheSampler()
