@@ -275,7 +275,8 @@ class Learner:
         T = mask.shape[1]
         logp_all = mask.new_zeros(len(mask), T)
         ent_all = mask.new_zeros(len(mask), T) if with_entropy else None
-        for r in self._plan(input_ids, attention_mask, T):
+        n = len(mask)  # input_ids holds only a filler row when this rank has no rows (inputs_or_filler)
+        for r in self._plan(input_ids[:n], attention_mask[:n], T):
             if r is None:  # filler forward (see lockstep_chunks); needs a row of some rank's batch
                 self._logprobs(*_filler_row(input_ids, attention_mask), T, False, model=model)
                 continue
