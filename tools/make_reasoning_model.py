@@ -33,7 +33,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from lit_covrl.assets import TINY_REASONING_DIR  # noqa: E402
 from lit_covrl.tasks.reasoning import ReasoningTask, verify  # noqa: E402
 from lit_covrl.tokenizer import build_char_tokenizer  # noqa: E402
-from make_tiny_model import save, sft_batch  # noqa: E402  (the same SFT batching and folder layout)
+from make_tiny_model import save, sft_batch, sft_optimizer, sft_step  # noqa: E402  (the same SFT loop and folder layout)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,19 +136,12 @@ def main(argv: list[str] | None = None) -> dict:
     heldout = task.heldout(args.eval_n, seed=args.seed + 1)
     max_new = task.max_response_chars + 1  # solution + EOS
     rng = random.Random(args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+    opt, sched = sft_optimizer(model, args.lr, args.warmup)
     model.train()
     metrics: dict = {}
     step = 0
     for step in range(1, args.max_steps + 1):
-        ids, mask, lab = sft_batch([task.sample(rng) for _ in range(args.batch_size)], tok)
-        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss = sft_step(model, opt, sched, sft_batch([task.sample(rng) for _ in range(args.batch_size)], tok))
         if step % args.eval_every == 0:
             metrics = evaluate(model, tok, heldout, max_new, args.samples, seed=args.seed + 2)
             print(f"step {step:5d}  loss {loss.item():.4f}  "

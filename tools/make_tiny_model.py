@@ -85,6 +85,24 @@ def sft_batch(examples, tok) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
+def sft_optimizer(model, lr: float, warmup: int):
+    """AdamW (betas 0.9 / 0.98, weight decay 0.01) with a linear warmup to `lr` over `warmup` steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+
+
+def sft_step(model, opt, sched, batch) -> torch.Tensor:
+    """One supervised step on `sft_batch`'s (ids, mask, labels): loss, backward, clip at 1, step."""
+    ids, mask, lab = batch
+    loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def generate(model, tok, prompts: list[str], max_new_tokens: int, greedy: bool,
              gen: torch.Generator) -> tuple[list[str], float]:
     """Left-padded batched decoding (pure sampling at temperature 1 unless greedy).
@@ -152,19 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
     heldout = task.heldout(args.eval_n, seed=args.seed + 1)
     max_new = task.max_answer_chars + 1  # answer + EOS
     rng = random.Random(args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+    opt, sched = sft_optimizer(model, args.lr, args.warmup)
     model.train()
     metrics: dict = {}
     step = 0
     for step in range(1, args.max_steps + 1):
-        ids, mask, lab = sft_batch([task.sample(rng) for _ in range(args.batch_size)], tok)
-        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss = sft_step(model, opt, sched, sft_batch([task.sample(rng) for _ in range(args.batch_size)], tok))
         if step % args.eval_every == 0:
             metrics = evaluate(model, tok, heldout, max_new, seed=args.seed + 2)
             print(f"step {step:5d}  loss {loss.item():.4f}  sample_acc {metrics['sample_acc']:.3f}  "
