@@ -33,22 +33,11 @@ from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from lit_covrl.assets import TINY_REASONING_DIR  # noqa: E402
 from lit_covrl.tasks.reasoning import ReasoningTask, verify  # noqa: E402
 from lit_covrl.tokenizer import build_char_tokenizer  # noqa: E402
-from make_tiny_model import save, sft_batch, sft_optimizer, sft_step  # noqa: E402  (the same SFT loop and folder layout)
+from make_tiny_model import save, sft_batch, sft_optimizer, sft_parser, sft_step  # noqa: E402  (the same SFT loop, arguments and folder layout)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", type=Path, default=TINY_REASONING_DIR, help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, data and evaluation")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed for determinism)")
-    p.add_argument("--hidden", type=int, default=128, help="hidden size")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers")
-    p.add_argument("--batch-size", type=int, default=128, help="SFT sequences per step")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
-    p.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
-    p.add_argument("--max-steps", type=int, default=3000, help="give up after this many steps")
-    p.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
-    p.add_argument("--eval-n", type=int, default=128, help="held-out prompts per evaluation")
+    p = sft_parser(__doc__, out=TINY_REASONING_DIR, threads=1, batch_size=128, eval_every=25, eval_n=128)
     p.add_argument("--final-eval-n", type=int, default=512, help="held-out prompts of the final report")
     p.add_argument("--samples", type=int, default=8, help="samples per held-out prompt (pass@k, k = this)")
     p.add_argument("--pass1-low", type=float, default=0.1, help="target window: lowest pass@1")

@@ -36,19 +36,27 @@ from lit_covrl.tasks.arithmetic import ArithmeticTask  # noqa: E402
 from lit_covrl.tokenizer import build_char_tokenizer  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", type=Path, default=TINY_MODEL_DIR, help="output folder")
+def sft_parser(doc: str, *, out: Path, threads: int, batch_size: int, eval_every: int,
+               eval_n: int) -> argparse.ArgumentParser:
+    """The arguments every tiny-model SFT script shares (model size, optimizer, steps, evaluation);
+    the defaults that differ between scripts are parameters."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, default=out, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data and evaluation")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed for determinism)")
+    p.add_argument("--threads", type=int, default=threads, help="torch CPU threads (fixed for determinism)")
     p.add_argument("--hidden", type=int, default=128, help="hidden size")
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
-    p.add_argument("--batch-size", type=int, default=256, help="SFT sequences per step")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="SFT sequences per step")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
     p.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
     p.add_argument("--max-steps", type=int, default=3000, help="give up after this many steps")
-    p.add_argument("--eval-every", type=int, default=20, help="steps between held-out evaluations")
-    p.add_argument("--eval-n", type=int, default=512, help="held-out prompts per evaluation")
+    p.add_argument("--eval-every", type=int, default=eval_every, help="steps between held-out evaluations")
+    p.add_argument("--eval-n", type=int, default=eval_n, help="held-out prompts per evaluation")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = sft_parser(__doc__, out=TINY_MODEL_DIR, threads=2, batch_size=256, eval_every=20, eval_n=512)
     p.add_argument("--target-sample-acc", type=float, default=0.2,
                    help="stop at the first evaluation whose sampled accuracy reaches this")
     p.add_argument("--no-stop", action="store_true", help="train to --max-steps (for exploring)")
