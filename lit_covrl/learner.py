@@ -272,10 +272,9 @@ class Learner:
                         with_entropy: bool) -> tuple[Tensor, Tensor | None]:
         """(log-probs [n, T], entropy [n, T] or None) of the response tokens under `model`,
         micro-batch by micro-batch, 0 outside `mask`."""
-        T = mask.shape[1]
-        logp_all = mask.new_zeros(len(mask), T)
-        ent_all = mask.new_zeros(len(mask), T) if with_entropy else None
-        n = len(mask)  # input_ids holds only a filler row when this rank has no rows (inputs_or_filler)
+        n, T = mask.shape  # input_ids holds only a filler row when this rank has no rows (inputs_or_filler)
+        logp_all = mask.new_zeros(n, T)
+        ent_all = mask.new_zeros(n, T) if with_entropy else None
         for r in self._plan(input_ids[:n], attention_mask[:n], T):
             if r is None:  # filler forward (see lockstep_chunks); needs a row of some rank's batch
                 self._logprobs(*_filler_row(input_ids, attention_mask), T, False, model=model)
