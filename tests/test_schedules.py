@@ -66,3 +66,28 @@ def test_jsonargparse_reads_yaml_dict():
     cfg = parser.parse_args(["--schedule", "{name: cosine, final: 0.0, steps: 500}"])
     s = parser.instantiate_classes(cfg).schedule
     assert s == Schedule("cosine", 0.0, 500)
+
+
+def test_null_steps_anneal_over_the_whole_run():
+    s = Schedule("linear", final=0.0, steps=None)
+    # resolved to a 4-step run: 1 -> 0 by -0.25 per step
+    assert [s.over(4).value(1.0, t) for t in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert Schedule("linear", steps=7).over(100).steps == 7  # an explicit length is kept
+    assert Schedule("constant", steps=None).over(None).value(0.3, 9) == 0.3  # nothing to anneal
+    with pytest.raises(RuntimeError, match="not resolved"):
+        s.value(1.0, 0)
+    with pytest.raises(ValueError, match="trainer.max_steps is -1"):
+        s.over(-1)  # Lightning's "no limit"
+
+
+def test_regularizer_resolves_a_null_schedule_from_the_trainer():
+    from types import SimpleNamespace
+
+    from lit_covrl.regularizers import ClipCov
+
+    reg = ClipCov(ratio=2e-3, schedule={"name": "cosine", "final": 0.0, "steps": None})
+    reg.setup(SimpleNamespace(max_steps=150), None, "fit")
+    assert reg.schedule.steps == 150
+    assert reg.scheduled(2e-3, 75) == pytest.approx(1e-3)  # cosine half-way: half the ratio
+    with pytest.raises(ValueError, match="schedule.steps is null"):
+        ClipCov(ratio=2e-3, schedule={"name": "cosine", "steps": None}).setup(SimpleNamespace(max_steps=-1), None, "fit")

@@ -115,6 +115,11 @@ class Regularizer(Callback):
     def scheduled(self, initial: float, step: int) -> float:
         return self.schedule.value(initial, step)
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Resolve a whole-run schedule (``steps: null``) to trainer.max_steps before the fit starts."""
+        if stage == "fit":
+            self.schedule = self.schedule.over(trainer.max_steps)
+
     def prepare(self, ctx: MiniBatchContext) -> None:
         """Called once per optimizer mini-batch, before its micro-batches."""
 

@@ -11,12 +11,13 @@ Every schedule except ``constant`` returns ``final`` once t >= T (for exponentia
 remaining 1/32 of the gap at T with the default half-life). Annealing a covariance or entropy
 coefficient to 0 makes the control asymptotically unbiased (Lei & Baehr 2026).
 A plain dataclass, so jsonargparse reads it from YAML:
-``schedule: {name: cosine, final: 0.0, steps: 500}``.
+``schedule: {name: cosine, final: 0.0, steps: 500}``. ``steps: null`` anneals over the whole run:
+the regularizer fills in ``trainer.max_steps`` when the fit starts (``Schedule.over``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = ["SCHEDULES", "Schedule"]
 
@@ -28,29 +29,44 @@ class Schedule:
     """How a coefficient moves from its initial value to ``final`` over ``steps`` steps.
 
     name: one of SCHEDULES. final: value reached at ``steps`` (>= 0; ignored by constant).
-    steps: annealing length in RL steps (rollouts, = trainer.global_step; >= 1). half_life: exponential only, > 0,
-    default steps / 5.
+    steps: annealing length in RL steps (rollouts, = trainer.global_step; >= 1), or None for the
+    whole run (resolved to trainer.max_steps by `over` when the fit starts). half_life: exponential
+    only, > 0, default steps / 5.
     """
 
     name: str = "constant"
     final: float = 0.0
-    steps: int = 1
+    steps: int | None = 1
     half_life: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULES:
             raise ValueError(f"schedule.name must be one of {list(SCHEDULES)}, got {self.name!r}")
-        if self.steps < 1:
-            raise ValueError(f"schedule.steps must be >= 1, got {self.steps}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"schedule.steps must be >= 1 or null (the whole run), got {self.steps}")
         if self.final < 0:
             raise ValueError(f"schedule.final must be >= 0, got {self.final}")
         if self.half_life is not None and self.half_life <= 0:
             raise ValueError(f"schedule.half_life must be > 0, got {self.half_life}")
 
+    def over(self, max_steps: int | None) -> Schedule:
+        """This schedule with ``steps: null`` resolved to the run's length ``max_steps`` (RL steps);
+        unchanged when ``steps`` is set or the schedule is constant."""
+        if self.steps is not None or self.name == "constant":
+            return self
+        if max_steps is None or max_steps < 1:
+            raise ValueError(
+                f"schedule.steps is null (anneal over the whole run) but trainer.max_steps is {max_steps}: "
+                "set trainer.max_steps or give schedule.steps explicitly"
+            )
+        return replace(self, steps=int(max_steps))
+
     def value(self, initial: float, step: int) -> float:
         """Coefficient at RL step ``step`` (0-based rollout index) starting from ``initial``."""
         if self.name == "constant":
             return float(initial)
+        if self.steps is None:
+            raise RuntimeError("schedule.steps is null and was not resolved: call Schedule.over(max_steps) first")
         if step >= self.steps:
             return float(self.final)
         t = max(step, 0)
