@@ -25,7 +25,7 @@ CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_toke
                "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo")
 REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "adaptive_entropy", "clip_cov",
                      "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
-                     "entropy_advantage", "entropy_ratio_clip", "budget_1h")
+                     "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high")
 STACKS = {
     "quickstart.yaml": [QUICK],
@@ -70,6 +70,7 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
     assert isinstance(cli.model, GRPOModule) and isinstance(cli.datamodule, PromptDataModule)
     regs = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
     expected = {"cpu/grpo.yaml": 0, "experiments/grpo_low_lr.yaml": 0, "cpu/gspo.yaml": 0, "cpu/cispo.yaml": 0, "quickstart.yaml": 0, "reasoning.yaml": 0, "reasoning/grpo_low_lr.yaml": 0, "reasoning/grpo.yaml": 0, "reasoning/budget_1h.yaml": 0,
+                "reasoning/budget_collapse.yaml": 0,
                 "paper/qwen2.5-7b.yaml": 0, "paper/qwen2.5-32b.yaml": 0}
     expected["samplers/static_cache.yaml"] = 0  # an overlay choosing the sampler, no regularizer
     expected.update({k: 0 for k in STACKS if k.startswith("fsdp/")})  # base recipes, no method
@@ -156,6 +157,19 @@ def test_stacked_method_configs_give_every_regularizer(tmp_path):
     regs = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
     assert [type(r) for r in regs] == [ClipCov, EntropyBonus]
     assert regs[0].ratio == pytest.approx(0.02)  # clip_cov.yaml's own setting, not a default
+
+
+def test_annealed_clip_cov_anneals_over_the_stacked_budget(tmp_path):
+    """configs/reasoning/clip_cov_annealed.yaml says `steps: null`: the ratio reaches 0 at the
+    budget overlay's trainer.max_steps (200 for budget_collapse, 40 for budget_1h)."""
+    for budget, steps in (("budget_collapse", 200), ("budget_1h", 40)):
+        cli = _cli(["--config", str(CONFIGS / "reasoning.yaml"), "--config", str(CONFIGS / "reasoning" / f"{budget}.yaml"),
+                    "--config", str(CONFIGS / "reasoning" / "clip_cov_annealed.yaml")], tmp_path)
+        (reg,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
+        reg.setup(cli.trainer, cli.model, "fit")
+        assert reg.schedule.steps == steps
+        assert reg.scheduled(reg.ratio, steps // 2) == pytest.approx(reg.ratio / 2)  # cosine half-way
+        assert reg.scheduled(reg.ratio, steps) == 0.0
 
 
 def test_command_line_callbacks_still_apply_on_top_of_stacked_configs(tmp_path):
