@@ -82,7 +82,7 @@ def test_held_out_section_intervals_and_frontier_residuals():
     validation gets residual +0.050 with an interval of width 0 (both seeds agree)."""
     import math
 
-    compare = _compare_module()
+    from lab.report import held_out_section
 
     def run(points, ent=(0.10, 0.05)):
         rows = [{"step": i, "entropy": ent[0] if i < 5 else ent[1]} for i in range(10)]
@@ -95,7 +95,7 @@ def test_held_out_section_intervals_and_frontier_residuals():
             ("grpo_low_lr", 0): run([(4, 0.6, line(0.6)), (9, 0.4, line(0.4))]),
             ("clip_cov", 0): run([(4, 0.45, line(0.45) + 0.05), (9, 0.35, line(0.35) + 0.05)]),
             ("clip_cov", 1): run([(4, 0.55, line(0.55) + 0.05), (9, 0.25, line(0.25) + 0.05)])}
-    lines = compare.held_out_section(runs, ["grpo", "grpo_low_lr", "clip_cov"])
+    lines = held_out_section(runs, ["grpo", "grpo_low_lr", "clip_cov"])
     row = next(x for x in lines if x.startswith("| clip_cov |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "2" and cells[2] == "0.50 ± 0.00 [0.50, 0.50]"  # entropy 0.05 / 0.10
