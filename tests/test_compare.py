@@ -103,3 +103,35 @@ def test_held_out_section_intervals_and_frontier_residuals():
     best1 = line(0.25) + 0.05, line(0.35) + 0.05  # best pass@1 of seed 1 and seed 0 (the last validation)
     assert cells[4].startswith(f"{sum(best1) / 2:.3f} ± ")
     assert any("frontier: a = 1.0000, b = 2.0000" in x for x in lines)
+
+
+def test_a_comparison_stopped_part_way_keeps_its_finished_runs(tmp_path, monkeypatch):
+    """runs.csv is written after every run: the second run dies (as on Ctrl-C or a session's end),
+    the first stays recorded, and --skip-existing keeps it instead of running it again."""
+    compare = _compare_module()
+    out = tmp_path / "cmp"
+    launched = []
+
+    def fake_launch(cmd, log):
+        launched.append(cmd[cmd.index("--trainer.logger.init_args.name") + 1])
+        if len(launched) == 2:
+            raise KeyboardInterrupt
+        (out / "runs" / "grpo-s0").mkdir(parents=True, exist_ok=True)
+        (out / "runs" / "grpo-s0" / "events.out.tfevents.0").write_text("")
+        return 12.5, 0
+
+    monkeypatch.setattr(compare, "launch", fake_launch)
+    args = compare.parse_args(["--methods", "grpo,clip_cov", "--seeds", "1", "--jobs", "1", "--out", str(out)])
+    out.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_all(args, out)
+    assert launched == ["grpo-s0", "clip_cov-s0"]
+    assert compare.read_meta(out) == [{"method": "grpo", "seed": 0, "wall_s": 12.5, "returncode": 0}]
+    launched.clear()
+    monkeypatch.setattr(compare, "launch", lambda cmd, log: (launched.append(cmd[cmd.index("--trainer.logger.init_args.name") + 1]), (3.0, 0))[1])
+    args = compare.parse_args(["--methods", "grpo,clip_cov", "--seeds", "1", "--jobs", "1", "--out", str(out),
+                               "--skip-existing"])
+    meta = compare.run_all(args, out)
+    assert launched == ["clip_cov-s0"]  # grpo-s0 was kept
+    assert {(x["method"], x["wall_s"]) for x in meta} == {("grpo", 12.5), ("clip_cov", 3.0)}
+    assert {(x["method"], x["wall_s"]) for x in compare.read_meta(out)} == {("grpo", 12.5), ("clip_cov", 3.0)}

@@ -28,6 +28,7 @@ import csv
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -142,8 +143,19 @@ def n_seeds(args) -> int:
 
 
 def run_all(args, out: Path) -> list[dict]:
+    """Run every (method, seed) not kept by --skip-existing, `--jobs` at a time. runs.csv is
+    rewritten after each finished run, so a comparison stopped part-way (Ctrl-C, a session's end)
+    keeps what it finished and `--skip-existing` picks up from there."""
     jobs = [(m, s) for s in range(n_seeds(args)) for m in args.methods.split(",") if m]
-    done = {(x["method"], x["seed"]): x for x in read_meta(out) if x["returncode"] == 0} if args.skip_existing else {}
+    previous = read_meta(out)
+    done = {(x["method"], x["seed"]): x for x in previous if x["returncode"] == 0} if args.skip_existing else {}
+    finished: dict[tuple[str, int], dict] = {}
+    lock = threading.Lock()
+
+    def record(row: dict) -> None:
+        with lock:
+            finished[(row["method"], row["seed"])] = row
+            write_meta(out, [x for x in previous if (x["method"], x["seed"]) not in finished] + list(finished.values()))
 
     def one(job):
         m, s = job
@@ -156,17 +168,26 @@ def run_all(args, out: Path) -> list[dict]:
             shutil.rmtree(out / "runs" / f"{method_name(m)}-s{s}")
         wall, rc = launch(run_command(args, m, s, out), out / "logs" / f"{method_name(m)}-s{s}.log")
         print(f"[compare] {method_name(m)}-s{s}: rc={rc} wall={wall:.1f}s", flush=True)
-        return {"method": method_name(m), "seed": s, "wall_s": round(wall, 2), "returncode": rc}
+        row = {"method": method_name(m), "seed": s, "wall_s": round(wall, 2), "returncode": rc}
+        record(row)
+        return row
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         meta = list(pool.map(one, jobs))
     ran = {(x["method"], x["seed"]) for x in meta}
-    every = [x for x in read_meta(out) if (x["method"], x["seed"]) not in ran] + meta  # keep other methods' runs
-    with (out / "runs.csv").open("w", newline="") as f:
+    every = [x for x in previous if (x["method"], x["seed"]) not in ran] + meta  # keep other methods' runs
+    write_meta(out, every)
+    return every
+
+
+def write_meta(out: Path, rows: list[dict]) -> None:
+    """runs.csv: method, seed, wall_s, returncode per run (written whole, then renamed into place)."""
+    tmp = out / "runs.csv.tmp"
+    with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["method", "seed", "wall_s", "returncode"])
         w.writeheader()
-        w.writerows(every)
-    return every
+        w.writerows(rows)
+    tmp.replace(out / "runs.csv")
 
 
 def read_meta(out: Path) -> list[dict]:
