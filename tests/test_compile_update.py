@@ -154,3 +154,17 @@ def test_fsdp2_and_several_processes_are_refused_with_compile_update():
         check_strategy(ddp, on)
     check_strategy(SingleDeviceStrategy("cpu"), on)
     check_strategy(FSDP2Strategy(), SystemSettings())  # off: no objection
+
+
+def test_bench_gpu_takes_the_compile_update_suffix_on_sampler_configs_only():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import bench_gpu
+
+    runs = ["0.5B:static_compile", "0.5B:static_compile+compile_update", "tiny:kv_cache+compile_update"]
+    assert bench_gpu.parse_args(["--runs", *runs]).runs == runs
+    for bad in ("0.5B:hf_generate+compile_update", "0.5B:fsdp_once+compile_update", "0.5B:static_compile+x"):
+        with pytest.raises(SystemExit):
+            bench_gpu.parse_args(["--runs", bad])
