@@ -24,6 +24,10 @@ forwarded as two copies of its row, the second discarded, and the inputs are alw
 fresh contiguous copies (dynamo also guards on strides and on whether an input is a view, as
 `trim_padding`'s column slices are): one graph per grad mode in all.
 
+Every model's function shares one code object, and dynamo keeps at most 8 compiled entries per code
+object (`torch._dynamo.config.recompile_limit`; beyond it the forward silently runs eagerly): enough
+for 4 models (2 grad modes each) in one process, e.g. the policy and the reference model of a run.
+
 Not combined (refused at start-up, `lit_covrl.settings` / `lit_covrl.sharding.check_strategy`):
 the shared-prompt forward (a forward on a KV cache built by another forward), activation
 checkpointing, FSDP2 and several processes: none of these was tested compiled.
@@ -47,7 +51,8 @@ class CompiledForwards:
 
     def __init__(self, backend: str | None = None) -> None:
         self.backend = backend
-        self._fns: dict[nn.Module, _CompiledModel] = {}  # held by the learner, which outlives none of them
+        # strong references: the learner holding this lives as long as the policy and reference model
+        self._fns: dict[nn.Module, _CompiledModel] = {}
 
     def __call__(self, model: nn.Module) -> "_CompiledModel":
         """The stand-in for `model` in `response_logprobs`; compiled on the first call for it."""
@@ -63,7 +68,7 @@ class _CompiledModel:
     def __init__(self, model: nn.Module, backend: str) -> None:
         def logits(input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, keep: int) -> Tensor:
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              logits_to_keep=keep, use_cache=False)
+                        logits_to_keep=keep, use_cache=False)
             return out.logits
 
         self._logits = torch.compile(logits, dynamic=True, backend=backend)
