@@ -51,6 +51,7 @@ def _batch(n: int, P: int, T: int, seed: int, vocab: int) -> tuple[torch.Tensor,
     return ids * att, att
 
 
+@pytest.mark.slow  # inductor's first compilation: ~60 s on this CPU, ~20 s with its cache warm
 def test_compiled_forward_gives_the_eager_logprobs_and_entropies(tiny_model_dir):
     """Inductor (the default backend) against the eager forward on the same batch, at temperature
     0.7. Tolerance 2e-5 absolute on log-probs and entropies of a 14-token vocabulary (values of
