@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from lit_covrl import distributed
 from lit_covrl.algorithms import aggregate
+from lit_covrl.compiled import CompiledForwards
 from lit_covrl.metrics import StepMetrics
 from lit_covrl.objectives import Objective
 from lit_covrl.packing import length_order, trim_padding
@@ -69,6 +70,7 @@ class LearnerSettings:
     update: UpdateSettings
     shared_prompt: bool = False
     skip_padding: bool = False  # resolved: True sorts rows by length and trims each micro-batch (`_plan`)
+    compile_update: bool = False  # True: the forwards of `_logprobs` run compiled (`lit_covrl.compiled`)
 
 
 class OptimizerDriver(Protocol):
@@ -103,6 +105,7 @@ class Learner:
         self._on_policy = True
         self._step_stats: dict | None = None
         self.step = 0
+        self.compiled = CompiledForwards()  # used only with settings.compile_update; compiles on first use
 
     def update(self, rollout: Rollout, advantages: Tensor, keep: Tensor, ref_logp: Tensor | None, *, step: int) -> dict:
         """Every optimizer update of one rollout (RL step `step`); returns step metrics averaged
@@ -289,13 +292,16 @@ class Learner:
         """Response log-probs (and entropy) [n, T] of a micro-batch under `model` (default the
         policy); with `skip_padding` computed on the micro-batch trimmed of its all-padding
         columns (`trim_padding`); the prompt forward shared over each group
-        (`shared_prompt_logprobs`) when `shared_prompt` is on and activation checkpointing off. Every call, filler passes included, then runs the same
+        (`shared_prompt_logprobs`) when `shared_prompt` is on and activation checkpointing off;
+        through the compiled forward (`lit_covrl.compiled`) with `compile_update`. Every call, filler passes included, then runs the same
         two forwards on every rank when there are several (FSDP lock-step)."""
         hp = self.settings
         model = model if model is not None else self.policy
         kw = dict(temperature=hp.rollout.temperature, with_entropy=with_entropy, chunk_size=hp.update.logprob_chunk_size)
         ids, att, kept = trim_padding(ids, att, T) if hp.skip_padding else (ids, att, T)
-        if not hp.shared_prompt:
+        if hp.compile_update:  # one full forward per row (shared_prompt resolves off with it)
+            logp, ent = response_logprobs(self.compiled(model), ids, att, kept, **kw)
+        elif not hp.shared_prompt:
             logp, ent = response_logprobs(model, ids, att, kept, **kw)
         else:
             logp, ent = shared_prompt_logprobs(model, ids, att, kept, always_split=distributed.world_size() > 1, **kw)

@@ -159,7 +159,7 @@ class GRPOModule(L.LightningModule):
             assert self.policy is not None, "configure_model() must run first"
             cfg = self.settings
             settings = LearnerSettings(cfg.rollout, cfg.loss, cfg.update, shared_prompt=self.shared_prompt_on,
-                                       skip_padding=self.skip_padding_on)
+                                       skip_padding=self.skip_padding_on, compile_update=cfg.system.compile_update)
             self._learner = Learner(self.policy, settings, self.objective, self.regularizers, LightningDriver(self))
             self._learner.skipped_steps = self._restored_skips
         resolved = dict(shared_prompt=self.shared_prompt_on, skip_padding=self.skip_padding_on)
@@ -175,9 +175,9 @@ class GRPOModule(L.LightningModule):
     @property
     def shared_prompt_on(self) -> bool:
         """`shared_prompt` resolved: null means on for CPU, off on GPU (where it was measured
-        slower); always off under activation checkpointing."""
+        slower); always off under activation checkpointing and with the compiled update forward."""
         system = self.settings.system
-        if system.activation_checkpointing:
+        if system.activation_checkpointing or system.compile_update:
             return False
         choice = system.shared_prompt
         return self.device.type == "cpu" if choice is None else bool(choice)

@@ -211,6 +211,12 @@ class SystemSettings:
             (`lit_covrl.packing`; measured in docs/benchmarks.md). The same math; on the CPU not bit-identical across
             micro_batch_size (right-trimming changes the attention kernel's rounding).
             null (default) = on for CUDA, off on the CPU.
+        compile_update: run the policy forward of the update's log-prob/entropy passes (training,
+            and the no-grad old/reference passes) through `torch.compile` with dynamic shapes,
+            compiled once per model (`lit_covrl.compiled`). The same math to float rounding.
+            Off by default until a GPU measurement says it pays (docs/scaling.md). Not with
+            activation_checkpointing, shared_prompt: true, FSDP2 or several processes (untested
+            combinations, refused at start-up); shared_prompt null resolves to off with it.
     """
 
     fsdp_mixed_precision: str | None = None
@@ -218,6 +224,7 @@ class SystemSettings:
     rollout_gather: str = "once"
     shared_prompt: bool | None = None
     skip_padding: bool | None = None
+    compile_update: bool = False
 
     KEY = "model.system"
 
@@ -226,6 +233,14 @@ class SystemSettings:
             _bad(f"{self.KEY}.fsdp_mixed_precision", self.fsdp_mixed_precision, f"valid: {sorted(MIXED_PRECISION)} or null")
         if self.rollout_gather not in ROLLOUT_GATHER:
             _bad(f"{self.KEY}.rollout_gather", self.rollout_gather, f"valid: {list(ROLLOUT_GATHER)}")
+        if not isinstance(self.compile_update, bool):
+            _bad(f"{self.KEY}.compile_update", self.compile_update, "must be true or false")
+        if self.compile_update:
+            for name, on in (("activation_checkpointing", self.activation_checkpointing),
+                             ("shared_prompt", self.shared_prompt is True)):
+                if on:
+                    _bad(f"{self.KEY}.compile_update", True,
+                         f"not supported with {self.KEY}.{name}=true (untested combination); turn one of them off")
 
 
 GROUPS = {"rollout": RolloutSettings, "loss": LossSettings, "update": UpdateSettings,

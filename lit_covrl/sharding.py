@@ -148,6 +148,13 @@ def check_strategy(strategy, system) -> None:
             f"lit_covrl.sharding.FSDP2Strategy (got {name}); without sharding use "
             "trainer.precision: bf16-mixed and model.system.fsdp_mixed_precision: null"
         )
+    processes = getattr(strategy, "world_size", 1)
+    if system.compile_update and (isinstance(strategy, ModelParallelStrategy) or processes > 1):
+        raise ValueError(
+            f"model.system.compile_update=True is not supported with trainer.strategy={name} "
+            f"({processes} process(es)): the compiled update forward was tested on one device without "
+            "FSDP2 only. Turn model.system.compile_update off, or train on one device without sharding."
+        )
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -25,6 +25,11 @@ the steps after the first (warm-up, graph capture, compilation):
                   cache_implementation="static")` on a bf16 copy of the model (transformers
                   compiles the decoding forward itself, mode="reduce-overhead"), --steps calls;
 - fsdp_once:      FSDP2Strategy on one device (bf16 gather, fp32 master weights), default sampler.
+Any sampler config with `+compile_update` appended (e.g. `0.5B:static_compile+compile_update`) runs
+the same with `model.system.compile_update: true` (the update's policy forward through torch.compile,
+dynamic shapes; compiled in the warm-up step). Not in the default runs; the comparison to run:
+
+    bash tools/gpu_check.sh --steps 3 --runs 0.5B:static_compile 0.5B:static_compile+compile_update
 
 Figures: rollout_tok_s = generated tokens / rollout time (prefill included); decode_ms_per_step =
 rollout time / decoding steps (prefill amortized in; the static sampler's own split is in
@@ -71,6 +76,7 @@ SAMPLERS = {  # config -> (sampler class in lit_covrl.sampling, init_args); None
     "fsdp_once": None,
 }
 CONFIGS = (*SAMPLERS, "hf_generate")
+COMPILE_UPDATE = "+compile_update"  # suffix of a sampler config: model.system.compile_update on
 DEFAULT_RUNS = ("0.5B:kv_cache", "0.5B:static_graph", "0.5B:hf_generate", "0.5B:static_compile",
                 "1.5B:static_graph", "1.5B:hf_generate", "1.5B:kv_cache")
 # dense bf16 tensor-core peak (no sparsity), by device name
@@ -136,9 +142,12 @@ def run_one(name: str, args) -> dict:
     from lit_covrl.sharding import FSDP2Strategy
 
     rows: list[dict] = []
+    name, compiled = name.removesuffix(COMPILE_UPDATE), name.endswith(COMPILE_UPDATE)
     spec = SAMPLERS[name]
     sampler = getattr(S, spec[0])(**spec[1]) if spec else None
     fsdp = name.startswith("fsdp")
+    system = {**(dict(fsdp_mixed_precision="bf16", rollout_gather="once") if fsdp else {}),
+              **(dict(compile_update=True) if compiled else {})}
 
     class Record(Callback):
         def on_train_batch_start(self, trainer, module, *a) -> None:
@@ -158,7 +167,7 @@ def run_one(name: str, args) -> dict:
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6, weight_decay=0.0),
         rollout=dict(group_size=args.group, max_new_tokens=args.new_tokens, max_prompt_length=args.prompt_len),
         update=dict(mini_batch_size=args.prompts // args.updates, micro_batch_size=args.micro),
-        **(dict(system=dict(fsdp_mixed_precision="bf16", rollout_gather="once")) if fsdp else {}),
+        system=system,
     )
     data = PromptDataModule(task=None, train_files=[str(args.prompts_file)], batch_size=args.prompts, seed=0)
     trainer = L.Trainer(
@@ -268,8 +277,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for r in args.runs:
         shape, _, conf = r.partition(":")
-        if shape not in SHAPES or conf not in CONFIGS:
-            p.error(f"--runs {r!r}: want shape:config with shape in {sorted(SHAPES)} and config in {list(CONFIGS)}")
+        sampler_conf = conf.removesuffix(COMPILE_UPDATE)
+        if shape not in SHAPES or conf not in CONFIGS and (sampler_conf not in SAMPLERS or sampler_conf == "fsdp_once"):
+            p.error(f"--runs {r!r}: want shape:config with shape in {sorted(SHAPES)} and config in {list(CONFIGS)}, "
+                    f"optionally with {COMPILE_UPDATE} after a sampler config (not fsdp_once)")
     return args
 
 

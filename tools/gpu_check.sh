@@ -18,6 +18,6 @@ if [ -d wheels ]; then
   done
 fi
 python3 -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__)"
-timeout ${GPU_TESTS_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+timeout ${GPU_TESTS_TIMEOUT:-260} python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 timeout ${BENCH_TIMEOUT:-480} python3 tools/bench_gpu.py --json --out "$OUT/bench_gpu.json" "$@" 2>"$OUT/bench_gpu.log" >/dev/null
 tail -c 6000 "$OUT/bench_gpu.log"
