@@ -34,7 +34,7 @@ from lit_covrl.generation import RolloutGenerator
 from lit_covrl.learner import Learner, LearnerSettings
 from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics
 from lit_covrl.objectives import Objective, resolve_objective
-from lit_covrl.policy import empty_policy, load_policy, load_tokenizer, resolve_dtype
+from lit_covrl.policy import load_tokenizer, resolve_dtype
 from lit_covrl.prompt_check import check_datamodule_prompts
 from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.reward_set import RewardSet
@@ -44,9 +44,7 @@ from lit_covrl.settings import (
     GROUPS, EvalSettings, LossSettings, RolloutSettings, SystemSettings, UpdateSettings, as_group,
     check_module_settings,
 )
-from lit_covrl.sharding import (
-    check_strategy, checkpoint_layers, load_sharded, shard_model,
-)
+from lit_covrl.sharding import check_strategy, load_model
 from lit_covrl.types import PromptBatch, Rollout
 
 log = logging.getLogger("lit_covrl")
@@ -154,16 +152,17 @@ class GRPOModule(L.LightningModule):
 
     @property
     def learner(self) -> Learner:
-        """The policy update (`lit_covrl.learner`), built once the policy is loaded."""
+        """The policy update (`lit_covrl.learner`), built once the policy is loaded; its device-
+        dependent switches follow the module if it moves."""
+        resolved = dict(shared_prompt=self.shared_prompt_on, skip_padding=self.skip_padding_on)
         if self._learner is None:
             assert self.policy is not None, "configure_model() must run first"
             cfg = self.settings
-            settings = LearnerSettings(cfg.rollout, cfg.loss, cfg.update, shared_prompt=self.shared_prompt_on,
-                                       skip_padding=self.skip_padding_on, compile_update=cfg.system.compile_update)
+            settings = LearnerSettings(cfg.rollout, cfg.loss, cfg.update, compile_update=cfg.system.compile_update,
+                                       **resolved)
             self._learner = Learner(self.policy, settings, self.objective, self.regularizers, LightningDriver(self))
             self._learner.skipped_steps = self._restored_skips
-        resolved = dict(shared_prompt=self.shared_prompt_on, skip_padding=self.skip_padding_on)
-        if any(getattr(self._learner.settings, k) != v for k, v in resolved.items()):  # the module moved device
+        elif any(getattr(self._learner.settings, k) != v for k, v in resolved.items()):
             self._learner.settings = dataclasses.replace(self._learner.settings, **resolved)
         return self._learner
 
@@ -174,20 +173,14 @@ class GRPOModule(L.LightningModule):
 
     @property
     def shared_prompt_on(self) -> bool:
-        """`shared_prompt` resolved: null means on for CPU, off on GPU (where it was measured
-        slower); always off under activation checkpointing and with the compiled update forward."""
-        system = self.settings.system
-        if system.activation_checkpointing or system.compile_update:
-            return False
-        choice = system.shared_prompt
-        return self.device.type == "cpu" if choice is None else bool(choice)
+        """`model.system.shared_prompt` resolved for this module's device (null: on for the CPU,
+        off on GPU, where it measured slower; `SystemSettings.shared_prompt_for`)."""
+        return self.settings.system.shared_prompt_for(self.device.type)
 
     @property
     def skip_padding_on(self) -> bool:
-        """`skip_padding` resolved: null means on for CUDA, off on the CPU (where it would break
-        bit-level micro-batch invariance and the configs use one micro-batch anyway)."""
-        choice = self.settings.system.skip_padding
-        return self.device.type == "cuda" if choice is None else bool(choice)
+        """`model.system.skip_padding` resolved for this module's device (null: on for CUDA only)."""
+        return self.settings.system.skip_padding_for(self.device.type)
 
     # setup -------------------------------------------------------------------------------------
     @property
@@ -215,24 +208,9 @@ class GRPOModule(L.LightningModule):
             object.__setattr__(self, "_reference", self._load(hp.reference_model or hp.model, frozen=True))
 
     def _load(self, spec: str, *, frozen: bool) -> torch.nn.Module:
-        hp, mesh, system = self.hparams, self.device_mesh, self.settings.system
-        ac = system.activation_checkpointing and not frozen  # nothing to recompute without grads
-
-        def build(loader) -> torch.nn.Module:
-            model = loader(spec, dtype=hp.dtype)
-            return model.eval().requires_grad_(False) if frozen else model
-
-        if mesh is None:
-            model = build(load_policy)
-            if ac:
-                checkpoint_layers(model)
-            return model
-
-        def shard(model: torch.nn.Module) -> None:
-            shard_model(model, mesh, mixed_precision=system.fsdp_mixed_precision, activation_checkpointing=ac)
-
-        return load_sharded(lambda: build(load_policy), lambda: build(empty_policy), shard,
-                            self.trainer.strategy.root_device)
+        device = self.trainer.strategy.root_device if self.device_mesh is not None else None
+        return load_model(spec, dtype=self.hparams.dtype, frozen=frozen, system=self.settings.system,
+                          mesh=self.device_mesh, device=device)
 
     def setup(self, stage: str) -> None:
         cfg = self.settings

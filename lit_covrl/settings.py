@@ -228,6 +228,18 @@ class SystemSettings:
 
     KEY = "model.system"
 
+    def shared_prompt_for(self, device_type: str) -> bool:
+        """`shared_prompt` resolved for a device type ("cpu", "cuda", ...): null = on for the CPU,
+        off elsewhere; always off under activation_checkpointing and with compile_update."""
+        if self.activation_checkpointing or self.compile_update:
+            return False
+        return device_type == "cpu" if self.shared_prompt is None else bool(self.shared_prompt)
+
+    def skip_padding_for(self, device_type: str) -> bool:
+        """`skip_padding` resolved for a device type: null = on for CUDA only (on the CPU it would
+        break bit-level micro-batch invariance, and the configs use one micro-batch anyway)."""
+        return device_type == "cuda" if self.skip_padding is None else bool(self.skip_padding)
+
     def __post_init__(self) -> None:
         if self.fsdp_mixed_precision is not None and self.fsdp_mixed_precision not in MIXED_PRECISION:
             _bad(f"{self.KEY}.fsdp_mixed_precision", self.fsdp_mixed_precision, f"valid: {sorted(MIXED_PRECISION)} or null")

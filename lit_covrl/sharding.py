@@ -25,6 +25,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from lit_covrl.policy import empty_policy, load_policy
+
 MIXED_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ROLLOUT_GATHER = ("per_forward", "once")
 
@@ -119,6 +121,31 @@ def load_sharded(
                 buf.copy_(source[name])
             dist.broadcast(buf, src=0)
     return model
+
+
+def load_model(spec: str, *, dtype: str, frozen: bool, system, mesh=None,
+               device: torch.device | None = None) -> nn.Module:
+    """The policy (`frozen=False`) or a frozen reference model (eval mode, no gradients), ready to
+    train: with a device mesh, sharded with FSDP2 (`shard_model`, rank 0 alone reading the full
+    weights, `load_sharded`; a collective); without one, loaded whole. `system` (the module's
+    `SystemSettings`) gives the mixed precision and activation checkpointing, which only the
+    policy gets (a frozen model has nothing to recompute)."""
+    checkpointed = system.activation_checkpointing and not frozen
+
+    def build(loader) -> nn.Module:
+        model = loader(spec, dtype=dtype)
+        return model.eval().requires_grad_(False) if frozen else model
+
+    if mesh is None:
+        model = build(load_policy)
+        if checkpointed:
+            checkpoint_layers(model)
+        return model
+
+    def shard(model: nn.Module) -> None:
+        shard_model(model, mesh, mixed_precision=system.fsdp_mixed_precision, activation_checkpointing=checkpointed)
+
+    return load_sharded(lambda: build(load_policy), lambda: build(empty_policy), shard, device)
 
 
 def checkpoint_layers(model: nn.Module) -> None:

@@ -50,10 +50,10 @@ def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> Non
     _dist.elastic_env(rank, 2, port)
     out, res = Path(out), {}
 
-    import lit_covrl.module
+    import lit_covrl.sharding
 
-    full_loads, real_load = [], lit_covrl.module.load_policy  # who reads the full weights
-    lit_covrl.module.load_policy = lambda *a, **k: full_loads.append(a[0]) or real_load(*a, **k)
+    full_loads, real_load = [], lit_covrl.sharding.load_policy  # who reads the full weights
+    lit_covrl.sharding.load_policy = lambda *a, **k: full_loads.append(a[0]) or real_load(*a, **k)
 
     rec, loaded = _dist.Recorder(), _Loaded()  # A: the trajectory compared with one process
     module = _dist.make_module(model_dir, system=dict(rollout_gather="once"))
