@@ -234,6 +234,34 @@ def held_out_section(runs: dict, methods: list[str]) -> list[str]:
     return lines
 
 
+def same_lr_section(runs: dict, methods: list[str]) -> list[str]:
+    """Residuals against the frontier of `grpo` alone, when GRPO also ran at other learning rates.
+
+    The pooled frontier mixes learning rates: where they do not lie on one curve, it sits between
+    them, and a control run at `grpo`'s learning rate (every control config keeps it) would be
+    judged against a baseline partly made of another learning rate. Fitted on `grpo`'s runs only,
+    this residual answers the narrower question: better than GRPO at the same entropy *and* the
+    same learning rate? Empty when there is no second GRPO learning rate or the fit fails."""
+    if "grpo" not in methods or len(baseline_methods(methods)) < 2:
+        return []
+    try:
+        fronts = {metric: an.frontier_residuals(runs, ["grpo"], metric) for metric in ("val_pass@1", "val_pass@k")}
+    except ValueError:
+        return []
+    lines = ["", "### Against GRPO at its own learning rate", "",
+             "The same residual with the frontier fitted on the `grpo` runs alone (the learning rate of every "
+             "control config): > 0 is better than GRPO at the same entropy and learning rate.", ""]
+    lines += [f"- {metric} frontier (grpo): a = {fr['a']:.4f}, b = {fr['b']:.4f} ({fr['n_points']} points)"
+              for metric, fr in fronts.items()]
+    lines += ["", "| method | seeds | residual pass@1 (vs grpo) | residual pass@k (vs grpo) |", "|---|---|---|---|"]
+    for m in methods:
+        keys = sorted(k for k in runs if k[0] == m)
+        if keys:
+            cells = [_ci([fr["per_run"].get(k, float("nan")) for k in keys], signed=True) for fr in fronts.values()]
+            lines.append(f"| {m} | {len(keys)} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
 def method_table(runs: dict, methods: list[str], walls: dict) -> list[str]:
     """Per method, mean ± std over seeds: entropy start / end, pass@1 / pass@k, train accuracy,
     the regularizer's selected fraction and the wall time of a run."""
@@ -305,6 +333,7 @@ def make_report(out: Path, rows: list[dict], methods: list[str], meta: list[dict
     lines += method_table(runs, methods, {(x["method"], x["seed"]): x["wall_s"] for x in meta})
     lines += law_section(runs, methods, fit_frac, frontier)
     lines += held_out_section(runs, methods)
+    lines += same_lr_section(runs, methods)
     failed = [x for x in meta if x["returncode"] != 0]
     if failed:
         lines += ["", "Failed runs: " + ", ".join(f"{x['method']}-s{x['seed']} (rc {x['returncode']})" for x in failed)]

@@ -105,6 +105,36 @@ def test_held_out_section_intervals_and_frontier_residuals():
     assert any("frontier: a = 1.0000, b = 2.0000" in x for x in lines)
 
 
+def test_same_learning_rate_frontier_is_fitted_on_grpo_alone():
+    """grpo on P = 2 - e^H, low-lr GRPO 0.2 above it: the pooled frontier sits 0.1 above grpo's line,
+    so a control 0.05 above grpo's line is below the pooled frontier (-0.05) but above GRPO at its
+    own learning rate (+0.05); without a second GRPO learning rate there is no such section."""
+    import math
+
+    from lab.report import held_out_section, same_lr_section
+
+    def run(points):
+        rows = [{"step": i, "entropy": 0.1} for i in range(10)]
+        for s, h, p in points:
+            rows[s].update({"val_entropy": h, "val_pass@1": p, "val_pass@k": p})
+        return rows
+
+    line = lambda h: 2.0 - math.exp(h)  # noqa: E731
+    hs = (0.2, 0.4, 0.6)
+    runs = {("grpo", 0): run([(3 * i + 3, h, line(h)) for i, h in enumerate(hs)]),
+            ("grpo_low_lr", 0): run([(3 * i + 3, h, line(h) + 0.2) for i, h in enumerate(hs)]),
+            ("clip_cov", 0): run([(3 * i + 3, h, line(h) + 0.05) for i, h in enumerate(hs)])}
+    methods = ["grpo", "grpo_low_lr", "clip_cov"]
+    pooled = next(x for x in held_out_section(runs, methods) if x.startswith("| clip_cov |"))
+    assert pooled.count("-0.050 ± 0.000 [-0.050, -0.050]") == 2
+    lines = same_lr_section(runs, methods)
+    assert any("frontier (grpo): a = 1.0000, b = 2.0000 (3 points)" in x for x in lines)
+    row = next(x for x in lines if x.startswith("| clip_cov |"))
+    assert row == "| clip_cov | 1 | +0.050 ± 0.000 [+0.050, +0.050] | +0.050 ± 0.000 [+0.050, +0.050] |"
+    assert next(x for x in lines if x.startswith("| grpo_low_lr |")).count("+0.200") == 6
+    assert same_lr_section({k: v for k, v in runs.items() if k[0] != "grpo_low_lr"}, ["grpo", "clip_cov"]) == []
+
+
 def test_a_comparison_stopped_part_way_keeps_its_finished_runs(tmp_path, monkeypatch):
     """runs.csv is written after every run: the second run dies (as on Ctrl-C or a session's end),
     the first stays recorded, and --skip-existing keeps it instead of running it again."""
