@@ -1,7 +1,8 @@
 """FSDP2 (`fully_shard`) for the policy and the reference model, as pure helpers.
 
-Used by `load_model` (`GRPOModule.configure_model`) when the trainer runs Lightning's `ModelParallelStrategy`
-(which hands the module a device mesh); every other strategy leaves the models alone.
+Used by `load_model` (`GRPOModule.configure_model`) when the trainer runs Lightning's
+`ModelParallelStrategy` (which hands the module a device mesh); every other strategy leaves the
+models alone.
 
     shard_model(model, mesh, mixed_precision="bf16", activation_checkpointing=True)
 
