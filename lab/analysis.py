@@ -230,6 +230,23 @@ def bootstrap_ci(values: Sequence[float], *, n_boot: int = 4000, level: float = 
     return lo, hi
 
 
+def paired_differences(values: Mapping[tuple[str, int], float], baseline: str) -> dict[str, list[float]]:
+    """Per method, value(method, s) - value(baseline, s) over the seeds both ran, in seed order.
+
+    In tools/compare.py a seed fixes a run's train prompt stream and its held-out prompts
+    (`--data.seed`), so runs of two methods at the same seed saw the same prompts and were scored
+    on the same held-out set: their difference is free of the held-out set's difficulty, which
+    varies from seed to seed. Pairs where either value is NaN are left out; the baseline itself and
+    methods sharing no seed with it get no entry.
+    """
+    base = {s: v for (m, s), v in values.items() if m == baseline and not math.isnan(v)}
+    out: dict[str, list[float]] = {}
+    for (m, s), v in sorted(values.items()):
+        if m != baseline and s in base and not math.isnan(v):
+            out.setdefault(m, []).append(v - base[s])
+    return out
+
+
 def eval_points(rows: Iterable[Mapping], metric: str, entropy: str = "val_entropy") -> list[tuple[int, float, float]]:
     """(step, entropy, metric) at every logged step where both columns are present (e.g. every
     validation: val_entropy and val_pass@1)."""

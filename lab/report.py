@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lab import analysis as an
 
-__all__ = ["held_out_section", "law_section", "make_report", "method_table"]
+__all__ = ["held_out_section", "law_section", "make_report", "method_table", "paired_section", "same_lr_section"]
 
 
 def _by_run(rows):
@@ -262,6 +262,41 @@ def same_lr_section(runs: dict, methods: list[str]) -> list[str]:
     return lines
 
 
+def paired_section(runs: dict, methods: list[str]) -> list[str]:
+    """Each method minus `grpo` at the same seed (and its best pass@k minus every other GRPO
+    learning rate's, e.g. grpo_low_lr): a seed fixes the train prompts and the held-out set, whose
+    difficulty varies from seed to seed, so these differences are free of it
+    (lab.analysis.paired_differences). Empty without `grpo` runs."""
+    if "grpo" not in methods:
+        return []
+    stats = {k: an.run_stats(rs) for k, rs in runs.items()}
+    col = lambda f: {k: f(st) for k, st in stats.items()}  # noqa: E731
+    deltas = [an.paired_differences(col(lambda st: st["entropy_final"] / st["entropy_initial"]), "grpo")]
+    deltas += [an.paired_differences(col(lambda st, c=c: st[c]), "grpo")
+               for c in ("pass1_final", "passk_final", "passk_best")]
+    others = [b for b in baseline_methods(methods) if b != "grpo"]
+    deltas += [an.paired_differences(col(lambda st: st["passk_best"]), b) for b in others]
+
+    def cell(d, digits=3):
+        return f"{_ci(d, digits, signed=True)} ({sum(x > 0 for x in d)}/{len(d)} > 0)" if d else "—"
+
+    head = (["method", "pairs", "Δ entropy final/initial", "Δ final pass@1", "Δ final pass@k", "Δ best pass@k"]
+            + [f"Δ best pass@k vs {b}" for b in others])
+    lines = ["", "### Paired by seed", "",
+             "A seed fixes a run's train prompts and its held-out prompts (`--data.seed`), and the held-out "
+             "sets differ in difficulty from seed to seed; two methods at the same seed saw the same prompts. "
+             "Each cell: the method minus `grpo` at the same seed (last column: minus the other GRPO learning "
+             "rate), mean ± std [bootstrap 95 % interval] over the seeds both ran, and how many of those "
+             "differences are > 0.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        if m == "grpo" or m not in deltas[0]:
+            continue
+        cells = [cell(deltas[0][m], 2)] + [cell(d.get(m, [])) for d in deltas[1:]]
+        lines.append(f"| {m} | {len(deltas[0][m])} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def method_table(runs: dict, methods: list[str], walls: dict) -> list[str]:
     """Per method, mean ± std over seeds: entropy start / end, pass@1 / pass@k, train accuracy,
     the regularizer's selected fraction and the wall time of a run."""
@@ -334,6 +369,7 @@ def make_report(out: Path, rows: list[dict], methods: list[str], meta: list[dict
     lines += law_section(runs, methods, fit_frac, frontier)
     lines += held_out_section(runs, methods)
     lines += same_lr_section(runs, methods)
+    lines += paired_section(runs, methods)
     failed = [x for x in meta if x["returncode"] != 0]
     if failed:
         lines += ["", "Failed runs: " + ", ".join(f"{x['method']}-s{x['seed']} (rc {x['returncode']})" for x in failed)]

@@ -149,3 +149,17 @@ def test_frontier_residuals_hand_worked():
     assert fr["per_run"][("worse", 1)] == pytest.approx(-0.1)
     # keeping the first point (off the line by construction) changes the fit
     assert an.frontier_residuals(runs, ["grpo", "grpo_low_lr"], "val_pass@1")["a"] != pytest.approx(1.0)
+
+
+def test_paired_differences_hand_worked():
+    # seeds shared with the baseline only; NaN pairs dropped; seed order kept
+    vals = {("grpo", 0): 0.20, ("grpo", 1): 0.10, ("grpo", 2): 0.30, ("grpo", 3): 0.25,
+            ("clip_cov", 2): 0.35, ("clip_cov", 0): 0.22, ("clip_cov", 1): float("nan"),
+            ("kl_cov", 4): 0.9,  # no grpo run at seed 4: no pair
+            ("bonus", 3): 0.20}
+    d = an.paired_differences(vals, "grpo")
+    assert set(d) == {"clip_cov", "bonus"}
+    assert d["clip_cov"] == pytest.approx([0.02, 0.05])
+    assert d["bonus"] == pytest.approx([-0.05])
+    # a NaN baseline value removes that seed's pair for everyone
+    assert an.paired_differences({("grpo", 0): float("nan"), ("a", 0): 1.0}, "grpo") == {}

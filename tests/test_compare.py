@@ -135,6 +135,33 @@ def test_same_learning_rate_frontier_is_fitted_on_grpo_alone():
     assert same_lr_section({k: v for k, v in runs.items() if k[0] != "grpo_low_lr"}, ["grpo", "clip_cov"]) == []
 
 
+def test_paired_section_hand_worked():
+    """Method minus grpo at the same seed: entropy ratio, final pass@1 / pass@k, best pass@k, and
+    best pass@k minus grpo_low_lr's; a seed grpo did not run (clip_cov seed 2) has no pair."""
+    from lab.report import paired_section
+
+    def run(ent_final, pass1_final, passk):
+        rows = [{"step": i, "entropy": 1.0 if i < 5 else ent_final} for i in range(10)]
+        for step, pk in zip((3, 6, 9), passk):
+            rows[step].update({"val_entropy": 0.1, "val_pass@1": 0.0, "val_pass@k": pk})
+        rows[9]["val_pass@1"] = pass1_final
+        return rows
+
+    runs = {("grpo", 0): run(0.5, 0.20, (0.4, 0.6, 0.5)), ("grpo", 1): run(0.5, 0.10, (0.3, 0.4, 0.35)),
+            ("grpo_low_lr", 0): run(0.5, 0.30, (0.5, 0.65, 0.6)), ("grpo_low_lr", 1): run(0.5, 0.3, (0.4, 0.48, 0.4)),
+            ("clip_cov", 0): run(0.6, 0.25, (0.4, 0.7, 0.55)), ("clip_cov", 1): run(0.56, 0.08, (0.3, 0.45, 0.45)),
+            ("clip_cov", 2): run(0.9, 0.9, (0.9, 0.9, 0.9))}
+    lines = paired_section(runs, ["grpo", "grpo_low_lr", "clip_cov"])
+    assert lines[-4].endswith("| Δ best pass@k | Δ best pass@k vs grpo_low_lr |")
+    # entropy ratio 0.6 - 0.5, 0.56 - 0.5; pass@1 0.25 - 0.2, 0.08 - 0.1; final pass@k 0.55 - 0.5,
+    # 0.45 - 0.35; best pass@k 0.7 - 0.6, 0.45 - 0.4; against grpo_low_lr 0.7 - 0.65, 0.45 - 0.48
+    assert lines[-1] == ("| clip_cov | 2 | +0.08 ± 0.03 [+0.06, +0.10] (2/2 > 0) "
+                         "| +0.015 ± 0.049 [-0.020, +0.050] (1/2 > 0) | +0.075 ± 0.035 [+0.050, +0.100] (2/2 > 0) "
+                         "| +0.075 ± 0.035 [+0.050, +0.100] (2/2 > 0) | +0.010 ± 0.057 [-0.030, +0.050] (1/2 > 0) |")
+    assert lines[-2].startswith("| grpo_low_lr | 2 | +0.00 ± 0.00") and lines[-2].endswith("| — |")
+    assert paired_section({k: v for k, v in runs.items() if k[0] != "grpo"}, ["grpo_low_lr", "clip_cov"]) == []
+
+
 def test_a_comparison_stopped_part_way_keeps_its_finished_runs(tmp_path, monkeypatch):
     """runs.csv is written after every run: the second run dies (as on Ctrl-C or a session's end),
     the first stays recorded, and --skip-existing keeps it instead of running it again."""

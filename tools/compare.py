@@ -12,7 +12,10 @@ stack in order before the method's overlay (e.g. a budget overlay such as
 configs/reasoning/budget_1h.yaml). Methods shipped: grpo, grpo_low_lr, entropy_bonus(_high), clip_cov
 (_annealed, _high, _lowlb), kl_cov(_high), high_entropy_tokens, adaptive_entropy, steer,
 entropy_advantage, entropy_ratio_clip (regularizers) and gspo, cispo (objectives); see METHODS. Every run is a `python -m lit_covrl.cli fit` subprocess (this checkout's code) with `--torch_threads 1`,
-`--jobs` (default 2) at a time. Writes
+`--jobs` (default 2) at a time. Seed s sets `--seed_everything`, `--model.seed` and `--data.seed`,
+so every method's seed-s run samples the same train prompt stream and is scored on the same
+held-out prompts (a task's held-out set is drawn with the data seed): the report's "Paired by seed"
+table compares methods within a seed, free of the held-out sets' differences in difficulty. Writes
   DIR/runs/<method>-s<seed>/   TensorBoard logs (`tensorboard --logdir DIR/runs`)
   DIR/logs/<method>-s<seed>.log  the run's stdout/stderr
   DIR/runs.csv                 method, seed, wall_s, returncode per run
