@@ -15,7 +15,6 @@ TensorBoard x-axis are all in rollouts, as in the papers.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import warnings
@@ -39,15 +38,15 @@ from lit_covrl.prompt_check import check_datamodule_prompts
 from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.reward_set import RewardSet
 from lit_covrl.rewards import ExactMatchReward
+from lit_covrl.rollout_rng import RolloutRNG
 from lit_covrl.sampling import Sampler, default_sampler
 from lit_covrl.settings import (
     GROUPS, EvalSettings, LossSettings, RolloutSettings, SystemSettings, UpdateSettings, as_group,
-    check_module_settings,
+    check_fit_plan, check_module_settings,
 )
 from lit_covrl.sharding import check_strategy, load_model
 from lit_covrl.types import PromptBatch, Rollout
 
-log = logging.getLogger("lit_covrl")
 # the policy is kept in eval mode on purpose (no dropout in RL: rollout policy == trained policy)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 # Lightning warns (with a code listing) that under manual optimization a checkpoint holds the weights
@@ -146,7 +145,7 @@ class GRPOModule(L.LightningModule):
         self.val_pass = PassAtK(self.settings.eval.k)  # a child module: Lightning places it and syncs it
         self.evaluator = Evaluator(self.generate, self.score, self.val_pass, self.settings.eval,
                                    correct_threshold=correct_threshold, seed=seed)
-        self.rollout_generator = torch.Generator().manual_seed(seed)
+        self.rollout_rng = RolloutRNG(seed)
         self._learner: Learner | None = None
         self._restored_skips = 0
 
@@ -165,6 +164,11 @@ class GRPOModule(L.LightningModule):
         elif any(getattr(self._learner.settings, k) != v for k, v in resolved.items()):
             self._learner.settings = dataclasses.replace(self._learner.settings, **resolved)
         return self._learner
+
+    @property
+    def rollout_generator(self) -> torch.Generator:
+        """This rank's rollout sampler generator (`lit_covrl.rollout_rng`)."""
+        return self.rollout_rng.generator
 
     @property
     def skipped_steps(self) -> int:
@@ -215,24 +219,12 @@ class GRPOModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         cfg = self.settings
         check_strategy(self.trainer.strategy, cfg.system)
-        batch = self._prompts_per_step()
-        mbs = cfg.update.mini_batch_size
-        if batch is not None and mbs is not None and batch % mbs:
-            raise ValueError(
-                f"model.update.mini_batch_size={mbs} must divide data.batch_size={batch} (prompts per step per device)"
-            )
-        dm = getattr(self.trainer, "datamodule", None)
-        ro = cfg.rollout
-        if stage == "fit" and ro.filter_groups and ro.max_gen_rounds > 1 and not hasattr(dm, "regen_batch"):
-            raise ValueError(
-                f"model.rollout.max_gen_rounds={ro.max_gen_rounds} (dynamic sampling) needs a datamodule with "
-                "regen_batch(index, round, rounds) to draw fresh prompts, such as lit_covrl.data.PromptDataModule"
-            )
+        dm, ro = getattr(self.trainer, "datamodule", None), cfg.rollout
+        check_fit_plan(ro, cfg.update, prompts_per_step=self._prompts_per_step(), datamodule=dm, stage=stage)
         if hasattr(dm, "known_prompts"):
             check_datamodule_prompts(self.tokenizer, dm, chat_template=ro.chat_template,
                                      max_prompt_length=ro.max_prompt_length if ro.prompt_overflow == "error" else None)
-        seed = self.hparams.seed + 1_000_003 * self.global_rank
-        self.rollout_generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.rollout_rng.place(self.device, self.global_rank)
 
     @property
     def updates_per_rollout(self) -> int | None:
@@ -407,11 +399,7 @@ class GRPOModule(L.LightningModule):
         publish_step_metrics(self.trainer, values, step=self.global_step - 1)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # every rank's sampler state (ranks sample with different seeds): sharded checkpoints keep
-        # only rank 0's copy of this dict, so gather them (every rank runs this hook)
-        state = self.rollout_generator.get_state()
-        checkpoint["rollout_generators"] = distributed.gather_rows(state[None])[0]
-        checkpoint["rollout_generator"] = state  # this rank's, for older readers
+        self.rollout_rng.save(checkpoint)  # collective: every rank runs this hook
         checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -419,25 +407,13 @@ class GRPOModule(L.LightningModule):
             # `GRPOModule.load_from_checkpoint(path)` outside a fit: build the policy that the
             # checkpoint's state dict is loaded into next (a fit builds it in configure_model)
             self.configure_model()
-        world_size = self.trainer.world_size if self._trainer is not None else 1
-        states = checkpoint.get("rollout_generators")
-        if states is not None and len(states) == world_size:
-            self._pending_generator_state = states[self.global_rank].clone()
-        elif states is not None:  # another world size: every rank reseeds from its own seed
-            log.warning("checkpoint saved with %d ranks, resuming with %d: rollout samplers reseeded "
-                        "(prompts continue exactly, samples do not)", len(states), world_size)
-            self._pending_generator_state = None
-        else:
-            self._pending_generator_state = checkpoint.get("rollout_generator")
+        self.rollout_rng.load(checkpoint, self.global_rank, self.trainer.world_size if self._trainer is not None else 1)
         self._restored_skips = checkpoint.get("skipped_steps", 0)
         if self._learner is not None:
             self._learner.skipped_steps = self._restored_skips
 
     def on_train_start(self) -> None:
-        state = getattr(self, "_pending_generator_state", None)
-        if state is not None:
-            self.rollout_generator.set_state(state)
-            self._pending_generator_state = None
+        self.rollout_rng.apply_pending()
 
     def configure_callbacks(self):
         """The TensorBoard overview of every fit (layout, config text, hparams, final figures)."""

@@ -306,3 +306,19 @@ def check_module_settings(rollout: RolloutSettings, loss: LossSettings, reward_t
              f"{LossSettings.KEY}.advantage={loss.advantage!r} needs >= {need}")
     if reward_timeout_s is not None and reward_timeout_s <= 0:
         _bad("model.reward_timeout_s", reward_timeout_s, "must be > 0 or null")
+
+
+def check_fit_plan(rollout: RolloutSettings, update: UpdateSettings, *, prompts_per_step: int | None,
+                   datamodule, stage: str) -> None:
+    """The checks against the datamodule, at setup: mini-batches must tile the prompts of a step,
+    and dynamic sampling needs a datamodule that can draw fresh prompts."""
+    mbs = update.mini_batch_size
+    if prompts_per_step is not None and mbs is not None and prompts_per_step % mbs:
+        raise ValueError(f"{UpdateSettings.KEY}.mini_batch_size={mbs} must divide data.batch_size={prompts_per_step} "
+                         "(prompts per step per device)")
+    if stage == "fit" and rollout.filter_groups and rollout.max_gen_rounds > 1 and not hasattr(datamodule, "regen_batch"):
+        raise ValueError(
+            f"{RolloutSettings.KEY}.max_gen_rounds={rollout.max_gen_rounds} (dynamic sampling) needs a datamodule with "
+            "regen_batch(index, round, rounds) to draw fresh prompts, such as lit_covrl.data.PromptDataModule"
+        )
+

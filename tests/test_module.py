@@ -326,6 +326,26 @@ def test_mini_batch_must_divide_batch(tiny_model_dir):
         fit(module, make_data(), steps=1)
 
 
+def test_dynamic_sampling_needs_a_datamodule_that_draws_fresh_prompts():
+    from lit_covrl.settings import RolloutSettings, UpdateSettings, check_fit_plan
+
+    dynamic = RolloutSettings(filter_groups=True, max_gen_rounds=3)
+
+    class Fixed:  # no regen_batch
+        pass
+
+    class Fresh:
+        def regen_batch(self, index, round, rounds):
+            return None
+
+    with pytest.raises(ValueError, match=r"model\.rollout\.max_gen_rounds=3 \(dynamic sampling\) needs a datamodule"):
+        check_fit_plan(dynamic, UpdateSettings(), prompts_per_step=4, datamodule=Fixed(), stage="fit")
+    check_fit_plan(dynamic, UpdateSettings(), prompts_per_step=4, datamodule=Fresh(), stage="fit")
+    check_fit_plan(dynamic, UpdateSettings(), prompts_per_step=4, datamodule=Fixed(), stage="validate")
+    check_fit_plan(RolloutSettings(filter_groups=True), UpdateSettings(), prompts_per_step=4, datamodule=Fixed(),
+                   stage="fit")  # one round: nothing to draw
+
+
 def test_reference_model_only_when_a_regularizer_needs_it(tiny_model_dir, tmp_path):
     from lit_covrl.regularizers import ReferenceKL
 

@@ -1,0 +1,62 @@
+"""The rollout sampler's random state: one generator per rank, saved and restored with checkpoints.
+
+Ranks sample with different seeds (`seed + 1_000_003 * rank`) so that their responses differ. A
+checkpoint holds every rank's state (gathered, because a sharded checkpoint keeps only rank 0's
+copy of the module's extra state); a resume with the same world size continues every rank's
+stream exactly, one with another world size reseeds every rank from its own seed (the prompt
+stream still continues exactly, the samples do not).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from lit_covrl import distributed
+
+log = logging.getLogger("lit_covrl")
+
+RANK_STRIDE = 1_000_003  # seed offset between ranks
+
+
+class RolloutRNG:
+    """This rank's rollout generator (`.generator`), its checkpoint entries and their restore.
+
+    Restoring is two-step, as Lightning's hooks are: `load` (from `on_load_checkpoint`, before the
+    generator is placed on its device) keeps the saved state aside, `apply_pending` (from
+    `on_train_start`) sets it.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self._pending: Tensor | None = None
+
+    def place(self, device: torch.device, rank: int) -> None:
+        """A fresh generator on `device`, seeded for `rank`."""
+        self.generator = torch.Generator(device=device).manual_seed(self.seed + RANK_STRIDE * rank)
+
+    def save(self, checkpoint: dict) -> None:
+        """Every rank's state under "rollout_generators" (collective: every rank calls it), and this
+        rank's alone under "rollout_generator" for older readers."""
+        state = self.generator.get_state()
+        checkpoint["rollout_generators"] = distributed.gather_rows(state[None])[0]
+        checkpoint["rollout_generator"] = state
+
+    def load(self, checkpoint: dict, rank: int, world_size: int) -> None:
+        """Keep this rank's saved state for `apply_pending`; none when the world size changed."""
+        states = checkpoint.get("rollout_generators")
+        if states is not None and len(states) == world_size:
+            self._pending = states[rank].clone()
+        elif states is not None:
+            log.warning("checkpoint saved with %d ranks, resuming with %d: rollout samplers reseeded "
+                        "(prompts continue exactly, samples do not)", len(states), world_size)
+            self._pending = None
+        else:  # a checkpoint from before the states were gathered
+            self._pending = checkpoint.get("rollout_generator")
+
+    def apply_pending(self) -> None:
+        if self._pending is not None:
+            self.generator.set_state(self._pending)
+            self._pending = None

@@ -1,0 +1,63 @@
+"""The rollout generator's per-rank seeding and its checkpoint round trip (lit_covrl.rollout_rng);
+the multi-rank resume itself is exercised in tests/test_fsdp.py."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lit_covrl.rollout_rng import RANK_STRIDE, RolloutRNG
+
+
+def _draw(rng: RolloutRNG) -> list[float]:
+    return torch.rand(4, generator=rng.generator).tolist()
+
+
+def test_ranks_draw_from_their_own_seed():
+    a, b = RolloutRNG(7), RolloutRNG(7)
+    a.place(torch.device("cpu"), 0)
+    b.place(torch.device("cpu"), 1)
+    assert _draw(a) == torch.rand(4, generator=torch.Generator().manual_seed(7)).tolist()
+    assert _draw(b) == torch.rand(4, generator=torch.Generator().manual_seed(7 + RANK_STRIDE)).tolist()
+
+
+def test_a_resume_continues_the_stream_exactly():
+    rng = RolloutRNG(3)
+    rng.place(torch.device("cpu"), 0)
+    _draw(rng)
+    ckpt: dict = {}
+    rng.save(ckpt)  # one process: the gathered states are this rank's alone
+    assert ckpt["rollout_generators"].shape[0] == 1
+    expected = _draw(rng)
+
+    resumed = RolloutRNG(3)
+    resumed.load(ckpt, rank=0, world_size=1)
+    resumed.place(torch.device("cpu"), 0)  # setup runs between the checkpoint load and the train start
+    resumed.apply_pending()
+    assert _draw(resumed) == expected
+    resumed.apply_pending()  # applied once only
+    assert _draw(resumed) != expected
+
+
+def test_another_world_size_reseeds_and_says_so(caplog):
+    rng = RolloutRNG(3)
+    ckpt: dict = {}
+    rng.save(ckpt)
+    _draw(rng)
+    other = RolloutRNG(3)
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        other.load(ckpt, rank=0, world_size=2)
+    assert "saved with 1 ranks, resuming with 2" in caplog.text
+    other.apply_pending()
+    assert _draw(other) == torch.rand(4, generator=torch.Generator().manual_seed(3)).tolist()
+
+
+def test_an_older_checkpoint_with_this_ranks_state_only():
+    rng = RolloutRNG(5)
+    _draw(rng)
+    old = {"rollout_generator": rng.generator.get_state()}
+    expected = _draw(rng)
+    resumed = RolloutRNG(5)
+    resumed.load(old, rank=0, world_size=1)
+    resumed.apply_pending()
+    assert _draw(resumed) == expected
