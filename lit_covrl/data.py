@@ -102,11 +102,14 @@ class PromptDataModule(L.LightningDataModule):
         batch_size: prompts per training step per device.
         val_size: held-out prompts drawn from a synthetic task (0: no validation).
         val_batch_size: prompts per validation batch.
-        seed: seed of the train stream and of the task's held-out set.
+        seed: seed of the train stream and (unless val_seed is given) of the task's held-out set.
         strict: raise on the first malformed row instead of skipping it.
         unencodable_prompts: a prompt the policy's tokenizer cannot represent (it encodes to the
             unknown token or to nothing; checked at start-up by the module): "error" (ValueError
             naming its file:line) or "skip" (dropped, warned about and counted like a malformed row).
+        val_seed: seed of a synthetic task's held-out set; null (default) = `seed`, so each training
+            seed also draws its own held-out prompts. Fix it to score runs of different seeds on one
+            held-out set (e.g. `tools/compare.py --set data.val_seed=0`).
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class PromptDataModule(L.LightningDataModule):
         seed: int = 0,
         strict: bool = False,
         unencodable_prompts: str = "error",
+        val_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -163,7 +167,7 @@ class PromptDataModule(L.LightningDataModule):
         hp = self.hparams
         val: list[Example] = []
         if self.task is not None:
-            val = task_heldout(self.task, hp.val_size, f"lit_covrl:val:{hp.seed}")
+            val = task_heldout(self.task, hp.val_size, f"lit_covrl:val:{self.held_out_seed}")
         elif hp.train_files:
             self._train_rows = [ex for path in hp.train_files for ex in self.reader.read_file(path)]
         else:
@@ -210,7 +214,14 @@ class PromptDataModule(L.LightningDataModule):
             source = f"{len(hp.train_files)} train file(s)" if hp.train_files else f"HF {hp.hf_dataset!r}"
             source += f", {self.rows_used}/{self.rows_seen} rows used ({self.skipped_rows} malformed)"
         n_val = sum(len(b) for b in self._val_batches or [])
-        return f"prompts: {source}, seed {hp.seed}, {hp.batch_size}/step/device, {n_val} held-out"
+        seeds = f"seed {hp.seed}" + (f" (held-out {hp.val_seed})" if hp.get("val_seed") is not None else "")
+        return f"prompts: {source}, {seeds}, {hp.batch_size}/step/device, {n_val} held-out"
+
+    @property
+    def held_out_seed(self) -> int:
+        """The seed a synthetic task's held-out prompts are drawn with (`val_seed`, else `seed`)."""
+        val_seed = self.hparams.get("val_seed")
+        return self.hparams.seed if val_seed is None else val_seed
 
     # --------------------------------------------------------------------- streams
 

@@ -413,6 +413,23 @@ def test_describe(tmp_path, fake_task):
     assert "task 'fake'" in dm.describe() and "3 held-out" in dm.describe()
 
 
+def test_val_seed_fixes_the_held_out_set_across_training_seeds():
+    """By default the held-out prompts follow `seed`; with `val_seed` runs of different seeds are
+    scored on one set while their train streams still differ."""
+    def held_out(**kw):
+        dm = PromptDataModule(task="arithmetic", batch_size=4, val_size=32, val_batch_size=32, **kw)
+        dm.setup("fit")
+        return [p for b in dm.val_dataloader() for p in b.prompts], dm
+
+    (v0, _), (v1, _) = held_out(seed=0), held_out(seed=1)
+    assert v0 != v1
+    (f0, d0), (f1, d1) = held_out(seed=0, val_seed=7), held_out(seed=1, val_seed=7)
+    assert f0 == f1 and f0 != v0 and len(f0) == 32
+    assert held_out(seed=7)[0] == f0  # val_seed=7 draws what seed=7 would
+    assert d0.batch_at(0).prompts != d1.batch_at(0).prompts
+    assert "seed 1 (held-out 7)" in d1.describe()
+
+
 def test_validation_prompts_of_a_builtin_task_are_held_out():
     """Validation uses the task's held-out split: none of its prompts is ever trained on."""
     dm = PromptDataModule(task="arithmetic", batch_size=32, val_size=64, val_batch_size=64, seed=0)

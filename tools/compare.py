@@ -15,7 +15,8 @@ entropy_advantage, entropy_ratio_clip (regularizers) and gspo, cispo (objectives
 `--jobs` (default 2) at a time. Seed s sets `--seed_everything`, `--model.seed` and `--data.seed`,
 so every method's seed-s run samples the same train prompt stream and is scored on the same
 held-out prompts (a task's held-out set is drawn with the data seed): the report's "Paired by seed"
-table compares methods within a seed, free of the held-out sets' differences in difficulty. Writes
+table compares methods within a seed, free of the held-out sets' differences in difficulty
+(`--set data.val_seed=0` scores every run on one held-out set instead). Writes
   DIR/runs/<method>-s<seed>/   TensorBoard logs (`tensorboard --logdir DIR/runs`)
   DIR/logs/<method>-s<seed>.log  the run's stdout/stderr
   DIR/runs.csv                 method, seed, wall_s, returncode per run
