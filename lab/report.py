@@ -270,12 +270,11 @@ def paired_section(runs: dict, methods: list[str]) -> list[str]:
     if "grpo" not in methods:
         return []
     stats = {k: an.run_stats(rs) for k, rs in runs.items()}
-    col = lambda f: {k: f(st) for k, st in stats.items()}  # noqa: E731
-    deltas = [an.paired_differences(col(lambda st: st["entropy_final"] / st["entropy_initial"]), "grpo")]
-    deltas += [an.paired_differences(col(lambda st, c=c: st[c]), "grpo")
-               for c in ("pass1_final", "passk_final", "passk_best")]
+    ratio = {k: st["entropy_final"] / st["entropy_initial"] for k, st in stats.items()}
+    cols = {c: {k: st[c] for k, st in stats.items()} for c in ("pass1_final", "passk_final", "passk_best")}
     others = [b for b in baseline_methods(methods) if b != "grpo"]
-    deltas += [an.paired_differences(col(lambda st: st["passk_best"]), b) for b in others]
+    deltas = ([an.paired_differences(ratio, "grpo")] + [an.paired_differences(v, "grpo") for v in cols.values()]
+              + [an.paired_differences(cols["passk_best"], b) for b in others])
 
     def cell(d, digits=3):
         return f"{_ci(d, digits, signed=True)} ({sum(x > 0 for x in d)}/{len(d)} > 0)" if d else "—"
