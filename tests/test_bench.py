@@ -82,6 +82,24 @@ def test_bench_gpu_runs_end_to_end_on_cpu(tmp_path):
     assert res["configs"][1]["sampler_stats"]["steps"] == 6
 
 
+def test_bench_gpu_profile_says_where_the_step_went(tmp_path):
+    import bench_gpu
+
+    out = tmp_path / "gpu.json"
+    bench_gpu.main(["--device", "cpu", "--runs", "tiny:kv_cache", "--steps", "3", "--prompts", "4", "--updates", "2",
+                    "--micro", "8", "--prompt-len", "8", "--new-tokens", "6", "--profile", "--out", str(out)])
+    r = json.loads(out.read_text())["configs"][0]
+    assert "error" not in r, r.get("error")
+    assert r["steps_measured"] == 1  # warm-up and the profiled step are left out of the medians
+    prof = r["profile"]
+    assert prof["ranked_by"] == "self cpu ms" and _positive(prof["step_wall_ms"]) and len(prof["top"]) == 25
+    own = [op["self_cpu_ms"] for op in prof["top"]]
+    assert own == sorted(own, reverse=True) and sum(own) < prof["step_wall_ms"]
+    assert any(op["op"] in ("aten::mm", "aten::addmm", "aten::bmm") for op in prof["top"])  # the matmuls show up
+    with pytest.raises(SystemExit):
+        bench_gpu.parse_args(["--device", "cpu", "--profile", "--steps", "2"])
+
+
 def test_bench_logging_reports_positive_medians(tiny_model_dir):
     import bench_logging
     from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector

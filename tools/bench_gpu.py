@@ -39,6 +39,12 @@ dense bf16 peak, with model FLOPs per sequence = 3 x (2 x non-embedding params x
 V x (T + 1) [LM head on response positions only] + 2 x layers x d x (P + T)^2 [causal attention]);
 step_s = wall time of the whole RL step (rollout, scoring, update, logging); peak_gib =
 torch.cuda.max_memory_allocated over the run.
+
+`--profile` runs the last RL step of every sampler run under torch.profiler and adds `profile` to
+its entry: the step's wall ms, the device's busy ms (the kernels' own time, summed; CUDA only) and
+the top operators by their own device time (CPU: own CPU time), so a missed target comes with where
+each millisecond went: `device_busy_ms` far below `step_wall_ms` means launch and Python overhead,
+not arithmetic. The profiled step is left out of the medians.
 """
 from __future__ import annotations
 
@@ -142,6 +148,7 @@ def run_one(name: str, args) -> dict:
     from lit_covrl.sharding import FSDP2Strategy
 
     rows: list[dict] = []
+    profile: dict = {}
     name, compiled = name.removesuffix(COMPILE_UPDATE), name.endswith(COMPILE_UPDATE)
     spec = SAMPLERS[name]
     sampler = getattr(S, spec[0])(**spec[1]) if spec else None
@@ -150,12 +157,23 @@ def run_one(name: str, args) -> dict:
               **(dict(compile_update=True) if compiled else {})}
 
     class Record(Callback):
+        profiler = None
+
         def on_train_batch_start(self, trainer, module, *a) -> None:
             _sync(args.device)
+            if args.profile and trainer.global_step == args.steps - 1:  # the last step
+                self.profiler = step_profiler(args.device)
+                self.profiler.__enter__()
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, module, *a) -> None:
             _sync(args.device)
+            if self.profiler is not None:
+                wall = time.perf_counter() - self.t0
+                self.profiler.__exit__(None, None, None)
+                profile.update(profile_summary(self.profiler, wall, args.device))
+                self.profiler = None
+                return
             m = trainer.callback_metrics
             rows.append({"step_s": time.perf_counter() - self.t0,
                          **{k: float(m[k]) for k in ("time/rollout_s", "time/update_s", "rollout/response_length",
@@ -179,8 +197,37 @@ def run_one(name: str, args) -> dict:
     trainer.fit(module, data)
     out = summarize(rows[1:] or rows, module.policy.config, args)
     out["sampler"] = repr(module.sampler)
+    if profile:
+        out["profile"] = profile
     if getattr(module.sampler, "capture_error", None):
         out["capture_error"] = module.sampler.capture_error
+    return out
+
+
+def step_profiler(device: str):
+    """torch.profiler over one RL step: host operators, and the device's kernels on CUDA."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    return profile(activities=acts)
+
+
+def profile_summary(prof, wall_s: float, device: str, top: int = 25) -> dict:
+    """Where one profiled step's time went: its wall ms, the device's busy ms (CUDA) and the
+    operators with the most own time on the device (CUDA) or the host (CPU)."""
+    def own(evt, kind):
+        if kind == "cpu":
+            return evt.self_cpu_time_total / 1e3
+        return getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0)) / 1e3
+
+    kind = "cuda" if device == "cuda" else "cpu"
+    events = list(prof.key_averages())
+    ranked = sorted(events, key=lambda e: own(e, kind), reverse=True)[:top]
+    out = {"step_wall_ms": round(wall_s * 1e3, 1), "ranked_by": f"self {kind} ms",
+           "top": [{"op": e.key, "calls": e.count, "self_cpu_ms": round(own(e, "cpu"), 2),
+                    **({"self_cuda_ms": round(own(e, "cuda"), 2)} if kind == "cuda" else {})} for e in ranked]}
+    if kind == "cuda":
+        out["device_busy_ms"] = round(sum(own(e, "cuda") for e in events), 1)
     return out
 
 
@@ -270,11 +317,15 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="RL steps per run (the first is warm-up)")
     p.add_argument("--run-timeout", type=float, default=240, help="seconds per run before it is killed")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here too (after every run)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile the last RL step of every sampler run (torch.profiler; needs --steps >= 3)")
     p.add_argument("--json", action="store_true", help="print only the JSON on stdout (progress on stderr)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config here
     p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--prompts-file", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.profile and args.steps < 3:
+        p.error("--profile needs --steps >= 3 (a warm-up step, a measured step, the profiled step)")
     for r in args.runs:
         shape, _, conf = r.partition(":")
         sampler_conf = conf.removesuffix(COMPILE_UPDATE)
@@ -312,7 +363,8 @@ def main(argv=None) -> dict | None:
                 models[shape] = build_model(Path(tmp) / shape, shape)
                 print(f"{shape} model built in {time.perf_counter() - t0:.0f} s", file=log, flush=True)
             cmd = [sys.executable, __file__, "--one", conf, "--model-dir", str(models[shape]), "--prompts-file",
-                   str(prompts), *sum(([f"--{k.replace('_', '-')}", str(getattr(args, k))] for k in ARGS), [])]
+                   str(prompts), *sum(([f"--{k.replace('_', '-')}", str(getattr(args, k))] for k in ARGS), []),
+                   *(["--profile"] if args.profile else [])]
             t0 = time.perf_counter()
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout,

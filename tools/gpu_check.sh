@@ -2,7 +2,7 @@
 # The prepared GPU check (one short run on a CUDA machine that has torch and transformers): the
 # gpu-marked tests, then tools/bench_gpu.py (samplers and HF generate on random Qwen2.5-0.5B /
 # -1.5B-shaped policies). Writes under ${OUT:-.}: gpu_tests.log, bench_gpu.json, bench_gpu.log.
-#   bash tools/gpu_check.sh [bench_gpu.py args, e.g. --runs 0.5B:static_graph]
+#   bash tools/gpu_check.sh [bench_gpu.py args, e.g. --runs 0.5B:static_graph, --profile]
 # Packages the machine lacks are installed offline from ./wheels if it exists (git-ignored;
 # fill it on a machine with internet: `make gpu-wheels`).
 set -uo pipefail
