@@ -100,6 +100,29 @@ def test_bench_gpu_profile_says_where_the_step_went(tmp_path):
         bench_gpu.parse_args(["--device", "cpu", "--profile", "--steps", "2"])
 
 
+def test_bench_gpu_profile_summary_counts_kernel_time_once():
+    """On CUDA an operator's own device time is its kernels' time again: the busy time sums the
+    kernels only (hand-made events: an mm op whose kernel took 3 ms, a graph-replayed kernel of
+    5 ms that belongs to no operator, a host-only op)."""
+    from types import SimpleNamespace as E
+
+    from torch.autograd import DeviceType
+
+    import bench_gpu
+
+    events = [E(key="aten::mm", count=2, self_cpu_time_total=400.0, self_device_time_total=3000.0, device_type=DeviceType.CPU),
+              E(key="gemm_kernel", count=2, self_cpu_time_total=0.0, self_device_time_total=3000.0, device_type=DeviceType.CUDA),
+              E(key="graph_kernel", count=9, self_cpu_time_total=0.0, self_device_time_total=5000.0, device_type=DeviceType.CUDA),
+              E(key="aten::item", count=1, self_cpu_time_total=900.0, self_device_time_total=0.0, device_type=DeviceType.CPU)]
+    prof = E(key_averages=lambda: events)
+    res = bench_gpu.profile_summary(prof, 0.02, "cuda", top=3)
+    assert res["device_busy_ms"] == 8.0 and res["step_wall_ms"] == 20.0
+    assert [(e["op"], e["kind"], e["self_cuda_ms"]) for e in res["top"]] == [
+        ("graph_kernel", "kernel", 5.0), ("aten::mm", "op", 3.0), ("gemm_kernel", "kernel", 3.0)]
+    cpu = bench_gpu.profile_summary(prof, 0.02, "cpu", top=2)
+    assert "device_busy_ms" not in cpu and [e["op"] for e in cpu["top"]] == ["aten::item", "aten::mm"]
+
+
 def test_bench_logging_reports_positive_medians(tiny_model_dir):
     import bench_logging
     from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector

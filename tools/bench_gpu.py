@@ -213,8 +213,12 @@ def step_profiler(device: str):
 
 
 def profile_summary(prof, wall_s: float, device: str, top: int = 25) -> dict:
-    """Where one profiled step's time went: its wall ms, the device's busy ms (CUDA) and the
-    operators with the most own time on the device (CUDA) or the host (CPU)."""
+    """Where one profiled step's time went: its wall ms and the entries (operators, and on CUDA
+    the kernels themselves, `kind` telling which) with the most own time on the device (CUDA) or
+    the host (CPU). On CUDA, `device_busy_ms` sums the kernels' own time only (an operator's own
+    device time is its kernels' again; kernels replayed from a CUDA graph belong to no operator)."""
+    from torch.autograd import DeviceType
+
     def own(evt, kind):
         if kind == "cpu":
             return evt.self_cpu_time_total / 1e3
@@ -222,12 +226,14 @@ def profile_summary(prof, wall_s: float, device: str, top: int = 25) -> dict:
 
     kind = "cuda" if device == "cuda" else "cpu"
     events = list(prof.key_averages())
+    is_kernel = lambda e: getattr(e, "device_type", DeviceType.CPU) == DeviceType.CUDA  # noqa: E731
     ranked = sorted(events, key=lambda e: own(e, kind), reverse=True)[:top]
     out = {"step_wall_ms": round(wall_s * 1e3, 1), "ranked_by": f"self {kind} ms",
-           "top": [{"op": e.key, "calls": e.count, "self_cpu_ms": round(own(e, "cpu"), 2),
+           "top": [{"op": e.key, "kind": "kernel" if is_kernel(e) else "op", "calls": e.count,
+                    "self_cpu_ms": round(own(e, "cpu"), 2),
                     **({"self_cuda_ms": round(own(e, "cuda"), 2)} if kind == "cuda" else {})} for e in ranked]}
     if kind == "cuda":
-        out["device_busy_ms"] = round(sum(own(e, "cuda") for e in events), 1)
+        out["device_busy_ms"] = round(sum(own(e, "cuda") for e in events if is_kernel(e)), 1)
     return out
 
 
