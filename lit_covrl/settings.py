@@ -321,4 +321,3 @@ def check_fit_plan(rollout: RolloutSettings, update: UpdateSettings, *, prompts_
             f"{RolloutSettings.KEY}.max_gen_rounds={rollout.max_gen_rounds} (dynamic sampling) needs a datamodule with "
             "regen_batch(index, round, rounds) to draw fresh prompts, such as lit_covrl.data.PromptDataModule"
         )
-
