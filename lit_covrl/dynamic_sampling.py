@@ -89,7 +89,10 @@ def choose_groups(rounds: list[Round], batch_size: int, group_size: int) -> list
 
 
 def assemble(rounds: list[Round], chosen: list[tuple[int, int]], group_size: int, pad_token_id: int) -> Round:
-    """One Round made of the chosen groups (rows re-padded to the widest prompt and response)."""
+    """One Round made of the chosen groups (rows re-padded to the widest prompt, and to the widest
+    response of *all* rounds: rounds decode in lock-step across ranks, so that width is the same on
+    every rank even when ranks draw their groups from different rounds, and the cross-rank gathers of
+    per-token tensors need equal widths)."""
     rows = [torch.arange(g * group_size, (g + 1) * group_size) for _, g in chosen]
     parts = [(rounds[i].rollout, r) for (i, _), r in zip(chosen, rows)]
     prompts = [rounds[i].batch.prompts[g] for i, g in chosen]
@@ -97,13 +100,14 @@ def assemble(rounds: list[Round], chosen: list[tuple[int, int]], group_size: int
     rewards = torch.cat([rounds[i].rewards[r] for (i, _), r in zip(chosen, rows)])
     columns = [rounds[i].batch.columns[g] for i, g in chosen] if all(r.batch.columns for r in rounds) else []
     batch = dataclasses.replace(rounds[0].batch, prompts=prompts, answers=answers, columns=columns)
-    return Round(batch, concat_rollouts(parts, pad_token_id), rewards)
+    width = max(r.rollout.response_mask.shape[1] for r in rounds)
+    return Round(batch, concat_rollouts(parts, pad_token_id, width), rewards)
 
 
-def concat_rollouts(parts: list[tuple[Rollout, Tensor]], pad_token_id: int) -> Rollout:
+def concat_rollouts(parts: list[tuple[Rollout, Tensor]], pad_token_id: int, min_width: int = 0) -> Rollout:
     """Rows `idx` of each rollout, stacked. Prompts stay left-padded and responses right-padded:
-    each part is padded to the widest prompt (P) and response (T) first."""
-    T = max(r.response_mask.shape[1] for r, _ in parts)
+    each part is padded to the widest prompt (P) and response (T, at least `min_width`) first."""
+    T = max(min_width, *(r.response_mask.shape[1] for r, _ in parts))
     P = max(r.input_ids.shape[1] - r.response_mask.shape[1] for r, _ in parts)
     out: dict[str, object] = {}
     for f in dataclasses.fields(Rollout):

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from lit_covrl.data import PromptDataModule
-from lit_covrl.dynamic_sampling import Round, assemble, choose_groups, concat_rollouts
+import os
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lit_covrl import distributed
+from lit_covrl.dynamic_sampling import Round, assemble, choose_groups, concat_rollouts, sample_rounds
 from lit_covrl.types import PromptBatch, Rollout
+from tests._dist import free_port
 from tests.helpers import fit
 from tests.test_module import make_module
 
@@ -52,6 +59,45 @@ def test_choose_groups_takes_informative_groups_in_generation_order_then_fills()
     assert out.batch.prompts == ["p1", "p10", "p12"] and out.batch.answers == ["a1", "a10", "a12"]
     assert out.rewards.tolist() == [1, 0, 1, 0, 0, 1] and out.batch.index == 7
     assert out.rollout.input_ids.shape == (6, 3)
+
+
+def _two_rounds(rank: int) -> list[Round]:
+    """Round 0 decodes 1 response token on both ranks, round 1 decodes 3 (rounds run in lock-step):
+    rank 0's first round is all informative, rank 1's has nothing informative."""
+    r0 = [[0, 1, 1, 0], [0, 0, 1, 1]][rank]
+    first = Round(PromptBatch(["p0", "p1"], ["a", "a"], index=0), _rollout(2, 1, 4, 0), torch.tensor(r0, dtype=torch.float))
+    second = Round(PromptBatch(["q0", "q1"], ["a", "a"], index=0), _rollout(2, 3, 4, 100), torch.tensor([1.0, 0, 0, 1]))
+    return [first, second]
+
+
+def test_assembled_width_is_the_widest_round_even_if_no_group_comes_from_it():
+    rounds = _two_rounds(rank=0)
+    out = assemble(rounds, [(0, 0), (0, 1)], 2, PAD)  # both groups from the 1-token round
+    assert out.rollout.response_mask.shape == (4, 3)  # padded to round 1's width, as on every rank
+    assert out.rollout.response_mask.tolist() == [[1, 0, 0]] * 4
+    assert out.rollout.logp.tolist() == [[-1, 0, 0]] * 4
+
+
+def _width_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        rounds = iter(_two_rounds(rank))
+        out, stats = sample_rounds(PromptBatch(["p0", "p1"], ["a", "a"], index=0), lambda b: (next(rounds), {}),
+                                   lambda i: None, group_size=2, max_rounds=2, pad_token_id=PAD)
+        full, _ = distributed.gather_rows(out.rollout.response_mask)  # fails on unequal widths
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(f"{stats['rollout/gen_rounds']} {out.rollout.response_mask.shape[1]} {tuple(full.shape)}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_drawing_from_different_rounds_can_gather(tmp_path):
+    """Rank 0 keeps its first-round groups (width 1), rank 1 needs the second round (width 3): both
+    must come out at the same width or every cross-rank gather of the step fails."""
+    mp.start_processes(_width_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "2.0 3 (8, 3)"
 
 
 def test_regen_batches_are_fresh_and_a_pure_function_of_the_step():
