@@ -53,6 +53,8 @@ def test_validation_messages():
     assert "schedule.name" in msg and "cosinus" in msg and all(n in msg for n in SCHEDULES)
     with pytest.raises(ValueError, match="steps"):
         Schedule("linear", steps=0)
+    with pytest.raises(ValueError, match="schedule.steps"):
+        Schedule("linear", steps=1.5)
     with pytest.raises(ValueError, match="final"):
         Schedule("linear", final=-1.0)
     with pytest.raises(ValueError, match="half_life"):
@@ -91,3 +93,11 @@ def test_regularizer_resolves_a_null_schedule_from_the_trainer():
     assert reg.scheduled(2e-3, 75) == pytest.approx(1e-3)  # cosine half-way: half the ratio
     with pytest.raises(ValueError, match="schedule.steps is null"):
         ClipCov(ratio=2e-3, schedule={"name": "cosine", "steps": None}).setup(SimpleNamespace(max_steps=-1), None, "fit")
+
+
+def test_leaving_steps_out_anneals_over_the_whole_run():
+    # the default must not be a silent one-step anneal (the control off from step 1 on)
+    s = Schedule("cosine", final=0.0).over(300)
+    assert s.steps == 300
+    assert s.value(1.0, 1) == pytest.approx(0.5 * (1 + math.cos(math.pi / 300)))
+    assert s.value(1.0, 150) == pytest.approx(0.5)
