@@ -35,7 +35,7 @@ from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, p
 from lit_covrl.objectives import Objective, resolve_objective
 from lit_covrl.policy import load_tokenizer, resolve_dtype
 from lit_covrl.prompt_check import check_datamodule_prompts
-from lit_covrl.regularizers.base import Regularizer
+from lit_covrl.regularizers.base import Regularizer, check_unique_names
 from lit_covrl.reward_set import RewardSet
 from lit_covrl.rewards import ExactMatchReward
 from lit_covrl.rollout_rng import RolloutRNG
@@ -219,6 +219,7 @@ class GRPOModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         cfg = self.settings
         check_strategy(self.trainer.strategy, cfg.system)
+        check_unique_names(self.regularizers)
         dm, ro = getattr(self.trainer, "datamodule", None), cfg.rollout
         check_fit_plan(ro, cfg.update, prompts_per_step=self._prompts_per_step(), datamodule=dm, stage=stage)
         if hasattr(dm, "known_prompts"):

@@ -451,3 +451,13 @@ def test_as_floats_keeps_order_and_values():
 
     got = as_floats({"b": torch.tensor(2.5), "a": 1, "c": torch.tensor([3.0]), "d": 0.25})
     assert list(got) == ["b", "a", "c", "d"] and got == {"b": 2.5, "a": 1.0, "c": 3.0, "d": 0.25}
+
+
+def test_two_regularizers_with_one_name_are_refused_at_setup(tiny_model_dir):
+    from lit_covrl.regularizers import EntropyBonus
+
+    dm = PromptDataModule(task="arithmetic", batch_size=2, val_size=0, seed=0)
+    with pytest.raises(ValueError, match="two regularizers are named 'entropy_bonus'.*init_args.name"):
+        fit(make_module(tiny_model_dir), dm, steps=1, callbacks=[EntropyBonus(0.01), EntropyBonus(0.02)])
+    # distinct names stack (one step runs)
+    fit(make_module(tiny_model_dir), dm, steps=1, callbacks=[EntropyBonus(0.01), EntropyBonus(0.02, name="eb2")])

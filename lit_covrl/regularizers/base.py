@@ -151,6 +151,19 @@ class Regularizer(Callback):
         return out
 
 
+def check_unique_names(regularizers: list[Regularizer]) -> None:
+    """Each regularizer logs under reg/<name>/ and keeps its state under its name: two with the same
+    name would overwrite each other's metrics (and clash in checkpoints), so refuse them at start-up."""
+    seen: dict[str, Regularizer] = {}
+    for reg in regularizers:
+        if reg.name in seen:
+            raise ValueError(
+                f"two regularizers are named {reg.name!r} ({seen[reg.name]!r} and {reg!r}): give each its own "
+                "init_args.name, e.g. name: entropy_bonus_2"
+            )
+        seen[reg.name] = reg
+
+
 def check_ratio(field_name: str, value: float) -> None:
     if not (0.0 < value <= 1.0):
         raise ValueError(f"{field_name} must be in (0, 1], got {value!r}")
