@@ -1,4 +1,4 @@
-# CPU machines: install the pinned torch first, so that the project's `torch>=2.4` requirement is
+# CPU machines: install the pinned torch first, so that the project's `torch>=2.11` requirement is
 # already met and pip never pulls a newer build. Whether `torch==2.13.0` is the CPU build depends on
 # where pip looks: on this project's machines pip is configured with a local CPU wheel; on a stock
 # Linux machine the PyPI wheel bundles CUDA (multi-GB). There, name PyTorch's CPU wheel index:
