@@ -80,14 +80,15 @@ class RolloutGenerator:
 
     def score(self, completions: list[str], answers: list[str], prompts: list | None = None,
               columns: list[dict] | None = None, *, device: torch.device) -> tuple[Tensor, dict[str, float]]:
-        """Weighted total reward per completion, and `rollout/reward_errors` plus each reward's
-        mean over all ranks as `rollout/reward/<name>`. prompts/columns: per completion."""
+        """Weighted total reward per completion, and, over all ranks, `rollout/reward_errors` (count)
+        and each reward's mean as `rollout/reward/<name>`. prompts/columns: per completion."""
         total, per_name, res = self.rewards.score(completions, answers, prompts, columns,
                                                   timeout_s=self.reward_timeout_s)
-        sums = distributed.all_sum(torch.tensor([sum(v) for v in per_name.values()] + [len(total)],
+        errors = res.errors + res.timeouts + res.invalid
+        sums = distributed.all_sum(torch.tensor([sum(v) for v in per_name.values()] + [len(total), errors],
                                                 dtype=torch.float64, device=device)).tolist()
-        stats = {"rollout/reward_errors": res.errors + res.timeouts + res.invalid}
-        stats.update({f"rollout/reward/{k}": v / max(sums[-1], 1.0) for k, v in zip(per_name, sums)})
+        stats = {"rollout/reward_errors": sums[-1]}  # over all ranks, like the means
+        stats.update({f"rollout/reward/{k}": v / max(sums[-2], 1.0) for k, v in zip(per_name, sums)})
         return torch.tensor(total, dtype=torch.float32, device=device), stats
 
     def penalize_overlong(self, rollout: Rollout, rewards: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 overlong penalty, and the same draw as GRPOModule.generate for the same generator state."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lit_covrl.generation import RolloutGenerator
@@ -55,3 +56,16 @@ def test_score_and_overlong_penalty_by_hand(tiny_model_dir):
     assert gen.penalize_overlong(rollout, rewards).tolist() == [1.0, -0.5, -0.5]
     keep = _generator(tiny_model_dir)  # overlong: keep (default) leaves the rewards as scored
     assert keep.penalize_overlong(rollout, rewards).tolist() == [1.0, 0.0, 1.0]
+
+
+def test_score_counts_reward_errors_and_means_over_all_ranks(tiny_model_dir, monkeypatch):
+    """Stand-in for a second rank that scored 3 completions (sum 2) with 4 reward errors: all_sum adds
+    its [sum, count, errors]; the logged error count must include them, not only this rank's."""
+    import lit_covrl.generation as generation
+
+    monkeypatch.setattr(generation.distributed, "all_sum", lambda x: x + torch.tensor([2.0, 3.0, 4.0], dtype=x.dtype))
+    gen = RolloutGenerator(load_tokenizer(tiny_model_dir), KVCacheSampler(), RewardSet([lambda c, a: 1 / 0]),
+                           RolloutSettings(), gather_once=True, reward_timeout_s=None)
+    _, stats = gen.score(["7", "8", "7"], ["7", "7", "7"], device=torch.device("cpu"))
+    assert stats["rollout/reward_errors"] == 3 + 4  # this rank's 3 failures + the other rank's 4
+    assert [v for k, v in stats.items() if k.startswith("rollout/reward/")] == [pytest.approx(2 / 6)]
