@@ -11,8 +11,8 @@ Every schedule except ``constant`` returns ``final`` once t >= T (for exponentia
 remaining 1/32 of the gap at T with the default half-life). Annealing a covariance or entropy
 coefficient to 0 makes the control asymptotically unbiased (Lei & Baehr 2026).
 A plain dataclass, so jsonargparse reads it from YAML:
-``schedule: {name: cosine, final: 0.0, steps: 500}``. ``steps: null`` (or leaving ``steps`` out) anneals over the whole run:
-the regularizer fills in ``trainer.max_steps`` when the fit starts (``Schedule.over``).
+``schedule: {name: cosine, final: 0.0, steps: 500}``. ``steps: null`` (or no ``steps``) anneals over
+the whole run: the regularizer fills in ``trainer.max_steps`` when the fit starts (``Schedule.over``).
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ class Schedule:
 
     name: one of SCHEDULES. final: value reached at ``steps`` (>= 0; ignored by constant).
     steps: annealing length in RL steps (rollouts, = trainer.global_step; an integer >= 1), or None,
-    the default, for the whole run (resolved to trainer.max_steps by `over` when the fit starts). half_life: exponential
-    only, > 0, default steps / 5.
+    the default, for the whole run (resolved to trainer.max_steps by `over` when the fit starts).
+    half_life: exponential only, > 0, default steps / 5.
     """
 
     name: str = "constant"
@@ -43,7 +43,7 @@ class Schedule:
         if self.name not in SCHEDULES:
             raise ValueError(f"schedule.name must be one of {list(SCHEDULES)}, got {self.name!r}")
         if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"schedule.steps must be >= 1 or null (the whole run), got {self.steps}")
+            raise ValueError(f"schedule.steps must be an integer >= 1 or null (the whole run), got {self.steps!r}")
         if self.final < 0:
             raise ValueError(f"schedule.final must be >= 0, got {self.final}")
         if self.half_life is not None and self.half_life <= 0:
