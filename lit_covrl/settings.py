@@ -83,6 +83,9 @@ class RolloutSettings:
             _bad(f"{self.KEY}.prompt_overflow", self.prompt_overflow, f"valid: {list(PROMPT_OVERFLOW)}")
         if self.overlong not in OVERLONG:
             _bad(f"{self.KEY}.overlong", self.overlong, f"valid: {list(OVERLONG)}")
+        if self.max_gen_rounds > 1 and not self.filter_groups:
+            _bad(f"{self.KEY}.max_gen_rounds", self.max_gen_rounds,
+                 f"dynamic sampling refills the batch with informative groups: set {self.KEY}.filter_groups: true, or 1")
 
 
 @dataclass(frozen=True)

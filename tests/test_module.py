@@ -461,3 +461,11 @@ def test_two_regularizers_with_one_name_are_refused_at_setup(tiny_model_dir):
         fit(make_module(tiny_model_dir), dm, steps=1, callbacks=[EntropyBonus(0.01), EntropyBonus(0.02)])
     # distinct names stack (one step runs)
     fit(make_module(tiny_model_dir), dm, steps=1, callbacks=[EntropyBonus(0.01), EntropyBonus(0.02, name="eb2")])
+
+
+def test_extra_generation_rounds_without_filtering_are_refused():
+    from lit_covrl.settings import RolloutSettings
+
+    with pytest.raises(ValueError, match=r"model\.rollout\.max_gen_rounds=3 is invalid: .*filter_groups: true"):
+        RolloutSettings(max_gen_rounds=3)  # would be silently ignored
+    RolloutSettings(max_gen_rounds=3, filter_groups=True)
