@@ -319,7 +319,7 @@ def check_fit_plan(rollout: RolloutSettings, update: UpdateSettings, *, prompts_
     if prompts_per_step is not None and mbs is not None and prompts_per_step % mbs:
         raise ValueError(f"{UpdateSettings.KEY}.mini_batch_size={mbs} must divide data.batch_size={prompts_per_step} "
                          "(prompts per step per device)")
-    if stage == "fit" and rollout.filter_groups and rollout.max_gen_rounds > 1 and not hasattr(datamodule, "regen_batch"):
+    if stage == "fit" and rollout.max_gen_rounds > 1 and not hasattr(datamodule, "regen_batch"):  # implies filter_groups
         raise ValueError(
             f"{RolloutSettings.KEY}.max_gen_rounds={rollout.max_gen_rounds} (dynamic sampling) needs a datamodule with "
             "regen_batch(index, round, rounds) to draw fresh prompts, such as lit_covrl.data.PromptDataModule"

@@ -2,16 +2,15 @@
 function of the step, and a short fit whose batches end up full of informative groups."""
 from __future__ import annotations
 
-import pytest
-import torch
-
-from lit_covrl.data import PromptDataModule
 import os
 
+import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lit_covrl import distributed
+from lit_covrl.data import PromptDataModule
 from lit_covrl.dynamic_sampling import Round, assemble, choose_groups, concat_rollouts, sample_rounds
 from lit_covrl.types import PromptBatch, Rollout
 from tests._dist import free_port
