@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lightning.pytorch import Callback
 from torch import Tensor
@@ -106,6 +106,7 @@ class Regularizer(Callback):
             schedule = Schedule(**schedule)
         self.schedule = schedule or Schedule("constant")
         self.name = name or self.default_name
+        self._run_length: int | None = None  # steps of a whole-run schedule, once resolved (setup)
         self._metrics: dict[str, list[float]] = {}
 
     @property
@@ -118,7 +119,31 @@ class Regularizer(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Resolve a whole-run schedule (``steps: null``) to trainer.max_steps before the fit starts."""
         if stage == "fit":
-            self.schedule = self.schedule.over(trainer.max_steps)
+            resolved = self.schedule.over(trainer.max_steps)
+            self._run_length = resolved.steps if resolved is not self.schedule else None
+            self.schedule = resolved
+
+    # A whole-run schedule's length is fixed by the run that started it: a checkpoint keeps it, so
+    # that resuming with a larger trainer.max_steps (extending a finished run) does not re-anneal a
+    # coefficient that has already reached `final`. Kept in the checkpoint dict, not `state_dict`,
+    # so that stateless regularizers stay stateless for Lightning.
+    _CKPT_KEY = "regularizer_schedule_steps"
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self._run_length is not None:
+            checkpoint.setdefault(self._CKPT_KEY, {})[self.name] = self._run_length
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        saved = checkpoint.get(self._CKPT_KEY, {}).get(self.name)
+        if saved is None or self._run_length is None or saved == self.schedule.steps:
+            return
+        log.warning(
+            "%s: the checkpoint's run annealed its schedule over %d RL steps; keeping that length, not "
+            "trainer.max_steps=%d (set schedule.steps to anneal over a different length)",
+            self.name, saved, self.schedule.steps,
+        )
+        self.schedule = replace(self.schedule, steps=int(saved))
+        self._run_length = int(saved)
 
     def prepare(self, ctx: MiniBatchContext) -> None:
         """Called once per optimizer mini-batch, before its micro-batches."""
