@@ -27,6 +27,7 @@ from lit_covrl.dashboard import name_run
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
 from lit_covrl.progress import RLProgressBar
+from lit_covrl.regularizers.base import Regularizer, check_unique_names
 from lit_covrl.settings import moved_key_hint
 
 
@@ -62,7 +63,11 @@ class LitCovRLCLI(LightningCLI):
             torch.set_num_threads(threads)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
-        """The RL-step progress bar unless the config brings its own or disables the bar."""
+        """The RL-step progress bar unless the config brings its own or disables the bar. Two
+        regularizers with one name are refused first, with our message: for stateful ones (Clip-Cov,
+        the adaptive bonus) Lightning's own state_key check would otherwise fail in Trainer()."""
+        given = config.get("callbacks") or []
+        check_unique_names([c for c in (given if isinstance(given, list) else [given]) if isinstance(c, Regularizer)])
         trainer = super()._instantiate_trainer(_with_rl_progress_bar(config), callbacks)
         _RUN["trainer"] = trainer
         return trainer

@@ -111,3 +111,18 @@ def test_the_rl_progress_bar_is_not_forced_on_configs_without_one(tmp_path):
     assert any(isinstance(c, RLProgressBar) for c in _cli(tmp_path).trainer.callbacks)
     off = _cli(tmp_path, "--trainer.enable_progress_bar", "false").trainer
     assert not any(isinstance(c, RLProgressBar) for c in off.callbacks) and off.progress_bar_callback is None
+
+
+def test_two_stateful_regularizers_with_one_name_get_a_one_line_error(tmp_path, capsys):
+    # Clip-Cov keeps state, so Lightning's own state_key check would fail first with a long RuntimeError
+    overlay = tmp_path / "two.yaml"
+    overlay.write_text(
+        "trainer:\n  callbacks:\n"
+        "    - {class_path: lit_covrl.regularizers.ClipCov, init_args: {ratio: 0.01}}\n"
+        "    - {class_path: lit_covrl.regularizers.ClipCov, init_args: {ratio: 0.02}}\n"
+    )
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(QUICK), "--config", str(overlay), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lit-covrl: error: two regularizers are named 'clip_cov'") and "init_args.name" in err[-1]
