@@ -3,6 +3,11 @@ sampler reseeded identically at every evaluation (successive evaluations differ 
 policy), giving pass@1, pass@k (unbiased estimator, summed over ranks by torchmetrics) and the
 token-mean entropy of the sampled distribution over all ranks.
 
+Every rank sees the same held-out batches and evaluates its own share of each (rows rank,
+rank + W, ...), so each prompt is evaluated once, not W times. The ranks stay in lock-step (an
+FSDP forward and the reward sums are collectives): a rank whose share of a batch is empty
+samples and scores the batch's first prompt and does not count it.
+
 `Evaluator` has explicit inputs: how to sample and how to score (GRPOModule's `generate` and
 `score`), the pass@k metric (a torchmetrics child of the module, so Lightning places and syncs
 it), the evaluation settings (`model.eval`, `lit_covrl.settings.EvalSettings`), the correctness
@@ -38,20 +43,31 @@ class Evaluator:
         self.seed = seed  # evaluation sampler seed = seed + 12345 + rank
         self._entropy = [0.0, 0.0]
         self._generator: torch.Generator | None = None
+        self._rank, self._world = 0, 1
 
-    def start(self, device: torch.device, rank: int) -> None:
+    def start(self, device: torch.device, rank: int, world: int = 1) -> None:
         """Reset the metrics; the same sampler seed at every evaluation."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} out of range for world size {world}")
         self.pass_at_k.reset()
         self._entropy = [0.0, 0.0]
+        self._rank, self._world = rank, world
         self._generator = torch.Generator(device=device).manual_seed(self.seed + 12345 + rank)
 
     def step(self, batch: PromptBatch) -> None:
-        """`samples` answers per held-out prompt: pass@1, pass@k and the sampled entropy."""
+        """`samples` answers per prompt of this rank's share of `batch`: pass@1, pass@k, entropy."""
+        rows = list(range(self._rank, len(batch), self._world))
+        # a rank with no rows still samples and scores (both are collectives) one prompt, uncounted
+        self._evaluate(_rows(batch, rows or [0]), counted=bool(rows))
+
+    def _evaluate(self, batch: PromptBatch, counted: bool) -> None:
         n = self.settings.samples
         rollout = self.generate(batch.prompts, n, temperature=self.settings.temperature, generator=self._generator)
         answers = [a for a in batch.answers for _ in range(n)]
         rewards, _ = self.score(rollout.completions, answers, [p for p in batch.prompts for _ in range(n)],
                                 [c for c in batch.columns for _ in range(n)])
+        if not counted:
+            return
         self.pass_at_k.update((rewards >= self.correct_threshold).view(-1, n))
         self._entropy[0] += float((rollout.entropy * rollout.response_mask).sum())
         self._entropy[1] += float(rollout.response_mask.sum())
@@ -65,3 +81,11 @@ class Evaluator:
             "pass@k": float(res[f"pass@{self.settings.k}"]),
             "entropy": float(ent[0] / max(float(ent[1]), 1.0)),
         }
+
+
+def _rows(batch: PromptBatch, rows: list[int]) -> PromptBatch:
+    """The batch restricted to `rows` (all of it when that is every row)."""
+    if len(rows) == len(batch):
+        return batch
+    columns = [batch.columns[i] for i in rows] if batch.columns else []
+    return PromptBatch([batch.prompts[i] for i in rows], [batch.answers[i] for i in rows], batch.index, columns)

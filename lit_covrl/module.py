@@ -364,7 +364,7 @@ class GRPOModule(L.LightningModule):
 
     # evaluation --------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self.evaluator.start(self.device, self.global_rank)
+        self.evaluator.start(self.device, self.global_rank, self.trainer.world_size)
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         self.evaluator.step(batch)
@@ -373,7 +373,7 @@ class GRPOModule(L.LightningModule):
         self._log_evaluation("val")
 
     def on_test_epoch_start(self) -> None:
-        self.evaluator.start(self.device, self.global_rank)
+        self.evaluator.start(self.device, self.global_rank, self.trainer.world_size)
 
     def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
         self.evaluator.step(batch)

@@ -1,0 +1,120 @@
+"""Held-out evaluation on several ranks: each prompt is evaluated once, on one rank, and the ranks
+stay in lock-step (the same number of sampling and scoring calls, both collectives) even when a
+batch has fewer prompts than there are ranks."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lit_covrl.evaluation import Evaluator
+from lit_covrl.metrics import PassAtK
+from lit_covrl.settings import EvalSettings
+from lit_covrl.types import PromptBatch
+from tests import _dist
+
+CORRECT = {"a", "b"}  # answers whose every sample is correct: pass@1 = 2 / 4 over the four prompts
+
+
+class _Recorder:
+    """Stand-in generate / score that answer every prompt with its own answer for CORRECT ones."""
+
+    def __init__(self):
+        self.generated: list[list[str]] = []
+        self.scored: list[list[str]] = []
+
+    def generate(self, prompts, n, *, temperature, generator):
+        self.generated.append(list(prompts))
+        rows = len(prompts) * n
+        return SimpleNamespace(completions=["x"] * rows, entropy=torch.ones(rows, 2), response_mask=torch.ones(rows, 2))
+
+    def score(self, completions, answers, prompts=None, columns=None):
+        self.scored.append(sorted(set(answers)))
+        return torch.tensor([1.0 if a in CORRECT else 0.0 for a in answers]), {}
+
+
+def _batches():
+    return [PromptBatch(["pa", "pb", "pc"], ["a", "b", "c"]), PromptBatch(["pd"], ["d"])]
+
+
+def _run(rank: int, world: int):
+    rec = _Recorder()
+    ev = Evaluator(rec.generate, rec.score, PassAtK(2), EvalSettings(samples=2, k=2), correct_threshold=1.0, seed=0)
+    ev.start(torch.device("cpu"), rank, world)
+    for b in _batches():
+        ev.step(b)
+    return rec, ev
+
+
+def test_each_prompt_is_evaluated_once_over_the_ranks_and_the_ranks_keep_in_step():
+    (r0, e0), (r1, e1) = _run(0, 2), _run(1, 2)
+    assert r0.generated == [["pa", "pc"], ["pd"]]
+    assert r1.generated == [["pb"], ["pd"]]  # the one-prompt batch: sampled to keep in step, not counted
+    assert len(r0.scored) == len(r1.scored) == 2
+    counted = [int(e.pass_at_k.prompts) for e in (e0, e1)]
+    assert counted == [3, 1]  # four prompts in all, each once
+    pass1 = (e0.pass_at_k.pass1_sum + e1.pass_at_k.pass1_sum) / sum(counted)  # what torchmetrics' sum gives
+    assert float(pass1) == pytest.approx(0.5)  # counting rank 1's copy of "d" would give 2 / 5
+    (single, e), = [_run(0, 1)]
+    assert single.generated == [["pa", "pb", "pc"], ["pd"]] and e.compute()["pass@1"] == pytest.approx(0.5)
+
+
+def test_rank_out_of_range_is_refused():
+    rec = _Recorder()
+    ev = Evaluator(rec.generate, rec.score, PassAtK(1), EvalSettings(), correct_threshold=1.0, seed=0)
+    with pytest.raises(ValueError, match="rank 2 out of range for world size 2"):
+        ev.start(torch.device("cpu"), 2, 2)
+
+
+def answer_in_correct(completion: str, answer: str) -> float:
+    """1 for the answers in CORRECT whatever was sampled; logs each scored answer per rank."""
+    with open(Path(os.environ["EVAL_LOG"]) / f"scored{os.environ['RANK']}.txt", "a") as f:
+        f.write(answer + "\n")
+    return 1.0 if answer in CORRECT else 0.0
+
+
+def _worker(rank: int, port: int, model_dir: str, train: str, val: str, out: str) -> None:
+    import lightning as L
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lit_covrl.data import PromptDataModule
+    from lit_covrl.module import GRPOModule
+
+    torch.set_num_threads(1)
+    _dist.elastic_env(rank, 2, port)
+    os.environ["EVAL_LOG"] = out
+    module = GRPOModule(model=model_dir, reward=answer_in_correct, rollout=dict(max_new_tokens=2),
+                        eval=dict(samples=2, k=2))
+    data = PromptDataModule(task=None, train_files=[train], val_files=[val], batch_size=2, val_batch_size=3)
+    res = L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"), logger=False,
+                    enable_progress_bar=False, enable_model_summary=False).validate(module, data)
+    Path(out, f"res{rank}.json").write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_held_out_prompts(tmp_path, tiny_model_dir):
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": "a"}) + "\n" for i in range(4)))
+    val.write_text("".join(json.dumps({"prompt": f"{i}+2=", "answer": a}) + "\n" for i, a in enumerate("abcd")))  # batches 3 + 1
+    ctx = mp.start_processes(_worker, args=(_dist.free_port(), tiny_model_dir, str(train), str(val), str(tmp_path)),
+                             nprocs=2, start_method="spawn", join=False)
+    deadline = time.monotonic() + 240  # a rank left waiting in a collective hangs: fail
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.terminate()
+            pytest.fail("2-process validation did not finish in 240 s")
+    scored = [sorted((tmp_path / f"scored{r}.txt").read_text().split()) for r in range(2)]
+    assert scored == [["a", "a", "c", "c", "d", "d"], ["b", "b", "d", "d"]]  # 2 samples each
+    for r in range(2):
+        assert json.loads((tmp_path / f"res{r}.json").read_text())[0]["val/pass@1"] == pytest.approx(0.5)
