@@ -126,6 +126,8 @@ class LossSettings:
             _bad(f"{self.KEY}.clip_low", self.clip_low, "must be <= 1 (the ratio is clipped at 1 - clip_low >= 0)")
         if self.dual_clip is not None and self.dual_clip <= 1:
             _bad(f"{self.KEY}.dual_clip", self.dual_clip, "must be > 1 or null")
+        if self.logratio_clamp is not None and self.logratio_clamp <= 0:
+            _bad(f"{self.KEY}.logratio_clamp", self.logratio_clamp, "must be > 0 or null")
 
     def clip_args(self) -> dict:
         """The default PPOClip objective's arguments."""

@@ -288,6 +288,7 @@ def test_a_failing_reward_never_kills_the_run(tiny_model_dir, tmp_path):
         ("loss", "loss_agg_mode", "mean", r"model\.loss\.loss_agg_mode='mean' is invalid: valid modes"),
         ("loss", "clip_low", 1.5, r"model\.loss\.clip_low=1\.5 is invalid: must be <= 1"),
         ("loss", "dual_clip", 0.5, r"model\.loss\.dual_clip=0\.5 is invalid: must be > 1"),
+        ("loss", "logratio_clamp", 0.0, r"model\.loss\.logratio_clamp=0\.0 is invalid: must be > 0 or null"),
         ("update", "micro_batch_size", 0, r"model\.update\.micro_batch_size=0 is invalid: must be >= 1"),
         ("update", "mini_batch_size", 0, r"model\.update\.mini_batch_size=0 is invalid: must be >= 1 or null"),
         ("update", "grad_clip", 0.0, r"model\.update\.grad_clip=0\.0 is invalid: must be > 0 or null"),
