@@ -101,3 +101,14 @@ def test_leaving_steps_out_anneals_over_the_whole_run():
     assert s.steps == 300
     assert s.value(1.0, 1) == pytest.approx(0.5 * (1 + math.cos(math.pi / 300)))
     assert s.value(1.0, 150) == pytest.approx(0.5)
+
+
+def test_a_ratio_schedule_must_end_in_the_unit_interval():
+    from lit_covrl.regularizers import ClipCov, KLCov
+
+    with pytest.raises(ValueError, match=r"ClipCov\.ratio: schedule\.final must be in \[0, 1\].*got 2\.0"):
+        ClipCov(ratio=2e-3, schedule={"name": "linear", "final": 2.0, "steps": 10})
+    with pytest.raises(ValueError, match=r"KLCov\.ratio: schedule\.final"):
+        KLCov(ratio=2e-3, schedule={"name": "linear", "final": 2.0, "steps": 10}, schedule_on="ratio")
+    KLCov(ratio=2e-3, beta=1.0, schedule={"name": "linear", "final": 2.0, "steps": 10})  # beta may grow past 1
+    ClipCov(ratio=2e-3, schedule={"name": "linear", "final": 0.5, "steps": 10})  # annealing up, within [0, 1]

@@ -194,6 +194,12 @@ def check_ratio(field_name: str, value: float) -> None:
         raise ValueError(f"{field_name} must be in (0, 1], got {value!r}")
 
 
+def check_scheduled_ratio(field_name: str, schedule: Schedule) -> None:
+    """A schedule that anneals a ratio must end in [0, 1] (0 switches the control off)."""
+    if schedule.name != "constant" and schedule.final > 1.0:
+        raise ValueError(f"{field_name}: schedule.final must be in [0, 1] (a fraction of tokens), got {schedule.final!r}")
+
+
 def check_nonnegative(field_name: str, value: float) -> None:
     if value is None or value < 0:
         raise ValueError(f"{field_name} must be >= 0, got {value!r}")

@@ -27,6 +27,7 @@ from lit_covrl.regularizers.base import (
     Regularizer,
     check_nonnegative,
     check_ratio,
+    check_scheduled_ratio,
     select_globally,
 )
 from lit_covrl.regularizers.schedules import Schedule
@@ -90,6 +91,7 @@ class ClipCov(_CovarianceSelector):
         """
         super().__init__(schedule, name)
         check_ratio("ClipCov.ratio", ratio)
+        check_scheduled_ratio("ClipCov.ratio", self.schedule)
         if not lb < ub:
             raise ValueError(f"ClipCov needs lb < ub, got lb={lb!r}, ub={ub!r}")
         self.ratio, self.lb, self.ub, self.seed = ratio, lb, ub, seed
@@ -148,6 +150,8 @@ class KLCov(_CovarianceSelector):
         check_nonnegative("KLCov.beta", beta)
         if schedule_on not in self.SCHEDULE_TARGETS:
             raise ValueError(f"KLCov.schedule_on={schedule_on!r}; valid: {list(self.SCHEDULE_TARGETS)}")
+        if schedule_on == "ratio":
+            check_scheduled_ratio("KLCov.ratio", self.schedule)
         self.ratio, self.beta, self.schedule_on = ratio, beta, schedule_on
         self._beta_now = beta
         self._inert = False
