@@ -102,3 +102,17 @@ def test_unknown_estimator_lists_valid_names():
         assert name in str(e.value)
     with pytest.raises(ValueError, match="grpo"):
         min_group_size("nope")
+
+
+def test_per_token_advantages_broadcasts_sequence_values_and_keeps_token_values():
+    import torch
+
+    from lit_covrl.algorithms import per_token_advantages
+
+    like = torch.zeros(2, 3, dtype=torch.float64)
+    a = torch.tensor([1.5, -2.0], requires_grad=True)
+    got = per_token_advantages(a, like)
+    assert got.dtype == torch.float64 and not got.requires_grad
+    assert got.tolist() == [[1.5, 1.5, 1.5], [-2.0, -2.0, -2.0]]
+    tok = torch.arange(6.0).view(2, 3)
+    assert per_token_advantages(tok, like, torch.float32).tolist() == tok.tolist()

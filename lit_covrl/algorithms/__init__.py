@@ -5,6 +5,7 @@ from lit_covrl.algorithms.advantages import (
     compute_advantages,
     group_advantages,
     min_group_size,
+    per_token_advantages,
     rloo_advantages,
     zero_variance_groups,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "masked_entropy",
     "masked_mean",
     "min_group_size",
+    "per_token_advantages",
     "ppo_clipped_tokens",
     "ppo_stats",
     "ppo_token_loss",

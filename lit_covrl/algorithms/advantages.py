@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "compute_advantages",
     "min_group_size",
     "zero_variance_groups",
+    "per_token_advantages",
 ]
 
 
@@ -112,3 +114,12 @@ def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
     r = _groups(rewards, group_size)  # [B, G]
     flat = (r == r[:, :1]).all(dim=1, keepdim=True)  # [B, 1]
     return flat.expand_as(r).reshape(-1)
+
+
+def per_token_advantages(advantages: Tensor, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Detached advantages, one per sequence [N] or already per token [N, T], as [N, T] (``like``'s
+    shape) in ``dtype`` (default ``like.dtype``): the one broadcast every token-level rule uses."""
+    adv = advantages.detach().to(like.dtype if dtype is None else dtype)
+    if adv.dim() == like.dim() - 1:
+        adv = adv.unsqueeze(-1)
+    return adv.expand(like.shape)

@@ -27,6 +27,8 @@ import math
 import torch
 from torch import Tensor
 
+from lit_covrl.algorithms.advantages import per_token_advantages
+
 __all__ = [
     "covariance_sums",
     "token_covariance",
@@ -49,10 +51,9 @@ def covariance_sums(logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
     token means to pass to ``token_covariance``.
     """
     m = mask.bool()
-    adv = advantages.unsqueeze(-1).expand_as(logp) if advantages.dim() == logp.dim() - 1 else advantages
     zero = torch.zeros((), dtype=torch.float64, device=logp.device)
     lp = torch.where(m, logp.detach().double(), zero)
-    a = torch.where(m, adv.detach().double(), zero)
+    a = torch.where(m, per_token_advantages(advantages, logp, torch.float64), zero)
     return torch.stack([lp.sum(), a.sum(), m.sum().double()])
 
 
@@ -73,10 +74,7 @@ def token_covariance(
     dtype = torch.promote_types(logp.dtype, torch.float32)
     m = mask.bool()
     lp = logp.detach().to(dtype)
-    adv = advantages.detach().to(dtype)
-    if adv.dim() == lp.dim() - 1:
-        adv = adv.unsqueeze(-1)
-    adv = adv.expand_as(lp)
+    adv = per_token_advantages(advantages, lp)
     zero = torch.zeros((), dtype=dtype, device=lp.device)
     lp = torch.where(m, lp, zero)
     adv = torch.where(m, adv, zero)

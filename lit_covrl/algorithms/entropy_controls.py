@@ -27,6 +27,8 @@ import math
 import torch
 from torch import Tensor
 
+from lit_covrl.algorithms.advantages import per_token_advantages
+
 __all__ = [
     "adaptive_entropy_coef",
     "entropy_advantage_shift",
@@ -76,9 +78,7 @@ def steer_metric(advantages: Tensor, entropy: Tensor, logp: Tensor, old_logp: Te
     dtype = torch.promote_types(logp.dtype, torch.float32)
     p = logp.detach().to(dtype).exp().clamp(1e-8, 1.0 - 1e-8)
     old_p = old_logp.detach().to(dtype).exp().clamp(1e-8, 1.0)
-    adv = advantages.detach().to(dtype)
-    if adv.dim() == p.dim() - 1:
-        adv = adv.unsqueeze(-1)
+    adv = per_token_advantages(advantages, p)
     omega = (adv / old_p * p * (1.0 - p) * (p.log() + entropy.detach().to(dtype))).abs()
     omega = torch.where(torch.isfinite(omega), omega, torch.zeros_like(omega))
     return torch.where(mask.bool(), omega, torch.zeros_like(omega))
@@ -125,10 +125,7 @@ def steer_weights(
 def entropy_advantage_shift(advantages: Tensor, entropy: Tensor, *, alpha: float, kappa: float) -> Tensor:
     """psi [N, T] = min(alpha * H, |A| / kappa), detached (>= 0 since H >= 0). A + psi keeps the
     sign of A for kappa > 1: for A < 0, A + psi <= A (1 - 1/kappa) < 0; psi = 0 where A = 0."""
-    adv = advantages.detach()
-    if adv.dim() == entropy.dim() - 1:
-        adv = adv.unsqueeze(-1)
-    adv = adv.expand_as(entropy).to(entropy.dtype)
+    adv = per_token_advantages(advantages, entropy)
     return torch.minimum(alpha * entropy.detach().clamp(min=0.0), adv.abs() / kappa)
 
 

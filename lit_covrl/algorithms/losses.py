@@ -25,17 +25,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lit_covrl.algorithms.advantages import per_token_advantages
+
 __all__ = ["ppo_token_loss", "ppo_clipped_tokens", "ppo_stats", "AGG_MODES", "aggregate"]
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
-def _per_token(advantages: Tensor, like: Tensor) -> Tensor:
-    """Detached advantages [N] or [N, T] -> [N, T] in ``like``'s dtype."""
-    adv = advantages.detach().to(like.dtype)
-    if adv.dim() == like.dim() - 1:
-        adv = adv.unsqueeze(-1)
-    return adv.expand_as(like)
 
 
 def _ratio(logp: Tensor, old_logp: Tensor, logratio_clamp: float | None) -> Tensor:
@@ -74,7 +70,7 @@ def ppo_token_loss(
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
-    adv = _per_token(advantages, logp)
+    adv = per_token_advantages(advantages, logp)
     ratio = _ratio(logp, old_logp, logratio_clamp)
     l1, l2 = _surrogates(ratio, adv, clip_low, clip_high)
     loss = torch.maximum(l1, l2)
@@ -101,7 +97,7 @@ def ppo_clipped_tokens(
 
     Clip-Cov excludes these tokens from its candidates (detaching them would change nothing).
     """
-    adv = _per_token(advantages, logp)
+    adv = per_token_advantages(advantages, logp)
     logratio = (logp - old_logp).detach()
     l1, l2 = _surrogates(_ratio(logp.detach(), old_logp, logratio_clamp), adv, clip_low, clip_high)
     inert = l2 > l1
@@ -134,7 +130,7 @@ def ppo_stats(
         micro-batch stats sum to the mini-batch stat; default mask.sum(). Clamped to >= 1.
     """
     m = mask.bool()
-    adv = _per_token(advantages, logp)
+    adv = per_token_advantages(advantages, logp)
     logratio = (logp - old_logp).detach()
     if logratio_clamp is not None:
         logratio = logratio.clamp(-logratio_clamp, logratio_clamp)

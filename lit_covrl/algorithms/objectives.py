@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lit_covrl.algorithms.losses import _denominator, _per_token, _ratio, _surrogates
+from lit_covrl.algorithms.advantages import per_token_advantages
+from lit_covrl.algorithms.losses import _denominator, _ratio, _surrogates
 
 __all__ = [
     "cispo_stats",
@@ -66,7 +67,7 @@ def gspo_token_loss(
     logratio_clamp: float | None = 20.0,
 ) -> Tensor:
     """Per-token GSPO loss [N, T] (0 outside mask); gradient through logp only."""
-    adv = _per_token(advantages, logp)
+    adv = per_token_advantages(advantages, logp)
     l1, l2 = _surrogates(torch.exp(_gspo_log_ratio(logp, old_logp, mask, logratio_clamp)), adv, clip_low, clip_high)
     loss = torch.maximum(l1, l2)
     return torch.where(mask.bool(), loss, torch.zeros_like(loss))
@@ -85,7 +86,7 @@ def gspo_clipped_tokens(
 ) -> Tensor:
     """BoolTensor [N, T]: valid tokens GSPO gives zero gradient: the clipped term is active for
     the sequence ratio (L2 > L1), or the sequence log-ratio lies outside the clamp."""
-    adv = _per_token(advantages, logp)
+    adv = per_token_advantages(advantages, logp)
     seq = sequence_logratio(logp, old_logp, mask).unsqueeze(-1).expand_as(logp)
     s = torch.exp(seq if logratio_clamp is None else seq.clamp(-logratio_clamp, logratio_clamp))
     l1, l2 = _surrogates(s, adv, clip_low, clip_high)
@@ -130,7 +131,7 @@ def gspo_stats(
     """Token means over mask (denominator `num_tokens`, default mask.sum()): approx_kl (k3 of the
     token ratios, as in `ppo_stats`), clip_frac (tokens of sequences whose clipped term is
     active), clip_frac_low (s_i < 1 - eps_low, A < 0), clip_frac_high (s_i > 1 + eps_high, A > 0)."""
-    adv = _per_token(advantages, logp)
+    adv = per_token_advantages(advantages, logp)
     seq = sequence_logratio(logp, old_logp, mask).unsqueeze(-1).expand_as(logp)
     s = torch.exp(seq if logratio_clamp is None else seq.clamp(-logratio_clamp, logratio_clamp))
     l1, l2 = _surrogates(s, adv, clip_low, clip_high)
@@ -160,7 +161,7 @@ def cispo_token_loss(
 ) -> Tensor:
     """Per-token CISPO loss [N, T] = -sg(w) A exp(logp - sg(logp)) (0 outside mask): value -w A,
     gradient -w A d logp. No token ever has zero gradient (except where A = 0)."""
-    adv = _per_token(advantages, logp)
+    adv = per_token_advantages(advantages, logp)
     w = _cispo_weight(logp, old_logp, clip_low, clip_high, logratio_clamp)
     loss = -w * adv * torch.exp(logp - logp.detach())
     return torch.where(mask.bool(), loss, torch.zeros_like(loss))
