@@ -131,21 +131,32 @@ def ppo_stats(
     """
     m = mask.bool()
     adv = per_token_advantages(advantages, logp)
-    logratio = (logp - old_logp).detach()
-    if logratio_clamp is not None:
-        logratio = logratio.clamp(-logratio_clamp, logratio_clamp)
+    logratio = _token_logratio(logp, old_logp, logratio_clamp)
     ratio = torch.exp(logratio)
     l1, l2 = _surrogates(ratio, adv, clip_low, clip_high)
     low = torch.zeros_like(m) if clip_low is None else (ratio < 1.0 - clip_low) & (adv < 0)
     high = torch.zeros_like(m) if clip_high is None else (ratio > 1.0 + clip_high) & (adv > 0)
-    denom = _denominator(num_tokens, m.sum(), logp)
+    return _clip_stats(logratio, low, high, l2 > l1, mask, num_tokens, logp)
+
+
+def _token_logratio(logp: Tensor, old_logp: Tensor, logratio_clamp: float | None) -> Tensor:
+    """Detached log pi / pi_old per token, clamped to +-logratio_clamp (None: unclamped)."""
+    lr = (logp - old_logp).detach()
+    return lr if logratio_clamp is None else lr.clamp(-logratio_clamp, logratio_clamp)
+
+
+def _clip_stats(token_logratio, low, high, clipped, mask, num_tokens, like) -> dict[str, Tensor]:
+    """approx_kl (k3) and the clip fractions, token means over ``mask`` with the denominator
+    ``num_tokens`` (default mask.sum()), in ``like``'s dtype: every objective's diagnostics."""
+    m = mask.bool()
+    denom = _denominator(num_tokens, m.sum(), like)
 
     def mean(x: Tensor) -> Tensor:
-        return torch.where(m, x.to(logp.dtype), torch.zeros_like(logp)).sum() / denom
+        return torch.where(m, x.to(like.dtype), torch.zeros_like(like)).sum() / denom
 
     return {
-        "approx_kl": mean(ratio - 1.0 - logratio),
-        "clip_frac": mean(l2 > l1),
+        "approx_kl": mean(torch.exp(token_logratio) - 1.0 - token_logratio),
+        "clip_frac": mean(clipped),
         "clip_frac_low": mean(low),
         "clip_frac_high": mean(high),
     }

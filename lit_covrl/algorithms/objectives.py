@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from lit_covrl.algorithms.advantages import per_token_advantages
-from lit_covrl.algorithms.losses import _denominator, _ratio, _surrogates
+from lit_covrl.algorithms.losses import _clip_stats, _ratio, _surrogates, _token_logratio
 
 __all__ = [
     "cispo_stats",
@@ -94,26 +94,6 @@ def gspo_clipped_tokens(
     if logratio_clamp is not None:
         inert = inert | (seq.abs() > logratio_clamp)
     return inert & mask.bool()
-
-
-def _clip_stats(token_logratio, low, high, clipped, mask, num_tokens, like) -> dict[str, Tensor]:
-    m = mask.bool()
-    denom = _denominator(num_tokens, m.sum(), like)
-
-    def mean(x: Tensor) -> Tensor:
-        return torch.where(m, x.to(like.dtype), torch.zeros_like(like)).sum() / denom
-
-    return {
-        "approx_kl": mean(torch.exp(token_logratio) - 1.0 - token_logratio),
-        "clip_frac": mean(clipped),
-        "clip_frac_low": mean(low),
-        "clip_frac_high": mean(high),
-    }
-
-
-def _token_logratio(logp: Tensor, old_logp: Tensor, logratio_clamp: float | None) -> Tensor:
-    lr = (logp - old_logp).detach()
-    return lr if logratio_clamp is None else lr.clamp(-logratio_clamp, logratio_clamp)
 
 
 @torch.no_grad()
