@@ -70,9 +70,10 @@ def truncate_at_stop_strings(rollout: Rollout, tokenizer, prompt_len: int, stop:
     lengths = mask.sum(1).long().tolist()
     response = rollout.input_ids[:, prompt_len:]
     for row, n in enumerate(lengths):
-        k = _stop_length(tokenizer, response[row, :n].tolist(), stop)
-        if k is None or k == n and not bool(rollout.truncated[row]):
-            continue  # no stop string, or it ends exactly where EOS ended the row anyway
+        tokens = response[row, :n].tolist()
+        k = _stop_length(tokenizer, tokens, stop)
+        if k is None or not bool(rollout.truncated[row]) and not tokenizer.decode(tokens[k:], skip_special_tokens=True):
+            continue  # no stop string, or only the EOS that ended the row follows it: keep the row whole
         mask[row, k:] = 0
         rollout.attention_mask[row, prompt_len + k:] = 0
         response[row, k:] = pad_token_id

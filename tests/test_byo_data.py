@@ -205,13 +205,15 @@ def _rollout(tok, responses: list[str], width: int, truncated: list[bool]) -> tu
 def test_stop_strings_cut_the_response_after_the_completing_token(chat_tokenizer):
     tok = chat_tokenizer
     eos = tok.eos_token
-    r, p = _rollout(tok, ["12+34+5", "12345", "7==8" + eos, "=="], 8, [True, True, False, True])
+    r, p = _rollout(tok, ["12+34+5", "12345", "7==8" + eos, "==", "9==" + eos], 8, [True, True, False, True, False])
     truncate_at_stop_strings(r, tok, p, ["+", "=="], tok.pad_token_id)
     # row 0: "+" completes at token 3 -> keep "12+"; row 1: no stop string, unchanged (truncated);
-    # row 2: "==" completes at token 3 -> keep "7==" (its EOS dropped); row 3: "==" is the whole response
-    assert r.response_mask.sum(1).tolist() == [3, 5, 3, 2]
-    assert tok.batch_decode(r.input_ids[:, p:], skip_special_tokens=True) == ["12+", "12345", "7==", "=="]
-    assert r.truncated.tolist() == [False, True, False, False]
+    # row 2: "==" completes at token 3 -> keep "7==" (its EOS dropped); row 3: "==" is the whole response;
+    # row 4: only the EOS that ended the row follows "==": kept whole, EOS included (it stays in the loss)
+    assert r.response_mask.sum(1).tolist() == [3, 5, 3, 2, 4]
+    assert tok.batch_decode(r.input_ids[:, p:], skip_special_tokens=True) == ["12+", "12345", "7==", "==", "9=="]
+    assert r.input_ids[4, p + 3].item() == tok.eos_token_id
+    assert r.truncated.tolist() == [False, True, False, False, False]
     assert r.attention_mask[:, p:].float().equal(r.response_mask)
     assert r.logp.equal(-0.5 * r.response_mask) and r.entropy.equal(2.0 * r.response_mask)
 
