@@ -45,7 +45,7 @@ def jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
     """(location, decoded row or _Malformed) for each non-blank line of a JSON-lines file."""
     with open(path, "rb") as f:
         data = f.read()
-    if path.endswith(".json") and data.lstrip()[:1] == b"[":
+    if path.endswith(".json") and data.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"[":  # a BOM may lead
         try:
             items = json.loads(data.decode("utf-8-sig"))
         except ValueError:

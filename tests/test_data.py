@@ -160,6 +160,11 @@ def test_json_array_file_and_answer_field(tmp_path):
     dm = PromptDataModule(task=None, train_files=[str(p)], prompt_field="q", answer_field="ans", batch_size=1)
     dm.setup("fit")
     assert dm._train_rows == [Example("a", "1")] and dm.skipped_rows == 1
+    bom = tmp_path / "bom.json"  # a BOM (Windows editors) before the array
+    bom.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    dm = PromptDataModule(task=None, train_files=[str(bom)], prompt_field="q", answer_field="ans", batch_size=1)
+    dm.setup("fit")
+    assert dm._train_rows == [Example("a", "1")] and dm.skipped_rows == 1
 
 
 def test_parquet_round_trip_with_nulls(tmp_path):
