@@ -98,7 +98,8 @@ def assemble(rounds: list[Round], chosen: list[tuple[int, int]], group_size: int
     prompts = [rounds[i].batch.prompts[g] for i, g in chosen]
     answers = [rounds[i].batch.answers[g] for i, g in chosen]
     rewards = torch.cat([rounds[i].rewards[r] for (i, _), r in zip(chosen, rows)])
-    columns = [rounds[i].batch.columns[g] for i, g in chosen] if all(r.batch.columns for r in rounds) else []
+    columns = [rounds[i].batch.columns[g] if rounds[i].batch.columns else {} for i, g in chosen]
+    columns = columns if any(columns) else []  # PromptBatch: [] when no row has extra columns
     batch = dataclasses.replace(rounds[0].batch, prompts=prompts, answers=answers, columns=columns)
     width = max(r.rollout.response_mask.shape[1] for r in rounds)
     return Round(batch, concat_rollouts(parts, pad_token_id, width), rewards)

@@ -60,6 +60,17 @@ def test_choose_groups_takes_informative_groups_in_generation_order_then_fills()
     assert out.rollout.input_ids.shape == (6, 3)
 
 
+def test_assemble_keeps_the_columns_of_rounds_that_have_them():
+    # round 1's rows carry no extra columns (an optional field absent from those rows): the chosen
+    # rows of round 0 must keep theirs, round 1's get {} (dropping all of them broke column rewards)
+    G = 2
+    r0, r1 = _round([0, 1, 0, 0], G, 0), _round([1, 0, 0, 0], G, 10)
+    r0.batch.columns = [{"solution": "s0"}, {"solution": "s1"}]
+    out = assemble([r0, r1], [(0, 0), (1, 0), (0, 1)], G, PAD)
+    assert out.batch.columns == [{"solution": "s0"}, {}, {"solution": "s1"}]
+    assert assemble([r1], [(0, 0)], G, PAD).batch.columns == []  # no columns anywhere: still []
+
+
 def _two_rounds(rank: int) -> list[Round]:
     """Round 0 decodes 1 response token on both ranks, round 1 decodes 3 (rounds run in lock-step):
     rank 0's first round is all informative, rank 1's has nothing informative."""
