@@ -297,6 +297,11 @@ class PromptDataModule(L.LightningDataModule):
 
     # --------------------------------------------------------------------- resume
 
+    @property
+    def has_validation(self) -> bool:
+        """True when there are held-out prompts (after setup)."""
+        return bool(self._val_batches)
+
     def known_prompts(self) -> list[str]:
         """Every train and held-out prompt when the source is finite (files, HF datasets), so the
         module can check prompt lengths at start-up; empty for an unlimited synthetic task."""

@@ -23,6 +23,7 @@ from typing import Callable
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_covrl import distributed
@@ -42,7 +43,7 @@ from lit_covrl.rollout_rng import RolloutRNG
 from lit_covrl.sampling import Sampler, default_sampler
 from lit_covrl.settings import (
     GROUPS, EvalSettings, LossSettings, RolloutSettings, SystemSettings, UpdateSettings, as_group,
-    check_fit_plan, check_module_settings,
+    check_fit_plan, check_module_settings, check_run_length,
 )
 from lit_covrl.sharding import check_strategy, load_model
 from lit_covrl.types import PromptBatch, Rollout
@@ -222,6 +223,11 @@ class GRPOModule(L.LightningModule):
         check_unique_names(self.regularizers)
         dm, ro = getattr(self.trainer, "datamodule", None), cfg.rollout
         check_fit_plan(ro, cfg.update, prompts_per_step=self._prompts_per_step(), datamodule=dm, stage=stage)
+        if stage == "fit":
+            t = self.trainer
+            if warning := check_run_length(t.max_steps, t.val_check_interval, t.limit_val_batches,
+                                           bool(getattr(dm, "has_validation", False))):
+                rank_zero_warn(warning)
         if hasattr(dm, "known_prompts"):
             check_datamodule_prompts(self.tokenizer, dm, chat_template=ro.chat_template,
                                      max_prompt_length=ro.max_prompt_length if ro.prompt_overflow == "error" else None)

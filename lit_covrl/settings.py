@@ -313,6 +313,20 @@ def check_module_settings(rollout: RolloutSettings, loss: LossSettings, reward_t
         _bad("model.reward_timeout_s", reward_timeout_s, "must be > 0 or null")
 
 
+def check_run_length(max_steps: int | None, val_check_interval, limit_val_batches, has_validation: bool) -> str | None:
+    """The prompt stream is endless (an epoch never ends): a fit needs trainer.max_steps, and
+    validation runs only every int `val_check_interval` RL steps. Raises for the first; returns a
+    warning for held-out prompts that would never be evaluated, else None."""
+    if max_steps is None or max_steps < 1:
+        _bad("trainer.max_steps", max_steps, "the prompt stream is endless, so an epoch never ends and "
+             "trainer.max_epochs cannot stop the fit: set trainer.max_steps (RL steps)")
+    if has_validation and limit_val_batches != 0 and not isinstance(val_check_interval, int):
+        return (f"held-out prompts are set but trainer.val_check_interval={val_check_interval!r} waits for an epoch "
+                "end that never comes, so validation will not run: set it to a number of RL steps (e.g. 25) "
+                "and trainer.check_val_every_n_epoch: null")
+    return None
+
+
 def check_fit_plan(rollout: RolloutSettings, update: UpdateSettings, *, prompts_per_step: int | None,
                    datamodule, stage: str) -> None:
     """The checks against the datamodule, at setup: mini-batches must tile the prompts of a step,

@@ -1,6 +1,8 @@
 """End-to-end checks of GRPOModule on a tiny random Qwen2 (CPU, a few seconds each)."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -470,3 +472,16 @@ def test_extra_generation_rounds_without_filtering_are_refused():
     with pytest.raises(ValueError, match=r"model\.rollout\.max_gen_rounds=3 is invalid: .*filter_groups: true"):
         RolloutSettings(max_gen_rounds=3)  # would be silently ignored
     RolloutSettings(max_gen_rounds=3, filter_groups=True)
+
+
+def test_a_fit_without_max_steps_is_refused_and_validation_that_cannot_run_is_warned(tiny_model_dir):
+    # the prompt stream is endless: max_epochs alone would train forever
+    dm = PromptDataModule(task="arithmetic", batch_size=2, val_size=0, seed=0)
+    with pytest.raises(ValueError, match=r"trainer\.max_steps=-1 is invalid: the prompt stream is endless"):
+        fit(make_module(tiny_model_dir), dm, steps=-1, max_epochs=1, max_time={"seconds": 20})  # (old code: ran on)
+    dm = PromptDataModule(task="arithmetic", batch_size=2, val_size=2, seed=0)
+    with pytest.warns(UserWarning, match=r"trainer\.val_check_interval=1\.0 .* validation will not run"):
+        fit(make_module(tiny_model_dir), dm, steps=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*validation will not run")
+        fit(make_module(tiny_model_dir), dm, steps=1, val_check_interval=1)
