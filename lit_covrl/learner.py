@@ -298,13 +298,17 @@ class Learner:
         hp = self.settings
         model = model if model is not None else self.policy
         kw = dict(temperature=hp.rollout.temperature, with_entropy=with_entropy, chunk_size=hp.update.logprob_chunk_size)
-        ids, att, kept = trim_padding(ids, att, T) if hp.skip_padding else (ids, att, T)
+        lockstep = distributed.world_size() > 1
+        # the shared-prompt split forwards a tail only for >= 2 response columns: keep 2 on every
+        # rank, or a rank whose rows all end after one token would run one forward to the others' two
+        min_cols = 2 if lockstep and hp.shared_prompt and not hp.compile_update else 1
+        ids, att, kept = trim_padding(ids, att, T, min_cols) if hp.skip_padding else (ids, att, T)
         if hp.compile_update:  # one full forward per row (shared_prompt resolves off with it)
             logp, ent = response_logprobs(self.compiled(model), ids, att, kept, **kw)
         elif not hp.shared_prompt:
             logp, ent = response_logprobs(model, ids, att, kept, **kw)
         else:
-            logp, ent = shared_prompt_logprobs(model, ids, att, kept, always_split=distributed.world_size() > 1, **kw)
+            logp, ent = shared_prompt_logprobs(model, ids, att, kept, always_split=lockstep, **kw)
         return _pad_columns(logp, T), (None if ent is None else _pad_columns(ent, T))
 
     def _optimizer_step(self, last: bool) -> dict:

@@ -26,20 +26,22 @@ import torch
 from torch import Tensor
 
 
-def trim_padding(input_ids: Tensor, attention_mask: Tensor, response_len: int) -> tuple[Tensor, Tensor, int]:
+def trim_padding(input_ids: Tensor, attention_mask: Tensor, response_len: int,
+                 min_response: int = 1) -> tuple[Tensor, Tensor, int]:
     """(input_ids, attention_mask, response_len) with the all-padding leading columns and
     trailing response columns of these rows dropped.
 
     At least one prompt column and one response column are kept, so the result is always a valid
     input of `response_logprobs` (the response's first token is predicted from the last prompt
-    column). The kept response columns are the first `response_len'` of the original ones."""
+    column). The kept response columns are the first `response_len'` of the original ones, at least
+    `min_response` of them (when there are that many)."""
     P = input_ids.shape[1] - response_len
     any_real = attention_mask.bool().any(0)
     real = torch.nonzero(any_real).squeeze(-1)
     if real.numel() == 0:
         return input_ids, attention_mask, response_len
     start = min(int(real[0]), max(P - 1, 0))
-    end = max(int(real[-1]) + 1, P + 1)  # exclusive; at least one response column
+    end = max(int(real[-1]) + 1, P + min(max(min_response, 1), response_len))  # exclusive
     return input_ids[:, start:end], attention_mask[:, start:end], end - P
 
 

@@ -45,6 +45,43 @@ def test_trim_padding_hand_worked():
     one = torch.tensor([[0, 0, 1, 0, 0]])  # the last prompt column only
     t, _, k = trim_padding(one, one, 2)
     assert t.shape == (1, 2) and k == 1
+    # min_response: that many response columns stay (FSDP lock-step of the shared-prompt split)
+    t_ids, _, kept = trim_padding(ids, att, response_len=6, min_response=3)
+    assert kept == 3 and t_ids.tolist() == [[0, 4, 5, 6, 0, 0], [7, 8, 9, 6, 6, 0]]
+    assert trim_padding(full, full, 2, min_response=5)[2] == 2  # never more than there are
+
+
+def test_ranks_whose_responses_end_after_one_token_run_the_same_forwards(tiny_model_dir, monkeypatch):
+    """With several ranks, shared_prompt and skip_padding, every micro-batch must issue the same
+    forwards on every rank (FSDP collectives): a rank whose rows all stop after one token used to be
+    trimmed to one response column and skip the tail forward that the other ranks ran (a hang)."""
+    from lit_covrl import distributed
+    from lit_covrl.learner import Learner, LearnerSettings
+    from lit_covrl.objectives import PPOClip
+    from lit_covrl.settings import LossSettings, RolloutSettings, UpdateSettings
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    model = load_policy(tiny_model_dir)
+    settings = LearnerSettings(RolloutSettings(group_size=2, max_new_tokens=3), LossSettings(),
+                               UpdateSettings(micro_batch_size=4), shared_prompt=True, skip_padding=True)
+    learner = Learner(model, settings, PPOClip(), [], driver=None)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(1), with_kwargs=True)
+    forwards = {}
+    try:
+        for n in (1, 3):  # one rank's rows stop after 1 token, the other's after 3
+            ids, att, _ = _rollout_rows([[5, 6, 7]] * 4, [[8] * n] * 3 + [[9] * n])
+            pad = torch.zeros(4, 3 - n, dtype=torch.long)  # the rollout's width T = 3 on every rank
+            ids, att = torch.cat([ids, pad], 1), torch.cat([att, pad], 1)
+            calls.clear()
+            with torch.no_grad():
+                lp = learner.logprobs(model, ids, att, att[:, -3:].float())
+            forwards[n] = len(calls)
+            ref, _ = response_logprobs(model, ids, att, 3)
+            torch.testing.assert_close(lp, ref * att[:, -3:], rtol=1e-5, atol=1e-6)
+    finally:
+        hook.remove()
+    assert forwards == {1: 2, 3: 2}
 
 
 def test_length_order_rows_and_groups():
