@@ -362,12 +362,23 @@ class PromptDataModule(L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints by Lightning. Only `next_index` is restored; `skipped_rows` is for
-        the record (counts are recomputed when the files are read) and `seed` is checked."""
-        return {"next_index": self.next_index, "skipped_rows": self.skipped_rows, "seed": self.hparams.seed}
+        """Saved in checkpoints by Lightning. `next_index` (with the world size it counts batches
+        of) is restored; `skipped_rows` is for the record (counts are recomputed when the files are
+        read) and `seed` is checked."""
+        return {"next_index": self.next_index, "world_size": self._rank_world()[1], "skipped_rows": self.skipped_rows,
+                "seed": self.hparams.seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.next_index = int(state_dict["next_index"])
+        saved_world, world = int(state_dict.get("world_size", 0)), self._rank_world()[1]
+        if saved_world and saved_world != world:
+            # batch k of rank r is global batch k * W + r: continue after the saved run's last global
+            # batch under the new W, so that no prompt batch is repeated (fewer than W are skipped)
+            used = self.next_index * saved_world
+            self.next_index = -(-used // world)
+            log.warning("prompt stream saved with %d ranks, resuming with %d: continuing at global batch %d "
+                        "(%d skipped, none repeated)", saved_world, world, self.next_index * world,
+                        self.next_index * world - used)
         saved_seed = state_dict.get("seed", self.hparams.seed)
         if saved_seed != self.hparams.seed:
             log.warning("resuming a prompt stream saved with seed %s under seed %s", saved_seed, self.hparams.seed)

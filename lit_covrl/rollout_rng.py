@@ -4,7 +4,8 @@ Ranks sample with different seeds (`seed + 1_000_003 * rank`) so that their resp
 checkpoint holds every rank's state (gathered, because a sharded checkpoint keeps only rank 0's
 copy of the module's extra state); a resume with the same world size continues every rank's
 stream exactly, one with another world size reseeds every rank from its own seed (the prompt
-stream still continues exactly, the samples do not).
+stream continues without repeating a batch, `PromptDataModule.load_state_dict`; the samples start
+afresh).
 """
 from __future__ import annotations
 
@@ -51,10 +52,14 @@ class RolloutRNG:
             self._pending = states[rank].clone()
         elif states is not None:
             log.warning("checkpoint saved with %d ranks, resuming with %d: rollout samplers reseeded "
-                        "(prompts continue exactly, samples do not)", len(states), world_size)
+                        "(the prompt stream continues, samples start afresh)", len(states), world_size)
             self._pending = None
-        else:  # a checkpoint from before the states were gathered
+        elif world_size == 1:  # a checkpoint from before the states were gathered: rank 0's only
             self._pending = checkpoint.get("rollout_generator")
+        else:  # ... which must not become every rank's stream (identical samples on all ranks)
+            log.warning("checkpoint holds one rollout sampler state, resuming with %d ranks: samplers reseeded",
+                        world_size)
+            self._pending = None
 
     def apply_pending(self) -> None:
         if self._pending is not None:

@@ -443,3 +443,26 @@ def test_validation_prompts_of_a_builtin_task_are_held_out():
     assert len(val) == 64
     train = {p for k in range(100) for p in dm.batch_at(k).prompts}
     assert len(train) > 1000 and not (val & train)
+
+
+@pytest.mark.parametrize("saved_world,next_index,world,resumed", [(2, 3, 1, 6), (2, 3, 4, 2), (1, 5, 2, 3), (2, 3, 2, 3)])
+def test_resume_with_another_world_size_repeats_no_prompt_batch(fake_task, saved_world, next_index, world, resumed):
+    """Batch k of rank r is global batch k * W + r. A run saved after next_index batches per rank on
+    saved_world ranks used global batches [0, next_index * saved_world); the resumed run must start
+    at or after that under its own world size (keeping k would repeat or skip many batches)."""
+    from types import SimpleNamespace
+
+    saver = PromptDataModule(task=fake_task, batch_size=2)
+    saver.trainer = SimpleNamespace(global_rank=0, world_size=saved_world)
+    saver.next_index = next_index
+    state = saver.state_dict()
+    assert state["world_size"] == saved_world
+    dm = PromptDataModule(task=fake_task, batch_size=2)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=world)
+    dm.load_state_dict(state)
+    assert dm.next_index == resumed
+    used, first = next_index * saved_world, resumed * world
+    assert used <= first < used + world  # nothing repeated, fewer than W global batches skipped
+    old = {k: v for k, v in state.items() if k != "world_size"}  # a checkpoint from before: kept as is
+    dm.load_state_dict(old)
+    assert dm.next_index == next_index

@@ -61,3 +61,14 @@ def test_an_older_checkpoint_with_this_ranks_state_only():
     resumed.load(old, rank=0, world_size=1)
     resumed.apply_pending()
     assert _draw(resumed) == expected
+
+
+def test_an_older_checkpoint_on_several_ranks_reseeds_instead_of_sharing_rank_0s_stream(caplog):
+    rng = RolloutRNG(5)
+    _draw(rng)
+    old = {"rollout_generator": rng.generator.get_state()}  # rank 0's state only
+    resumed = RolloutRNG(5)
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        resumed.load(old, rank=1, world_size=2)
+    assert "one rollout sampler state, resuming with 2 ranks" in caplog.text
+    assert resumed._pending is None
