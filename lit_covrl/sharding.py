@@ -97,6 +97,7 @@ def load_sharded(
     for a broadcast that never comes.
     """
     import torch.distributed as dist
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     full, error = None, [None]
@@ -118,8 +119,8 @@ def load_sharded(
     source = dict(full.named_buffers()) if full is not None else {}
     with torch.no_grad():
         for name, buf in model.named_buffers():
-            if full is not None:
-                buf.copy_(source[name])
+            if full is not None:  # the sharded model's names may carry activation checkpointing's wrapper
+                buf.copy_(source[name.replace(_CHECKPOINT_PREFIX, "")])
             dist.broadcast(buf, src=0)
     return model
 
