@@ -325,3 +325,21 @@ def test_export_hf_folder_loads_the_trained_weights(two_procs, one_proc, tmp_pat
     if kind == "single.ckpt":  # the exported folder is the 1-process run's final policy
         for k, v in one_proc[1].items():
             torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+
+
+def test_export_reads_only_the_policy_of_a_sharded_checkpoint(two_procs, tmp_path):
+    """`read_sharded_policy` loads the policy's tensors alone (a 7B AdamW checkpoint's optimizer
+    state is ~2x its weights) and they equal the policy part of the whole folder merged by torch."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from lit_covrl.export import read_sharded_policy
+
+    folder = two_procs[0] / "sharded.ckpt"
+    dcp_to_torch_save(folder, tmp_path / "merged.pt")
+    merged = torch.load(tmp_path / "merged.pt", weights_only=False)
+    assert "optimizer_0" in merged  # there is optimizer state to leave out
+    want = {k: v for k, v in merged["state_dict"].items() if k.startswith("policy.")}
+    got = read_sharded_policy(folder)
+    assert set(got) == set(want) and len(want) > 10
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0)
