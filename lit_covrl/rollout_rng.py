@@ -3,12 +3,13 @@
 Ranks sample with different seeds (`seed + 1_000_003 * rank`) so that their responses differ. A
 checkpoint holds every rank's state (gathered, because a sharded checkpoint keeps only rank 0's
 copy of the module's extra state); a resume with the same world size continues every rank's
-stream exactly, one with another world size reseeds every rank from its own seed (the prompt
-stream continues without repeating a batch, `PromptDataModule.load_state_dict`; the samples start
-afresh).
+stream exactly, one with another world size reseeds every rank from its seed and the step
+(`resumed_seed`; the prompt stream continues without repeating a batch,
+`PromptDataModule.load_state_dict`).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import torch
@@ -32,7 +33,7 @@ class RolloutRNG:
     def __init__(self, seed: int) -> None:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
-        self._pending: Tensor | None = None
+        self._pending: Tensor | int | None = None  # a saved state, or a seed (`resumed_seed`)
 
     def place(self, device: torch.device, rank: int) -> None:
         """A fresh generator on `device`, seeded for `rank`."""
@@ -46,22 +47,35 @@ class RolloutRNG:
         checkpoint["rollout_generator"] = state
 
     def load(self, checkpoint: dict, rank: int, world_size: int) -> None:
-        """Keep this rank's saved state for `apply_pending`; none when the world size changed."""
+        """Keep this rank's saved state for `apply_pending`; when the world size changed, a seed of
+        this rank and the checkpoint's step instead (`resumed_seed`)."""
         states = checkpoint.get("rollout_generators")
+        reseed = self.resumed_seed(rank, int(checkpoint.get("global_step", 0)))
         if states is not None and len(states) == world_size:
             self._pending = states[rank].clone()
         elif states is not None:
             log.warning("checkpoint saved with %d ranks, resuming with %d: rollout samplers reseeded "
                         "(the prompt stream continues, samples start afresh)", len(states), world_size)
-            self._pending = None
+            self._pending = reseed
         elif world_size == 1:  # a checkpoint from before the states were gathered: rank 0's only
             self._pending = checkpoint.get("rollout_generator")
         else:  # ... which must not become every rank's stream (identical samples on all ranks)
             log.warning("checkpoint holds one rollout sampler state, resuming with %d ranks: samplers reseeded",
                         world_size)
-            self._pending = None
+            self._pending = reseed
+
+    def resumed_seed(self, rank: int, step: int) -> int:
+        """The seed of `rank` resuming at RL step `step` without a saved state; at step 0 the rank's
+        usual seed, later a hash of (seed, rank, step), so that the resumed samples do not replay
+        the run's first draws (a hash, not high bits: the CPU generator keeps 32 bits of a seed)."""
+        if step == 0:
+            return self.seed + RANK_STRIDE * rank
+        digest = hashlib.blake2b(f"lit_covrl:rollout:{self.seed}:{rank}:{step}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little")
 
     def apply_pending(self) -> None:
-        if self._pending is not None:
+        if isinstance(self._pending, int):
+            self.generator.manual_seed(self._pending)
+        elif self._pending is not None:
             self.generator.set_state(self._pending)
-            self._pending = None
+        self._pending = None

@@ -71,4 +71,18 @@ def test_an_older_checkpoint_on_several_ranks_reseeds_instead_of_sharing_rank_0s
     with caplog.at_level(logging.WARNING, logger="lit_covrl"):
         resumed.load(old, rank=1, world_size=2)
     assert "one rollout sampler state, resuming with 2 ranks" in caplog.text
-    assert resumed._pending is None
+    assert resumed._pending == resumed.resumed_seed(1, 0) == 5 + RANK_STRIDE
+
+
+def test_a_reseeded_resume_does_not_replay_the_first_steps_draws():
+    rng = RolloutRNG(3)
+    ckpt: dict = {"global_step": 40}
+    rng.save(ckpt)
+    other = RolloutRNG(3)
+    other.load(ckpt, rank=1, world_size=2)
+    other.apply_pending()
+    got = _draw(other)
+    fresh = [torch.rand(4, generator=torch.Generator().manual_seed(3 + RANK_STRIDE * r)).tolist() for r in range(2)]
+    assert got not in fresh  # neither rank's step-0 stream
+    assert got == torch.rand(4, generator=torch.Generator().manual_seed(other.resumed_seed(1, 40))).tolist()
+    assert other.resumed_seed(1, 40) != other.resumed_seed(0, 40) != other.resumed_seed(1, 41)
