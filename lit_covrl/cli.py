@@ -19,6 +19,7 @@ import os
 import sys
 from argparse import ArgumentError
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
@@ -88,7 +89,7 @@ _DESCRIPTION = ("GRPO with entropy control. Subcommands: fit, validate, test, an
 # ----------------------------------------------------------------------------- start-up errors
 
 _RUN: dict = {}  # the trainer of the current run, to tell start-up errors from later ones
-_STARTUP_ERRORS = (ArgumentError, ValueError, TypeError, OSError, ImportError)
+_STARTUP_ERRORS = (ArgumentError, ValueError, TypeError, OSError, ImportError, MisconfigurationException)
 
 
 def _past_start_up(trainer) -> bool:

@@ -46,7 +46,7 @@ def check_sources(task: Any, train_files: list[str] | None, val_files: list[str]
         raise ValueError("set at most one of val_files, hf_val_split")
     if train_files is not None and not train_files:
         raise ValueError("train_files is empty")
-    for name, files in (("train_files", train_files), ("val_files", val_files)):
+    for name, files in (("data.train_files", train_files), ("data.val_files", val_files)):
         for i, path in enumerate(files or []):
             if not str(path).endswith(SUFFIXES):
                 raise ValueError(f"{name}[{i}]: {path!r} has an unsupported extension; use one of {SUFFIXES}")
