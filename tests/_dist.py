@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import zlib
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
+import torch.multiprocessing as mp
 from lightning.pytorch import Callback
 
 from lit_covrl import distributed
@@ -189,3 +192,16 @@ def elastic_env(rank: int, world: int, port: int) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", TORCHELASTIC_RUN_ID="lit_covrl_test",
     )
+
+
+def spawn(worker, args: tuple, *, timeout_s: float, what: str = "the 2-process run", nprocs: int = 2) -> None:
+    """Run `worker(rank, *args)` in `nprocs` spawned processes and wait for them; fail the test,
+    killing them, if they are not done in `timeout_s` (a rank left waiting in a collective that the
+    others never join hangs instead of failing). A worker's exception is re-raised here."""
+    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, start_method="spawn", join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{what} did not finish in {timeout_s:.0f} s")

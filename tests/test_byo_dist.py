@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tests import _dist
 
@@ -51,14 +49,8 @@ def test_two_ranks_skipped_rows_file_and_global_reward_means(tmp_path, tiny_mode
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(8))
                     + '{"prompt": "9+1="}\n')
-    ctx = mp.start_processes(_worker, args=(_dist.free_port(), tiny_model_dir, str(rows), str(tmp_path)), nprocs=2,
-                             start_method="spawn", join=False)
-    deadline = time.monotonic() + 240  # a rank waiting in a broadcast the other never joins hangs: fail
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail("2-process run did not finish in 240 s")
+    _dist.spawn(_worker, (_dist.free_port(), tiny_model_dir, str(rows), str(tmp_path)),
+                timeout_s=240, what="the 2-process run")
     assert (tmp_path / "t" / "version_0" / "skipped_rows.txt").read_text() == f"{rows}:9: missing field 'answer'\n"
     assert not (tmp_path / "t" / "version_1").exists()
     for r in range(2):

@@ -4,13 +4,11 @@ folder (and no temporary folder) behind, and the run resumes from it. 2 gloo pro
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from tests import _dist
 
@@ -64,14 +62,8 @@ def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> Non
 @pytest.mark.slow
 def test_distributed_checkpoint_folder_survives_a_full_disk_on_one_rank(tiny_model_dir, tmp_path):
     prompts = _dist.write_prompts(tmp_path / "prompts.jsonl", 2 * _dist.B * (STEPS + 1))
-    ctx = mp.start_processes(_worker, args=(_dist.free_port(), tiny_model_dir, str(prompts), str(tmp_path)),
-                             nprocs=2, start_method="spawn", join=False)
-    deadline = time.time() + 500
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the 2-process run hung")
+    _dist.spawn(_worker, (_dist.free_port(), tiny_model_dir, str(prompts), str(tmp_path)),
+                timeout_s=500, what="the 2-process run")
     for rank in (0, 1):
         res = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert res["before"] == STEPS

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lit_covrl.evaluation import Evaluator
 from lit_covrl.metrics import PassAtK
@@ -106,14 +104,8 @@ def test_two_ranks_share_the_held_out_prompts(tmp_path, tiny_model_dir):
     train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
     train.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": "a"}) + "\n" for i in range(4)))
     val.write_text("".join(json.dumps({"prompt": f"{i}+2=", "answer": a}) + "\n" for i, a in enumerate("abcd")))  # batches 3 + 1
-    ctx = mp.start_processes(_worker, args=(_dist.free_port(), tiny_model_dir, str(train), str(val), str(tmp_path)),
-                             nprocs=2, start_method="spawn", join=False)
-    deadline = time.monotonic() + 240  # a rank left waiting in a collective hangs: fail
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail("2-process validation did not finish in 240 s")
+    _dist.spawn(_worker, (_dist.free_port(), tiny_model_dir, str(train), str(val), str(tmp_path)),
+                timeout_s=240, what="the 2-process validation")
     scored = [sorted((tmp_path / f"scored{r}.txt").read_text().split()) for r in range(2)]
     assert scored == [["a", "a", "c", "c", "d", "d"], ["b", "b", "d", "d"]]  # 2 samples each
     for r in range(2):

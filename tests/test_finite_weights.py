@@ -4,12 +4,10 @@ rank raises), instead of failing at the first rollout inside torch.multinomial."
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from lit_covrl.policy import check_finite_weights, load_policy
 from tests import _dist
@@ -69,14 +67,7 @@ def _load_worker(rank: int, port: int, model_dir: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_sharded_load_of_nan_weights_raises_on_every_rank(nan_model_dir, tmp_path):
-    ctx = mp.start_processes(_load_worker, args=(_dist.free_port(), nan_model_dir, str(tmp_path)), nprocs=2,
-                             start_method="spawn", join=False)
-    deadline = time.time() + 300
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:  # a rank waiting forever for rank 0's broadcast
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the sharded load hung")
+    _dist.spawn(_load_worker, (_dist.free_port(), nan_model_dir, str(tmp_path)), timeout_s=300, what="the sharded load")
     rank0, rank1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
     assert rank0.startswith("ValueError") and BAD in rank0 and nan_model_dir in rank0, rank0
     assert rank1.startswith("RuntimeError: rank 0 could not load the model: ValueError") and BAD in rank1, rank1

@@ -27,12 +27,10 @@ One spawn of 2 workers runs six short fits (module fixture):
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lit_covrl.sharding import full_state_dict
 from tests import _dist
@@ -128,14 +126,8 @@ def two_procs(tiny_model_dir, tmp_path_factory):
         pytest.skip("torch.distributed unavailable")
     out = tmp_path_factory.mktemp("fsdp")
     prompts = _dist.write_prompts(out / "prompts.jsonl", 2 * _dist.B * STEPS)
-    ctx = mp.start_processes(_worker, args=(_dist.free_port(), tiny_model_dir, str(prompts), str(out)), nprocs=2,
-                             start_method="spawn", join=False)
-    deadline = time.monotonic() + 300  # a collective out of step hangs: fail instead of waiting
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail("2-process run did not finish in 300 s (ranks out of lock-step?)")
+    _dist.spawn(_worker, (_dist.free_port(), tiny_model_dir, str(prompts), str(out)),
+                timeout_s=300, what="the 2-process run (ranks out of lock-step?)")
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return out, prompts, ranks
 

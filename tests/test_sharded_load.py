@@ -4,12 +4,10 @@ checkpointing wrapping those layers: rank 0 must find each buffer under its unwr
 KeyError and left rank 1 waiting in the broadcast), and every rank gets rank 0's values."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from tests import _dist
@@ -62,12 +60,6 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_layer_buffers_load_through_activation_checkpointing_wrappers(tmp_path):
-    ctx = mp.start_processes(_worker, args=(_dist.free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=False)
-    deadline = time.time() + 120
-    while not ctx.join(timeout=2):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the sharded load hung")
+    _dist.spawn(_worker, (_dist.free_port(), str(tmp_path)), timeout_s=120, what="the sharded load")
     want = repr({"layers.0._checkpoint_wrapped_module.inv": [1.0, 2.0], "layers.1._checkpoint_wrapped_module.inv": [2.0, 4.0]})
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == [want, want]
