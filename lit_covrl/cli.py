@@ -67,16 +67,20 @@ class LitCovRLCLI(LightningCLI):
         """The RL-step progress bar unless the config brings its own or disables the bar. Two
         regularizers with one name are refused first, with our message: for stateful ones (Clip-Cov,
         the adaptive bonus) Lightning's own state_key check would otherwise fail in Trainer()."""
-        given = config.get("callbacks") or []
-        check_unique_names([c for c in (given if isinstance(given, list) else [given]) if isinstance(c, Regularizer)])
+        check_unique_names([c for c in _config_callbacks(config) if isinstance(c, Regularizer)])
         trainer = super()._instantiate_trainer(_with_rl_progress_bar(config), callbacks)
         _RUN["trainer"] = trainer
         return trainer
 
 
-def _with_rl_progress_bar(config: dict) -> dict:
+def _config_callbacks(config: dict) -> list:
+    """The trainer config's `callbacks`, as a list (one callback may be given bare)."""
     given = config.get("callbacks") or []
-    given = given if isinstance(given, list) else [given]
+    return given if isinstance(given, list) else [given]
+
+
+def _with_rl_progress_bar(config: dict) -> dict:
+    given = _config_callbacks(config)
     if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
         config = {**config, "callbacks": [*given, RLProgressBar()]}
     return config
