@@ -193,7 +193,9 @@ class RunDashboard(Callback):
                 lg._default_hp_metric = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
+        # Without a TensorBoard logger there is nothing to write, and `tensorboard` need not be
+        # installed at all (a bare GPU machine runs tools/bench_gpu.py with `logger=False`).
+        if not trainer.is_global_zero or not _tensorboard_loggers(trainer):
             return
         from torch.utils.tensorboard.summary import hparams
 
@@ -246,7 +248,7 @@ class RunDashboard(Callback):
 
     def _finish(self, trainer, *, success: bool) -> None:
         """Log the final figures at the last RL step and close the hparams session."""
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or not _tensorboard_loggers(trainer):
             return
         final = self.final_figures(trainer)
         end = _session_end(success)

@@ -255,3 +255,15 @@ def test_every_shipped_regularizer_charts_what_it_records(tiny_model_dir, tmp_pa
         for category, patterns in reg.charts().items():
             for pattern in patterns:
                 assert any(_re.fullmatch(pattern, t) for t in tags), (type(reg).__name__, category, pattern)
+
+
+def test_a_fit_without_a_tensorboard_logger_needs_no_tensorboard(tiny_model_dir, monkeypatch):
+    # tools/gpu_check.sh runs the GPU benchmark (logger=False) on machines that have torch and
+    # transformers but not tensorboard: the dashboard must not import it when it writes nothing.
+    import sys
+
+    for name in [m for m in sys.modules if m == "tensorboard" or m.startswith(("tensorboard.", "torch.utils.tensorboard"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` now raises ImportError
+    trainer = fit(make_module(tiny_model_dir), make_data(), steps=1, limit_val_batches=0)
+    assert trainer.global_step == 1
