@@ -34,6 +34,7 @@ class RolloutRNG:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self._pending: Tensor | int | None = None  # a saved state, or a seed (`resumed_seed`)
+        self._reseed = seed  # the seed to use instead of a saved state this generator cannot take
 
     def place(self, device: torch.device, rank: int) -> None:
         """A fresh generator on `device`, seeded for `rank`."""
@@ -50,7 +51,7 @@ class RolloutRNG:
         """Keep this rank's saved state for `apply_pending`; when the world size changed, a seed of
         this rank and the checkpoint's step instead (`resumed_seed`)."""
         states = checkpoint.get("rollout_generators")
-        reseed = self.resumed_seed(rank, int(checkpoint.get("global_step", 0)))
+        reseed = self._reseed = self.resumed_seed(rank, int(checkpoint.get("global_step", 0)))
         if states is not None and len(states) == world_size:
             self._pending = states[rank].clone()
         elif states is not None:
@@ -74,8 +75,15 @@ class RolloutRNG:
         return int.from_bytes(digest, "little")
 
     def apply_pending(self) -> None:
-        if isinstance(self._pending, int):
-            self.generator.manual_seed(self._pending)
-        elif self._pending is not None:
-            self.generator.set_state(self._pending)
+        pending = self._pending
+        if pending is not None and not isinstance(pending, int) and pending.numel() != self.generator.get_state().numel():
+            # a state of another device type (a CUDA generator's is 16 bytes, a CPU one's 5,056):
+            # a GPU run resumed on the CPU, or the reverse
+            log.warning("checkpoint's rollout sampler state is not one a %s generator takes: sampler reseeded "
+                        "(the prompt stream continues, samples start afresh)", self.generator.device.type)
+            pending = self._reseed
+        if isinstance(pending, int):
+            self.generator.manual_seed(pending)
+        elif pending is not None:
+            self.generator.set_state(pending)
         self._pending = None

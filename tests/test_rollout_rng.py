@@ -86,3 +86,15 @@ def test_a_reseeded_resume_does_not_replay_the_first_steps_draws():
     assert got not in fresh  # neither rank's step-0 stream
     assert got == torch.rand(4, generator=torch.Generator().manual_seed(other.resumed_seed(1, 40))).tolist()
     assert other.resumed_seed(1, 40) != other.resumed_seed(0, 40) != other.resumed_seed(1, 41)
+
+
+def test_a_state_saved_on_another_device_type_reseeds_instead_of_crashing(caplog):
+    # a CUDA generator's state is 16 bytes, a CPU one's 5,056: a GPU checkpoint resumed on the CPU
+    cuda_like = {"rollout_generators": torch.zeros(1, 16, dtype=torch.uint8), "global_step": 3}
+    resumed = RolloutRNG(3)
+    resumed.load(cuda_like, rank=0, world_size=1)
+    resumed.place(torch.device("cpu"), 0)
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        resumed.apply_pending()
+    assert "not one a cpu generator takes" in caplog.text
+    assert _draw(resumed) == torch.rand(4, generator=torch.Generator().manual_seed(resumed.resumed_seed(0, 3))).tolist()
