@@ -269,7 +269,7 @@ class GRPOModule(L.LightningModule):
     @property
     def sampler(self) -> Sampler:
         if self._sampler is None:
-            self._sampler = default_sampler(self.device)
+            self._sampler = default_sampler(self.device, self.policy)
         return self._sampler
 
     def generate(self, prompts: list[str], n: int, *, temperature: float, generator: torch.Generator) -> Rollout:

@@ -10,7 +10,9 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from lit_covrl.sampling import KVCacheSampler, StaticCacheSampler, default_sampler, sample_token
+from lit_covrl.sampling import (
+    KVCacheSampler, StaticCacheSampler, default_sampler, sample_token, static_cache_unsupported,
+)
 from lit_covrl.sampling.static_cache import batch_bucket
 
 EOS = [1, 2]  # two stop ids: every one ends a sequence
@@ -87,6 +89,22 @@ def test_static_cache_sampler_draws_the_kv_cache_samplers_tokens(model, temperat
     assert len(static._slots) == 1 and len(lengths_seen) >= 3  # one slot reused; EOS at different steps
 
 
+def test_static_cache_grows_to_the_longest_rollout_and_keeps_one_cache(model):
+    """Prompt widths 4, 14, 4 with length buckets of 8: the second rollout needs a longer cache,
+    which replaces the first (not one cache per length bucket, held for the whole run); the third,
+    shorter rollout decodes in the longer cache and still draws the dynamic cache's tokens."""
+    static = StaticCacheSampler(graphs="none", length_bucket=8)
+    kw = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD, temperature=1.2)
+    for i, lengths in enumerate(([4, 3], [14, 9], [4, 2])):
+        ids, mask = _prompts(lengths, 4, seed=i)
+        a = KVCacheSampler().sample(model, ids, mask, generator=torch.Generator().manual_seed(i), **kw)
+        b = static.sample(model, ids, mask, generator=torch.Generator().manual_seed(i), **kw)
+        assert torch.equal(a.input_ids, b.input_ids), i
+        torch.testing.assert_close(a.logp, b.logp, atol=1e-5, rtol=1e-5)
+        (slot,) = static._slots.values()
+        assert slot.key_valid.shape[1] == (16 if i == 0 else 24), i  # 4 + 6 -> 16; 14 + 6 -> 24, kept
+
+
 def test_static_cache_sampler_checks_the_finish_flag_every_k_steps(model):
     """check_every=4: decoding may run past the last EOS, but the rollout is the same: extra steps
     are cut off and the tokens before them are those of check_every=1."""
@@ -128,12 +146,34 @@ def test_model_emitting_nan_logits_is_flagged_not_crashed(model):
         del model.forward
 
 
-def test_default_sampler_per_device():
+def _sliding_window_model() -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+                      use_sliding_window=True, sliding_window=8, max_window_layers=1, attn_implementation="sdpa")
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def test_default_sampler_per_device(model):
     assert isinstance(default_sampler("cpu"), KVCacheSampler)
     s = default_sampler("cuda")
     assert isinstance(s, StaticCacheSampler) and s.graphs == "compile"
+    assert isinstance(default_sampler("cuda", model), StaticCacheSampler)
+    # one key mask serves every layer of the static cache: a sliding-window model gets the dynamic cache
+    assert isinstance(default_sampler("cuda", _sliding_window_model()), KVCacheSampler)
     with pytest.raises(ValueError, match="graphs="):
         StaticCacheSampler(graphs="cudagraph")
+
+
+def test_static_cache_refuses_sliding_window_layers_instead_of_attending_past_the_window(model):
+    assert static_cache_unsupported(model.config) is None
+    sliding = _sliding_window_model()
+    assert "layer 1: StaticSlidingWindowLayer" in static_cache_unsupported(sliding.config)
+    ids, mask = _prompts([6, 4], 2, seed=0)
+    kw = dict(max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="cannot decode this model.*not full attention.*KVCacheSampler"):
+        StaticCacheSampler(graphs="none").sample(sliding, ids, mask, generator=torch.Generator().manual_seed(0), **kw)
+    KVCacheSampler().sample(sliding, ids, mask, generator=torch.Generator().manual_seed(0), **kw)  # decodes it
 
 
 # ------------------------------------------------------------------------------ in GRPOModule

@@ -10,29 +10,38 @@
   step compiled (torch.compile reduce-overhead) or captured as a CUDA graph on CUDA, the
   finished-check read back every few steps.
 
-`default_sampler(device)` is what `model.sampler: null` uses: the faster one measured for the
-device type (docs/scaling.md, docs/benchmarks.md).
+`default_sampler(device, model)` is what `model.sampler: null` uses: the faster one measured for
+the device type (docs/scaling.md, docs/benchmarks.md), among those that can decode the model.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from lit_covrl.sampling.base import Sampler, draw_token, eos_ids, sample_token, token_distribution, top_p_filter
 from lit_covrl.sampling.kv_cache import KVCacheSampler
-from lit_covrl.sampling.static_cache import StaticCacheSampler
+from lit_covrl.sampling.static_cache import StaticCacheSampler, static_cache_unsupported
+
+log = logging.getLogger("lit_covrl")
 
 __all__ = [
     "Sampler", "KVCacheSampler", "StaticCacheSampler", "default_sampler", "draw_token", "eos_ids",
-    "sample_token", "token_distribution", "top_p_filter",
+    "sample_token", "static_cache_unsupported", "token_distribution", "top_p_filter",
 ]
 
 
-def default_sampler(device: torch.device | str) -> Sampler:
+def default_sampler(device: torch.device | str, model: torch.nn.Module | None = None) -> Sampler:
     """The fastest sampler measured for this device type (figures in docs/scaling.md and
     docs/benchmarks.md): on CUDA the static cache with its decoding step compiled (torch.compile
     reduce-overhead; the hand-captured CUDA graph has not been timed on a GPU yet); on CPU the
     dynamic KV cache (no graphs to gain, and the static cache attends over its whole bucketed
-    length at every step)."""
+    length at every step). A model the static cache cannot decode (sliding-window layers,
+    `static_cache_unsupported`) gets the dynamic KV cache on CUDA too."""
     if torch.device(device).type == "cuda":
-        return StaticCacheSampler(graphs="compile")
+        config = getattr(model, "config", None)
+        reason = None if config is None else static_cache_unsupported(config)
+        if reason is None:
+            return StaticCacheSampler(graphs="compile")
+        log.info("rollout sampler: KVCacheSampler (the static cache cannot decode this model: %s)", reason)
     return KVCacheSampler()

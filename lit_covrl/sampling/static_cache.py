@@ -9,15 +9,16 @@ cache growing by `torch.cat`, a host sync per token. Here:
   written in place at the layer's `cumulative_length`), sized for the whole rollout with the
   batch rounded up to a bucket N_b (powers of two up to 64, then multiples of 64) and the length
   P + max_new_tokens rounded up to a multiple of `length_bucket`, so the same shapes (and the
-  same captured graph) serve rollout after rollout; rows beyond N are dummies that attend to one
-  key and are dropped;
+  same captured graph) serve rollout after rollout; the cache grows to the longest rollout seen
+  (the shorter one freed) and serves every shorter one with its extra positions masked; rows
+  beyond N are dummies that attend to one key and are dropped;
 - the prompt is prefilled exactly as in `KVCacheSampler` (one forward per group of identical
   prompts, on a dynamic cache) and copied into the static cache;
 - every decoding step feeds one token per row with a 4-D boolean attention mask [N_b, 1, 1, L_b]
   (prompt padding, dead rows' tokens and positions not yet written are masked), so the model's
   mask construction (with its data-dependent checks) is skipped;
 - the step `forward -> token_distribution` (log-probs at the temperature, entropy, top-p
-  probabilities, non-finite flags) is captured once per bucket as a `torch.cuda.CUDAGraph`
+  probabilities, non-finite flags) is captured once per cache as a `torch.cuda.CUDAGraph`
   (`graphs="cuda_graph"`) or compiled with `torch.compile(mode="reduce-overhead")`
   (`graphs="compile"`); only the draw (`torch.multinomial` with the caller's generator) runs
   eagerly, so the tokens are those of eager decoding with the same generator state;
@@ -38,7 +39,10 @@ but they draw from the generator, so the *next* rollout's stream differs from `K
 
 Not captured: sharded (FSDP2) models, whose gathered parameters need not keep their addresses
 (graphs fall back to eager static decoding there). Models must use the `sdpa` or `eager`
-attention implementation (4-D masks).
+attention implementation (4-D masks), and full attention in every layer: one key mask serves all
+layers, so a sliding-window layer (Gemma 2/3, Mistral v0.1, Qwen2 with `use_sliding_window`) would
+attend past its window. Such models are refused (`static_cache_unsupported`), and
+`default_sampler` gives them `KVCacheSampler`.
 """
 from __future__ import annotations
 
@@ -59,6 +63,24 @@ log = logging.getLogger("lit_covrl")
 GRAPHS = ("auto", "cuda_graph", "compile", "none")
 
 
+def static_cache_unsupported(config) -> str | None:
+    """Why this model config cannot decode through the static cache (None when it can): every layer
+    must be a plain full-attention `StaticLayer` (not sliding-window, chunked or linear attention)."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    try:
+        cache = StaticCache(config=config, max_cache_len=1)  # layers are allocated lazily: cheap
+    except Exception as err:  # noqa: BLE001 (any reason transformers gives is the answer)
+        return f"transformers builds no static cache for it ({type(err).__name__}: {err})"
+    other = {i: type(layer).__name__ for i, layer in enumerate(cache.layers) if type(layer) is not StaticLayer}
+    if other:
+        first = next(iter(other))
+        return (f"{len(other)} of its {len(cache.layers)} layers are not full attention "
+                f"(layer {first}: {other[first]}), and one key mask serves every layer")
+    return None
+
+
 def batch_bucket(n: int) -> int:
     """Rows rounded up: the next power of two up to 64, then the next multiple of 64."""
     return 1 << max(n - 1, 0).bit_length() if n <= 64 else -(-n // 64) * 64
@@ -66,7 +88,8 @@ def batch_bucket(n: int) -> int:
 
 @dataclass
 class _Slot:
-    """Everything one (batch bucket, length bucket, temperature, top-p) needs, kept across rollouts."""
+    """Everything one (batch bucket, temperature, top-p) needs, kept across rollouts; its length is
+    the longest rollout's, bucketed."""
 
     cache: object
     tok: Tensor         # [N_b, 1] token fed at this step
@@ -202,16 +225,25 @@ class StaticCacheSampler(Sampler):
 
         nb, lb = batch_bucket(n), -(-length // self.length_bucket) * self.length_bucket
         autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-        key = (id(model), nb, lb, float(temperature), float(top_p), device, mode, autocast)
+        key = (id(model), nb, float(temperature), float(top_p), device, mode, autocast)
         slot = self._slots.get(key)
-        if slot is not None:
-            return slot
+        if slot is not None and slot.key_valid.shape[1] >= lb:
+            return slot  # a longer cache serves a shorter rollout: the positions beyond it stay masked
+        # one cache per key, grown to the longest rollout seen: the shorter one is dropped first
+        # (its memory, and its graph's, is freed), so a run whose prompt widths vary holds one
+        # full-size cache, not one per length bucket
+        self._slots.pop(key, None)
+        slot = None
         impl = getattr(model.config, "_attn_implementation", "sdpa")
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"model.sampler StaticCacheSampler needs attn_implementation sdpa or eager, got {impl!r}")
         layers = getattr(dyn, "layers", None)
         if layers is None:
             raise ValueError("model.sampler StaticCacheSampler needs transformers >= 5 (cache layers); "
+                             "use lit_covrl.sampling.KVCacheSampler")
+        reason = static_cache_unsupported(model.config)
+        if reason is not None:
+            raise ValueError(f"model.sampler StaticCacheSampler cannot decode this model: {reason}; "
                              "use lit_covrl.sampling.KVCacheSampler")
         cache = StaticCache(config=model.config, max_cache_len=lb)
         if len(cache.layers) != len(layers):
