@@ -285,6 +285,11 @@ class StaticCacheSampler(Sampler):
             params = {f"{name}.{k}" if name else k: p for name, m in model.named_modules() if isinstance(m, nn.Linear)
                       for k, p in m.named_parameters(recurse=False) if p.dtype == torch.float32}
             entry = (dtype, {k: torch.empty_like(p, dtype=dtype) for k, p in params.items()}, params)
+            for t in entry[1].values():
+                # plain tensors, unlike parameters, are inputs that a reduce-overhead graph would copy
+                # into its own buffers at every replay (the whole model's weights per token); they are
+                # refreshed in place, so their addresses are fixed
+                torch._dynamo.mark_static_address(t)
             self._weights[id(model)] = entry
         for k, t in entry[1].items():
             t.copy_(entry[2][k])
