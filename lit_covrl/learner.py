@@ -127,6 +127,7 @@ class Learner:
             batch = _MiniBatch(rollout, advantages, ref_logp, mb)
             metrics.update(self._update_minibatch(batch, index=i, last=i == len(schedule) - 1))
         out = metrics.pop()
+        out.setdefault("policy/grad_norm", 0.0)  # every mini-batch filtered: no gradient at all
         kept = distributed.all_sum(torch.stack([keep.float().sum(), torch.tensor(float(n), device=keep.device)]))
         out["policy/kept_frac"] = kept[0] / kept[1]  # over all ranks' sequences
         out["policy/skipped_steps"] = float(self.skipped_steps)
@@ -139,7 +140,11 @@ class Learner:
         self.driver.zero_grad()
         # decided globally so that all ranks take the same branch (a rank may hold no rows)
         if int(distributed.all_sum(torch.tensor(float(len(mb)), device=mb.mask.device))) == 0:  # all filtered
-            return self._optimizer_step(last) if last else {}
+            if not last:
+                return {}
+            stats = self._optimizer_step(last)  # the RL step's closing step, with no gradient:
+            stats.pop("policy/grad_norm")  # its norm (0) is not averaged with the real updates'
+            return stats
         plan = self._plan(mb.input_ids, mb.attention_mask, mb.mask.shape[1])  # same length on every rank
         early = self._select(mb, plan, index)
         metrics = self._accumulate(mb, plan, early)

@@ -112,6 +112,37 @@ def test_kl_cov_stays_inert_after_a_filtered_first_mini_batch(tiny_model_dir):
     assert 0 < float(trainer.callback_metrics["reg/kl_cov/selected_frac"]) < 0.2
 
 
+class LastGroupConstant(FirstGroupConstant):
+    """0,1,0,1 for the first group, 0 for every answer of the second (filtered)."""
+
+    def __call__(self, completion: str, answer: str) -> float:
+        i = self.calls % (G * B)
+        self.calls += 1
+        return float(i % 2) if i < G else 0.0
+
+
+class GradNorms(L.Callback):
+    def __init__(self) -> None:
+        self.norms: list[float | None] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for p in pl_module.policy.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else None)
+
+
+def test_a_filtered_last_mini_batch_does_not_halve_the_logged_grad_norm(tiny_model_dir):
+    """Mini-batch 1 (the zero-variance group) is filtered; the RL step still closes with an
+    optimizer step that has no gradient, whose norm (0) was averaged into policy/grad_norm."""
+    norms = GradNorms()
+    module = make_module(
+        tiny_model_dir, reward=LastGroupConstant(), reward_timeout_s=None,
+        rollout=dict(group_size=G, filter_groups=True), update=dict(mini_batch_size=1, grad_clip=None),
+    )
+    trainer = fit(module, make_data(batch_size=B, val_size=0), steps=1, callbacks=[norms], limit_val_batches=0)
+    assert norms.norms[1] is None and norms.norms[0] > 0  # [mb0 (trained), mb1 (filtered, no gradient)]
+    assert float(trainer.callback_metrics["policy/grad_norm"]) == pytest.approx(norms.norms[0], rel=1e-5)
+
+
 def test_clip_cov_candidates_exclude_exactly_the_tokens_the_objective_gives_no_gradient():
     """ctx.clipped = tokens with zero PPO gradient under the run's settings, dual-clip and the
     log-ratio clamp included (Clip-Cov used to ignore both). Oracle: per-token autograd."""
