@@ -214,18 +214,38 @@ class Learner:
                     num_tokens: Tensor) -> dict[str, Tensor]:
         """policy/loss, each regularizer's contribution reg/<name>/loss and the objective's stats."""
         parts = {"policy/loss": loss}
-        parts.update({f"reg/{reg.name}/loss": _contribution(s, base, b.mask, agg, self._without_shift(
-            s, shapings, b.logp, b.old_logp, b.advantages, b.mask)) for reg, s in zip(self.regularizers, shapings)})
+        parts.update(self._contributions(b, shapings, base, agg))
         parts.update({f"policy/{k}": v for k, v in self.objective.stats(
             b.logp, b.old_logp, b.advantages, b.mask, num_tokens=num_tokens).items()})
         return parts
 
-    def _without_shift(self, s: TokenShaping, shapings: list, logp, old, adv, m) -> Tensor | None:
-        """The objective's token loss without `s`'s advantage shift (None if it has none)."""
-        if s.advantage_shift is None:
-            return None
-        others = TokenShaping.shifted_advantages([x for x in shapings if x is not s], adv)
-        return self.objective.token_loss(logp.detach(), old, others, m)
+    def _contributions(self, b: PolicyBatch, shapings: list[TokenShaping], base: Tensor, agg: dict) -> dict[str, Tensor]:
+        """reg/<name>/loss: what each regularizer adds to the aggregated loss on top of the ones
+        listed before it: the change of the objective its advantage shift makes, the change of the
+        (shifted, already weighted) objective its weight makes, its penalty. They add up to
+        policy/loss minus the unshaped objective's loss, also when two drop the same token."""
+        out, running = {}, None  # running: the product of the weights so far
+        before = None  # the objective's token loss with the shifts so far (computed once one shifts)
+        shifted: list[TokenShaping] = []
+        base = base.detach()
+        for reg, s in zip(self.regularizers, shapings):
+            total = torch.zeros((), device=base.device)
+            if s.advantage_shift is not None:
+                if before is None:
+                    before = self.objective.token_loss(b.logp.detach(), b.old_logp, b.advantages, b.mask)
+                shifted.append(s)
+                after = self.objective.token_loss(
+                    b.logp.detach(), b.old_logp, TokenShaping.shifted_advantages(shifted, b.advantages), b.mask)
+                total = total + aggregate(after - before, b.mask, **agg)
+                before = after
+            if s.weight is not None:
+                weighted = base if running is None else base * running
+                total = total + aggregate(weighted * (s.weight - 1.0), b.mask, **agg)
+                running = s.weight if running is None else running * s.weight
+            if s.penalty is not None:
+                total = total + aggregate(s.penalty.detach(), b.mask, **agg)
+            out[f"reg/{reg.name}/loss"] = total
+        return out
 
     def _update_metric_keys(self, regs) -> list[str]:
         """Names of the per-update loss metrics, in a fixed order (the same on every rank, even
@@ -364,20 +384,6 @@ def _pad_columns(x: Tensor, T: int) -> Tensor:
 
 def _filler_row(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
     return input_ids[:1], attention_mask[:1]
-
-
-def _contribution(s: TokenShaping, base: Tensor, mask: Tensor, agg: dict, without_shift: Tensor | None) -> Tensor:
-    """What one regularizer adds to the aggregated loss (its weight's change of the base loss,
-    its penalty, and the change of the base loss its advantage shift makes, `without_shift`
-    being the base loss with every other shift but not its own), for the reg/<name>/loss metric."""
-    total = torch.zeros((), device=base.device)
-    if without_shift is not None:
-        total = total + aggregate(base.detach() - without_shift, mask, **agg)
-    if s.weight is not None:
-        total = total + aggregate(base.detach() * (s.weight - 1.0), mask, **agg)
-    if s.penalty is not None:
-        total = total + aggregate(s.penalty.detach(), mask, **agg)
-    return total
 
 
 class _MiniBatch:

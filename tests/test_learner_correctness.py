@@ -219,3 +219,45 @@ def test_recomputed_old_logprobs_make_the_first_ratio_exactly_one(tiny_model_dir
         assert max(probe.gaps) == 0.0
     else:
         assert 0.0 < max(probe.gaps) < 1e-4  # rounding only
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_regularizer_losses_add_up_to_the_shaping_of_the_loss(mode):
+    """reg/<name>/loss, in the order listed, is what each adds on top of the ones before it: two
+    weights dropping the same token count it once (each used to be credited with it), two shifts and
+    a penalty telescope too. Their sum is policy/loss minus the unshaped objective's loss."""
+    from types import SimpleNamespace
+
+    from lit_covrl.algorithms import aggregate
+    from lit_covrl.learner import Learner
+    from lit_covrl.objectives import PPOClip
+    from lit_covrl.types import PolicyBatch, TokenShaping
+
+    g = torch.Generator().manual_seed(0)
+    n, t = 3, 5
+    old = -torch.rand(n, t, generator=g) * 2
+    logp = old + torch.randn(n, t, generator=g) * 0.3
+    adv = torch.randn(n, 1, generator=g).expand(n, t)
+    mask = torch.ones(n, t)
+    mask[2, 3:] = 0
+    b = PolicyBatch(torch.arange(n), logp, old, adv, mask, None, None, None)
+    drop_first = torch.ones(n, t)
+    drop_first[:, 0] = 0
+    drop_two = torch.ones(n, t)
+    drop_two[:, :2] = 0
+    shapings = [TokenShaping(weight=drop_first), TokenShaping(weight=drop_two),
+                TokenShaping(advantage_shift=torch.full((n, t), 0.3)), TokenShaping(advantage_shift=torch.full((n, t), -0.1)),
+                TokenShaping(penalty=torch.rand(n, t, generator=g))]
+    objective = PPOClip(clip_low=0.2, clip_high=0.2)
+    learner = SimpleNamespace(regularizers=[SimpleNamespace(name=f"r{i}") for i in range(len(shapings))],
+                              objective=objective)
+    agg = dict(mode=mode, num_tokens=mask.sum(), num_seqs=float(n), norm_length=None)
+    base = objective.token_loss(logp, old, TokenShaping.shifted_advantages(shapings, adv), mask)
+    loss = aggregate(TokenShaping.combine(shapings, base), mask, **agg)
+    parts = Learner._contributions(learner, b, shapings, base, agg)
+    unshaped = aggregate(objective.token_loss(logp, old, adv, mask), mask, **agg)
+    assert float(sum(parts.values())) == pytest.approx(float(loss - unshaped), abs=1e-6)
+    # hand-worked for the weights: r0 drops column 0, r1 then only column 1 (column 0 is gone already)
+    col = lambda j: aggregate(base * (torch.arange(t) == j).float(), mask, **agg)  # noqa: E731
+    assert float(parts["reg/r0/loss"]) == pytest.approx(float(-col(0)), abs=1e-6)
+    assert float(parts["reg/r1/loss"]) == pytest.approx(float(-col(1)), abs=1e-6)
