@@ -56,6 +56,18 @@ def test_high_entropy_mask_hand_worked():
     assert high_entropy_mask(h, mask, top_frac=1.0).tolist() == [[True] * 5 + [False]]  # the padded 5.0 never
 
 
+def test_high_entropy_mask_keeps_ties_broken_by_float_rounding_together():
+    # three tokens with one context (entropy 2.5 in exact arithmetic) computed in forwards of other
+    # shapes: +-2e-7 of rounding. The 0.5 quantile falls inside them (2.5 - 1e-7); all three are
+    # kept, whichever of them the rounding made the smallest (it used to drop exactly that one)
+    others = [0.5, 1.0, 1.5, 2.0, 3.0, 3.5, 4.0]
+    for noise in ([0.0, 2e-7, -2e-7], [-2e-7, 0.0, 2e-7], [2e-7, -2e-7, 0.0]):
+        h = torch.tensor([[2.5 + e for e in noise] + others], dtype=torch.float64)
+        keep = high_entropy_mask(h, torch.ones_like(h), top_frac=0.5)
+        assert keep[0, :3].tolist() == [True, True, True], noise
+        assert keep[0, 3:].tolist() == [v > 2.5 for v in others]
+
+
 def _naive_quantile(values: list[float], q: float) -> float:
     v = sorted(values)
     pos = q * (len(v) - 1)

@@ -40,14 +40,18 @@ __all__ = [
 ]
 
 STEER_MAPPINGS = ("linear", "exponential")
+TIE_TOL = 1e-5  # relative: entropies this close to the 80/20 threshold count as tied with it (fp32 rounding)
 
 
 @torch.no_grad()
 def high_entropy_mask(entropy: Tensor, mask: Tensor, *, top_frac: float) -> Tensor:
     """BoolTensor [N, T]: valid tokens with H >= the (1 - top_frac) quantile of the valid H
     (linear interpolation between order statistics, as torch.quantile, which refuses inputs over
-    2^24 elements; ties at the threshold are kept). top_frac = 1 keeps every valid token. No valid
-    token -> all False."""
+    2^24 elements; ties at the threshold are kept). Entropies within a relative `TIE_TOL` below the
+    threshold count as ties: tokens with the same context (every row's first response token in a
+    group, at least) have equal entropies in exact arithmetic but not when computed in forwards of
+    different micro-batch shapes or padding, and which of them passed the threshold then depended
+    on that rounding. top_frac = 1 keeps every valid token. No valid token -> all False."""
     m = mask.bool()
     valid = torch.sort(entropy.detach()[m].double()).values
     n = valid.numel()
@@ -56,8 +60,8 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, *, top_frac: float) -> Tens
     pos = (1.0 - top_frac) * (n - 1)
     lo = min(int(math.floor(pos)), n - 1)
     hi = min(lo + 1, n - 1)
-    tau = valid[lo] + (pos - lo) * (valid[hi] - valid[lo])
-    return m & (entropy.detach().double() >= tau)
+    tau = float(valid[lo] + (pos - lo) * (valid[hi] - valid[lo]))
+    return m & (entropy.detach().double() >= tau - TIE_TOL * max(1.0, abs(tau)))
 
 
 def adaptive_entropy_coef(
