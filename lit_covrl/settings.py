@@ -177,7 +177,8 @@ class EvalSettings:
     Args:
         samples: n answers sampled per held-out prompt.
         k: k of pass@k (<= samples).
-        temperature: evaluation sampling temperature.
+        temperature: evaluation sampling temperature. Everything else of the sampling is the
+            training rollout's (`model.rollout`: top_p, max_new_tokens, stop strings).
     """
 
     samples: int = 8
