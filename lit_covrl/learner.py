@@ -82,6 +82,10 @@ class OptimizerDriver(Protocol):
         """One optimizer step on the accumulated gradients; it must call
         `Learner.before_optimizer_step(optimizer)` after any gradient unscaling, before stepping.
         `last`: the last update of the rollout (GRPOModule counts RL steps with it)."""
+    def skip_step(self) -> float:
+        """Count the rollout's closing update without stepping: it has no gradient (its
+        mini-batch was filtered), and a gradient scaler refuses a step with none. Returns the
+        learning rate."""
     def save_checkpoint(self, filename: str) -> str: ...
 
 
@@ -140,11 +144,9 @@ class Learner:
         self.driver.zero_grad()
         # decided globally so that all ranks take the same branch (a rank may hold no rows)
         if int(distributed.all_sum(torch.tensor(float(len(mb)), device=mb.mask.device))) == 0:  # all filtered
-            if not last:
-                return {}
-            stats = self._optimizer_step(last)  # the RL step's closing step, with no gradient:
-            stats.pop("policy/grad_norm")  # its norm (0) is not averaged with the real updates'
-            return stats
+            # no gradient: no step (its norm, 0, is not averaged with the real updates' either);
+            # the rollout's closing update is still counted (one RL step)
+            return {"policy/lr": self.driver.skip_step()} if last else {}
         plan = self._plan(mb.input_ids, mb.attention_mask, mb.mask.shape[1])  # same length on every rank
         early = self._select(mb, plan, index)
         metrics = self._accumulate(mb, plan, early)

@@ -446,7 +446,8 @@ class LightningDriver:
     Lightning (precision scaling, strategy), every optimizer step through the strategy and its
     precision plugin, which calls `on_before_optimizer_step` (-> the learner's clipping) after
     unscaling. Only the last step of a rollout goes through Lightning's optimizer wrapper, whose
-    step counter is `trainer.global_step`: one per RL step."""
+    step counter is `trainer.global_step`: one per RL step (`skip_step` counts it when the last
+    mini-batch was filtered and there is nothing to step)."""
 
     def __init__(self, module: GRPOModule) -> None:
         self.module = module
@@ -463,6 +464,14 @@ class LightningDriver:
             opt.step()
         else:
             self.module.trainer.strategy.optimizer_step(opt.optimizer, _no_closure, model=self.module)
+
+    def skip_step(self) -> float:
+        opt = self.module.optimizers()
+        # what LightningOptimizer.step does around the strategy's step: manual optimization counts
+        # trainer.global_step there (private hooks; tests/test_learner_correctness.py checks them)
+        opt._on_before_step()
+        opt._on_after_step()
+        return opt.optimizer.param_groups[0]["lr"]
 
     def save_checkpoint(self, filename: str) -> str:
         trainer = self.module.trainer

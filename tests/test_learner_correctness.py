@@ -130,17 +130,52 @@ class GradNorms(L.Callback):
         self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else None)
 
 
-def test_a_filtered_last_mini_batch_does_not_halve_the_logged_grad_norm(tiny_model_dir):
-    """Mini-batch 1 (the zero-variance group) is filtered; the RL step still closes with an
-    optimizer step that has no gradient, whose norm (0) was averaged into policy/grad_norm."""
+def _fp16_stand_in():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
+
+
+@pytest.mark.parametrize("precision", ["32", "16-mixed"])
+def test_a_filtered_last_mini_batch_is_counted_but_not_stepped(tiny_model_dir, precision):
+    """Mini-batch 1 (the zero-variance group) is filtered. The RL step used to close with an
+    optimizer step that had no gradient: its norm (0) was averaged into policy/grad_norm, halving
+    it, and under 16-mixed the gradient scaler refused the step (AssertionError: No inf checks
+    were recorded). Now only mini-batch 0 steps, and global_step still counts the RL step."""
     norms = GradNorms()
     module = make_module(
         tiny_model_dir, reward=LastGroupConstant(), reward_timeout_s=None,
         rollout=dict(group_size=G, filter_groups=True), update=dict(mini_batch_size=1, grad_clip=None),
     )
-    trainer = fit(module, make_data(batch_size=B, val_size=0), steps=1, callbacks=[norms], limit_val_batches=0)
-    assert norms.norms[1] is None and norms.norms[0] > 0  # [mb0 (trained), mb1 (filtered, no gradient)]
-    assert float(trainer.callback_metrics["policy/grad_norm"]) == pytest.approx(norms.norms[0], rel=1e-5)
+    plugins = [_fp16_stand_in()] if precision == "16-mixed" else []
+    trainer = fit(module, make_data(batch_size=B, val_size=0), steps=2, callbacks=[norms], limit_val_batches=0,
+                  plugins=plugins)
+    assert trainer.global_step == 2
+    assert len(norms.norms) == 2 and all(n > 0 for n in norms.norms)  # mb0 of each RL step only
+    assert float(trainer.callback_metrics["policy/grad_norm"]) == pytest.approx(norms.norms[-1], rel=1e-5)
+    assert float(trainer.callback_metrics["policy/lr"]) > 0
+
+
+class Constant:
+    def __call__(self, completion: str, answer: str) -> float:
+        return 1.0
+
+
+def test_a_step_with_every_group_filtered_changes_nothing_but_counts(tiny_model_dir):
+    """Every group has one reward: nothing to train on. Under 16-mixed the closing step had no
+    gradient and the scaler refused it; now no optimizer step runs, the weights stay, and the RL
+    steps are counted (and the lr schedule stepped)."""
+    module = make_module(tiny_model_dir, reward=Constant(), reward_timeout_s=None,
+                         rollout=dict(group_size=G, filter_groups=True), update=dict(mini_batch_size=1))
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    norms = GradNorms()
+    trainer = fit(module, make_data(batch_size=B, val_size=0), steps=2, callbacks=[norms], limit_val_batches=0,
+                  plugins=[_fp16_stand_in()])
+    assert trainer.global_step == 2 and norms.norms == []
+    assert all(torch.equal(v, before[k]) for k, v in module.policy.state_dict().items())
+    assert float(trainer.callback_metrics["policy/grad_norm"]) == 0.0
+    assert float(trainer.callback_metrics["policy/kept_frac"]) == 0.0
 
 
 def test_clip_cov_candidates_exclude_exactly_the_tokens_the_objective_gives_no_gradient():
