@@ -13,10 +13,15 @@ from torchmetrics import Metric
 
 class PhaseTimer:
     """Wall time of the phases of one RL step: `with timer("rollout"): ...` -> timer.seconds
-    (a phase entered several times, e.g. generation rounds, adds up)."""
+    (a phase entered several times, e.g. generation rounds, adds up), and what they produced:
+    `timer.count("rollout_tokens", n)` -> timer.counts, added up the same way."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.counts: dict[str, float | Tensor] = {}
+
+    def count(self, name: str, value: float | Tensor) -> None:
+        self.counts[name] = self.counts.get(name, 0.0) + value
 
     @contextmanager
     def __call__(self, name: str):
@@ -84,7 +89,7 @@ class PassAtK(Metric):
 
 def rollout_metrics(
     rollout, rewards: Tensor, advantages: Tensor, zero_var: Tensor, *, group_size: int, seconds: float,
-    correct_threshold: float,
+    correct_threshold: float, generated_tokens: Tensor | float | None = None,
 ) -> dict[str, Tensor]:
     """The rollout/, policy/entropy and cov/ metrics of one RL step, over all ranks.
 
@@ -93,8 +98,9 @@ def rollout_metrics(
     rank means), maxima are maxima over ranks, and the cov/ statistics use the global token
     means and the global top-k. policy/entropy is the exact token-mean entropy (of softmax(z / temperature))
     of the sampled responses under the rollout policy; policy/entropy_seq_mean is the paper's
-    mean of per-sequence means. rollout/tokens_per_s is all ranks' tokens over the slowest
-    rank's rollout time.
+    mean of per-sequence means. rollout/tokens_per_s is all ranks' sampled tokens over the slowest
+    rank's rollout time; `generated_tokens` is this rank's count when it sampled more than the
+    rollout holds (dynamic sampling: every round's tokens, over every round's time).
     """
     from lit_covrl import distributed
     from lit_covrl.algorithms import covariance_group_means
@@ -111,6 +117,8 @@ def rollout_metrics(
         rollout.truncated.double().sum(), groups.double().sum(),
         torch.tensor(float(groups.numel()), dtype=torch.float64, device=r.device),
         (rollout.entropy * m).double().sum(), per_seq.double().sum(),
+        torch.as_tensor(lengths.sum() if generated_tokens is None else generated_tokens, dtype=torch.float64,
+                        device=r.device),
     ]))
     n = s[2].clamp(min=1)
     mean = s[0] / n
@@ -125,7 +133,7 @@ def rollout_metrics(
         "rollout/response_length_max": mx[0].to(f),
         "rollout/truncated_frac": (s[5] / n).to(f),
         "rollout/zero_var_group_frac": (s[6] / s[7].clamp(min=1)).to(f),
-        "rollout/tokens_per_s": (s[4] / mx[1].clamp(min=1e-9)).to(f),
+        "rollout/tokens_per_s": (s[10] / mx[1].clamp(min=1e-9)).to(f),
         "policy/entropy": (s[8] / s[4].clamp(min=1)).to(f),
         "policy/entropy_seq_mean": (s[9] / n).to(f),
     }

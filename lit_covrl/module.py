@@ -308,7 +308,7 @@ class GRPOModule(L.LightningModule):
         metrics = {
             **rollout_metrics(
                 rollout, rewards, advantages, zero_var, group_size=G, seconds=timer.seconds["rollout"],
-                correct_threshold=self.hparams.correct_threshold,
+                correct_threshold=self.hparams.correct_threshold, generated_tokens=timer.counts["rollout_tokens"],
             ),
             **reward_stats,
             **update_metrics,
@@ -326,6 +326,7 @@ class GRPOModule(L.LightningModule):
         ro, G = self.settings.rollout, self.settings.rollout.group_size
         with timer("rollout"):
             rollout = self.generate(batch.prompts, G, temperature=ro.temperature, generator=self.rollout_generator)
+        timer.count("rollout_tokens", rollout.response_mask.sum())  # every round's, for rollout/tokens_per_s
         if not distributed.all_true(not bool(rollout.nonfinite.any())):
             self._stop_on_nonfinite_logits(rollout)
         with timer("score"):

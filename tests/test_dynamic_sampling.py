@@ -142,9 +142,25 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(tiny_model_dir
         tiny_model_dir, reward=OddAnswersOnly(), reward_timeout_s=None,
         rollout=dict(filter_groups=True, max_gen_rounds=6, max_new_tokens=6),
     )
+    sampled = []  # response tokens sampled per RL step, every round
+    generate = module.generate
+
+    def counting(*args, **kwargs):
+        rollout = generate(*args, **kwargs)
+        sampled[-1] += int(rollout.response_mask.sum())
+        return rollout
+
+    module.generate = counting
+
+    class Count(L.Callback):
+        def on_train_batch_start(self, *args):
+            sampled.append(0)
+
     dm = PromptDataModule(task="arithmetic", batch_size=4, val_size=0, seed=0)
-    fit(module, dm, steps=3, callbacks=[Recorder()], limit_val_batches=0)
+    fit(module, dm, steps=3, callbacks=[Count(), Recorder()], limit_val_batches=0)
     assert max(s["rollout/gen_rounds"] for s in steps) > 1  # at least one step needed more prompts
+    for s, n in zip(steps, sampled):  # every round's tokens over every round's time (was: the batch's)
+        assert s["rollout/tokens_per_s"] == pytest.approx(n / s["time/rollout_s"], rel=1e-4)
     full = [s for s in steps if s["rollout/gen_rounds"] < 6]
     assert full and all(s["rollout/zero_var_group_frac"] == 0.0 for s in full)
     assert all(s["policy/kept_frac"] == 1.0 for s in full)  # nothing left to filter
