@@ -324,7 +324,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
     p.add_argument("--new-tokens", type=int, default=256, help="response tokens")
     p.add_argument("--updates", type=int, default=4, help="optimizer updates per rollout")
-    p.add_argument("--micro", type=int, default=16, help="sequences per forward/backward")
+    p.add_argument("--micro", type=int, default=32,
+                   help="sequences per forward/backward (default: one update's 4 prompts x 8, a single micro-batch; "
+                        "the H200 runs of docs/scaling.md used 16)")
     p.add_argument("--steps", type=int, default=3, help="RL steps per run (the first is warm-up)")
     p.add_argument("--run-timeout", type=float, default=240, help="seconds per run before it is killed")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here too (after every run)")
