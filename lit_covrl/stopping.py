@@ -42,9 +42,14 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 def _stop_length(tokenizer, tokens: list[int], stop: Sequence[str]) -> int | None:
     """The smallest k such that decode(tokens[:k]) contains a stop string, or None. Binary search:
-    a longer prefix decodes to a longer text, so containment is monotone in k."""
+    a longer prefix decodes to a longer text, so containment is monotone in k. Special tokens are
+    decoded too when a stop string names one (e.g. `<|im_end|>` with a base model whose EOS is
+    another token), and skipped otherwise."""
+    special = getattr(tokenizer, "all_special_tokens", None) or []
+    skip = not any(t and t in s for s in stop for t in special)
+
     def hit(k: int) -> bool:
-        text = tokenizer.decode(tokens[:k], skip_special_tokens=True)
+        text = tokenizer.decode(tokens[:k], skip_special_tokens=skip)
         return any(s in text for s in stop)
 
     if not tokens or not hit(len(tokens)):

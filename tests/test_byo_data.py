@@ -218,6 +218,20 @@ def test_stop_strings_cut_the_response_after_the_completing_token(chat_tokenizer
     assert r.logp.equal(-0.5 * r.response_mask) and r.entropy.equal(2.0 * r.response_mask)
 
 
+def test_a_stop_string_that_is_a_special_token_stops_the_row():
+    """`<|im_end|>` as a stop string with a base model whose EOS is another token: it is an added
+    special token, and decoding without special tokens never showed it (the row ran on)."""
+    from lit_covrl.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer("0123456789+=ab")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    r, p = _rollout(tok, ["12<|im_end|>ab", "1=2"], 8, [True, True])
+    truncate_at_stop_strings(r, tok, p, ["<|im_end|>", "="], tok.pad_token_id)
+    assert r.response_mask.sum(1).tolist() == [3, 2]  # "12<|im_end|>" and "1="
+    assert tok.decode(r.input_ids[0, p:p + 3]) == "12<|im_end|>"
+    assert r.truncated.tolist() == [False, False]
+
+
 def test_stop_strings_through_the_module(tiny_model_dir):
     from tests.test_module import make_module
 
