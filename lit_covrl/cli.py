@@ -31,6 +31,8 @@ from lit_covrl.progress import RLProgressBar
 from lit_covrl.regularizers.base import Regularizer, check_unique_names
 from lit_covrl.settings import moved_key_hint
 
+log = logging.getLogger("lit_covrl")
+
 
 class LitCovRLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
@@ -50,9 +52,29 @@ class LitCovRLCLI(LightningCLI):
         if args is None or isinstance(args, (list, tuple)):
             args = list(sys.argv[1:] if args is None else args)
             check_moved_keys(args)
-            self.config = parser.parse_args(stack_config_callbacks(args))
+            self._given_args = stack_config_callbacks(args)
+            self.config = parser.parse_args(self._given_args)
         else:
+            self._given_args = None
             super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning fills `model` from a checkpoint file's hyperparameters over everything parsed,
+        so a `--model.*` flag or a `--config` given with `--ckpt_path` (another `model.eval`
+        temperature, a changed setting on resume) was silently replaced. Here the checkpoint's
+        values are defaults: the arguments given apply over them, and a warning names the
+        settings that differ from the checkpoint's."""
+        parsed = self.config
+        super()._parse_ckpt_path()
+        if self.config is parsed or getattr(self, "_given_args", None) is None:
+            return  # no checkpoint file, or no hyperparameters in it
+        from_ckpt = self.config
+        self.config = self.parser.parse_args(self._given_args, namespace=from_ckpt.clone())
+        sub = self.config["subcommand"]
+        changed = _changed_model_keys(from_ckpt[sub].get("model"), self.config[sub].get("model"))
+        if changed:
+            log.warning("--ckpt_path: the arguments given change %d of the checkpoint's model settings: %s",
+                        len(changed), ", ".join(changed[:8]) + (", ..." if len(changed) > 8 else ""))
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config)
@@ -71,6 +93,16 @@ class LitCovRLCLI(LightningCLI):
         trainer = super()._instantiate_trainer(_with_rl_progress_bar(config), callbacks)
         _RUN["trainer"] = trainer
         return trainer
+
+
+def _changed_model_keys(before, after, prefix: str = "model") -> list[str]:
+    """Dotted keys whose values differ between two parsed `model` configs."""
+    to_dict = lambda x: x.as_dict() if hasattr(x, "as_dict") else x  # noqa: E731
+    before, after = to_dict(before), to_dict(after)
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return [] if before == after else [prefix]
+    return [k for key in sorted(set(before) | set(after))
+            for k in _changed_model_keys(before.get(key), after.get(key), f"{prefix}.{key}")]
 
 
 def _config_callbacks(config: dict) -> list:

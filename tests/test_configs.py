@@ -197,6 +197,27 @@ def test_validate_and_test_subcommands_evaluate_a_checkpoint(subcommand, tmp_pat
     assert f"{prefix}/pass@k" in out and f"{prefix}/entropy" in out
 
 
+def test_arguments_given_with_a_checkpoint_file_override_its_hyperparameters(tmp_path, caplog):
+    """Lightning parsed the checkpoint's hyperparameters over the command line: `validate
+    --ckpt_path X --model.eval.samples 2` evaluated with the checkpoint's 8 samples, silently. The
+    checkpoint's values are now defaults (the model path, here, comes from it) under what is given."""
+    import logging
+
+    from lit_covrl.cli import _RUN, main
+
+    main(["fit", "--config", str(QUICK), "--trainer.max_steps", "1", "--trainer.val_check_interval", "1000",
+          "--data.val_size", "4", "--model.eval.temperature", "0.7", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        main(["validate", "--data.task", "arithmetic", "--data.val_size", "4", "--ckpt_path", str(ckpt),
+              "--model.eval.samples", "2", "--model.eval.k", "2", "--trainer.logger", "false", "--trainer.accelerator", "cpu",
+              "--trainer.default_root_dir", str(tmp_path / "v")])
+    settings = _RUN["trainer"].lightning_module.settings
+    assert (settings.eval.samples, settings.eval.k) == (2, 2)  # given
+    assert settings.eval.temperature == 0.7  # from the checkpoint (the parser's default is 1.0)
+    assert "change 2 of the checkpoint's model settings: model.eval.k, model.eval.samples" in caplog.text
+
+
 @pytest.mark.parametrize(
     "method,name,tags",
     [
