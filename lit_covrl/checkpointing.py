@@ -208,6 +208,8 @@ class AtomicCheckpoint(ModelCheckpoint):
         self.on_write_error = on_write_error
         self.failed_writes = 0
         self._last_write_failed = False
+        self._linking = False
+        self._removals_after_link: list[str] = []
 
     @property
     def state_key(self) -> str:
@@ -256,7 +258,30 @@ class AtomicCheckpoint(ModelCheckpoint):
         if self._last_write_failed:  # the checkpoint meant to replace it was not written: keep it
             log.warning("keeping %s: the checkpoint that was to replace it could not be written", filepath)
             return
+        if self.save_last == "link" and not self._linking and self._links_to(filepath):
+            # Lightning removes the previous step's file before it moves the link to the new one:
+            # `last.ckpt` would name a deleted file until then (a kill there leaves nothing to
+            # resume from). Removed once the link has moved (`_save_last_checkpoint`).
+            self._removals_after_link.append(filepath)
+            return
         super()._remove_checkpoint(trainer, filepath)
+
+    def _links_to(self, filepath: str) -> bool:
+        last = self.last_model_path
+        return bool(last) and os.path.islink(last) and os.path.realpath(last) == os.path.realpath(filepath)
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        self._linking = True
+        try:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+        finally:
+            self._linking = False
+        pending, self._removals_after_link = self._removals_after_link, []
+        for filepath in pending:
+            if self._links_to(filepath):  # the link did not move (its write failed): keep its target
+                self._removals_after_link.append(filepath)
+            else:
+                super()._remove_checkpoint(trainer, filepath)
 
     @staticmethod
     def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:

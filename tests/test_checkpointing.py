@@ -146,6 +146,27 @@ def test_save_last_link_replaces_the_link_atomically(tiny_model_dir, tmp_path):
     assert _step(ck / "last.ckpt") == 2 and _stray_temporaries(ck) == []
 
 
+def test_save_last_link_never_names_a_deleted_file(tiny_model_dir, tmp_path, monkeypatch):
+    """save_top_k=1: Lightning deleted the previous step's file before moving the link off it, so
+    `last.ckpt` dangled in between (a kill there left nothing to resume from)."""
+    from lit_covrl.checkpointing import AtomicCheckpoint
+
+    dangling = []
+    link = AtomicCheckpoint._link_checkpoint
+
+    def spy(trainer, filepath, linkpath):
+        if os.path.islink(linkpath):
+            dangling.append(not os.path.exists(linkpath))
+        return link(trainer, filepath, linkpath)
+
+    monkeypatch.setattr(AtomicCheckpoint, "_link_checkpoint", staticmethod(spy))
+    ck = tmp_path / "ck"
+    _fit(tiny_model_dir, ck, 3, save_last="link", save_top_k=1)
+    assert dangling == [False, False]  # before the relinks of steps 2 and 3
+    assert sorted(os.listdir(ck)) == ["epoch=0-step=3.ckpt", "last.ckpt"]  # the old files did go
+    assert os.readlink(ck / "last.ckpt") == "epoch=0-step=3.ckpt" and _step(ck / "last.ckpt") == 3
+
+
 _CHILD = """
 import sys
 sys.path.insert(0, {root!r})
