@@ -13,11 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_compare_quick_two_methods_one_seed(tmp_path):
+    """Run from the user's folder with a relative base config and output (the runs used to execute
+    in the repository root, where `my.yaml` does not exist: every run failed with rc 2)."""
     out = tmp_path / "cmp"
-    cmd = [sys.executable, str(ROOT / "tools" / "compare.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
-           "--methods", "grpo,clip_cov", "--seeds", "1", "--steps", "3", "--val-every", "3", "--out", str(out),
+    (tmp_path / "my.yaml").write_text((ROOT / "configs" / "quickstart.yaml").read_text())
+    methods = ",".join(str(ROOT / "configs" / "cpu" / f"{m}.yaml") for m in ("grpo", "clip_cov"))
+    cmd = [sys.executable, str(ROOT / "tools" / "compare.py"), "--config", "my.yaml",
+           "--methods", methods, "--seeds", "1", "--steps", "3", "--val-every", "3", "--out", "cmp",
            "--quick", "--set", "data.val_size=8"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for m in ("grpo", "clip_cov"):
         assert list((out / "runs" / f"{m}-s0").glob("events.out.tfevents.*"))

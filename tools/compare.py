@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import shlex
 import subprocess
 import sys
@@ -102,7 +103,7 @@ def method_name(name: str) -> str:
 
 
 def run_command(args, method: str, seed: int, out: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "lit_covrl.cli", "fit"]  # this checkout's code (cwd=ROOT), this interpreter
+    cmd = [sys.executable, "-m", "lit_covrl.cli", "fit"]  # this checkout's code (PYTHONPATH), this interpreter
     for cfg in args.config:
         cmd += ["--config", str(cfg)]
     cmd += ["--config", str(method_config(method, Path(args.config[0]))),
@@ -132,13 +133,16 @@ def run_command(args, method: str, seed: int, out: Path) -> list[str]:
 
 
 def launch(cmd: list[str], log: Path) -> tuple[float, int]:
+    """Run one fit in the caller's folder (relative config, data and module paths mean what they
+    mean to `lit-covrl fit` there), with this checkout's package first on the path."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     with log.open("w") as f:
         f.write(shlex.join(cmd) + "\n")
         f.flush()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     return time.perf_counter() - t0, rc
 
 
