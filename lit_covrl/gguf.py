@@ -24,7 +24,8 @@ multi-GPU launch, so ranks do not race). The cache root is `$LIT_COVRL_CACHE`, e
 `~/.cache/lit_covrl`. Set `LIT_COVRL_GGUF_CACHE=0` to skip the cache and load the GGUF file
 directly every time; if the cache root is not writable the loader also falls back to direct loading.
 The conversion writes to a temporary folder and renames it into place, so an interrupted or
-concurrent conversion never leaves a half-written cache behind.
+concurrent conversion never leaves a half-written cache behind. It never deletes a folder it did not
+write: an output folder that is neither empty nor marked as ours is refused (FileExistsError).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ MARKER = "lit_covrl_gguf.json"  # written last into a converted folder: its pres
 __all__ = [
     "cache_enabled",
     "cache_root",
+    "check_target",
     "convert_gguf",
     "converted_dir",
     "ensure_converted",
@@ -156,6 +158,41 @@ def is_complete(folder: Path) -> bool:
     return (folder / MARKER).is_file()
 
 
+def read_marker(folder: Path) -> dict:
+    """What a converted folder says about its source ({} if unreadable)."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def check_target(out: Path, digest: str, *, replace: bool = False) -> bool:
+    """May the conversion of the file with sha256 `digest` be written to `out`?
+
+    True: `out` is absent or an empty folder, or (with `replace`) a folder we converted.
+    False: `out` already holds the conversion of this very file (nothing to do).
+    Raises FileExistsError for a folder that is not ours (never replaced, even with `replace`) and,
+    without `replace`, for our conversion of another file.
+    """
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return True
+    if not is_complete(out):
+        raise FileExistsError(
+            f"{out} is not empty and is not a GGUF conversion of lit_covrl (no {MARKER}): "
+            "refusing to overwrite it; choose another output folder or empty this one"
+        )
+    if replace:
+        return True
+    marker = read_marker(out)
+    if marker.get("sha256") == digest:
+        return False
+    raise FileExistsError(
+        f"{out} holds the conversion of another file ({marker.get('source', 'unknown source')}, "
+        f"sha256 {str(marker.get('sha256'))[:12]}...): replace it with --force (replace=True)"
+    )
+
+
 def ensure_converted(gguf_path: Path, root: Path | None = None) -> Path:
     """The converted folder of `gguf_path`, converting it first if it is not cached yet.
 
@@ -225,13 +262,21 @@ def _same_logits(a, b, vocab_size: int) -> float:
         return float((a(input_ids=ids).logits - b(input_ids=ids).logits).abs().max())
 
 
-def convert_gguf(gguf_path: Path, out: Path, *, digest: str | None = None, check: bool = True) -> Path:
+def convert_gguf(
+    gguf_path: Path, out: Path, *, digest: str | None = None, check: bool = True, replace: bool = False
+) -> Path:
     """Convert a GGUF file into a plain Hugging Face folder `out` (model, tokenizer, chat template).
 
-    Writes into a temporary sibling folder and renames it into place; if another process finished
-    first, its folder is kept. Returns `out`.
+    `out` must be absent, an empty folder, or our conversion of the same file (then nothing is done);
+    `replace` also allows replacing our conversion of any file. Anything else raises FileExistsError
+    (see `check_target`): a folder we did not write is never deleted. Writes into a temporary sibling
+    folder and renames it into place; if another process finished first, its folder is kept.
+    Returns `out`.
     """
     gguf_path, out = Path(gguf_path), Path(out)
+    digest = digest or file_digest(gguf_path)
+    if not check_target(out, digest, replace=replace):
+        return out
     tok = load_gguf_tokenizer(gguf_path)
     gguf_model = load_gguf_model(gguf_path)
     model = plain_copy(gguf_model)
@@ -243,20 +288,22 @@ def convert_gguf(gguf_path: Path, out: Path, *, digest: str | None = None, check
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+    old = tmp.with_name(tmp.name + ".old")
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        marker = {"source": str(gguf_path), "sha256": digest or file_digest(gguf_path),
+        marker = {"source": str(gguf_path), "sha256": digest,
                   "chat_template": getattr(tok, "chat_template", None) is not None}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if out.exists() and not is_complete(out):
-            shutil.rmtree(out, ignore_errors=True)  # leftover of an older, interrupted layout
+        if replace and is_complete(out):  # our own earlier conversion: move it aside, delete it below
+            os.replace(out, old)
         try:
-            os.replace(tmp, out)
+            os.replace(tmp, out)  # fails if `out` is not empty: nothing of it is ever deleted
         except OSError:
             if not is_complete(out):
                 raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
     return out

@@ -123,3 +123,92 @@ def test_plain_copy_drops_quantization_and_keeps_weights(tiny_model_dir, tmp_pat
     reloaded = load_policy(str(tmp_path / "out"))
     for k, v in model.state_dict().items():
         assert torch.equal(v, reloaded.state_dict()[k])
+
+
+# ----------------------------------------------------------------------------- where conversions may be written
+
+
+@pytest.fixture
+def stand_in_gguf(tmp_path, tiny_model_dir, monkeypatch):
+    """A dummy .gguf file whose "GGUF loading" returns the tiny model and tokenizer, so that
+    `convert_gguf` and tools/convert_gguf.py run end to end in a second. Returns the file."""
+    monkeypatch.setattr(gguf, "load_gguf_tokenizer", lambda path: load_tokenizer(tiny_model_dir))
+    monkeypatch.setattr(gguf, "load_gguf_model", lambda path, dtype=None: load_policy(tiny_model_dir).eval())
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the tool's --threads: not in the test process
+    src = tmp_path / "model.Q4.gguf"
+    src.write_bytes(b"GGUF stand-in")
+    return src
+
+
+def _convert_tool(argv):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "convert_gguf.py"
+    spec = importlib.util.spec_from_file_location("convert_gguf_tool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def _user_folder(path):
+    (path / "important").mkdir(parents=True)
+    (path / "README").write_text("mine")
+    (path / "important" / "weights.bin").write_bytes(b"precious")
+
+
+def _untouched(path):
+    return (path / "README").read_text() == "mine" and (path / "important" / "weights.bin").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_tool_never_deletes_a_folder_it_did_not_write(stand_in_gguf, tmp_path, capsys, force):
+    out = tmp_path / "mine"
+    _user_folder(out)
+    with pytest.raises(SystemExit) as exit_info:
+        _convert_tool([str(stand_in_gguf), "--out", str(out)] + (["--force"] if force else []))
+    assert exit_info.value.code == 2
+    assert str(out) in capsys.readouterr().err
+    assert _untouched(out) and sorted(p.name for p in out.iterdir()) == ["README", "important"]
+
+
+def test_library_never_deletes_a_folder_it_did_not_write(stand_in_gguf, tmp_path):
+    out = tmp_path / "mine"
+    _user_folder(out)
+    with pytest.raises(FileExistsError, match="mine"):
+        gguf.convert_gguf(stand_in_gguf, out)
+    assert _untouched(out)
+    with pytest.raises(FileExistsError, match="mine"):
+        gguf.convert_gguf(stand_in_gguf, out, replace=True)  # replace applies to our own folders only
+    assert _untouched(out)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".mine")] == []  # no temporary left
+
+
+def test_tool_converts_into_an_empty_folder_then_reuses_it(stand_in_gguf, tmp_path, capsys, tiny_model_dir):
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert _convert_tool([str(stand_in_gguf), "--out", str(out)]) == out
+    assert gguf.read_marker(out)["sha256"] == gguf.file_digest(stand_in_gguf)
+    ref = load_policy(tiny_model_dir)
+    for k, v in load_policy(str(out)).state_dict().items():
+        assert torch.equal(v, ref.state_dict()[k])
+    capsys.readouterr()
+    _convert_tool([str(stand_in_gguf), "--out", str(out)])
+    assert "already converted" in capsys.readouterr().out
+
+
+def test_tool_tells_a_conversion_of_another_file_apart(stand_in_gguf, tmp_path, capsys):
+    out = tmp_path / "converted"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / gguf.MARKER).write_text('{"source": "/models/other.gguf", "sha256": "%s"}' % ("0" * 64))
+    with pytest.raises(SystemExit) as exit_info:
+        _convert_tool([str(stand_in_gguf), "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "other.gguf" in err and "--force" in err
+    assert gguf.read_marker(out)["source"] == "/models/other.gguf"  # untouched without --force
+    _convert_tool([str(stand_in_gguf), "--out", str(out), "--force"])  # our own conversion: replaced
+    assert gguf.read_marker(out)["sha256"] == gguf.file_digest(stand_in_gguf)
+    assert (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".converted")] == []

@@ -11,12 +11,15 @@ to write the folder somewhere else. Needs `pip install gguf accelerate`.
 Without --out the folder goes to the cache the loader looks in:
 $LIT_COVRL_CACHE (default ~/.cache/lit_covrl)/<file stem>-<sha256 prefix>. The script prints
 the folder; any model spec (`model.model` in a config) may name the GGUF spec or that folder.
+
+--out must be a new or empty folder, or one this script converted before: a folder holding anything
+else is never touched, even with --force (exit status 2). If --out holds the conversion of another
+GGUF file, --force replaces it.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("spec", help="a .gguf file or package:<package>/<file.gguf>")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the loader's cache)")
-    p.add_argument("--force", action="store_true", help="convert again even if the folder is complete")
+    p.add_argument("--force", action="store_true",
+                   help="convert again, replacing an earlier conversion in the folder (never any other folder)")
     p.add_argument("--no-check", action="store_true", help="skip the GGUF-vs-converted logits check")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)")
     return p.parse_args(argv)
@@ -50,13 +54,16 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(f"{args.spec!r} is not a GGUF file (expected a .gguf path or package:<pkg>/<file.gguf>)")
     digest = gguf.file_digest(source)
     out = args.out or gguf.converted_dir(source, digest=digest)
-    if gguf.is_complete(out) and not args.force:
+    try:
+        todo = gguf.check_target(out, digest, replace=args.force)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not todo:
         print(f"already converted: {out}")
         return out
-    if out.exists() and args.force:
-        shutil.rmtree(out)
     start = time.perf_counter()
-    gguf.convert_gguf(source, out, digest=digest, check=not args.no_check)
+    gguf.convert_gguf(source, out, digest=digest, check=not args.no_check, replace=args.force)
     print(f"converted {source}\n       -> {out}  ({time.perf_counter() - start:.1f} s)")
     return out
 
