@@ -21,6 +21,7 @@ from argparse import ArgumentError
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from lit_covrl.checkpointing import AtomicCheckpoint
@@ -68,9 +69,12 @@ class LitCovRLCLI(LightningCLI):
         super()._parse_ckpt_path()
         if self.config is parsed or getattr(self, "_given_args", None) is None:
             return  # no checkpoint file, or no hyperparameters in it
-        from_ckpt = self.config
-        self.config = self.parser.parse_args(self._given_args, namespace=from_ckpt.clone())
-        sub = self.config["subcommand"]
+        from_ckpt, sub = self.config, self.config["subcommand"]
+        # the subcommand's defaults with the checkpoint's model settings: a fresh start, so that
+        # appending arguments (`--trainer.callbacks+=X`) are not applied twice
+        start = self.parser._subcommands_action._name_parser_map[sub].get_defaults()
+        start["model"] = from_ckpt[sub]["model"].clone()
+        self.config = self.parser.parse_args(self._given_args, namespace=Namespace(subcommand=sub, **{sub: start}))
         changed = _changed_model_keys(from_ckpt[sub].get("model"), self.config[sub].get("model"))
         if changed:
             log.warning("--ckpt_path: the arguments given change %d of the checkpoint's model settings: %s",
