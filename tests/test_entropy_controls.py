@@ -68,6 +68,13 @@ def test_high_entropy_mask_keeps_ties_broken_by_float_rounding_together():
         assert keep[0, 3:].tolist() == [v > 2.5 for v in others]
 
 
+def test_high_entropy_mask_tie_tolerance_is_relative_at_low_entropy():
+    # a collapsed policy: entropies in [0, 1e-5). An absolute 1e-5 would keep every token
+    h = torch.linspace(0, 1e-5, 1001, dtype=torch.float64)[None, :-1]
+    keep = high_entropy_mask(h, torch.ones_like(h), top_frac=0.2)
+    assert int(keep.sum()) == 200  # the top 20 % (an absolute 1e-5 kept all 1,000)
+
+
 def _naive_quantile(values: list[float], q: float) -> float:
     v = sorted(values)
     pos = q * (len(v) - 1)

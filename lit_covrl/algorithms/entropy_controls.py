@@ -61,7 +61,7 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, *, top_frac: float) -> Tens
     lo = min(int(math.floor(pos)), n - 1)
     hi = min(lo + 1, n - 1)
     tau = float(valid[lo] + (pos - lo) * (valid[hi] - valid[lo]))
-    return m & (entropy.detach().double() >= tau - TIE_TOL * max(1.0, abs(tau)))
+    return m & (entropy.detach().double() >= tau - TIE_TOL * abs(tau))
 
 
 def adaptive_entropy_coef(
