@@ -207,6 +207,9 @@ def ensure_converted(gguf_path: Path, root: Path | None = None) -> Path:
     except OSError as e:
         log.warning("cannot create the GGUF cache %s (%s): loading %s directly", out.parent, e, gguf_path)
         return gguf_path
+    if out.exists() and not is_complete(out):  # in our cache, under our name: an older, interrupted layout
+        log.warning("removing %s: an incomplete GGUF conversion left in the cache", out)
+        shutil.rmtree(out, ignore_errors=True)
     log.info("converting %s into %s (once; later runs load the folder)", gguf_path, out)
     return convert_gguf(gguf_path, out, digest=digest)
 

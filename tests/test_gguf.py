@@ -212,3 +212,13 @@ def test_tool_tells_a_conversion_of_another_file_apart(stand_in_gguf, tmp_path, 
     assert gguf.read_marker(out)["sha256"] == gguf.file_digest(stand_in_gguf)
     assert (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".converted")] == []
+
+
+def test_the_loader_cache_replaces_an_incomplete_folder_of_its_own(stand_in_gguf, tmp_path):
+    """The loader's cache folder `<stem>-<sha12>` is ours by name: one without a marker (an older,
+    interrupted layout) is converted over, as before; only an explicit --out is refused."""
+    root = tmp_path / "cache"
+    out = gguf.converted_dir(stand_in_gguf, root, gguf.file_digest(stand_in_gguf))
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    assert gguf.ensure_converted(stand_in_gguf, root) == out and gguf.is_complete(out)
