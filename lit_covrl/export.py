@@ -163,7 +163,7 @@ def base_tokenizer(spec: str):
 def check_out(out: str | Path, checkpoint: str | Path, force: bool) -> Path:
     """`out` as a Path; ValueError if something is there (a file, a non-empty folder) and not
     `force`, or if it holds the checkpoint itself."""
-    out = Path(out)
+    out = Path(os.path.realpath(out)) if os.path.islink(out) else Path(out)  # written through a link, not over it
     if Path(checkpoint).resolve().is_relative_to(out.resolve()):
         raise ValueError(f"{out} is (or holds) the checkpoint being exported: choose another output path")
     if force or not os.path.lexists(out):

@@ -221,3 +221,15 @@ def test_errors_are_one_line_with_status_2(tmp_path, ckpt, capsys):
     assert "not a checkpoint file" in _error(capsys, [str(tmp_path / "notes.txt"), str(tmp_path / "hf")])
     assert "int8" in _error(capsys, [str(ckpt), str(tmp_path / "hf"), "--dtype", "int8"])
     assert not (tmp_path / "hf").exists()
+
+
+def test_an_output_symlink_is_written_through(tmp_path):
+    """OUT a link to an empty folder (e.g. on a bigger disk): the export lands in the link's target
+    and the link stays (it was replaced by a folder)."""
+    from lit_covrl.export import check_out
+
+    target = tmp_path / "disk" / "target"
+    target.mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert check_out(link, tmp_path / "x.ckpt", force=False) == target.resolve()
