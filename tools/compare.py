@@ -103,7 +103,10 @@ def method_name(name: str) -> str:
 
 
 def run_command(args, method: str, seed: int, out: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "lit_covrl.cli", "fit"]  # this checkout's code (PYTHONPATH), this interpreter
+    # this interpreter, this checkout's code: its root goes first on sys.path (`-m` would put the
+    # caller's folder first, where another checkout's lit_covrl could shadow it)
+    cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); from lit_covrl.cli import main; main()",
+           "fit"]
     for cfg in args.config:
         cmd += ["--config", str(cfg)]
     cmd += ["--config", str(method_config(method, Path(args.config[0]))),
@@ -134,10 +137,9 @@ def run_command(args, method: str, seed: int, out: Path) -> list[str]:
 
 def launch(cmd: list[str], log: Path) -> tuple[float, int]:
     """Run one fit in the caller's folder (relative config, data and module paths mean what they
-    mean to `lit-covrl fit` there), with this checkout's package first on the path."""
+    mean to `lit-covrl fit` there); `run_command` puts this checkout first on the path."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     with log.open("w") as f:
         f.write(shlex.join(cmd) + "\n")
