@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lit_covrl.checkpointing import AtomicCheckpoint
 from lit_covrl.dashboard import name_run
+from lit_covrl.errors import debugging, exit_with
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
 from lit_covrl.progress import RLProgressBar
@@ -140,16 +141,6 @@ def _past_start_up(trainer) -> bool:
     return any(loop.batch_progress.total.started > 0 for loop in loops)
 
 
-def _one_line(err: BaseException) -> str:
-    """The error as one line: jsonargparse's multi-line messages joined, type lists dropped."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    lines = [ln for ln in lines if not ln.startswith(("Subtypes:", "Given value type:", "Errors:"))]
-    text = " ".join(lines) or repr(err)
-    if not isinstance(err, (ArgumentError, ValueError)):
-        text = f"{type(err).__name__}: {text}"
-    return text
-
-
 def _config_paths(args: list[str]) -> list[tuple[int, str]]:
     """(index of the last argument of each `--config PATH` / `--config=PATH`, PATH), in order."""
     out = []
@@ -230,7 +221,7 @@ def main(args: list[str] | None = None) -> None:
     if os.getcwd() not in sys.path:  # dotted paths of your rewards/tasks resolve from where you run
         sys.path.append(os.getcwd())
     _RUN.clear()
-    debug = os.environ.get("LIT_COVRL_DEBUG", "") not in ("", "0")
+    debug = debugging()
     try:
         LitCovRLCLI(
             GRPOModule,
@@ -242,8 +233,7 @@ def main(args: list[str] | None = None) -> None:
     except _STARTUP_ERRORS as err:
         if debug or _past_start_up(_RUN.get("trainer")):
             raise
-        print(f"lit-covrl: error: {_one_line(err)} (LIT_COVRL_DEBUG=1 shows the traceback)", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with(err)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,12 @@ import argparse
 import os
 import pickle
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from lit_covrl.errors import debugging, exit_with
 
 PREFIX = "policy."
 
@@ -230,11 +231,6 @@ def export(checkpoint: str | Path, out: str | Path, *, base: str | None = None, 
     return write_folder(out, save)
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(ln.strip() for ln in str(err).splitlines() if ln.strip()) or repr(err)
-    return text if isinstance(err, ValueError) else f"{type(err).__name__}: {text}"
-
-
 def main(args: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="lit-covrl export", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a .ckpt file or a sharded checkpoint folder")
@@ -246,10 +242,9 @@ def main(args: list[str] | None = None) -> None:
     try:
         out = export(a.checkpoint, a.out, base=a.base, dtype=a.dtype, force=a.force)
     except (ValueError, OSError, ImportError) as err:
-        if os.environ.get("LIT_COVRL_DEBUG", "") not in ("", "0"):
+        if debugging():
             raise
-        print(f"lit-covrl: error: {_one_line(err)} (LIT_COVRL_DEBUG=1 shows the traceback)", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with(err)
     print(out)
 
 

@@ -129,3 +129,15 @@ def test_two_stateful_regularizers_with_one_name_get_a_one_line_error(tmp_path, 
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("lit-covrl: error: two regularizers are named 'clip_cov'") and "init_args.name" in err[-1]
+
+
+def test_one_line_joins_lines_drops_type_lists_and_names_unexpected_classes():
+    from argparse import ArgumentError
+
+    from lit_covrl.errors import one_line
+
+    typed = ArgumentError(None, 'Parser key "model.x":\n  Expected an int.\n  Subtypes: [int]\n  Given value type: str')
+    assert one_line(typed) == 'Parser key "model.x": Expected an int.'
+    assert one_line(ValueError("model.y must be > 0\n  got -1")) == "model.y must be > 0 got -1"
+    assert one_line(FileNotFoundError("no such file: a.ckpt")) == "FileNotFoundError: no such file: a.ckpt"
+    assert one_line(OSError()) == "OSError: OSError()"

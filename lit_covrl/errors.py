@@ -1,0 +1,34 @@
+"""One-line errors for the console scripts (`lit-covrl fit|validate|test|export`).
+
+A configuration or input error found before any work starts is printed as one line,
+`lit-covrl: error: <message>`, and the process exits with status 2. Setting the environment
+variable LIT_COVRL_DEBUG=1 re-raises instead, with the full traceback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from argparse import ArgumentError
+from typing import NoReturn
+
+# jsonargparse appends these lines (the accepted subtypes, the given type) to a type error.
+_NOISE = ("Subtypes:", "Given value type:", "Errors:")
+
+
+def debugging() -> bool:
+    """True when LIT_COVRL_DEBUG is set to anything but "" or "0"."""
+    return os.environ.get("LIT_COVRL_DEBUG", "") not in ("", "0")
+
+
+def one_line(err: BaseException) -> str:
+    """The error as one line: multi-line messages joined, jsonargparse's type lists dropped, and
+    the exception's class named unless it is a plain value/argument error."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    text = " ".join(ln for ln in lines if not ln.startswith(_NOISE)) or repr(err)
+    return text if isinstance(err, (ArgumentError, ValueError)) else f"{type(err).__name__}: {text}"
+
+
+def exit_with(err: BaseException) -> NoReturn:
+    """Print `err` as one `lit-covrl: error:` line on stderr and exit with status 2."""
+    print(f"lit-covrl: error: {one_line(err)} (LIT_COVRL_DEBUG=1 shows the traceback)", file=sys.stderr)
+    raise SystemExit(2) from None
