@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 from lit_covrl import distributed
 from lit_covrl.algorithms import aggregate
 from lit_covrl.compiled import CompiledForwards
+from lit_covrl.drivers import OptimizerDriver
 from lit_covrl.metrics import StepMetrics
 from lit_covrl.objectives import Objective
 from lit_covrl.packing import length_order, trim_padding
@@ -71,22 +71,6 @@ class LearnerSettings:
     shared_prompt: bool = False
     skip_padding: bool = False  # resolved: True sorts rows by length and trims each micro-batch (`_plan`)
     compile_update: bool = False  # True: the forwards of `_logprobs` run compiled (`lit_covrl.compiled`)
-
-
-class OptimizerDriver(Protocol):
-    """What the learner needs from the training framework."""
-
-    def zero_grad(self) -> None: ...
-    def backward(self, loss: Tensor) -> None: ...
-    def step(self, last: bool) -> None:
-        """One optimizer step on the accumulated gradients; it must call
-        `Learner.before_optimizer_step(optimizer)` after any gradient unscaling, before stepping.
-        `last`: the last update of the rollout (GRPOModule counts RL steps with it)."""
-    def skip_step(self) -> float:
-        """Count the rollout's closing update without stepping: it has no gradient (its
-        mini-batch was filtered), and a gradient scaler refuses a step with none. Returns the
-        learning rate."""
-    def save_checkpoint(self, filename: str) -> str: ...
 
 
 class Learner:

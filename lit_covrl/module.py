@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import warnings
 from typing import Callable
 
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from lit_covrl import distributed
 from lit_covrl.algorithms import compute_advantages, zero_variance_groups
+from lit_covrl.drivers import LightningDriver
 from lit_covrl.dynamic_sampling import Round, sample_rounds
 from lit_covrl.evaluation import Evaluator
 from lit_covrl.generation import RolloutGenerator
@@ -440,46 +440,3 @@ class GRPOModule(L.LightningModule):
         if ckpt is not None and getattr(ckpt, "last_model_path", ""):
             lines.append(f"  checkpoint:  {ckpt.last_model_path}")
         print("\n".join(lines), flush=True)
-
-
-class LightningDriver:
-    """The learner's `OptimizerDriver` for GRPOModule (manual optimization): backward through
-    Lightning (precision scaling, strategy), every optimizer step through the strategy and its
-    precision plugin, which calls `on_before_optimizer_step` (-> the learner's clipping) after
-    unscaling. Only the last step of a rollout goes through Lightning's optimizer wrapper, whose
-    step counter is `trainer.global_step`: one per RL step (`skip_step` counts it when the last
-    mini-batch was filtered and there is nothing to step)."""
-
-    def __init__(self, module: GRPOModule) -> None:
-        self.module = module
-
-    def zero_grad(self) -> None:
-        self.module.optimizers().zero_grad(set_to_none=True)
-
-    def backward(self, loss: Tensor) -> None:
-        self.module.manual_backward(loss)
-
-    def step(self, last: bool) -> None:
-        opt = self.module.optimizers()
-        if last:
-            opt.step()
-        else:
-            self.module.trainer.strategy.optimizer_step(opt.optimizer, _no_closure, model=self.module)
-
-    def skip_step(self) -> float:
-        opt = self.module.optimizers()
-        # what LightningOptimizer.step does around the strategy's step: manual optimization counts
-        # trainer.global_step there (private hooks; tests/test_learner_correctness.py checks them)
-        opt._on_before_step()
-        opt._on_after_step()
-        return opt.optimizer.param_groups[0]["lr"]
-
-    def save_checkpoint(self, filename: str) -> str:
-        trainer = self.module.trainer
-        path = os.path.join(trainer.default_root_dir, filename)
-        trainer.save_checkpoint(path)
-        return path
-
-
-def _no_closure() -> None:
-    """Manual optimization: the backward already ran before the step."""

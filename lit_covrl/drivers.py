@@ -1,0 +1,71 @@
+"""How the learner steps the optimizer: the `OptimizerDriver` protocol (all `Learner` needs from a
+training framework) and `LightningDriver`, its implementation for `GRPOModule`'s manual
+optimization."""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Protocol
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lit_covrl.module import GRPOModule
+
+
+class OptimizerDriver(Protocol):
+    """What the learner needs from the training framework."""
+
+    def zero_grad(self) -> None: ...
+    def backward(self, loss: Tensor) -> None: ...
+    def step(self, last: bool) -> None:
+        """One optimizer step on the accumulated gradients; it must call
+        `Learner.before_optimizer_step(optimizer)` after any gradient unscaling, before stepping.
+        `last`: the last update of the rollout (GRPOModule counts RL steps with it)."""
+    def skip_step(self) -> float:
+        """Count the rollout's closing update without stepping: it has no gradient (its
+        mini-batch was filtered), and a gradient scaler refuses a step with none. Returns the
+        learning rate."""
+    def save_checkpoint(self, filename: str) -> str: ...
+
+
+class LightningDriver:
+    """The learner's `OptimizerDriver` for GRPOModule (manual optimization): backward through
+    Lightning (precision scaling, strategy), every optimizer step through the strategy and its
+    precision plugin, which calls `on_before_optimizer_step` (-> the learner's clipping) after
+    unscaling. Only the last step of a rollout goes through Lightning's optimizer wrapper, whose
+    step counter is `trainer.global_step`: one per RL step (`skip_step` counts it when the last
+    mini-batch was filtered and there is nothing to step)."""
+
+    def __init__(self, module: GRPOModule) -> None:
+        self.module = module
+
+    def zero_grad(self) -> None:
+        self.module.optimizers().zero_grad(set_to_none=True)
+
+    def backward(self, loss: Tensor) -> None:
+        self.module.manual_backward(loss)
+
+    def step(self, last: bool) -> None:
+        opt = self.module.optimizers()
+        if last:
+            opt.step()
+        else:
+            self.module.trainer.strategy.optimizer_step(opt.optimizer, _no_closure, model=self.module)
+
+    def skip_step(self) -> float:
+        opt = self.module.optimizers()
+        # what LightningOptimizer.step does around the strategy's step: manual optimization counts
+        # trainer.global_step there (private hooks; tests/test_learner_correctness.py checks them)
+        opt._on_before_step()
+        opt._on_after_step()
+        return opt.optimizer.param_groups[0]["lr"]
+
+    def save_checkpoint(self, filename: str) -> str:
+        trainer = self.module.trainer
+        path = os.path.join(trainer.default_root_dir, filename)
+        trainer.save_checkpoint(path)
+        return path
+
+
+def _no_closure() -> None:
+    """Manual optimization: the backward already ran before the step."""
