@@ -168,3 +168,12 @@ def test_one_entry_point_names_every_benchmark_script(capsys):
     runnable = {p.name for p in tools.glob("bench_*.py") if "__main__" in p.read_text()} | {"profile_step.py"}
     assert runnable - {"bench_common.py", "bench_measure.py"} <= files | {"bench.py"}
     assert not bench._dispatch(["--quick"])  # the default benchmark's own flags pass through
+
+
+def test_every_function_the_step_profiler_times_still_exists():
+    """tools/profile_lit.py wraps functions by name; a renamed or moved one would make
+    `tools/profile_step.py` fail with an AttributeError before it measured anything."""
+    import profile_lit
+
+    for owner, attr, _ in profile_lit.PATCHES:
+        assert callable(getattr(profile_lit.resolve(owner), attr, None)), f"{owner}.{attr}"

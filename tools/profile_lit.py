@@ -8,10 +8,10 @@ Timers are exclusive: a region's time minus its timed children, keyed by the pat
 """
 from __future__ import annotations
 
+import importlib
 import time
 from collections import defaultdict
 
-import torch
 
 import bench  # tools/bench.py
 
@@ -69,29 +69,38 @@ def instrument(module, timers: Timers) -> None:
     if _PATCHED:
         return
     _PATCHED.append(True)
-    import lit_covrl.generation as Gen
-    import lit_covrl.module as M
-    import lit_covrl.policy as P
-    import lit_covrl.sampling.kv_cache as R
-    import lit_covrl.learner as U
+    for owner, attr, label in PATCHES:
+        obj = resolve(owner)
+        setattr(obj, attr, w(label, getattr(obj, attr)))
 
-    w = timers.wrap
-    Gen.encode_prompts = w("encode prompts", Gen.encode_prompts)
-    R.KVCacheSampler.sample = w("sampler", R.KVCacheSampler.sample)
-    R.forward_with_cache = w("model forward (decode)", R.forward_with_cache)
-    M.compute_advantages = w("advantages", M.compute_advantages)
-    M.rollout_metrics = w("rollout metrics", M.rollout_metrics)
-    M.publish_step_metrics = w("self.log (logging)", M.publish_step_metrics)
-    U.Learner.update = w("update", U.Learner.update)
-    M.LightningDriver.step = w("optimizer step (Lightning)", M.LightningDriver.step)
-    U.response_logprobs = w("training forward", U.response_logprobs)
-    U.shared_prompt_logprobs = w("training forward", U.shared_prompt_logprobs)
-    P.token_logprobs = w("log-prob gather", P.token_logprobs)
-    U.ppo_token_loss = w("loss", U.ppo_token_loss)
-    U.aggregate = w("loss", U.aggregate)
-    U.ppo_stats = w("update metrics (ppo_stats)", U.ppo_stats)
-    torch.autograd.backward = w("autograd backward", torch.autograd.backward)
-    torch.nn.utils.clip_grad_norm_ = w("clip_grad_norm", torch.nn.utils.clip_grad_norm_)
+
+# (where the name is looked up, the name, the timer label): module-level functions are patched in
+# the module that calls them; "module:Class" patches a method on the class
+PATCHES = [
+    ("lit_covrl.generation", "encode_prompts", "encode prompts"),
+    ("lit_covrl.sampling.kv_cache:KVCacheSampler", "sample", "sampler"),
+    ("lit_covrl.sampling.kv_cache", "forward_with_cache", "model forward (decode)"),
+    ("lit_covrl.module", "compute_advantages", "advantages"),
+    ("lit_covrl.module", "rollout_metrics", "rollout metrics"),
+    ("lit_covrl.module", "publish_step_metrics", "self.log (logging)"),
+    ("lit_covrl.learner:Learner", "update", "update"),
+    ("lit_covrl.drivers:LightningDriver", "step", "optimizer step (Lightning)"),
+    ("lit_covrl.learner", "response_logprobs", "training forward"),
+    ("lit_covrl.learner", "shared_prompt_logprobs", "training forward"),
+    ("lit_covrl.policy", "token_logprobs", "log-prob gather"),
+    ("lit_covrl.objectives:PPOClip", "token_loss", "loss"),
+    ("lit_covrl.learner", "aggregate", "loss"),
+    ("lit_covrl.objectives:PPOClip", "stats", "update metrics (objective stats)"),
+    ("torch.autograd", "backward", "autograd backward"),
+    ("torch.nn.utils", "clip_grad_norm_", "clip_grad_norm"),
+]
+
+
+def resolve(owner: str):
+    """"pkg.mod" -> the module; "pkg.mod:Class" -> the class."""
+    mod, _, cls = owner.partition(":")
+    obj = importlib.import_module(mod)
+    return getattr(obj, cls) if cls else obj
 
 
 def make_timing_callback(timers: Timers, warmup: int, steps: int, profiler=None):

@@ -58,7 +58,7 @@ from profile_modes import ab, ab_train, cprofile_mode, ops_profile  # noqa: E402
 
 
 GROUPS = [  # (row label, [exclusive timer paths that belong to it]) -- paths matched by suffix
-    ("rollout: model forwards (prefill + decode)", ["rollout/sampler/model forward (decode)/model forward"]),
+    ("rollout: model forwards (prefill + decode)", ["rollout/sampler/model forward (decode)/model forward", "rollout/sampler/model forward"]),
     ("rollout: sampler math + bookkeeping", ["rollout/sampler", "rollout/sampler/model forward (decode)"]),
     ("rollout: encode prompts + decode completions", ["rollout/encode prompts", "rollout/decode completions", "rollout"]),
     ("score (reward)", ["score"]),
@@ -68,12 +68,13 @@ GROUPS = [  # (row label, [exclusive timer paths that belong to it]) -- paths ma
     ("update: loss", ["update/loss"]),
     ("update: backward (autograd)", ["update/backward (Lightning)/autograd backward"]),
     ("update: backward (Lightning wrapper)", ["update/backward (Lightning)"]),
-    ("update: clip_grad_norm", ["update/optimizer step (Lightning)/clip_grad_norm"]),
+    ("update: clip_grad_norm", ["update/optimizer step (Lightning)/clip_grad_norm",
+                                 "update/optimizer step (Lightning)/AdamW step/clip_grad_norm"]),
     ("update: AdamW step", ["update/optimizer step (Lightning)/AdamW step"]),
     ("update: optimizer step (Lightning wrapper)", ["update/optimizer step (Lightning)"]),
-    ("update: metrics + rest of Learner.update", ["update/update metrics (ppo_stats)", "update"]),
+    ("update: metrics + rest of Learner.update", ["update/update metrics (objective stats)", "update"]),
     ("rollout metrics", ["rollout metrics"]),
-    ("self.log (logging)", ["self.log (logging)"]),
+    ("self.log (logging)", ["self.log (logging)", "self.log (logging)/TensorBoard log_metrics"]),
     ("training_step rest", [""]),
 ]
 
