@@ -9,7 +9,7 @@ the final value:
 
 Step i is "<previous result><op><operand i+1>=<result>" (the first step starts from operand 1),
 all in decimal with a leading "-" for negative numbers. The solution is therefore unique: with 4
-terms of up to 2 digits a response is 19-40 characters (tokens with the character tokenizer, EOS
+terms of up to 2 digits a response is 19-39 characters (tokens with the character tokenizer, EOS
 excluded), about 31 on average, so a policy must emit ~30 tokens of steps before the answer.
 
 Verification (`verify`, `ReasoningReward`). The reference `Example.answer` is the full canonical
@@ -21,7 +21,9 @@ right -- which, the solution being unique, is exact string match with the refere
 default `ExactMatchReward` gives the same reward. We check the steps, not only the answer,
 because an answer-only reward would pay a response that skips or garbles the steps and guesses,
 and RL would then shorten the responses towards the 3-token answers this task exists to avoid.
-`ReasoningReward(check_steps=False)` scores the final answer alone, for comparison.
+`ReasoningReward(check_steps=False)`, for comparison, pays a well-formed response whose final
+answer is right, without checking that its steps are the canonical ones (a malformed response,
+e.g. the answer alone or steps with spaces, still scores 0).
 
 Train / held-out split as in `ArithmeticTask` (both from `lit_covrl.tasks.expression`): a stable
 CRC-32 hash of the prompt text puts every distinct prompt in exactly one split; `sample` rejects
@@ -131,7 +133,8 @@ class ReasoningReward:
 
     Args:
         check_steps: require every written step to be right as well as the final answer (the
-            default, see the module docstring); False scores the final answer after "|" alone.
+            default, see the module docstring); False pays any well-formed response whose final answer
+            after "|" is right, whatever its steps compute (a malformed one still scores 0).
     """
 
     def __init__(self, check_steps: bool = True) -> None:
@@ -176,7 +179,9 @@ class ReasoningTask(ExpressionTask):
 
     @property
     def max_response_chars(self) -> int:
-        """Longest canonical response, in characters (tokens with the char tokenizer, EOS excluded)."""
+        """An upper bound on the longest canonical response, in characters (tokens with the char
+        tokenizer, EOS excluded): every result is given its widest sign and digits (4 terms of 2
+        digits: 42; the longest that occurs is 39)."""
         big = 10**self.digits - 1
         width = lambda k: len(str(k * big)) + (1 if "-" in self.ops else 0)  # noqa: E731  |value| <= k * big
         steps = sum(width(k) + 1 + self.digits + 1 + width(k + 1) for k in range(1, self.num_terms))
