@@ -209,8 +209,12 @@ class GRPOModule(L.LightningModule):
         if self.policy is None:
             self.policy = self._load(hp.model, frozen=False)
         if self._reference is None and any(r.needs_reference for r in self.regularizers):
+            ref = self._load(hp.reference_model or hp.model, frozen=True)
+            # the precision plugin converts the policy after this hook (`*-true` precisions cast it);
+            # the reference gets the same cast, so that at step 0 its log-probs equal the policy's
+            ref = self.trainer.precision_plugin.convert_module(ref)
             # a plain attribute: the strategy never sees it and checkpoints never save it
-            object.__setattr__(self, "_reference", self._load(hp.reference_model or hp.model, frozen=True))
+            object.__setattr__(self, "_reference", ref)
 
     def _load(self, spec: str, *, frozen: bool) -> torch.nn.Module:
         device = self.trainer.strategy.root_device if self.device_mesh is not None else None

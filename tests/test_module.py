@@ -485,3 +485,18 @@ def test_a_fit_without_max_steps_is_refused_and_validation_that_cannot_run_is_wa
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*validation will not run")
         fit(make_module(tiny_model_dir), dm, steps=1, val_check_interval=1)
+
+
+def test_the_reference_model_gets_the_policys_true_half_precision(tiny_model_dir, tmp_path):
+    """`trainer.precision: bf16-true` casts the policy (a child module) after configure_model; the
+    reference (a plain attribute) must get the same cast, or ReferenceKL at step 0, where the
+    policy still equals the reference, is not 0 (1.2e-7 on the tiny model) and the reference
+    takes twice the memory."""
+    from lit_covrl.regularizers import ReferenceKL
+
+    module = make_module(tiny_model_dir, update=dict(mini_batch_size=None, ppo_epochs=1))
+    fit(module, make_data(), steps=1, callbacks=[ReferenceKL(beta=0.1)], log_dir=tmp_path, limit_val_batches=0,
+        precision="bf16-true")
+    assert next(module.policy.parameters()).dtype == torch.bfloat16
+    assert {p.dtype for p in module._reference.parameters()} == {torch.bfloat16}
+    assert scalar_tags(tmp_path)["reg/ref_kl/kl"][0][1] == 0.0
