@@ -32,6 +32,7 @@ from lit_covrl.module import GRPOModule
 from lit_covrl.progress import RLProgressBar
 from lit_covrl.regularizers.base import Regularizer, check_unique_names
 from lit_covrl.settings import moved_key_hint
+from lit_covrl.sharding import check_checkpoint_strategy
 
 log = logging.getLogger("lit_covrl")
 
@@ -89,6 +90,10 @@ class LitCovRLCLI(LightningCLI):
             import torch
 
             torch.set_num_threads(threads)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        check_checkpoint_strategy(self.config_init[subcommand].get("ckpt_path"), self.trainer.strategy)
+        super()._run_subcommand(subcommand)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         """The RL-step progress bar unless the config brings its own or disables the bar. Two

@@ -19,6 +19,8 @@ sampling). Both are exact; see docs/scaling.md for measurements.
 """
 from __future__ import annotations
 
+import os
+
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Callable, Iterator
@@ -183,6 +185,19 @@ def check_strategy(strategy, system) -> None:
             f"model.system.compile_update=True is not supported with trainer.strategy={name} "
             f"({processes} process(es)): the compiled update forward was tested on one device without "
             "FSDP2 only. Turn model.system.compile_update off, or train on one device without sharding."
+        )
+
+
+def check_checkpoint_strategy(ckpt_path: str | None, strategy) -> None:
+    """A sharded checkpoint folder (FSDP2's distributed checkpoint) loads only under FSDP2: other
+    strategies read a checkpoint *file* and fail deep in the restore with IsADirectoryError."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if ckpt_path and os.path.isdir(ckpt_path) and not isinstance(strategy, ModelParallelStrategy):
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is a sharded checkpoint folder (FSDP2's distributed checkpoint), which "
+            f"trainer.strategy={type(strategy).__name__} cannot load: resume it with trainer.strategy: fsdp2 "
+            "(one device works too), or write a plain model folder with `lit-covrl export`"
         )
 
 

@@ -141,3 +141,17 @@ def test_one_line_joins_lines_drops_type_lists_and_names_unexpected_classes():
     assert one_line(ValueError("model.y must be > 0\n  got -1")) == "model.y must be > 0 got -1"
     assert one_line(FileNotFoundError("no such file: a.ckpt")) == "FileNotFoundError: no such file: a.ckpt"
     assert one_line(OSError()) == "OSError: OSError()"
+
+
+def test_a_sharded_checkpoint_folder_without_fsdp2_is_a_one_line_error_naming_the_fix(tmp_path, capsys):
+    """Lightning's non-FSDP2 strategies read a checkpoint *file*; an FSDP2 folder failed deep in the
+    restore with a bare IsADirectoryError traceback."""
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    (folder / "meta.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(QUICK), "--ckpt_path", str(folder), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"lit-covrl: error: --ckpt_path {folder} is a sharded checkpoint folder")
+    assert "trainer.strategy: fsdp2" in err[-1]
