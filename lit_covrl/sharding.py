@@ -228,8 +228,9 @@ def gathered_for_rollout(model: nn.Module, enabled: bool = True) -> Iterator[Non
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A plain full state dict (CPU tensors) of a possibly sharded model. A collective when
-    sharded: every rank must call it; every rank gets the full dict."""
+    """A plain full state dict of a possibly sharded model: CPU tensors when it is not sharded,
+    full tensors on the model's device when it is (a collective then: every rank must call it, and
+    every rank gets the full dict)."""
     if not is_sharded(model):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
