@@ -29,12 +29,13 @@ target and swaps it in with `replace_path` once every rank has written its shard
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import torch
@@ -198,6 +199,8 @@ class AtomicCheckpoint(ModelCheckpoint):
             vanished mount) does: "stop" raises `CheckpointWriteError` and ends training (the
             default); "warn" logs a warning naming the file and the cause and training goes on,
             keeping the previous checkpoints (none is deleted to make room for the failed one).
+            In a multi-process run a write that fails on any rank (a single file is written by
+            rank 0 alone) stops, or is counted in `failed_writes`, on every rank alike.
         **kwargs: `ModelCheckpoint`'s arguments.
     """
 
@@ -237,26 +240,65 @@ class AtomicCheckpoint(ModelCheckpoint):
                 log.info("removing %s, left by an interrupted checkpoint write", os.path.join(folder, name))
                 _remove(os.path.join(folder, name))
 
+    # what Lightning records of a checkpoint before it writes it (the top-k and last names, popping
+    # from best_k_models the file the new one replaces) or once it has written it (the step saved)
+    _BOOKKEEPING = ("best_model_path", "best_model_score", "best_k_models", "kth_best_model_path", "kth_value",
+                    "current_score", "last_model_path", "_last_global_step_saved", "_last_checkpoint_saved")
+
+    @contextlib.contextmanager
+    def _undone_if_a_write_fails(self) -> Iterator[None]:
+        """A write that failed (on_write_error: warn) leaves Lightning's bookkeeping as it was before
+        the attempt: nothing names the file that was not written, the file kept in its place stays
+        tracked (and is removed later as usual), and the save is retried as if never made."""
+        before = {name: getattr(self, name) for name in self._BOOKKEEPING}
+        before["best_k_models"] = dict(self.best_k_models)
+        failed = self.failed_writes
+        yield
+        if self.failed_writes != failed:
+            self.__dict__.update(before)
+
+    def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
+        with self._undone_if_a_write_fails():
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         self._last_write_failed = False
-        try:
-            super()._save_checkpoint(trainer, filepath)
-        except CheckpointWriteError as err:
-            if self.on_write_error == "stop":
-                raise CheckpointWriteError(
-                    f"{err}. Training stopped at RL step {trainer.global_step}; free space or fix the folder and "
-                    "resume from the last complete checkpoint (ckpt_path), or set checkpoint.on_write_error: warn "
-                    "to go on without checkpoints when a write fails."
-                ) from err
-            self.failed_writes += 1
-            self._last_write_failed = True
+        with self._undone_if_a_write_fails():
+            error = None
+            try:
+                super()._save_checkpoint(trainer, filepath)
+            except CheckpointWriteError as err:
+                error = err
+                trainer.strategy.barrier("AtomicCheckpoint.failed_write")  # the one Trainer.save_checkpoint skipped
+            # rank 0 alone writes a single file: every rank takes the outcome of the save, or their
+            # bookkeeping, hence their next collectives (a save only rank 0 retries), diverge
+            if trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+                self._write_failed(trainer, filepath, error)
+
+    def _write_failed(self, trainer, filepath: str, error: CheckpointWriteError | None) -> None:
+        """Every rank, once a write failed on any (`error`: this rank's, None where its part went
+        through): all stop, or all count it and go on."""
+        if self.on_write_error == "stop":
+            reason = trainer.strategy.broadcast(str(error) if error is not None else None)  # rank 0's
+            if error is not None:
+                reason = str(error)
+            elif reason is None:
+                reason = f"could not write checkpoint {filepath!r} on another rank"
+            raise CheckpointWriteError(
+                f"{reason}. Training stopped at RL step {trainer.global_step}; free space or fix the folder and "
+                "resume from the last complete checkpoint (ckpt_path), or set checkpoint.on_write_error: warn "
+                "to go on without checkpoints when a write fails."
+            ) from error
+        self.failed_writes += 1
+        self._last_write_failed = True
+        if error is not None:  # logged where it failed
             log.warning("checkpoint write failed at RL step %d, training goes on (checkpoint.on_write_error: warn): "
-                        "%s", trainer.global_step, err)
-            trainer.strategy.barrier("AtomicCheckpoint.failed_write")  # the one Trainer.save_checkpoint skipped
+                        "%s", trainer.global_step, error)
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
         if self._last_write_failed:  # the checkpoint meant to replace it was not written: keep it
-            log.warning("keeping %s: the checkpoint that was to replace it could not be written", filepath)
+            if trainer.is_global_zero:  # the rank that removes files
+                log.warning("keeping %s: the checkpoint that was to replace it could not be written", filepath)
             return
         if self.save_last == "link" and not self._linking and self._links_to(filepath):
             # Lightning removes the previous step's file before it moves the link to the new one:
@@ -273,7 +315,8 @@ class AtomicCheckpoint(ModelCheckpoint):
     def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
         self._linking = True
         try:
-            super()._save_last_checkpoint(trainer, monitor_candidates)
+            with self._undone_if_a_write_fails():
+                super()._save_last_checkpoint(trainer, monitor_candidates)
         finally:
             self._linking = False
         pending, self._removals_after_link = self._removals_after_link, []

@@ -8,6 +8,8 @@ the checkpoint in place, which is exactly what loses `last.ckpt` on a full disk 
 """
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import signal
@@ -24,6 +26,7 @@ import torch
 from lit_covrl.checkpointing import (
     AtomicCheckpoint, AtomicCheckpointIO, CheckpointWriteError, atomic_write, is_temporary_name, temporary_name,
 )
+from tests import _dist
 from tests.faults import faulty_folder
 from tests.test_module import make_data, make_module
 
@@ -137,6 +140,100 @@ def test_on_write_error_warn_goes_on_and_deletes_no_checkpoint(tiny_model_dir, t
     # the step-2 file was not deleted to make room for the step-3 one that never got written
     assert sorted(os.listdir(ck)) == ["epoch=0-step=2.ckpt", "last.ckpt"]
     assert _step(ck / "last.ckpt") == 2 and _step(ck / "epoch=0-step=2.ckpt") == 2
+
+
+def _disk_full(f) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("monitor", [None, "step"])  # Lightning's two top-k paths: latest, best by a metric
+def test_on_write_error_warn_keeps_tracking_the_checkpoint_it_kept(tiny_model_dir, tmp_path, monkeypatch, monitor):
+    """save_top_k=1: Lightning names the new file best (and stops tracking the one it replaces)
+    before writing it; step 3's file fails, so step 2's stays, and must be the best until step 4
+    replaces it (and then be removed)."""
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def step_3_fails(self, checkpoint, path, storage_options=None):
+        if os.path.basename(path) == "epoch=0-step=3.ckpt":
+            return atomic_write(path, _disk_full)
+        return save(self, checkpoint, path, storage_options)
+
+    class BestAfterStep3(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == 3:  # step 3's saves are done
+                cb = trainer.checkpoint_callback
+                self.best = [os.path.basename(cb.best_model_path), list(map(os.path.basename, cb.best_k_models))]
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", step_3_fails)
+    ck, spy = tmp_path / "ck", BestAfterStep3()
+    trainer = _trainer(ck, 4, save_top_k=1, monitor=monitor, mode="max", on_write_error="warn")
+    trainer.callbacks.insert(0, spy)
+    trainer.fit(make_module(tiny_model_dir), make_data())
+    cb = trainer.checkpoint_callback
+    assert cb.failed_writes == 1
+    tracked = ["epoch=0-step=2.ckpt"] if monitor else []
+    assert spy.best == ["epoch=0-step=2.ckpt", tracked]  # not the step-3 file that was never written
+    assert sorted(os.listdir(ck)) == ["epoch=0-step=4.ckpt", "last.ckpt"]  # step 2's went once replaced
+    assert os.path.basename(cb.best_model_path) == "epoch=0-step=4.ckpt" and os.path.exists(cb.best_model_path)
+
+
+class _DiskFullFrom(L.Callback):
+    """From RL step `step` on, every checkpoint file write of this process fails (a full disk)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step + 1 == self.step:  # before this step's saves
+            io = trainer.strategy.checkpoint_io
+            io.save_checkpoint = lambda checkpoint, path, **_: atomic_write(path, _disk_full)
+
+
+def _ddp_worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> None:
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    torch.set_num_threads(1)
+    _dist.elastic_env(rank, 2, port)
+    out, res = Path(out), {}
+
+    def fit(ck: Path, **ckpt_kw) -> AtomicCheckpoint:
+        # a short collective timeout: ranks left in different collectives fail fast
+        ddp = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60))
+        callbacks = [_DiskFullFrom(2), AtomicCheckpoint(dirpath=ck, every_n_train_steps=1, **ckpt_kw)]
+        trainer = L.Trainer(
+            accelerator="cpu", devices=2, strategy=ddp, max_steps=3, callbacks=callbacks, logger=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        )
+        trainer.fit(_dist.make_module(model_dir), _dist.make_data(Path(prompts), _dist.B))
+        return trainer.checkpoint_callback
+
+    # link: at the end of the epoch a rank that did not count its step-3 save as failed skips the
+    # relink (and its collectives) that the others make
+    cb = fit(out / "warn", save_last="link", on_write_error="warn")
+    res["warn"] = [cb.failed_writes, os.path.basename(cb.best_model_path), cb._last_global_step_saved]
+    try:
+        fit(out / "stop", save_last=True, on_write_error="stop")
+        res["stop"] = None
+    except CheckpointWriteError as err:
+        res["stop"] = str(err)
+    (out / f"rank{rank}.json").write_text(json.dumps(res))
+
+
+@pytest.mark.slow
+def test_a_write_that_fails_on_rank_0_fails_on_every_rank(tiny_model_dir, tmp_path):
+    """DDP writes single files on rank 0 alone: its failed writes count on rank 1 too (warn), so
+    both ranks go on with the same bookkeeping and finish, and stop stops both."""
+    prompts = _dist.write_prompts(tmp_path / "prompts.jsonl", 2 * _dist.B * 3)
+    _dist.spawn(_ddp_worker, (_dist.free_port(), tiny_model_dir, str(prompts), str(tmp_path)), timeout_s=400)
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert res["warn"] == [2, "epoch=0-step=1.ckpt", 1], (rank, res)  # steps 2 and 3 failed, on both ranks
+        assert "No space left on device" in res["stop"] and "RL step 2" in res["stop"], (rank, res)
+    assert sorted(os.listdir(tmp_path / "warn")) == ["epoch=0-step=1.ckpt", "last.ckpt"]
+    assert os.readlink(tmp_path / "warn" / "last.ckpt") == "epoch=0-step=1.ckpt"
+    assert sorted(os.listdir(tmp_path / "stop")) == ["epoch=0-step=1.ckpt", "last.ckpt"]
 
 
 def test_save_last_link_replaces_the_link_atomically(tiny_model_dir, tmp_path):
