@@ -19,7 +19,9 @@ In Lightning 2.6 the training epoch loop calls it on the batch returned by `next
 i.e. the batch about to enter `training_step` — the fetcher's one-batch look-ahead happens
 *before* that and does not trigger the hook — so the count is exact. It is saved and restored
 with checkpoints through `state_dict`/`load_state_dict`, and the next iteration of the train
-dataloader starts there. (If both the LightningModule and this datamodule override the hook,
+dataloader starts there. The world size and batch size it counts in are saved with it: resumed
+under others, rows continue at the first stream position not yet used (a task's stream at the
+first global batch not yet used), with a warning. (If both the LightningModule and this datamodule override the hook,
 Lightning calls only the datamodule's; the module should not override it.)
 """
 from __future__ import annotations
@@ -148,13 +150,17 @@ class PromptDataModule(L.LightningDataModule):
         if task is not None:
             from lit_covrl.tasks import get_task
 
-            self.task = get_task(task, **(task_kwargs or {}))
+            try:
+                self.task = get_task(task, **(task_kwargs or {}))
+            except TypeError as e:  # a keyword the task's constructor does not take
+                raise ValueError(f"data.task_kwargs={task_kwargs!r} does not fit data.task={task!r}: {e}") from e
             if not isinstance(task, str):  # hparams stay plain data: the class path names it
                 self.hparams["task"] = f"{type(task).__module__}.{type(task).__qualname__}"
         self.next_index = 0
         self.reader = RowReader(prompt_field, answer_field, strict=strict)
         self._train_rows: list[Example] | None = None
         self._val_examples: list[Example] = []
+        self._val_read = False  # held-out prompts read from files / a HF split (not a task's)
         self._val_batches: list[PromptBatch] | None = None
         self._perms: dict[tuple[str, int], list[int]] = {}
 
@@ -176,6 +182,7 @@ class PromptDataModule(L.LightningDataModule):
                 val = self.reader.read_hf(hp.hf_dataset, hp.hf_config, hp.hf_val_split)
         if hp.val_files:
             val = [ex for path in hp.val_files for ex in self.reader.read_file(path)]
+        self._val_read = bool(hp.val_files) or (self.task is None and hp.hf_val_split is not None)
         if self._train_rows is not None and not self._train_rows:
             raise ValueError(f"no valid training rows in {hp.train_files or hp.hf_dataset} ({self.skipped_rows} skipped)")
         if hp.system_prompt is not None and self._train_rows is not None:
@@ -210,6 +217,8 @@ class PromptDataModule(L.LightningDataModule):
         hp = self.hparams
         if self.task is not None:
             source = f"task {hp.task!r} (synthetic)"
+            if self._val_read:
+                source += f", held-out {self.rows_used}/{self.rows_seen} rows used ({self.skipped_rows} malformed)"
         else:
             source = f"{len(hp.train_files)} train file(s)" if hp.train_files else f"HF {hp.hf_dataset!r}"
             source += f", {self.rows_used}/{self.rows_seen} rows used ({self.skipped_rows} malformed)"
@@ -303,23 +312,22 @@ class PromptDataModule(L.LightningDataModule):
         return bool(self._val_batches)
 
     def known_prompts(self) -> list[str]:
-        """Every train and held-out prompt when the source is finite (files, HF datasets), so the
-        module can check prompt lengths at start-up; empty for an unlimited synthetic task."""
-        if self._val_batches is None:
-            raise RuntimeError("call setup() first")
-        val = [p for b in self._val_batches for p in b.prompts]
-        return [ex.prompt for ex in self._train_rows] + val if self._train_rows is not None else []
+        """Every prompt read from files or HF datasets (train and held-out), so the module can check
+        prompt lengths at start-up; an unlimited synthetic task's prompts are not among them (its
+        held-out prompts are, when they come from val_files)."""
+        return [ex.prompt for ex in self.known_examples()]
 
     def known_examples(self) -> list[Example]:
         """`known_prompts` as Examples, each with its `source` (file:line) when read from a file."""
         if self._val_batches is None:
             raise RuntimeError("call setup() first")
-        return self._train_rows + self._val_examples if self._train_rows is not None else []
+        return (self._train_rows or []) + (self._val_examples if self._val_read else [])
 
     def task_sample(self) -> list[Example]:
         """A synthetic task's held-out prompts (a sample of what it generates), each labelled with
-        the task's name, for start-up reports; [] for file and HF sources."""
-        if self.task is None or self._val_batches is None:
+        the task's name, for start-up reports; [] for file and HF sources, and when the held-out
+        prompts come from val_files (they are then in `known_examples`)."""
+        if self.task is None or self._val_batches is None or self._val_read:
             return []
         label = f"task {self.hparams.task!r}, held-out prompt"
         return [dataclasses.replace(ex, source=f"{label} {i}") for i, ex in enumerate(self._val_examples, 1)]
@@ -338,7 +346,8 @@ class PromptDataModule(L.LightningDataModule):
         for ex, reason in rejected[:MAX_ROW_WARNINGS]:
             log.warning("skipping unencodable prompt %s: %s", ex.source or "", reason)
         drop = {id(ex) for ex, _ in rejected}
-        self._train_rows = [ex for ex in self._train_rows if id(ex) not in drop]
+        if self._train_rows is not None:  # None: a task, with held-out prompts from val_files
+            self._train_rows = [ex for ex in self._train_rows if id(ex) not in drop]
         self._val_examples = [ex for ex in self._val_examples if id(ex) not in drop]
         self._val_batches = _batched(self._val_examples, self.hparams.val_batch_size)
         self._perms.clear()
@@ -346,7 +355,7 @@ class PromptDataModule(L.LightningDataModule):
         log.warning("skipped %d prompt(s) the tokenizer cannot represent (data.unencodable_prompts: skip)",
                     len(rejected))
         self._write_skipped()  # the listing in the run's folder includes them (every rank calls this)
-        if not self._train_rows:
+        if self._train_rows is not None and not self._train_rows:
             raise ValueError(f"no valid training rows in {self.hparams.train_files or self.hparams.hf_dataset} "
                              f"({self.skipped_rows} skipped)")
 
@@ -362,23 +371,35 @@ class PromptDataModule(L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints by Lightning. `next_index` (with the world size it counts batches
-        of) is restored; `skipped_rows` is for the record (counts are recomputed when the files are
-        read) and `seed` is checked."""
-        return {"next_index": self.next_index, "world_size": self._rank_world()[1], "skipped_rows": self.skipped_rows,
-                "seed": self.hparams.seed}
+        """Saved in checkpoints by Lightning. `next_index` (with the world size and batch size it
+        counts batches of) is restored; `skipped_rows` is for the record (counts are recomputed when
+        the files are read) and `seed` is checked."""
+        return {"next_index": self.next_index, "world_size": self._rank_world()[1],
+                "batch_size": self.hparams.batch_size, "skipped_rows": self.skipped_rows, "seed": self.hparams.seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore `next_index`, rescaled when the world size or (rows only) the batch size changed.
+
+        Batch k of rank r is global batch g = k * W + r, and rows take stream positions
+        [g * B, (g + 1) * B): the saved run used the first next_index * W * B positions (a task's
+        first next_index * W global batches: its batch size moves no position). The resumed run
+        continues at the first of its batches at or after them, so that no prompt is repeated
+        (fewer than W * B positions are skipped). Checkpoints without the world size or batch size
+        (older ones) are taken to match.
+        """
         self.next_index = int(state_dict["next_index"])
-        saved_world, world = int(state_dict.get("world_size", 0)), self._rank_world()[1]
-        if saved_world and saved_world != world:
-            # batch k of rank r is global batch k * W + r: continue after the saved run's last global
-            # batch under the new W, so that no prompt batch is repeated (fewer than W are skipped)
-            used = self.next_index * saved_world
-            self.next_index = -(-used // world)
-            log.warning("prompt stream saved with %d ranks, resuming with %d: continuing at global batch %d "
-                        "(%d skipped, none repeated)", saved_world, world, self.next_index * world,
-                        self.next_index * world - used)
+        world, bs = self._rank_world()[1], self.hparams.batch_size
+        saved_world = int(state_dict.get("world_size", 0)) or world
+        saved_bs = int(state_dict.get("batch_size", 0)) or bs
+        rows = self.task is None
+        per, saved_per = (bs, saved_bs) if rows else (1, 1)  # stream units per global batch
+        if (saved_world, saved_per) != (world, per):
+            used = self.next_index * saved_world * saved_per
+            self.next_index = -(-used // (world * per))
+            first = self.next_index * world * per
+            log.warning("prompt stream saved with %d rank(s) x %d prompts per batch, resuming with %d x %d: "
+                        "continuing at %s %d (%d skipped, none repeated)", saved_world, saved_bs, world, bs,
+                        "stream position" if rows else "global batch", first, first - used)
         saved_seed = state_dict.get("seed", self.hparams.seed)
         if saved_seed != self.hparams.seed:
             log.warning("resuming a prompt stream saved with seed %s under seed %s", saved_seed, self.hparams.seed)

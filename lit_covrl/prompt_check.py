@@ -2,6 +2,9 @@
 
 Run once by `GRPOModule.setup`, where the tokenizer and the chat template are known, on the
 datamodule's `known_examples()` (each with its `file:line`):
+- `data.system_prompt` without a chat template to put it in is a ValueError naming both settings;
+- a prompt the chat template rejects (it raises, e.g. "roles must alternate", "System role not
+  supported") raises ValueError naming its file:line (and `data.system_prompt` when it is set);
 - a prompt longer than `max_prompt_length` raises ValueError naming its file:line (when the
   module's `prompt_overflow` is "error");
 - a prompt that encodes to the tokenizer's unknown token (characters it cannot represent: the
@@ -15,8 +18,13 @@ from __future__ import annotations
 
 import logging
 
-from lit_covrl.prompts import prompt_texts
+from lit_covrl.prompts import prompt_texts, uses_chat_template
 from lit_covrl.types import Example
+
+try:
+    from jinja2 import TemplateError  # what transformers' chat templates raise
+except ImportError:  # no jinja2: no chat template can be rendered (nor raise)
+    TemplateError = ()  # type: ignore[assignment,misc]
 
 log = logging.getLogger("lit_covrl")
 
@@ -56,18 +64,35 @@ def _reason(tokenizer, prompt: str, text: str, ids: list[int], add_special_token
             f"({tokenizer.unk_token!r}){shown}")
 
 
+def _texts(tokenizer, chunk: list[Example], chat_template: bool | None, hint: str) -> tuple[list[str], bool]:
+    """`prompt_texts` of the chunk's prompts; ValueError naming file:line of the first prompt the
+    chat template rejects (with `hint` appended)."""
+    try:
+        return prompt_texts(tokenizer, [ex.prompt for ex in chunk], chat_template=chat_template)
+    except TemplateError:
+        for ex in chunk:
+            try:
+                prompt_texts(tokenizer, [ex.prompt], chat_template=chat_template)
+            except TemplateError as e:
+                msg = " ".join(str(e).split())  # one line
+                raise ValueError(f"{where(ex)}: the chat template rejects this prompt: {msg}{hint}") from e
+        raise
+
+
 def find_unencodable(
     tokenizer, examples: list[Example], *, chat_template: bool | None = None, max_prompt_length: int | None = None,
+    template_hint: str = "",
 ) -> list[tuple[Example, str]]:
     """[(example, reason)] for the prompts that encode to unknown tokens or to nothing, in order.
 
-    Raises ValueError naming file:line for the first prompt over `max_prompt_length` (None: no limit).
+    Raises ValueError naming file:line for the first prompt over `max_prompt_length` (None: no limit)
+    and for the first prompt the chat template rejects (`template_hint` appended to that message).
     """
     bad: list[tuple[Example, str]] = []
     special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
     for start in range(0, len(examples), _CHUNK):
         chunk = examples[start : start + _CHUNK]
-        texts, templated = prompt_texts(tokenizer, [ex.prompt for ex in chunk], chat_template=chat_template)
+        texts, templated = _texts(tokenizer, chunk, chat_template, template_hint)
         ids = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
         for ex, text, x in zip(chunk, texts, ids):
             if max_prompt_length is not None and len(x) > max_prompt_length:
@@ -86,20 +111,37 @@ def check_datamodule_prompts(tokenizer, dm, *, chat_template: bool | None, max_p
     prompt over `max_prompt_length` (None: not checked), naming its file:line; prompts the
     tokenizer cannot represent are counted, reported and handed to the datamodule
     (`reject_prompts`: an error or skipped, its setting decides). A task's generated prompts are
-    only reported (from `task_sample()`), never dropped."""
+    only reported (from `task_sample()`), never dropped. `data.system_prompt` without a chat
+    template, and a prompt the chat template rejects, are errors."""
+    hint = _check_system_prompt(tokenizer, getattr(dm, "hparams", {}).get("system_prompt"), chat_template)
     if hasattr(dm, "known_examples"):
         examples = dm.known_examples()
     else:
         examples = [Example(p, "") for p in dm.known_prompts()]
-    bad = find_unencodable(tokenizer, examples, chat_template=chat_template, max_prompt_length=max_prompt_length)
+    bad = find_unencodable(tokenizer, examples, chat_template=chat_template, max_prompt_length=max_prompt_length,
+                           template_hint=hint)
     if bad:
         log.warning("%d of %d prompts encode to the tokenizer's unknown token or to nothing (first: %s: %s)",
                     len(bad), len(examples), where(bad[0][0]), bad[0][1])
         if hasattr(dm, "reject_prompts"):
             dm.reject_prompts(bad)
     sample = dm.task_sample() if hasattr(dm, "task_sample") else []
-    bad = find_unencodable(tokenizer, sample, chat_template=chat_template)
+    bad = find_unencodable(tokenizer, sample, chat_template=chat_template, template_hint=hint)
     if bad:
         log.warning("%d of %d held-out prompts of the task encode to the tokenizer's unknown token or to nothing, "
                     "and its training prompts are generated alike (first: %s: %s)",
                     len(bad), len(sample), where(bad[0][0]), bad[0][1])
+
+
+def _check_system_prompt(tokenizer, system_prompt: str | None, chat_template: bool | None) -> str:
+    """ValueError when `data.system_prompt` is set but prompts do not go through a chat template;
+    else the hint for a chat template error ("" without a system prompt)."""
+    if system_prompt is None:
+        return ""
+    if not uses_chat_template(tokenizer, chat_template):
+        why = ("model.rollout.chat_template is false" if getattr(tokenizer, "chat_template", None) is not None
+               else "the tokenizer has no chat template (model.rollout.chat_template cannot add one)")
+        raise ValueError(f"data.system_prompt needs a chat template, but {why}; unset data.system_prompt "
+                         "or put the instruction in the prompts")
+    return (" (data.system_prompt adds a system message before every string prompt; unset it if the "
+            "template takes no system role)")

@@ -14,11 +14,16 @@ PROMPT_OVERFLOW = ("error", "truncate_left")
 def prompt_texts(tokenizer, prompts: list[str | list[dict]], *, chat_template: bool | None = None) -> tuple[list[str], bool]:
     """(the texts the tokenizer encodes, whether they went through the chat template); see
     `encode_prompts` for `chat_template`."""
+    use_template = uses_chat_template(tokenizer, chat_template)
+    return [_render(tokenizer, p, use_template) for p in prompts], use_template
+
+
+def uses_chat_template(tokenizer, chat_template: bool | None) -> bool:
+    """Whether prompts go through the tokenizer's chat template (see `encode_prompts`)."""
     has_template = getattr(tokenizer, "chat_template", None) is not None
     if chat_template and not has_template:
-        raise ValueError("chat_template=True but the tokenizer has no chat template")
-    use_template = has_template if chat_template is None else chat_template
-    return [_render(tokenizer, p, use_template) for p in prompts], use_template
+        raise ValueError("model.rollout.chat_template is true but the tokenizer has no chat template")
+    return has_template if chat_template is None else bool(chat_template)
 
 
 def prompt_token_ids(tokenizer, prompts: list[str | list[dict]], *, chat_template: bool | None = None) -> list[list[int]]:

@@ -4,11 +4,17 @@ Row files. `.jsonl`/`.json`: one JSON object per line (a `.json` file holding a 
 is also accepted; its items are numbered 1, 2, ...). `.parquet`: one row per table row. Blank
 lines are not rows: they are ignored silently but line numbers still count them. A row is
 malformed if it is not valid JSON / not an object, lacks the prompt or answer field, has a null
-value, a prompt that is not a string, an answer that is not a string or finite number (numbers
-become `str(value)`), or an empty (whitespace-only) value. Malformed rows are skipped with a
-warning `file:line: reason` (the first few per file, then a summary) and counted; with
-`strict=True` the first one raises ValueError. A file in which no row has the configured field
-names raises ValueError naming the fields found, in either mode.
+value, a prompt that is not a string, an answer that is not a string or finite number, an empty
+(whitespace-only) value, or text that is not valid Unicode (a lone surrogate such as an escaped
+"\\ud83d", which cannot be encoded as UTF-8). Malformed rows are skipped with a warning
+`file:line: reason` (the first few per file, then a summary) and counted; with `strict=True` the
+first one raises ValueError. In either mode a ValueError names the file when it has no rows at
+all, when no row has the configured field names (with the fields found), or when a `.json` file
+starting with `[` is not a valid JSON array (with the JSON error's line and column).
+
+Number answers. A whole number is written as an integer, whatever its type: 3 and 3.0 (a float64
+column of Parquet / HF datasets, JSON `3.0`) both become "3", JSON `1e3` becomes "1000", never
+scientific notation. Other floats are written as Python's `repr` (`0.5` -> "0.5", `1e-07`).
 
 Fields. A field name may be a dotted path into nested objects (`reward_model.ground_truth`,
 verl's layout); a top-level key that contains the dots itself wins. The prompt may be a string
@@ -42,18 +48,18 @@ class _Malformed:
 
 
 def jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
-    """(location, decoded row or _Malformed) for each non-blank line of a JSON-lines file."""
+    """(location, decoded row or _Malformed) for each non-blank line of a JSON-lines file, or each
+    item of a `.json` array (ValueError with the JSON error when a file starting with `[` is not one)."""
     with open(path, "rb") as f:
         data = f.read()
     if path.endswith(".json") and data.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"[":  # a BOM may lead
         try:
             items = json.loads(data.decode("utf-8-sig"))
-        except ValueError:
-            items = None
-        if isinstance(items, list):
-            for n, item in enumerate(items, 1):
-                yield f"{path}:item {n}", item
-            return
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            raise ValueError(f"{path}: not a valid JSON array ({e})") from None
+        for n, item in enumerate(items, 1):
+            yield f"{path}:item {n}", item
+        return
     for n, raw in enumerate(data.split(b"\n"), 1):
         loc = f"{path}:{n}"
         try:
@@ -101,7 +107,28 @@ def _check_messages(key: str, messages: list) -> str | None:
             return f"field {key!r} message {i} is not a {{role, content}} object with string values"
     if not any(m["content"].strip() for m in messages):
         return f"empty field {key!r} (every message is empty)"
+    for i, m in enumerate(messages):
+        reason = _check_unicode(key, m["role"] + m["content"], f" message {i}")
+        if reason:
+            return reason
     return None
+
+
+def _check_unicode(key: str, text: str, where: str = "") -> str | None:
+    """The reason `text` cannot be encoded as UTF-8 (a lone surrogate), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"field {key!r}{where} is not valid Unicode (lone surrogate {text[e.start]!r} at character {e.start})"
+    return None
+
+
+def number_text(value: int | float) -> str:
+    """A finite number answer as text: whole numbers as integers ("3", not "3.0" or "1e+21"),
+    other floats as their repr."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value) if isinstance(value, int) else repr(value)
 
 
 def _check_row(row: Any, prompt_field: str, answer_field: str) -> Example | str:
@@ -126,7 +153,7 @@ def _check_row(row: Any, prompt_field: str, answer_field: str) -> Example | str:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and numbers_ok:
             if not math.isfinite(v):
                 return f"field {key!r} is not a finite number ({v})"
-            v = str(v)
+            v = number_text(v)
         if not isinstance(v, str):
             expected = "a string or a number" if numbers_ok else "a string"
             if not numbers_ok:
@@ -134,6 +161,9 @@ def _check_row(row: Any, prompt_field: str, answer_field: str) -> Example | str:
             return f"field {key!r} is {type(v).__name__}, expected {expected}"
         if not v.strip():
             return f"empty field {key!r}"
+        reason = _check_unicode(key, v)
+        if reason:
+            return reason
         values.append(v)
     columns = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
     return Example(prompt=values[0], answer=values[1], columns=columns)
@@ -153,6 +183,8 @@ def read_rows(
 
     `columns` (the schema, when the format has one) is reported when the fields do not match.
     """
+    if not rows:
+        raise ValueError(f"{label}: no rows")
     dict_rows = [r for _, r in rows if isinstance(r, dict)]
     if dict_rows or columns:
         found = set(columns or ())

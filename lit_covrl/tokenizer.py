@@ -3,7 +3,8 @@
 Every character of `alphabet` is one token; anything else maps to "<unk>". Ids 0..3 are the
 special tokens pad "<pad>", unk "<unk>", bos "<bos>", eos "<eos>", then the alphabet in order.
 No special token is added automatically: encode("47+85=") is exactly 6 ids. Decoding
-concatenates the characters (no spaces); `skip_special_tokens=True` drops pad/bos/eos.
+concatenates the characters (no spaces); `skip_special_tokens=True` drops pad/unk/bos/eos (so
+an unknown character then decodes to nothing).
 The result is a plain `PreTrainedTokenizerFast` (a `tokenizer.json`), so `save_pretrained` and
 `PreTrainedTokenizerFast.from_pretrained(folder)` round-trip without any lit_covrl code. (In a
 folder whose config.json names a model type such as qwen2, transformers 5's `AutoTokenizer` builds

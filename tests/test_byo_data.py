@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lit_covrl.data import PromptDataModule
+from lit_covrl.prompt_check import check_datamodule_prompts
 from lit_covrl.prompts import encode_prompts
 from lit_covrl.stopping import eos_token_ids, truncate_at_stop_strings
 from lit_covrl.types import Example, Rollout
@@ -94,6 +95,71 @@ def test_system_prompt_and_chat_template(tmp_path, chat_tokenizer):
     assert texts == ["<system>S<user>hi<assistant>", "<user>yo<assistant>"]
     with pytest.raises(ValueError, match="is a conversation .*model.rollout.chat_template is false"):
         encode_prompts(chat_tokenizer, prompts, chat_template=False)
+
+
+def test_system_prompt_without_a_chat_template_names_the_setting(tmp_path, chat_tokenizer):
+    """data.system_prompt turns string prompts into conversations: without a chat template the
+    start-up check names data.system_prompt, not the prompts."""
+    from lit_covrl.policy import load_tokenizer
+
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "1+1=", "answer": "2"}])
+    for kw in (dict(task=None, train_files=[path]), dict(task="arithmetic")):
+        dm = PromptDataModule(system_prompt="Be brief.", batch_size=1, val_size=2, **kw)
+        dm.setup("fit")
+        with pytest.raises(ValueError, match=r"^data\.system_prompt needs a chat template, but the tokenizer has no "):
+            check_datamodule_prompts(load_tokenizer("lit_covrl:tiny-arith"), dm, chat_template=None,
+                                     max_prompt_length=64)
+        with pytest.raises(ValueError, match=r"^data\.system_prompt needs a chat template, but "
+                                             r"model\.rollout\.chat_template is false"):
+            check_datamodule_prompts(chat_tokenizer, dm, chat_template=False, max_prompt_length=64)
+        check_datamodule_prompts(chat_tokenizer, dm, chat_template=None, max_prompt_length=64)  # with one: fine
+
+
+def test_a_prompt_the_chat_template_rejects_names_file_line(tmp_path):
+    """Templates that raise (Mistral-style "roles must alternate", Gemma-style "System role not
+    supported") give a one-line ValueError naming file:line, and data.system_prompt when it is set."""
+    from lit_covrl.cli import _STARTUP_ERRORS
+    from lit_covrl.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer("".join(c for c in string.printable if c not in "\t\n\r\x0b\x0c"))
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                         "<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>")
+    user = [{"role": "user", "content": "1+1="}]
+    rows = [{"prompt": user, "answer": "2"}] * 3 + [{"prompt": user * 2, "answer": "1"}]  # row 4: user, user
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    dm = PromptDataModule(task=None, train_files=[path], batch_size=1)
+    dm.setup("fit")
+    with pytest.raises(ValueError) as err:
+        check_datamodule_prompts(tok, dm, chat_template=None, max_prompt_length=64)
+    assert str(err.value) == (f"{path}:4: the chat template rejects this prompt: "
+                              "Conversation roles must alternate user/assistant")
+    assert isinstance(err.value, _STARTUP_ERRORS)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                         "supported') }}{% endif %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>")
+    path = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "1+1=", "answer": "2"}])
+    dm = PromptDataModule(task=None, train_files=[path], batch_size=1, system_prompt="Be brief.")
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=rf"^{path}:1: the chat template rejects this prompt: System role not "
+                                         r"supported \(data\.system_prompt adds a system message"):
+        check_datamodule_prompts(tok, dm, chat_template=None, max_prompt_length=64)
+
+
+def test_chat_template_required_without_one_names_the_setting():
+    from lit_covrl.policy import load_tokenizer
+
+    with pytest.raises(ValueError, match=r"^model\.rollout\.chat_template is true but the tokenizer has no "):
+        encode_prompts(load_tokenizer("lit_covrl:tiny-arith"), ["1+1="], chat_template=True)
+
+
+def test_the_byo_task_never_trains_on_its_held_out_prompts():
+    from examples.byo.my_task import ThreeDigitSums
+
+    dm = PromptDataModule(task=ThreeDigitSums(max_digit=9), batch_size=16, val_size=64, val_batch_size=64)
+    dm.setup("fit")
+    val = {p for b in dm.val_dataloader() for p in b.prompts}
+    train = {p for k in range(50) for p in dm.batch_at(k).prompts}
+    assert len(val) > 20 and len(train) > 500 and not val & train
 
 
 class SevenTask:

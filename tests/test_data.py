@@ -135,6 +135,10 @@ def test_malformed_rows_skipped_and_counted(tmp_path, caplog):
         ('{"prompt": "p", "answer": {}}', "'answer' is dict"),
         ('{"prompt": 3, "answer": "a"}', "'prompt' is int, expected a string"),
         ('{"prompt": "", "answer": "a"}', "empty field 'prompt'"),
+        # a lone surrogate (an emoji cut in half) cannot be encoded as UTF-8 for the tokenizer
+        ('{"prompt": "2+2=\\ud83d", "answer": "4"}', r"'prompt' is not valid Unicode \(lone surrogate '\\ud83d' at character 4\)"),
+        ('{"prompt": "p", "answer": "\\udc00"}', "'answer' is not valid Unicode"),
+        ('{"prompt": [{"role": "user", "content": "\\ud83d"}], "answer": "a"}', "'prompt' message 0 is not valid Unicode"),
     ],
 )
 def test_strict_raises_at_first_malformed_row(tmp_path, line, reason):
@@ -165,6 +169,49 @@ def test_json_array_file_and_answer_field(tmp_path):
     dm = PromptDataModule(task=None, train_files=[str(bom)], prompt_field="q", answer_field="ans", batch_size=1)
     dm.setup("fit")
     assert dm._train_rows == [Example("a", "1")] and dm.skipped_rows == 1
+
+
+def test_json_array_with_a_syntax_error_names_the_position(tmp_path):
+    """A .json array with one syntax error is one error with the JSON position, in either mode,
+    not every line re-read (and skipped) as a JSON-lines row."""
+    p = tmp_path / "a.json"
+    p.write_text('[\n  {"prompt": "a", "answer": "1"},\n  {"prompt": "b", "answer": "2"},\n]\n')  # trailing comma
+    with pytest.raises(ValueError, match=rf"^{p}: not a valid JSON array \(Expecting value: line 4 column 1 "):
+        PromptDataModule(task=None, train_files=[str(p)]).setup("fit")
+
+
+def test_whole_number_answers_are_written_as_integers(tmp_path):
+    """ExactMatchReward compares text: a float64 column (Parquet, HF datasets, pandas) or JSON `1e3`
+    must give "3" / "1000", not "3.0" / "1000.0"; other floats keep their repr."""
+    path = write_jsonl(tmp_path / "n.jsonl", [
+        '{"prompt": "a", "answer": 3.0}', '{"prompt": "b", "answer": 1e3}', '{"prompt": "c", "answer": 1e21}',
+        '{"prompt": "d", "answer": -0.0}', '{"prompt": "e", "answer": 0.1}', '{"prompt": "f", "answer": -2.5}',
+        '{"prompt": "g", "answer": 12345678901234567890}', '{"prompt": "h", "answer": 1e-7}'])
+    dm = PromptDataModule(task=None, train_files=[path])
+    dm.setup("fit")
+    assert [ex.answer for ex in dm._train_rows] == [
+        "3", "1000", "1000000000000000000000", "0", "0.1", "-2.5", "12345678901234567890", "1e-07"]
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["1+2=", "x"], "answer": pa.array([3.0, 4.5], pa.float64())}),
+                   str(tmp_path / "f.parquet"))
+    dm = PromptDataModule(task=None, train_files=[str(tmp_path / "f.parquet")])
+    dm.setup("fit")
+    assert [ex.answer for ex in dm._train_rows] == ["3", "4.5"]
+
+
+def test_a_file_without_rows_is_named(tmp_path):
+    empty = write_jsonl(tmp_path / "e.jsonl", [""])
+    with pytest.raises(ValueError, match=rf"^{empty}: no rows$"):
+        PromptDataModule(task=None, train_files=[empty]).setup("fit")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = str(tmp_path / "e.parquet")
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), path)
+    with pytest.raises(ValueError, match=rf"^{path}: no rows$"):  # not "no row has the field(s)"
+        PromptDataModule(task=None, train_files=[path]).setup("fit")
 
 
 def test_parquet_round_trip_with_nulls(tmp_path):
@@ -322,7 +369,8 @@ def test_resume_is_exact_via_checkpoint(tmp_path):
     ckpt = str(tmp_path / "step3.ckpt")
     trainer.save_checkpoint(ckpt)
     assert model.seen == ref[:3]
-    assert torch.load(ckpt, weights_only=False)["PromptDataModule"]["next_index"] == 3
+    saved = torch.load(ckpt, weights_only=False)["PromptDataModule"]
+    assert (saved["next_index"], saved["batch_size"]) == (3, 3)
 
     resumed = Recorder()
     trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False,
@@ -466,3 +514,72 @@ def test_resume_with_another_world_size_repeats_no_prompt_batch(fake_task, saved
     old = {k: v for k, v in state.items() if k != "world_size"}  # a checkpoint from before: kept as is
     dm.load_state_dict(old)
     assert dm.next_index == next_index
+
+
+@pytest.mark.parametrize("saved_bs,saved_world,next_index,bs,world", [
+    (8, 1, 10, 4, 1), (4, 1, 10, 8, 1), (3, 2, 7, 5, 1), (5, 1, 7, 3, 4), (4, 2, 3, 4, 2)])
+def test_resume_with_another_batch_size_repeats_no_prompt(tmp_path, caplog, saved_bs, saved_world, next_index, bs,
+                                                          world):
+    """Rows: batch k of rank r takes stream positions [g * B, (g + 1) * B), g = k * W + r. A run saved
+    after next_index batches per rank used the first next_index * W * B positions; resumed under
+    another B (and W) it continues at the first batch at or after them, with a warning."""
+    from types import SimpleNamespace
+
+    path = write_jsonl(tmp_path / "r.jsonl", rows(1000))  # one epoch: positions are distinct prompts
+
+    def make(batch_size, w):
+        dm = PromptDataModule(task=None, train_files=[path], batch_size=batch_size)
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=w)
+        return dm
+
+    saver = make(saved_bs, saved_world)
+    saver.next_index = next_index
+    def prompts(dm, ks, w):
+        return {p for k in ks for r in range(w) for p in dm.batch_at(k, r, w).prompts}
+
+    trained = prompts(saver, range(next_index), saved_world)
+    dm = make(bs, world)
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        dm.load_state_dict(saver.state_dict())
+    used, first = next_index * saved_world * saved_bs, dm.next_index * world * bs
+    assert used <= first < used + world * bs  # nothing repeated, less than one global batch skipped
+    assert not prompts(dm, range(dm.next_index, dm.next_index + 3), world) & trained
+    changed = (saved_bs, saved_world) != (bs, world)
+    assert any(f"continuing at stream position {first}" in r.getMessage() for r in caplog.records) == changed
+    old = {k: v for k, v in saver.state_dict().items() if k not in ("batch_size", "world_size")}
+    dm.load_state_dict(old)  # a checkpoint from before: kept as is
+    assert dm.next_index == next_index
+
+
+def test_a_task_stream_resumes_at_its_batch_under_another_batch_size(fake_task):
+    """A task's global batch g has its own seeded RNG: its batch size moves no stream position."""
+    saver = PromptDataModule(task=fake_task, batch_size=8)
+    saver.next_index = 5
+    dm = PromptDataModule(task=fake_task, batch_size=2)
+    dm.load_state_dict(saver.state_dict())
+    assert dm.next_index == 5
+
+
+def test_a_task_with_val_files_checks_and_labels_the_files(tmp_path, fake_task):
+    """task + val_files: the held-out prompts are rows of the files, so they are known examples
+    (checked at start-up, with file:line), not a sample of the task."""
+    val = write_jsonl(tmp_path / "v.jsonl", rows(3))
+    dm = PromptDataModule(task=fake_task, val_files=[val], val_batch_size=2)
+    dm.setup("fit")
+    assert [ex.source for ex in dm.known_examples()] == [f"{val}:{i}" for i in (1, 2, 3)]
+    assert dm.known_prompts() == ["q0", "q1", "q2"]
+    assert dm.task_sample() == []
+    assert "task 'fake' (synthetic), held-out 3/3 rows used (0 malformed)" in dm.describe()
+    dm.hparams.unencodable_prompts = "skip"
+    dm.reject_prompts([(dm.known_examples()[1], "unknown")])  # no train rows to filter: no crash
+    assert [b.prompts for b in dm.val_dataloader()] == [["q0", "q2"]]
+    assert dm.skipped_rows == 1 and len(dm.batch_at(0).prompts) == 16  # the task still streams
+    plain = PromptDataModule(task=fake_task, val_size=2)
+    plain.setup("fit")
+    assert plain.known_examples() == [] and len(plain.task_sample()) == 2
+
+
+def test_a_task_kwargs_typo_names_the_setting():
+    with pytest.raises(ValueError, match=r"^data\.task_kwargs=\{'max_operand': 5\} does not fit "
+                                         r"data\.task='arithmetic'"):
+        PromptDataModule(task="arithmetic", task_kwargs={"max_operand": 5})

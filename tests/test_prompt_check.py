@@ -13,7 +13,7 @@ import pytest
 from lit_covrl.assets import TINY_MODEL_DIR
 from lit_covrl.data import PromptDataModule
 from lit_covrl.policy import load_tokenizer
-from lit_covrl.prompt_check import find_unencodable
+from lit_covrl.prompt_check import check_datamodule_prompts, find_unencodable
 from lit_covrl.tasks.arithmetic import ArithmeticTask
 from lit_covrl.types import Example
 from tests.helpers import fit
@@ -120,3 +120,19 @@ def test_a_task_the_tokenizer_cannot_represent_is_reported(tiny_model_dir, caplo
     reports = [r.getMessage() for r in caplog.records if "held-out prompts of the task" in r.getMessage()]
     assert len(reports) == 1 and reports[0].startswith("6 of 6 held-out prompts"), reports
     assert "(first: task 'word_problems', held-out prompt 1: prompt " in reports[0], reports
+
+
+def test_held_out_files_of_a_task_are_checked_at_start_up(tmp_path):
+    """task + val_files: the files' prompts are checked like any file's (overlong, unencodable,
+    with file:line), and not reported as the task's held-out prompts."""
+    tok = load_tokenizer("lit_covrl:tiny-arith")
+    val = _rows(tmp_path / "val.jsonl", ["1+1=", "What is one plus one?", "1+" * 20 + "1="])
+    data = PromptDataModule(task="arithmetic", val_files=[val], val_batch_size=4)
+    data.setup("fit")
+    with pytest.raises(ValueError, match=rf"^{val}:3: prompt '1\+1\+.*' has 42 tokens > max_prompt_length=32"):
+        check_datamodule_prompts(tok, data, chat_template=None, max_prompt_length=32)
+    with pytest.raises(ValueError, match=rf"^{val}:2: prompt 'What is one plus one\?' has 21 of 21 tokens unknown"):
+        check_datamodule_prompts(tok, data, chat_template=None, max_prompt_length=64)
+    data.hparams.unencodable_prompts = "skip"
+    check_datamodule_prompts(tok, data, chat_template=None, max_prompt_length=64)
+    assert [b.prompts for b in data.val_dataloader()] == [["1+1=", "1+" * 20 + "1="]] and data.skipped_rows == 1
