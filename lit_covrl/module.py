@@ -226,6 +226,8 @@ class GRPOModule(L.LightningModule):
         check_strategy(self.trainer.strategy, cfg.system)
         check_unique_names(self.regularizers)
         dm, ro = getattr(self.trainer, "datamodule", None), cfg.rollout
+        # rewards asking for the answers by the data's field name (TRL's `solution`) get them so
+        self.rewards.answer_field = getattr(dm, "hparams", {}).get("answer_field") if dm is not None else None
         check_fit_plan(ro, cfg.update, prompts_per_step=self._prompts_per_step(), datamodule=dm, stage=stage)
         if stage == "fit":
             t = self.trainer

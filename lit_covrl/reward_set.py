@@ -12,12 +12,23 @@ in one of two forms:
   contained per item by `score_completions`: an exception, a non-finite or non-numeric value or a
   call that outlives `timeout_s` scores that item 0.0 and is counted.
 - batched: `fn(completions, answers, prompts, **columns) -> list[float]`, called once per batch,
-  all arguments by keyword, each column as a list (TRL's convention: a TRL reward function
-  `def f(completions, solution, **kwargs)` works as is). A reward is batched if it has an
-  attribute `batched = True`, or, without that attribute, a parameter named `completions`. A
-  batched call that raises, returns a list of the wrong length or outlives `timeout_s * N` (the
+  all arguments by keyword, each column as a list (TRL's convention). A reward is batched if it
+  has an attribute `batched = True`, or, without that attribute, a parameter named `completions`.
+  A batched call that raises, returns a list of the wrong length or outlives `timeout_s * N` (the
   item-level budget of its N items) scores the whole batch 0.0 (counted as N failures); a
-  non-finite or non-numeric entry scores its item 0.0.
+  non-finite or non-numeric entry (or one beyond float32's range) scores its item 0.0.
+
+The answer field is not a column (the reader takes it out of the row), so a reward that names
+the last component of the data's answer field as a parameter (`solution` for `answer_field:
+solution`, `ground_truth` for `reward_model.ground_truth`) gets the reference answers under that
+name as well (`RewardSet(answer_field=...)`), unless the row has a column of that name; the names
+RewardSet passes itself (`completion(s)`, `answer(s)`, `prompt(s)`) are never aliased.
+
+Completions are always plain strings (the decoded response), also for conversational prompts:
+never TRL's conversational form, a list of `{role, content}` messages per completion. So a TRL
+reward function for standard (non-conversational) data, e.g. `def f(completions, solution,
+**kwargs)`, works unchanged; one written for conversational data (`c[0]["content"]`) needs
+`c` in place of `c[0]["content"]`.
 
 The module's `reward` field is typed `list[Callable] | Callable`, not the `RewardFunction`
 Protocol: jsonargparse accepts a class for a Protocol only if its `__call__` signature matches the
@@ -39,11 +50,13 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lit_covrl.rewards import ScoreResult, _log_failures, _short, _to_reward, score_completions
+from lit_covrl.rewards import ScoreResult, _log_failures, _safe_repr, _to_reward, score_completions
 
 __all__ = ["RewardSet", "reward_name", "is_batched"]
 
 RESERVED = ("completion", "completions", "answer", "answers")
+# Names RewardSet passes itself: never used for the answers under the answer field's name.
+PASSED = (*RESERVED, "prompt", "prompts")
 
 
 def _signature(fn: Callable) -> inspect.Signature | None:
@@ -76,6 +89,15 @@ def _accepted(fn: Callable) -> tuple[set[str] | None, set[str]]:
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - skip, skip
 
 
+def _named(fn: Callable) -> set[str]:
+    """Parameter names `fn` spells out (not **kwargs), but an item-level reward's first two."""
+    sig = _signature(fn)
+    if sig is None:
+        return set()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in sig.parameters.values() if p.kind in kinds} - _accepted(fn)[1]
+
+
 def reward_name(fn: Callable) -> str:
     name = getattr(fn, "name", None)
     if not isinstance(name, str) or not name:
@@ -102,9 +124,14 @@ class RewardSet:
     Args:
         rewards: the reward callables (item-level or batched).
         weights: one weight per reward (None = all 1.0).
+        answer_field: the data's answer field (`data.answer_field`, dotted paths allowed); a reward
+            with a parameter named like its last component (`solution`, `ground_truth`) gets the
+            reference answers under that name too, unless a column of that name exists or the name
+            is one RewardSet passes anyway (`answer`, `prompt`, ...). Settable as an attribute.
     """
 
-    def __init__(self, rewards: Sequence[Callable], weights: Sequence[float] | None = None) -> None:
+    def __init__(self, rewards: Sequence[Callable], weights: Sequence[float] | None = None,
+                 answer_field: str | None = None) -> None:
         self.rewards = list(rewards)
         if not self.rewards:
             raise ValueError("model.reward: give at least one reward function")
@@ -118,6 +145,13 @@ class RewardSet:
         self.weights = [float(w) for w in weights]
         self.names = _unique([reward_name(fn) for fn in self.rewards])
         self._accepts = [_accepted(fn) for fn in self.rewards]
+        self._named = [_named(fn) for fn in self.rewards]
+        self.answer_field = answer_field
+
+    def _answer_alias(self) -> str | None:
+        """The name under which rewards that ask for it also get the answers, or None."""
+        name = self.answer_field.rsplit(".", 1)[-1] if self.answer_field else None
+        return name if name and name not in PASSED else None
 
     def score(
         self,
@@ -135,11 +169,15 @@ class RewardSet:
         total = [0.0] * n
         per_name: dict[str, list[float]] = {}
         failed = ScoreResult(rewards=[])
-        for fn, w, name, accepts in zip(self.rewards, self.weights, self.names, self._accepts):
+        alias = self._answer_alias()
+        for fn, w, name, accepts, named in zip(self.rewards, self.weights, self.names, self._accepts, self._named):
+            rows = columns
+            if alias in named and not any(alias in row for row in columns):
+                rows = [{**row, alias: a} for row, a in zip(columns, answers)]
             if is_batched(fn):
-                res = _score_batched(fn, accepts[0], completions, answers, prompts, columns, timeout_s)
+                res = _score_batched(fn, accepts[0], completions, answers, prompts, rows, timeout_s)
             else:
-                kwargs = [_item_kwargs(*accepts, p, c) for p, c in zip(prompts, columns)]
+                kwargs = [_item_kwargs(*accepts, p, c) for p, c in zip(prompts, rows)]
                 res = score_completions(fn, completions, answers, timeout_s=timeout_s,
                                         kwargs=kwargs if any(kwargs) else None)
             per_name[name] = res.rewards
@@ -172,8 +210,8 @@ def _score_batched(fn, accepts, completions, answers, prompts, columns, timeout_
     if status == "ok":
         try:
             values = list(value)
-        except TypeError:
-            status, value = "invalid", f"returned {_short(repr(value))}, expected a list of {n} numbers"
+        except Exception:  # noqa: BLE001 - not iterable, or an iterator that raises
+            status, value = "invalid", f"returned {_safe_repr(value)}, expected a list of {n} numbers"
         else:
             if len(values) != n:
                 status, value = "invalid", f"returned {len(values)} values for {n} completions"
@@ -187,7 +225,7 @@ def _score_batched(fn, accepts, completions, answers, prompts, columns, timeout_
             r = _to_reward(v)
             if r is None:
                 res.invalid += 1
-                failed.append((i, "invalid", f"returned {_short(repr(v))} (type {type(v).__name__})"))
+                failed.append((i, "invalid", f"returned {_safe_repr(v)} (type {type(v).__name__})"))
             else:
                 res.rewards[i] = r
     if failed:

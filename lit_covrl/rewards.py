@@ -2,16 +2,18 @@
 
 A reward function is item-level (`reward(completion, answer) -> float`) so that one bad item
 cannot spoil a batch: `score_completions` scores each item independently, turning exceptions,
-non-numeric or non-finite results and per-item timeouts into a reward of 0.0 and counting them.
+non-numeric or non-finite results (or beyond float32's range) and per-item timeouts into a reward
+of 0.0 and counting them.
 Keyword arguments (the prompt, the row's other columns), batched rewards and several weighted
 rewards are handled by `lit_covrl.reward_set.RewardSet`, which calls `score_completions` for the
 item-level ones.
 
 Built-ins:
 - `ExactMatchReward`: 1.0 iff the stripped strings are equal.
-- `MathVerifyReward`: extracts the final answer of the completion (the last balanced
-  `\\boxed{...}`, else the last number) and checks mathematical equivalence with the reference
-  via the `math_verify` library ("1/2", "\\frac{1}{2}" and "0.5" are all equal).
+- `MathVerifyReward`: extracts the final answer of the completion (`extract_answer`: the last
+  non-empty balanced `\\boxed{...}`, else the last math span or a number after it) and checks
+  mathematical equivalence with the reference via the `math_verify` library ("1/2",
+  "\\frac{1}{2}" and "0.5" are all equal).
 
 Timeouts. Python cannot kill a thread. `score_completions(..., timeout_s=t)` runs the items on a
 daemon worker thread and stops waiting for an item after `t` seconds; the stuck thread is
@@ -21,6 +23,12 @@ thread that is busy in pure Python still competes for the GIL until it finishes.
 own timeout uses SIGALRM, which only works in the main thread; `MathVerifyReward` therefore uses
 it only when called on the main thread (i.e. `timeout_s=None` in `score_completions`) and relies
 on the caller's per-item timeout otherwise.
+
+Neither limit can interrupt C code that holds the GIL: while sympy computes a huge integer (say
+`10^{10^{7}}`) in C, no other Python thread runs, so `score_completions` cannot stop waiting (it
+returns late, after the computation) and a SIGALRM handler runs only afterwards. Hence the cheap
+guard of `MathVerifyReward`: an extracted answer with a power tower or an exponent of more than
+4 digits (`_huge_power`) scores 0.0 without being parsed.
 """
 from __future__ import annotations
 
@@ -67,43 +75,156 @@ class ExactMatchReward:
 # ----------------------------------------------------------------------------- answer extraction
 
 _BOXED = "\\boxed"
+_BOXED_OPEN = re.compile(r"\\boxed\s*\{")
 # An integer or decimal (thousands separators allowed), optionally a fraction a/b; a minus sign
 # counts only when it cannot be a binary minus ("5-3" ends in 3, "is -3" in -3).
 _SIGN = r"(?:(?<![\w)}\]])-)?"
 _NUMBER = re.compile(_SIGN + r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|\.\d+)")
+# A math delimiter `$` is one not escaped as `\$` (a literal dollar sign); `$$` is display math.
+_DOLLAR = re.compile(r"(?<!\\)\$")
+_SINGLE_DOLLAR = re.compile(r"(?<![\\$])\$(?!\$)")
+_DOUBLE_DOLLAR = re.compile(r"(?<!\\)\$\$")
+_MINUS = "\u2212"  # the Unicode minus sign, read as "-"
 
 
 def _last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` with balanced braces, or None (unbalanced ones are skipped)."""
-    start = text.rfind(_BOXED)
-    while start != -1:
-        i = start + len(_BOXED)
-        while i < len(text) and text[i].isspace():
-            i += 1
-        if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                if text[j] == "{":
-                    depth += 1
-                elif text[j] == "}":
-                    depth -= 1
-                    if depth == 0:
-                        return text[i + 1 : j]
-        start = text.rfind(_BOXED, 0, start)
-    return None
+    """Content of the last `\\boxed{...}` with balanced braces whose content is not blank, or None
+    (unbalanced and empty ones are skipped). One pass with a stack of open braces."""
+    boxed_braces = {m.end() - 1 for m in _BOXED_OPEN.finditer(text)}
+    stack: list[int] = []
+    best = -1  # opening brace of the last non-empty balanced \boxed{...}
+    best_end = -1
+    for i, ch in enumerate(text):
+        if ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            start = stack.pop()
+            if start in boxed_braces and start > best and text[start + 1 : i].strip():
+                best, best_end = start, i
+    return text[best + 1 : best_end] if best >= 0 else None
+
+
+def _pair_spans(starts: list[int], width: int) -> list[tuple[int, int]]:
+    """(content start, content end) of delimiters paired in order: 1st with 2nd, 3rd with 4th, ..."""
+    return [(a + width, b) for a, b in zip(starts[::2], starts[1::2])]
+
+
+def _last_math_span(text: str) -> tuple[str, int] | None:
+    """(content, end) of the math span (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`) that ends last,
+    or None; blank spans do not count. Dollars pair up in order (1st-2nd, 3rd-4th, ...); the last
+    `\\)` or `\\]` pairs with the last opener before it. Linear in the text's length."""
+    spans = _pair_spans([m.start() for m in _SINGLE_DOLLAR.finditer(text)], 1)
+    spans += _pair_spans([m.start() for m in _DOUBLE_DOLLAR.finditer(text)], 2)
+    for opener, closer in (("\\(", "\\)"), ("\\[", "\\]")):
+        end = text.rfind(closer)
+        start = text.rfind(opener, 0, max(end, 0))
+        if end >= 0 and start >= 0:
+            spans.append((start + len(opener), end))
+    spans = [(a, b) for a, b in spans if text[a:b].strip()]
+    if not spans:
+        return None
+    a, b = max(spans, key=lambda s: s[1])
+    return text[a:b].strip(), b
 
 
 def extract_answer(completion: str) -> str | None:
-    """The final answer of a completion: last balanced `\\boxed{...}`, else the last number."""
+    """The final answer of a completion: the last balanced, non-empty `\\boxed{...}`; else the last
+    of: the last math span (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`; an escaped `\\$` is a
+    dollar sign) and the last number after it. Numbers inside LaTeX are not read on their own
+    (`$\\frac{3}{4}$` is `\\frac{3}{4}`, not 4); a Unicode minus (U+2212) counts as "-"."""
     boxed = _last_boxed(completion)
     if boxed is not None:
         return boxed.strip()
-    numbers = _NUMBER.findall(completion)
-    return numbers[-1].replace(" ", "") if numbers else None
+    text = completion.replace(_MINUS, "-")
+    span = _last_math_span(text)
+    after = span[1] if span else 0
+    numbers = _NUMBER.findall(text, after)
+    if numbers:
+        return numbers[-1].replace(" ", "")
+    return span[0] if span else None
+
+
+# Powers sympy may evaluate for unbounded time, in C code holding the GIL (see the module docstring).
+_MAX_EXPONENT_DIGITS = 4
+_EXPONENT_ATOM = re.compile(r"\s*(?:[-+]?\s*\d+|\\[A-Za-z]+|\S)")
+
+
+def _skip_spaces(text: str, i: int) -> int:
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return i
+
+
+def _huge_power(text: str) -> bool:
+    """True if `text` has a power that math_verify (sympy) might take unboundedly long to evaluate.
+
+    `**` counts as `^`. An exponent is the `{...}` or `(...)` group after a `^`, else the number,
+    command or character after it. The rule: an exponent with more than `_MAX_EXPONENT_DIGITS` (4)
+    digits in all (`10^{12345}`, `10^{10{,}000{,}000}`), a power inside an exponent (`10^{10^{7}}`,
+    `2^(10^7)`), a power raised to a power (`10^10^7`, `2^{3}^{4}`, `(10^{99})^{99}`). Other
+    powers pass (`x^2+y^2`, `2^{2024}`, `e^{i\\pi}`). One pass over the text.
+    """
+    t = text.replace("**", "^")
+    stack: list[list[bool]] = []  # open groups: [is an exponent, contains a power]
+    in_exponent = False  # at most one exponent group is open: a `^` inside one is refused
+    digits = 0  # digits of the open exponent group
+    power_group_end = -1  # position of the closer of the last group that contains a power
+    i, n = 0, len(t)
+    while i < n:
+        ch = t[i]
+        if ch == "^":
+            if in_exponent:
+                return True
+            k = i - 1
+            while k >= 0 and t[k].isspace():
+                k -= 1
+            if k >= 0 and k == power_group_end:
+                return True  # (a^b)^c
+            if stack:
+                stack[-1][1] = True
+            j = _skip_spaces(t, i + 1)
+            if j < n and t[j] in "{(":
+                stack.append([True, False])
+                in_exponent, digits = True, 0
+                i = j + 1
+                continue
+            atom = _EXPONENT_ATOM.match(t, i + 1)
+            if atom is None:
+                return False  # a trailing `^`
+            if sum(c.isdigit() for c in atom.group()) > _MAX_EXPONENT_DIGITS:
+                return True
+            i = _skip_spaces(t, atom.end())
+            if i < n and t[i] == "^":
+                return True  # a^b^c
+            continue
+        if ch in "{([":
+            stack.append([False, False])
+        elif ch in "})]" and stack:
+            is_exponent, has_power = stack.pop()
+            if is_exponent:
+                in_exponent = False
+                j = _skip_spaces(t, i + 1)
+                if j < n and t[j] == "^":
+                    return True  # a^{b}^c
+            if has_power:
+                power_group_end = i
+                if stack:
+                    stack[-1][1] = True
+        elif in_exponent and ch.isdigit():
+            digits += 1
+            if digits > _MAX_EXPONENT_DIGITS:
+                return True
+        i += 1
+    return False
 
 
 class MathVerifyReward:
     """1.0 if the completion's final answer is mathematically equal to the reference, else 0.0.
+
+    The final answer is `extract_answer(completion)`. One that sympy might evaluate for unbounded
+    time in C code (a power tower such as `10^{10^{7}}` or `10^10^7`, a power of a power, an
+    exponent with more than 4 digits: see `_huge_power`) scores 0.0 without being parsed, since no
+    time limit can interrupt that computation.
 
     Args:
         timeout_s: math_verify's own parse/verify time limit (SIGALRM, whole seconds, rounded up),
@@ -132,7 +253,7 @@ class MathVerifyReward:
         if not text:
             return []
         # Bare LaTeX ("\frac12", "2\pi") only parses inside math delimiters.
-        if "$" not in text and _BOXED not in text:
+        if not _DOLLAR.search(text) and _BOXED not in text:
             parsed = parse(f"${text}$", parsing_timeout=timeout)
             if parsed:
                 return parsed
@@ -142,7 +263,7 @@ class MathVerifyReward:
         from math_verify import verify
 
         predicted = extract_answer(completion)
-        if predicted is None:
+        if predicted is None or _huge_power(predicted):  # never handed to math_verify
             return 0.0
         timeout = self._signal_timeout()
         gold = self._parse(answer, timeout)
@@ -164,38 +285,51 @@ class ScoreResult:
     rewards: list[float]
     errors: int = 0  # the reward function raised
     timeouts: int = 0  # it did not return within timeout_s
-    invalid: int = 0  # it returned None, NaN/inf or a non-number
+    invalid: int = 0  # it returned None, NaN/inf, a non-number or a value beyond float32's range
 
     @property
     def failures(self) -> int:
         return self.errors + self.timeouts + self.invalid
 
 
+# The largest finite float32: rewards go into a float32 tensor, where anything larger is inf.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _to_reward(value: Any) -> float | None:
-    """float(value) for a finite real number (bools count as 0/1), else None."""
+    """float(value) for a real number within float32's finite range (bools count as 0/1), else None
+    (also when float() raises, e.g. OverflowError for 10**400)."""
     if value is None or isinstance(value, (str, bytes, complex)):
         return None
     try:
         out = float(value)
-    except (TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - any failure to convert makes the value invalid
         return None
-    return out if math.isfinite(out) else None
+    return out if math.isfinite(out) and abs(out) <= _FLOAT32_MAX else None
 
 
 def _call(fn: RewardFunction, completion: str, answer: str, kwargs: dict | None = None) -> tuple[str, Any]:
     """('ok', reward) | ('invalid', repr) | ('error', message)."""
     try:
         value = fn(completion, answer, **(kwargs or {}))
+        reward = _to_reward(value)  # in the guarded region too: it must not end the worker thread
     except Exception as e:  # noqa: BLE001 - contained per item by design
         return "error", f"{type(e).__name__}: {e}"
-    reward = _to_reward(value)
     if reward is None:
-        return "invalid", f"returned {_short(repr(value))} (type {type(value).__name__})"
+        return "invalid", f"returned {_safe_repr(value)} (type {type(value).__name__})"
     return "ok", reward
 
 
 def _short(text: str, n: int = 120) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _safe_repr(value: Any) -> str:
+    """Shortened repr(value), which may itself raise (10**5000: too many digits for str())."""
+    try:
+        return _short(repr(value))
+    except Exception as e:  # noqa: BLE001
+        return f"<unprintable: {type(e).__name__}>"
 
 
 class _Worker:

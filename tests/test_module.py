@@ -500,3 +500,31 @@ def test_the_reference_model_gets_the_policys_true_half_precision(tiny_model_dir
     assert next(module.policy.parameters()).dtype == torch.bfloat16
     assert {p.dtype for p in module._reference.parameters()} == {torch.bfloat16}
     assert scalar_tags(tmp_path)["reg/ref_kl/kl"][0][1] == 0.0
+
+
+class _SolutionReward:
+    """A TRL-style batched reward naming the data's answer field (`solution`)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def __call__(self, completions, solution, **kwargs):
+        self.seen += solution
+        return [1.0 for _ in completions]
+
+
+def test_a_reward_gets_the_answers_under_the_data_answer_fields_name(tiny_model_dir, tmp_path):
+    """answer_field: solution -> a reward `f(completions, solution, **kwargs)` gets the answers as
+    `solution` (the reader takes the answer out of the row's columns; before, every call raised a
+    TypeError and the whole batch scored 0)."""
+    import json
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"q": f"{i}+1=", "solution": str(i + 1)}) + "\n" for i in range(8)))
+    reward = _SolutionReward()
+    module = make_module(tiny_model_dir, reward=reward)
+    data = PromptDataModule(task=None, train_files=[str(rows)], prompt_field="q", answer_field="solution",
+                            batch_size=4, seed=0)
+    fit(module, data, steps=1, log_dir=tmp_path, limit_val_batches=0)
+    assert len(reward.seen) == 4 * 4 and set(reward.seen) <= {str(i + 1) for i in range(8)}
+    assert scalar_tags(tmp_path)["rollout/reward_errors"][0][1] == 0

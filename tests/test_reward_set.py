@@ -87,14 +87,71 @@ def test_batched_faults_are_contained(caplog):
     def hangs(completions):
         time.sleep(30)
 
+    def iter_raises(completions):  # an iterator that fails while the values are collected
+        yield 1.0
+        raise RuntimeError("mid-iteration")
+
+    def too_big(completions):  # 10**400 overflows float(); 1e39 is inf in float32; repr(10**5000) raises
+        return [10**400, 1e39, 10**5000]
+
+    def huge_int(completions):  # not a list, and its repr raises
+        return 10**5000
+
     for fn, failures, values in [(raises, (3, 0, 0), [0.0] * 3), (short, (0, 0, 3), [0.0] * 3),
-                                 (some_bad, (0, 0, 2), [1.0, 0.0, 0.0]), (hangs, (0, 3, 0), [0.0] * 3)]:
+                                 (some_bad, (0, 0, 2), [1.0, 0.0, 0.0]), (hangs, (0, 3, 0), [0.0] * 3),
+                                 (iter_raises, (0, 0, 3), [0.0] * 3), (too_big, (0, 0, 3), [0.0] * 3),
+                                 (huge_int, (0, 0, 3), [0.0] * 3)]:
         t0 = time.perf_counter()
         total, _, res = RewardSet([fn]).score(["a", "b", "c"], ["a"] * 3, timeout_s=0.1)
         assert (res.errors, res.timeouts, res.invalid) == failures, fn.__name__
         assert total == values and all(math.isfinite(v) for v in total)
         assert time.perf_counter() - t0 < 5  # 0.1 s x 3 items for the hang
     assert "whole batch of 3" in caplog.text
+
+
+def accuracy_reward(completions, solution, **kwargs):  # the shape of TRL's documented examples
+    return [float(c.strip() == s.strip()) for c, s in zip(completions, solution)]
+
+
+def test_answers_under_the_answer_fields_name():
+    """The reader takes the answer field out of the columns: a reward naming it (TRL's
+    `solution`) gets the answers under that name."""
+    seen = []
+
+    def item(completion, answer, ground_truth):
+        seen.append(ground_truth)
+        return float(completion == ground_truth)
+
+    def only_kwargs(completions, **kwargs):  # names no answer field: gets only the columns
+        seen.append(sorted(kwargs))
+        return [0.0] * len(completions)
+
+    total, _, res = RewardSet([accuracy_reward], answer_field="solution").score(
+        ["2", "5"], ["2", "4"], ["1+1=", "2+2="], [{"level": 1}, {"level": 2}], timeout_s=None)
+    assert total == [1.0, 0.0] and res.failures == 0
+    rs = RewardSet([item, only_kwargs], answer_field="reward_model.ground_truth")  # verl's layout
+    total, _, res = rs.score(["a", "b"], ["a", "c"], None, [{"reward_model": {}}] * 2, timeout_s=None)
+    assert total == [1.0, 0.0] and res.failures == 0
+    assert seen == ["a", "c", ["answers", "prompts", "reward_model"]]
+
+
+def test_answer_field_alias_yields_to_columns_and_passed_names():
+    def seen_solution(completions, solution):
+        return [float(s) for s in solution]
+
+    # a real column of that name wins (here: a nested answer field whose last name is a column)
+    rs = RewardSet([seen_solution], answer_field="meta.solution")
+    assert rs.score(["x"], ["1"], None, [{"solution": 7}], timeout_s=None)[0] == [7.0]
+    # without the answer field's name a TRL reward still fails, as before (counted, contained)
+    _, _, res = RewardSet([accuracy_reward]).score(["2"], ["2"], timeout_s=None)
+    assert res.errors == 1
+
+    def prompts_are_prompts(completions, prompts):
+        return [float(p == "q") for p in prompts]
+
+    # the name of an argument RewardSet passes itself is never aliased
+    rs = RewardSet([prompts_are_prompts], answer_field="prompts")
+    assert rs.score(["x"], ["a"], ["q"], timeout_s=None)[0] == [1.0]
 
 
 def test_weights_must_match_rewards():

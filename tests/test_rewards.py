@@ -46,10 +46,58 @@ def test_exact_match():
         ("5-3", "3"),  # a binary minus is not a sign
         ("half is 1 / 2", "1/2"),
         ("no digits here", None),
+        # without \\boxed: numbers inside LaTeX are not read on their own; the last math span wins
+        ("So the probability is $\\frac{1}{4}$.", "\\frac{1}{4}"),
+        ("The result is $2^{10}$.", "2^{10}"),
+        ("It is \\(\\sqrt{16}\\)", "\\sqrt{16}"),
+        ("$$x = 5$$", "x = 5"),
+        ("\\[ 3 \\] and then \\[ \\frac{7}{2} \\]", "\\frac{7}{2}"),
+        ("We compute $2+3$ and get 5.", "5"),  # a number after the last span is later
+        ("It costs \\$5 and \\$6", "6"),  # an escaped dollar is not a math delimiter
+        ("$ $ then 7", "7"),  # a blank span is no answer
+        ("So x = \u22125.", "-5"),  # Unicode minus sign
     ],
 )
 def test_extract_answer(completion, expected):
     assert extract_answer(completion) == expected
+
+
+@pytest.mark.parametrize(
+    "completion,expected",
+    [
+        ("\\boxed{\\boxed{5}}", "5"),  # nested: the inner one starts last
+        ("\\boxed{a{b}c} \\boxed{x{", "a{b}c"),  # the unbalanced last one is skipped
+        ("\\boxed{1} \\boxed{2 \\boxed{3}", "3"),  # `\\boxed{2` never closes
+        ("} \\boxed{4} }", "4"),  # stray closing braces
+        ("answer is \\boxed{5}. (I put the final answer in \\boxed{}.)", "5"),  # empty skipped
+        ("\\boxed{5} \\boxed{ }", "5"),
+        ("\\boxed{}", None),
+        ("\\boxed{" * 20000 + "\\boxed{9}", "9"),  # many unclosed: one linear pass
+        ("\\boxed{8}" + "\\boxed{" * 20000, "8"),
+    ],
+)
+def test_last_boxed(completion, expected):
+    assert rewards._last_boxed(completion) == expected
+
+
+class CountingStr(str):
+    """A string that counts the characters read by indexing or slicing it."""
+
+    reads = 0
+
+    def __getitem__(self, key):
+        out = super().__getitem__(key)
+        CountingStr.reads += len(out)
+        return out
+
+
+def test_last_boxed_reads_each_character_a_bounded_number_of_times(monkeypatch):
+    # a degenerate policy repeating an unclosed \boxed{: rescanning the rest of the text for every
+    # one of them made this quadratic (4000 repeats took 8.7 s); count the reads, not the time
+    text = CountingStr("\\boxed{8}" + "\\boxed{" * 300)
+    monkeypatch.setattr(CountingStr, "reads", 0)
+    assert rewards._last_boxed(text) == "8"
+    assert CountingStr.reads <= 2 * len(text)
 
 
 @pytest.mark.parametrize(
@@ -63,6 +111,13 @@ def test_extract_answer(completion, expected):
         ("\\boxed{x^{2}+1}", "1+x^2"),
         ("total 1,000", "1000"),
         ("\\boxed{\\sqrt{4}}", "2"),
+        ("The total is \\boxed{\\$18}.", "18"),  # `\\$` is a dollar sign, not a math delimiter
+        ("The total is \\boxed{18}.", "\\$18"),
+        ("\\boxed{32348}", "\\$32,\\!348"),
+        ("So the probability is $\\frac{3}{4}$.", "3/4"),
+        ("The result is $2^{10}$.", "1024"),
+        ("So x = \u22125.", "-5"),
+        ("answer is \\boxed{5}. (I put the final answer in \\boxed{}.)", "5"),
     ],
 )
 def test_math_verify_equivalent(completion, answer):
@@ -77,6 +132,10 @@ def test_math_verify_equivalent(completion, answer):
         ("\\boxed{1} then \\boxed{2}", "1"),  # only the last boxed answer counts
         ("I don't know", "7"),
         ("\\boxed{-2}", "2"),
+        ("So the probability is $\\frac{1}{4}$.", "4"),  # not the 4 of the LaTeX
+        ("The result is $2^{10}$.", "10"),
+        ("It is $\\sqrt{16}$", "16"),
+        ("So x = \u22125.", "5"),
     ],
 )
 def test_math_verify_not_equivalent(completion, answer):
@@ -94,26 +153,70 @@ def test_math_verify_off_main_thread():
     assert res == ScoreResult([1.0, 0.0], 0, 0, 0)
 
 
+@pytest.mark.parametrize(
+    "text,huge",
+    [
+        ("x^2+y^2", False),
+        ("2^{10}", False),
+        ("2^{2024}", False),
+        ("e^{i\\pi}", False),
+        ("10^{-3}", False),
+        ("(x^2)+1", False),
+        ("2^", False),
+        ("10^{10^{7}}", True),  # a power in an exponent
+        ("2^(10^7)", True),
+        ("10^10^7", True),  # a tower
+        ("10**10**7", True),
+        ("2^{3}^{4}", True),
+        ("(10^{99})^{99}", True),  # a power of a power
+        ("\\left(10^{99}\\right) ^ {99}", True),
+        ("10^{12345}", True),  # more than 4 digits
+        ("10^12345", True),
+        ("10^{10{,}000{,}000}", True),
+    ],
+)
+def test_huge_power(text, huge):
+    assert rewards._huge_power(text) is huge
+
+
+def test_math_verify_refuses_huge_powers_unparsed(monkeypatch):
+    """sympy would compute 10^(10^7) in C, holding the GIL, past any time limit: never parsed."""
+    import math_verify
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("math_verify.parse called")
+
+    r = MathVerifyReward()
+    monkeypatch.setattr(math_verify, "parse", no_parse)
+    for completion in ["The answer is \\boxed{10^{10^{7}}}", "so $10^10^7$", "\\boxed{(10^{99})^{99}}"]:
+        assert r(completion, "5") == 0.0
+
+
 def flaky(completion: str, answer: str):
     if completion == "raise":
         raise RuntimeError("boom")
     if completion == "hang":
         time.sleep(5)
         return 1.0
-    return {"none": None, "nan": math.nan, "inf": math.inf, "str": "x", "list": [1], "bool": True}.get(completion, 0.5)
+    values = {"none": None, "nan": math.nan, "inf": math.inf, "str": "x", "list": [1], "bool": True,
+              "overflow": 10**400, "float32": 1e39, "big": -3e38, "huge_int": 10**5000}
+    return values.get(completion, 0.5)
 
 
 @pytest.mark.parametrize("timeout_s", [None, 2.0])
 def test_score_completions_contains_failures(timeout_s, caplog):
-    items = ["ok", "raise", "none", "nan", "inf", "str", "list", "bool", "ok"]
+    # 10**400: float() raises OverflowError; 1e39: inf in the float32 reward tensor; 10**5000: its
+    # repr() raises too; -3e38 is within float32's range
+    items = ["ok", "raise", "none", "nan", "inf", "str", "list", "bool",
+             "overflow", "float32", "big", "huge_int", "ok"]
     with caplog.at_level(logging.WARNING, logger="lit_covrl"):
         res = score_completions(flaky, items, ["a"] * len(items), timeout_s=timeout_s)
-    assert res.rewards == [0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5]
-    assert (res.errors, res.timeouts, res.invalid) == (1, 0, 5)
+    assert res.rewards == [0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, -3e38, 0.0, 0.5]
+    assert (res.errors, res.timeouts, res.invalid) == (1, 0, 8)
     assert "RuntimeError: boom" in caplog.text
     # the first five failures individually, then a summary of the whole batch
     assert caplog.text.count("item ") == 5
-    assert "6 of 9 items scored 0.0 (errors=1, timeouts=0, invalid=5)" in caplog.text
+    assert "9 of 13 items scored 0.0 (errors=1, timeouts=0, invalid=8)" in caplog.text
 
 
 def test_score_completions_hang_times_out_and_goes_on():
