@@ -139,13 +139,13 @@ class PromptDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         check_sources(task, train_files, val_files, hf_dataset, hf_val_split)
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if val_batch_size < 1:
-            raise ValueError(f"val_batch_size must be >= 1, got {val_batch_size}")
+            raise ValueError(f"data.val_batch_size must be >= 1, got {val_batch_size}")
         if val_size < 0:
-            raise ValueError(f"val_size must be >= 0, got {val_size}")
+            raise ValueError(f"data.val_size must be >= 0, got {val_size}")
         if unencodable_prompts not in UNENCODABLE:
-            raise ValueError(f"unencodable_prompts={unencodable_prompts!r}; valid: {list(UNENCODABLE)}")
+            raise ValueError(f"data.unencodable_prompts={unencodable_prompts!r}; valid: {list(UNENCODABLE)}")
         self.task = None
         if task is not None:
             from lit_covrl.tasks import get_task

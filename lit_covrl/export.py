@@ -215,7 +215,7 @@ def export(checkpoint: str | Path, out: str | Path, *, base: str | None = None, 
     from lit_covrl.policy import resolve_dtype
 
     if dtype is not None:
-        resolve_dtype(dtype)  # a bad name fails before the checkpoint is read
+        resolve_dtype(dtype, "--dtype")  # a bad name fails before the checkpoint is read
     out = check_out(out, checkpoint, force)
     weights, hp = read_checkpoint(checkpoint)
     base = base or hp.get("model")

@@ -14,10 +14,11 @@ TensorBoard x-axis are all in rollouts, as in the papers.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 import lightning as L
 import torch
@@ -53,6 +54,16 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 # Lightning warns (with a code listing) that under manual optimization a checkpoint holds the weights
 # after the optimizer step: for an RL step that is the state to save (the rollout's updates are done)
 warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
+
+
+@contextlib.contextmanager
+def _naming(field: str, value: str) -> Iterator[None]:
+    """A model or tokenizer that cannot be found or read: the error names the setting (Hugging
+    Face's own message says only "Repo id must be in the form ..." or "not a valid model")."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(f"{field}={value!r} could not be loaded: {' '.join(str(err).split())}") from err
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +208,10 @@ class GRPOModule(L.LightningModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.hparams.tokenizer or self.hparams.model)
+            hp = self.hparams
+            field = "model.tokenizer" if hp.tokenizer else "model.model"
+            with _naming(field, hp.tokenizer or hp.model):
+                self._tokenizer = load_tokenizer(hp.tokenizer or hp.model)
         return self._tokenizer
 
     def configure_model(self) -> None:
@@ -207,9 +221,11 @@ class GRPOModule(L.LightningModule):
         read by rank 0 alone and broadcast into the other ranks' empty shards (`load_sharded`)."""
         hp = self.hparams
         if self.policy is None:
-            self.policy = self._load(hp.model, frozen=False)
+            with _naming("model.model", hp.model):
+                self.policy = self._load(hp.model, frozen=False)
         if self._reference is None and any(r.needs_reference for r in self.regularizers):
-            ref = self._load(hp.reference_model or hp.model, frozen=True)
+            with _naming("model.reference_model" if hp.reference_model else "model.model", hp.reference_model or hp.model):
+                ref = self._load(hp.reference_model or hp.model, frozen=True)
             # the precision plugin converts the policy after this hook (`*-true` precisions cast it);
             # the reference gets the same cast, so that at step 0 its log-probs equal the policy's
             ref = self.trainer.precision_plugin.convert_module(ref)

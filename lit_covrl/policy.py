@@ -64,9 +64,9 @@ def _pretrained_args(name_or_path: str) -> tuple[str, dict]:
     return path, {}
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name: str, field: str = "model.dtype") -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"dtype={name!r} is not supported; valid: {sorted(DTYPES)}")
+        raise ValueError(f"{field}={name!r} is not supported; valid: {sorted(DTYPES)}")
     return DTYPES[name]
 
 

@@ -528,3 +528,22 @@ def test_a_reward_gets_the_answers_under_the_data_answer_fields_name(tiny_model_
     fit(module, data, steps=1, log_dir=tmp_path, limit_val_batches=0)
     assert len(reward.seen) == 4 * 4 and set(reward.seen) <= {str(i + 1) for i in range(8)}
     assert scalar_tags(tmp_path)["rollout/reward_errors"][0][1] == 0
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--model.model", "/no/such/model"], "OSError: model.model='/no/such/model' could not be loaded: "),
+    (["--model.tokenizer", "/no/such/tok"], "OSError: model.tokenizer='/no/such/tok' could not be loaded: "),
+    (["--data.batch_size", "0"], "data.batch_size must be >= 1, got 0"),
+    (["--model.dtype", "float64"], "model.dtype='float64' is not supported"),
+])
+def test_start_up_errors_name_the_setting(extra, message, tmp_path, capsys):
+    """Hugging Face's "Repo id must be in the form ..." named neither model.model nor
+    model.tokenizer; the data and dtype checks gave the key without its group."""
+    from lit_covrl.cli import main
+    from tests.test_configs import QUICK
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(QUICK), *extra, "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("lit-covrl: error: ") and message in err, err
