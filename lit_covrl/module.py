@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -458,7 +459,9 @@ class GRPOModule(L.LightningModule):
         ckpt = self.trainer.checkpoint_callback
         lines = ["", "lit_covrl: training finished."]
         if logger is not None and getattr(logger, "log_dir", None):
-            lines += [f"  logs:        {logger.log_dir}", f"  view them:   tensorboard --logdir {logger.log_dir}"]
+            lines.append(f"  logs:        {logger.log_dir}")
+            if isinstance(logger, TensorBoardLogger):  # a CSV logger's folder holds no event files
+                lines.append(f"  view them:   tensorboard --logdir {logger.log_dir}")
         if ckpt is not None and getattr(ckpt, "last_model_path", ""):
             lines.append(f"  checkpoint:  {ckpt.last_model_path}")
         print("\n".join(lines), flush=True)

@@ -547,3 +547,16 @@ def test_start_up_errors_name_the_setting(extra, message, tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("lit-covrl: error: ") and message in err, err
+
+
+def test_the_end_of_fit_message_offers_tensorboard_only_for_its_logs(tiny_model_dir, tmp_path, capsys):
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    L.Trainer(accelerator="cpu", max_steps=1, logger=CSVLogger(str(tmp_path)), enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+              ).fit(make_module(tiny_model_dir), make_data())
+    out = capsys.readouterr().out
+    assert "logs:" in out and "tensorboard --logdir" not in out
+    fit(make_module(tiny_model_dir), make_data(), steps=1, limit_val_batches=0, log_dir=tmp_path)
+    assert "tensorboard --logdir" in capsys.readouterr().out
