@@ -2,6 +2,7 @@
 start-up errors, and a progress bar in RL steps."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from lit_covrl.cli import LitCovRLCLI, main
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
 from lit_covrl.sharding import FSDP2Strategy
-from tests.test_configs import QUICK
+from tests.test_configs import CONFIGS, QUICK
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,6 +62,7 @@ def test_a_start_up_error_is_one_line_and_status_2_unless_debugging(tmp_path):
     (["--data.task", "null", "--data.train_files", '["missing.jsonl"]'], "data.train_files[0]: no such file: 'missing.jsonl'"),
     (["--trainer.accelerator", "gpu"], "MisconfigurationException: No supported gpu backend found"),  # Lightning's check
     (["--data.task", "null", "--data.strict", "true"], "ROWS:2: field 'prompt' is int"),  # found in setup, inside fit
+    (["--torch_threads", "-1"], "torch_threads=-1 must be >= 1 (or null: torch's default)"),
 ])
 def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
     if "gpu" in extra and torch.cuda.is_available():
@@ -155,3 +157,97 @@ def test_a_sharded_checkpoint_folder_without_fsdp2_is_a_one_line_error_naming_th
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"lit-covrl: error: --ckpt_path {folder} is a sharded checkpoint folder")
     assert "trainer.strategy: fsdp2" in err[-1]
+
+
+@pytest.mark.parametrize("given,stop", [
+    (["--model.rollout.stop+=####"], ["</answer>", "####"]),  # GSM8K's marker: a YAML comment (null) before
+    (["--model.rollout.stop+=# Answer:"], ["</answer>", "# Answer:"]),
+    (["--model.rollout.stop+", "####"], ["</answer>", "####"]),
+    (["--model.rollout.stop+=~"], ["</answer>", "~"]),
+    (["--model.rollout.stop+=null"], ["</answer>", "null"]),
+    (['--model.rollout.stop+="####"'], ["</answer>", "####"]),  # quoted: a YAML string, quotes off
+    (['--model.rollout.stop+="\\n\\n"'], ["</answer>", "\n\n"]),
+    (["--model.rollout.stop+=x "], ["</answer>", "x "]),
+    (["--model.rollout.stop+=[END]"], ["</answer>", "END"]),  # a list literal stays one
+    (['--model.rollout.stop+=["[END]"]'], ["</answer>", "[END]"]),
+    (["--model.rollout.stop=####"], ["####"]),
+    (["--model.rollout.stop", "# Answer:"], ["# Answer:"]),
+    (["--model.rollout.stop", "null"], None),  # null still clears the list
+    (["--model.rollout.stop=~"], None),
+])
+def test_a_bare_value_of_a_string_list_key_is_one_string(given, stop, tmp_path):
+    cli = _cli(tmp_path, "--model.rollout.stop=[</answer>]", *given)
+    assert cli.model.settings.rollout.stop == stop
+
+
+def test_a_bare_data_file_is_a_one_file_list(tmp_path):
+    rows = tmp_path / "rows #1.jsonl"
+    rows.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    cli = _cli(tmp_path, "--data.task", "null", f"--data.train_files={rows}", "--data.val_files", str(rows))
+    assert cli.datamodule.hparams.train_files == [str(rows)] and cli.datamodule.hparams.val_files == [str(rows)]
+
+
+def test_stacked_callbacks_keep_yaml_values_json_lacks(tmp_path):
+    """The stacked files' callbacks are passed on as one YAML flow list: .inf, nan and strings
+    with YAML's special characters survive (JSON turned .inf into 'Infinity')."""
+    import yaml
+
+    from lit_covrl.cli import stack_config_callbacks
+
+    odd = "a: #b, 'c' \"d\" [e] {f} - &x *y ! % @ `"
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("trainer:\n  callbacks:\n    - {class_path: A, init_args: {ub: .inf, lb: -.inf}}\n")
+    second.write_text("trainer:\n  callbacks:\n    - class_path: B\n      init_args: {x: .nan, d: {k: [1, 2.5]}, "
+                      f"s: {json.dumps(odd)}, n: null}}\n")
+    args = stack_config_callbacks(["--config", str(first), "--config", str(second), "--trainer.max_steps=1"])
+    assert args[:4] == ["--config", str(first), "--config", str(second)] and args[-1] == "--trainer.max_steps=1"
+    [a, b] = yaml.safe_load(args[4].removeprefix("--trainer.callbacks="))
+    assert a == {"class_path": "A", "init_args": {"ub": float("inf"), "lb": float("-inf")}}
+    assert b["init_args"]["x"] != b["init_args"]["x"]  # nan
+    assert b["init_args"]["d"] == {"k": [1, 2.5]} and b["init_args"]["n"] is None and b["init_args"]["s"] == odd
+
+
+def test_a_stacked_clip_cov_without_upper_bound_parses(tmp_path):
+    overlay = tmp_path / "clip_cov_noub.yaml"
+    overlay.write_text("trainer:\n  callbacks:\n    - class_path: lit_covrl.regularizers.ClipCov\n"
+                       "      init_args: {ratio: 0.02, ub: .inf}\n")
+    [reg] = [c for c in _cli(tmp_path, "--config", str(overlay)).trainer.callbacks if type(c).__name__ == "ClipCov"]
+    assert reg.ub == float("inf")
+
+
+@pytest.mark.parametrize("switch", [
+    ["--model.objective", "lit_covrl.objectives.CISPO"],
+    ["--model.objective=CISPO"],
+    ["--model.objective", '{"class_path": "lit_covrl.objectives.CISPO"}'],
+    ["--model.objective.class_path", "lit_covrl.objectives.CISPO"],
+    ["--config", "CISPO_FILE"],
+])
+def test_switching_the_objective_class_starts_from_its_defaults(switch, tmp_path):
+    """gspo.yaml's clip range (3e-4, 4e-4) belongs to GSPO: CISPO given after it gets its own defaults."""
+    from lit_covrl.objectives import CISPO
+
+    cispo = tmp_path / "cispo.yaml"
+    cispo.write_text("model:\n  objective:\n    class_path: lit_covrl.objectives.CISPO\n")
+    switch = [str(cispo) if a == "CISPO_FILE" else a for a in switch]
+    objective = _cli(tmp_path, "--config", str(CONFIGS / "cpu" / "gspo.yaml"), *switch).model.objective
+    assert type(objective) is CISPO and vars(objective) == vars(CISPO())
+
+
+def test_init_args_of_the_same_objective_class_still_stack(tmp_path):
+    gspo = CONFIGS / "cpu" / "gspo.yaml"
+    objective = _cli(tmp_path, "--config", str(gspo), "--model.objective", "lit_covrl.objectives.GSPO",
+                     "--model.objective.init_args.clip_high=0.001").model.objective
+    assert (objective.clip_low, objective.clip_high) == (3e-4, 0.001)
+
+
+@pytest.mark.parametrize("first", [[], ["--config", "CLIP_COV"]])
+def test_a_callbacks_flag_before_a_config_that_sets_callbacks_is_refused(first, tmp_path, capsys):
+    """quickstart.yaml's `callbacks: []` would replace (drop) the flag given before it."""
+    first = [str(CONFIGS / "cpu" / "clip_cov.yaml") if a == "CLIP_COV" else a for a in first]
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *first, "--trainer.callbacks+=lit_covrl.regularizers.EntropyBonus", "--config", str(QUICK),
+              "--print_config"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"lit-covrl: error: --trainer.callbacks+: given before --config {QUICK}")
+    assert "put it after the last --config" in err[-1]

@@ -202,8 +202,32 @@ def test_cli_fit_writes_its_saved_config_as_the_config_text(tmp_path):
     _, texts, _, start = read_events(run)
     saved = (run / "config.yaml").read_text()
     assert texts["config"] == f"```yaml\n{saved.rstrip()}\n```"
-    assert "version: grpo-quickstart-v0" in saved
+    assert "version: null" in saved  # the generated name is the folder's, not the config's
     assert start.hparams["method"].string_value == "grpo"
+
+
+def test_re_running_a_saved_config_names_a_new_run_and_a_given_version_is_saved(tmp_path):
+    """A run's config.yaml named its own (generated) folder as the version: running it again
+    logged into that folder and overwrote its config.yaml and checkpoints."""
+    from lit_covrl.cli import LitCovRLCLI
+    from lit_covrl.data import PromptDataModule
+    from lit_covrl.module import GRPOModule
+
+    def cli(*args):
+        return LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=list(args),
+                           run=False)
+
+    first = cli("--config", str(CONFIGS / "quickstart.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path))
+    run = Path(first.trainer.logger.log_dir)
+    assert run == tmp_path / "quickstart" / "grpo-quickstart-v0"
+    assert first.config.trainer.logger.init_args.version is None  # what SaveConfigCallback writes
+    run.mkdir(parents=True)
+    saved = run / "config.yaml"
+    saved.write_text(first.parser.dump(first.config, skip_none=False))
+    again = Path(cli("--config", str(saved)).trainer.logger.log_dir)
+    assert again.parent == run.parent and again != run
+    given = cli("--config", str(saved), "--trainer.logger.init_args.version", "mine")
+    assert given.trainer.logger.version == given.config.trainer.logger.init_args.version == "mine"
 
 
 class _BestAtStart(Callback):
