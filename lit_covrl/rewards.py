@@ -147,6 +147,9 @@ def extract_answer(completion: str) -> str | None:
 # Powers sympy may evaluate for unbounded time, in C code holding the GIL (see the module docstring).
 _MAX_EXPONENT_DIGITS = 4
 _EXPONENT_ATOM = re.compile(r"\s*(?:[-+]?\s*\d+|\\[A-Za-z]+|\S)")
+# LaTeX commands that format numbers: their names are not symbols (a part with only these is numeric)
+_NUMERIC_COMMANDS = frozenset({"frac", "dfrac", "tfrac", "left", "right", "cdot", "times", "div", "sqrt",
+                               "bigl", "bigr", "Bigl", "Bigr", "big", "Big"})
 
 
 def _skip_spaces(text: str, i: int) -> int:
@@ -156,66 +159,102 @@ def _skip_spaces(text: str, i: int) -> int:
 
 
 def _huge_power(text: str) -> bool:
-    """True if `text` has a power that math_verify (sympy) might take unboundedly long to evaluate.
+    """True if `text` has a numeric power that math_verify (sympy) might take unboundedly long to
+    evaluate exactly.
 
-    `**` counts as `^`. An exponent is the `{...}` or `(...)` group after a `^`, else the number,
-    command or character after it. The rule: an exponent with more than `_MAX_EXPONENT_DIGITS` (4)
-    digits in all (`10^{12345}`, `10^{10{,}000{,}000}`), a power inside an exponent (`10^{10^{7}}`,
-    `2^(10^7)`), a power raised to a power (`10^10^7`, `2^{3}^{4}`, `(10^{99})^{99}`). Other
-    powers pass (`x^2+y^2`, `2^{2024}`, `e^{i\\pi}`). One pass over the text.
+    `**` counts as `^`. An exponent is the `{...}` / `(...)` group after a `^`, else the number,
+    command or character after it; a base is the group that closes just before the `^`, else the
+    letters and digits before it. A part is numeric if it has no letter outside the formatting
+    commands `_NUMERIC_COMMANDS` (`\\frac`, `\\left`, ...). Refused: a numeric exponent with more than
+    `_MAX_EXPONENT_DIGITS` (4) integer digits in all (`10^{12345}`, `10^{10{,}000{,}000}`); a numeric
+    exponent that is itself a power (`10^{10^{7}}`, `2^(10^7)`); a tower (`10^10^7`, `2^{3}^{4}`) or a
+    power of a power (`(10^{99})^{99}`) of numeric parts. Symbolic powers pass (`e^{x^2}`,
+    `(x^2+1)^2`, `2^{2^n}`), as do `x^2+y^2`, `2^{2024}`, `e^{0.12345}`: sympy keeps them symbolic or
+    small. Linear in the text (prefix counts, one bracket-matching pass).
     """
     t = text.replace("**", "^")
-    stack: list[list[bool]] = []  # open groups: [is an exponent, contains a power]
-    in_exponent = False  # at most one exponent group is open: a `^` inside one is refused
-    digits = 0  # digits of the open exponent group
-    power_group_end = -1  # position of the closer of the last group that contains a power
-    i, n = 0, len(t)
-    while i < n:
-        ch = t[i]
-        if ch == "^":
-            if in_exponent:
-                return True
-            k = i - 1
-            while k >= 0 and t[k].isspace():
-                k -= 1
-            if k >= 0 and k == power_group_end:
-                return True  # (a^b)^c
-            if stack:
-                stack[-1][1] = True
-            j = _skip_spaces(t, i + 1)
-            if j < n and t[j] in "{(":
-                stack.append([True, False])
-                in_exponent, digits = True, 0
-                i = j + 1
-                continue
+    n = len(t)
+    if "^" not in t:
+        return False
+    match = _matching_brackets(t)
+    symbolic, int_digits, carets = _prefix_counts(t)
+
+    def count(prefix: list[int], lo: int, hi: int) -> int:  # over t[lo:hi]
+        return prefix[hi] - prefix[lo]
+
+    for i, ch in enumerate(t):
+        if ch != "^":
+            continue
+        j = _skip_spaces(t, i + 1)
+        if j >= n:
+            continue
+        if t[j] in "{(" and j in match:
+            e_lo, e_hi = j, match[j] + 1
+        else:
             atom = _EXPONENT_ATOM.match(t, i + 1)
             if atom is None:
-                return False  # a trailing `^`
-            if sum(c.isdigit() for c in atom.group()) > _MAX_EXPONENT_DIGITS:
-                return True
-            i = _skip_spaces(t, atom.end())
-            if i < n and t[i] == "^":
-                return True  # a^b^c
+                continue
+            e_lo, e_hi = i + 1, atom.end()
+        exp_numeric = count(symbolic, e_lo, e_hi) == 0
+        if exp_numeric and (count(int_digits, e_lo, e_hi) > _MAX_EXPONENT_DIGITS or count(carets, e_lo, e_hi)):
+            return True
+        k = i - 1
+        while k >= 0 and t[k].isspace():
+            k -= 1
+        if k < 0:
             continue
-        if ch in "{([":
-            stack.append([False, False])
-        elif ch in "})]" and stack:
-            is_exponent, has_power = stack.pop()
-            if is_exponent:
-                in_exponent = False
-                j = _skip_spaces(t, i + 1)
-                if j < n and t[j] == "^":
-                    return True  # a^{b}^c
-            if has_power:
-                power_group_end = i
-                if stack:
-                    stack[-1][1] = True
-        elif in_exponent and ch.isdigit():
-            digits += 1
-            if digits > _MAX_EXPONENT_DIGITS:
-                return True
-        i += 1
+        if k in match:  # the base is a group: (a^b)^c or a^{b}^c
+            b_lo = match[k]
+        else:
+            b_lo = k
+            while b_lo > 0 and (t[b_lo - 1].isalnum() or t[b_lo - 1] == "."):
+                b_lo -= 1
+        base_numeric = count(symbolic, b_lo, k + 1) == 0
+        before = b_lo - 1
+        while before >= 0 and t[before].isspace():
+            before -= 1
+        tower = before >= 0 and t[before] == "^"  # a^b^c, a^{b}^c
+        if exp_numeric and base_numeric and (tower or count(carets, b_lo, k + 1)):
+            return True
     return False
+
+
+def _matching_brackets(t: str) -> dict[int, int]:
+    """Both ends of every matched (), {}, [] pair: opener -> closer and closer -> opener."""
+    pairs, stack = {}, []
+    for i, ch in enumerate(t):
+        if ch in "({[":
+            stack.append(i)
+        elif ch in ")}]" and stack and t[stack[-1]] + ch in ("()", "{}", "[]"):
+            o = stack.pop()
+            pairs[o], pairs[i] = i, o
+    return pairs
+
+
+def _prefix_counts(t: str) -> tuple[list[int], list[int], list[int]]:
+    """Prefix sums over `t` of: letters outside `_NUMERIC_COMMANDS` names, digits of integer parts
+    (not after a decimal point), and `^`."""
+    symbolic, digits, carets = [0], [0], [0]
+    i, n, fraction = 0, len(t), False
+    while i < n:
+        ch = t[i]
+        if ch == "\\" and i + 1 < n and t[i + 1].isalpha():
+            j = i + 1
+            while j < n and t[j].isalpha():
+                j += 1
+            sym = 0 if t[i + 1:j] in _NUMERIC_COMMANDS else 1
+            for k in range(i, j):  # the command's characters: one mark for the whole name
+                symbolic.append(symbolic[-1] + (sym if k == i else 0))
+                digits.append(digits[-1])
+                carets.append(carets[-1])
+            i, fraction = j, False
+            continue
+        fraction = fraction and ch.isdigit() or (ch == "." and i + 1 < n and t[i + 1].isdigit())
+        symbolic.append(symbolic[-1] + (ch.isalpha()))
+        digits.append(digits[-1] + (ch.isdigit() and not fraction))
+        carets.append(carets[-1] + (ch == "^"))
+        i += 1
+    return symbolic, digits, carets
 
 
 class MathVerifyReward:

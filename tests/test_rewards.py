@@ -173,6 +173,18 @@ def test_math_verify_off_main_thread():
         ("10^{12345}", True),  # more than 4 digits
         ("10^12345", True),
         ("10^{10{,}000{,}000}", True),
+        ("\\sqrt{2}^{10^{9}}", True),
+        # symbolic powers stay symbolic in sympy: ordinary answers, never refused
+        ("e^{x^2}", False),
+        ("e^{-x^2/2}", False),
+        ("2x e^{x^2}", False),
+        ("(x^2+1)^2", False),
+        ("\\left(x^{2}+1\\right)^{3}", False),
+        ("(1+x^2)^{3/2}", False),
+        ("\\frac{1}{(x^2+1)^2}", False),
+        ("2^{2^n}", False),
+        ("e^{0.12345}", False),  # digits after a decimal point are not an integer exponent
+        ("(\\sin x)^2", False),
     ],
 )
 def test_huge_power(text, huge):
