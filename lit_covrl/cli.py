@@ -162,14 +162,18 @@ def _past_start_up(trainer) -> bool:
 
 
 def _config_paths(args: list[str]) -> list[tuple[int, str]]:
-    """(index of the last argument of each `--config PATH` / `--config=PATH`, PATH), in order."""
+    """(index of the last argument of each `--config PATH` / `--config=PATH`, PATH), in order
+    (`-c`, Lightning's short form, too)."""
     out = []
     for i, a in enumerate(args):
-        if a == "--config" and i + 1 < len(args):
+        if a in ("--config", "-c") and i + 1 < len(args):
             out.append((i + 1, args[i + 1]))
-        elif a.startswith("--config="):
+        elif a.startswith(_CONFIG_EQ):
             out.append((i, a.split("=", 1)[1]))
     return out
+
+
+_CONFIG_EQ = ("--config=", "-c=")
 
 
 def _file_callbacks(path: str) -> list | None:
@@ -293,7 +297,7 @@ def _class_sources(args: list[str]) -> list[tuple[int, str, str]]:
     `--config` file or flag that names a class of a CLASS_KEYS key, in order."""
     out = []
     for index, path in _config_paths(args):
-        start = index - (not args[index].startswith("--config="))  # `--config PATH`: at `--config`
+        start = index if args[index].startswith(_CONFIG_EQ) else index - 1  # `--config PATH`: at `--config`
         model = _file_model(path)
         fields = [(key, key.removeprefix("model.")) for key in CLASS_KEYS]
         out += [(start, key, _class_of(model[field])) for key, field in fields if field in model]

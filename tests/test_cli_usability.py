@@ -251,3 +251,18 @@ def test_a_callbacks_flag_before_a_config_that_sets_callbacks_is_refused(first, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"lit-covrl: error: --trainer.callbacks+: given before --config {QUICK}")
     assert "put it after the last --config" in err[-1]
+
+
+def test_the_short_config_flag_stacks_callbacks_too(tmp_path):
+    """Lightning's CLI takes `-c` for `--config`: stacked files' callbacks add up with it too."""
+    import yaml
+
+    from lit_covrl.cli import stack_config_callbacks
+
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("trainer:\n  callbacks:\n    - {class_path: A}\n")
+    second.write_text("trainer:\n  callbacks:\n    - {class_path: B}\n")
+    for short in (["-c", str(first), "-c", str(second)], ["-c=" + str(first), "--config", str(second)]):
+        args = stack_config_callbacks(short)
+        merged = yaml.safe_load(args[-1].removeprefix("--trainer.callbacks="))
+        assert merged == [{"class_path": "A"}, {"class_path": "B"}], args
