@@ -10,7 +10,7 @@ item-level ones.
 
 Built-ins:
 - `ExactMatchReward`: 1.0 iff the stripped strings are equal.
-- `MathVerifyReward`: extracts the final answer of the completion (`extract_answer`: the last
+- `MathVerifyReward`: extracts the final answer of the completion (`lit_covrl.answers.extract_answer`: the last
   non-empty balanced `\\boxed{...}`, else the last math span or a number after it) and checks
   mathematical equivalence with the reference via the `math_verify` library ("1/2",
   "\\frac{1}{2}" and "0.5" are all equal).
@@ -28,17 +28,18 @@ Neither limit can interrupt C code that holds the GIL: while sympy computes a hu
 `10^{10^{7}}`) in C, no other Python thread runs, so `score_completions` cannot stop waiting (it
 returns late, after the computation) and a SIGALRM handler runs only afterwards. Hence the cheap
 guard of `MathVerifyReward`: an extracted answer with a power tower or an exponent of more than
-4 digits (`_huge_power`) scores 0.0 without being parsed.
+4 digits (`lit_covrl.answers._huge_power`) scores 0.0 without being parsed.
 """
 from __future__ import annotations
 
 import logging
 import math
 import queue
-import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
+
+from lit_covrl.answers import _BOXED, _DOLLAR, _huge_power, extract_answer
 
 __all__ = [
     "RewardFunction",
@@ -70,191 +71,6 @@ class ExactMatchReward:
 
     def __call__(self, completion: str, answer: str) -> float:
         return 1.0 if completion.strip() == answer.strip() else 0.0
-
-
-# ----------------------------------------------------------------------------- answer extraction
-
-_BOXED = "\\boxed"
-_BOXED_OPEN = re.compile(r"\\boxed\s*\{")
-# An integer or decimal (thousands separators allowed), optionally a fraction a/b; a minus sign
-# counts only when it cannot be a binary minus ("5-3" ends in 3, "is -3" in -3).
-_SIGN = r"(?:(?<![\w)}\]])-)?"
-_NUMBER = re.compile(_SIGN + r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|\.\d+)")
-# A math delimiter `$` is one not escaped as `\$` (a literal dollar sign); `$$` is display math.
-_DOLLAR = re.compile(r"(?<!\\)\$")
-_SINGLE_DOLLAR = re.compile(r"(?<![\\$])\$(?!\$)")
-_DOUBLE_DOLLAR = re.compile(r"(?<!\\)\$\$")
-_MINUS = "\u2212"  # the Unicode minus sign, read as "-"
-
-
-def _last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` with balanced braces whose content is not blank, or None
-    (unbalanced and empty ones are skipped). One pass with a stack of open braces."""
-    boxed_braces = {m.end() - 1 for m in _BOXED_OPEN.finditer(text)}
-    stack: list[int] = []
-    best = -1  # opening brace of the last non-empty balanced \boxed{...}
-    best_end = -1
-    for i, ch in enumerate(text):
-        if ch == "{":
-            stack.append(i)
-        elif ch == "}" and stack:
-            start = stack.pop()
-            if start in boxed_braces and start > best and text[start + 1 : i].strip():
-                best, best_end = start, i
-    return text[best + 1 : best_end] if best >= 0 else None
-
-
-def _pair_spans(starts: list[int], width: int) -> list[tuple[int, int]]:
-    """(content start, content end) of delimiters paired in order: 1st with 2nd, 3rd with 4th, ..."""
-    return [(a + width, b) for a, b in zip(starts[::2], starts[1::2])]
-
-
-def _last_math_span(text: str) -> tuple[str, int] | None:
-    """(content, end) of the math span (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`) that ends last,
-    or None; blank spans do not count. Dollars pair up in order (1st-2nd, 3rd-4th, ...); the last
-    `\\)` or `\\]` pairs with the last opener before it. Linear in the text's length."""
-    spans = _pair_spans([m.start() for m in _SINGLE_DOLLAR.finditer(text)], 1)
-    spans += _pair_spans([m.start() for m in _DOUBLE_DOLLAR.finditer(text)], 2)
-    for opener, closer in (("\\(", "\\)"), ("\\[", "\\]")):
-        end = text.rfind(closer)
-        start = text.rfind(opener, 0, max(end, 0))
-        if end >= 0 and start >= 0:
-            spans.append((start + len(opener), end))
-    spans = [(a, b) for a, b in spans if text[a:b].strip()]
-    if not spans:
-        return None
-    a, b = max(spans, key=lambda s: s[1])
-    return text[a:b].strip(), b
-
-
-def extract_answer(completion: str) -> str | None:
-    """The final answer of a completion: the last balanced, non-empty `\\boxed{...}`; else the last
-    of: the last math span (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`; an escaped `\\$` is a
-    dollar sign) and the last number after it. Numbers inside LaTeX are not read on their own
-    (`$\\frac{3}{4}$` is `\\frac{3}{4}`, not 4); a Unicode minus (U+2212) counts as "-"."""
-    boxed = _last_boxed(completion)
-    if boxed is not None:
-        return boxed.strip()
-    text = completion.replace(_MINUS, "-")
-    span = _last_math_span(text)
-    after = span[1] if span else 0
-    numbers = _NUMBER.findall(text, after)
-    if numbers:
-        return numbers[-1].replace(" ", "")
-    return span[0] if span else None
-
-
-# Powers sympy may evaluate for unbounded time, in C code holding the GIL (see the module docstring).
-_MAX_EXPONENT_DIGITS = 4
-_EXPONENT_ATOM = re.compile(r"\s*(?:[-+]?\s*\d+|\\[A-Za-z]+|\S)")
-# LaTeX commands that format numbers: their names are not symbols (a part with only these is numeric)
-_NUMERIC_COMMANDS = frozenset({"frac", "dfrac", "tfrac", "left", "right", "cdot", "times", "div", "sqrt",
-                               "bigl", "bigr", "Bigl", "Bigr", "big", "Big"})
-
-
-def _skip_spaces(text: str, i: int) -> int:
-    while i < len(text) and text[i].isspace():
-        i += 1
-    return i
-
-
-def _huge_power(text: str) -> bool:
-    """True if `text` has a numeric power that math_verify (sympy) might take unboundedly long to
-    evaluate exactly.
-
-    `**` counts as `^`. An exponent is the `{...}` / `(...)` group after a `^`, else the number,
-    command or character after it; a base is the group that closes just before the `^`, else the
-    letters and digits before it. A part is numeric if it has no letter outside the formatting
-    commands `_NUMERIC_COMMANDS` (`\\frac`, `\\left`, ...). Refused: a numeric exponent with more than
-    `_MAX_EXPONENT_DIGITS` (4) integer digits in all (`10^{12345}`, `10^{10{,}000{,}000}`); a numeric
-    exponent that is itself a power (`10^{10^{7}}`, `2^(10^7)`); a tower (`10^10^7`, `2^{3}^{4}`) or a
-    power of a power (`(10^{99})^{99}`) of numeric parts. Symbolic powers pass (`e^{x^2}`,
-    `(x^2+1)^2`, `2^{2^n}`), as do `x^2+y^2`, `2^{2024}`, `e^{0.12345}`: sympy keeps them symbolic or
-    small. Linear in the text (prefix counts, one bracket-matching pass).
-    """
-    t = text.replace("**", "^")
-    n = len(t)
-    if "^" not in t:
-        return False
-    match = _matching_brackets(t)
-    symbolic, int_digits, carets = _prefix_counts(t)
-
-    def count(prefix: list[int], lo: int, hi: int) -> int:  # over t[lo:hi]
-        return prefix[hi] - prefix[lo]
-
-    for i, ch in enumerate(t):
-        if ch != "^":
-            continue
-        j = _skip_spaces(t, i + 1)
-        if j >= n:
-            continue
-        if t[j] in "{(" and j in match:
-            e_lo, e_hi = j, match[j] + 1
-        else:
-            atom = _EXPONENT_ATOM.match(t, i + 1)
-            if atom is None:
-                continue
-            e_lo, e_hi = i + 1, atom.end()
-        exp_numeric = count(symbolic, e_lo, e_hi) == 0
-        if exp_numeric and (count(int_digits, e_lo, e_hi) > _MAX_EXPONENT_DIGITS or count(carets, e_lo, e_hi)):
-            return True
-        k = i - 1
-        while k >= 0 and t[k].isspace():
-            k -= 1
-        if k < 0:
-            continue
-        if k in match:  # the base is a group: (a^b)^c or a^{b}^c
-            b_lo = match[k]
-        else:
-            b_lo = k
-            while b_lo > 0 and (t[b_lo - 1].isalnum() or t[b_lo - 1] == "."):
-                b_lo -= 1
-        base_numeric = count(symbolic, b_lo, k + 1) == 0
-        before = b_lo - 1
-        while before >= 0 and t[before].isspace():
-            before -= 1
-        tower = before >= 0 and t[before] == "^"  # a^b^c, a^{b}^c
-        if exp_numeric and base_numeric and (tower or count(carets, b_lo, k + 1)):
-            return True
-    return False
-
-
-def _matching_brackets(t: str) -> dict[int, int]:
-    """Both ends of every matched (), {}, [] pair: opener -> closer and closer -> opener."""
-    pairs, stack = {}, []
-    for i, ch in enumerate(t):
-        if ch in "({[":
-            stack.append(i)
-        elif ch in ")}]" and stack and t[stack[-1]] + ch in ("()", "{}", "[]"):
-            o = stack.pop()
-            pairs[o], pairs[i] = i, o
-    return pairs
-
-
-def _prefix_counts(t: str) -> tuple[list[int], list[int], list[int]]:
-    """Prefix sums over `t` of: letters outside `_NUMERIC_COMMANDS` names, digits of integer parts
-    (not after a decimal point), and `^`."""
-    symbolic, digits, carets = [0], [0], [0]
-    i, n, fraction = 0, len(t), False
-    while i < n:
-        ch = t[i]
-        if ch == "\\" and i + 1 < n and t[i + 1].isalpha():
-            j = i + 1
-            while j < n and t[j].isalpha():
-                j += 1
-            sym = 0 if t[i + 1:j] in _NUMERIC_COMMANDS else 1
-            for k in range(i, j):  # the command's characters: one mark for the whole name
-                symbolic.append(symbolic[-1] + (sym if k == i else 0))
-                digits.append(digits[-1])
-                carets.append(carets[-1])
-            i, fraction = j, False
-            continue
-        fraction = fraction and ch.isdigit() or (ch == "." and i + 1 < n and t[i + 1].isdigit())
-        symbolic.append(symbolic[-1] + (ch.isalpha()))
-        digits.append(digits[-1] + (ch.isdigit() and not fraction))
-        carets.append(carets[-1] + (ch == "^"))
-        i += 1
-    return symbolic, digits, carets
 
 
 class MathVerifyReward:

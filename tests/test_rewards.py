@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lit_covrl import rewards
+from lit_covrl import answers, rewards
 from lit_covrl.rewards import (
     REWARDS,
     ExactMatchReward,
@@ -77,7 +77,7 @@ def test_extract_answer(completion, expected):
     ],
 )
 def test_last_boxed(completion, expected):
-    assert rewards._last_boxed(completion) == expected
+    assert answers._last_boxed(completion) == expected
 
 
 class CountingStr(str):
@@ -96,7 +96,7 @@ def test_last_boxed_reads_each_character_a_bounded_number_of_times(monkeypatch):
     # one of them made this quadratic (4000 repeats took 8.7 s); count the reads, not the time
     text = CountingStr("\\boxed{8}" + "\\boxed{" * 300)
     monkeypatch.setattr(CountingStr, "reads", 0)
-    assert rewards._last_boxed(text) == "8"
+    assert answers._last_boxed(text) == "8"
     assert CountingStr.reads <= 2 * len(text)
 
 
@@ -188,7 +188,7 @@ def test_math_verify_off_main_thread():
     ],
 )
 def test_huge_power(text, huge):
-    assert rewards._huge_power(text) is huge
+    assert answers._huge_power(text) is huge
 
 
 def test_math_verify_refuses_huge_powers_unparsed(monkeypatch):
