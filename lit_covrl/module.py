@@ -222,21 +222,22 @@ class GRPOModule(L.LightningModule):
         read by rank 0 alone and broadcast into the other ranks' empty shards (`load_sharded`)."""
         hp = self.hparams
         if self.policy is None:
-            with _naming("model.model", hp.model):
-                self.policy = self._load(hp.model, frozen=False)
+            self.policy = self._load("model.model", hp.model, frozen=False)
         if self._reference is None and any(r.needs_reference for r in self.regularizers):
-            with _naming("model.reference_model" if hp.reference_model else "model.model", hp.reference_model or hp.model):
-                ref = self._load(hp.reference_model or hp.model, frozen=True)
+            field = "model.reference_model" if hp.reference_model else "model.model"
+            ref = self._load(field, hp.reference_model or hp.model, frozen=True)
             # the precision plugin converts the policy after this hook (`*-true` precisions cast it);
             # the reference gets the same cast, so that at step 0 its log-probs equal the policy's
             ref = self.trainer.precision_plugin.convert_module(ref)
             # a plain attribute: the strategy never sees it and checkpoints never save it
             object.__setattr__(self, "_reference", ref)
 
-    def _load(self, spec: str, *, frozen: bool) -> torch.nn.Module:
+    def _load(self, field: str, spec: str, *, frozen: bool) -> torch.nn.Module:
+        """The model `spec` given by setting `field` (named in a loading error)."""
         device = self.trainer.strategy.root_device if self.device_mesh is not None else None
-        return load_model(spec, dtype=self.hparams.dtype, frozen=frozen, system=self.settings.system,
-                          mesh=self.device_mesh, device=device)
+        with _naming(field, spec):
+            return load_model(spec, dtype=self.hparams.dtype, frozen=frozen, system=self.settings.system,
+                              mesh=self.device_mesh, device=device)
 
     def setup(self, stage: str) -> None:
         cfg = self.settings
