@@ -83,7 +83,7 @@ class LitCovRLCLI(LightningCLI):
         start["model"] = from_ckpt[sub]["model"].clone()
         self.config = self.parser.parse_args(self._given_args, namespace=Namespace(subcommand=sub, **{sub: start}))
         changed = _changed_model_keys(from_ckpt[sub].get("model"), self.config[sub].get("model"))
-        if changed:
+        if changed and sub != "fit":  # a fit names them with their values when it starts (resume_check)
             log.warning("--ckpt_path: the arguments given change %d of the checkpoint's model settings: %s",
                         len(changed), ", ".join(changed[:8]) + (", ..." if len(changed) > 8 else ""))
 

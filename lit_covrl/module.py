@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lit_covrl import distributed
+from lit_covrl import distributed, resume_check
 from lit_covrl.algorithms import compute_advantages, zero_variance_groups
 from lit_covrl.drivers import LightningDriver
 from lit_covrl.dynamic_sampling import Round, sample_rounds
@@ -161,6 +161,7 @@ class GRPOModule(L.LightningModule):
         self.rollout_rng = RolloutRNG(seed)
         self._learner: Learner | None = None
         self._restored_skips = 0
+        self._resumed_from: dict | None = None  # the restored checkpoint's run description, until on_train_start
 
     @property
     def learner(self) -> Learner:
@@ -433,6 +434,8 @@ class GRPOModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.rollout_rng.save(checkpoint)  # collective: every rank runs this hook
         checkpoint["skipped_steps"] = self.skipped_steps
+        if self._trainer is not None:
+            checkpoint[resume_check.CKPT_KEY] = resume_check.run_components(self, self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is None and self.policy is None:
@@ -443,9 +446,14 @@ class GRPOModule(L.LightningModule):
         self._restored_skips = checkpoint.get("skipped_steps", 0)
         if self._learner is not None:
             self._learner.skipped_steps = self._restored_skips
+        keep = (resume_check.CKPT_KEY, "hyper_parameters", "datamodule_hyper_parameters")
+        self._resumed_from = {k: checkpoint[k] for k in keep if k in checkpoint}
 
     def on_train_start(self) -> None:
         self.rollout_rng.apply_pending()
+        if self._resumed_from is not None:  # compared once the optimizer and callbacks are restored
+            resume_check.warn_on_changes(self._resumed_from, self, self.trainer, self.trainer.ckpt_path)
+            self._resumed_from = None
 
     def configure_callbacks(self):
         """The TensorBoard overview of every fit (layout, config text, hparams, final figures)."""

@@ -1,0 +1,174 @@
+"""What a resumed run changed, said once when training starts.
+
+Lightning restores the weights, the optimizer state and the callbacks' state from a checkpoint, but
+nothing compares the configuration: a run started with `configs/cpu/cispo.yaml` and resumed with the
+plain quickstart command trains with PPOClip from then on, and a learning rate changed for the
+resume is overwritten by the restored optimizer state, both without a word. A checkpoint therefore
+keeps a description of the run's components (objective, rewards, sampler, optimizer, scheduler,
+regularizers); resuming compares it, and the settings Lightning saves (`hyper_parameters` of the
+module and the datamodule), with the run being started and warns once, naming every difference.
+Changing a component on purpose (another objective after some steps) stays possible: it is said,
+not refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CKPT_KEY = "lit_covrl_components"
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def plain(value: Any) -> Any:
+    """A value a checkpoint can hold under `weights_only` loading: numbers, strings, lists, dicts;
+    dataclasses become dicts, anything else its class path."""
+    if isinstance(value, _PLAIN):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return class_path(value)
+
+
+def class_path(obj: Any) -> str:
+    """`package.module.Name` of a function, or of an object's class."""
+    target = obj if inspect.isfunction(obj) or inspect.isclass(obj) else type(obj)
+    return f"{target.__module__}.{target.__qualname__}"
+
+
+def describe(obj: Any) -> dict[str, Any]:
+    """`{"class_path": ..., "init_args": {...}}` of a component, as in a YAML config: the
+    constructor's parameters that the object keeps under the same name (runtime state, kept under
+    private names by convention, is left out). A function has only its class_path."""
+    if inspect.isfunction(obj) or inspect.isbuiltin(obj):
+        return {"class_path": class_path(obj)}
+    try:
+        params = inspect.signature(type(obj).__init__).parameters
+    except (TypeError, ValueError):
+        params = {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    args = {name: plain(getattr(obj, name)) for name, p in params.items()
+            if name != "self" and p.kind in kinds and hasattr(obj, name)}
+    return {"class_path": class_path(obj), "init_args": args}
+
+
+def _describe_optimizer(opt: Any) -> dict[str, Any]:
+    # the constructor's arguments, as the optimizer keeps them (`defaults`), not the param groups
+    # (those are the checkpoint's after a restore)
+    return {"class_path": class_path(opt), "init_args": plain(dict(getattr(opt, "defaults", {})))}
+
+
+def run_components(module: Any, trainer: Any) -> dict[str, Any]:
+    """The description of a run's components that a checkpoint keeps (`CKPT_KEY`)."""
+    from lit_covrl.regularizers import Regularizer
+
+    out: dict[str, Any] = {
+        "model.objective": describe(module.objective),
+        "model.reward": [describe(fn) for fn in module.rewards.rewards],
+        "model.sampler": describe(module.sampler),
+        "model.optimizer": [_describe_optimizer(o) for o in trainer.optimizers],
+        "model.lr_scheduler": [class_path(c.scheduler) for c in trainer.lr_scheduler_configs],
+    }
+    for cb in trainer.callbacks:
+        if isinstance(cb, Regularizer):
+            out[f"trainer.callbacks[{cb.name}]"] = describe(cb)
+    return out
+
+
+def _flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
+    """Nested dicts as dotted keys (lists stay values: a changed list is one difference)."""
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict) and set(value) <= {"class_path", "init_args"}:
+        return str(value.get("class_path"))
+    return repr(value)
+
+
+def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """One line per setting that differs (`key: before -> now`); a component whose class changed is
+    one line (its arguments differ with it); a component present on one side only is said so."""
+    lines: list[str] = []
+    for key in list(saved) + [k for k in now if k not in saved]:
+        before, after = saved.get(key, _MISSING), now.get(key, _MISSING)
+        if before == after:
+            continue
+        if before is _MISSING or after is _MISSING:
+            lines.append(f"{key}: {'added' if before is _MISSING else 'removed'} "
+                         f"({_show(after if before is _MISSING else before)})")
+            continue
+        if _same_class(before, after):
+            b, a = _flat("", before.get("init_args", {}), {}), _flat("", after.get("init_args", {}), {})
+            lines += [f"{key}.init_args.{k}: {b.get(k, '(unset)')!r} -> {a.get(k, '(unset)')!r}"
+                      for k in list(b) + [k for k in a if k not in b] if b.get(k, _MISSING) != a.get(k, _MISSING)]
+            continue
+        lines.append(f"{key}: {_show(before)} -> {_show(after)}")
+    return lines
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "(unset)"
+
+
+_MISSING = _Missing()
+
+
+def _same_class(a: Any, b: Any) -> bool:
+    return (isinstance(a, dict) and isinstance(b, dict) and "class_path" in a
+            and a.get("class_path") == b.get("class_path"))
+
+
+def settings_of(checkpoint_or_hparams: dict[str, Any], group: str) -> dict[str, Any]:
+    return _flat(group, plain(dict(checkpoint_or_hparams)), {})
+
+
+def resume_differences(checkpoint: dict[str, Any], module: Any, trainer: Any) -> list[str]:
+    """Everything the run being started changes relative to the checkpoint's run."""
+    saved = dict(_flat_components(checkpoint.get(CKPT_KEY, {})))
+    now = dict(_flat_components(run_components(module, trainer)))
+    saved.update(settings_of(checkpoint.get("hyper_parameters", {}), "model"))
+    now.update(settings_of(module.hparams, "model"))
+    dm = getattr(trainer, "datamodule", None)
+    if "datamodule_hyper_parameters" in checkpoint and dm is not None:
+        saved.update(settings_of(checkpoint["datamodule_hyper_parameters"], "data"))
+        now.update(settings_of(getattr(dm, "hparams", {}), "data"))
+    if CKPT_KEY not in checkpoint:  # a checkpoint from before this check: compare settings only
+        now = {k: v for k, v in now.items() if k in saved}
+    return differences(saved, now)
+
+
+def _flat_components(components: dict[str, Any]) -> dict[str, Any]:
+    # lists of one component (a single reward, optimizer) compare as that component
+    return {k: (v[0] if isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict) else v)
+            for k, v in components.items()}
+
+
+def warn_on_changes(checkpoint: dict[str, Any], module: Any, trainer: Any, ckpt_path: str | None) -> list[str]:
+    """Log one warning listing the differences (rank 0); returns them."""
+    lines = resume_differences(checkpoint, module, trainer)
+    if lines and trainer.is_global_zero:
+        lr_note = any(line.startswith("model.optimizer.init_args.lr:") for line in lines)
+        log.warning(
+            "resuming from %s with settings that differ from the checkpoint's run; the weights, optimizer "
+            "state and sampling state continue from the checkpoint, these take effect from now on:\n  %s%s",
+            ckpt_path or "a checkpoint", "\n  ".join(lines),
+            "\n  (the optimizer state restored from the checkpoint keeps its learning rate: a changed lr "
+            "takes no effect. Start from the weights instead, e.g. model.model=<exported folder>, to "
+            "use another.)" if lr_note else "",
+        )
+    return lines
+

@@ -1,0 +1,121 @@
+"""Resuming with another configuration is said: the checkpoint keeps its run's components, and a
+resume that changes the objective, a reward, the optimizer, a regularizer or a setting warns once,
+naming each difference (and nothing when the run is resumed as it was started)."""
+from __future__ import annotations
+
+import torch
+
+from lit_covrl.objectives import CISPO
+from lit_covrl.regularizers import ClipCov, EntropyBonus, KLCov
+from lit_covrl.resume_check import CKPT_KEY, describe, differences
+from tests.test_module import make_data, make_module
+from tests.test_resume import _trainer
+
+
+def _regs():
+    return [ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=1), EntropyBonus(coef=0.01, schedule={"name": "linear", "final": 0.0})]
+
+
+def _checkpoint(tiny_model_dir, tmp_path, **module_kw):
+    first = _trainer(tmp_path / "a", 2, _regs())
+    first.fit(make_module(tiny_model_dir, **module_kw), make_data())
+    ckpt = tmp_path / "step2.ckpt"
+    first.save_checkpoint(ckpt)
+    return ckpt
+
+
+def _resume(tiny_model_dir, tmp_path, ckpt, caplog, regs=None, **module_kw) -> str:
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lit_covrl.resume_check"):
+        _trainer(tmp_path / "b", 3, regs if regs is not None else _regs()).fit(
+            make_module(tiny_model_dir, **module_kw), make_data(), ckpt_path=str(ckpt))
+    return caplog.text
+
+
+def test_resume_names_each_changed_component_and_setting(tiny_model_dir, tmp_path, caplog):
+    ckpt = _checkpoint(tiny_model_dir, tmp_path, objective=CISPO(clip_high=4.0))
+    saved = torch.load(ckpt, weights_only=True)[CKPT_KEY]  # plain data: loads without pickled classes
+    assert saved["model.objective"]["class_path"] == "lit_covrl.objectives.cispo.CISPO"
+    assert saved["model.objective"]["init_args"]["clip_high"] == 4.0
+    assert set(k for k in saved if k.startswith("trainer.callbacks")) == {
+        "trainer.callbacks[clip_cov]", "trainer.callbacks[entropy_bonus]"}
+
+    # resumed exactly as started: not a word (the whole-run schedule, the sampler resolved for
+    # the device and the optimizer's defaults all compare equal)
+    assert "differ from the checkpoint" not in _resume(tiny_model_dir, tmp_path, ckpt, caplog, objective=CISPO(clip_high=4.0))
+
+    text = _resume(
+        tiny_model_dir, tmp_path, ckpt, caplog,
+        regs=[ClipCov(ratio=0.2, lb=-1e9, ub=1e9, seed=1), KLCov(ratio=0.1)],
+        rollout=dict(group_size=2),
+    )
+    assert "differ from the checkpoint" in text
+    assert "model.objective: lit_covrl.objectives.cispo.CISPO -> lit_covrl.objectives.base.PPOClip" in text
+    assert "trainer.callbacks[clip_cov].init_args.ratio: 0.1 -> 0.2" in text
+    assert "trainer.callbacks[entropy_bonus]: removed (lit_covrl.regularizers.dense.EntropyBonus)" in text
+    assert "trainer.callbacks[kl_cov]: added (lit_covrl.regularizers.covariance.KLCov)" in text
+    assert "model.rollout.group_size: 4 -> 2" in text
+
+
+def test_a_changed_learning_rate_is_said_to_take_no_effect(tiny_model_dir, tmp_path, caplog):
+    """The restored optimizer state brings the checkpoint's learning rate back (torch's
+    load_state_dict replaces the param groups' hyperparameters): the warning says so, and it is true."""
+    ckpt = _checkpoint(tiny_model_dir, tmp_path)
+    seen = {}
+
+    module = make_module(tiny_model_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=5e-3))
+    orig = module.on_train_start
+
+    def spy():
+        orig()
+        seen["lr"] = module.trainer.optimizers[0].param_groups[0]["lr"]
+
+    module.on_train_start = spy
+    with caplog.at_level("WARNING", logger="lit_covrl.resume_check"):
+        _trainer(tmp_path / "b", 3, _regs()).fit(module, make_data(), ckpt_path=str(ckpt))
+    assert "model.optimizer.init_args.lr: 0.03 -> 0.005" in caplog.text
+    assert "keeps its learning rate" in caplog.text
+    assert seen["lr"] == 0.03  # what the note claims
+
+
+def test_describe_keeps_constructor_arguments_not_runtime_state():
+    reg = EntropyBonus(coef=0.5)
+    reg._coef_now = 0.25  # runtime state, under a private name
+    assert describe(reg)["init_args"]["coef"] == 0.5
+    assert "_coef_now" not in describe(reg)["init_args"]
+    assert describe(describe) == {"class_path": "lit_covrl.resume_check.describe"}
+
+
+def test_differences_by_hand():
+    a = {"model.objective": {"class_path": "x.PPOClip", "init_args": {"clip_low": 0.2, "clip_high": 0.2}},
+         "model.rollout.group_size": 8, "trainer.callbacks[kl]": {"class_path": "x.KLCov", "init_args": {}}}
+    b = {"model.objective": {"class_path": "x.PPOClip", "init_args": {"clip_low": 0.2, "clip_high": 0.28}},
+         "model.rollout.group_size": 8, "data.seed": 1}
+    assert differences(a, b) == [
+        "model.objective.init_args.clip_high: 0.2 -> 0.28",
+        "trainer.callbacks[kl]: removed (x.KLCov)",
+        "data.seed: added (1)",
+    ]
+    assert differences(a, a) == []
+
+
+def test_cli_resume_with_another_config_names_the_objective(tmp_path, caplog):
+    """The README's resume command after a run started with configs/cpu/cispo.yaml: the objective is
+    not a saved hyperparameter, so the plain command silently trained PPOClip from then on."""
+    from pathlib import Path
+
+    from lit_covrl.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    quick, cispo = str(root / "configs/quickstart.yaml"), str(root / "configs/cpu/cispo.yaml")
+    common = ["--trainer.val_check_interval", "1000", "--trainer.enable_progress_bar", "false", "--torch_threads", "1"]
+    main(["fit", "--config", quick, "--config", cispo, "--trainer.max_steps", "1",
+          "--trainer.logger.init_args.save_dir", str(tmp_path / "a"), *common])
+    ckpt = next((tmp_path / "a").rglob("last.ckpt"))
+    for configs, expect in (([quick, cispo], False), ([quick], True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lit_covrl"):
+            main(["fit", *[a for c in configs for a in ("--config", c)], "--trainer.max_steps", "2",
+                  "--ckpt_path", str(ckpt), "--trainer.logger.init_args.save_dir", str(tmp_path / "b"), *common])
+        assert ("model.objective: lit_covrl.objectives.cispo.CISPO -> lit_covrl.objectives.base.PPOClip" in caplog.text) is expect
+        assert ("differ from the checkpoint" in caplog.text) is expect, caplog.text
