@@ -46,6 +46,9 @@ class LitCovRLCLI(LightningCLI):
         # `checkpoint.on_write_error` (stop | warn): lit_covrl.checkpointing
         parser.add_lightning_class_args(AtomicCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 50})
+        # the module's implicit reward (null = exact match) made explicit, so that printed configs
+        # show it and `--model.reward+=X` adds X to it instead of replacing it
+        parser.set_defaults({"model.reward": {"class_path": "lit_covrl.rewards.ExactMatchReward"}})
         parser.add_argument(
             "--torch_threads", type=int | None, default=None,
             help="torch intra-op threads (null = torch's default). On small CPUs 1 per process is steadiest.",

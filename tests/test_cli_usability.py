@@ -266,3 +266,13 @@ def test_the_short_config_flag_stacks_callbacks_too(tmp_path):
         args = stack_config_callbacks(short)
         merged = yaml.safe_load(args[-1].removeprefix("--trainer.callbacks="))
         assert merged == [{"class_path": "A"}, {"class_path": "B"}], args
+
+
+def test_adding_a_reward_keeps_the_default_exact_match(tmp_path):
+    """The module's default reward (exact match) was implicit (`reward: null`), so
+    `--model.reward+=X` on the quickstart trained on X alone; it is now the parser's explicit default."""
+    from lit_covrl.rewards import ExactMatchReward, MathVerifyReward
+
+    assert type(_cli(tmp_path).model.reward) is ExactMatchReward
+    added = _cli(tmp_path, "--model.reward+=lit_covrl.rewards.MathVerifyReward").model.reward
+    assert [type(r) for r in added] == [ExactMatchReward, MathVerifyReward]
