@@ -192,7 +192,7 @@ def test_stacked_callbacks_keep_yaml_values_json_lacks(tmp_path):
     with YAML's special characters survive (JSON turned .inf into 'Infinity')."""
     import yaml
 
-    from lit_covrl.cli import stack_config_callbacks
+    from lit_covrl.cli_args import stack_config_callbacks
 
     odd = "a: #b, 'c' \"d\" [e] {f} - &x *y ! % @ `"
     first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
@@ -257,7 +257,7 @@ def test_the_short_config_flag_stacks_callbacks_too(tmp_path):
     """Lightning's CLI takes `-c` for `--config`: stacked files' callbacks add up with it too."""
     import yaml
 
-    from lit_covrl.cli import stack_config_callbacks
+    from lit_covrl.cli_args import stack_config_callbacks
 
     first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
     first.write_text("trainer:\n  callbacks:\n    - {class_path: A}\n")

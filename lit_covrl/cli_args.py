@@ -1,0 +1,207 @@
+"""The command line as `lit-covrl` rewrites it before jsonargparse parses it: pure functions of
+the list of argument strings (and of the `--config` files they name).
+
+- `check_moved_keys`: a flat key that moved into a settings group is refused with its new name;
+- `one_string_lists`: a bare value of a string-list key is one string (`--model.rollout.stop+=####`);
+- `reset_switched_classes`: a switched objective or sampler class starts from its own defaults;
+- `stack_config_callbacks`: the `trainer.callbacks` of stacked `--config` files add up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import yaml
+
+from lit_covrl.settings import moved_key_hint
+
+
+def _config_paths(args: list[str]) -> list[tuple[int, str]]:
+    """(index of the last argument of each `--config PATH` / `--config=PATH`, PATH), in order
+    (`-c`, Lightning's short form, too)."""
+    out = []
+    for i, a in enumerate(args):
+        if a in ("--config", "-c") and i + 1 < len(args):
+            out.append((i + 1, args[i + 1]))
+        elif a.startswith(_CONFIG_EQ):
+            out.append((i, a.split("=", 1)[1]))
+    return out
+
+
+_CONFIG_EQ = ("--config=", "-c=")
+
+
+def _file_callbacks(path: str) -> list | None:
+    """The `trainer.callbacks` list of a YAML config file (interpolations resolved), if any."""
+    from omegaconf import OmegaConf
+
+    if not os.path.isfile(path):
+        return None  # not a file (an inline YAML string, or missing): the parser reports it
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    callbacks = (cfg.get("trainer") or {}).get("callbacks") if isinstance(cfg, dict) else None
+    if callbacks is None:
+        return None
+    return callbacks if isinstance(callbacks, list) else [callbacks]
+
+
+def _file_model(path: str) -> dict:
+    """The `model:` (or `model.init_args:`) mapping of a YAML config file ({} if none)."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    if isinstance(model, dict) and isinstance(model.get("init_args"), dict):
+        model = model["init_args"]
+    return model if isinstance(model, dict) else {}
+
+
+def _file_model_keys(path: str) -> list[str]:
+    """The keys under `model:` (or `model.init_args:`) of a YAML config file."""
+    return list(_file_model(path))
+
+
+def check_moved_keys(args: list[str]) -> None:
+    """A flat key that moved into a settings group (`model.group_size` -> `model.rollout.group_size`),
+    given in a `--config` file or on the command line, is refused with the new key named (before
+    parsing, whose own message would only say the key is unknown)."""
+    for index, path in _config_paths(args):
+        for key in _file_model_keys(path):
+            if (hint := moved_key_hint(key)) is not None:
+                raise ValueError(f"{path}: {hint} (see the README's \"Moved keys\")")
+    for a in args:
+        if a.startswith("--model."):
+            key = a[len("--model."):].split("=", 1)[0].removeprefix("init_args.").split(".")[0]
+            if (hint := moved_key_hint(key)) is not None:
+                raise ValueError(f"--model.{key}: {hint} (see the README's \"Moved keys\")")
+
+
+# keys typed `list[str] | None` (lit_covrl.settings.RolloutSettings, PromptDataModule)
+STRING_LIST_KEYS = ("model.rollout.stop", "data.train_files", "data.val_files")
+_NULLS = ("null", "Null", "NULL", "~")
+
+
+def _flag_key(arg: str) -> str:
+    """`--model.init_args.rollout.stop+=x` -> `model.rollout.stop+` (the key as given, without
+    init_args); "" for an argument that is not a `--` flag."""
+    if not arg.startswith("--"):
+        return ""
+    return re.sub(r"\.init_args(?=\.)", "", arg.split("=", 1)[0][2:])
+
+
+def _one_string(value: str, append: bool) -> str:
+    """A string-list flag's value as jsonargparse should read it (see `one_string_lists`)."""
+    if value.startswith("[") or (not append and value in _NULLS):
+        return value
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        try:
+            quoted = yaml.safe_load(value)
+        except yaml.YAMLError:
+            quoted = None
+        value = quoted if isinstance(quoted, str) else value
+    return json.dumps([value])
+
+
+def one_string_lists(args: list[str]) -> list[str]:
+    """A value of a string-list key (STRING_LIST_KEYS: `model.rollout.stop`, `data.train_files`,
+    `data.val_files`) given on the command line is one string unless it is a list literal:
+    `--model.rollout.stop+=####` (or `+ ####`) appends "####", `--model.rollout.stop=####` (or
+    ` ####`) sets ["####"]. jsonargparse reads such values as YAML, where `####` or `# Answer:`
+    is a comment (null: the whole list was cleared, silently) and `~` is null. The rule:
+    a value starting with `[` is a YAML list (`[END]` is ["END"]; `'["[END]"]'` is the string);
+    after `=` or a space, `null` (or `~`) clears the list; a value in matching quotes is a YAML
+    quoted string (`'"\n\n"'` is two newlines, `"####"` is ####); anything else is taken
+    verbatim, `#`, `:` and spaces included."""
+    out, i = [], 0
+    while i < len(args):
+        arg, key = args[i], _flag_key(args[i])
+        name, append = key.removesuffix("+"), key.endswith("+")
+        if name in STRING_LIST_KEYS and "=" in arg:
+            out.append(f"{arg.split('=', 1)[0]}={_one_string(arg.split('=', 1)[1], append)}")
+        elif name in STRING_LIST_KEYS and i + 1 < len(args) and not args[i + 1].startswith("-"):
+            out += [arg, _one_string(args[i + 1], append)]
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+# single-class keys of the model whose init_args belong to the class (the optimizer is not one:
+# its `lr` carries over to another optimizer class, as in Lightning's CLI)
+CLASS_KEYS = ("model.objective", "model.sampler")
+
+
+def _class_of(value) -> str | None:
+    """The class a value of a CLASS_KEYS key names: its class (path), "" for null, None for no
+    class (init_args only). A flag's value may be a dict in YAML or JSON."""
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return None
+    if value is None or value in _NULLS:
+        return ""
+    if isinstance(value, dict):
+        value = value.get("class_path")
+    return value if isinstance(value, str) else None
+
+
+def _class_sources(args: list[str]) -> list[tuple[int, str, str]]:
+    """(index of the argument to insert a reset before, key, class or "" for null) for each
+    `--config` file or flag that names a class of a CLASS_KEYS key, in order."""
+    out = []
+    for index, path in _config_paths(args):
+        start = index if args[index].startswith(_CONFIG_EQ) else index - 1  # `--config PATH`: at `--config`
+        model = _file_model(path)
+        fields = [(key, key.removeprefix("model.")) for key in CLASS_KEYS]
+        out += [(start, key, _class_of(model[field])) for key, field in fields if field in model]
+    for i, arg in enumerate(args):
+        key = _flag_key(arg).removesuffix(".class_path")
+        if key in CLASS_KEYS and ("=" in arg or i + 1 < len(args)):
+            out.append((i, key, _class_of(arg.split("=", 1)[1] if "=" in arg else args[i + 1])))
+    return sorted(source for source in out if source[2] is not None)
+
+
+def reset_switched_classes(args: list[str]) -> list[str]:
+    """A `--config` file or flag that switches `model.objective` or `model.sampler` to another
+    class (`--config gspo.yaml --model.objective CISPO`) starts that class from its own
+    defaults: `--KEY=null` is put before it. jsonargparse would otherwise carry the earlier
+    class's init_args over (CISPO with GSPO's clip range of 3e-4/4e-4)."""
+    current: dict[str, str] = {}
+    resets = []
+    for index, key, cls in _class_sources(args):
+        before = current.get(key)
+        if before and cls and before.rpartition(".")[2] != cls.rpartition(".")[2]:
+            resets.append((index, key))
+        current[key] = cls
+    for index, key in sorted(resets, reverse=True):
+        args = [*args[:index], f"--{key}=null", *args[index:]]
+    return args
+
+
+def stack_config_callbacks(args: list[str]) -> list[str]:
+    """Make stacked method configs add up: `--config base.yaml --config clip_cov.yaml --config
+    entropy_bonus.yaml` trains with every regularizer named in any of them. A YAML list in a later
+    file would otherwise replace the earlier one (jsonargparse merges dicts, not lists). When two
+    or more files set `trainer.callbacks`, their lists are concatenated in file order and passed
+    once, right after the last `--config`, so later command-line arguments
+    (`--trainer.callbacks+=...`, `--trainer.callbacks.ratio=...`) still apply on top. Such an
+    argument given before a `--config` file that sets `trainer.callbacks` would be replaced by
+    that file's list: it is refused, with the place to put it."""
+    paths = _config_paths(args)
+    setting = [(index, path, cbs) for index, path in paths if (cbs := _file_callbacks(path)) is not None]
+    if setting:
+        index, path, _ = setting[-1]
+        early = next((a for a in args[:index] if _flag_key(a).startswith("trainer.callbacks")), None)
+        if early is not None:
+            raise ValueError(f"{early.split('=', 1)[0]}: given before --config {path}, whose trainer.callbacks "
+                             "replace it; put it after the last --config")
+    if len(setting) < 2:
+        return args
+    merged = [cb for _, _, cbs in setting for cb in cbs]
+    last = paths[-1][0]
+    # YAML, not JSON: JSON has no .inf / .nan (ClipCov's `ub: .inf`)
+    flow = yaml.safe_dump(merged, default_flow_style=True, sort_keys=False, width=float("inf")).strip()
+    return [*args[: last + 1], f"--trainer.callbacks={flow}", *args[last + 1 :]]
