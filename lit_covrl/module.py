@@ -38,6 +38,7 @@ from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, p
 from lit_covrl.objectives import Objective, resolve_objective
 from lit_covrl.policy import load_tokenizer, resolve_dtype
 from lit_covrl.prompt_check import check_datamodule_prompts
+from lit_covrl.prompts import uses_chat_template
 from lit_covrl.regularizers.base import Regularizer, check_unique_names
 from lit_covrl.reward_set import RewardSet
 from lit_covrl.rewards import ExactMatchReward
@@ -253,6 +254,8 @@ class GRPOModule(L.LightningModule):
             if warning := check_run_length(t.max_steps, t.val_check_interval, t.limit_val_batches,
                                            bool(getattr(dm, "has_validation", False))):
                 rank_zero_warn(warning)
+        if ro.chat_template:  # a missing template is known now, whatever prompts the data has in advance
+            uses_chat_template(self.tokenizer, True)
         if hasattr(dm, "known_prompts"):
             check_datamodule_prompts(self.tokenizer, dm, chat_template=ro.chat_template,
                                      max_prompt_length=ro.max_prompt_length if ro.prompt_overflow == "error" else None)

@@ -136,3 +136,20 @@ def test_held_out_files_of_a_task_are_checked_at_start_up(tmp_path):
     data.hparams.unencodable_prompts = "skip"
     check_datamodule_prompts(tok, data, chat_template=None, max_prompt_length=64)
     assert [b.prompts for b in data.val_dataloader()] == [["1+1=", "1+" * 20 + "1="]] and data.skipped_rows == 1
+
+
+def test_chat_template_without_one_fails_at_start_up_even_without_known_prompts(tiny_model_dir, tmp_path):
+    """`model.rollout.chat_template: true` with a template-less tokenizer was only found when the
+    first batch was encoded if no prompt was known in advance (a synthetic task with val_size 0):
+    past start-up, so a full traceback after the model had loaded. It fails in setup now."""
+    import lightning as L
+
+    from tests.test_module import make_data, make_module
+
+    module = make_module(tiny_model_dir, rollout=dict(chat_template=True))
+    module.training_step = lambda *a, **k: pytest.fail("a training step ran")
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="chat_template is true but the tokenizer has no chat template"):
+        trainer.fit(module, make_data(val_size=0))
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.started == 0  # before the first batch
