@@ -317,12 +317,12 @@ def default_version(config_files: list, callbacks: list, log_root: Path) -> str:
 
 
 def name_run(cfg) -> str | None:
-    """Give a TensorBoardLogger configured without a version the `default_version` name
+    """Give a TensorBoardLogger or CSVLogger configured without a version the `default_version` name
     (an explicit version, even "" as tools/compare.py passes, is kept). Returns the name given,
     or None; the CLI keeps it out of the saved config.yaml, so that re-running that file names a
     new run rather than reusing (and overwriting) the folder of the run that saved it."""
     logger = cfg.get("trainer", {}).get("logger") if hasattr(cfg, "get") else None
-    if logger is None or not str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
+    if logger is None or not str(getattr(logger, "class_path", "")).endswith(("TensorBoardLogger", "CSVLogger")):
         return None
     init = logger.init_args
     if init.get("version") is not None:

@@ -276,3 +276,11 @@ def test_adding_a_reward_keeps_the_default_exact_match(tmp_path):
     assert type(_cli(tmp_path).model.reward) is ExactMatchReward
     added = _cli(tmp_path, "--model.reward+=lit_covrl.rewards.MathVerifyReward").model.reward
     assert [type(r) for r in added] == [ExactMatchReward, MathVerifyReward]
+
+
+def test_a_csv_logger_run_gets_the_method_name(tmp_path):
+    """Runs are named `<method>-<config stems>-v<N>` for a CSV logger too (it got version_0)."""
+    cli = _cli(tmp_path, "--config", str(QUICK.parent / "cpu/clip_cov.yaml"), "--trainer.logger",
+               "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", str(tmp_path))
+    assert type(cli.trainer.logger).__name__ == "CSVLogger"
+    assert Path(cli.trainer.logger.log_dir).name == "clip_cov-quickstart-v0"
