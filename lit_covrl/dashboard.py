@@ -254,7 +254,8 @@ class RunDashboard(Callback):
         end = _session_end(success)
         for lg in _tensorboard_loggers(trainer):
             if final:
-                lg.log_metrics(final, step=max(trainer.global_step, 0))
+                # at the last RL step's metrics (a step's metrics go to global_step - 1, after its updates)
+                lg.log_metrics(final, step=max(trainer.global_step - 1, 0))
             lg.experiment._get_file_writer().add_summary(end)
             lg.experiment.flush()
 

@@ -102,7 +102,8 @@ def test_a_fit_writes_layout_config_text_and_hparams_with_final_figures(tiny_mod
         assert last(f"final/val_{k}") == pytest.approx(last(f"val/{k}"))
         assert last(f"final/best_val_{k}") == pytest.approx(max(v for _, v in logged[f"val/{k}"]))
     assert last("final/val_entropy") == pytest.approx(last("val/entropy"))
-    assert logged["final/entropy"][-1][0] == 3  # at the last RL step
+    # at the last RL step, with its step metrics and its validation (it was one step past them)
+    assert logged["final/entropy"][-1][0] == logged["policy/entropy"][-1][0] == logged["val/pass@1"][-1][0] == 2
     assert session_status(tmp_path) == "STATUS_SUCCESS"
 
 
@@ -118,7 +119,7 @@ def test_a_fit_stopped_by_an_exception_still_writes_its_figures_and_a_failed_ses
             val_check_interval=1)
     logged = scalar_tags(tmp_path)
     assert [s for s, _ in logged["policy/entropy"]] == [0, 1]
-    assert logged["final/entropy"] == [(2, pytest.approx(logged["policy/entropy"][-1][1]))]
+    assert logged["final/entropy"] == [(1, pytest.approx(logged["policy/entropy"][-1][1]))]
     assert logged["final/val_pass@1"][-1][1] == pytest.approx(logged["val/pass@1"][-1][1])
     assert session_status(tmp_path) == "STATUS_FAILURE"
 
@@ -257,7 +258,7 @@ def test_best_held_out_figures_survive_a_resume(tiny_model_dir, tmp_path):
     assert probe.best == {k: max(v for _, v in a[k]) for k in ("val/pass@1", "val/pass@k")}
     for k in ("pass@1", "pass@k"):
         every = [v for _, v in a[f"val/{k}"] + b[f"val/{k}"]]
-        assert len(every) == 4 and b[f"final/best_val_{k}"] == [(4, pytest.approx(max(every)))]
+        assert len(every) == 4 and b[f"final/best_val_{k}"] == [(3, pytest.approx(max(every)))]
 
 
 def test_every_shipped_regularizer_charts_what_it_records(tiny_model_dir, tmp_path):
