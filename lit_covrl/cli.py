@@ -30,7 +30,7 @@ from lit_covrl.errors import debugging, exit_with
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
 from lit_covrl.progress import RLProgressBar
-from lit_covrl.regularizers.base import Regularizer, check_unique_names
+from lit_covrl.regularizers.base import Regularizer, check_stack
 from lit_covrl.sharding import check_checkpoint_strategy
 
 log = logging.getLogger("lit_covrl")
@@ -114,7 +114,7 @@ class LitCovRLCLI(LightningCLI):
         """The RL-step progress bar unless the config brings its own or disables the bar. Two
         regularizers with one name are refused first, with our message: for stateful ones (Clip-Cov,
         the adaptive bonus) Lightning's own state_key check would otherwise fail in Trainer()."""
-        check_unique_names([c for c in _config_callbacks(config) if isinstance(c, Regularizer)])
+        check_stack([c for c in _config_callbacks(config) if isinstance(c, Regularizer)])
         trainer = super()._instantiate_trainer(_with_rl_progress_bar(config), callbacks)
         _RUN["trainer"] = trainer
         return trainer

@@ -145,10 +145,13 @@ class Learner:
             step=self.step, update=index, on_policy=self._on_policy, logp=current,
             old_logp=mb.old_logp, advantages=mb.advantages, mask=mb.mask,
             clipped=self.objective.clipped_tokens(current, mb.old_logp, mb.advantages, mb.mask),
-            old_entropy=mb.old_entropy, entropy=current_ent,
+            old_entropy=mb.old_entropy, entropy=current_ent, zeroed=torch.zeros_like(mb.mask, dtype=torch.bool),
         )
-        for reg in self.regularizers:
+        # those that read ctx.zeroed last (a stable sort: otherwise in callback order)
+        for reg in sorted(self.regularizers, key=lambda r: r.reads_zeroed):
             reg.prepare(ctx)
+            if (zeroed := reg.zeroed_tokens()) is not None:
+                ctx.zeroed = ctx.zeroed | zeroed.bool()
         return early
 
     def _accumulate(self, mb: "_MiniBatch", plan: list, early) -> dict:

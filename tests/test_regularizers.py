@@ -211,3 +211,57 @@ def test_reference_kl_metric_is_a_token_mean_over_micro_batches():
     kl = reg.pop_metrics()["reg/ref_kl/kl"]
     assert kl == pytest.approx((8 * 1.0 + 5.0) / 9)  # token mean; the mean of means would be 3.0
     assert "reg/ref_kl/kl" not in reg.pop_metrics()  # reset every step
+
+
+def test_clip_cov_never_spends_its_ratio_on_tokens_another_control_zeroes(tiny_model_dir, tmp_path):
+    """Stacked with HighEntropyTokens (80 % of the tokens get weight 0), Clip-Cov drew its ratio
+    from every token, so most of its detached tokens had no gradient to detach (about 5x weaker than
+    configured, and `selected_frac` overstated it). It is prepared after the weight controls whatever
+    the callback order, and its candidates exclude their zeroed tokens."""
+    from lit_covrl.regularizers import HighEntropyTokens
+    from tests.helpers import fit
+    from tests.test_module import make_data, make_module
+
+    class Spy(ClipCov):
+        seen: list = []
+
+        def prepare(self, ctx):
+            super().prepare(ctx)
+            Spy.seen.append((ctx.zeroed.clone(), het.zeroed_tokens().clone(), self.selected.clone(), ctx.mask.bool()))
+
+    het = HighEntropyTokens(top_frac=0.2)
+    cc = Spy(ratio=0.1, lb=-1e9, ub=1e9, seed=0)
+    fit(make_module(tiny_model_dir, update=dict(mini_batch_size=2)), make_data(), steps=2, callbacks=[cc, het],
+        log_dir=tmp_path)
+    assert len(Spy.seen) == 4  # 2 steps x 2 mini-batches
+    for zeroed, het_zeroed, selected, mask in Spy.seen:
+        assert torch.equal(zeroed, het_zeroed)  # HighEntropyTokens ran first although listed second
+        assert (het_zeroed & mask).sum() > 0.5 * mask.sum()  # it zeroes most tokens
+        assert selected.any() and not (selected & zeroed).any()
+
+
+def test_two_advantage_shifts_are_refused_at_start_up():
+    """Each EntropyAdvantage keeps its shift below |A| / kappa, so alone it never flips A's sign;
+    two add up (2 |A| / 1.5 > |A|) and turned negative advantages positive."""
+    from lit_covrl.regularizers import EntropyAdvantage, HighEntropyTokens
+    from lit_covrl.regularizers.base import check_stack
+
+    check_stack([EntropyAdvantage(kappa=1.5), ClipCov(), HighEntropyTokens()])  # one is fine
+    with pytest.raises(ValueError, match="2 regularizers shift the advantage .*'entropy_advantage', 'ea2'"):
+        check_stack([EntropyAdvantage(kappa=1.5), EntropyAdvantage(kappa=1.5, name="ea2")])
+    with pytest.raises(ValueError, match="two regularizers are named"):
+        check_stack([ClipCov(), ClipCov()])
+
+
+def test_entropy_ratio_clip_warns_once_with_a_single_update(caplog):
+    """On policy the entropy ratio is exactly 1: EntropyRatioClip never clips (as KL-Cov, it says so)."""
+    from lit_covrl.regularizers import EntropyRatioClip
+
+    class FakeModule:
+        updates_per_rollout = 1
+
+    reg = EntropyRatioClip()
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        reg.on_fit_start(None, FakeModule())
+        reg.on_fit_start(None, FakeModule())
+    assert sum("EntropyRatioClip has no effect with a single on-policy update" in r.message for r in caplog.records) == 1

@@ -49,6 +49,9 @@ class MiniBatchContext:
     old_entropy [n, T] | None  rollout-policy entropy of the sampled distribution
     entropy     [n, T] | None  current-policy entropy (== old_entropy while on policy), when a
                         regularizer sets `needs_current_entropy`
+    zeroed      [n, T] | None  bool: tokens whose objective weight an earlier regularizer of this
+                        mini-batch set to 0 (`Regularizer.zeroed_tokens`); the learner prepares
+                        the regularizers that read it (`reads_zeroed`) after all the others
     """
 
     step: int
@@ -61,6 +64,7 @@ class MiniBatchContext:
     clipped: Tensor
     old_entropy: Tensor | None = None
     entropy: Tensor | None = None
+    zeroed: Tensor | None = None
     _cov: Tensor | None = field(default=None, repr=False)
 
     def covariance(self) -> Tensor:
@@ -97,6 +101,8 @@ class Regularizer(Callback):
     needs_reference: bool = False  # module loads and runs the reference model only if asked
     needs_current_logp: bool = False  # module provides ctx.logp of the current policy
     needs_current_entropy: bool = False  # module provides ctx.entropy of the current policy
+    reads_zeroed: bool = False  # prepared after the others, with their weight-0 tokens in ctx.zeroed
+    shifts_advantage: bool = False  # returns TokenShaping.advantage_shift (at most one per run)
     default_name: str = "regularizer"  # metric namespace reg/<name>/ unless `name` is given
     # dashboard charts of recorded keys, category -> keys (reg/<name>/loss is always charted)
     chart_metrics: dict[str, tuple[str, ...]] = {"Entropy": ("coef",)}
@@ -151,6 +157,11 @@ class Regularizer(Callback):
     def shape(self, batch: PolicyBatch) -> TokenShaping:
         raise NotImplementedError
 
+    def zeroed_tokens(self) -> Tensor | None:
+        """The tokens of the prepared mini-batch whose objective weight this regularizer sets to 0
+        (None: none), for the regularizers that read `ctx.zeroed`."""
+        return None
+
     def charts(self) -> dict[str, list[str]]:
         """This regularizer's TensorBoard Custom Scalars charts (lit_covrl.dashboard): category ->
         tag regexes, one chart each, matched from the start of a tag to its end: the loss
@@ -187,6 +198,28 @@ def check_unique_names(regularizers: list[Regularizer]) -> None:
                 "init_args.name, e.g. name: entropy_bonus_2"
             )
         seen[reg.name] = reg
+
+
+def check_stack(regularizers: list[Regularizer]) -> None:
+    """Start-up checks of the stacked regularizers: unique names, and at most one that shifts the
+    advantage (each keeps |shift| < |A| on its own, so A never flips sign; two shifts add up and can
+    flip it: two EntropyAdvantage with kappa 1.5 turn negative advantages positive)."""
+    check_unique_names(regularizers)
+    shifting = [r for r in regularizers if r.shifts_advantage]
+    if len(shifting) > 1:
+        raise ValueError(
+            f"{len(shifting)} regularizers shift the advantage ({', '.join(repr(r.name) for r in shifting)}): "
+            "their shifts add up and can flip the advantage's sign; keep one (raise its alpha instead)"
+        )
+
+
+def warn_inert_on_policy(reg: Regularizer, pl_module, why: str) -> None:
+    """A warning, once per regularizer, when every update of a rollout is on policy (one update per
+    rollout), where a control that compares the current policy with the rollout's does nothing."""
+    if getattr(pl_module, "updates_per_rollout", None) == 1 and not getattr(reg, "_warned_inert", False):
+        reg._warned_inert = True
+        log.warning("%s has no effect with a single on-policy update per rollout: %s. "
+                    "Use several mini-batches or ppo_epochs > 1.", type(reg).__name__, why)
 
 
 def check_ratio(field_name: str, value: float) -> None:

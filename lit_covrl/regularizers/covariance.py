@@ -16,8 +16,6 @@ reason is in the README's table "Where we differ from the reference code".
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor
 
@@ -29,12 +27,11 @@ from lit_covrl.regularizers.base import (
     check_ratio,
     check_scheduled_ratio,
     select_globally,
+    warn_inert_on_policy,
 )
 from lit_covrl.regularizers.schedules import Schedule
 from lit_covrl.types import PolicyBatch, TokenShaping
 from lit_covrl import distributed
-
-log = logging.getLogger("lit_covrl")
 
 
 class _CovarianceSelector(Regularizer):
@@ -70,6 +67,7 @@ class ClipCov(_CovarianceSelector):
     """Clip-Cov. `schedule` anneals `ratio` (final 0.0 switches it off)."""
 
     default_name = "clip_cov"
+    reads_zeroed = True  # never spends its ratio on tokens another control already zeroes
 
     def __init__(
         self,
@@ -103,7 +101,11 @@ class ClipCov(_CovarianceSelector):
         if ratio <= 0:
             self.selected = torch.zeros_like(ctx.mask, dtype=torch.bool)
         else:
-            eligible = ctx.mask.bool() & ~ctx.clipped  # the objective already zeroes the rest
+            # the objective (clipped) or another control (zeroed, e.g. HighEntropyTokens' 80 %)
+            # already gives the rest no gradient: detaching them would spend the ratio on nothing
+            eligible = ctx.mask.bool() & ~ctx.clipped
+            if ctx.zeroed is not None:
+                eligible = eligible & ~ctx.zeroed
             self.selected = select_globally(
                 [ctx.covariance(), ctx.mask, eligible],
                 lambda cov, mask, elig: clip_cov_select(
@@ -114,6 +116,9 @@ class ClipCov(_CovarianceSelector):
 
     def shape(self, batch: PolicyBatch) -> TokenShaping:
         return TokenShaping(weight=1.0 - self._rows(batch))
+
+    def zeroed_tokens(self) -> Tensor | None:
+        return self.selected
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -155,16 +160,9 @@ class KLCov(_CovarianceSelector):
         self.ratio, self.beta, self.schedule_on = ratio, beta, schedule_on
         self._beta_now = beta
         self._inert = False
-        self._warned = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        updates = getattr(pl_module, "updates_per_rollout", None)
-        if updates == 1 and not self._warned:
-            self._warned = True
-            log.warning(
-                "KLCov has no effect with a single on-policy update per rollout: old == current, so "
-                "|logp - old_logp| = 0 with zero gradient. Use several mini-batches or ppo_epochs > 1."
-            )
+        warn_inert_on_policy(self, pl_module, "old == current, so |logp - old_logp| = 0 with zero gradient")
 
     def prepare(self, ctx: MiniBatchContext) -> None:
         ratio, beta = self.ratio, self.beta

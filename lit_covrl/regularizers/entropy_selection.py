@@ -30,7 +30,7 @@ from torch import Tensor
 
 from lit_covrl import distributed
 from lit_covrl.algorithms import STEER_MAPPINGS, entropy_ratio_keep, high_entropy_mask, steer_metric, steer_weights
-from lit_covrl.regularizers.base import MiniBatchContext, Regularizer, check_ratio, select_globally
+from lit_covrl.regularizers.base import MiniBatchContext, Regularizer, check_ratio, select_globally, warn_inert_on_policy
 from lit_covrl.types import PolicyBatch, TokenShaping
 
 
@@ -50,6 +50,9 @@ class _TokenWeights(Regularizer):
     def shape(self, batch: PolicyBatch) -> TokenShaping:
         assert self.weights is not None, "prepare() must run before shape()"
         return TokenShaping(weight=self.weights[batch.rows].to(batch.logp.dtype))
+
+    def zeroed_tokens(self) -> Tensor | None:
+        return None if self.weights is None else self.weights == 0
 
 
 class HighEntropyTokens(_TokenWeights):
@@ -148,6 +151,9 @@ class EntropyRatioClip(_TokenWeights):
         if not 0 < low <= 1 or not high > 0:
             raise ValueError(f"EntropyRatioClip needs 0 < low <= 1 and high > 0, got low={low!r}, high={high!r}")
         self.low, self.high = low, high
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        warn_inert_on_policy(self, pl_module, "the entropy ratio H / H_old is 1, so no token is ever clipped")
 
     def prepare(self, ctx: MiniBatchContext) -> None:
         assert ctx.entropy is not None and ctx.old_entropy is not None, "needs ctx.entropy and ctx.old_entropy"

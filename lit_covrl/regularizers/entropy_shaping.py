@@ -110,6 +110,7 @@ class EntropyAdvantage(Regularizer):
     anneals alpha."""
 
     needs_entropy = True
+    shifts_advantage = True
     default_name = "entropy_advantage"
     chart_metrics = {"Entropy": ("coef",), "Control": ("capped_frac",)}
 
@@ -140,7 +141,7 @@ class EntropyAdvantage(Regularizer):
         m = batch.mask.to(batch.entropy.dtype)
         psi = entropy_advantage_shift(batch.advantages, batch.entropy, alpha=self._alpha_now, kappa=self.kappa) * m
         capped = (self._alpha_now * batch.entropy.detach() > batch.advantages.abs() / self.kappa).to(m.dtype) * m
-        sums = torch.stack([psi.sum(), capped.sum(), m.sum()]).detach().double().cpu()
+        sums = torch.stack([psi.sum(), capped.sum(), m.sum()]).detach().double()  # on the device: no sync
         self._sums = sums if self._sums is None else self._sums + sums
         return TokenShaping(advantage_shift=psi)
 
