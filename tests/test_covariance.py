@@ -190,3 +190,14 @@ def test_group_means_hand_values():
     assert default[0.2].item() == pytest.approx(9.5)
     empty = covariance_group_means(cov, torch.zeros_like(mask))
     assert all(v.item() == 0.0 for v in empty.values())
+
+
+def test_selection_count_survives_float_rounding_below_an_integer():
+    """0.29 * 100 is 28.999999999999996 in floating point: k must be 29, not 28 (both selectors)."""
+    assert 0.29 * 100 < 29
+    cov = torch.arange(100, dtype=torch.float32).view(4, 25)
+    mask = torch.ones(4, 25)
+    assert int(kl_cov_select(cov, mask, ratio=0.29).sum()) == 29
+    sel = clip_cov_select(cov, mask, torch.ones(4, 25, dtype=torch.bool), ratio=0.29, lb=-1.0, ub=1e9,
+                          generator=torch.Generator().manual_seed(0))
+    assert int(sel.sum()) == 29
