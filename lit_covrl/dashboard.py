@@ -69,8 +69,8 @@ FINAL_METRICS = {
 # settings groups line up with later ones)
 MAIN_SETTINGS = {
     "model": "model", "seed": "seed", "group_size": "rollout.group_size", "temperature": "rollout.temperature",
-    "advantage": "loss.advantage", "loss_agg_mode": "loss.loss_agg_mode", "clip_low": "loss.clip_low",
-    "clip_high": "loss.clip_high", "mini_batch_size": "update.mini_batch_size", "ppo_epochs": "update.ppo_epochs",
+    "advantage": "loss.advantage", "loss_agg_mode": "loss.loss_agg_mode",
+    "mini_batch_size": "update.mini_batch_size", "ppo_epochs": "update.ppo_epochs",
     "max_new_tokens": "rollout.max_new_tokens", "filter_groups": "rollout.filter_groups",
     "overlong": "rollout.overlong",
 }
@@ -130,9 +130,14 @@ def run_hparams(trainer, pl_module) -> dict:
     hp = pl_module.hparams
     dm_hp = getattr(getattr(trainer, "datamodule", None), "hparams", {})
     group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
+    objective = getattr(pl_module, "objective", None)
     out = {
         "method": method_name([r.name for r in regs]),
         "regularizers": "; ".join(_describe(r) for r in regs) or "none",
+        # the objective's clip range (model.loss.clip_* stay at their defaults when one is given)
+        "objective": type(objective).__name__ if objective is not None else "none",
+        "clip_low": getattr(objective, "clip_low", _get(hp, "loss.clip_low")),
+        "clip_high": getattr(objective, "clip_high", _get(hp, "loss.clip_high")),
         **{col: _get(hp, key) for col, key in MAIN_SETTINGS.items()},
         "batch_size": dm_hp.get("batch_size"),
         "task": dm_hp.get("task"),
@@ -186,11 +191,11 @@ class RunDashboard(Callback):
         self.last_val: dict[str, float] = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit":
-            for lg in _tensorboard_loggers(trainer):
-                # Lightning's placeholder hparams summary (hp_metric = -1) would come first and be
-                # the one TensorBoard keeps; ours (on_fit_start) replaces it.
-                lg._default_hp_metric = False
+        for lg in _tensorboard_loggers(trainer):
+            # Lightning's placeholder hparams summary (hp_metric = -1, every init argument a column)
+            # would be the one TensorBoard keeps: ours (on_fit_start) replaces it in a fit, and a
+            # validate / test run in the same log folder must not bring it back for every run.
+            lg._default_hp_metric = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # Without a TensorBoard logger there is nothing to write, and `tensorboard` need not be

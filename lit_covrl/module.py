@@ -162,6 +162,7 @@ class GRPOModule(L.LightningModule):
         self.rollout_rng = RolloutRNG(seed)
         self._learner: Learner | None = None
         self._restored_skips = 0
+        self._checkpoint_step: int | None = None  # RL steps taken by the loaded checkpoint's run
         self._resumed_from: dict | None = None  # the restored checkpoint's run description, until on_train_start
 
     @property
@@ -418,9 +419,13 @@ class GRPOModule(L.LightningModule):
 
     def _log_evaluation(self, prefix: str) -> None:
         res = self.evaluator.compute()  # already global: no sync_dist
-        self.log(f"{prefix}/pass@1", res["pass@1"], prog_bar=prefix == "val", sync_dist=False)
-        self.log(f"{prefix}/pass@k", res["pass@k"], sync_dist=False)
-        self.log(f"{prefix}/entropy", res["entropy"], sync_dist=False)
+        # outside a fit (`validate` / `test` of a checkpoint) Lightning's step counter is 0: the
+        # figures go to the loggers at the checkpoint's last RL step, where its fit logged them
+        for k in ("pass@1", "pass@k", "entropy"):
+            self.log(f"{prefix}/{k}", res[k], prog_bar=prefix == "val" and k == "pass@1", sync_dist=False)
+        if self.trainer.state.fn != "fit" and self._checkpoint_step:
+            # a logged "step" is the x-axis of the others (Lightning pops it from the metrics)
+            self.log("step", float(self._checkpoint_step - 1), sync_dist=False)
 
     # logging, checkpoint -----------------------------------------------------------------------
     def log_step(self, metrics: dict) -> None:
@@ -447,6 +452,7 @@ class GRPOModule(L.LightningModule):
             self.configure_model()
         self.rollout_rng.load(checkpoint, self.global_rank, self.trainer.world_size if self._trainer is not None else 1)
         self._restored_skips = checkpoint.get("skipped_steps", 0)
+        self._checkpoint_step = checkpoint.get("global_step")
         if self._learner is not None:
             self._learner.skipped_steps = self._restored_skips
         keep = (resume_check.CKPT_KEY, "hyper_parameters", "datamodule_hyper_parameters")

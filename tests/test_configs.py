@@ -187,7 +187,9 @@ def test_command_line_callbacks_still_apply_on_top_of_stacked_configs(tmp_path):
 def test_validate_and_test_subcommands_evaluate_a_checkpoint(subcommand, tmp_path, capsys):
     from lit_covrl.cli import main
 
-    main(["fit", "--config", str(QUICK), "--trainer.max_steps", "1", "--trainer.val_check_interval", "1000",
+    from tests.helpers import scalar_tags
+
+    main(["fit", "--config", str(QUICK), "--trainer.max_steps", "2", "--trainer.val_check_interval", "1000",
           "--data.val_size", "8", "--trainer.logger.init_args.save_dir", str(tmp_path)])
     ckpt = next(tmp_path.rglob("last.ckpt"))
     main([subcommand, "--config", str(QUICK), "--data.val_size", "8", "--ckpt_path", str(ckpt),
@@ -195,6 +197,10 @@ def test_validate_and_test_subcommands_evaluate_a_checkpoint(subcommand, tmp_pat
     out = capsys.readouterr().out
     prefix = "val" if subcommand == "validate" else "test"
     assert f"{prefix}/pass@k" in out and f"{prefix}/entropy" in out
+    # logged at the checkpoint's last RL step (1), as its fit logs it, not at 0; and no
+    # Lightning placeholder hparams (hp_metric), which took over the HPARAMS tab of the folder
+    tags = scalar_tags(tmp_path / subcommand)
+    assert [s for s, _ in tags[f"{prefix}/pass@1"]] == [1] and "hp_metric" not in tags
 
 
 def test_arguments_given_with_a_checkpoint_file_override_its_hyperparameters(tmp_path, caplog):

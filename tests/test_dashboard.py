@@ -132,6 +132,19 @@ def test_without_validation_only_the_training_figures_are_final(tiny_model_dir, 
     _, _, _, start = read_events(tmp_path)
     assert start.hparams["method"].string_value == "grpo"
     assert start.hparams["regularizers"].string_value == "none"
+    assert start.hparams["objective"].string_value == "PPOClip"
+
+
+def test_hparams_name_the_objective_and_its_clip_range(tiny_model_dir, tmp_path):
+    """A GSPO run showed as PPO with model.loss's clip range (0.2 / 0.2), which stays at its
+    defaults when an objective is given: the columns come from the objective now."""
+    from lit_covrl.objectives import GSPO
+
+    fit(make_module(tiny_model_dir, objective=GSPO()), make_data(), steps=1, log_dir=tmp_path, limit_val_batches=0)
+    _, _, _, start = read_events(tmp_path)
+    assert start.hparams["objective"].string_value == "GSPO"
+    assert start.hparams["clip_low"].number_value == pytest.approx(3e-4)
+    assert start.hparams["clip_high"].number_value == pytest.approx(4e-4)
 
 
 class _Probe(Regularizer):

@@ -254,3 +254,14 @@ def test_entropy_advantage_callback_shifts_inside_the_objective():
     assert m["reg/entropy_advantage/shift_mean"] == pytest.approx(float(s.advantage_shift.sum() / mask.sum()))
     with pytest.raises(ValueError, match="kappa"):
         EntropyAdvantage(kappa=1.0)
+
+
+def test_adaptive_entropy_measurement_is_logged_with_its_own_step():
+    """measured_entropy at step k was step k-1's (recorded when the next step closed it), so on a
+    chart it sat one step right of policy/entropy and the last step's was never logged."""
+    reg = AdaptiveEntropyBonus(target=0.2, delta=1e-3)
+    logged = []
+    for step, e in enumerate([0.1, 0.3, 0.5]):
+        _adaptive_run(reg, {step: e}, [step])
+        logged.append(reg.pop_metrics().get("reg/adaptive_entropy/measured_entropy"))
+    assert logged == pytest.approx([0.1, 0.3, 0.5])

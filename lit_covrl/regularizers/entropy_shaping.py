@@ -83,8 +83,14 @@ class AdaptiveEntropyBonus(Regularizer):
             self.coef, self.active = adaptive_entropy_coef(
                 self.coef, entropy, target=self.target, delta=self.delta, min_coef=self.min_coef, max_coef=self.max_coef
             )
-            self.record("measured_entropy", entropy)
         self._sums = torch.zeros(2, dtype=torch.float64)
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Also reg/<name>/measured_entropy: the step's own measurement, logged with the step (it
+        moves the coefficient of the next one)."""
+        if self._sums[1] > 0:
+            self.record("measured_entropy", float(self._sums[0] / self._sums[1]))
+        return super().pop_metrics()
 
     @property
     def coef_now(self) -> float:
