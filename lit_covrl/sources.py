@@ -28,6 +28,9 @@ log = logging.getLogger("lit_covrl")
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
+_NEEDS_DATASETS = ("needs the `datasets` package: pip install datasets "
+                   "(or `pip install -e '.[datasets]'` in a lit_covrl checkout)")
+
 def check_sources(task: Any, train_files: list[str] | None, val_files: list[str] | None,
                   hf_dataset: str | None, hf_val_split: str | None) -> None:
     """ValueError (FileNotFoundError, ImportError) naming the setting unless exactly one source is
@@ -53,7 +56,7 @@ def check_sources(task: Any, train_files: list[str] | None, val_files: list[str]
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{name}[{i}]: no such file: {path!r}")
     if hf_dataset is not None and importlib.util.find_spec("datasets") is None:
-        raise ImportError(f"hf_dataset={hf_dataset!r} needs the `datasets` package: pip install lit_covrl[datasets]")
+        raise ImportError(f"hf_dataset={hf_dataset!r} {_NEEDS_DATASETS}")
 
 
 def task_heldout(task: Any, n: int, seed: str) -> list[Example]:
@@ -97,7 +100,7 @@ class RowReader:
         try:
             import datasets
         except ImportError as e:
-            raise ImportError("hf_dataset needs the `datasets` package: pip install lit_covrl[datasets]") from e
+            raise ImportError(f"hf_dataset {_NEEDS_DATASETS}") from e
         ds = datasets.load_dataset(dataset, config, split=split)
         label = f"{dataset}[{split}]"
         rows = [(f"{label}:row {n}", row) for n, row in enumerate(ds, 1)]

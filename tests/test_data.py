@@ -452,7 +452,7 @@ def test_hf_without_datasets_package_says_how_to_install(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
-    with pytest.raises(ImportError, match=r"pip install lit_covrl\[datasets\]"):
+    with pytest.raises(ImportError, match=r"pip install datasets \(or `pip install -e '\.\[datasets\]'`"):
         PromptDataModule(task=None, hf_dataset="some/dataset")
 
 
