@@ -9,12 +9,15 @@ the list of argument strings (and of the `--config` files they name).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 
 import yaml
 
 from lit_covrl.settings import moved_key_hint
+
+log = logging.getLogger("lit_covrl")
 
 
 def _config_paths(args: list[str]) -> list[tuple[int, str]]:
@@ -92,7 +95,10 @@ def _flag_key(arg: str) -> str:
 
 def _one_string(value: str, append: bool) -> str:
     """A string-list flag's value as jsonargparse should read it (see `one_string_lists`)."""
-    if value.startswith("[") or (not append and value in _NULLS):
+    if value.startswith("["):
+        _warn_bracketed(value)
+        return value
+    if not append and value in _NULLS:
         return value
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
         try:
@@ -101,6 +107,18 @@ def _one_string(value: str, append: bool) -> str:
             quoted = None
         value = quoted if isinstance(quoted, str) else value
     return json.dumps([value])
+
+
+def _warn_bracketed(value: str) -> None:
+    """`[/INST]` is a YAML list of one string, `/INST`: a stop string meant to keep its brackets
+    would silently lose them, so say how to write it."""
+    try:
+        items = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return
+    if isinstance(items, list) and len(items) == 1 and items[0] == value[1:-1]:
+        log.warning("%s is read as a list of one string, %r; for the string %s itself write '[\"%s\"]'",
+                    value, items[0], value, value)
 
 
 def one_string_lists(args: list[str]) -> list[str]:

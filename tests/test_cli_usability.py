@@ -284,3 +284,19 @@ def test_a_csv_logger_run_gets_the_method_name(tmp_path):
                "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", str(tmp_path))
     assert type(cli.trainer.logger).__name__ == "CSVLogger"
     assert Path(cli.trainer.logger.log_dir).name == "clip_cov-quickstart-v0"
+
+
+def test_a_bracketed_stop_string_warns_how_to_keep_its_brackets(caplog):
+    """`--model.rollout.stop+=[/INST]` adds `/INST` (a YAML list): it says so, once, with the form
+    that keeps the brackets; a real list or the quoted form says nothing."""
+    import logging
+
+    from lit_covrl.cli_args import one_string_lists
+
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        one_string_lists(["--model.rollout.stop+=[/INST]"])
+    assert """for the string [/INST] itself write '["[/INST]"]'""" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        one_string_lists(["--model.rollout.stop+=[a, b]", '--model.rollout.stop=["[/INST]"]'])
+    assert not caplog.records
