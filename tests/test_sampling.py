@@ -263,7 +263,7 @@ def test_sampler_is_chosen_in_yaml(tmp_path):
             "--trainer.logger.init_args.save_dir", str(tmp_path)]
     cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False)
     s = cli.model.sampler
-    assert isinstance(s, StaticCacheSampler) and s.graphs == "auto" and s.check_every == 8
+    assert isinstance(s, StaticCacheSampler) and s.graphs == "auto" and s.check_every is None and s.length_bucket == 128
 
 
 def test_weights_cast_once_per_rollout_give_autocasts_logits_exactly(model):
