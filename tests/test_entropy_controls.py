@@ -125,6 +125,10 @@ def test_steer_weights_hand_worked():
     # exponential: k = -ln 0.8 / 2, w = 0.8^(m / 2) -> 1, sqrt(0.8), 0.8
     exp = steer_weights(metric, mask, w_min=0.8, w_max=1.2, mapping="exponential")
     assert exp[0].tolist() == pytest.approx([1.0, math.sqrt(0.8), 0.8, 0.0])
+    # below 0.02 the scale's floor holds: hi = 0.01 -> k = -ln 0.8 / 0.02, so the largest token
+    # keeps sqrt(0.8), not w_min (the reference code's guard against a vanishing maximum)
+    small = steer_weights(torch.tensor([[0.0, 0.01]]), torch.ones(1, 2), w_min=0.8, w_max=1.2, mapping="exponential")
+    assert small[0].tolist() == pytest.approx([1.0, math.sqrt(0.8)])
     # equal metrics: the middle of the range; global bounds given by the caller win
     assert steer_weights(torch.ones(1, 2), torch.ones(1, 2), w_min=0.8, w_max=1.2)[0].tolist() == pytest.approx([1.0, 1.0])
     assert steer_weights(metric, mask, w_min=0.8, w_max=1.2, bounds=(0.0, 4.0))[0].tolist() == pytest.approx([1.2, 1.1, 1.0, 0.0])

@@ -169,3 +169,19 @@ def test_module_refuses_an_objective_with_non_default_clip_keys():
     assert GRPOModule(loss=dict(clip_high=0.28)).objective.clip_high == 0.28  # the default PPOClip takes the module keys
     with pytest.raises(ValueError, match=r"model.objective=GSPO.*model.loss.clip_low=None, model.loss.clip_high=None"):
         GRPOModule(objective=GSPO(), loss=dict(clip_low=None, clip_high=None))  # e.g. gspo.yaml stacked with kl_cov.yaml
+
+
+def test_gspo_clip_fractions_by_hand():
+    """clip_frac_low counts sequences with s < 1 - eps_low and A < 0 only, clip_frac_high s > 1 +
+    eps_high and A > 0 only (a low ratio with A > 0 is not clipped at all)."""
+    from lit_covrl.algorithms import gspo_stats
+
+    mask = torch.ones(4, 2)
+    seq = torch.tensor([-0.1, -0.1, 0.1, 0.1])  # log s per sequence: s ~ 0.905, 0.905, 1.105, 1.105
+    logp = seq[:, None].expand(4, 2).clone()
+    old = torch.zeros(4, 2)
+    adv = torch.tensor([-1.0, 1.0, 1.0, -1.0])
+    st = gspo_stats(logp, old, adv, mask, clip_low=0.05, clip_high=0.05)
+    assert float(st["clip_frac_low"]) == pytest.approx(0.25)  # row 0 only (row 1 has A > 0)
+    assert float(st["clip_frac_high"]) == pytest.approx(0.25)  # row 2 only (row 3 has A < 0)
+    assert float(st["clip_frac"]) == pytest.approx(0.5)
