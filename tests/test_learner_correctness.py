@@ -280,7 +280,13 @@ def test_regularizer_losses_add_up_to_the_shaping_of_the_loss(mode):
     drop_first[:, 0] = 0
     drop_two = torch.ones(n, t)
     drop_two[:, :2] = 0
-    shapings = [TokenShaping(weight=drop_first), TokenShaping(weight=drop_two),
+    drop_second = torch.ones(n, t)
+    drop_second[:, 1] = 0
+    drop_three = torch.ones(n, t)
+    drop_three[:, :3] = 0
+    # r2 drops column 1 alone, r3 columns 0-2: r3 must see the product of all the weights before it
+    shapings = [TokenShaping(weight=drop_first), TokenShaping(weight=drop_two), TokenShaping(weight=drop_second),
+                TokenShaping(weight=drop_three),
                 TokenShaping(advantage_shift=torch.full((n, t), 0.3)), TokenShaping(advantage_shift=torch.full((n, t), -0.1)),
                 TokenShaping(penalty=torch.rand(n, t, generator=g))]
     objective = PPOClip(clip_low=0.2, clip_high=0.2)
@@ -296,6 +302,8 @@ def test_regularizer_losses_add_up_to_the_shaping_of_the_loss(mode):
     col = lambda j: aggregate(base * (torch.arange(t) == j).float(), mask, **agg)  # noqa: E731
     assert float(parts["reg/r0/loss"]) == pytest.approx(float(-col(0)), abs=1e-6)
     assert float(parts["reg/r1/loss"]) == pytest.approx(float(-col(1)), abs=1e-6)
+    assert float(parts["reg/r2/loss"]) == pytest.approx(0.0, abs=1e-6)  # column 1 is gone already
+    assert float(parts["reg/r3/loss"]) == pytest.approx(float(-col(2)), abs=1e-6)
 
 
 def _char_model(path) -> str:
