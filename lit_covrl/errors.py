@@ -13,6 +13,7 @@ from typing import NoReturn
 
 # jsonargparse appends these lines (the accepted subtypes, the given type) to a type error.
 _NOISE = ("Subtypes:", "Given value type:", "Errors:")
+_UNION = "Does not validate against any of the Union subtypes"
 
 
 def debugging() -> bool:
@@ -23,6 +24,11 @@ def debugging() -> bool:
 def one_line(err: BaseException) -> str:
     """The error as one line: multi-line messages joined, jsonargparse's type lists dropped, and
     the exception's class named unless it is a plain value/argument error."""
+    cause = err.__cause__
+    if str(err).startswith(_UNION) and isinstance(cause, (ValueError, TypeError)):
+        # a class argument our code refused (`ClipCov.ratio must be in (0, 1], got 0.0`), wrapped
+        # by jsonargparse in every other member of a union it also failed to match: say the first
+        return one_line(cause)
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     text = " ".join(ln for ln in lines if not ln.startswith(_NOISE)) or repr(err)
     return text if isinstance(err, (ArgumentError, ValueError)) else f"{type(err).__name__}: {text}"

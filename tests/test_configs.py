@@ -280,3 +280,17 @@ def test_an_old_flat_key_fails_at_start_up_naming_the_new_key(where, old, new, t
         main(args)
     assert err.value.code == 2
     assert f"model.{old} moved to model.{new}" in capsys.readouterr().err
+
+
+def test_a_refused_regularizer_argument_is_the_whole_error_line(tmp_path, capsys):
+    """jsonargparse wraps a regularizer's own ValueError in the failures of every other member of
+    the callbacks union (a paragraph of subclass rules and the given Namespace); the line is the
+    regularizer's message alone."""
+    from lit_covrl.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["fit", "--config", str(QUICK), "--config", str(CONFIGS / "cpu" / "kl_cov.yaml"),
+              "--trainer.callbacks.ratio", "0", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert err.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == "lit-covrl: error: KLCov.ratio must be in (0, 1], got 0.0 (LIT_COVRL_DEBUG=1 shows the traceback)"
