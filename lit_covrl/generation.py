@@ -55,17 +55,31 @@ class RolloutGenerator:
         policy.eval()  # no dropout anywhere in RL: the rollout policy must equal the trained one
         try:
             with gathered_for_rollout(policy, self.gather_once):
-                out = self.sample(policy, ids, mask, temperature, generator)
+                out = self._sample_in_batches(policy, ids, mask, temperature, generator)
         except torch.OutOfMemoryError as err:
             raise torch.OutOfMemoryError(
                 f"out of memory while sampling {ids.shape[0]} sequences of up to {ids.shape[1]} + "
-                f"{ro.max_new_tokens} tokens. Lower data.batch_size, model.rollout.group_size or "
+                f"{ro.max_new_tokens} tokens. Set model.rollout.sampling_batch_size, or lower data.batch_size, model.rollout.group_size or "
                 "model.rollout.max_new_tokens (or model.eval.samples / data.val_batch_size during validation)."
             ) from err
         if ro.stop:
             truncate_at_stop_strings(out, tok, ids.shape[1], ro.stop, tok.pad_token_id)
         out.completions = tok.batch_decode(out.input_ids[:, ids.shape[1]:], skip_special_tokens=True)
         return out
+
+    def _sample_in_batches(self, policy: nn.Module, ids: Tensor, mask: Tensor, temperature: float,
+                           generator: torch.Generator) -> Rollout:
+        """`sample` over consecutive batches of `sampling_batch_size` rows, joined (all rows at once
+        when it is null or not smaller). Every rank makes the same number of sampler calls (the
+        decoding steps are collectives under several ranks), so the ranks must hold equally many rows."""
+        size, n = self.settings.sampling_batch_size, ids.shape[0]
+        if size is None or distributed.all_max_int(n) <= size:
+            return self.sample(policy, ids, mask, temperature, generator)
+        if distributed.all_max_int(n) != -distributed.all_max_int(-n):
+            raise ValueError("model.rollout.sampling_batch_size needs the same number of rows on every rank")
+        parts = [self.sample(policy, ids[i:i + size], mask[i:i + size], temperature, generator)
+                 for i in range(0, n, size)]
+        return join_rollouts(parts, self.tokenizer.pad_token_id)
 
     def sample(self, policy: nn.Module, ids: Tensor, mask: Tensor, temperature: float,
                generator: torch.Generator) -> Rollout:
@@ -96,3 +110,25 @@ class RolloutGenerator:
         if self.settings.overlong != "penalize":
             return rewards
         return torch.where(rollout.truncated, torch.full_like(rewards, self.settings.overlong_reward), rewards)
+
+
+def join_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """Rollouts of the same prompt width stacked row-wise, responses right-padded to the longest
+    (pad token, masks and recorded values 0 in the padding)."""
+    T = max(p.response_mask.shape[1] for p in parts)
+
+    def right(x: Tensor, width: int, value) -> Tensor:
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+    def cat(get, value) -> Tensor:
+        return torch.cat([right(get(p), get(p).shape[1] + T - p.response_mask.shape[1], value) for p in parts])
+
+    return Rollout(
+        input_ids=cat(lambda p: p.input_ids, pad_token_id),
+        attention_mask=cat(lambda p: p.attention_mask, 0),
+        response_mask=cat(lambda p: p.response_mask, 0),
+        logp=cat(lambda p: p.logp, 0.0),
+        entropy=cat(lambda p: p.entropy, 0.0),
+        truncated=torch.cat([p.truncated for p in parts]),
+        nonfinite=torch.cat([p.nonfinite for p in parts]),
+    )

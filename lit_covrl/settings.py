@@ -31,7 +31,7 @@ def _at_least_one(group, key: str, *names: str) -> None:
     for name in names:
         value = getattr(group, name)
         if value is not None and value < 1:
-            _bad(f"{key}.{name}", value, "must be >= 1" + (" or null" if name == "mini_batch_size" else ""))
+            _bad(f"{key}.{name}", value, "must be >= 1" + (" or null" if name in ("mini_batch_size", "sampling_batch_size") else ""))
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,9 @@ class RolloutSettings:
         overlong: responses that hit max_new_tokens: "keep" (train on them as scored),
             "mask" (exclude them from the loss) or "penalize" (their reward := overlong_reward).
         overlong_reward: the reward of a truncated response under overlong: penalize.
+        sampling_batch_size: sequences sampled at once (null = all of a rollout's rows, data.batch_size
+            x group_size per device). Smaller bounds the KV cache to this many sequences; the
+            rows are then sampled in consecutive batches from the same generator.
     """
 
     group_size: int = 8
@@ -70,11 +73,13 @@ class RolloutSettings:
     max_gen_rounds: int = 1
     overlong: str = "keep"
     overlong_reward: float = 0.0
+    sampling_batch_size: int | None = None
 
     KEY = "model.rollout"
 
     def __post_init__(self) -> None:
-        _at_least_one(self, self.KEY, "group_size", "max_new_tokens", "max_prompt_length", "max_gen_rounds")
+        _at_least_one(self, self.KEY, "group_size", "max_new_tokens", "max_prompt_length", "max_gen_rounds",
+                      "sampling_batch_size")
         if self.temperature <= 0:
             _bad(f"{self.KEY}.temperature", self.temperature, "must be > 0")
         if not 0 < self.top_p <= 1:

@@ -69,3 +69,50 @@ def test_score_counts_reward_errors_and_means_over_all_ranks(tiny_model_dir, mon
     _, stats = gen.score(["7", "8", "7"], ["7", "7", "7"], device=torch.device("cpu"))
     assert stats["rollout/reward_errors"] == 3 + 4  # this rank's 3 failures + the other rank's 4
     assert [v for k, v in stats.items() if k.startswith("rollout/reward/")] == [pytest.approx(2 / 6)]
+
+
+def test_sampling_in_batches_keeps_the_rollout_contract():
+    """`model.rollout.sampling_batch_size` bounds the sequences sampled at once (the KV cache):
+    the rows are drawn in consecutive batches and joined, responses right-padded to the longest.
+    The joined rollout keeps the contract: old log-probs equal the training forward on the mask,
+    nothing recorded outside it, pad tokens and zero attention in the padding; a size not below
+    the row count is the one-call rollout exactly."""
+    from lit_covrl.generation import RolloutGenerator
+    from lit_covrl.policy import load_policy, load_tokenizer, response_logprobs
+    from lit_covrl.reward_set import RewardSet
+    from lit_covrl.rewards import ExactMatchReward
+    from lit_covrl.sampling import KVCacheSampler
+    from lit_covrl.settings import RolloutSettings
+
+    model, tok = load_policy("lit_covrl:tiny-arith").eval(), load_tokenizer("lit_covrl:tiny-arith")
+    prompts = ["47+85=", "3+4=", "12-7+9=", "8*6="]
+
+    def rollout(size):
+        ro = RolloutSettings(group_size=4, max_new_tokens=8, temperature=0.7, top_p=0.9, sampling_batch_size=size)
+        gen = RolloutGenerator(tok, KVCacheSampler(), RewardSet([ExactMatchReward()]), ro, gather_once=False,
+                               reward_timeout_s=None)
+        with torch.no_grad():
+            return gen.generate(model, prompts, 4, temperature=0.7, generator=torch.Generator().manual_seed(0),
+                                device=torch.device("cpu"))
+
+    whole, batched = rollout(None), rollout(3)  # 16 rows: batches of 3, 3, 3, 3, 3, 1
+    assert torch.equal(rollout(16).input_ids, whole.input_ids)
+    assert batched.input_ids.shape[0] == 16 and batched.completions and len(batched.completions) == 16
+    T = batched.response_mask.shape[1]
+    P = batched.input_ids.shape[1] - T
+    with torch.no_grad():
+        train, _ = response_logprobs(model, batched.input_ids, batched.attention_mask, T, temperature=0.7)
+    m = batched.response_mask.bool()
+    assert m.sum() >= 16
+    torch.testing.assert_close(batched.logp[m], train[m], rtol=0, atol=1e-5)
+    assert (batched.logp[~m] == 0).all() and (batched.entropy[~m] == 0).all()
+    assert torch.equal(batched.attention_mask[:, P:].bool(), m | batched.attention_mask[:, P:].bool())
+    assert (batched.input_ids[:, P:][batched.attention_mask[:, P:] == 0] == tok.pad_token_id).all()
+    assert torch.equal(batched.input_ids[:, :P], whole.input_ids[:, :P])  # same prompts, same order
+
+
+def test_sampling_batch_size_is_checked():
+    from lit_covrl.settings import RolloutSettings
+
+    with pytest.raises(ValueError, match="model.rollout.sampling_batch_size"):
+        RolloutSettings(sampling_batch_size=0)

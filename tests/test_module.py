@@ -560,3 +560,11 @@ def test_the_end_of_fit_message_offers_tensorboard_only_for_its_logs(tiny_model_
     assert "logs:" in out and "tensorboard --logdir" not in out
     fit(make_module(tiny_model_dir), make_data(), steps=1, limit_val_batches=0, log_dir=tmp_path)
     assert "tensorboard --logdir" in capsys.readouterr().out
+
+
+def test_a_fit_samples_in_batches(tiny_model_dir, tmp_path):
+    """model.rollout.sampling_batch_size through a real RL step: 16 rows sampled 5 at a time."""
+    module = make_module(tiny_model_dir, rollout=dict(sampling_batch_size=5))
+    fit(module, make_data(), steps=2, log_dir=tmp_path)
+    tags = scalar_tags(tmp_path)
+    assert len(tags["policy/entropy"]) == 2 and all(v == v for _, v in tags["policy/loss"])

@@ -67,7 +67,7 @@ def test_out_of_memory_in_a_rollout_names_the_settings_to_lower(tiny_model_dir, 
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(module.generation, "sample", oom)
-    with pytest.raises(torch.OutOfMemoryError, match="Lower data.batch_size, model.rollout.group_size or model.rollout.max_new_tokens"):
+    with pytest.raises(torch.OutOfMemoryError, match="Set model.rollout.sampling_batch_size, or lower data.batch_size, model.rollout.group_size or model.rollout.max_new_tokens"):
         module.generate(["1+1="], 2, temperature=1.0, generator=torch.Generator())
 
 
