@@ -112,7 +112,7 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             continue
         if _same_class(before, after):
             b, a = _flat("", before.get("init_args", {}), {}), _flat("", after.get("init_args", {}), {})
-            lines += [f"{key}.init_args.{k}: {b.get(k, '(unset)')!r} -> {a.get(k, '(unset)')!r}"
+            lines += [f"{key}.init_args.{k}: {b.get(k, _MISSING)!r} -> {a.get(k, _MISSING)!r}"
                       for k in list(b) + [k for k in a if k not in b] if b.get(k, _MISSING) != a.get(k, _MISSING)]
             continue
         lines.append(f"{key}: {_show(before)} -> {_show(after)}")
