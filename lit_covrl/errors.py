@@ -6,10 +6,11 @@ variable LIT_COVRL_DEBUG=1 re-raises instead, with the full traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from argparse import ArgumentError
-from typing import NoReturn
+from typing import Iterator, NoReturn
 
 # jsonargparse appends these lines (the accepted subtypes, the given type) to a type error.
 _NOISE = ("Subtypes:", "Given value type:", "Errors:")
@@ -38,3 +39,13 @@ def exit_with(err: BaseException) -> NoReturn:
     """Print `err` as one `lit-covrl: error:` line on stderr and exit with status 2."""
     print(f"lit-covrl: error: {one_line(err)} (LIT_COVRL_DEBUG=1 shows the traceback)", file=sys.stderr)
     raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def naming_the_setting(field: str, value: str) -> Iterator[None]:
+    """A model or tokenizer that cannot be found or read: the error names the setting (Hugging
+    Face's own message says only "Repo id must be in the form ..." or "not a valid model")."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(f"{field}={value!r} could not be loaded: {' '.join(str(err).split())}") from err

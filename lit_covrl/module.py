@@ -14,16 +14,14 @@ TensorBoard x-axis are all in rollouts, as in the papers.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import warnings
-from typing import Callable, Iterator
+from typing import Callable
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -31,6 +29,7 @@ from lit_covrl import distributed, resume_check
 from lit_covrl.algorithms import compute_advantages, zero_variance_groups
 from lit_covrl.drivers import LightningDriver
 from lit_covrl.dynamic_sampling import Round, sample_rounds
+from lit_covrl.errors import naming_the_setting
 from lit_covrl.evaluation import Evaluator
 from lit_covrl.generation import RolloutGenerator
 from lit_covrl.learner import Learner, LearnerSettings
@@ -38,6 +37,7 @@ from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, p
 from lit_covrl.objectives import Objective, resolve_objective
 from lit_covrl.policy import load_tokenizer, resolve_dtype
 from lit_covrl.prompt_check import check_datamodule_prompts
+from lit_covrl.progress import fit_end_message
 from lit_covrl.prompts import uses_chat_template
 from lit_covrl.regularizers.base import Regularizer, check_stack
 from lit_covrl.reward_set import RewardSet
@@ -56,16 +56,6 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 # Lightning warns (with a code listing) that under manual optimization a checkpoint holds the weights
 # after the optimizer step: for an RL step that is the state to save (the rollout's updates are done)
 warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
-
-
-@contextlib.contextmanager
-def _naming(field: str, value: str) -> Iterator[None]:
-    """A model or tokenizer that cannot be found or read: the error names the setting (Hugging
-    Face's own message says only "Repo id must be in the form ..." or "not a valid model")."""
-    try:
-        yield
-    except OSError as err:
-        raise OSError(f"{field}={value!r} could not be loaded: {' '.join(str(err).split())}") from err
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +204,7 @@ class GRPOModule(L.LightningModule):
         if self._tokenizer is None:
             hp = self.hparams
             field = "model.tokenizer" if hp.tokenizer else "model.model"
-            with _naming(field, hp.tokenizer or hp.model):
+            with naming_the_setting(field, hp.tokenizer or hp.model):
                 self._tokenizer = load_tokenizer(hp.tokenizer or hp.model)
         return self._tokenizer
 
@@ -238,7 +228,7 @@ class GRPOModule(L.LightningModule):
     def _load(self, field: str, spec: str, *, frozen: bool) -> torch.nn.Module:
         """The model `spec` given by setting `field` (named in a loading error)."""
         device = self.trainer.strategy.root_device if self.device_mesh is not None else None
-        with _naming(field, spec):
+        with naming_the_setting(field, spec):
             return load_model(spec, dtype=self.hparams.dtype, frozen=frozen, system=self.settings.system,
                               mesh=self.device_mesh, device=device)
 
@@ -471,15 +461,5 @@ class GRPOModule(L.LightningModule):
         return [] if any(isinstance(cb, RunDashboard) for cb in self.trainer.callbacks) else [RunDashboard()]
 
     def on_fit_end(self) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        logger = self.trainer.logger
-        ckpt = self.trainer.checkpoint_callback
-        lines = ["", "lit_covrl: training finished."]
-        if logger is not None and getattr(logger, "log_dir", None):
-            lines.append(f"  logs:        {logger.log_dir}")
-            if isinstance(logger, TensorBoardLogger):  # a CSV logger's folder holds no event files
-                lines.append(f"  view them:   tensorboard --logdir {logger.log_dir}")
-        if ckpt is not None and getattr(ckpt, "last_model_path", ""):
-            lines.append(f"  checkpoint:  {ckpt.last_model_path}")
-        print("\n".join(lines), flush=True)
+        if self.trainer.is_global_zero:
+            print(fit_end_message(self.trainer), flush=True)

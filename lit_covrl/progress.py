@@ -12,7 +12,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-__all__ = ["RLProgressBar"]
+__all__ = ["RLProgressBar", "fit_end_message"]
 
 
 class RLProgressBar(TQDMProgressBar):
@@ -39,3 +39,19 @@ class RLProgressBar(TQDMProgressBar):
         if bar is not None and not bar.disable and rate and (n % rate == 0 or n == bar.total):
             bar.n = n
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes
+
+
+def fit_end_message(trainer) -> str:
+    """What the end of a fit prints: where the logs are (and how to view them with a TensorBoard
+    logger: a CSV logger's folder holds no event files) and the last checkpoint."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger, ckpt = trainer.logger, trainer.checkpoint_callback
+    lines = ["", "lit_covrl: training finished."]
+    if logger is not None and getattr(logger, "log_dir", None):
+        lines.append(f"  logs:        {logger.log_dir}")
+        if isinstance(logger, TensorBoardLogger):
+            lines.append(f"  view them:   tensorboard --logdir {logger.log_dir}")
+    if ckpt is not None and getattr(ckpt, "last_model_path", ""):
+        lines.append(f"  checkpoint:  {ckpt.last_model_path}")
+    return "\n".join(lines)

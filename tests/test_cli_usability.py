@@ -300,3 +300,17 @@ def test_a_bracketed_stop_string_warns_how_to_keep_its_brackets(caplog):
     with caplog.at_level(logging.WARNING, logger="lit_covrl"):
         one_string_lists(["--model.rollout.stop+=[a, b]", '--model.rollout.stop=["[/INST]"]'])
     assert not caplog.records
+
+
+def test_the_end_of_fit_message_offers_tensorboard_only_for_event_files(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from lit_covrl.progress import fit_end_message
+
+    ckpt = SimpleNamespace(last_model_path="runs/x/checkpoints/last.ckpt")
+    tb = fit_end_message(SimpleNamespace(logger=TensorBoardLogger(str(tmp_path)), checkpoint_callback=ckpt))
+    assert "tensorboard --logdir" in tb and "checkpoint:  runs/x/checkpoints/last.ckpt" in tb
+    csv = fit_end_message(SimpleNamespace(logger=CSVLogger(str(tmp_path)), checkpoint_callback=None))
+    assert "logs:" in csv and "tensorboard" not in csv and "checkpoint" not in csv

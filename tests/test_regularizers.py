@@ -182,19 +182,24 @@ def test_clip_cov_selection_is_reproducible_and_checkpointed():
     assert torch.equal(draw(c), nxt)
 
 
-def test_kl_cov_warns_once_with_a_single_update(caplog):
+@pytest.mark.parametrize("name", ["KLCov", "EntropyRatioClip"])
+def test_on_policy_controls_warn_once_with_a_single_update(caplog, name):
+    """KL-Cov (|logp - old_logp| = 0) and EntropyRatioClip (H / H_old = 1) do nothing when every
+    update is on policy: each says so once at fit start, and not with several updates."""
+    from lit_covrl import regularizers
+
     class FakeModule:
         updates_per_rollout = 1
 
-    reg = KLCov()
+    reg = getattr(regularizers, name)()
     with caplog.at_level(logging.WARNING, logger="lit_covrl"):
         reg.on_fit_start(None, FakeModule())
         reg.on_fit_start(None, FakeModule())
-    assert sum("KLCov has no effect" in r.message for r in caplog.records) == 1
+    assert sum(f"{name} has no effect with a single on-policy update" in r.message for r in caplog.records) == 1
     FakeModule.updates_per_rollout = 4
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lit_covrl"):
-        KLCov().on_fit_start(None, FakeModule())
+        getattr(regularizers, name)().on_fit_start(None, FakeModule())
     assert not caplog.records
 
 
@@ -251,17 +256,3 @@ def test_two_advantage_shifts_are_refused_at_start_up():
         check_stack([EntropyAdvantage(kappa=1.5), EntropyAdvantage(kappa=1.5, name="ea2")])
     with pytest.raises(ValueError, match="two regularizers are named"):
         check_stack([ClipCov(), ClipCov()])
-
-
-def test_entropy_ratio_clip_warns_once_with_a_single_update(caplog):
-    """On policy the entropy ratio is exactly 1: EntropyRatioClip never clips (as KL-Cov, it says so)."""
-    from lit_covrl.regularizers import EntropyRatioClip
-
-    class FakeModule:
-        updates_per_rollout = 1
-
-    reg = EntropyRatioClip()
-    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
-        reg.on_fit_start(None, FakeModule())
-        reg.on_fit_start(None, FakeModule())
-    assert sum("EntropyRatioClip has no effect with a single on-policy update" in r.message for r in caplog.records) == 1
