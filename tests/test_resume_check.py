@@ -119,3 +119,24 @@ def test_cli_resume_with_another_config_names_the_objective(tmp_path, caplog):
                   "--ckpt_path", str(ckpt), "--trainer.logger.init_args.save_dir", str(tmp_path / "b"), *common])
         assert ("model.objective: lit_covrl.objectives.cispo.CISPO -> lit_covrl.objectives.base.PPOClip" in caplog.text) is expect
         assert ("differ from the checkpoint" in caplog.text) is expect, caplog.text
+
+
+def test_resuming_every_regularizer_unchanged_says_nothing(tiny_model_dir, tmp_path, caplog):
+    """No false alarm: each shipped regularizer's description (constructor arguments it keeps
+    under their own names) must not change by training, or every resume would warn."""
+    from lit_covrl.regularizers import (
+        AdaptiveEntropyBonus, EntropyAdvantage, EntropyRatioClip, HighEntropyTokens, ReferenceKL, SteerWeights,
+    )
+
+    def regs():
+        return [ClipCov(ratio=0.1, lb=-1e9, ub=1e9), KLCov(ratio=0.1), EntropyBonus(coef=0.01),
+                ReferenceKL(beta=0.01), AdaptiveEntropyBonus(target=5.0, delta=0.01), EntropyAdvantage(),
+                HighEntropyTokens(), SteerWeights(), EntropyRatioClip()]
+
+    kw = dict(update=dict(mini_batch_size=2))
+    first = _trainer(tmp_path / "a", 2, regs())
+    first.fit(make_module(tiny_model_dir, **kw), make_data())
+    ckpt = tmp_path / "step2.ckpt"
+    first.save_checkpoint(ckpt)
+    assert len([k for k in torch.load(ckpt, weights_only=True)[CKPT_KEY] if k.startswith("trainer.callbacks")]) == 9
+    assert "differ from the checkpoint" not in _resume(tiny_model_dir, tmp_path, ckpt, caplog, regs=regs(), **kw)
