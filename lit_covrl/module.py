@@ -461,5 +461,7 @@ class GRPOModule(L.LightningModule):
         return [] if any(isinstance(cb, RunDashboard) for cb in self.trainer.callbacks) else [RunDashboard()]
 
     def on_fit_end(self) -> None:
+        # a `trainer.test()` / `validate()` after this fit, in the same process, logs at its last step
+        self._checkpoint_step = self.global_step
         if self.trainer.is_global_zero:
             print(fit_end_message(self.trainer), flush=True)

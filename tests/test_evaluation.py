@@ -110,3 +110,36 @@ def test_two_ranks_share_the_held_out_prompts(tmp_path, tiny_model_dir):
     assert scored == [["a", "a", "c", "c", "d", "d"], ["b", "b", "d", "d"]]  # 2 samples each
     for r in range(2):
         assert json.loads((tmp_path / f"res{r}.json").read_text())[0]["val/pass@1"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_test_run_after_a_fit_in_the_same_process_logs_at_the_fits_last_step(resumed, tmp_path):
+    """`trainer.test()` after `trainer.fit()` in one process: test/* belong at the fit's last RL
+    step (3 for a 4-step fit), as a CLI `test` of its checkpoint logs them. After a fit resumed
+    from step 2 they landed at step 1 (the loaded checkpoint's), after a plain fit at step 4."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lit_covrl.data import PromptDataModule
+    from lit_covrl.module import GRPOModule
+    from tests.helpers import fit, scalar_tags
+
+    def parts():
+        return (GRPOModule(model="lit_covrl:tiny-arith", rollout=dict(group_size=4, max_new_tokens=4)),
+                PromptDataModule(task="arithmetic", batch_size=4, val_size=4, seed=0))
+
+    ckpt_path = None
+    if resumed:
+        fit(*parts(), steps=2, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)],
+            enable_checkpointing=True, default_root_dir=tmp_path)
+        ckpt_path = str(tmp_path / "ck" / "last.ckpt")
+    module, data = parts()
+    logger = L.pytorch.loggers.TensorBoardLogger(str(tmp_path / "logs"), name="t")
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=logger, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        log_every_n_steps=1, limit_val_batches=0)
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    trainer.test(module, data)
+    tags = scalar_tags(tmp_path / "logs")
+    assert [s for s, _ in tags["test/pass@1"]] == [3]
+    assert max(s for s, _ in tags["policy/entropy"]) == 3
