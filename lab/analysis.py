@@ -22,7 +22,7 @@ TAGS: dict[str, str] = {
     "val_pass@k": "val/pass@k",
     "val_entropy": "val/entropy",
 }
-# extra column: the fraction of tokens a regularizer selected (sum over `reg/<name>/selected_frac`)
+# extra column: the fraction of tokens the covariance selectors acted on (sum of their `reg/<name>/selected_frac`)
 SUMMARY_COLUMNS: list[str] = ["method", "seed", "step", *TAGS, "selected_frac"]
 
 
@@ -49,7 +49,10 @@ def summary_rows(method: str, seed: int, scalars: Mapping[str, Sequence[tuple[in
     by_col: dict[str, dict[int, float]] = {col: dict(scalars.get(tag, ())) for col, tag in TAGS.items()}
     sel: dict[int, float] = {}
     for tag, series in scalars.items():
-        if tag.startswith("reg/") and tag.endswith("/selected_frac"):
+        # the covariance selectors (Clip-Cov, KL-Cov) log selected_adv_mean beside selected_frac;
+        # HighEntropyTokens' selected_frac is the fraction it keeps, not one it acts on
+        acts_on = tag[: -len("selected_frac")] + "selected_adv_mean" in scalars
+        if tag.startswith("reg/") and tag.endswith("/selected_frac") and acts_on:
             for step, v in series:
                 sel[step] = sel.get(step, 0.0) + v
     by_col["selected_frac"] = sel

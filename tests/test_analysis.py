@@ -60,6 +60,7 @@ def _scalars():
         "val/pass@k": [(1, 0.7)],
         "val/entropy": [(1, 0.55)],
         "reg/clip_cov/selected_frac": [(0, 0.02), (1, 0.01), (2, 0.03)],
+        "reg/clip_cov/selected_adv_mean": [(0, 0.5), (1, 0.4), (2, 0.3)],
         "time/update_s": [(0, 1.0)],
     }
 
@@ -70,6 +71,15 @@ def test_summary_rows_one_per_step_with_blanks():
     assert all(r["method"] == "clip_cov" and r["seed"] == 2 for r in rows)
     assert rows[0]["val_pass@1"] is None and rows[1]["val_pass@k"] == 0.7
     assert rows[2]["selected_frac"] == 0.03 and rows[1]["entropy"] == 0.5
+
+
+def test_selected_frac_sums_the_selectors_and_leaves_out_the_kept_fraction_of_high_entropy_tokens():
+    """Clip-Cov + KL-Cov stacked: their acted-on fractions add up. HighEntropyTokens' selected_frac
+    is the fraction it keeps (0.2 under 80/20), not one it acts on: adding it made 0.03 read 0.23."""
+    scalars = {**_scalars(), "reg/kl_cov/selected_frac": [(2, 0.01)], "reg/kl_cov/selected_adv_mean": [(2, 0.1)],
+               "reg/high_entropy_tokens/selected_frac": [(2, 0.2)]}
+    rows = an.summary_rows("stack", 0, scalars)
+    assert rows[2]["selected_frac"] == pytest.approx(0.04)
 
 
 def test_summary_csv_columns_and_roundtrip(tmp_path):
