@@ -199,8 +199,9 @@ def _ddp_worker(rank: int, port: int, model_dir: str, prompts: str, out: str) ->
     out, res = Path(out), {}
 
     def fit(ck: Path, **ckpt_kw) -> AtomicCheckpoint:
-        # a short collective timeout: ranks left in different collectives fail fast
-        ddp = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60))
+        # a collective timeout shorter than the spawn's: ranks left in different collectives fail
+        # within the test (60 s once timed out a healthy run on 2 cores shared with other jobs)
+        ddp = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=150))
         callbacks = [_DiskFullFrom(2), AtomicCheckpoint(dirpath=ck, every_n_train_steps=1, **ckpt_kw)]
         trainer = L.Trainer(
             accelerator="cpu", devices=2, strategy=ddp, max_steps=3, callbacks=callbacks, logger=False,
