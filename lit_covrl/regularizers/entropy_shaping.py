@@ -72,7 +72,7 @@ class AdaptiveEntropyBonus(Regularizer):
         self._step = ctx.step
         m = ctx.mask.double()
         sums = distributed.all_sum(torch.stack([(ctx.old_entropy.double() * m).sum(), m.sum()]))
-        self._sums = self._sums + sums.cpu()
+        self._sums = self._sums.to(sums.device) + sums  # on the device: read once per RL step
         self.record("coef", self.coef_now)
         self.record("coef_state", self.coef)
 
@@ -83,7 +83,7 @@ class AdaptiveEntropyBonus(Regularizer):
             self.coef, self.active = adaptive_entropy_coef(
                 self.coef, entropy, target=self.target, delta=self.delta, min_coef=self.min_coef, max_coef=self.max_coef
             )
-        self._sums = torch.zeros(2, dtype=torch.float64)
+        self._sums = torch.zeros_like(self._sums)
 
     def pop_metrics(self) -> dict[str, float]:
         """Also reg/<name>/measured_entropy: the step's own measurement, logged with the step (it
@@ -104,7 +104,7 @@ class AdaptiveEntropyBonus(Regularizer):
         return TokenShaping(penalty=-self.coef_now * batch.entropy)
 
     def state_dict(self) -> dict:
-        return {"coef": self.coef, "active": self.active, "step": self._step, "sums": self._sums.clone()}
+        return {"coef": self.coef, "active": self.active, "step": self._step, "sums": self._sums.cpu().clone()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.coef, self.active = float(state_dict["coef"]), bool(state_dict["active"])
