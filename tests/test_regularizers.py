@@ -256,3 +256,38 @@ def test_two_advantage_shifts_are_refused_at_start_up():
         check_stack([EntropyAdvantage(kappa=1.5), EntropyAdvantage(kappa=1.5, name="ea2")])
     with pytest.raises(ValueError, match="two regularizers are named"):
         check_stack([ClipCov(), ClipCov()])
+
+
+def test_recorded_metrics_are_means_over_the_records_where_kept():
+    """`record` keeps device tensors until the step's metrics are popped; `when` leaves a record
+    out (a covariance selector's selected_adv_mean counts only mini-batches that selected tokens)."""
+    from lit_covrl.regularizers import Regularizer
+
+    reg = Regularizer(name="probe")
+    reg.record("a", torch.tensor(1.0), when=torch.tensor(True))
+    reg.record("a", torch.tensor(7.0), when=torch.tensor(False))
+    reg.record("a", 3.0)
+    reg.record("never", torch.tensor(5.0), when=torch.tensor(False))
+    reg.record("x/y", torch.tensor(2.0))
+    assert reg.pop_metrics() == {"reg/probe/a": 2.0, "x/y": 2.0}
+    assert reg.pop_metrics() == {}  # popped: the next step starts empty
+
+
+def test_selected_token_means_are_over_the_mini_batches_that_selected_some():
+    """KL-Cov selects nothing on its on-policy first update and 4 tokens on the next: the step's
+    selected_frac averages both, the selected tokens' advantage and log-prob means only the second."""
+    g = torch.Generator().manual_seed(3)
+    logp, adv = -torch.rand(4, 10, generator=g), torch.randn(4, 1, generator=g).expand(4, 10)
+    old, mask = logp - 0.1 * torch.rand(4, 10, generator=g), torch.ones(4, 10)
+    reg = KLCov(ratio=0.1)
+    reg.prepare(_ctx(logp, old, adv, mask, update=0))  # on policy: inert
+    reg.prepare(_ctx(logp, old, adv, mask, update=1))
+    sel = reg.selected
+    assert int(sel.sum()) == 4
+    m = reg.pop_metrics()
+    assert m["reg/kl_cov/selected_frac"] == pytest.approx(0.5 * 4 / 40)
+    assert m["reg/kl_cov/selected_adv_mean"] == pytest.approx(float((sel * adv).sum() / 4))
+    assert m["reg/kl_cov/selected_logp_mean"] == pytest.approx(float((sel * logp).sum() / 4))
+    reg.prepare(_ctx(logp, old, adv, mask, update=0))
+    popped = reg.pop_metrics()  # nothing selected this step: no means of the selected tokens
+    assert "reg/kl_cov/selected_frac" in popped and not {k for k in popped if "selected_" in k and "frac" not in k}

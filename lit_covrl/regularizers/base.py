@@ -113,7 +113,7 @@ class Regularizer(Callback):
         self.schedule = schedule or Schedule("constant")
         self.name = name or self.default_name
         self._run_length: int | None = None  # steps of a whole-run schedule, once resolved (setup)
-        self._metrics: dict[str, list[float]] = {}
+        self._metrics: dict[str, list[tuple[float | Tensor, bool | Tensor]]] = {}
 
     @property
     def state_key(self) -> str:
@@ -174,15 +174,22 @@ class Regularizer(Callback):
         return out
 
     # metrics -----------------------------------------------------------------------------------
-    def record(self, key: str, value: float | Tensor) -> None:
+    def record(self, key: str, value: float | Tensor, *, when: bool | Tensor = True) -> None:
         """Keep a scalar for this RL step; the module logs the mean under reg/<name>/<key>
-        (keys that already contain a '/' are logged as given)."""
-        self._metrics.setdefault(key, []).append(float(value))
+        (keys that already contain a '/' are logged as given). A tensor stays on its device until
+        the step's metrics are popped (no host sync per mini-batch); `when` (a bool, or a 0-dim
+        bool tensor read then too) leaves the value out of the mean where false, and the key is
+        not logged for a step where it is false every time."""
+        if isinstance(value, Tensor):
+            value = value.detach()
+        self._metrics.setdefault(key, []).append((value, when))
 
     def pop_metrics(self) -> dict[str, float]:
-        out = {
-            (k if "/" in k else f"reg/{self.name}/{k}"): sum(v) / len(v) for k, v in self._metrics.items() if v
-        }
+        out = {}
+        for k, recorded in self._metrics.items():
+            kept = [float(v) for v, when in recorded if bool(when)]
+            if kept:
+                out[k if "/" in k else f"reg/{self.name}/{k}"] = sum(kept) / len(kept)
         self._metrics.clear()
         return out
 

@@ -54,9 +54,9 @@ class _CovarianceSelector(Regularizer):
         )
         k = stats[0].clamp(min=1)
         self.record("selected_frac", stats[0] / stats[1].clamp(min=1))
-        if stats[0] > 0:
-            self.record("selected_adv_mean", stats[2] / k)
-            self.record("selected_logp_mean", stats[3] / k)
+        # means of the selected tokens: only over the mini-batches that selected some
+        self.record("selected_adv_mean", stats[2] / k, when=stats[0] > 0)
+        self.record("selected_logp_mean", stats[3] / k, when=stats[0] > 0)
 
     def _rows(self, batch: PolicyBatch) -> Tensor:
         assert self.selected is not None, "prepare() must run before shape()"
