@@ -138,16 +138,19 @@ def settings_of(checkpoint_or_hparams: dict[str, Any], group: str) -> dict[str, 
 
 def resume_differences(checkpoint: dict[str, Any], module: Any, trainer: Any) -> list[str]:
     """Everything the run being started changes relative to the checkpoint's run."""
-    saved = dict(_flat_components(checkpoint.get(CKPT_KEY, {})))
-    now = dict(_flat_components(run_components(module, trainer)))
-    saved.update(settings_of(checkpoint.get("hyper_parameters", {}), "model"))
-    now.update(settings_of(module.hparams, "model"))
+    saved_settings = settings_of(checkpoint.get("hyper_parameters", {}), "model")
+    now_settings = settings_of(module.hparams, "model")
     dm = getattr(trainer, "datamodule", None)
     if "datamodule_hyper_parameters" in checkpoint and dm is not None:
-        saved.update(settings_of(checkpoint["datamodule_hyper_parameters"], "data"))
-        now.update(settings_of(getattr(dm, "hparams", {}), "data"))
+        saved_settings.update(settings_of(checkpoint["datamodule_hyper_parameters"], "data"))
+        now_settings.update(settings_of(getattr(dm, "hparams", {}), "data"))
+    # every setting is saved: one the checkpoint lacks is newer than the code that wrote it, and
+    # that run behaved as its default does (not a change made for this resume)
+    now_settings = {k: v for k, v in now_settings.items() if k in saved_settings}
     if CKPT_KEY not in checkpoint:  # a checkpoint from before this check: compare settings only
-        now = {k: v for k, v in now.items() if k in saved}
+        return differences(saved_settings, now_settings)
+    saved = {**_flat_components(checkpoint[CKPT_KEY]), **saved_settings}
+    now = {**_flat_components(run_components(module, trainer)), **now_settings}
     return differences(saved, now)
 
 

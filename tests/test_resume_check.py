@@ -140,3 +140,17 @@ def test_resuming_every_regularizer_unchanged_says_nothing(tiny_model_dir, tmp_p
     first.save_checkpoint(ckpt)
     assert len([k for k in torch.load(ckpt, weights_only=True)[CKPT_KEY] if k.startswith("trainer.callbacks")]) == 9
     assert "differ from the checkpoint" not in _resume(tiny_model_dir, tmp_path, ckpt, caplog, regs=regs(), **kw)
+
+
+def test_a_setting_newer_than_the_checkpoint_is_not_called_a_change(tiny_model_dir, tmp_path, caplog):
+    """A checkpoint written before a setting existed (here: rollout.sampling_batch_size and the
+    data's seed taken out of it) lacks the key; that run behaved as the default does. Resuming it
+    said `model.rollout.sampling_batch_size: added (None)`; a real change is still said."""
+    ckpt = _checkpoint(tiny_model_dir, tmp_path)
+    old = torch.load(ckpt, weights_only=False)
+    del old["hyper_parameters"]["rollout"]["sampling_batch_size"]
+    del old["datamodule_hyper_parameters"]["seed"]
+    torch.save(old, ckpt)
+    assert "differ from the checkpoint" not in _resume(tiny_model_dir, tmp_path, ckpt, caplog)
+    text = _resume(tiny_model_dir, tmp_path, ckpt, caplog, rollout=dict(group_size=2))
+    assert "model.rollout.group_size: 4 -> 2" in text and "sampling_batch_size" not in text
