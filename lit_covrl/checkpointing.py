@@ -240,6 +240,40 @@ class AtomicCheckpoint(ModelCheckpoint):
                 log.info("removing %s, left by an interrupted checkpoint write", os.path.join(folder, name))
                 _remove(os.path.join(folder, name))
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """A periodic save that falls on a step that validates is made after that validation
+        (Lightning's deferred save, `on_validation_end`), so the checkpoint includes it: saved
+        before, the resumed run skipped that validation (Lightning counts the step as done) and its
+        best-so-far figures (final/best_val_*) left it out."""
+        if self._saves_at(trainer) and self._validates_after_this_step(trainer):
+            self._defer_save_until_validation = True
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _saves_at(self, trainer) -> bool:
+        n = self._every_n_train_steps
+        return (n >= 1 and trainer.global_step % n == 0 and not self._should_skip_saving_checkpoint(trainer)
+                and not self._should_save_on_train_epoch_end(trainer))
+
+    @staticmethod
+    def _validates_after_this_step(trainer) -> bool:
+        loop = trainer.fit_loop
+        try:  # the decision the epoch loop makes right after this hook
+            return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+        except AttributeError:  # a Lightning without these internals: save now, as Lightning does
+            return False
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """The last steps are saved too: `last.ckpt` was only written at the last multiple of
+        every_n_train_steps (40 steps saved every 25: step 25), except when nothing had been saved."""
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer) and trainer.global_step > 0:
+            candidates = self._monitor_candidates(trainer)
+            if self.monitor is None:  # a step-numbered file too, as a periodic save makes (`link` targets it)
+                self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+            return
+        super().on_train_end(trainer, pl_module)
+
     # what Lightning records of a checkpoint before it writes it (the top-k and last names, popping
     # from best_k_models the file the new one replaces) or once it has written it (the step saved)
     _BOOKKEEPING = ("best_model_path", "best_model_score", "best_k_models", "kth_best_model_path", "kth_value",

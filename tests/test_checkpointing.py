@@ -131,11 +131,11 @@ def test_on_write_error_warn_goes_on_and_deletes_no_checkpoint(tiny_model_dir, t
     with faulty_folder(ck, capacity=size // 2), caplog.at_level(logging.WARNING, logger="lit_covrl"):
         trainer = _fit(tiny_model_dir, ck, 4, ckpt_path=ck / "last.ckpt", on_write_error="warn")
     assert trainer.global_step == 4  # training went on
-    # step file + last.ckpt at steps 3 and 4, and last.ckpt once more at the end of fit (Lightning
-    # retries it there because no save of step 4 succeeded)
-    assert trainer.checkpoint_callback.failed_writes == 5
+    # step file + last.ckpt at steps 3 and 4, and both once more at the end of fit (retried there
+    # because no save of step 4 succeeded)
+    assert trainer.checkpoint_callback.failed_writes == 6
     failures = [r.getMessage() for r in caplog.records if "checkpoint write failed" in r.getMessage()]
-    assert len(failures) == 5 and all("No space left on device" in m for m in failures), failures
+    assert len(failures) == 6 and all("No space left on device" in m for m in failures), failures
     assert any("epoch=0-step=3.ckpt" in m for m in failures)
     # the step-2 file was not deleted to make room for the step-3 one that never got written
     assert sorted(os.listdir(ck)) == ["epoch=0-step=2.ckpt", "last.ckpt"]
@@ -230,7 +230,8 @@ def test_a_write_that_fails_on_rank_0_fails_on_every_rank(tiny_model_dir, tmp_pa
     _dist.spawn(_ddp_worker, (_dist.free_port(), tiny_model_dir, str(prompts), str(tmp_path)), timeout_s=400)
     for rank in (0, 1):
         res = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert res["warn"] == [2, "epoch=0-step=1.ckpt", 1], (rank, res)  # steps 2 and 3 failed, on both ranks
+        # steps 2 and 3 failed, and step 3's file once more at the end of fit, on both ranks
+        assert res["warn"] == [3, "epoch=0-step=1.ckpt", 1], (rank, res)
         assert "No space left on device" in res["stop"] and "RL step 2" in res["stop"], (rank, res)
     assert sorted(os.listdir(tmp_path / "warn")) == ["epoch=0-step=1.ckpt", "last.ckpt"]
     assert os.readlink(tmp_path / "warn" / "last.ckpt") == "epoch=0-step=1.ckpt"
@@ -357,3 +358,46 @@ def test_settings_groups_survive_save_load_and_resume(tiny_model_dir, tmp_path):
 
     initial = load_policy(tiny_model_dir).state_dict()  # training moved the weights: the check above has teeth
     assert any(not torch.equal(initial[k[len("policy."):]], v) for k, v in trained.items() if k.startswith("policy."))
+
+
+def _fit_validating(model_dir, root: Path, name: str, steps: int, ckpt_path: Path | None = None) -> L.Trainer:
+    """Saved every 2 RL steps and validated every 2, as the shipped configs do (50 and 25)."""
+    ck = AtomicCheckpoint(dirpath=root / name / "ck", every_n_train_steps=2, save_top_k=-1, save_last=True)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=L.pytorch.loggers.TensorBoardLogger(str(root / name), name="t"),
+        callbacks=[ck], enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        log_every_n_steps=1, check_val_every_n_epoch=None, val_check_interval=2,
+    )
+    trainer.fit(make_module(model_dir), make_data(), ckpt_path=str(ckpt_path) if ckpt_path else None)
+    return trainer
+
+
+def test_last_ckpt_holds_the_final_step_and_a_run_extended_from_it_is_exact(tiny_model_dir, tmp_path):
+    """max_steps 5, saved every 2: last.ckpt held step 4 (Lightning writes it at the end of fit only
+    when nothing was saved before), so the final step was in no file although the fit printed
+    last.ckpt as its checkpoint. Extended from it to 7 steps, the run equals an uninterrupted 7-step one."""
+    trainer = _fit_validating(tiny_model_dir, tmp_path, "a", 5)
+    ck = tmp_path / "a" / "ck"
+    assert _step(ck / "last.ckpt") == 5 and trainer.global_step == 5
+    assert any(_step(f) == 5 for f in ck.glob("*step=5.ckpt"))  # a step file too, as periodic saves make
+    extended = _fit_validating(tiny_model_dir, tmp_path, "b", 7, ckpt_path=ck / "last.ckpt")
+    full = _fit_validating(tiny_model_dir, tmp_path, "full", 7)
+    for p, q in zip(extended.lightning_module.policy.parameters(), full.lightning_module.policy.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_checkpoint_at_a_validating_step_is_written_after_that_validation(tiny_model_dir, tmp_path):
+    """Saved every 2 steps and validated every 2 (as every shipped config: checkpoints on validation
+    steps): the step-2 file was written before step 2's validation, which a run resumed from it
+    skips (Lightning counts the step done), so its best-so-far validation figures left it out."""
+    from tests.helpers import scalar_tags
+
+    _fit_validating(tiny_model_dir, tmp_path, "full", 3)
+    saved = torch.load(tmp_path / "full" / "ck" / "epoch=0-step=2.ckpt", weights_only=False)
+    dashboard = [v for k, v in saved["callbacks"].items() if "RunDashboard" in k]
+    assert dashboard and dashboard[0]["best"], dashboard  # the step-2 validation is in the file
+    _fit_validating(tiny_model_dir, tmp_path, "resumed", 3, ckpt_path=tmp_path / "full" / "ck" / "epoch=0-step=2.ckpt")
+    a, b = scalar_tags(tmp_path / "full"), scalar_tags(tmp_path / "resumed")
+    for tag in ("final/best_val_pass@1", "final/best_val_pass@k", "final/val_pass@1"):
+        assert tag in b and b[tag] == a[tag], tag
+    assert "val/pass@1" not in b  # not validated twice
