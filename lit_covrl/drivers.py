@@ -26,6 +26,8 @@ class OptimizerDriver(Protocol):
         mini-batch was filtered), and a gradient scaler refuses a step with none. Returns the
         learning rate."""
     def save_checkpoint(self, filename: str) -> str: ...
+    def last_checkpoint(self) -> str:
+        """The last checkpoint saved between RL steps (what a stopped run resumes from), or ""."""
 
 
 class LightningDriver:
@@ -65,6 +67,9 @@ class LightningDriver:
         path = os.path.join(trainer.default_root_dir, filename)
         trainer.save_checkpoint(path)
         return path
+
+    def last_checkpoint(self) -> str:
+        return self.module.last_checkpoint()
 
 
 def _no_closure() -> None:

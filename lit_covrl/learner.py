@@ -358,11 +358,14 @@ class Learner:
         log.warning("non-finite gradient norm (%s): optimizer update skipped (%d in a row)", grad_norm, self._consecutive_skips)
         opt.zero_grad(set_to_none=True)  # params without grad are left untouched by the step
         if self._consecutive_skips >= self.settings.update.max_consecutive_skips:
+            # saved mid-step: for inspection; resuming from it would skip the rest of this RL step
             path = self.driver.save_checkpoint("nonfinite-stop.ckpt")
             raise RuntimeError(
                 f"{self._consecutive_skips} consecutive optimizer updates had non-finite gradients "
                 f"(model.update.max_consecutive_skips={self.settings.update.max_consecutive_skips}); the run is stopped. "
-                f"Checkpoint saved to {path}. Lower the learning rate or check the reward and data."
+                f"Resume from the last checkpoint: {self.driver.last_checkpoint() or 'none saved yet'}. The state at the "
+                f"stop, in the middle of RL step {self.step}, is saved for inspection to {path}. "
+                "Lower the learning rate or check the reward and data."
             )
 
 

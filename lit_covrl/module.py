@@ -369,14 +369,17 @@ class GRPOModule(L.LightningModule):
 
     def _stop_on_nonfinite_logits(self, rollout: Rollout) -> None:
         """NaN/inf logits while sampling (on some rank): the weights are broken, nothing to train on."""
-        ckpt = getattr(self.trainer, "checkpoint_callback", None)
-        last = (getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")) if ckpt else ""
         raise RuntimeError(
             f"non-finite logits (NaN or inf) while sampling the rollout of RL step {self.global_step} "
             f"({int(rollout.nonfinite.sum())} of {len(rollout.nonfinite)} sequences on rank {self.global_rank}); "
-            f"the run is stopped. Last good checkpoint: {last or 'none saved yet'}. "
+            f"the run is stopped. Last good checkpoint: {self.last_checkpoint() or 'none saved yet'}. "
             "Lower the learning rate or check the reward and data."
         )
+
+    def last_checkpoint(self) -> str:
+        """The checkpoint callback's latest file (saved between RL steps), or ""."""
+        ckpt = getattr(self.trainer, "checkpoint_callback", None)
+        return (getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")) if ckpt else ""
 
     def _reference_logprobs(self, rollout: Rollout) -> Tensor:
         ref = self._reference

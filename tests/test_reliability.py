@@ -51,12 +51,21 @@ def test_training_continues_after_a_transient_bad_update(tiny_model_dir):
 
 
 def test_too_many_consecutive_bad_updates_stop_with_a_checkpoint(tiny_model_dir, tmp_path):
+    """2 updates per RL step, all non-finite, stop after 3: in the middle of step 1 (0-based). The
+    message names the step-1 checkpoint to resume from, not the stop file, which holds a state
+    taken mid-step (its prompt batch already counted as used)."""
+    from lit_covrl.checkpointing import AtomicCheckpoint
+
     module = make_module(tiny_model_dir, update=dict(mini_batch_size=2, max_consecutive_skips=3))
-    with pytest.raises(RuntimeError, match="3 consecutive optimizer updates had non-finite gradients"):
-        fit(module, make_data(), steps=5, callbacks=[NaNPenalty(bad_updates=100)], limit_val_batches=0,
-            default_root_dir=str(tmp_path))
+    ck = AtomicCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_last=True)
+    with pytest.raises(RuntimeError, match="3 consecutive optimizer updates had non-finite gradients") as err:
+        fit(module, make_data(), steps=5, callbacks=[NaNPenalty(bad_updates=100), ck], limit_val_batches=0,
+            default_root_dir=str(tmp_path), enable_checkpointing=True)
+    assert f"Resume from the last checkpoint: {tmp_path / 'ck' / 'last.ckpt'}" in str(err.value)
+    assert "in the middle of RL step 1" in str(err.value)
     ckpt = torch.load(tmp_path / "nonfinite-stop.ckpt", weights_only=False)
     assert ckpt["skipped_steps"] == 3
+    assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["global_step"] == 1
 
 
 def test_out_of_memory_in_a_rollout_names_the_settings_to_lower(tiny_model_dir, monkeypatch):
