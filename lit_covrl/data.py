@@ -90,8 +90,8 @@ class PromptDataModule(L.LightningDataModule):
         train_files: training prompt files (.jsonl/.json/.parquet), concatenated in order.
         val_files: held-out prompt files; with a file or HF source and no val_files (and no
             hf_val_split) there is no validation. Usable with any source.
-        hf_dataset: Hugging Face dataset name or local path for `datasets.load_dataset` (needs
-            `pip install datasets`, or the `[datasets]` extra).
+        hf_dataset: Hugging Face dataset name, local folder of data files or `save_to_disk`
+            folder (needs `pip install datasets`, or the `[datasets]` extra).
         hf_config: its configuration name, if any.
         hf_train_split: split used for training.
         hf_val_split: split used for validation (None: no validation unless val_files).

@@ -57,6 +57,28 @@ def check_sources(task: Any, train_files: list[str] | None, val_files: list[str]
                 raise FileNotFoundError(f"{name}[{i}]: no such file: {path!r}")
     if hf_dataset is not None and importlib.util.find_spec("datasets") is None:
         raise ImportError(f"hf_dataset={hf_dataset!r} {_NEEDS_DATASETS}")
+    if hf_dataset is not None:
+        _check_local_dataset(hf_dataset, hf_val_split)
+
+
+def saved_to_disk(dataset: str) -> str | None:
+    """"dict" / "dataset": a folder written by `DatasetDict.save_to_disk` / `Dataset.save_to_disk`
+    (read with `datasets.load_from_disk`; `load_dataset` refuses them); None otherwise."""
+    if os.path.isfile(os.path.join(dataset, "dataset_dict.json")):
+        return "dict"
+    if os.path.isfile(os.path.join(dataset, "state.json")):
+        return "dataset"
+    return None
+
+
+def _check_local_dataset(dataset: str, val_split: str | None) -> None:
+    if dataset.startswith(("/", "./", "../")) and not os.path.exists(dataset):
+        # a path, not a hub name: said here, not by the hub's "Repo id must be in the form ..."
+        raise FileNotFoundError(f"data.hf_dataset: no such folder: {dataset!r}")
+    if val_split is not None and saved_to_disk(dataset) == "dataset":
+        raise ValueError(
+            f"data.hf_val_split={val_split!r}, but data.hf_dataset={dataset!r} is a single Dataset saved with "
+            "save_to_disk (no splits): save a DatasetDict with the splits, or give held-out rows as data.val_files")
 
 
 def task_heldout(task: Any, n: int, seed: str) -> list[Example]:
@@ -101,7 +123,7 @@ class RowReader:
             import datasets
         except ImportError as e:
             raise ImportError(f"hf_dataset {_NEEDS_DATASETS}") from e
-        ds = datasets.load_dataset(dataset, config, split=split)
+        ds = _load_split(datasets, dataset, config, split)
         label = f"{dataset}[{split}]"
         rows = [(f"{label}:row {n}", row) for n, row in enumerate(ds, 1)]
         return self._count(label, rows, list(ds.column_names))
@@ -136,3 +158,18 @@ class RowReader:
             f.writelines(line + "\n" for line in self.skipped)
         log.warning("all %d skipped rows (file:line: reason) are listed in %s", len(self.skipped), path)
         return path
+
+
+def _load_split(datasets: Any, dataset: str, config: str | None, split: str) -> Any:
+    """Split `split` of a hub dataset, a local folder of data files, or a `save_to_disk` folder (a
+    single Dataset is the one split there is, whatever its name)."""
+    kind = saved_to_disk(dataset)
+    if kind is None:
+        return datasets.load_dataset(dataset, config, split=split)
+    saved = datasets.load_from_disk(dataset)
+    if kind == "dataset":
+        return saved
+    if split not in saved:
+        raise ValueError(f"data.hf_dataset={dataset!r} (saved with save_to_disk) has no split {split!r}; "
+                         f"its splits: {sorted(saved)}")
+    return saved[split]

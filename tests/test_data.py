@@ -426,6 +426,60 @@ def test_hf_dataset_reader_without_the_datasets_package(monkeypatch):
     assert dm.skipped == ["org/set[train]:row 5: missing field 'answer'", "org/set[test]:row 3: missing field 'answer'"]
 
 
+def _fake_datasets(monkeypatch, saved: dict):
+    """A stand-in `datasets` whose load_from_disk returns `saved[path]` (load_dataset refuses)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    fake = types.ModuleType("datasets")
+    fake.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
+
+    def load_dataset(*args, **kwargs):
+        raise AssertionError("a save_to_disk folder must be read with load_from_disk")
+
+    fake.load_dataset, fake.load_from_disk = load_dataset, lambda path: saved[path]
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+
+
+def test_hf_dataset_saved_to_disk_is_read_with_load_from_disk(tmp_path, monkeypatch):
+    """`Dataset.save_to_disk` / `DatasetDict.save_to_disk` folders were sent to load_dataset, which
+    refuses them ("use load_from_disk"), and lit_covrl had no setting that calls it."""
+    one, splits = tmp_path / "one", tmp_path / "splits"
+    one.mkdir(), splits.mkdir()
+    (one / "state.json").write_text("{}")
+    (splits / "dataset_dict.json").write_text("{}")
+    train = _FakeSplit([{"prompt": f"t{i}", "answer": str(i)} for i in range(4)])
+    test = _FakeSplit([{"prompt": "v0", "answer": "0"}])
+    _fake_datasets(monkeypatch, {str(one): train, str(splits): {"train": train, "test": test}})
+
+    dm = PromptDataModule(task=None, hf_dataset=str(one), batch_size=4)
+    dm.setup("fit")
+    assert sorted(next(dm._stream(0, 1)).prompts) == ["t0", "t1", "t2", "t3"]
+    dm = PromptDataModule(task=None, hf_dataset=str(splits), hf_val_split="test", batch_size=4)
+    dm.setup("fit")
+    assert [b.prompts for b in dm.val_dataloader()] == [["v0"]]
+    with pytest.raises(ValueError, match=r"has no split 'validation'; its splits: \['test', 'train'\]"):
+        PromptDataModule(task=None, hf_dataset=str(splits), hf_val_split="validation", batch_size=4).setup("fit")
+    with pytest.raises(ValueError, match="data.hf_val_split='test', but data.hf_dataset=.* single Dataset"):
+        PromptDataModule(task=None, hf_dataset=str(one), hf_val_split="test")
+    with pytest.raises(FileNotFoundError, match="data.hf_dataset: no such folder: './hf_sngle'"):
+        PromptDataModule(task=None, hf_dataset="./hf_sngle")
+
+
+def test_hf_dataset_saved_to_disk_with_the_real_package(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows_ = [{"q": f"q{i}", "a": str(i)} for i in range(3)]
+    datasets.Dataset.from_list(rows_).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows_),
+                          "test": datasets.Dataset.from_list(rows_[:1])}).save_to_disk(str(tmp_path / "splits"))
+    for folder, val in (("one", None), ("splits", "test")):
+        dm = PromptDataModule(task=None, hf_dataset=str(tmp_path / folder), hf_val_split=val, batch_size=3,
+                              prompt_field="q", answer_field="a")
+        dm.setup("fit")
+        assert sorted(next(dm._stream(0, 1)).prompts) == ["q0", "q1", "q2"]
+
+
 class RecorderWithVal(Recorder):
     def __init__(self) -> None:
         super().__init__()
