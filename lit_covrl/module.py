@@ -35,7 +35,7 @@ from lit_covrl.generation import RolloutGenerator
 from lit_covrl.learner import Learner, LearnerSettings
 from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics
 from lit_covrl.objectives import Objective, resolve_objective
-from lit_covrl.policy import load_tokenizer, resolve_dtype
+from lit_covrl.policy import check_vocab, load_tokenizer, resolve_dtype
 from lit_covrl.prompt_check import check_datamodule_prompts
 from lit_covrl.progress import fit_end_message
 from lit_covrl.prompts import uses_chat_template
@@ -216,6 +216,7 @@ class GRPOModule(L.LightningModule):
         hp = self.hparams
         if self.policy is None:
             self.policy = self._load("model.model", hp.model, frozen=False)
+            check_vocab(self.tokenizer, self.policy, hp.model, hp.tokenizer)
         if self._reference is None and any(r.needs_reference for r in self.regularizers):
             field = "model.reference_model" if hp.reference_model else "model.model"
             ref = self._load(field, hp.reference_model or hp.model, frozen=True)

@@ -141,6 +141,24 @@ def check_finite_weights(model: nn.Module, name_or_path: str) -> None:
                     )
 
 
+def check_vocab(tokenizer, model: nn.Module, model_spec: str, tokenizer_spec: str | None = None) -> None:
+    """ValueError unless every token id the tokenizer can produce has a row in the model's
+    embedding: a tokenizer of another model (or a model saved with a cut vocabulary) failed inside
+    the first rollout with a bare `IndexError: index out of range` (a device-side assert on CUDA).
+    A tokenizer shorter than the embedding is normal (Qwen pads its vocabulary)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    if rows is None or len(tokenizer) <= rows:
+        return
+    if tokenizer_spec:
+        raise ValueError(f"model.tokenizer={tokenizer_spec!r} has {len(tokenizer)} tokens, but the model of "
+                         f"model.model={model_spec!r} embeds only {rows}: use that model's own tokenizer "
+                         "(model.tokenizer: null)")
+    raise ValueError(f"model.model={model_spec!r}: its tokenizer has {len(tokenizer)} tokens, but its model "
+                     f"embeds only {rows} (vocab_size in its config.json): the folder's tokenizer and weights "
+                     "do not belong together")
+
+
 def empty_policy(name_or_path: str, *, dtype: str = "float32") -> nn.Module:
     """The architecture of `load_policy(name_or_path)` on the meta device: no weights are read
     and no memory is allocated (for sharded loading, see `lit_covrl.sharding.load_sharded`)."""

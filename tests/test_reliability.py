@@ -94,3 +94,24 @@ def test_an_overlong_prompt_in_a_data_file_fails_at_start_up(tiny_model_dir, tmp
     assert module.global_step == 0  # nothing ran
     ok = make_module(tiny_model_dir, rollout=dict(max_prompt_length=16, prompt_overflow="truncate_left"))
     fit(ok, PromptDataModule(task=None, train_files=[str(rows)], batch_size=2), steps=1, limit_val_batches=0)
+
+
+def test_a_tokenizer_with_ids_the_model_cannot_embed_fails_at_start_up(tiny_model_dir, tmp_path):
+    """A tokenizer of another model (here 26 more characters than the tiny model embeds) passed every
+    start-up check and failed inside the first rollout with a bare IndexError (on CUDA a device-side
+    assert). A model whose own folder holds a longer tokenizer is named the same way."""
+    import shutil
+
+    from lit_covrl.tokenizer import build_char_tokenizer
+
+    big = build_char_tokenizer("0123456789+-=abcdefghijklmnopqrstuvwxyz")
+    big.save_pretrained(tmp_path / "big_tok")
+    module = make_module(tiny_model_dir, tokenizer=str(tmp_path / "big_tok"))
+    with pytest.raises(ValueError, match=r"model.tokenizer='.*big_tok' has \d+ tokens, but the model of model.model=.* embeds only"):
+        fit(module, make_data(), steps=1, limit_val_batches=0)
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(tiny_model_dir, folder)
+    big.save_pretrained(folder)  # the folder's own tokenizer no longer matches its weights
+    with pytest.raises(ValueError, match=r"model.model='.*mixed': its tokenizer has \d+ tokens, but its model embeds only"):
+        fit(make_module(str(folder)), make_data(), steps=1, limit_val_batches=0)
