@@ -175,9 +175,12 @@ class RewardSet:
             if alias in named and not any(alias in row for row in columns):
                 rows = [{**row, alias: a} for row, a in zip(columns, answers)]
             if is_batched(fn):
+                if n:
+                    _check_call(fn, name, [((), _batch_kwargs(accepts[0], completions, answers, prompts, rows))], rows)
                 res = _score_batched(fn, accepts[0], completions, answers, prompts, rows, timeout_s)
             else:
                 kwargs = [_item_kwargs(*accepts, p, c) for p, c in zip(prompts, rows)]
+                _check_call(fn, name, [((c, a), kw) for c, a, kw in zip(completions, answers, kwargs)], rows)
                 res = score_completions(fn, completions, answers, timeout_s=timeout_s,
                                         kwargs=kwargs if any(kwargs) else None)
             per_name[name] = res.rewards
@@ -187,6 +190,27 @@ class RewardSet:
             failed.invalid += res.invalid
         failed.rewards = total
         return total, per_name, failed
+
+
+def _check_call(fn: Callable, name: str, calls: list[tuple[tuple, dict]], rows: list[dict]) -> None:
+    """TypeError now, naming the reward, if `fn` cannot take the arguments of any of its `calls`
+    (a wrong arity, or a required parameter that is no column of the data): contained per item,
+    such a reward scored every completion 0 for the whole run. Rows that alone lack a column are
+    left to the per-item containment."""
+    sig = _signature(fn)
+    if sig is None or not calls:
+        return
+    errors = []
+    for args, kwargs in calls:
+        try:
+            sig.bind(*args, **kwargs)
+            return
+        except TypeError as err:
+            errors.append(err)
+    form = "fn(completions=, answers=, prompts=, **columns)" if not calls[0][0] else "fn(completion, answer, **columns)"
+    columns = ", ".join(dict.fromkeys(k for row in rows for k in row)) or "none"
+    raise TypeError(f"model.reward {name!r} cannot be called as {form} ({errors[0]}); the data's columns: "
+                    f"{columns}") from None
 
 
 def _item_kwargs(accepts: set[str] | None, skip: set[str], prompt: Any, row: dict) -> dict:

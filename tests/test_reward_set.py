@@ -142,9 +142,10 @@ def test_answer_field_alias_yields_to_columns_and_passed_names():
     # a real column of that name wins (here: a nested answer field whose last name is a column)
     rs = RewardSet([seen_solution], answer_field="meta.solution")
     assert rs.score(["x"], ["1"], None, [{"solution": 7}], timeout_s=None)[0] == [7.0]
-    # without the answer field's name a TRL reward still fails, as before (counted, contained)
-    _, _, res = RewardSet([accuracy_reward]).score(["2"], ["2"], timeout_s=None)
-    assert res.errors == 1
+    # without the answer field's name a TRL reward cannot be called: said at once, naming the
+    # missing argument (it was contained per item, every completion scoring 0)
+    with pytest.raises(TypeError, match="'accuracy_reward' cannot be called .*'solution'"):
+        RewardSet([accuracy_reward]).score(["2"], ["2"], timeout_s=None)
 
     def prompts_are_prompts(completions, prompts):
         return [float(p == "q") for p in prompts]
@@ -187,3 +188,25 @@ def test_cli_takes_functions_and_unannotated_classes(value, kind, name, tmp_path
         assert isinstance(reward, kind) and reward.bonus == (5 if "init_args" in value else 2.0)
     if name:
         assert cli.model.rewards.names == [name]
+
+
+def test_a_reward_that_cannot_take_its_arguments_fails_naming_itself_and_the_columns():
+    """Wrong arity, or a required parameter the data has no column for: each call raised TypeError,
+    contained per item, so every completion scored 0 for the whole run and the run ended with rc 0."""
+    def one_arg(completion):
+        return 1.0
+
+    def needs_column(completion, answer, tolerance):
+        return 1.0
+
+    def batched_needs(completions, answers, level):
+        return [1.0] * len(completions)
+
+    rows = [{"foo": 1}, {"foo": 2}]
+    for fn, why in ((one_arg, "too many positional arguments"), (needs_column, "missing a required argument: 'tolerance'"),
+                    (batched_needs, "missing a required argument: 'level'")):
+        with pytest.raises(TypeError, match=rf"model.reward '{fn.__name__}' cannot be called as .*\({why}\); the data's columns: foo"):
+            RewardSet([fn]).score(["x", "y"], ["1", "2"], columns=rows)
+    # a column that only some rows lack stays an item-level fault: those items score 0, counted
+    totals, _, res = RewardSet([needs_column]).score(["x", "y"], ["1", "2"], columns=[{"tolerance": 0.1}, {}])
+    assert totals == [1.0, 0.0] and res.errors == 1
