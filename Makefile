@@ -31,6 +31,7 @@ test:
 # wheels for tools/gpu_check.sh on a GPU machine without internet (it has torch + transformers);
 # ./wheels is git-ignored, a few MB
 gpu-wheels:
+	rm -rf wheels  # one version of each: gpu_check.sh installs wheels/<name>-*.whl
 	$(PYTHON) -m pip download -q --no-deps -d wheels lightning lightning-utilities torchmetrics jsonargparse \
 		docstring-parser typeshed-client omegaconf pytest pluggy iniconfig pygments
 	$(PYTHON) -m pip wheel -q --no-deps -w wheels antlr4-python3-runtime==4.9.3

@@ -177,3 +177,19 @@ def test_every_function_the_step_profiler_times_still_exists():
 
     for owner, attr, _ in profile_lit.PATCHES:
         assert callable(getattr(profile_lit.resolve(owner), attr, None)), f"{owner}.{attr}"
+
+
+def test_bench_gpu_deadline_skips_runs_it_cannot_fit_and_every_entry_has_the_figures(tmp_path):
+    """The prepared GPU check has one device command (<= 600 s): its runs share --deadline-s, and a
+    run that cannot fit is listed as skipped, with the figures as null like a failed run's (a
+    failed run lacked them, so readers of the JSON met a KeyError)."""
+    import bench_gpu
+
+    out = tmp_path / "gpu.json"
+    res = bench_gpu.main(["--device", "cpu", "--runs", "tiny:kv_cache", "tiny:static_eager", "--deadline-s", "20",
+                          "--out", str(out)])
+    assert res == json.loads(out.read_text())
+    assert [r["name"] for r in res["configs"]] == ["tiny:kv_cache", "tiny:static_eager"]
+    for r in res["configs"]:
+        assert r["error"].startswith("skipped: ") and "--deadline-s 20" in r["error"]
+        assert all(r[k] is None for k in bench_gpu.FIGURES)

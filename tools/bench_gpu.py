@@ -329,6 +329,9 @@ def parse_args(argv=None):
                         "the H200 runs of docs/scaling.md used 16)")
     p.add_argument("--steps", type=int, default=3, help="RL steps per run (the first is warm-up)")
     p.add_argument("--run-timeout", type=float, default=240, help="seconds per run before it is killed")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="seconds for all runs together: each run gets at most what is left, and a run with "
+                        "under 30 s left is skipped (listed with an error), so a time limit outside loses nothing written")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here too (after every run)")
     p.add_argument("--profile", action="store_true",
                    help="profile the last RL step of every sampler run (torch.profiler; needs --steps >= 3)")
@@ -367,10 +370,16 @@ def main(argv=None) -> dict | None:
                "torch": torch.__version__, "transformers": transformers.__version__,
                "settings": {k: getattr(args, k) for k in ARGS[1:]},
                "matmul_bf16_tflops": matmul_tflops(args.device), "configs": []}
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         models, prompts = {}, write_prompts(Path(tmp) / "prompts.jsonl", args.prompts * (args.steps + 1), args.prompt_len)
         for run in args.runs:
             shape, _, conf = run.partition(":")
+            left = None if args.deadline_s is None else args.deadline_s - (time.perf_counter() - start)
+            if left is not None and left < 30:
+                _record(results, args.out, log, {"name": run, "shape": shape, "config": conf, "wall_s": 0.0,
+                                                 "error": f"skipped: {max(left, 0):.0f} s left of --deadline-s {args.deadline_s:g}"})
+                continue
             if shape not in models:
                 t0 = time.perf_counter()
                 models[shape] = build_model(Path(tmp) / shape, shape)
@@ -379,21 +388,34 @@ def main(argv=None) -> dict | None:
                    str(prompts), *sum(([f"--{k.replace('_', '-')}", str(getattr(args, k))] for k in ARGS), []),
                    *(["--profile"] if args.profile else [])]
             t0 = time.perf_counter()
+            timeout = args.run_timeout
+            if args.deadline_s is not None:
+                timeout = min(timeout, args.deadline_s - (time.perf_counter() - start))
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout,
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 res = json.loads(line[7:]) if line else {"error": proc.stderr[-3000:]}
             except subprocess.TimeoutExpired:
-                res = {"error": f"killed after --run-timeout {args.run_timeout} s"}
-            res = {"name": run, "shape": shape, "config": conf, "wall_s": round(time.perf_counter() - t0, 1), **res}
-            res.setdefault("sampler", conf)
-            print(json.dumps(res), file=log, flush=True)
-            results["configs"].append(res)
-            if args.out:
-                args.out.write_text(json.dumps(results, indent=1))
+                res = {"error": f"killed after {timeout:.0f} s (--run-timeout {args.run_timeout:g}, --deadline-s {args.deadline_s})"}
+            _record(results, args.out, log, {"name": run, "shape": shape, "config": conf,
+                                             "wall_s": round(time.perf_counter() - t0, 1), **res})
     print(json.dumps(results, indent=1))
     return results
+
+
+# every entry of `configs` has these; a run that failed or was skipped has them as null
+FIGURES = ("rollout_tok_s", "decode_ms_per_step", "update_tok_s", "update_mfu", "step_s", "peak_gib")
+
+
+def _record(results: dict, out: Path | None, log, res: dict) -> None:
+    res.setdefault("sampler", res["config"])
+    for key in FIGURES:
+        res.setdefault(key, None)
+    print(json.dumps(res), file=log, flush=True)
+    results["configs"].append(res)
+    if out:
+        out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
