@@ -340,3 +340,31 @@ def test_validation_samples_with_the_configured_sampler(tiny_model_dir):
     fit(module, make_data(), steps=2, val_check_interval=1)
     assert sampler.temperatures.count(0.8) == 2 and sampler.temperatures.count(1.0) >= 1
     assert len(sampler._slots) == 2  # one static cache per (bucket, temperature)
+
+
+def test_each_compiled_slot_gets_its_own_graph_past_dynamos_recompile_limit(monkeypatch):
+    """graphs="compile" (the CUDA default): every slot compiled the same lambda, so all shared
+    dynamo's 8 graphs per code object; from the 9th slot (here: the 9th temperature) decoding ran
+    eagerly with only a log line, while `captures` still counted. Run on the CPU with dynamo's eager
+    backend (the slot logic is the same; what inductor and CUDA graphs add is not under test)."""
+    from torch._dynamo.utils import counters
+
+    import lit_covrl.sampling.static_cache as sc
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, dynamic=None: compile_(fn, backend="eager", dynamic=dynamic))
+    monkeypatch.setattr(sc.StaticCacheSampler, "_mode", lambda self, model, device: "compile")
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    model = Qwen2ForCausalLM(cfg).eval()
+    ids = torch.randint(3, 30, (2, 4))
+    sampler, new_graphs = StaticCacheSampler(graphs="compile"), []
+    torch._dynamo.reset()
+    for i in range(10):
+        before = counters["stats"]["unique_graphs"]
+        sampler.sample(model, ids, torch.ones_like(ids), max_new_tokens=2, eos_token_id=1, pad_token_id=0,
+                       temperature=1.0 + 0.1 * i, generator=torch.Generator().manual_seed(0))
+        new_graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert new_graphs == [1] * 10 and sampler.captures == 10

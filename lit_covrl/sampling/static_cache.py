@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -325,8 +326,8 @@ class StaticCacheSampler(Sampler):
             return self._forward(model, slot, temperature, top_p)
         if mode == "compile":
             if slot.compiled is None:
-                slot.compiled = torch.compile(lambda: self._forward(model, slot, temperature, top_p),
-                                              mode="reduce-overhead", dynamic=False)
+                step = _own_code(lambda: self._forward(model, slot, temperature, top_p), self.captures)
+                slot.compiled = torch.compile(step, mode="reduce-overhead", dynamic=False)
                 self.captures += 1
             torch.compiler.cudagraph_mark_step_begin()
             return slot.compiled()
@@ -380,3 +381,12 @@ def _casting_update(layer):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _own_code(fn, k: int):
+    """`fn` with a code object of its own. Dynamo keeps compiled graphs per code object and allows
+    8 of them (`recompile_limit`): every slot compiling the same lambda shared that limit, and from
+    the 9th slot (another temperature, batch bucket or a grown cache) decoding ran eagerly, ~5x
+    slower, with only a log line."""
+    code = fn.__code__.replace(co_name=f"decode_step_{k}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
