@@ -183,13 +183,12 @@ class PromptDataModule(L.LightningDataModule):
         if hp.val_files:
             val = [ex for path in hp.val_files for ex in self.reader.read_file(path)]
         self._val_read = bool(hp.val_files) or (self.task is None and hp.hf_val_split is not None)
-        if self._train_rows is not None and not self._train_rows:
-            raise ValueError(f"no valid training rows in {hp.train_files or hp.hf_dataset} ({self.skipped_rows} skipped)")
         if hp.system_prompt is not None and self._train_rows is not None:
             self._train_rows = [self._with_system(ex) for ex in self._train_rows]
         self._val_examples = [self._with_system(ex) for ex in val]
         self._val_batches = _batched(self._val_examples, hp.val_batch_size)
         self._write_skipped()
+        self._check_rows_left()
         log.info(self.describe())
 
     def _with_system(self, ex: Example) -> Example:
@@ -355,9 +354,18 @@ class PromptDataModule(L.LightningDataModule):
         log.warning("skipped %d prompt(s) the tokenizer cannot represent (data.unencodable_prompts: skip)",
                     len(rejected))
         self._write_skipped()  # the listing in the run's folder includes them (every rank calls this)
+        self._check_rows_left()
+
+    def _check_rows_left(self) -> None:
+        """ValueError when a source was read and none of its rows is valid: training stops, and
+        held-out data given but all malformed ran a whole fit with no validation, exit 0."""
+        hp = self.hparams
         if self._train_rows is not None and not self._train_rows:
-            raise ValueError(f"no valid training rows in {self.hparams.train_files or self.hparams.hf_dataset} "
-                             f"({self.skipped_rows} skipped)")
+            raise ValueError(f"no valid training rows in {hp.train_files or hp.hf_dataset} ({self.skipped_rows} skipped)")
+        if self._val_read and not self._val_examples:
+            source = hp.val_files or f"{hp.hf_dataset}[{hp.hf_val_split}]"
+            raise ValueError(f"no valid held-out rows in {source} ({self.skipped_rows} rows skipped in all, "
+                             "the first ones warned above with their reasons)")
 
     def transfer_batch_to_device(self, batch: Any, device, dataloader_idx: int) -> Any:
         # prompt batches are strings: nothing to move (and no slow recursive walk over them)

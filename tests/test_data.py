@@ -245,6 +245,11 @@ def test_no_valid_rows_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / "e.jsonl", ['{"prompt": null, "answer": "a"}'])
     with pytest.raises(ValueError, match="no valid training rows"):
         PromptDataModule(task=None, train_files=[path]).setup("fit")
+    # held-out files given, every row malformed: a whole fit ran with no validation, exit 0
+    good = write_jsonl(tmp_path / "g.jsonl", rows(4))
+    for source in (dict(task=None, train_files=[good]), dict(task="arithmetic")):
+        with pytest.raises(ValueError, match=r"no valid held-out rows in \[.*e.jsonl'\] \(1 rows skipped in all"):
+            PromptDataModule(val_files=[path], **source).setup("fit")
 
 
 # ----------------------------------------------------------------------------- streams
