@@ -39,7 +39,7 @@ from lit_covrl.policy import check_vocab, load_tokenizer, resolve_dtype
 from lit_covrl.prompt_check import check_datamodule_prompts
 from lit_covrl.progress import fit_end_message
 from lit_covrl.prompts import uses_chat_template
-from lit_covrl.regularizers.base import Regularizer, check_stack
+from lit_covrl.regularizers.base import Regularizer, check_lookalikes, check_stack
 from lit_covrl.reward_set import RewardSet
 from lit_covrl.rewards import ExactMatchReward
 from lit_covrl.rollout_rng import RolloutRNG
@@ -236,6 +236,7 @@ class GRPOModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         cfg = self.settings
         check_strategy(self.trainer.strategy, cfg.system)
+        check_lookalikes(self.trainer.callbacks)
         check_stack(self.regularizers)
         dm, ro = getattr(self.trainer, "datamodule", None), cfg.rollout
         # rewards asking for the answers by the data's field name (TRL's `solution`) get them so

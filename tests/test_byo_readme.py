@@ -31,7 +31,7 @@ FITS = {next(a for a in cmd if a.startswith("examples/")).split("/")[-1]: cmd fo
 
 def test_the_section_lists_every_example_config():
     on_disk = {p.name for p in (ROOT / "examples" / "byo").glob("*.yaml")}
-    assert set(FITS) == on_disk == {"rewards.yaml", "data.yaml", "task.yaml", "chat.yaml"}
+    assert set(FITS) == on_disk == {"rewards.yaml", "data.yaml", "task.yaml", "chat.yaml", "regularizer.yaml"}
     assert [cmd[0] for cmd in COMMANDS].count("export") == 1
 
 
@@ -120,3 +120,12 @@ def test_chat_example_and_export(tmp_path, tiny_chat_model, monkeypatch):
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.vocab_size > 90
     assert AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template is not None
+
+
+def test_regularizer_example_anneals_its_coefficient_and_logs_under_its_name(tmp_path):
+    log_dir = run(FITS["regularizer.yaml"], tmp_path)
+    assert log_dir.name.startswith("sampled_token_penalty-")
+    tags = scalar_tags(tmp_path)
+    # linear from 0.02 to 0 over the whole run (2 steps): 0.02 at step 0, 0.01 at step 1
+    assert [round(v, 6) for _, v in tags["reg/sampled_token_penalty/coef"]] == [0.02, 0.01]
+    assert len(tags["reg/sampled_token_penalty/loss"]) == 2

@@ -9,7 +9,7 @@ import torch
 
 from lit_covrl.algorithms import aggregate, ppo_clipped_tokens, ppo_token_loss, token_entropy
 from lit_covrl.regularizers import ClipCov, EntropyBonus, KLCov, ReferenceKL, Schedule
-from lit_covrl.regularizers.base import MiniBatchContext
+from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
 from lit_covrl.types import PolicyBatch, TokenShaping
 
 
@@ -291,3 +291,41 @@ def test_selected_token_means_are_over_the_mini_batches_that_selected_some():
     reg.prepare(_ctx(logp, old, adv, mask, update=0))
     popped = reg.pop_metrics()  # nothing selected this step: no means of the selected tokens
     assert "reg/kl_cov/selected_frac" in popped and not {k for k in popped if "selected_" in k and "frac" not in k}
+
+
+def test_a_custom_regularizer_is_held_to_the_contract_at_once(tiny_model_dir):
+    """What a user writing their own control gets wrong, said before or at its first use: a
+    per-sequence [n] penalty (broadcast as token column j for sequence j when n == T: a wrong loss,
+    rc 0), a look-alike callback that is no Regularizer (ignored: the run was plain GRPO), a
+    subclass that skips super().__init__ (AttributeError: no attribute 'name')."""
+    from lightning.pytorch import Callback
+
+    from tests.helpers import fit
+    from tests.test_module import make_data, make_module
+
+    class PerSequence(Regularizer):
+        default_name = "per_sequence"
+
+        def shape(self, batch):
+            return TokenShaping(penalty=batch.logp.sum(-1) * 0.01)  # [n], not [n, T]
+
+    module = make_module(tiny_model_dir, rollout=dict(group_size=4, max_new_tokens=4), update=dict(mini_batch_size=1))
+    with pytest.raises(ValueError, match=r"'per_sequence' \(PerSequence.shape\) returned TokenShaping.penalty of shape \(4,\); every field is per token, \[n, T\] = \(4, 4\)"):
+        fit(module, make_data(), steps=1, callbacks=[PerSequence()], limit_val_batches=0)
+
+    class LookAlike(Callback):
+        def prepare(self, ctx):
+            pass
+
+        def shape(self, batch):
+            return TokenShaping()
+
+    with pytest.raises(ValueError, match="LookAlike has prepare\\(\\) and shape\\(\\) like a regularizer but does not subclass"):
+        fit(make_module(tiny_model_dir), make_data(), steps=1, callbacks=[LookAlike()], limit_val_batches=0)
+
+    class NoSuper(Regularizer):
+        def __init__(self, coef: float = 0.1) -> None:
+            self.coef = coef
+
+    with pytest.raises(ValueError, match="NoSuper.__init__ does not call super\\(\\).__init__"):
+        fit(make_module(tiny_model_dir), make_data(), steps=1, callbacks=[NoSuper()], limit_val_batches=0)

@@ -117,13 +117,20 @@ class Regularizer(Callback):
 
     @property
     def state_key(self) -> str:
-        return f"{type(self).__qualname__}[{self.name}]"
+        # default_name when __init__ skipped super(): Lightning reads this while handling check_stack's error
+        return f"{type(self).__qualname__}[{getattr(self, 'name', self.default_name)}]"
+
+    def _check_initialized(self) -> None:
+        if not hasattr(self, "_metrics"):
+            raise ValueError(f"{type(self).__name__}.__init__ does not call super().__init__(schedule, name): "
+                             "a Regularizer needs it (its name, schedule and metrics)")
 
     def scheduled(self, initial: float, step: int) -> float:
         return self.schedule.value(initial, step)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Resolve a whole-run schedule (``steps: null``) to trainer.max_steps before the fit starts."""
+        self._check_initialized()
         if stage == "fit":
             resolved = self.schedule.over(trainer.max_steps)
             self._run_length = resolved.steps if resolved is not self.schedule else None
@@ -211,6 +218,8 @@ def check_stack(regularizers: list[Regularizer]) -> None:
     """Start-up checks of the stacked regularizers: unique names, and at most one that shifts the
     advantage (each keeps |shift| < |A| on its own, so A never flips sign; two shifts add up and can
     flip it: two EntropyAdvantage with kappa 1.5 turn negative advantages positive)."""
+    for reg in regularizers:
+        reg._check_initialized()
     check_unique_names(regularizers)
     shifting = [r for r in regularizers if r.shifts_advantage]
     if len(shifting) > 1:
@@ -243,3 +252,13 @@ def check_scheduled_ratio(field_name: str, schedule: Schedule) -> None:
 def check_nonnegative(field_name: str, value: float) -> None:
     if value is None or value < 0:
         raise ValueError(f"{field_name} must be >= 0, got {value!r}")
+
+
+def check_lookalikes(callbacks: list) -> None:
+    """A callback with `prepare` and `shape` methods that is no `Regularizer` subclass is never
+    asked for them (the learner collects Regularizer instances): refuse it rather than train as if
+    it were not there."""
+    for cb in callbacks:
+        if not isinstance(cb, Regularizer) and callable(getattr(cb, "shape", None)) and callable(getattr(cb, "prepare", None)):
+            raise ValueError(f"trainer.callbacks: {type(cb).__name__} has prepare() and shape() like a regularizer but "
+                             "does not subclass lit_covrl.regularizers.Regularizer, so it would be ignored; subclass it")

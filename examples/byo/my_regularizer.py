@@ -1,0 +1,41 @@
+"""Your own regularizer: a callback subclassing `lit_covrl.regularizers.Regularizer`.
+
+SampledTokenPenalty adds coef * logp to every response token's loss: minimizing it lowers the
+probability of the tokens the policy sampled, a dense push towards exploration (a crude cousin
+of the entropy bonus, here to show the contract, not as a recommended method).
+
+The contract (lit_covrl/regularizers/base.py):
+- `__init__` calls `super().__init__(schedule, name)`; the constructor arguments kept under their
+  own names are what a resumed run compares;
+- `prepare(ctx)` (optional) sees the whole optimizer mini-batch, detached, on every rank: select
+  tokens there (`ctx.logp`, `ctx.advantages`, `ctx.mask`, ...), so that the result does not depend
+  on the micro-batch size;
+- `shape(batch)` returns a `TokenShaping` whose fields are all per token, [n, T] like
+  `batch.logp`: `weight` (multiplies the objective's token loss), `penalty` (added, with gradient)
+  and/or `advantage_shift` (detached, added to the advantage inside the objective);
+- flags ask the learner for more: `needs_entropy` (batch.entropy with grad), `needs_reference`,
+  `needs_current_logp` / `needs_current_entropy` (ctx.logp / ctx.entropy of the current policy);
+- `self.record(key, value)` logs the step's mean under reg/<name>/<key>.
+"""
+from __future__ import annotations
+
+from lit_covrl.regularizers import Regularizer, Schedule
+from lit_covrl.types import PolicyBatch, TokenShaping
+
+
+class SampledTokenPenalty(Regularizer):
+    default_name = "sampled_token_penalty"
+
+    def __init__(self, coef: float = 0.01, schedule: Schedule | None = None, name: str | None = None) -> None:
+        super().__init__(schedule, name)
+        if coef < 0:
+            raise ValueError(f"SampledTokenPenalty.coef must be >= 0, got {coef!r}")
+        self.coef = coef
+
+    def shape(self, batch: PolicyBatch) -> TokenShaping:
+        coef = self.scheduled(self.coef, self._step)
+        self.record("coef", coef)
+        return TokenShaping(penalty=coef * batch.logp * batch.mask)
+
+    def prepare(self, ctx) -> None:
+        self._step = ctx.step  # the RL step, for the schedule
