@@ -81,7 +81,8 @@ def check_moved_keys(args: list[str]) -> None:
 
 
 # keys typed `list[str] | None` (lit_covrl.settings.RolloutSettings, PromptDataModule)
-STRING_LIST_KEYS = ("model.rollout.stop", "data.train_files", "data.val_files")
+STOP = "model.rollout.stop"
+STRING_LIST_KEYS = (STOP, "data.train_files", "data.val_files")
 _NULLS = ("null", "Null", "NULL", "~")
 
 
@@ -93,10 +94,11 @@ def _flag_key(arg: str) -> str:
     return re.sub(r"\.init_args(?=\.)", "", arg.split("=", 1)[0][2:])
 
 
-def _one_string(value: str, append: bool) -> str:
+def _one_string(value: str, append: bool, stop: bool) -> str:
     """A string-list flag's value as jsonargparse should read it (see `one_string_lists`)."""
     if value.startswith("["):
-        _warn_bracketed(value)
+        if stop:  # a file list `[a.jsonl]` means what it says; a stop string may mean its brackets
+            _warn_bracketed(value)
         return value
     if not append and value in _NULLS:
         return value
@@ -136,9 +138,9 @@ def one_string_lists(args: list[str]) -> list[str]:
         arg, key = args[i], _flag_key(args[i])
         name, append = key.removesuffix("+"), key.endswith("+")
         if name in STRING_LIST_KEYS and "=" in arg:
-            out.append(f"{arg.split('=', 1)[0]}={_one_string(arg.split('=', 1)[1], append)}")
+            out.append(f"{arg.split('=', 1)[0]}={_one_string(arg.split('=', 1)[1], append, name == STOP)}")
         elif name in STRING_LIST_KEYS and i + 1 < len(args) and not args[i + 1].startswith("-"):
-            out += [arg, _one_string(args[i + 1], append)]
+            out += [arg, _one_string(args[i + 1], append, name == STOP)]
             i += 1
         else:
             out.append(arg)

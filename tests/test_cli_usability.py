@@ -299,6 +299,8 @@ def test_a_bracketed_stop_string_warns_how_to_keep_its_brackets(caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lit_covrl"):
         one_string_lists(["--model.rollout.stop+=[a, b]", '--model.rollout.stop=["[/INST]"]'])
+        # the README's own file-list form: a file name, not a stop string (it warned on every run)
+        one_string_lists(["--data.train_files", "[path/to/train.jsonl]", "--data.val_files=[v.jsonl]"])
     assert not caplog.records
 
 
