@@ -50,7 +50,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lit_covrl.rewards import ScoreResult, _log_failures, _safe_repr, _to_reward, score_completions
+from lit_covrl.rewards import ScoreResult, _log_failures, _safe_repr, _to_reward, abandon, score_completions
 
 __all__ = ["RewardSet", "reward_name", "is_batched"]
 
@@ -269,8 +269,10 @@ def _run(fn: Callable, kwargs: dict, timeout_s: float | None) -> tuple[str, Any]
     if timeout_s is None:
         return call()
     box: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=lambda: box.put(call()), name="lit_covrl-reward", daemon=True).start()
+    thread = threading.Thread(target=lambda: box.put(call()), name="lit_covrl-reward", daemon=True)
+    thread.start()
     try:
         return box.get(timeout=timeout_s)
     except queue.Empty:
+        abandon(thread, fn, timeout_s)
         return "timeout", f"no result within {timeout_s:g} s (thread abandoned)"

@@ -273,3 +273,28 @@ def test_process_exits_despite_hung_reward():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
     assert time.monotonic() - t0 < 20  # far less than the 60 s the reward would take
+
+
+def test_too_many_timed_out_calls_still_running_stop_the_run_naming_the_reward():
+    """A reward that hangs in Python code on wrong answers: each timed-out call's thread keeps running
+    (Python cannot stop it) and competes for the GIL; a review measured the update going 2 s -> 140 s
+    in 3 RL steps, with no word. Past rewards.MAX_STUCK_CALLS still-running calls it stops, naming
+    the reward; calls that end by themselves are not counted."""
+    import threading
+
+    release = threading.Event()
+
+    def spins_if_wrong(completion, answer):
+        while completion != answer and not release.is_set():
+            sum(range(100))  # busy in Python, holding the GIL in turns
+        return 1.0
+
+    try:
+        n = rewards.MAX_STUCK_CALLS + 1
+        with pytest.raises(RuntimeError, match=r"reward spins_if_wrong: 9 calls that outlived model.reward_timeout_s=0.02"):
+            rewards.score_completions(spins_if_wrong, ["x"] * n, ["y"] * n, timeout_s=0.02)
+    finally:
+        release.set()  # let the abandoned threads finish
+    time.sleep(0.2)
+    # finished threads no longer count: the same number of short timeouts is fine now
+    assert rewards.score_completions(lambda c, a: time.sleep(0.05) or 1.0, ["x"] * 3, ["x"] * 3, timeout_s=0.01).timeouts == 3
