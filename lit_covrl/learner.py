@@ -195,7 +195,7 @@ class Learner:
 
         Returns (loss, shapings, base). Departures from the reference code: README, "Where we
         differ from the reference code"."""
-        shapings = [_checked(reg, reg.shape(b), b.logp.shape) for reg in self.regularizers]
+        shapings = [TokenShaping.checked(reg.shape(b), b.logp.shape, reg) for reg in self.regularizers]
         base = self.objective.token_loss(b.logp, b.old_logp, TokenShaping.shifted_advantages(shapings, b.advantages), b.mask)
         return aggregate(TokenShaping.combine(shapings, base), b.mask, **agg), shapings, base
 
@@ -367,18 +367,6 @@ class Learner:
                 f"stop, in the middle of RL step {self.step}, is saved for inspection to {path}. "
                 "Lower the learning rate or check the reward and data."
             )
-
-
-def _checked(reg: Regularizer, shaping: TokenShaping, shape: torch.Size) -> TokenShaping:
-    """`shaping`, once every field it sets is [n, T] like the micro-batch's log-probs: broadcasting
-    let a per-sequence [n] penalty add sequence j's value to token column j when n == T (and fail
-    with a bare size error otherwise)."""
-    for field in ("weight", "penalty", "advantage_shift"):
-        value = getattr(shaping, field)
-        if value is not None and value.shape != shape:
-            raise ValueError(f"regularizer {reg.name!r} ({type(reg).__name__}.shape) returned TokenShaping.{field} of "
-                             f"shape {tuple(value.shape)}; every field is per token, [n, T] = {tuple(shape)}")
-    return shaping
 
 
 def _pad_columns(x: Tensor, T: int) -> Tensor:

@@ -119,6 +119,21 @@ class TokenShaping:
     advantage_shift: Tensor | None = None
 
     @staticmethod
+    def checked(shaping: Any, shape: torch.Size, owner: Any) -> "TokenShaping":
+        """`shaping` as returned by `owner.shape(batch)`, once it is a TokenShaping whose fields are
+        all [n, T] (`shape`, the log-probs'); else a ValueError naming the regularizer. Broadcasting
+        let a per-sequence [n] penalty add sequence j's value to token column j when n == T."""
+        who = f"regularizer {getattr(owner, 'name', owner)!r} ({type(owner).__name__}.shape)"
+        if not isinstance(shaping, TokenShaping):
+            raise ValueError(f"{who} returned {type(shaping).__name__}, not a TokenShaping (TokenShaping() for none)")
+        for name in ("weight", "penalty", "advantage_shift"):
+            value = getattr(shaping, name)
+            if value is not None and value.shape != shape:
+                raise ValueError(f"{who} returned TokenShaping.{name} of shape {tuple(value.shape)}; every field is "
+                                 f"per token, [n, T] = {tuple(shape)}")
+        return shaping
+
+    @staticmethod
     def shifted_advantages(shapings: list["TokenShaping"], advantages: Tensor) -> Tensor:
         """advantages + the sum of every regularizer's (detached) advantage shift."""
         out = advantages

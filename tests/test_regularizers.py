@@ -313,6 +313,13 @@ def test_a_custom_regularizer_is_held_to_the_contract_at_once(tiny_model_dir):
     with pytest.raises(ValueError, match=r"'per_sequence' \(PerSequence.shape\) returned TokenShaping.penalty of shape \(4,\); every field is per token, \[n, T\] = \(4, 4\)"):
         fit(module, make_data(), steps=1, callbacks=[PerSequence()], limit_val_batches=0)
 
+    class ForgetsToReturn(Regularizer):
+        def shape(self, batch):
+            TokenShaping(penalty=batch.logp * 0.0)
+
+    with pytest.raises(ValueError, match=r"'regularizer' \(ForgetsToReturn.shape\) returned NoneType, not a TokenShaping"):
+        fit(make_module(tiny_model_dir), make_data(), steps=1, callbacks=[ForgetsToReturn()], limit_val_batches=0)
+
     class LookAlike(Callback):
         def prepare(self, ctx):
             pass
