@@ -252,6 +252,10 @@ class GRPOModule(L.LightningModule):
         if hasattr(dm, "known_prompts"):
             check_datamodule_prompts(self.tokenizer, dm, chat_template=ro.chat_template,
                                      max_prompt_length=ro.max_prompt_length if ro.prompt_overflow == "error" else None)
+        # a reward that cannot take what the data gives it fails now, not at the first rollout
+        rows = (dm.known_examples() if hasattr(dm, "known_examples") else [])[:64] or \
+            (dm.task_sample() if hasattr(dm, "task_sample") else [])[:64]
+        self.rewards.check_calls([ex.answer for ex in rows], [ex.prompt for ex in rows], [ex.columns for ex in rows])
         self.rollout_rng.place(self.device, self.global_rank)
 
     @property

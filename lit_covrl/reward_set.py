@@ -153,6 +153,33 @@ class RewardSet:
         name = self.answer_field.rsplit(".", 1)[-1] if self.answer_field else None
         return name if name and name not in PASSED else None
 
+    def _rows(self, answers: list[str], columns: list[dict]) -> list[list[dict]]:
+        """Each reward's column rows: with the answers under the answer field's name for a reward
+        that asks for them (`_answer_alias`), unless a column has that name."""
+        alias = self._answer_alias()
+        out = []
+        for named in self._named:
+            ask = alias in named and not any(alias in row for row in columns)
+            out.append([{**row, alias: a} for row, a in zip(columns, answers)] if ask else columns)
+        return out
+
+    def check_calls(self, answers: list[str], prompts: list[Any], columns: list[dict] | None = None,
+                    completions: list[str] | None = None) -> None:
+        """TypeError naming a reward that cannot take the arguments `score` would give it for every
+        one of these rows (completions "" unless given): called by the module at start-up on rows
+        of the data, and by `score` itself."""
+        n = len(answers)
+        if not n:
+            return
+        completions = completions if completions is not None else [""] * n
+        columns = columns if columns else [{} for _ in range(n)]
+        for fn, accepts, name, rows in zip(self.rewards, self._accepts, self.names, self._rows(answers, columns)):
+            if is_batched(fn):
+                _check_call(fn, name, [((), _batch_kwargs(accepts[0], completions, answers, prompts, rows))], rows)
+            else:
+                kwargs = [_item_kwargs(*accepts, p, c) for p, c in zip(prompts, rows)]
+                _check_call(fn, name, [((c, a), kw) for c, a, kw in zip(completions, answers, kwargs)], rows)
+
     def score(
         self,
         completions: list[str],
@@ -169,18 +196,13 @@ class RewardSet:
         total = [0.0] * n
         per_name: dict[str, list[float]] = {}
         failed = ScoreResult(rewards=[])
-        alias = self._answer_alias()
-        for fn, w, name, accepts, named in zip(self.rewards, self.weights, self.names, self._accepts, self._named):
-            rows = columns
-            if alias in named and not any(alias in row for row in columns):
-                rows = [{**row, alias: a} for row, a in zip(columns, answers)]
+        self.check_calls(answers, prompts, columns, completions)
+        for fn, w, accepts, name, rows in zip(self.rewards, self.weights, self._accepts, self.names,
+                                              self._rows(answers, columns)):
             if is_batched(fn):
-                if n:
-                    _check_call(fn, name, [((), _batch_kwargs(accepts[0], completions, answers, prompts, rows))], rows)
                 res = _score_batched(fn, accepts[0], completions, answers, prompts, rows, timeout_s)
             else:
                 kwargs = [_item_kwargs(*accepts, p, c) for p, c in zip(prompts, rows)]
-                _check_call(fn, name, [((c, a), kw) for c, a, kw in zip(completions, answers, kwargs)], rows)
                 res = score_completions(fn, completions, answers, timeout_s=timeout_s,
                                         kwargs=kwargs if any(kwargs) else None)
             per_name[name] = res.rewards

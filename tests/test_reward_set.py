@@ -210,3 +210,25 @@ def test_a_reward_that_cannot_take_its_arguments_fails_naming_itself_and_the_col
     # a column that only some rows lack stays an item-level fault: those items score 0, counted
     totals, _, res = RewardSet([needs_column]).score(["x", "y"], ["1", "2"], columns=[{"tolerance": 0.1}, {}])
     assert totals == [1.0, 0.0] and res.errors == 1
+
+
+def test_a_reward_that_cannot_take_the_datas_arguments_fails_at_start_up(tiny_model_dir, tmp_path):
+    """Checked on rows of the data in the module's setup, before any rollout (a file's rows, or a
+    synthetic task's held-out sample)."""
+    import json
+
+    from lit_covrl.data import PromptDataModule
+    from tests.helpers import fit
+    from tests.test_module import make_module
+
+    def needs_tolerance(completion, answer, tolerance):
+        return 1.0
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1), "level": i}) + "\n" for i in range(4)))
+    for data in (PromptDataModule(task=None, train_files=[str(path)], batch_size=2),
+                 PromptDataModule(task="arithmetic", batch_size=2, val_size=4)):
+        module = make_module(tiny_model_dir, reward=needs_tolerance)
+        module.generate = None  # a rollout would fail with another error: none may happen
+        with pytest.raises(TypeError, match="'needs_tolerance' cannot be called .*'tolerance'"):
+            fit(module, data, steps=1, limit_val_batches=0)
