@@ -164,10 +164,10 @@ class RewardSet:
         return out
 
     def check_calls(self, answers: list[str], prompts: list[Any], columns: list[dict] | None = None,
-                    completions: list[str] | None = None) -> None:
-        """TypeError naming a reward that cannot take the arguments `score` would give it for every
-        one of these rows (completions "" unless given): called by the module at start-up on rows
-        of the data, and by `score` itself."""
+                    completions: list[str] | None = None, *, strict: bool = True) -> None:
+        """TypeError naming a reward that cannot take the arguments `score` would give it for any
+        of these rows (completions "" unless given): called by the module at start-up on rows of the
+        data (strict), and by `score` on each batch (a wrong arity only, see `_check_call`)."""
         n = len(answers)
         if not n:
             return
@@ -175,10 +175,10 @@ class RewardSet:
         columns = columns if columns else [{} for _ in range(n)]
         for fn, accepts, name, rows in zip(self.rewards, self._accepts, self.names, self._rows(answers, columns)):
             if is_batched(fn):
-                _check_call(fn, name, [((), _batch_kwargs(accepts[0], completions, answers, prompts, rows))], rows)
+                _check_call(fn, name, [((), _batch_kwargs(accepts[0], completions, answers, prompts, rows))], rows, strict)
             else:
                 kwargs = [_item_kwargs(*accepts, p, c) for p, c in zip(prompts, rows)]
-                _check_call(fn, name, [((c, a), kw) for c, a, kw in zip(completions, answers, kwargs)], rows)
+                _check_call(fn, name, [((c, a), kw) for c, a, kw in zip(completions, answers, kwargs)], rows, strict)
 
     def score(
         self,
@@ -196,7 +196,7 @@ class RewardSet:
         total = [0.0] * n
         per_name: dict[str, list[float]] = {}
         failed = ScoreResult(rewards=[])
-        self.check_calls(answers, prompts, columns, completions)
+        self.check_calls(answers, prompts, columns, completions, strict=False)
         for fn, w, accepts, name, rows in zip(self.rewards, self.weights, self._accepts, self.names,
                                               self._rows(answers, columns)):
             if is_batched(fn):
@@ -214,16 +214,25 @@ class RewardSet:
         return total, per_name, failed
 
 
-def _check_call(fn: Callable, name: str, calls: list[tuple[tuple, dict]], rows: list[dict]) -> None:
-    """TypeError now, naming the reward, if `fn` cannot take the arguments of any of its `calls`
-    (a wrong arity, or a required parameter that is no column of the data): contained per item,
-    such a reward scored every completion 0 for the whole run. Rows that alone lack a column are
-    left to the per-item containment."""
-    sig = _signature(fn)
-    if sig is None or not calls:
+def _check_call(fn: Callable, name: str, calls: list[tuple[tuple, dict]], rows: list[dict], strict: bool) -> None:
+    """TypeError now, naming the reward, if `fn` cannot take the arguments of any of its `calls`:
+    contained per item, such a reward scored every completion 0 for the whole run. `strict`
+    (start-up, on rows of the data): a required parameter no row's column fills counts too;
+    otherwise (each scored batch) only what no data could mend, a wrong arity: a batch whose rows
+    happen to lack a column stays an item-level fault. The signature bound is the callable's own
+    (not that of a function it wraps with functools.wraps)."""
+    try:
+        sig = inspect.signature(fn, follow_wrapped=False)
+    except (TypeError, ValueError):  # builtins without a signature
+        return
+    if not calls:
         return
     errors = []
     for args, kwargs in calls:
+        if not strict:  # what columns could fill: every required keyword the call lacks
+            kwargs = {**{p.name: None for p in sig.parameters.values() if p.default is p.empty
+                         and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in kwargs}, **kwargs}
+            kwargs = {k: v for k, v in kwargs.items() if k not in _positional_names(sig, len(args))}
         try:
             sig.bind(*args, **kwargs)
             return
@@ -233,6 +242,12 @@ def _check_call(fn: Callable, name: str, calls: list[tuple[tuple, dict]], rows: 
     columns = ", ".join(dict.fromkeys(k for row in rows for k in row)) or "none"
     raise TypeError(f"model.reward {name!r} cannot be called as {form} ({errors[0]}); the data's columns: "
                     f"{columns}") from None
+
+
+def _positional_names(sig: inspect.Signature, n: int) -> set[str]:
+    """The names of the parameters that `n` positional arguments fill."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {p.name for p in list(sig.parameters.values())[:n] if p.kind in kinds}
 
 
 def _item_kwargs(accepts: set[str] | None, skip: set[str], prompt: Any, row: dict) -> dict:

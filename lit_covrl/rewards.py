@@ -215,24 +215,27 @@ class _Worker:
 # Abandoned reward calls still running: each competes for the GIL, so a reward that hangs in
 # Python code on many items starves training (measured: an update 2 s -> 140 s after 3 steps).
 MAX_STUCK_CALLS = 8
-_stuck: list[threading.Thread] = []
+_stuck: list[tuple[threading.Thread, str]] = []  # (thread, reward name), process-wide: all share the GIL
 _stuck_lock = threading.Lock()
 
 
 def abandon(thread: threading.Thread, fn: Any, timeout_s: float) -> None:
-    """Count a timed-out call's thread; RuntimeError, naming the reward, once more than
-    MAX_STUCK_CALLS of them are still running (Python cannot stop them)."""
+    """Count a timed-out call's thread; RuntimeError, naming the rewards they belong to, once more
+    than MAX_STUCK_CALLS of them are still running (Python cannot stop them)."""
     with _stuck_lock:
-        _stuck[:] = [t for t in _stuck if t.is_alive()]
+        _stuck[:] = [(t, n) for t, n in _stuck if t.is_alive()]
         if thread.is_alive():
-            _stuck.append(thread)
-        n = len(_stuck)
-    if n > MAX_STUCK_CALLS:
-        name = getattr(fn, "__name__", type(fn).__name__)
+            _stuck.append((thread, getattr(fn, "__name__", type(fn).__name__)))
+        by_reward: dict[str, int] = {}
+        for _, name in _stuck:
+            by_reward[name] = by_reward.get(name, 0) + 1
+    if sum(by_reward.values()) > MAX_STUCK_CALLS:
+        which = ", ".join(f"{name} ({k})" for name, k in sorted(by_reward.items(), key=lambda kv: -kv[1]))
         raise RuntimeError(
-            f"reward {name}: {n} calls that outlived model.reward_timeout_s={timeout_s:g} are still running in the "
-            f"background (Python cannot stop a thread) and slow training down more with every step; the run "
-            "is stopped. Fix the reward where it hangs, or raise model.reward_timeout_s if it is only slow")
+            f"{sum(by_reward.values())} reward calls that outlived model.reward_timeout_s={timeout_s:g} are still "
+            f"running in the background (Python cannot stop a thread), by reward: {which}; they slow training "
+            "down more with every step, so the run is stopped. Fix the reward where it hangs, or raise "
+            "model.reward_timeout_s if it is only slow")
 
 
 def _score_threaded(

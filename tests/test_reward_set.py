@@ -142,10 +142,12 @@ def test_answer_field_alias_yields_to_columns_and_passed_names():
     # a real column of that name wins (here: a nested answer field whose last name is a column)
     rs = RewardSet([seen_solution], answer_field="meta.solution")
     assert rs.score(["x"], ["1"], None, [{"solution": 7}], timeout_s=None)[0] == [7.0]
-    # without the answer field's name a TRL reward cannot be called: said at once, naming the
-    # missing argument (it was contained per item, every completion scoring 0)
+    # without the answer field's name a TRL reward cannot be called: the start-up check on rows of
+    # the data says so, naming the argument; a batch scored anyway keeps it an item-level fault
     with pytest.raises(TypeError, match="'accuracy_reward' cannot be called .*'solution'"):
-        RewardSet([accuracy_reward]).score(["2"], ["2"], timeout_s=None)
+        RewardSet([accuracy_reward]).check_calls(["2"], ["p"])
+    _, _, res = RewardSet([accuracy_reward]).score(["2"], ["2"], timeout_s=None)
+    assert res.errors == 1
 
     def prompts_are_prompts(completions, prompts):
         return [float(p == "q") for p in prompts]
@@ -206,10 +208,31 @@ def test_a_reward_that_cannot_take_its_arguments_fails_naming_itself_and_the_col
     for fn, why in ((one_arg, "too many positional arguments"), (needs_column, "missing a required argument: 'tolerance'"),
                     (batched_needs, "missing a required argument: 'level'")):
         with pytest.raises(TypeError, match=rf"model.reward '{fn.__name__}' cannot be called as .*\({why}\); the data's columns: foo"):
-            RewardSet([fn]).score(["x", "y"], ["1", "2"], columns=rows)
-    # a column that only some rows lack stays an item-level fault: those items score 0, counted
-    totals, _, res = RewardSet([needs_column]).score(["x", "y"], ["1", "2"], columns=[{"tolerance": 0.1}, {}])
-    assert totals == [1.0, 0.0] and res.errors == 1
+            RewardSet([fn]).check_calls(["1", "2"], ["p", "q"], rows)  # at start-up, on rows of the data
+    # while scoring, only what no column could mend (the arity) stops the run
+    with pytest.raises(TypeError, match="'one_arg' cannot be called .*too many positional arguments"):
+        RewardSet([one_arg]).score(["x", "y"], ["1", "2"], columns=rows)
+    # a batch whose rows lack a column (others have it) stays an item-level fault: scored 0, counted
+    totals, _, res = RewardSet([needs_column]).score(["x", "y"], ["1", "2"], columns=[{}, {}])
+    assert totals == [0.0, 0.0] and res.errors == 2
+    # a column that only some rows lack passes the start-up check
+    RewardSet([needs_column]).check_calls(["1", "2"], ["p", "q"], [{"tolerance": 0.1}, {}])
+
+    # the callable's own signature: a functools.wraps decorator that supplies an argument works
+    import functools
+
+    def supplies_scale(f):
+        @functools.wraps(f)
+        def wrapper(completion, answer):
+            return f(completion, answer, scale=2.0)
+        return wrapper
+
+    @supplies_scale
+    def scaled(completion, answer, scale):
+        return scale * float(completion == answer)
+
+    RewardSet([scaled]).check_calls(["1"], ["p"])
+    assert RewardSet([scaled]).score(["1", "x"], ["1", "1"], timeout_s=None)[0] == [2.0, 0.0]
 
 
 def test_a_reward_that_cannot_take_the_datas_arguments_fails_at_start_up(tiny_model_dir, tmp_path):

@@ -291,7 +291,7 @@ def test_too_many_timed_out_calls_still_running_stop_the_run_naming_the_reward()
 
     try:
         n = rewards.MAX_STUCK_CALLS + 1
-        with pytest.raises(RuntimeError, match=r"reward spins_if_wrong: 9 calls that outlived model.reward_timeout_s=0.02"):
+        with pytest.raises(RuntimeError, match=r"9 reward calls that outlived model.reward_timeout_s=0.02 .* by reward: spins_if_wrong \(9\)"):
             rewards.score_completions(spins_if_wrong, ["x"] * n, ["y"] * n, timeout_s=0.02)
     finally:
         release.set()  # let the abandoned threads finish
