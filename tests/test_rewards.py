@@ -275,13 +275,14 @@ def test_process_exits_despite_hung_reward():
     assert time.monotonic() - t0 < 20  # far less than the 60 s the reward would take
 
 
-def test_too_many_timed_out_calls_still_running_stop_the_run_naming_the_reward():
+def test_too_many_timed_out_calls_still_running_stop_the_run_naming_the_reward(monkeypatch):
     """A reward that hangs in Python code on wrong answers: each timed-out call's thread keeps running
     (Python cannot stop it) and competes for the GIL; a review measured the update going 2 s -> 140 s
     in 3 RL steps, with no word. Past rewards.MAX_STUCK_CALLS still-running calls it stops, naming
     the reward; calls that end by themselves are not counted."""
     import threading
 
+    monkeypatch.setattr(rewards, "_stuck", [])  # not the calls other tests left running (they count in a run)
     release = threading.Event()
 
     def spins_if_wrong(completion, answer):
