@@ -140,18 +140,33 @@ def resume_differences(checkpoint: dict[str, Any], module: Any, trainer: Any) ->
     """Everything the run being started changes relative to the checkpoint's run."""
     saved_settings = settings_of(checkpoint.get("hyper_parameters", {}), "model")
     now_settings = settings_of(module.hparams, "model")
+    defaults = _defaults(module, "model")
     dm = getattr(trainer, "datamodule", None)
     if "datamodule_hyper_parameters" in checkpoint and dm is not None:
         saved_settings.update(settings_of(checkpoint["datamodule_hyper_parameters"], "data"))
         now_settings.update(settings_of(getattr(dm, "hparams", {}), "data"))
+        defaults.update(_defaults(dm, "data"))
     # every setting is saved: one the checkpoint lacks is newer than the code that wrote it, and
-    # that run behaved as its default does (not a change made for this resume)
-    now_settings = {k: v for k, v in now_settings.items() if k in saved_settings}
+    # that run behaved as its default does: compared with the default (unknown: left out)
+    for key in [k for k in now_settings if k not in saved_settings]:
+        if key in defaults:
+            saved_settings[key] = defaults[key]
+        else:
+            del now_settings[key]
     if CKPT_KEY not in checkpoint:  # a checkpoint from before this check: compare settings only
         return differences(saved_settings, now_settings)
     saved = {**_flat_components(checkpoint[CKPT_KEY]), **saved_settings}
     now = {**_flat_components(run_components(module, trainer)), **now_settings}
     return differences(saved, now)
+
+
+def _defaults(obj: Any, group: str) -> dict[str, Any]:
+    """The constructor defaults of `obj`'s class, flattened like its saved settings."""
+    try:
+        params = inspect.signature(type(obj).__init__).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return settings_of({p.name: p.default for p in params if p.name != "self" and p.default is not p.empty}, group)
 
 
 def _flat_components(components: dict[str, Any]) -> dict[str, Any]:

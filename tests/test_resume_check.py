@@ -154,3 +154,6 @@ def test_a_setting_newer_than_the_checkpoint_is_not_called_a_change(tiny_model_d
     assert "differ from the checkpoint" not in _resume(tiny_model_dir, tmp_path, ckpt, caplog)
     text = _resume(tiny_model_dir, tmp_path, ckpt, caplog, rollout=dict(group_size=2))
     assert "model.rollout.group_size: 4 -> 2" in text and "sampling_batch_size" not in text
+    # set to other than its default now: that is a change from how the old run behaved
+    text = _resume(tiny_model_dir, tmp_path, ckpt, caplog, rollout=dict(sampling_batch_size=8))
+    assert "model.rollout.sampling_batch_size: None -> 8" in text
