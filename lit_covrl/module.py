@@ -244,7 +244,9 @@ class GRPOModule(L.LightningModule):
         check_fit_plan(ro, cfg.update, prompts_per_step=self._prompts_per_step(), datamodule=dm, stage=stage)
         if stage == "fit":
             t = self.trainer
-            if warning := check_run_length(t.max_steps, t.val_check_interval, t.limit_val_batches,
+            # a time-based interval (a timedelta or dict) leaves no `val_check_interval` on the trainer
+            interval = getattr(t, "val_check_interval", None) if getattr(t, "_val_check_time_interval", None) is None else 1
+            if warning := check_run_length(t.max_steps, interval, t.limit_val_batches,
                                            bool(getattr(dm, "has_validation", False))):
                 rank_zero_warn(warning)
         if ro.chat_template:  # a missing template is known now, whatever prompts the data has in advance

@@ -568,3 +568,14 @@ def test_a_fit_samples_in_batches(tiny_model_dir, tmp_path):
     fit(module, make_data(), steps=2, log_dir=tmp_path)
     tags = scalar_tags(tmp_path)
     assert len(tags["policy/entropy"]) == 2 and all(v == v for _, v in tags["policy/loss"])
+
+
+def test_a_time_based_validation_interval_is_accepted(tiny_model_dir):
+    """`trainer.val_check_interval` as a timedelta (Lightning validates every so much time): the
+    run-length check read `trainer.val_check_interval`, which such a trainer lacks (AttributeError)."""
+    from datetime import timedelta
+
+    from tests.helpers import fit
+
+    trainer = fit(make_module(tiny_model_dir), make_data(), steps=2, val_check_interval=timedelta(hours=1))
+    assert trainer.global_step == 2
