@@ -163,22 +163,25 @@ class RewardSet:
             out.append([{**row, alias: a} for row, a in zip(columns, answers)] if ask else columns)
         return out
 
-    def check_calls(self, answers: list[str], prompts: list[Any], columns: list[dict] | None = None,
-                    completions: list[str] | None = None, *, strict: bool = True) -> None:
-        """TypeError naming a reward that cannot take the arguments `score` would give it for any
-        of these rows (completions "" unless given): called by the module at start-up on rows of the
-        data (strict), and by `score` on each batch (a wrong arity only, see `_check_call`)."""
-        n = len(answers)
-        if not n:
-            return
-        completions = completions if completions is not None else [""] * n
-        columns = columns if columns else [{} for _ in range(n)]
+    def _calls(self, completions: list[str], answers: list[str], prompts: list[Any],
+               columns: list[dict]) -> list[tuple[Callable, str, list[dict], Any]]:
+        """Per reward: (fn, name, its column rows, its keyword arguments: one dict per item, or the
+        batched call's one dict), built once for the check and the scoring."""
+        out = []
         for fn, accepts, name, rows in zip(self.rewards, self._accepts, self.names, self._rows(answers, columns)):
-            if is_batched(fn):
-                _check_call(fn, name, [((), _batch_kwargs(accepts[0], completions, answers, prompts, rows))], rows, strict)
-            else:
-                kwargs = [_item_kwargs(*accepts, p, c) for p, c in zip(prompts, rows)]
-                _check_call(fn, name, [((c, a), kw) for c, a, kw in zip(completions, answers, kwargs)], rows, strict)
+            kwargs = (_batch_kwargs(accepts[0], completions, answers, prompts, rows) if is_batched(fn)
+                      else [_item_kwargs(*accepts, p, c) for p, c in zip(prompts, rows)])
+            out.append((fn, name, rows, kwargs))
+        return out
+
+    def check_calls(self, answers: list[str], prompts: list[Any], columns: list[dict] | None = None) -> None:
+        """TypeError naming a reward that cannot take the arguments `score` would give it for any
+        of these rows of the data (strict: a required parameter no row's column fills counts):
+        the module calls it at start-up. `score` checks each batch for a wrong arity only."""
+        n = len(answers)
+        if n:
+            calls = self._calls([""] * n, answers, prompts, columns if columns else [{} for _ in range(n)])
+            _check_calls(calls, [""] * n, answers, strict=True)
 
     def score(
         self,
@@ -196,13 +199,12 @@ class RewardSet:
         total = [0.0] * n
         per_name: dict[str, list[float]] = {}
         failed = ScoreResult(rewards=[])
-        self.check_calls(answers, prompts, columns, completions, strict=False)
-        for fn, w, accepts, name, rows in zip(self.rewards, self.weights, self._accepts, self.names,
-                                              self._rows(answers, columns)):
+        calls = self._calls(completions, answers, prompts, columns)
+        _check_calls(calls, completions, answers, strict=False)
+        for (fn, name, _, kwargs), w in zip(calls, self.weights):
             if is_batched(fn):
-                res = _score_batched(fn, accepts[0], completions, answers, prompts, rows, timeout_s)
+                res = _score_batched(fn, kwargs, n, timeout_s)
             else:
-                kwargs = [_item_kwargs(*accepts, p, c) for p, c in zip(prompts, rows)]
                 res = score_completions(fn, completions, answers, timeout_s=timeout_s,
                                         kwargs=kwargs if any(kwargs) else None)
             per_name[name] = res.rewards
@@ -212,6 +214,15 @@ class RewardSet:
             failed.invalid += res.invalid
         failed.rewards = total
         return total, per_name, failed
+
+
+def _check_calls(calls: list, completions: list[str], answers: list[str], strict: bool) -> None:
+    """`_check_call` of every reward of `RewardSet._calls`."""
+    for fn, name, rows, kwargs in calls:
+        if is_batched(fn):
+            _check_call(fn, name, [((), kwargs)], rows, strict)
+        elif answers:
+            _check_call(fn, name, [((c, a), kw) for c, a, kw in zip(completions, answers, kwargs)], rows, strict)
 
 
 def _check_call(fn: Callable, name: str, calls: list[tuple[tuple, dict]], rows: list[dict], strict: bool) -> None:
@@ -264,9 +275,7 @@ def _batch_kwargs(accepts: set[str] | None, completions, answers, prompts, colum
     return kw if accepts is None else {k: v for k, v in kw.items() if k in accepts}
 
 
-def _score_batched(fn, accepts, completions, answers, prompts, columns, timeout_s) -> ScoreResult:
-    n = len(completions)
-    kwargs = _batch_kwargs(accepts, completions, answers, prompts, columns)
+def _score_batched(fn, kwargs: dict, n: int, timeout_s) -> ScoreResult:
     status, value = _run(fn, kwargs, None if timeout_s is None else timeout_s * max(n, 1))
     if status == "ok":
         try:
