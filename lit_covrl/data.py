@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lit_covrl.rows import MAX_ROW_WARNINGS
 from lit_covrl.sources import RowReader, check_sources, task_heldout
+from lit_covrl.tasks.base import Task
 from lit_covrl.types import Example, PromptBatch
 
 __all__ = ["PromptDataModule"]
@@ -116,7 +117,7 @@ class PromptDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        task: Any = "arithmetic",
+        task: str | Task | None = "arithmetic",
         task_kwargs: dict[str, Any] | None = None,
         train_files: list[str] | None = None,
         val_files: list[str] | None = None,
@@ -154,7 +155,7 @@ class PromptDataModule(L.LightningDataModule):
                 self.task = get_task(task, **(task_kwargs or {}))
             except TypeError as e:  # a keyword the task's constructor does not take
                 raise ValueError(f"data.task_kwargs={task_kwargs!r} does not fit data.task={task!r}: {e}") from e
-            if not isinstance(task, str):  # hparams stay plain data: the class path names it
+            if not isinstance(task, str) or task.lstrip().startswith("{"):  # plain data: the class path names it
                 self.hparams["task"] = f"{type(task).__module__}.{type(task).__qualname__}"
         self.next_index = 0
         self.reader = RowReader(prompt_field, answer_field, strict=strict)

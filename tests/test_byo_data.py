@@ -197,6 +197,32 @@ def test_task_by_class_path_through_the_cli(tmp_path):
     assert isinstance(cli.datamodule.task, SevenTask) and cli.datamodule.task.times == 4
 
 
+@pytest.mark.parametrize("flags", [
+    ["--data.task.class_path", "tests.test_byo_data.SevenTask", "--data.task.init_args.times", "4"],
+    ["--data.task", "tests.test_byo_data.SevenTask", "--data.task_kwargs", "{times: 4}"],
+    ["--data.task", "{class_path: tests.test_byo_data.SevenTask, init_args: {times: 4}}"],
+])
+def test_every_command_line_form_of_a_class_path_task(tmp_path, flags):
+    from lit_covrl.cli import LitCovRLCLI
+    from lit_covrl.module import GRPOModule
+    from tests.test_configs import QUICK
+
+    cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False,
+                      args=["--config", str(QUICK), *flags, "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert isinstance(cli.datamodule.task, SevenTask) and cli.datamodule.task.times == 4
+    assert cli.datamodule.hparams.task == "tests.test_byo_data.SevenTask"
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{init_args: {times: 4}}", "must be {class_path"),
+    ("{class_path: tests.test_byo_data.SevenTask, init_args: 4}", "init_args must be a mapping"),
+    ("{class_path: [", "not a valid mapping"),
+])
+def test_a_malformed_task_mapping_is_named(text, match):
+    with pytest.raises(ValueError, match=match):
+        PromptDataModule(task=text)
+
+
 def test_every_skipped_row_is_listed_in_the_log_folder(tmp_path, tiny_model_dir, caplog):
     import lightning as L
 

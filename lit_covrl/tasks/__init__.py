@@ -25,6 +25,8 @@ def get_task(name: Any, **kwargs: Any) -> Task:
     registry = _registry()
     if isinstance(name, str) and name in registry:
         return registry[name](**kwargs)
+    if isinstance(name, str) and name.lstrip().startswith("{"):  # a mapping the CLI kept as text
+        name, kwargs = _class_path_mapping(name, kwargs)
     if isinstance(name, str) and "." in name:
         import importlib
 
@@ -42,3 +44,22 @@ def get_task(name: Any, **kwargs: Any) -> Task:
     if not callable(getattr(name, "sample", None)):
         raise ValueError(f"data.task: {type(name).__name__} has no sample(rng) method (see lit_covrl.tasks.base.Task)")
     return name
+
+
+def _class_path_mapping(text: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(class path, constructor arguments) of `{class_path: X, init_args: {...}}` given as text
+    (`data.task` is a str-or-task setting, so a mapping typed on the command line arrives as text)."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"data.task={text!r}: not a valid mapping ({e})") from e
+    if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str) or set(spec) - {"class_path", "init_args"}:
+        raise ValueError(f"data.task={text!r}: a mapping must be {{class_path: X, init_args: {{...}}}}")
+    if kwargs:
+        raise ValueError("data.task_kwargs applies to a task name or class path; a class_path mapping takes init_args")
+    init_args = spec.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        raise ValueError(f"data.task={text!r}: init_args must be a mapping")
+    return spec["class_path"], init_args
