@@ -193,3 +193,16 @@ def test_bench_gpu_deadline_skips_runs_it_cannot_fit_and_every_entry_has_the_fig
     for r in res["configs"]:
         assert r["error"].startswith("skipped: ") and "--deadline-s 20" in r["error"]
         assert all(r[k] is None for k in bench_gpu.FIGURES)
+
+
+def test_gpu_check_help_prints_usage_and_runs_nothing(tmp_path):
+    """`--help` prints the script's header and bench_gpu.py's options (it used to run the whole
+    check: nvidia-smi, the GPU tests, a benchmark whose help went to /dev/null)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["bash", "tools/gpu_check.sh", "--runs", "tiny:kv_cache", "--help"], cwd=root,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OUT": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("The prepared GPU check") and "usage: bench_gpu.py" in out.stdout
+    assert not list(tmp_path.iterdir())  # no gpu_tests.log, bench_gpu.json or bench_gpu.log

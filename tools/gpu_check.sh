@@ -6,6 +6,11 @@
 # Packages the machine lacks are installed offline from ./wheels if it exists (git-ignored;
 # fill it on a machine with internet: `make gpu-wheels`).
 set -uo pipefail
+for arg in "$@"; do  # help only: the check itself runs for minutes
+  if [ "$arg" = -h ] || [ "$arg" = --help ]; then
+    sed -n '2,7p' "$0" | cut -c3-; echo; exec python3 tools/bench_gpu.py --help
+  fi
+done
 OUT=${OUT:-.}
 # one device command may run 600 s: the whole check fits in GPU_CHECK_BUDGET (tests, then the
 # benchmark's runs in the time left; a run that cannot fit is listed as skipped, not cut off)
