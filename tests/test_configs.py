@@ -160,16 +160,17 @@ def test_stacked_method_configs_give_every_regularizer(tmp_path):
 
 
 def test_annealed_clip_cov_anneals_over_the_stacked_budget(tmp_path):
-    """configs/reasoning/clip_cov_annealed.yaml says `steps: null`: the ratio reaches 0 at the
-    budget overlay's trainer.max_steps (200 for budget_collapse, 40 for budget_1h)."""
+    """configs/reasoning/clip_cov_annealed.yaml says `steps: null`: the ratio reaches 0 on the last
+    RL step of the budget overlay's trainer.max_steps (200 for budget_collapse, 40 for budget_1h)."""
     for budget, steps in (("budget_collapse", 200), ("budget_1h", 40)):
         cli = _cli(["--config", str(CONFIGS / "reasoning.yaml"), "--config", str(CONFIGS / "reasoning" / f"{budget}.yaml"),
                     "--config", str(CONFIGS / "reasoning" / "clip_cov_annealed.yaml")], tmp_path)
         (reg,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
         reg.setup(cli.trainer, cli.model, "fit")
-        assert reg.schedule.steps == steps
-        assert reg.scheduled(reg.ratio, steps // 2) == pytest.approx(reg.ratio / 2)  # cosine half-way
-        assert reg.scheduled(reg.ratio, steps) == 0.0
+        assert reg.schedule.steps == steps - 1  # RL steps 0 .. steps - 1
+        assert reg.scheduled(reg.ratio, 0) == reg.ratio
+        assert reg.scheduled(reg.ratio, (steps - 1) / 2) == pytest.approx(reg.ratio / 2)  # cosine half-way
+        assert reg.scheduled(reg.ratio, steps - 2) > 0.0 and reg.scheduled(reg.ratio, steps - 1) == 0.0
 
 
 def test_command_line_callbacks_still_apply_on_top_of_stacked_configs(tmp_path):

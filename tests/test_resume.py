@@ -72,26 +72,26 @@ def test_adaptive_entropy_coefficient_resumes_exactly(tiny_model_dir, tmp_path):
 
 
 def test_extending_a_finished_run_keeps_its_whole_run_schedule(tiny_model_dir, tmp_path, caplog):
-    """A `steps: null` schedule is resolved to trainer.max_steps when the run starts. Extending a
-    finished 2-step run to 4 steps must keep the 2-step anneal (the coefficient stays at `final`);
-    re-resolving against the new max_steps would jump it back to mid-anneal (0.5 at step 2)."""
+    """A `steps: null` schedule is resolved when the run starts (a 3-step run: `final` at step 2).
+    Extending a finished 3-step run to 5 steps must keep that anneal (the coefficient stays at
+    `final`); re-resolving against the new max_steps would jump it back to mid-anneal (0.25 at step 3)."""
     from lit_covrl.regularizers import EntropyBonus
 
     def regs():
         return [EntropyBonus(coef=1.0, schedule={"name": "linear", "final": 0.0})]
 
-    first = _trainer(tmp_path / "a", 2, regs())
+    first = _trainer(tmp_path / "a", 3, regs())
     first.fit(make_module(tiny_model_dir), make_data())
-    ckpt = tmp_path / "step2.ckpt"
+    ckpt = tmp_path / "step3.ckpt"
     first.save_checkpoint(ckpt)
     assert torch.load(ckpt, weights_only=False)["regularizer_schedule_steps"] == {"entropy_bonus": 2}
     with caplog.at_level("WARNING", logger="lit_covrl"):
-        _trainer(tmp_path / "b", 4, regs()).fit(make_module(tiny_model_dir), make_data(), ckpt_path=str(ckpt))
+        _trainer(tmp_path / "b", 5, regs()).fit(make_module(tiny_model_dir), make_data(), ckpt_path=str(ckpt))
     assert "annealed its schedule over 2 RL steps" in caplog.text
     coef = _series(tmp_path / "a", ["reg/entropy_bonus/coef"])["reg/entropy_bonus/coef"]
-    assert [coef[s] for s in (0, 1)] == [1.0, 0.5]  # the first run: 1 -> 0 over 2 steps
+    assert [coef[s] for s in (0, 1, 2)] == [1.0, 0.5, 0.0]  # the first run: 1 -> 0 at its last step
     coef = _series(tmp_path / "b", ["reg/entropy_bonus/coef"])["reg/entropy_bonus/coef"]
-    assert coef == {2: 0.0, 3: 0.0}
+    assert coef == {3: 0.0, 4: 0.0}
 
 
 def _lr_warmup(optimizer):

@@ -72,8 +72,10 @@ def test_jsonargparse_reads_yaml_dict():
 
 def test_null_steps_anneal_over_the_whole_run():
     s = Schedule("linear", final=0.0, steps=None)
-    # resolved to a 4-step run: 1 -> 0 by -0.25 per step
-    assert [s.over(4).value(1.0, t) for t in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    # resolved to a 4-step run (RL steps 0-3): 1 at the first step, 0 at the last one that runs
+    # (it used to reach 0 at step 4, which never runs: an annealed Clip-Cov stayed on to the end)
+    assert [s.over(4).value(1.0, t) for t in range(5)] == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0, 0.0])
+    assert s.over(1).value(1.0, 0) == 1.0  # a 1-step run has nothing to anneal over
     assert Schedule("linear", steps=7).over(100).steps == 7  # an explicit length is kept
     assert Schedule("constant", steps=None).over(None).value(0.3, 9) == 0.3  # nothing to anneal
     with pytest.raises(RuntimeError, match="not resolved"):
@@ -88,16 +90,17 @@ def test_regularizer_resolves_a_null_schedule_from_the_trainer():
     from lit_covrl.regularizers import ClipCov
 
     reg = ClipCov(ratio=2e-3, schedule={"name": "cosine", "final": 0.0, "steps": None})
-    reg.setup(SimpleNamespace(max_steps=150), None, "fit")
-    assert reg.schedule.steps == 150
+    reg.setup(SimpleNamespace(max_steps=151), None, "fit")
+    assert reg.schedule.steps == 150  # RL steps 0..150: the last one takes final
     assert reg.scheduled(2e-3, 75) == pytest.approx(1e-3)  # cosine half-way: half the ratio
+    assert reg.scheduled(2e-3, 150) == 0.0
     with pytest.raises(ValueError, match="schedule.steps is null"):
         ClipCov(ratio=2e-3, schedule={"name": "cosine", "steps": None}).setup(SimpleNamespace(max_steps=-1), None, "fit")
 
 
 def test_leaving_steps_out_anneals_over_the_whole_run():
     # the default must not be a silent one-step anneal (the control off from step 1 on)
-    s = Schedule("cosine", final=0.0).over(300)
+    s = Schedule("cosine", final=0.0).over(301)
     assert s.steps == 300
     assert s.value(1.0, 1) == pytest.approx(0.5 * (1 + math.cos(math.pi / 300)))
     assert s.value(1.0, 150) == pytest.approx(0.5)

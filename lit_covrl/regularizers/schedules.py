@@ -12,7 +12,9 @@ remaining 1/32 of the gap at T with the default half-life). Annealing a covarian
 coefficient to 0 makes the control asymptotically unbiased (Lei & Baehr 2026).
 A plain dataclass, so jsonargparse reads it from YAML:
 ``schedule: {name: cosine, final: 0.0, steps: 500}``. ``steps: null`` (or no ``steps``) anneals over
-the whole run: the regularizer fills in ``trainer.max_steps`` when the fit starts (``Schedule.over``).
+the whole run: the regularizer fills in ``trainer.max_steps - 1`` when the fit starts
+(``Schedule.over``), so that the first RL step (0) takes the initial value and the last one that
+runs (``max_steps - 1``) takes ``final``: an annealed-to-0 control is off on the run's last step.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ class Schedule:
 
     name: one of SCHEDULES. final: value reached at ``steps`` (>= 0; ignored by constant).
     steps: annealing length in RL steps (rollouts, = trainer.global_step; an integer >= 1), or None,
-    the default, for the whole run (resolved to trainer.max_steps by `over` when the fit starts).
+    the default, for the whole run (resolved by `over` when the fit starts: ``final`` on its last step).
     half_life: exponential only, > 0, default steps / 5.
     """
 
@@ -50,8 +52,9 @@ class Schedule:
             raise ValueError(f"schedule.half_life must be > 0, got {self.half_life}")
 
     def over(self, max_steps: int | None) -> Schedule:
-        """This schedule with ``steps: null`` resolved to the run's length ``max_steps`` (RL steps);
-        unchanged when ``steps`` is set or the schedule is constant."""
+        """This schedule with ``steps: null`` resolved to a run of ``max_steps`` RL steps: ``steps =
+        max_steps - 1`` (at least 1), so that the run's last step (``max_steps - 1``, 0-based) takes
+        ``final``; unchanged when ``steps`` is set or the schedule is constant."""
         if self.steps is not None or self.name == "constant":
             return self
         if max_steps is None or max_steps < 1:
@@ -59,7 +62,7 @@ class Schedule:
                 f"schedule.steps is null (anneal over the whole run) but trainer.max_steps is {max_steps}: "
                 "set trainer.max_steps or give schedule.steps explicitly"
             )
-        return replace(self, steps=int(max_steps))
+        return replace(self, steps=max(int(max_steps) - 1, 1))
 
     def value(self, initial: float, step: int) -> float:
         """Coefficient at RL step ``step`` (0-based rollout index) starting from ``initial``."""
