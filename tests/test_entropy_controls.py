@@ -269,3 +269,16 @@ def test_adaptive_entropy_measurement_is_logged_with_its_own_step():
         _adaptive_run(reg, {step: e}, [step])
         logged.append(reg.pop_metrics().get("reg/adaptive_entropy/measured_entropy"))
     assert logged == pytest.approx([0.1, 0.3, 0.5])
+
+
+def test_a_step_that_measured_nothing_logs_no_entropy():
+    """A step whose groups were all filtered out never calls prepare: it must not log the previous
+    step's measurement again as its own (the coefficient stays where it was, as before)."""
+    reg = AdaptiveEntropyBonus(target=0.2, delta=1e-3)
+    logged = []
+    for step, e in ((0, 0.1), (1, None), (2, 0.3)):
+        if e is not None:
+            _adaptive_run(reg, {step: e}, [step])
+        logged.append(reg.pop_metrics().get("reg/adaptive_entropy/measured_entropy"))
+    assert logged == [pytest.approx(0.1), None, pytest.approx(0.3)]
+    assert reg.coef == pytest.approx(1e-3)  # moved once (step 0's 0.1); step 2's measurement is pending

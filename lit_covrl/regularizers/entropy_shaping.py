@@ -64,6 +64,7 @@ class AdaptiveEntropyBonus(Regularizer):
         self.coef, self.active = float(init_coef), True  # the reference code starts enabled
         self._step: int | None = None  # RL step being measured
         self._sums = torch.zeros(2, dtype=torch.float64)  # [sum of H over valid tokens, tokens] of that step
+        self._measured = False  # prepare() ran since the last pop_metrics (a fully filtered step measures nothing)
 
     def prepare(self, ctx: MiniBatchContext) -> None:
         assert ctx.old_entropy is not None, "the module must provide the rollout entropy"
@@ -73,6 +74,7 @@ class AdaptiveEntropyBonus(Regularizer):
         m = ctx.mask.double()
         sums = distributed.all_sum(torch.stack([(ctx.old_entropy.double() * m).sum(), m.sum()]))
         self._sums = self._sums.to(sums.device) + sums  # on the device: read once per RL step
+        self._measured = True
         self.record("coef", self.coef_now)
         self.record("coef_state", self.coef)
 
@@ -87,9 +89,11 @@ class AdaptiveEntropyBonus(Regularizer):
 
     def pop_metrics(self) -> dict[str, float]:
         """Also reg/<name>/measured_entropy: the step's own measurement, logged with the step (it
-        moves the coefficient of the next one)."""
-        if self._sums[1] > 0:
+        moves the coefficient of the next one); not logged for a step that measured nothing (every
+        group filtered out), whose sums are still the previous step's."""
+        if self._measured and self._sums[1] > 0:
             self.record("measured_entropy", float(self._sums[0] / self._sums[1]))
+        self._measured = False
         return super().pop_metrics()
 
     @property
