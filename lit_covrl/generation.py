@@ -70,15 +70,20 @@ class RolloutGenerator:
     def _sample_in_batches(self, policy: nn.Module, ids: Tensor, mask: Tensor, temperature: float,
                            generator: torch.Generator) -> Rollout:
         """`sample` over consecutive batches of `sampling_batch_size` rows, joined (all rows at once
-        when it is null or not smaller). Every rank makes the same number of sampler calls (the
-        decoding steps are collectives under several ranks), so the ranks must hold equally many rows."""
+        when it is null or not smaller). Every rank makes as many sampler calls as the rank with the
+        most rows needs (the decoding steps are collectives under several ranks): one whose rows ran
+        out (a held-out batch that does not split evenly) samples its first rows again, discarded.
+        Every rank holds at least one row."""
         size, n = self.settings.sampling_batch_size, ids.shape[0]
-        if size is None or distributed.all_max_int(n) <= size:
+        most = distributed.all_max_int(n)
+        if size is None or most <= size:
             return self.sample(policy, ids, mask, temperature, generator)
-        if distributed.all_max_int(n) != -distributed.all_max_int(-n):
-            raise ValueError("model.rollout.sampling_batch_size needs the same number of rows on every rank")
-        parts = [self.sample(policy, ids[i:i + size], mask[i:i + size], temperature, generator)
-                 for i in range(0, n, size)]
+        parts = []
+        for i in range(0, most, size):
+            if i < n:
+                parts.append(self.sample(policy, ids[i:i + size], mask[i:i + size], temperature, generator))
+            else:  # keeps this rank in step with the others; not part of its rollout
+                self.sample(policy, ids[:size], mask[:size], temperature, generator)
         return join_rollouts(parts, self.tokenizer.pad_token_id)
 
     def sample(self, policy: nn.Module, ids: Tensor, mask: Tensor, temperature: float,

@@ -78,7 +78,7 @@ def answer_in_correct(completion: str, answer: str) -> float:
     return 1.0 if answer in CORRECT else 0.0
 
 
-def _worker(rank: int, port: int, model_dir: str, train: str, val: str, out: str) -> None:
+def _worker(rank: int, port: int, model_dir: str, train: str, val: str, out: str, sampling_batch_size) -> None:
     import lightning as L
     from lightning.pytorch.strategies import DDPStrategy
 
@@ -88,8 +88,8 @@ def _worker(rank: int, port: int, model_dir: str, train: str, val: str, out: str
     torch.set_num_threads(1)
     _dist.elastic_env(rank, 2, port)
     os.environ["EVAL_LOG"] = out
-    module = GRPOModule(model=model_dir, reward=answer_in_correct, rollout=dict(max_new_tokens=2),
-                        eval=dict(samples=2, k=2))
+    module = GRPOModule(model=model_dir, reward=answer_in_correct,
+                        rollout=dict(max_new_tokens=2, sampling_batch_size=sampling_batch_size), eval=dict(samples=2, k=2))
     data = PromptDataModule(task=None, train_files=[train], val_files=[val], batch_size=2, val_batch_size=3)
     res = L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"), logger=False,
                     enable_progress_bar=False, enable_model_summary=False).validate(module, data)
@@ -98,13 +98,17 @@ def _worker(rank: int, port: int, model_dir: str, train: str, val: str, out: str
 
 
 @pytest.mark.slow
-def test_two_ranks_share_the_held_out_prompts(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("sampling_batch_size", [None, 2])
+def test_two_ranks_share_the_held_out_prompts(tmp_path, tiny_model_dir, sampling_batch_size):
+    """With model.rollout.sampling_batch_size 2 the 3-prompt batch gives rank 0 four rows (two
+    sampler calls) and rank 1 two (one): rank 1 must make a second, uncounted call to keep in step
+    (it used to raise 'needs the same number of rows on every rank')."""
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
     train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
     train.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": "a"}) + "\n" for i in range(4)))
     val.write_text("".join(json.dumps({"prompt": f"{i}+2=", "answer": a}) + "\n" for i, a in enumerate("abcd")))  # batches 3 + 1
-    _dist.spawn(_worker, (_dist.free_port(), tiny_model_dir, str(train), str(val), str(tmp_path)),
+    _dist.spawn(_worker, (_dist.free_port(), tiny_model_dir, str(train), str(val), str(tmp_path), sampling_batch_size),
                 timeout_s=240, what="the 2-process validation")
     scored = [sorted((tmp_path / f"scored{r}.txt").read_text().split()) for r in range(2)]
     assert scored == [["a", "a", "c", "c", "d", "d"], ["b", "b", "d", "d"]]  # 2 samples each
