@@ -10,9 +10,10 @@ batch number g = k*W + r:
 - task: `task.sample` called B times on `random.Random(f"lit_covrl:train:{seed}:{g}")`;
 - rows: all train rows, concatenated over epochs e = 0, 1, ... each shuffled by
   `random.Random(f"lit_covrl:shuffle:{seed}:{e}")`; batch g takes positions [g*B, (g+1)*B).
-So ranks see different prompts, and W ranks together see what one rank with W*B prompts per
-batch would see (a run resumed with a different W continues without repeating stream positions,
-though the prompts differ from an uninterrupted run).
+So ranks see different prompts. From rows, W ranks together see what one rank with W*B prompts
+per batch would see; from a task they do not (its generator is seeded per B-prompt batch), only
+prompts from the same distribution. A run resumed with a different W continues without repeating
+stream positions, though the prompts differ from an uninterrupted run.
 
 Resume. `next_index` (this rank's next stream position) advances in `on_after_batch_transfer`.
 In Lightning 2.6 the training epoch loop calls it on the batch returned by `next(data_fetcher)`,
