@@ -22,7 +22,6 @@ from typing import Callable
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_covrl import distributed, resume_check
@@ -36,19 +35,18 @@ from lit_covrl.learner import Learner, LearnerSettings
 from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics
 from lit_covrl.objectives import Objective, resolve_objective
 from lit_covrl.policy import check_vocab, load_tokenizer, resolve_dtype
-from lit_covrl.prompt_check import check_datamodule_prompts
 from lit_covrl.progress import fit_end_message
-from lit_covrl.prompts import uses_chat_template
-from lit_covrl.regularizers.base import Regularizer, check_lookalikes, check_stack
+from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.reward_set import RewardSet
 from lit_covrl.rewards import ExactMatchReward
 from lit_covrl.rollout_rng import RolloutRNG
 from lit_covrl.sampling import Sampler, default_sampler
 from lit_covrl.settings import (
     GROUPS, EvalSettings, LossSettings, RolloutSettings, SystemSettings, UpdateSettings, as_group,
-    check_fit_plan, check_module_settings, check_run_length,
+    check_module_settings,
 )
-from lit_covrl.sharding import check_strategy, load_model
+from lit_covrl.sharding import load_model
+from lit_covrl.startup_checks import check_before_start
 from lit_covrl.types import PromptBatch, Rollout
 
 # the policy is kept in eval mode on purpose (no dropout in RL: rollout policy == trained policy)
@@ -234,30 +232,7 @@ class GRPOModule(L.LightningModule):
                               mesh=self.device_mesh, device=device)
 
     def setup(self, stage: str) -> None:
-        cfg = self.settings
-        check_strategy(self.trainer.strategy, cfg.system)
-        check_lookalikes(self.trainer.callbacks)
-        check_stack(self.regularizers)
-        dm, ro = getattr(self.trainer, "datamodule", None), cfg.rollout
-        # rewards asking for the answers by the data's field name (TRL's `solution`) get them so
-        self.rewards.answer_field = getattr(dm, "hparams", {}).get("answer_field") if dm is not None else None
-        check_fit_plan(ro, cfg.update, prompts_per_step=self._prompts_per_step(), datamodule=dm, stage=stage)
-        if stage == "fit":
-            t = self.trainer
-            # a time-based interval (a timedelta or dict) leaves no `val_check_interval` on the trainer
-            interval = getattr(t, "val_check_interval", None) if getattr(t, "_val_check_time_interval", None) is None else 1
-            if warning := check_run_length(t.max_steps, interval, t.limit_val_batches,
-                                           bool(getattr(dm, "has_validation", False))):
-                rank_zero_warn(warning)
-        if ro.chat_template:  # a missing template is known now, whatever prompts the data has in advance
-            uses_chat_template(self.tokenizer, True)
-        if hasattr(dm, "known_prompts"):
-            check_datamodule_prompts(self.tokenizer, dm, chat_template=ro.chat_template,
-                                     max_prompt_length=ro.max_prompt_length if ro.prompt_overflow == "error" else None)
-        # a reward that cannot take what the data gives it fails now, not at the first rollout
-        rows = (dm.known_examples() if hasattr(dm, "known_examples") else [])[:64] or \
-            (dm.task_sample() if hasattr(dm, "task_sample") else [])[:64]
-        self.rewards.check_calls([ex.answer for ex in rows], [ex.prompt for ex in rows], [ex.columns for ex in rows])
+        check_before_start(self, stage)
         self.rollout_rng.place(self.device, self.global_rank)
 
     @property
@@ -265,10 +240,10 @@ class GRPOModule(L.LightningModule):
         mbs, epochs = self.settings.update.mini_batch_size, self.settings.update.ppo_epochs
         if mbs is None:
             return epochs
-        batch = self._prompts_per_step()
+        batch = self.prompts_per_step()
         return None if batch is None else epochs * math.ceil(batch / mbs)
 
-    def _prompts_per_step(self) -> int | None:
+    def prompts_per_step(self) -> int | None:
         """Prompts per RL step per device, when the datamodule says (`batch_size` hparam)."""
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         return getattr(dm, "hparams", {}).get("batch_size") if dm is not None else None

@@ -1,0 +1,44 @@
+"""Everything `GRPOModule.setup` can check before the first RL step, in one place: the strategy
+and the callback stack, the run plan (batch, mini-batch and group sizes against the data), the run
+length against validation, the chat template, every known prompt against the tokenizer, and the
+rewards' signatures against a sample of the data. Each failure names the setting to change, at
+minute zero rather than hours into a run."""
+from __future__ import annotations
+
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lit_covrl.prompt_check import check_datamodule_prompts
+from lit_covrl.prompts import uses_chat_template
+from lit_covrl.regularizers.base import check_lookalikes, check_stack
+from lit_covrl.settings import check_fit_plan, check_run_length
+from lit_covrl.sharding import check_strategy
+
+REWARD_CHECK_ROWS = 64  # data rows (or a task's held-out sample) the rewards' signatures are bound on
+
+
+def check_before_start(module, stage: str) -> None:
+    """Start-up checks of `module` (a GRPOModule) attached to its trainer for `stage`; also hands
+    the rewards the data's answer field name (rewards asking for TRL's `solution` get it)."""
+    trainer, cfg = module.trainer, module.settings
+    check_strategy(trainer.strategy, cfg.system)
+    check_lookalikes(trainer.callbacks)
+    check_stack(module.regularizers)
+    dm, ro = getattr(trainer, "datamodule", None), cfg.rollout
+    module.rewards.answer_field = getattr(dm, "hparams", {}).get("answer_field") if dm is not None else None
+    check_fit_plan(ro, cfg.update, prompts_per_step=module.prompts_per_step(), datamodule=dm, stage=stage)
+    if stage == "fit":
+        # a time-based interval (a timedelta or dict) leaves no `val_check_interval` on the trainer
+        timed = getattr(trainer, "_val_check_time_interval", None) is not None
+        interval = 1 if timed else getattr(trainer, "val_check_interval", None)
+        if warning := check_run_length(trainer.max_steps, interval, trainer.limit_val_batches,
+                                       bool(getattr(dm, "has_validation", False))):
+            rank_zero_warn(warning)
+    if ro.chat_template:  # a missing template is known now, whatever prompts the data has in advance
+        uses_chat_template(module.tokenizer, True)
+    if hasattr(dm, "known_prompts"):
+        check_datamodule_prompts(module.tokenizer, dm, chat_template=ro.chat_template,
+                                 max_prompt_length=ro.max_prompt_length if ro.prompt_overflow == "error" else None)
+    # a reward that cannot take what the data gives it fails now, not at the first rollout
+    rows = (dm.known_examples() if hasattr(dm, "known_examples") else [])[:REWARD_CHECK_ROWS] or \
+        (dm.task_sample() if hasattr(dm, "task_sample") else [])[:REWARD_CHECK_ROWS]
+    module.rewards.check_calls([ex.answer for ex in rows], [ex.prompt for ex in rows], [ex.columns for ex in rows])
