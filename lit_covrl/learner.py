@@ -195,7 +195,7 @@ class Learner:
 
         Returns (loss, shapings, base). Departures from the reference code: README, "Where we
         differ from the reference code"."""
-        shapings = [TokenShaping.checked(reg.shape(b), b.logp.shape, reg) for reg in self.regularizers]
+        shapings = [TokenShaping.checked(_shape(reg, b), b.logp.shape, reg) for reg in self.regularizers]
         base = self.objective.token_loss(b.logp, b.old_logp, TokenShaping.shifted_advantages(shapings, b.advantages), b.mask)
         return aggregate(TokenShaping.combine(shapings, base), b.mask, **agg), shapings, base
 
@@ -367,6 +367,23 @@ class Learner:
                 f"stop, in the middle of RL step {self.step}, is saved for inspection to {path}. "
                 "Lower the learning rate or check the reward and data."
             )
+
+
+_FLAGS = {"entropy": "needs_entropy", "ref_logp": "needs_reference"}  # PolicyBatch field -> what fills it
+
+
+def _shape(reg, b: PolicyBatch):
+    """reg.shape(b); a TypeError raised while a field the regularizer did not ask for is None (it
+    read batch.entropy without `needs_entropy = True`) names the flag to set."""
+    try:
+        return reg.shape(b)
+    except TypeError as e:
+        unasked = [f"batch.{f} is None unless the class sets {flag} = True" for f, flag in _FLAGS.items()
+                   if getattr(b, f) is None and not getattr(reg, flag, False)]
+        if unasked and "NoneType" in str(e):
+            raise TypeError(f"regularizer {getattr(reg, 'name', reg)!r} ({type(reg).__name__}.shape): {e}; "
+                            + "; ".join(unasked)) from e
+        raise
 
 
 def _pad_columns(x: Tensor, T: int) -> Tensor:

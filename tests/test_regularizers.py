@@ -336,3 +336,11 @@ def test_a_custom_regularizer_is_held_to_the_contract_at_once(tiny_model_dir):
 
     with pytest.raises(ValueError, match="NoSuper.__init__ does not call super\\(\\).__init__"):
         fit(make_module(tiny_model_dir), make_data(), steps=1, callbacks=[NoSuper()], limit_val_batches=0)
+
+    class ForgetsTheFlag(Regularizer):  # reads batch.entropy without needs_entropy = True
+        def shape(self, batch):
+            return TokenShaping(penalty=-0.01 * batch.entropy)
+
+    with pytest.raises(TypeError, match=r"'regularizer' \(ForgetsTheFlag.shape\): .*NoneType.*; batch.entropy is None "
+                                        r"unless the class sets needs_entropy = True"):
+        fit(make_module(tiny_model_dir), make_data(), steps=1, callbacks=[ForgetsTheFlag()], limit_val_batches=0)
