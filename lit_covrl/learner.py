@@ -34,29 +34,13 @@ from lit_covrl.compiled import CompiledForwards
 from lit_covrl.drivers import OptimizerDriver
 from lit_covrl.metrics import StepMetrics
 from lit_covrl.objectives import Objective
-from lit_covrl.packing import length_order, trim_padding
+from lit_covrl.packing import MiniBatch, length_order, lockstep_chunks, pad_columns, trim_padding
 from lit_covrl.policy import prompt_groups, response_logprobs, shared_prompt_logprobs
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
 from lit_covrl.settings import LossSettings, RolloutSettings, UpdateSettings
 from lit_covrl.types import PolicyBatch, Rollout, TokenShaping
 
 log = logging.getLogger("lit_covrl")
-
-
-def chunks(n: int, size: int) -> list[Tensor]:
-    """Row indices [0, n) in consecutive pieces of at most `size`."""
-    return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def lockstep_chunks(n: int, size: int) -> list[Tensor | None]:
-    """`chunks(n, size)` padded with None up to the largest count over all ranks.
-
-    Under FSDP (and DDP) every forward/backward is a collective: all ranks must run the same
-    number of them, even when filtering left them different numbers of rows (or none). A None
-    entry is a filler pass: a forward (and, in training, a zero-weighted backward) on one row.
-    """
-    own = chunks(n, size)
-    return own + [None] * (distributed.all_max_int(len(own)) - len(own))
 
 
 @dataclass(frozen=True)
@@ -112,7 +96,7 @@ class Learner:
         metrics = StepMetrics()
         self._on_policy = True  # no optimizer step taken since this rollout (see MiniBatchContext)
         for i, mb in enumerate(schedule):
-            batch = _MiniBatch(rollout, advantages, ref_logp, mb)
+            batch = MiniBatch(rollout, advantages, ref_logp, mb)
             metrics.update(self._update_minibatch(batch, index=i, last=i == len(schedule) - 1))
         out = metrics.pop()
         out.setdefault("policy/grad_norm", 0.0)  # every mini-batch filtered: no gradient at all
@@ -121,7 +105,7 @@ class Learner:
         out["policy/skipped_steps"] = float(self.skipped_steps)
         return out
 
-    def _update_minibatch(self, mb: "_MiniBatch", *, index: int, last: bool) -> dict:
+    def _update_minibatch(self, mb: "MiniBatch", *, index: int, last: bool) -> dict:
         """One optimizer update: plan the micro-batches, let the regularizers select over the whole
         mini-batch, accumulate the gradients of one aggregated loss whose denominators are the
         mini-batch's (over all ranks, so the result does not depend on micro_batch_size), step."""
@@ -136,7 +120,7 @@ class Learner:
         metrics = self._accumulate(mb, plan, early)
         return {**metrics, **self._optimizer_step(last)}
 
-    def _select(self, mb: "_MiniBatch", plan: list, index: int):
+    def _select(self, mb: "MiniBatch", plan: list, index: int):
         """Every regularizer's `prepare` on the whole mini-batch (detached, all ranks). Returns the
         training forward when it had to run early (see `_selection_logprobs`), else None."""
         need_ent = any(r.needs_entropy for r in self.regularizers)
@@ -154,7 +138,7 @@ class Learner:
                 ctx.zeroed = ctx.zeroed | zeroed.bool()
         return early
 
-    def _accumulate(self, mb: "_MiniBatch", plan: list, early) -> dict:
+    def _accumulate(self, mb: "MiniBatch", plan: list, early) -> dict:
         """Backward of every micro-batch's share of the mini-batch loss; returns the update's loss
         metrics, summed over micro-batches and ranks (one collective)."""
         hp, regs = self.settings, self.regularizers
@@ -242,7 +226,7 @@ class Learner:
         stats = self.objective.stat_names()
         return ["policy/loss", *[f"reg/{reg.name}/loss" for reg in regs], *[f"policy/{k}" for k in stats]]
 
-    def _selection_logprobs(self, mb: "_MiniBatch", plan: list, need_ent: bool):
+    def _selection_logprobs(self, mb: "MiniBatch", plan: list, need_ent: bool):
         """(current log-probs [n, T], current entropy [n, T] or None, the training forward if it
         was run early), detached, for the regularizers' `prepare`.
 
@@ -294,7 +278,7 @@ class Learner:
         ent_all = mask.new_zeros(n, T) if with_entropy else None
         for r in self._plan(input_ids[:n], attention_mask[:n], T):
             if r is None:  # filler forward (see lockstep_chunks); needs a row of some rank's batch
-                self._logprobs(*_filler_row(input_ids, attention_mask), T, False, model=model)
+                self._logprobs(input_ids[:1], attention_mask[:1], T, False, model=model)
                 continue
             logp, ent = self._logprobs(input_ids[r], attention_mask[r], T, with_entropy, model=model)
             logp_all[r] = logp.to(logp_all.dtype)
@@ -323,7 +307,7 @@ class Learner:
             logp, ent = response_logprobs(model, ids, att, kept, **kw)
         else:
             logp, ent = shared_prompt_logprobs(model, ids, att, kept, always_split=lockstep, **kw)
-        return _pad_columns(logp, T), (None if ent is None else _pad_columns(ent, T))
+        return pad_columns(logp, T), (None if ent is None else pad_columns(ent, T))
 
     def _optimizer_step(self, last: bool) -> dict:
         """One optimizer update through the driver (GRPOModule: the strategy and its precision
@@ -384,41 +368,3 @@ def _shape(reg, b: PolicyBatch):
             raise TypeError(f"regularizer {getattr(reg, 'name', reg)!r} ({type(reg).__name__}.shape): {e}; "
                             + "; ".join(unasked)) from e
         raise
-
-
-def _pad_columns(x: Tensor, T: int) -> Tensor:
-    """[n, T'] -> [n, T] with zeros on the right (the response columns `trim_padding` dropped)."""
-    return x if x.shape[1] == T else torch.nn.functional.pad(x, (0, T - x.shape[1]))
-
-
-def _filler_row(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-    return input_ids[:1], attention_mask[:1]
-
-
-class _MiniBatch:
-    """The rows `idx` of a rollout that one optimizer update trains on (gathered copies of the
-    [N, P+T] and [N, T] tensors; nothing vocabulary-sized)."""
-
-    def __init__(self, rollout: Rollout, advantages: Tensor, ref_logp: Tensor | None, idx: Tensor) -> None:
-        self.input_ids = rollout.input_ids[idx]
-        self.attention_mask = rollout.attention_mask[idx]
-        self.mask = rollout.response_mask[idx]
-        self.old_logp = rollout.logp[idx]
-        self.old_entropy = rollout.entropy[idx]
-        self.advantages = advantages[idx, None].expand_as(self.mask)
-        self._ref = None if ref_logp is None else ref_logp[idx]
-        # one row of the rollout for filler passes when this rank's mini-batch is empty
-        self.filler = (rollout.input_ids[:1], rollout.attention_mask[:1])
-
-    def inputs_or_filler(self) -> tuple[Tensor, Tensor]:
-        """(input_ids, attention_mask) of the rows, or the filler row when there are none (the
-        caller still runs its forwards for the collectives; results for 0 rows are empty)."""
-        if len(self):
-            return self.input_ids, self.attention_mask
-        return self.filler
-
-    def __len__(self) -> int:
-        return self.mask.shape[0]
-
-    def ref_rows(self, rows: Tensor) -> Tensor | None:
-        return None if self._ref is None else self._ref[rows]

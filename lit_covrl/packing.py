@@ -19,11 +19,17 @@ RL). Two pure steps remove it without changing any result:
 
 The loss is aggregated with the mini-batch's denominators, so the order of micro-batches changes
 nothing but the floating-point order of the gradient sums.
+
+The cutting itself is here too: `MiniBatch` (the rows of a rollout one optimizer update trains
+on) and `lockstep_chunks` (its micro-batches, as many on every rank).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from lit_covrl import distributed
+from lit_covrl.types import Rollout
 
 
 def trim_padding(input_ids: Tensor, attention_mask: Tensor, response_len: int,
@@ -62,3 +68,53 @@ def length_order(attention_mask: Tensor, groups: Tensor | None = None) -> Tensor
     rank = torch.empty_like(longest)
     rank[torch.sort(longest, descending=True, stable=True).indices] = torch.arange(n_groups, device=longest.device)
     return order[torch.sort(rank[groups[order]], stable=True).indices]
+
+
+def chunks(n: int, size: int) -> list[Tensor]:
+    """Row indices [0, n) in consecutive pieces of at most `size`."""
+    return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def lockstep_chunks(n: int, size: int) -> list[Tensor | None]:
+    """`chunks(n, size)` padded with None up to the largest count over all ranks.
+
+    Under FSDP (and DDP) every forward/backward is a collective: all ranks must run the same
+    number of them, even when filtering left them different numbers of rows (or none). A None
+    entry is a filler pass: a forward (and, in training, a zero-weighted backward) on one row.
+    """
+    own = chunks(n, size)
+    return own + [None] * (distributed.all_max_int(len(own)) - len(own))
+
+
+def pad_columns(x: Tensor, T: int) -> Tensor:
+    """[n, T'] -> [n, T] with zeros on the right (the response columns `trim_padding` dropped)."""
+    return x if x.shape[1] == T else torch.nn.functional.pad(x, (0, T - x.shape[1]))
+
+
+class MiniBatch:
+    """The rows `idx` of a rollout that one optimizer update trains on (gathered copies of the
+    [N, P+T] and [N, T] tensors; nothing vocabulary-sized)."""
+
+    def __init__(self, rollout: Rollout, advantages: Tensor, ref_logp: Tensor | None, idx: Tensor) -> None:
+        self.input_ids = rollout.input_ids[idx]
+        self.attention_mask = rollout.attention_mask[idx]
+        self.mask = rollout.response_mask[idx]
+        self.old_logp = rollout.logp[idx]
+        self.old_entropy = rollout.entropy[idx]
+        self.advantages = advantages[idx, None].expand_as(self.mask)
+        self._ref = None if ref_logp is None else ref_logp[idx]
+        # one row of the rollout for filler passes when this rank's mini-batch is empty
+        self.filler = (rollout.input_ids[:1], rollout.attention_mask[:1])
+
+    def inputs_or_filler(self) -> tuple[Tensor, Tensor]:
+        """(input_ids, attention_mask) of the rows, or the filler row when there are none (the
+        caller still runs its forwards for the collectives; results for 0 rows are empty)."""
+        if len(self):
+            return self.input_ids, self.attention_mask
+        return self.filler
+
+    def __len__(self) -> int:
+        return self.mask.shape[0]
+
+    def ref_rows(self, rows: Tensor) -> Tensor | None:
+        return None if self._ref is None else self._ref[rows]
