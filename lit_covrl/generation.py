@@ -100,14 +100,26 @@ class RolloutGenerator:
     def score(self, completions: list[str], answers: list[str], prompts: list | None = None,
               columns: list[dict] | None = None, *, device: torch.device) -> tuple[Tensor, dict[str, float]]:
         """Weighted total reward per completion, and, over all ranks, `rollout/reward_errors` (count)
-        and each reward's mean as `rollout/reward/<name>`. prompts/columns: per completion."""
-        total, per_name, res = self.rewards.score(completions, answers, prompts, columns,
-                                                  timeout_s=self.reward_timeout_s)
-        errors = res.errors + res.timeouts + res.invalid
-        sums = distributed.all_sum(torch.tensor([sum(v) for v in per_name.values()] + [len(total), errors],
+        and each reward's mean as `rollout/reward/<name>`. prompts/columns: per completion.
+        A rewards error that stops the run (not an item-level fault) stops it on every rank: the
+        others learn of it in the sum below instead of waiting in it for the collective timeout."""
+        try:
+            total, per_name, res = self.rewards.score(completions, answers, prompts, columns,
+                                                      timeout_s=self.reward_timeout_s)
+            failure, errors = None, res.errors + res.timeouts + res.invalid
+        except Exception as e:
+            if distributed.world_size() == 1:
+                raise
+            failure, errors = e, 0
+            total, per_name = [], {name: [] for name in self.rewards.names}
+        sums = distributed.all_sum(torch.tensor([sum(v) for v in per_name.values()] + [len(total), errors, failure is not None],
                                                 dtype=torch.float64, device=device)).tolist()
-        stats = {"rollout/reward_errors": sums[-1]}  # over all ranks, like the means
-        stats.update({f"rollout/reward/{k}": v / max(sums[-2], 1.0) for k, v in zip(per_name, sums)})
+        if failure is not None:
+            raise failure
+        if sums[-1]:
+            raise RuntimeError(f"scoring failed on {int(sums[-1])} other rank(s) (their logs say why); stopping this one too")
+        stats = {"rollout/reward_errors": sums[-2]}  # over all ranks, like the means
+        stats.update({f"rollout/reward/{k}": v / max(sums[-3], 1.0) for k, v in zip(per_name, sums)})
         return torch.tensor(total, dtype=torch.float32, device=device), stats
 
     def penalize_overlong(self, rollout: Rollout, rewards: Tensor) -> Tensor:

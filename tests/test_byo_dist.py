@@ -58,3 +58,45 @@ def test_two_ranks_skipped_rows_file_and_global_reward_means(tmp_path, tiny_mode
         assert m["rollout/reward/rank_reward"] == pytest.approx(0.5)  # (0 + 1) / 2 over the ranks
         assert m["rollout/reward/rank_reward_2"] == pytest.approx(0.5)
         assert m["rollout/reward_mean"] == pytest.approx(1.5)  # 1.0 * 0.5 + 2.0 * 0.5
+
+
+def _failing_worker(rank: int, port: int, model_dir: str, rows: str, out: str) -> None:
+    from datetime import timedelta
+
+    import lightning as L
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lit_covrl.data import PromptDataModule
+    from lit_covrl.module import GRPOModule
+
+    torch.set_num_threads(1)
+    _dist.elastic_env(rank, 2, port)
+    module = GRPOModule(model=model_dir, rollout=dict(group_size=2, max_new_tokens=2))
+    if rank == 1:  # what the stuck-call limit raises, on one rank only
+        def fail(*args, **kwargs):
+            raise RuntimeError("reward 'slow' has 9 timed-out calls still running")
+        module.rewards.score = fail
+    data = PromptDataModule(task=None, train_files=[rows], batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=1, logger=False, enable_checkpointing=False,
+                        strategy=DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=600)),
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    try:
+        trainer.fit(module, data)
+        Path(out, f"rank{rank}.txt").write_text("finished")
+    except Exception as e:
+        Path(out, f"rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+
+
+@pytest.mark.slow
+def test_a_rewards_error_on_one_rank_stops_every_rank(tmp_path, tiny_model_dir):
+    """Rank 1's rewards raise (not an item-level fault): rank 0 used to wait in the reward sums'
+    collective until its timeout (30 min by default; 600 s here), now both stop at once."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    _dist.spawn(_failing_worker, (_dist.free_port(), tiny_model_dir, str(rows), str(tmp_path)),
+                timeout_s=150, what="the 2-process run with a failing rank")
+    assert (tmp_path / "rank1.txt").read_text() == "RuntimeError: reward 'slow' has 9 timed-out calls still running"
+    assert (tmp_path / "rank0.txt").read_text() == ("RuntimeError: scoring failed on 1 other rank(s) (their logs say why); "
+                                                   "stopping this one too")
