@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -85,12 +86,18 @@ def _failing_worker(rank: int, port: int, model_dir: str, rows: str, out: str) -
         Path(out, f"rank{rank}.txt").write_text("finished")
     except Exception as e:
         Path(out, f"rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+    # rank 1 stays up until rank 0 is done, as a failed rank whose process lingers does (on gloo an
+    # exited peer closes the connection and the others fail fast; NCCL waits for the timeout)
+    deadline = time.monotonic() + 300
+    while rank == 1 and not Path(out, "rank0.txt").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 @pytest.mark.slow
 def test_a_rewards_error_on_one_rank_stops_every_rank(tmp_path, tiny_model_dir):
     """Rank 1's rewards raise (not an item-level fault): rank 0 used to wait in the reward sums'
-    collective until its timeout (30 min by default; 600 s here), now both stop at once."""
+    collective until its timeout (30 min by default; 600 s here, past the test's limit), now both
+    stop at once, rank 0 saying why."""
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
     rows = tmp_path / "rows.jsonl"
