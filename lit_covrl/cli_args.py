@@ -1,7 +1,8 @@
 """The command line as `lit-covrl` rewrites it before jsonargparse parses it: pure functions of
 the list of argument strings (and of the `--config` files they name).
 
-- `check_moved_keys`: a flat key that moved into a settings group is refused with its new name;
+- `check_moved_keys`: a flat key that moved into a settings group is refused with its new name, and
+  Lightning's top-level `optimizer` / `lr_scheduler` with `model.optimizer` / `model.lr_scheduler`;
 - `one_string_lists`: a bare value of a string-list key is one string (`--model.rollout.stop+=####`);
 - `reset_switched_classes`: a switched objective or sampler class starts from its own defaults;
 - `stack_config_callbacks`: the `trainer.callbacks` of stacked `--config` files add up.
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import re
+from contextlib import contextmanager
 
 import yaml
 
@@ -41,7 +43,8 @@ def _file_callbacks(path: str) -> list | None:
 
     if not os.path.isfile(path):
         return None  # not a file (an inline YAML string, or missing): the parser reports it
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    with _yaml_errors_named(path):
+        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     callbacks = (cfg.get("trainer") or {}).get("callbacks") if isinstance(cfg, dict) else None
     if callbacks is None:
         return None
@@ -52,12 +55,34 @@ def _file_model(path: str) -> dict:
     """The `model:` (or `model.init_args:`) mapping of a YAML config file ({} if none)."""
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        cfg = yaml.safe_load(f)
-    model = cfg.get("model") if isinstance(cfg, dict) else None
+    cfg = _file_top(path)
+    model = cfg.get("model")
     if isinstance(model, dict) and isinstance(model.get("init_args"), dict):
         model = model["init_args"]
     return model if isinstance(model, dict) else {}
+
+
+@contextmanager
+def _yaml_errors_named(path: str):
+    """A YAML syntax error of a config file as a one-line ValueError naming the file (PyYAML's own
+    is a multi-line traceback)."""
+    try:
+        yield
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config {path}: not valid YAML: {' '.join(str(err).split())}") from err
+
+
+def _file_top(path: str) -> dict:
+    """The top-level mapping of a YAML config file ({} if none, or not a file)."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f, _yaml_errors_named(path):
+        cfg = yaml.safe_load(f)
+    return cfg if isinstance(cfg, dict) else {}
+
+
+# LightningCLI's own top-level optimizer / scheduler (off in lit-covrl: the module builds its own)
+_TOP_LEVEL = {"optimizer": "model.optimizer", "lr_scheduler": "model.lr_scheduler"}
 
 
 def _file_model_keys(path: str) -> list[str]:
@@ -73,6 +98,13 @@ def check_moved_keys(args: list[str]) -> None:
         for key in _file_model_keys(path):
             if (hint := moved_key_hint(key)) is not None:
                 raise ValueError(f"{path}: {hint} (see the README's \"Moved keys\")")
+        for key in set(_file_top(path)) & set(_TOP_LEVEL):
+            raise ValueError(f"{path}: top-level `{key}:` is not read by lit-covrl; put it under `{_TOP_LEVEL[key]}:`")
+    for a in args:
+        key = a.removeprefix("--").split("=", 1)[0].split(".")[0]
+        if a.startswith("--") and key in _TOP_LEVEL:
+            raise ValueError(f"--{key}: lit-covrl reads the {key.replace('_', ' ')} from --{_TOP_LEVEL[key]} "
+                             f"(e.g. --{_TOP_LEVEL[key]} torch.optim.{'AdamW' if key == 'optimizer' else 'lr_scheduler.StepLR'})")
     for a in args:
         if a.startswith("--model."):
             key = a[len("--model."):].split("=", 1)[0].removeprefix("init_args.").split(".")[0]

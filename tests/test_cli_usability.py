@@ -63,6 +63,13 @@ def test_a_start_up_error_is_one_line_and_status_2_unless_debugging(tmp_path):
     (["--trainer.accelerator", "gpu"], "MisconfigurationException: No supported gpu backend found"),  # Lightning's check
     (["--data.task", "null", "--data.strict", "true"], "ROWS:2: field 'prompt' is int"),  # found in setup, inside fit
     (["--torch_threads", "-1"], "torch_threads=-1 must be >= 1 (or null: torch's default)"),
+    # LightningCLI's top-level optimizer / scheduler: the scheduler alone was ignored (rc 0, and the
+    # saved config.yaml listed it); the optimizer failed with "optimizer got an empty parameter list"
+    (["--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "1"],
+     "--lr_scheduler: lit-covrl reads the lr scheduler from --model.lr_scheduler"),
+    (["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.5"], "--optimizer: lit-covrl reads the optimizer from --model.optimizer"),
+    (["--config", "TOPLEVEL"], "TOPLEVEL: top-level `optimizer:` is not read by lit-covrl; put it under `model.optimizer:`"),
+    (["--config", "BADYAML"], "--config BADYAML: not valid YAML: while parsing a flow mapping"),  # was PyYAML's traceback, rc 1
 ])
 def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
     if "gpu" in extra and torch.cuda.is_available():
@@ -71,11 +78,17 @@ def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
     rows.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": 3, "answer": "4"}\n')
     if "--data.strict" in extra:
         extra = [*extra, "--data.train_files", f'["{rows}"]']
+    files = {"ROWS": rows, "TOPLEVEL": tmp_path / "top.yaml", "BADYAML": tmp_path / "bad.yaml"}
+    files["TOPLEVEL"].write_text("optimizer:\n  class_path: torch.optim.SGD\n")
+    files["BADYAML"].write_text("model:\n  rollout: {group_size: 4\n")  # an unclosed flow mapping
+    extra = [str(files[a]) if a in files else a for a in extra]
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", str(QUICK), *extra, "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("lit-covrl: error: ") and message.replace("ROWS", str(rows)) in err[-1]
+    for name, path in files.items():
+        message = message.replace(name, str(path))
+    assert err[-1].startswith("lit-covrl: error: ") and message in err[-1]
 
 
 def test_an_error_after_start_up_keeps_its_traceback(tmp_path, monkeypatch):
