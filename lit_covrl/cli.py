@@ -37,13 +37,6 @@ log = logging.getLogger("lit_covrl")
 
 
 class LitCovRLCLI(LightningCLI):
-    def __init__(self, *args, **kwargs) -> None:
-        # the module builds its optimizer from model.optimizer; LightningCLI's top-level one would be
-        # built on the module's parameters before the policy is loaded (and a top-level scheduler alone
-        # was silently ignored, while the saved config.yaml listed it)
-        kwargs.setdefault("auto_configure_optimizers", False)
-        super().__init__(*args, **kwargs)
-
     def add_arguments_to_parser(self, parser) -> None:
         # always-on checkpointing, configured under `checkpoint:`; keeps `trainer.callbacks` free
         # for the regularizers, so method configs can be stacked on a base config. Atomic files and

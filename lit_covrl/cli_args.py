@@ -81,7 +81,10 @@ def _file_top(path: str) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
-# LightningCLI's own top-level optimizer / scheduler (off in lit-covrl: the module builds its own)
+# LightningCLI's own top-level optimizer / scheduler: the module builds its own from model.*, and
+# LightningCLI would build a top-level optimizer on the module's parameters before the policy is
+# loaded, and ignore a top-level scheduler given alone. Their keys stay in the parser (null), as
+# every run's saved config.yaml lists them.
 _TOP_LEVEL = {"optimizer": "model.optimizer", "lr_scheduler": "model.lr_scheduler"}
 
 
@@ -98,7 +101,7 @@ def check_moved_keys(args: list[str]) -> None:
         for key in _file_model_keys(path):
             if (hint := moved_key_hint(key)) is not None:
                 raise ValueError(f"{path}: {hint} (see the README's \"Moved keys\")")
-        for key in set(_file_top(path)) & set(_TOP_LEVEL):
+        for key in sorted(k for k, v in _file_top(path).items() if k in _TOP_LEVEL and v is not None):
             raise ValueError(f"{path}: top-level `{key}:` is not read by lit-covrl; put it under `{_TOP_LEVEL[key]}:`")
     for a in args:
         key = a.removeprefix("--").split("=", 1)[0].split(".")[0]

@@ -329,3 +329,16 @@ def test_the_end_of_fit_message_offers_tensorboard_only_for_event_files(tmp_path
     assert "tensorboard --logdir" in tb and "checkpoint:  runs/x/checkpoints/last.ckpt" in tb
     csv = fit_end_message(SimpleNamespace(logger=CSVLogger(str(tmp_path)), checkpoint_callback=None))
     assert "logs:" in csv and "tensorboard" not in csv and "checkpoint" not in csv
+
+
+def test_a_saved_config_with_null_top_level_optimizer_keys_is_accepted(tmp_path):
+    """Every run's config.yaml lists LightningCLI's `optimizer: null` / `lr_scheduler: null`:
+    running it again must not trip the check that refuses a top-level optimizer."""
+    from lit_covrl.cli_args import check_moved_keys
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text("optimizer: null\nlr_scheduler: null\nmodel:\n  seed: 1\n")
+    check_moved_keys(["fit", "--config", str(saved)])
+    saved.write_text("optimizer: null\nlr_scheduler:\n  class_path: torch.optim.lr_scheduler.StepLR\n")
+    with pytest.raises(ValueError, match="top-level `lr_scheduler:` is not read by lit-covrl"):
+        check_moved_keys(["fit", "--config", str(saved)])
