@@ -206,3 +206,14 @@ def test_gpu_check_help_prints_usage_and_runs_nothing(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("The prepared GPU check") and "usage: bench_gpu.py" in out.stdout
     assert not list(tmp_path.iterdir())  # no gpu_tests.log, bench_gpu.json or bench_gpu.log
+
+
+def test_logprob_gap_reports_every_dtype_and_temperature(capsys):
+    """tools/logprob_gap.py (run by gpu_check.sh on the GPU): the sampler's recorded log-probs are the
+    training forward's up to float32 rounding on the CPU."""
+    import logprob_gap
+
+    rows = logprob_gap.main(["--dtypes", "float32", "--prompts", "4", "--group", "2", "--max-new-tokens", "4"])
+    assert [(r["dtype"], r["temperature"]) for r in rows] == [("float32", 1.0), ("float32", 0.7)]
+    assert all(r["tokens"] > 0 and 0 <= r["mean"] <= r["max"] < 1e-4 for r in rows), rows
+    assert "on cpu: 4 prompts x 2 samples" in capsys.readouterr().out

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The prepared GPU check (one short run on a CUDA machine that has torch and transformers): the
 # gpu-marked tests, then tools/bench_gpu.py (samplers and HF generate on random Qwen2.5-0.5B /
-# -1.5B-shaped policies). Writes under ${OUT:-.}: gpu_tests.log, bench_gpu.json, bench_gpu.log.
+# -1.5B-shaped policies). Writes under ${OUT:-.}: gpu_tests.log, logprob_gap.txt, bench_gpu.json,
+# bench_gpu.log.
 #   bash tools/gpu_check.sh [bench_gpu.py args, e.g. --runs 0.5B:static_graph, --profile]
 # Packages the machine lacks are installed offline from ./wheels if it exists (git-ignored;
 # fill it on a machine with internet: `make gpu-wheels`).
 set -uo pipefail
 for arg in "$@"; do  # help only: the check itself runs for minutes
   if [ "$arg" = -h ] || [ "$arg" = --help ]; then
-    sed -n '2,7p' "$0" | cut -c3-; echo; exec python3 tools/bench_gpu.py --help
+    sed -n '2,8p' "$0" | cut -c3-; echo; exec python3 tools/bench_gpu.py --help
   fi
 done
 OUT=${OUT:-.}
@@ -27,6 +28,10 @@ if [ -d wheels ]; then
 fi
 python3 -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__)"
 timeout ${GPU_TESTS_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+# how far the sampler's recorded bf16 log-probs are from the training forward's on the GPU's kernels
+# (README, old log-probs: measured on the CPU only); seconds on the tiny model
+DEV=$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+timeout 90 python3 tools/logprob_gap.py --device "$DEV" 2>&1 | grep -v "^Loading" | tee "$OUT/logprob_gap.txt"
 LEFT=$((BUDGET - SECONDS))
 echo "benchmark: $LEFT s left of GPU_CHECK_BUDGET=$BUDGET"
 timeout $((LEFT > 30 ? LEFT : 30)) python3 tools/bench_gpu.py --json --deadline-s $((LEFT - 30)) \
