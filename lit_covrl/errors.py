@@ -7,7 +7,10 @@ variable LIT_COVRL_DEBUG=1 re-raises instead, with the full traceback.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import importlib
 import os
+import re
 import sys
 from argparse import ArgumentError
 from typing import Iterator, NoReturn
@@ -15,6 +18,10 @@ from typing import Iterator, NoReturn
 # jsonargparse appends these lines (the accepted subtypes, the given type) to a type error.
 _NOISE = ("Subtypes:", "Given value type:", "Errors:")
 _UNION = "Does not validate against any of the Union subtypes"
+# jsonargparse's words for a class_path naming a class its module does not have (said once per
+# union member it tried, in a paragraph of alternatives)
+_NO_CLASS = re.compile(r"Problem with given class_path '([\w.]+)': module '([\w.]+)' has no attribute '(\w+)'")
+_KEY = re.compile(r'^Parser key "([^"]+)"')
 
 
 def debugging() -> bool:
@@ -32,7 +39,24 @@ def one_line(err: BaseException) -> str:
         return one_line(cause)
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     text = " ".join(ln for ln in lines if not ln.startswith(_NOISE)) or repr(err)
+    if (missing := _missing_class(text)) is not None:
+        return missing
     return text if isinstance(err, (ArgumentError, ValueError)) else f"{type(err).__name__}: {text}"
+
+
+def _missing_class(text: str) -> str | None:
+    """`<key>: no class 'm.Name' (...); did you mean m.Nme?` for a misspelt class_path, else None."""
+    if (found := _NO_CLASS.search(text)) is None:
+        return None
+    path, module, attr = found.groups()
+    try:
+        names = [n for n in dir(importlib.import_module(module)) if not n.startswith("_")]
+    except Exception:  # noqa: BLE001 - only a hint: the message stands without it
+        names = []
+    close = difflib.get_close_matches(attr, names, n=1)
+    key = _KEY.match(text)
+    return (f"{key.group(1) + ': ' if key else ''}no class {path!r} (module {module!r} has no attribute {attr!r})"
+            + (f"; did you mean {module}.{close[0]}?" if close else ""))
 
 
 def exit_with(err: BaseException) -> NoReturn:
