@@ -60,10 +60,10 @@ def test_score_and_overlong_penalty_by_hand(tiny_model_dir):
 
 def test_score_counts_reward_errors_and_means_over_all_ranks(tiny_model_dir, monkeypatch):
     """Stand-in for a second rank that scored 3 completions (sum 2) with 4 reward errors: all_sum adds
-    its [sum, count, errors]; the logged error count must include them, not only this rank's."""
+    its [sum, count, errors, failed]; the logged error count must include them, not only this rank's."""
     import lit_covrl.generation as generation
 
-    monkeypatch.setattr(generation.distributed, "all_sum", lambda x: x + torch.tensor([2.0, 3.0, 4.0], dtype=x.dtype))
+    monkeypatch.setattr(generation.distributed, "all_sum", lambda x: x + torch.tensor([2.0, 3.0, 4.0, 0.0], dtype=x.dtype))
     gen = RolloutGenerator(load_tokenizer(tiny_model_dir), KVCacheSampler(), RewardSet([lambda c, a: 1 / 0]),
                            RolloutSettings(), gather_once=True, reward_timeout_s=None)
     _, stats = gen.score(["7", "8", "7"], ["7", "7", "7"], device=torch.device("cpu"))
