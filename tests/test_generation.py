@@ -71,6 +71,18 @@ def test_score_counts_reward_errors_and_means_over_all_ranks(tiny_model_dir, mon
     assert [v for k, v in stats.items() if k.startswith("rollout/reward/")] == [pytest.approx(2 / 6)]
 
 
+def test_a_rewards_failure_on_another_rank_stops_this_one(tiny_model_dir, monkeypatch):
+    """Stand-in for a second rank whose rewards raised: its 'failed' entry in the sum stops this
+    rank with a message, instead of this rank going on to a collective that rank never joins."""
+    import lit_covrl.generation as generation
+
+    monkeypatch.setattr(generation.distributed, "all_sum", lambda x: x + torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=x.dtype))
+    gen = RolloutGenerator(load_tokenizer(tiny_model_dir), KVCacheSampler(), RewardSet([lambda c, a: 1.0]),
+                           RolloutSettings(), gather_once=True, reward_timeout_s=None)
+    with pytest.raises(RuntimeError, match=r"scoring failed on 1 other rank\(s\)"):
+        gen.score(["7"], ["7"], device=torch.device("cpu"))
+
+
 def test_sampling_in_batches_keeps_the_rollout_contract():
     """`model.rollout.sampling_batch_size` bounds the sequences sampled at once (the KV cache):
     the rows are drawn in consecutive batches and joined, responses right-padded to the longest.
