@@ -268,6 +268,9 @@ class AtomicCheckpoint(ModelCheckpoint):
         every_n_train_steps (40 steps saved every 25: step 25), except when nothing had been saved."""
         if self.save_last and not self._should_skip_saving_checkpoint(trainer) and trainer.global_step > 0:
             candidates = self._monitor_candidates(trainer)
+            # the file is named after the epoch its last step ran in: Lightning has closed it by now
+            # (current_epoch counts it done), so `epoch=1-step=N` beside periodic `epoch=0-step=M`
+            candidates["epoch"] = torch.tensor(max(trainer.current_epoch - 1, 0))
             if self.monitor is None:  # a step-numbered file too, as a periodic save makes (`link` targets it)
                 self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
