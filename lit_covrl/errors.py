@@ -22,6 +22,7 @@ _UNION = "Does not validate against any of the Union subtypes"
 # union member it tried, in a paragraph of alternatives)
 _NO_CLASS = re.compile(r"Problem with given class_path '([\w.]+)': module '([\w.]+)' has no attribute '(\w+)'")
 _KEY = re.compile(r'^Parser key "([^"]+)"')
+_NOT_A_TASK = re.compile(r"Import path ([\w.]+) does not implement protocol Task")
 
 
 def debugging() -> bool:
@@ -41,6 +42,9 @@ def one_line(err: BaseException) -> str:
     text = " ".join(ln for ln in lines if not ln.startswith(_NOISE)) or repr(err)
     if (missing := _missing_class(text)) is not None:
         return missing
+    if (task := _NOT_A_TASK.search(text)) is not None:
+        return (f"data.task: {task.group(1)} is not a task: it needs a method sample(rng) taking the random.Random "
+                "as its one argument (see lit_covrl.tasks.base.Task)")
     return text if isinstance(err, (ArgumentError, ValueError)) else f"{type(err).__name__}: {text}"
 
 

@@ -213,6 +213,43 @@ def test_every_command_line_form_of_a_class_path_task(tmp_path, flags):
     assert cli.datamodule.hparams.task == "tests.test_byo_data.SevenTask"
 
 
+class RenamedTask(SevenTask):
+    """sample's argument under another name: any task with a one-argument sample is one."""
+
+    def sample(self, r):
+        return super().sample(r)
+
+
+class NotATask:
+    name = "two_args"
+
+    def __init__(self, times=1):
+        self.times = times
+
+    def sample(self, rng, extra):  # cannot be called with the rng alone
+        return None
+
+
+def test_a_yaml_class_path_task_is_checked_by_its_sample_method_not_its_argument_names(tmp_path, capsys):
+    """`data.task` is typed with the Task protocol: the CLI compared sample's parameter names too,
+    refusing `sample(self, r)` with a paragraph of union alternatives; a task whose sample cannot
+    take the rng alone is refused at start-up in one line (it failed at the first rollout)."""
+    from lit_covrl.cli import LitCovRLCLI, main
+    from lit_covrl.module import GRPOModule
+    from tests.test_configs import QUICK
+
+    overlay = tmp_path / "task.yaml"
+    overlay.write_text("data:\n  task:\n    class_path: tests.test_byo_data.RenamedTask\n    init_args: {times: 4}\n")
+    cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False,
+                      args=["--config", str(QUICK), "--config", str(overlay), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert isinstance(cli.datamodule.task, RenamedTask) and cli.datamodule.task.times == 4
+    overlay.write_text("data:\n  task:\n    class_path: tests.test_byo_data.NotATask\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(QUICK), "--config", str(overlay), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "lit-covrl: error: data.task: tests.test_byo_data.NotATask is not a task: it needs a method sample(rng)")
+
+
 @pytest.mark.parametrize("text, match", [
     ("{init_args: {times: 4}}", "must be {class_path"),
     ("{class_path: tests.test_byo_data.SevenTask, init_args: 4}", "init_args must be a mapping"),

@@ -19,10 +19,11 @@ class Task(Protocol):
 
     name: str
 
-    # sample(rng: random.Random) -> Example. Not annotated on purpose: `data.task` is typed with
-    # this protocol, and the CLI accepts a class only if its method's annotations equal the
-    # protocol's, which would refuse a task written without them.
-    def sample(self, rng): ...
+    # sample(rng: random.Random) -> Example. `data.task` is typed with this protocol, and the CLI
+    # accepts a class only if its method matches this signature's annotations and names: so none
+    # here (a task written without annotations is accepted) and the argument positional-only (any
+    # name the task gives it is accepted).
+    def sample(self, rng, /): ...
 
 
 # ---------------------------------------------------------------- train / held-out split
