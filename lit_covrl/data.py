@@ -157,7 +157,7 @@ class PromptDataModule(L.LightningDataModule):
             except TypeError as e:  # a keyword the task's constructor does not take
                 raise ValueError(f"data.task_kwargs={task_kwargs!r} does not fit data.task={task!r}: {e}") from e
             if not isinstance(task, str) or task.lstrip().startswith("{"):  # plain data: the class path names it
-                self.hparams["task"] = f"{type(task).__module__}.{type(task).__qualname__}"
+                self.hparams["task"] = f"{type(self.task).__module__}.{type(self.task).__qualname__}"
         self.next_index = 0
         self.reader = RowReader(prompt_field, answer_field, strict=strict)
         self._train_rows: list[Example] | None = None

@@ -133,7 +133,7 @@ class Learner:
         )
         # those that read ctx.zeroed last (a stable sort: otherwise in callback order)
         for reg in sorted(self.regularizers, key=lambda r: r.reads_zeroed):
-            reg.prepare(ctx)
+            _explained(reg, "prepare", ctx, _CTX_FLAGS)
             if (zeroed := reg.zeroed_tokens()) is not None:
                 ctx.zeroed = ctx.zeroed | zeroed.bool()
         return early
@@ -179,7 +179,8 @@ class Learner:
 
         Returns (loss, shapings, base). Departures from the reference code: README, "Where we
         differ from the reference code"."""
-        shapings = [TokenShaping.checked(_shape(reg, b), b.logp.shape, reg) for reg in self.regularizers]
+        shapings = [TokenShaping.checked(_explained(reg, "shape", b, _BATCH_FLAGS), b.logp.shape, reg)
+                    for reg in self.regularizers]
         base = self.objective.token_loss(b.logp, b.old_logp, TokenShaping.shifted_advantages(shapings, b.advantages), b.mask)
         return aggregate(TokenShaping.combine(shapings, base), b.mask, **agg), shapings, base
 
@@ -353,18 +354,20 @@ class Learner:
             )
 
 
-_FLAGS = {"entropy": "needs_entropy", "ref_logp": "needs_reference"}  # PolicyBatch field -> what fills it
+# the fields a regularizer gets only by asking (a None field read -> the flag to set)
+_BATCH_FLAGS = {"entropy": "needs_entropy", "ref_logp": "needs_reference"}  # PolicyBatch (shape)
+_CTX_FLAGS = {"entropy": "needs_current_entropy"}  # MiniBatchContext (prepare)
 
 
-def _shape(reg, b: PolicyBatch):
-    """reg.shape(b); a TypeError raised while a field the regularizer did not ask for is None (it
-    read batch.entropy without `needs_entropy = True`) names the flag to set."""
+def _explained(reg, method: str, arg, flags: dict[str, str]):
+    """reg.<method>(arg); an error about None raised while a field of `arg` the regularizer did not
+    ask for is None (it read batch.entropy without `needs_entropy = True`) names the flag to set."""
     try:
-        return reg.shape(b)
-    except TypeError as e:
-        unasked = [f"batch.{f} is None unless the class sets {flag} = True" for f, flag in _FLAGS.items()
-                   if getattr(b, f) is None and not getattr(reg, flag, False)]
+        return getattr(reg, method)(arg)
+    except (TypeError, AttributeError) as e:
+        unasked = [f"{'ctx' if method == 'prepare' else 'batch'}.{f} is None unless the class sets {flag} = True"
+                   for f, flag in flags.items() if getattr(arg, f) is None and not getattr(reg, flag, False)]
         if unasked and "NoneType" in str(e):
-            raise TypeError(f"regularizer {getattr(reg, 'name', reg)!r} ({type(reg).__name__}.shape): {e}; "
-                            + "; ".join(unasked)) from e
+            raise type(e)(f"regularizer {getattr(reg, 'name', reg)!r} ({type(reg).__name__}.{method}): {e}; "
+                          + "; ".join(unasked)) from e
         raise

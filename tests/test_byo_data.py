@@ -213,6 +213,11 @@ def test_every_command_line_form_of_a_class_path_task(tmp_path, flags):
     assert cli.datamodule.hparams.task == "tests.test_byo_data.SevenTask"
 
 
+def test_a_task_mapping_given_as_text_is_named_by_its_class_in_hparams():
+    dm = PromptDataModule(task="{class_path: tests.test_byo_data.SevenTask, init_args: {times: 4}}", val_size=3)
+    assert dm.task.times == 4 and dm.hparams.task == "tests.test_byo_data.SevenTask"  # was 'builtins.str'
+
+
 class RenamedTask(SevenTask):
     """sample's argument under another name: any task with a one-argument sample is one."""
 

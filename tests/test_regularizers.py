@@ -344,3 +344,21 @@ def test_a_custom_regularizer_is_held_to_the_contract_at_once(tiny_model_dir):
     with pytest.raises(TypeError, match=r"'regularizer' \(ForgetsTheFlag.shape\): .*NoneType.*; batch.entropy is None "
                                         r"unless the class sets needs_entropy = True"):
         fit(make_module(tiny_model_dir), make_data(), steps=1, callbacks=[ForgetsTheFlag()], limit_val_batches=0)
+
+    class CallsAMethod(Regularizer):  # the same read as a method call: an AttributeError
+        def shape(self, batch):
+            return TokenShaping(penalty=-0.01 * batch.entropy.clamp(min=0))
+
+    with pytest.raises(AttributeError, match=r"\(CallsAMethod.shape\): .*; batch.entropy is None unless the class sets needs_entropy"):
+        fit(make_module(tiny_model_dir), make_data(), steps=1, callbacks=[CallsAMethod()], limit_val_batches=0)
+
+    class ReadsCurrentEntropy(Regularizer):  # ctx.entropy in prepare without needs_current_entropy
+        def prepare(self, ctx):
+            self.level = ctx.entropy.mean()
+
+        def shape(self, batch):
+            return TokenShaping()
+
+    with pytest.raises(AttributeError, match=r"\(ReadsCurrentEntropy.prepare\): .*; ctx.entropy is None unless the class "
+                                             r"sets needs_current_entropy = True"):
+        fit(make_module(tiny_model_dir), make_data(), steps=1, callbacks=[ReadsCurrentEntropy()], limit_val_batches=0)

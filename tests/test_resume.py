@@ -87,7 +87,7 @@ def test_extending_a_finished_run_keeps_its_whole_run_schedule(tiny_model_dir, t
     assert torch.load(ckpt, weights_only=False)["regularizer_schedule_steps"] == {"entropy_bonus": 2}
     with caplog.at_level("WARNING", logger="lit_covrl"):
         _trainer(tmp_path / "b", 5, regs()).fit(make_module(tiny_model_dir), make_data(), ckpt_path=str(ckpt))
-    assert "annealed its schedule over 2 RL steps" in caplog.text
+    assert "annealed its schedule over 2 RL steps; keeping that length, not the 4 of this run's trainer.max_steps=5" in caplog.text
     coef = _series(tmp_path / "a", ["reg/entropy_bonus/coef"])["reg/entropy_bonus/coef"]
     assert [coef[s] for s in (0, 1, 2)] == [1.0, 0.5, 0.0]  # the first run: 1 -> 0 at its last step
     coef = _series(tmp_path / "b", ["reg/entropy_bonus/coef"])["reg/entropy_bonus/coef"]
@@ -139,3 +139,21 @@ def test_resume_is_bitwise_on_the_paths_with_more_state(case, tiny_model_dir, tm
             assert v == pytest.approx(full[s], rel=1e-6, abs=1e-7), (tag, s)
     if case == "dynamic_sampling":  # more than one round was drawn, so the regenerated batches resumed too
         assert max(v for _, v in a["rollout/gen_rounds"]) > 1
+
+
+def test_a_checkpoint_from_before_last_step_schedules_keeps_its_timing_and_says_so(caplog):
+    """A whole-run schedule used to be resolved to trainer.max_steps (final one step after the end);
+    a checkpoint of such a run resumed with the same max_steps keeps that timing, and the warning
+    says why instead of claiming another trainer.max_steps."""
+    from types import SimpleNamespace
+
+    from lit_covrl.regularizers import EntropyBonus
+
+    reg = EntropyBonus(coef=1.0, schedule={"name": "linear", "final": 0.0})
+    trainer = SimpleNamespace(max_steps=10)
+    reg.setup(trainer, None, "fit")
+    assert reg.schedule.steps == 9
+    with caplog.at_level("WARNING", logger="lit_covrl"):
+        reg.on_load_checkpoint(trainer, None, {"regularizer_schedule_steps": {"entropy_bonus": 10}})
+    assert reg.schedule.steps == 10
+    assert "not the 9 of this run's trainer.max_steps=10 (a checkpoint written before" in caplog.text

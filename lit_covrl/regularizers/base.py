@@ -150,10 +150,12 @@ class Regularizer(Callback):
         saved = checkpoint.get(self._CKPT_KEY, {}).get(self.name)
         if saved is None or self._run_length is None or saved == self.schedule.steps:
             return
+        older = saved == trainer.max_steps  # code before whole-run schedules reached `final` on the last step
         log.warning(
-            "%s: the checkpoint's run annealed its schedule over %d RL steps; keeping that length, not "
-            "trainer.max_steps=%d (set schedule.steps to anneal over a different length)",
-            self.name, saved, self.schedule.steps,
+            "%s: the checkpoint's run annealed its schedule over %d RL steps; keeping that length, not the %d "
+            "of this run's trainer.max_steps=%d (%s)", self.name, saved, self.schedule.steps, trainer.max_steps,
+            "a checkpoint written before a whole-run schedule reached `final` on the last step: its timing is kept"
+            if older else "set schedule.steps to anneal over a different length",
         )
         self.schedule = replace(self.schedule, steps=int(saved))
         self._run_length = int(saved)
