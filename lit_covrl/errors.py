@@ -23,6 +23,8 @@ _UNION = "Does not validate against any of the Union subtypes"
 _NO_CLASS = re.compile(r"Problem with given class_path '([\w.]+)': module '([\w.]+)' has no attribute '(\w+)'")
 _KEY = re.compile(r'^Parser key "([^"]+)"')
 _NOT_A_TASK = re.compile(r"Import path ([\w.]+) does not implement protocol Task")
+_BUILTIN_TASK_ARG = re.compile(r'^Parser key "data.task".*Expected a dot import path string: (\w+) .*'
+                               r"Given value: NestedArg\(key='(\w+)', val='([^']*)'\)")
 
 
 def debugging() -> bool:
@@ -42,6 +44,10 @@ def one_line(err: BaseException) -> str:
     text = " ".join(ln for ln in lines if not ln.startswith(_NOISE)) or repr(err)
     if (missing := _missing_class(text)) is not None:
         return missing
+    if (arg := _BUILTIN_TASK_ARG.search(text)) is not None:
+        name, key, value = arg.groups()
+        return (f"data.task: the built-in task {name!r} takes its arguments from --data.task_kwargs "
+                f"'{{{key}: {value}}}' (--data.task.init_args.{key} is for a task given by class_path)")
     if (task := _NOT_A_TASK.search(text)) is not None:
         return (f"data.task: {task.group(1)} is not a task: it needs a method sample(rng) taking the random.Random "
                 "as its one argument (see lit_covrl.tasks.base.Task)")

@@ -70,6 +70,9 @@ def test_a_start_up_error_is_one_line_and_status_2_unless_debugging(tmp_path):
     (["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.5"], "--optimizer: lit-covrl reads the optimizer from --model.optimizer"),
     (["--config", "TOPLEVEL"], "TOPLEVEL: top-level `optimizer:` is not read by lit-covrl; put it under `model.optimizer:`"),
     (["--config", "BADYAML"], "--config BADYAML: not valid YAML: while parsing a flow mapping"),  # was PyYAML's traceback, rc 1
+    # a built-in task's argument by init_args: was the parser's union paragraph ending in NestedArg(...)
+    (["--data.task.init_args.digits", "2"], "data.task: the built-in task 'arithmetic' takes its arguments from "
+     "--data.task_kwargs '{digits: 2}'"),
     # a misspelt class: was jsonargparse's paragraph of union alternatives, saying the same thing twice
     (["--trainer.callbacks+=lit_covrl.regularizers.ClipCovv"], "lit-covrl: error: trainer.callbacks: no class "
      "'lit_covrl.regularizers.ClipCovv' (module 'lit_covrl.regularizers' has no attribute 'ClipCovv'); did you mean "
