@@ -5,15 +5,19 @@ Sources (exactly one): a built-in synthetic task (seeded, unlimited), local prom
 and read, with the row accounting, by `lit_covrl.sources`; the row files' format is in
 `lit_covrl.rows`.
 
-Determinism. Train batch k on rank r of W is a pure function of (seed, k, r, W). With the global
-batch number g = k*W + r:
-- task: `task.sample` called B times on `random.Random(f"lit_covrl:train:{seed}:{g}")`;
+Determinism. Train batch k on rank r of W is a pure function of (seed, k, r, W, m). Step k's global
+batch is W*B prompts, the same whatever W:
+- task: `task.sample` called W*B times on `random.Random(f"lit_covrl:train:{seed}:{k}")`;
 - rows: all train rows, concatenated over epochs e = 0, 1, ... each shuffled by
-  `random.Random(f"lit_covrl:shuffle:{seed}:{e}")`; batch g takes positions [g*B, (g+1)*B).
-So ranks see different prompts. From rows, W ranks together see what one rank with W*B prompts
-per batch would see; from a task they do not (its generator is seeded per B-prompt batch), only
-prompts from the same distribution. A run resumed with a different W continues without repeating
-stream positions, though the prompts differ from an uninterrupted run.
+  `random.Random(f"lit_covrl:shuffle:{seed}:{e}")`; step k takes positions [k*W*B, (k+1)*W*B).
+Rank r takes B of them (`rank_offsets`): the r-th block of B, or, when the module makes several
+updates per rollout of m = `model.update.mini_batch_size` prompts each (set by the module at
+start-up as `minibatch_prompts`), the r-th m prompts of every W*m, so that update j of W ranks
+trains on the prompts of one rank's update j with W*B prompts and mini-batches of W*m. So W ranks
+see what one rank with W*B prompts per batch (and W*m per update) sees. (Code before this layout
+seeded a task per rank's batch, `random.Random(f"...:{k*W + r}")` with B draws: the same for W = 1.)
+A run resumed with a different W continues without repeating stream positions, though the prompts
+differ from an uninterrupted run.
 
 Resume. `next_index` (this rank's next stream position) advances in `on_after_batch_transfer`.
 In Lightning 2.6 the training epoch loop calls it on the batch returned by `next(data_fetcher)`,
@@ -165,6 +169,8 @@ class PromptDataModule(L.LightningDataModule):
         self._val_read = False  # held-out prompts read from files / a HF split (not a task's)
         self._val_batches: list[PromptBatch] | None = None
         self._perms: dict[tuple[str, int], list[int]] = {}
+        # prompts per optimizer update, set by the module at start-up (None: one update per rollout)
+        self.minibatch_prompts: int | None = None
 
     # --------------------------------------------------------------------- loading
 
@@ -255,7 +261,19 @@ class PromptDataModule(L.LightningDataModule):
         """Train batch `index` of rank `rank` out of `world` (a pure function of these and the seed)."""
         if self._val_batches is None:
             self.setup("fit")
-        return PromptBatch.from_examples(self._examples_at(index * world + rank, "train", "shuffle"), index=index)
+        return PromptBatch.from_examples(self._examples_at(index, self.rank_offsets(rank, world), world, "train", "shuffle"),
+                                         index=index)
+
+    def rank_offsets(self, rank: int, world: int, minibatch: int | None | bool = True) -> list[int]:
+        """Positions, inside a step's global batch of W*B prompts, of rank `rank`'s B prompts: in
+        blocks of m = `minibatch_prompts` (the r-th m of every W*m), so that the ranks' update j
+        together is one rank's update j; the r-th block of B when there is one update per rollout
+        (m None, or not dividing B). `minibatch=False`: blocks of B whatever m."""
+        B = self.hparams.batch_size
+        m = self.minibatch_prompts if minibatch is True else None
+        if not m or m >= B or B % m:
+            m = B
+        return [j * world * m + rank * m + i for j in range(B // m) for i in range(m)]
 
     def regen_batch(self, index: int, round: int, rounds: int) -> PromptBatch:
         """Prompts of extra generation round `round` (1 .. rounds - 1) of train batch `index` on
@@ -267,18 +285,21 @@ class PromptDataModule(L.LightningDataModule):
         if self._val_batches is None:
             self.setup("fit")
         rank, world = self._rank_world()
-        g = (index * (rounds - 1) + round - 1) * world + rank
-        return PromptBatch.from_examples(self._examples_at(g, "regen", "regen-shuffle"), index=index)
+        unit = index * (rounds - 1) + round - 1
+        offsets = self.rank_offsets(rank, world, minibatch=False)  # filling in for filtered groups: no update layout
+        return PromptBatch.from_examples(self._examples_at(unit, offsets, world, "regen", "regen-shuffle"), index=index)
 
-    def _examples_at(self, g: int, task_stream: str, row_stream: str) -> list[Example]:
-        """Global batch g of a stream: task samples from its own seeded RNG, or rows at
-        positions [g*B, (g+1)*B) of that stream's per-epoch shuffles."""
-        bs, seed = self.hparams.batch_size, self.hparams.seed
+    def _examples_at(self, unit: int, offsets: list[int], world: int, task_stream: str, row_stream: str) -> list[Example]:
+        """The prompts at `offsets` of global batch `unit` (W*B prompts) of a stream: task samples
+        from that batch's own seeded RNG, or rows at positions unit*W*B + offset of that stream's
+        per-epoch shuffles."""
+        size, seed = world * self.hparams.batch_size, self.hparams.seed
         if self.task is not None:
-            rng = random.Random(f"lit_covrl:{task_stream}:{seed}:{g}")
-            return [self._with_system(self.task.sample(rng)) for _ in range(bs)]
+            rng = random.Random(f"lit_covrl:{task_stream}:{seed}:{unit}")
+            drawn = [self.task.sample(rng) for _ in range(max(offsets) + 1)]  # every rank draws the same
+            return [self._with_system(drawn[o]) for o in offsets]
         n = len(self._train_rows)
-        return [self._train_rows[self._perm(p // n, row_stream)[p % n]] for p in range(g * bs, (g + 1) * bs)]
+        return [self._train_rows[self._perm(p // n, row_stream)[p % n]] for p in (unit * size + o for o in offsets)]
 
     def _stream(self, rank: int, world: int, start: int = 0) -> Iterator[PromptBatch]:
         if not 0 <= rank < world:
@@ -380,36 +401,44 @@ class PromptDataModule(L.LightningDataModule):
             self.next_index = batch.index + 1
         return batch
 
+    # "step": a task's stream has one seeded generator per step, shared by the ranks (absent from
+    # checkpoints of older code, which seeded one per rank's batch: global batch k * W + r)
+    STREAM_UNIT = "step"
+
     def state_dict(self) -> dict[str, Any]:
         """Saved in checkpoints by Lightning. `next_index` (with the world size and batch size it
         counts batches of) is restored; `skipped_rows` is for the record (counts are recomputed when
         the files are read) and `seed` is checked."""
         return {"next_index": self.next_index, "world_size": self._rank_world()[1],
-                "batch_size": self.hparams.batch_size, "skipped_rows": self.skipped_rows, "seed": self.hparams.seed}
+                "batch_size": self.hparams.batch_size, "skipped_rows": self.skipped_rows, "seed": self.hparams.seed,
+                "task_stream_unit": self.STREAM_UNIT}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore `next_index`, rescaled when the world size or (rows only) the batch size changed.
+        """Restore `next_index`, rescaled when rows are read and the world size or batch size changed.
 
-        Batch k of rank r is global batch g = k * W + r, and rows take stream positions
-        [g * B, (g + 1) * B): the saved run used the first next_index * W * B positions (a task's
-        first next_index * W global batches: its batch size moves no position). The resumed run
-        continues at the first of its batches at or after them, so that no prompt is repeated
-        (fewer than W * B positions are skipped). Checkpoints without the world size or batch size
-        (older ones) are taken to match.
+        Step k takes rows at stream positions [k * W * B, (k + 1) * W * B): the saved run used the
+        first next_index * W * B positions. The resumed run continues at the first of its steps at
+        or after them, so that no prompt is repeated (fewer than W * B positions are skipped). A
+        task's step k has its own generator whatever W and B: it continues at next_index (older
+        checkpoints, whose task streams used next_index * W generators, at that many). Checkpoints
+        without the world size or batch size (older ones) are taken to match.
         """
         self.next_index = int(state_dict["next_index"])
         world, bs = self._rank_world()[1], self.hparams.batch_size
         saved_world = int(state_dict.get("world_size", 0)) or world
         saved_bs = int(state_dict.get("batch_size", 0)) or bs
-        rows = self.task is None
-        per, saved_per = (bs, saved_bs) if rows else (1, 1)  # stream units per global batch
-        if (saved_world, saved_per) != (world, per):
-            used = self.next_index * saved_world * saved_per
-            self.next_index = -(-used // (world * per))
-            first = self.next_index * world * per
+        if self.task is not None:
+            if state_dict.get("task_stream_unit") != self.STREAM_UNIT and saved_world > 1:
+                self.next_index *= saved_world
+                log.warning("prompt stream saved by older code with %d ranks: continuing the task at step "
+                            "generator %d (none repeated)", saved_world, self.next_index)
+        elif (saved_world, saved_bs) != (world, bs):
+            used = self.next_index * saved_world * saved_bs
+            self.next_index = -(-used // (world * bs))
+            first = self.next_index * world * bs
             log.warning("prompt stream saved with %d rank(s) x %d prompts per batch, resuming with %d x %d: "
-                        "continuing at %s %d (%d skipped, none repeated)", saved_world, saved_bs, world, bs,
-                        "stream position" if rows else "global batch", first, first - used)
+                        "continuing at stream position %d (%d skipped, none repeated)", saved_world, saved_bs,
+                        world, bs, first, first - used)
         saved_seed = state_dict.get("seed", self.hparams.seed)
         if saved_seed != self.hparams.seed:
             log.warning("resuming a prompt stream saved with seed %s under seed %s", saved_seed, self.hparams.seed)

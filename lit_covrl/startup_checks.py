@@ -2,7 +2,8 @@
 and the callback stack, the run plan (batch, mini-batch and group sizes against the data), the run
 length against validation, the chat template, every known prompt against the tokenizer, and the
 rewards' signatures against a sample of the data. Each failure names the setting to change, at
-minute zero rather than hours into a run."""
+minute zero rather than hours into a run. Also hands the datamodule what it lays out by: the
+module's prompts per update."""
 from __future__ import annotations
 
 from lightning.pytorch.utilities import rank_zero_warn
@@ -25,6 +26,8 @@ def check_before_start(module, stage: str) -> None:
     check_stack(module.regularizers)
     dm, ro = getattr(trainer, "datamodule", None), cfg.rollout
     module.rewards.answer_field = getattr(dm, "hparams", {}).get("answer_field") if dm is not None else None
+    if hasattr(dm, "minibatch_prompts"):  # ranks' updates laid out as one rank's (PromptDataModule.rank_offsets)
+        dm.minibatch_prompts = cfg.update.mini_batch_size
     check_fit_plan(ro, cfg.update, prompts_per_step=module.prompts_per_step(), datamodule=dm, stage=stage)
     if stage == "fit":
         # a time-based interval (a timedelta or dict) leaves no `val_check_interval` on the trainer

@@ -270,8 +270,15 @@ def test_task_stream_deterministic_and_ranks_differ(fake_task):
     assert other_seed != sa
     r0, r1 = take(a._stream(0, 2), 3), take(a._stream(1, 2), 3)
     assert all(x.prompts != y.prompts for x, y in zip(r0, r1))
-    # W ranks together walk the single-rank stream: global batch g = k*W + r
-    assert [r0[0], r1[0], r0[1], r1[1]] == [PromptBatch(s.prompts, s.answers, i // 2) for i, s in enumerate(sa[:4])]
+    # W ranks x B see what one rank with W*B prompts per step sees (the task's generator is per
+    # step, not per rank's batch; before, rank r's batch k was the single-rank stream's batch kW + r)
+    wide = take(PromptDataModule(task=fake_task, batch_size=8, seed=3)._stream(0, 1), 3)
+    assert [x.prompts + y.prompts for x, y in zip(r0, r1)] == [w.prompts for w in wide]
+    # one rank's stream is what it always was: step k's generator drawn B times
+    task = lit_covrl.tasks.get_task(fake_task)
+    for k, batch in enumerate(sa):
+        rng = random.Random(f"lit_covrl:train:3:{k}")
+        assert batch.prompts == [task.sample(rng).prompt for _ in range(4)]
     # restart mid-stream is a pure function of the position
     assert take(a._stream(1, 2, start=2), 1)[0] == r1[2]
     # held-out prompts come from a different seed than any train batch
@@ -552,27 +559,59 @@ def test_validation_prompts_of_a_builtin_task_are_held_out():
     assert len(train) > 1000 and not (val & train)
 
 
-@pytest.mark.parametrize("saved_world,next_index,world,resumed", [(2, 3, 1, 6), (2, 3, 4, 2), (1, 5, 2, 3), (2, 3, 2, 3)])
-def test_resume_with_another_world_size_repeats_no_prompt_batch(fake_task, saved_world, next_index, world, resumed):
-    """Batch k of rank r is global batch k * W + r. A run saved after next_index batches per rank on
-    saved_world ranks used global batches [0, next_index * saved_world); the resumed run must start
-    at or after that under its own world size (keeping k would repeat or skip many batches)."""
+@pytest.mark.parametrize("source", ["task", "rows"])
+def test_ranks_updates_together_are_one_ranks_update(fake_task, tmp_path, source):
+    """W = 2 ranks x B = 4 prompts with mini-batches of m = 2 (2 updates per rollout): update j of
+    the two ranks together (each rank's j-th m prompts) is the j-th W*m = 4 prompts of one rank with
+    W*B = 8 prompts per step. Before, each rank held a contiguous block of B, so update 0 of the
+    ranks was prompts 0-1 and 4-5 of the single rank's step, not its update 0 (prompts 0-3)."""
     from types import SimpleNamespace
 
-    saver = PromptDataModule(task=fake_task, batch_size=2)
-    saver.trainer = SimpleNamespace(global_rank=0, world_size=saved_world)
-    saver.next_index = next_index
+    path = write_jsonl(tmp_path / "r.jsonl", rows(50))
+
+    def make(batch_size, m):
+        kw = dict(task=fake_task) if source == "task" else dict(task=None, train_files=[path])
+        dm = PromptDataModule(batch_size=batch_size, seed=5, **kw)
+        dm.minibatch_prompts = m
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=1)
+        return dm
+
+    ranks, single = make(4, 2), make(8, 4)
+    for k in range(3):
+        one = single.batch_at(k).prompts
+        mine = [ranks.batch_at(k, r, 2).prompts for r in range(2)]
+        for j in range(2):
+            assert mine[0][2 * j:2 * j + 2] + mine[1][2 * j:2 * j + 2] == one[4 * j:4 * j + 4], (k, j)
+    ranks.minibatch_prompts = None  # one update per rollout: contiguous blocks
+    assert [ranks.batch_at(0, r, 2).prompts for r in range(2)] == [single.batch_at(0).prompts[:4], single.batch_at(0).prompts[4:]]
+    assert ranks.rank_offsets(1, 2) == [4, 5, 6, 7]
+    ranks.minibatch_prompts = 3  # not dividing B: no update layout (the module refuses it anyway)
+    assert ranks.rank_offsets(1, 2) == [4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("saved_world,world", [(2, 1), (2, 4), (1, 2), (2, 2)])
+def test_resume_with_another_world_size_repeats_no_task_prompt(fake_task, saved_world, world):
+    """A task's step k has its own generator whatever the world size: a run saved after 3 steps on
+    saved_world ranks resumes at step 3 on any other (none repeated, none skipped). A checkpoint of
+    older code, whose task stream used one generator per rank's batch (k * W + r), resumes past
+    all next_index * W generators it used."""
+    from types import SimpleNamespace
+
+    def make(w):
+        dm = PromptDataModule(task=fake_task, batch_size=2)
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=w)
+        return dm
+
+    saver = make(saved_world)
+    saver.next_index = 3
     state = saver.state_dict()
-    assert state["world_size"] == saved_world
-    dm = PromptDataModule(task=fake_task, batch_size=2)
-    dm.trainer = SimpleNamespace(global_rank=0, world_size=world)
+    assert state["world_size"] == saved_world and state["task_stream_unit"] == "step"
+    dm = make(world)
     dm.load_state_dict(state)
-    assert dm.next_index == resumed
-    used, first = next_index * saved_world, resumed * world
-    assert used <= first < used + world  # nothing repeated, fewer than W global batches skipped
-    old = {k: v for k, v in state.items() if k != "world_size"}  # a checkpoint from before: kept as is
+    assert dm.next_index == 3
+    old = {k: v for k, v in state.items() if k != "task_stream_unit"}  # a checkpoint from before
     dm.load_state_dict(old)
-    assert dm.next_index == next_index
+    assert dm.next_index == 3 * saved_world
 
 
 @pytest.mark.parametrize("saved_bs,saved_world,next_index,bs,world", [

@@ -23,6 +23,8 @@ One spawn of 2 workers runs six short fits (module fixture):
   F  3 steps under DDP with every entropy control of the literature stacked (80/20 tokens, entropy-
      ratio clip, STEER, adaptive bonus, entropy advantage, Clip-Cov) and the GSPO objective
      -> compared with 1 process, 3 steps
+  G  3 steps under DDP with 2 updates per rollout (mini_batch_size 1 prompt per rank)
+     -> compared with 1 process with mini_batch_size 2, 3 steps
 """
 from __future__ import annotations
 
@@ -108,6 +110,12 @@ def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> Non
     _dist.trainer(F_STEPS, [rec, *_dist.entropy_controls()], 2, out / "f", strategy=ddp).fit(
         module, _dist.make_data(Path(prompts), _dist.B))
     res["F"] = rec.steps
+    rec = _dist.Recorder()  # G: DDP, several updates per rollout
+    module = _dist.make_module(model_dir, update=dict(mini_batch_size=1))
+    ddp = DDPStrategy(process_group_backend="gloo")
+    _dist.trainer(F_STEPS, [rec, *_dist.regularizers()], 2, out / "g", strategy=ddp).fit(
+        module, _dist.make_data(Path(prompts), _dist.B))
+    res["G"] = rec.steps
     torch.save(res, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -150,6 +158,15 @@ def one_proc_entropy_controls(tiny_model_dir, two_procs):
     module = _dist.make_module(tiny_model_dir, objective=_dist.gspo())
     _dist.trainer(F_STEPS, [rec, *_dist.entropy_controls()], 1, out / "single_f").fit(
         module, _dist.make_data(prompts, 2 * _dist.B))
+    return rec.steps
+
+
+@pytest.fixture(scope="module")
+def one_proc_minibatches(tiny_model_dir, two_procs):
+    out, prompts, _ = two_procs
+    rec = _dist.Recorder()
+    module = _dist.make_module(tiny_model_dir, update=dict(mini_batch_size=2))
+    _dist.trainer(F_STEPS, [rec, *_dist.regularizers()], 1, out / "single_g").fit(module, _dist.make_data(prompts, 2 * _dist.B))
     return rec.steps
 
 
@@ -335,3 +352,13 @@ def test_export_reads_only_the_policy_of_a_sharded_checkpoint(two_procs, tmp_pat
     assert set(got) == set(want) and len(want) > 10
     for k, v in want.items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+
+
+def test_several_updates_per_rollout_match_one_process_with_the_same_global_mini_batches(two_procs, one_proc_minibatches):
+    """2 ranks x 1 prompt per update equal 1 process x 2 prompts per update: each rank holds the
+    r-th prompt of every update's pair (`PromptDataModule.rank_offsets`). With each rank's prompts
+    a contiguous block, update 0 of the ranks was prompts 0 and 2 of the step, one process's 0 and 1."""
+    _, _, ranks = two_procs
+    single = one_proc_minibatches
+    for r in ranks:
+        _assert_same(r["G"], single, range(1, F_STEPS + 1), rel=2e-3, abs_=1e-5)
