@@ -5,19 +5,10 @@ Sources (exactly one): a built-in synthetic task (seeded, unlimited), local prom
 and read, with the row accounting, by `lit_covrl.sources`; the row files' format is in
 `lit_covrl.rows`.
 
-Determinism. Train batch k on rank r of W is a pure function of (seed, k, r, W, m). Step k's global
-batch is W*B prompts, the same whatever W:
-- task: `task.sample` called W*B times on `random.Random(f"lit_covrl:train:{seed}:{k}")`;
-- rows: all train rows, concatenated over epochs e = 0, 1, ... each shuffled by
-  `random.Random(f"lit_covrl:shuffle:{seed}:{e}")`; step k takes positions [k*W*B, (k+1)*W*B).
-Rank r takes B of them (`rank_offsets`): the r-th block of B, or, when the module makes several
-updates per rollout of m = `model.update.mini_batch_size` prompts each (set by the module at
-start-up as `minibatch_prompts`), the r-th m prompts of every W*m, so that update j of W ranks
-trains on the prompts of one rank's update j with W*B prompts and mini-batches of W*m. So W ranks
-see what one rank with W*B prompts per batch (and W*m per update) sees. (Code before this layout
-seeded a task per rank's batch, `random.Random(f"...:{k*W + r}")` with B draws: the same for W = 1.)
-A run resumed with a different W continues without repeating stream positions, though the prompts
-differ from an uninterrupted run.
+Determinism. Train batch k on rank r of W is a pure function of (seed, k, r, W, m): step k's
+global batch is W*B prompts whatever W, laid out over the ranks so that their update j together is
+one rank's update j (`lit_covrl.streams`; m = the module's prompts per update, handed over at
+start-up as `minibatch_prompts`).
 
 Resume. `next_index` (this rank's next stream position) advances in `on_after_batch_transfer`.
 In Lightning 2.6 the training epoch loop calls it on the batch returned by `next(data_fetcher)`,
@@ -25,8 +16,8 @@ i.e. the batch about to enter `training_step` — the fetcher's one-batch look-a
 *before* that and does not trigger the hook — so the count is exact. It is saved and restored
 with checkpoints through `state_dict`/`load_state_dict`, and the next iteration of the train
 dataloader starts there. The world size and batch size it counts in are saved with it: resumed
-under others, rows continue at the first stream position not yet used (a task's stream at the
-first global batch not yet used), with a warning. (If both the LightningModule and this datamodule override the hook,
+under others, rows continue at the first stream position not yet used, with a warning
+(`lit_covrl.streams.resume_index`). (If both the LightningModule and this datamodule override the hook,
 Lightning calls only the datamodule's; the module should not override it.)
 """
 from __future__ import annotations
@@ -42,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lit_covrl.rows import MAX_ROW_WARNINGS
 from lit_covrl.sources import RowReader, check_sources, task_heldout
+from lit_covrl.streams import TASK_STREAM_UNIT, rank_offsets, resume_index
 from lit_covrl.tasks.base import Task
 from lit_covrl.types import Example, PromptBatch
 
@@ -264,16 +256,10 @@ class PromptDataModule(L.LightningDataModule):
         return PromptBatch.from_examples(self._examples_at(index, self.rank_offsets(rank, world), world, "train", "shuffle"),
                                          index=index)
 
-    def rank_offsets(self, rank: int, world: int, minibatch: int | None | bool = True) -> list[int]:
-        """Positions, inside a step's global batch of W*B prompts, of rank `rank`'s B prompts: in
-        blocks of m = `minibatch_prompts` (the r-th m of every W*m), so that the ranks' update j
-        together is one rank's update j; the r-th block of B when there is one update per rollout
-        (m None, or not dividing B). `minibatch=False`: blocks of B whatever m."""
-        B = self.hparams.batch_size
-        m = self.minibatch_prompts if minibatch is True else None
-        if not m or m >= B or B % m:
-            m = B
-        return [j * world * m + rank * m + i for j in range(B // m) for i in range(m)]
+    def rank_offsets(self, rank: int, world: int, minibatch: bool = True) -> list[int]:
+        """This rank's positions in a step's global batch (`lit_covrl.streams.rank_offsets`), laid
+        out by the module's prompts per update (`minibatch=False`: in blocks of B regardless)."""
+        return rank_offsets(rank, world, self.hparams.batch_size, self.minibatch_prompts if minibatch else None)
 
     def regen_batch(self, index: int, round: int, rounds: int) -> PromptBatch:
         """Prompts of extra generation round `round` (1 .. rounds - 1) of train batch `index` on
@@ -401,44 +387,23 @@ class PromptDataModule(L.LightningDataModule):
             self.next_index = batch.index + 1
         return batch
 
-    # "step": a task's stream has one seeded generator per step, shared by the ranks (absent from
-    # checkpoints of older code, which seeded one per rank's batch: global batch k * W + r)
-    STREAM_UNIT = "step"
-
     def state_dict(self) -> dict[str, Any]:
         """Saved in checkpoints by Lightning. `next_index` (with the world size and batch size it
         counts batches of) is restored; `skipped_rows` is for the record (counts are recomputed when
         the files are read) and `seed` is checked."""
         return {"next_index": self.next_index, "world_size": self._rank_world()[1],
                 "batch_size": self.hparams.batch_size, "skipped_rows": self.skipped_rows, "seed": self.hparams.seed,
-                "task_stream_unit": self.STREAM_UNIT}
+                "task_stream_unit": TASK_STREAM_UNIT}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore `next_index`, rescaled when rows are read and the world size or batch size changed.
-
-        Step k takes rows at stream positions [k * W * B, (k + 1) * W * B): the saved run used the
-        first next_index * W * B positions. The resumed run continues at the first of its steps at
-        or after them, so that no prompt is repeated (fewer than W * B positions are skipped). A
-        task's step k has its own generator whatever W and B: it continues at next_index (older
-        checkpoints, whose task streams used next_index * W generators, at that many). Checkpoints
-        without the world size or batch size (older ones) are taken to match.
-        """
-        self.next_index = int(state_dict["next_index"])
-        world, bs = self._rank_world()[1], self.hparams.batch_size
-        saved_world = int(state_dict.get("world_size", 0)) or world
-        saved_bs = int(state_dict.get("batch_size", 0)) or bs
-        if self.task is not None:
-            if state_dict.get("task_stream_unit") != self.STREAM_UNIT and saved_world > 1:
-                self.next_index *= saved_world
-                log.warning("prompt stream saved by older code with %d ranks: continuing the task at step "
-                            "generator %d (none repeated)", saved_world, self.next_index)
-        elif (saved_world, saved_bs) != (world, bs):
-            used = self.next_index * saved_world * saved_bs
-            self.next_index = -(-used // (world * bs))
-            first = self.next_index * world * bs
-            log.warning("prompt stream saved with %d rank(s) x %d prompts per batch, resuming with %d x %d: "
-                        "continuing at stream position %d (%d skipped, none repeated)", saved_world, saved_bs,
-                        world, bs, first, first - used)
+        """Restore `next_index`, moved on when rows are resumed under another world size or batch
+        size so that no prompt repeats (`lit_covrl.streams.resume_index`)."""
+        self.next_index, warning = resume_index(
+            int(state_dict["next_index"]), task=self.task is not None, world=self._rank_world()[1],
+            batch_size=self.hparams.batch_size, saved_world=state_dict.get("world_size"),
+            saved_batch_size=state_dict.get("batch_size"), saved_unit=state_dict.get("task_stream_unit"))
+        if warning:
+            log.warning(warning)
         saved_seed = state_dict.get("seed", self.hparams.seed)
         if saved_seed != self.hparams.seed:
             log.warning("resuming a prompt stream saved with seed %s under seed %s", saved_seed, self.hparams.seed)
