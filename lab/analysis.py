@@ -26,13 +26,22 @@ TAGS: dict[str, str] = {
 SUMMARY_COLUMNS: list[str] = ["method", "seed", "step", *TAGS, "selected_frac"]
 
 
+def event_dirs(log_dir: str | Path) -> list[Path]:
+    """The folders under log_dir (itself included) that hold TensorBoard event files: one per run."""
+    return sorted({p.parent for p in Path(log_dir).rglob("events.out.tfevents.*")})
+
+
 def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """All scalar series in the TensorBoard event files under log_dir: tag -> sorted [(step, value)].
+    """All scalar series in the TensorBoard event files of one run's folder: tag -> sorted [(step, value)].
 
     If a step was written twice (several event files, a resumed run) the last value read wins.
+    A folder holding several runs' folders is refused (their steps would be mixed into one series).
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    if len(dirs := event_dirs(log_dir)) > 1:
+        listed = ", ".join(str(d) for d in dirs[:4]) + (f" (and {len(dirs) - 4} more)" if len(dirs) > 4 else "")
+        raise ValueError(f"{log_dir} holds {len(dirs)} runs' event files ({listed}): name one run's folder")
     merged: dict[str, dict[int, float]] = {}
     for events in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
@@ -49,9 +58,11 @@ def summary_rows(method: str, seed: int, scalars: Mapping[str, Sequence[tuple[in
     by_col: dict[str, dict[int, float]] = {col: dict(scalars.get(tag, ())) for col, tag in TAGS.items()}
     sel: dict[int, float] = {}
     for tag, series in scalars.items():
-        # the covariance selectors (Clip-Cov, KL-Cov) log selected_adv_mean beside selected_frac;
-        # HighEntropyTokens' selected_frac is the fraction it keeps, not one it acts on
-        acts_on = tag[: -len("selected_frac")] + "selected_adv_mean" in scalars
+        # the covariance selectors (Clip-Cov, KL-Cov) log their coefficient beside selected_frac at
+        # every step (selected_adv_mean only on steps that selected: a selector that never selects
+        # must count as 0, not be missing); HighEntropyTokens' selected_frac is the fraction it keeps,
+        # not one it acts on, and it logs no coefficient
+        acts_on = tag[: -len("selected_frac")] + "coef" in scalars
         if tag.startswith("reg/") and tag.endswith("/selected_frac") and acts_on:
             for step, v in series:
                 sel[step] = sel.get(step, 0.0) + v

@@ -354,10 +354,29 @@ def law_section(runs: dict, methods: list[str], fit_frac: float, frontier: dict 
     return lines
 
 
+def incomplete_runs(rows: list[dict], meta: list[dict]) -> dict[tuple[str, int], str]:
+    """Runs whose numbers would not be comparable, with why: a failed run (returncode != 0 in
+    runs.csv) and a run whose last logged step is before the comparison's (stopped part-way: its
+    "final" figures would be from an earlier step, averaged in with the others' as if final)."""
+    last: dict[tuple[str, int], int] = {}
+    for r in rows:
+        key = (r["method"], r["seed"])
+        last[key] = max(last.get(key, -1), r["step"])
+    why = {(x["method"], x["seed"]): f"rc {x['returncode']}" for x in meta if x["returncode"] != 0}
+    end = max(last.values(), default=-1)
+    for key, step in last.items():
+        if step < end and key not in why:
+            why[key] = f"stopped at step {step} of {end}"
+    return why
+
+
 def make_report(out: Path, rows: list[dict], methods: list[str], meta: list[dict], command: str,
-                fit_frac: float) -> Path:
+                fit_frac: float) -> tuple[Path, list[str]]:
     """Write out/report.md (and the plots next to it) from the summary rows and the runs' meta
-    (tools/compare.py's runs.csv: method, seed, wall_s, returncode)."""
+    (tools/compare.py's runs.csv: method, seed, wall_s, returncode). Failed or cut-short runs are
+    left out of the tables and plots and listed; returns (the report's path, those runs' names)."""
+    why = incomplete_runs(rows, meta)
+    rows = [r for r in rows if (r["method"], r["seed"]) not in why]
     runs = _by_run(rows)
     frontier = frontier_fit(rows, methods)
     files = make_plots(out, rows, methods, frontier) if rows else []
@@ -369,10 +388,11 @@ def make_report(out: Path, rows: list[dict], methods: list[str], meta: list[dict
     lines += held_out_section(runs, methods)
     lines += same_lr_section(runs, methods)
     lines += paired_section(runs, methods)
-    failed = [x for x in meta if x["returncode"] != 0]
-    if failed:
-        lines += ["", "Failed runs: " + ", ".join(f"{x['method']}-s{x['seed']} (rc {x['returncode']})" for x in failed)]
+    left_out = [f"{m}-s{s} ({reason})" for (m, s), reason in sorted(why.items())]
+    if left_out:
+        lines += ["", "Left out of every table and plot (failed, or stopped before the others' last step): "
+                  + ", ".join(left_out)]
     lines += ["", "## Plots", ""] + [f"![{f}]({f})" for f in files] + [""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
-    return path
+    return path, left_out

@@ -61,6 +61,7 @@ def _scalars():
         "val/entropy": [(1, 0.55)],
         "reg/clip_cov/selected_frac": [(0, 0.02), (1, 0.01), (2, 0.03)],
         "reg/clip_cov/selected_adv_mean": [(0, 0.5), (1, 0.4), (2, 0.3)],
+        "reg/clip_cov/coef": [(0, 2e-3), (1, 2e-3), (2, 2e-3)],
         "time/update_s": [(0, 1.0)],
     }
 
@@ -76,10 +77,34 @@ def test_summary_rows_one_per_step_with_blanks():
 def test_selected_frac_sums_the_selectors_and_leaves_out_the_kept_fraction_of_high_entropy_tokens():
     """Clip-Cov + KL-Cov stacked: their acted-on fractions add up. HighEntropyTokens' selected_frac
     is the fraction it keeps (0.2 under 80/20), not one it acts on: adding it made 0.03 read 0.23."""
-    scalars = {**_scalars(), "reg/kl_cov/selected_frac": [(2, 0.01)], "reg/kl_cov/selected_adv_mean": [(2, 0.1)],
+    scalars = {**_scalars(), "reg/kl_cov/selected_frac": [(2, 0.01)], "reg/kl_cov/coef": [(2, 1.0)],
                "reg/high_entropy_tokens/selected_frac": [(2, 0.2)]}
     rows = an.summary_rows("stack", 0, scalars)
     assert rows[2]["selected_frac"] == pytest.approx(0.04)
+
+
+def test_a_selector_that_never_selects_counts_as_zero():
+    """selected_adv_mean is logged only on steps that selected a token: a Clip-Cov that never
+    selects was taken for no selector at all ('—' in the report, left out of the seed mean)."""
+    scalars = {"policy/entropy": [(0, 0.5), (1, 0.4)], "reg/clip_cov/selected_frac": [(0, 0.0), (1, 0.0)],
+               "reg/clip_cov/coef": [(0, 2e-3), (1, 2e-3)]}
+    assert an.run_stats(an.summary_rows("clip_cov", 0, scalars))["selected_frac"] == 0.0
+
+
+def test_a_folder_of_several_runs_is_refused(tmp_path):
+    """read_scalars merged every event file below the folder by step: pointed at runs/, the entropy
+    law was fitted to whichever run sorted last (or a step-by-step mix), under the folder's name."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for name in ("grpo-s0", "grpo-s1"):
+        w = SummaryWriter(str(tmp_path / "runs" / name))
+        w.add_scalar("policy/entropy", 0.5, 0)
+        w.close()
+    assert an.read_scalars(tmp_path / "runs" / "grpo-s0")["policy/entropy"] == [(0, 0.5)]
+    with pytest.raises(ValueError, match="holds 2 runs' event files"):
+        an.read_scalars(tmp_path / "runs")
+    with pytest.raises(SystemExit, match="name one run's folder"):
+        _load_tool("fit_entropy_law").fit_run(tmp_path / "runs")
 
 
 def test_summary_csv_columns_and_roundtrip(tmp_path):

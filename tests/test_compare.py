@@ -196,3 +196,50 @@ def test_a_comparison_stopped_part_way_keeps_its_finished_runs(tmp_path, monkeyp
     assert launched == ["clip_cov-s0"]  # grpo-s0 was kept
     assert {(x["method"], x["wall_s"]) for x in meta} == {("grpo", 12.5), ("clip_cov", 3.0)}
     assert {(x["method"], x["wall_s"]) for x in compare.read_meta(out)} == {("grpo", 12.5), ("clip_cov", 3.0)}
+
+
+def _synthetic_runs(out: Path, spec: dict[str, int]) -> None:
+    """TensorBoard runs under out/runs/<method>-s<seed> with the same curves for every method:
+    entropy 1 - step/100, reward step/100, a validation every 5 steps; `spec`: name -> steps logged."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for name, steps in spec.items():
+        w = SummaryWriter(str(out / "runs" / name))
+        for s in range(steps):
+            w.add_scalar("policy/entropy", 1 - s / 100, s)
+            w.add_scalar("rollout/reward_mean", s / 100, s)
+            if s % 5 == 4:
+                w.add_scalar("val/pass@1", s / 50, s)
+                w.add_scalar("val/pass@k", s / 40, s)
+        w.close()
+
+
+def test_a_run_stopped_early_is_left_out_of_the_report_and_named(tmp_path, capsys):
+    """Review tools14: a seed cut short (Ctrl-C, a crash) had its last logged step's figures
+    averaged in as 'final' with complete seeds: two identical methods showed a difference."""
+    compare = _compare_module()
+    out = tmp_path / "cmp"
+    _synthetic_runs(out, {"grpo-s0": 16, "grpo-s1": 16, "clip_cov-s0": 16, "clip_cov-s1": 10})
+    rc = compare.main(["--report-only", "--out", str(out), "--methods", "grpo,clip_cov", "--seeds", "2"])
+    assert rc == 1 and "left out of the report's tables (stopped early or failed): clip_cov-s1 (stopped at step 9 of 15)" \
+        in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert "Left out of every table and plot (failed, or stopped before the others' last step): clip_cov-s1" in report
+    grpo = next(x for x in report.splitlines() if x.startswith("| grpo | 2 |"))
+    clip = next(x for x in report.splitlines() if x.startswith("| clip_cov | 1 |"))
+    assert grpo.split("|")[3:9] == clip.split("|")[3:9]  # identical curves, identical figures
+
+
+def test_report_only_reads_every_seed_and_refuses_an_empty_folder(tmp_path):
+    """--report-only reported (and rewrote summary.csv with) seeds 0-2 only, --seeds' default, of a
+    5-seed comparison; a mistyped --out was created and reported as 0 rows with rc 0."""
+    compare = _compare_module()
+    out = tmp_path / "cmp"
+    _synthetic_runs(out, {f"grpo-s{s}": 6 for s in range(5)})
+    assert compare.main(["--report-only", "--out", str(out), "--methods", "grpo"]) == 0
+    with (out / "summary.csv").open() as f:
+        assert {r["seed"] for r in csv.DictReader(f)} == {"0", "1", "2", "3", "4"}
+    assert "| grpo | 5 |" in (out / "report.md").read_text()
+    with pytest.raises(SystemExit, match="no runs in"):
+        compare.main(["--report-only", "--out", str(tmp_path / "typo"), "--methods", "grpo"])
+    assert not (tmp_path / "typo").exists()

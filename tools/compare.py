@@ -23,7 +23,10 @@ table compares methods within a seed, free of the held-out sets' differences in 
   DIR/summary.csv              one row per (method, seed, logged step), see lab.analysis
   DIR/report.md + DIR/*.png    per-method table (mean +- std over seeds) and plots
 `--set key=value` (repeatable) passes `--key value` to every run, e.g. `--set model.eval.k=4`.
-`--report-only` rebuilds summary.csv and report.md from DIR/runs without training.
+`--report-only` rebuilds summary.csv and report.md from DIR/runs without training, from every seed
+there (not only --seeds). A failed run, or one stopped before the others' last step, is left out of
+the report's tables and plots and named (exit status 1): its "final" figures would be an earlier
+step's.
 """
 from __future__ import annotations
 
@@ -209,19 +212,22 @@ def read_meta(out: Path) -> list[dict]:
                  "returncode": int(r["returncode"])} for r in csv.DictReader(f)]
 
 
-def collect(out: Path, methods: list[str], seeds: int) -> list[dict]:
+def collect(out: Path, methods: list[str], seeds: int | None) -> list[dict]:
+    """Summary rows of seeds 0 .. seeds - 1 of each method (None: every `<method>-s<seed>` folder there)."""
     rows = []
     for m in methods:
-        for s in range(seeds):
-            d = out / "runs" / f"{m}-s{s}"
-            if d.exists():
-                rows += an.summary_rows(m, s, an.read_scalars(d))
+        found = sorted(int(d.name.rsplit("-s", 1)[1]) for d in (out / "runs").glob(f"{m}-s*")
+                       if d.is_dir() and d.name.rsplit("-s", 1)[1].isdigit() and d.name.rsplit("-s", 1)[0] == m)
+        for s in found if seeds is None else [s for s in found if s < seeds]:
+            rows += an.summary_rows(m, s, an.read_scalars(out / "runs" / f"{m}-s{s}"))
     return rows
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
+    if args.report_only and not any((out / "runs").glob("*-s*")):
+        raise SystemExit(f"--report-only: no runs in {out / 'runs'} (a comparison's --out folder has runs/<method>-s<seed>)")
     out.mkdir(parents=True, exist_ok=True)
     methods = [method_name(m) for m in args.methods.split(",") if m]
     for m in args.methods.split(","):
@@ -230,12 +236,14 @@ def main(argv=None) -> int:
     command = shlex.join([Path(sys.executable).name, "tools/compare.py", *(argv if argv is not None else sys.argv[1:])])
     t0 = time.perf_counter()
     meta = read_meta(out) if args.report_only else run_all(args, out)
-    rows = collect(out, methods, n_seeds(args))
+    rows = collect(out, methods, None if args.report_only else n_seeds(args))  # a report: every seed there
     an.write_summary_csv(out / "summary.csv", rows)
-    report = make_report(out, rows, methods, meta, command, args.fit_frac)
+    report, left_out = make_report(out, rows, methods, meta, command, args.fit_frac)
     print(f"[compare] {len(rows)} rows -> {out / 'summary.csv'}; report {report}; "
           f"total {time.perf_counter() - t0:.0f}s; tensorboard --logdir {out / 'runs'}", flush=True)
-    return 1 if any(x["returncode"] != 0 for x in meta) else 0
+    if left_out:
+        print(f"[compare] left out of the report's tables (stopped early or failed): {', '.join(left_out)}", flush=True)
+    return 1 if left_out or any(x["returncode"] != 0 for x in meta) else 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,10 @@ from lab import analysis as an  # noqa: E402
 
 def fit_run(log_dir: str | Path, fit_frac: float = 0.15, entropy_tag: str = "policy/entropy",
             reward_tag: str = "rollout/reward_mean") -> dict:
-    scalars = an.read_scalars(log_dir)
+    try:
+        scalars = an.read_scalars(log_dir)
+    except ValueError as e:  # a folder of several runs
+        raise SystemExit(str(e)) from None
     if entropy_tag not in scalars or reward_tag not in scalars:
         raise SystemExit(f"{log_dir}: needs tags {entropy_tag!r} and {reward_tag!r}; found {sorted(scalars)}")
     ent, rew = dict(scalars[entropy_tag]), dict(scalars[reward_tag])
