@@ -87,27 +87,34 @@ def test_heldout_sets_are_unchanged(case, expected):
     assert (_first(examples), _crc(examples)) == expected
 
 
-def _stream_examples(dm: PromptDataModule) -> list[Example]:
-    """Train batches 0..2 of ranks 0 and 1 of 2, then regen rounds 1 and 2 of batch 1, then the
+def _stream_examples(dm: PromptDataModule, world: int = 2) -> list[Example]:
+    """Train batches 0..2 of every rank of `world`, then regen rounds 1 and 2 of batch 1, then the
     held-out set: everything the datamodule draws, in a fixed order."""
     dm.setup("fit")
-    batches = [dm.batch_at(k, r, 2) for k in range(3) for r in range(2)]
+    batches = [dm.batch_at(k, r, world) for k in range(3) for r in range(world)]
     batches += [dm.regen_batch(1, rnd, 3) for rnd in (1, 2)]
     batches += list(dm.val_dataloader())
     return [Example(p, a) for b in batches for p, a in zip(b.prompts, b.answers)]
 
 
-@pytest.mark.parametrize("task, kwargs, expected", [
-    ("arithmetic", {}, ("89+69=\t158", "d67bc075")),
-    ("reasoning", {}, ("89+69-72+25=\t89+69=158,158-72=86,86+25=111|111", "bc0524bc")),
+@pytest.mark.parametrize("task, kwargs, world, expected", [
+    ("arithmetic", {}, 1, ("89+69=\t158", "7d6b4a38")),
+    ("reasoning", {}, 1, ("89+69-72+25=\t89+69=158,158-72=86,86+25=111|111", "221ea09d")),
     # no heldout(): the datamodule's fallback
-    ("word_problems", {"num_steps": 1},
-     ("Mateo has 38 cookies. He finds 9 more cookies. How many cook", "f9ef2528")),
+    ("word_problems", {"num_steps": 1}, 1,
+     ("Mateo has 38 cookies. He finds 9 more cookies. How many cook", "7822e529")),
+    # two ranks: changed on purpose when a task's step got one generator shared by the ranks (so
+    # that 2 ranks x B see what 1 rank x 2B sees); were d67bc075, bc0524bc and f9ef2528. One rank's
+    # figures above are those of the code before the change.
+    ("arithmetic", {}, 2, ("89+69=\t158", "fe81ec39")),
+    ("reasoning", {}, 2, ("89+69-72+25=\t89+69=158,158-72=86,86+25=111|111", "1bc525a3")),
+    ("word_problems", {"num_steps": 1}, 2,
+     ("Mateo has 38 cookies. He finds 9 more cookies. How many cook", "ab60a0c0")),
 ])
-def test_datamodule_task_streams_are_unchanged(task, kwargs, expected):
+def test_datamodule_task_streams_are_unchanged(task, kwargs, world, expected):
     dm = PromptDataModule(task=task, task_kwargs=kwargs, batch_size=5, val_size=12, val_batch_size=5, seed=3)
-    examples = _stream_examples(dm)
-    assert len(examples) == 3 * 2 * 5 + 2 * 5 + 12
+    examples = _stream_examples(dm, world)
+    assert len(examples) == 3 * world * 5 + 2 * 5 + 12
     assert (_first(examples), _crc(examples)) == expected
 
 
