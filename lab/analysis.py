@@ -31,17 +31,20 @@ def event_dirs(log_dir: str | Path) -> list[Path]:
     return sorted({p.parent for p in Path(log_dir).rglob("events.out.tfevents.*")})
 
 
-def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+def read_scalars(log_dir: str | Path, merge: bool = False) -> dict[str, list[tuple[int, float]]]:
     """All scalar series in the TensorBoard event files of one run's folder: tag -> sorted [(step, value)].
 
-    If a step was written twice (several event files, a resumed run) the last value read wins.
-    A folder holding several runs' folders is refused (their steps would be mixed into one series).
+    If a step was written twice (several event files in the folder) the last value read wins. A
+    folder holding several folders of event files is refused (their steps would be mixed into one
+    series), unless `merge`: they are one run's parts (a resumed `lit-covrl fit` logs to the next
+    version folder, -v0 then -v1), read in path order.
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    if len(dirs := event_dirs(log_dir)) > 1:
+    if len(dirs := event_dirs(log_dir)) > 1 and not merge:
         listed = ", ".join(str(d) for d in dirs[:4]) + (f" (and {len(dirs) - 4} more)" if len(dirs) > 4 else "")
-        raise ValueError(f"{log_dir} holds {len(dirs)} runs' event files ({listed}): name one run's folder")
+        raise ValueError(f"{log_dir} holds {len(dirs)} folders of event files ({listed}): name one run's folder, "
+                         "or merge them if they are one resumed run's parts")
     merged: dict[str, dict[int, float]] = {}
     for events in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})

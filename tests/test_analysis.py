@@ -101,10 +101,22 @@ def test_a_folder_of_several_runs_is_refused(tmp_path):
         w.add_scalar("policy/entropy", 0.5, 0)
         w.close()
     assert an.read_scalars(tmp_path / "runs" / "grpo-s0")["policy/entropy"] == [(0, 0.5)]
-    with pytest.raises(ValueError, match="holds 2 runs' event files"):
+    with pytest.raises(ValueError, match="holds 2 folders of event files"):
         an.read_scalars(tmp_path / "runs")
     with pytest.raises(SystemExit, match="name one run's folder"):
         _load_tool("fit_entropy_law").fit_run(tmp_path / "runs")
+
+
+def test_a_resumed_runs_parts_merge_on_request(tmp_path):
+    """A resumed fit logs to the next version folder: --merge reads -v0 and -v1 as one run."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for name, steps in (("r-v0", range(0, 3)), ("r-v1", range(3, 6))):
+        w = SummaryWriter(str(tmp_path / name))
+        for s in steps:
+            w.add_scalar("policy/entropy", 1.0 - s / 10, s)
+        w.close()
+    assert [s for s, _ in an.read_scalars(tmp_path, merge=True)["policy/entropy"]] == [0, 1, 2, 3, 4, 5]
 
 
 def test_summary_csv_columns_and_roundtrip(tmp_path):

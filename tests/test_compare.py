@@ -243,3 +243,18 @@ def test_report_only_reads_every_seed_and_refuses_an_empty_folder(tmp_path):
     with pytest.raises(SystemExit, match="no runs in"):
         compare.main(["--report-only", "--out", str(tmp_path / "typo"), "--methods", "grpo"])
     assert not (tmp_path / "typo").exists()
+
+
+def test_report_only_reports_every_method_in_the_folder_and_refuses_one_it_lacks(tmp_path):
+    """Without --methods, --report-only used the default four methods: grpo_low_lr's runs left
+    summary.csv, and methods never run there got '0 | n/a' rows, rc 0 (review layout14)."""
+    compare = _compare_module()
+    out = tmp_path / "cmp"
+    _synthetic_runs(out, {"grpo-s0": 6, "grpo_low_lr-s0": 6, "clip_cov-s0": 6})
+    assert compare.main(["--report-only", "--out", str(out)]) == 0
+    with (out / "summary.csv").open() as f:
+        assert {r["method"] for r in csv.DictReader(f)} == {"grpo", "grpo_low_lr", "clip_cov"}
+    report = (out / "report.md").read_text()
+    assert all(f"| {m} | 1 |" in report for m in ("grpo", "grpo_low_lr", "clip_cov")) and "| kl_cov |" not in report
+    with pytest.raises(SystemExit, match="no runs of kl_cov in .*; it holds clip_cov, grpo, grpo_low_lr"):
+        compare.main(["--report-only", "--out", str(out), "--methods", "grpo,kl_cov"])

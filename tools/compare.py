@@ -24,7 +24,7 @@ table compares methods within a seed, free of the held-out sets' differences in 
   DIR/report.md + DIR/*.png    per-method table (mean +- std over seeds) and plots
 `--set key=value` (repeatable) passes `--key value` to every run, e.g. `--set model.eval.k=4`.
 `--report-only` rebuilds summary.csv and report.md from DIR/runs without training, from every seed
-there (not only --seeds). A failed run, or one stopped before the others' last step, is left out of
+there (not only --seeds) and, without --methods, every method there. A failed run, or one stopped before the others' last step, is left out of
 the report's tables and plots and named (exit status 1): its "final" figures would be an earlier
 step's.
 """
@@ -59,12 +59,16 @@ QUICK_SEEDS = 2
 QUICK_VAL_SIZE = 32
 
 
+DEFAULT_METHODS = "grpo,entropy_bonus,clip_cov,kl_cov"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", action="append", default=None,
                    help="base config (repeatable: stacked in order); default configs/quickstart.yaml")
-    p.add_argument("--methods", default="grpo,entropy_bonus,clip_cov,kl_cov",
-                   help="comma-separated method names (configs/cpu/ or configs/experiments/<name>.yaml) or YAML paths")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated method names (configs/cpu/ or configs/experiments/<name>.yaml) or YAML paths "
+                        f"(default {DEFAULT_METHODS}; with --report-only, every method in DIR)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds: 0 .. N-1")
     p.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the config's)")
     p.add_argument("--val-every", type=int, default=None, help="validation interval in RL steps")
@@ -212,12 +216,29 @@ def read_meta(out: Path) -> list[dict]:
                  "returncode": int(r["returncode"])} for r in csv.DictReader(f)]
 
 
+def _run_folders(out: Path) -> list[tuple[str, int]]:
+    """(method, seed) of every DIR/runs/<method>-s<seed> folder."""
+    found = []
+    for d in (out / "runs").glob("*-s*"):
+        method, _, seed = d.name.rpartition("-s")
+        if d.is_dir() and method and seed.isdigit():
+            found.append((method, int(seed)))
+    return sorted(found)
+
+
+def methods_on_disk(out: Path) -> list[str]:
+    """The methods with runs in DIR: in runs.csv's order, then any others by name."""
+    on_disk = {m for m, _ in _run_folders(out)}
+    listed = list(dict.fromkeys(x["method"] for x in read_meta(out) if x["method"] in on_disk))
+    return listed + sorted(on_disk - set(listed))
+
+
 def collect(out: Path, methods: list[str], seeds: int | None) -> list[dict]:
     """Summary rows of seeds 0 .. seeds - 1 of each method (None: every `<method>-s<seed>` folder there)."""
     rows = []
+    on_disk = _run_folders(out)
     for m in methods:
-        found = sorted(int(d.name.rsplit("-s", 1)[1]) for d in (out / "runs").glob(f"{m}-s*")
-                       if d.is_dir() and d.name.rsplit("-s", 1)[1].isdigit() and d.name.rsplit("-s", 1)[0] == m)
+        found = [s for mm, s in on_disk if mm == m]
         for s in found if seeds is None else [s for s in found if s < seeds]:
             rows += an.summary_rows(m, s, an.read_scalars(out / "runs" / f"{m}-s{s}"))
     return rows
@@ -226,11 +247,16 @@ def collect(out: Path, methods: list[str], seeds: int | None) -> list[dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
-    if args.report_only and not any((out / "runs").glob("*-s*")):
-        raise SystemExit(f"--report-only: no runs in {out / 'runs'} (a comparison's --out folder has runs/<method>-s<seed>)")
+    if args.report_only:
+        if not (on_disk := methods_on_disk(out)):
+            raise SystemExit(f"--report-only: no runs in {out / 'runs'} (a comparison's --out folder has runs/<method>-s<seed>)")
+        args.methods = args.methods or ",".join(on_disk)
+        if missing := [method_name(m) for m in args.methods.split(",") if m and method_name(m) not in on_disk]:
+            raise SystemExit(f"--report-only: no runs of {', '.join(missing)} in {out / 'runs'}; it holds {', '.join(on_disk)}")
+    args.methods = args.methods or DEFAULT_METHODS
     out.mkdir(parents=True, exist_ok=True)
     methods = [method_name(m) for m in args.methods.split(",") if m]
-    for m in args.methods.split(","):
+    for m in args.methods.split(",") if not args.report_only else []:  # a report needs the runs, not the configs
         if m and not method_config(m, Path(args.config[0])).exists():
             raise SystemExit(f"no config for method {m!r}: {method_config(m, Path(args.config[0]))}")
     command = shlex.join([Path(sys.executable).name, "tools/compare.py", *(argv if argv is not None else sys.argv[1:])])

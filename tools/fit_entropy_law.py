@@ -21,11 +21,11 @@ from lab import analysis as an  # noqa: E402
 
 
 def fit_run(log_dir: str | Path, fit_frac: float = 0.15, entropy_tag: str = "policy/entropy",
-            reward_tag: str = "rollout/reward_mean") -> dict:
+            reward_tag: str = "rollout/reward_mean", merge: bool = False) -> dict:
     try:
-        scalars = an.read_scalars(log_dir)
+        scalars = an.read_scalars(log_dir, merge=merge)
     except ValueError as e:  # a folder of several runs
-        raise SystemExit(str(e)) from None
+        raise SystemExit(f"{e} (--merge)") from None
     if entropy_tag not in scalars or reward_tag not in scalars:
         raise SystemExit(f"{log_dir}: needs tags {entropy_tag!r} and {reward_tag!r}; found {sorted(scalars)}")
     ent, rew = dict(scalars[entropy_tag]), dict(scalars[reward_tag])
@@ -43,9 +43,11 @@ def main(argv=None) -> int:
     p.add_argument("--entropy-tag", default="policy/entropy")
     p.add_argument("--reward-tag", default="rollout/reward_mean")
     p.add_argument("--json", action="store_true", help="one JSON object per run")
+    p.add_argument("--merge", action="store_true",
+                   help="a log_dir whose subfolders are one resumed run's parts (runs/quickstart: -v0, -v1): read as one run")
     args = p.parse_args(argv)
     for d in args.log_dir:
-        r = fit_run(d, args.fit_frac, args.entropy_tag, args.reward_tag)
+        r = fit_run(d, args.fit_frac, args.entropy_tag, args.reward_tag, merge=args.merge)
         if args.json:
             print(json.dumps(r))
             continue
