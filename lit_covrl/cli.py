@@ -37,6 +37,12 @@ log = logging.getLogger("lit_covrl")
 
 
 class LitCovRLCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's, without `predict`: GRPOModule has no predict_step (answers to held-out
+        prompts are sampled by validate / test); it was listed and failed with a MisconfigurationException."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
     def add_arguments_to_parser(self, parser) -> None:
         # always-on checkpointing, configured under `checkpoint:`; keeps `trainer.callbacks` free
         # for the regularizers, so method configs can be stacked on a base config. Atomic files and

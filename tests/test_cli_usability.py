@@ -338,6 +338,14 @@ def test_the_end_of_fit_message_offers_tensorboard_only_for_event_files(tmp_path
     assert "logs:" in csv and "tensorboard" not in csv and "checkpoint" not in csv
 
 
+def test_predict_is_not_offered(capsys):
+    """`predict` was listed by --help and failed with "Trainer.predict requires forward"."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", "--config", str(QUICK)])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'predict' (choose from 'fit', 'validate', 'test')" in capsys.readouterr().err
+
+
 def test_a_saved_config_with_null_top_level_optimizer_keys_is_accepted(tmp_path):
     """Every run's config.yaml lists LightningCLI's `optimizer: null` / `lr_scheduler: null`:
     running it again must not trip the check that refuses a top-level optimizer."""
