@@ -681,3 +681,23 @@ def test_a_task_kwargs_typo_names_the_setting():
     with pytest.raises(ValueError, match=r"^data\.task_kwargs=\{'max_operand': 5\} does not fit "
                                          r"data\.task='arithmetic'"):
         PromptDataModule(task="arithmetic", task_kwargs={"max_operand": 5})
+
+
+def test_rank_offsets_and_resume_index_hand_worked():
+    from lit_covrl.streams import rank_offsets, resume_index
+
+    # 2 ranks x 4 prompts, 2 per update: rank 1 holds 2-3 (update 0) and 6-7 (update 1) of 8
+    assert rank_offsets(1, 2, 4, 2) == [2, 3, 6, 7]
+    assert rank_offsets(0, 3, 4, 1) == [0, 3, 6, 9]  # 3 ranks, one prompt per update
+    assert rank_offsets(2, 3, 4, None) == [8, 9, 10, 11] == rank_offsets(2, 3, 4, 3)  # blocks of B
+    assert rank_offsets(0, 1, 4, 2) == [0, 1, 2, 3]  # one rank: the stream in order
+    with pytest.raises(ValueError, match="rank 2 out of range for world size 2"):
+        rank_offsets(2, 2, 4)
+    # rows: 10 steps of 2 x 4 = 80 positions used; 1 x 6 continues at step 14 (position 84: 4 skipped)
+    step, warning = resume_index(10, task=False, world=1, batch_size=6, saved_world=2, saved_batch_size=4,
+                                 saved_unit="step")
+    assert step == 14 and "continuing at stream position 84 (4 skipped, none repeated)" in warning
+    assert resume_index(10, task=True, world=1, batch_size=6, saved_world=2, saved_batch_size=4,
+                        saved_unit="step") == (10, None)
+    assert resume_index(10, task=True, world=1, batch_size=6, saved_world=2, saved_batch_size=4,
+                        saved_unit=None)[0] == 20  # older code: 2 generators per step
