@@ -250,7 +250,8 @@ class PromptDataModule(L.LightningDataModule):
         return self._perms[key]
 
     def batch_at(self, index: int, rank: int = 0, world: int = 1) -> PromptBatch:
-        """Train batch `index` of rank `rank` out of `world` (a pure function of these and the seed)."""
+        """Train batch `index` of rank `rank` out of `world` (a pure function of these, the seed and
+        `minibatch_prompts`)."""
         if self._val_batches is None:
             self.setup("fit")
         return PromptBatch.from_examples(self._examples_at(index, self.rank_offsets(rank, world), world, "train", "shuffle"),
