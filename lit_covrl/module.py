@@ -34,7 +34,7 @@ from lit_covrl.generation import RolloutGenerator
 from lit_covrl.learner import Learner, LearnerSettings
 from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics
 from lit_covrl.objectives import Objective, resolve_objective
-from lit_covrl.policy import check_vocab, load_tokenizer, resolve_dtype
+from lit_covrl.policy import check_vocab, load_tokenizer, nonfinite_parameter, resolve_dtype
 from lit_covrl.progress import fit_end_message
 from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.reward_set import RewardSet
@@ -46,7 +46,7 @@ from lit_covrl.settings import (
     check_module_settings,
 )
 from lit_covrl.sharding import load_model
-from lit_covrl.startup_checks import check_before_start
+from lit_covrl.startup_checks import check_before_start, check_optimizer_precision
 from lit_covrl.types import PromptBatch, Rollout
 
 # the policy is kept in eval mode on purpose (no dropout in RL: rollout policy == trained policy)
@@ -96,7 +96,8 @@ class GRPOModule(L.LightningModule):
             tokenizer: tokenizer name/path if it differs from `model`.
             reference_model: frozen reference for ReferenceKL; null = a copy of `model`'s weights.
                 Loaded only when a regularizer needs it.
-            dtype: parameter dtype: float32, bfloat16 or float16.
+            dtype: parameter dtype: float32, bfloat16 or float16 (float16 refuses Adam-style optimizers:
+                their state underflows; use it to evaluate, or train with bfloat16).
             reward: a reward function, or a list of them (summed with `reward_weights`): dotted
                 path of a function, `class_path` (+ `init_args`) of a class, item-level or
                 batched (see `lit_covrl.reward_set`); default exact match.
@@ -251,6 +252,7 @@ class GRPOModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         opt = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+        check_optimizer_precision(opt)
         if self.lr_scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
@@ -286,7 +288,7 @@ class GRPOModule(L.LightningModule):
 
     # training ----------------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        cfg, G, timer = self.settings, self.settings.rollout.group_size, PhaseTimer()
+        cfg, G, timer, step = self.settings, self.settings.rollout.group_size, PhaseTimer(), self.global_step
         sampled, reward_stats = self._sample_batch(batch, timer)
         rollout, rewards = sampled.rollout, sampled.rewards
         if cfg.update.recompute_logprobs:  # old log-probs from the training forward instead of the sampler
@@ -304,6 +306,7 @@ class GRPOModule(L.LightningModule):
         with timer("update"):
             self.learner.regularizers = self.regularizers
             update_metrics = self.learner.update(rollout, advantages, keep, ref_logp, step=self.global_step)
+        self._stop_on_nonfinite_weights(step)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -357,6 +360,20 @@ class GRPOModule(L.LightningModule):
             f"({int(rollout.nonfinite.sum())} of {len(rollout.nonfinite)} sequences on rank {self.global_rank}); "
             f"the run is stopped. Last good checkpoint: {self.last_checkpoint() or 'none saved yet'}. "
             "Lower the learning rate or check the reward and data."
+        )
+
+    def _stop_on_nonfinite_weights(self, step: int) -> None:
+        """Finite gradients can still give non-finite weights (an optimizer state that over- or
+        underflows): stop before this step's end can save them, so that every checkpoint the run
+        wrote, the last one named below included, holds finite weights."""
+        bad = nonfinite_parameter(self.policy)
+        if distributed.all_true(bad is None):
+            return
+        raise RuntimeError(
+            f"non-finite weights (NaN or inf) after the updates of RL step {step}"
+            + (f" (parameter {bad!r} on rank {self.global_rank})" if bad else "")
+            + f"; the run is stopped before saving them. Last good checkpoint: {self.last_checkpoint() or 'none saved yet'}. "
+            "Lower the learning rate, or check the optimizer's precision (model.dtype, trainer.precision)."
         )
 
     def last_checkpoint(self) -> str:

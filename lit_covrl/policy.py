@@ -122,6 +122,21 @@ def load_policy(name_or_path: str, *, dtype: str = "float32") -> nn.Module:
     return model
 
 
+def nonfinite_parameter(model: nn.Module) -> str | None:
+    """The name of the first parameter (this rank's shard, under FSDP) holding a NaN or an inf, or
+    None: one (min, max) per parameter on the device, one host sync for the whole model."""
+    named = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in model.named_parameters()]
+    named = [(n, t) for n, t in named if t.is_floating_point() and t.numel() and t.device.type != "meta"]
+    if not named:
+        return None
+    with torch.no_grad():
+        ends = torch.stack([torch.stack(torch.aminmax(t.detach())).float() for _, t in named])  # NaN/inf show here
+        finite = torch.isfinite(ends).all(dim=1)
+        if bool(finite.all()):
+            return None
+        return named[int((~finite).nonzero()[0])][0]
+
+
 def check_finite_weights(model: nn.Module, name_or_path: str) -> None:
     """ValueError naming the model spec and the first parameter or buffer holding a NaN or an inf:
     such a model would otherwise fail at the first rollout, deep inside sampling."""

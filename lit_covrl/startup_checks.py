@@ -1,11 +1,13 @@
-"""Everything `GRPOModule.setup` can check before the first RL step, in one place: the strategy
-and the callback stack, the run plan (batch, mini-batch and group sizes against the data), the run
-length against validation, the chat template, every known prompt against the tokenizer, and the
-rewards' signatures against a sample of the data. Each failure names the setting to change, at
-minute zero rather than hours into a run. Also hands the datamodule what it lays out by: the
-module's prompts per update."""
+"""Everything `GRPOModule` can check before the first RL step, in one place: in `setup`, the
+strategy and the callback stack, the run plan (batch, mini-batch and group sizes against the
+data), the run length against validation, the chat template, every known prompt against the
+tokenizer and the rewards' signatures against a sample of the data; in `configure_optimizers`,
+the optimizer against the weights' precision. Each failure names the setting to change, at minute
+zero rather than hours into a run. Also hands the datamodule what it lays out by: the module's
+prompts per update."""
 from __future__ import annotations
 
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_covrl.prompt_check import check_datamodule_prompts
@@ -45,3 +47,16 @@ def check_before_start(module, stage: str) -> None:
     rows = (dm.known_examples() if hasattr(dm, "known_examples") else [])[:REWARD_CHECK_ROWS] or \
         (dm.task_sample() if hasattr(dm, "task_sample") else [])[:REWARD_CHECK_ROWS]
     module.rewards.check_calls([ex.answer for ex in rows], [ex.prompt for ex in rows], [ex.columns for ex in rows])
+
+
+def check_optimizer_precision(opt: torch.optim.Optimizer) -> None:
+    """float16 weights with an Adam-style optimizer (a second-moment state, `betas`): the state is
+    kept in float16, where the squared gradients underflow and eps (1e-8) rounds to 0, so the first
+    update divides by zero and every weight turns NaN. bfloat16 has float32's range."""
+    for group in opt.param_groups:
+        if "betas" in group and any(p.dtype == torch.float16 for p in group["params"]):
+            raise ValueError(
+                f"{type(opt).__name__} on float16 weights (model.dtype: float16 or trainer.precision: 16-true): its "
+                "state underflows in float16 and the first update turns the weights to NaN. Use bfloat16 "
+                "(model.dtype: bfloat16 or trainer.precision: bf16-true), or float32 weights with trainer.precision: 16-mixed"
+            )

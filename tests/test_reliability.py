@@ -68,6 +68,50 @@ def test_too_many_consecutive_bad_updates_stop_with_a_checkpoint(tiny_model_dir,
     assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["global_step"] == 1
 
 
+class PoisonAfter(torch.optim.SGD):
+    """SGD whose step writes a NaN into one weight from its `bad_from`-th call on (finite gradients,
+    non-finite weights: what float16 AdamW state does)."""
+
+    def __init__(self, params, bad_from: int) -> None:
+        super().__init__(params, lr=1e-4)
+        self.bad_from, self.calls = bad_from, 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        out = super().step(closure)
+        self.calls += 1
+        if self.calls >= self.bad_from:
+            self.param_groups[0]["params"][3].view(-1)[0] = float("nan")
+        return out
+
+
+def test_non_finite_weights_after_an_update_stop_the_run_before_they_are_saved(tiny_model_dir, tmp_path):
+    """Finite gradients, NaN weights after the step: the run went on to save them at the step's end
+    and stopped one step later calling that checkpoint 'Last good checkpoint'."""
+    from lit_covrl.checkpointing import AtomicCheckpoint
+
+    module = make_module(tiny_model_dir, optimizer=lambda p: PoisonAfter(p, bad_from=3))  # RL step 2's update
+    ck = AtomicCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_last=True)
+    with pytest.raises(RuntimeError, match=r"non-finite weights \(NaN or inf\) after the updates of RL step 2 "
+                                           r"\(parameter '.+' on rank 0\); the run is stopped before saving them") as err:
+        fit(module, make_data(), steps=5, callbacks=[ck], limit_val_batches=0, default_root_dir=str(tmp_path),
+            enable_checkpointing=True)
+    assert f"Last good checkpoint: {tmp_path / 'ck' / 'last.ckpt'}" in str(err.value)
+    saved = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+
+
+def test_float16_weights_with_adamw_are_refused_before_the_first_update(tiny_model_dir):
+    """AdamW's state in float16 (eps 1e-8 rounds to 0, squared gradients underflow): the first
+    update turned every weight to NaN, and the run saved them."""
+    with pytest.raises(ValueError, match=r"AdamW on float16 weights \(model.dtype: float16 or trainer.precision: "
+                                         r"16-true\): its state underflows"):
+        fit(make_module(tiny_model_dir, dtype="float16"), make_data(), steps=1, limit_val_batches=0)
+    module = make_module(tiny_model_dir, dtype="float16", optimizer=lambda p: torch.optim.SGD(p, lr=1e-4))
+    fit(module, make_data(), steps=1, limit_val_batches=0)  # no second-moment state: allowed
+
+
 def test_out_of_memory_in_a_rollout_names_the_settings_to_lower(tiny_model_dir, monkeypatch):
     module = make_module(tiny_model_dir)
     module.configure_model()
