@@ -223,6 +223,12 @@ def export(checkpoint: str | Path, out: str | Path, *, base: str | None = None, 
         raise ValueError("the checkpoint names no model: pass --base <hub name or folder>")
     model = build_model(base, weights, resolve_dtype(dtype or hp.get("dtype", "float32")))
     tokenizer = base_tokenizer(hp.get("tokenizer") or base)
+    # generate() on the export stops where training's rollouts stopped: at every end-of-sequence id
+    # of the model's generation config and of the tokenizer (model.tokenizer may differ from the base's)
+    from lit_covrl.stopping import eos_token_ids
+
+    eos = eos_token_ids(model, tokenizer)
+    model.generation_config.eos_token_id = eos if len(eos) > 1 else eos[0]
 
     def save(folder: Path) -> None:
         model.save_pretrained(folder)

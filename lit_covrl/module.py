@@ -219,6 +219,7 @@ class GRPOModule(L.LightningModule):
         if self._reference is None and any(r.needs_reference for r in self.regularizers):
             field = "model.reference_model" if hp.reference_model else "model.model"
             ref = self._load(field, hp.reference_model or hp.model, frozen=True)
+            check_vocab(self.tokenizer, ref, hp.reference_model or hp.model, hp.tokenizer, model_field=field)
             # the precision plugin converts the policy after this hook (`*-true` precisions cast it);
             # the reference gets the same cast, so that at step 0 its log-probs equal the policy's
             ref = self.trainer.precision_plugin.convert_module(ref)

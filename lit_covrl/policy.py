@@ -156,7 +156,8 @@ def check_finite_weights(model: nn.Module, name_or_path: str) -> None:
                     )
 
 
-def check_vocab(tokenizer, model: nn.Module, model_spec: str, tokenizer_spec: str | None = None) -> None:
+def check_vocab(tokenizer, model: nn.Module, model_spec: str, tokenizer_spec: str | None = None,
+                model_field: str = "model.model") -> None:
     """ValueError unless every token id the tokenizer can produce has a row in the model's
     embedding: a tokenizer of another model (or a model saved with a cut vocabulary) failed inside
     the first rollout with a bare `IndexError: index out of range` (a device-side assert on CUDA).
@@ -167,8 +168,11 @@ def check_vocab(tokenizer, model: nn.Module, model_spec: str, tokenizer_spec: st
         return
     if tokenizer_spec:
         raise ValueError(f"model.tokenizer={tokenizer_spec!r} has {len(tokenizer)} tokens, but the model of "
-                         f"model.model={model_spec!r} embeds only {rows}: use that model's own tokenizer "
+                         f"{model_field}={model_spec!r} embeds only {rows}: use that model's own tokenizer "
                          "(model.tokenizer: null)")
+    if model_field != "model.model":  # the reference model, read with the policy's tokenizer
+        raise ValueError(f"{model_field}={model_spec!r} embeds only {rows} tokens, but the policy's tokenizer has "
+                         f"{len(tokenizer)}: the reference must share the policy's vocabulary")
     raise ValueError(f"model.model={model_spec!r}: its tokenizer has {len(tokenizer)} tokens, but its model "
                      f"embeds only {rows} (vocab_size in its config.json): the folder's tokenizer and weights "
                      "do not belong together")

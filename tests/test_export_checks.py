@@ -233,3 +233,25 @@ def test_an_output_symlink_is_written_through(tmp_path):
     link = tmp_path / "link"
     link.symlink_to(target)
     assert check_out(link, tmp_path / "x.ckpt", force=False) == target.resolve()
+
+
+def test_the_export_stops_at_every_end_of_sequence_id_training_stopped_at(tmp_path, tiny_model_dir):
+    """model.tokenizer with another EOS than the base's generation config (a base model trained with
+    its Instruct tokenizer): rollouts stopped at both, the export's generate() only at the base's."""
+    from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
+
+    from lit_covrl.policy import load_policy, load_tokenizer
+    from lit_covrl.stopping import eos_token_ids
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_model_dir)
+    tok.eos_token = tok.bos_token  # another id than the generation config's EOS
+    tok.save_pretrained(tmp_path / "tok")
+    trained = eos_token_ids(load_policy(tiny_model_dir), load_tokenizer(str(tmp_path / "tok")))
+    assert len(trained) == 2
+    ckpt = tmp_path / "last.ckpt"
+    state = {"policy." + k: v for k, v in _model(tiny_model_dir).state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"model": tiny_model_dir, "tokenizer": str(tmp_path / "tok"),
+                                                          "dtype": "float32"}}, ckpt)
+    out = export(ckpt, tmp_path / "hf")
+    assert GenerationConfig.from_pretrained(out).eos_token_id == trained
+    assert AutoTokenizer.from_pretrained(out).eos_token_id == trained[1]

@@ -159,3 +159,19 @@ def test_a_tokenizer_with_ids_the_model_cannot_embed_fails_at_start_up(tiny_mode
     big.save_pretrained(folder)  # the folder's own tokenizer no longer matches its weights
     with pytest.raises(ValueError, match=r"model.model='.*mixed': its tokenizer has \d+ tokens, but its model embeds only"):
         fit(make_module(str(folder)), make_data(), steps=1, limit_val_batches=0)
+
+
+def test_a_reference_model_with_a_smaller_vocabulary_fails_at_start_up(tiny_model_dir, tmp_path):
+    """The policy's vocabulary was checked, the reference's not: a reference embedding fewer tokens
+    than the tokenizer failed at step 1 inside the reference forward with a bare IndexError."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lit_covrl.regularizers import ReferenceKL
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.vocab_size = 10
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "small")
+    module = make_module(tiny_model_dir, reference_model=str(tmp_path / "small"))
+    with pytest.raises(ValueError, match=r"model.reference_model='.*small' embeds only 10 tokens, but the policy's "
+                                         r"tokenizer has \d+: the reference must share the policy's vocabulary"):
+        fit(module, make_data(), steps=1, callbacks=[ReferenceKL(beta=0.1)], limit_val_batches=0)
