@@ -41,7 +41,9 @@ def resolve_model_path(name_or_path: str) -> str:
     - a `.gguf` file or a `package:` spec of one -> its converted cache folder (converted on first
       use), or the `.gguf` path itself when the cache is off (`LIT_COVRL_GGUF_CACHE=0`) or unwritable;
     - `package:<package>/<folder>` -> that folder inside the installed package;
-    - anything else (hub name, local folder) unchanged.
+    - anything else (hub name, local folder) unchanged; a spec that can only be a path (it starts
+      with /, ./, ../ or ~, or has more than one /: a hub id has one) and does not exist is an
+      OSError saying so (the hub client's own words were "Repo id must be in the form ...").
     """
     if name_or_path in BUILTIN_MODELS:
         return str(BUILTIN_MODELS[name_or_path])
@@ -52,7 +54,10 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(gguf.ensure_converted(source) if gguf.cache_enabled() else source)
     if name_or_path.startswith(gguf.PACKAGE_PREFIX):
         return str(gguf.resolve_package_path(name_or_path))
-    return name_or_path
+    a_path = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+    if a_path and not Path(name_or_path).expanduser().exists():
+        raise OSError(f"no such model folder: {name_or_path}")
+    return str(Path(name_or_path).expanduser()) if name_or_path.startswith("~") else name_or_path
 
 
 def _pretrained_args(name_or_path: str) -> tuple[str, dict]:

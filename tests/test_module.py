@@ -531,8 +531,10 @@ def test_a_reward_gets_the_answers_under_the_data_answer_fields_name(tiny_model_
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--model.model", "/no/such/model"], "OSError: model.model='/no/such/model' could not be loaded: "),
-    (["--model.tokenizer", "/no/such/tok"], "OSError: model.tokenizer='/no/such/tok' could not be loaded: "),
+    # and it said the hub id was malformed, not that the folder does not exist
+    (["--model.model", "/no/such/model"], "OSError: model.model='/no/such/model' could not be loaded: no such model folder"),
+    (["--model.tokenizer", "/no/such/tok"], "OSError: model.tokenizer='/no/such/tok' could not be loaded: no such model folder"),
+    (["--model.model", "./models/nope"], "model.model='./models/nope' could not be loaded: no such model folder: ./models/nope"),
     (["--data.batch_size", "0"], "data.batch_size must be >= 1, got 0"),
     (["--model.dtype", "float64"], "model.dtype='float64' is not supported"),
 ])
