@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_covrl import distributed
+from lit_covrl.policy import learned_position_limit
 from lit_covrl.prompts import encode_prompts
 from lit_covrl.reward_set import RewardSet
 from lit_covrl.sampling import Sampler
@@ -51,6 +52,11 @@ class RolloutGenerator:
             tok, prompts, chat_template=ro.chat_template,
             max_prompt_length=ro.max_prompt_length, overflow=ro.prompt_overflow,
         )
+        limit = learned_position_limit(policy)
+        if limit is not None and (longest := int(mask.sum(1).max())) + ro.max_new_tokens > limit:
+            raise ValueError(f"a prompt of {longest} tokens + model.rollout.max_new_tokens={ro.max_new_tokens} need more "
+                             f"than the {limit} positions the model's position table holds: lower max_new_tokens "
+                             "or set model.rollout.max_prompt_length")
         ids, mask = ids.repeat_interleave(n, 0).to(device), mask.repeat_interleave(n, 0).to(device)
         policy.eval()  # no dropout anywhere in RL: the rollout policy must equal the trained one
         try:

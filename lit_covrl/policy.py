@@ -161,6 +161,17 @@ def check_finite_weights(model: nn.Module, name_or_path: str) -> None:
                     )
 
 
+def learned_position_limit(model: nn.Module) -> int | None:
+    """How many positions a model with a learned position table (GPT-2's `wpe`, OPT's
+    `embed_positions`) can embed, or None: rotary and ALiBi models have no table (past their
+    trained context they degrade; a table model indexes out of range, a device-side assert on CUDA)."""
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Embedding) and (leaf == "wpe" or "position" in leaf):
+            return module.num_embeddings - int(getattr(module, "offset", 0))
+    return None
+
+
 def check_vocab(tokenizer, model: nn.Module, model_spec: str, tokenizer_spec: str | None = None,
                 model_field: str = "model.model") -> None:
     """ValueError unless every token id the tokenizer can produce has a row in the model's

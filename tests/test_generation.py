@@ -128,3 +128,26 @@ def test_sampling_batch_size_is_checked():
 
     with pytest.raises(ValueError, match="model.rollout.sampling_batch_size"):
         RolloutSettings(sampling_batch_size=0)
+
+
+def test_a_rollout_longer_than_a_learned_position_table_is_refused_naming_the_settings(tiny_model_dir, tmp_path):
+    """A GPT-2-style model (learned positions, 8 here) crashed inside sampling with a bare
+    IndexError (a device-side assert on CUDA) when prompt + max_new_tokens exceeded its table."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lit_covrl.policy import learned_position_limit, load_policy
+
+    tok = load_tokenizer(tiny_model_dir)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=8, n_embd=16, n_layer=1, n_head=2,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    policy = load_policy(str(tmp_path / "gpt2"))
+    assert learned_position_limit(policy) == 8 and learned_position_limit(load_policy(tiny_model_dir)) is None
+    gen = RolloutGenerator(tok, KVCacheSampler(), RewardSet([lambda c, a: 1.0]), RolloutSettings(max_new_tokens=4),
+                           gather_once=True, reward_timeout_s=None)
+    kw = dict(temperature=1.0, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    assert gen.generate(policy, ["1+2="], 2, **kw).input_ids.shape[0] == 2  # 4 + 4 positions: fits
+    with pytest.raises(ValueError, match=r"a prompt of 6 tokens \+ model.rollout.max_new_tokens=4 need more than the 8 "
+                                         r"positions the model's position table holds"):
+        gen.generate(policy, ["12+34="], 2, **kw)
