@@ -34,7 +34,7 @@ from lit_covrl.generation import RolloutGenerator
 from lit_covrl.learner import Learner, LearnerSettings
 from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics
 from lit_covrl.objectives import Objective, resolve_objective
-from lit_covrl.policy import check_vocab, load_tokenizer, nonfinite_parameter, resolve_dtype
+from lit_covrl.policy import check_vocab, first_nonfinite, load_tokenizer, resolve_dtype
 from lit_covrl.progress import fit_end_message
 from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.reward_set import RewardSet
@@ -367,7 +367,7 @@ class GRPOModule(L.LightningModule):
         """Finite gradients can still give non-finite weights (an optimizer state that over- or
         underflows): stop before this step's end can save them, so that every checkpoint the run
         wrote, the last one named below included, holds finite weights."""
-        bad = nonfinite_parameter(self.policy)
+        bad = first_nonfinite(self.policy.named_parameters())
         if distributed.all_true(bad is None):
             return
         raise RuntimeError(

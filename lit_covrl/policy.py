@@ -20,6 +20,7 @@ a second forward runs the response columns alone on that cache.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
@@ -127,38 +128,32 @@ def load_policy(name_or_path: str, *, dtype: str = "float32") -> nn.Module:
     return model
 
 
-def nonfinite_parameter(model: nn.Module) -> str | None:
-    """The name of the first parameter (this rank's shard, under FSDP) holding a NaN or an inf, or
-    None: one (min, max) per parameter on the device, one host sync for the whole model."""
-    named = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in model.named_parameters()]
+def first_nonfinite(named: Iterable[tuple[str, Tensor]]) -> str | None:
+    """The name of the first floating-point tensor of `named` (a DTensor: this rank's shard) holding a
+    NaN or an inf, or None. One (min, max) per tensor on its device (NaN and +-inf all show there,
+    with no temporary the tensor's size) and one host sync for all of them."""
+    named = [(n, t.to_local() if hasattr(t, "to_local") else t) for n, t in named]
     named = [(n, t) for n, t in named if t.is_floating_point() and t.numel() and t.device.type != "meta"]
     if not named:
         return None
     with torch.no_grad():
-        ends = torch.stack([torch.stack(torch.aminmax(t.detach())).float() for _, t in named])  # NaN/inf show here
-        finite = torch.isfinite(ends).all(dim=1)
-        if bool(finite.all()):
-            return None
-        return named[int((~finite).nonzero()[0])][0]
+        ends = torch.stack([torch.stack(torch.aminmax(t.detach())).float() for _, t in named])
+    finite = torch.isfinite(ends).all(dim=1)
+    return None if bool(finite.all()) else named[int((~finite).nonzero()[0])][0]
 
 
 def check_finite_weights(model: nn.Module, name_or_path: str) -> None:
     """ValueError naming the model spec and the first parameter or buffer holding a NaN or an inf:
     such a model would otherwise fail at the first rollout, deep inside sampling."""
-    with torch.no_grad():
-        for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-            for name, t in named:
-                if not t.is_floating_point() or t.device.type == "meta":
-                    continue
-                if t.numel() == 0 or all(torch.isfinite(v) for v in torch.aminmax(t.detach())):
-                    continue  # NaN and +-inf all show in (min, max): one cheap pass, no temporary
-                bad = int((~torch.isfinite(t)).sum())
-                if bad:
-                    raise ValueError(
-                        f"model {name_or_path!r}: {kind} {name!r} has {bad} non-finite value(s) (NaN or inf) out "
-                        f"of {t.numel()}; these weights cannot be trained (a diverged run saved them, or the "
-                        "file is corrupt)"
-                    )
+    for kind, named, get in (("parameter", model.named_parameters(), model.get_parameter),
+                             ("buffer", model.named_buffers(), model.get_buffer)):
+        if (name := first_nonfinite(named)) is not None:
+            t = get(name)
+            raise ValueError(
+                f"model {name_or_path!r}: {kind} {name!r} has {int((~torch.isfinite(t)).sum())} non-finite value(s) "
+                f"(NaN or inf) out of {t.numel()}; these weights cannot be trained (a diverged run saved them, or the "
+                "file is corrupt)"
+            )
 
 
 def learned_position_limit(model: nn.Module) -> int | None:
