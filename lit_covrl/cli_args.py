@@ -53,9 +53,11 @@ def _file_callbacks(path: str) -> list | None:
 
 def _file_model(path: str) -> dict:
     """The `model:` (or `model.init_args:`) mapping of a YAML config file ({} if none)."""
-    if not os.path.isfile(path):
-        return {}
-    cfg = _file_top(path)
+    return _model_section(_file_top(path))
+
+
+def _model_section(cfg: dict) -> dict:
+    """The `model:` (or `model.init_args:`) mapping of a config's top-level mapping ({} if none)."""
     model = cfg.get("model")
     if isinstance(model, dict) and isinstance(model.get("init_args"), dict):
         model = model["init_args"]
@@ -88,20 +90,16 @@ def _file_top(path: str) -> dict:
 _TOP_LEVEL = {"optimizer": "model.optimizer", "lr_scheduler": "model.lr_scheduler"}
 
 
-def _file_model_keys(path: str) -> list[str]:
-    """The keys under `model:` (or `model.init_args:`) of a YAML config file."""
-    return list(_file_model(path))
-
-
 def check_moved_keys(args: list[str]) -> None:
     """A flat key that moved into a settings group (`model.group_size` -> `model.rollout.group_size`),
     given in a `--config` file or on the command line, is refused with the new key named (before
     parsing, whose own message would only say the key is unknown)."""
     for index, path in _config_paths(args):
-        for key in _file_model_keys(path):
+        top = _file_top(path)  # read once for both checks
+        for key in _model_section(top):
             if (hint := moved_key_hint(key)) is not None:
                 raise ValueError(f"{path}: {hint} (see the README's \"Moved keys\")")
-        for key in sorted(k for k, v in _file_top(path).items() if k in _TOP_LEVEL and v is not None):
+        for key in sorted(k for k, v in top.items() if k in _TOP_LEVEL and v is not None):
             raise ValueError(f"{path}: top-level `{key}:` is not read by lit-covrl; put it under `{_TOP_LEVEL[key]}:`")
     for a in args:
         key = a.removeprefix("--").split("=", 1)[0].split(".")[0]

@@ -146,13 +146,13 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"data.unencodable_prompts={unencodable_prompts!r}; valid: {list(UNENCODABLE)}")
         self.task = None
         if task is not None:
-            from lit_covrl.tasks import get_task
+            from lit_covrl.tasks import get_task, is_mapping_text
 
             try:
                 self.task = get_task(task, **(task_kwargs or {}))
             except TypeError as e:  # a keyword the task's constructor does not take
                 raise ValueError(f"data.task_kwargs={task_kwargs!r} does not fit data.task={task!r}: {e}") from e
-            if not isinstance(task, str) or task.lstrip().startswith("{"):  # plain data: the class path names it
+            if not isinstance(task, str) or is_mapping_text(task):  # plain data: the class path names it
                 self.hparams["task"] = f"{type(self.task).__module__}.{type(self.task).__qualname__}"
         self.next_index = 0
         self.reader = RowReader(prompt_field, answer_field, strict=strict)

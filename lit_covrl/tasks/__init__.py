@@ -25,7 +25,7 @@ def get_task(name: Any, **kwargs: Any) -> Task:
     registry = _registry()
     if isinstance(name, str) and name in registry:
         return registry[name](**kwargs)
-    if isinstance(name, str) and name.lstrip().startswith("{"):  # a mapping the CLI kept as text
+    if is_mapping_text(name):
         name, kwargs = _class_path_mapping(name, kwargs)
     if isinstance(name, str) and "." in name:
         import importlib
@@ -46,9 +46,14 @@ def get_task(name: Any, **kwargs: Any) -> Task:
     return name
 
 
+def is_mapping_text(task: Any) -> bool:
+    """`{class_path: X, init_args: {...}}` as text: `data.task` is a str-or-task setting, so a
+    mapping typed on the command line arrives as a string."""
+    return isinstance(task, str) and task.lstrip().startswith("{")
+
+
 def _class_path_mapping(text: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(class path, constructor arguments) of `{class_path: X, init_args: {...}}` given as text
-    (`data.task` is a str-or-task setting, so a mapping typed on the command line arrives as text)."""
+    """(class path, constructor arguments) of a task mapping given as text (`is_mapping_text`)."""
     import yaml
 
     try:
