@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from lit_covrl import distributed, resume_check
+from lit_covrl import distributed, guards, resume_check
 from lit_covrl.algorithms import compute_advantages, zero_variance_groups
 from lit_covrl.drivers import LightningDriver
 from lit_covrl.dynamic_sampling import Round, sample_rounds
@@ -34,7 +34,7 @@ from lit_covrl.generation import RolloutGenerator
 from lit_covrl.learner import Learner, LearnerSettings
 from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics
 from lit_covrl.objectives import Objective, resolve_objective
-from lit_covrl.policy import check_vocab, first_nonfinite, load_tokenizer, resolve_dtype
+from lit_covrl.policy import check_vocab, load_tokenizer, resolve_dtype
 from lit_covrl.progress import fit_end_message
 from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.reward_set import RewardSet
@@ -307,7 +307,7 @@ class GRPOModule(L.LightningModule):
         with timer("update"):
             self.learner.regularizers = self.regularizers
             update_metrics = self.learner.update(rollout, advantages, keep, ref_logp, step=self.global_step)
-        self._stop_on_nonfinite_weights(step)
+        guards.stop_on_nonfinite_weights(self.policy, step=step, rank=self.global_rank, trainer=self.trainer)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -333,8 +333,7 @@ class GRPOModule(L.LightningModule):
         with timer("rollout"):
             rollout = self.generate(batch.prompts, G, temperature=ro.temperature, generator=self.rollout_generator)
         timer.count("rollout_tokens", rollout.response_mask.sum())  # every round's, for rollout/tokens_per_s
-        if not distributed.all_true(not bool(rollout.nonfinite.any())):
-            self._stop_on_nonfinite_logits(rollout)
+        guards.stop_on_nonfinite_logits(rollout, step=self.global_step, rank=self.global_rank, trainer=self._trainer)
         with timer("score"):
             answers = [a for a in batch.answers for _ in range(G)]
             prompts = [p for p in batch.prompts for _ in range(G)]
@@ -354,33 +353,9 @@ class GRPOModule(L.LightningModule):
             group_size=ro.group_size, max_rounds=rounds, pad_token_id=self.tokenizer.pad_token_id,
         )
 
-    def _stop_on_nonfinite_logits(self, rollout: Rollout) -> None:
-        """NaN/inf logits while sampling (on some rank): the weights are broken, nothing to train on."""
-        raise RuntimeError(
-            f"non-finite logits (NaN or inf) while sampling the rollout of RL step {self.global_step} "
-            f"({int(rollout.nonfinite.sum())} of {len(rollout.nonfinite)} sequences on rank {self.global_rank}); "
-            f"the run is stopped. Last good checkpoint: {self.last_checkpoint() or 'none saved yet'}. "
-            "Lower the learning rate or check the reward and data."
-        )
-
-    def _stop_on_nonfinite_weights(self, step: int) -> None:
-        """Finite gradients can still give non-finite weights (an optimizer state that over- or
-        underflows): stop before this step's end can save them, so that every checkpoint the run
-        wrote, the last one named below included, holds finite weights."""
-        bad = first_nonfinite(self.policy.named_parameters())
-        if distributed.all_true(bad is None):
-            return
-        raise RuntimeError(
-            f"non-finite weights (NaN or inf) after the updates of RL step {step}"
-            + (f" (parameter {bad!r} on rank {self.global_rank})" if bad else "")
-            + f"; the run is stopped before saving them. Last good checkpoint: {self.last_checkpoint() or 'none saved yet'}. "
-            "Lower the learning rate, or check the optimizer's precision (model.dtype, trainer.precision)."
-        )
-
     def last_checkpoint(self) -> str:
         """The checkpoint callback's latest file (saved between RL steps), or ""."""
-        ckpt = getattr(self.trainer, "checkpoint_callback", None)
-        return (getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")) if ckpt else ""
+        return guards.last_checkpoint(self._trainer)
 
     def _reference_logprobs(self, rollout: Rollout) -> Tensor:
         ref = self._reference

@@ -1,0 +1,57 @@
+"""Stopping a run that cannot go on, before it saves anything broken, with a message that says
+where to resume from.
+
+- non-finite logits while sampling (on any rank): the weights are already broken, there is
+  nothing to train on;
+- non-finite weights after a step's updates: finite gradients can still give them (an optimizer
+  state that over- or underflows), so they are checked before the step's end can checkpoint them,
+  and every checkpoint the run wrote, the last one named in the message included, holds finite
+  weights.
+
+Both checks are collective (every rank reaches the same decision), so no rank is left waiting in a
+later collective.
+"""
+from __future__ import annotations
+
+import torch
+
+from lit_covrl import distributed
+from lit_covrl.policy import first_nonfinite
+from lit_covrl.types import Rollout
+
+__all__ = ["last_checkpoint", "stop_on_nonfinite_logits", "stop_on_nonfinite_weights"]
+
+
+def last_checkpoint(trainer) -> str:
+    """The checkpoint callback's latest file (saved between RL steps), or ""."""
+    ckpt = getattr(trainer, "checkpoint_callback", None) if trainer is not None else None
+    return (getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")) if ckpt else ""
+
+
+def _resume_hint(trainer) -> str:
+    return f"Last good checkpoint: {last_checkpoint(trainer) or 'none saved yet'}."
+
+
+def stop_on_nonfinite_logits(rollout: Rollout, *, step: int, rank: int, trainer) -> None:
+    """RuntimeError if any rank sampled a sequence with NaN/inf logits (`Rollout.nonfinite`)."""
+    if distributed.all_true(not bool(rollout.nonfinite.any())):
+        return
+    raise RuntimeError(
+        f"non-finite logits (NaN or inf) while sampling the rollout of RL step {step} "
+        f"({int(rollout.nonfinite.sum())} of {len(rollout.nonfinite)} sequences on rank {rank}); "
+        f"the run is stopped. {_resume_hint(trainer)} Lower the learning rate or check the reward and data."
+    )
+
+
+def stop_on_nonfinite_weights(policy: torch.nn.Module, *, step: int, rank: int, trainer) -> None:
+    """RuntimeError if any rank's policy weights (its shards, under FSDP) hold a NaN or an inf after
+    the updates of RL step `step`: one (min, max) per parameter and one sync (`first_nonfinite`)."""
+    bad = first_nonfinite(policy.named_parameters())
+    if distributed.all_true(bad is None):
+        return
+    raise RuntimeError(
+        f"non-finite weights (NaN or inf) after the updates of RL step {step}"
+        + (f" (parameter {bad!r} on rank {rank})" if bad else "")
+        + f"; the run is stopped before saving them. {_resume_hint(trainer)} "
+        "Lower the learning rate, or check the optimizer's precision (model.dtype, trainer.precision)."
+    )
