@@ -116,3 +116,17 @@ def test_per_token_advantages_broadcasts_sequence_values_and_keeps_token_values(
     assert got.tolist() == [[1.5, 1.5, 1.5], [-2.0, -2.0, -2.0]]
     tok = torch.arange(6.0).view(2, 3)
     assert per_token_advantages(tok, like, torch.float32).tolist() == tok.tolist()
+
+
+@pytest.mark.parametrize("value", [0.1, 0.2, 0.9, 1.2, 10.1, 100.3, -0.7])
+@pytest.mark.parametrize("group_size", [3, 5, 8, 16])
+def test_a_group_of_equal_non_binary_rewards_has_exactly_zero_advantage(value, group_size):
+    """float32 rewards of 0.1 (or 1.2: a correct answer with two format rewards weighted 0.1) gave
+    a group mean one ulp off and a std of rounding noise: GRPO divided the two into a same-signed
+    advantage (-0.0074 for 8 x 0.1, +0.106 for 8 x 1.2) that trained the model on a constant reward."""
+    r = torch.cat([torch.full((group_size,), value), torch.arange(group_size, dtype=torch.float32)])
+    for name in ADVANTAGE_ESTIMATORS:
+        a = compute_advantages(r, group_size, name)
+        assert a.dtype == torch.float32
+        assert a[:group_size].abs().max() == 0, (name, a[:group_size])
+        assert a[group_size:].abs().max() > 0.5  # the varied group keeps its signal

@@ -32,7 +32,7 @@ __all__ = [
 
 
 def _groups(rewards: Tensor, group_size: int) -> Tensor:
-    """View flat rewards [B*G] as [B, G] (float), checking the layout."""
+    """View flat rewards [B*G] as [B, G] in float64, checking the layout."""
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if rewards.dim() != 1 or rewards.numel() % group_size != 0:
@@ -40,8 +40,19 @@ def _groups(rewards: Tensor, group_size: int) -> Tensor:
             f"rewards must be a flat [B*G] tensor with B*G divisible by group_size={group_size}, "
             f"got shape {tuple(rewards.shape)}"
         )
-    r = rewards if rewards.is_floating_point() else rewards.float()
-    return r.view(-1, group_size)
+    return rewards.double().view(-1, group_size)
+
+
+def _out_dtype(rewards: Tensor) -> torch.dtype:
+    return rewards.dtype if rewards.is_floating_point() else torch.float32
+
+
+def _zero_equal_groups(centered: Tensor, r: Tensor) -> Tensor:
+    """Exactly 0 for a group whose rewards are all equal: a mean rounded by one ulp, divided by a
+    std of rounding noise (+ eps), is otherwise a same-signed advantage for the whole group (8
+    rewards of 0.1 in float32 gave -0.0074 each, 8 of 1.2 gave +0.106), which trains the model on a
+    constant reward."""
+    return centered.masked_fill((r == r[:, :1]).all(dim=1, keepdim=True), 0.0)
 
 
 def group_advantages(
@@ -49,8 +60,9 @@ def group_advantages(
 ) -> Tensor:
     """GRPO (``normalize_std=True``) or Dr.GRPO (``False``) advantages.
 
-    rewards [B*G] -> advantages [B*G]:  (r - group mean) / (group std (Bessel) + eps), or
-    r - group mean without the std. The std needs G >= 2 (ValueError otherwise).
+    rewards [B*G] -> advantages [B*G] (rewards' float dtype; float32 for integer rewards):
+    (r - group mean) / (group std (Bessel) + eps), or r - group mean without the std; computed
+    in float64, and exactly 0 for a group of equal rewards. The std needs G >= 2 (ValueError otherwise).
     """
     if normalize_std and group_size < 2:
         raise ValueError(f"group std needs group_size >= 2, got {group_size}")
@@ -58,16 +70,17 @@ def group_advantages(
     centered = r - r.mean(dim=1, keepdim=True)
     if normalize_std:
         centered = centered / (r.std(dim=1, unbiased=True, keepdim=True) + eps)
-    return centered.reshape(-1)
+    return _zero_equal_groups(centered, r).reshape(-1).to(_out_dtype(rewards))
 
 
 def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
-    """Leave-one-out baseline: A_i = r_i - mean of the other G-1 rewards of its group (G >= 2)."""
+    """Leave-one-out baseline: A_i = r_i - mean of the other G-1 rewards of its group (G >= 2);
+    computed in float64, exactly 0 for a group of equal rewards."""
     if group_size < 2:
         raise ValueError(f"RLOO needs group_size >= 2, got {group_size}")
     r = _groups(rewards, group_size)  # [B, G]
     others = (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)
-    return (r - others).reshape(-1)
+    return _zero_equal_groups(r - others, r).reshape(-1).to(_out_dtype(rewards))
 
 
 def _grpo(rewards: Tensor, group_size: int) -> Tensor:
