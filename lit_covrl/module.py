@@ -96,8 +96,10 @@ class GRPOModule(L.LightningModule):
             tokenizer: tokenizer name/path if it differs from `model`.
             reference_model: frozen reference for ReferenceKL; null = a copy of `model`'s weights.
                 Loaded only when a regularizer needs it.
-            dtype: parameter dtype: float32, bfloat16 or float16 (float16 refuses Adam-style optimizers:
-                their state underflows; use it to evaluate, or train with bfloat16).
+            dtype: parameter dtype: float32, bfloat16 or float16. Train float32 weights (with
+                trainer.precision: bf16-mixed for bf16 compute): bfloat16 weights lose updates
+                below ~1/256 of a weight (a warning says how many), float16 ones refuse Adam-style
+                optimizers (their state underflows); both are fine to evaluate.
             reward: a reward function, or a list of them (summed with `reward_weights`): dotted
                 path of a function, `class_path` (+ `init_args`) of a class, item-level or
                 batched (see `lit_covrl.reward_set`); default exact match.

@@ -7,6 +7,8 @@ zero rather than hours into a run. Also hands the datamodule what it lays out by
 prompts per update."""
 from __future__ import annotations
 
+import math
+
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -50,13 +52,52 @@ def check_before_start(module, stage: str) -> None:
 
 
 def check_optimizer_precision(opt: torch.optim.Optimizer) -> None:
-    """float16 weights with an Adam-style optimizer (a second-moment state, `betas`): the state is
-    kept in float16, where the squared gradients underflow and eps (1e-8) rounds to 0, so the first
-    update divides by zero and every weight turns NaN. bfloat16 has float32's range."""
+    """The optimizer against the weights' precision (no float32 master copy is kept):
+
+    - float16 weights with an Adam-style optimizer (a second-moment state, `betas`) are refused:
+      the state is kept in float16, where the squared gradients underflow and eps (1e-8) rounds to
+      0, so the first update divides by zero and every weight turns NaN;
+    - bfloat16 weights get a warning: an update smaller than half a weight's bfloat16 spacing
+      (|w|/512 .. |w|/256) rounds away, and RL learning rates (1e-6 .. 1e-5) are below that for
+      most weights. For an Adam-style optimizer, whose first step moves every weight by about lr,
+      the warning says what fraction of the weights that step would leave unchanged (none below 1 %)."""
+    bf16, lost, seen, lr = False, 0, 0, 0.0
     for group in opt.param_groups:
-        if "betas" in group and any(p.dtype == torch.float16 for p in group["params"]):
+        params = [p for p in group["params"] if p.requires_grad]
+        if "betas" in group and any(p.dtype == torch.float16 for p in params):
             raise ValueError(
                 f"{type(opt).__name__} on float16 weights (model.dtype: float16 or trainer.precision: 16-true): its "
-                "state underflows in float16 and the first update turns the weights to NaN. Use bfloat16 "
-                "(model.dtype: bfloat16 or trainer.precision: bf16-true), or float32 weights with trainer.precision: 16-mixed"
+                "state underflows in float16 and the first update turns the weights to NaN. Train float32 weights "
+                "(model.dtype: float32) with trainer.precision: bf16-mixed (or 16-mixed), which computes in half "
+                "precision and keeps the updates"
             )
+        low = [p for p in params if p.dtype == torch.bfloat16]
+        if low:
+            bf16, lr = True, max(lr, float(group.get("lr", 0.0)))
+            if "betas" in group and float(group.get("lr", 0.0)) > 0:
+                n_lost, n = _rounded_away(low, float(group["lr"]))
+                lost, seen = lost + n_lost, seen + n
+    if not bf16 or (seen and lost < 0.01 * seen):  # a learning rate high enough for bfloat16
+        return
+    share = f" At lr={lr:g} the first {type(opt).__name__} step (about lr per weight) would leave " \
+            f"{lost / seen:.0%} of them unchanged." if seen else ""
+    rank_zero_warn(
+        "training bfloat16 weights (model.dtype: bfloat16 or trainer.precision: bf16-true) without a float32 "
+        f"copy: an update smaller than ~1/256 of a weight rounds away.{share} Train float32 weights with "
+        "trainer.precision: bf16-mixed (bfloat16 compute; every shipped config does), or raise the learning rate."
+    )
+
+
+def _rounded_away(params: list[torch.Tensor], lr: float, chunk: int = 1 << 24) -> tuple[int, int]:
+    """(elements where a step of size `lr` rounds away in bfloat16, elements), over this rank's
+    shards. A bfloat16 w in [2^e, 2^(e+1)) has spacing 2^(e-7): a step below half of it, 2^(e-8),
+    is lost, i.e. for every |w| >= T, T the least power of two above 256 * lr."""
+    threshold = 2.0 ** (math.floor(math.log2(256 * lr)) + 1)
+    lost = total = 0
+    with torch.no_grad():
+        for p in params:
+            flat = (p.to_local() if hasattr(p, "to_local") else p).detach().reshape(-1)
+            for start in range(0, flat.numel(), chunk):  # no temporary the size of an embedding
+                lost += int(torch.count_nonzero(flat[start:start + chunk].abs() >= threshold))
+            total += flat.numel()
+    return lost, total

@@ -1,6 +1,8 @@
 """Faults are survived or stop the run cleanly: non-finite updates, bad settings, OOM messages."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -110,6 +112,33 @@ def test_float16_weights_with_adamw_are_refused_before_the_first_update(tiny_mod
         fit(make_module(tiny_model_dir, dtype="float16"), make_data(), steps=1, limit_val_batches=0)
     module = make_module(tiny_model_dir, dtype="float16", optimizer=lambda p: torch.optim.SGD(p, lr=1e-4))
     fit(module, make_data(), steps=1, limit_val_batches=0)  # no second-moment state: allowed
+
+
+@pytest.mark.parametrize("lr", [1e-4, 1e-5, 2e-6, 5e-7])
+def test_the_bf16_rounded_away_count_matches_adding_the_step_and_rounding(lr):
+    """The start-up warning's fraction against brute force: w + lr rounded to bfloat16 == w."""
+    from lit_covrl.startup_checks import _rounded_away
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(50_000, generator=g) * torch.logspace(-5, 0, 50_000)).bfloat16()
+    unchanged = int(((w.float() + lr).bfloat16() == w).sum())  # positive step: ties to even aside
+    lost, total = _rounded_away([w], lr, chunk=4096)
+    assert total == w.numel() and abs(lost - unchanged) <= 0.002 * total, (lost, unchanged)
+    assert 0 < lost < total
+
+
+def test_bf16_weights_warn_how_many_updates_round_away(tiny_model_dir):
+    """bfloat16 weights with no float32 copy: at RL learning rates most of an AdamW step rounds away
+    (lr 1e-5 changed ~10 % of the tiny model's weights); the float16 refusal used to recommend them."""
+    with pytest.warns(UserWarning, match=r"training bfloat16 weights .* At lr=1e-05 the first AdamW step \(about lr "
+                                         r"per weight\) would leave \d+% of them unchanged"):
+        fit(make_module(tiny_model_dir, dtype="bfloat16", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5)),
+            make_data(), steps=1, limit_val_batches=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="training bfloat16 weights")
+        fit(make_module(tiny_model_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5)), make_data(), steps=1,
+            limit_val_batches=0, precision="bf16-mixed")
+        fit(make_module(tiny_model_dir, dtype="bfloat16"), make_data(), steps=1, limit_val_batches=0)  # lr 0.03
 
 
 def test_out_of_memory_in_a_rollout_names_the_settings_to_lower(tiny_model_dir, monkeypatch):
