@@ -257,9 +257,18 @@ class AtomicCheckpoint(ModelCheckpoint):
 
     @staticmethod
     def _validates_after_this_step(trainer) -> bool:
+        """Whether a validation runs right after this step. The epoch loop's decision alone is not
+        enough: it is True whenever `val_dataloader` is defined, also when it returns no batches (no
+        held-out data), and the validation that then returns at once calls no hook, so a save
+        deferred to `on_validation_end` was never made: a run without held-out data wrote no
+        checkpoint until it ended."""
         loop = trainer.fit_loop
         try:  # the decision the epoch loop makes right after this hook
-            return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+            if not loop.epoch_loop._should_check_val_fx(loop._data_fetcher):
+                return False
+            val_loop = loop.epoch_loop.val_loop
+            val_loop.setup_data()  # what that validation does first (a no-op once its data is set up)
+            return not val_loop.skip
         except AttributeError:  # a Lightning without these internals: save now, as Lightning does
             return False
 

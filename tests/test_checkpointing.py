@@ -26,6 +26,7 @@ import torch
 from lit_covrl.checkpointing import (
     AtomicCheckpoint, AtomicCheckpointIO, CheckpointWriteError, atomic_write, is_temporary_name, temporary_name,
 )
+from lit_covrl.data import PromptDataModule
 from tests import _dist
 from tests.faults import faulty_folder
 from tests.test_module import make_data, make_module
@@ -360,15 +361,16 @@ def test_settings_groups_survive_save_load_and_resume(tiny_model_dir, tmp_path):
     assert any(not torch.equal(initial[k[len("policy."):]], v) for k, v in trained.items() if k.startswith("policy."))
 
 
-def _fit_validating(model_dir, root: Path, name: str, steps: int, ckpt_path: Path | None = None) -> L.Trainer:
+def _fit_validating(model_dir, root: Path, name: str, steps: int, ckpt_path: Path | None = None, data=None,
+                    callbacks=()) -> L.Trainer:
     """Saved every 2 RL steps and validated every 2, as the shipped configs do (50 and 25)."""
     ck = AtomicCheckpoint(dirpath=root / name / "ck", every_n_train_steps=2, save_top_k=-1, save_last=True)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=steps, logger=L.pytorch.loggers.TensorBoardLogger(str(root / name), name="t"),
-        callbacks=[ck], enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[ck, *callbacks], enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=1, check_val_every_n_epoch=None, val_check_interval=2,
     )
-    trainer.fit(make_module(model_dir), make_data(), ckpt_path=str(ckpt_path) if ckpt_path else None)
+    trainer.fit(make_module(model_dir), data or make_data(), ckpt_path=str(ckpt_path) if ckpt_path else None)
     return trainer
 
 
@@ -401,3 +403,31 @@ def test_a_checkpoint_at_a_validating_step_is_written_after_that_validation(tiny
     for tag in ("final/best_val_pass@1", "final/best_val_pass@k", "final/val_pass@1"):
         assert tag in b and b[tag] == a[tag], tag
     assert "val/pass@1" not in b  # not validated twice
+
+
+class _FolderAtStep(L.Callback):
+    """The checkpoint folder's files as they were at the end of RL step `step` (1-based)."""
+
+    def __init__(self, folder: Path, step: int) -> None:
+        self.folder, self.step, self.files = folder, step, None
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            self.files = sorted(os.listdir(self.folder)) if self.folder.is_dir() else []
+
+
+@pytest.mark.parametrize("data", ["task_val_size_0", "file_without_val_files"])
+def test_a_run_without_held_out_data_writes_its_periodic_checkpoints(tiny_model_dir, tmp_path, data):
+    """No held-out data (a task with val_size 0, a train file without val_files: the BYO example),
+    saved every 2 steps and 'validated' every 2: each save was deferred to a validation that returns
+    at once without calling a hook, so nothing was written until the fit ended (a kill lost the run)."""
+    if data == "task_val_size_0":
+        dm = make_data(val_size=0)
+    else:
+        rows = tmp_path / "train.jsonl"
+        rows.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(8)))
+        dm = PromptDataModule(task=None, train_files=[str(rows)], batch_size=4, seed=0)
+    peek = _FolderAtStep(tmp_path / "run" / "ck", 3)
+    _fit_validating(tiny_model_dir, tmp_path, "run", 4, data=dm, callbacks=[peek])
+    assert peek.files is not None and "epoch=0-step=2.ckpt" in peek.files and "last.ckpt" in peek.files, peek.files
+    assert torch.load(tmp_path / "run" / "ck" / "epoch=0-step=2.ckpt", weights_only=False)["global_step"] == 2
