@@ -34,11 +34,17 @@ _RESPONSE = ("response_mask", "logp", "entropy")
 @dataclass
 class Round:
     """One generation round: its prompts, the sampled rollout (prompt-major, G rows per prompt)
-    and the scores of its rows."""
+    and the scores of its rows: `rewards`, trained on, and `scores`, the rewards as scored,
+    before `overlong: penalize` (what correctness is judged on; null: the same as `rewards`)."""
 
     batch: PromptBatch
     rollout: Rollout
     rewards: Tensor  # [B_round * G]
+    scores: Tensor | None = None  # [B_round * G]
+
+    def __post_init__(self) -> None:
+        if self.scores is None:
+            self.scores = self.rewards
 
     def informative(self, group_size: int) -> Tensor:
         """BoolTensor [B_round]: groups whose rewards are not all equal."""
@@ -98,11 +104,12 @@ def assemble(rounds: list[Round], chosen: list[tuple[int, int]], group_size: int
     prompts = [rounds[i].batch.prompts[g] for i, g in chosen]
     answers = [rounds[i].batch.answers[g] for i, g in chosen]
     rewards = torch.cat([rounds[i].rewards[r] for (i, _), r in zip(chosen, rows)])
+    scores = torch.cat([rounds[i].scores[r] for (i, _), r in zip(chosen, rows)])
     columns = [rounds[i].batch.columns[g] if rounds[i].batch.columns else {} for i, g in chosen]
     columns = columns if any(columns) else []  # PromptBatch: [] when no row has extra columns
     batch = dataclasses.replace(rounds[0].batch, prompts=prompts, answers=answers, columns=columns)
     width = max(r.rollout.response_mask.shape[1] for r in rounds)
-    return Round(batch, concat_rollouts(parts, pad_token_id, width), rewards)
+    return Round(batch, concat_rollouts(parts, pad_token_id, width), rewards, scores)
 
 
 def concat_rollouts(parts: list[tuple[Rollout, Tensor]], pad_token_id: int, min_width: int = 0) -> Rollout:

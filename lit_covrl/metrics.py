@@ -89,7 +89,7 @@ class PassAtK(Metric):
 
 def rollout_metrics(
     rollout, rewards: Tensor, advantages: Tensor, zero_var: Tensor, *, group_size: int, seconds: float,
-    correct_threshold: float, generated_tokens: Tensor | float | None = None,
+    correct_threshold: float, generated_tokens: Tensor | float | None = None, scores: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The rollout/, policy/entropy and cov/ metrics of one RL step, over all ranks.
 
@@ -101,6 +101,9 @@ def rollout_metrics(
     mean of per-sequence means. rollout/tokens_per_s is all ranks' sampled tokens over the slowest
     rank's rollout time; `generated_tokens` is this rank's count when it sampled more than the
     rollout holds (dynamic sampling: every round's tokens, over every round's time).
+    rollout/reward_mean and reward_std are of `rewards`, trained on (an overlong penalty included);
+    rollout/accuracy is correctness: `scores` (the rewards as scored, before that penalty; null:
+    `rewards`) >= correct_threshold, as held-out pass@1 judges it.
     """
     from lit_covrl import distributed
     from lit_covrl.algorithms import covariance_group_means
@@ -113,7 +116,7 @@ def rollout_metrics(
     groups = zero_var.float().view(-1, group_size)[:, 0]
     s = distributed.all_sum(torch.stack([
         r.sum(), (r * r).sum(), torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device),
-        (rewards >= correct_threshold).double().sum(), lengths.double().sum(),
+        ((rewards if scores is None else scores) >= correct_threshold).double().sum(), lengths.double().sum(),
         rollout.truncated.double().sum(), groups.double().sum(),
         torch.tensor(float(groups.numel()), dtype=torch.float64, device=r.device),
         (rollout.entropy * m).double().sum(), per_seq.double().sum(),

@@ -106,7 +106,8 @@ class GRPOModule(L.LightningModule):
             reward_weights: one weight per reward (null = all 1.0).
             reward_timeout_s: per-item time limit of the reward function (null = none); a
                 batched reward gets this times its number of items.
-            correct_threshold: a response counts as correct (accuracy, pass@k) if reward >= this.
+            correct_threshold: a response counts as correct (accuracy, pass@k) if reward >= this
+                (its reward as scored, before an overlong penalty).
             objective: the policy objective (`class_path`: lit_covrl.objectives.PPOClip, GSPO or
                 CISPO). null = PPOClip with the clip settings of `loss`, which must stay at their
                 defaults when an objective is given.
@@ -317,6 +318,7 @@ class GRPOModule(L.LightningModule):
             **rollout_metrics(
                 rollout, rewards, advantages, zero_var, group_size=G, seconds=timer.seconds["rollout"],
                 correct_threshold=self.hparams.correct_threshold, generated_tokens=timer.counts["rollout_tokens"],
+                scores=sampled.scores,
             ),
             **reward_stats,
             **update_metrics,
@@ -340,9 +342,9 @@ class GRPOModule(L.LightningModule):
             answers = [a for a in batch.answers for _ in range(G)]
             prompts = [p for p in batch.prompts for _ in range(G)]
             columns = [c for c in batch.columns for _ in range(G)]
-            rewards, reward_stats = self.score(rollout.completions, answers, prompts, columns)
-            rewards = self.generation.penalize_overlong(rollout, rewards)
-        return Round(batch, rollout, rewards), reward_stats
+            scores, reward_stats = self.score(rollout.completions, answers, prompts, columns)
+            rewards = self.generation.penalize_overlong(rollout, scores)
+        return Round(batch, rollout, rewards, scores), reward_stats
 
     def _sample_batch(self, batch: PromptBatch, timer: PhaseTimer) -> tuple[Round, dict[str, float]]:
         """One generation round; under dynamic sampling (`filter_groups` with `max_gen_rounds` > 1)

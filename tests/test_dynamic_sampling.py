@@ -58,6 +58,9 @@ def test_choose_groups_takes_informative_groups_in_generation_order_then_fills()
     assert out.batch.prompts == ["p1", "p10", "p12"] and out.batch.answers == ["a1", "a10", "a12"]
     assert out.rewards.tolist() == [1, 0, 1, 0, 0, 1] and out.batch.index == 7
     assert out.rollout.input_ids.shape == (6, 3)
+    assert out.scores.tolist() == out.rewards.tolist()  # no scores given: the rewards
+    r0.scores, r1.scores = torch.tensor([5, 5, 6, 5, 6, 6]), torch.tensor([6, 5, 5, 5, 5, 6])  # before a penalty
+    assert assemble([r0, r1], choose_groups([r0, r1], 3, G), G, PAD).scores.tolist() == [6, 5, 6, 5, 5, 6]
 
 
 def test_assemble_keeps_the_columns_of_rounds_that_have_them():

@@ -385,6 +385,24 @@ def test_truncated_responses_follow_the_overlong_policy(tiny_model_dir, tmp_path
         assert kept == pytest.approx([1 - t for t in truncated], abs=1e-6)
 
 
+def always_right(completion: str, answer: str) -> float:
+    return 1.0
+
+
+def test_accuracy_judges_truncated_responses_by_their_score_under_overlong_penalize(tiny_model_dir, tmp_path):
+    """rollout/accuracy is correctness (the score before the overlong penalty, as val/pass@1
+    judges it); rollout/reward_mean is what was trained on, the penalty included."""
+    module = make_module(tiny_model_dir, reward=always_right,
+                         rollout=dict(max_new_tokens=1, overlong="penalize", overlong_reward=-1.0))
+    fit(module, make_data(), steps=2, log_dir=tmp_path, limit_val_batches=0)
+    tags = scalar_tags(tmp_path)
+    truncated = [v for _, v in tags["rollout/truncated_frac"]]
+    assert min(truncated) > 0.5
+    assert [v for _, v in tags["rollout/accuracy"]] == [1.0, 1.0]  # every response scored 1.0
+    # a truncated response trains on -1, the others on 1: mean = 1 - 2 t
+    assert [v for _, v in tags["rollout/reward_mean"]] == pytest.approx([1 - 2 * t for t in truncated], abs=1e-6)
+
+
 def test_sampler_runs_the_prompt_forward_once_per_group(tiny_model_dir):
     """GRPO's G identical prompt rows share one prompt forward (its KV cache rows are repeated):
     the same samples and log-probs as G separate prompt forwards, with 1/G of the prompt rows."""
