@@ -1,7 +1,8 @@
 """Held-out evaluation: `samples` answers per held-out prompt at the evaluation temperature, from a
 sampler reseeded identically at every evaluation (successive evaluations differ only by the
-policy), giving pass@1, pass@k (unbiased estimator, summed over ranks by torchmetrics) and the
-token-mean entropy of the sampled distribution over all ranks.
+policy), giving pass@1, pass@k (unbiased estimator, summed over ranks by torchmetrics), the
+token-mean entropy of the sampled distribution over all ranks and the count of reward errors
+(items scored 0 for a reward that raised, timed out or returned a non-number) over all ranks.
 
 Every rank sees the same held-out batches and evaluates its own share of each (rows rank,
 rank + W, ...), so each prompt is evaluated once, not W times. The ranks stay in lock-step (an
@@ -9,8 +10,9 @@ FSDP forward and the reward sums are collectives): a rank whose share of a batch
 samples and scores the batch's first prompt and does not count it.
 
 `Evaluator` has explicit inputs: how to sample and how to score (GRPOModule's `generate` and
-`score`), the pass@k metric (a torchmetrics child of the module, so Lightning places and syncs
-it), the evaluation settings (`model.eval`, `lit_covrl.settings.EvalSettings`), the correctness
+`score`, whose statistics are over all ranks and leave out a rank's items scored with
+`counted=False`), the pass@k metric (a torchmetrics child of the module, so Lightning places and
+syncs it), the evaluation settings (`model.eval`, `lit_covrl.settings.EvalSettings`), the correctness
 threshold and the seed. GRPOModule's validation and test hooks call `start`, `step` and
 `compute` and log the result under `val/` or `test/`.
 """
@@ -31,7 +33,7 @@ class Evaluator:
     def __init__(
         self,
         generate: Callable[..., Rollout],
-        score: Callable[[list[str], list[str]], tuple[Tensor, dict]],
+        score: Callable[..., tuple[Tensor, dict]],
         pass_at_k: PassAtK,
         settings: EvalSettings,
         *,
@@ -42,6 +44,7 @@ class Evaluator:
         self.correct_threshold = correct_threshold  # a reward >= this counts as correct
         self.seed = seed  # evaluation sampler seed = seed + 12345 + rank
         self._entropy = [0.0, 0.0]
+        self._reward_errors = 0.0  # already summed over ranks by `score`
         self._generator: torch.Generator | None = None
         self._rank, self._world = 0, 1
 
@@ -51,6 +54,7 @@ class Evaluator:
             raise ValueError(f"rank {rank} out of range for world size {world}")
         self.pass_at_k.reset()
         self._entropy = [0.0, 0.0]
+        self._reward_errors = 0.0
         self._rank, self._world = rank, world
         self._generator = torch.Generator(device=device).manual_seed(self.seed + 12345 + rank)
 
@@ -64,8 +68,9 @@ class Evaluator:
         n = self.settings.samples
         rollout = self.generate(batch.prompts, n, temperature=self.settings.temperature, generator=self._generator)
         answers = [a for a in batch.answers for _ in range(n)]
-        rewards, _ = self.score(rollout.completions, answers, [p for p in batch.prompts for _ in range(n)],
-                                [c for c in batch.columns for _ in range(n)])
+        rewards, stats = self.score(rollout.completions, answers, [p for p in batch.prompts for _ in range(n)],
+                                    [c for c in batch.columns for _ in range(n)], counted=counted)
+        self._reward_errors += stats["rollout/reward_errors"]  # every rank's counted items
         if not counted:
             return
         self.pass_at_k.update((rewards >= self.correct_threshold).view(-1, n))
@@ -73,13 +78,15 @@ class Evaluator:
         self._entropy[1] += float(rollout.response_mask.sum())
 
     def compute(self) -> dict[str, float]:
-        """{"pass@1", "pass@k", "entropy"} over all ranks (a collective: call on every rank)."""
+        """{"pass@1", "pass@k", "entropy", "reward_errors"} over all ranks (a collective: call on
+        every rank)."""
         res = self.pass_at_k.compute()  # torchmetrics: summed over ranks
         ent = distributed.all_sum(torch.tensor(self._entropy, dtype=torch.float64))
         return {
             "pass@1": float(res["pass@1"]),
             "pass@k": float(res[f"pass@{self.settings.k}"]),
             "entropy": float(ent[0] / max(float(ent[1]), 1.0)),
+            "reward_errors": self._reward_errors,
         }
 
 

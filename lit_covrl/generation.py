@@ -104,9 +104,12 @@ class RolloutGenerator:
         )
 
     def score(self, completions: list[str], answers: list[str], prompts: list | None = None,
-              columns: list[dict] | None = None, *, device: torch.device) -> tuple[Tensor, dict[str, float]]:
+              columns: list[dict] | None = None, *, device: torch.device,
+              counted: bool = True) -> tuple[Tensor, dict[str, float]]:
         """Weighted total reward per completion, and, over all ranks, `rollout/reward_errors` (count)
         and each reward's mean as `rollout/reward/<name>`. prompts/columns: per completion.
+        counted=False: this rank scores only to keep in step with the others (held-out evaluation's
+        rank with an empty share); its items are left out of the statistics.
         A rewards error that stops the run (not an item-level fault) stops it on every rank: the
         others learn of it in the sum below instead of waiting in it for the collective timeout."""
         try:
@@ -118,8 +121,8 @@ class RolloutGenerator:
                 raise
             failure, errors = e, 0
             total, per_name = [], {name: [] for name in self.rewards.names}
-        sums = distributed.all_sum(torch.tensor([sum(v) for v in per_name.values()] + [len(total), errors, failure is not None],
-                                                dtype=torch.float64, device=device)).tolist()
+        mine = [sum(v) for v in per_name.values()] + [len(total), errors] if counted else [0.0] * (len(per_name) + 2)
+        sums = distributed.all_sum(torch.tensor(mine + [failure is not None], dtype=torch.float64, device=device)).tolist()
         if failure is not None:
             raise failure
         if sums[-1]:

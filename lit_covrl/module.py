@@ -286,9 +286,9 @@ class GRPOModule(L.LightningModule):
                                         device=self.device)
 
     def score(self, completions: list[str], answers: list[str], prompts: list | None = None,
-              columns: list[dict] | None = None) -> tuple[Tensor, dict[str, float]]:
+              columns: list[dict] | None = None, counted: bool = True) -> tuple[Tensor, dict[str, float]]:
         """Rewards and reward metrics (`RolloutGenerator.score`) on this module's device."""
-        return self.generation.score(completions, answers, prompts, columns, device=self.device)
+        return self.generation.score(completions, answers, prompts, columns, device=self.device, counted=counted)
 
     # training ----------------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -394,7 +394,7 @@ class GRPOModule(L.LightningModule):
         res = self.evaluator.compute()  # already global: no sync_dist
         # outside a fit (`validate` / `test` of a checkpoint) Lightning's step counter is 0: the
         # figures go to the loggers at the checkpoint's last RL step, where its fit logged them
-        for k in ("pass@1", "pass@k", "entropy"):
+        for k in ("pass@1", "pass@k", "entropy", "reward_errors"):
             self.log(f"{prefix}/{k}", res[k], prog_bar=prefix == "val" and k == "pass@1", sync_dist=False)
         if self.trainer.state.fn != "fit" and self._checkpoint_step:
             # a logged "step" is the x-axis of the others (Lightning pops it from the metrics)

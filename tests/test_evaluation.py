@@ -33,9 +33,11 @@ class _Recorder:
         rows = len(prompts) * n
         return SimpleNamespace(completions=["x"] * rows, entropy=torch.ones(rows, 2), response_mask=torch.ones(rows, 2))
 
-    def score(self, completions, answers, prompts=None, columns=None):
+    def score(self, completions, answers, prompts=None, columns=None, counted=True):
+        """Every item of answer "c" a reward error (counted unless `counted` is False)."""
         self.scored.append(sorted(set(answers)))
-        return torch.tensor([1.0 if a in CORRECT else 0.0 for a in answers]), {}
+        errors = sum(a == "c" for a in answers) if counted else 0
+        return torch.tensor([1.0 if a in CORRECT else 0.0 for a in answers]), {"rollout/reward_errors": float(errors)}
 
 
 def _batches():
@@ -62,6 +64,19 @@ def test_each_prompt_is_evaluated_once_over_the_ranks_and_the_ranks_keep_in_step
     assert float(pass1) == pytest.approx(0.5)  # counting rank 1's copy of "d" would give 2 / 5
     (single, e), = [_run(0, 1)]
     assert single.generated == [["pa", "pb", "pc"], ["pd"]] and e.compute()["pass@1"] == pytest.approx(0.5)
+
+
+def test_reward_errors_are_counted_over_the_evaluation_and_reset_at_its_start():
+    """val/reward_errors: the scorer's counts (over all ranks) added up over the evaluation; a rank
+    that scores only to keep in step asks the scorer to leave its items out (counted=False)."""
+    _, ev = _run(0, 1)
+    assert ev.compute()["reward_errors"] == 2  # prompt "pc" x 2 samples
+    ev.start(torch.device("cpu"), 0, 1)
+    assert ev.compute()["reward_errors"] == 0
+    _, ev = _run(1, 2)
+    ev.start(torch.device("cpu"), 1, 2)
+    ev.step(PromptBatch(["pc"], ["c"]))  # rank 1 of 2 has no share: "pc" is scored, not counted
+    assert ev.compute()["reward_errors"] == 0
 
 
 def test_rank_out_of_range_is_refused():

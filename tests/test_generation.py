@@ -69,6 +69,10 @@ def test_score_counts_reward_errors_and_means_over_all_ranks(tiny_model_dir, mon
     _, stats = gen.score(["7", "8", "7"], ["7", "7", "7"], device=torch.device("cpu"))
     assert stats["rollout/reward_errors"] == 3 + 4  # this rank's 3 failures + the other rank's 4
     assert [v for k, v in stats.items() if k.startswith("rollout/reward/")] == [pytest.approx(2 / 6)]
+    # a rank scoring only to keep in step (held-out evaluation's empty share): its items left out
+    _, stats = gen.score(["7", "8", "7"], ["7", "7", "7"], device=torch.device("cpu"), counted=False)
+    assert stats["rollout/reward_errors"] == 4
+    assert [v for k, v in stats.items() if k.startswith("rollout/reward/")] == [pytest.approx(2 / 3)]
 
 
 def test_a_rewards_failure_on_another_rank_stops_this_one(tiny_model_dir, monkeypatch):

@@ -273,10 +273,12 @@ class FlakyReward:
 
 def test_a_failing_reward_never_kills_the_run(tiny_model_dir, tmp_path):
     module = make_module(tiny_model_dir, reward=FlakyReward())
-    fit(module, make_data(), steps=2, log_dir=tmp_path, limit_val_batches=0)
+    fit(module, make_data(), steps=2, log_dir=tmp_path, val_check_interval=2)
     tags = scalar_tags(tmp_path)
     assert all(v == 16 for _, v in tags["rollout/reward_errors"])  # every one of the 4x4 items failed
     assert all(v == 0.0 for _, v in tags["rollout/reward_mean"])
+    # held-out: 4 prompts x model.eval.samples 4, every one failed (scored 0: pass@1 0 for a reason)
+    assert tags["val/reward_errors"] == [(1, 16.0)] and tags["val/pass@1"] == [(1, 0.0)]
 
 
 @pytest.mark.parametrize(
