@@ -109,9 +109,14 @@ def method_name(regularizer_names: list[str]) -> str:
 
 
 def _describe(reg: Regularizer) -> str:
-    """`name(setting=value, ...)` from the regularizer's public scalar settings and its schedule."""
-    parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in vars(reg).items()
-             if not k.startswith("_") and k != "name" and isinstance(v, (int, float, str, bool))]
+    """`name(setting=value, ...)` from the regularizer's scalar constructor settings (the
+    parameters it keeps under the same name, `resume_check.describe`: running state, such as
+    AdaptiveEntropyBonus' coefficient, is left out, so a resumed run reads as the run it
+    continues) and its schedule."""
+    from lit_covrl.resume_check import describe
+
+    parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in describe(reg)["init_args"].items()
+             if k != "name" and isinstance(v, (int, float, str, bool))]
     s = reg.schedule
     if s.name != "constant":
         parts.append(f"schedule={s.name}->{s.final:g}@{s.steps}")

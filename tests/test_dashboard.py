@@ -147,6 +147,24 @@ def test_hparams_name_the_objective_and_its_clip_range(tiny_model_dir, tmp_path)
     assert start.hparams["clip_high"].number_value == pytest.approx(4e-4)
 
 
+def test_the_regularizers_column_describes_settings_not_running_state():
+    """AdaptiveEntropyBonus read `coef=0, active=True` in a run and `coef=0, active=False` in its
+    resumed continuation (the column split one run in two), and its init_coef was not shown."""
+    import torch
+
+    from lit_covrl.dashboard import _describe
+    from lit_covrl.regularizers import AdaptiveEntropyBonus
+    from lit_covrl.regularizers.schedules import Schedule
+
+    reg = AdaptiveEntropyBonus(init_coef=0.001)
+    shown = "adaptive_entropy(target=0.2, delta=0.0001, init_coef=0.001, min_coef=0, max_coef=0.005)"
+    assert _describe(reg) == shown
+    reg.load_state_dict({"coef": 0.004, "active": False, "step": 3, "sums": torch.zeros(2)})  # a resume
+    assert _describe(reg) == shown and (reg.coef, reg.active, reg.coef_now) == (0.004, False, 0.0)
+    bonus = EntropyBonus(coef=0.01, schedule=Schedule("linear", final=0.0, steps=10))
+    assert _describe(bonus) == "entropy_bonus(coef=0.01, schedule=linear->0@10)"
+
+
 class _Probe(Regularizer):
     default_name = "probe"
 

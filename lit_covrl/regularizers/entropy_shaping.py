@@ -61,7 +61,9 @@ class AdaptiveEntropyBonus(Regularizer):
             raise ValueError("AdaptiveEntropyBonus needs min_coef <= init_coef <= max_coef, got "
                              f"{min_coef!r}, {init_coef!r}, {max_coef!r}")
         self.target, self.delta, self.min_coef, self.max_coef = target, delta, min_coef, max_coef
-        self.coef, self.active = float(init_coef), True  # the reference code starts enabled
+        self.init_coef = init_coef
+        # running state (saved by state_dict), private: the settings above describe the run
+        self._coef, self._active = float(init_coef), True  # the reference code starts enabled
         self._step: int | None = None  # RL step being measured
         self._sums = torch.zeros(2, dtype=torch.float64)  # [sum of H over valid tokens, tokens] of that step
         self._measured = False  # prepare() ran since the last pop_metrics (a fully filtered step measures nothing)
@@ -76,14 +78,14 @@ class AdaptiveEntropyBonus(Regularizer):
         self._sums = self._sums.to(sums.device) + sums  # on the device: read once per RL step
         self._measured = True
         self.record("coef", self.coef_now)
-        self.record("coef_state", self.coef)
+        self.record("coef_state", self._coef)
 
     def _advance(self) -> None:
         """Close the measured step: its mean entropy moves the coefficient for the next one."""
         if self._sums[1] > 0:
             entropy = float(self._sums[0] / self._sums[1])
-            self.coef, self.active = adaptive_entropy_coef(
-                self.coef, entropy, target=self.target, delta=self.delta, min_coef=self.min_coef, max_coef=self.max_coef
+            self._coef, self._active = adaptive_entropy_coef(
+                self._coef, entropy, target=self.target, delta=self.delta, min_coef=self.min_coef, max_coef=self.max_coef
             )
         self._sums = torch.zeros_like(self._sums)
 
@@ -97,9 +99,19 @@ class AdaptiveEntropyBonus(Regularizer):
         return super().pop_metrics()
 
     @property
+    def coef(self) -> float:
+        """The coefficient kept (moved by each measurement, applied only while `active`)."""
+        return self._coef
+
+    @property
+    def active(self) -> bool:
+        """Whether the last measured entropy was below the target."""
+        return self._active
+
+    @property
     def coef_now(self) -> float:
         """The coefficient applied now: 0 while the last measured entropy is at or above the target."""
-        return self.coef if self.active else 0.0
+        return self._coef if self._active else 0.0
 
     def shape(self, batch: PolicyBatch) -> TokenShaping:
         assert batch.entropy is not None, "the module must compute entropy when needs_entropy is set"
@@ -108,10 +120,10 @@ class AdaptiveEntropyBonus(Regularizer):
         return TokenShaping(penalty=-self.coef_now * batch.entropy)
 
     def state_dict(self) -> dict:
-        return {"coef": self.coef, "active": self.active, "step": self._step, "sums": self._sums.cpu().clone()}
+        return {"coef": self._coef, "active": self._active, "step": self._step, "sums": self._sums.cpu().clone()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.coef, self.active = float(state_dict["coef"]), bool(state_dict["active"])
+        self._coef, self._active = float(state_dict["coef"]), bool(state_dict["active"])
         self._step, self._sums = state_dict["step"], state_dict["sums"].clone().double()
 
 
