@@ -73,6 +73,8 @@ MAIN_SETTINGS = {
     "mini_batch_size": "update.mini_batch_size", "ppo_epochs": "update.ppo_epochs",
     "max_new_tokens": "rollout.max_new_tokens", "filter_groups": "rollout.filter_groups",
     "overlong": "rollout.overlong",
+    # what final/val_pass@k is: pass@eval_k from eval_samples answers per prompt at eval_temperature
+    "eval_k": "eval.k", "eval_samples": "eval.samples", "eval_temperature": "eval.temperature",
 }
 
 

@@ -90,6 +90,8 @@ def test_a_fit_writes_layout_config_text_and_hparams_with_final_figures(tiny_mod
     assert start.hparams["method"].string_value == "clip.a+entropy_bonus"
     assert start.hparams["group_size"].number_value == 4
     assert start.hparams["lr"].number_value == pytest.approx(3e-2)
+    # what final/val_pass@k is: pass@2 of 4 samples per prompt at temperature 1 (make_module's eval)
+    assert [start.hparams[f"eval_{k}"].number_value for k in ("k", "samples", "temperature")] == [2, 4, 1.0]
     assert "hp_metric" not in logged  # Lightning's placeholder is off: our summary is the one kept
 
     def last(tag):
