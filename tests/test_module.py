@@ -405,6 +405,36 @@ def test_accuracy_judges_truncated_responses_by_their_score_under_overlong_penal
     assert [v for _, v in tags["rollout/reward_mean"]] == pytest.approx([1 - 2 * t for t in truncated], abs=1e-6)
 
 
+def flat_for_odd_answers(completion: str, answer: str) -> float:
+    """0 for every response to a prompt whose answer is odd (a zero-variance group), else OnesReward."""
+    return 0.0 if int(answer) % 2 else OnesReward()(completion, answer)
+
+
+def test_adaptive_entropy_measures_the_tokens_trained_on(tiny_model_dir, tmp_path, monkeypatch):
+    """reg/adaptive_entropy/measured_entropy is the token-mean entropy of the rows kept for the
+    update (here the groups dropped by filter_groups left out), not policy/entropy's whole rollout."""
+    from lit_covrl.learner import Learner
+
+    kept, every = [], []  # per step: the token-mean entropy of the kept rows, of every row
+    update = Learner.update
+
+    def recording(self, rollout, advantages, keep, *args, **kwargs):
+        for out, m in ((kept, rollout.response_mask * keep[:, None]), (every, rollout.response_mask)):
+            out.append(float((rollout.entropy.double() * m).sum() / m.sum()))
+        return update(self, rollout, advantages, keep, *args, **kwargs)
+
+    monkeypatch.setattr(Learner, "update", recording)
+    module = make_module(tiny_model_dir, reward=flat_for_odd_answers, rollout=dict(group_size=4, filter_groups=True))
+    fit(module, make_data(), steps=2, log_dir=tmp_path, limit_val_batches=0,
+        callbacks=[AdaptiveEntropyBonus(target=50.0, delta=0.01)])
+    tags = scalar_tags(tmp_path)
+    kept_frac = [v for _, v in tags["policy/kept_frac"]]
+    assert all(0 < f < 1 for f in kept_frac), kept_frac  # some groups left out, some kept
+    measured = [v for _, v in tags["reg/adaptive_entropy/measured_entropy"]]
+    assert measured == pytest.approx(kept, rel=1e-6) and measured != pytest.approx(every, rel=1e-6)
+    assert [v for _, v in tags["policy/entropy"]] == pytest.approx(every, rel=1e-6)
+
+
 def test_sampler_runs_the_prompt_forward_once_per_group(tiny_model_dir):
     """GRPO's G identical prompt rows share one prompt forward (its KV cache rows are repeated):
     the same samples and log-probs as G separate prompt forwards, with 1/G of the prompt rows."""

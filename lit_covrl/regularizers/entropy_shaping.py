@@ -5,8 +5,10 @@
   coefficient moves c_{k+1} = clamp(c_k +- delta, min_coef, max_coef) toward the target (up while
   e_k < target). Defaults from the released Skywork-OR1 recipes (target 0.2, delta 1e-4,
   c_0 = 0, [0, 0.005]; the paper's text also mentions delta = 0.005). Where we differ: e_k is
-  the token-mean entropy of the RL step's rollout over all ranks (the recorded sampler entropy,
-  the current policy's on the step's first update), and the coefficient it gives acts from the
+  the token-mean entropy of the tokens the RL step trains on, over all ranks (the recorded
+  sampler entropy, the current policy's on the step's first update; groups dropped by
+  `filter_groups` and responses masked by `overlong: mask` are left out, so it can differ from
+  `policy/entropy`, which covers the whole rollout), and the coefficient it gives acts from the
   next RL step on, like the reference code, which updates its controller after each step from
   the actor's measured entropy. The coefficient and the pending measurement are saved in
   checkpoints (`state_dict`) and resume exactly.
@@ -90,9 +92,10 @@ class AdaptiveEntropyBonus(Regularizer):
         self._sums = torch.zeros_like(self._sums)
 
     def pop_metrics(self) -> dict[str, float]:
-        """Also reg/<name>/measured_entropy: the step's own measurement, logged with the step (it
-        moves the coefficient of the next one); not logged for a step that measured nothing (every
-        group filtered out), whose sums are still the previous step's."""
+        """Also reg/<name>/measured_entropy: the step's own measurement (the token-mean entropy of
+        the tokens trained on, filtered groups left out), logged with the step (it moves the
+        coefficient of the next one); not logged for a step that measured nothing (every group
+        filtered out), whose sums are still the previous step's."""
         if self._measured and self._sums[1] > 0:
             self.record("measured_entropy", float(self._sums[0] / self._sums[1]))
         self._measured = False
