@@ -17,12 +17,16 @@ i.e. the batch about to enter `training_step` — the fetcher's one-batch look-a
 with checkpoints through `state_dict`/`load_state_dict`, and the next iteration of the train
 dataloader starts there. The world size and batch size it counts in are saved with it: resumed
 under others, rows continue at the first stream position not yet used, with a warning
-(`lit_covrl.streams.resume_index`). (If both the LightningModule and this datamodule override the hook,
+(`lit_covrl.streams.resume_index`). The train rows' count and digest are saved too: resumed on
+changed rows (a malformed line fixed, rows added or reordered), the epochs' shuffles differ and it
+warns. (If both the LightningModule and this datamodule override the hook,
 Lightning calls only the datamodule's; the module should not override it.)
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import random
 from collections.abc import Iterator
@@ -70,6 +74,15 @@ class _FixedBatches(IterableDataset):
 
 def _batched(examples: list[Example], size: int) -> list[PromptBatch]:
     return [PromptBatch.from_examples(examples[i : i + size]) for i in range(0, len(examples), size)]
+
+
+def rows_digest(rows: list[Example]) -> str:
+    """A short hash of the rows' (prompt, answer) sequence, order included: saved in checkpoints
+    so that a resume notices train rows that changed."""
+    h = hashlib.sha256()
+    for ex in rows:
+        h.update(json.dumps([ex.prompt, ex.answer]).encode("utf-8"))
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- datamodule
@@ -161,6 +174,7 @@ class PromptDataModule(L.LightningDataModule):
         self._val_read = False  # held-out prompts read from files / a HF split (not a task's)
         self._val_batches: list[PromptBatch] | None = None
         self._perms: dict[tuple[str, int], list[int]] = {}
+        self._digest: str | None = None  # rows_digest of _train_rows, computed when first saved
         # prompts per optimizer update, set by the module at start-up (None: one update per rollout)
         self.minibatch_prompts: int | None = None
 
@@ -360,6 +374,7 @@ class PromptDataModule(L.LightningDataModule):
         self._val_examples = [ex for ex in self._val_examples if id(ex) not in drop]
         self._val_batches = _batched(self._val_examples, self.hparams.val_batch_size)
         self._perms.clear()
+        self._digest = None
         self.reader.drop(rejected)
         log.warning("skipped %d prompt(s) the tokenizer cannot represent (data.unencodable_prompts: skip)",
                     len(rejected))
@@ -391,14 +406,21 @@ class PromptDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """Saved in checkpoints by Lightning. `next_index` (with the world size and batch size it
         counts batches of) is restored; `skipped_rows` is for the record (counts are recomputed when
-        the files are read) and `seed` is checked."""
-        return {"next_index": self.next_index, "world_size": self._rank_world()[1],
-                "batch_size": self.hparams.batch_size, "skipped_rows": self.skipped_rows, "seed": self.hparams.seed,
-                "task_stream_unit": TASK_STREAM_UNIT}
+        the files are read); `seed` and, for file and HF sources, the train rows' count and digest
+        are checked."""
+        state = {"next_index": self.next_index, "world_size": self._rank_world()[1],
+                 "batch_size": self.hparams.batch_size, "skipped_rows": self.skipped_rows, "seed": self.hparams.seed,
+                 "task_stream_unit": TASK_STREAM_UNIT}
+        if self._train_rows is not None:
+            if self._digest is None:
+                self._digest = rows_digest(self._train_rows)
+            state.update(train_rows=len(self._train_rows), train_digest=self._digest)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore `next_index`, moved on when rows are resumed under another world size or batch
-        size so that no prompt repeats (`lit_covrl.streams.resume_index`)."""
+        size so that no prompt repeats (`lit_covrl.streams.resume_index`); warn when the seed or
+        the train rows changed since the checkpoint."""
         self.next_index, warning = resume_index(
             int(state_dict["next_index"]), task=self.task is not None, world=self._rank_world()[1],
             batch_size=self.hparams.batch_size, saved_world=state_dict.get("world_size"),
@@ -408,3 +430,22 @@ class PromptDataModule(L.LightningDataModule):
         saved_seed = state_dict.get("seed", self.hparams.seed)
         if saved_seed != self.hparams.seed:
             log.warning("resuming a prompt stream saved with seed %s under seed %s", saved_seed, self.hparams.seed)
+        if self.task is None and "train_rows" in state_dict:  # older checkpoints lack it: nothing to compare
+            self._check_rows_unchanged(state_dict["train_rows"], state_dict.get("train_digest"))
+
+    def _check_rows_unchanged(self, saved_n: int, saved_digest: str | None) -> None:
+        """Warn when the train rows differ from those of the checkpoint: the epochs' shuffles are
+        permutations of the row positions, so the resumed stream no longer continues the saved one."""
+        if self._val_batches is None:
+            self.setup("fit")
+        n = len(self._train_rows)
+        if n != saved_n:
+            log.warning("train rows changed since the checkpoint (%d -> %d rows): every epoch's shuffle differs, "
+                        "so rows of the current epoch may repeat or be missed", saved_n, n)
+            return
+        if self._digest is None:
+            self._digest = rows_digest(self._train_rows)
+        if saved_digest is not None and saved_digest != self._digest:
+            log.warning("train rows changed since the checkpoint (the same %d rows, but other prompts or answers, "
+                        "or another order): rows edited in place are used as edited; rows that moved may repeat "
+                        "or be missed in the current epoch", n)

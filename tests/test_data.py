@@ -649,6 +649,34 @@ def test_resume_with_another_batch_size_repeats_no_prompt(tmp_path, caplog, save
     assert dm.next_index == next_index
 
 
+def test_resume_on_changed_train_rows_warns(tmp_path, caplog):
+    """The epochs' shuffles are permutations of the row positions: resumed on other rows (a malformed
+    line fixed, rows added or reordered) the stream does not continue the saved one, and it says so."""
+    nine, ten = write_jsonl(tmp_path / "9.jsonl", rows(9)), write_jsonl(tmp_path / "10.jsonl", rows(10))
+    moved = write_jsonl(tmp_path / "moved.jsonl", rows(9)[::-1])
+    saver = PromptDataModule(task=None, train_files=[nine], batch_size=3)
+    saver.setup("fit")
+    saver.next_index = 2
+    state = saver.state_dict()
+    assert state["train_rows"] == 9
+
+    def warnings(path, state):
+        caplog.clear()
+        dm = PromptDataModule(task=None, train_files=[path], batch_size=3)
+        with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+            dm.load_state_dict(state)
+        assert dm.next_index == 2
+        return [r.getMessage() for r in caplog.records if "train rows changed" in r.getMessage()]
+
+    assert warnings(nine, state) == []
+    (w,) = warnings(ten, state)
+    assert "(9 -> 10 rows)" in w and "shuffle differs" in w and "repeat or be missed" in w
+    (w,) = warnings(moved, state)
+    assert "the same 9 rows" in w and "another order" in w
+    old = {k: v for k, v in state.items() if k not in ("train_rows", "train_digest")}  # a checkpoint from before
+    assert warnings(ten, old) == []
+
+
 def test_a_task_stream_resumes_at_its_batch_under_another_batch_size(fake_task):
     """A task's global batch g has its own seeded RNG: its batch size moves no stream position."""
     saver = PromptDataModule(task=fake_task, batch_size=8)
