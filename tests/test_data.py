@@ -186,11 +186,15 @@ def test_whole_number_answers_are_written_as_integers(tmp_path):
     path = write_jsonl(tmp_path / "n.jsonl", [
         '{"prompt": "a", "answer": 3.0}', '{"prompt": "b", "answer": 1e3}', '{"prompt": "c", "answer": 1e21}',
         '{"prompt": "d", "answer": -0.0}', '{"prompt": "e", "answer": 0.1}', '{"prompt": "f", "answer": -2.5}',
-        '{"prompt": "g", "answer": 12345678901234567890}', '{"prompt": "h", "answer": 1e-7}'])
+        '{"prompt": "g", "answer": 12345678901234567890}', '{"prompt": "h", "answer": 1e-7}',
+        '{"prompt": "i", "answer": 1e23}', '{"prompt": "j", "answer": -1.5e30}', '{"prompt": "k", "answer": 9007199254740993.0}'])
     dm = PromptDataModule(task=None, train_files=[path])
     dm.setup("fit")
+    # 1e23 and -1.5e30 are not floats exactly (1e23 is 99999999999999991611392): the digits written are kept;
+    # 2**53 + 1 is read as the float 2**53, whose shortest repr is 9007199254740992
     assert [ex.answer for ex in dm._train_rows] == [
-        "3", "1000", "1000000000000000000000", "0", "0.1", "-2.5", "12345678901234567890", "1e-07"]
+        "3", "1000", "1000000000000000000000", "0", "0.1", "-2.5", "12345678901234567890", "1e-07",
+        "1" + "0" * 23, "-15" + "0" * 29, "9007199254740992"]
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
