@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 
-from lit_covrl.prompts import prompt_texts, uses_chat_template
+from lit_covrl.prompts import prompt_texts, short_prompt, uses_chat_template
 from lit_covrl.types import Example
 
 try:
@@ -48,19 +48,19 @@ def _unknown_characters(tokenizer, text: str, add_special_tokens: bool, unk: int
     return list(dict.fromkeys(pieces))
 
 
-def _reason(tokenizer, prompt: str, text: str, ids: list[int], add_special_tokens: bool,
+def _reason(tokenizer, prompt: str | list[dict], text: str, ids: list[int], add_special_tokens: bool,
             special: set[int]) -> str | None:
     """Why the prompt is unencodable, or None. `special`: the special token ids but the unknown one."""
     unk = tokenizer.unk_token_id
     content = [i for i in ids if i not in special]
     if not content:
-        return f"prompt {prompt[:80]!r} encodes to no token"
+        return f"prompt {short_prompt(prompt)!r} encodes to no token"
     n_unk = content.count(unk) if unk is not None else 0
     if not n_unk:
         return None
     pieces = _unknown_characters(tokenizer, text, add_special_tokens, unk)
     shown = f": {', '.join(map(repr, pieces[:10]))}{' ...' if len(pieces) > 10 else ''}" if pieces else ""
-    return (f"prompt {prompt[:80]!r} has {n_unk} of {len(content)} tokens unknown to the tokenizer "
+    return (f"prompt {short_prompt(prompt)!r} has {n_unk} of {len(content)} tokens unknown to the tokenizer "
             f"({tokenizer.unk_token!r}){shown}")
 
 
@@ -97,7 +97,7 @@ def find_unencodable(
         for ex, text, x in zip(chunk, texts, ids):
             if max_prompt_length is not None and len(x) > max_prompt_length:
                 raise ValueError(
-                    f"{where(ex)}: prompt {ex.prompt[:80]!r} has {len(x)} tokens > max_prompt_length="
+                    f"{where(ex)}: prompt {short_prompt(ex.prompt)!r} has {len(x)} tokens > max_prompt_length="
                     f"{max_prompt_length}; raise model.rollout.max_prompt_length or set model.rollout.prompt_overflow: truncate_left"
                 )
             reason = _reason(tokenizer, ex.prompt, text, x, not templated, special)

@@ -11,6 +11,12 @@ from torch import Tensor
 PROMPT_OVERFLOW = ("error", "truncate_left")
 
 
+def short_prompt(prompt: str | list[dict], limit: int = 80) -> str:
+    """The first `limit` characters of a prompt for a message: of its text, or of a conversation's
+    printed messages (slicing the list would keep whole messages, however long)."""
+    return (prompt if isinstance(prompt, str) else str(prompt))[:limit]
+
+
 def prompt_texts(tokenizer, prompts: list[str | list[dict]], *, chat_template: bool | None = None) -> tuple[list[str], bool]:
     """(the texts the tokenizer encodes, whether they went through the chat template); see
     `encode_prompts` for `chat_template`."""
@@ -53,7 +59,7 @@ def encode_prompts(
     if too_long and overflow == "error":
         i = too_long[0]
         raise ValueError(
-            f"prompt {prompts[i][:80]!r} has {len(ids[i])} tokens > max_prompt_length={max_prompt_length}; "
+            f"prompt {short_prompt(prompts[i])!r} has {len(ids[i])} tokens > max_prompt_length={max_prompt_length}; "
             "raise model.rollout.max_prompt_length or set model.rollout.prompt_overflow: truncate_left"
         )
     ids = [x[-max_prompt_length:] for x in ids]
@@ -68,7 +74,7 @@ def _render(tokenizer, prompt: str | list[dict], use_template: bool) -> str:
     elif not use_template:
         has_template = getattr(tokenizer, "chat_template", None) is not None
         why = "model.rollout.chat_template is false" if has_template else "the tokenizer has no chat template"
-        raise ValueError(f"prompt {str(prompt)[:80]!r} is a conversation (a list of messages) but {why}; "
+        raise ValueError(f"prompt {short_prompt(prompt)!r} is a conversation (a list of messages) but {why}; "
                          "use string prompts or a tokenizer with a chat template")
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 

@@ -106,6 +106,26 @@ def test_overlong_prompt_error_names_file_line(tiny_model_dir, tmp_path):
         fit(module, PromptDataModule(task=None, train_files=[train], batch_size=2), steps=1)
 
 
+def test_messages_about_a_long_conversation_show_its_first_80_characters():
+    """`[:80]` of a conversation kept whole messages: a 5000-character message was printed in full
+    by the start-up checks (too long, unencodable) and by the rollout's encoding."""
+    from lit_covrl.prompts import encode_prompts
+    from lit_covrl.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer("abcdefghijklmnopqrstuvwxyz0123456789 :+=")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    conv = [{"role": "user", "content": "a" * 5000}]
+    shown = repr(str(conv)[:80])  # "[{'role': 'user', 'content': 'aaa...", 80 characters
+    with pytest.raises(ValueError) as err:
+        find_unencodable(tok, [Example(conv, "1", source="c.jsonl:1")], max_prompt_length=10)
+    assert str(err.value).startswith(f"c.jsonl:1: prompt {shown} has 5000 tokens > max_prompt_length=10")
+    with pytest.raises(ValueError) as err:
+        encode_prompts(tok, [conv], max_prompt_length=10)
+    assert str(err.value).startswith(f"prompt {shown} has 5000 tokens") and len(str(err.value)) < 300
+    ((_, reason),) = find_unencodable(tok, [Example([{"role": "user", "content": "A" * 5000}], "1")])
+    assert reason.startswith("prompt \"[{'role': 'user', 'content': 'AAA") and len(reason) < 300
+
+
 def test_unencodable_prompts_setting_is_checked():
     with pytest.raises(ValueError, match="unencodable_prompts='drop'; valid: \\['error', 'skip'\\]"):
         PromptDataModule(unencodable_prompts="drop")
