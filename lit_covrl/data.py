@@ -187,7 +187,11 @@ class PromptDataModule(L.LightningDataModule):
         hp = self.hparams
         val: list[Example] = []
         if self.task is not None:
-            val = task_heldout(self.task, hp.val_size, f"lit_covrl:val:{self.held_out_seed}")
+            try:
+                val = task_heldout(self.task, hp.val_size, f"lit_covrl:val:{self.held_out_seed}")
+            except ValueError as e:  # e.g. more than the task's held-out split holds
+                kwargs = f" (data.task_kwargs={hp.task_kwargs})" if hp.task_kwargs else ""
+                raise ValueError(f"data.val_size={hp.val_size} held-out prompts of task {hp.task!r}{kwargs}: {e}") from e
         elif hp.train_files:
             self._train_rows = [ex for path in hp.train_files for ex in self.reader.read_file(path)]
         else:

@@ -709,6 +709,18 @@ def test_a_task_with_val_files_checks_and_labels_the_files(tmp_path, fake_task):
     assert plain.known_examples() == [] and len(plain.task_sample()) == 2
 
 
+def test_a_held_out_split_smaller_than_val_size_names_the_setting():
+    """1-digit sums: 100 prompts, of which the CRC split holds out 11 at test_fraction 0.1 (counted
+    over all 100 with is_heldout)."""
+    dm = PromptDataModule(task="arithmetic", task_kwargs={"digits": 1}, val_size=64)
+    with pytest.raises(ValueError) as err:
+        dm.setup("fit")
+    assert str(err.value) == (
+        "data.val_size=64 held-out prompts of task 'arithmetic' (data.task_kwargs={'digits': 1}): the held-out "
+        "split has only 11 distinct prompts (test_fraction=0.1), fewer than n=64: ask for fewer or raise test_fraction")
+    PromptDataModule(task="arithmetic", task_kwargs={"digits": 1}, val_size=11).setup("fit")
+
+
 def test_a_task_kwargs_typo_names_the_setting():
     with pytest.raises(ValueError, match=r"^data\.task_kwargs=\{'max_operand': 5\} does not fit "
                                          r"data\.task='arithmetic'"):

@@ -100,5 +100,6 @@ class ExpressionTask:
             ex = test.sample(rng)
             seen.setdefault(ex.prompt, ex)
         if len(seen) < n:
-            raise ValueError(f"held-out split has fewer than n={n} distinct prompts")
+            raise ValueError(f"the held-out split has only {len(seen)} distinct prompts (test_fraction="
+                             f"{self.test_fraction}), fewer than n={n}: ask for fewer or raise test_fraction")
         return list(seen.values())
