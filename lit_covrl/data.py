@@ -76,6 +76,11 @@ def _batched(examples: list[Example], size: int) -> list[PromptBatch]:
     return [PromptBatch.from_examples(examples[i : i + size]) for i in range(0, len(examples), size)]
 
 
+def _prompt_key(prompt: str | list[dict]) -> str:
+    """A hashable stand-in for a prompt (a conversation is a list of dicts)."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt)
+
+
 def rows_digest(rows: list[Example]) -> str:
     """A short hash of the rows' (prompt, answer) sequence, order included: saved in checkpoints
     so that a resume notices train rows that changed."""
@@ -174,6 +179,8 @@ class PromptDataModule(L.LightningDataModule):
         self._val_read = False  # held-out prompts read from files / a HF split (not a task's)
         self._val_batches: list[PromptBatch] | None = None
         self._perms: dict[tuple[str, int], list[int]] = {}
+        self._read = {"train": (0, 0), "held-out": (0, 0)}  # (rows read, malformed) of files / HF splits
+        self._unencodable = {"train": 0, "held-out": 0}  # rows dropped by reject_prompts
         self._digest: str | None = None  # rows_digest of _train_rows, computed when first saved
         # prompts per optimizer update, set by the module at start-up (None: one update per rollout)
         self.minibatch_prompts: int | None = None
@@ -196,10 +203,13 @@ class PromptDataModule(L.LightningDataModule):
             self._train_rows = [ex for path in hp.train_files for ex in self.reader.read_file(path)]
         else:
             self._train_rows = self.reader.read_hf(hp.hf_dataset, hp.hf_config, hp.hf_train_split)
-            if hp.hf_val_split is not None:
-                val = self.reader.read_hf(hp.hf_dataset, hp.hf_config, hp.hf_val_split)
+        train_read = (self.reader.rows_seen, self.reader.skipped_rows)
+        if hp.hf_val_split is not None:  # with hf_dataset, the source
+            val = self.reader.read_hf(hp.hf_dataset, hp.hf_config, hp.hf_val_split)
         if hp.val_files:
             val = [ex for path in hp.val_files for ex in self.reader.read_file(path)]
+        held_out_read = (self.reader.rows_seen - train_read[0], self.reader.skipped_rows - train_read[1])
+        self._read = {"train": train_read, "held-out": held_out_read}
         self._val_read = bool(hp.val_files) or (self.task is None and hp.hf_val_split is not None)
         if hp.system_prompt is not None and self._train_rows is not None:
             self._train_rows = [self._with_system(ex) for ex in self._train_rows]
@@ -207,7 +217,24 @@ class PromptDataModule(L.LightningDataModule):
         self._val_batches = _batched(self._val_examples, hp.val_batch_size)
         self._write_skipped()
         self._check_rows_left()
+        self._warn_about_rows()
         log.info(self.describe())
+
+    def _warn_about_rows(self) -> None:
+        """Warnings about train rows that validation or a step's batch would use twice."""
+        if self._train_rows is None:
+            return
+        if self._val_read:
+            train = {_prompt_key(ex.prompt) for ex in self._train_rows}
+            shared = sum(_prompt_key(ex.prompt) in train for ex in self._val_examples)
+            if shared:
+                log.warning("%d of %d held-out rows have the prompt of a train row: validation scores prompts the "
+                            "policy trains on", shared, len(self._val_examples))
+        world, batch_size = self._rank_world()[1], self.hparams.batch_size
+        if world * batch_size > len(self._train_rows):
+            log.warning("data.batch_size=%d x %d device(s) = %d prompts per step, more than the %d train rows: "
+                        "each step holds some rows several times", batch_size, world, world * batch_size,
+                        len(self._train_rows))
 
     def _with_system(self, ex: Example) -> Example:
         """A string prompt as [system, user] messages when `system_prompt` is set."""
@@ -230,18 +257,24 @@ class PromptDataModule(L.LightningDataModule):
     skipped = property(lambda self: self.reader.skipped, doc='"file:line: reason" of every skipped row')
 
     def describe(self) -> str:
-        """One line for logs: the source, batch sizes and row counts."""
+        """One line for logs: the source, batch sizes and row counts (train and held-out apart)."""
         hp = self.hparams
         if self.task is not None:
             source = f"task {hp.task!r} (synthetic)"
-            if self._val_read:
-                source += f", held-out {self.rows_used}/{self.rows_seen} rows used ({self.skipped_rows} malformed)"
         else:
             source = f"{len(hp.train_files)} train file(s)" if hp.train_files else f"HF {hp.hf_dataset!r}"
-            source += f", {self.rows_used}/{self.rows_seen} rows used ({self.skipped_rows} malformed)"
+            source += f", train {self._row_counts('train', self._train_rows)}"
+        if self._val_read:
+            source += f", held-out {self._row_counts('held-out', self._val_examples)}"
         n_val = sum(len(b) for b in self._val_batches or [])
         seeds = f"seed {hp.seed}" + (f" (held-out {hp.val_seed})" if hp.get("val_seed") is not None else "")
         return f"prompts: {source}, {seeds}, {hp.batch_size}/step/device, {n_val} held-out"
+
+    def _row_counts(self, part: str, used: list[Example]) -> str:
+        """"used/read rows used (N malformed, M unencodable)" of the train or held-out rows read."""
+        read, malformed = self._read[part]
+        unencodable = f", {self._unencodable[part]} unencodable" if self._unencodable[part] else ""
+        return f"{len(used)}/{read} rows used ({malformed} malformed{unencodable})"
 
     @property
     def held_out_seed(self) -> int:
@@ -373,9 +406,12 @@ class PromptDataModule(L.LightningDataModule):
         for ex, reason in rejected[:MAX_ROW_WARNINGS]:
             log.warning("skipping unencodable prompt %s: %s", ex.source or "", reason)
         drop = {id(ex) for ex, _ in rejected}
+        n_train, n_val = len(self._train_rows or []), len(self._val_examples)
         if self._train_rows is not None:  # None: a task, with held-out prompts from val_files
             self._train_rows = [ex for ex in self._train_rows if id(ex) not in drop]
         self._val_examples = [ex for ex in self._val_examples if id(ex) not in drop]
+        self._unencodable["train"] += n_train - len(self._train_rows or [])
+        self._unencodable["held-out"] += n_val - len(self._val_examples)
         self._val_batches = _batched(self._val_examples, self.hparams.val_batch_size)
         self._perms.clear()
         self._digest = None

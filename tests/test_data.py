@@ -530,10 +530,40 @@ def test_describe(tmp_path, fake_task):
     path, _ = malformed_file(tmp_path)
     dm = PromptDataModule(task=None, train_files=[path])
     dm.setup("fit")
-    assert dm.describe() == "prompts: 1 train file(s), 5/14 rows used (9 malformed), seed 0, 16/step/device, 0 held-out"
+    assert dm.describe() == ("prompts: 1 train file(s), train 5/14 rows used (9 malformed), seed 0, 16/step/device, "
+                             "0 held-out")
+    # train and held-out rows counted apart; prompts the tokenizer cannot represent are not 'malformed'
+    val = write_jsonl(tmp_path / "v.jsonl", rows(3) + ["{bad"])
+    dm = PromptDataModule(task=None, train_files=[path], val_files=[val], unencodable_prompts="skip")
+    dm.setup("fit")
+    dm.reject_prompts([(dm._train_rows[0], "unknown"), (dm._val_examples[2], "unknown")])
+    assert dm.describe() == ("prompts: 1 train file(s), train 4/14 rows used (9 malformed, 1 unencodable), "
+                             "held-out 2/4 rows used (1 malformed, 1 unencodable), seed 0, 16/step/device, 2 held-out")
     dm = PromptDataModule(task=fake_task, val_size=3)
     dm.setup("fit")
     assert "task 'fake'" in dm.describe() and "3 held-out" in dm.describe()
+
+
+def test_held_out_rows_among_the_train_rows_and_steps_larger_than_the_rows_are_warned_about(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    train = write_jsonl(tmp_path / "t.jsonl", rows(3))
+    val = write_jsonl(tmp_path / "v.jsonl", rows(2, start=1) + rows(1, start=7))  # q1, q2 are train rows, q7 not
+
+    def warnings(batch_size, world=1):
+        caplog.clear()
+        dm = PromptDataModule(task=None, train_files=[train], val_files=[val], batch_size=batch_size)
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=world, log_dir=None, default_root_dir=None)
+        with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+            dm.setup("fit")
+        return [r.getMessage() for r in caplog.records]
+
+    assert warnings(16) == [
+        "2 of 3 held-out rows have the prompt of a train row: validation scores prompts the policy trains on",
+        "data.batch_size=16 x 1 device(s) = 16 prompts per step, more than the 3 train rows: each step holds "
+        "some rows several times"]
+    assert len(warnings(3)) == 1  # 3 prompts a step: each row once
+    assert warnings(2, world=2)[1].startswith("data.batch_size=2 x 2 device(s) = 4 prompts per step")
 
 
 def test_val_seed_fixes_the_held_out_set_across_training_seeds():
