@@ -36,7 +36,7 @@ import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_covrl.rows import MAX_ROW_WARNINGS
-from lit_covrl.sources import RowReader, check_sources, task_heldout
+from lit_covrl.sources import RowReader, check_sources, file_list, task_heldout
 from lit_covrl.streams import TASK_STREAM_UNIT, rank_offsets, resume_index
 from lit_covrl.tasks.base import Task
 from lit_covrl.types import Example, PromptBatch
@@ -103,8 +103,9 @@ class PromptDataModule(L.LightningDataModule):
             Set it to None (YAML `null`) to use `train_files` or `hf_dataset` instead: exactly
             one source may be set.
         task_kwargs: keyword arguments for the task's constructor (built-in names, dotted paths).
-        train_files: training prompt files (.jsonl/.json/.parquet), concatenated in order.
-        val_files: held-out prompt files; with a file or HF source and no val_files (and no
+        train_files: training prompt files (.jsonl/.json/.parquet), concatenated in order (a single
+            path is a one-file list).
+        val_files: held-out prompt files (likewise); with a file or HF source and no val_files (and no
             hf_val_split) there is no validation. Usable with any source.
         hf_dataset: Hugging Face dataset name, local folder of data files or `save_to_disk`
             folder (needs `pip install datasets`, or the `[datasets]` extra).
@@ -152,6 +153,7 @@ class PromptDataModule(L.LightningDataModule):
         val_seed: int | None = None,
     ) -> None:
         super().__init__()
+        train_files, val_files = file_list(train_files), file_list(val_files)  # saved as lists below
         self.save_hyperparameters()
         check_sources(task, train_files, val_files, hf_dataset, hf_val_split)
         if batch_size < 1:

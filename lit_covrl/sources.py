@@ -21,7 +21,7 @@ from typing import Any
 from lit_covrl.rows import jsonl_rows, parquet_rows, read_rows
 from lit_covrl.types import Example
 
-__all__ = ["SUFFIXES", "RowReader", "check_sources", "task_heldout"]
+__all__ = ["SUFFIXES", "RowReader", "check_sources", "file_list", "task_heldout"]
 
 log = logging.getLogger("lit_covrl")
 
@@ -30,6 +30,14 @@ SUFFIXES = (".jsonl", ".json", ".parquet")
 
 _NEEDS_DATASETS = ("needs the `datasets` package: pip install datasets "
                    "(or `pip install -e '.[datasets]'` in a lit_covrl checkout)")
+
+def file_list(files: Any) -> Any:
+    """`train_files` / `val_files` as a list of str paths: a single path (a str or a Path, from the
+    Python API) is a one-file list, not a sequence of one-character paths; None stays None."""
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    return None if files is None else [os.fspath(f) if isinstance(f, os.PathLike) else f for f in files]
+
 
 def check_sources(task: Any, train_files: list[str] | None, val_files: list[str] | None,
                   hf_dataset: str | None, hf_val_split: str | None) -> None:

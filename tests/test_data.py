@@ -60,6 +60,19 @@ def test_source_rules(tmp_path, fake_task):
     PromptDataModule(task=None, train_files=[f], val_files=[f])  # valid
 
 
+def test_a_single_path_is_a_one_file_list(tmp_path):
+    """Python API: train_files="x.jsonl" was read character by character ("data.train_files[0]: 't'
+    has an unsupported extension")."""
+    train, val = write_jsonl(tmp_path / "t.jsonl", rows(3)), write_jsonl(tmp_path / "v.jsonl", rows(2))
+    dm = PromptDataModule(task=None, train_files=train, val_files=tmp_path / "v.jsonl")
+    dm.setup("fit")
+    assert (dm.hparams.train_files, dm.hparams.val_files) == ([train], [val])
+    assert [ex.prompt for ex in dm.known_examples()] == ["q0", "q1", "q2", "q0", "q1"]
+    dm = PromptDataModule(task=None, train_files=[tmp_path / "t.jsonl"])  # a Path in a list had no .endswith
+    dm.setup("fit")
+    assert dm.hparams.train_files == [train] and len(dm.known_examples()) == 3
+
+
 def test_missing_file_named_at_construction(tmp_path):
     good = write_jsonl(tmp_path / "a.jsonl", rows(3))
     missing = str(tmp_path / "missing.jsonl")
