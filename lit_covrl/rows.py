@@ -15,7 +15,7 @@ starting with `[` is not a valid JSON array (with the JSON error's line and colu
 Number answers. A whole number is written as an integer, whatever its type: 3 and 3.0 (a float64
 column of Parquet / HF datasets, JSON `3.0`) both become "3", JSON `1e3` becomes "1000", never
 scientific notation; a float of 2**53 or more keeps the digits written (JSON `1e23` is "1" and 23
-zeros, not the float's binary value). Other floats are written as Python's `repr` (`0.5` -> "0.5", `1e-07`).
+zeros, not the float's binary value). A Parquet decimal column is a number too (`2.50` -> "2.5"). Other floats are written as Python's `repr` (`0.5` -> "0.5", `1e-07`).
 
 Fields. A field name may be a dotted path into nested objects (`reward_model.ground_truth`,
 verl's layout); a top-level key that contains the dots itself wins. The prompt may be a string
@@ -125,10 +125,13 @@ def _check_unicode(key: str, text: str, where: str = "") -> str | None:
     return None
 
 
-def number_text(value: int | float) -> str:
+def number_text(value: int | float | decimal.Decimal) -> str:
     """A finite number answer as text: whole numbers as integers ("3", not "3.0" or "1e+21"),
-    other floats as their repr. A whole float of 2**53 or more is written with the digits of its
-    repr (1e23 -> "1" and 23 zeros), not its binary value ("99999999999999991611392")."""
+    other floats as their repr, other decimals with their digits less trailing zeros ("2.5", not
+    "2.50"). A whole float of 2**53 or more is written with the digits of its repr (1e23 -> "1"
+    and 23 zeros), not its binary value ("99999999999999991611392")."""
+    if isinstance(value, decimal.Decimal):  # a Parquet decimal column: exact, any precision
+        return str(int(value)) if value == value.to_integral_value() else format(value, "f").rstrip("0")
     if isinstance(value, float) and value.is_integer():
         if abs(value) >= 2**53:  # not every integer is a float here: the repr's digits are the number meant
             return format(decimal.Decimal(repr(value)), "f").removesuffix(".0")  # "9007199254740992.0"
@@ -155,7 +158,7 @@ def _check_row(row: Any, prompt_field: str, answer_field: str) -> Example | str:
             continue
         if v is None:
             return f"null field {key!r}"
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and numbers_ok:
+        if isinstance(v, (int, float, decimal.Decimal)) and not isinstance(v, bool) and numbers_ok:
             if not math.isfinite(v):
                 return f"field {key!r} is not a finite number ({v})"
             v = number_text(v)

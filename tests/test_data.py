@@ -216,6 +216,15 @@ def test_whole_number_answers_are_written_as_integers(tmp_path):
     dm = PromptDataModule(task=None, train_files=[str(tmp_path / "f.parquet")])
     dm.setup("fit")
     assert [ex.answer for ex in dm._train_rows] == ["3", "4.5"]
+    from decimal import Decimal
+
+    # a decimal column is a number (it was skipped: "field 'answer' is Decimal"), exact at any precision
+    exact = ["3.0000", "2.5000", "-0.0010", "0", "12345678901234567890123.0001"]
+    pq.write_table(pa.table({"prompt": list("abcde"), "answer": pa.array(map(Decimal, exact), pa.decimal128(38, 4))}),
+                   str(tmp_path / "d.parquet"))
+    dm = PromptDataModule(task=None, train_files=[str(tmp_path / "d.parquet")])
+    dm.setup("fit")
+    assert [ex.answer for ex in dm._train_rows] == ["3", "2.5", "-0.001", "0", "12345678901234567890123.0001"]
 
 
 def test_a_file_without_rows_is_named(tmp_path):
