@@ -257,6 +257,8 @@ class GRPOModule(L.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         opt = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
         check_optimizer_precision(opt)
+        if self._resumed_from is not None:  # the checkpoint's modules are restored before this hook
+            resume_check.check_optimizer_class(self._resumed_from, [opt])
         if self.lr_scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
@@ -416,7 +418,7 @@ class GRPOModule(L.LightningModule):
         self.rollout_rng.save(checkpoint)  # collective: every rank runs this hook
         checkpoint["skipped_steps"] = self.skipped_steps
         if self._trainer is not None:
-            checkpoint[resume_check.CKPT_KEY] = resume_check.run_components(self, self.trainer)
+            checkpoint[resume_check.CKPT_KEY] = resume_check.run_components(self, self.trainer, in_effect=True)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is None and self.policy is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import re
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -59,21 +60,28 @@ def describe(obj: Any) -> dict[str, Any]:
     return {"class_path": class_path(obj), "init_args": args}
 
 
-def _describe_optimizer(opt: Any) -> dict[str, Any]:
-    # the constructor's arguments, as the optimizer keeps them (`defaults`), not the param groups
-    # (those are the checkpoint's after a restore)
-    return {"class_path": class_path(opt), "init_args": plain(dict(getattr(opt, "defaults", {})))}
+def _describe_optimizer(opt: Any, in_effect: bool = False) -> dict[str, Any]:
+    """The optimizer's constructor arguments as configured (`defaults`), or, `in_effect`, as its
+    first param group holds them: after a resume those are the checkpoint's (torch's
+    `load_state_dict` replaces the param groups' hyperparameters), whatever the new run configured.
+    The learning rate is always the configured one (a scheduler moves the param group's)."""
+    args = dict(getattr(opt, "defaults", {}))
+    if in_effect and getattr(opt, "param_groups", None):
+        group = opt.param_groups[0]
+        args.update({k: group[k] for k in args if k in group and k != "lr"})
+    return {"class_path": class_path(opt), "init_args": plain(args)}
 
 
-def run_components(module: Any, trainer: Any) -> dict[str, Any]:
-    """The description of a run's components that a checkpoint keeps (`CKPT_KEY`)."""
+def run_components(module: Any, trainer: Any, in_effect: bool = False) -> dict[str, Any]:
+    """The description of a run's components that a checkpoint keeps (`CKPT_KEY`; `in_effect`:
+    the optimizer's hyperparameters the run trains with, see `_describe_optimizer`)."""
     from lit_covrl.regularizers import Regularizer
 
     out: dict[str, Any] = {
         "model.objective": describe(module.objective),
         "model.reward": [describe(fn) for fn in module.rewards.rewards],
         "model.sampler": describe(module.sampler),
-        "model.optimizer": [_describe_optimizer(o) for o in trainer.optimizers],
+        "model.optimizer": [_describe_optimizer(o, in_effect) for o in trainer.optimizers],
         "model.lr_scheduler": [class_path(c.scheduler) for c in trainer.lr_scheduler_configs],
     }
     for cb in trainer.callbacks:
@@ -175,18 +183,40 @@ def _flat_components(components: dict[str, Any]) -> dict[str, Any]:
             for k, v in components.items()}
 
 
+# settings whose effect a resume cannot change: the restored optimizer state brings back its
+# hyperparameters, and a regularizer's restored random state its seed
+_NO_EFFECT = re.compile(r"^(model\.optimizer\.init_args\.|trainer\.callbacks\[[^]]*\]\.init_args\.seed:)")
+
+
+def check_optimizer_class(checkpoint: dict[str, Any], optimizers: list[Any]) -> None:
+    """ValueError if the run being started builds another optimizer class than the checkpoint's
+    run: the restored state belongs to the checkpoint's optimizer (AdamW -> SGD failed after a
+    whole rollout with `KeyError: 'momentum'`; AdamW -> Adam silently stayed AdamW)."""
+    saved = [o.get("class_path") for o in checkpoint.get(CKPT_KEY, {}).get("model.optimizer", [])]
+    now = [class_path(o) for o in optimizers]
+    if saved and saved != now:
+        raise ValueError(
+            f"model.optimizer: {', '.join(now)} cannot continue the checkpoint's {', '.join(saved)} (a resume "
+            "restores that optimizer's state): resume with the checkpoint's optimizer, or start a new run from "
+            "its weights (export them, then model.model=<exported folder>)"
+        )
+
+
 def warn_on_changes(checkpoint: dict[str, Any], module: Any, trainer: Any, ckpt_path: str | None) -> list[str]:
-    """Log one warning listing the differences (rank 0); returns them."""
+    """Log one warning listing the differences (rank 0), those that take effect apart from those
+    the restored state overrides; returns them."""
     lines = resume_differences(checkpoint, module, trainer)
     if lines and trainer.is_global_zero:
-        lr_note = any(line.startswith("model.optimizer.init_args.lr:") for line in lines)
-        log.warning(
-            "resuming from %s with settings that differ from the checkpoint's run; the weights, optimizer "
-            "state and sampling state continue from the checkpoint, these take effect from now on:\n  %s%s",
-            ckpt_path or "a checkpoint", "\n  ".join(lines),
-            "\n  (the optimizer state restored from the checkpoint keeps its learning rate: a changed lr "
-            "takes no effect. Start from the weights instead, e.g. model.model=<exported folder>, to "
-            "use another.)" if lr_note else "",
-        )
+        moot = [line for line in lines if _NO_EFFECT.match(line)]
+        used = [line for line in lines if line not in moot]
+        parts = [f"resuming from {ckpt_path or 'a checkpoint'} with settings that differ from the checkpoint's run; "
+                 "the weights, optimizer state and sampling state continue from the checkpoint."]
+        if used:
+            parts.append("These take effect from now on:\n  " + "\n  ".join(used))
+        if moot:
+            parts.append(
+                "These take no effect: the optimizer state and the random states restored from the checkpoint keep "
+                "its values (start a new run from the exported weights, model.model=<exported folder>, to use "
+                "others):\n  " + "\n  ".join(moot))
+        log.warning("\n".join(parts))
     return lines
-

@@ -3,6 +3,7 @@ resume that changes the objective, a reward, the optimizer, a regularizer or a s
 naming each difference (and nothing when the run is resumed as it was started)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lit_covrl.objectives import CISPO
@@ -73,8 +74,8 @@ def test_a_changed_learning_rate_is_said_to_take_no_effect(tiny_model_dir, tmp_p
     module.on_train_start = spy
     with caplog.at_level("WARNING", logger="lit_covrl.resume_check"):
         _trainer(tmp_path / "b", 3, _regs()).fit(module, make_data(), ckpt_path=str(ckpt))
-    assert "model.optimizer.init_args.lr: 0.03 -> 0.005" in caplog.text
-    assert "keeps its learning rate" in caplog.text
+    assert "take no effect" in caplog.text
+    assert caplog.text.index("take no effect") < caplog.text.index("model.optimizer.init_args.lr: 0.03 -> 0.005")
     assert seen["lr"] == 0.03  # what the note claims
 
 
@@ -157,3 +158,38 @@ def test_a_setting_newer_than_the_checkpoint_is_not_called_a_change(tiny_model_d
     # set to other than its default now: that is a change from how the old run behaved
     text = _resume(tiny_model_dir, tmp_path, ckpt, caplog, rollout=dict(sampling_batch_size=8))
     assert "model.rollout.sampling_batch_size: None -> 8" in text
+
+
+def test_changed_optimizer_arguments_are_said_to_take_no_effect_and_saved_as_used(tiny_model_dir, tmp_path, caplog):
+    """torch's load_state_dict replaces every hyperparameter of the param groups, not only lr: a
+    weight_decay or betas changed for the resume was listed as 'take effect from now on' while the run
+    trained with the checkpoint's, and its own checkpoints then recorded the unused values. So is a
+    regularizer's seed (its random state is restored)."""
+    ckpt = _checkpoint(tiny_model_dir, tmp_path)
+    regs = [ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=2), EntropyBonus(coef=0.01, schedule={"name": "linear", "final": 0.0})]
+    module = make_module(tiny_model_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=0.03, weight_decay=0.1, betas=(0.8, 0.9)))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lit_covrl.resume_check"):
+        trainer = _trainer(tmp_path / "b", 3, regs)
+        trainer.fit(module, make_data(), ckpt_path=str(ckpt))
+    text = caplog.text
+    moot = text[text.index("take no effect"):]
+    for line in ("model.optimizer.init_args.weight_decay: 0.01 -> 0.1", "model.optimizer.init_args.betas: [0.9, 0.999] -> [0.8, 0.9]",
+                 "trainer.callbacks[clip_cov].init_args.seed: 1 -> 2"):
+        assert line in moot, line
+    group = trainer.optimizers[0].param_groups[0]
+    assert group["weight_decay"] == 0.01 and tuple(group["betas"]) == (0.9, 0.999)  # what the warning claims
+    resaved = tmp_path / "resaved.ckpt"
+    trainer.save_checkpoint(resaved)
+    args = torch.load(resaved, weights_only=True)[CKPT_KEY]["model.optimizer"][0]["init_args"]
+    assert args["weight_decay"] == 0.01 and args["betas"] == [0.9, 0.999] and args["lr"] == 0.03
+
+
+def test_another_optimizer_class_is_refused_on_resume(tiny_model_dir, tmp_path):
+    """AdamW -> SGD failed after a whole rollout with KeyError: 'momentum'; AdamW -> Adam silently
+    stayed AdamW (the restored param groups)."""
+    ckpt = _checkpoint(tiny_model_dir, tmp_path)
+    module = make_module(tiny_model_dir, optimizer=lambda p: torch.optim.SGD(p, lr=0.03))
+    with pytest.raises(ValueError, match=r"model.optimizer: torch.optim.sgd.SGD cannot continue the checkpoint's "
+                                         r"torch.optim.adamw.AdamW"):
+        _trainer(tmp_path / "b", 3, _regs()).fit(module, make_data(), ckpt_path=str(ckpt))
