@@ -272,6 +272,29 @@ class AtomicCheckpoint(ModelCheckpoint):
         except AttributeError:  # a Lightning without these internals: save now, as Lightning does
             return False
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A run that stops on an exception (Ctrl-C included) says which checkpoint to resume from.
+        A save deferred to a validation that then failed (an out-of-memory error, a reward crash) is
+        written now, in a single-process run: the step's training is complete, and without it the
+        run lost every step since the previous checkpoint. A run resumed from that file runs the
+        failed validation again. (With several processes the others may be inside a collective that
+        a save would wait on forever: the save is left out there.)"""
+        if self._defer_save_until_validation and trainer.world_size == 1 and not isinstance(exception, CheckpointWriteError):
+            self._defer_save_until_validation = False
+            log.warning("the validation after RL step %d failed (%s: %s): writing that step's checkpoint now",
+                        trainer.global_step, type(exception).__name__, exception)
+            try:
+                candidates = self._monitor_candidates(trainer)
+                self._save_topk_checkpoint(trainer, candidates)
+                self._save_last_checkpoint(trainer, candidates)
+            except Exception as err:  # the original exception is the one to raise
+                log.warning("could not write it: %s", err)
+        latest = self.last_model_path or self.best_model_path
+        if trainer.is_global_zero:
+            log.warning("run stopped by %s after %d complete RL step(s); %s", type(exception).__name__, trainer.global_step,
+                        f"resume from its last checkpoint with --ckpt_path {latest}" if latest else
+                        "no checkpoint was saved yet")
+
     def on_train_end(self, trainer, pl_module) -> None:
         """The last steps are saved too: `last.ckpt` was only written at the last multiple of
         every_n_train_steps (40 steps saved every 25: step 25), except when nothing had been saved."""

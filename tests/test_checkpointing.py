@@ -362,7 +362,7 @@ def test_settings_groups_survive_save_load_and_resume(tiny_model_dir, tmp_path):
 
 
 def _fit_validating(model_dir, root: Path, name: str, steps: int, ckpt_path: Path | None = None, data=None,
-                    callbacks=()) -> L.Trainer:
+                    callbacks=(), module=None) -> L.Trainer:
     """Saved every 2 RL steps and validated every 2, as the shipped configs do (50 and 25)."""
     ck = AtomicCheckpoint(dirpath=root / name / "ck", every_n_train_steps=2, save_top_k=-1, save_last=True)
     trainer = L.Trainer(
@@ -370,7 +370,7 @@ def _fit_validating(model_dir, root: Path, name: str, steps: int, ckpt_path: Pat
         callbacks=[ck, *callbacks], enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=1, check_val_every_n_epoch=None, val_check_interval=2,
     )
-    trainer.fit(make_module(model_dir), data or make_data(), ckpt_path=str(ckpt_path) if ckpt_path else None)
+    trainer.fit(module or make_module(model_dir), data or make_data(), ckpt_path=str(ckpt_path) if ckpt_path else None)
     return trainer
 
 
@@ -431,3 +431,37 @@ def test_a_run_without_held_out_data_writes_its_periodic_checkpoints(tiny_model_
     _fit_validating(tiny_model_dir, tmp_path, "run", 4, data=dm, callbacks=[peek])
     assert peek.files is not None and "epoch=0-step=2.ckpt" in peek.files and "last.ckpt" in peek.files, peek.files
     assert torch.load(tmp_path / "run" / "ck" / "epoch=0-step=2.ckpt", weights_only=False)["global_step"] == 2
+
+
+def test_a_validation_that_fails_on_a_checkpoint_step_leaves_that_steps_checkpoint(tiny_model_dir, tmp_path, caplog):
+    """The save of a validating step waits for its validation: when that validation raised (an
+    out-of-memory error in a long held-out pass), the step's checkpoint was never written and the
+    run lost every step since the previous one. It is written on the exception now, the message
+    names it, and a run resumed from it redoes the validation: as an uninterrupted run."""
+    from tests.helpers import scalar_tags
+
+    class Boom(Exception):
+        pass
+
+    module = make_module(tiny_model_dir)
+    step = module.validation_step
+
+    def failing(batch, batch_idx):
+        if module.global_step == 4:
+            raise Boom("out of memory")
+        return step(batch, batch_idx)
+
+    module.validation_step = failing
+    with caplog.at_level("WARNING", logger="lit_covrl"), pytest.raises(Boom):
+        _fit_validating(tiny_model_dir, tmp_path, "failed", 6, module=module)
+    folder = tmp_path / "failed" / "ck"
+    assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert (folder / "epoch=0-step=4.ckpt").exists()
+    assert f"after 4 complete RL step(s); resume from its last checkpoint with --ckpt_path {folder / 'last.ckpt'}" in caplog.text
+
+    resumed = _fit_validating(tiny_model_dir, tmp_path, "resumed", 6, ckpt_path=folder / "last.ckpt")
+    full = _fit_validating(tiny_model_dir, tmp_path, "full", 6)
+    a, b = scalar_tags(tmp_path / "full"), scalar_tags(tmp_path / "resumed")
+    assert b["val/pass@1"] == [x for x in a["val/pass@1"] if x[0] >= 3]  # step 4's validation redone
+    for p, q in zip(resumed.lightning_module.policy.parameters(), full.lightning_module.policy.parameters()):
+        assert torch.equal(p, q)
