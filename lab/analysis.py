@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -31,13 +32,19 @@ def event_dirs(log_dir: str | Path) -> list[Path]:
     return sorted({p.parent for p in Path(log_dir).rglob("events.out.tfevents.*")})
 
 
+def _natural_key(path: Path) -> list:
+    """A path's sort key with its numbers compared as numbers (`-v9` before `-v10`)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
 def read_scalars(log_dir: str | Path, merge: bool = False) -> dict[str, list[tuple[int, float]]]:
     """All scalar series in the TensorBoard event files of one run's folder: tag -> sorted [(step, value)].
 
     If a step was written twice (several event files in the folder) the last value read wins. A
     folder holding several folders of event files is refused (their steps would be mixed into one
     series), unless `merge`: they are one run's parts (a resumed `lit-covrl fit` logs to the next
-    version folder, -v0 then -v1), read in path order.
+    version folder, -v0 then -v1), read in version order (-v9 before -v10: the resumed part's value
+    of a step logged twice wins).
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -46,7 +53,7 @@ def read_scalars(log_dir: str | Path, merge: bool = False) -> dict[str, list[tup
         raise ValueError(f"{log_dir} holds {len(dirs)} folders of event files ({listed}): name one run's folder, "
                          "or merge them if they are one resumed run's parts")
     merged: dict[str, dict[int, float]] = {}
-    for events in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
+    for events in sorted(Path(log_dir).rglob("events.out.tfevents.*"), key=_natural_key):
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:

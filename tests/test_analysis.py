@@ -210,3 +210,18 @@ def test_paired_differences_hand_worked():
     assert d["bonus"] == pytest.approx([-0.05])
     # a NaN baseline value removes that seed's pair for everyone
     assert an.paired_differences({("grpo", 0): float("nan"), ("a", 0): 1.0}, "grpo") == {}
+
+
+def test_merged_parts_are_read_in_version_order_past_v9(tmp_path):
+    """A step logged twice (after the last checkpoint by the crashed part, then by the resumed one)
+    takes the resumed part's value; string order read -v10 before -v9, so from the tenth resume on
+    the crashed part's values won."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for i in range(11):  # part i resumes at step 10 i and crashes after step 10 i + 14
+        w = SummaryWriter(str(tmp_path / f"grpo-quickstart-v{i}"))
+        for step in range(10 * i, 10 * i + 15):
+            w.add_scalar("policy/loss", float(i), step)
+        w.close()
+    merged = dict(an.read_scalars(tmp_path, merge=True)["policy/loss"])
+    assert [merged[s] for s in (24, 94, 100, 104, 110)] == [2.0, 9.0, 10.0, 10.0, 10.0]
