@@ -13,6 +13,7 @@ not refused.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import logging
 import re
@@ -120,11 +121,27 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             continue
         if _same_class(before, after):
             b, a = _flat("", before.get("init_args", {}), {}), _flat("", after.get("init_args", {}), {})
-            lines += [f"{key}.init_args.{k}: {b.get(k, _MISSING)!r} -> {a.get(k, _MISSING)!r}"
-                      for k in list(b) + [k for k in a if k not in b] if b.get(k, _MISSING) != a.get(k, _MISSING)]
+            # an argument on one side only is the code's change, not the run's (a checkpoint of an
+            # older version): one the checkpoint lacks is compared with the class's default
+            b.update({k: v for k, v in _init_defaults(after["class_path"]).items() if k in a and k not in b})
+            lines += [f"{key}.init_args.{k}: {b[k]!r} -> {a[k]!r}" for k in b if k in a and b[k] != a[k]]
             continue
         lines.append(f"{key}: {_show(before)} -> {_show(after)}")
     return lines
+
+
+def _init_defaults(path: Any) -> dict[str, Any]:
+    """The constructor defaults (but None) of the class at `path` (a dotted class path), flattened
+    like a description's init_args; {} when it cannot be imported."""
+    module, _, name = str(path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return {}
+    # a None default is usually resolved by the constructor (a regularizer's name): not comparable
+    return _flat("", {p.name: plain(p.default) for p in params
+                      if p.name != "self" and p.default is not p.empty and p.default is not None}, {})
 
 
 class _Missing:

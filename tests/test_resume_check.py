@@ -193,3 +193,21 @@ def test_another_optimizer_class_is_refused_on_resume(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"model.optimizer: torch.optim.sgd.SGD cannot continue the checkpoint's "
                                          r"torch.optim.adamw.AdamW"):
         _trainer(tmp_path / "b", 3, _regs()).fit(module, make_data(), ckpt_path=str(ckpt))
+
+
+def test_an_argument_on_one_side_only_is_the_codes_change_not_the_runs():
+    """A checkpoint of an older version describes AdaptiveEntropyBonus with its running state (coef,
+    active) and without init_coef: resumed unchanged, that is not a difference; a changed value is."""
+    from lit_covrl.regularizers import AdaptiveEntropyBonus
+
+    path = "lit_covrl.regularizers.entropy_shaping.AdaptiveEntropyBonus"
+    old = {"trainer.callbacks[adaptive_entropy]": {"class_path": path, "init_args": {
+        "target": 0.2, "delta": 1e-4, "min_coef": 0.0, "max_coef": 0.005, "coef": 0.004, "active": True,
+        "name": "adaptive_entropy"}}}
+    now = {"trainer.callbacks[adaptive_entropy]": describe(AdaptiveEntropyBonus(target=0.2))}
+    assert differences(old, now) == []
+    now = {"trainer.callbacks[adaptive_entropy]": describe(AdaptiveEntropyBonus(target=0.3, init_coef=0.001))}
+    assert differences(old, now) == [
+        "trainer.callbacks[adaptive_entropy].init_args.target: 0.2 -> 0.3",
+        "trainer.callbacks[adaptive_entropy].init_args.init_coef: 0.0 -> 0.001",
+    ]
