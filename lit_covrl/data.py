@@ -25,8 +25,6 @@ Lightning calls only the datamodule's; the module should not override it.)
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import random
 from collections.abc import Iterator
@@ -35,6 +33,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
+from lit_covrl.row_checks import changed_rows_warning, reuse_warnings, rows_digest
 from lit_covrl.rows import MAX_ROW_WARNINGS
 from lit_covrl.sources import RowReader, check_sources, file_list, task_heldout
 from lit_covrl.streams import TASK_STREAM_UNIT, rank_offsets, resume_index
@@ -74,20 +73,6 @@ class _FixedBatches(IterableDataset):
 
 def _batched(examples: list[Example], size: int) -> list[PromptBatch]:
     return [PromptBatch.from_examples(examples[i : i + size]) for i in range(0, len(examples), size)]
-
-
-def _prompt_key(prompt: str | list[dict]) -> str:
-    """A hashable stand-in for a prompt (a conversation is a list of dicts)."""
-    return prompt if isinstance(prompt, str) else json.dumps(prompt)
-
-
-def rows_digest(rows: list[Example]) -> str:
-    """A short hash of the rows' (prompt, answer) sequence, order included: saved in checkpoints
-    so that a resume notices train rows that changed."""
-    h = hashlib.sha256()
-    for ex in rows:
-        h.update(json.dumps([ex.prompt, ex.answer]).encode("utf-8"))
-    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- datamodule
@@ -183,7 +168,7 @@ class PromptDataModule(L.LightningDataModule):
         self._perms: dict[tuple[str, int], list[int]] = {}
         self._read = {"train": (0, 0), "held-out": (0, 0)}  # (rows read, malformed) of files / HF splits
         self._unencodable = {"train": 0, "held-out": 0}  # rows dropped by reject_prompts
-        self._digest: str | None = None  # rows_digest of _train_rows, computed when first saved
+        self._digest: str | None = None  # rows_digest of _train_rows, computed when first needed
         # prompts per optimizer update, set by the module at start-up (None: one update per rollout)
         self.minibatch_prompts: int | None = None
 
@@ -224,19 +209,10 @@ class PromptDataModule(L.LightningDataModule):
 
     def _warn_about_rows(self) -> None:
         """Warnings about train rows that validation or a step's batch would use twice."""
-        if self._train_rows is None:
-            return
-        if self._val_read:
-            train = {_prompt_key(ex.prompt) for ex in self._train_rows}
-            shared = sum(_prompt_key(ex.prompt) in train for ex in self._val_examples)
-            if shared:
-                log.warning("%d of %d held-out rows have the prompt of a train row: validation scores prompts the "
-                            "policy trains on", shared, len(self._val_examples))
-        world, batch_size = self._rank_world()[1], self.hparams.batch_size
-        if world * batch_size > len(self._train_rows):
-            log.warning("data.batch_size=%d x %d device(s) = %d prompts per step, more than the %d train rows: "
-                        "each step holds some rows several times", batch_size, world, world * batch_size,
-                        len(self._train_rows))
+        if self._train_rows is not None:
+            held_out = self._val_examples if self._val_read else None
+            for warning in reuse_warnings(self._train_rows, held_out, self.hparams.batch_size, self._rank_world()[1]):
+                log.warning(warning)
 
     def _with_system(self, ex: Example) -> Example:
         """A string prompt as [system, user] messages when `system_prompt` is set."""
@@ -454,9 +430,7 @@ class PromptDataModule(L.LightningDataModule):
                  "batch_size": self.hparams.batch_size, "skipped_rows": self.skipped_rows, "seed": self.hparams.seed,
                  "task_stream_unit": TASK_STREAM_UNIT}
         if self._train_rows is not None:
-            if self._digest is None:
-                self._digest = rows_digest(self._train_rows)
-            state.update(train_rows=len(self._train_rows), train_digest=self._digest)
+            state.update(train_rows=len(self._train_rows), train_digest=self._train_digest())
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -476,18 +450,13 @@ class PromptDataModule(L.LightningDataModule):
             self._check_rows_unchanged(state_dict["train_rows"], state_dict.get("train_digest"))
 
     def _check_rows_unchanged(self, saved_n: int, saved_digest: str | None) -> None:
-        """Warn when the train rows differ from those of the checkpoint: the epochs' shuffles are
-        permutations of the row positions, so the resumed stream no longer continues the saved one."""
+        """Warn when the train rows differ from those of the checkpoint (`changed_rows_warning`)."""
         if self._val_batches is None:
             self.setup("fit")
-        n = len(self._train_rows)
-        if n != saved_n:
-            log.warning("train rows changed since the checkpoint (%d -> %d rows): every epoch's shuffle differs, "
-                        "so rows of the current epoch may repeat or be missed", saved_n, n)
-            return
+        if warning := changed_rows_warning(saved_n, saved_digest, len(self._train_rows), self._train_digest()):
+            log.warning(warning)
+
+    def _train_digest(self) -> str:
         if self._digest is None:
             self._digest = rows_digest(self._train_rows)
-        if saved_digest is not None and saved_digest != self._digest:
-            log.warning("train rows changed since the checkpoint (the same %d rows, but other prompts or answers, "
-                        "or another order): rows edited in place are used as edited; rows that moved may repeat "
-                        "or be missed in the current epoch", n)
+        return self._digest
