@@ -5,6 +5,9 @@
   the last number. The Unicode minus sign reads as "-". Linear in the completion's length.
 - `_huge_power(answer)`: whether an answer holds a numeric power that sympy could spend unbounded
   time computing in C (where no time limit can interrupt it): such answers are never parsed.
+- `_too_complex(answer, reference)`: whether an answer is longer or more deeply nested than any
+  realistic one (math_verify's time grows exponentially with the nesting, and its own time limit
+  is off on the reward worker thread): such answers are never parsed either.
 """
 from __future__ import annotations
 
@@ -193,3 +196,97 @@ def _prefix_counts(t: str) -> tuple[list[int], list[int], list[int]]:
         carets.append(carets[-1] + (ch == "^"))
         i += 1
     return symbolic, digits, carets
+
+
+# Answers math_verify may take seconds to minutes on (see `_too_complex`).
+_MAX_ANSWER_CHARS = 300
+_MAX_BRACKET_DEPTH = 6
+_MAX_FUNCTION_DEPTH = 3
+# Functions whose nested applications make math_verify's verify exponentially slow
+_FUNCTIONS = frozenset(
+    {"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "arccot", "arcsec", "arccsc",
+     "sinh", "cosh", "tanh", "coth", "sech", "csch", "arsinh", "arcosh", "artanh", "arcsinh", "arccosh",
+     "arctanh", "log", "ln", "lg", "exp"})
+_SCRIPT = re.compile(r"\s*[\^_]\s*(?:\\[A-Za-z]+|\S)")
+
+
+def _too_complex(text: str, reference: str = "") -> bool:
+    """True if `text` is longer than `_MAX_ANSWER_CHARS` (300) characters, nests brackets deeper
+    than `_MAX_BRACKET_DEPTH` (6) or function applications deeper than `_MAX_FUNCTION_DEPTH` (3)
+    (see `_nesting`), each limit raised to the `reference` answer's own value: an answer written
+    like the reference always passes.
+
+    math_verify's time grows exponentially with the nesting: `\\sin(` 10 times (69 characters)
+    took minutes, 20 nested braces more than 2 minutes, a tuple of 1000 numbers 8 s. Within these
+    limits an answer takes at most a few seconds; realistic answers (`\\frac{\\sqrt{3}}{2}`,
+    `\\sin(\\arctan(2))`, `\\left(\\frac{1}{2}, \\frac{\\sqrt{3}}{2}\\right)`) are far inside them.
+    """
+    n = max(_MAX_ANSWER_CHARS, len(reference))
+    if len(text) > n:
+        return True
+    brackets, functions = _nesting(text)
+    if brackets <= _MAX_BRACKET_DEPTH and functions <= _MAX_FUNCTION_DEPTH:
+        return False
+    ref_brackets, ref_functions = _nesting(reference)
+    return brackets > max(_MAX_BRACKET_DEPTH, ref_brackets) or functions > max(_MAX_FUNCTION_DEPTH, ref_functions)
+
+
+def _nesting(t: str) -> tuple[int, int]:
+    """(deepest nesting of matched (), {}, [] pairs, deepest nesting of function applications).
+
+    A function is a command of `_FUNCTIONS` (`\\sin`, `\\log`, ...) or `e^{...}`. One whose argument
+    is a bracket group (`\\sin(x)`, `\\log_2 \\left(x\\right)`, `\\sin^{2}(x)`, `e^{x}`) applies inside
+    that group; one without (`\\sin \\cos x`) until the next `+ - = , ;` of its group that is not a
+    sign (`\\sin -\\sin x` nests two). So `\\sin(\\cos(x))`, `\\sin \\cos x` and `\\sin x \\cos x` nest 2
+    deep (math_verify reads `\\sin x \\cdot \\cos x` as sin(x cos(x))), `\\sin x + \\cos x` and
+    `\\sin(x)\\cos(x)` 1. Linear in the text.
+    """
+    match = _matching_brackets(t)
+    calls: set[int] = set()  # opening brackets of a function's argument
+    frames = [[-1, 0, 0]]  # per open group: [its closer, 1 if a function's argument, functions applied loosely]
+    brackets = functions = now = 0  # `now`: the functions applied at i (the sum over frames)
+    operand = arg_start = -1  # where the last operand ends, where the last function's argument starts
+    i, n = 0, len(t)
+    while i < n:
+        ch = t[i]
+        if ch == "\\" and i + 1 < n and t[i + 1].isalpha():
+            j = i + 1
+            while j < n and t[j].isalpha():
+                j += 1
+            if t[i + 1:j] not in _FUNCTIONS:
+                operand, i = j - 1, j
+                continue
+            k = j  # its argument starts after its sub/superscripts (`\\log_{2}`, `\\sin^2`)
+            while (m := _SCRIPT.match(t, k)) is not None:
+                k = match[m.end() - 1] + 1 if t[m.end() - 1] == "{" and m.end() - 1 in match else m.end()
+            k = _skip_spaces(t, k)
+            if t.startswith("\\left", k):
+                k = _skip_spaces(t, k + len("\\left"))
+            if k < n and t[k] in "({[" and k in match:
+                calls.add(k)
+            else:
+                frames[-1][2] += 1
+                now += 1
+            arg_start, i = k, j
+        elif ch in "({[" and i in match:
+            frames.append([match[i], int(i in calls), 0])
+            now += frames[-1][1]
+            i += 1
+        elif ch in ")}]" and frames[-1][0] == i:
+            _, call, loose = frames.pop()
+            now -= call + loose
+            operand, i = i, i + 1
+        else:
+            if ch in "+-=,;" and operand >= arg_start:  # not a sign right after a function
+                now -= frames[-1][2]
+                frames[-1][2] = 0
+            elif ch == "e" and (k := _skip_spaces(t, i + 1)) < n and t[k] == "^":  # e^{...}
+                k = _skip_spaces(t, k + 1)
+                if k < n and t[k] == "{" and k in match:
+                    calls.add(k)
+            if ch.isalnum():
+                operand = i
+            i += 1
+        brackets = max(brackets, len(frames) - 1)
+        functions = max(functions, now)
+    return brackets, functions

@@ -27,8 +27,11 @@ on the caller's per-item timeout otherwise.
 Neither limit can interrupt C code that holds the GIL: while sympy computes a huge integer (say
 `10^{10^{7}}`) in C, no other Python thread runs, so `score_completions` cannot stop waiting (it
 returns late, after the computation) and a SIGALRM handler runs only afterwards. Hence the cheap
-guard of `MathVerifyReward`: an extracted answer with a power tower or an exponent of more than
-4 digits (`lit_covrl.answers._huge_power`) scores 0.0 without being parsed.
+guards of `MathVerifyReward`: an extracted answer with a power tower or an exponent of more than
+4 digits (`lit_covrl.answers._huge_power`) scores 0.0 without being parsed, and so does one that
+math_verify could work on for minutes in Python (on the worker thread, where its own limit is
+off): longer than 300 characters, or nested deeper than any realistic answer
+(`lit_covrl.answers._too_complex`).
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
-from lit_covrl.answers import _BOXED, _DOLLAR, _huge_power, extract_answer
+from lit_covrl.answers import _BOXED, _DOLLAR, _huge_power, _too_complex, extract_answer
 
 __all__ = [
     "RewardFunction",
@@ -79,7 +82,10 @@ class MathVerifyReward:
     The final answer is `extract_answer(completion)`. One that sympy might evaluate for unbounded
     time in C code (a power tower such as `10^{10^{7}}` or `10^10^7`, a power of a power, an
     exponent with more than 4 digits: see `_huge_power`) scores 0.0 without being parsed, since no
-    time limit can interrupt that computation.
+    time limit can interrupt that computation. So does one math_verify may take seconds to minutes
+    on (`_too_complex`): longer than 300 characters, brackets nested more than 6 deep or functions
+    (`\\sin`, `\\log`, `e^{...}`, ...) more than 3 deep (`\\sin(\\cos(\\tan(\\sin(x))))`), unless the
+    reference answer is as long or as deep.
 
     Args:
         timeout_s: math_verify's own parse/verify time limit (SIGALRM, whole seconds, rounded up),
@@ -118,7 +124,7 @@ class MathVerifyReward:
         from math_verify import verify
 
         predicted = extract_answer(completion)
-        if predicted is None or _huge_power(predicted):  # never handed to math_verify
+        if predicted is None or _huge_power(predicted) or _too_complex(predicted, answer):  # never parsed
             return 0.0
         timeout = self._signal_timeout()
         gold = self._parse(answer, timeout)

@@ -204,6 +204,97 @@ def test_math_verify_refuses_huge_powers_unparsed(monkeypatch):
         assert r(completion, "5") == 0.0
 
 
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("\\frac{\\sqrt{3}}{2}", (2, 0)),
+        ("\\left(\\frac{1}{2}, \\frac{\\sqrt{3}}{2}\\right)", (3, 0)),
+        ("\\sin(\\cos(x))", (2, 2)),
+        ("\\sin \\cos x", (0, 2)),
+        ("\\sin x \\cos x", (0, 2)),  # math_verify reads `\\sin x \\cdot \\cos x` as sin(x cos(x))
+        ("\\sin x + \\cos x", (0, 1)),
+        ("\\sin(x)\\cos(x)", (1, 1)),
+        ("\\sin -\\sin -\\sin x", (0, 3)),  # a sign right after a function ends nothing
+        ("\\sin^2 -x + \\sin y", (0, 1)),
+        ("\\log_2(\\log_3(\\log_4 x))", (2, 3)),
+        ("\\sin^{2}\\left(\\cos^{2}(x)\\right)", (2, 2)),
+        ("e^{x^2}", (1, 1)),
+        ("e^{e^{e^{e}}}", (3, 3)),
+        ("\\sin(" * 10 + "1" + ")" * 10, (10, 10)),
+        ("{" * 20 + "5" + "}" * 20, (20, 0)),
+        ("x \\in [1, 10)", (0, 0)),  # unmatched brackets do not count
+    ],
+)
+def test_nesting(text, expected):
+    assert answers._nesting(text) == expected
+
+
+# Final answers of GSM8K / MATH-style problems: never refused by the complexity guard.
+REALISTIC = [
+    "18", "-\\frac{3}{4}", "\\frac{\\sqrt{3}}{2}", "\\left(\\frac{1}{2}, \\frac{\\sqrt{3}}{2}\\right)",
+    "\\sqrt{2+\\sqrt{2+\\sqrt{2+\\sqrt{2}}}}", "\\dfrac{1}{1+\\dfrac{1}{1+\\dfrac{1}{2}}}", "\\sin(\\arctan(2))",
+    "\\log_2(\\log_3 x)", "e^{-x^2/2}", "2\\sin x\\cos x", "\\frac{1}{2}\\left(\\sqrt{\\frac{a}{b}}\\right)^{2}",
+    "(-\\infty, -2] \\cup [3, \\infty)", "\\text{(C)}", "x^4-4x^3+6x^2-4x+1", "\\$32,\\!348",
+    "\\begin{pmatrix} \\frac{1}{\\sqrt{2}} & -\\frac{1}{\\sqrt{2}} \\\\ \\frac{1}{\\sqrt{2}} & \\frac{1}{\\sqrt{2}} "
+    "\\end{pmatrix}",
+    "\\{" + ", ".join(str(k) for k in range(1, 51)) + "\\}",
+]
+
+
+@pytest.mark.parametrize("answer", REALISTIC)
+def test_realistic_answers_pass_the_complexity_guard(answer):
+    assert not answers._too_complex(answer)
+
+
+def test_realistic_answers_still_verify():
+    r = MathVerifyReward()
+    for answer in ["\\frac{\\sqrt{3}}{2}", "\\sqrt{2+\\sqrt{2+\\sqrt{2+\\sqrt{2}}}}", "\\log_2(\\log_3 x)",
+                   REALISTIC[-1]]:
+        assert r(f"so \\boxed{{{answer}}}", answer) == 1.0, answer
+    assert r("\\boxed{\\dfrac{1}{1+\\dfrac{1}{1+\\dfrac{1}{2}}}}", "\\frac{3}{5}") == 1.0
+
+
+NESTED = [  # math_verify took seconds to minutes on each (its time limit is off on a worker thread)
+    "\\boxed{" + "\\sin(" * 10 + "1" + ")" * 10 + "}",
+    "\\boxed{" + "{" * 20 + "5" + "}" * 20 + "}",
+    "\\boxed{" + "(" * 50 + "5" + ")" * 50 + "}",
+    "\\boxed{\\sin \\sin \\sin \\sin \\sin \\sin \\sin 1}",
+    "\\boxed{\\sin(\\cos(\\tan(\\sin(\\cos(\\tan(1))))))}",
+    "\\boxed{e^{e^{e^{e^{e}}}}}",
+    "\\boxed{(" + ",".join(str(k) for k in range(1000)) + ")}",  # 3.9k characters: 8 s
+    "\\boxed{\\{" + ",".join(str(k) for k in range(1000)) + "\\}}",
+]
+
+
+def test_math_verify_refuses_deeply_nested_or_long_answers_unparsed(monkeypatch):
+    import math_verify
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("math_verify.parse called")
+
+    r = MathVerifyReward()
+    monkeypatch.setattr(math_verify, "parse", no_parse)
+    for completion in NESTED:
+        assert r(completion, "5") == 0.0
+
+
+def test_complexity_limits_rise_to_the_reference():
+    deep = "\\sin(\\cos(\\tan(\\sin(x))))"
+    long = "+".join(f"x_{{{k}}}" for k in range(60))
+    assert answers._too_complex(deep) and answers._too_complex(long)
+    assert not answers._too_complex(deep, deep) and not answers._too_complex(long, long)
+    assert answers._too_complex(deep, "\\sin(\\cos(\\tan(x)))")
+
+
+def test_nested_answers_no_longer_stop_the_run():
+    # 9 calls of minutes each outlived the 2 s limit and stopped the run ("Fix the reward where it hangs")
+    from lit_covrl.reward_set import RewardSet
+
+    total, _, res = RewardSet([MathVerifyReward()]).score(NESTED[:1] * 9 + ["\\boxed{5}"], ["5"] * 10, timeout_s=2.0)
+    assert total == [0.0] * 9 + [1.0]
+    assert res.failures == 0
+
+
 def flaky(completion: str, answer: str):
     if completion == "raise":
         raise RuntimeError("boom")
