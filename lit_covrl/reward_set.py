@@ -1,16 +1,26 @@
-"""Several reward functions, weighted, called the way TRL and verl users write them.
+"""Several reward functions, weighted, in the forms TRL and verl users write them.
 
     r_total(i) = sum_k w_k * r_k(i)          (w_k = 1 unless `weights` says otherwise)
 
 Each reward is any callable (a plain function or an object with `__call__`, annotated or not),
-in one of two forms:
+in one of three forms:
 
 - item-level: `fn(completion, answer, **columns) -> float`, called once per completion. The first
-  two arguments are positional (any names); the keyword arguments are `prompt` (the row's prompt
-  as in the data: a string or a list of `{role, content}` messages) and every other column of the
-  data row, each passed only if `fn` has a parameter of that name (or `**kwargs`). Faults are
-  contained per item by `score_completions`: an exception, a non-finite or non-numeric value or a
-  call that outlives `timeout_s` scores that item 0.0 and is counted.
+  two arguments are positional; the keyword arguments are `prompt` (the row's prompt as in the
+  data: a string or a list of `{role, content}` messages) and every other column of the data row,
+  each passed only if `fn` has a parameter of that name (or `**kwargs`). The first two parameters
+  may have any names but those that say they get something else (`check_calls` refuses them at
+  start-up): a column's, the answer field's (see below; as the second it is the answer), the
+  names RewardSet passes (`answer`, `prompt`, ... ; `completion` only first, `answer` only second)
+  and verl's `data_source`, `extra_info` (and `ground_truth` first). Faults are contained per item
+  by `score_completions`: an exception, a non-finite or non-numeric value or a call that outlives
+  `timeout_s` scores that item 0.0 and is counted.
+- verl's form, an item-level reward with a parameter named `solution_str`:
+  `compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float`, called once
+  per completion, all by keyword: `solution_str` is the completion, `ground_truth` the reference
+  answer, `data_source` and `extra_info` the row's columns of those names; without an `extra_info`
+  column, `extra_info` is the row's columns as a dict. Other parameters get columns and `prompt`
+  as above; faults are contained the same way.
 - batched: `fn(completions, answers, prompts, **columns) -> list[float]`, called once per batch,
   all arguments by keyword, each column as a list (TRL's convention). A reward is batched if it
   has an attribute `batched = True`, or, without that attribute, a parameter named `completions`.
@@ -52,11 +62,13 @@ from typing import Any
 
 from lit_covrl.rewards import ScoreResult, _log_failures, _safe_repr, _to_reward, abandon, score_completions
 
-__all__ = ["RewardSet", "reward_name", "is_batched"]
+__all__ = ["RewardSet", "reward_name", "is_batched", "is_verl"]
 
 RESERVED = ("completion", "completions", "answer", "answers")
 # Names RewardSet passes itself: never used for the answers under the answer field's name.
 PASSED = (*RESERVED, "prompt", "prompts")
+# verl's custom reward: compute_score(data_source, solution_str, ground_truth, extra_info=None)
+VERL = ("data_source", "solution_str", "ground_truth", "extra_info")
 
 
 def _signature(fn: Callable) -> inspect.Signature | None:
@@ -75,15 +87,30 @@ def is_batched(fn: Callable) -> bool:
     return sig is not None and "completions" in sig.parameters
 
 
+def is_verl(fn: Callable) -> bool:
+    """True for an item-level reward in verl's form (a parameter `solution_str`): see the module docstring."""
+    sig = _signature(fn)
+    return not is_batched(fn) and sig is not None and "solution_str" in sig.parameters
+
+
+def _first_two(fn: Callable) -> list[str]:
+    """The names of the parameters an item-level reward's completion and answer fill (by position)."""
+    sig = _signature(fn)
+    if sig is None:
+        return []
+    params = sig.parameters.values()
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
+
+
 def _accepted(fn: Callable) -> tuple[set[str] | None, set[str]]:
-    """(keyword names `fn` accepts, None if it takes **kwargs; names never to pass by keyword:
-    an item-level reward's first two parameters, which get the completion and the answer)."""
+    """(keyword names `fn` accepts, None if it takes **kwargs; names never to pass as columns:
+    an item-level reward's first two parameters, which get the completion and the answer, or
+    verl's `solution_str` and `ground_truth`)."""
     sig = _signature(fn)
     if sig is None:
         return None, set()
     params = sig.parameters.values()
-    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    skip = set() if is_batched(fn) else set(positional[:2])
+    skip = set() if is_batched(fn) else {"solution_str", "ground_truth"} if is_verl(fn) else set(_first_two(fn))
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None, skip
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - skip, skip
@@ -168,19 +195,55 @@ class RewardSet:
         """Per reward: (fn, name, its column rows, its keyword arguments: one dict per item, or the
         batched call's one dict), built once for the check and the scoring."""
         out = []
-        for fn, accepts, name, rows in zip(self.rewards, self._accepts, self.names, self._rows(answers, columns)):
-            kwargs = (_batch_kwargs(accepts[0], completions, answers, prompts, rows) if is_batched(fn)
-                      else [_item_kwargs(*accepts, p, c) for p, c in zip(prompts, rows)])
+        for fn, accepts, named, name, rows in zip(self.rewards, self._accepts, self._named, self.names,
+                                                  self._rows(answers, columns)):
+            if is_batched(fn):
+                kwargs = _batch_kwargs(accepts[0], completions, answers, prompts, rows)
+            else:
+                kwargs = [_item_kwargs(*accepts, p, c) for p, c in zip(prompts, rows)]
+            if is_verl(fn):
+                if "extra_info" in named:  # verl's extra_info: the column, else the row's columns
+                    kwargs = [kw if "extra_info" in row else {**kw, "extra_info": dict(row)}
+                              for kw, row in zip(kwargs, columns)]
+                fn = _VerlCall(fn)
             out.append((fn, name, rows, kwargs))
         return out
 
+    def _check_names(self, columns: list[dict]) -> None:
+        """TypeError naming an item-level reward whose first or second parameter, which get the
+        completion and the answer, is named as if it got something else."""
+        alias = self._answer_alias()
+        cols = {k for row in columns for k in row}
+        first = (cols - {"completion", "completions"}) | ({alias} if alias else set()) | {
+            "answer", "answers", "prompt", "prompts", "data_source", "ground_truth", "extra_info"}
+        second = (cols - {"answer", "answers"}) | {
+            "completion", "completions", "prompt", "prompts", "data_source", "extra_info"}
+        for fn, name in zip(self.rewards, self.names):
+            if is_batched(fn) or is_verl(fn):
+                continue
+            for param, wrong, gets in zip(_first_two(fn), (first, second), ("completion", "reference answer")):
+                if param in wrong:
+                    what = ("a column of the data" if param in cols else "the reference answer"
+                            if param in ("answer", "answers", "ground_truth", alias) else "the completion"
+                            if param in ("completion", "completions") else "the prompt"
+                            if param in ("prompt", "prompts") else "a column in verl's compute_score")
+                    raise TypeError(
+                        f"model.reward {name!r}: its parameter {param!r} gets the {gets} (an item-level reward's "
+                        f"first two parameters get the completion and the reference answer, whatever their names), "
+                        f"but {param!r} names {what}; rename it (verl's compute_score(data_source, solution_str, "
+                        "ground_truth, extra_info) is called by keyword)")
+
     def check_calls(self, answers: list[str], prompts: list[Any], columns: list[dict] | None = None) -> None:
         """TypeError naming a reward that cannot take the arguments `score` would give it for any
-        of these rows of the data (strict: a required parameter no row's column fills counts):
-        the module calls it at start-up. `score` checks each batch for a wrong arity only."""
+        of these rows of the data (strict: a required parameter no row's column fills counts), or
+        an item-level one whose first two parameters are named as if they got something else than
+        the completion and the answer (see the module docstring): the module calls it at start-up.
+        `score` checks each batch for a wrong arity only."""
         n = len(answers)
+        columns = columns if columns else [{} for _ in range(n)]
+        self._check_names(columns)
         if n:
-            calls = self._calls([""] * n, answers, prompts, columns if columns else [{} for _ in range(n)])
+            calls = self._calls([""] * n, answers, prompts, columns)
             _check_calls(calls, [""] * n, answers, strict=True)
 
     def score(
@@ -220,12 +283,30 @@ def _check_calls(calls: list, completions: list[str], answers: list[str], strict
     """`_check_call` of every reward of `RewardSet._calls`."""
     for fn, name, rows, kwargs in calls:
         if is_batched(fn):
-            _check_call(fn, name, [((), kwargs)], rows, strict)
+            _check_call(fn, name, [((), kwargs)], rows, strict, "fn(completions=, answers=, prompts=, **columns)")
+        elif isinstance(fn, _VerlCall) and answers:
+            _check_call(fn.fn, name, [((), {"solution_str": c, "ground_truth": a, **kw})
+                                      for c, a, kw in zip(completions, answers, kwargs)], rows, strict,
+                        "fn(solution_str=completion, ground_truth=answer, **columns)")
         elif answers:
-            _check_call(fn, name, [((c, a), kw) for c, a, kw in zip(completions, answers, kwargs)], rows, strict)
+            _check_call(fn, name, [((c, a), kw) for c, a, kw in zip(completions, answers, kwargs)], rows, strict,
+                        "fn(completion, answer, **columns)")
 
 
-def _check_call(fn: Callable, name: str, calls: list[tuple[tuple, dict]], rows: list[dict], strict: bool) -> None:
+class _VerlCall:
+    """A reward in verl's form called as an item-level one: `fn(solution_str=completion,
+    ground_truth=answer, **columns)`."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+
+    def __call__(self, completion: str, answer: str, **columns: Any) -> Any:
+        return self.fn(solution_str=completion, ground_truth=answer, **columns)
+
+
+def _check_call(fn: Callable, name: str, calls: list[tuple[tuple, dict]], rows: list[dict], strict: bool,
+                form: str) -> None:
     """TypeError now, naming the reward, if `fn` cannot take the arguments of any of its `calls`:
     contained per item, such a reward scored every completion 0 for the whole run. `strict`
     (start-up, on rows of the data): a required parameter no row's column fills counts too;
@@ -249,7 +330,6 @@ def _check_call(fn: Callable, name: str, calls: list[tuple[tuple, dict]], rows: 
             return
         except TypeError as err:
             errors.append(err)
-    form = "fn(completions=, answers=, prompts=, **columns)" if not calls[0][0] else "fn(completion, answer, **columns)"
     columns = ", ".join(dict.fromkeys(k for row in rows for k in row)) or "none"
     raise TypeError(f"model.reward {name!r} cannot be called as {form} ({errors[0]}); the data's columns: "
                     f"{columns}") from None

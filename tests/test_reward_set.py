@@ -157,6 +157,65 @@ def test_answer_field_alias_yields_to_columns_and_passed_names():
     assert rs.score(["x"], ["a"], ["q"], timeout_s=None)[0] == [1.0]
 
 
+def test_verl_compute_score_gets_the_completion_and_the_reference_by_name():
+    """verl's compute_score(data_source, solution_str, ground_truth, extra_info=None): bound by
+    position, it got the completion as data_source and the reference as solution_str and
+    ground_truth, so it compared the reference with itself and scored every completion 1.0."""
+    seen = []
+
+    def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+        seen.append((data_source, solution_str, ground_truth, extra_info))
+        return float(solution_str.strip() == ground_truth)
+
+    rs = RewardSet([compute_score], answer_field="reward_model.ground_truth")  # verl's layout
+    cols = [{"data_source": "gsm8k", "extra_info": {"index": 0}}, {"data_source": "math", "extra_info": {"index": 1}}]
+    rs.check_calls(["42", "7"], ["q", "r"], cols)
+    total, _, res = rs.score(["wrong answer 7", " 7"], ["42", "7"], ["q", "r"], cols, timeout_s=None)
+    assert total == [0.0, 1.0] and res.failures == 0
+    assert seen == [("gsm8k", "wrong answer 7", "42", {"index": 0}), ("math", " 7", "7", {"index": 1})]
+    # without an extra_info column: the row's columns; on the worker thread too
+    seen.clear()
+    total, _, res = rs.score(["42"], ["42"], ["q"], [{"data_source": "gsm8k", "level": 3}], timeout_s=5.0)
+    assert total == [1.0] and res.failures == 0
+    assert seen == [("gsm8k", "42", "42", {"data_source": "gsm8k", "level": 3})]
+    # a row without data_source: the start-up check names the argument
+    with pytest.raises(TypeError, match=r"'compute_score' cannot be called as fn\(solution_str=completion, "
+                                        r"ground_truth=answer, \*\*columns\) \(missing a required argument: 'data_source'"):
+        rs.check_calls(["42"], ["q"], [{"level": 3}])
+
+
+@pytest.mark.parametrize(
+    "params,answer_field,refused",
+    [
+        ("data_source, solution", None, "'data_source' gets the completion"),
+        ("completion, extra_info", None, "'extra_info' gets the reference answer"),
+        ("completion, level", None, "'level' gets the reference answer .* names a column of the data"),
+        ("level, answer", None, "'level' gets the completion"),
+        ("completion, prompt", None, "'prompt' gets the reference answer .* names the prompt"),
+        ("answer, completion", None, "'answer' gets the completion .* names the reference answer"),
+        ("solution, completion", "solution", "'solution' gets the completion .* names the reference answer"),
+        ("ground_truth, x", None, "'ground_truth' gets the completion"),
+        ("completion, answer", None, None),
+        ("completion, ground_truth", None, None),  # verl's name in its place
+        ("c, solution", "solution", None),  # the answer field's name in its place
+        ("text, ref, level", None, None),
+    ],
+)
+def test_item_level_parameters_named_as_if_they_got_something_else_fail_at_start_up(params, answer_field, refused):
+    """The first two parameters of an item-level reward get the completion and the answer whatever
+    their names: one named like a column, the answer field or a verl argument was silently given
+    the wrong value."""
+    namespace: dict = {}
+    exec(f"def reward({params}):\n    return 1.0", namespace)
+    rs = RewardSet([namespace["reward"]], answer_field=answer_field)
+    rows = [{"level": 1, "data_source": "x", "extra_info": {}}]
+    if refused is None:
+        rs.check_calls(["1"], ["p"], rows)
+    else:
+        with pytest.raises(TypeError, match=f"^model.reward 'reward': its parameter {refused}"):
+            rs.check_calls(["1"], ["p"], rows)
+
+
 def test_weights_must_match_rewards():
     with pytest.raises(ValueError, match="reward_weights has 1 weights for 2 rewards"):
         RewardSet([plain, plain], [1.0])
