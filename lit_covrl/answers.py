@@ -3,14 +3,16 @@
 - `extract_answer(completion)`: the last non-empty balanced `\\boxed{...}`; without one, the last
   math span (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`), unless a plain number follows it, else
   the last number. The Unicode minus sign reads as "-". Linear in the completion's length.
-- `_huge_power(answer)`: whether an answer holds a numeric power that sympy could spend unbounded
-  time computing in C (where no time limit can interrupt it): such answers are never parsed.
+- `_huge_power(answer)`: whether an answer holds a numeric power of more than 10^5 digits, which
+  sympy could spend unbounded time computing in C (where no time limit can interrupt it): such
+  answers are never parsed.
 - `_too_complex(answer, reference)`: whether an answer is longer or more deeply nested than any
   realistic one (math_verify's time grows exponentially with the nesting, and its own time limit
   is off on the reward worker thread): such answers are never parsed either.
 """
 from __future__ import annotations
 
+import math
 import re
 
 __all__ = ["extract_answer"]
@@ -86,11 +88,15 @@ def extract_answer(completion: str) -> str | None:
 
 
 # Powers sympy may evaluate for unbounded time, in C code holding the GIL (see the module docstring).
-_MAX_EXPONENT_DIGITS = 4
+_MAX_POWER_DIGITS = 10**5
 _EXPONENT_ATOM = re.compile(r"\s*(?:[-+]?\s*\d+|\\[A-Za-z]+|\S)")
+# A number: thousands separators `,`, `{,}`, `\,`, `\!` allowed
+_NUMBER_ATOM = re.compile(r"\d+(?:(?:,|\{,\}|\\[,!])\d{3})*(?:\.\d+)?|\.\d+")
 # LaTeX commands that format numbers: their names are not symbols (a part with only these is numeric)
 _NUMERIC_COMMANDS = frozenset({"frac", "dfrac", "tfrac", "left", "right", "cdot", "times", "div", "sqrt",
                                "bigl", "bigr", "Bigl", "Bigr", "big", "Big"})
+_LOG2 = math.log10(2)
+_PLAIN_NUMBER = re.compile(r"\s*[{(]?\s*[-+]?\s*(" + _NUMBER_ATOM.pattern + r")\s*[})]?\s*")
 
 
 def _skip_spaces(text: str, i: int) -> int:
@@ -100,64 +106,139 @@ def _skip_spaces(text: str, i: int) -> int:
 
 
 def _huge_power(text: str) -> bool:
-    """True if `text` has a numeric power that math_verify (sympy) might take unboundedly long to
-    evaluate exactly.
+    """True if `text` has a numeric power whose exact value could have more than
+    `_MAX_POWER_DIGITS` (10^5) digits: math_verify (sympy) might take unboundedly long to compute it.
 
     `**` counts as `^`. An exponent is the `{...}` / `(...)` group after a `^`, else the number,
-    command or character after it; a base is the group that closes just before the `^`, else the
-    letters and digits before it. A part is numeric if it has no letter outside the formatting
-    commands `_NUMERIC_COMMANDS` (`\\frac`, `\\left`, ...). Refused: a numeric exponent with more than
-    `_MAX_EXPONENT_DIGITS` (4) integer digits in all (`10^{12345}`, `10^{10{,}000{,}000}`); a numeric
-    exponent that is itself a power (`10^{10^{7}}`, `2^(10^7)`); a tower (`10^10^7`, `2^{3}^{4}`) or a
-    power of a power (`(10^{99})^{99}`) of numeric parts. Symbolic powers pass (`e^{x^2}`,
-    `(x^2+1)^2`, `2^{2^n}`), as do `x^2+y^2`, `2^{2024}`, `e^{0.12345}`: sympy keeps them symbolic or
-    small. Linear in the text (prefix counts, one bracket-matching pass).
+    command or character after it, and a tower `a^b^c` (`a^{b}^{c}`) is `a^(b^c)`; a base is the
+    group that closes just before the `^`, else the letters, digits and `!` before it. Sizes are
+    upper bounds of log10 (`_log10_bound`), with inner powers evaluated from the top while they stay
+    within the limit: a power of numeric parts has about |exponent| x log10|base| digits. Refused:
+    `10^{10^{7}}`, `10^10^7`, `2^{10}^{7}`, `10^{123456}`, `(10^{999})^{999}`, `\\sqrt{2}^{10^{9}}`,
+    `2^{100!}`, and a huge numeric power inside a symbolic one (`x^{10^{10^7}}`). Passed: `2^{3^2}`,
+    `(2^3)^2`, `2^{10000}`, `10^{-10000}`, `(-1)^{10001}` (a base of 0 or +-1 stays small),
+    `x^{2^{3}}`, and symbolic powers, which sympy keeps symbolic (`e^{x^2}`, `2^{2^n}`, `e^{10^7}`).
     """
     t = text.replace("**", "^")
-    n = len(t)
     if "^" not in t:
         return False
     match = _matching_brackets(t)
-    symbolic, int_digits, carets = _prefix_counts(t)
-
-    def count(prefix: list[int], lo: int, hi: int) -> int:  # over t[lo:hi]
-        return prefix[hi] - prefix[lo]
-
+    limit = math.log10(_MAX_POWER_DIGITS)
     for i, ch in enumerate(t):
-        if ch != "^":
+        if ch != "^" or (e_hi := _exponent_end(t, i, match, len(t))) is None:
             continue
-        j = _skip_spaces(t, i + 1)
-        if j >= n:
+        exponent = _exponent_bound(t, i + 1, e_hi, match)
+        if exponent is None:  # symbolic
             continue
-        if t[j] in "{(" and j in match:
-            e_lo, e_hi = j, match[j] + 1
-        else:
-            atom = _EXPONENT_ATOM.match(t, i + 1)
-            if atom is None:
-                continue
-            e_lo, e_hi = i + 1, atom.end()
-        exp_numeric = count(symbolic, e_lo, e_hi) == 0
-        if exp_numeric and (count(int_digits, e_lo, e_hi) > _MAX_EXPONENT_DIGITS or count(carets, e_lo, e_hi)):
+        if exponent > _MAX_POWER_DIGITS:  # the exponent itself is too large to compute
             return True
-        k = i - 1
-        while k >= 0 and t[k].isspace():
-            k -= 1
-        if k < 0:
-            continue
-        if k in match:  # the base is a group: (a^b)^c or a^{b}^c
-            b_lo = match[k]
-        else:
-            b_lo = k
-            while b_lo > 0 and (t[b_lo - 1].isalnum() or t[b_lo - 1] == "."):
-                b_lo -= 1
-        base_numeric = count(symbolic, b_lo, k + 1) == 0
-        before = b_lo - 1
-        while before >= 0 and t[before].isspace():
-            before -= 1
-        tower = before >= 0 and t[before] == "^"  # a^b^c, a^{b}^c
-        if exp_numeric and base_numeric and (tower or count(carets, b_lo, k + 1)):
+        base = _log10_bound(t, _base_start(t, i, match), i, match)
+        if base and math.log10(base) + exponent > limit:
             return True
     return False
+
+
+def _exponent_end(t: str, i: int, match: dict[int, int], hi: int) -> int | None:
+    """End of the exponent of the `^` at t[i], towers included (`a^b^c`: `b^c`), within t[:hi]; None
+    if there is none."""
+    end = None
+    while i < hi and t[i] == "^":
+        j = _skip_spaces(t, i + 1)
+        if j < hi and t[j] in "{(" and j in match and match[j] < hi:
+            end = match[j] + 1
+        elif (atom := _EXPONENT_ATOM.match(t, i + 1, hi)) is not None:
+            end = atom.end()
+        else:
+            return end
+        i = _skip_spaces(t, end)
+    return end
+
+
+def _base_start(t: str, i: int, match: dict[int, int]) -> int:
+    """Start of the base of the `^` at t[i]: the group that closes just before it, else the letters,
+    digits and `!` (`10!^{...}`) before it."""
+    k = i - 1
+    while k >= 0 and (t[k].isspace() or t[k] == "!"):
+        k -= 1
+    if k < 0:
+        return i
+    if k in match and t[k] in ")}]":
+        return match[k]
+    while k > 0 and (t[k - 1].isalnum() or t[k - 1] == "."):
+        k -= 1
+    return k
+
+
+def _log10_bound(t: str, lo: int, hi: int, match: dict[int, int], depth: int = 0) -> float | None:
+    """An upper bound of log10 of both |x| and |1/x| (so of the digits of x as a fraction) for the
+    value x of t[lo:hi], or None if it has a symbol (a letter outside `_NUMERIC_COMMANDS` names);
+    inf past `_MAX_POWER_DIGITS` digits. The bounds of the parts (numbers, groups, powers,
+    factorials) add up, plus log10(2) per binary `+` / `-`: that bounds any combination of them."""
+    if depth > 50:
+        return math.inf
+    parts: list[float] = []
+    spread = 0.0
+    i = lo
+    while i < hi:
+        ch = t[i]
+        if ch == "^":
+            end = _exponent_end(t, i, match, hi)
+            if end is None:
+                i += 1
+                continue
+            exponent = _exponent_bound(t, i + 1, end, match, depth + 1)
+            if exponent is None:
+                return None
+            parts.append(_power_bound(parts.pop() if parts else 0.0, exponent))
+            i = end
+        elif ch == "!":  # n! < n^n
+            if parts:
+                parts[-1] = _power_bound(parts[-1], parts[-1])
+            i += 1
+        elif (number := _NUMBER_ATOM.match(t, i, hi)) is not None:
+            digits = re.sub(r"\D", "", number.group())
+            exact = "." not in number.group() and len(digits) <= 300
+            parts.append(math.log10(max(1, int(digits))) if exact else float(len(digits)))
+            i = number.end()
+        elif ch in "({[" and i in match and match[i] < hi:
+            inner = _log10_bound(t, i + 1, match[i], match, depth + 1)
+            if inner is None:
+                return None
+            parts.append(inner)
+            i = match[i] + 1
+        elif ch == "\\" and i + 1 < hi and t[i + 1].isalpha():
+            j = i + 1
+            while j < hi and t[j].isalpha():
+                j += 1
+            if t[i + 1:j] not in _NUMERIC_COMMANDS:
+                return None
+            i = j
+        elif ch.isalpha():
+            return None
+        else:
+            if ch in "+-" and parts:
+                spread += _LOG2
+            i += 1
+    return sum(parts) + spread
+
+
+def _exponent_bound(t: str, lo: int, hi: int, match: dict[int, int], depth: int = 0) -> float | None:
+    """`_log10_bound` of an exponent, which needs only log10 |x|: exact for a plain number
+    (`{0.12345}`, `(-3)`), where that bound counts a decimal's digits."""
+    plain = _PLAIN_NUMBER.fullmatch(t, lo, hi)
+    if plain is not None:
+        return math.log10(max(1.0, abs(float(re.sub(r"[^\d.]", "", plain.group(1))))))
+    return _log10_bound(t, lo, hi, match, depth)
+
+
+def _power_bound(base: float, exponent: float) -> float:
+    """The log10 bound of b^e from those of b and e: |e| x log10|b| <= 10^exponent x base; inf past
+    `_MAX_POWER_DIGITS` digits. A base whose bound is 0 (0, 1, -1) stays 0."""
+    if base == 0:
+        return 0.0
+    if math.log10(base) + exponent > math.log10(_MAX_POWER_DIGITS):
+        return math.inf
+    return 10**exponent * base
 
 
 def _matching_brackets(t: str) -> dict[int, int]:
@@ -171,31 +252,6 @@ def _matching_brackets(t: str) -> dict[int, int]:
             pairs[o], pairs[i] = i, o
     return pairs
 
-
-def _prefix_counts(t: str) -> tuple[list[int], list[int], list[int]]:
-    """Prefix sums over `t` of: letters outside `_NUMERIC_COMMANDS` names, digits of integer parts
-    (not after a decimal point), and `^`."""
-    symbolic, digits, carets = [0], [0], [0]
-    i, n, fraction = 0, len(t), False
-    while i < n:
-        ch = t[i]
-        if ch == "\\" and i + 1 < n and t[i + 1].isalpha():
-            j = i + 1
-            while j < n and t[j].isalpha():
-                j += 1
-            sym = 0 if t[i + 1:j] in _NUMERIC_COMMANDS else 1
-            for k in range(i, j):  # the command's characters: one mark for the whole name
-                symbolic.append(symbolic[-1] + (sym if k == i else 0))
-                digits.append(digits[-1])
-                carets.append(carets[-1])
-            i, fraction = j, False
-            continue
-        fraction = fraction and ch.isdigit() or (ch == "." and i + 1 < n and t[i + 1].isdigit())
-        symbolic.append(symbolic[-1] + (ch.isalpha()))
-        digits.append(digits[-1] + (ch.isdigit() and not fraction))
-        carets.append(carets[-1] + (ch == "^"))
-        i += 1
-    return symbolic, digits, carets
 
 
 # Answers math_verify may take seconds to minutes on (see `_too_complex`).

@@ -27,8 +27,8 @@ on the caller's per-item timeout otherwise.
 Neither limit can interrupt C code that holds the GIL: while sympy computes a huge integer (say
 `10^{10^{7}}`) in C, no other Python thread runs, so `score_completions` cannot stop waiting (it
 returns late, after the computation) and a SIGALRM handler runs only afterwards. Hence the cheap
-guards of `MathVerifyReward`: an extracted answer with a power tower or an exponent of more than
-4 digits (`lit_covrl.answers._huge_power`) scores 0.0 without being parsed, and so does one that
+guards of `MathVerifyReward`: an extracted answer with a numeric power of more than 10^5 digits
+(`lit_covrl.answers._huge_power`) scores 0.0 without being parsed, and so does one that
 math_verify could work on for minutes in Python (on the worker thread, where its own limit is
 off): longer than 300 characters, or nested deeper than any realistic answer
 (`lit_covrl.answers._too_complex`).
@@ -80,12 +80,12 @@ class MathVerifyReward:
     """1.0 if the completion's final answer is mathematically equal to the reference, else 0.0.
 
     The final answer is `extract_answer(completion)`. One that sympy might evaluate for unbounded
-    time in C code (a power tower such as `10^{10^{7}}` or `10^10^7`, a power of a power, an
-    exponent with more than 4 digits: see `_huge_power`) scores 0.0 without being parsed, since no
-    time limit can interrupt that computation. So does one math_verify may take seconds to minutes
-    on (`_too_complex`): longer than 300 characters, brackets nested more than 6 deep or functions
-    (`\\sin`, `\\log`, `e^{...}`, ...) more than 3 deep (`\\sin(\\cos(\\tan(\\sin(x))))`), unless the
-    reference answer is as long or as deep.
+    time in C code (a numeric power of more than 10^5 digits, such as `10^{10^{7}}`, `10^10^7` or
+    `(10^{999})^{999}`: see `_huge_power`; `2^{3^2}` or `2^{10000}` are fine) scores 0.0 without
+    being parsed, since no time limit can interrupt that computation. So does one math_verify may
+    take seconds to minutes on (`_too_complex`): longer than 300 characters, brackets nested more
+    than 6 deep or functions (`\\sin`, `\\log`, `e^{...}`, ...) more than 3 deep
+    (`\\sin(\\cos(\\tan(\\sin(x))))`), unless the reference answer is as long or as deep.
 
     Args:
         timeout_s: math_verify's own parse/verify time limit (SIGALRM, whole seconds, rounded up),
@@ -124,7 +124,7 @@ class MathVerifyReward:
         from math_verify import verify
 
         predicted = extract_answer(completion)
-        if predicted is None or _huge_power(predicted) or _too_complex(predicted, answer):  # never parsed
+        if predicted is None or _too_complex(predicted, answer) or _huge_power(predicted):  # never parsed
             return 0.0
         timeout = self._signal_timeout()
         gold = self._parse(answer, timeout)

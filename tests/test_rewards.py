@@ -163,17 +163,36 @@ def test_math_verify_off_main_thread():
         ("10^{-3}", False),
         ("(x^2)+1", False),
         ("2^", False),
-        ("10^{10^{7}}", True),  # a power in an exponent
+        ("10^{10^{7}}", True),  # a power in an exponent: 10^7 digits
         ("2^(10^7)", True),
+        ("10^{-10^{7}}", True),
         ("10^10^7", True),  # a tower
         ("10**10**7", True),
-        ("2^{3}^{4}", True),
-        ("(10^{99})^{99}", True),  # a power of a power
-        ("\\left(10^{99}\\right) ^ {99}", True),
-        ("10^{12345}", True),  # more than 4 digits
-        ("10^12345", True),
+        ("2^{10}^{7}", True),
+        ("(10^{999})^{999}", True),  # a power of a power
+        ("\\left(10^{999}\\right) ^ {999}", True),
+        ("10^{123456}", True),  # more than 10^5 digits
+        ("10^123456", True),
+        ("2^{400000}", True),
         ("10^{10{,}000{,}000}", True),
         ("\\sqrt{2}^{10^{9}}", True),
+        ("\\frac{1}{2}^{10^{7}}", True),  # 1 / 2^(10^7): as many digits
+        ("2^{100!}", True),
+        ("x^{10^{10^7}}", True),  # a huge numeric power inside a symbolic one
+        # small values, however written (they were refused by their shape): sympy computes them at once
+        ("2^{3^2}", False),
+        ("(2^3)^2", False),
+        ("2^{3}^{4}", False),
+        ("(10^{2})^{3}", False),
+        ("2^{2^{2^{2^{2}}}}", False),  # 2^65536: 19,729 digits
+        ("2^{10000}", False),
+        ("10^{-10000}", False),
+        ("10^{99999}", False),
+        ("(-1)^{10001}", False),
+        ("1^{10^{99}}", False),  # a base of 1 stays 1
+        ("x^{2^{3}}", False),
+        ("e^{2^{3}}", False),
+        ("e^{10^7}", False),  # symbolic: exp(10000000)
         # symbolic powers stay symbolic in sympy: ordinary answers, never refused
         ("e^{x^2}", False),
         ("e^{-x^2/2}", False),
@@ -200,8 +219,18 @@ def test_math_verify_refuses_huge_powers_unparsed(monkeypatch):
 
     r = MathVerifyReward()
     monkeypatch.setattr(math_verify, "parse", no_parse)
-    for completion in ["The answer is \\boxed{10^{10^{7}}}", "so $10^10^7$", "\\boxed{(10^{99})^{99}}"]:
+    for completion in ["The answer is \\boxed{10^{10^{7}}}", "so $10^10^7$", "\\boxed{(10^{999})^{999}}"]:
         assert r(completion, "5") == 0.0
+
+
+@pytest.mark.parametrize("completion,answer", [
+    ("\\boxed{2^{3^2}}", "512"), ("\\boxed{(2^3)^2}", "64"), ("\\boxed{x^{2^{3}}}", "x^8"),
+    ("\\boxed{(-1)^{10001}}", "-1"), ("\\boxed{2^{10000}}", "2^{10000}"), ("\\boxed{(10^{2})^{3}}", "10^6"),
+])
+def test_math_verify_checks_small_powers_of_powers(completion, answer):
+    # the power guard refused these by their shape (a power in an exponent or in a base, an
+    # exponent of more than 4 digits) and scored the correct answers 0
+    assert MathVerifyReward()(completion, answer) == 1.0
 
 
 @pytest.mark.parametrize(
