@@ -24,8 +24,9 @@ in one of three forms:
 - batched: `fn(completions, answers, prompts, **columns) -> list[float]`, called once per batch,
   all arguments by keyword, each column as a list (TRL's convention). A reward is batched if it
   has an attribute `batched = True`, or, without that attribute, a parameter named `completions`.
-  A batched call that raises, returns a list of the wrong length or outlives `timeout_s * N` (the
-  item-level budget of its N items) scores the whole batch 0.0 (counted as N failures); a
+  A batched call that raises, returns a list of the wrong length (or no list: a dict, a string)
+  or outlives `timeout_s * N` (the item-level budget of its N items) scores the whole batch 0.0
+  (counted as N failures); a
   non-finite or non-numeric entry (or one beyond float32's range) scores its item 0.0.
 
 The answer field is not a column (the reader takes it out of the row), so a reward that names
@@ -57,7 +58,7 @@ import inspect
 import queue
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lit_covrl.rewards import ScoreResult, _log_failures, _safe_repr, _to_reward, abandon, score_completions
@@ -359,9 +360,12 @@ def _score_batched(fn, kwargs: dict, n: int, timeout_s) -> ScoreResult:
     status, value = _run(fn, kwargs, None if timeout_s is None else timeout_s * max(n, 1))
     if status == "ok":
         try:
+            if isinstance(value, (Mapping, str, bytes)):  # iterable, but as its keys or characters
+                raise TypeError
             values = list(value)
         except Exception:  # noqa: BLE001 - not iterable, or an iterator that raises
-            status, value = "invalid", f"returned {_safe_repr(value)}, expected a list of {n} numbers"
+            status, value = "invalid", (f"returned {_safe_repr(value)} (type {type(value).__name__}), "
+                                        f"expected a list of {n} numbers")
         else:
             if len(values) != n:
                 status, value = "invalid", f"returned {len(values)} values for {n} completions"

@@ -109,6 +109,24 @@ def test_batched_faults_are_contained(caplog):
     assert "whole batch of 3" in caplog.text
 
 
+def test_a_batched_reward_returning_a_mapping_or_text_is_an_invalid_batch(caplog):
+    """`list(value)` read a dict as its keys: {row: reward} scored each row its index, unnoticed."""
+    def by_index(completions, answers):
+        return {i: float(c == a) for i, (c, a) in enumerate(zip(completions, answers))}
+
+    def text(completions):
+        return "1001"
+
+    def raw(completions):
+        return b"\x01\x00\x00\x01"
+
+    for fn in (by_index, text, raw):
+        total, _, res = RewardSet([fn]).score(["7", "5", "9", "1"], ["5"] * 4, timeout_s=None)
+        assert total == [0.0] * 4 and res.invalid == 4, fn.__name__
+        assert f"reward {fn.__name__}, item 0: invalid: whole batch of 4: returned" in caplog.text
+    assert "(type dict), expected a list of 4 numbers" in caplog.text
+
+
 def accuracy_reward(completions, solution, **kwargs):  # the shape of TRL's documented examples
     return [float(c.strip() == s.strip()) for c, s in zip(completions, solution)]
 
