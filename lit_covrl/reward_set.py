@@ -55,6 +55,7 @@ function's `__name__`, else its class name in snake case without a trailing "Rew
 from __future__ import annotations
 
 import inspect
+import math
 import queue
 import re
 import threading
@@ -171,6 +172,9 @@ class RewardSet:
         if len(weights) != len(self.rewards):
             raise ValueError(f"model.reward_weights has {len(weights)} weights for {len(self.rewards)} rewards")
         self.weights = [float(w) for w in weights]
+        for i, w in enumerate(self.weights):
+            if not math.isfinite(w):  # every total would be NaN (inf x a reward of 0)
+                raise ValueError(f"model.reward_weights[{i}] must be a finite number, got {w}")
         self.names = _unique([reward_name(fn) for fn in self.rewards])
         self._accepts = [_accepted(fn) for fn in self.rewards]
         self._named = [_named(fn) for fn in self.rewards]

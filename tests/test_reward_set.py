@@ -239,6 +239,11 @@ def test_weights_must_match_rewards():
         RewardSet([plain, plain], [1.0])
     with pytest.raises(ValueError, match=r"model.reward\[1\].*not callable"):
         RewardSet([plain, 3])
+    # a NaN weight made every total NaN, an infinite one a reward of 0 NaN
+    with pytest.raises(ValueError, match=r"^model.reward_weights\[0\] must be a finite number, got nan$"):
+        RewardSet([ExactMatchReward()], [float("nan")])
+    with pytest.raises(ValueError, match=r"^model.reward_weights\[1\] must be a finite number, got inf$"):
+        RewardSet([plain, plain], [1.0, float("inf")])
 
 
 @pytest.mark.parametrize("value,kind,name", [
