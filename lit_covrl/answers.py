@@ -253,7 +253,6 @@ def _matching_brackets(t: str) -> dict[int, int]:
     return pairs
 
 
-
 # Answers math_verify may take seconds to minutes on (see `_too_complex`).
 _MAX_ANSWER_CHARS = 300
 _MAX_BRACKET_DEPTH = 6
