@@ -89,6 +89,10 @@ def extract_answer(completion: str) -> str | None:
 
 # Powers sympy may evaluate for unbounded time, in C code holding the GIL (see the module docstring).
 _MAX_POWER_DIGITS = 10**5
+# a numeric exponent that is itself a power (`2^{2^{11}}`, a tower `2^2^11`) at most 2^10: math_verify
+# compared `2^{2^{11}}` with `2^{2048}` in 7 s and `2^{10^{4}}` with `2^{10000}` in over a minute (the
+# flat `2^{10000}` is fast)
+_MAX_NESTED_EXPONENT_LOG10 = math.log10(1024) + 1e-9
 _EXPONENT_ATOM = re.compile(r"\s*(?:[-+]?\s*\d+|\\[A-Za-z]+|\S)")
 # A number: thousands separators `,`, `{,}`, `\,`, `\!` allowed
 _NUMBER_ATOM = re.compile(r"\d+(?:(?:,|\{,\}|\\[,!])\d{3})*(?:\.\d+)?|\.\d+")
@@ -115,7 +119,10 @@ def _huge_power(text: str) -> bool:
     upper bounds of log10 (`_log10_bound`), with inner powers evaluated from the top while they stay
     within the limit: a power of numeric parts has about |exponent| x log10|base| digits. Refused:
     `10^{10^{7}}`, `10^10^7`, `2^{10}^{7}`, `10^{123456}`, `(10^{999})^{999}`, `\\sqrt{2}^{10^{9}}`,
-    `2^{100!}`, and a huge numeric power inside a symbolic one (`x^{10^{10^7}}`). Passed: `2^{3^2}`,
+    `2^{100!}`, a huge numeric power inside a symbolic one (`x^{10^{10^7}}`), and a numeric exponent
+    above 2^10 that is itself a power, of a number other than 0 or +-1 (`2^{2^{11}}`, `2^{10^{4}}`:
+    small enough, but math_verify took 7 s and over a minute to compare them with `2^{2048}` and
+    `2^{10000}`). Passed: `2^{3^2}`,
     `(2^3)^2`, `2^{10000}`, `10^{-10000}`, `(-1)^{10001}` (a base of 0 or +-1 stays small),
     `x^{2^{3}}`, and symbolic powers, which sympy keeps symbolic (`e^{x^2}`, `2^{2^n}`, `e^{10^7}`).
     """
@@ -134,6 +141,8 @@ def _huge_power(text: str) -> bool:
             return True
         base = _log10_bound(t, _base_start(t, i, match), i, match)
         if base and math.log10(base) + exponent > limit:
+            return True
+        if base and exponent > _MAX_NESTED_EXPONENT_LOG10 and "^" in t[i + 1:e_hi]:  # 2^{10^{4}}: see the docstring
             return True
     return False
 
@@ -256,7 +265,10 @@ def _matching_brackets(t: str) -> dict[int, int]:
 # Answers math_verify may take seconds to minutes on (see `_too_complex`).
 _MAX_ANSWER_CHARS = 300
 _MAX_BRACKET_DEPTH = 6
-_MAX_FUNCTION_DEPTH = 3
+_MAX_FUNCTION_DEPTH = 4
+# e^{e^{e^{e^{...}}}}: four exponentials of e directly nested (with `e` at the top, math_verify ran
+# for minutes comparing it with a number; with `x` or `1` there, or three levels, it took 0.3 s)
+_E_TOWER = re.compile(r"(?:e\^\{?){4}")
 # Functions whose nested applications make math_verify's verify exponentially slow
 _FUNCTIONS = frozenset(
     {"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "arccot", "arcsec", "arccsc",
@@ -266,24 +278,37 @@ _SCRIPT = re.compile(r"\s*[\^_]\s*(?:\\[A-Za-z]+|\S)")
 
 
 def _too_complex(text: str, reference: str = "") -> bool:
-    """True if `text` is longer than `_MAX_ANSWER_CHARS` (300) characters, nests brackets deeper
-    than `_MAX_BRACKET_DEPTH` (6) or function applications deeper than `_MAX_FUNCTION_DEPTH` (3)
-    (see `_nesting`), each limit raised to the `reference` answer's own value: an answer written
-    like the reference always passes.
+    """True if `text` is longer than `_MAX_ANSWER_CHARS` (300) characters (whitespace aside), nests
+    brackets deeper than `_MAX_BRACKET_DEPTH` (6) or function applications deeper than
+    `_MAX_FUNCTION_DEPTH` (4) (see `_nesting`), or holds four directly nested exponentials of e
+    (`_E_TOWER`), each limit raised to the `reference` answer's own value: an answer written like
+    the reference always passes.
 
     math_verify's time grows exponentially with the nesting: `\\sin(` 10 times (69 characters)
-    took minutes, 20 nested braces more than 2 minutes, a tuple of 1000 numbers 8 s. Within these
+    took minutes, 6 nested functions 10-20 s, 5 about 3 s, 4 half a second (a product of four,
+    `\\sin x \\cos x \\cos 2x \\cos 4x`, is 4 deep); `e^{e^{e^{e^{e}}}}` against a number minutes;
+    20 nested braces more than 2 minutes, a tuple of 1000 numbers 8 s. Within these
     limits an answer takes at most a few seconds; realistic answers (`\\frac{\\sqrt{3}}{2}`,
     `\\sin(\\arctan(2))`, `\\left(\\frac{1}{2}, \\frac{\\sqrt{3}}{2}\\right)`) are far inside them.
     """
-    n = max(_MAX_ANSWER_CHARS, len(reference))
-    if len(text) > n:
+    if _visible_length(text) > max(_MAX_ANSWER_CHARS, _visible_length(reference)):
+        return True
+    if _E_TOWER.search(_compact(text)) and not _E_TOWER.search(_compact(reference)):
         return True
     brackets, functions = _nesting(text)
     if brackets <= _MAX_BRACKET_DEPTH and functions <= _MAX_FUNCTION_DEPTH:
         return False
     ref_brackets, ref_functions = _nesting(reference)
     return brackets > max(_MAX_BRACKET_DEPTH, ref_brackets) or functions > max(_MAX_FUNCTION_DEPTH, ref_functions)
+
+
+def _compact(text: str) -> str:
+    return "".join(text.split())
+
+
+def _visible_length(text: str) -> int:
+    """Characters but whitespace (`(1, 2)` and `(1,2)` are the same answer)."""
+    return len(_compact(text))
 
 
 def _nesting(t: str) -> tuple[int, int]:

@@ -15,7 +15,7 @@ in one of three forms:
   and verl's `data_source`, `extra_info` (and `ground_truth` first). Faults are contained per item
   by `score_completions`: an exception, a non-finite or non-numeric value or a call that outlives
   `timeout_s` scores that item 0.0 and is counted.
-- verl's form, an item-level reward with a parameter named `solution_str`:
+- verl's form, an item-level reward with parameters named `solution_str` and `ground_truth`:
   `compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float`, called once
   per completion, all by keyword: `solution_str` is the completion, `ground_truth` the reference
   answer, `data_source` and `extra_info` the row's columns of those names; without an `extra_info`
@@ -90,9 +90,11 @@ def is_batched(fn: Callable) -> bool:
 
 
 def is_verl(fn: Callable) -> bool:
-    """True for an item-level reward in verl's form (a parameter `solution_str`): see the module docstring."""
+    """True for an item-level reward in verl's form (parameters `solution_str` and `ground_truth`): see
+    the module docstring. (`solution_str` alone, e.g. `r(solution_str, answer)`, is an ordinary
+    item-level reward: its first two arguments are positional.)"""
     sig = _signature(fn)
-    return not is_batched(fn) and sig is not None and "solution_str" in sig.parameters
+    return not is_batched(fn) and sig is not None and {"solution_str", "ground_truth"} <= set(sig.parameters)
 
 
 def _first_two(fn: Callable) -> list[str]:

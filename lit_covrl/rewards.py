@@ -31,7 +31,7 @@ guards of `MathVerifyReward`: an extracted answer with a numeric power of more t
 (`lit_covrl.answers._huge_power`) scores 0.0 without being parsed, and so does one that
 math_verify could work on for minutes in Python (on the worker thread, where its own limit is
 off): longer than 300 characters, or nested deeper than any realistic answer
-(`lit_covrl.answers._too_complex`).
+(`lit_covrl.answers._too_complex`), or with an exponent that is itself a large power (`_huge_power`).
 """
 from __future__ import annotations
 
@@ -83,9 +83,10 @@ class MathVerifyReward:
     time in C code (a numeric power of more than 10^5 digits, such as `10^{10^{7}}`, `10^10^7` or
     `(10^{999})^{999}`: see `_huge_power`; `2^{3^2}` or `2^{10000}` are fine) scores 0.0 without
     being parsed, since no time limit can interrupt that computation. So does one math_verify may
-    take seconds to minutes on (`_too_complex`): longer than 300 characters, brackets nested more
-    than 6 deep or functions (`\\sin`, `\\log`, `e^{...}`, ...) more than 3 deep
-    (`\\sin(\\cos(\\tan(\\sin(x))))`), unless the reference answer is as long or as deep.
+    take seconds to minutes on (`_too_complex`): longer than 300 characters (whitespace aside),
+    brackets nested more than 6 deep or functions (`\\sin`, `\\log`, `e^{...}`, ...) more than 4
+    deep, unless the reference answer is as long or as deep; or a numeric exponent that is itself
+    a power above 2^10 (`2^{10^{4}}`: `_huge_power`).
 
     Args:
         timeout_s: math_verify's own parse/verify time limit (SIGALRM, whole seconds, rounded up),

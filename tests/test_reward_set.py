@@ -337,3 +337,21 @@ def test_a_reward_that_cannot_take_the_datas_arguments_fails_at_start_up(tiny_mo
         module.generate = None  # a rollout would fail with another error: none may happen
         with pytest.raises(TypeError, match="'needs_tolerance' cannot be called .*'tolerance'"):
             fit(module, data, steps=1, limit_val_batches=0)
+
+
+def test_a_solution_str_parameter_alone_is_an_ordinary_item_level_reward():
+    """`r(solution_str, answer)` filled by position before verl's form was supported; it became a
+    start-up error (no ground_truth to pass the answer to). verl's form needs both names."""
+    from lit_covrl.reward_set import is_verl
+
+    def r(solution_str, answer):
+        return float(solution_str == answer)
+
+    def verl_gsm8k(solution_str, ground_truth, method="strict"):
+        return float(solution_str == ground_truth)
+
+    assert not is_verl(r) and is_verl(verl_gsm8k)
+    for fn in (r, verl_gsm8k):
+        rs = RewardSet([fn])
+        rs.check_calls(["7"], ["q"], [{}])
+        assert rs.score(["7", "8"], ["7", "7"], ["q", "q"], timeout_s=None)[0] == [1.0, 0.0]

@@ -184,7 +184,10 @@ def test_math_verify_off_main_thread():
         ("(2^3)^2", False),
         ("2^{3}^{4}", False),
         ("(10^{2})^{3}", False),
-        ("2^{2^{2^{2^{2}}}}", False),  # 2^65536: 19,729 digits
+        ("2^{2^{2^{2^{2}}}}", True),  # 2^65536: 19,729 digits, but an exponent that is a power above 2^10
+        ("2^{2^{11}}", True),  # math_verify took 7 s to compare it with 2^{2048}
+        ("2^{10^{4}}", True),  # ... and over a minute with 2^{10000} (the flat 2^{10000} is fast)
+        ("2^{2^{10}}", False),
         ("2^{10000}", False),
         ("10^{-10000}", False),
         ("10^{99999}", False),
@@ -308,11 +311,25 @@ def test_math_verify_refuses_deeply_nested_or_long_answers_unparsed(monkeypatch)
 
 
 def test_complexity_limits_rise_to_the_reference():
-    deep = "\\sin(\\cos(\\tan(\\sin(x))))"
+    deep = "\\sin(\\cos(\\tan(\\sin(\\cos(x)))))"
     long = "+".join(f"x_{{{k}}}" for k in range(60))
     assert answers._too_complex(deep) and answers._too_complex(long)
     assert not answers._too_complex(deep, deep) and not answers._too_complex(long, long)
-    assert answers._too_complex(deep, "\\sin(\\cos(\\tan(x)))")
+    assert answers._too_complex(deep, "\\sin(\\cos(\\tan(\\sin(x))))")
+    tower = "e^{e^{e^{e^{e}}}}"  # against a number, math_verify ran for minutes
+    assert answers._too_complex(tower) and not answers._too_complex(tower, tower)
+    assert not answers._too_complex("e^{e^{e^{e}}}")
+
+
+@pytest.mark.parametrize("answer,reference", [
+    ("\\sin x \\cos x \\cos 2x \\cos 4x", "\\frac{1}{8}\\sin 8x"),  # four functions side by side: 4 deep
+    ("(" + ", ".join(str(k) for k in range(83)) + ")", "(" + ",".join(str(k) for k in range(83)) + ")"),
+])
+def test_correct_answers_near_the_limits_are_checked(answer, reference):
+    """A product of four functions (0.3 s in math_verify) was refused at a depth limit of 3; a tuple
+    of 83 numbers written with ', ' (323 characters, 241 without the spaces) by its length."""
+    assert not answers._too_complex(answer, reference)
+    assert MathVerifyReward()(f"\\boxed{{{answer}}}", reference) == 1.0
 
 
 def test_nested_answers_no_longer_stop_the_run():
