@@ -209,9 +209,10 @@ class PromptDataModule(L.LightningDataModule):
 
     def _warn_about_rows(self) -> None:
         """Warnings about train rows that validation or a step's batch would use twice."""
-        if self._train_rows is not None:
+        rank, world = self._rank_world()
+        if self._train_rows is not None and rank == 0:  # every rank holds the same rows: said once
             held_out = self._val_examples if self._val_read else None
-            for warning in reuse_warnings(self._train_rows, held_out, self.hparams.batch_size, self._rank_world()[1]):
+            for warning in reuse_warnings(self._train_rows, held_out, self.hparams.batch_size, world):
                 log.warning(warning)
 
     def _with_system(self, ex: Example) -> Example:
@@ -453,7 +454,8 @@ class PromptDataModule(L.LightningDataModule):
         """Warn when the train rows differ from those of the checkpoint (`changed_rows_warning`)."""
         if self._val_batches is None:
             self.setup("fit")
-        if warning := changed_rows_warning(saved_n, saved_digest, len(self._train_rows), self._train_digest()):
+        warning = changed_rows_warning(saved_n, saved_digest, len(self._train_rows), self._train_digest())
+        if warning and self._rank_world()[0] == 0:
             log.warning(warning)
 
     def _train_digest(self) -> str:

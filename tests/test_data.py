@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -567,15 +568,13 @@ def test_describe(tmp_path, fake_task):
 
 
 def test_held_out_rows_among_the_train_rows_and_steps_larger_than_the_rows_are_warned_about(tmp_path, caplog):
-    from types import SimpleNamespace
-
     train = write_jsonl(tmp_path / "t.jsonl", rows(3))
     val = write_jsonl(tmp_path / "v.jsonl", rows(2, start=1) + rows(1, start=7))  # q1, q2 are train rows, q7 not
 
-    def warnings(batch_size, world=1):
+    def warnings(batch_size, world=1, rank=0):
         caplog.clear()
         dm = PromptDataModule(task=None, train_files=[train], val_files=[val], batch_size=batch_size)
-        dm.trainer = SimpleNamespace(global_rank=0, world_size=world, log_dir=None, default_root_dir=None)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, log_dir=None, default_root_dir=None)
         with caplog.at_level(logging.WARNING, logger="lit_covrl"):
             dm.setup("fit")
         return [r.getMessage() for r in caplog.records]
@@ -586,6 +585,7 @@ def test_held_out_rows_among_the_train_rows_and_steps_larger_than_the_rows_are_w
         "some rows several times"]
     assert len(warnings(3)) == 1  # 3 prompts a step: each row once
     assert warnings(2, world=2)[1].startswith("data.batch_size=2 x 2 device(s) = 4 prompts per step")
+    assert warnings(2, world=2, rank=1) == []  # said once, by rank 0 (8 GPUs printed 8 copies)
 
 
 def test_val_seed_fixes_the_held_out_set_across_training_seeds():
@@ -621,7 +621,7 @@ def test_ranks_updates_together_are_one_ranks_update(fake_task, tmp_path, source
     the two ranks together (each rank's j-th m prompts) is the j-th W*m = 4 prompts of one rank with
     W*B = 8 prompts per step. Before, each rank held a contiguous block of B, so update 0 of the
     ranks was prompts 0-1 and 4-5 of the single rank's step, not its update 0 (prompts 0-3)."""
-    from types import SimpleNamespace
+
 
     path = write_jsonl(tmp_path / "r.jsonl", rows(50))
 
@@ -651,7 +651,7 @@ def test_resume_with_another_world_size_repeats_no_task_prompt(fake_task, saved_
     saved_world ranks resumes at step 3 on any other (none repeated, none skipped). A checkpoint of
     older code, whose task stream used one generator per rank's batch (k * W + r), resumes past
     all next_index * W generators it used."""
-    from types import SimpleNamespace
+
 
     def make(w):
         dm = PromptDataModule(task=fake_task, batch_size=2)
@@ -677,7 +677,7 @@ def test_resume_with_another_batch_size_repeats_no_prompt(tmp_path, caplog, save
     """Rows: batch k of rank r takes stream positions [g * B, (g + 1) * B), g = k * W + r. A run saved
     after next_index batches per rank used the first next_index * W * B positions; resumed under
     another B (and W) it continues at the first batch at or after them, with a warning."""
-    from types import SimpleNamespace
+
 
     path = write_jsonl(tmp_path / "r.jsonl", rows(1000))  # one epoch: positions are distinct prompts
 
@@ -716,9 +716,11 @@ def test_resume_on_changed_train_rows_warns(tmp_path, caplog):
     state = saver.state_dict()
     assert state["train_rows"] == 9
 
-    def warnings(path, state):
+    def warnings(path, state, rank=0):
         caplog.clear()
         dm = PromptDataModule(task=None, train_files=[path], batch_size=3)
+        if rank:
+            dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, log_dir=None, default_root_dir=None)
         with caplog.at_level(logging.WARNING, logger="lit_covrl"):
             dm.load_state_dict(state)
         assert dm.next_index == 2
@@ -729,6 +731,7 @@ def test_resume_on_changed_train_rows_warns(tmp_path, caplog):
     assert "(9 -> 10 rows)" in w and "shuffle differs" in w and "repeat or be missed" in w
     (w,) = warnings(moved, state)
     assert "the same 9 rows" in w and "another order" in w
+    assert warnings(moved, {**state, "world_size": 2}, rank=1) == []  # said once, by rank 0
     old = {k: v for k, v in state.items() if k not in ("train_rows", "train_digest")}  # a checkpoint from before
     assert warnings(ten, old) == []
 
