@@ -430,6 +430,8 @@ class GRPOModule(L.LightningModule):
         self._checkpoint_step = checkpoint.get("global_step")
         if self._learner is not None:
             self._learner.skipped_steps = self._restored_skips
+        if self._trainer is not None and self.trainer.optimizers:  # a strategy that restores after setup
+            resume_check.check_optimizer_class(checkpoint, self.trainer.optimizers)
         keep = (resume_check.CKPT_KEY, "hyper_parameters", "datamodule_hyper_parameters")
         self._resumed_from = {k: checkpoint[k] for k in keep if k in checkpoint}
 

@@ -281,6 +281,25 @@ class FSDP2Strategy(_strategy_base()):
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        """This strategy restores a checkpoint after building the optimizer, loading its state into
+        the one configured: another optimizer class failed there with a missing-key error (SGD after
+        AdamW) or, worse, took the state and AdamW's param groups (Adam after AdamW trained on as
+        AdamW). The saved run's optimizer is compared first (`resume_check.check_optimizer_class`),
+        from the folder's metadata file or, memory-mapped, the single file."""
+        from pathlib import Path
+
+        from lightning.fabric.strategies.fsdp import _METADATA_FILENAME
+
+        from lit_covrl.resume_check import check_optimizer_class
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        meta = path / _METADATA_FILENAME if path.is_dir() else path
+        if meta.is_file():
+            saved = torch.load(meta, map_location="cpu", weights_only=False, mmap=not path.is_dir())
+            check_optimizer_class(saved, self.optimizers)
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
         """A distributed checkpoint folder is written whole into `.<name>.<random>.tmp` next to
         it, fsynced, then swapped in (`lit_covrl.checkpointing.replace_path`): a failed write on

@@ -1,6 +1,7 @@
 """Distributed (FSDP2) checkpoint folders are replaced whole: a disk that fills up on one rank while
 it writes its shards stops every rank with a CheckpointWriteError, leaves the previous `last.ckpt`
-folder (and no temporary folder) behind, and the run resumes from it. 2 gloo processes on CPU."""
+folder (and no temporary folder) behind, and the run resumes from it; resumed with another optimizer
+class, it is refused before the state is loaded. 2 gloo processes on CPU."""
 from __future__ import annotations
 
 import json
@@ -56,6 +57,15 @@ def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> Non
     tr = _trainer(ck, STEPS + 1)
     tr.fit(_dist.make_module(model_dir), data(), ckpt_path=str(ck / "last.ckpt"))
     res["resumed"] = [tr.global_step, _step(ck)]
+
+    # another optimizer class: this strategy restores after building the optimizer, so the check in
+    # configure_optimizers never ran (Adam took SGD's state and param groups, or a missing-key error)
+    try:
+        adam = _dist.make_module(model_dir, optimizer=lambda p: torch.optim.Adam(p, lr=0.1))
+        _trainer(ck, STEPS + 2).fit(adam, data(), ckpt_path=str(ck / "last.ckpt"))
+        res["other_optimizer"] = None
+    except ValueError as err:
+        res["other_optimizer"] = str(err)
     (out / f"rank{rank}.json").write_text(json.dumps(res))
 
 
@@ -75,3 +85,5 @@ def test_distributed_checkpoint_folder_survives_a_full_disk_on_one_rank(tiny_mod
         assert res["resumed"] == [STEPS + 1, STEPS + 1]
         # every rank names the rank that failed and why, in one line
         assert "rank 1: OSError: [Errno 28] No space left on device" in err and "Traceback" not in err, err
+        assert res["other_optimizer"] is not None and res["other_optimizer"].startswith(
+            "model.optimizer: torch.optim.adam.Adam cannot continue the checkpoint's torch.optim.sgd.SGD"), res
