@@ -302,14 +302,16 @@ def _check_calls(calls: list, completions: list[str], answers: list[str], strict
 
 class _VerlCall:
     """A reward in verl's form called as an item-level one: `fn(solution_str=completion,
-    ground_truth=answer, **columns)`."""
+    ground_truth=answer, **columns)`. Like verl, it may return a number or a dict holding it under
+    "score" (verl's DAPO-style scorers return `{"score": ..., "acc": ...}`)."""
 
     def __init__(self, fn: Callable) -> None:
         self.fn = fn
         self.__name__ = getattr(fn, "__name__", type(fn).__name__)
 
     def __call__(self, completion: str, answer: str, **columns: Any) -> Any:
-        return self.fn(solution_str=completion, ground_truth=answer, **columns)
+        value = self.fn(solution_str=completion, ground_truth=answer, **columns)
+        return value["score"] if isinstance(value, Mapping) and "score" in value else value
 
 
 def _check_call(fn: Callable, name: str, calls: list[tuple[tuple, dict]], rows: list[dict], strict: bool,

@@ -355,3 +355,15 @@ def test_a_solution_str_parameter_alone_is_an_ordinary_item_level_reward():
         rs = RewardSet([fn])
         rs.check_calls(["7"], ["q"], [{}])
         assert rs.score(["7", "8"], ["7", "7"], ["q", "q"], timeout_s=None)[0] == [1.0, 0.0]
+
+
+def test_a_verl_reward_may_return_a_dict_with_its_score():
+    """verl takes a number or {"score": ..., ...} (its DAPO-style scorers return the dict): every
+    such result counted as invalid and scored 0, and the run trained on all-zero rewards."""
+    def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+        ok = float(solution_str == ground_truth)
+        return {"score": ok, "acc": bool(ok)}
+
+    rs = RewardSet([compute_score])
+    total, _, res = rs.score(["5", "6"], ["5", "5"], ["q", "q"], [{"data_source": "x"}] * 2, timeout_s=None)
+    assert total == [1.0, 0.0] and res.failures == 0
