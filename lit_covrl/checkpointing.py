@@ -273,7 +273,8 @@ class AtomicCheckpoint(ModelCheckpoint):
             return False
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """A run that stops on an exception (Ctrl-C included) says which checkpoint to resume from.
+        """A fit that stops on an exception once training has begun (or on Ctrl-C) says which
+        checkpoint to resume from; an error at start-up is the CLI's one line alone.
         A save deferred to a validation that then failed (an out-of-memory error, a reward crash) is
         written now, in a single-process run: the step's training is complete, and without it the
         run lost every step since the previous checkpoint. A run resumed from that file runs the
@@ -290,7 +291,8 @@ class AtomicCheckpoint(ModelCheckpoint):
             except Exception as err:  # the original exception is the one to raise
                 log.warning("could not write it: %s", err)
         latest = self.last_model_path or self.best_model_path
-        if trainer.is_global_zero:
+        started = trainer.fit_loop.epoch_loop.batch_progress.total.started > 0  # else a start-up error
+        if trainer.is_global_zero and trainer.state.fn == "fit" and (started or isinstance(exception, KeyboardInterrupt)):
             log.warning("run stopped by %s after %d complete RL step(s); %s", type(exception).__name__, trainer.global_step,
                         f"resume from its last checkpoint with --ckpt_path {latest}" if latest else
                         "no checkpoint was saved yet")

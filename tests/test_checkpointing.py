@@ -465,3 +465,14 @@ def test_a_validation_that_fails_on_a_checkpoint_step_leaves_that_steps_checkpoi
     assert b["val/pass@1"] == [x for x in a["val/pass@1"] if x[0] >= 3]  # step 4's validation redone
     for p, q in zip(resumed.lightning_module.policy.parameters(), full.lightning_module.policy.parameters()):
         assert torch.equal(p, q)
+
+
+def test_an_error_at_start_up_is_not_reported_as_a_stopped_run(tiny_model_dir, tmp_path, caplog):
+    """'run stopped by ValueError after 0 complete RL step(s); no checkpoint was saved yet' came
+    before the CLI's one-line start-up error (a bad data field, a mistyped --ckpt_path)."""
+    rows = tmp_path / "train.jsonl"
+    rows.write_text(json.dumps({"question": "1+1=", "answer": "2"}) + "\n")
+    dm = PromptDataModule(task=None, train_files=[str(rows)], batch_size=1, seed=0)  # no 'prompt' field
+    with caplog.at_level("WARNING", logger="lit_covrl"), pytest.raises(ValueError):
+        _fit_validating(tiny_model_dir, tmp_path, "bad", 2, data=dm)
+    assert "run stopped" not in caplog.text
