@@ -162,3 +162,16 @@ def test_a_test_run_after_a_fit_in_the_same_process_logs_at_the_fits_last_step(r
     tags = scalar_tags(tmp_path / "logs")
     assert [s for s, _ in tags["test/pass@1"]] == [3]
     assert max(s for s, _ in tags["policy/entropy"]) == 3
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_validate_or_test_without_held_out_prompts_is_refused(tiny_model_dir, stage):
+    """`lit-covrl validate` of a run trained on files without val_files printed no figure and
+    exited 0 (Lightning's 'Total length of list across ranks is zero' the only output)."""
+    import lightning as L
+
+    from tests.test_module import make_data, make_module
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=rf"nothing to {stage}: the data has no held-out prompts; set data.val_files"):
+        getattr(trainer, stage)(make_module(tiny_model_dir), make_data(val_size=0))
