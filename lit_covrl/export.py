@@ -182,12 +182,24 @@ def write_folder(out: Path, save) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the export is an ordinary folder
         save(tmp)
+        _ordinary_modes(tmp)
         _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _ordinary_modes(folder: Path) -> None:
+    """The modes of a folder and files made by hand (umask applied): mkdtemp makes the folder
+    private, and safetensors writes its weights file owner-only (0600), which another user of a
+    shared cluster (a vLLM server, a teammate) could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def _replace(new: Path, out: Path) -> None:

@@ -3,6 +3,8 @@ weights that do not fit the architecture, an occupied output path, the base's ge
 and tokenizer, GGUF bases loaded directly, one-line errors. Tiny local models only (seconds)."""
 from __future__ import annotations
 
+import os
+
 import shutil
 from pathlib import Path
 
@@ -181,6 +183,19 @@ def test_force_replaces_the_output_folder_and_an_empty_folder_is_fine(tmp_path, 
     (tmp_path / "empty").mkdir()
     assert (export(ckpt, tmp_path / "empty") / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "last.ckpt", "other"]  # no temporary left
+
+
+def test_the_export_is_readable_as_any_folder_made_by_hand(tmp_path, ckpt):
+    """safetensors writes the weights owner-only (0600): another user of a shared cluster (a vLLM
+    server, a teammate) could not load an export whose other files were 0644."""
+    umask = os.umask(0o022)
+    try:
+        out = export(ckpt, tmp_path / "out")
+    finally:
+        os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o755
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
 
 
 def test_a_failed_export_leaves_the_output_path_as_it_was(tmp_path, ckpt, monkeypatch):
