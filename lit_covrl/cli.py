@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import time
 from argparse import ArgumentError
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -167,6 +169,20 @@ def _past_start_up(trainer) -> bool:
     return any(loop.batch_progress.total.started > 0 for loop in loops)
 
 
+def _remove_unused_run_folder(trainer, started: float) -> None:
+    """The version folder of a run that failed at start-up (an empty event file, config.yaml): each
+    failed attempt took a version number, so the next real run was `-v3` while the README's
+    commands name `-v0`. Removed only if everything in it was written since `started` (not a
+    folder of an earlier run named by an explicit logger version) and it holds no checkpoint."""
+    log_dir = getattr(getattr(trainer, "logger", None), "log_dir", None) if trainer is not None else None
+    if not log_dir or not os.path.isdir(log_dir):
+        return
+    entries = [os.path.join(root, name) for root, dirs, files in os.walk(log_dir) for name in dirs + files]
+    if any(os.path.basename(p) == "checkpoints" or os.path.getmtime(p) < started for p in entries):
+        return
+    shutil.rmtree(log_dir, ignore_errors=True)
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["export"]:
@@ -178,6 +194,7 @@ def main(args: list[str] | None = None) -> None:
     if os.getcwd() not in sys.path:  # dotted paths of your rewards/tasks resolve from where you run
         sys.path.append(os.getcwd())
     _RUN.clear()
+    started = time.time()
     debug = debugging()
     try:
         LitCovRLCLI(
@@ -190,6 +207,7 @@ def main(args: list[str] | None = None) -> None:
     except _STARTUP_ERRORS as err:
         if debug or _past_start_up(_RUN.get("trainer")):
             raise
+        _remove_unused_run_folder(_RUN.get("trainer"), started)
         exit_with(err)
 
 

@@ -96,6 +96,9 @@ def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
     for name, path in files.items():
         message = message.replace(name, str(path))
     assert err[-1].startswith("lit-covrl: error: ") and message in err[-1]
+    # no version folder left behind (each failed attempt took a version number: the README's -v0
+    # commands then named an empty folder)
+    assert not list(tmp_path.glob("*/*")), list(tmp_path.glob("*/*"))
 
 
 def test_an_error_after_start_up_keeps_its_traceback(tmp_path, monkeypatch):
