@@ -295,7 +295,7 @@ class FSDP2Strategy(_strategy_base()):
 
         path = Path(self.broadcast(str(checkpoint_path)))
         meta = path / _METADATA_FILENAME if path.is_dir() else path
-        if meta.is_file():
+        if self.optimizers and meta.is_file():  # a fit (validate and test build no optimizer)
             saved = torch.load(meta, map_location="cpu", weights_only=False, mmap=not path.is_dir())
             check_optimizer_class(saved, self.optimizers)
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)

@@ -66,6 +66,16 @@ def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> Non
         res["other_optimizer"] = None
     except ValueError as err:
         res["other_optimizer"] = str(err)
+
+    # validate builds no optimizer: the check must not take that for another optimizer class
+    from lit_covrl.data import PromptDataModule
+    from lit_covrl.sharding import FSDP2Strategy
+
+    held_out = PromptDataModule(task=None, train_files=[prompts], val_files=[prompts], batch_size=_dist.B, seed=0)
+    figures = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy(process_group_backend="gloo"), logger=False,
+                        enable_progress_bar=False, enable_model_summary=False).validate(
+        _dist.make_module(model_dir), held_out, ckpt_path=str(ck / "last.ckpt"))
+    res["validated"] = sorted(figures[0])
     (out / f"rank{rank}.json").write_text(json.dumps(res))
 
 
@@ -87,3 +97,4 @@ def test_distributed_checkpoint_folder_survives_a_full_disk_on_one_rank(tiny_mod
         assert "rank 1: OSError: [Errno 28] No space left on device" in err and "Traceback" not in err, err
         assert res["other_optimizer"] is not None and res["other_optimizer"].startswith(
             "model.optimizer: torch.optim.adam.Adam cannot continue the checkpoint's torch.optim.sgd.SGD"), res
+        assert "val/pass@1" in res["validated"], res["validated"]
