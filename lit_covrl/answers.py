@@ -109,7 +109,7 @@ def _skip_spaces(text: str, i: int) -> int:
     return i
 
 
-def _huge_power(text: str) -> bool:
+def _huge_power(text: str, reference: str = "") -> bool:
     """True if `text` has a numeric power whose exact value could have more than
     `_MAX_POWER_DIGITS` (10^5) digits: math_verify (sympy) might take unboundedly long to compute it.
 
@@ -122,15 +122,24 @@ def _huge_power(text: str) -> bool:
     `2^{100!}`, a huge numeric power inside a symbolic one (`x^{10^{10^7}}`), and a numeric exponent
     above 2^10 that is itself a power, of a number other than 0 or +-1 (`2^{2^{11}}`, `2^{10^{4}}`:
     small enough, but math_verify took 7 s and over a minute to compare them with `2^{2048}` and
-    `2^{10000}`). Passed: `2^{3^2}`,
+    `2^{10000}`; an upper bound, so `2^{2^{10}-1}` counts as above; not refused when the `reference`
+    has such an exponent too: written like the reference, it compares at once). Passed: `2^{3^2}`,
     `(2^3)^2`, `2^{10000}`, `10^{-10000}`, `(-1)^{10001}` (a base of 0 or +-1 stays small),
     `x^{2^{3}}`, and symbolic powers, which sympy keeps symbolic (`e^{x^2}`, `2^{2^n}`, `e^{10^7}`).
     """
+    huge, nested = _powers(text)
+    return huge or (nested and not _powers(reference)[1])
+
+
+def _powers(text: str) -> tuple[bool, bool]:
+    """(`text` has a power of more than `_MAX_POWER_DIGITS` digits, `text` has a numeric exponent
+    bounded above about 2^10 that is itself a power); see `_huge_power`."""
     t = text.replace("**", "^")
     if "^" not in t:
-        return False
+        return False, False
     match = _matching_brackets(t)
     limit = math.log10(_MAX_POWER_DIGITS)
+    nested = False
     for i, ch in enumerate(t):
         if ch != "^" or (e_hi := _exponent_end(t, i, match, len(t))) is None:
             continue
@@ -138,13 +147,12 @@ def _huge_power(text: str) -> bool:
         if exponent is None:  # symbolic
             continue
         if exponent > _MAX_POWER_DIGITS:  # the exponent itself is too large to compute
-            return True
+            return True, nested
         base = _log10_bound(t, _base_start(t, i, match), i, match)
         if base and math.log10(base) + exponent > limit:
-            return True
-        if base and exponent > _MAX_NESTED_EXPONENT_LOG10 and "^" in t[i + 1:e_hi]:  # 2^{10^{4}}: see the docstring
-            return True
-    return False
+            return True, nested
+        nested = nested or bool(base and exponent > _MAX_NESTED_EXPONENT_LOG10 and "^" in t[i + 1:e_hi])
+    return False, nested
 
 
 def _exponent_end(t: str, i: int, match: dict[int, int], hi: int) -> int | None:

@@ -125,7 +125,7 @@ class MathVerifyReward:
         from math_verify import verify
 
         predicted = extract_answer(completion)
-        if predicted is None or _too_complex(predicted, answer) or _huge_power(predicted):  # never parsed
+        if predicted is None or _too_complex(predicted, answer) or _huge_power(predicted, answer):  # never parsed
             return 0.0
         timeout = self._signal_timeout()
         gold = self._parse(answer, timeout)

@@ -213,6 +213,15 @@ def test_huge_power(text, huge):
     assert answers._huge_power(text) is huge
 
 
+def test_a_nested_power_written_like_the_reference_is_checked():
+    """The nested-exponent rule refused `2^{2^{11}}` even against the reference `2^{2^{11}}`, which
+    compares at once; against a flat `2^{2048}` it stays refused (math_verify took 7 s)."""
+    assert answers._huge_power("2^{2^{11}}") and answers._huge_power("2^{2^{11}}", "2^{2048}")
+    assert not answers._huge_power("2^{2^{11}}", "2^{2^{11}}")
+    assert MathVerifyReward()("\\boxed{2^{2^{11}}}", "2^{2^{11}}") == 1.0
+    assert answers._huge_power("10^{10^{7}}", "10^{10^{7}}")  # too large to compute, whatever the reference
+
+
 def test_math_verify_refuses_huge_powers_unparsed(monkeypatch):
     """sympy would compute 10^(10^7) in C, holding the GIL, past any time limit: never parsed."""
     import math_verify
