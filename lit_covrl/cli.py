@@ -125,6 +125,7 @@ class LitCovRLCLI(LightningCLI):
         check_stack([c for c in _config_callbacks(config) if isinstance(c, Regularizer)])
         trainer = super()._instantiate_trainer(_with_rl_progress_bar(config), callbacks)
         _RUN["trainer"] = trainer
+        _RUN["had_log_dir"] = os.path.isdir(_log_dir(trainer) or "")  # a start-up error removes only a new one
         return trainer
 
 
@@ -169,13 +170,18 @@ def _past_start_up(trainer) -> bool:
     return any(loop.batch_progress.total.started > 0 for loop in loops)
 
 
+def _log_dir(trainer) -> str | None:
+    return getattr(getattr(trainer, "logger", None), "log_dir", None) if trainer is not None else None
+
+
 def _remove_unused_run_folder(trainer, started: float) -> None:
     """The version folder of a run that failed at start-up (an empty event file, config.yaml): each
     failed attempt took a version number, so the next real run was `-v3` while the README's
-    commands name `-v0`. Removed only if everything in it was written since `started` (not a
-    folder of an earlier run named by an explicit logger version) and it holds no checkpoint."""
-    log_dir = getattr(getattr(trainer, "logger", None), "log_dir", None) if trainer is not None else None
-    if not log_dir or not os.path.isdir(log_dir):
+    commands name `-v0`. Removed only if the run created it (not a folder that existed before, such
+    as one named by an explicit logger version, or made to hold the run's own log), everything in it
+    was written since `started` and it holds no checkpoint."""
+    log_dir = _log_dir(trainer)
+    if not log_dir or not os.path.isdir(log_dir) or _RUN.get("had_log_dir", True):
         return
     entries = [os.path.join(root, name) for root, dirs, files in os.walk(log_dir) for name in dirs + files]
     if any(os.path.basename(p) == "checkpoints" or os.path.getmtime(p) < started for p in entries):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,24 @@ def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
     # no version folder left behind (each failed attempt took a version number: the README's -v0
     # commands then named an empty folder)
     assert not list(tmp_path.glob("*/*")), list(tmp_path.glob("*/*"))
+
+
+def test_a_start_up_error_keeps_a_run_folder_that_existed_before(tmp_path, capsys):
+    """A folder made for the run (an explicit logger version, holding the run's own `tee` log) was
+    removed with that log by the start-up error's clean-up."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": 3, "answer": "4"}\n')
+    folder = tmp_path / "quickstart" / "exp1"
+    folder.mkdir(parents=True)
+    (folder / "train.log").write_text("the run's own log\n")
+    later = time.time() + 60  # as if `tee` appended to it during the run
+    os.utime(folder / "train.log", (later, later))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(QUICK), "--data.task", "null", "--data.strict", "true", "--data.train_files",
+              f'["{rows}"]', "--trainer.logger.init_args.save_dir", str(tmp_path),
+              "--trainer.logger.init_args.version", "exp1"])
+    assert "field 'prompt' is int" in capsys.readouterr().err
+    assert (folder / "train.log").read_text() == "the run's own log\n"
 
 
 def test_an_error_after_start_up_keeps_its_traceback(tmp_path, monkeypatch):
