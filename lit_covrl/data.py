@@ -332,10 +332,16 @@ class PromptDataModule(L.LightningDataModule):
         return DataLoader(_TrainStream(self), batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader | list:
-        """Fixed held-out batches (index -1), the same on every rank; [] when there are none."""
+        """Fixed held-out batches (index -1), the same on every rank; [] when there are none (a fit
+        then does not validate; `validate` / `test` of such data is refused: they printed no figure
+        and exited 0)."""
         if self._val_batches is None:
             self.setup("validate")
         if not self._val_batches:
+            fn = getattr(getattr(getattr(self, "trainer", None), "state", None), "fn", None)
+            if fn in ("validate", "test"):
+                raise ValueError(f"nothing to {'validate' if fn == 'validate' else 'test'}: the data has no held-out "
+                                 "prompts; set data.val_files (or data.hf_val_split), or data.val_size > 0 with a built-in task")
             return []
         return DataLoader(_FixedBatches(self._val_batches), batch_size=None, num_workers=0)
 

@@ -40,9 +40,6 @@ def check_before_start(module, stage: str) -> None:
         if warning := check_run_length(trainer.max_steps, interval, trainer.limit_val_batches,
                                        bool(getattr(dm, "has_validation", False))):
             rank_zero_warn(warning)
-    if stage in ("validate", "test") and getattr(dm, "has_validation", True) is False:
-        raise ValueError(f"nothing to {'validate' if stage == 'validate' else 'test'}: the data has no held-out prompts; set data.val_files (or "
-                         "data.hf_val_split), or data.val_size > 0 with a built-in task")
     if ro.chat_template:  # a missing template is known now, whatever prompts the data has in advance
         uses_chat_template(module.tokenizer, True)
     if hasattr(dm, "known_prompts"):

@@ -172,6 +172,14 @@ def test_validate_or_test_without_held_out_prompts_is_refused(tiny_model_dir, st
 
     from tests.test_module import make_data, make_module
 
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        max_steps=1, num_sanity_val_steps=0)
+    module, empty = make_module(tiny_model_dir), make_data(val_size=0)
     with pytest.raises(ValueError, match=rf"nothing to {stage}: the data has no held-out prompts; set data.val_files"):
-        getattr(trainer, stage)(make_module(tiny_model_dir), make_data(val_size=0))
+        getattr(trainer, stage)(module, empty)
+    # held-out data given as dataloaders after a fit on data without any: evaluated (the first
+    # version of this refusal looked at the fit's datamodule, still attached to the trainer)
+    trainer.fit(module, empty)
+    loader = make_data(val_size=4).val_dataloader()
+    figures = getattr(trainer, stage)(module, dataloaders=loader)
+    assert f"{'val' if stage == 'validate' else 'test'}/pass@1" in figures[0]
