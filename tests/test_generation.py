@@ -155,3 +155,5 @@ def test_a_rollout_longer_than_a_learned_position_table_is_refused_naming_the_se
     with pytest.raises(ValueError, match=r"a prompt of 6 tokens \+ model.rollout.max_new_tokens=4 need more than the 8 "
                                          r"positions the model's position table holds"):
         gen.generate(policy, ["12+34="], 2, **kw)
+    with pytest.raises(ValueError, match="a prompt of 5 tokens"):  # one position over: refused too
+        gen.generate(policy, ["12+3="], 2, **kw)

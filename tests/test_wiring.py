@@ -190,30 +190,6 @@ def test_learned_position_limit_of_an_opt_table_takes_off_its_offset():
     assert learned_position_limit(model) == 8
 
 
-def test_a_rollout_one_position_over_the_table_is_refused(tiny_model_dir, tmp_path):
-    """prompt + max_new_tokens one position past the table is refused."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from lit_covrl.generation import RolloutGenerator
-    from lit_covrl.policy import load_policy, load_tokenizer
-    from lit_covrl.reward_set import RewardSet
-    from lit_covrl.sampling import KVCacheSampler
-    from lit_covrl.settings import RolloutSettings
-
-    tok = load_tokenizer(tiny_model_dir)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=8, n_embd=16, n_layer=1, n_head=2,
-                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path / "g")
-    tok.save_pretrained(tmp_path / "g")
-    policy = load_policy(str(tmp_path / "g"))
-    prompt = next(p for p in ["12+3=", "1+23=", "12+34", "1+2+3"] if len(tok(p)["input_ids"]) == 5)
-    gen = RolloutGenerator(tok, KVCacheSampler(), RewardSet([lambda c, a: 1.0]), RolloutSettings(max_new_tokens=4),
-                           gather_once=True, reward_timeout_s=None)
-    with pytest.raises(ValueError, match="position table"):
-        gen.generate(policy, [prompt], 2, temperature=1.0, generator=torch.Generator().manual_seed(0),
-                     device=torch.device("cpu"))
-
-
 # --- rollout_rng.py -----------------------------------------------------------------------------
 def test_a_resume_on_fewer_ranks_reseeds(caplog):
     """2 saved sampler states resumed by 1 rank reseed (and say so), as for any other world size."""
