@@ -136,12 +136,10 @@ def _init_defaults(path: Any) -> dict[str, Any]:
     module, _, name = str(path).rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
-        params = inspect.signature(cls.__init__).parameters.values()
-    except (ImportError, AttributeError, TypeError, ValueError):
+    except (ImportError, AttributeError, ValueError):
         return {}
     # a None default is usually resolved by the constructor (a regularizer's name): not comparable
-    return _flat("", {p.name: plain(p.default) for p in params
-                      if p.name != "self" and p.default is not p.empty and p.default is not None}, {})
+    return _flat("", {k: plain(v) for k, v in _constructor_defaults(cls).items() if v is not None}, {})
 
 
 class _Missing:
@@ -185,13 +183,18 @@ def resume_differences(checkpoint: dict[str, Any], module: Any, trainer: Any) ->
     return differences(saved, now)
 
 
-def _defaults(obj: Any, group: str) -> dict[str, Any]:
-    """The constructor defaults of `obj`'s class, flattened like its saved settings."""
+def _constructor_defaults(cls: type) -> dict[str, Any]:
+    """{parameter: default} of `cls`'s constructor ({} if it has no readable signature)."""
     try:
-        params = inspect.signature(type(obj).__init__).parameters.values()
+        params = inspect.signature(cls.__init__).parameters.values()
     except (TypeError, ValueError):
         return {}
-    return settings_of({p.name: p.default for p in params if p.name != "self" and p.default is not p.empty}, group)
+    return {p.name: p.default for p in params if p.name != "self" and p.default is not p.empty}
+
+
+def _defaults(obj: Any, group: str) -> dict[str, Any]:
+    """The constructor defaults of `obj`'s class, flattened like its saved settings."""
+    return settings_of(_constructor_defaults(type(obj)), group)
 
 
 def _flat_components(components: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,8 @@ starting with `[` is not a valid JSON array (with the JSON error's line and colu
 Number answers. A whole number is written as an integer, whatever its type: 3 and 3.0 (a float64
 column of Parquet / HF datasets, JSON `3.0`) both become "3", JSON `1e3` becomes "1000", never
 scientific notation; a float of 2**53 or more keeps the digits written (JSON `1e23` is "1" and 23
-zeros, not the float's binary value). A Parquet decimal column is a number too (`2.50` -> "2.5"). Other floats are written as Python's `repr` (`0.5` -> "0.5", `1e-07`).
+zeros, not the float's binary value). A Parquet decimal column is a number too (`2.50` -> "2.5").
+Other floats are written as Python's `repr` (`0.5` -> "0.5", `1e-07`).
 
 Fields. A field name may be a dotted path into nested objects (`reward_model.ground_truth`,
 verl's layout); a top-level key that contains the dots itself wins. The prompt may be a string
