@@ -307,8 +307,10 @@ class GRPOModule(L.LightningModule):
         keep = ~zero_var if cfg.rollout.filter_groups else torch.ones_like(zero_var)
         if cfg.rollout.overlong == "mask":
             keep = keep & ~rollout.truncated
-        with timer("ref_logp"):
-            ref_logp = self._reference_logprobs(rollout) if any(r.needs_reference for r in self.regularizers) else None
+        ref_logp = None
+        if any(r.needs_reference for r in self.regularizers):  # time/ref_logp_s only where there is one
+            with timer("ref_logp"):
+                ref_logp = self._reference_logprobs(rollout)
         with timer("update"):
             self.learner.regularizers = self.regularizers
             update_metrics = self.learner.update(rollout, advantages, keep, ref_logp, step=self.global_step)

@@ -355,15 +355,18 @@ def test_reference_model_only_when_a_regularizer_needs_it(tiny_model_dir, tmp_pa
     from lit_covrl.regularizers import ReferenceKL
 
     plain = make_module(tiny_model_dir)
-    fit(plain, make_data(), steps=1, limit_val_batches=0)
+    fit(plain, make_data(), steps=1, limit_val_batches=0, log_dir=tmp_path / "plain")
     assert plain._reference is None
+    assert "time/ref_logp_s" not in scalar_tags(tmp_path / "plain")  # no phase, no tag
 
     module = make_module(tiny_model_dir, update=dict(mini_batch_size=2))
     trainer = fit(module, make_data(), steps=2, callbacks=[ReferenceKL(beta=0.1, estimator="k3")],
-                  log_dir=tmp_path, limit_val_batches=0)
+                  log_dir=tmp_path / "ref", limit_val_batches=0)
     assert module._reference is not None
     assert not any(p.requires_grad for p in module._reference.parameters())
-    kl = [v for _, v in scalar_tags(tmp_path)["reg/ref_kl/kl"]]
+    tags = scalar_tags(tmp_path / "ref")
+    kl = [v for _, v in tags["reg/ref_kl/kl"]]
+    assert all(v > 0 for _, v in tags["time/ref_logp_s"])
     assert kl[0] >= 0 and kl[-1] > 0  # k3 >= 0; the policy moved away from the reference
     ckpt = tmp_path / "c.ckpt"
     trainer.save_checkpoint(ckpt)

@@ -55,7 +55,7 @@ class PhaseRecorder:
                 tokens = m["rollout/response_length"] * self._n
                 self.steps.append({
                     "t_start": self._t0, "step_s": wall, "rollout_s": m["time/rollout_s"], "score_s": m["time/score_s"],
-                    "ref_logp_s": m["time/ref_logp_s"], "update_s": m["time/update_s"],
+                    "ref_logp_s": m.get("time/ref_logp_s", 0.0), "update_s": m["time/update_s"],
                     "completion_tokens": tokens, "tokens_per_s": tokens / wall,
                 })
 
