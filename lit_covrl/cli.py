@@ -13,6 +13,7 @@ later command-line override does not flow into keys interpolated from it).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -125,7 +126,8 @@ class LitCovRLCLI(LightningCLI):
         check_stack([c for c in _config_callbacks(config) if isinstance(c, Regularizer)])
         trainer = super()._instantiate_trainer(_with_rl_progress_bar(config), callbacks)
         _RUN["trainer"] = trainer
-        _RUN["had_log_dir"] = os.path.isdir(_log_dir(trainer) or "")  # a start-up error removes only a new one
+        log_dir = _log_dir(trainer) or ""  # a start-up error removes only folders this run creates
+        _RUN["had_log_dir"], _RUN["had_name_dir"] = os.path.isdir(log_dir), os.path.isdir(os.path.dirname(log_dir))
         return trainer
 
 
@@ -179,7 +181,8 @@ def _remove_unused_run_folder(trainer, started: float) -> None:
     failed attempt took a version number, so the next real run was `-v3` while the README's
     commands name `-v0`. Removed only if the run created it (not a folder that existed before, such
     as one named by an explicit logger version, or made to hold the run's own log), everything in it
-    was written since `started` and it holds no checkpoint."""
+    was written since `started` and it holds no checkpoint; the logger's name folder above it too
+    when the run created it and it is left empty."""
     log_dir = _log_dir(trainer)
     if not log_dir or not os.path.isdir(log_dir) or _RUN.get("had_log_dir", True):
         return
@@ -187,6 +190,9 @@ def _remove_unused_run_folder(trainer, started: float) -> None:
     if any(os.path.basename(p) == "checkpoints" or os.path.getmtime(p) < started for p in entries):
         return
     shutil.rmtree(log_dir, ignore_errors=True)
+    if not _RUN.get("had_name_dir", True):
+        with contextlib.suppress(OSError):  # not empty: another run's folder appeared meanwhile
+            os.rmdir(os.path.dirname(log_dir))
 
 
 def main(args: list[str] | None = None) -> None:

@@ -98,8 +98,8 @@ def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
         message = message.replace(name, str(path))
     assert err[-1].startswith("lit-covrl: error: ") and message in err[-1]
     # no version folder left behind (each failed attempt took a version number: the README's -v0
-    # commands then named an empty folder)
-    assert not list(tmp_path.glob("*/*")), list(tmp_path.glob("*/*"))
+    # commands then named an empty folder), nor the logger's name folder it made
+    assert {p.name for p in tmp_path.iterdir()} == {"rows.jsonl", "top.yaml", "bad.yaml"}
 
 
 def test_a_start_up_error_keeps_a_run_folder_that_existed_before(tmp_path, capsys):
@@ -118,6 +118,10 @@ def test_a_start_up_error_keeps_a_run_folder_that_existed_before(tmp_path, capsy
               "--trainer.logger.init_args.version", "exp1"])
     assert "field 'prompt' is int" in capsys.readouterr().err
     assert (folder / "train.log").read_text() == "the run's own log\n"
+    with pytest.raises(SystemExit):  # a new version of an existing name: the name folder stays
+        main(["fit", "--config", str(QUICK), "--data.task", "null", "--data.strict", "true", "--data.train_files",
+              f'["{rows}"]', "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert sorted(p.name for p in (tmp_path / "quickstart").iterdir()) == ["exp1"]
 
 
 def test_an_error_after_start_up_keeps_its_traceback(tmp_path, monkeypatch):
