@@ -139,14 +139,34 @@ def test_entropy_bonus_gradient_is_minus_coef_times_entropy_gradient():
     torch.testing.assert_close(g - g_base, -coef * g_h)
 
 
-def test_reference_kl_k1_gradient_is_beta_per_token():
+def test_reference_kl_k2_gradient_is_beta_times_the_log_ratio_per_token():
     logits, labels, old, adv, mask = _batch()
-    ref = old - 0.3 * mask
+    logp = logits.log_softmax(-1).gather(-1, labels[..., None])[..., 0]
+    ref = logp.detach() - 0.3 * mask  # d = logp - ref = 0.3 on valid tokens
     g_base, _ = _grad_of([], logits, labels, old, adv, mask, ref=ref)
-    g, _ = _grad_of([ReferenceKL(beta=0.5, estimator="k1")], logits, labels, old, adv, mask, ref=ref)
-    dlogp = 0.5 * mask / mask.sum()
+    g, _ = _grad_of([ReferenceKL(beta=0.5, estimator="k2")], logits, labels, old, adv, mask, ref=ref)
+    dlogp = 0.5 * 0.3 * mask / mask.sum()  # d/dlogp 0.5 d^2 = d
     expected = g_base + dlogp[..., None] * (torch.nn.functional.one_hot(labels, 11) - logits.softmax(-1))
     torch.testing.assert_close(g, expected)
+
+
+@pytest.mark.parametrize("estimator", ["k2", "k3"])
+def test_reference_kl_expected_gradient_pulls_toward_the_reference(estimator):
+    """On-policy expectation of the penalty's gradient over a 6-action policy, exactly (sum over
+    actions weighted by the detached pi): k2 gives the gradient of KL(pi || ref), k3 that of
+    KL(ref || pi). k1 (zero expected gradient: no pull at all) is refused."""
+    z = torch.tensor([0.9, -0.4, 0.2, 1.3, -1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([0.1, 0.3, -0.2, 0.0, 0.5, -0.7], dtype=torch.float64).log_softmax(-1)
+    logp = z.log_softmax(-1)
+    reg = ReferenceKL(beta=1.0, estimator=estimator)
+    shaped = reg.shape(PolicyBatch(torch.tensor([0]), logp[None], logp[None].detach(), torch.zeros(1, 6),
+                                   torch.ones(1, 6), None, ref[None]))  # "token" a = action a
+    (got,) = torch.autograd.grad((logp.exp().detach() * shaped.penalty[0]).sum(), z, retain_graph=True)
+    kl = (logp.exp() * (logp - ref)).sum() if estimator == "k2" else (ref.exp() * (ref - logp)).sum()
+    (want,) = torch.autograd.grad(kl, z)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="k1.*zero expected gradient.*'k2'.*'k3'"):
+        ReferenceKL(estimator="k1")
 
 
 def test_two_regularizers_act_as_the_sum_of_their_effects():
@@ -206,7 +226,7 @@ def test_on_policy_controls_warn_once_with_a_single_update(caplog, name):
 def test_reference_kl_metric_is_a_token_mean_over_micro_batches():
     """reg/<name>/kl is the KL averaged over every valid token of the step, not a mean of
     micro-batch means (micro-batches with few valid tokens must not weigh as much)."""
-    reg = ReferenceKL(beta=0.1, estimator="k1")
+    reg = ReferenceKL(beta=0.1, estimator="k2")
     logp = torch.zeros(3, 4)
     ref = -torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0], [5.0, 0.0, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]])
@@ -214,7 +234,7 @@ def test_reference_kl_metric_is_a_token_mean_over_micro_batches():
         z = torch.zeros(len(rows), 4)
         reg.shape(PolicyBatch(rows, logp[rows], z, z[:, 0], mask[rows], None, ref[rows]))
     kl = reg.pop_metrics()["reg/ref_kl/kl"]
-    assert kl == pytest.approx((8 * 1.0 + 5.0) / 9)  # token mean; the mean of means would be 3.0
+    assert kl == pytest.approx((8 * 0.5 + 12.5) / 9)  # k2 = d^2 / 2, token mean; the mean of means would be 6.5
     assert "reg/ref_kl/kl" not in reg.pop_metrics()  # reset every step
 
 

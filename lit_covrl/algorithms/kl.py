@@ -7,6 +7,12 @@ With d = logp - ref_logp for the sampled token:
     k2 = 0.5 d^2                    (biased, low variance, >= 0)
     k3 = exp(-d) - (-d) - 1         (unbiased, low variance, >= 0; GRPO's reference-KL term)
 
+"Unbiased" is about the value. Differentiated as a loss on tokens sampled from pi, their expected
+gradients differ from what the values estimate: k2's is the gradient of KL(pi || pi_ref); k3's is
+the gradient of the reverse KL(pi_ref || pi) (it still pulls pi toward pi_ref, and is what GRPO
+trains with); k1's is 0 (E_pi[grad log pi] = 0), so it is no penalty at all and ReferenceKL refuses
+it (it stays here for measuring).
+
 As in the reference code (verl's ``kl_penalty``): in k3 the log-ratio is clamped to [-20, 20]
 before exp (and in its linear term, which keeps k3 >= 0), and k3 itself is bounded to
 [-10, 10] (so to [0, 10]): without the bound one token at log-ratio -15 costs 3.3e6 with a

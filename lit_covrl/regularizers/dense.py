@@ -4,8 +4,10 @@
   sampled and trained distribution softmax(z / temperature) (computed in row chunks by the module;
   the reference code's convention). Its stationary point on a bandit is
   softmax(r / coef), not the best arm: a persistent bias unless `coef` is annealed to 0.
-- ReferenceKL: loss_tok += beta * KL_est(pi || pi_ref) with Schulman's k1 / k2 / k3
-  estimators on the sampled tokens; the module loads the reference model only when one exists.
+- ReferenceKL: loss_tok += beta * KL_est(pi || pi_ref) with Schulman's k2 / k3 estimators on
+  the sampled tokens (as a loss, k2's expected gradient is that of KL(pi || pi_ref), k3's that of
+  KL(pi_ref || pi); k1's is 0, so k1 is refused: `lit_covrl.algorithms.kl`); the module loads the
+  reference model only when one exists.
 """
 from __future__ import annotations
 
@@ -60,14 +62,20 @@ class ReferenceKL(Regularizer):
         """
         Args:
             beta: penalty coefficient.
-            estimator: "k1", "k2" or "k3" (k3 is unbiased and non-negative).
+            estimator: "k3" (GRPO's: unbiased value, gradient of KL(pi_ref || pi)) or "k2"
+                (gradient of KL(pi || pi_ref)); "k1" is refused (zero expected gradient).
             schedule: annealing of `beta` over RL steps.
             name: metric namespace (reg/<name>/...).
         """
         super().__init__(schedule, name)
         check_nonnegative("ReferenceKL.beta", beta)
+        if estimator == "k1":
+            raise ValueError(
+                "ReferenceKL.estimator='k1': as a loss on tokens sampled from the policy, k1 = log pi - log pi_ref "
+                "has zero expected gradient (E[grad log pi] = 0), so it would not pull toward the reference; "
+                "use 'k2' (gradient of KL(pi || pi_ref)) or 'k3' (GRPO's; gradient of KL(pi_ref || pi))")
         if estimator not in KL_ESTIMATORS:
-            raise ValueError(f"ReferenceKL.estimator={estimator!r}; valid: {list(KL_ESTIMATORS)}")
+            raise ValueError(f"ReferenceKL.estimator={estimator!r}; valid: ['k2', 'k3']")
         self.beta, self.estimator = beta, estimator
         self._beta_now = beta
         self._kl_sums: Tensor | None = None  # [sum of kl over valid tokens, tokens] this step, this rank
