@@ -261,7 +261,12 @@ class GRPOModule(L.LightningModule):
             resume_check.check_optimizer_class(self._resumed_from, [opt])
         if self.lr_scheduler_factory is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
+        scheduler = self.lr_scheduler_factory(opt)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):  # step() needs a metric
+            raise ValueError("model.lr_scheduler: ReduceLROnPlateau is not supported (it steps on a monitored "
+                             "metric; the module steps its scheduler once per RL step): use a step-based "
+                             "scheduler such as torch.optim.lr_scheduler.CosineAnnealingLR")
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # rollout -----------------------------------------------------------------------------------
     @property

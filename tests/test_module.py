@@ -72,6 +72,15 @@ def test_short_fit_changes_weights_and_writes_required_tags(tiny_model_dir, tmp_
     assert all(0.05 < v <= rss_gib + 1e-6 for v in mem) and mem == sorted(mem), (mem, rss_gib)  # a running peak
 
 
+def test_a_plateau_scheduler_is_refused_before_the_first_rollout(tiny_model_dir):
+    """ReduceLROnPlateau.step() needs a metric: it crashed with a bare TypeError at the end of the
+    first RL step, after that step's rollout and updates."""
+    module = make_module(tiny_model_dir, lr_scheduler=lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o))
+    module.training_step = lambda *a: pytest.fail("a rollout ran")
+    with pytest.raises(ValueError, match="model.lr_scheduler: ReduceLROnPlateau is not supported"):
+        fit(module, make_data(), steps=1, limit_val_batches=0)
+
+
 def test_global_step_counts_rollouts_not_updates(tiny_model_dir):
     # 2 mini-batches x 2 epochs = 4 optimizer updates per rollout, still one global step
     module = make_module(tiny_model_dir, update=dict(mini_batch_size=2, ppo_epochs=2))
