@@ -239,7 +239,7 @@ def stack_config_callbacks(args: list[str]) -> list[str]:
     entropy_bonus.yaml` trains with every regularizer named in any of them. A YAML list in a later
     file would otherwise replace the earlier one (jsonargparse merges dicts, not lists). When two
     or more files set `trainer.callbacks`, their lists are concatenated in file order and passed
-    once, right after the last `--config`, so later command-line arguments
+    once, right after the last `--config` that sets them, so later command-line arguments
     (`--trainer.callbacks+=...`, `--trainer.callbacks.ratio=...`) still apply on top. Such an
     argument given before a `--config` file that sets `trainer.callbacks` would be replaced by
     that file's list: it is refused, with the place to put it."""
@@ -254,7 +254,7 @@ def stack_config_callbacks(args: list[str]) -> list[str]:
     if len(setting) < 2:
         return args
     merged = [cb for _, _, cbs in setting for cb in cbs]
-    last = paths[-1][0]
+    last = index  # not the last --config of all: a flag between it and a later file would be replaced
     # YAML, not JSON: JSON has no .inf / .nan (ClipCov's `ub: .inf`)
     flow = yaml.safe_dump(merged, default_flow_style=True, sort_keys=False, width=float("inf")).strip()
     return [*args[: last + 1], f"--trainer.callbacks={flow}", *args[last + 1 :]]

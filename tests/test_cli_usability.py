@@ -299,6 +299,15 @@ def test_a_callbacks_flag_before_a_config_that_sets_callbacks_is_refused(first, 
     assert "put it after the last --config" in err[-1]
 
 
+def test_a_callbacks_flag_between_config_files_stays_when_a_later_file_sets_none(tmp_path):
+    """Two files set callbacks, then the flag, then a file that sets none: the merged list was
+    passed after the last file, i.e. after the flag, and dropped it without a word."""
+    args = ["--config", str(CONFIGS / "cpu" / "clip_cov.yaml"),
+            "--trainer.callbacks+=lit_covrl.regularizers.KLCov", "--config", str(CONFIGS / "cpu" / "cispo.yaml")]
+    names = [type(c).__name__ for c in _cli(tmp_path, *args).trainer.callbacks]
+    assert names.count("ClipCov") == 1 and names.count("KLCov") == 1, names
+
+
 def test_the_short_config_flag_stacks_callbacks_too(tmp_path):
     """Lightning's CLI takes `-c` for `--config`: stacked files' callbacks add up with it too."""
     import yaml
