@@ -69,7 +69,7 @@ FINAL_METRICS = {
 # settings groups line up with later ones)
 MAIN_SETTINGS = {
     "model": "model", "seed": "seed", "group_size": "rollout.group_size", "temperature": "rollout.temperature",
-    "advantage": "loss.advantage", "loss_agg_mode": "loss.loss_agg_mode",
+    "advantage": "loss.advantage", "baseline_quantile": "loss.baseline_quantile", "loss_agg_mode": "loss.loss_agg_mode",
     "mini_batch_size": "update.mini_batch_size", "ppo_epochs": "update.ppo_epochs",
     "max_new_tokens": "rollout.max_new_tokens", "filter_groups": "rollout.filter_groups",
     "overlong": "rollout.overlong",

@@ -307,7 +307,7 @@ class GRPOModule(L.LightningModule):
                 rollout.logp = self.learner.logprobs(
                     self.policy, rollout.input_ids, rollout.attention_mask, rollout.response_mask
                 )
-        advantages = compute_advantages(rewards, G, cfg.loss.advantage)
+        advantages = compute_advantages(rewards, G, cfg.loss.advantage, baseline_quantile=cfg.loss.baseline_quantile)
         zero_var = zero_variance_groups(rewards, G)
         keep = ~zero_var if cfg.rollout.filter_groups else torch.ones_like(zero_var)
         if cfg.rollout.overlong == "mask":

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from lit_covrl.algorithms import ADVANTAGE_ESTIMATORS, AGG_MODES, min_group_size
+from lit_covrl.algorithms import ADVANTAGE_ESTIMATORS, AGG_MODES, QUANTILE_ESTIMATORS, min_group_size
 from lit_covrl.prompts import PROMPT_OVERFLOW
 from lit_covrl.sharding import MIXED_PRECISION, ROLLOUT_GATHER
 
@@ -99,6 +99,8 @@ class LossSettings:
 
     Args:
         advantage: "grpo" (group mean/std), "drgrpo" (mean only) or "rloo".
+        baseline_quantile: K in (0, 1): the group's K-quantile replaces the mean of grpo / drgrpo
+            (QAE, Wu et al. 2025; paper: 0.4); null = the mean.
         clip_low: PPO lower clip epsilon (null = no lower clip).
         clip_high: PPO upper clip epsilon (null = no upper clip; 0.28 = DAPO clip-higher).
         dual_clip: dual-clip constant c > 1 for negative advantages (null = off).
@@ -110,6 +112,7 @@ class LossSettings:
     """
 
     advantage: str = "grpo"
+    baseline_quantile: float | None = None
     clip_low: float | None = 0.2
     clip_high: float | None = 0.2
     dual_clip: float | None = None
@@ -121,6 +124,12 @@ class LossSettings:
     def __post_init__(self) -> None:
         if self.advantage not in ADVANTAGE_ESTIMATORS:
             _bad(f"{self.KEY}.advantage", self.advantage, f"valid estimators: {sorted(ADVANTAGE_ESTIMATORS)}")
+        if self.baseline_quantile is not None:
+            if not 0 < self.baseline_quantile < 1:
+                _bad(f"{self.KEY}.baseline_quantile", self.baseline_quantile, "must be in (0, 1) or null (the mean)")
+            if self.advantage not in QUANTILE_ESTIMATORS:
+                _bad(f"{self.KEY}.baseline_quantile", self.baseline_quantile,
+                     f"replaces the group mean of advantage {list(QUANTILE_ESTIMATORS)}, not {self.advantage!r}")
         if self.loss_agg_mode not in AGG_MODES:
             _bad(f"{self.KEY}.loss_agg_mode", self.loss_agg_mode, f"valid modes: {list(AGG_MODES)}")
         for name in ("clip_low", "clip_high"):

@@ -130,3 +130,45 @@ def test_a_group_of_equal_non_binary_rewards_has_exactly_zero_advantage(value, g
         assert a.dtype == torch.float32
         assert a[:group_size].abs().max() == 0, (name, a[:group_size])
         assert a[group_size:].abs().max() > 0.5  # the varied group keeps its signal
+
+
+def test_quantile_baseline_hand_values_two_regimes():
+    """QAE with K = 0.4, G = 8 (position K (G-1) = 2.8 in the sorted group, linear interpolation):
+    a hard prompt (1 success) gets baseline 0, so only the success moves; an easy one (1 failure)
+    baseline 1, so only the failure moves; 5 of 8 correct: sorted[2] = 0, sorted[3] = 1 -> 0.8."""
+    r = torch.tensor([0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 0, 1, 1, 0, 1, 1], dtype=torch.float64)
+    a = compute_advantages(r, 8, "drgrpo", baseline_quantile=0.4).view(3, 8)
+    torch.testing.assert_close(a[0], torch.tensor([0.0] * 7 + [1.0], dtype=torch.float64))
+    torch.testing.assert_close(a[1], torch.tensor([0.0] * 7 + [-1.0], dtype=torch.float64))
+    torch.testing.assert_close(a[2], r[16:] - 0.8)
+    std_one_of_8 = math.sqrt((1 - 8 / 64) / 7)  # Bessel std of seven 0s and one 1 (or seven 1s and one 0)
+    g = compute_advantages(r, 8, "grpo", baseline_quantile=0.4).view(3, 8)
+    torch.testing.assert_close(g[0], a[0] / (std_one_of_8 + 1e-6))
+    torch.testing.assert_close(g[1], a[1] / (std_one_of_8 + 1e-6))
+
+
+@pytest.mark.parametrize("k", [0.1, 0.4, 0.5, 0.9])
+def test_quantile_baseline_matches_a_loop_oracle(k):
+    g = torch.Generator().manual_seed(1)
+    B, G = 4, 7
+    r = torch.rand(B * G, generator=g, dtype=torch.float64)
+    want = []
+    for b in range(B):
+        grp = sorted(r[b * G:(b + 1) * G].tolist())
+        pos = k * (G - 1)
+        lo = math.floor(pos)
+        q = grp[lo] + (pos - lo) * (grp[min(lo + 1, G - 1)] - grp[lo])
+        want += [x - q for x in r[b * G:(b + 1) * G].tolist()]
+    got = compute_advantages(r, G, "drgrpo", baseline_quantile=k)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-12)
+    equal = torch.full((G,), 0.3)  # an equal group stays exactly 0
+    assert compute_advantages(equal, G, "grpo", baseline_quantile=k).eq(0).all()
+
+
+def test_quantile_baseline_errors():
+    r = torch.tensor([1.0, 0.0])
+    with pytest.raises(ValueError, match="not 'rloo'"):
+        compute_advantages(r, 2, "rloo", baseline_quantile=0.4)
+    for k in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+            compute_advantages(r, 2, "grpo", baseline_quantile=k)

@@ -302,6 +302,7 @@ def test_a_failing_reward_never_kills_the_run(tiny_model_dir, tmp_path):
         ("loss", "clip_low", 1.5, r"model\.loss\.clip_low=1\.5 is invalid: must be <= 1"),
         ("loss", "dual_clip", 0.5, r"model\.loss\.dual_clip=0\.5 is invalid: must be > 1"),
         ("loss", "logratio_clamp", 0.0, r"model\.loss\.logratio_clamp=0\.0 is invalid: must be > 0 or null"),
+        ("loss", "baseline_quantile", 1.0, r"model\.loss\.baseline_quantile=1\.0 is invalid: must be in \(0, 1\)"),
         ("update", "micro_batch_size", 0, r"model\.update\.micro_batch_size=0 is invalid: must be >= 1"),
         ("update", "mini_batch_size", 0, r"model\.update\.mini_batch_size=0 is invalid: must be >= 1 or null"),
         ("update", "grad_clip", 0.0, r"model\.update\.grad_clip=0\.0 is invalid: must be > 0 or null"),
@@ -314,6 +315,32 @@ def test_a_failing_reward_never_kills_the_run(tiny_model_dir, tmp_path):
 def test_bad_settings_fail_at_construction_naming_the_full_key(tiny_model_dir, group, field, value, message):
     with pytest.raises(ValueError, match=message):
         make_module(tiny_model_dir, **{group: {field: value}})
+
+
+def test_a_quantile_baseline_trains_on_the_quantile_advantages_and_needs_a_mean_to_replace(tiny_model_dir, monkeypatch):
+    """model.loss.baseline_quantile (QAE) reaches the advantages the learner trains on; RLOO, whose
+    baseline is the other samples' mean by definition, refuses it naming the setting."""
+    import lit_covrl.module as module_mod
+    from lit_covrl.algorithms import group_advantages
+
+    with pytest.raises(ValueError, match=r"model\.loss\.baseline_quantile=0\.4 is invalid: .*not 'rloo'"):
+        make_module(tiny_model_dir, loss=dict(advantage="rloo", baseline_quantile=0.4))
+    module = make_module(tiny_model_dir, loss=dict(baseline_quantile=0.25))
+    module.configure_model()
+    rewards_seen, trained_on = [], []
+    real_advantages, real_update = module_mod.compute_advantages, module.learner.update
+    monkeypatch.setattr(module_mod, "compute_advantages",
+                        lambda r, *a, **kw: rewards_seen.append(r.clone()) or real_advantages(r, *a, **kw))
+    monkeypatch.setattr(module.learner, "update",
+                        lambda rollout, adv, *a, **kw: trained_on.append(adv.clone()) or real_update(rollout, adv, *a, **kw))
+    fit(module, make_data(), steps=3, limit_val_batches=0)
+    assert len(rewards_seen) == len(trained_on) == 3
+    moved = False
+    for rewards, advantages in zip(rewards_seen, trained_on):
+        want = group_advantages(rewards, 4, baseline_quantile=0.25)
+        torch.testing.assert_close(advantages, want)
+        moved |= not torch.allclose(want, group_advantages(rewards, 4))
+    assert moved  # the quantile changed some step's advantages (the test sees a difference)
 
 
 def test_settings_groups_as_dicts_or_dataclasses(tiny_model_dir):

@@ -2,6 +2,7 @@
 selection, entropy controls, entropy and log-probs, KL estimators. No state, no config objects."""
 from lit_covrl.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
+    QUANTILE_ESTIMATORS,
     compute_advantages,
     group_advantages,
     min_group_size,
@@ -47,6 +48,7 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGG_MODES",
     "KL_ESTIMATORS",
+    "QUANTILE_ESTIMATORS",
     "STEER_MAPPINGS",
     "adaptive_entropy_coef",
     "aggregate",

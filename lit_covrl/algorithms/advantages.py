@@ -9,6 +9,11 @@ to prompt n // G, so ``rewards`` is a flat ``[B*G]`` tensor viewed as ``[B, G]``
   (no std division, which up-weights low-variance groups).
 - RLOO (Ahmadian et al. 2024; Kool et al. 2019):  A_i = r_i - mean_{j != i} r_j
   = G/(G-1) * (r_i - mean_g r).
+- Quantile baseline (QAE, Wu et al. 2025, "Quantile Advantage Estimation", arXiv 2509.22611):
+  GRPO or Dr.GRPO with the group's K-quantile (linear interpolation, as ``torch.quantile``)
+  in place of the mean. With 0/1 rewards and success rate p it is a two-regime gate: on hard
+  prompts (p <= 1 - K) the baseline is ~0 and only successes get an advantage, on easy ones it is
+  ~1 and only failures do, which bounds the entropy change of a step from both sides.
 
 Difference from reference code: estimators are plain functions looked up in one dict whose error
 lists the valid names; group size 1 is rejected instead of silently producing 0 or NaN advantages.
@@ -24,6 +29,7 @@ __all__ = [
     "group_advantages",
     "rloo_advantages",
     "ADVANTAGE_ESTIMATORS",
+    "QUANTILE_ESTIMATORS",
     "compute_advantages",
     "min_group_size",
     "zero_variance_groups",
@@ -56,18 +62,25 @@ def _zero_equal_groups(centered: Tensor, r: Tensor) -> Tensor:
 
 
 def group_advantages(
-    rewards: Tensor, group_size: int, *, normalize_std: bool = True, eps: float = 1e-6
+    rewards: Tensor, group_size: int, *, normalize_std: bool = True, eps: float = 1e-6,
+    baseline_quantile: float | None = None,
 ) -> Tensor:
     """GRPO (``normalize_std=True``) or Dr.GRPO (``False``) advantages.
 
     rewards [B*G] -> advantages [B*G] (rewards' float dtype; float32 for integer rewards):
     (r - group mean) / (group std (Bessel) + eps), or r - group mean without the std; computed
     in float64, and exactly 0 for a group of equal rewards. The std needs G >= 2 (ValueError otherwise).
+    ``baseline_quantile`` K in (0, 1): the group's K-quantile replaces the mean (QAE).
     """
     if normalize_std and group_size < 2:
         raise ValueError(f"group std needs group_size >= 2, got {group_size}")
+    check_baseline_quantile(baseline_quantile)
     r = _groups(rewards, group_size)  # [B, G]
-    centered = r - r.mean(dim=1, keepdim=True)
+    if baseline_quantile is None:
+        baseline = r.mean(dim=1, keepdim=True)
+    else:
+        baseline = torch.quantile(r, baseline_quantile, dim=1, keepdim=True)
+    centered = r - baseline
     if normalize_std:
         centered = centered / (r.std(dim=1, unbiased=True, keepdim=True) + eps)
     return _zero_equal_groups(centered, r).reshape(-1).to(_out_dtype(rewards))
@@ -83,19 +96,25 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     return _zero_equal_groups(r - others, r).reshape(-1).to(_out_dtype(rewards))
 
 
-def _grpo(rewards: Tensor, group_size: int) -> Tensor:
-    return group_advantages(rewards, group_size, normalize_std=True)
+def check_baseline_quantile(k: float | None) -> None:
+    if k is not None and not 0 < k < 1:
+        raise ValueError(f"baseline_quantile must be in (0, 1) or None (the mean), got {k}")
 
 
-def _drgrpo(rewards: Tensor, group_size: int) -> Tensor:
-    return group_advantages(rewards, group_size, normalize_std=False)
+def _grpo(rewards: Tensor, group_size: int, **kw) -> Tensor:
+    return group_advantages(rewards, group_size, normalize_std=True, **kw)
 
 
-ADVANTAGE_ESTIMATORS: dict[str, Callable[[Tensor, int], Tensor]] = {
+def _drgrpo(rewards: Tensor, group_size: int, **kw) -> Tensor:
+    return group_advantages(rewards, group_size, normalize_std=False, **kw)
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
     "grpo": _grpo,
     "drgrpo": _drgrpo,
     "rloo": rloo_advantages,
 }
+QUANTILE_ESTIMATORS = ("grpo", "drgrpo")  # a baseline to replace; RLOO's is the others' mean by definition
 
 _MIN_GROUP_SIZE = {"grpo": 2, "drgrpo": 2, "rloo": 2}
 
@@ -107,10 +126,17 @@ def _check_name(estimator: str) -> None:
         )
 
 
-def compute_advantages(rewards: Tensor, group_size: int, estimator: str) -> Tensor:
-    """Dispatch to ``ADVANTAGE_ESTIMATORS[estimator]``; unknown names raise a ValueError."""
+def compute_advantages(rewards: Tensor, group_size: int, estimator: str, *,
+                       baseline_quantile: float | None = None) -> Tensor:
+    """Dispatch to ``ADVANTAGE_ESTIMATORS[estimator]``; unknown names raise a ValueError, as does a
+    ``baseline_quantile`` (QAE) for an estimator not in QUANTILE_ESTIMATORS."""
     _check_name(estimator)
-    return ADVANTAGE_ESTIMATORS[estimator](rewards, group_size)
+    if baseline_quantile is None:
+        return ADVANTAGE_ESTIMATORS[estimator](rewards, group_size)
+    if estimator not in QUANTILE_ESTIMATORS:
+        raise ValueError(f"a baseline quantile replaces the group mean of {list(QUANTILE_ESTIMATORS)}, "
+                         f"not {estimator!r}")
+    return ADVANTAGE_ESTIMATORS[estimator](rewards, group_size, baseline_quantile=baseline_quantile)
 
 
 def min_group_size(estimator: str) -> int:
