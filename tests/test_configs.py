@@ -22,10 +22,10 @@ QUICK = CONFIGS / "quickstart.yaml"
 R7 = CONFIGS / "paper" / "qwen2.5-7b.yaml"
 F7 = CONFIGS / "fsdp" / "qwen2.5-7b.yaml"
 CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_tokens", "adaptive_entropy", "steer",
-               "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "qae")
+               "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "qae", "w_reinforce")
 REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "adaptive_entropy", "clip_cov",
                      "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
-                     "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse", "qae")
+                     "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse", "qae", "w_reinforce")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high")
 STACKS = {
     "quickstart.yaml": [QUICK],

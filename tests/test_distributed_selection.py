@@ -22,6 +22,7 @@ from lit_covrl.regularizers import (
     HighEntropyTokens,
     KLCov,
     SteerWeights,
+    WeightedReinforce,
 )
 from lit_covrl.regularizers.base import MiniBatchContext
 from lit_covrl.types import PolicyBatch
@@ -70,7 +71,7 @@ def _entropy_controls(rows: slice) -> dict[str, torch.Tensor]:
         adaptive.prepare(ctx)
     out["adaptive_coef"] = torch.tensor([adaptive.coef, adaptive.coef_now])
     ctx = MiniBatchContext(0, 1, False, logp, old, adv, mask, clipped, old_ent, ent)
-    for reg in (HighEntropyTokens(top_frac=0.3), SteerWeights(), EntropyRatioClip()):
+    for reg in (HighEntropyTokens(top_frac=0.3), SteerWeights(), EntropyRatioClip(), WeightedReinforce()):
         reg.prepare(ctx)
         out[reg.name] = reg.weights
         out.update({k: torch.tensor(v) for k, v in reg.pop_metrics().items()})

@@ -230,6 +230,7 @@ def test_entropy_controls_and_gspo_match_one_process_trajectory(two_procs, one_p
     assert all(0 < single[s]["reg/high_entropy_tokens/selected_frac"] < 1 for s in steps)
     assert any(single[s]["reg/entropy_ratio_clip/clipped_frac"] > 0 for s in steps)
     assert all(single[s]["reg/clip_cov/selected_frac"] > 0 for s in steps)
+    assert any(0 < single[s]["reg/w_reinforce/positive_frac"] < 1 for s in steps)
     assert single[F_STEPS]["reg/adaptive_entropy/coef"] > single[1]["reg/adaptive_entropy/coef"]
     for r in ranks:
         _assert_same(r["F"], single, steps, rel=2e-3, abs_=1e-5)

@@ -20,6 +20,7 @@ from lit_covrl.regularizers import (
     KLCov,
     Regularizer,
     SteerWeights,
+    WeightedReinforce,
 )
 from lit_covrl.types import TokenShaping
 from tests.helpers import fit, merge_settings, scalar_tags
@@ -134,7 +135,8 @@ def _entropy_controls():
     # stacked: two selections (weights multiply), STEER's weights, a bonus whose coefficient
     # adapts (a target far above the entropy keeps it on and growing), an advantage shift
     return [HighEntropyTokens(top_frac=0.5), EntropyRatioClip(low=0.02, high=0.02), SteerWeights(),
-            AdaptiveEntropyBonus(target=50.0, delta=0.01, init_coef=0.02, max_coef=0.1), EntropyAdvantage()]
+            AdaptiveEntropyBonus(target=50.0, delta=0.01, init_coef=0.02, max_coef=0.1), EntropyAdvantage(),
+            WeightedReinforce(positive_weight=0.5, negative_weight=1.5)]
 
 
 def _covariance():
@@ -171,6 +173,7 @@ def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_
         assert ref_m["reg/entropy_ratio_clip/clipped_frac"] > 0
         assert ref_m["reg/steer/weight_mean"] != 1.0 and ref_m["reg/adaptive_entropy/coef"] > 0
         assert ref_m["reg/entropy_advantage/shift_mean"] > 0 and ref_m["reg/entropy_advantage/loss"] != 0
+        assert 0 < ref_m["reg/w_reinforce/positive_frac"] < 1
     else:
         assert ref_m["reg/clip_cov/selected_frac"] > 0 and ref_m["reg/kl_cov/selected_frac"] > 0
     moved = max((ref_w[k] - load).abs().max().item() for k, load in _initial(tiny_model_dir).items())

@@ -382,3 +382,37 @@ def test_a_custom_regularizer_is_held_to_the_contract_at_once(tiny_model_dir):
     with pytest.raises(AttributeError, match=r"\(ReadsCurrentEntropy.prepare\): .*; ctx.entropy is None unless the class "
                                              r"sets needs_current_entropy = True"):
         fit(make_module(tiny_model_dir), make_data(), steps=1, callbacks=[ReadsCurrentEntropy()], limit_val_batches=0)
+
+
+def test_weighted_reinforce_weighs_the_positive_responses_gradient_by_lambda():
+    """W-REINFORCE: the gradient is lambda x (the objective's gradient from the A > 0 responses)
+    + (that from the A < 0 ones); each part checked against the base objective with the other
+    sign's advantages set to 0 (a token with A = 0 has no PPO gradient), denominators unchanged."""
+    from lit_covrl.regularizers import WeightedReinforce
+
+    logits, labels, old, adv, mask = _batch()
+    old = old - 0.05 * mask
+    assert (adv[:, 0] > 0).any() and (adv[:, 0] < 0).any()
+    g_pos, _ = _grad_of([], logits, labels, old, adv.clamp(min=0), mask)
+    g_neg, _ = _grad_of([], logits, labels, old, adv.clamp(max=0), mask)
+    g, (reg,) = _grad_of([WeightedReinforce(positive_weight=0.1)], logits, labels, old, adv, mask)
+    torch.testing.assert_close(g, 0.1 * g_pos + g_neg)
+    g_nsr, _ = _grad_of([WeightedReinforce(positive_weight=0.0)], logits, labels, old, adv, mask)
+    torch.testing.assert_close(g_nsr, g_neg)
+    g_psr, _ = _grad_of([WeightedReinforce(positive_weight=1.0, negative_weight=0.0)], logits, labels, old, adv, mask)
+    torch.testing.assert_close(g_psr, g_pos)
+    positive_tokens = ((adv > 0) & (mask > 0)).sum() / mask.sum()
+    assert reg.pop_metrics()["reg/w_reinforce/positive_frac"] == pytest.approx(float(positive_tokens))
+    assert torch.equal(reg.zeroed_tokens(), mask == 0)  # nothing zeroed but padding at lambda 0.1
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(positive_weight=-0.1), "positive_weight=-0.1: must be a finite number >= 0"),
+    (dict(negative_weight=float("nan")), "negative_weight=nan"),
+    (dict(positive_weight=0.0, negative_weight=0.0), "both 0"),
+])
+def test_weighted_reinforce_settings_are_checked(kw, match):
+    from lit_covrl.regularizers import WeightedReinforce
+
+    with pytest.raises(ValueError, match=match):
+        WeightedReinforce(**kw)

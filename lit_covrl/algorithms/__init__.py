@@ -24,6 +24,7 @@ from lit_covrl.algorithms.entropy_controls import (
     entropy_advantage_shift,
     entropy_ratio_keep,
     high_entropy_mask,
+    sample_sign_weights,
     steer_metric,
     steer_weights,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "ppo_stats",
     "ppo_token_loss",
     "rloo_advantages",
+    "sample_sign_weights",
     "sequence_logratio",
     "steer_metric",
     "steer_weights",

@@ -19,6 +19,10 @@ logp_t the log-prob of the sampled token, A_t its advantage; N sequences, T resp
   |A_t| / kappa) (H detached), added to A_t; with kappa > 1 it never flips the sign of A_t.
 - entropy_ratio_keep (Entropy Ratio Clipping, Su et al. 2025, arXiv 2512.05591): keep the
   tokens whose entropy ratio H_t / H_old_t lies strictly inside (1 - low, 1 + high).
+- sample_sign_weights (W-REINFORCE, Zhu et al. 2025, "The Surprising Effectiveness of Negative
+  Reinforcement", arXiv 2506.01347): weight lambda on the tokens of responses with A > 0 (positive
+  sample reinforcement, which sharpens the policy), 1 on those with A < 0 (negative sample
+  reinforcement, which spreads the removed mass over the other tokens by the model's prior).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ __all__ = [
     "entropy_advantage_shift",
     "entropy_ratio_keep",
     "high_entropy_mask",
+    "sample_sign_weights",
     "steer_metric",
     "steer_weights",
     "STEER_MAPPINGS",
@@ -139,3 +144,12 @@ def entropy_ratio_keep(entropy: Tensor, old_entropy: Tensor, mask: Tensor, *, lo
     (strict, the 1e-8 as in the reference code)."""
     ratio = (entropy.detach().double() + 1e-8) / (old_entropy.detach().double() + 1e-8)
     return mask.bool() & (ratio > 1.0 - low) & (ratio < 1.0 + high)
+
+
+@torch.no_grad()
+def sample_sign_weights(advantages: Tensor, mask: Tensor, *, positive: float, negative: float) -> Tensor:
+    """Weight [N, T]: `positive` on valid tokens with A > 0, `negative` where A < 0, 1 where A = 0
+    (no gradient to weigh), 0 on padding."""
+    adv = per_token_advantages(advantages, mask)
+    w = torch.where(adv > 0, positive, torch.where(adv < 0, negative, 1.0)).to(mask.dtype)
+    return w * mask

@@ -4,6 +4,7 @@ from lit_covrl.regularizers.covariance import ClipCov, KLCov
 from lit_covrl.regularizers.dense import EntropyBonus, ReferenceKL
 from lit_covrl.regularizers.entropy_selection import EntropyRatioClip, HighEntropyTokens, SteerWeights
 from lit_covrl.regularizers.entropy_shaping import AdaptiveEntropyBonus, EntropyAdvantage
+from lit_covrl.regularizers.sample_weights import WeightedReinforce
 from lit_covrl.regularizers.schedules import SCHEDULES, Schedule
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "SCHEDULES",
     "Schedule",
     "SteerWeights",
+    "WeightedReinforce",
 ]
