@@ -335,6 +335,9 @@ def check_run_length(max_steps: int | None, val_check_interval, limit_val_batche
     if max_steps is None or max_steps < 1:
         _bad("trainer.max_steps", max_steps, "the prompt stream is endless, so an epoch never ends and "
              "trainer.max_epochs cannot stop the fit: set trainer.max_steps (RL steps)")
+    if isinstance(val_check_interval, (int, float)) and not isinstance(val_check_interval, bool) and val_check_interval <= 0:
+        _bad("trainer.val_check_interval", val_check_interval, "must be >= 1 RL step (to never validate: "
+             "trainer.limit_val_batches 0, or no held-out data)")  # Lightning's loop divided by it after step 1
     if has_validation and limit_val_batches != 0 and not isinstance(val_check_interval, int):
         return (f"held-out prompts are set but trainer.val_check_interval={val_check_interval!r} waits for an epoch "
                 "end that never comes, so validation will not run: set it to a number of RL steps (e.g. 25) "

@@ -577,6 +577,11 @@ def test_a_fit_without_max_steps_is_refused_and_validation_that_cannot_run_is_wa
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*validation will not run")
         fit(make_module(tiny_model_dir), dm, steps=1, val_check_interval=1)
+    for data in (dm, PromptDataModule(task="arithmetic", batch_size=2, val_size=0, seed=0)):
+        module = make_module(tiny_model_dir)
+        module.training_step = lambda *a: pytest.fail("a rollout ran")  # Lightning divided by it after step 1
+        with pytest.raises(ValueError, match=r"trainer\.val_check_interval=0 is invalid: must be >= 1 RL step"):
+            fit(module, data, steps=2, val_check_interval=0)
 
 
 def test_the_reference_model_gets_the_policys_true_half_precision(tiny_model_dir, tmp_path):
