@@ -126,7 +126,8 @@ def check_datamodule_prompts(tokenizer, dm, *, chat_template: bool | None, max_p
         if hasattr(dm, "reject_prompts"):
             dm.reject_prompts(bad)
     sample = dm.task_sample() if hasattr(dm, "task_sample") else []
-    bad = find_unencodable(tokenizer, sample, chat_template=chat_template, template_hint=hint)
+    bad = find_unencodable(tokenizer, sample, chat_template=chat_template, max_prompt_length=max_prompt_length,
+                           template_hint=hint)  # a task whose prompts are too long fails here, not at its first rollout
     if bad:
         log.warning("%d of %d held-out prompts of the task encode to the tokenizer's unknown token or to nothing, "
                     "and its training prompts are generated alike (first: %s: %s)",

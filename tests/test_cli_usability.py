@@ -177,6 +177,7 @@ def test_two_stateful_regularizers_with_one_name_get_a_one_line_error(tmp_path, 
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("lit-covrl: error: two regularizers are named 'clip_cov'") and "init_args.name" in err[-1]
+    assert "[0] ClipCov and [1] ClipCov" in err[-1] and "name: clip_cov_2" in err[-1]  # not object addresses
 
 
 def test_one_line_joins_lines_drops_type_lists_and_names_unexpected_classes():

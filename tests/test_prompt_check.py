@@ -173,3 +173,12 @@ def test_chat_template_without_one_fails_at_start_up_even_without_known_prompts(
     with pytest.raises(ValueError, match="chat_template is true but the tokenizer has no chat template"):
         trainer.fit(module, make_data(val_size=0))
     assert trainer.fit_loop.epoch_loop.batch_progress.total.started == 0  # before the first batch
+
+
+def test_a_task_whose_prompts_exceed_max_prompt_length_fails_at_start_up(tiny_model_dir):
+    """A synthetic task's held-out sample is checked against max_prompt_length too: the mistake was
+    found only at the first rollout (after loading the model), with a traceback."""
+    module = make_module(tiny_model_dir, rollout=dict(max_prompt_length=3))
+    module.training_step = lambda *a: pytest.fail("a rollout ran")
+    with pytest.raises(ValueError, match=r"task 'arithmetic', held-out prompt 1: prompt '.*' has \d+ tokens > max_prompt_length=3"):
+        fit(module, PromptDataModule(task="arithmetic", batch_size=2, val_size=4, seed=0), steps=1)

@@ -206,14 +206,16 @@ class Regularizer(Callback):
 def check_unique_names(regularizers: list[Regularizer]) -> None:
     """Each regularizer logs under reg/<name>/ and keeps its state under its name: two with the same
     name would overwrite each other's metrics (and clash in checkpoints), so refuse them at start-up."""
-    seen: dict[str, Regularizer] = {}
-    for reg in regularizers:
+    seen: dict[str, int] = {}
+    for i, reg in enumerate(regularizers):
         if reg.name in seen:
+            first = regularizers[seen[reg.name]]
             raise ValueError(
-                f"two regularizers are named {reg.name!r} ({seen[reg.name]!r} and {reg!r}): give each its own "
-                "init_args.name, e.g. name: entropy_bonus_2"
+                f"two regularizers are named {reg.name!r} (regularizers [{seen[reg.name]}] {type(first).__name__} and "
+                f"[{i}] {type(reg).__name__}, in callback order): give one its own init_args.name, "
+                f"e.g. name: {reg.name}_2"
             )
-        seen[reg.name] = reg
+        seen[reg.name] = i
 
 
 def check_stack(regularizers: list[Regularizer]) -> None:
