@@ -1,5 +1,6 @@
 """The repository stands alone: every Markdown file that a tracked text file names is in the
-repository, and every "docs/science.md section N" points at a section that exists."""
+repository, every "docs/science.md section N" points at a section that exists, and every Markdown
+table renders."""
 from __future__ import annotations
 
 import re
@@ -53,3 +54,33 @@ def test_science_section_references_exist():
     assert len(refs) >= 8  # README, configs, tools, theory code, docs
     bad = [f"{p.relative_to(ROOT)}:{no}: section {n}" for p, no, n in refs if n not in sections]
     assert not bad, bad
+
+
+def _cells(row: str) -> int:
+    """Number of cells in a Markdown table row (GitHub's rule: an unescaped | splits, also inside `code`)."""
+    return len(re.split(r"(?<!\\)\|", row.strip().strip("|")))
+
+
+def test_markdown_tables_have_a_separator_row_and_rows_of_the_header_width():
+    """A table whose header is not followed by a |---| row renders as a paragraph of pipes, and a
+    row of another width (another table's header written under it) is cut or padded."""
+    separator = re.compile(r"^\|(\s*:?-{3,}:?\s*\|)+$")
+    bad = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        lines, fenced = path.read_text().splitlines(), False
+        header = None  # (line number, cells) of the table being read
+        for no, line in enumerate(lines, 1):
+            if line.lstrip().startswith("```"):
+                fenced = not fenced
+            if fenced or not line.startswith("|"):
+                header = None
+                continue
+            where = f"{path.relative_to(ROOT)}:{no}"
+            if header is None:
+                header = (no, _cells(line))
+                after = lines[no] if no < len(lines) else ""
+                if not separator.match(after.strip()):
+                    bad.append(f"{where}: table header without a |---| row under it")
+            elif _cells(line) != header[1]:
+                bad.append(f"{where}: {_cells(line)} cells under a {header[1]}-cell header (line {header[0]})")
+    assert not bad, "\n".join(bad)
