@@ -84,3 +84,14 @@ def test_markdown_tables_have_a_separator_row_and_rows_of_the_header_width():
             elif _cells(line) != header[1]:
                 bad.append(f"{where}: {_cells(line)} cells under a {header[1]}-cell header (line {header[0]})")
     assert not bad, "\n".join(bad)
+
+
+def test_readme_layout_names_every_module_and_tool():
+    text = (ROOT / "README.md").read_text()
+    layout = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    names = [f"{p.name}" for p in sorted((ROOT / "lit_covrl").glob("*.py")) if p.name != "__init__.py"]
+    names += [f"{p.name}/" for p in sorted((ROOT / "lit_covrl").iterdir()) if (p / "__init__.py").exists()]
+    names += [p.stem for p in sorted((ROOT / "tools").glob("*.py")) if p.name != "__init__.py"]
+    names += [p.name for p in sorted((ROOT / "tools").glob("*.sh"))]
+    missing = [n for n in names if not re.search(rf"(?<![\w.]){re.escape(n)}(?![\w])", layout)]
+    assert not missing, f"README.md's Layout section does not name: {missing}"
