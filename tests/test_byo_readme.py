@@ -142,3 +142,37 @@ def test_regularizer_example_anneals_its_coefficient_and_logs_under_its_name(tmp
     # linear from 0.02 to 0 over the whole run (2 steps): 0.02 at step 0, 0 at the last step
     assert [round(v, 6) for _, v in tags["reg/sampled_token_penalty/coef"]] == [0.02, 0.0]
     assert len(tags["reg/sampled_token_penalty/loss"]) == 2
+
+
+def test_section_claims_about_built_in_rewards_optimizer_and_lr_schedule_hold(tiny_model_dir):
+    """The built-in rewards paragraph's worked answer, the default optimizer and the warm-up YAML
+    example, read from the section itself."""
+    import importlib
+
+    import yaml
+
+    from lit_covrl.module import GRPOModule
+    from lit_covrl.rewards import ExactMatchReward, MathVerifyReward
+
+    section = (ROOT / "README.md").read_text().split(SECTION, 1)[1].split("\n## ", 1)[0]
+    worked, answer = re.search(r"a worked answer \(`(.+?)` against `(.+?)`\) scores 0", section.replace("\n", " ")).groups()
+    assert ExactMatchReward()(worked, answer) == 0.0 and MathVerifyReward()(worked, answer) == 1.0
+
+    assert "AdamW, lr 1e-5, weight decay 0" in section
+    module = GRPOModule(model=tiny_model_dir)
+    module.configure_model()
+    opt = module.configure_optimizers()
+    assert type(opt) is torch.optim.AdamW and opt.defaults["lr"] == 1e-5 and opt.defaults["weight_decay"] == 0.0
+
+    example = yaml.safe_load(re.search(r"```yaml\n(model:\n  lr_scheduler:.*?)```", section, flags=re.S).group(1))
+    assert "the full lr from step 10" in section
+    spec = example["model"]["lr_scheduler"]
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    module_name, _, name = spec["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), name)
+    scheduler, lrs = cls(opt, **spec["init_args"]), []
+    for _ in range(12):  # the module steps it once per RL step
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1e-5) and lrs[5] == pytest.approx(5.5e-5) and lrs[10:] == pytest.approx([1e-4] * 2)
