@@ -442,6 +442,17 @@ class GRPOModule(L.LightningModule):
         keep = (resume_check.CKPT_KEY, "hyper_parameters", "datamodule_hyper_parameters")
         self._resumed_from = {k: checkpoint[k] for k in keep if k in checkpoint}
 
+    def on_validation_start(self) -> None:
+        self._warn_if_evaluating_other_data()
+
+    def on_test_start(self) -> None:
+        self._warn_if_evaluating_other_data()
+
+    def _warn_if_evaluating_other_data(self) -> None:
+        if self._resumed_from is not None and self.trainer.state.fn != "fit":  # a fit compares in on_train_start
+            resume_check.warn_on_evaluation_changes(self._resumed_from, self, self.trainer, self.trainer.ckpt_path)
+            self._resumed_from = None
+
     def on_train_start(self) -> None:
         self.rollout_rng.apply_pending()
         if self._resumed_from is not None:  # compared once the optimizer and callbacks are restored

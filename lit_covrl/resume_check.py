@@ -240,3 +240,20 @@ def warn_on_changes(checkpoint: dict[str, Any], module: Any, trainer: Any, ckpt_
                 "others):\n  " + "\n  ".join(moot))
         log.warning("\n".join(parts))
     return lines
+
+
+# what an evaluation of a checkpoint scores with: its prompts and its rewards
+_EVALUATION_KEYS = ("data.", "model.reward")
+
+
+def warn_on_evaluation_changes(checkpoint: dict[str, Any], module: Any, trainer: Any, ckpt_path: str | None) -> list[str]:
+    """`validate` / `test` of a checkpoint restore its model settings, not its data source or
+    rewards: given without the run's config, they scored the built-in arithmetic task with exact
+    match (a reasoning run's pass@k read 0.0), without a word. One warning (rank 0) lists the data
+    and reward settings that differ from the checkpoint's run; returns them."""
+    lines = [line for line in resume_differences(checkpoint, module, trainer) if line.startswith(_EVALUATION_KEYS)]
+    if lines and trainer.is_global_zero:
+        log.warning("evaluating %s with data or rewards that differ from its run's (give the run's --config, e.g. "
+                    "its config.yaml, to score what it trained on; intended when evaluating on other data):\n  %s",
+                    ckpt_path or "a checkpoint", "\n  ".join(lines))
+    return lines

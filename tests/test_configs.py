@@ -187,7 +187,9 @@ def test_command_line_callbacks_still_apply_on_top_of_stacked_configs(tmp_path):
 
 
 @pytest.mark.parametrize("subcommand", ["validate", "test"])
-def test_validate_and_test_subcommands_evaluate_a_checkpoint(subcommand, tmp_path, capsys):
+def test_validate_and_test_subcommands_evaluate_a_checkpoint(subcommand, tmp_path, capsys, caplog):
+    import logging
+
     from lit_covrl.cli import main
 
     from tests.helpers import scalar_tags
@@ -195,8 +197,10 @@ def test_validate_and_test_subcommands_evaluate_a_checkpoint(subcommand, tmp_pat
     main(["fit", "--config", str(QUICK), "--trainer.max_steps", "2", "--trainer.val_check_interval", "1000",
           "--data.val_size", "8", "--trainer.logger.init_args.save_dir", str(tmp_path)])
     ckpt = next(tmp_path.rglob("last.ckpt"))
-    main([subcommand, "--config", str(QUICK), "--data.val_size", "8", "--ckpt_path", str(ckpt),
-          "--trainer.logger.init_args.save_dir", str(tmp_path / subcommand)])
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        main([subcommand, "--config", str(QUICK), "--data.val_size", "8", "--ckpt_path", str(ckpt),
+              "--trainer.logger.init_args.save_dir", str(tmp_path / subcommand)])
+    assert "differ from its run's" not in caplog.text  # the run's own data and reward: nothing to say
     out = capsys.readouterr().out
     prefix = "val" if subcommand == "validate" else "test"
     assert f"{prefix}/pass@k" in out and f"{prefix}/entropy" in out
@@ -204,6 +208,13 @@ def test_validate_and_test_subcommands_evaluate_a_checkpoint(subcommand, tmp_pat
     # Lightning placeholder hparams (hp_metric), which took over the HPARAMS tab of the folder
     tags = scalar_tags(tmp_path / subcommand)
     assert [s for s, _ in tags[f"{prefix}/pass@1"]] == [1] and "hp_metric" not in tags
+    # another task or reward than the run's (its config not given again) is scored with a warning
+    # naming them; it was silent, and a reasoning run's checkpoint read pass@k 0.0
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        main([subcommand, "--data.val_size", "4", "--model.reward", "lit_covrl.rewards.MathVerifyReward",
+              "--ckpt_path", str(ckpt), "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "o")])
+    assert "data or rewards that differ from its run's" in caplog.text
+    assert "data.val_size: 8 -> 4" in caplog.text and "model.reward" in caplog.text
 
 
 def test_arguments_given_with_a_checkpoint_file_override_its_hyperparameters(tmp_path, caplog):
