@@ -17,7 +17,8 @@ gradients are clipped); `trainer.global_step` counts rollouts.
 `Learner` has explicit inputs: the policy, its `LearnerSettings`, the policy objective
 (`lit_covrl.objectives`), the regularizers and an `OptimizerDriver`. `Learner.update(...)` runs
 every update of one rollout and returns its metrics; `Learner.logprobs(...)` is the no-grad
-forward the module uses for reference and recomputed log-probs. Departures from the reference
+forward the module uses for reference log-probs, `Learner.recompute_old_logprobs(...)` the one
+for recomputed old log-probs (in the update's own micro-batches). Departures from the reference
 code are listed once, in the README's table "Where we differ from the reference code".
 """
 from __future__ import annotations
@@ -85,14 +86,10 @@ class Learner:
 
         rollout: N = B*G sequences; advantages [N]; keep [N] bool (False rows are filtered out);
         ref_logp [N, T] or None (reference model's log-probs, for ReferenceKL)."""
-        hp, G = self.settings.update, self.settings.rollout.group_size
+        hp = self.settings.update
         self.step = step
         n = rollout.input_ids.shape[0]
-        per_update = (hp.mini_batch_size or n // G) * G
-        rows = torch.nonzero(keep).squeeze(-1)
-        # mini-batches are fixed slices of whole prompt groups; filtered sequences just drop out
-        minibatches = [rows[(rows >= s) & (rows < s + per_update)] for s in range(0, n, per_update)]
-        schedule = [mb for _ in range(hp.ppo_epochs) for mb in minibatches]
+        schedule = [mb for _ in range(hp.ppo_epochs) for mb in self.minibatches(keep)]
         metrics = StepMetrics()
         self._on_policy = True  # no optimizer step taken since this rollout (see MiniBatchContext)
         for i, mb in enumerate(schedule):
@@ -104,6 +101,28 @@ class Learner:
         out["policy/kept_frac"] = kept[0] / kept[1]  # over all ranks' sequences
         out["policy/skipped_steps"] = float(self.skipped_steps)
         return out
+
+    def minibatches(self, keep: Tensor) -> list[Tensor]:
+        """The rows of each mini-batch of one epoch: fixed slices of whole prompt groups
+        (`mini_batch_size` prompts), from which the filtered rows (`keep` False) just drop out."""
+        n, G = len(keep), self.settings.rollout.group_size
+        per_update = (self.settings.update.mini_batch_size or n // G) * G
+        rows = torch.nonzero(keep).squeeze(-1)
+        return [rows[(rows >= s) & (rows < s + per_update)] for s in range(0, n, per_update)]
+
+    def recompute_old_logprobs(self, rollout: Rollout, keep: Tensor) -> None:
+        """Replace `rollout.logp` by the policy's no-grad log-probs (`recompute_logprobs`), each
+        mini-batch's kept rows forwarded with the micro-batch plan its update uses (`_plan`: the
+        same rows, order, cuts and trims), so that the first update's forward gives the same
+        values to the bit and its ratio is exactly 1. The filtered rows (read by the rollout
+        metrics) follow in a plan of their own: as many rows in all as one pass over the rollout."""
+        logp = torch.zeros_like(rollout.logp)
+        for rows in [*self.minibatches(keep), torch.nonzero(~keep).squeeze(-1)]:
+            # a rank with no rows runs filler forwards on row 0 (see _nograd_forward)
+            ids, att = (rollout.input_ids[rows], rollout.attention_mask[rows]) if len(rows) else \
+                (rollout.input_ids[:1], rollout.attention_mask[:1])
+            logp[rows] = self._nograd_forward(self.policy, ids, att, rollout.response_mask[rows], False)[0]
+        rollout.logp = logp
 
     def _update_minibatch(self, mb: "MiniBatch", *, index: int, last: bool) -> dict:
         """One optimizer update: plan the micro-batches, let the regularizers select over the whole

@@ -302,16 +302,14 @@ class GRPOModule(L.LightningModule):
         cfg, G, timer, step = self.settings, self.settings.rollout.group_size, PhaseTimer(), self.global_step
         sampled, reward_stats = self._sample_batch(batch, timer)
         rollout, rewards = sampled.rollout, sampled.rewards
-        if cfg.update.recompute_logprobs:  # old log-probs from the training forward instead of the sampler
-            with timer("old_logp"):
-                rollout.logp = self.learner.logprobs(
-                    self.policy, rollout.input_ids, rollout.attention_mask, rollout.response_mask
-                )
         advantages = compute_advantages(rewards, G, cfg.loss.advantage, baseline_quantile=cfg.loss.baseline_quantile)
         zero_var = zero_variance_groups(rewards, G)
         keep = ~zero_var if cfg.rollout.filter_groups else torch.ones_like(zero_var)
         if cfg.rollout.overlong == "mask":
             keep = keep & ~rollout.truncated
+        if cfg.update.recompute_logprobs:  # old log-probs from the training forward instead of the sampler
+            with timer("old_logp"):  # in the update's micro-batches (so its first ratio is exactly 1)
+                self.learner.recompute_old_logprobs(rollout, keep)
         ref_logp = None
         if any(r.needs_reference for r in self.regularizers):  # time/ref_logp_s only where there is one
             with timer("ref_logp"):

@@ -165,6 +165,9 @@ class UpdateSettings:
             sampler recorded (free). The two differ by float rounding only (sampler decoding
             vs a full-sequence forward; `python tools/logprob_gap.py`); turn this on where the
             first update's PPO ratio must be exactly 1 (bf16 runs, or comparisons at bit level).
+            Each mini-batch's rows are forwarded in the micro-batches its update cuts (rounding
+            depends on the batch layout), so the first update's ratio is exactly 1 whatever
+            skip_padding, filter_groups and mini_batch_size are.
     """
 
     mini_batch_size: int | None = None

@@ -240,20 +240,62 @@ class FirstUpdateGap(KLCov):
         return TokenShaping()
 
 
+class LengthParity:
+    """Reward: the parity of the completion's length, and 0 for the prompts whose answer ends in 9
+    (139 in the first RL step's second mini-batch, 69 in the second's first): their groups are
+    constant, so filtered out."""
+
+    def __call__(self, completion: str, answer: str) -> float:
+        return 0.0 if answer.endswith("9") else float(len(completion) % 2)
+
+
+# the update's layout: one mini-batch of 16 rows in 2 micro-batches of 8 (the CPU default), or
+# the GPU default skip_padding (rows sorted by length, micro-batches trimmed) with 2 mini-batches
+# of 2 prompts, micro-batches of 3 and constant groups filtered out: the update then cuts its
+# micro-batches from each mini-batch's kept rows, unlike a forward over the whole rollout
+LAYOUTS = {
+    "one mini-batch": dict(update=dict(micro_batch_size=8), rollout=dict(max_new_tokens=6)),
+    "skip_padding, 2 mini-batches, filtered groups": dict(
+        update=dict(micro_batch_size=3, mini_batch_size=2), system=dict(skip_padding=True),
+        rollout=dict(filter_groups=True, max_new_tokens=8), reward=LengthParity()),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("recompute", [False, True])
-def test_recomputed_old_logprobs_make_the_first_ratio_exactly_one(tiny_model_dir, recompute):
+def test_recomputed_old_logprobs_make_the_first_ratio_exactly_one(tiny_model_dir, recompute, layout):
     """The sampler's recorded log-probs differ from the training forward's by float rounding;
-    `recompute_logprobs` replaces them with a no-grad training forward (verl's way)."""
-    probe = FirstUpdateGap()
+    `recompute_logprobs` replaces them with a no-grad training forward (verl's way), run with the
+    micro-batch plan of the first update (same rows, order, cuts and trims), so that its ratio is
+    exactly 1 under every layout."""
+    torch.manual_seed(0)
+    probe, kept = FirstUpdateGap(), KeptFrac()
+    kw = LAYOUTS[layout]
     module = make_module(
-        tiny_model_dir, rollout=dict(max_new_tokens=6), update=dict(recompute_logprobs=recompute, micro_batch_size=8),
+        tiny_model_dir, rollout=kw["rollout"],
+        update=dict(recompute_logprobs=recompute, **kw["update"]), system=kw.get("system", {}),
+        **({"reward": kw["reward"]} if "reward" in kw else {}),
     )
-    fit(module, make_data(val_size=0), steps=2, callbacks=[probe], limit_val_batches=0)
-    assert len(probe.gaps) == 2 * 2  # 2 steps x 2 micro-batches of 8 rows, all on the first update
+    fit(module, make_data(val_size=0), steps=2, callbacks=[probe, kept], limit_val_batches=0)
+    if layout == "one mini-batch":
+        assert len(probe.gaps) == 2 * 2  # 2 steps x 2 micro-batches of 8 rows, all on the first update
+    else:  # one group of 4 filtered in each step: the first update has 8 rows (3 micro-batches), then 4 (2)
+        assert kept.values == [0.75, 0.75]
+        assert len(probe.gaps) == 3 + 2
     if recompute:
         assert max(probe.gaps) == 0.0
     else:
         assert 0.0 < max(probe.gaps) < 1e-4  # rounding only
+
+
+class KeptFrac(L.Callback):
+    """policy/kept_frac of every RL step."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.values.append(float(trainer.callback_metrics["policy/kept_frac"]))
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
