@@ -10,6 +10,18 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT_BEFORE = set(os.listdir(_ROOT))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Tests write into their tmp_path, never into the checkout: a Trainer without a root dir put
+    its checkpoints in ./checkpoints, and they were committed once. New entries fail the session."""
+    new = sorted(set(os.listdir(_ROOT)) - _ROOT_BEFORE - {".pytest_cache"})
+    if new:
+        print(f"\ntests wrote into the checkout {_ROOT}: {new} (give the Trainer default_root_dir=tmp_path)")
+        session.exitstatus = 1
+
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need a CUDA device: skipped (not failed) without one."""

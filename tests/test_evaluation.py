@@ -165,7 +165,7 @@ def test_a_test_run_after_a_fit_in_the_same_process_logs_at_the_fits_last_step(r
 
 
 @pytest.mark.parametrize("stage", ["validate", "test"])
-def test_validate_or_test_without_held_out_prompts_is_refused(tiny_model_dir, stage):
+def test_validate_or_test_without_held_out_prompts_is_refused(tiny_model_dir, stage, tmp_path):
     """`lit-covrl validate` of a run trained on files without val_files printed no figure and
     exited 0 (Lightning's 'Total length of list across ranks is zero' the only output)."""
     import lightning as L
@@ -173,7 +173,7 @@ def test_validate_or_test_without_held_out_prompts_is_refused(tiny_model_dir, st
     from tests.test_module import make_data, make_module
 
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        max_steps=1, num_sanity_val_steps=0)
+                        max_steps=1, num_sanity_val_steps=0, default_root_dir=tmp_path)  # its checkpoints there
     module, empty = make_module(tiny_model_dir), make_data(val_size=0)
     with pytest.raises(ValueError, match=rf"nothing to {stage}: the data has no held-out prompts; set data.val_files"):
         getattr(trainer, stage)(module, empty)
