@@ -321,6 +321,46 @@ def test_static_cache_takes_decoding_states_of_another_dtype_than_the_prefill_ca
     torch.testing.assert_close(plain.logp, upcast.logp, atol=1e-2, rtol=0)
 
 
+def test_static_cache_made_under_inference_mode_serves_a_later_no_grad_rollout(model):
+    """A standalone validate / test samples under torch.inference_mode: the slot (cache, mask,
+    positions) and the weight copies it creates must still be written in place by a training
+    rollout under no_grad (inference tensors cannot be), which then samples what a fresh sampler
+    samples."""
+    ids, mask = _prompts([5, 3], 4, 8)
+    kw = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD, temperature=0.9)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16)
+    sampler = StaticCacheSampler(graphs="none")
+    with torch.inference_mode(), amp:
+        sampler.sample(model, ids, mask, generator=torch.Generator().manual_seed(1), **kw)
+    assert sampler._slots and sampler._weights
+    with torch.no_grad(), amp:
+        again = sampler.sample(model, ids, mask, generator=torch.Generator().manual_seed(2), **kw)
+        fresh = StaticCacheSampler(graphs="none").sample(model, ids, mask, generator=torch.Generator().manual_seed(2),
+                                                         **kw)
+    assert len(sampler._slots) == 1  # the same cache served both
+    assert torch.equal(again.input_ids, fresh.input_ids) and torch.equal(again.logp, fresh.logp)
+
+
+def test_validate_then_fit_in_one_process_with_the_static_cache_sampler(tiny_model_dir):
+    """trainer.validate (a baseline pass@k, under inference mode) and then trainer.fit of the same
+    module: the fit's rollouts reuse the sampler's cache and train."""
+    import lightning as L
+
+    from tests.helpers import fit
+    from tests.test_module import make_data, make_module
+
+    sampler = StaticCacheSampler(graphs="none")
+    module = make_module(tiny_model_dir, sampler=sampler)
+    data = make_data()
+    L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False,
+              enable_model_summary=False).validate(module, data)
+    (slot,) = sampler._slots.values()
+    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    fit(module, data, steps=1, precision="bf16-mixed")
+    assert list(sampler._slots.values()) == [slot]  # 16 rows at temperature 1 both times: the same cache
+    assert any(not torch.equal(before[k], v) for k, v in module.policy.state_dict().items())
+
+
 def test_validation_samples_with_the_configured_sampler(tiny_model_dir):
     """model.sampler serves training rollouts and validation alike (at their own temperatures)."""
     from tests.helpers import fit

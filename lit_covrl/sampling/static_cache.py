@@ -222,8 +222,6 @@ class StaticCacheSampler(Sampler):
 
     # ---------------------------------------------------------------------------------------
     def _slot(self, model, n, length, temperature, top_p, device, mode, dyn) -> _Slot:
-        from transformers import StaticCache
-
         nb, lb = batch_bucket(n), -(-length // self.length_bucket) * self.length_bucket
         autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         key = (id(model), nb, float(temperature), float(top_p), device, mode, autocast)
@@ -234,7 +232,17 @@ class StaticCacheSampler(Sampler):
         # (its memory, and its graph's, is freed), so a run whose prompt widths vary holds one
         # full-size cache, not one per length bucket
         self._slots.pop(key, None)
-        slot = None
+        # the slot's tensors are written in place by every later rollout: made outside inference mode
+        # (a standalone validate / test runs in it) they are normal tensors, which inference mode may
+        # update too, while inference tensors could not be updated by a training rollout (no_grad)
+        with torch.inference_mode(False):
+            slot = self._new_slot(model, nb, lb, device, dyn)
+        self._slots[key] = slot
+        return slot
+
+    def _new_slot(self, model, nb: int, lb: int, device: torch.device, dyn) -> _Slot:
+        from transformers import StaticCache
+
         impl = getattr(model.config, "_attn_implementation", "sdpa")
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"model.sampler StaticCacheSampler needs attn_implementation sdpa or eager, got {impl!r}")
@@ -266,11 +274,9 @@ class StaticCacheSampler(Sampler):
             mask = key_valid[:, None, None, :]
         else:  # eager attention adds the mask to the scores
             mask = torch.zeros(nb, 1, 1, lb, dtype=torch.float32, device=device)
-        slot = _Slot(cache=cache, tok=torch.zeros(nb, 1, dtype=torch.long, device=device),
+        return _Slot(cache=cache, tok=torch.zeros(nb, 1, dtype=torch.long, device=device),
                      pos=torch.zeros(nb, 1, dtype=torch.long, device=device), key_valid=key_valid, mask=mask,
                      lengths=[st.cumulative_length for st in cache.layers], cache_kw=_cache_kwarg(type(model)))
-        self._slots[key] = slot
-        return slot
 
     def _cast_weights(self, model: nn.Module, device: torch.device) -> dict | None:
         """Under autocast to a lower precision: the model's fp32 Linear weights and biases copied into
@@ -285,7 +291,8 @@ class StaticCacheSampler(Sampler):
         if entry is None or entry[0] != dtype:
             params = {f"{name}.{k}" if name else k: p for name, m in model.named_modules() if isinstance(m, nn.Linear)
                       for k, p in m.named_parameters(recurse=False) if p.dtype == torch.float32}
-            entry = (dtype, {k: torch.empty_like(p, dtype=dtype) for k, p in params.items()}, params)
+            with torch.inference_mode(False):  # refreshed in place by every rollout, as the slot's tensors
+                entry = (dtype, {k: torch.empty_like(p, dtype=dtype) for k, p in params.items()}, params)
             for t in entry[1].values():
                 # plain tensors, unlike parameters, are inputs that a reduce-overhead graph would copy
                 # into its own buffers at every replay (the whole model's weights per token); they are
