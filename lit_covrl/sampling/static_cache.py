@@ -33,9 +33,12 @@ cache growing by `torch.cat`, a host sync per token. Here:
 Exactness: with `graphs="none"` and `check_every=1` the sampler draws exactly the tokens of
 `KVCacheSampler` for the same generator (both call `base.token_distribution` / `draw_token` on
 the same logits, up to the float rounding of attention over masked extra keys); log-probs and
-entropies agree to float tolerance (tests/test_sampling.py). With `check_every = k > 1` decoding
-can run up to k - 1 steps past the last EOS: those steps only emit pad tokens outside the mask,
-but they draw from the generator, so the *next* rollout's stream differs from `KVCacheSampler`'s.
+entropies agree to float tolerance (tests/test_sampling.py). In bf16 the attention over the whole
+cache sums in another order than over the keys so far, so its output can differ by a bf16 rounding
+step now and then (as `KVCacheSampler`'s and the training forward's can: README, "old log-probs").
+With `check_every = k > 1` decoding can run up to k - 1 steps past the last EOS: those steps only
+emit pad tokens outside the mask, but they draw from the generator, so the *next* rollout's stream
+differs from `KVCacheSampler`'s.
 
 Not captured: sharded (FSDP2) models, whose gathered parameters need not keep their addresses
 (graphs fall back to eager static decoding there). Models must use the `sdpa` or `eager`
