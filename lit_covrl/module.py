@@ -194,6 +194,17 @@ class GRPOModule(L.LightningModule):
         """`model.system.skip_padding` resolved for this module's device (null: on for CUDA only)."""
         return self.settings.system.skip_padding_for(self.device.type)
 
+    @property
+    def recompute_logprobs_on(self) -> bool:
+        """`model.update.recompute_logprobs` resolved (null: on when the policy computes in
+        bfloat16, where the sampler's log-probs are off by whole bf16 steps now and then)."""
+        setting = self.settings.update.recompute_logprobs
+        if setting is not None:
+            return setting
+        precision = str(getattr(self._trainer, "precision", "") if self._trainer is not None else "")
+        weights = self.policy is not None and any(p.dtype == torch.bfloat16 for p in self.policy.parameters())
+        return "bf16" in precision or weights or self.settings.system.fsdp_mixed_precision == "bf16"
+
     # setup -------------------------------------------------------------------------------------
     @property
     def regularizers(self) -> list[Regularizer]:
@@ -307,7 +318,7 @@ class GRPOModule(L.LightningModule):
         keep = ~zero_var if cfg.rollout.filter_groups else torch.ones_like(zero_var)
         if cfg.rollout.overlong == "mask":
             keep = keep & ~rollout.truncated
-        if cfg.update.recompute_logprobs:  # old log-probs from the training forward instead of the sampler
+        if self.recompute_logprobs_on:  # old log-probs from the training forward instead of the sampler
             with timer("old_logp"):  # in the update's micro-batches (so its first ratio is exactly 1)
                 self.learner.recompute_old_logprobs(rollout, keep)
         ref_logp = None

@@ -164,10 +164,13 @@ class UpdateSettings:
             training forward after sampling, as verl does, instead of using the ones the
             sampler recorded (free). The two differ by float rounding only (sampler decoding
             vs a full-sequence forward; `python tools/logprob_gap.py`); turn this on where the
-            first update's PPO ratio must be exactly 1 (bf16 runs, or comparisons at bit level).
-            Each mini-batch's rows are forwarded in the micro-batches its update cuts (rounding
+            first update's PPO ratio must be exactly 1 (comparisons at bit level). Each
+            mini-batch's rows are forwarded in the micro-batches its update cuts (rounding
             depends on the batch layout), so the first update's ratio is exactly 1 whatever
-            skip_padding, filter_groups and mini_batch_size are.
+            skip_padding, filter_groups and mini_batch_size are. null (default): on when the
+            policy computes in bfloat16 (trainer.precision bf16-mixed / bf16-true, bfloat16
+            weights, system.fsdp_mixed_precision bf16), where the sampler's log-probs differ by
+            whole bf16 steps now and then (up to 1e-1 measured on the CPU); off in float32.
     """
 
     mini_batch_size: int | None = None
@@ -176,7 +179,7 @@ class UpdateSettings:
     grad_clip: float | None = 1.0
     logprob_chunk_size: int = 1024
     max_consecutive_skips: int = 10
-    recompute_logprobs: bool = False
+    recompute_logprobs: bool | None = None
 
     KEY = "model.update"
 

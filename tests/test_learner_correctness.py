@@ -288,6 +288,26 @@ def test_recomputed_old_logprobs_make_the_first_ratio_exactly_one(tiny_model_dir
         assert 0.0 < max(probe.gaps) < 1e-4  # rounding only
 
 
+@pytest.mark.parametrize("precision,setting,on", [
+    ("32-true", None, False), ("bf16-mixed", None, True), ("bf16-mixed", False, False), ("32-true", True, True),
+])
+def test_recompute_is_on_by_default_where_the_policy_computes_in_bfloat16(tiny_model_dir, precision, setting, on):
+    """recompute_logprobs null (the default) recomputes under bf16 (where the sampler's log-probs
+    are off by whole bf16 steps now and then: the first ratio was up to 5 % from 1) and not in
+    float32; an explicit setting wins."""
+    probe = FirstUpdateGap()
+    module = make_module(tiny_model_dir, update=dict(recompute_logprobs=setting, micro_batch_size=8),
+                         rollout=dict(max_new_tokens=6))
+    seen = []
+    module.configure_model()
+    real = module.learner.recompute_old_logprobs
+    module.learner.recompute_old_logprobs = lambda *a: seen.append(1) or real(*a)
+    fit(module, make_data(val_size=0), steps=2, callbacks=[probe], limit_val_batches=0, precision=precision)
+    assert module.recompute_logprobs_on is on and len(seen) == (2 if on else 0)
+    if on:
+        assert max(probe.gaps) == 0.0
+
+
 class KeptFrac(L.Callback):
     """policy/kept_frac of every RL step."""
 
