@@ -198,12 +198,10 @@ class GRPOModule(L.LightningModule):
     def recompute_logprobs_on(self) -> bool:
         """`model.update.recompute_logprobs` resolved (null: on when the policy computes in
         bfloat16, where the sampler's log-probs are off by whole bf16 steps now and then)."""
-        setting = self.settings.update.recompute_logprobs
-        if setting is not None:
-            return setting
         precision = str(getattr(self._trainer, "precision", "") if self._trainer is not None else "")
         weights = self.policy is not None and any(p.dtype == torch.bfloat16 for p in self.policy.parameters())
-        return "bf16" in precision or weights or self.settings.system.fsdp_mixed_precision == "bf16"
+        fsdp = self.settings.system.fsdp_mixed_precision == "bf16"
+        return self.settings.update.recompute_for("bf16" in precision or weights or fsdp)
 
     # setup -------------------------------------------------------------------------------------
     @property
@@ -390,6 +388,9 @@ class GRPOModule(L.LightningModule):
         self.learner.before_optimizer_step(optimizer)
 
     # evaluation --------------------------------------------------------------------------------
+    def on_validation_start(self) -> None:
+        self._warn_if_evaluating_other_data()
+
     def on_validation_epoch_start(self) -> None:
         self.evaluator.start(self.device, self.global_rank, self.trainer.world_size)
 
@@ -398,6 +399,9 @@ class GRPOModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")
+
+    def on_test_start(self) -> None:
+        self._warn_if_evaluating_other_data()
 
     def on_test_epoch_start(self) -> None:
         self.evaluator.start(self.device, self.global_rank, self.trainer.world_size)
@@ -450,12 +454,6 @@ class GRPOModule(L.LightningModule):
             resume_check.check_optimizer_class(checkpoint, self.trainer.optimizers)
         keep = (resume_check.CKPT_KEY, "hyper_parameters", "datamodule_hyper_parameters")
         self._resumed_from = {k: checkpoint[k] for k in keep if k in checkpoint}
-
-    def on_validation_start(self) -> None:
-        self._warn_if_evaluating_other_data()
-
-    def on_test_start(self) -> None:
-        self._warn_if_evaluating_other_data()
 
     def _warn_if_evaluating_other_data(self) -> None:
         if self._resumed_from is not None and self.trainer.state.fn != "fit":  # a fit compares in on_train_start

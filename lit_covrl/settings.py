@@ -181,6 +181,10 @@ class UpdateSettings:
     max_consecutive_skips: int = 10
     recompute_logprobs: bool | None = None
 
+    def recompute_for(self, computes_in_bf16: bool) -> bool:
+        """`recompute_logprobs` resolved: null = on when the policy computes in bfloat16."""
+        return computes_in_bf16 if self.recompute_logprobs is None else bool(self.recompute_logprobs)
+
     KEY = "model.update"
 
     def __post_init__(self) -> None:
