@@ -217,3 +217,23 @@ def test_logprob_gap_reports_every_dtype_and_temperature(capsys):
     assert [(r["dtype"], r["temperature"]) for r in rows] == [("float32", 1.0), ("float32", 0.7)]
     assert all(r["tokens"] > 0 and 0 <= r["mean"] <= r["max"] < 1e-4 for r in rows), rows
     assert "on cpu: 4 prompts x 2 samples" in capsys.readouterr().out
+
+
+def test_logprob_gap_measures_the_sampler_and_precision_of_a_gpu_fit(capsys):
+    """gpu_check.sh's second logprob_gap row set is the GPU fit's default: StaticCacheSampler with a
+    compiled step (eager on the CPU) under bf16 autocast over fp32 weights (bf16-mixed). It used to
+    measure only KVCacheSampler with bf16 weights, which is not what a GPU fit runs."""
+    import logprob_gap
+
+    small = ["--prompts", "4", "--group", "2", "--max-new-tokens", "4"]
+    rows = logprob_gap.main(["--sampler", "static_compile", "--autocast", *small])
+    out = capsys.readouterr().out
+    assert [(r["sampler"], r["dtype"], r["temperature"]) for r in rows] == [
+        ("static_compile", "bf16-mixed", 1.0), ("static_compile", "bf16-mixed", 0.7)]
+    assert "StaticCacheSampler(graphs='compile'" in out and "bf16-mixed" in out
+    # bf16 rounding may separate them, but they are the same log-probs
+    assert all(r["tokens"] > 0 and 0 <= r["max"] < 0.5 and r["mean"] <= r["max"] for r in rows), rows
+    kv = logprob_gap.main(["--sampler", "kv", "--dtypes", "float32", *small])
+    assert [r["sampler"] for r in kv] == ["kv", "kv"] and all(r["max"] < 1e-4 for r in kv), kv
+    with pytest.raises(SystemExit):  # fp32 weights under autocast: a --dtypes list would say otherwise
+        logprob_gap.main(["--autocast", "--dtypes", "bfloat16"])

@@ -108,7 +108,7 @@ BENCHMARKS = {
     "padding": ("bench_padding.py", "learner forward+backward with and without skip_padding (long-tailed lengths)"),
     "checkpoint-io": ("bench_checkpoint_io.py", "one checkpoint save: Lightning's IO vs the atomic one"),
     "profile": ("profile_step.py", "where the time of one RL step goes, next to the floor"),
-    "logprob-gap": ("logprob_gap.py", "sampler vs training-forward old log-probs, per dtype"),
+    "logprob-gap": ("logprob_gap.py", "sampler vs training-forward old log-probs, per dtype, sampler, bf16 autocast"),
 }
 
 

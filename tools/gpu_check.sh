@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The prepared GPU check (one short run on a CUDA machine that has torch and transformers): the
-# gpu-marked tests, then tools/bench_gpu.py (samplers and HF generate on random Qwen2.5-0.5B /
-# -1.5B-shaped policies). Writes under ${OUT:-.}: gpu_tests.log, logprob_gap.txt, bench_gpu.json,
-# bench_gpu.log.
+# gpu-marked tests, tools/logprob_gap.py (old log-probs of KVCacheSampler in fp32 / bf16 weights and
+# of a GPU fit's default, StaticCacheSampler(graphs="compile") under bf16 autocast), then
+# tools/bench_gpu.py (samplers and HF generate on random Qwen2.5-0.5B / -1.5B-shaped policies).
+# Writes under ${OUT:-.}: gpu_tests.log, logprob_gap.txt, bench_gpu.json, bench_gpu.log.
 #   bash tools/gpu_check.sh [bench_gpu.py args, e.g. --runs 0.5B:static_graph, --profile]
 # Packages the machine lacks are installed offline from ./wheels if it exists (git-ignored;
 # fill it on a machine with internet: `make gpu-wheels`).
 set -uo pipefail
 for arg in "$@"; do  # help only: the check itself runs for minutes
   if [ "$arg" = -h ] || [ "$arg" = --help ]; then
-    sed -n '2,8p' "$0" | cut -c3-; echo
+    sed -n '2,9p' "$0" | cut -c3-; echo
     python3 tools/bench_gpu.py --help 2>/dev/null || echo "(bench_gpu.py's options: run it with --help where torch is installed)"
     exit 0
   fi
@@ -30,10 +31,13 @@ if [ -d wheels ]; then
 fi
 python3 -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__)"
 timeout ${GPU_TESTS_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-# how far the sampler's recorded bf16 log-probs are from the training forward's on the GPU's kernels
-# (README, old log-probs: measured on the CPU only); seconds on the tiny model
+# how far the sampler's recorded log-probs are from the training forward's on the GPU's kernels
+# (README, old log-probs: measured on the CPU only), on the tiny model: KVCacheSampler with bf16
+# weights (seconds), then the sampler and precision a GPU fit uses (compiles its decoding step)
 DEV=$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 timeout 90 python3 tools/logprob_gap.py --device "$DEV" 2>&1 | grep -v "^Loading" | tee "$OUT/logprob_gap.txt"
+timeout 120 python3 tools/logprob_gap.py --device "$DEV" --sampler static_compile --autocast 2>&1 \
+  | grep -v "^Loading" | tee -a "$OUT/logprob_gap.txt"
 LEFT=$((BUDGET - SECONDS))
 echo "benchmark: $LEFT s left of GPU_CHECK_BUDGET=$BUDGET"
 timeout $((LEFT > 30 ? LEFT : 30)) python3 tools/bench_gpu.py --json --deadline-s $((LEFT - 30)) \
