@@ -208,6 +208,29 @@ def test_gpu_check_help_prints_usage_and_runs_nothing(tmp_path):
     assert not list(tmp_path.iterdir())  # no gpu_tests.log, bench_gpu.json or bench_gpu.log
 
 
+def test_gpu_check_runs_only_the_stages_asked_for(tmp_path):
+    """GPU_CHECK_STAGES picks the stages (a second call for the benchmark's skipped runs need not
+    repeat the tests and logprob_gap); the gap stage writes the KV rows and a GPU fit's default
+    sampler under bf16 autocast into logprob_gap.txt. An unknown stage is refused before anything runs."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = ["bash", "tools/gpu_check.sh", "--device", "cpu", "--runs", "tiny:kv_cache"]
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_BUDGET": "40"}  # a bench stage would skip its run
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**env, "GPU_CHECK_STAGES": "gap"})
+    assert out.returncode == 0, out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["logprob_gap.txt"]  # no gpu_tests.log, no bench_gpu.*
+    gap = (tmp_path / "logprob_gap.txt").read_text()
+    assert "KVCacheSampler()" in gap and "StaticCacheSampler(graphs='compile'" in gap
+    assert gap.count("\nbfloat16 ") == 2 and gap.count("\nbf16-mixed ") == 2, gap
+    (tmp_path / "logprob_gap.txt").unlink()
+    bad = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=60,
+                         env={**env, "GPU_CHECK_STAGES": "bench,gaps"})
+    assert bad.returncode == 2 and "GPU_CHECK_STAGES=bench,gaps: unknown stage 'gaps'" in bad.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_logprob_gap_reports_every_dtype_and_temperature(capsys):
     """tools/logprob_gap.py (run by gpu_check.sh on the GPU): the sampler's recorded log-probs are the
     training forward's up to float32 rounding on the CPU."""
