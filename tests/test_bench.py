@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -206,6 +208,96 @@ def test_gpu_check_help_prints_usage_and_runs_nothing(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("The prepared GPU check") and "usage: bench_gpu.py" in out.stdout
     assert not list(tmp_path.iterdir())  # no gpu_tests.log, bench_gpu.json or bench_gpu.log
+
+
+_SCRIPT = re.compile(r"(?:^|\s)(?:(?:bash|sh|python3?)\s+)?tools/(gpu_check\.sh|bench_gpu\.py)\b")
+_FENCE = re.compile(r"^ *```[^\n]*\n(.*?)^ *```", re.S | re.M)
+_WORKTREE = re.compile(r"git worktree add \S+ ([0-9a-f]{7,40})\b")  # the command runs that commit's scripts
+
+
+def _doc_gpu_commands(root: Path):
+    """Every gpu_check.sh / bench_gpu.py command in README.md and docs/*.md (fenced blocks line by
+    line, inline code spans per paragraph): (where, script, argv, env, commit or None)."""
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = path.read_text()
+        snippets = []  # (line, text before it that sets the context, the snippet)
+        for m in _FENCE.finditer(text):
+            lines = m.group(1).replace("\\\n", " ").splitlines()
+            first = text.count("\n", 0, m.start(1)) + 1
+            snippets += [(first + i, "\n".join(lines[:i]), ln) for i, ln in enumerate(lines)]
+        prose = _FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+        offset = 0
+        for para in prose.split("\n\n"):
+            for m in re.finditer(r"`([^`]+)`", para):
+                snippets.append((prose.count("\n", 0, offset + m.start()) + 1, "", m.group(1).replace("\n", " ")))
+            offset += len(para) + 2
+        for line, context, snippet in snippets:
+            m = _SCRIPT.search(snippet)
+            if m:
+                before = snippet[:m.start()]
+                rest = re.split(r"\s(?:#|&&|;|\||\d?>)", " " + snippet[m.end():])[0]
+                env = dict(w.split("=", 1) for w in shlex.split(before.split("&&")[-1]) if "=" in w)
+                commit = _WORKTREE.search(context + "\n" + before)
+                yield (f"{path.relative_to(root)}:{line}", m.group(1), shlex.split(rest), env,
+                       commit and commit.group(1))
+
+
+def _bench_gpu_parser_of(commit: str, tmp_path: Path):
+    """parse_args of tools/bench_gpu.py as it was at `commit` (None when git cannot show it)."""
+    import importlib.util
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        src = subprocess.run(["git", "show", f"{commit}:tools/bench_gpu.py"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    (tmp_path / commit / "tools").mkdir(parents=True)
+    file = tmp_path / commit / "tools" / "bench_gpu.py"
+    file.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"bench_gpu_{commit}", file)
+    module = importlib.util.module_from_spec(spec)
+    saved = list(sys.path)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+    return module.parse_args
+
+
+def test_every_gpu_command_in_the_docs_parses(tmp_path, capsys):
+    """Each gpu_check.sh / bench_gpu.py command that README.md and docs/*.md give is accepted by
+    bench_gpu.py's argument parser (run configs included) and names only gpu_check.sh's stages;
+    a command run in a worktree of an older commit (`git worktree add DIR COMMIT && ...`) by that
+    commit's parser. The docs had named run configs and flags that bench_gpu.py no longer has
+    (`--configs single single_no_shared_prompt`)."""
+    import subprocess
+
+    import bench_gpu
+
+    root = Path(__file__).resolve().parents[1]
+    shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=root, capture_output=True,
+                             text=True).stdout.strip()
+    commands, bad, parsers = list(_doc_gpu_commands(root)), [], {None: bench_gpu.parse_args}
+    assert sum(bool(argv) for _, _, argv, _, _ in commands) >= 6, commands  # the extraction finds them
+    for where, script, argv, env, commit in commands:
+        if commit not in parsers:
+            parsers[commit] = _bench_gpu_parser_of(commit, tmp_path)
+        parse = parsers[commit]
+        if parse is None:
+            if shallow == "false":  # a full clone has every commit the docs name
+                bad.append(f"{where}: commit {commit} is not in this repository")
+            continue
+        for stage in env.get("GPU_CHECK_STAGES", "tests").split(","):
+            if script == "gpu_check.sh" and stage not in ("tests", "gap", "bench"):
+                bad.append(f"{where}: GPU_CHECK_STAGES stage {stage!r}")
+        try:
+            parse(argv)
+        except SystemExit as err:
+            if err.code:
+                bad.append(f"{where}: {script} {' '.join(argv)}: {capsys.readouterr().err.strip().splitlines()[-1]}")
+    assert not bad, "\n".join(bad)
 
 
 def test_gpu_check_runs_only_the_stages_asked_for(tmp_path):
