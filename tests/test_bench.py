@@ -316,6 +316,7 @@ def test_gpu_check_runs_only_the_stages_asked_for(tmp_path):
     gap = (tmp_path / "logprob_gap.txt").read_text()
     assert "KVCacheSampler()" in gap and "StaticCacheSampler(graphs='compile'" in gap
     assert gap.count("\nbfloat16 ") == 2 and gap.count("\nbf16-mixed ") == 2, gap
+    assert "Loading weights" not in gap  # transformers' progress bars (each line begins with a carriage return)
     (tmp_path / "logprob_gap.txt").unlink()
     bad = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=60,
                          env={**env, "GPU_CHECK_STAGES": "bench,gaps"})

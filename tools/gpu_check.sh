@@ -47,9 +47,9 @@ if has_stage gap; then
   # (README, old log-probs: measured on the CPU only), on the tiny model: KVCacheSampler with bf16
   # weights (seconds), then the sampler and precision a GPU fit uses (compiles its decoding step)
   DEV=$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
-  timeout 90 python3 tools/logprob_gap.py --device "$DEV" 2>&1 | grep -v "^Loading" | tee "$OUT/logprob_gap.txt"
+  timeout 90 python3 tools/logprob_gap.py --device "$DEV" 2>&1 | grep -av "Loading weights" | tee "$OUT/logprob_gap.txt"
   timeout 120 python3 tools/logprob_gap.py --device "$DEV" --sampler static_compile --autocast 2>&1 \
-    | grep -v "^Loading" | tee -a "$OUT/logprob_gap.txt"
+    | grep -av "Loading weights" | tee -a "$OUT/logprob_gap.txt"
 fi
 if has_stage bench; then
   LEFT=$((BUDGET - SECONDS))
