@@ -5,6 +5,7 @@ tests/test_gpu.py."""
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -103,6 +104,87 @@ def test_static_cache_grows_to_the_longest_rollout_and_keeps_one_cache(model):
         torch.testing.assert_close(a.logp, b.logp, atol=1e-5, rtol=1e-5)
         (slot,) = static._slots.values()
         assert slot.key_valid.shape[1] == (16 if i == 0 else 24), i  # 4 + 6 -> 16; 14 + 6 -> 24, kept
+
+
+def _kv_storages(sampler: StaticCacheSampler) -> dict[int, int]:
+    """The KV cache memory the sampler holds: {storage address: bytes} over every slot's layers."""
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for slot in sampler._slots.values()
+            for layer in slot.cache.layers for t in (layer.keys, layer.values)}
+
+
+def test_static_cache_is_one_cache_per_model_shared_by_batch_sizes_and_temperatures(model):
+    """A training rollout of 64 rows, then validation batches of 32 rows at another temperature and
+    top-p and a last one of 8: one cache of the 64-row size serves all three (each held its own
+    full-length cache for the whole run: 1.62x the training rollout's cache on a tiny model), and
+    each draws what a fresh sampler draws."""
+    kw = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD)
+    sampler = StaticCacheSampler(graphs="none", length_bucket=16)
+    sizes = []
+    for i, (rows, temperature, top_p) in enumerate([(64, 1.0, 1.0), (32, 0.6, 0.9), (8, 1.0, 1.0)]):
+        ids, mask = _prompts([5, 3, 4, 2], rows // 4, seed=i)
+        a = sampler.sample(model, ids, mask, generator=torch.Generator().manual_seed(i), temperature=temperature,
+                           top_p=top_p, **kw)
+        fresh = StaticCacheSampler(graphs="none", length_bucket=16)
+        b = fresh.sample(model, ids, mask, generator=torch.Generator().manual_seed(i), temperature=temperature,
+                         top_p=top_p, **kw)
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.logp, b.logp), i
+        sizes.append(sum(_kv_storages(fresh).values()))
+        assert sum(_kv_storages(sampler).values()) == sizes[0], i
+    # 2 layers x (keys + values) x 64 rows x 2 KV heads x 16 positions x 8 dims x 4 bytes
+    assert sizes == [2 * 2 * 64 * 2 * 16 * 8 * 4, 2 * 2 * 32 * 2 * 16 * 8 * 4, 2 * 2 * 8 * 2 * 16 * 8 * 4]
+    assert len(sampler._slots) == 3 and len(_kv_storages(sampler)) == 4  # 3 slots on 2 layers' keys and values
+
+
+def test_a_grown_cache_drops_and_recaptures_the_slots_built_on_the_old_one(model, monkeypatch):
+    """8 rows, 64 rows (the cache grows: more rows), 8 rows again, 8 rows with a wider prompt (the
+    cache grows: longer), 64 rows. A captured graph reads the addresses it was captured on, so a
+    slot built on a replaced cache must be captured again on the new one: stood in for on the CPU by
+    a fake capture that records the cache's addresses and, at every replay, checks that the
+    sampler's cache is still at them (the eager step does the decoding). Every rollout draws what a
+    fresh sampler draws, and the sampler holds one cache of the largest rows x longest length."""
+    import lit_covrl.sampling.static_cache as sc
+
+    class FakeGraph:
+        def __init__(self, sampler, model, slot, temperature, top_p):
+            self.sampler, self.key = sampler, (id(model), slot.tok.device)
+            layers = slot.cache.layers  # what a real capture would read: the slot's views of the cache
+            self.addresses = [st.keys.data_ptr() for st in layers] + [st.values.data_ptr() for st in layers]
+            self.step = lambda: sampler._forward(model, slot, temperature, top_p)
+            self.slot = slot
+
+        def replay(self):
+            store = self.sampler._stores[self.key]
+            assert [t.data_ptr() for t in (*store.keys, *store.values)] == self.addresses, "graph reads a freed cache"
+            assert self.slot.store is store
+            self.slot.outputs = self.step()
+
+    def fake_capture(self, model, slot, temperature, top_p):
+        slot.graph = FakeGraph(self, model, slot, temperature, top_p)
+        self.captures += 1
+
+    monkeypatch.setattr(sc.StaticCacheSampler, "_mode", lambda self, model, device: "cuda_graph")
+    monkeypatch.setattr(sc.StaticCacheSampler, "_capture", fake_capture)
+    kw = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD, temperature=1.1)
+    sampler = StaticCacheSampler(graphs="cuda_graph", length_bucket=8)
+    expected_captures, shapes = [1, 2, 3, 4, 5], []
+    for i, (lengths, group) in enumerate([([4, 3], 4), ([4, 2], 32), ([3, 4], 4), ([14, 9], 4), ([4, 3], 32)]):
+        ids, mask = _prompts(lengths, group, seed=i)
+        a = sampler.sample(model, ids, mask, generator=torch.Generator().manual_seed(i), **kw)
+        b = StaticCacheSampler(graphs="none", length_bucket=8).sample(
+            model, ids, mask, generator=torch.Generator().manual_seed(i), **kw)
+        assert torch.equal(a.input_ids, b.input_ids), i
+        torch.testing.assert_close(a.logp, b.logp, atol=1e-5, rtol=1e-5)
+        assert sampler.captures == expected_captures[i], i
+        (store,) = sampler._stores.values()
+        assert all(slot.store is store for slot in sampler._slots.values())
+        assert sum(_kv_storages(sampler).values()) == 2 * 2 * store.rows * 2 * store.length * 8 * 4
+        shapes.append((store.rows, store.length, len(sampler._slots)))
+        if i == 0:
+            first = weakref.ref(store.keys[0])
+        freed = first() is None
+        assert freed == (i > 0), i  # a replaced cache is freed at once, not left to the garbage collector
+    # 4 + 6 -> 16 positions; 14 + 6 -> 24; 8 and 64 rows share the 64-row cache (one slot each)
+    assert shapes == [(8, 16, 1), (64, 16, 1), (64, 16, 2), (64, 24, 1), (64, 24, 2)]
 
 
 def test_static_cache_sampler_checks_the_finish_flag_every_k_steps(model):
@@ -379,7 +461,7 @@ def test_validation_samples_with_the_configured_sampler(tiny_model_dir):
     module = make_module(tiny_model_dir, sampler=sampler, rollout=dict(temperature=0.8), eval=dict(temperature=1.0))
     fit(module, make_data(), steps=2, val_check_interval=1)
     assert sampler.temperatures.count(0.8) == 2 and sampler.temperatures.count(1.0) >= 1
-    assert len(sampler._slots) == 2  # one static cache per (bucket, temperature)
+    assert len(sampler._slots) == 2 and len(sampler._stores) == 1  # a slot per temperature, one cache
 
 
 def test_each_compiled_slot_gets_its_own_graph_past_dynamos_recompile_limit(monkeypatch):

@@ -9,16 +9,23 @@ cache growing by `torch.cat`, a host sync per token. Here:
   written in place at the layer's `cumulative_length`), sized for the whole rollout with the
   batch rounded up to a bucket N_b (powers of two up to 64, then multiples of 64) and the length
   P + max_new_tokens rounded up to a multiple of `length_bucket`, so the same shapes (and the
-  same captured graph) serve rollout after rollout; the cache grows to the longest rollout seen
-  (the shorter one freed) and serves every shorter one with its extra positions masked; rows
-  beyond N are dummies that attend to one key and are dropped;
+  same captured graph) serve rollout after rollout; rows beyond N are dummies that attend to one
+  key and are dropped;
+- the sampler holds one such cache per model: the largest batch bucket x the longest length seen.
+  Each (batch bucket, temperature, top-p) -- the training rollout, a validation batch, its smaller
+  last batch, a `sampling_batch_size` remainder -- gets a slot of its own (mask, positions, graph)
+  whose cache is a view of the model cache's leading N_b rows; temperature and top-p act on the
+  logits only. A rollout that needs more rows or a longer length replaces the cache by a bigger
+  one (the old one freed first) and drops every slot built on the old one: a captured graph or
+  compiled step reads the addresses it was made on, so those slots are rebuilt and captured again
+  on the new cache. Shorter rollouts decode in the longer cache with the extra positions masked;
 - the prompt is prefilled exactly as in `KVCacheSampler` (one forward per group of identical
   prompts, on a dynamic cache) and copied into the static cache;
 - every decoding step feeds one token per row with a 4-D boolean attention mask [N_b, 1, 1, L_b]
   (prompt padding, dead rows' tokens and positions not yet written are masked), so the model's
   mask construction (with its data-dependent checks) is skipped;
 - the step `forward -> token_distribution` (log-probs at the temperature, entropy, top-p
-  probabilities, non-finite flags) is captured once per cache as a `torch.cuda.CUDAGraph`
+  probabilities, non-finite flags) is captured once per slot as a `torch.cuda.CUDAGraph`
   (`graphs="cuda_graph"`) or compiled with `torch.compile(mode="reduce-overhead")`
   (`graphs="compile"`); only the draw (`torch.multinomial` with the caller's generator) runs
   eagerly, so the tokens are those of eager decoding with the same generator state;
@@ -49,6 +56,7 @@ attend past its window. Such models are refused (`static_cache_unsupported`), an
 """
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import types
@@ -91,10 +99,38 @@ def batch_bucket(n: int) -> int:
 
 
 @dataclass
-class _Slot:
-    """Everything one (batch bucket, temperature, top-p) needs, kept across rollouts; its length is
-    the longest rollout's, bucketed."""
+class _Store:
+    """A model's KV cache: per layer keys and values [rows, kv_heads, length, head_dim], the largest
+    batch bucket x the longest (bucketed) P + T seen. Every slot of the model decodes in its leading
+    rows, so the sampler holds one cache per model, not one per slot."""
 
+    keys: list
+    values: list
+
+    @property
+    def rows(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+    def fits(self, nb: int, lb: int, layers) -> bool:
+        """Whether nb rows of lb positions fit, in the prefill cache's layers' shapes and dtypes."""
+        def like(a: Tensor, b: Tensor) -> bool:  # all but rows and length
+            return (a.shape[1], a.shape[3], a.dtype) == (b.shape[1], b.shape[3], b.dtype)
+
+        return nb <= self.rows and lb <= self.length and len(layers) == len(self.keys) and all(
+            like(k, dl.keys) and like(v, dl.values) for k, v, dl in zip(self.keys, self.values, layers))
+
+
+@dataclass
+class _Slot:
+    """Everything one (batch bucket, temperature, top-p) needs, kept across rollouts: views of the
+    leading rows of the model's `_Store` (its full length), the mask, positions and the captured
+    graph or compiled step, which read the store's addresses and are only valid while it lives."""
+
+    store: _Store
     cache: object
     tok: Tensor         # [N_b, 1] token fed at this step
     pos: Tensor         # [N_b, 1] its position id
@@ -133,6 +169,7 @@ class StaticCacheSampler(Sampler):
         self.graphs, self.check_every, self.length_bucket, self.timing = graphs, check_every, length_bucket, timing
         self.cast_weights_once = cast_weights_once
         self._slots: dict[tuple, _Slot] = {}
+        self._stores: dict[tuple, _Store] = {}  # (id(model), device) -> its one KV cache, shared by its slots
         self._weights: dict[int, tuple] = {}  # id(model) -> (dtype, {name: low-precision copy}, {name: param})
         self.captures = 0  # graphs captured / functions compiled so far (a test checks it stops growing)
         self.last_stats: dict[str, float] = {}
@@ -226,58 +263,78 @@ class StaticCacheSampler(Sampler):
     # ---------------------------------------------------------------------------------------
     def _slot(self, model, n, length, temperature, top_p, device, mode, dyn) -> _Slot:
         nb, lb = batch_bucket(n), -(-length // self.length_bucket) * self.length_bucket
+        store = self._store(model, nb, lb, device, dyn)
         autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         key = (id(model), nb, float(temperature), float(top_p), device, mode, autocast)
         slot = self._slots.get(key)
-        if slot is not None and slot.key_valid.shape[1] >= lb:
-            return slot  # a longer cache serves a shorter rollout: the positions beyond it stay masked
-        # one cache per key, grown to the longest rollout seen: the shorter one is dropped first
-        # (its memory, and its graph's, is freed), so a run whose prompt widths vary holds one
-        # full-size cache, not one per length bucket
-        self._slots.pop(key, None)
+        if slot is not None and slot.store is store:
+            return slot  # its views, and the graph captured on them, are still the cache's
         # the slot's tensors are written in place by every later rollout: made outside inference mode
         # (a standalone validate / test runs in it) they are normal tensors, which inference mode may
         # update too, while inference tensors could not be updated by a training rollout (no_grad)
         with torch.inference_mode(False):
-            slot = self._new_slot(model, nb, lb, device, dyn)
+            slot = self._new_slot(model, store, nb, device)
         self._slots[key] = slot
         return slot
 
-    def _new_slot(self, model, nb: int, lb: int, device: torch.device, dyn) -> _Slot:
-        from transformers import StaticCache
-
-        impl = getattr(model.config, "_attn_implementation", "sdpa")
-        if impl not in ("sdpa", "eager"):
-            raise ValueError(f"model.sampler StaticCacheSampler needs attn_implementation sdpa or eager, got {impl!r}")
+    def _store(self, model, nb: int, lb: int, device: torch.device, dyn) -> _Store:
+        """The model's one KV cache, grown when this rollout needs more rows, a longer length or
+        other dtypes than it has. A grown cache replaces the old one, and every slot built on the
+        old one is dropped with it: their views, and the graphs captured / compiled on them, read
+        the old addresses (a kept graph would decode in freed memory), so they are rebuilt, and
+        captured again, on the new cache the next time they serve a rollout."""
         layers = getattr(dyn, "layers", None)
         if layers is None:
             raise ValueError("model.sampler StaticCacheSampler needs transformers >= 5 (cache layers); "
                              "use lit_covrl.sampling.KVCacheSampler")
+        mkey = (id(model), device)
+        store = self._stores.get(mkey)
+        if store is not None and store.fits(nb, lb, layers):
+            return store
+        if store is not None:  # the old cache and its slots are freed before the new one is made
+            nb, lb = max(nb, store.rows), max(lb, store.length)
+            self._slots = {k: s for k, s in self._slots.items() if s.store is not store}
+            del self._stores[mkey], store
+            gc.collect()  # a slot is a reference cycle (its layers' update, its compiled step's closure)
+        with torch.inference_mode(False):
+            self._stores[mkey] = self._new_store(model, nb, lb, layers)
+        return self._stores[mkey]
+
+    def _new_store(self, model, nb: int, lb: int, layers) -> _Store:
+        impl = getattr(model.config, "_attn_implementation", "sdpa")
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(f"model.sampler StaticCacheSampler needs attn_implementation sdpa or eager, got {impl!r}")
         reason = static_cache_unsupported(model.config)
         if reason is not None:
             raise ValueError(f"model.sampler StaticCacheSampler cannot decode this model: {reason}; "
                              "use lit_covrl.sampling.KVCacheSampler")
+        # keys and values each in the dtype the dynamic cache holds them in, whatever a decoding
+        # step produces: under autocast the rotary embedding makes keys fp32 while values come
+        # out bf16, and transformers 5.17 (not 5.24) sizes a layer like its keys (its dynamic cache
+        # then holds fp32 values: torch.cat promotes). New states are cast on the way in (lossless).
+        return _Store(keys=[dl.keys.new_zeros((nb, dl.keys.shape[1], lb, dl.keys.shape[3])) for dl in layers],
+                      values=[dl.values.new_zeros((nb, dl.values.shape[1], lb, dl.values.shape[3])) for dl in layers])
+
+    def _new_slot(self, model, store: _Store, nb: int, device: torch.device) -> _Slot:
+        from transformers import StaticCache
+
+        lb = store.length
         cache = StaticCache(config=model.config, max_cache_len=lb)
-        if len(cache.layers) != len(layers):
+        if len(cache.layers) != len(store.keys):
             raise ValueError("model.sampler StaticCacheSampler: the model's cache layers differ from a static cache's")
-        for st, dl in zip(cache.layers, layers):
-            k, v = dl.keys, dl.values
-            st.lazy_initialization(k.new_empty((nb, *k.shape[1:])), v.new_empty((nb, *v.shape[1:])))
-            # keys and values each in the dtype the dynamic cache holds them in, whatever a decoding
-            # step produces: under autocast the rotary embedding makes keys fp32 while values come
-            # out bf16, and transformers 5.17 (not 5.24) sizes a layer like its keys (its dynamic cache
-            # then holds fp32 values: torch.cat promotes). New states are cast on the way in (lossless).
-            st.keys = k.new_zeros((nb, k.shape[1], lb, k.shape[3]))
-            st.values = v.new_zeros((nb, v.shape[1], lb, v.shape[3]))
+        for st, k, v in zip(cache.layers, store.keys, store.values):
+            st.lazy_initialization(k[:1, :, :1], v[:1, :, :1])  # sets the layer up (allocates one row)
+            # the slot's layer is the leading nb rows of the model's cache (a view: same addresses)
+            st.batch_size, st.keys, st.values = nb, k[:nb], v[:nb]
             torch._dynamo.mark_static_address(st.keys)
             torch._dynamo.mark_static_address(st.values)
             st.update = _casting_update(st)
         key_valid = torch.zeros(nb, lb, dtype=torch.bool, device=device)
-        if impl == "sdpa":
+        if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
             mask = key_valid[:, None, None, :]
         else:  # eager attention adds the mask to the scores
             mask = torch.zeros(nb, 1, 1, lb, dtype=torch.float32, device=device)
-        return _Slot(cache=cache, tok=torch.zeros(nb, 1, dtype=torch.long, device=device),
+        return _Slot(store=store, cache=cache, tok=torch.zeros(nb, 1, dtype=torch.long, device=device),
                      pos=torch.zeros(nb, 1, dtype=torch.long, device=device), key_valid=key_valid, mask=mask,
                      lengths=[st.cumulative_length for st in cache.layers], cache_kw=_cache_kwarg(type(model)))
 
