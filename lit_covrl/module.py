@@ -108,8 +108,8 @@ class GRPOModule(L.LightningModule):
                 batched reward gets this times its number of items.
             correct_threshold: a response counts as correct (accuracy, pass@k) if reward >= this
                 (its reward as scored, before an overlong penalty).
-            objective: the policy objective (`class_path`: lit_covrl.objectives.PPOClip, GSPO or
-                CISPO). null = PPOClip with the clip settings of `loss`, which must stay at their
+            objective: the policy objective (`class_path`: lit_covrl.objectives.PPOClip, GSPO,
+                CISPO or CEGPPO). null = PPOClip with the clip settings of `loss`, which must stay at their
                 defaults when an objective is given.
             sampler: the rollout and validation sampler (`class_path`: lit_covrl.sampling.KVCacheSampler
                 or StaticCacheSampler). null = the fastest measured for the device

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lit_covrl.algorithms import aggregate, ppo_clipped_tokens
-from lit_covrl.objectives import CISPO, GSPO, PPOClip
+from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
     AdaptiveEntropyBonus,
     ClipCov,
@@ -90,7 +90,8 @@ def _objectives(rows: slice) -> dict[str, torch.Tensor]:
     logp, old, adv, mask = (t[rows] for t in _batch())
     n_tok = distributed.all_sum(mask.sum())
     out = {}
-    for name, obj in (("ppo", PPOClip()), ("gspo", GSPO(clip_low=0.01, clip_high=0.01)), ("cispo", CISPO())):
+    for name, obj in (("ppo", PPOClip()), ("gspo", GSPO(clip_low=0.01, clip_high=0.01)), ("cispo", CISPO()),
+                      ("ce_gppo", CEGPPO(clip_low=0.02, clip_high=0.02, beta1=0.5, beta2=1.5))):
         z = logp.clone().requires_grad_(True)
         loss = aggregate(obj.token_loss(z, old, adv, mask), mask, "token-mean", num_tokens=n_tok)
         loss.backward()
@@ -134,6 +135,7 @@ def test_two_processes_select_what_one_process_selects(tmp_path):
     # coefficient's measured entropy and the advantage-shift metrics are global too
     whole = {**_entropy_controls(slice(0, N)), **_objectives(slice(0, N))}
     assert 0 < whole["gspo/metrics"][2] < 1  # GSPO clip_frac: some sequences clipped, some not
+    assert 0 < whole["ce_gppo/metrics"][2] < 1  # CE-GPPO clip_frac: some tokens outside the range, their gradient kept
     assert 0 < whole["high_entropy_tokens"].sum() < whole["steer"].numel()
     for key, value in whole.items():
         if value.dim() == 2:  # per-token decisions: the halves concatenate to the whole

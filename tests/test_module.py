@@ -9,7 +9,7 @@ import torch
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
 from lit_covrl.policy import load_policy
-from lit_covrl.objectives import CISPO, GSPO
+from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
     AdaptiveEntropyBonus,
     ClipCov,
@@ -147,6 +147,7 @@ INVARIANCE_CASES = {
     "entropy_controls": (_entropy_controls, None),
     "gspo+cov": (_covariance, lambda: GSPO(clip_low=0.05, clip_high=0.05)),
     "cispo+cov": (_covariance, lambda: CISPO()),
+    "ce_gppo+cov": (_covariance, lambda: CEGPPO(clip_low=0.05, clip_high=0.05, beta1=0.5, beta2=1.5)),
 }
 _REFERENCE: dict = {}
 
@@ -176,10 +177,28 @@ def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_
         assert 0 < ref_m["reg/w_reinforce/positive_frac"] < 1
     else:
         assert ref_m["reg/clip_cov/selected_frac"] > 0 and ref_m["reg/kl_cov/selected_frac"] > 0
+    if case == "ce_gppo+cov":  # tokens left the clip range on both sides: their kept gradients took part
+        assert ref_m["policy/clip_frac_low"] > 0 and ref_m["policy/clip_frac_high"] > 0
     moved = max((ref_w[k] - load).abs().max().item() for k, load in _initial(tiny_model_dir).items())
     assert moved > 1e-3
     for k in ref_w:
         torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-6)
+
+
+def test_ce_gppo_fit_moves_the_weights_and_is_ppo_clip_at_zero_betas(tiny_model_dir):
+    """A short fit (4 updates, one micro-batch each): CE-GPPO with beta1 = beta2 = 0 ends on
+    PPOClip's weights exactly; with betas the tokens outside the clip range push too, so the
+    weights move and differ from PPOClip's."""
+    clip = dict(clip_low=0.05, clip_high=0.05)
+    ppo_w, _ = _one_rl_step_weights(tiny_model_dir, 64, list, objective=PPOClip(**clip))
+    zero_w, _ = _one_rl_step_weights(tiny_model_dir, 64, list, objective=CEGPPO(beta1=0.0, beta2=0.0, **clip))
+    ce_w, m = _one_rl_step_weights(tiny_model_dir, 64, list, objective=CEGPPO(beta1=0.5, beta2=1.5, **clip))
+    assert m["policy/clip_frac"] > 0
+    for k in ppo_w:
+        assert torch.equal(zero_w[k], ppo_w[k]), k
+    start = _initial(tiny_model_dir)
+    assert max((ce_w[k] - start[k]).abs().max().item() for k in ce_w) > 1e-3
+    assert max((ce_w[k] - ppo_w[k]).abs().max().item() for k in ce_w) > 1e-4
 
 
 class _EntropyProbe(Regularizer):

@@ -1,4 +1,4 @@
-"""Policy objectives (PPOClip, GSPO, CISPO): hand-worked values, naive sequence-level oracles,
+"""Policy objectives (PPOClip, GSPO, CISPO, CE-GPPO): hand-worked values, naive oracles,
 the module's default and conflicting settings, and every objective with Clip-Cov and KL-Cov."""
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from lit_covrl.algorithms import aggregate, ppo_clipped_tokens, ppo_stats, ppo_token_loss
-from lit_covrl.objectives import CISPO, GSPO, PPOClip, resolve_objective
+from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip, resolve_objective
 from lit_covrl.settings import LossSettings
 from lit_covrl.regularizers import ClipCov, KLCov
 from lit_covrl.regularizers.base import MiniBatchContext
 from lit_covrl.types import PolicyBatch, TokenShaping
 
-OBJECTIVES = {"ppo": PPOClip(), "gspo": GSPO(), "cispo": CISPO()}
+OBJECTIVES = {"ppo": PPOClip(), "gspo": GSPO(), "cispo": CISPO(), "ce_gppo": CEGPPO()}
 
 
 def _rand(n=6, t=5, seed=0, scale=0.3):
@@ -103,6 +103,100 @@ def test_cispo_gradient_is_the_papers():
     torch.testing.assert_close(_grad(obj, logp, old, adv, mask), z.grad)
 
 
+# ---------------------------------------------------------------- CE-GPPO
+def test_ce_gppo_hand_worked():
+    # eps 0.2 / 0.2, beta1 0.5, beta2 0.75, dual-clip 3; value = PPO's, gradient d loss / d logp:
+    # inside:             r = e^0.1 = 1.1052, A = 1:  value -1.1052, gradient -1.1052 (PPO's)
+    # below, A < 0:       r = e^-0.5 = 0.6065 < 0.8, A = -2: value -0.8 A = 1.6,
+    #                     gradient -beta1 0.8 A = 0.8 (PPO: 0)
+    # above, A > 0:       r = e^0.5 = 1.6487 > 1.2, A = 2: value -1.2 A = -2.4,
+    #                     gradient -beta2 1.2 A = -1.8 (PPO: 0)
+    # below, A > 0:       r = 0.6065, A = 2: unclipped, value = gradient = -A r = -1.2131
+    # above, A < 0:       r = 1.6487, A = -1: unclipped, value = gradient = -A r = 1.6487
+    # dual-clip, A < 0:   r = e^1.5 = 4.48 > 3, A = -1: value -A c = 3, gradient 0
+    old = torch.zeros(1, 6, dtype=torch.float64)
+    logp = torch.tensor([[0.1, -0.5, 0.5, -0.5, 0.5, 1.5]], dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([[1.0, -2.0, 2.0, 2.0, -1.0, -1.0]], dtype=torch.float64)
+    mask = torch.ones(1, 6, dtype=torch.float64)
+    obj = CEGPPO(clip_low=0.2, clip_high=0.2, beta1=0.5, beta2=0.75, dual_clip=3.0)
+    loss = obj.token_loss(logp, old, adv, mask)
+    e = math.exp
+    assert loss.detach().flatten().tolist() == pytest.approx([-e(0.1), 1.6, -2.4, -2 * e(-0.5), e(0.5), 3.0])
+    loss.sum().backward()
+    assert logp.grad.flatten().tolist() == pytest.approx([-e(0.1), 0.8, -1.8, -2 * e(-0.5), e(0.5), 0.0])
+    assert obj.clipped_tokens(logp, old, adv, mask).tolist() == [[False] * 5 + [True]]  # the dual-capped one only
+    st = obj.stats(logp, old, adv, mask)
+    assert float(st["clip_frac_low"]) == pytest.approx(1 / 6) and float(st["clip_frac_high"]) == pytest.approx(1 / 6)
+    assert float(st["clip_frac"]) == pytest.approx(2 / 6)
+    # a side whose beta is 0 gives its clipped tokens no gradient, as PPO, and Clip-Cov skips them
+    assert CEGPPO(beta1=0.0, beta2=0.75, dual_clip=3.0).clipped_tokens(logp, old, adv, mask).tolist() == [
+        [False, True, False, False, False, True]]
+
+
+def _naive_ce_gppo(logp, old, adv, mask, eps_low, eps_high, beta1, beta2, dual_clip):
+    """The paper's per-token objective, token by token: -beta1 (1 - eps_low) r / sg(r) A below the
+    range with A < 0, -beta2 (1 + eps_high) r / sg(r) A above it with A > 0, -A r elsewhere;
+    dual-clip: max(., ...) capped at -A c for A < 0; token-mean."""
+    total, n = 0.0, 0
+    for i in range(logp.shape[0]):
+        for t in range(logp.shape[1]):
+            if not mask[i, t]:
+                continue
+            r, a = torch.exp(logp[i, t] - old[i, t]), adv[i]
+            if a < 0 and r < 1 - eps_low:
+                term = -beta1 * (1 - eps_low) * r / r.detach() * a
+            elif a > 0 and r > 1 + eps_high:
+                term = -beta2 * (1 + eps_high) * r / r.detach() * a
+            else:
+                term = -a * r
+            if a < 0:
+                term = torch.minimum(term, -a * dual_clip)
+            total, n = total + term, n + 1
+    return total / n
+
+
+def test_ce_gppo_gradient_is_the_papers():
+    logp, old, adv, mask = _rand(10, 6, seed=5, scale=0.6)
+    logp[0, 0] = old[0, 0] + 1.8  # r = 6 > c: a dual-capped token (the row's advantage is negative)
+    assert adv[0] < 0
+    obj = CEGPPO(clip_low=0.2, clip_high=0.28, beta1=0.5, beta2=1.3, dual_clip=4.0)
+    z = logp.clone().requires_grad_(True)
+    _naive_ce_gppo(z, old, adv, mask, 0.2, 0.28, 0.5, 1.3, 4.0).backward()
+    torch.testing.assert_close(_grad(obj, logp, old, adv, mask), z.grad)
+    r, a = torch.exp(logp - old), adv[:, None].expand_as(logp)
+    m = mask.bool()
+    for region in ((a < 0) & (r < 0.8), (a > 0) & (r > 1.28), (a > 0) & (r < 0.8), (a < 0) & (r > 1.28),
+                   (r > 0.8) & (r < 1.28), (a < 0) & (r > 4.0)):
+        assert (region & m).any()  # every case of the formula occurs
+
+
+def test_ce_gppo_with_zero_betas_is_ppo_clip():
+    logp, old, adv, mask = _rand(10, 6, seed=6, scale=0.6)
+    kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, logratio_clamp=0.5)  # the clamp acts too
+    ce, ppo = CEGPPO(beta1=0.0, beta2=0.0, **kw), PPOClip(**kw)
+    assert torch.equal(ce.token_loss(logp, old, adv, mask), ppo.token_loss(logp, old, adv, mask))
+    assert torch.equal(_grad(ce, logp, old, adv, mask), _grad(ppo, logp, old, adv, mask))
+    assert torch.equal(ce.clipped_tokens(logp, old, adv, mask), ppo.clipped_tokens(logp, old, adv, mask))
+    assert ce.stats(logp, old, adv, mask) == ppo.stats(logp, old, adv, mask)
+    # with betas the value stays PPO's; the gradient differs exactly on the tokens PPO clips
+    ce = CEGPPO(beta1=0.5, beta2=1.0, **kw)
+    assert torch.equal(ce.token_loss(logp, old, adv, mask), ppo.token_loss(logp, old, adv, mask))
+    differs = _grad(ce, logp, old, adv, mask) != _grad(ppo, logp, old, adv, mask)
+    outside = ppo_clipped_tokens(logp, old, adv, mask, clip_low=0.2, clip_high=0.28)  # clip only
+    assert outside.any() and torch.equal(differs, outside)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(beta1=-0.1), "CEGPPO.beta1"), (dict(beta2=float("nan")), "CEGPPO.beta2"),
+    (dict(beta2=float("inf")), "CEGPPO.beta2"), (dict(beta1="0.5"), "CEGPPO.beta1"),
+    (dict(dual_clip=1.0), "CEGPPO.dual_clip"), (dict(clip_low=-0.1), "CEGPPO.clip_low"),
+    (dict(logratio_clamp=0.0), "CEGPPO.logratio_clamp"),
+])
+def test_ce_gppo_refuses_bad_settings_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        CEGPPO(**kwargs)
+
+
 # ---------------------------------------------------------------- PPOClip and the module setting
 def test_ppo_clip_is_todays_loss():
     logp, old, adv, mask = _rand(seed=3)
@@ -140,13 +234,16 @@ def test_every_objective_composes_with_clip_cov_and_kl_cov(name):
     obj = OBJECTIVES[name] if name != "gspo" else GSPO(clip_low=0.05, clip_high=0.05)
     logp, old, adv, mask = _rand(10, 6, seed=4, scale=0.3)
     ctx = _ctx(obj, logp, old, adv, mask)
-    if name != "cispo":
+    if name not in ("cispo", "ce_gppo"):
         assert ctx.clipped.any()  # the objective zeroes some tokens: they must not be drawn
     clip, kl = ClipCov(ratio=0.2, lb=-1e9, ub=1e9, seed=0), KLCov(ratio=0.2, beta=0.5)
     clip.prepare(ctx)
     kl.prepare(ctx)
     assert clip.selected.any() and kl.selected.any()
     assert not (clip.selected & ctx.clipped).any()
+    if name == "ce_gppo":  # no token lacks a gradient: Clip-Cov also draws tokens outside PPO's clip range
+        ppo_clipped = ppo_clipped_tokens(logp, old, ctx.advantages, mask, clip_low=0.2, clip_high=0.2)
+        assert not ctx.clipped.any() and (clip.selected & ppo_clipped).any()
     z = logp.clone().requires_grad_(True)
     a = ctx.advantages
     batch = PolicyBatch(torch.arange(len(z)), z, old, a, mask)

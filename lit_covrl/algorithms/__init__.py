@@ -1,4 +1,4 @@
-"""Pure tensor math: advantages, PPO / GSPO / CISPO losses and aggregation, token covariance and
+"""Pure tensor math: advantages, PPO / GSPO / CISPO / CE-GPPO losses and aggregation, token covariance and
 selection, entropy controls, entropy and log-probs, KL estimators. No state, no config objects."""
 from lit_covrl.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
@@ -37,6 +37,8 @@ from lit_covrl.algorithms.losses import (
     ppo_token_loss,
 )
 from lit_covrl.algorithms.objectives import (
+    ce_gppo_clipped_tokens,
+    ce_gppo_token_loss,
     cispo_stats,
     cispo_token_loss,
     gspo_clipped_tokens,
@@ -53,6 +55,8 @@ __all__ = [
     "STEER_MAPPINGS",
     "adaptive_entropy_coef",
     "aggregate",
+    "ce_gppo_clipped_tokens",
+    "ce_gppo_token_loss",
     "cispo_stats",
     "cispo_token_loss",
     "clip_cov_select",

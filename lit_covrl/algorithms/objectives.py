@@ -19,7 +19,23 @@ detached importance ratio w_t = clamp(r_t, 1 - eps_low, 1 + eps_high):
 The paper writes it as -sg(w_t) A_t logp_t; we write loss_t = -sg(w_t) A_t exp(logp_t - sg(logp_t))
 (same gradient, and a value -w_t A_t comparable with PPO's surrogate -r_t A_t).
 
-Both clamp the log-ratio before exp (`logratio_clamp`, as `ppo_token_loss` does).
+CE-GPPO (Su et al. 2025, arXiv 2509.20712; GPPO of Klear-Reasoner, arXiv 2508.07629, is
+beta1 = beta2 = 1): PPO's clipped surrogate, but the tokens PPO clips keep a bounded gradient.
+With r_t the ratio and sg the stop-gradient, per token
+
+    A < 0 and r < 1 - eps_low:   grad loss_t = -beta1 (1 - eps_low)  A_t grad logp_t
+    A > 0 and r > 1 + eps_high:  grad loss_t = -beta2 (1 + eps_high) A_t grad logp_t
+    otherwise:                   PPO's (-A_t r_t, its gradient -A_t r_t grad logp_t)
+
+(the authors' code, Kwai-Klear/CE-GPPO, writes the loss -beta (1 -+ eps) r / sg(r) A on those
+tokens, whose gradient that is). We write loss_t = PPO's loss_t - A_t k_t (exp(logp_t - sg(logp_t)) - 1),
+k_t = beta1 (1 - eps_low) or beta2 (1 + eps_high) on those tokens, else 0: the value is PPO's
+clipped value (the reference's differs from it by a constant without gradient), so
+beta1 = beta2 = 0 is PPO. Dual-clip caps A < 0 tokens with r > c_dual as PPO does (the reference
+code applies it too).
+
+All clamp the log-ratio before exp (`logratio_clamp`, as `ppo_token_loss` does); the preserved
+gradient of CE-GPPO goes through logp itself, so a clipped token beyond the clamp keeps it.
 Shapes: N sequences, T response tokens; advantages [N] or [N, T]; 0 outside ``mask``.
 """
 from __future__ import annotations
@@ -28,9 +44,11 @@ import torch
 from torch import Tensor
 
 from lit_covrl.algorithms.advantages import per_token_advantages
-from lit_covrl.algorithms.losses import _clip_stats, _ratio, _surrogates, _token_logratio
+from lit_covrl.algorithms.losses import _clip_stats, _ratio, _surrogates, _token_logratio, ppo_clipped_tokens, ppo_token_loss
 
 __all__ = [
+    "ce_gppo_clipped_tokens",
+    "ce_gppo_token_loss",
     "cispo_stats",
     "cispo_token_loss",
     "gspo_clipped_tokens",
@@ -168,3 +186,63 @@ def cispo_stats(
     low = zero if clip_low is None else r < 1.0 - clip_low
     high = zero if clip_high is None else r > 1.0 + clip_high
     return _clip_stats(lr, low, high, low | high, mask, num_tokens, logp)
+
+
+def _ce_gppo_scale(ratio: Tensor, adv: Tensor, clip_low: float | None, clip_high: float | None,
+                   beta1: float, beta2: float) -> Tensor:
+    """k_t [N, T]: beta1 (1 - eps_low) where A < 0 and r < 1 - eps_low, beta2 (1 + eps_high) where
+    A > 0 and r > 1 + eps_high (the tokens PPO clips), 0 elsewhere."""
+    k = torch.zeros_like(ratio)
+    if clip_low is not None:
+        k = torch.where((ratio < 1.0 - clip_low) & (adv < 0), beta1 * (1.0 - clip_low), k)
+    if clip_high is not None:
+        k = torch.where((ratio > 1.0 + clip_high) & (adv > 0), beta2 * (1.0 + clip_high), k)
+    return k
+
+
+def ce_gppo_token_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float | None,
+    clip_high: float | None,
+    beta1: float,
+    beta2: float,
+    dual_clip: float | None = None,
+    logratio_clamp: float | None = 20.0,
+) -> Tensor:
+    """Per-token CE-GPPO loss [N, T] (0 outside mask): PPO's value; on the tokens PPO clips the
+    gradient -beta (1 -+ eps) A d logp instead of 0 (see the module docstring)."""
+    kw = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, logratio_clamp=logratio_clamp)
+    loss = ppo_token_loss(logp, old_logp, advantages, mask, **kw)  # dual-clip never caps a k > 0 token
+    adv = per_token_advantages(advantages, logp)
+    k = _ce_gppo_scale(_ratio(logp.detach(), old_logp, logratio_clamp), adv, clip_low, clip_high, beta1, beta2)
+    loss = loss - adv * k * (torch.exp(logp - logp.detach()) - 1.0)  # value + 0, gradient -k A
+    return torch.where(mask.bool(), loss, torch.zeros_like(loss))
+
+
+@torch.no_grad()
+def ce_gppo_clipped_tokens(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float | None,
+    clip_high: float | None,
+    beta1: float,
+    beta2: float,
+    dual_clip: float | None = None,
+    logratio_clamp: float | None = 20.0,
+) -> Tensor:
+    """BoolTensor [N, T]: valid tokens `ce_gppo_token_loss` gives zero gradient: PPO's (clipped
+    term active, dual-clip cap, log-ratio outside the clamp) less those whose gradient it
+    preserves (k_t > 0). With beta1, beta2 > 0 only dual-capped tokens and unclipped tokens
+    beyond the clamp remain."""
+    kw = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, logratio_clamp=logratio_clamp)
+    inert = ppo_clipped_tokens(logp, old_logp, advantages, mask, **kw)
+    adv = per_token_advantages(advantages, logp)
+    k = _ce_gppo_scale(_ratio(logp.detach(), old_logp, logratio_clamp), adv, clip_low, clip_high, beta1, beta2)
+    return inert & ~(k > 0)

@@ -105,7 +105,7 @@ def resolve_objective(objective: Objective | None, loss) -> Objective:
         return PPOClip(**clip)
     if not isinstance(objective, Objective):
         raise ValueError(f"model.objective={objective!r} is invalid: must be a lit_covrl.objectives.Objective "
-                         "(class_path: lit_covrl.objectives.PPOClip, GSPO or CISPO)")
+                         "(class_path: lit_covrl.objectives.PPOClip, GSPO, CISPO or CEGPPO)")
     defaults = type(loss)().clip_args()
     changed = [f"model.loss.{k}={v!r}" for k, v in clip.items() if v != defaults[k]]
     if changed:

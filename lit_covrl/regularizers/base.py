@@ -45,7 +45,8 @@ class MiniBatchContext:
     mask        [n, T]  response mask (float)
     clipped     [n, T]  bool: tokens whose gradient the policy objective already zeroes
                         (`Objective.clipped_tokens`: for PPOClip its clip range, dual-clip and
-                        log-ratio clamp; for GSPO whole clipped sequences; none for CISPO)
+                        log-ratio clamp; for GSPO whole clipped sequences; none for CISPO;
+                        for CEGPPO only dual-capped and clamped unclipped tokens)
     old_entropy [n, T] | None  rollout-policy entropy of the sampled distribution
     entropy     [n, T] | None  current-policy entropy (== old_entropy while on policy), when a
                         regularizer sets `needs_current_entropy`
