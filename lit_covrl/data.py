@@ -45,6 +45,7 @@ __all__ = ["PromptDataModule"]
 log = logging.getLogger("lit_covrl")
 
 UNENCODABLE = ("error", "skip")
+TASK_CHECK_SAMPLES = 16  # prompts of a task without held-out prompts that start-up checks
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -370,12 +371,18 @@ class PromptDataModule(L.LightningDataModule):
 
     def task_sample(self) -> list[Example]:
         """A synthetic task's held-out prompts (a sample of what it generates), each labelled with
-        the task's name, for start-up reports; [] for file and HF sources, and when the held-out
-        prompts come from val_files (they are then in `known_examples`)."""
+        the task's name, for start-up checks; without held-out prompts (val_size 0) a few prompts
+        drawn from a generator of their own (the train stream is untouched); [] for file and HF
+        sources, and when the held-out prompts come from val_files (they are in `known_examples`)."""
         if self.task is None or self._val_batches is None or self._val_read:
             return []
-        label = f"task {self.hparams.task!r}, held-out prompt"
-        return [dataclasses.replace(ex, source=f"{label} {i}") for i, ex in enumerate(self._val_examples, 1)]
+        if self._val_examples:
+            label, examples = "held-out prompt", self._val_examples
+        else:
+            rng = random.Random(f"lit_covrl:start-up check:{self.hparams.seed}")
+            label, examples = "sampled prompt", [self.task.sample(rng) for _ in range(TASK_CHECK_SAMPLES)]
+        task = f"task {self.hparams.task!r}"
+        return [dataclasses.replace(ex, source=f"{task}, {label} {i}") for i, ex in enumerate(examples, 1)]
 
     def reject_prompts(self, rejected: list[tuple[Example, str]]) -> None:
         """Prompts of `known_examples()` the tokenizer cannot represent, with the reason (from the

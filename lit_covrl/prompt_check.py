@@ -129,7 +129,7 @@ def check_datamodule_prompts(tokenizer, dm, *, chat_template: bool | None, max_p
     bad = find_unencodable(tokenizer, sample, chat_template=chat_template, max_prompt_length=max_prompt_length,
                            template_hint=hint)  # a task whose prompts are too long fails here, not at its first rollout
     if bad:
-        log.warning("%d of %d held-out prompts of the task encode to the tokenizer's unknown token or to nothing, "
+        log.warning("%d of %d checked prompts of the task encode to the tokenizer's unknown token or to nothing, "
                     "and its training prompts are generated alike (first: %s: %s)",
                     len(bad), len(sample), where(bad[0][0]), bad[0][1])
 

@@ -176,6 +176,11 @@ def resume_differences(checkpoint: dict[str, Any], module: Any, trainer: Any) ->
             saved_settings[key] = defaults[key]
         else:
             del now_settings[key]
+    # null resolved at run time (on in bf16): an older checkpoint's explicit value is compared with
+    # what null means in this run (False -> null in float32 changes nothing)
+    key = "model.update.recompute_logprobs"
+    if now_settings.get(key, False) is None and saved_settings.get(key) is not None and hasattr(module, "recompute_logprobs_on"):
+        now_settings[key] = module.recompute_logprobs_on
     if CKPT_KEY not in checkpoint:  # a checkpoint from before this check: compare settings only
         return differences(saved_settings, now_settings)
     saved = {**_flat_components(checkpoint[CKPT_KEY]), **saved_settings}

@@ -137,8 +137,8 @@ def test_a_task_the_tokenizer_cannot_represent_is_reported(tiny_model_dir, caplo
     data = PromptDataModule(task="word_problems", batch_size=2, val_size=6, val_batch_size=6)
     with caplog.at_level(logging.WARNING, logger="lit_covrl"):
         fit(make_module(tiny_model_dir, rollout=dict(max_new_tokens=2)), data, steps=1, limit_val_batches=0)
-    reports = [r.getMessage() for r in caplog.records if "held-out prompts of the task" in r.getMessage()]
-    assert len(reports) == 1 and reports[0].startswith("6 of 6 held-out prompts"), reports
+    reports = [r.getMessage() for r in caplog.records if "checked prompts of the task" in r.getMessage()]
+    assert len(reports) == 1 and reports[0].startswith("6 of 6 checked prompts"), reports
     assert "(first: task 'word_problems', held-out prompt 1: prompt " in reports[0], reports
 
 
@@ -178,7 +178,8 @@ def test_chat_template_without_one_fails_at_start_up_even_without_known_prompts(
 def test_a_task_whose_prompts_exceed_max_prompt_length_fails_at_start_up(tiny_model_dir):
     """A synthetic task's held-out sample is checked against max_prompt_length too: the mistake was
     found only at the first rollout (after loading the model), with a traceback."""
-    module = make_module(tiny_model_dir, rollout=dict(max_prompt_length=3))
-    module.training_step = lambda *a: pytest.fail("a rollout ran")
-    with pytest.raises(ValueError, match=r"task 'arithmetic', held-out prompt 1: prompt '.*' has \d+ tokens > max_prompt_length=3"):
-        fit(module, PromptDataModule(task="arithmetic", batch_size=2, val_size=4, seed=0), steps=1)
+    for val_size, label in ((4, "held-out prompt"), (0, "sampled prompt")):  # val_size 0: a sample of its own
+        module = make_module(tiny_model_dir, rollout=dict(max_prompt_length=3))
+        module.training_step = lambda *a: pytest.fail("a rollout ran")
+        with pytest.raises(ValueError, match=rf"task 'arithmetic', {label} 1: prompt '.*' has \d+ tokens > max_prompt_length=3"):
+            fit(module, PromptDataModule(task="arithmetic", batch_size=2, val_size=val_size, seed=0), steps=1)

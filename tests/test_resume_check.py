@@ -160,6 +160,19 @@ def test_a_setting_newer_than_the_checkpoint_is_not_called_a_change(tiny_model_d
     assert "model.rollout.sampling_batch_size: None -> 8" in text
 
 
+def test_an_older_explicit_recompute_setting_is_compared_with_what_null_means_here(tiny_model_dir, tmp_path, caplog):
+    """Checkpoints before recompute_logprobs defaulted to null saved False: resumed in float32
+    (null = off) nothing changes, and the warning said `False -> None`; resumed in bf16 it is on."""
+    ckpt = _checkpoint(tiny_model_dir, tmp_path)
+    old = torch.load(ckpt, weights_only=False)
+    old["hyper_parameters"]["update"]["recompute_logprobs"] = False
+    torch.save(old, ckpt)
+    assert "differ from the checkpoint" not in _resume(tiny_model_dir, tmp_path, ckpt, caplog)
+    old["hyper_parameters"]["update"]["recompute_logprobs"] = True
+    torch.save(old, ckpt)
+    assert "model.update.recompute_logprobs: True -> False" in _resume(tiny_model_dir, tmp_path, ckpt, caplog)
+
+
 def test_changed_optimizer_arguments_are_said_to_take_no_effect_and_saved_as_used(tiny_model_dir, tmp_path, caplog):
     """torch's load_state_dict replaces every hyperparameter of the param groups, not only lr: a
     weight_decay or betas changed for the resume was listed as 'take effect from now on' while the run
