@@ -146,16 +146,16 @@ def test_a_grown_cache_drops_and_recaptures_the_slots_built_on_the_old_one(model
 
     class FakeGraph:
         def __init__(self, sampler, model, slot, temperature, top_p):
-            self.sampler, self.key = sampler, (id(model), slot.tok.device)
+            self.sampler = sampler
             layers = slot.cache.layers  # what a real capture would read: the slot's views of the cache
             self.addresses = [st.keys.data_ptr() for st in layers] + [st.values.data_ptr() for st in layers]
             self.step = lambda: sampler._forward(model, slot, temperature, top_p)
             self.slot = slot
 
         def replay(self):
-            store = self.sampler._stores[self.key]
+            store = self.slot.store
+            assert any(s is store for s in self.sampler._stores.values()), "graph reads a freed cache"
             assert [t.data_ptr() for t in (*store.keys, *store.values)] == self.addresses, "graph reads a freed cache"
-            assert self.slot.store is store
             self.slot.outputs = self.step()
 
     def fake_capture(self, model, slot, temperature, top_p):
@@ -185,6 +185,22 @@ def test_a_grown_cache_drops_and_recaptures_the_slots_built_on_the_old_one(model
         assert freed == (i > 0), i  # a replaced cache is freed at once, not left to the garbage collector
     # 4 + 6 -> 16 positions; 14 + 6 -> 24; 8 and 64 rows share the 64-row cache (one slot each)
     assert shapes == [(8, 16, 1), (64, 16, 1), (64, 16, 2), (64, 24, 1), (64, 24, 2)]
+
+
+def test_alternating_autocast_keeps_a_cache_per_kv_dtype_instead_of_replacing_it(model):
+    """Rollouts alternating bf16 autocast on and off (fp32 keys with bf16 values, or fp32 both)
+    replaced the model's one cache at every switch, dropping its slots (to be captured again, after
+    a garbage collection) each time; each KV dtype keeps its cache and its slot."""
+    sampler = StaticCacheSampler(graphs="none", length_bucket=8)
+    kw = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD, temperature=1.0)
+    ids, mask = _prompts([4, 3], 4, seed=0)
+    for i in range(4):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=i % 2 == 1):
+            sampler.sample(model, ids, mask, generator=torch.Generator().manual_seed(i), **kw)
+        if i == 0:
+            first = weakref.ref(next(iter(sampler._stores.values())).keys[0])
+        assert len(sampler._stores) == len(sampler._slots) == min(i + 1, 2), i
+        assert first() is not None, i  # never replaced
 
 
 def test_static_cache_sampler_checks_the_finish_flag_every_k_steps(model):

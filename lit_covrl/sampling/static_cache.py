@@ -102,7 +102,8 @@ def batch_bucket(n: int) -> int:
 class _Store:
     """A model's KV cache: per layer keys and values [rows, kv_heads, length, head_dim], the largest
     batch bucket x the longest (bucketed) P + T seen. Every slot of the model decodes in its leading
-    rows, so the sampler holds one cache per model, not one per slot."""
+    rows, so the sampler holds one cache per model (and KV dtypes: rollouts with and without
+    autocast keep one each), not one per slot."""
 
     keys: list
     values: list
@@ -169,7 +170,7 @@ class StaticCacheSampler(Sampler):
         self.graphs, self.check_every, self.length_bucket, self.timing = graphs, check_every, length_bucket, timing
         self.cast_weights_once = cast_weights_once
         self._slots: dict[tuple, _Slot] = {}
-        self._stores: dict[tuple, _Store] = {}  # (id(model), device) -> its one KV cache, shared by its slots
+        self._stores: dict[tuple, _Store] = {}  # (id(model), device, KV dtypes) -> its KV cache, shared by its slots
         self._weights: dict[int, tuple] = {}  # id(model) -> (dtype, {name: low-precision copy}, {name: param})
         self.captures = 0  # graphs captured / functions compiled so far (a test checks it stops growing)
         self.last_stats: dict[str, float] = {}
@@ -278,8 +279,8 @@ class StaticCacheSampler(Sampler):
         return slot
 
     def _store(self, model, nb: int, lb: int, device: torch.device, dyn) -> _Store:
-        """The model's one KV cache, grown when this rollout needs more rows, a longer length or
-        other dtypes than it has. A grown cache replaces the old one, and every slot built on the
+        """The model's one KV cache (per KV dtypes), grown when this rollout needs more rows or a
+        longer length than it has. A grown cache replaces the old one, and every slot built on the
         old one is dropped with it: their views, and the graphs captured / compiled on them, read
         the old addresses (a kept graph would decode in freed memory), so they are rebuilt, and
         captured again, on the new cache the next time they serve a rollout."""
@@ -287,7 +288,9 @@ class StaticCacheSampler(Sampler):
         if layers is None:
             raise ValueError("model.sampler StaticCacheSampler needs transformers >= 5 (cache layers); "
                              "use lit_covrl.sampling.KVCacheSampler")
-        mkey = (id(model), device)
+        # one cache per model and KV dtypes: a rollout under autocast (fp32 keys, bf16 values) and one
+        # without (fp32 both) keep a cache each, instead of replacing each other at every switch
+        mkey = (id(model), device, tuple((dl.keys.dtype, dl.values.dtype) for dl in layers))
         store = self._stores.get(mkey)
         if store is not None and store.fits(nb, lb, layers):
             return store
