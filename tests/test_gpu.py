@@ -118,6 +118,33 @@ def test_static_cache_graph_replays_give_the_eager_tokens_without_recapture(tiny
     assert graphed.captures == 1 and len(graphed._slots) == 1
 
 
+@pytest.mark.parametrize("graphs,autocast", [("cuda_graph", False), ("cuda_graph", True), ("compile", True)])
+def test_static_cache_slots_share_one_cache_and_recapture_when_it_grows(tiny_model_dir, graphs, autocast):
+    """tests/test_sampling.py's sequence of calls on the GPU: 12 rows, 4 rows at another
+    temperature (a second slot on the cache), 24 rows and a wide prompt (the cache grows, every slot
+    on it is captured again), 12 rows (reused): each call draws what eager decoding draws (bitwise
+    for CUDA graphs), the captures follow SHARED_CACHE_CAPTURES and a replaced cache is freed."""
+    from lit_covrl.policy import load_policy, load_tokenizer
+    from lit_covrl.sampling import StaticCacheSampler
+    from tests.test_sampling import SHARED_CACHE_CAPTURES, run_shared_cache_calls
+
+    model, tok = load_policy(tiny_model_dir).cuda().eval(), load_tokenizer(tiny_model_dir)
+    graphed = StaticCacheSampler(graphs=graphs, check_every=4, length_bucket=32)
+    captures = []
+
+    def same(a, b, i):
+        T = a.response_mask.shape[1]
+        rows = (b.input_ids[:, : a.input_ids.shape[1]] == a.input_ids).all(1)
+        assert rows.all() if graphs == "cuda_graph" else rows.float().mean() >= 0.75, (i, rows)
+        tol = 2e-2 if autocast else 1e-3
+        torch.testing.assert_close(b.logp[rows, :T], a.logp[rows], atol=tol, rtol=tol)
+        captures.append(graphed.captures)
+
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        run_shared_cache_calls(model, graphed, "cuda", same, pad=tok.pad_token_id, eos=tok.eos_token_id, vocab=len(tok))
+    assert captures == SHARED_CACHE_CAPTURES
+
+
 def test_skip_padding_on_cuda_gives_the_untrimmed_logprobs(tiny_model_dir):
     """The learner's sorted, trimmed micro-batches on the GPU give the log-probs of one forward
     over the rollout's layout (fp32, to kernel rounding)."""

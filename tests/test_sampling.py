@@ -112,6 +112,50 @@ def _kv_storages(sampler: StaticCacheSampler) -> dict[int, int]:
             for layer in slot.cache.layers for t in (layer.keys, layer.values)}
 
 
+# (prompt lengths, group size, temperature): 12 rows; 4 rows at another temperature (a second slot
+# on the same cache); 24 rows (the cache grows: more rows); a wide prompt (it grows: longer); 12 rows
+SHARED_CACHE_CALLS = [([4, 3, 5], 4, 1.2), ([4], 4, 0.7), ([3, 4, 5, 4, 3, 2], 4, 1.2), ([26, 4, 3], 4, 1.2),
+                      ([4, 3, 5], 4, 1.2)]
+SHARED_CACHE_CAPTURES = [1, 2, 3, 4, 4]  # a new slot or a replaced cache captures; the last call reuses
+
+
+def run_shared_cache_calls(model, sampler, device, same_draws, *, pad: int, eos, vocab: int) -> None:
+    """SHARED_CACHE_CALLS through `sampler` and a fresh eager StaticCacheSampler from the same
+    generator state: `same_draws(a, b, i)` compares them; the sampler ends with one cache (the
+    replaced ones freed at once) and every slot on it. Shared by the CPU test below and the CUDA
+    one in tests/test_gpu.py (graphs cuda_graph / compile, where captures follow SHARED_CACHE_CAPTURES)."""
+    kw = dict(max_new_tokens=12, eos_token_id=eos, pad_token_id=pad)
+    old = None
+    for i, (lengths, group, temperature) in enumerate(SHARED_CACHE_CALLS):
+        g = torch.Generator().manual_seed(100 + i)
+        P = max(lengths)
+        ids, mask = torch.full((len(lengths), P), pad), torch.zeros((len(lengths), P), dtype=torch.long)
+        for r, n in enumerate(lengths):
+            ids[r, P - n:], mask[r, P - n:] = torch.randint(3, vocab, (n,), generator=g), 1
+        ids, mask = ids.repeat_interleave(group, 0).to(device), mask.repeat_interleave(group, 0).to(device)
+        gen = lambda: torch.Generator(device).manual_seed(i)  # noqa: E731
+        a = StaticCacheSampler(graphs="none", length_bucket=32).sample(model, ids, mask, generator=gen(),
+                                                                        temperature=temperature, **kw)
+        b = sampler.sample(model, ids, mask, generator=gen(), temperature=temperature, **kw)
+        same_draws(a, b, i)
+        (store,) = sampler._stores.values()
+        assert all(slot.store is store for slot in sampler._slots.values()), i
+        if old is not None and i in (2, 3):
+            assert old() is None, i  # the replaced cache is freed at once
+        old = weakref.ref(store.keys[0])
+
+
+def test_calls_of_every_size_share_one_cache_and_draw_what_a_fresh_sampler_draws(model):
+    def same(a, b, i):
+        assert torch.equal(a.input_ids, b.input_ids), i
+        torch.testing.assert_close(a.logp, b.logp, atol=1e-5, rtol=1e-5)
+
+    sampler = StaticCacheSampler(graphs="none", length_bucket=32)
+    run_shared_cache_calls(model, sampler, "cpu", same, pad=PAD, eos=EOS, vocab=24)
+    (store,) = sampler._stores.values()
+    assert (store.rows, store.length) == (32, 64) and len(sampler._slots) == 1
+
+
 def test_static_cache_is_one_cache_per_model_shared_by_batch_sizes_and_temperatures(model):
     """A training rollout of 64 rows, then validation batches of 32 rows at another temperature and
     top-p and a last one of 8: one cache of the 64-row size serves all three (each held its own
