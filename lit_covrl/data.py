@@ -380,7 +380,7 @@ class PromptDataModule(L.LightningDataModule):
             label, examples = "held-out prompt", self._val_examples
         else:
             rng = random.Random(f"lit_covrl:start-up check:{self.hparams.seed}")
-            label, examples = "sampled prompt", [self.task.sample(rng) for _ in range(TASK_CHECK_SAMPLES)]
+            label, examples = "sampled prompt", [self._with_system(self.task.sample(rng)) for _ in range(TASK_CHECK_SAMPLES)]
         task = f"task {self.hparams.task!r}"
         return [dataclasses.replace(ex, source=f"{task}, {label} {i}") for i, ex in enumerate(examples, 1)]
 

@@ -183,3 +183,20 @@ def test_a_task_whose_prompts_exceed_max_prompt_length_fails_at_start_up(tiny_mo
         module.training_step = lambda *a: pytest.fail("a rollout ran")
         with pytest.raises(ValueError, match=rf"task 'arithmetic', {label} 1: prompt '.*' has \d+ tokens > max_prompt_length=3"):
             fit(module, PromptDataModule(task="arithmetic", batch_size=2, val_size=val_size, seed=0), steps=1)
+
+
+def test_a_task_sample_without_held_out_prompts_carries_the_system_prompt():
+    """val_size 0: the prompts sampled for the start-up check are what training sends, the system
+    message included (it checked the bare task strings, which fit where the real prompts did not)."""
+    import string
+
+    from lit_covrl.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer("".join(c for c in string.printable if c not in "\t\n\r\x0b\x0c"))
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    data = PromptDataModule(task="arithmetic", batch_size=2, val_size=0, seed=0,
+                            system_prompt="You are a careful assistant. Answer with one number.")
+    data.setup("fit")
+    assert data.task_sample()[0].prompt[0] == {"role": "system", "content": data.hparams.system_prompt}
+    with pytest.raises(ValueError, match=r"task 'arithmetic', sampled prompt 1: prompt .* > max_prompt_length=40"):
+        check_datamodule_prompts(tok, data, chat_template=None, max_prompt_length=40)
