@@ -191,6 +191,7 @@ def test_ce_gppo_with_zero_betas_is_ppo_clip():
     (dict(beta2=float("inf")), "CEGPPO.beta2"), (dict(beta1="0.5"), "CEGPPO.beta1"),
     (dict(dual_clip=1.0), "CEGPPO.dual_clip"), (dict(clip_low=-0.1), "CEGPPO.clip_low"),
     (dict(logratio_clamp=0.0), "CEGPPO.logratio_clamp"),
+    (dict(beta1=2.0, dual_clip=1.5), "CEGPPO.beta1=2.0 with clip_low=0.2 and dual_clip=1.5"),  # the reference zeroes it
 ])
 def test_ce_gppo_refuses_bad_settings_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):

@@ -31,8 +31,9 @@ With r_t the ratio and sg the stop-gradient, per token
 tokens, whose gradient that is). We write loss_t = PPO's loss_t - A_t k_t (exp(logp_t - sg(logp_t)) - 1),
 k_t = beta1 (1 - eps_low) or beta2 (1 + eps_high) on those tokens, else 0: the value is PPO's
 clipped value (the reference's differs from it by a constant without gradient), so
-beta1 = beta2 = 0 is PPO. Dual-clip caps A < 0 tokens with r > c_dual as PPO does (the reference
-code applies it too).
+beta1 = beta2 = 0 is PPO. Dual-clip caps A < 0 tokens with r > c_dual as PPO does; the reference
+code caps its scaled value too, which zeroes the kept gradient when beta1 (1 - eps_low) >= c_dual,
+a combination `lit_covrl.objectives.CEGPPO` refuses (below it both agree).
 
 All clamp the log-ratio before exp (`logratio_clamp`, as `ppo_token_loss` does); the preserved
 gradient of CE-GPPO goes through logp itself, so a clipped token beyond the clamp keeps it.
@@ -216,7 +217,7 @@ def ce_gppo_token_loss(
     """Per-token CE-GPPO loss [N, T] (0 outside mask): PPO's value; on the tokens PPO clips the
     gradient -beta (1 -+ eps) A d logp instead of 0 (see the module docstring)."""
     kw = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, logratio_clamp=logratio_clamp)
-    loss = ppo_token_loss(logp, old_logp, advantages, mask, **kw)  # dual-clip never caps a k > 0 token
+    loss = ppo_token_loss(logp, old_logp, advantages, mask, **kw)  # dual-clip caps no k > 0 token while beta1 (1 - eps_low) < c
     adv = per_token_advantages(advantages, logp)
     k = _ce_gppo_scale(_ratio(logp.detach(), old_logp, logratio_clamp), adv, clip_low, clip_high, beta1, beta2)
     loss = loss - adv * k * (torch.exp(logp - logp.detach()) - 1.0)  # value + 0, gradient -k A

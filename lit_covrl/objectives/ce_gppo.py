@@ -52,6 +52,11 @@ class CEGPPO(Objective):
                 raise ValueError(f"CEGPPO.{field}={v!r} is invalid: must be a finite number >= 0")
         if dual_clip is not None and dual_clip <= 1:
             raise ValueError(f"CEGPPO.dual_clip={dual_clip!r} is invalid: must be > 1 or null")
+        if dual_clip is not None and clip_low is not None and beta1 * (1 - clip_low) >= dual_clip:
+            # the reference code caps the scaled value at -c A: its gradient would then be 0 there
+            raise ValueError(f"CEGPPO.beta1={beta1!r} with clip_low={clip_low!r} and dual_clip={dual_clip!r}: "
+                             "beta1 * (1 - clip_low) >= dual_clip, where the reference code's dual-clip removes the "
+                             "gradient beta1 keeps; lower beta1 or raise dual_clip")
         self.clip_low, self.clip_high = clip_low, clip_high
         self.beta1, self.beta2 = float(beta1), float(beta2)
         self.dual_clip, self.logratio_clamp = dual_clip, logratio_clamp
