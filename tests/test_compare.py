@@ -51,6 +51,11 @@ def test_every_named_method_has_a_config():
         assert m in compare.METHODS
     missing = [m for m in compare.METHODS if not compare.method_config(m, ROOT / "configs" / "quickstart.yaml").exists()]
     assert not missing
+    # the reasoning testbed has its own overlay of each (its scale), but for the CPU-only experiment
+    # with Clip-Cov's candidate window opened (gspo and cispo had none)
+    reasoning = ROOT / "configs" / "reasoning.yaml"
+    missing = [m for m in compare.METHODS if not compare.method_config(m, reasoning).exists()]
+    assert missing == ["clip_cov_lowlb"], missing
 
 
 def _compare_module():
