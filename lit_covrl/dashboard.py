@@ -105,9 +105,11 @@ def layout(regularizers: list[Regularizer]) -> dict[str, dict[str, list]]:
     return {c: charts for c, charts in out.items() if charts}
 
 
-def method_name(regularizer_names: list[str]) -> str:
-    """What ran: the regularizers' names joined by '+', or 'grpo' for plain GRPO."""
-    return "+".join(regularizer_names) or "grpo"
+def method_name(regularizer_names: list[str], objective: str | None = None, baseline_quantile=None) -> str:
+    """What ran: the objective's `run_name` (GSPO, CISPO, CE-GPPO), 'qae' for a quantile baseline
+    and the regularizers' names, joined by '+'; 'grpo' for plain GRPO."""
+    return "+".join([*([objective] if objective else []), *(["qae"] if baseline_quantile is not None else []),
+                     *regularizer_names]) or "grpo"
 
 
 def _describe(reg: Regularizer) -> str:
@@ -139,7 +141,8 @@ def run_hparams(trainer, pl_module) -> dict:
     group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
     objective = getattr(pl_module, "objective", None)
     out = {
-        "method": method_name([r.name for r in regs]),
+        "method": method_name([r.name for r in regs], getattr(objective, "run_name", None),
+                              _get(hp, "loss.baseline_quantile")),
         "regularizers": "; ".join(_describe(r) for r in regs) or "none",
         # the objective's clip range (model.loss.clip_* stay at their defaults when one is given)
         "objective": type(objective).__name__ if objective is not None else "none",
@@ -296,27 +299,37 @@ def _session_end(success: bool):
 
 
 # run naming (CLI) ------------------------------------------------------------------------------
-def _regularizer_name(callback) -> str | None:
-    """The metric name of a `trainer.callbacks` entry of a parsed config, if it is a Regularizer."""
-    class_path = getattr(callback, "class_path", None)
-    if class_path is None:
-        return callback.name if isinstance(callback, Regularizer) else None
-    module, _, attr = class_path.rpartition(".")
+def _config_class(entry) -> type | None:
+    """The class a parsed config entry names (`class_path`), or None (jsonargparse reports a bad one)."""
+    module, _, attr = str(getattr(entry, "class_path", None)).rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        return None  # jsonargparse reports a bad class_path itself
-    if not (isinstance(cls, type) and issubclass(cls, Regularizer)):
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return cls if isinstance(cls, type) else None
+
+
+def _regularizer_name(callback) -> str | None:
+    """The metric name of a `trainer.callbacks` entry of a parsed config, if it is a Regularizer."""
+    if getattr(callback, "class_path", None) is None:
+        return callback.name if isinstance(callback, Regularizer) else None
+    cls = _config_class(callback)
+    if cls is None or not issubclass(cls, Regularizer):
         return None
     init = getattr(callback, "init_args", None)
     return (init.get("name") if init is not None else None) or cls.default_name
 
 
-def default_version(config_files: list, callbacks: list, log_root: Path) -> str:
-    """`<method>-<config stems>-v<N>`: the regularizers' names (or 'grpo'), then the stems of
-    the config files not already named (quickstart + clip_cov.yaml -> clip_cov-quickstart), then
-    the first N >= 0 above every existing `<prefix>-v<M>` folder in log_root (never overwrites)."""
-    method = method_name([n for n in (_regularizer_name(cb) for cb in callbacks or []) if n])
+def default_version(config_files: list, callbacks: list, log_root: Path, model=None) -> str:
+    """`<method>-<config stems>-v<N>`: `method_name` of the parsed `model` config (objective,
+    quantile baseline) and callbacks (or 'grpo'), then the stems of the config files not already
+    named (quickstart + clip_cov.yaml -> clip_cov-quickstart), then the first N >= 0 above every
+    existing `<prefix>-v<M>` folder in log_root (never overwrites)."""
+    objective = _config_class(getattr(model, "objective", None)) if model is not None else None
+    loss = getattr(model, "loss", None) if model is not None else None
+    quantile = loss.get("baseline_quantile") if hasattr(loss, "get") else getattr(loss, "baseline_quantile", None)
+    method = method_name([n for n in (_regularizer_name(cb) for cb in callbacks or []) if n],
+                         getattr(objective, "run_name", None), quantile)
     parts = [method]
     for f in config_files or []:
         stem = Path(str(f)).stem
@@ -341,5 +354,5 @@ def name_run(cfg) -> str | None:
     if init.get("version") is not None:
         return None
     root = Path(str(init.get("save_dir"))) / str(init.get("name") or "")
-    init.version = default_version(cfg.get("config"), cfg.trainer.get("callbacks"), root)
+    init.version = default_version(cfg.get("config"), cfg.trainer.get("callbacks"), root, cfg.get("model"))
     return init.version

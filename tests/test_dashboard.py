@@ -192,6 +192,24 @@ def _cb(class_path, **init_args):
     return Namespace(class_path=class_path, init_args=Namespace(**init_args))
 
 
+def test_the_method_name_says_the_objective_and_a_quantile_baseline():
+    from lit_covrl.dashboard import method_name
+
+    assert method_name([]) == "grpo" and method_name(["clip_cov"]) == "clip_cov"
+    assert method_name([], "gspo") == "gspo" and method_name(["kl_cov"], "cispo", 0.4) == "cispo+qae+kl_cov"
+    assert method_name(["w_reinforce"], None, 0.4) == "qae+w_reinforce"
+    # the HPARAMS column of a module built with them
+    import types
+
+    from lit_covrl.dashboard import run_hparams
+    from lit_covrl.module import GRPOModule
+    from lit_covrl.objectives import CEGPPO
+
+    trainer = types.SimpleNamespace(callbacks=[], datamodule=None, optimizers=[], max_steps=1, world_size=1)
+    module = GRPOModule(objective=CEGPPO(), loss=dict(baseline_quantile=0.4))
+    assert run_hparams(trainer, module)["method"] == "ce_gppo+qae"
+
+
 def test_default_version_names_the_method_and_configs_and_never_reuses_a_folder(tmp_path):
     quick, clip = CONFIGS / "quickstart.yaml", CONFIGS / "cpu" / "clip_cov.yaml"
     clip_cb = _cb("lit_covrl.regularizers.ClipCov", name=None)
@@ -224,6 +242,10 @@ def test_cli_runs_are_named_by_method_and_an_explicit_version_is_kept(tmp_path):
     assert logger().version == "clip_cov-quickstart-v1"
     # tools/compare.py passes version "" (logs straight into <save_dir>/<method>-s<seed>)
     assert Path(logger("--trainer.logger.init_args.version", "").log_dir) == tmp_path / "clip_cov"
+    # an objective other than PPO and a quantile baseline are part of what ran (a CE-GPPO or QAE run
+    # set by flags was named grpo-quickstart-vN, beside plain GRPO's runs)
+    assert logger("--model.objective", "CEGPPO").version == "ce_gppo+clip_cov-quickstart-v0"
+    assert logger("--model.loss.baseline_quantile", "0.4").version == "qae+clip_cov-quickstart-v0"
 
 
 def test_cli_fit_writes_its_saved_config_as_the_config_text(tmp_path):

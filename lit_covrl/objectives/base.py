@@ -39,6 +39,8 @@ def check_clip(owner: str, clip_low: float | None, clip_high: float | None, logr
 class Objective:
     """Base class of policy objectives (see the module docstring)."""
 
+    run_name: str | None = None  # its part of a run's method name (`dashboard.method_name`); None: GRPO's
+
     def token_loss(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
         raise NotImplementedError
 

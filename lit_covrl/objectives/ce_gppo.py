@@ -28,6 +28,8 @@ from lit_covrl.objectives.base import Objective, check_clip
 class CEGPPO(Objective):
     """Gradient-preserving clipping: PPO's clip with bounded gradients on the clipped tokens."""
 
+    run_name = "ce_gppo"
+
     def __init__(
         self,
         clip_low: float | None = 0.2,

@@ -20,6 +20,8 @@ from lit_covrl.objectives.base import Objective, check_clip
 class CISPO(Objective):
     """Clipped IS-weight policy optimization."""
 
+    run_name = "cispo"
+
     def __init__(self, clip_low: float | None = None, clip_high: float | None = 0.28,
                  logratio_clamp: float | None = 20.0) -> None:
         """

@@ -17,6 +17,8 @@ from lit_covrl.objectives.base import Objective, check_clip
 class GSPO(Objective):
     """Sequence-level ratio and clipping."""
 
+    run_name = "gspo"
+
     def __init__(self, clip_low: float | None = 3e-4, clip_high: float | None = 4e-4,
                  logratio_clamp: float | None = 20.0) -> None:
         """
