@@ -201,19 +201,20 @@ def _class_of(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _class_sources(args: list[str]) -> list[tuple[int, str, str]]:
-    """(index of the argument to insert a reset before, key, class or "" for null) for each
-    `--config` file or flag that names a class of a CLASS_KEYS key, in order."""
+def _class_sources(args: list[str]) -> list[tuple[int, str, str, str]]:
+    """(index of the argument to insert a reset before, key, class or "" for null, the config
+    file naming it or "" for a flag) for each `--config` file or flag that names a class of a
+    CLASS_KEYS key, in order."""
     out = []
     for index, path in _config_paths(args):
         start = index if args[index].startswith(_CONFIG_EQ) else index - 1  # `--config PATH`: at `--config`
         model = _file_model(path)
         fields = [(key, key.removeprefix("model.")) for key in CLASS_KEYS]
-        out += [(start, key, _class_of(model[field])) for key, field in fields if field in model]
+        out += [(start, key, _class_of(model[field]), path) for key, field in fields if field in model]
     for i, arg in enumerate(args):
         key = _flag_key(arg).removesuffix(".class_path")
         if key in CLASS_KEYS and ("=" in arg or i + 1 < len(args)):
-            out.append((i, key, _class_of(arg.split("=", 1)[1] if "=" in arg else args[i + 1])))
+            out.append((i, key, _class_of(arg.split("=", 1)[1] if "=" in arg else args[i + 1]), ""))
     return sorted(source for source in out if source[2] is not None)
 
 
@@ -221,14 +222,19 @@ def reset_switched_classes(args: list[str]) -> list[str]:
     """A `--config` file or flag that switches `model.objective` or `model.sampler` to another
     class (`--config gspo.yaml --model.objective CISPO`) starts that class from its own
     defaults: `--KEY=null` is put before it. jsonargparse would otherwise carry the earlier
-    class's init_args over (CISPO with GSPO's clip range of 3e-4/4e-4)."""
-    current: dict[str, str] = {}
+    class's init_args over (CISPO with GSPO's clip range of 3e-4/4e-4). Two config files that
+    name different objectives do not stack (one loss is trained): a warning names both."""
+    current: dict[str, tuple[str, str]] = {}
     resets = []
-    for index, key, cls in _class_sources(args):
-        before = current.get(key)
+    for index, key, cls, path in _class_sources(args):
+        before, before_path = current.get(key, ("", ""))
         if before and cls and before.rpartition(".")[2] != cls.rpartition(".")[2]:
             resets.append((index, key))
-        current[key] = cls
+            if key == "model.objective" and path and before_path:
+                log.warning("--config %s sets %s %s over --config %s's %s: objectives do not stack, only %s is "
+                            "trained", path, key, cls.rpartition(".")[2], before_path, before.rpartition(".")[2],
+                            cls.rpartition(".")[2])
+        current[key] = (cls, path)
     for index, key in sorted(resets, reverse=True):
         args = [*args[:index], f"--{key}=null", *args[index:]]
     return args

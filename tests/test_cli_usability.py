@@ -269,15 +269,22 @@ def test_a_stacked_clip_cov_without_upper_bound_parses(tmp_path):
     ["--model.objective.class_path", "lit_covrl.objectives.CISPO"],
     ["--config", "CISPO_FILE"],
 ])
-def test_switching_the_objective_class_starts_from_its_defaults(switch, tmp_path):
-    """gspo.yaml's clip range (3e-4, 4e-4) belongs to GSPO: CISPO given after it gets its own defaults."""
+def test_switching_the_objective_class_starts_from_its_defaults(switch, tmp_path, caplog):
+    """gspo.yaml's clip range (3e-4, 4e-4) belongs to GSPO: CISPO given after it gets its own defaults.
+    Two config files naming objectives do not stack (one is trained): said, naming both files; a
+    flag is explicit and passes without a word."""
+    import logging
+
     from lit_covrl.objectives import CISPO
 
     cispo = tmp_path / "cispo.yaml"
     cispo.write_text("model:\n  objective:\n    class_path: lit_covrl.objectives.CISPO\n")
     switch = [str(cispo) if a == "CISPO_FILE" else a for a in switch]
-    objective = _cli(tmp_path, "--config", str(CONFIGS / "cpu" / "gspo.yaml"), *switch).model.objective
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        objective = _cli(tmp_path, "--config", str(CONFIGS / "cpu" / "gspo.yaml"), *switch).model.objective
     assert type(objective) is CISPO and vars(objective) == vars(CISPO())
+    said = "objectives do not stack, only CISPO is trained" in caplog.text
+    assert said == (switch[0] == "--config") and (not said or "gspo.yaml's GSPO" in caplog.text), caplog.text
 
 
 def test_init_args_of_the_same_objective_class_still_stack(tmp_path):
