@@ -11,7 +11,8 @@ cache growing by `torch.cat`, a host sync per token. Here:
   P + max_new_tokens rounded up to a multiple of `length_bucket`, so the same shapes (and the
   same captured graph) serve rollout after rollout; rows beyond N are dummies that attend to one
   key and are dropped;
-- the sampler holds one such cache per model: the largest batch bucket x the longest length seen.
+- the sampler holds one such cache per model (and KV dtypes: rollouts with and without autocast
+  keep one each): the largest batch bucket x the longest length seen.
   Each (batch bucket, temperature, top-p) -- the training rollout, a validation batch, its smaller
   last batch, a `sampling_batch_size` remainder -- gets a slot of its own (mask, positions, graph)
   whose cache is a view of the model cache's leading N_b rows; temperature and top-p act on the
