@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -24,7 +25,7 @@ from argparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar
 from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_covrl.checkpointing import AtomicCheckpoint
 from lit_covrl.cli_args import check_moved_keys, one_string_lists, reset_switched_classes, stack_config_callbacks
@@ -37,6 +38,36 @@ from lit_covrl.regularizers.base import Regularizer, check_stack
 from lit_covrl.sharding import check_checkpoint_strategy
 
 log = logging.getLogger("lit_covrl")
+
+
+_INTERPOLATION = re.compile(r"(?<!\\)\$\{")
+
+
+def escape_interpolations(value):
+    """`value` with every `${` in its strings written `\\${` (one already escaped is kept). Files are
+    read with omegaconf, which resolves `${...}` when a file is loaded, so a printed or saved config
+    holds resolved values; a `${` left in it came from the command line (`--data.system_prompt
+    'Cost is ${x}'`) and must stay literal when the file is read back, or that fails on a missing key."""
+    if isinstance(value, str):
+        return _INTERPOLATION.sub(r"\\${", value)
+    if isinstance(value, Namespace):
+        out = value.clone()
+        for key in value.keys():
+            out[key] = escape_interpolations(value[key])
+        return out
+    if isinstance(value, dict):
+        return {k: escape_interpolations(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(escape_interpolations(v) for v in value)
+    return value
+
+
+class _ArgumentParser(LightningArgumentParser):
+    """Lightning's parser whose dumps (`--print_config`, the run's config.yaml) read back to the
+    values they print (`escape_interpolations`)."""
+
+    def dump(self, cfg, *args, **kwargs) -> str:
+        return super().dump(escape_interpolations(cfg), *args, **kwargs)
 
 
 class LitCovRLCLI(LightningCLI):
@@ -212,6 +243,7 @@ def main(args: list[str] | None = None) -> None:
         LitCovRLCLI(
             GRPOModule,
             PromptDataModule,
+            parser_class=_ArgumentParser,
             parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": debug, "description": _DESCRIPTION},
             save_config_kwargs={"overwrite": True},
             args=args,

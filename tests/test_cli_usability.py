@@ -400,3 +400,24 @@ def test_a_saved_config_with_null_top_level_optimizer_keys_is_accepted(tmp_path)
     saved.write_text("optimizer: null\nlr_scheduler:\n  class_path: torch.optim.lr_scheduler.StepLR\n")
     with pytest.raises(ValueError, match="top-level `lr_scheduler:` is not read by lit-covrl"):
         check_moved_keys(["fit", "--config", str(saved)])
+
+
+def test_a_printed_config_reads_back_with_a_dollar_brace_string_from_the_command_line(tmp_path, capsys):
+    """Files are read with omegaconf, which resolves `${...}`; a command-line string holding `${`
+    was printed as given, and the printed file (or the run's config.yaml) then failed to load:
+    `Interpolation key 'x' not found`. Printed escaped, it reads back to the same config."""
+    from omegaconf import OmegaConf
+    import yaml
+
+    def printed(*args):
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", *args, "--print_config"])
+        out, err = capsys.readouterr()
+        assert exit_.value.code in (0, None), err
+        return out
+
+    first = printed("--config", str(QUICK), "--data.system_prompt", "Cost is ${x} dollars")
+    loaded = OmegaConf.to_container(OmegaConf.create(yaml.safe_load(first)), resolve=True)
+    assert loaded["data"]["system_prompt"] == "Cost is ${x} dollars"
+    (tmp_path / "printed.yaml").write_text(first)
+    assert printed("--config", str(tmp_path / "printed.yaml")) == first
