@@ -67,7 +67,7 @@ def test_estimators_match_loop_oracles():
 def test_zero_variance_group_gives_zero_not_nan():
     r = torch.tensor([1.0, 1.0, 0.0, 1.0])
     for name in ADVANTAGE_ESTIMATORS:
-        a = compute_advantages(r, 2, name)
+        a = compute_advantages(r, 2, name, **({"pass_k": 1} if name == "passk" else {}))
         assert torch.isfinite(a).all()
         assert a[:2].abs().max() == 0
 
@@ -125,7 +125,7 @@ def test_a_group_of_equal_non_binary_rewards_has_exactly_zero_advantage(value, g
     a group mean one ulp off and a std of rounding noise: GRPO divided the two into a same-signed
     advantage (-0.0074 for 8 x 0.1, +0.106 for 8 x 1.2) that trained the model on a constant reward."""
     r = torch.cat([torch.full((group_size,), value), torch.arange(group_size, dtype=torch.float32)])
-    for name in ADVANTAGE_ESTIMATORS:
+    for name in set(ADVANTAGE_ESTIMATORS) - {"passk"}:  # passk refuses rewards other than 0 / 1
         a = compute_advantages(r, group_size, name)
         assert a.dtype == torch.float32
         assert a[:group_size].abs().max() == 0, (name, a[:group_size])
@@ -172,3 +172,109 @@ def test_quantile_baseline_errors():
     for k in (0.0, 1.0, -0.1):
         with pytest.raises(ValueError, match=r"in \(0, 1\)"):
             compute_advantages(r, 2, "grpo", baseline_quantile=k)
+
+
+def _passk_subset_oracle(group: list[float], k: int, eps: float = 1e-6) -> list[float]:
+    """Pass@k advantages by brute force: every k-subset of the group scores its best reward; rho and
+    sigma are the mean and (population) std of those scores, and a response's advantage is the mean
+    of (score - rho) / (sigma + eps) over the subsets that hold it (float64 Python floats)."""
+    import itertools
+
+    subsets = list(itertools.combinations(range(len(group)), k))
+    score = {s: max(group[i] for i in s) for s in subsets}
+    rho = sum(score.values()) / len(subsets)
+    sigma = math.sqrt(sum((v - rho) ** 2 for v in score.values()) / len(subsets))
+    out = []
+    for i in range(len(group)):
+        held = [(score[s] - rho) / (sigma + eps) for s in subsets if i in s]
+        out.append(sum(held) / len(held))
+    return out
+
+
+def test_passk_hand_values():
+    """G = 4, k = 2 (C(4, 2) = 6 subsets, each failure is in C(3, 1) = 3 of them):
+    one success: 3 of the 6 subsets miss it, rho = 1/2, sigma = 1/2, A_pos = 1; a failure's 3
+    subsets hold the success in 1, so it scores 1/3 on average: A_neg = (1/3 - 1/2) / (1/2) = -1/3.
+    Two successes: 1 subset of 6 misses them, rho = 5/6, sigma = sqrt(5)/6, A_pos = (1/6) / sigma =
+    1/sqrt(5); a failure's subsets score 2/3: A_neg = (2/3 - 5/6) / sigma = -1/sqrt(5).
+    Three successes (1 failure < k): every subset passes, all 0; as all-0 and all-1 groups."""
+    r = torch.tensor([1, 0, 0, 0, 0, 1, 0, 1, 1, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.float64)
+    a = compute_advantages(r, 4, "passk", pass_k=2).view(5, 4)
+    eps, s5 = 1e-6, math.sqrt(5) / 6
+    want = torch.tensor([
+        [0.5 / (0.5 + eps), -(1 / 6) / (0.5 + eps), -(1 / 6) / (0.5 + eps), -(1 / 6) / (0.5 + eps)],
+        [-(1 / 6) / (s5 + eps), (1 / 6) / (s5 + eps), -(1 / 6) / (s5 + eps), (1 / 6) / (s5 + eps)],
+        [0.0] * 4, [0.0] * 4, [0.0] * 4,
+    ], dtype=torch.float64)
+    torch.testing.assert_close(a, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a[0], torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3], dtype=torch.float64), rtol=0, atol=1e-5)
+    assert a[2:].eq(0).all()  # exactly 0, not a rounding residue divided by eps
+
+
+@pytest.mark.parametrize("G", [2, 3, 5, 8])
+def test_passk_matches_a_brute_force_oracle_over_all_k_subsets(G):
+    """Every k in [1, G - 1] and every success count, responses in a random order."""
+    gen = torch.Generator().manual_seed(G)
+    for k in range(1, G):
+        groups = []
+        for c in range(G + 1):
+            groups.append([1.0] * c + [0.0] * (G - c))
+            groups[-1] = [groups[-1][j] for j in torch.randperm(G, generator=gen).tolist()]
+        r = torch.tensor([x for g in groups for x in g], dtype=torch.float64)
+        want = torch.tensor([x for g in groups for x in _passk_subset_oracle(g, k)], dtype=torch.float64)
+        got = compute_advantages(r, G, "passk", pass_k=k)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-9, msg=f"G={G} k={k}")
+
+
+def test_passk_is_grpo_times_a_per_group_weight_and_k1_is_population_std_grpo():
+    """Each subset is counted k times over its members, so a group's advantages sum to 0: with two
+    values they are r - mean times a weight of the success count. k = 1: the weight is
+    1 / population std, i.e. GRPO with std over G instead of G - 1."""
+    gen = torch.Generator().manual_seed(0)
+    G = 8
+    r = (torch.rand(64 * G, generator=gen) < 0.4).double()
+    for k in (1, 2, 4, 7):
+        a = compute_advantages(r, G, "passk", pass_k=k).view(-1, G)
+        torch.testing.assert_close(a.sum(dim=1), torch.zeros(64, dtype=torch.float64), rtol=0, atol=1e-12)
+    centered = r.view(-1, G) - r.view(-1, G).mean(dim=1, keepdim=True)
+    pop_std = r.view(-1, G).std(dim=1, unbiased=False, keepdim=True)
+    want = (centered / (pop_std + 1e-6)).reshape(-1)
+    torch.testing.assert_close(compute_advantages(r, G, "passk", pass_k=1), want, rtol=0, atol=1e-12)
+
+
+def test_passk_matches_the_reference_calc_adv_formula():
+    """The reference's per-group formula (RUCAIBox/Passk_Training code/passk_adv.py, restated
+    with Python's exact binomials), for G = 16 and k = 4, every success count."""
+    G, k = 16, 4
+    for c in range(G + 1):
+        rho = 1 - math.comb(G - c, k) / math.comb(G, k)
+        sigma = math.sqrt(rho * (1 - rho))
+        pos = (1 - rho) / (sigma + 1e-6)
+        neg = (1 - rho - (math.comb(G - c - 1, k - 1) if c < G else 0) / math.comb(G - 1, k - 1)) / (sigma + 1e-6)
+        r = torch.tensor([1.0] * c + [0.0] * (G - c), dtype=torch.float64)
+        want = torch.tensor([pos] * c + [neg] * (G - c), dtype=torch.float64)
+        torch.testing.assert_close(compute_advantages(r, G, "passk", pass_k=k), want, rtol=0, atol=1e-9)
+
+
+def test_passk_dtypes_and_errors():
+    r = torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.int64)
+    a = compute_advantages(r, 3, "passk", pass_k=2)
+    assert a.dtype == torch.float32  # integer rewards: float32, as every estimator
+    assert compute_advantages(r.float(), 3, "passk", pass_k=2).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"rewards in \{0, 1\}.*got 0\.5"):
+        compute_advantages(torch.tensor([1.0, 0.5, 0.0]), 3, "passk", pass_k=1)
+    with pytest.raises(ValueError, match=r"pass_k must be in \[1, group_size - 1\] = \[1, 2\].*got 3"):
+        compute_advantages(r, 3, "passk", pass_k=3)
+    for k in (0, -1):
+        with pytest.raises(ValueError, match=r"pass_k must be in"):
+            compute_advantages(r, 3, "passk", pass_k=k)
+    for k in (2.0, True):
+        with pytest.raises(ValueError, match=r"pass_k must be an integer"):
+            compute_advantages(r, 3, "passk", pass_k=k)
+    with pytest.raises(ValueError, match=r"estimator 'passk' \(which needs it\).*pass_k=None"):
+        compute_advantages(r, 3, "passk")
+    with pytest.raises(ValueError, match=r"pass_k=2 with 'grpo'"):
+        compute_advantages(r, 3, "grpo", pass_k=2)
+    with pytest.raises(ValueError, match=r"not 'passk'"):
+        compute_advantages(r, 3, "passk", pass_k=2, baseline_quantile=0.4)
+    assert min_group_size("passk") == 2

@@ -14,6 +14,16 @@ to prompt n // G, so ``rewards`` is a flat ``[B*G]`` tensor viewed as ``[B, G]``
   in place of the mean. With 0/1 rewards and success rate p it is a two-regime gate: on hard
   prompts (p <= 1 - K) the baseline is ~0 and only successes get an advantage, on easy ones it is
   ~1 and only failures do, which bounds the entropy change of a step from both sides.
+- Pass@k (Chen et al. 2025, "Pass@k Training", arXiv 2508.10751, analytical derivation): 0/1
+  rewards, a group of N with N_neg failures; a k-subset drawn without replacement scores its best
+  reward. Its expected score and the Bernoulli std of that score are
+      rho = 1 - C(N_neg, k) / C(N, k),     sigma = sqrt(rho (1 - rho)),
+  and each response gets the mean normalised score of the k-subsets holding it:
+      A_pos = (1 - rho) / (sigma + eps),
+      A_neg = (1 - rho - C(N_neg - 1, k - 1) / C(N - 1, k - 1)) / (sigma + eps)
+  (C(N_neg - 1, k - 1) / C(N - 1, k - 1): the share of a failure's k-subsets with no success).
+  k = 1 is GRPO with the population std (divide by N); a group with fewer than k failures (every
+  k-subset passes) gets advantage 0, so does k = N for every group.
 
 Difference from reference code: estimators are plain functions looked up in one dict whose error
 lists the valid names; group size 1 is rejected instead of silently producing 0 or NaN advantages.
@@ -30,6 +40,9 @@ __all__ = [
     "rloo_advantages",
     "ADVANTAGE_ESTIMATORS",
     "QUANTILE_ESTIMATORS",
+    "passk_advantages",
+    "check_pass_k",
+    "first_non_binary",
     "compute_advantages",
     "min_group_size",
     "zero_variance_groups",
@@ -101,6 +114,53 @@ def check_baseline_quantile(k: float | None) -> None:
         raise ValueError(f"baseline_quantile must be in (0, 1) or None (the mean), got {k}")
 
 
+def check_pass_k(k, group_size: int) -> None:
+    """ValueError unless k is an integer in [1, group_size - 1]: k = group_size makes every
+    k-subset the whole group, so every advantage is 0 (nothing is trained)."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"pass_k must be an integer, got {k!r}")
+    if not 1 <= k < group_size:
+        raise ValueError(f"pass_k must be in [1, group_size - 1] = [1, {group_size - 1}] (k = group_size "
+                         f"gives every advantage 0), got {k}")
+
+
+def first_non_binary(rewards: Tensor) -> float | None:
+    """The first reward that is neither 0 nor 1, or None when all are."""
+    bad = (rewards != 0) & (rewards != 1)
+    return float(rewards[bad][0]) if bool(bad.any()) else None
+
+
+def _passk_tables(group_size: int, k: int, device) -> tuple[Tensor, Tensor]:
+    """For every success count c = 0..G of a group of G: rho[c] = P(a random k-subset holds a
+    success) and miss[c] = P(a random k-subset holding a given failure holds no success), from
+    exact integer binomials (math.comb is 0 for k > n), so a ratio is correctly rounded."""
+    from math import comb
+
+    G = group_size
+    rho = [1 - comb(G - c, k) / comb(G, k) for c in range(G + 1)]
+    miss = [comb(G - c - 1, k - 1) / comb(G - 1, k - 1) if c < G else 0.0 for c in range(G + 1)]
+    as_t = lambda v: torch.tensor(v, dtype=torch.float64, device=device)  # noqa: E731
+    return as_t(rho), as_t(miss)
+
+
+def passk_advantages(rewards: Tensor, group_size: int, k: int, *, eps: float = 1e-6) -> Tensor:
+    """Pass@k Training's analytical advantages (Chen et al. 2025; module docstring).
+
+    rewards [B*G] in {0, 1} (ValueError otherwise) -> advantages [B*G] (rewards' float dtype;
+    float32 for integer rewards), computed in float64; 1 <= k < G (`check_pass_k`)."""
+    check_pass_k(k, group_size)
+    r = _groups(rewards, group_size)  # [B, G]
+    bad = first_non_binary(r)
+    if bad is not None:
+        raise ValueError(f"pass@k advantages need rewards in {{0, 1}} (a response is correct or not), got {bad:g}")
+    rho_of, miss_of = _passk_tables(group_size, k, r.device)
+    successes = r.sum(dim=1).long()  # [B]
+    rho, miss = rho_of[successes].unsqueeze(1), miss_of[successes].unsqueeze(1)  # [B, 1]
+    scale = (rho * (1 - rho)).sqrt() + eps
+    adv = torch.where(r == 1, (1 - rho) / scale, (1 - rho - miss) / scale)
+    return _zero_equal_groups(adv, r).reshape(-1).to(_out_dtype(rewards))
+
+
 def _grpo(rewards: Tensor, group_size: int, **kw) -> Tensor:
     return group_advantages(rewards, group_size, normalize_std=True, **kw)
 
@@ -113,10 +173,11 @@ ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
     "grpo": _grpo,
     "drgrpo": _drgrpo,
     "rloo": rloo_advantages,
+    "passk": passk_advantages,
 }
 QUANTILE_ESTIMATORS = ("grpo", "drgrpo")  # a baseline to replace; RLOO's is the others' mean by definition
 
-_MIN_GROUP_SIZE = {"grpo": 2, "drgrpo": 2, "rloo": 2}
+_MIN_GROUP_SIZE = {"grpo": 2, "drgrpo": 2, "rloo": 2, "passk": 2}
 
 
 def _check_name(estimator: str) -> None:
@@ -127,10 +188,19 @@ def _check_name(estimator: str) -> None:
 
 
 def compute_advantages(rewards: Tensor, group_size: int, estimator: str, *,
-                       baseline_quantile: float | None = None) -> Tensor:
+                       baseline_quantile: float | None = None, pass_k: int | None = None) -> Tensor:
     """Dispatch to ``ADVANTAGE_ESTIMATORS[estimator]``; unknown names raise a ValueError, as does a
-    ``baseline_quantile`` (QAE) for an estimator not in QUANTILE_ESTIMATORS."""
+    ``baseline_quantile`` (QAE) for an estimator not in QUANTILE_ESTIMATORS, and ``pass_k`` (the k
+    of "passk", which needs it) for any other estimator."""
     _check_name(estimator)
+    if (estimator == "passk") != (pass_k is not None):
+        raise ValueError(f"pass_k is the k of estimator 'passk' (which needs it), got pass_k={pass_k!r} "
+                         f"with {estimator!r}")
+    if estimator == "passk":
+        if baseline_quantile is not None:
+            raise ValueError(f"a baseline quantile replaces the group mean of {list(QUANTILE_ESTIMATORS)}, "
+                             "not 'passk'")
+        return passk_advantages(rewards, group_size, pass_k)
     if baseline_quantile is None:
         return ADVANTAGE_ESTIMATORS[estimator](rewards, group_size)
     if estimator not in QUANTILE_ESTIMATORS:
