@@ -311,7 +311,10 @@ class GRPOModule(L.LightningModule):
         cfg, G, timer, step = self.settings, self.settings.rollout.group_size, PhaseTimer(), self.global_step
         sampled, reward_stats = self._sample_batch(batch, timer)
         rollout, rewards = sampled.rollout, sampled.rewards
-        advantages = compute_advantages(rewards, G, cfg.loss.advantage, baseline_quantile=cfg.loss.baseline_quantile)
+        if cfg.loss.advantage == "passk":
+            guards.stop_on_non_binary_rewards(rewards, step=step, rank=self.global_rank, trainer=self._trainer)
+        advantages = compute_advantages(rewards, G, cfg.loss.advantage, baseline_quantile=cfg.loss.baseline_quantile,
+                                        pass_k=cfg.loss.pass_k)
         zero_var = zero_variance_groups(rewards, G)
         keep = ~zero_var if cfg.rollout.filter_groups else torch.ones_like(zero_var)
         if cfg.rollout.overlong == "mask":

@@ -98,9 +98,14 @@ class LossSettings:
     """model.loss: advantages and the default PPO-clip objective's loss.
 
     Args:
-        advantage: "grpo" (group mean/std), "drgrpo" (mean only) or "rloo".
+        advantage: "grpo" (group mean/std), "drgrpo" (mean only), "rloo" or "passk" (Pass@k
+            Training's analytical advantage, Chen et al. 2025: the expected pass@k of a random
+            k-subset of the group, for 0/1 rewards; `lit_covrl.algorithms.advantages`).
         baseline_quantile: K in (0, 1): the group's K-quantile replaces the mean of grpo / drgrpo
             (QAE, Wu et al. 2025; paper: 0.4); null = the mean.
+        pass_k: k of advantage "passk" (needed there, refused with any other), an integer in
+            [1, model.rollout.group_size - 1] (k = group size trains nothing); k = 1 is GRPO with
+            the population std. Rewards must be 0 or 1: the run stops at the first other value.
         clip_low: PPO lower clip epsilon (null = no lower clip).
         clip_high: PPO upper clip epsilon (null = no upper clip; 0.28 = DAPO clip-higher).
         dual_clip: dual-clip constant c > 1 for negative advantages (null = off).
@@ -113,6 +118,7 @@ class LossSettings:
 
     advantage: str = "grpo"
     baseline_quantile: float | None = None
+    pass_k: int | None = None
     clip_low: float | None = 0.2
     clip_high: float | None = 0.2
     dual_clip: float | None = None
@@ -130,6 +136,7 @@ class LossSettings:
             if self.advantage not in QUANTILE_ESTIMATORS:
                 _bad(f"{self.KEY}.baseline_quantile", self.baseline_quantile,
                      f"replaces the group mean of advantage {list(QUANTILE_ESTIMATORS)}, not {self.advantage!r}")
+        self._check_pass_k()
         if self.loss_agg_mode not in AGG_MODES:
             _bad(f"{self.KEY}.loss_agg_mode", self.loss_agg_mode, f"valid modes: {list(AGG_MODES)}")
         for name in ("clip_low", "clip_high"):
@@ -142,6 +149,18 @@ class LossSettings:
             _bad(f"{self.KEY}.dual_clip", self.dual_clip, "must be > 1 or null")
         if self.logratio_clamp is not None and self.logratio_clamp <= 0:
             _bad(f"{self.KEY}.logratio_clamp", self.logratio_clamp, "must be > 0 or null")
+
+    def _check_pass_k(self) -> None:
+        key, k = f"{self.KEY}.pass_k", self.pass_k
+        if self.advantage == "passk" and k is None:
+            _bad(key, k, f"{self.KEY}.advantage='passk' needs k, the size of the response subsets whose "
+                 "pass@k it trains (configs/cpu/passk.yaml: 4)")
+        if k is None:
+            return
+        if self.advantage != "passk":
+            _bad(key, k, f"is the k of {self.KEY}.advantage='passk', not of {self.advantage!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            _bad(key, k, "must be an integer >= 1")
 
     def clip_args(self) -> dict:
         """The default PPOClip objective's arguments."""
@@ -334,6 +353,12 @@ def check_module_settings(rollout: RolloutSettings, loss: LossSettings, reward_t
     if rollout.group_size < need:
         _bad(f"{RolloutSettings.KEY}.group_size", rollout.group_size,
              f"{LossSettings.KEY}.advantage={loss.advantage!r} needs >= {need}")
+    if loss.pass_k is not None and loss.pass_k >= rollout.group_size:
+        _bad(f"{LossSettings.KEY}.pass_k", loss.pass_k, f"must be < {RolloutSettings.KEY}.group_size="
+             f"{rollout.group_size} (k = the group size makes every k-subset the whole group: every advantage 0)")
+    if loss.advantage == "passk" and rollout.overlong == "penalize" and rollout.overlong_reward not in (0, 1):
+        _bad(f"{RolloutSettings.KEY}.overlong_reward", rollout.overlong_reward,
+             f"{LossSettings.KEY}.advantage='passk' needs rewards in {{0, 1}}: use 0.0 (a truncated response fails)")
     if reward_timeout_s is not None and reward_timeout_s <= 0:
         _bad("model.reward_timeout_s", reward_timeout_s, "must be > 0 or null")
 

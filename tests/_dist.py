@@ -39,6 +39,14 @@ class MarkedOnesReward:
         return completion.count("1") / max(len(completion), 1)
 
 
+class MarkedHasOneReward:
+    """1 if the completion holds a '1', else 0 (0 for CONSTANT prompts): a 0/1 reward, as
+    `model.loss.advantage: passk` needs."""
+
+    def __call__(self, completion: str, answer: str) -> float:
+        return 0.0 if answer == CONSTANT else float("1" in completion)
+
+
 class RankInvariantGenerator(RolloutGenerator):
     """A RolloutGenerator whose samples depend only on (prompt, RL step, weights), not on which rank
     holds the prompt or how many prompts a rank holds.

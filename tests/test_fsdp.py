@@ -13,7 +13,7 @@ the global Clip-Cov / KL-Cov selection, the loss with global denominators, the g
 scattered mean x world size), the weights, and every logged metric, which must be the global value
 (a token mean over all ranks, not rank 0's or a mean of rank means) and the same on both ranks.
 
-One spawn of 2 workers runs six short fits (module fixture):
+One spawn of 2 workers runs eight short fits (module fixture):
   A  4 steps, rollout_gather="once"           -> compared with 1 process, 4 steps
   B  2 steps, rollout_gather="per_forward", sharded checkpoint saved
   C  resume B to 4 steps                      -> compared with A on steps 3-4
@@ -25,6 +25,8 @@ One spawn of 2 workers runs six short fits (module fixture):
      -> compared with 1 process, 3 steps
   G  3 steps under DDP with 2 updates per rollout (mini_batch_size 1 prompt per rank)
      -> compared with 1 process with mini_batch_size 2, 3 steps
+  H  3 steps under DDP with Pass@k Training's advantage (pass_k 2) on a 0/1 reward, with Clip-Cov
+     and KL-Cov -> compared with 1 process, 3 steps
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ STEPS = 4
 F_STEPS = 3  # run F (entropy controls + GSPO) is shorter: it only adds coverage, not new strategy code
 # metrics that are not functions of the math (timings, throughput)
 NOT_COMPARED = ("time/", "rollout/tokens_per_s")
+PASSK = dict(reward=_dist.MarkedHasOneReward(), loss=dict(advantage="passk", pass_k=2))
 
 
 def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> None:
@@ -116,6 +119,12 @@ def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> Non
     _dist.trainer(F_STEPS, [rec, *_dist.regularizers()], 2, out / "g", strategy=ddp).fit(
         module, _dist.make_data(Path(prompts), _dist.B))
     res["G"] = rec.steps
+    rec = _dist.Recorder()  # H: DDP, Pass@k Training's advantage
+    module = _dist.make_module(model_dir, **PASSK)
+    ddp = DDPStrategy(process_group_backend="gloo")
+    _dist.trainer(F_STEPS, [rec, *_dist.regularizers()], 2, out / "h", strategy=ddp).fit(
+        module, _dist.make_data(Path(prompts), _dist.B))
+    res["H"] = rec.steps
     torch.save(res, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -167,6 +176,15 @@ def one_proc_minibatches(tiny_model_dir, two_procs):
     rec = _dist.Recorder()
     module = _dist.make_module(tiny_model_dir, update=dict(mini_batch_size=2))
     _dist.trainer(F_STEPS, [rec, *_dist.regularizers()], 1, out / "single_g").fit(module, _dist.make_data(prompts, 2 * _dist.B))
+    return rec.steps
+
+
+@pytest.fixture(scope="module")
+def one_proc_passk(tiny_model_dir, two_procs):
+    out, prompts, _ = two_procs
+    rec = _dist.Recorder()
+    module = _dist.make_module(tiny_model_dir, **PASSK)
+    _dist.trainer(F_STEPS, [rec, *_dist.regularizers()], 1, out / "single_h").fit(module, _dist.make_data(prompts, 2 * _dist.B))
     return rec.steps
 
 
@@ -234,6 +252,18 @@ def test_entropy_controls_and_gspo_match_one_process_trajectory(two_procs, one_p
     assert single[F_STEPS]["reg/adaptive_entropy/coef"] > single[1]["reg/adaptive_entropy/coef"]
     for r in ranks:
         _assert_same(r["F"], single, steps, rel=2e-3, abs_=1e-5)
+
+
+def test_pass_k_advantage_matches_one_process_trajectory(two_procs, one_proc_passk):
+    """model.loss.advantage: passk (each rank's groups are whole, and the 0/1 check of the rewards
+    is one collective decision) gives the same trajectory on 2 processes as on 1."""
+    _, _, ranks = two_procs
+    single = one_proc_passk
+    steps = range(1, F_STEPS + 1)
+    assert any(0 < single[s]["rollout/accuracy"] < 1 and single[s]["rollout/zero_var_group_frac"] < 1 for s in steps)
+    assert len({round(single[s]["policy/loss"], 6) for s in steps}) == F_STEPS  # it trained: a trajectory
+    for r in ranks:
+        _assert_same(r["H"], single, steps, rel=2e-3, abs_=1e-5)
 
 
 def test_metrics_are_global_not_rank_means(two_procs, one_proc):

@@ -325,6 +325,8 @@ def test_a_failing_reward_never_kills_the_run(tiny_model_dir, tmp_path):
         ("loss", "dual_clip", 0.5, r"model\.loss\.dual_clip=0\.5 is invalid: must be > 1"),
         ("loss", "logratio_clamp", 0.0, r"model\.loss\.logratio_clamp=0\.0 is invalid: must be > 0 or null"),
         ("loss", "baseline_quantile", 1.0, r"model\.loss\.baseline_quantile=1\.0 is invalid: must be in \(0, 1\)"),
+        ("loss", "advantage", "passk", r"model\.loss\.pass_k=None is invalid: model\.loss\.advantage='passk' needs k"),
+        ("loss", "pass_k", 2, r"model\.loss\.pass_k=2 is invalid: is the k of model\.loss\.advantage='passk', not of 'grpo'"),
         ("update", "micro_batch_size", 0, r"model\.update\.micro_batch_size=0 is invalid: must be >= 1"),
         ("update", "mini_batch_size", 0, r"model\.update\.mini_batch_size=0 is invalid: must be >= 1 or null"),
         ("update", "grad_clip", 0.0, r"model\.update\.grad_clip=0\.0 is invalid: must be > 0 or null"),
@@ -363,6 +365,72 @@ def test_a_quantile_baseline_trains_on_the_quantile_advantages_and_needs_a_mean_
         torch.testing.assert_close(advantages, want)
         moved |= not torch.allclose(want, group_advantages(rewards, 4))
     assert moved  # the quantile changed some step's advantages (the test sees a difference)
+
+
+class HasOneReward:
+    """1 if the completion holds a '1', else 0: a 0/1 reward a random model scores mixed groups on."""
+
+    def __call__(self, completion: str, answer: str) -> float:
+        return 1.0 if "1" in completion else 0.0
+
+
+@pytest.mark.parametrize(
+    "loss,rollout,message",
+    [
+        (dict(advantage="passk", pass_k=0), {}, r"model\.loss\.pass_k=0 is invalid: must be an integer >= 1"),
+        (dict(advantage="passk", pass_k=4), {}, r"model\.loss\.pass_k=4 is invalid: must be < model\.rollout\.group_size=4"),
+        (dict(advantage="passk", pass_k=2, baseline_quantile=0.4), {},
+         r"model\.loss\.baseline_quantile=0\.4 is invalid: .*not 'passk'"),
+        (dict(advantage="passk", pass_k=2), dict(overlong="penalize", overlong_reward=-1.0),
+         r"model\.rollout\.overlong_reward=-1\.0 is invalid: model\.loss\.advantage='passk' needs rewards in \{0, 1\}"),
+    ],
+)
+def test_bad_pass_k_settings_fail_at_construction_naming_the_field(tiny_model_dir, loss, rollout, message):
+    with pytest.raises(ValueError, match=message):
+        make_module(tiny_model_dir, reward=HasOneReward(), loss=loss, rollout=rollout)
+
+
+def test_pass_k_advantage_reaches_the_learner_and_a_non_binary_reward_stops_the_run(tiny_model_dir, monkeypatch):
+    """model.loss.advantage: passk trains on Pass@k Training's advantages (not GRPO's); a reward
+    other than 0 or 1 stops the run at its first step, naming the setting."""
+    import lit_covrl.module as module_mod
+    from lit_covrl.algorithms import group_advantages, passk_advantages
+
+    module = make_module(tiny_model_dir, reward=HasOneReward(), loss=dict(advantage="passk", pass_k=2))
+    module.configure_model()
+    rewards_seen, trained_on = [], []
+    real_advantages, real_update = module_mod.compute_advantages, module.learner.update
+    monkeypatch.setattr(module_mod, "compute_advantages",
+                        lambda r, *a, **kw: rewards_seen.append(r.clone()) or real_advantages(r, *a, **kw))
+    monkeypatch.setattr(module.learner, "update",
+                        lambda rollout, adv, *a, **kw: trained_on.append(adv.clone()) or real_update(rollout, adv, *a, **kw))
+    fit(module, make_data(), steps=3, limit_val_batches=0)
+    assert len(rewards_seen) == len(trained_on) == 3
+    moved = False
+    for rewards, advantages in zip(rewards_seen, trained_on):
+        want = passk_advantages(rewards, 4, 2)
+        torch.testing.assert_close(advantages, want)
+        moved |= not torch.allclose(want, group_advantages(rewards, 4))
+    assert moved  # some step's pass@k advantages differ from GRPO's (the test sees a difference)
+    module = make_module(tiny_model_dir, loss=dict(advantage="passk", pass_k=2))  # OnesReward: fractions
+    with pytest.raises(ValueError, match=r"model\.loss\.advantage='passk' needs rewards in \{0, 1\}.*RL step 0 scored"):
+        fit(module, make_data(), steps=1, limit_val_batches=0)
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+def test_pass_k_update_is_invariant_to_micro_batch_size(tiny_model_dir, micro):
+    """Pass@k Training's advantages with Clip-Cov and KL-Cov: the weights after 4 updates and the
+    policy/ and reg/ metrics are the same for micro-batches of 1, 3 or all 8 sequences."""
+    kw = dict(reward=HasOneReward(), loss=dict(advantage="passk", pass_k=2))
+    ref_w, ref_m = _one_rl_step_weights(tiny_model_dir, 64, _covariance, **kw)
+    w, m = _one_rl_step_weights(tiny_model_dir, micro, _covariance, **kw)
+    assert 0 < ref_m["rollout/accuracy"] < 1 and ref_m["rollout/zero_var_group_frac"] < 1  # mixed groups
+    for k in [k for k in ref_m if k.startswith(("policy/", "reg/")) and k != "policy/lr"]:
+        assert m[k] == pytest.approx(ref_m[k], rel=1e-5, abs=1e-6), k
+    moved = max((ref_w[k] - load).abs().max().item() for k, load in _initial(tiny_model_dir).items())
+    assert moved > 1e-3
+    for k in ref_w:
+        torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-6)
 
 
 def test_settings_groups_as_dicts_or_dataclasses(tiny_model_dir):

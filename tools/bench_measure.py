@@ -111,7 +111,9 @@ class OverheadProbe:
                 rollout = module.generate([e.prompt for e in examples], G, temperature=1.0,
                                           generator=torch.Generator().manual_seed(0))
                 rewards, _ = module.score(rollout.completions, [e.answer for e in examples for _ in range(G)])
-                adv = compute_advantages(rewards, G, module.settings.loss.advantage)
+                loss = module.settings.loss
+                adv = compute_advantages(rewards, G, loss.advantage, baseline_quantile=loss.baseline_quantile,
+                                         pass_k=loss.pass_k)
                 keep = torch.ones(len(adv), dtype=torch.bool)
                 opt = module.optimizers()
                 policy0 = copy.deepcopy(module.policy.state_dict())
