@@ -69,7 +69,8 @@ FINAL_METRICS = {
 # settings groups line up with later ones)
 MAIN_SETTINGS = {
     "model": "model", "seed": "seed", "group_size": "rollout.group_size", "temperature": "rollout.temperature",
-    "advantage": "loss.advantage", "baseline_quantile": "loss.baseline_quantile", "loss_agg_mode": "loss.loss_agg_mode",
+    "advantage": "loss.advantage", "baseline_quantile": "loss.baseline_quantile",
+    "pass_k": "loss.pass_k", "loss_agg_mode": "loss.loss_agg_mode",
     "mini_batch_size": "update.mini_batch_size", "ppo_epochs": "update.ppo_epochs",
     "max_new_tokens": "rollout.max_new_tokens", "filter_groups": "rollout.filter_groups",
     "overlong": "rollout.overlong",
@@ -105,11 +106,13 @@ def layout(regularizers: list[Regularizer]) -> dict[str, dict[str, list]]:
     return {c: charts for c, charts in out.items() if charts}
 
 
-def method_name(regularizer_names: list[str], objective: str | None = None, baseline_quantile=None) -> str:
-    """What ran: the objective's `run_name` (GSPO, CISPO, CE-GPPO), 'qae' for a quantile baseline
-    and the regularizers' names, joined by '+'; 'grpo' for plain GRPO."""
+def method_name(regularizer_names: list[str], objective: str | None = None, baseline_quantile=None,
+                advantage: str | None = None) -> str:
+    """What ran: the objective's `run_name` (GSPO, CISPO, CE-GPPO), 'qae' for a quantile baseline,
+    'passk' for Pass@k Training's advantage and the regularizers' names, joined by '+'; 'grpo' for
+    plain GRPO."""
     return "+".join([*([objective] if objective else []), *(["qae"] if baseline_quantile is not None else []),
-                     *regularizer_names]) or "grpo"
+                     *(["passk"] if advantage == "passk" else []), *regularizer_names]) or "grpo"
 
 
 def _describe(reg: Regularizer) -> str:
@@ -142,7 +145,7 @@ def run_hparams(trainer, pl_module) -> dict:
     objective = getattr(pl_module, "objective", None)
     out = {
         "method": method_name([r.name for r in regs], getattr(objective, "run_name", None),
-                              _get(hp, "loss.baseline_quantile")),
+                              _get(hp, "loss.baseline_quantile"), _get(hp, "loss.advantage")),
         "regularizers": "; ".join(_describe(r) for r in regs) or "none",
         # the objective's clip range (model.loss.clip_* stay at their defaults when one is given)
         "objective": type(objective).__name__ if objective is not None else "none",
@@ -322,14 +325,15 @@ def _regularizer_name(callback) -> str | None:
 
 def default_version(config_files: list, callbacks: list, log_root: Path, model=None) -> str:
     """`<method>-<config stems>-v<N>`: `method_name` of the parsed `model` config (objective,
-    quantile baseline) and callbacks (or 'grpo'), then the stems of the config files not already
+    quantile baseline, pass@k advantage) and callbacks (or 'grpo'), then the stems of the config files not already
     named (quickstart + clip_cov.yaml -> clip_cov-quickstart), then the first N >= 0 above every
     existing `<prefix>-v<M>` folder in log_root (never overwrites)."""
     objective = _config_class(getattr(model, "objective", None)) if model is not None else None
     loss = getattr(model, "loss", None) if model is not None else None
-    quantile = loss.get("baseline_quantile") if hasattr(loss, "get") else getattr(loss, "baseline_quantile", None)
+    quantile, advantage = (loss.get(k) if hasattr(loss, "get") else getattr(loss, k, None)
+                           for k in ("baseline_quantile", "advantage"))
     method = method_name([n for n in (_regularizer_name(cb) for cb in callbacks or []) if n],
-                         getattr(objective, "run_name", None), quantile)
+                         getattr(objective, "run_name", None), quantile, advantage)
     parts = [method]
     for f in config_files or []:
         stem = Path(str(f)).stem

@@ -198,6 +198,7 @@ def test_the_method_name_says_the_objective_and_a_quantile_baseline():
     assert method_name([]) == "grpo" and method_name(["clip_cov"]) == "clip_cov"
     assert method_name([], "gspo") == "gspo" and method_name(["kl_cov"], "cispo", 0.4) == "cispo+qae+kl_cov"
     assert method_name(["w_reinforce"], None, 0.4) == "qae+w_reinforce"
+    assert method_name(["clip_cov"], None, None, "passk") == "passk+clip_cov" and method_name([], None, None, "rloo") == "grpo"
     # the HPARAMS column of a module built with them
     import types
 
@@ -208,6 +209,8 @@ def test_the_method_name_says_the_objective_and_a_quantile_baseline():
     trainer = types.SimpleNamespace(callbacks=[], datamodule=None, optimizers=[], max_steps=1, world_size=1)
     module = GRPOModule(objective=CEGPPO(), loss=dict(baseline_quantile=0.4))
     assert run_hparams(trainer, module)["method"] == "ce_gppo+qae"
+    hp = run_hparams(trainer, GRPOModule(loss=dict(advantage="passk", pass_k=4)))
+    assert (hp["method"], hp["pass_k"], hp["advantage"]) == ("passk", 4, "passk")
 
 
 def test_default_version_names_the_method_and_configs_and_never_reuses_a_folder(tmp_path):
@@ -246,6 +249,7 @@ def test_cli_runs_are_named_by_method_and_an_explicit_version_is_kept(tmp_path):
     # set by flags was named grpo-quickstart-vN, beside plain GRPO's runs)
     assert logger("--model.objective", "CEGPPO").version == "ce_gppo+clip_cov-quickstart-v0"
     assert logger("--model.loss.baseline_quantile", "0.4").version == "qae+clip_cov-quickstart-v0"
+    assert logger("--model.loss.advantage", "passk", "--model.loss.pass_k", "4").version == "passk+clip_cov-quickstart-v0"
 
 
 def test_cli_fit_writes_its_saved_config_as_the_config_text(tmp_path):
