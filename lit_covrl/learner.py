@@ -149,6 +149,7 @@ class Learner:
             old_logp=mb.old_logp, advantages=mb.advantages, mask=mb.mask,
             clipped=self.objective.clipped_tokens(current, mb.old_logp, mb.advantages, mb.mask),
             old_entropy=mb.old_entropy, entropy=current_ent, zeroed=torch.zeros_like(mb.mask, dtype=torch.bool),
+            agg_mode=self.settings.loss.loss_agg_mode,
         )
         # those that read ctx.zeroed last (a stable sort: otherwise in callback order)
         for reg in sorted(self.regularizers, key=lambda r: r.reads_zeroed):

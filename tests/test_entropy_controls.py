@@ -9,6 +9,11 @@ import torch
 
 from lit_covrl.algorithms import (
     adaptive_entropy_coef,
+    aggregate,
+    entropic_alpha,
+    entropic_high_prob,
+    entropic_token_loss,
+    entropic_weights,
     entropy_advantage_shift,
     entropy_ratio_keep,
     high_entropy_mask,
@@ -19,6 +24,7 @@ from lit_covrl.algorithms import (
 )
 from lit_covrl.regularizers import (
     AdaptiveEntropyBonus,
+    EntroPIC,
     EntropyAdvantage,
     EntropyRatioClip,
     HighEntropyTokens,
@@ -282,3 +288,227 @@ def test_a_step_that_measured_nothing_logs_no_entropy():
         logged.append(reg.pop_metrics().get("reg/adaptive_entropy/measured_entropy"))
     assert logged == [pytest.approx(0.1), None, pytest.approx(0.3)]
     assert reg.coef == pytest.approx(1e-3)  # moved once (step 0's 0.1); step 2's measurement is pending
+
+
+# ---------------------------------------------------------------- EntroPIC
+def _entropic_state(alpha: float, integral: float = 0.0) -> dict:
+    """A controller that already applies `alpha` (as after a few measured steps)."""
+    return {"alpha": alpha, "integral": integral, "step": None, "sums": torch.zeros(2, dtype=torch.float64)}
+
+
+def _agg_over_high_loop(x, high, mask, mode, norm_length):
+    """The reference's agg_loss(x, loss_mask=high) written as loops over tokens (float64); for
+    seq-mean-token-sum-norm the denominator is the loss's own (the same for both terms)."""
+    n, t = x.shape
+    if mode == "token-mean":
+        num = sum(float(x[i, j]) for i in range(n) for j in range(t) if high[i, j])
+        cnt = sum(1 for i in range(n) for j in range(t) if high[i, j])
+        return num / cnt if cnt else 0.0
+    if mode == "seq-mean-token-sum-norm":
+        return sum(float(x[i, j]) for i in range(n) for j in range(t) if high[i, j]) / (n * norm_length)
+    per_row = []
+    for i in range(n):
+        vals = [float(x[i, j]) for j in range(t) if high[i, j]]
+        if vals:
+            per_row.append(sum(vals) / (len(vals) if mode == "seq-mean-token-mean" else 1))
+    return sum(per_row) / len(per_row) if per_row else 0.0
+
+
+def test_entropic_alpha_hand_worked():
+    kw = dict(kp=1.0, ki=0.01)
+    assert entropic_alpha(0.05, 0.0, **kw) == pytest.approx(0.05)  # P only
+    assert entropic_alpha(-0.2, -3.0, **kw) == pytest.approx(-0.23)  # P + I: -0.2 + 0.01 * -3
+    assert entropic_alpha(0.1, 5.0, kp=0.0, ki=0.1) == pytest.approx(0.5)  # I only
+    assert entropic_alpha(2.0, 0.0, **kw) == 1.0 and entropic_alpha(-0.5, -100.0, **kw) == -1.0  # clipped to [-1, 1]
+
+
+def test_entropic_high_prob_is_strictly_above_the_threshold_on_valid_tokens():
+    p = torch.tensor([[0.99, 0.9500001, 0.9499999, 0.3, 0.999]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    assert entropic_high_prob(p.log(), mask, threshold=0.95).tolist() == [[True, True, False, False, False]]
+
+
+def test_entropic_weights_hand_worked():
+    # 2 rows: row 0 has 3 valid tokens (2 high), row 1 4 valid (1 high); 7 valid, 3 high in all
+    high = torch.tensor([[1, 1, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.float64)
+    kw = dict(num_tokens=7, num_seqs=2, num_high=3, num_high_seqs=2)
+    assert entropic_weights(high, mask, "token-mean", **kw).tolist() == [[7 / 3, 7 / 3, 0, 0], [0, 7 / 3, 0, 0]]
+    assert entropic_weights(high, mask, "seq-mean-token-sum", **kw).tolist() == [[1, 1, 0, 0], [0, 1, 0, 0]]
+    # per row len / high: 3 / 2 and 4 / 1
+    assert entropic_weights(high, mask, "seq-mean-token-mean", **kw).tolist() == [[1.5, 1.5, 0, 0], [0, 4, 0, 0]]
+    assert entropic_weights(high, mask, "seq-mean-token-sum-norm", **kw).tolist() == high.double().tolist()
+    assert entropic_weights(high & False, mask, "token-mean", **{**kw, "num_high": 0}).sum() == 0
+    with pytest.raises(ValueError, match="aggregation mode"):
+        entropic_weights(high, mask, "token-sum", **kw)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_entropic_weights_aggregate_over_the_high_tokens_like_the_reference(mode):
+    """aggregate(c * x, mask, mode) with the loss's denominators equals x aggregated over the
+    high-probability tokens alone (a loop over tokens), rows without a high token included."""
+    logp, _, _, mask, _, _ = _rand(n=8, t=6, seed=11)
+    high = entropic_high_prob(logp, mask, threshold=0.3)
+    high[2] = False  # a row without a high token
+    assert 0 < high.sum() < mask.sum() and high.any(-1).sum() < len(mask)
+    x = torch.randn(mask.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    counts = dict(num_tokens=mask.sum(), num_seqs=len(mask), num_high=high.sum(), num_high_seqs=high.any(-1).sum())
+    c = entropic_weights(high, mask, mode, **counts)
+    got = aggregate(c * x, mask, mode, num_tokens=mask.sum(), num_seqs=len(mask), norm_length=6)
+    assert float(got) == pytest.approx(_agg_over_high_loop(x, high, mask, mode, 6), rel=1e-12)
+
+
+def test_entropic_token_loss_gradient_matches_a_token_loop():
+    """d/dlogp of -alpha c r |A| is -alpha c r |A| per token (r = exp(logp - old), unclipped)."""
+    logp, old, adv, mask, _, _ = _rand(seed=12)
+    logp = logp.clone().requires_grad_(True)
+    c = torch.rand(mask.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * mask
+    (g,) = torch.autograd.grad(entropic_token_loss(logp, old, adv, c, alpha=-0.3).sum(), logp)
+    n, t = mask.shape
+    for i in range(n):
+        for j in range(t):
+            expected = 0.3 * float(c[i, j]) * math.exp(float(logp[i, j].detach() - old[i, j])) * abs(float(adv[i, j]))
+            assert float(g[i, j]) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def _entropic_grad(reg, logp, old, adv, mask, mode="token-mean"):
+    """d(PPO-clip + the regularizer's terms, aggregated)/d logp, and the regularizer's shaping."""
+    logp = logp.clone().requires_grad_(True)
+    reg.prepare(MiniBatchContext(step=0, update=0, on_policy=False, logp=logp.detach(), old_logp=old, advantages=adv,
+                                 mask=mask, clipped=torch.zeros_like(mask, dtype=torch.bool), old_entropy=mask * 0.5,
+                                 agg_mode=mode))
+    shaping = reg.shape(PolicyBatch(torch.arange(len(mask)), logp, old, adv, mask))
+    base = ppo_token_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.2)
+    loss = aggregate(TokenShaping.combine([shaping], base), mask, mode, num_seqs=len(mask), norm_length=mask.shape[1])
+    (g,) = torch.autograd.grad(loss, logp)
+    return g, shaping
+
+
+def test_entropic_on_policy_reweights_high_probability_tokens_by_advantage_sign():
+    """On policy (ratio 1, nothing clipped) EntroPIC's gradient is the objective's with weight
+    1 + alpha c sign(A) on the tokens above the threshold (c = valid / high tokens) and 1 elsewhere:
+    alpha < 0 damps confident positive tokens and pushes confident negative ones harder."""
+    logp, _, adv, mask, _, _ = _rand(n=8, t=6, seed=13)
+    logp = logp / 4  # probabilities 0.47-1: some above 0.8, some below
+    reg = EntroPIC(target=0.1, threshold=0.8)
+    reg.load_state_dict(_entropic_state(-0.4))
+    g, _ = _entropic_grad(reg, logp, logp, adv, mask)
+    high = entropic_high_prob(logp, mask, threshold=0.8)
+    assert 0 < high.sum() < mask.sum() and (adv[high] > 0).any() and (adv[high] < 0).any()
+    w = torch.where(high, 1.0 - 0.4 * float(mask.sum() / high.sum()) * torch.sign(adv), torch.ones_like(adv))
+    (g_weighted,) = torch.autograd.grad(
+        aggregate(ppo_token_loss(z := logp.clone().requires_grad_(True), logp, adv, mask, clip_low=0.2, clip_high=0.2)
+                  * w, mask, "token-mean"), z)
+    torch.testing.assert_close(g, g_weighted)
+    g_base, _ = _entropic_grad(EntroPIC(), logp, logp, adv, mask)  # alpha 0 before any measurement
+    torch.testing.assert_close(g[~high], g_base[~high])
+    assert not torch.allclose(g[high], g_base[high])
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_entropic_off_policy_term_is_unclipped_as_the_reference(mode):
+    """Off policy the term is alpha * agg_high(-r |A|) with the unclipped ratio, as the reference
+    adds it: tokens the PPO clip zeroes keep EntroPIC's gradient. Checked against a loop."""
+    logp, old, adv, mask, _, _ = _rand(n=8, t=6, seed=14)
+    logp = logp / 4
+    old = logp + 0.4 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * mask
+    reg = EntroPIC(threshold=0.8)
+    reg.load_state_dict(_entropic_state(0.3))
+    g, shaping = _entropic_grad(reg, logp, old, adv, mask, mode)
+    g_base, _ = _entropic_grad(EntroPIC(threshold=0.8), logp, old, adv, mask, mode)
+    high = entropic_high_prob(logp, mask, threshold=0.8)
+    clipped = ppo_clipped_tokens(logp, old, adv, mask, clip_low=0.2, clip_high=0.2)
+    assert (high & clipped).any() and (high & ~clipped).any()
+    ratio = (logp - old).exp()
+    term = aggregate(shaping.penalty.detach(), mask, mode, num_seqs=len(mask))
+    assert float(term) == pytest.approx(0.3 * _agg_over_high_loop(-ratio * adv.abs(), high, mask, mode, 6), rel=1e-12)
+    n, t = mask.shape
+    rows_high = high.any(-1)
+    for i in range(n):
+        for j in range(t):
+            extra = 0.0
+            if high[i, j]:  # d/dlogp of alpha * (-r |A|) / (the high tokens' denominator)
+                denom = float(high.sum()) if mode == "token-mean" else float(rows_high.sum()) * float(high[i].sum())
+                extra = -0.3 * float(ratio[i, j]) * abs(float(adv[i, j])) / denom
+            assert float(g[i, j] - g_base[i, j]) == pytest.approx(extra, rel=1e-10, abs=1e-15), (i, j)
+
+
+def test_entropic_selects_by_the_current_policy_probability():
+    """The high-probability tokens are the current policy's (ctx.logp), as the reference's log_prob."""
+    logp, _, adv, mask, _, _ = _rand(seed=15)
+    current = logp / 4
+    reg = EntroPIC(threshold=0.8)
+    reg.prepare(MiniBatchContext(step=0, update=1, on_policy=False, logp=current, old_logp=logp, advantages=adv,
+                                 mask=mask, clipped=torch.zeros_like(mask, dtype=torch.bool), old_entropy=mask))
+    assert torch.equal(reg.weights > 0, entropic_high_prob(current, mask, threshold=0.8))
+    assert not torch.equal(reg.weights > 0, entropic_high_prob(logp, mask, threshold=0.8))
+
+
+def _entropic_run(reg, entropies, steps):
+    """prepare() of two mini-batches per step with constant rollout entropy `entropies[step]`;
+    returns the alpha applied at each step."""
+    logp, old, adv, mask, _, _ = _rand(seed=7)
+    applied = []
+    for step in steps:
+        for half in (slice(0, 3), slice(3, 6)):
+            e = torch.full_like(logp[half], entropies[step])
+            reg.prepare(_ctx(logp[half], old[half], adv[half], mask[half], e, e, step=step))
+        applied.append(reg.alpha)
+    return applied
+
+
+def test_entropic_controller_follows_the_measured_entropy():
+    """alpha of step k = clip(kp e_{k-1} + ki (e_0 + ... + e_{k-2}), -1, 1), e = H - target."""
+    reg = EntroPIC(target=0.5, kp=1.0, ki=0.1)
+    # e = -0.2, -0.2, +0.1, 0, +2.5: alpha 0 (nothing measured), -0.2, -0.2 - 0.02, 0.1 - 0.04, 0 - 0.03
+    assert _entropic_run(reg, [0.3, 0.3, 0.6, 0.5, 3.0, 0.5], range(6)) == pytest.approx(
+        [0.0, -0.2, -0.22, 0.06, -0.03, 1.0])  # the last: 2.5 - 0.03 clipped to 1
+    assert reg.integral == pytest.approx(2.2)  # errors up to step 4 (unclamped); step 5's pending
+
+
+def test_entropic_logs_its_own_steps_measurement():
+    reg = EntroPIC(target=0.5, kp=1.0, ki=0.1, threshold=0.5)
+    logged = []
+    for step, e in ((0, 0.3), (1, None), (2, 0.9)):  # step 1: every group filtered, nothing measured
+        if e is not None:
+            _entropic_run(reg, {step: e}, [step])
+        logged.append(reg.pop_metrics())
+    assert logged[0]["reg/entropic/measured_entropy"] == pytest.approx(0.3)
+    assert logged[0]["reg/entropic/error"] == pytest.approx(-0.2) and logged[0]["reg/entropic/integral"] == 0.0
+    assert logged[0]["reg/entropic/alpha"] == 0.0 and 0 < logged[0]["reg/entropic/high_frac"] < 1
+    assert logged[1] == {}
+    assert logged[2]["reg/entropic/alpha"] == pytest.approx(-0.2)  # from step 0's error
+    assert logged[2]["reg/entropic/error"] == pytest.approx(0.4) and logged[2]["reg/entropic/integral"] == pytest.approx(-0.2)
+    logp, old, adv, mask, _, _ = _rand(seed=7)
+    high = entropic_high_prob(logp, mask, threshold=0.5)
+    fracs = [float(high[h].sum() / mask[h].sum()) for h in (slice(0, 3), slice(3, 6))]  # a mean over the updates
+    assert logged[0]["reg/entropic/high_frac"] == pytest.approx(sum(fracs) / 2)
+
+
+def test_entropic_resumes_exactly():
+    entropies = [0.3, 0.7, 0.2, 0.2, 0.4, 0.9]
+    straight = EntroPIC(target=0.5, kp=1.0, ki=0.1)
+    full = _entropic_run(straight, entropies, range(6))
+    first = EntroPIC(target=0.5, kp=1.0, ki=0.1)
+    head = _entropic_run(first, entropies, range(3))
+    state = first.state_dict()  # a checkpoint between steps 2 and 3: step 2's measurement pending
+    resumed = EntroPIC(target=0.5, kp=1.0, ki=0.1)
+    resumed.load_state_dict(state)
+    tail = _entropic_run(resumed, entropies, range(3, 6))
+    assert head + tail == full and len(set(full)) > 3
+    assert resumed.integral == straight.integral
+    fresh = EntroPIC(target=0.5, kp=1.0, ki=0.1)  # without the state the resumed run would differ
+    assert _entropic_run(fresh, entropies, range(3, 6)) != tail
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(target=-0.1), r"EntroPIC.target=-0.1: must be a finite number >= 0"),
+    (dict(kp=float("nan")), r"EntroPIC.kp=nan"),
+    (dict(ki=float("inf")), r"EntroPIC.ki=inf"),
+    (dict(kp=0.0, ki=0.0), "both 0"),
+    (dict(threshold=1.0), r"EntroPIC.threshold=1.0: must be a probability in \(0, 1\)"),
+    (dict(threshold=0.0), r"EntroPIC.threshold=0.0"),
+])
+def test_entropic_settings_are_checked(kw, match):
+    with pytest.raises(ValueError, match=match):
+        EntroPIC(**kw)

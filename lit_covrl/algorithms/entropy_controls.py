@@ -23,6 +23,14 @@ logp_t the log-prob of the sampled token, A_t its advantage; N sequences, T resp
   Reinforcement", arXiv 2506.01347): weight lambda on the tokens of responses with A > 0 (positive
   sample reinforcement, which sharpens the policy), 1 on those with A < 0 (negative sample
   reinforcement, which spreads the removed mass over the other tokens by the model's prior).
+- entropic_alpha / entropic_high_prob / entropic_weights / entropic_token_loss (EntroPIC, Yang
+  et al. 2025, arXiv 2511.15248; github.com/yk7333/EntroPIC): a PI controller on the entropy
+  error e = H - H_target sets alpha = clip(K_p e + K_i sum of the earlier e, -1, 1), and the loss
+  gains alpha * agg_{p_t > 0.95}(-r_t |A_t|), aggregated like the objective but over the tokens
+  whose probability exceeds the threshold only (r_t = pi / pi_old). On those tokens the policy
+  gradient of a response with A > 0 weighs 1 + alpha x (the two denominators' ratio), that of a
+  response with A < 0 weighs 1 - alpha x (the same): entropy below the target (alpha < 0) damps the
+  sharpening of confident positive tokens and pushes harder on confident negative ones.
 """
 from __future__ import annotations
 
@@ -32,9 +40,14 @@ import torch
 from torch import Tensor
 
 from lit_covrl.algorithms.advantages import per_token_advantages
+from lit_covrl.algorithms.losses import AGG_MODES
 
 __all__ = [
     "adaptive_entropy_coef",
+    "entropic_alpha",
+    "entropic_high_prob",
+    "entropic_token_loss",
+    "entropic_weights",
     "entropy_advantage_shift",
     "entropy_ratio_keep",
     "high_entropy_mask",
@@ -153,3 +166,70 @@ def sample_sign_weights(advantages: Tensor, mask: Tensor, *, positive: float, ne
     adv = per_token_advantages(advantages, mask)
     w = torch.where(adv > 0, positive, torch.where(adv < 0, negative, 1.0)).to(mask.dtype)
     return w * mask
+
+
+ENTROPIC_ALPHA_LIMIT = 1.0  # |alpha| <= 1: the reference code's np.clip(control_alpha, -1.0, 1.0)
+ENTROPIC_LOGRATIO_CLAMP = 20.0  # the reference clamps log(pi / pi_old) to [-20, 20] before exp
+
+
+def entropic_alpha(error: float, integral: float, *, kp: float, ki: float) -> float:
+    """EntroPIC's control: clip(kp * error + ki * integral, -1, 1), where error = measured entropy
+    - target and integral = the sum of the errors measured before this one (the reference adds
+    the current error to its accumulator after computing alpha; the accumulator itself is not
+    clamped)."""
+    alpha = kp * error + ki * integral
+    return float(min(max(alpha, -ENTROPIC_ALPHA_LIMIT), ENTROPIC_ALPHA_LIMIT))
+
+
+@torch.no_grad()
+def entropic_high_prob(logp: Tensor, mask: Tensor, *, threshold: float) -> Tensor:
+    """BoolTensor [N, T]: valid tokens with log pi > log(threshold) (strict, as the reference)."""
+    return mask.bool() & (logp.detach().double() > math.log(threshold))
+
+
+@torch.no_grad()
+def entropic_weights(
+    high: Tensor,
+    mask: Tensor,
+    mode: str,
+    *,
+    num_tokens: float | Tensor,
+    num_seqs: float | Tensor,
+    num_high: float | Tensor,
+    num_high_seqs: float | Tensor,
+) -> Tensor:
+    """Weights c [N, T] (float64, 0 off `high`) such that aggregate(c * x, mask, mode, num_tokens,
+    num_seqs) equals x aggregated over the `high` tokens alone with the same mode, as the reference
+    code's agg_loss(x, loss_mask=prob_mask) does: it divides by the high tokens' own counts.
+
+    token-mean:              c = num_tokens / num_high
+    seq-mean-token-sum:      c = num_seqs / num_high_seqs    (rows with >= 1 high token)
+    seq-mean-token-mean:     c = (len_n / high_n) * num_seqs / num_high_seqs
+    seq-mean-token-sum-norm: c = 1                           (the same fixed denominator)
+
+    num_*: the counts of the whole mini-batch on all ranks (the loss's denominators); len_n,
+    high_n: row n's valid and high tokens. No high token -> all 0."""
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; valid: {list(AGG_MODES)}")
+    h = (high.bool() & mask.bool()).double()
+    if float(num_high) <= 0:
+        return torch.zeros_like(h)
+    if mode == "token-mean":
+        return h * (float(num_tokens) / float(num_high))
+    if mode == "seq-mean-token-sum-norm":
+        return h
+    per_seq = float(num_seqs) / max(float(num_high_seqs), 1.0)
+    if mode == "seq-mean-token-sum":
+        return h * per_seq
+    lengths = mask.bool().sum(-1, keepdim=True).double().clamp(min=1.0)
+    return h * (lengths / h.sum(-1, keepdim=True).clamp(min=1.0)) * per_seq
+
+
+def entropic_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: Tensor, *, alpha: float) -> Tensor:
+    """EntroPIC's added token loss [N, T]: -alpha * c_t * r_t * |A_t|, r_t = exp(clamp(logp - old,
+    -20, 20)) with the gradient of logp, c_t = `weights` (`entropic_weights`). Unclipped, as the
+    reference's term; its gradient on a token is -alpha c_t sign(A_t) times the policy gradient
+    r_t A_t grad log pi."""
+    adv = per_token_advantages(advantages, logp)
+    ratio = torch.exp((logp - old_logp.detach().to(logp.dtype)).clamp(-ENTROPIC_LOGRATIO_CLAMP, ENTROPIC_LOGRATIO_CLAMP))
+    return -alpha * weights.detach().to(logp.dtype) * ratio * adv.abs()

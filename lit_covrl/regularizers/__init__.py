@@ -2,6 +2,7 @@
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
 from lit_covrl.regularizers.covariance import ClipCov, KLCov
 from lit_covrl.regularizers.dense import EntropyBonus, ReferenceKL
+from lit_covrl.regularizers.entropic import EntroPIC
 from lit_covrl.regularizers.entropy_selection import EntropyRatioClip, HighEntropyTokens, SteerWeights
 from lit_covrl.regularizers.entropy_shaping import AdaptiveEntropyBonus, EntropyAdvantage
 from lit_covrl.regularizers.sample_weights import WeightedReinforce
@@ -10,6 +11,7 @@ from lit_covrl.regularizers.schedules import SCHEDULES, Schedule
 __all__ = [
     "AdaptiveEntropyBonus",
     "ClipCov",
+    "EntroPIC",
     "EntropyAdvantage",
     "EntropyBonus",
     "EntropyRatioClip",

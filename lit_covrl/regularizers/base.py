@@ -53,6 +53,8 @@ class MiniBatchContext:
     zeroed      [n, T] | None  bool: tokens whose objective weight an earlier regularizer of this
                         mini-batch set to 0 (`Regularizer.zeroed_tokens`); the learner prepares
                         the regularizers that read it (`reads_zeroed`) after all the others
+    agg_mode    the loss's aggregation (`model.loss.loss_agg_mode`), for a regularizer whose term
+                must divide by counts of its own (EntroPIC: the high-probability tokens')
     """
 
     step: int
@@ -66,6 +68,7 @@ class MiniBatchContext:
     old_entropy: Tensor | None = None
     entropy: Tensor | None = None
     zeroed: Tensor | None = None
+    agg_mode: str = "token-mean"
     _cov: Tensor | None = field(default=None, repr=False)
 
     def covariance(self) -> Tensor:
