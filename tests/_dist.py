@@ -139,12 +139,15 @@ def entropy_controls():
     """Every entropy control of the literature stacked, with Clip-Cov (whose candidates follow
     the objective's clipped tokens); settings that make each act on the tiny model."""
     from lit_covrl.regularizers import (
-        AdaptiveEntropyBonus, EntropyAdvantage, EntropyRatioClip, HighEntropyTokens, SteerWeights, WeightedReinforce,
+        AdaptiveEntropyBonus, EntroPIC, EntropyAdvantage, EntropyRatioClip, HighEntropyTokens, SteerWeights,
+        WeightedReinforce,
     )
 
+    entropic = EntroPIC(target=50.0, kp=0.01, ki=0.01, threshold=0.05)  # acts from step 1 (alpha ~ -0.5)
     return [HighEntropyTokens(top_frac=0.5), EntropyRatioClip(low=1e-3, high=1e-3), SteerWeights(),
             AdaptiveEntropyBonus(target=50.0, delta=0.01, init_coef=0.02, max_coef=0.1), EntropyAdvantage(),
-            WeightedReinforce(positive_weight=0.5, negative_weight=1.5), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)]
+            WeightedReinforce(positive_weight=0.5, negative_weight=1.5), entropic,
+            ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)]
 
 
 def gspo():

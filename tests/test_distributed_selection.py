@@ -1,6 +1,7 @@
 """Mini-batch-wide decisions are global: 2 gloo processes holding half the mini-batch each select
 exactly the tokens that 1 process holding all of it selects (Clip-Cov, KL-Cov and the entropy
-controls: 80/20 quantile, STEER weights, entropy-ratio clip, adaptive bonus, entropy advantage),
+controls: 80/20 quantile, STEER weights, entropy-ratio clip, adaptive bonus, entropy advantage,
+EntroPIC),
 and each objective's loss, metrics and gradient add up across ranks to the single-process ones."""
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
     AdaptiveEntropyBonus,
     ClipCov,
+    EntroPIC,
     EntropyAdvantage,
     EntropyRatioClip,
     HighEntropyTokens,
@@ -70,6 +72,14 @@ def _entropy_controls(rows: slice) -> dict[str, torch.Tensor]:
         ctx = MiniBatchContext(step, 1, False, logp, old, adv, mask, clipped, old_ent * (0.5 + step * 0.4), ent)
         adaptive.prepare(ctx)
     out["adaptive_coef"] = torch.tensor([adaptive.coef, adaptive.coef_now])
+    entropic = EntroPIC(target=1.0, kp=0.5, ki=0.1, threshold=0.5)
+    for step in range(3):  # alpha follows the entropy of all ranks' tokens; the term divides by global counts
+        ctx = MiniBatchContext(step, 1, False, logp, old, adv, mask, clipped, old_ent * (0.5 + step * 0.4), ent,
+                               agg_mode="seq-mean-token-mean")
+        entropic.prepare(ctx)
+    out["entropic_penalty"] = entropic.shape(PolicyBatch(torch.arange(len(mask)), logp, old, adv, mask)).penalty
+    out["entropic_state"] = torch.tensor([entropic.alpha, entropic.integral])
+    out.update({k: torch.tensor(v) for k, v in entropic.pop_metrics().items()})
     ctx = MiniBatchContext(0, 1, False, logp, old, adv, mask, clipped, old_ent, ent)
     for reg in (HighEntropyTokens(top_frac=0.3), SteerWeights(), EntropyRatioClip(), WeightedReinforce()):
         reg.prepare(ctx)
@@ -137,6 +147,8 @@ def test_two_processes_select_what_one_process_selects(tmp_path):
     assert 0 < whole["gspo/metrics"][2] < 1  # GSPO clip_frac: some sequences clipped, some not
     assert 0 < whole["ce_gppo/metrics"][2] < 1  # CE-GPPO clip_frac: some tokens outside the range, their gradient kept
     assert 0 < whole["high_entropy_tokens"].sum() < whole["steer"].numel()
+    assert whole["entropic_state"][0] != 0 and 0 < whole["reg/entropic/high_frac"] < 1
+    assert (whole["entropic_penalty"] != 0).any()
     for key, value in whole.items():
         if value.dim() == 2:  # per-token decisions: the halves concatenate to the whole
             torch.testing.assert_close(torch.cat([p["entropy"][key] for p in parts]), value, msg=key)

@@ -250,6 +250,8 @@ def test_entropy_controls_and_gspo_match_one_process_trajectory(two_procs, one_p
     assert all(single[s]["reg/clip_cov/selected_frac"] > 0 for s in steps)
     assert any(0 < single[s]["reg/w_reinforce/positive_frac"] < 1 for s in steps)
     assert single[F_STEPS]["reg/adaptive_entropy/coef"] > single[1]["reg/adaptive_entropy/coef"]
+    assert single[F_STEPS]["reg/entropic/alpha"] < 0 and single[F_STEPS]["reg/entropic/loss"] != 0
+    assert any(0 < single[s]["reg/entropic/high_frac"] < 1 for s in steps)
     for r in ranks:
         _assert_same(r["F"], single, steps, rel=2e-3, abs_=1e-5)
 

@@ -13,6 +13,7 @@ from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
     AdaptiveEntropyBonus,
     ClipCov,
+    EntroPIC,
     EntropyAdvantage,
     EntropyBonus,
     EntropyRatioClip,
@@ -131,12 +132,21 @@ def test_update_is_invariant_to_micro_batch_size(tiny_model_dir, micro):
         torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-6)
 
 
+def _entropic(alpha: float = -0.3, **kw) -> EntroPIC:
+    """EntroPIC already applying `alpha` (as after some measured steps: a fresh one applies 0 in
+    its first RL step); threshold 0.05 puts most, not all, of the tiny model's tokens above it."""
+    reg = EntroPIC(**{"target": 50.0, "kp": 0.01, "ki": 0.01, "threshold": 0.05, **kw})
+    reg.load_state_dict({"alpha": alpha, "integral": 0.0, "step": None, "sums": torch.zeros(2, dtype=torch.float64)})
+    return reg
+
+
 def _entropy_controls():
     # stacked: two selections (weights multiply), STEER's weights, a bonus whose coefficient
-    # adapts (a target far above the entropy keeps it on and growing), an advantage shift
+    # adapts (a target far above the entropy keeps it on and growing), an advantage shift,
+    # EntroPIC's term on the high-probability tokens
     return [HighEntropyTokens(top_frac=0.5), EntropyRatioClip(low=0.02, high=0.02), SteerWeights(),
             AdaptiveEntropyBonus(target=50.0, delta=0.01, init_coef=0.02, max_coef=0.1), EntropyAdvantage(),
-            WeightedReinforce(positive_weight=0.5, negative_weight=1.5)]
+            WeightedReinforce(positive_weight=0.5, negative_weight=1.5), _entropic()]
 
 
 def _covariance():
@@ -175,6 +185,7 @@ def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_
         assert ref_m["reg/steer/weight_mean"] != 1.0 and ref_m["reg/adaptive_entropy/coef"] > 0
         assert ref_m["reg/entropy_advantage/shift_mean"] > 0 and ref_m["reg/entropy_advantage/loss"] != 0
         assert 0 < ref_m["reg/w_reinforce/positive_frac"] < 1
+        assert 0 < ref_m["reg/entropic/high_frac"] < 1 and ref_m["reg/entropic/loss"] != 0
     else:
         assert ref_m["reg/clip_cov/selected_frac"] > 0 and ref_m["reg/kl_cov/selected_frac"] > 0
     if case == "ce_gppo+cov":  # tokens left the clip range on both sides: their kept gradients took part
@@ -562,6 +573,76 @@ def test_adaptive_entropy_measures_the_tokens_trained_on(tiny_model_dir, tmp_pat
     measured = [v for _, v in tags["reg/adaptive_entropy/measured_entropy"]]
     assert measured == pytest.approx(kept, rel=1e-6) and measured != pytest.approx(every, rel=1e-6)
     assert [v for _, v in tags["policy/entropy"]] == pytest.approx(every, rel=1e-6)
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+def test_entropic_under_seq_mean_token_mean_is_invariant_to_micro_batch_size(tiny_model_dir, micro):
+    """EntroPIC's term divides by the high-probability tokens' own counts (per row and the rows
+    holding one, for seq-mean-token-mean): taken over the whole mini-batch, the weights after 4
+    updates and its metrics are the same for micro-batches of 1, 3 or all 8 sequences."""
+    kw = dict(loss=dict(loss_agg_mode="seq-mean-token-mean"))
+    if "entropic/seq" not in _REFERENCE:
+        _REFERENCE["entropic/seq"] = _one_rl_step_weights(tiny_model_dir, 64, lambda: [_entropic(alpha=0.5)], **kw)
+    ref_w, ref_m = _REFERENCE["entropic/seq"]
+    w, m = _one_rl_step_weights(tiny_model_dir, micro, lambda: [_entropic(alpha=0.5)], **kw)
+    assert 0 < ref_m["reg/entropic/high_frac"] < 1 and ref_m["reg/entropic/loss"] != 0
+    for k in [k for k in ref_m if k.startswith(("policy/", "reg/")) and k != "policy/lr"]:
+        assert m[k] == pytest.approx(ref_m[k], rel=1e-5, abs=1e-6), k
+    for k in ref_w:
+        torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-6)
+
+
+def test_regularizers_see_the_loss_aggregation(tiny_model_dir):
+    """MiniBatchContext.agg_mode is the run's model.loss.loss_agg_mode (EntroPIC divides by the
+    high-probability tokens' counts of that mode; the default token-mean would be wrong silently)."""
+    seen = []
+
+    class Spy(Regularizer):
+        def prepare(self, ctx):
+            seen.append(ctx.agg_mode)
+
+        def shape(self, batch):
+            return TokenShaping()
+
+    fit(make_module(tiny_model_dir, loss=dict(loss_agg_mode="seq-mean-token-sum")), make_data(), steps=1,
+        callbacks=[Spy()], limit_val_batches=0)
+    assert seen and set(seen) == {"seq-mean-token-sum"}
+
+
+def test_entropic_fit_moves_alpha_by_the_measured_entropy(tiny_model_dir, tmp_path):
+    """Through the module: step 0 runs with alpha 0 (nothing measured yet, no term); from step 1
+    alpha = clip(kp e + ki integral) of the previous step's logged error and integral, e = the
+    step's token-mean rollout entropy (policy/entropy: no group is filtered here) - target, and
+    the term acts (reg/entropic/loss != 0)."""
+    reg = EntroPIC(target=50.0, kp=0.001, ki=0.002, threshold=0.05)
+    fit(make_module(tiny_model_dir), make_data(), steps=3, log_dir=tmp_path, limit_val_batches=0, callbacks=[reg])
+    tags = {k: [v for _, v in series] for k, series in scalar_tags(tmp_path).items()}
+    alpha, error, integral = (tags[f"reg/entropic/{k}"] for k in ("alpha", "error", "integral"))
+    assert tags["reg/entropic/measured_entropy"] == pytest.approx(tags["policy/entropy"], rel=1e-6)
+    assert error == pytest.approx([h - 50.0 for h in tags["policy/entropy"]], rel=1e-6)
+    assert integral == pytest.approx([0.0, error[0], error[0] + error[1]], rel=1e-6)
+    assert alpha == pytest.approx([0.0, *(0.001 * e + 0.002 * i for e, i in zip(error[:2], integral[:2]))], rel=1e-5)
+    assert alpha[2] < alpha[1] < 0  # entropy far below the target: more negative each step
+    assert tags["reg/entropic/loss"][0] == 0 and all(v != 0 for v in tags["reg/entropic/loss"][1:])
+    assert all(0 < f < 1 for f in tags["reg/entropic/high_frac"])
+
+
+def test_entropic_config_runs_through_the_cli(tiny_model_dir, tmp_path):
+    """configs/cpu/entropic.yaml on the quickstart, through `lit-covrl fit`: the callback is built
+    from the YAML and its reg/entropic/ tags are written; alpha moves once a step is measured."""
+    from pathlib import Path
+
+    from lit_covrl.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    main(["fit", "--config", str(root / "configs/quickstart.yaml"), "--config", str(root / "configs/cpu/entropic.yaml"),
+          "--torch_threads", "1", "--model.model", tiny_model_dir, "--model.rollout.group_size", "2",
+          "--model.rollout.max_new_tokens", "3", "--data.batch_size", "2", "--model.update.mini_batch_size", "null",
+          "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+          "--checkpoint.dirpath", str(tmp_path / "ck"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    tags = {k: [v for _, v in series] for k, series in scalar_tags(tmp_path).items()}
+    assert {"reg/entropic/alpha", "reg/entropic/error", "reg/entropic/high_frac", "reg/entropic/loss"} <= set(tags)
+    assert tags["reg/entropic/alpha"][0] == 0 and tags["reg/entropic/alpha"][1] != 0
 
 
 def test_sampler_runs_the_prompt_forward_once_per_group(tiny_model_dir):

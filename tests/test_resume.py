@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from lit_covrl.regularizers import AdaptiveEntropyBonus, ClipCov, KLCov
+from lit_covrl.regularizers import AdaptiveEntropyBonus, ClipCov, EntroPIC, KLCov
 from tests.helpers import scalar_tags
 from tests.test_module import make_data, make_module
 
@@ -65,6 +65,28 @@ def test_adaptive_entropy_coefficient_resumes_exactly(tiny_model_dir, tmp_path):
     _trainer(tmp_path / "b", 4, regs()).fit(make_module(tiny_model_dir), make_data(), ckpt_path=str(ckpt))
     a, b = _series(tmp_path / "full", compared), _series(tmp_path / "b", compared)
     assert [round(a["reg/adaptive_entropy/coef"][s], 6) for s in range(4)] == [0.0, 0.01, 0.02, 0.03]
+    for tag in compared:
+        assert sorted(b[tag]) == [2, 3], tag
+        for s in (2, 3):
+            assert abs(a[tag][s] - b[tag][s]) <= 1e-5 * max(1.0, abs(a[tag][s])), (tag, s, a[tag][s], b[tag][s])
+
+
+def test_entropic_controller_resumes_exactly(tiny_model_dir, tmp_path):
+    """EntroPIC's alpha, integral and pending measurement travel in the checkpoint: resumed at step
+    2, alpha (its I term included) and the loss of steps 2-3 equal the uninterrupted run's; a
+    controller restarted from scratch would apply alpha 0 at step 2."""
+    def regs():
+        return [EntroPIC(target=50.0, kp=0.001, ki=0.002, threshold=0.05)]
+
+    compared = ["reg/entropic/alpha", "reg/entropic/integral", "reg/entropic/loss", "policy/loss", "policy/grad_norm"]
+    _trainer(tmp_path / "full", 4, regs()).fit(make_module(tiny_model_dir), make_data())
+    first = _trainer(tmp_path / "a", 2, regs())
+    first.fit(make_module(tiny_model_dir), make_data())
+    ckpt = tmp_path / "step2.ckpt"
+    first.save_checkpoint(ckpt)
+    _trainer(tmp_path / "b", 4, regs()).fit(make_module(tiny_model_dir), make_data(), ckpt_path=str(ckpt))
+    a, b = _series(tmp_path / "full", compared), _series(tmp_path / "b", compared)
+    assert a["reg/entropic/alpha"][0] == 0 and a["reg/entropic/alpha"][3] < a["reg/entropic/alpha"][2] < 0
     for tag in compared:
         assert sorted(b[tag]) == [2, 3], tag
         for s in (2, 3):
