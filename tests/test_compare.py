@@ -47,7 +47,7 @@ def test_every_named_method_has_a_config():
     compare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compare)
     for m in ("high_entropy_tokens", "adaptive_entropy", "steer", "entropy_advantage", "entropy_ratio_clip",
-              "gspo", "cispo", "ce_gppo"):
+              "gspo", "cispo", "ce_gppo", "entropic"):
         assert m in compare.METHODS
     missing = [m for m in compare.METHODS if not compare.method_config(m, ROOT / "configs" / "quickstart.yaml").exists()]
     assert not missing

@@ -22,11 +22,12 @@ QUICK = CONFIGS / "quickstart.yaml"
 R7 = CONFIGS / "paper" / "qwen2.5-7b.yaml"
 F7 = CONFIGS / "fsdp" / "qwen2.5-7b.yaml"
 CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_tokens", "adaptive_entropy", "steer",
-               "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "ce_gppo", "qae", "w_reinforce", "passk")
+               "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "ce_gppo", "qae", "w_reinforce", "passk",
+               "entropic")
 REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "adaptive_entropy", "clip_cov",
                      "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
                      "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse", "qae", "w_reinforce", "w_reinforce_high_lr", "gspo", "cispo",
-                     "ce_gppo", "passk")
+                     "ce_gppo", "passk", "entropic")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high")
 STACKS = {
     "quickstart.yaml": [QUICK],
@@ -86,6 +87,10 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
         obj = cli.model.objective
         assert type(obj).__name__ == "CEGPPO" and (obj.beta1, obj.beta2, obj.dual_clip) == (0.75, 1.0, 10.0)
         assert (obj.clip_low, obj.clip_high) == (0.2, 0.2)
+    if name.endswith("entropic.yaml"):  # the reference recipe's gains and threshold; the target per task
+        (reg,) = regs
+        assert (reg.kp, reg.ki, reg.threshold) == (1.0, 0.01, 0.95)
+        assert reg.target == (0.5 if name.startswith("cpu/") else 0.085)
     if name.endswith("qae.yaml"):
         assert cli.model.settings.loss.baseline_quantile == 0.4 and cli.model.settings.loss.advantage == "grpo"
     if name.endswith("passk.yaml"):  # k of the paper's main setting, below the testbeds' group size 8
