@@ -18,8 +18,8 @@ gradients are clipped); `trainer.global_step` counts rollouts.
 (`lit_covrl.objectives`), the regularizers and an `OptimizerDriver`. `Learner.update(...)` runs
 every update of one rollout and returns its metrics; `Learner.logprobs(...)` is the no-grad
 forward the module uses for reference log-probs, `Learner.recompute_old_logprobs(...)` the one
-for recomputed old log-probs (in the update's own micro-batches). Departures from the reference
-code are listed once, in the README's table "Where we differ from the reference code".
+for recomputed old log-probs and entropies (in the update's own micro-batches). Departures from
+the reference code are listed once, in the README's table "Where we differ from the reference code".
 """
 from __future__ import annotations
 
@@ -111,18 +111,23 @@ class Learner:
         return [rows[(rows >= s) & (rows < s + per_update)] for s in range(0, n, per_update)]
 
     def recompute_old_logprobs(self, rollout: Rollout, keep: Tensor) -> None:
-        """Replace `rollout.logp` by the policy's no-grad log-probs (`recompute_logprobs`), each
-        mini-batch's kept rows forwarded with the micro-batch plan its update uses (`_plan`: the
-        same rows, order, cuts and trims), so that the first update's forward gives the same
-        values to the bit and its ratio is exactly 1. The filtered rows (read by the rollout
-        metrics) follow in a plan of their own: as many rows in all as one pass over the rollout."""
-        logp = torch.zeros_like(rollout.logp)
+        """Replace `rollout.logp` and `rollout.entropy` by the policy's no-grad log-probs and
+        entropies (`recompute_logprobs`), each mini-batch's kept rows forwarded with the micro-batch
+        plan its update uses (`_plan`: the same rows, order, cuts and trims), so that the first
+        update's forward gives the same values to the bit and its ratio is exactly 1. The entropy
+        is replaced too, whatever the regularizers: H_old then comes from the forward that gives
+        the later updates' H (under bf16 the sampler's differs by whole bf16 steps, and
+        EntropyRatioClip clipped tokens the policy had not moved), and policy/entropy reports the
+        same forward in every run (its cost: a few % of the forward with a 150k-token vocabulary).
+        The filtered rows (read by the rollout metrics) follow in a plan of their own: as many rows
+        in all as one pass over the rollout."""
+        logp, entropy = torch.zeros_like(rollout.logp), torch.zeros_like(rollout.entropy)
         for rows in [*self.minibatches(keep), torch.nonzero(~keep).squeeze(-1)]:
             # a rank with no rows runs filler forwards on row 0 (see _nograd_forward)
             ids, att = (rollout.input_ids[rows], rollout.attention_mask[rows]) if len(rows) else \
                 (rollout.input_ids[:1], rollout.attention_mask[:1])
-            logp[rows] = self._nograd_forward(self.policy, ids, att, rollout.response_mask[rows], False)[0]
-        rollout.logp = logp
+            logp[rows], entropy[rows] = self._nograd_forward(self.policy, ids, att, rollout.response_mask[rows], True)
+        rollout.logp, rollout.entropy = logp, entropy
 
     def _update_minibatch(self, mb: "MiniBatch", *, index: int, last: bool) -> dict:
         """One optimizer update: plan the micro-batches, let the regularizers select over the whole

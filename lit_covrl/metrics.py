@@ -97,7 +97,8 @@ def rollout_metrics(
     would compute): means are sums over ranks divided by counts over ranks (never a mean of
     rank means), maxima are maxima over ranks, and the cov/ statistics use the global token
     means and the global top-k. policy/entropy is the exact token-mean entropy (of softmax(z / temperature))
-    of the sampled responses under the rollout policy; policy/entropy_seq_mean is the paper's
+    of the sampled responses under the rollout policy (as the sampler recorded it, or the no-grad
+    training forward's with `recompute_logprobs`); policy/entropy_seq_mean is the paper's
     mean of per-sequence means. rollout/tokens_per_s is all ranks' sampled tokens over the slowest
     rank's rollout time; `generated_tokens` is this rank's count when it sampled more than the
     rollout holds (dynamic sampling: every round's tokens, over every round's time).

@@ -183,7 +183,10 @@ class UpdateSettings:
             training forward after sampling, as verl does, instead of using the ones the
             sampler recorded (free). The two differ by float rounding only (sampler decoding
             vs a full-sequence forward; `python tools/logprob_gap.py`); turn this on where the
-            first update's PPO ratio must be exactly 1 (comparisons at bit level). Each
+            first update's PPO ratio must be exactly 1 (comparisons at bit level). The same
+            forward recomputes the old entropies (H_old of EntropyRatioClip, the entropies of
+            HighEntropyTokens' and SteerWeights' on-policy updates and of AdaptiveEntropyBonus,
+            and policy/entropy), so that H / H_old is exactly 1 while the policy has not moved. Each
             mini-batch's rows are forwarded in the micro-batches its update cuts (rounding
             depends on the batch layout), so the first update's ratio is exactly 1 whatever
             skip_padding, filter_groups and mini_batch_size are. null (default): on when the

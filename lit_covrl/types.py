@@ -89,7 +89,8 @@ class PolicyBatch:
     entropy    [n, T] | None   current per-token entropy of softmax(z / temperature), with grad,
                                if a regularizer sets `needs_entropy`
     ref_logp   [n, T] | None   reference-model log-probs if requested
-    old_entropy [n, T] | None  rollout-policy entropy (recorded by the sampler, no grad)
+    old_entropy [n, T] | None  rollout-policy entropy (recorded by the sampler, or recomputed
+                               with the old log-probs by `recompute_logprobs`; no grad)
     """
 
     rows: Tensor

@@ -308,6 +308,50 @@ def test_recompute_is_on_by_default_where_the_policy_computes_in_bfloat16(tiny_m
         assert max(probe.gaps) == 0.0
 
 
+class EntropyProbe(KLCov):
+    """Records, per update, whether the current entropy the regularizers see equals H_old."""
+
+    needs_current_entropy = True
+
+    def __init__(self) -> None:
+        super().__init__(ratio=0.1)
+        self.seen: list[tuple[bool, bool]] = []  # (on_policy, ctx.entropy == ctx.old_entropy on valid tokens)
+
+    def prepare(self, ctx) -> None:
+        m = ctx.mask.bool()
+        self.seen.append((ctx.on_policy, torch.equal(ctx.entropy[m], ctx.old_entropy[m])))
+
+    def shape(self, batch):
+        from lit_covrl.types import TokenShaping
+
+        return TokenShaping()
+
+
+@pytest.mark.parametrize("sampler", ["KVCacheSampler", "StaticCacheSampler"])
+def test_recompute_under_bf16_recomputes_the_old_entropies_too(sampler):
+    """bf16-mixed, recompute_logprobs null (on), lr 0 (the policy never moves), two epochs: the
+    old log-probs were recomputed but H_old stayed the sampler's, whole bf16 steps off the training
+    forward's H, so on the second update EntropyRatioClip at the paper's bounds clipped 3.3 % (KV
+    sampler) / 1.6 % (static cache) of the tokens of a policy that had not changed."""
+    from lit_covrl import sampling
+    from lit_covrl.data import PromptDataModule
+    from lit_covrl.module import GRPOModule
+    from lit_covrl.regularizers import EntropyRatioClip
+    from lit_covrl.tasks.reasoning import ReasoningReward
+
+    torch.manual_seed(0)
+    probe = EntropyProbe()
+    module = GRPOModule(model="lit_covrl:tiny-reasoning", reward=ReasoningReward(check_steps=True),
+                        optimizer=lambda p: torch.optim.SGD(p, lr=0.0), sampler=getattr(sampling, sampler)(),
+                        rollout=dict(group_size=8, max_new_tokens=44), update=dict(ppo_epochs=2, micro_batch_size=64))
+    data = PromptDataModule(task="reasoning", batch_size=8, val_size=0, seed=0)
+    trainer = fit(module, data, steps=1, callbacks=[probe, EntropyRatioClip(low=0.05, high=0.05)],
+                  limit_val_batches=0, precision="bf16-mixed")
+    assert module.recompute_logprobs_on
+    assert probe.seen == [(True, True), (False, True)]
+    assert float(trainer.callback_metrics["reg/entropy_ratio_clip/clipped_frac"]) == 0.0
+
+
 class KeptFrac(L.Callback):
     """policy/kept_frac of every RL step."""
 

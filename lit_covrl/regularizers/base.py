@@ -47,7 +47,8 @@ class MiniBatchContext:
                         (`Objective.clipped_tokens`: for PPOClip its clip range, dual-clip and
                         log-ratio clamp; for GSPO whole clipped sequences; none for CISPO;
                         for CEGPPO only dual-capped and clamped unclipped tokens)
-    old_entropy [n, T] | None  rollout-policy entropy of the sampled distribution
+    old_entropy [n, T] | None  rollout-policy entropy of the sampled distribution (the sampler's,
+                        or the training forward's with `recompute_logprobs`)
     entropy     [n, T] | None  current-policy entropy (== old_entropy while on policy), when a
                         regularizer sets `needs_current_entropy`
     zeroed      [n, T] | None  bool: tokens whose objective weight an earlier regularizer of this

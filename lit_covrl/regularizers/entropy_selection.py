@@ -19,8 +19,11 @@ training forward when the mini-batch is one micro-batch).
 Where we differ from the reference code, on purpose: the quantile (80/20) and STEER's min/max
 normalization are over the whole optimizer mini-batch on all ranks, not per micro-batch per GPU
 (TRL's and miles' 80/20 quantile, the STEER and ERC code compute them per micro-batch); H_old is
-the entropy the sampler recorded, not a second training-engine forward (they agree to float
-precision at the same temperature); ERC zeroes the token's loss instead of detaching it (same
+the entropy the sampler recorded, not a second training-engine forward, unless
+`model.update.recompute_logprobs` is on (the default under bf16, where the sampler's entropies
+differ from the training forward's by whole bf16 steps and ERC would clip unmoved tokens): then
+it is the no-grad training forward's, the forward that gives the later updates' H (in float32
+the two differ by ~1e-6, float rounding); ERC zeroes the token's loss instead of detaching it (same
 gradient; the token stays in the denominator either way).
 """
 from __future__ import annotations
