@@ -417,11 +417,19 @@ class GRPOModule(L.LightningModule):
 
     def _log_evaluation(self, prefix: str) -> None:
         res = self.evaluator.compute()  # already global: no sync_dist
+        values = {f"{prefix}/{k}": res[k] for k in ("pass@1", "pass@k", "entropy", "reward_errors")}
+        in_fit = self.trainer.state.fn == "fit"
+        for name, v in values.items():  # callbacks and the progress bar; the loggers below in a fit
+            self.log(name, v, prog_bar=name == "val/pass@1", sync_dist=False, logger=not in_fit)
+        if in_fit and not self.trainer.sanity_checking:
+            # at the RL step just taken, as the training metrics (`log_step`): Lightning's own step
+            # counter is one ahead in a run extended from an end-of-fit checkpoint. `epoch` as
+            # Lightning adds it to what it logs at its own step
+            for logger in self.trainer.loggers:
+                logger.log_metrics({**values, "epoch": float(self.current_epoch)}, step=self.global_step - 1)
         # outside a fit (`validate` / `test` of a checkpoint) Lightning's step counter is 0: the
         # figures go to the loggers at the checkpoint's last RL step, where its fit logged them
-        for k in ("pass@1", "pass@k", "entropy", "reward_errors"):
-            self.log(f"{prefix}/{k}", res[k], prog_bar=prefix == "val" and k == "pass@1", sync_dist=False)
-        if self.trainer.state.fn != "fit" and self._checkpoint_step:
+        if not in_fit and self._checkpoint_step:
             # a logged "step" is the x-axis of the others (Lightning pops it from the metrics)
             self.log("step", float(self._checkpoint_step - 1), sync_dist=False)
 
