@@ -287,6 +287,16 @@ def test_switching_the_objective_class_starts_from_its_defaults(switch, tmp_path
     assert said == (switch[0] == "--config") and (not said or "gspo.yaml's GSPO" in caplog.text), caplog.text
 
 
+def test_a_flag_before_a_config_naming_another_objective_does_not_claim_two_files(tmp_path, caplog):
+    """`--model.objective CISPO --config gspo.yaml`: one file names an objective; the two-files
+    warning must not fire with an empty file name ("over --config 's")."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        _cli(tmp_path, "--model.objective", "lit_covrl.objectives.CISPO", "--config", str(CONFIGS / "cpu" / "gspo.yaml"))
+    assert "objectives do not stack" not in caplog.text, caplog.text
+
+
 def test_init_args_of_the_same_objective_class_still_stack(tmp_path):
     gspo = CONFIGS / "cpu" / "gspo.yaml"
     objective = _cli(tmp_path, "--config", str(gspo), "--model.objective", "lit_covrl.objectives.GSPO",

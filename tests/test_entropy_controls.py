@@ -19,6 +19,7 @@ from lit_covrl.algorithms import (
     high_entropy_mask,
     ppo_clipped_tokens,
     ppo_token_loss,
+    sample_sign_weights,
     steer_metric,
     steer_weights,
 )
@@ -160,6 +161,18 @@ def test_entropy_ratio_keep_hand_worked():
     h = torch.tensor([[0.94, 0.96, 1.0, 1.04, 1.06, 1.0]])
     keep = entropy_ratio_keep(h, torch.ones(1, 6), torch.tensor([[1, 1, 1, 1, 1, 0]]), low=0.05, high=0.05)
     assert keep.tolist() == [[False, True, True, True, False, False]]  # strict (0.95, 1.05); padding never
+
+
+def test_sample_sign_weights_hand_worked_with_a_zero_advantage_row():
+    """W-REINFORCE's weights: A > 0 rows get lambda, A < 0 rows 1, A = 0 rows 1 (not lambda, not 0),
+    padding 0. Under NSR (lambda 0) only the positive rows are zeroed: Clip-Cov and KL-Cov read the
+    zeroed tokens (`ctx.zeroed`) and would otherwise skip the A = 0 rows too."""
+    adv = torch.tensor([0.5, 0.0, -0.5])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    w = sample_sign_weights(adv, mask, positive=0.1, negative=1.0)
+    torch.testing.assert_close(w, torch.tensor([[0.1, 0.0], [1.0, 1.0], [1.0, 1.0]]))
+    nsr = sample_sign_weights(adv, mask, positive=0.0, negative=1.0)
+    assert (nsr == 0).tolist() == [[True, True], [False, False], [False, False]]
 
 
 # ---------------------------------------------------------------- callbacks

@@ -352,6 +352,62 @@ def test_recompute_under_bf16_recomputes_the_old_entropies_too(sampler):
     assert float(trainer.callback_metrics["reg/entropy_ratio_clip/clipped_frac"]) == 0.0
 
 
+def test_recompute_is_on_by_default_for_bfloat16_weights_and_fsdp_bf16(tiny_model_dir):
+    """The other two ways a policy computes in bf16 under trainer.precision 32: its weights are
+    bf16 (a bf16 checkpoint loaded as is), or FSDP's mixed precision casts them
+    (`model.system.fsdp_mixed_precision: bf16`); either turns the null default on."""
+    module = make_module(tiny_model_dir)
+    module.configure_model()
+    assert module.recompute_logprobs_on is False  # float32, no trainer
+    module.policy.to(torch.bfloat16)
+    assert module.recompute_logprobs_on is True
+    fsdp = make_module(tiny_model_dir, system=dict(fsdp_mixed_precision="bf16"))
+    fsdp.configure_model()
+    assert fsdp.recompute_logprobs_on is True
+
+
+def _filtered_layout_module(tiny_model_dir, **rollout):
+    kw = LAYOUTS["skip_padding, 2 mini-batches, filtered groups"]
+    module = make_module(tiny_model_dir, rollout=dict(kw["rollout"], **rollout),
+                         update=dict(recompute_logprobs=True, **kw["update"]), system=kw["system"], reward=kw["reward"])
+    module.configure_model()
+    return module
+
+
+def test_recompute_also_fills_the_filtered_rows(tiny_model_dir):
+    """Rows of filtered (constant) groups are not trained, but their log-probs feed the rollout's
+    covariance metrics (cov/mean, cov/topX): recomputing only the kept rows left them at 0."""
+    module = _filtered_layout_module(tiny_model_dir)
+    seen, real = [], module.learner.recompute_old_logprobs
+
+    def spy(rollout, keep):
+        real(rollout, keep)
+        ref = module.learner.logprobs(module.policy, rollout.input_ids, rollout.attention_mask, rollout.response_mask)
+        seen.append((~keep, rollout.logp.clone(), ref, rollout.response_mask.bool()))
+
+    module.learner.recompute_old_logprobs = spy
+    torch.manual_seed(0)
+    fit(module, make_data(val_size=0), steps=1, limit_val_batches=0)
+    dropped, got, ref, m = seen[0]
+    assert dropped.any()
+    m = m & dropped[:, None]
+    torch.testing.assert_close(got[m], ref[m], atol=1e-5, rtol=1e-5)
+    assert (got[m] != 0).all()
+
+
+def test_recompute_with_overlong_mask_makes_the_first_ratio_exactly_one(tiny_model_dir):
+    """`overlong: mask` drops the truncated rows from the update: the recompute must plan its
+    micro-batches without them too, or the first ratio is off by rounding (2.4e-7 seen)."""
+    torch.manual_seed(0)
+    probe = FirstUpdateGap()
+    module = _filtered_layout_module(tiny_model_dir, overlong="mask", max_new_tokens=4)
+    truncated, real = [], module.learner.recompute_old_logprobs
+    module.learner.recompute_old_logprobs = lambda rollout, keep: truncated.append(rollout.truncated.clone()) or real(rollout, keep)
+    fit(module, make_data(val_size=0), steps=2, callbacks=[probe], limit_val_batches=0)
+    assert any(t.any() and not t.all() for t in truncated)  # some rows masked as overlong, some trained
+    assert probe.gaps and max(probe.gaps) == 0.0
+
+
 class KeptFrac(L.Callback):
     """policy/kept_frac of every RL step."""
 

@@ -752,6 +752,16 @@ def test_a_fit_without_max_steps_is_refused_and_validation_that_cannot_run_is_wa
             fit(module, data, steps=2, val_check_interval=0)
 
 
+def test_a_negative_val_check_interval_is_refused():
+    """Lightning divides by val_check_interval after step 1: a negative one (an int or a fraction)
+    is refused at start-up like 0, naming the setting."""
+    from lit_covrl.settings import check_run_length
+
+    for v in (-1, -0.5, 0):
+        with pytest.raises(ValueError, match=rf"trainer\.val_check_interval={v} is invalid: must be >= 1 RL step"):
+            check_run_length(10, v, None, True)
+
+
 def test_the_reference_model_gets_the_policys_true_half_precision(tiny_model_dir, tmp_path):
     """`trainer.precision: bf16-true` casts the policy (a child module) after configure_model; the
     reference (a plain attribute) must get the same cast, or ReferenceKL at step 0, where the

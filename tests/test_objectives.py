@@ -198,6 +198,27 @@ def test_ce_gppo_refuses_bad_settings_naming_the_field(kwargs, field):
         CEGPPO(**kwargs)
 
 
+def test_ce_gppo_refuses_dual_clip_from_the_tie_on():
+    """The refusal's boundary: beta1 (1 - clip_low) = dual_clip (4 x 0.5 = 2) is refused, as at the
+    tie the reference's min() keeps half the gradient beta1 asks for; 3.5 x 0.5 = 1.75 < 2 trains."""
+    with pytest.raises(ValueError, match=r"beta1 \* \(1 - clip_low\) >= dual_clip"):
+        CEGPPO(beta1=4.0, clip_low=0.5, dual_clip=2.0)
+    assert CEGPPO(beta1=3.5, clip_low=0.5, dual_clip=2.0).beta1 == 3.5
+
+
+def test_ce_gppo_zero_advantage_token_beyond_the_clamp_stays_in_clipped_tokens():
+    """A token with A = 0 has no gradient under CE-GPPO (its kept gradient is k A = 0); one whose
+    log-ratio (-25) lies beyond the clamp (20) must stay in `clipped_tokens`, or Clip-Cov spends a
+    pick on a token it cannot change."""
+    logp = torch.tensor([[-25.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    old, mask = torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)
+    adv = torch.zeros(1, 2, dtype=torch.float64)
+    obj = CEGPPO()
+    obj.token_loss(logp, old, adv, mask).sum().backward()
+    assert logp.grad.tolist() == [[0.0, 0.0]]
+    assert obj.clipped_tokens(logp.detach(), old, adv, mask).tolist() == [[True, False]]
+
+
 # ---------------------------------------------------------------- PPOClip and the module setting
 def test_ppo_clip_is_todays_loss():
     logp, old, adv, mask = _rand(seed=3)

@@ -406,6 +406,18 @@ def test_weighted_reinforce_weighs_the_positive_responses_gradient_by_lambda():
     assert torch.equal(reg.zeroed_tokens(), mask == 0)  # nothing zeroed but padding at lambda 0.1
 
 
+def test_weighted_reinforce_positive_frac_counts_only_positive_tokens():
+    """reg/w_reinforce/positive_frac is the share of tokens with A > 0: the A = 0 rows of constant
+    groups (common without filter_groups) are not positive. Rows +0.5 / 0 / -0.5 of 2 tokens: 2/6."""
+    from lit_covrl.regularizers import WeightedReinforce
+
+    adv = torch.tensor([[0.5, 0.5], [0.0, 0.0], [-0.5, -0.5]], dtype=torch.float64)
+    mask, z = torch.ones(3, 2, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64)
+    reg = WeightedReinforce()
+    reg.prepare(MiniBatchContext(0, 0, True, z, z, adv, mask, torch.zeros(3, 2, dtype=torch.bool)))
+    assert reg.pop_metrics()["reg/w_reinforce/positive_frac"] == pytest.approx(2 / 6)
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(positive_weight=-0.1), "positive_weight=-0.1: must be a finite number >= 0"),
     (dict(negative_weight=float("nan")), "negative_weight=nan"),

@@ -160,14 +160,21 @@ def test_a_setting_newer_than_the_checkpoint_is_not_called_a_change(tiny_model_d
     assert "model.rollout.sampling_batch_size: None -> 8" in text
 
 
-def test_an_older_explicit_recompute_setting_is_compared_with_what_null_means_here(tiny_model_dir, tmp_path, caplog):
+def test_an_older_explicit_recompute_setting_is_compared_with_what_null_means_here(tiny_model_dir, tmp_path, caplog,
+                                                                                   monkeypatch):
     """Checkpoints before recompute_logprobs defaulted to null saved False: resumed in float32
-    (null = off) nothing changes, and the warning said `False -> None`; resumed in bf16 it is on."""
+    (null = off) nothing changes, and the warning said `False -> None`; resumed in bf16 it is on,
+    and the warning says so (the run's old log-probs now come from the training forward)."""
+    from lit_covrl.module import GRPOModule
+
     ckpt = _checkpoint(tiny_model_dir, tmp_path)
     old = torch.load(ckpt, weights_only=False)
     old["hyper_parameters"]["update"]["recompute_logprobs"] = False
     torch.save(old, ckpt)
     assert "differ from the checkpoint" not in _resume(tiny_model_dir, tmp_path, ckpt, caplog)
+    with monkeypatch.context() as patch:
+        patch.setattr(GRPOModule, "recompute_logprobs_on", property(lambda self: True))  # null resolved under bf16
+        assert "model.update.recompute_logprobs: False -> True" in _resume(tiny_model_dir, tmp_path, ckpt, caplog)
     old["hyper_parameters"]["update"]["recompute_logprobs"] = True
     torch.save(old, ckpt)
     assert "model.update.recompute_logprobs: True -> False" in _resume(tiny_model_dir, tmp_path, ckpt, caplog)

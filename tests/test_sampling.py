@@ -4,8 +4,10 @@ full RL step with each, the non-finite stop, and the YAML choice. CPU; the CUDA-
 tests/test_gpu.py."""
 from __future__ import annotations
 
+import copy
 import math
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from lit_covrl.sampling import (
     KVCacheSampler, StaticCacheSampler, default_sampler, sample_token, static_cache_unsupported,
 )
-from lit_covrl.sampling.static_cache import batch_bucket
+from lit_covrl.sampling.static_cache import _Store, batch_bucket
 
 EOS = [1, 2]  # two stop ids: every one ends a sequence
 PAD = 0
@@ -245,6 +247,35 @@ def test_alternating_autocast_keeps_a_cache_per_kv_dtype_instead_of_replacing_it
             first = weakref.ref(next(iter(sampler._stores.values())).keys[0])
         assert len(sampler._stores) == len(sampler._slots) == min(i + 1, 2), i
         assert first() is not None, i  # never replaced
+
+
+def test_a_slot_follows_its_model_to_a_new_kv_dtype(model):
+    """The same model object cast to bf16 between rollouts keeps its slot key but needs another
+    cache: the slot must be rebuilt on the bf16 cache, not go on decoding into the fp32 one."""
+    model = copy.deepcopy(model)
+    sampler = StaticCacheSampler(graphs="none", length_bucket=8)
+    kw = dict(max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD, temperature=1.0)
+    ids, mask = _prompts([3, 3], 2, seed=0)
+    sampler.sample(model, ids, mask, generator=torch.Generator().manual_seed(0), **kw)
+    model.to(torch.bfloat16)
+    got = sampler.sample(model, ids, mask, generator=torch.Generator().manual_seed(1), **kw)
+    fresh = StaticCacheSampler(graphs="none", length_bucket=8).sample(
+        model, ids, mask, generator=torch.Generator().manual_seed(1), **kw)
+    (slot,) = sampler._slots.values()
+    assert slot.store.keys[0].dtype == torch.bfloat16
+    assert torch.equal(got.input_ids, fresh.input_ids)
+
+
+def test_a_models_cache_fits_only_its_own_layer_shapes_and_dtypes():
+    """A cache is reused only by layers of its heads, head_dim and dtypes (a new model that got a
+    freed model's id must not decode into its cache), and only for rows and lengths it holds."""
+    def layers(n=1, heads=2, dim=8, values=torch.float32):
+        return [SimpleNamespace(keys=torch.zeros(1, heads, 3, dim), values=torch.zeros(1, heads, 3, dim, dtype=values))] * n
+
+    store = _Store(keys=[torch.zeros(8, 2, 16, 8)], values=[torch.zeros(8, 2, 16, 8)])
+    assert store.fits(8, 16, layers()) and not store.fits(9, 16, layers()) and not store.fits(8, 17, layers())
+    for other in (layers(dim=4), layers(heads=1), layers(values=torch.bfloat16), layers(n=2)):
+        assert not store.fits(8, 16, other)
 
 
 def test_static_cache_sampler_checks_the_finish_flag_every_k_steps(model):
