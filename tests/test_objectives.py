@@ -133,6 +133,31 @@ def test_ce_gppo_hand_worked():
         [False, True, False, False, False, True]]
 
 
+def test_ce_gppo_keeps_the_gradient_of_tokens_clipped_beyond_a_clamp_inside_the_clip_range():
+    """logratio_clamp 0.1 < the clip range (0.2): the clamped ratio never leaves [0.905, 1.105], so
+    the tokens were told clipped by it never were: their kept gradient was 0 and they sat in
+    clipped_tokens. Told by the unclamped ratio they keep it; the value stays PPOClip's (clamped).
+    log-ratios -0.5 / 0.5 (clipped, A = -1 / 1): gradient 0.75 x 0.8 = 0.6 and -1 x 1.2 = -1.2;
+    -0.15 / 0.15 (inside the range, beyond the clamp): no gradient, in clipped_tokens, as PPOClip."""
+    old = torch.zeros(1, 4, dtype=torch.float64)
+    logp = torch.tensor([[-0.5, 0.5, 0.15, -0.15]], dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([[-1.0, 1.0, 1.0, -1.0]], dtype=torch.float64)
+    mask = torch.ones(1, 4, dtype=torch.float64)
+    kw = dict(clip_low=0.2, clip_high=0.2, logratio_clamp=0.1)
+    obj = CEGPPO(beta1=0.75, beta2=1.0, **kw)
+    loss = obj.token_loss(logp, old, adv, mask)
+    e = math.exp
+    assert loss.detach().flatten().tolist() == pytest.approx([e(-0.1), -e(0.1), -e(0.1), e(-0.1)])
+    loss.sum().backward()
+    assert logp.grad.flatten().tolist() == pytest.approx([0.6, -1.2, 0.0, 0.0])
+    assert obj.clipped_tokens(logp.detach(), old, adv, mask).tolist() == [[False, False, True, True]]
+    # PPOClip with that clamp gives none of them a gradient, and beta 0 is PPOClip
+    ppo, zero = PPOClip(**kw), CEGPPO(beta1=0.0, beta2=0.0, **kw)
+    assert _grad(ppo, logp.detach(), old, adv, mask).abs().sum() == 0
+    assert torch.equal(_grad(zero, logp.detach(), old, adv, mask), _grad(ppo, logp.detach(), old, adv, mask))
+    assert torch.equal(zero.clipped_tokens(logp.detach(), old, adv, mask), ppo.clipped_tokens(logp.detach(), old, adv, mask))
+
+
 def _naive_ce_gppo(logp, old, adv, mask, eps_low, eps_high, beta1, beta2, dual_clip):
     """The paper's per-token objective, token by token: -beta1 (1 - eps_low) r / sg(r) A below the
     range with A < 0, -beta2 (1 + eps_high) r / sg(r) A above it with A > 0, -A r elsewhere;

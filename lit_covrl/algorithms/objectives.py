@@ -36,7 +36,9 @@ code caps its scaled value too, which zeroes the kept gradient when beta1 (1 - e
 a combination `lit_covrl.objectives.CEGPPO` refuses (below it both agree).
 
 All clamp the log-ratio before exp (`logratio_clamp`, as `ppo_token_loss` does); the preserved
-gradient of CE-GPPO goes through logp itself, so a clipped token beyond the clamp keeps it.
+gradient of CE-GPPO goes through logp itself and its tokens are told by the unclamped ratio, so a
+clipped token beyond the clamp keeps it, whatever the clamp (one inside the clip range, which
+gives PPOClip's tokens beyond it no gradient, leaves CE-GPPO's kept gradient as it is).
 Shapes: N sequences, T response tokens; advantages [N] or [N, T]; 0 outside ``mask``.
 """
 from __future__ import annotations
@@ -192,13 +194,20 @@ def cispo_stats(
 def _ce_gppo_scale(ratio: Tensor, adv: Tensor, clip_low: float | None, clip_high: float | None,
                    beta1: float, beta2: float) -> Tensor:
     """k_t [N, T]: beta1 (1 - eps_low) where A < 0 and r < 1 - eps_low, beta2 (1 + eps_high) where
-    A > 0 and r > 1 + eps_high (the tokens PPO clips), 0 elsewhere."""
+    A > 0 and r > 1 + eps_high (the tokens PPO clips), 0 elsewhere; r unclamped (`_clipped_scale`)."""
     k = torch.zeros_like(ratio)
     if clip_low is not None:
         k = torch.where((ratio < 1.0 - clip_low) & (adv < 0), beta1 * (1.0 - clip_low), k)
     if clip_high is not None:
         k = torch.where((ratio > 1.0 + clip_high) & (adv > 0), beta2 * (1.0 + clip_high), k)
     return k
+
+
+def _clipped_scale(logp: Tensor, old_logp: Tensor, adv: Tensor, clip_low: float | None, clip_high: float | None,
+                   beta1: float, beta2: float) -> Tensor:
+    """`_ce_gppo_scale` of the unclamped ratio: a clamp inside the clip range would keep every
+    clamped ratio inside it and drop the kept gradient (clamp 0.1: r in [0.905, 1.105])."""
+    return _ce_gppo_scale(_ratio(logp.detach(), old_logp, None), adv, clip_low, clip_high, beta1, beta2)
 
 
 def ce_gppo_token_loss(
@@ -219,7 +228,7 @@ def ce_gppo_token_loss(
     kw = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, logratio_clamp=logratio_clamp)
     loss = ppo_token_loss(logp, old_logp, advantages, mask, **kw)  # dual-clip caps no k > 0 token while beta1 (1 - eps_low) < c
     adv = per_token_advantages(advantages, logp)
-    k = _ce_gppo_scale(_ratio(logp.detach(), old_logp, logratio_clamp), adv, clip_low, clip_high, beta1, beta2)
+    k = _clipped_scale(logp, old_logp, adv, clip_low, clip_high, beta1, beta2)
     loss = loss - adv * k * (torch.exp(logp - logp.detach()) - 1.0)  # value + 0, gradient -k A
     return torch.where(mask.bool(), loss, torch.zeros_like(loss))
 
@@ -245,5 +254,5 @@ def ce_gppo_clipped_tokens(
     kw = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, logratio_clamp=logratio_clamp)
     inert = ppo_clipped_tokens(logp, old_logp, advantages, mask, **kw)
     adv = per_token_advantages(advantages, logp)
-    k = _ce_gppo_scale(_ratio(logp.detach(), old_logp, logratio_clamp), adv, clip_low, clip_high, beta1, beta2)
+    k = _clipped_scale(logp, old_logp, adv, clip_low, clip_high, beta1, beta2)
     return inert & ~(k > 0)

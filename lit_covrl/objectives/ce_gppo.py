@@ -15,9 +15,10 @@ dual-clip c = 10 is set in configs/cpu/ce_gppo.yaml, not here (null = off, as PP
 differ: the value of a clipped token is PPO's clipped value -(1 -+ eps) A (the reference's is
 -beta (1 -+ eps) A: same gradient, a constant apart), so policy/loss compares with PPO's; the
 log-ratio is clamped before exp for PPO's part, while the preserved gradient goes through
-log pi itself. `clipped_tokens` holds only the tokens still given no gradient (dual-capped
-ones, unclipped ones beyond the clamp, and a side whose beta is 0), so Clip-Cov may draw the
-tokens outside the clip range whose gradient CE-GPPO keeps.
+log pi itself and the clipped tokens are told by the unclamped ratio (the reference does not
+clamp), so no `logratio_clamp` removes it. `clipped_tokens` holds only the tokens still given
+no gradient (dual-capped ones, unclipped ones beyond the clamp, and a side whose beta is 0), so
+Clip-Cov may draw the tokens outside the clip range whose gradient CE-GPPO keeps.
 """
 from __future__ import annotations
 
