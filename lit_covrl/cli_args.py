@@ -4,7 +4,8 @@ the list of argument strings (and of the `--config` files they name).
 - `check_moved_keys`: a flat key that moved into a settings group is refused with its new name, and
   Lightning's top-level `optimizer` / `lr_scheduler` with `model.optimizer` / `model.lr_scheduler`;
 - `one_string_lists`: a bare value of a string-list key is one string (`--model.rollout.stop+=####`);
-- `reset_switched_classes`: a switched objective or sampler class starts from its own defaults;
+- `reset_switched_classes`: a switched objective or sampler class starts from its own defaults
+  (and a class flag that a later `--config` file would replace is refused);
 - `stack_config_callbacks`: the `trainer.callbacks` of stacked `--config` files add up.
 """
 from __future__ import annotations
@@ -223,18 +224,24 @@ def reset_switched_classes(args: list[str]) -> list[str]:
     class (`--config gspo.yaml --model.objective CISPO`) starts that class from its own
     defaults: `--KEY=null` is put before it. jsonargparse would otherwise carry the earlier
     class's init_args over (CISPO with GSPO's clip range of 3e-4/4e-4). Two config files that
-    name different objectives do not stack (one loss is trained): a warning names both."""
-    current: dict[str, tuple[str, str]] = {}
+    name different objectives do not stack (one loss is trained): a warning names both. A flag
+    naming a class given before a `--config` file that names another would be replaced by that
+    file's (`--model.objective CISPO --config gspo.yaml` trains GSPO): it is refused, naming both,
+    as `stack_config_callbacks` refuses a callbacks flag there."""
+    current: dict[str, tuple[str, str, int]] = {}
     resets = []
     for index, key, cls, path in _class_sources(args):
-        before, before_path = current.get(key, ("", ""))
-        if before and cls and before.rpartition(".")[2] != cls.rpartition(".")[2]:
+        before, before_path, before_index = current.get(key, (None, "", -1))
+        name, before_name = cls.rpartition(".")[2], (before or "").rpartition(".")[2]
+        if path and before is not None and not before_path and before_name != name:
+            raise ValueError(f"{args[before_index].split('=', 1)[0]} {before_name or 'null'}: given before "
+                             f"--config {path}, whose {key} {name or 'null'} replaces it; put it after the last --config")
+        if before and cls and before_name != name:
             resets.append((index, key))
-            if key == "model.objective" and path and before_path:
+            if key == "model.objective" and path:  # after another file (a flag before a file is refused above)
                 log.warning("--config %s sets %s %s over --config %s's %s: objectives do not stack, only %s is "
-                            "trained", path, key, cls.rpartition(".")[2], before_path, before.rpartition(".")[2],
-                            cls.rpartition(".")[2])
-        current[key] = (cls, path)
+                            "trained", path, key, name, before_path, before_name, name)
+        current[key] = (cls, path, index)
     for index, key in sorted(resets, reverse=True):
         args = [*args[:index], f"--{key}=null", *args[index:]]
     return args

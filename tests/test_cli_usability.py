@@ -287,14 +287,32 @@ def test_switching_the_objective_class_starts_from_its_defaults(switch, tmp_path
     assert said == (switch[0] == "--config") and (not said or "gspo.yaml's GSPO" in caplog.text), caplog.text
 
 
-def test_a_flag_before_a_config_naming_another_objective_does_not_claim_two_files(tmp_path, caplog):
-    """`--model.objective CISPO --config gspo.yaml`: one file names an objective; the two-files
-    warning must not fire with an empty file name ("over --config 's")."""
+@pytest.mark.parametrize("flag,config,message", [
+    (["--model.objective", "lit_covrl.objectives.CISPO"], "cpu/gspo.yaml", "--model.objective CISPO: given before "
+     "--config {}, whose model.objective GSPO replaces it"),
+    (["--model.objective=null"], "cpu/gspo.yaml", "--model.objective null: given before --config {}, whose "
+     "model.objective GSPO replaces it"),
+    (["--model.sampler.class_path", "lit_covrl.sampling.KVCacheSampler"], "samplers/static_cache.yaml",
+     "--model.sampler.class_path KVCacheSampler: given before --config {}, whose model.sampler StaticCacheSampler "
+     "replaces it"),
+], ids=["objective", "null objective", "sampler"])
+def test_a_class_flag_before_a_config_naming_another_class_is_refused(flag, config, message, tmp_path, caplog):
+    """`--model.objective CISPO --config gspo.yaml` trained GSPO without a word (the later file
+    wins); refused as a callbacks flag there is, naming both classes and where the flag goes (and
+    not said as two files, one of them empty: "over --config 's")."""
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
-        _cli(tmp_path, "--model.objective", "lit_covrl.objectives.CISPO", "--config", str(CONFIGS / "cpu" / "gspo.yaml"))
+    path = str(CONFIGS / config)
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"), pytest.raises(ValueError) as err:
+        _cli(tmp_path, *flag, "--config", path)
+    assert str(err.value) == message.format(path) + "; put it after the last --config"
     assert "objectives do not stack" not in caplog.text, caplog.text
+
+
+def test_a_class_flag_before_a_config_naming_the_same_class_passes(tmp_path):
+    objective = _cli(tmp_path, "--model.objective", "lit_covrl.objectives.GSPO",
+                     "--config", str(CONFIGS / "cpu" / "gspo.yaml")).model.objective
+    assert (type(objective).__name__, objective.clip_low) == ("GSPO", 3e-4)
 
 
 def test_init_args_of_the_same_objective_class_still_stack(tmp_path):
