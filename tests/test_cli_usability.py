@@ -51,7 +51,7 @@ def test_a_start_up_error_is_one_line_and_status_2_unless_debugging(tmp_path):
     assert quiet.returncode == 2
     assert "Traceback" not in quiet.stderr
     errors = [ln for ln in quiet.stderr.splitlines() if "error" in ln.lower()]
-    assert errors == ["lit-covrl: error: model.loss.advantage='ppo' is invalid: valid estimators: ['drgrpo', 'grpo', 'rloo'] "
+    assert errors == ["lit-covrl: error: model.loss.advantage='ppo' is invalid: valid estimators: ['drgrpo', 'grpo', 'passk', 'rloo'] "
                       "(LIT_COVRL_DEBUG=1 shows the traceback)"]
     loud = _run(args, {"LIT_COVRL_DEBUG": "1"})
     assert loud.returncode != 0 and "Traceback" in loud.stderr and "lit-covrl: error" not in loud.stderr
