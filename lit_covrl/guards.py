@@ -68,7 +68,7 @@ def stop_on_non_binary_rewards(rewards: torch.Tensor, *, step: int, rank: int, t
         return
     raise ValueError(
         "model.loss.advantage='passk' needs rewards in {0, 1} (pass@k counts correct responses), but RL step "
-        f"{step} scored " + (f"{bad:g} on rank {rank}" if bad is not None else "one on another rank")
+        f"{step} scored " + (f"{bad!r} on rank {rank}" if bad is not None else "one on another rank")
         + "; the run is stopped. Use a 0/1 reward (model.reward, model.reward_weights) or another advantage. "
         + _resume_hint(trainer)
     )

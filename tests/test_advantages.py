@@ -263,6 +263,9 @@ def test_passk_dtypes_and_errors():
     assert compute_advantages(r.float(), 3, "passk", pass_k=2).dtype == torch.float32
     with pytest.raises(ValueError, match=r"rewards in \{0, 1\}.*got 0\.5"):
         compute_advantages(torch.tensor([1.0, 0.5, 0.0]), 3, "passk", pass_k=1)
+    # a reward just short of 1 is named with its digits, not rounded to a "1" the message refuses
+    with pytest.raises(ValueError, match=r"got 0\.99999"):
+        compute_advantages(torch.tensor([0.9999999, 0.0, 0.0]), 3, "passk", pass_k=1)
     with pytest.raises(ValueError, match=r"pass_k must be in \[1, group_size - 1\] = \[1, 2\].*got 3"):
         compute_advantages(r, 3, "passk", pass_k=3)
     for k in (0, -1):

@@ -152,7 +152,7 @@ def passk_advantages(rewards: Tensor, group_size: int, k: int, *, eps: float = 1
     r = _groups(rewards, group_size)  # [B, G]
     bad = first_non_binary(r)
     if bad is not None:
-        raise ValueError(f"pass@k advantages need rewards in {{0, 1}} (a response is correct or not), got {bad:g}")
+        raise ValueError(f"pass@k advantages need rewards in {{0, 1}} (a response is correct or not), got {bad!r}")
     rho_of, miss_of = _passk_tables(group_size, k, r.device)
     successes = r.sum(dim=1).long()  # [B]
     rho, miss = rho_of[successes].unsqueeze(1), miss_of[successes].unsqueeze(1)  # [B, 1]
