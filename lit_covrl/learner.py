@@ -77,6 +77,7 @@ class Learner:
         self._consecutive_skips = 0
         self._on_policy = True
         self._step_stats: dict | None = None
+        self._kl_scale: Tensor | None = None  # the prepared mini-batch's KL-to-reference scale (Regularizer.kl_scale)
         self.step = 0
         self.compiled = CompiledForwards()  # used only with settings.compile_update; compiles on first use
 
@@ -151,16 +152,23 @@ class Learner:
         current, current_ent, early = self._selection_logprobs(mb, plan, need_ent)
         ctx = MiniBatchContext(
             step=self.step, update=index, on_policy=self._on_policy, logp=current,
-            old_logp=mb.old_logp, advantages=mb.advantages, mask=mb.mask,
-            clipped=self.objective.clipped_tokens(current, mb.old_logp, mb.advantages, mb.mask),
+            old_logp=mb.old_logp, advantages=mb.advantages, mask=mb.mask, clipped=None,
             old_entropy=mb.old_entropy, entropy=current_ent, zeroed=torch.zeros_like(mb.mask, dtype=torch.bool),
             agg_mode=self.settings.loss.loss_agg_mode,
         )
-        # those that read ctx.zeroed last (a stable sort: otherwise in callback order)
-        for reg in sorted(self.regularizers, key=lambda r: r.reads_zeroed):
+        # the one that sets a per-token clip range first (ctx.clipped follows its range), those that
+        # read ctx.zeroed last (a stable sort: otherwise in callback order)
+        clip = None
+        for reg in sorted(self.regularizers, key=lambda r: (not r.sets_clip_range, r.reads_zeroed)):
+            if ctx.clipped is None and not reg.sets_clip_range:
+                ctx.clipped = self.objective.clipped_tokens(current, mb.old_logp, mb.advantages, mb.mask, **_clip(clip))
             _explained(reg, "prepare", ctx, _CTX_FLAGS)
+            if reg.sets_clip_range:
+                clip = reg.clip_bounds()
             if (zeroed := reg.zeroed_tokens()) is not None:
                 ctx.zeroed = ctx.zeroed | zeroed.bool()
+        scales = [s for reg in self.regularizers if (s := reg.kl_scale()) is not None]
+        self._kl_scale = None if not scales else torch.stack(scales).prod(0)
         return early
 
     def _accumulate(self, mb: "MiniBatch", plan: list, early) -> dict:
@@ -179,7 +187,8 @@ class Learner:
                 self.driver.backward(logp.sum() * 0.0)
                 continue
             logp, ent = early if early is not None else self._logprobs(mb.input_ids[r], mb.attention_mask[r], mb.mask.shape[1], need_ent)
-            batch = PolicyBatch(r, logp, mb.old_logp[r], mb.advantages[r], mb.mask[r], ent, mb.ref_rows(r), mb.old_entropy[r])
+            batch = PolicyBatch(r, logp, mb.old_logp[r], mb.advantages[r], mb.mask[r], ent, mb.ref_rows(r), mb.old_entropy[r],
+                                None if self._kl_scale is None else self._kl_scale[r].to(logp.dtype))
             loss, shapings, base = self.loss(batch, agg)
             self.driver.backward(loss * scale)
             with torch.no_grad():  # micro-batch terms with mini-batch denominators: they add up
@@ -197,7 +206,8 @@ class Learner:
 
             shapings = [reg.shape(b) for reg in regularizers]          (selection made in prepare)
             A'       = A + sum of the shapings' advantage shifts        (e.g. EntropyAdvantage)
-            base     = objective.token_loss(logp, old_logp, A', mask)   (PPO-clip, GSPO or CISPO)
+            base     = objective.token_loss(logp, old_logp, A', mask,   (PPO-clip, GSPO or CISPO; with
+                                            clip=a shaping's per-token range)  Archer's clip range)
             loss_tok = base * prod(weights) + sum(penalties)            (Clip-Cov, 80/20, STEER, ...;
                                                                          entropy bonus, KL-Cov, ref KL)
             loss     = aggregate(loss_tok, mask, mode, the mini-batch's denominators over all ranks)
@@ -206,7 +216,8 @@ class Learner:
         differ from the reference code"."""
         shapings = [TokenShaping.checked(_explained(reg, "shape", b, _BATCH_FLAGS), b.logp.shape, reg)
                     for reg in self.regularizers]
-        base = self.objective.token_loss(b.logp, b.old_logp, TokenShaping.shifted_advantages(shapings, b.advantages), b.mask)
+        base = self.objective.token_loss(b.logp, b.old_logp, TokenShaping.shifted_advantages(shapings, b.advantages), b.mask,
+                                         **_clip(TokenShaping.clip_range(shapings)))
         return aggregate(TokenShaping.combine(shapings, base), b.mask, **agg), shapings, base
 
     def _loss_parts(self, b: PolicyBatch, loss: Tensor, shapings: list[TokenShaping], base: Tensor, agg: dict,
@@ -215,26 +226,33 @@ class Learner:
         parts = {"policy/loss": loss}
         parts.update(self._contributions(b, shapings, base, agg))
         parts.update({f"policy/{k}": v for k, v in self.objective.stats(
-            b.logp, b.old_logp, b.advantages, b.mask, num_tokens=num_tokens).items()})
+            b.logp, b.old_logp, b.advantages, b.mask, num_tokens=num_tokens,
+            **_clip(TokenShaping.clip_range(shapings))).items()})
         return parts
 
     def _contributions(self, b: PolicyBatch, shapings: list[TokenShaping], base: Tensor, agg: dict) -> dict[str, Tensor]:
         """reg/<name>/loss: what each regularizer adds to the aggregated loss on top of the ones
-        listed before it: the change of the objective its advantage shift makes, the change of the
-        (shifted, already weighted) objective its weight makes, its penalty. They add up to
-        policy/loss minus the unshaped objective's loss, also when two drop the same token."""
+        listed before it: the change of the objective its advantage shift or its per-token clip
+        range makes, the change of the (shifted, already weighted) objective its weight makes, its
+        penalty. They add up to policy/loss minus the unshaped objective's loss, also when two drop
+        the same token."""
         out, running = {}, None  # running: the product of the weights so far
-        before = None  # the objective's token loss with the shifts so far (computed once one shifts)
-        shifted: list[TokenShaping] = []
+        before = None  # the objective's token loss with the shifts / clip so far (computed once one acts)
+        inside: list[TokenShaping] = []  # the shapings so far that act inside the objective
         base = base.detach()
+
+        def objective(shapings_so_far: list[TokenShaping]) -> Tensor:
+            return self.objective.token_loss(b.logp.detach(), b.old_logp,
+                                             TokenShaping.shifted_advantages(shapings_so_far, b.advantages), b.mask,
+                                             **_clip(TokenShaping.clip_range(shapings_so_far)))
+
         for reg, s in zip(self.regularizers, shapings):
             total = torch.zeros((), device=base.device)
-            if s.advantage_shift is not None:
+            if s.advantage_shift is not None or s.clip_low is not None:
                 if before is None:
-                    before = self.objective.token_loss(b.logp.detach(), b.old_logp, b.advantages, b.mask)
-                shifted.append(s)
-                after = self.objective.token_loss(
-                    b.logp.detach(), b.old_logp, TokenShaping.shifted_advantages(shifted, b.advantages), b.mask)
+                    before = objective([])
+                inside.append(s)
+                after = objective(inside)
                 total = total + aggregate(after - before, b.mask, **agg)
                 before = after
             if s.weight is not None:
@@ -382,6 +400,12 @@ class Learner:
 # the fields a regularizer gets only by asking (a None field read -> the flag to set)
 _BATCH_FLAGS = {"entropy": "needs_entropy", "ref_logp": "needs_reference"}  # PolicyBatch (shape)
 _CTX_FLAGS = {"entropy": "needs_current_entropy"}  # MiniBatchContext (prepare)
+
+
+def _clip(clip: tuple[Tensor, Tensor] | None) -> dict:
+    """The objective's keyword for a per-token clip range: none when there is none, so objectives
+    that take no `clip` (token_clip False) are called as before."""
+    return {} if clip is None else {"clip": clip}
 
 
 def _explained(reg, method: str, arg, flags: dict[str, str]):

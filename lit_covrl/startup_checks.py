@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_covrl.prompt_check import check_datamodule_prompts
 from lit_covrl.prompts import uses_chat_template
-from lit_covrl.regularizers.base import check_lookalikes, check_stack
+from lit_covrl.regularizers.base import check_lookalikes, check_objective_stack, check_stack
 from lit_covrl.settings import check_fit_plan, check_run_length
 from lit_covrl.sharding import check_strategy
 
@@ -28,6 +28,7 @@ def check_before_start(module, stage: str) -> None:
     check_strategy(trainer.strategy, cfg.system)
     check_lookalikes(trainer.callbacks)
     check_stack(module.regularizers)
+    check_objective_stack(module.objective, module.regularizers)
     dm, ro = getattr(trainer, "datamodule", None), cfg.rollout
     module.rewards.answer_field = getattr(dm, "hparams", {}).get("answer_field") if dm is not None else None
     if hasattr(dm, "minibatch_prompts"):  # ranks' updates laid out as one rank's (PromptDataModule.rank_offsets)

@@ -91,6 +91,9 @@ class PolicyBatch:
     ref_logp   [n, T] | None   reference-model log-probs if requested
     old_entropy [n, T] | None  rollout-policy entropy (recorded by the sampler, or recomputed
                                with the old log-probs by `recompute_logprobs`; no grad)
+    kl_scale   [n, T] | None   per-token scale of the KL-to-reference penalty set by a regularizer
+                               in `prepare` (`Regularizer.kl_scale`; Archer's), which ReferenceKL
+                               applies; None = 1 everywhere
     """
 
     rows: Tensor
@@ -101,6 +104,7 @@ class PolicyBatch:
     entropy: Tensor | None = None
     ref_logp: Tensor | None = None
     old_entropy: Tensor | None = None
+    kl_scale: Tensor | None = None
 
 
 @dataclass
@@ -113,11 +117,17 @@ class TokenShaping:
     penalty         [n, T] | None   additive per-token term with gradient
     advantage_shift [n, T] | None   detached additive change of the advantage, applied inside the
                                     objective (e.g. an entropy-based advantage)
+    clip_low        [n, T] | None   per-token clip range (eps_low, eps_high) that replaces the
+    clip_high       [n, T] | None   objective's own on both sides (Archer's); both or neither, from
+                                    a regularizer with `sets_clip_range` (at most one per run),
+                                    the bounds its `clip_bounds()` gave for these rows
     """
 
     weight: Tensor | None = None
     penalty: Tensor | None = None
     advantage_shift: Tensor | None = None
+    clip_low: Tensor | None = None
+    clip_high: Tensor | None = None
 
     @staticmethod
     def checked(shaping: Any, shape: torch.Size, owner: Any) -> "TokenShaping":
@@ -127,12 +137,27 @@ class TokenShaping:
         who = f"regularizer {getattr(owner, 'name', owner)!r} ({type(owner).__name__}.shape)"
         if not isinstance(shaping, TokenShaping):
             raise ValueError(f"{who} returned {type(shaping).__name__}, not a TokenShaping (TokenShaping() for none)")
-        for name in ("weight", "penalty", "advantage_shift"):
+        for name in ("weight", "penalty", "advantage_shift", "clip_low", "clip_high"):
             value = getattr(shaping, name)
             if value is not None and value.shape != shape:
                 raise ValueError(f"{who} returned TokenShaping.{name} of shape {tuple(value.shape)}; every field is "
                                  f"per token, [n, T] = {tuple(shape)}")
+        if (shaping.clip_low is None) != (shaping.clip_high is None):
+            raise ValueError(f"{who} returned TokenShaping.clip_low and clip_high, one of them None: a per-token clip "
+                             "range sets both")
+        if shaping.clip_low is not None and not getattr(owner, "sets_clip_range", False):
+            raise ValueError(f"{who} returned a per-token clip range without sets_clip_range = True (the start-up "
+                             "checks and Clip-Cov's clipped tokens would not know it)")
         return shaping
+
+    @staticmethod
+    def clip_range(shapings: list["TokenShaping"]) -> tuple[Tensor, Tensor] | None:
+        """The per-token clip range (eps_low, eps_high) detached, of the one regularizer that sets
+        one (`check_stack` refuses two), else None (the objective's own range)."""
+        for s in shapings:
+            if s.clip_low is not None:
+                return s.clip_low.detach(), s.clip_high.detach()
+        return None
 
     @staticmethod
     def shifted_advantages(shapings: list["TokenShaping"], advantages: Tensor) -> Tensor:

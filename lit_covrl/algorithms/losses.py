@@ -41,7 +41,7 @@ def _ratio(logp: Tensor, old_logp: Tensor, logratio_clamp: float | None) -> Tens
     return torch.exp(logratio)
 
 
-def _surrogates(ratio: Tensor, adv: Tensor, clip_low: float | None, clip_high: float | None):
+def _surrogates(ratio: Tensor, adv: Tensor, clip_low: float | Tensor | None, clip_high: float | Tensor | None):
     """(L1, L2): unclipped and clipped PPO terms; L2 is L1 when both bounds are None."""
     l1 = -adv * ratio
     if clip_low is None and clip_high is None:
@@ -57,15 +57,17 @@ def ppo_token_loss(
     advantages: Tensor,
     mask: Tensor,
     *,
-    clip_low: float | None,
-    clip_high: float | None,
+    clip_low: float | Tensor | None,
+    clip_high: float | Tensor | None,
     dual_clip: float | None = None,
     logratio_clamp: float | None = 20.0,
 ) -> Tensor:
     """Per-token PPO loss [N, T] (0 outside ``mask``); gradient flows through ``logp`` only.
 
     logp, old_logp [N, T]; advantages [N] (broadcast over tokens) or [N, T]; mask [N, T] bool/float.
-    clip_low / clip_high: eps of the clip range; None = no clipping on that side.
+    clip_low / clip_high: eps of the clip range; None = no clipping on that side; a [N, T] tensor
+    gives each token its own (a per-token clip range, Archer's; the clipped_tokens and stats take
+    the same).
     dual_clip: c > 1; for A < 0 the loss is capped at -A c. logratio_clamp: None disables it.
     """
     if dual_clip is not None and dual_clip <= 1.0:
@@ -86,8 +88,8 @@ def ppo_clipped_tokens(
     advantages: Tensor,
     mask: Tensor,
     *,
-    clip_low: float | None,
-    clip_high: float | None,
+    clip_low: float | Tensor | None,
+    clip_high: float | Tensor | None,
     dual_clip: float | None = None,
     logratio_clamp: float | None = 20.0,
 ) -> Tensor:
@@ -115,8 +117,8 @@ def ppo_stats(
     advantages: Tensor,
     mask: Tensor,
     *,
-    clip_low: float | None,
-    clip_high: float | None,
+    clip_low: float | Tensor | None,
+    clip_high: float | Tensor | None,
     logratio_clamp: float | None = 20.0,
     num_tokens: float | Tensor | None = None,
 ) -> dict[str, Tensor]:

@@ -127,7 +127,7 @@ def gspo_stats(
     clip_low: float | None,
     clip_high: float | None,
     logratio_clamp: float | None = 20.0,
-    num_tokens: float | Tensor | None = None,
+    num_tokens: float | None = None,
 ) -> dict[str, Tensor]:
     """Token means over mask (denominator `num_tokens`, default mask.sum()): approx_kl (k3 of the
     token ratios, as in `ppo_stats`), clip_frac (tokens of sequences whose clipped term is
@@ -142,7 +142,7 @@ def gspo_stats(
     return _clip_stats(_token_logratio(logp, old_logp, logratio_clamp), low, high, l2 > l1, mask, num_tokens, logp)
 
 
-def _cispo_weight(logp: Tensor, old_logp: Tensor, clip_low: float | None, clip_high: float | None,
+def _cispo_weight(logp: Tensor, old_logp: Tensor, clip_low: float | Tensor | None, clip_high: float | Tensor | None,
                   logratio_clamp: float | None) -> Tensor:
     lo = None if clip_low is None else 1.0 - clip_low
     hi = None if clip_high is None else 1.0 + clip_high
@@ -156,8 +156,8 @@ def cispo_token_loss(
     advantages: Tensor,
     mask: Tensor,
     *,
-    clip_low: float | None,
-    clip_high: float | None,
+    clip_low: float | Tensor | None,
+    clip_high: float | Tensor | None,
     logratio_clamp: float | None = 20.0,
 ) -> Tensor:
     """Per-token CISPO loss [N, T] = -sg(w) A exp(logp - sg(logp)) (0 outside mask): value -w A,
@@ -175,8 +175,8 @@ def cispo_stats(
     advantages: Tensor,
     mask: Tensor,
     *,
-    clip_low: float | None,
-    clip_high: float | None,
+    clip_low: float | Tensor | None,
+    clip_high: float | Tensor | None,
     logratio_clamp: float | None = 20.0,
     num_tokens: float | Tensor | None = None,
 ) -> dict[str, Tensor]:
@@ -191,7 +191,7 @@ def cispo_stats(
     return _clip_stats(lr, low, high, low | high, mask, num_tokens, logp)
 
 
-def _ce_gppo_scale(ratio: Tensor, adv: Tensor, clip_low: float | None, clip_high: float | None,
+def _ce_gppo_scale(ratio: Tensor, adv: Tensor, clip_low: float | Tensor | None, clip_high: float | Tensor | None,
                    beta1: float, beta2: float) -> Tensor:
     """k_t [N, T]: beta1 (1 - eps_low) where A < 0 and r < 1 - eps_low, beta2 (1 + eps_high) where
     A > 0 and r > 1 + eps_high (the tokens PPO clips), 0 elsewhere; r unclamped (`_clipped_scale`)."""
@@ -203,7 +203,7 @@ def _ce_gppo_scale(ratio: Tensor, adv: Tensor, clip_low: float | None, clip_high
     return k
 
 
-def _clipped_scale(logp: Tensor, old_logp: Tensor, adv: Tensor, clip_low: float | None, clip_high: float | None,
+def _clipped_scale(logp: Tensor, old_logp: Tensor, adv: Tensor, clip_low: float | Tensor | None, clip_high: float | Tensor | None,
                    beta1: float, beta2: float) -> Tensor:
     """`_ce_gppo_scale` of the unclamped ratio: a clamp inside the clip range would keep every
     clamped ratio inside it and drop the kept gradient (clamp 0.1: r in [0.905, 1.105])."""
@@ -216,8 +216,8 @@ def ce_gppo_token_loss(
     advantages: Tensor,
     mask: Tensor,
     *,
-    clip_low: float | None,
-    clip_high: float | None,
+    clip_low: float | Tensor | None,
+    clip_high: float | Tensor | None,
     beta1: float,
     beta2: float,
     dual_clip: float | None = None,
@@ -240,8 +240,8 @@ def ce_gppo_clipped_tokens(
     advantages: Tensor,
     mask: Tensor,
     *,
-    clip_low: float | None,
-    clip_high: float | None,
+    clip_low: float | Tensor | None,
+    clip_high: float | Tensor | None,
     beta1: float,
     beta2: float,
     dual_clip: float | None = None,

@@ -13,7 +13,12 @@ An `Objective` answers three questions about one micro-batch (or mini-batch) of 
 module builds `PPOClip` from its own `clip_low` / `clip_high` / `dual_clip` / `logratio_clamp`.
 Regularizers compose with every objective: the learner feeds the objective the advantages plus
 every regularizer's advantage shift, multiplies its token loss by their weights, adds their
-penalties.
+penalties. A regularizer may also set a per-token clip range (`TokenShaping.clip_low` /
+`clip_high`, eps per token; Archer's): the learner passes it as `clip=(eps_low, eps_high)` to all
+three methods, where it replaces the objective's clip_low / clip_high on both sides (PPOClip's
+clip, CE-GPPO's clip and kept gradient, CISPO's IS-weight cap; dual-clip and the log-ratio clamp
+stay the objective's). Objectives with `token_clip = False` (GSPO, which clips whole sequences,
+and any objective that does not take `clip`) are refused with such a regularizer at start-up.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from torch import Tensor
 
 from lit_covrl.algorithms import ppo_clipped_tokens, ppo_stats, ppo_token_loss
 
-__all__ = ["Objective", "PPOClip", "resolve_objective"]
+__all__ = ["Objective", "PPOClip", "clip_kw", "resolve_objective"]
 
 
 def check_clip(owner: str, clip_low: float | None, clip_high: float | None, logratio_clamp: float | None) -> None:
@@ -40,6 +45,16 @@ class Objective:
     """Base class of policy objectives (see the module docstring)."""
 
     run_name: str | None = None  # its part of a run's method name (`dashboard.method_name`); None: GRPO's
+    token_clip: bool = False  # its methods take clip=(eps_low, eps_high) per token (see the module docstring)
+
+    def check_token_clip(self, lows: list[float], highs: list[float], owner: str) -> None:
+        """Start-up check of the per-token clip range that regularizer `owner` may set, eps_low in
+        `lows`, eps_high in `highs`: refused where the objective does not take one."""
+        if not self.token_clip:
+            why = ("GSPO clips whole sequences by their sequence ratio, not tokens" if type(self).__name__ == "GSPO"
+                   else "its token_clip is False")
+            raise ValueError(f"{owner} sets a per-token clip range, which the objective {type(self).__name__} does not "
+                             f"take ({why}); use PPOClip, CEGPPO or CISPO with {owner}, or leave {owner} out")
 
     def token_loss(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
         raise NotImplementedError
@@ -85,17 +100,26 @@ class PPOClip(Objective):
         self.clip_low, self.clip_high = clip_low, clip_high
         self.dual_clip, self.logratio_clamp = dual_clip, logratio_clamp
 
-    def _kw(self) -> dict:
-        return dict(clip_low=self.clip_low, clip_high=self.clip_high, logratio_clamp=self.logratio_clamp)
+    token_clip = True
 
-    def token_loss(self, logp, old_logp, advantages, mask):
-        return ppo_token_loss(logp, old_logp, advantages, mask, dual_clip=self.dual_clip, **self._kw())
+    def _kw(self, clip=None) -> dict:
+        return clip_kw(self, clip)
 
-    def clipped_tokens(self, logp, old_logp, advantages, mask):
-        return ppo_clipped_tokens(logp, old_logp, advantages, mask, dual_clip=self.dual_clip, **self._kw())
+    def token_loss(self, logp, old_logp, advantages, mask, clip=None):
+        return ppo_token_loss(logp, old_logp, advantages, mask, dual_clip=self.dual_clip, **self._kw(clip))
 
-    def stats(self, logp, old_logp, advantages, mask, num_tokens=None):
-        return ppo_stats(logp, old_logp, advantages, mask, num_tokens=num_tokens, **self._kw())
+    def clipped_tokens(self, logp, old_logp, advantages, mask, clip=None):
+        return ppo_clipped_tokens(logp, old_logp, advantages, mask, dual_clip=self.dual_clip, **self._kw(clip))
+
+    def stats(self, logp, old_logp, advantages, mask, num_tokens=None, clip=None):
+        return ppo_stats(logp, old_logp, advantages, mask, num_tokens=num_tokens, **self._kw(clip))
+
+
+def clip_kw(objective, clip) -> dict:
+    """The clip keyword arguments of `objective`'s algorithm functions: its clip_low / clip_high,
+    or the per-token (eps_low, eps_high) `clip` in their place; its logratio_clamp."""
+    low, high = (objective.clip_low, objective.clip_high) if clip is None else clip
+    return dict(clip_low=low, clip_high=high, logratio_clamp=objective.logratio_clamp)
 
 
 def resolve_objective(objective: Objective | None, loss) -> Objective:

@@ -23,7 +23,7 @@ Clip-Cov may draw the tokens outside the clip range whose gradient CE-GPPO keeps
 from __future__ import annotations
 
 from lit_covrl.algorithms import ce_gppo_clipped_tokens, ce_gppo_token_loss, ppo_stats
-from lit_covrl.objectives.base import Objective, check_clip
+from lit_covrl.objectives.base import Objective, check_clip, clip_kw
 
 
 class CEGPPO(Objective):
@@ -64,19 +64,26 @@ class CEGPPO(Objective):
         self.beta1, self.beta2 = float(beta1), float(beta2)
         self.dual_clip, self.logratio_clamp = dual_clip, logratio_clamp
 
-    def _kw(self) -> dict:
-        return dict(clip_low=self.clip_low, clip_high=self.clip_high, logratio_clamp=self.logratio_clamp)
+    token_clip = True  # a per-token range moves both the clip and the kept gradient's scale beta (1 -+ eps)
 
-    def _all(self) -> dict:
-        return dict(self._kw(), beta1=self.beta1, beta2=self.beta2, dual_clip=self.dual_clip)
+    def check_token_clip(self, lows, highs, owner):
+        """The dual-clip refusal of __init__, for each eps_low a per-token range may set."""
+        bad = [lo for lo in lows if self.dual_clip is not None and self.beta1 * (1 - lo) >= self.dual_clip]
+        if bad:
+            raise ValueError(f"CEGPPO.beta1={self.beta1!r} with {owner}'s per-token clip_low {min(bad)!r} and "
+                             f"dual_clip={self.dual_clip!r}: beta1 * (1 - clip_low) >= dual_clip, where the reference "
+                             "code's dual-clip removes the gradient beta1 keeps; lower beta1 or raise dual_clip")
 
-    def token_loss(self, logp, old_logp, advantages, mask):
-        return ce_gppo_token_loss(logp, old_logp, advantages, mask, **self._all())
+    def _all(self, clip=None) -> dict:
+        return dict(clip_kw(self, clip), beta1=self.beta1, beta2=self.beta2, dual_clip=self.dual_clip)
 
-    def clipped_tokens(self, logp, old_logp, advantages, mask):
-        return ce_gppo_clipped_tokens(logp, old_logp, advantages, mask, **self._all())
+    def token_loss(self, logp, old_logp, advantages, mask, clip=None):
+        return ce_gppo_token_loss(logp, old_logp, advantages, mask, **self._all(clip))
 
-    def stats(self, logp, old_logp, advantages, mask, num_tokens=None):
+    def clipped_tokens(self, logp, old_logp, advantages, mask, clip=None):
+        return ce_gppo_clipped_tokens(logp, old_logp, advantages, mask, **self._all(clip))
+
+    def stats(self, logp, old_logp, advantages, mask, num_tokens=None, clip=None):
         # clip_frac: tokens outside the clip range on the side PPO clips (their value is clipped,
         # their gradient scaled by beta), as PPOClip's
-        return ppo_stats(logp, old_logp, advantages, mask, num_tokens=num_tokens, **self._kw())
+        return ppo_stats(logp, old_logp, advantages, mask, num_tokens=num_tokens, **clip_kw(self, clip))

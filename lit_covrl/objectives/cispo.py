@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from lit_covrl.algorithms import cispo_stats, cispo_token_loss
-from lit_covrl.objectives.base import Objective, check_clip
+from lit_covrl.objectives.base import Objective, check_clip, clip_kw
 
 
 class CISPO(Objective):
@@ -33,14 +33,13 @@ class CISPO(Objective):
         check_clip("CISPO", clip_low, clip_high, logratio_clamp)
         self.clip_low, self.clip_high, self.logratio_clamp = clip_low, clip_high, logratio_clamp
 
-    def _kw(self) -> dict:
-        return dict(clip_low=self.clip_low, clip_high=self.clip_high, logratio_clamp=self.logratio_clamp)
+    token_clip = True  # a per-token range caps each token's IS weight at its own bounds
 
-    def token_loss(self, logp, old_logp, advantages, mask):
-        return cispo_token_loss(logp, old_logp, advantages, mask, **self._kw())
+    def token_loss(self, logp, old_logp, advantages, mask, clip=None):
+        return cispo_token_loss(logp, old_logp, advantages, mask, **clip_kw(self, clip))
 
-    def clipped_tokens(self, logp, old_logp, advantages, mask):
+    def clipped_tokens(self, logp, old_logp, advantages, mask, clip=None):
         return torch.zeros_like(mask, dtype=torch.bool)
 
-    def stats(self, logp, old_logp, advantages, mask, num_tokens=None):
-        return cispo_stats(logp, old_logp, advantages, mask, num_tokens=num_tokens, **self._kw())
+    def stats(self, logp, old_logp, advantages, mask, num_tokens=None, clip=None):
+        return cispo_stats(logp, old_logp, advantages, mask, num_tokens=num_tokens, **clip_kw(self, clip))

@@ -46,7 +46,9 @@ class MiniBatchContext:
     clipped     [n, T]  bool: tokens whose gradient the policy objective already zeroes
                         (`Objective.clipped_tokens`: for PPOClip its clip range, dual-clip and
                         log-ratio clamp; for GSPO whole clipped sequences; none for CISPO;
-                        for CEGPPO only dual-capped and clamped unclipped tokens)
+                        for CEGPPO only dual-capped and clamped unclipped tokens), under the
+                        per-token clip range of the regularizer that sets one (Archer's); None
+                        while that regularizer itself is prepared (it is prepared first)
     old_entropy [n, T] | None  rollout-policy entropy of the sampled distribution (the sampler's,
                         or the training forward's with `recompute_logprobs`)
     entropy     [n, T] | None  current-policy entropy (== old_entropy while on policy), when a
@@ -65,7 +67,7 @@ class MiniBatchContext:
     old_logp: Tensor
     advantages: Tensor
     mask: Tensor
-    clipped: Tensor
+    clipped: Tensor | None
     old_entropy: Tensor | None = None
     entropy: Tensor | None = None
     zeroed: Tensor | None = None
@@ -108,6 +110,7 @@ class Regularizer(Callback):
     needs_current_entropy: bool = False  # module provides ctx.entropy of the current policy
     reads_zeroed: bool = False  # prepared after the others, with their weight-0 tokens in ctx.zeroed
     shifts_advantage: bool = False  # returns TokenShaping.advantage_shift (at most one per run)
+    sets_clip_range: bool = False  # returns TokenShaping.clip_low / clip_high (at most one per run; see clip_bounds)
     default_name: str = "regularizer"  # metric namespace reg/<name>/ unless `name` is given
     # dashboard charts of recorded keys, category -> keys (reg/<name>/loss is always charted)
     chart_metrics: dict[str, tuple[str, ...]] = {"Entropy": ("coef",)}
@@ -171,6 +174,23 @@ class Regularizer(Callback):
     def shape(self, batch: PolicyBatch) -> TokenShaping:
         raise NotImplementedError
 
+    def clip_bounds(self) -> tuple[Tensor, Tensor] | None:
+        """With `sets_clip_range`: the per-token clip range (eps_low, eps_high) [n, T] of the prepared
+        mini-batch, whose rows `shape` returns as TokenShaping.clip_low / clip_high. The learner
+        prepares these regularizers first (ctx.clipped is None for them) and computes ctx.clipped
+        for the others with it, so Clip-Cov's candidates follow the per-token range."""
+        return None
+
+    def clip_values(self) -> tuple[list[float], list[float]]:
+        """With `sets_clip_range`: every eps_low and eps_high it may set, for the objective's
+        start-up check (`Objective.check_token_clip`)."""
+        return [], []
+
+    def kl_scale(self) -> Tensor | None:
+        """A per-token scale [n, T] of the prepared mini-batch for the KL-to-reference penalty
+        (ReferenceKL multiplies its penalty by the product of every regularizer's), or None."""
+        return None
+
     def zeroed_tokens(self) -> Tensor | None:
         """The tokens of the prepared mini-batch whose objective weight this regularizer sets to 0
         (None: none), for the regularizers that read `ctx.zeroed`."""
@@ -224,9 +244,11 @@ def check_unique_names(regularizers: list[Regularizer]) -> None:
 
 
 def check_stack(regularizers: list[Regularizer]) -> None:
-    """Start-up checks of the stacked regularizers: unique names, and at most one that shifts the
+    """Start-up checks of the stacked regularizers: unique names, at most one that shifts the
     advantage (each keeps |shift| < |A| on its own, so A never flips sign; two shifts add up and can
-    flip it: two EntropyAdvantage with kappa 1.5 turn negative advantages positive)."""
+    flip it: two EntropyAdvantage with kappa 1.5 turn negative advantages positive) and at most one
+    that sets a per-token clip range (a token has one clip range: two would have to be merged by a
+    rule neither defines)."""
     for reg in regularizers:
         reg._check_initialized()
     check_unique_names(regularizers)
@@ -236,6 +258,21 @@ def check_stack(regularizers: list[Regularizer]) -> None:
             f"{len(shifting)} regularizers shift the advantage ({', '.join(repr(r.name) for r in shifting)}): "
             "their shifts add up and can flip the advantage's sign; keep one (raise its alpha instead)"
         )
+    clipping = [r for r in regularizers if r.sets_clip_range]
+    if len(clipping) > 1:
+        raise ValueError(
+            f"{len(clipping)} regularizers set a per-token clip range "
+            f"({', '.join(f'{r.name!r} ({type(r).__name__})' for r in clipping)}): a token has one clip range and "
+            "neither says how to merge them; keep one"
+        )
+
+
+def check_objective_stack(objective, regularizers: list[Regularizer]) -> None:
+    """The objective against the regularizers' per-token clip range (GSPO takes none; CE-GPPO's
+    dual-clip bound on beta1 (1 - eps_low)): refused at start-up, naming both."""
+    for reg in regularizers:
+        if reg.sets_clip_range:
+            objective.check_token_clip(*reg.clip_values(), owner=f"{type(reg).__name__} (regularizer {reg.name!r})")
 
 
 def warn_inert_on_policy(reg: Regularizer, pl_module, why: str) -> None:

@@ -4,8 +4,9 @@
   sampled and trained distribution softmax(z / temperature) (computed in row chunks by the module;
   the reference code's convention). Its stationary point on a bandit is
   softmax(r / coef), not the best arm: a persistent bias unless `coef` is annealed to 0.
-- ReferenceKL: loss_tok += beta * KL_est(pi || pi_ref) with Schulman's k2 / k3 estimators on
-  the sampled tokens (as a loss, k2's expected gradient is that of KL(pi || pi_ref), k3's that of
+- ReferenceKL: loss_tok += beta * s_t * KL_est(pi || pi_ref) with Schulman's k2 / k3 estimators on
+  the sampled tokens (s_t = 1 unless a regularizer sets a per-token KL scale, `PolicyBatch.kl_scale`:
+  Archer's high-entropy tokens) (as a loss, k2's expected gradient is that of KL(pi || pi_ref), k3's that of
   KL(pi_ref || pi); k1's is 0, so k1 is refused: `lit_covrl.algorithms.kl`); the module loads the
   reference model only when one exists.
 """
@@ -89,7 +90,8 @@ class ReferenceKL(Regularizer):
         kl = kl_penalty(batch.logp, batch.ref_logp, self.estimator)
         sums = torch.stack([(kl * batch.mask).sum(), batch.mask.sum()]).detach().double()
         self._kl_sums = sums if self._kl_sums is None else self._kl_sums + sums
-        return TokenShaping(penalty=self._beta_now * kl)
+        beta = self._beta_now if batch.kl_scale is None else self._beta_now * batch.kl_scale.detach()
+        return TokenShaping(penalty=beta * kl)
 
     def pop_metrics(self) -> dict[str, float]:
         """reg/<name>/kl: the token-mean KL over every update of the step and every rank (a
