@@ -23,11 +23,11 @@ R7 = CONFIGS / "paper" / "qwen2.5-7b.yaml"
 F7 = CONFIGS / "fsdp" / "qwen2.5-7b.yaml"
 CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_tokens", "adaptive_entropy", "steer",
                "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "ce_gppo", "qae", "w_reinforce", "passk",
-               "entropic")
+               "entropic", "archer")
 REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "adaptive_entropy", "clip_cov",
                      "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
                      "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse", "qae", "w_reinforce", "w_reinforce_high_lr", "gspo", "cispo",
-                     "ce_gppo", "passk", "entropic")
+                     "ce_gppo", "passk", "entropic", "archer")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high")
 STACKS = {
     "quickstart.yaml": [QUICK],
@@ -71,7 +71,7 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
     cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False)
     assert isinstance(cli.model, GRPOModule) and isinstance(cli.datamodule, PromptDataModule)
     regs = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
-    expected = {"cpu/grpo.yaml": 0, "experiments/grpo_low_lr.yaml": 0, "cpu/gspo.yaml": 0, "cpu/cispo.yaml": 0, "reasoning/gspo.yaml": 0, "reasoning/cispo.yaml": 0, "cpu/ce_gppo.yaml": 0, "reasoning/ce_gppo.yaml": 0, "quickstart.yaml": 0, "reasoning.yaml": 0, "reasoning/grpo_low_lr.yaml": 0, "reasoning/grpo.yaml": 0, "reasoning/budget_1h.yaml": 0,
+    expected = {"cpu/archer.yaml": 2, "reasoning/archer.yaml": 2, "cpu/grpo.yaml": 0, "experiments/grpo_low_lr.yaml": 0, "cpu/gspo.yaml": 0, "cpu/cispo.yaml": 0, "reasoning/gspo.yaml": 0, "reasoning/cispo.yaml": 0, "cpu/ce_gppo.yaml": 0, "reasoning/ce_gppo.yaml": 0, "quickstart.yaml": 0, "reasoning.yaml": 0, "reasoning/grpo_low_lr.yaml": 0, "reasoning/grpo.yaml": 0, "reasoning/budget_1h.yaml": 0,
                 "reasoning/budget_collapse.yaml": 0, "cpu/qae.yaml": 0, "reasoning/qae.yaml": 0,
                 "cpu/passk.yaml": 0, "reasoning/passk.yaml": 0,
                 "paper/qwen2.5-7b.yaml": 0, "paper/qwen2.5-32b.yaml": 0}
@@ -91,6 +91,11 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
         (reg,) = regs
         assert (reg.kp, reg.ki, reg.threshold) == (1.0, 0.01, 0.95)
         assert reg.target == (0.5 if name.startswith("cpu/") else 0.085)
+    if name.endswith("archer.yaml"):  # the reference recipe's values (wizard-III/ArcherCodeR), with its ref KL
+        archer, kl = regs
+        assert (archer.quantile, archer.low_entropy, archer.high_entropy) == (0.8, (0.2, 0.2), (0.5, 0.5))
+        assert archer.high_entropy_kl_scale == 0.0 and (kl.beta, kl.estimator) == (1e-3, "k3")
+        assert cli.model.settings.loss.dual_clip == 10.0 and type(cli.model.objective).__name__ == "PPOClip"
     if name.endswith("qae.yaml"):
         assert cli.model.settings.loss.baseline_quantile == 0.4 and cli.model.settings.loss.advantage == "grpo"
     if name.endswith("passk.yaml"):  # k of the paper's main setting, below the testbeds' group size 8

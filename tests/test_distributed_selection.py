@@ -17,6 +17,7 @@ from lit_covrl.algorithms import aggregate, ppo_clipped_tokens
 from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
     AdaptiveEntropyBonus,
+    Archer,
     ClipCov,
     EntroPIC,
     EntropyAdvantage,
@@ -85,6 +86,11 @@ def _entropy_controls(rows: slice) -> dict[str, torch.Tensor]:
         reg.prepare(ctx)
         out[reg.name] = reg.weights
         out.update({k: torch.tensor(v) for k, v in reg.pop_metrics().items()})
+    archer = Archer(high_entropy_kl_scale=0.25)  # per response: each rank's rows decide alone
+    archer.prepare(ctx)
+    out["archer_low"], out["archer_high"] = archer.clip_bounds()
+    out["archer_kl_scale"] = archer.kl_scale()
+    out.update({k: torch.tensor(v) for k, v in archer.pop_metrics().items()})
     shift = EntropyAdvantage()
     shift.prepare(ctx)
     shift.shape(PolicyBatch(torch.arange(len(mask)), logp, old, adv, mask, ent))
@@ -106,6 +112,18 @@ def _objectives(rows: slice) -> dict[str, torch.Tensor]:
         loss = aggregate(obj.token_loss(z, old, adv, mask), mask, "token-mean", num_tokens=n_tok)
         loss.backward()
         stats = obj.stats(logp, old, adv, mask, num_tokens=n_tok)
+        out[f"{name}/metrics"] = distributed.all_sum(torch.stack([loss.detach(), *stats.values()]))
+        out[f"{name}/grad"] = z.grad
+    archer = Archer(low_entropy_clip_low=0.02, low_entropy_clip_high=0.02, high_entropy_clip_low=0.05,
+                    high_entropy_clip_high=0.05)
+    archer.prepare(MiniBatchContext(0, 1, False, logp, old, adv, mask, None, *_entropy(rows)[::-1]))
+    clip = archer.clip_bounds()  # each token-level objective under Archer's per-token range
+    for name, obj in (("ppo+archer", PPOClip(dual_clip=3.0)), ("cispo+archer", CISPO()),
+                      ("ce_gppo+archer", CEGPPO(beta1=0.5, beta2=1.5))):
+        z = logp.clone().requires_grad_(True)
+        loss = aggregate(obj.token_loss(z, old, adv, mask, clip=clip), mask, "token-mean", num_tokens=n_tok)
+        loss.backward()
+        stats = obj.stats(logp, old, adv, mask, num_tokens=n_tok, clip=clip)
         out[f"{name}/metrics"] = distributed.all_sum(torch.stack([loss.detach(), *stats.values()]))
         out[f"{name}/grad"] = z.grad
     return out
@@ -149,6 +167,7 @@ def test_two_processes_select_what_one_process_selects(tmp_path):
     assert 0 < whole["high_entropy_tokens"].sum() < whole["steer"].numel()
     assert whole["entropic_state"][0] != 0 and 0 < whole["reg/entropic/high_frac"] < 1
     assert (whole["entropic_penalty"] != 0).any()
+    assert 0 < whole["reg/archer/high_entropy_frac"] < 1 and 0 < whole["ppo+archer/metrics"][2] < 1
     for key, value in whole.items():
         if value.dim() == 2:  # per-token decisions: the halves concatenate to the whole
             torch.testing.assert_close(torch.cat([p["entropy"][key] for p in parts]), value, msg=key)

@@ -12,6 +12,7 @@ from lit_covrl.policy import load_policy
 from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
     AdaptiveEntropyBonus,
+    Archer,
     ClipCov,
     EntroPIC,
     EntropyAdvantage,
@@ -19,6 +20,7 @@ from lit_covrl.regularizers import (
     EntropyRatioClip,
     HighEntropyTokens,
     KLCov,
+    ReferenceKL,
     Regularizer,
     SteerWeights,
     WeightedReinforce,
@@ -153,8 +155,17 @@ def _covariance():
     return [ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3), KLCov(ratio=0.1, beta=1.0)]
 
 
+def _archer():
+    # Archer's per-token clip range (narrow ranges, so that the tiny model's second update clips
+    # on both), its KL scale applied by ReferenceKL, Clip-Cov drawing among the tokens left unclipped
+    return [Archer(quantile=0.5, low_entropy_clip_low=0.01, low_entropy_clip_high=0.01, high_entropy_clip_low=0.05,
+                   high_entropy_clip_high=0.05, high_entropy_kl_scale=0.25), ReferenceKL(beta=0.5),
+            ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)]
+
+
 INVARIANCE_CASES = {
     "entropy_controls": (_entropy_controls, None),
+    "archer+ref_kl": (_archer, lambda: PPOClip(dual_clip=3.0)),
     "gspo+cov": (_covariance, lambda: GSPO(clip_low=0.05, clip_high=0.05)),
     "cispo+cov": (_covariance, lambda: CISPO()),
     "ce_gppo+cov": (_covariance, lambda: CEGPPO(clip_low=0.05, clip_high=0.05, beta1=0.5, beta2=1.5)),
@@ -186,6 +197,9 @@ def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_
         assert ref_m["reg/entropy_advantage/shift_mean"] > 0 and ref_m["reg/entropy_advantage/loss"] != 0
         assert 0 < ref_m["reg/w_reinforce/positive_frac"] < 1
         assert 0 < ref_m["reg/entropic/high_frac"] < 1 and ref_m["reg/entropic/loss"] != 0
+    elif case == "archer+ref_kl":  # the per-token range clipped tokens; the KL scale and Clip-Cov acted
+        assert 0 < ref_m["reg/archer/high_entropy_frac"] < 1 and ref_m["reg/archer/loss"] != 0
+        assert ref_m["policy/clip_frac"] > 0 and ref_m["reg/ref_kl/loss"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
     else:
         assert ref_m["reg/clip_cov/selected_frac"] > 0 and ref_m["reg/kl_cov/selected_frac"] > 0
     if case == "ce_gppo+cov":  # tokens left the clip range on both sides: their kept gradients took part
@@ -643,6 +657,29 @@ def test_entropic_config_runs_through_the_cli(tiny_model_dir, tmp_path):
     tags = {k: [v for _, v in series] for k, series in scalar_tags(tmp_path).items()}
     assert {"reg/entropic/alpha", "reg/entropic/error", "reg/entropic/high_frac", "reg/entropic/loss"} <= set(tags)
     assert tags["reg/entropic/alpha"][0] == 0 and tags["reg/entropic/alpha"][1] != 0
+
+
+def test_archer_config_runs_through_the_cli(tiny_model_dir, tmp_path):
+    """configs/cpu/archer.yaml on the quickstart, through `lit-covrl fit` with two updates per
+    rollout: Archer and its ReferenceKL are built from the YAML and their tags are written, the
+    high-entropy share every step from that step's responses (under the top 20 % of each response's
+    tokens: a token equal to the quantile is low-entropy)."""
+    from pathlib import Path
+
+    from lit_covrl.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    main(["fit", "--config", str(root / "configs/quickstart.yaml"), "--config", str(root / "configs/cpu/archer.yaml"),
+          "--torch_threads", "1", "--model.model", tiny_model_dir, "--model.rollout.group_size", "2",
+          "--model.rollout.max_new_tokens", "6", "--data.batch_size", "8", "--model.update.mini_batch_size", "4",
+          "--model.rollout.filter_groups", "false",
+          "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+          "--checkpoint.dirpath", str(tmp_path / "ck"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    tags = {k: [v for _, v in series] for k, series in scalar_tags(tmp_path).items()}
+    assert {"reg/archer/high_entropy_frac", "reg/archer/loss", "reg/ref_kl/kl", "reg/ref_kl/loss"} <= set(tags)
+    assert all(0 < f < 0.5 for f in tags["reg/archer/high_entropy_frac"])
+    frac = tags["reg/archer/high_entropy_frac"]
+    assert frac[0] != frac[1]  # each step's own responses (the clip and KL acting: the invariance case "archer+ref_kl")
 
 
 def test_sampler_runs_the_prompt_forward_once_per_group(tiny_model_dir):

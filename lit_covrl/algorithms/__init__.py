@@ -24,6 +24,8 @@ from lit_covrl.algorithms.entropy import masked_entropy, masked_mean, token_entr
 from lit_covrl.algorithms.entropy_controls import (
     STEER_MAPPINGS,
     adaptive_entropy_coef,
+    archer_clip_bounds,
+    archer_high_entropy,
     entropic_alpha,
     entropic_high_prob,
     entropic_token_loss,
@@ -62,6 +64,8 @@ __all__ = [
     "STEER_MAPPINGS",
     "adaptive_entropy_coef",
     "aggregate",
+    "archer_clip_bounds",
+    "archer_high_entropy",
     "ce_gppo_clipped_tokens",
     "ce_gppo_token_loss",
     "cispo_stats",

@@ -23,6 +23,11 @@ logp_t the log-prob of the sampled token, A_t its advantage; N sequences, T resp
   Reinforcement", arXiv 2506.01347): weight lambda on the tokens of responses with A > 0 (positive
   sample reinforcement, which sharpens the policy), 1 on those with A < 0 (negative sample
   reinforcement, which spreads the removed mass over the other tokens by the model's prior).
+- archer_high_entropy / archer_clip_bounds (Archer, Wang et al. 2025, "Stabilizing Knowledge,
+  Promoting Reasoning: Dual-Token Constraints for RLVR", arXiv 2507.15778; wizard-III/ArcherCodeR):
+  a token is high-entropy when H_t exceeds the `quantile` quantile (0.8) of the entropies of its own
+  response's valid tokens (strictly: a token equal to it is low-entropy); high-entropy tokens get a
+  wide clip range, the others a narrow one (per-token eps_low / eps_high).
 - entropic_alpha / entropic_high_prob / entropic_weights / entropic_token_loss (EntroPIC, Yang
   et al. 2025, arXiv 2511.15248; github.com/yk7333/EntroPIC): a PI controller on the entropy
   error e = H - H_target sets alpha = clip(K_p e + K_i sum of the earlier e, -1, 1), and the loss
@@ -44,6 +49,8 @@ from lit_covrl.algorithms.losses import AGG_MODES
 
 __all__ = [
     "adaptive_entropy_coef",
+    "archer_clip_bounds",
+    "archer_high_entropy",
     "entropic_alpha",
     "entropic_high_prob",
     "entropic_token_loss",
@@ -80,6 +87,44 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, *, top_frac: float) -> Tens
     hi = min(lo + 1, n - 1)
     tau = float(valid[lo] + (pos - lo) * (valid[hi] - valid[lo]))
     return m & (entropy.detach().double() >= tau - TIE_TOL * abs(tau))
+
+
+def row_quantile(values: Tensor, mask: Tensor, q: float) -> Tensor:
+    """[N] float64: the q quantile of each row's valid values, linear interpolation between order
+    statistics (torch.nanquantile's default, without its 2^24-element limit); NaN for an empty row."""
+    m = mask.bool()
+    if values.shape[-1] == 0:
+        return torch.full(values.shape[:-1], math.nan, dtype=torch.float64, device=values.device)
+    v = torch.where(m, values.detach().double(), torch.full_like(values, math.inf, dtype=torch.float64))
+    ordered = torch.sort(v, dim=-1).values
+    k = m.sum(-1)
+    pos = q * (k - 1).clamp(min=0).double()
+    lo = pos.floor().long()
+    hi = torch.minimum(lo + 1, (k - 1).clamp(min=0))
+    a = ordered.gather(-1, lo.unsqueeze(-1)).squeeze(-1)
+    b = ordered.gather(-1, hi.unsqueeze(-1)).squeeze(-1)
+    out = a + (pos - lo.double()) * (b - a)
+    return torch.where(k > 0, out, torch.full_like(out, math.nan))
+
+
+@torch.no_grad()
+def archer_high_entropy(entropy: Tensor, mask: Tensor, *, quantile: float) -> Tensor:
+    """BoolTensor [N, T]: valid tokens whose entropy exceeds the `quantile` quantile of their own
+    response's valid entropies (`row_quantile`), strictly, as the reference (a token equal to the
+    quantile is low-entropy). Entropies within a relative `TIE_TOL` above the quantile count as
+    equal to it: the same token computed in forwards of different micro-batch shapes differs in
+    its last bits. quantile 1 selects no token; an empty row none."""
+    tau = row_quantile(entropy, mask, quantile).unsqueeze(-1)
+    return mask.bool() & (entropy.detach().double() > tau + TIE_TOL * tau.abs())
+
+
+def archer_clip_bounds(high: Tensor, *, low_entropy: tuple[float, float], high_entropy: tuple[float, float],
+                       dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(eps_low [N, T], eps_high [N, T]): `high_entropy` = (eps_low, eps_high) where `high`, else
+    `low_entropy`."""
+    lo = torch.where(high, high_entropy[0], low_entropy[0]).to(dtype)
+    hi = torch.where(high, high_entropy[1], low_entropy[1]).to(dtype)
+    return lo, hi
 
 
 def adaptive_entropy_coef(

@@ -1,4 +1,5 @@
 """Entropy regularizers as Lightning callbacks (see base.py for the contract)."""
+from lit_covrl.regularizers.archer import Archer
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
 from lit_covrl.regularizers.covariance import ClipCov, KLCov
 from lit_covrl.regularizers.dense import EntropyBonus, ReferenceKL
@@ -10,6 +11,7 @@ from lit_covrl.regularizers.schedules import SCHEDULES, Schedule
 
 __all__ = [
     "AdaptiveEntropyBonus",
+    "Archer",
     "ClipCov",
     "EntroPIC",
     "EntropyAdvantage",
