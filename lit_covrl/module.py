@@ -45,7 +45,7 @@ from lit_covrl.settings import (
     GROUPS, EvalSettings, LossSettings, RolloutSettings, SystemSettings, UpdateSettings, as_group,
     check_module_settings,
 )
-from lit_covrl.sharding import load_model
+from lit_covrl.sharding import is_sharded, load_model, shard_loaded
 from lit_covrl.startup_checks import check_before_start, check_optimizer_precision
 from lit_covrl.types import PromptBatch, Rollout
 
@@ -223,11 +223,17 @@ class GRPOModule(L.LightningModule):
         """Load the policy (and the reference model when a regularizer needs it). Under Lightning's
         `ModelParallelStrategy` (a device mesh is set) both are sharded with FSDP2 here, before the
         optimizer is built, so the optimizer holds only this rank's shards; their full weights are
-        read by rank 0 alone and broadcast into the other ranks' empty shards (`load_sharded`)."""
+        read by rank 0 alone and broadcast into the other ranks' empty shards (`load_sharded`).
+        Models this hook loaded before the fit (called early, without a mesh: every rank holds them
+        whole) are sharded in place then, rank 0's weights winning (`shard_loaded`)."""
         hp = self.hparams
         if self.policy is None:
             self.policy = self._load("model.model", hp.model, frozen=False)
             check_vocab(self.tokenizer, self.policy, hp.model, hp.tokenizer)
+        elif self.device_mesh is not None and not is_sharded(self.policy):
+            self.policy = shard_loaded(self.policy, self.device_mesh, system=self.settings.system, frozen=False)
+        if self._reference is not None and self.device_mesh is not None and not is_sharded(self._reference):
+            shard_loaded(self._reference, self.device_mesh, system=self.settings.system, frozen=True)
         if self._reference is None and any(r.needs_reference for r in self.regularizers):
             field = "model.reference_model" if hp.reference_model else "model.model"
             ref = self._load(field, hp.reference_model or hp.model, frozen=True)

@@ -152,6 +152,31 @@ def load_model(spec: str, *, dtype: str, frozen: bool, system, mesh=None,
     return load_sharded(lambda: build(load_policy), lambda: build(empty_policy), shard, device)
 
 
+def shard_loaded(model: nn.Module, mesh, *, system, frozen: bool) -> nn.Module:
+    """Shard in place a model that every rank already holds whole: one built before the trainer
+    handed the module its device mesh (`module.configure_model()` called before `trainer.fit`).
+    Rank 0's weights and buffers are broadcast into every rank's shards, as `load_model` loads them,
+    so the run is the one a module built inside the fit makes. A collective: every rank must call it."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX, CheckpointWrapper
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    def plain(name: str) -> str:
+        return name.replace(_CHECKPOINT_PREFIX, "")
+
+    # rank 0's tensors as loaded (sharding replaces the parameters; it moves the buffers as they are)
+    full = {plain(k): v for k, v in model.state_dict().items()} if dist.get_rank() == 0 else {}
+    checkpointed = system.activation_checkpointing and not frozen  # once: a policy loaded whole has it
+    checkpointed = checkpointed and not any(isinstance(m, CheckpointWrapper) for m in model.modules())
+    shard_model(model, mesh, mixed_precision=system.fsdp_mixed_precision, activation_checkpointing=checkpointed)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
+    with torch.no_grad():
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
+    return model
+
+
 def checkpoint_layers(model: nn.Module) -> None:
     """Recompute each decoder layer's activations in backward (non-reentrant checkpointing), with
     or without sharding. Works in eval mode too (the policy is kept in eval mode: no dropout in

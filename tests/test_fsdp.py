@@ -13,7 +13,7 @@ the global Clip-Cov / KL-Cov selection, the loss with global denominators, the g
 scattered mean x world size), the weights, and every logged metric, which must be the global value
 (a token mean over all ranks, not rank 0's or a mean of rank means) and the same on both ranks.
 
-One spawn of 2 workers runs eight short fits (module fixture):
+One spawn of 2 workers runs nine short fits (module fixture):
   A  4 steps, rollout_gather="once"           -> compared with 1 process, 4 steps
   B  2 steps, rollout_gather="per_forward", sharded checkpoint saved
   C  resume B to 4 steps                      -> compared with A on steps 3-4
@@ -27,6 +27,8 @@ One spawn of 2 workers runs eight short fits (module fixture):
      -> compared with 1 process with mini_batch_size 2, 3 steps
   H  3 steps under DDP with Pass@k Training's advantage (pass_k 2) on a 0/1 reward, with Clip-Cov
      and KL-Cov -> compared with 1 process, 3 steps
+  I  D with its models built before the fit (configure_model called early), rank 1's copies changed
+     -> compared with D
 """
 from __future__ import annotations
 
@@ -100,6 +102,24 @@ def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> Non
     res["D_dtypes"] = sorted({str(p.dtype) for p in module.policy.parameters()})
     res["D_weights"] = full_state_dict(module.policy)
     res["full_loads"] = len(full_loads)
+    rec = _dist.Recorder()  # I: D's run with its models built before the fit, and rank 1's changed
+    module = _dist.make_module(
+        model_dir, update=dict(micro_batch_size=64),
+        system=dict(fsdp_mixed_precision="bf16", activation_checkpointing=True),
+    )
+    tr = _dist.trainer(2, [rec, *_dist.regularizers(), ReferenceKL(beta=0.1)], 2, out / "i")
+    module.trainer = tr  # so that the early call loads the reference model too
+    module.configure_model()  # no mesh yet: both models loaded whole on every rank
+    if rank == 1:
+        with torch.no_grad():
+            for m in (module.policy, module._reference):
+                m.model.embed_tokens.weight.add_(1.0)
+                m.model.rotary_emb.inv_freq.mul_(2.0)
+    tr.fit(module, _dist.make_data(Path(prompts), _dist.B))
+    res["I"] = rec.steps
+    res["I_sharded"] = [type(m).__name__ for m in (module.policy, module.policy.model.layers[0]._checkpoint_wrapped_module,
+                                                   module._reference)]
+    res["I_weights"] = full_state_dict(module.policy)
     rec = _dist.Recorder()  # E: plain DDP (replicated weights, all-reduced gradients), same as A
     from lightning.pytorch.strategies import DDPStrategy
 
@@ -312,6 +332,19 @@ def test_mixed_precision_and_activation_checkpointing_run(two_procs, tiny_model_
     init = _initial(tiny_model_dir)
     moved = max((ranks[0]["D_weights"][k] - v).abs().max().item() for k, v in init.items())
     assert moved > 1e-3
+
+
+def test_models_built_before_the_fit_are_sharded_as_inside_it(two_procs):
+    """`module.configure_model()` called before `trainer.fit` (e.g. to read
+    `module.recompute_logprobs_on`) loads the policy and the reference whole on every rank; the fit
+    shards them in place from rank 0's weights and buffers (rank 1's were changed): the run is D's,
+    whose models were loaded inside the fit. Left unsharded, each rank trained its own copy."""
+    _, _, ranks = two_procs
+    for r in ranks:
+        assert r["I_sharded"] == ["FSDPQwen2ForCausalLM", "FSDPQwen2DecoderLayer", "FSDPQwen2ForCausalLM"]
+        _assert_same(r["I"], r["D"], (1, 2), rel=1e-6, abs_=1e-7)
+        for k, v in r["D_weights"].items():
+            torch.testing.assert_close(r["I_weights"][k], v, rtol=0, atol=0)
 
 
 def test_only_rank_zero_reads_the_full_weights(two_procs, tiny_model_dir):
