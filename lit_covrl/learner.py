@@ -186,9 +186,12 @@ class Learner:
                 logp = early[0] if early is not None else self._logprobs(*mb.filler, mb.mask.shape[1], False)[0]
                 self.driver.backward(logp.sum() * 0.0)
                 continue
-            logp, ent = early if early is not None else self._logprobs(mb.input_ids[r], mb.attention_mask[r], mb.mask.shape[1], need_ent)
+            out = early if early is not None else self._logprobs(mb.input_ids[r], mb.attention_mask[r], mb.mask.shape[1],
+                                                                 need_ent, topk=self._topk())
+            logp, ent = out[:2]
+            top = out[2] if len(out) > 2 else (None, None)  # (top-k log-probs, top-1 flag), if asked (`needs_topk`)
             batch = PolicyBatch(r, logp, mb.old_logp[r], mb.advantages[r], mb.mask[r], ent, mb.ref_rows(r), mb.old_entropy[r],
-                                None if self._kl_scale is None else self._kl_scale[r].to(logp.dtype))
+                                None if self._kl_scale is None else self._kl_scale[r].to(logp.dtype), *top)
             loss, shapings, base = self.loss(batch, agg)
             self.driver.backward(loss * scale)
             with torch.no_grad():  # micro-batch terms with mini-batch denominators: they add up
@@ -206,8 +209,9 @@ class Learner:
 
             shapings = [reg.shape(b) for reg in regularizers]          (selection made in prepare)
             A'       = A + sum of the shapings' advantage shifts        (e.g. EntropyAdvantage)
-            base     = objective.token_loss(logp, old_logp, A', mask,   (PPO-clip, GSPO or CISPO; with
-                                            clip=a shaping's per-token range)  Archer's clip range)
+            base     = objective.token_loss(logp + sum(logp_grad),     (PPO-clip, GSPO or CISPO; with
+                                            old_logp, A', mask,         Archer's clip range; logp_grad:
+                                            clip=a shaping's per-token range)  value 0, SimKO's top-K gradient)
             loss_tok = base * prod(weights) + sum(penalties)            (Clip-Cov, 80/20, STEER, ...;
                                                                          entropy bonus, KL-Cov, ref KL)
             loss     = aggregate(loss_tok, mask, mode, the mini-batch's denominators over all ranks)
@@ -216,7 +220,8 @@ class Learner:
         differ from the reference code"."""
         shapings = [TokenShaping.checked(_explained(reg, "shape", b, _BATCH_FLAGS), b.logp.shape, reg)
                     for reg in self.regularizers]
-        base = self.objective.token_loss(b.logp, b.old_logp, TokenShaping.shifted_advantages(shapings, b.advantages), b.mask,
+        base = self.objective.token_loss(TokenShaping.redirected_logp(shapings, b.logp), b.old_logp,
+                                         TokenShaping.shifted_advantages(shapings, b.advantages), b.mask,
                                          **_clip(TokenShaping.clip_range(shapings)))
         return aggregate(TokenShaping.combine(shapings, base), b.mask, **agg), shapings, base
 
@@ -287,7 +292,8 @@ class Learner:
             return mb.old_logp, (mb.old_entropy if want_ent else None), None
         if len(plan) == 1:
             rows = (mb.input_ids[plan[0]], mb.attention_mask[plan[0]]) if plan[0] is not None else mb.filler
-            early = self._logprobs(*rows, mb.mask.shape[1], (need_ent or want_ent) and plan[0] is not None)
+            early = self._logprobs(*rows, mb.mask.shape[1], (need_ent or want_ent) and plan[0] is not None,
+                                   topk=self._topk() if plan[0] is not None else 0)
             if plan[0] is None:
                 return mb.old_logp, (mb.old_entropy if want_ent else None), early
             ent = early[1].detach() * mb.mask if want_ent else None
@@ -330,28 +336,44 @@ class Learner:
                 ent_all[r] = ent.to(ent_all.dtype)
         return logp_all * mask, (ent_all * mask if with_entropy else None)
 
-    def _logprobs(self, ids: Tensor, att: Tensor, T: int, with_entropy: bool, model=None) -> tuple[Tensor, Tensor | None]:
+    def _topk(self) -> int:
+        """The most top-k log-probs a regularizer asks for (`Regularizer.needs_topk`; 0: none, and
+        the forward computes none)."""
+        return max((int(r.needs_topk) for r in self.regularizers), default=0)
+
+    def _logprobs(self, ids: Tensor, att: Tensor, T: int, with_entropy: bool, model=None,
+                  topk: int = 0) -> tuple:
         """Response log-probs (and entropy) [n, T] of a micro-batch under `model` (default the
         policy); with `skip_padding` computed on the micro-batch trimmed of its all-padding
         columns (`trim_padding`); the prompt forward shared over each group
         (`shared_prompt_logprobs`) when `shared_prompt` is on and activation checkpointing off;
         through the compiled forward (`lit_covrl.compiled`) with `compile_update`. Every call, filler passes included, then runs the same
-        two forwards on every rank when there are several (FSDP lock-step)."""
+        two forwards on every rank when there are several (FSDP lock-step). With `topk` > 0 a third
+        item (top-k log-probs [n, T, k] with grad, sampled token is the top-1 [n, T] bool) from the
+        same chunked pass; the log-probs are the same to the bit."""
         hp = self.settings
         model = model if model is not None else self.policy
         kw = dict(temperature=hp.rollout.temperature, with_entropy=with_entropy, chunk_size=hp.update.logprob_chunk_size)
+        if topk:
+            kw["topk"] = topk
         lockstep = distributed.world_size() > 1
         # the shared-prompt split forwards a tail only for >= 2 response columns: keep 2 on every
         # rank, or a rank whose rows all end after one token would run one forward to the others' two
         min_cols = 2 if lockstep and hp.shared_prompt and not hp.compile_update else 1
         ids, att, kept = trim_padding(ids, att, T, min_cols) if hp.skip_padding else (ids, att, T)
         if hp.compile_update:  # one full forward per row (shared_prompt resolves off with it)
-            logp, ent = response_logprobs(self.compiled(model), ids, att, kept, **kw)
+            out = response_logprobs(self.compiled(model), ids, att, kept, **kw)
         elif not hp.shared_prompt:
-            logp, ent = response_logprobs(model, ids, att, kept, **kw)
+            out = response_logprobs(model, ids, att, kept, **kw)
         else:
-            logp, ent = shared_prompt_logprobs(model, ids, att, kept, always_split=lockstep, **kw)
-        return pad_columns(logp, T), (None if ent is None else pad_columns(ent, T))
+            out = shared_prompt_logprobs(model, ids, att, kept, always_split=lockstep, **kw)
+        logp, ent = out[:2]
+        padded = pad_columns(logp, T), (None if ent is None else pad_columns(ent, T))
+        if not topk:
+            return padded
+        top, top1 = out[2]
+        top = top if top.shape[1] == T else torch.nn.functional.pad(top, (0, 0, 0, T - top.shape[1]))
+        return (*padded, (top, pad_columns(top1.to(torch.uint8), T).bool()))
 
     def _optimizer_step(self, last: bool) -> dict:
         """One optimizer update through the driver (GRPOModule: the strategy and its precision
@@ -398,7 +420,7 @@ class Learner:
 
 
 # the fields a regularizer gets only by asking (a None field read -> the flag to set)
-_BATCH_FLAGS = {"entropy": "needs_entropy", "ref_logp": "needs_reference"}  # PolicyBatch (shape)
+_BATCH_FLAGS = {"entropy": "needs_entropy", "ref_logp": "needs_reference", "topk_logp": "needs_topk"}  # PolicyBatch (shape)
 _CTX_FLAGS = {"entropy": "needs_current_entropy"}  # MiniBatchContext (prepare)
 
 
@@ -414,7 +436,8 @@ def _explained(reg, method: str, arg, flags: dict[str, str]):
     try:
         return getattr(reg, method)(arg)
     except (TypeError, AttributeError) as e:
-        unasked = [f"{'ctx' if method == 'prepare' else 'batch'}.{f} is None unless the class sets {flag} = True"
+        unasked = [f"{'ctx' if method == 'prepare' else 'batch'}.{f} is None unless the class sets {flag} = "
+                   + ("k (how many candidates, >= 1)" if flag == "needs_topk" else "True")
                    for f, flag in flags.items() if getattr(arg, f) is None and not getattr(reg, flag, False)]
         if unasked and "NoneType" in str(e):
             raise type(e)(f"regularizer {getattr(reg, 'name', reg)!r} ({type(reg).__name__}.{method}): {e}; "

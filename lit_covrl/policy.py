@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_covrl import gguf
-from lit_covrl.algorithms import token_entropy, token_logprobs
+from lit_covrl.algorithms import token_entropy, token_logprobs, token_topk_logprobs
 
 BUILTIN_MODELS = {"lit_covrl:tiny-arith": Path(__file__).parent / "assets" / "tiny-arith",
                   "lit_covrl:tiny-reasoning": Path(__file__).parent / "assets" / "tiny-reasoning"}
@@ -233,9 +233,13 @@ def response_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_size: int = 1024,
-) -> tuple[Tensor, Tensor | None]:
+    topk: int = 0,
+) -> tuple:
     """Log-probs [N, T] of the response tokens (the last T columns of input_ids) and, if asked,
-    the per-token entropy [N, T] of softmax(z / temperature). Differentiable when grad is enabled."""
+    the per-token entropy [N, T] of softmax(z / temperature). Differentiable when grad is enabled.
+    With `topk` k > 0 a third item, (the k most probable tokens' log-probs [N, T, k] with grad,
+    the sampled token is the most probable [N, T] bool), from the same chunked pass
+    (`token_topk_logprobs`); the log-probs are the same to the bit either way."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -245,9 +249,19 @@ def response_logprobs(
     )
     logits = out.logits[:, :-1]  # position t predicts token t+1: drop the last one  [N, T, V]
     labels = input_ids[:, -response_len:]
-    logp = token_logprobs(logits, labels, temperature=temperature, chunk_size=chunk_size)
+    logp, top = _token_logprobs(logits, labels, temperature, chunk_size, topk)
     entropy = token_entropy(logits, temperature=temperature, chunk_size=chunk_size) if with_entropy else None
-    return logp, entropy
+    return (logp, entropy) if not topk else (logp, entropy, top)
+
+
+def _token_logprobs(logits: Tensor, labels: Tensor, temperature: float, chunk_size: int,
+                    topk: int) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """(log-probs, None) through `token_logprobs`, or with `topk` > 0 (log-probs, (top-k
+    log-probs, top-1 flag)) through `token_topk_logprobs`."""
+    if not topk:
+        return token_logprobs(logits, labels, temperature=temperature, chunk_size=chunk_size), None
+    logp, top, top1 = token_topk_logprobs(logits, labels, topk, temperature=temperature, chunk_size=chunk_size)
+    return logp, (top, top1)
 
 
 def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -330,7 +344,8 @@ def shared_prompt_logprobs(
     with_entropy: bool = False,
     chunk_size: int = 1024,
     always_split: bool = False,
-) -> tuple[Tensor, Tensor | None]:
+    topk: int = 0,
+) -> tuple:
     """`response_logprobs` with each run of identical consecutive prompt rows forwarded once.
 
     Falls back to `response_logprobs` (one forward) when no prompt repeats, unless `always_split`
@@ -339,7 +354,7 @@ def shared_prompt_logprobs(
     every rank; such a class pays one wasted prompt forward once). Not for activation
     checkpointing: a recomputed layer would append to the cache again."""
     P = input_ids.shape[1] - response_len
-    kw = dict(temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size)
+    kw = dict(temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size, topk=topk)
     if P < 1 or type(model) in _UNSHARED_CACHE:
         return response_logprobs(model, input_ids, attention_mask, response_len, **kw)
     first, rows = prompt_groups(input_ids[:, :P], attention_mask[:, :P])
@@ -350,8 +365,10 @@ def shared_prompt_logprobs(
         _UNSHARED_CACHE.add(type(model))
         return response_logprobs(model, input_ids, attention_mask, response_len, **kw)
     labels = torch.split(input_ids[:, P:], [p.shape[1] for p in parts], 1)
-    logp = torch.cat([token_logprobs(p, y, temperature=temperature, chunk_size=chunk_size)
-                      for p, y in zip(parts, labels)], 1)
+    per_part = [_token_logprobs(p, y, temperature, chunk_size, topk) for p, y in zip(parts, labels)]
+    logp = torch.cat([lp for lp, _ in per_part], 1)
     entropy = (torch.cat([token_entropy(p, temperature=temperature, chunk_size=chunk_size) for p in parts], 1)
                if with_entropy else None)
-    return logp, entropy
+    if not topk:
+        return logp, entropy
+    return logp, entropy, tuple(torch.cat([t[i] for _, t in per_part], 1) for i in range(2))

@@ -94,6 +94,11 @@ class PolicyBatch:
     kl_scale   [n, T] | None   per-token scale of the KL-to-reference penalty set by a regularizer
                                in `prepare` (`Regularizer.kl_scale`; Archer's), which ReferenceKL
                                applies; None = 1 everywhere
+    topk_logp  [n, T, k] | None  current log-probs of the k most probable tokens at each position
+                               (largest first; indices from the detached logits), with grad, if a
+                               regularizer sets `needs_topk` = k (the largest k asked)
+    top1       [n, T] | None   bool: the sampled token is the current policy's most probable one
+                               (with `topk_logp`)
     """
 
     rows: Tensor
@@ -105,6 +110,8 @@ class PolicyBatch:
     ref_logp: Tensor | None = None
     old_entropy: Tensor | None = None
     kl_scale: Tensor | None = None
+    topk_logp: Tensor | None = None
+    top1: Tensor | None = None
 
 
 @dataclass
@@ -121,6 +128,11 @@ class TokenShaping:
     clip_high       [n, T] | None   objective's own on both sides (Archer's); both or neither, from
                                     a regularizer with `sets_clip_range` (at most one per run),
                                     the bounds its `clip_bounds()` gave for these rows
+    logp_grad       [n, T] | None   a term of value 0 (x - x.detach()) added to the log-probs the
+                                    objective reads: the loss's value is unchanged, and each token's
+                                    objective gradient coefficient dL/dlogp also multiplies the
+                                    gradient of this term (SimKO moves part of a token's gradient
+                                    from the sampled token to the top-K candidates this way)
     """
 
     weight: Tensor | None = None
@@ -128,6 +140,7 @@ class TokenShaping:
     advantage_shift: Tensor | None = None
     clip_low: Tensor | None = None
     clip_high: Tensor | None = None
+    logp_grad: Tensor | None = None
 
     @staticmethod
     def checked(shaping: Any, shape: torch.Size, owner: Any) -> "TokenShaping":
@@ -137,7 +150,7 @@ class TokenShaping:
         who = f"regularizer {getattr(owner, 'name', owner)!r} ({type(owner).__name__}.shape)"
         if not isinstance(shaping, TokenShaping):
             raise ValueError(f"{who} returned {type(shaping).__name__}, not a TokenShaping (TokenShaping() for none)")
-        for name in ("weight", "penalty", "advantage_shift", "clip_low", "clip_high"):
+        for name in ("weight", "penalty", "advantage_shift", "clip_low", "clip_high", "logp_grad"):
             value = getattr(shaping, name)
             if value is not None and value.shape != shape:
                 raise ValueError(f"{who} returned TokenShaping.{name} of shape {tuple(value.shape)}; every field is "
@@ -158,6 +171,16 @@ class TokenShaping:
             if s.clip_low is not None:
                 return s.clip_low.detach(), s.clip_high.detach()
         return None
+
+    @staticmethod
+    def redirected_logp(shapings: list["TokenShaping"], logp: Tensor) -> Tensor:
+        """logp + every regularizer's value-0 `logp_grad` term (logp itself, the same tensor, when
+        none returns one)."""
+        out = logp
+        for s in shapings:
+            if s.logp_grad is not None:
+                out = out + s.logp_grad
+        return out
 
     @staticmethod
     def shifted_advantages(shapings: list["TokenShaping"], advantages: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lit_covrl.algorithms import masked_entropy, masked_mean, token_entropy, token_logprobs
+from lit_covrl.algorithms import masked_entropy, masked_mean, token_entropy, token_logprobs, token_topk_logprobs
 
 F64 = torch.float64
 
@@ -199,3 +199,54 @@ def test_confident_tokens_entropy_matches_the_samplers_and_float64():
         assert (h_train >= 0).all()
         keep = entropy_ratio_keep(h_train[None], h_sampler[None], torch.ones(1, n), low=0.05, high=0.05)
         assert keep.all(), f"{int((~keep).sum())} of {n} tokens clipped with the policy unchanged"
+
+
+def test_topk_logprobs_hand_values():
+    # logits [log 1, log 2, log 3, log 4] / 10 -> p = [.1, .2, .3, .4]; label 2 is p .3, not the top-1
+    x = torch.log(torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=F64))
+    lp, top, top1 = token_topk_logprobs(x, torch.tensor([2]), 2)
+    assert lp.item() == pytest.approx(math.log(0.3), abs=1e-12)
+    assert top.tolist()[0] == pytest.approx([math.log(0.4), math.log(0.3)], abs=1e-12)
+    assert top1.tolist() == [False]
+    lp, top, top1 = token_topk_logprobs(x, torch.tensor([3]), 1, temperature=0.5)  # p ~ [1, 4, 9, 16] / 30
+    assert lp.item() == pytest.approx(math.log(16 / 30), abs=1e-12) and top.item() == pytest.approx(lp.item())
+    assert top1.tolist() == [True]
+    # d log p_top / d z = onehot(top) - p: the top-1 of [.1 .2 .3 .4] pulls its own logit up by .6
+    z = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(token_topk_logprobs(z, torch.tensor([0]), 1)[1].sum(), z)
+    assert g.tolist()[0] == pytest.approx([-0.1, -0.2, -0.3, 0.6], abs=1e-12)
+    for k in (0, 5):
+        with pytest.raises(ValueError, match="k must be"):
+            token_topk_logprobs(x, torch.tensor([0]), k)
+
+
+@pytest.mark.parametrize("temperature,chunk_size,dtype", [(1.0, 4096, F64), (0.7, 4, F64), (1.3, 1, torch.float32),
+                                                          (1.0, 3, torch.bfloat16)])
+def test_topk_logprobs_against_a_float64_loop(temperature, chunk_size, dtype):
+    """The label's log-prob is token_logprobs' to the bit (values and gradients); the top-k
+    log-probs and their gradients match a per-position float64 loop over sorted log-softmaxes."""
+    x = _logits(seed=7, dtype=dtype).requires_grad_(True)
+    labels = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(8))
+    lp, top, top1 = token_topk_logprobs(x, labels, 3, temperature=temperature, chunk_size=chunk_size)
+    plain = token_logprobs(x, labels, temperature=temperature, chunk_size=chunk_size)
+    assert torch.equal(lp, plain)
+    (g_lp,) = torch.autograd.grad(lp.sum(), x, retain_graph=True)
+    (g_plain,) = torch.autograd.grad(plain.sum(), x)
+    assert torch.equal(g_lp, g_plain)
+    w = torch.tensor([1.0, -0.5, 2.0], dtype=top.dtype)  # distinct weights per rank: the order matters
+    (g_top,) = torch.autograd.grad((top * w).sum(), x)
+    ref_top, ref_g = torch.zeros(3, 5, 3, dtype=F64), torch.zeros(3, 5, 11, dtype=F64)
+    for i in range(3):
+        for t in range(5):
+            z = x.detach()[i, t].double().requires_grad_(True)
+            ls = torch.log_softmax(z / temperature, -1)
+            order = sorted(range(11), key=lambda v: -float(z[v]))[:3]
+            assert bool(top1[i, t]) == (order[0] == int(labels[i, t]))
+            vals = torch.stack([ls[v] for v in order])
+            ref_top[i, t] = vals.detach()
+            (ref_g[i, t],) = torch.autograd.grad((vals * w.double()).sum(), z)
+    tol = dict(rtol=0, atol=1e-12) if dtype == F64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(top.double(), ref_top, **tol)
+    if dtype == torch.bfloat16:  # the gradient w.r.t. bf16 logits is rounded to bf16 (8 bits of mantissa)
+        tol = dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(g_top.double(), ref_g, **tol)

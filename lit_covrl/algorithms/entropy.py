@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["token_logprobs", "token_entropy", "masked_entropy", "masked_mean"]
+__all__ = ["token_logprobs", "token_topk_logprobs", "token_entropy", "masked_entropy", "masked_mean"]
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -59,6 +59,41 @@ def token_logprobs(
         return z.gather(-1, y).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
     return _chunked(fn, rows, flat_labels, chunk_size=chunk_size).view(labels.shape)
+
+
+def token_topk_logprobs(
+    logits: Tensor, labels: Tensor, k: int, *, temperature: float = 1.0, chunk_size: int = 4096
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(log pi(label) [...], log pi of the k most probable tokens [..., k] (largest first),
+    label is the most probable token [...] bool), in one chunked pass over the logits.
+
+    The first output is `token_logprobs`' to the bit (same operations in the same order); the
+    top-k log-probs are differentiable (the indices come from the detached logits, as SimKO's
+    reference code picks them); memory stays one chunk's float32 [chunk, V] at a time. The
+    top-1 flag compares the label with the first top-k index (a tie between two maximal logits
+    is broken by `torch.topk`'s choice).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if k < 1 or k > logits.shape[-1]:
+        raise ValueError(f"k must be in [1, vocabulary size {logits.shape[-1]}], got {k}")
+    rows = logits.reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1, 1).long()
+
+    def fn(z: Tensor, y: Tensor) -> Tensor:
+        z = _upcast(z) / temperature
+        lse = torch.logsumexp(z, dim=-1)
+        idx = torch.topk(z.detach(), k, dim=-1).indices
+        top = z.gather(-1, idx) - lse.unsqueeze(-1)
+        # [chunk, 1 + k + 1]: the label's log-prob, the top-k log-probs, the top-1 flag (no grad)
+        return torch.cat([(z.gather(-1, y).squeeze(-1) - lse).unsqueeze(-1), top,
+                          (idx[:, :1] == y).to(top.dtype)], dim=-1)
+
+    out = _chunked(fn, rows, flat_labels, chunk_size=chunk_size)
+    if out.shape[0] == 0:
+        out = out.new_zeros(0, k + 2)
+    return (out[:, 0].view(labels.shape), out[:, 1:1 + k].view(*labels.shape, k),
+            out[:, -1].detach().bool().view(labels.shape))
 
 
 def _entropy_rows(z: Tensor, temperature: float = 1.0) -> Tensor:

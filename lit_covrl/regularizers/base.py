@@ -108,6 +108,7 @@ class Regularizer(Callback):
     needs_reference: bool = False  # module loads and runs the reference model only if asked
     needs_current_logp: bool = False  # module provides ctx.logp of the current policy
     needs_current_entropy: bool = False  # module provides ctx.entropy of the current policy
+    needs_topk: int = 0  # k > 0: module fills batch.topk_logp [n, T, k] (with grad) and batch.top1 in `shape`
     reads_zeroed: bool = False  # prepared after the others, with their weight-0 tokens in ctx.zeroed
     shifts_advantage: bool = False  # returns TokenShaping.advantage_shift (at most one per run)
     sets_clip_range: bool = False  # returns TokenShaping.clip_low / clip_high (at most one per run; see clip_bounds)
@@ -185,6 +186,10 @@ class Regularizer(Callback):
         """With `sets_clip_range`: every eps_low and eps_high it may set, for the objective's
         start-up check (`Objective.check_token_clip`)."""
         return [], []
+
+    def check_objective(self, objective) -> None:
+        """Start-up check of the run's policy objective (`check_objective_stack`): raise a
+        ValueError naming both where this regularizer cannot act on it. Default: any objective."""
 
     def kl_scale(self) -> Tensor | None:
         """A per-token scale [n, T] of the prepared mini-batch for the KL-to-reference penalty
@@ -269,10 +274,12 @@ def check_stack(regularizers: list[Regularizer]) -> None:
 
 def check_objective_stack(objective, regularizers: list[Regularizer]) -> None:
     """The objective against the regularizers' per-token clip range (GSPO takes none; CE-GPPO's
-    dual-clip bound on beta1 (1 - eps_low)): refused at start-up, naming both."""
+    dual-clip bound on beta1 (1 - eps_low)) and against each regularizer's own
+    `check_objective` (SimKO: token-level objectives only): refused at start-up, naming both."""
     for reg in regularizers:
         if reg.sets_clip_range:
             objective.check_token_clip(*reg.clip_values(), owner=f"{type(reg).__name__} (regularizer {reg.name!r})")
+        reg.check_objective(objective)
 
 
 def warn_inert_on_policy(reg: Regularizer, pl_module, why: str) -> None:
