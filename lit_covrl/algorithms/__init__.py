@@ -34,6 +34,8 @@ from lit_covrl.algorithms.entropy_controls import (
     entropy_ratio_keep,
     high_entropy_mask,
     sample_sign_weights,
+    simko_logp_grad,
+    simko_tokens,
     steer_metric,
     steer_weights,
 )
@@ -99,6 +101,8 @@ __all__ = [
     "ppo_token_loss",
     "rloo_advantages",
     "sample_sign_weights",
+    "simko_logp_grad",
+    "simko_tokens",
     "sequence_logratio",
     "steer_metric",
     "steer_weights",

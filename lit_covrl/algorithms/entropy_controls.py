@@ -59,6 +59,8 @@ __all__ = [
     "entropy_ratio_keep",
     "high_entropy_mask",
     "sample_sign_weights",
+    "simko_logp_grad",
+    "simko_tokens",
     "steer_metric",
     "steer_weights",
     "STEER_MAPPINGS",
@@ -278,3 +280,24 @@ def entropic_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, weig
     adv = per_token_advantages(advantages, logp)
     ratio = torch.exp((logp - old_logp.detach().to(logp.dtype)).clamp(-ENTROPIC_LOGRATIO_CLAMP, ENTROPIC_LOGRATIO_CLAMP))
     return -alpha * weights.detach().to(logp.dtype) * ratio * adv.abs()
+
+
+def simko_tokens(entropy: Tensor, mask: Tensor, advantages: Tensor, top1: Tensor, *,
+                 tau: float) -> tuple[Tensor, Tensor]:
+    """SimKO's two token sets (Peng et al. 2025; CLR-Lab/SimKO, compute_policy_loss_simko), among
+    each response's high-entropy tokens (entropy strictly above the `tau` quantile of its own
+    response's valid entropies, `archer_high_entropy`): (top-K mixed: A > 0, the verified-correct
+    responses; top-1 penalized: A < 0 and the sampled token is the current policy's most probable).
+    Both BoolTensor [n, T]."""
+    high = archer_high_entropy(entropy, mask, quantile=tau)
+    return high & (advantages > 0), high & (advantages < 0) & top1.bool()
+
+
+def simko_logp_grad(logp: Tensor, topk_logp: Tensor, mixed: Tensor, *, coef: float) -> Tensor:
+    """[n, T], value 0: coef * (mean_k(topk - sg(topk)) - (logp - sg(logp))) on the `mixed` tokens.
+    Added to the log-probs the objective reads, it turns each mixed token's gradient c grad(logp)
+    into c ((1 - coef) grad(logp) + coef / K sum_k grad(topk_k)), SimKO's mixed ratio
+    (1 - coef) r + coef / K sum_k r_k with r_k's value r (its reference divides by
+    exp(topk - old_topk) + 1e-8; we leave the 1e-8 out, and with it the old top-K log-probs)."""
+    moved = (topk_logp - topk_logp.detach()).mean(-1) - (logp - logp.detach())
+    return torch.where(mixed, coef * moved, torch.zeros_like(moved))

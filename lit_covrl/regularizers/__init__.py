@@ -8,6 +8,7 @@ from lit_covrl.regularizers.entropy_selection import EntropyRatioClip, HighEntro
 from lit_covrl.regularizers.entropy_shaping import AdaptiveEntropyBonus, EntropyAdvantage
 from lit_covrl.regularizers.sample_weights import WeightedReinforce
 from lit_covrl.regularizers.schedules import SCHEDULES, Schedule
+from lit_covrl.regularizers.simko import SimKO
 
 __all__ = [
     "AdaptiveEntropyBonus",
@@ -24,6 +25,7 @@ __all__ = [
     "Regularizer",
     "SCHEDULES",
     "Schedule",
+    "SimKO",
     "SteerWeights",
     "WeightedReinforce",
 ]
