@@ -150,6 +150,13 @@ def entropy_controls():
             ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)]
 
 
+def simko():
+    """SimKO with a mix and penalty large enough to act on the tiny model, with Clip-Cov."""
+    from lit_covrl.regularizers import SimKO
+
+    return [SimKO(mix_topk_coef=0.5, tau=0.5, incorrect_top1_scale=2.0), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)]
+
+
 def gspo():
     from lit_covrl.objectives import GSPO
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lit_covrl.algorithms import aggregate, ppo_clipped_tokens
+from lit_covrl.algorithms import aggregate, ppo_clipped_tokens, token_entropy, token_topk_logprobs
 from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
     AdaptiveEntropyBonus,
@@ -24,6 +24,7 @@ from lit_covrl.regularizers import (
     EntropyRatioClip,
     HighEntropyTokens,
     KLCov,
+    SimKO,
     SteerWeights,
     WeightedReinforce,
 )
@@ -126,7 +127,31 @@ def _objectives(rows: slice) -> dict[str, torch.Tensor]:
         stats = obj.stats(logp, old, adv, mask, num_tokens=n_tok, clip=clip)
         out[f"{name}/metrics"] = distributed.all_sum(torch.stack([loss.detach(), *stats.values()]))
         out[f"{name}/grad"] = z.grad
+    out.update(_simko(rows, n_tok))
     return out
+
+
+def _simko(rows: slice, n_tok) -> dict[str, torch.Tensor]:
+    """PPOClip + SimKO from logits [N, T, V] (the top-K log-probs and entropy with grad): its
+    loss, metrics (a collective) and the gradient w.r.t. the logits of these rows."""
+    from lit_covrl.types import TokenShaping
+
+    g = torch.Generator().manual_seed(2)
+    logits = 2.0 * torch.randn(N, T, 9, generator=g)
+    labels = torch.multinomial(torch.softmax(logits.view(-1, 9), -1), 1, generator=g).view(N, T)
+    _, old, adv, mask = (t[rows] for t in _batch())
+    z = logits[rows].clone().requires_grad_(True)
+    logp, top, top1 = token_topk_logprobs(z, labels[rows], 3)
+    old = logp.detach() + (old - _batch()[0][rows])  # the batch's log-ratios
+    reg, obj = SimKO(mix_topk_coef=0.5, tau=0.5, incorrect_top1_scale=2.0), PPOClip()
+    s = reg.shape(PolicyBatch(torch.arange(len(mask)), logp, old, adv, mask, token_entropy(z), topk_logp=top, top1=top1))
+    base = obj.token_loss(TokenShaping.redirected_logp([s], logp), old, adv, mask)
+    loss = aggregate(TokenShaping.combine([s], base), mask, "token-mean", num_tokens=n_tok)
+    loss.backward()
+    from lit_covrl import distributed
+
+    return {"ppo+simko/loss": distributed.all_sum(loss.detach()), "ppo+simko/grad": z.grad.flatten(1),
+            **{k: torch.tensor(v) for k, v in reg.pop_metrics().items()}}
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -168,6 +193,7 @@ def test_two_processes_select_what_one_process_selects(tmp_path):
     assert whole["entropic_state"][0] != 0 and 0 < whole["reg/entropic/high_frac"] < 1
     assert (whole["entropic_penalty"] != 0).any()
     assert 0 < whole["reg/archer/high_entropy_frac"] < 1 and 0 < whole["ppo+archer/metrics"][2] < 1
+    assert 0 < whole["reg/simko/mixed_frac"] < 1 and 0 < whole["reg/simko/top1_penalized_frac"] < 1
     for key, value in whole.items():
         if value.dim() == 2:  # per-token decisions: the halves concatenate to the whole
             torch.testing.assert_close(torch.cat([p["entropy"][key] for p in parts]), value, msg=key)

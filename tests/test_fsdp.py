@@ -145,6 +145,10 @@ def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> Non
     _dist.trainer(F_STEPS, [rec, *_dist.regularizers()], 2, out / "h", strategy=ddp).fit(
         module, _dist.make_data(Path(prompts), _dist.B))
     res["H"] = rec.steps
+    rec = _dist.Recorder()  # S: FSDP2, SimKO (the top-K log-probs of the sharded training forward)
+    module = _dist.make_module(model_dir)
+    _dist.trainer(F_STEPS, [rec, *_dist.simko()], 2, out / "s").fit(module, _dist.make_data(Path(prompts), _dist.B))
+    res["S"] = rec.steps
     torch.save(res, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -196,6 +200,15 @@ def one_proc_minibatches(tiny_model_dir, two_procs):
     rec = _dist.Recorder()
     module = _dist.make_module(tiny_model_dir, update=dict(mini_batch_size=2))
     _dist.trainer(F_STEPS, [rec, *_dist.regularizers()], 1, out / "single_g").fit(module, _dist.make_data(prompts, 2 * _dist.B))
+    return rec.steps
+
+
+@pytest.fixture(scope="module")
+def one_proc_simko(tiny_model_dir, two_procs):
+    out, prompts, _ = two_procs
+    rec = _dist.Recorder()
+    module = _dist.make_module(tiny_model_dir)
+    _dist.trainer(F_STEPS, [rec, *_dist.simko()], 1, out / "single_s").fit(module, _dist.make_data(prompts, 2 * _dist.B))
     return rec.steps
 
 
@@ -428,3 +441,17 @@ def test_several_updates_per_rollout_match_one_process_with_the_same_global_mini
     single = one_proc_minibatches
     for r in ranks:
         _assert_same(r["G"], single, range(1, F_STEPS + 1), rel=2e-3, abs_=1e-5)
+
+
+def test_simko_matches_one_process_trajectory(two_procs, one_proc_simko):
+    """SimKO under FSDP2 (its top-K log-probs from the sharded training forward, rank 1's filler
+    passes at step 1, per-response entropy quantiles, metrics summed over ranks) gives the same
+    trajectory on 2 processes as on 1."""
+    _, _, ranks = two_procs
+    single = one_proc_simko
+    steps = range(1, F_STEPS + 1)
+    assert all(0 < single[s]["reg/simko/mixed_frac"] < 1 for s in steps)
+    assert any(0 < single[s]["reg/simko/top1_penalized_frac"] < 1 for s in steps)
+    assert any(single[s]["reg/simko/loss"] != 0 for s in steps)
+    for r in ranks:
+        _assert_same(r["S"], single, steps, rel=2e-3, abs_=1e-5)

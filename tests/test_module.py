@@ -22,6 +22,7 @@ from lit_covrl.regularizers import (
     KLCov,
     ReferenceKL,
     Regularizer,
+    SimKO,
     SteerWeights,
     WeightedReinforce,
 )
@@ -163,7 +164,16 @@ def _archer():
             ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)]
 
 
+def _simko():
+    # SimKO with a large mix and penalty, so that both act on the tiny model; Clip-Cov (a weight
+    # on top of SimKO's) and an entropy bonus (needs_entropy too) stacked with it
+    return [SimKO(top_k=3, mix_topk_coef=0.5, tau=0.5, incorrect_top1_scale=2.0),
+            ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3), EntropyBonus(coef=0.05)]
+
+
 INVARIANCE_CASES = {
+    "simko+cov": (_simko, lambda: PPOClip(dual_clip=3.0)),
+    "simko+ce_gppo": (_simko, lambda: CEGPPO(clip_low=0.05, clip_high=0.05, beta1=0.5, beta2=1.5)),
     "entropy_controls": (_entropy_controls, None),
     "archer+ref_kl": (_archer, lambda: PPOClip(dual_clip=3.0)),
     "gspo+cov": (_covariance, lambda: GSPO(clip_low=0.05, clip_high=0.05)),
@@ -197,6 +207,9 @@ def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_
         assert ref_m["reg/entropy_advantage/shift_mean"] > 0 and ref_m["reg/entropy_advantage/loss"] != 0
         assert 0 < ref_m["reg/w_reinforce/positive_frac"] < 1
         assert 0 < ref_m["reg/entropic/high_frac"] < 1 and ref_m["reg/entropic/loss"] != 0
+    elif case.startswith("simko"):  # both of SimKO's sets non-empty, its weight changed the loss
+        assert 0 < ref_m["reg/simko/mixed_frac"] < 1 and 0 < ref_m["reg/simko/top1_penalized_frac"] < 1
+        assert ref_m["reg/simko/loss"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
     elif case == "archer+ref_kl":  # the per-token range clipped tokens; the KL scale and Clip-Cov acted
         assert 0 < ref_m["reg/archer/high_entropy_frac"] < 1 and ref_m["reg/archer/loss"] != 0
         assert ref_m["policy/clip_frac"] > 0 and ref_m["reg/ref_kl/loss"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0

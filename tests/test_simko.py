@@ -171,3 +171,51 @@ def test_objectives_and_settings_checked_at_start_up():
             SimKO(**{field: value})
     reg = SimKO()
     assert (reg.needs_topk, reg.mix_topk_coef, reg.tau, reg.incorrect_top1_scale) == (3, 0.01, 0.8, 1.1)
+
+
+def test_module_fit_mix_moves_the_weights_and_switched_off_is_plain_grpo(tiny_model_dir):
+    """Through GRPOModule (4 updates): SimKO with mix 0 and scale 1 ends on the plain run's weights
+    to the bit; its top-K mix alone (scale 1: the loss's value is the objective's) moves them."""
+    from tests.test_module import _one_rl_step_weights
+
+    plain_w, plain_m = _one_rl_step_weights(tiny_model_dir, 3, list)
+    off_w, off_m = _one_rl_step_weights(tiny_model_dir, 3, lambda: [SimKO(mix_topk_coef=0.0, incorrect_top1_scale=1.0)])
+    mix_w, mix_m = _one_rl_step_weights(tiny_model_dir, 3, lambda: [SimKO(mix_topk_coef=0.5, tau=0.5,
+                                                                          incorrect_top1_scale=1.0)])
+    assert all(torch.equal(off_w[k], plain_w[k]) for k in plain_w)
+    assert off_m["policy/loss"] == plain_m["policy/loss"] and off_m["reg/simko/loss"] == 0
+    assert mix_m["reg/simko/loss"] == 0 and mix_m["reg/simko/mixed_frac"] > 0  # value-0 term: no loss change
+    assert max((mix_w[k] - plain_w[k]).abs().max().item() for k in plain_w) > 1e-4
+
+
+def test_module_refuses_simko_with_gspo_at_start_up(tiny_model_dir):
+    from tests.test_module import _one_rl_step_weights
+
+    with pytest.raises(ValueError, match=r"SimKO \(regularizer 'simko'\).*objective GSPO"):
+        _one_rl_step_weights(tiny_model_dir, 64, lambda: [SimKO()], objective=GSPO())
+
+
+def test_simko_config_runs_through_the_cli(tmp_path):
+    """configs/cpu/simko.yaml on the quickstart (its shipped tiny-arith model, which solves some
+    prompts: A != 0) through `lit-covrl fit` (a lower tau and a larger top-1 weight on the command
+    line, so that the few tokens of 4 prompts show them): SimKO is built from the
+    YAML, its tags are written every step from that step's responses, and its top-1 weight
+    changes the loss."""
+    from pathlib import Path
+
+    from lit_covrl.cli import main
+    from tests.helpers import scalar_tags
+
+    root = Path(__file__).resolve().parents[1]
+    main(["fit", "--config", str(root / "configs/quickstart.yaml"), "--config", str(root / "configs/cpu/simko.yaml"),
+          "--torch_threads", "1", "--data.batch_size", "4", "--model.update.mini_batch_size", "2",
+          "--model.rollout.filter_groups", "false", "--trainer.callbacks.init_args.tau", "0.3",
+          "--trainer.callbacks.init_args.incorrect_top1_scale", "3.0",
+          "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+          "--checkpoint.dirpath", str(tmp_path / "ck"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    tags = {k: [v for _, v in series] for k, series in scalar_tags(tmp_path).items()}
+    assert {"reg/simko/mixed_frac", "reg/simko/top1_penalized_frac", "reg/simko/top1_prob", "reg/simko/loss"} <= set(tags)
+    assert all(len(v) == 2 for k, v in tags.items() if k.startswith("reg/simko/"))
+    assert all(0 < f < 1 for f in tags["reg/simko/mixed_frac"])
+    assert tags["reg/simko/mixed_frac"][0] != tags["reg/simko/mixed_frac"][1]
+    assert any(f > 0 for f in tags["reg/simko/top1_penalized_frac"]) and any(v != 0 for v in tags["reg/simko/loss"])
