@@ -14,7 +14,8 @@ The contract (lit_covrl/regularizers/base.py):
   `batch.logp`: `weight` (multiplies the objective's token loss), `penalty` (added, with gradient)
   and/or `advantage_shift` (detached, added to the advantage inside the objective);
 - flags ask the learner for more: `needs_entropy` (batch.entropy with grad), `needs_reference`,
-  `needs_current_logp` / `needs_current_entropy` (ctx.logp / ctx.entropy of the current policy);
+  `needs_current_logp` / `needs_current_entropy` (ctx.logp / ctx.entropy of the current policy),
+  `needs_topk = k` (batch.topk_logp [n, T, k] with grad, batch.top1);
 - `self.record(key, value)` logs the step's mean under reg/<name>/<key>.
 """
 from __future__ import annotations
