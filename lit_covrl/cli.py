@@ -67,6 +67,8 @@ class _ArgumentParser(LightningArgumentParser):
     values they print (`escape_interpolations`)."""
 
     def dump(self, cfg, *args, **kwargs) -> str:
+        if "skip_none" in kwargs:  # Lightning's SaveConfigCallback still passes jsonargparse's old name
+            kwargs["skip_unset"] = kwargs.pop("skip_none")
         return super().dump(escape_interpolations(cfg), *args, **kwargs)
 
 

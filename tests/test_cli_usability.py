@@ -449,3 +449,18 @@ def test_a_printed_config_reads_back_with_a_dollar_brace_string_from_the_command
     assert loaded["data"]["system_prompt"] == "Cost is ${x} dollars"
     (tmp_path / "printed.yaml").write_text(first)
     assert printed("--config", str(tmp_path / "printed.yaml")) == first
+
+
+def test_saving_a_run_config_raises_no_deprecation_warning():
+    """Lightning's config saver calls dump(..., skip_none=False), a name jsonargparse deprecated;
+    through our parser the warning pointed at lit_covrl/cli.py and `python -m lit_covrl.cli fit`
+    printed it on every run."""
+    import warnings
+
+    from lit_covrl.cli import _ArgumentParser
+
+    parser = _ArgumentParser()
+    parser.add_argument("--x", type=str, default="${y}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert parser.dump(parser.parse_args([]), skip_none=False).strip() == "x: \\${y}"
