@@ -3,7 +3,8 @@
 For each epoch and each mini-batch (whole prompt groups): plan the micro-batches, let the
 regularizers select over the whole mini-batch (all ranks), accumulate the gradients of one
 aggregated loss whose denominators are the mini-batch's (so the result does not depend on
-micro_batch_size), step. The whole loss is written in one function, `Learner.loss`:
+micro_batch_size), step. The whole loss is written in one function, `Learner.loss`
+(`lit_covrl.loss.compose`):
 
     agg( objective.token_loss(A + sum(advantage shifts)) * prod(weights) + sum(penalties) )
 
@@ -30,9 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from lit_covrl import distributed
-from lit_covrl.algorithms import aggregate
 from lit_covrl.compiled import CompiledForwards
 from lit_covrl.drivers import OptimizerDriver
+from lit_covrl.loss import CTX_FLAGS, clip_kwargs, compose, explained, loss_parts, metric_keys
 from lit_covrl.metrics import StepMetrics
 from lit_covrl.objectives import Objective
 from lit_covrl.packing import MiniBatch, length_order, lockstep_chunks, pad_columns, trim_padding
@@ -161,8 +162,9 @@ class Learner:
         clip = None
         for reg in sorted(self.regularizers, key=lambda r: (not r.sets_clip_range, r.reads_zeroed)):
             if ctx.clipped is None and not reg.sets_clip_range:
-                ctx.clipped = self.objective.clipped_tokens(current, mb.old_logp, mb.advantages, mb.mask, **_clip(clip))
-            _explained(reg, "prepare", ctx, _CTX_FLAGS)
+                ctx.clipped = self.objective.clipped_tokens(current, mb.old_logp, mb.advantages, mb.mask,
+                                                            **clip_kwargs(clip))
+            explained(reg, "prepare", ctx, CTX_FLAGS)
             if reg.sets_clip_range:
                 clip = reg.clip_bounds()
             if (zeroed := reg.zeroed_tokens()) is not None:
@@ -195,85 +197,19 @@ class Learner:
             loss, shapings, base = self.loss(batch, agg)
             self.driver.backward(loss * scale)
             with torch.no_grad():  # micro-batch terms with mini-batch denominators: they add up
-                for k, v in self._loss_parts(batch, loss, shapings, base, agg, totals[0]).items():
+                for k, v in loss_parts(self.objective, regs, batch, loss, shapings, base, agg, totals[0]).items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
         # every part is this rank's share of a global mean (mini-batch denominators over all
         # ranks): the global value is their sum over ranks. One collective for all of them.
-        keys = self._update_metric_keys(regs)
+        keys = metric_keys(self.objective, regs)
         zero = mb.mask.new_zeros((), dtype=torch.float32)
         local = torch.stack([sums.get(k, zero).to(zero) for k in keys])
         return dict(zip(keys, distributed.all_sum(local).tolist()))
 
     def loss(self, b: PolicyBatch, agg: dict) -> tuple[Tensor, list[TokenShaping], Tensor]:
-        """The whole loss of one micro-batch `b` (log-probs with grad), in one place:
-
-            shapings = [reg.shape(b) for reg in regularizers]          (selection made in prepare)
-            A'       = A + sum of the shapings' advantage shifts        (e.g. EntropyAdvantage)
-            base     = objective.token_loss(logp + sum(logp_grad),     (PPO-clip, GSPO or CISPO; with
-                                            old_logp, A', mask,         Archer's clip range; logp_grad:
-                                            clip=a shaping's per-token range)  value 0, SimKO's top-K gradient)
-            loss_tok = base * prod(weights) + sum(penalties)            (Clip-Cov, 80/20, STEER, ...;
-                                                                         entropy bonus, KL-Cov, ref KL)
-            loss     = aggregate(loss_tok, mask, mode, the mini-batch's denominators over all ranks)
-
-        Returns (loss, shapings, base). Departures from the reference code: README, "Where we
-        differ from the reference code"."""
-        shapings = [TokenShaping.checked(_explained(reg, "shape", b, _BATCH_FLAGS), b.logp.shape, reg)
-                    for reg in self.regularizers]
-        base = self.objective.token_loss(TokenShaping.redirected_logp(shapings, b.logp), b.old_logp,
-                                         TokenShaping.shifted_advantages(shapings, b.advantages), b.mask,
-                                         **_clip(TokenShaping.clip_range(shapings)))
-        return aggregate(TokenShaping.combine(shapings, base), b.mask, **agg), shapings, base
-
-    def _loss_parts(self, b: PolicyBatch, loss: Tensor, shapings: list[TokenShaping], base: Tensor, agg: dict,
-                    num_tokens: Tensor) -> dict[str, Tensor]:
-        """policy/loss, each regularizer's contribution reg/<name>/loss and the objective's stats."""
-        parts = {"policy/loss": loss}
-        parts.update(self._contributions(b, shapings, base, agg))
-        parts.update({f"policy/{k}": v for k, v in self.objective.stats(
-            b.logp, b.old_logp, b.advantages, b.mask, num_tokens=num_tokens,
-            **_clip(TokenShaping.clip_range(shapings))).items()})
-        return parts
-
-    def _contributions(self, b: PolicyBatch, shapings: list[TokenShaping], base: Tensor, agg: dict) -> dict[str, Tensor]:
-        """reg/<name>/loss: what each regularizer adds to the aggregated loss on top of the ones
-        listed before it: the change of the objective its advantage shift or its per-token clip
-        range makes, the change of the (shifted, already weighted) objective its weight makes, its
-        penalty. They add up to policy/loss minus the unshaped objective's loss, also when two drop
-        the same token."""
-        out, running = {}, None  # running: the product of the weights so far
-        before = None  # the objective's token loss with the shifts / clip so far (computed once one acts)
-        inside: list[TokenShaping] = []  # the shapings so far that act inside the objective
-        base = base.detach()
-
-        def objective(shapings_so_far: list[TokenShaping]) -> Tensor:
-            return self.objective.token_loss(b.logp.detach(), b.old_logp,
-                                             TokenShaping.shifted_advantages(shapings_so_far, b.advantages), b.mask,
-                                             **_clip(TokenShaping.clip_range(shapings_so_far)))
-
-        for reg, s in zip(self.regularizers, shapings):
-            total = torch.zeros((), device=base.device)
-            if s.advantage_shift is not None or s.clip_low is not None:
-                if before is None:
-                    before = objective([])
-                inside.append(s)
-                after = objective(inside)
-                total = total + aggregate(after - before, b.mask, **agg)
-                before = after
-            if s.weight is not None:
-                weighted = base if running is None else base * running
-                total = total + aggregate(weighted * (s.weight - 1.0), b.mask, **agg)
-                running = s.weight if running is None else running * s.weight
-            if s.penalty is not None:
-                total = total + aggregate(s.penalty.detach(), b.mask, **agg)
-            out[f"reg/{reg.name}/loss"] = total
-        return out
-
-    def _update_metric_keys(self, regs) -> list[str]:
-        """Names of the per-update loss metrics, in a fixed order (the same on every rank, even
-        on a rank whose micro-batches were all fillers)."""
-        stats = self.objective.stat_names()
-        return ["policy/loss", *[f"reg/{reg.name}/loss" for reg in regs], *[f"policy/{k}" for k in stats]]
+        """The whole loss of one micro-batch `b` (log-probs with grad) under this learner's objective
+        and regularizers: `lit_covrl.loss.compose`. Returns (loss, shapings, base)."""
+        return compose(self.objective, self.regularizers, b, agg)
 
     def _selection_logprobs(self, mb: "MiniBatch", plan: list, need_ent: bool):
         """(current log-probs [n, T], current entropy [n, T] or None, the training forward if it
@@ -418,28 +354,3 @@ class Learner:
                 "Lower the learning rate or check the reward and data."
             )
 
-
-# the fields a regularizer gets only by asking (a None field read -> the flag to set)
-_BATCH_FLAGS = {"entropy": "needs_entropy", "ref_logp": "needs_reference", "topk_logp": "needs_topk"}  # PolicyBatch (shape)
-_CTX_FLAGS = {"entropy": "needs_current_entropy"}  # MiniBatchContext (prepare)
-
-
-def _clip(clip: tuple[Tensor, Tensor] | None) -> dict:
-    """The objective's keyword for a per-token clip range: none when there is none, so objectives
-    that take no `clip` (token_clip False) are called as before."""
-    return {} if clip is None else {"clip": clip}
-
-
-def _explained(reg, method: str, arg, flags: dict[str, str]):
-    """reg.<method>(arg); an error about None raised while a field of `arg` the regularizer did not
-    ask for is None (it read batch.entropy without `needs_entropy = True`) names the flag to set."""
-    try:
-        return getattr(reg, method)(arg)
-    except (TypeError, AttributeError) as e:
-        unasked = [f"{'ctx' if method == 'prepare' else 'batch'}.{f} is None unless the class sets {flag} = "
-                   + ("k (how many candidates, >= 1)" if flag == "needs_topk" else "True")
-                   for f, flag in flags.items() if getattr(arg, f) is None and not getattr(reg, flag, False)]
-        if unasked and "NoneType" in str(e):
-            raise type(e)(f"regularizer {getattr(reg, 'name', reg)!r} ({type(reg).__name__}.{method}): {e}; "
-                          + "; ".join(unasked)) from e
-        raise

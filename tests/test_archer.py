@@ -197,6 +197,7 @@ def test_learner_wiring_clip_cov_candidates_and_contribution():
     among the tokens the per-token range leaves unclipped), and reg/archer/loss is the change of
     the objective the per-token range makes."""
     from lit_covrl.learner import Learner
+    from lit_covrl.loss import contributions
 
     logp, old, adv, mask, _ = _tokens()
     old = logp + 0.5 * (old - logp)  # log-ratios of std 0.3: some tokens between the two ranges
@@ -225,7 +226,7 @@ def test_learner_wiring_clip_cov_candidates_and_contribution():
     b = PolicyBatch(torch.arange(4), logp, old, adv, mask, ent)
     agg = dict(mode="token-mean")
     loss, shapings, base = learner.loss(b, agg)
-    parts = learner._contributions(b, shapings, base, agg)
+    parts = contributions(learner.objective, learner.regularizers, b, shapings, base, agg)
     plain = aggregate(PPOClip(dual_clip=3.0).token_loss(logp, old, adv, mask), mask, "token-mean")
     cov = parts["reg/clip_cov/loss"]
     assert float(parts["reg/archer/loss"]) != 0

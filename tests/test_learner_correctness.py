@@ -426,7 +426,7 @@ def test_regularizer_losses_add_up_to_the_shaping_of_the_loss(mode):
     from types import SimpleNamespace
 
     from lit_covrl.algorithms import aggregate
-    from lit_covrl.learner import Learner
+    from lit_covrl.loss import contributions
     from lit_covrl.objectives import PPOClip
     from lit_covrl.types import PolicyBatch, TokenShaping
 
@@ -452,12 +452,11 @@ def test_regularizer_losses_add_up_to_the_shaping_of_the_loss(mode):
                 TokenShaping(advantage_shift=torch.full((n, t), 0.3)), TokenShaping(advantage_shift=torch.full((n, t), -0.1)),
                 TokenShaping(penalty=torch.rand(n, t, generator=g))]
     objective = PPOClip(clip_low=0.2, clip_high=0.2)
-    learner = SimpleNamespace(regularizers=[SimpleNamespace(name=f"r{i}") for i in range(len(shapings))],
-                              objective=objective)
+    regularizers = [SimpleNamespace(name=f"r{i}") for i in range(len(shapings))]
     agg = dict(mode=mode, num_tokens=mask.sum(), num_seqs=float(n), norm_length=None)
     base = objective.token_loss(logp, old, TokenShaping.shifted_advantages(shapings, adv), mask)
     loss = aggregate(TokenShaping.combine(shapings, base), mask, **agg)
-    parts = Learner._contributions(learner, b, shapings, base, agg)
+    parts = contributions(objective, regularizers, b, shapings, base, agg)
     unshaped = aggregate(objective.token_loss(logp, old, adv, mask), mask, **agg)
     assert float(sum(parts.values())) == pytest.approx(float(loss - unshaped), abs=1e-6)
     # hand-worked for the weights: r0 drops column 0, r1 then only column 1 (column 0 is gone already)

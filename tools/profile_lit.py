@@ -89,7 +89,7 @@ PATCHES = [
     ("lit_covrl.learner", "shared_prompt_logprobs", "training forward"),
     ("lit_covrl.policy", "token_logprobs", "log-prob gather"),
     ("lit_covrl.objectives:PPOClip", "token_loss", "loss"),
-    ("lit_covrl.learner", "aggregate", "loss"),
+    ("lit_covrl.loss", "aggregate", "loss"),
     ("lit_covrl.objectives:PPOClip", "stats", "update metrics (objective stats)"),
     ("torch.autograd", "backward", "autograd backward"),
     ("torch.nn.utils", "clip_grad_norm_", "clip_grad_norm"),
