@@ -7,8 +7,8 @@ A Lightning callback cannot replace the loss, so `GRPOModule` finds every `Regul
    global across ranks): covariance-based selection happens here, so the selected set does not
    depend on the micro-batch size or on the number of devices;
 2. calls `shape(batch)` per micro-batch (tensors with grad) and combines the returned
-   `TokenShaping`s: loss_tok = objective(A + sum(shifts)) * prod(weights) + sum(penalties),
-   aggregated once.
+   `TokenShaping`s: loss_tok = objective(logp + sum(logp_grad), A + sum(shifts); clip range)
+   * prod(weights) + sum(penalties), aggregated once (`lit_covrl.loss.compose`).
 
 Coefficients follow a `Schedule` of the RL step (rollout index), a pure function of the step,
 so they resume exactly. Regularizers never see config objects; the math is in `algorithms/`.
