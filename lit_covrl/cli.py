@@ -40,16 +40,18 @@ from lit_covrl.sharding import check_checkpoint_strategy
 log = logging.getLogger("lit_covrl")
 
 
-_INTERPOLATION = re.compile(r"(?<!\\)\$\{")
+_INTERPOLATION = re.compile(r"(\\*)\$\{")  # a `${` and the backslashes right before it
 
 
 def escape_interpolations(value):
-    """`value` with every `${` in its strings written `\\${` (one already escaped is kept). Files are
-    read with omegaconf, which resolves `${...}` when a file is loaded, so a printed or saved config
-    holds resolved values; a `${` left in it came from the command line (`--data.system_prompt
-    'Cost is ${x}'`) and must stay literal when the file is read back, or that fails on a missing key."""
+    """`value` with every `${` in its strings written `\\${` and the backslashes right before it
+    doubled. Files are read with omegaconf, which resolves `${...}` when a file is loaded, so a
+    printed or saved config holds resolved values: a `${` left in it came from the command line
+    (`--data.system_prompt 'Cost is ${x}'`) or was escaped in a file, and a backslash before it is a
+    literal backslash (`'a\\${x}'`). Both must read back as they are, or the file fails on a missing
+    key or silently loses the backslash (omegaconf reads `\\${` as `${` and `\\\\` before `${` as `\\`)."""
     if isinstance(value, str):
-        return _INTERPOLATION.sub(r"\\${", value)
+        return _INTERPOLATION.sub(lambda m: m.group(1) * 2 + r"\${", value)
     if isinstance(value, Namespace):
         out = value.clone()
         for key in value.keys():

@@ -430,25 +430,40 @@ def test_a_saved_config_with_null_top_level_optimizer_keys_is_accepted(tmp_path)
         check_moved_keys(["fit", "--config", str(saved)])
 
 
+def _printed(capsys, *args):
+    """The `fit --print_config` output for `args`."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *args, "--print_config"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code in (0, None), err
+    return out
+
+
+def _read_back(printed):
+    """A printed config as omegaconf loads it (as `--config` reads files)."""
+    from omegaconf import OmegaConf
+    import yaml
+
+    return OmegaConf.to_container(OmegaConf.create(yaml.safe_load(printed)), resolve=True)
+
+
 def test_a_printed_config_reads_back_with_a_dollar_brace_string_from_the_command_line(tmp_path, capsys):
     """Files are read with omegaconf, which resolves `${...}`; a command-line string holding `${`
     was printed as given, and the printed file (or the run's config.yaml) then failed to load:
     `Interpolation key 'x' not found`. Printed escaped, it reads back to the same config."""
-    from omegaconf import OmegaConf
-    import yaml
-
-    def printed(*args):
-        with pytest.raises(SystemExit) as exit_:
-            main(["fit", *args, "--print_config"])
-        out, err = capsys.readouterr()
-        assert exit_.value.code in (0, None), err
-        return out
-
-    first = printed("--config", str(QUICK), "--data.system_prompt", "Cost is ${x} dollars")
-    loaded = OmegaConf.to_container(OmegaConf.create(yaml.safe_load(first)), resolve=True)
-    assert loaded["data"]["system_prompt"] == "Cost is ${x} dollars"
+    first = _printed(capsys, "--config", str(QUICK), "--data.system_prompt", "Cost is ${x} dollars")
+    assert _read_back(first)["data"]["system_prompt"] == "Cost is ${x} dollars"
     (tmp_path / "printed.yaml").write_text(first)
-    assert printed("--config", str(tmp_path / "printed.yaml")) == first
+    assert _printed(capsys, "--config", str(tmp_path / "printed.yaml")) == first
+
+
+@pytest.mark.parametrize("prompt", ["a\\${x} b", "a\\\\${x} b", "no \\ dollar"])
+def test_a_command_line_string_with_a_backslash_before_dollar_brace_reads_back_unchanged(capsys, prompt):
+    """`--data.system_prompt 'a\\${x} b'` (a literal backslash) trains with that prompt, but was
+    printed `a\\${x} b`, which omegaconf reads back as `a${x} b`: re-running from the run's
+    config.yaml silently used another prompt. The backslashes before `${` are doubled when printed."""
+    first = _printed(capsys, "--config", str(QUICK), "--data.system_prompt", prompt)
+    assert _read_back(first)["data"]["system_prompt"] == prompt
 
 
 def test_saving_a_run_config_raises_no_deprecation_warning():
