@@ -466,6 +466,19 @@ def test_a_command_line_string_with_a_backslash_before_dollar_brace_reads_back_u
     assert _read_back(first)["data"]["system_prompt"] == prompt
 
 
+def test_a_printed_config_reads_back_with_escaped_dollar_braces_in_a_list_and_a_dict(tmp_path, capsys):
+    """A config file's escaped `\\${x}` inside a list (data.train_files) or a dict
+    (data.task_kwargs) is a literal `${x}` once loaded; printed unescaped, the run's config.yaml
+    failed to load: `Interpolation key 'x' not found`."""
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("data:\n  train_files: ['a\\${x}.jsonl']\n  task_kwargs: {k: 'v\\${x}', n: 1}\n")
+    first = _printed(capsys, "--config", str(QUICK), "--config", str(extra))
+    data = _read_back(first)["data"]
+    assert data["train_files"] == ["a${x}.jsonl"] and data["task_kwargs"] == {"k": "v${x}", "n": 1}
+    (tmp_path / "printed.yaml").write_text(first)
+    assert _printed(capsys, "--config", str(tmp_path / "printed.yaml")) == first
+
+
 def test_saving_a_run_config_raises_no_deprecation_warning():
     """Lightning's config saver calls dump(..., skip_none=False), a name jsonargparse deprecated;
     through our parser the warning pointed at lit_covrl/cli.py and `python -m lit_covrl.cli fit`
