@@ -231,3 +231,98 @@ def test_learner_wiring_clip_cov_candidates_and_contribution():
     cov = parts["reg/clip_cov/loss"]
     assert float(parts["reg/archer/loss"]) != 0
     assert float(loss) == pytest.approx(float(plain + parts["reg/archer/loss"] + cov))
+
+
+def _selected(objective, regularizers, logp, old, adv, mask, ent):
+    """A learner with `objective` and `regularizers` that has prepared them on one mini-batch."""
+    from lit_covrl.learner import Learner
+
+    learner = Learner.__new__(Learner)
+    learner.objective, learner.regularizers = objective, regularizers
+    learner.step, learner._on_policy = 0, False
+    learner.settings = type("S", (), {"loss": type("L", (), {"loss_agg_mode": "token-mean"})()})()
+    mb = type("MB", (), {})()
+    mb.old_logp, mb.advantages, mb.mask, mb.old_entropy = old, adv, mask, ent
+    learner._selection_logprobs = lambda mb, plan, need: (logp, ent, None)
+    learner._select(mb, [None], 1)
+    return learner
+
+
+def _between_ranges():
+    """Tokens whose log-ratios (std 0.3) put some between the 0.2 and the 0.5 ranges."""
+    logp, old, adv, mask, _ = _tokens()
+    ent = torch.rand(*mask.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    return logp, logp + 0.5 * (old - logp), adv, mask, ent
+
+
+def test_clip_cov_follows_archer_s_range_when_a_regularizer_that_does_not_read_zeroed_is_listed_first():
+    """Archer is prepared first whatever the list's order: with KL-Cov (which does not read
+    zeroed tokens) listed before it, ctx.clipped would be the objective's own range and Clip-Cov
+    would draw its candidates from the wrong tokens."""
+    from lit_covrl.regularizers import KLCov
+
+    logp, old, adv, mask, ent = _between_ranges()
+    archer, seen = Archer(quantile=0.4), {}
+
+    class Spy(ClipCov):
+        def prepare(self, ctx):
+            seen["clipped"] = ctx.clipped
+            super().prepare(ctx)
+
+    _selected(PPOClip(), [KLCov(ratio=0.1), Spy(ratio=0.2, lb=-1e9, ub=1e9), archer], logp, old, adv, mask, ent)
+    want = PPOClip().clipped_tokens(logp, old, adv, mask, clip=archer.clip_bounds())
+    assert not torch.equal(want, PPOClip().clipped_tokens(logp, old, adv, mask))  # the test can tell
+    assert torch.equal(seen["clipped"], want)
+
+
+@pytest.mark.parametrize("objective", [PPOClip(), CISPO(), CEGPPO()], ids=["ppo", "cispo", "ce_gppo"])
+def test_an_asymmetric_archer_range_reaches_the_loss_and_the_stats_low_to_low(objective):
+    """With eps_low != eps_high, the loss is the objective's under (eps_low, eps_high) per token
+    (not the two swapped), and policy/clip_frac* report that range, not the objective's own."""
+    from lit_covrl.algorithms import ppo_stats
+    from lit_covrl.algorithms.objectives import cispo_stats
+    from lit_covrl.loss import loss_parts
+
+    logp, old, adv, mask, ent = _between_ranges()
+    archer = Archer(quantile=0.5, low_entropy_clip_low=0.05, low_entropy_clip_high=0.4,
+                    high_entropy_clip_low=0.1, high_entropy_clip_high=0.6)
+    learner = _selected(objective, [archer], logp, old, adv, mask, ent)
+    lo, hi = archer.clip_bounds()
+    b, agg = PolicyBatch(torch.arange(4), logp, old, adv, mask, ent), dict(mode="token-mean")
+    loss, shapings, base = learner.loss(b, agg)
+    want = aggregate(objective.token_loss(logp, old, adv, mask, clip=(lo, hi)), mask, "token-mean")
+    swapped = aggregate(objective.token_loss(logp, old, adv, mask, clip=(hi, lo)), mask, "token-mean")
+    assert float(want) != pytest.approx(float(swapped))  # the test can tell
+    assert float(loss) == pytest.approx(float(want), rel=1e-6)
+    parts = loss_parts(objective, learner.regularizers, b, loss, shapings, base, agg, mask.sum())
+    stats_fn = cispo_stats if isinstance(objective, CISPO) else ppo_stats
+    kw = dict(logratio_clamp=objective.logratio_clamp, num_tokens=mask.sum())
+    stats = stats_fn(logp, old, adv, mask, clip_low=lo, clip_high=hi, **kw)
+    own = stats_fn(logp, old, adv, mask, clip_low=objective.clip_low, clip_high=objective.clip_high, **kw)
+    assert float(stats["clip_frac"]) != pytest.approx(float(own["clip_frac"]))  # the test can tell
+    for k, v in stats.items():
+        assert float(parts[f"policy/{k}"]) == pytest.approx(float(v), rel=1e-6), k
+
+
+def test_ce_gppo_refuses_archer_from_the_tie_on():
+    """CE-GPPO's kept gradient beta1 (1 - eps_low) must stay below dual_clip for Archer's eps_low as
+    for its own clip_low: the tie 4 x (1 - 0.5) = 2 is refused, 4 x 0.45 = 1.8 accepted."""
+    obj = CEGPPO(beta1=4.0, clip_low=0.6, dual_clip=2.0)  # its own range: 4 x 0.4 = 1.6 < 2
+    with pytest.raises(ValueError, match=r"per-token clip_low 0\.5"):
+        check_objective_stack(obj, [Archer(low_entropy_clip_low=0.5, high_entropy_clip_low=0.6)])
+    check_objective_stack(obj, [Archer(low_entropy_clip_low=0.55, high_entropy_clip_low=0.6)])
+
+
+def test_row_quantile_is_nanquantile_per_row():
+    """The per-response quantile itself (not only the strict selection it feeds, which a lower
+    order statistic also gives except near ties) is torch.nanquantile's, interpolated: the 0.8
+    quantile of [1, 2, 3] is 2.6; a row without valid tokens gives NaN."""
+    from lit_covrl.algorithms.entropy_controls import row_quantile
+
+    assert row_quantile(torch.tensor([[1.0, 2.0, 3.0]]), torch.ones(1, 3), 0.8).item() == pytest.approx(2.6)
+    g = torch.Generator().manual_seed(0)
+    h, mask = torch.rand(12, 9, generator=g), (torch.rand(12, 9, generator=g) < 0.7).float()
+    mask[0] = 0
+    for q in (0.0, 0.3, 0.8, 1.0):
+        want = torch.nanquantile(torch.where(mask.bool(), h.double(), torch.nan), q, dim=-1)
+        torch.testing.assert_close(row_quantile(h, mask, q), want, rtol=0, atol=1e-12, equal_nan=True)
