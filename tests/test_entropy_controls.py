@@ -339,6 +339,8 @@ def test_entropic_high_prob_is_strictly_above_the_threshold_on_valid_tokens():
     p = torch.tensor([[0.99, 0.9500001, 0.9499999, 0.3, 0.999]], dtype=torch.float64)
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
     assert entropic_high_prob(p.log(), mask, threshold=0.95).tolist() == [[True, True, False, False, False]]
+    at = torch.tensor([[math.log(0.95), math.log(0.96)]], dtype=torch.float64)  # exactly at it: not high
+    assert entropic_high_prob(at, torch.ones(1, 2), threshold=0.95).tolist() == [[False, True]]
 
 
 def test_entropic_weights_hand_worked():
@@ -496,6 +498,25 @@ def test_entropic_logs_its_own_steps_measurement():
     high = entropic_high_prob(logp, mask, threshold=0.5)
     fracs = [float(high[h].sum() / mask[h].sum()) for h in (slice(0, 3), slice(3, 6))]  # a mean over the updates
     assert logged[0]["reg/entropic/high_frac"] == pytest.approx(sum(fracs) / 2)
+
+
+def test_entropic_counts_and_entropy_are_summed_over_ranks(monkeypatch):
+    """Under DDP the weights and the measured entropy are the whole batch's: here another rank
+    adds 10 valid tokens of entropy 1 (none high) and 2 rows. Token-mean weight (4 + 10) / 2 = 7
+    on the 2 high tokens, measured entropy (4 x 0.5 + 10) / 14, high_frac 2 / 14."""
+    from lit_covrl import distributed
+
+    other = torch.tensor([10.0, 10.0, 0.0, 0.0, 2.0], dtype=torch.float64)  # [sum H, tokens, high, high rows, rows]
+    monkeypatch.setattr(distributed, "all_sum", lambda t: t + other.to(t.dtype))
+    logp = torch.tensor([[0.99, 0.2], [0.97, 0.3]], dtype=torch.float64).log()
+    mask, ent = torch.ones(2, 2, dtype=torch.float64), torch.full((2, 2), 0.5, dtype=torch.float64)
+    reg = EntroPIC(target=0.1)
+    reg.prepare(MiniBatchContext(step=0, update=1, on_policy=True, logp=logp, old_logp=logp, advantages=torch.ones(2, 2),
+                                 mask=mask, clipped=None, old_entropy=ent, entropy=ent, agg_mode="token-mean"))
+    torch.testing.assert_close(reg.weights, torch.tensor([[7.0, 0.0], [7.0, 0.0]], dtype=torch.float64))
+    m = reg.pop_metrics()
+    assert m["reg/entropic/measured_entropy"] == pytest.approx(12 / 14)
+    assert m["reg/entropic/high_frac"] == pytest.approx(2 / 14)
 
 
 def test_entropic_resumes_exactly():
