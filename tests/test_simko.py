@@ -159,6 +159,28 @@ def test_cispo_mix_is_the_objective_coefficient_times_the_mixed_gradient():
     torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
 
 
+def test_metrics_are_summed_over_ranks_and_read_the_top1_probability(monkeypatch):
+    """reg/simko/* are the whole batch's under DDP, and top1_prob is the largest candidate's
+    (topk_logp[..., 0]). Here: per row the 2 tokens above the 0-quantile, row 0 correct (2 mixed),
+    row 1 incorrect and top-1 (2 penalized), top-1 probability 0.5 on the 6 tokens; another rank
+    adds 6 tokens, none mixed or penalized, of top-1 probability 0.2 each."""
+    from lit_covrl import distributed
+
+    n, t = 2, 3
+    mask = torch.ones(n, t)
+    ent = torch.tensor([[0.1, 0.5, 0.9], [0.2, 0.4, 0.8]])
+    logp = torch.full((n, t), 0.5).log()
+    topk = torch.tensor([0.5, 0.3]).log().expand(n, t, 2).clone()
+    reg = SimKO(top_k=2, tau=0.0)
+    reg.shape(PolicyBatch(torch.arange(n), logp, logp, torch.tensor([[1.0] * 3, [-1.0] * 3]), mask, ent,
+                          topk_logp=topk, top1=torch.ones(n, t, dtype=torch.bool)))
+    monkeypatch.setattr(distributed, "all_sum", lambda x: x + torch.tensor([0.0, 0.0, 6 * 0.2, 6.0], dtype=x.dtype))
+    m = reg.pop_metrics()
+    assert m["reg/simko/mixed_frac"] == pytest.approx(2 / 12)
+    assert m["reg/simko/top1_penalized_frac"] == pytest.approx(2 / 12)
+    assert m["reg/simko/top1_prob"] == pytest.approx((6 * 0.5 + 6 * 0.2) / 12)
+
+
 def test_objectives_and_settings_checked_at_start_up():
     for objective in (PPOClip(), CISPO(), CEGPPO()):
         check_objective_stack(objective, [SimKO()])
