@@ -281,3 +281,14 @@ def test_passk_dtypes_and_errors():
     with pytest.raises(ValueError, match=r"not 'passk'"):
         compute_advantages(r, 3, "passk", pass_k=2, baseline_quantile=0.4)
     assert min_group_size("passk") == 2
+
+
+def test_passk_refuses_a_negative_reward():
+    """A -1 format penalty is neither 0 nor 1: pass@k would count it as a failure and train on
+    advantages that are not Pass@k Training's."""
+    from lit_covrl.algorithms import first_non_binary
+
+    assert first_non_binary(torch.tensor([0.0, -1.0, 1.0])) == -1.0
+    assert first_non_binary(torch.tensor([0.0, 1.0, 1.0])) is None
+    with pytest.raises(ValueError, match=r"rewards in \{0, 1\}.*got -1\.0"):
+        compute_advantages(torch.tensor([0.0, -1.0, 1.0, 0.0]), 4, "passk", pass_k=2)
