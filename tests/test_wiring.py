@@ -179,6 +179,19 @@ def test_check_finite_weights_sees_inf_only_parameters_buffers_and_names_the_fir
         check_finite_weights(net, "x")
 
 
+def test_non_binary_reward_check_is_one_decision_of_every_rank(monkeypatch):
+    """Under DDP a rank whose own rewards are all 0 / 1 stops too when another rank's are not:
+    going on alone, it would wait forever at the next collective. The check asks every rank
+    (distributed.all_true); here another rank answers no."""
+    from lit_covrl import distributed, guards
+
+    asked = []
+    monkeypatch.setattr(distributed, "all_true", lambda flag: asked.append(flag) or False)
+    with pytest.raises(ValueError, match="RL step 3 scored one on another rank"):
+        guards.stop_on_non_binary_rewards(torch.tensor([0.0, 1.0, 1.0, 0.0]), step=3, rank=0, trainer=None)
+    assert asked == [True]
+
+
 def test_learned_position_limit_of_an_opt_table_takes_off_its_offset():
     """OPT's embed_positions holds max_position_embeddings + 2 rows (an offset of 2)."""
     from transformers import OPTConfig, OPTForCausalLM
