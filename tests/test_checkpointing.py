@@ -405,6 +405,22 @@ def test_a_run_extended_from_a_checkpoint_saved_after_its_fit_logs_validation_at
         assert b[tag] == [x for x in a[tag] if x[0] >= 4], tag
 
 
+def test_the_sanity_check_validation_is_not_logged(tiny_model_dir, tmp_path):
+    """With Lightning's default sanity check on (num_sanity_val_steps; the shipped configs set 0),
+    its figures would go to the loggers at step -1, before any RL step; only step 2's validation
+    is logged (at the RL step taken, 1), and val/pass@1 is on the progress bar."""
+    from tests.helpers import scalar_tags
+
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, logger=L.pytorch.loggers.TensorBoardLogger(str(tmp_path), name="t"),
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
+        log_every_n_steps=1, check_val_every_n_epoch=None, val_check_interval=2,
+    )
+    trainer.fit(make_module(tiny_model_dir), make_data())
+    assert [s for s, _ in scalar_tags(tmp_path)["val/pass@1"]] == [1]
+    assert "val/pass@1" in trainer.progress_bar_metrics
+
+
 def test_a_checkpoint_at_a_validating_step_is_written_after_that_validation(tiny_model_dir, tmp_path):
     """Saved every 2 steps and validated every 2 (as every shipped config: checkpoints on validation
     steps): the step-2 file was written before step 2's validation, which a run resumed from it
