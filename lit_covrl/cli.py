@@ -126,6 +126,7 @@ class LitCovRLCLI(LightningCLI):
         start = self.parser._subcommands_action._name_parser_map[sub].get_defaults()
         start["model"] = from_ckpt[sub]["model"].clone()
         self.config = self.parser.parse_args(self._given_args, namespace=Namespace(subcommand=sub, **{sub: start}))
+        _drop_switched_pass_k(from_ckpt[sub].get("model"), self.config[sub].get("model"))
         changed = _changed_model_keys(from_ckpt[sub].get("model"), self.config[sub].get("model"))
         if changed and sub != "fit":  # a fit names them with their values when it starts (resume_check)
             log.warning("--ckpt_path: the arguments given change %d of the checkpoint's model settings: %s",
@@ -164,6 +165,18 @@ class LitCovRLCLI(LightningCLI):
         log_dir = _log_dir(trainer) or ""  # a start-up error removes only folders this run creates
         _RUN["had_log_dir"], _RUN["had_name_dir"] = os.path.isdir(log_dir), os.path.isdir(os.path.dirname(log_dir))
         return trainer
+
+
+def _drop_switched_pass_k(before, after) -> None:
+    """`model.loss.pass_k` is the k of advantage 'passk' only: arguments that switch a Pass@k
+    checkpoint's advantage to another (configs/quickstart.yaml's `advantage: grpo`) and leave its
+    k as it was drop the k with it, as `--model.loss.pass_k null` does, instead of failing on a k
+    the user never gave."""
+    old, new = (getattr(m, "loss", None) for m in (before, after))
+    if old is None or new is None or old.get("advantage") != "passk" or new.get("advantage") == "passk":
+        return
+    if new.get("pass_k") == old.get("pass_k"):
+        new["pass_k"] = None
 
 
 def _changed_model_keys(before, after, prefix: str = "model") -> list[str]:

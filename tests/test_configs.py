@@ -262,6 +262,31 @@ def test_arguments_given_with_a_checkpoint_file_override_its_hyperparameters(tmp
     assert "change 2 of the checkpoint's model settings: model.eval.k, model.eval.samples" in caplog.text
 
 
+def test_a_passk_checkpoint_resumes_and_validates_with_the_quickstart_config(tmp_path, caplog):
+    """The README's plain resume command on a Pass@k run: quickstart.yaml's `advantage: grpo`
+    switches the advantage, and the checkpoint's pass_k (the k of 'passk' only) goes with it. It
+    stayed as a default and the run stopped at start-up on `model.loss.pass_k=4 ... not of 'grpo'`."""
+    import logging
+
+    from lit_covrl.cli import _RUN, main
+
+    main(["fit", "--config", str(QUICK), "--config", str(CONFIGS / "cpu" / "passk.yaml"), "--trainer.max_steps", "1",
+          "--trainer.val_check_interval", "1000", "--data.val_size", "4", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        main(["validate", "--config", str(QUICK), "--data.val_size", "4", "--ckpt_path", str(ckpt),
+              "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "v")])
+    assert "change 2 of the checkpoint's model settings: model.loss.advantage, model.loss.pass_k" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        main(["fit", "--config", str(QUICK), "--trainer.max_steps", "2", "--trainer.val_check_interval", "1000",
+              "--data.val_size", "4", "--ckpt_path", str(ckpt), "--trainer.logger.init_args.save_dir", str(tmp_path / "r")])
+    assert "model.loss.advantage: 'passk' -> 'grpo'" in caplog.text and "model.loss.pass_k: 4 -> None" in caplog.text
+    module = _RUN["trainer"].lightning_module
+    assert (module.settings.loss.advantage, module.settings.loss.pass_k) == ("grpo", None)
+    assert _RUN["trainer"].global_step == 2  # one more RL step, from the checkpoint's
+
+
 @pytest.mark.parametrize(
     "method,name,tags",
     [
