@@ -43,7 +43,7 @@ from lit_covrl.rollout_rng import RolloutRNG
 from lit_covrl.sampling import Sampler, default_sampler
 from lit_covrl.settings import (
     GROUPS, EvalSettings, LossSettings, RolloutSettings, SystemSettings, UpdateSettings, as_group,
-    check_module_settings,
+    check_module_settings, check_passk_reward_weights,
 )
 from lit_covrl.sharding import is_sharded, load_model, shard_loaded
 from lit_covrl.startup_checks import check_before_start, check_optimizer_precision
@@ -103,7 +103,8 @@ class GRPOModule(L.LightningModule):
             reward: a reward function, or a list of them (summed with `reward_weights`): dotted
                 path of a function, `class_path` (+ `init_args`) of a class, item-level or
                 batched (see `lit_covrl.reward_set`); default exact match.
-            reward_weights: one weight per reward (null = all 1.0).
+            reward_weights: one weight per reward (null = all 1.0); with advantage passk, 1 for one
+                reward and 0 for any others.
             reward_timeout_s: per-item time limit of the reward function (null = none); a
                 batched reward gets this times its number of items.
             correct_threshold: a response counts as correct (accuracy, pass@k) if reward >= this
@@ -140,6 +141,7 @@ class GRPOModule(L.LightningModule):
         self.reward = reward if reward is not None else ExactMatchReward()
         rewards = self.reward if isinstance(self.reward, (list, tuple)) else [self.reward]
         self.rewards = RewardSet(rewards, reward_weights)
+        check_passk_reward_weights(self.settings.loss, self.rewards.weights, reward_weights)
         self._sampler = sampler  # null: chosen for the device at the first rollout
         self._generation: RolloutGenerator | None = None
         self.optimizer_factory = optimizer

@@ -366,6 +366,20 @@ def check_module_settings(rollout: RolloutSettings, loss: LossSettings, reward_t
         _bad("model.reward_timeout_s", reward_timeout_s, "must be > 0 or null")
 
 
+def check_passk_reward_weights(loss: LossSettings, weights: list[float], given) -> None:
+    """advantage 'passk' needs rewards in {0, 1}: a weighted sum of 0/1 rewards stays there for every
+    outcome only with weights of 0 or 1, at most one of them 1 (`weights`: one per reward, as used;
+    `given`: model.reward_weights as set, null = 1.0 each)."""
+    if loss.advantage != "passk":
+        return
+    need = f"{LossSettings.KEY}.advantage='passk' needs rewards in {{0, 1}}: weight 1 for one 0/1 reward, 0 for the others"
+    for i, w in enumerate(weights):
+        if w not in (0, 1):
+            _bad(f"model.reward_weights[{i}]", w, need)
+    if sum(weights) > 1:
+        _bad("model.reward_weights", given, need + (f" (null weighs each of the {len(weights)} rewards 1)" if given is None else ""))
+
+
 def check_run_length(max_steps: int | None, val_check_interval, limit_val_batches, has_validation: bool) -> str | None:
     """The prompt stream is endless (an epoch never ends): a fit needs trainer.max_steps, and
     validation runs only every int `val_check_interval` RL steps. Raises for the first; returns a

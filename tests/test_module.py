@@ -428,6 +428,26 @@ def test_bad_pass_k_settings_fail_at_construction_naming_the_field(tiny_model_di
         make_module(tiny_model_dir, reward=HasOneReward(), loss=loss, rollout=rollout)
 
 
+@pytest.mark.parametrize(
+    "weights,n,message",
+    [
+        ([0.5], 1, r"model\.reward_weights\[0\]=0\.5 is invalid: model\.loss\.advantage='passk' needs rewards in \{0, 1\}"),
+        ([1.0, -1.0], 2, r"model\.reward_weights\[1\]=-1\.0 is invalid: .*passk"),
+        ([1.0, 1.0], 2, r"model\.reward_weights=\[1\.0, 1\.0\] is invalid: .*weight 1 for one 0/1 reward, 0 for the others$"),
+        (None, 2, r"model\.reward_weights=None is invalid: .* \(null weighs each of the 2 rewards 1\)$"),
+    ],
+)
+def test_pass_k_refuses_reward_weights_that_leave_0_1_at_construction(tiny_model_dir, weights, n, message):
+    """A 0/1 reward of weight 0.5 (or two of weight 1, summing to 2) passed start-up and stopped the
+    run at its first RL step with a traceback; only weights of 0 or 1, at most one 1, keep {0, 1}."""
+    passk = dict(advantage="passk", pass_k=2)
+    with pytest.raises(ValueError, match=message):
+        make_module(tiny_model_dir, reward=[HasOneReward()] * n, reward_weights=weights, loss=passk)
+    for ok in ([1.0], [1, 0], [0.0, 1.0]):
+        make_module(tiny_model_dir, reward=[HasOneReward()] * len(ok), reward_weights=ok, loss=passk)
+    make_module(tiny_model_dir, reward=[HasOneReward()] * 2, reward_weights=[0.5, 0.5])  # grpo: any weights
+
+
 def test_pass_k_advantage_reaches_the_learner_and_a_non_binary_reward_stops_the_run(tiny_model_dir, monkeypatch):
     """model.loss.advantage: passk trains on Pass@k Training's advantages (not GRPO's); a reward
     other than 0 or 1 stops the run at its first step, naming the setting."""
