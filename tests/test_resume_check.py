@@ -87,6 +87,28 @@ def test_describe_keeps_constructor_arguments_not_runtime_state():
     assert describe(describe) == {"class_path": "lit_covrl.resume_check.describe"}
 
 
+def test_describe_has_every_constructor_argument_of_each_shipped_regularizer():
+    """HPARAMS' regularizers column and the resume warning read `describe`: a setting kept under
+    another name (Archer's clip ranges as tuples, SimKO's top_k as needs_topk) was missing from
+    both, so a sweep over it gave runs that could not be told apart."""
+    import inspect
+
+    import lit_covrl.regularizers as R
+
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    for cls in [getattr(R, n) for n in R.__all__]:
+        if not (inspect.isclass(cls) and issubclass(cls, R.Regularizer)) or cls is R.Regularizer:
+            continue
+        params = [n for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self" and p.kind in kinds]
+        missing = [n for n in params if n not in describe(cls())["init_args"]]
+        assert not missing, f"{cls.__name__}: {missing}"
+    before = {"trainer.callbacks[archer]": describe(R.Archer()), "trainer.callbacks[simko]": describe(R.SimKO())}
+    after = {"trainer.callbacks[archer]": describe(R.Archer(high_entropy_clip_high=0.3)),
+             "trainer.callbacks[simko]": describe(R.SimKO(top_k=5))}
+    assert differences(before, after) == ["trainer.callbacks[archer].init_args.high_entropy_clip_high: 0.5 -> 0.3",
+                                          "trainer.callbacks[simko].init_args.top_k: 3 -> 5"]
+
+
 def test_differences_by_hand():
     a = {"model.objective": {"class_path": "x.PPOClip", "init_args": {"clip_low": 0.2, "clip_high": 0.2}},
          "model.rollout.group_size": 8, "trainer.callbacks[kl]": {"class_path": "x.KLCov", "init_args": {}}}

@@ -96,11 +96,22 @@ class Archer(Regularizer):
             raise ValueError(f"Archer.high_entropy_kl_scale={high_entropy_kl_scale!r} is invalid: must be a finite "
                              "number >= 0")
         self.quantile = float(quantile)
-        self.low_entropy = (float(low_entropy_clip_low), float(low_entropy_clip_high))
-        self.high_entropy = (float(high_entropy_clip_low), float(high_entropy_clip_high))
+        # kept under the constructor's names, so the run's description (HPARAMS, resume) has them
+        self.low_entropy_clip_low, self.low_entropy_clip_high = float(low_entropy_clip_low), float(low_entropy_clip_high)
+        self.high_entropy_clip_low, self.high_entropy_clip_high = float(high_entropy_clip_low), float(high_entropy_clip_high)
         self.high_entropy_kl_scale = float(high_entropy_kl_scale)
         self._bounds: tuple[Tensor, Tensor] | None = None
         self._high: Tensor | None = None
+
+    @property
+    def low_entropy(self) -> tuple[float, float]:
+        """(clip_low, clip_high) of the low-entropy tokens."""
+        return self.low_entropy_clip_low, self.low_entropy_clip_high
+
+    @property
+    def high_entropy(self) -> tuple[float, float]:
+        """(clip_low, clip_high) of the high-entropy tokens."""
+        return self.high_entropy_clip_low, self.high_entropy_clip_high
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if getattr(pl_module, "updates_per_rollout", None) == 1:

@@ -69,10 +69,14 @@ class SimKO(Regularizer):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= top or v == float("inf"):
                 raise ValueError(f"SimKO.{field}={v!r} is invalid: must be a finite number >= 0"
                                  + (" and <= 1" if top == 1.0 else ""))
-        self.needs_topk = int(top_k)
+        self.top_k = int(top_k)
         self.mix_topk_coef, self.tau = float(mix_topk_coef), float(tau)
         self.incorrect_top1_scale = float(incorrect_top1_scale)
         self._sums: torch.Tensor | None = None
+
+    @property
+    def needs_topk(self) -> int:  # the learner's top-k request (Regularizer.needs_topk)
+        return self.top_k
 
     def check_objective(self, objective) -> None:
         if not getattr(objective, "token_clip", False):
