@@ -28,7 +28,9 @@ def check_before_start(module, stage: str) -> None:
     check_strategy(trainer.strategy, cfg.system)
     check_lookalikes(trainer.callbacks)
     check_stack(module.regularizers)
-    check_objective_stack(module.objective, module.regularizers)
+    # non-default clip keys of model.loss: the objective is the PPOClip built from them (resolve_objective)
+    from_loss = cfg.loss.clip_args() != type(cfg.loss)().clip_args()
+    check_objective_stack(module.objective, module.regularizers, "model.loss" if from_loss else "model.objective.init_args")
     dm, ro = getattr(trainer, "datamodule", None), cfg.rollout
     module.rewards.answer_field = getattr(dm, "hparams", {}).get("answer_field") if dm is not None else None
     if hasattr(dm, "minibatch_prompts"):  # ranks' updates laid out as one rank's (PromptDataModule.rank_offsets)

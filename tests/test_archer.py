@@ -180,6 +180,23 @@ def test_startup_refusals_name_the_fields():
                              ReferenceKL())
 
 
+def test_objective_clip_keys_replaced_by_archer_are_warned(tiny_model_dir, caplog):
+    """clip-higher (or any clip_low / clip_high of the objective) under Archer does nothing: each
+    token's range is Archer's. Said at start-up, naming the setting as the user gave it."""
+    from tests.test_module import _one_rl_step_weights
+
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        check_objective_stack(CISPO(), [Archer()])  # CISPO's own defaults (None / 0.28): nothing to say
+        check_objective_stack(PPOClip(), [Archer()])
+        assert "has no effect" not in caplog.text
+        check_objective_stack(CEGPPO(clip_low=0.1), [Archer(name="a2")])
+        assert "model.objective.init_args.clip_low=0.1 has no effect: Archer (regularizer 'a2')" in caplog.text
+        caplog.clear()
+        _one_rl_step_weights(tiny_model_dir, 64, lambda: [Archer()], loss=dict(clip_high=0.28))
+    assert "model.loss.clip_high=0.28 has no effect: Archer (regularizer 'archer') sets every token's clip range" \
+        in caplog.text and "clip_low" not in caplog.text
+
+
 def test_warns_when_every_update_is_on_policy_or_no_reference_kl(caplog):
     class T:
         callbacks: list = []

@@ -15,6 +15,7 @@ so they resume exactly. Regularizers never see config objects; the math is in `a
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from dataclasses import dataclass, field, replace
@@ -272,13 +273,22 @@ def check_stack(regularizers: list[Regularizer]) -> None:
         )
 
 
-def check_objective_stack(objective, regularizers: list[Regularizer]) -> None:
+def check_objective_stack(objective, regularizers: list[Regularizer], where: str = "model.objective.init_args") -> None:
     """The objective against the regularizers' per-token clip range (GSPO takes none; CE-GPPO's
     dual-clip bound on beta1 (1 - eps_low)) and against each regularizer's own
-    `check_objective` (SimKO: token-level objectives only): refused at start-up, naming both."""
+    `check_objective` (SimKO: token-level objectives only): refused at start-up, naming both.
+    The objective's own clip_low / clip_high set away from their defaults (under `where`:
+    model.loss for the default PPOClip) are replaced on every token by such a range: a warning."""
     for reg in regularizers:
         if reg.sets_clip_range:
             objective.check_token_clip(*reg.clip_values(), owner=f"{type(reg).__name__} (regularizer {reg.name!r})")
+            defaults = inspect.signature(type(objective).__init__).parameters
+            for key in ("clip_low", "clip_high"):
+                p = defaults.get(key)
+                if p is not None and hasattr(objective, key) and getattr(objective, key) != p.default:
+                    log.warning("%s.%s=%r has no effect: %s (regularizer %r) sets every token's clip range in place "
+                                "of the objective's (set the range in its init_args)", where, key,
+                                getattr(objective, key), type(reg).__name__, reg.name)
         reg.check_objective(objective)
 
 
