@@ -46,7 +46,7 @@ from lit_covrl.settings import (
     check_module_settings, check_passk_reward_weights,
 )
 from lit_covrl.sharding import is_sharded, load_model, shard_loaded
-from lit_covrl.startup_checks import check_before_start, check_optimizer_precision
+from lit_covrl.startup_checks import check_before_start, check_optimizer_precision, check_topk
 from lit_covrl.types import PromptBatch, Rollout
 
 # the policy is kept in eval mode on purpose (no dropout in RL: rollout policy == trained policy)
@@ -234,6 +234,7 @@ class GRPOModule(L.LightningModule):
             check_vocab(self.tokenizer, self.policy, hp.model, hp.tokenizer)
         elif self.device_mesh is not None and not is_sharded(self.policy):
             self.policy = shard_loaded(self.policy, self.device_mesh, system=self.settings.system, frozen=False)
+        check_topk(self.policy, self.regularizers, hp.model)
         if self._reference is not None and self.device_mesh is not None and not is_sharded(self._reference):
             shard_loaded(self._reference, self.device_mesh, system=self.settings.system, frozen=True)
         if self._reference is None and any(r.needs_reference for r in self.regularizers):

@@ -1,7 +1,8 @@
 """Everything `GRPOModule` can check before the first RL step, in one place: in `setup`, the
 strategy and the callback stack, the run plan (batch, mini-batch and group sizes against the
 data), the run length against validation, the chat template, every known prompt against the
-tokenizer and the rewards' signatures against a sample of the data; in `configure_optimizers`,
+tokenizer and the rewards' signatures against a sample of the data; in `configure_model`, the
+regularizers' top-k requests against the policy's vocabulary; in `configure_optimizers`,
 the optimizer against the weights' precision. Each failure names the setting to change, at minute
 zero rather than hours into a run. Also hands the datamodule what it lays out by: the module's
 prompts per update."""
@@ -52,6 +53,18 @@ def check_before_start(module, stage: str) -> None:
     rows = (dm.known_examples() if hasattr(dm, "known_examples") else [])[:REWARD_CHECK_ROWS] or \
         (dm.task_sample() if hasattr(dm, "task_sample") else [])[:REWARD_CHECK_ROWS]
     module.rewards.check_calls([ex.answer for ex in rows], [ex.prompt for ex in rows], [ex.columns for ex in rows])
+
+
+def check_topk(policy, regularizers, model_spec: str) -> None:
+    """A regularizer's top-k request (`needs_topk`, SimKO's top_k) against the policy's vocabulary:
+    k above it failed at the first update, after a whole rollout, with a traceback."""
+    vocab = getattr(getattr(policy, "config", None), "vocab_size", None)
+    for reg in regularizers:
+        k = int(reg.needs_topk)
+        if vocab is not None and k > vocab:
+            field = "top_k" if getattr(reg, "top_k", None) == k else "needs_topk"
+            raise ValueError(f"{type(reg).__name__}.{field}={k} is invalid: must be <= the vocabulary size of the "
+                             f"policy model.model={model_spec!r}, {vocab}")
 
 
 def check_optimizer_precision(opt: torch.optim.Optimizer) -> None:

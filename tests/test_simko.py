@@ -217,6 +217,26 @@ def test_module_refuses_simko_with_gspo_at_start_up(tiny_model_dir):
         _one_rl_step_weights(tiny_model_dir, 64, lambda: [SimKO()], objective=GSPO())
 
 
+def test_top_k_above_the_vocabulary_is_refused_at_start_up(tmp_path, capsys):
+    """SimKO.top_k larger than the policy's vocabulary (the quickstart's tiny model has 16 tokens)
+    exits 2 with one line naming the field, before the first rollout (it was a traceback at the
+    first update)."""
+    from pathlib import Path
+
+    from lit_covrl.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(root / "configs/quickstart.yaml"), "--torch_threads", "1",
+              "--trainer.callbacks+=lit_covrl.regularizers.SimKO", "--trainer.callbacks.top_k=17",
+              "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false",
+              "--checkpoint.dirpath", str(tmp_path / "ck"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "SimKO.top_k=17 is invalid: must be <= the vocabulary size of the policy model.model=" in err, err
+    assert ", 16" in err and "Traceback" not in err
+
+
 def test_simko_config_runs_through_the_cli(tmp_path):
     """configs/cpu/simko.yaml on the quickstart (its shipped tiny-arith model, which solves some
     prompts: A != 0) through `lit-covrl fit` (a lower tau and a larger top-1 weight on the command
