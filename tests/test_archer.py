@@ -162,8 +162,10 @@ def test_reference_kl_applies_the_per_token_scale():
 
 
 def test_startup_refusals_name_the_fields():
-    with pytest.raises(ValueError, match="GSPO clips whole sequences"):
+    with pytest.raises(ValueError, match="GSPO clips whole sequences") as err:
         check_objective_stack(GSPO(), [Archer()])
+    assert str(err.value).count("'archer'") == 1 and str(err.value).endswith(
+        "use PPOClip, CEGPPO or CISPO with Archer, or leave Archer out"), err.value
     with pytest.raises(ValueError, match="set a per-token clip range.*'archer'.*'archer_2'"):
         check_stack([Archer(), Archer(name="archer_2")])
     with pytest.raises(ValueError, match="CEGPPO.beta1"):  # beta1 (1 - 0.2) = 1.6 >= 1.5

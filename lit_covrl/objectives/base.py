@@ -53,8 +53,9 @@ class Objective:
         if not self.token_clip:
             why = ("GSPO clips whole sequences by their sequence ratio, not tokens" if type(self).__name__ == "GSPO"
                    else "its token_clip is False")
+            short = owner.split(" (")[0]  # "Archer (regularizer 'archer')": named in full once
             raise ValueError(f"{owner} sets a per-token clip range, which the objective {type(self).__name__} does not "
-                             f"take ({why}); use PPOClip, CEGPPO or CISPO with {owner}, or leave {owner} out")
+                             f"take ({why}); use PPOClip, CEGPPO or CISPO with {short}, or leave {short} out")
 
     def token_loss(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
         raise NotImplementedError
