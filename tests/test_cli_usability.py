@@ -492,3 +492,19 @@ def test_saving_a_run_config_raises_no_deprecation_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert parser.dump(parser.parse_args([]), skip_none=False).strip() == "x: \\${y}"
+
+
+def test_a_callbacks_knob_flag_edits_the_last_callback_as_the_readme_says(tmp_path):
+    """README "Running methods": a --trainer.callbacks.X flag edits the last callback of the list so
+    far (so Archer's knobs in configs/cpu/archer.yaml, before its ReferenceKL, are not reachable),
+    and the stack built on the command line, each += followed by its knobs, sets each one's."""
+    readme = (CONFIGS.parent / "README.md").read_text()
+    assert "a --trainer.callbacks.X flag edits the LAST callback" in readme
+    cbs = _cli(tmp_path, "--trainer.callbacks+=lit_covrl.regularizers.Archer", "--trainer.callbacks.quantile=0.5",
+               "--trainer.callbacks+=lit_covrl.regularizers.ReferenceKL", "--trainer.callbacks.beta=0.001",
+               "--trainer.callbacks.estimator=k3", "--model.loss.dual_clip", "10").trainer.callbacks
+    archer, kl = [c for c in cbs if type(c).__name__ in ("Archer", "ReferenceKL")]
+    assert (type(archer).__name__, archer.quantile, kl.beta, kl.estimator) == ("Archer", 0.5, 0.001, "k3")
+    with pytest.raises(SystemExit) as exit_:  # ReferenceKL, the config's last callback, has no quantile
+        _cli(tmp_path, "--config", str(CONFIGS / "cpu" / "archer.yaml"), "--trainer.callbacks.quantile=0.5")
+    assert exit_.value.code == 2
