@@ -20,6 +20,7 @@ import logging
 import re
 from dataclasses import dataclass, field, replace
 
+import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
@@ -100,6 +101,47 @@ def select_globally(local: list[Tensor], select) -> Tensor:
     offset = gathered[0][1]
     chosen = select(*[g for g, _ in gathered])
     return chosen[offset : offset + local[0].shape[0]]
+
+
+class StepEntropy:
+    """The token-mean rollout entropy of each RL step over all ranks, for the controllers that
+    steer toward a target entropy (AdaptiveEntropyBonus, EntroPIC): every mini-batch's `prepare`
+    adds its all-reduced sums [sum of H over valid tokens, tokens]; the first mini-batch of the next
+    step closes the step (`begin` returns its mean: the measurement acts from the next step on). A
+    step whose groups were all filtered out measures nothing. Checkpointed by its owner under the
+    keys `step` and `sums`."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None  # RL step being measured
+        self.sums = torch.zeros(2, dtype=torch.float64)  # [sum of H over valid tokens, tokens] of that step
+        self.measured = False  # add() ran since the last pop_measured()
+
+    def begin(self, step: int) -> float | None:
+        """Start (or continue) measuring `step`; the mean entropy of the step it closes, if any."""
+        closed = None
+        if self.step is not None and step != self.step:
+            if self.sums[1] > 0:
+                closed = float(self.sums[0] / self.sums[1])
+            self.sums = torch.zeros_like(self.sums)
+        self.step = step
+        return closed
+
+    def add(self, sums: Tensor) -> None:
+        """Add a mini-batch's all-reduced [sum of H over valid tokens, tokens]."""
+        self.sums = self.sums.to(sums.device) + sums  # on the device: read once per RL step
+        self.measured = True
+
+    def pop_measured(self) -> float | None:
+        """The current step's mean entropy so far if a mini-batch was added since the last call."""
+        out = float(self.sums[0] / self.sums[1]) if self.measured and self.sums[1] > 0 else None
+        self.measured = False
+        return out
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "sums": self.sums.cpu().clone()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.step, self.sums = state_dict["step"], state_dict["sums"].clone().double()
 
 
 class Regularizer(Callback):

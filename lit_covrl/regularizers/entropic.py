@@ -40,7 +40,7 @@ from torch import Tensor
 
 from lit_covrl import distributed
 from lit_covrl.algorithms import entropic_alpha, entropic_high_prob, entropic_token_loss, entropic_weights
-from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
+from lit_covrl.regularizers.base import MiniBatchContext, Regularizer, StepEntropy
 from lit_covrl.types import PolicyBatch, TokenShaping
 
 
@@ -74,9 +74,7 @@ class EntroPIC(Regularizer):
         # running state (saved by state_dict), private: the settings above describe the run
         self._alpha = 0.0  # applied now
         self._integral = 0.0  # sum of the errors of the closed steps
-        self._step: int | None = None  # RL step being measured
-        self._sums = torch.zeros(2, dtype=torch.float64)  # [sum of H over valid tokens, tokens] of that step
-        self._measured = False  # prepare() ran since the last pop_metrics
+        self._entropy = StepEntropy()  # the step's measurement, moving alpha for the next
         self.weights: Tensor | None = None  # c_t of the prepared mini-batch (entropic_weights)
 
     @property
@@ -91,29 +89,21 @@ class EntroPIC(Regularizer):
 
     def prepare(self, ctx: MiniBatchContext) -> None:
         assert ctx.old_entropy is not None, "the module must provide the rollout entropy"
-        if self._step is not None and ctx.step != self._step:
-            self._advance()
-        self._step = ctx.step
+        if (entropy := self._entropy.begin(ctx.step)) is not None:  # the previous step, closed
+            error = entropy - self.target
+            self._alpha = entropic_alpha(error, self._integral, kp=self.kp, ki=self.ki)
+            self._integral += error
         m = ctx.mask.double()
         high = entropic_high_prob(ctx.logp, ctx.mask, threshold=self.threshold)
         rows = m.new_tensor(float(m.shape[0]))
         local = torch.stack([(ctx.old_entropy.double() * m).sum(), m.sum(), high.sum().double(),
                              (high.sum(-1) > 0).sum().double(), rows])
         sums = distributed.all_sum(local)  # [sum H, valid tokens, high tokens, rows with a high token, rows]
-        self._sums = self._sums.to(sums.device) + sums[:2]
-        self._measured = True
+        self._entropy.add(sums[:2])
         self.weights = entropic_weights(high, ctx.mask, ctx.agg_mode, num_tokens=sums[1], num_seqs=sums[4],
                                         num_high=sums[2], num_high_seqs=sums[3])
         self.record("alpha", self._alpha)
         self.record("high_frac", sums[2] / sums[1].clamp(min=1))
-
-    def _advance(self) -> None:
-        """Close the measured step: its error moves alpha for the next one."""
-        if self._sums[1] > 0:
-            error = float(self._sums[0] / self._sums[1]) - self.target
-            self._alpha = entropic_alpha(error, self._integral, kp=self.kp, ki=self.ki)
-            self._integral += error
-        self._sums = torch.zeros_like(self._sums)
 
     def shape(self, batch: PolicyBatch) -> TokenShaping:
         assert self.weights is not None, "prepare() must run before shape()"
@@ -126,17 +116,15 @@ class EntroPIC(Regularizer):
         """Also, for a step that measured something: reg/<name>/measured_entropy (the step's
         token-mean rollout entropy), error (it minus the target) and integral (the errors of the
         steps before it): alpha at the next step is clip(kp * error + ki * integral, -1, 1)."""
-        if self._measured and self._sums[1] > 0:
-            entropy = float(self._sums[0] / self._sums[1])
+        if (entropy := self._entropy.pop_measured()) is not None:
             self.record("measured_entropy", entropy)
             self.record("error", entropy - self.target)
             self.record("integral", self._integral)
-        self._measured = False
         return super().pop_metrics()
 
     def state_dict(self) -> dict:
-        return {"alpha": self._alpha, "integral": self._integral, "step": self._step, "sums": self._sums.cpu().clone()}
+        return {"alpha": self._alpha, "integral": self._integral, **self._entropy.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._alpha, self._integral = float(state_dict["alpha"]), float(state_dict["integral"])
-        self._step, self._sums = state_dict["step"], state_dict["sums"].clone().double()
+        self._entropy.load_state_dict(state_dict)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from lit_covrl import distributed
 from lit_covrl.algorithms import adaptive_entropy_coef, entropy_advantage_shift
-from lit_covrl.regularizers.base import MiniBatchContext, Regularizer, check_nonnegative
+from lit_covrl.regularizers.base import MiniBatchContext, Regularizer, StepEntropy, check_nonnegative
 from lit_covrl.regularizers.schedules import Schedule
 from lit_covrl.types import PolicyBatch, TokenShaping
 
@@ -66,39 +66,26 @@ class AdaptiveEntropyBonus(Regularizer):
         self.init_coef = init_coef
         # running state (saved by state_dict), private: the settings above describe the run
         self._coef, self._active = float(init_coef), True  # the reference code starts enabled
-        self._step: int | None = None  # RL step being measured
-        self._sums = torch.zeros(2, dtype=torch.float64)  # [sum of H over valid tokens, tokens] of that step
-        self._measured = False  # prepare() ran since the last pop_metrics (a fully filtered step measures nothing)
+        self._entropy = StepEntropy()  # the step's measurement, moving the coefficient of the next
 
     def prepare(self, ctx: MiniBatchContext) -> None:
         assert ctx.old_entropy is not None, "the module must provide the rollout entropy"
-        if self._step is not None and ctx.step != self._step:
-            self._advance()
-        self._step = ctx.step
-        m = ctx.mask.double()
-        sums = distributed.all_sum(torch.stack([(ctx.old_entropy.double() * m).sum(), m.sum()]))
-        self._sums = self._sums.to(sums.device) + sums  # on the device: read once per RL step
-        self._measured = True
-        self.record("coef", self.coef_now)
-        self.record("coef_state", self._coef)
-
-    def _advance(self) -> None:
-        """Close the measured step: its mean entropy moves the coefficient for the next one."""
-        if self._sums[1] > 0:
-            entropy = float(self._sums[0] / self._sums[1])
+        if (entropy := self._entropy.begin(ctx.step)) is not None:  # the previous step, closed
             self._coef, self._active = adaptive_entropy_coef(
                 self._coef, entropy, target=self.target, delta=self.delta, min_coef=self.min_coef, max_coef=self.max_coef
             )
-        self._sums = torch.zeros_like(self._sums)
+        m = ctx.mask.double()
+        self._entropy.add(distributed.all_sum(torch.stack([(ctx.old_entropy.double() * m).sum(), m.sum()])))
+        self.record("coef", self.coef_now)
+        self.record("coef_state", self._coef)
 
     def pop_metrics(self) -> dict[str, float]:
         """Also reg/<name>/measured_entropy: the step's own measurement (the token-mean entropy of
         the tokens trained on, filtered groups left out), logged with the step (it moves the
         coefficient of the next one); not logged for a step that measured nothing (every group
         filtered out), whose sums are still the previous step's."""
-        if self._measured and self._sums[1] > 0:
-            self.record("measured_entropy", float(self._sums[0] / self._sums[1]))
-        self._measured = False
+        if (entropy := self._entropy.pop_measured()) is not None:
+            self.record("measured_entropy", entropy)
         return super().pop_metrics()
 
     @property
@@ -123,11 +110,11 @@ class AdaptiveEntropyBonus(Regularizer):
         return TokenShaping(penalty=-self.coef_now * batch.entropy)
 
     def state_dict(self) -> dict:
-        return {"coef": self._coef, "active": self._active, "step": self._step, "sums": self._sums.cpu().clone()}
+        return {"coef": self._coef, "active": self._active, **self._entropy.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._coef, self._active = float(state_dict["coef"]), bool(state_dict["active"])
-        self._step, self._sums = state_dict["step"], state_dict["sums"].clone().double()
+        self._entropy.load_state_dict(state_dict)
 
 
 class EntropyAdvantage(Regularizer):
