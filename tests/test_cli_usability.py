@@ -78,6 +78,15 @@ def test_a_start_up_error_is_one_line_and_status_2_unless_debugging(tmp_path):
     (["--trainer.callbacks+=lit_covrl.regularizers.ClipCovv"], "lit-covrl: error: trainer.callbacks: no class "
      "'lit_covrl.regularizers.ClipCovv' (module 'lit_covrl.regularizers' has no attribute 'ClipCovv'); did you mean "
      "lit_covrl.regularizers.ClipCov? (LIT_COVRL_DEBUG"),
+    # a callbacks flag reaches the last callback listed so far (ReferenceKL in archer.yaml), and a
+    # misspelt argument: both were jsonargparse's paragraph of union alternatives ending in NestedArg(...)
+    (["--config", "ARCHER", "--trainer.callbacks.quantile=0.5"], "lit-covrl: error: trainer.callbacks: "
+     "--trainer.callbacks.quantile=0.5 sets an argument of the last callback listed so far, "
+     "lit_covrl.regularizers.ReferenceKL, which has no argument 'quantile'; to set an earlier callback's argument, "
+     "edit a copy of the YAML, or list the callbacks on the command line, each --trainer.callbacks+=Class followed by "
+     "its own --trainer.callbacks.X=... flags (LIT_COVRL_DEBUG"),
+    (["--trainer.callbacks+=lit_covrl.regularizers.ClipCov", "--trainer.callbacks.ratoi=0.1"], "which has no "
+     "argument 'ratoi' (did you mean 'ratio'?); to set"),
 ])
 def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
     if "gpu" in extra and torch.cuda.is_available():
@@ -86,7 +95,8 @@ def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
     rows.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": 3, "answer": "4"}\n')
     if "--data.strict" in extra:
         extra = [*extra, "--data.train_files", f'["{rows}"]']
-    files = {"ROWS": rows, "TOPLEVEL": tmp_path / "top.yaml", "BADYAML": tmp_path / "bad.yaml"}
+    files = {"ROWS": rows, "TOPLEVEL": tmp_path / "top.yaml", "BADYAML": tmp_path / "bad.yaml",
+             "ARCHER": CONFIGS / "cpu" / "archer.yaml"}
     files["TOPLEVEL"].write_text("optimizer:\n  class_path: torch.optim.SGD\n")
     files["BADYAML"].write_text("model:\n  rollout: {group_size: 4\n")  # an unclosed flow mapping
     extra = [str(files[a]) if a in files else a for a in extra]
