@@ -24,10 +24,11 @@ _UNION = "Does not validate against any of the Union subtypes"
 _NO_CLASS = re.compile(r"Problem with given class_path '([\w.]+)': module '([\w.]+)' has no attribute '(\w+)'")
 _KEY = re.compile(r'^Parser key "([^"]+)"')
 _NOT_A_TASK = re.compile(r"Import path ([\w.]+) does not implement protocol Task")
-# a --trainer.callbacks.X flag reaches only the last callback listed so far; jsonargparse then
-# lists every union member that refused X, the last callback's class first
-_CALLBACK_ARG = re.compile(r'^Parser key "trainer\.callbacks": .*?Problem with given class_path \'([\w.]+)\': '
-                           r"Option '(\w+)' is not accepted.*NestedArg\(key='\w+', val='([^']*)'\)")
+# an argument a class does not take (`--model.objective.eps_hgh 5`); jsonargparse then lists every
+# union member that refused it, the given class first. A --trainer.callbacks.X flag reaches only the
+# last callback listed so far.
+_CLASS_ARG = re.compile(r'^Parser key "([\w.]+)": .*?Problem with given class_path \'([\w.]+)\': '
+                        r"Option '(\w+)' is not accepted.*NestedArg\(key='\w+', val='([^']*)'\)")
 _BUILTIN_TASK_ARG = re.compile(r'^Parser key "data.task".*Expected a dot import path string: (\w+) .*'
                                r"Given value: NestedArg\(key='(\w+)', val='([^']*)'\)")
 
@@ -49,8 +50,8 @@ def one_line(err: BaseException) -> str:
     text = " ".join(ln for ln in lines if not ln.startswith(_NOISE)) or repr(err)
     if (missing := _missing_class(text)) is not None:
         return missing
-    if (arg := _CALLBACK_ARG.search(text)) is not None:
-        return _callback_arg(*arg.groups())
+    if (arg := _CLASS_ARG.search(text)) is not None:
+        return _class_arg(*arg.groups())
     if (arg := _BUILTIN_TASK_ARG.search(text)) is not None:
         name, key, value = arg.groups()
         return (f"data.task: the built-in task {name!r} takes its arguments from --data.task_kwargs "
@@ -61,8 +62,8 @@ def one_line(err: BaseException) -> str:
     return text if isinstance(err, (ArgumentError, ValueError)) else f"{type(err).__name__}: {text}"
 
 
-def _callback_arg(path: str, key: str, value: str) -> str:
-    """A --trainer.callbacks.X flag the last callback listed so far does not take, in words."""
+def _class_arg(field: str, path: str, key: str, value: str) -> str:
+    """An argument the class given for `field` does not take, in words, with the closest one it does."""
     module, _, name = path.rpartition(".")
     try:
         params = [p for p in inspect.signature(getattr(importlib.import_module(module), name)).parameters
@@ -70,11 +71,13 @@ def _callback_arg(path: str, key: str, value: str) -> str:
     except Exception:  # noqa: BLE001 - only a hint: the message stands without it
         params = []
     close = difflib.get_close_matches(key, params, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if field != "trainer.callbacks":
+        return f"{field}: {path} has no argument {key!r}{hint}"
     return (f"trainer.callbacks: --trainer.callbacks.{key}={value} sets an argument of the last callback listed "
-            f"so far, {path}, which has no argument {key!r}"
-            + (f" (did you mean {close[0]!r}?)" if close else "")
-            + "; to set an earlier callback's argument, edit a copy of the YAML, or list the callbacks on the "
-              "command line, each --trainer.callbacks+=Class followed by its own --trainer.callbacks.X=... flags")
+            f"so far, {path}, which has no argument {key!r}{hint}; to set an earlier callback's argument, edit a "
+            "copy of the YAML, or list the callbacks on the command line, each --trainer.callbacks+=Class "
+            "followed by its own --trainer.callbacks.X=... flags")
 
 
 def _missing_class(text: str) -> str | None:

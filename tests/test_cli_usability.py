@@ -87,6 +87,10 @@ def test_a_start_up_error_is_one_line_and_status_2_unless_debugging(tmp_path):
      "its own --trainer.callbacks.X=... flags (LIT_COVRL_DEBUG"),
     (["--trainer.callbacks+=lit_covrl.regularizers.ClipCov", "--trainer.callbacks.ratoi=0.1"], "which has no "
      "argument 'ratoi' (did you mean 'ratio'?); to set"),
+    (["--config", "CISPO_YAML", "--model.objective.init_args.clip_hgh", "5"], "lit-covrl: error: model.objective: "
+     "lit_covrl.objectives.CISPO has no argument 'clip_hgh' (did you mean 'clip_high'?) (LIT_COVRL_DEBUG"),
+    (["--model.sampler", "lit_covrl.sampling.StaticCacheSampler", "--model.sampler.zzz", "3"],
+     "lit-covrl: error: model.sampler: lit_covrl.sampling.StaticCacheSampler has no argument 'zzz' (LIT_COVRL_DEBUG"),
 ])
 def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
     if "gpu" in extra and torch.cuda.is_available():
@@ -96,7 +100,7 @@ def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
     if "--data.strict" in extra:
         extra = [*extra, "--data.train_files", f'["{rows}"]']
     files = {"ROWS": rows, "TOPLEVEL": tmp_path / "top.yaml", "BADYAML": tmp_path / "bad.yaml",
-             "ARCHER": CONFIGS / "cpu" / "archer.yaml"}
+             "ARCHER": CONFIGS / "cpu" / "archer.yaml", "CISPO_YAML": CONFIGS / "cpu" / "cispo.yaml"}
     files["TOPLEVEL"].write_text("optimizer:\n  class_path: torch.optim.SGD\n")
     files["BADYAML"].write_text("model:\n  rollout: {group_size: 4\n")  # an unclosed flow mapping
     extra = [str(files[a]) if a in files else a for a in extra]
