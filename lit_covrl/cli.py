@@ -137,8 +137,9 @@ class LitCovRLCLI(LightningCLI):
         threads = cfg.get("torch_threads")
         if threads is not None and threads < 1:
             raise ValueError(f"torch_threads={threads} must be >= 1 (or null: torch's default)")
-        # runs/<name>/<method>-<config stems>-v<N> unless a version is given
-        self._generated_version = name_run(cfg)
+        # runs/<name>/<method>-<config stems>-v<N> unless a version is given, its folder made now
+        # (by rank 0) so that runs started at once take different numbers
+        self._generated_version, _RUN["new_folders"] = name_run(cfg, reserve=_first_process())
         if threads:
             import torch
 
@@ -162,9 +163,17 @@ class LitCovRLCLI(LightningCLI):
         check_stack([c for c in _config_callbacks(config) if isinstance(c, Regularizer)])
         trainer = super()._instantiate_trainer(_with_rl_progress_bar(config), callbacks)
         _RUN["trainer"] = trainer
-        log_dir = _log_dir(trainer) or ""  # a start-up error removes only folders this run creates
-        _RUN["had_log_dir"], _RUN["had_name_dir"] = os.path.isdir(log_dir), os.path.isdir(os.path.dirname(log_dir))
+        log_dir = _log_dir(trainer)
+        if not _RUN.get("new_folders") and log_dir and not os.path.isdir(log_dir):  # the logger will make it
+            name_dir = os.path.dirname(log_dir)
+            _RUN["new_folders"] = [log_dir] if os.path.isdir(name_dir) else [log_dir, name_dir]
         return trainer
+
+
+def _first_process() -> bool:
+    """False in the other ranks of a multi-process run (Lightning's launcher, torchrun and srun
+    start them with a rank set): they log into rank 0's folder and must not take a number."""
+    return all(int(os.environ.get(key) or 0) == 0 for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def _drop_switched_pass_k(before, after) -> None:
@@ -224,23 +233,24 @@ def _log_dir(trainer) -> str | None:
     return getattr(getattr(trainer, "logger", None), "log_dir", None) if trainer is not None else None
 
 
-def _remove_unused_run_folder(trainer, started: float) -> None:
-    """The version folder of a run that failed at start-up (an empty event file, config.yaml): each
-    failed attempt took a version number, so the next real run was `-v3` while the README's
-    commands name `-v0`. Removed only if the run created it (not a folder that existed before, such
-    as one named by an explicit logger version, or made to hold the run's own log), everything in it
-    was written since `started` and it holds no checkpoint; the logger's name folder above it too
-    when the run created it and it is left empty."""
-    log_dir = _log_dir(trainer)
-    if not log_dir or not os.path.isdir(log_dir) or _RUN.get("had_log_dir", True):
+def _remove_unused_run_folder(started: float) -> None:
+    """The version folder of a run that failed at start-up (empty, or an empty event file and
+    config.yaml): each failed attempt took a version number, so the next real run was `-v3` while
+    the README's commands name `-v0`. Removed only if the run created it (its generated name's
+    folder, made when the name was chosen, or one the logger makes; not a folder that existed
+    before, such as one named by an explicit logger version, or made to hold the run's own log),
+    everything in it was written since `started` and it holds no checkpoint; the folders above it
+    too when the run created them and they are left empty."""
+    log_dir, *above = _RUN.get("new_folders") or [None]
+    if not log_dir or not os.path.isdir(log_dir):
         return
     entries = [os.path.join(root, name) for root, dirs, files in os.walk(log_dir) for name in dirs + files]
     if any(os.path.basename(p) == "checkpoints" or os.path.getmtime(p) < started for p in entries):
         return
     shutil.rmtree(log_dir, ignore_errors=True)
-    if not _RUN.get("had_name_dir", True):
+    for folder in above:
         with contextlib.suppress(OSError):  # not empty: another run's folder appeared meanwhile
-            os.rmdir(os.path.dirname(log_dir))
+            os.rmdir(folder)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -268,7 +278,7 @@ def main(args: list[str] | None = None) -> None:
     except _STARTUP_ERRORS as err:
         if debug or _past_start_up(_RUN.get("trainer")):
             raise
-        _remove_unused_run_folder(_RUN.get("trainer"), started)
+        _remove_unused_run_folder(started)
         exit_with(err)
 
 

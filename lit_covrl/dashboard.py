@@ -323,11 +323,13 @@ def _regularizer_name(callback) -> str | None:
     return (init.get("name") if init is not None else None) or cls.default_name
 
 
-def default_version(config_files: list, callbacks: list, log_root: Path, model=None) -> str:
+def default_version(config_files: list, callbacks: list, log_root: Path, model=None, reserve: bool = False) -> str:
     """`<method>-<config stems>-v<N>`: `method_name` of the parsed `model` config (objective,
     quantile baseline, pass@k advantage) and callbacks (or 'grpo'), then the stems of the config files not already
     named (quickstart + clip_cov.yaml -> clip_cov-quickstart), then the first N >= 0 above every
-    existing `<prefix>-v<M>` folder in log_root (never overwrites)."""
+    existing `<prefix>-v<M>` folder in log_root (never overwrites). With `reserve` the folder is
+    made here (log_root too), the next N taken when it already exists: two runs started at once
+    (seeds launched with `&`) then get two folders instead of logging into one."""
     objective = _config_class(getattr(model, "objective", None)) if model is not None else None
     loss = getattr(model, "loss", None) if model is not None else None
     quantile, advantage = (loss.get(k) if hasattr(loss, "get") else getattr(loss, k, None)
@@ -343,20 +345,32 @@ def default_version(config_files: list, callbacks: list, log_root: Path, model=N
     pattern = re.compile(re.escape(prefix) + r"-v(\d+)")
     taken = [int(m.group(1)) for p in (log_root.iterdir() if log_root.is_dir() else [])
              if (m := pattern.fullmatch(p.name))]
-    return f"{prefix}-v{max(taken, default=-1) + 1}"
+    n = max(taken, default=-1) + 1
+    if reserve:
+        log_root.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                (log_root / f"{prefix}-v{n}").mkdir()  # atomic: one of two runs racing for N gets it
+                break
+            except FileExistsError:
+                n += 1
+    return f"{prefix}-v{n}"
 
 
-def name_run(cfg) -> str | None:
+def name_run(cfg, reserve: bool = False) -> tuple[str | None, list[Path]]:
     """Give a TensorBoardLogger or CSVLogger configured without a version the `default_version` name
-    (an explicit version, even "" as tools/compare.py passes, is kept). Returns the name given,
-    or None; the CLI keeps it out of the saved config.yaml, so that re-running that file names a
+    (an explicit version, even "" as tools/compare.py passes, is kept), its folder made now with
+    `reserve`. Returns the name given, or None, and the folders made for it: the run folder, then
+    those above it that did not exist (the CLI removes them again when the run fails at start-up).
+    The CLI keeps the name out of the saved config.yaml, so that re-running that file names a
     new run rather than reusing (and overwriting) the folder of the run that saved it."""
     logger = cfg.get("trainer", {}).get("logger") if hasattr(cfg, "get") else None
     if logger is None or not str(getattr(logger, "class_path", "")).endswith(("TensorBoardLogger", "CSVLogger")):
-        return None
+        return None, []
     init = logger.init_args
     if init.get("version") is not None:
-        return None
+        return None, []
     root = Path(str(init.get("save_dir"))) / str(init.get("name") or "")
-    init.version = default_version(cfg.get("config"), cfg.trainer.get("callbacks"), root, cfg.get("model"))
-    return init.version
+    made = [p for p in (root, *root.parents) if not p.is_dir()] if reserve else []
+    init.version = default_version(cfg.get("config"), cfg.trainer.get("callbacks"), root, cfg.get("model"), reserve)
+    return init.version, [root / init.version, *made] if reserve else []

@@ -105,14 +105,14 @@ def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
     files["BADYAML"].write_text("model:\n  rollout: {group_size: 4\n")  # an unclosed flow mapping
     extra = [str(files[a]) if a in files else a for a in extra]
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", str(QUICK), *extra, "--trainer.logger.init_args.save_dir", str(tmp_path)])
+        main(["fit", "--config", str(QUICK), *extra, "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     for name, path in files.items():
         message = message.replace(name, str(path))
     assert err[-1].startswith("lit-covrl: error: ") and message in err[-1]
     # no version folder left behind (each failed attempt took a version number: the README's -v0
-    # commands then named an empty folder), nor the logger's name folder it made
+    # commands then named an empty folder), nor the logger's name folder and save_dir made with it
     assert {p.name for p in tmp_path.iterdir()} == {"rows.jsonl", "top.yaml", "bad.yaml"}
 
 

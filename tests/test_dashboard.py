@@ -228,6 +228,53 @@ def test_default_version_names_the_method_and_configs_and_never_reuses_a_folder(
     assert default_version([quick], [], tmp_path) == "grpo-quickstart-v0"
 
 
+def test_default_version_reserves_its_folder_and_takes_the_next_number_if_another_run_made_it(tmp_path, monkeypatch):
+    root = tmp_path / "runs" / "quickstart"  # made with the run folder
+    assert default_version([CONFIGS / "quickstart.yaml"], [], root, reserve=True) == "grpo-quickstart-v0"
+    assert [p.name for p in root.iterdir()] == ["grpo-quickstart-v0"]
+    # another run makes -v1 between this run's listing of the folders and its own mkdir
+    mkdir = Path.mkdir
+
+    def racing(self, *args, **kwargs):
+        if self.name == "grpo-quickstart-v1" and not self.exists():
+            mkdir(self)
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", racing)
+    assert default_version([CONFIGS / "quickstart.yaml"], [], root, reserve=True) == "grpo-quickstart-v2"
+    assert sorted(p.name for p in root.iterdir()) == [f"grpo-quickstart-v{n}" for n in range(3)]
+
+
+def test_two_runs_named_before_either_logs_get_two_folders(tmp_path):
+    """Two `lit-covrl fit` started at once (seeds launched in a shell loop with `&`) both chose
+    -v0 from the folders listed before either logger wrote: TensorBoard showed one run with doubled
+    points, one config.yaml survived and the checkpoints interleaved as last.ckpt / last-v1.ckpt."""
+    from lit_covrl.cli import LitCovRLCLI
+    from lit_covrl.data import PromptDataModule
+    from lit_covrl.module import GRPOModule
+
+    args = ["--config", str(CONFIGS / "quickstart.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    first, second = (LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"},
+                                 args=args, run=False).trainer.logger.log_dir for _ in range(2))
+    assert (Path(first).name, Path(second).name) == ("grpo-quickstart-v0", "grpo-quickstart-v1")
+    assert sorted(p.name for p in (tmp_path / "quickstart").iterdir()) == ["grpo-quickstart-v0", "grpo-quickstart-v1"]
+
+
+def test_only_rank_0_of_a_multi_process_run_makes_its_folder(monkeypatch):
+    """The other ranks (started by Lightning's launcher or torchrun with a rank set) log into rank
+    0's folder: a folder of their own would be a stray empty run beside it."""
+    from lit_covrl.cli import _first_process
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    assert _first_process()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert _first_process()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not _first_process()
+
+
 def test_cli_runs_are_named_by_method_and_an_explicit_version_is_kept(tmp_path):
     from lit_covrl.cli import LitCovRLCLI
     from lit_covrl.data import PromptDataModule
@@ -241,8 +288,7 @@ def test_cli_runs_are_named_by_method_and_an_explicit_version_is_kept(tmp_path):
         return cli.trainer.logger
 
     assert Path(logger().log_dir) == tmp_path / "clip_cov" / "clip_cov-quickstart-v0"
-    (tmp_path / "clip_cov" / "clip_cov-quickstart-v0").mkdir(parents=True)
-    assert logger().version == "clip_cov-quickstart-v1"
+    assert logger().version == "clip_cov-quickstart-v1"  # the first one's folder was made when it was named
     # tools/compare.py passes version "" (logs straight into <save_dir>/<method>-s<seed>)
     assert Path(logger("--trainer.logger.init_args.version", "").log_dir) == tmp_path / "clip_cov"
     # an objective other than PPO and a quantile baseline are part of what ran (a CE-GPPO or QAE run
@@ -281,7 +327,7 @@ def test_re_running_a_saved_config_names_a_new_run_and_a_given_version_is_saved(
     run = Path(first.trainer.logger.log_dir)
     assert run == tmp_path / "quickstart" / "grpo-quickstart-v0"
     assert first.config.trainer.logger.init_args.version is None  # what SaveConfigCallback writes
-    run.mkdir(parents=True)
+    assert run.is_dir()  # made when the run was named
     saved = run / "config.yaml"
     saved.write_text(first.parser.dump(first.config, skip_none=False))
     again = Path(cli("--config", str(saved)).trainer.logger.log_dir)
