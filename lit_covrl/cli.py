@@ -164,7 +164,8 @@ class LitCovRLCLI(LightningCLI):
         trainer = super()._instantiate_trainer(_with_rl_progress_bar(config), callbacks)
         _RUN["trainer"] = trainer
         log_dir = _log_dir(trainer)
-        if not _RUN.get("new_folders") and log_dir and not os.path.isdir(log_dir):  # the logger will make it
+        # the logger will make it (rank 0's: the other ranks log into rank 0's folder)
+        if not _RUN.get("new_folders") and log_dir and not os.path.isdir(log_dir) and _first_process():
             name_dir = os.path.dirname(log_dir)
             _RUN["new_folders"] = [log_dir] if os.path.isdir(name_dir) else [log_dir, name_dir]
         return trainer
