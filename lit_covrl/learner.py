@@ -189,11 +189,12 @@ class Learner:
                 self.driver.backward(logp.sum() * 0.0)
                 continue
             out = early if early is not None else self._logprobs(mb.input_ids[r], mb.attention_mask[r], mb.mask.shape[1],
-                                                                 need_ent, topk=self._topk())
+                                                                 need_ent, topk=self._topk(), min_p=self._min_p())
             logp, ent = out[:2]
-            top = out[2] if len(out) > 2 else (None, None)  # (top-k log-probs, top-1 flag), if asked (`needs_topk`)
+            top = out[2] if len(out) > 2 and out[2] is not None else (None, None)  # (top-k log-probs, top-1 flag) (`needs_topk`)
             batch = PolicyBatch(r, logp, mb.old_logp[r], mb.advantages[r], mb.mask[r], ent, mb.ref_rows(r), mb.old_entropy[r],
-                                None if self._kl_scale is None else self._kl_scale[r].to(logp.dtype), *top)
+                                None if self._kl_scale is None else self._kl_scale[r].to(logp.dtype), *top,
+                                proxy_logp=out[3] if len(out) > 3 else None)  # min-p proxy (`needs_min_p`)
             loss, shapings, base = self.loss(batch, agg)
             self.driver.backward(loss * scale)
             with torch.no_grad():  # micro-batch terms with mini-batch denominators: they add up
@@ -229,7 +230,8 @@ class Learner:
         if len(plan) == 1:
             rows = (mb.input_ids[plan[0]], mb.attention_mask[plan[0]]) if plan[0] is not None else mb.filler
             early = self._logprobs(*rows, mb.mask.shape[1], (need_ent or want_ent) and plan[0] is not None,
-                                   topk=self._topk() if plan[0] is not None else 0)
+                                   topk=self._topk() if plan[0] is not None else 0,
+                                   min_p=self._min_p() if plan[0] is not None else 0.0)
             if plan[0] is None:
                 return mb.old_logp, (mb.old_entropy if want_ent else None), early
             ent = early[1].detach() * mb.mask if want_ent else None
@@ -277,8 +279,13 @@ class Learner:
         the forward computes none)."""
         return max((int(r.needs_topk) for r in self.regularizers), default=0)
 
+    def _min_p(self) -> float:
+        """The min-p proxy's threshold a regularizer asks for (`Regularizer.needs_min_p`; 0: none,
+        and the forward computes no proxy). `check_stack` refuses two different ones."""
+        return max((float(r.needs_min_p) for r in self.regularizers), default=0.0)
+
     def _logprobs(self, ids: Tensor, att: Tensor, T: int, with_entropy: bool, model=None,
-                  topk: int = 0) -> tuple:
+                  topk: int = 0, min_p: float = 0.0) -> tuple:
         """Response log-probs (and entropy) [n, T] of a micro-batch under `model` (default the
         policy); with `skip_padding` computed on the micro-batch trimmed of its all-padding
         columns (`trim_padding`); the prompt forward shared over each group
@@ -286,12 +293,15 @@ class Learner:
         through the compiled forward (`lit_covrl.compiled`) with `compile_update`. Every call, filler passes included, then runs the same
         two forwards on every rank when there are several (FSDP lock-step). With `topk` > 0 a third
         item (top-k log-probs [n, T, k] with grad, sampled token is the top-1 [n, T] bool) from the
-        same chunked pass; the log-probs are the same to the bit."""
+        same chunked pass; the log-probs are the same to the bit. With `min_p` > 0 the third item is
+        that pair or None and a fourth the sampled tokens' min-p proxy log-probs [n, T] (detached)."""
         hp = self.settings
         model = model if model is not None else self.policy
         kw = dict(temperature=hp.rollout.temperature, with_entropy=with_entropy, chunk_size=hp.update.logprob_chunk_size)
         if topk:
             kw["topk"] = topk
+        if min_p:
+            kw["min_p"] = min_p
         lockstep = distributed.world_size() > 1
         # the shared-prompt split forwards a tail only for >= 2 response columns: keep 2 on every
         # rank, or a rank whose rows all end after one token would run one forward to the others' two
@@ -305,11 +315,14 @@ class Learner:
             out = shared_prompt_logprobs(model, ids, att, kept, always_split=lockstep, **kw)
         logp, ent = out[:2]
         padded = pad_columns(logp, T), (None if ent is None else pad_columns(ent, T))
-        if not topk:
+        if not topk and not min_p:
             return padded
-        top, top1 = out[2]
-        top = top if top.shape[1] == T else torch.nn.functional.pad(top, (0, 0, 0, T - top.shape[1]))
-        return (*padded, (top, pad_columns(top1.to(torch.uint8), T).bool()))
+        pair = None
+        if topk:
+            top, top1 = out[2]
+            top = top if top.shape[1] == T else torch.nn.functional.pad(top, (0, 0, 0, T - top.shape[1]))
+            pair = (top, pad_columns(top1.to(torch.uint8), T).bool())
+        return (*padded, pair) if not min_p else (*padded, pair, pad_columns(out[3], T))
 
     def _optimizer_step(self, last: bool) -> dict:
         """One optimizer update through the driver (GRPOModule: the strategy and its precision

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_covrl import gguf
-from lit_covrl.algorithms import token_entropy, token_logprobs, token_topk_logprobs
+from lit_covrl.algorithms import token_entropy, token_logprobs, token_proxy_logprobs, token_topk_logprobs
 
 BUILTIN_MODELS = {"lit_covrl:tiny-arith": Path(__file__).parent / "assets" / "tiny-arith",
                   "lit_covrl:tiny-reasoning": Path(__file__).parent / "assets" / "tiny-reasoning"}
@@ -234,12 +234,15 @@ def response_logprobs(
     with_entropy: bool = False,
     chunk_size: int = 1024,
     topk: int = 0,
+    min_p: float = 0.0,
 ) -> tuple:
     """Log-probs [N, T] of the response tokens (the last T columns of input_ids) and, if asked,
     the per-token entropy [N, T] of softmax(z / temperature). Differentiable when grad is enabled.
     With `topk` k > 0 a third item, (the k most probable tokens' log-probs [N, T, k] with grad,
     the sampled token is the most probable [N, T] bool), from the same chunked pass
-    (`token_topk_logprobs`); the log-probs are the same to the bit either way."""
+    (`token_topk_logprobs`); the log-probs are the same to the bit either way. With `min_p` > 0
+    the third item is that pair or None and a fourth the sampled tokens' log-probs under the min-p
+    proxy [N, T] (detached, -inf where filtered out: `token_proxy_logprobs`), from the same logits."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -251,6 +254,9 @@ def response_logprobs(
     labels = input_ids[:, -response_len:]
     logp, top = _token_logprobs(logits, labels, temperature, chunk_size, topk)
     entropy = token_entropy(logits, temperature=temperature, chunk_size=chunk_size) if with_entropy else None
+    if min_p:
+        return logp, entropy, top, token_proxy_logprobs(logits, labels, min_p, temperature=temperature,
+                                                        chunk_size=chunk_size)
     return (logp, entropy) if not topk else (logp, entropy, top)
 
 
@@ -345,6 +351,7 @@ def shared_prompt_logprobs(
     chunk_size: int = 1024,
     always_split: bool = False,
     topk: int = 0,
+    min_p: float = 0.0,
 ) -> tuple:
     """`response_logprobs` with each run of identical consecutive prompt rows forwarded once.
 
@@ -354,7 +361,7 @@ def shared_prompt_logprobs(
     every rank; such a class pays one wasted prompt forward once). Not for activation
     checkpointing: a recomputed layer would append to the cache again."""
     P = input_ids.shape[1] - response_len
-    kw = dict(temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size, topk=topk)
+    kw = dict(temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size, topk=topk, min_p=min_p)
     if P < 1 or type(model) in _UNSHARED_CACHE:
         return response_logprobs(model, input_ids, attention_mask, response_len, **kw)
     first, rows = prompt_groups(input_ids[:, :P], attention_mask[:, :P])
@@ -369,6 +376,8 @@ def shared_prompt_logprobs(
     logp = torch.cat([lp for lp, _ in per_part], 1)
     entropy = (torch.cat([token_entropy(p, temperature=temperature, chunk_size=chunk_size) for p in parts], 1)
                if with_entropy else None)
-    if not topk:
-        return logp, entropy
-    return logp, entropy, tuple(torch.cat([t[i] for _, t in per_part], 1) for i in range(2))
+    top = tuple(torch.cat([t[i] for _, t in per_part], 1) for i in range(2)) if topk else None
+    if min_p:
+        return logp, entropy, top, torch.cat([token_proxy_logprobs(p, y, min_p, temperature=temperature, chunk_size=chunk_size)
+                                              for p, y in zip(parts, labels)], 1)
+    return (logp, entropy) if not topk else (logp, entropy, top)

@@ -99,6 +99,10 @@ class PolicyBatch:
                                regularizer sets `needs_topk` = k (the largest k asked)
     top1       [n, T] | None   bool: the sampled token is the current policy's most probable one
                                (with `topk_logp`)
+    proxy_logp [n, T] | None   log-prob of the sampled token under the current policy's min-p proxy
+                               (tokens with probability below min_p times the largest dropped, the
+                               rest renormalised; detached; -inf where the token itself is dropped),
+                               if a regularizer sets `needs_min_p` (Lp-Reg)
     """
 
     rows: Tensor
@@ -112,6 +116,7 @@ class PolicyBatch:
     kl_scale: Tensor | None = None
     topk_logp: Tensor | None = None
     top1: Tensor | None = None
+    proxy_logp: Tensor | None = None
 
 
 @dataclass

@@ -15,7 +15,8 @@ The contract (lit_covrl/regularizers/base.py):
   and/or `advantage_shift` (detached, added to the advantage inside the objective);
 - flags ask the learner for more: `needs_entropy` (batch.entropy with grad), `needs_reference`,
   `needs_current_logp` / `needs_current_entropy` (ctx.logp / ctx.entropy of the current policy),
-  `needs_topk = k` (batch.topk_logp [n, T, k] with grad, batch.top1);
+  `needs_topk = k` (batch.topk_logp [n, T, k] with grad, batch.top1), `needs_min_p = kappa`
+  (batch.proxy_logp [n, T], the sampled tokens' log-probs under the min-p proxy, detached);
 - `self.record(key, value)` logs the step's mean under reg/<name>/<key>.
 """
 from __future__ import annotations

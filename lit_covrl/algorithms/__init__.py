@@ -20,7 +20,7 @@ from lit_covrl.algorithms.covariance import (
     kl_cov_select,
     token_covariance,
 )
-from lit_covrl.algorithms.entropy import masked_entropy, masked_mean, token_entropy, token_logprobs, token_topk_logprobs
+from lit_covrl.algorithms.entropy import masked_entropy, masked_mean, token_entropy, token_logprobs, token_proxy_logprobs, token_topk_logprobs
 from lit_covrl.algorithms.entropy_controls import (
     STEER_MAPPINGS,
     adaptive_entropy_coef,
@@ -109,6 +109,7 @@ __all__ = [
     "token_covariance",
     "token_entropy",
     "token_logprobs",
+    "token_proxy_logprobs",
     "token_topk_logprobs",
     "zero_variance_groups",
 ]

@@ -15,13 +15,14 @@ Shapes: ``...`` leading dims (usually [N, T]), V vocabulary.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["token_logprobs", "token_topk_logprobs", "token_entropy", "masked_entropy", "masked_mean"]
+__all__ = ["token_logprobs", "token_topk_logprobs", "token_proxy_logprobs", "token_entropy", "masked_entropy", "masked_mean"]
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -94,6 +95,40 @@ def token_topk_logprobs(
         out = out.new_zeros(0, k + 2)
     return (out[:, 0].view(labels.shape), out[:, 1:1 + k].view(*labels.shape, k),
             out[:, -1].detach().bool().view(labels.shape))
+
+
+@torch.no_grad()
+def token_proxy_logprobs(
+    logits: Tensor, labels: Tensor, min_p: float, *, temperature: float = 1.0, chunk_size: int = 4096
+) -> Tensor:
+    """log pi_proxy(label) [...] (detached): the log-prob of the label under the min-p proxy of
+    softmax(logits / temperature), -inf where the label itself is filtered out.
+
+    The proxy (Lp-Reg, Huang et al. 2025) keeps the tokens whose probability under softmax(logits)
+    (temperature 1, as the reference filters the raw logits before dividing them by the
+    temperature) is at least `min_p` times the most probable token's, i.e. z_v >= max z + log
+    min_p, and renormalises softmax(z / temperature) over them:
+        log pi_proxy(y) = z_y / tau - logsumexp_{kept v}(z_v / tau)   (y kept).
+    The most probable token is always kept. With every token kept the proxy is the policy itself
+    (the same logsumexp over the same values: equal to `token_logprobs` to the bit). Chunked like
+    the log-probs (one chunk's float32 [chunk, V] at a time), without grad: the proxy is a target.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 < min_p <= 1.0:
+        raise ValueError(f"min_p must be in (0, 1], got {min_p}")
+    rows = logits.detach().reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1, 1).long()
+    log_min_p = math.log(min_p)
+
+    def fn(z: Tensor, y: Tensor) -> Tensor:
+        z = _upcast(z)
+        kept = z >= z.amax(-1, keepdim=True) + log_min_p
+        z = z / temperature
+        lse = torch.logsumexp(z.masked_fill(~kept, float("-inf")), dim=-1)
+        return (z.gather(-1, y).squeeze(-1) - lse).masked_fill(~kept.gather(-1, y).squeeze(-1), float("-inf"))
+
+    return _chunked(fn, rows, flat_labels, chunk_size=chunk_size).view(labels.shape)
 
 
 def _entropy_rows(z: Tensor, temperature: float = 1.0) -> Tensor:

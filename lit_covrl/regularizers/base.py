@@ -152,6 +152,7 @@ class Regularizer(Callback):
     needs_current_logp: bool = False  # module provides ctx.logp of the current policy
     needs_current_entropy: bool = False  # module provides ctx.entropy of the current policy
     needs_topk: int = 0  # k > 0: module fills batch.topk_logp [n, T, k] (with grad) and batch.top1 in `shape`
+    needs_min_p: float = 0.0  # kappa > 0: module fills batch.proxy_logp [n, T] (min-p proxy, detached) in `shape`
     reads_zeroed: bool = False  # prepared after the others, with their weight-0 tokens in ctx.zeroed
     shifts_advantage: bool = False  # returns TokenShaping.advantage_shift (at most one per run)
     sets_clip_range: bool = False  # returns TokenShaping.clip_low / clip_high (at most one per run; see clip_bounds)
@@ -306,6 +307,11 @@ def check_stack(regularizers: list[Regularizer]) -> None:
             f"{len(shifting)} regularizers shift the advantage ({', '.join(repr(r.name) for r in shifting)}): "
             "their shifts add up and can flip the advantage's sign; keep one (raise its alpha instead)"
         )
+    thresholds = sorted({float(r.needs_min_p) for r in regularizers if r.needs_min_p})
+    if len(thresholds) > 1:
+        asking = ", ".join(f"{r.name!r} ({r.needs_min_p})" for r in regularizers if r.needs_min_p)
+        raise ValueError(f"regularizers ask for min-p proxies of different thresholds ({asking}): the training "
+                         "forward computes one; give them the same min_p")
     clipping = [r for r in regularizers if r.sets_clip_range]
     if len(clipping) > 1:
         raise ValueError(
