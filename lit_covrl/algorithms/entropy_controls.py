@@ -36,6 +36,13 @@ logp_t the log-prob of the sampled token, A_t its advantage; N sequences, T resp
   gradient of a response with A > 0 weighs 1 + alpha x (the two denominators' ratio), that of a
   response with A < 0 weighs 1 - alpha x (the same): entropy below the target (alpha < 0) damps the
   sharpening of confident positive tokens and pushes harder on confident negative ones.
+- lp_reg_lowest / lp_reg_kl (Lp-Reg, Huang et al. 2025, "Low-probability Tokens Sustain
+  Exploration in RLVR", arXiv 2510.03222; github.com/CarlanLark/Lp-Reg-dev,
+  compute_policy_loss_lp_reg): among the valid tokens of one advantage sign, the
+  k = max(1, floor(n ratio)) with the lowest log-prob (none when k = 1, as the reference); those
+  whose proxy log-prob exceeds their own (kept by the min-p filter, some mass filtered out) get
+  beta * clamp(exp(q - l) - (q - l) - 1, -10, 10), l = log pi(y_t), q = log pi_proxy(y_t): the
+  reference's low-variance KL estimate of the sampled token toward the proxy.
 """
 from __future__ import annotations
 
@@ -301,3 +308,31 @@ def simko_logp_grad(logp: Tensor, topk_logp: Tensor, mixed: Tensor, *, coef: flo
     exp(topk - old_topk) + 1e-8; we leave the 1e-8 out, and with it the old top-K log-probs)."""
     moved = (topk_logp - topk_logp.detach()).mean(-1) - (logp - logp.detach())
     return torch.where(mixed, coef * moved, torch.zeros_like(moved))
+
+
+def lp_reg_lowest(logp: Tensor, advantages: Tensor, mask: Tensor, *, ratio: float, sign: int) -> Tensor:
+    """bool [n, T]: among the valid tokens with sign(A) == `sign` (+1 or -1; A = 0 is neither),
+    the k = max(1, int(count * ratio)) with the lowest `logp`, or none when k == 1 (the reference
+    selects only for k > 1). Ties are broken by position (row-major), lowest first."""
+    cand = (mask > 0) & ((advantages > 0) if sign > 0 else (advantages < 0))
+    out, count = torch.zeros_like(cand), int(cand.sum())
+    k = max(1, int(count * ratio))
+    if k <= 1:
+        return out
+    picked = torch.zeros(count, dtype=torch.bool, device=cand.device)
+    picked[torch.sort(logp[cand], stable=True).indices[:k]] = True
+    out[cand] = picked
+    return out
+
+
+def lp_reg_kl(logp: Tensor, proxy_logp: Tensor, selected: Tensor) -> tuple[Tensor, Tensor]:
+    """(k3 [n, T], regularized [n, T] bool): on the selected tokens whose proxy log-prob is above
+    their current one (the token survives the filter and the proxy raised it), the low-variance KL
+    estimate k3 = exp(q - l) - (q - l) - 1 of l = log pi(y) (with grad) toward q = log pi_proxy(y)
+    (detached), clamped to [-10, 10] as the reference's kl_penalty; 0 elsewhere. Its gradient,
+    (1 - pi_proxy / pi) d log pi, raises the token's probability toward the proxy's."""
+    regularized = selected & (logp.detach() < proxy_logp)
+    q = torch.where(regularized, proxy_logp, logp.detach())  # finite everywhere: no inf / NaN in backward
+    d = q - logp
+    k3 = (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)
+    return torch.where(regularized, k3, torch.zeros_like(k3)), regularized

@@ -6,6 +6,7 @@ from lit_covrl.regularizers.dense import EntropyBonus, ReferenceKL
 from lit_covrl.regularizers.entropic import EntroPIC
 from lit_covrl.regularizers.entropy_selection import EntropyRatioClip, HighEntropyTokens, SteerWeights
 from lit_covrl.regularizers.entropy_shaping import AdaptiveEntropyBonus, EntropyAdvantage
+from lit_covrl.regularizers.lp_reg import LpReg
 from lit_covrl.regularizers.sample_weights import WeightedReinforce
 from lit_covrl.regularizers.schedules import SCHEDULES, Schedule
 from lit_covrl.regularizers.simko import SimKO
@@ -20,6 +21,7 @@ __all__ = [
     "EntropyRatioClip",
     "HighEntropyTokens",
     "KLCov",
+    "LpReg",
     "MiniBatchContext",
     "ReferenceKL",
     "Regularizer",
