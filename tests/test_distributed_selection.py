@@ -1,7 +1,7 @@
 """Mini-batch-wide decisions are global: 2 gloo processes holding half the mini-batch each select
 exactly the tokens that 1 process holding all of it selects (Clip-Cov, KL-Cov and the entropy
 controls: 80/20 quantile, STEER weights, entropy-ratio clip, adaptive bonus, entropy advantage,
-EntroPIC),
+EntroPIC, Lp-Reg's lowest log-probs),
 and each objective's loss, metrics and gradient add up across ranks to the single-process ones."""
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lit_covrl.algorithms import aggregate, ppo_clipped_tokens, token_entropy, token_topk_logprobs
+from lit_covrl.algorithms import (aggregate, ppo_clipped_tokens, token_entropy, token_logprobs, token_proxy_logprobs,
+                                  token_topk_logprobs)
 from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
     AdaptiveEntropyBonus,
@@ -24,6 +25,7 @@ from lit_covrl.regularizers import (
     EntropyRatioClip,
     HighEntropyTokens,
     KLCov,
+    LpReg,
     SimKO,
     SteerWeights,
     WeightedReinforce,
@@ -128,6 +130,7 @@ def _objectives(rows: slice) -> dict[str, torch.Tensor]:
         out[f"{name}/metrics"] = distributed.all_sum(torch.stack([loss.detach(), *stats.values()]))
         out[f"{name}/grad"] = z.grad
     out.update(_simko(rows, n_tok))
+    out.update(_lp_reg(rows, n_tok))
     return out
 
 
@@ -152,6 +155,30 @@ def _simko(rows: slice, n_tok) -> dict[str, torch.Tensor]:
 
     return {"ppo+simko/loss": distributed.all_sum(loss.detach()), "ppo+simko/grad": z.grad.flatten(1),
             **{k: torch.tensor(v) for k, v in reg.pop_metrics().items()}}
+
+
+def _lp_reg(rows: slice, n_tok) -> dict[str, torch.Tensor]:
+    """PPOClip + Lp-Reg from logits [N, T, V] (log-probs with grad, the min-p proxy): the selection
+    (the lowest log-probs of the whole mini-batch), its loss, metrics (collectives) and the gradient
+    w.r.t. the logits of these rows."""
+    from lit_covrl import distributed
+    from lit_covrl.types import TokenShaping
+
+    g = torch.Generator().manual_seed(3)
+    logits = 2.0 * torch.randn(N, T, 9, generator=g)
+    labels = torch.multinomial(torch.softmax(logits.view(-1, 9), -1), 1, generator=g).view(N, T)
+    _, old, adv, mask = (t[rows] for t in _batch())
+    z = logits[rows].clone().requires_grad_(True)
+    logp = token_logprobs(z, labels[rows])
+    old = logp.detach() + (old - _batch()[0][rows])
+    reg, obj = LpReg(min_p=0.3, neg_ratio=0.5, pos_ratio=0.3), PPOClip()
+    reg.prepare(MiniBatchContext(0, 1, False, logp.detach() * mask, old * mask, adv, mask, None))
+    s = reg.shape(PolicyBatch(torch.arange(len(mask)), logp, old, adv, mask,
+                              proxy_logp=token_proxy_logprobs(z, labels[rows], reg.min_p)))
+    loss = aggregate(TokenShaping.combine([s], obj.token_loss(logp, old, adv, mask)), mask, "token-mean", num_tokens=n_tok)
+    loss.backward()
+    return {"ppo+lp_reg/loss": distributed.all_sum(loss.detach()), "ppo+lp_reg/grad": z.grad.flatten(1),
+            "lp_reg/selected": reg.selected.float(), **{k: torch.tensor(v) for k, v in reg.pop_metrics().items()}}
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -194,6 +221,7 @@ def test_two_processes_select_what_one_process_selects(tmp_path):
     assert (whole["entropic_penalty"] != 0).any()
     assert 0 < whole["reg/archer/high_entropy_frac"] < 1 and 0 < whole["ppo+archer/metrics"][2] < 1
     assert 0 < whole["reg/simko/mixed_frac"] < 1 and 0 < whole["reg/simko/top1_penalized_frac"] < 1
+    assert 0 < whole["reg/lp_reg/selected_frac"] < 1 and 0 < whole["reg/lp_reg/regularized_frac"] < 1
     for key, value in whole.items():
         if value.dim() == 2:  # per-token decisions: the halves concatenate to the whole
             torch.testing.assert_close(torch.cat([p["entropy"][key] for p in parts]), value, msg=key)

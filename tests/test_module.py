@@ -22,6 +22,7 @@ from lit_covrl.regularizers import (
     KLCov,
     ReferenceKL,
     Regularizer,
+    LpReg,
     SimKO,
     SteerWeights,
     WeightedReinforce,
@@ -171,7 +172,16 @@ def _simko():
             ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3), EntropyBonus(coef=0.05)]
 
 
+def _lp_reg():
+    # Lp-Reg (a threshold that filters the untrained model's near-uniform distributions, half of the
+    # negative and a fifth of the positive tokens eligible) with SimKO (the top-k and the min-p proxy
+    # from the same forward) and Clip-Cov
+    return [LpReg(beta=1.0, min_p=0.5, neg_ratio=0.5, pos_ratio=0.2),
+            SimKO(top_k=3, mix_topk_coef=0.5, tau=0.5, incorrect_top1_scale=2.0), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)]
+
+
 INVARIANCE_CASES = {
+    "lp_reg+simko": (_lp_reg, lambda: PPOClip(dual_clip=3.0)),
     "simko+cov": (_simko, lambda: PPOClip(dual_clip=3.0)),
     "simko+ce_gppo": (_simko, lambda: CEGPPO(clip_low=0.05, clip_high=0.05, beta1=0.5, beta2=1.5)),
     "entropy_controls": (_entropy_controls, None),
@@ -210,6 +220,9 @@ def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_
     elif case.startswith("simko"):  # both of SimKO's sets non-empty, its weight changed the loss
         assert 0 < ref_m["reg/simko/mixed_frac"] < 1 and 0 < ref_m["reg/simko/top1_penalized_frac"] < 1
         assert ref_m["reg/simko/loss"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
+    elif case == "lp_reg+simko":  # Lp-Reg selected and regularized tokens next to SimKO's sets
+        assert 0 < ref_m["reg/lp_reg/selected_frac"] < 1 and 0 < ref_m["reg/lp_reg/regularized_frac"] < 1
+        assert ref_m["reg/lp_reg/loss"] > 0 and ref_m["reg/simko/mixed_frac"] > 0
     elif case == "archer+ref_kl":  # the per-token range clipped tokens; the KL scale and Clip-Cov acted
         assert 0 < ref_m["reg/archer/high_entropy_frac"] < 1 and ref_m["reg/archer/loss"] != 0
         assert ref_m["policy/clip_frac"] > 0 and ref_m["reg/ref_kl/loss"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
