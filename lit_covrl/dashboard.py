@@ -70,7 +70,7 @@ FINAL_METRICS = {
 MAIN_SETTINGS = {
     "model": "model", "seed": "seed", "group_size": "rollout.group_size", "temperature": "rollout.temperature",
     "advantage": "loss.advantage", "baseline_quantile": "loss.baseline_quantile",
-    "pass_k": "loss.pass_k", "loss_agg_mode": "loss.loss_agg_mode",
+    "pass_k": "loss.pass_k", "unlikeliness": "loss.unlikeliness", "loss_agg_mode": "loss.loss_agg_mode",
     "mini_batch_size": "update.mini_batch_size", "ppo_epochs": "update.ppo_epochs",
     "max_new_tokens": "rollout.max_new_tokens", "filter_groups": "rollout.filter_groups",
     "overlong": "rollout.overlong",
@@ -107,12 +107,13 @@ def layout(regularizers: list[Regularizer]) -> dict[str, dict[str, list]]:
 
 
 def method_name(regularizer_names: list[str], objective: str | None = None, baseline_quantile=None,
-                advantage: str | None = None) -> str:
+                advantage: str | None = None, unlikeliness=None) -> str:
     """What ran: the objective's `run_name` (GSPO, CISPO, CE-GPPO), 'qae' for a quantile baseline,
-    'passk' for Pass@k Training's advantage and the regularizers' names, joined by '+'; 'grpo' for
-    plain GRPO."""
+    'passk' for Pass@k Training's advantage, 'unlikeliness' for the unlikeliness reward and the
+    regularizers' names, joined by '+'; 'grpo' for plain GRPO."""
     return "+".join([*([objective] if objective else []), *(["qae"] if baseline_quantile is not None else []),
-                     *(["passk"] if advantage == "passk" else []), *regularizer_names]) or "grpo"
+                     *(["passk"] if advantage == "passk" else []),
+                     *(["unlikeliness"] if unlikeliness is not None else []), *regularizer_names]) or "grpo"
 
 
 def _describe(reg: Regularizer) -> str:
@@ -145,7 +146,8 @@ def run_hparams(trainer, pl_module) -> dict:
     objective = getattr(pl_module, "objective", None)
     out = {
         "method": method_name([r.name for r in regs], getattr(objective, "run_name", None),
-                              _get(hp, "loss.baseline_quantile"), _get(hp, "loss.advantage")),
+                              _get(hp, "loss.baseline_quantile"), _get(hp, "loss.advantage"),
+                              _get(hp, "loss.unlikeliness")),
         "regularizers": "; ".join(_describe(r) for r in regs) or "none",
         # the objective's clip range (model.loss.clip_* stay at their defaults when one is given)
         "objective": type(objective).__name__ if objective is not None else "none",
@@ -325,17 +327,17 @@ def _regularizer_name(callback) -> str | None:
 
 def default_version(config_files: list, callbacks: list, log_root: Path, model=None, reserve: bool = False) -> str:
     """`<method>-<config stems>-v<N>`: `method_name` of the parsed `model` config (objective,
-    quantile baseline, pass@k advantage) and callbacks (or 'grpo'), then the stems of the config files not already
+    quantile baseline, pass@k advantage, unlikeliness reward) and callbacks (or 'grpo'), then the stems of the config files not already
     named (quickstart + clip_cov.yaml -> clip_cov-quickstart), then the first N >= 0 above every
     existing `<prefix>-v<M>` folder in log_root (never overwrites). With `reserve` the folder is
     made here (log_root too), the next N taken when it already exists: two runs started at once
     (seeds launched with `&`) then get two folders instead of logging into one."""
     objective = _config_class(getattr(model, "objective", None)) if model is not None else None
     loss = getattr(model, "loss", None) if model is not None else None
-    quantile, advantage = (loss.get(k) if hasattr(loss, "get") else getattr(loss, k, None)
-                           for k in ("baseline_quantile", "advantage"))
+    quantile, advantage, unlikeliness = (loss.get(k) if hasattr(loss, "get") else getattr(loss, k, None)
+                                         for k in ("baseline_quantile", "advantage", "unlikeliness"))
     method = method_name([n for n in (_regularizer_name(cb) for cb in callbacks or []) if n],
-                         getattr(objective, "run_name", None), quantile, advantage)
+                         getattr(objective, "run_name", None), quantile, advantage, unlikeliness)
     parts = [method]
     for f in config_files or []:
         stem = Path(str(f)).stem

@@ -3,8 +3,8 @@ where to resume from.
 
 - non-finite logits while sampling (on any rank): the weights are already broken, there is
   nothing to train on;
-- a reward other than 0 or 1 under `model.loss.advantage: passk`, whose formula counts correct
-  responses (checked before the step's advantages, on every rank);
+- a reward other than 0 or 1 under `model.loss.advantage: passk` or `model.loss.unlikeliness`,
+  whose formulas count correct responses (checked before the step's advantages, on every rank);
 - non-finite weights after a step's updates: finite gradients can still give them (an optimizer
   state that over- or underflows), so they are checked before the step's end can checkpoint them,
   and every checkpoint the run wrote, the last one named in the message included, holds finite
@@ -60,14 +60,16 @@ def stop_on_nonfinite_weights(policy: torch.nn.Module, *, step: int, rank: int, 
     )
 
 
-def stop_on_non_binary_rewards(rewards: torch.Tensor, *, step: int, rank: int, trainer) -> None:
-    """ValueError if any rank scored a reward other than 0 or 1 (Pass@k Training's advantage is
-    defined for correct / incorrect responses only)."""
+def stop_on_non_binary_rewards(rewards: torch.Tensor, *, step: int, rank: int, trainer,
+                               setting: str = "model.loss.advantage='passk'") -> None:
+    """ValueError if any rank scored a reward other than 0 or 1 (Pass@k Training's advantage and
+    the unlikeliness reward are defined for correct / incorrect responses only); `setting` names
+    the one that needs them."""
     bad = first_non_binary(rewards)
     if distributed.all_true(bad is None):
         return
     raise ValueError(
-        "model.loss.advantage='passk' needs rewards in {0, 1} (pass@k counts correct responses), but RL step "
+        f"{setting} needs rewards in {{0, 1}} (it counts correct responses), but RL step "
         f"{step} scored " + (f"{bad!r} on rank {rank}" if bad is not None else "one on another rank")
         + "; the run is stopped. Use a 0/1 reward (model.reward, model.reward_weights) or another advantage. "
         + _resume_hint(trainer)

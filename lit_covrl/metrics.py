@@ -150,6 +150,24 @@ def rollout_metrics(
     return metrics
 
 
+def unlikeliness_metrics(rewards: Tensor, seq_logp: Tensor, group_size: int, beta: float) -> dict[str, Tensor]:
+    """The adv/unlikeliness_* metrics of one RL step, over all ranks, of the correct responses
+    (reward 1) of mixed groups, those the unlikeliness reward re-weights: `penalty`, the mean
+    share of their reward taken away (beta rank / G; 0 for the least likely of a group), and
+    `correct_seq_logp`, their mean token log-prob under the rollout policy (rising towards 0 as
+    GRPO sharpens the policy onto its likeliest answers)."""
+    from lit_covrl import distributed
+    from lit_covrl.algorithms import likelihood_ranks, zero_variance_groups
+
+    correct = (rewards == 1) & ~zero_variance_groups(rewards, group_size)
+    cut = beta * likelihood_ranks(seq_logp, group_size) / group_size
+    s = distributed.all_sum(torch.stack([
+        cut[correct].sum(), seq_logp.double()[correct].sum(), correct.double().sum(),
+    ]))
+    n, f = s[2].clamp(min=1), torch.float32
+    return {"adv/unlikeliness_penalty": (s[0] / n).to(f), "adv/unlikeliness_correct_seq_logp": (s[1] / n).to(f)}
+
+
 def as_floats(metrics: dict) -> dict[str, float]:
     """Plain floats, with one device-to-host copy per device for all tensor values (not one
     synchronization per metric)."""

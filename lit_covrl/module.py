@@ -25,14 +25,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lit_covrl import distributed, guards, resume_check
-from lit_covrl.algorithms import compute_advantages, zero_variance_groups
+from lit_covrl.algorithms import compute_advantages, sequence_logprob_means, zero_variance_groups
 from lit_covrl.drivers import LightningDriver
 from lit_covrl.dynamic_sampling import Round, sample_rounds
 from lit_covrl.errors import naming_the_setting
 from lit_covrl.evaluation import Evaluator
 from lit_covrl.generation import RolloutGenerator
 from lit_covrl.learner import Learner, LearnerSettings
-from lit_covrl.metrics import PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics
+from lit_covrl.metrics import (PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics,
+                               unlikeliness_metrics)
 from lit_covrl.objectives import Objective, resolve_objective
 from lit_covrl.policy import check_vocab, load_tokenizer, resolve_dtype
 from lit_covrl.progress import fit_end_message
@@ -103,8 +104,8 @@ class GRPOModule(L.LightningModule):
             reward: a reward function, or a list of them (summed with `reward_weights`): dotted
                 path of a function, `class_path` (+ `init_args`) of a class, item-level or
                 batched (see `lit_covrl.reward_set`); default exact match.
-            reward_weights: one weight per reward (null = all 1.0); with advantage passk, 1 for one
-                reward and 0 for any others.
+            reward_weights: one weight per reward (null = all 1.0); with advantage passk or the
+                unlikeliness reward, 1 for one reward and 0 for any others.
             reward_timeout_s: per-item time limit of the reward function (null = none); a
                 batched reward gets this times its number of items.
             correct_threshold: a response counts as correct (accuracy, pass@k) if reward >= this
@@ -320,10 +321,9 @@ class GRPOModule(L.LightningModule):
         cfg, G, timer, step = self.settings, self.settings.rollout.group_size, PhaseTimer(), self.global_step
         sampled, reward_stats = self._sample_batch(batch, timer)
         rollout, rewards = sampled.rollout, sampled.rewards
-        if cfg.loss.advantage == "passk":
-            guards.stop_on_non_binary_rewards(rewards, step=step, rank=self.global_rank, trainer=self._trainer)
-        advantages = compute_advantages(rewards, G, cfg.loss.advantage, baseline_quantile=cfg.loss.baseline_quantile,
-                                        pass_k=cfg.loss.pass_k)
+        if cfg.loss.binary_rewards_for:
+            guards.stop_on_non_binary_rewards(rewards, step=step, rank=self.global_rank, trainer=self._trainer,
+                                              setting=cfg.loss.binary_rewards_for)
         zero_var = zero_variance_groups(rewards, G)
         keep = ~zero_var if cfg.rollout.filter_groups else torch.ones_like(zero_var)
         if cfg.rollout.overlong == "mask":
@@ -331,6 +331,10 @@ class GRPOModule(L.LightningModule):
         if self.recompute_logprobs_on:  # old log-probs from the training forward instead of the sampler
             with timer("old_logp"):  # in the update's micro-batches (so its first ratio is exactly 1)
                 self.learner.recompute_old_logprobs(rollout, keep)
+        # after the recomputation: the unlikeliness reward ranks by the old log-probs trained against
+        seq_logp = sequence_logprob_means(rollout.logp, rollout.response_mask) if cfg.loss.unlikeliness else None
+        advantages = compute_advantages(rewards, G, cfg.loss.advantage, baseline_quantile=cfg.loss.baseline_quantile,
+                                        pass_k=cfg.loss.pass_k, unlikeliness=cfg.loss.unlikeliness, seq_logp=seq_logp)
         ref_logp = None
         if any(r.needs_reference for r in self.regularizers):  # time/ref_logp_s only where there is one
             with timer("ref_logp"):
@@ -353,6 +357,8 @@ class GRPOModule(L.LightningModule):
             **{f"time/{k}_s": v for k, v in timer.seconds.items()},
             "time/peak_mem_gib": distributed.all_max(torch.tensor(peak_memory_gib(self.device), dtype=torch.float64)),
         }
+        if cfg.loss.unlikeliness:
+            metrics.update(unlikeliness_metrics(rewards, seq_logp, G, cfg.loss.unlikeliness))
         for reg in self.regularizers:
             metrics.update(reg.pop_metrics())
         skipped_rows = getattr(getattr(self.trainer, "datamodule", None), "skipped_rows", None)

@@ -106,6 +106,12 @@ class LossSettings:
         pass_k: k of advantage "passk" (needed there, refused with any other), an integer in
             [1, model.rollout.group_size - 1] (k = group size trains nothing); k = 1 is GRPO with
             the population std. Rewards must be 0 or 1: the run stops at the first other value.
+        unlikeliness: beta of the unlikeliness reward (He et al. 2025, "Rewarding the Unlikely";
+            the reference code's rank_penalty, 0.25 in its recipe), in (0, 1]; null = off. Before
+            the baseline each reward r_i becomes r_i (1 - beta rank_i / G), rank_i the response's
+            place (0 = least likely) in its group by mean token log-prob under the rollout policy,
+            so rare correct responses get more credit; a group of equal rewards keeps advantage 0.
+            Rewards must be 0 or 1, as for passk (refused with it: its formula needs them unscaled).
         clip_low: PPO lower clip epsilon (null = no lower clip).
         clip_high: PPO upper clip epsilon (null = no upper clip; 0.28 = DAPO clip-higher).
         dual_clip: dual-clip constant c > 1 for negative advantages (null = off).
@@ -119,6 +125,7 @@ class LossSettings:
     advantage: str = "grpo"
     baseline_quantile: float | None = None
     pass_k: int | None = None
+    unlikeliness: float | None = None
     clip_low: float | None = 0.2
     clip_high: float | None = 0.2
     dual_clip: float | None = None
@@ -137,6 +144,7 @@ class LossSettings:
                 _bad(f"{self.KEY}.baseline_quantile", self.baseline_quantile,
                      f"replaces the group mean of advantage {list(QUANTILE_ESTIMATORS)}, not {self.advantage!r}")
         self._check_pass_k()
+        self._check_unlikeliness()
         if self.loss_agg_mode not in AGG_MODES:
             _bad(f"{self.KEY}.loss_agg_mode", self.loss_agg_mode, f"valid modes: {list(AGG_MODES)}")
         for name in ("clip_low", "clip_high"):
@@ -161,6 +169,26 @@ class LossSettings:
             _bad(key, k, f"is the k of {self.KEY}.advantage='passk', not of {self.advantage!r}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             _bad(key, k, "must be an integer >= 1")
+
+    def _check_unlikeliness(self) -> None:
+        key, beta = f"{self.KEY}.unlikeliness", self.unlikeliness
+        if beta is None:
+            return
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta <= 1:
+            _bad(key, beta, "must be in (0, 1] (the reference recipe: 0.25) or null (off): up to 1 a correct "
+                 "response's reward stays above an incorrect one's 0")
+        if self.advantage == "passk":
+            _bad(key, beta, f"scales the rewards before the baseline; {self.KEY}.advantage='passk' needs them in "
+                 "{0, 1}: use grpo, drgrpo or rloo")
+
+    @property
+    def binary_rewards_for(self) -> str | None:
+        """The setting that needs every reward in {0, 1} (None: none does)."""
+        if self.advantage == "passk":
+            return f"{self.KEY}.advantage='passk'"
+        if self.unlikeliness is not None:
+            return f"{self.KEY}.unlikeliness={self.unlikeliness}"
+        return None
 
     def clip_args(self) -> dict:
         """The default PPOClip objective's arguments."""
@@ -359,20 +387,22 @@ def check_module_settings(rollout: RolloutSettings, loss: LossSettings, reward_t
     if loss.pass_k is not None and loss.pass_k >= rollout.group_size:
         _bad(f"{LossSettings.KEY}.pass_k", loss.pass_k, f"must be < {RolloutSettings.KEY}.group_size="
              f"{rollout.group_size} (k = the group size makes every k-subset the whole group: every advantage 0)")
-    if loss.advantage == "passk" and rollout.overlong == "penalize" and rollout.overlong_reward not in (0, 1):
+    binary = loss.binary_rewards_for
+    if binary and rollout.overlong == "penalize" and rollout.overlong_reward not in (0, 1):
         _bad(f"{RolloutSettings.KEY}.overlong_reward", rollout.overlong_reward,
-             f"{LossSettings.KEY}.advantage='passk' needs rewards in {{0, 1}}: use 0.0 (a truncated response fails)")
+             f"{binary} needs rewards in {{0, 1}}: use 0.0 (a truncated response fails)")
     if reward_timeout_s is not None and reward_timeout_s <= 0:
         _bad("model.reward_timeout_s", reward_timeout_s, "must be > 0 or null")
 
 
 def check_passk_reward_weights(loss: LossSettings, weights: list[float], given) -> None:
-    """advantage 'passk' needs rewards in {0, 1}: a weighted sum of 0/1 rewards stays there for every
-    outcome only with weights of 0 or 1, at most one of them 1 (`weights`: one per reward, as used;
-    `given`: model.reward_weights as set, null = 1.0 each)."""
-    if loss.advantage != "passk":
+    """advantage 'passk' and the unlikeliness reward need rewards in {0, 1}: a weighted sum of 0/1
+    rewards stays there for every outcome only with weights of 0 or 1, at most one of them 1
+    (`weights`: one per reward, as used; `given`: model.reward_weights as set, null = 1.0 each)."""
+    binary = loss.binary_rewards_for
+    if binary is None:
         return
-    need = f"{LossSettings.KEY}.advantage='passk' needs rewards in {{0, 1}}: weight 1 for one 0/1 reward, 0 for the others"
+    need = f"{binary} needs rewards in {{0, 1}}: weight 1 for one 0/1 reward, 0 for the others"
     for i, w in enumerate(weights):
         if w not in (0, 1):
             _bad(f"model.reward_weights[{i}]", w, need)

@@ -292,3 +292,116 @@ def test_passk_refuses_a_negative_reward():
     assert first_non_binary(torch.tensor([0.0, 1.0, 1.0])) is None
     with pytest.raises(ValueError, match=r"rewards in \{0, 1\}.*got -1\.0"):
         compute_advantages(torch.tensor([0.0, -1.0, 1.0, 0.0]), 4, "passk", pass_k=2)
+
+
+# ---- unlikeliness reward (He, Fried, Welleck 2025) ------------------------------------------------
+
+def test_unlikeliness_hand_values():
+    """G = 4, rewards [1, 0, 1, 1], mean log-probs [-1, -3, -2, -0.5]: ascending ranks [2, 0, 1, 3]
+    (-3 < -2 < -1 < -0.5); beta 0.25 scales each reward by 1 - rank / 16: [0.875, 0, 0.9375, 0.8125]
+    (the likeliest correct response keeps the least). GRPO on those: mean 2.625 / 4 = 0.65625,
+    deviations [0.21875, -0.65625, 0.28125, 0.15625], Bessel variance 0.58203125 / 3."""
+    from lit_covrl.algorithms import likelihood_ranks, unlikeliness_rewards
+
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    lp = torch.tensor([-1.0, -3.0, -2.0, -0.5], dtype=torch.float64)
+    assert likelihood_ranks(lp, 4).tolist() == [2.0, 0.0, 1.0, 3.0]
+    assert unlikeliness_rewards(r, lp, 4, 0.25).tolist() == [0.875, 0.0, 0.9375, 0.8125]
+    std = math.sqrt(0.58203125 / 3)
+    want = torch.tensor([0.21875, -0.65625, 0.28125, 0.15625], dtype=torch.float64) / (std + 1e-6)
+    got = compute_advantages(r, 4, "grpo", unlikeliness=0.25, seq_logp=lp)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    # Dr.GRPO: the deviations themselves; RLOO: G / (G - 1) times them
+    torch.testing.assert_close(compute_advantages(r, 4, "drgrpo", unlikeliness=0.25, seq_logp=lp),
+                               want * (std + 1e-6), rtol=0, atol=1e-12)
+    torch.testing.assert_close(compute_advantages(r, 4, "rloo", unlikeliness=0.25, seq_logp=lp),
+                               want * (std + 1e-6) * 4 / 3, rtol=0, atol=1e-12)
+    # the correct responses' advantages are ordered against their likelihood; GRPO gives them one value
+    assert got[2] > got[0] > got[3] > 0 > got[1]
+    plain = compute_advantages(r, 4, "grpo")
+    assert plain[0] == plain[2] == plain[3]
+
+
+def test_unlikeliness_sequence_means_and_ties():
+    """The rank is by each response's mean token log-prob over its valid tokens (padding left
+    out); equal means rank by position in the group (stable): the earlier one is 'less likely'."""
+    from lit_covrl.algorithms import likelihood_ranks, sequence_logprob_means
+
+    logp = torch.tensor([[-1.0, -3.0, 5.0], [-2.0, 7.0, 7.0], [-0.5, -0.5, -0.5], [-4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]])
+    means = sequence_logprob_means(logp, mask)
+    assert means.dtype == torch.float64 and means.tolist() == [-2.0, -2.0, -0.5, -2.0]
+    assert likelihood_ranks(means, 4).tolist() == [0.0, 1.0, 3.0, 2.0]
+    assert sequence_logprob_means(logp[:1], torch.zeros(1, 3)).tolist() == [0.0]  # no valid token
+
+
+def _unlikeliness_oracle(rewards, seq_logp, G, beta, estimator):
+    """Per group, in float64 Python: rank = how many of the group are less likely (+ the equal ones
+    before it), r' = r (1 - beta rank / G), then the estimator on r'; 0 for a group of equal r."""
+    out = []
+    r_all, s_all = rewards.tolist(), seq_logp.tolist()
+    for g in range(len(r_all) // G):
+        r, s = r_all[g * G:(g + 1) * G], s_all[g * G:(g + 1) * G]
+        if len(set(r)) == 1:
+            out += [0.0] * G
+            continue
+        ranks = [sum(s[j] < s[i] or (s[j] == s[i] and j < i) for j in range(G)) for i in range(G)]
+        x = [r[i] * (1 - beta * ranks[i] / G) for i in range(G)]
+        mean = sum(x) / G
+        if estimator == "grpo":
+            out += [(v - mean) / (statistics.stdev(x) + 1e-6) for v in x]
+        elif estimator == "drgrpo":
+            out += [v - mean for v in x]
+        else:  # rloo
+            out += [v - (sum(x) - v) / (G - 1) for v in x]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "drgrpo", "rloo"])
+@pytest.mark.parametrize("G,beta", [(2, 1.0), (5, 0.25), (8, 0.6)])
+def test_unlikeliness_matches_a_loop_oracle(estimator, G, beta):
+    gen = torch.Generator().manual_seed(G)
+    B = 40
+    r = (torch.rand(B * G, generator=gen) < 0.5).double()
+    r[:G] = 1.0  # an all-correct group keeps advantage 0 (the reference recipe drops it)
+    s = -torch.rand(B * G, generator=gen, dtype=torch.float64) * 3
+    s[G:2 * G] = -1.0  # a group of equal likelihoods: ranks by position
+    got = compute_advantages(r, G, estimator, unlikeliness=beta, seq_logp=s)
+    torch.testing.assert_close(got, _unlikeliness_oracle(r, s, G, beta, estimator), rtol=0, atol=1e-9)
+    assert got[:G].abs().max() == 0
+
+
+def test_unlikeliness_is_per_group_and_composes_with_a_quantile_baseline():
+    """Groups are independent: any split of the batch into whole groups (micro-batches, ranks)
+    gives the same advantages; a within-group permutation permutes them (no ties); with QAE the
+    quantile is taken of the scaled rewards."""
+    from lit_covrl.algorithms import unlikeliness_rewards
+
+    G, gen = 4, torch.Generator().manual_seed(1)
+    r = (torch.rand(12 * G, generator=gen) < 0.5).float()
+    s = -torch.rand(12 * G, generator=gen)
+    whole = compute_advantages(r, G, "grpo", unlikeliness=0.5, seq_logp=s)
+    parts = torch.cat([compute_advantages(r[a:b], G, "grpo", unlikeliness=0.5, seq_logp=s[a:b])
+                       for a, b in ((0, G), (G, 5 * G), (5 * G, 12 * G))])
+    assert whole.dtype == torch.float32 and torch.equal(whole, parts)
+    perm = torch.cat([g * G + torch.randperm(G, generator=gen) for g in range(12)])
+    torch.testing.assert_close(compute_advantages(r[perm], G, "grpo", unlikeliness=0.5, seq_logp=s[perm]), whole[perm])
+    qae = compute_advantages(r, G, "grpo", unlikeliness=0.5, seq_logp=s, baseline_quantile=0.4)
+    want = group_advantages(unlikeliness_rewards(r, s, G, 0.5), G, baseline_quantile=0.4)
+    want = want.masked_fill(zero_variance_groups(r, G), 0.0).float()
+    torch.testing.assert_close(qae, want)
+
+
+def test_unlikeliness_errors():
+    r, s = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([-1.0, -2.0, -3.0])
+    for beta in (0.0, -0.1, 1.5, True, "0.25"):
+        with pytest.raises(ValueError, match=r"unlikeliness must be in \(0, 1\]"):
+            compute_advantages(r, 3, "grpo", unlikeliness=beta, seq_logp=s)
+    with pytest.raises(ValueError, match=r"'passk' needs them in \{0, 1\}"):
+        compute_advantages(r, 3, "passk", pass_k=1, unlikeliness=0.25, seq_logp=s)
+    with pytest.raises(ValueError, match=r"needs seq_logp shaped like the rewards \(3,\), got None"):
+        compute_advantages(r, 3, "grpo", unlikeliness=0.25)
+    with pytest.raises(ValueError, match=r"got \(2,\)"):
+        compute_advantages(r, 3, "grpo", unlikeliness=0.25, seq_logp=s[:2])
+    # off: the rewards go to the estimator unchanged, seq_logp or not
+    assert torch.equal(compute_advantages(r, 3, "grpo", seq_logp=s), compute_advantages(r, 3, "grpo"))

@@ -23,11 +23,11 @@ R7 = CONFIGS / "paper" / "qwen2.5-7b.yaml"
 F7 = CONFIGS / "fsdp" / "qwen2.5-7b.yaml"
 CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_tokens", "adaptive_entropy", "steer",
                "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "ce_gppo", "qae", "w_reinforce", "passk",
-               "entropic", "archer", "simko", "lp_reg")
+               "entropic", "archer", "simko", "lp_reg", "unlikeliness")
 REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "adaptive_entropy", "clip_cov",
                      "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
                      "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse", "qae", "w_reinforce", "w_reinforce_high_lr", "gspo", "cispo",
-                     "ce_gppo", "passk", "entropic", "entropic_kp50", "archer", "simko", "lp_reg")
+                     "ce_gppo", "passk", "entropic", "entropic_kp50", "archer", "simko", "lp_reg", "unlikeliness")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high",
                "entropic_kp5")
 STACKS = {
@@ -74,7 +74,7 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
     regs = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
     expected = {"cpu/archer.yaml": 2, "reasoning/archer.yaml": 2, "cpu/grpo.yaml": 0, "experiments/grpo_low_lr.yaml": 0, "cpu/gspo.yaml": 0, "cpu/cispo.yaml": 0, "reasoning/gspo.yaml": 0, "reasoning/cispo.yaml": 0, "cpu/ce_gppo.yaml": 0, "reasoning/ce_gppo.yaml": 0, "quickstart.yaml": 0, "reasoning.yaml": 0, "reasoning/grpo_low_lr.yaml": 0, "reasoning/grpo.yaml": 0, "reasoning/budget_1h.yaml": 0,
                 "reasoning/budget_collapse.yaml": 0, "cpu/qae.yaml": 0, "reasoning/qae.yaml": 0,
-                "cpu/passk.yaml": 0, "reasoning/passk.yaml": 0,
+                "cpu/passk.yaml": 0, "reasoning/passk.yaml": 0, "cpu/unlikeliness.yaml": 0, "reasoning/unlikeliness.yaml": 0,
                 "paper/qwen2.5-7b.yaml": 0, "paper/qwen2.5-32b.yaml": 0}
     expected["samplers/static_cache.yaml"] = 0  # an overlay choosing the sampler, no regularizer
     expected.update({k: 0 for k in STACKS if k.startswith("fsdp/")})  # base recipes, no method
@@ -108,6 +108,9 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
     if name.endswith("passk.yaml"):  # k of the paper's main setting, below the testbeds' group size 8
         loss = cli.model.settings.loss
         assert (loss.advantage, loss.pass_k, cli.model.settings.rollout.group_size) == ("passk", 4, 8)
+    if name.endswith("unlikeliness.yaml"):  # the reference recipe's rank_penalty, on top of the testbed's GRPO
+        loss = cli.model.settings.loss
+        assert (loss.unlikeliness, loss.advantage, cli.model.settings.update.ppo_epochs) == (0.25, "grpo", 1)
     if name.startswith("reasoning"):
         assert isinstance(cli.model.reward, ReasoningReward) and cli.model.reward.check_steps
         assert cli.datamodule.task.name == "reasoning" and cli.model.hparams.model == "lit_covrl:tiny-reasoning"

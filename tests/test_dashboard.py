@@ -211,6 +211,10 @@ def test_the_method_name_says_the_objective_and_a_quantile_baseline():
     assert run_hparams(trainer, module)["method"] == "ce_gppo+qae"
     hp = run_hparams(trainer, GRPOModule(loss=dict(advantage="passk", pass_k=4)))
     assert (hp["method"], hp["pass_k"], hp["advantage"]) == ("passk", 4, "passk")
+    assert method_name(["clip_cov"], None, 0.4, "grpo", 0.25) == "qae+unlikeliness+clip_cov"
+    hp = run_hparams(trainer, GRPOModule(loss=dict(unlikeliness=0.25)))
+    assert (hp["method"], hp["unlikeliness"], hp["advantage"]) == ("unlikeliness", 0.25, "grpo")
+    assert run_hparams(trainer, GRPOModule())["unlikeliness"] == "none"  # off: a column every run has
 
 
 def test_default_version_names_the_method_and_configs_and_never_reuses_a_folder(tmp_path):

@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 
+from lit_covrl.algorithms import compute_advantages, zero_variance_groups
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
 from lit_covrl.policy import load_policy
@@ -109,7 +110,8 @@ def _one_rl_step_weights(model_dir: str, micro: int, regs_factory, **overrides) 
     torch.manual_seed(0)
     module = make_module(
         model_dir, optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
-        update=dict(micro_batch_size=micro, mini_batch_size=2, ppo_epochs=2, grad_clip=None), **overrides,
+        update=dict(micro_batch_size=micro, mini_batch_size=2, ppo_epochs=2, grad_clip=None, **overrides.pop("update", {})),
+        **overrides,
     )
     trainer = fit(module, make_data(), steps=1, callbacks=regs_factory(), limit_val_batches=0)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("time/") and "per_s" not in k}
@@ -497,6 +499,120 @@ def test_pass_k_update_is_invariant_to_micro_batch_size(tiny_model_dir, micro):
     w, m = _one_rl_step_weights(tiny_model_dir, micro, _covariance, **kw)
     assert 0 < ref_m["rollout/accuracy"] < 1 and ref_m["rollout/zero_var_group_frac"] < 1  # mixed groups
     for k in [k for k in ref_m if k.startswith(("policy/", "reg/")) and k != "policy/lr"]:
+        assert m[k] == pytest.approx(ref_m[k], rel=1e-5, abs=1e-6), k
+    moved = max((ref_w[k] - load).abs().max().item() for k, load in _initial(tiny_model_dir).items())
+    assert moved > 1e-3
+    for k in ref_w:
+        torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "loss,rollout,weights,message",
+    [
+        (dict(unlikeliness=0.0), {}, None, r"model\.loss\.unlikeliness=0\.0 is invalid: must be in \(0, 1\]"),
+        (dict(unlikeliness=1.5), {}, None, r"model\.loss\.unlikeliness=1\.5 is invalid: must be in \(0, 1\]"),
+        (dict(unlikeliness=True), {}, None, r"model\.loss\.unlikeliness=True is invalid: must be in \(0, 1\]"),
+        (dict(unlikeliness=0.25, advantage="passk", pass_k=2), {}, None,
+         r"model\.loss\.unlikeliness=0\.25 is invalid: scales the rewards .*'passk' needs them in \{0, 1\}"),
+        (dict(unlikeliness=0.25), dict(overlong="penalize", overlong_reward=-1.0), None,
+         r"model\.rollout\.overlong_reward=-1\.0 is invalid: model\.loss\.unlikeliness=0\.25 needs rewards in \{0, 1\}"),
+        (dict(unlikeliness=0.25), {}, [0.5],
+         r"model\.reward_weights\[0\]=0\.5 is invalid: model\.loss\.unlikeliness=0\.25 needs rewards in \{0, 1\}"),
+    ],
+)
+def test_bad_unlikeliness_settings_fail_at_construction_naming_the_field(tiny_model_dir, loss, rollout, weights, message):
+    with pytest.raises(ValueError, match=message):
+        make_module(tiny_model_dir, reward=HasOneReward(), reward_weights=weights, loss=loss, rollout=rollout)
+    make_module(tiny_model_dir, reward=HasOneReward(), loss=dict(unlikeliness=1))  # the bound is allowed
+    make_module(tiny_model_dir, reward=HasOneReward(), loss=dict(unlikeliness=0.25, advantage="rloo", baseline_quantile=None))
+
+
+def _record_advantages(module, monkeypatch):
+    """(rewards, old log-probs and response mask at the update, advantages) of every RL step."""
+    seen = []
+    real_update = module.learner.update
+    monkeypatch.setattr(module.learner, "update", lambda rollout, adv, *a, **kw: seen.append(
+        (None, rollout.logp.clone(), rollout.response_mask.clone(), adv.clone())) or real_update(rollout, adv, *a, **kw))
+    import lit_covrl.module as module_mod
+
+    real_advantages = module_mod.compute_advantages
+
+    def advantages(r, *a, **kw):
+        seen.append(r.clone())
+        return real_advantages(r, *a, **kw)
+
+    monkeypatch.setattr(module_mod, "compute_advantages", advantages)
+    return seen
+
+
+def test_unlikeliness_reward_reaches_the_learner_and_logs_its_metrics(tiny_model_dir, tmp_path, monkeypatch):
+    """model.loss.unlikeliness: the learner trains on GRPO advantages of the rewards scaled by their
+    likelihood rank under the old log-probs it trains against (not GRPO's); adv/unlikeliness_*
+    are logged every step and move; a reward other than 0 or 1 stops the run naming the setting."""
+    from lit_covrl.algorithms import likelihood_ranks, sequence_logprob_means
+
+    module = make_module(tiny_model_dir, reward=HasOneReward(), loss=dict(unlikeliness=0.5))
+    module.configure_model()
+    seen = _record_advantages(module, monkeypatch)
+    fit(module, make_data(), steps=3, log_dir=tmp_path, limit_val_batches=0)
+    assert len(seen) == 6
+    differs, penalties = False, []
+    for rewards, (_, logp, mask, adv) in zip(seen[0::2], seen[1::2]):
+        s = sequence_logprob_means(logp, mask)
+        want = compute_advantages(rewards, 4, "grpo", unlikeliness=0.5, seq_logp=s)
+        torch.testing.assert_close(adv, want)
+        differs |= not torch.allclose(want, compute_advantages(rewards, 4, "grpo"))
+        mixed = (rewards == 1) & ~zero_variance_groups(rewards, 4)
+        penalties.append(float((0.5 * likelihood_ranks(s, 4) / 4)[mixed].mean()) if mixed.any() else 0.0)
+    assert differs  # some step's advantages differ from GRPO's (the test sees a difference)
+    tags = scalar_tags(tmp_path)
+    got = [v for _, v in tags["adv/unlikeliness_penalty"]]
+    assert got == pytest.approx(penalties, abs=1e-6) and max(got) > 0 and len(set(got)) > 1, (got, penalties)
+    assert len(tags["adv/unlikeliness_correct_seq_logp"]) == 3
+    assert all(v < 0 for _, v in tags["adv/unlikeliness_correct_seq_logp"] if v != 0)
+    module = make_module(tiny_model_dir, loss=dict(unlikeliness=0.5))  # OnesReward: fractions
+    with pytest.raises(ValueError, match=r"model\.loss\.unlikeliness=0\.5 needs rewards in \{0, 1\}.*RL step 0 scored"):
+        fit(module, make_data(), steps=1, limit_val_batches=0)
+
+
+def test_unlikeliness_ranks_by_the_recomputed_old_logprobs(tiny_model_dir, monkeypatch):
+    """With model.update.recompute_logprobs the ranks come from the recomputed log-probs (those
+    the update's ratio uses), so the advantages are computed after the recomputation: here it
+    reverses every response's likelihood order, and the trained advantages follow it (Dr.GRPO:
+    a group's only correct response keeps its scaled reward, which GRPO's std would cancel)."""
+    module = make_module(tiny_model_dir, reward=HasOneReward(), loss=dict(unlikeliness=1.0, advantage="drgrpo"),
+                         update=dict(recompute_logprobs=True))
+    module.configure_model()
+    real = module.learner.recompute_old_logprobs
+
+    def reversed_order(rollout, keep):
+        real(rollout, keep)
+        rollout.logp = -10.0 - rollout.logp * 0.5  # order of the means reversed, still negative
+    monkeypatch.setattr(module.learner, "recompute_old_logprobs", reversed_order)
+    seen = _record_advantages(module, monkeypatch)
+    fit(module, make_data(), steps=2, limit_val_batches=0)
+    from lit_covrl.algorithms import sequence_logprob_means
+
+    differs = False
+    for rewards, (_, logp, mask, adv) in zip(seen[0::2], seen[1::2]):
+        want = compute_advantages(rewards, 4, "drgrpo", unlikeliness=1.0, seq_logp=sequence_logprob_means(logp, mask))
+        torch.testing.assert_close(adv, want)
+        sampler_order = compute_advantages(rewards, 4, "drgrpo", unlikeliness=1.0,
+                                           seq_logp=sequence_logprob_means((-10.0 - logp) * 2, mask))
+        differs |= not torch.allclose(want, sampler_order)
+    assert differs
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+def test_unlikeliness_update_is_invariant_to_micro_batch_size(tiny_model_dir, micro):
+    """The unlikeliness reward (ranks from recomputed old log-probs, forwarded in the update's
+    micro-batches) with Clip-Cov and KL-Cov: the weights after 4 updates and the policy/, reg/ and
+    adv/ metrics are the same for micro-batches of 1, 3 or all 8 sequences."""
+    kw = dict(reward=HasOneReward(), loss=dict(unlikeliness=0.5), update=dict(recompute_logprobs=True))
+    ref_w, ref_m = _one_rl_step_weights(tiny_model_dir, 64, _covariance, **kw)
+    w, m = _one_rl_step_weights(tiny_model_dir, micro, _covariance, **kw)
+    assert ref_m["adv/unlikeliness_penalty"] > 0  # mixed groups: it scaled some correct response
+    for k in [k for k in ref_m if k.startswith(("policy/", "reg/", "adv/")) and k != "policy/lr"]:
         assert m[k] == pytest.approx(ref_m[k], rel=1e-5, abs=1e-6), k
     moved = max((ref_w[k] - load).abs().max().item() for k, load in _initial(tiny_model_dir).items())
     assert moved > 1e-3

@@ -24,6 +24,13 @@ to prompt n // G, so ``rewards`` is a flat ``[B*G]`` tensor viewed as ``[B, G]``
   (C(N_neg - 1, k - 1) / C(N - 1, k - 1): the share of a failure's k-subsets with no success).
   k = 1 is GRPO with the population std (divide by N); a group with fewer than k failures (every
   k-subset passes) gets advantage 0, so does k = N for every group.
+- Unlikeliness reward (He, Fried, Welleck 2025, "Rewarding the Unlikely", arXiv 2506.02355; the
+  reference code's ``_compute_advantages`` in AndreHe02/rewarding-unlikely-release): before the
+  baseline, each reward is scaled by 1 - beta * rank_i / G, where rank_i in {0, ..., G-1} is the
+  position of response i among its group's G responses sorted by ascending mean token log-prob
+  under the rollout policy (0 = the least likely). With 0/1 rewards only correct responses change:
+  the likeliest keeps the least, so the estimator credits rare correct answers more. A group whose
+  rewards are all equal keeps advantage 0 (the reference recipe drops such groups before this).
 
 Difference from reference code: estimators are plain functions looked up in one dict whose error
 lists the valid names; group size 1 is rejected instead of silently producing 0 or NaN advantages.
@@ -43,6 +50,10 @@ __all__ = [
     "passk_advantages",
     "check_pass_k",
     "first_non_binary",
+    "sequence_logprob_means",
+    "likelihood_ranks",
+    "unlikeliness_rewards",
+    "check_unlikeliness",
     "compute_advantages",
     "min_group_size",
     "zero_variance_groups",
@@ -130,6 +141,41 @@ def first_non_binary(rewards: Tensor) -> float | None:
     return float(rewards[bad][0]) if bool(bad.any()) else None
 
 
+def check_unlikeliness(beta) -> None:
+    """ValueError unless beta is None (off) or a number in (0, 1]: up to 1 a correct response's
+    scaled reward, >= 1 - beta (G - 1) / G, stays above an incorrect one's 0."""
+    if beta is None:
+        return
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta <= 1:
+        raise ValueError(f"unlikeliness must be in (0, 1] or None (off), got {beta!r}")
+
+
+def sequence_logprob_means(logp: Tensor, mask: Tensor) -> Tensor:
+    """Mean log-prob of each response over its valid tokens: logp [N, T], mask [N, T] -> [N]
+    float64 (0 for a response with no valid token)."""
+    m = mask.double()
+    return (logp.double() * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
+
+
+def likelihood_ranks(seq_logp: Tensor, group_size: int) -> Tensor:
+    """Each response's rank in its group by ascending `seq_logp` [B*G] -> [B*G] float64 in
+    {0, ..., G-1}: 0 for the least likely, G-1 for the likeliest; ties go by position in the group
+    (the earlier response ranks lower), a stable sort."""
+    s = _groups(seq_logp, group_size)  # [B, G]
+    order = torch.sort(s, dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(group_size, device=s.device).expand_as(order))
+    return ranks.reshape(-1).double()
+
+
+def unlikeliness_rewards(rewards: Tensor, seq_logp: Tensor, group_size: int, beta: float) -> Tensor:
+    """The unlikeliness reward: r_i (1 - beta rank_i / G) with `likelihood_ranks` of `seq_logp`
+    (each response's mean token log-prob under the rollout policy), rewards [B*G] -> [B*G] float64."""
+    check_unlikeliness(beta)
+    r = _groups(rewards, group_size).reshape(-1)
+    return r * (1 - beta * likelihood_ranks(seq_logp, group_size) / group_size)
+
+
 def _passk_tables(group_size: int, k: int, device) -> tuple[Tensor, Tensor]:
     """For every success count c = 0..G of a group of G: rho[c] = P(a random k-subset holds a
     success) and miss[c] = P(a random k-subset holding a given failure holds no success), from
@@ -188,10 +234,29 @@ def _check_name(estimator: str) -> None:
 
 
 def compute_advantages(rewards: Tensor, group_size: int, estimator: str, *,
-                       baseline_quantile: float | None = None, pass_k: int | None = None) -> Tensor:
+                       baseline_quantile: float | None = None, pass_k: int | None = None,
+                       unlikeliness: float | None = None, seq_logp: Tensor | None = None) -> Tensor:
     """Dispatch to ``ADVANTAGE_ESTIMATORS[estimator]``; unknown names raise a ValueError, as does a
     ``baseline_quantile`` (QAE) for an estimator not in QUANTILE_ESTIMATORS, and ``pass_k`` (the k
-    of "passk", which needs it) for any other estimator."""
+    of "passk", which needs it) for any other estimator. ``unlikeliness`` beta (with ``seq_logp``
+    [B*G], each response's mean token log-prob under the rollout policy) feeds the estimator
+    `unlikeliness_rewards` instead of the rewards, and keeps 0 for a group of equal rewards; refused
+    with "passk", whose formula needs 0/1 rewards."""
+    if unlikeliness is None:
+        return _estimate(rewards, group_size, estimator, baseline_quantile=baseline_quantile, pass_k=pass_k)
+    _check_name(estimator)
+    if estimator == "passk":
+        raise ValueError("the unlikeliness reward scales the rewards the estimator sees; 'passk' needs them in {0, 1}")
+    if seq_logp is None or seq_logp.shape != rewards.shape:
+        raise ValueError(f"unlikeliness needs seq_logp shaped like the rewards {tuple(rewards.shape)}, got "
+                         f"{None if seq_logp is None else tuple(seq_logp.shape)}")
+    scaled = unlikeliness_rewards(rewards, seq_logp, group_size, unlikeliness)
+    adv = _estimate(scaled, group_size, estimator, baseline_quantile=baseline_quantile, pass_k=pass_k)
+    return adv.masked_fill(zero_variance_groups(rewards, group_size), 0.0).to(_out_dtype(rewards))
+
+
+def _estimate(rewards: Tensor, group_size: int, estimator: str, *,
+              baseline_quantile: float | None, pass_k: int | None) -> Tensor:
     _check_name(estimator)
     if (estimator == "passk") != (pass_k is not None):
         raise ValueError(f"pass_k is the k of estimator 'passk' (which needs it), got pass_k={pass_k!r} "
