@@ -46,6 +46,7 @@ F_STEPS = 3  # run F (entropy controls + GSPO) is shorter: it only adds coverage
 # metrics that are not functions of the math (timings, throughput)
 NOT_COMPARED = ("time/", "rollout/tokens_per_s")
 PASSK = dict(reward=_dist.MarkedHasOneReward(), loss=dict(advantage="passk", pass_k=2))
+UNLIKELY = dict(reward=_dist.MarkedHasOneReward(), loss=dict(unlikeliness=0.5), update=dict(recompute_logprobs=True))
 
 
 def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> None:
@@ -145,6 +146,12 @@ def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> Non
     _dist.trainer(F_STEPS, [rec, *_dist.regularizers()], 2, out / "h", strategy=ddp).fit(
         module, _dist.make_data(Path(prompts), _dist.B))
     res["H"] = rec.steps
+    rec = _dist.Recorder()  # U: DDP, the unlikeliness reward ranking by recomputed old log-probs
+    module = _dist.make_module(model_dir, **UNLIKELY)
+    ddp = DDPStrategy(process_group_backend="gloo")
+    _dist.trainer(F_STEPS, [rec, *_dist.regularizers()], 2, out / "u", strategy=ddp).fit(
+        module, _dist.make_data(Path(prompts), _dist.B))
+    res["U"] = rec.steps
     rec = _dist.Recorder()  # S: FSDP2, SimKO (the top-K log-probs of the sharded training forward)
     module = _dist.make_module(model_dir)
     _dist.trainer(F_STEPS, [rec, *_dist.simko()], 2, out / "s").fit(module, _dist.make_data(Path(prompts), _dist.B))
@@ -218,6 +225,15 @@ def one_proc_passk(tiny_model_dir, two_procs):
     rec = _dist.Recorder()
     module = _dist.make_module(tiny_model_dir, **PASSK)
     _dist.trainer(F_STEPS, [rec, *_dist.regularizers()], 1, out / "single_h").fit(module, _dist.make_data(prompts, 2 * _dist.B))
+    return rec.steps
+
+
+@pytest.fixture(scope="module")
+def one_proc_unlikeliness(tiny_model_dir, two_procs):
+    out, prompts, _ = two_procs
+    rec = _dist.Recorder()
+    module = _dist.make_module(tiny_model_dir, **UNLIKELY)
+    _dist.trainer(F_STEPS, [rec, *_dist.regularizers()], 1, out / "single_u").fit(module, _dist.make_data(prompts, 2 * _dist.B))
     return rec.steps
 
 
@@ -299,6 +315,18 @@ def test_pass_k_advantage_matches_one_process_trajectory(two_procs, one_proc_pas
     assert len({round(single[s]["policy/loss"], 6) for s in steps}) == F_STEPS  # it trained: a trajectory
     for r in ranks:
         _assert_same(r["H"], single, steps, rel=2e-3, abs_=1e-5)
+
+
+def test_unlikeliness_reward_matches_one_process_trajectory(two_procs, one_proc_unlikeliness):
+    """model.loss.unlikeliness (each rank's groups are whole and ranked on the rank that sampled
+    them; its adv/ metrics are sums over ranks) gives the same trajectory on 2 processes as on 1."""
+    _, _, ranks = two_procs
+    single = one_proc_unlikeliness
+    steps = range(1, F_STEPS + 1)
+    assert any(single[s]["adv/unlikeliness_penalty"] > 0 for s in steps)  # it scaled correct responses
+    assert len({round(single[s]["policy/loss"], 6) for s in steps}) == F_STEPS
+    for r in ranks:
+        _assert_same(r["U"], single, steps, rel=2e-3, abs_=1e-5)
 
 
 def test_metrics_are_global_not_rank_means(two_procs, one_proc):
