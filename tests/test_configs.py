@@ -293,6 +293,33 @@ def test_a_passk_checkpoint_resumes_and_validates_with_the_quickstart_config(tmp
     assert _RUN["trainer"].global_step == 2  # one more RL step, from the checkpoint's
 
 
+def test_an_unlikeliness_checkpoint_resumes_as_it_ran_with_the_quickstart_config(tmp_path, caplog):
+    """As QAE's baseline_quantile: the README's plain resume command (quickstart.yaml does not set
+    model.loss.unlikeliness) goes on with the checkpoint's beta and no 'settings differ' warning;
+    --model.loss.unlikeliness null turns it off and the warning names it."""
+    import logging
+
+    from lit_covrl.cli import _RUN, main
+
+    common = ["--trainer.val_check_interval", "1000", "--data.val_size", "4"]
+    main(["fit", "--config", str(QUICK), "--config", str(CONFIGS / "cpu" / "unlikeliness.yaml"), "--trainer.max_steps",
+          "1", *common, "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        main(["fit", "--config", str(QUICK), "--trainer.max_steps", "2", *common, "--ckpt_path", str(ckpt),
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "r")])
+    assert "model.loss.unlikeliness" not in caplog.text
+    assert _RUN["trainer"].lightning_module.settings.loss.unlikeliness == 0.25 and _RUN["trainer"].global_step == 2
+    assert "adv/unlikeliness_penalty" in _RUN["trainer"].callback_metrics
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        main(["fit", "--config", str(QUICK), "--trainer.max_steps", "2", *common, "--ckpt_path", str(ckpt),
+              "--model.loss.unlikeliness", "null", "--trainer.logger.init_args.save_dir", str(tmp_path / "off")])
+    assert "model.loss.unlikeliness: 0.25 -> None" in caplog.text
+    assert _RUN["trainer"].lightning_module.settings.loss.unlikeliness is None
+    assert "adv/unlikeliness_penalty" not in _RUN["trainer"].callback_metrics
+
+
 @pytest.mark.parametrize(
     "method,name,tags",
     [
