@@ -138,8 +138,10 @@ class LitCovRLCLI(LightningCLI):
         if threads is not None and threads < 1:
             raise ValueError(f"torch_threads={threads} must be >= 1 (or null: torch's default)")
         # runs/<name>/<method>-<config stems>-v<N> unless a version is given, its folder made now
-        # (by rank 0) so that runs started at once take different numbers
-        self._generated_version, _RUN["new_folders"] = name_run(cfg, reserve=_first_process())
+        # (by rank 0) so that runs started at once take different numbers; not under fast_dev_run,
+        # whose dummy logger writes nothing there
+        reserve = _first_process() and not cfg.get("trainer", {}).get("fast_dev_run")
+        self._generated_version, _RUN["new_folders"] = name_run(cfg, reserve=reserve)
         if threads:
             import torch
 

@@ -24,6 +24,7 @@ rank 0 writes.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from pathlib import Path
 
@@ -372,7 +373,8 @@ def name_run(cfg, reserve: bool = False) -> tuple[str | None, list[Path]]:
     init = logger.init_args
     if init.get("version") is not None:
         return None, []
-    root = Path(str(init.get("save_dir"))) / str(init.get("name") or "")
+    # $VARS and ~ expanded as the loggers expand them: the folder made is the one they write to
+    root = Path(os.path.expanduser(os.path.expandvars(str(init.get("save_dir"))))) / str(init.get("name") or "")
     made = [p for p in (root, *root.parents) if not p.is_dir()] if reserve else []
     init.version = default_version(cfg.get("config"), cfg.trainer.get("callbacks"), root, cfg.get("model"), reserve)
     return init.version, [root / init.version, *made] if reserve else []

@@ -25,10 +25,14 @@ _NO_CLASS = re.compile(r"Problem with given class_path '([\w.]+)': module '([\w.
 _KEY = re.compile(r'^Parser key "([^"]+)"')
 _NOT_A_TASK = re.compile(r"Import path ([\w.]+) does not implement protocol Task")
 # an argument a class does not take (`--model.objective.eps_hgh 5`); jsonargparse then lists every
-# union member that refused it, the given class first. A --trainer.callbacks.X flag reaches only the
-# last callback listed so far.
-_CLASS_ARG = re.compile(r'^Parser key "([\w.]+)": .*?Problem with given class_path \'([\w.]+)\': '
+# union member that refused it, the given class first (only its complaint counts: a later member's
+# 'not accepted' under a bad value of an argument the class does take is no clue). A
+# --trainer.callbacks.X flag reaches only the last callback listed so far.
+_CLASS_ARG = re.compile(r'^Parser key "([\w.]+)": ' + _UNION + r' - Problem with given class_path \'([\w.]+)\': '
                         r"Option '(\w+)' is not accepted.*NestedArg\(key='\w+', val='([^']*)'\)")
+# a bad value of an argument the given class takes: its own complaint, the first member's
+_CLASS_VALUE = re.compile(r'^Parser key "([\w.]+)": ' + _UNION + r' - Problem with given class_path \'([\w.]+)\': '
+                          r'Parser key "(\w+)": (.*?)(?: - Problem with given class_path| - Expected a <class|$)')
 _BUILTIN_TASK_ARG = re.compile(r'^Parser key "data.task".*Expected a dot import path string: (\w+) .*'
                                r"Given value: NestedArg\(key='(\w+)', val='([^']*)'\)")
 
@@ -52,6 +56,9 @@ def one_line(err: BaseException) -> str:
         return missing
     if (arg := _CLASS_ARG.search(text)) is not None:
         return _class_arg(*arg.groups())
+    if (bad := _CLASS_VALUE.search(text)) is not None:
+        field, path, key, why = bad.groups()
+        return f"{field}: {path} argument {key!r}: {why}"
     if (arg := _BUILTIN_TASK_ARG.search(text)) is not None:
         name, key, value = arg.groups()
         return (f"data.task: the built-in task {name!r} takes its arguments from --data.task_kwargs "

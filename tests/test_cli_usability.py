@@ -87,6 +87,10 @@ def test_a_start_up_error_is_one_line_and_status_2_unless_debugging(tmp_path):
      "its own --trainer.callbacks.X=... flags (LIT_COVRL_DEBUG"),
     (["--trainer.callbacks+=lit_covrl.regularizers.ClipCov", "--trainer.callbacks.ratoi=0.1"], "which has no "
      "argument 'ratoi' (did you mean 'ratio'?); to set"),
+    # a bad value of an argument the class takes: its own complaint (a later union member's "not
+    # accepted" had been read as the class lacking the argument)
+    (["--config", "CLIPCOV_YAML", "--trainer.callbacks.ratio", "abc"], "lit-covrl: error: trainer.callbacks: "
+     "lit_covrl.regularizers.ClipCov argument 'ratio': Expected a <class 'float'>. Got value: abc (LIT_COVRL_DEBUG"),
     (["--config", "CISPO_YAML", "--model.objective.init_args.clip_hgh", "5"], "lit-covrl: error: model.objective: "
      "lit_covrl.objectives.CISPO has no argument 'clip_hgh' (did you mean 'clip_high'?) (LIT_COVRL_DEBUG"),
     (["--model.sampler", "lit_covrl.sampling.StaticCacheSampler", "--model.sampler.zzz", "3"],
@@ -100,7 +104,8 @@ def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
     if "--data.strict" in extra:
         extra = [*extra, "--data.train_files", f'["{rows}"]']
     files = {"ROWS": rows, "TOPLEVEL": tmp_path / "top.yaml", "BADYAML": tmp_path / "bad.yaml",
-             "ARCHER": CONFIGS / "cpu" / "archer.yaml", "CISPO_YAML": CONFIGS / "cpu" / "cispo.yaml"}
+             "ARCHER": CONFIGS / "cpu" / "archer.yaml", "CISPO_YAML": CONFIGS / "cpu" / "cispo.yaml",
+             "CLIPCOV_YAML": CONFIGS / "cpu" / "clip_cov.yaml"}
     files["TOPLEVEL"].write_text("optimizer:\n  class_path: torch.optim.SGD\n")
     files["BADYAML"].write_text("model:\n  rollout: {group_size: 4\n")  # an unclosed flow mapping
     extra = [str(files[a]) if a in files else a for a in extra]

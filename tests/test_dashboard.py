@@ -264,6 +264,36 @@ def test_two_runs_named_before_either_logs_get_two_folders(tmp_path):
     assert sorted(p.name for p in (tmp_path / "quickstart").iterdir()) == ["grpo-quickstart-v0", "grpo-quickstart-v1"]
 
 
+def test_the_reserved_folder_is_the_one_the_logger_writes_to(tmp_path, monkeypatch):
+    """save_dir with $VARS or ~ (expanded by the loggers): the folder reserved is the expanded
+    one, so a second run takes -v1 and a start-up clean-up finds the logger's folder; it was a
+    literal './$RUNS/...' folder beside the real one."""
+    from lit_covrl.cli import LitCovRLCLI
+    from lit_covrl.data import PromptDataModule
+    from lit_covrl.module import GRPOModule
+
+    monkeypatch.setenv("LIT_COVRL_TEST_RUNS", str(tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(CONFIGS / "quickstart.yaml"), "--trainer.logger.init_args.save_dir", "$LIT_COVRL_TEST_RUNS"]
+    dirs = [LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"},
+                        args=args, run=False).trainer.logger.log_dir for _ in range(2)]
+    assert dirs == [str(tmp_path / "runs" / "quickstart" / f"grpo-quickstart-v{i}") for i in range(2)]
+    assert all(Path(d).is_dir() for d in dirs) and sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_fast_dev_run_reserves_no_folder(tmp_path):
+    """fast_dev_run swaps the logger for a dummy that writes nothing: a reserved folder stayed
+    empty and each smoke run took a version number."""
+    from lit_covrl.cli import LitCovRLCLI
+    from lit_covrl.data import PromptDataModule
+    from lit_covrl.module import GRPOModule
+
+    LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False,
+                args=["--config", str(CONFIGS / "quickstart.yaml"), "--trainer.fast_dev_run", "1",
+                      "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert not list(tmp_path.rglob("*-v0"))
+
+
 def test_only_rank_0_of_a_multi_process_run_makes_its_folder(monkeypatch):
     """The other ranks (started by Lightning's launcher or torchrun with a rank set) log into rank
     0's folder: a folder of their own would be a stray empty run beside it."""
