@@ -151,11 +151,13 @@ class Learner:
         training forward when it had to run early (see `_selection_logprobs`), else None."""
         need_ent = any(r.needs_entropy for r in self.regularizers)
         current, current_ent, early = self._selection_logprobs(mb, plan, need_ent)
+        early, topp_ent = self._selection_topp(mb, plan, need_ent, early)
         ctx = MiniBatchContext(
             step=self.step, update=index, on_policy=self._on_policy, logp=current,
             old_logp=mb.old_logp, advantages=mb.advantages, mask=mb.mask, clipped=None,
             old_entropy=mb.old_entropy, entropy=current_ent, zeroed=torch.zeros_like(mb.mask, dtype=torch.bool),
-            agg_mode=self.settings.loss.loss_agg_mode,
+            agg_mode=self.settings.loss.loss_agg_mode, norm_length=self.settings.rollout.max_new_tokens,
+            topp_entropy=topp_ent,
         )
         # the one that sets a per-token clip range first (ctx.clipped follows its range), those that
         # read ctx.zeroed last (a stable sort: otherwise in callback order)
@@ -189,12 +191,13 @@ class Learner:
                 self.driver.backward(logp.sum() * 0.0)
                 continue
             out = early if early is not None else self._logprobs(mb.input_ids[r], mb.attention_mask[r], mb.mask.shape[1],
-                                                                 need_ent, topk=self._topk(), min_p=self._min_p())
+                                                                 need_ent, **self._extras())
             logp, ent = out[:2]
             top = out[2] if len(out) > 2 and out[2] is not None else (None, None)  # (top-k log-probs, top-1 flag) (`needs_topk`)
             batch = PolicyBatch(r, logp, mb.old_logp[r], mb.advantages[r], mb.mask[r], ent, mb.ref_rows(r), mb.old_entropy[r],
                                 None if self._kl_scale is None else self._kl_scale[r].to(logp.dtype), *top,
-                                proxy_logp=out[3] if len(out) > 3 else None)  # min-p proxy (`needs_min_p`)
+                                proxy_logp=out[3] if len(out) > 3 else None,  # min-p proxy (`needs_min_p`)
+                                topp_entropy=out[4] if len(out) > 4 else None)  # nucleus entropy (`needs_topp_entropy`)
             loss, shapings, base = self.loss(batch, agg)
             self.driver.backward(loss * scale)
             with torch.no_grad():  # micro-batch terms with mini-batch denominators: they add up
@@ -230,14 +233,32 @@ class Learner:
         if len(plan) == 1:
             rows = (mb.input_ids[plan[0]], mb.attention_mask[plan[0]]) if plan[0] is not None else mb.filler
             early = self._logprobs(*rows, mb.mask.shape[1], (need_ent or want_ent) and plan[0] is not None,
-                                   topk=self._topk() if plan[0] is not None else 0,
-                                   min_p=self._min_p() if plan[0] is not None else 0.0)
+                                   **self._extras(plan[0] is not None))
             if plan[0] is None:
                 return mb.old_logp, (mb.old_entropy if want_ent else None), early
             ent = early[1].detach() * mb.mask if want_ent else None
             return early[0].detach() * mb.mask, ent, early
         logp, ent = self._nograd_forward(self.policy, *mb.inputs_or_filler(), mb.mask, want_ent)
         return logp, ent, None
+
+    def _selection_topp(self, mb: "MiniBatch", plan: list, need_ent: bool, early):
+        """(the training forward if run early, the current policy's nucleus entropy [n, T] detached
+        or None) for the regularizers that set `needs_topp_entropy`. The sampler records no nucleus
+        entropy, so it always comes from a forward of the current policy: the early training
+        forward when the mini-batch is one micro-batch (run here if `_selection_logprobs` did not),
+        else a no-grad forward over the mini-batch (every rank, filler passes included)."""
+        topp = self._topp()
+        if topp is None:
+            return early, None
+        if len(plan) == 1:
+            if early is None:
+                rows = (mb.input_ids[plan[0]], mb.attention_mask[plan[0]]) if plan[0] is not None else mb.filler
+                real = plan[0] is not None
+                early = self._logprobs(*rows, mb.mask.shape[1], need_ent and real, **self._extras(real))
+            if plan[0] is None:
+                return early, torch.zeros_like(mb.mask)
+            return early, early[4].detach().to(mb.mask.dtype) * mb.mask
+        return early, self._nograd_forward(self.policy, *mb.inputs_or_filler(), mb.mask, False, topp=topp)[2]
 
     def logprobs(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
         """No-grad log-probs [n, T] of the response tokens under `model` (the policy, or the
@@ -258,20 +279,26 @@ class Learner:
 
     @torch.no_grad()
     def _nograd_forward(self, model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor,
-                        with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+                        with_entropy: bool, topp: tuple[float, int] | None = None) -> tuple:
         """(log-probs [n, T], entropy [n, T] or None) of the response tokens under `model`,
-        micro-batch by micro-batch, 0 outside `mask`."""
+        micro-batch by micro-batch, 0 outside `mask`; with `topp` a third item, the nucleus
+        entropy [n, T] (`token_topp_entropy`)."""
         n, T = mask.shape  # input_ids holds only a filler row when this rank has no rows (inputs_or_filler)
         logp_all = mask.new_zeros(n, T)
         ent_all = mask.new_zeros(n, T) if with_entropy else None
+        topp_all = mask.new_zeros(n, T) if topp else None
         for r in self._plan(input_ids[:n], attention_mask[:n], T):
             if r is None:  # filler forward (see lockstep_chunks); needs a row of some rank's batch
                 self._logprobs(input_ids[:1], attention_mask[:1], T, False, model=model)
                 continue
-            logp, ent = self._logprobs(input_ids[r], attention_mask[r], T, with_entropy, model=model)
-            logp_all[r] = logp.to(logp_all.dtype)
+            out = self._logprobs(input_ids[r], attention_mask[r], T, with_entropy, model=model, topp=topp)
+            logp_all[r] = out[0].to(logp_all.dtype)
             if with_entropy:
-                ent_all[r] = ent.to(ent_all.dtype)
+                ent_all[r] = out[1].to(ent_all.dtype)
+            if topp:
+                topp_all[r] = out[4].to(topp_all.dtype)
+        if topp:
+            return logp_all * mask, (ent_all * mask if with_entropy else None), topp_all * mask
         return logp_all * mask, (ent_all * mask if with_entropy else None)
 
     def _topk(self) -> int:
@@ -284,8 +311,18 @@ class Learner:
         and the forward computes no proxy). `check_stack` refuses two different ones."""
         return max((float(r.needs_min_p) for r in self.regularizers), default=0.0)
 
+    def _topp(self) -> tuple[float, int] | None:
+        """The nucleus (top_p, top_k) a regularizer asks the entropy of (`needs_topp_entropy`;
+        None: none, and the forward computes none). `check_stack` refuses two different requests."""
+        return next((tuple(r.needs_topp_entropy) for r in self.regularizers if r.needs_topp_entropy), None)
+
+    def _extras(self, real: bool = True) -> dict:
+        """`_logprobs`'s keywords for what the regularizers ask of the training forward (top-k,
+        min-p proxy, nucleus entropy); none for a filler pass (`real` False)."""
+        return dict(topk=self._topk(), min_p=self._min_p(), topp=self._topp()) if real else {}
+
     def _logprobs(self, ids: Tensor, att: Tensor, T: int, with_entropy: bool, model=None,
-                  topk: int = 0, min_p: float = 0.0) -> tuple:
+                  topk: int = 0, min_p: float = 0.0, topp: tuple[float, int] | None = None) -> tuple:
         """Response log-probs (and entropy) [n, T] of a micro-batch under `model` (default the
         policy); with `skip_padding` computed on the micro-batch trimmed of its all-padding
         columns (`trim_padding`); the prompt forward shared over each group
@@ -293,8 +330,10 @@ class Learner:
         through the compiled forward (`lit_covrl.compiled`) with `compile_update`. Every call, filler passes included, then runs the same
         two forwards on every rank when there are several (FSDP lock-step). With `topk` > 0 a third
         item (top-k log-probs [n, T, k] with grad, sampled token is the top-1 [n, T] bool) from the
-        same chunked pass; the log-probs are the same to the bit. With `min_p` > 0 the third item is
-        that pair or None and a fourth the sampled tokens' min-p proxy log-probs [n, T] (detached)."""
+        same chunked pass; the log-probs are the same to the bit. With `min_p` > 0 or `topp` =
+        (top_p, top_k) five items: the third that pair or None, a fourth the sampled tokens' min-p
+        proxy log-probs [n, T] (detached) or None, a fifth the nucleus entropy [n, T] with grad or
+        None, each computed only when asked."""
         hp = self.settings
         model = model if model is not None else self.policy
         kw = dict(temperature=hp.rollout.temperature, with_entropy=with_entropy, chunk_size=hp.update.logprob_chunk_size)
@@ -302,6 +341,8 @@ class Learner:
             kw["topk"] = topk
         if min_p:
             kw["min_p"] = min_p
+        if topp:
+            kw["topp"] = topp
         lockstep = distributed.world_size() > 1
         # the shared-prompt split forwards a tail only for >= 2 response columns: keep 2 on every
         # rank, or a rank whose rows all end after one token would run one forward to the others' two
@@ -315,14 +356,16 @@ class Learner:
             out = shared_prompt_logprobs(model, ids, att, kept, always_split=lockstep, **kw)
         logp, ent = out[:2]
         padded = pad_columns(logp, T), (None if ent is None else pad_columns(ent, T))
-        if not topk and not min_p:
+        if not (topk or min_p or topp):
             return padded
         pair = None
         if topk:
             top, top1 = out[2]
             top = top if top.shape[1] == T else torch.nn.functional.pad(top, (0, 0, 0, T - top.shape[1]))
             pair = (top, pad_columns(top1.to(torch.uint8), T).bool())
-        return (*padded, pair) if not min_p else (*padded, pair, pad_columns(out[3], T))
+        if not (min_p or topp):
+            return (*padded, pair)
+        return (*padded, pair, *(None if x is None else pad_columns(x, T) for x in out[3:5]))
 
     def _optimizer_step(self, last: bool) -> dict:
         """One optimizer update through the driver (GRPOModule: the strategy and its precision

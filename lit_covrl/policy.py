@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_covrl import gguf
-from lit_covrl.algorithms import token_entropy, token_logprobs, token_proxy_logprobs, token_topk_logprobs
+from lit_covrl.algorithms import token_entropy, token_logprobs, token_proxy_logprobs, token_topk_logprobs, token_topp_entropy
 
 BUILTIN_MODELS = {"lit_covrl:tiny-arith": Path(__file__).parent / "assets" / "tiny-arith",
                   "lit_covrl:tiny-reasoning": Path(__file__).parent / "assets" / "tiny-reasoning"}
@@ -235,14 +235,17 @@ def response_logprobs(
     chunk_size: int = 1024,
     topk: int = 0,
     min_p: float = 0.0,
+    topp: tuple[float, int] | None = None,
 ) -> tuple:
     """Log-probs [N, T] of the response tokens (the last T columns of input_ids) and, if asked,
     the per-token entropy [N, T] of softmax(z / temperature). Differentiable when grad is enabled.
     With `topk` k > 0 a third item, (the k most probable tokens' log-probs [N, T, k] with grad,
     the sampled token is the most probable [N, T] bool), from the same chunked pass
     (`token_topk_logprobs`); the log-probs are the same to the bit either way. With `min_p` > 0
-    the third item is that pair or None and a fourth the sampled tokens' log-probs under the min-p
-    proxy [N, T] (detached, -inf where filtered out: `token_proxy_logprobs`), from the same logits."""
+    or `topp` five items: the third that pair or None, a fourth the sampled tokens' log-probs under
+    the min-p proxy [N, T] (detached, -inf where filtered out: `token_proxy_logprobs`) or None, a
+    fifth with `topp` = (top_p, top_k) the nucleus entropy [N, T] with grad (`token_topp_entropy`,
+    chunked like the entropy) or None, each from the same logits and computed only when asked."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -254,10 +257,20 @@ def response_logprobs(
     labels = input_ids[:, -response_len:]
     logp, top = _token_logprobs(logits, labels, temperature, chunk_size, topk)
     entropy = token_entropy(logits, temperature=temperature, chunk_size=chunk_size) if with_entropy else None
-    if min_p:
-        return logp, entropy, top, token_proxy_logprobs(logits, labels, min_p, temperature=temperature,
-                                                        chunk_size=chunk_size)
+    if min_p or topp:
+        return logp, entropy, top, *_proxy_and_topp(logits, labels, min_p, topp, temperature, chunk_size)
     return (logp, entropy) if not topk else (logp, entropy, top)
+
+
+def _proxy_and_topp(logits: Tensor, labels: Tensor, min_p: float, topp: tuple[float, int] | None,
+                    temperature: float, chunk_size: int) -> tuple[Tensor | None, Tensor | None]:
+    """(the labels' min-p proxy log-probs with `min_p` > 0, the nucleus entropy with `topp`; None
+    for the one not asked) of one forward's logits."""
+    proxy = (token_proxy_logprobs(logits, labels, min_p, temperature=temperature, chunk_size=chunk_size)
+             if min_p else None)
+    ent = (token_topp_entropy(logits, top_p=topp[0], top_k=topp[1], temperature=temperature, chunk_size=chunk_size)
+           if topp else None)
+    return proxy, ent
 
 
 def _token_logprobs(logits: Tensor, labels: Tensor, temperature: float, chunk_size: int,
@@ -352,6 +365,7 @@ def shared_prompt_logprobs(
     always_split: bool = False,
     topk: int = 0,
     min_p: float = 0.0,
+    topp: tuple[float, int] | None = None,
 ) -> tuple:
     """`response_logprobs` with each run of identical consecutive prompt rows forwarded once.
 
@@ -361,7 +375,8 @@ def shared_prompt_logprobs(
     every rank; such a class pays one wasted prompt forward once). Not for activation
     checkpointing: a recomputed layer would append to the cache again."""
     P = input_ids.shape[1] - response_len
-    kw = dict(temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size, topk=topk, min_p=min_p)
+    kw = dict(temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size, topk=topk, min_p=min_p,
+              topp=topp)
     if P < 1 or type(model) in _UNSHARED_CACHE:
         return response_logprobs(model, input_ids, attention_mask, response_len, **kw)
     first, rows = prompt_groups(input_ids[:, :P], attention_mask[:, :P])
@@ -377,7 +392,7 @@ def shared_prompt_logprobs(
     entropy = (torch.cat([token_entropy(p, temperature=temperature, chunk_size=chunk_size) for p in parts], 1)
                if with_entropy else None)
     top = tuple(torch.cat([t[i] for _, t in per_part], 1) for i in range(2)) if topk else None
-    if min_p:
-        return logp, entropy, top, torch.cat([token_proxy_logprobs(p, y, min_p, temperature=temperature, chunk_size=chunk_size)
-                                              for p, y in zip(parts, labels)], 1)
+    if min_p or topp:
+        extra = [_proxy_and_topp(p, y, min_p, topp, temperature, chunk_size) for p, y in zip(parts, labels)]
+        return logp, entropy, top, *(None if extra[0][i] is None else torch.cat([e[i] for e in extra], 1) for i in range(2))
     return (logp, entropy) if not topk else (logp, entropy, top)

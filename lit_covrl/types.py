@@ -103,6 +103,9 @@ class PolicyBatch:
                                (tokens with probability below min_p times the largest dropped, the
                                rest renormalised; detached; -inf where the token itself is dropped),
                                if a regularizer sets `needs_min_p` (Lp-Reg)
+    topp_entropy [n, T] | None  current entropy of each position's top-p nucleus, renormalised
+                               (`algorithms.token_topp_entropy`), with grad, if a regularizer sets
+                               `needs_topp_entropy` = (top_p, top_k)
     """
 
     rows: Tensor
@@ -117,6 +120,7 @@ class PolicyBatch:
     topk_logp: Tensor | None = None
     top1: Tensor | None = None
     proxy_logp: Tensor | None = None
+    topp_entropy: Tensor | None = None
 
 
 @dataclass

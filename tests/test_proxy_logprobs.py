@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lit_covrl.algorithms import token_logprobs, token_proxy_logprobs
+from lit_covrl.algorithms import token_logprobs, token_proxy_logprobs, token_topp_entropy
 from lit_covrl.regularizers import Regularizer
 from lit_covrl.types import TokenShaping
 
@@ -61,7 +61,8 @@ def test_proxy_by_hand():
 def test_training_forward_fills_the_proxy_in_every_path(tiny_model_dir):
     """response_logprobs and shared_prompt_logprobs with min_p: the log-probs are the plain pass's to
     the bit, the proxy is the naive full softmax's of the same logits (plain, shared-prompt, with
-    and without top-k)."""
+    and without top-k, with and without SIREN's nucleus entropy, which comes fifth and only when
+    asked)."""
     from transformers import AutoModelForCausalLM
 
     from lit_covrl.policy import response_logprobs, shared_prompt_logprobs
@@ -77,13 +78,16 @@ def test_training_forward_fills_the_proxy_in_every_path(tiny_model_dir):
         logits = model(input_ids=ids, attention_mask=att).logits[:, -7:-1]
     naive = _naive_proxy(logits.double(), resp, 0.8, 0.8)  # the untrained model is nearly uniform
     plain = response_logprobs(model, ids, att, 6, temperature=0.8, chunk_size=5)
+    nucleus = token_topp_entropy(logits, top_p=0.9, top_k=3, temperature=0.8)
     for fn in (response_logprobs, shared_prompt_logprobs):
-        for topk in (0, 2):
-            kw = dict(temperature=0.8, chunk_size=5, topk=topk, min_p=0.8)
+        for topk, topp in ((0, None), (2, None), (0, (0.9, 3)), (2, (0.9, 3))):
+            kw = dict(temperature=0.8, chunk_size=5, topk=topk, min_p=0.8, topp=topp)
             if fn is shared_prompt_logprobs:
                 kw["always_split"] = True
             out = fn(model, ids, att, 6, **kw)
-            assert len(out) == 4 and (out[2] is None) == (topk == 0)
+            assert len(out) == 5 and (out[2] is None) == (topk == 0) and (out[4] is None) == (topp is None)
+            if topp is not None:
+                torch.testing.assert_close(out[4], nucleus, rtol=1e-5, atol=1e-6)
             if fn is response_logprobs:
                 assert torch.equal(out[0], plain[0])
             assert torch.equal(torch.isinf(out[3]), torch.isinf(naive))

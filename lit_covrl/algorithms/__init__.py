@@ -24,7 +24,16 @@ from lit_covrl.algorithms.covariance import (
     kl_cov_select,
     token_covariance,
 )
-from lit_covrl.algorithms.entropy import masked_entropy, masked_mean, token_entropy, token_logprobs, token_proxy_logprobs, token_topk_logprobs
+from lit_covrl.algorithms.entropy import (
+    masked_entropy,
+    masked_mean,
+    nucleus_mask,
+    token_entropy,
+    token_logprobs,
+    token_proxy_logprobs,
+    token_topk_logprobs,
+    token_topp_entropy,
+)
 from lit_covrl.algorithms.entropy_controls import (
     STEER_MAPPINGS,
     adaptive_entropy_coef,
@@ -41,6 +50,9 @@ from lit_covrl.algorithms.entropy_controls import (
     lp_reg_lowest,
     lp_reg_kl,
     simko_logp_grad,
+    siren_agg_factor,
+    siren_row_weights,
+    siren_token_penalty,
     simko_tokens,
     steer_metric,
     steer_weights,
@@ -102,6 +114,7 @@ __all__ = [
     "masked_entropy",
     "masked_mean",
     "min_group_size",
+    "nucleus_mask",
     "passk_advantages",
     "per_token_advantages",
     "ppo_clipped_tokens",
@@ -115,6 +128,9 @@ __all__ = [
     "lp_reg_kl",
     "simko_logp_grad",
     "simko_tokens",
+    "siren_agg_factor",
+    "siren_row_weights",
+    "siren_token_penalty",
     "sequence_logratio",
     "steer_metric",
     "steer_weights",
@@ -123,5 +139,6 @@ __all__ = [
     "token_logprobs",
     "token_proxy_logprobs",
     "token_topk_logprobs",
+    "token_topp_entropy",
     "zero_variance_groups",
 ]

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["token_logprobs", "token_topk_logprobs", "token_proxy_logprobs", "token_entropy", "masked_entropy", "masked_mean"]
+__all__ = ["token_logprobs", "token_topk_logprobs", "token_proxy_logprobs", "token_entropy", "token_topp_entropy",
+           "masked_entropy", "masked_mean"]
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -155,6 +156,55 @@ def token_entropy(logits: Tensor, *, temperature: float = 1.0, chunk_size: int =
 
     def fn(z: Tensor) -> Tensor:
         return _entropy_rows(z, temperature)
+
+    return _chunked(fn, rows, chunk_size=chunk_size).view(logits.shape[:-1])
+
+
+def nucleus_mask(z: Tensor, *, top_p: float, top_k: int) -> Tensor:
+    """BoolTensor [rows, V] (no grad): the nucleus of each row of logits `z` as SIREN's reference
+    code (Linn3a/siren, dp_actor.efficient_top_p_sampling) draws it: among the min(top_k, V) most
+    probable tokens, largest first, those whose cumulative probability (their own included) is
+    strictly below `top_p`. The token that reaches top_p is left out, so a row whose top-1 already
+    has probability >= top_p has an empty nucleus."""
+    z = z.detach()
+    k = min(int(top_k), z.shape[-1])
+    probs = torch.softmax(z, dim=-1)
+    idx = torch.topk(z, k, dim=-1).indices
+    keep = probs.gather(-1, idx).cumsum(-1) < top_p
+    return torch.zeros_like(z, dtype=torch.bool).scatter(-1, idx, keep)
+
+
+def _topp_entropy_rows(z: Tensor, top_p: float, top_k: int, temperature: float) -> Tensor:
+    z = _upcast(z)
+    if temperature != 1.0:
+        z = z / temperature
+    keep = nucleus_mask(z, top_p=top_p, top_k=top_k)
+    empty = ~keep.any(-1, keepdim=True)
+    # an empty nucleus has entropy 0 (no gradient): its row is masked as the whole vocabulary so
+    # that no -inf row reaches the log-softmax, then zeroed
+    masked = z.masked_fill(~(keep | empty), float("-inf"))
+    logq = torch.log_softmax(masked, dim=-1)
+    h = -(logq.exp() * logq.masked_fill(torch.isneginf(logq), 0.0)).sum(-1)
+    return torch.where(empty.squeeze(-1), torch.zeros_like(h), h)
+
+
+def token_topp_entropy(
+    logits: Tensor, *, top_p: float, top_k: int, temperature: float = 1.0, chunk_size: int = 1024
+) -> Tensor:
+    """Entropy of the nucleus distribution per position: [..., V] -> [...], differentiable.
+
+    q = softmax(z / temperature) restricted to `nucleus_mask` and renormalised; H = -sum q log q
+    (0 for an empty nucleus). The nucleus is chosen on detached logits; the gradient flows through
+    q as the reference's (which renormalises the full softmax's probabilities over the nucleus).
+    Chunked and checkpointed like `token_entropy`: one chunk's float32 [chunk, V] at a time."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1 or top_k < 1:
+        raise ValueError(f"need 0 < top_p <= 1 and top_k >= 1, got top_p={top_p}, top_k={top_k}")
+    rows = logits.reshape(-1, logits.shape[-1])
+
+    def fn(z: Tensor) -> Tensor:
+        return _topp_entropy_rows(z, top_p, top_k, temperature)
 
     return _chunked(fn, rows, chunk_size=chunk_size).view(logits.shape[:-1])
 

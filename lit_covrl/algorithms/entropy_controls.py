@@ -43,6 +43,13 @@ logp_t the log-prob of the sampled token, A_t its advantage; N sequences, T resp
   whose proxy log-prob exceeds their own (kept by the min-p filter, some mass filtered out) get
   beta * clamp(exp(q - l) - (q - l) - 1, -10, 10), l = log pi(y_t), q = log pi_proxy(y_t): the
   reference's low-variance KL estimate of the sampled token toward the proxy.
+- siren_row_weights / siren_agg_factor / siren_token_penalty (SIREN, 2025,
+  "Rethinking Entropy Regularization in Large Reasoning Models", arXiv 2509.25133; Linn3a/siren):
+  the entropy of each token's top-p nucleus (`token_topp_entropy`), kept on the tokens strictly above
+  their response's `quantile` quantile of it (the peak-entropy mask, `archer_high_entropy`),
+  averaged per response over those tokens and over the responses (H_bar), is held near an anchor
+  a by the loss coef * (H_bar - a)^2, written as a per-token penalty whose aggregate with the
+  loss's own mode has that value and that gradient.
 """
 from __future__ import annotations
 
@@ -55,6 +62,9 @@ from lit_covrl.algorithms.advantages import per_token_advantages
 from lit_covrl.algorithms.losses import AGG_MODES
 
 __all__ = [
+    "siren_agg_factor",
+    "siren_row_weights",
+    "siren_token_penalty",
     "adaptive_entropy_coef",
     "archer_clip_bounds",
     "archer_high_entropy",
@@ -336,3 +346,41 @@ def lp_reg_kl(logp: Tensor, proxy_logp: Tensor, selected: Tensor) -> tuple[Tenso
     d = q - logp
     k3 = (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)
     return torch.where(regularized, k3, torch.zeros_like(k3)), regularized
+def siren_row_weights(selected: Tensor, mask: Tensor) -> Tensor:
+    """[N, T] float64: 1 / c_n on row n's selected valid tokens (c_n of them), 0 elsewhere, so that
+    sum_t w_t H_t / num_seqs is SIREN's H_bar: the mean over responses of each response's mean over
+    its selected tokens (the reference's entropy aggregation, seq-mean-token-mean; a response with
+    no selected token adds 0 and still counts in num_seqs, as its agg_loss)."""
+    sel = (selected.bool() & mask.bool()).double()
+    return sel / sel.sum(-1, keepdim=True).clamp(min=1.0)
+
+
+def siren_agg_factor(mask: Tensor, mode: str, *, num_tokens: float | Tensor, num_seqs: float | Tensor,
+                     norm_length: float) -> Tensor:
+    """[N, 1] float64 f_n such that aggregate(f * x, mask, mode, num_tokens, num_seqs, norm_length)
+    = sum_t x_t / num_seqs (x zero off the mask): token-mean num_tokens / num_seqs,
+    seq-mean-token-sum 1, seq-mean-token-mean the row's valid length, seq-mean-token-sum-norm
+    norm_length (each denominator clamped to >= 1, as `aggregate`)."""
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; valid: {list(AGG_MODES)}")
+    ones = torch.ones(mask.shape[0], 1, dtype=torch.float64, device=mask.device)
+    if mode == "token-mean":
+        return ones * (max(float(num_tokens), 1.0) / max(float(num_seqs), 1.0))
+    if mode == "seq-mean-token-sum":
+        return ones
+    if mode == "seq-mean-token-mean":
+        return mask.bool().sum(-1, keepdim=True).double().clamp(min=1.0)
+    return ones * max(float(norm_length), 1.0)
+
+
+def siren_token_penalty(entropy: Tensor, weights: Tensor, *, deviation: float, covered: float) -> Tensor:
+    """[n, T]: weights * (2 d (H - sg(H)) + d^2 / covered), d = `deviation` = H_bar - anchor (a
+    number, measured over the whole mini-batch), `weights` = coef * f * w (`siren_agg_factor`,
+    `siren_row_weights`), `covered` = sum_t w_t / num_seqs (the share of responses with a
+    selected token). Aggregated with the loss's mode over the mini-batch its value is
+    coef * d^2 and its gradient coef * 2 d grad(H_bar): that of coef * (H_bar - anchor)^2 with H_bar
+    of the current policy. No selected token (covered 0): zero."""
+    if covered <= 0:
+        return torch.zeros_like(entropy)
+    w = weights.to(entropy.dtype)
+    return w * (2.0 * deviation * (entropy - entropy.detach()) + deviation * deviation / covered)

@@ -10,6 +10,7 @@ from lit_covrl.regularizers.lp_reg import LpReg
 from lit_covrl.regularizers.sample_weights import WeightedReinforce
 from lit_covrl.regularizers.schedules import SCHEDULES, Schedule
 from lit_covrl.regularizers.simko import SimKO
+from lit_covrl.regularizers.siren import SIREN
 
 __all__ = [
     "AdaptiveEntropyBonus",
@@ -26,6 +27,7 @@ __all__ = [
     "ReferenceKL",
     "Regularizer",
     "SCHEDULES",
+    "SIREN",
     "Schedule",
     "SimKO",
     "SteerWeights",

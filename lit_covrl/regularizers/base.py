@@ -60,6 +60,10 @@ class MiniBatchContext:
                         the regularizers that read it (`reads_zeroed`) after all the others
     agg_mode    the loss's aggregation (`model.loss.loss_agg_mode`), for a regularizer whose term
                 must divide by counts of its own (EntroPIC: the high-probability tokens')
+    norm_length the loss's fixed length of seq-mean-token-sum-norm (`rollout.max_new_tokens`)
+    topp_entropy [n, T] | None  current-policy entropy of each position's top-p nucleus, when a
+                        regularizer sets `needs_topp_entropy` (always from a forward of the
+                        current policy: the sampler records none)
     """
 
     step: int
@@ -74,6 +78,8 @@ class MiniBatchContext:
     entropy: Tensor | None = None
     zeroed: Tensor | None = None
     agg_mode: str = "token-mean"
+    norm_length: float | None = None
+    topp_entropy: Tensor | None = None
     _cov: Tensor | None = field(default=None, repr=False)
 
     def covariance(self) -> Tensor:
@@ -153,6 +159,9 @@ class Regularizer(Callback):
     needs_current_entropy: bool = False  # module provides ctx.entropy of the current policy
     needs_topk: int = 0  # k > 0: module fills batch.topk_logp [n, T, k] (with grad) and batch.top1 in `shape`
     needs_min_p: float = 0.0  # kappa > 0: module fills batch.proxy_logp [n, T] (min-p proxy, detached) in `shape`
+    # (top_p, top_k): module fills ctx.topp_entropy (detached) in `prepare` and batch.topp_entropy
+    # (with grad) in `shape`, the entropy of each position's nucleus (`algorithms.token_topp_entropy`)
+    needs_topp_entropy: tuple[float, int] | None = None
     reads_zeroed: bool = False  # prepared after the others, with their weight-0 tokens in ctx.zeroed
     shifts_advantage: bool = False  # returns TokenShaping.advantage_shift (at most one per run)
     sets_clip_range: bool = False  # returns TokenShaping.clip_low / clip_high (at most one per run; see clip_bounds)
@@ -312,6 +321,11 @@ def check_stack(regularizers: list[Regularizer]) -> None:
         asking = ", ".join(f"{r.name!r} ({r.needs_min_p})" for r in regularizers if r.needs_min_p)
         raise ValueError(f"regularizers ask for min-p proxies of different thresholds ({asking}): the training "
                          "forward computes one; give them the same min_p")
+    nuclei = {tuple(r.needs_topp_entropy) for r in regularizers if r.needs_topp_entropy}
+    if len(nuclei) > 1:
+        asking = [f"{r.name!r} {tuple(r.needs_topp_entropy)}" for r in regularizers if r.needs_topp_entropy]
+        raise ValueError(f"regularizers ask for the entropy of different nuclei (top_p, top_k): {', '.join(asking)}; "
+                         "the training forward computes one: give them the same top_p and top_k")
     clipping = [r for r in regularizers if r.sets_clip_range]
     if len(clipping) > 1:
         raise ValueError(
