@@ -1,7 +1,7 @@
 """Mini-batch-wide decisions are global: 2 gloo processes holding half the mini-batch each select
 exactly the tokens that 1 process holding all of it selects (Clip-Cov, KL-Cov and the entropy
 controls: 80/20 quantile, STEER weights, entropy-ratio clip, adaptive bonus, entropy advantage,
-EntroPIC, Lp-Reg's lowest log-probs),
+EntroPIC, Lp-Reg's lowest log-probs, SIREN's mini-batch deviation),
 and each objective's loss, metrics and gradient add up across ranks to the single-process ones."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lit_covrl.algorithms import (aggregate, ppo_clipped_tokens, token_entropy, token_logprobs, token_proxy_logprobs,
-                                  token_topk_logprobs)
+                                  token_topk_logprobs, token_topp_entropy)
 from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
     AdaptiveEntropyBonus,
@@ -27,6 +27,7 @@ from lit_covrl.regularizers import (
     KLCov,
     LpReg,
     SimKO,
+    SIREN,
     SteerWeights,
     WeightedReinforce,
 )
@@ -131,6 +132,7 @@ def _objectives(rows: slice) -> dict[str, torch.Tensor]:
         out[f"{name}/grad"] = z.grad
     out.update(_simko(rows, n_tok))
     out.update(_lp_reg(rows, n_tok))
+    out.update(_siren(rows, n_tok))
     return out
 
 
@@ -181,6 +183,30 @@ def _lp_reg(rows: slice, n_tok) -> dict[str, torch.Tensor]:
             "lp_reg/selected": reg.selected.float(), **{k: torch.tensor(v) for k, v in reg.pop_metrics().items()}}
 
 
+def _siren(rows: slice, n_tok) -> dict[str, torch.Tensor]:
+    """PPOClip + SIREN from logits [N, T, V] (the nucleus entropy with grad), under
+    seq-mean-token-mean: the deviation of the whole mini-batch (a collective), the loss, the
+    gradient w.r.t. the logits of these rows and the metrics."""
+    from lit_covrl import distributed
+    from lit_covrl.types import TokenShaping
+
+    g = torch.Generator().manual_seed(3)
+    logits = 2.0 * torch.randn(N, T, 9, generator=g)
+    logp, old, adv, mask = (t[rows] for t in _batch())
+    z = logits[rows].clone().requires_grad_(True)
+    h = token_topp_entropy(z, top_p=0.9, top_k=6)
+    reg, obj = SIREN(coef=2.0, top_p=0.9, top_k=6, quantile=0.5, anchor=0.3), PPOClip()
+    n_seq = distributed.all_sum(torch.tensor(float(len(mask))))
+    reg.prepare(MiniBatchContext(0, 0, True, logp, old, adv, mask, None, agg_mode="seq-mean-token-mean",
+                                 norm_length=T, topp_entropy=h.detach() * mask))
+    s = reg.shape(PolicyBatch(torch.arange(len(mask)), logp, old, adv, mask, topp_entropy=h))
+    loss = aggregate(TokenShaping.combine([s], obj.token_loss(logp, old, adv, mask)), mask, "seq-mean-token-mean",
+                     num_tokens=n_tok, num_seqs=n_seq)
+    loss.backward()
+    return {"ppo+siren/loss": distributed.all_sum(loss.detach()), "ppo+siren/grad": z.grad.flatten(1),
+            **{k: torch.tensor(v) for k, v in reg.pop_metrics().items()}}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -222,6 +248,8 @@ def test_two_processes_select_what_one_process_selects(tmp_path):
     assert 0 < whole["reg/archer/high_entropy_frac"] < 1 and 0 < whole["ppo+archer/metrics"][2] < 1
     assert 0 < whole["reg/simko/mixed_frac"] < 1 and 0 < whole["reg/simko/top1_penalized_frac"] < 1
     assert 0 < whole["reg/lp_reg/selected_frac"] < 1 and 0 < whole["reg/lp_reg/regularized_frac"] < 1
+    assert 0 < whole["reg/siren/selected_frac"] < 1 and abs(whole["reg/siren/deviation"]) > 0.05
+    assert whole["ppo+siren/grad"].abs().sum() > 0
     for key, value in whole.items():
         if value.dim() == 2:  # per-token decisions: the halves concatenate to the whole
             torch.testing.assert_close(torch.cat([p["entropy"][key] for p in parts]), value, msg=key)

@@ -25,6 +25,7 @@ from lit_covrl.regularizers import (
     Regularizer,
     LpReg,
     SimKO,
+    SIREN,
     SteerWeights,
     WeightedReinforce,
 )
@@ -182,8 +183,17 @@ def _lp_reg():
             SimKO(top_k=3, mix_topk_coef=0.5, tau=0.5, incorrect_top1_scale=2.0), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)]
 
 
+def _siren():
+    # SIREN with a large coefficient (its anchor measured on the first mini-batch, so the next
+    # three updates act), Clip-Cov and an entropy bonus (the full entropy, besides the nucleus')
+    return [SIREN(coef=5.0, top_p=0.9, top_k=8, quantile=0.5), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3),
+            EntropyBonus(coef=0.05)]
+
+
 INVARIANCE_CASES = {
     "lp_reg+simko": (_lp_reg, lambda: PPOClip(dual_clip=3.0)),
+    "siren+cov": (_siren, lambda: PPOClip(dual_clip=3.0)),
+    "siren+gspo": (_siren, lambda: GSPO(clip_low=0.05, clip_high=0.05)),
     "simko+cov": (_simko, lambda: PPOClip(dual_clip=3.0)),
     "simko+ce_gppo": (_simko, lambda: CEGPPO(clip_low=0.05, clip_high=0.05, beta1=0.5, beta2=1.5)),
     "entropy_controls": (_entropy_controls, None),
@@ -225,6 +235,9 @@ def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_
     elif case == "lp_reg+simko":  # Lp-Reg selected and regularized tokens next to SimKO's sets
         assert 0 < ref_m["reg/lp_reg/selected_frac"] < 1 and 0 < ref_m["reg/lp_reg/regularized_frac"] < 1
         assert ref_m["reg/lp_reg/loss"] > 0 and ref_m["reg/simko/mixed_frac"] > 0
+    elif case.startswith("siren"):  # the anchored term acted after the first mini-batch
+        assert 0 < ref_m["reg/siren/selected_frac"] < 1 and ref_m["reg/siren/loss"] > 0
+        assert ref_m["reg/siren/deviation"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
     elif case == "archer+ref_kl":  # the per-token range clipped tokens; the KL scale and Clip-Cov acted
         assert 0 < ref_m["reg/archer/high_entropy_frac"] < 1 and ref_m["reg/archer/loss"] != 0
         assert ref_m["policy/clip_frac"] > 0 and ref_m["reg/ref_kl/loss"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
