@@ -94,6 +94,7 @@ class Learner:
         schedule = [mb for _ in range(hp.ppo_epochs) for mb in self.minibatches(keep)]
         metrics = StepMetrics()
         self._on_policy = True  # no optimizer step taken since this rollout (see MiniBatchContext)
+        self._observe_rollout(rollout, keep)
         for i, mb in enumerate(schedule):
             batch = MiniBatch(rollout, advantages, ref_logp, mb)
             metrics.update(self._update_minibatch(batch, index=i, last=i == len(schedule) - 1))
@@ -111,6 +112,26 @@ class Learner:
         per_update = (self.settings.update.mini_batch_size or n // G) * G
         rows = torch.nonzero(keep).squeeze(-1)
         return [rows[(rows >= s) & (rows < s + per_update)] for s in range(0, n, per_update)]
+
+    def _observe_rollout(self, rollout: Rollout, keep: Tensor) -> None:
+        """The nucleus entropy [n, T] of the rollout's kept rows under the rollout policy, before
+        any update, for the regularizers whose `observes_rollout()` is true (SIREN, to measure its
+        anchor once): one no-grad pass over the kept rows, each mini-batch forwarded with its
+        update's micro-batch plan, and every such regularizer's `observe_rollout` (a collective
+        over ranks: the decision to observe is the same on every rank, the regularizer's state)."""
+        watching = [r for r in self.regularizers if r.observes_rollout()]
+        if not watching:
+            return
+        rows = torch.nonzero(keep).squeeze(-1)
+        mask = rollout.response_mask[rows].to(rollout.logp.dtype)
+        h = torch.zeros_like(mask)
+        for mb in self.minibatches(keep):
+            ids, att = (rollout.input_ids[mb], rollout.attention_mask[mb]) if len(mb) else \
+                (rollout.input_ids[:1], rollout.attention_mask[:1])
+            where = torch.searchsorted(rows, mb)
+            h[where] = self._nograd_forward(self.policy, ids, att, mask[where], False, topp=self._topp())[2]
+        for reg in watching:
+            reg.observe_rollout(h, mask)
 
     def recompute_old_logprobs(self, rollout: Rollout, keep: Tensor) -> None:
         """Replace `rollout.logp` and `rollout.entropy` by the policy's no-grad log-probs and

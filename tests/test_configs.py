@@ -23,11 +23,11 @@ R7 = CONFIGS / "paper" / "qwen2.5-7b.yaml"
 F7 = CONFIGS / "fsdp" / "qwen2.5-7b.yaml"
 CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_tokens", "adaptive_entropy", "steer",
                "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "ce_gppo", "qae", "w_reinforce", "passk",
-               "entropic", "archer", "simko", "lp_reg", "unlikeliness")
+               "entropic", "archer", "simko", "lp_reg", "unlikeliness", "siren")
 REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "adaptive_entropy", "clip_cov",
                      "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
                      "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse", "qae", "w_reinforce", "w_reinforce_high_lr", "gspo", "cispo",
-                     "ce_gppo", "passk", "entropic", "entropic_kp50", "archer", "simko", "lp_reg", "unlikeliness")
+                     "ce_gppo", "passk", "entropic", "entropic_kp50", "archer", "simko", "lp_reg", "unlikeliness", "siren")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high",
                "entropic_kp5", "lp_reg_neg10")
 STACKS = {
@@ -98,6 +98,10 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
     if name.endswith("lp_reg.yaml"):  # the reference recipes' values (CarlanLark/Lp-Reg-dev, Qwen3-14B)
         (lp,) = regs
         assert (lp.beta, lp.needs_min_p, lp.neg_ratio, lp.pos_ratio) == (1.0, 0.02, 0.01, 0.0)
+    if name.endswith("siren.yaml"):  # the reference recipe's values (Linn3a/siren, exp_scripts/siren.sh)
+        (siren,) = regs
+        assert (siren.coef, siren.top_p, siren.top_k, siren.quantile, siren.anchor) == (0.005, 0.8, 10000, 0.8, None)
+        assert siren.needs_topp_entropy == (0.8, 10000)
     if name.endswith("archer.yaml"):  # the reference recipe's values (wizard-III/ArcherCodeR), with its ref KL
         archer, kl = regs
         assert (archer.quantile, archer.low_entropy, archer.high_entropy) == (0.8, (0.2, 0.2), (0.5, 0.5))

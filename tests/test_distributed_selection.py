@@ -195,6 +195,8 @@ def _siren(rows: slice, n_tok) -> dict[str, torch.Tensor]:
     logp, old, adv, mask = (t[rows] for t in _batch())
     z = logits[rows].clone().requires_grad_(True)
     h = token_topp_entropy(z, top_p=0.9, top_k=6)
+    measured = SIREN(top_p=0.9, top_k=6, quantile=0.5)  # the anchor of all ranks' rows
+    measured.observe_rollout(1.3 * h.detach() * mask, mask)
     reg, obj = SIREN(coef=2.0, top_p=0.9, top_k=6, quantile=0.5, anchor=0.3), PPOClip()
     n_seq = distributed.all_sum(torch.tensor(float(len(mask))))
     reg.prepare(MiniBatchContext(0, 0, True, logp, old, adv, mask, None, agg_mode="seq-mean-token-mean",
@@ -204,6 +206,7 @@ def _siren(rows: slice, n_tok) -> dict[str, torch.Tensor]:
                      num_tokens=n_tok, num_seqs=n_seq)
     loss.backward()
     return {"ppo+siren/loss": distributed.all_sum(loss.detach()), "ppo+siren/grad": z.grad.flatten(1),
+            "siren_anchor": torch.tensor(measured.anchor_value),
             **{k: torch.tensor(v) for k, v in reg.pop_metrics().items()}}
 
 

@@ -184,8 +184,8 @@ def _lp_reg():
 
 
 def _siren():
-    # SIREN with a large coefficient (its anchor measured on the first mini-batch, so the next
-    # three updates act), Clip-Cov and an entropy bonus (the full entropy, besides the nucleus')
+    # SIREN with a large coefficient (its anchor measured on the whole rollout, so every update
+    # acts), Clip-Cov and an entropy bonus (the full entropy, besides the nucleus')
     return [SIREN(coef=5.0, top_p=0.9, top_k=8, quantile=0.5), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3),
             EntropyBonus(coef=0.05)]
 
@@ -235,7 +235,7 @@ def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_
     elif case == "lp_reg+simko":  # Lp-Reg selected and regularized tokens next to SimKO's sets
         assert 0 < ref_m["reg/lp_reg/selected_frac"] < 1 and 0 < ref_m["reg/lp_reg/regularized_frac"] < 1
         assert ref_m["reg/lp_reg/loss"] > 0 and ref_m["reg/simko/mixed_frac"] > 0
-    elif case.startswith("siren"):  # the anchored term acted after the first mini-batch
+    elif case.startswith("siren"):  # the anchored term acted
         assert 0 < ref_m["reg/siren/selected_frac"] < 1 and ref_m["reg/siren/loss"] > 0
         assert ref_m["reg/siren/deviation"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
     elif case == "archer+ref_kl":  # the per-token range clipped tokens; the KL scale and Clip-Cov acted

@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from lit_covrl.regularizers import AdaptiveEntropyBonus, ClipCov, EntroPIC, KLCov
+from lit_covrl.regularizers import SIREN, AdaptiveEntropyBonus, ClipCov, EntroPIC, KLCov
 from tests.helpers import scalar_tags
 from tests.test_module import make_data, make_module
 
@@ -87,6 +87,33 @@ def test_entropic_controller_resumes_exactly(tiny_model_dir, tmp_path):
     _trainer(tmp_path / "b", 4, regs()).fit(make_module(tiny_model_dir), make_data(), ckpt_path=str(ckpt))
     a, b = _series(tmp_path / "full", compared), _series(tmp_path / "b", compared)
     assert a["reg/entropic/alpha"][0] == 0 and a["reg/entropic/alpha"][3] < a["reg/entropic/alpha"][2] < 0
+    for tag in compared:
+        assert sorted(b[tag]) == [2, 3], tag
+        for s in (2, 3):
+            assert abs(a[tag][s] - b[tag][s]) <= 1e-5 * max(1.0, abs(a[tag][s])), (tag, s, a[tag][s], b[tag][s])
+
+
+def test_siren_anchor_resumes_exactly(tiny_model_dir, tmp_path):
+    """SIREN's measured anchor (H_bar of the run's first rollout) travels in the checkpoint:
+    resumed at step 2, the anchor, its deviation and the loss of steps 2-3 equal the uninterrupted
+    run's; a resume that re-measured it on step 2's rollout would hold a different anchor."""
+    def regs():
+        return [SIREN(coef=5.0, top_p=0.9, top_k=8, quantile=0.5)]
+
+    compared = ["reg/siren/anchor", "reg/siren/deviation", "reg/siren/loss", "policy/loss", "policy/grad_norm"]
+    kw = dict(update=dict(mini_batch_size=2))
+    _trainer(tmp_path / "full", 4, regs()).fit(make_module(tiny_model_dir, **kw), make_data())
+    first = _trainer(tmp_path / "a", 2, regs())
+    first.fit(make_module(tiny_model_dir, **kw), make_data())
+    ckpt = tmp_path / "step2.ckpt"
+    first.save_checkpoint(ckpt)
+    saved = [v for k, v in torch.load(ckpt, weights_only=False)["callbacks"].items() if k.startswith("SIREN")]
+    assert len(saved) == 1 and saved[0]["anchor"] > 0
+    _trainer(tmp_path / "b", 4, regs()).fit(make_module(tiny_model_dir, **kw), make_data(), ckpt_path=str(ckpt))
+    a, b = _series(tmp_path / "full", compared), _series(tmp_path / "b", compared)
+    assert len({round(a["reg/siren/anchor"][s], 12) for s in range(4)}) == 1
+    assert a["reg/siren/anchor"][0] == pytest.approx(saved[0]["anchor"], rel=1e-6)
+    assert all(a["reg/siren/deviation"][s] != 0 for s in (2, 3))
     for tag in compared:
         assert sorted(b[tag]) == [2, 3], tag
         for s in (2, 3):

@@ -12,7 +12,6 @@ import torch
 from lit_covrl.algorithms import (
     AGG_MODES,
     aggregate,
-    archer_high_entropy,
     nucleus_mask,
     siren_agg_factor,
     siren_row_weights,
@@ -321,6 +320,44 @@ def test_learner_delivers_the_nucleus_entropy_the_same_for_any_micro_batch(tiny_
                 i += 1
 
 
+def test_observed_anchor_is_the_whole_rollouts_and_observed_once():
+    z, mask = _problem()
+    h = token_topp_entropy(z, top_p=0.8, top_k=10000)
+    _, _, h_bar = _reference_loop(z, mask, coef=1.0, top_p=0.8, top_k=10000, quantile=0.8, anchor=None)
+    reg = SIREN()
+    assert reg.observes_rollout()
+    reg.observe_rollout(h * mask, mask)
+    assert reg.anchor_value == pytest.approx(h_bar.item(), rel=1e-12) and not reg.observes_rollout()
+    assert not SIREN(anchor=0.5).observes_rollout()
+    empty = SIREN()
+    empty.observe_rollout(h[:0], mask[:0])  # every response filtered out: measured at the next rollout
+    assert empty.anchor_value is None and empty.observes_rollout()
+
+
+def test_learner_measures_the_anchor_on_the_first_rollout_before_updating(tiny_model_dir):
+    """Through GRPOModule: with the whole rollout as one on-policy mini-batch, the first (only)
+    update's H_bar is the anchor measured before it (deviation ~0, no term); with two mini-batches
+    and two epochs the anchor is the same number (the whole rollout's) and every later update
+    deviates from it."""
+    from tests.test_module import make_data, make_module
+    from tests.helpers import fit
+
+    def run(**update):
+        torch.manual_seed(0)
+        reg = SIREN(coef=5.0, top_p=0.9, top_k=8, quantile=0.5)
+        module = make_module(tiny_model_dir, optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+                             update=dict(grad_clip=None, **update))
+        trainer = fit(module, make_data(), steps=1, callbacks=[reg], limit_val_batches=0)
+        return reg, {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("reg/siren/")}
+
+    one, m1 = run(mini_batch_size=None, ppo_epochs=1)
+    assert m1["reg/siren/deviation"] == pytest.approx(0.0, abs=1e-6) and m1["reg/siren/loss"] == pytest.approx(0.0, abs=1e-9)
+    assert m1["reg/siren/entropy"] == pytest.approx(one.anchor_value, rel=1e-6) and one.anchor_value > 0
+    four, m4 = run(mini_batch_size=2, ppo_epochs=2)
+    assert four.anchor_value == pytest.approx(one.anchor_value, rel=1e-6)
+    assert m4["reg/siren/loss"] > 0
+
+
 @pytest.mark.parametrize("micro", [1, 3])
 def test_update_with_siren_is_invariant_to_micro_batch_size(tiny_model_dir, micro):
     """SIREN (a measured anchor, so the later updates act) stacked with an entropy bonus: the same
@@ -338,3 +375,30 @@ def test_update_with_siren_is_invariant_to_micro_batch_size(tiny_model_dir, micr
         assert m[key] == pytest.approx(ref_m[key], rel=1e-5, abs=1e-8), key
     for k in ref_w:
         torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-6)
+
+
+def test_siren_config_runs_through_the_cli(tmp_path):
+    """configs/cpu/siren.yaml on the quickstart through `lit-covrl fit` (a larger coefficient on
+    the command line, so that the tiny model's term is visible in 3 steps): SIREN is built from the
+    YAML (top_k 10000 above the 16-token vocabulary: the nucleus holds at most the vocabulary), its
+    tags are written every step, the anchor (the first rollout's H_bar) stays and the term acts."""
+    from pathlib import Path
+
+    from lit_covrl.cli import main
+    from tests.helpers import scalar_tags
+
+    root = Path(__file__).resolve().parents[1]
+    main(["fit", "--config", str(root / "configs/quickstart.yaml"), "--config", str(root / "configs/cpu/siren.yaml"),
+          "--torch_threads", "1", "--data.batch_size", "4", "--model.update.mini_batch_size", "2",
+          "--model.rollout.filter_groups", "false", "--trainer.callbacks.init_args.coef", "5.0",
+          "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+          "--checkpoint.dirpath", str(tmp_path / "ck"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    tags = {k: [v for _, v in series] for k, series in scalar_tags(tmp_path).items()}
+    keys = {"reg/siren/entropy", "reg/siren/anchor", "reg/siren/deviation", "reg/siren/selected_frac",
+            "reg/siren/nucleus_entropy", "reg/siren/loss"}
+    assert keys <= set(tags)
+    assert all(len(tags[k]) == 3 for k in keys)
+    assert len(set(tags["reg/siren/anchor"])) == 1 and tags["reg/siren/anchor"][0] > 0
+    assert all(0 < f < 1 for f in tags["reg/siren/selected_frac"])
+    assert len(set(tags["reg/siren/entropy"])) == 3  # the measured H_bar moves
+    assert all(v > 0 for v in tags["reg/siren/loss"]) and all(d != 0 for d in tags["reg/siren/deviation"])

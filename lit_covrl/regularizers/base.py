@@ -240,6 +240,16 @@ class Regularizer(Callback):
         start-up check (`Objective.check_token_clip`)."""
         return [], []
 
+    def observes_rollout(self) -> bool:
+        """True when this RL step's `observe_rollout` is wanted (the same on every rank). Default:
+        never (nothing is computed)."""
+        return False
+
+    def observe_rollout(self, topp_entropy: Tensor, mask: Tensor) -> None:
+        """With `observes_rollout()`: the nucleus entropy (`needs_topp_entropy`'s) [n, T] and the
+        mask of this rank's kept rows of the whole rollout, under the rollout policy, before the
+        step's first update (SIREN measures its anchor here); called on every rank."""
+
     def check_objective(self, objective) -> None:
         """Start-up check of the run's policy objective (`check_objective_stack`): raise a
         ValueError naming both where this regularizer cannot act on it. Default: any objective."""

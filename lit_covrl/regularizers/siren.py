@@ -27,10 +27,11 @@ Where we differ from the reference code:
 - the deviation is that of the whole optimizer mini-batch (all micro-batches, all ranks); the
   reference squares each micro-batch's own H_bar - anchor and sums the micro-batches' squares
   weighted by their share, which depends on the micro-batch size;
-- the anchor, unless given, is H_bar of the run's first optimizer mini-batch, measured with the
-  policy of the first rollout; the reference measures it once over the whole first rollout batch
-  (every mini-batch) before the first update. It is saved in checkpoints (`state_dict`); the
-  reference keeps it in the trainer and puts it in the config on resume;
+- the anchor, unless given, is H_bar of the run's first rollout (its kept responses, all ranks)
+  under the rollout policy, before the first update (`observe_rollout`: one no-grad forward over
+  that rollout, once per run), as the reference measures it on its first batch; it is saved in
+  checkpoints (`state_dict`) and resumes exactly (the reference keeps it in the trainer and reads
+  it from the config on resume);
 - the nucleus holds at most min(top_k, V) tokens (the reference's torch.topk fails for V < top_k),
   and its entropy has no 1e-12 guards (0 for an empty nucleus, as the reference's);
 - a peak-entropy test within a relative 1e-5 above the quantile counts as equal to it (rounding
@@ -69,7 +70,7 @@ class SIREN(Regularizer):
                 response's (recipe mask_ratio: 0.8; in [0, 1), 0 keeps all but each response's
                 lowest).
             anchor: the nucleus entropy to hold, in nats; None (default, the reference's): H_bar
-                of the first optimizer mini-batch of the run.
+                of the run's first rollout (all its kept responses, before the first update).
             name: metric namespace (reg/<name>/...).
         """
         super().__init__(None, name)
@@ -96,19 +97,35 @@ class SIREN(Regularizer):
 
     @property
     def anchor_value(self) -> float | None:
-        """The anchor in effect (None until the first mini-batch when measured)."""
+        """The anchor in effect (None until the first rollout when measured)."""
         return self._anchor
+
+    def _sums(self, topp_entropy: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w [n, T] (`siren_row_weights` of the peak-entropy tokens), the all-reduced [sum w H,
+        rows with a selected token, rows, valid tokens, selected tokens, sum H])."""
+        h = topp_entropy.detach().double()
+        w = siren_row_weights(archer_high_entropy(h, mask, quantile=self.quantile), mask)
+        local = torch.stack([(w * h).sum(), w.sum(), h.new_tensor(float(mask.shape[0])), mask.double().sum(),
+                             (w > 0).double().sum(), (h * mask).sum()])
+        return w, distributed.all_sum(local)
+
+    def observes_rollout(self) -> bool:
+        return self._anchor is None  # until the anchor is measured
+
+    def observe_rollout(self, topp_entropy: torch.Tensor, mask: torch.Tensor) -> None:
+        """The anchor: H_bar of the whole rollout (all ranks' kept rows) under the rollout policy,
+        before the first update, as the reference measures it on its first batch."""
+        _, sums = self._sums(topp_entropy, mask)
+        if sums[2] > 0:
+            self._anchor = float(sums[0]) / float(sums[2])
 
     def prepare(self, ctx: MiniBatchContext) -> None:
         assert ctx.topp_entropy is not None, "the module must fill ctx.topp_entropy when needs_topp_entropy is set"
-        h, m = ctx.topp_entropy.detach().double(), ctx.mask
-        w = siren_row_weights(archer_high_entropy(h, m, quantile=self.quantile), m)
-        local = torch.stack([(w * h).sum(), w.sum(), h.new_tensor(float(m.shape[0])), m.double().sum(),
-                             (w > 0).double().sum(), (h * m).sum()])
-        sums = distributed.all_sum(local)  # [sum w H, rows with a selected token, rows, tokens, selected, sum H]
+        m = ctx.mask
+        w, sums = self._sums(ctx.topp_entropy, m)
         num_seqs = max(float(sums[2]), 1.0)
         h_bar = float(sums[0]) / num_seqs
-        if self._anchor is None:
+        if self._anchor is None:  # not observed (prepare called outside the learner): this mini-batch's
             self._anchor = h_bar
         self._deviation, self._covered = h_bar - self._anchor, float(sums[1]) / num_seqs
         factor = siren_agg_factor(m, ctx.agg_mode, num_tokens=sums[3], num_seqs=sums[2],
