@@ -402,3 +402,15 @@ def test_siren_config_runs_through_the_cli(tmp_path):
     assert all(0 < f < 1 for f in tags["reg/siren/selected_frac"])
     assert len(set(tags["reg/siren/entropy"])) == 3  # the measured H_bar moves
     assert all(v > 0 for v in tags["reg/siren/loss"]) and all(d != 0 for d in tags["reg/siren/deviation"])
+
+
+def test_reading_the_nucleus_entropy_without_asking_names_the_flag(tiny_model_dir):
+    from tests.test_module import _one_rl_step_weights
+
+    class Unasked(Regularizer):
+        def shape(self, batch):
+            return TokenShaping(penalty=batch.topp_entropy * 0.0)
+
+    with pytest.raises(TypeError, match=r"batch.topp_entropy is None unless the class sets needs_topp_entropy = "
+                                        r"\(top_p, top_k\)"):
+        _one_rl_step_weights(tiny_model_dir, 64, lambda: [Unasked()])

@@ -16,7 +16,9 @@ The contract (lit_covrl/regularizers/base.py):
 - flags ask the learner for more: `needs_entropy` (batch.entropy with grad), `needs_reference`,
   `needs_current_logp` / `needs_current_entropy` (ctx.logp / ctx.entropy of the current policy),
   `needs_topk = k` (batch.topk_logp [n, T, k] with grad, batch.top1), `needs_min_p = kappa`
-  (batch.proxy_logp [n, T], the sampled tokens' log-probs under the min-p proxy, detached);
+  (batch.proxy_logp [n, T], the sampled tokens' log-probs under the min-p proxy, detached),
+  `needs_topp_entropy = (top_p, top_k)` (ctx.topp_entropy, batch.topp_entropy with grad: the
+  nucleus' entropy);
 - `self.record(key, value)` logs the step's mean under reg/<name>/<key>.
 """
 from __future__ import annotations

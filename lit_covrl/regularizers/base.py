@@ -6,6 +6,8 @@ A Lightning callback cannot replace the loss, so `GRPOModule` finds every `Regul
 1. calls `prepare(ctx)` once with the whole mini-batch (detached tensors, all micro-batches,
    global across ranks): covariance-based selection happens here, so the selected set does not
    depend on the micro-batch size or on the number of devices;
+   (Before a step's first mini-batch, a regularizer whose `observes_rollout()` is true sees the
+   whole rollout's nucleus entropy in `observe_rollout`: SIREN measures its anchor there.)
 2. calls `shape(batch)` per micro-batch (tensors with grad) and combines the returned
    `TokenShaping`s: loss_tok = objective(logp + sum(logp_grad), A + sum(shifts); clip range)
    * prod(weights) + sum(penalties), aggregated once (`lit_covrl.loss.compose`).
