@@ -157,6 +157,14 @@ def simko():
     return [SimKO(mix_topk_coef=0.5, tau=0.5, incorrect_top1_scale=2.0), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)]
 
 
+def siren():
+    """SIREN with a coefficient large enough to act on the tiny model (its anchor measured on the
+    first rollout over both ranks), with Clip-Cov."""
+    from lit_covrl.regularizers import SIREN
+
+    return [SIREN(coef=5.0, top_p=0.9, top_k=8, quantile=0.5), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)]
+
+
 def gspo():
     from lit_covrl.objectives import GSPO
 

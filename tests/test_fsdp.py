@@ -156,6 +156,10 @@ def _worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> Non
     module = _dist.make_module(model_dir)
     _dist.trainer(F_STEPS, [rec, *_dist.simko()], 2, out / "s").fit(module, _dist.make_data(Path(prompts), _dist.B))
     res["S"] = rec.steps
+    rec = _dist.Recorder()  # R: FSDP2, SIREN (the nucleus entropy of the sharded forwards: the rollout's, the
+    module = _dist.make_module(model_dir)  # selection's no-grad one and the training one, filler passes included)
+    _dist.trainer(F_STEPS, [rec, *_dist.siren()], 2, out / "r").fit(module, _dist.make_data(Path(prompts), _dist.B))
+    res["R"] = rec.steps
     torch.save(res, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -216,6 +220,15 @@ def one_proc_simko(tiny_model_dir, two_procs):
     rec = _dist.Recorder()
     module = _dist.make_module(tiny_model_dir)
     _dist.trainer(F_STEPS, [rec, *_dist.simko()], 1, out / "single_s").fit(module, _dist.make_data(prompts, 2 * _dist.B))
+    return rec.steps
+
+
+@pytest.fixture(scope="module")
+def one_proc_siren(tiny_model_dir, two_procs):
+    out, prompts, _ = two_procs
+    rec = _dist.Recorder()
+    module = _dist.make_module(tiny_model_dir)
+    _dist.trainer(F_STEPS, [rec, *_dist.siren()], 1, out / "single_r").fit(module, _dist.make_data(prompts, 2 * _dist.B))
     return rec.steps
 
 
@@ -483,3 +496,17 @@ def test_simko_matches_one_process_trajectory(two_procs, one_proc_simko):
     assert any(single[s]["reg/simko/loss"] != 0 for s in steps)
     for r in ranks:
         _assert_same(r["S"], single, steps, rel=2e-3, abs_=1e-5)
+
+
+def test_siren_matches_one_process_trajectory(two_procs, one_proc_siren):
+    """SIREN under FSDP2 (the nucleus entropy from the sharded forwards: the first rollout's for
+    the anchor, the selection's and the training one's, rank 1's filler passes, the deviation over
+    both ranks) gives the same trajectory on 2 processes as on 1."""
+    _, _, ranks = two_procs
+    single = one_proc_siren
+    steps = range(1, F_STEPS + 1)
+    assert all(0 < single[s]["reg/siren/selected_frac"] < 1 for s in steps)
+    assert len({single[s]["reg/siren/anchor"] for s in steps}) == 1
+    assert any(single[s]["reg/siren/loss"] > 0 for s in steps)
+    for r in ranks:
+        _assert_same(r["R"], single, steps, rel=2e-3, abs_=1e-5)
