@@ -414,3 +414,22 @@ def test_reading_the_nucleus_entropy_without_asking_names_the_flag(tiny_model_di
     with pytest.raises(TypeError, match=r"batch.topp_entropy is None unless the class sets needs_topp_entropy = "
                                         r"\(top_p, top_k\)"):
         _one_rl_step_weights(tiny_model_dir, 64, lambda: [Unasked()])
+
+
+@pytest.mark.parametrize("micro", [64, 3])
+def test_siren_fit_is_the_same_with_shared_prompt_on_and_off(tiny_model_dir, micro):
+    """The nucleus entropy through the shared-prompt forward (CPU default) and the plain one:
+    the same anchor, metrics and weights after 4 updates."""
+    from tests.test_module import _one_rl_step_weights
+
+    def regs():
+        return [SIREN(coef=5.0, top_p=0.9, top_k=8, quantile=0.5)]
+
+    on_w, on_m = _one_rl_step_weights(tiny_model_dir, micro, regs, system=dict(shared_prompt=True))
+    off_w, off_m = _one_rl_step_weights(tiny_model_dir, micro, regs, system=dict(shared_prompt=False))
+    assert on_m["reg/siren/loss"] > 0
+    for k in on_m:
+        if k.startswith(("reg/", "policy/")) and k != "policy/lr":
+            assert off_m[k] == pytest.approx(on_m[k], rel=1e-5, abs=1e-7), k
+    for k in on_w:
+        torch.testing.assert_close(off_w[k], on_w[k], rtol=1e-4, atol=1e-6)
