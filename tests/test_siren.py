@@ -433,3 +433,21 @@ def test_siren_fit_is_the_same_with_shared_prompt_on_and_off(tiny_model_dir, mic
             assert off_m[k] == pytest.approx(on_m[k], rel=1e-5, abs=1e-7), k
     for k in on_w:
         torch.testing.assert_close(off_w[k], on_w[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_bad_setting_is_refused_at_start_up_naming_the_field(tmp_path, capsys):
+    """configs/cpu/siren.yaml with top_p 1.5 on the command line: exit 2, one line naming
+    SIREN.top_p, before the first rollout."""
+    from pathlib import Path
+
+    from lit_covrl.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(root / "configs/quickstart.yaml"), "--config", str(root / "configs/cpu/siren.yaml"),
+              "--torch_threads", "1", "--trainer.callbacks.init_args.top_p", "1.5", "--trainer.max_steps", "1",
+              "--trainer.enable_progress_bar", "false", "--checkpoint.dirpath", str(tmp_path / "ck"),
+              "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "SIREN.top_p=1.5 is invalid: must be a probability in (0, 1]" in err and "Traceback" not in err
