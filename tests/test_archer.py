@@ -231,7 +231,8 @@ def test_learner_wiring_clip_cov_candidates_and_contribution():
     learner = Learner.__new__(Learner)
     learner.objective, learner.regularizers = PPOClip(dual_clip=3.0), [Spy(ratio=0.2, lb=-1e9, ub=1e9), archer]
     learner.step, learner._on_policy = 0, False
-    learner.settings = type("S", (), {"loss": type("L", (), {"loss_agg_mode": "token-mean"})()})()
+    learner.settings = type("S", (), {"loss": type("L", (), {"loss_agg_mode": "token-mean"})(),
+                                      "rollout": type("R", (), {"max_new_tokens": 8})()})()
 
     class MB:
         pass
@@ -259,7 +260,8 @@ def _selected(objective, regularizers, logp, old, adv, mask, ent):
     learner = Learner.__new__(Learner)
     learner.objective, learner.regularizers = objective, regularizers
     learner.step, learner._on_policy = 0, False
-    learner.settings = type("S", (), {"loss": type("L", (), {"loss_agg_mode": "token-mean"})()})()
+    learner.settings = type("S", (), {"loss": type("L", (), {"loss_agg_mode": "token-mean"})(),
+                                      "rollout": type("R", (), {"max_new_tokens": 8})()})()
     mb = type("MB", (), {})()
     mb.old_logp, mb.advantages, mb.mask, mb.old_entropy = old, adv, mask, ent
     learner._selection_logprobs = lambda mb, plan, need: (logp, ent, None)
