@@ -190,7 +190,15 @@ def _siren():
             EntropyBonus(coef=0.05)]
 
 
+def _siren_lp_reg_simko():
+    # the three forward hooks at once: SIREN's nucleus entropy (with grad, and for prepare), Lp-Reg's
+    # min-p proxy and SimKO's top-k, all from the same training forward
+    return [SIREN(coef=5.0, top_p=0.9, top_k=8, quantile=0.5), LpReg(beta=1.0, min_p=0.5, neg_ratio=0.5, pos_ratio=0.2),
+            SimKO(top_k=3, mix_topk_coef=0.5, tau=0.5, incorrect_top1_scale=2.0)]
+
+
 INVARIANCE_CASES = {
+    "siren+lp_reg+simko": (_siren_lp_reg_simko, lambda: PPOClip(dual_clip=3.0)),
     "lp_reg+simko": (_lp_reg, lambda: PPOClip(dual_clip=3.0)),
     "siren+cov": (_siren, lambda: PPOClip(dual_clip=3.0)),
     "siren+gspo": (_siren, lambda: GSPO(clip_low=0.05, clip_high=0.05)),
@@ -235,6 +243,10 @@ def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_
     elif case == "lp_reg+simko":  # Lp-Reg selected and regularized tokens next to SimKO's sets
         assert 0 < ref_m["reg/lp_reg/selected_frac"] < 1 and 0 < ref_m["reg/lp_reg/regularized_frac"] < 1
         assert ref_m["reg/lp_reg/loss"] > 0 and ref_m["reg/simko/mixed_frac"] > 0
+    elif case == "siren+lp_reg+simko":  # each of the three acted in the same fit
+        assert ref_m["reg/siren/loss"] > 0 and ref_m["reg/siren/deviation"] != 0
+        assert 0 < ref_m["reg/lp_reg/regularized_frac"] < 1 and ref_m["reg/lp_reg/loss"] > 0
+        assert 0 < ref_m["reg/simko/mixed_frac"] < 1 and ref_m["reg/simko/loss"] != 0
     elif case.startswith("siren"):  # the anchored term acted
         assert 0 < ref_m["reg/siren/selected_frac"] < 1 and ref_m["reg/siren/loss"] > 0
         assert ref_m["reg/siren/deviation"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
