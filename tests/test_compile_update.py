@@ -169,3 +169,23 @@ def test_bench_gpu_takes_the_compile_update_suffix_on_sampler_configs_only():
     for bad in ("0.5B:hf_generate+compile_update", "0.5B:fsdp_once+compile_update", "0.5B:static_compile+x"):
         with pytest.raises(SystemExit):
             bench_gpu.parse_args(["--runs", bad])
+
+
+def test_siren_lp_reg_simko_compiled_equal_eager(tiny_model_dir, monkeypatch):
+    """SIREN, Lp-Reg and SimKO stacked: the nucleus entropy, the min-p proxy and the top-k come from
+    the compiled forward's logits (aot_eager; micro-batches of 3, so SIREN's prepare and anchor take
+    no-grad forwards too) as from the eager one: the same weights and reg/ metrics."""
+    from tests.test_module import _one_rl_step_weights, _siren_lp_reg_simko
+
+    monkeypatch.setattr(lit_covrl.compiled, "BACKEND", "aot_eager")
+    eager_w, eager_m = _one_rl_step_weights(tiny_model_dir, 3, _siren_lp_reg_simko, objective=PPOClip(dual_clip=3.0),
+                                            system=dict(shared_prompt=False))
+    assert _graphs() == 0
+    w, m = _one_rl_step_weights(tiny_model_dir, 3, _siren_lp_reg_simko, objective=PPOClip(dual_clip=3.0),
+                                system=dict(compile_update=True))
+    assert _graphs() == 2
+    assert eager_m["reg/siren/loss"] > 0 and eager_m["reg/lp_reg/loss"] > 0 and eager_m["reg/simko/mixed_frac"] > 0
+    for k in [k for k in eager_m if k.startswith(("policy/", "reg/")) and k != "policy/lr"]:
+        assert m[k] == pytest.approx(eager_m[k], rel=1e-5, abs=1e-6), k
+    for k, v in eager_w.items():
+        torch.testing.assert_close(w[k], v, rtol=0, atol=1e-6)
