@@ -21,6 +21,7 @@ import shutil
 import sys
 import time
 from argparse import ArgumentError
+from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar
@@ -168,8 +169,7 @@ class LitCovRLCLI(LightningCLI):
         log_dir = _log_dir(trainer)
         # the logger will make it (rank 0's: the other ranks log into rank 0's folder)
         if not _RUN.get("new_folders") and log_dir and not os.path.isdir(log_dir) and _first_process():
-            name_dir = os.path.dirname(log_dir)
-            _RUN["new_folders"] = [log_dir] if os.path.isdir(name_dir) else [log_dir, name_dir]
+            _RUN["new_folders"] = [p for p in (log_dir, *map(str, Path(log_dir).parents)) if not os.path.isdir(p)]
         return trainer
 
 

@@ -431,3 +431,75 @@ def test_a_fit_without_a_tensorboard_logger_needs_no_tensorboard(tiny_model_dir,
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` now raises ImportError
     trainer = fit(make_module(tiny_model_dir), make_data(), steps=1, limit_val_batches=0)
     assert trainer.global_step == 1
+
+
+def test_first_process_reads_every_launchers_rank(monkeypatch):
+    """srun sets only SLURM_PROCID before the CLI parses (Lightning's SLURM environment reads it
+    later); the second node's first process has LOCAL_RANK 0 but NODE_RANK 1."""
+    from lit_covrl.cli import _first_process
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    assert not _first_process()
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert not _first_process()
+
+
+def test_other_ranks_cli_makes_no_run_folder(tmp_path, monkeypatch):
+    """A non-zero rank names the run but makes no folder (it logs into rank 0's): the CLI must pass
+    reserve=_first_process() to name_run."""
+    from pathlib import Path
+
+    from lit_covrl import cli
+    from lit_covrl.cli import LitCovRLCLI
+    from lit_covrl.data import PromptDataModule
+    from lit_covrl.module import GRPOModule
+
+    monkeypatch.setattr(cli, "_first_process", lambda: False)
+    quick = Path(cli.__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    c = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"},
+                    args=["--config", str(quick), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")], run=False)
+    assert Path(c.trainer.logger.log_dir).name == "grpo-quickstart-v0"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_name_run_without_reserving_claims_no_folder(tmp_path):
+    """A rank that does not reserve (not the first process) names the run but returns no folder:
+    the start-up clean-up removes only the folders listed, and this rank made none (a folder of that
+    name may be another run's)."""
+    from jsonargparse import Namespace
+
+    from lit_covrl.dashboard import name_run
+
+    def cfg():
+        logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                           init_args=Namespace(save_dir=str(tmp_path / "runs"), name="quick", version=None))
+        return Namespace(config=[], model=None, trainer=Namespace(logger=logger, callbacks=[]))
+
+    assert name_run(cfg(), reserve=False) == ("grpo-v0", [])
+    assert not (tmp_path / "runs").exists()
+    version, made = name_run(cfg(), reserve=True)
+    assert version == "grpo-v0" and made == [tmp_path / "runs" / "quick" / "grpo-v0", tmp_path / "runs" / "quick",
+                                             tmp_path / "runs"]
+
+
+def test_start_up_error_with_an_explicit_new_version_leaves_no_folder(tmp_path, capsys):
+    """An explicit logger version whose folders do not exist yet: the logger makes them, and an error
+    found in setup (inside fit) removes the run folder and the name folder made with it."""
+    import pytest
+
+    from lit_covrl.cli import main
+    from pathlib import Path
+
+    quick = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": 3, "answer": "4"}\n')
+    with pytest.raises(SystemExit):  # save_dir new too: every folder the logger made goes (it left new/runs)
+        main(["fit", "--config", str(quick), "--data.task", "null", "--data.strict", "true", "--data.train_files",
+              f'["{rows}"]', "--trainer.logger.init_args.save_dir", str(tmp_path / "new" / "runs"),
+              "--trainer.logger.init_args.version", "exp1"])
+    assert "field 'prompt' is int" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]

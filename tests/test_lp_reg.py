@@ -213,3 +213,109 @@ def test_lp_reg_config_runs_through_the_cli(tmp_path):
     assert {"reg/lp_reg/selected_frac", "reg/lp_reg/regularized_frac", "reg/lp_reg/loss"} <= set(tags)
     assert all(len(tags[k]) == 3 for k in ("reg/lp_reg/selected_frac", "reg/lp_reg/regularized_frac", "reg/lp_reg/loss"))
     assert any(v > 0 for v in tags["reg/lp_reg/loss"]) and any(v > 0 for v in tags["reg/lp_reg/regularized_frac"])
+
+
+def test_lp_reg_lowest_counts_only_valid_tokens_with_broadcast_advantages():
+    """The learner broadcasts each sequence's advantage over all T columns, padding included
+    (packing.py: advantages[idx, None].expand_as(mask)): padded columns must not count towards n
+    (k = int(n ratio)) nor be picked. 3 valid A < 0 tokens at ratio 0.5 -> k = 1 -> none; counting
+    the 3 padded columns too would give k = 3."""
+    logp = torch.tensor([[-1.0, -2.0, -3.0, -9.0, -9.0, -9.0]])
+    adv = torch.full((1, 6), -1.0)  # one sequence's advantage, broadcast
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0, 0.0]])
+    assert not lp_reg_lowest(logp, adv, mask, ratio=0.5, sign=-1).any()
+    # 4 valid tokens at ratio 0.5: k = 2, the two lowest valid ones, never a padded column
+    mask[0, 3] = 1.0
+    logp[0, 3] = -0.5
+    assert lp_reg_lowest(logp, adv, mask, ratio=0.5, sign=-1).tolist() == [[False, True, True, False, False, False]]
+
+
+def test_lp_reg_lowest_breaks_ties_by_position_on_a_large_batch():
+    """bf16 log-probs tie often; ties go by position (the docstring's promise, and what makes the
+    selection the same on 1 and 2 processes). A CPU sort that is not stable reorders ties from ~100 items."""
+    logp = torch.full((4, 100), -1.0)
+    logp[:, ::3] = -2.0  # 136 tokens at -2, 264 at -1: k = 200 takes every -2 and the first 64 -1s
+    sel = lp_reg_lowest(logp, -torch.ones(4, 100), torch.ones(4, 100), ratio=0.5, sign=-1)
+    flat_sel, flat = sel.flatten(), logp.flatten()
+    assert bool(flat_sel[flat == -2.0].all())
+    ones = flat_sel[flat == -1.0]
+    assert int(ones.sum()) == 64 and bool(ones[:64].all())  # the first 64 in row-major order
+
+
+def test_lp_reg_lowest_leaves_zero_advantage_tokens_out():
+    """A = 0 (a zero-variance group kept with filter_groups false) is neither sign: those tokens are
+    not counted in n and never regularized, however low their log-prob."""
+    logp = torch.tensor([[-9.0, -8.0, -7.0, -1.0, -2.0, -3.0, -4.0]])
+    adv = torch.tensor([[0.0, 0.0, 0.0, -1.0, -1.0, 1.0, 1.0]])
+    mask = torch.ones(1, 7)
+    # 2 A < 0 tokens at ratio 1.0: k = 2 -> both; counting the zeros would give k = 5 and pick them
+    assert lp_reg_lowest(logp, adv, mask, ratio=1.0, sign=-1).tolist() == [[False] * 3 + [True, True, False, False]]
+    assert lp_reg_lowest(logp, adv, mask, ratio=1.0, sign=1).tolist() == [[False] * 5 + [True, True]]
+    # 2 A < 0 tokens at ratio 0.5: k = 1 -> none (with the zeros counted: k = 2, two of them picked)
+    assert not lp_reg_lowest(logp, adv, mask, ratio=0.5, sign=-1).any()
+
+
+def _lp_ctx(logp, adv, mask):
+    from lit_covrl.regularizers.base import MiniBatchContext
+
+    return MiniBatchContext(0, 0, True, logp * mask, logp, adv, mask, None)
+
+
+def test_lp_reg_selected_frac_by_hand():
+    """selected_frac is the selected share of the valid tokens: 4 A < 0 of 8 valid at neg_ratio
+    0.5 -> k = 2 -> 2 / 8."""
+    import pytest
+
+    from lit_covrl.regularizers import LpReg
+
+    logp = torch.tensor([[-1.0, -2.0, -3.0, -4.0, -0.5], [-5.0, -6.0, -7.0, -8.0, -9.0]])
+    adv = torch.tensor([[-1.0] * 5, [1.0] * 5])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 0.0]])
+    reg = LpReg(neg_ratio=0.5)
+    reg.prepare(_lp_ctx(logp, adv, mask))
+    assert reg.selected.tolist() == [[False, False, True, True, False], [False] * 5]
+    assert reg.pop_metrics()["reg/lp_reg/selected_frac"] == pytest.approx(2 / 8)
+
+
+def test_lp_reg_step_metrics_restart_each_step():
+    """regularized_frac and kl are one step's: pop_metrics starts the next step from zero."""
+    import math
+
+    import pytest
+
+    from lit_covrl.regularizers import LpReg
+    from lit_covrl.types import PolicyBatch
+
+    reg = LpReg(min_p=0.02, neg_ratio=1.0)
+    logp = torch.tensor([[math.log(0.1), -1.0, -1.0, -1.0]])
+    batch = PolicyBatch(torch.arange(1), logp, logp, -torch.ones(1, 4), torch.ones(1, 4),
+                        proxy_logp=torch.tensor([[math.log(0.2), -1.0, 0.0, 0.0]]))
+    reg.selected = torch.tensor([[True, True, False, False]])  # step 1: one token regularized of 4
+    reg.shape(batch)
+    assert reg.pop_metrics()["reg/lp_reg/regularized_frac"] == pytest.approx(1 / 4)
+    reg.selected = torch.zeros(1, 4, dtype=torch.bool)  # step 2: none
+    reg.shape(batch)
+    m = reg.pop_metrics()
+    assert m.get("reg/lp_reg/regularized_frac", 0.0) == 0.0 and "reg/lp_reg/kl" not in m
+
+
+def test_lp_reg_selects_on_the_current_log_probs_after_an_update(tiny_model_dir):
+    """The selection ranks the current policy's log-probs (the reference's log_prob in
+    compute_policy_loss_lp_reg), not the rollout's: after the first of 4 updates (2 mini-batches
+    x 2 epochs, SGD lr 0.5) the log-probs prepare sees are the training forward's."""
+    from lit_covrl.regularizers import LpReg
+    from tests.test_module import _one_rl_step_weights
+
+    gaps = []
+
+    class Recording(LpReg):
+        def prepare(self, ctx):
+            self.ctx_logp = ctx.logp.clone()
+            super().prepare(ctx)
+
+        def shape(self, batch):
+            gaps.append(float((self.ctx_logp[batch.rows] - batch.logp.detach() * batch.mask).abs().max()))
+            return super().shape(batch)
+
+    _one_rl_step_weights(tiny_model_dir, 64, lambda: [Recording(min_p=0.5, neg_ratio=0.5)])
+    assert len(gaps) == 4 and max(gaps) < 1e-4, gaps

@@ -1080,3 +1080,24 @@ def test_a_time_based_validation_interval_is_accepted(tiny_model_dir):
 
     trainer = fit(make_module(tiny_model_dir), make_data(), steps=2, val_check_interval=timedelta(hours=1))
     assert trainer.global_step == 2
+
+
+def test_unlikeliness_metrics_by_hand_and_over_ranks(monkeypatch):
+    """adv/unlikeliness_* cover the correct responses of mixed groups only, summed over ranks.
+    Group A (mixed): ranks 3, 2, 1, 0 by seq log-prob; its correct responses 0 (rank 3, cut
+    0.5 * 3/4) and 2 (rank 1, cut 0.5 * 1/4). Group B (all correct, advantage 0) is left out."""
+    import pytest
+
+    from lit_covrl import distributed
+    from lit_covrl.metrics import unlikeliness_metrics
+
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    seq = torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0])
+    m = unlikeliness_metrics(rewards, seq, 4, 0.5)
+    assert m["adv/unlikeliness_penalty"].item() == pytest.approx(0.25)
+    assert m["adv/unlikeliness_correct_seq_logp"].item() == pytest.approx(-2.0)
+    # another rank: one more correct response of a mixed group, cut 0.125, seq log-prob -10
+    monkeypatch.setattr(distributed, "all_sum", lambda x: x + torch.tensor([0.125, -10.0, 1.0], dtype=x.dtype))
+    m = unlikeliness_metrics(rewards, seq, 4, 0.5)
+    assert m["adv/unlikeliness_penalty"].item() == pytest.approx(0.625 / 3)
+    assert m["adv/unlikeliness_correct_seq_logp"].item() == pytest.approx(-14.0 / 3)
