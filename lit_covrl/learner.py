@@ -40,7 +40,7 @@ from lit_covrl.packing import MiniBatch, length_order, lockstep_chunks, pad_colu
 from lit_covrl.policy import prompt_groups, response_logprobs, shared_prompt_logprobs
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
 from lit_covrl.settings import LossSettings, RolloutSettings, UpdateSettings
-from lit_covrl.types import PolicyBatch, Rollout, TokenShaping
+from lit_covrl.types import PolicyBatch, Rollout, TokenShaping, TokenStats
 
 log = logging.getLogger("lit_covrl")
 
@@ -129,7 +129,7 @@ class Learner:
             ids, att = (rollout.input_ids[mb], rollout.attention_mask[mb]) if len(mb) else \
                 (rollout.input_ids[:1], rollout.attention_mask[:1])
             where = torch.searchsorted(rows, mb)
-            h[where] = self._nograd_forward(self.policy, ids, att, mask[where], False, topp=self._topp())[2]
+            h[where] = self._nograd_forward(self.policy, ids, att, mask[where], False, topp=self._topp()).topp_entropy
         for reg in watching:
             reg.observe_rollout(h, mask)
 
@@ -149,7 +149,8 @@ class Learner:
             # a rank with no rows runs filler forwards on row 0 (see _nograd_forward)
             ids, att = (rollout.input_ids[rows], rollout.attention_mask[rows]) if len(rows) else \
                 (rollout.input_ids[:1], rollout.attention_mask[:1])
-            logp[rows], entropy[rows] = self._nograd_forward(self.policy, ids, att, rollout.response_mask[rows], True)
+            out = self._nograd_forward(self.policy, ids, att, rollout.response_mask[rows], True)
+            logp[rows], entropy[rows] = out.logp, out.entropy
         rollout.logp, rollout.entropy = logp, entropy
 
     def _update_minibatch(self, mb: "MiniBatch", *, index: int, last: bool) -> dict:
@@ -208,17 +209,12 @@ class Learner:
         sums: dict[str, Tensor] = {}
         for r in plan:
             if r is None:  # filler: keeps this rank's collectives in step, contributes nothing
-                logp = early[0] if early is not None else self._logprobs(*mb.filler, mb.mask.shape[1], False)[0]
-                self.driver.backward(logp.sum() * 0.0)
+                out = early if early is not None else self._logprobs(*mb.filler, mb.mask.shape[1], False)
+                self.driver.backward(out.logp.sum() * 0.0)
                 continue
             out = early if early is not None else self._logprobs(mb.input_ids[r], mb.attention_mask[r], mb.mask.shape[1],
                                                                  need_ent, **self._extras())
-            logp, ent = out[:2]
-            top = out[2] if len(out) > 2 and out[2] is not None else (None, None)  # (top-k log-probs, top-1 flag) (`needs_topk`)
-            batch = PolicyBatch(r, logp, mb.old_logp[r], mb.advantages[r], mb.mask[r], ent, mb.ref_rows(r), mb.old_entropy[r],
-                                None if self._kl_scale is None else self._kl_scale[r].to(logp.dtype), *top,
-                                proxy_logp=out[3] if len(out) > 3 else None,  # min-p proxy (`needs_min_p`)
-                                topp_entropy=out[4] if len(out) > 4 else None)  # nucleus entropy (`needs_topp_entropy`)
+            batch = self._policy_batch(mb, r, out)
             loss, shapings, base = self.loss(batch, agg)
             self.driver.backward(loss * scale)
             with torch.no_grad():  # micro-batch terms with mini-batch denominators: they add up
@@ -230,6 +226,14 @@ class Learner:
         zero = mb.mask.new_zeros((), dtype=torch.float32)
         local = torch.stack([sums.get(k, zero).to(zero) for k in keys])
         return dict(zip(keys, distributed.all_sum(local).tolist()))
+
+    def _policy_batch(self, mb: "MiniBatch", r: Tensor, out: TokenStats) -> PolicyBatch:
+        """The `PolicyBatch` of the rows `r` of `mb`: the training forward's `out` (log-probs with
+        grad, and what the regularizers asked of it: entropy, top-k, min-p proxy, nucleus entropy;
+        the fields share their names) with the rows' rollout tensors and the prepared KL scale."""
+        kl_scale = None if self._kl_scale is None else self._kl_scale[r].to(out.logp.dtype)
+        return PolicyBatch(rows=r, old_logp=mb.old_logp[r], advantages=mb.advantages[r], mask=mb.mask[r],
+                           ref_logp=mb.ref_rows(r), old_entropy=mb.old_entropy[r], kl_scale=kl_scale, **out._asdict())
 
     def loss(self, b: PolicyBatch, agg: dict) -> tuple[Tensor, list[TokenShaping], Tensor]:
         """The whole loss of one micro-batch `b` (log-probs with grad) under this learner's objective
@@ -257,10 +261,10 @@ class Learner:
                                    **self._extras(plan[0] is not None))
             if plan[0] is None:
                 return mb.old_logp, (mb.old_entropy if want_ent else None), early
-            ent = early[1].detach() * mb.mask if want_ent else None
-            return early[0].detach() * mb.mask, ent, early
-        logp, ent = self._nograd_forward(self.policy, *mb.inputs_or_filler(), mb.mask, want_ent)
-        return logp, ent, None
+            ent = early.entropy.detach() * mb.mask if want_ent else None
+            return early.logp.detach() * mb.mask, ent, early
+        out = self._nograd_forward(self.policy, *mb.inputs_or_filler(), mb.mask, want_ent)
+        return out.logp, out.entropy, None
 
     def _selection_topp(self, mb: "MiniBatch", plan: list, need_ent: bool, early):
         """(the training forward if run early, the current policy's nucleus entropy [n, T] detached
@@ -278,14 +282,14 @@ class Learner:
                 early = self._logprobs(*rows, mb.mask.shape[1], need_ent and real, **self._extras(real))
             if plan[0] is None:
                 return early, torch.zeros_like(mb.mask)
-            return early, early[4].detach().to(mb.mask.dtype) * mb.mask
-        return early, self._nograd_forward(self.policy, *mb.inputs_or_filler(), mb.mask, False, topp=topp)[2]
+            return early, early.topp_entropy.detach().to(mb.mask.dtype) * mb.mask
+        return early, self._nograd_forward(self.policy, *mb.inputs_or_filler(), mb.mask, False, topp=topp).topp_entropy
 
     def logprobs(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
         """No-grad log-probs [n, T] of the response tokens under `model` (the policy, or the
         reference model), at the training temperature, micro-batch by micro-batch, through the
         same forward as training (so they match its rounding)."""
-        return self._nograd_forward(model, input_ids, attention_mask, mask, False)[0]
+        return self._nograd_forward(model, input_ids, attention_mask, mask, False).logp
 
     def _plan(self, input_ids: Tensor, attention_mask: Tensor, T: int) -> list[Tensor | None]:
         """The micro-batches of n rows: `lockstep_chunks` over the rows in `length_order` (groups of
@@ -300,27 +304,21 @@ class Learner:
 
     @torch.no_grad()
     def _nograd_forward(self, model, input_ids: Tensor, attention_mask: Tensor, mask: Tensor,
-                        with_entropy: bool, topp: tuple[float, int] | None = None) -> tuple:
-        """(log-probs [n, T], entropy [n, T] or None) of the response tokens under `model`,
-        micro-batch by micro-batch, 0 outside `mask`; with `topp` a third item, the nucleus
-        entropy [n, T] (`token_topp_entropy`)."""
+                        with_entropy: bool, topp: tuple[float, int] | None = None) -> TokenStats:
+        """The log-probs [n, T] of the response tokens under `model`, micro-batch by micro-batch,
+        0 outside `mask`; with `with_entropy` the entropy, with `topp` the nucleus entropy
+        (`token_topp_entropy`), the other fields None."""
         n, T = mask.shape  # input_ids holds only a filler row when this rank has no rows (inputs_or_filler)
-        logp_all = mask.new_zeros(n, T)
-        ent_all = mask.new_zeros(n, T) if with_entropy else None
-        topp_all = mask.new_zeros(n, T) if topp else None
+        asked = {"logp": True, "entropy": with_entropy, "topp_entropy": bool(topp)}
+        full = {k: mask.new_zeros(n, T) for k, on in asked.items() if on}
         for r in self._plan(input_ids[:n], attention_mask[:n], T):
             if r is None:  # filler forward (see lockstep_chunks); needs a row of some rank's batch
                 self._logprobs(input_ids[:1], attention_mask[:1], T, False, model=model)
                 continue
             out = self._logprobs(input_ids[r], attention_mask[r], T, with_entropy, model=model, topp=topp)
-            logp_all[r] = out[0].to(logp_all.dtype)
-            if with_entropy:
-                ent_all[r] = out[1].to(ent_all.dtype)
-            if topp:
-                topp_all[r] = out[4].to(topp_all.dtype)
-        if topp:
-            return logp_all * mask, (ent_all * mask if with_entropy else None), topp_all * mask
-        return logp_all * mask, (ent_all * mask if with_entropy else None)
+            for k, x in full.items():
+                x[r] = getattr(out, k).to(x.dtype)
+        return TokenStats(**{k: x * mask for k, x in full.items()})
 
     def _topk(self) -> int:
         """The most top-k log-probs a regularizer asks for (`Regularizer.needs_topk`; 0: none, and
@@ -343,27 +341,19 @@ class Learner:
         return dict(topk=self._topk(), min_p=self._min_p(), topp=self._topp()) if real else {}
 
     def _logprobs(self, ids: Tensor, att: Tensor, T: int, with_entropy: bool, model=None,
-                  topk: int = 0, min_p: float = 0.0, topp: tuple[float, int] | None = None) -> tuple:
-        """Response log-probs (and entropy) [n, T] of a micro-batch under `model` (default the
-        policy); with `skip_padding` computed on the micro-batch trimmed of its all-padding
-        columns (`trim_padding`); the prompt forward shared over each group
+                  topk: int = 0, min_p: float = 0.0, topp: tuple[float, int] | None = None) -> TokenStats:
+        """The `TokenStats` [n, T] of a micro-batch under `model` (default the policy): the response
+        log-probs, and the entropy, top-k (`topk` > 0), min-p proxy (`min_p` > 0) and nucleus entropy
+        (`topp`) when asked (`response_logprobs`); with `skip_padding` computed on the micro-batch
+        trimmed of its all-padding columns (`trim_padding`); the prompt forward shared over each group
         (`shared_prompt_logprobs`) when `shared_prompt` is on and activation checkpointing off;
-        through the compiled forward (`lit_covrl.compiled`) with `compile_update`. Every call, filler passes included, then runs the same
-        two forwards on every rank when there are several (FSDP lock-step). With `topk` > 0 a third
-        item (top-k log-probs [n, T, k] with grad, sampled token is the top-1 [n, T] bool) from the
-        same chunked pass; the log-probs are the same to the bit. With `min_p` > 0 or `topp` =
-        (top_p, top_k) five items: the third that pair or None, a fourth the sampled tokens' min-p
-        proxy log-probs [n, T] (detached) or None, a fifth the nucleus entropy [n, T] with grad or
-        None, each computed only when asked."""
+        through the compiled forward (`lit_covrl.compiled`) with `compile_update`. Every call, filler
+        passes included, then runs the same two forwards on every rank when there are several (FSDP
+        lock-step)."""
         hp = self.settings
         model = model if model is not None else self.policy
-        kw = dict(temperature=hp.rollout.temperature, with_entropy=with_entropy, chunk_size=hp.update.logprob_chunk_size)
-        if topk:
-            kw["topk"] = topk
-        if min_p:
-            kw["min_p"] = min_p
-        if topp:
-            kw["topp"] = topp
+        kw = dict(temperature=hp.rollout.temperature, with_entropy=with_entropy, chunk_size=hp.update.logprob_chunk_size,
+                  topk=topk, min_p=min_p, topp=topp)
         lockstep = distributed.world_size() > 1
         # the shared-prompt split forwards a tail only for >= 2 response columns: keep 2 on every
         # rank, or a rank whose rows all end after one token would run one forward to the others' two
@@ -375,18 +365,7 @@ class Learner:
             out = response_logprobs(model, ids, att, kept, **kw)
         else:
             out = shared_prompt_logprobs(model, ids, att, kept, always_split=lockstep, **kw)
-        logp, ent = out[:2]
-        padded = pad_columns(logp, T), (None if ent is None else pad_columns(ent, T))
-        if not (topk or min_p or topp):
-            return padded
-        pair = None
-        if topk:
-            top, top1 = out[2]
-            top = top if top.shape[1] == T else torch.nn.functional.pad(top, (0, 0, 0, T - top.shape[1]))
-            pair = (top, pad_columns(top1.to(torch.uint8), T).bool())
-        if not (min_p or topp):
-            return (*padded, pair)
-        return (*padded, pair, *(None if x is None else pad_columns(x, T) for x in out[3:5]))
+        return TokenStats._make(None if x is None else pad_columns(x, T) for x in out)
 
     def _optimizer_step(self, last: bool) -> dict:
         """One optimizer update through the driver (GRPOModule: the strategy and its precision

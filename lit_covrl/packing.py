@@ -87,8 +87,14 @@ def lockstep_chunks(n: int, size: int) -> list[Tensor | None]:
 
 
 def pad_columns(x: Tensor, T: int) -> Tensor:
-    """[n, T'] -> [n, T] with zeros on the right (the response columns `trim_padding` dropped)."""
-    return x if x.shape[1] == T else torch.nn.functional.pad(x, (0, T - x.shape[1]))
+    """[n, T', ...] -> [n, T, ...] with zeros (False) on the right (the response columns
+    `trim_padding` dropped)."""
+    if x.shape[1] == T:
+        return x
+    pad = (0, 0) * (x.dim() - 2) + (0, T - x.shape[1])  # [n, T', k]: the last dim is left as is
+    if x.dtype == torch.bool:  # SimKO's top-1 flag
+        return torch.nn.functional.pad(x.to(torch.uint8), pad).bool()
+    return torch.nn.functional.pad(x, pad)
 
 
 class MiniBatch:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from lit_covrl import gguf
 from lit_covrl.algorithms import token_entropy, token_logprobs, token_proxy_logprobs, token_topk_logprobs, token_topp_entropy
+from lit_covrl.types import TokenStats
 
 BUILTIN_MODELS = {"lit_covrl:tiny-arith": Path(__file__).parent / "assets" / "tiny-arith",
                   "lit_covrl:tiny-reasoning": Path(__file__).parent / "assets" / "tiny-reasoning"}
@@ -236,16 +237,14 @@ def response_logprobs(
     topk: int = 0,
     min_p: float = 0.0,
     topp: tuple[float, int] | None = None,
-) -> tuple:
+) -> TokenStats:
     """Log-probs [N, T] of the response tokens (the last T columns of input_ids) and, if asked,
-    the per-token entropy [N, T] of softmax(z / temperature). Differentiable when grad is enabled.
-    With `topk` k > 0 a third item, (the k most probable tokens' log-probs [N, T, k] with grad,
-    the sampled token is the most probable [N, T] bool), from the same chunked pass
-    (`token_topk_logprobs`); the log-probs are the same to the bit either way. With `min_p` > 0
-    or `topp` five items: the third that pair or None, a fourth the sampled tokens' log-probs under
-    the min-p proxy [N, T] (detached, -inf where filtered out: `token_proxy_logprobs`) or None, a
-    fifth with `topp` = (top_p, top_k) the nucleus entropy [N, T] with grad (`token_topp_entropy`,
-    chunked like the entropy) or None, each from the same logits and computed only when asked."""
+    the per-token entropy [N, T] of softmax(z / temperature) (`with_entropy`), the k most probable
+    tokens' log-probs and top-1 flag (`topk` k > 0: `token_topk_logprobs`, same log-probs to the
+    bit), the min-p proxy log-probs (`min_p` > 0: `token_proxy_logprobs`, detached) and the nucleus
+    entropy (`topp` = (top_p, top_k): `token_topp_entropy`), all from the same logits, each
+    computed only when asked (the `TokenStats` fields left None otherwise). Differentiable when
+    grad is enabled."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -254,33 +253,22 @@ def response_logprobs(
         use_cache=False,
     )
     logits = out.logits[:, :-1]  # position t predicts token t+1: drop the last one  [N, T, V]
-    labels = input_ids[:, -response_len:]
-    logp, top = _token_logprobs(logits, labels, temperature, chunk_size, topk)
-    entropy = token_entropy(logits, temperature=temperature, chunk_size=chunk_size) if with_entropy else None
-    if min_p or topp:
-        return logp, entropy, top, *_proxy_and_topp(logits, labels, min_p, topp, temperature, chunk_size)
-    return (logp, entropy) if not topk else (logp, entropy, top)
+    return _token_stats(logits, input_ids[:, -response_len:], temperature, chunk_size, with_entropy, topk, min_p, topp)
 
 
-def _proxy_and_topp(logits: Tensor, labels: Tensor, min_p: float, topp: tuple[float, int] | None,
-                    temperature: float, chunk_size: int) -> tuple[Tensor | None, Tensor | None]:
-    """(the labels' min-p proxy log-probs with `min_p` > 0, the nucleus entropy with `topp`; None
-    for the one not asked) of one forward's logits."""
-    proxy = (token_proxy_logprobs(logits, labels, min_p, temperature=temperature, chunk_size=chunk_size)
-             if min_p else None)
-    ent = (token_topp_entropy(logits, top_p=topp[0], top_k=topp[1], temperature=temperature, chunk_size=chunk_size)
-           if topp else None)
-    return proxy, ent
-
-
-def _token_logprobs(logits: Tensor, labels: Tensor, temperature: float, chunk_size: int,
-                    topk: int) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-    """(log-probs, None) through `token_logprobs`, or with `topk` > 0 (log-probs, (top-k
-    log-probs, top-1 flag)) through `token_topk_logprobs`."""
-    if not topk:
-        return token_logprobs(logits, labels, temperature=temperature, chunk_size=chunk_size), None
-    logp, top, top1 = token_topk_logprobs(logits, labels, topk, temperature=temperature, chunk_size=chunk_size)
-    return logp, (top, top1)
+def _token_stats(logits: Tensor, labels: Tensor, temperature: float, chunk_size: int, with_entropy: bool,
+                 topk: int, min_p: float, topp: tuple[float, int] | None) -> TokenStats:
+    """`response_logprobs`' `TokenStats` of the logits predicting `labels` (chunked passes)."""
+    kw = dict(temperature=temperature, chunk_size=chunk_size)
+    if topk:
+        logp, top, top1 = token_topk_logprobs(logits, labels, topk, **kw)
+    else:
+        logp, top, top1 = token_logprobs(logits, labels, **kw), None, None
+    return TokenStats(
+        logp, token_entropy(logits, **kw) if with_entropy else None, top, top1,
+        token_proxy_logprobs(logits, labels, min_p, **kw) if min_p else None,
+        token_topp_entropy(logits, top_p=topp[0], top_k=topp[1], **kw) if topp else None,
+    )
 
 
 def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -366,7 +354,7 @@ def shared_prompt_logprobs(
     topk: int = 0,
     min_p: float = 0.0,
     topp: tuple[float, int] | None = None,
-) -> tuple:
+) -> TokenStats:
     """`response_logprobs` with each run of identical consecutive prompt rows forwarded once.
 
     Falls back to `response_logprobs` (one forward) when no prompt repeats, unless `always_split`
@@ -387,12 +375,7 @@ def shared_prompt_logprobs(
         _UNSHARED_CACHE.add(type(model))
         return response_logprobs(model, input_ids, attention_mask, response_len, **kw)
     labels = torch.split(input_ids[:, P:], [p.shape[1] for p in parts], 1)
-    per_part = [_token_logprobs(p, y, temperature, chunk_size, topk) for p, y in zip(parts, labels)]
-    logp = torch.cat([lp for lp, _ in per_part], 1)
-    entropy = (torch.cat([token_entropy(p, temperature=temperature, chunk_size=chunk_size) for p in parts], 1)
-               if with_entropy else None)
-    top = tuple(torch.cat([t[i] for _, t in per_part], 1) for i in range(2)) if topk else None
-    if min_p or topp:
-        extra = [_proxy_and_topp(p, y, min_p, topp, temperature, chunk_size) for p, y in zip(parts, labels)]
-        return logp, entropy, top, *(None if extra[0][i] is None else torch.cat([e[i] for e in extra], 1) for i in range(2))
-    return (logp, entropy) if not topk else (logp, entropy, top)
+    per_part = [_token_stats(p, y, temperature, chunk_size, with_entropy, topk, min_p, topp)
+                for p, y in zip(parts, labels)]
+    # each field of the head's and the tail's stats joined along the columns (None: not asked)
+    return TokenStats(*(None if f[0] is None else torch.cat(f, 1) for f in zip(*per_part)))

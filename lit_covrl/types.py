@@ -6,7 +6,7 @@ T response tokens (right-padded), V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -75,6 +75,28 @@ class Rollout:
     def __post_init__(self) -> None:
         if self.nonfinite is None:
             self.nonfinite = torch.zeros(self.truncated.shape, dtype=torch.bool, device=self.truncated.device)
+
+
+class TokenStats(NamedTuple):
+    """What one forward of the policy gives per response token (`policy.response_logprobs`, the
+    learner's `_logprobs`): the log-probs, and each other field when asked, else None. The fields
+    are `PolicyBatch`'s of the same name.
+
+    logp         [n, T]      log-probs of the sampled tokens
+    entropy      [n, T]      entropy of softmax(z / temperature) (`with_entropy`)
+    topk_logp    [n, T, k]   the k most probable tokens' log-probs (`topk` = k, SimKO's)
+    top1         [n, T]      bool: the sampled token is the most probable (with `topk_logp`)
+    proxy_logp   [n, T]      the sampled tokens' log-probs under the min-p proxy, detached
+                             (`min_p`, Lp-Reg's)
+    topp_entropy [n, T]      the nucleus entropy (`topp` = (top_p, top_k), SIREN's)
+    """
+
+    logp: Tensor
+    entropy: Tensor | None = None
+    topk_logp: Tensor | None = None
+    top1: Tensor | None = None
+    proxy_logp: Tensor | None = None
+    topp_entropy: Tensor | None = None
 
 
 @dataclass

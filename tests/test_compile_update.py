@@ -65,9 +65,9 @@ def test_compiled_forward_gives_the_eager_logprobs_and_entropies(tiny_model_dir)
         eager = response_logprobs(model, ids, att, 7, **kw)
         got = response_logprobs(compiled, ids, att, 7, **kw)
     assert _graphs() == 1  # the compiled path was taken
-    torch.testing.assert_close(got[0], eager[0], rtol=0, atol=2e-5)
-    torch.testing.assert_close(got[1], eager[1], rtol=0, atol=2e-5)
-    assert eager[0].std() > 0.1  # not a degenerate batch
+    torch.testing.assert_close(got.logp, eager.logp, rtol=0, atol=2e-5)
+    torch.testing.assert_close(got.entropy, eager.entropy, rtol=0, atol=2e-5)
+    assert eager.logp.std() > 0.1  # not a degenerate batch
 
 
 def _learner(policy, *, skip_padding: bool, micro: int) -> Learner:
@@ -87,17 +87,16 @@ def test_response_lengths_and_row_counts_of_later_steps_do_not_recompile(tiny_mo
     V = policy.config.vocab_size
     ids, att = _batch(8, 4, 6, seed=1, vocab=V)
     learner.logprobs(policy, ids, att, att[:, -6:].float())  # warm-up: no-grad
-    logp, _ = learner._logprobs(ids, att, 6, False)  # warm-up: training forward
-    logp.sum().backward()
+    learner._logprobs(ids, att, 6, False).logp.sum().backward()  # warm-up: training forward
     assert _graphs() == 2
     with torch._dynamo.config.patch(error_on_recompile=True):
         for seed, (n, P, T) in enumerate([(11, 4, 3), (6, 6, 12), (9, 3, 9), (1, 5, 4), (16, 4, 10)]):
             ids, att = _batch(n, P, T, seed=seed + 2, vocab=V)
             with torch.no_grad():
-                eager = response_logprobs(policy, ids, att, T)[0] * att[:, -T:]
+                eager = response_logprobs(policy, ids, att, T).logp * att[:, -T:]
             got = learner.logprobs(policy, ids, att, att[:, -T:].float())
             torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)  # eager backend: same kernels
-            learner._logprobs(ids, att, T, False)[0].sum().backward()
+            learner._logprobs(ids, att, T, False).logp.sum().backward()
     assert _graphs() == 2
 
 

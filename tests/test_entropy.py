@@ -167,7 +167,7 @@ def test_training_forward_entropy_uses_the_training_temperature():
     ids = torch.randint(3, model.config.vocab_size, (2, 7))
     att = torch.ones_like(ids)
     with torch.no_grad():
-        _, ent = response_logprobs(model, ids, att, 4, temperature=0.7, with_entropy=True)
+        ent = response_logprobs(model, ids, att, 4, temperature=0.7, with_entropy=True).entropy
         logits = model(input_ids=ids, attention_mask=att).logits[:, -5:-1].float()
     expected = -(torch.softmax(logits / 0.7, -1) * torch.log_softmax(logits / 0.7, -1)).sum(-1)
     torch.testing.assert_close(ent, expected, rtol=1e-5, atol=1e-5)

@@ -117,7 +117,7 @@ def test_sampling_in_batches_keeps_the_rollout_contract():
     T = batched.response_mask.shape[1]
     P = batched.input_ids.shape[1] - T
     with torch.no_grad():
-        train, _ = response_logprobs(model, batched.input_ids, batched.attention_mask, T, temperature=0.7)
+        train = response_logprobs(model, batched.input_ids, batched.attention_mask, T, temperature=0.7).logp
     m = batched.response_mask.bool()
     assert m.sum() >= 16
     torch.testing.assert_close(batched.logp[m], train[m], rtol=0, atol=1e-5)

@@ -77,7 +77,7 @@ def test_ranks_whose_responses_end_after_one_token_run_the_same_forwards(tiny_mo
             with torch.no_grad():
                 lp = learner.logprobs(model, ids, att, att[:, -3:].float())
             forwards[n] = len(calls)
-            ref, _ = response_logprobs(model, ids, att, 3)
+            ref = response_logprobs(model, ids, att, 3).logp
             torch.testing.assert_close(lp, ref * att[:, -3:], rtol=1e-5, atol=1e-6)
     finally:
         hook.remove()
@@ -105,10 +105,10 @@ def test_trimmed_logprobs_equal_the_untrimmed_ones(tiny_model_dir):
     responses = [rnd(n) for n in (2, 1, 3)] + [rnd(12)]
     ids, att, T = _rollout_rows(prompts, responses)
     rows = torch.arange(3)  # a micro-batch without the long row: 5 of 9 prompt, 9 of 12 response columns are padding
-    full_lp, full_ent = response_logprobs(model, ids[rows], att[rows], T, with_entropy=True)
+    full_lp, full_ent = response_logprobs(model, ids[rows], att[rows], T, with_entropy=True)[:2]
     t_ids, t_att, kept = trim_padding(ids[rows], att[rows], T)
     assert t_ids.shape[1] == 4 + 3 and kept == 3
-    lp, ent = response_logprobs(model, t_ids, t_att, kept, with_entropy=True)
+    lp, ent = response_logprobs(model, t_ids, t_att, kept, with_entropy=True)[:2]
     mask = att[rows, -T:].float()
     torch.testing.assert_close(lp * mask[:, :kept], full_lp[:, :kept] * mask[:, :kept], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ent * mask[:, :kept], full_ent[:, :kept] * mask[:, :kept], rtol=1e-5, atol=1e-6)
@@ -148,7 +148,7 @@ def test_learner_forwards_skip_padding_and_keep_the_result(tiny_model_dir, share
         lp = learner.logprobs(model, ids, att, mask)
     finally:
         hook.remove()
-    ref, _ = response_logprobs(model, ids, att, T)
+    ref = response_logprobs(model, ids, att, T).logp
     torch.testing.assert_close(lp, ref * mask, rtol=1e-5, atol=1e-6)
     assert max(widths) < ids.shape[1] and sum(widths) < 3 * ids.shape[1]
 

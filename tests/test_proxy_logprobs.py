@@ -85,14 +85,14 @@ def test_training_forward_fills_the_proxy_in_every_path(tiny_model_dir):
             if fn is shared_prompt_logprobs:
                 kw["always_split"] = True
             out = fn(model, ids, att, 6, **kw)
-            assert len(out) == 5 and (out[2] is None) == (topk == 0) and (out[4] is None) == (topp is None)
+            assert (out.topk_logp is None) == (out.top1 is None) == (topk == 0) and (out.topp_entropy is None) == (topp is None)
             if topp is not None:
-                torch.testing.assert_close(out[4], nucleus, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(out.topp_entropy, nucleus, rtol=1e-5, atol=1e-6)
             if fn is response_logprobs:
-                assert torch.equal(out[0], plain[0])
-            assert torch.equal(torch.isinf(out[3]), torch.isinf(naive))
+                assert torch.equal(out.logp, plain.logp)
+            assert torch.equal(torch.isinf(out.proxy_logp), torch.isinf(naive))
             fin = torch.isfinite(naive)
-            torch.testing.assert_close(out[3][fin].double(), naive[fin], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out.proxy_logp[fin].double(), naive[fin], rtol=1e-5, atol=1e-5)
     assert torch.isinf(naive).any() and torch.isfinite(naive).any()
 
 

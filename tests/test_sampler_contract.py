@@ -36,8 +36,8 @@ def test_recorded_logprobs_equal_the_training_forward(model_tok, temperature, to
                               pad_token_id=tok.pad_token_id, temperature=temperature, top_p=top_p,
                               generator=torch.Generator().manual_seed(0))
         T = ro.response_mask.shape[1]
-        train, _ = response_logprobs(model, ro.input_ids, ro.attention_mask, T, temperature=temperature)
-        at_t1, _ = response_logprobs(model, ro.input_ids, ro.attention_mask, T, temperature=1.0)
+        train = response_logprobs(model, ro.input_ids, ro.attention_mask, T, temperature=temperature).logp
+        at_t1 = response_logprobs(model, ro.input_ids, ro.attention_mask, T, temperature=1.0).logp
     m = ro.response_mask.bool()
     assert m.sum() >= len(PROMPTS) * G  # at least one scored token per row
     assert (ro.logp[~m] == 0).all()  # nothing recorded outside the mask

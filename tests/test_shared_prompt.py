@@ -58,9 +58,9 @@ def test_logprobs_and_entropy_match_the_plain_forward(model_tok, repeats, temper
     ids, att, T = _rows(tok, PROMPTS, repeats)
     kw = dict(temperature=temperature, with_entropy=True, chunk_size=7)
     with torch.no_grad():
-        ref_lp, ref_ent = response_logprobs(model, ids, att, T, **kw)
+        ref_lp, ref_ent = response_logprobs(model, ids, att, T, **kw)[:2]
         for always_split in (False, True):
-            lp, ent = shared_prompt_logprobs(model, ids, att, T, always_split=always_split, **kw)
+            lp, ent = shared_prompt_logprobs(model, ids, att, T, always_split=always_split, **kw)[:2]
             torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5)
 
@@ -70,15 +70,15 @@ def test_response_lengths(model_tok, T):
     model, tok = model_tok
     ids, att, T = _rows(tok, PROMPTS[:2], [3, 2], T=T)
     with torch.no_grad():
-        ref, _ = response_logprobs(model, ids, att, T)
-        got, _ = shared_prompt_logprobs(model, ids, att, T)
+        ref = response_logprobs(model, ids, att, T).logp
+        got = shared_prompt_logprobs(model, ids, att, T).logp
     assert got.shape == (5, T)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
 def _grads(model, fn, ids, att, T) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    lp, ent = fn(model, ids, att, T, temperature=0.9, with_entropy=True, chunk_size=5)
+    lp, ent = fn(model, ids, att, T, temperature=0.9, with_entropy=True, chunk_size=5)[:2]
     w = torch.linspace(-1.0, 1.0, lp.numel()).view_as(lp)  # distinct weight per token
     ((lp * w).sum() + 0.3 * (ent * w.flip(0)).sum()).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -149,9 +149,9 @@ def test_unrepeatable_cache_falls_back_to_the_plain_path(model_tok, monkeypatch)
     counter = PromptRowCounter(model)
     try:
         with torch.no_grad():
-            got, _ = shared_prompt_logprobs(model, ids, att, T)
-            again, _ = shared_prompt_logprobs(model, ids, att, T)
-            ref, _ = response_logprobs(model, ids, att, T)
+            got = shared_prompt_logprobs(model, ids, att, T).logp
+            again = shared_prompt_logprobs(model, ids, att, T).logp
+            ref = response_logprobs(model, ids, att, T).logp
     finally:
         counter.handle.remove()
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)

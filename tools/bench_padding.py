@@ -42,7 +42,7 @@ def one_pass(learner: Learner, ids, att, mask) -> tuple[float, int]:
     t0 = time.perf_counter()
     learner.logprobs(learner.policy, ids, att, mask)
     for r in learner._plan(ids, att, mask.shape[1]):
-        logp, _ = learner._logprobs(ids[r], att[r], mask.shape[1], False)
+        logp = learner._logprobs(ids[r], att[r], mask.shape[1], False).logp
         (logp * mask[r]).sum().backward()
     dt = time.perf_counter() - t0
     hook.remove()

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 ro = sampler.sample(model, ids, mask, max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id,
                                     pad_token_id=tok.pad_token_id, temperature=temp,
                                     generator=torch.Generator(device=args.device).manual_seed(0))
-                lp, _ = response_logprobs(model, ro.input_ids, ro.attention_mask, ro.response_mask.shape[1], temperature=temp)
+                lp = response_logprobs(model, ro.input_ids, ro.attention_mask, ro.response_mask.shape[1], temperature=temp).logp
             m = ro.response_mask.bool()
             gap = (lp.float() - ro.logp.float())[m].abs()
             rows.append(dict(sampler=args.sampler, dtype=label, temperature=temp, max=gap.max().item(),
