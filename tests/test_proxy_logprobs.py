@@ -105,3 +105,27 @@ def test_shape_reading_the_proxy_without_asking_names_the_flag(tiny_model_dir):
 
     with pytest.raises(TypeError, match=r"batch.proxy_logp is None unless the class sets needs_min_p = the proxy's"):
         _one_rl_step_weights(tiny_model_dir, 64, lambda: [Unasked()])
+
+
+def test_training_forward_proxy_uses_the_rollout_temperature(tiny_model_dir):
+    """The proxy is renormalised softmax(z / temperature): the training forwards must pass their
+    temperature on. With min_p tiny nothing is filtered and the proxy equals the log-probs at that
+    temperature (to the bit); the tiny model's logits are spread out first (its random head is
+    nearly uniform, where every temperature gives almost the same log-probs)."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_covrl.policy import response_logprobs, shared_prompt_logprobs
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(50.0)
+    V = model.config.vocab_size
+    ids = torch.cat([torch.randint(1, V, (1, 5)).expand(4, 5), torch.randint(1, V, (4, 6))], 1)
+    att = torch.ones_like(ids)
+    for fn, extra in ((response_logprobs, {}), (shared_prompt_logprobs, {"always_split": True})):
+        out = fn(model, ids, att, 6, temperature=0.5, chunk_size=5, min_p=1e-30, **extra)
+        plain = fn(model, ids, att, 6, temperature=0.5, chunk_size=5, **extra)
+        at_one = fn(model, ids, att, 6, temperature=1.0, chunk_size=5, **extra)
+        assert (plain.logp - at_one.logp).abs().max() > 1e-2  # the temperature matters here
+        torch.testing.assert_close(out.proxy_logp, plain.logp, rtol=0, atol=1e-6)
