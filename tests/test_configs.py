@@ -29,7 +29,7 @@ REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high
                      "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse", "qae", "w_reinforce", "w_reinforce_high_lr", "gspo", "cispo",
                      "ce_gppo", "passk", "entropic", "entropic_kp50", "archer", "simko", "lp_reg", "unlikeliness", "siren")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high",
-               "entropic_kp5", "lp_reg_neg10")
+               "entropic_kp5", "lp_reg_neg10", "siren_high")
 STACKS = {
     "quickstart.yaml": [QUICK],
     "reasoning.yaml": [CONFIGS / "reasoning.yaml"],
