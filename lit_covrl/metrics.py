@@ -190,7 +190,9 @@ def publish_step_metrics(trainer, metrics: dict[str, float], step: int) -> None:
     when the trainer is stopping). One `self.log` per metric costs a measurable share of a CPU
     step (Lightning's result collection moves each stored metric's state on every call; figures
     in docs/benchmarks.md, `python tools/bench_logging.py`)."""
-    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+    # float64, the logged Python floats' precision: under bf16-true precision the default dtype
+    # inside a training step is bfloat16 and monitors would read values rounded to 3 digits
+    trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()})
     every = trainer.log_every_n_steps
     if every and ((step + 1) % every == 0 or trainer.should_stop):  # Lightning's own cadence
         for logger in trainer.loggers:

@@ -1001,6 +1001,17 @@ def test_the_reference_model_gets_the_policys_true_half_precision(tiny_model_dir
     assert scalar_tags(tmp_path)["reg/ref_kl/kl"][0][1] == 0.0
 
 
+def test_callback_metrics_keep_their_precision_under_bf16_true(tiny_model_dir, tmp_path):
+    """Inside a bf16-true training step the default dtype is bfloat16: the step metrics that
+    checkpoint monitors, early stopping and user callbacks read were rounded to bf16 (an anchor of
+    2.462673 read 2.46875), while the logger files had the exact values."""
+    module = make_module(tiny_model_dir, update=dict(mini_batch_size=None, ppo_epochs=1))
+    trainer = fit(module, make_data(), steps=1, log_dir=tmp_path, limit_val_batches=0, precision="bf16-true")
+    value = trainer.callback_metrics["policy/entropy"]
+    assert value.dtype == torch.float64
+    assert float(value) == pytest.approx(scalar_tags(tmp_path)["policy/entropy"][0][1], rel=1e-6)
+
+
 class _SolutionReward:
     """A TRL-style batched reward naming the data's answer field (`solution`)."""
 
