@@ -319,3 +319,29 @@ def test_lp_reg_selects_on_the_current_log_probs_after_an_update(tiny_model_dir)
 
     _one_rl_step_weights(tiny_model_dir, 64, lambda: [Recording(min_p=0.5, neg_ratio=0.5)])
     assert len(gaps) == 4 and max(gaps) < 1e-4, gaps
+
+
+def test_lp_reg_says_once_when_its_ratio_selects_nothing(caplog):
+    """The recipe's neg_ratio 0.01 needs >= 200 negative-advantage tokens per mini-batch to select
+    any (k = int(n ratio) > 1); on the CPU quickstart it selected nothing in 150 steps and the run
+    was plain GRPO's, with only a 0 in reg/lp_reg/selected_frac to tell. A warning names the
+    count and the settings to raise, once; none when tokens are selected."""
+    import logging
+
+    from lit_covrl.regularizers import LpReg
+
+    logp = -torch.arange(1.0, 11.0).reshape(2, 5)
+    adv, mask = torch.tensor([[-1.0] * 5, [1.0] * 5]), torch.ones(2, 5)
+    reg = LpReg(neg_ratio=0.01)
+    with caplog.at_level(logging.WARNING, logger="lit_covrl.regularizers.lp_reg"):
+        reg.prepare(_lp_ctx(logp, adv, mask))
+        reg.prepare(_lp_ctx(logp, adv, mask))
+    said = [r.getMessage() for r in caplog.records if "selected no token" in r.getMessage()]
+    assert said == ["LpReg selected no token in a mini-batch of 5 negative-advantage tokens: k = int(5 x neg_ratio "
+                    "0.01) = 0, and it selects only for k > 1 (as the reference); raise LpReg.neg_ratio or the "
+                    "mini-batch size (model.update.mini_batch_size) for it to act"]
+    caplog.clear()
+    acting = LpReg(neg_ratio=0.5)
+    with caplog.at_level(logging.WARNING, logger="lit_covrl.regularizers.lp_reg"):
+        acting.prepare(_lp_ctx(logp, adv, mask))
+    assert acting.selected.sum() == 2 and not caplog.records
