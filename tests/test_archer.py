@@ -238,7 +238,7 @@ def test_learner_wiring_clip_cov_candidates_and_contribution():
         pass
     mb = MB()
     mb.old_logp, mb.advantages, mb.mask, mb.old_entropy = old, adv, mask, ent
-    learner._selection_logprobs = lambda mb, plan, need: (logp, ent, None)
+    learner._selection_logprobs = lambda mb, plan, need: (logp, ent, None, None)
     learner._select(mb, [None], 1)
     lo, hi = archer.clip_bounds()
     assert torch.equal(seen["clipped"], PPOClip(dual_clip=3.0).clipped_tokens(logp, old, adv, mask, clip=(lo, hi)))
@@ -264,7 +264,7 @@ def _selected(objective, regularizers, logp, old, adv, mask, ent):
                                       "rollout": type("R", (), {"max_new_tokens": 8})()})()
     mb = type("MB", (), {})()
     mb.old_logp, mb.advantages, mb.mask, mb.old_entropy = old, adv, mask, ent
-    learner._selection_logprobs = lambda mb, plan, need: (logp, ent, None)
+    learner._selection_logprobs = lambda mb, plan, need: (logp, ent, None, None)
     learner._select(mb, [None], 1)
     return learner
 

@@ -18,7 +18,7 @@ from lit_covrl.algorithms import (
     siren_token_penalty,
     token_topp_entropy,
 )
-from lit_covrl.regularizers import SIREN, Regularizer
+from lit_covrl.regularizers import SIREN, ClipCov, Regularizer
 from lit_covrl.regularizers.base import MiniBatchContext, check_stack
 from lit_covrl.types import PolicyBatch, TokenShaping
 
@@ -433,6 +433,40 @@ def test_siren_fit_is_the_same_with_shared_prompt_on_and_off(tiny_model_dir, mic
             assert off_m[k] == pytest.approx(on_m[k], rel=1e-5, abs=1e-7), k
     for k in on_w:
         torch.testing.assert_close(off_w[k], on_w[k], rtol=1e-4, atol=1e-6)
+
+
+def _policy_forwards(tiny_model_dir, monkeypatch, regs, **update):
+    """The policy forwards (`Learner._logprobs` calls) of a 2-step fit, 16 rows a step in 2
+    mini-batches of 8 (one epoch), by (grad, entropy, nucleus entropy)."""
+    import collections
+
+    from lit_covrl.learner import Learner
+    from tests.helpers import fit
+    from tests.test_module import make_data, make_module
+
+    calls, forward = collections.Counter(), Learner._logprobs
+
+    def counting(self, ids, att, T, with_entropy, model=None, **kw):
+        if model is None or model is self.policy:
+            calls[(torch.is_grad_enabled(), with_entropy, kw.get("topp") is not None)] += 1
+        return forward(self, ids, att, T, with_entropy, model=model, **kw)
+
+    monkeypatch.setattr(Learner, "_logprobs", counting)
+    torch.manual_seed(0)
+    module = make_module(tiny_model_dir, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+                         update=dict(micro_batch_size=2, mini_batch_size=2, ppo_epochs=1, grad_clip=None, **update))
+    fit(module, make_data(), steps=2, callbacks=regs, limit_val_batches=0)
+    return dict(calls)
+
+
+def test_an_off_policy_selection_forward_gives_the_nucleus_entropy_too(tiny_model_dir, monkeypatch):
+    """Micro-batches of 2 (4 per mini-batch), SIREN + Clip-Cov (which needs the current log-probs):
+    the off-policy mini-batch's one no-grad pass gives both the log-probs and the nucleus entropy
+    (it ran two: one for each). No-grad passes, all with the nucleus: step 1 the anchor's (8), the
+    first mini-batch's selection (4) and the second's (4); step 2 both mini-batches' (8)."""
+    stacked = _policy_forwards(tiny_model_dir, monkeypatch, [SIREN(coef=1.0, top_p=0.9, top_k=8),
+                                                             ClipCov(ratio=0.1, lb=-1e9, ub=1e9)])
+    assert stacked == {(True, False, True): 16, (False, False, True): 24}
 
 
 def test_a_bad_setting_is_refused_at_start_up_naming_the_field(tmp_path, capsys):
