@@ -67,7 +67,13 @@ def escape_interpolations(value):
 
 class _ArgumentParser(LightningArgumentParser):
     """Lightning's parser whose dumps (`--print_config`, the run's config.yaml) read back to the
-    values they print (`escape_interpolations`)."""
+    values they print (`escape_interpolations`), with no abbreviated options: argparse took
+    `--model.loss.unlik 0.5` for `--model.loss.unlikeliness 0.5`, so a misspelt setting could
+    silently set another one."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def dump(self, cfg, *args, **kwargs) -> str:
         if "skip_none" in kwargs:  # Lightning's SaveConfigCallback still passes jsonargparse's old name

@@ -60,6 +60,8 @@ def test_a_start_up_error_is_one_line_and_status_2_unless_debugging(tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--model.rollout.group_size", "abc"], 'Parser key "model.rollout.group_size": Expected a <class \'int\'>. Got value: abc'),
     (["--model.nope", "1"], "unrecognized arguments: --model.nope 1"),
+    # an abbreviation is not a setting (argparse took --model.loss.unlik for --model.loss.unlikeliness)
+    (["--model.loss.unlik", "0.5"], "unrecognized arguments: --model.loss.unlik 0.5"),
     (["--data.task", "null", "--data.train_files", '["missing.jsonl"]'], "data.train_files[0]: no such file: 'missing.jsonl'"),
     (["--trainer.accelerator", "gpu"], "MisconfigurationException: No supported gpu backend found"),  # Lightning's check
     (["--data.task", "null", "--data.strict", "true"], "ROWS:2: field 'prompt' is int"),  # found in setup, inside fit
