@@ -92,12 +92,21 @@ def _regex(spec: str) -> str:
     return spec if spec.endswith("$") else spec + "$"
 
 
-def layout(regularizers: list[Regularizer]) -> dict[str, dict[str, list]]:
+# charts of module settings that log their own tags, written only when the setting is on
+SETTING_CHARTS = {
+    "unlikeliness": ("Control", "unlikeliness reward (share of reward taken; correct responses' mean log-prob)",
+                     ["adv/unlikeliness_penalty", "adv/unlikeliness_correct_seq_logp"]),
+}
+
+
+def layout(regularizers: list[Regularizer], settings: tuple[str, ...] = ()) -> dict[str, dict[str, list]]:
     """The Custom Scalars layout in `SummaryWriter.add_custom_scalars`' format:
-    {category: {chart title: ["Multiline", [tag regexes]]}}. Built-in charts first, then each
-    regularizer's, in the order of `trainer.callbacks`; a chart named twice appears once."""
+    {category: {chart title: ["Multiline", [tag regexes]]}}. Built-in charts first, then those of
+    the module `settings` that are on (`SETTING_CHARTS`), then each regularizer's, in the order of
+    `trainer.callbacks`; a chart named twice appears once."""
     out: dict[str, dict[str, list]] = {c: {} for c in CATEGORIES}
-    for category, charts in BASE_CHARTS.items():
+    charts_on = [*BASE_CHARTS.items(), *((c, [(t, tags)]) for c, t, tags in map(SETTING_CHARTS.get, settings))]
+    for category, charts in charts_on:
         for title, tags in charts:
             out[category][title] = ["Multiline", [_regex(re.escape(t)) for t in tags]]
     for reg in regularizers:
@@ -105,6 +114,12 @@ def layout(regularizers: list[Regularizer]) -> dict[str, dict[str, list]]:
             for spec in specs:
                 out.setdefault(category, {})[spec.replace("\\", "")] = ["Multiline", [_regex(spec)]]
     return {c: charts for c, charts in out.items() if charts}
+
+
+def _settings_on(pl_module) -> tuple[str, ...]:
+    """The `SETTING_CHARTS` keys whose module setting is on (model.loss.unlikeliness set)."""
+    loss = getattr(getattr(pl_module, "settings", None), "loss", None)
+    return ("unlikeliness",) if getattr(loss, "unlikeliness", None) is not None else ()
 
 
 def method_name(regularizer_names: list[str], objective: str | None = None, baseline_quantile=None,
@@ -225,7 +240,7 @@ class RunDashboard(Callback):
         exp, ssi, _ = hparams(run_hparams(trainer, pl_module), {k: 0.0 for k in FINAL_METRICS})
         for lg in _tensorboard_loggers(trainer):
             writer = lg.experiment
-            writer.add_custom_scalars(layout(regs))
+            writer.add_custom_scalars(layout(regs, _settings_on(pl_module)))
             writer.add_text("config", text)
             writer._get_file_writer().add_summary(exp)
             writer._get_file_writer().add_summary(ssi)

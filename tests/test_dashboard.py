@@ -186,6 +186,18 @@ def test_regularizer_charts_extend_the_layout_without_touching_it():
     assert "Control" not in layout([])  # no regularizer: no empty category
 
 
+def test_the_unlikeliness_reward_gets_a_chart_when_it_is_on(tiny_model_dir):
+    """model.loss.unlikeliness logs adv/unlikeliness_* from the module, not from a regularizer: no
+    chart showed them; none is added when the setting is off (it would stay empty)."""
+    from lit_covrl.dashboard import _settings_on
+    from tests.test_module import make_module
+
+    on = layout([], _settings_on(make_module(tiny_model_dir, loss=dict(unlikeliness=0.25))))
+    charts = [t for c in on["Control"].values() for t in c[1]]
+    assert charts == ["adv/unlikeliness_penalty$", "adv/unlikeliness_correct_seq_logp$"]
+    assert "Control" not in layout([], _settings_on(make_module(tiny_model_dir)))
+
+
 def _cb(class_path, **init_args):
     from jsonargparse import Namespace
 

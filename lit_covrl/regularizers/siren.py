@@ -57,7 +57,7 @@ class SIREN(Regularizer):
     """Selective, self-anchored entropy regularization on each response's peak nucleus entropies."""
 
     default_name = "siren"
-    chart_metrics = {"Entropy": ("entropy", "anchor"), "Control": ("deviation", "selected_frac")}
+    chart_metrics = {"Entropy": ("entropy", "anchor", "nucleus_entropy"), "Control": ("deviation", "selected_frac")}
 
     def __init__(self, coef: float = 0.005, top_p: float = 0.8, top_k: int = 10000, quantile: float = 0.8,
                  anchor: float | None = None, name: str | None = None) -> None:
