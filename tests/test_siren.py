@@ -485,3 +485,17 @@ def test_a_bad_setting_is_refused_at_start_up_naming_the_field(tmp_path, capsys)
     err = capsys.readouterr().err
     assert exit_.value.code == 2, err
     assert "SIREN.top_p=1.5 is invalid: must be a probability in (0, 1]" in err and "Traceback" not in err
+
+
+def test_a_one_token_nucleus_has_entropy_0_and_no_gradient():
+    """[0.6, 0.3, 0.1] at top_p 0.8: the nucleus is the first token alone (0.6 < 0.8 <= 0.9),
+    renormalised to probability 1: entropy 0 and no gradient, though the full entropy is 0.90
+    nats (why SIREN cannot reach positions whose two most probable tokens hold >= top_p)."""
+    for probs, want in (([0.6, 0.3, 0.1], 0.0), ([0.85, 0.1, 0.05], 0.0)):
+        logits = torch.tensor(probs, dtype=torch.float64).log().reshape(1, 1, 3).requires_grad_(True)
+        h = token_topp_entropy(logits, top_p=0.8, top_k=3, temperature=1.0, chunk_size=4)
+        h.sum().backward()
+        assert float(h) == want and torch.equal(logits.grad, torch.zeros_like(logits)), (probs, float(h), logits.grad)
+    logits = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64).log().reshape(1, 1, 4)
+    h = token_topp_entropy(logits, top_p=0.8, top_k=4, temperature=1.0, chunk_size=4)
+    assert float(h) == pytest.approx(-(4 / 7) * math.log(4 / 7) - (3 / 7) * math.log(3 / 7))  # {0.4, 0.3}
