@@ -1,5 +1,6 @@
 """Entropy regularizers as Lightning callbacks (see base.py for the contract)."""
 from lit_covrl.regularizers.archer import Archer
+from lit_covrl.regularizers.bapo import BAPO
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
 from lit_covrl.regularizers.covariance import ClipCov, KLCov
 from lit_covrl.regularizers.dense import EntropyBonus, ReferenceKL
@@ -15,6 +16,7 @@ from lit_covrl.regularizers.siren import SIREN
 __all__ = [
     "AdaptiveEntropyBonus",
     "Archer",
+    "BAPO",
     "ClipCov",
     "EntroPIC",
     "EntropyAdvantage",

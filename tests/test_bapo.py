@@ -1,0 +1,191 @@
+"""BAPO (adaptive clipping): the bound search by hand and against a float64 loop of the reference's
+search (recipe/bapo/policy_loss.py: recompute the contributions after each step), the uniform range it
+hands the objective, its metrics, the start-up refusals and warning, and that the decision is the
+whole mini-batch's (not a micro-batch's)."""
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from lit_covrl.algorithms import bapo_contribution_sums, bapo_grid, bapo_search
+from lit_covrl.objectives import CEGPPO, GSPO, PPOClip
+from lit_covrl.regularizers import BAPO, Archer
+from lit_covrl.regularizers.base import MiniBatchContext, check_objective_stack, check_stack
+from lit_covrl.types import PolicyBatch
+
+torch.set_num_threads(1)
+
+LOWS = [0.8, 0.8 + 0.05, 0.8 + 0.05 + 0.05, 0.95]  # the recipe's grids, added as the reference adds them
+HIGHS = [1.2]
+for _ in range(8):
+    HIGHS.append(min(HIGHS[-1] + 0.1, 2.0))
+
+
+def _ctx(logp, old, adv, mask):
+    return MiniBatchContext(0, 1, False, logp, old, adv, mask, None)
+
+
+def _reference_search(logp, old, adv, mask, *, target, low, high, eps=1e-8):
+    """The reference's search, one token at a time in float64: (c_low, c_high, P / (N + eps))."""
+    def ratio(c_low, c_high):
+        pos = neg = 0.0
+        for i in range(logp.shape[0]):
+            for j in range(logp.shape[1]):
+                if not mask[i, j]:
+                    continue
+                r = math.exp(min(max(float(logp[i, j] - old[i, j]), -20.0), 20.0))
+                a = float(adv[i, j])
+                eff = (min(r, c_high) if a >= 0 else max(r, c_low)) * a
+                pos, neg = pos + max(eff, 0.0), neg + max(-eff, 0.0)
+        return math.inf if neg <= 0 else pos / (neg + eps)
+
+    (lo, lo_max, lo_step), (hi, hi_max, hi_step) = low, high
+    rho = ratio(lo, hi)
+    while rho < target and lo < lo_max and lo_step > 0:
+        lo = min(lo + lo_step, lo_max)
+        rho = ratio(lo, hi)
+    while rho < target and hi < hi_max and hi_step > 0:
+        hi = min(hi + hi_step, hi_max)
+        rho = ratio(lo, hi)
+    return lo, hi, rho
+
+
+def test_grid_visits_the_reference_s_bounds():
+    assert bapo_grid(0.8, 0.95, 0.05) == LOWS and bapo_grid(1.2, 2.0, 0.1) == HIGHS
+    assert bapo_grid(0.6, 0.9, 0.2) == [0.6, 0.8, 0.9]  # the last step capped at the max
+    assert bapo_grid(0.8, 0.8, 0.05) == [0.8] and bapo_grid(0.8, 0.95, 0.0) == [0.8]
+
+
+def _hand_batch():
+    """Token 0: A = +1, r = 3; token 1: A = -1, r = 0.5; token 2 padding (r = 10, A = -5)."""
+    logp = torch.tensor([[math.log(3.0), math.log(0.5), math.log(10.0)]], dtype=torch.float64)
+    old = torch.zeros_like(logp)
+    adv = torch.tensor([[1.0, -1.0, -5.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
+    return logp, old, adv, mask
+
+
+def test_hand_values_of_the_search():
+    # N(c_low) = max(0.5, c_low) * 1, P(c_high) = min(3, c_high) * 1
+    logp, old, adv, mask = _hand_batch()
+    sums = bapo_contribution_sums(logp, old, adv, mask, lows=LOWS, highs=HIGHS)
+    torch.testing.assert_close(sums, torch.tensor(LOWS + HIGHS, dtype=torch.float64))
+    # target 0.5: 1.2 / 0.8 = 1.5 is met at the start
+    assert bapo_search(sums, LOWS, HIGHS, target=0.5) == (0, 0, pytest.approx(1.5))
+    # target 1.6: c_low rises to 0.95 (1.2 / 0.95 = 1.26), then c_high: 1.5 / 0.95 = 1.58 < 1.6 <= 1.6 / 0.95
+    i, j, rho = bapo_search(sums, LOWS, HIGHS, target=1.6)
+    assert (LOWS[i], HIGHS[j]) == (0.95, HIGHS[4]) and HIGHS[4] == pytest.approx(1.6)
+    assert rho == pytest.approx(1.6 / 0.95)
+    # target 10: both grids spent, P capped by r = 3
+    assert bapo_search(sums, LOWS, HIGHS, target=10.0) == (3, 8, pytest.approx(2.0 / 0.95))
+    # no negative token: the ratio is infinite, met at once
+    assert bapo_search(torch.tensor([0.0] * 4 + HIGHS), LOWS, HIGHS, target=100.0)[:2] == (0, 0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.9, 1.5])
+def test_search_matches_a_float64_loop_of_the_reference(seed, target):
+    g = torch.Generator().manual_seed(seed)
+    n, t = 6, 7
+    mask = (torch.rand(n, t, generator=g) < 0.85).double()
+    logp = -torch.rand(n, t, generator=g, dtype=torch.float64) * 2
+    old = logp + 0.5 * torch.randn(n, t, generator=g, dtype=torch.float64)
+    adv = torch.randn(n, 1, generator=g, dtype=torch.float64).expand(n, t).clone()
+    reg = BAPO(target=target)
+    reg.prepare(_ctx(logp, old, adv, mask))
+    lo, hi, rho = _reference_search(logp, old, adv, mask, target=target, low=(0.8, 0.95, 0.05), high=(1.2, 2.0, 0.1))
+    eps_low, eps_high = reg.clip_bounds()
+    assert torch.equal(eps_low, torch.full_like(mask, 1.0 - lo)) and torch.equal(eps_high, torch.full_like(mask, hi - 1.0))
+    m = reg.pop_metrics()
+    assert (m["reg/bapo/clip_low"], m["reg/bapo/clip_high"]) == (lo, hi)
+    if math.isfinite(rho):
+        assert m["reg/bapo/pos_neg_ratio"] == pytest.approx(rho, rel=1e-12)
+
+
+def test_searches_that_move_each_bound_are_covered():
+    """The oracle comparison above must see both bounds move and stop in between."""
+    seen = set()
+    for seed in range(6):
+        for target in (0.3, 0.5, 0.9, 1.5):
+            g = torch.Generator().manual_seed(seed)
+            n, t = 6, 7
+            mask = (torch.rand(n, t, generator=g) < 0.85).double()
+            logp = -torch.rand(n, t, generator=g, dtype=torch.float64) * 2
+            old = logp + 0.5 * torch.randn(n, t, generator=g, dtype=torch.float64)
+            adv = torch.randn(n, 1, generator=g, dtype=torch.float64).expand(n, t).clone()
+            lo, hi, _ = _reference_search(logp, old, adv, mask, target=target, low=(0.8, 0.95, 0.05),
+                                          high=(1.2, 2.0, 0.1))
+            seen.add(("low_start" if lo == 0.8 else "low_max" if lo == 0.95 else "low_mid",
+                      "high_start" if hi == 1.2 else "high_max" if hi == 2.0 else "high_mid"))
+    assert {("low_start", "high_start"), ("low_max", "high_mid"), ("low_max", "high_max")} <= seen, seen
+
+
+def test_contribution_sums_add_over_row_splits():
+    g = torch.Generator().manual_seed(1)
+    logp = -torch.rand(5, 4, generator=g, dtype=torch.float64)
+    old = logp + 0.4 * torch.randn(5, 4, generator=g, dtype=torch.float64)
+    adv, mask = torch.randn(5, 1, generator=g, dtype=torch.float64).expand(5, 4), torch.ones(5, 4, dtype=torch.float64)
+    whole = bapo_contribution_sums(logp, old, adv, mask, lows=LOWS, highs=HIGHS)
+    parts = sum(bapo_contribution_sums(logp[s], old[s], adv[s], mask[s], lows=LOWS, highs=HIGHS)
+                for s in (slice(0, 1), slice(1, 4), slice(4, 5)))
+    torch.testing.assert_close(parts, whole)
+
+
+def test_the_decision_is_the_mini_batch_s_not_a_micro_batch_s():
+    """A micro-batch of negative tokens alone would widen to the max; the mini-batch's positive
+    tokens meet the target at the start, so every micro-batch gets the start range."""
+    logp = torch.log(torch.tensor([[2.0, 2.0], [0.5, 0.5]], dtype=torch.float64))
+    old, mask = torch.zeros_like(logp), torch.ones_like(logp)
+    adv = torch.tensor([[1.0, 1.0], [-1.0, -1.0]], dtype=torch.float64)
+    whole, part = BAPO(), BAPO()
+    whole.prepare(_ctx(logp, old, adv, mask))
+    part.prepare(_ctx(logp[1:], old[1:], adv[1:], mask[1:]))
+    assert float(whole.clip_bounds()[0][0, 0]) == pytest.approx(0.2) and float(part.clip_bounds()[0][0, 0]) == pytest.approx(0.05)
+    s = whole.shape(PolicyBatch(torch.tensor([1]), logp[1:], old[1:], adv[1:], mask[1:]))
+    torch.testing.assert_close(s.clip_low, torch.full((1, 2), 1 - 0.8, dtype=torch.float64))
+    torch.testing.assert_close(s.clip_high, torch.full((1, 2), 1.2 - 1, dtype=torch.float64))
+    m = whole.pop_metrics()  # P = 2 * 1.2, N = 2 * 0.8
+    assert m["reg/bapo/pos_contribution"] == pytest.approx(2.4 / 4.0) and m["reg/bapo/pos_neg_ratio"] == pytest.approx(1.5)
+    # the range reaches the objective: the A > 0 tokens at r = 2 clip at 1.2
+    loss = PPOClip().token_loss(logp, old, adv, mask, clip=whole.clip_bounds())
+    torch.testing.assert_close(loss[0], torch.full((2,), -1.2, dtype=torch.float64))
+
+
+def test_startup_refusals_name_the_fields():
+    with pytest.raises(ValueError, match="GSPO clips whole sequences"):
+        check_objective_stack(GSPO(), [BAPO()])
+    with pytest.raises(ValueError, match="set a per-token clip range.*'archer'.*'bapo'"):
+        check_stack([Archer(), BAPO()])
+    check_objective_stack(PPOClip(dual_clip=3.0), [BAPO()])
+    with pytest.raises(ValueError, match="CEGPPO.beta1"):  # beta1 (1 - 0.2) = 1.6 >= 1.5
+        check_objective_stack(CEGPPO(beta1=2.0, dual_clip=1.5), [BAPO()])
+    for kw, field in ((dict(target=-1.0), "BAPO.target"), (dict(low_start=1.2, low_max=1.3), "BAPO.low_start"),
+                      (dict(low_max=1.5), "BAPO.low_max"), (dict(low_step=-0.05), "BAPO.low_step"),
+                      (dict(high_start=0.9), "BAPO.high_start"), (dict(high_max=math.inf), "BAPO.high_max"),
+                      (dict(high_step=None), "BAPO.high_step"), (dict(eps=-1.0), "BAPO.eps"),
+                      (dict(low_start=0.9, low_max=0.85), "BAPO.low_max"),
+                      (dict(high_start=2.5, high_max=2.0), "BAPO.high_max"), (dict(target=True), "BAPO.target")):
+        with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+            BAPO(**kw)
+
+
+def test_warns_when_every_update_is_on_policy(caplog):
+    class M:
+        updates_per_rollout = 1
+
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        BAPO().on_fit_start(None, M())
+    assert "BAPO has no effect with a single on-policy update" in caplog.text
+    caplog.clear()
+    M.updates_per_rollout = 4
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        BAPO().on_fit_start(None, M())
+    assert caplog.text == ""
+
+
+def test_clip_values_are_every_eps_the_search_may_set():
+    lows, highs = BAPO().clip_values()
+    assert lows == [1 - c for c in LOWS] and highs == [c - 1 for c in HIGHS]
