@@ -1,7 +1,7 @@
 """Mini-batch-wide decisions are global: 2 gloo processes holding half the mini-batch each select
 exactly the tokens that 1 process holding all of it selects (Clip-Cov, KL-Cov and the entropy
 controls: 80/20 quantile, STEER weights, entropy-ratio clip, adaptive bonus, entropy advantage,
-EntroPIC, Lp-Reg's lowest log-probs, SIREN's mini-batch deviation),
+EntroPIC, Lp-Reg's lowest log-probs, SIREN's mini-batch deviation, BAPO's clip range),
 and each objective's loss, metrics and gradient add up across ranks to the single-process ones."""
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
     AdaptiveEntropyBonus,
     Archer,
+    BAPO,
     ClipCov,
     EntroPIC,
     EntropyAdvantage,
@@ -130,10 +131,35 @@ def _objectives(rows: slice) -> dict[str, torch.Tensor]:
         stats = obj.stats(logp, old, adv, mask, num_tokens=n_tok, clip=clip)
         out[f"{name}/metrics"] = distributed.all_sum(torch.stack([loss.detach(), *stats.values()]))
         out[f"{name}/grad"] = z.grad
+    out.update(_bapo(rows, n_tok))
     out.update(_simko(rows, n_tok))
     out.update(_lp_reg(rows, n_tok))
     out.update(_siren(rows, n_tok))
     return out
+
+
+def _bapo_reg() -> BAPO:
+    # a target between the whole batch's P / N at the start range (0.5815) and at the widest (0.5868):
+    # c_low goes to its max, c_high stops at 1.04; each half alone would decide otherwise
+    return BAPO(target=0.582, low_start=0.9, low_max=0.99, low_step=0.03, high_start=1.0, high_max=1.1, high_step=0.01)
+
+
+def _bapo(rows: slice, n_tok) -> dict[str, torch.Tensor]:
+    """PPOClip (dual-clip) under BAPO's range, searched over all ranks' rows: the bounds, the loss,
+    metrics and gradient."""
+    from lit_covrl import distributed
+
+    logp, old, adv, mask = (t[rows] for t in _batch())
+    reg, obj = _bapo_reg(), PPOClip(dual_clip=3.0)
+    reg.prepare(MiniBatchContext(0, 1, False, logp, old, adv, mask, None))
+    clip = reg.clip_bounds()
+    z = logp.clone().requires_grad_(True)
+    loss = aggregate(obj.token_loss(z, old, adv, mask, clip=clip), mask, "token-mean", num_tokens=n_tok)
+    loss.backward()
+    stats = obj.stats(logp, old, adv, mask, num_tokens=n_tok, clip=clip)
+    return {"ppo+bapo/metrics": distributed.all_sum(torch.stack([loss.detach(), *stats.values()])),
+            "ppo+bapo/grad": z.grad, "bapo_bounds": torch.stack([clip[0][0, 0], clip[1][0, 0]]),
+            **{k: torch.tensor(v) for k, v in reg.pop_metrics().items()}}
 
 
 def _simko(rows: slice, n_tok) -> dict[str, torch.Tensor]:
@@ -253,6 +279,8 @@ def test_two_processes_select_what_one_process_selects(tmp_path):
     assert 0 < whole["reg/lp_reg/selected_frac"] < 1 and 0 < whole["reg/lp_reg/regularized_frac"] < 1
     assert 0 < whole["reg/siren/selected_frac"] < 1 and abs(whole["reg/siren/deviation"]) > 0.05
     assert whole["ppo+siren/grad"].abs().sum() > 0
+    assert whole["reg/bapo/clip_low"] == 0.99 and float(whole["reg/bapo/clip_high"]) == pytest.approx(1.04)
+    assert 0 < whole["ppo+bapo/metrics"][2] < 1
     for key, value in whole.items():
         if value.dim() == 2:  # per-token decisions: the halves concatenate to the whole
             torch.testing.assert_close(torch.cat([p["entropy"][key] for p in parts]), value, msg=key)
@@ -267,3 +295,10 @@ def test_local_selection_would_differ():
     single = _select(slice(0, N))
     local = torch.cat([_select(slice(0, N // 2))["kl"], _select(slice(N // 2, N))["kl"]])
     assert not torch.equal(local, single["kl"])
+    bounds = []
+    for rows in (slice(0, N), slice(0, N // 2), slice(N // 2, N)):  # BAPO's range: the whole batch's, each half's
+        reg = _bapo_reg()
+        reg.prepare(MiniBatchContext(0, 1, False, *(t[rows] for t in _batch()), None))
+        m = reg.pop_metrics()
+        bounds.append((m["reg/bapo/clip_low"], round(m["reg/bapo/clip_high"], 9)))
+    assert bounds == [(0.99, 1.04), (0.9, 1.0), (0.99, 1.1)]

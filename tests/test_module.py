@@ -14,6 +14,7 @@ from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
     AdaptiveEntropyBonus,
     Archer,
+    BAPO,
     ClipCov,
     EntroPIC,
     EntropyAdvantage,
@@ -168,6 +169,14 @@ def _archer():
             ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)]
 
 
+def _bapo():
+    # BAPO's mini-batch range (grids and a target at the tiny model's P / N: the search keeps the
+    # start range on three updates and moves c_low to its max and c_high to 1.25 on one), Clip-Cov
+    # drawing among the tokens that range leaves unclipped
+    return [BAPO(target=0.88, low_start=0.9, low_max=0.99, low_step=0.03, high_start=1.05, high_max=1.3,
+                 high_step=0.05), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)]
+
+
 def _simko():
     # SimKO with a large mix and penalty, so that both act on the tiny model; Clip-Cov (a weight
     # on top of SimKO's) and an entropy bonus (needs_entropy too) stacked with it
@@ -206,6 +215,7 @@ INVARIANCE_CASES = {
     "simko+ce_gppo": (_simko, lambda: CEGPPO(clip_low=0.05, clip_high=0.05, beta1=0.5, beta2=1.5)),
     "entropy_controls": (_entropy_controls, None),
     "archer+ref_kl": (_archer, lambda: PPOClip(dual_clip=3.0)),
+    "bapo+cov": (_bapo, lambda: PPOClip(dual_clip=3.0)),
     "gspo+cov": (_covariance, lambda: GSPO(clip_low=0.05, clip_high=0.05)),
     "cispo+cov": (_covariance, lambda: CISPO()),
     "ce_gppo+cov": (_covariance, lambda: CEGPPO(clip_low=0.05, clip_high=0.05, beta1=0.5, beta2=1.5)),
@@ -253,6 +263,9 @@ def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_
     elif case == "archer+ref_kl":  # the per-token range clipped tokens; the KL scale and Clip-Cov acted
         assert 0 < ref_m["reg/archer/high_entropy_frac"] < 1 and ref_m["reg/archer/loss"] != 0
         assert ref_m["policy/clip_frac"] > 0 and ref_m["reg/ref_kl/loss"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
+    elif case == "bapo+cov":  # the search moved the bounds off their start, the range clipped tokens
+        assert 0.9 < ref_m["reg/bapo/clip_low"] < 0.99 and 1.05 < ref_m["reg/bapo/clip_high"] < 1.3
+        assert ref_m["policy/clip_frac"] > 0 and ref_m["reg/bapo/loss"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
     else:
         assert ref_m["reg/clip_cov/selected_frac"] > 0 and ref_m["reg/kl_cov/selected_frac"] > 0
     if case == "ce_gppo+cov":  # tokens left the clip range on both sides: their kept gradients took part
