@@ -85,6 +85,13 @@ def test_hand_values_of_the_search():
     assert bapo_search(torch.tensor([0.0] * 4 + HIGHS), LOWS, HIGHS, target=100.0)[:2] == (0, 0)
 
 
+def test_a_mini_batch_without_advantages_keeps_the_start_range_and_logs_no_share():
+    logp, old, _, mask = _hand_batch()
+    reg = BAPO()
+    reg.prepare(_ctx(logp, old, torch.zeros_like(logp), mask))
+    assert reg.pop_metrics() == {"reg/bapo/clip_low": 0.8, "reg/bapo/clip_high": 1.2}
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.9, 1.5])
 def test_search_matches_a_float64_loop_of_the_reference(seed, target):
@@ -189,3 +196,52 @@ def test_warns_when_every_update_is_on_policy(caplog):
 def test_clip_values_are_every_eps_the_search_may_set():
     lows, highs = BAPO().clip_values()
     assert lows == [1 - c for c in LOWS] and highs == [c - 1 for c in HIGHS]
+
+
+def _cli_fit(tmp_path, *extra):
+    from pathlib import Path
+
+    from lit_covrl.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    main(["fit", "--config", str(root / "configs/quickstart.yaml"), "--config", str(root / "configs/cpu/bapo.yaml"),
+          "--torch_threads", "1", "--model.rollout.group_size", "4", "--model.rollout.max_new_tokens", "6",
+          "--data.batch_size", "8", "--model.update.mini_batch_size", "2", "--model.rollout.filter_groups", "false",
+          "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+          "--checkpoint.dirpath", str(tmp_path / "ck"), "--trainer.logger.init_args.save_dir", str(tmp_path), *extra])
+
+
+@pytest.mark.parametrize("target", [None, 1.0], ids=["recipe", "target1"])
+def test_bapo_config_runs_through_the_cli(tmp_path, target):
+    """configs/cpu/bapo.yaml on the quickstart through `lit-covrl fit` (4 updates per rollout, 3
+    steps): BAPO is built from the YAML and its tags are written every step. At the recipe's target
+    0.5 the quickstart's P / N (~1) is met at the start range every time; at 1.0 (set on the
+    command line) the search moves the bounds on some updates and the range changes the loss."""
+    from tests.helpers import scalar_tags
+
+    # the quickstart's model: the tiny random one of the other fits gets no reward (A = 0)
+    _cli_fit(tmp_path, *([] if target is None else ["--trainer.callbacks.init_args.target", str(target)]))
+    tags = {k: [v for _, v in series] for k, series in scalar_tags(tmp_path).items()}
+    keys = {"reg/bapo/clip_low", "reg/bapo/clip_high", "reg/bapo/pos_contribution", "reg/bapo/pos_neg_ratio",
+            "reg/bapo/loss"}
+    assert keys <= set(tags) and all(len(tags[k]) == 3 for k in keys), sorted(tags)
+    assert all(0 < p < 1 for p in tags["reg/bapo/pos_contribution"])
+    assert len(set(tags["reg/bapo/pos_contribution"])) == 3  # each step's own mini-batches
+    low, high = tags["reg/bapo/clip_low"], tags["reg/bapo/clip_high"]
+    if target is None:
+        assert low == pytest.approx([0.8] * 3) and high == pytest.approx([1.2] * 3)
+        assert tags["reg/bapo/loss"] == [0.0] * 3  # the start range is PPO's 0.2 / 0.2
+    else:
+        assert all(0.8 <= c <= 0.95 for c in low) and any(c > 0.8 + 1e-6 for c in low)
+        assert all(1.2 <= c <= 2.0 for c in high) and any(c > 1.2 + 1e-6 for c in high)
+        assert any(v != 0 for v in tags["reg/bapo/loss"])
+
+
+def test_a_bad_setting_is_refused_at_start_up_naming_the_field(tmp_path, capsys):
+    """configs/cpu/bapo.yaml with low_max 1.5 on the command line: exit 2, one line naming
+    BAPO.low_max, before the first rollout."""
+    with pytest.raises(SystemExit) as exit_:
+        _cli_fit(tmp_path, "--trainer.callbacks.init_args.low_max", "1.5")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "BAPO.low_max=1.5 is invalid: must be a finite number in [0, 1]" in err and "Traceback" not in err

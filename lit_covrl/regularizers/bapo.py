@@ -114,7 +114,8 @@ class BAPO(Regularizer):
         neg, pos = float(sums[i]), float(sums[len(self.lows) + j])
         self.record("clip_low", c_low)
         self.record("clip_high", c_high)
-        self.record("pos_contribution", pos / (pos + neg), when=pos + neg > 0)
+        if pos + neg > 0:  # a mini-batch of A = 0 tokens only has none
+            self.record("pos_contribution", pos / (pos + neg))
         self.record("pos_neg_ratio", rho, when=math.isfinite(rho))
 
     def clip_bounds(self) -> tuple[Tensor, Tensor] | None:
