@@ -173,8 +173,6 @@ class Learner:
         training forward when it had to run early (see `_selection_logprobs`), else None."""
         need_ent = any(r.needs_entropy for r in self.regularizers)
         current, current_ent, topp_ent, early = self._selection_logprobs(mb, plan, need_ent)
-        if topp_ent is None:
-            early, topp_ent = self._selection_topp(mb, plan, need_ent, early)
         ctx = MiniBatchContext(
             step=self.step, update=index, on_policy=self._on_policy, logp=current,
             old_logp=mb.old_logp, advantages=mb.advantages, mask=mb.mask, clipped=None,
@@ -245,48 +243,35 @@ class Learner:
         """(current log-probs [n, T], current entropy [n, T] or None, nucleus entropy [n, T] or
         None, the training forward if it was run early), detached, for the regularizers' `prepare`.
 
-        While no optimizer step has been taken since the rollout, the policy is the rollout policy:
-        its log-probs and entropy are reused. Otherwise, when a regularizer needs the current
-        log-probs (`needs_current_logp`) or entropy (`needs_current_entropy`): if the whole
-        mini-batch is one micro-batch, its training forward gives them (run here, early, and reused
-        for the update); else a no-grad forward over the mini-batch, which also gives the nucleus
-        entropy when a regularizer asks for it (`needs_topp_entropy`; else None: `_selection_topp`
-        then runs). A rank with no rows runs its filler forward here too, so that every rank's
-        forward (FSDP all-gathers) comes before the selection's collectives, in the same order."""
+        While no optimizer step has been taken since the rollout, the log-probs and entropy are the
+        rollout's. A forward of the current policy runs when a regularizer needs the current
+        log-probs or entropy off policy, or the nucleus entropy (the sampler records none): the
+        training forward, run early and reused for the update, when the mini-batch is one
+        micro-batch; else one no-grad forward over the mini-batch. A rank with no rows runs its
+        filler forward here too (FSDP lock-step)."""
         regs = self.regularizers
         want_ent = any(r.needs_current_entropy for r in regs)
-        if self._on_policy or not (want_ent or any(r.needs_current_logp for r in regs)):
-            return mb.old_logp, (mb.old_entropy if want_ent else None), None, None
-        if len(plan) == 1:
-            rows = (mb.input_ids[plan[0]], mb.attention_mask[plan[0]]) if plan[0] is not None else mb.filler
-            early = self._logprobs(*rows, mb.mask.shape[1], (need_ent or want_ent) and plan[0] is not None,
-                                   **self._extras(plan[0] is not None))
-            if plan[0] is None:
-                return mb.old_logp, (mb.old_entropy if want_ent else None), None, early
-            ent = early.entropy.detach() * mb.mask if want_ent else None
-            return early.logp.detach() * mb.mask, ent, None, early
-        out = self._nograd_forward(self.policy, *mb.inputs_or_filler(), mb.mask, want_ent, topp=self._topp())
-        return out.logp, out.entropy, out.topp_entropy, None
-
-    def _selection_topp(self, mb: "MiniBatch", plan: list, need_ent: bool, early):
-        """(the training forward if run early, the current policy's nucleus entropy [n, T] detached
-        or None) for the regularizers that set `needs_topp_entropy`, when `_selection_logprobs` did
-        not give it. The sampler records no nucleus
-        entropy, so it always comes from a forward of the current policy: the early training
-        forward when the mini-batch is one micro-batch (run here if `_selection_logprobs` did not),
-        else a no-grad forward over the mini-batch (every rank, filler passes included)."""
+        current = not self._on_policy and (want_ent or any(r.needs_current_logp for r in regs))
         topp = self._topp()
-        if topp is None:
-            return early, None
+        logp, ent = mb.old_logp, (mb.old_entropy if want_ent else None)
+        if not (current or topp):
+            return logp, ent, None, None
         if len(plan) == 1:
-            if early is None:
-                rows = (mb.input_ids[plan[0]], mb.attention_mask[plan[0]]) if plan[0] is not None else mb.filler
-                real = plan[0] is not None
-                early = self._logprobs(*rows, mb.mask.shape[1], need_ent and real, **self._extras(real))
-            if plan[0] is None:
-                return early, torch.zeros_like(mb.mask)
-            return early, early.topp_entropy.detach().to(mb.mask.dtype) * mb.mask
-        return early, self._nograd_forward(self.policy, *mb.inputs_or_filler(), mb.mask, False, topp=topp).topp_entropy
+            real = plan[0] is not None
+            rows = (mb.input_ids[plan[0]], mb.attention_mask[plan[0]]) if real else mb.filler
+            early = self._logprobs(*rows, mb.mask.shape[1], (need_ent or (want_ent and current)) and real,
+                                   **self._extras(real))
+            if not real:
+                return logp, ent, (torch.zeros_like(mb.mask) if topp else None), early
+            if current:
+                logp = early.logp.detach() * mb.mask
+                ent = early.entropy.detach() * mb.mask if want_ent else None
+            topp_ent = early.topp_entropy.detach().to(mb.mask.dtype) * mb.mask if topp else None
+            return logp, ent, topp_ent, early
+        out = self._nograd_forward(self.policy, *mb.inputs_or_filler(), mb.mask, want_ent and current, topp=topp)
+        if current:
+            logp, ent = out.logp, out.entropy
+        return logp, ent, out.topp_entropy, None
 
     def logprobs(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
         """No-grad log-probs [n, T] of the response tokens under `model` (the policy, or the
