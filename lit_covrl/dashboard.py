@@ -117,9 +117,9 @@ def layout(regularizers: list[Regularizer], settings: tuple[str, ...] = ()) -> d
 
 
 def _settings_on(pl_module) -> tuple[str, ...]:
-    """The `SETTING_CHARTS` keys whose module setting is on (model.loss.unlikeliness set)."""
+    """The `SETTING_CHARTS` keys whose module setting (model.loss.<key>) is on, i.e. not null."""
     loss = getattr(getattr(pl_module, "settings", None), "loss", None)
-    return ("unlikeliness",) if getattr(loss, "unlikeliness", None) is not None else ()
+    return tuple(k for k in SETTING_CHARTS if getattr(loss, k, None) is not None)
 
 
 def method_name(regularizer_names: list[str], objective: str | None = None, baseline_quantile=None,

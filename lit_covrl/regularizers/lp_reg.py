@@ -86,7 +86,7 @@ class LpReg(Regularizer):
         self.neg_ratio, self.pos_ratio = float(neg_ratio), float(pos_ratio)
         self.selected: torch.Tensor | None = None  # [n, T] bool for the current mini-batch
         self._sums: torch.Tensor | None = None
-        self._warned_empty = False
+        self._checked_empty = False
 
     @property
     def needs_min_p(self) -> float:  # the learner's proxy request (Regularizer.needs_min_p)
@@ -94,19 +94,22 @@ class LpReg(Regularizer):
 
     def prepare(self, ctx: MiniBatchContext) -> None:
         def select(logp, adv, mask):
-            return (lp_reg_lowest(logp, adv, mask, ratio=self.neg_ratio, sign=-1)
-                    | lp_reg_lowest(logp, adv, mask, ratio=self.pos_ratio, sign=1))
+            out = lp_reg_lowest(logp, adv, mask, ratio=self.neg_ratio, sign=-1)
+            return out | lp_reg_lowest(logp, adv, mask, ratio=self.pos_ratio, sign=1) if self.pos_ratio else out
 
         self.selected = select_globally([ctx.logp, ctx.advantages, ctx.mask], select)
         neg = ((ctx.mask > 0) & (ctx.advantages < 0)).sum()
         s = distributed.all_sum(torch.stack([(self.selected & (ctx.mask > 0)).sum(), ctx.mask.sum(), neg]).double())
         self.record("selected_frac", s[0] / s[1].clamp(min=1))
-        if s[0] == 0 and s[2] > 0 and self.neg_ratio > 0 and not self._warned_empty:
-            self._warned_empty = True  # the same decision on every rank (sums over all of them)
-            log.warning("LpReg selected no token in a mini-batch of %d negative-advantage tokens: k = int(%d x "
-                        "neg_ratio %g) = %d, and it selects only for k > 1 (as the reference); raise LpReg.neg_ratio "
-                        "or the mini-batch size (model.update.mini_batch_size) for it to act", int(s[2]), int(s[2]),
-                        self.neg_ratio, int(s[2] * self.neg_ratio))
+        # checked on the run's first mini-batch with negative tokens only (a host sync), the same
+        # decision on every rank (sums over all of them)
+        if not self._checked_empty and self.neg_ratio > 0 and s[2] > 0:
+            self._checked_empty = True
+            if s[0] == 0:
+                log.warning("LpReg selected no token in a mini-batch of %d negative-advantage tokens: k = int(%d x "
+                            "neg_ratio %g) = %d, and it selects only for k > 1 (as the reference); raise "
+                            "LpReg.neg_ratio or the mini-batch size (model.update.mini_batch_size) for it to act",
+                            int(s[2]), int(s[2]), self.neg_ratio, int(s[2] * self.neg_ratio))
 
     def shape(self, batch: PolicyBatch) -> TokenShaping:
         assert self.selected is not None, "prepare() must run before shape()"
