@@ -4,7 +4,16 @@ import math
 import pytest
 import torch
 
-from lit_covrl.algorithms import AGG_MODES, aggregate, ppo_clipped_tokens, ppo_stats, ppo_token_loss
+from lit_covrl.algorithms import (
+    AGG_MODES,
+    aggregate,
+    entropic_weights,
+    ppo_clipped_tokens,
+    ppo_stats,
+    ppo_token_loss,
+    row_denominators,
+    siren_agg_factor,
+)
 
 F64 = torch.float64
 
@@ -250,3 +259,46 @@ def test_unknown_mode_lists_valid():
     with pytest.raises(ValueError) as e:
         aggregate(torch.zeros(1, 1), torch.ones(1, 1), "mean")
     assert all(m in str(e.value) for m in AGG_MODES)
+
+
+def test_row_denominators_hand_values():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])  # lengths 3, 1, 0 (clamped to 1)
+    given = dict(num_tokens=8, num_seqs=5, norm_length=6)
+    want = {"token-mean": [8, 8, 8], "seq-mean-token-sum": [5, 5, 5], "seq-mean-token-mean": [15, 5, 5],
+            "seq-mean-token-sum-norm": [30, 30, 30]}
+    # defaults: num_tokens = mask.sum() = 4, num_seqs = N = 3, norm_length = T = 4
+    default = {"token-mean": [4, 4, 4], "seq-mean-token-sum": [3, 3, 3], "seq-mean-token-mean": [9, 3, 3],
+               "seq-mean-token-sum-norm": [12, 12, 12]}
+    for mode in AGG_MODES:
+        d = row_denominators(mask, mode, **given)
+        assert d.dtype == F64 and d.shape == (3, 1)
+        assert d.flatten().tolist() == want[mode], mode
+        assert row_denominators(mask, mode).flatten().tolist() == default[mode], mode
+    assert row_denominators(torch.zeros(2, 3), "token-mean", num_seqs=0).flatten().tolist() == [1, 1]  # clamped
+    assert row_denominators(mask, "seq-mean-token-sum-norm", num_seqs=5, norm_length=0).flatten().tolist() == [5] * 3
+    assert row_denominators(mask, "token-mean", num_tokens=8, dtype=torch.float32).dtype == torch.float32
+    with pytest.raises(ValueError, match="seq-mean-token-sum-norm"):
+        row_denominators(mask, "mean")
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("totals", [False, True])
+def test_aggregate_siren_and_entropic_share_row_denominators(mode, totals):
+    # aggregate(x) = sum_n sum_t x_nt / d_n; SIREN's factor f_n = d_n / num_seqs; EntroPIC's weight
+    # c = d_n / d_high_n (the high tokens' own counts; the same d_n in seq-mean-token-sum-norm)
+    loss, mask = _random_batch(2)
+    mask[3] = 0  # an empty row
+    g = torch.Generator().manual_seed(3)
+    high = (torch.rand(mask.shape, generator=g) > 0.5) & mask.bool()
+    kw = dict(num_tokens=3 * mask.sum(), num_seqs=20, norm_length=13) if totals else {}
+    nt, ns, length = (3 * mask.sum(), 20, 13) if totals else (mask.sum(), mask.shape[0], mask.shape[1])
+    d = row_denominators(mask, mode, **kw)
+    x = torch.where(mask.bool(), loss, torch.zeros_like(loss))
+    torch.testing.assert_close(aggregate(loss, mask, mode, **kw), (x / d).sum(), rtol=0, atol=1e-12)
+    f = siren_agg_factor(mask, mode, num_tokens=nt, num_seqs=ns, norm_length=length)
+    torch.testing.assert_close(f, d / ns, rtol=0, atol=0)
+    num_high, num_high_seqs = high.sum(), (high.sum(-1) > 0).sum()
+    c = entropic_weights(high, mask, mode, num_tokens=nt, num_seqs=ns, num_high=num_high, num_high_seqs=num_high_seqs)
+    d_high = row_denominators(high, mode, num_tokens=num_high, num_seqs=num_high_seqs, norm_length=length)
+    want = high.double() * (1.0 if mode == "seq-mean-token-sum-norm" else d / d_high)
+    torch.testing.assert_close(c, want, rtol=1e-15, atol=0)

@@ -67,6 +67,7 @@ from lit_covrl.algorithms.losses import (
     ppo_clipped_tokens,
     ppo_stats,
     ppo_token_loss,
+    row_denominators,
 )
 from lit_covrl.algorithms.objectives import (
     ce_gppo_clipped_tokens,
@@ -127,6 +128,7 @@ __all__ = [
     "ppo_stats",
     "ppo_token_loss",
     "rloo_advantages",
+    "row_denominators",
     "sequence_logprob_means",
     "unlikeliness_rewards",
     "sample_sign_weights",

@@ -65,7 +65,7 @@ import torch
 from torch import Tensor
 
 from lit_covrl.algorithms.advantages import per_token_advantages
-from lit_covrl.algorithms.losses import AGG_MODES
+from lit_covrl.algorithms.losses import AGG_MODES, _denominator_parts, row_denominators
 
 __all__ = [
     "bapo_contribution_sums",
@@ -330,22 +330,21 @@ def entropic_weights(
     seq-mean-token-mean:     c = (len_n / high_n) * num_seqs / num_high_seqs
     seq-mean-token-sum-norm: c = 1                           (the same fixed denominator)
 
-    num_*: the counts of the whole mini-batch on all ranks (the loss's denominators); len_n,
-    high_n: row n's valid and high tokens. No high token -> all 0."""
+    That is c = d_n / d_high_n: the loss's `row_denominators` over those of the high tokens with
+    their own counts (in seq-mean-token-sum-norm the same d_n). num_*: the counts of the whole
+    mini-batch on all ranks (the loss's denominators); len_n, high_n: row n's valid and high
+    tokens. No high token -> all 0."""
     if mode not in AGG_MODES:
         raise ValueError(f"unknown aggregation mode {mode!r}; valid: {list(AGG_MODES)}")
     h = (high.bool() & mask.bool()).double()
     if float(num_high) <= 0:
         return torch.zeros_like(h)
-    if mode == "token-mean":
-        return h * (float(num_tokens) / float(num_high))
     if mode == "seq-mean-token-sum-norm":
         return h
-    per_seq = float(num_seqs) / max(float(num_high_seqs), 1.0)
-    if mode == "seq-mean-token-sum":
-        return h * per_seq
-    lengths = mask.bool().sum(-1, keepdim=True).double().clamp(min=1.0)
-    return h * (lengths / h.sum(-1, keepdim=True).clamp(min=1.0)) * per_seq
+    row, shared = _denominator_parts(mask, mode, num_tokens, num_seqs, None, h)
+    row_high, shared_high = _denominator_parts(h, mode, num_high, num_high_seqs, None, h)
+    c = h if row is None else h * (row / row_high)
+    return c * (shared / shared_high)
 
 
 def entropic_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: Tensor, *, alpha: float) -> Tensor:
@@ -417,19 +416,11 @@ def siren_row_weights(selected: Tensor, mask: Tensor) -> Tensor:
 def siren_agg_factor(mask: Tensor, mode: str, *, num_tokens: float | Tensor, num_seqs: float | Tensor,
                      norm_length: float) -> Tensor:
     """[N, 1] float64 f_n such that aggregate(f * x, mask, mode, num_tokens, num_seqs, norm_length)
-    = sum_t x_t / num_seqs (x zero off the mask): token-mean num_tokens / num_seqs,
-    seq-mean-token-sum 1, seq-mean-token-mean the row's valid length, seq-mean-token-sum-norm
-    norm_length (each denominator clamped to >= 1, as `aggregate`)."""
-    if mode not in AGG_MODES:
-        raise ValueError(f"unknown aggregation mode {mode!r}; valid: {list(AGG_MODES)}")
-    ones = torch.ones(mask.shape[0], 1, dtype=torch.float64, device=mask.device)
-    if mode == "token-mean":
-        return ones * (max(float(num_tokens), 1.0) / max(float(num_seqs), 1.0))
-    if mode == "seq-mean-token-sum":
-        return ones
-    if mode == "seq-mean-token-mean":
-        return mask.bool().sum(-1, keepdim=True).double().clamp(min=1.0)
-    return ones * max(float(norm_length), 1.0)
+    = sum_t x_t / num_seqs (x zero off the mask): the row's `row_denominators` over num_seqs, i.e.
+    token-mean num_tokens / num_seqs, seq-mean-token-sum 1, seq-mean-token-mean the row's valid
+    length, seq-mean-token-sum-norm norm_length (each denominator clamped to >= 1, as `aggregate`)."""
+    d = row_denominators(mask, mode, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+    return d / max(float(num_seqs), 1.0)
 
 
 def siren_token_penalty(entropy: Tensor, weights: Tensor, *, deviation: float, covered: float) -> Tensor:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lit_covrl.algorithms.advantages import per_token_advantages
 
-__all__ = ["ppo_token_loss", "ppo_clipped_tokens", "ppo_stats", "AGG_MODES", "aggregate"]
+__all__ = ["ppo_token_loss", "ppo_clipped_tokens", "ppo_stats", "AGG_MODES", "aggregate", "row_denominators"]
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -170,6 +170,51 @@ def _denominator(given: float | Tensor | None, default: Tensor | float, like: Te
     return torch.as_tensor(d, dtype=like.dtype, device=like.device).clamp(min=1.0)
 
 
+def _denominator_parts(mask: Tensor, mode: str, num_tokens, num_seqs, norm_length, like: Tensor
+                       ) -> tuple[Tensor | None, Tensor]:
+    """(row [N, 1] or None, shared []): `aggregate`'s denominators, in ``like``'s dtype/device, as
+    d_n = row_n * shared (row None: 1): aggregate = sum_n (sum_t loss_nt / row_n) / shared.
+
+    token-mean:              row 1,                shared num_tokens (default mask.sum())
+    seq-mean-token-sum:      row 1,                shared num_seqs (default N)
+    seq-mean-token-mean:     row len_n (valid),    shared num_seqs
+    seq-mean-token-sum-norm: row 1,                shared num_seqs * norm_length (default T)
+
+    Each count clamped to >= 1. Kept in two parts so that the callers' arithmetic (aggregate's,
+    and `entropic_weights`' ratios of two sets of denominators) rounds as it always has."""
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; valid: {list(AGG_MODES)}")
+    m = mask.bool()
+    if mode == "token-mean":
+        return None, _denominator(num_tokens, m.sum(), like)
+    seqs = _denominator(num_seqs, mask.shape[0], like)
+    if mode == "seq-mean-token-sum":
+        return None, seqs
+    if mode == "seq-mean-token-mean":
+        return m.sum(dim=-1, keepdim=True).to(like.dtype).clamp(min=1.0), seqs
+    length = float(mask.shape[-1] if norm_length is None else norm_length)
+    return None, seqs * max(length, 1.0)
+
+
+def row_denominators(
+    mask: Tensor,
+    mode: str,
+    *,
+    num_tokens: float | Tensor | None = None,
+    num_seqs: float | Tensor | None = None,
+    norm_length: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """[N, 1] d_n such that aggregate(x, mask, mode, num_tokens, num_seqs, norm_length) equals
+    sum_n sum_t x_nt mask_nt / d_n: num_tokens (token-mean), num_seqs (seq-mean-token-sum),
+    len_n * num_seqs (seq-mean-token-mean, len_n the row's valid tokens), num_seqs * norm_length
+    (seq-mean-token-sum-norm); same defaults and clamping as `aggregate`. The one place the modes'
+    denominators are written: SIREN's and EntroPIC's per-token weights are built on it."""
+    row, shared = _denominator_parts(mask, mode, num_tokens, num_seqs, norm_length,
+                                     torch.empty((), dtype=dtype, device=mask.device))
+    return (torch.ones(mask.shape[0], 1, dtype=dtype, device=mask.device) if row is None else row) * shared
+
+
 def aggregate(
     loss: Tensor,
     mask: Tensor,
@@ -188,19 +233,10 @@ def aggregate(
 
     Pass the optimizer mini-batch totals as num_tokens / num_seqs (and a fixed norm_length) when
     calling on micro-batches: the micro-batch aggregates then sum exactly to the mini-batch one.
-    Denominators are counts and are clamped to >= 1.
+    Denominators are counts and are clamped to >= 1 (per row: `row_denominators`).
     """
-    if mode not in AGG_MODES:
-        raise ValueError(f"unknown aggregation mode {mode!r}; valid: {list(AGG_MODES)}")
-    m = mask.bool()
-    masked = torch.where(m, loss, torch.zeros_like(loss))
-    if mode == "token-mean":
-        return masked.sum() / _denominator(num_tokens, m.sum(), loss)
-    seqs = _denominator(num_seqs, loss.shape[0], loss)
-    if mode == "seq-mean-token-sum":
-        return masked.sum() / seqs
-    if mode == "seq-mean-token-mean":
-        lengths = m.sum(dim=-1).to(loss.dtype).clamp(min=1.0)  # [N]
-        return (masked.sum(dim=-1) / lengths).sum() / seqs
-    length = float(mask.shape[-1] if norm_length is None else norm_length)
-    return masked.sum() / (seqs * max(length, 1.0))
+    row, shared = _denominator_parts(mask, mode, num_tokens, num_seqs, norm_length, loss)
+    masked = torch.where(mask.bool(), loss, torch.zeros_like(loss))
+    if row is None:
+        return masked.sum() / shared
+    return (masked.sum(dim=-1) / row.squeeze(-1)).sum() / shared
