@@ -1,5 +1,6 @@
 """Pure tensor math: advantages, PPO / GSPO / CISPO / CE-GPPO losses and aggregation, token covariance and
-selection, entropy controls, entropy and log-probs, KL estimators. No state, no config objects."""
+selection, entropy controls, clip-range controls (Archer, BAPO), entropy and log-probs, KL estimators.
+No state, no config objects."""
 from lit_covrl.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
     QUANTILE_ESTIMATORS,
@@ -17,6 +18,7 @@ from lit_covrl.algorithms.advantages import (
     unlikeliness_rewards,
     zero_variance_groups,
 )
+from lit_covrl.algorithms.clip_controls import archer_clip_bounds, bapo_contribution_sums, bapo_grid, bapo_search
 from lit_covrl.algorithms.covariance import (
     clip_cov_select,
     covariance_group_means,
@@ -37,11 +39,7 @@ from lit_covrl.algorithms.entropy import (
 from lit_covrl.algorithms.entropy_controls import (
     STEER_MAPPINGS,
     adaptive_entropy_coef,
-    archer_clip_bounds,
     archer_high_entropy,
-    bapo_contribution_sums,
-    bapo_grid,
-    bapo_search,
     entropic_alpha,
     entropic_high_prob,
     entropic_token_loss,

@@ -23,11 +23,11 @@ logp_t the log-prob of the sampled token, A_t its advantage; N sequences, T resp
   Reinforcement", arXiv 2506.01347): weight lambda on the tokens of responses with A > 0 (positive
   sample reinforcement, which sharpens the policy), 1 on those with A < 0 (negative sample
   reinforcement, which spreads the removed mass over the other tokens by the model's prior).
-- archer_high_entropy / archer_clip_bounds (Archer, Wang et al. 2025, "Stabilizing Knowledge,
-  Promoting Reasoning: Dual-Token Constraints for RLVR", arXiv 2507.15778; wizard-III/ArcherCodeR):
-  a token is high-entropy when H_t exceeds the `quantile` quantile (0.8) of the entropies of its own
-  response's valid tokens (strictly: a token equal to it is low-entropy); high-entropy tokens get a
-  wide clip range, the others a narrow one (per-token eps_low / eps_high).
+- archer_high_entropy (Archer, Wang et al. 2025, "Stabilizing Knowledge, Promoting Reasoning:
+  Dual-Token Constraints for RLVR", arXiv 2507.15778; wizard-III/ArcherCodeR): a token is
+  high-entropy when H_t exceeds the `quantile` quantile (0.8) of the entropies of its own
+  response's valid tokens (strictly: a token equal to it is low-entropy). Archer gives those
+  tokens a wide clip range (`clip_controls.archer_clip_bounds`); SimKO and SIREN select with it too.
 - entropic_alpha / entropic_high_prob / entropic_weights / entropic_token_loss (EntroPIC, Yang
   et al. 2025, arXiv 2511.15248; github.com/yk7333/EntroPIC): a PI controller on the entropy
   error e = H - H_target sets alpha = clip(K_p e + K_i sum of the earlier e, -1, 1), and the loss
@@ -50,12 +50,9 @@ logp_t the log-prob of the sampled token, A_t its advantage; N sequences, T resp
   averaged per response over those tokens and over the responses (H_bar), is held near an anchor
   a by the loss coef * (H_bar - a)^2, written as a per-token penalty whose aggregate with the
   loss's own mode has that value and that gradient.
-- bapo_grid / bapo_contribution_sums / bapo_search (BAPO, Xi et al. 2025, "Balanced Policy
-  Optimization with Adaptive Clipping", arXiv 2510.18927; WooooDyy/BAPO, recipe/bapo/policy_loss.py):
-  the ratio bounds c_low / c_high (explicit bounds on r = pi / pi_old, not 1 -/+ eps) are raised
-  step by step, c_low over its range first, then c_high, until the positive tokens' value of the
-  clipped objective, P = sum_{A>0} min(r, c_high) A, reaches `target` times the negative tokens',
-  N = sum_{A<0} max(r, c_low) |A|: P / (N + eps) >= target (inf when N = 0).
+
+The clip-range controls (Archer's per-token range, BAPO's searched bounds) are in
+`lit_covrl.algorithms.clip_controls`.
 """
 from __future__ import annotations
 
@@ -68,14 +65,10 @@ from lit_covrl.algorithms.advantages import per_token_advantages
 from lit_covrl.algorithms.losses import AGG_MODES, _denominator_parts, row_denominators
 
 __all__ = [
-    "bapo_contribution_sums",
-    "bapo_grid",
-    "bapo_search",
     "siren_agg_factor",
     "siren_row_weights",
     "siren_token_penalty",
     "adaptive_entropy_coef",
-    "archer_clip_bounds",
     "archer_high_entropy",
     "entropic_alpha",
     "entropic_high_prob",
@@ -144,65 +137,6 @@ def archer_high_entropy(entropy: Tensor, mask: Tensor, *, quantile: float) -> Te
     its last bits. quantile 1 selects no token; an empty row none."""
     tau = row_quantile(entropy, mask, quantile).unsqueeze(-1)
     return mask.bool() & (entropy.detach().double() > tau + TIE_TOL * tau.abs())
-
-
-def archer_clip_bounds(high: Tensor, *, low_entropy: tuple[float, float], high_entropy: tuple[float, float],
-                       dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(eps_low [N, T], eps_high [N, T]): `high_entropy` = (eps_low, eps_high) where `high`, else
-    `low_entropy`."""
-    lo = torch.where(high, high_entropy[0], low_entropy[0]).to(dtype)
-    hi = torch.where(high, high_entropy[1], low_entropy[1]).to(dtype)
-    return lo, hi
-
-
-def bapo_grid(start: float, stop: float, step: float) -> list[float]:
-    """The bounds the reference's search visits, in order: `start`, then min(previous + step, stop)
-    while the previous one is below `stop` (just `start` when step <= 0 or start >= stop). Python
-    floats added as the reference adds them (0.8 + 0.05 is 0.8500000000000001)."""
-    out, cur = [float(start)], float(start)
-    while step > 0 and cur < stop:
-        cur = min(cur + step, float(stop))
-        out.append(cur)
-    return out
-
-
-@torch.no_grad()
-def bapo_contribution_sums(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
-                           lows: list[float], highs: list[float], logratio_clamp: float = 20.0) -> Tensor:
-    """float64 [len(lows) + len(highs)]: the negative tokens' contribution N(c) = sum over valid
-    A < 0 tokens of max(r, c) |A| at each c in `lows`, then the positive tokens' P(c) = sum over
-    valid A > 0 tokens of min(r, c) A at each c in `highs` (r = exp(clamp(logp - old_logp, +-20))),
-    the two signs of the PPO-clipped objective's value. Sums: add them over micro-batches or ranks
-    before `bapo_search`."""
-    r = torch.exp((logp.detach().double() - old_logp.detach().double()).clamp(-logratio_clamp, logratio_clamp))
-    a = advantages.detach().double() * mask.detach().double()
-    pos, neg = a.clamp(min=0), (-a).clamp(min=0)
-    n = [(torch.clamp(r, min=c) * neg).sum() for c in lows]
-    p = [(torch.clamp(r, max=c) * pos).sum() for c in highs]
-    return torch.stack(n + p)
-
-
-def bapo_search(sums: Tensor | list[float], lows: list[float], highs: list[float], *, target: float,
-                eps: float = 1e-8) -> tuple[int, int, float]:
-    """(index into `lows`, index into `highs`, achieved P / (N + eps)) of the reference's search over
-    the summed `bapo_contribution_sums`: start at (lows[0], highs[0]); while the ratio is below
-    `target`, step c_low up its grid, then, if still below, c_high up its grid; stop as soon as it
-    is met or both grids are spent. N <= 0 gives an infinite ratio (met by any target)."""
-    vals = [float(v) for v in sums]
-    neg, pos = vals[: len(lows)], vals[len(lows):]
-
-    def ratio(i: int, j: int) -> float:
-        return math.inf if neg[i] <= 0 else pos[j] / (neg[i] + eps)
-
-    i = j = 0
-    rho = ratio(i, j)
-    while rho < target and i < len(lows) - 1:
-        i += 1
-        rho = ratio(i, j)
-    while rho < target and j < len(highs) - 1:
-        j += 1
-        rho = ratio(i, j)
-    return i, j, rho
 
 
 def adaptive_entropy_coef(
