@@ -17,7 +17,6 @@ so they resume exactly. Regularizers never see config objects; the math is in `a
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 from dataclasses import dataclass, field, replace
@@ -28,6 +27,16 @@ from torch import Tensor
 
 from lit_covrl import distributed
 from lit_covrl.algorithms import covariance_sums, token_covariance
+from lit_covrl.regularizers.checks import (  # noqa: F401 (re-exported: imported from here)
+    check_lookalikes,
+    check_nonnegative,
+    check_objective_stack,
+    check_ratio,
+    check_scheduled_ratio,
+    check_stack,
+    check_unique_names,
+    warn_inert_on_policy,
+)
 from lit_covrl.regularizers.schedules import Schedule
 from lit_covrl.types import PolicyBatch, TokenShaping
 
@@ -296,106 +305,3 @@ class Regularizer(Callback):
                 out[k if "/" in k else f"reg/{self.name}/{k}"] = sum(kept) / len(kept)
         self._metrics.clear()
         return out
-
-
-def check_unique_names(regularizers: list[Regularizer]) -> None:
-    """Each regularizer logs under reg/<name>/ and keeps its state under its name: two with the same
-    name would overwrite each other's metrics (and clash in checkpoints), so refuse them at start-up."""
-    seen: dict[str, int] = {}
-    for i, reg in enumerate(regularizers):
-        if reg.name in seen:
-            first = regularizers[seen[reg.name]]
-            raise ValueError(
-                f"two regularizers are named {reg.name!r} (regularizers [{seen[reg.name]}] {type(first).__name__} and "
-                f"[{i}] {type(reg).__name__}, in callback order): give one its own init_args.name, "
-                f"e.g. name: {reg.name}_2"
-            )
-        seen[reg.name] = i
-
-
-def check_stack(regularizers: list[Regularizer]) -> None:
-    """Start-up checks of the stacked regularizers: unique names, at most one that shifts the
-    advantage (each keeps |shift| < |A| on its own, so A never flips sign; two shifts add up and can
-    flip it: two EntropyAdvantage with kappa 1.5 turn negative advantages positive) and at most one
-    that sets a per-token clip range (a token has one clip range: two would have to be merged by a
-    rule neither defines)."""
-    for reg in regularizers:
-        reg._check_initialized()
-    check_unique_names(regularizers)
-    shifting = [r for r in regularizers if r.shifts_advantage]
-    if len(shifting) > 1:
-        raise ValueError(
-            f"{len(shifting)} regularizers shift the advantage ({', '.join(repr(r.name) for r in shifting)}): "
-            "their shifts add up and can flip the advantage's sign; keep one (raise its alpha instead)"
-        )
-    thresholds = sorted({float(r.needs_min_p) for r in regularizers if r.needs_min_p})
-    if len(thresholds) > 1:
-        asking = ", ".join(f"{r.name!r} ({r.needs_min_p})" for r in regularizers if r.needs_min_p)
-        raise ValueError(f"regularizers ask for min-p proxies of different thresholds ({asking}): the training "
-                         "forward computes one; give them the same min_p")
-    nuclei = {tuple(r.needs_topp_entropy) for r in regularizers if r.needs_topp_entropy}
-    if len(nuclei) > 1:
-        asking = [f"{r.name!r} {tuple(r.needs_topp_entropy)}" for r in regularizers if r.needs_topp_entropy]
-        raise ValueError(f"regularizers ask for the entropy of different nuclei (top_p, top_k): {', '.join(asking)}; "
-                         "the training forward computes one: give them the same top_p and top_k")
-    clipping = [r for r in regularizers if r.sets_clip_range]
-    if len(clipping) > 1:
-        raise ValueError(
-            f"{len(clipping)} regularizers set a per-token clip range "
-            f"({', '.join(f'{r.name!r} ({type(r).__name__})' for r in clipping)}): a token has one clip range and "
-            "neither says how to merge them; keep one"
-        )
-
-
-def check_objective_stack(objective, regularizers: list[Regularizer], where: str = "model.objective.init_args") -> None:
-    """The objective against the regularizers' per-token clip range (GSPO takes none; CE-GPPO's
-    dual-clip bound on beta1 (1 - eps_low)) and against each regularizer's own
-    `check_objective` (SimKO: token-level objectives only): refused at start-up, naming both.
-    The objective's own clip_low / clip_high set away from their defaults (under `where`:
-    model.loss for the default PPOClip) are replaced on every token by such a range: a warning."""
-    for reg in regularizers:
-        if reg.sets_clip_range:
-            objective.check_token_clip(*reg.clip_values(), owner=f"{type(reg).__name__} (regularizer {reg.name!r})")
-            defaults = inspect.signature(type(objective).__init__).parameters
-            for key in ("clip_low", "clip_high"):
-                p = defaults.get(key)
-                if p is not None and hasattr(objective, key) and getattr(objective, key) != p.default:
-                    log.warning("%s.%s=%r has no effect: %s (regularizer %r) sets every token's clip range in place "
-                                "of the objective's (set the range in its init_args)", where, key,
-                                getattr(objective, key), type(reg).__name__, reg.name)
-        reg.check_objective(objective)
-
-
-def warn_inert_on_policy(reg: Regularizer, pl_module, why: str) -> None:
-    """A warning, once per regularizer, when every update of a rollout is on policy (one update per
-    rollout), where a control that compares the current policy with the rollout's does nothing."""
-    if getattr(pl_module, "updates_per_rollout", None) == 1 and not getattr(reg, "_warned_inert", False):
-        reg._warned_inert = True
-        log.warning("%s has no effect with a single on-policy update per rollout: %s. "
-                    "Use several mini-batches or ppo_epochs > 1.", type(reg).__name__, why)
-
-
-def check_ratio(field_name: str, value: float) -> None:
-    if not (0.0 < value <= 1.0):
-        raise ValueError(f"{field_name} must be in (0, 1], got {value!r}")
-
-
-def check_scheduled_ratio(field_name: str, schedule: Schedule) -> None:
-    """A schedule that anneals a ratio must end in [0, 1] (0 switches the control off)."""
-    if schedule.name != "constant" and schedule.final > 1.0:
-        raise ValueError(f"{field_name}: schedule.final must be in [0, 1] (a fraction of tokens), got {schedule.final!r}")
-
-
-def check_nonnegative(field_name: str, value: float) -> None:
-    if value is None or value < 0:
-        raise ValueError(f"{field_name} must be >= 0, got {value!r}")
-
-
-def check_lookalikes(callbacks: list) -> None:
-    """A callback with `prepare` and `shape` methods that is no `Regularizer` subclass is never
-    asked for them (the learner collects Regularizer instances): refuse it rather than train as if
-    it were not there."""
-    for cb in callbacks:
-        if not isinstance(cb, Regularizer) and callable(getattr(cb, "shape", None)) and callable(getattr(cb, "prepare", None)):
-            raise ValueError(f"trainer.callbacks: {type(cb).__name__} has prepare() and shape() like a regularizer but "
-                             "does not subclass lit_covrl.regularizers.Regularizer, so it would be ignored; subclass it")
