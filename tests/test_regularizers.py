@@ -428,3 +428,56 @@ def test_weighted_reinforce_settings_are_checked(kw, match):
 
     with pytest.raises(ValueError, match=match):
         WeightedReinforce(**kw)
+
+
+def test_check_number_takes_finite_ints_and_floats_in_range_and_names_the_setting():
+    """The regularizers' constructors check their numbers with one helper: bool, str, None, inf and
+    nan are refused as well as out-of-range values, an open end excludes its bound, and the message
+    states the range (or the caller's wording)."""
+    import math
+
+    from lit_covrl.regularizers.checks import check_number
+
+    assert check_number("X.a", 0) == 0.0 and isinstance(check_number("X.a", 3), float)
+    assert check_number("X.a", 1, high=1.0) == 1.0 and check_number("X.a", 0.5, high=1.0, low_open=True) == 0.5
+    for bad in (True, "0.5", None, math.inf, math.nan, -1e-9):
+        with pytest.raises(ValueError, match=r"^X\.a=.* is invalid: must be a finite number >= 0$"):
+            check_number("X.a", bad)
+    with pytest.raises(ValueError, match=r"^X\.a=0 is invalid: must be a finite number in \(0, 1\]$"):
+        check_number("X.a", 0, high=1.0, low_open=True)
+    with pytest.raises(ValueError, match=r"^X\.a=1 is invalid: must be a finite number in \[0, 1\)$"):
+        check_number("X.a", 1, high=1.0, high_open=True)
+    with pytest.raises(ValueError, match=r"^X\.a=1 is invalid: must be a finite number > 1$"):
+        check_number("X.a", 1, low=1.0, low_open=True)
+    with pytest.raises(ValueError, match=r"^X\.a=0\.5 is invalid: must be a finite number in \[1, 2\]$"):
+        check_number("X.a", 0.5, low=1.0, high=2.0)
+    with pytest.raises(ValueError, match=r"^X\.a=2 is invalid: must be a probability$"):
+        check_number("X.a", 2, high=1.0, must="a probability")
+
+
+@pytest.mark.parametrize("cls, kw, message", [
+    ("LpReg", {"beta": -1}, "LpReg.beta=-1 is invalid: must be a finite number >= 0"),
+    ("LpReg", {"min_p": 0}, "LpReg.min_p=0 is invalid: must be a finite number in (0, 1]"),
+    ("LpReg", {"neg_ratio": True}, "LpReg.neg_ratio=True is invalid: must be a finite number in [0, 1]"),
+    ("SIREN", {"coef": float("inf")}, "SIREN.coef=inf is invalid: must be a finite number >= 0"),
+    ("SIREN", {"top_p": 0.0}, "SIREN.top_p=0.0 is invalid: must be a probability in (0, 1]"),
+    ("SIREN", {"quantile": 1}, "SIREN.quantile=1 is invalid: must be in [0, 1) (1 selects no token)"),
+    ("SIREN", {"anchor": -0.5}, "SIREN.anchor=-0.5 is invalid: must be an entropy >= 0 (nats) or null (measured)"),
+    ("BAPO", {"low_max": 1.5}, "BAPO.low_max=1.5 is invalid: must be a finite number in [0, 1]"),
+    ("BAPO", {"high_start": 0.9}, "BAPO.high_start=0.9 is invalid: must be a finite number >= 1"),
+    ("BAPO", {"eps": "1e-8"}, "BAPO.eps='1e-8' is invalid: must be a finite number >= 0"),
+    ("Archer", {"quantile": float("nan")}, "Archer.quantile=nan is invalid: must be in [0, 1]"),
+    ("Archer", {"high_entropy_clip_low": 1.5}, "Archer.high_entropy_clip_low=1.5 is invalid: must be a finite number "
+                                               ">= 0 and <= 1 (the ratio is clipped at 1 - clip_low >= 0)"),
+    ("Archer", {"low_entropy_clip_high": float("inf")},
+     "Archer.low_entropy_clip_high=inf is invalid: must be a finite number >= 0"),
+    ("Archer", {"high_entropy_kl_scale": -1}, "Archer.high_entropy_kl_scale=-1 is invalid: must be a finite number >= 0"),
+    ("SimKO", {"tau": 1.5}, "SimKO.tau=1.5 is invalid: must be a finite number >= 0 and <= 1"),
+    ("SimKO", {"incorrect_top1_scale": None}, "SimKO.incorrect_top1_scale=None is invalid: must be a finite number >= 0"),
+])
+def test_regularizer_settings_are_refused_with_their_own_messages(cls, kw, message):
+    import lit_covrl.regularizers as regs
+
+    with pytest.raises(ValueError) as err:
+        getattr(regs, cls)(**kw)
+    assert str(err.value) == message

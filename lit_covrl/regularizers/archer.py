@@ -44,6 +44,7 @@ from torch import Tensor
 
 from lit_covrl.algorithms import archer_clip_bounds, archer_high_entropy
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
+from lit_covrl.regularizers.checks import check_number
 from lit_covrl.regularizers.entropy_selection import _global_frac
 from lit_covrl.types import PolicyBatch, TokenShaping
 
@@ -82,24 +83,16 @@ class Archer(Regularizer):
             name: metric namespace (reg/<name>/...).
         """
         super().__init__(None, name)
-        if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0 <= quantile <= 1:
-            raise ValueError(f"Archer.quantile={quantile!r} is invalid: must be in [0, 1]")
-        for field, v in (("low_entropy_clip_low", low_entropy_clip_low), ("low_entropy_clip_high", low_entropy_clip_high),
-                         ("high_entropy_clip_low", high_entropy_clip_low),
-                         ("high_entropy_clip_high", high_entropy_clip_high)):
-            top = 1.0 if field.endswith("_low") else float("inf")  # the ratio is clipped at 1 - clip_low >= 0
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= top or v == float("inf"):
-                raise ValueError(f"Archer.{field}={v!r} is invalid: must be a finite number >= 0"
-                                 + (" and <= 1 (the ratio is clipped at 1 - clip_low >= 0)" if top == 1.0 else ""))
-        if (isinstance(high_entropy_kl_scale, bool) or not isinstance(high_entropy_kl_scale, (int, float))
-                or not 0 <= high_entropy_kl_scale < float("inf")):
-            raise ValueError(f"Archer.high_entropy_kl_scale={high_entropy_kl_scale!r} is invalid: must be a finite "
-                             "number >= 0")
-        self.quantile = float(quantile)
+        self.quantile = check_number("Archer.quantile", quantile, high=1.0, must="in [0, 1]")
         # kept under the constructor's names, so the run's description (HPARAMS, resume) has them
-        self.low_entropy_clip_low, self.low_entropy_clip_high = float(low_entropy_clip_low), float(low_entropy_clip_high)
-        self.high_entropy_clip_low, self.high_entropy_clip_high = float(high_entropy_clip_low), float(high_entropy_clip_high)
-        self.high_entropy_kl_scale = float(high_entropy_kl_scale)
+        low_side = "a finite number >= 0 and <= 1 (the ratio is clipped at 1 - clip_low >= 0)"
+        self.low_entropy_clip_low = check_number("Archer.low_entropy_clip_low", low_entropy_clip_low, high=1.0,
+                                                 must=low_side)
+        self.low_entropy_clip_high = check_number("Archer.low_entropy_clip_high", low_entropy_clip_high)
+        self.high_entropy_clip_low = check_number("Archer.high_entropy_clip_low", high_entropy_clip_low, high=1.0,
+                                                  must=low_side)
+        self.high_entropy_clip_high = check_number("Archer.high_entropy_clip_high", high_entropy_clip_high)
+        self.high_entropy_kl_scale = check_number("Archer.high_entropy_kl_scale", high_entropy_kl_scale)
         self._bounds: tuple[Tensor, Tensor] | None = None
         self._high: Tensor | None = None
 

@@ -37,15 +37,9 @@ from torch import Tensor
 
 from lit_covrl import distributed
 from lit_covrl.algorithms import bapo_contribution_sums, bapo_grid, bapo_search
-from lit_covrl.regularizers.base import MiniBatchContext, Regularizer, warn_inert_on_policy
+from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
+from lit_covrl.regularizers.checks import check_number, warn_inert_on_policy
 from lit_covrl.types import PolicyBatch, TokenShaping
-
-
-def _number(field: str, v, *, low: float = 0.0, high: float = math.inf) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (low <= v <= high) or math.isinf(v):
-        bound = f"in [{low:g}, {high:g}]" if high != math.inf else f">= {low:g}"
-        raise ValueError(f"BAPO.{field}={v!r} is invalid: must be a finite number {bound}")
-    return float(v)
 
 
 class BAPO(Regularizer):
@@ -81,14 +75,14 @@ class BAPO(Regularizer):
             name: metric namespace (reg/<name>/...).
         """
         super().__init__(None, name)
-        self.target = _number("target", target)
-        self.low_start = _number("low_start", low_start, high=1.0)
-        self.low_max = _number("low_max", low_max, high=1.0)
-        self.low_step = _number("low_step", low_step)
-        self.high_start = _number("high_start", high_start, low=1.0)
-        self.high_max = _number("high_max", high_max, low=1.0)
-        self.high_step = _number("high_step", high_step)
-        self.eps = _number("eps", eps)
+        self.target = check_number("BAPO.target", target)
+        self.low_start = check_number("BAPO.low_start", low_start, high=1.0)
+        self.low_max = check_number("BAPO.low_max", low_max, high=1.0)
+        self.low_step = check_number("BAPO.low_step", low_step)
+        self.high_start = check_number("BAPO.high_start", high_start, low=1.0)
+        self.high_max = check_number("BAPO.high_max", high_max, low=1.0)
+        self.high_step = check_number("BAPO.high_step", high_step)
+        self.eps = check_number("BAPO.eps", eps)
         if self.low_max < self.low_start:
             raise ValueError(f"BAPO.low_max={low_max!r} is below BAPO.low_start={low_start!r}: c_low only rises")
         if self.high_max < self.high_start:

@@ -30,6 +30,7 @@ from lit_covrl.algorithms import covariance_sums, token_covariance
 from lit_covrl.regularizers.checks import (  # noqa: F401 (re-exported: imported from here)
     check_lookalikes,
     check_nonnegative,
+    check_number,
     check_objective_stack,
     check_ratio,
     check_scheduled_ratio,

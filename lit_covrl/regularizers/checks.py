@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from typing import TYPE_CHECKING
 
 from lit_covrl.regularizers.schedules import Schedule
@@ -106,6 +107,24 @@ def check_scheduled_ratio(field_name: str, schedule: Schedule) -> None:
 def check_nonnegative(field_name: str, value: float) -> None:
     if value is None or value < 0:
         raise ValueError(f"{field_name} must be >= 0, got {value!r}")
+
+
+def check_number(owner_field: str, value, *, low: float = 0.0, high: float = math.inf, low_open: bool = False,
+                 high_open: bool = False, must: str | None = None) -> float:
+    """`value` as a float if it is a finite int or float (not a bool) from `low` to `high` (either end
+    excluded when open), else a ValueError "<owner_field>=<value!r> is invalid: must be <must>";
+    `must` defaults to "a finite number" and the range: ">= low" (or "> low") when `high` is inf,
+    else "in [low, high]" with a "(" or ")" at an open end."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (low < value if low_open else low <= value) and (value < high if high_open else value <= high))
+    if not ok:
+        if must is None:
+            if high == math.inf:
+                must = f"a finite number {'>' if low_open else '>='} {low:g}"
+            else:
+                must = f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{owner_field}={value!r} is invalid: must be {must}")
+    return float(value)
 
 
 def check_lookalikes(callbacks: list) -> None:

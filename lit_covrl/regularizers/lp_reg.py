@@ -43,13 +43,13 @@ no dual-clip), the only tokens the recipe selects.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
 from lit_covrl import distributed
 from lit_covrl.algorithms import lp_reg_kl, lp_reg_lowest
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer, select_globally
+from lit_covrl.regularizers.checks import check_number
 from lit_covrl.types import PolicyBatch, TokenShaping
 
 log = logging.getLogger(__name__)
@@ -75,15 +75,10 @@ class LpReg(Regularizer):
             name: metric namespace (reg/<name>/...).
         """
         super().__init__(None, name)
-        for field, v, lo_open in (("beta", beta, False), ("min_p", min_p, True), ("neg_ratio", neg_ratio, False),
-                                  ("pos_ratio", pos_ratio, False)):
-            top = math.inf if field == "beta" else 1.0
-            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= top
-            if not ok or (lo_open and v == 0):
-                raise ValueError(f"LpReg.{field}={v!r} is invalid: must be a finite number "
-                                 + {"beta": ">= 0", "min_p": "in (0, 1]"}.get(field, "in [0, 1]"))
-        self.beta, self.min_p = float(beta), float(min_p)
-        self.neg_ratio, self.pos_ratio = float(neg_ratio), float(pos_ratio)
+        self.beta = check_number("LpReg.beta", beta)
+        self.min_p = check_number("LpReg.min_p", min_p, high=1.0, low_open=True)
+        self.neg_ratio = check_number("LpReg.neg_ratio", neg_ratio, high=1.0)
+        self.pos_ratio = check_number("LpReg.pos_ratio", pos_ratio, high=1.0)
         self.selected: torch.Tensor | None = None  # [n, T] bool for the current mini-batch
         self._sums: torch.Tensor | None = None
         self._checked_empty = False

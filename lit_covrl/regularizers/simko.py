@@ -38,6 +38,7 @@ import torch
 from lit_covrl import distributed
 from lit_covrl.algorithms import simko_logp_grad, simko_tokens
 from lit_covrl.regularizers.base import Regularizer
+from lit_covrl.regularizers.checks import check_number
 from lit_covrl.types import PolicyBatch, TokenShaping
 
 
@@ -64,14 +65,11 @@ class SimKO(Regularizer):
         super().__init__(None, name)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"SimKO.top_k={top_k!r} is invalid: must be an integer >= 1")
-        for field, v, top in (("mix_topk_coef", mix_topk_coef, 1.0), ("tau", tau, 1.0),
-                              ("incorrect_top1_scale", incorrect_top1_scale, float("inf"))):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= top or v == float("inf"):
-                raise ValueError(f"SimKO.{field}={v!r} is invalid: must be a finite number >= 0"
-                                 + (" and <= 1" if top == 1.0 else ""))
         self.top_k = int(top_k)
-        self.mix_topk_coef, self.tau = float(mix_topk_coef), float(tau)
-        self.incorrect_top1_scale = float(incorrect_top1_scale)
+        unit = "a finite number >= 0 and <= 1"
+        self.mix_topk_coef = check_number("SimKO.mix_topk_coef", mix_topk_coef, high=1.0, must=unit)
+        self.tau = check_number("SimKO.tau", tau, high=1.0, must=unit)
+        self.incorrect_top1_scale = check_number("SimKO.incorrect_top1_scale", incorrect_top1_scale)
         self._sums: torch.Tensor | None = None
 
     @property

@@ -39,18 +39,13 @@ Where we differ from the reference code:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from lit_covrl import distributed
 from lit_covrl.algorithms import archer_high_entropy, siren_agg_factor, siren_row_weights, siren_token_penalty
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
+from lit_covrl.regularizers.checks import check_number
 from lit_covrl.types import PolicyBatch, TokenShaping
-
-
-def _finite(v) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 class SIREN(Regularizer):
@@ -74,18 +69,15 @@ class SIREN(Regularizer):
             name: metric namespace (reg/<name>/...).
         """
         super().__init__(None, name)
-        if not _finite(coef) or coef < 0:
-            raise ValueError(f"SIREN.coef={coef!r} is invalid: must be a finite number >= 0")
-        if not _finite(top_p) or not 0 < top_p <= 1:
-            raise ValueError(f"SIREN.top_p={top_p!r} is invalid: must be a probability in (0, 1]")
+        self.coef = check_number("SIREN.coef", coef)
+        self.top_p = check_number("SIREN.top_p", top_p, high=1.0, low_open=True, must="a probability in (0, 1]")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"SIREN.top_k={top_k!r} is invalid: must be an integer >= 1")
-        if not _finite(quantile) or not 0 <= quantile < 1:
-            raise ValueError(f"SIREN.quantile={quantile!r} is invalid: must be in [0, 1) (1 selects no token)")
-        if anchor is not None and (not _finite(anchor) or anchor < 0):
-            raise ValueError(f"SIREN.anchor={anchor!r} is invalid: must be an entropy >= 0 (nats) or null (measured)")
-        self.coef, self.top_p, self.top_k, self.quantile = float(coef), float(top_p), int(top_k), float(quantile)
-        self.anchor = None if anchor is None else float(anchor)
+        self.top_k = int(top_k)
+        self.quantile = check_number("SIREN.quantile", quantile, high=1.0, high_open=True,
+                                     must="in [0, 1) (1 selects no token)")
+        self.anchor = None if anchor is None else check_number(
+            "SIREN.anchor", anchor, must="an entropy >= 0 (nats) or null (measured)")
         self._anchor: float | None = self.anchor  # in effect (saved by state_dict)
         self.weights: torch.Tensor | None = None  # coef * f * w of the prepared mini-batch
         self._deviation = 0.0
