@@ -481,3 +481,29 @@ def test_regularizer_settings_are_refused_with_their_own_messages(cls, kw, messa
     with pytest.raises(ValueError) as err:
         getattr(regs, cls)(**kw)
     assert str(err.value) == message
+
+
+def test_a_clip_range_regularizer_gives_its_prepared_rows_as_the_tokens_clip_range():
+    """Archer and BAPO share ClipRangeRegularizer: `prepare` fills `_bounds` [n, T]; `clip_bounds`
+    returns them and `shape` the micro-batch's rows in the log-probs' dtype (refused before prepare)."""
+    from lit_covrl.regularizers import BAPO, Archer
+    from lit_covrl.regularizers.base import ClipRangeRegularizer
+
+    class Fixed(ClipRangeRegularizer):
+        def prepare(self, ctx):
+            self._bounds = (torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]),
+                            torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+
+    reg = Fixed()
+    assert reg.sets_clip_range and reg.clip_bounds() is None and issubclass(Archer, ClipRangeRegularizer)
+    assert issubclass(BAPO, ClipRangeRegularizer)
+    logp = torch.zeros(2, 2, dtype=torch.float64)
+    batch = PolicyBatch(torch.tensor([2, 0]), logp, logp, logp, torch.ones(2, 2))
+    with pytest.raises(AssertionError, match="prepare"):
+        reg.shape(batch)
+    reg.prepare(None)
+    assert reg.clip_bounds()[1][2, 1] == 6.0
+    s = reg.shape(batch)
+    assert s.clip_low.dtype == torch.float64
+    assert torch.allclose(s.clip_low, torch.tensor([[0.5, 0.6], [0.1, 0.2]], dtype=torch.float64))
+    assert s.clip_high.tolist() == [[5.0, 6.0], [1.0, 2.0]]

@@ -43,20 +43,18 @@ import torch
 from torch import Tensor
 
 from lit_covrl.algorithms import archer_clip_bounds, archer_high_entropy
-from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
+from lit_covrl.regularizers.base import ClipRangeRegularizer, MiniBatchContext
 from lit_covrl.regularizers.checks import check_number
 from lit_covrl.regularizers.entropy_selection import _global_frac
-from lit_covrl.types import PolicyBatch, TokenShaping
 
 log = logging.getLogger("lit_covrl")
 
 
-class Archer(Regularizer):
+class Archer(ClipRangeRegularizer):
     """Dual-token constraints: a wide clip range (and a scaled KL to the reference) for each
     response's high-entropy tokens, a narrow one for the others."""
 
     needs_current_entropy = True
-    sets_clip_range = True
     default_name = "archer"
     chart_metrics = {"Control": ("high_entropy_frac",)}
 
@@ -93,7 +91,6 @@ class Archer(Regularizer):
                                                   must=low_side)
         self.high_entropy_clip_high = check_number("Archer.high_entropy_clip_high", high_entropy_clip_high)
         self.high_entropy_kl_scale = check_number("Archer.high_entropy_kl_scale", high_entropy_kl_scale)
-        self._bounds: tuple[Tensor, Tensor] | None = None
         self._high: Tensor | None = None
 
     @property
@@ -128,15 +125,7 @@ class Archer(Regularizer):
                                           dtype=ctx.mask.dtype)
         self.record("high_entropy_frac", _global_frac(high, ctx.mask))
 
-    def clip_bounds(self) -> tuple[Tensor, Tensor] | None:
-        return self._bounds
-
     def kl_scale(self) -> Tensor | None:
         if self._high is None or self.high_entropy_kl_scale == 1:
             return None
         return torch.where(self._high, self.high_entropy_kl_scale, 1.0).to(torch.float32)
-
-    def shape(self, batch: PolicyBatch) -> TokenShaping:
-        assert self._bounds is not None, "prepare() must run before shape()"
-        lo, hi = self._bounds
-        return TokenShaping(clip_low=lo[batch.rows].to(batch.logp.dtype), clip_high=hi[batch.rows].to(batch.logp.dtype))

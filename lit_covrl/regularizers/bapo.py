@@ -33,21 +33,18 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
 
 from lit_covrl import distributed
 from lit_covrl.algorithms import bapo_contribution_sums, bapo_grid, bapo_search
-from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
+from lit_covrl.regularizers.base import ClipRangeRegularizer, MiniBatchContext
 from lit_covrl.regularizers.checks import check_number, warn_inert_on_policy
-from lit_covrl.types import PolicyBatch, TokenShaping
 
 
-class BAPO(Regularizer):
+class BAPO(ClipRangeRegularizer):
     """Adaptive clipping: per mini-batch, the PPO ratio bounds are raised (c_low first, then c_high)
     until the positive tokens' clipped-objective contribution reaches `target` x the negative ones'."""
 
     needs_current_logp = True
-    sets_clip_range = True
     default_name = "bapo"
     chart_metrics = {"Control": ("clip_low", "clip_high", "pos_contribution")}
 
@@ -89,7 +86,6 @@ class BAPO(Regularizer):
             raise ValueError(f"BAPO.high_max={high_max!r} is below BAPO.high_start={high_start!r}: c_high only rises")
         self.lows = bapo_grid(self.low_start, self.low_max, self.low_step)
         self.highs = bapo_grid(self.high_start, self.high_max, self.high_step)
-        self._bounds: tuple[Tensor, Tensor] | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
         warn_inert_on_policy(self, pl_module, "the ratio is 1, so no token is clipped whatever bounds it finds")
@@ -111,11 +107,3 @@ class BAPO(Regularizer):
         if pos + neg > 0:  # a mini-batch of A = 0 tokens only has none
             self.record("pos_contribution", pos / (pos + neg))
         self.record("pos_neg_ratio", rho, when=math.isfinite(rho))
-
-    def clip_bounds(self) -> tuple[Tensor, Tensor] | None:
-        return self._bounds
-
-    def shape(self, batch: PolicyBatch) -> TokenShaping:
-        assert self._bounds is not None, "prepare() must run before shape()"
-        lo, hi = self._bounds
-        return TokenShaping(clip_low=lo[batch.rows].to(batch.logp.dtype), clip_high=hi[batch.rows].to(batch.logp.dtype))

@@ -306,3 +306,21 @@ class Regularizer(Callback):
                 out[k if "/" in k else f"reg/{self.name}/{k}"] = sum(kept) / len(kept)
         self._metrics.clear()
         return out
+
+
+class ClipRangeRegularizer(Regularizer):
+    """A regularizer that sets every token's clip range (`sets_clip_range`; Archer, BAPO): its
+    `prepare` stores the mini-batch's per-token (eps_low, eps_high) [n, T] in `_bounds`, which
+    `clip_bounds` returns and `shape` gives, for the micro-batch's rows, as TokenShaping.clip_low /
+    clip_high. A subclass still defines `clip_values` (every bound it may set)."""
+
+    sets_clip_range = True
+    _bounds: tuple[Tensor, Tensor] | None = None
+
+    def clip_bounds(self) -> tuple[Tensor, Tensor] | None:
+        return self._bounds
+
+    def shape(self, batch: PolicyBatch) -> TokenShaping:
+        assert self._bounds is not None, "prepare() must run before shape()"
+        lo, hi = self._bounds
+        return TokenShaping(clip_low=lo[batch.rows].to(batch.logp.dtype), clip_high=hi[batch.rows].to(batch.logp.dtype))
