@@ -174,7 +174,9 @@ def test_startup_refusals_name_the_fields():
                       (dict(high_start=0.9), "BAPO.high_start"), (dict(high_max=math.inf), "BAPO.high_max"),
                       (dict(high_step=None), "BAPO.high_step"), (dict(eps=-1.0), "BAPO.eps"),
                       (dict(low_start=0.9, low_max=0.85), "BAPO.low_max"),
-                      (dict(high_start=2.5, high_max=2.0), "BAPO.high_max"), (dict(target=True), "BAPO.target")):
+                      (dict(high_start=2.5, high_max=2.0), "BAPO.high_max"), (dict(target=True), "BAPO.target"),
+                      # a grid of 1e10 bounds (high_max 1e9 by 0.1) froze the start-up building it
+                      (dict(high_max=1e9), "BAPO.high_step"), (dict(low_step=1e-6), "BAPO.low_step")):
         with pytest.raises(ValueError, match=field.replace(".", r"\.")):
             BAPO(**kw)
 

@@ -40,6 +40,9 @@ from lit_covrl.regularizers.base import ClipRangeRegularizer, MiniBatchContext
 from lit_covrl.regularizers.checks import check_number, warn_inert_on_policy
 
 
+_MAX_GRID = 1000  # search steps per bound (the recipe's: 3 and 8); a larger grid is a typo, not a search
+
+
 class BAPO(ClipRangeRegularizer):
     """Adaptive clipping: per mini-batch, the PPO ratio bounds are raised (c_low first, then c_high)
     until the positive tokens' clipped-objective contribution reaches `target` x the negative ones'."""
@@ -84,6 +87,11 @@ class BAPO(ClipRangeRegularizer):
             raise ValueError(f"BAPO.low_max={low_max!r} is below BAPO.low_start={low_start!r}: c_low only rises")
         if self.high_max < self.high_start:
             raise ValueError(f"BAPO.high_max={high_max!r} is below BAPO.high_start={high_start!r}: c_high only rises")
+        for side, start, stop, step in (("low", self.low_start, self.low_max, self.low_step),
+                                        ("high", self.high_start, self.high_max, self.high_step)):
+            if step > 0 and (stop - start) / step > _MAX_GRID:  # each grid bound costs a sum per mini-batch
+                raise ValueError(f"BAPO.{side}_step={step!r} is invalid: ({side}_max - {side}_start) / {side}_step "
+                                 f"is {(stop - start) / step:.3g} search steps, more than {_MAX_GRID}")
         self.lows = bapo_grid(self.low_start, self.low_max, self.low_step)
         self.highs = bapo_grid(self.high_start, self.high_max, self.high_step)
 
