@@ -92,15 +92,19 @@ def test_a_mini_batch_without_advantages_keeps_the_start_range_and_logs_no_share
     assert reg.pop_metrics() == {"reg/bapo/clip_low": 0.8, "reg/bapo/clip_high": 1.2}
 
 
-@pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("target", [0.3, 0.5, 0.9, 1.5])
-def test_search_matches_a_float64_loop_of_the_reference(seed, target):
+def _random_batch(seed: int, n: int = 6, t: int = 7):
+    """(logp, old_logp, advantages, mask) float64 [n, t]: ~15 % padding, ratios spread by e^(0.5 z)."""
     g = torch.Generator().manual_seed(seed)
-    n, t = 6, 7
     mask = (torch.rand(n, t, generator=g) < 0.85).double()
     logp = -torch.rand(n, t, generator=g, dtype=torch.float64) * 2
     old = logp + 0.5 * torch.randn(n, t, generator=g, dtype=torch.float64)
-    adv = torch.randn(n, 1, generator=g, dtype=torch.float64).expand(n, t).clone()
+    return logp, old, torch.randn(n, 1, generator=g, dtype=torch.float64).expand(n, t).clone(), mask
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.9, 1.5])
+def test_search_matches_a_float64_loop_of_the_reference(seed, target):
+    logp, old, adv, mask = _random_batch(seed)
     reg = BAPO(target=target)
     reg.prepare(_ctx(logp, old, adv, mask))
     lo, hi, rho = _reference_search(logp, old, adv, mask, target=target, low=(0.8, 0.95, 0.05), high=(1.2, 2.0, 0.1))
@@ -117,12 +121,7 @@ def test_searches_that_move_each_bound_are_covered():
     seen = set()
     for seed in range(6):
         for target in (0.3, 0.5, 0.9, 1.5):
-            g = torch.Generator().manual_seed(seed)
-            n, t = 6, 7
-            mask = (torch.rand(n, t, generator=g) < 0.85).double()
-            logp = -torch.rand(n, t, generator=g, dtype=torch.float64) * 2
-            old = logp + 0.5 * torch.randn(n, t, generator=g, dtype=torch.float64)
-            adv = torch.randn(n, 1, generator=g, dtype=torch.float64).expand(n, t).clone()
+            logp, old, adv, mask = _random_batch(seed)
             lo, hi, _ = _reference_search(logp, old, adv, mask, target=target, low=(0.8, 0.95, 0.05),
                                           high=(1.2, 2.0, 0.1))
             seen.add(("low_start" if lo == 0.8 else "low_max" if lo == 0.95 else "low_mid",
