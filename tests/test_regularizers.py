@@ -293,6 +293,27 @@ def test_recorded_metrics_are_means_over_the_records_where_kept():
     assert reg.pop_metrics() == {}  # popped: the next step starts empty
 
 
+def test_step_sums_add_each_micro_batch_in_float64_and_start_again_after_pop():
+    """StepSums (the step's metric numerators and denominators of LpReg, SimKO, EntropyAdvantage,
+    ReferenceKL): two micro-batches' sums are added by name, in float64 (2^24 + 1 is lost in
+    float32), without grad; pop gives them and starts the next step at zero."""
+    from lit_covrl.regularizers.base import StepSums
+
+    sums = StepSums("num", "tokens")
+    x = torch.tensor(2.0, requires_grad=True)
+    sums.add(num=torch.tensor(2.0**24), tokens=x * 3)  # micro-batch 1: 16777216 over 6 tokens
+    sums.add(num=torch.tensor(1.0), tokens=torch.tensor(2.0))  # micro-batch 2: 1 over 2
+    total = sums.pop()
+    assert list(total) == ["num", "tokens"]
+    assert all(v.dtype == torch.float64 and v.dim() == 0 and not v.requires_grad for v in total.values())
+    assert (total["num"].item(), total["tokens"].item()) == (16777217.0, 8.0)
+    assert {k: v.item() for k, v in sums.pop().items()} == {"num": 0.0, "tokens": 0.0}  # nothing added since
+    sums.add(num=torch.tensor(5.0), tokens=torch.tensor(4.0))
+    assert {k: v.item() for k, v in sums.pop().items()} == {"num": 5.0, "tokens": 4.0}  # not 16777222 / 12
+    with pytest.raises(AssertionError, match="expected num, tokens"):
+        sums.add(tokens=torch.tensor(1.0), num=torch.tensor(1.0))  # by name, in order
+
+
 def test_selected_token_means_are_over_the_mini_batches_that_selected_some():
     """KL-Cov selects nothing on its on-policy first update and 4 tokens on the next: the step's
     selected_frac averages both, the selected tokens' advantage and log-prob means only the second."""

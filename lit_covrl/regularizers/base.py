@@ -162,6 +162,30 @@ class StepEntropy:
         self.step, self.sums = state_dict["step"], state_dict["sums"].clone().double()
 
 
+class StepSums:
+    """A regularizer's metric numerators and denominators summed over every micro-batch of an RL
+    step on this rank (`add`, on the device: no host sync), then over all ranks at log time (`pop`,
+    a collective: the module calls pop_metrics on every rank every step, and a rank that added
+    nothing, its micro-batches all fillers, adds zeros). `names` fixes the sums and their order."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = names
+        self._local: Tensor | None = None  # float64 [len(names)], this step, this rank
+
+    def add(self, **sums: Tensor) -> None:
+        """Add one micro-batch's 0-dim sums, given by name in the order of `names`."""
+        assert tuple(sums) == self.names, f"StepSums.add({', '.join(sums)}): expected {', '.join(self.names)}"
+        s = torch.stack(list(sums.values())).detach().double()
+        self._local = s if self._local is None else self._local + s
+
+    def pop(self) -> dict[str, Tensor]:
+        """The step's sums over all ranks by name (0-dim float64); starts the next step at zero."""
+        local = self._local if self._local is not None else torch.zeros(len(self.names), dtype=torch.float64)
+        total = distributed.all_sum(local)
+        self._local = None
+        return dict(zip(self.names, total))
+
+
 class Regularizer(Callback):
     """Base class. Subclasses set the `needs_*` flags and implement `shape` (and maybe `prepare`)."""
 

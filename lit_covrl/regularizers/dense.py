@@ -12,13 +12,8 @@
 """
 from __future__ import annotations
 
-
-import torch
-from torch import Tensor
-
-from lit_covrl import distributed
 from lit_covrl.algorithms import KL_ESTIMATORS, kl_penalty
-from lit_covrl.regularizers.base import Regularizer, check_nonnegative
+from lit_covrl.regularizers.base import Regularizer, StepSums, check_nonnegative
 from lit_covrl.regularizers.schedules import Schedule
 from lit_covrl.types import PolicyBatch, TokenShaping
 
@@ -79,7 +74,7 @@ class ReferenceKL(Regularizer):
             raise ValueError(f"ReferenceKL.estimator={estimator!r}; valid: ['k2', 'k3']")
         self.beta, self.estimator = beta, estimator
         self._beta_now = beta
-        self._kl_sums: Tensor | None = None  # [sum of kl over valid tokens, tokens] this step, this rank
+        self._kl_sums = StepSums("kl", "tokens")  # kl: summed over the valid tokens
 
     def prepare(self, ctx) -> None:
         self._beta_now = self.scheduled(self.beta, ctx.step)
@@ -88,8 +83,7 @@ class ReferenceKL(Regularizer):
     def shape(self, batch: PolicyBatch) -> TokenShaping:
         assert batch.ref_logp is not None, "the module must compute ref_logp when needs_reference is set"
         kl = kl_penalty(batch.logp, batch.ref_logp, self.estimator)
-        sums = torch.stack([(kl * batch.mask).sum(), batch.mask.sum()]).detach().double()
-        self._kl_sums = sums if self._kl_sums is None else self._kl_sums + sums
+        self._kl_sums.add(kl=(kl * batch.mask).sum(), tokens=batch.mask.sum())
         beta = self._beta_now if batch.kl_scale is None else self._beta_now * batch.kl_scale.detach()
         return TokenShaping(penalty=beta * kl)
 
@@ -97,9 +91,7 @@ class ReferenceKL(Regularizer):
         """reg/<name>/kl: the token-mean KL over every update of the step and every rank (a
         collective: the module calls pop_metrics on every rank every step, even on a rank
         whose micro-batches were all fillers)."""
-        local = self._kl_sums if self._kl_sums is not None else torch.zeros(2, dtype=torch.float64)
-        total = distributed.all_sum(local)
-        self._kl_sums = None
-        if total[1] > 0:
-            self.record("kl", total[0] / total[1])
+        total = self._kl_sums.pop()
+        if total["tokens"] > 0:
+            self.record("kl", total["kl"] / total["tokens"])
         return super().pop_metrics()

@@ -22,11 +22,10 @@ The math is in `lit_covrl.algorithms.entropy_controls`.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from lit_covrl import distributed
 from lit_covrl.algorithms import adaptive_entropy_coef, entropy_advantage_shift
-from lit_covrl.regularizers.base import MiniBatchContext, Regularizer, StepEntropy, check_nonnegative
+from lit_covrl.regularizers.base import MiniBatchContext, Regularizer, StepEntropy, StepSums, check_nonnegative
 from lit_covrl.regularizers.schedules import Schedule
 from lit_covrl.types import PolicyBatch, TokenShaping
 
@@ -142,7 +141,7 @@ class EntropyAdvantage(Regularizer):
             raise ValueError(f"EntropyAdvantage.kappa must be > 1 (else A + psi can flip sign), got {kappa!r}")
         self.alpha, self.kappa = alpha, kappa
         self._alpha_now = alpha
-        self._sums: Tensor | None = None  # [sum psi, capped tokens, valid tokens] this step, this rank
+        self._sums = StepSums("psi", "capped", "tokens")  # over the valid tokens
 
     def prepare(self, ctx: MiniBatchContext) -> None:
         self._alpha_now = self.scheduled(self.alpha, ctx.step)
@@ -153,17 +152,14 @@ class EntropyAdvantage(Regularizer):
         m = batch.mask.to(batch.entropy.dtype)
         psi = entropy_advantage_shift(batch.advantages, batch.entropy, alpha=self._alpha_now, kappa=self.kappa) * m
         capped = (self._alpha_now * batch.entropy.detach() > batch.advantages.abs() / self.kappa).to(m.dtype) * m
-        sums = torch.stack([psi.sum(), capped.sum(), m.sum()]).detach().double()  # on the device: no sync
-        self._sums = sums if self._sums is None else self._sums + sums
+        self._sums.add(psi=psi.sum(), capped=capped.sum(), tokens=m.sum())
         return TokenShaping(advantage_shift=psi)
 
     def pop_metrics(self) -> dict[str, float]:
         """reg/<name>/shift_mean (token mean of psi) and capped_frac (tokens where |A| / kappa
         binds), over every update of the step and every rank (a collective: called on every rank)."""
-        local = self._sums if self._sums is not None else torch.zeros(3, dtype=torch.float64)
-        total = distributed.all_sum(local)
-        self._sums = None
-        if total[2] > 0:
-            self.record("shift_mean", total[0] / total[2])
-            self.record("capped_frac", total[1] / total[2])
+        total = self._sums.pop()
+        if total["tokens"] > 0:
+            self.record("shift_mean", total["psi"] / total["tokens"])
+            self.record("capped_frac", total["capped"] / total["tokens"])
         return super().pop_metrics()

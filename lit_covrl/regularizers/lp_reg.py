@@ -48,7 +48,7 @@ import torch
 
 from lit_covrl import distributed
 from lit_covrl.algorithms import lp_reg_kl, lp_reg_lowest
-from lit_covrl.regularizers.base import MiniBatchContext, Regularizer, select_globally
+from lit_covrl.regularizers.base import MiniBatchContext, Regularizer, StepSums, select_globally
 from lit_covrl.regularizers.checks import check_number
 from lit_covrl.types import PolicyBatch, TokenShaping
 
@@ -80,7 +80,7 @@ class LpReg(Regularizer):
         self.neg_ratio = check_number("LpReg.neg_ratio", neg_ratio, high=1.0)
         self.pos_ratio = check_number("LpReg.pos_ratio", pos_ratio, high=1.0)
         self.selected: torch.Tensor | None = None  # [n, T] bool for the current mini-batch
-        self._sums: torch.Tensor | None = None
+        self._sums = StepSums("regularized", "kl", "tokens")  # kl: of the regularized tokens
         self._checked_empty = False
 
     @property
@@ -111,19 +111,16 @@ class LpReg(Regularizer):
         assert batch.proxy_logp is not None, "the module must fill batch.proxy_logp when needs_min_p is set"
         k3, regularized = lp_reg_kl(batch.logp, batch.proxy_logp, self.selected[batch.rows])
         r = regularized.to(batch.mask.dtype) * batch.mask
-        sums = torch.stack([r.sum(), (k3.detach() * r).sum(), batch.mask.sum()]).double()
-        self._sums = sums if self._sums is None else self._sums + sums
+        self._sums.add(regularized=r.sum(), kl=(k3.detach() * r).sum(), tokens=batch.mask.sum())
         return TokenShaping(penalty=self.beta * k3)
 
     def pop_metrics(self) -> dict[str, float]:
         """reg/<name>/regularized_frac (of the valid tokens, every update of the step) and kl (the
         mean clamped k3 of the regularized tokens, before beta), over all ranks (a collective: the
         module calls pop_metrics on every rank every step); selected_frac from `prepare`."""
-        local = self._sums if self._sums is not None else torch.zeros(3, dtype=torch.float64)
-        total = distributed.all_sum(local)
-        self._sums = None
-        if total[2] > 0:
-            self.record("regularized_frac", total[0] / total[2])
-        if total[0] > 0:
-            self.record("kl", total[1] / total[0])
+        total = self._sums.pop()
+        if total["tokens"] > 0:
+            self.record("regularized_frac", total["regularized"] / total["tokens"])
+        if total["regularized"] > 0:
+            self.record("kl", total["kl"] / total["regularized"])
         return super().pop_metrics()

@@ -35,9 +35,8 @@ from __future__ import annotations
 
 import torch
 
-from lit_covrl import distributed
 from lit_covrl.algorithms import simko_logp_grad, simko_tokens
-from lit_covrl.regularizers.base import Regularizer
+from lit_covrl.regularizers.base import Regularizer, StepSums
 from lit_covrl.regularizers.checks import check_number
 from lit_covrl.types import PolicyBatch, TokenShaping
 
@@ -70,7 +69,7 @@ class SimKO(Regularizer):
         self.mix_topk_coef = check_number("SimKO.mix_topk_coef", mix_topk_coef, high=1.0, must=unit)
         self.tau = check_number("SimKO.tau", tau, high=1.0, must=unit)
         self.incorrect_top1_scale = check_number("SimKO.incorrect_top1_scale", incorrect_top1_scale)
-        self._sums: torch.Tensor | None = None
+        self._sums = StepSums("mixed_frac", "top1_penalized_frac", "top1_prob", "tokens")
 
     @property
     def needs_topk(self) -> int:  # the learner's top-k request (Regularizer.needs_topk)
@@ -87,9 +86,8 @@ class SimKO(Regularizer):
         assert batch.topk_logp is not None, "the module must fill batch.topk_logp when needs_topk is set"
         mixed, penalized = simko_tokens(batch.entropy.detach(), batch.mask, batch.advantages, batch.top1, tau=self.tau)
         m = batch.mask
-        sums = torch.stack([(mixed * m).sum(), (penalized * m).sum(),
-                            (batch.topk_logp[..., 0].detach().exp() * m).sum(), m.sum()]).double()
-        self._sums = sums if self._sums is None else self._sums + sums
+        self._sums.add(mixed_frac=(mixed * m).sum(), top1_penalized_frac=(penalized * m).sum(),
+                       top1_prob=(batch.topk_logp[..., 0].detach().exp() * m).sum(), tokens=m.sum())
         weight = torch.ones_like(batch.logp, requires_grad=False).masked_fill(penalized, self.incorrect_top1_scale)
         return TokenShaping(weight=weight, logp_grad=simko_logp_grad(batch.logp, batch.topk_logp, mixed,
                                                                      coef=self.mix_topk_coef))
@@ -98,10 +96,8 @@ class SimKO(Regularizer):
         """reg/<name>/mixed_frac, top1_penalized_frac (of the valid tokens) and top1_prob (the
         current policy's mean top-1 probability) over every update of the step and every rank (a
         collective: the module calls pop_metrics on every rank every step)."""
-        local = self._sums if self._sums is not None else torch.zeros(4, dtype=torch.float64)
-        total = distributed.all_sum(local)
-        self._sums = None
-        if total[3] > 0:
-            for i, key in enumerate(("mixed_frac", "top1_penalized_frac", "top1_prob")):
-                self.record(key, total[i] / total[3])
+        total = self._sums.pop()
+        if total["tokens"] > 0:
+            for key in ("mixed_frac", "top1_penalized_frac", "top1_prob"):
+                self.record(key, total[key] / total["tokens"])
         return super().pop_metrics()
