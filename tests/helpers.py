@@ -39,3 +39,18 @@ def scalar_tags(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
     return out
+
+
+def cli_fit_tags(tmp_path: Path, config: str, *flags: str, steps: int = 3) -> dict[str, list[float]]:
+    """Run `lit-covrl fit` on configs/quickstart.yaml with `config` (a path under the repository
+    root, e.g. configs/cpu/lp_reg.yaml) and the command-line `flags` for `steps` RL steps, one torch
+    thread, no validation and no progress bar, its checkpoints in tmp_path / "ck" and its TensorBoard
+    run under tmp_path; the scalars written: tag -> its values (`scalar_tags` without the steps)."""
+    from lit_covrl.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    main(["fit", "--config", str(root / "configs/quickstart.yaml"), "--config", str(root / config),
+          "--torch_threads", "1", *flags,
+          "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+          "--checkpoint.dirpath", str(tmp_path / "ck"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    return {k: [v for _, v in series] for k, series in scalar_tags(tmp_path).items()}

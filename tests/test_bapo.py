@@ -200,16 +200,11 @@ def test_clip_values_are_every_eps_the_search_may_set():
 
 
 def _cli_fit(tmp_path, *extra):
-    from pathlib import Path
+    from tests.helpers import cli_fit_tags
 
-    from lit_covrl.cli import main
-
-    root = Path(__file__).resolve().parents[1]
-    main(["fit", "--config", str(root / "configs/quickstart.yaml"), "--config", str(root / "configs/cpu/bapo.yaml"),
-          "--torch_threads", "1", "--model.rollout.group_size", "4", "--model.rollout.max_new_tokens", "6",
-          "--data.batch_size", "8", "--model.update.mini_batch_size", "2", "--model.rollout.filter_groups", "false",
-          "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
-          "--checkpoint.dirpath", str(tmp_path / "ck"), "--trainer.logger.init_args.save_dir", str(tmp_path), *extra])
+    return cli_fit_tags(tmp_path, "configs/cpu/bapo.yaml", "--model.rollout.group_size", "4",
+                        "--model.rollout.max_new_tokens", "6", "--data.batch_size", "8", "--model.update.mini_batch_size",
+                        "2", "--model.rollout.filter_groups", "false", *extra)
 
 
 @pytest.mark.parametrize("target", [None, 1.0], ids=["recipe", "target1"])
@@ -218,11 +213,8 @@ def test_bapo_config_runs_through_the_cli(tmp_path, target):
     steps): BAPO is built from the YAML and its tags are written every step. At the recipe's target
     0.5 the quickstart's P / N (~1) is met at the start range every time; at 1.0 (set on the
     command line) the search moves the bounds on some updates and the range changes the loss."""
-    from tests.helpers import scalar_tags
-
     # the quickstart's model: the tiny random one of the other fits gets no reward (A = 0)
-    _cli_fit(tmp_path, *([] if target is None else ["--trainer.callbacks.init_args.target", str(target)]))
-    tags = {k: [v for _, v in series] for k, series in scalar_tags(tmp_path).items()}
+    tags = _cli_fit(tmp_path, *([] if target is None else ["--trainer.callbacks.init_args.target", str(target)]))
     keys = {"reg/bapo/clip_low", "reg/bapo/clip_high", "reg/bapo/pos_contribution", "reg/bapo/pos_neg_ratio",
             "reg/bapo/loss"}
     assert keys <= set(tags) and all(len(tags[k]) == 3 for k in keys), sorted(tags)

@@ -197,19 +197,11 @@ def test_lp_reg_config_runs_through_the_cli(tmp_path):
     """configs/cpu/lp_reg.yaml on the quickstart through `lit-covrl fit` (a larger neg_ratio and
     min_p on the command line, so that the few tokens of 4 prompts are regularized): LpReg is built
     from the YAML, its tags are written every step and its term enters the loss."""
-    from pathlib import Path
+    from tests.helpers import cli_fit_tags
 
-    from lit_covrl.cli import main
-    from tests.helpers import scalar_tags
-
-    root = Path(__file__).resolve().parents[1]
-    main(["fit", "--config", str(root / "configs/quickstart.yaml"), "--config", str(root / "configs/cpu/lp_reg.yaml"),
-          "--torch_threads", "1", "--data.batch_size", "4", "--model.update.mini_batch_size", "2",
-          "--model.rollout.filter_groups", "false", "--trainer.callbacks.init_args.neg_ratio", "0.5",
-          "--trainer.callbacks.init_args.min_p", "0.1",
-          "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
-          "--checkpoint.dirpath", str(tmp_path / "ck"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
-    tags = {k: [v for _, v in series] for k, series in scalar_tags(tmp_path).items()}
+    tags = cli_fit_tags(tmp_path, "configs/cpu/lp_reg.yaml", "--data.batch_size", "4", "--model.update.mini_batch_size",
+                        "2", "--model.rollout.filter_groups", "false", "--trainer.callbacks.init_args.neg_ratio", "0.5",
+                        "--trainer.callbacks.init_args.min_p", "0.1")
     assert {"reg/lp_reg/selected_frac", "reg/lp_reg/regularized_frac", "reg/lp_reg/loss"} <= set(tags)
     assert all(len(tags[k]) == 3 for k in ("reg/lp_reg/selected_frac", "reg/lp_reg/regularized_frac", "reg/lp_reg/loss"))
     assert any(v > 0 for v in tags["reg/lp_reg/loss"]) and any(v > 0 for v in tags["reg/lp_reg/regularized_frac"])

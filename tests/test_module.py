@@ -31,7 +31,7 @@ from lit_covrl.regularizers import (
     WeightedReinforce,
 )
 from lit_covrl.types import TokenShaping
-from tests.helpers import fit, merge_settings, scalar_tags
+from tests.helpers import cli_fit_tags, fit, merge_settings, scalar_tags
 
 REQUIRED_TAGS = [
     "rollout/reward_mean", "rollout/accuracy", "rollout/response_length", "rollout/truncated_frac",
@@ -844,17 +844,9 @@ def test_entropic_fit_moves_alpha_by_the_measured_entropy(tiny_model_dir, tmp_pa
 def test_entropic_config_runs_through_the_cli(tiny_model_dir, tmp_path):
     """configs/cpu/entropic.yaml on the quickstart, through `lit-covrl fit`: the callback is built
     from the YAML and its reg/entropic/ tags are written; alpha moves once a step is measured."""
-    from pathlib import Path
-
-    from lit_covrl.cli import main
-
-    root = Path(__file__).resolve().parents[1]
-    main(["fit", "--config", str(root / "configs/quickstart.yaml"), "--config", str(root / "configs/cpu/entropic.yaml"),
-          "--torch_threads", "1", "--model.model", tiny_model_dir, "--model.rollout.group_size", "2",
-          "--model.rollout.max_new_tokens", "3", "--data.batch_size", "2", "--model.update.mini_batch_size", "null",
-          "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
-          "--checkpoint.dirpath", str(tmp_path / "ck"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
-    tags = {k: [v for _, v in series] for k, series in scalar_tags(tmp_path).items()}
+    tags = cli_fit_tags(tmp_path, "configs/cpu/entropic.yaml", "--model.model", tiny_model_dir,
+                        "--model.rollout.group_size", "2", "--model.rollout.max_new_tokens", "3", "--data.batch_size", "2",
+                        "--model.update.mini_batch_size", "null", steps=2)
     assert {"reg/entropic/alpha", "reg/entropic/error", "reg/entropic/high_frac", "reg/entropic/loss"} <= set(tags)
     assert tags["reg/entropic/alpha"][0] == 0 and tags["reg/entropic/alpha"][1] != 0
 
@@ -864,18 +856,9 @@ def test_archer_config_runs_through_the_cli(tiny_model_dir, tmp_path):
     rollout: Archer and its ReferenceKL are built from the YAML and their tags are written, the
     high-entropy share every step from that step's responses (under the top 20 % of each response's
     tokens: a token equal to the quantile is low-entropy)."""
-    from pathlib import Path
-
-    from lit_covrl.cli import main
-
-    root = Path(__file__).resolve().parents[1]
-    main(["fit", "--config", str(root / "configs/quickstart.yaml"), "--config", str(root / "configs/cpu/archer.yaml"),
-          "--torch_threads", "1", "--model.model", tiny_model_dir, "--model.rollout.group_size", "2",
-          "--model.rollout.max_new_tokens", "6", "--data.batch_size", "8", "--model.update.mini_batch_size", "4",
-          "--model.rollout.filter_groups", "false",
-          "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
-          "--checkpoint.dirpath", str(tmp_path / "ck"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
-    tags = {k: [v for _, v in series] for k, series in scalar_tags(tmp_path).items()}
+    tags = cli_fit_tags(tmp_path, "configs/cpu/archer.yaml", "--model.model", tiny_model_dir,
+                        "--model.rollout.group_size", "2", "--model.rollout.max_new_tokens", "6", "--data.batch_size", "8",
+                        "--model.update.mini_batch_size", "4", "--model.rollout.filter_groups", "false", steps=2)
     assert {"reg/archer/high_entropy_frac", "reg/archer/loss", "reg/ref_kl/kl", "reg/ref_kl/loss"} <= set(tags)
     assert all(0 < f < 0.5 for f in tags["reg/archer/high_entropy_frac"])
     frac = tags["reg/archer/high_entropy_frac"]

@@ -243,19 +243,11 @@ def test_simko_config_runs_through_the_cli(tmp_path):
     line, so that the few tokens of 4 prompts show them): SimKO is built from the
     YAML, its tags are written every step from that step's responses, and its top-1 weight
     changes the loss."""
-    from pathlib import Path
+    from tests.helpers import cli_fit_tags
 
-    from lit_covrl.cli import main
-    from tests.helpers import scalar_tags
-
-    root = Path(__file__).resolve().parents[1]
-    main(["fit", "--config", str(root / "configs/quickstart.yaml"), "--config", str(root / "configs/cpu/simko.yaml"),
-          "--torch_threads", "1", "--data.batch_size", "4", "--model.update.mini_batch_size", "2",
-          "--model.rollout.filter_groups", "false", "--trainer.callbacks.init_args.tau", "0.3",
-          "--trainer.callbacks.init_args.incorrect_top1_scale", "3.0",
-          "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
-          "--checkpoint.dirpath", str(tmp_path / "ck"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
-    tags = {k: [v for _, v in series] for k, series in scalar_tags(tmp_path).items()}
+    tags = cli_fit_tags(tmp_path, "configs/cpu/simko.yaml", "--data.batch_size", "4", "--model.update.mini_batch_size",
+                        "2", "--model.rollout.filter_groups", "false", "--trainer.callbacks.init_args.tau", "0.3",
+                        "--trainer.callbacks.init_args.incorrect_top1_scale", "3.0", steps=2)
     assert {"reg/simko/mixed_frac", "reg/simko/top1_penalized_frac", "reg/simko/top1_prob", "reg/simko/loss"} <= set(tags)
     assert all(len(v) == 2 for k, v in tags.items() if k.startswith("reg/simko/"))
     assert all(0 < f < 1 for f in tags["reg/simko/mixed_frac"])

@@ -382,18 +382,10 @@ def test_siren_config_runs_through_the_cli(tmp_path):
     the command line, so that the tiny model's term is visible in 3 steps): SIREN is built from the
     YAML (top_k 10000 above the 16-token vocabulary: the nucleus holds at most the vocabulary), its
     tags are written every step, the anchor (the first rollout's H_bar) stays and the term acts."""
-    from pathlib import Path
+    from tests.helpers import cli_fit_tags
 
-    from lit_covrl.cli import main
-    from tests.helpers import scalar_tags
-
-    root = Path(__file__).resolve().parents[1]
-    main(["fit", "--config", str(root / "configs/quickstart.yaml"), "--config", str(root / "configs/cpu/siren.yaml"),
-          "--torch_threads", "1", "--data.batch_size", "4", "--model.update.mini_batch_size", "2",
-          "--model.rollout.filter_groups", "false", "--trainer.callbacks.init_args.coef", "5.0",
-          "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
-          "--checkpoint.dirpath", str(tmp_path / "ck"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
-    tags = {k: [v for _, v in series] for k, series in scalar_tags(tmp_path).items()}
+    tags = cli_fit_tags(tmp_path, "configs/cpu/siren.yaml", "--data.batch_size", "4", "--model.update.mini_batch_size",
+                        "2", "--model.rollout.filter_groups", "false", "--trainer.callbacks.init_args.coef", "5.0")
     keys = {"reg/siren/entropy", "reg/siren/anchor", "reg/siren/deviation", "reg/siren/selected_frac",
             "reg/siren/nucleus_entropy", "reg/siren/loss"}
     assert keys <= set(tags)
