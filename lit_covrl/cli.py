@@ -29,9 +29,11 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_covrl.checkpointing import AtomicCheckpoint
-from lit_covrl.cli_args import check_moved_keys, one_string_lists, reset_switched_classes, stack_config_callbacks
+from lit_covrl.cli_args import (
+    check_moved_keys, config_file_with_key, one_string_lists, reset_switched_classes, stack_config_callbacks,
+)
 from lit_covrl.dashboard import name_run
-from lit_covrl.errors import debugging, exit_with
+from lit_covrl.errors import debugging, exit_with, unknown_settings
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
 from lit_covrl.progress import RLProgressBar
@@ -106,13 +108,21 @@ class LitCovRLCLI(LightningCLI):
         """As LightningCLI's, with the `trainer.callbacks` of stacked `--config` files appended
         instead of replaced (see `stack_config_callbacks`), a bare value of a string-list key read
         as one string (`one_string_lists`), and a switched objective or sampler class starting
-        from its own defaults (`reset_switched_classes`)."""
+        from its own defaults (`reset_switched_classes`). A misspelt setting is named with the
+        closest one (`unknown_settings`)."""
         if args is None or isinstance(args, (list, tuple)):
             args = list(sys.argv[1:] if args is None else args)
             check_moved_keys(args)
             args = reset_switched_classes(one_string_lists(args))
             self._given_args = stack_config_callbacks(args)
-            self.config = parser.parse_args(self._given_args)
+            try:
+                self.config = parser.parse_args(self._given_args)
+            except ArgumentError as err:
+                keys = [a.dest for a in _command_parser(parser, self._given_args)._actions]
+                text = unknown_settings(str(err), keys, lambda key: config_file_with_key(self._given_args, key))
+                if text is None:
+                    raise
+                raise ArgumentError(None, text) from err
         else:
             self._given_args = None
             super().parse_arguments(parser, args)
@@ -177,6 +187,12 @@ class LitCovRLCLI(LightningCLI):
         if not _RUN.get("new_folders") and log_dir and not os.path.isdir(log_dir) and _first_process():
             _RUN["new_folders"] = [p for p in (log_dir, *map(str, Path(log_dir).parents)) if not os.path.isdir(p)]
         return trainer
+
+
+def _command_parser(parser, args: list[str]):
+    """The parser of the subcommand named in `args` (`fit`), or `parser` itself without subcommands."""
+    commands = getattr(parser._subcommands_action, "_name_parser_map", None) or {}
+    return next((commands[a] for a in args if a in commands), parser)
 
 
 def _first_process() -> bool:

@@ -84,6 +84,22 @@ def _file_top(path: str) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
+def config_file_with_key(args: list[str], key: str) -> str | None:
+    """The last `--config` file of `args` that sets the dotted `key` (`model.loss.clip_hgh`), an
+    `init_args:` level between its parts allowed; None if none does."""
+    for _, path in reversed(_config_paths(args)):
+        node = _file_top(path)
+        for part in key.split("."):
+            if isinstance(node, dict) and part not in node and isinstance(node.get("init_args"), dict):
+                node = node["init_args"]
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return path
+    return None
+
+
 # LightningCLI's own top-level optimizer / scheduler: the module builds its own from model.*, and
 # LightningCLI would build a top-level optimizer on the module's parameters before the policy is
 # loaded, and ignore a top-level scheduler given alone. Their keys stay in the parser (null), as

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from argparse import ArgumentError
-from typing import Iterator, NoReturn
+from typing import Callable, Iterable, Iterator, NoReturn
 
 # jsonargparse appends these lines (the accepted subtypes, the given type) to a type error.
 _NOISE = ("Subtypes:", "Given value type:", "Errors:")
@@ -85,6 +85,54 @@ def _class_arg(field: str, path: str, key: str, value: str) -> str:
             f"so far, {path}, which has no argument {key!r}{hint}; to set an earlier callback's argument, edit a "
             "copy of the YAML, or list the callbacks on the command line, each --trainer.callbacks+=Class "
             "followed by its own --trainer.callbacks.X=... flags")
+
+
+# jsonargparse's words for a setting it does not have: a command-line flag, or a key of a --config
+# file (or of a dict given to a group flag)
+_UNRECOGNIZED = re.compile(r"^unrecognized arguments: (.*)$")
+_NOT_ACCEPTED = re.compile(r"^Subcommand '\w+' does not accept option '([\w.]+)'$")
+
+
+def unknown_settings(text: str, keys: Iterable[str], file_of: Callable[[str], str | None] | None = None) -> str | None:
+    """jsonargparse's error for settings it does not have, in words, with the closest setting of
+    `keys` (the parser's dotted keys): `--model.loss.clip_hgh: no such setting (did you mean
+    --model.loss.clip_high?)` for each unrecognized flag, `PATH: model.loss.clip_hgh: no such setting
+    (...)` for a config key (`file_of(key)`: the --config file that sets it, if known). None for other errors."""
+    keys = {k for k in keys if not k.endswith(".help")}
+    if (flags := _UNRECOGNIZED.match(text)) is not None:
+        given = [a.split("=", 1)[0] for a in flags.group(1).split() if a.startswith("--")]
+        if not given:
+            return None
+        parts = []
+        for flag in given:
+            close = closest_key(re.sub(r"\.init_args(?=\.)", "", flag[2:]), keys)
+            parts.append(f"{flag}: no such setting" + (f" (did you mean --{close}?)" if close else ""))
+        return "; ".join(parts)
+    if (option := _NOT_ACCEPTED.match(text)) is not None:
+        key = option.group(1)
+        close = closest_key(re.sub(r"\.init_args(?=\.)", "", key), keys)
+        path = file_of(key) if file_of is not None else None
+        where = f"{path}: " if path else ""
+        return f"{where}{key}: no such setting" + (f" (did you mean {close}?)" if close else "")
+    return None
+
+
+def closest_key(key: str, keys: set[str]) -> str | None:
+    """The setting of `keys` closest to the dotted `key`, found part by part (`model.updat.mini_batch_size`
+    -> `model.update.mini_batch_size`; a part that begins one setting's name only, as `unlik`, is taken
+    for it), or None when a part has no close match."""
+    found = ""
+    for part in key.split("."):
+        prefix = f"{found}." if found else ""
+        children = sorted({k[len(prefix):].split(".", 1)[0] for k in keys if k.startswith(prefix)})
+        if part not in children:
+            starting = [c for c in children if c.startswith(part)]  # an abbreviation (`unlik`)
+            close = difflib.get_close_matches(part, children, n=1) or (starting if len(starting) == 1 else [])
+            if not close:
+                return None
+            part = close[0]
+        found = prefix + part
+    return found if found != key and found in keys else None
 
 
 def _missing_class(text: str) -> str | None:

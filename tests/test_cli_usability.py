@@ -59,9 +59,26 @@ def test_a_start_up_error_is_one_line_and_status_2_unless_debugging(tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["--model.rollout.group_size", "abc"], 'Parser key "model.rollout.group_size": Expected a <class \'int\'>. Got value: abc'),
-    (["--model.nope", "1"], "unrecognized arguments: --model.nope 1"),
+    (["--model.nope", "1"], "lit-covrl: error: --model.nope: no such setting (LIT_COVRL_DEBUG"),
     # an abbreviation is not a setting (argparse took --model.loss.unlik for --model.loss.unlikeliness)
-    (["--model.loss.unlik", "0.5"], "unrecognized arguments: --model.loss.unlik 0.5"),
+    (["--model.loss.unlik", "0.5"], "lit-covrl: error: --model.loss.unlik: no such setting (did you mean "
+     "--model.loss.unlikeliness?) (LIT_COVRL_DEBUG"),
+    # a misspelt setting: was jsonargparse's "unrecognized arguments: --model.loss.clip_hgh 0.28"
+    (["--model.loss.clip_hgh", "0.28"], "lit-covrl: error: --model.loss.clip_hgh: no such setting (did you mean "
+     "--model.loss.clip_high?) (LIT_COVRL_DEBUG"),
+    (["--model.rollout.group_sise=4"], "error: --model.rollout.group_sise: no such setting (did you mean "
+     "--model.rollout.group_size?) (LIT_COVRL_DEBUG"),
+    (["--model.updat.mini_batch_size", "2"], "error: --model.updat.mini_batch_size: no such setting (did you mean "
+     "--model.update.mini_batch_size?) (LIT_COVRL_DEBUG"),
+    (["--model.init_args.loss.clip_hgh", "0.28"], "error: --model.init_args.loss.clip_hgh: no such setting (did you "
+     "mean --model.loss.clip_high?)"),
+    (["--trainer.max_stepz", "3", "--data.batch_sise", "2"], "error: --trainer.max_stepz: no such setting (did you "
+     "mean --trainer.max_steps?); --data.batch_sise: no such setting (did you mean --data.batch_size?) (LIT_COVRL"),
+    # ... or key of a config file: was "Subcommand 'fit' does not accept option 'model.loss.clip_hgh'"
+    (["--config", "TYPO_YAML"], "lit-covrl: error: TYPO_YAML: model.loss.clip_hgh: no such setting (did you mean "
+     "model.loss.clip_high?) (LIT_COVRL_DEBUG"),
+    (["--model", "{loss: {clip_hgh: 0.28}}"], "lit-covrl: error: model.loss.clip_hgh: no such setting (did you mean "
+     "model.loss.clip_high?) (LIT_COVRL_DEBUG"),
     (["--data.task", "null", "--data.train_files", '["missing.jsonl"]'], "data.train_files[0]: no such file: 'missing.jsonl'"),
     (["--trainer.accelerator", "gpu"], "MisconfigurationException: No supported gpu backend found"),  # Lightning's check
     (["--data.task", "null", "--data.strict", "true"], "ROWS:2: field 'prompt' is int"),  # found in setup, inside fit
@@ -107,8 +124,9 @@ def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
         extra = [*extra, "--data.train_files", f'["{rows}"]']
     files = {"ROWS": rows, "TOPLEVEL": tmp_path / "top.yaml", "BADYAML": tmp_path / "bad.yaml",
              "ARCHER": CONFIGS / "cpu" / "archer.yaml", "CISPO_YAML": CONFIGS / "cpu" / "cispo.yaml",
-             "CLIPCOV_YAML": CONFIGS / "cpu" / "clip_cov.yaml"}
+             "CLIPCOV_YAML": CONFIGS / "cpu" / "clip_cov.yaml", "TYPO_YAML": tmp_path / "typo.yaml"}
     files["TOPLEVEL"].write_text("optimizer:\n  class_path: torch.optim.SGD\n")
+    files["TYPO_YAML"].write_text("model:\n  loss:\n    clip_hgh: 0.28\n")
     files["BADYAML"].write_text("model:\n  rollout: {group_size: 4\n")  # an unclosed flow mapping
     extra = [str(files[a]) if a in files else a for a in extra]
     with pytest.raises(SystemExit) as exit_:
@@ -120,7 +138,7 @@ def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
     assert err[-1].startswith("lit-covrl: error: ") and message in err[-1]
     # no version folder left behind (each failed attempt took a version number: the README's -v0
     # commands then named an empty folder), nor the logger's name folder and save_dir made with it
-    assert {p.name for p in tmp_path.iterdir()} == {"rows.jsonl", "top.yaml", "bad.yaml"}
+    assert {p.name for p in tmp_path.iterdir()} == {"rows.jsonl", "top.yaml", "bad.yaml", "typo.yaml"}
 
 
 def test_a_start_up_error_keeps_a_run_folder_that_existed_before(tmp_path, capsys):
