@@ -278,6 +278,20 @@ def _remove_unused_run_folder(started: float) -> None:
             os.rmdir(folder)
 
 
+def _remove_empty_run_folder() -> None:
+    """The run folder this process made (reserved when the name was chosen, or one its logger made),
+    removed if the run stopped (Ctrl-C, any error) before anything was written into it, with the
+    folders made above it when they are left empty: an interrupt during the model's loading left an
+    empty `-vN` that the next run's number skipped. Other ranks made none (`_first_process`)."""
+    for folder in _RUN.get("new_folders") or []:
+        try:
+            os.rmdir(folder)  # only an empty one
+        except FileNotFoundError:  # the logger never made it
+            continue
+        except OSError:  # written into, or another run's folder appeared next to it
+            return
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["export"]:
@@ -302,9 +316,13 @@ def main(args: list[str] | None = None) -> None:
         )
     except _STARTUP_ERRORS as err:
         if debug or _past_start_up(_RUN.get("trainer")):
+            _remove_empty_run_folder()
             raise
         _remove_unused_run_folder(started)
         exit_with(err)
+    except BaseException:  # Ctrl-C (KeyboardInterrupt, or Lightning's exit after one), other errors
+        _remove_empty_run_folder()
+        raise
 
 
 if __name__ == "__main__":

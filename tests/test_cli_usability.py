@@ -163,6 +163,49 @@ def test_a_start_up_error_keeps_a_run_folder_that_existed_before(tmp_path, capsy
     assert sorted(p.name for p in (tmp_path / "quickstart").iterdir()) == ["exp1"]
 
 
+def _stop_after_reserving(monkeypatch, stop, write=None):
+    """Make the CLI raise `stop` right after it reserved the run folder (its name chosen, the model
+    not loaded yet), after writing `write` into the folder if given; returns the folders reserved."""
+    from lit_covrl.cli import _RUN
+
+    reserved, original = [], LitCovRLCLI.before_instantiate_classes
+
+    def reserve_then_stop(self):
+        original(self)
+        reserved.append(_RUN["new_folders"][0])
+        if write is not None:
+            (reserved[-1] / "train.log").write_text(write)
+        raise stop("stopped right after the run folder was reserved")
+
+    monkeypatch.setattr(LitCovRLCLI, "before_instantiate_classes", reserve_then_stop)
+    return reserved
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_run_stopped_before_writing_removes_its_empty_reserved_folder(stop, tmp_path, monkeypatch):
+    """Ctrl-C (or an error that is not a start-up error) between reserving the run folder and
+    writing into it (while the model loads) left an empty `-v0`: the next run was `-v1`."""
+    reserved = _stop_after_reserving(monkeypatch, stop)
+    with pytest.raises(stop):
+        main(["fit", "--config", str(QUICK), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
+    assert reserved == [tmp_path / "runs" / "quickstart" / "grpo-quickstart-v0"]
+    assert list(tmp_path.iterdir()) == []  # the folder, and the save_dir and name folders made with it
+
+
+def test_a_stopped_run_keeps_a_reserved_folder_with_content_and_folders_it_did_not_make(tmp_path, monkeypatch):
+    _stop_after_reserving(monkeypatch, KeyboardInterrupt, write="written before the stop\n")
+    with pytest.raises(KeyboardInterrupt):
+        main(["fit", "--config", str(QUICK), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert (tmp_path / "quickstart" / "grpo-quickstart-v0" / "train.log").read_text() == "written before the stop\n"
+    (tmp_path / "quickstart" / "grpo-quickstart-v0" / "train.log").unlink()
+    monkeypatch.undo()
+    reserved = _stop_after_reserving(monkeypatch, KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):  # removes its own empty -v1, not another run's empty -v0
+        main(["fit", "--config", str(QUICK), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert reserved == [tmp_path / "quickstart" / "grpo-quickstart-v1"]
+    assert [p.name for p in (tmp_path / "quickstart").iterdir()] == ["grpo-quickstart-v0"]
+
+
 def test_an_error_after_start_up_keeps_its_traceback(tmp_path, monkeypatch):
     calls = []
     original = GRPOModule.training_step
