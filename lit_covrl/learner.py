@@ -323,16 +323,23 @@ class Learner:
         None: none, and the forward computes none). `check_stack` refuses two different requests."""
         return next((tuple(r.needs_topp_entropy) for r in self.regularizers if r.needs_topp_entropy), None)
 
+    def _logit_scales(self) -> tuple[float, ...]:
+        """The logit scales a regularizer asks the log-probs under (`needs_logit_scales`; (): none,
+        and the forward computes none). `check_stack` refuses two different requests."""
+        return next((tuple(r.needs_logit_scales) for r in self.regularizers if r.needs_logit_scales), ())
+
     def _extras(self, real: bool = True) -> dict:
         """`_logprobs`'s keywords for what the regularizers ask of the training forward (top-k,
-        min-p proxy, nucleus entropy); none for a filler pass (`real` False)."""
-        return dict(topk=self._topk(), min_p=self._min_p(), topp=self._topp()) if real else {}
+        min-p proxy, nucleus entropy, scaled log-probs); none for a filler pass (`real` False)."""
+        return dict(topk=self._topk(), min_p=self._min_p(), topp=self._topp(),
+                    logit_scales=self._logit_scales()) if real else {}
 
     def _logprobs(self, ids: Tensor, att: Tensor, T: int, with_entropy: bool, model=None,
-                  topk: int = 0, min_p: float = 0.0, topp: tuple[float, int] | None = None) -> TokenStats:
+                  topk: int = 0, min_p: float = 0.0, topp: tuple[float, int] | None = None,
+                  logit_scales: tuple[float, ...] = ()) -> TokenStats:
         """The `TokenStats` [n, T] of a micro-batch under `model` (default the policy): the response
-        log-probs, and the entropy, top-k (`topk` > 0), min-p proxy (`min_p` > 0) and nucleus entropy
-        (`topp`) when asked (`response_logprobs`); with `skip_padding` computed on the micro-batch
+        log-probs, and the entropy, top-k (`topk` > 0), min-p proxy (`min_p` > 0), nucleus entropy
+        (`topp`) and log-probs under scaled logits (`logit_scales`) when asked (`response_logprobs`); with `skip_padding` computed on the micro-batch
         trimmed of its all-padding columns (`trim_padding`); the prompt forward shared over each group
         (`shared_prompt_logprobs`) when `shared_prompt` is on and activation checkpointing off;
         through the compiled forward (`lit_covrl.compiled`) with `compile_update`. Every call, filler
@@ -341,7 +348,7 @@ class Learner:
         hp = self.settings
         model = model if model is not None else self.policy
         kw = dict(temperature=hp.rollout.temperature, with_entropy=with_entropy, chunk_size=hp.update.logprob_chunk_size,
-                  topk=topk, min_p=min_p, topp=topp)
+                  topk=topk, min_p=min_p, topp=topp, logit_scales=logit_scales)
         lockstep = distributed.world_size() > 1
         # the shared-prompt split forwards a tail only for >= 2 response columns: keep 2 on every
         # rank, or a rank whose rows all end after one token would run one forward to the others' two

@@ -89,6 +89,8 @@ class TokenStats(NamedTuple):
     proxy_logp   [n, T]      the sampled tokens' log-probs under the min-p proxy, detached
                              (`min_p`, Lp-Reg's)
     topp_entropy [n, T]      the nucleus entropy (`topp` = (top_p, top_k), SIREN's)
+    scaled_logp  [n, T, S]   the sampled tokens' log-probs under the logits scaled by each of
+                             `logit_scales` (S of them, ERA's activation)
     """
 
     logp: Tensor
@@ -97,6 +99,7 @@ class TokenStats(NamedTuple):
     top1: Tensor | None = None
     proxy_logp: Tensor | None = None
     topp_entropy: Tensor | None = None
+    scaled_logp: Tensor | None = None
 
 
 @dataclass
@@ -128,6 +131,9 @@ class PolicyBatch:
     topp_entropy [n, T] | None  current entropy of each position's top-p nucleus, renormalised
                                (`algorithms.token_topp_entropy`), with grad, if a regularizer sets
                                `needs_topp_entropy` = (top_p, top_k)
+    scaled_logp [n, T, S] | None  current log-probs of the sampled tokens under softmax(s z / temperature)
+                               for each s of the scales a regularizer asks (`needs_logit_scales`, in
+                               that order; `algorithms.token_scaled_logprobs`), with grad (ERA's)
     """
 
     rows: Tensor
@@ -143,6 +149,7 @@ class PolicyBatch:
     top1: Tensor | None = None
     proxy_logp: Tensor | None = None
     topp_entropy: Tensor | None = None
+    scaled_logp: Tensor | None = None
 
 
 @dataclass

@@ -18,7 +18,8 @@ The contract (lit_covrl/regularizers/base.py):
   `needs_topk = k` (batch.topk_logp [n, T, k] with grad, batch.top1), `needs_min_p = kappa`
   (batch.proxy_logp [n, T], the sampled tokens' log-probs under the min-p proxy, detached),
   `needs_topp_entropy = (top_p, top_k)` (ctx.topp_entropy, batch.topp_entropy with grad: the
-  nucleus' entropy);
+  nucleus' entropy), `needs_logit_scales = (s_1, ...)` (batch.scaled_logp [n, T, S] with grad: the
+  sampled tokens' log-probs under the logits scaled by each s);
 - `self.record(key, value)` logs the step's mean under reg/<name>/<key>.
 """
 from __future__ import annotations

@@ -33,6 +33,7 @@ from lit_covrl.algorithms.entropy import (
     token_entropy,
     token_logprobs,
     token_proxy_logprobs,
+    token_scaled_logprobs,
     token_topk_logprobs,
     token_topp_entropy,
 )
@@ -144,6 +145,7 @@ __all__ = [
     "token_entropy",
     "token_logprobs",
     "token_proxy_logprobs",
+    "token_scaled_logprobs",
     "token_topk_logprobs",
     "token_topp_entropy",
     "zero_variance_groups",

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["token_logprobs", "token_topk_logprobs", "token_proxy_logprobs", "token_entropy", "token_topp_entropy",
+__all__ = ["token_logprobs", "token_scaled_logprobs", "token_topk_logprobs", "token_proxy_logprobs", "token_entropy", "token_topp_entropy",
            "masked_entropy", "masked_mean"]
 
 
@@ -61,6 +61,33 @@ def token_logprobs(
         return z.gather(-1, y).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
     return _chunked(fn, rows, flat_labels, chunk_size=chunk_size).view(labels.shape)
+
+
+def token_scaled_logprobs(
+    logits: Tensor, labels: Tensor, scales: tuple[float, ...], *, temperature: float = 1.0, chunk_size: int = 4096
+) -> Tensor:
+    """log softmax(s * logits / temperature)[label] for each s of `scales` -> [..., S] (float32 or
+    float64), differentiable: the label's log-prob under the logits scaled by s after the
+    temperature, s > 1 sharpening the distribution and s < 1 flattening it (ERA's logit activation
+    z' = s z). One chunked pass for all scales; the column of s = 1 equals `token_logprobs` to the
+    bit (the same operations in the same order).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not scales or any(not s > 0 for s in scales):
+        raise ValueError(f"scales must be a non-empty tuple of numbers > 0, got {scales!r}")
+    rows = logits.reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1, 1).long()
+
+    def fn(z: Tensor, y: Tensor) -> Tensor:
+        z = _upcast(z) / temperature
+        out = []
+        for s in scales:
+            zs = z if s == 1.0 else z * s
+            out.append(zs.gather(-1, y).squeeze(-1) - torch.logsumexp(zs, dim=-1))
+        return torch.stack(out, -1)
+
+    return _chunked(fn, rows, flat_labels, chunk_size=chunk_size).view(*labels.shape, len(scales))
 
 
 def token_topk_logprobs(

@@ -198,6 +198,9 @@ class Regularizer(Callback):
     # (top_p, top_k): module fills ctx.topp_entropy (detached) in `prepare` and batch.topp_entropy
     # (with grad) in `shape`, the entropy of each position's nucleus (`algorithms.token_topp_entropy`)
     needs_topp_entropy: tuple[float, int] | None = None
+    # (s_1, ...): module fills batch.scaled_logp [n, T, S] (with grad) in `shape`, the sampled tokens'
+    # log-probs under softmax(s z / temperature) for each s (`algorithms.token_scaled_logprobs`; ERA's)
+    needs_logit_scales: tuple[float, ...] = ()
     reads_zeroed: bool = False  # prepared after the others, with their weight-0 tokens in ctx.zeroed
     shifts_advantage: bool = False  # returns TokenShaping.advantage_shift (at most one per run)
     sets_clip_range: bool = False  # returns TokenShaping.clip_low / clip_high (at most one per run; see clip_bounds)

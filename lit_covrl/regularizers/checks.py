@@ -56,6 +56,11 @@ def check_stack(regularizers: list[Regularizer]) -> None:
         asking = [f"{r.name!r} {tuple(r.needs_topp_entropy)}" for r in regularizers if r.needs_topp_entropy]
         raise ValueError(f"regularizers ask for the entropy of different nuclei (top_p, top_k): {', '.join(asking)}; "
                          "the training forward computes one: give them the same top_p and top_k")
+    scales = {tuple(r.needs_logit_scales) for r in regularizers if r.needs_logit_scales}
+    if len(scales) > 1:
+        asking = [f"{r.name!r} {tuple(r.needs_logit_scales)}" for r in regularizers if r.needs_logit_scales]
+        raise ValueError(f"regularizers ask for log-probs under different logit scales: {', '.join(asking)}; the "
+                         "training forward computes one set: give them the same scales")
     clipping = [r for r in regularizers if r.sets_clip_range]
     if len(clipping) > 1:
         raise ValueError(
