@@ -495,6 +495,11 @@ def test_check_number_takes_finite_ints_and_floats_in_range_and_names_the_settin
     ("Archer", {"high_entropy_kl_scale": -1}, "Archer.high_entropy_kl_scale=-1 is invalid: must be a finite number >= 0"),
     ("SimKO", {"tau": 1.5}, "SimKO.tau=1.5 is invalid: must be a finite number >= 0 and <= 1"),
     ("SimKO", {"incorrect_top1_scale": None}, "SimKO.incorrect_top1_scale=None is invalid: must be a finite number >= 0"),
+    ("ERA", {"low": -0.1}, "ERA.low=-0.1 is invalid: must be an entropy >= 0 (nats)"),
+    ("ERA", {"high": 0.2}, "ERA.high=0.2 is invalid: must be >= ERA.low (0.45)"),
+    ("ERA", {"k": 0.5}, "ERA.k=0.5 is invalid: must be a finite number >= 1 (1: no activation)"),
+    ("ERA", {"top_frac": 0}, "ERA.top_frac=0 is invalid: must be in (0, 1]"),
+    ("ERA", {"scale_advantages": "yes"}, "ERA.scale_advantages='yes' is invalid: must be true or false"),
 ])
 def test_regularizer_settings_are_refused_with_their_own_messages(cls, kw, message):
     import lit_covrl.regularizers as regs

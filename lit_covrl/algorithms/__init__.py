@@ -1,5 +1,6 @@
 """Pure tensor math: advantages, PPO / GSPO / CISPO / CE-GPPO losses and aggregation, token covariance and
-selection, entropy controls, clip-range controls (Archer, BAPO), entropy and log-probs, KL estimators.
+selection, entropy controls, clip-range controls (Archer, BAPO), the logit-activation control (ERA), entropy and
+log-probs, KL estimators.
 No state, no config objects."""
 from lit_covrl.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
@@ -17,6 +18,13 @@ from lit_covrl.algorithms.advantages import (
     sequence_logprob_means,
     unlikeliness_rewards,
     zero_variance_groups,
+)
+from lit_covrl.algorithms.activation_controls import (
+    era_advantage_weight,
+    era_logp,
+    era_logp_grad,
+    era_modes,
+    era_response_entropy,
 )
 from lit_covrl.algorithms.clip_controls import archer_clip_bounds, bapo_contribution_sums, bapo_grid, bapo_search
 from lit_covrl.algorithms.covariance import (
@@ -131,6 +139,11 @@ __all__ = [
     "sequence_logprob_means",
     "unlikeliness_rewards",
     "sample_sign_weights",
+    "era_advantage_weight",
+    "era_logp",
+    "era_logp_grad",
+    "era_modes",
+    "era_response_entropy",
     "lp_reg_lowest",
     "lp_reg_kl",
     "simko_logp_grad",

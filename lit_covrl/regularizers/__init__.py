@@ -5,6 +5,7 @@ from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
 from lit_covrl.regularizers.covariance import ClipCov, KLCov
 from lit_covrl.regularizers.dense import EntropyBonus, ReferenceKL
 from lit_covrl.regularizers.entropic import EntroPIC
+from lit_covrl.regularizers.era import ERA
 from lit_covrl.regularizers.entropy_selection import EntropyRatioClip, HighEntropyTokens, SteerWeights
 from lit_covrl.regularizers.entropy_shaping import AdaptiveEntropyBonus, EntropyAdvantage
 from lit_covrl.regularizers.lp_reg import LpReg
@@ -18,6 +19,7 @@ __all__ = [
     "Archer",
     "BAPO",
     "ClipCov",
+    "ERA",
     "EntroPIC",
     "EntropyAdvantage",
     "EntropyBonus",

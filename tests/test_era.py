@@ -1,0 +1,265 @@
+"""ERA (Kang et al. 2025, arXiv 2510.08549; nothingbutbut/era ERA-LLM): the response entropy, the
+modes and the advantage scale by hand; the composed loss's value and gradient against a float64
+loop of the reference code's `era` loss mode (dp_actor.py: the top-20 % entropy mean per
+response, logits times k or over k on positive responses, the old log-probs recomputed under the
+activation, advantages scaled inversely, verl's dual-clip PPO loss, token-mean) on policy, for
+micro-batches of 1, 4 and all rows; off policy against the paper's objective with the raw ratio
+(and unlike the reference's activated ratio); start-up validation; module fits (inert thresholds
+are plain GRPO to the bit, active ones move the weights) and a fit through the CLI whose tags
+move. The scaled log-probs themselves: tests/test_scaled_logprobs.py."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lit_covrl.algorithms import (
+    aggregate,
+    era_advantage_weight,
+    era_logp,
+    era_modes,
+    era_response_entropy,
+    token_entropy,
+    token_logprobs,
+    token_scaled_logprobs,
+)
+from lit_covrl.objectives import GSPO, PPOClip
+from lit_covrl.regularizers import ERA
+from lit_covrl.regularizers.base import MiniBatchContext
+from lit_covrl.types import PolicyBatch, TokenShaping
+
+F64 = torch.float64
+
+
+def test_response_entropy_by_hand():
+    ent = torch.tensor([[3.0, 1.0, 2.0, 0.5, 4.0, 0.1, 0.2, 9.0, 9.0, 9.0],   # L = 7: k = 1 -> 4
+                        [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0],  # L = 10: k = 2 -> (10 + 9) / 2
+                        [0.7, 0.2, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0],   # L = 2: k = 1 -> 0.7
+                        [5.0] * 10])                                           # L = 0 -> 0
+    mask = (torch.arange(10)[None] < torch.tensor([7, 10, 2, 0])[:, None]).float()
+    h = era_response_entropy(ent, mask)
+    assert h.dtype == F64 and h.tolist() == pytest.approx([4.0, 9.5, 0.7, 0.0])
+    assert era_response_entropy(ent, mask, top_frac=0.5).tolist() == pytest.approx([3.0, 8.0, 0.7, 0.0])  # k 3, 5, 1
+    assert era_response_entropy(ent, mask, top_frac=1.0)[1].item() == pytest.approx(5.5)
+
+
+def test_top_count_is_the_reference_truncation():
+    """max(1, floor(0.2 L)) in float64 is the reference's (0.2 * length).long() (a float32 product)
+    for every response length up to 40k tokens."""
+    L = torch.arange(0, 40001)
+    ours = torch.floor(0.2 * L.double()).long()
+    assert torch.equal(ours, (0.2 * L).long()) and torch.equal(ours, L // 5)
+
+
+def test_modes_and_advantage_weight_by_hand():
+    h = torch.tensor([0.3, 1.0, 3.5, 0.2, 0.45, 3.0], dtype=F64)
+    adv = torch.tensor([1.0, 1.0, 0.5, -1.0, 1.0, 1.0])[:, None].expand(6, 3).clone()
+    adv[0, 2] = 0.0
+    mask = torch.ones(6, 3)
+    mask[2, 2] = 0
+    sharp, flat = era_modes(h, adv, mask, low=0.45, high=3.0)
+    assert sharp.tolist() == [[True, True, False]] + [[False] * 3] * 5  # A = 0 token left alone; 0.45 is not below
+    assert flat.tolist() == [[False] * 3] * 2 + [[True, True, False]] + [[False] * 3] * 3  # 3.0 is not above
+    w = era_advantage_weight(sharp, flat, k=2.0, dtype=torch.float32)
+    assert w[0].tolist() == [0.5, 0.5, 1.0] and w[2].tolist() == [2.0, 2.0, 1.0] and (w[3:] == 1).all()
+    scaled = torch.stack([torch.full((6, 3), -0.5), torch.full((6, 3), -3.0)], -1)
+    lp = era_logp(torch.full((6, 3), -1.0), scaled, sharp, flat)
+    assert lp[0].tolist() == [-0.5, -0.5, -1.0] and lp[2].tolist() == [-3.0, -3.0, -1.0] and (lp[3:] == -1).all()
+
+
+def _problem(seed=0, n=6, T=10, V=9):
+    g = torch.Generator().manual_seed(seed)
+    z = 1.5 * torch.randn(n, T, V, generator=g, dtype=F64)
+    z[0] *= 4.0  # a confident response (low entropy) ...
+    z[3] *= 0.1  # ... and a near-uniform one (high entropy)
+    old = z + 0.3 * torch.randn(n, T, V, generator=g, dtype=F64)
+    labels = torch.multinomial(torch.softmax(z.reshape(-1, V), -1), 1, generator=g).view(n, T)
+    lengths = torch.tensor([10, 7, 10, 4, 9, 6])
+    mask = (torch.arange(T)[None] < lengths[:, None]).to(F64)
+    seq_adv = torch.tensor([0.9, 0.7, -1.1, 0.6, 0.4, -1.3])
+    return z, old, labels, mask, seq_adv[:, None].expand(n, T) * mask
+
+
+LOW, HIGH = 1.2, 2.1  # on _problem: response 0 below LOW, response 3 above HIGH, the others between
+
+
+def _ours(z, old_z, labels, mask, adv, objective, reg, rows_per_micro=None, on_policy=True):
+    """ERA.prepare on the whole mini-batch (the current entropy), then shape + objective per
+    micro-batch, token-mean; old log-probs of the raw old policy (the current one on policy)."""
+    zz = z.clone().requires_grad_(True)
+    lp = token_logprobs(zz, labels)
+    scaled = token_scaled_logprobs(zz, labels, reg.needs_logit_scales)
+    old_lp = lp.detach() if on_policy else token_logprobs(old_z, labels)
+    ent = token_entropy(z) * mask
+    reg.prepare(MiniBatchContext(0, 0, on_policy, lp.detach() * mask, old_lp * mask, adv, mask, None,
+                                 old_entropy=ent, entropy=ent))
+    n = len(z)
+    step = rows_per_micro or n
+    total = 0.0
+    for s in range(0, n, step):
+        r = torch.arange(s, min(n, s + step))
+        b = PolicyBatch(r, lp[r], old_lp[r] * mask[r], adv[r], mask[r], scaled_logp=scaled[r])
+        sh = TokenShaping.checked(reg.shape(b), b.logp.shape, reg)
+        base = objective.token_loss(TokenShaping.redirected_logp([sh], b.logp), b.old_logp, b.advantages, b.mask)
+        total = total + aggregate(TokenShaping.combine([sh], base), b.mask, "token-mean", num_tokens=mask.sum())
+    (grad,) = torch.autograd.grad(total, zz)
+    return total.detach(), grad
+
+
+def _reference_loop(z, old_z, labels, mask, adv, *, low, high, k, adv_scale, clip_low, clip_high, clip_c):
+    """The reference's `era` loss mode in float64, one response at a time: H_resp the mean of the
+    top int(0.2 L) (at least 1) entropies of softmax(z); on responses with A > 0 the logits times k
+    (H_resp < low) or over k (H_resp > high), the log-prob of the activated softmax; the old
+    log-prob likewise from the old logits and the old entropies' decision (compute_log_prob with
+    apply_era); A / k, resp. k A with adv_scale; verl's compute_policy_loss (dual-clip c on A < 0),
+    token-mean."""
+    zz = z.clone().requires_grad_(True)
+    n, T, _ = z.shape
+    losses = []
+
+    def activated(logits, row, a0):
+        p = torch.softmax(logits[row].detach(), -1)
+        ent = [-(p[t] * p[t].log()).sum().item() for t in range(T) if mask[row, t] > 0]
+        top = sorted(ent, reverse=True)[:max(1, int(0.2 * len(ent)))]
+        h = sum(top) / len(top)
+        factor = k if (h < low and a0 > 0) else (1 / k if (h > high and a0 > 0) else 1.0)
+        return torch.log_softmax(logits[row] * factor, -1), factor
+
+    for i in range(n):
+        a0 = float(adv[i, 0])
+        ls, factor = activated(zz, i, a0)
+        old_ls, _ = activated(old_z, i, a0)
+        a_scale = (1 / factor if adv_scale else 1.0)  # A / k where k z, k A where z / k
+        for t in range(T):
+            if mask[i, t] == 0:
+                continue
+            y = int(labels[i, t])
+            a = float(adv[i, t]) * a_scale
+            ratio = torch.exp((ls[t, y] - old_ls[t, y].detach()).clamp(-20, 20))
+            l1 = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_low, 1 + clip_high))
+            losses.append(torch.minimum(l1, torch.tensor(-a * clip_c, dtype=F64)) if a < 0 else l1)
+    loss = sum(losses) / len(losses)
+    (grad,) = torch.autograd.grad(loss, zz)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("adv_scale", [True, False])
+def test_loss_and_gradient_match_the_reference_loop_on_policy(adv_scale):
+    """On policy (the recipes' single update per rollout) with the recipe's clip range (1.0 / 1.0,
+    clip_ratio_c 10): PPOClip + ERA's aggregated loss and its gradient w.r.t. the logits equal the
+    reference's for micro-batches of 1, 4 and all rows; the two modes act on one response each."""
+    z, _, labels, mask, adv = _problem()
+    kw = dict(low=LOW, high=HIGH, k=2.0, adv_scale=adv_scale, clip_low=1.0, clip_high=1.0, clip_c=10.0)
+    ref_loss, ref_grad = _reference_loop(z, z, labels, mask, adv, **kw)
+    obj = PPOClip(clip_low=1.0, clip_high=1.0, dual_clip=10.0)
+    for micro in (1, 4, None):
+        reg = ERA(low=LOW, high=HIGH, k=2.0, scale_advantages=adv_scale)
+        loss, grad = _ours(z, z, labels, mask, adv, obj, reg, micro)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-10, abs=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+        m = reg.pop_metrics()
+        assert m["reg/era/sharpened_frac"] == pytest.approx(1 / 6) and m["reg/era/flattened_frac"] == pytest.approx(1 / 6)
+        assert m["reg/era/low_frac"] == pytest.approx(1 / 6) and m["reg/era/high_frac"] == pytest.approx(1 / 6)
+    plain_loss, plain_grad = _ours(z, z, labels, mask, adv, obj, ERA(low=0.0, high=1e9))
+    assert (grad - plain_grad).abs().max() > 1e-3  # the activation moved the gradient
+
+
+def test_off_policy_ratio_is_the_raw_policys():
+    """Off policy our gradient on a modified token is -A' r grad log pi'(y), r = pi / pi_old of the
+    raw policies (the paper's E_{a ~ pi}[A' log pi'(a)] for samples of pi_old), the clip decided on
+    r; the reference's ratio is pi' / pi'_old of the activated ones: the two differ here, and agree
+    on policy (test above)."""
+    z, old, labels, mask, adv = _problem(seed=1)
+    obj = PPOClip(clip_low=0.2, clip_high=0.2, dual_clip=None, logratio_clamp=None)
+    reg = ERA(low=LOW, high=HIGH, k=2.0)
+    loss, grad = _ours(z, old, labels, mask, adv, obj, reg, 4, on_policy=False)
+    m = reg.pop_metrics()
+    assert m["reg/era/sharpened_frac"] > 0 and m["reg/era/flattened_frac"] > 0
+    # oracle, one token at a time
+    zz = z.clone().requires_grad_(True)
+    ent = token_entropy(z) * mask
+    h = era_response_entropy(ent, mask)
+    terms = []
+    for i in range(len(z)):
+        factor = 2.0 if (h[i] < LOW and adv[i, 0] > 0) else (0.5 if (h[i] > HIGH and adv[i, 0] > 0) else 1.0)
+        lp_act = torch.log_softmax(zz[i] * factor, -1)
+        lp_raw = torch.log_softmax(zz[i], -1)
+        old_raw = torch.log_softmax(old[i], -1)
+        for t in range(z.shape[1]):
+            if mask[i, t] == 0:
+                continue
+            y, a = int(labels[i, t]), float(adv[i, t]) / factor
+            r = torch.exp(lp_raw[t, y] - old_raw[t, y]).detach()
+            clipped = (a > 0 and r > 1.2) or (a < 0 and r < 0.8)
+            value = max(-a * r.item(), -a * min(max(r.item(), 0.8), 1.2))
+            surrogate = 0.0 if clipped else -a * r * lp_act[t, y]
+            terms.append(value + surrogate - (surrogate.detach() if torch.is_tensor(surrogate) else 0.0))
+    oracle = sum(terms) / len(terms)
+    (oracle_grad,) = torch.autograd.grad(oracle, zz)
+    assert loss.item() == pytest.approx(float(oracle.detach()), rel=1e-10)
+    torch.testing.assert_close(grad, oracle_grad, rtol=1e-9, atol=1e-12)
+    _, ref_grad = _reference_loop(z, old, labels, mask, adv, low=LOW, high=HIGH, k=2.0, adv_scale=True, clip_low=0.2,
+                                  clip_high=0.2, clip_c=1e9)
+    assert (grad - ref_grad).abs().max() > 1e-4
+
+
+def test_composes_with_gspo():
+    """GSPO reads the redirected log-probs like any objective: the activation moves its gradient."""
+    z, old, labels, mask, adv = _problem(seed=2)
+    _, grad = _ours(z, old, labels, mask, adv, GSPO(), ERA(low=LOW, high=HIGH))
+    _, plain = _ours(z, old, labels, mask, adv, GSPO(), ERA(low=0.0, high=1e9))
+    assert plain.abs().max() > 1e-3
+    assert (grad - plain).abs().max() > 1e-4
+
+
+def test_settings_checked_at_start_up():
+    bad = [("low", -0.1), ("low", math.nan), ("low", True), ("high", math.inf), ("high", "3"), ("k", 0.5),
+           ("k", 0.0), ("k", math.inf), ("top_frac", 0.0), ("top_frac", 1.5), ("scale_advantages", 1)]
+    for field, value in bad:
+        with pytest.raises(ValueError, match=rf"ERA\.{field}="):
+            ERA(**{field: value})
+    with pytest.raises(ValueError, match=r"ERA\.high=0.3 is invalid: must be >= ERA.low \(0.45\)"):
+        ERA(high=0.3)
+    reg = ERA()
+    assert (reg.low, reg.high, reg.k, reg.top_frac, reg.scale_advantages, reg.name) == (0.45, 3.0, 2.0, 0.2, True, "era")
+    assert reg.needs_logit_scales == (2.0, 0.5) and reg.needs_current_entropy
+
+
+def test_module_fit_acts_and_is_plain_grpo_when_no_response_is_modified(tiny_model_dir):
+    """Through GRPOModule (4 updates, the later ones off policy): thresholds that modify no
+    response end on the plain run's weights to the bit (the scaled log-probs' pass changes
+    nothing); thresholds inside the tiny model's response entropies (~2.78 nats) sharpen some
+    positive responses and flatten others, and move the weights."""
+    from tests.test_module import _one_rl_step_weights
+
+    plain_w, plain_m = _one_rl_step_weights(tiny_model_dir, 3, list)
+    off_w, off_m = _one_rl_step_weights(tiny_model_dir, 3, lambda: [ERA(low=0.0, high=1e9)])
+    on_w, on_m = _one_rl_step_weights(tiny_model_dir, 3, lambda: [ERA(low=2.75, high=2.8)])
+    assert all(torch.equal(off_w[k], plain_w[k]) for k in plain_w)
+    assert off_m["policy/loss"] == plain_m["policy/loss"] and off_m["reg/era/sharpened_frac"] == 0
+    assert on_m["reg/era/sharpened_frac"] > 0 and on_m["reg/era/flattened_frac"] > 0 and on_m["reg/era/loss"] != 0
+    assert 2 < on_m["reg/era/response_entropy"] < 3.5
+    assert max((on_w[k] - plain_w[k]).abs().max().item() for k in plain_w) > 1e-5
+
+
+def test_era_config_runs_through_the_cli(tmp_path):
+    """configs/cpu/era.yaml on the quickstart through `lit-covrl fit` (thresholds around the
+    untrained model's response entropies on the command line, so that 4 prompts' responses are
+    modified): ERA is built from the YAML and its tags are written every step."""
+    from pathlib import Path
+
+    from lit_covrl.cli import main
+    from tests.helpers import scalar_tags
+
+    root = Path(__file__).resolve().parents[1]
+    main(["fit", "--config", str(root / "configs/quickstart.yaml"), "--config", str(root / "configs/cpu/era.yaml"),
+          "--torch_threads", "1", "--data.batch_size", "4", "--model.update.mini_batch_size", "2",
+          "--model.rollout.filter_groups", "false", "--trainer.callbacks.init_args.low", "5.0",
+          "--trainer.callbacks.init_args.high", "5.0",
+          "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+          "--checkpoint.dirpath", str(tmp_path / "ck"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    tags = {k: [v for _, v in series] for k, series in scalar_tags(tmp_path).items()}
+    keys = ("reg/era/sharpened_frac", "reg/era/flattened_frac", "reg/era/response_entropy", "reg/era/loss")
+    assert set(keys) <= set(tags) and all(len(tags[k]) == 3 for k in keys)
+    assert any(v > 0 for v in tags["reg/era/sharpened_frac"]) and any(v != 0 for v in tags["reg/era/loss"])
