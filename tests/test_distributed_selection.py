@@ -1,7 +1,7 @@
 """Mini-batch-wide decisions are global: 2 gloo processes holding half the mini-batch each select
 exactly the tokens that 1 process holding all of it selects (Clip-Cov, KL-Cov and the entropy
 controls: 80/20 quantile, STEER weights, entropy-ratio clip, adaptive bonus, entropy advantage,
-EntroPIC, Lp-Reg's lowest log-probs, SIREN's mini-batch deviation, BAPO's clip range),
+EntroPIC, Lp-Reg's lowest log-probs, SIREN's mini-batch deviation, BAPO's clip range, ERA's metrics),
 and each objective's loss, metrics and gradient add up across ranks to the single-process ones."""
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lit_covrl.algorithms import (aggregate, ppo_clipped_tokens, token_entropy, token_logprobs, token_proxy_logprobs,
-                                  token_topk_logprobs, token_topp_entropy)
+                                  token_scaled_logprobs, token_topk_logprobs, token_topp_entropy)
 from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
     AdaptiveEntropyBonus,
     Archer,
     BAPO,
     ClipCov,
+    ERA,
     EntroPIC,
     EntropyAdvantage,
     EntropyRatioClip,
@@ -135,6 +136,7 @@ def _objectives(rows: slice) -> dict[str, torch.Tensor]:
     out.update(_simko(rows, n_tok))
     out.update(_lp_reg(rows, n_tok))
     out.update(_siren(rows, n_tok))
+    out.update(_era(rows, n_tok))
     return out
 
 
@@ -236,6 +238,34 @@ def _siren(rows: slice, n_tok) -> dict[str, torch.Tensor]:
             **{k: torch.tensor(v) for k, v in reg.pop_metrics().items()}}
 
 
+def _era(rows: slice, n_tok) -> dict[str, torch.Tensor]:
+    """PPOClip + ERA from logits [N, T, V] (responses of spread entropies; the scaled log-probs with
+    grad), off policy: each response's decision (its own tokens' current entropies), the loss, the
+    gradient w.r.t. the logits of these rows and the metrics (collectives)."""
+    from lit_covrl import distributed
+    from lit_covrl.types import TokenShaping
+
+    g = torch.Generator().manual_seed(5)
+    logits = 2.0 * torch.randn(N, T, 9, generator=g) * torch.linspace(0.2, 2.0, N)[:, None, None]
+    labels = torch.multinomial(torch.softmax(logits.view(-1, 9), -1), 1, generator=g).view(N, T)
+    _, old, adv, mask = (t[rows] for t in _batch())
+    z = logits[rows].clone().requires_grad_(True)
+    logp = token_logprobs(z, labels[rows])
+    old = logp.detach() + (old - _batch()[0][rows])
+    ent = token_entropy(z.detach()) * mask
+    reg, obj = ERA(low=1.4, high=2.0), PPOClip()  # one positive response sharpened (rank 1's), one flattened (rank 0's)
+    reg.prepare(MiniBatchContext(0, 1, False, logp.detach() * mask, old * mask, adv, mask, None, ent, ent))
+    b = PolicyBatch(torch.arange(len(mask)), logp, old, adv, mask,
+                    scaled_logp=token_scaled_logprobs(z, labels[rows], reg.needs_logit_scales))
+    s = reg.shape(b)
+    base = obj.token_loss(TokenShaping.redirected_logp([s], logp), old, adv, mask)
+    loss = aggregate(TokenShaping.combine([s], base), mask, "token-mean", num_tokens=n_tok)
+    loss.backward()
+    return {"ppo+era/loss": distributed.all_sum(loss.detach()), "ppo+era/grad": z.grad.flatten(1),
+            "era/sharpened": reg._modes[0].float(), "era/flattened": reg._modes[1].float(),
+            **{k: torch.tensor(v) for k, v in reg.pop_metrics().items()}}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -279,6 +309,8 @@ def test_two_processes_select_what_one_process_selects(tmp_path):
     assert 0 < whole["reg/lp_reg/selected_frac"] < 1 and 0 < whole["reg/lp_reg/regularized_frac"] < 1
     assert 0 < whole["reg/siren/selected_frac"] < 1 and abs(whole["reg/siren/deviation"]) > 0.05
     assert whole["ppo+siren/grad"].abs().sum() > 0
+    assert whole["reg/era/sharpened_frac"] == pytest.approx(1 / N) and whole["reg/era/flattened_frac"] == pytest.approx(1 / N)
+    assert whole["era/sharpened"][N // 2:].any() and whole["era/flattened"][:N // 2].any()
     assert whole["reg/bapo/clip_low"] == 0.99 and float(whole["reg/bapo/clip_high"]) == pytest.approx(1.04)
     assert 0 < whole["ppo+bapo/metrics"][2] < 1
     for key, value in whole.items():

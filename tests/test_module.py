@@ -24,6 +24,7 @@ from lit_covrl.regularizers import (
     KLCov,
     ReferenceKL,
     Regularizer,
+    ERA,
     LpReg,
     SimKO,
     SIREN,
@@ -206,7 +207,19 @@ def _siren_lp_reg_simko():
             SimKO(top_k=3, mix_topk_coef=0.5, tau=0.5, incorrect_top1_scale=2.0)]
 
 
+def _era():
+    # ERA with thresholds inside the tiny model's response entropies (~2.78 nats: some positive
+    # responses sharpened, others flattened; the current entropy from a forward after the first
+    # update), SimKO (a second logp_grad term, the top-k and the scaled log-probs from one forward)
+    # and Clip-Cov
+    return [ERA(low=2.75, high=2.8), SimKO(top_k=3, mix_topk_coef=0.5, tau=0.5, incorrect_top1_scale=2.0),
+            ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)]
+
+
 INVARIANCE_CASES = {
+    "era+simko+cov": (_era, lambda: PPOClip(dual_clip=3.0)),
+    "era+gspo": (lambda: [ERA(low=2.75, high=2.8), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)],
+                 lambda: GSPO(clip_low=0.05, clip_high=0.05)),
     "siren+lp_reg+simko": (_siren_lp_reg_simko, lambda: PPOClip(dual_clip=3.0)),
     "lp_reg+simko": (_lp_reg, lambda: PPOClip(dual_clip=3.0)),
     "siren+cov": (_siren, lambda: PPOClip(dual_clip=3.0)),
@@ -257,6 +270,9 @@ def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_
         assert ref_m["reg/siren/loss"] > 0 and ref_m["reg/siren/deviation"] != 0
         assert 0 < ref_m["reg/lp_reg/regularized_frac"] < 1 and ref_m["reg/lp_reg/loss"] > 0
         assert 0 < ref_m["reg/simko/mixed_frac"] < 1 and ref_m["reg/simko/loss"] != 0
+    elif case.startswith("era"):  # both of ERA's modes acted and changed the loss
+        assert 0 < ref_m["reg/era/sharpened_frac"] < 1 and 0 < ref_m["reg/era/flattened_frac"] < 1
+        assert ref_m["reg/era/loss"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
     elif case.startswith("siren"):  # the anchored term acted
         assert 0 < ref_m["reg/siren/selected_frac"] < 1 and ref_m["reg/siren/loss"] > 0
         assert ref_m["reg/siren/deviation"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
