@@ -23,11 +23,12 @@ R7 = CONFIGS / "paper" / "qwen2.5-7b.yaml"
 F7 = CONFIGS / "fsdp" / "qwen2.5-7b.yaml"
 CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_tokens", "adaptive_entropy", "steer",
                "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "ce_gppo", "qae", "w_reinforce", "passk",
-               "entropic", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo")
+               "entropic", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo", "era")
 REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "adaptive_entropy", "clip_cov",
                      "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
                      "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse", "qae", "w_reinforce", "w_reinforce_high_lr", "gspo", "cispo",
-                     "ce_gppo", "passk", "entropic", "entropic_kp50", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo")
+                     "ce_gppo", "passk", "entropic", "entropic_kp50", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo",
+                     "era")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high",
                "entropic_kp5", "lp_reg_neg10", "siren_high")
 STACKS = {
@@ -112,6 +113,10 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
         assert (bapo.target, bapo.low_start, bapo.low_max, bapo.low_step) == (0.5, 0.8, 0.95, 0.05)
         assert (bapo.high_start, bapo.high_max, bapo.high_step, bapo.eps) == (1.2, 2.0, 0.1, 1e-8)
         assert cli.model.settings.loss.dual_clip == 3.0 and type(cli.model.objective).__name__ == "PPOClip"
+    if name.endswith("era.yaml"):  # the reference recipe's values (nothingbutbut/era, qwen_7b_era_topk_scale.sh)
+        (era,) = regs
+        assert (era.low, era.high, era.k, era.top_frac, era.scale_advantages) == (0.45, 3.0, 2.0, 0.2, True)
+        assert era.needs_logit_scales == (2.0, 0.5) and type(cli.model.objective).__name__ == "PPOClip"
     if name.endswith("qae.yaml"):
         assert cli.model.settings.loss.baseline_quantile == 0.4 and cli.model.settings.loss.advantage == "grpo"
     if name.endswith("passk.yaml"):  # k of the paper's main setting, below the testbeds' group size 8
@@ -173,6 +178,8 @@ def _merge(into: dict, new: dict) -> None:
         (["--model.loss.loss_agg_mode", "mean"], "valid modes"),
         (["--model.eval.temperature", "0"], "model.eval.temperature=0"),
         (["--model.reward", "lit_covrl.rewards.NoSuchReward"], "NoSuchReward"),
+        (["--config", str(CONFIGS / "cpu" / "era.yaml"), "--trainer.callbacks.init_args.k", "0.5"],
+         "ERA.k=0.5 is invalid: must be a finite number >= 1"),
     ],
 )
 def test_bad_settings_stop_the_cli_at_start_up_naming_the_field(extra, message, tmp_path, capsys):
