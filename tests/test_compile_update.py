@@ -188,3 +188,24 @@ def test_siren_lp_reg_simko_compiled_equal_eager(tiny_model_dir, monkeypatch):
         assert m[k] == pytest.approx(eager_m[k], rel=1e-5, abs=1e-6), k
     for k, v in eager_w.items():
         torch.testing.assert_close(w[k], v, rtol=0, atol=1e-6)
+
+
+def test_era_compiled_equal_eager(tiny_model_dir, monkeypatch):
+    """ERA stacked with SimKO and Clip-Cov: the log-probs under k z and z / k come from the compiled
+    forward's logits (aot_eager; micro-batches of 3, so the current entropy of the later updates
+    takes a no-grad forward too) as from the eager one: the same weights and reg/ metrics, both of
+    ERA's modes acting."""
+    from tests.test_module import _era, _one_rl_step_weights
+
+    monkeypatch.setattr(lit_covrl.compiled, "BACKEND", "aot_eager")
+    eager_w, eager_m = _one_rl_step_weights(tiny_model_dir, 3, _era, objective=PPOClip(dual_clip=3.0),
+                                            system=dict(shared_prompt=False))
+    assert _graphs() == 0
+    w, m = _one_rl_step_weights(tiny_model_dir, 3, _era, objective=PPOClip(dual_clip=3.0),
+                                system=dict(compile_update=True))
+    assert _graphs() == 2
+    assert eager_m["reg/era/sharpened_frac"] > 0 and eager_m["reg/era/flattened_frac"] > 0
+    for k in [k for k in eager_m if k.startswith(("policy/", "reg/")) and k != "policy/lr"]:
+        assert m[k] == pytest.approx(eager_m[k], rel=1e-5, abs=1e-6), k
+    for k, v in eager_w.items():
+        torch.testing.assert_close(w[k], v, rtol=0, atol=1e-6)
