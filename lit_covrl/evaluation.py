@@ -13,8 +13,8 @@ samples and scores the batch's first prompt and does not count it.
 `score`, whose statistics are over all ranks and leave out a rank's items scored with
 `counted=False`), the pass@k metric (a torchmetrics child of the module, so Lightning places and
 syncs it), the evaluation settings (`model.eval`, `lit_covrl.settings.EvalSettings`), the correctness
-threshold and the seed. GRPOModule's validation and test hooks call `start`, `step` and
-`compute` and log the result under `val/` or `test/`.
+threshold and the seed. GRPOModule's validation and test hooks (`EvaluationHooks`, a mixin of
+the module) call `start`, `step` and `compute` and log the result under `val/` or `test/`.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lit_covrl import distributed
+from lit_covrl import distributed, resume_check
 from lit_covrl.metrics import PassAtK
 from lit_covrl.settings import EvalSettings
 from lit_covrl.types import PromptBatch, Rollout
@@ -96,3 +96,58 @@ def _rows(batch: PromptBatch, rows: list[int]) -> PromptBatch:
         return batch
     columns = [batch.columns[i] for i in rows] if batch.columns else []
     return PromptBatch([batch.prompts[i] for i in rows], [batch.answers[i] for i in rows], batch.index, columns)
+
+
+class EvaluationHooks:
+    """GRPOModule's validation and test hooks (a mixin of `lit_covrl.module.GRPOModule`, which sets
+    `evaluator`): each evaluation starts, steps and computes its `Evaluator`, and logs the result
+    under `val/` or `test/`; evaluating a checkpoint warns when the data or reward settings differ
+    from the checkpoint's run (`resume_check.warn_on_evaluation_changes`)."""
+
+    def on_validation_start(self) -> None:
+        self._warn_if_evaluating_other_data()
+
+    def on_validation_epoch_start(self) -> None:
+        self.evaluator.start(self.device, self.global_rank, self.trainer.world_size)
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self.evaluator.step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_start(self) -> None:
+        self._warn_if_evaluating_other_data()
+
+    def on_test_epoch_start(self) -> None:
+        self.evaluator.start(self.device, self.global_rank, self.trainer.world_size)
+
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self.evaluator.step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    def _log_evaluation(self, prefix: str) -> None:
+        res = self.evaluator.compute()  # already global: no sync_dist
+        values = {f"{prefix}/{k}": res[k] for k in ("pass@1", "pass@k", "entropy", "reward_errors")}
+        in_fit = self.trainer.state.fn == "fit"
+        for name, v in values.items():  # callbacks and the progress bar; the loggers below in a fit
+            self.log(name, v, prog_bar=name == "val/pass@1", sync_dist=False, logger=not in_fit)
+        if in_fit and not self.trainer.sanity_checking:
+            # at the RL step just taken, as the training metrics (`log_step`): Lightning's own step
+            # counter is one ahead in a run extended from an end-of-fit checkpoint. `epoch` as
+            # Lightning adds it to what it logs at its own step
+            for logger in self.trainer.loggers:
+                logger.log_metrics({**values, "epoch": float(self.current_epoch)}, step=self.global_step - 1)
+        # outside a fit (`validate` / `test` of a checkpoint) Lightning's step counter is 0: the
+        # figures go to the loggers at the checkpoint's last RL step, where its fit logged them
+        if not in_fit and self._checkpoint_step:
+            # a logged "step" is the x-axis of the others (Lightning pops it from the metrics)
+            self.log("step", float(self._checkpoint_step - 1), sync_dist=False)
+
+
+    def _warn_if_evaluating_other_data(self) -> None:
+        if self._resumed_from is not None and self.trainer.state.fn != "fit":  # a fit compares in on_train_start
+            resume_check.warn_on_evaluation_changes(self._resumed_from, self, self.trainer, self.trainer.ckpt_path)
+            self._resumed_from = None

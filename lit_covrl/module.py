@@ -6,7 +6,9 @@ and runs one RL step per `training_step`, with manual optimization:
      regularizers select over the whole mini-batch, micro-batches accumulate the gradients of
      the loss written in `Learner.loss`, one optimizer step -> log.
 Generation and scoring are a `RolloutGenerator` (`lit_covrl.generation`), held-out evaluation
-an `Evaluator`; the module only wires these pieces to Lightning.
+an `Evaluator`; the module only wires these pieces to Lightning. Its set-up hooks (tokenizer,
+models, start-up checks, optimizer) are the mixin `lit_covrl.setup_hooks.SetupHooks`, its
+validation and test hooks `lit_covrl.evaluation.EvaluationHooks`.
 
 `trainer.global_step` counts RL steps (rollouts), not optimizer updates: only the last update of
 a rollout goes through Lightning's optimizer wrapper. So `trainer.max_steps`, schedules and the
@@ -15,7 +17,6 @@ TensorBoard x-axis are all in rollouts, as in the papers.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from typing import Callable
 
@@ -28,14 +29,13 @@ from lit_covrl import distributed, guards, resume_check
 from lit_covrl.algorithms import compute_advantages, sequence_logprob_means, zero_variance_groups
 from lit_covrl.drivers import LightningDriver
 from lit_covrl.dynamic_sampling import Round, sample_rounds
-from lit_covrl.errors import naming_the_setting
-from lit_covrl.evaluation import Evaluator
+from lit_covrl.evaluation import EvaluationHooks, Evaluator
 from lit_covrl.generation import RolloutGenerator
 from lit_covrl.learner import Learner, LearnerSettings
 from lit_covrl.metrics import (PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics,
                                unlikeliness_metrics)
 from lit_covrl.objectives import Objective, resolve_objective
-from lit_covrl.policy import check_vocab, load_tokenizer, resolve_dtype
+from lit_covrl.policy import resolve_dtype
 from lit_covrl.progress import fit_end_message
 from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.reward_set import RewardSet
@@ -46,8 +46,7 @@ from lit_covrl.settings import (
     GROUPS, EvalSettings, LossSettings, RolloutSettings, SystemSettings, UpdateSettings, as_group,
     check_module_settings, check_passk_reward_weights,
 )
-from lit_covrl.sharding import is_sharded, load_model, shard_loaded
-from lit_covrl.startup_checks import check_before_start, check_optimizer_precision, check_topk
+from lit_covrl.setup_hooks import SetupHooks
 from lit_covrl.types import PromptBatch, Rollout
 
 # the policy is kept in eval mode on purpose (no dropout in RL: rollout policy == trained policy)
@@ -68,7 +67,7 @@ class ModuleSettings:
     system: SystemSettings
 
 
-class GRPOModule(L.LightningModule):
+class GRPOModule(SetupHooks, EvaluationHooks, L.LightningModule):
     def __init__(
         self,
         model: str = "lit_covrl:tiny-arith",
@@ -206,86 +205,13 @@ class GRPOModule(L.LightningModule):
         fsdp = self.settings.system.fsdp_mixed_precision == "bf16"
         return self.settings.update.recompute_for("bf16" in precision or weights or fsdp)
 
-    # setup -------------------------------------------------------------------------------------
+    # setup (set-up hooks: lit_covrl.setup_hooks) -----------------------------------------------
     @property
     def regularizers(self) -> list[Regularizer]:
         if self._trainer is None:
             return []
         return [cb for cb in self.trainer.callbacks if isinstance(cb, Regularizer)]
 
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            hp = self.hparams
-            field = "model.tokenizer" if hp.tokenizer else "model.model"
-            with naming_the_setting(field, hp.tokenizer or hp.model):
-                self._tokenizer = load_tokenizer(hp.tokenizer or hp.model)
-        return self._tokenizer
-
-    def configure_model(self) -> None:
-        """Load the policy (and the reference model when a regularizer needs it). Under Lightning's
-        `ModelParallelStrategy` (a device mesh is set) both are sharded with FSDP2 here, before the
-        optimizer is built, so the optimizer holds only this rank's shards; their full weights are
-        read by rank 0 alone and broadcast into the other ranks' empty shards (`load_sharded`).
-        Models this hook loaded before the fit (called early, without a mesh: every rank holds them
-        whole) are sharded in place then, rank 0's weights winning (`shard_loaded`)."""
-        hp = self.hparams
-        if self.policy is None:
-            self.policy = self._load("model.model", hp.model, frozen=False)
-            check_vocab(self.tokenizer, self.policy, hp.model, hp.tokenizer)
-        elif self.device_mesh is not None and not is_sharded(self.policy):
-            self.policy = shard_loaded(self.policy, self.device_mesh, system=self.settings.system, frozen=False)
-        check_topk(self.policy, self.regularizers, hp.model)
-        if self._reference is not None and self.device_mesh is not None and not is_sharded(self._reference):
-            shard_loaded(self._reference, self.device_mesh, system=self.settings.system, frozen=True)
-        if self._reference is None and any(r.needs_reference for r in self.regularizers):
-            field = "model.reference_model" if hp.reference_model else "model.model"
-            ref = self._load(field, hp.reference_model or hp.model, frozen=True)
-            check_vocab(self.tokenizer, ref, hp.reference_model or hp.model, hp.tokenizer, model_field=field)
-            # the precision plugin converts the policy after this hook (`*-true` precisions cast it);
-            # the reference gets the same cast, so that at step 0 its log-probs equal the policy's
-            ref = self.trainer.precision_plugin.convert_module(ref)
-            # a plain attribute: the strategy never sees it and checkpoints never save it
-            object.__setattr__(self, "_reference", ref)
-
-    def _load(self, field: str, spec: str, *, frozen: bool) -> torch.nn.Module:
-        """The model `spec` given by setting `field` (named in a loading error)."""
-        device = self.trainer.strategy.root_device if self.device_mesh is not None else None
-        with naming_the_setting(field, spec):
-            return load_model(spec, dtype=self.hparams.dtype, frozen=frozen, system=self.settings.system,
-                              mesh=self.device_mesh, device=device)
-
-    def setup(self, stage: str) -> None:
-        check_before_start(self, stage)
-        self.rollout_rng.place(self.device, self.global_rank)
-
-    @property
-    def updates_per_rollout(self) -> int | None:
-        mbs, epochs = self.settings.update.mini_batch_size, self.settings.update.ppo_epochs
-        if mbs is None:
-            return epochs
-        batch = self.prompts_per_step()
-        return None if batch is None else epochs * math.ceil(batch / mbs)
-
-    def prompts_per_step(self) -> int | None:
-        """Prompts per RL step per device, when the datamodule says (`batch_size` hparam)."""
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        return getattr(dm, "hparams", {}).get("batch_size") if dm is not None else None
-
-    def configure_optimizers(self):
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        opt = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
-        check_optimizer_precision(opt)
-        if self._resumed_from is not None:  # the checkpoint's modules are restored before this hook
-            resume_check.check_optimizer_class(self._resumed_from, [opt])
-        if self.lr_scheduler_factory is None:
-            return opt
-        scheduler = self.lr_scheduler_factory(opt)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):  # step() needs a metric
-            raise ValueError("model.lr_scheduler: ReduceLROnPlateau is not supported (it steps on a monitored "
-                             "metric; the module steps its scheduler once per RL step): use a step-based "
-                             "scheduler such as torch.optim.lr_scheduler.CosineAnnealingLR")
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # rollout -----------------------------------------------------------------------------------
     @property
@@ -405,49 +331,6 @@ class GRPOModule(L.LightningModule):
         """Every update of a rollout passes here, after the precision plugin unscaled."""
         self.learner.before_optimizer_step(optimizer)
 
-    # evaluation --------------------------------------------------------------------------------
-    def on_validation_start(self) -> None:
-        self._warn_if_evaluating_other_data()
-
-    def on_validation_epoch_start(self) -> None:
-        self.evaluator.start(self.device, self.global_rank, self.trainer.world_size)
-
-    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self.evaluator.step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_evaluation("val")
-
-    def on_test_start(self) -> None:
-        self._warn_if_evaluating_other_data()
-
-    def on_test_epoch_start(self) -> None:
-        self.evaluator.start(self.device, self.global_rank, self.trainer.world_size)
-
-    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        self.evaluator.step(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_evaluation("test")
-
-    def _log_evaluation(self, prefix: str) -> None:
-        res = self.evaluator.compute()  # already global: no sync_dist
-        values = {f"{prefix}/{k}": res[k] for k in ("pass@1", "pass@k", "entropy", "reward_errors")}
-        in_fit = self.trainer.state.fn == "fit"
-        for name, v in values.items():  # callbacks and the progress bar; the loggers below in a fit
-            self.log(name, v, prog_bar=name == "val/pass@1", sync_dist=False, logger=not in_fit)
-        if in_fit and not self.trainer.sanity_checking:
-            # at the RL step just taken, as the training metrics (`log_step`): Lightning's own step
-            # counter is one ahead in a run extended from an end-of-fit checkpoint. `epoch` as
-            # Lightning adds it to what it logs at its own step
-            for logger in self.trainer.loggers:
-                logger.log_metrics({**values, "epoch": float(self.current_epoch)}, step=self.global_step - 1)
-        # outside a fit (`validate` / `test` of a checkpoint) Lightning's step counter is 0: the
-        # figures go to the loggers at the checkpoint's last RL step, where its fit logged them
-        if not in_fit and self._checkpoint_step:
-            # a logged "step" is the x-axis of the others (Lightning pops it from the metrics)
-            self.log("step", float(self._checkpoint_step - 1), sync_dist=False)
-
     # logging, checkpoint -----------------------------------------------------------------------
     def log_step(self, metrics: dict) -> None:
         """Every metric is already global (reduced across ranks where it is computed, see
@@ -480,11 +363,6 @@ class GRPOModule(L.LightningModule):
             resume_check.check_optimizer_class(checkpoint, self.trainer.optimizers)
         keep = (resume_check.CKPT_KEY, "hyper_parameters", "datamodule_hyper_parameters")
         self._resumed_from = {k: checkpoint[k] for k in keep if k in checkpoint}
-
-    def _warn_if_evaluating_other_data(self) -> None:
-        if self._resumed_from is not None and self.trainer.state.fn != "fit":  # a fit compares in on_train_start
-            resume_check.warn_on_evaluation_changes(self._resumed_from, self, self.trainer, self.trainer.ckpt_path)
-            self._resumed_from = None
 
     def on_train_start(self) -> None:
         self.rollout_rng.apply_pending()
