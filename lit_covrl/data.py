@@ -8,7 +8,9 @@ and read, with the row accounting, by `lit_covrl.sources`; the row files' format
 Determinism. Train batch k on rank r of W is a pure function of (seed, k, r, W, m): step k's
 global batch is W*B prompts whatever W, laid out over the ranks so that their update j together is
 one rank's update j (`lit_covrl.streams`; m = the module's prompts per update, handed over at
-start-up as `minibatch_prompts`).
+start-up as `minibatch_prompts`). The datamodule's stream methods below (`batch_at`, `regen_batch`,
+`on_after_batch_transfer`, `state_dict`, `load_state_dict`) are its mixin
+`lit_covrl.streams.PromptStream`'s.
 
 Resume. `next_index` (this rank's next stream position) advances in `on_after_batch_transfer`.
 In Lightning 2.6 the training epoch loop calls it on the batch returned by `next(data_fetcher)`,
@@ -33,10 +35,10 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
-from lit_covrl.row_checks import changed_rows_warning, reuse_warnings, rows_digest
+from lit_covrl.row_checks import reuse_warnings
 from lit_covrl.rows import MAX_ROW_WARNINGS
 from lit_covrl.sources import RowReader, check_sources, file_list, task_heldout
-from lit_covrl.streams import TASK_STREAM_UNIT, rank_offsets, resume_index
+from lit_covrl.streams import PromptStream
 from lit_covrl.tasks.base import Task
 from lit_covrl.types import Example, PromptBatch
 
@@ -79,7 +81,7 @@ def _batched(examples: list[Example], size: int) -> list[PromptBatch]:
 # ----------------------------------------------------------------------------- datamodule
 
 
-class PromptDataModule(L.LightningDataModule):
+class PromptDataModule(PromptStream, L.LightningDataModule):
     """Streams prompt batches from a synthetic task, prompt files or a Hugging Face dataset.
 
     Args:
@@ -262,70 +264,8 @@ class PromptDataModule(L.LightningDataModule):
         val_seed = self.hparams.get("val_seed")
         return self.hparams.seed if val_seed is None else val_seed
 
-    # --------------------------------------------------------------------- streams
-
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
-
-    def _perm(self, epoch: int, stream: str = "shuffle") -> list[int]:
-        key = (stream, epoch)
-        if key not in self._perms:
-            if len(self._perms) >= 4:
-                self._perms.pop(next(iter(self._perms)))
-            order = list(range(len(self._train_rows)))
-            random.Random(f"lit_covrl:{stream}:{self.hparams.seed}:{epoch}").shuffle(order)
-            self._perms[key] = order
-        return self._perms[key]
-
-    def batch_at(self, index: int, rank: int = 0, world: int = 1) -> PromptBatch:
-        """Train batch `index` of rank `rank` out of `world` (a pure function of these, the seed and
-        `minibatch_prompts`)."""
-        if self._val_batches is None:
-            self.setup("fit")
-        return PromptBatch.from_examples(self._examples_at(index, self.rank_offsets(rank, world), world, "train", "shuffle"),
-                                         index=index)
-
-    def rank_offsets(self, rank: int, world: int, minibatch: bool = True) -> list[int]:
-        """This rank's positions in a step's global batch (`lit_covrl.streams.rank_offsets`), laid
-        out by the module's prompts per update (`minibatch=False`: in blocks of B regardless)."""
-        return rank_offsets(rank, world, self.hparams.batch_size, self.minibatch_prompts if minibatch else None)
-
-    def regen_batch(self, index: int, round: int, rounds: int) -> PromptBatch:
-        """Prompts of extra generation round `round` (1 .. rounds - 1) of train batch `index` on
-        this rank, for dynamic sampling (`lit_covrl.dynamic_sampling`): drawn from the same task
-        or rows as the train stream but from a stream of their own, a pure function of (seed,
-        index, round, rank, world size), so resumed runs draw the same prompts."""
-        if not 1 <= round < rounds:
-            raise ValueError(f"round must be in [1, {rounds}), got {round}")
-        if self._val_batches is None:
-            self.setup("fit")
-        rank, world = self._rank_world()
-        unit = index * (rounds - 1) + round - 1
-        offsets = self.rank_offsets(rank, world, minibatch=False)  # filling in for filtered groups: no update layout
-        return PromptBatch.from_examples(self._examples_at(unit, offsets, world, "regen", "regen-shuffle"), index=index)
-
-    def _examples_at(self, unit: int, offsets: list[int], world: int, task_stream: str, row_stream: str) -> list[Example]:
-        """The prompts at `offsets` of global batch `unit` (W*B prompts) of a stream: task samples
-        from that batch's own seeded RNG, or rows at positions unit*W*B + offset of that stream's
-        per-epoch shuffles."""
-        size, seed = world * self.hparams.batch_size, self.hparams.seed
-        if self.task is not None:
-            rng = random.Random(f"lit_covrl:{task_stream}:{seed}:{unit}")
-            drawn = [self.task.sample(rng) for _ in range(max(offsets) + 1)]  # every rank draws the same
-            return [self._with_system(drawn[o]) for o in offsets]
-        n = len(self._train_rows)
-        return [self._train_rows[self._perm(p // n, row_stream)[p % n]] for p in (unit * size + o for o in offsets)]
-
-    def _stream(self, rank: int, world: int, start: int = 0) -> Iterator[PromptBatch]:
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} out of range for world size {world}")
-        k = start
-        while True:
-            yield self.batch_at(k, rank, world)
-            k += 1
+    # --------------------------------------------------------------------- dataloaders
+    # (the stream's batches by position, next_index and its checkpoint state: streams.PromptStream)
 
     def train_dataloader(self) -> DataLoader:
         if self._val_batches is None:
@@ -350,7 +290,7 @@ class PromptDataModule(L.LightningDataModule):
         """`lit-covrl test` evaluates on the same held-out batches as validation."""
         return self.val_dataloader()
 
-    # --------------------------------------------------------------------- resume
+    # --------------------------------------------------------------------- start-up checks' rows, batch transfer
 
     @property
     def has_validation(self) -> bool:
@@ -429,49 +369,3 @@ class PromptDataModule(L.LightningDataModule):
         if isinstance(batch, PromptBatch):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, PromptBatch) and batch.index >= 0:
-            self.next_index = batch.index + 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints by Lightning. `next_index` (with the world size and batch size it
-        counts batches of) is restored; `skipped_rows` is for the record (counts are recomputed when
-        the files are read); `seed` and, for file and HF sources, the train rows' count and digest
-        are checked."""
-        state = {"next_index": self.next_index, "world_size": self._rank_world()[1],
-                 "batch_size": self.hparams.batch_size, "skipped_rows": self.skipped_rows, "seed": self.hparams.seed,
-                 "task_stream_unit": TASK_STREAM_UNIT}
-        if self._train_rows is not None:
-            state.update(train_rows=len(self._train_rows), train_digest=self._train_digest())
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore `next_index`, moved on when rows are resumed under another world size or batch
-        size so that no prompt repeats (`lit_covrl.streams.resume_index`); warn when the seed or
-        the train rows changed since the checkpoint."""
-        self.next_index, warning = resume_index(
-            int(state_dict["next_index"]), task=self.task is not None, world=self._rank_world()[1],
-            batch_size=self.hparams.batch_size, saved_world=state_dict.get("world_size"),
-            saved_batch_size=state_dict.get("batch_size"), saved_unit=state_dict.get("task_stream_unit"))
-        if warning:
-            log.warning(warning)
-        saved_seed = state_dict.get("seed", self.hparams.seed)
-        if saved_seed != self.hparams.seed:
-            log.warning("resuming a prompt stream saved with seed %s under seed %s", saved_seed, self.hparams.seed)
-        if self.task is None and "train_rows" in state_dict:  # older checkpoints lack it: nothing to compare
-            self._check_rows_unchanged(state_dict["train_rows"], state_dict.get("train_digest"))
-
-    def _check_rows_unchanged(self, saved_n: int, saved_digest: str | None) -> None:
-        """Warn when the train rows differ from those of the checkpoint (`changed_rows_warning`)."""
-        if self._val_batches is None:
-            self.setup("fit")
-        warning = changed_rows_warning(saved_n, saved_digest, len(self._train_rows), self._train_digest())
-        if warning and self._rank_world()[0] == 0:
-            log.warning(warning)
-
-    def _train_digest(self) -> str:
-        if self._digest is None:
-            self._digest = rows_digest(self._train_rows)
-        return self._digest
