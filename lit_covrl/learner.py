@@ -178,7 +178,7 @@ class Learner:
             old_logp=mb.old_logp, advantages=mb.advantages, mask=mb.mask, clipped=None,
             old_entropy=mb.old_entropy, entropy=current_ent, zeroed=torch.zeros_like(mb.mask, dtype=torch.bool),
             agg_mode=self.settings.loss.loss_agg_mode, norm_length=self.settings.rollout.max_new_tokens,
-            topp_entropy=topp_ent,
+            topp_entropy=topp_ent, logratio_clamp=getattr(self.objective, "logratio_clamp", None),
         )
         # the one that sets a per-token clip range first (ctx.clipped follows its range), those that
         # read ctx.zeroed last (a stable sort: otherwise in callback order)

@@ -28,15 +28,16 @@ def _ctx(logp, old, adv, mask):
     return MiniBatchContext(0, 1, False, logp, old, adv, mask, None)
 
 
-def _reference_search(logp, old, adv, mask, *, target, low, high, eps=1e-8):
-    """The reference's search, one token at a time in float64: (c_low, c_high, P / (N + eps))."""
+def _reference_search(logp, old, adv, mask, *, target, low, high, eps=1e-8, clamp=20.0):
+    """The reference's search, one token at a time in float64: (c_low, c_high, P / (N + eps)),
+    the log-ratio clamped to +-clamp (the reference's 20)."""
     def ratio(c_low, c_high):
         pos = neg = 0.0
         for i in range(logp.shape[0]):
             for j in range(logp.shape[1]):
                 if not mask[i, j]:
                     continue
-                r = math.exp(min(max(float(logp[i, j] - old[i, j]), -20.0), 20.0))
+                r = math.exp(min(max(float(logp[i, j] - old[i, j]), -clamp), clamp))
                 a = float(adv[i, j])
                 eff = (min(r, c_high) if a >= 0 else max(r, c_low)) * a
                 pos, neg = pos + max(eff, 0.0), neg + max(-eff, 0.0)
@@ -83,6 +84,65 @@ def test_hand_values_of_the_search():
     assert bapo_search(sums, LOWS, HIGHS, target=10.0) == (3, 8, pytest.approx(2.0 / 0.95))
     # no negative token: the ratio is infinite, met at once
     assert bapo_search(torch.tensor([0.0] * 4 + HIGHS), LOWS, HIGHS, target=100.0)[:2] == (0, 0)
+
+
+def test_the_ratio_is_clamped_as_the_objective_clamps_it():
+    """ctx.logratio_clamp (the objective's logratio_clamp) bounds r, so P and N are the objective's
+    values: at 0.1 the hand batch's r = 3 and 0.5 become e^0.1 and e^-0.1, and the search at target
+    1.6 spends both grids where the clamp of 20 stops at c_high 1.6 (BAPO used to clamp at 20 always)."""
+    logp, old, adv, mask = _hand_batch()
+    hi, lo = math.exp(0.1), math.exp(-0.1)
+    sums = bapo_contribution_sums(logp, old, adv, mask, lows=LOWS, highs=HIGHS, logratio_clamp=0.1)
+    torch.testing.assert_close(sums, torch.tensor([max(lo, c) for c in LOWS] + [hi] * len(HIGHS), dtype=torch.float64))
+    unclamped = bapo_contribution_sums(logp, old, adv, mask, lows=LOWS, highs=HIGHS, logratio_clamp=None)
+    torch.testing.assert_close(unclamped, bapo_contribution_sums(logp, old, adv, mask, lows=LOWS, highs=HIGHS))  # r <= 10
+    for clamp, bounds, rho in ((20.0, (0.95, HIGHS[4]), 1.6 / 0.95), (0.1, (0.95, 2.0), hi / 0.95)):
+        reg, ctx = BAPO(target=1.6), _ctx(logp, old, adv, mask)
+        ctx.logratio_clamp = clamp
+        reg.prepare(ctx)
+        m = reg.pop_metrics()
+        assert (m["reg/bapo/clip_low"], m["reg/bapo/clip_high"]) == bounds
+        assert m["reg/bapo/pos_neg_ratio"] == pytest.approx(rho)
+
+
+class _LengthParity:
+    """Reward: the parity of the completion's length (groups with both values)."""
+
+    def __call__(self, completion: str, answer: str) -> float:
+        return float(len(completion) % 2)
+
+
+class _BAPOProbe(BAPO):
+    """BAPO that keeps each mini-batch's context and the bounds it found."""
+
+    def __init__(self) -> None:
+        super().__init__(target=1.1)
+        self.seen = []
+
+    def prepare(self, ctx) -> None:
+        super().prepare(ctx)
+        self.seen.append((ctx, float(1 - self.clip_bounds()[0][0, 0]), float(1 + self.clip_bounds()[1][0, 0])))
+
+
+def test_the_learner_hands_bapo_the_objective_s_clamp(tiny_model_dir):
+    """model.loss.logratio_clamp 0.1 reaches BAPO's prepare (ctx.logratio_clamp), and the bounds
+    it finds are the reference loop's at that clamp, off policy (update 1 of 2)."""
+    from tests.helpers import fit
+    from tests.test_module import make_data, make_module
+
+    probe = _BAPOProbe()
+    module = make_module(tiny_model_dir, reward=_LengthParity(), loss=dict(logratio_clamp=0.1),
+                         update=dict(ppo_epochs=2), rollout=dict(filter_groups=False))
+    fit(module, make_data(batch_size=2, val_size=0), steps=1, callbacks=[probe], limit_val_batches=0)
+    assert len(probe.seen) == 2 and all(ctx.logratio_clamp == 0.1 for ctx, _, _ in probe.seen)
+    ctx, lo, hi = probe.seen[1]
+    assert not ctx.on_policy
+    ref = _reference_search(ctx.logp.double(), ctx.old_logp.double(), ctx.advantages.double(), ctx.mask,
+                            target=1.1, low=(0.8, 0.95, 0.05), high=(1.2, 2.0, 0.1), clamp=0.1)
+    assert (lo, hi) == pytest.approx(ref[:2], abs=1e-6)
+    unclamped = _reference_search(ctx.logp.double(), ctx.old_logp.double(), ctx.advantages.double(), ctx.mask,
+                                  target=1.1, low=(0.8, 0.95, 0.05), high=(1.2, 2.0, 0.1))
+    assert unclamped[:2] != pytest.approx(ref[:2], abs=1e-6)  # the clamp of 20 would find another range
 
 
 def test_a_mini_batch_without_advantages_keeps_the_start_range_and_logs_no_share():

@@ -47,13 +47,16 @@ def bapo_grid(start: float, stop: float, step: float) -> list[float]:
 
 @torch.no_grad()
 def bapo_contribution_sums(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
-                           lows: list[float], highs: list[float], logratio_clamp: float = 20.0) -> Tensor:
+                           lows: list[float], highs: list[float], logratio_clamp: float | None = 20.0) -> Tensor:
     """float64 [len(lows) + len(highs)]: the negative tokens' contribution N(c) = sum over valid
     A < 0 tokens of max(r, c) |A| at each c in `lows`, then the positive tokens' P(c) = sum over
-    valid A > 0 tokens of min(r, c) A at each c in `highs` (r = exp(clamp(logp - old_logp, +-20))),
-    the two signs of the PPO-clipped objective's value. Sums: add them over micro-batches or ranks
-    before `bapo_search`."""
-    r = torch.exp((logp.detach().double() - old_logp.detach().double()).clamp(-logratio_clamp, logratio_clamp))
+    valid A > 0 tokens of min(r, c) A at each c in `highs` (r = exp(clamp(logp - old_logp,
+    +-logratio_clamp)), the objective's ratio; None: no clamp), the two signs of the PPO-clipped
+    objective's value. Sums: add them over micro-batches or ranks before `bapo_search`."""
+    logratio = logp.detach().double() - old_logp.detach().double()
+    if logratio_clamp is not None:
+        logratio = logratio.clamp(-logratio_clamp, logratio_clamp)
+    r = torch.exp(logratio)
     a = advantages.detach().double() * mask.detach().double()
     pos, neg = a.clamp(min=0), (-a).clamp(min=0)
     n = [(torch.clamp(r, min=c) * neg).sum() for c in lows]

@@ -26,7 +26,9 @@ Where we differ from the reference code: the search runs once per optimizer mini
 its micro-batches and ranks (the reference runs it in each micro-batch's loss, its sums all-reduced
 over data-parallel ranks but not over micro-batches, so its bounds depend on the micro-batch size);
 the sums are float64 (float32 there; only exact ties to the target can differ); the contributions of
-every grid bound are summed in one all-reduce instead of one per search step (the same search).
+every grid bound are summed in one all-reduce instead of one per search step (the same search); r's
+log-ratio is clamped to the run's objective's `logratio_clamp` (`MiniBatchContext.logratio_clamp`;
+default 20, the reference's fixed value; null: no clamp), so P and N are the objective's own values.
 """
 from __future__ import annotations
 
@@ -103,7 +105,8 @@ class BAPO(ClipRangeRegularizer):
 
     def prepare(self, ctx: MiniBatchContext) -> None:
         sums = distributed.all_sum(bapo_contribution_sums(ctx.logp, ctx.old_logp, ctx.advantages, ctx.mask,
-                                                          lows=self.lows, highs=self.highs))
+                                                          lows=self.lows, highs=self.highs,
+                                                          logratio_clamp=ctx.logratio_clamp))
         i, j, rho = bapo_search(sums.tolist(), self.lows, self.highs, target=self.target, eps=self.eps)
         c_low, c_high = self.lows[i], self.highs[j]
         dtype = ctx.mask.dtype if ctx.mask.is_floating_point() else torch.float32

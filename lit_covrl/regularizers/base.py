@@ -76,6 +76,9 @@ class MiniBatchContext:
     topp_entropy [n, T] | None  current-policy entropy of each position's top-p nucleus, when a
                         regularizer sets `needs_topp_entropy` (always from a forward of the
                         current policy: the sampler records none)
+    logratio_clamp  the objective's clamp of logp - old_logp before exp (its `logratio_clamp`;
+                None: no clamp), so that a regularizer rebuilding the ratio (BAPO) gets the
+                objective's own
     """
 
     step: int
@@ -92,6 +95,7 @@ class MiniBatchContext:
     agg_mode: str = "token-mean"
     norm_length: float | None = None
     topp_entropy: Tensor | None = None
+    logratio_clamp: float | None = 20.0
     _cov: Tensor | None = field(default=None, repr=False)
 
     def covariance(self) -> Tensor:
