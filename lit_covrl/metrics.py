@@ -150,17 +150,21 @@ def rollout_metrics(
     return metrics
 
 
-def unlikeliness_metrics(rewards: Tensor, seq_logp: Tensor, group_size: int, beta: float) -> dict[str, Tensor]:
+def unlikeliness_metrics(rewards: Tensor, seq_logp: Tensor, group_size: int, beta: float,
+                         ranks: Tensor | None = None) -> dict[str, Tensor]:
     """The adv/unlikeliness_* metrics of one RL step, over all ranks, of the correct responses
     (reward 1) of mixed groups, those the unlikeliness reward re-weights: `penalty`, the mean
     share of their reward taken away (beta rank / G; 0 for the least likely of a group), and
     `correct_seq_logp`, their mean token log-prob under the rollout policy (rising towards 0 as
-    GRPO sharpens the policy onto its likeliest answers)."""
+    GRPO sharpens the policy onto its likeliest answers). `ranks`: `likelihood_ranks(seq_logp)`
+    when the caller already has them (those the advantages used)."""
     from lit_covrl import distributed
     from lit_covrl.algorithms import likelihood_ranks, zero_variance_groups
 
     correct = (rewards == 1) & ~zero_variance_groups(rewards, group_size)
-    cut = beta * likelihood_ranks(seq_logp, group_size) / group_size
+    if ranks is None:
+        ranks = likelihood_ranks(seq_logp, group_size)
+    cut = beta * ranks / group_size
     s = distributed.all_sum(torch.stack([
         cut[correct].sum(), seq_logp.double()[correct].sum(), correct.double().sum(),
     ]))

@@ -26,7 +26,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lit_covrl import distributed, guards, resume_check
-from lit_covrl.algorithms import compute_advantages, sequence_logprob_means, zero_variance_groups
+from lit_covrl.algorithms import compute_advantages, likelihood_ranks, sequence_logprob_means, zero_variance_groups
 from lit_covrl.drivers import LightningDriver
 from lit_covrl.dynamic_sampling import Round, sample_rounds
 from lit_covrl.evaluation import EvaluationHooks, Evaluator
@@ -259,8 +259,10 @@ class GRPOModule(SetupHooks, EvaluationHooks, L.LightningModule):
                 self.learner.recompute_old_logprobs(rollout, keep)
         # after the recomputation: the unlikeliness reward ranks by the old log-probs trained against
         seq_logp = sequence_logprob_means(rollout.logp, rollout.response_mask) if cfg.loss.unlikeliness else None
+        ranks = likelihood_ranks(seq_logp, G) if cfg.loss.unlikeliness else None  # the advantages' and metrics'
         advantages = compute_advantages(rewards, G, cfg.loss.advantage, baseline_quantile=cfg.loss.baseline_quantile,
-                                        pass_k=cfg.loss.pass_k, unlikeliness=cfg.loss.unlikeliness, seq_logp=seq_logp)
+                                        pass_k=cfg.loss.pass_k, unlikeliness=cfg.loss.unlikeliness, seq_logp=seq_logp,
+                                        ranks=ranks)
         ref_logp = None
         if any(r.needs_reference for r in self.regularizers):  # time/ref_logp_s only where there is one
             with timer("ref_logp"):
@@ -284,7 +286,7 @@ class GRPOModule(SetupHooks, EvaluationHooks, L.LightningModule):
             "time/peak_mem_gib": distributed.all_max(torch.tensor(peak_memory_gib(self.device), dtype=torch.float64)),
         }
         if cfg.loss.unlikeliness:
-            metrics.update(unlikeliness_metrics(rewards, seq_logp, G, cfg.loss.unlikeliness))
+            metrics.update(unlikeliness_metrics(rewards, seq_logp, G, cfg.loss.unlikeliness, ranks))
         for reg in self.regularizers:
             metrics.update(reg.pop_metrics())
         skipped_rows = getattr(getattr(self.trainer, "datamodule", None), "skipped_rows", None)

@@ -629,6 +629,37 @@ def test_unlikeliness_reward_reaches_the_learner_and_logs_its_metrics(tiny_model
         fit(module, make_data(), steps=1, limit_val_batches=0)
 
 
+def test_unlikeliness_ranks_are_computed_once_per_rl_step(tiny_model_dir, tmp_path, monkeypatch):
+    """The advantages and the adv/unlikeliness_* metrics share one likelihood_ranks per RL step (it
+    was computed twice, once for each); given ranks give the same bits as ranks computed inside."""
+    import lit_covrl.algorithms as algorithms
+    import lit_covrl.algorithms.advantages as advantages_mod
+    import lit_covrl.module as module_mod
+    from lit_covrl.algorithms import likelihood_ranks, unlikeliness_rewards
+    from lit_covrl.metrics import unlikeliness_metrics
+
+    calls = []
+
+    def counted(seq_logp, group_size):
+        calls.append(seq_logp.shape)
+        return likelihood_ranks(seq_logp, group_size)
+    for mod in (algorithms, advantages_mod, module_mod):
+        monkeypatch.setattr(mod, "likelihood_ranks", counted, raising=False)
+    module = make_module(tiny_model_dir, reward=HasOneReward(), loss=dict(unlikeliness=0.5))
+    fit(module, make_data(), steps=2, log_dir=tmp_path, limit_val_batches=0)
+    assert len(calls) == 2, calls
+    monkeypatch.undo()
+    g = torch.Generator().manual_seed(0)
+    rewards, s = (torch.rand(12, generator=g) > 0.5).float(), -torch.rand(12, generator=g, dtype=torch.float64)
+    s[1] = s[0]  # a tie
+    ranks = likelihood_ranks(s, 4)
+    assert torch.equal(unlikeliness_rewards(rewards, s, 4, 0.5, ranks), unlikeliness_rewards(rewards, s, 4, 0.5))
+    assert torch.equal(compute_advantages(rewards, 4, "grpo", unlikeliness=0.5, seq_logp=s, ranks=ranks),
+                       compute_advantages(rewards, 4, "grpo", unlikeliness=0.5, seq_logp=s))
+    given, inside = unlikeliness_metrics(rewards, s, 4, 0.5, ranks), unlikeliness_metrics(rewards, s, 4, 0.5)
+    assert given.keys() == inside.keys() and all(torch.equal(given[k], inside[k]) for k in given)
+
+
 def test_unlikeliness_ranks_by_the_recomputed_old_logprobs(tiny_model_dir, monkeypatch):
     """With model.update.recompute_logprobs the ranks come from the recomputed log-probs (those
     the update's ratio uses), so the advantages are computed after the recomputation: here it

@@ -168,12 +168,16 @@ def likelihood_ranks(seq_logp: Tensor, group_size: int) -> Tensor:
     return ranks.reshape(-1).double()
 
 
-def unlikeliness_rewards(rewards: Tensor, seq_logp: Tensor, group_size: int, beta: float) -> Tensor:
+def unlikeliness_rewards(rewards: Tensor, seq_logp: Tensor, group_size: int, beta: float,
+                         ranks: Tensor | None = None) -> Tensor:
     """The unlikeliness reward: r_i (1 - beta rank_i / G) with `likelihood_ranks` of `seq_logp`
-    (each response's mean token log-prob under the rollout policy), rewards [B*G] -> [B*G] float64."""
+    (each response's mean token log-prob under the rollout policy), rewards [B*G] -> [B*G] float64.
+    `ranks`: those ranks when the caller already has them (the module, which logs them too)."""
     check_unlikeliness(beta)
     r = _groups(rewards, group_size).reshape(-1)
-    return r * (1 - beta * likelihood_ranks(seq_logp, group_size) / group_size)
+    if ranks is None:
+        ranks = likelihood_ranks(seq_logp, group_size)
+    return r * (1 - beta * ranks / group_size)
 
 
 def _passk_tables(group_size: int, k: int, device) -> tuple[Tensor, Tensor]:
@@ -235,13 +239,15 @@ def _check_name(estimator: str) -> None:
 
 def compute_advantages(rewards: Tensor, group_size: int, estimator: str, *,
                        baseline_quantile: float | None = None, pass_k: int | None = None,
-                       unlikeliness: float | None = None, seq_logp: Tensor | None = None) -> Tensor:
+                       unlikeliness: float | None = None, seq_logp: Tensor | None = None,
+                       ranks: Tensor | None = None) -> Tensor:
     """Dispatch to ``ADVANTAGE_ESTIMATORS[estimator]``; unknown names raise a ValueError, as does a
     ``baseline_quantile`` (QAE) for an estimator not in QUANTILE_ESTIMATORS, and ``pass_k`` (the k
     of "passk", which needs it) for any other estimator. ``unlikeliness`` beta (with ``seq_logp``
     [B*G], each response's mean token log-prob under the rollout policy) feeds the estimator
-    `unlikeliness_rewards` instead of the rewards, and keeps 0 for a group of equal rewards; refused
-    with "passk", whose formula needs 0/1 rewards."""
+    `unlikeliness_rewards` instead of the rewards (``ranks``: `likelihood_ranks(seq_logp)` when the
+    caller already has them), and keeps 0 for a group of equal rewards; refused with "passk", whose
+    formula needs 0/1 rewards."""
     if unlikeliness is None:
         return _estimate(rewards, group_size, estimator, baseline_quantile=baseline_quantile, pass_k=pass_k)
     _check_name(estimator)
@@ -250,7 +256,7 @@ def compute_advantages(rewards: Tensor, group_size: int, estimator: str, *,
     if seq_logp is None or seq_logp.shape != rewards.shape:
         raise ValueError(f"unlikeliness needs seq_logp shaped like the rewards {tuple(rewards.shape)}, got "
                          f"{None if seq_logp is None else tuple(seq_logp.shape)}")
-    scaled = unlikeliness_rewards(rewards, seq_logp, group_size, unlikeliness)
+    scaled = unlikeliness_rewards(rewards, seq_logp, group_size, unlikeliness, ranks)
     adv = _estimate(scaled, group_size, estimator, baseline_quantile=baseline_quantile, pass_k=pass_k)
     return adv.masked_fill(zero_variance_groups(rewards, group_size), 0.0).to(_out_dtype(rewards))
 
