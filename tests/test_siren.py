@@ -47,6 +47,23 @@ def test_nucleus_by_hand():
     assert full > token_topp_entropy(z, top_p=1.0, top_k=10).item()
 
 
+def test_nucleus_probe_ranks_only_the_rows_that_need_it_and_keeps_the_full_ranking_nucleus():
+    """nucleus_mask ranks `probe` tokens first and sorts further only rows whose nucleus holds all
+    of them: on rows from peaked (nucleus of 0-3 tokens) to flat (hundreds), with top_k below,
+    at and above the probe, the nucleus is the full ranking's (probe = top_k), row for row."""
+    g = torch.Generator().manual_seed(0)
+    v = 1000
+    scale = torch.tensor([0.05, 0.3, 1.0, 3.0, 8.0, 20.0]).repeat_interleave(40)[:, None]
+    z = torch.randn(len(scale), v, generator=g, dtype=F64) * scale
+    for top_k in (5, 64, 300, 10_000):
+        for top_p in (0.3, 0.8, 0.95):
+            full = nucleus_mask(z, top_p=top_p, top_k=top_k, probe=top_k)
+            for probe in (1, 8, 64):
+                assert torch.equal(nucleus_mask(z, top_p=top_p, top_k=top_k, probe=probe), full), (top_k, top_p, probe)
+    sizes = nucleus_mask(z, top_p=0.8, top_k=10_000).sum(-1)
+    assert sizes.min() == 0 and (sizes > 64).any() and ((sizes > 0) & (sizes < 8)).any()  # both paths taken
+
+
 def _naive_topp_entropy(z: torch.Tensor, top_p: float, top_k: int, temperature: float) -> torch.Tensor:
     """Per position, in float64, the reference's recipe step by step: full softmax, the top_k
     tokens by logit, cumulative probability, keep those strictly below top_p, renormalise."""
@@ -82,6 +99,24 @@ def test_topp_entropy_value_and_gradient_match_a_naive_full_softmax(top_p, top_k
     torch.testing.assert_close(h.detach(), ref.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
     assert (ref.detach() > 0).any()
+
+
+def test_topp_entropy_of_nuclei_past_the_probe_match_a_naive_full_softmax():
+    """Rows whose nucleus holds more than the 64 tokens ranked first (flat rows of a 200-token
+    vocabulary) take the second, top_k-wide ranking, mixed in chunks with peaked and empty ones:
+    value and gradient still the naive full softmax's."""
+    g = torch.Generator().manual_seed(2)
+    scale = torch.tensor([0.05, 0.2, 1.0, 4.0, 30.0]).repeat(4)[:, None]
+    z = (torch.randn(20, 200, generator=g, dtype=F64) * scale).requires_grad_(True)
+    assert (nucleus_mask(z, top_p=0.8, top_k=10000).sum(-1) > 64).sum() >= 4  # the wide path is taken
+    for top_k, chunk in ((10000, 1024), (150, 3)):
+        h = token_topp_entropy(z, top_p=0.8, top_k=top_k, chunk_size=chunk)
+        (grad,) = torch.autograd.grad(h.sum(), z)
+        zz = z.detach().clone().requires_grad_(True)
+        ref = _naive_topp_entropy(zz, 0.8, top_k, 1.0)
+        (ref_grad,) = torch.autograd.grad(ref.sum(), zz)
+        torch.testing.assert_close(h.detach(), ref.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
 
 
 def test_topp_entropy_bf16_logits_and_empty_rows():

@@ -10,7 +10,7 @@ updates each, median of `--reps`. Then the passes alone on that update's logits 
 `token_logprobs` (the forward's own log-probs, for scale), `token_proxy_logprobs` (no grad) and
 `token_topp_entropy` (forward + backward), each against the passes over the valid (response-mask)
 rows only; with `--pass-vocab V` the passes alone on random logits of a V-token vocabulary (their
-cost grows with V, the tiny model's V is 19). Times are process CPU time (one thread), so that
+cost grows with V, the tiny model's V is 19; `--logit-scale LO HI` sets how peaked those rows are). Times are process CPU time (one thread), so that
 other load on a shared machine does not count.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from lit_covrl.algorithms import token_logprobs, token_proxy_logprobs, token_topp_entropy  # noqa: E402
+from lit_covrl.algorithms import token_entropy, token_logprobs, token_proxy_logprobs, token_topp_entropy  # noqa: E402
 from lit_covrl.learner import Learner, LearnerSettings  # noqa: E402
 from lit_covrl.objectives import PPOClip  # noqa: E402
 from lit_covrl.policy import load_policy  # noqa: E402
@@ -94,6 +94,9 @@ def main() -> None:
     ap.add_argument("--model", default="lit_covrl:tiny-reasoning")
     ap.add_argument("--pass-vocab", type=int, default=0,
                     help="also time the passes alone on random logits [128, 44, V] of this vocabulary size")
+    ap.add_argument("--logit-scale", type=float, nargs=2, default=(3.0, 3.0), metavar=("LO", "HI"),
+                    help="those random logits are N(0, 1) x a per-row scale uniform in [LO, HI] (larger: more "
+                         "peaked rows, smaller nuclei; 6 30 at V=32000 gives a mean entropy of ~0.6 nats)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -142,9 +145,12 @@ def main() -> None:
     print(f"    token_topp_entropy  : {timed(lambda: topp(logits), args.reps) * 1e3:7.2f} ms | "
           f"{timed(lambda: topp(lz), args.reps) * 1e3:7.2f} ms  (forward + backward)")
     if args.pass_vocab:
-        z = torch.randn(B * G, T, args.pass_vocab, generator=torch.Generator().manual_seed(1)) * 3
+        g = torch.Generator().manual_seed(1)
+        lo, hi = args.logit_scale
+        z = torch.randn(B * G, T, args.pass_vocab, generator=g) * torch.empty(B * G, T, 1).uniform_(lo, hi, generator=g)
         y = torch.randint(0, args.pass_vocab, (B * G, T))
-        print(f"  passes alone on random logits {tuple(z.shape)} (all rows):")
+        h = token_entropy(z).mean()
+        print(f"  passes alone on random logits {tuple(z.shape)} (all rows; scale {lo:g}-{hi:g}, mean entropy {h:.2f} nats):")
         print(f"    token_logprobs      : {timed(lambda: token_logprobs(z, y), args.reps) * 1e3:8.1f} ms")
         print(f"    token_proxy_logprobs: {timed(lambda: token_proxy_logprobs(z, y, 0.02), args.reps) * 1e3:8.1f} ms")
         print(f"    token_topp_entropy  : {timed(lambda: topp(z), args.reps) * 1e3:8.1f} ms  (forward + backward)")

@@ -187,32 +187,65 @@ def token_entropy(logits: Tensor, *, temperature: float = 1.0, chunk_size: int =
     return _chunked(fn, rows, chunk_size=chunk_size).view(logits.shape[:-1])
 
 
-def nucleus_mask(z: Tensor, *, top_p: float, top_k: int) -> Tensor:
+def _nucleus_ranks(z: Tensor, *, top_p: float, top_k: int, probe: int) -> list[tuple[Tensor | slice, Tensor, Tensor]]:
+    """The nucleus of each row of detached logits `z` by rank: [(rows, idx, keep)], idx [r, w] the
+    rows' w most probable tokens, largest first, keep [r, w] those in the nucleus (cumulative
+    probability, their own included, strictly below `top_p`). w = min(top_k, V, probe) for every
+    row, then, for the rows whose nucleus holds all `probe` (it may reach further), a second entry
+    with w = min(top_k, V): the later entry wins for its rows."""
+    k = min(int(top_k), z.shape[-1])
+    probs = torch.softmax(z, dim=-1)
+
+    def ranked(rows: Tensor | slice, width: int) -> tuple[Tensor | slice, Tensor, Tensor]:
+        idx = torch.topk(z[rows], width, dim=-1).indices
+        return rows, idx, probs[rows].gather(-1, idx).cumsum(-1) < top_p
+
+    found = [ranked(slice(None), min(k, probe))]
+    if k > probe and (wide := found[0][2][:, -1].nonzero().squeeze(-1)).numel():  # a host sync
+        found.append(ranked(wide, k))
+    return found
+
+
+def nucleus_mask(z: Tensor, *, top_p: float, top_k: int, probe: int = 64) -> Tensor:
     """BoolTensor [rows, V] (no grad): the nucleus of each row of logits `z` as SIREN's reference
     code (Linn3a/siren, dp_actor.efficient_top_p_sampling) draws it: among the min(top_k, V) most
     probable tokens, largest first, those whose cumulative probability (their own included) is
     strictly below `top_p`. The token that reaches top_p is left out, so a row whose top-1 already
-    has probability >= top_p has an empty nucleus."""
+    has probability >= top_p has an empty nucleus.
+
+    The reference sorts min(top_k, V) tokens of every row (10,000 of a 150k vocabulary) though a
+    peaked row's nucleus holds a few: here the `probe` most probable are ranked first, and only the
+    rows whose nucleus might reach past them (all `probe` below top_p) are ranked to min(top_k, V).
+    The same nucleus, since the first `probe` of the longer ranking are the same tokens in the same
+    order (exactly tied logits aside, where either keeps the same probability mass)."""
     z = z.detach()
-    k = min(int(top_k), z.shape[-1])
-    probs = torch.softmax(z, dim=-1)
-    idx = torch.topk(z, k, dim=-1).indices
-    keep = probs.gather(-1, idx).cumsum(-1) < top_p
-    return torch.zeros_like(z, dtype=torch.bool).scatter(-1, idx, keep)
+    mask = torch.zeros_like(z, dtype=torch.bool)
+    for rows, idx, keep in _nucleus_ranks(z, top_p=top_p, top_k=top_k, probe=probe):
+        mask[rows] = torch.zeros_like(mask[rows]).scatter(-1, idx, keep)
+    return mask
 
 
-def _topp_entropy_rows(z: Tensor, top_p: float, top_k: int, temperature: float) -> Tensor:
+def _nucleus_entropy(zk: Tensor, keep: Tensor) -> Tensor:
+    """Entropy of softmax over the kept entries of each row of `zk` (0 for a row with none)."""
+    empty = ~keep.any(-1, keepdim=True)
+    # an empty nucleus has entropy 0 (no gradient): its row is masked as all of its entries so
+    # that no -inf row reaches the log-softmax, then zeroed
+    logq = torch.log_softmax(zk.masked_fill(~(keep | empty), float("-inf")), dim=-1)
+    h = -(logq.exp() * logq.masked_fill(torch.isneginf(logq), 0.0)).sum(-1)
+    return torch.where(empty.squeeze(-1), torch.zeros_like(h), h)
+
+
+def _topp_entropy_rows(z: Tensor, top_p: float, top_k: int, temperature: float, probe: int = 64) -> Tensor:
+    # the softmax over the nucleus needs its logits only: gathered by rank ([rows, w], w = the
+    # probe's or top_k's width), not the whole vocabulary masked
     z = _upcast(z)
     if temperature != 1.0:
         z = z / temperature
-    keep = nucleus_mask(z, top_p=top_p, top_k=top_k)
-    empty = ~keep.any(-1, keepdim=True)
-    # an empty nucleus has entropy 0 (no gradient): its row is masked as the whole vocabulary so
-    # that no -inf row reaches the log-softmax, then zeroed
-    masked = z.masked_fill(~(keep | empty), float("-inf"))
-    logq = torch.log_softmax(masked, dim=-1)
-    h = -(logq.exp() * logq.masked_fill(torch.isneginf(logq), 0.0)).sum(-1)
-    return torch.where(empty.squeeze(-1), torch.zeros_like(h), h)
+    h = None
+    for rows, idx, keep in _nucleus_ranks(z.detach(), top_p=top_p, top_k=top_k, probe=probe):
+        hr = _nucleus_entropy(z[rows].gather(-1, idx), keep)
+        h = hr if h is None else h.index_put((rows,), hr)
+    return h
 
 
 def token_topp_entropy(
