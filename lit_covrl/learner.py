@@ -228,7 +228,8 @@ class Learner:
 
     def _policy_batch(self, mb: "MiniBatch", r: Tensor, out: TokenStats) -> PolicyBatch:
         """The `PolicyBatch` of the rows `r` of `mb`: the training forward's `out` (log-probs with
-        grad, and what the regularizers asked of it: entropy, top-k, min-p proxy, nucleus entropy;
+        grad, and what the regularizers asked of it: entropy, top-k, min-p proxy, nucleus entropy,
+        clamped entropy;
         the fields share their names) with the rows' rollout tensors and the prepared KL scale."""
         kl_scale = None if self._kl_scale is None else self._kl_scale[r].to(out.logp.dtype)
         return PolicyBatch(rows=r, old_logp=mb.old_logp[r], advantages=mb.advantages[r], mask=mb.mask[r],
@@ -328,18 +329,26 @@ class Learner:
         and the forward computes none). `check_stack` refuses two different requests."""
         return next((tuple(r.needs_logit_scales) for r in self.regularizers if r.needs_logit_scales), ())
 
+    def _clamp_p(self) -> float:
+        """The fraction of lowest-logit tokens the clamped entropy leaves out that a regularizer asks
+        for (`Regularizer.needs_clamped_entropy`; 0: none, and the forward computes none).
+        `check_stack` refuses two different ones."""
+        return max((float(r.needs_clamped_entropy) for r in self.regularizers), default=0.0)
+
     def _extras(self, real: bool = True) -> dict:
         """`_logprobs`'s keywords for what the regularizers ask of the training forward (top-k,
-        min-p proxy, nucleus entropy, scaled log-probs); none for a filler pass (`real` False)."""
-        return dict(topk=self._topk(), min_p=self._min_p(), topp=self._topp(),
-                    logit_scales=self._logit_scales()) if real else {}
+        min-p proxy, nucleus entropy, scaled log-probs, clamped entropy); none for a filler pass
+        (`real` False)."""
+        return dict(topk=self._topk(), min_p=self._min_p(), topp=self._topp(), logit_scales=self._logit_scales(),
+                    clamp_p=self._clamp_p()) if real else {}
 
     def _logprobs(self, ids: Tensor, att: Tensor, T: int, with_entropy: bool, model=None,
                   topk: int = 0, min_p: float = 0.0, topp: tuple[float, int] | None = None,
-                  logit_scales: tuple[float, ...] = ()) -> TokenStats:
+                  logit_scales: tuple[float, ...] = (), clamp_p: float = 0.0) -> TokenStats:
         """The `TokenStats` [n, T] of a micro-batch under `model` (default the policy): the response
         log-probs, and the entropy, top-k (`topk` > 0), min-p proxy (`min_p` > 0), nucleus entropy
-        (`topp`) and log-probs under scaled logits (`logit_scales`) when asked (`response_logprobs`); with `skip_padding` computed on the micro-batch
+        (`topp`), log-probs under scaled logits (`logit_scales`) and clamped entropy (`clamp_p` > 0)
+        when asked (`response_logprobs`); with `skip_padding` computed on the micro-batch
         trimmed of its all-padding columns (`trim_padding`); the prompt forward shared over each group
         (`shared_prompt_logprobs`) when `shared_prompt` is on and activation checkpointing off;
         through the compiled forward (`lit_covrl.compiled`) with `compile_update`. Every call, filler
@@ -348,7 +357,7 @@ class Learner:
         hp = self.settings
         model = model if model is not None else self.policy
         kw = dict(temperature=hp.rollout.temperature, with_entropy=with_entropy, chunk_size=hp.update.logprob_chunk_size,
-                  topk=topk, min_p=min_p, topp=topp, logit_scales=logit_scales)
+                  topk=topk, min_p=min_p, topp=topp, logit_scales=logit_scales, clamp_p=clamp_p)
         lockstep = distributed.world_size() > 1
         # the shared-prompt split forwards a tail only for >= 2 response columns: keep 2 on every
         # rank, or a rank whose rows all end after one token would run one forward to the others' two

@@ -24,7 +24,7 @@ from lit_covrl.types import PolicyBatch, TokenShaping
 # the fields a regularizer gets only by asking (a None field read -> the flag to set)
 BATCH_FLAGS = {"entropy": "needs_entropy", "ref_logp": "needs_reference", "topk_logp": "needs_topk",
                "proxy_logp": "needs_min_p", "topp_entropy": "needs_topp_entropy",
-               "scaled_logp": "needs_logit_scales"}  # PolicyBatch (shape)
+               "scaled_logp": "needs_logit_scales", "clamped_entropy": "needs_clamped_entropy"}  # PolicyBatch (shape)
 CTX_FLAGS = {"entropy": "needs_current_entropy", "topp_entropy": "needs_topp_entropy"}  # MiniBatchContext (prepare)
 
 
@@ -120,7 +120,8 @@ def explained(reg, method: str, arg, flags: dict[str, str]):
                    + {"needs_topk": "k (how many candidates, >= 1)",
                       "needs_min_p": "the proxy's threshold (in (0, 1])",
                       "needs_topp_entropy": "(top_p, top_k)",
-                      "needs_logit_scales": "the scales (s_1, ...), each > 0"}.get(flag, "True")
+                      "needs_logit_scales": "the scales (s_1, ...), each > 0",
+                      "needs_clamped_entropy": "the clamped fraction clamp_p (in (0, 1))"}.get(flag, "True")
                    for f, flag in flags.items() if getattr(arg, f) is None and not getattr(reg, flag, False)]
         if unasked and "NoneType" in str(e):
             raise type(e)(f"regularizer {getattr(reg, 'name', reg)!r} ({type(reg).__name__}.{method}): {e}; "

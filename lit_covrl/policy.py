@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from lit_covrl import gguf
 from lit_covrl.algorithms import (
+    token_clamped_entropy,
     token_entropy,
     token_logprobs,
     token_proxy_logprobs,
@@ -245,15 +246,16 @@ def response_logprobs(
     min_p: float = 0.0,
     topp: tuple[float, int] | None = None,
     logit_scales: tuple[float, ...] = (),
+    clamp_p: float = 0.0,
 ) -> TokenStats:
     """Log-probs [N, T] of the response tokens (the last T columns of input_ids) and, if asked,
     the per-token entropy [N, T] of softmax(z / temperature) (`with_entropy`), the k most probable
     tokens' log-probs and top-1 flag (`topk` k > 0: `token_topk_logprobs`, same log-probs to the
     bit), the min-p proxy log-probs (`min_p` > 0: `token_proxy_logprobs`, detached) and the nucleus
-    entropy (`topp` = (top_p, top_k): `token_topp_entropy`) and the log-probs under scaled logits
-    (`logit_scales`: `token_scaled_logprobs`, with grad), all from the same logits, each
-    computed only when asked (the `TokenStats` fields left None otherwise). Differentiable when
-    grad is enabled."""
+    entropy (`topp` = (top_p, top_k): `token_topp_entropy`), the log-probs under scaled logits
+    (`logit_scales`: `token_scaled_logprobs`, with grad) and the clamped entropy (`clamp_p` > 0:
+    `token_clamped_entropy`), all from the same logits, each computed only when asked (the
+    `TokenStats` fields left None otherwise). Differentiable when grad is enabled."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -263,12 +265,12 @@ def response_logprobs(
     )
     logits = out.logits[:, :-1]  # position t predicts token t+1: drop the last one  [N, T, V]
     return _token_stats(logits, input_ids[:, -response_len:], temperature, chunk_size, with_entropy, topk, min_p, topp,
-                        logit_scales)
+                        logit_scales, clamp_p)
 
 
 def _token_stats(logits: Tensor, labels: Tensor, temperature: float, chunk_size: int, with_entropy: bool,
                  topk: int, min_p: float, topp: tuple[float, int] | None,
-                 logit_scales: tuple[float, ...] = ()) -> TokenStats:
+                 logit_scales: tuple[float, ...] = (), clamp_p: float = 0.0) -> TokenStats:
     """`response_logprobs`' `TokenStats` of the logits predicting `labels` (chunked passes)."""
     kw = dict(temperature=temperature, chunk_size=chunk_size)
     if topk:
@@ -280,6 +282,7 @@ def _token_stats(logits: Tensor, labels: Tensor, temperature: float, chunk_size:
         token_proxy_logprobs(logits, labels, min_p, **kw) if min_p else None,
         token_topp_entropy(logits, top_p=topp[0], top_k=topp[1], **kw) if topp else None,
         token_scaled_logprobs(logits, labels, tuple(logit_scales), **kw) if logit_scales else None,
+        token_clamped_entropy(logits, clamp_p=clamp_p, **kw) if clamp_p else None,
     )
 
 
@@ -367,6 +370,7 @@ def shared_prompt_logprobs(
     min_p: float = 0.0,
     topp: tuple[float, int] | None = None,
     logit_scales: tuple[float, ...] = (),
+    clamp_p: float = 0.0,
 ) -> TokenStats:
     """`response_logprobs` with each run of identical consecutive prompt rows forwarded once.
 
@@ -377,7 +381,7 @@ def shared_prompt_logprobs(
     checkpointing: a recomputed layer would append to the cache again."""
     P = input_ids.shape[1] - response_len
     kw = dict(temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size, topk=topk, min_p=min_p,
-              topp=topp, logit_scales=logit_scales)
+              topp=topp, logit_scales=logit_scales, clamp_p=clamp_p)
     if P < 1 or type(model) in _UNSHARED_CACHE:
         return response_logprobs(model, input_ids, attention_mask, response_len, **kw)
     first, rows = prompt_groups(input_ids[:, :P], attention_mask[:, :P])
@@ -388,7 +392,7 @@ def shared_prompt_logprobs(
         _UNSHARED_CACHE.add(type(model))
         return response_logprobs(model, input_ids, attention_mask, response_len, **kw)
     labels = torch.split(input_ids[:, P:], [p.shape[1] for p in parts], 1)
-    per_part = [_token_stats(p, y, temperature, chunk_size, with_entropy, topk, min_p, topp, logit_scales)
+    per_part = [_token_stats(p, y, temperature, chunk_size, with_entropy, topk, min_p, topp, logit_scales, clamp_p)
                 for p, y in zip(parts, labels)]
     # each field of the head's and the tail's stats joined along the columns (None: not asked)
     return TokenStats(*(None if f[0] is None else torch.cat(f, 1) for f in zip(*per_part)))

@@ -91,6 +91,7 @@ class TokenStats(NamedTuple):
     topp_entropy [n, T]      the nucleus entropy (`topp` = (top_p, top_k), SIREN's)
     scaled_logp  [n, T, S]   the sampled tokens' log-probs under the logits scaled by each of
                              `logit_scales` (S of them, ERA's activation)
+    clamped_entropy [n, T]   the clamped entropy (`clamp_p`, AEnt's)
     """
 
     logp: Tensor
@@ -100,6 +101,7 @@ class TokenStats(NamedTuple):
     proxy_logp: Tensor | None = None
     topp_entropy: Tensor | None = None
     scaled_logp: Tensor | None = None
+    clamped_entropy: Tensor | None = None
 
 
 @dataclass
@@ -134,6 +136,10 @@ class PolicyBatch:
     scaled_logp [n, T, S] | None  current log-probs of the sampled tokens under softmax(s z / temperature)
                                for each s of the scales a regularizer asks (`needs_logit_scales`, in
                                that order; `algorithms.token_scaled_logprobs`), with grad (ERA's)
+    clamped_entropy [n, T] | None  current entropy of softmax(z / temperature) renormalised over
+                               all but the int(V clamp_p) lowest-logit tokens
+                               (`algorithms.token_clamped_entropy`), with grad, if a regularizer
+                               sets `needs_clamped_entropy` = clamp_p (AEnt)
     """
 
     rows: Tensor
@@ -150,6 +156,7 @@ class PolicyBatch:
     proxy_logp: Tensor | None = None
     topp_entropy: Tensor | None = None
     scaled_logp: Tensor | None = None
+    clamped_entropy: Tensor | None = None
 
 
 @dataclass

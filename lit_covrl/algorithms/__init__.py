@@ -35,9 +35,11 @@ from lit_covrl.algorithms.covariance import (
     token_covariance,
 )
 from lit_covrl.algorithms.entropy import (
+    clamp_keep_mask,
     masked_entropy,
     masked_mean,
     nucleus_mask,
+    token_clamped_entropy,
     token_entropy,
     token_logprobs,
     token_proxy_logprobs,
@@ -48,6 +50,7 @@ from lit_covrl.algorithms.entropy import (
 from lit_covrl.algorithms.entropy_controls import (
     STEER_MAPPINGS,
     adaptive_entropy_coef,
+    aent_coef,
     archer_high_entropy,
     entropic_alpha,
     entropic_high_prob,
@@ -94,6 +97,7 @@ __all__ = [
     "QUANTILE_ESTIMATORS",
     "STEER_MAPPINGS",
     "adaptive_entropy_coef",
+    "aent_coef",
     "aggregate",
     "archer_clip_bounds",
     "archer_high_entropy",
@@ -106,6 +110,7 @@ __all__ = [
     "cispo_token_loss",
     "check_pass_k",
     "check_unlikeliness",
+    "clamp_keep_mask",
     "clip_cov_select",
     "compute_advantages",
     "covariance_group_means",
@@ -154,6 +159,7 @@ __all__ = [
     "sequence_logratio",
     "steer_metric",
     "steer_weights",
+    "token_clamped_entropy",
     "token_covariance",
     "token_entropy",
     "token_logprobs",

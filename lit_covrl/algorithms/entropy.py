@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["token_logprobs", "token_scaled_logprobs", "token_topk_logprobs", "token_proxy_logprobs", "token_entropy", "token_topp_entropy",
-           "masked_entropy", "masked_mean"]
+__all__ = ["token_logprobs", "token_scaled_logprobs", "token_topk_logprobs", "token_proxy_logprobs", "token_entropy",
+           "token_topp_entropy", "clamp_keep_mask", "token_clamped_entropy", "masked_entropy", "masked_mean"]
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -265,6 +265,59 @@ def token_topp_entropy(
 
     def fn(z: Tensor) -> Tensor:
         return _topp_entropy_rows(z, top_p, top_k, temperature)
+
+    return _chunked(fn, rows, chunk_size=chunk_size).view(logits.shape[:-1])
+
+
+def clamp_keep_mask(z: Tensor, clamp_p: float) -> Tensor:
+    """BoolTensor [rows, V] (no grad): the tokens AEnt's clamped entropy keeps in each row of
+    logits `z`, all but the k = int(V clamp_p) lowest-logit ones (the reference's
+    `torch.topk(..., k, largest=False)`, k rounded down as its `int`). Ties are broken by token id,
+    so the mask is the same on every device and for every chunking: of equal logits straddling the
+    cut, the lower ids are kept (the V - k kept tokens are the first V - k of the order by logit
+    descending, then id ascending). A NaN logit is not ordered: the caller's logits are finite."""
+    z = z.detach()
+    V = z.shape[-1]
+    k = int(V * clamp_p)
+    if k == 0:
+        return torch.ones_like(z, dtype=torch.bool)
+    keep_n = V - k
+    cut = torch.kthvalue(z, k + 1, dim=-1, keepdim=True).values  # the smallest kept logit (the (V-k)-th largest)
+    above = z > cut
+    tied = z == cut
+    room = keep_n - above.sum(-1, keepdim=True)  # how many of the tied tokens are kept, lowest ids first
+    return above | (tied & (tied.cumsum(-1) <= room))
+
+
+def _clamped_entropy_rows(z: Tensor, clamp_p: float, temperature: float) -> Tensor:
+    z = _upcast(z)
+    if temperature != 1.0:
+        z = z / temperature
+    keep = clamp_keep_mask(z, clamp_p)
+    logq = torch.log_softmax(z.masked_fill(~keep, float("-inf")), dim=-1)
+    return -(logq.exp() * logq.masked_fill(torch.isneginf(logq), 0.0)).sum(-1)
+
+
+def token_clamped_entropy(
+    logits: Tensor, *, clamp_p: float, temperature: float = 1.0, chunk_size: int = 1024
+) -> Tensor:
+    """AEnt's clamped entropy per position (Shen 2025, arXiv 2509.03493): [..., V] -> [...],
+    differentiable.
+
+    q = softmax(z / temperature) renormalised over `clamp_keep_mask` (every token but the
+    int(V clamp_p) lowest-logit ones); H = -sum q log q. The kept set is chosen on detached logits
+    and the gradient flows through q, as the reference's `clamped_entropy_from_logits` (its value
+    logsumexp_kept(z) - sum q z is the same number). clamp_p = 0 keeps every token: the plain
+    entropy (`token_entropy`). Chunked and checkpointed like `token_entropy`: one chunk's float32
+    [chunk, V] at a time."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= clamp_p < 1.0:
+        raise ValueError(f"clamp_p must be in [0, 1), got {clamp_p}")
+    rows = logits.reshape(-1, logits.shape[-1])
+
+    def fn(z: Tensor) -> Tensor:
+        return _clamped_entropy_rows(z, clamp_p, temperature)
 
     return _chunked(fn, rows, chunk_size=chunk_size).view(logits.shape[:-1])
 

@@ -50,6 +50,10 @@ logp_t the log-prob of the sampled token, A_t its advantage; N sequences, T resp
   averaged per response over those tokens and over the responses (H_bar), is held near an anchor
   a by the loss coef * (H_bar - a)^2, written as a per-token penalty whose aggregate with the
   loss's own mode has that value and that gradient.
+- aent_coef (AEnt, Shen 2025, "On Entropy Control in LLM-RL Algorithms", arXiv 2509.03493;
+  antgroup/AEnt and the author's AReaL recipe/AEnt): the bonus coefficient on the clamped entropy
+  (`entropy.token_clamped_entropy`) takes a projected step toward the band [low, high] of the
+  measured clamped entropy, coef - lr (min(0, H - low) + max(0, H - high)), clamped to a box.
 
 The clip-range controls (Archer's per-token range, BAPO's searched bounds) are in
 `lit_covrl.algorithms.clip_controls`.
@@ -69,6 +73,7 @@ __all__ = [
     "siren_row_weights",
     "siren_token_penalty",
     "adaptive_entropy_coef",
+    "aent_coef",
     "archer_high_entropy",
     "entropic_alpha",
     "entropic_high_prob",
@@ -147,6 +152,17 @@ def adaptive_entropy_coef(
     below = entropy < target
     nxt = coef + delta if below else coef - delta
     return float(min(max(nxt, min_coef), max_coef)), bool(below)
+
+
+def aent_coef(coef: float, entropy: float, *, low: float, high: float, lr: float, min_coef: float,
+              max_coef: float) -> float:
+    """AEnt's next coefficient (Shen 2025; the author's AReaL recipe, recipe/AEnt/actor.py): a
+    projected step on the clamped entropy's distance to the band [low, high],
+        coef - lr * (min(0, entropy - low) + max(0, entropy - high)),
+    clamped to [min_coef, max_coef]: up by lr (low - entropy) below the band, down by
+    lr (entropy - high) above it, unchanged (but clamped) inside it."""
+    step = min(0.0, entropy - low) + max(0.0, entropy - high)
+    return float(min(max(coef - lr * step, min_coef), max_coef))
 
 
 @torch.no_grad()

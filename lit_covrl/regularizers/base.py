@@ -205,6 +205,9 @@ class Regularizer(Callback):
     # (s_1, ...): module fills batch.scaled_logp [n, T, S] (with grad) in `shape`, the sampled tokens'
     # log-probs under softmax(s z / temperature) for each s (`algorithms.token_scaled_logprobs`; ERA's)
     needs_logit_scales: tuple[float, ...] = ()
+    # clamp_p > 0: module fills batch.clamped_entropy [n, T] (with grad) in `shape`, the entropy
+    # renormalised over all but the int(V clamp_p) lowest-logit tokens (`algorithms.token_clamped_entropy`)
+    needs_clamped_entropy: float = 0.0
     reads_zeroed: bool = False  # prepared after the others, with their weight-0 tokens in ctx.zeroed
     shifts_advantage: bool = False  # returns TokenShaping.advantage_shift (at most one per run)
     sets_clip_range: bool = False  # returns TokenShaping.clip_low / clip_high (at most one per run; see clip_bounds)

@@ -51,6 +51,11 @@ def check_stack(regularizers: list[Regularizer]) -> None:
         asking = ", ".join(f"{r.name!r} ({r.needs_min_p})" for r in regularizers if r.needs_min_p)
         raise ValueError(f"regularizers ask for min-p proxies of different thresholds ({asking}): the training "
                          "forward computes one; give them the same min_p")
+    clamps = sorted({float(r.needs_clamped_entropy) for r in regularizers if r.needs_clamped_entropy})
+    if len(clamps) > 1:
+        asking = ", ".join(f"{r.name!r} ({r.needs_clamped_entropy})" for r in regularizers if r.needs_clamped_entropy)
+        raise ValueError(f"regularizers ask for clamped entropies of different clamp_p ({asking}): the training "
+                         "forward computes one; give them the same clamp_p")
     nuclei = {tuple(r.needs_topp_entropy) for r in regularizers if r.needs_topp_entropy}
     if len(nuclei) > 1:
         asking = [f"{r.name!r} {tuple(r.needs_topp_entropy)}" for r in regularizers if r.needs_topp_entropy]
