@@ -23,12 +23,12 @@ R7 = CONFIGS / "paper" / "qwen2.5-7b.yaml"
 F7 = CONFIGS / "fsdp" / "qwen2.5-7b.yaml"
 CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_tokens", "adaptive_entropy", "steer",
                "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "ce_gppo", "qae", "w_reinforce", "passk",
-               "entropic", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo", "era")
+               "entropic", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo", "era", "aent")
 REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "adaptive_entropy", "clip_cov",
                      "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
                      "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse", "qae", "w_reinforce", "w_reinforce_high_lr", "gspo", "cispo",
                      "ce_gppo", "passk", "entropic", "entropic_kp50", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo",
-                     "era")
+                     "era", "aent")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high",
                "entropic_kp5", "lp_reg_neg10", "siren_high")
 STACKS = {
@@ -117,6 +117,11 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
         (era,) = regs
         assert (era.low, era.high, era.k, era.top_frac, era.scale_advantages) == (0.45, 3.0, 2.0, 0.2, True)
         assert era.needs_logit_scales == (2.0, 0.5) and type(cli.model.objective).__name__ == "PPOClip"
+    if name.endswith("aent.yaml"):  # antgroup/AEnt's init_coef / clamp_p, the AReaL port's controller
+        (aent,) = regs
+        assert (aent.init_coef, aent.clamp_p, aent.needs_clamped_entropy, aent.adaptive) == (2e-4, 0.3, 0.3, True)
+        assert (aent.entropy_low, aent.entropy_high, aent.coef_lr) == (0.05, 0.23, 1e-3)
+        assert (aent.min_coef, aent.max_coef, aent.warmup_steps, aent.needs_entropy) == (1e-5, 3e-3, 29, False)
     if name.endswith("qae.yaml"):
         assert cli.model.settings.loss.baseline_quantile == 0.4 and cli.model.settings.loss.advantage == "grpo"
     if name.endswith("passk.yaml"):  # k of the paper's main setting, below the testbeds' group size 8

@@ -1,4 +1,5 @@
 """Entropy regularizers as Lightning callbacks (see base.py for the contract)."""
+from lit_covrl.regularizers.aent import AEnt
 from lit_covrl.regularizers.archer import Archer
 from lit_covrl.regularizers.bapo import BAPO
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
@@ -15,6 +16,7 @@ from lit_covrl.regularizers.simko import SimKO
 from lit_covrl.regularizers.siren import SIREN
 
 __all__ = [
+    "AEnt",
     "AdaptiveEntropyBonus",
     "Archer",
     "BAPO",
