@@ -1,7 +1,8 @@
 """Mini-batch-wide decisions are global: 2 gloo processes holding half the mini-batch each select
 exactly the tokens that 1 process holding all of it selects (Clip-Cov, KL-Cov and the entropy
 controls: 80/20 quantile, STEER weights, entropy-ratio clip, adaptive bonus, entropy advantage,
-EntroPIC, Lp-Reg's lowest log-probs, SIREN's mini-batch deviation, BAPO's clip range, ERA's metrics),
+EntroPIC, Lp-Reg's lowest log-probs, SIREN's mini-batch deviation, BAPO's clip range, ERA's metrics,
+AEnt's coefficient),
 and each objective's loss, metrics and gradient add up across ranks to the single-process ones."""
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lit_covrl.algorithms import (aggregate, ppo_clipped_tokens, token_entropy, token_logprobs, token_proxy_logprobs,
-                                  token_scaled_logprobs, token_topk_logprobs, token_topp_entropy)
+from lit_covrl.algorithms import (aggregate, ppo_clipped_tokens, token_clamped_entropy, token_entropy, token_logprobs,
+                                  token_proxy_logprobs, token_scaled_logprobs, token_topk_logprobs, token_topp_entropy)
 from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
+    AEnt,
     AdaptiveEntropyBonus,
     Archer,
     BAPO,
@@ -137,6 +139,7 @@ def _objectives(rows: slice) -> dict[str, torch.Tensor]:
     out.update(_lp_reg(rows, n_tok))
     out.update(_siren(rows, n_tok))
     out.update(_era(rows, n_tok))
+    out.update(_aent(rows, n_tok))
     return out
 
 
@@ -266,6 +269,33 @@ def _era(rows: slice, n_tok) -> dict[str, torch.Tensor]:
             **{k: torch.tensor(v) for k, v in reg.pop_metrics().items()}}
 
 
+def _aent(rows: slice, n_tok) -> dict[str, torch.Tensor]:
+    """PPOClip + AEnt from logits [N, T, V] (the clamped entropy with grad) over RL steps 1-3, the
+    logits sharper each step: the coefficient after each step follows the clamped entropy of all
+    ranks' tokens (each half alone: step 1's is above the band on one rank, inside it on the other),
+    then the last step's loss, gradient w.r.t. the logits and metrics."""
+    from lit_covrl import distributed
+    from lit_covrl.types import TokenShaping
+
+    g = torch.Generator().manual_seed(4)
+    logits = 2.0 * torch.randn(N, T, 9, generator=g)
+    logp, old, adv, mask = (t[rows] for t in _batch())
+    reg, obj = AEnt(init_coef=0.1, entropy_low=1.0, entropy_high=1.22, coef_lr=0.5, max_coef=1.0, warmup_steps=0), PPOClip()
+    coefs, metrics = [], {}
+    for step in (1, 2, 3):
+        z = (logits[rows] * (1 + 0.5 * (step - 1))).requires_grad_(True)
+        reg.prepare(MiniBatchContext(step, 0, True, logp, old, adv, mask, None))
+        s = reg.shape(PolicyBatch(torch.arange(len(mask)), logp, old, adv, mask,
+                                  clamped_entropy=token_clamped_entropy(z, clamp_p=reg.clamp_p)))
+        loss = aggregate(TokenShaping.combine([s], obj.token_loss(logp, old, adv, mask)), mask, "token-mean",
+                         num_tokens=n_tok)
+        loss.backward()
+        metrics = reg.pop_metrics()
+        coefs.append(reg.coef)
+    return {"ppo+aent/loss": distributed.all_sum(loss.detach()), "ppo+aent/grad": z.grad.flatten(1),
+            "aent_coefs": torch.tensor(coefs, dtype=torch.float64), **{k: torch.tensor(v) for k, v in metrics.items()}}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -313,6 +343,8 @@ def test_two_processes_select_what_one_process_selects(tmp_path):
     assert whole["era/sharpened"][N // 2:].any() and whole["era/flattened"][:N // 2].any()
     assert whole["reg/bapo/clip_low"] == 0.99 and float(whole["reg/bapo/clip_high"]) == pytest.approx(1.04)
     assert 0 < whole["ppo+bapo/metrics"][2] < 1
+    assert whole["aent_coefs"][0] < 0.1 < whole["aent_coefs"][1] < whole["aent_coefs"][2]  # down, then up twice
+    assert whole["ppo+aent/grad"].abs().sum() > 0
     for key, value in whole.items():
         if value.dim() == 2:  # per-token decisions: the halves concatenate to the whole
             torch.testing.assert_close(torch.cat([p["entropy"][key] for p in parts]), value, msg=key)
@@ -334,3 +366,5 @@ def test_local_selection_would_differ():
         m = reg.pop_metrics()
         bounds.append((m["reg/bapo/clip_low"], round(m["reg/bapo/clip_high"], 9)))
     assert bounds == [(0.99, 1.04), (0.9, 1.0), (0.99, 1.1)]
+    coefs = [_aent(rows, torch.tensor(1.0))["aent_coefs"][0].item() for rows in (slice(0, N // 2), slice(N // 2, N))]
+    assert coefs[0] < 0.1 == coefs[1]  # AEnt's first move: one half above the band, the other inside it

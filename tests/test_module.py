@@ -12,6 +12,7 @@ from lit_covrl.module import GRPOModule
 from lit_covrl.policy import load_policy
 from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
+    AEnt,
     AdaptiveEntropyBonus,
     Archer,
     BAPO,
@@ -216,10 +217,18 @@ def _era():
             ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)]
 
 
+def _aent():
+    # AEnt's clamped-entropy bonus with a large coefficient, next to the full entropy's bonus (both
+    # entropies from the same training forward) and Clip-Cov
+    return [AEnt(init_coef=0.5, clamp_p=0.3), EntropyBonus(coef=0.05), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)]
+
+
 INVARIANCE_CASES = {
     "era+simko+cov": (_era, lambda: PPOClip(dual_clip=3.0)),
     "era+gspo": (lambda: [ERA(low=2.75, high=2.8), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)],
                  lambda: GSPO(clip_low=0.05, clip_high=0.05)),
+    "aent+cov": (_aent, lambda: PPOClip(dual_clip=3.0)),
+    "era+aent": (lambda: [ERA(low=2.75, high=2.8), AEnt(init_coef=0.5, clamp_p=0.3)], lambda: PPOClip(dual_clip=3.0)),
     "siren+lp_reg+simko": (_siren_lp_reg_simko, lambda: PPOClip(dual_clip=3.0)),
     "lp_reg+simko": (_lp_reg, lambda: PPOClip(dual_clip=3.0)),
     "siren+cov": (_siren, lambda: PPOClip(dual_clip=3.0)),
@@ -276,6 +285,9 @@ def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_
     elif case.startswith("siren"):  # the anchored term acted
         assert 0 < ref_m["reg/siren/selected_frac"] < 1 and ref_m["reg/siren/loss"] > 0
         assert ref_m["reg/siren/deviation"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
+    elif case == "aent+cov":  # the clamped-entropy bonus acted next to the full one
+        assert ref_m["reg/aent/loss"] < 0 and 0 < ref_m["reg/aent/clamped_entropy"] < ref_m["policy/entropy"]
+        assert ref_m["reg/entropy_bonus/loss"] < 0 and ref_m["reg/clip_cov/selected_frac"] > 0
     elif case == "archer+ref_kl":  # the per-token range clipped tokens; the KL scale and Clip-Cov acted
         assert 0 < ref_m["reg/archer/high_entropy_frac"] < 1 and ref_m["reg/archer/loss"] != 0
         assert ref_m["policy/clip_frac"] > 0 and ref_m["reg/ref_kl/loss"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
