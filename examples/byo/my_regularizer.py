@@ -19,7 +19,9 @@ The contract (lit_covrl/regularizers/base.py):
   (batch.proxy_logp [n, T], the sampled tokens' log-probs under the min-p proxy, detached),
   `needs_topp_entropy = (top_p, top_k)` (ctx.topp_entropy, batch.topp_entropy with grad: the
   nucleus' entropy), `needs_logit_scales = (s_1, ...)` (batch.scaled_logp [n, T, S] with grad: the
-  sampled tokens' log-probs under the logits scaled by each s);
+  sampled tokens' log-probs under the logits scaled by each s), `needs_clamped_entropy = clamp_p`
+  (batch.clamped_entropy with grad: the entropy renormalised over all but the int(V clamp_p)
+  lowest-logit tokens, AEnt's);
 - `self.record(key, value)` logs the step's mean under reg/<name>/<key>.
 """
 from __future__ import annotations
