@@ -286,7 +286,8 @@ def clamp_keep_mask(z: Tensor, clamp_p: float) -> Tensor:
     above = z > cut
     tied = z == cut
     room = keep_n - above.sum(-1, keepdim=True)  # how many of the tied tokens are kept, lowest ids first
-    return above | (tied & (tied.cumsum(-1) <= room))
+    # int32 running count (an int64 cumsum of [chunk, V] would be twice a float32 chunk's memory)
+    return above | (tied & (tied.to(torch.int32).cumsum(-1, dtype=torch.int32) <= room))
 
 
 def _clamped_entropy_rows(z: Tensor, clamp_p: float, temperature: float) -> Tensor:
