@@ -141,9 +141,11 @@ class LitCovRLCLI(LightningCLI):
         # the subcommand's defaults with the checkpoint's model settings: a fresh start, so that
         # appending arguments (`--trainer.callbacks+=X`) are not applied twice
         start = self.parser._subcommands_action._name_parser_map[sub].get_defaults()
+        default_reward = start["model"]["reward"]
         start["model"] = from_ckpt[sub]["model"].clone()
         self.config = self.parser.parse_args(self._given_args, namespace=Namespace(subcommand=sub, **{sub: start}))
         _drop_switched_pass_k(from_ckpt[sub].get("model"), self.config[sub].get("model"))
+        _drop_unpaired_reward_weights(parsed[sub].get("model"), default_reward, self.config[sub].get("model"))
         changed = _changed_model_keys(from_ckpt[sub].get("model"), self.config[sub].get("model"))
         if changed and sub != "fit":  # a fit names them with their values when it starts (resume_check)
             log.warning("--ckpt_path: the arguments given change %d of the checkpoint's model settings: %s",
@@ -211,6 +213,18 @@ def _drop_switched_pass_k(before, after) -> None:
         return
     if new.get("pass_k") == old.get("pass_k"):
         new["pass_k"] = None
+
+
+def _drop_unpaired_reward_weights(given, default_reward, after) -> None:
+    """A checkpoint saves `model.reward_weights` but not the rewards they weigh (a reward is not a
+    saved setting): arguments that give no weights, and no reward (the default exact match) or
+    rewards of another count, drop the checkpoint's weights, as `--model.reward_weights null` does,
+    instead of failing on weights the user never gave. The run's own config gives both and keeps them."""
+    if given is None or after is None or given.get("reward_weights") is not None or after.get("reward_weights") is None:
+        return
+    reward = given.get("reward")
+    if reward == default_reward or len(reward if isinstance(reward, list) else [reward]) != len(after["reward_weights"]):
+        after["reward_weights"] = None
 
 
 def _changed_model_keys(before, after, prefix: str = "model") -> list[str]:

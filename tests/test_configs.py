@@ -314,6 +314,45 @@ def test_a_passk_checkpoint_resumes_and_validates_with_the_quickstart_config(tmp
     assert _RUN["trainer"].global_step == 2  # one more RL step, from the checkpoint's
 
 
+def test_a_checkpoint_of_several_rewards_validates_and_resumes_with_the_quickstart_config(tmp_path, caplog, monkeypatch):
+    """A checkpoint saves model.reward_weights but not the rewards: without the run's config the
+    README's validate command scores exact match (with the warning naming the rewards) and drops
+    the run's weights. They stayed as a default and it stopped on `model.reward_weights has 3
+    weights for 1 rewards`. The run's config.yaml keeps both; a resume drops them, as validate."""
+    import logging
+
+    from lit_covrl.cli import _RUN, main
+
+    monkeypatch.chdir(CONFIGS.parent)  # examples.byo.my_rewards, as the README runs it
+    common = ["--trainer.val_check_interval", "1000", "--data.val_size", "4"]
+    main(["fit", "--config", str(QUICK), "--config", "examples/byo/rewards.yaml", "--trainer.max_steps", "1", *common,
+          "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        main(["validate", "--config", str(QUICK), "--data.val_size", "4", "--ckpt_path", str(ckpt),
+              "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "v")])
+    assert "differ from its run's" in caplog.text and "model.reward_weights: [1.0, 0.1, 0.1] -> None" in caplog.text
+    assert _RUN["trainer"].lightning_module.rewards.weights == [1.0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):  # rewards of another count, no weights: the same
+        main(["validate", "--config", str(QUICK), "--data.val_size", "4", "--ckpt_path", str(ckpt),
+              "--model.reward", "[lit_covrl.rewards.ExactMatchReward, examples.byo.my_rewards.all_digits]",
+              "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "v2")])
+    assert _RUN["trainer"].lightning_module.rewards.weights == [1.0, 1.0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        main(["validate", "--config", str(ckpt.parents[1] / "config.yaml"), "--ckpt_path", str(ckpt),
+              "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "own")])
+    assert "differ from its run's" not in caplog.text and "reward_weights" not in caplog.text
+    assert _RUN["trainer"].lightning_module.rewards.weights == [1.0, 0.1, 0.1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        main(["fit", "--config", str(QUICK), "--trainer.max_steps", "2", *common, "--ckpt_path", str(ckpt),
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "r")])
+    assert "model.reward_weights: [1.0, 0.1, 0.1] -> None" in caplog.text
+    assert _RUN["trainer"].lightning_module.rewards.weights == [1.0] and _RUN["trainer"].global_step == 2
+
+
 def test_an_unlikeliness_checkpoint_resumes_as_it_ran_with_the_quickstart_config(tmp_path, caplog):
     """As QAE's baseline_quantile: the README's plain resume command (quickstart.yaml does not set
     model.loss.unlikeliness) goes on with the checkpoint's beta and no 'settings differ' warning;
