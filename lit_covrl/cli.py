@@ -139,10 +139,12 @@ class LitCovRLCLI(LightningCLI):
             return  # no checkpoint file, or no hyperparameters in it
         from_ckpt, sub = self.config, self.config["subcommand"]
         # the subcommand's defaults with the checkpoint's model settings: a fresh start, so that
-        # appending arguments (`--trainer.callbacks+=X`) are not applied twice
+        # appending arguments (`--trainer.callbacks+=X`, `--model.reward+=X`: the reward is not
+        # saved, `from_ckpt` holds the parsed one) are not applied twice
         start = self.parser._subcommands_action._name_parser_map[sub].get_defaults()
         default_reward = start["model"]["reward"]
         start["model"] = from_ckpt[sub]["model"].clone()
+        start["model"]["reward"] = default_reward
         self.config = self.parser.parse_args(self._given_args, namespace=Namespace(subcommand=sub, **{sub: start}))
         _drop_switched_pass_k(from_ckpt[sub].get("model"), self.config[sub].get("model"))
         _drop_unpaired_reward_weights(parsed[sub].get("model"), default_reward, self.config[sub].get("model"))

@@ -281,8 +281,10 @@ def test_arguments_given_with_a_checkpoint_file_override_its_hyperparameters(tmp
     with caplog.at_level(logging.WARNING, logger="lit_covrl"):
         main(["validate", "--data.task", "arithmetic", "--data.val_size", "4", "--ckpt_path", str(ckpt),
               "--model.eval.samples", "2", "--model.eval.k", "2", "--trainer.logger", "false", "--trainer.accelerator", "cpu",
-              "--trainer.default_root_dir", str(tmp_path / "v"), "--trainer.callbacks+=lit_covrl.regularizers.ClipCov"])
+              "--trainer.default_root_dir", str(tmp_path / "v"), "--trainer.callbacks+=lit_covrl.regularizers.ClipCov",
+              "--model.reward+=lit_covrl.rewards.ExactMatchReward"])
     assert sum(isinstance(cb, Regularizer) for cb in _RUN["trainer"].callbacks) == 1  # appended once, not per parse
+    assert len(_RUN["trainer"].lightning_module.rewards.rewards) == 2  # the default's and the one appended
     settings = _RUN["trainer"].lightning_module.settings
     assert (settings.eval.samples, settings.eval.k) == (2, 2)  # given
     assert settings.eval.temperature == 0.7  # from the checkpoint (the parser's default is 1.0)
