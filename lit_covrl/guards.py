@@ -60,17 +60,26 @@ def stop_on_nonfinite_weights(policy: torch.nn.Module, *, step: int, rank: int, 
     )
 
 
+# why each setting needs rewards in {0, 1}, and its other way out than a 0/1 reward
+_BINARY_NEEDS = {
+    "model.loss.advantage": ("it counts correct responses", "or another advantage"),
+    "model.loss.unlikeliness": ("it ranks the correct responses by likelihood",
+                                "or turn it off with --model.loss.unlikeliness null"),
+}
+
+
 def stop_on_non_binary_rewards(rewards: torch.Tensor, *, step: int, rank: int, trainer,
                                setting: str = "model.loss.advantage='passk'") -> None:
     """ValueError if any rank scored a reward other than 0 or 1 (Pass@k Training's advantage and
     the unlikeliness reward are defined for correct / incorrect responses only); `setting` names
-    the one that needs them."""
+    the one that needs them (`key=value`), the message its reason and remedy."""
     bad = first_non_binary(rewards)
     if distributed.all_true(bad is None):
         return
+    reason, remedy = _BINARY_NEEDS[setting.split("=")[0]]
     raise ValueError(
-        f"{setting} needs rewards in {{0, 1}} (it counts correct responses), but RL step "
+        f"{setting} needs rewards in {{0, 1}} ({reason}), but RL step "
         f"{step} scored " + (f"{bad!r} on rank {rank}" if bad is not None else "one on another rank")
-        + "; the run is stopped. Use a 0/1 reward (model.reward, model.reward_weights) or another advantage. "
+        + f"; the run is stopped. Use a 0/1 reward (model.reward, model.reward_weights) {remedy}. "
         + _resume_hint(trainer)
     )

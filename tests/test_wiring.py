@@ -192,6 +192,21 @@ def test_non_binary_reward_check_is_one_decision_of_every_rank(monkeypatch):
     assert asked == [True]
 
 
+def test_non_binary_reward_stop_gives_each_setting_its_reason_and_remedy():
+    """The unlikeliness reward's stop said Pass@k's 'it counts correct responses ... or another
+    advantage', which does not turn it off."""
+    from lit_covrl import guards
+
+    with pytest.raises(ValueError) as err:
+        guards.stop_on_non_binary_rewards(torch.tensor([0.0, 0.5]), step=0, rank=0, trainer=None,
+                                          setting="model.loss.unlikeliness=0.25")
+    text = str(err.value)
+    assert text.startswith("model.loss.unlikeliness=0.25 needs rewards in {0, 1} (it ranks the correct responses")
+    assert "--model.loss.unlikeliness null" in text and "another advantage" not in text and "counts" not in text
+    with pytest.raises(ValueError, match=r"\(it counts correct responses\).* or another advantage\. "):
+        guards.stop_on_non_binary_rewards(torch.tensor([0.0, 0.5]), step=0, rank=0, trainer=None)
+
+
 def test_learned_position_limit_of_an_opt_table_takes_off_its_offset():
     """OPT's embed_positions holds max_position_embeddings + 2 rows (an offset of 2)."""
     from transformers import OPTConfig, OPTForCausalLM
