@@ -335,6 +335,22 @@ def test_unlikeliness_sequence_means_and_ties():
     assert sequence_logprob_means(logp[:1], torch.zeros(1, 3)).tolist() == [0.0]  # no valid token
 
 
+@pytest.mark.parametrize("G", [32, 512])
+def test_unlikeliness_ties_rank_by_position_in_large_groups(G):
+    """Tied mean log-probs (identical responses, common at low entropy) rank by position in groups
+    of 32 and 512 too, where an unstable sort no longer keeps ties in order (on CPU it does up to
+    G = 16). Every third response at -1, the rest at 0: the k-th of the -1s ranks k - 1, the k-th
+    of the 0s ranks (the number of -1s) + k - 1; two groups, each ranked on its own."""
+    from lit_covrl.algorithms import likelihood_ranks
+
+    s = torch.zeros(G, dtype=torch.float64)
+    s[::3] = -1.0
+    n_low = (G + 2) // 3  # 11 for 32, 171 for 512
+    low, high = iter(range(n_low)), iter(range(n_low, G))
+    want = [float(next(low) if i % 3 == 0 else next(high)) for i in range(G)]
+    assert likelihood_ranks(torch.cat([s, s]), G).tolist() == want + want
+
+
 def _unlikeliness_oracle(rewards, seq_logp, G, beta, estimator):
     """Per group, in float64 Python: rank = how many of the group are less likely (+ the equal ones
     before it), r' = r (1 - beta rank / G), then the estimator on r'; 0 for a group of equal r."""

@@ -129,6 +129,15 @@ def test_high_entropy_is_strictly_above_each_response_s_quantile_as_nanquantile(
     assert not archer_high_entropy(h, torch.zeros_like(mask), quantile=0.8).any()
 
 
+def test_a_response_whose_quantile_is_zero_selects_only_its_tokens_above_zero():
+    """A saturated softmax gives entropy exactly 0: in [0, 0, 0, 0, 0, 1] the 0.8 quantile is 0
+    (position 0.8 x 5 = 4 of the sorted row), where the tolerance band TIE_TOL x |tau| is empty, so
+    only the strict rule keeps the five fully confident tokens low-entropy (SIREN, SimKO and Archer
+    share this selection); H >= tau would call every token high-entropy."""
+    got = archer_high_entropy(torch.tensor([[0.0, 0, 0, 0, 0, 1]]), torch.ones(1, 6), quantile=0.8)
+    assert got.tolist() == [[False] * 5 + [True]]
+
+
 def _ctx(mask, ent, logp=None, old=None, adv=None):
     z = torch.zeros_like(mask)
     return MiniBatchContext(0, 1, False, z if logp is None else logp, z if old is None else old,
@@ -148,6 +157,16 @@ def test_archer_sets_the_wide_range_and_the_kl_scale_on_high_entropy_tokens():
     torch.testing.assert_close(s.clip_low, torch.tensor([[0.5, 0.2, 0.2, 0.2, 0.2, 0.2]]))
     assert reg.pop_metrics()["reg/archer/high_entropy_frac"] == pytest.approx(2 / 9)
     assert Archer(high_entropy_kl_scale=1.0).kl_scale() is None
+
+
+def test_archer_s_default_kl_scale_takes_the_kl_off_the_high_entropy_tokens():
+    """The recipe's default high_entropy_kl_scale 0: no KL on the high-entropy tokens, the full KL
+    on the others, as a scale ReferenceKL applies (None would put the full KL on every token). On
+    [1, 2, 3, 4, 5, 6] (0.8 quantile 5) only the 6 is high-entropy."""
+    reg = Archer()
+    reg.prepare(_ctx(torch.ones(1, 6), torch.tensor([[1.0, 2, 3, 4, 5, 6]])))
+    scale = reg.kl_scale()
+    assert scale is not None and scale.tolist() == [[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]]
 
 
 def test_reference_kl_applies_the_per_token_scale():
@@ -332,6 +351,16 @@ def test_ce_gppo_refuses_archer_from_the_tie_on():
     with pytest.raises(ValueError, match=r"per-token clip_low 0\.5"):
         check_objective_stack(obj, [Archer(low_entropy_clip_low=0.5, high_entropy_clip_low=0.6)])
     check_objective_stack(obj, [Archer(low_entropy_clip_low=0.55, high_entropy_clip_low=0.6)])
+
+
+def test_ce_gppo_checks_archer_s_high_entropy_range_too():
+    """The high-entropy tokens' eps_low meets CE-GPPO's rule as well: beta1 3.5 with dual_clip 3
+    accepts the objective's own and Archer's low-entropy 0.2 (3.5 x 0.8 = 2.8 < 3), and refuses a
+    high-entropy clip_low 0 (3.5 x 1 = 3.5 >= 3), naming it."""
+    obj = CEGPPO(beta1=3.5, dual_clip=3.0)
+    check_objective_stack(obj, [Archer()])  # high-entropy 0.5: 3.5 x 0.5 = 1.75
+    with pytest.raises(ValueError, match=r"CEGPPO\.beta1=3\.5 .*per-token clip_low 0\.0 and dual_clip=3\.0"):
+        check_objective_stack(obj, [Archer(high_entropy_clip_low=0.0)])
 
 
 def test_row_quantile_is_nanquantile_per_row():
