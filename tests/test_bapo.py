@@ -86,6 +86,13 @@ def test_hand_values_of_the_search():
     assert bapo_search(torch.tensor([0.0] * 4 + HIGHS), LOWS, HIGHS, target=100.0)[:2] == (0, 0)
 
 
+def test_a_ratio_exactly_at_the_target_stops_the_search():
+    """The reference steps while P / (N + eps) < target, strictly: with N(0.8) = 2, N(0.85) = 1,
+    P(1.2) = 1 and eps 0 the start's 1 / 2 = 0.5 meets target 0.5, so c_low stays at 0.8 (one more
+    step would give 1 / 1 = 1)."""
+    assert bapo_search([2.0, 1.0, 1.0], [0.8, 0.85], [1.2], target=0.5, eps=0.0) == (0, 0, 0.5)
+
+
 def test_the_ratio_is_clamped_as_the_objective_clamps_it():
     """ctx.logratio_clamp (the objective's logratio_clamp) bounds r, so P and N are the objective's
     values: at 0.1 the hand batch's r = 3 and 0.5 become e^0.1 and e^-0.1, and the search at target
@@ -238,6 +245,18 @@ def test_startup_refusals_name_the_fields():
                       (dict(high_max=1e9), "BAPO.high_step"), (dict(low_step=1e-6), "BAPO.low_step")):
         with pytest.raises(ValueError, match=field.replace(".", r"\.")):
             BAPO(**kw)
+
+
+def test_fixed_bounds_are_a_valid_setting():
+    """start == max (0 <= start <= max) fixes a bound: BAPO(0.9 / 0.9, 1.3 / 1.3) constructs, its
+    grids are the one value each, and every mini-batch gets eps 1 - 0.9 = 0.1 below and 1.3 - 1 = 0.3
+    above, whatever the target."""
+    reg = BAPO(low_start=0.9, low_max=0.9, high_start=1.3, high_max=1.3, target=100.0)
+    assert reg.lows == [0.9] and reg.highs == [1.3]
+    reg.prepare(_ctx(*_hand_batch()))
+    lo, hi = reg.clip_bounds()
+    torch.testing.assert_close(lo, torch.full((1, 3), 0.1, dtype=torch.float64))
+    torch.testing.assert_close(hi, torch.full((1, 3), 0.3, dtype=torch.float64))
 
 
 def test_warns_when_every_update_is_on_policy(caplog):

@@ -386,6 +386,24 @@ def test_entropic_token_loss_gradient_matches_a_token_loop():
             assert float(g[i, j]) == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
+def test_entropic_token_loss_clamps_the_log_ratio_at_20():
+    """The reference clamps log(pi / pi_old) to [-20, 20] before exp: an off-policy token at
+    log-ratio 5 keeps r = e^5 (term -alpha e^5 |A| = -0.5 x 148.41 x 2), one at 25 is capped at e^20."""
+    logp = torch.tensor([[0.0, -1.0]], dtype=torch.float64)
+    old = torch.tensor([[-5.0, -26.0]], dtype=torch.float64)  # log-ratios 5 and 25
+    adv = torch.tensor([[-2.0, 1.0]], dtype=torch.float64)
+    got = entropic_token_loss(logp, old, adv, torch.ones(1, 2, dtype=torch.float64), alpha=0.5)
+    want = torch.tensor([[-0.5 * math.exp(5) * 2, -0.5 * math.exp(20) * 1]], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_entropic_defaults_are_the_reference_recipe_s():
+    """run_entropic.sh: target_entropy 0.1, entropy_control_p 1, entropy_control_i 0.01; the loss
+    function's default probability threshold 0.95."""
+    reg = EntroPIC()
+    assert (reg.target, reg.kp, reg.ki, reg.threshold) == (0.1, 1.0, 0.01, 0.95)
+
+
 def _entropic_grad(reg, logp, old, adv, mask, mode="token-mean"):
     """d(PPO-clip + the regularizer's terms, aggregated)/d logp, and the regularizer's shaping."""
     logp = logp.clone().requires_grad_(True)

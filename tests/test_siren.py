@@ -369,6 +369,15 @@ def test_observed_anchor_is_the_whole_rollouts_and_observed_once():
     assert empty.anchor_value is None and empty.observes_rollout()
 
 
+def test_a_one_response_rollout_measures_the_anchor():
+    """A rollout that keeps a single response is measured too (else the first mini-batch under the
+    current policy would set the anchor): nucleus entropies [0.1, 0.5, 0.9, 0.2, 0.7] have the
+    median 0.5, above it 0.9 and 0.7, so H_bar = 0.8 over the one response."""
+    reg = SIREN(quantile=0.5)
+    reg.observe_rollout(torch.tensor([[0.1, 0.5, 0.9, 0.2, 0.7]], dtype=torch.float64), torch.ones(1, 5))
+    assert reg.anchor_value == pytest.approx(0.8, rel=1e-12) and not reg.observes_rollout()
+
+
 def test_learner_measures_the_anchor_on_the_first_rollout_before_updating(tiny_model_dir):
     """Through GRPOModule: with the whole rollout as one on-policy mini-batch, the first (only)
     update's H_bar is the anchor measured before it (deviation ~0, no term); with two mini-batches
