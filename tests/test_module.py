@@ -228,7 +228,9 @@ INVARIANCE_CASES = {
     "era+gspo": (lambda: [ERA(low=2.75, high=2.8), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)],
                  lambda: GSPO(clip_low=0.05, clip_high=0.05)),
     "aent+cov": (_aent, lambda: PPOClip(dual_clip=3.0)),
-    "era+aent": (lambda: [ERA(low=2.75, high=2.8), AEnt(init_coef=0.5, clamp_p=0.3)], lambda: PPOClip(dual_clip=3.0)),
+    # the two newest forward requests at once (scaled log-probs and the clamped entropy)
+    "era+aent+cov": (lambda: [ERA(low=2.75, high=2.8), AEnt(init_coef=0.01, clamp_p=0.3),
+                              ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)], lambda: PPOClip(dual_clip=3.0)),
     "siren+lp_reg+simko": (_siren_lp_reg_simko, lambda: PPOClip(dual_clip=3.0)),
     "lp_reg+simko": (_lp_reg, lambda: PPOClip(dual_clip=3.0)),
     "siren+cov": (_siren, lambda: PPOClip(dual_clip=3.0)),
@@ -282,6 +284,8 @@ def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_
     elif case.startswith("era"):  # both of ERA's modes acted and changed the loss
         assert 0 < ref_m["reg/era/sharpened_frac"] < 1 and 0 < ref_m["reg/era/flattened_frac"] < 1
         assert ref_m["reg/era/loss"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
+        if "aent" in case:
+            assert ref_m["reg/aent/loss"] < 0 and 0 < ref_m["reg/aent/clamped_entropy"] < ref_m["policy/entropy"]
     elif case.startswith("siren"):  # the anchored term acted
         assert 0 < ref_m["reg/siren/selected_frac"] < 1 and ref_m["reg/siren/loss"] > 0
         assert ref_m["reg/siren/deviation"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
