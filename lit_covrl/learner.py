@@ -40,7 +40,7 @@ from lit_covrl.packing import MiniBatch, length_order, lockstep_chunks, pad_colu
 from lit_covrl.policy import prompt_groups, response_logprobs, shared_prompt_logprobs
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
 from lit_covrl.settings import LossSettings, RolloutSettings, UpdateSettings
-from lit_covrl.types import PolicyBatch, Rollout, TokenShaping, TokenStats
+from lit_covrl.types import ForwardAsks, PolicyBatch, Rollout, TokenShaping, TokenStats
 
 log = logging.getLogger("lit_covrl")
 
@@ -122,14 +122,14 @@ class Learner:
         watching = [r for r in self.regularizers if r.observes_rollout()]
         if not watching:
             return
-        rows = torch.nonzero(keep).squeeze(-1)
+        rows, topp = torch.nonzero(keep).squeeze(-1), self.forward_asks().topp
         mask = rollout.response_mask[rows].to(rollout.logp.dtype)
         h = torch.zeros_like(mask)
         for mb in self.minibatches(keep):
             ids, att = (rollout.input_ids[mb], rollout.attention_mask[mb]) if len(mb) else \
                 (rollout.input_ids[:1], rollout.attention_mask[:1])
             where = torch.searchsorted(rows, mb)
-            h[where] = self._nograd_forward(self.policy, ids, att, mask[where], False, topp=self._topp()).topp_entropy
+            h[where] = self._nograd_forward(self.policy, ids, att, mask[where], False, topp=topp).topp_entropy
         for reg in watching:
             reg.observe_rollout(h, mask)
 
@@ -206,13 +206,14 @@ class Learner:
                    norm_length=hp.rollout.max_new_tokens)
         scale = distributed.world_size()  # gradients are averaged over ranks; we want the global mean
         sums: dict[str, Tensor] = {}
+        asks = self.forward_asks()
         for r in plan:
             if r is None:  # filler: keeps this rank's collectives in step, contributes nothing
                 out = early if early is not None else self._logprobs(*mb.filler, mb.mask.shape[1], False)
                 self.driver.backward(out.logp.sum() * 0.0)
                 continue
             out = early if early is not None else self._logprobs(mb.input_ids[r], mb.attention_mask[r], mb.mask.shape[1],
-                                                                 need_ent, **self._extras())
+                                                                 need_ent, asks=asks)
             batch = self._policy_batch(mb, r, out)
             loss, shapings, base = self.loss(batch, agg)
             self.driver.backward(loss * scale)
@@ -253,7 +254,8 @@ class Learner:
         regs = self.regularizers
         want_ent = any(r.needs_current_entropy for r in regs)
         current = not self._on_policy and (want_ent or any(r.needs_current_logp for r in regs))
-        topp = self._topp()
+        asks = self.forward_asks()
+        topp = asks.topp
         logp, ent = mb.old_logp, (mb.old_entropy if want_ent else None)
         if not (current or topp):
             return logp, ent, None, None
@@ -261,7 +263,7 @@ class Learner:
             real = plan[0] is not None
             rows = (mb.input_ids[plan[0]], mb.attention_mask[plan[0]]) if real else mb.filler
             early = self._logprobs(*rows, mb.mask.shape[1], (need_ent or (want_ent and current)) and real,
-                                   **self._extras(real))
+                                   asks=asks if real else ForwardAsks())
             if not real:
                 return logp, ent, (torch.zeros_like(mb.mask) if topp else None), early
             if current:
@@ -299,65 +301,37 @@ class Learner:
         (`token_topp_entropy`), the other fields None."""
         n, T = mask.shape  # input_ids holds only a filler row when this rank has no rows (inputs_or_filler)
         asked = {"logp": True, "entropy": with_entropy, "topp_entropy": bool(topp)}
+        asks = ForwardAsks(topp=topp)
         full = {k: mask.new_zeros(n, T) for k, on in asked.items() if on}
         for r in self._plan(input_ids[:n], attention_mask[:n], T):
             if r is None:  # filler forward (see lockstep_chunks); needs a row of some rank's batch
                 self._logprobs(input_ids[:1], attention_mask[:1], T, False, model=model)
                 continue
-            out = self._logprobs(input_ids[r], attention_mask[r], T, with_entropy, model=model, topp=topp)
+            out = self._logprobs(input_ids[r], attention_mask[r], T, with_entropy, model=model, asks=asks)
             for k, x in full.items():
                 x[r] = getattr(out, k).to(x.dtype)
         return TokenStats(**{k: x * mask for k, x in full.items()})
 
-    def _topk(self) -> int:
-        """The most top-k log-probs a regularizer asks for (`Regularizer.needs_topk`; 0: none, and
-        the forward computes none)."""
-        return max((int(r.needs_topk) for r in self.regularizers), default=0)
-
-    def _min_p(self) -> float:
-        """The min-p proxy's threshold a regularizer asks for (`Regularizer.needs_min_p`; 0: none,
-        and the forward computes no proxy). `check_stack` refuses two different ones."""
-        return max((float(r.needs_min_p) for r in self.regularizers), default=0.0)
-
-    def _topp(self) -> tuple[float, int] | None:
-        """The nucleus (top_p, top_k) a regularizer asks the entropy of (`needs_topp_entropy`;
-        None: none, and the forward computes none). `check_stack` refuses two different requests."""
-        return next((tuple(r.needs_topp_entropy) for r in self.regularizers if r.needs_topp_entropy), None)
-
-    def _logit_scales(self) -> tuple[float, ...]:
-        """The logit scales a regularizer asks the log-probs under (`needs_logit_scales`; (): none,
-        and the forward computes none). `check_stack` refuses two different requests."""
-        return next((tuple(r.needs_logit_scales) for r in self.regularizers if r.needs_logit_scales), ())
-
-    def _clamp_p(self) -> float:
-        """The fraction of lowest-logit tokens the clamped entropy leaves out that a regularizer asks
-        for (`Regularizer.needs_clamped_entropy`; 0: none, and the forward computes none).
-        `check_stack` refuses two different ones."""
-        return max((float(r.needs_clamped_entropy) for r in self.regularizers), default=0.0)
-
-    def _extras(self, real: bool = True) -> dict:
-        """`_logprobs`'s keywords for what the regularizers ask of the training forward (top-k,
-        min-p proxy, nucleus entropy, scaled log-probs, clamped entropy); none for a filler pass
-        (`real` False)."""
-        return dict(topk=self._topk(), min_p=self._min_p(), topp=self._topp(), logit_scales=self._logit_scales(),
-                    clamp_p=self._clamp_p()) if real else {}
+    def forward_asks(self) -> ForwardAsks:
+        """What the regularizers ask of the training forward besides log-probs and entropy (top-k,
+        min-p proxy, nucleus entropy, scaled log-probs, clamped entropy: `ForwardAsks.of`, which
+        refuses two different requests of one kind, as `check_stack` did at start-up)."""
+        return ForwardAsks.of(self.regularizers)
 
     def _logprobs(self, ids: Tensor, att: Tensor, T: int, with_entropy: bool, model=None,
-                  topk: int = 0, min_p: float = 0.0, topp: tuple[float, int] | None = None,
-                  logit_scales: tuple[float, ...] = (), clamp_p: float = 0.0) -> TokenStats:
+                  asks: ForwardAsks = ForwardAsks()) -> TokenStats:
         """The `TokenStats` [n, T] of a micro-batch under `model` (default the policy): the response
-        log-probs, and the entropy, top-k (`topk` > 0), min-p proxy (`min_p` > 0), nucleus entropy
-        (`topp`), log-probs under scaled logits (`logit_scales`) and clamped entropy (`clamp_p` > 0)
-        when asked (`response_logprobs`); with `skip_padding` computed on the micro-batch
-        trimmed of its all-padding columns (`trim_padding`); the prompt forward shared over each group
-        (`shared_prompt_logprobs`) when `shared_prompt` is on and activation checkpointing off;
-        through the compiled forward (`lit_covrl.compiled`) with `compile_update`. Every call, filler
-        passes included, then runs the same two forwards on every rank when there are several (FSDP
-        lock-step)."""
+        log-probs, and the entropy (`with_entropy`) and what `asks` asks for (top-k, min-p proxy,
+        nucleus entropy, scaled log-probs, clamped entropy) when asked (`response_logprobs`); with
+        `skip_padding` computed on the micro-batch trimmed of its all-padding columns
+        (`trim_padding`); the prompt forward shared over each group (`shared_prompt_logprobs`) when
+        `shared_prompt` is on and activation checkpointing off; through the compiled forward
+        (`lit_covrl.compiled`) with `compile_update`. Every call, filler passes included, then runs
+        the same two forwards on every rank when there are several (FSDP lock-step)."""
         hp = self.settings
         model = model if model is not None else self.policy
         kw = dict(temperature=hp.rollout.temperature, with_entropy=with_entropy, chunk_size=hp.update.logprob_chunk_size,
-                  topk=topk, min_p=min_p, topp=topp, logit_scales=logit_scales, clamp_p=clamp_p)
+                  asks=asks)
         lockstep = distributed.world_size() > 1
         # the shared-prompt split forwards a tail only for >= 2 response columns: keep 2 on every
         # rank, or a rank whose rows all end after one token would run one forward to the others' two

@@ -19,12 +19,13 @@ from torch import Tensor
 from lit_covrl.algorithms import aggregate
 from lit_covrl.objectives import Objective
 from lit_covrl.regularizers.base import Regularizer
-from lit_covrl.types import PolicyBatch, TokenShaping
+from lit_covrl.types import ForwardAsks, PolicyBatch, TokenShaping
 
 # the fields a regularizer gets only by asking (a None field read -> the flag to set)
-BATCH_FLAGS = {"entropy": "needs_entropy", "ref_logp": "needs_reference", "topk_logp": "needs_topk",
-               "proxy_logp": "needs_min_p", "topp_entropy": "needs_topp_entropy",
-               "scaled_logp": "needs_logit_scales", "clamped_entropy": "needs_clamped_entropy"}  # PolicyBatch (shape)
+ASKED = ForwardAsks.batch_flags()  # the training forward's requests: {field: (flag, what to set it to)}
+BATCH_FLAGS = {"entropy": "needs_entropy", "ref_logp": "needs_reference",
+               **{f: flag for f, (flag, _) in ASKED.items()}}  # PolicyBatch (shape)
+FLAG_VALUES = dict(ASKED.values())  # what to set each request's flag to (the others: True)
 CTX_FLAGS = {"entropy": "needs_current_entropy", "topp_entropy": "needs_topp_entropy"}  # MiniBatchContext (prepare)
 
 
@@ -117,11 +118,7 @@ def explained(reg, method: str, arg, flags: dict[str, str]):
         return getattr(reg, method)(arg)
     except (TypeError, AttributeError) as e:
         unasked = [f"{'ctx' if method == 'prepare' else 'batch'}.{f} is None unless the class sets {flag} = "
-                   + {"needs_topk": "k (how many candidates, >= 1)",
-                      "needs_min_p": "the proxy's threshold (in (0, 1])",
-                      "needs_topp_entropy": "(top_p, top_k)",
-                      "needs_logit_scales": "the scales (s_1, ...), each > 0",
-                      "needs_clamped_entropy": "the clamped fraction clamp_p (in (0, 1))"}.get(flag, "True")
+                   + FLAG_VALUES.get(flag, "True")
                    for f, flag in flags.items() if getattr(arg, f) is None and not getattr(reg, flag, False)]
         if unasked and "NoneType" in str(e):
             raise type(e)(f"regularizer {getattr(reg, 'name', reg)!r} ({type(reg).__name__}.{method}): {e}; "

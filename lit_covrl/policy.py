@@ -37,7 +37,7 @@ from lit_covrl.algorithms import (
     token_topk_logprobs,
     token_topp_entropy,
 )
-from lit_covrl.types import TokenStats
+from lit_covrl.types import ForwardAsks, TokenStats
 
 BUILTIN_MODELS = {"lit_covrl:tiny-arith": Path(__file__).parent / "assets" / "tiny-arith",
                   "lit_covrl:tiny-reasoning": Path(__file__).parent / "assets" / "tiny-reasoning"}
@@ -242,18 +242,15 @@ def response_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_size: int = 1024,
-    topk: int = 0,
-    min_p: float = 0.0,
-    topp: tuple[float, int] | None = None,
-    logit_scales: tuple[float, ...] = (),
-    clamp_p: float = 0.0,
+    asks: ForwardAsks = ForwardAsks(),
 ) -> TokenStats:
     """Log-probs [N, T] of the response tokens (the last T columns of input_ids) and, if asked,
-    the per-token entropy [N, T] of softmax(z / temperature) (`with_entropy`), the k most probable
-    tokens' log-probs and top-1 flag (`topk` k > 0: `token_topk_logprobs`, same log-probs to the
-    bit), the min-p proxy log-probs (`min_p` > 0: `token_proxy_logprobs`, detached) and the nucleus
-    entropy (`topp` = (top_p, top_k): `token_topp_entropy`), the log-probs under scaled logits
-    (`logit_scales`: `token_scaled_logprobs`, with grad) and the clamped entropy (`clamp_p` > 0:
+    the per-token entropy [N, T] of softmax(z / temperature) (`with_entropy`) and what `asks` asks
+    for: the k most probable tokens' log-probs and top-1 flag (`asks.topk` k > 0:
+    `token_topk_logprobs`, same log-probs to the bit), the min-p proxy log-probs (`asks.min_p` > 0:
+    `token_proxy_logprobs`, detached), the nucleus entropy (`asks.topp` = (top_p, top_k):
+    `token_topp_entropy`), the log-probs under scaled logits (`asks.logit_scales`:
+    `token_scaled_logprobs`, with grad) and the clamped entropy (`asks.clamp_p` > 0:
     `token_clamped_entropy`), all from the same logits, each computed only when asked (the
     `TokenStats` fields left None otherwise). Differentiable when grad is enabled."""
     out = model(
@@ -264,25 +261,24 @@ def response_logprobs(
         use_cache=False,
     )
     logits = out.logits[:, :-1]  # position t predicts token t+1: drop the last one  [N, T, V]
-    return _token_stats(logits, input_ids[:, -response_len:], temperature, chunk_size, with_entropy, topk, min_p, topp,
-                        logit_scales, clamp_p)
+    return _token_stats(logits, input_ids[:, -response_len:], temperature, chunk_size, with_entropy, asks)
 
 
 def _token_stats(logits: Tensor, labels: Tensor, temperature: float, chunk_size: int, with_entropy: bool,
-                 topk: int, min_p: float, topp: tuple[float, int] | None,
-                 logit_scales: tuple[float, ...] = (), clamp_p: float = 0.0) -> TokenStats:
-    """`response_logprobs`' `TokenStats` of the logits predicting `labels` (chunked passes)."""
+                 asks: ForwardAsks) -> TokenStats:
+    """`response_logprobs`' `TokenStats` of the logits predicting `labels` (chunked passes), each of
+    `asks`'s fields computed when asked."""
     kw = dict(temperature=temperature, chunk_size=chunk_size)
-    if topk:
-        logp, top, top1 = token_topk_logprobs(logits, labels, topk, **kw)
+    if asks.topk:
+        logp, top, top1 = token_topk_logprobs(logits, labels, asks.topk, **kw)
     else:
         logp, top, top1 = token_logprobs(logits, labels, **kw), None, None
     return TokenStats(
         logp, token_entropy(logits, **kw) if with_entropy else None, top, top1,
-        token_proxy_logprobs(logits, labels, min_p, **kw) if min_p else None,
-        token_topp_entropy(logits, top_p=topp[0], top_k=topp[1], **kw) if topp else None,
-        token_scaled_logprobs(logits, labels, tuple(logit_scales), **kw) if logit_scales else None,
-        token_clamped_entropy(logits, clamp_p=clamp_p, **kw) if clamp_p else None,
+        token_proxy_logprobs(logits, labels, asks.min_p, **kw) if asks.min_p else None,
+        token_topp_entropy(logits, top_p=asks.topp[0], top_k=asks.topp[1], **kw) if asks.topp else None,
+        token_scaled_logprobs(logits, labels, tuple(asks.logit_scales), **kw) if asks.logit_scales else None,
+        token_clamped_entropy(logits, clamp_p=asks.clamp_p, **kw) if asks.clamp_p else None,
     )
 
 
@@ -366,11 +362,7 @@ def shared_prompt_logprobs(
     with_entropy: bool = False,
     chunk_size: int = 1024,
     always_split: bool = False,
-    topk: int = 0,
-    min_p: float = 0.0,
-    topp: tuple[float, int] | None = None,
-    logit_scales: tuple[float, ...] = (),
-    clamp_p: float = 0.0,
+    asks: ForwardAsks = ForwardAsks(),
 ) -> TokenStats:
     """`response_logprobs` with each run of identical consecutive prompt rows forwarded once.
 
@@ -380,8 +372,7 @@ def shared_prompt_logprobs(
     every rank; such a class pays one wasted prompt forward once). Not for activation
     checkpointing: a recomputed layer would append to the cache again."""
     P = input_ids.shape[1] - response_len
-    kw = dict(temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size, topk=topk, min_p=min_p,
-              topp=topp, logit_scales=logit_scales, clamp_p=clamp_p)
+    kw = dict(temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size, asks=asks)
     if P < 1 or type(model) in _UNSHARED_CACHE:
         return response_logprobs(model, input_ids, attention_mask, response_len, **kw)
     first, rows = prompt_groups(input_ids[:, :P], attention_mask[:, :P])
@@ -392,7 +383,6 @@ def shared_prompt_logprobs(
         _UNSHARED_CACHE.add(type(model))
         return response_logprobs(model, input_ids, attention_mask, response_len, **kw)
     labels = torch.split(input_ids[:, P:], [p.shape[1] for p in parts], 1)
-    per_part = [_token_stats(p, y, temperature, chunk_size, with_entropy, topk, min_p, topp, logit_scales, clamp_p)
-                for p, y in zip(parts, labels)]
+    per_part = [_token_stats(p, y, temperature, chunk_size, with_entropy, asks) for p, y in zip(parts, labels)]
     # each field of the head's and the tail's stats joined along the columns (None: not asked)
     return TokenStats(*(None if f[0] is None else torch.cat(f, 1) for f in zip(*per_part)))

@@ -5,7 +5,7 @@ T response tokens (right-padded), V vocabulary.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
 import torch
@@ -77,6 +77,72 @@ class Rollout:
             self.nonfinite = torch.zeros(self.truncated.shape, dtype=torch.bool, device=self.truncated.device)
 
 
+def _asked(default, flag: str, read, stat: str, hint: str, refusal: str | None = None):
+    """A `ForwardAsks` field, `default` when nothing is asked: the `Regularizer` flag `flag` that asks
+    it (its value read by `read`), the `TokenStats` / `PolicyBatch` field `stat` it fills, `hint` what
+    to set the flag to (the error of a `shape` that reads `stat` unasked says it) and `refusal`, the
+    error when two regularizers ask for different values ({asking}: each one's name and value); None
+    takes the largest value asked."""
+    return field(default=default, metadata=dict(flag=flag, read=read, stat=stat, hint=hint, refusal=refusal))
+
+
+@dataclass(frozen=True)
+class ForwardAsks:
+    """What the regularizers ask the training forward for besides the log-probs and the entropy
+    (`ForwardAsks.of`), each field computed only when asked (`policy.response_logprobs`); falsy when
+    nothing is. A new request is a field here, its `TokenStats` / `PolicyBatch` field, its
+    computation in `policy._token_stats` and its flag on `Regularizer`.
+
+    topk          k: the k most probable tokens' log-probs (`needs_topk`, the largest k asked)
+    min_p         kappa: the sampled tokens' log-probs under the min-p proxy (`needs_min_p`)
+    topp          (top_p, top_k): the nucleus entropy (`needs_topp_entropy`)
+    logit_scales  (s_1, ...): the sampled tokens' log-probs under scaled logits (`needs_logit_scales`)
+    clamp_p       the clamped entropy's left-out fraction (`needs_clamped_entropy`)
+    """
+
+    topk: int = _asked(0, "needs_topk", int, "topk_logp", "k (how many candidates, >= 1)")
+    min_p: float = _asked(0.0, "needs_min_p", float, "proxy_logp", "the proxy's threshold (in (0, 1])",
+                          "min-p proxies of different thresholds ({asking}): the training forward computes one; "
+                          "give them the same min_p")
+    topp: tuple[float, int] | None = _asked(None, "needs_topp_entropy", tuple, "topp_entropy", "(top_p, top_k)",
+                                            "the entropy of different nuclei (top_p, top_k): {asking}; the training "
+                                            "forward computes one: give them the same top_p and top_k")
+    logit_scales: tuple[float, ...] = _asked((), "needs_logit_scales", tuple, "scaled_logp",
+                                             "the scales (s_1, ...), each > 0",
+                                             "log-probs under different logit scales: {asking}; the training forward "
+                                             "computes one set: give them the same scales")
+    clamp_p: float = _asked(0.0, "needs_clamped_entropy", float, "clamped_entropy",
+                            "the clamped fraction clamp_p (in (0, 1))",
+                            "clamped entropies of different clamp_p ({asking}): the training forward computes one; "
+                            "give them the same clamp_p")
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f.name) for f in fields(self))
+
+    @classmethod
+    def of(cls, regularizers: list) -> "ForwardAsks":
+        """The requests of `regularizers` (their `needs_*` flags) as one: the largest top-k, and each
+        other request the one value every regularizer that makes it asks for; different values are a
+        ValueError naming the regularizers and their values (the forward computes one)."""
+        asks = {}
+        for f in fields(cls):
+            flag, read, refusal = f.metadata["flag"], f.metadata["read"], f.metadata["refusal"]
+            if refusal is None:
+                asks[f.name] = max((read(getattr(r, flag)) for r in regularizers), default=f.default)
+                continue
+            asking = [(r.name, read(getattr(r, flag))) for r in regularizers if getattr(r, flag)]
+            if len({v for _, v in asking}) > 1:
+                shown = ", ".join(f"{name!r} {v if isinstance(v, tuple) else f'({v})'}" for name, v in asking)
+                raise ValueError("regularizers ask for " + refusal.format(asking=shown))
+            asks[f.name] = asking[0][1] if asking else f.default
+        return cls(**asks)
+
+    @staticmethod
+    def batch_flags() -> dict[str, tuple[str, str]]:
+        """{`PolicyBatch` field: (the `Regularizer` flag that asks it, what to set the flag to)}."""
+        return {f.metadata["stat"]: (f.metadata["flag"], f.metadata["hint"]) for f in fields(ForwardAsks)}
+
+
 class TokenStats(NamedTuple):
     """What one forward of the policy gives per response token (`policy.response_logprobs`, the
     learner's `_logprobs`): the log-probs, and each other field when asked, else None. The fields
@@ -84,14 +150,14 @@ class TokenStats(NamedTuple):
 
     logp         [n, T]      log-probs of the sampled tokens
     entropy      [n, T]      entropy of softmax(z / temperature) (`with_entropy`)
-    topk_logp    [n, T, k]   the k most probable tokens' log-probs (`topk` = k, SimKO's)
+    topk_logp    [n, T, k]   the k most probable tokens' log-probs (`ForwardAsks.topk` = k, SimKO's)
     top1         [n, T]      bool: the sampled token is the most probable (with `topk_logp`)
     proxy_logp   [n, T]      the sampled tokens' log-probs under the min-p proxy, detached
-                             (`min_p`, Lp-Reg's)
-    topp_entropy [n, T]      the nucleus entropy (`topp` = (top_p, top_k), SIREN's)
+                             (`ForwardAsks.min_p`, Lp-Reg's)
+    topp_entropy [n, T]      the nucleus entropy (`ForwardAsks.topp` = (top_p, top_k), SIREN's)
     scaled_logp  [n, T, S]   the sampled tokens' log-probs under the logits scaled by each of
-                             `logit_scales` (S of them, ERA's activation)
-    clamped_entropy [n, T]   the clamped entropy (`clamp_p`, AEnt's)
+                             `ForwardAsks.logit_scales` (S of them, ERA's activation)
+    clamped_entropy [n, T]   the clamped entropy (`ForwardAsks.clamp_p`, AEnt's)
     """
 
     logp: Tensor

@@ -11,7 +11,7 @@ import torch
 
 from lit_covrl.algorithms import token_logprobs, token_proxy_logprobs, token_topp_entropy
 from lit_covrl.regularizers import Regularizer
-from lit_covrl.types import TokenShaping
+from lit_covrl.types import ForwardAsks, TokenShaping
 
 F64 = torch.float64
 
@@ -81,7 +81,7 @@ def test_training_forward_fills_the_proxy_in_every_path(tiny_model_dir):
     nucleus = token_topp_entropy(logits, top_p=0.9, top_k=3, temperature=0.8)
     for fn in (response_logprobs, shared_prompt_logprobs):
         for topk, topp in ((0, None), (2, None), (0, (0.9, 3)), (2, (0.9, 3))):
-            kw = dict(temperature=0.8, chunk_size=5, topk=topk, min_p=0.8, topp=topp)
+            kw = dict(temperature=0.8, chunk_size=5, asks=ForwardAsks(topk=topk, min_p=0.8, topp=topp))
             if fn is shared_prompt_logprobs:
                 kw["always_split"] = True
             out = fn(model, ids, att, 6, **kw)
@@ -124,7 +124,7 @@ def test_training_forward_proxy_uses_the_rollout_temperature(tiny_model_dir):
     ids = torch.cat([torch.randint(1, V, (1, 5)).expand(4, 5), torch.randint(1, V, (4, 6))], 1)
     att = torch.ones_like(ids)
     for fn, extra in ((response_logprobs, {}), (shared_prompt_logprobs, {"always_split": True})):
-        out = fn(model, ids, att, 6, temperature=0.5, chunk_size=5, min_p=1e-30, **extra)
+        out = fn(model, ids, att, 6, temperature=0.5, chunk_size=5, asks=ForwardAsks(min_p=1e-30), **extra)
         plain = fn(model, ids, att, 6, temperature=0.5, chunk_size=5, **extra)
         at_one = fn(model, ids, att, 6, temperature=1.0, chunk_size=5, **extra)
         assert (plain.logp - at_one.logp).abs().max() > 1e-2  # the temperature matters here

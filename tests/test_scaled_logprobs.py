@@ -13,7 +13,7 @@ import torch
 from lit_covrl.algorithms import token_logprobs, token_scaled_logprobs
 from lit_covrl.regularizers import Regularizer
 from lit_covrl.regularizers.checks import check_stack
-from lit_covrl.types import TokenShaping
+from lit_covrl.types import ForwardAsks, TokenShaping
 
 F64 = torch.float64
 
@@ -95,8 +95,8 @@ def test_training_forward_fills_the_scaled_logprobs_in_every_path(tiny_model_dir
     assert plain.scaled_logp is None
     for fn, extra in ((response_logprobs, {}), (shared_prompt_logprobs, {"always_split": True})):
         for topk, min_p in ((0, 0.0), (2, 0.1)):
-            out = fn(model, ids, att, 6, temperature=0.6, chunk_size=5, topk=topk, min_p=min_p,
-                     logit_scales=(2.0, 0.5), **extra)
+            out = fn(model, ids, att, 6, temperature=0.6, chunk_size=5,
+                     asks=ForwardAsks(topk=topk, min_p=min_p, logit_scales=(2.0, 0.5)), **extra)
             if fn is response_logprobs:
                 assert torch.equal(out.logp, plain.logp)
             torch.testing.assert_close(out.scaled_logp.double(), naive, rtol=1e-5, atol=1e-5)

@@ -484,7 +484,7 @@ def _policy_forwards(tiny_model_dir, monkeypatch, regs, **update):
 
     def counting(self, ids, att, T, with_entropy, model=None, **kw):
         if model is None or model is self.policy:
-            calls[(torch.is_grad_enabled(), with_entropy, kw.get("topp") is not None)] += 1
+            calls[(torch.is_grad_enabled(), with_entropy, getattr(kw.get("asks"), "topp", None) is not None)] += 1
         return forward(self, ids, att, T, with_entropy, model=model, **kw)
 
     monkeypatch.setattr(Learner, "_logprobs", counting)

@@ -197,6 +197,8 @@ class Regularizer(Callback):
     needs_reference: bool = False  # module loads and runs the reference model only if asked
     needs_current_logp: bool = False  # module provides ctx.logp of the current policy
     needs_current_entropy: bool = False  # module provides ctx.entropy of the current policy
+    # needs_topk ... needs_clamped_entropy: requests to the training forward, gathered by `types.ForwardAsks.of`
+    # (a new request: a field of ForwardAsks naming its flag)
     needs_topk: int = 0  # k > 0: module fills batch.topk_logp [n, T, k] (with grad) and batch.top1 in `shape`
     needs_min_p: float = 0.0  # kappa > 0: module fills batch.proxy_logp [n, T] (min-p proxy, detached) in `shape`
     # (top_p, top_k): module fills ctx.topp_entropy (detached) in `prepare` and batch.topp_entropy

@@ -9,6 +9,7 @@ import math
 from typing import TYPE_CHECKING
 
 from lit_covrl.regularizers.schedules import Schedule
+from lit_covrl.types import ForwardAsks
 
 if TYPE_CHECKING:
     from lit_covrl.regularizers.base import Regularizer
@@ -36,7 +37,8 @@ def check_stack(regularizers: list[Regularizer]) -> None:
     advantage (each keeps |shift| < |A| on its own, so A never flips sign; two shifts add up and can
     flip it: two EntropyAdvantage with kappa 1.5 turn negative advantages positive) and at most one
     that sets a per-token clip range (a token has one clip range: two would have to be merged by a
-    rule neither defines)."""
+    rule neither defines), and one value of each request of the training forward (`ForwardAsks.of`:
+    two regularizers asking for different min-p thresholds, nuclei, logit scales or clamp_p)."""
     for reg in regularizers:
         reg._check_initialized()
     check_unique_names(regularizers)
@@ -46,26 +48,7 @@ def check_stack(regularizers: list[Regularizer]) -> None:
             f"{len(shifting)} regularizers shift the advantage ({', '.join(repr(r.name) for r in shifting)}): "
             "their shifts add up and can flip the advantage's sign; keep one (raise its alpha instead)"
         )
-    thresholds = sorted({float(r.needs_min_p) for r in regularizers if r.needs_min_p})
-    if len(thresholds) > 1:
-        asking = ", ".join(f"{r.name!r} ({r.needs_min_p})" for r in regularizers if r.needs_min_p)
-        raise ValueError(f"regularizers ask for min-p proxies of different thresholds ({asking}): the training "
-                         "forward computes one; give them the same min_p")
-    clamps = sorted({float(r.needs_clamped_entropy) for r in regularizers if r.needs_clamped_entropy})
-    if len(clamps) > 1:
-        asking = ", ".join(f"{r.name!r} ({r.needs_clamped_entropy})" for r in regularizers if r.needs_clamped_entropy)
-        raise ValueError(f"regularizers ask for clamped entropies of different clamp_p ({asking}): the training "
-                         "forward computes one; give them the same clamp_p")
-    nuclei = {tuple(r.needs_topp_entropy) for r in regularizers if r.needs_topp_entropy}
-    if len(nuclei) > 1:
-        asking = [f"{r.name!r} {tuple(r.needs_topp_entropy)}" for r in regularizers if r.needs_topp_entropy]
-        raise ValueError(f"regularizers ask for the entropy of different nuclei (top_p, top_k): {', '.join(asking)}; "
-                         "the training forward computes one: give them the same top_p and top_k")
-    scales = {tuple(r.needs_logit_scales) for r in regularizers if r.needs_logit_scales}
-    if len(scales) > 1:
-        asking = [f"{r.name!r} {tuple(r.needs_logit_scales)}" for r in regularizers if r.needs_logit_scales]
-        raise ValueError(f"regularizers ask for log-probs under different logit scales: {', '.join(asking)}; the "
-                         "training forward computes one set: give them the same scales")
+    ForwardAsks.of(regularizers)  # one request of each kind for the training forward, else refused
     clipping = [r for r in regularizers if r.sets_clip_range]
     if len(clipping) > 1:
         raise ValueError(
