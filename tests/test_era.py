@@ -1,10 +1,12 @@
 """ERA (Kang et al. 2025, arXiv 2510.08549; nothingbutbut/era ERA-LLM): the response entropy, the
 modes and the advantage scale by hand; the composed loss's value and gradient against a float64
-loop of the reference code's `era` loss mode (dp_actor.py: the top-20 % entropy mean per
-response, logits times k or over k on positive responses, the old log-probs recomputed under the
-activation, advantages scaled inversely, verl's dual-clip PPO loss, token-mean) on policy, for
-micro-batches of 1, 4 and all rows; off policy against the paper's objective with the raw ratio
-(and unlike the reference's activated ratio); start-up validation; module fits (inert thresholds
+loop of the paper's objective written as the reference code's `era` loss mode (dp_actor.py: the
+top-20 % entropy mean per response, logits times k or over k on positive-advantage tokens, the
+old log-probs recomputed under the activation, advantages scaled inversely, verl's dual-clip PPO
+loss, token-mean) with the float advantage deciding, on policy, for micro-batches of 1, 4 and all
+rows; the reference as written (its activation reads the advantage truncated to an integer)
+differs on advantages in (0, 1), on purpose; off policy against the paper's objective with the
+raw ratio (and unlike the reference's activated ratio); start-up validation; module fits (inert thresholds
 are plain GRPO to the bit, active ones move the weights) and a fit through the CLI whose tags
 move. The scaled log-probs themselves: tests/test_scaled_logprobs.py."""
 from __future__ import annotations
@@ -107,36 +109,41 @@ def _ours(z, old_z, labels, mask, adv, objective, reg, rows_per_micro=None, on_p
     return total.detach(), grad
 
 
-def _reference_loop(z, old_z, labels, mask, adv, *, low, high, k, adv_scale, clip_low, clip_high, clip_c):
-    """The reference's `era` loss mode in float64, one response at a time: H_resp the mean of the
-    top int(0.2 L) (at least 1) entropies of softmax(z); on responses with A > 0 the logits times k
-    (H_resp < low) or over k (H_resp > high), the log-prob of the activated softmax; the old
-    log-prob likewise from the old logits and the old entropies' decision (compute_log_prob with
-    apply_era); A / k, resp. k A with adv_scale; verl's compute_policy_loss (dual-clip c on A < 0),
-    token-mean."""
+def _objective_loop(z, old_z, labels, mask, adv, *, low, high, k, adv_scale, clip_low, clip_high, clip_c,
+                    int_gate=False):
+    """The paper's objective written as the reference's `era` loss mode, in float64, one token at a
+    time: H_resp the mean of the top int(0.2 L) (at least 1) entropies of softmax(z); on the tokens
+    with A_t > 0 of a response with H_resp < low the logits times k, with H_resp > high over k, the
+    log-prob of the activated softmax; the old log-prob likewise from the old logits and the old
+    entropies' decision (compute_log_prob with apply_era); A / k, resp. k A with adv_scale on the
+    responses whose first token's A > 0 (update_policy); verl's compute_policy_loss (dual-clip c
+    on A < 0), token-mean. `int_gate`: the reference code as written, whose activation reads each
+    token's advantage truncated toward 0 (its int64 `advantages_pad`), so only A_t >= 1 activates."""
     zz = z.clone().requires_grad_(True)
     n, T, _ = z.shape
     losses = []
 
-    def activated(logits, row, a0):
+    def factors(logits, row):
         p = torch.softmax(logits[row].detach(), -1)
         ent = [-(p[t] * p[t].log()).sum().item() for t in range(T) if mask[row, t] > 0]
         top = sorted(ent, reverse=True)[:max(1, int(0.2 * len(ent)))]
         h = sum(top) / len(top)
-        factor = k if (h < low and a0 > 0) else (1 / k if (h > high and a0 > 0) else 1.0)
-        return torch.log_softmax(logits[row] * factor, -1), factor
+        mode = k if h < low else (1 / k if h > high else 1.0)
+        gate = [int(a) if int_gate else a for a in adv[row].tolist()]
+        return mode, [mode if g > 0 else 1.0 for g in gate]
 
     for i in range(n):
-        a0 = float(adv[i, 0])
-        ls, factor = activated(zz, i, a0)
-        old_ls, _ = activated(old_z, i, a0)
-        a_scale = (1 / factor if adv_scale else 1.0)  # A / k where k z, k A where z / k
+        mode, fac = factors(zz, i)
+        _, old_fac = factors(old_z, i)
+        a_scale = 1 / mode if (adv_scale and float(adv[i, 0]) > 0) else 1.0  # A / k where k z, k A where z / k
         for t in range(T):
             if mask[i, t] == 0:
                 continue
             y = int(labels[i, t])
             a = float(adv[i, t]) * a_scale
-            ratio = torch.exp((ls[t, y] - old_ls[t, y].detach()).clamp(-20, 20))
+            lp = torch.log_softmax(zz[i, t] * fac[t], -1)[y]
+            old_lp = torch.log_softmax(old_z[i, t] * old_fac[t], -1)[y]
+            ratio = torch.exp((lp - old_lp.detach()).clamp(-20, 20))
             l1 = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_low, 1 + clip_high))
             losses.append(torch.minimum(l1, torch.tensor(-a * clip_c, dtype=F64)) if a < 0 else l1)
     loss = sum(losses) / len(losses)
@@ -145,13 +152,13 @@ def _reference_loop(z, old_z, labels, mask, adv, *, low, high, k, adv_scale, cli
 
 
 @pytest.mark.parametrize("adv_scale", [True, False])
-def test_loss_and_gradient_match_the_reference_loop_on_policy(adv_scale):
+def test_loss_and_gradient_match_the_objective_loop_on_policy(adv_scale):
     """On policy (the recipes' single update per rollout) with the recipe's clip range (1.0 / 1.0,
     clip_ratio_c 10): PPOClip + ERA's aggregated loss and its gradient w.r.t. the logits equal the
     reference's for micro-batches of 1, 4 and all rows; the two modes act on one response each."""
     z, _, labels, mask, adv = _problem()
     kw = dict(low=LOW, high=HIGH, k=2.0, adv_scale=adv_scale, clip_low=1.0, clip_high=1.0, clip_c=10.0)
-    ref_loss, ref_grad = _reference_loop(z, z, labels, mask, adv, **kw)
+    ref_loss, ref_grad = _objective_loop(z, z, labels, mask, adv, **kw)
     obj = PPOClip(clip_low=1.0, clip_high=1.0, dual_clip=10.0)
     for micro in (1, 4, None):
         reg = ERA(low=LOW, high=HIGH, k=2.0, scale_advantages=adv_scale)
@@ -163,6 +170,38 @@ def test_loss_and_gradient_match_the_reference_loop_on_policy(adv_scale):
         assert m["reg/era/low_frac"] == pytest.approx(1 / 6) and m["reg/era/high_frac"] == pytest.approx(1 / 6)
     plain_loss, plain_grad = _ours(z, z, labels, mask, adv, obj, ERA(low=0.0, high=1e9))
     assert (grad - plain_grad).abs().max() > 1e-3  # the activation moved the gradient
+
+
+def test_positive_advantages_below_one_are_activated_unlike_the_reference_code():
+    """A deliberate difference: ERA activates every A_t > 0 token (the paper's objective), where the
+    reference code's activation reads the advantage truncated to an integer (an int64 buffer) and so
+    only rescales a response with A in (0, 1). On _problem (positive A 0.9 sharpened, 0.6 flattened,
+    0.7 and 0.4 between the thresholds) the reference as written is plain GRPO with the advantage
+    scaled (A / 2 on response 0, 2 A on response 3); ours moves those two responses' gradient off
+    that. With A 1.5 on response 0 the reference activates it too and agrees there."""
+    z, _, labels, mask, adv = _problem()
+    kw = dict(low=LOW, high=HIGH, k=2.0, adv_scale=True, clip_low=1.0, clip_high=1.0, clip_c=10.0)
+    obj = PPOClip(clip_low=1.0, clip_high=1.0, dual_clip=10.0)
+    _, grad = _ours(z, z, labels, mask, adv, obj, ERA(low=LOW, high=HIGH, k=2.0))
+    _, plain = _ours(z, z, labels, mask, adv, obj, ERA(low=0.0, high=1e9))
+    _, paper = _objective_loop(z, z, labels, mask, adv, **kw)
+    _, as_written = _objective_loop(z, z, labels, mask, adv, int_gate=True, **kw)
+    torch.testing.assert_close(grad, paper, rtol=1e-9, atol=1e-12)
+    rescaled = plain.clone()
+    rescaled[0] /= 2
+    rescaled[3] *= 2
+    torch.testing.assert_close(as_written, rescaled, rtol=1e-9, atol=1e-12)  # nothing activated there
+    for i in (1, 2, 4, 5):
+        torch.testing.assert_close(grad[i], rescaled[i], rtol=1e-9, atol=1e-12)
+    for i in (0, 3):  # activated: A' (e_y - softmax(k z)) resp. A' (e_y - softmax(z / k)), not A' (e_y - softmax(z))
+        assert (grad[i] - rescaled[i]).norm() > 0.1 * rescaled[i].norm()
+    assert (grad - as_written).norm() > 0.1 * as_written.norm()
+
+    adv[0] *= 1.5 / 0.9  # A = 1.5 truncates to 1: the reference activates response 0 as well
+    _, grad = _ours(z, z, labels, mask, adv, obj, ERA(low=LOW, high=HIGH, k=2.0))
+    _, as_written = _objective_loop(z, z, labels, mask, adv, int_gate=True, **kw)
+    torch.testing.assert_close(as_written[0], grad[0], rtol=1e-9, atol=1e-12)
+    assert (grad[3] - as_written[3]).norm() > 0.1 * as_written[3].norm()
 
 
 def test_off_policy_ratio_is_the_raw_policys():
@@ -199,7 +238,7 @@ def test_off_policy_ratio_is_the_raw_policys():
     (oracle_grad,) = torch.autograd.grad(oracle, zz)
     assert loss.item() == pytest.approx(float(oracle.detach()), rel=1e-10)
     torch.testing.assert_close(grad, oracle_grad, rtol=1e-9, atol=1e-12)
-    _, ref_grad = _reference_loop(z, old, labels, mask, adv, low=LOW, high=HIGH, k=2.0, adv_scale=True, clip_low=0.2,
+    _, ref_grad = _objective_loop(z, old, labels, mask, adv, low=LOW, high=HIGH, k=2.0, adv_scale=True, clip_low=0.2,
                                   clip_high=0.2, clip_c=1e9)
     assert (grad - ref_grad).abs().max() > 1e-4
 

@@ -15,6 +15,9 @@ response's entropy H_resp (the mean of its top `top_frac` token entropies):
 The loss reads log softmax(z')(y) in place of log pi(y), and the advantage of a modified token is
 scaled inversely (A / k where sharpened, k A where flattened) so that the gradient keeps its size
 (d log softmax(k z)[y] / dz = k (e_y - softmax(k z))). Tokens are sampled from the raw policy.
+"A_t > 0" is the float advantage of each token, the paper's objective: the reference code's
+activation reads the advantage after an int64 buffer has truncated it toward 0, so it activates
+only A_t >= 1 (and still scales every A > 0 response's advantage), a flaw not repeated here.
 Shapes: [n, T] tokens of n responses, `mask` the valid ones.
 """
 from __future__ import annotations
@@ -41,7 +44,8 @@ def era_response_entropy(entropy: Tensor, mask: Tensor, *, top_frac: float = 0.2
 
 def era_modes(h_resp: Tensor, advantages: Tensor, mask: Tensor, *, low: float, high: float) -> tuple[Tensor, Tensor]:
     """(sharpened [n, T], flattened [n, T]) bool: the valid A_t > 0 tokens of the responses whose
-    H_resp is below `low`, resp. above `high` (strictly, as the reference)."""
+    H_resp is below `low`, resp. above `high` (strictly, as the reference); A_t > 0 in float (the
+    reference's activation: its advantage truncated to an integer, >= 1)."""
     positive = (advantages > 0) & (mask > 0)
     return positive & (h_resp < low)[:, None], positive & (h_resp > high)[:, None]
 

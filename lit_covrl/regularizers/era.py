@@ -28,9 +28,15 @@ Where we differ from the reference code: the ratio is the raw policy's, pi / pi_
 reference recomputes the old log-probs under the activation (with the old policy's entropy
 deciding) and takes pi' / pi'_old: the same on an update on policy (the recipes': one update per
 rollout, ratio 1, and the same decision), and off policy ours is the importance weight of the
-paper's objective E_{a ~ pi}[A' log pi'(a)] for samples of the raw pi_old. The recipes' `topk`
-log-probs (softmax renormalised over the 20 largest logits, for every token, ERA's or not) are
-left out.
+paper's objective E_{a ~ pi}[A' log pi'(a)] for samples of the raw pi_old. The activation and the
+advantage scale both act on every valid token with A_t > 0, the paper's objective, on purpose: the
+reference scales the advantage of the responses whose first token's float advantage is > 0, but
+activates only the tokens whose advantage truncates to >= 1 (it is copied into an int64 buffer,
+`advantages_pad = torch.zeros_like(input_ids)`), so a positive advantage in (0, 1) is rescaled
+there and not activated (with verl's GRPO advantages over 8 samples, the positive responses of
+every group with 4 or more correct; with advantages below 1 in size, every response). The recipes'
+`topk` log-probs (softmax renormalised over the 20 largest logits, for every token, ERA's or not)
+are left out.
 """
 from __future__ import annotations
 
