@@ -93,11 +93,12 @@ def test_coefficient_step_by_hand():
 
 
 def _reference_coefs(coef, entropies, *, low, high, lr, box, warmup):
-    """The AReaL port's update after each step (recipe/AEnt/actor.py), in plain floats."""
+    """antgroup/AEnt's update at the end of each step (recipe/aent/ray_aent_trainer.py `fit`, verl's
+    global_steps from 1, entropy_coeff_reg 0), in plain floats."""
     out = []
-    for step, h in enumerate(entropies):
+    for global_steps, h in enumerate(entropies, start=1):
         out.append(coef)  # applied in this step
-        if step > warmup:
+        if warmup <= global_steps:
             coef -= lr * (min(0, h - low) + max(0, h - high))
             coef = min(max(coef, box[0]), box[1])
     return out
@@ -114,30 +115,38 @@ def _step(reg: AEnt, step: int, h: torch.Tensor, mask: torch.Tensor) -> tuple[di
 def test_controller_follows_the_reference_update_after_warmup():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     levels = [0.01, 0.5, 0.02, 0.1, 0.9, 0.0, 0.3]
-    reg = AEnt(init_coef=2e-4, warmup_steps=2, coef_lr=0.01)
-    seen = []
+    band = dict(entropy_low=0.05, entropy_high=0.23, min_coef=1e-5, max_coef=3e-3)
+    reg = AEnt(init_coef=2e-4, warmup_steps=2, coef_lr=0.01, **band)
+    seen, measured = [], []
     for step, level in enumerate(levels):
         h = torch.full((2, 3), level)
         h[0, 2] = 100.0  # outside the mask: not measured
         metrics, shaping = _step(reg, step, h, mask)
         assert metrics["reg/aent/clamped_entropy"] == pytest.approx(level)
         seen.append(metrics["reg/aent/coef"])
+        measured.append(metrics["reg/aent/clamped_entropy"])  # the float32 level
         torch.testing.assert_close(shaping.penalty, -seen[-1] * h)  # the coefficient applied this step
-    expected = _reference_coefs(2e-4, levels, low=0.05, high=0.23, lr=0.01, box=(1e-5, 3e-3), warmup=2)
+    expected = _reference_coefs(2e-4, measured, low=0.05, high=0.23, lr=0.01, box=(1e-5, 3e-3), warmup=2)
     assert seen == pytest.approx(expected, rel=1e-12)
-    # steps 0-2 warm up (step 2's low entropy moves nothing), step 3's is inside the band; step 4's
-    # pushes the coefficient to the box's floor, step 5's lifts it by 0.01 x 0.05
-    assert seen[:5] == [2e-4] * 5 and seen[5:] == pytest.approx([1e-5, 1e-5 + 5e-4], rel=1e-12)
+    # warmup_steps 2: step 0 (global step 1) warms up, its low entropy moves nothing; step 1's pushes
+    # the coefficient to the box's floor, step 2's lifts it by 0.01 x 0.03, step 3's is inside the
+    # band, step 4's pushes it to the floor again and step 5's lifts it by 0.01 x 0.05
+    assert seen == pytest.approx([2e-4, 2e-4, 1e-5, 3.1e-4, 3.1e-4, 1e-5, 5.1e-4], rel=1e-6)
+    # the first step that applies a moved coefficient: max(warmup_steps, 1) (0-based), the entropy 0 below the band
+    for warmup, first in ((0, 1), (1, 1), (2, 2), (30, 30)):
+        reg = AEnt(init_coef=2e-4, warmup_steps=warmup, **band)
+        coefs = [_step(reg, step, torch.zeros(2, 3), mask)[0]["reg/aent/coef"] for step in range(first + 1)]
+        assert coefs[:first] == [2e-4] * first and coefs[first] > 2e-4, warmup
     fixed = AEnt(adaptive=False, warmup_steps=0)
     for step, level in enumerate(levels):
         metrics, _ = _step(fixed, step, torch.full((2, 3), level), mask)
-        assert metrics["reg/aent/coef"] == 2e-4
+        assert metrics["reg/aent/coef"] == 2e-3
 
 
 def test_a_step_that_trained_on_nothing_moves_nothing():
     reg = AEnt(warmup_steps=0)
     reg.prepare(MiniBatchContext(5, 0, True, *[torch.zeros(0, 3)] * 4, None))
-    assert "reg/aent/clamped_entropy" not in reg.pop_metrics() and reg.coef == 2e-4
+    assert "reg/aent/clamped_entropy" not in reg.pop_metrics() and reg.coef == 2e-3
     # and an unshaped step with an init_coef of 0 adds no term
     zero = AEnt(init_coef=0.0, adaptive=False)
     _, shaping = _step(zero, 0, torch.ones(1, 2), torch.ones(1, 2))
@@ -149,15 +158,15 @@ def test_micro_batches_add_up_to_the_whole():
     mean; the penalty aggregates like the loss in every mode."""
     g = torch.Generator().manual_seed(2)
     h, mask = torch.rand(6, 5, generator=g) * 2, (torch.rand(6, 5, generator=g) > 0.3).float()
-    whole, parts = AEnt(warmup_steps=0), AEnt(warmup_steps=0)
+    whole, parts = AEnt(warmup_steps=0, coef_lr=1e-3), AEnt(warmup_steps=0, coef_lr=1e-3)
     zeros = torch.zeros(6, 5)
     for reg, splits in ((whole, [torch.arange(6)]), (parts, [torch.arange(0, 1), torch.arange(1, 4), torch.arange(4, 6)])):
-        reg.prepare(MiniBatchContext(1, 0, True, zeros, zeros, zeros, mask, None))  # step 1 > warmup_steps 0
+        reg.prepare(MiniBatchContext(1, 0, True, zeros, zeros, zeros, mask, None))  # warmup_steps 0: moves every step
         for r in splits:
             reg.shape(PolicyBatch(r, zeros[r], zeros[r], zeros[r], mask[r], clamped_entropy=h[r]))
     a, b = whole.pop_metrics(), parts.pop_metrics()
     assert a == pytest.approx(b, rel=1e-12) and a["reg/aent/clamped_entropy"] == pytest.approx(float((h * mask).sum() / mask.sum()))
-    assert whole.coef == parts.coef != 2e-4
+    assert whole.coef == parts.coef != 2e-3
     for mode in AGG_MODES:
         s = AEnt(init_coef=0.3).shape(PolicyBatch(torch.arange(6), zeros, zeros, zeros, mask, clamped_entropy=h))
         ref = -0.3 * aggregate(h, mask, mode, norm_length=5)
@@ -166,28 +175,28 @@ def test_micro_batches_add_up_to_the_whole():
 
 def test_state_round_trip_and_settings_refused():
     reg = AEnt()
-    assert reg.state_dict() == {"coef": 2e-4}
+    assert reg.state_dict() == {"coef": 2e-3}
     reg.load_state_dict({"coef": 0.0025})
-    assert reg.coef == 0.0025 and reg.init_coef == 2e-4
+    assert reg.coef == 0.0025 and reg.init_coef == 2e-3
     bad = {
         "init_coef": (-1e-4, "AEnt.init_coef=-0.0001 is invalid: must be a finite number >= 0"),
         "clamp_p": (1.0, "AEnt.clamp_p=1.0 is invalid: must be a finite number in [0, 1)"),
         "adaptive": ("yes", "AEnt.adaptive='yes' is invalid: must be true or false"),
         "entropy_low": (math.nan, "AEnt.entropy_low=nan is invalid: must be a finite number >= 0"),
-        "entropy_high": (0.01, "AEnt.entropy_high=0.01 is invalid: must be a finite number >= entropy_low (0.05)"),
+        "entropy_high": (0.01, "AEnt.entropy_high=0.01 is invalid: must be a finite number >= entropy_low (0.15)"),
         "coef_lr": (math.inf, "AEnt.coef_lr=inf is invalid: must be a finite number >= 0"),
         "min_coef": (True, "AEnt.min_coef=True is invalid: must be a finite number >= 0"),
-        "max_coef": (1e-6, "AEnt.max_coef=1e-06 is invalid: must be a finite number >= min_coef (1e-05)"),
+        "max_coef": (1e-6, "AEnt.max_coef=1e-06 is invalid: must be a finite number >= min_coef (0.0006)"),
         "warmup_steps": (2.5, "AEnt.warmup_steps=2.5 is invalid: must be an integer >= 0"),
     }
     for field, (value, message) in bad.items():
         with pytest.raises(ValueError) as err:
             AEnt(**{field: value})
         assert str(err.value) == message
-    assert AEnt().needs_clamped_entropy == 0.3 and not AEnt().needs_entropy
+    assert AEnt().needs_clamped_entropy == 0.33 and not AEnt().needs_entropy
     plain = AEnt(clamp_p=0.0)  # clamp_p 0: the plain entropy, from the forward's entropy
     assert plain.needs_clamped_entropy == 0.0 and plain.needs_entropy
-    with pytest.raises(ValueError, match=r"different clamp_p \('aent' \(0.3\), 'aent_2' \(0.4\)\)"):
+    with pytest.raises(ValueError, match=r"different clamp_p \('aent' \(0.33\), 'aent_2' \(0.4\)\)"):
         check_stack([AEnt(), AEnt(clamp_p=0.4, name="aent_2")])
     check_stack([AEnt(), AEnt(name="aent_2", init_coef=0.1)])  # the same clamp_p: one forward serves both
 
@@ -257,8 +266,9 @@ class _Steps(Callback):
 
 def _aent_fit(tiny_model_dir, micro, steps=3, **overrides):
     """`steps` RL steps of 4 updates each (2 mini-batches x 2 epochs) with AEnt acting (a large
-    coefficient) and its controller moving after every step from step 1 on (warmup_steps 0: the
-    reference moves it after steps k > 0; a band far above the tiny model's clamped entropy):
+    coefficient) and its controller moving after every step from step 1 on (warmup_steps 2: the
+    reference moves it from its global step 2 on, step 1 counted from 0; a band far above the tiny
+    model's clamped entropy):
     (weights, every step's metrics by trainer.global_step, 1 for step 0)."""
     from tests.helpers import fit
     from tests.test_module import make_data, make_module
@@ -269,7 +279,7 @@ def _aent_fit(tiny_model_dir, micro, steps=3, **overrides):
                          update=dict(micro_batch_size=micro, mini_batch_size=2, ppo_epochs=2, grad_clip=None),
                          **overrides)
     reg = AEnt(init_coef=0.2, clamp_p=0.3, entropy_low=5.0, entropy_high=6.0, coef_lr=0.1, max_coef=1.0,
-               warmup_steps=0)
+               warmup_steps=2)
     fit(module, make_data(), steps=steps, callbacks=[reg, rec], limit_val_batches=0)
     return {k: v.detach().clone() for k, v in module.policy.state_dict().items()}, rec.steps
 
@@ -310,13 +320,13 @@ def test_aent_fit_is_the_same_with_shared_prompt_on_and_off(tiny_model_dir):
 
 def test_aent_coefficient_resumes_exactly(tiny_model_dir, tmp_path):
     """AEnt's coefficient travels in the checkpoint: a band far above the clamped entropy makes it
-    grow after every step from step 1 on, so a resume that restarted it from init_coef would apply
-    0.001 at step 2."""
+    grow after every step from step 1 on (warmup_steps 2: the reference's global step 2), so a
+    resume that restarted it from init_coef would apply 0.001 at step 2."""
     from tests.test_module import make_data, make_module
     from tests.test_resume import _series, _trainer
 
     def regs():
-        return [AEnt(init_coef=1e-3, entropy_low=50.0, entropy_high=60.0, coef_lr=1e-3, max_coef=1.0, warmup_steps=0)]
+        return [AEnt(init_coef=1e-3, entropy_low=50.0, entropy_high=60.0, coef_lr=1e-3, max_coef=1.0, warmup_steps=2)]
 
     compared = ["reg/aent/coef", "reg/aent/clamped_entropy", "reg/aent/loss", "policy/loss", "policy/grad_norm"]
     _trainer(tmp_path / "full", 4, regs()).fit(make_module(tiny_model_dir), make_data())
@@ -348,20 +358,19 @@ def test_reading_the_clamped_entropy_without_asking_names_the_flag(tiny_model_di
 
 
 def test_aent_config_runs_through_the_cli(tmp_path):
-    """configs/cpu/aent.yaml on the quickstart through `lit-covrl fit` (no warm-up and a larger
-    coefficient on the command line, so that the tiny model's term and controller act in 3 steps):
+    """configs/cpu/aent.yaml on the quickstart through `lit-covrl fit` (warmup_steps 1 on the command
+    line: the coefficient moves after every step from the first, so the controller acts in 3 steps):
     AEnt is built from the YAML, its tags are written every step, the term acts and the
-    coefficient moves down (the tiny model's clamped entropy is far above the 0.23 band)."""
+    coefficient moves down (the tiny model's clamped entropy is far above the 0.24 band)."""
     from tests.helpers import cli_fit_tags
 
-    tags = cli_fit_tags(tmp_path, "configs/cpu/aent.yaml", "--trainer.callbacks.init_args.warmup_steps", "0",
-                        "--trainer.callbacks.init_args.init_coef", "0.002")
+    tags = cli_fit_tags(tmp_path, "configs/cpu/aent.yaml", "--trainer.callbacks.init_args.warmup_steps", "1")
     keys = {"reg/aent/coef", "reg/aent/clamped_entropy", "reg/aent/loss"}
     assert keys <= set(tags)
     assert all(len(tags[k]) == 3 for k in keys)
-    assert tags["reg/aent/coef"][:2] == pytest.approx([0.002, 0.002])  # moved after steps k > 0 only
-    assert tags["reg/aent/coef"][2] < 0.002
-    assert all(h > 0.23 for h in tags["reg/aent/clamped_entropy"]) and all(v < 0 for v in tags["reg/aent/loss"])
+    assert tags["reg/aent/coef"][0] == pytest.approx(0.002)  # the YAML's init_coef, moved after step 0 on
+    assert 6e-4 <= tags["reg/aent/coef"][2] <= tags["reg/aent/coef"][1] < 0.002
+    assert all(h > 0.24 for h in tags["reg/aent/clamped_entropy"]) and all(v < 0 for v in tags["reg/aent/loss"])
 
 
 def test_a_bad_setting_is_refused_at_start_up_naming_the_field(tmp_path, capsys):

@@ -117,11 +117,11 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
         (era,) = regs
         assert (era.low, era.high, era.k, era.top_frac, era.scale_advantages) == (0.45, 3.0, 2.0, 0.2, True)
         assert era.needs_logit_scales == (2.0, 0.5) and type(cli.model.objective).__name__ == "PPOClip"
-    if name.endswith("aent.yaml"):  # antgroup/AEnt's init_coef / clamp_p, the AReaL port's controller
+    if name.endswith("aent.yaml"):  # the author's MATH run (antgroup/AEnt, recipe/aent/run_aent_math.sh)
         (aent,) = regs
-        assert (aent.init_coef, aent.clamp_p, aent.needs_clamped_entropy, aent.adaptive) == (2e-4, 0.3, 0.3, True)
-        assert (aent.entropy_low, aent.entropy_high, aent.coef_lr) == (0.05, 0.23, 1e-3)
-        assert (aent.min_coef, aent.max_coef, aent.warmup_steps, aent.needs_entropy) == (1e-5, 3e-3, 29, False)
+        assert (aent.init_coef, aent.clamp_p, aent.needs_clamped_entropy, aent.adaptive) == (2e-3, 0.33, 0.33, True)
+        assert (aent.entropy_low, aent.entropy_high, aent.coef_lr) == (0.15, 0.24, 2e-3)
+        assert (aent.min_coef, aent.max_coef, aent.warmup_steps, aent.needs_entropy) == (6e-4, 9e-3, 30, False)
     if name.endswith("qae.yaml"):
         assert cli.model.settings.loss.baseline_quantile == 0.4 and cli.model.settings.loss.advantage == "grpo"
     if name.endswith("passk.yaml"):  # k of the paper's main setting, below the testbeds' group size 8

@@ -156,8 +156,10 @@ def adaptive_entropy_coef(
 
 def aent_coef(coef: float, entropy: float, *, low: float, high: float, lr: float, min_coef: float,
               max_coef: float) -> float:
-    """AEnt's next coefficient (Shen 2025; the author's AReaL recipe, recipe/AEnt/actor.py): a
-    projected step on the clamped entropy's distance to the band [low, high],
+    """AEnt's next coefficient (Shen 2025; the author's verl recipe antgroup/AEnt,
+    recipe/aent/ray_aent_trainer.py, without its optional L2 term entropy_coeff_reg, 0 in its runs;
+    the AReaL port's recipe/AEnt/actor.py takes the same step): a projected step on the clamped
+    entropy's distance to the band [low, high],
         coef - lr * (min(0, entropy - low) + max(0, entropy - high)),
     clamped to [min_coef, max_coef]: up by lr (low - entropy) below the band, down by
     lr (entropy - high) above it, unchanged (but clamped) inside it."""
