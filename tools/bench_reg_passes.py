@@ -1,4 +1,5 @@
-"""CPU cost of Lp-Reg's min-p proxy pass and SIREN's nucleus-entropy pass on the training forward.
+"""CPU cost of the extra passes regularizers ask of the training forward: Lp-Reg's min-p proxy,
+SIREN's nucleus entropy, ERA's scaled log-probs and AEnt's clamped entropy.
 
     python tools/bench_reg_passes.py [--reps 9] [--model lit_covrl:tiny-reasoning]
 
@@ -10,8 +11,9 @@ updates each, median of `--reps`. Then the passes alone on that update's logits 
 `token_logprobs` (the forward's own log-probs, for scale), `token_proxy_logprobs` (no grad) and
 `token_topp_entropy` (forward + backward), each against the passes over the valid (response-mask)
 rows only; with `--pass-vocab V` the passes alone on random logits of a V-token vocabulary (their
-cost grows with V, the tiny model's V is 19; `--logit-scale LO HI` sets how peaked those rows are). Times are process CPU time (one thread), so that
-other load on a shared machine does not count.
+cost grows with V, the tiny model's V is 19; `--logit-scale LO HI` sets how peaked those rows are),
+ERA's and AEnt's and the full entropy's too. Times are process CPU time (one thread), so that other
+load on a shared machine does not count.
 """
 from __future__ import annotations
 
@@ -25,7 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from lit_covrl.algorithms import token_entropy, token_logprobs, token_proxy_logprobs, token_topp_entropy  # noqa: E402
+from lit_covrl.algorithms import (  # noqa: E402
+    token_clamped_entropy,
+    token_entropy,
+    token_logprobs,
+    token_proxy_logprobs,
+    token_scaled_logprobs,
+    token_topp_entropy,
+)
 from lit_covrl.learner import Learner, LearnerSettings  # noqa: E402
 from lit_covrl.objectives import PPOClip  # noqa: E402
 from lit_covrl.policy import load_policy  # noqa: E402
@@ -138,6 +147,10 @@ def main() -> None:
     print(f"    token_proxy_logprobs: {proxy_all * 1e3:7.2f} ms | "
           f"{timed(lambda: token_proxy_logprobs(lz, ly, 0.02), args.reps) * 1e3:7.2f} ms")
 
+    def with_grad(z, fn):
+        z = z.detach().requires_grad_(True)
+        fn(z).sum().backward()
+
     def topp(z):
         z = z.detach().requires_grad_(True)
         token_topp_entropy(z, top_p=0.8, top_k=10000).sum().backward()
@@ -154,6 +167,12 @@ def main() -> None:
         print(f"    token_logprobs      : {timed(lambda: token_logprobs(z, y), args.reps) * 1e3:8.1f} ms")
         print(f"    token_proxy_logprobs: {timed(lambda: token_proxy_logprobs(z, y, 0.02), args.reps) * 1e3:8.1f} ms")
         print(f"    token_topp_entropy  : {timed(lambda: topp(z), args.reps) * 1e3:8.1f} ms  (forward + backward)")
+        scaled = timed(lambda: with_grad(z, lambda w: token_scaled_logprobs(w, y, (2.0, 0.5))), args.reps)
+        clamped = timed(lambda: with_grad(z, lambda w: token_clamped_entropy(w, clamp_p=0.3)), args.reps)
+        print(f"    token_scaled_logprobs (2, 1/2): {scaled * 1e3:8.1f} ms  (forward + backward)")
+        print(f"    token_clamped_entropy (0.3)   : {clamped * 1e3:8.1f} ms  (forward + backward)")
+        print(f"    token_entropy (for scale)     : {timed(lambda: with_grad(z, token_entropy), args.reps) * 1e3:8.1f} ms  "
+              "(forward + backward)")
 
 
 if __name__ == "__main__":
