@@ -109,6 +109,7 @@ BENCHMARKS = {
     "checkpoint-io": ("bench_checkpoint_io.py", "one checkpoint save: Lightning's IO vs the atomic one"),
     "profile": ("profile_step.py", "where the time of one RL step goes, next to the floor"),
     "logprob-gap": ("logprob_gap.py", "sampler vs training-forward old log-probs, per dtype, sampler, bf16 autocast"),
+    "reg-passes": ("bench_reg_passes.py", "CPU: the extra training-forward passes of Lp-Reg, SIREN, ERA and AEnt"),
 }
 
 
