@@ -82,6 +82,24 @@ def test_bf16_logits_and_chunking_give_the_float32_value():
 
 
 # --- the coefficient -----------------------------------------------------------------------------
+def test_the_cut_is_searched_once_per_chunk_with_gradient(monkeypatch):
+    """The k-th value that sets each row's cut (most of the clamped entropy's cost on a real
+    vocabulary) is found once per chunk, not again when the checkpointed chunk is recomputed in the
+    backward: 3 chunks, forward + backward, 3 searches; the value and gradient are the naive loop's."""
+    calls = []
+    real = torch.kthvalue
+    monkeypatch.setattr(torch, "kthvalue", lambda *a, **k: calls.append(1) or real(*a, **k))
+    z = torch.randn(7, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64).requires_grad_(True)
+    h = token_clamped_entropy(z, clamp_p=0.3, chunk_size=3)
+    (grad,) = torch.autograd.grad(h.sum(), z)
+    assert len(calls) == 3
+    zz = z.detach().clone().requires_grad_(True)
+    ref = _naive_clamped_entropy(zz, 0.3, 1.0)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), zz)
+    torch.testing.assert_close(h.detach(), ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
 def test_coefficient_step_by_hand():
     kw = dict(low=0.05, high=0.23, lr=1e-3, min_coef=1e-5, max_coef=3e-3)
     assert aent_coef(2e-4, 0.01, **kw) == pytest.approx(2e-4 + 1e-3 * 0.04)  # below the band: up by lr (low - H)

@@ -269,20 +269,22 @@ def token_topp_entropy(
     return _chunked(fn, rows, chunk_size=chunk_size).view(logits.shape[:-1])
 
 
-def clamp_keep_mask(z: Tensor, clamp_p: float) -> Tensor:
+def clamp_keep_mask(z: Tensor, clamp_p: float, cut: Tensor | None = None) -> Tensor:
     """BoolTensor [rows, V] (no grad): the tokens AEnt's clamped entropy keeps in each row of
     logits `z`, all but the k = int(V clamp_p) lowest-logit ones (the reference's
     `torch.topk(..., k, largest=False)`, k rounded down as its `int`). Ties are broken by token id,
     so the mask is the same on every device and for every chunking: of equal logits straddling the
     cut, the lower ids are kept (the V - k kept tokens are the first V - k of the order by logit
-    descending, then id ascending). A NaN logit is not ordered: the caller's logits are finite."""
+    descending, then id ascending). A NaN logit is not ordered: the caller's logits are finite.
+    `cut` [rows, 1]: each row's smallest kept logit (`clamp_cut`) when already known."""
     z = z.detach()
     V = z.shape[-1]
     k = int(V * clamp_p)
     if k == 0:
         return torch.ones_like(z, dtype=torch.bool)
     keep_n = V - k
-    cut = torch.kthvalue(z, k + 1, dim=-1, keepdim=True).values  # the smallest kept logit (the (V-k)-th largest)
+    if cut is None:
+        cut = clamp_cut(z, clamp_p)
     above = z > cut
     tied = z == cut
     room = keep_n - above.sum(-1, keepdim=True)  # how many of the tied tokens are kept, lowest ids first
@@ -290,11 +292,20 @@ def clamp_keep_mask(z: Tensor, clamp_p: float) -> Tensor:
     return above | (tied & (tied.to(torch.int32).cumsum(-1, dtype=torch.int32) <= room))
 
 
-def _clamped_entropy_rows(z: Tensor, clamp_p: float, temperature: float) -> Tensor:
+def clamp_cut(z: Tensor, clamp_p: float) -> Tensor:
+    """[rows, 1]: each row's smallest logit `clamp_keep_mask` keeps (the (V - k)-th largest, k =
+    int(V clamp_p) >= 1), a k-th value over the vocabulary: most of the clamped entropy's cost."""
+    return torch.kthvalue(z.detach(), int(z.shape[-1] * clamp_p) + 1, dim=-1, keepdim=True).values
+
+
+def _tempered(z: Tensor, temperature: float) -> Tensor:
     z = _upcast(z)
-    if temperature != 1.0:
-        z = z / temperature
-    keep = clamp_keep_mask(z, clamp_p)
+    return z / temperature if temperature != 1.0 else z
+
+
+def _clamped_entropy_rows(z: Tensor, cut: Tensor | None, clamp_p: float, temperature: float) -> Tensor:
+    z = _tempered(z, temperature)
+    keep = clamp_keep_mask(z, clamp_p, cut)
     logq = torch.log_softmax(z.masked_fill(~keep, float("-inf")), dim=-1)
     return -(logq.exp() * logq.masked_fill(torch.isneginf(logq), 0.0)).sum(-1)
 
@@ -316,11 +327,19 @@ def token_clamped_entropy(
     if not 0.0 <= clamp_p < 1.0:
         raise ValueError(f"clamp_p must be in [0, 1), got {clamp_p}")
     rows = logits.reshape(-1, logits.shape[-1])
+    if int(rows.shape[-1] * clamp_p) == 0:  # nothing left out: the plain entropy
+        return _chunked(lambda z: _clamped_entropy_rows(z, None, 0.0, temperature), rows,
+                        chunk_size=chunk_size).view(logits.shape[:-1])
+    # the cuts in a no-grad pass of their own, so that a checkpointed chunk's recomputation in the
+    # backward does not search for them again (the same values: the same tempered logits)
+    with torch.no_grad():
+        cuts = torch.cat([clamp_cut(_tempered(rows[i:i + chunk_size], temperature), clamp_p)
+                          for i in range(0, rows.shape[0], chunk_size)]) if rows.shape[0] else rows.new_zeros(0, 1)
 
-    def fn(z: Tensor) -> Tensor:
-        return _clamped_entropy_rows(z, clamp_p, temperature)
+    def fn(z: Tensor, cut: Tensor) -> Tensor:
+        return _clamped_entropy_rows(z, cut, clamp_p, temperature)
 
-    return _chunked(fn, rows, chunk_size=chunk_size).view(logits.shape[:-1])
+    return _chunked(fn, rows, cuts, chunk_size=chunk_size).view(logits.shape[:-1])
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
