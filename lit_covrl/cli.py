@@ -337,7 +337,10 @@ def main(args: list[str] | None = None) -> None:
         _remove_unused_run_folder(started)
         exit_with(err)
     except BaseException:  # Ctrl-C (KeyboardInterrupt, or Lightning's exit after one), other errors
-        _remove_empty_run_folder()
+        if debug or _past_start_up(_RUN.get("trainer")):
+            _remove_empty_run_folder()
+        else:  # stopped before its first batch, e.g. while the model loads: config.yaml and an empty event file
+            _remove_unused_run_folder(started)
         raise
 
 

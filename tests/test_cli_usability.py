@@ -192,18 +192,36 @@ def test_a_run_stopped_before_writing_removes_its_empty_reserved_folder(stop, tm
     assert list(tmp_path.iterdir()) == []  # the folder, and the save_dir and name folders made with it
 
 
-def test_a_stopped_run_keeps_a_reserved_folder_with_content_and_folders_it_did_not_make(tmp_path, monkeypatch):
+def test_a_stopped_run_removes_only_the_folder_it_made_before_its_first_batch(tmp_path, monkeypatch):
+    """What the run wrote into its own folder before its first batch goes with it (the rule of a
+    start-up error: a run that never began); an earlier run's empty folder stays."""
     _stop_after_reserving(monkeypatch, KeyboardInterrupt, write="written before the stop\n")
     with pytest.raises(KeyboardInterrupt):
         main(["fit", "--config", str(QUICK), "--trainer.logger.init_args.save_dir", str(tmp_path)])
-    assert (tmp_path / "quickstart" / "grpo-quickstart-v0" / "train.log").read_text() == "written before the stop\n"
-    (tmp_path / "quickstart" / "grpo-quickstart-v0" / "train.log").unlink()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "quickstart" / "grpo-quickstart-v0").mkdir(parents=True)  # an earlier run's, empty
     monkeypatch.undo()
     reserved = _stop_after_reserving(monkeypatch, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):  # removes its own empty -v1, not another run's empty -v0
         main(["fit", "--config", str(QUICK), "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert reserved == [tmp_path / "quickstart" / "grpo-quickstart-v1"]
     assert [p.name for p in (tmp_path / "quickstart").iterdir()] == ["grpo-quickstart-v0"]
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_run_stopped_while_the_model_loads_removes_its_run_folder(stop, tmp_path, monkeypatch):
+    """Ctrl-C (or an error that is not a start-up error, e.g. out of memory) while the policy loads,
+    after Lightning wrote config.yaml and an empty event file into the run folder: the run never
+    began, so the folder goes (it stayed, and the next run was `-v1`)."""
+    import lit_covrl.setup_hooks
+
+    def interrupted(*args, **kwargs):
+        raise stop("stopped while the model loads")
+
+    monkeypatch.setattr(lit_covrl.setup_hooks, "load_model", interrupted)
+    with pytest.raises((stop, SystemExit)):  # Lightning turns a Ctrl-C inside fit into an exit
+        main(["fit", "--config", str(QUICK), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_error_after_start_up_keeps_its_traceback(tmp_path, monkeypatch):
