@@ -14,6 +14,7 @@ later command-line override does not flow into keys interpolated from it).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -33,7 +34,7 @@ from lit_covrl.cli_args import (
     check_moved_keys, config_file_with_key, one_string_lists, reset_switched_classes, stack_config_callbacks,
 )
 from lit_covrl.dashboard import name_run
-from lit_covrl.errors import debugging, exit_with, unknown_settings
+from lit_covrl.errors import class_argument, debugging, exit_with, unknown_settings
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
 from lit_covrl.progress import RLProgressBar
@@ -109,7 +110,7 @@ class LitCovRLCLI(LightningCLI):
         instead of replaced (see `stack_config_callbacks`), a bare value of a string-list key read
         as one string (`one_string_lists`), and a switched objective or sampler class starting
         from its own defaults (`reset_switched_classes`). A misspelt setting is named with the
-        closest one (`unknown_settings`)."""
+        closest one (`unknown_settings`, `class_argument`)."""
         if args is None or isinstance(args, (list, tuple)):
             args = list(sys.argv[1:] if args is None else args)
             check_moved_keys(args)
@@ -119,7 +120,8 @@ class LitCovRLCLI(LightningCLI):
                 self.config = parser.parse_args(self._given_args)
             except ArgumentError as err:
                 keys = [a.dest for a in _command_parser(parser, self._given_args)._actions]
-                text = unknown_settings(str(err), keys, lambda key: config_file_with_key(self._given_args, key))
+                file_of = functools.partial(config_file_with_key, self._given_args)
+                text = unknown_settings(str(err), keys, file_of) or class_argument(str(err), file_of)
                 if text is None:
                     raise
                 raise ArgumentError(None, text) from err

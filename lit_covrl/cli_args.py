@@ -86,18 +86,23 @@ def _file_top(path: str) -> dict:
 
 def config_file_with_key(args: list[str], key: str) -> str | None:
     """The last `--config` file of `args` that sets the dotted `key` (`model.loss.clip_hgh`), an
-    `init_args:` level between its parts allowed; None if none does."""
+    `init_args:` level between its parts allowed, and a list's items searched (`trainer.callbacks.ratio`:
+    a callback's init_args); None if none does."""
     for _, path in reversed(_config_paths(args)):
-        node = _file_top(path)
-        for part in key.split("."):
-            if isinstance(node, dict) and part not in node and isinstance(node.get("init_args"), dict):
-                node = node["init_args"]
-            if not isinstance(node, dict) or part not in node:
-                break
-            node = node[part]
-        else:
+        if _sets(_file_top(path), key.split(".")):
             return path
     return None
+
+
+def _sets(node, parts: list[str]) -> bool:
+    """Whether the YAML `node` sets the key of `parts` (see `config_file_with_key`)."""
+    if not parts:
+        return True
+    if isinstance(node, list):
+        return any(_sets(item, parts) for item in node)
+    if isinstance(node, dict) and parts[0] not in node and isinstance(node.get("init_args"), dict):
+        node = node["init_args"]
+    return isinstance(node, dict) and parts[0] in node and _sets(node[parts[0]], parts[1:])
 
 
 # LightningCLI's own top-level optimizer / scheduler: the module builds its own from model.*, and

@@ -24,12 +24,19 @@ _UNION = "Does not validate against any of the Union subtypes"
 _NO_CLASS = re.compile(r"Problem with given class_path '([\w.]+)': module '([\w.]+)' has no attribute '(\w+)'")
 _KEY = re.compile(r'^Parser key "([^"]+)"')
 _NOT_A_TASK = re.compile(r"Import path ([\w.]+) does not implement protocol Task")
-# an argument a class does not take (`--model.objective.eps_hgh 5`); jsonargparse then lists every
-# union member that refused it, the given class first (only its complaint counts: a later member's
-# 'not accepted' under a bad value of an argument the class does take is no clue). A
+# an argument a class does not take (`--model.objective.eps_hgh 5`, or `eps_hgh:` under the class's
+# init_args in a --config file); jsonargparse then lists every union member that refused it, the
+# given class first (only its complaint counts: a later member's 'not accepted' under a bad value of
+# an argument the class does take is no clue). An optimizer or lr scheduler (a callable type) says it
+# in its own words. A command-line flag's value is named at the end, NestedArg(key='X', val='Y'); a
+# file's is not, nor a dict given to the setting's flag (first tried as a file's path). A
 # --trainer.callbacks.X flag reaches only the last callback listed so far.
-_CLASS_ARG = re.compile(r'^Parser key "([\w.]+)": ' + _UNION + r' - Problem with given class_path \'([\w.]+)\': '
-                        r"Option '(\w+)' is not accepted.*NestedArg\(key='\w+', val='([^']*)'\)")
+_NOT_A_PATH = r"(?:- Expected a path but .*? either not accessible or invalid - )?"
+_CLASS_ARG = re.compile(r'^Parser key "([\w.]+)": ' + _NOT_A_PATH + _UNION
+                        + r" - Problem with given class_path '([\w.]+)': Option '(\w+)' is not accepted")
+_CALLABLE_ARG = re.compile(r'^Parser key "([\w.]+)": ' + _NOT_A_PATH + _UNION
+                           + r" - Type .*? expects a function or a callable class: Option '(\w+)' is not accepted\. "
+                           r"Got value: Namespace\(class_path='([\w.]+)'")
 # a bad value of an argument the given class takes: its own complaint, the first member's
 _CLASS_VALUE = re.compile(r'^Parser key "([\w.]+)": ' + _UNION + r' - Problem with given class_path \'([\w.]+)\': '
                           r'Parser key "(\w+)": (.*?)(?: - Problem with given class_path| - Expected a <class|$)')
@@ -50,12 +57,11 @@ def one_line(err: BaseException) -> str:
         # a class argument our code refused (`ClipCov.ratio must be in (0, 1], got 0.0`), wrapped
         # by jsonargparse in every other member of a union it also failed to match: say the first
         return one_line(cause)
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    text = " ".join(ln for ln in lines if not ln.startswith(_NOISE)) or repr(err)
+    text = _joined(str(err)) or repr(err)
     if (missing := _missing_class(text)) is not None:
         return missing
-    if (arg := _CLASS_ARG.search(text)) is not None:
-        return _class_arg(*arg.groups())
+    if (arg := class_argument(text)) is not None:
+        return arg
     if (bad := _CLASS_VALUE.search(text)) is not None:
         field, path, key, why = bad.groups()
         return f"{field}: {path} argument {key!r}: {why}"
@@ -69,8 +75,25 @@ def one_line(err: BaseException) -> str:
     return text if isinstance(err, (ArgumentError, ValueError)) else f"{type(err).__name__}: {text}"
 
 
-def _class_arg(field: str, path: str, key: str, value: str) -> str:
-    """An argument the class given for `field` does not take, in words, with the closest one it does."""
+def _joined(text: str) -> str:
+    """A multi-line message as one line, jsonargparse's type lists dropped."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " ".join(ln for ln in lines if not ln.startswith(_NOISE))
+
+
+def class_argument(text: str, file_of: Callable[[str], str | None] | None = None) -> str | None:
+    """jsonargparse's error for an argument that the class given for a setting does not take, in
+    words, with the closest one it does: `model.objective: lit_covrl.objectives.GSPO has no argument
+    'clip_lo' (did you mean 'clip_low'?)`; None for other errors. Set in a --config file, the line
+    starts with the file (`file_of(key)`, key as `model.objective.clip_lo`: the file that sets it, if
+    known)."""
+    text = _joined(text)
+    if (arg := _CLASS_ARG.search(text)) is not None:
+        field, path, key = arg.groups()
+    elif (arg := _CALLABLE_ARG.search(text)) is not None:
+        field, key, path = arg.groups()
+    else:
+        return None
     module, _, name = path.rpartition(".")
     try:
         params = [p for p in inspect.signature(getattr(importlib.import_module(module), name)).parameters
@@ -79,11 +102,15 @@ def _class_arg(field: str, path: str, key: str, value: str) -> str:
         params = []
     close = difflib.get_close_matches(key, params, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
+    value = re.search(rf"NestedArg\(key='{key}', val='([^']*)'\)", text)
+    if value is None:  # not a flag: a --config file, or a dict given to the setting's flag
+        where = file_of(f"{field}.{key}") if file_of is not None else None
+        return f"{where + ': ' if where else ''}{field}: {path} has no argument {key!r}{hint}"
     if field != "trainer.callbacks":
         return f"{field}: {path} has no argument {key!r}{hint}"
-    return (f"trainer.callbacks: --trainer.callbacks.{key}={value} sets an argument of the last callback listed "
-            f"so far, {path}, which has no argument {key!r}{hint}; to set an earlier callback's argument, edit a "
-            "copy of the YAML, or list the callbacks on the command line, each --trainer.callbacks+=Class "
+    return (f"trainer.callbacks: --trainer.callbacks.{key}={value.group(1)} sets an argument of the last callback "
+            f"listed so far, {path}, which has no argument {key!r}{hint}; to set an earlier callback's argument, edit "
+            "a copy of the YAML, or list the callbacks on the command line, each --trainer.callbacks+=Class "
             "followed by its own --trainer.callbacks.X=... flags")
 
 

@@ -114,6 +114,22 @@ def test_a_start_up_error_is_one_line_and_status_2_unless_debugging(tmp_path):
      "lit_covrl.objectives.CISPO has no argument 'clip_hgh' (did you mean 'clip_high'?) (LIT_COVRL_DEBUG"),
     (["--model.sampler", "lit_covrl.sampling.StaticCacheSampler", "--model.sampler.zzz", "3"],
      "lit-covrl: error: model.sampler: lit_covrl.sampling.StaticCacheSampler has no argument 'zzz' (LIT_COVRL_DEBUG"),
+    # ... in a --config file (under the class's init_args): was the union paragraph ending in
+    # "Given value: {...}", where a flag's ends in NestedArg(...); a callback's without the flag advice
+    (["--config", "CLIPLO_YAML"], "lit-covrl: error: CLIPLO_YAML: model.objective: lit_covrl.objectives.GSPO has no "
+     "argument 'clip_lo' (did you mean 'clip_low'?) (LIT_COVRL_DEBUG"),
+    (["--config", "WARMUP_YAML"], "lit-covrl: error: WARMUP_YAML: trainer.callbacks: lit_covrl.regularizers.AEnt has "
+     "no argument 'warmup_step' (did you mean 'warmup_steps'?) (LIT_COVRL_DEBUG"),
+    (["--config", "LR_YAML"], "lit-covrl: error: LR_YAML: model.optimizer: torch.optim.AdamW has no argument 'lr_' "
+     "(did you mean 'lr'?) (LIT_COVRL_DEBUG"),
+    # ... in a dict given to the class's flag, and an optimizer's / lr scheduler's flag (a callable
+    # type, which jsonargparse words otherwise)
+    (["--model.objective", "{class_path: lit_covrl.objectives.GSPO, init_args: {clip_lo: 0.1}}"], "lit-covrl: error: "
+     "model.objective: lit_covrl.objectives.GSPO has no argument 'clip_lo' (did you mean 'clip_low'?) (LIT_COVRL_DEBUG"),
+    (["--model.optimizer.init_args.lr_", "0.1"], "lit-covrl: error: model.optimizer: torch.optim.AdamW has no "
+     "argument 'lr_' (did you mean 'lr'?) (LIT_COVRL_DEBUG"),
+    (["--model.lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--model.lr_scheduler.gama", "0.5"], "lit-covrl: "
+     "error: model.lr_scheduler: torch.optim.lr_scheduler.StepLR has no argument 'gama' (did you mean 'gamma'?)"),
 ])
 def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
     if "gpu" in extra and torch.cuda.is_available():
@@ -123,10 +139,19 @@ def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
     if "--data.strict" in extra:
         extra = [*extra, "--data.train_files", f'["{rows}"]']
     files = {"ROWS": rows, "TOPLEVEL": tmp_path / "top.yaml", "BADYAML": tmp_path / "bad.yaml",
-             "ARCHER": CONFIGS / "cpu" / "archer.yaml", "CISPO_YAML": CONFIGS / "cpu" / "cispo.yaml",
-             "CLIPCOV_YAML": CONFIGS / "cpu" / "clip_cov.yaml", "TYPO_YAML": tmp_path / "typo.yaml"}
+             "ARCHER": CONFIGS / "cpu" / "archer.yaml",
+             "CISPO_YAML": CONFIGS / "cpu" / "cispo.yaml",
+             "CLIPCOV_YAML": CONFIGS / "cpu" / "clip_cov.yaml", "TYPO_YAML": tmp_path / "typo.yaml",
+             "CLIPLO_YAML": tmp_path / "clip_lo.yaml", "WARMUP_YAML": tmp_path / "warmup.yaml",
+             "LR_YAML": tmp_path / "lr.yaml"}
     files["TOPLEVEL"].write_text("optimizer:\n  class_path: torch.optim.SGD\n")
     files["TYPO_YAML"].write_text("model:\n  loss:\n    clip_hgh: 0.28\n")
+    files["CLIPLO_YAML"].write_text("model:\n  objective:\n    class_path: lit_covrl.objectives.GSPO\n"
+                                    "    init_args:\n      clip_lo: 0.1\n")
+    files["WARMUP_YAML"].write_text("trainer:\n  callbacks:\n    - class_path: lit_covrl.regularizers.AEnt\n"
+                                    "      init_args:\n        warmup_step: 1\n")
+    files["LR_YAML"].write_text("model:\n  optimizer:\n    class_path: torch.optim.AdamW\n"
+                                "    init_args:\n      lr_: 0.1\n")
     files["BADYAML"].write_text("model:\n  rollout: {group_size: 4\n")  # an unclosed flow mapping
     extra = [str(files[a]) if a in files else a for a in extra]
     with pytest.raises(SystemExit) as exit_:
@@ -138,7 +163,8 @@ def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
     assert err[-1].startswith("lit-covrl: error: ") and message in err[-1]
     # no version folder left behind (each failed attempt took a version number: the README's -v0
     # commands then named an empty folder), nor the logger's name folder and save_dir made with it
-    assert {p.name for p in tmp_path.iterdir()} == {"rows.jsonl", "top.yaml", "bad.yaml", "typo.yaml"}
+    inputs = {path.name for path in files.values() if path.parent == tmp_path}
+    assert {p.name for p in tmp_path.iterdir()} == {"rows.jsonl", *inputs}
 
 
 def test_a_start_up_error_keeps_a_run_folder_that_existed_before(tmp_path, capsys):
