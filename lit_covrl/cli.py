@@ -31,7 +31,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_covrl.checkpointing import AtomicCheckpoint
 from lit_covrl.cli_args import (
-    check_moved_keys, config_file_with_key, one_string_lists, reset_switched_classes, stack_config_callbacks,
+    check_moved_keys, config_file_with_key, flag_as_given, one_string_lists, reset_switched_classes,
+    stack_config_callbacks,
 )
 from lit_covrl.dashboard import name_run
 from lit_covrl.errors import class_argument, debugging, exit_with, unknown_settings
@@ -121,7 +122,8 @@ class LitCovRLCLI(LightningCLI):
             except ArgumentError as err:
                 keys = [a.dest for a in _command_parser(parser, self._given_args)._actions]
                 file_of = functools.partial(config_file_with_key, self._given_args)
-                text = unknown_settings(str(err), keys, file_of) or class_argument(str(err), file_of)
+                text = (unknown_settings(str(err), keys, file_of)
+                        or class_argument(str(err), file_of, functools.partial(flag_as_given, self._given_args)))
                 if text is None:
                     raise
                 raise ArgumentError(None, text) from err

@@ -105,6 +105,15 @@ def _sets(node, parts: list[str]) -> bool:
     return isinstance(node, dict) and parts[0] in node and _sets(node[parts[0]], parts[1:])
 
 
+def flag_as_given(args: list[str], key: str) -> str | None:
+    """The last flag of `args` that sets the dotted `key` (`trainer.callbacks.ratio`), as typed:
+    `--trainer.callbacks.init_args.ratio 0.1`, `--trainer.callbacks.ratio=0.1`; None if none does."""
+    for i in reversed(range(len(args))):
+        if _flag_key(args[i]) == key:
+            return args[i] if "=" in args[i] or i + 1 == len(args) else f"{args[i]} {args[i + 1]}"
+    return None
+
+
 # LightningCLI's own top-level optimizer / scheduler: the module builds its own from model.*, and
 # LightningCLI would build a top-level optimizer on the module's parameters before the policy is
 # loaded, and ignore a top-level scheduler given alone. Their keys stay in the parser (null), as

@@ -81,12 +81,13 @@ def _joined(text: str) -> str:
     return " ".join(ln for ln in lines if not ln.startswith(_NOISE))
 
 
-def class_argument(text: str, file_of: Callable[[str], str | None] | None = None) -> str | None:
+def class_argument(text: str, file_of: Callable[[str], str | None] | None = None,
+                   flag_of: Callable[[str], str | None] | None = None) -> str | None:
     """jsonargparse's error for an argument that the class given for a setting does not take, in
     words, with the closest one it does: `model.objective: lit_covrl.objectives.GSPO has no argument
     'clip_lo' (did you mean 'clip_low'?)`; None for other errors. Set in a --config file, the line
     starts with the file (`file_of(key)`, key as `model.objective.clip_lo`: the file that sets it, if
-    known)."""
+    known); a --trainer.callbacks flag is echoed as given (`flag_of(key)`, if known)."""
     text = _joined(text)
     if (arg := _CLASS_ARG.search(text)) is not None:
         field, path, key = arg.groups()
@@ -108,10 +109,12 @@ def class_argument(text: str, file_of: Callable[[str], str | None] | None = None
         return f"{where + ': ' if where else ''}{field}: {path} has no argument {key!r}{hint}"
     if field != "trainer.callbacks":
         return f"{field}: {path} has no argument {key!r}{hint}"
-    return (f"trainer.callbacks: --trainer.callbacks.{key}={value.group(1)} sets an argument of the last callback "
-            f"listed so far, {path}, which has no argument {key!r}{hint}; to set an earlier callback's argument, edit "
-            "a copy of the YAML, or list the callbacks on the command line, each --trainer.callbacks+=Class "
-            "followed by its own --trainer.callbacks.X=... flags")
+    given = flag_of(f"{field}.{key}") if flag_of is not None else None  # as typed, init_args and all
+    flag = given or f"--trainer.callbacks.{key}={value.group(1)}"
+    return (f"trainer.callbacks: {flag} sets an argument of the last callback listed so far, {path}, which has no "
+            f"argument {key!r}{hint}; to set an earlier callback's argument, edit a copy of the YAML, or list the "
+            "callbacks on the command line, each --trainer.callbacks+=Class followed by its own "
+            "--trainer.callbacks.X=... flags")
 
 
 # jsonargparse's words for a setting it does not have: a command-line flag, or a key of a --config

@@ -104,6 +104,10 @@ def test_a_start_up_error_is_one_line_and_status_2_unless_debugging(tmp_path):
      "lit_covrl.regularizers.ReferenceKL, which has no argument 'quantile'; to set an earlier callback's argument, "
      "edit a copy of the YAML, or list the callbacks on the command line, each --trainer.callbacks+=Class followed by "
      "its own --trainer.callbacks.X=... flags (LIT_COVRL_DEBUG"),
+    # the flag as given (was echoed as --trainer.callbacks.warmup_step=1, init_args dropped)
+    (["--config", "AENT_YAML", "--trainer.callbacks.init_args.warmup_step", "1"], "lit-covrl: error: trainer.callbacks: "
+     "--trainer.callbacks.init_args.warmup_step 1 sets an argument of the last callback listed so far, "
+     "lit_covrl.regularizers.AEnt, which has no argument 'warmup_step' (did you mean 'warmup_steps'?); to set"),
     (["--trainer.callbacks+=lit_covrl.regularizers.ClipCov", "--trainer.callbacks.ratoi=0.1"], "which has no "
      "argument 'ratoi' (did you mean 'ratio'?); to set"),
     # a bad value of an argument the class takes: its own complaint (a later union member's "not
@@ -139,7 +143,7 @@ def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
     if "--data.strict" in extra:
         extra = [*extra, "--data.train_files", f'["{rows}"]']
     files = {"ROWS": rows, "TOPLEVEL": tmp_path / "top.yaml", "BADYAML": tmp_path / "bad.yaml",
-             "ARCHER": CONFIGS / "cpu" / "archer.yaml",
+             "ARCHER": CONFIGS / "cpu" / "archer.yaml", "AENT_YAML": CONFIGS / "cpu" / "aent.yaml",
              "CISPO_YAML": CONFIGS / "cpu" / "cispo.yaml",
              "CLIPCOV_YAML": CONFIGS / "cpu" / "clip_cov.yaml", "TYPO_YAML": tmp_path / "typo.yaml",
              "CLIPLO_YAML": tmp_path / "clip_lo.yaml", "WARMUP_YAML": tmp_path / "warmup.yaml",
