@@ -136,11 +136,13 @@ def unknown_settings(text: str, keys: Iterable[str], file_of: Callable[[str], st
         parts = []
         for flag in given:
             close = closest_key(re.sub(r"\.init_args(?=\.)", "", flag[2:]), keys)
+            close = close if close != flag[2:] else None  # the setting itself: as given, init_args and all
             parts.append(f"{flag}: no such setting" + (f" (did you mean --{close}?)" if close else ""))
         return "; ".join(parts)
     if (option := _NOT_ACCEPTED.match(text)) is not None:
         key = option.group(1)
         close = closest_key(re.sub(r"\.init_args(?=\.)", "", key), keys)
+        close = close if close != key else None
         path = file_of(key) if file_of is not None else None
         where = f"{path}: " if path else ""
         return f"{where}{key}: no such setting" + (f" (did you mean {close}?)" if close else "")
@@ -150,7 +152,7 @@ def unknown_settings(text: str, keys: Iterable[str], file_of: Callable[[str], st
 def closest_key(key: str, keys: set[str]) -> str | None:
     """The setting of `keys` closest to the dotted `key`, found part by part (`model.updat.mini_batch_size`
     -> `model.update.mini_batch_size`; a part that begins one setting's name only, as `unlik`, is taken
-    for it), or None when a part has no close match."""
+    for it; `key` itself if it is a setting), or None when a part has no close match."""
     found = ""
     for part in key.split("."):
         prefix = f"{found}." if found else ""
@@ -162,7 +164,7 @@ def closest_key(key: str, keys: set[str]) -> str | None:
                 return None
             part = close[0]
         found = prefix + part
-    return found if found != key and found in keys else None
+    return found if found in keys else None
 
 
 def _missing_class(text: str) -> str | None:

@@ -72,6 +72,13 @@ def test_a_start_up_error_is_one_line_and_status_2_unless_debugging(tmp_path):
      "--model.update.mini_batch_size?) (LIT_COVRL_DEBUG"),
     (["--model.init_args.loss.clip_hgh", "0.28"], "error: --model.init_args.loss.clip_hgh: no such setting (did you "
      "mean --model.loss.clip_high?)"),
+    # a setting spelt right but written with init_args (as a class's argument is): no hint was given
+    (["--model.loss.init_args.clip_high", "0.3"], "error: --model.loss.init_args.clip_high: no such setting (did "
+     "you mean --model.loss.clip_high?) (LIT_COVRL"),
+    (["--model.init_args.loss.clip_high", "0.3"], "error: --model.init_args.loss.clip_high: no such setting (did "
+     "you mean --model.loss.clip_high?) (LIT_COVRL"),
+    (["--config", "INIT_ARGS_YAML"], "error: INIT_ARGS_YAML: model.loss.init_args.clip_high: no such setting (did "
+     "you mean model.loss.clip_high?) (LIT_COVRL"),
     (["--trainer.max_stepz", "3", "--data.batch_sise", "2"], "error: --trainer.max_stepz: no such setting (did you "
      "mean --trainer.max_steps?); --data.batch_sise: no such setting (did you mean --data.batch_size?) (LIT_COVRL"),
     # ... or key of a config file: was "Subcommand 'fit' does not accept option 'model.loss.clip_hgh'"
@@ -147,9 +154,10 @@ def test_start_up_errors_in_process(extra, message, tmp_path, capsys):
              "CISPO_YAML": CONFIGS / "cpu" / "cispo.yaml",
              "CLIPCOV_YAML": CONFIGS / "cpu" / "clip_cov.yaml", "TYPO_YAML": tmp_path / "typo.yaml",
              "CLIPLO_YAML": tmp_path / "clip_lo.yaml", "WARMUP_YAML": tmp_path / "warmup.yaml",
-             "LR_YAML": tmp_path / "lr.yaml"}
+             "LR_YAML": tmp_path / "lr.yaml", "INIT_ARGS_YAML": tmp_path / "init_args.yaml"}
     files["TOPLEVEL"].write_text("optimizer:\n  class_path: torch.optim.SGD\n")
     files["TYPO_YAML"].write_text("model:\n  loss:\n    clip_hgh: 0.28\n")
+    files["INIT_ARGS_YAML"].write_text("model:\n  loss:\n    init_args:\n      clip_high: 0.3\n")
     files["CLIPLO_YAML"].write_text("model:\n  objective:\n    class_path: lit_covrl.objectives.GSPO\n"
                                     "    init_args:\n      clip_lo: 0.1\n")
     files["WARMUP_YAML"].write_text("trainer:\n  callbacks:\n    - class_path: lit_covrl.regularizers.AEnt\n"
