@@ -122,7 +122,7 @@ class LitCovRLCLI(LightningCLI):
             except ArgumentError as err:
                 keys = [a.dest for a in _command_parser(parser, self._given_args)._actions]
                 file_of = functools.partial(config_file_with_key, self._given_args)
-                text = (unknown_settings(str(err), keys, file_of)
+                text = (unknown_settings(str(err), keys, file_of, self._given_args)
                         or class_argument(str(err), file_of, functools.partial(flag_as_given, self._given_args)))
                 if text is None:
                     raise

@@ -123,48 +123,86 @@ _UNRECOGNIZED = re.compile(r"^unrecognized arguments: (.*)$")
 _NOT_ACCEPTED = re.compile(r"^Subcommand '\w+' does not accept option '([\w.]+)'$")
 
 
-def unknown_settings(text: str, keys: Iterable[str], file_of: Callable[[str], str | None] | None = None) -> str | None:
-    """jsonargparse's error for settings it does not have, in words, with the closest setting of
+def unknown_settings(text: str, keys: Iterable[str], file_of: Callable[[str], str | None] | None = None,
+                     args: list[str] | None = None) -> str | None:
+    """jsonargparse's error for settings it does not have, in words, with the closest settings of
     `keys` (the parser's dotted keys): `--model.loss.clip_hgh: no such setting (did you mean
-    --model.loss.clip_high?)` for each unrecognized flag, `PATH: model.loss.clip_hgh: no such setting
-    (...)` for a config key (`file_of(key)`: the --config file that sets it, if known). None for other errors."""
+    --model.loss.clip_high?)` for each unrecognized flag (`--trainer.callbackz+=X`: `did you mean
+    --trainer.callbacks+=?`), `'stray': not a setting nor a setting's value` for a word that is
+    neither (`args`, the arguments as given, tell a flag's value with spaces from such words),
+    `PATH: model.loss.clip_hgh: no such setting (...)` for a config key (`file_of(key)`: the
+    --config file that sets it, if known). None for other errors."""
     keys = {k for k in keys if not k.endswith(".help")}
     if (flags := _UNRECOGNIZED.match(text)) is not None:
-        given = [a.split("=", 1)[0] for a in flags.group(1).split() if a.startswith("--")]
-        if not given:
-            return None
-        parts = []
-        for flag in given:
-            close = closest_key(re.sub(r"\.init_args(?=\.)", "", flag[2:]), keys)
-            close = close if close != flag[2:] else None  # the setting itself: as given, init_args and all
-            parts.append(f"{flag}: no such setting" + (f" (did you mean --{close}?)" if close else ""))
+        words, parts = flags.group(1).split(), []
+        while words:
+            word = words.pop(0)
+            if not word.startswith("--"):
+                parts.append(f"{word!r}: not a setting nor a setting's value")
+                continue
+            if "=" not in word and words and not words[0].startswith("--"):  # its value, as a separate argument
+                value = args[args.index(word) + 1] if args and word in args[:-1] else words[0]
+                del words[:len(value.split())]
+            flag, append = re.subn(r"\+$", "", word.split("=", 1)[0])
+            close = [f"--{k}{'+=' if append else ''}" for k in _closest_given(flag[2:], keys)]
+            parts.append(f"{flag}: no such setting" + (f" (did you mean {_either(close)}?)" if close else ""))
         return "; ".join(parts)
     if (option := _NOT_ACCEPTED.match(text)) is not None:
         key = option.group(1)
-        close = closest_key(re.sub(r"\.init_args(?=\.)", "", key), keys)
-        close = close if close != key else None
+        close = _closest_given(key, keys)
         path = file_of(key) if file_of is not None else None
         where = f"{path}: " if path else ""
-        return f"{where}{key}: no such setting" + (f" (did you mean {close}?)" if close else "")
+        return f"{where}{key}: no such setting" + (f" (did you mean {_either(close)}?)" if close else "")
     return None
 
 
-def closest_key(key: str, keys: set[str]) -> str | None:
-    """The setting of `keys` closest to the dotted `key`, found part by part (`model.updat.mini_batch_size`
-    -> `model.update.mini_batch_size`; a part that begins one setting's name only, as `unlik`, is taken
-    for it; `key` itself if it is a setting), or None when a part has no close match."""
-    found = ""
-    for part in key.split("."):
-        prefix = f"{found}." if found else ""
-        children = sorted({k[len(prefix):].split(".", 1)[0] for k in keys if k.startswith(prefix)})
-        if part not in children:
-            starting = [c for c in children if c.startswith(part)]  # an abbreviation (`unlik`)
-            close = difflib.get_close_matches(part, children, n=1) or (starting if len(starting) == 1 else [])
-            if not close:
-                return None
-            part = close[0]
-        found = prefix + part
-    return found if found in keys else None
+def _closest_given(key: str, keys: set[str]) -> list[str]:
+    """`closest_keys` of `key` as given, init_args dropped (`model.loss.init_args.clip_high` ->
+    `model.loss.clip_high`, the setting itself), other than the key itself."""
+    return [k for k in closest_keys(re.sub(r"\.init_args(?=\.)", "", key), keys) if k != key]
+
+
+def _either(options: list[str]) -> str:
+    """`a`, `a or b`, `a, b or c`."""
+    return " or ".join([", ".join(options[:-1]), options[-1]] if len(options) > 1 else options)
+
+
+def closest_keys(key: str, keys: set[str], most: int = 3) -> list[str]:
+    """The settings of `keys` closest to the dotted `key` (at most `most` of them, equally close),
+    only settings, not the groups holding them: found part by part (`model.updat.mini_batch_size`
+    -> `model.update.mini_batch_size`; see `_closest` for each part), or else by the last part: the
+    settings of that name under the parts before it that were found, else anywhere
+    (`model.system_prompt` -> `data.system_prompt`), else the closest names under those parts
+    (`model.temp` -> `model.eval.temperature`, `model.rollout.temperature`); [] when nothing is close."""
+    settings = {k for k in keys if not any(other.startswith(f"{k}.") for other in keys)}
+    *groups, last = key.split(".")
+    found, under = [""], ""
+    for i, part in enumerate(groups + [last]):
+        found = [f"{prefix}{name}." for prefix in found
+                 for name in _closest(part, {k[len(prefix):].split(".", 1)[0] for k in keys if k.startswith(prefix)})]
+        if len(found) == 1 and i < len(groups):
+            under = found[0]
+    found = sorted(k.rstrip(".") for k in found if k.rstrip(".") in settings)
+    if not found:  # the last part as named, under the parts found (else anywhere), or close to it under them
+        named = sorted(k for k in settings if k.rsplit(".", 1)[-1] == last)
+        names = _closest(last, {k.rsplit(".", 1)[-1] for k in settings if k.startswith(under)})
+        found = ([k for k in named if k.startswith(under)] or named
+                 or sorted(k for k in settings if k.startswith(under) and k.rsplit(".", 1)[-1] in names))
+    return found[:most]
+
+
+def _closest(word: str, names: set[str]) -> list[str]:
+    """`word` itself if one of `names`, else the names closest to it, all that are equally close
+    (difflib's ratio at least 0.6, 0.75 for a word of four letters or fewer: `temp` is no `system`),
+    else the one name that begins with a word of four letters or more (an abbreviation, `unlik`)."""
+    if word in names:
+        return [word]
+    ratio = {name: difflib.SequenceMatcher(None, word, name).ratio() for name in names}
+    best = max(ratio.values(), default=0.0)
+    if best >= (0.75 if len(word) <= 4 else 0.6):
+        return sorted(name for name, r in ratio.items() if r == best)
+    starting = [name for name in names if name.startswith(word)]
+    return starting if len(word) >= 4 and len(starting) == 1 else []
 
 
 def _missing_class(text: str) -> str | None:

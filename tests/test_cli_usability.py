@@ -81,6 +81,25 @@ def test_a_start_up_error_is_one_line_and_status_2_unless_debugging(tmp_path):
      "you mean model.loss.clip_high?) (LIT_COVRL"),
     (["--trainer.max_stepz", "3", "--data.batch_sise", "2"], "error: --trainer.max_stepz: no such setting (did you "
      "mean --trainer.max_steps?); --data.batch_sise: no such setting (did you mean --data.batch_size?) (LIT_COVRL"),
+    # only settings, not groups, and for a short part only a close one (was model.system, lr_scheduler,
+    # min_steps alone); else the setting of that last part, under the groups given or anywhere
+    (["--model.temp", "0.7"], "error: --model.temp: no such setting (did you mean --model.eval.temperature or "
+     "--model.rollout.temperature?) (LIT_COVRL"),
+    (["--model.lr", "1e-6"], "error: --model.lr: no such setting (LIT_COVRL"),
+    (["--lr", "1e-6"], "error: --lr: no such setting (LIT_COVRL"),
+    (["--trainer.steps", "3"], "error: --trainer.steps: no such setting (did you mean --trainer.max_steps or "
+     "--trainer.min_steps?) (LIT_COVRL"),
+    (["--model.system_prompt", "Be brief."], "error: --model.system_prompt: no such setting (did you mean "
+     "--data.system_prompt?) (LIT_COVRL"),
+    # an appending flag: was '--trainer.callbackz+: ... (did you mean --trainer.callbacks?)', which replaces
+    (["--trainer.callbackz+=lit_covrl.regularizers.ERA"], "error: --trainer.callbackz: no such setting (did you mean "
+     "--trainer.callbacks+=?) (LIT_COVRL"),
+    # a word that is no flag's value is named (was left out); a value with spaces is one value
+    (["--trainer.max_stepz", "3", "stray"], "error: --trainer.max_stepz: no such setting (did you mean "
+     "--trainer.max_steps?); 'stray': not a setting nor a setting's value (LIT_COVRL"),
+    (["--data.system_promt", "Be brief, please.", "--trainer.max_stepz=3"], "error: --data.system_promt: no such "
+     "setting (did you mean --data.system_prompt?); --trainer.max_stepz: no such setting (did you mean "
+     "--trainer.max_steps?) (LIT_COVRL"),
     # ... or key of a config file: was "Subcommand 'fit' does not accept option 'model.loss.clip_hgh'"
     (["--config", "TYPO_YAML"], "lit-covrl: error: TYPO_YAML: model.loss.clip_hgh: no such setting (did you mean "
      "model.loss.clip_high?) (LIT_COVRL_DEBUG"),
