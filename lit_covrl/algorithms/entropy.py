@@ -159,10 +159,13 @@ def token_proxy_logprobs(
     return _chunked(fn, rows, flat_labels, chunk_size=chunk_size).view(labels.shape)
 
 
-def _entropy_rows(z: Tensor, temperature: float = 1.0) -> Tensor:
+def _tempered(z: Tensor, temperature: float) -> Tensor:
     z = _upcast(z)
-    if temperature != 1.0:
-        z = z / temperature
+    return z / temperature if temperature != 1.0 else z
+
+
+def _entropy_rows(z: Tensor, temperature: float = 1.0) -> Tensor:
+    z = _tempered(z, temperature)
     logp = torch.log_softmax(z, dim=-1)
     # -sum p log p from the log-softmax, as the sampler computes it (`token_distribution`): the
     # equivalent logsumexp(z) - sum p z cancels two large terms, an absolute error of ~1e-5 that a
@@ -238,9 +241,7 @@ def _nucleus_entropy(zk: Tensor, keep: Tensor) -> Tensor:
 def _topp_entropy_rows(z: Tensor, top_p: float, top_k: int, temperature: float, probe: int = 64) -> Tensor:
     # the softmax over the nucleus needs its logits only: gathered by rank ([rows, w], w = the
     # probe's or top_k's width), not the whole vocabulary masked
-    z = _upcast(z)
-    if temperature != 1.0:
-        z = z / temperature
+    z = _tempered(z, temperature)
     h = None
     for rows, idx, keep in _nucleus_ranks(z.detach(), top_p=top_p, top_k=top_k, probe=probe):
         hr = _nucleus_entropy(z[rows].gather(-1, idx), keep)
@@ -298,16 +299,9 @@ def clamp_cut(z: Tensor, clamp_p: float) -> Tensor:
     return torch.kthvalue(z.detach(), int(z.shape[-1] * clamp_p) + 1, dim=-1, keepdim=True).values
 
 
-def _tempered(z: Tensor, temperature: float) -> Tensor:
-    z = _upcast(z)
-    return z / temperature if temperature != 1.0 else z
-
-
-def _clamped_entropy_rows(z: Tensor, cut: Tensor | None, clamp_p: float, temperature: float) -> Tensor:
+def _clamped_entropy_rows(z: Tensor, cut: Tensor, clamp_p: float, temperature: float) -> Tensor:
     z = _tempered(z, temperature)
-    keep = clamp_keep_mask(z, clamp_p, cut)
-    logq = torch.log_softmax(z.masked_fill(~keep, float("-inf")), dim=-1)
-    return -(logq.exp() * logq.masked_fill(torch.isneginf(logq), 0.0)).sum(-1)
+    return _entropy_rows(z.masked_fill(~clamp_keep_mask(z, clamp_p, cut), float("-inf")))
 
 
 def token_clamped_entropy(
@@ -328,8 +322,7 @@ def token_clamped_entropy(
         raise ValueError(f"clamp_p must be in [0, 1), got {clamp_p}")
     rows = logits.reshape(-1, logits.shape[-1])
     if int(rows.shape[-1] * clamp_p) == 0:  # nothing left out: the plain entropy
-        return _chunked(lambda z: _clamped_entropy_rows(z, None, 0.0, temperature), rows,
-                        chunk_size=chunk_size).view(logits.shape[:-1])
+        return token_entropy(logits, temperature=temperature, chunk_size=chunk_size)
     # the cuts in a no-grad pass of their own, so that a checkpointed chunk's recomputation in the
     # backward does not search for them again (the same values: the same tempered logits)
     with torch.no_grad():
