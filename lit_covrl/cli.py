@@ -334,18 +334,15 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
-    except _STARTUP_ERRORS as err:
+    except BaseException as err:  # a start-up error, Ctrl-C (or Lightning's exit after one), any other error
         if debug or _past_start_up(_RUN.get("trainer")):
             _remove_empty_run_folder()
             raise
+        # stopped before its first batch, e.g. while the model loads: config.yaml and an empty event file
         _remove_unused_run_folder(started)
+        if not isinstance(err, _STARTUP_ERRORS):
+            raise
         exit_with(err)
-    except BaseException:  # Ctrl-C (KeyboardInterrupt, or Lightning's exit after one), other errors
-        if debug or _past_start_up(_RUN.get("trainer")):
-            _remove_empty_run_folder()
-        else:  # stopped before its first batch, e.g. while the model loads: config.yaml and an empty event file
-            _remove_unused_run_folder(started)
-        raise
 
 
 if __name__ == "__main__":
