@@ -394,16 +394,10 @@ def test_aent_config_runs_through_the_cli(tmp_path):
 def test_a_bad_setting_is_refused_at_start_up_naming_the_field(tmp_path, capsys):
     """configs/cpu/aent.yaml with clamp_p 1 on the command line: exit 2, one line naming
     AEnt.clamp_p, before the first rollout."""
-    from pathlib import Path
+    from tests.helpers import cli_fit_tags
 
-    from lit_covrl.cli import main
-
-    root = Path(__file__).resolve().parents[1]
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", str(root / "configs/quickstart.yaml"), "--config", str(root / "configs/cpu/aent.yaml"),
-              "--torch_threads", "1", "--trainer.callbacks.init_args.clamp_p", "1.0", "--trainer.max_steps", "1",
-              "--trainer.enable_progress_bar", "false", "--checkpoint.dirpath", str(tmp_path / "ck"),
-              "--trainer.logger.init_args.save_dir", str(tmp_path)])
+        cli_fit_tags(tmp_path, "configs/cpu/aent.yaml", "--trainer.callbacks.init_args.clamp_p", "1.0", steps=1)
     err = capsys.readouterr().err
     assert exit_.value.code == 2, err
     assert "AEnt.clamp_p=1.0 is invalid: must be a finite number in [0, 1)" in err and "Traceback" not in err
