@@ -56,13 +56,12 @@ from __future__ import annotations
 
 import inspect
 import math
-import queue
 import re
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from lit_covrl.rewards import ScoreResult, _log_failures, _safe_repr, _to_reward, abandon, score_completions
+from lit_covrl.reward_batch import _score_batched
+from lit_covrl.rewards import ScoreResult, score_completions
 
 __all__ = ["RewardSet", "reward_name", "is_batched", "is_verl"]
 
@@ -362,55 +361,3 @@ def _batch_kwargs(accepts: set[str] | None, completions, answers, prompts, colum
     kw: dict[str, Any] = {k: [row.get(k) for row in columns] for k in names if k not in RESERVED}
     kw.update(completions=list(completions), answers=list(answers), prompts=list(prompts))
     return kw if accepts is None else {k: v for k, v in kw.items() if k in accepts}
-
-
-def _score_batched(fn, kwargs: dict, n: int, timeout_s) -> ScoreResult:
-    status, value = _run(fn, kwargs, None if timeout_s is None else timeout_s * max(n, 1))
-    if status == "ok":
-        try:
-            if isinstance(value, (Mapping, str, bytes)):  # iterable, but as its keys or characters
-                raise TypeError
-            values = list(value)
-        except Exception:  # noqa: BLE001 - not iterable, or an iterator that raises
-            status, value = "invalid", (f"returned {_safe_repr(value)} (type {type(value).__name__}), "
-                                        f"expected a list of {n} numbers")
-        else:
-            if len(values) != n:
-                status, value = "invalid", f"returned {len(values)} values for {n} completions"
-    res = ScoreResult(rewards=[0.0] * n)
-    failed: list[tuple[int, str, str]] = []
-    if status != "ok":
-        setattr(res, {"error": "errors", "timeout": "timeouts"}.get(status, "invalid"), n)
-        failed.append((0, status, f"whole batch of {n}: {value}"))
-    else:
-        for i, v in enumerate(values):
-            r = _to_reward(v)
-            if r is None:
-                res.invalid += 1
-                failed.append((i, "invalid", f"returned {_safe_repr(v)} (type {type(v).__name__})"))
-            else:
-                res.rewards[i] = r
-    if failed:
-        _log_failures(fn, failed, res, n)
-    return res
-
-
-def _run(fn: Callable, kwargs: dict, timeout_s: float | None) -> tuple[str, Any]:
-    """('ok', value) | ('error', message) | ('timeout', message): one call, optionally on a daemon
-    thread that is abandoned after timeout_s (see lit_covrl.rewards on abandoned threads)."""
-    def call() -> tuple[str, Any]:
-        try:
-            return "ok", fn(**kwargs)
-        except Exception as e:  # noqa: BLE001 - contained by design
-            return "error", f"{type(e).__name__}: {e}"
-
-    if timeout_s is None:
-        return call()
-    box: queue.SimpleQueue = queue.SimpleQueue()
-    thread = threading.Thread(target=lambda: box.put(call()), name="lit_covrl-reward", daemon=True)
-    thread.start()
-    try:
-        return box.get(timeout=timeout_s)
-    except queue.Empty:
-        abandon(thread, fn, timeout_s)
-        return "timeout", f"no result within {timeout_s:g} s (thread abandoned)"
