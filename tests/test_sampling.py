@@ -16,7 +16,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from lit_covrl.sampling import (
     KVCacheSampler, StaticCacheSampler, default_sampler, sample_token, static_cache_unsupported,
 )
-from lit_covrl.sampling.static_cache import _Store, batch_bucket
+from lit_covrl.sampling.static_store import _Store, batch_bucket
 
 EOS = [1, 2]  # two stop ids: every one ends a sequence
 PAD = 0

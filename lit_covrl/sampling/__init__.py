@@ -21,7 +21,8 @@ import torch
 
 from lit_covrl.sampling.base import Sampler, draw_token, eos_ids, sample_token, token_distribution, top_p_filter
 from lit_covrl.sampling.kv_cache import KVCacheSampler
-from lit_covrl.sampling.static_cache import StaticCacheSampler, static_cache_unsupported
+from lit_covrl.sampling.static_cache import StaticCacheSampler
+from lit_covrl.sampling.static_store import static_cache_unsupported
 
 log = logging.getLogger("lit_covrl")
 

@@ -61,7 +61,6 @@ import gc
 import logging
 import time
 import types
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -70,80 +69,11 @@ from torch import Tensor, nn
 from lit_covrl.policy import _cache_kwarg, position_ids_from_mask
 from lit_covrl.sampling.base import Sampler, draw_token, eos_ids, finish_rollout, token_distribution
 from lit_covrl.sampling.kv_cache import prefill
+from lit_covrl.sampling.static_store import _casting_update, _Slot, _Store, batch_bucket, static_cache_unsupported
 from lit_covrl.types import Rollout
 
 log = logging.getLogger("lit_covrl")
 GRAPHS = ("auto", "cuda_graph", "compile", "none")
-
-
-def static_cache_unsupported(config) -> str | None:
-    """Why this model config cannot decode through the static cache (None when it can): every layer
-    must be a plain full-attention `StaticLayer` (not sliding-window, chunked or linear attention)."""
-    from transformers import StaticCache
-    from transformers.cache_utils import StaticLayer
-
-    try:
-        cache = StaticCache(config=config, max_cache_len=1)  # layers are allocated lazily: cheap
-    except Exception as err:  # noqa: BLE001 (any reason transformers gives is the answer)
-        return f"transformers builds no static cache for it ({type(err).__name__}: {err})"
-    other = {i: type(layer).__name__ for i, layer in enumerate(cache.layers) if type(layer) is not StaticLayer}
-    if other:
-        first = next(iter(other))
-        return (f"{len(other)} of its {len(cache.layers)} layers are not full attention "
-                f"(layer {first}: {other[first]}), and one key mask serves every layer")
-    return None
-
-
-def batch_bucket(n: int) -> int:
-    """Rows rounded up: the next power of two up to 64, then the next multiple of 64."""
-    return 1 << max(n - 1, 0).bit_length() if n <= 64 else -(-n // 64) * 64
-
-
-@dataclass
-class _Store:
-    """A model's KV cache: per layer keys and values [rows, kv_heads, length, head_dim], the largest
-    batch bucket x the longest (bucketed) P + T seen. Every slot of the model decodes in its leading
-    rows, so the sampler holds one cache per model (and KV dtypes: rollouts with and without
-    autocast keep one each), not one per slot."""
-
-    keys: list
-    values: list
-
-    @property
-    def rows(self) -> int:
-        return self.keys[0].shape[0]
-
-    @property
-    def length(self) -> int:
-        return self.keys[0].shape[2]
-
-    def fits(self, nb: int, lb: int, layers) -> bool:
-        """Whether nb rows of lb positions fit, in the prefill cache's layers' shapes and dtypes."""
-        def like(a: Tensor, b: Tensor) -> bool:  # all but rows and length
-            return (a.shape[1], a.shape[3], a.dtype) == (b.shape[1], b.shape[3], b.dtype)
-
-        return nb <= self.rows and lb <= self.length and len(layers) == len(self.keys) and all(
-            like(k, dl.keys) and like(v, dl.values) for k, v, dl in zip(self.keys, self.values, layers))
-
-
-@dataclass
-class _Slot:
-    """Everything one (batch bucket, temperature, top-p) needs, kept across rollouts: views of the
-    leading rows of the model's `_Store` (its full length), the mask, positions and the captured
-    graph or compiled step, which read the store's addresses and are only valid while it lives."""
-
-    store: _Store
-    cache: object
-    tok: Tensor         # [N_b, 1] token fed at this step
-    pos: Tensor         # [N_b, 1] its position id
-    key_valid: Tensor   # [N_b, L_b] bool: which cache positions a query may attend to
-    mask: Tensor        # [N_b, 1, 1, L_b] what the model gets (bool, or additive float for eager)
-    lengths: list = field(default_factory=list)  # every layer's cumulative_length (write position)
-    cache_kw: str = "cache"  # the model's name for its cache argument (transformers 4 / 5)
-    weights: dict | None = None  # low-precision Linear weights used instead of the model's (cast_weights_once)
-    graph: object = None
-    compiled: object = None
-    outputs: tuple | None = None
 
 
 class StaticCacheSampler(Sampler):
@@ -437,16 +367,6 @@ class StaticCacheSampler(Sampler):
             length.copy_(w)
         slot.graph = graph
         self.captures += 1
-
-
-def _casting_update(layer):
-    """`layer.update` with the new key / value states cast to the layer's own dtypes first."""
-    update = layer.update
-
-    def cast_then_update(key_states: Tensor, value_states: Tensor, *args, **kwargs):
-        return update(key_states.to(layer.keys.dtype), value_states.to(layer.values.dtype), *args, **kwargs)
-
-    return cast_then_update
 
 
 def _sync(device: torch.device) -> None:
