@@ -338,7 +338,7 @@ class FSDP2Strategy(_strategy_base()):
         from torch.distributed.checkpoint.api import CheckpointException
 
         from lit_covrl import distributed
-        from lit_covrl.checkpointing import CheckpointWriteError, fsync_tree, replace_path, temporary_name
+        from lit_covrl.atomic_files import CheckpointWriteError, fsync_tree, replace_path, temporary_name
 
         path = Path(self.broadcast(str(filepath))).absolute()
         tmp = Path(self.broadcast(temporary_name(path)))
