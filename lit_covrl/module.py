@@ -44,8 +44,8 @@ from lit_covrl.rollout_rng import RolloutRNG
 from lit_covrl.sampling import Sampler, default_sampler
 from lit_covrl.settings import (
     GROUPS, EvalSettings, LossSettings, RolloutSettings, SystemSettings, UpdateSettings, as_group,
-    check_module_settings, check_passk_reward_weights,
 )
+from lit_covrl.settings_checks import check_module_settings, check_passk_reward_weights
 from lit_covrl.setup_hooks import SetupHooks
 from lit_covrl.types import PromptBatch, Rollout
 

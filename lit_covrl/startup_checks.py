@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lit_covrl.prompt_check import check_datamodule_prompts
 from lit_covrl.prompts import uses_chat_template
 from lit_covrl.regularizers.base import check_lookalikes, check_objective_stack, check_stack
-from lit_covrl.settings import check_fit_plan, check_run_length
+from lit_covrl.settings_checks import check_fit_plan, check_run_length
 from lit_covrl.sharding import check_strategy
 
 REWARD_CHECK_ROWS = 64  # data rows (or a task's held-out sample) the rewards' signatures are bound on
