@@ -6,7 +6,7 @@ error (`model.rollout.group_size=0 is invalid: must be >= 1`). LightningCLI read
 (`model: {rollout: {group_size: 8}}`) and from the command line (`--model.rollout.group_size 8`);
 in Python a group is passed as the dataclass or as a plain dict of its keys (`as_group`).
 The checks that span two groups, or look at the trainer and the datamodule, are in
-`lit_covrl.settings_checks` (importable from here too). The learner, the evaluator and the rollout
+`lit_covrl.settings_checks`. The learner, the evaluator and the rollout
 code take these groups directly: each setting is declared and documented once, here.
 
 Keys that moved out of the flat `model.*` namespace are listed in `MOVED_KEYS`; an old key given
@@ -377,15 +377,3 @@ def as_group(cls, value):
             hint = f" ({key} is model.{old})" if old else ""
             raise ValueError(f"{cls.KEY}.{key} is not a setting{hint}; valid: {sorted(names)}")
     return cls(**value)
-
-
-_CHECKS = ("check_module_settings", "check_passk_reward_weights", "check_run_length", "check_fit_plan")
-
-
-def __getattr__(name: str):
-    """The checks beyond one group live in `lit_covrl.settings_checks` (which imports this module, so
-    they are looked up there on first use); `from lit_covrl.settings import check_fit_plan` still works."""
-    if name in _CHECKS:
-        from lit_covrl import settings_checks
-        return getattr(settings_checks, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -746,7 +746,8 @@ def test_mini_batch_must_divide_batch(tiny_model_dir):
 
 
 def test_dynamic_sampling_needs_a_datamodule_that_draws_fresh_prompts():
-    from lit_covrl.settings import RolloutSettings, UpdateSettings, check_fit_plan
+    from lit_covrl.settings import RolloutSettings, UpdateSettings
+    from lit_covrl.settings_checks import check_fit_plan
 
     dynamic = RolloutSettings(filter_groups=True, max_gen_rounds=3)
 
@@ -1038,7 +1039,7 @@ def test_a_fit_without_max_steps_is_refused_and_validation_that_cannot_run_is_wa
 def test_a_negative_val_check_interval_is_refused():
     """Lightning divides by val_check_interval after step 1: a negative one (an int or a fraction)
     is refused at start-up like 0, naming the setting."""
-    from lit_covrl.settings import check_run_length
+    from lit_covrl.settings_checks import check_run_length
 
     for v in (-1, -0.5, 0):
         with pytest.raises(ValueError, match=rf"trainer\.val_check_interval={v} is invalid: must be >= 1 RL step"):
