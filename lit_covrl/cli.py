@@ -278,35 +278,26 @@ def _log_dir(trainer) -> str | None:
     return getattr(getattr(trainer, "logger", None), "log_dir", None) if trainer is not None else None
 
 
-def _remove_unused_run_folder(started: float) -> None:
-    """The version folder of a run that failed at start-up (empty, or an empty event file and
-    config.yaml): each failed attempt took a version number, so the next real run was `-v3` while
-    the README's commands name `-v0`. Removed only if the run created it (its generated name's
-    folder, made when the name was chosen, or one the logger makes; not a folder that existed
-    before, such as one named by an explicit logger version, or made to hold the run's own log),
-    everything in it was written since `started` and it holds no checkpoint; the folders above it
-    too when the run created them and they are left empty."""
-    log_dir, *above = _RUN.get("new_folders") or [None]
-    if not log_dir or not os.path.isdir(log_dir):
-        return
-    entries = [os.path.join(root, name) for root, dirs, files in os.walk(log_dir) for name in dirs + files]
-    if any(os.path.basename(p) == "checkpoints" or os.path.getmtime(p) < started for p in entries):
-        return
-    shutil.rmtree(log_dir, ignore_errors=True)
-    for folder in above:
-        with contextlib.suppress(OSError):  # not empty: another run's folder appeared meanwhile
-            os.rmdir(folder)
+def _remove_run_folder(written_since: float | None = None) -> None:
+    """Remove the run folder this process made (reserved when the name was chosen, or one its logger
+    made; never one that existed before, such as an explicit logger version's) when the run stopped
+    without using it, with the folders made above it that are left empty. Each failed attempt took a
+    version number, so the next real run was `-v3` where the README's commands name `-v0`. Other
+    ranks made none (`_first_process`).
 
-
-def _remove_empty_run_folder() -> None:
-    """The run folder this process made (reserved when the name was chosen, or one its logger made),
-    removed if the run stopped (Ctrl-C, any error) before anything was written into it, with the
-    folders made above it when they are left empty: an interrupt during the model's loading left an
-    empty `-vN` that the next run's number skipped. Other ranks made none (`_first_process`)."""
+    With `written_since` (the run stopped before its first batch: a start-up error, Ctrl-C while the
+    model loads) the folder goes even though it holds config.yaml and an empty event file, provided
+    everything in it was written since then and it holds no checkpoint; without (the run got further)
+    only an empty folder goes."""
+    log_dir, *_ = _RUN.get("new_folders") or [None]
+    if written_since is not None and log_dir and os.path.isdir(log_dir):
+        entries = [os.path.join(root, name) for root, dirs, files in os.walk(log_dir) for name in dirs + files]
+        if not any(os.path.basename(p) == "checkpoints" or os.path.getmtime(p) < written_since for p in entries):
+            shutil.rmtree(log_dir, ignore_errors=True)
     for folder in _RUN.get("new_folders") or []:
         try:
             os.rmdir(folder)  # only an empty one
-        except FileNotFoundError:  # the logger never made it
+        except FileNotFoundError:  # the logger never made it, or it was just removed
             continue
         except OSError:  # written into, or another run's folder appeared next to it
             return
@@ -336,10 +327,10 @@ def main(args: list[str] | None = None) -> None:
         )
     except BaseException as err:  # a start-up error, Ctrl-C (or Lightning's exit after one), any other error
         if debug or _past_start_up(_RUN.get("trainer")):
-            _remove_empty_run_folder()
+            _remove_run_folder()
             raise
         # stopped before its first batch, e.g. while the model loads: config.yaml and an empty event file
-        _remove_unused_run_folder(started)
+        _remove_run_folder(written_since=started)
         if not isinstance(err, _STARTUP_ERRORS):
             raise
         exit_with(err)
