@@ -13,7 +13,6 @@ later command-line override does not flow into keys interpolated from it).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
