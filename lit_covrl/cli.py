@@ -33,7 +33,7 @@ from lit_covrl.cli_args import (
     check_moved_keys, config_file_with_key, flag_as_given, one_string_lists, reset_switched_classes,
     stack_config_callbacks,
 )
-from lit_covrl.dashboard import name_run
+from lit_covrl.run_names import last_checkpoint, name_run
 from lit_covrl.errors import class_argument, debugging, exit_with, unknown_settings
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
@@ -131,6 +131,18 @@ class LitCovRLCLI(LightningCLI):
             super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
+        """`--ckpt_path last` resolved to the newest earlier run's last.ckpt (`last_checkpoint`),
+        then the checkpoint's hyperparameters read (`_read_ckpt_settings`)."""
+        sub = self.config.get("subcommand")
+        last = last_checkpoint(self.config[sub]) if sub and self.config[sub].get("ckpt_path") == "last" else None
+        if last is not None:
+            log.info("--ckpt_path last: %s", last)
+            self.config[sub]["ckpt_path"] = last
+        self._read_ckpt_settings()
+        if last is not None:  # the arguments re-parsed over the checkpoint's settings say "last" again
+            self.config[sub]["ckpt_path"] = last
+
+    def _read_ckpt_settings(self) -> None:
         """Lightning fills `model` from a checkpoint file's hyperparameters over everything parsed,
         so a `--model.*` flag or a `--config` given with `--ckpt_path` (another `model.eval`
         temperature, a changed setting on resume) was silently replaced. Here the checkpoint's

@@ -9,8 +9,7 @@
   as config.yaml, or the module's and datamodule's hyperparameters outside the CLI;
 - the HPARAMS tab: the main settings (`run_hparams`) and the final figures, logged as scalars
   under `final/` when fit ends (FINAL_METRICS), so runs can be sorted and filtered by them;
-- `default_version`: the CLI's default run folder name, `<method>-<config stems>-v<N>`
-  (e.g. `clip_cov-quickstart-v0`), instead of Lightning's `version_N`.
+- `method_name`: what ran, the first part of the CLI's run folder names (lit_covrl.run_names).
 
 The hparams plugin takes its columns from the first experiment summary it finds (of any run)
 and reads each metric as the last value of a scalar of that name in the run; of two summaries of
@@ -23,10 +22,7 @@ rank 0 writes.
 """
 from __future__ import annotations
 
-import importlib
-import os
 import re
-from pathlib import Path
 
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -317,79 +313,3 @@ def _session_end(success: bool):
     meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
         plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString()))
     return Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG, metadata=meta)])
-
-
-# run naming (CLI) ------------------------------------------------------------------------------
-def _config_class(entry) -> type | None:
-    """The class a parsed config entry names (`class_path`), or None (jsonargparse reports a bad one)."""
-    module, _, attr = str(getattr(entry, "class_path", None)).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError):
-        return None
-    return cls if isinstance(cls, type) else None
-
-
-def _regularizer_name(callback) -> str | None:
-    """The metric name of a `trainer.callbacks` entry of a parsed config, if it is a Regularizer."""
-    if getattr(callback, "class_path", None) is None:
-        return callback.name if isinstance(callback, Regularizer) else None
-    cls = _config_class(callback)
-    if cls is None or not issubclass(cls, Regularizer):
-        return None
-    init = getattr(callback, "init_args", None)
-    return (init.get("name") if init is not None else None) or cls.default_name
-
-
-def default_version(config_files: list, callbacks: list, log_root: Path, model=None, reserve: bool = False) -> str:
-    """`<method>-<config stems>-v<N>`: `method_name` of the parsed `model` config (objective,
-    quantile baseline, pass@k advantage, unlikeliness reward) and callbacks (or 'grpo'), then the stems of the config files not already
-    named (quickstart + clip_cov.yaml -> clip_cov-quickstart), then the first N >= 0 above every
-    existing `<prefix>-v<M>` folder in log_root (never overwrites). With `reserve` the folder is
-    made here (log_root too), the next N taken when it already exists: two runs started at once
-    (seeds launched with `&`) then get two folders instead of logging into one."""
-    objective = _config_class(getattr(model, "objective", None)) if model is not None else None
-    loss = getattr(model, "loss", None) if model is not None else None
-    quantile, advantage, unlikeliness = (loss.get(k) if hasattr(loss, "get") else getattr(loss, k, None)
-                                         for k in ("baseline_quantile", "advantage", "unlikeliness"))
-    method = method_name([n for n in (_regularizer_name(cb) for cb in callbacks or []) if n],
-                         getattr(objective, "run_name", None), quantile, advantage, unlikeliness)
-    parts = [method]
-    for f in config_files or []:
-        stem = Path(str(f)).stem
-        if stem not in parts and stem not in method.split("+"):
-            parts.append(stem)
-    prefix = "-".join(parts)
-    pattern = re.compile(re.escape(prefix) + r"-v(\d+)")
-    taken = [int(m.group(1)) for p in (log_root.iterdir() if log_root.is_dir() else [])
-             if (m := pattern.fullmatch(p.name))]
-    n = max(taken, default=-1) + 1
-    if reserve:
-        log_root.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                (log_root / f"{prefix}-v{n}").mkdir()  # atomic: one of two runs racing for N gets it
-                break
-            except FileExistsError:
-                n += 1
-    return f"{prefix}-v{n}"
-
-
-def name_run(cfg, reserve: bool = False) -> tuple[str | None, list[Path]]:
-    """Give a TensorBoardLogger or CSVLogger configured without a version the `default_version` name
-    (an explicit version, even "" as tools/compare.py passes, is kept), its folder made now with
-    `reserve`. Returns the name given, or None, and the folders made for it: the run folder, then
-    those above it that did not exist (the CLI removes them again when the run fails at start-up).
-    The CLI keeps the name out of the saved config.yaml, so that re-running that file names a
-    new run rather than reusing (and overwriting) the folder of the run that saved it."""
-    logger = cfg.get("trainer", {}).get("logger") if hasattr(cfg, "get") else None
-    if logger is None or not str(getattr(logger, "class_path", "")).endswith(("TensorBoardLogger", "CSVLogger")):
-        return None, []
-    init = logger.init_args
-    if init.get("version") is not None:
-        return None, []
-    # $VARS and ~ expanded as the loggers expand them: the folder made is the one they write to
-    root = Path(os.path.expanduser(os.path.expandvars(str(init.get("save_dir"))))) / str(init.get("name") or "")
-    made = [p for p in (root, *root.parents) if not p.is_dir()] if reserve else []
-    init.version = default_version(cfg.get("config"), cfg.trainer.get("callbacks"), root, cfg.get("model"), reserve)
-    return init.version, [root / init.version, *made] if reserve else []

@@ -665,3 +665,26 @@ def test_a_callbacks_knob_flag_edits_the_last_callback_as_the_readme_says(tmp_pa
     with pytest.raises(SystemExit) as exit_:  # ReferenceKL, the config's last callback, has no quantile
         _cli(tmp_path, "--config", str(CONFIGS / "cpu" / "archer.yaml"), "--trainer.callbacks.quantile=0.5")
     assert exit_.value.code == 2
+
+
+def test_ckpt_path_last_resumes_the_newest_earlier_run_of_the_config(tmp_path, capsys):
+    """`--ckpt_path last` (Lightning's keyword) resumes from the newest earlier run of the same
+    config that holds checkpoints/last.ckpt. Lightning looked only in the new run's folder, which
+    every fit makes anew (`-v1`), found nothing and trained from step 0 after a warning; `validate
+    --ckpt_path last` scored the untrained model. Without an earlier run it is a one-line error."""
+    from tests.helpers import scalar_tags
+
+    runs = tmp_path / "runs"
+    common = ["--config", str(QUICK), "--torch_threads", "1", "--trainer.limit_val_batches", "0",
+              "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(runs)]
+    with pytest.raises(SystemExit):
+        main(["fit", *common, "--ckpt_path", "last", "--trainer.max_steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lit-covrl: error: ckpt_path=last: no last.ckpt in "), err[-1]
+    assert "grpo-quickstart-v<N>/checkpoints" in err[-1]
+    main(["fit", *common, "--trainer.max_steps", "1"])
+    main(["fit", *common, "--ckpt_path", "last", "--trainer.max_steps", "2"])
+    second = scalar_tags(runs / "quickstart" / "grpo-quickstart-v1")
+    assert {step for step, _ in second["policy/loss"]} == {1}  # resumed after step 0 (was 0 and 1)
+    main(["fit", *common, "--ckpt_path", "last", "--trainer.max_steps", "3"])  # the newest: -v1's
+    assert {step for step, _ in scalar_tags(runs / "quickstart" / "grpo-quickstart-v2")["policy/loss"]} == {2}

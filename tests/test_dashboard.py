@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from lightning.pytorch import Callback
 
-from lit_covrl.dashboard import CATEGORIES, FINAL_METRICS, default_version, layout
+from lit_covrl.dashboard import CATEGORIES, FINAL_METRICS, layout
+from lit_covrl.run_names import default_version
 from lit_covrl.regularizers import ClipCov, EntropyBonus, Regularizer
 from tests.helpers import fit, scalar_tags
 from tests.test_module import make_data, make_module
@@ -484,7 +485,7 @@ def test_name_run_without_reserving_claims_no_folder(tmp_path):
     name may be another run's)."""
     from jsonargparse import Namespace
 
-    from lit_covrl.dashboard import name_run
+    from lit_covrl.run_names import name_run
 
     def cfg():
         logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
