@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lit_covrl import distributed, guards, resume_check
+from lit_covrl.control_rows import drawing_regularizer, splice_control_rows
 from lit_covrl.algorithms import compute_advantages, likelihood_ranks, sequence_logprob_means, zero_variance_groups
 from lit_covrl.drivers import LightningDriver
 from lit_covrl.dynamic_sampling import Round, sample_rounds
@@ -263,13 +264,16 @@ class GRPOModule(SetupHooks, EvaluationHooks, L.LightningModule):
         advantages = compute_advantages(rewards, G, cfg.loss.advantage, baseline_quantile=cfg.loss.baseline_quantile,
                                         pass_k=cfg.loss.pass_k, unlikeliness=cfg.loss.unlikeliness, seq_logp=seq_logp,
                                         ranks=ranks)
+        trained = (rollout, advantages, keep)  # a regularizer's extra responses in its first rows (AEPO's)
+        if (drawing := drawing_regularizer(self.regularizers)) is not None:
+            trained = splice_control_rows(self, drawing, sampled.batch, *trained, timer)
         ref_logp = None
         if any(r.needs_reference for r in self.regularizers):  # time/ref_logp_s only where there is one
             with timer("ref_logp"):
-                ref_logp = self._reference_logprobs(rollout)
+                ref_logp = self._reference_logprobs(trained[0])
         with timer("update"):
             self.learner.regularizers = self.regularizers
-            update_metrics = self.learner.update(rollout, advantages, keep, ref_logp, step=self.global_step)
+            update_metrics = self.learner.update(*trained, ref_logp, step=self.global_step)
         guards.stop_on_nonfinite_weights(self.policy, step=step, rank=self.global_rank, trainer=self.trainer)
         scheduler = self.lr_schedulers()
         if scheduler is not None:

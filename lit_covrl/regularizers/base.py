@@ -211,6 +211,9 @@ class Regularizer(Callback):
     # renormalised over all but the int(V clamp_p) lowest-logit tokens (`algorithms.token_clamped_entropy`)
     needs_clamped_entropy: float = 0.0
     reads_zeroed: bool = False  # prepared after the others, with their weight-0 tokens in ctx.zeroed
+    # asks the module for extra responses before each update (`rollout_request`, `choose_extra`;
+    # AEPO's; at most one per run): the chosen ones replace the rollout's first rows, advantage 1
+    draws_rollout: bool = False
     shifts_advantage: bool = False  # returns TokenShaping.advantage_shift (at most one per run)
     sets_clip_range: bool = False  # returns TokenShaping.clip_low / clip_high (at most one per run; see clip_bounds)
     default_name: str = "regularizer"  # metric namespace reg/<name>/ unless `name` is given
@@ -297,6 +300,20 @@ class Regularizer(Callback):
         """With `observes_rollout()`: the nucleus entropy (`needs_topp_entropy`'s) [n, T] and the
         mask of this rank's kept rows of the whole rollout, under the rollout policy, before the
         step's first update (SIREN measures its anchor here); called on every rank."""
+
+    def rollout_request(self, step: int, num_prompts: int) -> tuple[int, float] | None:
+        """With `draws_rollout`: called on every rank before RL step `step`'s update with its number
+        of prompts; (n, temperature): its first n prompts get group_size more responses each, drawn
+        at that temperature with the rollout generator and scored like the rollout; None: none this
+        step. The same on every rank (sampling is a collective)."""
+        return None
+
+    def choose_extra(self, advantages: Tensor) -> Tensor:
+        """With `draws_rollout`: bool [M] over this rank's M extra responses, given their sequence
+        advantages (the run's estimator over their own groups): the ones the update trains on, with
+        advantage 1, in place of as many of this rank's first rollout rows (called on every rank:
+        a choice over all ranks' responses is a collective)."""
+        raise NotImplementedError
 
     def check_objective(self, objective) -> None:
         """Start-up check of the run's policy objective (`check_objective_stack`): raise a

@@ -38,7 +38,8 @@ def check_stack(regularizers: list[Regularizer]) -> None:
     flip it: two EntropyAdvantage with kappa 1.5 turn negative advantages positive) and at most one
     that sets a per-token clip range (a token has one clip range: two would have to be merged by a
     rule neither defines), and one value of each request of the training forward (`ForwardAsks.of`:
-    two regularizers asking for different min-p thresholds, nuclei, logit scales or clamp_p)."""
+    two regularizers asking for different min-p thresholds, nuclei, logit scales or clamp_p), and
+    at most one that draws extra responses (`draws_rollout`: both would replace the same rows)."""
     for reg in regularizers:
         reg._check_initialized()
     check_unique_names(regularizers)
@@ -49,6 +50,12 @@ def check_stack(regularizers: list[Regularizer]) -> None:
             "their shifts add up and can flip the advantage's sign; keep one (raise its alpha instead)"
         )
     ForwardAsks.of(regularizers)  # one request of each kind for the training forward, else refused
+    drawing = [r for r in regularizers if r.draws_rollout]
+    if len(drawing) > 1:
+        raise ValueError(
+            f"{len(drawing)} regularizers draw extra responses ({', '.join(repr(r.name) for r in drawing)}): "
+            "each would replace the same first rows of the rollout; keep one"
+        )
     clipping = [r for r in regularizers if r.sets_clip_range]
     if len(clipping) > 1:
         raise ValueError(

@@ -1,0 +1,76 @@
+"""Extra responses a regularizer draws for the update (`Regularizer.draws_rollout`; AEPO's).
+
+Before the update, the regularizer names how many of this rank's first prompts get group_size
+more responses and at which temperature (`rollout_request`); they are sampled with the rollout
+generator, scored like the rollout, given the run's advantages over their own groups, and the
+regularizer chooses some (`choose_extra`). The k chosen on a rank take the place of its first k
+rollout rows (so the batch keeps its size and its mini-batches), with advantage 1 and kept; the
+old log-probs and entropies of the whole spliced batch are then recomputed by the training
+forward (the extra responses were drawn at another temperature; the rollout's own rows get the
+training forward's values, as with `recompute_logprobs`). The rollout's metrics stay the
+rollout's own; the update, the reference log-probs and the regularizers see the spliced batch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lit_covrl import distributed, guards
+from lit_covrl.algorithms import compute_advantages
+from lit_covrl.dynamic_sampling import concat_rollouts
+from lit_covrl.types import PromptBatch, Rollout
+
+
+def drawing_regularizer(regularizers: list):
+    """The one regularizer that draws extra responses, or None (`check_stack` refuses two)."""
+    return next((r for r in regularizers if r.draws_rollout), None)
+
+
+def splice_control_rows(module, reg, batch: PromptBatch, rollout: Rollout, advantages: Tensor, keep: Tensor,
+                        timer) -> tuple[Rollout, Tensor, Tensor]:
+    """(rollout, advantages, keep) of the update with `reg`'s chosen extra responses in place of
+    this rank's first rollout rows; the inputs themselves when it draws none this step."""
+    request = reg.rollout_request(module.global_step, len(batch))
+    if request is None:
+        return rollout, advantages, keep
+    n, temperature = request
+    extra, rewards = _draw(module, PromptBatch(batch.prompts[:n], batch.answers[:n], batch.index,
+                                               batch.columns[:n]), temperature, timer)
+    ro, loss = module.settings.rollout, module.settings.loss
+    adv = compute_advantages(rewards, ro.group_size, loss.advantage, baseline_quantile=loss.baseline_quantile,
+                             pass_k=loss.pass_k)
+    if ro.overlong == "mask":  # a truncated response is never trained on
+        adv = adv.masked_fill(extra.truncated, float("-inf"))
+    chosen = reg.choose_extra(adv)
+    if distributed.all_max_int(int(chosen.any())) == 0:  # none on any rank: the rollout as sampled
+        return rollout, advantages, keep
+    return _splice(module, extra, chosen, rollout, advantages, keep, timer)
+
+
+def _draw(module, prompts: PromptBatch, temperature: float, timer) -> tuple[Rollout, Tensor]:
+    """group_size responses per prompt at `temperature` and their rewards (as the rollout's)."""
+    G = module.settings.rollout.group_size
+    with timer("control_rollout"):
+        extra = module.generate(prompts.prompts, G, temperature=temperature, generator=module.rollout_generator)
+    guards.stop_on_nonfinite_logits(extra, step=module.global_step, rank=module.global_rank, trainer=module._trainer)
+    with timer("control_score"):  # left out of the rollout's reward statistics
+        answers, texts, columns = ([x for x in xs for _ in range(G)]
+                                   for xs in (prompts.answers, prompts.prompts, prompts.columns))
+        scores, _ = module.score(extra.completions, answers, texts, columns, counted=False)
+    return extra, module.generation.penalize_overlong(extra, scores)
+
+
+def _splice(module, extra: Rollout, chosen: Tensor, rollout: Rollout, advantages: Tensor, keep: Tensor,
+            timer) -> tuple[Rollout, Tensor, Tensor]:
+    rows = torch.nonzero(chosen).squeeze(-1)
+    k, n = len(rows), len(keep)
+    assert k <= n, f"{k} extra responses chosen for a rollout of {n} rows"
+    rest = torch.arange(k, n, device=rows.device)
+    # both widths are the same on every rank (decoding runs in lock-step), so the spliced one is too
+    width = max(rollout.response_mask.shape[1], extra.response_mask.shape[1])
+    spliced = concat_rollouts([(extra, rows), (rollout, rest)], module.tokenizer.pad_token_id, width)
+    advantages = torch.cat([torch.ones(k, dtype=advantages.dtype, device=advantages.device), advantages[k:]])
+    keep = torch.cat([torch.ones(k, dtype=torch.bool, device=keep.device), keep[k:]])
+    with timer("old_logp"):  # at the training temperature, in the update's micro-batches
+        module.learner.recompute_old_logprobs(spliced, keep)
+    return spliced, advantages, keep
