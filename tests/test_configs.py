@@ -23,12 +23,12 @@ R7 = CONFIGS / "paper" / "qwen2.5-7b.yaml"
 F7 = CONFIGS / "fsdp" / "qwen2.5-7b.yaml"
 CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_tokens", "adaptive_entropy", "steer",
                "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "ce_gppo", "qae", "w_reinforce", "passk",
-               "entropic", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo", "era", "aent")
+               "entropic", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo", "era", "aent", "aepo")
 REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "adaptive_entropy", "clip_cov",
                      "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
                      "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse", "qae", "w_reinforce", "w_reinforce_high_lr", "gspo", "cispo",
                      "ce_gppo", "passk", "entropic", "entropic_kp50", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo",
-                     "era", "aent")
+                     "era", "aent", "aepo")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high",
                "entropic_kp5", "lp_reg_neg10", "siren_high")
 STACKS = {
@@ -117,6 +117,10 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
         (era,) = regs
         assert (era.low, era.high, era.k, era.top_frac, era.scale_advantages) == (0.45, 3.0, 2.0, 0.2, True)
         assert era.needs_logit_scales == (2.0, 0.5) and type(cli.model.objective).__name__ == "PPOClip"
+    if name.endswith("aepo.yaml"):  # the authors' TrainerConfig / qwen-math-7b-AEPO.sh and ray_trainer.py's constants
+        (aepo,) = regs
+        assert (aepo.target_entropy, aepo.temperature_high, aepo.temperature_low) == (0.5, 1.2, 0.8)
+        assert (aepo.sample_num, aepo.prompt_frac, aepo.adv_threshold, aepo.draws_rollout) == (60, 0.25, 0.05, True)
     if name.endswith("aent.yaml"):  # the author's MATH run (antgroup/AEnt, recipe/aent/run_aent_math.sh)
         (aent,) = regs
         assert (aent.init_coef, aent.clamp_p, aent.needs_clamped_entropy, aent.adaptive) == (2e-3, 0.33, 0.33, True)

@@ -1,6 +1,6 @@
 """Pure tensor math: advantages, PPO / GSPO / CISPO / CE-GPPO losses and aggregation, token covariance and
-selection, entropy controls, clip-range controls (Archer, BAPO), the logit-activation control (ERA), entropy and
-log-probs, KL estimators.
+selection, entropy controls, clip-range controls (Archer, BAPO), the logit-activation control (ERA), the
+extra-response control (AEPO), entropy and log-probs, KL estimators.
 No state, no config objects."""
 from lit_covrl.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
@@ -71,6 +71,7 @@ from lit_covrl.algorithms.entropy_controls import (
     steer_weights,
 )
 from lit_covrl.algorithms.kl import KL_ESTIMATORS, kl_penalty
+from lit_covrl.algorithms.rollout_controls import aepo_choose, aepo_temperature
 from lit_covrl.algorithms.losses import (
     AGG_MODES,
     aggregate,
@@ -97,6 +98,8 @@ __all__ = [
     "QUANTILE_ESTIMATORS",
     "STEER_MAPPINGS",
     "adaptive_entropy_coef",
+    "aepo_choose",
+    "aepo_temperature",
     "aent_coef",
     "aggregate",
     "archer_clip_bounds",

@@ -1,5 +1,6 @@
 """Entropy regularizers as Lightning callbacks (see base.py for the contract)."""
 from lit_covrl.regularizers.aent import AEnt
+from lit_covrl.regularizers.aepo import AEPO
 from lit_covrl.regularizers.archer import Archer
 from lit_covrl.regularizers.bapo import BAPO
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
@@ -16,6 +17,7 @@ from lit_covrl.regularizers.simko import SimKO
 from lit_covrl.regularizers.siren import SIREN
 
 __all__ = [
+    "AEPO",
     "AEnt",
     "AdaptiveEntropyBonus",
     "Archer",
