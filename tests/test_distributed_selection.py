@@ -2,7 +2,7 @@
 exactly the tokens that 1 process holding all of it selects (Clip-Cov, KL-Cov and the entropy
 controls: 80/20 quantile, STEER weights, entropy-ratio clip, adaptive bonus, entropy advantage,
 EntroPIC, Lp-Reg's lowest log-probs, SIREN's mini-batch deviation, BAPO's clip range, ERA's metrics,
-AEnt's coefficient),
+AEnt's coefficient, AEPO's temperature and extra responses),
 and each objective's loss, metrics and gradient add up across ranks to the single-process ones."""
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from lit_covrl.algorithms import (aggregate, ppo_clipped_tokens, token_clamped_e
                                   token_proxy_logprobs, token_scaled_logprobs, token_topk_logprobs, token_topp_entropy)
 from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
+    AEPO,
     AEnt,
     AdaptiveEntropyBonus,
     Archer,
@@ -140,6 +141,7 @@ def _objectives(rows: slice) -> dict[str, torch.Tensor]:
     out.update(_siren(rows, n_tok))
     out.update(_era(rows, n_tok))
     out.update(_aent(rows, n_tok))
+    out.update(_aepo(rows))
     return out
 
 
@@ -296,6 +298,25 @@ def _aent(rows: slice, n_tok) -> dict[str, torch.Tensor]:
             "aent_coefs": torch.tensor(coefs, dtype=torch.float64), **{k: torch.tensor(v) for k, v in metrics.items()}}
 
 
+def _aepo(rows: slice) -> dict[str, torch.Tensor]:
+    """AEPO over RL steps 0-2: each step's temperature follows the previous step's rollout entropy
+    over all ranks' tokens (step 0's, 0.513 on the whole, is above the 0.51 target: T_low at step 1,
+    where the second half alone, 0.500, would draw at T_high), and the extra responses trained on
+    are the first min(sample_num, P) // 2**halve of all ranks' candidates in rank order (rows 3, 5
+    and 8 of the candidates 3, 5, 8, 11 with sample_num 3; each half alone would take its own)."""
+    logp, old, adv, mask = (t[rows] for t in _batch())
+    old_ent = _entropy(rows)[1]
+    extra_adv = torch.randn(N, generator=torch.Generator().manual_seed(5))[rows]
+    reg, temps, chosen, metrics = AEPO(target_entropy=0.51, sample_num=3), [], [], {}
+    for step, scale in enumerate((0.5, 0.3, 0.9)):
+        temps.append(reg.rollout_request(step, 8)[1])
+        chosen.append(reg.choose_extra(extra_adv))
+        reg.prepare(MiniBatchContext(step, 0, True, logp, old, adv, mask, None, old_ent * scale))
+        metrics.update(reg.pop_metrics())
+    return {"aepo_temperatures": torch.tensor(temps, dtype=torch.float64),
+            "aepo_chosen": torch.stack(chosen, 1).float(), **{k: torch.tensor(v) for k, v in metrics.items()}}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -345,6 +366,8 @@ def test_two_processes_select_what_one_process_selects(tmp_path):
     assert 0 < whole["ppo+bapo/metrics"][2] < 1
     assert whole["aent_coefs"][0] < 0.1 < whole["aent_coefs"][1] < whole["aent_coefs"][2]  # down, then up twice
     assert whole["ppo+aent/grad"].abs().sum() > 0
+    assert whole["aepo_temperatures"].tolist() == [1.2, 0.8, 1.2]
+    assert [c.nonzero().flatten().tolist() for c in whole["aepo_chosen"].T] == [[3, 5, 8], [3], [3, 5, 8]]
     for key, value in whole.items():
         if value.dim() == 2:  # per-token decisions: the halves concatenate to the whole
             torch.testing.assert_close(torch.cat([p["entropy"][key] for p in parts]), value, msg=key)
@@ -368,3 +391,6 @@ def test_local_selection_would_differ():
     assert bounds == [(0.99, 1.04), (0.9, 1.0), (0.99, 1.1)]
     coefs = [_aent(rows, torch.tensor(1.0))["aent_coefs"][0].item() for rows in (slice(0, N // 2), slice(N // 2, N))]
     assert coefs[0] < 0.1 == coefs[1]  # AEnt's first move: one half above the band, the other inside it
+    halves = [_aepo(rows) for rows in (slice(0, N // 2), slice(N // 2, N))]
+    assert [h["aepo_temperatures"][1].item() for h in halves] == [0.8, 1.2]  # AEPO: each half's own entropy
+    assert halves[1]["aepo_chosen"][:, 0].nonzero().flatten().tolist() == [2, 5]  # rows 8 and 11: its own first 3

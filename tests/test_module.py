@@ -12,6 +12,7 @@ from lit_covrl.module import GRPOModule
 from lit_covrl.policy import load_policy
 from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
+    AEPO,
     AEnt,
     AdaptiveEntropyBonus,
     Archer,
@@ -228,6 +229,11 @@ INVARIANCE_CASES = {
     "era+gspo": (lambda: [ERA(low=2.75, high=2.8), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)],
                  lambda: GSPO(clip_low=0.05, clip_high=0.05)),
     "aent+cov": (_aent, lambda: PPOClip(dual_clip=3.0)),
+    # AEPO's extra responses (T_high at the first step) in the first rows with advantage 1, their
+    # old log-probs from the training forward, next to Clip-Cov, under PPOClip with dual-clip and GSPO
+    "aepo+cov": (lambda: [AEPO(), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)], lambda: PPOClip(dual_clip=3.0)),
+    "aepo+gspo": (lambda: [AEPO(), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)],
+                  lambda: GSPO(clip_low=0.05, clip_high=0.05)),
     # the two newest forward requests at once (scaled log-probs and the clamped entropy)
     "era+aent+cov": (lambda: [ERA(low=2.75, high=2.8), AEnt(init_coef=0.01, clamp_p=0.3),
                               ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)], lambda: PPOClip(dual_clip=3.0)),
@@ -292,6 +298,9 @@ def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_
     elif case == "aent+cov":  # the clamped-entropy bonus acted next to the full one
         assert ref_m["reg/aent/loss"] < 0 and 0 < ref_m["reg/aent/clamped_entropy"] < ref_m["policy/entropy"]
         assert ref_m["reg/entropy_bonus/loss"] < 0 and ref_m["reg/clip_cov/selected_frac"] > 0
+    elif case.startswith("aepo"):  # extra responses were trained on next to the selection
+        assert ref_m["reg/aepo/samples"] > 0 and ref_m["reg/aepo/temperature"] == pytest.approx(1.2)
+        assert ref_m["reg/clip_cov/selected_frac"] > 0
     elif case == "archer+ref_kl":  # the per-token range clipped tokens; the KL scale and Clip-Cov acted
         assert 0 < ref_m["reg/archer/high_entropy_frac"] < 1 and ref_m["reg/archer/loss"] != 0
         assert ref_m["policy/clip_frac"] > 0 and ref_m["reg/ref_kl/loss"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
