@@ -21,7 +21,9 @@ The contract (lit_covrl/regularizers/base.py):
   nucleus' entropy), `needs_logit_scales = (s_1, ...)` (batch.scaled_logp [n, T, S] with grad: the
   sampled tokens' log-probs under the logits scaled by each s), `needs_clamped_entropy = clamp_p`
   (batch.clamped_entropy with grad: the entropy renormalised over all but the int(V clamp_p)
-  lowest-logit tokens, AEnt's);
+  lowest-logit tokens, AEnt's); `draws_rollout` with `rollout_request` / `choose_extra` has the
+  module draw extra responses at a temperature it names and train the chosen ones in place of the
+  batch's first rows with advantage 1 (AEPO's);
 - `self.record(key, value)` logs the step's mean under reg/<name>/<key>.
 """
 from __future__ import annotations
