@@ -2,8 +2,9 @@
 
 Before the update, the regularizer names how many of this rank's first prompts get group_size
 more responses and at which temperature (`rollout_request`); they are sampled with the rollout
-generator, scored like the rollout, given the run's advantages over their own groups, and the
-regularizer chooses some (`choose_extra`). The k chosen on a rank take the place of its first k
+generator, scored like the rollout, given the run's advantages over their own groups (its
+estimator and baseline; without the unlikeliness reward, which ranks by the rollout's log-probs),
+and the regularizer chooses some (`choose_extra`). The k chosen on a rank take the place of its first k
 rollout rows (so the batch keeps its size and its mini-batches), with advantage 1 and kept; the
 old log-probs and entropies of the whole spliced batch are then recomputed by the training
 forward (the extra responses were drawn at another temperature; the rollout's own rows get the

@@ -116,9 +116,14 @@ def test_measurement_weighs_every_token_of_the_step():
     assert reg.measured_entropy == pytest.approx(1.8, rel=1e-12)
 
 
-def test_few_prompts_draw_nothing():
+def test_few_prompts_draw_nothing(caplog):
     reg = AEPO()
-    assert reg.rollout_request(0, 3) is None  # 3 // 4 = 0 prompts (the reference's `len // 4`)
+    with caplog.at_level("WARNING", logger="lit_covrl"):
+        assert reg.rollout_request(0, 3) is None  # 3 // 4 = 0 prompts (the reference's `len // 4`)
+        assert reg.rollout_request(1, 3) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "aepo: 3 prompts per step x prompt_frac 0.25 draw no extra response: AEPO does nothing (raise "
+        "data.batch_size or prompt_frac)"]
     assert reg.rollout_request(0, 4) == (1, 1.2)
     assert AEPO(prompt_frac=1.0).rollout_request(0, 3) == (3, 1.2)
     assert AEPO(prompt_frac=0.5).rollout_request(0, 7) == (3, 1.2)

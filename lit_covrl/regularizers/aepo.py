@@ -41,6 +41,8 @@ measured entropy is saved in checkpoints (`state_dict`) and resumes exactly.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
@@ -48,6 +50,8 @@ from lit_covrl import distributed
 from lit_covrl.algorithms import aepo_choose, aepo_temperature
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer, StepEntropy, check_number, select_globally
 from lit_covrl.types import PolicyBatch, TokenShaping
+
+log = logging.getLogger("lit_covrl")
 
 
 class AEPO(Regularizer):
@@ -88,6 +92,7 @@ class AEPO(Regularizer):
         # running state (saved by state_dict), private: the settings above describe the run
         self._measured: float | None = None  # the last closed step's entropy (None: none yet)
         self._entropy = StepEntropy()  # the step being measured
+        self._warned = False  # said once that too few prompts draw nothing
 
     @property
     def measured_entropy(self) -> float | None:
@@ -105,6 +110,10 @@ class AEPO(Regularizer):
         self._close(step)
         n = int(num_prompts * self.prompt_frac)
         if n == 0:
+            if not self._warned:
+                log.warning("%s: %d prompts per step x prompt_frac %g draw no extra response: AEPO does nothing "
+                            "(raise data.batch_size or prompt_frac)", self.name, num_prompts, self.prompt_frac)
+                self._warned = True
             return None
         temperature = aepo_temperature(self._measured, target=self.target_entropy, high=self.temperature_high,
                                        low=self.temperature_low)
