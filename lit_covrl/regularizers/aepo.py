@@ -27,8 +27,8 @@ Defaults: the code's TrainerConfig (verl/trainer/config.py: temperature_high 1.2
 0.8, entropy_base 0.5, reinforce_sample_num 60) and its run script examples/qwen-math-7b-AEPO.sh
 (entropy_base 0.5, reinforce_sample_num 60, Qwen2.5-Math-7B, 512 prompts x 5 responses); the
 quarter of the prompts and the 0.05 threshold are written into ray_trainer.py. The paper's best
-run is H = 0.75 (README table). The paper's method section could not be read here (only its
-abstract and the repository's README formula).
+run is H = 0.75 (the repository README's table). The paper's method section could not be read
+here (only its abstract and the repository README's formula).
 
 Where we differ: H_k is the token-mean entropy of softmax(z / temperature) of the step's trained
 rows under the rollout policy (every mini-batch's, float64 sums over micro-batches and ranks,
