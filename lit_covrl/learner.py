@@ -179,6 +179,8 @@ class Learner:
             old_entropy=mb.old_entropy, entropy=current_ent, zeroed=torch.zeros_like(mb.mask, dtype=torch.bool),
             agg_mode=self.settings.loss.loss_agg_mode, norm_length=self.settings.rollout.max_new_tokens,
             topp_entropy=topp_ent, logratio_clamp=getattr(self.objective, "logratio_clamp", None),
+            token_ids=mb.input_ids[:, mb.input_ids.shape[1] - mb.mask.shape[1]:],
+            groups=mb.rows // self.settings.rollout.group_size,
         )
         # the one that sets a per-token clip range first (ctx.clipped follows its range), those that
         # read ctx.zeroed last (a stable sort: otherwise in callback order)

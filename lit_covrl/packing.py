@@ -102,6 +102,7 @@ class MiniBatch:
     [N, P+T] and [N, T] tensors; nothing vocabulary-sized)."""
 
     def __init__(self, rollout: Rollout, advantages: Tensor, ref_logp: Tensor | None, idx: Tensor) -> None:
+        self.rows = idx  # the rows' indices in the rollout (row n answers prompt n // G)
         self.input_ids = rollout.input_ids[idx]
         self.attention_mask = rollout.attention_mask[idx]
         self.mask = rollout.response_mask[idx]

@@ -1,7 +1,7 @@
 """Pure tensor math: advantages, PPO / GSPO / CISPO / CE-GPPO losses and aggregation, token covariance and
 selection, entropy controls, clip-range controls (Archer, BAPO), the logit-activation control (ERA), the
-extra-response control (AEPO), entropy and log-probs, KL estimators.
-No state, no config objects."""
+extra-response control (AEPO), GTPO's conflict-token and response-entropy control, entropy and log-probs,
+KL estimators. No state, no config objects."""
 from lit_covrl.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
     QUANTILE_ESTIMATORS,
@@ -25,6 +25,13 @@ from lit_covrl.algorithms.activation_controls import (
     era_logp_grad,
     era_modes,
     era_response_entropy,
+)
+from lit_covrl.algorithms.conflict_controls import (
+    gtpo_conflict_counts,
+    gtpo_conflict_weights,
+    gtpo_conflicts,
+    gtpo_filter,
+    gtpo_response_entropy,
 )
 from lit_covrl.algorithms.clip_controls import archer_clip_bounds, bapo_contribution_sums, bapo_grid, bapo_search
 from lit_covrl.algorithms.covariance import (
@@ -152,6 +159,11 @@ __all__ = [
     "era_logp_grad",
     "era_modes",
     "era_response_entropy",
+    "gtpo_conflict_counts",
+    "gtpo_conflict_weights",
+    "gtpo_conflicts",
+    "gtpo_filter",
+    "gtpo_response_entropy",
     "lp_reg_lowest",
     "lp_reg_kl",
     "simko_logp_grad",

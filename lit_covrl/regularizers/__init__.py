@@ -14,6 +14,7 @@ from lit_covrl.regularizers.lp_reg import LpReg
 from lit_covrl.regularizers.sample_weights import WeightedReinforce
 from lit_covrl.regularizers.schedules import SCHEDULES, Schedule
 from lit_covrl.regularizers.simko import SimKO
+from lit_covrl.regularizers.trajectory_gtpo import TrajectoryGTPO
 from lit_covrl.regularizers.siren import SIREN
 
 __all__ = [
@@ -39,5 +40,6 @@ __all__ = [
     "Schedule",
     "SimKO",
     "SteerWeights",
+    "TrajectoryGTPO",
     "WeightedReinforce",
 ]

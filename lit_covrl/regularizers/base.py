@@ -79,6 +79,9 @@ class MiniBatchContext:
     logratio_clamp  the objective's clamp of logp - old_logp before exp (its `logratio_clamp`;
                 None: no clamp), so that a regularizer rebuilding the ratio (BAPO) gets the
                 objective's own
+    token_ids   [n, T] | None  the sampled response tokens (the learner fills it)
+    groups      [n] | None  each row's prompt (its group) on this rank: rows of one group share
+                the value (a mini-batch holds whole groups, less their filtered rows)
     """
 
     step: int
@@ -96,6 +99,8 @@ class MiniBatchContext:
     norm_length: float | None = None
     topp_entropy: Tensor | None = None
     logratio_clamp: float | None = 20.0
+    token_ids: Tensor | None = None
+    groups: Tensor | None = None
     _cov: Tensor | None = field(default=None, repr=False)
 
     def covariance(self) -> Tensor:
