@@ -23,12 +23,13 @@ R7 = CONFIGS / "paper" / "qwen2.5-7b.yaml"
 F7 = CONFIGS / "fsdp" / "qwen2.5-7b.yaml"
 CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_tokens", "adaptive_entropy", "steer",
                "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "ce_gppo", "qae", "w_reinforce", "passk",
-               "entropic", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo", "era", "aent", "aepo")
+               "entropic", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo", "era", "aent", "aepo",
+               "trajectory_gtpo")
 REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "adaptive_entropy", "clip_cov",
                      "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
                      "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse", "qae", "w_reinforce", "w_reinforce_high_lr", "gspo", "cispo",
                      "ce_gppo", "passk", "entropic", "entropic_kp50", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo",
-                     "era", "aent", "aepo")
+                     "era", "aent", "aepo", "trajectory_gtpo")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high",
                "entropic_kp5", "lp_reg_neg10", "siren_high")
 STACKS = {
@@ -126,6 +127,11 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
         assert (aent.init_coef, aent.clamp_p, aent.needs_clamped_entropy, aent.adaptive) == (2e-3, 0.33, 0.33, True)
         assert (aent.entropy_low, aent.entropy_high, aent.coef_lr) == (0.15, 0.24, 2e-3)
         assert (aent.min_coef, aent.max_coef, aent.warmup_steps, aent.needs_entropy) == (6e-4, 9e-3, 30, False)
+    if name.endswith("trajectory_gtpo.yaml"):  # the authors' code (winstonsmith1897/GTPO, config.yaml gtpo_runtime)
+        (gtpo,) = regs
+        assert (gtpo.positive_weight, gtpo.entropy_threshold, gtpo.entropy_scale, gtpo.count_norm) == (2.0, 0.7, 0.1, True)
+        assert cli.model.settings.loss.advantage == "drgrpo" and type(cli.model.objective).__name__ == "PPOClip"
+        assert not any(type(r).__name__ == "ReferenceKL" for r in regs)  # GTPO drops the KL to a reference
     if name.endswith("qae.yaml"):
         assert cli.model.settings.loss.baseline_quantile == 0.4 and cli.model.settings.loss.advantage == "grpo"
     if name.endswith("passk.yaml"):  # k of the paper's main setting, below the testbeds' group size 8
