@@ -2,7 +2,7 @@
 exactly the tokens that 1 process holding all of it selects (Clip-Cov, KL-Cov and the entropy
 controls: 80/20 quantile, STEER weights, entropy-ratio clip, adaptive bonus, entropy advantage,
 EntroPIC, Lp-Reg's lowest log-probs, SIREN's mini-batch deviation, BAPO's clip range, ERA's metrics,
-AEnt's coefficient, AEPO's temperature and extra responses),
+AEnt's coefficient, AEPO's temperature and extra responses, GTPO's per-group conflict tokens and metrics),
 and each objective's loss, metrics and gradient add up across ranks to the single-process ones."""
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from lit_covrl.regularizers import (
     SimKO,
     SIREN,
     SteerWeights,
+    TrajectoryGTPO,
     WeightedReinforce,
 )
 from lit_covrl.regularizers.base import MiniBatchContext
@@ -142,6 +143,7 @@ def _objectives(rows: slice) -> dict[str, torch.Tensor]:
     out.update(_era(rows, n_tok))
     out.update(_aent(rows, n_tok))
     out.update(_aepo(rows))
+    out.update(_gtpo(rows, n_tok))
     return out
 
 
@@ -317,6 +319,35 @@ def _aepo(rows: slice) -> dict[str, torch.Tensor]:
             "aepo_chosen": torch.stack(chosen, 1).float(), **{k: torch.tensor(v) for k, v in metrics.items()}}
 
 
+def _gtpo(rows: slice, n_tok) -> dict[str, torch.Tensor]:
+    """PPOClip + TrajectoryGTPO from logits [N, T, V]: groups of 3 responses (each rank holds two
+    whole groups and numbers them from 0, as a rank numbers its own prompts), tokens drawn from 3
+    ids so that groups share openings and endings, responses of spread entropies (some dropped):
+    the weights, the advantage shift, the loss, the gradient w.r.t. the logits and the metrics."""
+    from lit_covrl import distributed
+    from lit_covrl.types import TokenShaping
+
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(N, T, 9, generator=g) * torch.linspace(0.5, 3.0, N)[:, None, None]
+    labels = torch.randint(0, 3, (N, T), generator=g)
+    _, old, adv, mask = (t[rows] for t in _batch())
+    z = logits[rows].clone().requires_grad_(True)
+    logp = token_logprobs(z, labels[rows])
+    old = logp.detach() + (old - _batch()[0][rows])
+    ent = token_entropy(z.detach()) * mask
+    reg, obj = TrajectoryGTPO(entropy_threshold=1.5), PPOClip()
+    groups = torch.arange(len(mask)) // 3
+    reg.prepare(MiniBatchContext(0, 1, False, logp.detach() * mask, old * mask, adv, mask, None, ent, ent,
+                                 token_ids=labels[rows], groups=groups))
+    s = reg.shape(PolicyBatch(torch.arange(len(mask)), logp, old, adv, mask))
+    base = obj.token_loss(logp, old, TokenShaping.shifted_advantages([s], adv), mask)
+    loss = aggregate(TokenShaping.combine([s], base), mask, "token-mean", num_tokens=n_tok)
+    loss.backward()
+    return {"ppo+gtpo/loss": distributed.all_sum(loss.detach()), "ppo+gtpo/grad": z.grad.flatten(1),
+            "gtpo/weights": reg.weights, "gtpo/shift": s.advantage_shift,
+            **{k: torch.tensor(v) for k, v in reg.pop_metrics().items()}}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -368,6 +399,8 @@ def test_two_processes_select_what_one_process_selects(tmp_path):
     assert whole["ppo+aent/grad"].abs().sum() > 0
     assert whole["aepo_temperatures"].tolist() == [1.2, 0.8, 1.2]
     assert [c.nonzero().flatten().tolist() for c in whole["aepo_chosen"].T] == [[3, 5, 8], [3], [3, 5, 8]]
+    assert 0 < whole["reg/trajectory_gtpo/conflict_frac"] < 1 and 0 < whole["reg/trajectory_gtpo/filtered_frac"] < 1
+    assert (whole["gtpo/weights"] == 2).any() and (whole["gtpo/weights"] == 0).any()
     for key, value in whole.items():
         if value.dim() == 2:  # per-token decisions: the halves concatenate to the whole
             torch.testing.assert_close(torch.cat([p["entropy"][key] for p in parts]), value, msg=key)

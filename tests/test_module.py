@@ -31,6 +31,7 @@ from lit_covrl.regularizers import (
     SimKO,
     SIREN,
     SteerWeights,
+    TrajectoryGTPO,
     WeightedReinforce,
 )
 from lit_covrl.types import TokenShaping
@@ -224,7 +225,18 @@ def _aent():
     return [AEnt(init_coef=0.5, clamp_p=0.3), EntropyBonus(coef=0.05), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)]
 
 
+def _gtpo():
+    # GTPO with the entropy threshold inside the tiny model's response entropies (~2.78 nats: some
+    # responses dropped, the others' advantages shifted; the current entropy from a forward after the
+    # first update), conflict tokens among its 4-token responses, next to Clip-Cov and SimKO (a weight
+    # and a logp_grad term on top of GTPO's weight and advantage shift)
+    return [TrajectoryGTPO(entropy_threshold=2.815), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3),
+            SimKO(top_k=3, mix_topk_coef=0.5, tau=0.5, incorrect_top1_scale=2.0)]
+
+
 INVARIANCE_CASES = {
+    "gtpo+cov+simko": (_gtpo, lambda: PPOClip(dual_clip=3.0)),
+    "gtpo+gspo": (lambda: [TrajectoryGTPO(entropy_threshold=2.815)], lambda: GSPO(clip_low=0.05, clip_high=0.05)),
     "era+simko+cov": (_era, lambda: PPOClip(dual_clip=3.0)),
     "era+gspo": (lambda: [ERA(low=2.75, high=2.8), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3)],
                  lambda: GSPO(clip_low=0.05, clip_high=0.05)),
@@ -295,6 +307,9 @@ def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_
     elif case.startswith("siren"):  # the anchored term acted
         assert 0 < ref_m["reg/siren/selected_frac"] < 1 and ref_m["reg/siren/loss"] > 0
         assert ref_m["reg/siren/deviation"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
+    elif case.startswith("gtpo"):  # conflict tokens found, responses dropped and kept, the loss changed
+        assert 0 < ref_m["reg/trajectory_gtpo/conflict_frac"] < 1 and 0 < ref_m["reg/trajectory_gtpo/filtered_frac"] < 1
+        assert ref_m["reg/trajectory_gtpo/loss"] != 0
     elif case == "aent+cov":  # the clamped-entropy bonus acted next to the full one
         assert ref_m["reg/aent/loss"] < 0 and 0 < ref_m["reg/aent/clamped_entropy"] < ref_m["policy/entropy"]
         assert ref_m["reg/entropy_bonus/loss"] < 0 and ref_m["reg/clip_cov/selected_frac"] > 0
