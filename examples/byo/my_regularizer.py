@@ -8,8 +8,9 @@ The contract (lit_covrl/regularizers/base.py):
 - `__init__` calls `super().__init__(schedule, name)`; the constructor arguments kept under their
   own names are what a resumed run compares;
 - `prepare(ctx)` (optional) sees the whole optimizer mini-batch, detached, on every rank: select
-  tokens there (`ctx.logp`, `ctx.advantages`, `ctx.mask`, ...), so that the result does not depend
-  on the micro-batch size;
+  tokens there (`ctx.logp`, `ctx.advantages`, `ctx.mask`, ...; `ctx.token_ids` the response tokens
+  and `ctx.groups` each row's prompt, as TrajectoryGTPO compares a group's responses), so that the
+  result does not depend on the micro-batch size;
 - `shape(batch)` returns a `TokenShaping` whose fields are all per token, [n, T] like
   `batch.logp`: `weight` (multiplies the objective's token loss), `penalty` (added, with gradient)
   and/or `advantage_shift` (detached, added to the advantage inside the objective);
