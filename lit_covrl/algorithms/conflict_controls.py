@@ -45,7 +45,6 @@ def _edge_runs(token_ids: Tensor, valid: Tensor, rank: Tensor, positive: Tensor,
                groups: Tensor) -> Tensor:
     """bool [n, T]: the valid tokens in the run of conflicting positions that starts at each row's
     edge, positions counted by `rank` (one alignment)."""
-    n, T = token_ids.shape
     frame = torch.zeros_like(token_ids)  # row i's token at position k of the alignment
     present = torch.zeros_like(valid)
     r, t = valid.nonzero(as_tuple=True)
