@@ -54,3 +54,16 @@ def cli_fit_tags(tmp_path: Path, config: str, *flags: str, steps: int = 3) -> di
           "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
           "--checkpoint.dirpath", str(tmp_path / "ck"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
     return {k: [v for _, v in series] for k, series in scalar_tags(tmp_path).items()}
+
+
+def cli_start_up_error(tmp_path: Path, capsys, config: str, *flags: str) -> str:
+    """`cli_fit_tags` for a setting the run must refuse at start-up: it exits with code 2 before
+    the first rollout, with a one-line message and no traceback; returns stderr."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:
+        cli_fit_tags(tmp_path, config, *flags, steps=1)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "Traceback" not in err, err
+    return err
