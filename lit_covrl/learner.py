@@ -75,7 +75,7 @@ class Learner:
         self.policy, self.settings, self.objective = policy, settings, objective
         self.regularizers, self.driver = list(regularizers), driver
         self.skipped_steps = 0  # non-finite updates dropped over the run (saved in checkpoints)
-        self._consecutive_skips = 0
+        self.consecutive_skips = 0  # the current run of them (saved too: a resumed run stops where this one would)
         self._on_policy = True
         self._step_stats: dict | None = None
         self._kl_scale: Tensor | None = None  # the prepared mini-batch's KL-to-reference scale (Regularizer.kl_scale)
@@ -370,20 +370,20 @@ class Learner:
         if not torch.isfinite(grad_norm):
             self._skip_update(optimizer, float(grad_norm))
         else:
-            self._consecutive_skips = 0
+            self.consecutive_skips = 0
         self._step_stats = {"policy/grad_norm": grad_norm, "policy/lr": optimizer.param_groups[0]["lr"], "applied": applied}
 
     def _skip_update(self, opt, grad_norm: float) -> None:
         """Drop a non-finite update whole (nothing is half-applied); stop after too many in a row."""
         self.skipped_steps += 1
-        self._consecutive_skips += 1
-        log.warning("non-finite gradient norm (%s): optimizer update skipped (%d in a row)", grad_norm, self._consecutive_skips)
+        self.consecutive_skips += 1
+        log.warning("non-finite gradient norm (%s): optimizer update skipped (%d in a row)", grad_norm, self.consecutive_skips)
         opt.zero_grad(set_to_none=True)  # params without grad are left untouched by the step
-        if self._consecutive_skips >= self.settings.update.max_consecutive_skips:
+        if self.consecutive_skips >= self.settings.update.max_consecutive_skips:
             # saved mid-step: for inspection; resuming from it would skip the rest of this RL step
             path = self.driver.save_checkpoint("nonfinite-stop.ckpt")
             raise RuntimeError(
-                f"{self._consecutive_skips} consecutive optimizer updates had non-finite gradients "
+                f"{self.consecutive_skips} consecutive optimizer updates had non-finite gradients "
                 f"(model.update.max_consecutive_skips={self.settings.update.max_consecutive_skips}); the run is stopped. "
                 f"Resume from the last checkpoint: {self.driver.last_checkpoint() or 'none saved yet'}. The state at the "
                 f"stop, in the middle of RL step {self.step}, is saved for inspection to {path}. "

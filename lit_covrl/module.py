@@ -156,7 +156,7 @@ class GRPOModule(SetupHooks, EvaluationHooks, L.LightningModule):
                                    correct_threshold=correct_threshold, seed=seed)
         self.rollout_rng = RolloutRNG(seed)
         self._learner: Learner | None = None
-        self._restored_skips = 0
+        self._restored_skips = (0, 0)  # (skipped_steps, consecutive_skips) of a loaded checkpoint
         self._checkpoint_step: int | None = None  # RL steps taken by the loaded checkpoint's run
         self._resumed_from: dict | None = None  # the restored checkpoint's run description, until on_train_start
 
@@ -171,7 +171,7 @@ class GRPOModule(SetupHooks, EvaluationHooks, L.LightningModule):
             settings = LearnerSettings(cfg.rollout, cfg.loss, cfg.update, compile_update=cfg.system.compile_update,
                                        **resolved)
             self._learner = Learner(self.policy, settings, self.objective, self.regularizers, LightningDriver(self))
-            self._learner.skipped_steps = self._restored_skips
+            self._learner.skipped_steps, self._learner.consecutive_skips = self._restored_skips
         elif any(getattr(self._learner.settings, k) != v for k, v in resolved.items()):
             self._learner.settings = dataclasses.replace(self._learner.settings, **resolved)
         return self._learner
@@ -184,7 +184,14 @@ class GRPOModule(SetupHooks, EvaluationHooks, L.LightningModule):
     @property
     def skipped_steps(self) -> int:
         """Optimizer updates dropped for a non-finite gradient over the run."""
-        return self._learner.skipped_steps if self._learner is not None else self._restored_skips
+        return self._skip_counts[0]
+
+    @property
+    def _skip_counts(self) -> tuple[int, int]:
+        """(skipped_steps, the current run of consecutive skips), both saved in checkpoints."""
+        if self._learner is None:
+            return self._restored_skips
+        return self._learner.skipped_steps, self._learner.consecutive_skips
 
     @property
     def shared_prompt_on(self) -> bool:
@@ -351,7 +358,8 @@ class GRPOModule(SetupHooks, EvaluationHooks, L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.rollout_rng.save(checkpoint)  # collective: every rank runs this hook
-        checkpoint["skipped_steps"] = self.skipped_steps
+        # with the current run of skips, a resumed run stops where model.update.max_consecutive_skips stops it
+        checkpoint["skipped_steps"], checkpoint["consecutive_skips"] = self._skip_counts
         if self._trainer is not None:
             checkpoint[resume_check.CKPT_KEY] = resume_check.run_components(self, self.trainer, in_effect=True)
 
@@ -361,10 +369,10 @@ class GRPOModule(SetupHooks, EvaluationHooks, L.LightningModule):
             # checkpoint's state dict is loaded into next (a fit builds it in configure_model)
             self.configure_model()
         self.rollout_rng.load(checkpoint, self.global_rank, self.trainer.world_size if self._trainer is not None else 1)
-        self._restored_skips = checkpoint.get("skipped_steps", 0)
+        self._restored_skips = (checkpoint.get("skipped_steps", 0), checkpoint.get("consecutive_skips", 0))
         self._checkpoint_step = checkpoint.get("global_step")
         if self._learner is not None:
-            self._learner.skipped_steps = self._restored_skips
+            self._learner.skipped_steps, self._learner.consecutive_skips = self._restored_skips
         if self._trainer is not None and self.trainer.optimizers:  # a strategy that restores after setup
             resume_check.check_optimizer_class(checkpoint, self.trainer.optimizers)
         keep = (resume_check.CKPT_KEY, "hyper_parameters", "datamodule_hyper_parameters")

@@ -16,7 +16,8 @@ def merge_settings(defaults: dict, overrides: dict) -> dict:
     return out
 
 
-def fit(module, datamodule, *, steps: int, callbacks=(), log_dir: Path | None = None, **trainer_kwargs):
+def fit(module, datamodule, *, steps: int, callbacks=(), log_dir: Path | None = None, ckpt_path=None,
+        **trainer_kwargs):
     logger = L.pytorch.loggers.TensorBoardLogger(str(log_dir), name="t") if log_dir else False
     trainer = L.Trainer(
         accelerator="cpu", max_steps=steps, logger=logger, callbacks=list(callbacks),
@@ -24,7 +25,7 @@ def fit(module, datamodule, *, steps: int, callbacks=(), log_dir: Path | None = 
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
         check_val_every_n_epoch=None, **trainer_kwargs,
     )
-    trainer.fit(module, datamodule)
+    trainer.fit(module, datamodule, ckpt_path=ckpt_path)
     return trainer
 
 

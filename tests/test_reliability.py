@@ -70,6 +70,43 @@ def test_too_many_consecutive_bad_updates_stop_with_a_checkpoint(tiny_model_dir,
     assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["global_step"] == 1
 
 
+class NaNAt(Regularizer):
+    """Poisons the loss of the listed (RL step, update within the step) pairs."""
+
+    default_name = "nan_at"
+
+    def __init__(self, bad) -> None:
+        super().__init__()
+        self.bad, self.step, self.k = set(bad), None, -1
+
+    def prepare(self, ctx) -> None:
+        self.step, self.k = ctx.step, (self.k + 1 if ctx.step == self.step else 0)
+
+    def shape(self, batch) -> TokenShaping:
+        return TokenShaping(penalty=batch.logp * (float("nan") if (self.step, self.k) in self.bad else 0.0))
+
+
+def test_a_run_resumed_inside_a_run_of_skips_stops_where_the_uninterrupted_run_stops(tiny_model_dir, tmp_path):
+    """2 updates per RL step; step 1's two updates and step 2's first are non-finite: 3 in a row stop
+    the run in RL step 2. Resumed from the step-2 checkpoint (2 in a row so far), the same run stops at
+    the same update; the count of the run of skips used to restart at 0 and the resumed run trained on."""
+    from lit_covrl.checkpointing import AtomicCheckpoint
+
+    bad, kw = {(1, 0), (1, 1), (2, 0)}, dict(update=dict(mini_batch_size=2, max_consecutive_skips=3))
+    stop = r"3 consecutive optimizer updates had non-finite gradients .* in the middle of RL step 2"
+    ck = AtomicCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_top_k=-1)
+    with pytest.raises(RuntimeError, match=stop):
+        fit(make_module(tiny_model_dir, **kw), make_data(), steps=5, callbacks=[NaNAt(bad), ck],
+            limit_val_batches=0, default_root_dir=str(tmp_path / "a"), enable_checkpointing=True)
+    resumed = make_module(tiny_model_dir, **kw)
+    with pytest.raises(RuntimeError, match=stop):
+        fit(resumed, make_data(), steps=5, callbacks=[NaNAt(bad)], limit_val_batches=0,
+            default_root_dir=str(tmp_path / "b"), ckpt_path=str(tmp_path / "ck" / "epoch=0-step=2.ckpt"))
+    assert resumed.skipped_steps == 3
+    step2 = torch.load(tmp_path / "ck" / "epoch=0-step=2.ckpt", weights_only=False)
+    assert (step2["skipped_steps"], step2["consecutive_skips"]) == (2, 2)
+
+
 class PoisonAfter(torch.optim.SGD):
     """SGD whose step writes a NaN into one weight from its `bad_from`-th call on (finite gradients,
     non-finite weights: what float16 AdamW state does)."""
