@@ -63,8 +63,11 @@ class LightningDriver:
         return opt.optimizer.param_groups[0]["lr"]
 
     def save_checkpoint(self, filename: str) -> str:
+        """Into the run's checkpoint folder (else its log folder), not the working directory."""
         trainer = self.module.trainer
-        path = os.path.join(trainer.default_root_dir, filename)
+        ckpt = trainer.checkpoint_callback
+        folder = getattr(ckpt, "dirpath", None) or trainer.log_dir  # log_dir: collective, as the save is
+        path = os.path.join(folder, filename)
         trainer.save_checkpoint(path)
         return path
 

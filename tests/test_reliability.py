@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,9 +66,29 @@ def test_too_many_consecutive_bad_updates_stop_with_a_checkpoint(tiny_model_dir,
             default_root_dir=str(tmp_path), enable_checkpointing=True)
     assert f"Resume from the last checkpoint: {tmp_path / 'ck' / 'last.ckpt'}" in str(err.value)
     assert "in the middle of RL step 1" in str(err.value)
-    ckpt = torch.load(tmp_path / "nonfinite-stop.ckpt", weights_only=False)
+    assert f"saved for inspection to {tmp_path / 'ck' / 'nonfinite-stop.ckpt'}." in str(err.value)
+    ckpt = torch.load(tmp_path / "ck" / "nonfinite-stop.ckpt", weights_only=False)
     assert ckpt["skipped_steps"] == 3
     assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["global_step"] == 1
+
+
+def test_the_cli_saves_the_stop_state_in_the_runs_checkpoint_folder(tmp_path, monkeypatch):
+    """`lit-covrl fit` started from another folder: nonfinite-stop.ckpt went to the working
+    directory (Lightning's default_root_dir), where the next stopped run overwrote it."""
+    from lit_covrl.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    poison = '{"class_path": "tests.test_reliability.NaNPenalty", "init_args": {"bad_updates": 100}}'
+    with pytest.raises(RuntimeError, match="2 consecutive optimizer updates had non-finite gradients") as err:
+        main(["fit", "--config", str(root / "configs/quickstart.yaml"), "--torch_threads", "1",
+              f"--trainer.callbacks+={poison}", "--model.update.max_consecutive_skips", "2",
+              "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
+    (saved,) = (tmp_path / "runs").rglob("nonfinite-stop.ckpt")
+    assert saved.parent.name == "checkpoints" and f"saved for inspection to {saved}." in str(err.value)
+    assert not list((tmp_path / "cwd").iterdir())
 
 
 class NaNAt(Regularizer):
