@@ -169,7 +169,7 @@ class AtomicCheckpoint(ModelCheckpoint):
                 self._save_last_checkpoint(trainer, candidates)
             except Exception as err:  # the original exception is the one to raise
                 log.warning("could not write it: %s", err)
-        latest = self.last_model_path or self.best_model_path
+        latest = self.last_model_path or self.best_model_path or trainer.ckpt_path  # else the file it resumed from
         started = trainer.fit_loop.epoch_loop.batch_progress.total.started > 0  # else a start-up error
         if trainer.is_global_zero and trainer.state.fn == "fit" and (started or isinstance(exception, KeyboardInterrupt)):
             log.warning("run stopped by %s after %d complete RL step(s); %s", type(exception).__name__, trainer.global_step,

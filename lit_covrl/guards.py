@@ -26,9 +26,13 @@ __all__ = ["last_checkpoint", "stop_on_non_binary_rewards", "stop_on_nonfinite_l
 
 
 def last_checkpoint(trainer) -> str:
-    """The checkpoint callback's latest file (saved between RL steps), or ""."""
-    ckpt = getattr(trainer, "checkpoint_callback", None) if trainer is not None else None
-    return (getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")) if ckpt else ""
+    """The checkpoint callback's latest file (saved between RL steps), else the file this fit was
+    resumed from (nothing saved since: it is still the one to resume from), or ""."""
+    if trainer is None:
+        return ""
+    ckpt = getattr(trainer, "checkpoint_callback", None)
+    latest = (getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")) if ckpt else ""
+    return latest or str(getattr(trainer, "ckpt_path", None) or "")
 
 
 def _resume_hint(trainer) -> str:

@@ -500,6 +500,27 @@ def test_a_validation_that_fails_on_a_checkpoint_step_leaves_that_steps_checkpoi
         assert torch.equal(p, q)
 
 
+def test_a_resumed_run_stopped_before_its_first_save_names_the_file_it_resumed_from(tiny_model_dir, tmp_path, caplog):
+    """Resumed from step 2 with another checkpoint interval (its callback starts afresh in a new
+    folder) and stopped at step 3, before its own first save: the stop said 'no checkpoint was saved
+    yet', although the step-2 file it resumed from is the one to resume from."""
+
+    class Stop(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 3:
+                raise RuntimeError("stopped")
+
+    _fit_validating(tiny_model_dir, tmp_path, "a", 2)
+    resumed_from = tmp_path / "a" / "ck" / "last.ckpt"
+    ck = AtomicCheckpoint(dirpath=tmp_path / "b" / "ck", every_n_train_steps=100, save_last=True)
+    trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, callbacks=[ck, Stop()], enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    with caplog.at_level("WARNING", logger="lit_covrl"), pytest.raises(RuntimeError, match="stopped"):
+        trainer.fit(make_module(tiny_model_dir), make_data(), ckpt_path=str(resumed_from))
+    assert not (tmp_path / "b" / "ck").exists()
+    assert f"after 3 complete RL step(s); resume from its last checkpoint with --ckpt_path {resumed_from}" in caplog.text
+
+
 def test_an_error_at_start_up_is_not_reported_as_a_stopped_run(tiny_model_dir, tmp_path, caplog):
     """'run stopped by ValueError after 0 complete RL step(s); no checkpoint was saved yet' came
     before the CLI's one-line start-up error (a bad data field, a mistyped --ckpt_path)."""

@@ -120,10 +120,12 @@ def test_a_run_resumed_inside_a_run_of_skips_stops_where_the_uninterrupted_run_s
         fit(make_module(tiny_model_dir, **kw), make_data(), steps=5, callbacks=[NaNAt(bad), ck],
             limit_val_batches=0, default_root_dir=str(tmp_path / "a"), enable_checkpointing=True)
     resumed = make_module(tiny_model_dir, **kw)
-    with pytest.raises(RuntimeError, match=stop):
+    with pytest.raises(RuntimeError, match=stop) as err:
         fit(resumed, make_data(), steps=5, callbacks=[NaNAt(bad)], limit_val_batches=0,
             default_root_dir=str(tmp_path / "b"), ckpt_path=str(tmp_path / "ck" / "epoch=0-step=2.ckpt"))
     assert resumed.skipped_steps == 3
+    # nothing saved since the resume: the file it resumed from is the one to resume from (was 'none saved yet')
+    assert f"Resume from the last checkpoint: {tmp_path / 'ck' / 'epoch=0-step=2.ckpt'}." in str(err.value)
     step2 = torch.load(tmp_path / "ck" / "epoch=0-step=2.ckpt", weights_only=False)
     assert (step2["skipped_steps"], step2["consecutive_skips"]) == (2, 2)
 
