@@ -5,8 +5,9 @@ nothing compares the configuration: a run started with `configs/cpu/cispo.yaml` 
 plain quickstart command trains with PPOClip from then on, and a learning rate changed for the
 resume is overwritten by the restored optimizer state, both without a word. A checkpoint therefore
 keeps a description of the run's components (objective, rewards, sampler, optimizer, scheduler,
-regularizers); resuming compares it, and the settings Lightning saves (`hyper_parameters` of the
-module and the datamodule), with the run being started and warns once, naming every difference.
+regularizers, the trainer's precision and what `recompute_logprobs: null` resolved to under it);
+resuming compares it, and the settings Lightning saves (`hyper_parameters` of the module and the
+datamodule), with the run being started and warns once, naming every difference.
 Changing a component on purpose (another objective after some steps) stays possible: it is said,
 not refused.
 """
@@ -22,6 +23,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CKPT_KEY = "lit_covrl_components"
+RECOMPUTE = "model.update.recompute_logprobs"
+RECOMPUTE_RESOLVED = f"{RECOMPUTE} (resolved)"  # what null means under the run's precision
 _PLAIN = (bool, int, float, str, type(None))
 
 
@@ -88,6 +91,10 @@ def run_components(module: Any, trainer: Any, in_effect: bool = False) -> dict[s
     for cb in trainer.callbacks:
         if isinstance(cb, Regularizer):
             out[f"trainer.callbacks[{cb.name}]"] = describe(cb)
+    # how the run computes: the precision, and what `recompute_logprobs: null` means under it
+    out["trainer.precision"] = str(trainer.precision)
+    if hasattr(module, "recompute_logprobs_on"):
+        out[RECOMPUTE_RESOLVED] = module.recompute_logprobs_on
     return out
 
 
@@ -178,14 +185,20 @@ def resume_differences(checkpoint: dict[str, Any], module: Any, trainer: Any) ->
             del now_settings[key]
     # null resolved at run time (on in bf16): an older checkpoint's explicit value is compared with
     # what null means in this run (False -> null in float32 changes nothing)
-    key = "model.update.recompute_logprobs"
-    if now_settings.get(key, False) is None and saved_settings.get(key) is not None and hasattr(module, "recompute_logprobs_on"):
-        now_settings[key] = module.recompute_logprobs_on
+    if (now_settings.get(RECOMPUTE, False) is None and saved_settings.get(RECOMPUTE) is not None
+            and hasattr(module, "recompute_logprobs_on")):
+        now_settings[RECOMPUTE] = module.recompute_logprobs_on
     if CKPT_KEY not in checkpoint:  # a checkpoint from before this check: compare settings only
         return differences(saved_settings, now_settings)
     saved = {**_flat_components(checkpoint[CKPT_KEY]), **saved_settings}
     now = {**_flat_components(run_components(module, trainer)), **now_settings}
-    return differences(saved, now)
+    for k in ("trainer.precision", RECOMPUTE_RESOLVED):  # not in a checkpoint from before they were kept
+        if k not in saved:
+            now.pop(k, None)
+    lines = differences(saved, now)
+    if any(line.startswith(f"{RECOMPUTE}:") for line in lines):  # the setting's own line says it already
+        lines = [line for line in lines if not line.startswith(RECOMPUTE_RESOLVED)]
+    return lines
 
 
 def _constructor_defaults(cls: type) -> dict[str, Any]:

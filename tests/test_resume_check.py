@@ -196,10 +196,32 @@ def test_an_older_explicit_recompute_setting_is_compared_with_what_null_means_he
     assert "differ from the checkpoint" not in _resume(tiny_model_dir, tmp_path, ckpt, caplog)
     with monkeypatch.context() as patch:
         patch.setattr(GRPOModule, "recompute_logprobs_on", property(lambda self: True))  # null resolved under bf16
-        assert "model.update.recompute_logprobs: False -> True" in _resume(tiny_model_dir, tmp_path, ckpt, caplog)
+        text = _resume(tiny_model_dir, tmp_path, ckpt, caplog)
+        assert "model.update.recompute_logprobs: False -> True" in text and "(resolved)" not in text  # said once
     old["hyper_parameters"]["update"]["recompute_logprobs"] = True
     torch.save(old, ckpt)
     assert "model.update.recompute_logprobs: True -> False" in _resume(tiny_model_dir, tmp_path, ckpt, caplog)
+
+
+def test_a_changed_precision_is_named_with_what_null_recompute_now_means(tiny_model_dir, tmp_path, caplog):
+    """A float32 run resumed with trainer.precision bf16-mixed: the compute precision changes and
+    `recompute_logprobs: null` turns on from the resumed step, and the resume said nothing (the
+    checkpoint's settings keep null either way). A checkpoint from before they were kept lacks both:
+    not called a change."""
+    ckpt = _checkpoint(tiny_model_dir, tmp_path)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lit_covrl.resume_check"):
+        _trainer(tmp_path / "b", 3, _regs(), precision="bf16-mixed").fit(
+            make_module(tiny_model_dir), make_data(), ckpt_path=str(ckpt))
+    assert "take effect from now on" in caplog.text
+    assert "trainer.precision: '32-true' -> 'bf16-mixed'" in caplog.text
+    assert "model.update.recompute_logprobs (resolved): False -> True" in caplog.text
+    saved = torch.load(ckpt, weights_only=True)[CKPT_KEY]
+    assert saved["trainer.precision"] == "32-true" and saved["model.update.recompute_logprobs (resolved)"] is False
+    old = torch.load(ckpt, weights_only=False)
+    del old[CKPT_KEY]["trainer.precision"], old[CKPT_KEY]["model.update.recompute_logprobs (resolved)"]
+    torch.save(old, ckpt)
+    assert "differ from the checkpoint" not in _resume(tiny_model_dir, tmp_path, ckpt, caplog)
 
 
 def test_changed_optimizer_arguments_are_said_to_take_no_effect_and_saved_as_used(tiny_model_dir, tmp_path, caplog):
