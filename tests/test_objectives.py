@@ -266,6 +266,24 @@ def test_module_objective_default_and_conflicts():
         GSPO(clip_low=-1.0)
 
 
+def test_clip_key_refusal_says_per_key_where_it_goes(tmp_path, capsys):
+    """configs/cpu/bapo.yaml (dual_clip 3) on configs/cpu/cispo.yaml is refused; CISPO has no
+    dual_clip, so the message says to reset the key, not to move it to the objective (which
+    fails: CISPO has no argument 'dual_clip'); CE-GPPO has one: the message points there."""
+    from tests.helpers import cli_start_up_error
+
+    err = cli_start_up_error(tmp_path, capsys, "configs/cpu/bapo.yaml", "--config", "configs/cpu/cispo.yaml")
+    assert "model.loss.dual_clip=3.0" in err and "CISPO has no dual_clip: reset it with --model.loss.dual_clip null" in err, err
+    assert "init_args.dual_clip" not in err, err
+    with pytest.raises(ValueError, match=r"set model.objective.init_args.dual_clip instead and reset it with "
+                                         r"--model.loss.dual_clip null\.$"):
+        resolve_objective(CEGPPO(), LossSettings(dual_clip=10.0))
+    with pytest.raises(ValueError, match=r"GSPO has no dual_clip: reset it with --model.loss.dual_clip null; set "
+                                         r"model.objective.init_args.logratio_clamp instead and reset it with "
+                                         r"--model.loss.logratio_clamp 20.0\.$"):
+        resolve_objective(GSPO(), LossSettings(dual_clip=3.0, logratio_clamp=5.0))
+
+
 # ---------------------------------------------------------------- with Clip-Cov and KL-Cov
 def _ctx(obj, logp, old, adv, mask):
     a = adv[:, None].expand_as(logp)

@@ -22,6 +22,8 @@ and any objective that does not take `clip`) are refused with such a regularizer
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -134,12 +136,20 @@ def resolve_objective(objective: Objective | None, loss) -> Objective:
         raise ValueError(f"model.objective={objective!r} is invalid: must be a lit_covrl.objectives.Objective "
                          "(class_path: lit_covrl.objectives.PPOClip, GSPO, CISPO or CEGPPO)")
     defaults = type(loss)().clip_args()
-    changed = [f"model.loss.{k}={v!r}" for k, v in clip.items() if v != defaults[k]]
+    changed = [k for k, v in clip.items() if v != defaults[k]]
     if changed:
+        cls = type(objective)
+        params = inspect.signature(cls.__init__).parameters
+
+        def advice(k: str) -> str:
+            reset = f"--model.loss.{k} {'null' if defaults[k] is None else defaults[k]}"
+            if k in params:
+                return f"set model.objective.init_args.{k} instead and reset it with {reset}"
+            return f"{cls.__name__} has no {k}: reset it with {reset}"
+
         raise ValueError(
-            f"model.objective={objective!r} is set together with {', '.join(changed)}: the clip settings of "
-            "model.loss only configure the default PPOClip objective. Put the clip range in "
-            "model.objective.init_args and leave model.loss.clip_low / clip_high / dual_clip / logratio_clamp "
-            f"at their defaults ({' / '.join('null' if v is None else str(v) for v in defaults.values())})."
+            f"model.objective={objective!r} is set together with "
+            f"{', '.join(f'model.loss.{k}={clip[k]!r}' for k in changed)}: the clip settings of model.loss only "
+            f"configure the default PPOClip objective; {'; '.join(advice(k) for k in changed)}."
         )
     return objective
