@@ -110,7 +110,7 @@ class ForwardAsks:
     logit_scales: tuple[float, ...] = _asked((), "needs_logit_scales", tuple, "scaled_logp",
                                              "the scales (s_1, ...), each > 0",
                                              "log-probs under different logit scales: {asking}; the training forward "
-                                             "computes one set: give them the same scales")
+                                             "computes one set: give them the same scales (ERA's: the same ERA.k)")
     clamp_p: float = _asked(0.0, "needs_clamped_entropy", float, "clamped_entropy",
                             "the clamped fraction clamp_p (in (0, 1))",
                             "clamped entropies of different clamp_p ({asking}): the training forward computes one; "

@@ -58,7 +58,7 @@ def test_every_request_of_the_real_regularizers_in_one():
      "'c' (0.9, 8); the training forward computes one: give them the same top_p and top_k"),
     ("needs_logit_scales", ((2.0, 0.5), (3.0,), (2.0, 0.5)),
      "regularizers ask for log-probs under different logit scales: 'a' (2.0, 0.5), 'b' (3.0,), 'c' (2.0, 0.5); "
-     "the training forward computes one set: give them the same scales"),
+     "the training forward computes one set: give them the same scales (ERA's: the same ERA.k)"),
     ("needs_clamped_entropy", (0.3, 0.4, 0.3),
      "regularizers ask for clamped entropies of different clamp_p ('a' (0.3), 'b' (0.4), 'c' (0.3)): the training "
      "forward computes one; give them the same clamp_p"),
@@ -73,6 +73,12 @@ def test_different_requests_of_one_kind_are_refused_naming_each_asker(flag, valu
     assert getattr(ForwardAsks.of(regs[::2]), {"needs_min_p": "min_p", "needs_topp_entropy": "topp",
                                                 "needs_logit_scales": "logit_scales",
                                                 "needs_clamped_entropy": "clamp_p"}[flag]) == values[0]
+
+
+def test_two_eras_of_different_k_are_refused_naming_era_k():
+    """ERA's scales are (k, 1 / k): the refusal names the field the user set, ERA.k."""
+    with pytest.raises(ValueError, match=r"'era' \(2.0, 0.5\), 'era_2' \(4.0, 0.25\); .*the same ERA\.k\)$"):
+        check_stack([ERA(k=2.0), ERA(k=4.0, name="era_2")])
 
 
 def test_different_topk_are_not_refused_the_largest_is_computed():
