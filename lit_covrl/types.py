@@ -243,7 +243,10 @@ class TokenShaping:
                                     objective reads: the loss's value is unchanged, and each token's
                                     objective gradient coefficient dL/dlogp also multiplies the
                                     gradient of this term (SimKO moves part of a token's gradient
-                                    from the sampled token to the top-K candidates this way)
+                                    from the sampled token to the top-K candidates this way); the
+                                    terms of several regularizers add, each against the raw log-prob
+                                    (ERA's swap to log pi'(y) plus SimKO's mix c (mean_k log pi(top_k)
+                                    - log pi(y)) on a token both act on)
     """
 
     weight: Tensor | None = None

@@ -6,7 +6,8 @@ old log-probs recomputed under the activation, advantages scaled inversely, verl
 loss, token-mean) with the float advantage deciding, on policy, for micro-batches of 1, 4 and all
 rows; the reference as written (its activation reads the advantage truncated to an integer)
 differs on advantages in (0, 1), on purpose; off policy against the paper's objective with the
-raw ratio (and unlike the reference's activated ratio); start-up validation; module fits (inert thresholds
+raw ratio (and unlike the reference's activated ratio); stacked with SimKO, the two gradient
+redirections add (by hand); start-up validation; module fits (inert thresholds
 are plain GRPO to the bit, active ones move the weights) and a fit through the CLI whose tags
 move. The scaled log-probs themselves: tests/test_scaled_logprobs.py."""
 from __future__ import annotations
@@ -250,6 +251,44 @@ def test_composes_with_gspo():
     _, plain = _ours(z, old, labels, mask, adv, GSPO(), ERA(low=0.0, high=1e9))
     assert plain.abs().max() > 1e-3
     assert (grad - plain).abs().max() > 1e-4
+
+
+def test_stacked_with_simko_the_two_redirections_add():
+    """ERA and SimKO both redirect a token's gradient with a value-0 logp_grad term; on a token both
+    act on (A > 0, a response ERA flattens, high entropy for SimKO) the terms add, each against the
+    raw log-prob: with the objective's coefficient g = dL/dlogp, the logits' gradient is
+    g ((e_y - p') / k - c (e_y - p) + c / K sum_k (e_topk - p)), softmax derivatives by hand with
+    p = softmax(z), p' = softmax(z / k); SimKO's mix is not rebuilt on ERA's activated log-prob,
+    g ((1 - c) (e_y - p') / k + c / K sum_k (e_topk - p') / k). PPOClip on policy, token-mean over
+    2 tokens, A = 1, ERA's advantage scale k: g = -k / 2."""
+    from lit_covrl.algorithms import token_topk_logprobs
+    from lit_covrl.regularizers import SimKO
+
+    z = torch.tensor([[[1.0, 0.5, 0.0, -0.5], [6.0, 0.0, 0.0, 0.0]]], dtype=F64)  # token 0: the higher entropy
+    labels = torch.tensor([[1, 0]])
+    k, c, K = 2.0, 0.5, 2
+    mask, adv = torch.ones(1, 2, dtype=F64), torch.ones(1, 2, dtype=F64)
+    era, simko = ERA(low=0.0, high=0.1, k=k), SimKO(top_k=K, mix_topk_coef=c, tau=0.5)
+    zz = z.clone().requires_grad_(True)
+    lp, top, top1 = token_topk_logprobs(zz, labels, K)
+    scaled = token_scaled_logprobs(zz, labels, era.needs_logit_scales)
+    ent = token_entropy(z)
+    era.prepare(MiniBatchContext(0, 0, True, lp.detach(), lp.detach(), adv, mask, None, old_entropy=ent, entropy=ent))
+    b = PolicyBatch(torch.arange(1), lp, lp.detach(), adv, mask, ent, topk_logp=top, top1=top1, scaled_logp=scaled)
+    shapings = [era.shape(b), simko.shape(b)]
+    base = PPOClip().token_loss(TokenShaping.redirected_logp(shapings, lp), b.old_logp, adv, mask)
+    loss = aggregate(TokenShaping.combine(shapings, base), mask, "token-mean", num_tokens=mask.sum())
+    (grad,) = torch.autograd.grad(loss, zz)
+
+    e = torch.eye(4, dtype=F64)
+    p, p_act = torch.softmax(z[0], -1), torch.softmax(z[0] / k, -1)
+    g = -k / 2
+    mix = (e[[0, 1]] - p[0]).mean(0)  # the top-2 of token 0 are tokens 0 and 1
+    summed = g * ((e[1] - p_act[0]) / k - c * (e[1] - p[0]) + c * mix)
+    torch.testing.assert_close(grad[0, 0], summed)
+    torch.testing.assert_close(grad[0, 1], g * (e[0] - p_act[1]) / k)  # token 1: ERA's alone (low entropy)
+    rebuilt = g * ((1 - c) * (e[1] - p_act[0]) / k + c * (e[[0, 1]] - p_act[0]).mean(0) / k)
+    assert (grad[0, 0] - rebuilt).abs().max() > 0.05
 
 
 def test_settings_checked_at_start_up():

@@ -15,10 +15,13 @@ the raw policy: neither sampler changes.
 How it composes: the activated log-prob's gradient replaces the raw one's through a value-0
 `TokenShaping.logp_grad` term, and the inverse advantage scale is a `TokenShaping.weight`, so the
 objective's value, ratio, clipping and statistics stay the raw policy's and any objective and any
-other control stack. The log-probs under k z and z / k come from the training forward's logits
-(`Regularizer.needs_logit_scales` = (k, 1 / k)); the decision is per response, made in `prepare`
-from the current entropy of the mini-batch (`needs_current_entropy`: the rollout's while on
-policy), so it does not depend on the micro-batch size or the number of devices.
+other control stack (a second redirection of the same token adds: with SimKO's top-K mix, the
+gradient of log pi'(y) - c log pi(y) + c mean_k log pi(top_k), the mix taken against the raw
+log-prob, not rebuilt on the activated one). The log-probs under k z and z / k come from the
+training forward's logits (`Regularizer.needs_logit_scales` = (k, 1 / k)); the decision is per
+response, made in `prepare` from the current entropy of the mini-batch (`needs_current_entropy`:
+the rollout's while on policy), so it does not depend on the micro-batch size or the number of
+devices.
 
 Defaults: the reference recipe qwen_7b_era_topk_scale.sh (era_lb 0.45, era_ub 3.0, era_k 2,
 adv_scale True; the repository's latest recipe, the inverse scaling of the paper's and the README's

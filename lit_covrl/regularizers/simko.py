@@ -16,8 +16,10 @@ policy's entropy from the training forward):
 How it composes: the mix is a `TokenShaping.logp_grad` term of value 0 added to the log-probs the
 objective reads, so the loss's value, the clip decisions and the statistics are the objective's
 own and only the gradient's direction changes, under any token-level objective (PPOClip, the
-reference's; CEGPPO, CISPO); GSPO (one ratio per sequence) is refused at start-up. The top-1
-penalty is a `TokenShaping.weight` (a positive factor on A is one on the token loss of every
+reference's; CEGPPO, CISPO); GSPO (one ratio per sequence) is refused at start-up. Another
+redirection of the same token adds to it: under ERA's activation the token's gradient is that of
+log pi'(y) - c log pi(y) + c mean_k log pi(top_k), the mix taken against the raw log-prob. The
+top-1 penalty is a `TokenShaping.weight` (a positive factor on A is one on the token loss of every
 objective that is linear in A). The current top-K log-probs come from the training forward's
 chunked log-softmax (`Regularizer.needs_topk`).
 
