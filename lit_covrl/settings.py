@@ -202,7 +202,8 @@ class UpdateSettings:
 
     Args:
         mini_batch_size: prompts per optimizer update (null = the whole batch: one update per epoch).
-        micro_batch_size: sequences per forward/backward (gradient accumulation; no effect on math).
+        micro_batch_size: sequences per forward/backward (gradient accumulation; the same math up to
+            float rounding).
         ppo_epochs: passes over the rollout.
         grad_clip: max gradient norm (null = no clipping, norm still logged).
         logprob_chunk_size: rows per chunk for log-prob/entropy over the vocabulary.

@@ -44,8 +44,9 @@ def era_response_entropy(entropy: Tensor, mask: Tensor, *, top_frac: float = 0.2
 
 def era_modes(h_resp: Tensor, advantages: Tensor, mask: Tensor, *, low: float, high: float) -> tuple[Tensor, Tensor]:
     """(sharpened [n, T], flattened [n, T]) bool: the valid A_t > 0 tokens of the responses whose
-    H_resp is below `low`, resp. above `high` (strictly, as the reference); A_t > 0 in float (the
-    reference's activation: its advantage truncated to an integer, >= 1)."""
+    H_resp is below `low`, resp. above `high` (strictly, as the reference; no tie tolerance, as
+    `entropy_ratio_keep`); A_t > 0 in float (the reference's activation: its advantage truncated
+    to an integer, >= 1)."""
     positive = (advantages > 0) & (mask > 0)
     return positive & (h_resp < low)[:, None], positive & (h_resp > high)[:, None]
 

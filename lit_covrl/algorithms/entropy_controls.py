@@ -229,7 +229,9 @@ def entropy_advantage_shift(advantages: Tensor, entropy: Tensor, *, alpha: float
 @torch.no_grad()
 def entropy_ratio_keep(entropy: Tensor, old_entropy: Tensor, mask: Tensor, *, low: float, high: float) -> Tensor:
     """BoolTensor [N, T]: valid tokens with 1 - low < (H + 1e-8) / (H_old + 1e-8) < 1 + high
-    (strict, the 1e-8 as in the reference code)."""
+    (strict, the 1e-8 as in the reference code). No tie tolerance: nothing ties at a fixed edge
+    (a tolerance would only move it), so a ratio within float rounding of an edge can be decided
+    either way by forwards of different micro-batch shapes."""
     ratio = (entropy.detach().double() + 1e-8) / (old_entropy.detach().double() + 1e-8)
     return mask.bool() & (ratio > 1.0 - low) & (ratio < 1.0 + high)
 
@@ -258,7 +260,8 @@ def entropic_alpha(error: float, integral: float, *, kp: float, ki: float) -> fl
 
 @torch.no_grad()
 def entropic_high_prob(logp: Tensor, mask: Tensor, *, threshold: float) -> Tensor:
-    """BoolTensor [N, T]: valid tokens with log pi > log(threshold) (strict, as the reference)."""
+    """BoolTensor [N, T]: valid tokens with log pi > log(threshold) (strict, as the reference; no
+    tie tolerance, as `entropy_ratio_keep`)."""
     return mask.bool() & (logp.detach().double() > math.log(threshold))
 
 

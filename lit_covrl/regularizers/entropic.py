@@ -25,7 +25,8 @@ Where we differ from the reference code:
   step. Step 0 runs with alpha = 0.
 - The high-probability tokens and the aggregation's counts are those of the whole optimizer
   mini-batch on all ranks, not of one micro-batch on one GPU, so the term does not depend on the
-  micro-batch size or the device count.
+  micro-batch size or the device count, except for a token whose pi is within float rounding
+  (~1e-7 relative) of `threshold`, which forwards of other shapes can put on the other side.
 - alpha, the integral and the pending measurement are saved in checkpoints (`state_dict`) and
   resume exactly; the reference keeps the integral in the actor object only.
 - The term adds to any objective (PPO clip, GSPO, CISPO, CE-GPPO); the reference adds it to its

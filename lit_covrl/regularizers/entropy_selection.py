@@ -1,5 +1,6 @@
 """Entropy-based token selection and weighting, decided once per optimizer mini-batch over all
-its tokens on all ranks (so the result does not depend on micro-batch size or device count):
+its tokens on all ranks (so the result does not depend on micro-batch size or device count, up to
+float rounding at EntropyRatioClip's fixed band edges, which no tie tolerance can absorb):
 
 - HighEntropyTokens (Wang et al. 2025, "Beyond the 80/20 rule", arXiv 2506.01939): policy
   gradient only on the tokens whose entropy is in the top `top_frac` of the mini-batch (paper:

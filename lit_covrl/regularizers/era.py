@@ -21,7 +21,9 @@ log-prob, not rebuilt on the activated one). The log-probs under k z and z / k c
 training forward's logits (`Regularizer.needs_logit_scales` = (k, 1 / k)); the decision is per
 response, made in `prepare` from the current entropy of the mini-batch (`needs_current_entropy`:
 the rollout's while on policy), so it does not depend on the micro-batch size or the number of
-devices.
+devices, except for a response whose H_resp is within float rounding (~1e-7 relative) of `low` or
+`high`: its entropies, computed in forwards of other shapes, differ in their last bits and can
+decide it the other way (a fixed threshold has no tie tolerance to give: it would move the edge).
 
 Defaults: the reference recipe qwen_7b_era_topk_scale.sh (era_lb 0.45, era_ub 3.0, era_k 2,
 adv_scale True; the repository's latest recipe, the inverse scaling of the paper's and the README's

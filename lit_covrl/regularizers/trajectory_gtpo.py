@@ -21,7 +21,9 @@ Two controls, both decided per optimizer mini-batch in `prepare` (the math in
 The weights are a `TokenShaping.weight` and the shift a `TokenShaping.advantage_shift`, so the
 control stacks on any objective. GTPO drops the KL to a reference model: leave ReferenceKL out.
 Groups are whole inside one rank's mini-batch, so the decisions do not depend on the micro-batch
-size or the number of devices; the metrics are summed over all ranks.
+size or the number of devices (except for a response whose mean entropy is within float rounding,
+~1e-7 relative, of `entropy_threshold`: forwards of other shapes can put it on the other side);
+the metrics are summed over all ranks.
 """
 from __future__ import annotations
 
