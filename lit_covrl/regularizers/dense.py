@@ -8,10 +8,15 @@
   the sampled tokens (s_t = 1 unless a regularizer sets a per-token KL scale, `PolicyBatch.kl_scale`:
   Archer's high-entropy tokens) (as a loss, k2's expected gradient is that of KL(pi || pi_ref), k3's that of
   KL(pi_ref || pi); k1's is 0, so k1 is refused: `lit_covrl.algorithms.kl`); the module loads the
-  reference model only when one exists.
+  reference model only when one exists. With `reset_every` (ProRL, Liu et al. 2025, arXiv 2505.24864)
+  the reference is overwritten with the policy's weights every `reset_every` RL steps, and the
+  optimizer state is re-initialised (`reset_optimizer`): `lit_covrl.reference_reset`.
 """
 from __future__ import annotations
 
+import re
+
+from lit_covrl import reference_reset
 from lit_covrl.algorithms import KL_ESTIMATORS, kl_penalty
 from lit_covrl.regularizers.base import Regularizer, StepSums, check_nonnegative
 from lit_covrl.regularizers.schedules import Schedule
@@ -53,7 +58,8 @@ class ReferenceKL(Regularizer):
     chart_metrics = {"Entropy": ("coef",), "Control": ("kl",)}
 
     def __init__(
-        self, beta: float = 1e-3, estimator: str = "k3", schedule: Schedule | None = None, name: str | None = None
+        self, beta: float = 1e-3, estimator: str = "k3", schedule: Schedule | None = None, name: str | None = None,
+        reset_every: int | None = None, reset_optimizer: bool = True,
     ) -> None:
         """
         Args:
@@ -62,9 +68,22 @@ class ReferenceKL(Regularizer):
                 (gradient of KL(pi || pi_ref)); "k1" is refused (zero expected gradient).
             schedule: annealing of `beta` over RL steps.
             name: metric namespace (reg/<name>/...).
+            reset_every: ProRL's reference policy reset: before RL steps reset_every, 2 reset_every,
+                ... the reference takes the policy's current weights (so that step's first,
+                on-policy mini-batch has KL 0). null = never (a fixed reference). ProRL resets by
+                hand between its runs, when validation stalls; it publishes no interval.
+            reset_optimizer: with a reset, also re-initialise the optimizer state (ProRL does).
         """
         super().__init__(schedule, name)
         check_nonnegative("ReferenceKL.beta", beta)
+        self.reset_every = check_reset_every(reset_every)
+        if not isinstance(reset_optimizer, bool):
+            raise ValueError(f"ReferenceKL.reset_optimizer={reset_optimizer!r}: must be true or false")
+        self.reset_optimizer = reset_optimizer
+        self._resets = 0  # resets so far (checkpointed)
+        self._last_reset_step: int | None = None
+        self._pending_reference: dict | None = None  # a checkpoint's reset reference, until on_train_start
+        self._module = None
         if estimator == "k1":
             raise ValueError(
                 "ReferenceKL.estimator='k1': as a loss on tokens sampled from the policy, k1 = log pi - log pi_ref "
@@ -94,4 +113,69 @@ class ReferenceKL(Regularizer):
         total = self._kl_sums.pop()
         if total["tokens"] > 0:
             self.record("kl", total["kl"] / total["tokens"])
+        if self.reset_every is not None:  # reg/<name>/resets: resets so far
+            self.record("resets", float(self._resets))
         return super().pop_metrics()
+
+    def charts(self) -> dict[str, list[str]]:
+        out = super().charts()
+        if self.reset_every is not None:
+            out["Control"].append(f"reg/{re.escape(self.name)}/resets")
+        return out
+
+    # reference policy reset (ProRL) ------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._module = pl_module
+        if self.reset_every is not None:
+            from lightning.pytorch.strategies import ModelParallelStrategy
+
+            if isinstance(trainer.strategy, ModelParallelStrategy):
+                raise ValueError(
+                    f"ReferenceKL.reset_every={self.reset_every} is not supported with trainer.strategy="
+                    f"{type(trainer.strategy).__name__} (FSDP2): the reset and the checkpointing of the reset "
+                    "reference were tested unsharded only; use ddp or one device, or reset_every: null")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.reset_every is None:
+            return
+        reference_reset.check_same_layout(pl_module._reference, pl_module.policy, "ReferenceKL.reset_every")
+        if self._pending_reference is not None:  # the checkpoint's reset reference
+            pl_module._reference.load_state_dict(self._pending_reference)
+            self._pending_reference = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.reset_every is None or step == 0 or step % self.reset_every or step == self._last_reset_step:
+            return
+        reference_reset.copy_policy_into(pl_module._reference, pl_module.policy)
+        if self.reset_optimizer:
+            reference_reset.clear_optimizer_state(trainer.optimizers)
+        self._resets += 1
+        self._last_reset_step = step
+
+    def state_dict(self) -> dict:
+        """Nothing without `reset_every`; with it, the resets so far and, once there was one, the
+        reference's weights (the loaded model no longer gives them)."""
+        if self.reset_every is None:
+            return {}
+        out = {"resets": self._resets, "last_reset_step": self._last_reset_step}
+        if self._resets and self._module is not None and self._module._reference is not None:
+            out["reference"] = reference_reset.reference_weights(self._module._reference)
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not state_dict:
+            return
+        self._resets, self._last_reset_step = int(state_dict["resets"]), state_dict["last_reset_step"]
+        self._pending_reference = state_dict.get("reference")
+
+
+def check_reset_every(value) -> int | None:
+    """`ReferenceKL.reset_every`: null or an integer >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"ReferenceKL.reset_every={value!r}: must be an integer >= 1 (RL steps between reference "
+                         "resets) or null (never reset)")
+    return value
