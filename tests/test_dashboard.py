@@ -419,14 +419,15 @@ def test_every_shipped_regularizer_charts_what_it_records(tiny_model_dir, tmp_pa
 
     from lit_covrl.regularizers import (
         AEPO, AEnt, AdaptiveEntropyBonus, ClipCov, EntropyAdvantage, EntropyRatioClip, HighEntropyTokens, KLCov,
-        SteerWeights, TrajectoryGTPO,
+        ReferenceKL, SteerWeights, TrajectoryGTPO,
     )
     from tests.helpers import fit, scalar_tags
     from tests.test_module import make_data, make_module
 
     regs = [ClipCov(ratio=0.2, lb=-1e9, ub=1e9), KLCov(ratio=0.1), HighEntropyTokens(), SteerWeights(),
             EntropyRatioClip(), AdaptiveEntropyBonus(target=5.0), EntropyAdvantage(), AEnt(), AEPO(),
-            TrajectoryGTPO(entropy_threshold=2.8, entropy_scale=0.0)]  # no shift: EntropyAdvantage shifts
+            TrajectoryGTPO(entropy_threshold=2.8, entropy_scale=0.0),  # no shift: EntropyAdvantage shifts
+            ReferenceKL(reset_every=1)]
     fit(make_module(tiny_model_dir, update=dict(mini_batch_size=2)), make_data(val_size=0), steps=2, callbacks=regs,
         log_dir=tmp_path, limit_val_batches=0)
     tags = list(scalar_tags(tmp_path))
