@@ -24,12 +24,12 @@ F7 = CONFIGS / "fsdp" / "qwen2.5-7b.yaml"
 CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_tokens", "adaptive_entropy", "steer",
                "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "ce_gppo", "qae", "w_reinforce", "passk",
                "entropic", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo", "era", "aent", "aepo",
-               "trajectory_gtpo")
+               "trajectory_gtpo", "prorl")
 REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "adaptive_entropy", "clip_cov",
                      "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
                      "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse", "qae", "w_reinforce", "w_reinforce_high_lr", "gspo", "cispo",
                      "ce_gppo", "passk", "entropic", "entropic_kp50", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo",
-                     "era", "aent", "aepo", "trajectory_gtpo")
+                     "era", "aent", "aepo", "trajectory_gtpo", "prorl")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high",
                "entropic_kp5", "lp_reg_neg10", "siren_high")
 STACKS = {
@@ -132,6 +132,13 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
         assert (gtpo.positive_weight, gtpo.entropy_threshold, gtpo.entropy_scale, gtpo.count_norm) == (2.0, 0.7, 0.1, True)
         assert cli.model.settings.loss.advantage == "drgrpo" and type(cli.model.objective).__name__ == "PPOClip"
         assert not any(type(r).__name__ == "ReferenceKL" for r in regs)  # GTPO drops the KL to a reference
+    if name.endswith("prorl.yaml"):  # ProRL (Liu et al. 2025): resets of the reference; the paper's clip and temperature
+        (kl,) = regs
+        assert (kl.beta, kl.estimator, kl.reset_optimizer) == (1e-3, "k3", True)
+        assert kl.reset_every == (50 if name.startswith("cpu/") else 25)
+        ro, loss = cli.model.settings.rollout, cli.model.settings.loss
+        assert (ro.temperature, ro.filter_groups, loss.clip_low, loss.clip_high) == (1.2, True, 0.2, 0.4)
+        assert loss.loss_agg_mode == "token-mean" and type(cli.model.objective).__name__ == "PPOClip"
     if name.endswith("qae.yaml"):
         assert cli.model.settings.loss.baseline_quantile == 0.4 and cli.model.settings.loss.advantage == "grpo"
     if name.endswith("passk.yaml"):  # k of the paper's main setting, below the testbeds' group size 8
