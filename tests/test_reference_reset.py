@@ -78,13 +78,25 @@ def test_bad_settings_are_refused_naming_the_field():
     assert ReferenceKL().state_dict() == {}  # without resets: stateless, as before
 
 
-def test_reset_under_fsdp2_is_refused_at_start_up():
-    from lit_covrl.sharding import FSDP2Strategy
+def test_a_reference_of_another_architecture_is_refused_and_wrappers_are_looked_through():
+    """A reset copies tensor by tensor: a reference whose parameters differ is refused naming the
+    field; an activation-checkpointing wrapper (the policy's, under FSDP2) renames nothing that counts."""
+    from lit_covrl.reference_reset import check_same_layout, copy_policy_into
 
-    trainer = types.SimpleNamespace(strategy=FSDP2Strategy(), max_steps=4)
-    ReferenceKL().setup(trainer, None, "fit")  # no reset: FSDP2 as before
-    with pytest.raises(ValueError, match=r"ReferenceKL.reset_every=2 is not supported with trainer.strategy=FSDP2"):
-        ReferenceKL(reset_every=2).setup(trainer, None, "fit")
+    torch.manual_seed(0)
+    policy = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"ReferenceKL.reset_every: a reset copies the policy's weights"):
+        check_same_layout(torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2)), policy,
+                          "ReferenceKL.reset_every")
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    wrapped = torch.nn.Sequential(checkpoint_wrapper(torch.nn.Linear(3, 4)), torch.nn.Linear(4, 2))
+    assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_parameters())
+    reference = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).to(torch.bfloat16)
+    check_same_layout(reference, wrapped, "ReferenceKL.reset_every")
+    copy_policy_into(reference, wrapped)
+    for p, q in zip(reference.parameters(), wrapped.parameters()):
+        assert p.dtype == torch.bfloat16 and torch.equal(p, q.detach().to(torch.bfloat16))
 
 
 def test_a_reset_makes_the_reference_the_policy_and_the_next_kl_zero(tiny_model_dir):
@@ -227,3 +239,57 @@ def test_a_bad_reset_every_is_refused_at_start_up(tmp_path, capsys):
 
     err = cli_start_up_error(tmp_path, capsys, "configs/cpu/prorl.yaml", "--trainer.callbacks.init_args.reset_every", "0")
     assert "ReferenceKL.reset_every=0: must be an integer >= 1" in err
+
+
+def _fsdp_worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> None:
+    """FSDP2 (2 gloo processes): U, 4 steps uninterrupted; A, 3 steps and a sharded checkpoint;
+    B, A resumed to 4 steps. Each with reset_every 2 (a reset before step 2)."""
+    from lit_covrl.sharding import full_state_dict
+    from tests import _dist
+
+    torch.set_num_threads(1)
+    _dist.elastic_env(rank, 2, port)
+    out, res = Path(out), {}
+
+    def run(name, steps, ckpt=None):
+        rec = _dist.Recorder()
+        module = _dist.make_module(model_dir)
+        tr = _dist.trainer(steps, [rec, ReferenceKL(beta=0.1, reset_every=2)], 2, out / name)
+        tr.fit(module, _dist.make_data(Path(prompts), _dist.B), ckpt_path=ckpt)
+        res[name] = rec.steps
+        res[f"{name}_sharded"] = type(module._reference).__name__
+        res[f"{name}_policy"], res[f"{name}_reference"] = full_state_dict(module.policy), full_state_dict(module._reference)
+        return tr
+
+    run("U", 4)
+    run("A", 3).save_checkpoint(out / "sharded.ckpt")
+    run("B", 4, ckpt=str(out / "sharded.ckpt"))
+    torch.save(res, out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_fsdp2_reset_matches_one_process_and_resumes_exactly(tiny_model_dir, tmp_path):
+    """Under FSDP2 (the reference sharded like the policy, copied shard by shard; its gathered
+    weights in the sharded checkpoint): 2 gloo processes match 1 process over 4 steps with a reset
+    (metrics, policy, reference), and a resume from step 3 equals the uninterrupted run."""
+    from tests import _dist
+    from tests.test_fsdp import _assert_same
+
+    prompts = _dist.write_prompts(tmp_path / "prompts.jsonl", 2 * _dist.B * 4)
+    _dist.spawn(_fsdp_worker, (_dist.free_port(), tiny_model_dir, str(prompts), str(tmp_path)), timeout_s=400)
+    rec = _dist.Recorder()
+    module = _dist.make_module(tiny_model_dir)
+    _dist.trainer(4, [rec, ReferenceKL(beta=0.1, reset_every=2)], 1, tmp_path / "one").fit(
+        module, _dist.make_data(prompts, 2 * _dist.B))
+    assert [rec.steps[s]["reg/ref_kl/resets"] for s in range(1, 5)] == [0, 0, 1, 1]
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        assert got["U_sharded"].startswith("FSDP")
+        _assert_same(got["U"], rec.steps, range(1, 5), rel=2e-3, abs_=1e-5)
+        _assert_same(got["B"], got["U"], [4], rel=1e-5, abs_=1e-7)
+        for name, model in (("policy", module.policy), ("reference", module._reference)):
+            for k, v in model.state_dict().items():
+                torch.testing.assert_close(got[f"U_{name}"][k], v, rtol=1e-3, atol=2e-4, msg=f"{name} {k}")
+                torch.testing.assert_close(got[f"B_{name}"][k], got[f"U_{name}"][k], rtol=1e-5, atol=1e-7,
+                                           msg=f"resumed {name} {k}")

@@ -127,21 +127,13 @@ class ReferenceKL(Regularizer):
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._module = pl_module
-        if self.reset_every is not None:
-            from lightning.pytorch.strategies import ModelParallelStrategy
-
-            if isinstance(trainer.strategy, ModelParallelStrategy):
-                raise ValueError(
-                    f"ReferenceKL.reset_every={self.reset_every} is not supported with trainer.strategy="
-                    f"{type(trainer.strategy).__name__} (FSDP2): the reset and the checkpointing of the reset "
-                    "reference were tested unsharded only; use ddp or one device, or reset_every: null")
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.reset_every is None:
             return
         reference_reset.check_same_layout(pl_module._reference, pl_module.policy, "ReferenceKL.reset_every")
         if self._pending_reference is not None:  # the checkpoint's reset reference
-            pl_module._reference.load_state_dict(self._pending_reference)
+            reference_reset.load_reference_weights(pl_module._reference, self._pending_reference)
             self._pending_reference = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -156,7 +148,8 @@ class ReferenceKL(Regularizer):
 
     def state_dict(self) -> dict:
         """Nothing without `reset_every`; with it, the resets so far and, once there was one, the
-        reference's weights (the loaded model no longer gives them)."""
+        reference's full weights (the loaded model no longer gives them; under FSDP2 gathered, a
+        collective: Lightning asks every rank for its callbacks' state when it saves)."""
         if self.reset_every is None:
             return {}
         out = {"resets": self._resets, "last_reset_step": self._last_reset_step}
