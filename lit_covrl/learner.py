@@ -180,7 +180,7 @@ class Learner:
             agg_mode=self.settings.loss.loss_agg_mode, norm_length=self.settings.rollout.max_new_tokens,
             topp_entropy=topp_ent, logratio_clamp=getattr(self.objective, "logratio_clamp", None),
             token_ids=mb.input_ids[:, mb.input_ids.shape[1] - mb.mask.shape[1]:],
-            groups=mb.rows // self.settings.rollout.group_size,
+            groups=mb.rows // self.settings.rollout.group_size if mb.prompts is None else mb.prompts,
         )
         # the one that sets a per-token clip range first (ctx.clipped follows its range), those that
         # read ctx.zeroed last (a stable sort: otherwise in callback order)

@@ -102,7 +102,8 @@ class MiniBatch:
     [N, P+T] and [N, T] tensors; nothing vocabulary-sized)."""
 
     def __init__(self, rollout: Rollout, advantages: Tensor, ref_logp: Tensor | None, idx: Tensor) -> None:
-        self.rows = idx  # the rows' indices in the rollout (row n answers prompt n // G)
+        self.rows = idx  # the rows' indices in the rollout (row n answers prompt n // G, unless:)
+        self.prompts = None if rollout.prompt_index is None else rollout.prompt_index[idx]
         self.input_ids = rollout.input_ids[idx]
         self.attention_mask = rollout.attention_mask[idx]
         self.mask = rollout.response_mask[idx]

@@ -61,6 +61,8 @@ class Rollout:
     truncated      [N]       True where the response hit max_new_tokens without EOS
     nonfinite      [N]       True where some step's logits had NaN / +inf (or were all -inf): that
                              row's draw is meaningless (default: all False)
+    prompt_index   [N]       the prompt each row answers, where rows are not in prompt order (a
+                             regularizer's extra responses spliced in, `control_rows`); None: n // G
     """
 
     input_ids: Tensor
@@ -71,6 +73,7 @@ class Rollout:
     truncated: Tensor
     completions: list[str] = field(default_factory=list)
     nonfinite: Tensor | None = None
+    prompt_index: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.nonfinite is None:

@@ -204,6 +204,45 @@ def test_module_trains_the_chosen_responses_in_the_first_rows(tiny_model_dir, mo
     assert m["rollout/accuracy"] == pytest.approx(main_acc)  # the rollout's, not the spliced batch's
 
 
+def test_spliced_rows_keep_the_prompt_they_answer_for_the_group_readers(tiny_model_dir, monkeypatch):
+    """The extra responses take the first rows, which belonged to other prompts: the spliced batch
+    says which prompt each row answers (`Rollout.prompt_index`), and a regularizer reading
+    `ctx.groups` (TrajectoryGTPO, whose conflict tokens are within a prompt's responses) sees each
+    row's prompt. It saw row // group_size, which put an extra response of prompt 1 into prompt
+    0's group (review session20)."""
+    from lit_covrl.learner import Learner
+    from lit_covrl.regularizers import TrajectoryGTPO
+    from tests.helpers import fit
+    from tests.test_module import HasOneReward, make_data, make_module
+
+    module = make_module(tiny_model_dir, reward=HasOneReward(), rollout=dict(group_size=4, max_new_tokens=4))
+    seen: dict = {"groups": []}
+    update, prepare = Learner.update, TrajectoryGTPO.prepare
+
+    def spy_update(self, rollout, advantages, keep, ref_logp, *, step):
+        seen["trained"] = rollout
+        return update(self, rollout, advantages, keep, ref_logp, step=step)
+
+    def spy_prepare(self, ctx):
+        seen["groups"].append(ctx.groups.clone())
+        return prepare(self, ctx)
+
+    monkeypatch.setattr(Learner, "update", spy_update)
+    monkeypatch.setattr(TrajectoryGTPO, "prepare", spy_prepare)
+    trainer = fit(module, make_data(batch_size=8, val_size=0), steps=1, limit_val_batches=0,
+                  callbacks=[AEPO(target_entropy=5.0, prompt_frac=1.0), TrajectoryGTPO(entropy_threshold=50.0)])
+    k, trained = int(trainer.callback_metrics["reg/aepo/samples"]), seen["trained"]
+    assert trained.prompt_index is not None
+    T = trained.response_mask.shape[1]
+    prompts = [tuple(ids[m.bool()].tolist()) for ids, m in zip(trained.input_ids[:, :-T], trained.attention_mask[:, :-T])]
+    index = trained.prompt_index.tolist()
+    assert 0 < k and index[:k] != [n // 4 for n in range(k)]  # the first rows answer other prompts
+    assert index[k:] == [n // 4 for n in range(k, 32)]  # the rollout's own rows
+    assert all(prompts[i] == prompts[j] for i in range(32) for j in range(32) if index[i] == index[j])
+    groups = torch.cat(seen["groups"])  # one mini-batch of all 32 rows, in row order
+    assert groups.tolist() == index
+
+
 def test_aepo_measurement_resumes_exactly(tiny_model_dir, tmp_path):
     """The measured entropy travels in the checkpoint: with target 0 every measurement is above it,
     so steps 1-3 draw at T_low and take half as many; a resume at step 2 that lost the measurement
