@@ -103,13 +103,17 @@ def last_checkpoint(cfg) -> str | None:
     the `checkpoints/last.ckpt` of the newest earlier run of the same name (`<prefix>-v<N>`, the
     highest N holding one), or of the logger's explicit version. Lightning looks for it only in the
     new run's own folder, which every fit makes anew, so it found none and trained from scratch
-    after a warning. None when the CLI does not name the run's folder (another logger, or an
-    explicit `checkpoint.dirpath`: Lightning's own search looks there); ValueError naming where it
-    looked when no such checkpoint exists."""
+    after a warning. With an explicit `checkpoint.dirpath` (where every run of the config saves),
+    the last.ckpt there; None for another logger or none (Lightning's own search, in the checkpoint
+    folder it makes); ValueError naming where it looked when no such checkpoint exists."""
+    if dirpath := (cfg.get("checkpoint") or {}).get("dirpath"):
+        folder = Path(os.path.expanduser(os.path.expandvars(str(dirpath))))
+        if os.path.lexists(ckpt := folder / "last.ckpt"):
+            return str(ckpt)
+        raise ValueError(f"ckpt_path=last: no last.ckpt in checkpoint.dirpath {folder}; "
+                         "give the checkpoint's path: --ckpt_path <folder>/<file>.ckpt")
     logger = cfg.get("trainer", {}).get("logger") if hasattr(cfg, "get") else None
     if logger is None or not str(getattr(logger, "class_path", "")).endswith(("TensorBoardLogger", "CSVLogger")):
-        return None
-    if (cfg.get("checkpoint") or {}).get("dirpath"):
         return None
     init = logger.init_args
     root = Path(os.path.expanduser(os.path.expandvars(str(init.get("save_dir"))))) / str(init.get("name") or "")

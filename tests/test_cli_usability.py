@@ -688,3 +688,22 @@ def test_ckpt_path_last_resumes_the_newest_earlier_run_of_the_config(tmp_path, c
     assert {step for step, _ in second["policy/loss"]} == {1}  # resumed after step 0 (was 0 and 1)
     main(["fit", *common, "--ckpt_path", "last", "--trainer.max_steps", "3"])  # the newest: -v1's
     assert {step for step, _ in scalar_tags(runs / "quickstart" / "grpo-quickstart-v2")["policy/loss"]} == {2}
+
+
+def test_ckpt_path_last_with_a_checkpoint_folder_reads_that_folder(tmp_path, capsys):
+    """With an explicit checkpoint.dirpath every run of the config saves there: `--ckpt_path last`
+    is its last.ckpt, or a one-line error when it holds none (Lightning trained from scratch)."""
+    runs, ck = tmp_path / "runs", tmp_path / "ck"
+    common = ["--config", str(QUICK), "--torch_threads", "1", "--trainer.limit_val_batches", "0",
+              "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(runs),
+              "--checkpoint.dirpath", str(ck)]
+    with pytest.raises(SystemExit):
+        main(["fit", *common, "--ckpt_path", "last", "--trainer.max_steps", "1"])
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"lit-covrl: error: ckpt_path=last: no last.ckpt in checkpoint.dirpath {ck}")
+    main(["fit", *common, "--trainer.max_steps", "1"])
+    main(["fit", *common, "--ckpt_path", "last", "--trainer.max_steps", "2"])
+    from tests.helpers import scalar_tags
+
+    assert {step for step, _ in scalar_tags(runs / "quickstart" / "grpo-quickstart-v1")["policy/loss"]} == {1}
+
