@@ -204,6 +204,53 @@ def test_module_trains_the_chosen_responses_in_the_first_rows(tiny_model_dir, mo
     assert m["rollout/accuracy"] == pytest.approx(main_acc)  # the rollout's, not the spliced batch's
 
 
+def test_splice_with_group_filter_overlong_mask_and_reference_kl(tiny_model_dir, monkeypatch):
+    """AEPO stacked with filter_groups, `overlong: mask` and ReferenceKL through the module: the
+    chosen extra responses are trained although the rollout rows they replace were filtered
+    (a zero-variance group or a truncated response), no truncated extra response is chosen, and
+    ReferenceKL's reference log-probs are those of the spliced batch, not of the rollout's."""
+    import lit_covrl.control_rows as control_rows
+    from lit_covrl.learner import Learner
+    from lit_covrl.regularizers import ReferenceKL
+    from tests.helpers import fit
+    from tests.test_module import HasOneReward, make_data, make_module
+
+    module = make_module(tiny_model_dir, reward=HasOneReward(),
+                         rollout=dict(group_size=4, max_new_tokens=6, filter_groups=True, overlong="mask"))
+    steps: dict = {}
+    splice, update = control_rows._splice, Learner.update
+
+    def spy_splice(module_, extra, chosen, rollout, advantages, keep, timer):
+        steps[module.global_step] = dict(extra=extra, k=int(chosen.sum()), rollout_keep=keep.clone())
+        return splice(module_, extra, chosen, rollout, advantages, keep, timer)
+
+    def spy_update(self, rollout, advantages, keep, ref_logp, *, step):
+        if step in steps:
+            steps[step].update(trained=rollout, keep=keep.clone(), ref_logp=ref_logp,
+                               ref=module._reference_logprobs(rollout))
+        return update(self, rollout, advantages, keep, ref_logp, step=step)
+
+    monkeypatch.setattr(control_rows, "_splice", spy_splice)
+    monkeypatch.setattr(Learner, "update", spy_update)
+    aepo = AEPO(target_entropy=5.0, prompt_frac=1.0)
+    fit(module, make_data(batch_size=8, val_size=0), steps=3, callbacks=[aepo, ReferenceKL(beta=0.1)],
+        limit_val_batches=0)
+    assert steps, "AEPO chose no extra response"
+    replaced_filtered = truncated_positive = 0
+    for s in steps.values():
+        k, extra, trained = s["k"], s["extra"], s["trained"]
+        assert s["keep"][:k].all()  # the chosen extra responses are trained
+        assert not trained.truncated[:k].any()  # never a truncated extra response
+        assert torch.equal(s["ref_logp"], s["ref"])  # the reference forward of the spliced batch
+        replaced_filtered += int((~s["rollout_keep"][:k]).sum())
+        rewards = torch.tensor([1.0 if "1" in c else 0.0 for c in extra.completions]).view(-1, 4)
+        positive = ((rewards > 0) & (rewards.std(1, keepdim=True) > 0)).flatten()  # GRPO advantage > 0
+        truncated_positive += int((positive & extra.truncated).sum())
+    # the cases these checks decide came up: replaced rows that were filtered, truncated extra
+    # responses that their advantage alone would have had chosen
+    assert replaced_filtered > 0 and truncated_positive > 0
+
+
 def test_spliced_rows_keep_the_prompt_they_answer_for_the_group_readers(tiny_model_dir, monkeypatch):
     """The extra responses take the first rows, which belonged to other prompts: the spliced batch
     says which prompt each row answers (`Rollout.prompt_index`), and a regularizer reading
