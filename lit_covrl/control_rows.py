@@ -57,10 +57,8 @@ def _draw(module, prompts: PromptBatch, temperature: float, timer) -> tuple[Roll
         extra = module.generate(prompts.prompts, G, temperature=temperature, generator=module.rollout_generator)
     guards.stop_on_nonfinite_logits(extra, step=module.global_step, rank=module.global_rank, trainer=module._trainer)
     with timer("control_score"):  # left out of the rollout's reward statistics
-        answers, texts, columns = ([x for x in xs for _ in range(G)]
-                                   for xs in (prompts.answers, prompts.prompts, prompts.columns))
-        scores, _ = module.score(extra.completions, answers, texts, columns, counted=False)
-    return extra, module.generation.penalize_overlong(extra, scores)
+        rewards, _, _ = module.score_rollout(prompts, extra, counted=False)
+    return extra, rewards
 
 
 def _splice(module, extra: Rollout, chosen: Tensor, rollout: Rollout, advantages: Tensor, keep: Tensor,

@@ -258,22 +258,7 @@ class GRPOModule(SetupHooks, EvaluationHooks, L.LightningModule):
         if cfg.loss.binary_rewards_for:
             guards.stop_on_non_binary_rewards(rewards, step=step, rank=self.global_rank, trainer=self._trainer,
                                               setting=cfg.loss.binary_rewards_for)
-        zero_var = zero_variance_groups(rewards, G)
-        keep = ~zero_var if cfg.rollout.filter_groups else torch.ones_like(zero_var)
-        if cfg.rollout.overlong == "mask":
-            keep = keep & ~rollout.truncated
-        if self.recompute_logprobs_on:  # old log-probs from the training forward instead of the sampler
-            with timer("old_logp"):  # in the update's micro-batches (so its first ratio is exactly 1)
-                self.learner.recompute_old_logprobs(rollout, keep)
-        # after the recomputation: the unlikeliness reward ranks by the old log-probs trained against
-        seq_logp = sequence_logprob_means(rollout.logp, rollout.response_mask) if cfg.loss.unlikeliness else None
-        ranks = likelihood_ranks(seq_logp, G) if cfg.loss.unlikeliness else None  # the advantages' and metrics'
-        advantages = compute_advantages(rewards, G, cfg.loss.advantage, baseline_quantile=cfg.loss.baseline_quantile,
-                                        pass_k=cfg.loss.pass_k, unlikeliness=cfg.loss.unlikeliness, seq_logp=seq_logp,
-                                        ranks=ranks)
-        trained = (rollout, advantages, keep)  # a regularizer's extra responses in its first rows (AEPO's)
-        if (drawing := drawing_regularizer(self.regularizers)) is not None:
-            trained = splice_control_rows(self, drawing, sampled.batch, *trained, timer)
+        trained, advantages, zero_var, seq_logp, ranks = self._trained_batch(sampled, timer)
         ref_logp = None
         if any(r.needs_reference for r in self.regularizers):  # time/ref_logp_s only where there is one
             with timer("ref_logp"):
@@ -305,6 +290,31 @@ class GRPOModule(SetupHooks, EvaluationHooks, L.LightningModule):
             metrics["data/skipped_rows"] = skipped_rows
         self.log_step(metrics)
 
+    def _trained_batch(
+        self, sampled: Round, timer: PhaseTimer,
+    ) -> tuple[tuple[Rollout, Tensor, Tensor], Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The update's (rollout, advantages, keep), with a drawing regularizer's extra responses
+        in its first rows (AEPO's); then, for the metrics, the rollout's own advantages, its
+        zero-variance groups, and the unlikeliness reward's sequence log-probs and ranks (or None)."""
+        cfg, G, rollout, rewards = self.settings, self.settings.rollout.group_size, sampled.rollout, sampled.rewards
+        zero_var = zero_variance_groups(rewards, G)
+        keep = ~zero_var if cfg.rollout.filter_groups else torch.ones_like(zero_var)
+        if cfg.rollout.overlong == "mask":
+            keep = keep & ~rollout.truncated
+        if self.recompute_logprobs_on:  # old log-probs from the training forward instead of the sampler
+            with timer("old_logp"):  # in the update's micro-batches (so its first ratio is exactly 1)
+                self.learner.recompute_old_logprobs(rollout, keep)
+        # after the recomputation: the unlikeliness reward ranks by the old log-probs trained against
+        seq_logp = sequence_logprob_means(rollout.logp, rollout.response_mask) if cfg.loss.unlikeliness else None
+        ranks = likelihood_ranks(seq_logp, G) if cfg.loss.unlikeliness else None  # the advantages' and metrics'
+        advantages = compute_advantages(rewards, G, cfg.loss.advantage, baseline_quantile=cfg.loss.baseline_quantile,
+                                        pass_k=cfg.loss.pass_k, unlikeliness=cfg.loss.unlikeliness, seq_logp=seq_logp,
+                                        ranks=ranks)
+        trained = (rollout, advantages, keep)
+        if (drawing := drawing_regularizer(self.regularizers)) is not None:
+            trained = splice_control_rows(self, drawing, sampled.batch, *trained, timer)
+        return trained, advantages, zero_var, seq_logp, ranks
+
     def _generation_round(self, batch: PromptBatch, timer: PhaseTimer) -> tuple[Round, dict[str, float]]:
         ro, G = self.settings.rollout, self.settings.rollout.group_size
         with timer("rollout"):
@@ -312,12 +322,18 @@ class GRPOModule(SetupHooks, EvaluationHooks, L.LightningModule):
         timer.count("rollout_tokens", rollout.response_mask.sum())  # every round's, for rollout/tokens_per_s
         guards.stop_on_nonfinite_logits(rollout, step=self.global_step, rank=self.global_rank, trainer=self._trainer)
         with timer("score"):
-            answers = [a for a in batch.answers for _ in range(G)]
-            prompts = [p for p in batch.prompts for _ in range(G)]
-            columns = [c for c in batch.columns for _ in range(G)]
-            scores, reward_stats = self.score(rollout.completions, answers, prompts, columns)
-            rewards = self.generation.penalize_overlong(rollout, scores)
+            rewards, scores, reward_stats = self.score_rollout(batch, rollout)
         return Round(batch, rollout, rewards, scores), reward_stats
+
+    def score_rollout(self, batch: PromptBatch, rollout: Rollout,
+                      counted: bool = True) -> tuple[Tensor, Tensor, dict[str, float]]:
+        """(rewards, scores, reward metrics) of `rollout`'s group_size responses per prompt of
+        `batch`: the scores as the reward functions give them, the rewards after the overlong penalty."""
+        G = self.settings.rollout.group_size
+        answers, prompts, columns = ([x for x in xs for _ in range(G)]
+                                     for xs in (batch.answers, batch.prompts, batch.columns))
+        scores, reward_stats = self.score(rollout.completions, answers, prompts, columns, counted=counted)
+        return self.generation.penalize_overlong(rollout, scores), scores, reward_stats
 
     def _sample_batch(self, batch: PromptBatch, timer: PhaseTimer) -> tuple[Round, dict[str, float]]:
         """One generation round; under dynamic sampling (`filter_groups` with `max_gen_rounds` > 1)

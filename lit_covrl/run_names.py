@@ -78,6 +78,17 @@ def default_version(config_files: list, callbacks: list, log_root: Path, model=N
     return f"{prefix}-v{n}"
 
 
+def _named_logger_root(cfg):
+    """(init_args, <save_dir>/<name>) of `cfg`'s TensorBoardLogger or CSVLogger, None for another
+    logger or none: the folder that holds its runs' version folders."""
+    logger = cfg.get("trainer", {}).get("logger") if hasattr(cfg, "get") else None
+    if logger is None or not str(getattr(logger, "class_path", "")).endswith(("TensorBoardLogger", "CSVLogger")):
+        return None
+    init = logger.init_args
+    # $VARS and ~ expanded as the loggers expand them: the folder made is the one they write to
+    return init, Path(os.path.expanduser(os.path.expandvars(str(init.get("save_dir"))))) / str(init.get("name") or "")
+
+
 def name_run(cfg, reserve: bool = False) -> tuple[str | None, list[Path]]:
     """Give a TensorBoardLogger or CSVLogger configured without a version the `default_version` name
     (an explicit version, even "" as tools/compare.py passes, is kept), its folder made now with
@@ -85,14 +96,9 @@ def name_run(cfg, reserve: bool = False) -> tuple[str | None, list[Path]]:
     those above it that did not exist (the CLI removes them again when the run fails at start-up).
     The CLI keeps the name out of the saved config.yaml, so that re-running that file names a
     new run rather than reusing (and overwriting) the folder of the run that saved it."""
-    logger = cfg.get("trainer", {}).get("logger") if hasattr(cfg, "get") else None
-    if logger is None or not str(getattr(logger, "class_path", "")).endswith(("TensorBoardLogger", "CSVLogger")):
+    if (named := _named_logger_root(cfg)) is None or named[0].get("version") is not None:
         return None, []
-    init = logger.init_args
-    if init.get("version") is not None:
-        return None, []
-    # $VARS and ~ expanded as the loggers expand them: the folder made is the one they write to
-    root = Path(os.path.expanduser(os.path.expandvars(str(init.get("save_dir"))))) / str(init.get("name") or "")
+    init, root = named
     made = [p for p in (root, *root.parents) if not p.is_dir()] if reserve else []
     init.version = default_version(cfg.get("config"), cfg.trainer.get("callbacks"), root, cfg.get("model"), reserve)
     return init.version, [root / init.version, *made] if reserve else []
@@ -112,11 +118,9 @@ def last_checkpoint(cfg) -> str | None:
             return str(ckpt)
         raise ValueError(f"ckpt_path=last: no last.ckpt in checkpoint.dirpath {folder}; "
                          "give the checkpoint's path: --ckpt_path <folder>/<file>.ckpt")
-    logger = cfg.get("trainer", {}).get("logger") if hasattr(cfg, "get") else None
-    if logger is None or not str(getattr(logger, "class_path", "")).endswith(("TensorBoardLogger", "CSVLogger")):
+    if (named := _named_logger_root(cfg)) is None:
         return None
-    init = logger.init_args
-    root = Path(os.path.expanduser(os.path.expandvars(str(init.get("save_dir"))))) / str(init.get("name") or "")
+    init, root = named
     version = init.get("version")
     if version is not None:
         folders, looked = [root / (version if isinstance(version, str) else f"version_{version}")], None
