@@ -10,6 +10,9 @@ old log-probs and entropies of the whole spliced batch are then recomputed by th
 forward (the extra responses were drawn at another temperature; the rollout's own rows get the
 training forward's values, as with `recompute_logprobs`). The rollout's metrics stay the
 rollout's own; the update, the reference log-probs and the regularizers see the spliced batch.
+With `recompute_logprobs` the rollout is not forwarded a second time for them: the rows the
+splice keeps take the spliced batch's values, the k it replaced are forwarded alone (N + k rows
+in all; 2N with the unlikeliness reward, which ranks by the rollout's recomputed log-probs first).
 """
 from __future__ import annotations
 
@@ -30,12 +33,16 @@ def drawing_regularizer(regularizers: list):
 
 
 def splice_control_rows(module, reg, batch: PromptBatch, rollout: Rollout, advantages: Tensor, keep: Tensor,
-                        timer) -> tuple[Rollout, Tensor, Tensor]:
+                        timer, recompute_rollout: bool = False) -> tuple[Rollout, Tensor, Tensor]:
     """(rollout, advantages, keep) of the update with `reg`'s chosen extra responses in place of
-    this rank's first rollout rows; the inputs themselves when it draws none this step."""
+    this rank's first rollout rows; the inputs themselves when it draws none this step. With
+    `recompute_rollout` (`recompute_logprobs`, its first pass left to this) the rollout's own
+    log-probs and entropies become the training forward's too, in one pass with the splice's:
+    its rows the splice keeps take their values from the spliced batch's recompute, the rows
+    it replaced are forwarded on their own; the whole rollout when nothing is spliced."""
     request = reg.rollout_request(module.global_step, len(batch))
     if request is None:
-        return rollout, advantages, keep
+        return _unspliced(module, rollout, advantages, keep, timer, recompute_rollout)
     n, temperature = request
     extra, rewards = _draw(module, PromptBatch(batch.prompts[:n], batch.answers[:n], batch.index,
                                                batch.columns[:n]), temperature, timer)
@@ -46,8 +53,31 @@ def splice_control_rows(module, reg, batch: PromptBatch, rollout: Rollout, advan
         adv = adv.masked_fill(extra.truncated, float("-inf"))
     chosen = reg.choose_extra(adv)
     if distributed.all_max_int(int(chosen.any())) == 0:  # none on any rank: the rollout as sampled
-        return rollout, advantages, keep
-    return _splice(module, extra, chosen, rollout, advantages, keep, timer)
+        return _unspliced(module, rollout, advantages, keep, timer, recompute_rollout)
+    spliced = _splice(module, extra, chosen, rollout, advantages, keep, timer)
+    if recompute_rollout:
+        with timer("old_logp"):
+            _rollout_values_from(module.learner, rollout, spliced[0], int(chosen.sum()))
+    return spliced
+
+
+def _unspliced(module, rollout: Rollout, advantages: Tensor, keep: Tensor, timer,
+               recompute: bool) -> tuple[Rollout, Tensor, Tensor]:
+    if recompute:
+        with timer("old_logp"):
+            module.learner.recompute_old_logprobs(rollout, keep)
+    return rollout, advantages, keep
+
+
+def _rollout_values_from(learner, rollout: Rollout, spliced: Rollout, k: int) -> None:
+    """The rollout's training-forward log-probs and entropies (its metrics'): rows k.. are rows
+    k.. of the spliced batch (responses padded to its width), the k rows it replaced a forward
+    of their own (on every rank, in lock-step, k may be 0)."""
+    T = rollout.logp.shape[1]
+    logp, entropy = spliced.logp[:, :T].clone(), spliced.entropy[:, :T].clone()
+    out = learner.policy_stats(rollout, torch.arange(k, device=logp.device))
+    logp[:k], entropy[:k] = out.logp, out.entropy
+    rollout.logp, rollout.entropy = logp, entropy
 
 
 def _draw(module, prompts: PromptBatch, temperature: float, timer) -> tuple[Rollout, Tensor]:

@@ -146,12 +146,17 @@ class Learner:
         in all as one pass over the rollout."""
         logp, entropy = torch.zeros_like(rollout.logp), torch.zeros_like(rollout.entropy)
         for rows in [*self.minibatches(keep), torch.nonzero(~keep).squeeze(-1)]:
-            # a rank with no rows runs filler forwards on row 0 (see _nograd_forward)
-            ids, att = (rollout.input_ids[rows], rollout.attention_mask[rows]) if len(rows) else \
-                (rollout.input_ids[:1], rollout.attention_mask[:1])
-            out = self._nograd_forward(self.policy, ids, att, rollout.response_mask[rows], True)
+            out = self.policy_stats(rollout, rows)
             logp[rows], entropy[rows] = out.logp, out.entropy
         rollout.logp, rollout.entropy = logp, entropy
+
+    def policy_stats(self, rollout: Rollout, rows: Tensor) -> TokenStats:
+        """The policy's no-grad log-probs and entropies of `rollout`'s `rows`, in a micro-batch plan
+        of their own; every rank calls it together, a rank with no rows running filler forwards
+        on row 0 (see _nograd_forward)."""
+        ids, att = (rollout.input_ids[rows], rollout.attention_mask[rows]) if len(rows) else \
+            (rollout.input_ids[:1], rollout.attention_mask[:1])
+        return self._nograd_forward(self.policy, ids, att, rollout.response_mask[rows], True)
 
     def _update_minibatch(self, mb: "MiniBatch", *, index: int, last: bool) -> dict:
         """One optimizer update: plan the micro-batches, let the regularizers select over the whole

@@ -301,7 +301,11 @@ class GRPOModule(SetupHooks, EvaluationHooks, L.LightningModule):
         keep = ~zero_var if cfg.rollout.filter_groups else torch.ones_like(zero_var)
         if cfg.rollout.overlong == "mask":
             keep = keep & ~rollout.truncated
-        if self.recompute_logprobs_on:  # old log-probs from the training forward instead of the sampler
+        drawing = drawing_regularizer(self.regularizers)
+        # a drawing regularizer's splice recomputes the batch (and the rollout rows it keeps) itself:
+        # a first pass over the rollout only where the unlikeliness reward ranks by its log-probs
+        first_pass = self.recompute_logprobs_on and (drawing is None or bool(cfg.loss.unlikeliness))
+        if first_pass:  # old log-probs from the training forward instead of the sampler
             with timer("old_logp"):  # in the update's micro-batches (so its first ratio is exactly 1)
                 self.learner.recompute_old_logprobs(rollout, keep)
         # after the recomputation: the unlikeliness reward ranks by the old log-probs trained against
@@ -311,8 +315,9 @@ class GRPOModule(SetupHooks, EvaluationHooks, L.LightningModule):
                                         pass_k=cfg.loss.pass_k, unlikeliness=cfg.loss.unlikeliness, seq_logp=seq_logp,
                                         ranks=ranks)
         trained = (rollout, advantages, keep)
-        if (drawing := drawing_regularizer(self.regularizers)) is not None:
-            trained = splice_control_rows(self, drawing, sampled.batch, *trained, timer)
+        if drawing is not None:
+            trained = splice_control_rows(self, drawing, sampled.batch, *trained, timer,
+                                          recompute_rollout=self.recompute_logprobs_on and not first_pass)
         return trained, advantages, zero_var, seq_logp, ranks
 
     def _generation_round(self, batch: PromptBatch, timer: PhaseTimer) -> tuple[Round, dict[str, float]]:

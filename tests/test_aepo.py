@@ -7,6 +7,7 @@ fit whose reg/aepo/ tags move. Micro-batch 1 / 3 / all: tests/test_module.py's i
 2 gloo processes vs 1: tests/test_distributed_selection.py."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -249,6 +250,72 @@ def test_splice_with_group_filter_overlong_mask_and_reference_kl(tiny_model_dir,
     # the cases these checks decide came up: replaced rows that were filtered, truncated extra
     # responses that their advantage alone would have had chosen
     assert replaced_filtered > 0 and truncated_positive > 0
+
+
+@pytest.mark.parametrize("unlikeliness", [None, 0.5])
+def test_recompute_logprobs_forwards_the_rollout_once_with_the_splice(tiny_model_dir, monkeypatch, unlikeliness):
+    """With recompute_logprobs (the default under bf16) the splice's recompute of the spliced batch
+    is the step's one pass: the rollout rows it keeps take their values from it, the k rows it
+    replaced are forwarded alone, so N + k rows go through the policy's no-grad forward before the
+    update where it forwarded the whole rollout, then the whole spliced batch (2N; review
+    session20); the rollout's log-probs and entropies (its metrics') are still the training
+    forward's, none the sampler's. The unlikeliness reward ranks by the rollout's recomputed
+    log-probs before the splice: there the rollout's first pass stays (2N)."""
+
+    import lit_covrl.control_rows as control_rows
+    import lit_covrl.module as module_file
+    from lit_covrl.learner import Learner
+    from tests.helpers import fit
+    from tests.test_module import HasOneReward, make_data, make_module
+
+    module = make_module(tiny_model_dir, reward=HasOneReward(), rollout=dict(group_size=4, max_new_tokens=6),
+                         loss=dict(unlikeliness=unlikeliness), update=dict(recompute_logprobs=True))
+    count = {"rows": 0}
+    steps: list = []
+    forward, splice_rows, splice, update = (Learner._nograd_forward, module_file.splice_control_rows,
+                                            control_rows._splice, Learner.update)
+    generate = module.generate
+
+    def spy_generate(prompts, n, *, temperature, generator):  # the sampler's values off by 1: none may stay
+        out = generate(prompts, n, temperature=temperature, generator=generator)
+        mask = out.response_mask.to(out.logp.dtype)
+        return dataclasses.replace(out, logp=out.logp + mask, entropy=out.entropy + mask)
+
+    def spy_forward(self, model, input_ids, attention_mask, mask, *args, **kw):
+        count["rows"] += len(mask) if model is self.policy else 0
+        return forward(self, model, input_ids, attention_mask, mask, *args, **kw)
+
+    def spy_splice_rows(module_, reg, batch, rollout, *args, **kw):
+        steps.append(dict(rollout=rollout, k=0))
+        return splice_rows(module_, reg, batch, rollout, *args, **kw)
+
+    def spy_splice(module_, extra, chosen, *args):
+        steps[-1]["k"] = int(chosen.sum())
+        return splice(module_, extra, chosen, *args)
+
+    def spy_update(self, *args, step):
+        steps[-1]["rows"] = count["rows"]
+        rollout = steps[-1]["rollout"]
+        steps[-1]["fresh"] = forward(self, self.policy, rollout.input_ids, rollout.attention_mask,
+                                     rollout.response_mask, True)
+        out = update(self, *args, step=step)
+        count["rows"] = 0  # the update's own forwards are not counted
+        return out
+
+    monkeypatch.setattr(module, "generate", spy_generate)
+    monkeypatch.setattr(Learner, "_nograd_forward", spy_forward)
+    monkeypatch.setattr(module_file, "splice_control_rows", spy_splice_rows)
+    monkeypatch.setattr(control_rows, "_splice", spy_splice)
+    monkeypatch.setattr(Learner, "update", spy_update)
+    fit(module, make_data(batch_size=8, val_size=0), steps=3, callbacks=[AEPO(target_entropy=5.0, prompt_frac=1.0)],
+        limit_val_batches=0)
+    assert len(steps) == 3 and any(s["k"] for s in steps)
+    for s in steps:
+        n = len(s["rollout"].completions)
+        assert s["rows"] <= (2 * n if unlikeliness else n + s["k"]), (s["rows"], n, s["k"])
+        rollout, fresh = s["rollout"], s["fresh"]
+        torch.testing.assert_close(rollout.logp, fresh.logp, rtol=0, atol=1e-6)
+        torch.testing.assert_close(rollout.entropy, fresh.entropy, rtol=0, atol=1e-5)
 
 
 def test_spliced_rows_keep_the_prompt_they_answer_for_the_group_readers(tiny_model_dir, monkeypatch):
