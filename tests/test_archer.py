@@ -258,6 +258,7 @@ def test_learner_wiring_clip_cov_candidates_and_contribution():
     mb = MB()
     mb.old_logp, mb.advantages, mb.mask, mb.old_entropy = old, adv, mask, ent
     mb.input_ids, mb.rows = torch.zeros_like(mask, dtype=torch.long), torch.arange(len(mask))  # the response tokens, rows
+    mb.prompts = None  # rows in prompt order
     learner._selection_logprobs = lambda mb, plan, need: (logp, ent, None, None)
     learner._select(mb, [None], 1)
     lo, hi = archer.clip_bounds()
@@ -285,6 +286,7 @@ def _selected(objective, regularizers, logp, old, adv, mask, ent):
     mb = type("MB", (), {})()
     mb.old_logp, mb.advantages, mb.mask, mb.old_entropy = old, adv, mask, ent
     mb.input_ids, mb.rows = torch.zeros_like(mask, dtype=torch.long), torch.arange(len(mask))  # the response tokens, rows
+    mb.prompts = None  # rows in prompt order
     learner._selection_logprobs = lambda mb, plan, need: (logp, ent, None, None)
     learner._select(mb, [None], 1)
     return learner
