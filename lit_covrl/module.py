@@ -8,7 +8,9 @@ and runs one RL step per `training_step`, with manual optimization:
 Generation and scoring are a `RolloutGenerator` (`lit_covrl.generation`), held-out evaluation
 an `Evaluator`; the module only wires these pieces to Lightning. Its set-up hooks (tokenizer,
 models, start-up checks, optimizer) are the mixin `lit_covrl.setup_hooks.SetupHooks`, its
-validation and test hooks `lit_covrl.evaluation.EvaluationHooks`.
+validation and test hooks `lit_covrl.evaluation.EvaluationHooks`, the batch one RL step trains on
+(generation rounds, scores, kept rows, old log-probs, advantages, a regularizer's extra rows)
+`lit_covrl.step_batch.StepBatch`.
 
 `trainer.global_step` counts RL steps (rollouts), not optimizer updates: only the last update of
 a rollout goes through Lightning's optimizer wrapper. So `trainer.max_steps`, schedules and the
@@ -26,10 +28,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lit_covrl import distributed, guards, resume_check
-from lit_covrl.control_rows import drawing_regularizer, splice_control_rows
-from lit_covrl.algorithms import compute_advantages, likelihood_ranks, sequence_logprob_means, zero_variance_groups
 from lit_covrl.drivers import LightningDriver
-from lit_covrl.dynamic_sampling import Round, sample_rounds
 from lit_covrl.evaluation import EvaluationHooks, Evaluator
 from lit_covrl.generation import RolloutGenerator
 from lit_covrl.learner import Learner, LearnerSettings
@@ -48,6 +47,7 @@ from lit_covrl.settings import (
 )
 from lit_covrl.settings_checks import check_module_settings, check_passk_reward_weights
 from lit_covrl.setup_hooks import SetupHooks
+from lit_covrl.step_batch import StepBatch
 from lit_covrl.types import PromptBatch, Rollout
 
 # the policy is kept in eval mode on purpose (no dropout in RL: rollout policy == trained policy)
@@ -68,7 +68,7 @@ class ModuleSettings:
     system: SystemSettings
 
 
-class GRPOModule(SetupHooks, EvaluationHooks, L.LightningModule):
+class GRPOModule(SetupHooks, EvaluationHooks, StepBatch, L.LightningModule):
     def __init__(
         self,
         model: str = "lit_covrl:tiny-arith",
@@ -289,67 +289,6 @@ class GRPOModule(SetupHooks, EvaluationHooks, L.LightningModule):
         if skipped_rows is not None:
             metrics["data/skipped_rows"] = skipped_rows
         self.log_step(metrics)
-
-    def _trained_batch(
-        self, sampled: Round, timer: PhaseTimer,
-    ) -> tuple[tuple[Rollout, Tensor, Tensor], Tensor, Tensor, Tensor | None, Tensor | None]:
-        """The update's (rollout, advantages, keep), with a drawing regularizer's extra responses
-        in its first rows (AEPO's); then, for the metrics, the rollout's own advantages, its
-        zero-variance groups, and the unlikeliness reward's sequence log-probs and ranks (or None)."""
-        cfg, G, rollout, rewards = self.settings, self.settings.rollout.group_size, sampled.rollout, sampled.rewards
-        zero_var = zero_variance_groups(rewards, G)
-        keep = ~zero_var if cfg.rollout.filter_groups else torch.ones_like(zero_var)
-        if cfg.rollout.overlong == "mask":
-            keep = keep & ~rollout.truncated
-        drawing = drawing_regularizer(self.regularizers)
-        # a drawing regularizer's splice recomputes the batch (and the rollout rows it keeps) itself:
-        # a first pass over the rollout only where the unlikeliness reward ranks by its log-probs
-        first_pass = self.recompute_logprobs_on and (drawing is None or bool(cfg.loss.unlikeliness))
-        if first_pass:  # old log-probs from the training forward instead of the sampler
-            with timer("old_logp"):  # in the update's micro-batches (so its first ratio is exactly 1)
-                self.learner.recompute_old_logprobs(rollout, keep)
-        # after the recomputation: the unlikeliness reward ranks by the old log-probs trained against
-        seq_logp = sequence_logprob_means(rollout.logp, rollout.response_mask) if cfg.loss.unlikeliness else None
-        ranks = likelihood_ranks(seq_logp, G) if cfg.loss.unlikeliness else None  # the advantages' and metrics'
-        advantages = compute_advantages(rewards, G, cfg.loss.advantage, baseline_quantile=cfg.loss.baseline_quantile,
-                                        pass_k=cfg.loss.pass_k, unlikeliness=cfg.loss.unlikeliness, seq_logp=seq_logp,
-                                        ranks=ranks)
-        trained = (rollout, advantages, keep)
-        if drawing is not None:
-            trained = splice_control_rows(self, drawing, sampled.batch, *trained, timer,
-                                          recompute_rollout=self.recompute_logprobs_on and not first_pass)
-        return trained, advantages, zero_var, seq_logp, ranks
-
-    def _generation_round(self, batch: PromptBatch, timer: PhaseTimer) -> tuple[Round, dict[str, float]]:
-        ro, G = self.settings.rollout, self.settings.rollout.group_size
-        with timer("rollout"):
-            rollout = self.generate(batch.prompts, G, temperature=ro.temperature, generator=self.rollout_generator)
-        timer.count("rollout_tokens", rollout.response_mask.sum())  # every round's, for rollout/tokens_per_s
-        guards.stop_on_nonfinite_logits(rollout, step=self.global_step, rank=self.global_rank, trainer=self._trainer)
-        with timer("score"):
-            rewards, scores, reward_stats = self.score_rollout(batch, rollout)
-        return Round(batch, rollout, rewards, scores), reward_stats
-
-    def score_rollout(self, batch: PromptBatch, rollout: Rollout,
-                      counted: bool = True) -> tuple[Tensor, Tensor, dict[str, float]]:
-        """(rewards, scores, reward metrics) of `rollout`'s group_size responses per prompt of
-        `batch`: the scores as the reward functions give them, the rewards after the overlong penalty."""
-        G = self.settings.rollout.group_size
-        answers, prompts, columns = ([x for x in xs for _ in range(G)]
-                                     for xs in (batch.answers, batch.prompts, batch.columns))
-        scores, reward_stats = self.score(rollout.completions, answers, prompts, columns, counted=counted)
-        return self.generation.penalize_overlong(rollout, scores), scores, reward_stats
-
-    def _sample_batch(self, batch: PromptBatch, timer: PhaseTimer) -> tuple[Round, dict[str, float]]:
-        """One generation round; under dynamic sampling (`filter_groups` with `max_gen_rounds` > 1)
-        more rounds of fresh prompts (`lit_covrl.dynamic_sampling.sample_rounds`)."""
-        ro = self.settings.rollout
-        rounds = ro.max_gen_rounds if ro.filter_groups else 1
-        return sample_rounds(
-            batch, lambda b: self._generation_round(b, timer),
-            lambda r: self.trainer.datamodule.regen_batch(batch.index, r, rounds),
-            group_size=ro.group_size, max_rounds=rounds, pad_token_id=self.tokenizer.pad_token_id,
-        )
 
     def last_checkpoint(self) -> str:
         """The checkpoint callback's latest file (saved between RL steps), or ""."""

@@ -263,7 +263,7 @@ def test_recompute_logprobs_forwards_the_rollout_once_with_the_splice(tiny_model
     log-probs before the splice: there the rollout's first pass stays (2N)."""
 
     import lit_covrl.control_rows as control_rows
-    import lit_covrl.module as module_file
+    import lit_covrl.step_batch as module_file  # where the RL step calls splice_control_rows
     from lit_covrl.learner import Learner
     from tests.helpers import fit
     from tests.test_module import HasOneReward, make_data, make_module

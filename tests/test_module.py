@@ -491,7 +491,7 @@ def test_bad_settings_fail_at_construction_naming_the_full_key(tiny_model_dir, g
 def test_a_quantile_baseline_trains_on_the_quantile_advantages_and_needs_a_mean_to_replace(tiny_model_dir, monkeypatch):
     """model.loss.baseline_quantile (QAE) reaches the advantages the learner trains on; RLOO, whose
     baseline is the other samples' mean by definition, refuses it naming the setting."""
-    import lit_covrl.module as module_mod
+    import lit_covrl.step_batch as module_mod  # where the RL step calls compute_advantages, likelihood_ranks
     from lit_covrl.algorithms import group_advantages
 
     with pytest.raises(ValueError, match=r"model\.loss\.baseline_quantile=0\.4 is invalid: .*not 'rloo'"):
@@ -560,7 +560,7 @@ def test_pass_k_refuses_reward_weights_that_leave_0_1_at_construction(tiny_model
 def test_pass_k_advantage_reaches_the_learner_and_a_non_binary_reward_stops_the_run(tiny_model_dir, monkeypatch):
     """model.loss.advantage: passk trains on Pass@k Training's advantages (not GRPO's); a reward
     other than 0 or 1 stops the run at its first step, naming the setting."""
-    import lit_covrl.module as module_mod
+    import lit_covrl.step_batch as module_mod  # where the RL step calls compute_advantages, likelihood_ranks
     from lit_covrl.algorithms import group_advantages, passk_advantages
 
     module = make_module(tiny_model_dir, reward=HasOneReward(), loss=dict(advantage="passk", pass_k=2))
@@ -627,7 +627,7 @@ def _record_advantages(module, monkeypatch):
     real_update = module.learner.update
     monkeypatch.setattr(module.learner, "update", lambda rollout, adv, *a, **kw: seen.append(
         (None, rollout.logp.clone(), rollout.response_mask.clone(), adv.clone())) or real_update(rollout, adv, *a, **kw))
-    import lit_covrl.module as module_mod
+    import lit_covrl.step_batch as module_mod  # where the RL step calls compute_advantages, likelihood_ranks
 
     real_advantages = module_mod.compute_advantages
 
@@ -674,7 +674,7 @@ def test_unlikeliness_ranks_are_computed_once_per_rl_step(tiny_model_dir, tmp_pa
     was computed twice, once for each); given ranks give the same bits as ranks computed inside."""
     import lit_covrl.algorithms as algorithms
     import lit_covrl.algorithms.advantages as advantages_mod
-    import lit_covrl.module as module_mod
+    import lit_covrl.step_batch as module_mod  # where the RL step calls compute_advantages, likelihood_ranks
     from lit_covrl.algorithms import likelihood_ranks, unlikeliness_rewards
     from lit_covrl.metrics import unlikeliness_metrics
 
