@@ -80,7 +80,7 @@ PATCHES = [
     ("lit_covrl.generation", "encode_prompts", "encode prompts"),
     ("lit_covrl.sampling.kv_cache:KVCacheSampler", "sample", "sampler"),
     ("lit_covrl.sampling.kv_cache", "forward_with_cache", "model forward (decode)"),
-    ("lit_covrl.module", "compute_advantages", "advantages"),
+    ("lit_covrl.step_batch", "compute_advantages", "advantages"),
     ("lit_covrl.module", "rollout_metrics", "rollout metrics"),
     ("lit_covrl.module", "publish_step_metrics", "self.log (logging)"),
     ("lit_covrl.learner:Learner", "update", "update"),
