@@ -410,3 +410,36 @@ def test_a_bad_setting_is_refused_at_start_up_naming_the_field(tmp_path, capsys)
 
     err = cli_start_up_error(tmp_path, capsys, "configs/cpu/aepo.yaml", "--trainer.callbacks.init_args.target_entropy", "-1")
     assert "AEPO.target_entropy=-1.0 is invalid: must be a finite number >= 0" in err
+
+
+def _ddp_worker(rank: int, port: int, model_dir: str, out: str) -> None:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from tests import _dist
+    from tests.helpers import fit
+    from tests.test_module import HasOneReward, make_data, make_module
+
+    torch.set_num_threads(1)
+    _dist.elastic_env(rank, 2, port)
+    rec = _dist.Recorder()
+    module = make_module(model_dir, reward=HasOneReward(), rollout=dict(group_size=4, max_new_tokens=6))
+    fit(module, make_data(batch_size=4, val_size=0), steps=3,
+        callbacks=[rec, AEPO(target_entropy=5.0, prompt_frac=1.0, sample_num=1)], limit_val_batches=0,
+        strategy=DDPStrategy(process_group_backend="gloo"), devices=2)
+    torch.save(rec.steps, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_where_one_rank_splices_and_the_other_does_not(tiny_model_dir, tmp_path):
+    """2 gloo DDP processes through the module, AEPO choosing one extra response per step over both
+    ranks: one rank splices, the other does not, and the spliced batch's recompute runs collectives
+    on both. The decision to splice at all is taken over all ranks: a rank deciding on its own
+    choice alone left the other alone in the recompute's collectives (review mutation20: a crash,
+    SIGABRT, that no test caught)."""
+    from tests import _dist
+
+    _dist.spawn(_ddp_worker, (_dist.free_port(), tiny_model_dir, str(tmp_path)), timeout_s=120)
+    steps = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    samples = [steps[s].get("reg/aepo/samples", 0) for s in sorted(steps)]
+    assert samples == [1.0, 1.0, 1.0]  # the case came up every step: one response over both ranks
+

@@ -99,6 +99,47 @@ def test_a_reference_of_another_architecture_is_refused_and_wrappers_are_looked_
         assert p.dtype == torch.bfloat16 and torch.equal(p, q.detach().to(torch.bfloat16))
 
 
+def test_a_reference_of_fewer_layers_is_refused_when_training_starts(tiny_model_dir, tmp_path):
+    """A model.reference_model with fewer layers than the policy (same vocabulary and widths): each
+    of its parameters has a namesake of the same shape in the policy, so a reset would copy the
+    policy's first layers into it without error, and the reference would not be the policy after
+    a reset; ReferenceKL refuses it when training starts (review mutation20: the callback's call
+    was not tested, only the check itself)."""
+    from transformers import AutoConfig, AutoTokenizer, Qwen2ForCausalLM
+
+    from tests.helpers import fit
+    from tests.test_module import make_data, make_module
+
+    cfg = AutoConfig.from_pretrained(tiny_model_dir).to_dict()
+    cfg.update(num_hidden_layers=1, layer_types=cfg["layer_types"][:1])
+    ref_dir = tmp_path / "ref1"
+    Qwen2ForCausalLM(type(AutoConfig.from_pretrained(tiny_model_dir))(**cfg)).save_pretrained(ref_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(ref_dir)
+    module = make_module(tiny_model_dir, reference_model=str(ref_dir))
+    with pytest.raises(ValueError, match="a reset copies the policy's weights"):
+        fit(module, make_data(val_size=0), steps=2, callbacks=[ReferenceKL(beta=0.1, reset_every=1)],
+            limit_val_batches=0)
+
+
+def test_a_step_that_starts_again_after_its_reset_is_not_reset_twice():
+    """Resumed from a state saved inside step 2, after its reset (nonfinite-stop.ckpt is saved
+    mid-step), step 2's batch starts again: the reference and the optimizer state stay as they
+    were (a second reset would take the mid-step policy and clear Adam's state again)."""
+    torch.manual_seed(0)
+    policy, reference = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    opt = torch.optim.Adam(policy.parameters())
+    policy(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    reg = ReferenceKL(beta=0.1, reset_every=2)
+    reg.load_state_dict({"resets": 1, "last_reset_step": 2})
+    before = reference.weight.clone()
+    module = types.SimpleNamespace(_reference=reference, policy=policy)
+    reg.on_train_batch_start(types.SimpleNamespace(global_step=2, optimizers=[opt]), module, None, 0)
+    assert reg._resets == 1 and torch.equal(before, reference.weight) and len(opt.state) > 0
+    reg.on_train_batch_start(types.SimpleNamespace(global_step=4, optimizers=[opt]), module, None, 0)
+    assert reg._resets == 2 and torch.equal(policy.weight, reference.weight) and len(opt.state) == 0
+
+
 def test_a_reset_makes_the_reference_the_policy_and_the_next_kl_zero(tiny_model_dir):
     """reset_every 2 over 5 steps: resets before steps 2 and 4. At those steps the reference equals
     the policy and the optimizer holds no state; the first (on-policy) mini-batch's KL is exactly 0 there,
