@@ -412,6 +412,67 @@ def test_a_bad_setting_is_refused_at_start_up_naming_the_field(tmp_path, capsys)
     assert "AEPO.target_entropy=-1.0 is invalid: must be a finite number >= 0" in err
 
 
+def test_extra_responses_get_the_overlong_penalty(tiny_model_dir, monkeypatch):
+    """Under `overlong: penalize` with a penalty below every reward, a truncated extra response is
+    never chosen (its group advantage is not positive), while its raw score would choose some: the
+    extra responses are scored like the rollout, penalty included (review mutation20)."""
+    import lit_covrl.control_rows as control_rows
+    from tests.helpers import fit
+    from tests.test_module import HasOneReward, make_data, make_module
+
+    module = make_module(tiny_model_dir, reward=HasOneReward(),
+                         rollout=dict(group_size=4, max_new_tokens=6, overlong="penalize", overlong_reward=-10.0))
+    seen, splice = [], control_rows._splice
+
+    def spy(module_, extra, chosen, rollout, advantages, keep, timer):
+        seen.append((extra, chosen.clone()))
+        return splice(module_, extra, chosen, rollout, advantages, keep, timer)
+
+    monkeypatch.setattr(control_rows, "_splice", spy)
+    fit(module, make_data(batch_size=8, val_size=0), steps=3, callbacks=[AEPO(target_entropy=5.0, prompt_frac=1.0)],
+        limit_val_batches=0)
+    assert seen, "AEPO chose no extra response"
+    raw_positive_truncated = 0
+    for extra, chosen in seen:
+        assert not (chosen & extra.truncated).any()
+        rewards = torch.tensor([1.0 if "1" in c else 0.0 for c in extra.completions]).view(-1, 4)
+        positive = ((rewards > rewards.mean(1, keepdim=True)) & (rewards.std(1, keepdim=True) > 0)).flatten()
+        raw_positive_truncated += int((positive & extra.truncated).sum())
+    assert raw_positive_truncated > 0  # the case came up
+
+
+def test_recompute_logprobs_on_a_step_that_draws_nothing(tiny_model_dir, monkeypatch):
+    """With recompute_logprobs and AEPO in the stack the rollout's recompute is left to the splice;
+    on a step that draws nothing (0.1 x 8 prompts = no extra prompt) the old log-probs trained
+    against are still the training forward's, not the sampler's (here off by 1; review mutation20)."""
+    import dataclasses
+
+    from lit_covrl.learner import Learner
+    from tests.helpers import fit
+    from tests.test_module import HasOneReward, make_data, make_module
+
+    module = make_module(tiny_model_dir, reward=HasOneReward(), rollout=dict(group_size=4, max_new_tokens=6),
+                         update=dict(recompute_logprobs=True))
+    generate, forward, update, seen = module.generate, Learner._nograd_forward, Learner.update, []
+
+    def spy_generate(prompts, n, *, temperature, generator):
+        out = generate(prompts, n, temperature=temperature, generator=generator)
+        mask = out.response_mask.to(out.logp.dtype)
+        return dataclasses.replace(out, logp=out.logp + mask, entropy=out.entropy + mask)
+
+    def spy_update(self, rollout, *args, step):
+        fresh = forward(self, self.policy, rollout.input_ids, rollout.attention_mask, rollout.response_mask, True)
+        seen.append((rollout.logp.clone(), fresh.logp))
+        return update(self, rollout, *args, step=step)
+
+    monkeypatch.setattr(module, "generate", spy_generate)
+    monkeypatch.setattr(Learner, "update", spy_update)
+    fit(module, make_data(batch_size=8, val_size=0), steps=2, callbacks=[AEPO(prompt_frac=0.1)], limit_val_batches=0)
+    assert len(seen) == 2
+    for old, fresh in seen:
+        torch.testing.assert_close(old, fresh, rtol=1e-4, atol=1e-5)
+
+
 def _ddp_worker(rank: int, port: int, model_dir: str, out: str) -> None:
     from lightning.pytorch.strategies import DDPStrategy
 

@@ -707,3 +707,20 @@ def test_ckpt_path_last_with_a_checkpoint_folder_reads_that_folder(tmp_path, cap
 
     assert {step for step, _ in scalar_tags(runs / "quickstart" / "grpo-quickstart-v1")["policy/loss"]} == {1}
 
+
+@pytest.mark.parametrize("version, folder", [(3, "version_3"), ("myrun", "myrun")])
+def test_ckpt_path_last_with_an_explicit_logger_version_reads_its_folder(tmp_path, version, folder):
+    """An explicit logger version names the run folder: Lightning's version_N for an integer, the
+    name itself for a string (review mutation20: the branch was untested)."""
+    from jsonargparse import Namespace
+
+    from lit_covrl.run_names import last_checkpoint
+
+    ck = tmp_path / "quickstart" / folder / "checkpoints"
+    ck.mkdir(parents=True)
+    (ck / "last.ckpt").write_bytes(b"")
+    logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                       init_args=Namespace(save_dir=str(tmp_path), name="quickstart", version=version))
+    cfg = Namespace(config=None, checkpoint=None, model=None, trainer=Namespace(callbacks=None, logger=logger))
+    assert last_checkpoint(cfg) == str(ck / "last.ckpt")
+

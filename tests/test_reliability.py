@@ -264,3 +264,13 @@ def test_a_reference_model_with_a_smaller_vocabulary_fails_at_start_up(tiny_mode
     with pytest.raises(ValueError, match=r"model.reference_model='.*small' embeds only 10 tokens, but the policy's "
                                          r"tokenizer has \d+: the reference must share the policy's vocabulary"):
         fit(module, make_data(), steps=1, callbacks=[ReferenceKL(beta=0.1)], limit_val_batches=0)
+
+
+def test_skips_that_are_not_consecutive_do_not_stop_the_run(tiny_model_dir):
+    """2 updates per RL step, the first of each of 3 steps non-finite, the second finite, and
+    max_consecutive_skips 2: never 2 in a row, so the run finishes with 3 skipped (a finite update
+    restarts the count; review mutation20)."""
+    module = make_module(tiny_model_dir, update=dict(mini_batch_size=2, max_consecutive_skips=2))
+    fit(module, make_data(), steps=3, callbacks=[NaNAt({(0, 0), (1, 0), (2, 0)})], limit_val_batches=0)
+    assert module.skipped_steps == 3
+

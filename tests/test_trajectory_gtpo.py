@@ -254,3 +254,16 @@ def test_a_bad_setting_is_refused_at_start_up_naming_the_field(tmp_path, capsys)
     err = cli_start_up_error(tmp_path, capsys, "configs/cpu/trajectory_gtpo.yaml",
                              "--trainer.callbacks.init_args.entropy_threshold", "0")
     assert "TrajectoryGTPO.entropy_threshold=0.0 is invalid: must be an entropy > 0 (nats)" in err
+
+
+def test_a_zero_advantage_response_and_an_unreached_position_hold_no_conflict():
+    """A response with A = 0 in a group with A > 0 and A < 0 responses sharing its opening token
+    takes no part in the conflicts; and a position a shorter response never reaches does not count
+    as holding token id 0 there (review mutation20)."""
+    ids, mask = torch.tensor([[5, 6, 7], [5, 8, 9], [5, 3, 4]]), torch.ones(3, 3)
+    lead, _ = gtpo_conflicts(ids, mask, torch.tensor([1.0, -1.0, 0.0]), torch.zeros(3, dtype=torch.long))
+    assert lead[:, 0].tolist() == [True, True, False] and not lead[2].any()
+    ids, mask = torch.tensor([[5, 0], [5, 0]]), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    lead, _ = gtpo_conflicts(ids, mask, torch.tensor([1.0, -1.0]), torch.zeros(2, dtype=torch.long))
+    assert lead[0].tolist() == [True, False]
+
