@@ -39,6 +39,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lit_covrl import guards
 from lit_covrl.atomic_files import (
     CheckpointWriteError, _remove, atomic_write, fsync_tree, is_temporary_name, replace_path, temporary_name,
 )
@@ -169,7 +170,7 @@ class AtomicCheckpoint(ModelCheckpoint):
                 self._save_last_checkpoint(trainer, candidates)
             except Exception as err:  # the original exception is the one to raise
                 log.warning("could not write it: %s", err)
-        latest = self.last_model_path or self.best_model_path or trainer.ckpt_path  # else the file it resumed from
+        latest = guards.last_checkpoint(trainer, self)  # else the file it resumed from
         started = trainer.fit_loop.epoch_loop.batch_progress.total.started > 0  # else a start-up error
         if trainer.is_global_zero and trainer.state.fn == "fit" and (started or isinstance(exception, KeyboardInterrupt)):
             log.warning("run stopped by %s after %d complete RL step(s); %s", type(exception).__name__, trainer.global_step,

@@ -99,11 +99,13 @@ def _splice(module, extra: Rollout, chosen: Tensor, rollout: Rollout, advantages
     rest = torch.arange(k, n, device=rows.device)
     # both widths are the same on every rank (decoding runs in lock-step), so the spliced one is too
     width = max(rollout.response_mask.shape[1], extra.response_mask.shape[1])
-    # each row keeps the prompt it answers (the extra responses' are among the first prompts)
     G = module.settings.rollout.group_size
-    extra, rollout = (dataclasses.replace(r, prompt_index=torch.arange(len(r.truncated), device=rows.device) // G)
-                      if r.prompt_index is None else r for r in (extra, rollout))
-    spliced = concat_rollouts([(extra, rows), (rollout, rest)], module.tokenizer.pad_token_id, width)
+
+    def with_prompts(r: Rollout) -> Rollout:  # each row keeps the prompt it answers
+        return dataclasses.replace(r, prompt_index=r.prompt_of(torch.arange(len(r.truncated), device=rows.device), G))
+
+    spliced = concat_rollouts([(with_prompts(extra), rows), (with_prompts(rollout), rest)],
+                              module.tokenizer.pad_token_id, width)
     advantages = torch.cat([torch.ones(k, dtype=advantages.dtype, device=advantages.device), advantages[k:]])
     keep = torch.cat([torch.ones(k, dtype=torch.bool, device=keep.device), keep[k:]])
     with timer("old_logp"):  # at the training temperature, in the update's micro-batches

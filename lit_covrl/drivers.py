@@ -27,7 +27,8 @@ class OptimizerDriver(Protocol):
         learning rate."""
     def save_checkpoint(self, filename: str) -> str: ...
     def last_checkpoint(self) -> str:
-        """The last checkpoint saved between RL steps (what a stopped run resumes from), or ""."""
+        """The last checkpoint saved between RL steps, else the file the fit resumed from (what a
+        stopped run resumes from), or ""."""
 
 
 class LightningDriver:

@@ -25,12 +25,13 @@ from lit_covrl.types import Rollout
 __all__ = ["last_checkpoint", "stop_on_non_binary_rewards", "stop_on_nonfinite_logits", "stop_on_nonfinite_weights"]
 
 
-def last_checkpoint(trainer) -> str:
-    """The checkpoint callback's latest file (saved between RL steps), else the file this fit was
-    resumed from (nothing saved since: it is still the one to resume from), or ""."""
+def last_checkpoint(trainer, ckpt=None) -> str:
+    """The latest file of the checkpoint callback `ckpt` (default: the trainer's; saved between RL
+    steps), else the file this fit was resumed from (nothing saved since: it is still the one to
+    resume from), or ""."""
     if trainer is None:
         return ""
-    ckpt = getattr(trainer, "checkpoint_callback", None)
+    ckpt = ckpt if ckpt is not None else getattr(trainer, "checkpoint_callback", None)
     latest = (getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")) if ckpt else ""
     return latest or str(getattr(trainer, "ckpt_path", None) or "")
 

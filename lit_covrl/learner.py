@@ -96,7 +96,7 @@ class Learner:
         self._on_policy = True  # no optimizer step taken since this rollout (see MiniBatchContext)
         self._observe_rollout(rollout, keep)
         for i, mb in enumerate(schedule):
-            batch = MiniBatch(rollout, advantages, ref_logp, mb)
+            batch = MiniBatch(rollout, advantages, ref_logp, mb, self.settings.rollout.group_size)
             metrics.update(self._update_minibatch(batch, index=i, last=i == len(schedule) - 1))
         out = metrics.pop()
         out.setdefault("policy/grad_norm", 0.0)  # every mini-batch filtered: no gradient at all
@@ -185,7 +185,7 @@ class Learner:
             agg_mode=self.settings.loss.loss_agg_mode, norm_length=self.settings.rollout.max_new_tokens,
             topp_entropy=topp_ent, logratio_clamp=getattr(self.objective, "logratio_clamp", None),
             token_ids=mb.input_ids[:, mb.input_ids.shape[1] - mb.mask.shape[1]:],
-            groups=mb.rows // self.settings.rollout.group_size if mb.prompts is None else mb.prompts,
+            groups=mb.groups,
         )
         # the one that sets a per-token clip range first (ctx.clipped follows its range), those that
         # read ctx.zeroed last (a stable sort: otherwise in callback order)

@@ -2,6 +2,7 @@
 and runs one RL step per `training_step`, with manual optimization:
 
   rollout (G samples per prompt; more rounds under dynamic sampling) -> score -> advantages
+  -> [a regularizer's extra responses spliced into the first rows (`control_rows`, AEPO's)]
   -> [reference log-probs] -> `Learner.update`: for each epoch, for each mini-batch, the
      regularizers select over the whole mini-batch, micro-batches accumulate the gradients of
      the loss written in `Learner.loss`, one optimizer step -> log.
@@ -291,7 +292,8 @@ class GRPOModule(SetupHooks, EvaluationHooks, StepBatch, L.LightningModule):
         self.log_step(metrics)
 
     def last_checkpoint(self) -> str:
-        """The checkpoint callback's latest file (saved between RL steps), or ""."""
+        """The checkpoint callback's latest file (saved between RL steps), else the file the fit
+        resumed from, or "" (`guards.last_checkpoint`)."""
         return guards.last_checkpoint(self._trainer)
 
     def _reference_logprobs(self, rollout: Rollout) -> Tensor:

@@ -101,9 +101,10 @@ class MiniBatch:
     """The rows `idx` of a rollout that one optimizer update trains on (gathered copies of the
     [N, P+T] and [N, T] tensors; nothing vocabulary-sized)."""
 
-    def __init__(self, rollout: Rollout, advantages: Tensor, ref_logp: Tensor | None, idx: Tensor) -> None:
-        self.rows = idx  # the rows' indices in the rollout (row n answers prompt n // G, unless:)
-        self.prompts = None if rollout.prompt_index is None else rollout.prompt_index[idx]
+    def __init__(self, rollout: Rollout, advantages: Tensor, ref_logp: Tensor | None, idx: Tensor,
+                 group_size: int) -> None:
+        self.rows = idx  # the rows' indices in the rollout
+        self.groups = rollout.prompt_of(idx, group_size)  # the prompt each row answers
         self.input_ids = rollout.input_ids[idx]
         self.attention_mask = rollout.attention_mask[idx]
         self.mask = rollout.response_mask[idx]

@@ -79,6 +79,10 @@ class Rollout:
         if self.nonfinite is None:
             self.nonfinite = torch.zeros(self.truncated.shape, dtype=torch.bool, device=self.truncated.device)
 
+    def prompt_of(self, rows: Tensor, group_size: int) -> Tensor:
+        """The prompt each of `rows` answers (`prompt_index`, else row // group_size)."""
+        return rows // group_size if self.prompt_index is None else self.prompt_index[rows]
+
 
 def _asked(default, flag: str, read, stat: str, hint: str, refusal: str | None = None):
     """A `ForwardAsks` field, `default` when nothing is asked: the `Regularizer` flag `flag` that asks

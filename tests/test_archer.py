@@ -251,14 +251,13 @@ def test_learner_wiring_clip_cov_candidates_and_contribution():
     learner.objective, learner.regularizers = PPOClip(dual_clip=3.0), [Spy(ratio=0.2, lb=-1e9, ub=1e9), archer]
     learner.step, learner._on_policy = 0, False
     learner.settings = type("S", (), {"loss": type("L", (), {"loss_agg_mode": "token-mean"})(),
-                                      "rollout": type("R", (), {"max_new_tokens": 8, "group_size": 4})()})()
+                                      "rollout": type("R", (), {"max_new_tokens": 8})()})()
 
     class MB:
         pass
     mb = MB()
     mb.old_logp, mb.advantages, mb.mask, mb.old_entropy = old, adv, mask, ent
-    mb.input_ids, mb.rows = torch.zeros_like(mask, dtype=torch.long), torch.arange(len(mask))  # the response tokens, rows
-    mb.prompts = None  # rows in prompt order
+    mb.input_ids, mb.groups = torch.zeros_like(mask, dtype=torch.long), torch.arange(len(mask)) // 4  # tokens, prompts
     learner._selection_logprobs = lambda mb, plan, need: (logp, ent, None, None)
     learner._select(mb, [None], 1)
     lo, hi = archer.clip_bounds()
@@ -282,11 +281,10 @@ def _selected(objective, regularizers, logp, old, adv, mask, ent):
     learner.objective, learner.regularizers = objective, regularizers
     learner.step, learner._on_policy = 0, False
     learner.settings = type("S", (), {"loss": type("L", (), {"loss_agg_mode": "token-mean"})(),
-                                      "rollout": type("R", (), {"max_new_tokens": 8, "group_size": 4})()})()
+                                      "rollout": type("R", (), {"max_new_tokens": 8})()})()
     mb = type("MB", (), {})()
     mb.old_logp, mb.advantages, mb.mask, mb.old_entropy = old, adv, mask, ent
-    mb.input_ids, mb.rows = torch.zeros_like(mask, dtype=torch.long), torch.arange(len(mask))  # the response tokens, rows
-    mb.prompts = None  # rows in prompt order
+    mb.input_ids, mb.groups = torch.zeros_like(mask, dtype=torch.long), torch.arange(len(mask)) // 4  # tokens, prompts
     learner._selection_logprobs = lambda mb, plan, need: (logp, ent, None, None)
     learner._select(mb, [None], 1)
     return learner

@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lit_covrl.algorithms.entropy import masked_mean
+
 __all__ = ["gtpo_conflict_counts", "gtpo_conflict_weights", "gtpo_conflicts", "gtpo_filter",
            "gtpo_response_entropy"]
 
@@ -95,8 +97,7 @@ def gtpo_conflict_counts(lead: Tensor, trail: Tensor) -> Tensor:
 
 def gtpo_response_entropy(entropy: Tensor, mask: Tensor) -> Tensor:
     """float64 [n]: each response's mean token entropy over its valid tokens (0 with none)."""
-    m = mask.double()
-    return (entropy.double() * m).sum(-1) / m.sum(-1).clamp(min=1)
+    return masked_mean(entropy.double(), mask, dim=-1)
 
 
 def gtpo_filter(response_entropy: Tensor, *, threshold: float, scale: float) -> tuple[Tensor, Tensor]:
