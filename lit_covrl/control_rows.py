@@ -21,7 +21,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from lit_covrl import distributed, guards
+from lit_covrl import distributed
 from lit_covrl.algorithms import compute_advantages
 from lit_covrl.dynamic_sampling import concat_rollouts
 from lit_covrl.types import PromptBatch, Rollout
@@ -44,8 +44,10 @@ def splice_control_rows(module, reg, batch: PromptBatch, rollout: Rollout, advan
     if request is None:
         return _unspliced(module, rollout, advantages, keep, timer, recompute_rollout)
     n, temperature = request
-    extra, rewards = _draw(module, PromptBatch(batch.prompts[:n], batch.answers[:n], batch.index,
-                                               batch.columns[:n]), temperature, timer)
+    # scored like the rollout, left out of its reward statistics
+    extra, rewards, _, _ = module.generate_scored(
+        PromptBatch(batch.prompts[:n], batch.answers[:n], batch.index, batch.columns[:n]), timer,
+        temperature=temperature, phase="control_", counted=False)
     ro, loss = module.settings.rollout, module.settings.loss
     adv = compute_advantages(rewards, ro.group_size, loss.advantage, baseline_quantile=loss.baseline_quantile,
                              pass_k=loss.pass_k)
@@ -78,17 +80,6 @@ def _rollout_values_from(learner, rollout: Rollout, spliced: Rollout, k: int) ->
     out = learner.policy_stats(rollout, torch.arange(k, device=logp.device))
     logp[:k], entropy[:k] = out.logp, out.entropy
     rollout.logp, rollout.entropy = logp, entropy
-
-
-def _draw(module, prompts: PromptBatch, temperature: float, timer) -> tuple[Rollout, Tensor]:
-    """group_size responses per prompt at `temperature` and their rewards (as the rollout's)."""
-    G = module.settings.rollout.group_size
-    with timer("control_rollout"):
-        extra = module.generate(prompts.prompts, G, temperature=temperature, generator=module.rollout_generator)
-    guards.stop_on_nonfinite_logits(extra, step=module.global_step, rank=module.global_rank, trainer=module._trainer)
-    with timer("control_score"):  # left out of the rollout's reward statistics
-        rewards, _, _ = module.score_rollout(prompts, extra, counted=False)
-    return extra, rewards
 
 
 def _splice(module, extra: Rollout, chosen: Tensor, rollout: Rollout, advantages: Tensor, keep: Tensor,

@@ -51,14 +51,23 @@ class StepBatch:
         return trained, advantages, zero_var, seq_logp, ranks
 
     def _generation_round(self, batch: PromptBatch, timer: PhaseTimer) -> tuple[Round, dict[str, float]]:
-        ro, G = self.settings.rollout, self.settings.rollout.group_size
-        with timer("rollout"):
-            rollout = self.generate(batch.prompts, G, temperature=ro.temperature, generator=self.rollout_generator)
+        rollout, rewards, scores, reward_stats = self.generate_scored(
+            batch, timer, temperature=self.settings.rollout.temperature)
         timer.count("rollout_tokens", rollout.response_mask.sum())  # every round's, for rollout/tokens_per_s
-        guards.stop_on_nonfinite_logits(rollout, step=self.global_step, rank=self.global_rank, trainer=self._trainer)
-        with timer("score"):
-            rewards, scores, reward_stats = self.score_rollout(batch, rollout)
         return Round(batch, rollout, rewards, scores), reward_stats
+
+    def generate_scored(self, batch: PromptBatch, timer: PhaseTimer, *, temperature: float, phase: str = "",
+                        counted: bool = True) -> tuple[Rollout, Tensor, Tensor, dict[str, float]]:
+        """group_size responses per prompt of `batch` at `temperature` with the rollout generator
+        (timed as `<phase>rollout`), stopped on non-finite logits, scored (`<phase>score`,
+        `score_rollout`): (rollout, rewards, scores, reward metrics)."""
+        with timer(f"{phase}rollout"):
+            rollout = self.generate(batch.prompts, self.settings.rollout.group_size, temperature=temperature,
+                                    generator=self.rollout_generator)
+        guards.stop_on_nonfinite_logits(rollout, step=self.global_step, rank=self.global_rank, trainer=self._trainer)
+        with timer(f"{phase}score"):
+            rewards, scores, reward_stats = self.score_rollout(batch, rollout, counted=counted)
+        return rollout, rewards, scores, reward_stats
 
     def score_rollout(self, batch: PromptBatch, rollout: Rollout,
                       counted: bool = True) -> tuple[Tensor, Tensor, dict[str, float]]:
