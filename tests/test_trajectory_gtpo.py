@@ -267,3 +267,40 @@ def test_a_zero_advantage_response_and_an_unreached_position_hold_no_conflict():
     lead, _ = gtpo_conflicts(ids, mask, torch.tensor([1.0, -1.0]), torch.zeros(2, dtype=torch.long))
     assert lead[0].tolist() == [True, False]
 
+
+
+def _naive_conflicts(ids, mask, adv, groups):
+    """gtpo_conflicts one token at a time: the k-th valid token from a response's start (end)
+    conflicts when a response of its group with A > 0 and one with A < 0 hold the same id k-th
+    from theirs, and the run from the edge stops at the first position that does not."""
+    n, T = ids.shape
+    pos = [[t for t in range(T) if mask[i, t] > 0] for i in range(n)]
+    out = []
+    for from_end in (False, True):
+        flags = torch.zeros(n, T, dtype=torch.bool)
+        for i in range(n):
+            seq = pos[i][::-1] if from_end else pos[i]
+            for k, t in enumerate(seq):
+                def held(sign):
+                    return any(groups[j] == groups[i] and sign * float(adv[j]) > 0 and len(pos[j]) > k
+                               and ids[j, (pos[j][::-1] if from_end else pos[j])[k]] == ids[i, t] for j in range(n))
+                if float(adv[i]) == 0 or not (held(1) and held(-1)):
+                    break
+                flags[i, t] = True
+        out.append(flags)
+    return out
+
+
+def test_conflicts_match_a_naive_loop_on_random_groups():
+    """200 random problems: groups interleaved in the batch, masks with holes, a 3-token vocabulary
+    (many shared tokens), advantages of both signs and 0: both alignments' runs equal the loop's."""
+    g = torch.Generator().manual_seed(7)
+    for _ in range(200):
+        n, T = int(torch.randint(2, 9, (1,), generator=g)), int(torch.randint(1, 7, (1,), generator=g))
+        ids = torch.randint(0, 3, (n, T), generator=g)
+        mask = (torch.rand(n, T, generator=g) < 0.8).float()
+        adv = torch.randint(-1, 2, (n,), generator=g).double()
+        groups = torch.randint(0, 3, (n,), generator=g)
+        lead, trail = gtpo_conflicts(ids, mask, adv, groups)
+        want_lead, want_trail = _naive_conflicts(ids, mask, adv, groups)
+        assert torch.equal(lead, want_lead) and torch.equal(trail, want_trail), (ids, mask, adv, groups)

@@ -47,21 +47,22 @@ def _edge_runs(token_ids: Tensor, valid: Tensor, rank: Tensor, positive: Tensor,
                groups: Tensor) -> Tensor:
     """bool [n, T]: the valid tokens in the run of conflicting positions that starts at each row's
     edge, positions counted by `rank` (one alignment)."""
-    frame = torch.zeros_like(token_ids)  # row i's token at position k of the alignment
-    present = torch.zeros_like(valid)
     r, t = valid.nonzero(as_tuple=True)
-    frame[r, rank[r, t]] = token_ids[r, t]
-    present[r, rank[r, t]] = True
-    conflict = torch.zeros_like(valid)
-    for g in torch.unique(groups):
-        rows = (groups == g).nonzero(as_tuple=True)[0]
-        same = (frame[rows, None, :] == frame[None, rows, :]) & present[None, rows, :]  # [a, b, k]: b has a's token
-        hit_pos = (same & positive[rows][None, :, None]).any(1)
-        hit_neg = (same & negative[rows][None, :, None]).any(1)
-        conflict[rows] = present[rows] & hit_pos & hit_neg
+    k = rank[r, t]
+    # one key per (group, position, token), the entries that share one holding the same token at the
+    # same position of the alignment in responses of one group (the row itself included); < n T V
+    group = torch.unique(groups, return_inverse=True)[1][r]
+    tok = token_ids[r, t].long()
+    keys, same = torch.unique((group * valid.shape[1] + k) * (int(tok.max()) + 1) + tok, return_inverse=True)
+    in_positive = torch.zeros(len(keys), dtype=torch.bool, device=valid.device)
+    in_negative = in_positive.clone()
+    in_positive[same[positive[r]]] = True
+    in_negative[same[negative[r]]] = True
+    conflict = torch.zeros_like(valid)  # row i's position k of the alignment
+    conflict[r, k] = in_positive[same] & in_negative[same]
     run = conflict.long().cumprod(-1).bool()  # from the edge until the first non-conflicting position
     out = torch.zeros_like(valid)
-    out[r, t] = run[r, rank[r, t]]
+    out[r, t] = run[r, k]
     return out
 
 
