@@ -1,7 +1,7 @@
 """ProRL's reference policy reset (Liu et al. 2025, arXiv 2505.24864): the frozen reference model
 of a KL penalty is overwritten with the online policy's current weights, and the optimizer's
 state is cleared, so that the KL term does not come to dominate a long run. `ReferenceKL`
-(`reset_every`) calls these between RL steps.
+(`reset_every`, or `reset_patience` through `StallWatch`) calls these between RL steps.
 
 The reference is `GRPOModule._reference`, a plain attribute that checkpoints leave out while it
 is the loaded model; once reset it is no longer reproducible from `model.reference_model`, so
@@ -93,3 +93,33 @@ def load_reference_weights(reference: torch.nn.Module, weights: dict[str, torch.
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(reference, weights, options=StateDictOptions(full_state_dict=True))
+
+
+class StallWatch:
+    """ProRL's trigger: a reset once held-out performance stalls. `observe` takes each validation's
+    value of the monitored metric (higher is better); after `patience` validations in a row
+    without a new best (a NaN is none), `due` turns true until the reset (`done`), and the count
+    starts again. The best so far is kept across resets: a reset policy must beat it too."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best: float | None = None
+        self.stalls = 0
+        self.due = False
+
+    def observe(self, value: float) -> None:
+        if value == value and (self.best is None or value > self.best):  # value == value: not NaN
+            self.best, self.stalls = value, 0
+            return
+        self.stalls += 1
+        if self.stalls >= self.patience:
+            self.due, self.stalls = True, 0
+
+    def done(self) -> None:
+        self.due = False
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "stalls": self.stalls, "due": self.due}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.stalls, self.due = state["best"], int(state["stalls"]), bool(state["due"])

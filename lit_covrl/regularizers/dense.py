@@ -9,8 +9,9 @@
   Archer's high-entropy tokens) (as a loss, k2's expected gradient is that of KL(pi || pi_ref), k3's that of
   KL(pi_ref || pi); k1's is 0, so k1 is refused: `lit_covrl.algorithms.kl`); the module loads the
   reference model only when one exists. With `reset_every` (ProRL, Liu et al. 2025, arXiv 2505.24864)
-  the reference is overwritten with the policy's weights every `reset_every` RL steps, and the
-  optimizer state is re-initialised (`reset_optimizer`): `lit_covrl.reference_reset`.
+  the reference is overwritten with the policy's weights every `reset_every` RL steps, or when
+  `reset_patience` validations in a row bring no new best of `reset_monitor`, and the optimizer
+  state is re-initialised (`reset_optimizer`): `lit_covrl.reference_reset`.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ class ReferenceKL(Regularizer):
 
     def __init__(
         self, beta: float = 1e-3, estimator: str = "k3", schedule: Schedule | None = None, name: str | None = None,
-        reset_every: int | None = None, reset_optimizer: bool = True,
+        reset_every: int | None = None, reset_optimizer: bool = True, reset_patience: int | None = None,
+        reset_monitor: str = "val/pass@1",
     ) -> None:
         """
         Args:
@@ -73,6 +75,12 @@ class ReferenceKL(Regularizer):
                 on-policy mini-batch has KL 0). null = never (a fixed reference). ProRL resets by
                 hand between its runs, when validation stalls; it publishes no interval.
             reset_optimizer: with a reset, also re-initialise the optimizer state (ProRL does).
+            reset_patience: ProRL's trigger: reset before the next RL step once this many
+                validations in a row brought no new best of `reset_monitor` (the count then
+                starts again; the best is kept). null = never on validation. With `reset_every`
+                too, either one resets.
+            reset_monitor: the held-out metric `reset_patience` watches, higher is better (a
+                `val/` tag: val/pass@1, val/pass@<k>, val/reward, ...).
         """
         super().__init__(schedule, name)
         check_nonnegative("ReferenceKL.beta", beta)
@@ -80,6 +88,12 @@ class ReferenceKL(Regularizer):
         if not isinstance(reset_optimizer, bool):
             raise ValueError(f"ReferenceKL.reset_optimizer={reset_optimizer!r}: must be true or false")
         self.reset_optimizer = reset_optimizer
+        self.reset_patience = check_reset_every(reset_patience, "reset_patience", "validations without a new best")
+        if not isinstance(reset_monitor, str) or not reset_monitor.startswith("val/"):
+            raise ValueError(f"ReferenceKL.reset_monitor={reset_monitor!r}: must be a held-out metric's tag, "
+                             "'val/...' (e.g. 'val/pass@1')")
+        self.reset_monitor = reset_monitor
+        self._stall = reference_reset.StallWatch(reset_patience) if reset_patience is not None else None
         self._resets = 0  # resets so far (checkpointed)
         self._last_reset_step: int | None = None
         self._pending_reference: dict | None = None  # a checkpoint's reset reference, until on_train_start
@@ -113,46 +127,76 @@ class ReferenceKL(Regularizer):
         total = self._kl_sums.pop()
         if total["tokens"] > 0:
             self.record("kl", total["kl"] / total["tokens"])
-        if self.reset_every is not None:  # reg/<name>/resets: resets so far
+        if self.resetting:  # reg/<name>/resets: resets so far
             self.record("resets", float(self._resets))
         return super().pop_metrics()
 
     def charts(self) -> dict[str, list[str]]:
         out = super().charts()
-        if self.reset_every is not None:
+        if self.resetting:
             out["Control"].append(f"reg/{re.escape(self.name)}/resets")
         return out
 
     # reference policy reset (ProRL) ------------------------------------------------------------
+    @property
+    def resetting(self) -> bool:
+        """Whether this ReferenceKL ever resets its reference (`reset_every` or `reset_patience`)."""
+        return self.reset_every is not None or self.reset_patience is not None
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._module = pl_module
+        dm = getattr(trainer, "datamodule", None)
+        if stage == "fit" and self.reset_patience is not None and (
+                trainer.limit_val_batches == 0 or not getattr(dm, "has_validation", True)):
+            raise ValueError(f"ReferenceKL.reset_patience={self.reset_patience}: resets when validation stalls, but "
+                             "this run never validates (no held-out prompts, or trainer.limit_val_batches 0)")
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.reset_every is None:
+        if not self.resetting:
             return
-        reference_reset.check_same_layout(pl_module._reference, pl_module.policy, "ReferenceKL.reset_every")
+        field = "reset_every" if self.reset_every is not None else "reset_patience"
+        reference_reset.check_same_layout(pl_module._reference, pl_module.policy, f"ReferenceKL.{field}")
         if self._pending_reference is not None:  # the checkpoint's reset reference
             reference_reset.load_reference_weights(pl_module._reference, self._pending_reference)
             self._pending_reference = None
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """With `reset_patience`: each fit validation's `reset_monitor` (the same on every rank:
+        the evaluator's figures are global) goes to the stall watch."""
+        if self._stall is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        value = trainer.callback_metrics.get(self.reset_monitor)
+        if value is None:
+            known = sorted(k for k in trainer.callback_metrics if k.startswith("val/"))
+            raise ValueError(f"ReferenceKL.reset_monitor={self.reset_monitor!r}: this run's validation logs no such "
+                             f"metric; it logs {known}")
+        self._stall.observe(float(value))
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.reset_every is None or step == 0 or step % self.reset_every or step == self._last_reset_step:
+        periodic = self.reset_every is not None and step > 0 and step % self.reset_every == 0
+        stalled = self._stall is not None and self._stall.due
+        if not (periodic or stalled) or step == self._last_reset_step:
             return
         reference_reset.copy_policy_into(pl_module._reference, pl_module.policy)
         if self.reset_optimizer:
             reference_reset.clear_optimizer_state(trainer.optimizers)
         self._resets += 1
         self._last_reset_step = step
+        if self._stall is not None:
+            self._stall.done()
 
     def state_dict(self) -> dict:
-        """Nothing without `reset_every`; with it, the resets so far and, once there was one, the
-        reference's full weights (the loaded model no longer gives them; under FSDP2 gathered, a
-        collective: Lightning asks every rank for its callbacks' state when it saves)."""
-        if self.reset_every is None:
+        """Nothing without resets; with them, the resets so far, the stall watch's state
+        (`reset_patience`) and, once there was a reset, the reference's full weights (the loaded
+        model no longer gives them; under FSDP2 gathered, a collective: Lightning asks every rank
+        for its callbacks' state when it saves)."""
+        if not self.resetting:
             return {}
         out = {"resets": self._resets, "last_reset_step": self._last_reset_step}
+        if self._stall is not None:
+            out["stall"] = self._stall.state_dict()
         if self._resets and self._module is not None and self._module._reference is not None:
             out["reference"] = reference_reset.reference_weights(self._module._reference)
         return out
@@ -162,13 +206,14 @@ class ReferenceKL(Regularizer):
             return
         self._resets, self._last_reset_step = int(state_dict["resets"]), state_dict["last_reset_step"]
         self._pending_reference = state_dict.get("reference")
+        if self._stall is not None and "stall" in state_dict:
+            self._stall.load_state_dict(state_dict["stall"])
 
 
-def check_reset_every(value) -> int | None:
-    """`ReferenceKL.reset_every`: null or an integer >= 1."""
+def check_reset_every(value, field: str = "reset_every", unit: str = "RL steps between reference resets") -> int | None:
+    """`ReferenceKL.reset_every` (or `reset_patience`): null or an integer >= 1."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"ReferenceKL.reset_every={value!r}: must be an integer >= 1 (RL steps between reference "
-                         "resets) or null (never reset)")
+        raise ValueError(f"ReferenceKL.{field}={value!r}: must be an integer >= 1 ({unit}) or null (never reset)")
     return value
