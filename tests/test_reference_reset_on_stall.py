@@ -126,3 +126,36 @@ def test_an_unknown_monitor_stops_the_fit_at_the_first_validation_naming_the_fie
     with pytest.raises(ValueError, match=r"ReferenceKL.reset_monitor='val/pass@3': this run's validation logs no "
                                          r"such metric; it logs \[.*'val/pass@1'"):
         _fit(tiny_model_dir, reset_patience=1, reset_monitor="val/pass@3")
+
+
+def test_a_resume_from_the_checkpoint_of_a_stalled_validation_resets_as_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    """Validation and a checkpoint after every step (the save waits for the validation), patience
+    1: resumed from the step-6 checkpoint, whose validation made a reset due, steps 6-7 reset and
+    train as in the run that went on (resets, KL, loss), and the weights and reference end equal."""
+    from lit_covrl.checkpointing import AtomicCheckpoint
+    from tests.helpers import fit
+    from tests.test_module import make_data, make_module
+    from tests.test_resume import _series
+
+    def run(log_dir, ckpt_path=None):
+        torch.manual_seed(0)
+        module = make_module(tiny_model_dir, update=dict(mini_batch_size=2))
+        saver = AtomicCheckpoint(dirpath=str(tmp_path / "ck"), every_n_train_steps=1, save_top_k=-1)
+        fit(module, make_data(), steps=8, callbacks=[ReferenceKL(beta=0.5, reset_patience=1), saver],
+            log_dir=log_dir, val_check_interval=1, enable_checkpointing=True, ckpt_path=ckpt_path)
+        return module
+
+    compared = ["reg/ref_kl/resets", "reg/ref_kl/kl", "reg/ref_kl/loss", "policy/loss", "val/pass@1"]
+    full = run(tmp_path / "full")
+    ckpt = next((tmp_path / "ck").glob("*step=6.ckpt"))
+    stall = torch.load(ckpt, weights_only=False)["callbacks"]["ReferenceKL[ref_kl]"]["stall"]
+    assert stall["due"], stall  # the test needs a reset pending at the save
+    resumed = run(tmp_path / "resumed", ckpt_path=str(ckpt))
+    a, b = _series(tmp_path / "full", compared), _series(tmp_path / "resumed", compared)
+    assert a["reg/ref_kl/resets"][6] == a["reg/ref_kl/resets"][5] + 1
+    for tag in compared:
+        for s in (6, 7):
+            assert abs(a[tag][s] - b[tag][s]) <= 1e-5 * max(1.0, abs(a[tag][s])), (tag, s, a[tag][s], b[tag][s])
+    for m_full, m_res in ((full.policy, resumed.policy), (full._reference, resumed._reference)):
+        for (k, v), (_, u) in zip(m_full.state_dict().items(), m_res.state_dict().items()):
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-7, msg=k)
