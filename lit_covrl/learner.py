@@ -91,7 +91,7 @@ class Learner:
         hp = self.settings.update
         self.step = step
         n = rollout.input_ids.shape[0]
-        schedule = [mb for _ in range(hp.ppo_epochs) for mb in self.minibatches(keep)]
+        schedule = [mb for _ in range(hp.ppo_epochs) for mb in self.minibatches(rollout, keep)]
         metrics = StepMetrics()
         self._on_policy = True  # no optimizer step taken since this rollout (see MiniBatchContext)
         self._observe_rollout(rollout, keep)
@@ -105,13 +105,16 @@ class Learner:
         out["policy/skipped_steps"] = float(self.skipped_steps)
         return out
 
-    def minibatches(self, keep: Tensor) -> list[Tensor]:
-        """The rows of each mini-batch of one epoch: fixed slices of whole prompt groups
-        (`mini_batch_size` prompts), from which the filtered rows (`keep` False) just drop out."""
+    def minibatches(self, rollout: Rollout, keep: Tensor) -> list[Tensor]:
+        """The rows of each mini-batch of one epoch: those answering prompts j m .. (j + 1) m - 1
+        (m = `mini_batch_size`; rows j m G .. (j + 1) m G - 1 of a rollout in prompt order), from
+        which the filtered rows (`keep` False) just drop out. Groups stay whole also after an AEPO
+        splice, whose extra responses (the batch's first rows) join their own prompts' mini-batches."""
         n, G = len(keep), self.settings.rollout.group_size
-        per_update = (self.settings.update.mini_batch_size or n // G) * G
+        m = self.settings.update.mini_batch_size or n // G
+        slot = rollout.prompt_of(torch.arange(n, device=keep.device), G) // m
         rows = torch.nonzero(keep).squeeze(-1)
-        return [rows[(rows >= s) & (rows < s + per_update)] for s in range(0, n, per_update)]
+        return [rows[slot[rows] == j] for j in range(-(-n // (m * G)))]
 
     def _observe_rollout(self, rollout: Rollout, keep: Tensor) -> None:
         """The nucleus entropy [n, T] of the rollout's kept rows under the rollout policy, before
@@ -125,7 +128,7 @@ class Learner:
         rows, topp = torch.nonzero(keep).squeeze(-1), self.forward_asks().topp
         mask = rollout.response_mask[rows].to(rollout.logp.dtype)
         h = torch.zeros_like(mask)
-        for mb in self.minibatches(keep):
+        for mb in self.minibatches(rollout, keep):
             ids, att = (rollout.input_ids[mb], rollout.attention_mask[mb]) if len(mb) else \
                 (rollout.input_ids[:1], rollout.attention_mask[:1])
             where = torch.searchsorted(rows, mb)
@@ -145,7 +148,7 @@ class Learner:
         The filtered rows (read by the rollout metrics) follow in a plan of their own: as many rows
         in all as one pass over the rollout."""
         logp, entropy = torch.zeros_like(rollout.logp), torch.zeros_like(rollout.entropy)
-        for rows in [*self.minibatches(keep), torch.nonzero(~keep).squeeze(-1)]:
+        for rows in [*self.minibatches(rollout, keep), torch.nonzero(~keep).squeeze(-1)]:
             out = self.policy_stats(rollout, rows)
             logp[rows], entropy[rows] = out.logp, out.entropy
         rollout.logp, rollout.entropy = logp, entropy

@@ -357,6 +357,41 @@ def test_spliced_rows_keep_the_prompt_they_answer_for_the_group_readers(tiny_mod
     assert groups.tolist() == index
 
 
+def test_mini_batches_keep_each_prompt_s_responses_together_after_a_splice(tiny_model_dir, monkeypatch):
+    """Two prompts per mini-batch, extra responses for all 8 prompts: the spliced first rows answer
+    prompts of every mini-batch, and each joins its own prompt's mini-batch (mini-batch j: prompts
+    2j and 2j + 1, all their rows), so a group reader sees whole groups. Row slices put every
+    extra response into mini-batch 0, away from the rest of its group (review newest21)."""
+    from lit_covrl.learner import Learner
+    from lit_covrl.regularizers import TrajectoryGTPO
+    from tests.helpers import fit
+    from tests.test_module import HasOneReward, make_data, make_module
+
+    module = make_module(tiny_model_dir, reward=HasOneReward(), rollout=dict(group_size=4, max_new_tokens=4),
+                         update=dict(mini_batch_size=2))
+    seen: dict = {"groups": []}
+    update, prepare = Learner.update, TrajectoryGTPO.prepare
+
+    def spy_update(self, rollout, advantages, keep, ref_logp, *, step):
+        seen["trained"] = rollout
+        return update(self, rollout, advantages, keep, ref_logp, step=step)
+
+    def spy_prepare(self, ctx):
+        seen["groups"].append(ctx.groups.tolist())
+        return prepare(self, ctx)
+
+    monkeypatch.setattr(Learner, "update", spy_update)
+    monkeypatch.setattr(TrajectoryGTPO, "prepare", spy_prepare)
+    trainer = fit(module, make_data(batch_size=8, val_size=0), steps=1, limit_val_batches=0,
+                  callbacks=[AEPO(target_entropy=5.0, prompt_frac=1.0), TrajectoryGTPO(entropy_threshold=50.0)])
+    k, index = int(trainer.callback_metrics["reg/aepo/samples"]), seen["trained"].prompt_index.tolist()
+    assert max(index[:k]) >= 2, index[:k]  # extra responses of prompts beyond the first mini-batch
+    assert len(seen["groups"]) == 4
+    for j, groups in enumerate(seen["groups"]):
+        assert set(groups) <= {2 * j, 2 * j + 1}, (j, groups)
+        assert sorted(groups) == sorted(p for p in index if p // 2 == j)  # every row of its prompts
+
+
 def test_aepo_measurement_resumes_exactly(tiny_model_dir, tmp_path):
     """The measured entropy travels in the checkpoint: with target 0 every measurement is above it,
     so steps 1-3 draw at T_low and take half as many; a resume at step 2 that lost the measurement
