@@ -76,3 +76,13 @@ def gather_rows(x: Tensor) -> tuple[Tensor, int]:
     dist.all_gather(parts, padded)
     full = torch.cat([p[:s] for p, s in zip(parts, sizes)], 0).to(x.device)
     return full, sum(sizes[: dist.get_rank()])
+
+
+def gather_objects(items: list) -> tuple[list, int]:
+    """Concatenate every rank's list of picklable items (in rank order); also this rank's offset
+    in the result."""
+    if not _active():
+        return list(items), 0
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part], sum(len(p) for p in parts[: dist.get_rank()])

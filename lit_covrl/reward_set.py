@@ -181,6 +181,11 @@ class RewardSet:
         self._named = [_named(fn) for fn in self.rewards]
         self.answer_field = answer_field
 
+    def answer_namer(self) -> Callable[[str], str | None] | None:
+        """The first reward's `final_answer(completion) -> str | None` (the outcome it judges, for
+        outcome-based exploration), or None when no reward has one."""
+        return next((fn.final_answer for fn in self.rewards if callable(getattr(fn, "final_answer", None))), None)
+
     def _answer_alias(self) -> str | None:
         """The name under which rewards that ask for it also get the answers, or None."""
         name = self.answer_field.rsplit(".", 1)[-1] if self.answer_field else None

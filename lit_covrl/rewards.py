@@ -75,6 +75,11 @@ class ExactMatchReward:
     def __call__(self, completion: str, answer: str) -> float:
         return 1.0 if completion.strip() == answer.strip() else 0.0
 
+    def final_answer(self, completion: str) -> str | None:
+        """The outcome this reward judges (outcome-based exploration): the stripped completion, or
+        None if it is blank."""
+        return completion.strip() or None
+
 
 class MathVerifyReward:
     """1.0 if the completion's final answer is mathematically equal to the reference, else 0.0.
@@ -120,6 +125,10 @@ class MathVerifyReward:
             if parsed:
                 return parsed
         return parse(text, parsing_timeout=timeout)
+
+    def final_answer(self, completion: str) -> str | None:
+        """The outcome this reward judges (outcome-based exploration): `extract_answer`'s, or None."""
+        return extract_answer(completion)
 
     def __call__(self, completion: str, answer: str) -> float:
         from math_verify import verify

@@ -29,6 +29,8 @@ def check_before_start(module, stage: str) -> None:
     check_strategy(trainer.strategy, cfg.system)
     check_lookalikes(trainer.callbacks)
     check_stack(module.regularizers)
+    for reg in module.regularizers:
+        reg.check_rewards(module.rewards, cfg.loss.binary_rewards_for)
     # non-default clip keys of model.loss: the objective is the PPOClip built from them (resolve_objective)
     from_loss = cfg.loss.clip_args() != type(cfg.loss)().clip_args()
     check_objective_stack(module.objective, module.regularizers, "model.loss" if from_loss else "model.objective.init_args")

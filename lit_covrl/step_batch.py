@@ -1,7 +1,8 @@
 """The batch one RL step trains on, a mixin of `GRPOModule` (`lit_covrl.module`): the generation
 rounds (one, or more under dynamic sampling) and their scores, the rows kept (DAPO's group filter,
 `overlong: mask`), the old log-probs (the training forward's with `recompute_logprobs`), the
-advantages, and a drawing regularizer's extra responses in the first rows (`lit_covrl.control_rows`,
+advantages (with a regularizer's outcome terms on the rewards or advantages, OutcomeExploration's),
+and a drawing regularizer's extra responses in the first rows (`lit_covrl.control_rows`,
 AEPO's). `training_step` calls `_sample_batch`, then `_trained_batch`.
 """
 from __future__ import annotations
@@ -10,7 +11,8 @@ import torch
 from torch import Tensor
 
 from lit_covrl import guards
-from lit_covrl.algorithms import compute_advantages, likelihood_ranks, sequence_logprob_means, zero_variance_groups
+from lit_covrl.algorithms import (compute_advantages, group_centered, likelihood_ranks, sequence_logprob_means,
+                                  zero_variance_groups)
 from lit_covrl.control_rows import drawing_regularizer, splice_control_rows
 from lit_covrl.dynamic_sampling import Round, sample_rounds
 from lit_covrl.metrics import PhaseTimer
@@ -41,14 +43,28 @@ class StepBatch:
         # after the recomputation: the unlikeliness reward ranks by the old log-probs trained against
         seq_logp = sequence_logprob_means(rollout.logp, rollout.response_mask) if cfg.loss.unlikeliness else None
         ranks = likelihood_ranks(seq_logp, G) if cfg.loss.unlikeliness else None  # the advantages' and metrics'
-        advantages = compute_advantages(rewards, G, cfg.loss.advantage, baseline_quantile=cfg.loss.baseline_quantile,
+        outcome = next((r for r in self.regularizers if r.shapes_outcome), None)
+        shift = self._outcome_shift(outcome, sampled) if outcome is not None else None
+        on_rewards = shift is not None and outcome.apply == "reward"
+        shaped = (rewards.double() + shift).to(rewards.dtype) if on_rewards else rewards
+        advantages = compute_advantages(shaped, G, cfg.loss.advantage, baseline_quantile=cfg.loss.baseline_quantile,
                                         pass_k=cfg.loss.pass_k, unlikeliness=cfg.loss.unlikeliness, seq_logp=seq_logp,
                                         ranks=ranks)
+        if shift is not None and outcome.apply == "advantage":
+            advantages = (advantages.double() + group_centered(shift, G)).to(advantages.dtype)
         trained = (rollout, advantages, keep)
         if drawing is not None:
             trained = splice_control_rows(self, drawing, sampled.batch, *trained, timer,
                                           recompute_rollout=self.recompute_logprobs_on and not first_pass)
         return trained, advantages, zero_var, seq_logp, ranks
+
+    def _outcome_shift(self, reg, sampled: Round) -> Tensor:
+        """The outcome-shaping regularizer's terms of this rank's rows (OutcomeExploration's): by
+        each response's final answer, correct meaning a score >= correct_threshold."""
+        scores = sampled.scores if sampled.scores is not None else sampled.rewards
+        correct = (scores >= self.hparams.correct_threshold).cpu()
+        return reg.outcome_shift(self.global_step, sampled.batch.prompts, sampled.rollout.completions, correct,
+                                 self.settings.rollout.group_size).to(sampled.rewards.device)
 
     def _generation_round(self, batch: PromptBatch, timer: PhaseTimer) -> tuple[Round, dict[str, float]]:
         rollout, rewards, scores, reward_stats = self.generate_scored(

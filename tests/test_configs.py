@@ -24,12 +24,12 @@ F7 = CONFIGS / "fsdp" / "qwen2.5-7b.yaml"
 CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_tokens", "adaptive_entropy", "steer",
                "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "ce_gppo", "qae", "w_reinforce", "passk",
                "entropic", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo", "era", "aent", "aepo",
-               "trajectory_gtpo", "prorl")
+               "trajectory_gtpo", "prorl", "outcome")
 REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "adaptive_entropy", "clip_cov",
                      "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
                      "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse", "qae", "w_reinforce", "w_reinforce_high_lr", "gspo", "cispo",
                      "ce_gppo", "passk", "entropic", "entropic_kp50", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo",
-                     "era", "aent", "aepo", "trajectory_gtpo", "prorl")
+                     "era", "aent", "aepo", "trajectory_gtpo", "prorl", "outcome")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high",
                "entropic_kp5", "lp_reg_neg10", "siren_high", "prorl_without_kl", "prorl_on_stall",
                "prorl_beta01_fixed", "prorl_beta01_every50", "prorl_beta01_on_stall")
@@ -140,6 +140,9 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
         ro, loss = cli.model.settings.rollout, cli.model.settings.loss
         assert (ro.temperature, ro.filter_groups, loss.clip_low, loss.clip_high) == (1.2, True, 0.2, 0.4)
         assert loss.loss_agg_mode == "token-mean" and type(cli.model.objective).__name__ == "PPOClip"
+    if name.endswith("outcome.yaml"):  # chosen here: the paper's values could not be read (README)
+        (oe,) = regs
+        assert (oe.historical, oe.batch, oe.apply, oe.responses, oe.shapes_outcome) == (0.5, 0.5, "reward", "all", True)
     if name.endswith("qae.yaml"):
         assert cli.model.settings.loss.baseline_quantile == 0.4 and cli.model.settings.loss.advantage == "grpo"
     if name.endswith("passk.yaml"):  # k of the paper's main setting, below the testbeds' group size 8

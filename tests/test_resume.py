@@ -28,6 +28,18 @@ def _series(log_dir, compared=COMPARED):
     return {t: dict(tags[t]) for t in compared}
 
 
+def straight_and_resumed(tmp_path, regs, module, data, compared):
+    """(the `compared` series of 4 straight RL steps, those of a run resumed at step 2, the step-2
+    checkpoint's file): `regs()`, `module()` and `data()` build each run's callbacks, module and data."""
+    _trainer(tmp_path / "full", 4, regs()).fit(module(), data())
+    first = _trainer(tmp_path / "a", 2, regs())
+    first.fit(module(), data())
+    ckpt = tmp_path / "step2.ckpt"
+    first.save_checkpoint(ckpt)
+    _trainer(tmp_path / "b", 4, regs()).fit(module(), data(), ckpt_path=str(ckpt))
+    return _series(tmp_path / "full", compared), _series(tmp_path / "b", compared), ckpt
+
+
 def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
     kw = dict(update=dict(mini_batch_size=2))
     full = _trainer(tmp_path / "full", 4)

@@ -1,7 +1,7 @@
 """Pure tensor math: advantages, PPO / GSPO / CISPO / CE-GPPO losses and aggregation, token covariance and
 selection, entropy controls, clip-range controls (Archer, BAPO), the logit-activation control (ERA), the
-extra-response control (AEPO), GTPO's conflict-token and response-entropy control, entropy and log-probs,
-KL estimators. No state, no config objects."""
+extra-response control (AEPO), outcome-based exploration, GTPO's conflict-token and response-entropy
+control, entropy and log-probs, KL estimators. No state, no config objects."""
 from lit_covrl.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
     QUANTILE_ESTIMATORS,
@@ -78,6 +78,13 @@ from lit_covrl.algorithms.entropy_controls import (
     steer_weights,
 )
 from lit_covrl.algorithms.kl import KL_ESTIMATORS, kl_penalty
+from lit_covrl.algorithms.outcome_controls import (
+    batch_repeats,
+    distinct_answers,
+    group_centered,
+    historical_bonus,
+    outcome_shaping,
+)
 from lit_covrl.algorithms.rollout_controls import aepo_choose, aepo_temperature
 from lit_covrl.algorithms.losses import (
     AGG_MODES,
@@ -99,6 +106,11 @@ from lit_covrl.algorithms.objectives import (
 )
 
 __all__ = [
+    "batch_repeats",
+    "distinct_answers",
+    "group_centered",
+    "historical_bonus",
+    "outcome_shaping",
     "ADVANTAGE_ESTIMATORS",
     "AGG_MODES",
     "KL_ESTIMATORS",

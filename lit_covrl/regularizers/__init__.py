@@ -11,6 +11,7 @@ from lit_covrl.regularizers.era import ERA
 from lit_covrl.regularizers.entropy_selection import EntropyRatioClip, HighEntropyTokens, SteerWeights
 from lit_covrl.regularizers.entropy_shaping import AdaptiveEntropyBonus, EntropyAdvantage
 from lit_covrl.regularizers.lp_reg import LpReg
+from lit_covrl.regularizers.outcome import OutcomeExploration
 from lit_covrl.regularizers.sample_weights import WeightedReinforce
 from lit_covrl.regularizers.schedules import SCHEDULES, Schedule
 from lit_covrl.regularizers.simko import SimKO
@@ -33,6 +34,7 @@ __all__ = [
     "KLCov",
     "LpReg",
     "MiniBatchContext",
+    "OutcomeExploration",
     "ReferenceKL",
     "Regularizer",
     "SCHEDULES",

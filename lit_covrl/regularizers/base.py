@@ -220,6 +220,9 @@ class Regularizer(Callback):
     # AEPO's; at most one per run): the chosen ones replace the rollout's first rows, advantage 1
     draws_rollout: bool = False
     shifts_advantage: bool = False  # returns TokenShaping.advantage_shift (at most one per run)
+    # shapes each step's rewards or advantages by the responses' final answers before the update
+    # (`outcome_shift`, `apply`; OutcomeExploration's; at most one per run)
+    shapes_outcome: bool = False
     sets_clip_range: bool = False  # returns TokenShaping.clip_low / clip_high (at most one per run; see clip_bounds)
     default_name: str = "regularizer"  # metric namespace reg/<name>/ unless `name` is given
     # dashboard charts of recorded keys, category -> keys (reg/<name>/loss is always charted)
@@ -319,6 +322,10 @@ class Regularizer(Callback):
         advantage 1, in place of as many of this rank's first rollout rows (called on every rank:
         a choice over all ranks' responses is a collective)."""
         raise NotImplementedError
+
+    def check_rewards(self, rewards, binary_for: str | None) -> None:
+        """Start-up check of the run's `RewardSet` (and of `binary_for`, the setting that needs 0/1
+        rewards, or None): raise a ValueError naming the field. Default: any rewards."""
 
     def check_objective(self, objective) -> None:
         """Start-up check of the run's policy objective (`check_objective_stack`): raise a

@@ -50,6 +50,10 @@ def check_stack(regularizers: list[Regularizer]) -> None:
             "their shifts add up and can flip the advantage's sign; keep one (raise its alpha instead)"
         )
     ForwardAsks.of(regularizers)  # one request of each kind for the training forward, else refused
+    outcome = [r for r in regularizers if r.shapes_outcome]
+    if len(outcome) > 1:
+        raise ValueError(f"{len(outcome)} regularizers shape the outcome rewards "
+                         f"({', '.join(repr(r.name) for r in outcome)}): keep one")
     drawing = [r for r in regularizers if r.draws_rollout]
     if len(drawing) > 1:
         raise ValueError(

@@ -151,6 +151,12 @@ class ReasoningReward:
             return 1.0 if got == ref else 0.0
         return 1.0 if got[1] == ref[1] else 0.0
 
+    def final_answer(self, completion: str) -> str | None:
+        """The outcome (outcome-based exploration): the value after "|" of a well-formed response
+        (its steps aside), or None for a malformed one."""
+        got = _parse(completion)
+        return None if got is None else str(got[1])
+
 
 @dataclass
 class ReasoningTask(ExpressionTask):

@@ -1,0 +1,150 @@
+"""Outcome-based exploration (Song, Kempe, Munos 2025, "Outcome-based Exploration for LLM
+Reasoning", arXiv 2509.06941): exploration terms that depend only on each response's final answer.
+
+- historical exploration: + historical / sqrt(N(x, a)), a UCB-style bonus for answers rarely seen
+  for their prompt x over training; N(x, a) counts the responses to x with final answer a over
+  every RL step so far, this one included (so the first sighting gets the whole coefficient);
+- batch exploration: - batch * (share of the group's other G - 1 responses with the same answer),
+  a penalty for answers repeated within the group.
+
+The final answer is the run's reward function's `final_answer(completion)` (built in:
+ExactMatchReward, MathVerifyReward, ReasoningReward; refused at start-up when no reward has one);
+a response without one gets neither term and is not counted. `apply` says where the terms enter:
+`reward` adds them to each response's reward before the run's advantage estimator (the bonus in its
+RL sense), `advantage` adds them, minus their group mean, to the estimator's advantages.
+`responses` restricts them to the correct (or incorrect) responses. Only the abstract and summaries
+of the paper could be read here: the form of the bonus (1/sqrt N, no log t term), where it enters,
+which responses get it and the baseline are this module's choices, and the coefficients have no
+paper default (they are required).
+
+The counts are over all ranks (each step's (prompt, answer) pairs gathered in rank order, so every
+rank holds the same counts) and are computed once per RL step before the update, so the terms do
+not depend on the micro-batch size or the device count. They are checkpointed (`state_dict`) and
+resume exactly. The terms act before the update: reg/<name>/loss stays 0.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from lit_covrl import distributed
+from lit_covrl.algorithms import distinct_answers, outcome_shaping
+from lit_covrl.regularizers.base import Regularizer, check_number
+from lit_covrl.regularizers.schedules import Schedule
+from lit_covrl.types import PolicyBatch, TokenShaping
+
+APPLY = ("reward", "advantage")
+RESPONSES = ("all", "correct", "incorrect")
+
+
+def prompt_key(prompt: Any) -> str:
+    """A prompt as a dict key: its text, or a chat prompt's messages as sorted JSON."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def group_answer_ids(answers: list[str | None], group_size: int) -> Tensor:
+    """[N] long: each answer's index among its group's distinct answers (first seen first); -1 for None."""
+    ids = []
+    for start in range(0, len(answers), group_size):
+        seen: dict[str, int] = {}
+        ids += [-1 if a is None else seen.setdefault(a, len(seen)) for a in answers[start:start + group_size]]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+class OutcomeExploration(Regularizer):
+    """Historical (UCB count bonus) and batch (repetition penalty) outcome-based exploration (see
+    the module docstring)."""
+
+    default_name = "outcome"
+    shapes_outcome = True
+    chart_metrics = {"Entropy": ("bonus_mean", "distinct_answers", "novel_frac")}
+
+    def __init__(self, historical: float, batch: float, apply: str = "reward", responses: str = "all",
+                 schedule: Schedule | None = None, name: str | None = None) -> None:
+        """
+        Args:
+            historical: coefficient of the historical bonus 1/sqrt(N(x, a)) (>= 0; no paper value read).
+            batch: coefficient of the batch penalty, the share of the group's other responses with
+                the same answer (>= 0; no paper value read). One of the two must be > 0.
+            apply: `reward` (added to the rewards before the advantage estimator) or `advantage`
+                (added, minus the group mean, to the advantages).
+            responses: `all`, `correct` or `incorrect`: the responses that get the terms (correct:
+                score >= model.correct_threshold). Every answered response is counted.
+            schedule: a schedule of both coefficients over RL steps (default constant).
+        """
+        super().__init__(schedule, name)
+        self.historical = check_number(f"{type(self).__name__}.historical", historical)
+        self.batch = check_number(f"{type(self).__name__}.batch", batch)
+        if self.historical == 0 and self.batch == 0:
+            raise ValueError(f"{type(self).__name__}.historical and .batch are both 0: the control does nothing; "
+                             "set one > 0")
+        for field, value, valid in (("apply", apply, APPLY), ("responses", responses, RESPONSES)):
+            if value not in valid:
+                raise ValueError(f"{type(self).__name__}.{field}={value!r} is invalid: must be one of {valid}")
+        self.apply, self.responses = apply, responses
+        self.counts: dict[str, dict[str, int]] = {}  # prompt key -> final answer -> responses so far
+        self._namer: Callable[[str], str | None] | None = None
+
+    def check_rewards(self, rewards, binary_for: str | None) -> None:
+        self._namer = rewards.answer_namer()
+        if self._namer is None:
+            names = ", ".join(rewards.names)
+            raise ValueError(
+                f"{type(self).__name__} ({self.name!r}) needs each response's final answer, but no reward of "
+                f"model.reward ({names}) names one: give a reward a `final_answer(completion) -> str | None` "
+                "method (built in: ExactMatchReward, MathVerifyReward, ReasoningReward)")
+        if self.apply == "reward" and binary_for:
+            raise ValueError(f"{type(self).__name__}.apply='reward' adds non-binary terms to the rewards, which "
+                             f"{binary_for} needs in {{0, 1}}: set apply: advantage")
+
+    def outcome_shift(self, step: int, prompts: list, completions: list[str], correct: Tensor,
+                      group_size: int) -> Tensor:
+        """[n] float64 terms of this rank's n = len(prompts) * group_size responses (prompt-major),
+        after adding this step's answers over all ranks to the counts."""
+        if self._namer is None:
+            raise RuntimeError(f"{type(self).__name__}: check_rewards() must run before the first step")
+        keys = [prompt_key(p) for p in prompts for _ in range(group_size)]
+        local = list(zip(keys, [self._namer(c) for c in completions], correct.tolist()))
+        rows, offset = distributed.gather_objects(local)
+        before = torch.tensor([self._count(k, a) for k, a, _ in rows], dtype=torch.float64)
+        for k, a, _ in rows:
+            if a is not None:
+                per_prompt = self.counts.setdefault(k, {})
+                per_prompt[a] = per_prompt.get(a, 0) + 1
+        answers = [a for _, a, _ in rows]
+        counts = torch.tensor([self._count(k, a) for k, a, _ in rows], dtype=torch.float64)
+        ids = group_answer_ids(answers, group_size)
+        eligible = (ids >= 0) & self._chosen(torch.tensor([c for _, _, c in rows], dtype=torch.bool))
+        hist, pen = outcome_shaping(counts, ids, eligible, group_size, historical=self.scheduled(self.historical, step),
+                                    batch=self.scheduled(self.batch, step))
+        self._record(hist, pen, ids, before, group_size)
+        return (hist + pen)[offset:offset + len(local)]
+
+    def _count(self, key: str, answer: str | None) -> int:
+        return 0 if answer is None else self.counts.get(key, {}).get(answer, 0)
+
+    def _chosen(self, correct: Tensor) -> Tensor:
+        return {"all": torch.ones_like(correct), "correct": correct, "incorrect": ~correct}[self.responses]
+
+    def _record(self, hist: Tensor, pen: Tensor, ids: Tensor, before: Tensor, group_size: int) -> None:
+        answered = ids >= 0
+        self.record("bonus_mean", float((hist + pen).mean()))
+        self.record("historical_mean", float(hist.mean()))
+        self.record("batch_penalty_mean", float(-pen.mean()))
+        self.record("distinct_answers", float(distinct_answers(ids, group_size).mean()))
+        self.record("answered_frac", float(answered.double().mean()))
+        if answered.any():
+            self.record("novel_frac", float((before[answered] == 0).double().mean()))
+        self.record("tracked_answers", float(sum(len(v) for v in self.counts.values())))
+
+    def shape(self, batch: PolicyBatch) -> TokenShaping:
+        return TokenShaping()  # the terms act on the step's rewards or advantages (`outcome_shift`)
+
+    def state_dict(self) -> dict:
+        return {"counts": {k: dict(v) for k, v in self.counts.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.counts = {k: dict(v) for k, v in state_dict["counts"].items()}
