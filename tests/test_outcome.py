@@ -267,6 +267,53 @@ def test_two_processes_count_over_both_ranks(tmp_path):
     assert ranks[0]["metrics"] == ranks[1]["metrics"] == metrics
 
 
+def _fit_worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> None:
+    from pathlib import Path
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from tests import _dist
+
+    torch.set_num_threads(1)
+    _dist.elastic_env(rank, 2, port)
+    torch.save(_outcome_fit(model_dir, Path(prompts), Path(out) / "d", 2, DDPStrategy(process_group_backend="gloo")),
+               f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def _outcome_fit(model_dir, prompts, root, devices, strategy=None):
+    """3 RL steps of `_dist`'s rank-invariant module (samples a function of prompt and step) with
+    OutcomeExploration, exact-match rewards and no group filter: every step's metrics."""
+    from tests import _dist
+
+    rec = _dist.Recorder()
+    module = _dist.make_module(model_dir, reward=ExactMatchReward(), rollout=dict(filter_groups=False))
+    _dist.trainer(3, [rec, OutcomeExploration(historical=1.0, batch=0.5)], devices, root, strategy=strategy).fit(
+        module, _dist.make_data(prompts, _dist.B * 2 // devices))
+    return rec.steps
+
+
+def test_two_ddp_processes_train_as_one_process(tiny_model_dir, tmp_path):
+    """Through the module: 2 gloo DDP processes with B prompts each train as one process with 2B.
+    Three of each step's four prompts are the same and the samples depend only on prompt and step,
+    so their groups' answers are counted 3 times, across both ranks (a rank counting its own rows
+    alone would give them 1/sqrt(2) or 1, not 1/sqrt(3))."""
+    from tests import _dist
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "{a}+1=", "answer": "{a + 1}"}}\n' for a in [10, 11, 10, 10] * 6))
+    single = _outcome_fit(tiny_model_dir, prompts, tmp_path / "s", 1)
+    _dist.spawn(_fit_worker, (_dist.free_port(), tiny_model_dir, str(prompts), str(tmp_path)), timeout_s=180)
+    assert 0 < single[1]["reg/outcome/historical_mean"] < 0.7  # mostly 1/sqrt(3): counted over the 3 groups
+    for rank in range(2):
+        steps = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for s in (1, 2, 3):
+            keys = [k for k in single[s] if k.startswith("reg/outcome/") or k in ("policy/loss", "policy/grad_norm")]
+            assert len(keys) >= 8
+            for k in keys:
+                assert steps[s][k] == pytest.approx(single[s][k], rel=2e-3, abs=1e-5), (rank, s, k)
+
+
 def test_cpu_config_runs_through_the_cli(tmp_path):
     """configs/cpu/outcome.yaml on the quickstart through `lit-covrl fit`: the tags are written every
     step and move (the counted answers grow), and the bonus acts."""
