@@ -30,6 +30,16 @@ def test_temperature_by_hand():
     assert aepo_temperature(3.0, target=0.5, high=2.0, low=0.1) == 0.1
 
 
+def test_prompts_drawing_extras_are_the_floor_of_the_written_fraction():
+    """floor(prompt_frac * B) of the decimal the user wrote: 0.29 * 100 is 28.999999999999996 in
+    floating point, which int() made 28 (review newest21)."""
+    from lit_covrl.algorithms import aepo_prompts
+
+    cases = {(100, 0.29): 29, (100, 0.57): 57, (50, 0.58): 29, (200, 0.29): 58, (16, 0.25): 4, (7, 0.25): 1,
+             (3, 0.25): 0, (10, 1.0): 10, (9, 1 / 3): 2}
+    assert {k: aepo_prompts(*k) for k in cases} == cases
+
+
 def test_choice_by_hand():
     adv = torch.tensor([0.5, -1.0, 0.04, 0.06, 1.0, 2.0, 0.05])  # candidates (> 0.05): rows 0, 3, 4, 5
     pick = lambda **kw: aepo_choose(adv, threshold=0.05, **kw).nonzero().flatten().tolist()  # noqa: E731

@@ -85,7 +85,7 @@ from lit_covrl.algorithms.outcome_controls import (
     historical_bonus,
     outcome_shaping,
 )
-from lit_covrl.algorithms.rollout_controls import aepo_choose, aepo_temperature
+from lit_covrl.algorithms.rollout_controls import aepo_choose, aepo_prompts, aepo_temperature
 from lit_covrl.algorithms.losses import (
     AGG_MODES,
     aggregate,
@@ -118,6 +118,7 @@ __all__ = [
     "STEER_MAPPINGS",
     "adaptive_entropy_coef",
     "aepo_choose",
+    "aepo_prompts",
     "aepo_temperature",
     "aent_coef",
     "aggregate",

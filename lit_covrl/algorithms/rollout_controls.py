@@ -10,8 +10,17 @@
 """
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import torch
 from torch import Tensor
+
+
+def aepo_prompts(num_prompts: int, frac: float) -> int:
+    """floor(frac * num_prompts), the prompts that get extra responses, with `frac` read as the
+    decimal it was written as (0.29 * 100 is 28.999999999999996 in floating point: 29, not 28)."""
+    return math.floor(Fraction(repr(float(frac))) * num_prompts)
 
 
 def aepo_temperature(entropy: float | None, *, target: float, high: float, low: float) -> float:

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from lit_covrl import distributed
-from lit_covrl.algorithms import aepo_choose, aepo_temperature
+from lit_covrl.algorithms import aepo_choose, aepo_prompts, aepo_temperature
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer, StepEntropy, check_number, select_globally
 from lit_covrl.types import PolicyBatch, TokenShaping
 
@@ -108,7 +108,7 @@ class AEPO(Regularizer):
 
     def rollout_request(self, step: int, num_prompts: int) -> tuple[int, float] | None:
         self._close(step)
-        n = int(num_prompts * self.prompt_frac)
+        n = aepo_prompts(num_prompts, self.prompt_frac)
         if n == 0:
             if not self._warned:
                 log.warning("%s: %d prompts per step x prompt_frac %g draw no extra response: AEPO does nothing "
