@@ -402,6 +402,37 @@ def test_mini_batches_keep_each_prompt_s_responses_together_after_a_splice(tiny_
         assert sorted(groups) == sorted(p for p in index if p // 2 == j)  # every row of its prompts
 
 
+def test_a_state_saved_mid_step_measures_the_redone_step_alone():
+    """A state saved inside step 1 (nonfinite-stop.ckpt is written mid-step) holds two of its
+    mini-batches' entropy sums; the resumed run redoes step 1 with a new rollout, and its
+    measurement is that rollout's alone (0.6), as uninterrupted, not mixed with the aborted one's
+    (0.1; review newest21). A state saved after step 1 still closes step 1 with its own sums.
+    The same StepEntropy measures for AdaptiveEntropyBonus and EntroPIC."""
+
+    def ctx(step, value):
+        mask = torch.ones(2, 3)
+        zero = torch.zeros_like(mask)
+        return MiniBatchContext(step, 0, True, zero, zero, zero, mask, None, torch.full_like(mask, value, dtype=F64))
+
+    def measured(reg, *batches):
+        for step, value, n in batches:
+            reg.rollout_request(step, 8)
+            for _ in range(n):
+                reg.prepare(ctx(step, value))
+        return reg
+
+    aborted = measured(AEPO(target_entropy=0.5), (0, 0.4, 4), (1, 0.1, 2))
+    resumed = AEPO(target_entropy=0.5)
+    resumed.load_state_dict(aborted.state_dict())
+    _, temperature = measured(resumed, (1, 0.6, 4)).rollout_request(2, 8)
+    assert resumed.measured_entropy == pytest.approx(0.6, abs=1e-12) and temperature == 0.8
+    finished = measured(AEPO(target_entropy=0.5), (0, 0.4, 4), (1, 0.3, 4))
+    after = AEPO(target_entropy=0.5)
+    after.load_state_dict(finished.state_dict())
+    _, temperature = after.rollout_request(2, 8)
+    assert after.measured_entropy == pytest.approx(0.3, abs=1e-12) and temperature == 1.2
+
+
 def test_aepo_measurement_resumes_exactly(tiny_model_dir, tmp_path):
     """The measured entropy travels in the checkpoint: with target 0 every measurement is above it,
     so steps 1-3 draw at T_low and take half as many; a resume at step 2 that lost the measurement

@@ -142,10 +142,17 @@ class StepEntropy:
         self.step: int | None = None  # RL step being measured
         self.sums = torch.zeros(2, dtype=torch.float64)  # [sum of H over valid tokens, tokens] of that step
         self.measured = False  # add() ran since the last pop_measured()
+        self._restarting = False  # loaded from a checkpoint, not yet begun
 
     def begin(self, step: int) -> float | None:
-        """Start (or continue) measuring `step`; the mean entropy of the step it closes, if any."""
+        """Start (or continue) measuring `step`; the mean entropy of the step it closes, if any. The
+        first call after `load_state_dict` for the step the state was saved in starts it again: a
+        state saved mid-step (nonfinite-stop.ckpt) holds the aborted attempt's sums, and the
+        resumed run redoes that step with a new rollout."""
         closed = None
+        if self._restarting and step == self.step:
+            self.sums = torch.zeros_like(self.sums)
+        self._restarting = False
         if self.step is not None and step != self.step:
             if self.sums[1] > 0:
                 closed = float(self.sums[0] / self.sums[1])
@@ -169,6 +176,7 @@ class StepEntropy:
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.step, self.sums = state_dict["step"], state_dict["sums"].clone().double()
+        self._restarting = True
 
 
 class StepSums:
