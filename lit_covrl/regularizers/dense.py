@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import re
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from lit_covrl import reference_reset
 from lit_covrl.algorithms import KL_ESTIMATORS, kl_penalty
 from lit_covrl.regularizers.base import Regularizer, StepSums, check_nonnegative
 from lit_covrl.regularizers.schedules import Schedule
 from lit_covrl.types import PolicyBatch, TokenShaping
+
+
+RESET_MONITORS = ("val/pass@1", "val/pass@k")  # what validation logs that reset_patience can watch
 
 
 class EntropyBonus(Regularizer):
@@ -79,8 +84,8 @@ class ReferenceKL(Regularizer):
                 validations in a row brought no new best of `reset_monitor` (the count then
                 starts again; the best is kept). null = never on validation. With `reset_every`
                 too, either one resets.
-            reset_monitor: the held-out metric `reset_patience` watches, higher is better (a
-                `val/` tag: val/pass@1, val/pass@<k>, val/reward, ...).
+            reset_monitor: the held-out metric `reset_patience` watches, higher is better:
+                "val/pass@1" or "val/pass@k" (pass@`model.eval.k`).
         """
         super().__init__(schedule, name)
         check_nonnegative("ReferenceKL.beta", beta)
@@ -89,9 +94,9 @@ class ReferenceKL(Regularizer):
             raise ValueError(f"ReferenceKL.reset_optimizer={reset_optimizer!r}: must be true or false")
         self.reset_optimizer = reset_optimizer
         self.reset_patience = check_reset_every(reset_patience, "reset_patience", "validations without a new best")
-        if not isinstance(reset_monitor, str) or not reset_monitor.startswith("val/"):
-            raise ValueError(f"ReferenceKL.reset_monitor={reset_monitor!r}: must be a held-out metric's tag, "
-                             "'val/...' (e.g. 'val/pass@1')")
+        if reset_monitor not in RESET_MONITORS:
+            raise ValueError(f"ReferenceKL.reset_monitor={reset_monitor!r}: must be one of {list(RESET_MONITORS)} "
+                             "(held-out figures where higher is better; val/pass@k is pass@model.eval.k)")
         self.reset_monitor = reset_monitor
         self._stall = reference_reset.StallWatch(reset_patience) if reset_patience is not None else None
         self._resets = 0  # resets so far (checkpointed)
@@ -151,6 +156,13 @@ class ReferenceKL(Regularizer):
                 trainer.limit_val_batches == 0 or not getattr(dm, "has_validation", True)):
             raise ValueError(f"ReferenceKL.reset_patience={self.reset_patience}: resets when validation stalls, but "
                              "this run never validates (no held-out prompts, or trainer.limit_val_batches 0)")
+        interval = getattr(trainer, "val_check_interval", None)
+        if stage == "fit" and self.reset_patience is not None and isinstance(interval, int) and trainer.max_steps > 0 \
+                and trainer.max_steps // interval <= self.reset_patience:
+            rank_zero_warn(f"ReferenceKL.reset_patience={self.reset_patience}: this run validates "
+                           f"{trainer.max_steps // interval} time(s) (trainer.max_steps {trainer.max_steps}, "
+                           f"val_check_interval {interval}), too few for {self.reset_patience + 1} validations, the "
+                           "first setting the best: the reference is never reset")
 
     def on_train_start(self, trainer, pl_module) -> None:
         if not self.resetting:
@@ -166,12 +178,7 @@ class ReferenceKL(Regularizer):
         the evaluator's figures are global) goes to the stall watch."""
         if self._stall is None or trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        value = trainer.callback_metrics.get(self.reset_monitor)
-        if value is None:
-            known = sorted(k for k in trainer.callback_metrics if k.startswith("val/"))
-            raise ValueError(f"ReferenceKL.reset_monitor={self.reset_monitor!r}: this run's validation logs no such "
-                             f"metric; it logs {known}")
-        self._stall.observe(float(value))
+        self._stall.observe(float(trainer.callback_metrics[self.reset_monitor]))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
