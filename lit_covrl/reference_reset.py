@@ -80,9 +80,10 @@ def clear_optimizer_state(optimizers) -> None:
 
 
 def reference_weights(reference: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The reference's full state dict on the CPU, for a checkpoint (sharded: gathered, a
-    collective that every rank calls)."""
-    return {k: v.detach().cpu().clone() for k, v in full_state_dict(reference).items()}
+    """The reference's full state dict on the CPU, for a checkpoint (sharded: gathered tensor by
+    tensor into rank 0's CPU memory, a collective that every rank calls; the other ranks get an
+    empty dict: rank 0's callback state is the one a checkpoint keeps, and every rank loads it)."""
+    return {k: v.detach().cpu().clone() for k, v in full_state_dict(reference, rank0_cpu=True).items()}
 
 
 def load_reference_weights(reference: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:

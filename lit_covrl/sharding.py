@@ -252,15 +252,17 @@ def gathered_for_rollout(model: nn.Module, enabled: bool = True) -> Iterator[Non
             m.reshard()
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module, *, rank0_cpu: bool = False) -> dict[str, torch.Tensor]:
     """A plain full state dict of a possibly sharded model: CPU tensors when it is not sharded,
     full tensors on the model's device when it is (a collective then: every rank must call it, and
-    every rank gets the full dict)."""
+    every rank gets the full dict). With `rank0_cpu`, a sharded model's tensors are gathered one
+    at a time into CPU memory of rank 0 alone, the other ranks getting an empty dict (no full
+    copy on any device: what a checkpoint written by rank 0 needs)."""
     if not is_sharded(model):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_cpu))
 
 
 def _strategy_base():

@@ -293,11 +293,12 @@ def _fsdp_worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -
     out, res = Path(out), {}
 
     def run(name, steps, ckpt=None):
-        rec = _dist.Recorder()
+        rec, reg = _dist.Recorder(), ReferenceKL(beta=0.1, reset_every=2)
         module = _dist.make_module(model_dir)
-        tr = _dist.trainer(steps, [rec, ReferenceKL(beta=0.1, reset_every=2)], 2, out / name)
+        tr = _dist.trainer(steps, [rec, reg], 2, out / name)
         tr.fit(module, _dist.make_data(Path(prompts), _dist.B), ckpt_path=ckpt)
         res[name] = rec.steps
+        res[f"{name}_saved_tensors"] = len(reg.state_dict().get("reference", {}))
         res[f"{name}_sharded"] = type(module._reference).__name__
         res[f"{name}_policy"], res[f"{name}_reference"] = full_state_dict(module.policy), full_state_dict(module._reference)
         return tr
@@ -311,8 +312,8 @@ def _fsdp_worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_fsdp2_reset_matches_one_process_and_resumes_exactly(tiny_model_dir, tmp_path):
-    """Under FSDP2 (the reference sharded like the policy, copied shard by shard; its gathered
-    weights in the sharded checkpoint): 2 gloo processes match 1 process over 4 steps with a reset
+    """Under FSDP2 (the reference sharded like the policy, copied shard by shard; its weights
+    gathered into rank 0's CPU memory for the sharded checkpoint, the other ranks holding none): 2 gloo processes match 1 process over 4 steps with a reset
     (metrics, policy, reference), and a resume from step 3 equals the uninterrupted run."""
     from tests import _dist
     from tests.test_fsdp import _assert_same
@@ -327,6 +328,8 @@ def test_fsdp2_reset_matches_one_process_and_resumes_exactly(tiny_model_dir, tmp
     for r in range(2):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
         assert got["U_sharded"].startswith("FSDP")
+        # the reset reference is gathered into rank 0's CPU memory alone, not onto every device
+        assert (got["A_saved_tensors"] > 0) == (r == 0), (r, got["A_saved_tensors"])
         _assert_same(got["U"], rec.steps, range(1, 5), rel=2e-3, abs_=1e-5)
         _assert_same(got["B"], got["U"], [4], rel=1e-5, abs_=1e-7)
         for name, model in (("policy", module.policy), ("reference", module._reference)):

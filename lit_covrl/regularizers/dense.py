@@ -197,8 +197,8 @@ class ReferenceKL(Regularizer):
     def state_dict(self) -> dict:
         """Nothing without resets; with them, the resets so far, the stall watch's state
         (`reset_patience`) and, once there was a reset, the reference's full weights (the loaded
-        model no longer gives them; under FSDP2 gathered, a collective: Lightning asks every rank
-        for its callbacks' state when it saves)."""
+        model no longer gives them; under FSDP2 gathered into rank 0's CPU memory, a collective:
+        Lightning asks every rank for its callbacks' state when it saves)."""
         if not self.resetting:
             return {}
         out = {"resets": self._resets, "last_reset_step": self._last_reset_step}
