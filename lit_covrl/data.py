@@ -40,7 +40,7 @@ from lit_covrl.rows import MAX_ROW_WARNINGS
 from lit_covrl.sources import RowReader, check_sources, file_list, task_heldout
 from lit_covrl.streams import PromptStream
 from lit_covrl.tasks.base import Task
-from lit_covrl.types import Example, PromptBatch
+from lit_covrl.types import Example, PromptBatch, SystemPrompted
 
 __all__ = ["PromptDataModule"]
 
@@ -219,12 +219,12 @@ class PromptDataModule(PromptStream, L.LightningDataModule):
                 log.warning(warning)
 
     def _with_system(self, ex: Example) -> Example:
-        """A string prompt as [system, user] messages when `system_prompt` is set."""
+        """A string prompt as [system, user] messages when `system_prompt` is set (rewards still
+        get the string: `types.SystemPrompted`)."""
         sp = self.hparams.system_prompt
         if sp is None or not isinstance(ex.prompt, str):
             return ex
-        messages = [{"role": "system", "content": sp}, {"role": "user", "content": ex.prompt}]
-        return dataclasses.replace(ex, prompt=messages)
+        return dataclasses.replace(ex, prompt=SystemPrompted(sp, ex.prompt))
 
     def _write_skipped(self) -> None:
         """The skipped rows' listing in the run's log folder (see `RowReader.write_skipped`)."""

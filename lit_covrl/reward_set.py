@@ -62,6 +62,7 @@ from typing import Any
 
 from lit_covrl.reward_batch import _score_batched
 from lit_covrl.rewards import ScoreResult, score_completions
+from lit_covrl.types import data_prompt
 
 __all__ = ["RewardSet", "reward_name", "is_batched", "is_verl"]
 
@@ -204,7 +205,9 @@ class RewardSet:
     def _calls(self, completions: list[str], answers: list[str], prompts: list[Any],
                columns: list[dict]) -> list[tuple[Callable, str, list[dict], Any]]:
         """Per reward: (fn, name, its column rows, its keyword arguments: one dict per item, or the
-        batched call's one dict), built once for the check and the scoring."""
+        batched call's one dict), built once for the check and the scoring. Prompts are given as in
+        the data (a string shown with `data.system_prompt` stays that string)."""
+        prompts = [data_prompt(p) for p in prompts]
         out = []
         for fn, accepts, named, name, rows in zip(self.rewards, self._accepts, self._named, self.names,
                                                   self._rows(answers, columns)):

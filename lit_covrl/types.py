@@ -12,6 +12,22 @@ import torch
 from torch import Tensor
 
 
+class SystemPrompted(list):
+    """A data row's string prompt shown as [system, user] messages (`data.system_prompt`): the
+    policy's chat template renders the messages, while the rewards get `data_prompt`, the row's
+    prompt as in the data (a reward reading its prompt text must not find a message list there
+    only because a system prompt was set)."""
+
+    def __init__(self, system: str, prompt: str) -> None:
+        super().__init__([{"role": "system", "content": system}, {"role": "user", "content": prompt}])
+        self.data_prompt = prompt
+
+
+def data_prompt(prompt: Any) -> Any:
+    """The prompt as in the data: a SystemPrompted's string, else the prompt itself."""
+    return prompt.data_prompt if isinstance(prompt, SystemPrompted) else prompt
+
+
 @dataclass(frozen=True)
 class Example:
     """One verifiable prompt: the text shown to the policy (or a conversation, a list of

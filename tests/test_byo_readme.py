@@ -176,3 +176,27 @@ def test_section_claims_about_built_in_rewards_optimizer_and_lr_schedule_hold(ti
         opt.step()
         scheduler.step()
     assert lrs[0] == pytest.approx(1e-5) and lrs[5] == pytest.approx(5.5e-5) and lrs[10:] == pytest.approx([1e-4] * 2)
+
+
+SEEN_PROMPTS: list = []
+
+
+def km_in_prompt(completion: str, answer: str, prompt) -> float:
+    """A reward reading its prompt's text (test below)."""
+    SEEN_PROMPTS.append(prompt)
+    return float("km" in prompt)
+
+
+def test_rewards_get_the_data_s_prompt_when_a_system_prompt_is_shown(tiny_chat_model, tmp_path):
+    """With data.system_prompt the policy sees [system, user] messages, but a reward's `prompt` is
+    still the row's string: a reward testing `"km" in prompt` scored 0 on every row (it got the
+    message list; review byo21)."""
+    data = tmp_path / "km.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a} km + 1 km =", "answer": str(a + 1)}) + "\n" for a in range(8)))
+    SEEN_PROMPTS.clear()
+    log_dir = run(["fit", "--config", "configs/quickstart.yaml"], tmp_path, "--data.task", "null",
+                  "--data.train_files", f"[{data}]", "--data.val_size", "0", "--data.batch_size", "4",
+                  "--model.model", tiny_chat_model, "--model.reward", "tests.test_byo_readme.km_in_prompt",
+                  "--data.system_prompt", "Be brief.", "--trainer.limit_val_batches", "0")
+    assert SEEN_PROMPTS and all(isinstance(p, str) and p.endswith(" km + 1 km =") for p in SEEN_PROMPTS)
+    assert [v for _, v in scalar_tags(log_dir)["rollout/reward_mean"]] == [1.0, 1.0]
