@@ -81,12 +81,14 @@ def _texts(tokenizer, chunk: list[Example], chat_template: bool | None, hint: st
 
 def find_unencodable(
     tokenizer, examples: list[Example], *, chat_template: bool | None = None, max_prompt_length: int | None = None,
-    template_hint: str = "",
+    template_hint: str = "", too_long: list[tuple[Example, int]] | None = None,
 ) -> list[tuple[Example, str]]:
     """[(example, reason)] for the prompts that encode to unknown tokens or to nothing, in order.
 
     Raises ValueError naming file:line for the first prompt over `max_prompt_length` (None: no limit)
-    and for the first prompt the chat template rejects (`template_hint` appended to that message).
+    unless `too_long` is given, which then collects (example, its token count) of each such prompt
+    (`prompt_overflow: truncate_left` cuts them), and for the first prompt the chat template rejects
+    (`template_hint` appended to that message).
     """
     bad: list[tuple[Example, str]] = []
     special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
@@ -95,7 +97,9 @@ def find_unencodable(
         texts, templated = _texts(tokenizer, chunk, chat_template, template_hint)
         ids = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
         for ex, text, x in zip(chunk, texts, ids):
-            if max_prompt_length is not None and len(x) > max_prompt_length:
+            if max_prompt_length is not None and len(x) > max_prompt_length and too_long is not None:
+                too_long.append((ex, len(x)))
+            elif max_prompt_length is not None and len(x) > max_prompt_length:
                 raise ValueError(
                     f"{where(ex)}: prompt {short_prompt(ex.prompt)!r} has {len(x)} tokens > max_prompt_length="
                     f"{max_prompt_length}; raise model.rollout.max_prompt_length or set model.rollout.prompt_overflow: truncate_left"
@@ -106,9 +110,11 @@ def find_unencodable(
     return bad
 
 
-def check_datamodule_prompts(tokenizer, dm, *, chat_template: bool | None, max_prompt_length: int | None) -> None:
+def check_datamodule_prompts(tokenizer, dm, *, chat_template: bool | None, max_prompt_length: int | None,
+                             truncate: bool = False) -> None:
     """GRPOModule's start-up check of a datamodule's prompts: fail at start-up, not hours in, on a
-    prompt over `max_prompt_length` (None: not checked), naming its file:line; prompts the
+    prompt over `max_prompt_length` (None: not checked), naming its file:line, or with `truncate`
+    (`prompt_overflow: truncate_left`) warn how many will lose their first tokens; prompts the
     tokenizer cannot represent are counted, reported and handed to the datamodule
     (`reject_prompts`: an error or skipped, its setting decides). A task's generated prompts are
     only reported (from `task_sample()`), never dropped. `data.system_prompt` without a chat
@@ -118,20 +124,34 @@ def check_datamodule_prompts(tokenizer, dm, *, chat_template: bool | None, max_p
         examples = dm.known_examples()
     else:
         examples = [Example(p, "") for p in dm.known_prompts()]
+    long: list[tuple[Example, int]] | None = [] if truncate else None
     bad = find_unencodable(tokenizer, examples, chat_template=chat_template, max_prompt_length=max_prompt_length,
-                           template_hint=hint)
+                           template_hint=hint, too_long=long)
+    _warn_truncated(long, len(examples), max_prompt_length, "prompts")
     if bad:
         log.warning("%d of %d prompts encode to the tokenizer's unknown token or to nothing (first: %s: %s)",
                     len(bad), len(examples), where(bad[0][0]), bad[0][1])
         if hasattr(dm, "reject_prompts"):
             dm.reject_prompts(bad)
     sample = dm.task_sample() if hasattr(dm, "task_sample") else []
+    long = [] if truncate else None
     bad = find_unencodable(tokenizer, sample, chat_template=chat_template, max_prompt_length=max_prompt_length,
-                           template_hint=hint)  # a task whose prompts are too long fails here, not at its first rollout
+                           template_hint=hint, too_long=long)  # a task whose prompts are too long fails here, not at its first rollout
+    _warn_truncated(long, len(sample), max_prompt_length, "checked prompts of the task (its training prompts are generated alike)")
     if bad:
         log.warning("%d of %d checked prompts of the task encode to the tokenizer's unknown token or to nothing, "
                     "and its training prompts are generated alike (first: %s: %s)",
                     len(bad), len(sample), where(bad[0][0]), bad[0][1])
+
+
+def _warn_truncated(long: list[tuple[Example, int]] | None, total: int, limit: int | None, what: str) -> None:
+    """The start-up warning of `prompt_overflow: truncate_left`: how many prompts lose their first
+    tokens (with a chat template, the instruction and the user header go first)."""
+    if long:
+        ex, n = max(long, key=lambda item: item[1])
+        log.warning("%d of %d %s are longer than model.rollout.max_prompt_length=%d and lose their first tokens "
+                    "(prompt_overflow: truncate_left); the longest, %s, has %d tokens", len(long), total, what, limit,
+                    where(ex), n)
 
 
 def _check_system_prompt(tokenizer, system_prompt: str | None, chat_template: bool | None) -> str:

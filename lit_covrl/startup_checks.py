@@ -50,7 +50,7 @@ def check_before_start(module, stage: str) -> None:
         uses_chat_template(module.tokenizer, True)
     if hasattr(dm, "known_prompts"):
         check_datamodule_prompts(module.tokenizer, dm, chat_template=ro.chat_template,
-                                 max_prompt_length=ro.max_prompt_length if ro.prompt_overflow == "error" else None)
+                                 max_prompt_length=ro.max_prompt_length, truncate=ro.prompt_overflow == "truncate_left")
     # a reward that cannot take what the data gives it fails now, not at the first rollout
     rows = (dm.known_examples() if hasattr(dm, "known_examples") else [])[:REWARD_CHECK_ROWS] or \
         (dm.task_sample() if hasattr(dm, "task_sample") else [])[:REWARD_CHECK_ROWS]

@@ -200,3 +200,21 @@ def test_a_task_sample_without_held_out_prompts_carries_the_system_prompt():
     assert data.task_sample()[0].prompt[0] == {"role": "system", "content": data.hparams.system_prompt}
     with pytest.raises(ValueError, match=r"task 'arithmetic', sampled prompt 1: prompt .* > max_prompt_length=40"):
         check_datamodule_prompts(tok, data, chat_template=None, max_prompt_length=40)
+
+
+def test_truncate_left_warns_at_start_up_how_many_prompts_lose_their_first_tokens(tmp_path, caplog):
+    """prompt_overflow: truncate_left cut over-long prompts without a word (review byo21): start-up
+    now warns how many of the known prompts, and which is longest (file:line, tokens); no error."""
+    tok = load_tokenizer("lit_covrl:tiny-arith")
+    path = _rows(tmp_path / "train.jsonl", ["1+1=", "1+" * 20 + "1=", "2+" * 30 + "2=", "3+3="])
+    data = PromptDataModule(task=None, train_files=[path], batch_size=2)
+    data.setup("fit")
+    with caplog.at_level("WARNING"):
+        check_datamodule_prompts(tok, data, chat_template=None, max_prompt_length=32, truncate=True)
+    warned = [r.getMessage() for r in caplog.records if "lose their first tokens" in r.getMessage()]
+    assert warned == [f"2 of 4 prompts are longer than model.rollout.max_prompt_length=32 and lose their first tokens "
+                      f"(prompt_overflow: truncate_left); the longest, {path}:3, has 62 tokens"], warned
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_datamodule_prompts(tok, data, chat_template=None, max_prompt_length=64, truncate=True)
+    assert not [r for r in caplog.records if "lose their first tokens" in r.getMessage()]
