@@ -33,11 +33,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_covrl.row_checks import reuse_warnings
 from lit_covrl.rows import MAX_ROW_WARNINGS
-from lit_covrl.sources import RowReader, check_sources, file_list, task_heldout
+from lit_covrl.sources import RowReader, check_sources, file_list, task_heldout, unused_settings
 from lit_covrl.streams import PromptStream
 from lit_covrl.tasks.base import Task
 from lit_covrl.types import Example, PromptBatch, SystemPrompted
@@ -143,7 +144,9 @@ class PromptDataModule(PromptStream, L.LightningDataModule):
         super().__init__()
         train_files, val_files = file_list(train_files), file_list(val_files)  # saved as lists below
         self.save_hyperparameters()
-        check_sources(task, train_files, val_files, hf_dataset, hf_val_split)
+        check_sources(task, train_files, val_files, hf_dataset, hf_val_split, hf_config, hf_train_split)
+        for warning in unused_settings(task, task_kwargs, val_files, hf_val_split, val_size, prompt_field, answer_field):
+            rank_zero_warn(warning)
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if val_batch_size < 1:

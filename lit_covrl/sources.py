@@ -39,11 +39,30 @@ def file_list(files: Any) -> Any:
     return None if files is None else [os.fspath(f) if isinstance(f, os.PathLike) else f for f in files]
 
 
+def unused_settings(task: Any, task_kwargs: dict | None, val_files: list[str] | None, hf_val_split: str | None,
+                    val_size: int, prompt_field: str, answer_field: str) -> list[str]:
+    """Warnings about data settings the chosen source ignores (a run that silently did not do what
+    its config says): val_size without a task (the run then has no held-out prompts unless
+    val_files / hf_val_split), task_kwargs without a task, prompt_field / answer_field with one."""
+    out = []
+    if task is None and val_size > 0 and not val_files and hf_val_split is None:
+        out.append(f"data.val_size={val_size} draws held-out prompts from a synthetic task, and this run reads its "
+                   "prompts from files or a HF dataset: it has no held-out prompts and does not validate (set "
+                   "data.val_files or data.hf_val_split; data.val_size 0 silences this)")
+    if task is None and task_kwargs:
+        out.append(f"data.task_kwargs={task_kwargs!r} is ignored: data.task is null")
+    for name, value, default in (("prompt_field", prompt_field, "prompt"), ("answer_field", answer_field, "answer")):
+        if task is not None and value != default:
+            out.append(f"data.{name}={value!r} is ignored: a synthetic task (data.task) makes its own prompts")
+    return out
+
+
 def check_sources(task: Any, train_files: list[str] | None, val_files: list[str] | None,
-                  hf_dataset: str | None, hf_val_split: str | None) -> None:
+                  hf_dataset: str | None, hf_val_split: str | None, hf_config: str | None = None,
+                  hf_train_split: str = "train") -> None:
     """ValueError (FileNotFoundError, ImportError) naming the setting unless exactly one source is
-    set, the validation source fits it, every file exists with a known suffix, and `datasets` is
-    installed when a HF dataset is asked for."""
+    set, the validation source fits it, the HF settings have a dataset, every file exists with a
+    known suffix, and `datasets` is installed when a HF dataset is asked for."""
     sources = {"task": task, "train_files": train_files, "hf_dataset": hf_dataset}
     chosen = [k for k, v in sources.items() if v is not None]
     if len(chosen) != 1:
@@ -51,8 +70,10 @@ def check_sources(task: Any, train_files: list[str] | None, val_files: list[str]
             if "task" in chosen else ""
         raise ValueError(
             f"set exactly one prompt source of task, train_files, hf_dataset; got {chosen or 'none'}{hint}")
-    if hf_val_split is not None and hf_dataset is None:
-        raise ValueError("hf_val_split needs hf_dataset")
+    for name, value, unset in (("hf_val_split", hf_val_split, None), ("hf_config", hf_config, None),
+                               ("hf_train_split", hf_train_split, "train")):
+        if value != unset and hf_dataset is None:
+            raise ValueError(f"{name} needs hf_dataset")
     if hf_val_split is not None and val_files:
         raise ValueError("set at most one of val_files, hf_val_split")
     if train_files is not None and not train_files:

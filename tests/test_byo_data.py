@@ -375,3 +375,28 @@ def test_stop_strings_through_the_module(tiny_model_dir):
     for text, n in zip(out.completions, out.response_mask.sum(1).tolist()):
         assert "1" not in text[:-1] and len(text) <= n  # nothing kept after the first "1"
     assert any(t.endswith("1") for t in out.completions)
+
+
+def test_settings_the_chosen_source_ignores_are_warned_or_refused(tmp_path):
+    """A run that silently did not do what its config says (review byo21): val_size with prompt
+    files (no held-out prompts: no validation), task_kwargs without a task, prompt/answer fields
+    with a task are warned; hf_config / hf_train_split without hf_dataset are refused like
+    hf_val_split. The defaults warn nothing."""
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "hi", "answer": "1"}])
+    with pytest.warns(UserWarning, match=r"data.val_size=64 draws held-out prompts from a synthetic task, and this run "
+                                         r"reads its prompts from files or a HF dataset: it has no held-out prompts"):
+        PromptDataModule(task=None, train_files=[path])
+    with pytest.warns(UserWarning, match=r"data.task_kwargs=\{'digits': 3\} is ignored: data.task is null"):
+        PromptDataModule(task=None, train_files=[path], task_kwargs={"digits": 3}, val_size=0)
+    with pytest.warns(UserWarning, match=r"data.answer_field='solution' is ignored: a synthetic task"):
+        PromptDataModule(answer_field="solution")
+    for key in ("hf_config", "hf_train_split"):
+        with pytest.raises(ValueError, match=rf"^{key} needs hf_dataset$"):
+            PromptDataModule(task=None, train_files=[path], val_size=0, **{key: "x"})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PromptDataModule()
+        PromptDataModule(task=None, train_files=[path], val_size=0)
+        PromptDataModule(task=None, train_files=[path], val_files=[path])
