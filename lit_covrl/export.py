@@ -233,8 +233,13 @@ def export(checkpoint: str | Path, out: str | Path, *, base: str | None = None, 
     base = base or hp.get("model")
     if base is None:
         raise ValueError("the checkpoint names no model: pass --base <hub name or folder>")
-    model = build_model(base, weights, resolve_dtype(dtype or hp.get("dtype", "float32")))
-    tokenizer = base_tokenizer(hp.get("tokenizer") or base)
+    try:
+        model = build_model(base, weights, resolve_dtype(dtype or hp.get("dtype", "float32")))
+        tokenizer = base_tokenizer(hp.get("tokenizer") or base)
+    except OSError as err:  # e.g. a folder named relative to where the fit ran, or one since moved
+        named = " (the checkpoint's model.model)" if base == hp.get("model") else ""
+        raise OSError(f"the base model {base!r}{named} could not be loaded: {' '.join(str(err).split())}; "
+                      "pass --base <hub name or folder>") from err
     # generate() on the export stops where training's rollouts stopped: at every end-of-sequence id
     # of the model's generation config and of the tokenizer (model.tokenizer may differ from the base's)
     from lit_covrl.stopping import eos_token_ids

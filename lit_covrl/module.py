@@ -36,7 +36,7 @@ from lit_covrl.learner import Learner, LearnerSettings
 from lit_covrl.metrics import (PassAtK, PhaseTimer, as_floats, peak_memory_gib, publish_step_metrics, rollout_metrics,
                                unlikeliness_metrics)
 from lit_covrl.objectives import Objective, resolve_objective
-from lit_covrl.policy import resolve_dtype
+from lit_covrl.policy import absolute_local_path, resolve_dtype
 from lit_covrl.progress import fit_end_message
 from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.reward_set import RewardSet
@@ -130,6 +130,8 @@ class GRPOModule(SetupHooks, EvaluationHooks, StepBatch, L.LightningModule):
         Each group may also be given as a plain dict of its keys (`rollout={"group_size": 4}`).
         """
         super().__init__()
+        # a local folder by its absolute path in the hparams: checkpoints are read from elsewhere
+        model, tokenizer, reference_model = (absolute_local_path(x) for x in (model, tokenizer, reference_model))
         groups = {name: as_group(cls, value) for (name, cls), value in
                   zip(GROUPS.items(), (rollout, loss, update, eval, system))}
         check_module_settings(groups["rollout"], groups["loss"], reward_timeout_s)

@@ -20,6 +20,7 @@ a second forward runs the response columns alone on that cache.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -68,6 +69,16 @@ def resolve_model_path(name_or_path: str) -> str:
     if a_path and not Path(name_or_path).expanduser().exists():
         raise OSError(f"no such model folder: {name_or_path}")
     return str(Path(name_or_path).expanduser()) if name_or_path.startswith("~") else name_or_path
+
+
+def absolute_local_path(spec: str | None) -> str | None:
+    """A relative spec that names an existing local folder or file as its absolute path, so that a
+    checkpoint's `model.model` still names it when read from another directory (export,
+    evaluation); built-in, package and hub specs, and absolute paths, unchanged."""
+    if spec is None or spec.startswith(("lit_covrl:", gguf.PACKAGE_PREFIX)) or os.path.isabs(spec):
+        return spec
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
 
 
 def _pretrained_args(name_or_path: str) -> tuple[str, dict]:

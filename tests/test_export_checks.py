@@ -270,3 +270,21 @@ def test_the_export_stops_at_every_end_of_sequence_id_training_stopped_at(tmp_pa
     out = export(ckpt, tmp_path / "hf")
     assert GenerationConfig.from_pretrained(out).eos_token_id == trained
     assert AutoTokenizer.from_pretrained(out).eos_token_id == trained[1]
+
+
+def test_a_relative_model_folder_is_kept_by_its_absolute_path(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """`--model.model models/chat` (a folder under the run's directory) was kept as given, so an
+    export (or evaluation) run from another directory took it for a hub name (review byo21):
+    the module's hparams now hold the absolute path, and an export whose base cannot be loaded
+    says which base and to pass --base."""
+    from lit_covrl.module import GRPOModule
+
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "mine")
+    monkeypatch.chdir(tmp_path)
+    module = GRPOModule(model="models/mine", tokenizer="models/mine", reference_model="models/mine")
+    assert {module.hparams[k] for k in ("model", "tokenizer", "reference_model")} == {str(tmp_path / "models" / "mine")}
+    assert GRPOModule(model="lit_covrl:tiny-arith").hparams["model"] == "lit_covrl:tiny-arith"
+    ckpt = _checkpoint(tmp_path / "rel.ckpt", _model(tiny_model_dir), "./models/gone")
+    err = _error(capsys, [str(ckpt), str(tmp_path / "out")])
+    assert "the base model './models/gone' (the checkpoint's model.model) could not be loaded: no such model folder" in err
+    assert err.endswith("pass --base <hub name or folder> (LIT_COVRL_DEBUG=1 shows the traceback)"), err
