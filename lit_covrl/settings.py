@@ -48,7 +48,10 @@ class RolloutSettings:
             (masked after it, counted as finished). Decoding still runs to EOS or
             max_new_tokens for such rows (see `lit_covrl.stopping`).
         max_prompt_length: prompt length limit in tokens.
-        prompt_overflow: "error" or "truncate_left" for prompts over the limit.
+        prompt_overflow: "error" or "truncate_left" for prompts over the limit (files and HF
+            rows are all checked at start-up, "truncate_left" warning how many it will cut; a
+            synthetic task's prompts on a sample at start-up, the others when drawn, where "error"
+            stops the run).
         chat_template: null = use the tokenizer's chat template if it has one.
         filter_groups: drop groups whose G rewards are all equal (zero advantage: no signal).
         max_gen_rounds: with filter_groups, DAPO's dynamic sampling: generate for fresh prompts
