@@ -55,6 +55,7 @@ function's `__name__`, else its class name in snake case without a trailing "Rew
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -65,6 +66,8 @@ from lit_covrl.rewards import ScoreResult, score_completions
 from lit_covrl.types import data_prompt
 
 __all__ = ["RewardSet", "reward_name", "is_batched", "is_verl"]
+
+log = logging.getLogger(__name__)
 
 RESERVED = ("completion", "completions", "answer", "answers")
 # Names RewardSet passes itself: never used for the answers under the answer field's name.
@@ -256,6 +259,11 @@ class RewardSet:
         n = len(answers)
         columns = columns if columns else [{} for _ in range(n)]
         self._check_names(columns)
+        shadowed = sorted({k for row in columns for k in row} & set(PASSED))
+        if shadowed:  # a reward's completion / answer / prompt arguments are those, never these columns
+            log.warning("data column(s) %s are not passed to the rewards: a reward's %s argument(s) get the "
+                        "completion(s), the reference answer(s) (data.answer_field) and the prompt(s) "
+                        "(data.prompt_field); rename the column(s) to pass them", shadowed, shadowed)
         if n:
             calls = self._calls([""] * n, answers, prompts, columns)
             _check_calls(calls, [""] * n, answers, strict=True)
@@ -366,6 +374,6 @@ def _item_kwargs(accepts: set[str] | None, skip: set[str], prompt: Any, row: dic
 
 def _batch_kwargs(accepts: set[str] | None, completions, answers, prompts, columns: list[dict]) -> dict:
     names = dict.fromkeys(k for row in columns for k in row)  # first-seen order
-    kw: dict[str, Any] = {k: [row.get(k) for row in columns] for k in names if k not in RESERVED}
+    kw: dict[str, Any] = {k: [row.get(k) for row in columns] for k in names if k not in PASSED}
     kw.update(completions=list(completions), answers=list(answers), prompts=list(prompts))
     return kw if accepts is None else {k: v for k, v in kw.items() if k in accepts}

@@ -65,6 +65,34 @@ def test_item_level_gets_prompt_and_columns_it_names():
     assert per["with_columns"] == [3.0, -1.0] and res.failures == 0  # difficulty of row 1; miss = -1
 
 
+def test_columns_named_like_the_passed_arguments_are_warned_and_dropped_in_both_forms(caplog):
+    """Data columns named answer / prompt / completion(s) never reach a reward (its arguments of
+    those names get the answer, prompt and completion): start-up names them, and the batched form
+    drops a `prompt` column as the item-level form does (it passed it beside `prompts`; review
+    byo21)."""
+    seen = {}
+
+    def item(completion, answer, **rest):
+        seen["item"] = rest
+        return 1.0
+
+    def batch(completions, answers, prompts, **rest):
+        seen["batch"] = rest
+        return [1.0] * len(completions)
+
+    cols = [{"prompt": "source text", "answer": "alt", "level": 2}]
+    rs = RewardSet([item, batch])
+    with caplog.at_level("WARNING"):
+        rs.check_calls(["1"], ["2+1="], cols)
+    assert "data column(s) ['answer', 'prompt'] are not passed to the rewards" in caplog.text
+    rs.score(["3"], ["1"], ["2+1="], cols, timeout_s=None)
+    assert seen == {"item": {"prompt": "2+1=", "level": 2}, "batch": {"level": [2]}}
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        rs.check_calls(["1"], ["2+1="], [{"level": 2}])
+    assert "not passed to the rewards" not in caplog.text
+
+
 def test_weighted_sum_of_item_and_batched_rewards():
     cols = [{"difficulty": 2}, {"difficulty": 4}, {"difficulty": 8}]
     rs = RewardSet([plain, NoAnnotations(bonus=3.0), batched], weights=[1.0, 0.5, 0.25])
