@@ -328,63 +328,23 @@ def test_recompute_logprobs_forwards_the_rollout_once_with_the_splice(tiny_model
         torch.testing.assert_close(rollout.entropy, fresh.entropy, rtol=0, atol=1e-5)
 
 
-def test_spliced_rows_keep_the_prompt_they_answer_for_the_group_readers(tiny_model_dir, monkeypatch):
-    """The extra responses take the first rows, which belonged to other prompts: the spliced batch
-    says which prompt each row answers (`Rollout.prompt_index`), and a regularizer reading
-    `ctx.groups` (TrajectoryGTPO, whose conflict tokens are within a prompt's responses) sees each
-    row's prompt. It saw row // group_size, which put an extra response of prompt 1 into prompt
-    0's group (review session20)."""
-    from lit_covrl.learner import Learner
-    from lit_covrl.regularizers import TrajectoryGTPO
-    from tests.helpers import fit
-    from tests.test_module import HasOneReward, make_data, make_module
-
-    module = make_module(tiny_model_dir, reward=HasOneReward(), rollout=dict(group_size=4, max_new_tokens=4))
-    seen: dict = {"groups": []}
-    update, prepare = Learner.update, TrajectoryGTPO.prepare
-
-    def spy_update(self, rollout, advantages, keep, ref_logp, *, step):
-        seen["trained"] = rollout
-        return update(self, rollout, advantages, keep, ref_logp, step=step)
-
-    def spy_prepare(self, ctx):
-        seen["groups"].append(ctx.groups.clone())
-        return prepare(self, ctx)
-
-    monkeypatch.setattr(Learner, "update", spy_update)
-    monkeypatch.setattr(TrajectoryGTPO, "prepare", spy_prepare)
-    trainer = fit(module, make_data(batch_size=8, val_size=0), steps=1, limit_val_batches=0,
-                  callbacks=[AEPO(target_entropy=5.0, prompt_frac=1.0), TrajectoryGTPO(entropy_threshold=50.0)])
-    k, trained = int(trainer.callback_metrics["reg/aepo/samples"]), seen["trained"]
-    assert trained.prompt_index is not None
-    T = trained.response_mask.shape[1]
-    prompts = [tuple(ids[m.bool()].tolist()) for ids, m in zip(trained.input_ids[:, :-T], trained.attention_mask[:, :-T])]
-    index = trained.prompt_index.tolist()
-    assert 0 < k and index[:k] != [n // 4 for n in range(k)]  # the first rows answer other prompts
-    assert index[k:] == [n // 4 for n in range(k, 32)]  # the rollout's own rows
-    assert all(prompts[i] == prompts[j] for i in range(32) for j in range(32) if index[i] == index[j])
-    groups = torch.cat(seen["groups"])  # one mini-batch of all 32 rows, in row order
-    assert groups.tolist() == index
-
-
-def test_mini_batches_keep_each_prompt_s_responses_together_after_a_splice(tiny_model_dir, monkeypatch):
-    """Two prompts per mini-batch, extra responses for all 8 prompts: the spliced first rows answer
-    prompts of every mini-batch, and each joins its own prompt's mini-batch (mini-batch j: prompts
-    2j and 2j + 1, all their rows), so a group reader sees whole groups. Row slices put every
-    extra response into mini-batch 0, away from the rest of its group (review newest21)."""
+def _splice_with_group_reader(tiny_model_dir, monkeypatch, **update):
+    """One RL step of AEPO (extra responses for all 8 prompts, 4 per group) stacked with
+    TrajectoryGTPO, a reader of ctx.groups: (trainer, the rollout the update trained on, the groups
+    each mini-batch's context held)."""
     from lit_covrl.learner import Learner
     from lit_covrl.regularizers import TrajectoryGTPO
     from tests.helpers import fit
     from tests.test_module import HasOneReward, make_data, make_module
 
     module = make_module(tiny_model_dir, reward=HasOneReward(), rollout=dict(group_size=4, max_new_tokens=4),
-                         update=dict(mini_batch_size=2))
+                         **({"update": update} if update else {}))
     seen: dict = {"groups": []}
-    update, prepare = Learner.update, TrajectoryGTPO.prepare
+    learner_update, prepare = Learner.update, TrajectoryGTPO.prepare
 
     def spy_update(self, rollout, advantages, keep, ref_logp, *, step):
         seen["trained"] = rollout
-        return update(self, rollout, advantages, keep, ref_logp, step=step)
+        return learner_update(self, rollout, advantages, keep, ref_logp, step=step)
 
     def spy_prepare(self, ctx):
         seen["groups"].append(ctx.groups.tolist())
@@ -394,10 +354,37 @@ def test_mini_batches_keep_each_prompt_s_responses_together_after_a_splice(tiny_
     monkeypatch.setattr(TrajectoryGTPO, "prepare", spy_prepare)
     trainer = fit(module, make_data(batch_size=8, val_size=0), steps=1, limit_val_batches=0,
                   callbacks=[AEPO(target_entropy=5.0, prompt_frac=1.0), TrajectoryGTPO(entropy_threshold=50.0)])
-    k, index = int(trainer.callback_metrics["reg/aepo/samples"]), seen["trained"].prompt_index.tolist()
+    return trainer, seen["trained"], seen["groups"]
+
+
+def test_spliced_rows_keep_the_prompt_they_answer_for_the_group_readers(tiny_model_dir, monkeypatch):
+    """The extra responses take the first rows, which belonged to other prompts: the spliced batch
+    says which prompt each row answers (`Rollout.prompt_index`), and a regularizer reading
+    `ctx.groups` (TrajectoryGTPO, whose conflict tokens are within a prompt's responses) sees each
+    row's prompt. It saw row // group_size, which put an extra response of prompt 1 into prompt
+    0's group (review session20)."""
+    trainer, trained, groups = _splice_with_group_reader(tiny_model_dir, monkeypatch)
+    k = int(trainer.callback_metrics["reg/aepo/samples"])
+    assert trained.prompt_index is not None
+    T = trained.response_mask.shape[1]
+    prompts = [tuple(ids[m.bool()].tolist()) for ids, m in zip(trained.input_ids[:, :-T], trained.attention_mask[:, :-T])]
+    index = trained.prompt_index.tolist()
+    assert 0 < k and index[:k] != [n // 4 for n in range(k)]  # the first rows answer other prompts
+    assert index[k:] == [n // 4 for n in range(k, 32)]  # the rollout's own rows
+    assert all(prompts[i] == prompts[j] for i in range(32) for j in range(32) if index[i] == index[j])
+    assert groups == [index]  # one mini-batch of all 32 rows, in row order
+
+
+def test_mini_batches_keep_each_prompt_s_responses_together_after_a_splice(tiny_model_dir, monkeypatch):
+    """Two prompts per mini-batch, extra responses for all 8 prompts: the spliced first rows answer
+    prompts of every mini-batch, and each joins its own prompt's mini-batch (mini-batch j: prompts
+    2j and 2j + 1, all their rows), so a group reader sees whole groups. Row slices put every
+    extra response into mini-batch 0, away from the rest of its group (review newest21)."""
+    trainer, trained, groups_seen = _splice_with_group_reader(tiny_model_dir, monkeypatch, mini_batch_size=2)
+    k, index = int(trainer.callback_metrics["reg/aepo/samples"]), trained.prompt_index.tolist()
     assert max(index[:k]) >= 2, index[:k]  # extra responses of prompts beyond the first mini-batch
-    assert len(seen["groups"]) == 4
-    for j, groups in enumerate(seen["groups"]):
+    assert len(groups_seen) == 4
+    for j, groups in enumerate(groups_seen):
         assert set(groups) <= {2 * j, 2 * j + 1}, (j, groups)
         assert sorted(groups) == sorted(p for p in index if p // 2 == j)  # every row of its prompts
 
