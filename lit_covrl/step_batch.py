@@ -70,6 +70,9 @@ class StepBatch:
         rollout, rewards, scores, reward_stats = self.generate_scored(
             batch, timer, temperature=self.settings.rollout.temperature)
         timer.count("rollout_tokens", rollout.response_mask.sum())  # every round's, for rollout/tokens_per_s
+        outcome = next((r for r in self.regularizers if r.shapes_outcome), None)
+        if outcome is not None:  # every round's answers, chosen for the batch or not (a collective per round)
+            outcome.count_outcomes(self.global_step, batch.prompts, rollout.completions, self.settings.rollout.group_size)
         return Round(batch, rollout, rewards, scores), reward_stats
 
     def generate_scored(self, batch: PromptBatch, timer: PhaseTimer, *, temperature: float, phase: str = "",

@@ -25,6 +25,12 @@ def _ready(reg: OutcomeExploration, reward=None) -> OutcomeExploration:
     return reg
 
 
+def _step(reg: OutcomeExploration, step: int, prompts: list, completions: list[str], correct, group_size: int):
+    """One RL step of one generation round: its answers counted, then its terms."""
+    reg.count_outcomes(step, prompts, completions, group_size)
+    return reg.outcome_shift(step, prompts, completions, correct, group_size)
+
+
 def test_terms_by_hand():
     assert historical_bonus(torch.tensor([1, 4, 0, 9])).tolist() == [1.0, 0.5, 0.0, pytest.approx(1 / 3)]
     ids = torch.tensor([0, 0, 1, -1, 0, 1, 2, 3])  # G = 4: (a, a, b, none), (a, b, c, d)
@@ -43,17 +49,56 @@ def test_the_regulariser_counts_over_steps_by_hand():
     """Step 0: prompt x answers (5, 5, 6, none) -> N = 2, 2, 1; step 1: (5, 6, 6, 7) -> N = 3, 3, 3, 1."""
     reg = _ready(OutcomeExploration(historical=1.0, batch=0.6))
     correct = torch.tensor([True, False, False, False])
-    got = reg.outcome_shift(0, ["x"], ["5", "5", "6", " "], correct, 4)
+    got = _step(reg, 0, ["x"], ["5", "5", "6", " "], correct, 4)
     r2 = 1 / math.sqrt(2)
     assert got.tolist() == pytest.approx([r2 - 0.2, r2 - 0.2, 1.0, 0.0])
-    got = reg.outcome_shift(1, ["x"], ["5", "6", "6", "7"], correct, 4)
+    got = _step(reg, 1, ["x"], ["5", "6", "6", "7"], correct, 4)
     r3 = 1 / math.sqrt(3)
     assert got.tolist() == pytest.approx([r3, r3 - 0.2, r3 - 0.2, 1.0])
     assert reg.counts == {"x": {"5": 3, "6": 3, "7": 1}}
     assert reg.pop_metrics()["reg/outcome/novel_frac"] == pytest.approx((1 + 1 / 4) / 2)  # step 0: all new; step 1: "7"
     correct_only = _ready(OutcomeExploration(historical=1.0, batch=0.0, responses="correct"))
-    assert correct_only.outcome_shift(0, ["x"], ["5", "5", "6", "7"], correct, 4).tolist() == \
+    assert _step(correct_only, 0, ["x"], ["5", "5", "6", "7"], correct, 4).tolist() == \
         pytest.approx([r2, 0, 0, 0])
+
+
+def test_every_round_of_a_step_is_counted_and_the_batch_gets_the_terms():
+    """Dynamic sampling: round 0 (prompts x, y) and round 1 (x, z) of step 0 are both counted; the
+    batch trained on (round 0's x, round 1's z) gets its terms from those counts: x's "5" is counted
+    3 times (twice in round 0, once in round 1, which is not trained on)."""
+    reg = _ready(OutcomeExploration(historical=1.0, batch=0.0))
+    reg.count_outcomes(0, ["x", "y"], ["5", "5", "7", "7"], 2)
+    reg.count_outcomes(0, ["x", "z"], ["5", "6", "8", " "], 2)
+    assert reg.counts == {"x": {"5": 3, "6": 1}, "y": {"7": 2}, "z": {"8": 1}}
+    got = reg.outcome_shift(0, ["x", "z"], ["5", "5", "8", " "], torch.zeros(4, dtype=torch.bool), 2)
+    assert got.tolist() == pytest.approx([1 / math.sqrt(3), 1 / math.sqrt(3), 1.0, 0.0])
+    reg.count_outcomes(1, ["x"], ["5", "6"], 2)  # step 1: "5" and "6" were seen before, so novel_frac 0
+    reg.outcome_shift(1, ["x"], ["5", "6"], torch.zeros(2, dtype=torch.bool), 2)
+    assert reg.pop_metrics()["reg/outcome/novel_frac"] == pytest.approx((1.0 + 0.0) / 2)
+
+
+def test_dynamic_sampling_counts_every_round_through_the_module(tiny_model_dir, monkeypatch):
+    """filter_groups with max_gen_rounds 3: N(x, a) is every generated answered response of every
+    round (the groups not trained on included), as with one round, where the filtered groups count
+    too. The random tiny model rarely matches exactly, so most groups are uninformative and each step
+    runs more than one round."""
+    from tests.helpers import fit
+
+    module = _module(tiny_model_dir, rollout=dict(filter_groups=True, max_gen_rounds=3))
+    rounds = []
+    real = module.generate_scored
+    monkeypatch.setattr(module, "generate_scored", lambda batch, *a, **kw: (
+        lambda out: rounds.append((list(batch.prompts), list(out[0].completions))) or out)(real(batch, *a, **kw)))
+    reg = OutcomeExploration(historical=1.0, batch=0.5)
+    fit(module, _data(), steps=2, callbacks=[reg], limit_val_batches=0)
+    want: dict = {}
+    for prompts, completions in rounds:
+        for i, c in enumerate(completions):
+            if (a := ExactMatchReward().final_answer(c)) is not None:
+                per_prompt = want.setdefault(prompts[i // 4], {})
+                per_prompt[a] = per_prompt.get(a, 0) + 1
+    assert len(rounds) > 2  # more rounds than steps
+    assert reg.counts == want and sum(sum(v.values()) for v in want.values()) > 2 * 4 * 4
 
 
 def _loop_oracle(steps, historical, batch, G):
@@ -87,14 +132,14 @@ def test_terms_match_a_float64_loop(seed):
     want = _loop_oracle(steps, 0.7, 0.4, G)
     for s, (prompts, answers) in enumerate(steps):
         completions = [" " if a is None else a for a in answers]
-        got = reg.outcome_shift(s, prompts, completions, torch.zeros(3 * G, dtype=torch.bool), G)
+        got = _step(reg, s, prompts, completions, torch.zeros(3 * G, dtype=torch.bool), G)
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, torch.tensor(want[s], dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 def test_state_round_trip_and_final_answers_of_the_built_in_rewards():
     reg = _ready(OutcomeExploration(historical=1.0, batch=0.0))
-    reg.outcome_shift(0, [[{"role": "user", "content": "q"}]], ["4", "4"], torch.zeros(2, dtype=torch.bool), 2)
+    _step(reg, 0, [[{"role": "user", "content": "q"}]], ["4", "4"], torch.zeros(2, dtype=torch.bool), 2)
     state = reg.state_dict()
     other = _ready(OutcomeExploration(historical=1.0, batch=0.0))
     other.load_state_dict(state)
@@ -125,7 +170,11 @@ def test_settings_refused_naming_the_field():
     OutcomeExploration(historical=1, batch=0, apply="advantage").check_rewards(
         RewardSet([ExactMatchReward()]), "model.loss.advantage='passk'")
     with pytest.raises(RuntimeError, match=r"check_rewards\(\) must run before the first step"):
-        OutcomeExploration(historical=1, batch=0).outcome_shift(0, ["x"], ["1"], torch.zeros(1, dtype=torch.bool), 1)
+        OutcomeExploration(historical=1, batch=0).count_outcomes(0, ["x"], ["1"], 1)
+    counted = _ready(OutcomeExploration(historical=1, batch=0))
+    counted.count_outcomes(0, ["x"], ["1"], 1)
+    with pytest.raises(RuntimeError, match=r"count_outcomes\(\) must count step 1's responses first"):
+        counted.outcome_shift(1, ["x"], ["1"], torch.zeros(1, dtype=torch.bool), 1)
 
 
 # ------------------------------------------------------------------------------ through the module
@@ -242,7 +291,7 @@ def _gather_worker(rank: int, port: int, out: str) -> None:
         half = len(prompts) // 2
         mine = slice(rank * half, (rank + 1) * half)
         rows = slice(rank * half * 3, (rank + 1) * half * 3)
-        terms.append(reg.outcome_shift(s, prompts[mine], completions[rows], torch.zeros(half * 3, dtype=torch.bool), 3))
+        terms.append(_step(reg, s, prompts[mine], completions[rows], torch.zeros(half * 3, dtype=torch.bool), 3))
     torch.save({"terms": terms, "counts": reg.counts, "metrics": reg.pop_metrics()}, f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -257,7 +306,7 @@ def test_two_processes_count_over_both_ranks(tmp_path):
     from tests import _dist
 
     single = _ready(OutcomeExploration(historical=1.0, batch=0.5))
-    whole = [single.outcome_shift(s, p, c, torch.zeros(12, dtype=torch.bool), 3) for s, (p, c) in enumerate(_TWO_STEPS)]
+    whole = [_step(single, s, p, c, torch.zeros(12, dtype=torch.bool), 3) for s, (p, c) in enumerate(_TWO_STEPS)]
     metrics = single.pop_metrics()
     _dist.spawn(_gather_worker, (_dist.free_port(), str(tmp_path)), timeout_s=120)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]

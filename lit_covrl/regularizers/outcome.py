@@ -17,9 +17,12 @@ of the paper could be read here: the form of the bonus (1/sqrt N, no log t term)
 which responses get it and the baseline are this module's choices, and the coefficients have no
 paper default (they are required).
 
-The counts are over all ranks (each step's (prompt, answer) pairs gathered in rank order, so every
-rank holds the same counts) and are computed once per RL step before the update, so the terms do
-not depend on the micro-batch size or the device count. They are checkpointed (`state_dict`) and
+N(x, a) counts every answered response the step generated: under dynamic sampling
+(`filter_groups` with `max_gen_rounds` > 1) every round's, the groups left out of the batch
+included (`count_outcomes`, once per round); the terms are computed for the batch trained on
+(`outcome_shift`, once per step). The counts are over all ranks (each round's (prompt, answer)
+pairs gathered in rank order, so every rank holds the same counts) and are computed before the
+update, so the terms do not depend on the micro-batch size or the device count. They are checkpointed (`state_dict`) and
 resume exactly. The terms act before the update: reg/<name>/loss stays 0.
 """
 from __future__ import annotations
@@ -87,6 +90,9 @@ class OutcomeExploration(Regularizer):
         self.apply, self.responses = apply, responses
         self.counts: dict[str, dict[str, int]] = {}  # prompt key -> final answer -> responses so far
         self._namer: Callable[[str], str | None] | None = None
+        self._step: int | None = None  # the RL step counted last
+        self._added: dict[str, dict[str, int]] = {}  # that step's part of `counts`, all its rounds
+        self._answers: dict[str, str | None] = {}  # that step's completions (this rank's) -> final answer
 
     def check_rewards(self, rewards, binary_for: str | None) -> None:
         self._namer = rewards.answer_namer()
@@ -100,31 +106,50 @@ class OutcomeExploration(Regularizer):
             raise ValueError(f"{type(self).__name__}.apply='reward' adds non-binary terms to the rewards, which "
                              f"{binary_for} needs in {{0, 1}}: set apply: advantage")
 
+    def count_outcomes(self, step: int, prompts: list, completions: list[str], group_size: int) -> None:
+        """Add one generation round's answered responses, this rank's n = len(prompts) * group_size
+        (prompt-major), over all ranks, to N(x, a): every round of step `step`, chosen for the
+        batch or not (a collective: every rank runs the same rounds)."""
+        self._begin(step)
+        keys = [prompt_key(p) for p in prompts for _ in range(group_size)]
+        for c in completions:
+            if c not in self._answers:
+                self._answers[c] = self._namer(c)
+        rows, _ = distributed.gather_objects([(k, self._answers[c]) for k, c in zip(keys, completions)])
+        for k, a in rows:
+            if a is not None:
+                for counts in (self.counts, self._added):
+                    per_prompt = counts.setdefault(k, {})
+                    per_prompt[a] = per_prompt.get(a, 0) + 1
+
     def outcome_shift(self, step: int, prompts: list, completions: list[str], correct: Tensor,
                       group_size: int) -> Tensor:
-        """[n] float64 terms of this rank's n = len(prompts) * group_size responses (prompt-major),
-        after adding this step's answers over all ranks to the counts."""
-        if self._namer is None:
-            raise RuntimeError(f"{type(self).__name__}: check_rewards() must run before the first step")
+        """[n] float64 terms of this rank's n = len(prompts) * group_size responses of the batch
+        trained on (prompt-major), from the counts after step `step`'s rounds (`count_outcomes`)."""
+        if step != self._step or any(c not in self._answers for c in completions):
+            raise RuntimeError(f"{type(self).__name__}: count_outcomes() must count step {step}'s responses first")
         keys = [prompt_key(p) for p in prompts for _ in range(group_size)]
-        local = list(zip(keys, [self._namer(c) for c in completions], correct.tolist()))
+        local = list(zip(keys, [self._answers[c] for c in completions], correct.tolist()))
         rows, offset = distributed.gather_objects(local)
-        before = torch.tensor([self._count(k, a) for k, a, _ in rows], dtype=torch.float64)
-        for k, a, _ in rows:
-            if a is not None:
-                per_prompt = self.counts.setdefault(k, {})
-                per_prompt[a] = per_prompt.get(a, 0) + 1
-        answers = [a for _, a, _ in rows]
-        counts = torch.tensor([self._count(k, a) for k, a, _ in rows], dtype=torch.float64)
-        ids = group_answer_ids(answers, group_size)
+        counts = torch.tensor([self._count(self.counts, k, a) for k, a, _ in rows], dtype=torch.float64)
+        before = counts - torch.tensor([self._count(self._added, k, a) for k, a, _ in rows], dtype=torch.float64)
+        ids = group_answer_ids([a for _, a, _ in rows], group_size)
         eligible = (ids >= 0) & self._chosen(torch.tensor([c for _, _, c in rows], dtype=torch.bool))
         hist, pen = outcome_shaping(counts, ids, eligible, group_size, historical=self.scheduled(self.historical, step),
                                     batch=self.scheduled(self.batch, step))
         self._record(hist, pen, ids, before, group_size)
         return (hist + pen)[offset:offset + len(local)]
 
-    def _count(self, key: str, answer: str | None) -> int:
-        return 0 if answer is None else self.counts.get(key, {}).get(answer, 0)
+    def _begin(self, step: int) -> None:
+        """Start counting step `step` (its rounds' answers so far, `_added`; its completions' answers)."""
+        if self._namer is None:
+            raise RuntimeError(f"{type(self).__name__}: check_rewards() must run before the first step")
+        if step != self._step:
+            self._step, self._added, self._answers = step, {}, {}
+
+    @staticmethod
+    def _count(counts: dict[str, dict[str, int]], key: str, answer: str | None) -> int:
+        return 0 if answer is None else counts.get(key, {}).get(answer, 0)
 
     def _chosen(self, correct: Tensor) -> Tensor:
         return {"all": torch.ones_like(correct), "correct": correct, "incorrect": ~correct}[self.responses]
