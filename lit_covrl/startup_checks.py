@@ -55,6 +55,9 @@ def check_before_start(module, stage: str) -> None:
     rows = (dm.known_examples() if hasattr(dm, "known_examples") else [])[:REWARD_CHECK_ROWS] or \
         (dm.task_sample() if hasattr(dm, "task_sample") else [])[:REWARD_CHECK_ROWS]
     module.rewards.check_calls([ex.answer for ex in rows], [ex.prompt for ex in rows], [ex.columns for ex in rows])
+    for reg in module.regularizers:  # a final_answer that returns no str fails now, not at the first step
+        if reg.shapes_outcome:
+            reg.check_final_answers([str(ex.answer) for ex in rows])
 
 
 def check_topk(policy, regularizers, model_spec: str) -> None:

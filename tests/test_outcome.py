@@ -151,32 +151,6 @@ def test_state_round_trip_and_final_answers_of_the_built_in_rewards():
     assert ReasoningReward().final_answer("1+2=3|3") == "3" and ReasoningReward().final_answer("3") is None
 
 
-def test_settings_refused_naming_the_field():
-    with pytest.raises(ValueError, match=r"OutcomeExploration\.historical=-1 is invalid: must be a finite number >= 0"):
-        OutcomeExploration(historical=-1, batch=0.1)
-    with pytest.raises(ValueError, match=r"OutcomeExploration\.batch=nan is invalid"):
-        OutcomeExploration(historical=0.1, batch=float("nan"))
-    with pytest.raises(ValueError, match=r"OutcomeExploration\.historical and \.batch are both 0"):
-        OutcomeExploration(historical=0, batch=0.0)
-    with pytest.raises(ValueError, match=r"OutcomeExploration\.apply='rewards' is invalid: must be one of"):
-        OutcomeExploration(historical=1, batch=0, apply="rewards")
-    with pytest.raises(ValueError, match=r"OutcomeExploration\.responses='wrong' is invalid"):
-        OutcomeExploration(historical=1, batch=0, responses="wrong")
-    reg = OutcomeExploration(historical=1, batch=0)
-    with pytest.raises(ValueError, match=r"no reward of model\.reward \(.*\) names one: give a reward a `final_answer"):
-        reg.check_rewards(RewardSet([lambda completion, answer: 0.0]), None)
-    with pytest.raises(ValueError, match=r"apply='reward' adds non-binary terms .*model\.loss\.advantage='passk'"):
-        reg.check_rewards(RewardSet([ExactMatchReward()]), "model.loss.advantage='passk'")
-    OutcomeExploration(historical=1, batch=0, apply="advantage").check_rewards(
-        RewardSet([ExactMatchReward()]), "model.loss.advantage='passk'")
-    with pytest.raises(RuntimeError, match=r"check_rewards\(\) must run before the first step"):
-        OutcomeExploration(historical=1, batch=0).count_outcomes(0, ["x"], ["1"], 1)
-    counted = _ready(OutcomeExploration(historical=1, batch=0))
-    counted.count_outcomes(0, ["x"], ["1"], 1)
-    with pytest.raises(RuntimeError, match=r"count_outcomes\(\) must count step 1's responses first"):
-        counted.outcome_shift(1, ["x"], ["1"], torch.zeros(1, dtype=torch.bool), 1)
-
-
 # ------------------------------------------------------------------------------ through the module
 
 class TwoPrompts:
@@ -375,16 +349,3 @@ def test_cpu_config_runs_through_the_cli(tmp_path):
     tracked = tags["reg/outcome/tracked_answers"]
     assert tracked[0] < tracked[1] < tracked[2]
     assert all(v > 0 for v in tags["reg/outcome/historical_mean"]) and 1 <= tags["reg/outcome/distinct_answers"][0] <= 8
-
-
-@pytest.mark.parametrize("flags,message", [
-    (("--trainer.callbacks.init_args.historical", "-1"),
-     "OutcomeExploration.historical=-1.0 is invalid: must be a finite number >= 0"),
-    (("--model.loss.advantage", "passk", "--model.loss.pass_k", "2"),
-     "OutcomeExploration.apply='reward' adds non-binary terms to the rewards"),
-    (("--model.reward", "tests.test_module.HasOneReward"), "needs each response's final answer"),
-])
-def test_bad_settings_are_refused_at_start_up(tmp_path, capsys, flags, message):
-    from tests.helpers import cli_start_up_error
-
-    assert message in cli_start_up_error(tmp_path, capsys, "configs/cpu/outcome.yaml", *flags)

@@ -229,8 +229,8 @@ class Regularizer(Callback):
     draws_rollout: bool = False
     shifts_advantage: bool = False  # returns TokenShaping.advantage_shift (at most one per run)
     # shapes each step's rewards or advantages by the responses' final answers before the update
-    # (`count_outcomes` per generation round, `outcome_shift` per step, `apply`; OutcomeExploration's;
-    # at most one per run)
+    # (`count_outcomes` per generation round, `outcome_shift` per step, `apply`, `check_final_answers`
+    # at start-up; OutcomeExploration's; at most one per run)
     shapes_outcome: bool = False
     sets_clip_range: bool = False  # returns TokenShaping.clip_low / clip_high (at most one per run; see clip_bounds)
     default_name: str = "regularizer"  # metric namespace reg/<name>/ unless `name` is given

@@ -9,7 +9,10 @@ Reasoning", arXiv 2509.06941): exploration terms that depend only on each respon
 
 The final answer is the run's reward function's `final_answer(completion)` (built in:
 ExactMatchReward, MathVerifyReward, ReasoningReward; refused at start-up when no reward has one);
-a response without one gets neither term and is not counted. `apply` says where the terms enter:
+a response without one gets neither term and is not counted, nor does one whose `final_answer`
+raised (warned once, counted in reg/<name>/answer_errors); a `final_answer` that returns neither a
+str nor None is refused (the counts are checkpointed as text), at start-up where the data's sample
+answers show it (`check_final_answers`). `apply` says where the terms enter:
 `reward` adds them to each response's reward before the run's advantage estimator (the bonus in its
 RL sense), `advantage` adds them, minus their group mean, to the estimator's advantages.
 `responses` restricts them to the correct (or incorrect) responses. Only the abstract and summaries
@@ -28,6 +31,7 @@ resume exactly. The terms act before the update: reg/<name>/loss stays 0.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Callable
 
 import torch
@@ -38,6 +42,8 @@ from lit_covrl.algorithms import distinct_answers, outcome_shaping
 from lit_covrl.regularizers.base import Regularizer, check_number
 from lit_covrl.regularizers.schedules import Schedule
 from lit_covrl.types import PolicyBatch, TokenShaping
+
+log = logging.getLogger("lit_covrl")
 
 APPLY = ("reward", "advantage")
 RESPONSES = ("all", "correct", "incorrect")
@@ -90,12 +96,17 @@ class OutcomeExploration(Regularizer):
         self.apply, self.responses = apply, responses
         self.counts: dict[str, dict[str, int]] = {}  # prompt key -> final answer -> responses so far
         self._namer: Callable[[str], str | None] | None = None
+        self._namer_name = "model.reward's final_answer"  # for messages (check_rewards names the reward's)
         self._step: int | None = None  # the RL step counted last
         self._added: dict[str, dict[str, int]] = {}  # that step's part of `counts`, all its rounds
-        self._answers: dict[str, str | None] = {}  # that step's completions (this rank's) -> final answer
+        # that step's completions (this rank's) -> (final answer, whether final_answer raised)
+        self._answers: dict[str, tuple[str | None, bool]] = {}
+        self._errors = 0  # that step's responses (all rounds, all ranks) whose final_answer raised
+        self._warned = False  # a final_answer that raised was warned about
 
     def check_rewards(self, rewards, binary_for: str | None) -> None:
         self._namer = rewards.answer_namer()
+        self._namer_name = f"model.reward's {getattr(self._namer, '__qualname__', repr(self._namer))}"
         if self._namer is None:
             names = ", ".join(rewards.names)
             raise ValueError(
@@ -114,9 +125,13 @@ class OutcomeExploration(Regularizer):
         keys = [prompt_key(p) for p in prompts for _ in range(group_size)]
         for c in completions:
             if c not in self._answers:
-                self._answers[c] = self._namer(c)
-        rows, _ = distributed.gather_objects([(k, self._answers[c]) for k, c in zip(keys, completions)])
-        for k, a in rows:
+                self._answers[c] = self._final_answer(c)
+        rows, _ = distributed.gather_objects([(k, *self._answers[c]) for k, c in zip(keys, completions)])
+        refused = next((a for _, a, _ in rows if isinstance(a, tuple)), None)
+        if refused is not None:  # on every rank: the rows are gathered
+            raise ValueError(refused[0])
+        self._errors += sum(err for _, _, err in rows)
+        for k, a, _ in rows:
             if a is not None:
                 for counts in (self.counts, self._added):
                     per_prompt = counts.setdefault(k, {})
@@ -129,7 +144,7 @@ class OutcomeExploration(Regularizer):
         if step != self._step or any(c not in self._answers for c in completions):
             raise RuntimeError(f"{type(self).__name__}: count_outcomes() must count step {step}'s responses first")
         keys = [prompt_key(p) for p in prompts for _ in range(group_size)]
-        local = list(zip(keys, [self._answers[c] for c in completions], correct.tolist()))
+        local = list(zip(keys, [self._answers[c][0] for c in completions], correct.tolist()))
         rows, offset = distributed.gather_objects(local)
         counts = torch.tensor([self._count(self.counts, k, a) for k, a, _ in rows], dtype=torch.float64)
         before = counts - torch.tensor([self._count(self._added, k, a) for k, a, _ in rows], dtype=torch.float64)
@@ -145,7 +160,34 @@ class OutcomeExploration(Regularizer):
         if self._namer is None:
             raise RuntimeError(f"{type(self).__name__}: check_rewards() must run before the first step")
         if step != self._step:
-            self._step, self._added, self._answers = step, {}, {}
+            self._step, self._added, self._answers, self._errors = step, {}, {}, 0
+
+    def _final_answer(self, completion: str) -> tuple[str | None | tuple[str], bool]:
+        """(the reward's final answer, whether it raised): an exception is no answer (warned once,
+        counted in answer_errors); a result neither a str nor None comes back as a 1-tuple holding
+        the error message (raised once the round's rows are gathered, on every rank)."""
+        try:
+            answer = self._namer(completion)
+        except Exception as e:  # noqa: BLE001 - a reward's parse error: no answer, as a reward's is score 0
+            if not self._warned:
+                self._warned = True
+                log.warning("%s raised %s: %s (completion %r): such a response counts as having no final answer "
+                            "(reg/%s/answer_errors counts them)", self._namer_name, type(e).__name__, e,
+                            completion[:80], self.name)
+            return None, True
+        if answer is None or isinstance(answer, str):
+            return answer, False
+        return (f"{type(self).__name__}: {self._namer_name} returned {type(answer).__name__} {answer!r} for the "
+                f"completion {completion[:80]!r}: it must return a str or None (the answers are checkpointed as "
+                "text, and a checkpoint must load with weights_only): return str() of it",), False
+
+    def check_final_answers(self, completions: list[str]) -> None:
+        """Start-up check of the reward's final_answer on sample texts (the data's reference answers
+        and ""): a result neither a str nor None is refused (ValueError); one that raises is warned."""
+        for c in [*completions, ""]:
+            answer, _ = self._final_answer(c)
+            if isinstance(answer, tuple):
+                raise ValueError(answer[0])
 
     @staticmethod
     def _count(counts: dict[str, dict[str, int]], key: str, answer: str | None) -> int:
@@ -161,6 +203,7 @@ class OutcomeExploration(Regularizer):
         self.record("batch_penalty_mean", float(-pen.mean()))
         self.record("distinct_answers", float(distinct_answers(ids, group_size).mean()))
         self.record("answered_frac", float(answered.double().mean()))
+        self.record("answer_errors", float(self._errors))
         if answered.any():
             self.record("novel_frac", float((before[answered] == 0).double().mean()))
         self.record("tracked_answers", float(sum(len(v) for v in self.counts.values())))
