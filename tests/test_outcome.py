@@ -151,6 +151,40 @@ def test_state_round_trip_and_final_answers_of_the_built_in_rewards():
     assert ReasoningReward().final_answer("1+2=3|3") == "3" and ReasoningReward().final_answer("3") is None
 
 
+def test_a_state_saved_mid_step_counts_the_redone_step_once():
+    """A state saved inside step 1 (nonfinite-stop.ckpt is written mid-step) holds the aborted
+    attempt's answers; the resumed run redoes step 1 with a new rollout, whose answers alone count
+    (review outcome21 F7: they were counted on top). A state saved after step 1 keeps them all."""
+    zero = torch.zeros(2, dtype=torch.bool)
+    aborted = _ready(OutcomeExploration(historical=1.0, batch=0.0))
+    _step(aborted, 0, ["x"], ["5", "5"], zero, 2)
+    aborted.count_outcomes(1, ["x"], ["5", "6"], 2)  # stopped before the update
+    resumed = _ready(OutcomeExploration(historical=1.0, batch=0.0))
+    resumed.load_state_dict(torch.load(_saved(aborted.state_dict()), weights_only=True))
+    assert _step(resumed, 1, ["x"], ["7", "5"], zero, 2).tolist() == pytest.approx([1.0, 1 / math.sqrt(3)])
+    assert resumed.counts == {"x": {"5": 3, "7": 1}}
+    assert resumed.pop_metrics()["reg/outcome/novel_frac"] == 0.5  # "5" was seen at step 0, "7" never
+    resumed.count_outcomes(1, ["y"], ["8", "8"], 2)  # a second round of the redone step adds up
+    assert resumed.counts == {"x": {"5": 3, "7": 1}, "y": {"8": 2}}
+    after = _ready(OutcomeExploration(historical=1.0, batch=0.0))
+    after.load_state_dict(resumed.state_dict())
+    _step(after, 2, ["x"], ["7", "9"], zero, 2)
+    assert after.counts == {"x": {"5": 3, "7": 2, "9": 1}, "y": {"8": 2}}
+    old_format = _ready(OutcomeExploration(historical=1.0, batch=0.0))
+    old_format.load_state_dict({"counts": {"x": {"5": 2}}})  # saved before the step was kept
+    _step(old_format, 1, ["x"], ["5", "5"], zero, 2)
+    assert old_format.counts == {"x": {"5": 4}}
+
+
+def _saved(state: dict):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
 # ------------------------------------------------------------------------------ through the module
 
 class TwoPrompts:

@@ -26,7 +26,8 @@ included (`count_outcomes`, once per round); the terms are computed for the batc
 (`outcome_shift`, once per step). The counts are over all ranks (each round's (prompt, answer)
 pairs gathered in rank order, so every rank holds the same counts) and are computed before the
 update, so the terms do not depend on the micro-batch size or the device count. They are checkpointed (`state_dict`) and
-resume exactly. The terms act before the update: reg/<name>/loss stays 0.
+resume exactly; a state saved mid-step (nonfinite-stop.ckpt) drops that step's answers when the
+resumed run redoes it. The terms act before the update: reg/<name>/loss stays 0.
 """
 from __future__ import annotations
 
@@ -103,6 +104,7 @@ class OutcomeExploration(Regularizer):
         self._answers: dict[str, tuple[str | None, bool]] = {}
         self._errors = 0  # that step's responses (all rounds, all ranks) whose final_answer raised
         self._warned = False  # a final_answer that raised was warned about
+        self._restarting = False  # loaded from a checkpoint, no step counted since
 
     def check_rewards(self, rewards, binary_for: str | None) -> None:
         self._namer = rewards.answer_namer()
@@ -156,9 +158,23 @@ class OutcomeExploration(Regularizer):
         return (hist + pen)[offset:offset + len(local)]
 
     def _begin(self, step: int) -> None:
-        """Start counting step `step` (its rounds' answers so far, `_added`; its completions' answers)."""
+        """Start counting step `step` (its rounds' answers so far, `_added`; its completions' answers).
+        The first call after `load_state_dict` for the step the state was saved in drops that step's
+        answers: a state saved mid-step (nonfinite-stop.ckpt) holds the aborted attempt's, and the
+        resumed run redoes the step with a new rollout."""
         if self._namer is None:
             raise RuntimeError(f"{type(self).__name__}: check_rewards() must run before the first step")
+        if self._restarting and step == self._step:
+            for key, answers in self._added.items():
+                per_prompt = self.counts[key]
+                for a, n in answers.items():
+                    per_prompt[a] -= n
+                    if not per_prompt[a]:
+                        del per_prompt[a]
+                if not per_prompt:
+                    del self.counts[key]
+            self._step = None
+        self._restarting = False
         if step != self._step:
             self._step, self._added, self._answers, self._errors = step, {}, {}, 0
 
@@ -212,7 +228,15 @@ class OutcomeExploration(Regularizer):
         return TokenShaping()  # the terms act on the step's rewards or advantages (`outcome_shift`)
 
     def state_dict(self) -> dict:
-        return {"counts": {k: dict(v) for k, v in self.counts.items()}}
+        """The counts, and the step counted last with its part of them (`_begin` drops it when a
+        resumed run redoes that step)."""
+        return {"counts": _copy(self.counts), "step": self._step, "added": _copy(self._added)}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.counts = {k: dict(v) for k, v in state_dict["counts"].items()}
+        self.counts = _copy(state_dict["counts"])
+        self._step, self._added = state_dict.get("step"), _copy(state_dict.get("added", {}))
+        self._answers, self._restarting = {}, True
+
+
+def _copy(counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    return {k: dict(v) for k, v in counts.items()}
