@@ -87,6 +87,22 @@ def test_settings_refused_naming_the_field():
         counted.outcome_shift(1, ["x"], ["1"], torch.zeros(1, dtype=torch.bool), 1)
 
 
+@pytest.mark.parametrize("apply,responses", [("reward", "all"), ("advantage", "correct"), ("reward", "incorrect")])
+def test_stacked_with_a_control_that_reads_a_positive_advantage_as_correct_is_refused(apply, responses):
+    """SimKO and WeightedReinforce take A > 0 for verified correct; the outcome terms give wrong answers
+    A > 0 (and repeated right ones A < 0) whatever apply and responses say: refused, naming both."""
+    from lit_covrl.regularizers import SimKO, WeightedReinforce
+    from lit_covrl.regularizers.base import check_stack
+
+    for other in (SimKO(), WeightedReinforce()):
+        reg = OutcomeExploration(historical=0.5, batch=0.5, apply=apply, responses=responses)
+        with pytest.raises(ValueError, match=rf"OutcomeExploration \('outcome'\) and {type(other).__name__} "
+                                             rf"\('{other.name}'\) cannot be stacked: .* reads A > 0 as a verified"):
+            check_stack([other, reg])
+        check_stack([other])
+    check_stack([OutcomeExploration(historical=0.5, batch=0.5)])
+
+
 @pytest.mark.parametrize("flags,message", [
     (("--trainer.callbacks.init_args.historical", "-1"),
      "OutcomeExploration.historical=-1.0 is invalid: must be a finite number >= 0"),

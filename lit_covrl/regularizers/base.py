@@ -228,10 +228,9 @@ class Regularizer(Callback):
     # AEPO's; at most one per run): the chosen ones replace the rollout's first rows, advantage 1
     draws_rollout: bool = False
     shifts_advantage: bool = False  # returns TokenShaping.advantage_shift (at most one per run)
-    # shapes each step's rewards or advantages by the responses' final answers before the update
-    # (`count_outcomes` per generation round, `outcome_shift` per step, `apply`, `check_final_answers`
-    # at start-up; OutcomeExploration's; at most one per run)
+    # shapes rewards or advantages by final answers (`count_outcomes`, `outcome_shift`, ...; OutcomeExploration's; one)
     shapes_outcome: bool = False
+    reads_sign_as_correct: bool = False  # A > 0 is "verified correct" (SimKO, ...): refused beside shapes_outcome
     sets_clip_range: bool = False  # returns TokenShaping.clip_low / clip_high (at most one per run; see clip_bounds)
     default_name: str = "regularizer"  # metric namespace reg/<name>/ unless `name` is given
     # dashboard charts of recorded keys, category -> keys (reg/<name>/loss is always charted)

@@ -39,7 +39,8 @@ def check_stack(regularizers: list[Regularizer]) -> None:
     that sets a per-token clip range (a token has one clip range: two would have to be merged by a
     rule neither defines), and one value of each request of the training forward (`ForwardAsks.of`:
     two regularizers asking for different min-p thresholds, nuclei, logit scales or clamp_p), and
-    at most one that draws extra responses (`draws_rollout`: both would replace the same rows)."""
+    at most one that draws extra responses (`draws_rollout`: both would replace the same rows), and
+    no outcome shaper (`shapes_outcome`) beside one that reads A > 0 as correct (`reads_sign_as_correct`)."""
     for reg in regularizers:
         reg._check_initialized()
     check_unique_names(regularizers)
@@ -54,6 +55,14 @@ def check_stack(regularizers: list[Regularizer]) -> None:
     if len(outcome) > 1:
         raise ValueError(f"{len(outcome)} regularizers shape the outcome rewards "
                          f"({', '.join(repr(r.name) for r in outcome)}): keep one")
+    sign = [r for r in regularizers if r.reads_sign_as_correct]
+    if outcome and sign:
+        raise ValueError(
+            f"{type(outcome[0]).__name__} ({outcome[0].name!r}) and {type(sign[0]).__name__} ({sign[0].name!r}) "
+            f"cannot be stacked: {type(sign[0]).__name__} reads A > 0 as a verified-correct response, and the outcome "
+            "terms move advantages away from correctness (wrong answers can get A > 0 and right ones A < 0, with "
+            "either apply; responses: correct still where right answers differ in outcome, as MathVerifyReward's "
+            "forms of one value); keep one")
     drawing = [r for r in regularizers if r.draws_rollout]
     if len(drawing) > 1:
         raise ValueError(

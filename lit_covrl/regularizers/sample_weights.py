@@ -25,6 +25,7 @@ class WeightedReinforce(_TokenWeights):
     """W-REINFORCE: the positive-advantage responses' objective weighs `positive_weight`."""
 
     default_name = "w_reinforce"
+    reads_sign_as_correct = True  # verified-correct is A > 0: refused beside OutcomeExploration
     chart_metrics = {"Control": ("positive_frac",)}
 
     def __init__(self, positive_weight: float = 0.1, negative_weight: float = 1.0, name: str | None = None) -> None:

@@ -48,6 +48,7 @@ class SimKO(Regularizer):
     response's high-entropy tokens."""
 
     needs_entropy = True
+    reads_sign_as_correct = True  # verified-correct is A > 0: refused beside OutcomeExploration
     default_name = "simko"
     chart_metrics = {"Control": ("mixed_frac", "top1_penalized_frac"), "Entropy": ("top1_prob",)}
 
