@@ -187,8 +187,10 @@ class RewardSet:
 
     def answer_namer(self) -> Callable[[str], str | None] | None:
         """The first reward's `final_answer(completion) -> str | None` (the outcome it judges, for
-        outcome-based exploration), or None when no reward has one."""
-        return next((fn.final_answer for fn in self.rewards if callable(getattr(fn, "final_answer", None))), None)
+        outcome-based exploration) among the rewards of nonzero weight (a weight-0 reward judges
+        nothing the run trains on), or None when none has one."""
+        return next((fn.final_answer for fn, w in zip(self.rewards, self.weights)
+                     if w != 0 and callable(getattr(fn, "final_answer", None))), None)
 
     def _answer_alias(self) -> str | None:
         """The name under which rewards that ask for it also get the answers, or None."""

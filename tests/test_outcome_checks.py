@@ -73,8 +73,11 @@ def test_settings_refused_naming_the_field():
     with pytest.raises(ValueError, match=r"OutcomeExploration\.responses='wrong' is invalid"):
         OutcomeExploration(historical=1, batch=0, responses="wrong")
     reg = OutcomeExploration(historical=1, batch=0)
-    with pytest.raises(ValueError, match=r"no reward of model\.reward \(.*\) names one: give a reward a `final_answer"):
+    with pytest.raises(ValueError, match=r"no reward of model\.reward \(.*\) of nonzero weight names one: give a "
+                                         r"reward a `final_answer"):
         reg.check_rewards(RewardSet([lambda completion, answer: 0.0]), None)
+    with pytest.raises(ValueError, match=r"\(exact_match\) of nonzero weight names one"):
+        reg.check_rewards(RewardSet([ExactMatchReward()], weights=[0.0]), None)
     with pytest.raises(ValueError, match=r"apply='reward' adds non-binary terms .*model\.loss\.advantage='passk'"):
         reg.check_rewards(RewardSet([ExactMatchReward()]), "model.loss.advantage='passk'")
     OutcomeExploration(historical=1, batch=0, apply="advantage").check_rewards(
@@ -85,6 +88,21 @@ def test_settings_refused_naming_the_field():
     counted.count_outcomes(0, ["x"], ["1"], 1)
     with pytest.raises(RuntimeError, match=r"count_outcomes\(\) must count step 1's responses first"):
         counted.outcome_shift(1, ["x"], ["1"], torch.zeros(1, dtype=torch.bool), 1)
+
+
+def test_the_outcome_comes_from_the_first_reward_of_nonzero_weight():
+    """ExactMatch at weight 0 beside MathVerify: the outcome is MathVerify's boxed answer, so four
+    solutions ending in \\boxed{4} repeat one answer (each -0.5 x 3/3), not four distinct completions."""
+    from lit_covrl.rewards import MathVerifyReward
+
+    rewards = RewardSet([ExactMatchReward(), MathVerifyReward()], weights=[0.0, 1.0])
+    assert rewards.answer_namer().__self__ is rewards.rewards[1]
+    reg = OutcomeExploration(historical=0.0, batch=0.5)
+    reg.check_rewards(rewards, None)
+    texts = [f"{a}+{b}=4 so \\boxed{{4}}" for a, b in ((1, 3), (2, 2), (3, 1), (0, 4))]
+    assert _step(reg, 0, ["x"], texts, torch.zeros(4, dtype=torch.bool), 4).tolist() == [-0.5] * 4
+    both = RewardSet([ExactMatchReward(), MathVerifyReward()])  # weights 1 and 1: the first
+    assert both.answer_namer().__self__ is both.rewards[0]
 
 
 @pytest.mark.parametrize("apply,responses", [("reward", "all"), ("advantage", "correct"), ("reward", "incorrect")])

@@ -113,7 +113,8 @@ class OutcomeExploration(Regularizer):
             names = ", ".join(rewards.names)
             raise ValueError(
                 f"{type(self).__name__} ({self.name!r}) needs each response's final answer, but no reward of "
-                f"model.reward ({names}) names one: give a reward a `final_answer(completion) -> str | None` "
+                f"model.reward ({names}) of nonzero weight names one: give a reward a "
+                "`final_answer(completion) -> str | None` "
                 "method (built in: ExactMatchReward, MathVerifyReward, ReasoningReward)")
         if self.apply == "reward" and binary_for:
             raise ValueError(f"{type(self).__name__}.apply='reward' adds non-binary terms to the rewards, which "
