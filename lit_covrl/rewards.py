@@ -127,7 +127,8 @@ class MathVerifyReward:
         return parse(text, parsing_timeout=timeout)
 
     def final_answer(self, completion: str) -> str | None:
-        """The outcome this reward judges (outcome-based exploration): `extract_answer`'s, or None."""
+        """The outcome this reward judges (outcome-based exploration): `extract_answer`'s text as
+        written, or None (no canonical form: `1/2` and `0.5`, scored equal, are two outcomes)."""
         return extract_answer(completion)
 
     def __call__(self, completion: str, answer: str) -> float:
