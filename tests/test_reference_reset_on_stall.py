@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 
 import pytest
 import torch
@@ -122,15 +123,25 @@ def test_a_run_that_never_validates_is_refused_at_start_up(tmp_path, capsys):
 
 
 def test_a_run_with_too_few_validations_to_ever_reset_is_warned_at_start_up(tiny_model_dir):
-    """Patience 2 needs 3 validations (the first sets the best); a 4-step run validating every 2
-    steps has 2: warned before training, naming the setting and the counts (review newest21)."""
+    """Patience 2 needs 3 validations (the first sets the best) before the last step; a 4-step run
+    validating every 2 steps has 1 (the one after step 4 makes a reset due that never happens):
+    warned before training, naming the setting and the counts (review newest21, mutation21). A
+    6-step run validating every step has 5: no warning."""
     from tests.helpers import fit
     from tests.test_module import make_data, make_module
 
-    with pytest.warns(UserWarning, match=r"ReferenceKL.reset_patience=2: this run validates 2 time\(s\) "
-                                         r"\(trainer.max_steps 4, val_check_interval 2\)"):
+    with pytest.warns(UserWarning, match=r"ReferenceKL.reset_patience=2: this run validates 1 time\(s\) before its "
+                                         r"last step \(trainer.max_steps 4, val_check_interval 2\)"):
         fit(make_module(tiny_model_dir), make_data(), steps=4, val_check_interval=2,
             callbacks=[ReferenceKL(beta=0.1, reset_patience=2)])
+    reg = ReferenceKL(reset_patience=2)
+    for steps, interval, warned in ((4, 1, False), (3, 1, True), (5, 2, True), (7, 2, False)):
+        trainer = types.SimpleNamespace(limit_val_batches=1.0, datamodule=None, val_check_interval=interval,
+                                        max_steps=steps)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reg.setup(trainer, None, "fit")
+        assert any("never reset" in str(w.message) for w in caught) == warned, (steps, interval)
 
 
 def test_a_resume_from_the_checkpoint_of_a_stalled_validation_resets_as_the_uninterrupted_run(tiny_model_dir, tmp_path):
