@@ -97,13 +97,13 @@ def find_unencodable(
         texts, templated = _texts(tokenizer, chunk, chat_template, template_hint)
         ids = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
         for ex, text, x in zip(chunk, texts, ids):
-            if max_prompt_length is not None and len(x) > max_prompt_length and too_long is not None:
+            if max_prompt_length is not None and len(x) > max_prompt_length:
+                if too_long is None:
+                    raise ValueError(
+                        f"{where(ex)}: prompt {short_prompt(ex.prompt)!r} has {len(x)} tokens > max_prompt_length="
+                        f"{max_prompt_length}; raise model.rollout.max_prompt_length or set model.rollout.prompt_overflow: truncate_left"
+                    )
                 too_long.append((ex, len(x)))
-            elif max_prompt_length is not None and len(x) > max_prompt_length:
-                raise ValueError(
-                    f"{where(ex)}: prompt {short_prompt(ex.prompt)!r} has {len(x)} tokens > max_prompt_length="
-                    f"{max_prompt_length}; raise model.rollout.max_prompt_length or set model.rollout.prompt_overflow: truncate_left"
-                )
             reason = _reason(tokenizer, ex.prompt, text, x, not templated, special)
             if reason is not None:
                 bad.append((ex, reason))

@@ -43,7 +43,7 @@ class StepBatch:
         # after the recomputation: the unlikeliness reward ranks by the old log-probs trained against
         seq_logp = sequence_logprob_means(rollout.logp, rollout.response_mask) if cfg.loss.unlikeliness else None
         ranks = likelihood_ranks(seq_logp, G) if cfg.loss.unlikeliness else None  # the advantages' and metrics'
-        outcome = next((r for r in self.regularizers if r.shapes_outcome), None)
+        outcome = self._outcome_regularizer()
         shift = self._outcome_shift(outcome, sampled) if outcome is not None else None
         on_rewards = shift is not None and outcome.apply == "reward"
         shaped = (rewards.double() + shift).to(rewards.dtype) if on_rewards else rewards
@@ -58,6 +58,10 @@ class StepBatch:
                                           recompute_rollout=self.recompute_logprobs_on and not first_pass)
         return trained, advantages, zero_var, seq_logp, ranks
 
+    def _outcome_regularizer(self):
+        """The one regularizer that shapes outcomes (`shapes_outcome`; `check_stack` refuses two), or None."""
+        return next((r for r in self.regularizers if r.shapes_outcome), None)
+
     def _outcome_shift(self, reg, sampled: Round) -> Tensor:
         """The outcome-shaping regularizer's terms of this rank's rows (OutcomeExploration's): by
         each response's final answer, correct meaning a score >= correct_threshold."""
@@ -70,7 +74,7 @@ class StepBatch:
         rollout, rewards, scores, reward_stats = self.generate_scored(
             batch, timer, temperature=self.settings.rollout.temperature)
         timer.count("rollout_tokens", rollout.response_mask.sum())  # every round's, for rollout/tokens_per_s
-        outcome = next((r for r in self.regularizers if r.shapes_outcome), None)
+        outcome = self._outcome_regularizer()
         if outcome is not None:  # every round's answers, chosen for the batch or not (a collective per round)
             outcome.count_outcomes(self.global_step, batch.prompts, rollout.completions, self.settings.rollout.group_size)
         return Round(batch, rollout, rewards, scores), reward_stats

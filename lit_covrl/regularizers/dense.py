@@ -151,19 +151,18 @@ class ReferenceKL(Regularizer):
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._module = pl_module
-        dm = getattr(trainer, "datamodule", None)
-        if stage == "fit" and self.reset_patience is not None and (
-                trainer.limit_val_batches == 0 or not getattr(dm, "has_validation", True)):
+        if stage != "fit" or self.reset_patience is None:
+            return
+        if trainer.limit_val_batches == 0 or not getattr(getattr(trainer, "datamodule", None), "has_validation", True):
             raise ValueError(f"ReferenceKL.reset_patience={self.reset_patience}: resets when validation stalls, but "
                              "this run never validates (no held-out prompts, or trainer.limit_val_batches 0)")
         interval = getattr(trainer, "val_check_interval", None)
-        if stage == "fit" and self.reset_patience is not None and isinstance(interval, int) and trainer.max_steps > 0:
-            useful = (trainer.max_steps - 1) // interval  # a reset made due after the last step never happens
-            if useful <= self.reset_patience:
-                rank_zero_warn(f"ReferenceKL.reset_patience={self.reset_patience}: this run validates {useful} time(s) "
-                               f"before its last step (trainer.max_steps {trainer.max_steps}, val_check_interval "
-                               f"{interval}), too few for {self.reset_patience + 1} validations, the first setting the "
-                               "best: the reference is never reset")
+        useful = (trainer.max_steps - 1) // interval if isinstance(interval, int) and trainer.max_steps > 0 else None
+        if useful is not None and useful <= self.reset_patience:  # a reset made due after the last step never happens
+            rank_zero_warn(f"ReferenceKL.reset_patience={self.reset_patience}: this run validates {useful} time(s) "
+                           f"before its last step (trainer.max_steps {trainer.max_steps}, val_check_interval "
+                           f"{interval}), too few for {self.reset_patience + 1} validations, the first setting the "
+                           "best: the reference is never reset")
 
     def on_train_start(self, trainer, pl_module) -> None:
         if not self.resetting:
