@@ -48,7 +48,7 @@ __all__ = ["PromptDataModule"]
 log = logging.getLogger("lit_covrl")
 
 UNENCODABLE = ("error", "skip")
-TASK_CHECK_SAMPLES = 16  # prompts of a task without held-out prompts that start-up checks
+TASK_CHECK_SAMPLES = 256  # prompts of a task without held-out prompts that start-up checks
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -171,6 +171,7 @@ class PromptDataModule(PromptStream, L.LightningDataModule):
         self._val_examples: list[Example] = []
         self._val_read = False  # held-out prompts read from files / a HF split (not a task's)
         self._val_batches: list[PromptBatch] | None = None
+        self._task_sample: list[Example] | None = None  # task_sample(), drawn once
         self._perms: dict[tuple[str, int], list[int]] = {}
         self._read = {"train": (0, 0), "held-out": (0, 0)}  # (rows read, malformed) of files / HF splits
         self._unencodable = {"train": 0, "held-out": 0}  # rows dropped by reject_prompts
@@ -208,6 +209,7 @@ class PromptDataModule(PromptStream, L.LightningDataModule):
             self._train_rows = [self._with_system(ex) for ex in self._train_rows]
         self._val_examples = [self._with_system(ex) for ex in val]
         self._val_batches = _batched(self._val_examples, hp.val_batch_size)
+        self._task_sample = None
         self._write_skipped()
         self._check_rows_left()
         self._warn_about_rows()
@@ -313,19 +315,21 @@ class PromptDataModule(PromptStream, L.LightningDataModule):
         return (self._train_rows or []) + (self._val_examples if self._val_read else [])
 
     def task_sample(self) -> list[Example]:
-        """A synthetic task's held-out prompts (a sample of what it generates), each labelled with
-        the task's name, for start-up checks; without held-out prompts (val_size 0) a few prompts
-        drawn from a generator of their own (the train stream is untouched); [] for file and HF
-        sources, and when the held-out prompts come from val_files (they are in `known_examples`)."""
-        if self.task is None or self._val_batches is None or self._val_read:
+        """A synthetic task's prompts for start-up checks, each labelled with the task's name: its
+        held-out prompts, then TASK_CHECK_SAMPLES prompts drawn from a generator of their own (a
+        sample of what training draws; the train stream is untouched); [] for file and HF sources.
+        Held-out prompts from val_files are not repeated (they are in `known_examples`)."""
+        if self.task is None or self._val_batches is None:
             return []
-        if self._val_examples:
-            label, examples = "held-out prompt", self._val_examples
-        else:
+        if self._task_sample is None:
             rng = random.Random(f"lit_covrl:start-up check:{self.hparams.seed}")
-            label, examples = "sampled prompt", [self._with_system(self.task.sample(rng)) for _ in range(TASK_CHECK_SAMPLES)]
-        task = f"task {self.hparams.task!r}"
-        return [dataclasses.replace(ex, source=f"{task}, {label} {i}") for i, ex in enumerate(examples, 1)]
+            drawn = [self._with_system(self.task.sample(rng)) for _ in range(TASK_CHECK_SAMPLES)]
+            task = f"task {self.hparams.task!r}"
+            held_out = [] if self._val_read else self._val_examples
+            self._task_sample = [dataclasses.replace(ex, source=f"{task}, {label} {i}")
+                                 for label, examples in (("held-out prompt", held_out), ("sampled prompt", drawn))
+                                 for i, ex in enumerate(examples, 1)]
+        return self._task_sample
 
     def reject_prompts(self, rejected: list[tuple[Example, str]]) -> None:
         """Prompts of `known_examples()` the tokenizer cannot represent, with the reason (from the

@@ -29,6 +29,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lit_covrl import distributed, guards, resume_check
+from lit_covrl.data import TASK_CHECK_SAMPLES
 from lit_covrl.drivers import LightningDriver
 from lit_covrl.evaluation import EvaluationHooks, Evaluator
 from lit_covrl.generation import RolloutGenerator
@@ -38,6 +39,7 @@ from lit_covrl.metrics import (PassAtK, PhaseTimer, as_floats, peak_memory_gib, 
 from lit_covrl.objectives import Objective, resolve_objective
 from lit_covrl.policy import absolute_local_path, resolve_dtype
 from lit_covrl.progress import fit_end_message
+from lit_covrl.prompts import PromptTooLongError
 from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.reward_set import RewardSet
 from lit_covrl.rewards import ExactMatchReward
@@ -245,8 +247,17 @@ class GRPOModule(SetupHooks, EvaluationHooks, StepBatch, L.LightningModule):
 
     def generate(self, prompts: list[str], n: int, *, temperature: float, generator: torch.Generator) -> Rollout:
         """Sample n responses per prompt with the policy (rows prompt-major: row i belongs to prompt i // n)."""
-        return self.generation.generate(self.policy, prompts, n, temperature=temperature, generator=generator,
-                                        device=self.device)
+        try:
+            return self.generation.generate(self.policy, prompts, n, temperature=temperature, generator=generator,
+                                            device=self.device)
+        except PromptTooLongError as err:
+            if self._trainer is None or not self.trainer.training:
+                raise
+            # only a task's generated prompts get here: start-up checks every prompt of the data files
+            raise PromptTooLongError(
+                f"{err}. It was drawn at RL step {self.global_step} (start-up checks a sample of "
+                f"{TASK_CHECK_SAMPLES} of a task's prompts); the run is stopped. Resume from the last checkpoint, "
+                f"{self.last_checkpoint() or 'none saved yet'}, with one of those settings changed") from err
 
     def score(self, completions: list[str], answers: list[str], prompts: list | None = None,
               columns: list[dict] | None = None, counted: bool = True) -> tuple[Tensor, dict[str, float]]:

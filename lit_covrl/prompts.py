@@ -11,6 +11,10 @@ from torch import Tensor
 PROMPT_OVERFLOW = ("error", "truncate_left")
 
 
+class PromptTooLongError(ValueError):
+    """A prompt longer than `max_prompt_length` under `prompt_overflow: error`."""
+
+
 def short_prompt(prompt: str | list[dict], limit: int = 80) -> str:
     """The first `limit` characters of a prompt for a message: of its text, or of a conversation's
     printed messages (slicing the list would keep whole messages, however long)."""
@@ -58,7 +62,7 @@ def encode_prompts(
     too_long = [i for i, x in enumerate(ids) if len(x) > max_prompt_length]
     if too_long and overflow == "error":
         i = too_long[0]
-        raise ValueError(
+        raise PromptTooLongError(
             f"prompt {short_prompt(prompts[i])!r} has {len(ids[i])} tokens > max_prompt_length={max_prompt_length}; "
             "raise model.rollout.max_prompt_length or set model.rollout.prompt_overflow: truncate_left"
         )

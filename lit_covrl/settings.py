@@ -50,8 +50,9 @@ class RolloutSettings:
         max_prompt_length: prompt length limit in tokens.
         prompt_overflow: "error" or "truncate_left" for prompts over the limit (files and HF
             rows are all checked at start-up, "truncate_left" warning how many it will cut; a
-            synthetic task's prompts on a sample at start-up, the others when drawn, where "error"
-            stops the run).
+            synthetic task's prompts on a sample at start-up (its held-out prompts and 256
+            drawn ones), the others when drawn, where "error" stops the run naming the RL step
+            and the last checkpoint).
         chat_template: null = use the tokenizer's chat template if it has one.
         filter_groups: drop groups whose G rewards are all equal (zero advantage: no signal).
         max_gen_rounds: with filter_groups, DAPO's dynamic sampling: generate for fresh prompts

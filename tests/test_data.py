@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lit_covrl.tasks
-from lit_covrl.data import PromptDataModule
+from lit_covrl.data import TASK_CHECK_SAMPLES, PromptDataModule
 from lit_covrl.types import Example, PromptBatch
 
 
@@ -747,13 +747,15 @@ def test_a_task_stream_resumes_at_its_batch_under_another_batch_size(fake_task):
 
 def test_a_task_with_val_files_checks_and_labels_the_files(tmp_path, fake_task):
     """task + val_files: the held-out prompts are rows of the files, so they are known examples
-    (checked at start-up, with file:line), not a sample of the task."""
+    (checked at start-up, with file:line), not repeated in the task's sample, which holds only
+    prompts drawn from the task (what training sends; with val_files they were not checked at all)."""
     val = write_jsonl(tmp_path / "v.jsonl", rows(3))
     dm = PromptDataModule(task=fake_task, val_files=[val], val_batch_size=2)
     dm.setup("fit")
     assert [ex.source for ex in dm.known_examples()] == [f"{val}:{i}" for i in (1, 2, 3)]
     assert dm.known_prompts() == ["q0", "q1", "q2"]
-    assert dm.task_sample() == []
+    sample = dm.task_sample()
+    assert len(sample) == TASK_CHECK_SAMPLES and {ex.source.split(", ")[1].rsplit(" ", 1)[0] for ex in sample} == {"sampled prompt"}
     assert "task 'fake' (synthetic), held-out 3/3 rows used (0 malformed)" in dm.describe()
     dm.hparams.unencodable_prompts = "skip"
     dm.reject_prompts([(dm.known_examples()[1], "unknown")])  # no train rows to filter: no crash
@@ -761,7 +763,8 @@ def test_a_task_with_val_files_checks_and_labels_the_files(tmp_path, fake_task):
     assert dm.skipped_rows == 1 and len(dm.batch_at(0).prompts) == 16  # the task still streams
     plain = PromptDataModule(task=fake_task, val_size=2)
     plain.setup("fit")
-    assert plain.known_examples() == [] and len(plain.task_sample()) == 2
+    assert plain.known_examples() == [] and len(plain.task_sample()) == 2 + TASK_CHECK_SAMPLES
+    assert plain.task_sample() is plain.task_sample()  # drawn once, for both start-up checks
 
 
 def test_a_held_out_split_smaller_than_val_size_names_the_setting():

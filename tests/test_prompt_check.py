@@ -11,9 +11,10 @@ import random
 import pytest
 
 from lit_covrl.assets import TINY_MODEL_DIR
-from lit_covrl.data import PromptDataModule
+from lit_covrl.data import TASK_CHECK_SAMPLES, PromptDataModule
 from lit_covrl.policy import load_tokenizer
 from lit_covrl.prompt_check import check_datamodule_prompts, find_unencodable
+from lit_covrl.prompts import PromptTooLongError
 from lit_covrl.tasks.arithmetic import ArithmeticTask
 from lit_covrl.types import Example
 from tests.helpers import fit
@@ -133,12 +134,14 @@ def test_unencodable_prompts_setting_is_checked():
 
 def test_a_task_the_tokenizer_cannot_represent_is_reported(tiny_model_dir, caplog):
     """Generated prompts are not dropped, but a task outside the tokenizer's alphabet (word problems
-    for a digits-only tokenizer) is reported at start-up, from its held-out prompts."""
+    for a digits-only tokenizer) is reported at start-up, from its held-out prompts and a sample of
+    TASK_CHECK_SAMPLES drawn ones."""
     data = PromptDataModule(task="word_problems", batch_size=2, val_size=6, val_batch_size=6)
     with caplog.at_level(logging.WARNING, logger="lit_covrl"):
         fit(make_module(tiny_model_dir, rollout=dict(max_new_tokens=2)), data, steps=1, limit_val_batches=0)
     reports = [r.getMessage() for r in caplog.records if "checked prompts of the task" in r.getMessage()]
-    assert len(reports) == 1 and reports[0].startswith("6 of 6 checked prompts"), reports
+    n = 6 + TASK_CHECK_SAMPLES
+    assert len(reports) == 1 and reports[0].startswith(f"{n} of {n} checked prompts"), reports
     assert "(first: task 'word_problems', held-out prompt 1: prompt " in reports[0], reports
 
 
@@ -218,3 +221,47 @@ def test_truncate_left_warns_at_start_up_how_many_prompts_lose_their_first_token
     with caplog.at_level("WARNING"):
         check_datamodule_prompts(tok, data, chat_template=None, max_prompt_length=64, truncate=True)
     assert not [r for r in caplog.records if "lose their first tokens" in r.getMessage()]
+
+
+class _LongPrompts:
+    """A task whose every prompt is 40 sums long (a pure function of the rng, as tasks must be)."""
+    name = "long"
+
+    def sample(self, rng):
+        a = rng.randint(0, 9)
+        return Example("1+" * 40 + f"{a}=", str(40 + a))
+
+
+def test_a_task_prompt_over_the_limit_drawn_in_training_names_the_step_and_the_checkpoint(tiny_model_dir, monkeypatch):
+    """A task's training prompts are only sampled at start-up: one that escapes the sample stops
+    the run naming the RL step, the start-up sample, the settings and the checkpoint to resume from
+    (it was the bare encoding error). Here the sample is emptied so that the first rollout draws it."""
+    monkeypatch.setattr("lit_covrl.data.TASK_CHECK_SAMPLES", 0)
+    module = make_module(tiny_model_dir, rollout=dict(max_prompt_length=16))
+    data = PromptDataModule(task=f"{__name__}._LongPrompts", batch_size=2, val_size=0, seed=0)
+    with pytest.raises(PromptTooLongError) as err:
+        fit(module, data, steps=1)
+    msg = str(err.value)
+    assert msg.startswith("prompt '1+1+") and "tokens > max_prompt_length=16; raise model.rollout.max_prompt_length" in msg
+    assert f"It was drawn at RL step 0 (start-up checks a sample of {TASK_CHECK_SAMPLES} of a task's prompts)" in msg
+    assert msg.endswith("Resume from the last checkpoint, none saved yet, with one of those settings changed")
+
+
+def test_the_start_up_sample_of_a_task_catches_a_rare_long_prompt(tiny_model_dir):
+    """1 prompt in 40 too long: 16 sampled prompts missed it two times in three (the run then
+    died at a later step), TASK_CHECK_SAMPLES find it at start-up."""
+    assert TASK_CHECK_SAMPLES >= 256
+    module = make_module(tiny_model_dir, rollout=dict(max_prompt_length=16))
+    module.training_step = lambda *a: pytest.fail("a rollout ran")
+    data = PromptDataModule(task=f"{__name__}._RarelyLong", batch_size=2, val_size=0, seed=0)
+    with pytest.raises(ValueError, match=r"task '.*_RarelyLong', sampled prompt \d+: prompt '1\+1\+.*' has \d+ tokens"):
+        fit(module, data, steps=1)
+
+
+class _RarelyLong:
+    """Sums, one in 40 of them 40 terms long."""
+    name = "rarely_long"
+
+    def sample(self, rng):
+        a, long = rng.randint(0, 9), rng.random() < 1 / 40
+        return Example(("1+" * 40 if long else "") + f"{a}=", str(a))
