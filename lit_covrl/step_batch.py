@@ -1,7 +1,8 @@
 """The batch one RL step trains on, a mixin of `GRPOModule` (`lit_covrl.module`): the generation
 rounds (one, or more under dynamic sampling) and their scores, the rows kept (DAPO's group filter,
 `overlong: mask`), the old log-probs (the training forward's with `recompute_logprobs`), the
-advantages (with a regularizer's outcome terms on the rewards or advantages, OutcomeExploration's),
+advantages (with a regularizer's outcome terms on the rewards or advantages, OutcomeExploration's;
+or a regularizer's in place of the estimator's, DCPOAdvantage's),
 and a drawing regularizer's extra responses in the first rows (`lit_covrl.control_rows`,
 AEPO's). `training_step` calls `_sample_batch`, then `_trained_batch`.
 """
@@ -47,9 +48,13 @@ class StepBatch:
         shift = self._outcome_shift(outcome, sampled) if outcome is not None else None
         on_rewards = shift is not None and outcome.apply == "reward"
         shaped = (rewards.double() + shift).to(rewards.dtype) if on_rewards else rewards
-        advantages = compute_advantages(shaped, G, cfg.loss.advantage, baseline_quantile=cfg.loss.baseline_quantile,
-                                        pass_k=cfg.loss.pass_k, unlikeliness=cfg.loss.unlikeliness, seq_logp=seq_logp,
-                                        ranks=ranks)
+        replacing = next((r for r in self.regularizers if r.replaces_advantages), None)  # DCPOAdvantage's
+        if replacing is not None:
+            advantages = replacing.step_advantages(self.global_step, sampled.batch.prompts, shaped, G)
+        else:
+            advantages = compute_advantages(shaped, G, cfg.loss.advantage, baseline_quantile=cfg.loss.baseline_quantile,
+                                            pass_k=cfg.loss.pass_k, unlikeliness=cfg.loss.unlikeliness,
+                                            seq_logp=seq_logp, ranks=ranks)
         if shift is not None and outcome.apply == "advantage":
             advantages = (advantages.double() + group_centered(shift, G)).to(advantages.dtype)
         trained = (rollout, advantages, keep)

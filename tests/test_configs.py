@@ -24,12 +24,12 @@ F7 = CONFIGS / "fsdp" / "qwen2.5-7b.yaml"
 CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_tokens", "adaptive_entropy", "steer",
                "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "ce_gppo", "qae", "w_reinforce", "passk",
                "entropic", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo", "era", "aent", "aepo",
-               "trajectory_gtpo", "prorl", "outcome")
+               "trajectory_gtpo", "prorl", "outcome", "dcpo")
 REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "adaptive_entropy", "clip_cov",
                      "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
                      "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse", "qae", "w_reinforce", "w_reinforce_high_lr", "gspo", "cispo",
                      "ce_gppo", "passk", "entropic", "entropic_kp50", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo",
-                     "era", "aent", "aepo", "trajectory_gtpo", "prorl", "outcome", "outcome_advantage")
+                     "era", "aent", "aepo", "trajectory_gtpo", "prorl", "outcome", "outcome_advantage", "dcpo")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high",
                "entropic_kp5", "lp_reg_neg10", "siren_high", "prorl_without_kl", "prorl_on_stall",
                "prorl_beta01_fixed", "prorl_beta01_every50", "prorl_beta01_on_stall")
@@ -75,7 +75,7 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
     cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False)
     assert isinstance(cli.model, GRPOModule) and isinstance(cli.datamodule, PromptDataModule)
     regs = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
-    expected = {"cpu/archer.yaml": 2, "reasoning/archer.yaml": 2, "cpu/grpo.yaml": 0, "experiments/grpo_low_lr.yaml": 0, "experiments/prorl_without_kl.yaml": 0, "cpu/gspo.yaml": 0, "cpu/cispo.yaml": 0, "reasoning/gspo.yaml": 0, "reasoning/cispo.yaml": 0, "cpu/ce_gppo.yaml": 0, "reasoning/ce_gppo.yaml": 0, "quickstart.yaml": 0, "reasoning.yaml": 0, "reasoning/grpo_low_lr.yaml": 0, "reasoning/grpo.yaml": 0, "reasoning/budget_1h.yaml": 0,
+    expected = {"cpu/archer.yaml": 2, "reasoning/archer.yaml": 2, "cpu/dcpo.yaml": 2, "reasoning/dcpo.yaml": 2, "cpu/grpo.yaml": 0, "experiments/grpo_low_lr.yaml": 0, "experiments/prorl_without_kl.yaml": 0, "cpu/gspo.yaml": 0, "cpu/cispo.yaml": 0, "reasoning/gspo.yaml": 0, "reasoning/cispo.yaml": 0, "cpu/ce_gppo.yaml": 0, "reasoning/ce_gppo.yaml": 0, "quickstart.yaml": 0, "reasoning.yaml": 0, "reasoning/grpo_low_lr.yaml": 0, "reasoning/grpo.yaml": 0, "reasoning/budget_1h.yaml": 0,
                 "reasoning/budget_collapse.yaml": 0, "cpu/qae.yaml": 0, "reasoning/qae.yaml": 0,
                 "cpu/passk.yaml": 0, "reasoning/passk.yaml": 0, "cpu/unlikeliness.yaml": 0, "reasoning/unlikeliness.yaml": 0,
                 "paper/qwen2.5-7b.yaml": 0, "paper/qwen2.5-32b.yaml": 0}
@@ -110,6 +110,12 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
         assert (archer.quantile, archer.low_entropy, archer.high_entropy) == (0.8, (0.2, 0.2), (0.5, 0.5))
         assert archer.high_entropy_kl_scale == 0.0 and (kl.beta, kl.estimator) == (1e-3, "k3")
         assert cli.model.settings.loss.dual_clip == 10.0 and type(cli.model.objective).__name__ == "PPOClip"
+    if name.endswith("dcpo.yaml"):  # the reference recipe's values (lime-RL/DCPO, run_dcpo.sh / run_base.sh)
+        clip, adv = regs
+        assert (type(clip).__name__, type(adv).__name__) == ("DCPOClip", "DCPOAdvantage")
+        assert (clip.eps_low, clip.eps_high, clip.max_ratio) == (0.2, 0.28, 10.0)
+        loss = cli.model.settings.loss
+        assert (loss.dual_clip, loss.loss_agg_mode, loss.advantage) == (10.0, "seq-mean-token-mean", "grpo")
     if name.endswith("bapo.yaml"):  # the reference recipe's values (WooooDyy/BAPO, run_bapo_example.sh)
         (bapo,) = regs
         assert (bapo.target, bapo.low_start, bapo.low_max, bapo.low_step) == (0.5, 0.8, 0.95, 0.05)

@@ -14,8 +14,10 @@ from lit_covrl.algorithms.advantages import (
     min_group_size,
     passk_advantages,
     per_token_advantages,
+    pooled_reward_stats,
     rloo_advantages,
     sequence_logprob_means,
+    smooth_advantages,
     unlikeliness_rewards,
     zero_variance_groups,
 )
@@ -33,7 +35,13 @@ from lit_covrl.algorithms.conflict_controls import (
     gtpo_filter,
     gtpo_response_entropy,
 )
-from lit_covrl.algorithms.clip_controls import archer_clip_bounds, bapo_contribution_sums, bapo_grid, bapo_search
+from lit_covrl.algorithms.clip_controls import (
+    archer_clip_bounds,
+    bapo_contribution_sums,
+    bapo_grid,
+    bapo_search,
+    dcpo_clip_bounds,
+)
 from lit_covrl.algorithms.covariance import (
     clip_cov_select,
     covariance_group_means,
@@ -127,6 +135,7 @@ __all__ = [
     "bapo_contribution_sums",
     "bapo_grid",
     "bapo_search",
+    "dcpo_clip_bounds",
     "ce_gppo_clipped_tokens",
     "ce_gppo_token_loss",
     "cispo_stats",
@@ -159,12 +168,14 @@ __all__ = [
     "nucleus_mask",
     "passk_advantages",
     "per_token_advantages",
+    "pooled_reward_stats",
     "ppo_clipped_tokens",
     "ppo_stats",
     "ppo_token_loss",
     "rloo_advantages",
     "row_denominators",
     "sequence_logprob_means",
+    "smooth_advantages",
     "unlikeliness_rewards",
     "sample_sign_weights",
     "era_advantage_weight",

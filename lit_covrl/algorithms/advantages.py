@@ -31,6 +31,11 @@ to prompt n // G, so ``rewards`` is a flat ``[B*G]`` tensor viewed as ``[B, G]``
   under the rollout policy (0 = the least likely). With 0/1 rewards only correct responses change:
   the likeliest keeps the least, so the estimator credits rare correct answers more. A group whose
   rewards are all equal keeps advantage 0 (the reference recipe drops such groups before this).
+- Smooth advantage standardization (DCPO, Yang et al. 2025, arXiv 2509.02333): each prompt's
+  rewards standardised both by its group and by its statistics over every step it was trained on,
+  mixed by the step count (`smooth_advantages`; the per-prompt state is the callback's,
+  `lit_covrl.regularizers.DCPOAdvantage`), so a group of equal rewards keeps a gradient once its
+  prompt has had unequal ones.
 
 Difference from reference code: estimators are plain functions looked up in one dict whose error
 lists the valid names; group size 1 is rejected instead of silently producing 0 or NaN advantages.
@@ -58,6 +63,8 @@ __all__ = [
     "min_group_size",
     "zero_variance_groups",
     "per_token_advantages",
+    "pooled_reward_stats",
+    "smooth_advantages",
 ]
 
 
@@ -303,3 +310,59 @@ def per_token_advantages(advantages: Tensor, like: Tensor, dtype: torch.dtype | 
     if adv.dim() == like.dim() - 1:
         adv = adv.unsqueeze(-1)
     return adv.expand(like.shape)
+
+
+_STD_TOL = 1e-9  # a std below this (times max(1, |mean|)) is rounding noise of equal rewards: read as 0
+
+
+def _std_or_zero(std: Tensor, mean: Tensor) -> Tensor:
+    """`std`, or exactly 0 where it is rounding noise (8 rewards of 0.1 have a float64 std of ~1e-17,
+    whose quotient would train a group of equal rewards as an O(1) advantage)."""
+    return torch.where(std > _STD_TOL * mean.abs().clamp(min=1.0), std, torch.zeros_like(std))
+
+
+def pooled_reward_stats(times: Tensor, mean: Tensor, std: Tensor, new_mean: Tensor,
+                        new_std: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, std) [B] float64 of each prompt's rewards over its steps so far, this one included
+    (DCPO's cumulative statistics): `times` earlier steps of statistics (mean, std) pooled with
+    this step's group (new_mean, new_std), every step's group weighing the same:
+        mean' = (T mean + new_mean) / (T + 1)
+        std'^2 = (T std^2 + new_std^2 + T / (T + 1) (new_mean - mean)^2) / (T + 1)
+    and (new_mean, new_std) itself at T = 0; a std of rounding noise is 0 (`_std_or_zero`)."""
+    t = times.double()
+    pooled = (mean * t + new_mean) / (t + 1)
+    var = (t * std ** 2 + new_std ** 2 + t / (t + 1) * (new_mean - mean) ** 2) / (t + 1)
+    first = t == 0
+    out_mean = torch.where(first, new_mean, pooled)
+    return out_mean, _std_or_zero(torch.where(first, new_std, var.sqrt()), out_mean)
+
+
+def _standardized(r: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """(r - mean) / std per group [B, G], 0 for a group of std 0."""
+    std = std.unsqueeze(1)
+    return torch.where(std > 0, (r - mean.unsqueeze(1)) / std.clamp(min=torch.finfo(r.dtype).tiny), 0.0)
+
+
+def smooth_advantages(rewards: Tensor, group_size: int, times: Tensor, mean: Tensor,
+                      std: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """DCPO's smooth advantage standardization (Yang et al. 2025, arXiv 2509.02333; lime-RL/DCPO,
+    compute_dcpo_outcome_advantage): rewards [B*G] of B prompts, each seen on `times` [B] earlier
+    steps with cumulative reward statistics (mean [B], std [B]). With A_new the group's own
+    standardization (Bessel std), A_total the one by the cumulative statistics this step included
+    (`pooled_reward_stats`; 0 where a std is 0) and w = 1 / (times + 1):
+        SA_new = (1 - w) A_new + w A_total,   SA_total = w A_new + (1 - w) A_total,
+    and the advantage is SA_new where |SA_new| < |SA_total|, else SA_total (GRPO's, without its
+    eps, on a prompt's first step). Returns (advantages [B*G] in the rewards' float dtype, the
+    group's mean [B] and std [B], float64: the statistics to pool into the prompt's)."""
+    if group_size < 2:
+        raise ValueError(f"the group std needs group_size >= 2, got {group_size}")
+    r = _groups(rewards, group_size)
+    new_mean = r.mean(dim=1)
+    new_std = _std_or_zero(r.std(dim=1, unbiased=True), new_mean)
+    total_mean, total_std = pooled_reward_stats(times, mean, std, new_mean, new_std)
+    a_new, a_total = _standardized(r, new_mean, new_std), _standardized(r, total_mean, total_std)
+    w = 1.0 / (times.double() + 1).unsqueeze(1)
+    sa_new = w * a_total + (1 - w) * a_new
+    sa_total = w * a_new + (1 - w) * a_total
+    adv = torch.where(sa_new.abs() < sa_total.abs(), sa_new, sa_total)
+    return adv.reshape(-1).to(_out_dtype(rewards)), new_mean, new_std

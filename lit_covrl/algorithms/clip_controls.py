@@ -1,5 +1,5 @@
 """Clip-range controls of the RLVR literature, as pure tensor functions: the PPO clip range set
-per token (Archer) or searched per optimizer mini-batch (BAPO). The callbacks in
+per token (Archer, DCPO) or searched per optimizer mini-batch (BAPO). The callbacks in
 `lit_covrl.regularizers` decide over which tokens (the whole optimizer mini-batch on all ranks)
 and hand the range to the objective as a per-token clip range. r = pi / pi_old, A the advantage.
 
@@ -14,6 +14,11 @@ and hand the range to the objective as a per-token clip range. r = pi / pi_old, 
   c_low over its range first, then c_high, until the positive tokens' value of the clipped
   objective, P = sum_{A>0} min(r, c_high) A, reaches `target` times the negative tokens',
   N = sum_{A<0} max(r, c_low) |A|: P / (N + eps) >= target (inf when N = 0).
+- dcpo_clip_bounds (DCPO, Yang et al. 2025, "DCPO: Dynamic Clipping Policy Optimization", arXiv
+  2509.02333; lime-RL/DCPO, verl/trainer/ppo/core_algos.py, get_clip_low_high): each token's ratio
+  bounds follow from its old probability q = exp(old_logp) under |(r - 1) r q| <= eps, i.e.
+  0.5 + 0.5 sqrt(max(1 - 4 eps_low / q, 0)) <= r <= min(0.5 + 0.5 sqrt(1 + 4 eps_high / q), max_ratio):
+  the lower the token's probability, the wider its range (a q -> 0 token: [0.5, max_ratio]).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["archer_clip_bounds", "bapo_contribution_sums", "bapo_grid", "bapo_search"]
+__all__ = ["archer_clip_bounds", "bapo_contribution_sums", "bapo_grid", "bapo_search", "dcpo_clip_bounds"]
 
 
 def archer_clip_bounds(high: Tensor, *, low_entropy: tuple[float, float], high_entropy: tuple[float, float],
@@ -85,3 +90,18 @@ def bapo_search(sums: Tensor | list[float], lows: list[float], highs: list[float
         j += 1
         rho = ratio(i, j)
     return i, j, rho
+
+
+@torch.no_grad()
+def dcpo_clip_bounds(old_logp: Tensor, *, eps_low: float, eps_high: float, max_ratio: float,
+                     dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(eps_low [N, T], eps_high [N, T]), the objective's per-token clip range (the ratio clipped to
+    [1 - eps_low, 1 + eps_high]) of DCPO's dynamic-adaptive bounds at q = exp(old_logp), computed
+    in float64: eps_low = 0.5 - 0.5 sqrt(max(1 - 4 eps_low / q, 0)) in [0, 0.5], eps_high =
+    min(0.5 sqrt(1 + 4 eps_high / q) - 0.5, max_ratio - 1). A token of q = 0 gets the reference's
+    0 and max_ratio - 1 (its 4 eps / q read as 0 below and inf above)."""
+    q = old_logp.detach().double().exp()
+    seen = q > 0
+    low = torch.where(seen, 1 - 4 * eps_low / q, 1.0).clamp(min=0).sqrt()
+    high = torch.where(seen, (1 + 4 * eps_high / q).sqrt(), math.inf)
+    return (0.5 - 0.5 * low).to(dtype), (0.5 * high - 0.5).clamp(max=max_ratio - 1).to(dtype)

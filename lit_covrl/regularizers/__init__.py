@@ -5,6 +5,7 @@ from lit_covrl.regularizers.archer import Archer
 from lit_covrl.regularizers.bapo import BAPO
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
 from lit_covrl.regularizers.covariance import ClipCov, KLCov
+from lit_covrl.regularizers.dcpo import DCPOAdvantage, DCPOClip
 from lit_covrl.regularizers.dense import EntropyBonus, ReferenceKL
 from lit_covrl.regularizers.entropic import EntroPIC
 from lit_covrl.regularizers.era import ERA
@@ -25,6 +26,8 @@ __all__ = [
     "Archer",
     "BAPO",
     "ClipCov",
+    "DCPOAdvantage",
+    "DCPOClip",
     "ERA",
     "EntroPIC",
     "EntropyAdvantage",

@@ -228,8 +228,8 @@ class Regularizer(Callback):
     # AEPO's; at most one per run): the chosen ones replace the rollout's first rows, advantage 1
     draws_rollout: bool = False
     shifts_advantage: bool = False  # returns TokenShaping.advantage_shift (at most one per run)
-    # shapes rewards or advantages by final answers (`count_outcomes`, `outcome_shift`, ...; OutcomeExploration's; one)
-    shapes_outcome: bool = False
+    shapes_outcome: bool = False  # shapes rewards / advantages by final answers (OutcomeExploration's; one)
+    replaces_advantages: bool = False  # computes the step's advantages (`step_advantages`; DCPOAdvantage's; one)
     reads_sign_as_correct: bool = False  # A > 0 is "verified correct" (SimKO, ...): refused beside shapes_outcome
     sets_clip_range: bool = False  # returns TokenShaping.clip_low / clip_high (at most one per run; see clip_bounds)
     default_name: str = "regularizer"  # metric namespace reg/<name>/ unless `name` is given

@@ -39,7 +39,8 @@ def check_stack(regularizers: list[Regularizer]) -> None:
     that sets a per-token clip range (a token has one clip range: two would have to be merged by a
     rule neither defines), and one value of each request of the training forward (`ForwardAsks.of`:
     two regularizers asking for different min-p thresholds, nuclei, logit scales or clamp_p), and
-    at most one that draws extra responses (`draws_rollout`: both would replace the same rows), and
+    at most one that draws extra responses (`draws_rollout`: both would replace the same rows), one
+    that computes the advantages (`replaces_advantages`), and
     no outcome shaper (`shapes_outcome`) beside one that reads A > 0 as correct (`reads_sign_as_correct`)."""
     for reg in regularizers:
         reg._check_initialized()
@@ -69,6 +70,10 @@ def check_stack(regularizers: list[Regularizer]) -> None:
             f"{len(drawing)} regularizers draw extra responses ({', '.join(repr(r.name) for r in drawing)}): "
             "each would replace the same first rows of the rollout; keep one"
         )
+    replacing = [r for r in regularizers if r.replaces_advantages]
+    if len(replacing) > 1:
+        raise ValueError(f"{len(replacing)} regularizers compute the advantages "
+                         f"({', '.join(repr(r.name) for r in replacing)}): keep one")
     clipping = [r for r in regularizers if r.sets_clip_range]
     if len(clipping) > 1:
         raise ValueError(

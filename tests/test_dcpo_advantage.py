@@ -1,0 +1,276 @@
+"""DCPO's smooth advantage standardization (`DCPOAdvantage`): hand values, a float64 loop of the
+reference's procedure (lime-RL/DCPO compute_dcpo_outcome_advantage and get_mean_std, statistics
+kept per prompt across steps), the state in checkpoints (a resume, and a mid-step state whose step
+is redone), 2 gloo processes against one, micro-batch invariance of a fit with both DCPO callbacks,
+and the start-up refusals naming the field."""
+from __future__ import annotations
+
+import io
+import math
+import random
+import statistics
+
+import pytest
+import torch
+
+from lit_covrl.algorithms import pooled_reward_stats, smooth_advantages
+from lit_covrl.regularizers import DCPOAdvantage, DCPOClip
+from lit_covrl.regularizers.base import check_stack
+from lit_covrl.settings import LossSettings, RolloutSettings
+from tests.test_outcome import TwoPrompts
+
+torch.set_num_threads(1)
+
+
+def _reference(steps: list[tuple[list[str], list[float]]], group_size: int) -> list[list[float]]:
+    """The reference's advantages of each step, one group at a time in Python floats: every
+    prompt's (times, mean, std) carried across steps, pooled with the group's mean and Bessel std."""
+    state: dict[str, tuple[int, float, float]] = {}
+    out = []
+    for prompts, rewards in steps:
+        step_adv = []
+        for i, p in enumerate(prompts):
+            scores = rewards[i * group_size:(i + 1) * group_size]
+            times, old_mean, old_std = state.get(p, (0, 0.0, 0.0))
+            new_mean, new_std = statistics.fmean(scores), statistics.stdev(scores)
+            if times == 0:
+                mean, std = new_mean, new_std
+            else:
+                mean = (old_mean * times + new_mean) / (times + 1)
+                var = (times * old_std ** 2 + new_std ** 2 + times / (times + 1) * (new_mean - old_mean) ** 2) / (times + 1)
+                mean, std = mean, math.sqrt(var)
+            w = 1 / (times + 1)
+            for s in scores:
+                a_new = (s - new_mean) / new_std if new_std > 0 else 0.0
+                a_old = (s - mean) / std if std > 0 else 0.0
+                s1, s2 = w * a_old + (1 - w) * a_new, w * a_new + (1 - w) * a_old
+                step_adv.append(s1 if abs(s1) < abs(s2) else s2)
+            state[p] = (times + 1, mean, std)
+        out.append(step_adv)
+    return out
+
+
+def test_hand_values():
+    """Step 0, [1, 0, 0, 0]: mean 0.25, Bessel std 0.5: GRPO's 1.5 / -0.5 (no eps). Step 1 of a prompt
+    seen once (mean 0.5, std 0.5) with [1, 1, 1, 1]: its own std is 0, the pooled mean 0.75 and std
+    sqrt((0.25 + 0 + 0.5 * 0.25) / 2) = 0.433, so each gets 0.5 x 0.25 / 0.433 = 0.2887, not GRPO's 0."""
+    r = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1])
+    adv, mean, std = smooth_advantages(r, 4, torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.5]),
+                                       torch.tensor([0.0, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(adv, torch.tensor([1.5, -0.5, -0.5, -0.5] + [0.5 * 0.25 / math.sqrt(0.1875)] * 4))
+    assert mean.tolist() == [0.25, 1.0] and std.tolist() == [0.5, 0.0]
+    pm, ps = pooled_reward_stats(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.5], dtype=torch.float64),
+                                 torch.tensor([0.0, 0.5], dtype=torch.float64), mean, std)
+    assert pm.tolist() == [0.25, 0.75] and ps.tolist() == pytest.approx([0.5, math.sqrt(0.1875)])
+
+
+def test_equal_rewards_of_rounding_noise_give_zero():
+    """Three rewards of 0.7 have a float64 mean off by one ulp and a std of 1.4e-16: read as 0, the
+    group (first step, and again with equal history) gets advantage 0, not an O(1) one."""
+    r = torch.full((3,), 0.7, dtype=torch.float64)
+    assert float(r.std()) > 0
+    adv, _, std = smooth_advantages(r, 3, torch.zeros(1), torch.zeros(1, dtype=torch.float64),
+                                    torch.zeros(1, dtype=torch.float64))
+    assert adv.tolist() == [0.0] * 3 and std.tolist() == [0.0]
+    adv, _, _ = smooth_advantages(r, 3, torch.full((1,), 5.0), torch.full((1,), 0.7, dtype=torch.float64),
+                                  torch.zeros(1, dtype=torch.float64))
+    assert adv.tolist() == [0.0] * 3
+
+
+def _steps(seed: int, num_steps: int = 6, group_size: int = 4):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num_steps):
+        prompts = rng.sample(list("abcdefg"), 4)  # recurring prompts, one group each per step
+        rewards = [float(rng.random() < p) for p in (0.1, 0.5, 0.9, 0.5) for _ in range(group_size)]
+        out.append((prompts, rewards))
+    return out
+
+
+def _run(reg: DCPOAdvantage, steps, group_size: int = 4, first: int = 0) -> list[torch.Tensor]:
+    return [reg.step_advantages(first + s, p, torch.tensor(r, dtype=torch.float64), group_size)
+            for s, (p, r) in enumerate(steps)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_matches_a_float64_loop_of_the_reference(seed):
+    steps = _steps(seed)
+    got = _run(DCPOAdvantage(), steps)
+    want = _reference(steps, 4)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, torch.tensor(w, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_the_loop_covers_revisited_equal_reward_groups():
+    """The oracle comparison above must see equal-reward groups of revisited prompts get a gradient."""
+    reg = DCPOAdvantage()
+    for s, (p, r) in enumerate(_steps(0)):
+        reg.step_advantages(s, p, torch.tensor(r), 4)
+        m = reg.pop_metrics()
+        if m.get("reg/dcpo_adv/equal_reward_trained_frac", 0) > 0 and m["reg/dcpo_adv/revisited_frac"] > 0:
+            return
+    raise AssertionError("no revisited equal-reward group was trained")
+
+
+def _saved(state: dict):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_state_round_trip_and_a_redone_step_pools_once():
+    """A state saved at the end of step 1 resumes as the straight run; one saved inside step 2 (after
+    its advantages, as nonfinite-stop.ckpt is) drops step 2's part when the resumed run redoes it."""
+    steps = _steps(1, num_steps=4)
+    straight = DCPOAdvantage()
+    want = _run(straight, steps)
+    early = DCPOAdvantage()
+    _run(early, steps[:2])
+    resumed = DCPOAdvantage()
+    resumed.load_state_dict(_saved(early.state_dict()))
+    for g, w in zip(_run(resumed, steps[2:], first=2), want[2:]):
+        assert torch.equal(g, w)
+    assert resumed.stats == straight.stats
+    mid = DCPOAdvantage()
+    _run(mid, steps[:3])
+    redone = DCPOAdvantage()
+    redone.load_state_dict(_saved(mid.state_dict()))
+    for g, w in zip(_run(redone, steps[2:], first=2), want[2:]):  # step 2 again, with the same rollout here
+        assert torch.equal(g, w)
+    assert redone.stats == straight.stats
+
+
+def _gather_worker(rank: int, port: int, out: str) -> None:
+    from tests import _dist
+
+    _dist.elastic_env(rank, 2, port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    reg, adv = DCPOAdvantage(), []
+    for s, (prompts, rewards) in enumerate(_steps(2)):
+        adv.append(reg.step_advantages(s, prompts[rank * 2:(rank + 1) * 2],
+                                       torch.tensor(rewards[rank * 8:(rank + 1) * 8], dtype=torch.float64), 4))
+    torch.save({"adv": adv, "stats": reg.stats, "metrics": reg.pop_metrics()}, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_hold_the_statistics_of_one(tmp_path):
+    """2 gloo processes with half the prompts each: each rank's advantages are one process's rows
+    and every rank ends with the one process's statistics (gathered each step)."""
+    from tests import _dist
+
+    single = DCPOAdvantage()
+    whole = _run(single, _steps(2))
+    metrics = single.pop_metrics()
+    _dist.spawn(_gather_worker, (_dist.free_port(), str(tmp_path)), timeout_s=120)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for s, w in enumerate(whole):
+        assert torch.equal(torch.cat([ranks[0]["adv"][s], ranks[1]["adv"][s]]), w)
+    assert ranks[0]["stats"] == ranks[1]["stats"] == single.stats
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] == metrics
+
+
+def test_startup_refusals_name_the_fields(caplog):
+    reg = DCPOAdvantage()
+    reg.check_loss(LossSettings(), RolloutSettings())
+    for kw, field in ((dict(advantage="rloo"), "model.loss.advantage"),
+                      (dict(baseline_quantile=0.4), "model.loss.baseline_quantile"),
+                      (dict(advantage="passk", pass_k=2), "model.loss.advantage"),
+                      (dict(unlikeliness=0.25), "model.loss.unlikeliness")):
+        with pytest.raises(ValueError, match=field.replace(".", r"\.") + ".* is invalid with DCPOAdvantage"):
+            reg.check_loss(LossSettings(**kw), RolloutSettings())
+    with pytest.raises(ValueError, match="2 regularizers compute the advantages"):
+        check_stack([DCPOAdvantage(), DCPOAdvantage(name="other")])
+    reg.check_loss(LossSettings(), RolloutSettings(filter_groups=True))
+    assert "the equal-reward groups it gives a gradient are dropped" in caplog.text
+
+
+def test_a_replaced_estimator_is_refused_through_the_cli(tmp_path, capsys):
+    from tests.helpers import cli_start_up_error
+
+    err = cli_start_up_error(tmp_path, capsys, "configs/cpu/dcpo.yaml", "--model.loss.advantage", "rloo")
+    assert "model.loss.advantage='rloo' is invalid with DCPOAdvantage" in err
+
+
+# ------------------------------------------------------------------------------ through the module
+
+def _module(model_dir, micro=64):
+    from tests.test_module import make_module
+    from lit_covrl.rewards import ExactMatchReward
+
+    return make_module(model_dir, reward=ExactMatchReward(), optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+                       loss=dict(dual_clip=10.0, loss_agg_mode="seq-mean-token-mean"),
+                       update=dict(micro_batch_size=micro, mini_batch_size=2, ppo_epochs=2, grad_clip=None))
+
+
+def _data():
+    from lit_covrl.data import PromptDataModule
+
+    return PromptDataModule(task=TwoPrompts(), batch_size=4, val_size=0)
+
+
+def _regs():
+    return [DCPOClip(), DCPOAdvantage()]
+
+
+def _fit(model_dir, micro, steps=3):
+    from tests._dist import Recorder
+    from tests.helpers import fit
+
+    torch.manual_seed(0)
+    rec = Recorder()
+    module = _module(model_dir, micro)
+    fit(module, _data(), steps=steps, callbacks=[*_regs(), rec], limit_val_batches=0)
+    return {k: v.detach().clone() for k, v in module.policy.state_dict().items()}, rec.steps
+
+
+_REF: dict = {}
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+def test_fit_is_invariant_to_micro_batch_size(tiny_model_dir, micro):
+    """Three RL steps over two recurring prompts, 2 epochs per rollout (the clip acts off policy):
+    the weights and every policy/ and reg/ metric are the same for micro-batches of 1, 3 or all 16."""
+    if "ref" not in _REF:
+        _REF["ref"] = _fit(tiny_model_dir, 64)
+    from tests.test_aent import _assert_same_fit
+
+    ref_m = _REF["ref"][1]
+    assert ref_m[3]["reg/dcpo_adv/revisited_frac"] == 1.0 and ref_m[3]["reg/dcpo_adv/tracked_prompts"] == 2
+    _assert_same_fit(_REF["ref"], _fit(tiny_model_dir, micro))
+
+
+def test_the_step_trains_on_its_advantages(tiny_model_dir, monkeypatch):
+    """The update gets DCPOAdvantage's advantages, not the run's estimator's (which it replaces:
+    on step 1 a revisited equal-reward group differs from GRPO's 0)."""
+    from tests.helpers import fit
+
+    reg, given, trained = DCPOAdvantage(), [], []
+    real = reg.step_advantages
+    monkeypatch.setattr(reg, "step_advantages", lambda *a: given.append(real(*a)) or given[-1])
+    module = _module(tiny_model_dir)
+    module.configure_model()
+    real_update = module.learner.update
+    monkeypatch.setattr(module.learner, "update",
+                        lambda ro, adv, *a, **kw: trained.append(adv.clone()) or real_update(ro, adv, *a, **kw))
+    fit(module, _data(), steps=3, callbacks=[reg], limit_val_batches=0)
+    assert len(given) == len(trained) == 3
+    for g, t in zip(given, trained):
+        assert torch.equal(g, t)
+
+
+def test_statistics_resume_exactly(tiny_model_dir, tmp_path):
+    """The statistics travel in the checkpoint: a resume at step 2 that lost them would standardise
+    steps 2-3 as first visits (revisited_frac 0 and other advantages)."""
+    from tests.test_resume import straight_and_resumed
+
+    compared = ["reg/dcpo_adv/revisited_frac", "reg/dcpo_adv/nonzero_adv_frac", "reg/dcpo_adv/tracked_prompts",
+                "policy/loss", "policy/grad_norm"]
+    a, b, ckpt = straight_and_resumed(tmp_path, _regs, lambda: _module(tiny_model_dir), _data, compared)
+    saved = [v for k, v in torch.load(ckpt, weights_only=True)["callbacks"].items() if k.startswith("DCPOAdvantage")]
+    assert len(saved) == 1 and set(saved[0]["stats"]) == {"1+1=", "2+2="}
+    assert a["reg/dcpo_adv/revisited_frac"][2] == 1.0
+    for tag in compared:
+        assert sorted(b[tag]) == [2, 3], tag
+        for s in (2, 3):
+            assert abs(a[tag][s] - b[tag][s]) <= 1e-5 * max(1.0, abs(a[tag][s])), (tag, s, a[tag][s], b[tag][s])
