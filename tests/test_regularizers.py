@@ -500,6 +500,8 @@ def test_check_number_takes_finite_ints_and_floats_in_range_and_names_the_settin
     ("ERA", {"k": 0.5}, "ERA.k=0.5 is invalid: must be a finite number >= 1 (1: no activation)"),
     ("ERA", {"top_frac": 0}, "ERA.top_frac=0 is invalid: must be in (0, 1]"),
     ("ERA", {"scale_advantages": "yes"}, "ERA.scale_advantages='yes' is invalid: must be true or false"),
+    ("DCPOClip", {"eps_low": -0.2}, "DCPOClip.eps_low=-0.2 is invalid: must be a finite number >= 0"),
+    ("DCPOClip", {"max_ratio": 1}, "DCPOClip.max_ratio=1 is invalid: must be a finite number > 1"),
 ])
 def test_regularizer_settings_are_refused_with_their_own_messages(cls, kw, message):
     import lit_covrl.regularizers as regs
@@ -512,7 +514,7 @@ def test_regularizer_settings_are_refused_with_their_own_messages(cls, kw, messa
 def test_a_clip_range_regularizer_gives_its_prepared_rows_as_the_tokens_clip_range():
     """Archer and BAPO share ClipRangeRegularizer: `prepare` fills `_bounds` [n, T]; `clip_bounds`
     returns them and `shape` the micro-batch's rows in the log-probs' dtype (refused before prepare)."""
-    from lit_covrl.regularizers import BAPO, Archer
+    from lit_covrl.regularizers import BAPO, Archer, DCPOClip
     from lit_covrl.regularizers.base import ClipRangeRegularizer
 
     class Fixed(ClipRangeRegularizer):
@@ -522,7 +524,7 @@ def test_a_clip_range_regularizer_gives_its_prepared_rows_as_the_tokens_clip_ran
 
     reg = Fixed()
     assert reg.sets_clip_range and reg.clip_bounds() is None and issubclass(Archer, ClipRangeRegularizer)
-    assert issubclass(BAPO, ClipRangeRegularizer)
+    assert issubclass(BAPO, ClipRangeRegularizer) and issubclass(DCPOClip, ClipRangeRegularizer)
     logp = torch.zeros(2, 2, dtype=torch.float64)
     batch = PolicyBatch(torch.tensor([2, 0]), logp, logp, logp, torch.ones(2, 2))
     with pytest.raises(AssertionError, match="prepare"):
