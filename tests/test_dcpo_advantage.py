@@ -274,3 +274,51 @@ def test_statistics_resume_exactly(tiny_model_dir, tmp_path):
         assert sorted(b[tag]) == [2, 3], tag
         for s in (2, 3):
             assert abs(a[tag][s] - b[tag][s]) <= 1e-5 * max(1.0, abs(a[tag][s])), (tag, s, a[tag][s], b[tag][s])
+
+
+def _dcpo_fit(model_dir, prompts, root, devices, strategy=None):
+    """3 RL steps of `_dist`'s rank-invariant module (samples a function of prompt and step, 2 epochs
+    per rollout) with both DCPO callbacks, exact-match rewards and no group filter: every step's metrics."""
+    from lit_covrl.rewards import ExactMatchReward
+    from tests import _dist
+
+    rec = _dist.Recorder()
+    module = _dist.make_module(model_dir, reward=ExactMatchReward(), rollout=dict(filter_groups=False),
+                               loss=dict(dual_clip=10.0, loss_agg_mode="seq-mean-token-mean"))
+    _dist.trainer(3, [rec, *_regs()], devices, root, strategy=strategy).fit(
+        module, _dist.make_data(prompts, _dist.B * 2 // devices))
+    return rec.steps
+
+
+def _fit_worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> None:
+    from pathlib import Path
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from tests import _dist
+
+    torch.set_num_threads(1)
+    _dist.elastic_env(rank, 2, port)
+    torch.save(_dcpo_fit(model_dir, Path(prompts), Path(out) / "d", 2, DDPStrategy(process_group_backend="gloo")),
+               f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ddp_processes_train_as_one_process(tiny_model_dir, tmp_path):
+    """Through the module: 2 gloo DDP processes with B prompts each train as one process with 2B.
+    Three of each step's four prompts are the same, so from step 1 on every group revisits a
+    prompt whose statistics were pooled from groups of both ranks."""
+    from tests import _dist
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "{a}+1=", "answer": "{a + 1}"}}\n' for a in [10, 11, 10, 10] * 6))
+    single = _dcpo_fit(tiny_model_dir, prompts, tmp_path / "s", 1)
+    _dist.spawn(_fit_worker, (_dist.free_port(), tiny_model_dir, str(prompts), str(tmp_path)), timeout_s=180)
+    assert single[2]["reg/dcpo_adv/revisited_frac"] == 1.0 and single[2]["reg/dcpo_adv/tracked_prompts"] == 2
+    for rank in range(2):
+        steps = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for s in (1, 2, 3):
+            keys = [k for k in single[s] if k.startswith("reg/dcpo") or k in ("policy/loss", "policy/grad_norm")]
+            assert len(keys) >= 8
+            for k in keys:
+                assert steps[s][k] == pytest.approx(single[s][k], rel=2e-3, abs=1e-5), (rank, s, k)
