@@ -37,8 +37,8 @@ def _reference(steps: list[tuple[list[str], list[float]]], group_size: int) -> l
                 mean, std = new_mean, new_std
             else:
                 mean = (old_mean * times + new_mean) / (times + 1)
-                var = (times * old_std ** 2 + new_std ** 2 + times / (times + 1) * (new_mean - old_mean) ** 2) / (times + 1)
-                mean, std = mean, math.sqrt(var)
+                spread = times / (times + 1) * (new_mean - old_mean) ** 2
+                std = math.sqrt((times * old_std ** 2 + new_std ** 2 + spread) / (times + 1))
             w = 1 / (times + 1)
             for s in scores:
                 a_new = (s - new_mean) / new_std if new_std > 0 else 0.0

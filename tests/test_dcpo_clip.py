@@ -187,7 +187,8 @@ def test_reasoning_config_runs_one_step_through_the_cli(tmp_path):
     from tests.helpers import scalar_tags
 
     root = Path(__file__).resolve().parents[1]
-    main(["fit", "--config", str(root / "configs/reasoning.yaml"), "--config", str(root / "configs/reasoning/dcpo.yaml"),
+    main(["fit", "--config", str(root / "configs/reasoning.yaml"),
+          "--config", str(root / "configs/reasoning/dcpo.yaml"),
           "--torch_threads", "1", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
           "--trainer.enable_progress_bar", "false", "--data.batch_size", "4", "--model.update.mini_batch_size", "2",
           "--model.rollout.max_new_tokens", "8", "--model.rollout.group_size", "4",
