@@ -29,7 +29,8 @@ REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high
                      "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
                      "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse", "qae", "w_reinforce", "w_reinforce_high_lr", "gspo", "cispo",
                      "ce_gppo", "passk", "entropic", "entropic_kp50", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo",
-                     "era", "aent", "aepo", "trajectory_gtpo", "prorl", "outcome", "outcome_advantage", "dcpo")
+                     "era", "aent", "aepo", "trajectory_gtpo", "prorl", "outcome", "outcome_advantage", "dcpo",
+                     "dcpo_clip_only")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high",
                "entropic_kp5", "lp_reg_neg10", "siren_high", "prorl_without_kl", "prorl_on_stall",
                "prorl_beta01_fixed", "prorl_beta01_every50", "prorl_beta01_on_stall")
