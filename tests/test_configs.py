@@ -24,7 +24,7 @@ F7 = CONFIGS / "fsdp" / "qwen2.5-7b.yaml"
 CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_tokens", "adaptive_entropy", "steer",
                "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "ce_gppo", "qae", "w_reinforce", "passk",
                "entropic", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo", "era", "aent", "aepo",
-               "trajectory_gtpo", "prorl", "outcome", "dcpo")
+               "trajectory_gtpo", "prorl", "outcome", "dcpo", "dcpo_no_smoothing")
 REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "adaptive_entropy", "clip_cov",
                      "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
                      "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse", "qae", "w_reinforce", "w_reinforce_high_lr", "gspo", "cispo",
