@@ -1,6 +1,6 @@
 """How the learner steps the optimizer: the `OptimizerDriver` protocol (all `Learner` needs from a
-training framework) and `LightningDriver`, its implementation for `GRPOModule`'s manual
-optimization."""
+training framework), `LightningDriver`, its implementation for `GRPOModule`'s manual
+optimization, and `PlainDriver`, a bare optimizer's (a `Learner` without Lightning: tools, tests)."""
 from __future__ import annotations
 
 import os
@@ -78,3 +78,32 @@ class LightningDriver:
 
 def _no_closure() -> None:
     """Manual optimization: the backward already ran before the step."""
+
+
+class PlainDriver:
+    """The `OptimizerDriver` of a `Learner` without Lightning: plain backward, the learner's clipping
+    (`before_optimizer_step`, so set `learner` once it is built), then `optimizer.step()`; counts the
+    steps taken. No checkpoints."""
+
+    def __init__(self, optimizer) -> None:
+        self.optimizer, self.learner, self.steps = optimizer, None, 0
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def step(self, last: bool) -> None:
+        self.learner.before_optimizer_step(self.optimizer)
+        self.optimizer.step()
+        self.steps += 1
+
+    def skip_step(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save_checkpoint(self, filename: str) -> str:
+        raise RuntimeError(f"PlainDriver saves no checkpoint ({filename})")
+
+    def last_checkpoint(self) -> str:
+        return ""

@@ -37,32 +37,13 @@ from lit_covrl.algorithms import (  # noqa: E402
 )
 from lit_covrl.learner import Learner, LearnerSettings  # noqa: E402
 from lit_covrl.objectives import PPOClip  # noqa: E402
+from lit_covrl.drivers import PlainDriver  # noqa: E402
 from lit_covrl.policy import load_policy  # noqa: E402
 from lit_covrl.regularizers import SIREN, LpReg  # noqa: E402
 from lit_covrl.settings import LossSettings, RolloutSettings, UpdateSettings  # noqa: E402
 from lit_covrl.types import Rollout  # noqa: E402
 
 B, G, P, T = 16, 8, 12, 44
-
-
-class AdamDriver:
-    """Learner's OptimizerDriver without Lightning: AdamW, lr 0 (the weights stay put across repeats)."""
-
-    def __init__(self, learner_ref: list, params) -> None:
-        self.opt, self.learner_ref = torch.optim.AdamW(params, lr=0.0), learner_ref
-
-    def zero_grad(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
-
-    def backward(self, loss) -> None:
-        loss.backward()
-
-    def step(self, last: bool) -> None:
-        self.learner_ref[0].before_optimizer_step(self.opt)
-        self.opt.step()
-
-    def skip_step(self) -> float:
-        return 0.0
 
 
 def make_rollout(vocab: int, seed: int = 0) -> tuple[Rollout, torch.Tensor]:
@@ -82,9 +63,8 @@ def make_rollout(vocab: int, seed: int = 0) -> tuple[Rollout, torch.Tensor]:
 def make_learner(policy, regs) -> Learner:
     settings = LearnerSettings(RolloutSettings(group_size=G, max_new_tokens=T), LossSettings(),
                                UpdateSettings(micro_batch_size=B * G))
-    ref: list = []
-    learner = Learner(policy, settings, PPOClip(), regs, AdamDriver(ref, policy.parameters()))
-    ref.append(learner)
+    driver = PlainDriver(torch.optim.AdamW(policy.parameters(), lr=0.0))  # lr 0: the weights stay put across repeats
+    learner = driver.learner = Learner(policy, settings, PPOClip(), regs, driver)
     return learner
 
 
