@@ -1,9 +1,9 @@
 """The learner half of an RL step: every optimizer update of one rollout.
 
-For each epoch and each mini-batch (whole prompt groups): plan the micro-batches, let the
-regularizers select over the whole mini-batch (all ranks), accumulate the gradients of one
-aggregated loss whose denominators are the mini-batch's (so the result does not depend on
-micro_batch_size), step. The whole loss is written in one function, `Learner.loss`
+For each phase (one, or a regularizer's `update_phases`: Lopti's; all of phase 0's updates first),
+epoch and mini-batch (whole prompt groups): plan the micro-batches, let the regularizers select over the whole mini-batch (all
+ranks), accumulate the gradients of one aggregated loss whose denominators are the mini-batch's (so
+the result does not depend on micro_batch_size), step. The whole loss is written in one function, `Learner.loss`
 (`lit_covrl.loss.compose`):
 
     agg( objective.token_loss(A + sum(advantage shifts)) * prod(weights) + sum(penalties) )
@@ -88,16 +88,15 @@ class Learner:
 
         rollout: N = B*G sequences; advantages [N]; keep [N] bool (False rows are filtered out);
         ref_logp [N, T] or None (reference model's log-probs, for ReferenceKL)."""
-        hp = self.settings.update
-        self.step = step
-        n = rollout.input_ids.shape[0]
-        schedule = [mb for _ in range(hp.ppo_epochs) for mb in self.minibatches(rollout, keep)]
+        self.step, n, epochs = step, rollout.input_ids.shape[0], self.settings.update.ppo_epochs
+        passes = max([r.update_phases for r in self.regularizers], default=1) * epochs  # phase-major (see module doc)
+        schedule = [(p // epochs, mb) for p in range(passes) for mb in self.minibatches(rollout, keep)]
         metrics = StepMetrics()
         self._on_policy = True  # no optimizer step taken since this rollout (see MiniBatchContext)
         self._observe_rollout(rollout, keep)
-        for i, mb in enumerate(schedule):
+        for i, (phase, mb) in enumerate(schedule):
             batch = MiniBatch(rollout, advantages, ref_logp, mb, self.settings.rollout.group_size)
-            metrics.update(self._update_minibatch(batch, index=i, last=i == len(schedule) - 1))
+            metrics.update(self._update_minibatch(batch, index=i, last=i == len(schedule) - 1, phase=phase))
         out = metrics.pop()
         out.setdefault("policy/grad_norm", 0.0)  # every mini-batch filtered: no gradient at all
         kept = distributed.all_sum(torch.stack([keep.float().sum(), torch.tensor(float(n), device=keep.device)]))
@@ -161,7 +160,7 @@ class Learner:
             (rollout.input_ids[:1], rollout.attention_mask[:1])
         return self._nograd_forward(self.policy, ids, att, rollout.response_mask[rows], True)
 
-    def _update_minibatch(self, mb: "MiniBatch", *, index: int, last: bool) -> dict:
+    def _update_minibatch(self, mb: "MiniBatch", *, index: int, last: bool, phase: int = 0) -> dict:
         """One optimizer update: plan the micro-batches, let the regularizers select over the whole
         mini-batch, accumulate the gradients of one aggregated loss whose denominators are the
         mini-batch's (over all ranks, so the result does not depend on micro_batch_size), step."""
@@ -172,11 +171,11 @@ class Learner:
             # the rollout's closing update is still counted (one RL step)
             return {"policy/lr": self.driver.skip_step()} if last else {}
         plan = self._plan(mb.input_ids, mb.attention_mask, mb.mask.shape[1])  # same length on every rank
-        early = self._select(mb, plan, index)
+        early = self._select(mb, plan, index, phase)
         metrics = self._accumulate(mb, plan, early)
         return {**metrics, **self._optimizer_step(last)}
 
-    def _select(self, mb: "MiniBatch", plan: list, index: int):
+    def _select(self, mb: "MiniBatch", plan: list, index: int, phase: int):
         """Every regularizer's `prepare` on the whole mini-batch (detached, all ranks). Returns the
         training forward when it had to run early (see `_selection_logprobs`), else None."""
         need_ent = any(r.needs_entropy for r in self.regularizers)
@@ -187,8 +186,7 @@ class Learner:
             old_entropy=mb.old_entropy, entropy=current_ent, zeroed=torch.zeros_like(mb.mask, dtype=torch.bool),
             agg_mode=self.settings.loss.loss_agg_mode, norm_length=self.settings.rollout.max_new_tokens,
             topp_entropy=topp_ent, logratio_clamp=getattr(self.objective, "logratio_clamp", None),
-            token_ids=mb.input_ids[:, mb.input_ids.shape[1] - mb.mask.shape[1]:],
-            groups=mb.groups,
+            token_ids=mb.input_ids[:, mb.input_ids.shape[1] - mb.mask.shape[1]:], groups=mb.groups, phase=phase,
         )
         # the one that sets a per-token clip range first (ctx.clipped follows its range), those that
         # read ctx.zeroed last (a stable sort: otherwise in callback order)

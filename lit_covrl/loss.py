@@ -40,6 +40,7 @@ def compose(objective: Objective, regularizers: list[Regularizer], b: PolicyBatc
                                         clip=a shaping's per-token range)  value 0, SimKO's top-K gradient)
         loss_tok = base * prod(weights) + sum(penalties)            (Clip-Cov, 80/20, STEER, ...;
                                                                      entropy bonus, KL-Cov, ref KL)
+                   (times a scope: Lopti's tokens of this phase)
         loss     = aggregate(loss_tok, mask, mode, the mini-batch's denominators over all ranks)
 
     Returns (loss, shapings, base)."""
@@ -67,8 +68,8 @@ def contributions(objective: Objective, regularizers: list[Regularizer], b: Poli
     """reg/<name>/loss: what each regularizer adds to the aggregated loss on top of the ones
     listed before it: the change of the objective its advantage shift or its per-token clip
     range makes, the change of the (shifted, already weighted) objective its weight makes, its
-    penalty. They add up to policy/loss minus the unshaped objective's loss, also when two drop
-    the same token."""
+    penalty; a scope's owner the change its scope makes to the whole token loss (every term). They
+    add up to policy/loss minus the unshaped objective's loss, also when two drop the same token."""
     out, running = {}, None  # running: the product of the weights so far
     before = None  # the objective's token loss with the shifts / clip so far (computed once one acts)
     inside: list[TokenShaping] = []  # the shapings so far that act inside the objective
@@ -94,6 +95,9 @@ def contributions(objective: Objective, regularizers: list[Regularizer], b: Poli
             running = s.weight if running is None else running * s.weight
         if s.penalty is not None:
             total = total + aggregate(s.penalty.detach(), b.mask, **agg)
+        if s.scope is not None:  # acts on the whole token loss, the others' terms included (one per run)
+            whole = TokenShaping.combine(shapings, base, scoped=False).detach()
+            total = total + aggregate(whole * (s.scope - 1.0), b.mask, **agg)
         out[f"reg/{reg.name}/loss"] = total
     return out
 

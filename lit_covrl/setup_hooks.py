@@ -72,7 +72,8 @@ class SetupHooks:
 
     @property
     def updates_per_rollout(self) -> int | None:
-        mbs, epochs = self.settings.update.mini_batch_size, self.settings.update.ppo_epochs
+        mbs = self.settings.update.mini_batch_size
+        epochs = self.settings.update.ppo_epochs * max([r.update_phases for r in self.regularizers], default=1)
         if mbs is None:
             return epochs
         batch = self.prompts_per_step()

@@ -270,6 +270,9 @@ class TokenShaping:
                                     terms of several regularizers add, each against the raw log-prob
                                     (ERA's swap to log pi'(y) plus SimKO's mix c (mean_k log pi(top_k)
                                     - log pi(y)) on a token both act on)
+    scope           [n, T] | None   0/1: the tokens this update trains at all, from a regularizer with
+                                    `update_phases` > 1 (Lopti's phase): multiplies the whole token loss,
+                                    objective and every penalty; the others stay in the denominators
     """
 
     weight: Tensor | None = None
@@ -278,6 +281,7 @@ class TokenShaping:
     clip_low: Tensor | None = None
     clip_high: Tensor | None = None
     logp_grad: Tensor | None = None
+    scope: Tensor | None = None
 
     @staticmethod
     def checked(shaping: Any, shape: torch.Size, owner: Any) -> "TokenShaping":
@@ -287,7 +291,7 @@ class TokenShaping:
         who = f"regularizer {getattr(owner, 'name', owner)!r} ({type(owner).__name__}.shape)"
         if not isinstance(shaping, TokenShaping):
             raise ValueError(f"{who} returned {type(shaping).__name__}, not a TokenShaping (TokenShaping() for none)")
-        for name in ("weight", "penalty", "advantage_shift", "clip_low", "clip_high", "logp_grad"):
+        for name in ("weight", "penalty", "advantage_shift", "clip_low", "clip_high", "logp_grad", "scope"):
             value = getattr(shaping, name)
             if value is not None and value.shape != shape:
                 raise ValueError(f"{who} returned TokenShaping.{name} of shape {tuple(value.shape)}; every field is "
@@ -298,6 +302,8 @@ class TokenShaping:
         if shaping.clip_low is not None and not getattr(owner, "sets_clip_range", False):
             raise ValueError(f"{who} returned a per-token clip range without sets_clip_range = True (the start-up "
                              "checks and Clip-Cov's clipped tokens would not know it)")
+        if shaping.scope is not None and getattr(owner, "update_phases", 1) < 2:
+            raise ValueError(f"{who} returned TokenShaping.scope without update_phases > 1 (a scope restricts a phase)")
         return shaping
 
     @staticmethod
@@ -329,8 +335,9 @@ class TokenShaping:
         return out
 
     @staticmethod
-    def combine(shapings: list["TokenShaping"], base: Tensor) -> Tensor:
-        """Two regularizers act as the product of their weights and the sum of their penalties."""
+    def combine(shapings: list["TokenShaping"], base: Tensor, scoped: bool = True) -> Tensor:
+        """Two regularizers act as the product of their weights and the sum of their penalties; the
+        sum times the scope (`scoped`; none: 1)."""
         out = base
         for s in shapings:
             if s.weight is not None:
@@ -338,4 +345,7 @@ class TokenShaping:
         for s in shapings:
             if s.penalty is not None:
                 out = out + s.penalty
+        for s in shapings:
+            if s.scope is not None and scoped:
+                out = out * s.scope
         return out

@@ -2,7 +2,8 @@
 exactly the tokens that 1 process holding all of it selects (Clip-Cov, KL-Cov and the entropy
 controls: 80/20 quantile, STEER weights, entropy-ratio clip, adaptive bonus, entropy advantage,
 EntroPIC, Lp-Reg's lowest log-probs, SIREN's mini-batch deviation, BAPO's clip range, ERA's metrics,
-AEnt's coefficient, AEPO's temperature and extra responses, GTPO's per-group conflict tokens and metrics),
+AEnt's coefficient, AEPO's temperature and extra responses, GTPO's per-group conflict tokens and metrics,
+AR's weights and Lopti's phases),
 and each objective's loss, metrics and gradient add up across ranks to the single-process ones."""
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from lit_covrl.regularizers import (
     AEPO,
     AEnt,
     AdaptiveEntropyBonus,
+    AdvantageReweighting,
     Archer,
     BAPO,
     ClipCov,
@@ -30,6 +32,7 @@ from lit_covrl.regularizers import (
     EntropyRatioClip,
     HighEntropyTokens,
     KLCov,
+    Lopti,
     LpReg,
     SimKO,
     SIREN,
@@ -92,10 +95,16 @@ def _entropy_controls(rows: slice) -> dict[str, torch.Tensor]:
     out["entropic_state"] = torch.tensor([entropic.alpha, entropic.integral])
     out.update({k: torch.tensor(v) for k, v in entropic.pop_metrics().items()})
     ctx = MiniBatchContext(0, 1, False, logp, old, adv, mask, clipped, old_ent, ent)
-    for reg in (HighEntropyTokens(top_frac=0.3), SteerWeights(), EntropyRatioClip(), WeightedReinforce()):
+    for reg in (HighEntropyTokens(top_frac=0.3), SteerWeights(), EntropyRatioClip(), WeightedReinforce(),
+                AdvantageReweighting(alpha=0.3)):
         reg.prepare(ctx)
         out[reg.name] = reg.weights
         out.update({k: torch.tensor(v) for k, v in reg.pop_metrics().items()})
+    lopti = Lopti(eta=0.2)  # per token; its fraction over all ranks' tokens
+    for phase in (0, 1):
+        lopti.prepare(MiniBatchContext(0, phase, False, logp, old, adv, mask, clipped, old_ent, ent, phase=phase))
+        out[f"lopti_{phase}"] = lopti.scope
+    out.update({k: torch.tensor(v) for k, v in lopti.pop_metrics().items()})
     archer = Archer(high_entropy_kl_scale=0.25)  # per response: each rank's rows decide alone
     archer.prepare(ctx)
     out["archer_low"], out["archer_high"] = archer.clip_bounds()
@@ -384,6 +393,8 @@ def test_two_processes_select_what_one_process_selects(tmp_path):
     assert 0 < whole["gspo/metrics"][2] < 1  # GSPO clip_frac: some sequences clipped, some not
     assert 0 < whole["ce_gppo/metrics"][2] < 1  # CE-GPPO clip_frac: some tokens outside the range, their gradient kept
     assert 0 < whole["high_entropy_tokens"].sum() < whole["steer"].numel()
+    assert 0 < whole["reg/lopti/low_frac"] < 1 and whole["lopti_0"].sum() > 0 and whole["lopti_1"].sum() > 0
+    assert 0.7 < whole["reg/ar/weight_mean"] < 1
     assert whole["entropic_state"][0] != 0 and 0 < whole["reg/entropic/high_frac"] < 1
     assert (whole["entropic_penalty"] != 0).any()
     assert 0 < whole["reg/archer/high_entropy_frac"] < 1 and 0 < whole["ppo+archer/metrics"][2] < 1

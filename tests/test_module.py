@@ -15,6 +15,7 @@ from lit_covrl.regularizers import (
     AEPO,
     AEnt,
     AdaptiveEntropyBonus,
+    AdvantageReweighting,
     Archer,
     BAPO,
     ClipCov,
@@ -24,6 +25,7 @@ from lit_covrl.regularizers import (
     EntropyRatioClip,
     HighEntropyTokens,
     KLCov,
+    Lopti,
     ReferenceKL,
     Regularizer,
     ERA,
@@ -234,7 +236,17 @@ def _gtpo():
             SimKO(top_k=3, mix_topk_coef=0.5, tau=0.5, incorrect_top1_scale=2.0)]
 
 
+def _lopti():
+    # Lopti (eta inside the tiny model's token probabilities, about 1 / 16: both phases train) with AR,
+    # Clip-Cov (selecting over the whole mini-batch in each phase), an entropy bonus and a reference KL
+    # (penalties the scope restricts to each phase's tokens)
+    return [AdvantageReweighting(alpha=0.3), Lopti(eta=0.06), ClipCov(ratio=0.1, lb=-1e9, ub=1e9, seed=3),
+            EntropyBonus(coef=0.05), ReferenceKL(beta=0.5)]
+
+
 INVARIANCE_CASES = {
+    "lopti+ar+cov+kl": (_lopti, lambda: PPOClip(dual_clip=3.0)),
+    "lopti+cispo": (lambda: [Lopti(eta=0.06, low_first=False), EntropyBonus(coef=0.05)], lambda: CISPO()),
     "gtpo+cov+simko": (_gtpo, lambda: PPOClip(dual_clip=3.0)),
     "gtpo+gspo": (lambda: [TrajectoryGTPO(entropy_threshold=2.815)], lambda: GSPO(clip_low=0.05, clip_high=0.05)),
     "era+simko+cov": (_era, lambda: PPOClip(dual_clip=3.0)),
@@ -319,6 +331,10 @@ def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_
     elif case == "archer+ref_kl":  # the per-token range clipped tokens; the KL scale and Clip-Cov acted
         assert 0 < ref_m["reg/archer/high_entropy_frac"] < 1 and ref_m["reg/archer/loss"] != 0
         assert ref_m["policy/clip_frac"] > 0 and ref_m["reg/ref_kl/loss"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
+    elif case.startswith("lopti"):  # both phases trained; the scope changed the loss
+        assert 0 < ref_m["reg/lopti/low_frac"] < 1 and ref_m["reg/lopti/loss"] != 0
+        if "ar" in case:
+            assert 0.7 < ref_m["reg/ar/weight_mean"] < 1 and ref_m["reg/ar/loss"] != 0 and ref_m["reg/ref_kl/loss"] != 0
     elif case == "bapo+cov":  # the search moved the bounds off their start, the range clipped tokens
         assert 0.9 < ref_m["reg/bapo/clip_low"] < 0.99 and 1.05 < ref_m["reg/bapo/clip_high"] < 1.3
         assert ref_m["policy/clip_frac"] > 0 and ref_m["reg/bapo/loss"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0

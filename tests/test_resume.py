@@ -159,14 +159,15 @@ def _lr_warmup(optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 3))
 
 
-@pytest.mark.parametrize("case", ["dynamic_sampling", "lr_warmup_and_annealed_bonus", "stacked_controls"])
+@pytest.mark.parametrize("case", ["dynamic_sampling", "lr_warmup_and_annealed_bonus", "stacked_controls", "lopti_phases"])
 def test_resume_is_bitwise_on_the_paths_with_more_state(case, tiny_model_dir, tmp_path):
     """Resumed at step 2 of 5, the run ends with the same weights, bit for bit, and logs the same
     metrics for steps 2-4 as the uninterrupted one: dynamic sampling (fresh prompt batches drawn per
     round), an LR scheduler's warmup with an annealed bonus, and five stacked controls with two
-    PPO epochs (STEER, entropy advantage, 80/20 tokens, entropy-ratio clip, cosine-annealed Clip-Cov)."""
+    PPO epochs (STEER, entropy advantage, 80/20 tokens, entropy-ratio clip, cosine-annealed Clip-Cov),
+    and Lopti's two phases (4 optimizer updates per RL step, with AR and an LR warmup stepped per RL step)."""
     from lit_covrl.regularizers import (
-        EntropyAdvantage, EntropyBonus, EntropyRatioClip, HighEntropyTokens, SteerWeights,
+        AdvantageReweighting, EntropyAdvantage, EntropyBonus, EntropyRatioClip, HighEntropyTokens, Lopti, SteerWeights,
     )
 
     module_kw, regs = {
@@ -177,6 +178,8 @@ def test_resume_is_bitwise_on_the_paths_with_more_state(case, tiny_model_dir, tm
         "stacked_controls": (dict(update=dict(mini_batch_size=2, ppo_epochs=2)),
                              lambda: [SteerWeights(), EntropyAdvantage(), HighEntropyTokens(top_frac=0.5), EntropyRatioClip(),
                                       ClipCov(ratio=0.2, lb=-1e9, ub=1e9, schedule={"name": "cosine", "steps": 5})]),
+        "lopti_phases": (dict(lr_scheduler=_lr_warmup, update=dict(mini_batch_size=2)),
+                         lambda: [AdvantageReweighting(alpha=0.3), Lopti(eta=0.06)]),
     }[case]
     full_module = make_module(tiny_model_dir, **module_kw)
     _trainer(tmp_path / "full", 5, regs()).fit(full_module, make_data())

@@ -1,7 +1,7 @@
 """Pure tensor math: advantages, PPO / GSPO / CISPO / CE-GPPO losses and aggregation, token covariance and
 selection, entropy controls, clip-range controls (Archer, BAPO), the logit-activation control (ERA), the
-extra-response control (AEPO), outcome-based exploration, GTPO's conflict-token and response-entropy
-control, entropy and log-probs, KL estimators. No state, no config objects."""
+extra-response control (AEPO), the probability controls (Advantage Reweighting, Lopti), outcome-based
+exploration, GTPO's conflict-token and response-entropy control, entropy and log-probs, KL estimators. No state, no config objects."""
 from lit_covrl.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
     QUANTILE_ESTIMATORS,
@@ -93,6 +93,7 @@ from lit_covrl.algorithms.outcome_controls import (
     historical_bonus,
     outcome_shaping,
 )
+from lit_covrl.algorithms.probability_controls import low_probability_tokens, probability_weights
 from lit_covrl.algorithms.rollout_controls import aepo_choose, aepo_prompts, aepo_temperature
 from lit_covrl.algorithms.losses import (
     AGG_MODES,
@@ -178,6 +179,8 @@ __all__ = [
     "smooth_advantages",
     "unlikeliness_rewards",
     "sample_sign_weights",
+    "probability_weights",
+    "low_probability_tokens",
     "era_advantage_weight",
     "era_logp",
     "era_logp_grad",

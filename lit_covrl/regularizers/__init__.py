@@ -13,6 +13,7 @@ from lit_covrl.regularizers.entropy_selection import EntropyRatioClip, HighEntro
 from lit_covrl.regularizers.entropy_shaping import AdaptiveEntropyBonus, EntropyAdvantage
 from lit_covrl.regularizers.lp_reg import LpReg
 from lit_covrl.regularizers.outcome import OutcomeExploration
+from lit_covrl.regularizers.probability import AdvantageReweighting, Lopti
 from lit_covrl.regularizers.sample_weights import WeightedReinforce
 from lit_covrl.regularizers.schedules import SCHEDULES, Schedule
 from lit_covrl.regularizers.simko import SimKO
@@ -23,6 +24,7 @@ __all__ = [
     "AEPO",
     "AEnt",
     "AdaptiveEntropyBonus",
+    "AdvantageReweighting",
     "Archer",
     "BAPO",
     "ClipCov",
@@ -35,6 +37,7 @@ __all__ = [
     "EntropyRatioClip",
     "HighEntropyTokens",
     "KLCov",
+    "Lopti",
     "LpReg",
     "MiniBatchContext",
     "OutcomeExploration",

@@ -82,6 +82,7 @@ class MiniBatchContext:
     token_ids   [n, T] | None  the sampled response tokens (the learner fills it)
     groups      [n] | None  each row's prompt (its group) on this rank: rows of one group share
                 the value (a mini-batch holds whole groups, less their filtered rows)
+    phase       the pass over the rollout's updates this one belongs to (0, 1, ...: `update_phases`)
     """
 
     step: int
@@ -101,6 +102,7 @@ class MiniBatchContext:
     logratio_clamp: float | None = 20.0
     token_ids: Tensor | None = None
     groups: Tensor | None = None
+    phase: int = 0
     _cov: Tensor | None = field(default=None, repr=False)
 
     def covariance(self) -> Tensor:
@@ -232,6 +234,8 @@ class Regularizer(Callback):
     replaces_advantages: bool = False  # computes the step's advantages (`step_advantages`; DCPOAdvantage's; one)
     reads_sign_as_correct: bool = False  # A > 0 is "verified correct" (SimKO, ...): refused beside shapes_outcome
     sets_clip_range: bool = False  # returns TokenShaping.clip_low / clip_high (at most one per run; see clip_bounds)
+    update_phases: int = 1  # > 1: the rollout's updates run that many times, ctx.phase 0 (all its updates), 1, ...;
+    # `shape` returns TokenShaping.scope, the tokens each phase trains (Lopti's; at most one per run)
     default_name: str = "regularizer"  # metric namespace reg/<name>/ unless `name` is given
     # dashboard charts of recorded keys, category -> keys (reg/<name>/loss is always charted)
     chart_metrics: dict[str, tuple[str, ...]] = {"Entropy": ("coef",)}
@@ -308,14 +312,12 @@ class Regularizer(Callback):
         return [], []
 
     def observes_rollout(self) -> bool:
-        """True when this RL step's `observe_rollout` is wanted (the same on every rank). Default:
-        never (nothing is computed)."""
+        """True when this RL step's `observe_rollout` is wanted (the same on every rank). Default: never."""
         return False
 
     def observe_rollout(self, topp_entropy: Tensor, mask: Tensor) -> None:
-        """With `observes_rollout()`: the nucleus entropy (`needs_topp_entropy`'s) [n, T] and the
-        mask of this rank's kept rows of the whole rollout, under the rollout policy, before the
-        step's first update (SIREN measures its anchor here); called on every rank."""
+        """With `observes_rollout()`: the nucleus entropy (`needs_topp_entropy`'s) [n, T] and mask of this rank's
+        kept rows of the whole rollout under the rollout policy, before the step's first update (SIREN's anchor)."""
 
     def rollout_request(self, step: int, num_prompts: int) -> tuple[int, float] | None:
         """With `draws_rollout`: called on every rank before RL step `step`'s update with its number
@@ -340,13 +342,11 @@ class Regularizer(Callback):
         ValueError naming both where this regularizer cannot act on it. Default: any objective."""
 
     def kl_scale(self) -> Tensor | None:
-        """A per-token scale [n, T] of the prepared mini-batch for the KL-to-reference penalty
-        (ReferenceKL multiplies its penalty by the product of every regularizer's), or None."""
+        """A per-token scale [n, T] of the prepared mini-batch for ReferenceKL's penalty (all multiply), or None."""
         return None
 
     def zeroed_tokens(self) -> Tensor | None:
-        """The tokens of the prepared mini-batch whose objective weight this regularizer sets to 0
-        (None: none), for the regularizers that read `ctx.zeroed`."""
+        """The prepared mini-batch's tokens whose objective weight this sets to 0 (None: none), for `reads_zeroed`."""
         return None
 
     def charts(self) -> dict[str, list[str]]:

@@ -40,7 +40,8 @@ def check_stack(regularizers: list[Regularizer]) -> None:
     rule neither defines), and one value of each request of the training forward (`ForwardAsks.of`:
     two regularizers asking for different min-p thresholds, nuclei, logit scales or clamp_p), and
     at most one that draws extra responses (`draws_rollout`: both would replace the same rows), one
-    that computes the advantages (`replaces_advantages`), and
+    that computes the advantages (`replaces_advantages`), at most one that splits the update into
+    phases (`update_phases`), and
     no outcome shaper (`shapes_outcome`) beside one that reads A > 0 as correct (`reads_sign_as_correct`)."""
     for reg in regularizers:
         reg._check_initialized()
@@ -74,6 +75,10 @@ def check_stack(regularizers: list[Regularizer]) -> None:
     if len(replacing) > 1:
         raise ValueError(f"{len(replacing)} regularizers compute the advantages "
                          f"({', '.join(repr(r.name) for r in replacing)}): keep one")
+    phased = [r for r in regularizers if r.update_phases > 1]
+    if len(phased) > 1:
+        raise ValueError(f"{len(phased)} regularizers split the update into phases "
+                         f"({', '.join(repr(r.name) for r in phased)}): each asks for its own; keep one")
     clipping = [r for r in regularizers if r.sets_clip_range]
     if len(clipping) > 1:
         raise ValueError(
