@@ -1,12 +1,12 @@
 """The learner half of an RL step: every optimizer update of one rollout.
 
-For each phase (one, or a regularizer's `update_phases`: Lopti's; all of phase 0's updates first),
-epoch and mini-batch (whole prompt groups): plan the micro-batches, let the regularizers select over the whole mini-batch (all
-ranks), accumulate the gradients of one aggregated loss whose denominators are the mini-batch's (so
-the result does not depend on micro_batch_size), step. The whole loss is written in one function, `Learner.loss`
-(`lit_covrl.loss.compose`):
+For each phase (one, or a regularizer's `update_phases`: Lopti's; every update of phase 0 first),
+epoch and mini-batch (whole prompt groups): plan the micro-batches, let the regularizers select
+over the whole mini-batch (all ranks), accumulate the gradients of one aggregated loss whose
+denominators are the mini-batch's (so the result does not depend on micro_batch_size), step. The
+whole loss is written in one function, `Learner.loss` (`lit_covrl.loss.compose`):
 
-    agg( objective.token_loss(A + sum(advantage shifts)) * prod(weights) + sum(penalties) )
+    agg( (objective.token_loss(A + sum(advantage shifts)) * prod(weights) + sum(penalties)) * scope )
 
 With `skip_padding`, micro-batches are cut from the rows sorted by length and each is trimmed to
 its own extent, so no forward computes padding (`lit_covrl.packing`); each group's prompt is forwarded once per

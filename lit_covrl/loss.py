@@ -2,7 +2,7 @@
 combine into the one aggregated loss the learner backpropagates, and what each regularizer adds to
 it (reg/<name>/loss).
 
-    agg( objective.token_loss(A + sum(advantage shifts)) * prod(weights) + sum(penalties) )
+    agg( (objective.token_loss(A + sum(advantage shifts)) * prod(weights) + sum(penalties)) * scope )
 
 `compose` writes the whole loss; `loss_parts` the update's loss metrics (policy/loss, each
 regularizer's contribution, the objective's stats) in the order `metric_keys` names them. Each

@@ -252,7 +252,7 @@ class PolicyBatch:
 class TokenShaping:
     """A regularizer's per-token contribution. The learner first adds every regularizer's
     `advantage_shift` to the advantages fed to the policy objective, then combines
-    loss_tok = objective(advantages + sum(shifts)) * prod(weights) + sum(penalties), aggregated once.
+    loss_tok = (objective(advantages + sum(shifts)) * prod(weights) + sum(penalties)) * scope, aggregated once.
 
     weight          [n, T] | None   multiplicative weight on the base surrogate (0 = drop token)
     penalty         [n, T] | None   additive per-token term with gradient
