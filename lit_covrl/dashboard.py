@@ -120,7 +120,7 @@ def _settings_on(pl_module) -> tuple[str, ...]:
 
 def method_name(regularizer_names: list[str], objective: str | None = None, baseline_quantile=None,
                 advantage: str | None = None, unlikeliness=None) -> str:
-    """What ran: the objective's `run_name` (GSPO, CISPO, CE-GPPO), 'qae' for a quantile baseline,
+    """What ran: the objective's `run_name` (GSPO, CISPO, CE-GPPO, ASPO), 'qae' for a quantile baseline,
     'passk' for Pass@k Training's advantage, 'unlikeliness' for the unlikeliness reward and the
     regularizers' names, joined by '+'; 'grpo' for plain GRPO."""
     return "+".join([*([objective] if objective else []), *(["qae"] if baseline_quantile is not None else []),

@@ -114,7 +114,7 @@ class GRPOModule(SetupHooks, EvaluationHooks, StepBatch, L.LightningModule):
             correct_threshold: a response counts as correct (accuracy, pass@k) if reward >= this
                 (its reward as scored, before an overlong penalty).
             objective: the policy objective (`class_path`: lit_covrl.objectives.PPOClip, GSPO,
-                CISPO or CEGPPO). null = PPOClip with the clip settings of `loss`, which must stay at their
+                CISPO, CEGPPO or ASPO). null = PPOClip with the clip settings of `loss`, which must stay at their
                 defaults when an objective is given.
             sampler: the rollout and validation sampler (`class_path`: lit_covrl.sampling.KVCacheSampler
                 or StaticCacheSampler). null = the fastest measured for the device

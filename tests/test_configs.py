@@ -24,13 +24,13 @@ F7 = CONFIGS / "fsdp" / "qwen2.5-7b.yaml"
 CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_tokens", "adaptive_entropy", "steer",
                "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "ce_gppo", "qae", "w_reinforce", "passk",
                "entropic", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo", "era", "aent", "aepo",
-               "trajectory_gtpo", "prorl", "outcome", "dcpo", "dcpo_no_smoothing", "ar", "lopti", "ar_lopti")
+               "trajectory_gtpo", "prorl", "outcome", "dcpo", "dcpo_no_smoothing", "ar", "lopti", "ar_lopti", "aspo")
 REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "adaptive_entropy", "clip_cov",
                      "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
                      "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse", "qae", "w_reinforce", "w_reinforce_high_lr", "gspo", "cispo",
                      "ce_gppo", "passk", "entropic", "entropic_kp50", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo",
                      "era", "aent", "aepo", "trajectory_gtpo", "prorl", "outcome", "outcome_advantage", "dcpo",
-                     "dcpo_clip_only", "ar", "lopti", "ar_lopti")
+                     "dcpo_clip_only", "ar", "lopti", "ar_lopti", "aspo")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high",
                "entropic_kp5", "lp_reg_neg10", "siren_high", "prorl_without_kl", "prorl_on_stall",
                "prorl_beta01_fixed", "prorl_beta01_every50", "prorl_beta01_on_stall")
@@ -76,7 +76,7 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
     cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False)
     assert isinstance(cli.model, GRPOModule) and isinstance(cli.datamodule, PromptDataModule)
     regs = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
-    expected = {"cpu/archer.yaml": 2, "reasoning/archer.yaml": 2, "cpu/dcpo.yaml": 2, "reasoning/dcpo.yaml": 2, "cpu/grpo.yaml": 0, "experiments/grpo_low_lr.yaml": 0, "experiments/prorl_without_kl.yaml": 0, "cpu/gspo.yaml": 0, "cpu/cispo.yaml": 0, "reasoning/gspo.yaml": 0, "reasoning/cispo.yaml": 0, "cpu/ce_gppo.yaml": 0, "reasoning/ce_gppo.yaml": 0, "quickstart.yaml": 0, "reasoning.yaml": 0, "reasoning/grpo_low_lr.yaml": 0, "reasoning/grpo.yaml": 0, "reasoning/budget_1h.yaml": 0,
+    expected = {"cpu/archer.yaml": 2, "reasoning/archer.yaml": 2, "cpu/dcpo.yaml": 2, "reasoning/dcpo.yaml": 2, "cpu/grpo.yaml": 0, "experiments/grpo_low_lr.yaml": 0, "experiments/prorl_without_kl.yaml": 0, "cpu/gspo.yaml": 0, "cpu/cispo.yaml": 0, "reasoning/gspo.yaml": 0, "reasoning/cispo.yaml": 0, "cpu/ce_gppo.yaml": 0, "reasoning/ce_gppo.yaml": 0, "cpu/aspo.yaml": 0, "reasoning/aspo.yaml": 0, "quickstart.yaml": 0, "reasoning.yaml": 0, "reasoning/grpo_low_lr.yaml": 0, "reasoning/grpo.yaml": 0, "reasoning/budget_1h.yaml": 0,
                 "reasoning/budget_collapse.yaml": 0, "cpu/qae.yaml": 0, "reasoning/qae.yaml": 0,
                 "cpu/passk.yaml": 0, "reasoning/passk.yaml": 0, "cpu/unlikeliness.yaml": 0, "reasoning/unlikeliness.yaml": 0,
                 "paper/qwen2.5-7b.yaml": 0, "paper/qwen2.5-32b.yaml": 0, "cpu/ar_lopti.yaml": 2,
@@ -97,6 +97,9 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
         knobs = {type(r).__name__: getattr(r, "alpha", getattr(r, "eta", None)) for r in regs}
         assert knobs == {"ar.yaml": {"AdvantageReweighting": 0.2}, "lopti.yaml": {"Lopti": 0.4},
                          "ar_lopti.yaml": {"AdvantageReweighting": 0.3, "Lopti": 0.5}}[name.split("/")[-1]]
+    if name.endswith("aspo.yaml"):  # the reference code's values (wizard-III/Archer2.0)
+        obj = cli.model.objective
+        assert type(obj).__name__ == "ASPO" and (obj.clip_low, obj.clip_high, obj.dual_clip) == (0.2, 0.2, 3.0)
     if name.endswith("entropic.yaml"):  # the reference recipe's gains and threshold; the target per task
         (reg,) = regs
         assert (reg.kp, reg.ki, reg.threshold) == (1.0, 0.01, 0.95)

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from lit_covrl.algorithms import (aggregate, ppo_clipped_tokens, token_clamped_entropy, token_entropy, token_logprobs,
                                   token_proxy_logprobs, token_scaled_logprobs, token_topk_logprobs, token_topp_entropy)
-from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
+from lit_covrl.objectives import ASPO, CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
     AEPO,
     AEnt,
@@ -126,7 +126,8 @@ def _objectives(rows: slice) -> dict[str, torch.Tensor]:
     n_tok = distributed.all_sum(mask.sum())
     out = {}
     for name, obj in (("ppo", PPOClip()), ("gspo", GSPO(clip_low=0.01, clip_high=0.01)), ("cispo", CISPO()),
-                      ("ce_gppo", CEGPPO(clip_low=0.02, clip_high=0.02, beta1=0.5, beta2=1.5))):
+                      ("ce_gppo", CEGPPO(clip_low=0.02, clip_high=0.02, beta1=0.5, beta2=1.5)),
+                      ("aspo", ASPO(clip_low=0.02, clip_high=0.02, dual_clip=1.03))):
         z = logp.clone().requires_grad_(True)
         loss = aggregate(obj.token_loss(z, old, adv, mask), mask, "token-mean", num_tokens=n_tok)
         loss.backward()
@@ -138,7 +139,7 @@ def _objectives(rows: slice) -> dict[str, torch.Tensor]:
     archer.prepare(MiniBatchContext(0, 1, False, logp, old, adv, mask, None, *_entropy(rows)[::-1]))
     clip = archer.clip_bounds()  # each token-level objective under Archer's per-token range
     for name, obj in (("ppo+archer", PPOClip(dual_clip=3.0)), ("cispo+archer", CISPO()),
-                      ("ce_gppo+archer", CEGPPO(beta1=0.5, beta2=1.5))):
+                      ("ce_gppo+archer", CEGPPO(beta1=0.5, beta2=1.5)), ("aspo+archer", ASPO(dual_clip=1.03))):
         z = logp.clone().requires_grad_(True)
         loss = aggregate(obj.token_loss(z, old, adv, mask, clip=clip), mask, "token-mean", num_tokens=n_tok)
         loss.backward()
@@ -392,6 +393,7 @@ def test_two_processes_select_what_one_process_selects(tmp_path):
     whole = {**_entropy_controls(slice(0, N)), **_objectives(slice(0, N))}
     assert 0 < whole["gspo/metrics"][2] < 1  # GSPO clip_frac: some sequences clipped, some not
     assert 0 < whole["ce_gppo/metrics"][2] < 1  # CE-GPPO clip_frac: some tokens outside the range, their gradient kept
+    assert 0 < whole["aspo/metrics"][-1] < 1 and 0 < whole["aspo+archer/metrics"][-1] < 1  # ASPO's soft_clip_frac
     assert 0 < whole["high_entropy_tokens"].sum() < whole["steer"].numel()
     assert 0 < whole["reg/lopti/low_frac"] < 1 and whole["lopti_0"].sum() > 0 and whole["lopti_1"].sum() > 0
     assert 0.7 < whole["reg/ar/weight_mean"] < 1

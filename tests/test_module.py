@@ -10,7 +10,7 @@ from lit_covrl.algorithms import compute_advantages, zero_variance_groups
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
 from lit_covrl.policy import load_policy
-from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
+from lit_covrl.objectives import ASPO, CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import (
     AEPO,
     AEnt,
@@ -273,6 +273,9 @@ INVARIANCE_CASES = {
     "gspo+cov": (_covariance, lambda: GSPO(clip_low=0.05, clip_high=0.05)),
     "cispo+cov": (_covariance, lambda: CISPO()),
     "ce_gppo+cov": (_covariance, lambda: CEGPPO(clip_low=0.05, clip_high=0.05, beta1=0.5, beta2=1.5)),
+    # ASPO with a cap close to 1, so that its soft dual-clip acts too; under Archer's per-token range
+    "aspo+cov": (_covariance, lambda: ASPO(clip_low=0.05, clip_high=0.05, dual_clip=1.05)),
+    "archer+ref_kl+aspo": (_archer, lambda: ASPO(dual_clip=1.05)),
 }
 _REFERENCE: dict = {}
 
@@ -328,7 +331,7 @@ def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_
     elif case.startswith("aepo"):  # extra responses were trained on next to the selection
         assert ref_m["reg/aepo/samples"] > 0 and ref_m["reg/aepo/temperature"] == pytest.approx(1.2)
         assert ref_m["reg/clip_cov/selected_frac"] > 0
-    elif case == "archer+ref_kl":  # the per-token range clipped tokens; the KL scale and Clip-Cov acted
+    elif case.startswith("archer+ref_kl"):  # the per-token range clipped tokens; the KL scale and Clip-Cov acted
         assert 0 < ref_m["reg/archer/high_entropy_frac"] < 1 and ref_m["reg/archer/loss"] != 0
         assert ref_m["policy/clip_frac"] > 0 and ref_m["reg/ref_kl/loss"] != 0 and ref_m["reg/clip_cov/selected_frac"] > 0
     elif case.startswith("lopti"):  # both phases trained; the scope changed the loss
@@ -342,6 +345,8 @@ def test_entropy_controls_and_objectives_are_invariant_to_micro_batch_size(tiny_
         assert ref_m["reg/clip_cov/selected_frac"] > 0 and ref_m["reg/kl_cov/selected_frac"] > 0
     if case == "ce_gppo+cov":  # tokens left the clip range on both sides: their kept gradients took part
         assert ref_m["policy/clip_frac_low"] > 0 and ref_m["policy/clip_frac_high"] > 0
+    if "aspo" in case:  # ASPO's soft dual-clip capped weights (their gradient kept) besides its clip
+        assert ref_m["policy/soft_clip_frac"] > 0 and ref_m["policy/clip_frac"] > 0
     moved = max((ref_w[k] - load).abs().max().item() for k, load in _initial(tiny_model_dir).items())
     assert moved > 1e-3
     for k in ref_w:

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from lit_covrl.algorithms import aggregate, ppo_clipped_tokens, ppo_stats, ppo_token_loss
-from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip, resolve_objective
+from lit_covrl.objectives import ASPO, CEGPPO, CISPO, GSPO, PPOClip, resolve_objective
 from lit_covrl.settings import LossSettings
 from lit_covrl.regularizers import ClipCov, KLCov
 from lit_covrl.regularizers.base import MiniBatchContext
 from lit_covrl.types import PolicyBatch, TokenShaping
 
-OBJECTIVES = {"ppo": PPOClip(), "gspo": GSPO(), "cispo": CISPO(), "ce_gppo": CEGPPO()}
+OBJECTIVES = {"ppo": PPOClip(), "gspo": GSPO(), "cispo": CISPO(), "ce_gppo": CEGPPO(), "aspo": ASPO(dual_clip=1.2)}
 
 
 def _rand(n=6, t=5, seed=0, scale=0.3):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lit_covrl.algorithms import ppo_clipped_tokens, ppo_token_loss
-from lit_covrl.objectives import CEGPPO, CISPO, GSPO, PPOClip
+from lit_covrl.objectives import ASPO, CEGPPO, CISPO, GSPO, PPOClip
 from lit_covrl.regularizers import EntropyBonus, KLCov, ReferenceKL, Schedule
 from lit_covrl.regularizers.base import MiniBatchContext
 from lit_covrl.types import PolicyBatch
@@ -96,7 +96,8 @@ def test_steer_omega_max_is_the_largest_omega():
     assert reg.pop_metrics()["reg/steer/omega_max"] == pytest.approx(float(metric.max()))
 
 
-@pytest.mark.parametrize("objective", [PPOClip(), GSPO(), CISPO(), CEGPPO()], ids=["ppo", "gspo", "cispo", "ce_gppo"])
+@pytest.mark.parametrize("objective", [PPOClip(), GSPO(), CISPO(), CEGPPO(), ASPO(dual_clip=1.01)],
+                         ids=["ppo", "gspo", "cispo", "ce_gppo", "aspo"])
 def test_objective_stats_use_the_given_token_count(objective):
     """The learner sums micro-batch stats with the
     mini-batch's token count as denominator; a local denominator inflates policy/* by the number of

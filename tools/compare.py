@@ -11,7 +11,7 @@ overlays of the quickstart). A path to a YAML also works. `--config` may be repe
 stack in order before the method's overlay (e.g. a budget overlay such as
 configs/reasoning/budget_1h.yaml). Methods shipped: grpo, grpo_low_lr, entropy_bonus(_high), clip_cov
 (_annealed, _high, _lowlb), kl_cov(_high), high_entropy_tokens, adaptive_entropy, steer,
-entropy_advantage, entropy_ratio_clip, w_reinforce, entropic, archer, simko, lp_reg, siren, bapo, era, aent, aepo, trajectory_gtpo, prorl, outcome, ar, lopti, ar_lopti (regularizers), qae (a quantile baseline), passk (Pass@k Training's advantage), unlikeliness (the unlikeliness reward) and gspo, cispo, ce_gppo (objectives); see METHODS. Every run is a `python -m lit_covrl.cli fit` subprocess (this checkout's code) with `--torch_threads 1`,
+entropy_advantage, entropy_ratio_clip, w_reinforce, entropic, archer, simko, lp_reg, siren, bapo, era, aent, aepo, trajectory_gtpo, prorl, outcome, ar, lopti, ar_lopti, dcpo (regularizers), qae (a quantile baseline), passk (Pass@k Training's advantage), unlikeliness (the unlikeliness reward) and gspo, cispo, ce_gppo, aspo (objectives); see METHODS. Every run is a `python -m lit_covrl.cli fit` subprocess (this checkout's code) with `--torch_threads 1`,
 `--jobs` (default 2) at a time. Seed s sets `--seed_everything`, `--model.seed` and `--data.seed`,
 so every method's seed-s run samples the same train prompt stream and is scored on the same
 held-out prompts (a task's held-out set is drawn with the data seed): the report's "Paired by seed"
@@ -51,9 +51,9 @@ from lab.report import make_report  # noqa: E402
 METHODS = (
     "grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "clip_cov", "clip_cov_annealed",
     "clip_cov_high", "clip_cov_lowlb", "kl_cov", "kl_cov_high", "high_entropy_tokens", "adaptive_entropy",
-    "steer", "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "ce_gppo", "qae", "w_reinforce", "passk",
-    "entropic", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo", "era", "aent", "aepo", "trajectory_gtpo",
-    "prorl", "outcome", "ar", "lopti", "ar_lopti",
+    "steer", "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "ce_gppo", "aspo", "qae", "w_reinforce",
+    "passk", "entropic", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo", "era", "aent", "aepo",
+    "trajectory_gtpo", "prorl", "outcome", "ar", "lopti", "ar_lopti", "dcpo",
 )
 QUICK_STEPS = 16      # --quick: a smoke run (process start-up dominates: ~25 s per run on a busy 2-core CPU)
 QUICK_VAL_EVERY = 8

@@ -104,6 +104,9 @@ from lit_covrl.algorithms.losses import (
     row_denominators,
 )
 from lit_covrl.algorithms.objectives import (
+    aspo_clipped_tokens,
+    aspo_stats,
+    aspo_token_loss,
     ce_gppo_clipped_tokens,
     ce_gppo_token_loss,
     cispo_stats,
@@ -132,6 +135,9 @@ __all__ = [
     "aent_coef",
     "aggregate",
     "archer_clip_bounds",
+    "aspo_clipped_tokens",
+    "aspo_stats",
+    "aspo_token_loss",
     "archer_high_entropy",
     "bapo_contribution_sums",
     "bapo_grid",

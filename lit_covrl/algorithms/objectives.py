@@ -35,6 +35,20 @@ beta1 = beta2 = 0 is PPO. Dual-clip caps A < 0 tokens with r > c_dual as PPO doe
 code caps its scaled value too, which zeroes the kept gradient when beta1 (1 - eps_low) >= c_dual,
 a combination `lit_covrl.objectives.CEGPPO` refuses (below it both agree).
 
+ASPO (Wang et al. 2025, arXiv 2510.06062; the rule of its reference code, wizard-III/Archer2.0
+`compute_policy_loss_archer`): a token of negative advantage keeps PPO's IS weight r, one of
+positive advantage takes the flipped weight 1 / r, and a weight beyond the dual-clip constant c
+is capped at c with its gradient kept (soft dual-clip). Per token, gradient -A_t w_t grad logp_t:
+
+    A < 0:  r < 1 - eps_low: w = 0 (PPO's clip)   1 - eps_low <= r <= c: w = r   r > c: w = c
+    A > 0:  r > 1 + eps_high: w = 0 (PPO's clip)  1 / c <= r <= 1 + eps_high: w = 1 / r
+            r < 1 / c: w = c
+
+We write loss_t = -A_t v_t exp(logp_t - sg(logp_t)) (the exp only where w_t > 0), v_t the weight
+clamped into [1 - eps_low, c] (A < 0) or [1 / (1 + eps_high), c] (A > 0): the value -A v is the
+reference's (-A r, -A / r and their clipped values) except where the weight is capped, where the
+reference's -c A logp_t has the same gradient and ours is -c A, continuous in r.
+
 All clamp the log-ratio before exp (`logratio_clamp`, as `ppo_token_loss` does); the preserved
 gradient of CE-GPPO goes through logp itself and its tokens are told by the unclamped ratio, so a
 clipped token beyond the clamp keeps it, whatever the clamp (one inside the clip range, which
@@ -47,9 +61,12 @@ import torch
 from torch import Tensor
 
 from lit_covrl.algorithms.advantages import per_token_advantages
-from lit_covrl.algorithms.losses import _clip_stats, _ratio, _surrogates, _token_logratio, ppo_clipped_tokens, ppo_token_loss
+from lit_covrl.algorithms.losses import _clip_stats, _denominator, _ratio, _surrogates, _token_logratio, ppo_clipped_tokens, ppo_token_loss
 
 __all__ = [
+    "aspo_clipped_tokens",
+    "aspo_stats",
+    "aspo_token_loss",
     "ce_gppo_clipped_tokens",
     "ce_gppo_token_loss",
     "cispo_stats",
@@ -256,3 +273,61 @@ def ce_gppo_clipped_tokens(
     adv = per_token_advantages(advantages, logp)
     k = _clipped_scale(logp, old_logp, adv, clip_low, clip_high, beta1, beta2)
     return inert & ~(k > 0)
+
+
+def _aspo_weights(logp: Tensor, old_logp: Tensor, adv: Tensor, clip_low: float | Tensor | None,
+                  clip_high: float | Tensor | None, dual_clip: float, logratio_clamp: float | None):
+    """(v, low, high, capped) [N, T], detached: ASPO's clamped weight v (the value's), the tokens
+    it clips below (A < 0) and above (A > 0), where w = 0, and those whose weight is capped at c
+    (soft dual-clip)."""
+    lr = _token_logratio(logp, old_logp, logratio_clamp)
+    r, inv = torch.exp(lr), torch.exp(-lr)  # inf beyond float range: clamped to c below
+    neg, pos = adv < 0, adv > 0
+    v_neg = r if clip_low is None else r.clamp(min=1.0 - clip_low)
+    v_pos = inv if clip_high is None else inv.clamp(min=1.0 / (1.0 + clip_high))
+    v = torch.where(neg, v_neg, v_pos).clamp(max=dual_clip)
+    zero = torch.zeros_like(neg)
+    low = zero if clip_low is None else neg & (r < 1.0 - clip_low)
+    high = zero if clip_high is None else pos & (r > 1.0 + clip_high)
+    capped = (neg & (r > dual_clip)) | (pos & (inv > dual_clip))
+    return v, low, high, capped
+
+
+def aspo_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+                    clip_low: float | Tensor | None, clip_high: float | Tensor | None, dual_clip: float,
+                    logratio_clamp: float | None = 20.0) -> Tensor:
+    """Per-token ASPO loss [N, T] (0 outside mask): value -A v, gradient -A v d logp on the tokens
+    it does not clip, 0 on those it clips (see the module docstring)."""
+    adv = per_token_advantages(advantages, logp)
+    v, low, high, _ = _aspo_weights(logp, old_logp, adv, clip_low, clip_high, dual_clip, logratio_clamp)
+    grad = torch.exp(torch.where(low | high, torch.zeros_like(logp), logp - logp.detach()))
+    loss = -adv * v * grad
+    return torch.where(mask.bool(), loss, torch.zeros_like(loss))
+
+
+@torch.no_grad()
+def aspo_clipped_tokens(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+                        clip_low: float | Tensor | None, clip_high: float | Tensor | None, dual_clip: float,
+                        logratio_clamp: float | None = 20.0) -> Tensor:
+    """BoolTensor [N, T]: valid tokens ASPO gives zero gradient: A < 0 with r < 1 - eps_low, A > 0
+    with r > 1 + eps_high (the soft dual-clip keeps its tokens' gradient)."""
+    adv = per_token_advantages(advantages, logp)
+    _, low, high, _ = _aspo_weights(logp, old_logp, adv, clip_low, clip_high, dual_clip, logratio_clamp)
+    return (low | high) & mask.bool()
+
+
+@torch.no_grad()
+def aspo_stats(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+               clip_low: float | Tensor | None, clip_high: float | Tensor | None, dual_clip: float,
+               logratio_clamp: float | None = 20.0, num_tokens: float | Tensor | None = None) -> dict[str, Tensor]:
+    """Token means over mask: approx_kl (as `ppo_stats`), clip_frac (the tokens ASPO clips),
+    clip_frac_low (A < 0, r < 1 - eps_low), clip_frac_high (A > 0, r > 1 + eps_high) and
+    soft_clip_frac (the tokens whose weight the soft dual-clip caps at c: A < 0 with r > c, A > 0
+    with r < 1 / c)."""
+    adv = per_token_advantages(advantages, logp)
+    _, low, high, capped = _aspo_weights(logp, old_logp, adv, clip_low, clip_high, dual_clip, logratio_clamp)
+    lr = _token_logratio(logp, old_logp, logratio_clamp)
+    stats = _clip_stats(lr, low, high, low | high, mask, num_tokens, logp)
+    denom = _denominator(num_tokens, mask.bool().sum(), logp)
+    stats["soft_clip_frac"] = (capped & mask.bool()).sum().to(logp.dtype) / denom
+    return stats

@@ -48,6 +48,7 @@ class Objective:
 
     run_name: str | None = None  # its part of a run's method name (`dashboard.method_name`); None: GRPO's
     token_clip: bool = False  # its methods take clip=(eps_low, eps_high) per token (see the module docstring)
+    ratio_weighted_positive: bool = True  # its A > 0 tokens weigh PPO's min(r, 1 + eps_high) (ASPO's: 1 / r)
 
     def check_token_clip(self, lows: list[float], highs: list[float], owner: str) -> None:
         """Start-up check of the per-token clip range that regularizer `owner` may set, eps_low in
@@ -134,7 +135,7 @@ def resolve_objective(objective: Objective | None, loss) -> Objective:
         return PPOClip(**clip)
     if not isinstance(objective, Objective):
         raise ValueError(f"model.objective={objective!r} is invalid: must be a lit_covrl.objectives.Objective "
-                         "(class_path: lit_covrl.objectives.PPOClip, GSPO, CISPO or CEGPPO)")
+                         "(class_path: lit_covrl.objectives.PPOClip, GSPO, CISPO, CEGPPO or ASPO)")
     defaults = type(loss)().clip_args()
     changed = [k for k, v in clip.items() if v != defaults[k]]
     if changed:

@@ -16,7 +16,7 @@ range of every token (dual-clip, set on the objective, applies as usual). `algor
 
 How it composes: the range is a uniform `TokenShaping.clip_low / clip_high` (eps_low = 1 - c_low,
 eps_high = c_high - 1) that the objective takes in place of its own (PPOClip, CEGPPO, CISPO; GSPO
-refused at start-up; one clip-range regularizer per run). The clip acts only off policy: with one
+and ASPO, whose A > 0 tokens do not weigh r, refused at start-up; one clip-range regularizer per run). The clip acts only off policy: with one
 update per rollout r = 1, nothing clips and the search changes nothing (a start-up warning).
 
 Defaults: the reference recipe recipe/bapo/run_bapo_example.sh (target_pos_ratio 0.5, low 0.8 ->
@@ -99,6 +99,14 @@ class BAPO(ClipRangeRegularizer):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         warn_inert_on_policy(self, pl_module, "the ratio is 1, so no token is clipped whatever bounds it finds")
+
+    def check_objective(self, objective) -> None:
+        if not getattr(objective, "ratio_weighted_positive", True):
+            raise ValueError(
+                f"BAPO (regularizer {self.name!r}) balances the A > 0 tokens' PPO contribution min(r, c_high) A against "
+                f"the A < 0 tokens', which the objective {type(objective).__name__} does not weigh its A > 0 tokens by "
+                f"(ASPO takes 1 / r): its bounds would chase a balance the loss does not have; use PPOClip, CEGPPO or "
+                f"CISPO with BAPO, or leave BAPO out")
 
     def clip_values(self) -> tuple[list[float], list[float]]:
         return [1.0 - c for c in self.lows], [c - 1.0 for c in self.highs]
