@@ -179,3 +179,18 @@ def test_reasoning_config_runs_an_rl_step_through_the_cli(tmp_path):
           "--checkpoint.dirpath", str(tmp_path / "ck"), "--trainer.logger.init_args.save_dir", str(tmp_path)])
     tags = scalar_tags(tmp_path)
     assert "policy/soft_clip_frac" in tags and math.isfinite(tags["policy/loss"][-1][1]), sorted(tags)
+
+
+def test_on_policy_it_is_ppo_clip():
+    """At r = 1 (the first update of a rollout) the flipped weight 1 / r is r: ASPO's value and
+    gradient are PPOClip's, so it acts only on off-policy updates."""
+    logp, old, adv, mask, _ = _batch(4)
+    aspo, ppo = ASPO(), PPOClip(dual_clip=3.0)
+    assert torch.equal(aspo.token_loss(logp, logp, adv, mask), ppo.token_loss(logp, logp, adv, mask))
+    grads = []
+    for obj in (aspo, ppo):
+        z = logp.clone().requires_grad_(True)
+        aggregate(obj.token_loss(z, logp, adv, mask), mask, "token-mean").backward()
+        grads.append(z.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    assert not torch.equal(aspo.token_loss(logp, old, adv, mask), ppo.token_loss(logp, old, adv, mask))

@@ -33,7 +33,7 @@ REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high
                      "dcpo_clip_only", "ar", "lopti", "ar_lopti", "aspo")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high",
                "entropic_kp5", "lp_reg_neg10", "siren_high", "prorl_without_kl", "prorl_on_stall",
-               "prorl_beta01_fixed", "prorl_beta01_every50", "prorl_beta01_on_stall")
+               "prorl_beta01_fixed", "prorl_beta01_every50", "prorl_beta01_on_stall", "aspo_archer")
 STACKS = {
     "quickstart.yaml": [QUICK],
     "reasoning.yaml": [CONFIGS / "reasoning.yaml"],
@@ -76,7 +76,7 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
     cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, args=args, run=False)
     assert isinstance(cli.model, GRPOModule) and isinstance(cli.datamodule, PromptDataModule)
     regs = [cb for cb in cli.trainer.callbacks if isinstance(cb, Regularizer)]
-    expected = {"cpu/archer.yaml": 2, "reasoning/archer.yaml": 2, "cpu/dcpo.yaml": 2, "reasoning/dcpo.yaml": 2, "cpu/grpo.yaml": 0, "experiments/grpo_low_lr.yaml": 0, "experiments/prorl_without_kl.yaml": 0, "cpu/gspo.yaml": 0, "cpu/cispo.yaml": 0, "reasoning/gspo.yaml": 0, "reasoning/cispo.yaml": 0, "cpu/ce_gppo.yaml": 0, "reasoning/ce_gppo.yaml": 0, "cpu/aspo.yaml": 0, "reasoning/aspo.yaml": 0, "quickstart.yaml": 0, "reasoning.yaml": 0, "reasoning/grpo_low_lr.yaml": 0, "reasoning/grpo.yaml": 0, "reasoning/budget_1h.yaml": 0,
+    expected = {"experiments/aspo_archer.yaml": 2, "cpu/archer.yaml": 2, "reasoning/archer.yaml": 2, "cpu/dcpo.yaml": 2, "reasoning/dcpo.yaml": 2, "cpu/grpo.yaml": 0, "experiments/grpo_low_lr.yaml": 0, "experiments/prorl_without_kl.yaml": 0, "cpu/gspo.yaml": 0, "cpu/cispo.yaml": 0, "reasoning/gspo.yaml": 0, "reasoning/cispo.yaml": 0, "cpu/ce_gppo.yaml": 0, "reasoning/ce_gppo.yaml": 0, "cpu/aspo.yaml": 0, "reasoning/aspo.yaml": 0, "quickstart.yaml": 0, "reasoning.yaml": 0, "reasoning/grpo_low_lr.yaml": 0, "reasoning/grpo.yaml": 0, "reasoning/budget_1h.yaml": 0,
                 "reasoning/budget_collapse.yaml": 0, "cpu/qae.yaml": 0, "reasoning/qae.yaml": 0,
                 "cpu/passk.yaml": 0, "reasoning/passk.yaml": 0, "cpu/unlikeliness.yaml": 0, "reasoning/unlikeliness.yaml": 0,
                 "paper/qwen2.5-7b.yaml": 0, "paper/qwen2.5-32b.yaml": 0, "cpu/ar_lopti.yaml": 2,
@@ -116,9 +116,11 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
         assert siren.needs_topp_entropy == (0.8, 10000)
     if name.endswith("archer.yaml"):  # the reference recipe's values (wizard-III/ArcherCodeR), with its ref KL
         archer, kl = regs
-        assert (archer.quantile, archer.low_entropy, archer.high_entropy) == (0.8, (0.2, 0.2), (0.5, 0.5))
+        aspo = name.endswith("aspo_archer.yaml")  # Archer2.0's loss: ASPO, 0.4 on high-entropy tokens, no dual_clip key
+        assert (archer.quantile, archer.low_entropy, archer.high_entropy) == (0.8, (0.2, 0.2), (0.4,) * 2 if aspo else (0.5,) * 2)
         assert archer.high_entropy_kl_scale == 0.0 and (kl.beta, kl.estimator) == (1e-3, "k3")
-        assert cli.model.settings.loss.dual_clip == 10.0 and type(cli.model.objective).__name__ == "PPOClip"
+        assert cli.model.settings.loss.dual_clip == (None if aspo else 10.0)
+        assert type(cli.model.objective).__name__ == ("ASPO" if aspo else "PPOClip")
     if name.endswith("dcpo.yaml"):  # the reference recipe's values (lime-RL/DCPO, run_dcpo.sh / run_base.sh)
         clip, adv = regs
         assert (type(clip).__name__, type(adv).__name__) == ("DCPOClip", "DCPOAdvantage")
