@@ -31,7 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lit_covrl.checkpointing import AtomicCheckpoint
 from lit_covrl.cli_args import (
     check_moved_keys, config_file_with_key, flag_as_given, one_string_lists, reset_switched_classes,
-    stack_config_callbacks,
+    stack_config_callbacks, warn_replaced_loss_settings,
 )
 from lit_covrl.run_names import last_checkpoint, name_run
 from lit_covrl.errors import class_argument, debugging, exit_with, unknown_settings
@@ -115,6 +115,7 @@ class LitCovRLCLI(LightningCLI):
             args = list(sys.argv[1:] if args is None else args)
             check_moved_keys(args)
             args = reset_switched_classes(one_string_lists(args))
+            warn_replaced_loss_settings(args)
             self._given_args = stack_config_callbacks(args)
             try:
                 self.config = parser.parse_args(self._given_args)

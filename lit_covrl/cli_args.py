@@ -6,7 +6,9 @@ the list of argument strings (and of the `--config` files they name).
 - `one_string_lists`: a bare value of a string-list key is one string (`--model.rollout.stop+=####`);
 - `reset_switched_classes`: a switched objective or sampler class starts from its own defaults
   (and a class flag that a later `--config` file would replace is refused);
-- `stack_config_callbacks`: the `trainer.callbacks` of stacked `--config` files add up.
+- `stack_config_callbacks`: the `trainer.callbacks` of stacked `--config` files add up;
+- `warn_replaced_loss_settings`: a stacked method config that replaces another's `model.loss`
+  value is said.
 """
 from __future__ import annotations
 
@@ -301,3 +303,21 @@ def stack_config_callbacks(args: list[str]) -> list[str]:
     # YAML, not JSON: JSON has no .inf / .nan (ClipCov's `ub: .inf`)
     flow = yaml.safe_dump(merged, default_flow_style=True, sort_keys=False, width=float("inf")).strip()
     return [*args[: last + 1], f"--trainer.callbacks={flow}", *args[last + 1 :]]
+
+
+def warn_replaced_loss_settings(args: list[str]) -> None:
+    """Stacked method configs (the `--config` files after the first, the base) merge key by key, the
+    later file's value winning: where two of them set one `model.loss` key to different values, one
+    control's setting is replaced (configs/cpu/kl_cov.yaml's unclipped surrogate, `clip_high: null`,
+    by steer.yaml's clip-higher 0.28; trajectory_gtpo.yaml's `advantage: drgrpo` by passk.yaml's
+    passk). A warning names both files, the key and the value trained; a command-line flag is
+    explicit and passes without a word."""
+    seen: dict[str, tuple[str, object]] = {}
+    for _, path in _config_paths(args)[1:]:
+        loss = _model_section(_file_top(path)).get("loss")
+        for key, value in (loss.items() if isinstance(loss, dict) else ()):
+            if key in seen and seen[key][1] != value:
+                log.warning("--config %s sets model.loss.%s=%r over --config %s's %r: the later file's value is trained "
+                            "(stacked configs do not merge a setting; give the one you mean after the last --config)",
+                            path, key, value, seen[key][0], seen[key][1])
+            seen[key] = (path, value)

@@ -1,0 +1,45 @@
+"""Stacked method configs: what one does to another's settings is said or refused at start-up
+(the pairs of every control: tests/test_stacking.py)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from lit_covrl.cli import LitCovRLCLI
+from lit_covrl.data import PromptDataModule
+from lit_covrl.module import GRPOModule
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+QUICK, CPU = CONFIGS / "quickstart.yaml", CONFIGS / "cpu"
+
+
+def _cli(tmp_path, *configs: str, flags=()):
+    args = ["--config", str(QUICK)]
+    for name in configs:
+        args += ["--config", str(CPU / f"{name}.yaml")]
+    return LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False,
+                       args=[*args, *flags, "--trainer.logger.init_args.save_dir", str(tmp_path)])
+
+
+def test_a_stacked_config_replacing_another_ones_loss_setting_is_said(tmp_path, caplog):
+    """kl_cov.yaml trains KL-Cov on an unclipped surrogate (clip_low / clip_high null); steer.yaml,
+    stacked after it, set clip_high 0.28 and the run was silently clipped above."""
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        objective = _cli(tmp_path, "kl_cov", "steer").model.objective
+    assert (objective.clip_low, objective.clip_high) == (None, 0.28)  # the later file's value, as before
+    said = [r.getMessage() for r in caplog.records if "model.loss.clip_high" in r.getMessage()]
+    assert len(said) == 1 and f"--config {CPU / 'steer.yaml'} sets model.loss.clip_high=0.28 over --config " \
+        f"{CPU / 'kl_cov.yaml'}'s None: the later file's value is trained" in said[0], caplog.text
+
+
+@pytest.mark.parametrize("configs,flags", [(("steer",), ()), (("steer", "entropy_ratio_clip"), ()),
+                                           (("kl_cov",), ("--model.loss.clip_high", "0.3"))],
+                         ids=["over the base", "the same value", "a flag"])
+def test_no_word_where_no_method_config_is_replaced(configs, flags, tmp_path, caplog):
+    """A method config over the base config (its first file), two that agree, and a flag (explicit)."""
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+        _cli(tmp_path, *configs, flags=flags)
+    assert "the later file's value is trained" not in caplog.text, caplog.text
+
