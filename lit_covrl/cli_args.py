@@ -298,11 +298,30 @@ def stack_config_callbacks(args: list[str]) -> list[str]:
                              "replace it; put it after the last --config")
     if len(setting) < 2:
         return args
+    _check_added_twice([(path, cbs) for _, path, cbs in setting])
     merged = [cb for _, _, cbs in setting for cb in cbs]
     last = index  # not the last --config of all: a flag between it and a later file would be replaced
     # YAML, not JSON: JSON has no .inf / .nan (ClipCov's `ub: .inf`)
     flow = yaml.safe_dump(merged, default_flow_style=True, sort_keys=False, width=float("inf")).strip()
     return [*args[: last + 1], f"--trainer.callbacks={flow}", *args[last + 1 :]]
+
+
+def _check_added_twice(files: list[tuple[str, list]]) -> None:
+    """Two stacked files that add a callback of one class under one name (configs/cpu/archer.yaml
+    and prorl.yaml each add a ReferenceKL): refused naming both files. `check_stack` refuses the
+    two names later too, but named neither file, and its remedy (a second name) trains two KL
+    penalties where the stack meant one."""
+    seen: dict[tuple[str, object], str] = {}
+    for path, callbacks in files:
+        for cb in callbacks:
+            spec = cb if isinstance(cb, dict) else {"class_path": cb}
+            key = (str(spec.get("class_path")), (spec.get("init_args") or {}).get("name"))
+            if key in seen and seen[key] != path:
+                cls, name = key[0].rpartition(".")[2], f" named {key[1]!r}" if key[1] else ""
+                raise ValueError(
+                    f"--config {seen[key]} and --config {path} both add a {cls}{name}: stacked, the run would have "
+                    f"two; keep the one you mean in a copy of one file (or give the other init_args.name to train both)")
+            seen.setdefault(key, path)
 
 
 def warn_replaced_loss_settings(args: list[str]) -> None:

@@ -43,3 +43,23 @@ def test_no_word_where_no_method_config_is_replaced(configs, flags, tmp_path, ca
         _cli(tmp_path, *configs, flags=flags)
     assert "the later file's value is trained" not in caplog.text, caplog.text
 
+
+def test_two_stacked_configs_adding_the_same_callback_are_refused_naming_both(tmp_path):
+    """archer.yaml and prorl.yaml each add a ReferenceKL: refused as "two regularizers are named
+    'ref_kl'", naming neither file, with a remedy (name one ref_kl_2) that trains two KL penalties."""
+    with pytest.raises(ValueError) as err:
+        _cli(tmp_path, "archer", "prorl")
+    assert str(err.value) == (f"--config {CPU / 'archer.yaml'} and --config {CPU / 'prorl.yaml'} both add a ReferenceKL: "
+                              "stacked, the run would have two; keep the one you mean in a copy of one file (or give "
+                              "the other init_args.name to train both)")
+
+
+def test_one_config_adding_two_callbacks_of_one_class_is_left_to_the_stack_check(tmp_path):
+    """Within one file two callbacks are the file's own choice: named apart, they stack."""
+    two = tmp_path / "two.yaml"
+    two.write_text("trainer:\n  callbacks:\n    - class_path: lit_covrl.regularizers.ClipCov\n"
+                   "    - class_path: lit_covrl.regularizers.ClipCov\n      init_args:\n        name: clip_cov_2\n")
+    cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_kwargs={"parser_mode": "omegaconf"}, run=False,
+                      args=["--config", str(QUICK), "--config", str(CPU / "entropy_bonus.yaml"), "--config", str(two),
+                            "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert [type(c).__name__ for c in cli.trainer.callbacks][:3] == ["EntropyBonus", "ClipCov", "ClipCov"]
