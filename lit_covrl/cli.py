@@ -31,7 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lit_covrl.checkpointing import AtomicCheckpoint
 from lit_covrl.cli_args import (
     check_moved_keys, config_file_with_key, flag_as_given, one_string_lists, reset_switched_classes,
-    stack_config_callbacks, warn_replaced_loss_settings,
+    name_setting_sources, stack_config_callbacks, warn_replaced_loss_settings,
 )
 from lit_covrl.run_names import last_checkpoint, name_run
 from lit_covrl.errors import class_argument, debugging, exit_with, unknown_settings
@@ -183,6 +183,17 @@ class LitCovRLCLI(LightningCLI):
             import torch
 
             torch.set_num_threads(threads)
+
+    def instantiate_classes(self) -> None:
+        """As LightningCLI's; a settings error naming model keys that stacked `--config` files set
+        says which file set each (`name_setting_sources`), so that a refused pair names both."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            text = name_setting_sources(str(err), getattr(self, "_given_args", None) or [])
+            if text is None or type(err) is not ValueError:
+                raise
+            raise ValueError(text) from err
 
     def after_instantiate_classes(self) -> None:
         """The generated run name is not part of the saved config.yaml: re-running a run's saved

@@ -8,7 +8,8 @@ the list of argument strings (and of the `--config` files they name).
   (and a class flag that a later `--config` file would replace is refused);
 - `stack_config_callbacks`: the `trainer.callbacks` of stacked `--config` files add up;
 - `warn_replaced_loss_settings`: a stacked method config that replaces another's `model.loss`
-  value is said.
+  value is said;
+- `name_setting_sources`: a settings error names the stacked files that set the keys it names.
 """
 from __future__ import annotations
 
@@ -340,3 +341,21 @@ def warn_replaced_loss_settings(args: list[str]) -> None:
                             "(stacked configs do not merge a setting; give the one you mean after the last --config)",
                             path, key, value, seen[key][0], seen[key][1])
             seen[key] = (path, value)
+
+
+_MODEL_KEY = re.compile(r"\b(model(?:\.\w+)+)=")
+
+
+def name_setting_sources(message: str, args: list[str]) -> str | None:
+    """A start-up error's `message` with the `--config` file that set each model key it names
+    (`model.loss.pass_k=4`), where two or more files set them: the refusal of two stacked configs
+    (passk.yaml's pass_k beside trajectory_gtpo.yaml's advantage drgrpo; archer.yaml's dual_clip
+    beside cispo.yaml's objective) then names both. None where fewer files did (one file, or
+    flags: the user knows where to look)."""
+    sources = {}
+    for key in dict.fromkeys(_MODEL_KEY.findall(message)):
+        if flag_as_given(args, key) is None and (path := config_file_with_key(args, key)) is not None:
+            sources[key] = path
+    if len(set(sources.values())) < 2:
+        return None
+    return f"{message} ({'; '.join(f'{key} from --config {path}' for key, path in sources.items())})"

@@ -63,3 +63,23 @@ def test_one_config_adding_two_callbacks_of_one_class_is_left_to_the_stack_check
                       args=["--config", str(QUICK), "--config", str(CPU / "entropy_bonus.yaml"), "--config", str(two),
                             "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert [type(c).__name__ for c in cli.trainer.callbacks][:3] == ["EntropyBonus", "ClipCov", "ClipCov"]
+
+
+@pytest.mark.parametrize("configs,message", [
+    (("passk", "trajectory_gtpo"), "model.loss.pass_k=4 is invalid: is the k of model.loss.advantage='passk', not of "
+     "'drgrpo' (model.loss.pass_k from --config {passk}; model.loss.advantage from --config {trajectory_gtpo})"),
+    (("archer", "cispo"), "CISPO has no dual_clip: reset it with --model.loss.dual_clip null. (model.objective from "
+     "--config {cispo}; model.loss.dual_clip from --config {archer})"),
+], ids=["passk+trajectory_gtpo", "archer+cispo"])
+def test_a_settings_refusal_of_two_stacked_configs_names_both_files(configs, message, tmp_path):
+    """The refusal named the keys, not the files: after passk.yaml, trajectory_gtpo.yaml's `advantage:
+    drgrpo` left passk's k behind, and the message never said where drgrpo came from."""
+    with pytest.raises(ValueError) as err:
+        _cli(tmp_path, *configs)
+    assert str(err.value).endswith(message.format(**{name: CPU / f"{name}.yaml" for name in configs})), str(err.value)
+
+
+def test_a_settings_refusal_of_one_config_is_left_as_it_was(tmp_path):
+    with pytest.raises(ValueError) as err:
+        _cli(tmp_path, "passk", flags=("--model.loss.unlikeliness", "0.25"))
+    assert "--config" not in str(err.value)
