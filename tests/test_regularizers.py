@@ -272,7 +272,7 @@ def test_two_advantage_shifts_are_refused_at_start_up():
     from lit_covrl.regularizers.base import check_stack
 
     check_stack([EntropyAdvantage(kappa=1.5), ClipCov(), HighEntropyTokens()])  # one is fine
-    with pytest.raises(ValueError, match="2 regularizers shift the advantage .*'entropy_advantage', 'ea2'"):
+    with pytest.raises(ValueError, match=r"2 regularizers shift the advantage .*'entropy_advantage' \(EntropyAdvantage\), 'ea2'"):
         check_stack([EntropyAdvantage(kappa=1.5), EntropyAdvantage(kappa=1.5, name="ea2")])
     with pytest.raises(ValueError, match="two regularizers are named"):
         check_stack([ClipCov(), ClipCov()])

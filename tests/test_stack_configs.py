@@ -83,3 +83,19 @@ def test_a_settings_refusal_of_one_config_is_left_as_it_was(tmp_path):
     with pytest.raises(ValueError) as err:
         _cli(tmp_path, "passk", flags=("--model.loss.unlikeliness", "0.25"))
     assert "--config" not in str(err.value)
+
+
+def test_the_two_shifts_refusal_says_how_to_keep_one():
+    """EntropyAdvantage beside TrajectoryGTPO (entropy_advantage.yaml + trajectory_gtpo.yaml) was told
+    "keep one (raise its alpha instead)": TrajectoryGTPO has no alpha, and its shift goes with
+    entropy_scale 0, which then stacks."""
+    from lit_covrl.regularizers import EntropyAdvantage, TrajectoryGTPO
+    from lit_covrl.regularizers.base import check_stack
+
+    with pytest.raises(ValueError) as err:
+        check_stack([EntropyAdvantage(), TrajectoryGTPO()])
+    assert str(err.value) == (
+        "2 regularizers shift the advantage ('entropy_advantage' (EntropyAdvantage), 'trajectory_gtpo' (TrajectoryGTPO)): "
+        "their shifts add up and can flip the advantage's sign; keep one shift (of two EntropyAdvantage, one with a "
+        "larger alpha; TrajectoryGTPO shifts nothing with entropy_scale 0)")
+    check_stack([EntropyAdvantage(), TrajectoryGTPO(entropy_scale=0.0)])

@@ -49,8 +49,10 @@ def check_stack(regularizers: list[Regularizer]) -> None:
     shifting = [r for r in regularizers if r.shifts_advantage]
     if len(shifting) > 1:
         raise ValueError(
-            f"{len(shifting)} regularizers shift the advantage ({', '.join(repr(r.name) for r in shifting)}): "
-            "their shifts add up and can flip the advantage's sign; keep one (raise its alpha instead)"
+            f"{len(shifting)} regularizers shift the advantage "
+            f"({', '.join(f'{r.name!r} ({type(r).__name__})' for r in shifting)}): their shifts add up and can flip "
+            "the advantage's sign; keep one shift (of two EntropyAdvantage, one with a larger alpha; TrajectoryGTPO "
+            "shifts nothing with entropy_scale 0)"
         )
     ForwardAsks.of(regularizers)  # one request of each kind for the training forward, else refused
     outcome = [r for r in regularizers if r.shapes_outcome]
