@@ -102,6 +102,12 @@ def pairs(found: list[Control]) -> list[tuple[Control, Control]]:
     return [(a, b) for a, b in itertools.combinations(found, 2) if not (a.kind == b.kind == "objective")]
 
 
+def disagree(pair) -> list[str]:
+    """The `model.loss` keys both controls' configs set, to different values (the later file's wins)."""
+    a, b = ((c.config.get("model") or {}).get("loss") or {} for c in pair)
+    return sorted(k for k in set(a) & set(b) if a[k] != b[k])
+
+
 def pair_id(pair) -> str:
     return "+".join(c.name for c in pair)
 
@@ -210,10 +216,9 @@ def check_runs(pair, out: Outcome) -> list[str]:
             problems.append(f"step {i}: policy/loss {metrics.get('policy/loss')}")
         problems += [f"step {i}: {k} = {v}" for k, v in metrics.items() if not math.isfinite(v)]
         problems += [f"step {i}: no reg/{n}/loss" for c in pair for n in c.reg_names if f"reg/{n}/loss" not in metrics]
-    a, b = ((c.config.get("model") or {}).get("loss") or {} for c in pair)
-    for key in sorted(k for k in set(a) & set(b) if a[k] != b[k]):
+    for key in disagree(pair):
         if not any(f"model.loss.{key}" in w and pair[0].name in w and pair[1].name in w for w in out.warnings):
-            problems.append(f"both set model.loss.{key} ({a[key]!r}, {b[key]!r}) and no warning says which is trained")
+            problems.append(f"both set model.loss.{key} and no warning says which value is trained")
     return problems
 
 

@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from tests.stacking import (ROOT, StackRunner, check_runs, controls, documented_refusals, names_both, pair_id, pairs,
-                            refused_table)
+from tests.stacking import (ROOT, StackRunner, check_runs, controls, disagree, documented_refusals, names_both, pair_id,
+                            pairs, refused_table)
 
 FOUND = controls()
 PAIRS = pairs(FOUND)
@@ -47,6 +47,17 @@ def test_a_pair_runs_or_is_refused_at_start_up(pair, runner, documented):
     else:
         assert check_runs(pair, out) == []
         assert pair_id(pair) not in documented, f"runs, but the README's table says refused ({table})"
+
+
+@pytest.mark.parametrize("pair", [p[::-1] for p in PAIRS if disagree(p)], ids=pair_id)
+def test_a_pair_whose_configs_disagree_is_refused_or_runs_in_the_other_order_too(pair, runner):
+    """Where both configs set a model.loss key (the later file's value is trained), the other file
+    order is another run: passk.yaml after trajectory_gtpo.yaml trains passk, before it is refused."""
+    out = runner.run(*pair)
+    if out.refusal is not None:
+        assert names_both(pair, out.refusal), f"the refusal does not name both controls: {out.refusal}"
+    else:
+        assert check_runs(pair, out) == []
 
 
 def test_the_readme_table_names_only_existing_pairs(documented):
