@@ -135,7 +135,7 @@ class Recorder(Callback):
 
 @dataclass
 class Outcome:
-    refusal: str | None = None  # the start-up error's message
+    refusal: str | None = None  # the start-up error, "<type>: <message>"
     warnings: list[str] = field(default_factory=list)  # lit_covrl's warnings
     steps: list[dict[str, float]] = field(default_factory=list)  # the logged metrics of each RL step
 
@@ -199,7 +199,7 @@ class StackRunner:
         except cli_module._STARTUP_ERRORS as err:
             if cli_module._past_start_up(cli_module._RUN.get("trainer")):
                 raise
-            return Outcome(refusal=str(err), warnings=warnings.messages)
+            return Outcome(refusal=f"{type(err).__name__}: {err}", warnings=warnings.messages)
         finally:
             log.removeHandler(warnings)
         return Outcome(steps=recorder.steps, warnings=warnings.messages)

@@ -37,12 +37,17 @@ def test_the_controls_are_found():
     assert len(PAIRS) == len(FOUND) * (len(FOUND) - 1) // 2 - 3  # all but the 3 objective pairs
 
 
+def assert_names_both(pair, refusal: str) -> None:
+    assert refusal.startswith("ValueError: ") and names_both(pair, refusal), \
+        f"the refusal is no ValueError naming both controls: {refusal}"
+
+
 @pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
 def test_a_pair_runs_or_is_refused_at_start_up(pair, runner, documented):
     out = runner.run(*pair)
     table = "regenerate the README's table with `python -m tests.stacking`"
     if out.refusal is not None:
-        assert names_both(pair, out.refusal), f"the refusal does not name both controls: {out.refusal}"
+        assert_names_both(pair, out.refusal)
         assert pair_id(pair) in documented, f"refused, but not in the README's table ({table}): {out.refusal}"
     else:
         assert check_runs(pair, out) == []
@@ -55,7 +60,7 @@ def test_a_pair_whose_configs_disagree_is_refused_or_runs_in_the_other_order_too
     order is another run: passk.yaml after trajectory_gtpo.yaml trains passk, before it is refused."""
     out = runner.run(*pair)
     if out.refusal is not None:
-        assert names_both(pair, out.refusal), f"the refusal does not name both controls: {out.refusal}"
+        assert_names_both(pair, out.refusal)
     else:
         assert check_runs(pair, out) == []
 
