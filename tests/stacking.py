@@ -224,9 +224,11 @@ def check_runs(pair, out: Outcome) -> list[str]:
 
 def names_both(pair, message: str) -> bool:
     """Whether `message` names each control of `pair` by a word the other does not share (a
-    ReferenceKL in both configs names neither)."""
+    ReferenceKL in both configs names neither) or by its config file."""
     text = message.lower()
-    a, b = ({w.lower() for w in c.words} for c in pair)
+    # a control's config file names it too (a recipe holding the other's class, ar_lopti beside ar,
+    # shares all of the other's words)
+    a, b = ({w.lower() for w in c.words} | {f"/{c.name}.yaml"} for c in pair)
     return any(w in text for w in a - b) and any(w in text for w in b - a)
 
 

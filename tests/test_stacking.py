@@ -34,7 +34,8 @@ def test_the_controls_are_found():
     assert {kinds["clip_cov"], kinds["gspo"], kinds["qae"], kinds["clip_higher"]} == {"regularizer", "objective", "setting"}
     assert kinds["clip_higher"] == kinds["passk"] == kinds["unlikeliness"] == "setting"
     assert "grpo" not in kinds  # the baseline adds nothing
-    assert len(PAIRS) == len(FOUND) * (len(FOUND) - 1) // 2 - 3  # all but the 3 objective pairs
+    n, objectives = len(FOUND), sum(c.kind == "objective" for c in FOUND)
+    assert objectives >= 4 and len(PAIRS) == n * (n - 1) // 2 - objectives * (objectives - 1) // 2  # all but objective pairs
 
 
 def assert_names_both(pair, refusal: str) -> None:
