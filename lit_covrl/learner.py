@@ -175,7 +175,7 @@ class Learner:
         metrics = self._accumulate(mb, plan, early)
         return {**metrics, **self._optimizer_step(last)}
 
-    def _select(self, mb: "MiniBatch", plan: list, index: int, phase: int):
+    def _select(self, mb: "MiniBatch", plan: list, index: int, phase: int = 0):
         """Every regularizer's `prepare` on the whole mini-batch (detached, all ranks). Returns the
         training forward when it had to run early (see `_selection_logprobs`), else None."""
         need_ent = any(r.needs_entropy for r in self.regularizers)
