@@ -212,6 +212,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def save_ddp_fit(fit, rank: int, port: int, model_dir: str, prompts: str, out: str) -> None:
+    """A spawned worker's body: `fit(model_dir, prompts, out / "d", 2, a gloo DDPStrategy)` as rank
+    `rank` of 2, its result saved to out/rank<rank>.pt."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    torch.set_num_threads(1)
+    elastic_env(rank, 2, port)
+    torch.save(fit(model_dir, Path(prompts), Path(out) / "d", 2, DDPStrategy(process_group_backend="gloo")),
+               f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
 def elastic_env(rank: int, world: int, port: int) -> None:
     """What torchrun would set: Lightning then treats the processes as launched externally."""
     os.environ.update(

@@ -291,17 +291,9 @@ def _dcpo_fit(model_dir, prompts, root, devices, strategy=None):
 
 
 def _fit_worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> None:
-    from pathlib import Path
-
-    from lightning.pytorch.strategies import DDPStrategy
-
     from tests import _dist
 
-    torch.set_num_threads(1)
-    _dist.elastic_env(rank, 2, port)
-    torch.save(_dcpo_fit(model_dir, Path(prompts), Path(out) / "d", 2, DDPStrategy(process_group_backend="gloo")),
-               f"{out}/rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    _dist.save_ddp_fit(_dcpo_fit, rank, port, model_dir, prompts, out)
 
 
 def test_two_ddp_processes_train_as_one_process(tiny_model_dir, tmp_path):

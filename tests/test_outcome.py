@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from lit_covrl.algorithms import (batch_repeats, compute_advantages, distinct_answers, group_centered,
+from lit_covrl.algorithms import (batch_repeats, distinct_answers, group_centered,
                                   historical_bonus, outcome_shaping)
 from lit_covrl.reward_set import RewardSet
 from lit_covrl.regularizers import OutcomeExploration
@@ -325,17 +325,9 @@ def test_two_processes_count_over_both_ranks(tmp_path):
 
 
 def _fit_worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> None:
-    from pathlib import Path
-
-    from lightning.pytorch.strategies import DDPStrategy
-
     from tests import _dist
 
-    torch.set_num_threads(1)
-    _dist.elastic_env(rank, 2, port)
-    torch.save(_outcome_fit(model_dir, Path(prompts), Path(out) / "d", 2, DDPStrategy(process_group_backend="gloo")),
-               f"{out}/rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    _dist.save_ddp_fit(_outcome_fit, rank, port, model_dir, prompts, out)
 
 
 def _outcome_fit(model_dir, prompts, root, devices, strategy=None):
