@@ -224,6 +224,18 @@ def save_ddp_fit(fit, rank: int, port: int, model_dir: str, prompts: str, out: s
     torch.distributed.destroy_process_group()
 
 
+def assert_ranks_match(out: Path, single: dict, prefix: str, steps=(1, 2, 3)) -> None:
+    """Each rank's saved fit (`save_ddp_fit`) logged what the one-process fit `single` did: every
+    metric under `prefix`, policy/loss and policy/grad_norm (at least 8 of them) at each step."""
+    for rank in range(2):
+        saved = torch.load(out / f"rank{rank}.pt", weights_only=False)
+        for s in steps:
+            keys = [k for k in single[s] if k.startswith(prefix) or k in ("policy/loss", "policy/grad_norm")]
+            assert len(keys) >= 8
+            for k in keys:
+                assert saved[s][k] == pytest.approx(single[s][k], rel=2e-3, abs=1e-5), (rank, s, k)
+
+
 def elastic_env(rank: int, world: int, port: int) -> None:
     """What torchrun would set: Lightning then treats the processes as launched externally."""
     os.environ.update(

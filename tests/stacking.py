@@ -19,7 +19,6 @@ first batch (the CLI's own rule, `cli._past_start_up`); any later error is a cra
 """
 from __future__ import annotations
 
-import copy
 import importlib
 import itertools
 import logging
