@@ -36,6 +36,9 @@ def check_before_start(module, stage: str) -> None:
     # non-default clip keys of model.loss: the objective is the PPOClip built from them (resolve_objective)
     from_loss = cfg.loss.clip_args() != type(cfg.loss)().clip_args()
     check_objective_stack(module.objective, module.regularizers, "model.loss" if from_loss else "model.objective.init_args")
+    if stage == "fit" and getattr(module.objective, "ppo_on_policy", False) and module.updates_per_rollout == 1:
+        rank_zero_warn(f"{type(module.objective).__name__} is PPOClip on policy (r = 1) and this run takes a single "
+                       "update per rollout, so it trains as PPOClip; use several mini-batches or ppo_epochs > 1")
     dm, ro = getattr(trainer, "datamodule", None), cfg.rollout
     module.rewards.answer_field = getattr(dm, "hparams", {}).get("answer_field") if dm is not None else None
     if hasattr(dm, "minibatch_prompts"):  # ranks' updates laid out as one rank's (PromptDataModule.rank_offsets)

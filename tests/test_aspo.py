@@ -194,3 +194,22 @@ def test_on_policy_it_is_ppo_clip():
         grads.append(z.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
     assert not torch.equal(aspo.token_loss(logp, old, adv, mask), ppo.token_loss(logp, old, adv, mask))
+
+
+@pytest.mark.parametrize("mini_batch_size, warned", [(None, True), (2, False)])
+def test_a_single_update_per_rollout_is_warned_at_start_up(tiny_model_dir, mini_batch_size, warned):
+    """One update per rollout is always on policy, where ASPO is PPOClip (the test above): the run
+    is told at start-up (it trained as GRPO without a word)."""
+    import warnings
+
+    from lit_covrl.data import PromptDataModule
+    from tests.helpers import fit
+    from tests.test_module import make_module
+
+    module = make_module(tiny_model_dir, objective=ASPO(), rollout=dict(max_new_tokens=2, group_size=2),
+                         update=dict(mini_batch_size=mini_batch_size))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(module, PromptDataModule(task="arithmetic", batch_size=4, val_size=0, seed=0), steps=1)
+    said = [str(w.message) for w in caught if "ASPO is PPOClip on policy" in str(w.message)]
+    assert bool(said) == warned, said

@@ -38,6 +38,7 @@ class ASPO(Objective):
     run_name = "aspo"
     token_clip = True  # a per-token range moves each token's clip edges (the cap c stays the objective's)
     ratio_weighted_positive = False  # A > 0 tokens weigh 1 / r, not PPO's r
+    ppo_on_policy = True  # at r = 1 it is PPOClip: a run with one update per rollout is warned at start-up
 
     def __init__(self, clip_low: float | None = 0.2, clip_high: float | None = 0.2, dual_clip: float = 3.0,
                  logratio_clamp: float | None = 20.0) -> None:
