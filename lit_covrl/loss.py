@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lit_covrl.algorithms import aggregate
+from lit_covrl.algorithms import aggregate, per_token_advantages
 from lit_covrl.objectives import Objective
 from lit_covrl.regularizers.base import Regularizer
 from lit_covrl.types import ForwardAsks, PolicyBatch, TokenShaping
@@ -57,10 +57,17 @@ def loss_parts(objective: Objective, regularizers: list[Regularizer], b: PolicyB
     """policy/loss, each regularizer's contribution reg/<name>/loss and the objective's stats."""
     parts = {"policy/loss": loss}
     parts.update(contributions(objective, regularizers, b, shapings, base, agg))
+    scope = _scope(shapings)  # a phase's stats count its own tokens (out of it A is 0, as the reference zeroes it)
+    advantages = b.advantages if scope is None else per_token_advantages(b.advantages, b.logp) * scope
     parts.update({f"policy/{k}": v for k, v in objective.stats(
-        b.logp, b.old_logp, b.advantages, b.mask, num_tokens=num_tokens,
+        b.logp, b.old_logp, advantages, b.mask, num_tokens=num_tokens,
         **clip_kwargs(TokenShaping.clip_range(shapings))).items()})
     return parts
+
+
+def _scope(shapings: list[TokenShaping]) -> Tensor | None:
+    """The scope of this update's phase (`TokenShaping.scope`; at most one per run), or None."""
+    return next((s.scope for s in shapings if s.scope is not None), None)
 
 
 def contributions(objective: Objective, regularizers: list[Regularizer], b: PolicyBatch,
@@ -68,12 +75,17 @@ def contributions(objective: Objective, regularizers: list[Regularizer], b: Poli
     """reg/<name>/loss: what each regularizer adds to the aggregated loss on top of the ones
     listed before it: the change of the objective its advantage shift or its per-token clip
     range makes, the change of the (shifted, already weighted) objective its weight makes, its
-    penalty; a scope's owner the change its scope makes to the whole token loss (every term). They
-    add up to policy/loss minus the unshaped objective's loss, also when two drop the same token."""
+    penalty; each on the tokens of the update's phase alone (its scope), whose owner adds the change
+    the scope makes to the unshaped objective. They add up to policy/loss minus the unshaped
+    objective's loss, also when two drop the same token."""
     out, running = {}, None  # running: the product of the weights so far
     before = None  # the objective's token loss with the shifts / clip so far (computed once one acts)
     inside: list[TokenShaping] = []  # the shapings so far that act inside the objective
     base = base.detach()
+    scope = _scope(shapings)
+
+    def in_phase(x: Tensor) -> Tensor:  # a term aggregated on this phase's tokens
+        return aggregate(x if scope is None else x * scope, b.mask, **agg)
 
     def objective_loss(shapings_so_far: list[TokenShaping]) -> Tensor:
         return objective.token_loss(b.logp.detach(), b.old_logp,
@@ -87,17 +99,16 @@ def contributions(objective: Objective, regularizers: list[Regularizer], b: Poli
                 before = objective_loss([])
             inside.append(s)
             after = objective_loss(inside)
-            total = total + aggregate(after - before, b.mask, **agg)
+            total = total + in_phase(after - before)
             before = after
         if s.weight is not None:
             weighted = base if running is None else base * running
-            total = total + aggregate(weighted * (s.weight - 1.0), b.mask, **agg)
+            total = total + in_phase(weighted * (s.weight - 1.0))
             running = s.weight if running is None else running * s.weight
         if s.penalty is not None:
-            total = total + aggregate(s.penalty.detach(), b.mask, **agg)
-        if s.scope is not None:  # acts on the whole token loss, the others' terms included (one per run)
-            whole = TokenShaping.combine(shapings, base, scoped=False).detach()
-            total = total + aggregate(whole * (s.scope - 1.0), b.mask, **agg)
+            total = total + in_phase(s.penalty.detach())
+        if s.scope is not None:  # the others' terms are counted on the scope's tokens (above): the objective's rest
+            total = total + aggregate(base * (s.scope - 1.0), b.mask, **agg)
         out[f"reg/{reg.name}/loss"] = total
     return out
 

@@ -335,9 +335,9 @@ class TokenShaping:
         return out
 
     @staticmethod
-    def combine(shapings: list["TokenShaping"], base: Tensor, scoped: bool = True) -> Tensor:
+    def combine(shapings: list["TokenShaping"], base: Tensor) -> Tensor:
         """Two regularizers act as the product of their weights and the sum of their penalties; the
-        sum times the scope (`scoped`; none: 1)."""
+        sum times the scope (none: 1)."""
         out = base
         for s in shapings:
             if s.weight is not None:
@@ -346,6 +346,6 @@ class TokenShaping:
             if s.penalty is not None:
                 out = out + s.penalty
         for s in shapings:
-            if s.scope is not None and scoped:
+            if s.scope is not None:
                 out = out * s.scope
         return out

@@ -233,3 +233,58 @@ def test_a_bad_eta_and_gspo_are_refused_at_start_up(tmp_path, capsys):
     err = cli_start_up_error(tmp_path / "g", capsys, "configs/cpu/lopti.yaml", "--model.objective",
                              "lit_covrl.objectives.GSPO")
     assert "Lopti (regularizer 'lopti')" in err and "GSPO" in err
+
+
+def _phase_batch():
+    """Two responses (5 valid tokens), pi_old 0.1 .. 0.9; A +1 and -2."""
+    p = torch.tensor([[0.1, 0.45, 0.9], [0.3, 0.8, 0.2]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    adv = torch.tensor([[1.0], [-2.0]], dtype=torch.float64).expand(2, 3) * mask
+    agg = dict(mode="token-mean", num_tokens=mask.sum(), num_seqs=torch.tensor(2.0), norm_length=3)
+    return p.log() * mask, mask, adv, agg
+
+
+def test_the_objective_stats_of_a_phase_count_its_own_tokens():
+    """Phase 1 (pi_old >= 0.5 tokens, ratio 1) after phase 0 moved the low tokens to ratios 2 and
+    0.5: those have no loss in this update, so they are not clipped by it (the reference zeroes
+    their advantage, its clip fraction counts the phase's tokens). policy/clip_frac was 0.4."""
+    from lit_covrl.loss import loss_parts
+
+    old, mask, adv, agg = _phase_batch()
+    lopti = Lopti(eta=0.5)
+    lopti.prepare(MiniBatchContext(0, 1, False, old, old, adv, mask, None, phase=1))
+    assert lopti.scope.tolist() == [[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+    logp = old.clone()
+    logp[0, 0] += math.log(2.0)
+    logp[1, 0] -= math.log(2.0)
+    b = PolicyBatch(torch.arange(2), logp.requires_grad_(True), old, adv, mask)
+    obj = PPOClip()
+    loss, shapings, base = compose(obj, [lopti], b, agg)
+    parts = loss_parts(obj, [lopti], b, loss, shapings, base, agg, mask.sum())
+    assert float(parts["policy/clip_frac"]) == 0.0
+    lopti.prepare(MiniBatchContext(0, 1, False, old, old, adv, mask, None, phase=0))  # the moved tokens' phase
+    loss, shapings, base = compose(obj, [lopti], b, agg)
+    parts = loss_parts(obj, [lopti], b, loss, shapings, base, agg, mask.sum())
+    assert float(parts["policy/clip_frac"]) == pytest.approx(2 / 5)  # both clipped: r 2 with A > 0, r 0.5 with A < 0
+
+
+def test_each_regularizer_s_loss_under_lopti_is_what_its_phase_applies():
+    """Entropy bonus 0.1 beside Lopti's phase 0 (3 of 5 tokens): reg/entropy_bonus/loss is the bonus
+    on those 3 tokens (it was on all 5, -0.300 for -0.140 applied, and reg/lopti/loss took the
+    difference); reg/lopti/loss is what the scope takes off the unshaped objective; they add up."""
+    old, mask, adv, agg = _phase_batch()
+    logp = old + torch.tensor([[0.0, 0.0, 0.3], [0.0, -0.2, 0.0]], dtype=torch.float64)
+    ctx = MiniBatchContext(0, 1, False, logp, old, adv, mask, torch.zeros_like(mask, dtype=torch.bool), phase=0)
+    bonus, lopti = EntropyBonus(coef=0.1), Lopti(eta=0.5)
+    for r in (bonus, lopti):
+        r.prepare(ctx)
+    assert lopti.scope.tolist() == [[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    H = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=torch.float64)
+    b = PolicyBatch(torch.arange(2), logp.clone().requires_grad_(True), old, adv, mask, entropy=H)
+    obj = PPOClip()
+    loss, shapings, base = compose(obj, [bonus, lopti], b, agg)
+    parts = contributions(obj, [bonus, lopti], b, shapings, base, agg)
+    assert float(parts["reg/entropy_bonus/loss"]) == pytest.approx(-0.1 * (1 + 2 + 4) / 5)
+    unshaped = aggregate(base.detach(), mask, **agg)
+    assert float(parts["reg/lopti/loss"]) == pytest.approx(float(aggregate(base.detach() * (lopti.scope - 1), mask, **agg)))
+    assert float(unshaped + parts["reg/entropy_bonus/loss"] + parts["reg/lopti/loss"]) == pytest.approx(float(loss))
