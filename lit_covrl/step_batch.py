@@ -50,7 +50,7 @@ class StepBatch:
         shaped = (rewards.double() + shift).to(rewards.dtype) if on_rewards else rewards
         replacing = next((r for r in self.regularizers if r.replaces_advantages), None)  # DCPOAdvantage's
         if replacing is not None:
-            advantages = replacing.step_advantages(self.global_step, sampled.batch.prompts, shaped, G)
+            advantages = replacing.step_advantages(self.global_step, sampled.batch.prompts, shaped, G, keep=keep)
         else:
             advantages = compute_advantages(shaped, G, cfg.loss.advantage, baseline_quantile=cfg.loss.baseline_quantile,
                                             pass_k=cfg.loss.pass_k, unlikeliness=cfg.loss.unlikeliness,

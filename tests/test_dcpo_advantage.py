@@ -112,6 +112,21 @@ def test_the_loop_covers_revisited_equal_reward_groups():
     raise AssertionError("no revisited equal-reward group was trained")
 
 
+def test_groups_the_step_does_not_train_are_not_pooled():
+    """filter_groups drops an equal-reward group (keep False on all its rows): it is not trained, so
+    its prompt's statistics stay as they were, as the reference filters before its advantages (it
+    was pooled, and counted as trained in equal_reward_trained_frac). A group with one row kept
+    (overlong: mask) is trained and pooled."""
+    reg = DCPOAdvantage()
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    keep = torch.tensor([False] * 4 + [True] * 4 + [False, False, False, True])
+    reg.step_advantages(0, ["a", "b", "c"], rewards, 4, keep=keep)
+    assert sorted(reg.stats) == ["b", "c"] and reg.stats["b"][:2] == [1, 0.5]
+    assert reg.pop_metrics()["reg/dcpo_adv/equal_reward_frac"] == 0.0  # over the trained groups only
+    reg.step_advantages(1, ["a"], rewards[:4], 4)  # no keep: every group trained
+    assert reg.stats["a"][:2] == [1, 1.0]
+
+
 def _saved(state: dict):
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -247,7 +262,7 @@ def test_the_step_trains_on_its_advantages(tiny_model_dir, monkeypatch):
 
     reg, given, trained = DCPOAdvantage(), [], []
     real = reg.step_advantages
-    monkeypatch.setattr(reg, "step_advantages", lambda *a: given.append(real(*a)) or given[-1])
+    monkeypatch.setattr(reg, "step_advantages", lambda *a, **kw: given.append(real(*a, **kw)) or given[-1])
     module = _module(tiny_model_dir)
     module.configure_model()
     real_update = module.learner.update

@@ -122,18 +122,23 @@ class DCPOAdvantage(Regularizer):
             log.warning("%s with model.rollout.filter_groups: the equal-reward groups it gives a gradient are "
                         "dropped (the DCPO recipe keeps them: filter_groups false)", type(self).__name__)
 
-    def step_advantages(self, step: int, prompts: list, rewards: Tensor, group_size: int) -> Tensor:
+    def step_advantages(self, step: int, prompts: list, rewards: Tensor, group_size: int,
+                        keep: Tensor | None = None) -> Tensor:
         """[B*G] advantages of this rank's B = len(prompts) groups of RL step `step` (prompt-major),
-        from each prompt's statistics before the step; then every rank's groups, gathered in rank
-        order, are pooled into the statistics (a collective: every rank calls it once per step)."""
+        from each prompt's statistics before the step; then every rank's trained groups (with a
+        row in `keep` [B*G], default all: the groups filter_groups drops are not trained, so not
+        pooled, as the reference filters before its advantages), gathered in rank order, are pooled
+        into the statistics (a collective: every rank calls it once per step)."""
         self._begin(step)
         keys = [prompt_key(p) for p in prompts]
         prior = torch.tensor([self.stats.get(k, [0, 0.0, 0.0]) for k in keys], dtype=torch.float64).view(-1, 3)
         times, mean, std = prior.to(rewards.device).unbind(1)
         adv, new_mean, new_std = smooth_advantages(rewards, group_size, times, mean, std)
         nonzero = (adv.view(-1, group_size) != 0).sum(dim=1)
+        trained = [True] * len(keys) if keep is None else keep.view(-1, group_size).any(dim=1).tolist()
         rows, _ = distributed.gather_objects(list(zip(keys, new_mean.tolist(), new_std.tolist(), nonzero.tolist(),
-                                                      times.tolist())))
+                                                      times.tolist(), trained)))
+        rows = [row[:5] for row in rows if row[5]]
         self._record(rows, group_size)
         for key, m, s, _, _ in rows:
             self._pool(key, m, s)
