@@ -154,13 +154,13 @@ class LossSettings:
             _bad(f"{self.KEY}.loss_agg_mode", self.loss_agg_mode, f"valid modes: {list(AGG_MODES)}")
         for name in ("clip_low", "clip_high"):
             value = getattr(self, name)
-            if value is not None and value < 0:
+            if value is not None and not value >= 0:  # here and below: NaN fails the check too
                 _bad(f"{self.KEY}.{name}", value, "must be >= 0 or null")
-        if self.clip_low is not None and self.clip_low > 1:
+        if self.clip_low is not None and not self.clip_low <= 1:
             _bad(f"{self.KEY}.clip_low", self.clip_low, "must be <= 1 (the ratio is clipped at 1 - clip_low >= 0)")
-        if self.dual_clip is not None and self.dual_clip <= 1:
+        if self.dual_clip is not None and not self.dual_clip > 1:
             _bad(f"{self.KEY}.dual_clip", self.dual_clip, "must be > 1 or null")
-        if self.logratio_clamp is not None and self.logratio_clamp <= 0:
+        if self.logratio_clamp is not None and not self.logratio_clamp > 0:
             _bad(f"{self.KEY}.logratio_clamp", self.logratio_clamp, "must be > 0 or null")
 
     def _check_pass_k(self) -> None:

@@ -347,3 +347,18 @@ def test_gspo_clip_fractions_by_hand():
     assert float(st["clip_frac_low"]) == pytest.approx(0.25)  # row 0 only (row 1 has A > 0)
     assert float(st["clip_frac_high"]) == pytest.approx(0.25)  # row 2 only (row 3 has A < 0)
     assert float(st["clip_frac"]) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("field", ["clip_low", "clip_high", "dual_clip", "logratio_clamp"])
+def test_a_nan_clip_setting_is_refused_naming_the_field(field):
+    """NaN passed every check (NaN < 0 and NaN > 1 are both false): ASPO then skipped every update
+    as non-finite and a run with model.loss.clip_high .nan trained unclipped with a NaN loss."""
+    from lit_covrl.objectives import ASPO, CEGPPO, PPOClip
+    from lit_covrl.settings import LossSettings
+
+    nan = float("nan")
+    with pytest.raises(ValueError, match=rf"model\.loss\.{field}"):
+        LossSettings(**{field: nan})
+    for cls in (PPOClip, CEGPPO, ASPO):
+        with pytest.raises(ValueError, match=rf"{cls.__name__}\.{field}=nan"):
+            cls(**{field: nan})

@@ -34,12 +34,12 @@ __all__ = ["Objective", "PPOClip", "clip_kw", "resolve_objective"]
 
 def check_clip(owner: str, clip_low: float | None, clip_high: float | None, logratio_clamp: float | None) -> None:
     for field, v in (("clip_low", clip_low), ("clip_high", clip_high)):
-        if v is not None and v < 0:
+        if v is not None and not v >= 0:  # NaN included
             raise ValueError(f"{owner}.{field}={v!r} is invalid: must be >= 0 or null")
-    if clip_low is not None and clip_low > 1:
+    if clip_low is not None and not clip_low <= 1:
         raise ValueError(f"{owner}.clip_low={clip_low!r} is invalid: must be <= 1 "
                          "(the ratio is clipped at 1 - clip_low >= 0)")
-    if logratio_clamp is not None and logratio_clamp <= 0:
+    if logratio_clamp is not None and not logratio_clamp > 0:
         raise ValueError(f"{owner}.logratio_clamp={logratio_clamp!r} is invalid: must be > 0 or null")
 
 
@@ -99,7 +99,7 @@ class PPOClip(Objective):
             logratio_clamp: clamp of logp - old_logp before exp (null = off).
         """
         check_clip("PPOClip", clip_low, clip_high, logratio_clamp)
-        if dual_clip is not None and dual_clip <= 1:
+        if dual_clip is not None and not dual_clip > 1:  # NaN included
             raise ValueError(f"PPOClip.dual_clip={dual_clip!r} is invalid: must be > 1 or null")
         self.clip_low, self.clip_high = clip_low, clip_high
         self.dual_clip, self.logratio_clamp = dual_clip, logratio_clamp

@@ -53,7 +53,7 @@ class CEGPPO(Objective):
         for field, v in (("beta1", beta1), ("beta2", beta2)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
                 raise ValueError(f"CEGPPO.{field}={v!r} is invalid: must be a finite number >= 0")
-        if dual_clip is not None and dual_clip <= 1:
+        if dual_clip is not None and not dual_clip > 1:  # NaN included
             raise ValueError(f"CEGPPO.dual_clip={dual_clip!r} is invalid: must be > 1 or null")
         if dual_clip is not None and clip_low is not None and beta1 * (1 - clip_low) >= dual_clip:
             # the reference code caps the scaled value at -c A: its gradient would then be 0 there
