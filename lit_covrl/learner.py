@@ -39,6 +39,7 @@ from lit_covrl.objectives import Objective
 from lit_covrl.packing import MiniBatch, length_order, lockstep_chunks, pad_columns, trim_padding
 from lit_covrl.policy import prompt_groups, response_logprobs, shared_prompt_logprobs
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer
+from lit_covrl.regularizers.checks import update_phases
 from lit_covrl.settings import LossSettings, RolloutSettings, UpdateSettings
 from lit_covrl.types import ForwardAsks, PolicyBatch, Rollout, TokenShaping, TokenStats
 
@@ -89,7 +90,7 @@ class Learner:
         rollout: N = B*G sequences; advantages [N]; keep [N] bool (False rows are filtered out);
         ref_logp [N, T] or None (reference model's log-probs, for ReferenceKL)."""
         self.step, n, epochs = step, rollout.input_ids.shape[0], self.settings.update.ppo_epochs
-        passes = max([r.update_phases for r in self.regularizers], default=1) * epochs  # phase-major (see module doc)
+        passes = update_phases(self.regularizers) * epochs  # phase-major (see the module doc)
         schedule = [(p // epochs, mb) for p in range(passes) for mb in self.minibatches(rollout, keep)]
         metrics = StepMetrics()
         self._on_policy = True  # no optimizer step taken since this rollout (see MiniBatchContext)

@@ -16,6 +16,7 @@ import torch
 from lit_covrl import resume_check
 from lit_covrl.errors import naming_the_setting
 from lit_covrl.policy import check_vocab, load_tokenizer
+from lit_covrl.regularizers.checks import update_phases
 from lit_covrl.sharding import is_sharded, load_model, shard_loaded
 from lit_covrl.startup_checks import check_before_start, check_optimizer_precision, check_topk
 
@@ -73,7 +74,7 @@ class SetupHooks:
     @property
     def updates_per_rollout(self) -> int | None:
         mbs = self.settings.update.mini_batch_size
-        epochs = self.settings.update.ppo_epochs * max([r.update_phases for r in self.regularizers], default=1)
+        epochs = self.settings.update.ppo_epochs * update_phases(self.regularizers)
         if mbs is None:
             return epochs
         batch = self.prompts_per_step()

@@ -109,6 +109,12 @@ def check_objective_stack(objective, regularizers: list[Regularizer], where: str
         reg.check_objective(objective)
 
 
+def update_phases(regularizers: list[Regularizer]) -> int:
+    """How many times a rollout's update schedule runs: the phase-splitting regularizer's
+    `update_phases` (Lopti's 2; `check_stack` allows one), else 1."""
+    return max([r.update_phases for r in regularizers], default=1)
+
+
 def warn_inert_on_policy(reg: Regularizer, pl_module, why: str) -> None:
     """A warning, once per regularizer, when every update of a rollout is on policy (one update per
     rollout), where a control that compares the current policy with the rollout's does nothing."""
