@@ -24,6 +24,7 @@ import itertools
 import logging
 import math
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
@@ -142,13 +143,19 @@ class Outcome:
 class StackRunner:
     """Fits of stacked controls through one CLI parser; config files written under `tmp`."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, harness: dict | None = None, reuse_policies: bool = True) -> None:
+        """`harness`: the last config of every run (HARNESS by default); `reuse_policies`: hand
+        loaded models back to later runs (`_policy`); off where a fit changes a model for good
+        (FSDP2 shards it in place)."""
         from lit_covrl.cli import LitCovRLCLI, _ArgumentParser
         from lit_covrl.data import PromptDataModule
         from lit_covrl.module import GRPOModule
 
         self.tmp = Path(tmp)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.harness, self.reuse_policies = harness or HARNESS, reuse_policies
         self._policies: dict = {}
+        self.model = None  # the last run's GRPOModule
         self.cli = LitCovRLCLI(GRPOModule, PromptDataModule, parser_class=_ArgumentParser, save_config_callback=None,
                                parser_kwargs={"parser_mode": "omegaconf"}, args=self._args([]), run=False)
 
@@ -159,7 +166,8 @@ class StackRunner:
             path.write_text(yaml.safe_dump(c.config))
             args += ["--config", str(path)]
         harness = self.tmp / "harness.yaml"  # one file parses faster than its flags
-        harness.write_text(yaml.safe_dump({**HARNESS, "checkpoint": {**HARNESS["checkpoint"], "dirpath": str(self.tmp / "ck")}}))
+        harness.write_text(yaml.safe_dump({**self.harness, "checkpoint": {**self.harness["checkpoint"],
+                                                                           "dirpath": str(self.tmp / "ck")}}))
         return [*args, "--config", str(harness)]
 
     def _policy(self, spec: str, *, dtype: str):
@@ -187,13 +195,15 @@ class StackRunner:
         self._loaded = 0
         cli_module._RUN.clear()
         log.addHandler(warnings)
+        loads = mock.patch("lit_covrl.sharding.load_policy", self._policy) if self.reuse_policies else nullcontext()
         try:
-            with mock.patch("lit_covrl.sharding.load_policy", self._policy):
+            with loads:
                 cli.parse_arguments(cli.parser, self._args(list(stack)))
                 cli.before_instantiate_classes()
                 cli.instantiate_classes()
                 cli_module._RUN["trainer"] = cli.trainer
                 cli.trainer.callbacks.append(recorder)
+                self.model = cli.model
                 cli.trainer.fit(cli.model, cli.datamodule)
         except cli_module._STARTUP_ERRORS as err:
             if cli_module._past_start_up(cli_module._RUN.get("trainer")):

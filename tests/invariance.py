@@ -1,0 +1,179 @@
+"""Batch invariance of every entropy control, through the real CLI (tests/test_invariance.py).
+
+Each control of configs/cpu (`tests.stacking.controls()`, the set the stacking matrix pairs) and the
+baseline trains 2 RL steps of 4 prompts x 8 responses with 2 optimizer updates each, in three
+layouts of the same global work:
+
+    whole   1 process, one micro-batch per update (micro_batch_size 128)
+    micro1  1 process, micro-batches of one row, each trimmed to its own length (system.skip_padding)
+    ranks2  2 processes (FSDP2, gloo), 2 prompts and 1 prompt per update each, micro-batches of 3 rows
+
+A control is batch-invariant when every layout logs the same metrics at every step and ends with
+the same weights (`differences`). Micro-batches must not change a token-mean, a selection or a
+quantile; ranks must gather what the math takes over the whole batch (Clip-Cov's ranking, a
+quantile, a group's statistics) and log global values, the same on every rank.
+
+Two things are held fixed so that only the layout differs. The rollouts: the real sampler draws
+from one generator per rank over that rank's batch (ranks must not sample the same tokens), so
+the runs sample with `tests._dist.RankInvariantGenerator`, whose tokens depend only on (prompt,
+step, weights). The optimizer: SGD, whose step is linear in the gradient; AdamW's first step is
+lr * g / (|g| + eps), so a gradient of float noise around zero moves a weight by up to 2 lr one way
+or the other and the weights would differ where the math does not.
+
+    python -m tests.invariance     # every control's largest difference per layout
+"""
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from tests import _dist
+from tests.stacking import HARNESS, Control, StackRunner, controls
+
+SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}
+LAYOUTS = {
+    "whole": {"model": {"update": {"micro_batch_size": 128}}},
+    "micro1": {"model": {"update": {"micro_batch_size": 1}, "system": {"skip_padding": True}}},
+    "ranks2": {"trainer": {"devices": 2, "strategy": {"class_path": "lit_covrl.sharding.FSDP2Strategy",
+                                                      "init_args": {"process_group_backend": "gloo"}}},
+               "data": {"batch_size": 2}, "model": {"update": {"mini_batch_size": 1, "micro_batch_size": 3}}},
+}
+BASELINE = "grpo"
+# logged values that are not functions of the math: timings, throughput, memory
+NOT_COMPARED = ("time/", "rollout/tokens_per_s", "system/")
+METRIC_REL, METRIC_ABS = 1e-4, 1e-6  # float32 sums in another order differ by ~1e-7 relative
+WEIGHT_REL = 1e-4  # |delta_a - delta_b| / |delta_a| over all weights
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) and "class_path" not in value else value
+    return out
+
+
+def harness(layout: str) -> dict:
+    """The last config of a run in `layout`: stacking's HARNESS, SGD, the layout's settings."""
+    return _merge(_merge(HARNESS, {"model": {"optimizer": SGD}}), LAYOUTS[layout])
+
+
+def rank_invariant(real):
+    """GRPOModule._make_generation with RankInvariantGenerator for the sampler's generator class."""
+
+    def make(module, cls, **extra):
+        return real(module, _dist.RankInvariantGenerator, step=lambda: module.global_step, **extra)
+
+    return make
+
+
+@dataclass
+class Result:
+    refusal: str | None = None
+    steps: list[dict[str, float]] = field(default_factory=list)
+    delta: torch.Tensor | None = None  # all weights minus the initial ones, flattened
+
+
+class InvarianceRunner:
+    """Fits of one control at a time in one layout, through `StackRunner` (one CLI parser)."""
+
+    def __init__(self, tmp: Path, layout: str) -> None:
+        from lit_covrl.policy import load_policy
+
+        self.runner = StackRunner(tmp, harness=harness(layout), reuse_policies=layout != "ranks2")
+        self.initial = load_policy("lit_covrl:tiny-arith", dtype="float32").state_dict()
+
+    def run(self, control: Control | None) -> Result:
+        from lit_covrl.module import GRPOModule
+        from lit_covrl.sharding import full_state_dict
+
+        generation = rank_invariant(GRPOModule._make_generation)
+        with mock.patch.object(GRPOModule, "_make_generation", generation):
+            out = self.runner.run(*([control] if control is not None else []))
+        if out.refusal is not None:
+            return Result(refusal=out.refusal)
+        weights = full_state_dict(self.runner.model.policy)  # a collective when sharded: every rank calls it
+        delta = torch.cat([(weights[k].float().cpu() - v.float()).flatten() for k, v in self.initial.items()])
+        return Result(steps=out.steps, delta=delta)
+
+
+def differences(a: Result, b: Result) -> list[str]:
+    """What differs between two layouts' results of one control (empty: invariant)."""
+    if a.refusal or b.refusal:
+        return [] if a.refusal == b.refusal else [f"refused: {a.refusal!r} vs {b.refusal!r}"]
+    if len(a.steps) != len(b.steps):
+        return [f"{len(a.steps)} vs {len(b.steps)} RL steps"]
+    problems = []
+    for i, (ma, mb) in enumerate(zip(a.steps, b.steps)):
+        keys = {k for k in (*ma, *mb) if not k.startswith(NOT_COMPARED)}
+        for k in sorted(keys):
+            va, vb = ma.get(k), mb.get(k)
+            if va is None or vb is None:
+                problems.append(f"step {i}: {k} logged in one layout only")
+            elif not (math.isclose(va, vb, rel_tol=METRIC_REL, abs_tol=METRIC_ABS) or (math.isnan(va) and math.isnan(vb))):
+                problems.append(f"step {i}: {k} {va:.8g} vs {vb:.8g}")
+    moved = a.delta.norm().item()
+    if moved == 0:
+        problems.append("the weights did not move")
+    elif (gap := (a.delta - b.delta).norm().item() / moved) > WEIGHT_REL:
+        problems.append(f"weights: |delta difference| / |delta| = {gap:.2e}")
+    return problems
+
+
+def all_controls() -> list[Control | None]:
+    """The baseline (None: GRPO alone) and every control."""
+    return [None, *controls()]
+
+
+def name(control: Control | None) -> str:
+    return BASELINE if control is None else control.name
+
+
+def ranks2_worker(rank: int, port: int, out: str, names: list[str]) -> None:
+    """A spawned worker: rank `rank` of 2 fits every named control in layout ranks2 and saves its
+    results, {name: Result}, to out/rank<rank>.pt."""
+    import logging
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    _dist.elastic_env(rank, 2, port)
+    logging.getLogger("lit_covrl").propagate = False
+    found = {name(c): c for c in all_controls()}
+    runner = InvarianceRunner(Path(out) / f"rank{rank}", "ranks2")
+    results = {n: runner.run(found[n]) for n in names}
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def run_ranks2(out: Path, names: list[str], timeout_s: float) -> list[dict[str, Result]]:
+    """Both ranks' results of layout ranks2 for `names`."""
+    out.mkdir(parents=True, exist_ok=True)
+    _dist.spawn(ranks2_worker, (_dist.free_port(), str(out), names), timeout_s=timeout_s,
+                what="the 2-process invariance runs")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def main() -> None:
+    import logging
+
+    logging.getLogger("lit_covrl").propagate = False
+    found = all_controls()
+    with tempfile.TemporaryDirectory() as tmp:
+        single = {layout: InvarianceRunner(Path(tmp) / layout, layout) for layout in ("whole", "micro1")}
+        ranks = run_ranks2(Path(tmp) / "ranks2", [name(c) for c in found], timeout_s=1800)
+        for c in found:
+            whole = single["whole"].run(c)
+            rows = {"micro1": single["micro1"].run(c), "ranks2 rank 0": ranks[0][name(c)], "ranks2 rank 1": ranks[1][name(c)]}
+            for layout, result in rows.items():
+                problems = differences(whole, result)
+                print(f"{name(c):22s} {layout:14s} {'ok' if not problems else '; '.join(problems[:4])}")
+
+
+if __name__ == "__main__":
+    main()
