@@ -4,9 +4,13 @@ Each control of configs/cpu (`tests.stacking.controls()`, the set the stacking m
 baseline trains 2 RL steps of 4 prompts x 8 responses with 2 optimizer updates each, in three
 layouts of the same global work:
 
-    whole   1 process, one micro-batch per update (micro_batch_size 128)
-    micro1  1 process, micro-batches of one row, each trimmed to its own length (system.skip_padding)
-    ranks2  2 processes (FSDP2, gloo), 2 prompts and 1 prompt per update each, micro-batches of 3 rows
+    whole         1 process, one micro-batch per update (micro_batch_size 128); on the CPU each
+                  group's prompt is forwarded once (system.shared_prompt null = on)
+    micro1        micro-batches of one row, each trimmed to its own length (system.skip_padding)
+    unshared      the GPU's forward: prompt + response per row (shared_prompt false), skip_padding,
+                  micro-batches of 5 rows
+    checkpointed  activation checkpointing (which turns shared_prompt off), micro-batches of 3 rows
+    ranks2        2 processes (FSDP2, gloo), 2 prompts and 1 prompt per update each, micro-batches of 3 rows
 
 A control is batch-invariant when every layout logs the same metrics at every step and ends with
 the same weights (`differences`). Micro-batches must not change a token-mean, a selection or a
@@ -40,10 +44,13 @@ SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}
 LAYOUTS = {
     "whole": {"model": {"update": {"micro_batch_size": 128}}},
     "micro1": {"model": {"update": {"micro_batch_size": 1}, "system": {"skip_padding": True}}},
+    "unshared": {"model": {"update": {"micro_batch_size": 5}, "system": {"shared_prompt": False, "skip_padding": True}}},
+    "checkpointed": {"model": {"update": {"micro_batch_size": 3}, "system": {"activation_checkpointing": True}}},
     "ranks2": {"trainer": {"devices": 2, "strategy": {"class_path": "lit_covrl.sharding.FSDP2Strategy",
                                                       "init_args": {"process_group_backend": "gloo"}}},
                "data": {"batch_size": 2}, "model": {"update": {"mini_batch_size": 1, "micro_batch_size": 3}}},
 }
+SINGLE = [layout for layout in LAYOUTS if layout != "ranks2"]  # the 1-process layouts
 BASELINE = "grpo"
 # logged values that are not functions of the math: timings, throughput, memory
 NOT_COMPARED = ("time/", "rollout/tokens_per_s", "system/")
@@ -165,11 +172,12 @@ def main() -> None:
     logging.getLogger("lit_covrl").propagate = False
     found = all_controls()
     with tempfile.TemporaryDirectory() as tmp:
-        single = {layout: InvarianceRunner(Path(tmp) / layout, layout) for layout in ("whole", "micro1")}
+        single = {layout: InvarianceRunner(Path(tmp) / layout, layout) for layout in SINGLE}
         ranks = run_ranks2(Path(tmp) / "ranks2", [name(c) for c in found], timeout_s=1800)
         for c in found:
             whole = single["whole"].run(c)
-            rows = {"micro1": single["micro1"].run(c), "ranks2 rank 0": ranks[0][name(c)], "ranks2 rank 1": ranks[1][name(c)]}
+            rows = {layout: single[layout].run(c) for layout in SINGLE if layout != "whole"}
+            rows |= {"ranks2 rank 0": ranks[0][name(c)], "ranks2 rank 1": ranks[1][name(c)]}
             for layout, result in rows.items():
                 problems = differences(whole, result)
                 print(f"{name(c):22s} {layout:14s} {'ok' if not problems else '; '.join(problems[:4])}")

@@ -1,6 +1,7 @@
 """README "Batch invariance": every entropy control (the baseline and each control of configs/cpu,
 found as the stacking matrix finds them) trains the same metrics and weights whether an update is
-one micro-batch, micro-batches of one row, or split over 2 processes (FSDP2, gloo). The harness,
+one micro-batch, micro-batches of one row, forwarded without the shared prompt, with activation
+checkpointing, or split over 2 processes (FSDP2, gloo). The harness,
 its layouts and why the rollouts and the optimizer are held fixed: tests/invariance.py."""
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 
 import pytest
 
-from tests.invariance import InvarianceRunner, all_controls, differences, name, run_ranks2
+from tests.invariance import SINGLE, InvarianceRunner, all_controls, differences, name, run_ranks2
 
 FOUND = all_controls()
 # (control, layout): why it differs there, as its README row says
@@ -39,8 +40,16 @@ def whole(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def micro1(tmp_path_factory):
-    return InvarianceRunner(tmp_path_factory.mktemp("micro1"), "micro1")
+def single(tmp_path_factory):
+    """A runner per 1-process layout but whole, built on first use."""
+    runners = {}
+
+    def runner(layout: str) -> InvarianceRunner:
+        if layout not in runners:
+            runners[layout] = InvarianceRunner(tmp_path_factory.mktemp(layout), layout)
+        return runners[layout]
+
+    return runner
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +71,14 @@ def assert_layout(control, layout: str, problems: list[str]) -> None:
         assert problems, f"{name(control)} is now the same in layout {layout}, listed as differing: {reason}"
 
 
+@pytest.mark.parametrize("layout", [layout for layout in SINGLE if layout != "whole"])
 @pytest.mark.parametrize("control", FOUND, ids=name)
-def test_micro_batches_of_one_row_train_as_one_micro_batch(control, whole, micro1):
+def test_one_process_layouts_train_as_one_micro_batch(control, layout, whole, single):
+    """micro1: micro-batches of one row; unshared: the GPU's forward (no shared prompt) with
+    trimmed micro-batches of 5; checkpointed: activation checkpointing."""
     reference = whole(control)
     assert reference.refusal is None, reference.refusal  # each control runs alone
-    assert_layout(control, "micro1", differences(reference, micro1.run(control)))
+    assert_layout(control, layout, differences(reference, single(layout).run(control)))
 
 
 @pytest.mark.slow
