@@ -1,8 +1,9 @@
 """Batch invariance of every entropy control, through the real CLI (tests/test_invariance.py).
 
-Each control of configs/cpu (`tests.stacking.controls()`, the set the stacking matrix pairs) and the
-baseline trains 2 RL steps of 4 prompts x 8 responses with 2 optimizer updates each, in three
-layouts of the same global work:
+Each control of configs/cpu (`tests.stacking.controls()`, the set the stacking matrix pairs), the
+baseline, and a few large stacks that hold every control (`cover_stacks`: 15-23 controls each, no
+two of them a pair the README's table refuses) train 2 RL steps of 4 prompts x 8 responses with 2
+optimizer updates each, in five layouts of the same global work:
 
     whole         1 process, one micro-batch per update (micro_batch_size 128); on the CPU each
                   group's prompt is forwarded once (system.shared_prompt null = on)
@@ -12,7 +13,7 @@ layouts of the same global work:
     checkpointed  activation checkpointing (which turns shared_prompt off), micro-batches of 3 rows
     ranks2        2 processes (FSDP2, gloo), 2 prompts and 1 prompt per update each, micro-batches of 3 rows
 
-A control is batch-invariant when every layout logs the same metrics at every step and ends with
+An entry is batch-invariant when every layout logs the same metrics at every step and ends with
 the same weights (`differences`). Micro-batches must not change a token-mean, a selection or a
 quantile; ranks must gather what the math takes over the whole batch (Clip-Cov's ranking, a
 quantile, a group's statistics) and log global values, the same on every rank.
@@ -56,6 +57,11 @@ BASELINE = "grpo"
 NOT_COMPARED = ("time/", "rollout/tokens_per_s", "system/")
 METRIC_REL, METRIC_ABS = 1e-4, 1e-6  # float32 sums in another order differ by ~1e-7 relative
 WEIGHT_REL = 1e-4  # |delta_a - delta_b| / |delta_a| over all weights
+# (control, layout): why it differs there, as its README row says
+LAYOUT_DEPENDENT = {
+    ("aepo", "ranks2"): "each rank draws extra responses for its own first floor(prompt_frac x B) prompts and "
+                        "replaces its own first rows (README AEPO row): with 2 prompts per rank it draws none",
+}
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -87,7 +93,7 @@ class Result:
 
 
 class InvarianceRunner:
-    """Fits of one control at a time in one layout, through `StackRunner` (one CLI parser)."""
+    """Fits of one entry at a time in one layout, through `StackRunner` (one CLI parser)."""
 
     def __init__(self, tmp: Path, layout: str) -> None:
         from lit_covrl.policy import load_policy
@@ -95,13 +101,13 @@ class InvarianceRunner:
         self.runner = StackRunner(tmp, harness=harness(layout), reuse_policies=layout != "ranks2")
         self.initial = load_policy("lit_covrl:tiny-arith", dtype="float32").state_dict()
 
-    def run(self, control: Control | None) -> Result:
+    def run(self, entry: Entry) -> Result:
         from lit_covrl.module import GRPOModule
         from lit_covrl.sharding import full_state_dict
 
         generation = rank_invariant(GRPOModule._make_generation)
         with mock.patch.object(GRPOModule, "_make_generation", generation):
-            out = self.runner.run(*([control] if control is not None else []))
+            out = self.runner.run(*entry.stack)
         if out.refusal is not None:
             return Result(refusal=out.refusal)
         weights = full_state_dict(self.runner.model.policy)  # a collective when sharded: every rank calls it
@@ -132,13 +138,51 @@ def differences(a: Result, b: Result) -> list[str]:
     return problems
 
 
-def all_controls() -> list[Control | None]:
-    """The baseline (None: GRPO alone) and every control."""
-    return [None, *controls()]
+@dataclass(frozen=True)
+class Entry:
+    """A run of the matrix: GRPO with the controls of `stack` (none for the baseline)."""
+
+    name: str
+    stack: tuple[Control, ...] = ()
 
 
-def name(control: Control | None) -> str:
-    return BASELINE if control is None else control.name
+def cover_stacks(found: list[Control], refused: set[str], leave_out: set[str]) -> list[tuple[Control, ...]]:
+    """Large stacks that together hold every control but `leave_out`: each built greedily, in name
+    order from the controls no stack holds yet, of controls no two of which are `refused` (the
+    README's `a+b` ids) or both objectives."""
+    def stack_well(a: Control, b: Control) -> bool:
+        return not (a.kind == b.kind == "objective" or f"{a.name}+{b.name}" in refused or f"{b.name}+{a.name}" in refused)
+
+    left, stacks = [c for c in found if c.name not in leave_out], []
+    while left:
+        stack: list[Control] = []
+        for c in sorted(left, key=lambda c: c.name) + sorted((c for c in found if c not in left and c.name not in leave_out),
+                                                             key=lambda c: c.name):
+            if all(stack_well(c, s) for s in stack):
+                stack.append(c)
+        stacks.append(tuple(stack))
+        left = [c for c in left if c not in stack]
+    return stacks
+
+
+def entries() -> list[Entry]:
+    """The baseline, every control alone, and `cover_stacks` of all but the layout-dependent ones."""
+    from tests.stacking import ROOT, documented_refusals
+
+    found = controls()
+    dependent = {c for c, _ in LAYOUT_DEPENDENT}
+    stacks = cover_stacks(found, documented_refusals((ROOT / "README.md").read_text()), dependent)
+    return [Entry(BASELINE), *(Entry(c.name, (c,)) for c in found),
+            *(Entry(f"stack{i}-{s[0].name}-{len(s)}", s) for i, s in enumerate(stacks, 1))]
+
+
+def name(entry: Entry) -> str:
+    return entry.name
+
+
+def expected_difference(entry: Entry, layout: str) -> str | None:
+    """Why `entry` differs in `layout` (LAYOUT_DEPENDENT), or None where it must not."""
+    return next((LAYOUT_DEPENDENT[c.name, layout] for c in entry.stack if (c.name, layout) in LAYOUT_DEPENDENT), None)
 
 
 def ranks2_worker(rank: int, port: int, out: str, names: list[str]) -> None:
@@ -151,7 +195,7 @@ def ranks2_worker(rank: int, port: int, out: str, names: list[str]) -> None:
     torch.set_num_threads(1)
     _dist.elastic_env(rank, 2, port)
     logging.getLogger("lit_covrl").propagate = False
-    found = {name(c): c for c in all_controls()}
+    found = {e.name: e for e in entries()}
     runner = InvarianceRunner(Path(out) / f"rank{rank}", "ranks2")
     results = {n: runner.run(found[n]) for n in names}
     torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -170,7 +214,7 @@ def main() -> None:
     import logging
 
     logging.getLogger("lit_covrl").propagate = False
-    found = all_controls()
+    found = entries()
     with tempfile.TemporaryDirectory() as tmp:
         single = {layout: InvarianceRunner(Path(tmp) / layout, layout) for layout in SINGLE}
         ranks = run_ranks2(Path(tmp) / "ranks2", [name(c) for c in found], timeout_s=1800)

@@ -9,14 +9,10 @@ import logging
 
 import pytest
 
-from tests.invariance import SINGLE, InvarianceRunner, all_controls, differences, name, run_ranks2
+from tests.invariance import SINGLE, InvarianceRunner, differences, entries, expected_difference, name, run_ranks2
+from tests.stacking import controls
 
-FOUND = all_controls()
-# (control, layout): why it differs there, as its README row says
-LAYOUT_DEPENDENT = {
-    ("aepo", "ranks2"): "each rank draws extra responses for its own first floor(prompt_frac x B) prompts and "
-                        "replaces its own first rows (README AEPO row): with 2 prompts per rank it draws none",
-}
+FOUND = entries()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,10 +27,10 @@ def quiet():
 def whole(tmp_path_factory):
     runner, done = InvarianceRunner(tmp_path_factory.mktemp("whole"), "whole"), {}
 
-    def result(control):
-        if name(control) not in done:
-            done[name(control)] = runner.run(control)
-        return done[name(control)]
+    def result(entry):
+        if name(entry) not in done:
+            done[name(entry)] = runner.run(entry)
+        return done[name(entry)]
 
     return result
 
@@ -58,31 +54,34 @@ def ranks2(tmp_path_factory):
     return run_ranks2(tmp_path_factory.mktemp("ranks2"), [name(c) for c in FOUND], timeout_s=900)
 
 
-def test_every_form_of_control_is_in_the_matrix():
-    names = {name(c) for c in FOUND}
+def test_every_control_is_in_the_matrix_alone_and_in_a_stack():
+    names = {name(e) for e in FOUND}
     assert {"grpo", "clip_cov", "kl_cov", "gspo", "qae", "clip_higher", "lopti", "dcpo"} <= names and len(names) >= 30
+    stacked = {c.name for e in FOUND if len(e.stack) > 1 for c in e.stack}
+    assert stacked == {c.name for c in controls()} - {"aepo"}  # AEPO differs over ranks: alone only
+    assert max(len(e.stack) for e in FOUND) >= 15
 
 
-def assert_layout(control, layout: str, problems: list[str]) -> None:
-    reason = LAYOUT_DEPENDENT.get((name(control), layout))
+def assert_layout(entry, layout: str, problems: list[str]) -> None:
+    reason = expected_difference(entry, layout)
     if reason is None:
-        assert problems == [], f"{name(control)} differs in layout {layout}"
+        assert problems == [], f"{name(entry)} differs in layout {layout}"
     else:  # a fix makes it invariant: then drop it from LAYOUT_DEPENDENT and its README note
-        assert problems, f"{name(control)} is now the same in layout {layout}, listed as differing: {reason}"
+        assert problems, f"{name(entry)} is now the same in layout {layout}, listed as differing: {reason}"
 
 
 @pytest.mark.parametrize("layout", [layout for layout in SINGLE if layout != "whole"])
-@pytest.mark.parametrize("control", FOUND, ids=name)
-def test_one_process_layouts_train_as_one_micro_batch(control, layout, whole, single):
+@pytest.mark.parametrize("entry", FOUND, ids=name)
+def test_one_process_layouts_train_as_one_micro_batch(entry, layout, whole, single):
     """micro1: micro-batches of one row; unshared: the GPU's forward (no shared prompt) with
     trimmed micro-batches of 5; checkpointed: activation checkpointing."""
-    reference = whole(control)
-    assert reference.refusal is None, reference.refusal  # each control runs alone
-    assert_layout(control, layout, differences(reference, single(layout).run(control)))
+    reference = whole(entry)
+    assert reference.refusal is None, reference.refusal  # each control runs alone and in its stack
+    assert_layout(entry, layout, differences(reference, single(layout).run(entry)))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("control", FOUND, ids=name)
-def test_two_processes_train_as_one_process(control, whole, ranks2):
+@pytest.mark.parametrize("entry", FOUND, ids=name)
+def test_two_processes_train_as_one_process(entry, whole, ranks2):
     for rank in range(2):  # each rank logs the global values
-        assert_layout(control, "ranks2", differences(whole(control), ranks2[rank][name(control)]))
+        assert_layout(entry, "ranks2", differences(whole(entry), ranks2[rank][name(entry)]))
