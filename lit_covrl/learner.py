@@ -182,15 +182,15 @@ class Learner:
         need_ent = any(r.needs_entropy for r in self.regularizers)
         current, current_ent, topp_ent, early = self._selection_logprobs(mb, plan, need_ent)
         ctx = MiniBatchContext(
-            step=self.step, update=index, on_policy=self._on_policy, logp=current,
-            old_logp=mb.old_logp, advantages=mb.advantages, mask=mb.mask, clipped=None,
-            old_entropy=mb.old_entropy, entropy=current_ent, zeroed=torch.zeros_like(mb.mask, dtype=torch.bool),
-            agg_mode=self.settings.loss.loss_agg_mode, norm_length=self.settings.rollout.max_new_tokens,
-            topp_entropy=topp_ent, logratio_clamp=getattr(self.objective, "logratio_clamp", None),
+            step=self.step, update=index, on_policy=self._on_policy, logp=current, old_logp=mb.old_logp,
+            advantages=mb.advantages, mask=mb.mask, clipped=None, old_entropy=mb.old_entropy, entropy=current_ent,
+            zeroed=torch.zeros_like(mb.mask, dtype=torch.bool), agg_mode=self.settings.loss.loss_agg_mode,
+            norm_length=self.settings.rollout.max_new_tokens, topp_entropy=topp_ent,
+            logratio_clamp=getattr(self.objective, "logratio_clamp", None),
             token_ids=mb.input_ids[:, mb.input_ids.shape[1] - mb.mask.shape[1]:], groups=mb.groups, phase=phase,
         )
-        # the one that sets a per-token clip range first (ctx.clipped follows its range), those that
-        # read ctx.zeroed last (a stable sort: otherwise in callback order)
+        ctx.in_phase = next((t for reg in self.regularizers if (t := reg.phase_tokens(ctx)) is not None), None)
+        # the clip-range setter first (ctx.clipped follows its range), ctx.zeroed's readers last (stable: callback order)
         clip = None
         for reg in sorted(self.regularizers, key=lambda r: (not r.sets_clip_range, r.reads_zeroed)):
             if ctx.clipped is None and not reg.sets_clip_range:

@@ -246,6 +246,9 @@ def _lopti():
 
 INVARIANCE_CASES = {
     "lopti+ar+cov+kl": (_lopti, lambda: PPOClip(dual_clip=3.0)),
+    # KL-Cov's selection and BAPO's range over each phase's tokens only (ctx.in_phase: phase means, N, P / N)
+    "lopti+kl_cov+bapo": (lambda: [Lopti(eta=0.06), KLCov(ratio=0.1, beta=1.0), *_bapo()[:1]],
+                          lambda: PPOClip(dual_clip=3.0)),
     "lopti+cispo": (lambda: [Lopti(eta=0.06, low_first=False), EntropyBonus(coef=0.05)], lambda: CISPO()),
     "gtpo+cov+simko": (_gtpo, lambda: PPOClip(dual_clip=3.0)),
     "gtpo+gspo": (lambda: [TrajectoryGTPO(entropy_threshold=2.815)], lambda: GSPO(clip_low=0.05, clip_high=0.05)),

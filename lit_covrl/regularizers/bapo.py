@@ -29,6 +29,8 @@ the sums are float64 (float32 there; only exact ties to the target can differ); 
 every grid bound are summed in one all-reduce instead of one per search step (the same search); r's
 log-ratio is clamped to the run's objective's `logratio_clamp` (`MiniBatchContext.logratio_clamp`;
 default 20, the reference's fixed value; null: no clamp), so P and N are the objective's own values.
+Beside Lopti (which the reference does not combine with BAPO) P and N sum the tokens the update's
+phase trains (`ctx.in_phase`), not the whole mini-batch's: the bounds balance what the phase trains.
 """
 from __future__ import annotations
 
@@ -112,7 +114,8 @@ class BAPO(ClipRangeRegularizer):
         return [1.0 - c for c in self.lows], [c - 1.0 for c in self.highs]
 
     def prepare(self, ctx: MiniBatchContext) -> None:
-        sums = distributed.all_sum(bapo_contribution_sums(ctx.logp, ctx.old_logp, ctx.advantages, ctx.mask,
+        # under update phases (Lopti's) P and N sum the phase's tokens only (ctx.mask without phases)
+        sums = distributed.all_sum(bapo_contribution_sums(ctx.logp, ctx.old_logp, ctx.advantages, ctx.phase_mask(),
                                                           lows=self.lows, highs=self.highs,
                                                           logratio_clamp=ctx.logratio_clamp))
         i, j, rho = bapo_search(sums.tolist(), self.lows, self.highs, target=self.target, eps=self.eps)

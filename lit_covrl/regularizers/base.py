@@ -83,6 +83,10 @@ class MiniBatchContext:
     groups      [n] | None  each row's prompt (its group) on this rank: rows of one group share
                 the value (a mini-batch holds whole groups, less their filtered rows)
     phase       the pass over the rollout's updates this one belongs to (0, 1, ...: `update_phases`)
+    in_phase    [n, T] | None  bool: the tokens this phase trains (the phase-splitting regularizer's
+                `phase_tokens`, Lopti's), set by the learner before any `prepare`; None without one
+                (every valid token trains). A mini-batch-wide selection restricts itself to them
+                with `phase_mask()` (KL-Cov's candidates, BAPO's sums)
     """
 
     step: int
@@ -103,6 +107,7 @@ class MiniBatchContext:
     token_ids: Tensor | None = None
     groups: Tensor | None = None
     phase: int = 0
+    in_phase: Tensor | None = None
     _cov: Tensor | None = field(default=None, repr=False)
 
     def covariance(self) -> Tensor:
@@ -110,6 +115,10 @@ class MiniBatchContext:
         if self._cov is None:
             self._cov = global_token_covariance(self.logp, self.advantages, self.mask)
         return self._cov
+
+    def phase_mask(self) -> Tensor:
+        """The response mask restricted to the tokens this phase trains (`mask` itself without phases)."""
+        return self.mask if self.in_phase is None else self.mask * self.in_phase.to(self.mask.dtype)
 
     def num_tokens(self) -> int:
         """Valid tokens of the mini-batch over all ranks."""
@@ -270,6 +279,11 @@ class Regularizer(Callback):
 
     def kl_scale(self) -> Tensor | None:
         """A per-token scale [n, T] of the prepared mini-batch for ReferenceKL's penalty (all multiply), or None."""
+        return None
+
+    def phase_tokens(self, ctx: MiniBatchContext) -> Tensor | None:
+        """With `update_phases` > 1: bool [n, T], the valid tokens that phase `ctx.phase` of this
+        mini-batch trains (the learner puts them in `ctx.in_phase` before any `prepare`). Default: None."""
         return None
 
     def zeroed_tokens(self) -> Tensor | None:

@@ -10,7 +10,10 @@ Cov_i = (logp_i - mean logp) (A_i - mean A) over the valid tokens of the optimiz
 - KL-Cov: the top max(floor(ratio N), 1) tokens by Cov get + beta |logp_i - old_logp_i|.
 
 Selection happens once per optimizer mini-batch over all its tokens on all ranks (invariant to
-micro-batch size and device count), with a seeded, checkpointed generator; both act additively on
+micro-batch size and device count), with a seeded, checkpointed generator. Under update phases
+(Lopti's), KL-Cov treats the phase's tokens (`ctx.in_phase`) as the mini-batch: Cov's means, the
+candidates and N are the phase's; Clip-Cov draws among the phase's tokens (it reads `ctx.zeroed`,
+where the phase's others are) with N all the mini-batch's valid tokens. Both act additively on
 the module's objective (PPO, GSPO, CISPO). Every departure from the reference code (verl / PRIME-RL) and its
 reason is in the README's table "Where we differ from the reference code".
 """
@@ -26,6 +29,7 @@ from lit_covrl.regularizers.base import (
     check_nonnegative,
     check_ratio,
     check_scheduled_ratio,
+    global_token_covariance,
     select_globally,
     warn_inert_on_policy,
 )
@@ -44,13 +48,14 @@ class _CovarianceSelector(Regularizer):
         super().__init__(schedule, name)
         self.selected: Tensor | None = None  # [n, T] bool for the current mini-batch
 
-    def _record_selection(self, ctx: MiniBatchContext, selected: Tensor) -> None:
-        """reg/<name>/selected_frac (of the valid tokens, all ranks) and the mean advantage and
-        log-prob of the selected tokens, all under this regularizer's own namespace (two stacked
-        selectors never overwrite each other's metrics)."""
+    def _record_selection(self, ctx: MiniBatchContext, selected: Tensor, mask: Tensor | None = None) -> None:
+        """reg/<name>/selected_frac (of the valid tokens of `mask`, default ctx.mask, all ranks) and the
+        mean advantage and log-prob of the selected tokens, all under this regularizer's own namespace
+        (two stacked selectors never overwrite each other's metrics)."""
         s = selected.float()
+        mask = ctx.mask if mask is None else mask
         stats = distributed.all_sum(
-            torch.stack([s.sum(), ctx.mask.sum(), (s * ctx.advantages).sum(), (s * ctx.logp).sum()])
+            torch.stack([s.sum(), mask.sum(), (s * ctx.advantages).sum(), (s * ctx.logp).sum()])
         )
         k = stats[0].clamp(min=1)
         self.record("selected_frac", stats[0] / stats[1].clamp(min=1))
@@ -179,13 +184,15 @@ class KLCov(_CovarianceSelector):
         self._inert = ctx.on_policy
         self.record("coef", beta)
         self.record("ratio", ratio)
+        # under update phases (Lopti's), the phase's tokens are the mini-batch: the covariance's means,
+        # the candidates and the count N are theirs (without phases, mask is ctx.mask: unchanged)
+        mask = ctx.phase_mask()
         if ratio <= 0 or beta <= 0 or self._inert:
             self.selected = torch.zeros_like(ctx.mask, dtype=torch.bool)
         else:
-            self.selected = select_globally(
-                [ctx.covariance(), ctx.mask], lambda cov, mask: kl_cov_select(cov, mask, ratio=ratio)
-            )
-        self._record_selection(ctx, self.selected)
+            cov = ctx.covariance() if ctx.in_phase is None else global_token_covariance(ctx.logp, ctx.advantages, mask)
+            self.selected = select_globally([cov, mask], lambda cov, mask: kl_cov_select(cov, mask, ratio=ratio))
+        self._record_selection(ctx, self.selected, mask)
 
     def shape(self, batch: PolicyBatch) -> TokenShaping:
         if self._inert:

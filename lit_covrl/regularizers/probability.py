@@ -87,11 +87,14 @@ class Lopti(Regularizer):
                 f"objective {type(objective).__name__} cannot (GSPO's one ratio per sequence carries every token's "
                 "gradient); use PPOClip, CEGPPO or CISPO with Lopti, or leave Lopti out")
 
-    def prepare(self, ctx: MiniBatchContext) -> None:
+    def phase_tokens(self, ctx: MiniBatchContext) -> Tensor:
         low = low_probability_tokens(ctx.old_logp, ctx.mask, eta=self.eta)
         first = low if self.low_first else ctx.mask.bool() & ~low
-        self.scope = (first if ctx.phase == 0 else ctx.mask.bool() & ~first).to(ctx.mask.dtype)
-        self.record("low_frac", _global_frac(low, ctx.mask))
+        return first if ctx.phase == 0 else ctx.mask.bool() & ~first
+
+    def prepare(self, ctx: MiniBatchContext) -> None:
+        self.scope = self.phase_tokens(ctx).to(ctx.mask.dtype)
+        self.record("low_frac", _global_frac(low_probability_tokens(ctx.old_logp, ctx.mask, eta=self.eta), ctx.mask))
 
     def shape(self, batch: PolicyBatch) -> TokenShaping:
         assert self.scope is not None, "prepare() must run before shape()"
