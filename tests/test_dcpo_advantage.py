@@ -22,9 +22,12 @@ from tests.test_outcome import TwoPrompts
 torch.set_num_threads(1)
 
 
-def _reference(steps: list[tuple[list[str], list[float]]], group_size: int) -> list[list[float]]:
+def _reference(steps: list[tuple[list[str], list[float]]], group_size: int,
+               max_prompts: int | None = None) -> list[list[float]]:
     """The reference's advantages of each step, one group at a time in Python floats: every
-    prompt's (times, mean, std) carried across steps, pooled with the group's mean and Bessel std."""
+    prompt's (times, mean, std) carried across steps, pooled with the group's mean and Bessel std;
+    with `max_prompts` (ours, not the reference's), after each step only that many most recently
+    pooled prompts keep theirs (a dict in pooling order, its first keys dropped)."""
     state: dict[str, tuple[int, float, float]] = {}
     out = []
     for prompts, rewards in steps:
@@ -45,7 +48,10 @@ def _reference(steps: list[tuple[list[str], list[float]]], group_size: int) -> l
                 a_old = (s - mean) / std if std > 0 else 0.0
                 s1, s2 = w * a_old + (1 - w) * a_new, w * a_new + (1 - w) * a_old
                 step_adv.append(s1 if abs(s1) < abs(s2) else s2)
+            state.pop(p, None)
             state[p] = (times + 1, mean, std)
+        while max_prompts is not None and len(state) > max_prompts:
+            del state[next(iter(state))]
         out.append(step_adv)
     return out
 
@@ -156,32 +162,35 @@ def test_state_round_trip_and_a_redone_step_pools_once():
     assert redone.stats == straight.stats
 
 
-def _gather_worker(rank: int, port: int, out: str) -> None:
+def _gather_worker(rank: int, port: int, out: str, max_prompts: int | None) -> None:
     from tests import _dist
 
     _dist.elastic_env(rank, 2, port)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    reg, adv = DCPOAdvantage(), []
+    reg, adv = DCPOAdvantage(max_prompts=max_prompts), []
     for s, (prompts, rewards) in enumerate(_steps(2)):
         adv.append(reg.step_advantages(s, prompts[rank * 2:(rank + 1) * 2],
                                        torch.tensor(rewards[rank * 8:(rank + 1) * 8], dtype=torch.float64), 4))
-    torch.save({"adv": adv, "stats": reg.stats, "metrics": reg.pop_metrics()}, f"{out}/rank{rank}.pt")
+    torch.save({"adv": adv, "stats": list(reg.stats.items()), "metrics": reg.pop_metrics()}, f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
-def test_two_processes_hold_the_statistics_of_one(tmp_path):
+@pytest.mark.parametrize("max_prompts", [None, 3])
+def test_two_processes_hold_the_statistics_of_one(tmp_path, max_prompts):
     """2 gloo processes with half the prompts each: each rank's advantages are one process's rows
-    and every rank ends with the one process's statistics (gathered each step)."""
+    and every rank ends with the one process's statistics (gathered each step), in the same order;
+    with `max_prompts` every rank drops what the one process drops."""
     from tests import _dist
 
-    single = DCPOAdvantage()
+    single = DCPOAdvantage(max_prompts=max_prompts)
     whole = _run(single, _steps(2))
     metrics = single.pop_metrics()
-    _dist.spawn(_gather_worker, (_dist.free_port(), str(tmp_path)), timeout_s=120)
+    assert max_prompts is None or metrics["reg/dcpo_adv/dropped_prompts"] > 0
+    _dist.spawn(_gather_worker, (_dist.free_port(), str(tmp_path), max_prompts), timeout_s=120)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for s, w in enumerate(whole):
         assert torch.equal(torch.cat([ranks[0]["adv"][s], ranks[1]["adv"][s]]), w)
-    assert ranks[0]["stats"] == ranks[1]["stats"] == single.stats
+    assert ranks[0]["stats"] == ranks[1]["stats"] == list(single.stats.items())
     assert ranks[0]["metrics"] == ranks[1]["metrics"] == metrics
 
 

@@ -21,6 +21,8 @@ that each composes with the rest of the run (and either can be run alone).
   keyed by its text as OutcomeExploration keys its counts) are gathered over all ranks each step,
   so every rank holds the same, and are checkpointed (`state_dict`): a resume is exact, and a
   state saved mid-step (nonfinite-stop.ckpt) drops that step's part when the resumed run redoes it.
+  `max_prompts` bounds them: past it the least recently trained prompts are dropped first (None,
+  the default: no bound, as the reference).
 
 Defaults: the reference recipe recipe/dcpo/run_dcpo.sh (clip_ratio_low 0.2 from run_base.sh,
 clip_ratio_high 0.28, clip_ratio_c 10, clip_type dynamic, adv_estimator dcpo, loss_agg_mode
@@ -40,6 +42,7 @@ both (the reference keeps the last group's pooling).
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
@@ -103,11 +106,28 @@ class DCPOAdvantage(Regularizer):
     replaces_advantages = True
     chart_metrics = {"Control": ("nonzero_adv_frac", "equal_reward_trained_frac")}
 
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(self, max_prompts: int | None = None, name: str | None = None) -> None:
+        """
+        Args:
+            max_prompts: the most prompts whose statistics are kept (None: every prompt ever trained, the
+                reference's); past it, after each step's pooling, the least recently trained prompts are
+                dropped first (a dropped prompt starts again as new when it recurs). Recency is the order of
+                pooling: by step, then the step's groups in rank order (the gathered rows every rank holds),
+                so every rank drops the same. A positive integer.
+            name: metric namespace (reg/<name>/...).
+        """
         super().__init__(None, name)
-        self.stats: dict[str, list] = {}  # prompt key -> [steps, mean, std] of its rewards so far
+        if max_prompts is not None and (isinstance(max_prompts, bool) or not isinstance(max_prompts, int)
+                                        or max_prompts < 1):
+            raise ValueError(f"DCPOAdvantage.max_prompts={max_prompts!r} is invalid: must be a positive integer, "
+                             "or null to keep every prompt")
+        self.max_prompts = max_prompts
+        # prompt key -> [steps, mean, std, seen] of its rewards so far, least recently pooled first; seen:
+        # the count of poolings (of any prompt) when it was last pooled, which orders a restored state
+        self.stats: OrderedDict[str, list] = OrderedDict()
+        self._seen = 0  # poolings so far (the largest `seen`)
         self._step: int | None = None  # the RL step pooled last
-        self._undo: dict[str, list | None] = {}  # that step's prompts' statistics before it (None: new)
+        self._undo: dict[str, list | None] = {}  # that step's pooled or dropped prompts before it (None: new)
         self._restarting = False  # loaded from a checkpoint, no step pooled since
 
     def check_loss(self, loss, rollout) -> None:
@@ -131,7 +151,7 @@ class DCPOAdvantage(Regularizer):
         into the statistics (a collective: every rank calls it once per step)."""
         self._begin(step)
         keys = [prompt_key(p) for p in prompts]
-        prior = torch.tensor([self.stats.get(k, [0, 0.0, 0.0]) for k in keys], dtype=torch.float64).view(-1, 3)
+        prior = torch.tensor([self.stats.get(k, [0, 0.0, 0.0])[:3] for k in keys], dtype=torch.float64).view(-1, 3)
         times, mean, std = prior.to(rewards.device).unbind(1)
         adv, new_mean, new_std = smooth_advantages(rewards, group_size, times, mean, std)
         nonzero = (adv.view(-1, group_size) != 0).sum(dim=1)
@@ -142,15 +162,27 @@ class DCPOAdvantage(Regularizer):
         self._record(rows, group_size)
         for key, m, s, _, _ in rows:
             self._pool(key, m, s)
+        self._drop_least_recent()
         self.record("tracked_prompts", float(len(self.stats)))
         return adv
 
     def _pool(self, key: str, new_mean: float, new_std: float) -> None:
-        before = self.stats.get(key)
+        before = self.stats.pop(key, None)  # re-inserted last: the most recently pooled
         self._undo.setdefault(key, None if before is None else list(before))
-        t, m, s = before or [0, 0.0, 0.0]
+        t, m, s = (before or [0, 0.0, 0.0])[:3]
         pm, ps = pooled_reward_stats(*(torch.tensor([v], dtype=torch.float64) for v in (t, m, s, new_mean, new_std)))
-        self.stats[key] = [int(t) + 1, float(pm), float(ps)]
+        self._seen += 1
+        self.stats[key] = [int(t) + 1, float(pm), float(ps), self._seen]
+
+    def _drop_least_recent(self) -> None:
+        """Keep the `max_prompts` most recently pooled prompts (a step's undo keeps the dropped ones)."""
+        dropped = 0
+        while self.max_prompts is not None and len(self.stats) > self.max_prompts:
+            key, before = self.stats.popitem(last=False)
+            self._undo.setdefault(key, before)
+            dropped += 1
+        if self.max_prompts is not None:
+            self.record("dropped_prompts", float(dropped))
 
     def _record(self, rows: list, group_size: int) -> None:
         groups = max(len(rows), 1)
@@ -169,6 +201,7 @@ class DCPOAdvantage(Regularizer):
                     self.stats.pop(key, None)
                 else:
                     self.stats[key] = list(before)
+            self._order_by_recency()
         self._restarting = False
         self._step, self._undo = step, {}
 
@@ -180,7 +213,14 @@ class DCPOAdvantage(Regularizer):
                 "undo": {k: None if v is None else list(v) for k, v in self._undo.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.stats = {k: list(v) for k, v in state_dict["stats"].items()}
+        # a state saved before `seen` existed: its prompts count as pooled in the order it holds them
+        self.stats = OrderedDict((k, list(v) if len(v) > 3 else [*v, i]) for i, (k, v) in
+                                 enumerate(state_dict["stats"].items(), 1))
         self._step = state_dict.get("step")
         self._undo = {k: None if v is None else list(v) for k, v in state_dict.get("undo", {}).items()}
         self._restarting = True
+        self._order_by_recency()  # (a smaller max_prompts than the saved run's drops at the next step's pooling)
+
+    def _order_by_recency(self) -> None:
+        self.stats = OrderedDict(sorted(self.stats.items(), key=lambda kv: kv[1][3]))
+        self._seen = max((v[3] for v in self.stats.values()), default=0)

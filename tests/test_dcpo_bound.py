@@ -1,0 +1,135 @@
+"""DCPOAdvantage's `max_prompts`: the least recently trained prompts' statistics are dropped first
+(by hand, and against the float64 loop of test_dcpo_advantage with the same bound), a dropped prompt
+starts again as new, the state resumes exactly (at a step's end, and a mid-step state whose step is
+redone), None is the unbounded state, and a bad value is refused naming the field (2 gloo processes:
+test_dcpo_advantage's test_two_processes_hold_the_statistics_of_one with a bound)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_covrl.regularizers import DCPOAdvantage
+from tests.test_dcpo_advantage import _reference, _run, _saved, _steps
+
+torch.set_num_threads(1)
+
+G = 2
+MIXED = [0.0, 1.0]  # a group of unequal rewards: mean 0.5, Bessel std sqrt(0.5)
+
+
+def _step(reg: DCPOAdvantage, step: int, prompts: str) -> torch.Tensor:
+    """One step with one group of G = 2 rewards 0, 1 per prompt (a letter each)."""
+    return reg.step_advantages(step, list(prompts), torch.tensor(MIXED * len(prompts), dtype=torch.float64), G)
+
+
+def test_least_recently_trained_prompts_are_dropped_first_by_hand():
+    reg = DCPOAdvantage(max_prompts=2)
+    _step(reg, 0, "ab")
+    assert list(reg.stats) == ["a", "b"]
+    _step(reg, 1, "c")  # a is the least recently trained
+    assert list(reg.stats) == ["b", "c"]
+    _step(reg, 2, "b")  # b becomes the most recent: c is now the least
+    assert list(reg.stats) == ["c", "b"] and reg.stats["b"][0] == 2
+    _step(reg, 3, "d")
+    assert list(reg.stats) == ["b", "d"]
+    _step(reg, 4, "cea")  # one step over the bound: its groups in order, the last two kept
+    assert list(reg.stats) == ["e", "a"]
+    assert [v[0] for v in reg.stats.values()] == [1, 1]  # a was dropped at step 1: it starts again as new
+    dropped = [v for k, v in reg.pop_metrics().items() if k == "reg/dcpo_adv/dropped_prompts"]
+    assert dropped == [pytest.approx((0 + 1 + 0 + 1 + 3) / 5)]
+
+
+def test_a_dropped_prompt_is_standardized_as_new_again():
+    """a's second visit after being dropped: GRPO's standardization (its first-visit value), where the
+    unbounded state mixes in a's earlier statistics."""
+    bounded, unbounded = DCPOAdvantage(max_prompts=1), DCPOAdvantage()
+    rewards = [torch.tensor(r, dtype=torch.float64) for r in ([0.0, 1.0], [1.0, 1.0], [1.0, 1.0])]
+    for reg in (bounded, unbounded):
+        reg.step_advantages(0, ["a"], rewards[0], G)
+        reg.step_advantages(1, ["b"], rewards[1], G)
+    assert bounded.step_advantages(2, ["a"], rewards[2], G).tolist() == [0.0, 0.0]  # equal rewards, new prompt
+    assert all(v > 0 for v in unbounded.step_advantages(2, ["a"], rewards[2], G).tolist())  # w A_total
+
+
+@pytest.mark.parametrize("max_prompts", [1, 3, 5])
+@pytest.mark.parametrize("seed", range(3))
+def test_matches_the_float64_loop_with_the_same_bound(seed, max_prompts):
+    steps = _steps(seed, num_steps=10)
+    got = _run(DCPOAdvantage(max_prompts=max_prompts), steps)
+    want = _reference(steps, 4, max_prompts=max_prompts)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, torch.tensor(w, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    unbounded = _reference(steps, 4)
+    assert any(a != b for a, b in zip(want, unbounded))  # the bound changes the advantages here
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_none_and_a_bound_never_reached_are_the_unbounded_state(seed):
+    steps = _steps(seed, num_steps=8)
+    default, none, large = DCPOAdvantage(), DCPOAdvantage(max_prompts=None), DCPOAdvantage(max_prompts=7)
+    assert default.max_prompts is None
+    runs = [_run(reg, steps) for reg in (default, none, large)]
+    for step in zip(*runs):
+        assert torch.equal(step[0], step[1]) and torch.equal(step[0], step[2])
+    assert default.stats == none.stats == large.stats and len(default.stats) == 7
+    assert "reg/dcpo_adv/dropped_prompts" not in default.pop_metrics()
+    assert large.pop_metrics()["reg/dcpo_adv/dropped_prompts"] == 0
+
+
+@pytest.mark.parametrize("max_prompts", [2, 3])
+def test_resume_is_exact_and_a_redone_step_restores_the_dropped(max_prompts):
+    """A state saved at the end of step 2 resumes as the straight run (advantages, statistics and their
+    order); one saved inside step 3 (after its pooling and dropping) puts back what step 3 dropped and
+    the order before it when the resumed run redoes the step."""
+    steps = _steps(3, num_steps=7)
+    straight = DCPOAdvantage(max_prompts=max_prompts)
+    want = _run(straight, steps)
+    early = DCPOAdvantage(max_prompts=max_prompts)
+    _run(early, steps[:3])
+    resumed = DCPOAdvantage(max_prompts=max_prompts)
+    resumed.load_state_dict(_saved(early.state_dict()))
+    for g, w in zip(_run(resumed, steps[3:], first=3), want[3:]):
+        assert torch.equal(g, w)
+    assert list(resumed.stats.items()) == list(straight.stats.items())
+    before = DCPOAdvantage(max_prompts=max_prompts)
+    _run(before, steps[:3])
+    mid = DCPOAdvantage(max_prompts=max_prompts)
+    _run(mid, steps[:4])
+    assert any(k not in mid.stats for k in before.stats)  # step 3 dropped some
+    redone = DCPOAdvantage(max_prompts=max_prompts)
+    redone.load_state_dict(_saved(mid.state_dict()))
+    redone._begin(3)  # what the redone step does first: step 3's part taken back out
+    assert list(redone.stats.items()) == list(before.stats.items())
+    for g, w in zip(_run(redone, steps[3:], first=3), want[3:]):  # step 3 again, with the same rollout here
+        assert torch.equal(g, w)
+    assert list(redone.stats.items()) == list(straight.stats.items())
+
+
+def test_a_state_saved_before_the_bound_loads_in_its_order():
+    """A checkpoint of [steps, mean, std] entries (no recency): its prompts count as pooled in the
+    order it holds them, so a bound drops its first ones."""
+    reg = DCPOAdvantage(max_prompts=2)
+    reg.load_state_dict({"stats": {"x": [1, 0.5, 0.1], "y": [2, 0.25, 0.2]}, "step": 0, "undo": {}})
+    assert reg.stats == {"x": [1, 0.5, 0.1, 1], "y": [2, 0.25, 0.2, 2]}
+    _step(reg, 1, "z")
+    assert list(reg.stats) == ["y", "z"] and reg.stats["z"][3] == 3
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, "3"])
+def test_a_bad_bound_is_refused_naming_the_field(bad):
+    with pytest.raises(ValueError, match=r"DCPOAdvantage\.max_prompts=.* is invalid: must be a positive integer"):
+        DCPOAdvantage(max_prompts=bad)
+
+
+def test_a_bad_bound_is_refused_through_the_cli(tmp_path, capsys):
+    from tests.helpers import cli_start_up_error
+
+    from pathlib import Path
+
+    line = "    - class_path: lit_covrl.regularizers.DCPOAdvantage"
+    text = (Path(__file__).parents[1] / "configs/cpu/dcpo.yaml").read_text()
+    assert line in text
+    bounded = tmp_path / "dcpo_bounded.yaml"  # the shipped config with max_prompts: 0
+    bounded.write_text(text.replace(line, line + "\n      init_args:\n        max_prompts: 0  #", 1))
+    err = cli_start_up_error(tmp_path, capsys, str(bounded))
+    assert "DCPOAdvantage.max_prompts=0 is invalid: must be a positive integer" in err, err
