@@ -117,16 +117,18 @@ class Learner:
         return [rows[slot[rows] == j] for j in range(-(-n // (m * G)))]
 
     def _observe_rollout(self, rollout: Rollout, keep: Tensor) -> None:
-        """The nucleus entropy [n, T] of the rollout's kept rows under the rollout policy, before
-        any update, for the regularizers whose `observes_rollout()` is true (SIREN, to measure its
-        anchor once): one no-grad pass over the kept rows, each mini-batch forwarded with its
-        update's micro-batch plan, and every such regularizer's `observe_rollout` (a collective
-        over ranks: the decision to observe is the same on every rank, the regularizer's state)."""
-        watching = [r for r in self.regularizers if r.observes_rollout()]
-        if not watching:
-            return
+        """Before any update: every regularizer's `observe_old_logp` with the kept rows' rollout
+        log-probs; then the nucleus entropy [n, T] of those rows under the rollout policy for the
+        regularizers whose `observes_rollout()` is true (SIREN, to measure its anchor once): one
+        no-grad pass over the kept rows, each mini-batch forwarded with its update's micro-batch
+        plan, and every such regularizer's `observe_rollout` (a collective over ranks: the decision
+        to observe is the same on every rank, the regularizer's state)."""
         rows, topp = torch.nonzero(keep).squeeze(-1), self.forward_asks().topp
         mask = rollout.response_mask[rows].to(rollout.logp.dtype)
+        for reg in self.regularizers:
+            reg.observe_old_logp(rollout.logp[rows], mask)
+        if not (watching := [r for r in self.regularizers if r.observes_rollout()]):
+            return
         h = torch.zeros_like(mask)
         for mb in self.minibatches(rollout, keep):
             ids, att = (rollout.input_ids[mb], rollout.attention_mask[mb]) if len(mb) else \
@@ -263,8 +265,7 @@ class Learner:
         regs = self.regularizers
         want_ent = any(r.needs_current_entropy for r in regs)
         current = not self._on_policy and (want_ent or any(r.needs_current_logp for r in regs))
-        asks = self.forward_asks()
-        topp = asks.topp
+        topp = (asks := self.forward_asks()).topp
         logp, ent = mb.old_logp, (mb.old_entropy if want_ent else None)
         if not (current or topp):
             return logp, ent, None, None
@@ -337,8 +338,7 @@ class Learner:
         `shared_prompt` is on and activation checkpointing off; through the compiled forward
         (`lit_covrl.compiled`) with `compile_update`. Every call, filler passes included, then runs
         the same two forwards on every rank when there are several (FSDP lock-step)."""
-        hp = self.settings
-        model = model if model is not None else self.policy
+        hp, model = self.settings, (model if model is not None else self.policy)
         kw = dict(temperature=hp.rollout.temperature, with_entropy=with_entropy, chunk_size=hp.update.logprob_chunk_size,
                   asks=asks)
         lockstep = distributed.world_size() > 1

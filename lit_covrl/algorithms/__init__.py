@@ -93,7 +93,7 @@ from lit_covrl.algorithms.outcome_controls import (
     historical_bonus,
     outcome_shaping,
 )
-from lit_covrl.algorithms.probability_controls import low_probability_tokens, probability_weights
+from lit_covrl.algorithms.probability_controls import low_probability_tokens, probability_quantile, probability_weights
 from lit_covrl.algorithms.rollout_controls import aepo_choose, aepo_prompts, aepo_temperature
 from lit_covrl.algorithms.losses import (
     AGG_MODES,
@@ -185,6 +185,7 @@ __all__ = [
     "smooth_advantages",
     "unlikeliness_rewards",
     "sample_sign_weights",
+    "probability_quantile",
     "probability_weights",
     "low_probability_tokens",
     "era_advantage_weight",

@@ -247,6 +247,11 @@ class Regularizer(Callback):
         start-up check (`Objective.check_token_clip`)."""
         return [], []
 
+    def observe_old_logp(self, old_logp: Tensor, mask: Tensor) -> None:
+        """Before each RL step's first update, on every rank: the rollout log-probs [n, T] and response
+        mask of this rank's trained rows (a decision over the step's tokens on all ranks is a
+        collective here: Lopti's `portion` quantile). Default: nothing."""
+
     def observes_rollout(self) -> bool:
         """True when this RL step's `observe_rollout` is wanted (the same on every rank). Default: never."""
         return False

@@ -20,15 +20,20 @@ device count. The math is in `lit_covrl.algorithms.probability_controls`.
 
 Where we differ from the reference code: the reference calls its whole actor update twice (all
 mini-batches with the low-probability tokens, then all with the others); here each phase is every
-epoch and mini-batch of the run's update schedule, in that order, which is the same schedule. The
-reference's "portion" variant (a quantile of the probabilities instead of eta) and its other
-reweighting methods (sigmoid, masks, RAFT) are not implemented.
+epoch and mini-batch of the run's update schedule, in that order, which is the same schedule.
+Its "portion" variant (`seperate_portion`: the threshold is a quantile of the batch's pi_old
+instead of eta) is `portion`: each RL step's threshold is the linearly interpolated quantile of
+pi_old over the tokens the step trains on all ranks (`observe_old_logp`, before the first update;
+the reference takes torch.quantile of the whole training batch's nonzero probabilities, in float32),
+computed in float64, and kept for both phases. Its other reweighting methods (sigmoid, masks, RAFT)
+are not implemented.
 """
 from __future__ import annotations
 
 from torch import Tensor
 
-from lit_covrl.algorithms import low_probability_tokens, probability_weights
+from lit_covrl import distributed
+from lit_covrl.algorithms import low_probability_tokens, probability_quantile, probability_weights
 from lit_covrl.regularizers.base import MiniBatchContext, Regularizer, check_number
 from lit_covrl.regularizers.entropy_selection import _global_frac, _TokenWeights
 from lit_covrl.types import PolicyBatch, TokenShaping
@@ -62,22 +67,32 @@ class Lopti(Regularizer):
 
     update_phases = 2
     default_name = "lopti"
-    chart_metrics = {"Control": ("low_frac",)}
+    chart_metrics = {"Control": ("low_frac", "threshold")}
 
-    def __init__(self, eta: float = 0.5, low_first: bool = True, name: str | None = None) -> None:
+    def __init__(self, eta: float = 0.5, low_first: bool = True, portion: float | None = None,
+                 name: str | None = None) -> None:
         """
         Args:
             eta: tokens with pi_old(y_t) < eta are the low-probability ones (reference: 0.4 alone, 0.5
                 beside AR); in (0, 1].
             low_first: True trains the low-probability tokens in the first phase (the paper's order);
-                False the high-probability ones first (the reference's negative eta).
+                False the high-probability ones first (the reference's negative eta or portion).
+            portion: in place of eta, the threshold of each RL step is this quantile of pi_old over the
+                step's trained tokens on all ranks (the reference's `seperate_portion`, 0.5 in its config;
+                None: eta); in (0, 1); eta then stays at its default.
             name: metric namespace (reg/<name>/...).
         """
         super().__init__(None, name)
         self.eta = check_number("Lopti.eta", eta, low=0.0, high=1.0, low_open=True)
         if not isinstance(low_first, bool):
             raise ValueError(f"Lopti.low_first={low_first!r} is invalid: must be true or false")
+        self.portion = None if portion is None else check_number(
+            "Lopti.portion", portion, low=0.0, high=1.0, low_open=True, high_open=True)
+        if portion is not None and eta != 0.5:
+            raise ValueError(f"Lopti.eta={eta!r} with Lopti.portion={portion!r}: the split is by one of them (portion "
+                             "sets each step's threshold in place of eta); leave eta out with portion")
         self.low_first = low_first
+        self.threshold: float | None = None if portion is not None else self.eta  # this step's split
         self.scope: Tensor | None = None
 
     def check_objective(self, objective) -> None:
@@ -87,14 +102,28 @@ class Lopti(Regularizer):
                 f"objective {type(objective).__name__} cannot (GSPO's one ratio per sequence carries every token's "
                 "gradient); use PPOClip, CEGPPO or CISPO with Lopti, or leave Lopti out")
 
+    def observe_old_logp(self, old_logp: Tensor, mask: Tensor) -> None:
+        """With `portion`: this step's threshold, the quantile of every rank's trained tokens' pi_old."""
+        if self.portion is None:
+            self.record("threshold", self.eta)
+            return
+        probs, _ = distributed.gather_rows(old_logp.detach().double().exp()[mask.bool()])
+        q = probability_quantile(probs, self.portion)
+        self.threshold = 0.0 if q is None else q  # no valid token on any rank: nothing below it
+        self.record("threshold", self.threshold, when=q is not None)
+
+    def _low(self, ctx: MiniBatchContext) -> Tensor:
+        assert self.threshold is not None, "Lopti with portion: observe_old_logp() must run before the updates"
+        return low_probability_tokens(ctx.old_logp, ctx.mask, eta=self.threshold)
+
     def phase_tokens(self, ctx: MiniBatchContext) -> Tensor:
-        low = low_probability_tokens(ctx.old_logp, ctx.mask, eta=self.eta)
+        low = self._low(ctx)
         first = low if self.low_first else ctx.mask.bool() & ~low
         return first if ctx.phase == 0 else ctx.mask.bool() & ~first
 
     def prepare(self, ctx: MiniBatchContext) -> None:
         self.scope = self.phase_tokens(ctx).to(ctx.mask.dtype)
-        self.record("low_frac", _global_frac(low_probability_tokens(ctx.old_logp, ctx.mask, eta=self.eta), ctx.mask))
+        self.record("low_frac", _global_frac(self._low(ctx), ctx.mask))
 
     def shape(self, batch: PolicyBatch) -> TokenShaping:
         assert self.scope is not None, "prepare() must run before shape()"
