@@ -44,3 +44,48 @@ def test_recorded_logprobs_equal_the_training_forward(model_tok, temperature, to
     torch.testing.assert_close(ro.logp[m], train[m], rtol=0, atol=1e-5)
     # the comparison is sensitive: scoring at temperature 1 instead would be far off
     assert (ro.logp[m] - at_t1[m]).abs().max() > 1e-2
+
+
+def _learned_position_model(tok):
+    """A random GPT-2 (a learned position table): a token's logits depend on its absolute position,
+    so a forward whose positions counted the left padding would score another distribution. The
+    shipped Qwen2's rotary positions are relative: there such a bug changes nothing (1e-6)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+
+
+def test_left_padding_changes_nothing_on_a_learned_position_model(model_tok):
+    """On a model whose logits depend on absolute positions, the sampler's recorded log-probs, the
+    training forward and the shared-prompt forward agree with each other and with each prompt
+    sampled alone without padding: every path numbers positions from the first real token."""
+    from lit_covrl.policy import shared_prompt_logprobs
+
+    _, tok = model_tok
+    model = _learned_position_model(tok)
+    ids, mask = encode_prompts(tok, PROMPTS, chat_template=False)
+    ids, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+    with torch.no_grad():
+        ro = sample_responses(model, ids, mask, max_new_tokens=6, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id, temperature=1.0, top_p=1.0,
+                              generator=torch.Generator().manual_seed(0))
+        T = ro.response_mask.shape[1]
+        plain = response_logprobs(model, ro.input_ids, ro.attention_mask, T).logp
+        shared = shared_prompt_logprobs(model, ro.input_ids, ro.attention_mask, T, always_split=True).logp
+        # each row alone, its left padding cut off: the positions its tokens would have unpadded
+        alone = torch.zeros_like(plain)
+        for i in range(len(ro.input_ids)):
+            keep = ro.attention_mask[i].bool()
+            keep[-T:] = True  # the response columns (right padding masked out by the response mask)
+            alone[i] = response_logprobs(model, ro.input_ids[i:i + 1, keep], ro.attention_mask[i:i + 1, keep], T).logp[0]
+        # the bug this guards against: positions that count the padding
+        padded_positions = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                                 position_ids=torch.arange(ro.input_ids.shape[1]).expand_as(ro.input_ids)).logits
+    m = ro.response_mask.bool()
+    assert (ro.attention_mask[:, :ids.shape[1]] == 0).any()  # some prompts are left-padded
+    for name, logp in (("plain", plain), ("shared prompt", shared), ("alone", alone)):
+        torch.testing.assert_close(ro.logp[m], logp[m], rtol=0, atol=1e-5, msg=name)
+    wrong = torch.log_softmax(padded_positions[:, -T - 1:-1].float(), -1).gather(-1, ro.input_ids[:, -T:, None])[..., 0]
+    assert (wrong[m] - plain[m]).abs().max() > 1e-2  # the check is sensitive to the positions
