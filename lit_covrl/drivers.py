@@ -76,6 +76,17 @@ class LightningDriver:
         return self.module.last_checkpoint()
 
 
+def zero_step_moves_nothing(optimizer, grad_norm: Tensor) -> bool:
+    """Whether an optimizer step on gradients of norm `grad_norm` leaves every weight as it is: a
+    zero gradient, an optimizer without state yet (no momentum: its first step, or the first after
+    a reset) and no weight decay. Such a step does not take the policy off the rollout's (on a
+    fresh AdamW or SGD the weights stay bitwise equal), so the learner still counts it on policy;
+    with momentum or weight decay a zero gradient still moves the weights."""
+    if float(grad_norm) != 0.0 or any(len(state) for state in optimizer.state.values()):
+        return False
+    return all(not group.get("weight_decay") for group in optimizer.param_groups)
+
+
 def _no_closure() -> None:
     """Manual optimization: the backward already ran before the step."""
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from lit_covrl import distributed
 from lit_covrl.compiled import CompiledForwards
-from lit_covrl.drivers import OptimizerDriver
+from lit_covrl.drivers import OptimizerDriver, zero_step_moves_nothing
 from lit_covrl.loss import CTX_FLAGS, clip_kwargs, compose, explained, loss_parts, metric_keys
 from lit_covrl.metrics import StepMetrics
 from lit_covrl.objectives import Objective
@@ -373,7 +373,8 @@ class Learner:
         grad_clip = self.settings.update.grad_clip
         max_norm = grad_clip if grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        applied = bool(torch.isfinite(grad_norm)) and len(params) > 0
+        # applied: the step may change weights (a zero gradient on a fresh optimizer moves nothing)
+        applied = bool(torch.isfinite(grad_norm)) and len(params) > 0 and not zero_step_moves_nothing(optimizer, grad_norm)
         if not torch.isfinite(grad_norm):
             self._skip_update(optimizer, float(grad_norm))
         else:

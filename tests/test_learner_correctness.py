@@ -112,6 +112,40 @@ def test_kl_cov_stays_inert_after_a_filtered_first_mini_batch(tiny_model_dir):
     assert 0 < float(trainer.callback_metrics["reg/kl_cov/selected_frac"]) < 0.2
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_kl_cov_stays_inert_after_a_first_update_that_moves_no_weight(tiny_model_dir, weight_decay):
+    """Mini-batch 0 (the zero-variance group, not filtered) has a zero gradient: on a fresh AdamW
+    without weight decay (every shipped config's) its step leaves every weight bitwise equal, so
+    update 1 still trains the rollout policy and KL-Cov must apply nothing there (it applied beta x
+    sign(float noise): a review saw two micro-batch layouts part by 25 % of the weight change). With
+    weight decay the zero-gradient step does move the weights: KL-Cov acts on update 1."""
+    probe = KLCovProbe(ratio=0.2, beta=1.0)
+    module = make_module(
+        tiny_model_dir, reward=FirstGroupConstant(), reward_timeout_s=None,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=weight_decay),
+        rollout=dict(group_size=G, filter_groups=False), update=dict(mini_batch_size=1, ppo_epochs=1),
+    )
+    weights = []  # before the first update, and when update 1 runs its backward
+
+    class Weights(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            weights.append({k: v.clone() for k, v in pl_module.policy.state_dict().items()})
+
+        def on_before_backward(self, trainer, pl_module, loss) -> None:
+            if len(probe.seen) == 2 and len(weights) == 1:
+                weights.append({k: v.clone() for k, v in pl_module.policy.state_dict().items()})
+
+    fit(module, make_data(batch_size=B, val_size=0), steps=1, callbacks=[probe, Weights()], limit_val_batches=0)
+    assert [s[0] for s in probe.seen] == [0, 1] and len(weights) == 2
+    assert probe.seen[0] == (0, True, True, False)  # the rollout's own policy: inert
+    moved = any(not torch.equal(weights[0][k], v) for k, v in weights[1].items())
+    assert moved is (weight_decay > 0)
+    if moved:
+        assert probe.seen[1][1] is False and probe.seen[1][3] is True  # off policy: the penalty applies
+    else:
+        assert probe.seen[1] == (1, True, True, False)
+
+
 class LastGroupConstant(FirstGroupConstant):
     """0,1,0,1 for the first group, 0 for every answer of the second (filtered)."""
 
