@@ -30,6 +30,7 @@ or the other and the weights would differ where the math does not.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -165,15 +166,34 @@ def cover_stacks(found: list[Control], refused: set[str], leave_out: set[str]) -
     return stacks
 
 
+def variant(control: Control, name: str, init_args: dict) -> Control:
+    """`control` (one callback) with other init_args: a setting its config does not use."""
+    config = copy.deepcopy(control.config)
+    (callback,) = config["trainer"]["callbacks"]
+    callback["init_args"] = init_args
+    return dataclasses.replace(control, name=name, config=config)
+
+
+def variant_entries(found: dict[str, Control]) -> list[Entry]:
+    """Settings no config of configs/cpu uses, alone and stacked on the controls they interact with:
+    Lopti's per-step quantile split (`portion`, gathered over ranks) beside the selections that
+    read its phases."""
+    portion = variant(found["lopti"], "lopti_portion", {"portion": 0.5, "low_first": True})
+    return [Entry(portion.name, (portion,)),
+            Entry("lopti_portion+kl_cov+bapo+clip_cov", (portion, found["kl_cov"], found["bapo"], found["clip_cov"]))]
+
+
 def entries() -> list[Entry]:
-    """The baseline, every control alone, and `cover_stacks` of all but the layout-dependent ones."""
+    """The baseline, every control alone, `cover_stacks` of all but the layout-dependent ones, and
+    `variant_entries`."""
     from tests.stacking import ROOT, documented_refusals
 
     found = controls()
     dependent = {c for c, _ in LAYOUT_DEPENDENT}
     stacks = cover_stacks(found, documented_refusals((ROOT / "README.md").read_text()), dependent)
     return [Entry(BASELINE), *(Entry(c.name, (c,)) for c in found),
-            *(Entry(f"stack{i}-{s[0].name}-{len(s)}", s) for i, s in enumerate(stacks, 1))]
+            *(Entry(f"stack{i}-{s[0].name}-{len(s)}", s) for i, s in enumerate(stacks, 1)),
+            *variant_entries({c.name: c for c in found})]
 
 
 def name(entry: Entry) -> str:

@@ -58,7 +58,7 @@ def test_every_control_is_in_the_matrix_alone_and_in_a_stack():
     names = {name(e) for e in FOUND}
     assert {"grpo", "clip_cov", "kl_cov", "gspo", "qae", "clip_higher", "lopti", "dcpo"} <= names and len(names) >= 30
     stacked = {c.name for e in FOUND if len(e.stack) > 1 for c in e.stack}
-    assert stacked == {c.name for c in controls()} - {"aepo"}  # AEPO differs over ranks: alone only
+    assert stacked - {"lopti_portion"} == {c.name for c in controls()} - {"aepo"}  # AEPO differs over ranks: alone only
     assert max(len(e.stack) for e in FOUND) >= 15
 
 
