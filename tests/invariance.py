@@ -1,9 +1,9 @@
 """Batch invariance of every entropy control, through the real CLI (tests/test_invariance.py).
 
 Each control of configs/cpu (`tests.stacking.controls()`, the set the stacking matrix pairs), the
-baseline, and a few large stacks that hold every control (`cover_stacks`: 15-23 controls each, no
-two of them a pair the README's table refuses) train 2 RL steps of 4 prompts x 8 responses with 2
-optimizer updates each, in five layouts of the same global work:
+baseline, a few large stacks that hold every control (`cover_stacks`: 14-22 controls each, no
+two of them a pair the README's table refuses) and settings no config uses (`variant_entries`) train 2 RL steps of 4 prompts x 8 responses with 2
+optimizer updates each, in six layouts of the same global work:
 
     whole         1 process, one micro-batch per update (micro_batch_size 128); on the CPU each
                   group's prompt is forwarded once (system.shared_prompt null = on)
@@ -11,10 +11,12 @@ optimizer updates each, in five layouts of the same global work:
     unshared      the GPU's forward: prompt + response per row (shared_prompt false), skip_padding,
                   micro-batches of 5 rows
     checkpointed  activation checkpointing (which turns shared_prompt off), micro-batches of 3 rows
+    resumed       whole in two fits: RL step 1, its checkpoint, and a new fit resumed from it for step 2
+                  (every control's state, RNGs and schedules must come back exactly)
     ranks2        2 processes (FSDP2, gloo), 2 prompts and 1 prompt per update each, micro-batches of 3 rows
 
-An entry is batch-invariant when every layout logs the same metrics at every step and ends with
-the same weights (`differences`). Micro-batches must not change a token-mean, a selection or a
+An entry is batch-invariant when every layout logs the same metrics at every step (`StepLogger`)
+and ends with the same weights (`differences`). Micro-batches must not change a token-mean, a selection or a
 quantile; ranks must gather what the math takes over the whole batch (Clip-Cov's ranking, a
 quantile, a group's statistics) and log global values, the same on every rank.
 
@@ -38,6 +40,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+from lightning.pytorch.loggers import Logger
 
 from tests import _dist
 from tests.stacking import HARNESS, Control, StackRunner, controls
@@ -48,6 +51,7 @@ LAYOUTS = {
     "micro1": {"model": {"update": {"micro_batch_size": 1}, "system": {"skip_padding": True}}},
     "unshared": {"model": {"update": {"micro_batch_size": 5}, "system": {"shared_prompt": False, "skip_padding": True}}},
     "checkpointed": {"model": {"update": {"micro_batch_size": 3}, "system": {"activation_checkpointing": True}}},
+    "resumed": {},  # as whole, in two fits: RL step 1 and its last.ckpt, then a new fit resumed from it (`_resumed`)
     "ranks2": {"trainer": {"devices": 2, "strategy": {"class_path": "lit_covrl.sharding.FSDP2Strategy",
                                                       "init_args": {"process_group_backend": "gloo"}}},
                "data": {"batch_size": 2}, "model": {"update": {"mini_batch_size": 1, "micro_batch_size": 3}}},
@@ -73,8 +77,33 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def harness(layout: str) -> dict:
-    """The last config of a run in `layout`: stacking's HARNESS, SGD, the layout's settings."""
-    return _merge(_merge(HARNESS, {"model": {"optimizer": SGD}}), LAYOUTS[layout])
+    """The last config of a run in `layout`: stacking's HARNESS, SGD, `StepLogger`, the layout's settings."""
+    return _merge(_merge(HARNESS, {"model": {"optimizer": SGD}, "trainer": {"logger": {"class_path": "tests.invariance.StepLogger"}}}),
+                  LAYOUTS[layout])
+
+
+class StepLogger(Logger):
+    """The metrics each RL step logged, [{name: value}, ...] (the trainer's callback_metrics keep a
+    value logged at an earlier step: a metric logged only when a step selects tokens would carry
+    over into a step that selected none, and a resumed fit has no earlier step to carry it from)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: dict[int, dict[str, float]] = {}
+
+    @property
+    def name(self) -> str:
+        return "invariance"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.steps.setdefault(step, {}).update({k: float(v) for k, v in metrics.items()})
 
 
 def rank_invariant(real):
@@ -99,6 +128,7 @@ class InvarianceRunner:
     def __init__(self, tmp: Path, layout: str) -> None:
         from lit_covrl.policy import load_policy
 
+        self.layout = layout
         self.runner = StackRunner(tmp, harness=harness(layout), reuse_policies=layout != "ranks2")
         self.initial = load_policy("lit_covrl:tiny-arith", dtype="float32").state_dict()
 
@@ -108,12 +138,36 @@ class InvarianceRunner:
 
         generation = rank_invariant(GRPOModule._make_generation)
         with mock.patch.object(GRPOModule, "_make_generation", generation):
-            out = self.runner.run(*entry.stack)
+            out, steps = self._resumed(entry) if self.layout == "resumed" else self._fit(entry)
         if out.refusal is not None:
             return Result(refusal=out.refusal)
+        steps = [steps[k] for k in sorted(steps)]
         weights = full_state_dict(self.runner.model.policy)  # a collective when sharded: every rank calls it
         delta = torch.cat([(weights[k].float().cpu() - v.float()).flatten() for k, v in self.initial.items()])
-        return Result(steps=out.steps, delta=delta)
+        return Result(steps=steps, delta=delta)
+
+    def _fit(self, entry: Entry, ckpt_path: str | None = None):
+        """The fit's `Outcome` and the metrics its logger got, {step: {name: value}}."""
+        out = self.runner.run(*entry.stack, ckpt_path=ckpt_path)
+        return out, {} if out.refusal is not None else self.runner.cli.trainer.logger.steps
+
+    def _resumed(self, entry: Entry):
+        """RL step 1 and its last.ckpt, then a new fit (a new module, data and callbacks) from it to
+        step 2: the second fit's `Outcome` and both fits' logged steps."""
+        base, folder = self.runner.harness, self.runner.tmp / f"ck-{entry.name}"
+        saving = {"save_last": True, "every_n_train_steps": 1, "dirpath": str(folder)}
+        self.runner.harness = _merge(base, {"trainer": {"max_steps": 1}, "checkpoint": saving})
+        try:
+            first, steps = self._fit(entry)
+            if first.refusal is not None:
+                return first, steps
+            self.runner.harness = _merge(self.runner.harness, {"trainer": {"max_steps": 2}})
+            second, more = self._fit(entry, ckpt_path=str(folder / "last.ckpt"))
+        finally:
+            self.runner.harness = base
+        if second.refusal is None and (sorted(steps), sorted(more)) != ([0], [1]):
+            raise AssertionError(f"layout resumed: steps {sorted(steps)} then {sorted(more)}, not [0] then [1] resumed")
+        return second, {**steps, **more}
 
 
 def differences(a: Result, b: Result) -> list[str]:

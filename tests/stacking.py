@@ -166,8 +166,8 @@ class StackRunner:
             path.write_text(yaml.safe_dump(c.config))
             args += ["--config", str(path)]
         harness = self.tmp / "harness.yaml"  # one file parses faster than its flags
-        harness.write_text(yaml.safe_dump({**self.harness, "checkpoint": {**self.harness["checkpoint"],
-                                                                           "dirpath": str(self.tmp / "ck")}}))
+        checkpoint = {"dirpath": str(self.tmp / "ck"), **self.harness["checkpoint"]}  # the harness's dirpath wins
+        harness.write_text(yaml.safe_dump({**self.harness, "checkpoint": checkpoint}))
         return [*args, "--config", str(harness)]
 
     def _policy(self, spec: str, *, dtype: str):
@@ -187,8 +187,9 @@ class StackRunner:
             p.grad = None
         return model.train().requires_grad_(True)
 
-    def run(self, *stack: Control) -> Outcome:
-        """Fit the stack for 2 RL steps: its metrics, or the start-up error that refused it."""
+    def run(self, *stack: Control, ckpt_path: str | None = None) -> Outcome:
+        """Fit the stack for 2 RL steps (from `ckpt_path` when given): its metrics, or the start-up
+        error that refused it."""
         from lit_covrl import cli as cli_module
 
         cli, recorder, warnings, log = self.cli, Recorder(), Warnings(), logging.getLogger("lit_covrl")
@@ -204,7 +205,7 @@ class StackRunner:
                 cli_module._RUN["trainer"] = cli.trainer
                 cli.trainer.callbacks.append(recorder)
                 self.model = cli.model
-                cli.trainer.fit(cli.model, cli.datamodule)
+                cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
         except cli_module._STARTUP_ERRORS as err:
             if cli_module._past_start_up(cli_module._RUN.get("trainer")):
                 raise

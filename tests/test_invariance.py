@@ -1,7 +1,7 @@
 """README "Batch invariance": every entropy control (the baseline and each control of configs/cpu,
 found as the stacking matrix finds them) trains the same metrics and weights whether an update is
 one micro-batch, micro-batches of one row, forwarded without the shared prompt, with activation
-checkpointing, or split over 2 processes (FSDP2, gloo). The harness,
+checkpointing, stopped and resumed from a checkpoint, or split over 2 processes (FSDP2, gloo). The harness,
 its layouts and why the rollouts and the optimizer are held fixed: tests/invariance.py."""
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def assert_layout(entry, layout: str, problems: list[str]) -> None:
 @pytest.mark.parametrize("entry", FOUND, ids=name)
 def test_one_process_layouts_train_as_one_micro_batch(entry, layout, whole, single):
     """micro1: micro-batches of one row; unshared: the GPU's forward (no shared prompt) with
-    trimmed micro-batches of 5; checkpointed: activation checkpointing."""
+    trimmed micro-batches of 5; checkpointed: activation checkpointing; resumed: two fits, the
+    second resumed from the first's checkpoint."""
     reference = whole(entry)
     assert reference.refusal is None, reference.refusal  # each control runs alone and in its stack
     assert_layout(entry, layout, differences(reference, single(layout).run(entry)))
