@@ -115,6 +115,22 @@ def test_a_state_saved_before_the_bound_loads_in_its_order():
     assert list(reg.stats) == ["y", "z"] and reg.stats["z"][3] == 3
 
 
+def test_an_old_mid_step_state_redoes_its_step_as_the_state_before_it():
+    """A mid-step checkpoint of the code before the bound (3-value stats and undo entries: a existed
+    before step 5 and was pooled in it, b was new in it) redoes step 5 as the state saved before step 5
+    does: same advantages and statistics (it crashed: its undo entries had no recency)."""
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    for max_prompts in (None, 1):
+        mid = DCPOAdvantage(max_prompts=max_prompts)
+        mid.load_state_dict({"stats": {"x": [3, 0.5, 0.5], "a": [2, 0.5, 0.5], "b": [1, 1.0, 0.0]}, "step": 5,
+                             "undo": {"a": [1, 0.25, 0.5], "b": None}})
+        before = DCPOAdvantage(max_prompts=max_prompts)
+        before.load_state_dict({"stats": {"x": [3, 0.5, 0.5], "a": [1, 0.25, 0.5]}, "step": 4, "undo": {}})
+        want = before.step_advantages(5, ["a", "c"], rewards, 4)
+        assert torch.equal(mid.step_advantages(5, ["a", "c"], rewards, 4), want)
+        assert list(mid.stats.items()) == list(before.stats.items())
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True, "3"])
 def test_a_bad_bound_is_refused_naming_the_field(bad):
     with pytest.raises(ValueError, match=r"DCPOAdvantage\.max_prompts=.* is invalid: must be a positive integer"):

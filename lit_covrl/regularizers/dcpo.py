@@ -213,11 +213,16 @@ class DCPOAdvantage(Regularizer):
                 "undo": {k: None if v is None else list(v) for k, v in self._undo.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # a state saved before `seen` existed: its prompts count as pooled in the order it holds them
+        # A state saved before `seen` existed (3-value entries) holds its prompts in the order they were
+        # first pooled (that code updated an entry in place): they count as pooled in that order, so the
+        # first drop after such a resume takes the earliest introduced prompts, not the least recently
+        # trained (once per upgraded run; later steps order by recency). Its undo entries (a mid-step
+        # state) take their prompt's place in that order, where the prompt stood before the step too.
         self.stats = OrderedDict((k, list(v) if len(v) > 3 else [*v, i]) for i, (k, v) in
                                  enumerate(state_dict["stats"].items(), 1))
         self._step = state_dict.get("step")
-        self._undo = {k: None if v is None else list(v) for k, v in state_dict.get("undo", {}).items()}
+        self._undo = {k: None if v is None else list(v) if len(v) > 3 else [*v, self.stats.get(k, [0] * 4)[3]]
+                      for k, v in state_dict.get("undo", {}).items()}
         self._restarting = True
         self._order_by_recency()  # (a smaller max_prompts than the saved run's drops at the next step's pooling)
 
