@@ -5,6 +5,7 @@ is redone), 2 gloo processes against one, micro-batch invariance of a fit with b
 and the start-up refusals naming the field."""
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import random
@@ -27,11 +28,12 @@ def _reference(steps: list[tuple[list[str], list[float]]], group_size: int,
     """The reference's advantages of each step, one group at a time in Python floats: every
     prompt's (times, mean, std) carried across steps, pooled with the group's mean and Bessel std;
     with `max_prompts` (ours, not the reference's), after each step only that many most recently
-    pooled prompts keep theirs (a dict in pooling order, its first keys dropped)."""
+    pooled prompts keep theirs (a dict in pooling order, its first keys dropped), a step's prompts
+    pooled in the order of blake2b-8 of "<step>\0<prompt>" (one group per prompt and step here)."""
     state: dict[str, tuple[int, float, float]] = {}
     out = []
-    for prompts, rewards in steps:
-        step_adv = []
+    for step, (prompts, rewards) in enumerate(steps):
+        step_adv, pooled = [], {}
         for i, p in enumerate(prompts):
             scores = rewards[i * group_size:(i + 1) * group_size]
             times, old_mean, old_std = state.get(p, (0, 0.0, 0.0))
@@ -48,8 +50,10 @@ def _reference(steps: list[tuple[list[str], list[float]]], group_size: int,
                 a_old = (s - mean) / std if std > 0 else 0.0
                 s1, s2 = w * a_old + (1 - w) * a_new, w * a_new + (1 - w) * a_old
                 step_adv.append(s1 if abs(s1) < abs(s2) else s2)
+            pooled[p] = (times + 1, mean, std)
+        for p in sorted(pooled, key=lambda p: hashlib.blake2b(f"{step}\0{p}".encode(), digest_size=8).digest()):
             state.pop(p, None)
-            state[p] = (times + 1, mean, std)
+            state[p] = pooled[p]
         while max_prompts is not None and len(state) > max_prompts:
             del state[next(iter(state))]
         out.append(step_adv)

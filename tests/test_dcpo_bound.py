@@ -5,6 +5,8 @@ redone), None is the unbounded state, and a bad value is refused naming the fiel
 test_dcpo_advantage's test_two_processes_hold_the_statistics_of_one with a bound)."""
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
@@ -32,9 +34,10 @@ def test_least_recently_trained_prompts_are_dropped_first_by_hand():
     assert list(reg.stats) == ["c", "b"] and reg.stats["b"][0] == 2
     _step(reg, 3, "d")
     assert list(reg.stats) == ["b", "d"]
-    _step(reg, 4, "cea")  # one step over the bound: its groups in order, the last two kept
-    assert list(reg.stats) == ["e", "a"]
-    assert [v[0] for v in reg.stats.values()] == [1, 1]  # a was dropped at step 1: it starts again as new
+    _step(reg, 4, "cea")  # one step over the bound: its groups in the step's hash order a, c, e, the last two kept
+    assert sorted("cea", key=lambda k: hashlib.blake2b(f"4\0{k}".encode(), digest_size=8).digest()) == list("ace")
+    assert list(reg.stats) == ["c", "e"]
+    assert [v[0] for v in reg.stats.values()] == [1, 1]  # c was dropped at step 3: it starts again as new
     dropped = [v for k, v in reg.pop_metrics().items() if k == "reg/dcpo_adv/dropped_prompts"]
     assert dropped == [pytest.approx((0 + 1 + 0 + 1 + 3) / 5)]
 
@@ -149,3 +152,53 @@ def test_a_bad_bound_is_refused_through_the_cli(tmp_path, capsys):
     bounded.write_text(text.replace(line, line + "\n      init_args:\n        max_prompts: 0  #", 1))
     err = cli_start_up_error(tmp_path, capsys, str(bounded))
     assert "DCPOAdvantage.max_prompts=0 is invalid: must be a positive integer" in err, err
+
+
+# ------------------------------------------------ device count, with several updates per step (review left23 F1)
+_PER_STEP, _PER_UPDATE, _BOUND = 8, 4, 4  # global prompts per step and per update, max_prompts
+
+
+def _layout_run(rank: int, world: int) -> tuple[dict, list]:
+    """3 steps of the same 8 prompts (unequal rewards from (step, prompt) alone), each rank holding its
+    prompts where the datamodule puts them (`rank_offsets`: the r-th 2 of every 4 prompts on 2 ranks):
+    ({(step, position): advantages}, the kept prompts in recency order)."""
+    from lit_covrl.streams import rank_offsets
+
+    reg, out = DCPOAdvantage(max_prompts=_BOUND), {}
+    where = rank_offsets(rank, world, _PER_STEP // world, _PER_UPDATE // world)
+    for step in range(3):
+        rewards = []
+        for i in where:
+            r = (torch.rand(4, generator=torch.Generator().manual_seed(100 * step + i)) > 0.5).double()
+            rewards.append(torch.cat([torch.tensor([1.0, 0.0], dtype=torch.float64), r[2:]]))
+        adv = reg.step_advantages(step, [f"p{i}" for i in where], torch.cat(rewards), 4)
+        out.update({(step, i): adv[j * 4:(j + 1) * 4] for j, i in enumerate(where)})
+    return out, list(reg.stats.items())
+
+
+def _layout_worker(rank: int, port: int, out: str) -> None:
+    from tests import _dist
+
+    _dist.elastic_env(rank, 2, port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.save(_layout_run(rank, 2), f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_with_interleaved_prompts_keep_what_one_process_keeps(tmp_path):
+    """2 gloo processes holding a step's prompts interleaved by update (as the datamodule lays them out
+    when a step makes several updates) keep the prompts one process keeps and give the same advantages
+    (the gathered rank order, p0 p1 p4 p5 | p2 p3 p6 p7, once decided the recency: another set survived)."""
+    from tests import _dist
+    from lit_covrl.streams import rank_offsets
+
+    assert rank_offsets(0, 2, 4, 2) == [0, 1, 4, 5]  # interleaved, not the first block
+    one, kept = _layout_run(0, 1)
+    assert len(kept) == _BOUND and any(v[0] > 1 for _, v in kept)  # survivors carry statistics across steps
+    _dist.spawn(_layout_worker, (_dist.free_port(), str(tmp_path)), timeout_s=120)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0][1] == ranks[1][1] == kept
+    two = {**ranks[0][0], **ranks[1][0]}
+    assert two.keys() == one.keys()
+    for key in one:
+        assert torch.equal(two[key], one[key]), key

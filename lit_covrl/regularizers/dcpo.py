@@ -22,7 +22,8 @@ that each composes with the rest of the run (and either can be run alone).
   so every rank holds the same, and are checkpointed (`state_dict`): a resume is exact, and a
   state saved mid-step (nonfinite-stop.ckpt) drops that step's part when the resumed run redoes it.
   `max_prompts` bounds them: past it the least recently trained prompts are dropped first (None,
-  the default: no bound, as the reference).
+  the default: no bound, as the reference); recency is by step, then by an order of the step's
+  prompts that no layout changes (`_recency_order`), so 1 and W devices keep the same prompts.
 
 Defaults: the reference recipe recipe/dcpo/run_dcpo.sh (clip_ratio_low 0.2 from run_base.sh,
 clip_ratio_high 0.28, clip_ratio_c 10, clip_type dynamic, adv_estimator dcpo, loss_agg_mode
@@ -37,10 +38,11 @@ run_base.sh / run_dcpo.sh unless USE_OLD_MEAN_ENABLE is set (then every step is 
 standardization without eps): DCPOAdvantage always keeps them, as the paper describes;
 its `coeff` (user_old_mean_ratio, a factor on the old mean and std, 1 by default) is left out; a
 prompt drawn twice in one step reads the same earlier statistics for both groups and then pools
-both (the reference keeps the last group's pooling).
+both, in the order of their values (the reference keeps the last group's pooling).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 
@@ -112,8 +114,9 @@ class DCPOAdvantage(Regularizer):
             max_prompts: the most prompts whose statistics are kept (None: every prompt ever trained, the
                 reference's); past it, after each step's pooling, the least recently trained prompts are
                 dropped first (a dropped prompt starts again as new when it recurs). Recency is the order of
-                pooling: by step, then the step's groups in rank order (the gathered rows every rank holds),
-                so every rank drops the same. A positive integer.
+                pooling: by step, then within the step by a hash of (step, prompt) (`_recency_order`), which
+                depends neither on the rank nor on where a rank holds the prompt, so every rank, and a run on
+                any device count, drops the same prompts. A positive integer.
             name: metric namespace (reg/<name>/...).
         """
         super().__init__(None, name)
@@ -147,8 +150,8 @@ class DCPOAdvantage(Regularizer):
         """[B*G] advantages of this rank's B = len(prompts) groups of RL step `step` (prompt-major),
         from each prompt's statistics before the step; then every rank's trained groups (with a
         row in `keep` [B*G], default all: the groups filter_groups drops are not trained, so not
-        pooled, as the reference filters before its advantages), gathered in rank order, are pooled
-        into the statistics (a collective: every rank calls it once per step)."""
+        pooled, as the reference filters before its advantages), gathered, are pooled into the
+        statistics in `_recency_order` (a collective: every rank calls it once per step)."""
         self._begin(step)
         keys = [prompt_key(p) for p in prompts]
         prior = torch.tensor([self.stats.get(k, [0, 0.0, 0.0])[:3] for k in keys], dtype=torch.float64).view(-1, 3)
@@ -158,7 +161,7 @@ class DCPOAdvantage(Regularizer):
         trained = [True] * len(keys) if keep is None else keep.view(-1, group_size).any(dim=1).tolist()
         rows, _ = distributed.gather_objects(list(zip(keys, new_mean.tolist(), new_std.tolist(), nonzero.tolist(),
                                                       times.tolist(), trained)))
-        rows = [row[:5] for row in rows if row[5]]
+        rows = sorted((row[:5] for row in rows if row[5]), key=lambda row: _recency_order(step, row))
         self._record(rows, group_size)
         for key, m, s, _, _ in rows:
             self._pool(key, m, s)
@@ -229,3 +232,13 @@ class DCPOAdvantage(Regularizer):
     def _order_by_recency(self) -> None:
         self.stats = OrderedDict(sorted(self.stats.items(), key=lambda kv: kv[1][3]))
         self._seen = max((v[3] for v in self.stats.values()), default=0)
+
+
+def _recency_order(step: int, row: tuple) -> tuple:
+    """The sort key of a pooled group (prompt key, new mean, new std, ...) inside step `step`: a hash of
+    (step, prompt key), then the group's values (a prompt drawn twice in the step). The gathered rows
+    come in rank order, and W ranks hold a step's prompts interleaved by mini-batch when it makes
+    several updates (`lit_covrl.streams.rank_offsets`), so that order changes with the device count;
+    this one does not. Hashed with the step, no prompt is dropped first step after step (the key
+    itself would always drop the alphabetically first of a step's prompts)."""
+    return hashlib.blake2b(f"{step}\0{row[0]}".encode(), digest_size=8).digest(), row
