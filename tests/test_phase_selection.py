@@ -1,6 +1,7 @@
 """Mini-batch-wide selections beside Lopti's update phases count only the tokens the phase trains
 (`MiniBatchContext.in_phase`): KL-Cov's covariance means, candidates and N, and BAPO's sums P and N,
-against naive float64 loops over the phase's tokens; without phases both are exactly what they were;
+and Clip-Cov's covariance means, candidates, N and selected_frac, against naive float64 loops over the
+phase's tokens; without phases all three are exactly what they were;
 the learner hands every regularizer the phase's tokens before any `prepare`."""
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lit_covrl.algorithms import bapo_contribution_sums, bapo_search, kl_cov_select
-from lit_covrl.regularizers import BAPO, KLCov, Lopti, Regularizer
+from lit_covrl.algorithms import bapo_contribution_sums, bapo_search, clip_cov_select, kl_cov_select
+from lit_covrl.regularizers import BAPO, ClipCov, KLCov, Lopti, Regularizer
 from lit_covrl.regularizers.base import MiniBatchContext
 from lit_covrl.types import TokenShaping
 from tests._dist import free_port
@@ -127,6 +128,75 @@ def test_bapo_without_phases_is_unchanged():
     assert float(eps_low[0, 0]) == 1.0 - reg.lows[i] and float(eps_high[0, 0]) == reg.highs[j] - 1.0
 
 
+_CLIP = dict(ratio=0.15, lb=0.05, ub=1.5, seed=3)
+
+
+def _clip_ctx(batch, phase: int | None) -> MiniBatchContext:
+    """`_ctx` with the objective's clipped tokens (|logp - old| > 0.45) and, with a phase, Lopti's
+    zeroed tokens (the phase's others), as the learner hands them to Clip-Cov (`reads_zeroed`)."""
+    ctx = _ctx(batch, phase)
+    ctx.clipped = (batch[0] - batch[1]).abs() > 0.45
+    if phase is not None:
+        lopti = Lopti(eta=0.3)
+        lopti.prepare(ctx)
+        ctx.zeroed = lopti.zeroed_tokens()
+    return ctx
+
+
+def _oracle_clip_cov(logp, adv, tokens, clipped, ratio, lb, ub, seed) -> set[tuple[int, int]]:
+    """Clip-Cov over the given tokens only, in float64 one token at a time: Cov_i with the means over
+    those tokens; the candidates, in row-major order, are those not clipped with lb < Cov_i < ub; k =
+    min(max(floor(ratio N), 1), candidates) of them drawn by torch.randperm of a generator seeded `seed`."""
+    cells = [(i, j) for i in range(logp.shape[0]) for j in range(logp.shape[1]) if tokens[i][j]]
+    mean_lp = sum(float(logp[c]) for c in cells) / len(cells)
+    mean_a = sum(float(adv[c]) for c in cells) / len(cells)
+    cand = [c for c in cells if not clipped[c] and lb < (float(logp[c]) - mean_lp) * (float(adv[c]) - mean_a) < ub]
+    k = min(max(math.floor(ratio * len(cells)), 1), len(cand))
+    return {cand[i] for i in torch.randperm(len(cand), generator=torch.Generator().manual_seed(seed))[:k].tolist()}
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("phase", [0, 1])
+def test_clip_cov_draws_among_the_phase_s_tokens_as_a_float64_loop_does(seed, phase):
+    """Cov centred on the phase's tokens, N the phase's count: the code before centred on the whole
+    mini-batch and took k from all its valid tokens, another set (the test can fail)."""
+    batch = _batch(seed, n=12)
+    logp, _, adv, mask = batch
+    ctx = _clip_ctx(batch, phase)
+    tokens, clipped = ctx.in_phase.tolist(), ctx.clipped
+    reg = ClipCov(**_CLIP)
+    reg.prepare(ctx)
+    want = _oracle_clip_cov(logp, adv, tokens, clipped, **_CLIP)
+    assert _selected(reg) == want and len(want) >= 2
+    assert all(tokens[i][j] for i, j in want)
+    before = torch.zeros_like(mask, dtype=torch.bool) if ctx.zeroed is None else ctx.zeroed
+    old = clip_cov_select(ctx.covariance(), mask, mask.bool() & ~clipped & ~before, ratio=_CLIP["ratio"],
+                          lb=_CLIP["lb"], ub=_CLIP["ub"], generator=torch.Generator().manual_seed(_CLIP["seed"]))
+    assert {tuple(c) for c in old.nonzero().tolist()} != want
+    m = reg.pop_metrics()
+    assert m["reg/clip_cov/selected_frac"] == pytest.approx(len(want) / sum(map(sum, tokens)))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_clip_cov_without_phases_is_unchanged(seed):
+    """No phase: the draw over the whole mini-batch with its own covariance and N, as before; a phase
+    holding every valid token draws the same."""
+    batch = _batch(seed, n=12)
+    ctx = _clip_ctx(batch, None)
+    reg = ClipCov(**_CLIP)
+    reg.prepare(ctx)
+    old = clip_cov_select(ctx.covariance(), ctx.mask, ctx.mask.bool() & ~ctx.clipped, ratio=_CLIP["ratio"],
+                          lb=_CLIP["lb"], ub=_CLIP["ub"], generator=torch.Generator().manual_seed(_CLIP["seed"]))
+    assert torch.equal(reg.selected, old) and old.sum() >= 2
+    assert _selected(reg) == _oracle_clip_cov(batch[0], batch[2], batch[3].bool().tolist(), ctx.clipped, **_CLIP)
+    every = _clip_ctx(batch, None)
+    every.in_phase = batch[3].bool()
+    whole = ClipCov(**_CLIP)
+    whole.prepare(every)
+    assert torch.equal(whole.selected, reg.selected)
+    assert whole.pop_metrics() == reg.pop_metrics()
+
+
 class _Spy(Regularizer):
     """Records ctx.phase, ctx.in_phase and the scope of the phase-splitting regularizer it is given."""
 
@@ -165,14 +235,16 @@ _TARGET = 0.5463  # seed 0, n 12, phase 1: halfway along the phase's range of P 
 
 
 def _phase_decisions(rows: slice) -> dict[str, torch.Tensor]:
-    """KL-Cov's selection and BAPO's range in phase 1 of these rows of one mini-batch."""
+    """KL-Cov's and Clip-Cov's selections and BAPO's range in phase 1 of these rows of one mini-batch."""
     batch = tuple(t[rows] for t in _batch(0, n=12))
     kl, bapo = KLCov(ratio=0.2), BAPO(target=_TARGET, low_start=0.8, low_max=0.95, low_step=0.05, high_start=1.0,
                                       high_max=1.5, high_step=0.02)
+    clip = ClipCov(**_CLIP)
     kl.prepare(_ctx(batch, 1))
     bapo.prepare(_ctx(batch, 1))
-    metrics = {**kl.pop_metrics(), **bapo.pop_metrics()}
-    return {"kl": kl.selected, "bapo": torch.stack([b[0, 0] for b in bapo.clip_bounds()]),
+    clip.prepare(_clip_ctx(batch, 1))
+    metrics = {**kl.pop_metrics(), **bapo.pop_metrics(), **clip.pop_metrics()}
+    return {"kl": kl.selected, "clip": clip.selected, "bapo": torch.stack([b[0, 0] for b in bapo.clip_bounds()]),
             "metrics": torch.tensor([metrics[k] for k in sorted(metrics)], dtype=torch.float64)}
 
 
@@ -188,16 +260,18 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_two_processes_decide_over_the_phase_s_tokens_of_both(tmp_path):
-    """2 gloo processes holding 6 rows each: KL-Cov selects, and BAPO sets, what 1 process holding all 12
-    does in the phase (the covariance's means, N and P / N are the phase's over both ranks)."""
+    """2 gloo processes holding 6 rows each: KL-Cov and Clip-Cov select, and BAPO sets, what 1 process
+    holding all 12 does in the phase (the covariance's means, N and P / N are the phase's over both ranks)."""
     single = _phase_decisions(slice(0, 12))
-    assert single["kl"].sum() >= 2 and 0.0 < float(single["bapo"][1]) < 0.5
+    assert single["kl"].sum() >= 2 and single["clip"].sum() >= 2 and 0.0 < float(single["bapo"][1]) < 0.5
     mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert torch.equal(torch.cat([p["kl"] for p in parts]), single["kl"])
+    assert torch.equal(torch.cat([p["clip"] for p in parts]), single["clip"])
     for p in parts:
         assert torch.equal(p["bapo"], single["bapo"])
         torch.testing.assert_close(p["metrics"], single["metrics"], rtol=1e-9, atol=1e-12)
     halves = [_phase_decisions(slice(0, 6)), _phase_decisions(slice(6, 12))]  # each half alone decides otherwise
     assert not torch.equal(torch.cat([h["kl"] for h in halves]), single["kl"])
+    assert not torch.equal(torch.cat([h["clip"] for h in halves]), single["clip"])
     assert any(not torch.equal(h["bapo"], single["bapo"]) for h in halves)

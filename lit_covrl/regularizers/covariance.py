@@ -11,9 +11,9 @@ Cov_i = (logp_i - mean logp) (A_i - mean A) over the valid tokens of the optimiz
 
 Selection happens once per optimizer mini-batch over all its tokens on all ranks (invariant to
 micro-batch size and device count), with a seeded, checkpointed generator. Under update phases
-(Lopti's), KL-Cov treats the phase's tokens (`ctx.in_phase`) as the mini-batch: Cov's means, the
-candidates and N are the phase's; Clip-Cov draws among the phase's tokens (it reads `ctx.zeroed`,
-where the phase's others are) with N all the mini-batch's valid tokens. Both act additively on
+(Lopti's), both treat the phase's tokens (`ctx.in_phase`) as the mini-batch: Cov's means (over the
+phase's tokens on all ranks), the candidates, N and selected_frac's denominator are the phase's
+(without phases: the mini-batch's, unchanged). Both act additively on
 the module's objective (PPO, GSPO, CISPO). Every departure from the reference code (verl / PRIME-RL) and its
 reason is in the README's table "Where we differ from the reference code".
 """
@@ -63,6 +63,12 @@ class _CovarianceSelector(Regularizer):
         self.record("selected_adv_mean", stats[2] / k, when=stats[0] > 0)
         self.record("selected_logp_mean", stats[3] / k, when=stats[0] > 0)
 
+    @staticmethod
+    def _covariance(ctx: MiniBatchContext, mask: Tensor) -> Tensor:
+        """Cov over `mask` = ctx.phase_mask(): under update phases (Lopti's) the phase's tokens are the
+        mini-batch, centred on their means over all ranks; without phases the mini-batch's cached one."""
+        return ctx.covariance() if ctx.in_phase is None else global_token_covariance(ctx.logp, ctx.advantages, mask)
+
     def _rows(self, batch: PolicyBatch) -> Tensor:
         assert self.selected is not None, "prepare() must run before shape()"
         return self.selected[batch.rows].to(batch.logp.dtype)
@@ -85,7 +91,7 @@ class ClipCov(_CovarianceSelector):
     ) -> None:
         """
         Args:
-            ratio: fraction of the mini-batch's valid tokens to detach (paper: 2e-4).
+            ratio: fraction of the mini-batch's valid tokens to detach (paper: 2e-4; under Lopti's phases, of the phase's).
             lb: lower covariance bound of the candidates (strict).
             ub: upper covariance bound of the candidates (strict); must exceed lb.
             schedule: annealing of `ratio` over RL steps, e.g. {name: cosine, final: 0.0, steps: 500}.
@@ -103,6 +109,7 @@ class ClipCov(_CovarianceSelector):
     def prepare(self, ctx: MiniBatchContext) -> None:
         ratio = self.scheduled(self.ratio, ctx.step)
         self.record("coef", ratio)
+        mask = ctx.phase_mask()  # the phase's tokens (Lopti's) are the mini-batch: Cov, N and selected_frac
         if ratio <= 0:
             self.selected = torch.zeros_like(ctx.mask, dtype=torch.bool)
         else:
@@ -112,12 +119,12 @@ class ClipCov(_CovarianceSelector):
             if ctx.zeroed is not None:
                 eligible = eligible & ~ctx.zeroed
             self.selected = select_globally(
-                [ctx.covariance(), ctx.mask, eligible],
+                [self._covariance(ctx, mask), mask, eligible],
                 lambda cov, mask, elig: clip_cov_select(
                     cov, mask, elig, ratio=ratio, lb=self.lb, ub=self.ub, generator=self.generator
                 ),
             )
-        self._record_selection(ctx, self.selected)
+        self._record_selection(ctx, self.selected, mask)
 
     def shape(self, batch: PolicyBatch) -> TokenShaping:
         return TokenShaping(weight=1.0 - self._rows(batch))
@@ -190,8 +197,8 @@ class KLCov(_CovarianceSelector):
         if ratio <= 0 or beta <= 0 or self._inert:
             self.selected = torch.zeros_like(ctx.mask, dtype=torch.bool)
         else:
-            cov = ctx.covariance() if ctx.in_phase is None else global_token_covariance(ctx.logp, ctx.advantages, mask)
-            self.selected = select_globally([cov, mask], lambda cov, mask: kl_cov_select(cov, mask, ratio=ratio))
+            self.selected = select_globally([self._covariance(ctx, mask), mask],
+                                            lambda cov, mask: kl_cov_select(cov, mask, ratio=ratio))
         self._record_selection(ctx, self.selected, mask)
 
     def shape(self, batch: PolicyBatch) -> TokenShaping:
