@@ -183,8 +183,9 @@ class KLCov(_CovarianceSelector):
         else:
             ratio = self.scheduled(ratio, ctx.step)
         self._beta_now = beta
-        # While no optimizer step has been taken since the rollout (the first update, or later
-        # ones when earlier mini-batches were filtered or skipped) the policy *is* the rollout
+        # While no optimizer step has moved the weights since the rollout (the first update, or later
+        # ones after filtered or skipped mini-batches, or after a zero-gradient step of a fresh
+        # optimizer without weight decay: drivers.zero_step_moves_nothing) the policy *is* the rollout
         # policy: logp - old_logp is only float noise (sampler vs training forward, ~1e-7), and
         # d|x|/dx = sign(noise) would push every selected token by a random +-beta. The exact
         # penalty is 0 with 0 gradient there: nothing is selected and nothing applied.
