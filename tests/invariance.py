@@ -27,7 +27,9 @@ step, weights). The optimizer: SGD, whose step is linear in the gradient; AdamW'
 lr * g / (|g| + eps), so a gradient of float noise around zero moves a weight by up to 2 lr one way
 or the other and the weights would differ where the math does not.
 
-    python -m tests.invariance     # every control's largest difference per layout
+    python -m tests.invariance                                   # every entry, every layout
+    python -m tests.invariance --config my_control.yaml          # your control (several --config: a stack)
+    python -m tests.invariance --config my.yaml --layouts micro1 resumed
 """
 from __future__ import annotations
 
@@ -259,9 +261,9 @@ def expected_difference(entry: Entry, layout: str) -> str | None:
     return next((LAYOUT_DEPENDENT[c.name, layout] for c in entry.stack if (c.name, layout) in LAYOUT_DEPENDENT), None)
 
 
-def ranks2_worker(rank: int, port: int, out: str, names: list[str]) -> None:
-    """A spawned worker: rank `rank` of 2 fits every named control in layout ranks2 and saves its
-    results, {name: Result}, to out/rank<rank>.pt."""
+def ranks2_worker(rank: int, port: int, out: str, found: list[Entry]) -> None:
+    """A spawned worker: rank `rank` of 2 fits every entry in layout ranks2 and saves its results,
+    {name: Result}, to out/rank<rank>.pt."""
     import logging
 
     import torch.distributed as dist
@@ -269,37 +271,68 @@ def ranks2_worker(rank: int, port: int, out: str, names: list[str]) -> None:
     torch.set_num_threads(1)
     _dist.elastic_env(rank, 2, port)
     logging.getLogger("lit_covrl").propagate = False
-    found = {e.name: e for e in entries()}
     runner = InvarianceRunner(Path(out) / f"rank{rank}", "ranks2")
-    results = {n: runner.run(found[n]) for n in names}
+    results = {e.name: runner.run(e) for e in found}
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def run_ranks2(out: Path, names: list[str], timeout_s: float) -> list[dict[str, Result]]:
-    """Both ranks' results of layout ranks2 for `names`."""
+def run_ranks2(out: Path, found: list[Entry], timeout_s: float) -> list[dict[str, Result]]:
+    """Both ranks' results of layout ranks2 for the entries `found`, {name: Result} each."""
     out.mkdir(parents=True, exist_ok=True)
-    _dist.spawn(ranks2_worker, (_dist.free_port(), str(out), names), timeout_s=timeout_s,
+    _dist.spawn(ranks2_worker, (_dist.free_port(), str(out), found), timeout_s=timeout_s,
                 what="the 2-process invariance runs")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def main() -> None:
+def user_entry(paths: list[str]) -> Entry:
+    """The stack of the method configs at `paths` (as `--config` files after configs/quickstart.yaml)."""
+    import yaml
+
+    from tests.stacking import control
+
+    stack = []
+    for path in paths:
+        found = control(Path(path).stem, yaml.safe_load(Path(path).read_text()))
+        if found is None:
+            raise SystemExit(f"{path}: no control found (no model.objective, trainer.callbacks or model keys)")
+        stack.append(found)
+    return Entry("+".join(c.name for c in stack), tuple(stack))
+
+
+def report(found: list[Entry], layouts: list[str], tmp: Path) -> int:
+    """Print each entry's differences per layout against whole; the number of unexpected ones."""
+    single = {layout: InvarianceRunner(tmp / layout, layout) for layout in ["whole", *layouts] if layout != "ranks2"}
+    ranks = run_ranks2(tmp / "ranks2", found, timeout_s=1800) if "ranks2" in layouts else None
+    unexpected = 0
+    for e in found:
+        whole = single["whole"].run(e)
+        rows = {layout: single[layout].run(e) for layout in layouts if layout != "ranks2"}
+        if ranks is not None:
+            rows |= {"ranks2 rank 0": ranks[0][e.name], "ranks2 rank 1": ranks[1][e.name]}
+        for layout, result in rows.items():
+            problems = differences(whole, result)
+            expected = problems and expected_difference(e, layout.split()[0])
+            unexpected += bool(problems) and not expected
+            print(f"{e.name:36s} {layout:14s} {'ok' if not problems else ('expected: ' if expected else '') + '; '.join(problems[:4])}")
+    return unexpected
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
     import logging
 
+    parser = argparse.ArgumentParser(prog="python -m tests.invariance", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action="append", default=[], metavar="YAML",
+                        help="a method config to check (stack several with several --config); default: every entry")
+    parser.add_argument("--layouts", nargs="+", default=[layout for layout in LAYOUTS if layout != "whole"],
+                        choices=[layout for layout in LAYOUTS if layout != "whole"], help="compared with whole")
+    args = parser.parse_args(argv)
     logging.getLogger("lit_covrl").propagate = False
-    found = entries()
+    found = [user_entry(args.config)] if args.config else entries()
     with tempfile.TemporaryDirectory() as tmp:
-        single = {layout: InvarianceRunner(Path(tmp) / layout, layout) for layout in SINGLE}
-        ranks = run_ranks2(Path(tmp) / "ranks2", [name(c) for c in found], timeout_s=1800)
-        for c in found:
-            whole = single["whole"].run(c)
-            rows = {layout: single[layout].run(c) for layout in SINGLE if layout != "whole"}
-            rows |= {"ranks2 rank 0": ranks[0][name(c)], "ranks2 rank 1": ranks[1][name(c)]}
-            for layout, result in rows.items():
-                problems = differences(whole, result)
-                print(f"{name(c):22s} {layout:14s} {'ok' if not problems else '; '.join(problems[:4])}")
+        return 1 if report(found, args.layouts, Path(tmp)) else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -8,9 +8,13 @@ from __future__ import annotations
 import logging
 
 import pytest
+import yaml
 
-from tests.invariance import SINGLE, InvarianceRunner, differences, entries, expected_difference, name, run_ranks2
-from tests.stacking import controls
+from lit_covrl.regularizers import EntropyBonus
+from lit_covrl.types import TokenShaping
+from tests.invariance import (SINGLE, InvarianceRunner, differences, entries, expected_difference, main, name,
+                              run_ranks2)
+from tests.stacking import ROOT, controls
 
 FOUND = entries()
 
@@ -51,7 +55,7 @@ def single(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ranks2(tmp_path_factory):
     """Both ranks' results of every control: one spawn of 2 workers fits them all in turn."""
-    return run_ranks2(tmp_path_factory.mktemp("ranks2"), [name(c) for c in FOUND], timeout_s=900)
+    return run_ranks2(tmp_path_factory.mktemp("ranks2"), FOUND, timeout_s=900)
 
 
 def test_every_control_is_in_the_matrix_alone_and_in_a_stack():
@@ -86,3 +90,26 @@ def test_one_process_layouts_train_as_one_micro_batch(entry, layout, whole, sing
 def test_two_processes_train_as_one_process(entry, whole, ranks2):
     for rank in range(2):  # each rank logs the global values
         assert_layout(entry, "ranks2", differences(whole(entry), ranks2[rank][name(entry)]))
+
+
+class MicroBatchNormalizedBonus(EntropyBonus):
+    """An entropy bonus divided by its micro-batch's mean entropy: a statistic of whatever rows a
+    forward holds, the common way a control loses batch invariance (the check must say so)."""
+
+    default_name = "mb_bonus"
+
+    def shape(self, batch):
+        h = batch.entropy
+        return TokenShaping(penalty=-self._coef_now * h / h.detach().mean().clamp(min=1e-6))
+
+
+def test_the_check_of_a_users_control_reports_a_micro_batch_statistic(tmp_path, capsys):
+    """`python -m tests.invariance --config my.yaml`: a user's control, checked in the layouts named;
+    exit status 1 and the differing metrics where it depends on the micro-batches, ok elsewhere."""
+    config = tmp_path / "mb_bonus.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": f"{__name__}.MicroBatchNormalizedBonus", "init_args": {"coef": 0.1}}]}}))
+    assert main(["--config", str(config), "--layouts", "micro1", "resumed"]) == 1
+    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("mb_bonus ")}
+    assert lines["resumed"].endswith(" ok") and "policy/loss" in lines["micro1"] and "reg/mb_bonus/loss" in lines["micro1"]
+    assert main(["--config", str(ROOT / "configs/cpu/entropy_bonus.yaml"), "--layouts", "micro1"]) == 0
