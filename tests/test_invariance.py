@@ -112,4 +112,5 @@ def test_the_check_of_a_users_control_reports_a_micro_batch_statistic(tmp_path, 
     assert main(["--config", str(config), "--layouts", "micro1", "resumed"]) == 1
     lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("mb_bonus ")}
     assert lines["resumed"].endswith(" ok") and "policy/loss" in lines["micro1"] and "reg/mb_bonus/loss" in lines["micro1"]
-    assert main(["--config", str(ROOT / "configs/cpu/entropy_bonus.yaml"), "--layouts", "micro1"]) == 0
+    # the README's example: the bring-your-own regularizer
+    assert main(["--config", str(ROOT / "examples/byo/regularizer.yaml"), "--layouts", "micro1", "resumed"]) == 0
