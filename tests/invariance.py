@@ -45,7 +45,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 
 from tests import _dist
-from tests.stacking import HARNESS, Control, StackRunner, controls
+from tests.stacking import HARNESS, ROOT, Control, StackRunner, controls
 
 SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}
 LAYOUTS = {
@@ -222,21 +222,33 @@ def cover_stacks(found: list[Control], refused: set[str], leave_out: set[str]) -
     return stacks
 
 
-def variant(control: Control, name: str, init_args: dict) -> Control:
-    """`control` (one callback) with other init_args: a setting its config does not use."""
-    config = copy.deepcopy(control.config)
-    (callback,) = config["trainer"]["callbacks"]
-    callback["init_args"] = init_args
+def variant(control: Control, name: str, init_args: dict[str, dict], extra: dict | None = None) -> Control:
+    """`control` with settings its config does not use: `init_args` {callback class name: its
+    init_args, replacing the config's}, and `extra` config merged in (e.g. other data)."""
+    config = _merge(copy.deepcopy(control.config), extra or {})
+    for callback in config["trainer"]["callbacks"]:
+        cls = callback["class_path"].rsplit(".", 1)[1]
+        if cls in init_args:
+            callback["init_args"] = init_args[cls]
     return dataclasses.replace(control, name=name, config=config)
+
+
+# examples/byo/data.jsonl, 5 prompts: 4 per step, so step 2 sees prompts step 1 trained on
+RECURRING_PROMPTS = {"data": {"task": None, "train_files": [str(ROOT / "examples/byo/data.jsonl")], "prompt_field": "question",
+                              "answer_field": "reward_model.ground_truth", "val_size": 0},
+                     "model": {"reward": "examples.byo.my_rewards.close_enough"}}
 
 
 def variant_entries(found: dict[str, Control]) -> list[Entry]:
     """Settings no config of configs/cpu uses, alone and stacked on the controls they interact with:
     Lopti's per-step quantile split (`portion`, gathered over ranks) beside the selections that
-    read its phases."""
-    portion = variant(found["lopti"], "lopti_portion", {"portion": 0.5, "low_first": True})
+    read its phases; DCPOAdvantage bounded to 2 prompts on 5 prompts that recur, so that its
+    per-prompt statistics are read and evicted (on the arithmetic task no prompt recurs in 2 steps)."""
+    portion = variant(found["lopti"], "lopti_portion", {"Lopti": {"portion": 0.5, "low_first": True}})
+    dcpo = variant(found["dcpo"], "dcpo_bounded_recurring", {"DCPOAdvantage": {"max_prompts": 2}}, RECURRING_PROMPTS)
     return [Entry(portion.name, (portion,)),
-            Entry("lopti_portion+kl_cov+bapo+clip_cov", (portion, found["kl_cov"], found["bapo"], found["clip_cov"]))]
+            Entry("lopti_portion+kl_cov+bapo+clip_cov", (portion, found["kl_cov"], found["bapo"], found["clip_cov"])),
+            Entry(dcpo.name, (dcpo,))]
 
 
 def entries() -> list[Entry]:

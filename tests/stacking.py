@@ -167,7 +167,9 @@ class StackRunner:
             args += ["--config", str(path)]
         harness = self.tmp / "harness.yaml"  # one file parses faster than its flags
         checkpoint = {"dirpath": str(self.tmp / "ck"), **self.harness["checkpoint"]}  # the harness's dirpath wins
-        harness.write_text(yaml.safe_dump({**self.harness, "checkpoint": checkpoint}))
+        # a run without a log folder writes what it writes (e.g. skipped_rows.txt) here, not in the working directory
+        trainer = {"default_root_dir": str(self.tmp / "root"), **self.harness["trainer"]}
+        harness.write_text(yaml.safe_dump({**self.harness, "trainer": trainer, "checkpoint": checkpoint}))
         return [*args, "--config", str(harness)]
 
     def _policy(self, spec: str, *, dtype: str):
@@ -200,6 +202,10 @@ class StackRunner:
         try:
             with loads:
                 cli.parse_arguments(cli.parser, self._args(list(stack)))
+                # LightningCLI keeps the first parse's config dump (`config_dump`) and gives it to every
+                # later module and datamodule as their hparams: the data settings and the module's
+                # hparams-read ones (model, dtype, correct_threshold) would stay the first run's
+                vars(cli).pop("config_dump", None)
                 cli.before_instantiate_classes()
                 cli.instantiate_classes()
                 cli_module._RUN["trainer"] = cli.trainer
