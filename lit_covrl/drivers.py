@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Protocol
 
+import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -77,12 +78,16 @@ class LightningDriver:
 
 
 def zero_step_moves_nothing(optimizer, grad_norm: Tensor) -> bool:
-    """Whether an optimizer step on gradients of norm `grad_norm` leaves every weight as it is: a
-    zero gradient, an optimizer without state yet (no momentum: its first step, or the first after
-    a reset) and no weight decay. Such a step does not take the policy off the rollout's (on a
-    fresh AdamW or SGD the weights stay bitwise equal), so the learner still counts it on policy;
-    with momentum or weight decay a zero gradient still moves the weights."""
-    if float(grad_norm) != 0.0 or any(len(state) for state in optimizer.state.values()):
+    """Whether an optimizer step on gradients of norm `grad_norm` surely leaves every weight as it
+    is: a zero gradient, an optimizer of a class known to move weights only through the gradient,
+    its momentum and weight decay (torch's Adam, AdamW, SGD) that has no state yet (its first step,
+    or the first after a reset) and no weight decay. Such a step does not take the policy off the
+    rollout's (the weights stay bitwise equal), so the learner still counts it on policy. Any other
+    optimizer counts as moving: ASGD shrinks the weights on a zero gradient, and a wrapper such as
+    ZeroRedundancyOptimizer keeps its state where `optimizer.state` does not show it."""
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD) or float(grad_norm) != 0.0:
+        return False
+    if any(len(state) for state in optimizer.state.values()):
         return False
     return all(not group.get("weight_decay") for group in optimizer.param_groups)
 

@@ -88,6 +88,7 @@ def test_one_process_layouts_train_as_one_micro_batch(entry, layout, whole, sing
 @pytest.mark.slow
 @pytest.mark.parametrize("entry", FOUND, ids=name)
 def test_two_processes_train_as_one_process(entry, whole, ranks2):
+    assert whole(entry).refusal is None, whole(entry).refusal  # two refusals alike are no invariance
     for rank in range(2):  # each rank logs the global values
         assert_layout(entry, "ranks2", differences(whole(entry), ranks2[rank][name(entry)]))
 
@@ -112,5 +113,10 @@ def test_the_check_of_a_users_control_reports_a_micro_batch_statistic(tmp_path, 
     assert main(["--config", str(config), "--layouts", "micro1", "resumed"]) == 1
     lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("mb_bonus ")}
     assert lines["resumed"].endswith(" ok") and "policy/loss" in lines["micro1"] and "reg/mb_bonus/loss" in lines["micro1"]
+    refused = tmp_path / "refused.yaml"  # a setting start-up refuses: nothing ran, so no "ok"
+    refused.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "lit_covrl.regularizers.ClipCov", "init_args": {"lb": 2.0, "ub": 1.0}}]}}))
+    assert main(["--config", str(refused), "--layouts", "micro1"]) == 1
+    assert "refused at start-up: ValueError" in capsys.readouterr().out
     # the README's example: the bring-your-own regularizer
     assert main(["--config", str(ROOT / "examples/byo/regularizer.yaml"), "--layouts", "micro1", "resumed"]) == 0

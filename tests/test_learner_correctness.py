@@ -146,6 +146,35 @@ def test_kl_cov_stays_inert_after_a_first_update_that_moves_no_weight(tiny_model
         assert probe.seen[1] == (1, True, True, False)
 
 
+def test_only_a_fresh_adam_adamw_or_sgd_zero_step_counts_as_moving_nothing():
+    """The rule is exact for the optimizers it names; any other counts as moving (ASGD shrinks weights
+    on a zero gradient; a wrapper may keep state out of `optimizer.state`): the safe side."""
+    from lit_covrl.drivers import zero_step_moves_nothing
+
+    zero, one = torch.tensor(0.0), torch.tensor(1.0)
+    for opt_cls, kw, expected in [(torch.optim.AdamW, dict(weight_decay=0.0), True), (torch.optim.Adam, {}, True),
+                                  (torch.optim.SGD, dict(lr=0.1, momentum=0.9), True),
+                                  (torch.optim.AdamW, {}, False),  # weight decay 0.01 by default: decays
+                                  (torch.optim.ASGD, {}, False), (torch.optim.Adagrad, {}, False)]:
+        w = torch.nn.Parameter(torch.ones(3))
+        opt = opt_cls([w], **kw)
+        assert zero_step_moves_nothing(opt, zero) is expected, opt_cls
+        assert zero_step_moves_nothing(opt, one) is False
+        if expected:  # exact: a zero-gradient step leaves the weight bitwise equal; then state exists
+            w.grad = torch.zeros(3)
+            before = w.detach().clone()
+            opt.step()
+            assert torch.equal(w.detach(), before)
+            w.grad = torch.ones(3)
+            opt.step()
+            assert zero_step_moves_nothing(opt, zero) is False  # it has state now: momentum moves the weights
+    w = torch.nn.Parameter(torch.ones(3))
+    asgd = torch.optim.ASGD([w], lr=0.1)
+    w.grad = torch.zeros(3)
+    asgd.step()
+    assert not torch.equal(w.detach(), torch.ones(3))  # why ASGD is not on the list
+
+
 class LastGroupConstant(FirstGroupConstant):
     """0,1,0,1 for the first group, 0 for every answer of the second (filtered)."""
 

@@ -50,8 +50,9 @@ class MiniBatchContext:
 
     step        RL step (rollout index)
     update      index of this mini-batch update within the rollout (0, 1, ...)
-    on_policy   True while no optimizer step has been taken since the rollout: the policy is
-                still the rollout policy (a filtered or skipped update keeps it True)
+    on_policy   True while no optimizer step has moved the weights since the rollout: the policy is
+                still the rollout policy (a filtered or skipped update keeps it True, as does a
+                zero-gradient step of a fresh optimizer: `drivers.zero_step_moves_nothing`)
     logp        [n, T]  current-policy log-probs of the sampled tokens (the rollout's while on
                         policy; otherwise a no-grad forward when a regularizer needs them)
     old_logp    [n, T]  rollout-policy log-probs
