@@ -132,6 +132,8 @@ def test_a_bad_portion_is_refused_naming_the_field(bad):
 def test_eta_beside_portion_is_refused_naming_both():
     with pytest.raises(ValueError, match=r"Lopti\.eta=0\.4 with Lopti\.portion=0\.5"):
         Lopti(eta=0.4, portion=0.5)
+    with pytest.raises(ValueError, match=r"Lopti\.eta=0\.5 with Lopti\.portion=0\.5"):  # eta given, even at 0.5
+        Lopti(eta=0.5, portion=0.5)
     assert Lopti(portion=0.5).eta == 0.5 and Lopti().portion is None and Lopti().threshold == 0.5
 
 

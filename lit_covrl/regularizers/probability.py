@@ -69,26 +69,26 @@ class Lopti(Regularizer):
     default_name = "lopti"
     chart_metrics = {"Control": ("low_frac", "threshold")}
 
-    def __init__(self, eta: float = 0.5, low_first: bool = True, portion: float | None = None,
+    def __init__(self, eta: float | None = None, low_first: bool = True, portion: float | None = None,
                  name: str | None = None) -> None:
         """
         Args:
             eta: tokens with pi_old(y_t) < eta are the low-probability ones (reference: 0.4 alone, 0.5
-                beside AR); in (0, 1].
+                beside AR); in (0, 1]; None (not given): 0.5, or `portion`'s quantile when that is set.
             low_first: True trains the low-probability tokens in the first phase (the paper's order);
                 False the high-probability ones first (the reference's negative eta or portion).
             portion: in place of eta, the threshold of each RL step is this quantile of pi_old over the
                 step's trained tokens on all ranks (the reference's `seperate_portion`, 0.5 in its config;
-                None: eta); in (0, 1); eta then stays at its default.
+                None: eta); in (0, 1); not with eta.
             name: metric namespace (reg/<name>/...).
         """
         super().__init__(None, name)
-        self.eta = check_number("Lopti.eta", eta, low=0.0, high=1.0, low_open=True)
+        self.eta = 0.5 if eta is None else check_number("Lopti.eta", eta, low=0.0, high=1.0, low_open=True)
         if not isinstance(low_first, bool):
             raise ValueError(f"Lopti.low_first={low_first!r} is invalid: must be true or false")
         self.portion = None if portion is None else check_number(
             "Lopti.portion", portion, low=0.0, high=1.0, low_open=True, high_open=True)
-        if portion is not None and eta != 0.5:
+        if portion is not None and eta is not None:
             raise ValueError(f"Lopti.eta={eta!r} with Lopti.portion={portion!r}: the split is by one of them (portion "
                              "sets each step's threshold in place of eta); leave eta out with portion")
         self.low_first = low_first
