@@ -15,7 +15,7 @@ optimizer updates each, in six layouts of the same global work:
                   (every control's state, RNGs and schedules must come back exactly)
     ranks2        2 processes (FSDP2, gloo), 2 prompts and 1 prompt per update each, micro-batches of 3 rows
 
-An entry is batch-invariant when every layout logs the same metrics at every step (`StepLogger`)
+An entry is batch-invariant when every layout logs the same metrics at every step (`tests.stacking.StepLogger`)
 and ends with the same weights (`differences`). Micro-batches must not change a token-mean, a selection or a
 quantile; ranks must gather what the math takes over the whole batch (Clip-Cov's ranking, a
 quantile, a group's statistics) and log global values, the same on every rank.
@@ -42,7 +42,6 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from lightning.pytorch.loggers import Logger
 
 from tests import _dist
 from tests.stacking import HARNESS, ROOT, Control, StackRunner, controls
@@ -83,33 +82,9 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def harness(layout: str) -> dict:
-    """The last config of a run in `layout`: stacking's HARNESS, SGD, `StepLogger`, the layout's settings."""
-    return _merge(_merge(HARNESS, {"model": {"optimizer": SGD}, "trainer": {"logger": {"class_path": "tests.invariance.StepLogger"}}}),
-                  LAYOUTS[layout])
-
-
-class StepLogger(Logger):
-    """The metrics each RL step logged, [{name: value}, ...] (the trainer's callback_metrics keep a
-    value logged at an earlier step: a metric logged only when a step selects tokens would carry
-    over into a step that selected none, and a resumed fit has no earlier step to carry it from)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.steps: dict[int, dict[str, float]] = {}
-
-    @property
-    def name(self) -> str:
-        return "invariance"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.steps.setdefault(step, {}).update({k: float(v) for k, v in metrics.items()})
+    """The last config of a run in `layout`: stacking's HARNESS (its `StepLogger` records each step's
+    metrics), SGD, the layout's settings."""
+    return _merge(_merge(HARNESS, {"model": {"optimizer": SGD}}), LAYOUTS[layout])
 
 
 def rank_invariant(real):

@@ -30,7 +30,7 @@ from pathlib import Path
 from unittest import mock
 
 import yaml
-from lightning.pytorch import Callback
+from lightning.pytorch.loggers import Logger
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIGS = ROOT / "configs" / "cpu"
@@ -38,9 +38,9 @@ BASE = ROOT / "configs" / "quickstart.yaml"
 # module settings that are a control of the literature but have no config file of their own
 FLAG_CONTROLS = {"clip_higher": {"model": {"loss": {"clip_high": 0.28}}}}
 # 2 RL steps of 4 prompts (AEPO's prompt_frac 0.25 draws for one) x 8 responses (Pass@4 needs > 4),
-# 2 updates per rollout (the off-policy code runs); no validation, checkpoint or logger
+# 2 updates per rollout (the off-policy code runs); no validation or checkpoint; each step's metrics (StepLogger)
 HARNESS = {"trainer": {"max_steps": 2, "limit_val_batches": 0, "enable_progress_bar": False, "enable_model_summary": False,
-                       "logger": False},
+                       "logger": {"class_path": "tests.stacking.StepLogger"}},
            "checkpoint": {"save_last": False, "every_n_train_steps": 1000},
            "data": {"batch_size": 4}, "model": {"update": {"mini_batch_size": 2}}, "torch_threads": 1}
 README_BEGIN, README_END = "<!-- refused pairs: python -m tests.stacking -->", "<!-- end of refused pairs -->"
@@ -123,14 +123,28 @@ class Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-class Recorder(Callback):
-    """Every RL step's logged metrics: [{name: value}, ...]."""
+class StepLogger(Logger):
+    """The metrics each RL step logged, {step: {name: value}} (the trainer's callback_metrics keep a
+    value logged at an earlier step: a metric logged only when a step selects tokens would carry
+    over into a step that selected none, and a resumed fit has no earlier step to carry it from)."""
 
     def __init__(self) -> None:
-        self.steps: list[dict[str, float]] = []
+        super().__init__()
+        self.steps: dict[int, dict[str, float]] = {}
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+    @property
+    def name(self) -> str:
+        return "stacking"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.steps.setdefault(step, {}).update({k: float(v) for k, v in metrics.items()})
 
 
 @dataclass
@@ -194,7 +208,7 @@ class StackRunner:
         error that refused it."""
         from lit_covrl import cli as cli_module
 
-        cli, recorder, warnings, log = self.cli, Recorder(), Warnings(), logging.getLogger("lit_covrl")
+        cli, warnings, log = self.cli, Warnings(), logging.getLogger("lit_covrl")
         self._loaded = 0
         cli_module._RUN.clear()
         log.addHandler(warnings)
@@ -209,7 +223,6 @@ class StackRunner:
                 cli.before_instantiate_classes()
                 cli.instantiate_classes()
                 cli_module._RUN["trainer"] = cli.trainer
-                cli.trainer.callbacks.append(recorder)
                 self.model = cli.model
                 cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
         except cli_module._STARTUP_ERRORS as err:
@@ -218,7 +231,8 @@ class StackRunner:
             return Outcome(refusal=f"{type(err).__name__}: {err}", warnings=warnings.messages)
         finally:
             log.removeHandler(warnings)
-        return Outcome(steps=recorder.steps, warnings=warnings.messages)
+        logged = cli.trainer.logger.steps  # {step: metrics}
+        return Outcome(steps=[logged[k] for k in sorted(logged)], warnings=warnings.messages)
 
 
 def check_runs(pair, out: Outcome) -> list[str]:
