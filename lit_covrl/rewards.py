@@ -127,9 +127,25 @@ class MathVerifyReward:
         return parse(text, parsing_timeout=timeout)
 
     def final_answer(self, completion: str) -> str | None:
-        """The outcome this reward judges (outcome-based exploration): `extract_answer`'s text as
-        written, or None (no canonical form: `1/2` and `0.5`, scored equal, are two outcomes)."""
-        return extract_answer(completion)
+        """The outcome this reward judges (outcome-based exploration), or None without a final answer:
+        `extract_answer`'s text in a canonical form, so that forms of one value are one outcome.
+        A number (`\\frac{1}{2}`, `1/2`, `0.5`, `50\\%`, `\\sqrt{8}` and `2\\sqrt{2}`) is sympy's exact
+        value of math_verify's parse, floats made rational (`1/2`, `2*sqrt(2)`); another expression,
+        set or interval is sympy's printed form of the parse (`a+b` and `b+a` are `a + b`); an answer
+        math_verify cannot read, or one too complex to parse safely (the limits of scoring), is its
+        text without whitespace. Forms that only `verify` equates (`x=2` and `2`, a float near an
+        irrational) stay apart."""
+        answer = extract_answer(completion)
+        if answer is None:
+            return None
+        written = "".join(answer.split())
+        if _too_complex(answer) or _huge_power(answer):
+            return written
+        try:
+            parsed = self._parse(answer, self._signal_timeout())
+        except Exception:  # math_verify's own timeout or a sympy error: the text is the outcome
+            return written
+        return _canonical(parsed[0]) if parsed else written
 
     def __call__(self, completion: str, answer: str) -> float:
         from math_verify import verify
@@ -145,6 +161,21 @@ class MathVerifyReward:
         if not pred:
             return 0.0
         return 1.0 if verify(gold, pred, timeout_seconds=timeout) else 0.0
+
+
+def _canonical(expr) -> str:
+    """A parsed answer's canonical text: exact numbers evaluated (`sqrt(8)` -> `2*sqrt(2)`,
+    0.5 -> 1/2), anything else as sympy prints it."""
+    import sympy
+
+    if not isinstance(expr, sympy.Basic):
+        return "".join(str(expr).split())
+    if expr.is_number:
+        try:
+            expr = sympy.nsimplify(expr.doit(), rational=True)
+        except Exception:  # e.g. a value sympy cannot make rational: its printed form
+            pass
+    return str(expr)
 
 
 # ----------------------------------------------------------------------------- batch scoring

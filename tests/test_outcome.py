@@ -147,8 +147,29 @@ def test_state_round_trip_and_final_answers_of_the_built_in_rewards():
     state["counts"]['[{"content": "q", "role": "user"}]']["4"] = 9
     assert reg.counts['[{"content": "q", "role": "user"}]']["4"] == 2  # a copy, not the live dict
     assert ExactMatchReward().final_answer("  12 \n") == "12" and ExactMatchReward().final_answer(" ") is None
-    assert MathVerifyReward().final_answer("so \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
+    assert MathVerifyReward().final_answer("so \\boxed{\\frac{1}{2}}.") == "1/2"
     assert ReasoningReward().final_answer("1+2=3|3") == "3" and ReasoningReward().final_answer("3") is None
+
+
+def test_math_verify_outcomes_are_canonical_so_forms_of_one_value_are_one_outcome():
+    """MathVerifyReward scores `\\frac{1}{2}`, `1/2`, `0.5` and `50\\%` alike, so they are one outcome:
+    a group writing one value in four forms is penalised as four repeats of it (it was not: four
+    outcomes, no penalty, and the batch term rewarded rewriting a repeated answer)."""
+    mv = MathVerifyReward()
+    forms = ["\\boxed{\\frac{1}{2}}", "so it is $1/2$", "the answer is 0.5", "\\boxed{50\\%}", "\\boxed{ 1 / 2 }"]
+    assert {mv.final_answer(c) for c in forms} == {"1/2"}
+    assert mv.final_answer("\\boxed{\\sqrt{8}}") == mv.final_answer("\\boxed{2\\sqrt{2}}") == "2*sqrt(2)"
+    assert mv.final_answer("\\boxed{b+a}") == mv.final_answer("\\boxed{a + b}") == "a + b"
+    assert mv.final_answer("\\boxed{2.0}") == mv.final_answer("\\boxed{2}") == "2"
+    assert mv.final_answer("\\boxed{3}") != mv.final_answer("\\boxed{\\pi}")
+    assert mv.final_answer("\\boxed{x=2}") != mv.final_answer("\\boxed{2}")  # only verify equates these
+    assert mv.final_answer("\\boxed{? ?}") == "??"  # unreadable: the text without whitespace
+    assert mv.final_answer("\\boxed{10^{10^{7}}}") == "10^{10^{7}}"  # never parsed (scoring's limit)
+    assert mv.final_answer("no answer here") is None
+    reg = _ready(OutcomeExploration(historical=0.0, batch=0.6), mv)
+    got = _step(reg, 0, ["x"], forms[:4], torch.zeros(4, dtype=torch.bool), 4)
+    assert got.tolist() == pytest.approx([-0.6] * 4)  # each: all 3 others repeat its outcome
+    assert reg.counts == {"x": {"1/2": 4}}
 
 
 def test_a_state_saved_mid_step_counts_the_redone_step_once():
