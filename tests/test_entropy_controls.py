@@ -205,8 +205,11 @@ def test_high_entropy_tokens_zero_the_gradient_of_the_rest():
 def test_steer_weights_callback_uses_minibatch_bounds():
     logp, old, adv, mask, ent, old_ent = _rand(seed=4)
     reg = SteerWeights()
+    assert not SteerWeights.needs_current_entropy  # H is the rollout's: no extra forward for it
     reg.prepare(_ctx(logp, old, adv, mask, ent, old_ent))
-    want = steer_weights(steer_metric(adv, ent, logp, old, mask), mask, w_min=0.8, w_max=1.2)
+    # the reference's H: the rollout policy's entropy (stored by its old-log-prob pass), p the current
+    want = steer_weights(steer_metric(adv, old_ent, logp, old, mask), mask, w_min=0.8, w_max=1.2)
+    assert (want - steer_weights(steer_metric(adv, ent, logp, old, mask), mask, w_min=0.8, w_max=1.2)).abs().max() > 0.01
     torch.testing.assert_close(reg.weights, want)
     valid = reg.weights[mask.bool()]
     assert valid.min() == pytest.approx(0.8) and valid.max() == pytest.approx(1.2)

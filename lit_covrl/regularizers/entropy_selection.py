@@ -15,7 +15,8 @@ float rounding at EntropyRatioClip's fixed band edges, which no tie tolerance ca
 
 The math is in `lit_covrl.algorithms.entropy_controls`. H is the current policy's entropy of the
 sampled distribution (`ctx.entropy`: the rollout's while on policy, else a no-grad forward, or the
-training forward when the mini-batch is one micro-batch).
+training forward when the mini-batch is one micro-batch), except in STEER's |Omega|, which reads the
+rollout policy's (`ctx.old_entropy`), as the reference does.
 
 Where we differ from the reference code, on purpose: the quantile (80/20) and STEER's min/max
 normalization are over the whole optimizer mini-batch on all ranks, not per micro-batch per GPU
@@ -94,10 +95,13 @@ class HighEntropyTokens(_TokenWeights):
 
 
 class SteerWeights(_TokenWeights):
-    """STEER: per-token weights from the estimated one-step entropy change."""
+    """STEER: per-token weights from the estimated one-step entropy change, with p the current
+    policy's probability of the sampled token and H the rollout policy's entropy (`ctx.old_entropy`),
+    as the reference computes it: its update recomputes only the log-probs and reads the entropies
+    stored by the old-log-prob pass (a later update of the rollout is off policy, where the two
+    entropies differ)."""
 
     needs_current_logp = True
-    needs_current_entropy = True
     default_name = "steer"
     chart_metrics = {"Control": ("weight_mean",)}
 
@@ -119,8 +123,8 @@ class SteerWeights(_TokenWeights):
         self.w_min, self.w_max, self.mapping = w_min, w_max, mapping
 
     def prepare(self, ctx: MiniBatchContext) -> None:
-        assert ctx.entropy is not None, "the module must fill ctx.entropy when needs_current_entropy is set"
-        metric = steer_metric(ctx.advantages, ctx.entropy, ctx.logp, ctx.old_logp, ctx.mask).double()
+        assert ctx.old_entropy is not None, "the module must provide the rollout entropy"
+        metric = steer_metric(ctx.advantages, ctx.old_entropy, ctx.logp, ctx.old_logp, ctx.mask).double()
         m = ctx.mask.bool()
         big = torch.finfo(torch.float64).max
         lo = torch.where(m, metric, big).min() if metric.numel() else torch.tensor(big, dtype=torch.float64)
