@@ -7,8 +7,9 @@ float rounding at EntropyRatioClip's fixed band edges, which no tie tolerance ca
   20%); the others get weight 0 but stay in the token-mean denominator (the paper's objective
   keeps the 1 / sum |o_i| normalizer). No reference code was released.
 - SteerWeights (STEER, Hao et al. 2025, arXiv 2510.10150): weight each token's objective by
-  its estimated one-step entropy change |Omega| mapped to [w_min, w_max] (paper: 0.8, 1.2,
-  linear), the largest change getting the smallest weight (github.com/zz-haooo/STEER).
+  its estimated one-step entropy change |Omega| mapped to [w_min, w_max] (the reference's
+  run_linear.sh: 0.8, 1.2, linear), the largest change getting the smallest weight
+  (github.com/zz-haooo/STEER).
 - EntropyRatioClip (Su et al. 2025, arXiv 2512.05591): drop the objective's gradient on
   tokens whose entropy ratio H / H_old leaves (1 - low, 1 + high) (paper: 0.05, 0.05;
   github.com/Kwai-Klear/ERC).
@@ -109,10 +110,10 @@ class SteerWeights(_TokenWeights):
                  name: str | None = None) -> None:
         """
         Args:
-            w_min: weight of the token with the largest |Omega| (paper: 0.8).
-            w_max: weight of the token with the smallest |Omega| (paper: 1.2; ignored, 1.0, by
+            w_min: weight of the token with the largest |Omega| (the reference recipes: 0.8).
+            w_max: weight of the token with the smallest |Omega| (run_linear.sh: 1.2; ignored, 1.0, by
                 the exponential mapping).
-            mapping: "linear" (paper's default) or "exponential".
+            mapping: "linear" (the reference's run_linear.sh) or "exponential" (its run_exp.sh, w_max 1.0).
             name: metric namespace (reg/<name>/...).
         """
         super().__init__(name)
