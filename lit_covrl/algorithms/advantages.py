@@ -12,8 +12,10 @@ to prompt n // G, so ``rewards`` is a flat ``[B*G]`` tensor viewed as ``[B, G]``
 - Quantile baseline (QAE, Wu et al. 2025, "Quantile Advantage Estimation", arXiv 2509.22611):
   GRPO or Dr.GRPO with the group's K-quantile (linear interpolation, as ``torch.quantile``)
   in place of the mean. With 0/1 rewards and success rate p it is a two-regime gate: on hard
-  prompts (p <= 1 - K) the baseline is ~0 and only successes get an advantage, on easy ones it is
-  ~1 and only failures do, which bounds the entropy change of a step from both sides.
+  prompts (p <= 1 - K) the baseline is 0 and only successes get an advantage, on easy ones it is
+  1 and only failures do, which bounds the entropy change of a step from both sides; except for
+  the one success count whose interpolation position (G - 1) K lies between the last failure and
+  the first success: G = 8, K = 0.4 (position 2.8) gives 5 successes the baseline 0.8, not 1.
 - Pass@k (Chen et al. 2025, "Pass@k Training", arXiv 2508.10751, analytical derivation): 0/1
   rewards, a group of N with N_neg failures; a k-subset drawn without replacement scores its best
   reward. Its expected score and the Bernoulli std of that score are
