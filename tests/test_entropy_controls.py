@@ -27,8 +27,11 @@ from lit_covrl.regularizers import (
     AdaptiveEntropyBonus,
     EntroPIC,
     EntropyAdvantage,
+    EntropyBonus,
     EntropyRatioClip,
     HighEntropyTokens,
+    KLCov,
+    ReferenceKL,
     SteerWeights,
 )
 from lit_covrl.regularizers.base import MiniBatchContext
@@ -567,3 +570,26 @@ def test_entropic_resumes_exactly():
 def test_entropic_settings_are_checked(kw, match):
     with pytest.raises(ValueError, match=match):
         EntroPIC(**kw)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -1.0])
+@pytest.mark.parametrize("make, field", [
+    (lambda v: EntropyAdvantage(alpha=v), "EntropyAdvantage.alpha"),
+    (lambda v: AdaptiveEntropyBonus(target=v), "AdaptiveEntropyBonus.target"),
+    (lambda v: AdaptiveEntropyBonus(delta=v), "AdaptiveEntropyBonus.delta"),
+    (lambda v: AdaptiveEntropyBonus(min_coef=v, init_coef=0.0), "AdaptiveEntropyBonus.min_coef"),
+    (lambda v: KLCov(beta=v), "KLCov.beta"),
+    (lambda v: EntropyBonus(coef=v), "EntropyBonus.coef"),
+    (lambda v: ReferenceKL(beta=v), "ReferenceKL.beta"),
+])
+def test_nonfinite_or_negative_coefficients_are_refused_naming_the_field(make, field, value):
+    """A YAML `.nan` or `.inf` reached these settings (review science24b F3): EntropyAdvantage(alpha=nan)
+    skipped every update as non-finite and the run exited 0; AdaptiveEntropyBonus(target=nan) never
+    switched on."""
+    with pytest.raises(ValueError, match=rf"{field}={value!r} is invalid: must be a finite number >= 0"):
+        make(value)
+
+
+def test_entropy_advantage_refuses_an_infinite_kappa():
+    with pytest.raises(ValueError, match="kappa must be finite and > 1"):
+        EntropyAdvantage(kappa=math.inf)

@@ -136,8 +136,9 @@ def check_scheduled_ratio(field_name: str, schedule: Schedule) -> None:
 
 
 def check_nonnegative(field_name: str, value: float) -> None:
-    if value is None or value < 0:
-        raise ValueError(f"{field_name} must be >= 0, got {value!r}")
+    """A finite number >= 0 (NaN and inf are refused: a NaN coefficient skipped every update as
+    non-finite, a NaN target switched a controller off, silently)."""
+    check_number(field_name, value)
 
 
 def check_number(owner_field: str, value, *, low: float = 0.0, high: float = math.inf, low_open: bool = False,

@@ -21,6 +21,8 @@ The math is in `lit_covrl.algorithms.entropy_controls`.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lit_covrl import distributed
@@ -137,8 +139,8 @@ class EntropyAdvantage(Regularizer):
         """
         super().__init__(schedule, name)
         check_nonnegative("EntropyAdvantage.alpha", alpha)
-        if not kappa > 1:
-            raise ValueError(f"EntropyAdvantage.kappa must be > 1 (else A + psi can flip sign), got {kappa!r}")
+        if not 1 < kappa < math.inf:  # inf caps every shift at 0: a no-op
+            raise ValueError(f"EntropyAdvantage.kappa must be finite and > 1 (else A + psi can flip sign), got {kappa!r}")
         self.alpha, self.kappa = alpha, kappa
         self._alpha_now = alpha
         self._sums = StepSums("psi", "capped", "tokens")  # over the valid tokens
