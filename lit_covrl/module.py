@@ -211,12 +211,14 @@ class GRPOModule(SetupHooks, EvaluationHooks, StepBatch, L.LightningModule):
 
     @property
     def recompute_logprobs_on(self) -> bool:
-        """`model.update.recompute_logprobs` resolved (null: on when the policy computes in
-        bfloat16, where the sampler's log-probs are off by whole bf16 steps now and then)."""
+        """`model.update.recompute_logprobs` resolved (null: on when the policy computes in a
+        16-bit float, bfloat16 or float16, where the sampler's log-probs are off by whole rounding
+        steps now and then)."""
         precision = str(getattr(self._trainer, "precision", "") if self._trainer is not None else "")
-        weights = self.policy is not None and any(p.dtype == torch.bfloat16 for p in self.policy.parameters())
-        fsdp = self.settings.system.fsdp_mixed_precision == "bf16"
-        return self.settings.update.recompute_for("bf16" in precision or weights or fsdp)
+        half = (torch.bfloat16, torch.float16)
+        weights = self.policy is not None and any(p.dtype in half for p in self.policy.parameters())
+        fsdp = self.settings.system.fsdp_mixed_precision in ("bf16", "fp16")
+        return self.settings.update.recompute_for(precision.startswith(("16", "bf16")) or weights or fsdp)
 
     # setup (set-up hooks: lit_covrl.setup_hooks) -----------------------------------------------
     @property

@@ -224,9 +224,11 @@ class UpdateSettings:
             mini-batch's rows are forwarded in the micro-batches its update cuts (rounding
             depends on the batch layout), so the first update's ratio is exactly 1 whatever
             skip_padding, filter_groups and mini_batch_size are. null (default): on when the
-            policy computes in bfloat16 (trainer.precision bf16-mixed / bf16-true, bfloat16
-            weights, system.fsdp_mixed_precision bf16), where the sampler's log-probs differ by
-            whole bf16 steps now and then (up to 1e-1 measured on the CPU); off in float32.
+            policy computes in a 16-bit float (trainer.precision bf16-mixed / bf16-true /
+            16-mixed / 16-true, bfloat16 or float16 weights, system.fsdp_mixed_precision bf16 or
+            fp16), where the sampler's log-probs differ by whole rounding steps now and then (up
+            to 1e-1 measured on the CPU in bf16; under fp16 GSPO's narrow sequence clip caught
+            ~20 % of sequences on an unmoved policy); off in float32.
     """
 
     mini_batch_size: int | None = None
@@ -237,9 +239,9 @@ class UpdateSettings:
     max_consecutive_skips: int = 10
     recompute_logprobs: bool | None = None
 
-    def recompute_for(self, computes_in_bf16: bool) -> bool:
-        """`recompute_logprobs` resolved: null = on when the policy computes in bfloat16."""
-        return computes_in_bf16 if self.recompute_logprobs is None else bool(self.recompute_logprobs)
+    def recompute_for(self, computes_in_half: bool) -> bool:
+        """`recompute_logprobs` resolved: null = on when the policy computes in a 16-bit float."""
+        return computes_in_half if self.recompute_logprobs is None else bool(self.recompute_logprobs)
 
     KEY = "model.update"
 

@@ -570,3 +570,23 @@ def test_four_stacked_selections_train_the_same_whatever_the_micro_batches(tmp_p
     assert max((one[k] - trimmed[k]).abs().max().item() for k in one) < 1e-6
     for k in ("policy/loss", "reg/high_entropy_tokens/selected_frac", "reg/kl_cov/selected_frac", "reg/clip_cov/selected_frac"):
         assert m_one[k] == pytest.approx(m_trimmed[k], rel=1e-5), k
+
+
+@pytest.mark.parametrize("precision,fsdp,weights,on", [
+    ("16-mixed", None, None, True), ("16-true", None, None, True), ("bf16-true", None, None, True),
+    ("32-true", "fp16", None, True), ("32-true", None, torch.float16, True), ("32-true", None, None, False),
+    ("64-true", None, None, False),
+])
+def test_recompute_defaults_on_for_float16_as_for_bfloat16(tiny_model_dir, precision, fsdp, weights, on):
+    """float16 rounds the sampler's log-probs as bfloat16 does (review gpu24: under fp16 autocast
+    the static sampler's first GSPO update clipped ~20 % of sequences of an unmoved policy), so the
+    null default recomputes there too; it resolved off for 16-mixed, 16-true, fp16 FSDP and
+    float16 weights."""
+    from types import SimpleNamespace
+
+    module = make_module(tiny_model_dir, **(dict(system=dict(fsdp_mixed_precision=fsdp)) if fsdp else {}))
+    module.configure_model()
+    if weights is not None:
+        module.policy.to(weights)
+    module._trainer = SimpleNamespace(precision=precision)
+    assert module.recompute_logprobs_on is on
