@@ -12,7 +12,7 @@ cache growing by `torch.cat`, a host sync per token. Here:
   same captured graph) serve rollout after rollout; rows beyond N are dummies that attend to one
   key and are dropped;
 - the sampler holds one such cache per model (and KV dtypes: rollouts with and without autocast
-  keep one each): the largest batch bucket x the longest length seen.
+  keep one each; under autocast keys and values are stored in its dtype, as attention reads them): the largest batch bucket x the longest length seen.
   Each (batch bucket, temperature, top-p) -- the training rollout, a validation batch, its smaller
   last batch, a `sampling_batch_size` remainder -- gets a slot of its own (mask, positions, graph)
   whose cache is a view of the model cache's leading N_b rows; temperature and top-p act on the
@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from lit_covrl.policy import _cache_kwarg, position_ids_from_mask
 from lit_covrl.sampling.base import Sampler, draw_token, eos_ids, finish_rollout, token_distribution
 from lit_covrl.sampling.kv_cache import prefill
-from lit_covrl.sampling.static_store import _casting_update, _Slot, _Store, batch_bucket, static_cache_unsupported
+from lit_covrl.sampling.static_store import _casting_update, _Slot, _Store, batch_bucket, kv_dtypes, static_cache_unsupported
 from lit_covrl.types import Rollout
 
 log = logging.getLogger("lit_covrl")
@@ -219,11 +219,12 @@ class StaticCacheSampler(Sampler):
         if layers is None:
             raise ValueError("model.sampler StaticCacheSampler needs transformers >= 5 (cache layers); "
                              "use lit_covrl.sampling.KVCacheSampler")
-        # one cache per model and KV dtypes: a rollout under autocast (fp32 keys, bf16 values) and one
-        # without (fp32 both) keep a cache each, instead of replacing each other at every switch
-        mkey = (id(model), device, tuple((dl.keys.dtype, dl.values.dtype) for dl in layers))
+        # one cache per model and KV dtypes: a rollout under bf16 autocast (bf16 keys and values) and
+        # one without (fp32 both) keep a cache each, instead of replacing each other at every switch
+        dtypes = kv_dtypes(layers, device)
+        mkey = (id(model), device, dtypes)
         store = self._stores.get(mkey)
-        if store is not None and store.fits(nb, lb, layers):
+        if store is not None and store.fits(nb, lb, layers, dtypes):
             return store
         if store is not None:  # the old cache and its slots are freed before the new one is made
             nb, lb = max(nb, store.rows), max(lb, store.length)
@@ -231,10 +232,10 @@ class StaticCacheSampler(Sampler):
             del self._stores[mkey], store
             gc.collect()  # a slot is a reference cycle (its layers' update, its compiled step's closure)
         with torch.inference_mode(False):
-            self._stores[mkey] = self._new_store(model, nb, lb, layers)
+            self._stores[mkey] = self._new_store(model, nb, lb, layers, dtypes)
         return self._stores[mkey]
 
-    def _new_store(self, model, nb: int, lb: int, layers) -> _Store:
+    def _new_store(self, model, nb: int, lb: int, layers, dtypes: tuple) -> _Store:
         impl = getattr(model.config, "_attn_implementation", "sdpa")
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"model.sampler StaticCacheSampler needs attn_implementation sdpa or eager, got {impl!r}")
@@ -242,12 +243,13 @@ class StaticCacheSampler(Sampler):
         if reason is not None:
             raise ValueError(f"model.sampler StaticCacheSampler cannot decode this model: {reason}; "
                              "use lit_covrl.sampling.KVCacheSampler")
-        # keys and values each in the dtype the dynamic cache holds them in, whatever a decoding
-        # step produces: under autocast the rotary embedding makes keys fp32 while values come
-        # out bf16, and transformers 5.17 (not 5.24) sizes a layer like its keys (its dynamic cache
-        # then holds fp32 values: torch.cat promotes). New states are cast on the way in (lossless).
-        return _Store(keys=[dl.keys.new_zeros((nb, dl.keys.shape[1], lb, dl.keys.shape[3])) for dl in layers],
-                      values=[dl.values.new_zeros((nb, dl.values.shape[1], lb, dl.values.shape[3])) for dl in layers])
+        # keys and values in `kv_dtypes`: the dynamic cache's, float32 ones in the autocast dtype
+        # under autocast (attention reads them in it: the same attention, a third less memory than
+        # fp32 keys beside bf16 values). New states are cast on the way in (`_casting_update`).
+        return _Store(keys=[dl.keys.new_zeros((nb, dl.keys.shape[1], lb, dl.keys.shape[3]), dtype=kd)
+                            for dl, (kd, _) in zip(layers, dtypes)],
+                      values=[dl.values.new_zeros((nb, dl.values.shape[1], lb, dl.values.shape[3]), dtype=vd)
+                              for dl, (_, vd) in zip(layers, dtypes)])
 
     def _new_slot(self, model, store: _Store, nb: int, device: torch.device) -> _Slot:
         from transformers import StaticCache

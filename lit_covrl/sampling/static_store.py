@@ -29,6 +29,22 @@ def static_cache_unsupported(config) -> str | None:
     return None
 
 
+def kv_dtypes(layers, device) -> tuple:
+    """(key dtype, value dtype) per layer that the static cache stores: the prefill's dynamic cache's,
+    but a float32 state in the autocast dtype while autocast is on (the rotary embedding makes keys
+    float32 under bf16 autocast; transformers 5.17 also promotes values). Attention reads them in
+    the autocast dtype anyway (autocast casts the inputs of SDPA and of eager attention's matmuls),
+    so casting on the way in gives the same attention, and the keys take half the memory."""
+    import torch
+
+    low = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+    def stored(dtype):
+        return low if low is not None and dtype == torch.float32 else dtype
+
+    return tuple((stored(dl.keys.dtype), stored(dl.values.dtype)) for dl in layers)
+
+
 def batch_bucket(n: int) -> int:
     """Rows rounded up: the next power of two up to 64, then the next multiple of 64."""
     return 1 << max(n - 1, 0).bit_length() if n <= 64 else -(-n // 64) * 64
@@ -52,13 +68,15 @@ class _Store:
     def length(self) -> int:
         return self.keys[0].shape[2]
 
-    def fits(self, nb: int, lb: int, layers) -> bool:
-        """Whether nb rows of lb positions fit, in the prefill cache's layers' shapes and dtypes."""
-        def like(a: Tensor, b: Tensor) -> bool:  # all but rows and length
-            return (a.shape[1], a.shape[3], a.dtype) == (b.shape[1], b.shape[3], b.dtype)
+    def fits(self, nb: int, lb: int, layers, dtypes: tuple) -> bool:
+        """Whether nb rows of lb positions fit, in the prefill cache's layers' shapes and the stored
+        dtypes (`kv_dtypes`)."""
+        def like(a: Tensor, b: Tensor, dtype) -> bool:  # all but rows and length
+            return (a.shape[1], a.shape[3], a.dtype) == (b.shape[1], b.shape[3], dtype)
 
         return nb <= self.rows and lb <= self.length and len(layers) == len(self.keys) and all(
-            like(k, dl.keys) and like(v, dl.values) for k, v, dl in zip(self.keys, self.values, layers))
+            like(k, dl.keys, kd) and like(v, dl.values, vd)
+            for k, v, dl, (kd, vd) in zip(self.keys, self.values, layers, dtypes))
 
 
 @dataclass
