@@ -31,8 +31,7 @@ def check_before_start(module, stage: str) -> None:
     check_stack(module.regularizers)
     for reg in module.regularizers:
         reg.check_rewards(module.rewards, cfg.loss.binary_rewards_for)
-        if reg.replaces_advantages:  # DCPOAdvantage: the estimator settings it replaces stay at GRPO's
-            reg.check_loss(cfg.loss, cfg.rollout)
+        reg.check_loss(cfg.loss, cfg.rollout)  # DCPOAdvantage: the estimator stays GRPO's; RLZVP: no filter_groups
     # non-default clip keys of model.loss: the objective is the PPOClip built from them (resolve_objective)
     from_loss = cfg.loss.clip_args() != type(cfg.loss)().clip_args()
     check_objective_stack(module.objective, module.regularizers, "model.loss" if from_loss else "model.objective.init_args")

@@ -31,6 +31,8 @@ class StepBatch:
         zero-variance groups, and the unlikeliness reward's sequence log-probs and ranks (or None)."""
         cfg, G, rollout, rewards = self.settings, self.settings.rollout.group_size, sampled.rollout, sampled.rewards
         zero_var = zero_variance_groups(rewards, G)
+        for reg in self.regularizers:  # RLZVP's all-equal groups and their sign
+            reg.observe_rewards(rewards, G)
         keep = ~zero_var if cfg.rollout.filter_groups else torch.ones_like(zero_var)
         if cfg.rollout.overlong == "mask":
             keep = keep & ~rollout.truncated

@@ -1,7 +1,8 @@
 """Pure tensor math: advantages, PPO / GSPO / CISPO / CE-GPPO losses and aggregation, token covariance and
 selection, entropy controls, clip-range controls (Archer, BAPO), the logit-activation control (ERA), the
 extra-response control (AEPO), the probability controls (Advantage Reweighting, Lopti), outcome-based
-exploration, GTPO's conflict-token and response-entropy control, entropy and log-probs, KL estimators. No state, no config objects."""
+exploration, GTPO's conflict-token and response-entropy control, RL-ZVP's zero-variance advantage, entropy and
+log-probs, KL estimators. No state, no config objects."""
 from lit_covrl.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
     QUANTILE_ESTIMATORS,
@@ -95,6 +96,7 @@ from lit_covrl.algorithms.outcome_controls import (
 )
 from lit_covrl.algorithms.probability_controls import low_probability_tokens, probability_quantile, probability_weights
 from lit_covrl.algorithms.rollout_controls import aepo_choose, aepo_prompts, aepo_temperature
+from lit_covrl.algorithms.zvp_controls import zvp_advantages, zvp_group_signs
 from lit_covrl.algorithms.losses import (
     AGG_MODES,
     aggregate,
@@ -118,6 +120,8 @@ from lit_covrl.algorithms.objectives import (
 )
 
 __all__ = [
+    "zvp_advantages",
+    "zvp_group_signs",
     "batch_repeats",
     "distinct_answers",
     "group_centered",

@@ -19,6 +19,7 @@ from lit_covrl.regularizers.schedules import SCHEDULES, Schedule
 from lit_covrl.regularizers.simko import SimKO
 from lit_covrl.regularizers.trajectory_gtpo import TrajectoryGTPO
 from lit_covrl.regularizers.siren import SIREN
+from lit_covrl.regularizers.zvp import RLZVP
 
 __all__ = [
     "AEPO",
@@ -41,6 +42,7 @@ __all__ = [
     "LpReg",
     "MiniBatchContext",
     "OutcomeExploration",
+    "RLZVP",
     "ReferenceKL",
     "Regularizer",
     "SCHEDULES",

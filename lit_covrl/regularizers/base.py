@@ -170,6 +170,9 @@ class Regularizer(Callback):
     shapes_outcome: bool = False  # shapes rewards / advantages by final answers (OutcomeExploration's; one)
     replaces_advantages: bool = False  # computes the step's advantages (`step_advantages`; DCPOAdvantage's; one)
     reads_sign_as_correct: bool = False  # A > 0 is "verified correct" (SimKO, ...): refused beside shapes_outcome
+    # sets the advantage of the groups whose rewards are all equal (RL-ZVP's; `observe_rewards`): refused
+    # beside another control that gives them one (replaces_advantages, shapes_outcome, draws_rollout)
+    shapes_equal_groups: bool = False
     sets_clip_range: bool = False  # returns TokenShaping.clip_low / clip_high (at most one per run; see clip_bounds)
     update_phases: int = 1  # > 1: the rollout's updates run that many times, ctx.phase 0 (all its updates), 1, ...;
     # `shape` returns TokenShaping.scope, the tokens each phase trains (Lopti's; at most one per run)
@@ -278,6 +281,15 @@ class Regularizer(Callback):
     def check_rewards(self, rewards, binary_for: str | None) -> None:
         """Start-up check of the run's `RewardSet` (and of `binary_for`, the setting that needs 0/1
         rewards, or None): raise a ValueError naming the field. Default: any rewards."""
+
+    def check_loss(self, loss, rollout) -> None:
+        """Start-up check against `model.loss` and `model.rollout` (`LossSettings`, `RolloutSettings`):
+        raise a ValueError naming the field. Default: any settings."""
+
+    def observe_rewards(self, rewards: Tensor, group_size: int) -> None:
+        """Before each RL step's update, on every rank: the rewards [B*G] (prompt-major, after the
+        overlong penalty, before any outcome shaping) of this rank's B prompts, row j answering
+        prompt j // G, the index that `MiniBatchContext.groups` holds. Default: nothing."""
 
     def check_objective(self, objective) -> None:
         """Start-up check of the run's policy objective (`check_objective_stack`): raise a

@@ -41,7 +41,8 @@ def check_stack(regularizers: list[Regularizer]) -> None:
     two regularizers asking for different min-p thresholds, nuclei, logit scales or clamp_p), and
     at most one that draws extra responses (`draws_rollout`: both would replace the same rows), one
     that computes the advantages (`replaces_advantages`), at most one that splits the update into
-    phases (`update_phases`), and
+    phases (`update_phases`), no advantage computer, outcome shaper or drawer beside the one that
+    sets the all-equal groups' advantage (`check_equal_groups`: RLZVP), and
     no outcome shaper (`shapes_outcome`) beside one that reads A > 0 as correct (`reads_sign_as_correct`)."""
     for reg in regularizers:
         reg._check_initialized()
@@ -77,6 +78,7 @@ def check_stack(regularizers: list[Regularizer]) -> None:
     if len(replacing) > 1:
         raise ValueError(f"{len(replacing)} regularizers compute the advantages "
                          f"({', '.join(repr(r.name) for r in replacing)}): keep one")
+    check_equal_groups(regularizers)
     phased = [r for r in regularizers if r.update_phases > 1]
     if len(phased) > 1:
         raise ValueError(f"{len(phased)} regularizers split the update into phases "
@@ -88,6 +90,24 @@ def check_stack(regularizers: list[Regularizer]) -> None:
             f"({', '.join(f'{r.name!r} ({type(r).__name__})' for r in clipping)}): a token has one clip range and "
             "neither says how to merge them; keep one"
         )
+
+
+def check_equal_groups(regularizers: list[Regularizer]) -> None:
+    """A regularizer that sets the advantage of the groups whose rewards are all equal
+    (`shapes_equal_groups`: RLZVP) beside one that gives those groups advantages of its own, or
+    replaces rows of them: refused at start-up, naming both (one would overwrite the other)."""
+    owner = next((r for r in regularizers if r.shapes_equal_groups), None)
+    for r in regularizers if owner is not None else []:
+        why = ("computes the advantages, nonzero on a prompt's equal-reward group once it had unequal ones"
+               if r.replaces_advantages else
+               "shapes the rewards or advantages by outcome, which gives equal-reward groups advantages"
+               if r.shapes_outcome else
+               "puts extra responses of advantage 1 in place of rollout rows" if r.draws_rollout else None)
+        if why is not None:
+            raise ValueError(
+                f"{type(owner).__name__} ({owner.name!r}) and {type(r).__name__} ({r.name!r}) cannot be stacked: "
+                f"{type(owner).__name__} sets the advantage of every group whose rewards are all equal, and "
+                f"{type(r).__name__} {why}; keep one")
 
 
 def check_objective_stack(objective, regularizers: list[Regularizer], where: str = "model.objective.init_args") -> None:
