@@ -81,6 +81,11 @@ def test_entropy_advantage_capped_frac_counts_the_capped_tokens():
     mask = torch.ones(2, 2, dtype=torch.float64)
     reg.shape(PolicyBatch(torch.arange(2), torch.zeros(2, 2), torch.zeros(2, 2), adv, mask, ent, None, None))
     assert reg.pop_metrics()["reg/entropy_advantage/capped_frac"] == pytest.approx(0.75)
+    # a zero-advantage response (a group that scored alike) gets no shift and is not capped: 3 of 6
+    adv0 = torch.cat([adv, torch.zeros(1, 2, dtype=torch.float64)])
+    ent0, mask0 = torch.cat([ent, torch.full((1, 2), 2.0, dtype=torch.float64)]), torch.ones(3, 2, dtype=torch.float64)
+    reg.shape(PolicyBatch(torch.arange(3), torch.zeros(3, 2), torch.zeros(3, 2), adv0, mask0, ent0, None, None))
+    assert reg.pop_metrics()["reg/entropy_advantage/capped_frac"] == pytest.approx(0.5)
 
 
 def test_steer_omega_max_is_the_largest_omega():

@@ -153,13 +153,16 @@ class EntropyAdvantage(Regularizer):
         assert batch.entropy is not None, "the module must compute entropy when needs_entropy is set"
         m = batch.mask.to(batch.entropy.dtype)
         psi = entropy_advantage_shift(batch.advantages, batch.entropy, alpha=self._alpha_now, kappa=self.kappa) * m
-        capped = (self._alpha_now * batch.entropy.detach() > batch.advantages.abs() / self.kappa).to(m.dtype) * m
+        cap = batch.advantages.abs() / self.kappa  # 0 where A = 0: no shift there, nothing capped
+        capped = ((self._alpha_now * batch.entropy.detach() > cap) & (cap > 0)).to(m.dtype) * m
         self._sums.add(psi=psi.sum(), capped=capped.sum(), tokens=m.sum())
         return TokenShaping(advantage_shift=psi)
 
     def pop_metrics(self) -> dict[str, float]:
-        """reg/<name>/shift_mean (token mean of psi) and capped_frac (tokens where |A| / kappa
-        binds), over every update of the step and every rank (a collective: called on every rank)."""
+        """reg/<name>/shift_mean (token mean of psi) and capped_frac (the share of valid tokens where
+        |A| / kappa binds, counting only tokens with A != 0: a zero-advantage token, e.g. of a group
+        that scored alike, gets no shift either way), over every update of the step and every rank
+        (a collective: called on every rank)."""
         total = self._sums.pop()
         if total["tokens"] > 0:
             self.record("shift_mean", total["psi"] / total["tokens"])
