@@ -33,8 +33,9 @@ here (only its abstract and the repository README's formula).
 Where we differ: H_k is the token-mean entropy of softmax(z / temperature) of the step's trained
 rows under the rollout policy (every mini-batch's, float64 sums over micro-batches and ranks,
 `StepEntropy`), where the code averages its micro-batches' -mean log pi(o) of the sampled tokens
-at T = 1 during the update (the same quantity in expectation, measured on the same batch, its own
-samples included); the extra prompts are each rank's first quarter and each rank replaces its own
+at T = 1 during the update (measured on the same batch, its own samples included, but a
+cross-entropy: the current policy, moved by the update's earlier mini-batches, on tokens partly
+drawn at another temperature; ours is the rollout policy's exact entropy); the extra prompts are each rank's first quarter and each rank replaces its own
 first rows, the count being chosen over all ranks' candidates in rank order (the code's single
 driver: the batch's); a response truncated under `overlong: mask` is never a candidate; the
 measured entropy is saved in checkpoints (`state_dict`) and resumes exactly.
