@@ -264,6 +264,17 @@ class PromptDataModule(PromptStream, L.LightningDataModule):
         return f"{len(used)}/{read} rows used ({malformed} malformed{unencodable})"
 
     @property
+    def hparams_initial(self):
+        """The hparams the loggers get, with `seed` as `data_seed`: Lightning merges these with the
+        module's and refuses a key the two hold with different values, and `data.seed` and
+        `model.seed` are independent settings (a run with only one of them changed stopped with a
+        traceback). Checkpoints keep `seed` (`hparams`)."""
+        hp = super().hparams_initial
+        if "seed" in hp:
+            hp["data_seed"] = hp.pop("seed")
+        return hp
+
+    @property
     def held_out_seed(self) -> int:
         """The seed a synthetic task's held-out prompts are drawn with (`val_seed`, else `seed`)."""
         val_seed = self.hparams.get("val_seed")

@@ -724,3 +724,19 @@ def test_ckpt_path_last_with_an_explicit_logger_version_reads_its_folder(tmp_pat
     cfg = Namespace(config=None, checkpoint=None, model=None, trainer=Namespace(callbacks=None, logger=logger))
     assert last_checkpoint(cfg) == str(ck / "last.ckpt")
 
+
+
+def test_the_data_seed_and_the_model_seed_are_independent(tmp_path):
+    """`--data.seed 1` with the default `model.seed` stopped with a traceback at the logger
+    (Lightning refuses to merge module and datamodule hparams that share the key `seed` with
+    different values: review newcomer24); the loggers now get it as `data_seed`."""
+    import yaml
+
+    from tests.helpers import cli_fit_tags
+
+    tags = cli_fit_tags(tmp_path, "configs/quickstart.yaml", "--data.seed", "1", "--model.rollout.max_new_tokens", "4",
+                        steps=1)
+    assert "policy/entropy" in tags
+    (hp_file,) = tmp_path.rglob("hparams.yaml")
+    hp = yaml.safe_load(hp_file.read_text())
+    assert hp["data_seed"] == 1 and hp["seed"] != 1
