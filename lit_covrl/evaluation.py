@@ -2,7 +2,8 @@
 sampler reseeded identically at every evaluation (successive evaluations differ only by the
 policy), giving pass@1, pass@k (unbiased estimator, summed over ranks by torchmetrics), the
 token-mean entropy of the sampled distribution over all ranks and the count of reward errors
-(items scored 0 for a reward that raised, timed out or returned a non-number) over all ranks.
+(items scored 0 for a reward that raised, timed out or returned a non-number) over all ranks, and
+of responses sampled from non-finite logits (scored as failures, their entropy left out).
 
 Every rank sees the same held-out batches and evaluates its own share of each (rows rank,
 rank + W, ...), so each prompt is evaluated once, not W times. The ranks stay in lock-step (an
@@ -18,6 +19,7 @@ the module) call `start`, `step` and `compute` and log the result under `val/` o
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -27,6 +29,8 @@ from lit_covrl import distributed, resume_check
 from lit_covrl.metrics import PassAtK
 from lit_covrl.settings import EvalSettings
 from lit_covrl.types import PromptBatch, Rollout
+
+log = logging.getLogger("lit_covrl")
 
 
 class Evaluator:
@@ -45,6 +49,7 @@ class Evaluator:
         self.seed = seed  # evaluation sampler seed = seed + 12345 + rank
         self._entropy = [0.0, 0.0]
         self._reward_errors = 0.0  # already summed over ranks by `score`
+        self._nonfinite = 0.0  # this rank's counted responses sampled from non-finite logits
         self._generator: torch.Generator | None = None
         self._rank, self._world = 0, 1
 
@@ -55,6 +60,7 @@ class Evaluator:
         self.pass_at_k.reset()
         self._entropy = [0.0, 0.0]
         self._reward_errors = 0.0
+        self._nonfinite = 0.0
         self._rank, self._world = rank, world
         self._generator = torch.Generator(device=device).manual_seed(self.seed + 12345 + rank)
 
@@ -73,20 +79,26 @@ class Evaluator:
         self._reward_errors += stats["rollout/reward_errors"]  # every rank's counted items
         if not counted:
             return
-        self.pass_at_k.update((rewards >= self.correct_threshold).view(-1, n))
-        self._entropy[0] += float((rollout.entropy * rollout.response_mask).sum())
-        self._entropy[1] += float(rollout.response_mask.sum())
+        # a response sampled from NaN / inf logits is a failure whatever its text scored, and its
+        # entropy is left out (training stops on them: `guards.stop_on_nonfinite_logits`)
+        bad = rollout.nonfinite.to(rewards.device)
+        self.pass_at_k.update(((rewards >= self.correct_threshold) & ~bad).view(-1, n))
+        kept = rollout.response_mask * ~rollout.nonfinite.view(-1, 1)
+        self._entropy[0] += float(torch.where(kept.bool(), rollout.entropy, 0.0).sum())
+        self._entropy[1] += float(kept.sum())
+        self._nonfinite += float(rollout.nonfinite.sum())
 
     def compute(self) -> dict[str, float]:
         """{"pass@1", "pass@k", "entropy", "reward_errors"} over all ranks (a collective: call on
         every rank)."""
         res = self.pass_at_k.compute()  # torchmetrics: summed over ranks
-        ent = distributed.all_sum(torch.tensor(self._entropy, dtype=torch.float64))
+        ent = distributed.all_sum(torch.tensor([*self._entropy, self._nonfinite], dtype=torch.float64))
         return {
             "pass@1": float(res["pass@1"]),
             "pass@k": float(res[f"pass@{self.settings.k}"]),
             "entropy": float(ent[0] / max(float(ent[1]), 1.0)),
             "reward_errors": self._reward_errors,
+            "nonfinite": float(ent[2]),
         }
 
 
@@ -130,7 +142,10 @@ class EvaluationHooks:
 
     def _log_evaluation(self, prefix: str) -> None:
         res = self.evaluator.compute()  # already global: no sync_dist
-        values = {f"{prefix}/{k}": res[k] for k in ("pass@1", "pass@k", "entropy", "reward_errors")}
+        values = {f"{prefix}/{k}": res[k] for k in ("pass@1", "pass@k", "entropy", "reward_errors", "nonfinite")}
+        if res["nonfinite"] and self.trainer.is_global_zero:
+            log.warning("%s: %d held-out response(s) were sampled from non-finite (NaN / inf) logits: scored as "
+                        "failures, their entropy left out (%s/nonfinite)", prefix, int(res["nonfinite"]), prefix)
         in_fit = self.trainer.state.fn == "fit"
         for name, v in values.items():  # callbacks and the progress bar; the loggers below in a fit
             self.log(name, v, prog_bar=name == "val/pass@1", sync_dist=False, logger=not in_fit)

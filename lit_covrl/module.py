@@ -136,7 +136,7 @@ class GRPOModule(SetupHooks, EvaluationHooks, StepBatch, L.LightningModule):
         model, tokenizer, reference_model = (absolute_local_path(x) for x in (model, tokenizer, reference_model))
         groups = {name: as_group(cls, value) for (name, cls), value in
                   zip(GROUPS.items(), (rollout, loss, update, eval, system))}
-        check_module_settings(groups["rollout"], groups["loss"], reward_timeout_s)
+        check_module_settings(groups["rollout"], groups["loss"], reward_timeout_s, correct_threshold)
         self.settings = ModuleSettings(**groups)
         # hparams (and so checkpoints) hold the groups as plain dicts: they load with weights_only
         # and `load_from_checkpoint` passes them back as dicts

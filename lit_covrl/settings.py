@@ -15,6 +15,7 @@ in a config or on the command line fails at start-up with a hint naming the new 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from lit_covrl.algorithms import ADVANTAGE_ESTIMATORS, AGG_MODES, QUANTILE_ESTIMATORS
@@ -85,8 +86,10 @@ class RolloutSettings:
     def __post_init__(self) -> None:
         _at_least_one(self, self.KEY, "group_size", "max_new_tokens", "max_prompt_length", "max_gen_rounds",
                       "sampling_batch_size")
-        if self.temperature <= 0:
-            _bad(f"{self.KEY}.temperature", self.temperature, "must be > 0")
+        if not 0 < self.temperature < math.inf:  # here and below: NaN fails the check too
+            _bad(f"{self.KEY}.temperature", self.temperature, "must be a finite number > 0")
+        if not math.isfinite(self.overlong_reward):
+            _bad(f"{self.KEY}.overlong_reward", self.overlong_reward, "must be a finite number")
         if not 0 < self.top_p <= 1:
             _bad(f"{self.KEY}.top_p", self.top_p, "must be in (0, 1]")
         if self.prompt_overflow not in PROMPT_OVERFLOW:
@@ -248,7 +251,7 @@ class UpdateSettings:
     def __post_init__(self) -> None:
         _at_least_one(self, self.KEY, "mini_batch_size", "micro_batch_size", "ppo_epochs", "logprob_chunk_size",
                       "max_consecutive_skips")
-        if self.grad_clip is not None and self.grad_clip <= 0:
+        if self.grad_clip is not None and not self.grad_clip > 0:  # NaN fails it too
             _bad(f"{self.KEY}.grad_clip", self.grad_clip, "must be > 0 or null")
 
 
@@ -273,8 +276,8 @@ class EvalSettings:
         _at_least_one(self, self.KEY, "samples", "k")
         if self.k > self.samples:
             _bad(f"{self.KEY}.k", self.k, f"must be <= {self.KEY}.samples={self.samples}")
-        if self.temperature <= 0:
-            _bad(f"{self.KEY}.temperature", self.temperature, "must be > 0")
+        if not 0 < self.temperature < math.inf:  # NaN fails it too
+            _bad(f"{self.KEY}.temperature", self.temperature, "must be a finite number > 0")
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,14 @@ errors name the full key in the same form (`model.rollout.group_size=1 is invali
 """
 from __future__ import annotations
 
+import math
+
 from lit_covrl.algorithms import min_group_size
 from lit_covrl.settings import LossSettings, RolloutSettings, UpdateSettings, _bad
 
 
-def check_module_settings(rollout: RolloutSettings, loss: LossSettings, reward_timeout_s: float | None) -> None:
+def check_module_settings(rollout: RolloutSettings, loss: LossSettings, reward_timeout_s: float | None,
+                          correct_threshold: float = 1.0) -> None:
     """The checks that span two groups, and the flat settings' own."""
     need = min_group_size(loss.advantage)
     if rollout.group_size < need:
@@ -23,8 +26,11 @@ def check_module_settings(rollout: RolloutSettings, loss: LossSettings, reward_t
     if binary and rollout.overlong == "penalize" and rollout.overlong_reward not in (0, 1):
         _bad(f"{RolloutSettings.KEY}.overlong_reward", rollout.overlong_reward,
              f"{binary} needs rewards in {{0, 1}}: use 0.0 (a truncated response fails)")
-    if reward_timeout_s is not None and reward_timeout_s <= 0:
+    if reward_timeout_s is not None and not reward_timeout_s > 0:  # NaN fails it too
         _bad("model.reward_timeout_s", reward_timeout_s, "must be > 0 or null")
+    if isinstance(correct_threshold, bool) or not isinstance(correct_threshold, (int, float)) \
+            or not math.isfinite(correct_threshold):  # NaN counted no response correct, silently
+        _bad("model.correct_threshold", correct_threshold, "must be a finite number")
 
 
 def check_passk_reward_weights(loss: LossSettings, weights: list[float], given) -> None:

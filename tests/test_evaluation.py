@@ -24,14 +24,18 @@ CORRECT = {"a", "b"}  # answers whose every sample is correct: pass@1 = 2 / 4 ov
 class _Recorder:
     """Stand-in generate / score that answer every prompt with its own answer for CORRECT ones."""
 
-    def __init__(self):
+    def __init__(self, nonfinite_prompts=()):
         self.generated: list[list[str]] = []
         self.scored: list[list[str]] = []
+        self.nonfinite_prompts = set(nonfinite_prompts)  # their samples come from NaN logits
 
     def generate(self, prompts, n, *, temperature, generator):
         self.generated.append(list(prompts))
         rows = len(prompts) * n
-        return SimpleNamespace(completions=["x"] * rows, entropy=torch.ones(rows, 2), response_mask=torch.ones(rows, 2))
+        bad = torch.tensor([p in self.nonfinite_prompts for p in prompts for _ in range(n)])
+        entropy = torch.where(bad.view(-1, 1), float("nan"), torch.ones(rows, 2))
+        return SimpleNamespace(completions=["x"] * rows, entropy=entropy, response_mask=torch.ones(rows, 2),
+                               nonfinite=bad)
 
     def score(self, completions, answers, prompts=None, columns=None, counted=True):
         """Every item of answer "c" a reward error (counted unless `counted` is False)."""
@@ -77,6 +81,21 @@ def test_reward_errors_are_counted_over_the_evaluation_and_reset_at_its_start():
     ev.start(torch.device("cpu"), 1, 2)
     ev.step(PromptBatch(["pc"], ["c"]))  # rank 1 of 2 has no share: "pc" is scored, not counted
     assert ev.compute()["reward_errors"] == 0
+
+
+def test_responses_from_nonfinite_logits_fail_and_are_counted():
+    """A held-out response sampled from NaN / inf logits was scored on its text (a correct-looking one
+    counted as solved) and its NaN entropy entered val/entropy (review newcomer24); now it is a
+    failure, its entropy is left out, and val/nonfinite counts it."""
+    rec = _Recorder(nonfinite_prompts={"pa"})
+    ev = Evaluator(rec.generate, rec.score, PassAtK(2), EvalSettings(samples=2, k=2), correct_threshold=1.0, seed=0)
+    ev.start(torch.device("cpu"), 0, 1)
+    for b in _batches():
+        ev.step(b)
+    res = ev.compute()
+    assert res["pass@1"] == pytest.approx(0.25)  # only "pb" of the four prompts is solved
+    assert res["entropy"] == pytest.approx(1.0) and res["nonfinite"] == 2
+    assert _run(0, 1)[1].compute()["nonfinite"] == 0
 
 
 def test_rank_out_of_range_is_refused():

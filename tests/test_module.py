@@ -1,6 +1,8 @@
 """End-to-end checks of GRPOModule on a tiny random Qwen2 (CPU, a few seconds each)."""
 from __future__ import annotations
 
+import math
+
 import warnings
 
 import pytest
@@ -502,7 +504,14 @@ def test_a_failing_reward_never_kills_the_run(tiny_model_dir, tmp_path):
         ("update", "mini_batch_size", 0, r"model\.update\.mini_batch_size=0 is invalid: must be >= 1 or null"),
         ("update", "grad_clip", 0.0, r"model\.update\.grad_clip=0\.0 is invalid: must be > 0 or null"),
         ("eval", "k", 99, r"model\.eval\.k=99 is invalid: must be <= model\.eval\.samples=4"),
-        ("eval", "temperature", 0.0, r"model\.eval\.temperature=0\.0 is invalid: must be > 0"),
+        ("eval", "temperature", 0.0, r"model\.eval\.temperature=0\.0 is invalid: must be a finite number > 0"),
+        # a YAML .nan / .inf passed these (review newcomer24): NaN eval temperature scored every
+        # validation 0, NaN grad_clip or rollout temperature stopped the run after start-up
+        ("eval", "temperature", math.nan, r"model\.eval\.temperature=nan is invalid: must be a finite number > 0"),
+        ("rollout", "temperature", math.nan, r"model\.rollout\.temperature=nan is invalid: must be a finite number > 0"),
+        ("rollout", "temperature", math.inf, r"model\.rollout\.temperature=inf is invalid: must be a finite number > 0"),
+        ("rollout", "overlong_reward", math.nan, r"model\.rollout\.overlong_reward=nan is invalid: must be a finite number"),
+        ("update", "grad_clip", math.nan, r"model\.update\.grad_clip=nan is invalid: must be > 0 or null"),
         ("system", "rollout_gather", "never", r"model\.system\.rollout_gather='never' is invalid"),
         ("system", "fsdp_mixed_precision", "fp8", r"model\.system\.fsdp_mixed_precision='fp8' is invalid"),
     ],
@@ -510,6 +519,17 @@ def test_a_failing_reward_never_kills_the_run(tiny_model_dir, tmp_path):
 def test_bad_settings_fail_at_construction_naming_the_full_key(tiny_model_dir, group, field, value, message):
     with pytest.raises(ValueError, match=message):
         make_module(tiny_model_dir, **{group: {field: value}})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("correct_threshold", math.nan, r"model\.correct_threshold=nan is invalid: must be a finite number"),
+    ("correct_threshold", math.inf, r"model\.correct_threshold=inf is invalid: must be a finite number"),
+    ("reward_timeout_s", math.nan, r"model\.reward_timeout_s=nan is invalid: must be > 0 or null"),
+])
+def test_bad_flat_settings_fail_at_construction(tiny_model_dir, field, value, message):
+    """A NaN correct_threshold counted no response correct for the whole run (accuracy, pass@k 0)."""
+    with pytest.raises(ValueError, match=message):
+        make_module(tiny_model_dir, **{field: value})
 
 
 def test_a_quantile_baseline_trains_on_the_quantile_advantages_and_needs_a_mean_to_replace(tiny_model_dir, monkeypatch):
