@@ -48,7 +48,7 @@ from lit_covrl.sampling import Sampler, default_sampler
 from lit_covrl.settings import (
     GROUPS, EvalSettings, LossSettings, RolloutSettings, SystemSettings, UpdateSettings, as_group,
 )
-from lit_covrl.settings_checks import check_module_settings, check_passk_reward_weights
+from lit_covrl.settings_checks import check_module_settings, check_passk_reward_weights, check_resume_length
 from lit_covrl.setup_hooks import SetupHooks
 from lit_covrl.step_batch import StepBatch
 from lit_covrl.types import PromptBatch, Rollout
@@ -348,6 +348,7 @@ class GRPOModule(SetupHooks, EvaluationHooks, StepBatch, L.LightningModule):
         self.rollout_rng.load(checkpoint, self.global_rank, self.trainer.world_size if self._trainer is not None else 1)
         self._restored_skips = (checkpoint.get("skipped_steps", 0), checkpoint.get("consecutive_skips", 0))
         self._checkpoint_step = checkpoint.get("global_step")
+        check_resume_length(self._trainer, self._checkpoint_step)
         if self._learner is not None:
             self._learner.skipped_steps, self._learner.consecutive_skips = self._restored_skips
         if self._trainer is not None and self.trainer.optimizers:  # a strategy that restores after setup

@@ -65,6 +65,19 @@ def check_run_length(max_steps: int | None, val_check_interval, limit_val_batche
     return None
 
 
+def check_resume_length(trainer, checkpoint_steps: int | None) -> None:
+    """A fit resumed from a checkpoint that has taken trainer.max_steps RL steps or more would train
+    none: it finished at once, with a new, empty run folder and no word why. Raises instead (a
+    start-up error: the checkpoint is read before the first batch)."""
+    if trainer is None or checkpoint_steps is None or getattr(trainer.state, "fn", None) != "fit":
+        return
+    max_steps = trainer.max_steps
+    if max_steps is not None and 0 < max_steps <= checkpoint_steps:
+        _bad("trainer.max_steps", max_steps, f"the checkpoint resumed from ({trainer.ckpt_path}) has taken "
+             f"{checkpoint_steps} RL steps already, so this fit would train none: raise trainer.max_steps "
+             f"(e.g. --trainer.max_steps {checkpoint_steps + max(max_steps, 1)}) to go on")
+
+
 def check_fit_plan(rollout: RolloutSettings, update: UpdateSettings, *, prompts_per_step: int | None,
                    datamodule, stage: str) -> None:
     """The checks against the datamodule, at setup: mini-batches must tile the prompts of a step,

@@ -740,3 +740,18 @@ def test_the_data_seed_and_the_model_seed_are_independent(tmp_path):
     (hp_file,) = tmp_path.rglob("hparams.yaml")
     hp = yaml.safe_load(hp_file.read_text())
     assert hp["data_seed"] == 1 and hp["seed"] != 1
+
+
+def test_resuming_a_finished_run_without_raising_max_steps_is_a_start_up_error(tmp_path, capsys):
+    """The README's resume line re-run on a finished run (max_steps not raised) trained nothing,
+    exited 0 and left a new, empty run folder (review newcomer24 F3): now one line naming
+    trainer.max_steps, and no new folder."""
+    from tests.helpers import cli_fit_tags, cli_start_up_error
+
+    flags = ("--model.rollout.max_new_tokens", "4")
+    cli_fit_tags(tmp_path, "configs/quickstart.yaml", *flags, steps=1)
+    runs_before = sorted(p.parent for p in tmp_path.rglob("events.out.tfevents.*"))
+    err = cli_start_up_error(tmp_path, capsys, "configs/quickstart.yaml", *flags,
+                             "--ckpt_path", str(tmp_path / "ck" / "last.ckpt"))
+    assert "trainer.max_steps=1 is invalid" in err and "has taken 1 RL steps already" in err, err
+    assert sorted(p.parent for p in tmp_path.rglob("events.out.tfevents.*")) == runs_before
