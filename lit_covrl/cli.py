@@ -316,6 +316,9 @@ def _remove_run_folder(written_since: float | None = None) -> None:
     if written_since is not None and log_dir and os.path.isdir(log_dir):
         entries = [os.path.join(root, name) for root, dirs, files in os.walk(log_dir) for name in dirs + files]
         if not any(os.path.basename(p) == "checkpoints" or os.path.getmtime(p) < written_since for p in entries):
+            if any(os.path.basename(p) == "skipped_rows.txt" for p in entries):  # named in the log above
+                log.warning("the run stopped at start-up: its folder %s is removed, with the skipped_rows.txt "
+                            "named above (the run that gets past start-up writes it again)", log_dir)
             shutil.rmtree(log_dir, ignore_errors=True)
     for folder in _RUN.get("new_folders") or []:
         try:

@@ -755,3 +755,22 @@ def test_resuming_a_finished_run_without_raising_max_steps_is_a_start_up_error(t
                              "--ckpt_path", str(tmp_path / "ck" / "last.ckpt"))
     assert "trainer.max_steps=1 is invalid" in err and "has taken 1 RL steps already" in err, err
     assert sorted(p.parent for p in tmp_path.rglob("events.out.tfevents.*")) == runs_before
+
+
+def needs_col(completion, answer, difficulty):  # a reward reading a column the test's data lacks
+    return 1.0
+
+
+def test_a_start_up_error_says_the_skipped_rows_listing_went_with_the_run_folder(tmp_path, capsys, caplog):
+    """The data's skipped rows are listed in <run>/skipped_rows.txt (its path logged), then a start-up
+    error removed that folder, file included, without a word (review newcomer24 F4)."""
+    import logging
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\nnot json\n{"prompt": "2+2=", "answer": "4"}\n')
+    with caplog.at_level(logging.WARNING, logger="lit_covrl"), pytest.raises(SystemExit):
+        main(["fit", "--config", str(QUICK), "--data.task", "null", "--data.train_files", f"[{data}]",
+              "--data.val_size", "0", "--data.batch_size", "2", "--model.reward", f"{__name__}.needs_col",
+              "--trainer.max_steps", "1", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
+    assert "is removed, with the skipped_rows.txt named above" in caplog.text, caplog.text
+    assert not list((tmp_path / "runs").rglob("skipped_rows.txt"))
