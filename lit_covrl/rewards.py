@@ -130,11 +130,12 @@ class MathVerifyReward:
         """The outcome this reward judges (outcome-based exploration), or None without a final answer:
         `extract_answer`'s text in a canonical form, so that forms of one value are one outcome.
         A number (`\\frac{1}{2}`, `1/2`, `0.5`, `50\\%`, `\\sqrt{8}` and `2\\sqrt{2}`) is sympy's exact
-        value of math_verify's parse, floats made rational (`1/2`, `2*sqrt(2)`); another expression,
-        set or interval is sympy's printed form of the parse (`a+b` and `b+a` are `a + b`); an answer
-        math_verify cannot read, or one too complex to parse safely (the limits of scoring), is its
-        text without whitespace. Forms that only `verify` equates (`x=2` and `2`, a float near an
-        irrational) stay apart."""
+        value of math_verify's parse, floats made exact rationals (`1/2`, `2*sqrt(2)`; `0.999999999`
+        is not `1`); another expression, set or interval is sympy's printed form of the parse (`a+b`
+        and `b+a` are `a + b`; integrals, sums, limits and factorials unevaluated: `_canonical`); an
+        answer math_verify cannot read, one too complex to parse safely (the limits of scoring) or
+        too long to print is its text without whitespace. Forms that only `verify` equates (`x=2`
+        and `2`, `5!` and `120`, a float near an irrational) stay apart."""
         answer = extract_answer(completion)
         if answer is None:
             return None
@@ -145,7 +146,7 @@ class MathVerifyReward:
             parsed = self._parse(answer, self._signal_timeout())
         except Exception:  # math_verify's own timeout or a sympy error: the text is the outcome
             return written
-        return _canonical(parsed[0]) if parsed else written
+        return (_canonical(parsed[0]) if parsed else None) or written
 
     def __call__(self, completion: str, answer: str) -> float:
         from math_verify import verify
@@ -163,19 +164,24 @@ class MathVerifyReward:
         return 1.0 if verify(gold, pred, timeout_seconds=timeout) else 0.0
 
 
-def _canonical(expr) -> str:
-    """A parsed answer's canonical text: exact numbers evaluated (`sqrt(8)` -> `2*sqrt(2)`,
-    0.5 -> 1/2), anything else as sympy prints it."""
+def _canonical(expr) -> str | None:
+    """A parsed answer's canonical text: its floats made exact rationals (0.5 -> 1/2, 0.999999999
+    stays 999999999/1000000000: no rounding to a nearby value the reward scores apart) and its
+    arithmetic evaluated (`sqrt(8)` -> `2*sqrt(2)`, 50% -> 1/2), printed by sympy; None where that
+    fails (a value too long to print, over Python's 4300-digit int limit). Integrals, sums,
+    products, limits, derivatives and factorials are printed as parsed, never evaluated: sympy
+    may take minutes on them (`\\int_0^1 e^{x^2}\\sin(x^3)dx`, `4000000!`), unbounded by any timeout."""
     import sympy
 
     if not isinstance(expr, sympy.Basic):
         return "".join(str(expr).split())
-    if expr.is_number:
-        try:
-            expr = sympy.nsimplify(expr.doit(), rational=True)
-        except Exception:  # e.g. a value sympy cannot make rational: its printed form
-            pass
-    return str(expr)
+    try:
+        unevaluated = (sympy.Integral, sympy.Sum, sympy.Product, sympy.Limit, sympy.Derivative, sympy.factorial)
+        if not any(expr.has(kind) for kind in unevaluated):
+            expr = expr.xreplace({f: sympy.Rational(str(f)) for f in expr.atoms(sympy.Float)}).doit()
+        return str(expr)
+    except Exception:  # noqa: BLE001 (sympy's errors, the int-to-str digit limit): the written text
+        return None
 
 
 # ----------------------------------------------------------------------------- batch scoring

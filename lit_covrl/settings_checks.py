@@ -26,8 +26,8 @@ def check_module_settings(rollout: RolloutSettings, loss: LossSettings, reward_t
     if binary and rollout.overlong == "penalize" and rollout.overlong_reward not in (0, 1):
         _bad(f"{RolloutSettings.KEY}.overlong_reward", rollout.overlong_reward,
              f"{binary} needs rewards in {{0, 1}}: use 0.0 (a truncated response fails)")
-    if reward_timeout_s is not None and not reward_timeout_s > 0:  # NaN fails it too
-        _bad("model.reward_timeout_s", reward_timeout_s, "must be > 0 or null")
+    if reward_timeout_s is not None and not 0 < reward_timeout_s < math.inf:  # NaN fails it too
+        _bad("model.reward_timeout_s", reward_timeout_s, "must be a finite number > 0, or null (no limit)")
     if isinstance(correct_threshold, bool) or not isinstance(correct_threshold, (int, float)) \
             or not math.isfinite(correct_threshold):  # NaN counted no response correct, silently
         _bad("model.correct_threshold", correct_threshold, "must be a finite number")

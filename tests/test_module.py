@@ -524,7 +524,8 @@ def test_bad_settings_fail_at_construction_naming_the_full_key(tiny_model_dir, g
 @pytest.mark.parametrize("field, value, message", [
     ("correct_threshold", math.nan, r"model\.correct_threshold=nan is invalid: must be a finite number"),
     ("correct_threshold", math.inf, r"model\.correct_threshold=inf is invalid: must be a finite number"),
-    ("reward_timeout_s", math.nan, r"model\.reward_timeout_s=nan is invalid: must be > 0 or null"),
+    ("reward_timeout_s", math.nan, r"model\.reward_timeout_s=nan is invalid: must be a finite number > 0, or null"),
+    ("reward_timeout_s", math.inf, r"model\.reward_timeout_s=inf is invalid: must be a finite number > 0, or null"),
 ])
 def test_bad_flat_settings_fail_at_construction(tiny_model_dir, field, value, message):
     """A NaN correct_threshold counted no response correct for the whole run (accuracy, pass@k 0)."""

@@ -166,6 +166,12 @@ def test_math_verify_outcomes_are_canonical_so_forms_of_one_value_are_one_outcom
     assert mv.final_answer("\\boxed{? ?}") == "??"  # unreadable: the text without whitespace
     assert mv.final_answer("\\boxed{10^{10^{7}}}") == "10^{10^{7}}"  # never parsed (scoring's limit)
     assert mv.final_answer("no answer here") is None
+    # review final24: no rounding to a nearby value the reward scores apart, no unbounded evaluation,
+    # no crash past Python's 4300-digit int-to-str limit
+    assert mv.final_answer("\\boxed{0.999999999}") == "999999999/1000000000" != mv.final_answer("\\boxed{1}")
+    assert "Integral" in mv.final_answer("\\boxed{\\int_0^1 e^{x^2}\\sin(x^3)dx}")  # left unevaluated
+    assert mv.final_answer("\\boxed{4000000!}") == "factorial(4000000)"
+    assert mv.final_answer("\\boxed{2^{20000}}") == "2^{20000}"  # 6021 digits: the written text
     reg = _ready(OutcomeExploration(historical=0.0, batch=0.6), mv)
     got = _step(reg, 0, ["x"], forms[:4], torch.zeros(4, dtype=torch.bool), 4)
     assert got.tolist() == pytest.approx([-0.6] * 4)  # each: all 3 others repeat its outcome
