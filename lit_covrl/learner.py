@@ -117,16 +117,16 @@ class Learner:
         return [rows[slot[rows] == j] for j in range(-(-n // (m * G)))]
 
     def _observe_rollout(self, rollout: Rollout, keep: Tensor) -> None:
-        """Before any update: every regularizer's `observe_old_logp` with the kept rows' rollout
-        log-probs; then the nucleus entropy [n, T] of those rows under the rollout policy for the
-        regularizers whose `observes_rollout()` is true (SIREN, to measure its anchor once): one
-        no-grad pass over the kept rows, each mini-batch forwarded with its update's micro-batch
-        plan, and every such regularizer's `observe_rollout` (a collective over ranks: the decision
-        to observe is the same on every rank, the regularizer's state)."""
+        """Before any update: every regularizer's `observe_old_logp` and `observe_old_entropy` (the kept
+        rows' rollout log-probs, entropies); then for the regularizers whose `observes_rollout()` is
+        true (SIREN's anchor) the nucleus entropy [n, T] of those rows under the rollout policy, one
+        no-grad pass forwarding each mini-batch with its update's micro-batch plan, and their
+        `observe_rollout` (a collective: the decision to observe is the same on every rank)."""
         rows, topp = torch.nonzero(keep).squeeze(-1), self.forward_asks().topp
         mask = rollout.response_mask[rows].to(rollout.logp.dtype)
         for reg in self.regularizers:
             reg.observe_old_logp(rollout.logp[rows], mask)
+            reg.observe_old_entropy(rollout.entropy[rows], mask, self.step)
         if not (watching := [r for r in self.regularizers if r.observes_rollout()]):
             return
         h = torch.zeros_like(mask)

@@ -68,3 +68,22 @@ def cli_start_up_error(tmp_path: Path, capsys, config: str, *flags: str) -> str:
     assert exit_.value.code == 2, err
     assert "Traceback" not in err, err
     return err
+
+
+def resumed_series(tmp_path: Path, tiny_model_dir, regs, compared: list[str], state_prefix: str):
+    """A 4-step fit and a 2-step one saved and resumed to step 4, each with fresh `regs()`: (the full
+    run's tags, the resumed run's, the checkpoint's states of the callbacks whose key starts with
+    `state_prefix`), each run's tags {tag: {step: value}}."""
+    import torch
+
+    from tests.test_module import make_data, make_module
+    from tests.test_resume import _series, _trainer
+
+    _trainer(tmp_path / "full", 4, regs()).fit(make_module(tiny_model_dir), make_data())
+    first = _trainer(tmp_path / "a", 2, regs())
+    first.fit(make_module(tiny_model_dir), make_data())
+    ckpt = tmp_path / "step2.ckpt"
+    first.save_checkpoint(ckpt)
+    saved = [v for k, v in torch.load(ckpt, weights_only=False)["callbacks"].items() if k.startswith(state_prefix)]
+    _trainer(tmp_path / "b", 4, regs()).fit(make_module(tiny_model_dir), make_data(), ckpt_path=str(ckpt))
+    return _series(tmp_path / "full", compared), _series(tmp_path / "b", compared), saved

@@ -340,21 +340,13 @@ def test_aent_coefficient_resumes_exactly(tiny_model_dir, tmp_path):
     """AEnt's coefficient travels in the checkpoint: a band far above the clamped entropy makes it
     grow after every step from step 1 on (warmup_steps 2: the reference's global step 2), so a
     resume that restarted it from init_coef would apply 0.001 at step 2."""
-    from tests.test_module import make_data, make_module
-    from tests.test_resume import _series, _trainer
+    from tests.helpers import resumed_series
 
     def regs():
         return [AEnt(init_coef=1e-3, entropy_low=50.0, entropy_high=60.0, coef_lr=1e-3, max_coef=1.0, warmup_steps=2)]
 
     compared = ["reg/aent/coef", "reg/aent/clamped_entropy", "reg/aent/loss", "policy/loss", "policy/grad_norm"]
-    _trainer(tmp_path / "full", 4, regs()).fit(make_module(tiny_model_dir), make_data())
-    first = _trainer(tmp_path / "a", 2, regs())
-    first.fit(make_module(tiny_model_dir), make_data())
-    ckpt = tmp_path / "step2.ckpt"
-    first.save_checkpoint(ckpt)
-    saved = [v for k, v in torch.load(ckpt, weights_only=False)["callbacks"].items() if k.startswith("AEnt")]
-    _trainer(tmp_path / "b", 4, regs()).fit(make_module(tiny_model_dir), make_data(), ckpt_path=str(ckpt))
-    a, b = _series(tmp_path / "full", compared), _series(tmp_path / "b", compared)
+    a, b, saved = resumed_series(tmp_path, tiny_model_dir, regs, compared, "AEnt")
     coefs = [a["reg/aent/coef"][s] for s in range(4)]
     assert coefs[0] == coefs[1] == pytest.approx(1e-3) and coefs[3] > coefs[2] > coefs[1] + 0.04
     assert saved == [{"coef": pytest.approx(coefs[2], rel=1e-6)}]

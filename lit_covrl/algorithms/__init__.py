@@ -96,6 +96,7 @@ from lit_covrl.algorithms.outcome_controls import (
 )
 from lit_covrl.algorithms.probability_controls import low_probability_tokens, probability_quantile, probability_weights
 from lit_covrl.algorithms.rollout_controls import aepo_choose, aepo_prompts, aepo_temperature
+from lit_covrl.algorithms.epo_controls import epo_band_penalty, epo_phase_weight
 from lit_covrl.algorithms.zvp_controls import zvp_advantages, zvp_group_signs
 from lit_covrl.algorithms.losses import (
     AGG_MODES,
@@ -164,6 +165,8 @@ __all__ = [
     "entropic_weights",
     "entropy_advantage_shift",
     "entropy_ratio_keep",
+    "epo_band_penalty",
+    "epo_phase_weight",
     "first_non_binary",
     "group_advantages",
     "likelihood_ranks",

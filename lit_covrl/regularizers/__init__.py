@@ -8,6 +8,7 @@ from lit_covrl.regularizers.covariance import ClipCov, KLCov
 from lit_covrl.regularizers.dcpo import DCPOAdvantage, DCPOClip
 from lit_covrl.regularizers.dense import EntropyBonus, ReferenceKL
 from lit_covrl.regularizers.entropic import EntroPIC
+from lit_covrl.regularizers.epo import EPO
 from lit_covrl.regularizers.era import ERA
 from lit_covrl.regularizers.entropy_selection import EntropyRatioClip, HighEntropyTokens, SteerWeights
 from lit_covrl.regularizers.entropy_shaping import AdaptiveEntropyBonus, EntropyAdvantage
@@ -31,6 +32,7 @@ __all__ = [
     "ClipCov",
     "DCPOAdvantage",
     "DCPOClip",
+    "EPO",
     "ERA",
     "EntroPIC",
     "EntropyAdvantage",

@@ -256,6 +256,10 @@ class Regularizer(Callback):
         mask of this rank's trained rows (a decision over the step's tokens on all ranks is a
         collective here: Lopti's `portion` quantile). Default: nothing."""
 
+    def observe_old_entropy(self, entropy: Tensor, mask: Tensor, step: int) -> None:
+        """Right after `observe_old_logp`, on every rank: the rollout entropy [n, T] (`Rollout.entropy`)
+        and mask of this rank's trained rows of RL step `step` (EPO's history). Default: nothing."""
+
     def observes_rollout(self) -> bool:
         """True when this RL step's `observe_rollout` is wanted (the same on every rank). Default: never."""
         return False
