@@ -35,7 +35,9 @@ Where we differ (single-turn responses): the code keeps one history per turn ind
 only turns >= max_step // 2 (25 of 50); a response here is one turn, so one history and no turn gate
 (under the code's gate a single-turn run would never be smoothed). The weight's epoch is the RL
 step and its E is `phase_steps`. H_bar and the step's entropy weigh every token of all ranks
-equally, float64; a step that trains on no token adds nothing to the history. The history is saved
+equally, float64, over the step's trained rows (the code: the whole generated batch; they differ
+where `filter_groups` drops groups or `overlong: mask` masks responses); a step that trains on no
+token adds nothing to the history. The history is saved
 in checkpoints (`state_dict`) and resumes exactly; a step redone after a restore replaces its entry.
 """
 from __future__ import annotations
