@@ -94,7 +94,7 @@ def test_steer_omega_max_is_the_largest_omega():
     from lit_covrl.regularizers import SteerWeights
 
     ent = torch.rand(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
-    ctx = _ctx(entropy=ent)
+    ctx = _ctx(old_entropy=ent)  # STEER reads the rollout entropy
     reg = SteerWeights()
     reg.prepare(ctx)
     metric = steer_metric(ctx.advantages, ent, ctx.logp, ctx.old_logp, ctx.mask)
