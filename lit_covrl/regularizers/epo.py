@@ -36,7 +36,8 @@ only turns >= max_step // 2 (25 of 50); a response here is one turn, so one hist
 (under the code's gate a single-turn run would never be smoothed). The weight's epoch is the RL
 step and its E is `phase_steps`. H_bar and the step's entropy weigh every token of all ranks
 equally, float64, over the step's trained rows (the code: the whole generated batch; they differ
-where `filter_groups` drops groups or `overlong: mask` masks responses); a step that trains on no
+where `filter_groups` drops groups or `overlong: mask` masks responses, and beside AEPO, whose extra
+responses, drawn at another temperature, join the rows); a step that trains on no
 token adds nothing to the history. The history is saved
 in checkpoints (`state_dict`) and resumes exactly; a step redone after a restore replaces its entry.
 """
@@ -87,7 +88,7 @@ class EPO(Regularizer):
         self.phase_weighting, self.phase_steps = phase_weighting, phase_steps
         # running state (saved by state_dict), private: the settings above describe the run
         self._hist_sum, self._hist_count = 0.0, 0  # sum and number of the steps' entropies E_j
-        self._last: tuple[int, float] | None = None  # (step, E_step) of the latest entry
+        self._last: tuple[int, float] | None = None  # (step, the sum before its entry) of the latest entry
         self._weight = 1.0
         self._sums = StepSums("out_band", "tokens")
 
@@ -99,13 +100,14 @@ class EPO(Regularizer):
     def observe_old_entropy(self, entropy: Tensor, mask: Tensor, step: int) -> None:
         m = mask.double()
         sums = distributed.all_sum(torch.stack([(entropy.double() * m).sum(), m.sum()]))
-        if self._last is not None and self._last[0] == step:  # the step redone (restored mid-step)
-            self._hist_sum, self._hist_count = self._hist_sum - self._last[1], self._hist_count - 1
+        if self._last is not None and self._last[0] == step:  # the step redone (restored mid-step): the
+            self._hist_sum, self._hist_count = self._last[1], self._hist_count - 1  # sum before it, bit for bit
         if float(sums[1]) == 0:
             self._last = None
             return
         mean = float(sums[0] / sums[1])
-        self._hist_sum, self._hist_count, self._last = self._hist_sum + mean, self._hist_count + 1, (step, mean)
+        self._last = (step, self._hist_sum)
+        self._hist_sum, self._hist_count = self._hist_sum + mean, self._hist_count + 1
         self.record("step_entropy", mean)
 
     def prepare(self, ctx: MiniBatchContext) -> None:
