@@ -97,7 +97,9 @@ def check_equal_groups(regularizers: list[Regularizer]) -> None:
     (`shapes_equal_groups`: RLZVP) beside one that gives those groups advantages of its own, or
     replaces rows of them: refused at start-up, naming both (one would overwrite the other)."""
     owner = next((r for r in regularizers if r.shapes_equal_groups), None)
-    for r in regularizers if owner is not None else []:
+    if owner is None:
+        return
+    for r in regularizers:
         why = ("computes the advantages, nonzero on a prompt's equal-reward group once it had unequal ones"
                if r.replaces_advantages else
                "shapes the rewards or advantages by outcome, which gives equal-reward groups advantages"
