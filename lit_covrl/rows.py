@@ -16,7 +16,9 @@ Number answers. A whole number is written as an integer, whatever its type: 3 an
 column of Parquet / HF datasets, JSON `3.0`) both become "3", JSON `1e3` becomes "1000", never
 scientific notation; a float of 2**53 or more keeps the digits written (JSON `1e23` is "1" and 23
 zeros, not the float's binary value). A Parquet decimal column is a number too (`2.50` -> "2.5").
-Other floats are written as Python's `repr` (`0.5` -> "0.5", `1e-07`).
+Other floats are written as Python's `repr` (`0.5` -> "0.5", `1e-07`); a float32 / float16 column's
+values as the shortest decimal that reads back to the same float32 / float16 (0.3, not
+0.30000001192092896, its exact value once widened to float64).
 
 Fields. A field name may be a dotted path into nested objects (`reward_model.ground_truth`,
 verl's layout); a top-level key that contains the dots itself wins. The prompt may be a string
@@ -82,7 +84,42 @@ def parquet_rows(path: str) -> tuple[list[tuple[str, Any]], list[str]]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
-    return [(f"{path}:row {n}", row) for n, row in enumerate(table.to_pylist(), 1)], table.column_names
+    rows = narrow_floats_meant(table.to_pylist(), table.schema)
+    return [(f"{path}:row {n}", row) for n, row in enumerate(rows, 1)], table.column_names
+
+
+def narrow_floats_meant(rows: list[dict], schema: Any) -> list[dict]:
+    """`rows` with the values of float32 / float16 columns (and lists or structs of them) as the
+    decimal the writer meant: the shortest text that reads back to the same float32 / float16
+    (0.3 in a float32 column is 0.30000001192092896 once widened to a Python float, which no
+    string or float comparison with "0.3" accepts). `schema` is the table's pyarrow schema."""
+    import numpy as np
+    import pyarrow as pa
+
+    def leaves(t: Any) -> set:
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            return leaves(t.value_type)
+        if pa.types.is_struct(t):
+            return set().union(*(leaves(t.field(i).type) for i in range(t.num_fields)))
+        return {t} if pa.types.is_floating(t) else set()
+
+    narrow = {pa.float32(): np.float32, pa.float16(): np.float16}
+    kinds = {f.name: leaves(f.type) for f in schema}
+    columns = {name: narrow[next(iter(k))] for name, k in kinds.items() if len(k) == 1 and next(iter(k)) in narrow}
+    if not columns:
+        return rows
+
+    def meant(v: Any, kind: Any) -> Any:
+        if isinstance(v, float):  # whole numbers below 2**24 (float16: 2**11) are each exactly one float: kept
+            whole = v.is_integer() and abs(v) < 2 ** (np.finfo(kind).nmant + 1)
+            return float(str(kind(v))) if math.isfinite(v) and not whole else v
+        if isinstance(v, list):
+            return [meant(x, kind) for x in v]
+        if isinstance(v, dict):
+            return {k: meant(x, kind) for k, x in v.items()}
+        return v
+
+    return [{k: meant(v, columns[k]) if k in columns else v for k, v in row.items()} for row in rows]
 
 
 _MISSING = object()

@@ -18,7 +18,7 @@ import os
 import random
 from typing import Any
 
-from lit_covrl.rows import jsonl_rows, parquet_rows, read_rows
+from lit_covrl.rows import jsonl_rows, narrow_floats_meant, parquet_rows, read_rows
 from lit_covrl.types import Example
 
 __all__ = ["SUFFIXES", "RowReader", "check_sources", "file_list", "task_heldout"]
@@ -154,7 +154,8 @@ class RowReader:
             raise ImportError(f"hf_dataset {_NEEDS_DATASETS}") from e
         ds = _load_split(datasets, dataset, config, split)
         label = f"{dataset}[{split}]"
-        rows = [(f"{label}:row {n}", row) for n, row in enumerate(ds, 1)]
+        values = narrow_floats_meant(list(ds), ds.features.arrow_schema)  # float32 columns: 0.3, not 0.30000001...
+        rows = [(f"{label}:row {n}", row) for n, row in enumerate(values, 1)]
         return self._count(label, rows, list(ds.column_names))
 
     def _count(self, label: str, rows: list[tuple[str, Any]], columns: list[str] | None = None) -> list[Example]:

@@ -228,6 +228,47 @@ def test_whole_number_answers_are_written_as_integers(tmp_path):
     assert [ex.answer for ex in dm._train_rows] == ["3", "2.5", "-0.001", "0", "12345678901234567890123.0001"]
 
 
+def test_float32_and_float16_columns_give_the_decimal_written(tmp_path):
+    """A float32 column widened to a Python float is 0.30000001192092896 for 0.3: ExactMatchReward
+    would score "0.3" 0 on every such row. Narrow columns (and lists / structs of them) read as the
+    shortest decimal that is the same float32 / float16; a float64 column keeps its exact value."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    f32 = [0.3, 1.3, 2.0, 1e-8, -7.1, 3.4e38]
+    pq.write_table(pa.table({
+        "prompt": list("abcdef"),
+        "answer": pa.array(f32, pa.float32()),
+        "half": pa.array([0.3, 1.3, 2.0, 0.1, -7.1, 2047.0], pa.float16()),
+        "vec": pa.array([[0.3, 1.3]] * 6, pa.list_(pa.float32())),
+        "pair": pa.array([{"x": 0.3, "y": 0.7}] * 6, pa.struct([("x", pa.float32()), ("y", pa.float32())])),
+        "wide": pa.array([0.30000001192092896] * 6, pa.float64()),
+    }), str(tmp_path / "f.parquet"))
+    dm = PromptDataModule(task=None, train_files=[str(tmp_path / "f.parquet")])
+    dm.setup("fit")
+    assert [ex.answer for ex in dm._train_rows] == ["0.3", "1.3", "2", "1e-08", "-7.1", "34" + "0" * 37]
+    cols = dm._train_rows[0].columns
+    assert cols["half"] == 0.3 and [ex.columns["half"] for ex in dm._train_rows][-1] == 2047.0
+    assert cols["vec"] == [0.3, 1.3] and cols["pair"] == {"x": 0.3, "y": 0.7}
+    assert cols["wide"] == 0.30000001192092896  # float64: the value stored is the value meant
+    import numpy as np
+
+    # the decimals read back to the stored float32 values exactly
+    assert np.array([float(ex.answer) for ex in dm._train_rows], np.float32).tolist() == \
+        pa.array(f32, pa.float32()).to_pylist()
+
+
+def test_a_hf_dataset_float32_column_gives_the_decimal_written(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from lit_covrl.sources import RowReader
+
+    feats = datasets.Features({"prompt": datasets.Value("string"), "answer": datasets.Value("float32")})
+    datasets.Dataset.from_dict({"prompt": ["a", "b"], "answer": [0.3, 1.3]}, features=feats).save_to_disk(
+        str(tmp_path / "ds"))
+    reader = RowReader("prompt", "answer")
+    assert [ex.answer for ex in reader.read_hf(str(tmp_path / "ds"), None, "train")] == ["0.3", "1.3"]
+
+
 def test_a_file_without_rows_is_named(tmp_path):
     empty = write_jsonl(tmp_path / "e.jsonl", [""])
     with pytest.raises(ValueError, match=rf"^{empty}: no rows$"):
@@ -435,6 +476,9 @@ class _FakeSplit(list):
     """What `datasets.load_dataset(..., split=...)` returns, as far as the reader uses it."""
 
     column_names = ["prompt", "answer"]
+
+    class features:  # noqa: N801 (an attribute holding the split's arrow schema)
+        arrow_schema = __import__("pyarrow").schema([("prompt", "string"), ("answer", "string")])
 
 
 def test_hf_dataset_reader_without_the_datasets_package(monkeypatch):
