@@ -18,7 +18,7 @@ from lit_covrl.errors import naming_the_setting
 from lit_covrl.policy import check_vocab, load_tokenizer
 from lit_covrl.regularizers.checks import update_phases
 from lit_covrl.sharding import is_sharded, load_model, shard_loaded
-from lit_covrl.startup_checks import check_before_start, check_optimizer_precision, check_topk
+from lit_covrl.startup_checks import check_before_start, check_optimizer_precision, check_position_table, check_topk
 
 
 class SetupHooks:
@@ -48,6 +48,7 @@ class SetupHooks:
         elif self.device_mesh is not None and not is_sharded(self.policy):
             self.policy = shard_loaded(self.policy, self.device_mesh, system=self.settings.system, frozen=False)
         check_topk(self.policy, self.regularizers, hp.model)
+        check_position_table(self.policy, self.settings.rollout, hp.model)
         if self._reference is not None and self.device_mesh is not None and not is_sharded(self._reference):
             shard_loaded(self._reference, self.device_mesh, system=self.settings.system, frozen=True)
         if self._reference is None and any(r.needs_reference for r in self.regularizers):

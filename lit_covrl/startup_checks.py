@@ -13,6 +13,7 @@ import math
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lit_covrl.policy import learned_position_limit
 from lit_covrl.prompt_check import check_datamodule_prompts
 from lit_covrl.prompts import uses_chat_template
 from lit_covrl.regularizers.base import check_lookalikes, check_objective_stack, check_stack
@@ -62,6 +63,21 @@ def check_before_start(module, stage: str) -> None:
     for reg in module.regularizers:  # a final_answer that returns no str fails now, not at the first step
         if reg.shapes_outcome:
             reg.check_final_answers([str(ex.answer) for ex in rows])
+
+
+def check_position_table(policy, rollout, model_spec: str) -> None:
+    """A model with a learned position table (GPT-2's, OPT's) embeds at most its table's positions:
+    a rollout needs up to model.rollout.max_prompt_length + max_new_tokens of them. Checked from the
+    settings, so a long prompt drawn hours in (or at the first validation) cannot stop the run
+    there; rotary / ALiBi models have no table and are not limited here."""
+    limit = learned_position_limit(policy)
+    if limit is not None and rollout.max_prompt_length + rollout.max_new_tokens > limit:
+        room = limit - rollout.max_new_tokens
+        fix = (f"set model.rollout.max_prompt_length <= {room} (prompt_overflow: truncate_left cuts longer ones)"
+               if room > 0 else "lower model.rollout.max_new_tokens")
+        raise ValueError(f"model.rollout.max_prompt_length={rollout.max_prompt_length} + model.rollout.max_new_tokens="
+                         f"{rollout.max_new_tokens} positions exceed the {limit} that the position table of "
+                         f"model.model={model_spec!r} holds: {fix}")
 
 
 def check_topk(policy, regularizers, model_spec: str) -> None:

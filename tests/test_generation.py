@@ -134,6 +134,30 @@ def test_sampling_batch_size_is_checked():
         RolloutSettings(sampling_batch_size=0)
 
 
+def test_settings_beyond_a_learned_position_table_are_refused_at_start_up(tiny_model_dir, tmp_path, capsys):
+    """max_prompt_length + max_new_tokens beyond a GPT-2 table passed start-up and stopped the run
+    at the first long prompt drawn (hours in) or at the first validation; now refused at start-up,
+    naming both settings and the fix. Inside the table, the run trains."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.helpers import cli_fit_tags, cli_start_up_error
+
+    tok = load_tokenizer(tiny_model_dir)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=40, n_embd=16, n_layer=1, n_head=2,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    model = ["--model.model", str(tmp_path / "gpt2"), "--model.rollout.max_new_tokens", "8"]
+    err = cli_start_up_error(tmp_path / "a", capsys, "configs/cpu/grpo.yaml", *model)
+    assert "model.rollout.max_prompt_length=512 + model.rollout.max_new_tokens=8 positions exceed the 40 that the " \
+           "position table of model.model=" in err and "set model.rollout.max_prompt_length <= 32" in err, err
+    err = cli_start_up_error(tmp_path / "b", capsys, "configs/cpu/grpo.yaml", *model, "--model.rollout.max_prompt_length",
+                             "1", "--model.rollout.prompt_overflow", "truncate_left", "--model.rollout.max_new_tokens", "40")
+    assert "lower model.rollout.max_new_tokens" in err, err
+    tags = cli_fit_tags(tmp_path / "c", "configs/cpu/grpo.yaml", *model, "--model.rollout.max_prompt_length", "32", steps=1)
+    assert len(tags["rollout/reward_mean"]) == 1
+
+
 def test_a_rollout_longer_than_a_learned_position_table_is_refused_naming_the_settings(tiny_model_dir, tmp_path):
     """A GPT-2-style model (learned positions, 8 here) crashed inside sampling with a bare
     IndexError (a device-side assert on CUDA) when prompt + max_new_tokens exceeded its table."""
