@@ -38,6 +38,7 @@ from lit_covrl.errors import class_argument, debugging, exit_with, unknown_setti
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
 from lit_covrl.progress import RLProgressBar
+from lit_covrl.policy import absolute_local_path
 from lit_covrl.regularizers.base import Regularizer, check_stack
 from lit_covrl.sharding import check_checkpoint_strategy
 
@@ -179,6 +180,12 @@ class LitCovRLCLI(LightningCLI):
         # whose dummy logger writes nothing there
         reserve = _first_process() and not cfg.get("trainer", {}).get("fast_dev_run")
         self._generated_version, _RUN["new_folders"] = name_run(cfg, reserve=reserve)
+        # a relative local model folder by its absolute path: the module's hparams (and so its
+        # checkpoints, read by `export` or `load_from_checkpoint` from elsewhere) are the CLI's values
+        model_cfg = cfg.get("model")
+        for key in ("model", "tokenizer", "reference_model") if model_cfg is not None else ():
+            if isinstance(model_cfg.get(key), str):
+                model_cfg[key] = absolute_local_path(model_cfg[key])
         if threads:
             import torch
 

@@ -288,3 +288,23 @@ def test_a_relative_model_folder_is_kept_by_its_absolute_path(tmp_path, tiny_mod
     err = _error(capsys, [str(ckpt), str(tmp_path / "out")])
     assert "the base model './models/gone' (the checkpoint's model.model) could not be loaded: no such model folder" in err
     assert err.endswith("pass --base <hub name or folder> (LIT_COVRL_DEBUG=1 shows the traceback)"), err
+
+
+def test_a_relative_model_folder_given_to_lit_covrl_fit_is_saved_by_its_absolute_path(tmp_path, tiny_model_dir,
+                                                                                      monkeypatch):
+    """Under `lit-covrl fit` the module's hparams are the CLI's values, not the constructor's
+    rewritten locals: the checkpoint and hparams.yaml kept 'models/mine' (review byo25 F3), so an
+    export from another directory took it for a hub name."""
+    import torch
+
+    from tests.helpers import cli_fit_tags
+
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "mine")
+    monkeypatch.chdir(tmp_path)
+    cli_fit_tags(tmp_path / "run", "configs/cpu/grpo.yaml", "--model.model", "models/mine", "--model.tokenizer",
+                 "models/mine", steps=1)
+    ckpt = torch.load(tmp_path / "run" / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
+    absolute = str(tmp_path / "models" / "mine")
+    assert ckpt["hyper_parameters"]["model"] == absolute and ckpt["hyper_parameters"]["tokenizer"] == absolute
+    (hparams,) = (tmp_path / "run").rglob("hparams.yaml")
+    assert f"model: {absolute}\n" in hparams.read_text()
