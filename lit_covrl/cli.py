@@ -101,6 +101,9 @@ class LitCovRLCLI(LightningCLI):
         # the module's implicit reward (null = exact match) made explicit, so that printed configs
         # show it and `--model.reward+=X` adds X to it instead of replacing it
         parser.set_defaults({"model.reward": {"class_path": "lit_covrl.rewards.ExactMatchReward"}})
+        # an RL step is minutes on a real model: its tags are written every step (Lightning's own
+        # default of 50 left a run's own base config with one point per 50 RL steps, silently)
+        parser.set_defaults({"trainer.log_every_n_steps": 1})
         parser.add_argument(
             "--torch_threads", type=int | None, default=None,
             help="torch intra-op threads (null = torch's default). On small CPUs 1 per process is steadiest.",

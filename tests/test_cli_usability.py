@@ -774,3 +774,21 @@ def test_a_start_up_error_says_the_skipped_rows_listing_went_with_the_run_folder
               "--trainer.max_steps", "1", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
     assert "is removed, with the skipped_rows.txt named above" in caplog.text, caplog.text
     assert not list((tmp_path / "runs").rglob("skipped_rows.txt"))
+
+
+def test_a_base_config_without_log_every_n_steps_logs_every_rl_step(tmp_path):
+    """Lightning's default of 50 gave a user's own base config one point per 50 RL steps, with no
+    warning (review tags25 F1); the CLI's default is 1."""
+    from pathlib import Path
+
+    from lit_covrl.cli import main
+    from tests.helpers import scalar_tags
+
+    text = (Path(__file__).resolve().parents[1] / "configs/quickstart.yaml").read_text()
+    assert "  log_every_n_steps: 1\n" in text
+    (tmp_path / "base.yaml").write_text(text.replace("  log_every_n_steps: 1\n", ""))
+    main(["fit", "--config", str(tmp_path / "base.yaml"), "--torch_threads", "1", "--trainer.max_steps", "3",
+          "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+          "--checkpoint.dirpath", str(tmp_path / "ck"), "--trainer.logger.init_args.save_dir", str(tmp_path / "tb")])
+    tags = scalar_tags(tmp_path / "tb")
+    assert [s for s, _ in tags["rollout/reward_mean"]] == [0, 1, 2] and len(tags["policy/entropy"]) == 3
