@@ -89,36 +89,39 @@ def parquet_rows(path: str) -> tuple[list[tuple[str, Any]], list[str]]:
 
 
 def narrow_floats_meant(rows: list[dict], schema: Any) -> list[dict]:
-    """`rows` with the values of float32 / float16 columns (and lists or structs of them) as the
-    decimal the writer meant: the shortest text that reads back to the same float32 / float16
-    (0.3 in a float32 column is 0.30000001192092896 once widened to a Python float, which no
-    string or float comparison with "0.3" accepts). `schema` is the table's pyarrow schema."""
+    """`rows` with the values of float32 / float16 columns (and of such fields of lists and
+    structs) as the decimal the writer meant: the shortest text that reads back to the same
+    float32 / float16 (0.3 in a float32 column is 0.30000001192092896 once widened to a Python
+    float, which no string or float comparison with "0.3" accepts). `schema`: the table's pyarrow
+    schema, which says each value's width (a struct may mix float32 and float64 fields)."""
     import numpy as np
     import pyarrow as pa
 
-    def leaves(t: Any) -> set:
-        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-            return leaves(t.value_type)
-        if pa.types.is_struct(t):
-            return set().union(*(leaves(t.field(i).type) for i in range(t.num_fields)))
-        return {t} if pa.types.is_floating(t) else set()
-
     narrow = {pa.float32(): np.float32, pa.float16(): np.float16}
-    kinds = {f.name: leaves(f.type) for f in schema}
-    columns = {name: narrow[next(iter(k))] for name, k in kinds.items() if len(k) == 1 and next(iter(k)) in narrow}
+
+    def has_narrow(t: Any) -> bool:
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            return has_narrow(t.value_type)
+        if pa.types.is_struct(t):
+            return any(has_narrow(t.field(i).type) for i in range(t.num_fields))
+        return t in narrow
+
+    def meant(v: Any, t: Any) -> Any:
+        if v is None:
+            return v
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            return [meant(x, t.value_type) for x in v]
+        if pa.types.is_struct(t):
+            return {k: meant(x, t.field(k).type) if t.get_field_index(k) >= 0 else x for k, x in v.items()}
+        kind = narrow.get(t)
+        if kind is None or not math.isfinite(v):
+            return v
+        # whole numbers below 2**24 (float16: 2**11) are each exactly one float: kept as they are
+        return v if v.is_integer() and abs(v) < 2 ** (np.finfo(kind).nmant + 1) else float(str(kind(v)))
+
+    columns = {f.name: f.type for f in schema if has_narrow(f.type)}
     if not columns:
         return rows
-
-    def meant(v: Any, kind: Any) -> Any:
-        if isinstance(v, float):  # whole numbers below 2**24 (float16: 2**11) are each exactly one float: kept
-            whole = v.is_integer() and abs(v) < 2 ** (np.finfo(kind).nmant + 1)
-            return float(str(kind(v))) if math.isfinite(v) and not whole else v
-        if isinstance(v, list):
-            return [meant(x, kind) for x in v]
-        if isinstance(v, dict):
-            return {k: meant(x, kind) for k, x in v.items()}
-        return v
-
     return [{k: meant(v, columns[k]) if k in columns else v for k, v in row.items()} for row in rows]
 
 

@@ -243,6 +243,8 @@ def test_float32_and_float16_columns_give_the_decimal_written(tmp_path):
         "vec": pa.array([[0.3, 1.3]] * 6, pa.list_(pa.float32())),
         "pair": pa.array([{"x": 0.3, "y": 0.7}] * 6, pa.struct([("x", pa.float32()), ("y", pa.float32())])),
         "wide": pa.array([0.30000001192092896] * 6, pa.float64()),
+        "mixed": pa.array([{"x": 0.3, "w": 0.30000001192092896}] * 6,
+                          pa.struct([("x", pa.float32()), ("w", pa.float64())])),
     }), str(tmp_path / "f.parquet"))
     dm = PromptDataModule(task=None, train_files=[str(tmp_path / "f.parquet")])
     dm.setup("fit")
@@ -251,6 +253,14 @@ def test_float32_and_float16_columns_give_the_decimal_written(tmp_path):
     assert cols["half"] == 0.3 and [ex.columns["half"] for ex in dm._train_rows][-1] == 2047.0
     assert cols["vec"] == [0.3, 1.3] and cols["pair"] == {"x": 0.3, "y": 0.7}
     assert cols["wide"] == 0.30000001192092896  # float64: the value stored is the value meant
+    assert cols["mixed"] == {"x": 0.3, "w": 0.30000001192092896}  # each field by its own width
+    # a struct's float32 field as the answer (verl's `reward_model.ground_truth` layout)
+    pq.write_table(pa.table({"prompt": ["a"], "reward_model": pa.array(
+        [{"ground_truth": 1.3, "weight": 0.1}], pa.struct([("ground_truth", pa.float32()), ("weight", pa.float64())]))}),
+        str(tmp_path / "s.parquet"))
+    nested = PromptDataModule(task=None, train_files=[str(tmp_path / "s.parquet")], answer_field="reward_model.ground_truth")
+    nested.setup("fit")
+    assert [ex.answer for ex in nested._train_rows] == ["1.3"]
     import numpy as np
 
     # the decimals read back to the stored float32 values exactly
