@@ -54,6 +54,7 @@ function's `__name__`, else its class name in snake case without a trailing "Rew
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import math
@@ -289,9 +290,13 @@ class RewardSet:
         calls = self._calls(completions, answers, prompts, columns)
         _check_calls(calls, completions, answers, strict=False)
         for (fn, name, _, kwargs), w in zip(calls, self.weights):
+            # each call gets its own copies of the prompts and columns: a reward that edits them
+            # (appends to a conversation, pops a key) must not change the data for the other calls
+            # of the step, or for every later epoch of that row
             if is_batched(fn):
-                res = _score_batched(fn, kwargs, n, timeout_s)
+                res = _score_batched(fn, copy.deepcopy(kwargs), n, timeout_s)
             else:
+                kwargs = [copy.deepcopy(kw) for kw in kwargs]
                 res = score_completions(fn, completions, answers, timeout_s=timeout_s,
                                         kwargs=kwargs if any(kwargs) else None)
             per_name[name] = res.rewards

@@ -395,3 +395,31 @@ def test_a_verl_reward_may_return_a_dict_with_its_score():
     rs = RewardSet([compute_score])
     total, _, res = rs.score(["5", "6"], ["5", "5"], ["q", "q"], [{"data_source": "x"}] * 2, timeout_s=None)
     assert total == [1.0, 0.0] and res.failures == 0
+
+
+def test_a_reward_that_edits_its_arguments_changes_neither_the_data_nor_the_other_calls():
+    """Rewards got the data rows' own objects: one that appended to a conversation prompt (building a
+    judge prompt) or popped a column changed the row for the step's other calls and for every later
+    epoch, so the policy's own prompt grew (review byo25 F16). Each call now gets copies."""
+    seen = []
+
+    def judge(completion, answer, prompt, meta):
+        seen.append((len(prompt), sorted(meta)))
+        prompt.append({"role": "assistant", "content": completion})
+        meta.pop("tol")
+        return 1.0
+
+    def batched_judge(completions, answers, prompts, meta):
+        for p, m in zip(prompts, meta):
+            p.append({"role": "assistant", "content": "x"})
+            m.clear()
+        return [0.0] * len(completions)
+
+    conversation = [{"role": "user", "content": "1+1="}]
+    cols = [{"meta": {"tol": 0.1, "unit": "m"}}] * 3  # a group: three calls on one data row
+    rewards = RewardSet([judge, batched_judge])
+    for _ in range(2):  # two steps (epochs) on the same row
+        total, _, res = rewards.score(["2", "3", "2"], ["2"] * 3, [conversation] * 3, cols, timeout_s=None)
+        assert res.failures == 0 and total == [1.0, 1.0, 1.0]
+    assert seen == [(1, ["tol", "unit"])] * 6
+    assert conversation == [{"role": "user", "content": "1+1="}] and cols[0] == {"meta": {"tol": 0.1, "unit": "m"}}
