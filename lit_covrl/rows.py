@@ -150,6 +150,9 @@ def _check_messages(key: str, messages: list) -> str | None:
             return f"field {key!r} message {i} is not a {{role, content}} object with string values"
     if not any(m["content"].strip() for m in messages):
         return f"empty field {key!r} (every message is empty)"
+    if messages[-1]["role"] == "assistant":  # the template then opens another assistant turn after it
+        return (f"field {key!r} ends with an 'assistant' message (a supervised fine-tuning row? the policy would "
+                "see the answer in its prompt): end prompts with the user's turn")
     for i, m in enumerate(messages):
         reason = _check_unicode(key, m["role"] + m["content"], f" message {i}")
         if reason:

@@ -42,6 +42,7 @@ def test_nested_fields_conversations_and_columns(tmp_path):
         {"prompt": [{"role": "user"}], "reward_model": {"ground_truth": "0"}},  # 5 no content
         {"prompt": [{"role": "user", "content": " "}], "reward_model": {"ground_truth": "0"}},  # 6 blank
         {"prompt": "5+5?", "reward_model.ground_truth": "10"},  # 7 a literal dotted key wins
+        {"prompt": [*convo, {"role": "assistant", "content": "2"}], "reward_model": {"ground_truth": "2"}},  # 8 SFT row
     ])
     dm = PromptDataModule(task=None, train_files=[path], answer_field="reward_model.ground_truth", batch_size=2)
     dm.setup("fit")
@@ -50,7 +51,9 @@ def test_nested_fields_conversations_and_columns(tmp_path):
         Example("2+2?", "4", {"reward_model": {"ground_truth": 4}}),
         Example("5+5?", "10", {}),
     ]
-    assert [s.split(": ", 1)[0].rsplit(":", 1)[1] for s in dm.skipped] == ["3", "4", "5", "6"]
+    assert [s.split(": ", 1)[0].rsplit(":", 1)[1] for s in dm.skipped] == ["3", "4", "5", "6", "8"]
+    # a conversation ending with the assistant's answer (review byo25 F17: it trained with the answer in the prompt)
+    assert "ends with an 'assistant' message (a supervised fine-tuning row?" in dm.skipped[4]
     assert "missing field 'reward_model.ground_truth'" in dm.skipped[0]
     assert "empty conversation" in dm.skipped[1] and "message 0" in dm.skipped[2] and "every message is empty" in dm.skipped[3]
     batch = dm.batch_at(0)
