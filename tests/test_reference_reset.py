@@ -218,6 +218,36 @@ def test_resume_across_a_reset_is_exact(tiny_model_dir, tmp_path):
             torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-7, msg=k)
 
 
+def test_resets_turned_off_on_resume_keep_the_reset_reference(tiny_model_dir, tmp_path):
+    """ProRL resets by hand between runs: reset a few times, then go on without resets. Resumed with
+    reset_every null, the reference went back to the loaded model (the KL pulled toward step 0) and
+    later checkpoints dropped the reset reference (review resume25 F1). Now it is loaded, kept and
+    saved again; the KL of the resumed step is to the reset reference."""
+    from lit_covrl.policy import load_policy
+    from tests.test_module import make_data, make_module
+    from tests.test_resume import _trainer
+
+    def module():
+        return make_module(tiny_model_dir, update=dict(mini_batch_size=2))
+
+    first = _trainer(tmp_path / "a", 3, [ReferenceKL(beta=0.5, reset_every=2)])
+    first_m = module()
+    first.fit(first_m, make_data())
+    first.save_checkpoint(tmp_path / "step3.ckpt")
+    reset_ref = {k: v.clone() for k, v in first_m._reference.state_dict().items()}
+    loaded = load_policy(tiny_model_dir).state_dict()  # the reference a resume without the reset would hold
+    assert any(not torch.equal(reset_ref[k], v) for k, v in loaded.items())  # the policy moved by step 2
+    resumed = module()
+    later = _trainer(tmp_path / "b", 4, [ReferenceKL(beta=0.5, reset_every=None)])
+    later.fit(resumed, make_data(), ckpt_path=str(tmp_path / "step3.ckpt"))
+    for k, v in resumed._reference.state_dict().items():
+        assert torch.equal(v, reset_ref[k]), k
+    later.save_checkpoint(tmp_path / "step4.ckpt")
+    saved = torch.load(tmp_path / "step4.ckpt", weights_only=False)["callbacks"]["ReferenceKL[ref_kl]"]
+    assert saved["resets"] == 1 and torch.equal(saved["reference"]["model.embed_tokens.weight"],
+                                                reset_ref["model.embed_tokens.weight"])
+
+
 def _ddp_worker(rank: int, port: int, model_dir: str, prompts: str, out: str) -> None:
     from lightning.pytorch.strategies import DDPStrategy
 

@@ -165,11 +165,12 @@ class ReferenceKL(Regularizer):
                            "best: the reference is never reset")
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if not self.resetting:
-            return
-        field = "reset_every" if self.reset_every is not None else "reset_patience"
-        reference_reset.check_same_layout(pl_module._reference, pl_module.policy, f"ReferenceKL.{field}")
-        if self._pending_reference is not None:  # the checkpoint's reset reference
+        if self.resetting:
+            field = "reset_every" if self.reset_every is not None else "reset_patience"
+            reference_reset.check_same_layout(pl_module._reference, pl_module.policy, f"ReferenceKL.{field}")
+        # the checkpoint's reset reference, also when this run resets no more (resets turned off on
+        # resume): the KL keeps pulling toward the reset reference, not back to the loaded model
+        if self._pending_reference is not None:
             reference_reset.load_reference_weights(pl_module._reference, self._pending_reference)
             self._pending_reference = None
 
@@ -195,11 +196,12 @@ class ReferenceKL(Regularizer):
             self._stall.done()
 
     def state_dict(self) -> dict:
-        """Nothing without resets; with them, the resets so far, the stall watch's state
-        (`reset_patience`) and, once there was a reset, the reference's full weights (the loaded
+        """Nothing without resets (set now or made earlier in the run); with them, the resets so
+        far, the stall watch's state (`reset_patience`) and, once there was a reset, the
+        reference's full weights, kept by every later checkpoint (the loaded
         model no longer gives them; under FSDP2 gathered into rank 0's CPU memory, a collective:
         Lightning asks every rank for its callbacks' state when it saves)."""
-        if not self.resetting:
+        if not self.resetting and not self._resets:  # a reset reference is kept after resets are turned off
             return {}
         out = {"resets": self._resets, "last_reset_step": self._last_reset_step}
         if self._stall is not None:
