@@ -164,6 +164,7 @@ class GRPOModule(SetupHooks, EvaluationHooks, StepBatch, L.LightningModule):
         self._restored_skips = (0, 0)  # (skipped_steps, consecutive_skips) of a loaded checkpoint
         self._checkpoint_step: int | None = None  # RL steps taken by the loaded checkpoint's run
         self._resumed_from: dict | None = None  # the restored checkpoint's run description, until on_train_start
+        self.configured_schedulers: list[dict] | None = None  # the LR schedulers as configured (resume_check)
 
     @property
     def learner(self) -> Learner:

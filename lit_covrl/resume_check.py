@@ -76,6 +76,14 @@ def _describe_optimizer(opt: Any, in_effect: bool = False) -> dict[str, Any]:
     return {"class_path": class_path(opt), "init_args": plain(args)}
 
 
+def describe_scheduler(scheduler: Any) -> dict[str, Any]:
+    """An LR scheduler's class and constructor arguments, without its optimizer and its position
+    (`last_epoch`: runtime state under a constructor name)."""
+    out = describe(scheduler)
+    out["init_args"] = {k: v for k, v in out["init_args"].items() if k not in ("optimizer", "last_epoch", "verbose")}
+    return out
+
+
 def run_components(module: Any, trainer: Any, in_effect: bool = False) -> dict[str, Any]:
     """The description of a run's components that a checkpoint keeps (`CKPT_KEY`; `in_effect`:
     the optimizer's hyperparameters the run trains with, see `_describe_optimizer`)."""
@@ -86,8 +94,12 @@ def run_components(module: Any, trainer: Any, in_effect: bool = False) -> dict[s
         "model.reward": [describe(fn) for fn in module.rewards.rewards],
         "model.sampler": describe(module.sampler),
         "model.optimizer": [_describe_optimizer(o, in_effect) for o in trainer.optimizers],
-        "model.lr_scheduler": [class_path(c.scheduler) for c in trainer.lr_scheduler_configs],
+        # as configured (described when built: a resume then restores the checkpoint's arguments
+        # into it), or, `in_effect`, as it runs
+        "model.lr_scheduler": getattr(module, "configured_schedulers", None) if not in_effect else None,
     }
+    if out["model.lr_scheduler"] is None:
+        out["model.lr_scheduler"] = [describe_scheduler(c.scheduler) for c in trainer.lr_scheduler_configs]
     for cb in trainer.callbacks:
         if isinstance(cb, Regularizer):
             out[f"trainer.callbacks[{cb.name}]"] = describe(cb)
@@ -191,7 +203,10 @@ def resume_differences(checkpoint: dict[str, Any], module: Any, trainer: Any) ->
     if CKPT_KEY not in checkpoint:  # a checkpoint from before this check: compare settings only
         return differences(saved_settings, now_settings)
     saved = {**_flat_components(checkpoint[CKPT_KEY]), **saved_settings}
-    now = {**_flat_components(run_components(module, trainer)), **now_settings}
+    components = run_components(module, trainer)
+    if any(isinstance(s, str) for s in checkpoint[CKPT_KEY].get("model.lr_scheduler", [])):  # older: class paths
+        components["model.lr_scheduler"] = [s["class_path"] for s in components["model.lr_scheduler"]]
+    now = {**_flat_components(components), **now_settings}
     for k in ("trainer.precision", RECOMPUTE_RESOLVED):  # not in a checkpoint from before they were kept
         if k not in saved:
             now.pop(k, None)
@@ -221,9 +236,11 @@ def _flat_components(components: dict[str, Any]) -> dict[str, Any]:
             for k, v in components.items()}
 
 
-# settings whose effect a resume cannot change: the restored optimizer state brings back its
-# hyperparameters, and a regularizer's restored random state its seed
-_NO_EFFECT = re.compile(r"^(model\.optimizer\.init_args\.|trainer\.callbacks\[[^]]*\]\.init_args\.seed:)")
+# settings whose effect a resume cannot change: the restored optimizer and LR scheduler states bring
+# back their hyperparameters, a regularizer's restored random state its seed, and an adaptive
+# coefficient's restored value (AdaptiveEntropyBonus, AEnt) its init_coef
+_NO_EFFECT = re.compile(r"^(model\.(optimizer|lr_scheduler)\.init_args\.|"
+                        r"trainer\.callbacks\[[^]]*\]\.init_args\.(seed|init_coef):)")
 
 
 def check_optimizer_class(checkpoint: dict[str, Any], optimizers: list[Any]) -> None:
@@ -238,6 +255,20 @@ def check_optimizer_class(checkpoint: dict[str, Any], optimizers: list[Any]) -> 
             "restores that optimizer's state): resume with the checkpoint's optimizer, or start a new run from "
             "its weights (export them, then model.model=<exported folder>)"
         )
+
+
+def check_scheduler_class(checkpoint: dict[str, Any], schedulers: list[Any]) -> None:
+    """ValueError if the run being started swaps the checkpoint's LR scheduler class for another:
+    torch loads the restored state into the new class's object (`__dict__.update`), which then
+    holds the old one's arguments and the restored learning rate, neither schedule."""
+    saved = checkpoint.get(CKPT_KEY, {}).get("model.lr_scheduler", [])
+    saved = [s if isinstance(s, str) else s.get("class_path") for s in saved]  # older checkpoints: class paths
+    now = [class_path(s) for s in schedulers]
+    if saved and now and saved != now:
+        raise ValueError(
+            f"model.lr_scheduler: {', '.join(now)} cannot continue the checkpoint's {', '.join(saved)} (a resume "
+            "restores that scheduler's state): resume with the checkpoint's scheduler, or start a new run from "
+            "its weights (export them, then model.model=<exported folder>)")
 
 
 def warn_on_changes(checkpoint: dict[str, Any], module: Any, trainer: Any, ckpt_path: str | None) -> list[str]:

@@ -92,9 +92,13 @@ class SetupHooks:
         check_optimizer_precision(opt)
         if self._resumed_from is not None:  # the checkpoint's modules are restored before this hook
             resume_check.check_optimizer_class(self._resumed_from, [opt])
+        self.configured_schedulers = []  # as configured, before a resume restores the checkpoint's state
         if self.lr_scheduler_factory is None:
             return opt
         scheduler = self.lr_scheduler_factory(opt)
+        self.configured_schedulers = [resume_check.describe_scheduler(scheduler)]
+        if self._resumed_from is not None:
+            resume_check.check_scheduler_class(self._resumed_from, [scheduler])
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):  # step() needs a metric
             raise ValueError("model.lr_scheduler: ReduceLROnPlateau is not supported (it steps on a monitored "
                              "metric; the module steps its scheduler once per RL step): use a step-based "

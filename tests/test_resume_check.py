@@ -276,3 +276,39 @@ def test_an_argument_on_one_side_only_is_the_codes_change_not_the_runs():
         "trainer.callbacks[adaptive_entropy].init_args.target: 0.2 -> 0.3",
         "trainer.callbacks[adaptive_entropy].init_args.init_coef: 0.0 -> 0.001",
     ]
+
+
+def _cosine(t_max):
+    return lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max)
+
+
+def test_changed_scheduler_arguments_are_said_to_take_no_effect_and_another_class_is_refused(tiny_model_dir, tmp_path,
+                                                                                              caplog):
+    """The restored scheduler state brings back its arguments: T_max 4 -> 400 on resume was not listed
+    at all (the checkpoint kept the class path only) and the run went on with T_max 4; a class swap
+    left the learning rate at the restored value, neither schedule (review resume25 F2). So does an
+    adaptive coefficient's init_coef (its coefficient is restored, F3)."""
+    from lit_covrl.regularizers import AdaptiveEntropyBonus
+
+    def regs(init):
+        return [AdaptiveEntropyBonus(target=0.5, init_coef=init, max_coef=0.1)]
+
+    first = _trainer(tmp_path / "a", 2, regs(0.01))
+    first.fit(make_module(tiny_model_dir, lr_scheduler=_cosine(4)), make_data())
+    ckpt = tmp_path / "step2.ckpt"
+    first.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)[CKPT_KEY]["model.lr_scheduler"]
+    assert saved == [{"class_path": "torch.optim.lr_scheduler.CosineAnnealingLR", "init_args": {"T_max": 4, "eta_min": 0.0}}]
+    caplog.clear()
+    module = make_module(tiny_model_dir, lr_scheduler=_cosine(400))
+    with caplog.at_level("WARNING", logger="lit_covrl.resume_check"):
+        trainer = _trainer(tmp_path / "b", 3, regs(0.05))
+        trainer.fit(module, make_data(), ckpt_path=str(ckpt))
+    moot = caplog.text[caplog.text.index("take no effect"):]
+    for line in ("model.lr_scheduler.init_args.T_max: 4 -> 400", "trainer.callbacks[adaptive_entropy].init_args.init_coef: 0.01 -> 0.05"):
+        assert line in moot, line
+    assert trainer.lr_scheduler_configs[0].scheduler.T_max == 4  # what the warning says
+    swap = make_module(tiny_model_dir, lr_scheduler=lambda opt: torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0))
+    with pytest.raises(ValueError, match=r"model.lr_scheduler: torch.optim.lr_scheduler.ConstantLR cannot continue the "
+                                         r"checkpoint's torch.optim.lr_scheduler.CosineAnnealingLR"):
+        _trainer(tmp_path / "c", 3, regs(0.01)).fit(swap, make_data(), ckpt_path=str(ckpt))
