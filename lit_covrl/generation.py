@@ -12,6 +12,8 @@ in RL: the rollout policy is the trained one), cut after the first stop string, 
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor, nn
 
@@ -24,6 +26,8 @@ from lit_covrl.settings import RolloutSettings
 from lit_covrl.sharding import gathered_for_rollout
 from lit_covrl.stopping import eos_token_ids, truncate_at_stop_strings
 from lit_covrl.types import Rollout
+
+log = logging.getLogger(__name__)
 
 
 class RolloutGenerator:
@@ -43,6 +47,19 @@ class RolloutGenerator:
                  gather_once: bool, reward_timeout_s: float | None) -> None:
         self.tokenizer, self.sampler, self.rewards, self.settings = tokenizer, sampler, rewards, settings
         self.gather_once, self.reward_timeout_s = gather_once, reward_timeout_s
+        self._warned_context = False  # a rollout past the model's trained context was warned about
+
+    def _warn_past_context(self, policy: nn.Module, positions: int) -> None:
+        """Warn once when a rollout may run past `max_position_embeddings` of a model without a
+        position table (rotary, ALiBi): it runs, but past the context it was trained on it degrades."""
+        context = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
+        if self._warned_context or not isinstance(context, int) or positions <= context:
+            return
+        self._warned_context = True
+        log.warning("a prompt of this rollout + model.rollout.max_new_tokens=%d need up to %d positions, past the "
+                    "model's max_position_embeddings=%d (the context it was trained on): its output degrades there; "
+                    "shorten the prompts (model.rollout.max_prompt_length with prompt_overflow: truncate_left) or "
+                    "max_new_tokens (warned once)", self.settings.max_new_tokens, positions, context)
 
     def generate(self, policy: nn.Module, prompts: list, n: int, *, temperature: float,
                  generator: torch.Generator, device: torch.device) -> Rollout:
@@ -57,6 +74,7 @@ class RolloutGenerator:
             raise ValueError(f"a prompt of {longest} tokens + model.rollout.max_new_tokens={ro.max_new_tokens} need more "
                              f"than the {limit} positions the model's position table holds: lower max_new_tokens "
                              "or set model.rollout.max_prompt_length")
+        self._warn_past_context(policy, int(mask.sum(1).max()) + ro.max_new_tokens)
         ids, mask = ids.repeat_interleave(n, 0).to(device), mask.repeat_interleave(n, 0).to(device)
         policy.eval()  # no dropout anywhere in RL: the rollout policy must equal the trained one
         try:

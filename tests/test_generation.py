@@ -181,3 +181,23 @@ def test_a_rollout_longer_than_a_learned_position_table_is_refused_naming_the_se
         gen.generate(policy, ["12+34="], 2, **kw)
     with pytest.raises(ValueError, match="a prompt of 5 tokens"):  # one position over: refused too
         gen.generate(policy, ["12+3="], 2, **kw)
+
+
+def test_a_rollout_past_a_rotary_models_context_is_warned_once(tiny_model_dir, caplog):
+    """A rotary model has no position table to overflow: a rollout past its max_position_embeddings
+    runs, degraded, and was never mentioned (review byo25 F6). Now warned, once."""
+    from lit_covrl.policy import load_policy
+
+    tok, policy = load_tokenizer(tiny_model_dir), load_policy(tiny_model_dir)
+    context = policy.config.max_position_embeddings
+    gen = RolloutGenerator(tok, KVCacheSampler(), RewardSet([lambda c, a: 1.0]), RolloutSettings(max_new_tokens=4),
+                           gather_once=True, reward_timeout_s=None)
+    kw = dict(temperature=1.0, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    fits = "1+" * ((context - 6) // 2) + "1="
+    with caplog.at_level("WARNING", logger="lit_covrl"):
+        gen.generate(policy, [fits], 1, **kw)
+        assert "max_position_embeddings" not in caplog.text
+        long = "1+" * (context // 2) + "1="
+        gen.generate(policy, [long], 1, **kw)
+        gen.generate(policy, [long], 1, **kw)
+    assert caplog.text.count(f"past the model's max_position_embeddings={context}") == 1, caplog.text
