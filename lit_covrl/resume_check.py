@@ -17,6 +17,7 @@ import dataclasses
 import importlib
 import inspect
 import logging
+import os
 import re
 from typing import Any
 
@@ -105,6 +106,8 @@ def run_components(module: Any, trainer: Any, in_effect: bool = False) -> dict[s
             out[f"trainer.callbacks[{cb.name}]"] = describe(cb)
     # how the run computes: the precision, and what `recompute_logprobs: null` means under it
     out["trainer.precision"] = str(trainer.precision)
+    # the global seed (`seed_everything`): a resume restores every random state it seeded
+    out["seed_everything"] = os.environ.get("PL_GLOBAL_SEED")
     if hasattr(module, "recompute_logprobs_on"):
         out[RECOMPUTE_RESOLVED] = module.recompute_logprobs_on
     return out
@@ -207,7 +210,7 @@ def resume_differences(checkpoint: dict[str, Any], module: Any, trainer: Any) ->
     if any(isinstance(s, str) for s in checkpoint[CKPT_KEY].get("model.lr_scheduler", [])):  # older: class paths
         components["model.lr_scheduler"] = [s["class_path"] for s in components["model.lr_scheduler"]]
     now = {**_flat_components(components), **now_settings}
-    for k in ("trainer.precision", RECOMPUTE_RESOLVED):  # not in a checkpoint from before they were kept
+    for k in ("trainer.precision", RECOMPUTE_RESOLVED, "seed_everything"):  # not in a checkpoint from before they were kept
         if k not in saved:
             now.pop(k, None)
     lines = differences(saved, now)
@@ -239,7 +242,7 @@ def _flat_components(components: dict[str, Any]) -> dict[str, Any]:
 # settings whose effect a resume cannot change: the restored optimizer and LR scheduler states bring
 # back their hyperparameters, a regularizer's restored random state its seed, and an adaptive
 # coefficient's restored value (AdaptiveEntropyBonus, AEnt) its init_coef
-_NO_EFFECT = re.compile(r"^(model\.(optimizer|lr_scheduler)\.init_args\.|"
+_NO_EFFECT = re.compile(r"^(model\.(optimizer|lr_scheduler)\.init_args\.|seed_everything:|"
                         r"trainer\.callbacks\[[^]]*\]\.init_args\.(seed|init_coef):)")
 
 

@@ -312,3 +312,17 @@ def test_changed_scheduler_arguments_are_said_to_take_no_effect_and_another_clas
     with pytest.raises(ValueError, match=r"model.lr_scheduler: torch.optim.lr_scheduler.ConstantLR cannot continue the "
                                          r"checkpoint's torch.optim.lr_scheduler.CosineAnnealingLR"):
         _trainer(tmp_path / "c", 3, regs(0.01)).fit(swap, make_data(), ckpt_path=str(ckpt))
+
+
+def test_a_changed_global_seed_is_said_to_take_no_effect(tiny_model_dir, tmp_path, caplog, monkeypatch):
+    """`--seed_everything 1` on resume was not mentioned; the run is the checkpoint's, every random
+    state restored (review resume25 F4)."""
+    from lightning.pytorch import seed_everything
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    seed_everything(0)
+    ckpt = _checkpoint(tiny_model_dir, tmp_path)
+    assert torch.load(ckpt, weights_only=True)[CKPT_KEY]["seed_everything"] == "0"
+    seed_everything(1)
+    text = _resume(tiny_model_dir, tmp_path, ckpt, caplog)
+    assert "seed_everything: '0' -> '1'" in text[text.index("take no effect"):], text
