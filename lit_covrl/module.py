@@ -97,9 +97,11 @@ class GRPOModule(SetupHooks, EvaluationHooks, StepBatch, L.LightningModule):
         Args:
             model: Hugging Face hub name, local directory, `.gguf` file, `package:<pkg>/<file>`, or
                 `lit_covrl:tiny-arith` (the shipped tiny model).
-            tokenizer: tokenizer name/path if it differs from `model`.
+            tokenizer: tokenizer name/path if it differs from `model` (of the same vocabulary as
+                `model`'s own tokenizer, when that folder has one).
             reference_model: frozen reference for ReferenceKL; null = a copy of `model`'s weights.
-                Loaded only when a regularizer needs it.
+                Loaded only when a regularizer needs it; its own tokenizer, if it has one, must have
+                the policy tokenizer's vocabulary.
             dtype: parameter dtype: float32, bfloat16 or float16. Train float32 weights (with
                 trainer.precision: bf16-mixed for bf16 compute): bfloat16 weights lose updates
                 below ~1/256 of a weight (a warning says how many), float16 ones refuse Adam-style

@@ -94,14 +94,18 @@ def resolve_dtype(name: str, field: str = "model.dtype") -> torch.dtype:
     return DTYPES[name]
 
 
-def load_tokenizer(name_or_path: str):
-    """Tokenizer with left padding (prompts are left-padded for batched sampling) and a pad token."""
+def read_tokenizer(name_or_path: str):
+    """The tokenizer of a model spec as saved, before `load_tokenizer`'s padding and pad token."""
     from transformers import AutoTokenizer
 
     path, kwargs = _pretrained_args(name_or_path)
     tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    if not kwargs:
-        tok = _as_saved(tok, path)
+    return tok if kwargs else _as_saved(tok, path)
+
+
+def load_tokenizer(name_or_path: str):
+    """Tokenizer with left padding (prompts are left-padded for batched sampling) and a pad token."""
+    tok = read_tokenizer(name_or_path)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
@@ -186,28 +190,6 @@ def learned_position_limit(model: nn.Module) -> int | None:
         if isinstance(module, nn.Embedding) and (leaf == "wpe" or "position" in leaf):
             return module.num_embeddings - int(getattr(module, "offset", 0))
     return None
-
-
-def check_vocab(tokenizer, model: nn.Module, model_spec: str, tokenizer_spec: str | None = None,
-                model_field: str = "model.model") -> None:
-    """ValueError unless every token id the tokenizer can produce has a row in the model's
-    embedding: a tokenizer of another model (or a model saved with a cut vocabulary) failed inside
-    the first rollout with a bare `IndexError: index out of range` (a device-side assert on CUDA).
-    A tokenizer shorter than the embedding is normal (Qwen pads its vocabulary)."""
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    rows = getattr(embedding, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
-    if rows is None or len(tokenizer) <= rows:
-        return
-    if tokenizer_spec:
-        raise ValueError(f"model.tokenizer={tokenizer_spec!r} has {len(tokenizer)} tokens, but the model of "
-                         f"{model_field}={model_spec!r} embeds only {rows}: use that model's own tokenizer "
-                         "(model.tokenizer: null)")
-    if model_field != "model.model":  # the reference model, read with the policy's tokenizer
-        raise ValueError(f"{model_field}={model_spec!r} embeds only {rows} tokens, but the policy's tokenizer has "
-                         f"{len(tokenizer)}: the reference must share the policy's vocabulary")
-    raise ValueError(f"model.model={model_spec!r}: its tokenizer has {len(tokenizer)} tokens, but its model "
-                     f"embeds only {rows} (vocab_size in its config.json): the folder's tokenizer and weights "
-                     "do not belong together")
 
 
 def empty_policy(name_or_path: str, *, dtype: str = "float32") -> nn.Module:

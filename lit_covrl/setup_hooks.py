@@ -15,10 +15,11 @@ import torch
 
 from lit_covrl import resume_check
 from lit_covrl.errors import naming_the_setting
-from lit_covrl.policy import check_vocab, load_tokenizer
+from lit_covrl.policy import load_tokenizer
 from lit_covrl.regularizers.checks import update_phases
 from lit_covrl.sharding import is_sharded, load_model, shard_loaded
 from lit_covrl.startup_checks import check_before_start, check_optimizer_precision, check_position_table, check_topk
+from lit_covrl.vocab_check import check_same_vocab, check_vocab
 
 
 class SetupHooks:
@@ -31,7 +32,11 @@ class SetupHooks:
             hp = self.hparams
             field = "model.tokenizer" if hp.tokenizer else "model.model"
             with naming_the_setting(field, hp.tokenizer or hp.model):
-                self._tokenizer = load_tokenizer(hp.tokenizer or hp.model)
+                tokenizer = load_tokenizer(hp.tokenizer or hp.model)
+            if hp.tokenizer:  # the policy folder's own tokenizer, if it has one, must be this one
+                with naming_the_setting("model.model", hp.model):
+                    check_same_vocab(tokenizer, field, hp.tokenizer, "model.model", hp.model)
+            self._tokenizer = tokenizer
         return self._tokenizer
 
     def configure_model(self) -> None:
@@ -53,6 +58,10 @@ class SetupHooks:
             shard_loaded(self._reference, self.device_mesh, system=self.settings.system, frozen=True)
         if self._reference is None and any(r.needs_reference for r in self.regularizers):
             field = "model.reference_model" if hp.reference_model else "model.model"
+            if hp.reference_model:  # before its weights are read: a reference of another vocabulary
+                with naming_the_setting(field, hp.reference_model):
+                    check_same_vocab(self.tokenizer, "model.tokenizer" if hp.tokenizer else "model.model",
+                                     hp.tokenizer or hp.model, field, hp.reference_model)
             ref = self._load(field, hp.reference_model or hp.model, frozen=True)
             check_vocab(self.tokenizer, ref, hp.reference_model or hp.model, hp.tokenizer, model_field=field)
             # the precision plugin converts the policy after this hook (`*-true` precisions cast it);

@@ -239,7 +239,8 @@ def test_a_tokenizer_with_ids_the_model_cannot_embed_fails_at_start_up(tiny_mode
 
     big = build_char_tokenizer("0123456789+-=abcdefghijklmnopqrstuvwxyz")
     big.save_pretrained(tmp_path / "big_tok")
-    module = make_module(tiny_model_dir, tokenizer=str(tmp_path / "big_tok"))
+    weights = _weights_only(tiny_model_dir, tmp_path / "weights")  # no tokenizer of its own to compare with
+    module = make_module(weights, tokenizer=str(tmp_path / "big_tok"))
     with pytest.raises(ValueError, match=r"model.tokenizer='.*big_tok' has \d+ tokens, but the model of model.model=.* embeds only"):
         fit(module, make_data(), steps=1, limit_val_batches=0)
 
@@ -248,6 +249,57 @@ def test_a_tokenizer_with_ids_the_model_cannot_embed_fails_at_start_up(tiny_mode
     big.save_pretrained(folder)  # the folder's own tokenizer no longer matches its weights
     with pytest.raises(ValueError, match=r"model.model='.*mixed': its tokenizer has \d+ tokens, but its model embeds only"):
         fit(make_module(str(folder)), make_data(), steps=1, limit_val_batches=0)
+
+
+def _weights_only(model_dir, folder) -> str:
+    """A copy of the model folder without its tokenizer files."""
+    import shutil
+
+    from lit_covrl.vocab_check import TOKENIZER_FILES
+
+    shutil.copytree(model_dir, folder)
+    for name in TOKENIZER_FILES + ("special_tokens_map.json", "chat_template.jinja"):
+        (Path(folder) / name).unlink(missing_ok=True)
+    return str(folder)
+
+
+def _other_vocab(model_dir, folder) -> str:
+    """A copy of the model folder (same weights, same number of tokens) whose own tokenizer gives its
+    characters other ids: the digits reversed."""
+    from lit_covrl.tokenizer import build_char_tokenizer
+
+    _weights_only(model_dir, folder)
+    build_char_tokenizer("9876543210+-=").save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_reference_model_or_tokenizer_of_another_vocabulary_fails_at_start_up(tiny_model_dir, tmp_path):
+    """A reference model whose own tokenizer gives the characters other ids, with as many embedding
+    rows, passed start-up: ReferenceKL then compared the policy's tokens with unrelated ones of the
+    reference (review byo25 F15). The same for model.tokenizer beside a policy folder with its own
+    tokenizer. A reference of weights only (no tokenizer to compare) and a tokenizer of the same
+    vocabulary saved elsewhere pass."""
+    from lit_covrl.policy import load_tokenizer
+    from lit_covrl.regularizers import ReferenceKL
+
+    other = _other_vocab(tiny_model_dir, tmp_path / "other")
+    module = make_module(tiny_model_dir, reference_model=other)
+    with pytest.raises(ValueError, match=r"model.reference_model='.*other' has another vocabulary than the policy's "
+                                         r"tokenizer \(model.model='.*'\): 17 tokens vs the policy's 17, '0' is id 13 "
+                                         r"there and 4 in the policy's"):
+        fit(module, make_data(), steps=1, callbacks=[ReferenceKL(beta=0.1)], limit_val_batches=0)
+    with pytest.raises(ValueError, match=r"model.model='.*tiny_qwen2.*' has another vocabulary than the policy's "
+                                         r"tokenizer \(model.tokenizer='.*other'\)"):
+        make_module(tiny_model_dir, tokenizer=other).tokenizer
+    load_tokenizer(tiny_model_dir).save_pretrained(tmp_path / "same")
+    with pytest.raises(ValueError, match=r"model.reference_model=.* \(model.tokenizer=.*same'\)"):
+        fit(make_module(tiny_model_dir, tokenizer=str(tmp_path / "same"), reference_model=other), make_data(),
+            steps=1, callbacks=[ReferenceKL(beta=0.1)], limit_val_batches=0)
+
+    weights = _weights_only(tiny_model_dir, tmp_path / "weights")
+    module = make_module(tiny_model_dir, tokenizer=str(tmp_path / "same"), reference_model=weights)
+    fit(module, make_data(), steps=1, callbacks=[ReferenceKL(beta=0.1)], limit_val_batches=0)
+    assert module.global_step == 1
 
 
 def test_a_reference_model_with_a_smaller_vocabulary_fails_at_start_up(tiny_model_dir, tmp_path):
@@ -285,7 +337,8 @@ def test_a_qwen2_folder_whose_tokenizer_has_no_pad_token_loads_as_saved(tmp_path
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from lit_covrl.policy import check_vocab, load_tokenizer
+    from lit_covrl.policy import load_tokenizer
+    from lit_covrl.vocab_check import check_vocab
 
     specials = ["<unk>", "<bos>", "<eos>"]
     vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
