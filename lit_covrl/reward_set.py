@@ -14,7 +14,8 @@ in one of three forms:
   names RewardSet passes (`answer`, `prompt`, ... ; `completion` only first, `answer` only second)
   and verl's `data_source`, `extra_info` (and `ground_truth` first). Faults are contained per item
   by `score_completions`: an exception, a non-finite or non-numeric value or a call that outlives
-  `timeout_s` scores that item 0.0 and is counted.
+  `timeout_s` scores that item 0.0 and is counted. An `async def` reward (or `__call__`) and an
+  item-level generator are refused when the set is built (they return no score).
 - verl's form, an item-level reward with parameters named `solution_str` and `ground_truth`:
   `compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float`, called once
   per completion, all by keyword: `solution_str` is the completion, `ground_truth` the reference
@@ -63,6 +64,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lit_covrl.reward_batch import _score_batched
+from lit_covrl.reward_kinds import not_a_value
 from lit_covrl.rewards import ScoreResult, score_completions
 from lit_covrl.types import data_prompt
 
@@ -173,6 +175,10 @@ class RewardSet:
         for i, fn in enumerate(self.rewards):
             if not callable(fn):
                 raise ValueError(f"model.reward[{i}]: {fn!r} is not callable")
+            if (kind := not_a_value(fn, is_batched(fn))) is not None:
+                raise TypeError(f"model.reward[{i}] {reward_name(fn)!r} is {kind}: each call would give no score "
+                                "(every item scored 0); write it as a plain def returning the score(s) (a coroutine "
+                                "can be run inside one by asyncio.run)")
         if weights is None:
             weights = [1.0] * len(self.rewards)
         if len(weights) != len(self.rewards):

@@ -1,0 +1,67 @@
+"""Rewards that would score nothing all run are refused at start-up, naming themselves (review
+byo25): async and generator rewards (F12)."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from lit_covrl.reward_set import RewardSet
+
+
+def plain(completion, answer):
+    return float(completion == answer)
+
+
+async def async_item(completion, answer):
+    return 1.0
+
+
+async def async_batched(completions, **kwargs):
+    return [1.0 for _ in completions]
+
+
+def generator(completion, answer):
+    yield 1.0
+
+
+async def async_generator(completion, answer):
+    yield 1.0
+
+
+class AsyncScorer:
+    async def __call__(self, completion, answer):
+        return 1.0
+
+
+@pytest.mark.parametrize("fn,name,kind", [
+    (async_item, "async_item", "an async def function"),
+    (async_batched, "async_batched", "an async def function"),
+    (generator, "generator", "an item-level generator"),
+    (async_generator, "async_generator", "an async generator"),
+    (AsyncScorer(), "async_scorer", "an async def function"),
+    (functools.partial(async_item, answer="1"), "partial", "an async def function"),
+])
+def test_async_and_generator_rewards_are_refused_naming_them(fn, name, kind):
+    """Each call returned a coroutine or a generator, scored 0 as invalid on every item of every step
+    while the run went on (review byo25 F12)."""
+    with pytest.raises(TypeError, match=rf"^model.reward\[1\] '{name}' is {kind}: each call would give no score"):
+        RewardSet([plain, fn])
+
+
+def test_a_batched_generator_reward_is_scored_as_its_list():
+    def batched_generator(completions, answers):
+        yield from (float(c == a) for c, a in zip(completions, answers))
+
+    assert RewardSet([batched_generator]).score(["1", "2"], ["1", "1"], timeout_s=None)[0] == [1.0, 0.0]
+
+
+def test_an_async_reward_is_refused_by_the_cli_naming_it(tmp_path, capsys):
+    from lit_covrl.cli import main
+    from tests.test_configs import QUICK
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(QUICK), "--model.reward", "tests.test_reward_startup.async_item",
+              "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "model.reward[0] 'async_item' is an async def function" in err, err
