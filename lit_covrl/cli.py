@@ -34,7 +34,7 @@ from lit_covrl.cli_args import (
     name_setting_sources, stack_config_callbacks, warn_replaced_loss_settings,
 )
 from lit_covrl.run_names import last_checkpoint, name_run
-from lit_covrl.errors import class_argument, debugging, exit_with, unknown_settings
+from lit_covrl.errors import InitFailures, class_argument, debugging, exit_with, unknown_settings
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
 from lit_covrl.progress import RLProgressBar
@@ -196,10 +196,18 @@ class LitCovRLCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         """As LightningCLI's; a settings error naming model keys that stacked `--config` files set
-        says which file set each (`name_setting_sources`), so that a refused pair names both."""
+        says which file set each (`name_setting_sources`), so that a refused pair names both; a
+        reward class whose constructor raised is named with that exception's type and text."""
+        failures = InitFailures()
+        self.parser.add_instantiator(failures, object, subclasses=True)  # after Lightning's own
         try:
             super().instantiate_classes()
-        except ValueError as err:
+        except Exception as err:
+            model = self.config.get(self.subcommand, self.config).get("model")
+            if model is not None and (text := failures.reward_error(err, model.get("reward"))) is not None:
+                raise ValueError(text) from err
+            if not isinstance(err, ValueError):
+                raise
             text = name_setting_sources(str(err), getattr(self, "_given_args", None) or [])
             if text is None or type(err) is not ValueError:
                 raise

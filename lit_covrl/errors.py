@@ -234,3 +234,44 @@ def naming_the_setting(field: str, value: str) -> Iterator[None]:
         yield
     except OSError as err:
         raise OSError(f"{field}={value!r} could not be loaded: {' '.join(str(err).split())}") from err
+
+
+class InitFailures:
+    """A jsonargparse class instantiator (for every class; the CLI registers it after Lightning's
+    own) that keeps the exception of each constructor that raised. jsonargparse keeps only its text,
+    in a union's list of member errors, and `model.reward`'s first member's type mismatch
+    ("Expected a <class 'list'>") was all the one-line error said (review byo25 F7)."""
+
+    def __init__(self) -> None:
+        self.failed: list[tuple[type, BaseException]] = []
+
+    def __call__(self, class_type: type, *args, **kwargs):
+        try:
+            return class_type(*args, **kwargs)
+        except Exception as err:
+            self.failed.append((class_type, err))
+            raise
+
+    def reward_error(self, err: BaseException, reward) -> str | None:
+        """`model.reward[i]: <class_path>.__init__ raised <type>: <text>` for the last reward class (of the
+        parsed `model.reward`, one spec or a list) whose constructor raised, when `err` carries its text."""
+        specs = reward if isinstance(reward, list) else [reward]
+        text = " ".join(str(err).split())
+        for cls, cause in reversed(self.failed):
+            if " ".join(str(cause).split()) not in text:
+                continue
+            for i, spec in enumerate(specs):
+                path = spec.get("class_path") if hasattr(spec, "get") else None
+                if path and _names(path, cls):
+                    key = f"model.reward[{i}]" if isinstance(reward, list) else "model.reward"
+                    return f"{key}: {path}.__init__ raised {type(cause).__name__}: {_joined(str(cause))}"
+        return None
+
+
+def _names(path: str, cls: type) -> bool:
+    """True if the dotted `path` imports `cls`."""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None) is cls
+    except Exception:  # noqa: BLE001 - not importable: not that class
+        return False

@@ -1,5 +1,6 @@
 """Rewards that would score nothing all run are refused at start-up, naming themselves (review
-byo25): async and generator rewards (F12)."""
+byo25): async and generator rewards (F12); a reward class whose constructor raises is named
+with that exception (F7)."""
 from __future__ import annotations
 
 import functools
@@ -29,6 +30,14 @@ async def async_generator(completion, answer):
     yield 1.0
 
 
+class JudgeReward:
+    def __init__(self, judge: str = "judge.bin"):
+        raise RuntimeError(f"cannot load the judge model {judge}")
+
+    def __call__(self, completion, answer):
+        return 1.0
+
+
 class AsyncScorer:
     async def __call__(self, completion, answer):
         return 1.0
@@ -56,12 +65,29 @@ def test_a_batched_generator_reward_is_scored_as_its_list():
     assert RewardSet([batched_generator]).score(["1", "2"], ["1", "1"], timeout_s=None)[0] == [1.0, 0.0]
 
 
-def test_an_async_reward_is_refused_by_the_cli_naming_it(tmp_path, capsys):
+def _cli_error(capsys, tmp_path, reward: str) -> str:
     from lit_covrl.cli import main
     from tests.test_configs import QUICK
 
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(QUICK), "--model.reward", "tests.test_reward_startup.async_item",
-              "--trainer.logger.init_args.save_dir", str(tmp_path)])
-    err = capsys.readouterr().err
+        main(["fit", "--config", str(QUICK), "--model.reward", reward, "--trainer.logger.init_args.save_dir",
+              str(tmp_path)])
+    return capsys.readouterr().err
+
+
+def test_an_async_reward_is_refused_by_the_cli_naming_it(tmp_path, capsys):
+    err = _cli_error(capsys, tmp_path, "tests.test_reward_startup.async_item")
     assert "model.reward[0] 'async_item' is an async def function" in err, err
+
+
+@pytest.mark.parametrize("reward,key", [
+    ('{"class_path": "tests.test_reward_startup.JudgeReward", "init_args": {"judge": "j.bin"}}', "model.reward"),
+    ('[{"class_path": "tests.test_reward_startup.JudgeReward", "init_args": {"judge": "j.bin"}}]', "model.reward[0]"),
+])
+def test_a_reward_class_whose_constructor_raises_is_named_with_its_exception(reward, key, tmp_path, capsys):
+    """A single reward by class_path said only "Expected a <class 'list'>. Got value: Namespace(...)",
+    the first union member's type mismatch, hiding the constructor's own error (review byo25 F7)."""
+    err = _cli_error(capsys, tmp_path, reward)
+    assert (f"lit-covrl: error: {key}: tests.test_reward_startup.JudgeReward.__init__ raised RuntimeError: "
+            "cannot load the judge model j.bin (LIT_COVRL_DEBUG") in err, err
+
