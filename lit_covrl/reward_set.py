@@ -14,8 +14,7 @@ in one of three forms:
   names RewardSet passes (`answer`, `prompt`, ... ; `completion` only first, `answer` only second)
   and verl's `data_source`, `extra_info` (and `ground_truth` first). Faults are contained per item
   by `score_completions`: an exception, a non-finite or non-numeric value or a call that outlives
-  `timeout_s` scores that item 0.0 and is counted. An `async def` reward (or `__call__`) and an
-  item-level generator are refused when the set is built (they return no score).
+  `timeout_s` scores that item 0.0 and is counted. Async and item-level generator rewards are refused.
 - verl's form, an item-level reward with parameters named `solution_str` and `ground_truth`:
   `compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float`, called once
   per completion, all by keyword: `solution_str` is the completion, `ground_truth` the reference
@@ -259,17 +258,18 @@ class RewardSet:
                         f"but {param!r} names {what}; rename it (verl's compute_score(data_source, solution_str, "
                         "ground_truth, extra_info) is called by keyword)")
 
-    def check_calls(self, answers: list[str], prompts: list[Any], columns: list[dict] | None = None) -> None:
+    def check_calls(self, answers: list[str], prompts: list[Any], columns: list[dict] | None = None,
+                    warn: bool = True) -> None:
         """TypeError naming a reward that cannot take the arguments `score` would give it for any
         of these rows of the data (strict: a required parameter no row's column fills counts), or
         an item-level one whose first two parameters are named as if they got something else than
-        the completion and the answer (see the module docstring): the module calls it at start-up.
-        `score` checks each batch for a wrong arity only."""
+        the completion and the answer (see the module docstring): the module calls it at start-up,
+        also on one row of each set of columns (`warn` False: no warning about shadowed columns)."""
         n = len(answers)
         columns = columns if columns else [{} for _ in range(n)]
         self._check_names(columns)
         shadowed = sorted({k for row in columns for k in row} & set(PASSED))
-        if shadowed:  # a reward's completion / answer / prompt arguments are those, never these columns
+        if shadowed and warn:  # a reward's completion / answer / prompt arguments are those, never these columns
             log.warning("data column(s) %s are not passed to the rewards: a reward's %s argument(s) get the "
                         "completion(s), the reference answer(s) (data.answer_field) and the prompt(s) "
                         "(data.prompt_field); rename the column(s) to pass them", shadowed, shadowed)

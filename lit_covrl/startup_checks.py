@@ -1,7 +1,7 @@
 """Everything `GRPOModule` can check before the first RL step, in one place: in `setup`, the
 strategy and the callback stack, the run plan (batch, mini-batch and group sizes against the
 data), the run length against validation, the chat template, every known prompt against the
-tokenizer and the rewards' signatures against a sample of the data; in `configure_model`, the
+tokenizer and the rewards' signatures against the data's rows; in `configure_model`, the
 regularizers' top-k requests against the policy's vocabulary; in `configure_optimizers`,
 the optimizer against the weights' precision. Each failure names the setting to change, at minute
 zero rather than hours into a run. Also hands the datamodule what it lays out by: the module's
@@ -56,13 +56,30 @@ def check_before_start(module, stage: str) -> None:
     if hasattr(dm, "known_prompts"):
         check_datamodule_prompts(module.tokenizer, dm, chat_template=ro.chat_template,
                                  max_prompt_length=ro.max_prompt_length, truncate=ro.prompt_overflow == "truncate_left")
-    # a reward that cannot take what the data gives it fails now, not at the first rollout
-    rows = (dm.known_examples() if hasattr(dm, "known_examples") else [])[:REWARD_CHECK_ROWS] or \
-        (dm.task_sample() if hasattr(dm, "task_sample") else [])[:REWARD_CHECK_ROWS]
-    module.rewards.check_calls([ex.answer for ex in rows], [ex.prompt for ex in rows], [ex.columns for ex in rows])
+    rows = check_reward_calls(module.rewards, dm)
     for reg in module.regularizers:  # a final_answer that returns no str fails now, not at the first step
         if reg.shapes_outcome:
             reg.check_final_answers([str(ex.answer) for ex in rows])
+
+
+def check_reward_calls(rewards, dm) -> list:
+    """A reward that cannot take what the data gives it fails now, not at the first rollout: bound
+    on a sample of the data's rows (up to REWARD_CHECK_ROWS file rows, else a task's sample), then
+    on one row of each set of columns among all the file rows, train and held-out, naming the first
+    row (file:line) of a set that cannot fill it: a later file without a column the reward needs
+    scored 0 on each of its rows, all run (review byo25 F5). Returns the sample."""
+    known = dm.known_examples() if hasattr(dm, "known_examples") else []
+    rows = known[:REWARD_CHECK_ROWS] or (dm.task_sample() if hasattr(dm, "task_sample") else [])[:REWARD_CHECK_ROWS]
+    rewards.check_calls([ex.answer for ex in rows], [ex.prompt for ex in rows], [ex.columns for ex in rows])
+    firsts = {}
+    for ex in known:
+        firsts.setdefault(frozenset(ex.columns), ex)
+    for ex in firsts.values():
+        try:
+            rewards.check_calls([ex.answer], [ex.prompt], [ex.columns], warn=False)
+        except TypeError as err:
+            raise TypeError(f"{ex.source or 'a data row'}: {err}") from None
+    return rows
 
 
 def check_position_table(policy, rollout, model_spec: str) -> None:

@@ -91,3 +91,38 @@ def test_a_reward_class_whose_constructor_raises_is_named_with_its_exception(rew
     assert (f"lit-covrl: error: {key}: tests.test_reward_startup.JudgeReward.__init__ raised RuntimeError: "
             "cannot load the judge model j.bin (LIT_COVRL_DEBUG") in err, err
 
+
+def needs_level(completion, answer, level):
+    return 1.0
+
+
+def test_a_reward_needing_a_column_a_later_file_lacks_fails_at_start_up_naming_the_file(tiny_model_dir, tmp_path):
+    """The rewards were bound on the first 64 rows only, all from a.jsonl here: every row of b.jsonl
+    (no `level`) then scored 0 as a reward error, all run (review byo25 F5). Now one row of each set
+    of columns is bound too, and the first row of the set that cannot fill the reward is named."""
+    import json
+
+    from lit_covrl.data import PromptDataModule
+    from tests.helpers import fit
+    from tests.test_module import make_module
+
+    def rows(n, level):
+        return "".join(json.dumps({"prompt": f"{i % 9}+1=", "answer": str(i % 9 + 1), **({"level": 1} if level else {})})
+                       + "\n" for i in range(n))
+
+    (tmp_path / "a.jsonl").write_text(rows(80, True))
+    (tmp_path / "b.jsonl").write_text(rows(20, False))
+    files = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    module = make_module(tiny_model_dir, reward=needs_level)
+    module.generate = None  # a rollout would fail with another error: none may happen
+    with pytest.raises(TypeError, match=r"b.jsonl:1: model.reward 'needs_level' cannot be called as fn\(completion, "
+                                        r"answer, \*\*columns\) \(missing a required argument: 'level'\); "
+                                        r"the data's columns: none"):
+        fit(module, PromptDataModule(task=None, train_files=files, batch_size=2), steps=1, limit_val_batches=0)
+
+    def level_or_not(completion, answer, level=0):
+        return 1.0
+
+    module = make_module(tiny_model_dir, reward=level_or_not)
+    fit(module, PromptDataModule(task=None, train_files=files, batch_size=2), steps=1, limit_val_batches=0)
+    assert module.global_step == 1
