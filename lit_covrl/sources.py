@@ -155,6 +155,7 @@ class RowReader:
         ds = _load_split(datasets, dataset, config, split)
         label = f"{dataset}[{split}]"
         values = narrow_floats_meant(list(ds), ds.features.arrow_schema)  # float32 columns: 0.3, not 0.30000001...
+        values = class_label_names(values, ds.features)  # ClassLabel columns: "positive", not 1
         rows = [(f"{label}:row {n}", row) for n, row in enumerate(values, 1)]
         return self._count(label, rows, list(ds.column_names))
 
@@ -188,6 +189,34 @@ class RowReader:
             f.writelines(line + "\n" for line in self.skipped)
         log.warning("all %d skipped rows (file:line: reason) are listed in %s", len(self.skipped), path)
         return path
+
+
+def class_label_names(rows: list[dict], features: Any) -> list[dict]:
+    """`rows` with each value of a HF `ClassLabel` column (also inside structs and lists) as its label
+    name (`ClassLabel.int2str`): a classification set's answer column gave the reward the class
+    index ("1"), never its label ("positive"; review byo25 F10). -1, datasets' "no label", is None.
+    `features` is the split's `datasets.Features` (a dict of column features)."""
+    def named(v: Any, feature: Any) -> Any:
+        if v is None:
+            return None
+        if callable(getattr(feature, "int2str", None)) and isinstance(v, int):
+            return feature.int2str(v) if v >= 0 else None
+        if isinstance(feature, dict) and isinstance(v, dict):
+            return {k: named(x, feature[k]) if k in feature else x for k, x in v.items()}
+        inner = getattr(feature, "feature", None)  # a Sequence / List of labels
+        return [named(x, inner) for x in v] if inner is not None and isinstance(v, list) else v
+
+    def has_labels(feature: Any) -> bool:
+        if callable(getattr(feature, "int2str", None)):
+            return True
+        inner = getattr(feature, "feature", None)
+        parts = feature.values() if isinstance(feature, dict) else [inner] if inner is not None else []
+        return any(has_labels(f) for f in parts)
+
+    labelled = {name: f for name, f in (features if isinstance(features, dict) else {}).items() if has_labels(f)}
+    if not labelled:
+        return rows
+    return [{k: named(v, labelled[k]) if k in labelled else v for k, v in row.items()} for row in rows]
 
 
 def _load_split(datasets: Any, dataset: str, config: str | None, split: str) -> Any:

@@ -573,6 +573,49 @@ def test_hf_dataset_saved_to_disk_with_the_real_package(tmp_path):
         assert sorted(next(dm._stream(0, 1)).prompts) == ["q0", "q1", "q2"]
 
 
+class _Labels:
+    """A stand-in for `datasets.ClassLabel`, as far as the reader uses it."""
+
+    def __init__(self, names):
+        self.names = names
+
+    def int2str(self, i):
+        return self.names[i]
+
+
+class _Features(dict):
+    arrow_schema = __import__("pyarrow").schema([("prompt", "string"), ("label", "int64")])
+
+
+def test_class_label_columns_reach_the_reward_as_label_names(monkeypatch):
+    """A HF dataset's ClassLabel answer column gave the reward the class index ("1"), never the
+    label ("positive"): ExactMatchReward scored every completion 0 (review byo25 F10). Label names
+    now, also for other columns and lists of labels; -1 (no label) is a missing answer, skipped."""
+    sentiment, topics = _Labels(["negative", "positive"]), _Labels(["sports", "news", "art"])
+    split = _FakeSplit([{"prompt": "good", "label": 1, "tags": [2, 0]}, {"prompt": "bad", "label": 0, "tags": []},
+                        {"prompt": "unrated", "label": -1, "tags": [1]}])
+    split.column_names = ["prompt", "label", "tags"]
+    split.features = _Features(prompt=object(), label=sentiment, tags=type("Seq", (), {"feature": topics})())
+    _fake_datasets(monkeypatch, {})
+    sys_datasets = __import__("sys").modules["datasets"]
+    monkeypatch.setattr(sys_datasets, "load_dataset", lambda *a, **k: split, raising=False)
+    dm = PromptDataModule(task=None, hf_dataset="org/sentiment", answer_field="label", batch_size=2)
+    dm.setup("fit")
+    assert [(ex.prompt, ex.answer, ex.columns) for ex in dm.known_examples()] == [
+        ("good", "positive", {"tags": ["art", "sports"]}), ("bad", "negative", {"tags": []})]
+    assert dm.skipped_rows == 1
+
+
+def test_class_label_columns_with_the_real_package(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"q": datasets.Value("string"), "label": datasets.ClassLabel(names=["no", "yes"])})
+    datasets.Dataset.from_dict({"q": ["a", "b"], "label": [1, 0]}, features=features).save_to_disk(str(tmp_path / "d"))
+    dm = PromptDataModule(task=None, hf_dataset=str(tmp_path / "d"), prompt_field="q", answer_field="label",
+                          batch_size=2)
+    dm.setup("fit")
+    assert [(ex.prompt, ex.answer) for ex in dm.known_examples()] == [("a", "yes"), ("b", "no")]
+
+
 class RecorderWithVal(Recorder):
     def __init__(self) -> None:
         super().__init__()
