@@ -104,16 +104,33 @@ def read_tokenizer(name_or_path: str):
 
 
 def load_tokenizer(name_or_path: str):
-    """Tokenizer with left padding (prompts are left-padded for batched sampling) and a pad token."""
+    """Tokenizer with left padding (prompts are left-padded for batched sampling) and a pad token; one
+    without eos_token gets the first eos_token_id of the spec's generation config (review byo25 F13)."""
     tok = read_tokenizer(name_or_path)
     tok.padding_side = "left"
+    if tok.eos_token_id is None and (eos := _generation_eos(name_or_path)) is not None and 0 <= eos < len(tok):
+        tok.eos_token = tok.convert_ids_to_tokens(eos)
+    fix = "set eos_token in its tokenizer_config.json (or eos_token_id in generation_config.json), or give model.tokenizer"
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
-            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an eos token")
+            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an eos token: {fix}")
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer of {name_or_path!r} has no eos token: responses could never stop")
+        raise ValueError(f"tokenizer of {name_or_path!r} has no eos token, nor does a generation config name one: "
+                         f"responses could never stop; {fix}")
     return tok
+
+
+def _generation_eos(name_or_path: str) -> int | None:
+    """The first eos_token_id of the spec's generation_config.json, or None when it has none."""
+    from transformers import GenerationConfig
+
+    path, kwargs = _pretrained_args(name_or_path)
+    try:
+        ids = GenerationConfig.from_pretrained(path, **kwargs).eos_token_id
+    except (OSError, ValueError, TypeError):
+        return None
+    return next((i for i in (ids if isinstance(ids, list) else [ids]) if isinstance(i, int)), None)
 
 
 def _as_saved(tok, path: str):

@@ -354,3 +354,26 @@ def test_a_qwen2_folder_whose_tokenizer_has_no_pad_token_loads_as_saved(tmp_path
     assert len(loaded) == len(vocab) == 259 and loaded.pad_token == loaded.eos_token == "<eos>"
     check_vocab(loaded, model, str(tmp_path))  # raised before
     assert loaded("ab+1")["input_ids"] == tok("ab+1")["input_ids"]
+
+
+def test_a_tokenizer_without_eos_takes_the_generation_configs(tiny_model_dir, tmp_path):
+    """A tokenizer without eos_token was refused ("responses could never stop") although the model's
+    generation_config.json names the eos id the sampler stops at (review byo25 F13): it is that
+    token now; without either, the error says how to set one."""
+    import json
+    import shutil
+
+    from lit_covrl.policy import load_tokenizer
+
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    config = tmp_path / "m" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "eos_token": None}))
+    (tmp_path / "m" / "special_tokens_map.json").unlink(missing_ok=True)
+    eos = json.loads((tmp_path / "m" / "generation_config.json").read_text())["eos_token_id"]
+    tok = load_tokenizer(str(tmp_path / "m"))
+    assert tok.eos_token_id == eos == load_tokenizer(tiny_model_dir).eos_token_id
+    (tmp_path / "m" / "generation_config.json").unlink()
+    with pytest.raises(ValueError, match=r"has no eos token, nor does a generation config name one: responses could "
+                                         r"never stop; set eos_token in its tokenizer_config.json"):
+        load_tokenizer(str(tmp_path / "m"))
+
