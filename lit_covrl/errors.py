@@ -234,6 +234,12 @@ def naming_the_setting(field: str, value: str) -> Iterator[None]:
         yield
     except OSError as err:
         raise OSError(f"{field}={value!r} could not be loaded: {' '.join(str(err).split())}") from err
+    except ValueError as err:  # transformers' words name an argument no setting had (review byo25 F8)
+        if "trust_remote_code" not in str(err) or "model.trust_remote_code" in str(err):
+            raise
+        raise ValueError(f"{field}={value!r} has its own modeling code (auto_map in its config.json), which runs only "
+                         "with model.trust_remote_code: true: set it if you trust that code (it runs with your "
+                         "rights)") from err
 
 
 class InitFailures:

@@ -119,12 +119,12 @@ def build_model(base: str, weights: dict[str, torch.Tensor], dtype: torch.dtype)
     own generation config (EOS ids, sampling defaults) when it has one."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lit_covrl.policy import _pretrained_args
+    from lit_covrl.policy import _pretrained_args, remote_code_kwargs
 
     path, kwargs = _pretrained_args(base)
-    config = AutoConfig.from_pretrained(path, **kwargs)
+    config = AutoConfig.from_pretrained(path, **kwargs, **remote_code_kwargs())
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **remote_code_kwargs())
     load_weights(model, weights, dtype, base)
     model.config.use_cache = True
     generation = base_generation_config(path, kwargs)
@@ -151,10 +151,10 @@ def base_tokenizer(spec: str):
     padding and a pad token, which are not the model's to keep."""
     from transformers import AutoTokenizer
 
-    from lit_covrl.policy import _as_saved, _pretrained_args
+    from lit_covrl.policy import _as_saved, _pretrained_args, remote_code_kwargs
 
     path, kwargs = _pretrained_args(spec)
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    tok = AutoTokenizer.from_pretrained(path, **kwargs, **remote_code_kwargs())
     return tok if kwargs else _as_saved(tok, path)
 
 
@@ -224,6 +224,7 @@ def _replace(new: Path, out: Path) -> None:
 
 def export(checkpoint: str | Path, out: str | Path, *, base: str | None = None, dtype: str | None = None,
            force: bool = False) -> Path:
+    from lit_covrl.model_specs import remote_code
     from lit_covrl.policy import resolve_dtype
 
     if dtype is not None:
@@ -234,12 +235,18 @@ def export(checkpoint: str | Path, out: str | Path, *, base: str | None = None, 
     if base is None:
         raise ValueError("the checkpoint names no model: pass --base <hub name or folder>")
     try:
-        model = build_model(base, weights, resolve_dtype(dtype or hp.get("dtype", "float32")))
-        tokenizer = base_tokenizer(hp.get("tokenizer") or base)
+        with remote_code(bool(hp.get("trust_remote_code", False))):  # the fit's model.trust_remote_code
+            model = build_model(base, weights, resolve_dtype(dtype or hp.get("dtype", "float32")))
+            tokenizer = base_tokenizer(hp.get("tokenizer") or base)
     except OSError as err:  # e.g. a folder named relative to where the fit ran, or one since moved
         named = " (the checkpoint's model.model)" if base == hp.get("model") else ""
         raise OSError(f"the base model {base!r}{named} could not be loaded: {' '.join(str(err).split())}; "
                       "pass --base <hub name or folder>") from err
+    except ValueError as err:  # custom modeling code, not trusted by the fit (model.trust_remote_code)
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ValueError(f"the base model {base!r} has its own modeling code, which the checkpoint's fit did not "
+                         "trust (model.trust_remote_code: false)") from err
     # generate() on the export stops where training's rollouts stopped: at every end-of-sequence id
     # of the model's generation config and of the tokenizer (model.tokenizer may differ from the base's)
     from lit_covrl.stopping import eos_token_ids

@@ -87,6 +87,7 @@ class GRPOModule(SetupHooks, EvaluationHooks, StepBatch, L.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
+        trust_remote_code: bool = False,
         rollout: RolloutSettings = RolloutSettings(),
         loss: LossSettings = LossSettings(),
         update: UpdateSettings = UpdateSettings(),
@@ -125,6 +126,9 @@ class GRPOModule(SetupHooks, EvaluationHooks, StepBatch, L.LightningModule):
             optimizer: optimizer factory (`class_path` + `init_args`), default AdamW(lr=1e-5).
             lr_scheduler: LR scheduler factory, stepped once per RL step.
             seed: seed of the rollout sampler (offset by rank).
+            trust_remote_code: run the modeling code a model folder or hub model ships (`auto_map`
+                in its config.json) when loading the model, tokenizer and reference, and in export.
+                Off: such a model is refused at start-up. That code runs with your rights.
             rollout: sampling and filtering (`lit_covrl.settings.RolloutSettings`).
             loss: advantages and the loss (`lit_covrl.settings.LossSettings`).
             update: optimizer updates per rollout (`lit_covrl.settings.UpdateSettings`).

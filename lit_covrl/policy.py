@@ -19,7 +19,6 @@ a second forward runs the response columns alone on that cache.
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +26,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lit_covrl import gguf
 from lit_covrl.algorithms import (
     token_clamped_entropy,
     token_entropy,
@@ -37,55 +35,16 @@ from lit_covrl.algorithms import (
     token_topk_logprobs,
     token_topp_entropy,
 )
+from lit_covrl.model_specs import (  # noqa: F401 - BUILTIN_MODELS, resolve_model_path, absolute_local_path: re-exported
+    BUILTIN_MODELS,
+    _pretrained_args,
+    absolute_local_path,
+    remote_code_kwargs,
+    resolve_model_path,
+)
 from lit_covrl.types import ForwardAsks, TokenStats
 
-BUILTIN_MODELS = {"lit_covrl:tiny-arith": Path(__file__).parent / "assets" / "tiny-arith",
-                  "lit_covrl:tiny-reasoning": Path(__file__).parent / "assets" / "tiny-reasoning"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """Map a model spec to what `from_pretrained` loads.
-
-    - `lit_covrl:<name>` -> the shipped folder;
-    - a `.gguf` file or a `package:` spec of one -> its converted cache folder (converted on first
-      use), or the `.gguf` path itself when the cache is off (`LIT_COVRL_GGUF_CACHE=0`) or unwritable;
-    - `package:<package>/<folder>` -> that folder inside the installed package;
-    - anything else (hub name, local folder) unchanged; a spec that can only be a path (it starts
-      with /, ./, ../ or ~, or has more than one /: a hub id has one) and does not exist is an
-      OSError saying so (the hub client's own words were "Repo id must be in the form ...").
-    """
-    if name_or_path in BUILTIN_MODELS:
-        return str(BUILTIN_MODELS[name_or_path])
-    if name_or_path.startswith("lit_covrl:"):
-        raise ValueError(f"unknown built-in model {name_or_path!r}; valid: {sorted(BUILTIN_MODELS)}")
-    source = gguf.gguf_source(name_or_path)
-    if source is not None:
-        return str(gguf.ensure_converted(source) if gguf.cache_enabled() else source)
-    if name_or_path.startswith(gguf.PACKAGE_PREFIX):
-        return str(gguf.resolve_package_path(name_or_path))
-    a_path = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
-    if a_path and not Path(name_or_path).expanduser().exists():
-        raise OSError(f"no such model folder: {name_or_path}")
-    return str(Path(name_or_path).expanduser()) if name_or_path.startswith("~") else name_or_path
-
-
-def absolute_local_path(spec: str | None) -> str | None:
-    """A relative spec naming an existing local folder or file as its absolute path (a checkpoint's
-    `model.model` read from another directory); other specs unchanged."""
-    if spec is None or spec.startswith(("lit_covrl:", gguf.PACKAGE_PREFIX)) or os.path.isabs(spec):
-        return spec
-    path = Path(spec).expanduser()
-    return str(path.resolve()) if path.exists() else spec
-
-
-def _pretrained_args(name_or_path: str) -> tuple[str, dict]:
-    """(first argument, extra kwargs) of `from_pretrained` for a spec: a resolved `.gguf` file is
-    loaded directly as `from_pretrained(its folder, gguf_file=its name)`."""
-    path = resolve_model_path(name_or_path)
-    if gguf.is_gguf(path):
-        return str(Path(path).parent), {"gguf_file": Path(path).name}
-    return path, {}
 
 
 def resolve_dtype(name: str, field: str = "model.dtype") -> torch.dtype:
@@ -99,7 +58,7 @@ def read_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     path, kwargs = _pretrained_args(name_or_path)
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    tok = AutoTokenizer.from_pretrained(path, **kwargs, **remote_code_kwargs())
     return tok if kwargs else _as_saved(tok, path)
 
 
@@ -164,7 +123,7 @@ def load_policy(name_or_path: str, *, dtype: str = "float32") -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     path, kwargs = _pretrained_args(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **kwargs, **remote_code_kwargs())
     model.config.use_cache = False
     check_finite_weights(model, name_or_path)
     return model
@@ -215,9 +174,9 @@ def empty_policy(name_or_path: str, *, dtype: str = "float32") -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path, kwargs = _pretrained_args(name_or_path)
-    config = AutoConfig.from_pretrained(path, **kwargs)
+    config = AutoConfig.from_pretrained(path, **kwargs, **remote_code_kwargs())
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, **remote_code_kwargs())
     model.to(resolve_dtype(dtype))
     model.config.use_cache = False
     return model

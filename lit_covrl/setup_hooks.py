@@ -15,6 +15,7 @@ import torch
 
 from lit_covrl import resume_check
 from lit_covrl.errors import naming_the_setting
+from lit_covrl.model_specs import remote_code
 from lit_covrl.policy import load_tokenizer
 from lit_covrl.regularizers.checks import update_phases
 from lit_covrl.sharding import is_sharded, load_model, shard_loaded
@@ -31,10 +32,10 @@ class SetupHooks:
         if self._tokenizer is None:
             hp = self.hparams
             field = "model.tokenizer" if hp.tokenizer else "model.model"
-            with naming_the_setting(field, hp.tokenizer or hp.model):
+            with naming_the_setting(field, hp.tokenizer or hp.model), self._remote_code():
                 tokenizer = load_tokenizer(hp.tokenizer or hp.model)
             if hp.tokenizer:  # the policy folder's own tokenizer, if it has one, must be this one
-                with naming_the_setting("model.model", hp.model):
+                with naming_the_setting("model.model", hp.model), self._remote_code():
                     check_same_vocab(tokenizer, field, hp.tokenizer, "model.model", hp.model)
             self._tokenizer = tokenizer
         return self._tokenizer
@@ -59,7 +60,7 @@ class SetupHooks:
         if self._reference is None and any(r.needs_reference for r in self.regularizers):
             field = "model.reference_model" if hp.reference_model else "model.model"
             if hp.reference_model:  # before its weights are read: a reference of another vocabulary
-                with naming_the_setting(field, hp.reference_model):
+                with naming_the_setting(field, hp.reference_model), self._remote_code():
                     check_same_vocab(self.tokenizer, "model.tokenizer" if hp.tokenizer else "model.model",
                                      hp.tokenizer or hp.model, field, hp.reference_model)
             ref = self._load(field, hp.reference_model or hp.model, frozen=True)
@@ -73,9 +74,13 @@ class SetupHooks:
     def _load(self, field: str, spec: str, *, frozen: bool) -> torch.nn.Module:
         """The model `spec` given by setting `field` (named in a loading error)."""
         device = self.trainer.strategy.root_device if self.device_mesh is not None else None
-        with naming_the_setting(field, spec):
+        with naming_the_setting(field, spec), self._remote_code():
             return load_model(spec, dtype=self.hparams.dtype, frozen=frozen, system=self.settings.system,
                               mesh=self.device_mesh, device=device)
+
+    def _remote_code(self):
+        """Loads that run a model's own modeling code only with model.trust_remote_code."""
+        return remote_code(self.hparams.get("trust_remote_code", False))
 
     def setup(self, stage: str) -> None:
         check_before_start(self, stage)

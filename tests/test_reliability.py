@@ -377,3 +377,49 @@ def test_a_tokenizer_without_eos_takes_the_generation_configs(tiny_model_dir, tm
                                          r"never stop; set eos_token in its tokenizer_config.json"):
         load_tokenizer(str(tmp_path / "m"))
 
+
+CUSTOM_CODE = """from transformers import Qwen2Config, Qwen2ForCausalLM
+
+
+class TinyCustomConfig(Qwen2Config):
+    model_type = "tinycustom"
+
+
+class TinyCustomForCausalLM(Qwen2ForCausalLM):
+    config_class = TinyCustomConfig
+"""
+
+
+def test_a_model_with_its_own_code_loads_only_with_trust_remote_code(tiny_model_dir, tmp_path):
+    """A model folder whose config.json maps its classes to its own modeling file stopped start-up
+    with transformers' "pass the argument trust_remote_code=True", which no setting passed (and in a
+    terminal, a question on stdin; review byo25 F8). model.trust_remote_code (default false) now
+    passes it to every load; off, the error names the setting."""
+    import json
+    import shutil
+
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "modeling_tinycustom.py").write_text(CUSTOM_CODE)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="tinycustom", architectures=["TinyCustomForCausalLM"],
+                  auto_map={"AutoConfig": "modeling_tinycustom.TinyCustomConfig",
+                            "AutoModelForCausalLM": "modeling_tinycustom.TinyCustomForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"model.model='.*custom' has its own modeling code \(auto_map in its "
+                                         r"config.json\), which runs only with model.trust_remote_code: true"):
+        fit(make_module(str(folder)), make_data(), steps=1, limit_val_batches=0)
+    module = make_module(str(folder), trust_remote_code=True)
+    fit(module, make_data(), steps=1, limit_val_batches=0)
+    assert type(module.policy).__name__ == "TinyCustomForCausalLM" and module.global_step == 1
+    from lit_covrl.export import export  # the checkpoint's model.trust_remote_code
+
+    state = {"policy." + k: v for k, v in module.policy.state_dict().items()}
+    for trusted in (False, True):
+        torch.save({"state_dict": state, "hyper_parameters": {"model": str(folder), "trust_remote_code": trusted}},
+                   tmp_path / "last.ckpt")
+        if not trusted:
+            with pytest.raises(ValueError, match="has its own modeling code, which the checkpoint's fit did not trust"):
+                export(tmp_path / "last.ckpt", tmp_path / "hf")
+    assert json.loads((export(tmp_path / "last.ckpt", tmp_path / "hf") / "config.json").read_text())["auto_map"]
+
