@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 
 from lit_covrl.prompts import prompt_texts, short_prompt, uses_chat_template
-from lit_covrl.types import Example
+from lit_covrl.types import Example, data_prompt
 
 try:
     from jinja2 import TemplateError  # what transformers' chat templates raise
@@ -124,6 +124,7 @@ def check_datamodule_prompts(tokenizer, dm, *, chat_template: bool | None, max_p
         examples = dm.known_examples()
     else:
         examples = [Example(p, "") for p in dm.known_prompts()]
+    _warn_pretemplated(tokenizer, examples, chat_template)
     long: list[tuple[Example, int]] | None = [] if truncate else None
     bad = find_unencodable(tokenizer, examples, chat_template=chat_template, max_prompt_length=max_prompt_length,
                            template_hint=hint, too_long=long)
@@ -142,6 +143,26 @@ def check_datamodule_prompts(tokenizer, dm, *, chat_template: bool | None, max_p
         log.warning("%d of %d checked prompts of the task encode to the tokenizer's unknown token or to nothing, "
                     "and its training prompts are generated alike (first: %s: %s)",
                     len(bad), len(sample), where(bad[0][0]), bad[0][1])
+
+
+def _warn_pretemplated(tokenizer, examples: list[Example], chat_template: bool | None) -> None:
+    """A warning when string prompts that go through the chat template already hold special tokens
+    the template itself writes (`<|im_start|>`): pre-formatted data, templated a second time into a
+    user turn that holds a whole conversation (review byo25 F11)."""
+    if not examples or not uses_chat_template(tokenizer, chat_template):
+        return
+    try:
+        probe = prompt_texts(tokenizer, ["x"], chat_template=chat_template)[0][0]
+    except TemplateError:
+        return
+    marks = [t for t in dict.fromkeys(getattr(tokenizer, "all_special_tokens", None) or []) if t and t in probe]
+    hits = [(ex, mark) for ex in examples if marks and isinstance(text := data_prompt(ex.prompt), str)
+            and (mark := next((m for m in marks if m in text), None)) is not None]
+    if hits:
+        log.warning("%d of %d string prompts already hold special tokens the chat template writes (first: %s: %r): "
+                    "the template wraps each again, a user turn holding a whole conversation; set "
+                    "model.rollout.chat_template: false to feed them as written", len(hits), len(examples),
+                    where(hits[0][0]), hits[0][1])
 
 
 def _warn_truncated(long: list[tuple[Example, int]] | None, total: int, limit: int | None, what: str) -> None:

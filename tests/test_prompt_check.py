@@ -265,3 +265,31 @@ class _RarelyLong:
     def sample(self, rng):
         a, long = rng.randint(0, 9), rng.random() < 1 / 40
         return Example(("1+" * 40 if long else "") + f"{a}=", str(a))
+
+
+def test_pre_templated_string_prompts_are_warned_about(tmp_path, caplog):
+    """String prompts already in the template's format were templated again without a word (review
+    byo25 F11): start-up warns, counting them and naming the first; not with chat_template: false,
+    nor for plain prompts."""
+    import string
+
+    from lit_covrl.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer("".join(c for c in string.printable if c not in "\t\r\x0b\x0c"))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}<|im_start|>assistant\n")
+    turn = "<|im_start|>user\n{}+1=<|im_end|>\n<|im_start|>assistant\n"
+    rows = _rows(tmp_path / "rows.jsonl", ["1+1=", turn.format(2), turn.format(3)])
+    data = PromptDataModule(task=None, train_files=[rows], batch_size=1)
+    data.setup("fit")
+    messages = {}
+    for chat_template in (None, False):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lit_covrl"):
+            check_datamodule_prompts(tok, data, chat_template=chat_template, max_prompt_length=None)
+        messages[chat_template] = [r.getMessage() for r in caplog.records if "chat template writes" in r.getMessage()]
+    assert messages[False] == []
+    assert messages[None] == [f"2 of 3 string prompts already hold special tokens the chat template writes (first: "
+                              f"{rows}:2: '<|im_start|>'): the template wraps each again, a user turn holding a whole "
+                              "conversation; set model.rollout.chat_template: false to feed them as written"]
