@@ -378,7 +378,7 @@ def _log_failures(reward_fn: Any, failed: list, result: ScoreResult, n: int) -> 
         log.warning(
             "reward %s: %d of %d items scored 0.0 (errors=%d, timeouts=%d, invalid=%d)%s",
             name,
-            len(failed),
+            result.errors + result.timeouts + result.invalid,  # a batched call's one failure is its n items
             n,
             result.errors,
             result.timeouts,

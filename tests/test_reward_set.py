@@ -137,6 +137,19 @@ def test_batched_faults_are_contained(caplog):
     assert "whole batch of 3" in caplog.text
 
 
+def test_a_whole_batch_failure_is_summed_as_its_items(monkeypatch, caplog):
+    """With the per-item messages used up, a batched reward returning one value too many was logged
+    as "1 of 3 items scored 0.0 (... invalid=3)": its one failure entry counted (review byo25 F14)."""
+    monkeypatch.setattr(rewards, "_item_warnings_emitted", rewards._MAX_ITEM_WARNINGS)
+
+    def one_too_many(completions):
+        return [1.0] * (len(completions) + 1)
+
+    RewardSet([one_too_many]).score(["a", "b", "c"], ["a"] * 3, timeout_s=None)
+    assert "reward one_too_many: 3 of 3 items scored 0.0 (errors=0, timeouts=0, invalid=3); per-item messages " \
+        "are no longer shown" in caplog.text
+
+
 def test_a_batched_reward_returning_a_mapping_or_text_is_an_invalid_batch(caplog):
     """`list(value)` read a dict as its keys: {row: reward} scored each row its index, unnoticed."""
     def by_index(completions, answers):
