@@ -202,3 +202,26 @@ def test_cli_run_trains_the_equal_groups(tmp_path):
     assert all(v > 0 for v in tags.get("reg/rl_zvp/adv_positive_mean", []))
     assert all(v < 0 for v in tags.get("reg/rl_zvp/adv_negative_mean", []))
     assert tags.get("reg/rl_zvp/adv_positive_mean") or tags.get("reg/rl_zvp/adv_negative_mean")
+
+
+def test_an_empty_response_gets_zeros_not_nan():
+    """A response with no valid token (mask all 0: a filler row) gets advantage 0 whatever its sign:
+    its max over no token is read as 0, not -inf (-inf would give inf * 0 = NaN on its padding).
+    Kills mut25 Z9 (the max's clamp(min=0) dropped)."""
+    ent = torch.tensor([[0.4, 0.7], [0.4, 0.7], [0.3, 0.9]], dtype=torch.float64)
+    mask = torch.tensor([[0, 0], [0, 0], [1, 1]])
+    adv = zvp_advantages(ent, mask, torch.tensor([-1.0, 1.0, -1.0]), alpha=0.5)
+    assert torch.isfinite(adv).all()
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0.0], [0.0, 0.0], [-0.3, 0.0]], dtype=torch.float64),
+                               rtol=0, atol=1e-15)
+
+
+def test_a_negative_entropy_of_rounding_noise_counts_as_zero():
+    """An entropy a little below 0 (float rounding of a peaked distribution) is read as 0, so the
+    advantage's sign follows correctness: 0, never negative, on a positive response; on a negative
+    one the gap to the max is from 0. Kills mut25 Z10 (the entropy's clamp(min=0) dropped)."""
+    ent = torch.tensor([[-1e-3, 0.5], [-1e-3, -2e-3]], dtype=torch.float64)
+    mask = torch.ones(2, 2)
+    adv = zvp_advantages(ent, mask, torch.tensor([1.0, -1.0]), alpha=0.1)
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0.05], [0.0, 0.0]], dtype=torch.float64), rtol=0, atol=0)
+    assert (adv[0] >= 0).all()
