@@ -74,6 +74,20 @@ def test_hand_values():
     assert pm.tolist() == [0.25, 0.75] and ps.tolist() == pytest.approx([0.5, math.sqrt(0.1875)])
 
 
+def test_a_tie_in_size_takes_sa_total_as_the_reference_does():
+    """|SA_new| == |SA_total| with opposite signs (a_new = -a_total): the reference keeps SA_new only
+    where it is strictly smaller, so the tie takes SA_total. Rewards [1, 1, 1, 3] of a prompt seen
+    twice before (mean 0, std 0.5): mean 1.5, Bessel std 1; pooled mean 0.5, std 1 (w = 1/3):
+    the 1s have a_new = -0.5, a_total = 0.5, so SA_new = -1/6 and SA_total = +1/6 (exactly, in
+    float64); the 3 has SA_new = 11/6 < 13/6.
+    Kills mut25 A8 (`<` read as `<=`: the three 1s' sign flipped)."""
+    adv, _, _ = smooth_advantages(torch.tensor([1.0, 1.0, 1.0, 3.0], dtype=torch.float64), 4,
+                                  torch.tensor([2.0]), torch.tensor([0.0], dtype=torch.float64),
+                                  torch.tensor([0.5], dtype=torch.float64))
+    torch.testing.assert_close(adv, torch.tensor([1 / 6, 1 / 6, 1 / 6, 11 / 6], dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+
+
 def test_equal_rewards_of_rounding_noise_give_zero():
     """Three rewards of 0.7 have a float64 mean off by one ulp and a std of 1.4e-16: read as 0, the
     group (first step, and again with equal history) gets advantage 0, not an O(1) one."""
@@ -135,6 +149,25 @@ def test_groups_the_step_does_not_train_are_not_pooled():
     assert reg.pop_metrics()["reg/dcpo_adv/equal_reward_frac"] == 0.0  # over the trained groups only
     reg.step_advantages(1, ["a"], rewards[:4], 4)  # no keep: every group trained
     assert reg.stats["a"][:2] == [1, 1.0]
+
+
+def test_metrics_by_hand():
+    """Step 0: "a" [1, 0, 0, 0] (GRPO's 1.5 / -0.5: 4 nonzero), "b" [1, 1, 1, 1] (first step: all 0):
+    nonzero_adv_frac 4/8, revisited_frac 0 (neither seen before), equal_reward_frac 1/2,
+    equal_reward_trained_frac 0/1. Step 1: "b" [1, 1, 1, 1] again (seen once: its pooled std is 0,
+    still 0), "c" [0, 0, 0, 0] (new): revisited 1/2, equal 2/2, trained 0/2; step 2: "a" [1, 1, 1, 1]
+    (seen once, with unequal rewards: 4 nonzero) and "c" again: revisited 2/2, trained 1/2.
+    Kills mut25 D11 (revisited counted with t >= 0) and D16 (the equal groups read as s != 0)."""
+    reg = DCPOAdvantage()
+    ones, zeros = [1.0] * 4, [0.0] * 4
+    want = [{"nonzero_adv_frac": 0.5, "revisited_frac": 0.0, "equal_reward_frac": 0.5, "equal_reward_trained_frac": 0.0},
+            {"nonzero_adv_frac": 0.0, "revisited_frac": 0.5, "equal_reward_frac": 1.0, "equal_reward_trained_frac": 0.0},
+            {"nonzero_adv_frac": 0.5, "revisited_frac": 1.0, "equal_reward_frac": 1.0, "equal_reward_trained_frac": 0.5}]
+    steps = [(["a", "b"], [1.0, 0.0, 0.0, 0.0] + ones), (["b", "c"], ones + zeros), (["a", "c"], ones + zeros)]
+    for step, ((prompts, rewards), expected) in enumerate(zip(steps, want)):
+        reg.step_advantages(step, prompts, torch.tensor(rewards, dtype=torch.float64), 4)
+        metrics = reg.pop_metrics()
+        assert {k: metrics[f"reg/dcpo_adv/{k}"] for k in expected} == pytest.approx(expected), step
 
 
 def _saved(state: dict):
