@@ -213,3 +213,21 @@ def test_a_single_update_per_rollout_is_warned_at_start_up(tiny_model_dir, mini_
         fit(module, PromptDataModule(task="arithmetic", batch_size=4, val_size=0, seed=0), steps=1)
     said = [str(w.message) for w in caught if "ASPO is PPOClip on policy" in str(w.message)]
     assert bool(said) == warned, said
+
+
+def test_tokens_on_the_clip_edges_keep_their_gradient_and_padding_is_not_counted():
+    """r exactly on an edge is inside, as the reference's torch.clamp passes the gradient there:
+    A = -1 at r = 1 - eps_low = 0.5 keeps weight r (gradient 0.5), A = 1 at r = 1 + eps_high = 2
+    keeps weight 1 / r (gradient -0.5); neither is clipped. A padding token (A < 0, r = e^2 > c = 3)
+    is in no statistic: soft_clip_frac 0 of the 2 valid tokens. Kills mut25 O4 (r <= 1 - eps_low
+    clipped) and O10 (soft_clip_frac counting padding)."""
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    logp = torch.tensor([[math.log(0.5), math.log(2.0), 2.0]], dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([[-1.0, 1.0, -1.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
+    obj = ASPO(clip_low=0.5, clip_high=1.0, dual_clip=3.0)
+    obj.token_loss(logp, old, adv, mask).sum().backward()
+    assert logp.grad.flatten().tolist() == pytest.approx([0.5, -0.5, 0.0], rel=1e-12)
+    assert obj.clipped_tokens(logp, old, adv, mask).tolist() == [[False, False, False]]
+    st = obj.stats(logp.detach(), old, adv, mask)
+    assert float(st["clip_frac"]) == 0.0 and float(st["soft_clip_frac"]) == 0.0
