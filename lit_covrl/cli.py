@@ -38,7 +38,7 @@ from lit_covrl.errors import InitFailures, class_argument, debugging, exit_with,
 from lit_covrl.data import PromptDataModule
 from lit_covrl.module import GRPOModule
 from lit_covrl.progress import RLProgressBar
-from lit_covrl.policy import absolute_local_path
+from lit_covrl.model_specs import absolute_local_path
 from lit_covrl.regularizers.base import Regularizer, check_stack
 from lit_covrl.sharding import check_checkpoint_strategy
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from lit_covrl.policy import _pretrained_args, read_tokenizer
+from lit_covrl.model_specs import _pretrained_args
+from lit_covrl.policy import read_tokenizer
 
 # the files a model folder (or hub repository) holds its tokenizer in
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
@@ -34,8 +35,6 @@ def check_vocab(tokenizer, model: nn.Module, model_spec: str, tokenizer_spec: st
     raise ValueError(f"model.model={model_spec!r}: its tokenizer has {len(tokenizer)} tokens, but its model "
                      f"embeds only {rows} (vocab_size in its config.json): the folder's tokenizer and weights "
                      "do not belong together")
-
-
 
 
 def own_tokenizer(spec: str):
