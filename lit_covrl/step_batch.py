@@ -2,7 +2,7 @@
 rounds (one, or more under dynamic sampling) and their scores, the rows kept (DAPO's group filter,
 `overlong: mask`), the old log-probs (the training forward's with `recompute_logprobs`), the
 advantages (with a regularizer's outcome terms on the rewards or advantages, OutcomeExploration's;
-or a regularizer's in place of the estimator's, DCPOAdvantage's; from a regularizer's rewards, RENT's),
+or a regularizer's in place of the estimator's, DCPOAdvantage's),
 and a drawing regularizer's extra responses in the first rows (`lit_covrl.control_rows`,
 AEPO's). `training_step` calls `_sample_batch`, then `_trained_batch`.
 """
@@ -43,9 +43,6 @@ class StepBatch:
         if first_pass:  # old log-probs from the training forward instead of the sampler
             with timer("old_logp"):  # in the update's micro-batches (so its first ratio is exactly 1)
                 self.learner.recompute_old_logprobs(rollout, keep)
-        rewarding = next((r for r in self.regularizers if r.shapes_rewards), None)  # RENT's
-        if rewarding is not None:  # after the recomputation: the entropy of the policy trained against
-            rewards = rewarding.step_rewards(self.global_step, rewards, rollout)
         # after the recomputation: the unlikeliness reward ranks by the old log-probs trained against
         seq_logp = sequence_logprob_means(rollout.logp, rollout.response_mask) if cfg.loss.unlikeliness else None
         ranks = likelihood_ranks(seq_logp, G) if cfg.loss.unlikeliness else None  # the advantages' and metrics'

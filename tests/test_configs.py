@@ -25,13 +25,13 @@ CPU_METHODS = ("grpo", "entropy_bonus", "clip_cov", "kl_cov", "high_entropy_toke
                "entropy_advantage", "entropy_ratio_clip", "gspo", "cispo", "ce_gppo", "qae", "w_reinforce", "passk",
                "entropic", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo", "era", "aent", "aepo",
                "trajectory_gtpo", "prorl", "outcome", "dcpo", "dcpo_no_smoothing", "ar", "lopti", "ar_lopti", "aspo",
-               "rl_zvp", "epo", "rent")
+               "rl_zvp", "epo")
 REASONING_METHODS = ("grpo", "grpo_low_lr", "entropy_bonus", "entropy_bonus_high", "adaptive_entropy", "clip_cov",
                      "clip_cov_high", "clip_cov_annealed", "kl_cov", "kl_cov_high", "high_entropy_tokens", "steer",
                      "entropy_advantage", "entropy_ratio_clip", "budget_1h", "budget_collapse", "qae", "w_reinforce", "w_reinforce_high_lr", "gspo", "cispo",
                      "ce_gppo", "passk", "entropic", "entropic_kp50", "archer", "simko", "lp_reg", "unlikeliness", "siren", "bapo",
                      "era", "aent", "aepo", "trajectory_gtpo", "prorl", "outcome", "outcome_advantage", "dcpo",
-                     "dcpo_clip_only", "ar", "lopti", "ar_lopti", "aspo", "rl_zvp", "epo", "rent")
+                     "dcpo_clip_only", "ar", "lopti", "ar_lopti", "aspo", "rl_zvp", "epo")
 EXPERIMENTS = ("grpo_low_lr", "entropy_bonus_high", "clip_cov_annealed", "clip_cov_high", "clip_cov_lowlb", "kl_cov_high",
                "entropic_kp5", "lp_reg_neg10", "siren_high", "prorl_without_kl", "prorl_on_stall",
                "prorl_beta01_fixed", "prorl_beta01_every50", "prorl_beta01_on_stall", "aspo_archer")
@@ -101,9 +101,6 @@ def test_config_instantiates(name, tmp_path, tiny_model_dir):
     if name.endswith("/rl_zvp.yaml"):  # the paper's alpha, and nothing that drops its all-equal groups
         assert [(type(r).__name__, r.alpha) for r in regs] == [("RLZVP", 0.1)]
         assert not cli.model.settings.rollout.filter_groups
-    if name.endswith("/rent.yaml"):  # the authors' code: the reward is -H_i alone, nothing reading the task reward
-        assert [(type(r).__name__, r.coef, r.reward_weight) for r in regs] == [("RENT", 1.0, 0.0)]
-        assert not cli.model.settings.rollout.filter_groups and cli.model.settings.loss.binary_rewards_for is None
     if name.endswith("/epo.yaml"):  # the authors' ppo_trainer.yaml values, smoothing weighted over 150 steps
         (reg,) = regs
         assert (type(reg).__name__, reg.entropy_coef, reg.smooth_coef, reg.low_ratio, reg.high_ratio, reg.penalty,

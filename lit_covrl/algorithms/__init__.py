@@ -1,8 +1,8 @@
 """Pure tensor math: advantages, PPO / GSPO / CISPO / CE-GPPO losses and aggregation, token covariance and
 selection, entropy controls, clip-range controls (Archer, BAPO), the logit-activation control (ERA), the
 extra-response control (AEPO), the probability controls (Advantage Reweighting, Lopti), outcome-based
-exploration, GTPO's conflict-token and response-entropy control, RL-ZVP's zero-variance advantage, RENT's
-entropy reward, entropy and log-probs, KL estimators. No state, no config objects."""
+exploration, GTPO's conflict-token and response-entropy control, RL-ZVP's zero-variance advantage, entropy and
+log-probs, KL estimators. No state, no config objects."""
 from lit_covrl.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
     QUANTILE_ESTIMATORS,
@@ -98,7 +98,6 @@ from lit_covrl.algorithms.probability_controls import low_probability_tokens, pr
 from lit_covrl.algorithms.rollout_controls import aepo_choose, aepo_prompts, aepo_temperature
 from lit_covrl.algorithms.epo_controls import epo_band_penalty, epo_phase_weight
 from lit_covrl.algorithms.zvp_controls import zvp_advantages, zvp_group_signs
-from lit_covrl.algorithms.rent_controls import rent_rewards, response_entropy_means
 from lit_covrl.algorithms.losses import (
     AGG_MODES,
     aggregate,
@@ -122,8 +121,6 @@ from lit_covrl.algorithms.objectives import (
 )
 
 __all__ = [
-    "rent_rewards",
-    "response_entropy_means",
     "zvp_advantages",
     "zvp_group_signs",
     "batch_repeats",

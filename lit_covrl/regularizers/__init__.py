@@ -21,7 +21,6 @@ from lit_covrl.regularizers.simko import SimKO
 from lit_covrl.regularizers.trajectory_gtpo import TrajectoryGTPO
 from lit_covrl.regularizers.siren import SIREN
 from lit_covrl.regularizers.zvp import RLZVP
-from lit_covrl.regularizers.rent import RENT
 
 __all__ = [
     "AEPO",
@@ -46,7 +45,6 @@ __all__ = [
     "MiniBatchContext",
     "OutcomeExploration",
     "RLZVP",
-    "RENT",
     "ReferenceKL",
     "Regularizer",
     "SCHEDULES",

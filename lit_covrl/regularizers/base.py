@@ -173,8 +173,6 @@ class Regularizer(Callback):
     # sets the advantage of the groups whose rewards are all equal (RL-ZVP's; `observe_rewards`): refused
     # beside another control that gives them one (replaces_advantages, shapes_outcome, draws_rollout)
     shapes_equal_groups: bool = False
-    # computes the rewards the advantages are estimated from (`step_rewards`; RENT's; at most one per run)
-    shapes_rewards: bool = False
     sets_clip_range: bool = False  # returns TokenShaping.clip_low / clip_high (at most one per run; see clip_bounds)
     update_phases: int = 1  # > 1: the rollout's updates run that many times, ctx.phase 0 (all its updates), 1, ...;
     # `shape` returns TokenShaping.scope, the tokens each phase trains (Lopti's; at most one per run)
@@ -296,12 +294,6 @@ class Regularizer(Callback):
         """Before each RL step's update, on every rank: the rewards [B*G] (prompt-major, after the
         overlong penalty, before any outcome shaping) of this rank's B prompts, row j answering
         prompt j // G, the index that `MiniBatchContext.groups` holds. Default: nothing."""
-
-    def step_rewards(self, step: int, rewards: Tensor, rollout) -> Tensor:
-        """With `shapes_rewards`: on every rank, before RL step `step`'s advantages, the rewards [B*G]
-        (as `observe_rewards` gets them) of this rank's rollout (`Rollout`, its entropy recomputed
-        with `recompute_logprobs`) -> the rewards the estimator sees, same shape and dtype."""
-        raise NotImplementedError
 
     def check_objective(self, objective) -> None:
         """Start-up check of the run's policy objective (`check_objective_stack`): raise a

@@ -42,8 +42,7 @@ def check_stack(regularizers: list[Regularizer]) -> None:
     at most one that draws extra responses (`draws_rollout`: both would replace the same rows), one
     that computes the advantages (`replaces_advantages`), at most one that splits the update into
     phases (`update_phases`), no advantage computer, outcome shaper or drawer beside the one that
-    sets the all-equal groups' advantage (`check_equal_groups`: RLZVP), one that computes the rewards
-    and nothing beside it that reads them as correctness (`check_reward_shapers`: RENT), and
+    sets the all-equal groups' advantage (`check_equal_groups`: RLZVP), and
     no outcome shaper (`shapes_outcome`) beside one that reads A > 0 as correct (`reads_sign_as_correct`)."""
     for reg in regularizers:
         reg._check_initialized()
@@ -80,7 +79,6 @@ def check_stack(regularizers: list[Regularizer]) -> None:
         raise ValueError(f"{len(replacing)} regularizers compute the advantages "
                          f"({', '.join(repr(r.name) for r in replacing)}): keep one")
     check_equal_groups(regularizers)
-    check_reward_shapers(regularizers)
     phased = [r for r in regularizers if r.update_phases > 1]
     if len(phased) > 1:
         raise ValueError(f"{len(phased)} regularizers split the update into phases "
@@ -101,37 +99,17 @@ def check_equal_groups(regularizers: list[Regularizer]) -> None:
     owner = next((r for r in regularizers if r.shapes_equal_groups), None)
     if owner is None:
         return
-    _refuse_beside(owner, regularizers, "sets the advantage of every group whose rewards are all equal", lambda r: (
-        "computes the advantages, nonzero on a prompt's equal-reward group once it had unequal ones"
-        if r.replaces_advantages else
-        "shapes the rewards or advantages by outcome, which gives equal-reward groups advantages"
-        if r.shapes_outcome else
-        "puts extra responses of advantage 1 in place of rollout rows" if r.draws_rollout else None))
-
-
-def check_reward_shapers(regularizers: list[Regularizer]) -> None:
-    """At most one regularizer that computes the rewards (`shapes_rewards`: RENT), and none beside
-    one that reads the run's rewards or advantages as correctness or adds responses scored by the
-    task reward alone: refused at start-up, naming both."""
-    owners = [r for r in regularizers if r.shapes_rewards]
-    if len(owners) > 1:
-        raise ValueError(f"{len(owners)} regularizers compute the rewards ({', '.join(repr(r.name) for r in owners)}): "
-                         "keep one")
-    for owner in owners:
-        _refuse_beside(owner, regularizers, "replaces the task reward the advantages come from", lambda r: (
-            "shapes the rewards or advantages by each response's correctness" if r.shapes_outcome else
-            "reads A > 0 as a verified-correct response" if r.reads_sign_as_correct else
-            "sets the advantage of the groups whose task rewards are all equal" if r.shapes_equal_groups else
-            "trains extra responses chosen by their task rewards" if r.draws_rollout else None))
-
-
-def _refuse_beside(owner: Regularizer, regularizers: list[Regularizer], does: str, why) -> None:
-    """A ValueError naming `owner` and the first of `regularizers` for which `why(r)` gives a reason."""
     for r in regularizers:
-        reason = why(r)
-        if reason is not None:
-            raise ValueError(f"{type(owner).__name__} ({owner.name!r}) and {type(r).__name__} ({r.name!r}) cannot be "
-                             f"stacked: {type(owner).__name__} {does}, and {type(r).__name__} {reason}; keep one")
+        why = ("computes the advantages, nonzero on a prompt's equal-reward group once it had unequal ones"
+               if r.replaces_advantages else
+               "shapes the rewards or advantages by outcome, which gives equal-reward groups advantages"
+               if r.shapes_outcome else
+               "puts extra responses of advantage 1 in place of rollout rows" if r.draws_rollout else None)
+        if why is not None:
+            raise ValueError(
+                f"{type(owner).__name__} ({owner.name!r}) and {type(r).__name__} ({r.name!r}) cannot be stacked: "
+                f"{type(owner).__name__} sets the advantage of every group whose rewards are all equal, and "
+                f"{type(r).__name__} {why}; keep one")
 
 
 def check_objective_stack(objective, regularizers: list[Regularizer], where: str = "model.objective.init_args") -> None:
