@@ -69,12 +69,12 @@ class RolloutGenerator:
             tok, prompts, chat_template=ro.chat_template,
             max_prompt_length=ro.max_prompt_length, overflow=ro.prompt_overflow,
         )
-        limit = learned_position_limit(policy)
-        if limit is not None and (longest := int(mask.sum(1).max())) + ro.max_new_tokens > limit:
+        longest, limit = int(mask.sum(1).max()), learned_position_limit(policy)
+        if limit is not None and longest + ro.max_new_tokens > limit:
             raise ValueError(f"a prompt of {longest} tokens + model.rollout.max_new_tokens={ro.max_new_tokens} need more "
                              f"than the {limit} positions the model's position table holds: lower max_new_tokens "
                              "or set model.rollout.max_prompt_length")
-        self._warn_past_context(policy, int(mask.sum(1).max()) + ro.max_new_tokens)
+        self._warn_past_context(policy, longest + ro.max_new_tokens)
         ids, mask = ids.repeat_interleave(n, 0).to(device), mask.repeat_interleave(n, 0).to(device)
         policy.eval()  # no dropout anywhere in RL: the rollout policy must equal the trained one
         try:

@@ -95,12 +95,12 @@ def run_components(module: Any, trainer: Any, in_effect: bool = False) -> dict[s
         "model.reward": [describe(fn) for fn in module.rewards.rewards],
         "model.sampler": describe(module.sampler),
         "model.optimizer": [_describe_optimizer(o, in_effect) for o in trainer.optimizers],
-        # as configured (described when built: a resume then restores the checkpoint's arguments
-        # into it), or, `in_effect`, as it runs
-        "model.lr_scheduler": getattr(module, "configured_schedulers", None) if not in_effect else None,
     }
-    if out["model.lr_scheduler"] is None:
-        out["model.lr_scheduler"] = [describe_scheduler(c.scheduler) for c in trainer.lr_scheduler_configs]
+    # the LR schedulers as configured (described when built: a resume then restores the checkpoint's
+    # arguments into them), or, `in_effect` (or not built by the module), as they run
+    configured = None if in_effect else getattr(module, "configured_schedulers", None)
+    out["model.lr_scheduler"] = configured if configured is not None else \
+        [describe_scheduler(c.scheduler) for c in trainer.lr_scheduler_configs]
     for cb in trainer.callbacks:
         if isinstance(cb, Regularizer):
             out[f"trainer.callbacks[{cb.name}]"] = describe(cb)

@@ -99,8 +99,11 @@ def narrow_floats_meant(rows: list[dict], schema: Any) -> list[dict]:
 
     narrow = {pa.float32(): np.float32, pa.float16(): np.float16}
 
+    def is_list(t: Any) -> bool:
+        return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
     def has_narrow(t: Any) -> bool:
-        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        if is_list(t):
             return has_narrow(t.value_type)
         if pa.types.is_struct(t):
             return any(has_narrow(t.field(i).type) for i in range(t.num_fields))
@@ -109,7 +112,7 @@ def narrow_floats_meant(rows: list[dict], schema: Any) -> list[dict]:
     def meant(v: Any, t: Any) -> Any:
         if v is None:
             return v
-        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        if is_list(t):
             return [meant(x, t.value_type) for x in v]
         if pa.types.is_struct(t):
             return {k: meant(x, t.field(k).type) if t.get_field_index(k) >= 0 else x for k, x in v.items()}
